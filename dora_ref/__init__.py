@@ -1,0 +1,40 @@
+"""dora_ref: a from-scratch, autograd-free reference implementation of DoRA.
+
+DoRA (Weight-Decomposed Low-Rank Adaptation; Liu et al., ICML 2024,
+arXiv:2402.09353) in NumPy, with C kernels for the hot paths.
+
+Layout, said once: weights are PyTorch ``(out, in)``; the paper's column norm
+``||.||_c`` is the L2 norm of each *row*, one value per output channel.
+"""
+from ._backend import available_backends, backend, set_backend, use_backend
+from .functional import (
+    DoRAGrads,
+    LoRAGrads,
+    column_norm,
+    dora_backward,
+    dora_forward,
+    init_magnitude,
+    lora_backward,
+    lora_forward,
+    merge,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DoRAGrads",
+    "LoRAGrads",
+    "available_backends",
+    "backend",
+    "column_norm",
+    "dora_backward",
+    "dora_forward",
+    "init_magnitude",
+    "lora_backward",
+    "lora_forward",
+    "merge",
+    "set_backend",
+    "unmerge",
+    "use_backend",
+]

@@ -1,0 +1,78 @@
+"""Which implementation of the fused kernels runs: NumPy or C.
+
+Two backends compute the same five steps (``column_norm``,
+``forward_epilogue``, ``backward_epilogue``, ``merge``, ``unmerge``):
+
+* ``"numpy"``: ``dora_ref._kernels_numpy``, the readable definition;
+* ``"c"``: ``dora_ref._kernels_c``, the cffi/OpenMP extension built at install.
+
+The C backend is the default when the extension imports. Force one with
+``set_backend("numpy")``, the ``use_backend`` context manager, or the
+environment variable ``DORA_REF_BACKEND=numpy|c`` (read at import).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from . import _kernels_numpy
+
+_C_IMPORT_ERROR = None
+try:  # the extension is optional: a machine without a compiler gets NumPy
+    from . import _kernels_c
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _kernels_c = None
+    _C_IMPORT_ERROR = exc
+
+_MODULES = {"numpy": _kernels_numpy, "c": _kernels_c}
+_active = None
+
+
+def available_backends():
+    """Return the names of the backends that can run here, e.g. ``("numpy", "c")``."""
+    return tuple(name for name, mod in _MODULES.items() if mod is not None)
+
+
+def backend():
+    """Return the name of the active backend: ``"c"`` or ``"numpy"``."""
+    return _active
+
+
+def set_backend(name):
+    """Make ``name`` (``"numpy"`` or ``"c"``) the active backend.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a backend, or is ``"c"`` and the C extension did
+        not build or import (the message gives the import error).
+    """
+    global _active
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {tuple(_MODULES)}, got {name!r}")
+    if _MODULES[name] is None:
+        raise ValueError(
+            f"the {name!r} backend is not available: the C extension did not import "
+            f"({_C_IMPORT_ERROR}). Reinstall with a C compiler present "
+            f"(pip install -e .) to build it."
+        )
+    _active = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager that runs its body with backend ``name``, then restores."""
+    previous = _active
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def kernels():
+    """Return the module of the active backend (its five kernel functions)."""
+    return _MODULES[_active]
+
+
+set_backend(os.environ.get("DORA_REF_BACKEND") or ("c" if _kernels_c is not None else "numpy"))

@@ -1,0 +1,145 @@
+"""NumPy twins of the C kernels: the readable definition of each fused step.
+
+Each function here has a C twin in ``csrc/`` with the same arguments and
+results; ``dora_ref.set_backend`` picks one. The functional core
+(``dora_ref.functional``) calls only these five steps plus BLAS products,
+so this file and its C twin are all that differs between backends.
+
+Layout, said once: weights are PyTorch ``(out, in)``. The paper's column norm
+``||.||_c`` is the L2 norm of each *row* here, one value per output channel.
+
+Nothing of size (out, in) is allocated besides the merge's output: the norm
+and the merge walk W0 in blocks of rows, so the temporary ``W0 + s*B@A`` is
+at most ``_BLOCK_BYTES`` at a time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
+
+
+def _row_blocks(out_features, in_features, itemsize):
+    """Yield slices of about ``_BLOCK_BYTES`` of rows of an (out, in) matrix."""
+    rows = max(1, _BLOCK_BYTES // max(1, in_features * itemsize))
+    for start in range(0, out_features, rows):
+        yield slice(start, min(start + rows, out_features))
+
+
+def column_norm(W0, A, B, scaling):
+    """n_i = ||W0_i + s * B_i @ A||_2 for every output row i.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+
+    Returns
+    -------
+    n : ndarray, shape (out,), the dtype of W0
+    """
+    n = np.empty(W0.shape[0], dtype=W0.dtype)
+    for rows in _row_blocks(*W0.shape, W0.itemsize):
+        V = W0[rows] + scaling * (B[rows] @ A)  # PEFT: W + s * (B @ A)
+        n[rows] = np.linalg.norm(V, axis=1)
+    return n
+
+
+def forward_epilogue(base, U, B, g, scaling, bias):
+    """y = g * (base + s * U @ B.T) + bias, paper Eq. (5) applied to a batch.
+
+    Parameters
+    ----------
+    base : ndarray, shape (N, out)
+        ``x @ W0.T``, the base layer's output without bias.
+    U : ndarray, shape (N, r)
+        ``x @ A.T``.
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+        ``magnitude / n``.
+    scaling : float
+    bias : ndarray, shape (out,), or None
+
+    Returns
+    -------
+    y : ndarray, shape (N, out)
+    """
+    y = g * (base + scaling * (U @ B.T))
+    if bias is not None:
+        y += bias
+    return y
+
+
+def backward_epilogue(dy, base, U, B, g, scaling):
+    """dg = sum_N dy * z and dz = dy * g, where z = base + s * U @ B.T.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, out)
+    base : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    """
+    z = base + scaling * (U @ B.T)
+    dg = np.sum(dy * z, axis=0)
+    dz = dy * g
+    return dg, dz
+
+
+def merge(W0, A, B, magnitude, scaling):
+    """W' = (m / n)[:, None] * (W0 + s * B @ A), with n the row norms.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    W_merged : ndarray, shape (out, in)
+    n : ndarray, shape (out,)
+        Rows with n = 0 give inf/NaN rows in W_merged; the caller checks n.
+    """
+    W_merged = np.empty_like(W0)
+    n = np.empty(W0.shape[0], dtype=W0.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for rows in _row_blocks(*W0.shape, W0.itemsize):
+            V = W0[rows] + scaling * (B[rows] @ A)
+            n[rows] = np.linalg.norm(V, axis=1)
+            np.multiply((magnitude[rows] / n[rows])[:, None], V, out=W_merged[rows])
+    return W_merged, n
+
+
+def unmerge(W_merged, A, B, factor, scaling):
+    """W0 = W' / factor[:, None] - s * B @ A, the inverse of ``merge``.
+
+    Parameters
+    ----------
+    W_merged : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    factor : ndarray, shape (out,)
+        ``magnitude / n`` with n the norms returned by ``merge``; nonzero.
+    scaling : float
+
+    Returns
+    -------
+    W0 : ndarray, shape (out, in)
+    """
+    W0 = np.empty_like(W_merged)
+    for rows in _row_blocks(*W_merged.shape, W_merged.itemsize):
+        np.divide(W_merged[rows], factor[rows, None], out=W0[rows])
+        W0[rows] -= scaling * (B[rows] @ A)
+    return W0

@@ -1,0 +1,187 @@
+"""Argument checks shared by the functional core and the layers.
+
+Every public function checks its inputs here before any arithmetic, so that
+bad input gives a ``TypeError`` or ``ValueError`` that names the argument and
+the shapes seen, never a NumPy broadcasting error deep inside, a crash in C,
+or a silent NaN.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(name, value, ndim=None):
+    """Return ``value`` as a float32/float64 ndarray, or raise.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, used in error messages.
+    value : array_like
+        The argument. Lists are converted; integer, bool, complex and object
+        arrays are rejected rather than silently promoted.
+    ndim : int or tuple of int, optional
+        The allowed number(s) of dimensions.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``value`` itself when it already is a float ndarray (no copy).
+
+    Raises
+    ------
+    TypeError
+        If the dtype is not float32 or float64.
+    ValueError
+        If the number of dimensions is not allowed.
+    """
+    if not isinstance(value, np.ndarray):
+        if value is None:
+            raise TypeError(f"{name} must be an array, got None")
+        value = np.asarray(value)
+        if value.dtype.kind in "iu" or value.dtype == np.bool_:
+            # a Python list of ints such as [[1, 2], [3, 4]] means float64
+            value = value.astype(np.float64)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32 or float64, got {value.dtype} "
+            f"(shape {value.shape}); convert it explicitly, e.g. "
+            f"{name}.astype(np.float32)"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.ndim not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(
+                f"{name} must have {want} dimension(s), got shape {value.shape}"
+            )
+    return value
+
+
+def check_same_dtype(**arrays):
+    """Raise ``TypeError`` unless all non-None arrays share one dtype.
+
+    Returns the common dtype. Mixing float32 and float64 is refused rather
+    than promoted, because a silent promotion hides precision bugs in ports.
+    """
+    seen = {k: v.dtype for k, v in arrays.items() if v is not None}
+    dtypes = set(seen.values())
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{k}: {d}" for k, d in seen.items())
+        raise TypeError(f"arrays must share one dtype, got {listing}")
+    return dtypes.pop()
+
+
+def check_scaling(scaling):
+    """Return ``scaling`` as a Python float; raise if it is not a finite real."""
+    if isinstance(scaling, (bool, np.bool_)) or not isinstance(
+        scaling, (numbers.Real, np.floating, np.integer)
+    ):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    scaling = float(scaling)
+    if not np.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    return scaling
+
+
+def check_finite(name, arr):
+    """Raise ``ValueError`` if ``arr`` holds NaN or Inf, naming a first bad index."""
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))
+        raise ValueError(
+            f"{name} (shape {arr.shape}) contains NaN or Inf, "
+            f"first at index {tuple(int(i) for i in bad[0])}"
+        )
+
+
+def check_adapter(W0, A, B, magnitude=None, bias=None):
+    """Check the shapes and dtypes of a DoRA layer's weights.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,), optional
+    bias : ndarray, shape (out,), optional
+
+    Returns
+    -------
+    W0, A, B, magnitude, bias
+        The same arrays, converted to float ndarrays.
+
+    Raises
+    ------
+    TypeError
+        On a non-float dtype or mixed dtypes.
+    ValueError
+        On inconsistent shapes (the message gives every shape seen), r = 0,
+        or NaN/Inf in A, B, magnitude or bias. NaN/Inf in W0 is caught where
+        the norm is computed, which reads W0 anyway.
+    """
+    W0 = as_float_array("W0", W0, ndim=2)
+    A = as_float_array("A", A, ndim=2)
+    B = as_float_array("B", B, ndim=2)
+    if magnitude is not None:
+        magnitude = as_float_array("magnitude", magnitude, ndim=1)
+    if bias is not None:
+        bias = as_float_array("bias", bias, ndim=1)
+    out_f, in_f = W0.shape
+    r = A.shape[0]
+    shapes = f"W0 {W0.shape}, A {A.shape}, B {B.shape}"
+    if r == 0:
+        raise ValueError(f"rank r must be >= 1, got A of shape {A.shape}")
+    if A.shape[1] != in_f:
+        raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
+    if B.shape != (out_f, r):
+        raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
+    if magnitude is not None and magnitude.shape != (out_f,):
+        hint = ""
+        if magnitude.shape == (in_f,) and in_f != out_f:
+            hint = (
+                " (a magnitude with one value per *input* feature is the norm taken "
+                "over the wrong axis: the paper's column norm is the row norm of an "
+                "(out, in) weight, one value per output channel)"
+            )
+        raise ValueError(
+            f"magnitude must have shape (out,) = ({out_f},), got {magnitude.shape}{hint}"
+        )
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias must have shape (out,) = ({out_f},), got {bias.shape}")
+    check_same_dtype(W0=W0, A=A, B=B, magnitude=magnitude, bias=bias)
+    check_finite("A", A)
+    check_finite("B", B)
+    if magnitude is not None:
+        check_finite("magnitude", magnitude)
+    if bias is not None:
+        check_finite("bias", bias)
+    return W0, A, B, magnitude, bias
+
+
+def check_input(x, in_features, dtype, name="x"):
+    """Check an input batch and flatten its leading dimensions.
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., in)
+    in_features : int
+    dtype : numpy.dtype
+        The weights' dtype, which x must share.
+
+    Returns
+    -------
+    ndarray, shape (N, in)
+        A view of x when possible, N the product of the leading dimensions.
+    """
+    x = as_float_array(name, x)
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{name} must have shape (..., in) = (..., {in_features}), got {x.shape}"
+        )
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}")
+    return x.reshape(-1, in_features)

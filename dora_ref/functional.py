@@ -1,0 +1,571 @@
+r"""DoRA and LoRA as plain functions: forward, hand-derived backward, merge.
+
+Conventions (PyTorch / PEFT layout, so numbers compare directly)
+----------------------------------------------------------------
+=========  ==========  =====================================================
+symbol     shape       meaning
+=========  ==========  =====================================================
+x          (N, in)     input rows; leading batch dims are flattened
+W0         (out, in)   frozen base weight (``nn.Linear.weight``)
+b0         (out,)      frozen base bias, or None
+A          (r, in)     PEFT ``lora_A.weight``
+B          (out, r)    PEFT ``lora_B.weight``
+s          scalar      scaling: alpha / r (or alpha / sqrt(r), rsLoRA)
+V          (out, in)   W0 + s * B @ A (never formed in full here)
+n          (out,)      L2 norm of each row of V
+m          (out,)      magnitude, PEFT ``lora_magnitude_vector``
+g          (out,)      m / n
+=========  ==========  =====================================================
+
+**The axis.** The paper writes W as (d, k) = (in, out) and normalises each
+*column* (``||.||_c``). In the (out, in) layout used here that is the norm of
+each **row**: one value per output channel, shape (out,).
+
+Forward (paper Eq. 5, dropout off)
+----------------------------------
+Numbered so the backward can walk it back::
+
+    (1) U    = x @ A.T                      (N, r)
+    (2) base = x @ W0.T                     (N, out)
+    (3) n    = ||W0 + s * B @ A||_row       (out,)    column_norm
+    (4) g    = m / n                        (out,)
+    (5) z    = base + s * U @ B.T           (N, out)  = x @ V.T
+    (6) y    = g * z + b0                   (N, out)
+
+With ``lora_dropout`` in training PEFT uses a different formula (see
+``dora_forward``); ``dropout_mask`` selects it.
+
+Backward
+--------
+Given dy = dL/dy, walk (6) to (1)::
+
+    (6) dg = sum_N dy * z        dz = dy * g
+    (4) dm = dg / n              dn = -dg * m / n**2        (only if exact)
+    (5) dB = s * dz.T @ U        dU = s * dz @ B             dbase = dz
+    (3) dV_i = dn_i * V_i / n_i  (row i; only if exact) -> dA, dB, below
+    (2) dx = dbase @ W0
+    (1) dx += dU @ A             dA = dU.T @ x
+
+**detach_norm=True** (paper Sec. 4.3, PEFT's behaviour): n is a constant, so
+step (3) sends nothing back; A and B get LoRA's gradient scaled by g per
+output channel, and m still gets its full gradient. In the paper's terms,
+Eq. (11): grad_V' L = (m / C) grad_W' L.
+
+**detach_norm=False**: the exact gradient of the forward. Step (3) adds,
+with c = dn / n = -dg * g / n**2 (per row)::
+
+    dL/dV  += diag(c) @ V                                   (out, in)
+    dB     += s * diag(c) @ V @ A.T  = s * c[:, None] * (W0 @ A.T + s * B @ (A @ A.T))
+    dA     += s * B.T @ diag(c) @ V  = s * ((c B).T @ W0 + s * ((c B).T @ B) @ A)
+
+Adding this to the detached term g_i * G_i, where G = dy.T @ x is the
+gradient w.r.t. the merged weight W', gives row by row
+``dL/dV_i = (m_i / n_i) (I - V_i V_i^T / n_i^2) G_i``: the paper's Eq. (6),
+the gradient projected away from the current row of V. The magnitude's
+gradient dm_i = G_i . V_i / n_i is the paper's Eq. (7) in both modes.
+
+Every term uses W0, ``W0 @ A.T`` (out, r), ``A @ A.T`` (r, r) and N-row
+products only; no (out, in) temporary exists besides W0 itself (the norm in
+step (3) walks W0 in row blocks, see ``dora_ref._kernels_numpy``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _backend
+from ._validate import check_adapter, check_input, check_scaling
+
+
+class DoRAGrads(NamedTuple):
+    """Gradients of a DoRA layer, in the shapes of what they differentiate.
+
+    Attributes
+    ----------
+    dx : ndarray, shape (..., in), the shape of the forward's x
+    dA : ndarray, shape (r, in)
+    dB : ndarray, shape (out, r)
+    dmagnitude : ndarray, shape (out,)
+    """
+
+    dx: np.ndarray
+    dA: np.ndarray
+    dB: np.ndarray
+    dmagnitude: np.ndarray
+
+
+class LoRAGrads(NamedTuple):
+    """Gradients of a LoRA layer: dx (..., in), dA (r, in), dB (out, r)."""
+
+    dx: np.ndarray
+    dA: np.ndarray
+    dB: np.ndarray
+
+
+@dataclass
+class DoRAContext:
+    """What ``dora_forward`` keeps for ``dora_backward``.
+
+    Holds references, not copies, of the weights, plus the (N, out) base
+    product and the (N, r) low-rank activations. Treat it as opaque.
+    """
+
+    x_shape: tuple
+    x: np.ndarray  # (N, in), the input the low-rank path saw (dropped out if any)
+    dropout_mask: Optional[np.ndarray]  # (N, in) or None
+    W0: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    magnitude: np.ndarray
+    scaling: float
+    n: np.ndarray  # (out,)
+    g: np.ndarray  # (out,)
+    base: np.ndarray  # (N, out): x @ W0.T for the x above
+    U: np.ndarray  # (N, r): x @ A.T for the x above
+
+
+@dataclass
+class LoRAContext:
+    """What ``lora_forward`` keeps for ``lora_backward``."""
+
+    x_shape: tuple
+    x: np.ndarray
+    dropout_mask: Optional[np.ndarray]
+    W0: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    scaling: float
+    U: np.ndarray
+
+
+# ---------------------------------------------------------------------------
+# the norm
+# ---------------------------------------------------------------------------
+
+
+def _check_norm(n, W0, allow_zero_norm):
+    """Raise on a non-finite or (unless allowed) zero row norm, naming the rows."""
+    finite = np.isfinite(n)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        w0_bad = [int(i) for i in rows[:8] if not np.isfinite(W0[i]).all()]
+        cause = (
+            f"W0 has NaN/Inf in row(s) {w0_bad}"
+            if w0_bad
+            else "the sum of squares overflowed the dtype"
+        )
+        raise ValueError(
+            f"the row norm of W0 + s*B@A is not finite in row(s) "
+            f"{rows[:8].tolist()}{'...' if rows.size > 8 else ''}: {cause}"
+        )
+    if not allow_zero_norm and not n.all():
+        rows = np.flatnonzero(n == 0)
+        raise ValueError(
+            f"W0 + s*B@A has an all-zero row at output channel(s) {rows[:8].tolist()}"
+            f"{'...' if rows.size > 8 else ''}: its norm is 0 and m / n is undefined "
+            f"(PEFT silently outputs NaN here, peft#2049). Pass allow_zero_norm=True "
+            f"to define g = 0 for such rows (the channel then outputs its bias)."
+        )
+
+
+def _magnitude_over_norm(magnitude, n):
+    """g = m / n, with g = 0 where n = 0 (reached only with allow_zero_norm)."""
+    if n.all():
+        return magnitude / n
+    g = np.zeros_like(n)
+    np.divide(magnitude, n, out=g, where=n != 0)
+    return g
+
+
+def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
+    """Row norms of V = W0 + s * B @ A, without forming V (paper's ||V||_c).
+
+    The paper's column norm is the row norm of a PyTorch (out, in) weight:
+    one value per output channel.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in), float32 or float64
+    A : ndarray, shape (r, in), same dtype
+    B : ndarray, shape (out, r), same dtype
+    scaling : float
+        s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
+    allow_zero_norm : bool, default True
+        If False, a zero row raises ``ValueError``.
+
+    Returns
+    -------
+    n : ndarray, shape (out,), the dtype of W0
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad dtypes or shapes, NaN/Inf in the weights, or (if not allowed)
+        a zero row.
+
+    Notes
+    -----
+    Matches PEFT ``DoraLinearLayer.get_weight_norm``:
+    ``torch.linalg.norm(W + s * B @ A, dim=1)`` with no epsilon.
+    """
+    W0, A, B, _, _ = check_adapter(W0, A, B)
+    scaling = check_scaling(scaling)
+    n = _backend.kernels().column_norm(W0, A, B, scaling)
+    _check_norm(n, W0, allow_zero_norm)
+    return n
+
+
+def init_magnitude(W0, A, B, scaling):
+    """PEFT's magnitude initialisation: m = ||W0 + s * B @ A||_row.
+
+    With PEFT's default init (B = 0) this is the row norms of W0, so the
+    layer starts as the base layer (paper Sec. 4.1).
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+
+    Returns
+    -------
+    magnitude : ndarray, shape (out,)
+
+    Notes
+    -----
+    Matches PEFT ``DoraLinearLayer.update_layer``.
+    """
+    return column_norm(W0, A, B, scaling)
+
+
+# ---------------------------------------------------------------------------
+# DoRA forward / backward
+# ---------------------------------------------------------------------------
+
+
+def dora_forward(
+    x, W0, A, B, magnitude, scaling, bias=None, *, dropout_mask=None, allow_zero_norm=False
+):
+    """DoRA linear layer forward, PEFT semantics (paper Eq. 5).
+
+    Without dropout (eval, or ``lora_dropout = 0``)::
+
+        y = g * (x @ W0.T + s * (x @ A.T) @ B.T) + bias,    g = m / n
+
+    With a dropout mask (training with ``lora_dropout = p > 0``), where
+    ``xd = x * dropout_mask``, PEFT computes::
+
+        y = x @ W0.T + bias + (g - 1) * (xd @ W0.T) + g * s * (xd @ A.T) @ B.T
+
+    which is *not* ``g * (xd @ V.T) + bias``: the base output sees the clean
+    x, and only DoRA's correction sees the dropped-out one (PEFT
+    ``DoraLinearLayer.forward``, the training path since v0.14; the author's
+    explanation in nbasyl/DoRA#2). With a mask of ones both formulas agree.
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., in), float32 or float64
+    W0 : ndarray, shape (out, in), same dtype
+    A : ndarray, shape (r, in), same dtype
+    B : ndarray, shape (out, r), same dtype
+    magnitude : ndarray, shape (out,), same dtype
+    scaling : float
+    bias : ndarray, shape (out,), optional
+        Never multiplied by g (PEFT subtracts it before scaling).
+    dropout_mask : ndarray, shape of x, optional
+        The scaled keep mask: 0 for dropped entries and 1 / (1 - p) for kept
+        ones, so that ``x * dropout_mask`` is ``torch.nn.Dropout(p)(x)``.
+    allow_zero_norm : bool, default False
+        A zero row of W0 + s*B@A raises ``ValueError`` by default. If True,
+        g = 0 for that row: the channel outputs its bias, and its magnitude
+        gets zero gradient.
+
+    Returns
+    -------
+    y : ndarray, shape (..., out)
+    ctx : DoRAContext
+        Pass it to ``dora_backward``.
+
+    Raises
+    ------
+    TypeError
+        On non-float or mixed dtypes.
+    ValueError
+        On inconsistent shapes (the message lists them), NaN/Inf in a weight,
+        or a zero row norm (see ``allow_zero_norm``).
+    """
+    W0, A, B, magnitude, bias = check_adapter(W0, A, B, magnitude, bias)
+    if magnitude is None:
+        raise TypeError("magnitude must be an array of shape (out,), got None")
+    scaling = check_scaling(scaling)
+    x_shape = np.shape(x)
+    x2 = check_input(x, W0.shape[1], W0.dtype)
+    kernels = _backend.kernels()
+
+    n = kernels.column_norm(W0, A, B, scaling)  # (3)
+    _check_norm(n, W0, allow_zero_norm)
+    g = _magnitude_over_norm(magnitude, n)  # (4)
+
+    if dropout_mask is None:
+        U = x2 @ A.T  # (1)
+        base = x2 @ W0.T  # (2)
+        y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
+        xd, mask = x2, None
+    else:
+        mask = _check_mask(dropout_mask, x_shape, W0.dtype)
+        xd = x2 * mask
+        U = xd @ A.T
+        base = xd @ W0.T  # the base product of the dropped-out input
+        y = x2 @ W0.T + (g - 1.0) * base + g * (scaling * (U @ B.T))
+        if bias is not None:
+            y += bias
+
+    ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U)
+    return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
+
+
+def dora_backward(dy, ctx, *, detach_norm=True):
+    """Gradients of a DoRA layer from the upstream gradient (hand-derived).
+
+    The derivation is in this module's docstring; the steps are numbered
+    as the forward's.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (..., out)
+        dL/dy, the shape of the forward's output, same dtype.
+    ctx : DoRAContext
+        From ``dora_forward``.
+    detach_norm : bool, default True
+        True: n is a constant (paper Sec. 4.3, PEFT). False: the exact
+        gradient, including the path through n (paper Eqs. 6-7).
+
+    Returns
+    -------
+    DoRAGrads
+        ``dx`` (..., in), ``dA`` (r, in), ``dB`` (out, r), ``dmagnitude`` (out,).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If dy's dtype or shape does not match the forward's output.
+    """
+    W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
+    out_f = W0.shape[0]
+    dy2 = check_input(dy, out_f, W0.dtype, name="dy")
+    if dy2.shape[0] != ctx.x.shape[0]:
+        raise ValueError(
+            f"dy must have shape {(*ctx.x_shape[:-1], out_f)} (the forward's output), "
+            f"got {np.shape(dy)}"
+        )
+    kernels = _backend.kernels()
+
+    dg, dz = kernels.backward_epilogue(dy2, ctx.base, ctx.U, B, ctx.g, s)  # (6)
+    n_safe = np.where(ctx.n == 0, 1, ctx.n)
+    dmagnitude = np.where(ctx.n == 0, 0, dg / n_safe)  # (4)
+    dU = s * (dz @ B)  # (5)
+    dB = s * (dz.T @ ctx.U)
+    dA = dU.T @ ctx.x  # (1)
+
+    if ctx.dropout_mask is None:
+        dx = dz @ W0 + dU @ A  # (2), (1)
+    else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
+        dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
+
+    if not detach_norm:  # (3): dL/dV_i += c_i V_i with c = dn / n
+        c = np.where(ctx.n == 0, 0, -dg * ctx.g / (n_safe * n_safe))
+        cB = c[:, None] * B  # (out, r)
+        VAt = W0 @ A.T + s * (B @ (A @ A.T))  # V @ A.T, (out, r)
+        dB += s * (c[:, None] * VAt)
+        dA += s * (cB.T @ W0 + s * ((cB.T @ B) @ A))
+
+    return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
+
+
+def _check_mask(mask, x_shape, dtype):
+    from ._validate import as_float_array
+
+    mask = as_float_array("dropout_mask", mask)
+    if mask.shape != tuple(x_shape):
+        raise ValueError(f"dropout_mask must have the shape of x {tuple(x_shape)}, got {mask.shape}")
+    if mask.dtype != dtype:
+        raise TypeError(f"dropout_mask has dtype {mask.dtype} but the weights have dtype {dtype}")
+    return mask.reshape(-1, x_shape[-1])
+
+
+# ---------------------------------------------------------------------------
+# merge / unmerge
+# ---------------------------------------------------------------------------
+
+
+def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
+    """Fold a DoRA adapter into the base weight: W' = diag(m / n) (W0 + s B A).
+
+    After merging, ``x @ W'.T + bias`` equals ``dora_forward`` (eval). The
+    bias is unchanged. Keep the returned n: ``unmerge`` needs it, because W'
+    alone does not determine it.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,)
+    scaling : float
+    allow_zero_norm : bool, default False
+        If True, rows with n = 0 merge to zero rows (g = 0) instead of raising.
+
+    Returns
+    -------
+    W_merged : ndarray, shape (out, in), new array
+    n : ndarray, shape (out,)
+        The row norms of W0 + s*B@A at merge time.
+
+    Raises
+    ------
+    ValueError
+        On bad shapes, NaN/Inf, or a zero row norm (PEFT's ``safe_merge``
+        raises there too; its unsafe merge writes NaN).
+
+    Notes
+    -----
+    Matches PEFT ``DoraLinearVariant.merge_safe`` (the factor m / n applied to
+    ``W + s * B @ A``, the norm cached for unmerge).
+    """
+    W0, A, B, magnitude, _ = check_adapter(W0, A, B, magnitude)
+    if magnitude is None:
+        raise TypeError("magnitude must be an array of shape (out,), got None")
+    scaling = check_scaling(scaling)
+    W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
+    _check_norm(n, W0, allow_zero_norm)
+    if not n.all():
+        W_merged[n == 0] = 0
+    return W_merged, n
+
+
+def unmerge(W_merged, A, B, magnitude, scaling, n):
+    """Recover the base weight: W0 = W' / (m / n)[:, None] - s B A.
+
+    Parameters
+    ----------
+    W_merged : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,)
+        The magnitude used by ``merge``.
+    scaling : float
+    n : ndarray, shape (out,)
+        The norms returned by ``merge``.
+
+    Returns
+    -------
+    W0 : ndarray, shape (out, in)
+
+    Raises
+    ------
+    ValueError
+        On bad shapes, or a zero in m / n: such a row was scaled to zero by
+        the merge and cannot be recovered.
+
+    Notes
+    -----
+    Matches PEFT ``DoraLinearVariant.unmerge``, which divides by the factor
+    cached at merge time.
+    """
+    W_merged, A, B, magnitude, _ = check_adapter(W_merged, A, B, magnitude)
+    from ._validate import as_float_array
+
+    n = as_float_array("n", n, ndim=1)
+    if n.shape != magnitude.shape or n.dtype != magnitude.dtype:
+        raise ValueError(
+            f"n must have the shape and dtype of magnitude {magnitude.shape} {magnitude.dtype}, "
+            f"got {n.shape} {n.dtype}"
+        )
+    scaling = check_scaling(scaling)
+    factor = magnitude / n
+    if not (np.isfinite(factor).all() and factor.all()):
+        rows = np.flatnonzero(~np.isfinite(factor) | (factor == 0))
+        raise ValueError(
+            f"cannot unmerge: m / n is 0 or not finite at output channel(s) "
+            f"{rows[:8].tolist()}; the merge scaled those rows to zero"
+        )
+    return _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
+
+
+# ---------------------------------------------------------------------------
+# plain LoRA, the baseline
+# ---------------------------------------------------------------------------
+
+
+def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
+    """LoRA linear layer forward: y = x @ W0.T + s * (xd @ A.T) @ B.T + bias.
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., in)
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+    bias : ndarray, shape (out,), optional
+    dropout_mask : ndarray, shape of x, optional
+        Scaled keep mask; ``xd = x * dropout_mask`` feeds only the low-rank
+        path (PEFT ``lora.Linear.forward``). Without it, xd = x.
+
+    Returns
+    -------
+    y : ndarray, shape (..., out)
+    ctx : LoRAContext
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad dtypes or shapes.
+    """
+    W0, A, B, _, bias = check_adapter(W0, A, B, None, bias)
+    scaling = check_scaling(scaling)
+    x_shape = np.shape(x)
+    x2 = check_input(x, W0.shape[1], W0.dtype)
+    mask = None
+    xd = x2
+    if dropout_mask is not None:
+        mask = _check_mask(dropout_mask, x_shape, W0.dtype)
+        xd = x2 * mask
+    U = xd @ A.T
+    y = x2 @ W0.T + scaling * (U @ B.T)
+    if bias is not None:
+        y += bias
+    ctx = LoRAContext(x_shape, xd, mask, W0, A, B, scaling, U)
+    return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
+
+
+def lora_backward(dy, ctx):
+    """Gradients of a LoRA layer.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (..., out)
+    ctx : LoRAContext
+
+    Returns
+    -------
+    LoRAGrads
+        ``dx`` (..., in), ``dA`` (r, in), ``dB`` (out, r).
+    """
+    W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
+    dy2 = check_input(dy, W0.shape[0], W0.dtype, name="dy")
+    if dy2.shape[0] != ctx.x.shape[0]:
+        raise ValueError(
+            f"dy must have shape {(*ctx.x_shape[:-1], W0.shape[0])}, got {np.shape(dy)}"
+        )
+    dU = s * (dy2 @ B)
+    dB = s * (dy2.T @ ctx.U)
+    dA = dU.T @ ctx.x
+    low_rank_dx = dU @ A
+    if ctx.dropout_mask is not None:
+        low_rank_dx *= ctx.dropout_mask
+    dx = dy2 @ W0 + low_rank_dx
+    return LoRAGrads(dx.reshape(ctx.x_shape), dA, dB)
