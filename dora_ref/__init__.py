@@ -19,10 +19,17 @@ from .functional import (
     merge,
     unmerge,
 )
+from .layers import DoRALinear, LoRALinear, lora_scaling
+from .optim import SGD, AdamW
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamW",
+    "DoRALinear",
+    "LoRALinear",
+    "SGD",
+    "lora_scaling",
     "DoRAGrads",
     "LoRAGrads",
     "available_backends",

@@ -76,7 +76,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _backend
-from ._validate import check_adapter, check_input, check_scaling
+from ._validate import as_float_array, check_adapter, check_input, check_scaling
 
 
 class DoRAGrads(NamedTuple):
@@ -247,7 +247,17 @@ def init_magnitude(W0, A, B, scaling):
 
 
 def dora_forward(
-    x, W0, A, B, magnitude, scaling, bias=None, *, dropout_mask=None, allow_zero_norm=False
+    x,
+    W0,
+    A,
+    B,
+    magnitude,
+    scaling,
+    bias=None,
+    *,
+    dropout_mask=None,
+    weight_norm=None,
+    allow_zero_norm=False,
 ):
     """DoRA linear layer forward, PEFT semantics (paper Eq. 5).
 
@@ -278,6 +288,10 @@ def dora_forward(
     dropout_mask : ndarray, shape of x, optional
         The scaled keep mask: 0 for dropped entries and 1 / (1 - p) for kept
         ones, so that ``x * dropout_mask`` is ``torch.nn.Dropout(p)(x)``.
+    weight_norm : ndarray, shape (out,), optional
+        A precomputed ``column_norm(W0, A, B, scaling)``, e.g. one cached while
+        the weights are unchanged (eval mode). It is trusted: pass only the
+        norm of these exact weights.
     allow_zero_norm : bool, default False
         A zero row of W0 + s*B@A raises ``ValueError`` by default. If True,
         g = 0 for that row: the channel outputs its bias, and its magnitude
@@ -305,7 +319,15 @@ def dora_forward(
     x2 = check_input(x, W0.shape[1], W0.dtype)
     kernels = _backend.kernels()
 
-    n = kernels.column_norm(W0, A, B, scaling)  # (3)
+    if weight_norm is None:
+        n = kernels.column_norm(W0, A, B, scaling)  # (3)
+    else:
+        n = as_float_array("weight_norm", weight_norm, ndim=1)
+        if n.shape != magnitude.shape or n.dtype != W0.dtype:
+            raise ValueError(
+                f"weight_norm must have shape {magnitude.shape} and dtype {W0.dtype}, "
+                f"got {n.shape} {n.dtype}"
+            )
     _check_norm(n, W0, allow_zero_norm)
     g = _magnitude_over_norm(magnitude, n)  # (4)
 
@@ -386,8 +408,6 @@ def dora_backward(dy, ctx, *, detach_norm=True):
 
 
 def _check_mask(mask, x_shape, dtype):
-    from ._validate import as_float_array
-
     mask = as_float_array("dropout_mask", mask)
     if mask.shape != tuple(x_shape):
         raise ValueError(f"dropout_mask must have the shape of x {tuple(x_shape)}, got {mask.shape}")
@@ -476,8 +496,6 @@ def unmerge(W_merged, A, B, magnitude, scaling, n):
     cached at merge time.
     """
     W_merged, A, B, magnitude, _ = check_adapter(W_merged, A, B, magnitude)
-    from ._validate import as_float_array
-
     n = as_float_array("n", n, ndim=1)
     if n.shape != magnitude.shape or n.dtype != magnitude.dtype:
         raise ValueError(

@@ -1,0 +1,55 @@
+"""The ``dora-ref`` command (also ``python -m dora_ref``).
+
+Each subcommand lives in its own module, which exposes ``main(argv)`` and
+parses its own arguments; this file only dispatches, so a missing optional
+dependency of one command (e.g. scikit-learn for the demo) does not break
+the others.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line help)
+COMMANDS = {
+    "demo": ("dora_ref.demo", "DoRA vs LoRA vs full fine-tuning on scikit-learn's digits"),
+    "merge": ("dora_ref.merge_cli", "merge a PEFT (Do)LoRA adapter into base safetensors weights"),
+    "vectors": ("dora_ref.vectors", "write golden test vectors for porting DoRA"),
+    "info": ("dora_ref.cli", "print the version, the active backend and the threads"),
+}
+
+
+def _usage():
+    lines = ["usage: dora-ref COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'dora-ref COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def info(argv=None):
+    """Print dora_ref's version, backends and the active one."""
+    import dora_ref
+
+    print(f"dora_ref {dora_ref.__version__}")
+    print(f"backend: {dora_ref.backend()} (available: {', '.join(dora_ref.available_backends())})")
+    return 0
+
+
+def main(argv=None):
+    """Entry point: ``dora-ref COMMAND ...``. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dora-ref: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if name == "info":
+        return info(rest)
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""DoRA and LoRA linear layers: parameters, init, train/eval, merge/unmerge.
+
+A layer wraps the functions of ``dora_ref.functional`` with state, named as
+PEFT names it so that numbers and checkpoints compare directly:
+
+==========================  ===========  =================================
+attribute                   shape        PEFT name
+==========================  ===========  =================================
+``weight`` (frozen)         (out, in)    ``base_layer.weight``
+``bias`` (frozen)           (out,)       ``base_layer.bias``
+``lora_A``                  (r, in)      ``lora_A.<adapter>.weight``
+``lora_B``                  (out, r)     ``lora_B.<adapter>.weight``
+``lora_magnitude_vector``   (out,)       ``lora_magnitude_vector.<adapter>.weight``
+==========================  ===========  =================================
+
+The magnitude has one value per output channel: the paper's column norm is
+the row norm of an (out, in) weight.
+
+Use::
+
+    layer = DoRALinear(W0, bias, r=8, lora_alpha=16, rng=np.random.default_rng(0))
+    y = layer.forward(x)            # x: (..., in) -> y: (..., out)
+    dx = layer.backward(dy)         # accumulates layer.grads[name] (+=)
+    opt.step()                      # dora_ref.optim over layer.parameters()
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import functional as F
+from ._validate import as_float_array, check_input, check_scaling
+
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+def lora_scaling(r, lora_alpha, use_rslora=False):
+    """PEFT's scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA.
+
+    Parameters
+    ----------
+    r : int
+        Rank, >= 1.
+    lora_alpha : float
+    use_rslora : bool
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        If r is not a positive integer.
+
+    Notes
+    -----
+    Matches PEFT ``LoraLayer.update_layer``.
+    """
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    lora_alpha = check_scaling(lora_alpha)
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def initial_lora_weights(in_features, out_features, r, rng, dtype, init=True):
+    """PEFT's initial ``lora_A`` (r, in) and ``lora_B`` (out, r).
+
+    * ``init=True`` (PEFT default): A ~ U(-1/sqrt(in), 1/sqrt(in)), which is
+      ``nn.init.kaiming_uniform_(A, a=sqrt(5))``, torch ``nn.Linear``'s init;
+      B = 0, so the adapted layer starts as the base layer.
+    * ``init="gaussian"``: A ~ N(0, 1/r), B = 0.
+    * ``init=False``: both keep ``nn.Linear``'s init, A ~ U(+-1/sqrt(in)),
+      B ~ U(+-1/sqrt(r)); the layer does *not* start as the base layer.
+
+    Parameters
+    ----------
+    in_features, out_features, r : int
+    rng : numpy.random.Generator
+    dtype : numpy dtype, float32 or float64
+    init : {True, False, "gaussian"}
+
+    Returns
+    -------
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+
+    Notes
+    -----
+    Matches PEFT ``LoraLayer.reset_lora_parameters``.
+    """
+    if init not in _INIT_CHOICES:
+        raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {init!r}")
+    bound_a = 1.0 / math.sqrt(in_features)
+    if init == "gaussian":
+        A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
+    else:
+        A = rng.uniform(-bound_a, bound_a, size=(r, in_features))
+    if init is False:
+        bound_b = 1.0 / math.sqrt(r)
+        B = rng.uniform(-bound_b, bound_b, size=(out_features, r))
+    else:
+        B = np.zeros((out_features, r))
+    return A.astype(dtype), B.astype(dtype)
+
+
+class LoRALinear:
+    """A frozen linear layer with a trainable low-rank update (LoRA).
+
+    ``y = x @ weight.T + s * (dropout(x) @ lora_A.T) @ lora_B.T + bias``.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (out, in), float32 or float64
+        Frozen base weight. Kept by reference, as a read-only view.
+    bias : ndarray, shape (out,), optional
+        Frozen base bias.
+    r : int, default 8
+    lora_alpha : float, default 8
+    use_rslora : bool, default False
+    lora_dropout : float in [0, 1), default 0
+    init_lora_weights : {True, False, "gaussian"}, default True
+    rng : numpy.random.Generator or int, optional
+        Seeds the init and the dropout masks.
+
+    Attributes
+    ----------
+    lora_A : ndarray, shape (r, in)
+    lora_B : ndarray, shape (out, r)
+    scaling : float
+    grads : dict of str to ndarray
+        Accumulated gradients, keyed as ``parameters()``.
+    training : bool
+    merged : bool
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad dtypes, shapes, r, or dropout probability.
+    """
+
+    _param_names = ("lora_A", "lora_B")
+
+    def __init__(
+        self,
+        weight,
+        bias=None,
+        *,
+        r=8,
+        lora_alpha=8,
+        use_rslora=False,
+        lora_dropout=0.0,
+        init_lora_weights=True,
+        rng=None,
+    ):
+        weight = as_float_array("weight", weight, ndim=2)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.lora_dropout = float(lora_dropout)
+        self.rng = np.random.default_rng(rng)
+        out_features, in_features = weight.shape
+        self.lora_A, self.lora_B = initial_lora_weights(
+            in_features, out_features, r, self.rng, weight.dtype, init_lora_weights
+        )
+        self.training = True
+        self.merged = False
+        self._ctx = None
+        self._set_base(weight, bias)
+        self.zero_grad()
+
+    # -- base weights -------------------------------------------------------
+
+    def _set_base(self, weight, bias):
+        weight = as_float_array("weight", weight, ndim=2)
+        if weight.shape != (self.lora_B.shape[0], self.lora_A.shape[1]):
+            raise ValueError(
+                f"weight must have shape (out, in) = "
+                f"{(self.lora_B.shape[0], self.lora_A.shape[1])}, got {weight.shape}"
+            )
+        if weight.dtype != self.lora_A.dtype:
+            raise TypeError(f"weight has dtype {weight.dtype}, the adapter {self.lora_A.dtype}")
+        if bias is not None:
+            bias = as_float_array("bias", bias, ndim=1)
+            if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
+                raise ValueError(
+                    f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, "
+                    f"got {bias.shape} {bias.dtype}"
+                )
+            bias = bias.view()
+            bias.flags.writeable = False
+        weight = weight.view()
+        weight.flags.writeable = False  # frozen: edits go through set_base_weight
+        self._weight, self._bias = weight, bias
+
+    @property
+    def weight(self):
+        """The frozen base weight (out, in), read-only. Assigning calls ``set_base_weight``."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value):
+        self.set_base_weight(value)
+
+    @property
+    def bias(self):
+        """The frozen base bias (out,) or None, read-only."""
+        return self._bias
+
+    def set_base_weight(self, weight, bias="keep"):
+        """Replace the frozen base weight (and optionally the bias).
+
+        Parameters
+        ----------
+        weight : ndarray, shape (out, in)
+        bias : ndarray of shape (out,), None, or "keep" (default)
+
+        Raises
+        ------
+        RuntimeError
+            If the layer is merged.
+        """
+        if self.merged:
+            raise RuntimeError("unmerge() before replacing the base weight")
+        self._set_base(weight, self._bias if isinstance(bias, str) and bias == "keep" else bias)
+
+    @property
+    def in_features(self):
+        return self._weight.shape[1]
+
+    @property
+    def out_features(self):
+        return self._weight.shape[0]
+
+    # -- parameters and modes ------------------------------------------------
+
+    def parameters(self):
+        """The trainable arrays by PEFT name, e.g. ``{"lora_A": (r, in), "lora_B": (out, r)}``.
+
+        The arrays are the layer's own (live references): optimisers update
+        them in place.
+        """
+        return {name: getattr(self, name) for name in self._param_names}
+
+    def zero_grad(self):
+        """Set every accumulated gradient to zero."""
+        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
+
+    def train(self, mode=True):
+        """Training mode: dropout is applied. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout. Returns self."""
+        return self.train(False)
+
+    def _dropout_mask(self, shape):
+        if not self.training or self.lora_dropout == 0.0:
+            return None
+        keep = self.rng.random(shape) >= self.lora_dropout
+        return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
+
+    # -- forward / backward ---------------------------------------------------
+
+    def forward(self, x, *, dropout_mask=None):
+        """Forward pass.
+
+        Parameters
+        ----------
+        x : ndarray, shape (..., in)
+        dropout_mask : ndarray, shape of x, optional
+            Use this scaled keep mask instead of drawing one (training only).
+
+        Returns
+        -------
+        y : ndarray, shape (..., out)
+        """
+        if self.merged:
+            self._ctx = None
+            x2 = check_input(x, self.in_features, self._weight.dtype)
+            y = x2 @ self._weight.T
+            if self._bias is not None:
+                y += self._bias
+            return y.reshape(*np.shape(x)[:-1], self.out_features)
+        mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
+        y, self._ctx = F.lora_forward(
+            x, self._weight, self.lora_A, self.lora_B, self.scaling, self._bias, dropout_mask=mask
+        )
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Backward pass: accumulates ``grads`` (+=) and returns dx (..., in).
+
+        Raises
+        ------
+        RuntimeError
+            If no forward was run, or the layer is merged.
+        """
+        self._require_ctx()
+        g = F.lora_backward(dy, self._ctx)
+        self.grads["lora_A"] += g.dA
+        self.grads["lora_B"] += g.dB
+        return g.dx
+
+    def _require_ctx(self):
+        if self.merged:
+            raise RuntimeError("the layer is merged: unmerge() before training")
+        if self._ctx is None:
+            raise RuntimeError("backward() needs a forward() first")
+
+    # -- merge ------------------------------------------------------------------
+
+    def merge(self):
+        """Fold the adapter into ``weight``: W' = W0 + s B A (PEFT ``Linear.merge``).
+
+        Raises ``RuntimeError`` if already merged.
+        """
+        if self.merged:
+            raise RuntimeError("the layer is already merged")
+        self._set_base(self._weight + self.scaling * (self.lora_B @ self.lora_A), self._bias)
+        self.merged = True
+
+    def unmerge(self):
+        """Restore the unmerged base weight W0 = W' - s B A."""
+        if not self.merged:
+            raise RuntimeError("the layer is not merged")
+        self._set_base(self._weight - self.scaling * (self.lora_B @ self.lora_A), self._bias)
+        self.merged = False
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+            f"dtype={self._weight.dtype}, merged={self.merged})"
+        )
+
+
+class DoRALinear(LoRALinear):
+    """A frozen linear layer adapted with DoRA (paper Eq. 5, PEFT semantics).
+
+    ``y = g * (x @ W0.T + s * (x @ A.T) @ B.T) + bias`` with
+    ``g = lora_magnitude_vector / ||W0 + s B A||_row`` (one value per output
+    channel). Training with ``lora_dropout > 0`` uses PEFT's formula, see
+    ``dora_ref.functional.dora_forward``.
+
+    Parameters
+    ----------
+    weight, bias, r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, rng
+        As in ``LoRALinear``. The magnitude is initialised to the row norms of
+        ``weight + s * lora_B @ lora_A`` (PEFT ``DoraLinearLayer.update_layer``).
+    detach_norm : bool, default True
+        True: the norm is a constant in backward (paper Sec. 4.3, PEFT).
+        False: the exact gradient (paper Eqs. 6-7).
+    allow_zero_norm : bool, default False
+        See ``dora_ref.functional.dora_forward``.
+
+    Attributes
+    ----------
+    lora_magnitude_vector : ndarray, shape (out,)
+    weight_norm : ndarray, shape (out,) or None
+        The row norms n kept by ``merge()`` for ``unmerge()``.
+
+    Notes
+    -----
+    In eval mode the norm is cached and reused while ``lora_A``, ``lora_B``,
+    the scaling and the base weight are unchanged. Unlike PEFT's opt-in
+    ``DoraCaching``, every forward compares the cached A and B (r * (in + out)
+    numbers, negligible next to the forward's products) and recomputes on
+    any change, including in-place optimiser updates.
+    """
+
+    _param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, weight, bias=None, *, detach_norm=True, allow_zero_norm=False, **kwargs):
+        self.detach_norm = detach_norm
+        self.allow_zero_norm = allow_zero_norm
+        self.weight_norm = None
+        self._norm_cache = None
+        self.lora_magnitude_vector = None
+        super().__init__(weight, bias, **kwargs)
+
+    def _set_base(self, weight, bias):
+        super()._set_base(weight, bias)
+        self._norm_cache = None
+        if not self.merged:  # a new base weight: re-initialise the magnitude from it
+            self.lora_magnitude_vector = F.init_magnitude(
+                self._weight, self.lora_A, self.lora_B, self.scaling
+            )
+            if hasattr(self, "grads"):
+                self.grads["lora_magnitude_vector"] = np.zeros_like(self.lora_magnitude_vector)
+
+    def set_base_weight(self, weight, bias="keep"):
+        """Replace the base weight; the magnitude is re-initialised from it.
+
+        The magnitude is defined relative to the base weight (m = ||W0 + s B A||
+        at init), so a new W0 gets a new magnitude, as PEFT computes it after
+        any init that rewrites the base weight (PiSSA, OLoRA, ...).
+
+        Parameters
+        ----------
+        weight : ndarray, shape (out, in)
+        bias : ndarray of shape (out,), None, or "keep" (default)
+        """
+        super().set_base_weight(weight, bias)
+
+    def _cached_norm(self):
+        """The eval-mode norm, recomputed when A, B, s or W0 changed."""
+        c = self._norm_cache
+        if (
+            c is not None
+            and c["weight"] is self._weight
+            and c["scaling"] == self.scaling
+            and np.array_equal(c["A"], self.lora_A)
+            and np.array_equal(c["B"], self.lora_B)
+        ):
+            return c["n"]
+        n = F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling)
+        self._norm_cache = dict(
+            weight=self._weight,
+            scaling=self.scaling,
+            A=self.lora_A.copy(),
+            B=self.lora_B.copy(),
+            n=n,
+        )
+        return n
+
+    def forward(self, x, *, dropout_mask=None):
+        """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
+        if self.merged:
+            return super().forward(x)
+        if self.training:
+            self._norm_cache = None
+            norm = None
+            mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
+        else:
+            norm = self._cached_norm()
+            mask = dropout_mask
+        y, self._ctx = F.dora_forward(
+            x,
+            self._weight,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude_vector,
+            self.scaling,
+            self._bias,
+            dropout_mask=mask,
+            weight_norm=norm,
+            allow_zero_norm=self.allow_zero_norm,
+        )
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Backward pass: accumulates ``grads`` (+=) and returns dx (..., in)."""
+        self._require_ctx()
+        g = F.dora_backward(dy, self._ctx, detach_norm=self.detach_norm)
+        self.grads["lora_A"] += g.dA
+        self.grads["lora_B"] += g.dB
+        self.grads["lora_magnitude_vector"] += g.dmagnitude
+        return g.dx
+
+    def merge(self):
+        """Fold the adapter into ``weight``: W' = diag(m / n)(W0 + s B A).
+
+        Keeps n in ``weight_norm`` for ``unmerge`` (PEFT caches it the same
+        way; W' alone does not determine it). The bias is unchanged.
+        """
+        if self.merged:
+            raise RuntimeError("the layer is already merged")
+        W_merged, n = F.merge(
+            self._weight,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude_vector,
+            self.scaling,
+            allow_zero_norm=self.allow_zero_norm,
+        )
+        self.merged = True
+        self._set_base(W_merged, self._bias)
+        self.weight_norm = n
+
+    def unmerge(self):
+        """Restore W0 = W' / (m / n) - s B A, with n kept at merge time."""
+        if not self.merged:
+            raise RuntimeError("the layer is not merged")
+        W0 = F.unmerge(
+            self._weight,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude_vector,
+            self.scaling,
+            self.weight_norm,
+        )
+        self._set_base(W0, self._bias)  # keeps the magnitude: merged is still True here
+        self.merged = False
+        self.weight_norm = None
