@@ -1,0 +1,33 @@
+"""Shared test setup: every test runs once per available backend.
+
+With ``DORA_REF_REQUIRE_C=1`` (CI sets it) a missing C backend is an error,
+not a silent NumPy-only run.
+"""
+import os
+
+import hypothesis
+import pytest
+
+import dora_ref
+
+# Deadlines off: the machines are shared and noisy, and timing is not what
+# these tests check. Examples are kept moderate so the suite runs in minutes.
+hypothesis.settings.register_profile("dora_ref", deadline=None, max_examples=40)
+hypothesis.settings.load_profile("dora_ref")
+
+BACKENDS = dora_ref.available_backends()
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("DORA_REF_REQUIRE_C") == "1" and "c" not in BACKENDS:
+        raise pytest.UsageError(
+            "DORA_REF_REQUIRE_C=1 but the C backend is not available: "
+            f"{dora_ref._backend._C_IMPORT_ERROR}"
+        )
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request):
+    """Run the test under each available backend ("numpy", "c")."""
+    with dora_ref.use_backend(request.param):
+        yield request.param
