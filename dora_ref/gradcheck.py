@@ -1,0 +1,175 @@
+"""A float64 central-difference gradient checker you can call on your own code.
+
+Use::
+
+    from dora_ref.gradcheck import gradcheck
+
+    def loss(p):                       # p: dict of float64 arrays
+        y, _ = my_dora_forward(x, W0, p["A"], p["B"], p["m"], s)
+        return float(np.sum(dy * y))   # a random dy, never all ones
+
+    report = gradcheck(loss, {"A": A, "B": B, "m": m}, {"A": dA, "B": dB, "m": dm})
+    print(report)                      # worst element per array, its index, rel. error
+
+Error model (why the default tolerance is 1e-6)
+-----------------------------------------------
+The central difference ``(f(p + h) - f(p - h)) / 2h`` has truncation error
+``h**2 / 6 * |f'''|`` and rounding error about ``u |f| / h`` (u = 1.1e-16
+in float64). With ``h = 1e-6 * max(1, |p|)`` both are about 1e-10 relative
+to the scale of f and its derivatives, so a correct gradient agrees to
+~1e-9 and ``rtol = 1e-6`` leaves three orders of margin, while a wrong term
+(a missing factor, a wrong sign, a dropped path) shows up as an error of
+order 1. The error of each element is measured relative to
+``max(|analytic|, |numeric|, 1e-3 * max|analytic|)`` so that tiny elements
+are judged against the array's scale, not against themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class GradcheckEntry:
+    """The worst element of one checked array."""
+
+    name: str
+    index: tuple
+    analytic: float
+    numeric: float
+    rel_error: float
+    ok: bool
+
+
+class GradcheckError(AssertionError):
+    """Raised by ``gradcheck(..., raise_on_failure=True)``; carries the report."""
+
+    def __init__(self, report):
+        super().__init__(str(report))
+        self.report = report
+
+
+@dataclass
+class GradcheckReport:
+    """Per-array results of ``gradcheck``; ``ok`` if every array passed."""
+
+    entries: list
+    rtol: float
+
+    @property
+    def ok(self):
+        return all(e.ok for e in self.entries)
+
+    @property
+    def max_rel_error(self):
+        return max((e.rel_error for e in self.entries), default=0.0)
+
+    def __str__(self):
+        lines = [f"gradcheck (rtol {self.rtol:g}): {'ok' if self.ok else 'FAILED'}"]
+        for e in self.entries:
+            lines.append(
+                f"  {'ok  ' if e.ok else 'FAIL'} {e.name}{list(e.index)}: analytic {e.analytic:.10g}, "
+                f"numeric {e.numeric:.10g}, relative error {e.rel_error:.3g}"
+            )
+        return "\n".join(lines)
+
+
+def numerical_gradient(f, params, name, *, step=1e-6):
+    """Central-difference gradient of scalar ``f(params)`` w.r.t. ``params[name]``.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(params) -> float``; must read the arrays of ``params``.
+    params : dict of str to ndarray, float64
+        Perturbed in place, one element at a time, and restored exactly.
+    name : str
+        Which array to differentiate.
+    step : float, default 1e-6
+        Relative step: element p uses h = step * max(1, |p|).
+
+    Returns
+    -------
+    ndarray, float64, the shape of ``params[name]``
+    """
+    p = params[name]
+    grad = np.zeros(p.shape, dtype=np.float64)
+    for idx in np.ndindex(p.shape):
+        old = p[idx]
+        h = step * max(1.0, abs(float(old)))
+        p[idx] = old + h
+        f_plus = float(f(params))
+        p[idx] = old - h
+        f_minus = float(f(params))
+        p[idx] = old
+        grad[idx] = (f_plus - f_minus) / (2.0 * h)
+    return grad
+
+
+def gradcheck(f, params, grads, *, rtol=1e-6, step=1e-6, raise_on_failure=False):
+    """Compare analytic gradients with float64 central differences.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(params) -> float``, the scalar loss. Use a random upstream
+        gradient (``sum(dy * y)`` with random dy), never ``sum(y)`` alone:
+        all-ones hides errors that cancel across outputs.
+    params : mapping of str to array_like
+        The point to check at. Copied to float64 before perturbing; ``f``
+        receives the copies.
+    grads : mapping of str to array_like
+        Your analytic gradients, keyed like ``params`` (a subset is fine:
+        only those keys are checked).
+    rtol : float, default 1e-6
+        See the module docstring for why.
+    step : float, default 1e-6
+    raise_on_failure : bool, default False
+        Raise ``GradcheckError`` (an ``AssertionError``) instead of returning
+        a failing report.
+
+    Returns
+    -------
+    GradcheckReport
+        ``report.ok``, ``report.max_rel_error``, and per array the worst
+        element: its index, both values and the relative error.
+
+    Raises
+    ------
+    ValueError
+        If a gradient's shape differs from its parameter's, or f is not finite.
+    """
+    work = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
+    if not np.isfinite(float(f(work))):
+        raise ValueError("f(params) is not finite at the point to check")
+    entries = []
+    for name, analytic in grads.items():
+        if name not in work:
+            raise ValueError(f"grads has {name!r}, which params lacks ({sorted(work)})")
+        analytic = np.asarray(analytic, dtype=np.float64)
+        if analytic.shape != work[name].shape:
+            raise ValueError(
+                f"grads[{name!r}] has shape {analytic.shape}, params[{name!r}] {work[name].shape}"
+            )
+        numeric = numerical_gradient(f, work, name, step=step)
+        floor = 1e-3 * float(np.max(np.abs(analytic), initial=0.0))
+        denom = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), floor)
+        denom = np.where(denom == 0, 1.0, denom)
+        rel = np.abs(analytic - numeric) / denom
+        worst = np.unravel_index(int(np.argmax(rel)), rel.shape) if rel.size else ()
+        err = float(rel[worst]) if rel.size else 0.0
+        entries.append(
+            GradcheckEntry(
+                name,
+                tuple(int(i) for i in worst),
+                float(analytic[worst]) if rel.size else 0.0,
+                float(numeric[worst]) if rel.size else 0.0,
+                err,
+                bool(err <= rtol),
+            )
+        )
+    report = GradcheckReport(entries, rtol)
+    if raise_on_failure and not report.ok:
+        raise GradcheckError(report)
+    return report
