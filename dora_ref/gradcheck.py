@@ -20,8 +20,11 @@ to the scale of f and its derivatives, so a correct gradient agrees to
 ~1e-9 and ``rtol = 1e-6`` leaves three orders of margin, while a wrong term
 (a missing factor, a wrong sign, a dropped path) shows up as an error of
 order 1. The error of each element is measured relative to
-``max(|analytic|, |numeric|, 1e-3 * max|analytic|)`` so that tiny elements
-are judged against the array's scale, not against themselves.
+``max(|analytic|, |numeric|, 1e-3 * max|analytic|, atol / rtol)`` so that
+tiny elements are judged against the array's scale, not against themselves,
+and a gradient that is truly zero is not failed for the rounding noise of
+its difference quotient: ``atol = 100 u max(1, |f|) / step`` is a hundred
+times that noise.
 """
 from __future__ import annotations
 
@@ -73,6 +76,8 @@ class GradcheckReport:
                 f"numeric {e.numeric:.10g}, relative error {e.rel_error:.3g}"
             )
         return "\n".join(lines)
+
+    __repr__ = __str__
 
 
 def numerical_gradient(f, params, name, *, step=1e-6):
@@ -141,8 +146,10 @@ def gradcheck(f, params, grads, *, rtol=1e-6, step=1e-6, raise_on_failure=False)
         If a gradient's shape differs from its parameter's, or f is not finite.
     """
     work = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
-    if not np.isfinite(float(f(work))):
+    f0 = float(f(work))
+    if not np.isfinite(f0):
         raise ValueError("f(params) is not finite at the point to check")
+    atol = 100 * np.finfo(np.float64).eps / 2 * max(1.0, abs(f0)) / step
     entries = []
     for name, analytic in grads.items():
         if name not in work:
@@ -154,8 +161,7 @@ def gradcheck(f, params, grads, *, rtol=1e-6, step=1e-6, raise_on_failure=False)
             )
         numeric = numerical_gradient(f, work, name, step=step)
         floor = 1e-3 * float(np.max(np.abs(analytic), initial=0.0))
-        denom = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), floor)
-        denom = np.where(denom == 0, 1.0, denom)
+        denom = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), max(floor, atol / rtol))
         rel = np.abs(analytic - numeric) / denom
         worst = np.unravel_index(int(np.argmax(rel)), rel.shape) if rel.size else ()
         err = float(rel[worst]) if rel.size else 0.0

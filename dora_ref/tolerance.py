@@ -84,9 +84,10 @@ def assert_close(actual, expected, *, dtype=None, k, scale=None, name="value"):
         The dtype both were computed in; default ``actual``'s.
     k : int
         The longest reduction length in the computation.
-    scale : float, optional
-        The size of the summed terms; default ``max|expected|`` (or 1 if the
-        expected array is all zero).
+    scale : float or ndarray broadcastable to ``expected``, optional
+        The size of the summed terms, ``sum |terms|`` (elementwise if an
+        array); default ``max|expected|`` (or 1 if the expected array is all
+        zero). Where the result can cancel, pass the sum of absolute terms.
     name : str
         Names the quantity in the failure message.
 
@@ -103,12 +104,14 @@ def assert_close(actual, expected, *, dtype=None, k, scale=None, name="value"):
     if scale is None:
         scale = float(np.max(np.abs(expected))) if expected.size else 1.0
         scale = scale or 1.0
-    bound = rtol(dtype, k) * scale
+    bound = np.broadcast_to(rtol(dtype, k) * np.asarray(scale, dtype=np.float64), expected.shape)
     err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    if err.size and not np.all(err <= bound):  # also catches NaN
-        worst = np.unravel_index(np.nanargmax(np.where(np.isnan(err), np.inf, err)), err.shape)
+    ok = err <= bound  # NaN compares False
+    if not np.all(ok):
+        excess = np.where(ok, -np.inf, np.where(np.isnan(err), np.inf, err - bound))
+        worst = np.unravel_index(int(np.argmax(excess)), err.shape)
         raise AssertionError(
             f"{name}: at index {tuple(int(i) for i in worst)} got {actual[worst]!r}, "
-            f"expected {expected[worst]!r}: error {err[worst]:.3g} > bound {bound:.3g} "
-            f"(rtol {rtol(dtype, k):.3g} for {dtype}, k={k}, scale {scale:.3g})"
+            f"expected {expected[worst]!r}: error {err[worst]:.3g} > bound {bound[worst]:.3g} "
+            f"(rtol {rtol(dtype, k):.3g} for {dtype}, k={k})"
         )
