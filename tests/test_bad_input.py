@@ -1,0 +1,83 @@
+"""Bad input gets a TypeError/ValueError that names the argument and the shapes."""
+import numpy as np
+import pytest
+
+from dora_ref import column_norm, dora_backward, dora_forward, lora_forward, merge, unmerge
+
+rng = np.random.default_rng(0)
+W0, A, B = rng.normal(size=(4, 3)), rng.normal(size=(2, 3)), rng.normal(size=(4, 2))
+m, x = np.linalg.norm(W0, axis=1), rng.normal(size=(5, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(W0=W0.T), ValueError, r"A must have shape \(r, in\) = \(r, 4\); got W0 \(3, 4\)"),
+        (dict(A=A.T), ValueError, r"A must have shape \(r, in\).*A \(3, 2\)"),
+        (dict(B=B.T), ValueError, r"B must have shape \(out, r\) = \(4, 2\).*B \(2, 4\)"),
+        (dict(A=np.zeros((0, 3)), B=np.zeros((4, 0))), ValueError, r"rank r must be >= 1"),
+        (dict(magnitude=np.ones(3)), ValueError, r"magnitude must have shape \(out,\) = \(4,\), got \(3,\).*wrong axis"),
+        (dict(magnitude=np.ones((1, 4))), ValueError, r"magnitude must have 1 dimension"),
+        (dict(bias=np.ones(3)), ValueError, r"bias must have shape \(out,\) = \(4,\), got \(3,\)"),
+        (dict(x=np.ones((5, 4))), ValueError, r"x must have shape \(\.\.\., in\) = \(\.\.\., 3\), got \(5, 4\)"),
+        (dict(x=np.ones((5, 3), np.float32)), TypeError, r"x has dtype float32 but the weights have dtype float64"),
+        (dict(A=A.astype(np.float32)), TypeError, r"arrays must share one dtype.*A: float32"),
+        (dict(W0=np.ones((4, 3), np.int64)), TypeError, r"W0 must have dtype float32 or float64, got int64"),
+        (dict(W0=W0.astype(np.float16)), TypeError, r"W0 must have dtype float32 or float64, got float16"),
+        (dict(A=np.where(np.eye(2, 3) > 0, np.nan, A)), ValueError, r"A \(shape \(2, 3\)\) contains NaN or Inf, first at index \(0, 0\)"),
+        (dict(magnitude=np.array([1, np.inf, 1, 1.0])), ValueError, r"magnitude .* NaN or Inf, first at index \(1,\)"),
+        (dict(scaling=np.nan), ValueError, r"scaling must be finite"),
+        (dict(scaling="2"), TypeError, r"scaling must be a real number, got str"),
+        (dict(x=None), TypeError, r"x must be an array, got None"),
+    ],
+)
+def test_dora_forward_rejects(kwargs, error, pattern):
+    args = dict(x=x, W0=W0, A=A, B=B, magnitude=m, scaling=1.0, bias=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=pattern):
+        dora_forward(**args)
+
+
+def test_nan_in_base_weight_names_the_row():
+    W = W0.copy()
+    W[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"not finite in row\(s\) \[2\]: W0 has NaN/Inf in row\(s\) \[2\]"):
+        dora_forward(x, W, A, B, m, 1.0)
+    with pytest.raises(ValueError, match=r"row\(s\) \[2\]"):
+        merge(W, A, B, m, 1.0)
+
+
+def test_overflowing_norm_is_reported():
+    W = np.full((4, 3), 3e38, dtype=np.float32)  # the norm itself, 5.2e38, exceeds float32
+    with pytest.raises(ValueError, match="overflowed"):
+        column_norm(W, A.astype(np.float32), B.astype(np.float32), 1.0)
+
+
+def test_backward_rejects_wrong_dy():
+    _, ctx = dora_forward(x, W0, A, B, m, 1.0)
+    with pytest.raises(ValueError, match=r"dy must have shape \(\.\.\., in\) = \(\.\.\., 4\), got \(5, 3\)"):
+        dora_backward(np.ones((5, 3)), ctx)
+    with pytest.raises(ValueError, match=r"dy must have shape \(5, 4\).*got \(6, 4\)"):
+        dora_backward(np.ones((6, 4)), ctx)
+
+
+def test_unmerge_rejects_lost_rows_and_wrong_norm():
+    Wm, n = merge(W0, A, B, m, 1.0)
+    m0 = m.copy()
+    m0[1] = 0.0
+    with pytest.raises(ValueError, match=r"cannot unmerge: m / n is 0 .* channel\(s\) \[1\]"):
+        unmerge(Wm, A, B, m0, 1.0, n)
+    with pytest.raises(ValueError, match=r"n must have the shape and dtype of magnitude"):
+        unmerge(Wm, A, B, m, 1.0, n[:3])
+
+
+def test_dropout_mask_shape():
+    with pytest.raises(ValueError, match=r"dropout_mask must have the shape of x \(5, 3\), got \(5, 2\)"):
+        dora_forward(x, W0, A, B, m, 1.0, dropout_mask=np.ones((5, 2)))
+    with pytest.raises(ValueError, match=r"dropout_mask"):
+        lora_forward(x, W0, A, B, 1.0, dropout_mask=np.ones(3))
+
+
+def test_python_lists_of_ints_are_float64():
+    y, _ = dora_forward([1, 0], [[1, 2], [3, 4]], [[1, 1]], [[0], [0]], [1, 1], 1)
+    assert y.dtype == np.float64

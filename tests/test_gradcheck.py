@@ -1,0 +1,36 @@
+"""dora_ref.gradcheck catches wrong gradients and passes right ones."""
+import numpy as np
+import pytest
+
+from dora_ref.gradcheck import GradcheckError, gradcheck, numerical_gradient
+
+
+def test_passes_a_correct_gradient_and_reports_the_worst_element():
+    x0 = np.array([[0.3, -1.2], [2.0, 0.5]])
+    report = gradcheck(lambda p: np.sum(np.sin(p["x"]) * p["x"]), {"x": x0},
+                       {"x": np.cos(x0) * x0 + np.sin(x0)})
+    assert report.ok and report.max_rel_error < 1e-8
+    assert "x[" in str(report)
+
+
+def test_fails_a_wrong_gradient_naming_index_and_error():
+    x0 = np.array([1.0, 2.0, 3.0])
+    wrong = 2 * x0
+    wrong[1] *= 1.01  # one element 1% off
+    report = gradcheck(lambda p: np.sum(p["x"] ** 2), {"x": x0}, {"x": wrong})
+    assert not report.ok
+    (entry,) = report.entries
+    assert entry.index == (1,) and 0.005 < entry.rel_error < 0.02
+    with pytest.raises(GradcheckError, match=r"FAIL x\[1\]"):
+        gradcheck(lambda p: np.sum(p["x"] ** 2), {"x": x0}, {"x": wrong}, raise_on_failure=True)
+
+
+def test_numerical_gradient_restores_the_point():
+    p = {"x": np.array([1.0, 2.0])}
+    numerical_gradient(lambda q: float(np.prod(q["x"])), p, "x")
+    np.testing.assert_array_equal(p["x"], [1.0, 2.0])
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match=r"grads\['x'\] has shape \(3,\), params\['x'\] \(2,\)"):
+        gradcheck(lambda p: 0.0, {"x": np.ones(2)}, {"x": np.ones(3)})
