@@ -1,0 +1,1209 @@
+"""Read, write and merge Hugging Face PEFT (Do)LoRA adapters, without PyTorch.
+
+An adapter directory as ``PeftModel.save_pretrained`` writes it holds
+``adapter_config.json`` and ``adapter_model.safetensors``. For a linear
+module at path ``<name>`` of the base model (e.g.
+``model.layers.0.self_attn.q_proj``), PEFT 0.12+ saves (peft_dora.md Sec. 8)::
+
+    base_model.model.<name>.lora_A.weight            (r, in)
+    base_model.model.<name>.lora_B.weight            (out, r)
+    base_model.model.<name>.lora_magnitude_vector    (out,)    DoRA only
+
+The magnitude has one value per output channel: the paper's column norm is
+the row norm of an (out, in) weight. A, B and the magnitude are in this
+(out, in) orientation even for GPT-2's ``Conv1D``, whose *base* weight is
+stored (in, out) (``fan_in_fan_out``): the base weight is transposed for the
+math and the merged weight is stored back in the base's own layout.
+
+Base weights come from safetensors files (one file, or shards listed in
+``model.safetensors.index.json``). bfloat16 and float16 bases are read with
+``ml_dtypes`` and computed in float32; float64 bases compute in float64.
+Merged weights are cast back to the base dtype. Nothing here unpickles:
+``.bin`` checkpoints are refused with a note on how to convert them.
+
+Several DoRA adapters on one layer are chained as PEFT 0.21 chains them
+(peft_dora.md Sec. 5.2, 7.4): each adapter's norm is taken from the *bare*
+base weight, and each DoRA adapter rescales everything accumulated before it::
+
+    forward (eval):  y <- x @ W0.T;  per adapter i:  y <- g_i * (y + s_i (x A_i.T) B_i.T)
+                     (plain LoRA: y <- y + s_i (x A_i.T) B_i.T);  finally y += b0
+    merge:           W <- W0;        per adapter i:  W <- diag(g_i) (W + s_i B_i A_i)
+    with g_i = m_i / ||W0 + s_i B_i A_i||_row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import functional as F
+from ._validate import check_input
+from .layers import DoRALinear, LoRALinear, lora_scaling
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: the prefix PEFT puts before every module path in a saved adapter
+PEFT_PREFIX = "base_model.model."
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+_PICKLE_NOTE = (
+    "dora_ref never unpickles: loading a pickle can run arbitrary code. Convert it once, "
+    "in an environment you trust, with\n"
+    "    python -c \"import torch; from safetensors.torch import save_file; "
+    "save_file(torch.load('{src}', weights_only=True), '{dst}')\"\n"
+    "or re-save the model/adapter with save_pretrained(..., safe_serialization=True)."
+)
+
+
+# ---------------------------------------------------------------------------
+# safetensors reading and streaming writing
+# ---------------------------------------------------------------------------
+
+
+def _numpy_dtype(st_dtype):
+    """The NumPy dtype of a safetensors dtype string ("F32", "BF16", ...)."""
+    import ml_dtypes
+
+    table = {
+        "F64": np.float64, "F32": np.float32, "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+        "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+        "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    }  # fmt: skip
+    if st_dtype not in table:
+        raise ValueError(f"safetensors dtype {st_dtype!r} is not supported")
+    return np.dtype(table[st_dtype])
+
+
+def _safetensors_dtype(dtype):
+    """The safetensors dtype string of a NumPy dtype (inverse of ``_numpy_dtype``)."""
+    for name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16",
+                 "I8", "U64", "U32", "U16", "U8", "BOOL"):  # fmt: skip
+        if _numpy_dtype(name) == np.dtype(dtype):
+            return name
+    raise ValueError(f"dtype {np.dtype(dtype)} cannot be stored in safetensors")
+
+
+def _refuse_pickle(path):
+    path = Path(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise ValueError(
+            f"{path}: this is a PyTorch pickle checkpoint. "
+            + _PICKLE_NOTE.format(src=path, dst=path.with_suffix(".safetensors"))
+        )
+
+
+class SafetensorsFile:
+    """One safetensors file, read tensor by tensor with the ``safetensors`` NumPy API.
+
+    Tensors are read only when asked for, so memory stays about one tensor.
+    dtypes NumPy cannot name (bfloat16, float8) are read from the file's
+    documented layout (an 8-byte little-endian header length, a JSON header
+    with ``data_offsets``, then the raw little-endian data) and viewed with
+    ``ml_dtypes``: ``safetensors``' NumPy API raises on them.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file is a pickle (``.bin``), or is not a valid safetensors file
+        (e.g. truncated): the message names the file and the parser's reason.
+    """
+
+    def __init__(self, path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        _refuse_pickle(self.path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such safetensors file: {self.path}")
+        try:
+            self._file = safe_open(str(self.path), framework="np")
+        except SafetensorError as e:
+            raise ValueError(
+                f"{self.path} is not a valid safetensors file ({e}); "
+                f"it may be truncated or not fully downloaded ({self.path.stat().st_size} bytes)"
+            ) from None
+        self._header = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Release the file."""
+        self._file = None
+
+    def keys(self):
+        """The tensor names, in the file's order."""
+        return list(self._file.keys())
+
+    def metadata(self):
+        """The ``__metadata__`` dict of the header (str to str), or None."""
+        return self._file.metadata()
+
+    def st_dtype(self, key):
+        """The safetensors dtype string of tensor ``key`` ("F32", "BF16", ...)."""
+        return self._file.get_slice(key).get_dtype()
+
+    def dtype(self, key):
+        """The NumPy dtype of tensor ``key`` (``ml_dtypes.bfloat16`` for BF16)."""
+        return _numpy_dtype(self.st_dtype(key))
+
+    def shape(self, key):
+        """The shape of tensor ``key``, as a tuple, without reading its data."""
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key):
+        """Read tensor ``key`` into a new NumPy array of its stored dtype and shape."""
+        st_dtype = self.st_dtype(key)
+        if st_dtype not in ("BF16", "F8_E4M3", "F8_E5M2"):
+            return self._file.get_tensor(key)
+        if self._header is None:
+            with open(self.path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                self._header = (8 + n, json.loads(fh.read(n)))
+        start, header = self._header
+        begin, end = header[key]["data_offsets"]
+        dtype = _numpy_dtype(st_dtype)
+        with open(self.path, "rb") as fh:
+            fh.seek(start + begin)
+            data = fh.read(end - begin)
+        if len(data) != end - begin:  # safe_open checks this; a file changed under us
+            raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(self.shape(key)).copy()
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time (memory: one tensor).
+
+    The ``safetensors`` package serialises only a complete in-memory dict,
+    which for a merged model means holding the whole model. This writer
+    emits the same format (header first, then each tensor's little-endian
+    bytes, in header order, 8-byte aligned header), so the header must be
+    known up front: the keys, dtypes and shapes, e.g. those of the base.
+    The file appears at ``path`` only when ``close()`` succeeds (it is
+    written to ``path + ".partial"`` and renamed).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    specs : list of (str, numpy dtype, tuple)
+        Key, dtype and shape of every tensor, in the order they will be written.
+    metadata : dict of str to str, optional
+        The header's ``__metadata__`` (e.g. ``{"format": "pt"}``).
+
+    Raises
+    ------
+    ValueError
+        From ``write`` if a tensor comes out of order or with a dtype or
+        shape other than announced; from ``close`` if tensors are missing.
+    """
+
+    def __init__(self, path, specs, metadata=None):
+        self.path = Path(path)
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self._specs = []
+        for key, dtype, shape in specs:
+            dtype = np.dtype(dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[key] = {
+                "dtype": _safetensors_dtype(dtype),
+                "shape": [int(d) for d in shape],
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._specs.append((key, dtype, tuple(shape)))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._fh = open(self._partial, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, key, array):
+        """Append tensor ``key``; it must be the next announced one, same dtype and shape."""
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: tensor {key!r} was not announced in the header")
+        want_key, dtype, shape = self._specs[self._next]
+        array = np.asarray(array)
+        if key != want_key or array.dtype != dtype or array.shape != shape:
+            raise ValueError(
+                f"{self.path}: expected tensor {want_key!r} {dtype} {shape} next, "
+                f"got {key!r} {array.dtype} {array.shape}"
+            )
+        self._fh.write(np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes())
+        self._next += 1
+
+    def close(self):
+        """Finish the file and move it into place."""
+        self._fh.close()
+        if self._next != len(self._specs):
+            self._partial.unlink()
+            missing = [k for k, _, _ in self._specs[self._next:]]
+            raise ValueError(f"{self.path}: {len(missing)} tensor(s) never written: {missing[:5]}")
+        os.replace(self._partial, self.path)
+
+    def abort(self):
+        """Drop the partial file."""
+        self._fh.close()
+        self._partial.unlink(missing_ok=True)
+
+
+class BaseWeights:
+    """The tensors of a base model: one safetensors file, or a model directory.
+
+    A directory as ``save_pretrained`` writes it holds ``model.safetensors``
+    or shards listed in ``model.safetensors.index.json`` (its ``weight_map``
+    maps each key to its shard). Files are opened lazily and tensors read one
+    at a time.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.safetensors`` file or a model directory.
+
+    Attributes
+    ----------
+    files : list of pathlib.Path
+        The safetensors files, in order.
+    weight_map : dict of str to pathlib.Path
+        Each tensor key's file.
+    index : dict or None
+        The parsed shard index, if there is one.
+
+    Raises
+    ------
+    FileNotFoundError
+        If neither a file nor a directory with safetensors weights is found
+        (a directory with only ``pytorch_model.bin`` gets a ValueError that
+        explains why pickles are refused).
+    ValueError
+        On a malformed index, or a shard it names that is missing or invalid.
+    """
+
+    def __init__(self, path):
+        path = Path(path)
+        self.path = path
+        self.index = None
+        if path.is_dir():
+            index_path, single = path / SHARD_INDEX, path / SINGLE_FILE
+            if index_path.is_file():
+                try:
+                    self.index = json.loads(index_path.read_text())
+                    wm = self.index["weight_map"]
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"{index_path}: not a valid shard index ({e!r})") from None
+                self.weight_map = {k: path / v for k, v in wm.items()}
+                self.files = list(dict.fromkeys(self.weight_map.values()))
+                for f in self.files:
+                    if not f.is_file():
+                        raise FileNotFoundError(f"{index_path} names shard {f.name}, which is missing")
+            elif single.is_file():
+                self.files = [single]
+                self.weight_map = None
+            else:
+                pickles = sorted(p.name for p in path.glob("*.bin"))
+                if pickles:
+                    _refuse_pickle(path / pickles[0])
+                raise FileNotFoundError(
+                    f"{path}: no {SINGLE_FILE} or {SHARD_INDEX} in this directory"
+                )
+        else:
+            _refuse_pickle(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file or directory: {path}")
+            self.files = [path]
+            self.weight_map = None
+        self._open = {}
+        if self.weight_map is None:
+            self.weight_map = {k: self.files[0] for k in self._handle(self.files[0]).keys()}
+        else:
+            for f in self.files:
+                have = set(self._handle(f).keys())
+                missing = [k for k, v in self.weight_map.items() if v == f and k not in have]
+                if missing:
+                    raise ValueError(f"{f}: the index lists {missing[:5]} but the shard lacks them")
+
+    def _handle(self, f):
+        if f not in self._open:
+            self._open[f] = SafetensorsFile(f)
+        return self._open[f]
+
+    def file_keys(self, f):
+        """The keys stored in file ``f``, in its order."""
+        return self._handle(f).keys()
+
+    def handle(self, f):
+        """The open ``SafetensorsFile`` of file ``f``."""
+        return self._handle(f)
+
+    def keys(self):
+        """Every tensor key."""
+        return list(self.weight_map)
+
+    def __contains__(self, key):
+        return key in self.weight_map
+
+    def shape(self, key):
+        """Stored shape of ``key`` (no data read)."""
+        return self._handle(self.weight_map[key]).shape(key)
+
+    def dtype(self, key):
+        """Stored NumPy dtype of ``key``."""
+        return self._handle(self.weight_map[key]).dtype(key)
+
+    def get(self, key):
+        """Read tensor ``key`` in its stored dtype."""
+        if key not in self.weight_map:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        return self._handle(self.weight_map[key]).get(key)
+
+
+def load_base_weights(path, keys=None):
+    """Read base model tensors from safetensors into NumPy arrays.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.safetensors`` file, or a model directory (``model.safetensors``
+        or shards with ``model.safetensors.index.json``).
+    keys : iterable of str, optional
+        Read only these tensors (default: all).
+
+    Returns
+    -------
+    dict of str to ndarray
+        In the stored dtypes; bfloat16 as ``ml_dtypes.bfloat16``.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError, KeyError
+        See ``BaseWeights``; KeyError for a requested key that is absent.
+    """
+    base = BaseWeights(path)
+    return {k: base.get(k) for k in (base.keys() if keys is None else keys)}
+
+
+# ---------------------------------------------------------------------------
+# the adapter config
+# ---------------------------------------------------------------------------
+
+# truthy values of these fields select behaviour this library does not implement
+_UNSUPPORTED_FIELDS = {
+    "lora_bias": "a trainable bias in lora_B (PEFT refuses it together with DoRA)",
+    "modules_to_save": "full copies of extra modules stored in the adapter",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "LoRA on nn.Parameter targets (MoE experts)",
+    "layer_replication": "layer replication",
+    "megatron_config": "Megatron tensor parallel layers",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+}
+
+
+@dataclass
+class LoraAdapterConfig:
+    """The fields of a PEFT ``LoraConfig`` that change the math.
+
+    Attributes
+    ----------
+    r : int
+        Default rank (PEFT default 8).
+    lora_alpha : float
+        Default alpha (PEFT default 8).
+    use_dora : bool
+        DoRA (a magnitude per module) or plain LoRA.
+    use_rslora : bool
+        Scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    lora_dropout : float
+        Dropout on the adapter's input in training (peft_dora.md Sec. 5.1b).
+    fan_in_fan_out : bool
+        Base weights stored (in, out), as GPT-2's ``Conv1D``.
+    target_modules : list of str, str, or None
+    rank_pattern, alpha_pattern : dict of str to number
+        Per-module rank and alpha; keys are regexes matched as PEFT matches
+        them (see ``rank_and_alpha``).
+    extra : dict
+        Every other field of ``adapter_config.json``, written back unchanged.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    use_dora: bool = False
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    target_modules: object = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    _FIELDS = ("r", "lora_alpha", "use_dora", "use_rslora", "lora_dropout", "fan_in_fan_out",
+               "target_modules", "rank_pattern", "alpha_pattern")  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d, *, source="adapter config"):
+        """Build from the dict of an ``adapter_config.json``.
+
+        Raises
+        ------
+        ValueError
+            If it is not a LoRA config, or asks for something unsupported
+            (``lora_bias``, ``modules_to_save``, ``bias != "none"``, other
+            LoRA variants): the message names the field.
+        """
+        d = dict(d)
+        peft_type = d.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; only LoRA/DoRA adapters are supported")
+        for name, what in _UNSUPPORTED_FIELDS.items():
+            if d.get(name):
+                raise ValueError(
+                    f"{source}: {name}={d[name]!r} ({what}) is not supported by dora_ref"
+                )
+        if d.get("bias", "none") != "none":
+            raise ValueError(
+                f"{source}: bias={d['bias']!r} (trained base biases saved in the adapter) "
+                f"is not supported; only bias='none'"
+            )
+        kw = {k: d.pop(k) for k in cls._FIELDS if k in d and d[k] is not None}
+        cfg = cls(**kw, extra=d)
+        if isinstance(cfg.r, bool) or not isinstance(cfg.r, int) or cfg.r <= 0:
+            raise ValueError(f"{source}: r must be a positive integer, got {cfg.r!r}")
+        if not 0.0 <= float(cfg.lora_dropout) < 1.0:
+            raise ValueError(f"{source}: lora_dropout must be in [0, 1), got {cfg.lora_dropout!r}")
+        return cfg
+
+    def to_dict(self):
+        """The ``adapter_config.json`` dict (PEFT's field names)."""
+        d = {"peft_type": "LORA", "bias": "none", "lora_bias": False, "task_type": None,
+             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}  # fmt: skip
+        d.update(self.extra)
+        d.update({k: getattr(self, k) for k in self._FIELDS})
+        return d
+
+    def rank_and_alpha(self, module):
+        """(r, alpha) of ``module``, a path such as ``model.layers.0.mlp.up_proj``.
+
+        PEFT ``get_pattern_key``: the first key ``p`` of ``rank_pattern``
+        (``alpha_pattern``), in the file's order, for which
+        ``re.match(rf"(.*\\.)?({p})$", module)`` matches gives the value;
+        otherwise ``r`` (``lora_alpha``).
+        """
+
+        def lookup(pattern, default):
+            for key, value in pattern.items():
+                if re.match(rf"(.*\.)?({key})$", module):
+                    return value
+            return default
+
+        return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
+
+    def scaling(self, module):
+        """PEFT's scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        r, alpha = self.rank_and_alpha(module)
+        return lora_scaling(int(r), alpha, self.use_rslora)
+
+
+def read_config(directory):
+    """Read and check ``adapter_config.json`` of an adapter directory.
+
+    Returns
+    -------
+    LoraAdapterConfig
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A missing file, invalid JSON, or an unsupported config.
+    """
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (is this a PEFT adapter directory?)")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
+    return LoraAdapterConfig.from_dict(d, source=str(path))
+
+
+# ---------------------------------------------------------------------------
+# adapters
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleAdapter:
+    """One adapted linear module.
+
+    Attributes
+    ----------
+    name : str
+        Module path in the base model; its base weight is ``name + ".weight"``.
+    lora_A : ndarray, shape (r, in)
+    lora_B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,), or None for plain LoRA
+    scaling : float
+    r : int
+    lora_alpha : float
+    """
+
+    name: str
+    lora_A: np.ndarray
+    lora_B: np.ndarray
+    magnitude: Optional[np.ndarray]
+    scaling: float
+    r: int
+    lora_alpha: float
+
+    @property
+    def out_features(self):
+        return self.lora_B.shape[0]
+
+    @property
+    def in_features(self):
+        return self.lora_A.shape[1]
+
+
+@dataclass
+class PeftAdapter:
+    """A PEFT (Do)LoRA adapter: its config and its modules by path.
+
+    Attributes
+    ----------
+    config : LoraAdapterConfig
+    modules : dict of str to ModuleAdapter
+    """
+
+    config: LoraAdapterConfig
+    modules: dict
+
+
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def _split_key(key, source):
+    """(module path, part) of an adapter key; raise on formats we do not read."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    m = _KEY.match(name)
+    if m:
+        return m["module"], m["part"].split(".")[0]
+    if re.search(r"(lora_down|lora_up|dora_scale|\.alpha$|hada_|lokr_)", key):
+        raise ValueError(
+            f"{source}: key {key!r} is in the LyCORIS/kohya format (lora_down/lora_up/dora_scale), "
+            f"not PEFT's; its dora_scale is normalised over the other axis (shape (1, in)). "
+            f"Convert it to PEFT keys first."
+        )
+    if "lora_embedding_" in key:
+        raise ValueError(f"{source}: key {key!r} adapts an nn.Embedding; only linear layers are supported")
+    if key.endswith("lora_B.bias"):
+        raise ValueError(f"{source}: key {key!r} is a lora_B bias (lora_bias=True), not supported")
+    raise ValueError(f"{source}: unexpected key {key!r}: not a PEFT LoRA/DoRA tensor")
+
+
+def load_adapter(directory, *, dtype=None):
+    """Read a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+    dtype : numpy dtype, optional
+        Cast A, B and the magnitude to it (float32 or float64); default:
+        float64 tensors stay float64, every other float dtype becomes float32.
+
+    Returns
+    -------
+    PeftAdapter
+
+    Raises
+    ------
+    FileNotFoundError
+        A missing directory, config or weights file.
+    ValueError
+        A ``.bin`` (pickle) adapter; a truncated or invalid file; an
+        unsupported config or key; a module with A but no B (or the
+        reverse); A and B of inconsistent ranks or of a rank other than the
+        config's; a ``use_dora`` adapter without a magnitude for a module
+        (PEFT only warns there and re-initialises it, changing the outputs),
+        or a magnitude in a LoRA adapter; a magnitude not of shape (out,)
+        (the LyCORIS convention (1, in) or (in,) gets a message saying so).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such adapter directory: {directory}")
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        for pickle_name in ("adapter_model.bin", "adapter_model.pt"):
+            if (directory / pickle_name).is_file():
+                _refuse_pickle(directory / pickle_name)
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}")
+    config = read_config(directory)
+    parts = {}
+    with SafetensorsFile(weights) as f:
+        for key in f.keys():
+            module, part = _split_key(key, weights)
+            if part in parts.setdefault(module, {}):
+                raise ValueError(f"{weights}: module {module!r} has two {part} tensors")
+            arr = f.get(key)
+            if arr.dtype.kind != "f" and np.dtype(arr.dtype).name not in ("bfloat16",):
+                raise ValueError(f"{weights}: {key} has dtype {arr.dtype}, not a float")
+            parts[module][part] = (key, arr)
+    modules = {}
+    for name, p in parts.items():
+        modules[name] = _module_from_parts(name, p, config, weights, dtype)
+    if not modules:
+        raise ValueError(f"{weights}: no LoRA tensors found")
+    return PeftAdapter(config, modules)
+
+
+def _compute_dtype(dtype):
+    """float64 stays float64; float32, float16, bfloat16 compute in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _module_from_parts(name, p, config, source, dtype):
+    for need in ("lora_A", "lora_B"):
+        if need not in p:
+            raise ValueError(f"{source}: module {name!r} has no {need}.weight (truncated adapter?)")
+    (ka, A), (kb, B) = p["lora_A"], p["lora_B"]
+    if A.ndim != 2 or B.ndim != 2:
+        raise ValueError(
+            f"{source}: module {name!r} has lora_A {A.shape} and lora_B {B.shape}; only linear "
+            f"layers (2-D A and B) are supported, not convolutions"
+        )
+    r = A.shape[0]
+    if B.shape[1] != r:
+        raise ValueError(
+            f"{source}: module {name!r}: lora_A {A.shape} is (r, in) and lora_B {B.shape} "
+            f"must be (out, r) with r = {r}"
+        )
+    r_cfg, alpha = config.rank_and_alpha(name)
+    if r != r_cfg:
+        raise ValueError(
+            f"{source}: module {name!r} has rank {r} (lora_A {A.shape}) but the config gives "
+            f"r = {r_cfg} (r / rank_pattern); the scaling would be wrong"
+        )
+    out_f, in_f = B.shape[0], A.shape[1]
+    m = None
+    if "lora_magnitude_vector" in p:
+        km, m = p["lora_magnitude_vector"]
+        if not config.use_dora:
+            raise ValueError(f"{source}: {km} is a DoRA magnitude but the config has use_dora=false")
+        if m.shape != (out_f,):
+            hint = ""
+            if m.shape in ((in_f,), (1, in_f)) and in_f != out_f:
+                hint = (
+                    f": one value per *input* feature is the LyCORIS/kohya convention "
+                    f"(dora_scale, the weight normalised over the other axis), not PEFT's, whose "
+                    f"magnitude has one value per output channel (the row norm of the (out, in) weight)"
+                )
+            raise ValueError(
+                f"{source}: {km} has shape {m.shape}; expected (out,) = ({out_f},) for "
+                f"lora_A {A.shape}, lora_B {B.shape}{hint}"
+            )
+    elif config.use_dora:
+        raise ValueError(
+            f"{source}: the config has use_dora=true but module {name!r} has no "
+            f"lora_magnitude_vector (PEFT would only warn and re-initialise it to the base norm, "
+            f"silently changing the outputs)"
+        )
+    cdt = np.dtype(dtype) if dtype is not None else _compute_dtype(A.dtype)
+    cast = lambda a: None if a is None else np.ascontiguousarray(a.astype(cdt))  # noqa: E731
+    return ModuleAdapter(name, cast(A), cast(B), cast(m), config.scaling(name), r, alpha)
+
+
+def save_adapter(directory, adapter):
+    """Write ``adapter`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Keys and shapes as peft_dora.md Sec. 8 (``base_model.model.<name>.lora_A.weight``
+    (r, in), ``...lora_B.weight`` (out, r), ``...lora_magnitude_vector`` (out,)).
+    Each module's rank and alpha must be what the config gives it (see
+    ``adapter_from_layers``, which builds a matching config).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Created if needed.
+    adapter : PeftAdapter
+
+    Raises
+    ------
+    ValueError
+        If a module's rank, scaling or magnitude disagrees with the config.
+    """
+    directory = Path(directory)
+    cfg = adapter.config
+    tensors = {}
+    for name, mod in adapter.modules.items():
+        r, alpha = cfg.rank_and_alpha(name)
+        if mod.r != r or mod.lora_A.shape[0] != r or not math.isclose(mod.scaling, cfg.scaling(name)):
+            raise ValueError(
+                f"module {name!r} has r={mod.r}, scaling={mod.scaling:g} but the config gives "
+                f"r={r}, scaling={cfg.scaling(name):g}"
+            )
+        if (mod.magnitude is not None) != bool(cfg.use_dora):
+            raise ValueError(f"module {name!r}: magnitude present = {mod.magnitude is not None}, "
+                             f"but use_dora = {cfg.use_dora}")  # fmt: skip
+        key = PEFT_PREFIX + name
+        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(mod.lora_A)
+        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(mod.lora_B)
+        if mod.magnitude is not None:
+            tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(mod.magnitude)
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **config_fields):
+    """Collect ``DoRALinear``/``LoRALinear`` layers into a ``PeftAdapter`` for ``save_adapter``.
+
+    The config gets the most common rank and alpha as ``r``/``lora_alpha``,
+    and ``rank_pattern``/``alpha_pattern`` entries (escaped full module
+    paths) for the others, so that PEFT gives every module its own rank and
+    scaling back. ``target_modules`` lists the module paths.
+
+    Parameters
+    ----------
+    layers : dict of str to DoRALinear or LoRALinear
+        Module path in the base model -> layer. All DoRA or all LoRA.
+    fan_in_fan_out : bool, default False
+        Recorded in the config (set it for GPT-2 ``Conv1D`` modules).
+    lora_dropout : float, optional
+        Default: the layers' common ``lora_dropout``.
+    **config_fields
+        Other ``adapter_config.json`` fields (e.g. ``base_model_name_or_path``).
+
+    Returns
+    -------
+    PeftAdapter
+
+    Raises
+    ------
+    ValueError
+        On an empty mapping, a mix of DoRA and LoRA layers, mixed rsLoRA,
+        or merged layers.
+    """
+    if not layers:
+        raise ValueError("layers is empty")
+    kinds = {isinstance(layer, DoRALinear) for layer in layers.values()}
+    rslora = {bool(layer.use_rslora) for layer in layers.values()}
+    if len(kinds) != 1 or len(rslora) != 1:
+        raise ValueError("all layers must be DoRA (or all LoRA) and share use_rslora")
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"layer {name!r} is merged: unmerge() it before saving its adapter")
+
+    def most_common(values):
+        values = list(values)
+        return max(dict.fromkeys(values), key=values.count)
+
+    r = most_common(int(layer.r) for layer in layers.values())
+    alpha = most_common(layer.lora_alpha for layer in layers.values())
+    dropout = most_common(layer.lora_dropout for layer in layers.values())
+    config = LoraAdapterConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_dora=kinds.pop(),
+        use_rslora=rslora.pop(),
+        lora_dropout=dropout if lora_dropout is None else lora_dropout,
+        fan_in_fan_out=bool(fan_in_fan_out),
+        target_modules=sorted(layers),
+        rank_pattern={re.escape(n): int(l.r) for n, l in layers.items() if l.r != r},
+        alpha_pattern={re.escape(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != alpha},
+        extra=dict(config_fields),
+    )
+    modules = {
+        name: ModuleAdapter(
+            name,
+            layer.lora_A.copy(),
+            layer.lora_B.copy(),
+            None if config.use_dora is False else layer.lora_magnitude_vector.copy(),
+            layer.scaling,
+            int(layer.r),
+            layer.lora_alpha,
+        )
+        for name, layer in layers.items()
+    }
+    return PeftAdapter(config, modules)
+
+
+# ---------------------------------------------------------------------------
+# matching an adapter to base weights
+# ---------------------------------------------------------------------------
+
+
+def weight_key(name, base_keys):
+    """The base tensor key of module ``name``: ``name + ".weight"``.
+
+    If absent, the one key that ends with ``"." + name + ".weight"`` (a
+    base saved from an inner model), or whose module path ``name`` ends
+    with (an adapter saved on a wrapper), is used.
+
+    Raises
+    ------
+    KeyError
+        If no key, or more than one candidate, matches.
+    """
+    want = name + ".weight"
+    if want in base_keys:
+        return want
+    candidates = [
+        k for k in base_keys
+        if k.endswith(".weight") and (k.endswith("." + want) or want.endswith("." + k))
+    ]  # fmt: skip
+    if len(candidates) == 1:
+        return candidates[0]
+    why = f"candidates {candidates[:5]}" if candidates else "no such key"
+    raise KeyError(f"module {name!r}: base weight {want!r} not found ({why})")
+
+
+def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
+    """Whether ``module``'s base weight is stored (in, out) (GPT-2 ``Conv1D``).
+
+    PEFT decides by the module type (``Conv1D`` -> True, ``nn.Linear`` ->
+    False, overriding the config with a warning). Without the torch module we
+    decide by the shapes: a non-square weight of shape (in, out) is
+    fan_in_fan_out, of shape (out, in) is not; a square one follows the
+    config's ``fan_in_fan_out``.
+
+    Parameters
+    ----------
+    module : ModuleAdapter
+    stored_shape : tuple of int
+        The base weight's stored shape.
+    config_fifo : bool
+    key : str, optional
+        The base key, for messages.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        If the base weight is not 2-D, or its shape is neither (out, in)
+        nor (in, out) for the adapter's A (r, in) and B (out, r).
+    """
+    out_f, in_f = module.out_features, module.in_features
+    key = key or module.name + ".weight"
+    stored_shape = tuple(stored_shape)
+    if len(stored_shape) != 2:
+        raise ValueError(
+            f"base weight {key!r} has shape {stored_shape}: only linear layers (2-D weights) "
+            f"are supported, not convolutions or other module types"
+        )
+    if stored_shape == (out_f, in_f) and (in_f != out_f or not config_fifo):
+        return False
+    if stored_shape == (in_f, out_f):
+        return True
+    raise ValueError(
+        f"module {module.name!r}: base weight {key!r} has shape {stored_shape}, but lora_A "
+        f"{module.lora_A.shape} (r, in) and lora_B {module.lora_B.shape} (out, r) need "
+        f"(out, in) = {(out_f, in_f)} (or (in, out) = {(in_f, out_f)} with fan_in_fan_out)"
+    )
+
+
+# ---------------------------------------------------------------------------
+# layers, forward and merge from adapter + base
+# ---------------------------------------------------------------------------
+
+
+def build_layers(adapter, base, *, lora_dropout=None, rng=None, detach_norm=True):
+    """``DoRALinear`` (or ``LoRALinear``) layers from an adapter and base weights.
+
+    Parameters
+    ----------
+    adapter : PeftAdapter or str or os.PathLike
+        Loaded adapter, or its directory.
+    base : mapping of str to ndarray, or str or os.PathLike
+        Base tensors by key (``<module>.weight`` (out, in), or (in, out) for
+        fan_in_fan_out modules, and optional ``<module>.bias`` (out,)), or a
+        safetensors file / model directory to read them from. float64 bases
+        compute in float64; float32, float16 and bfloat16 bases in float32.
+    lora_dropout : float, optional
+        Default: the config's.
+    rng : numpy.random.Generator or int, optional
+        Seeds the dropout masks.
+    detach_norm : bool, default True
+        See ``DoRALinear``.
+
+    Returns
+    -------
+    layers : dict of str to DoRALinear or LoRALinear
+        By module path. Each layer's ``weight`` is in (out, in) orientation
+        (transposed for fan_in_fan_out modules) and in the compute dtype; its
+        ``lora_A``, ``lora_B``, ``lora_magnitude_vector`` are the adapter's.
+    fan_in_fan_out : dict of str to bool
+        Which modules' base weights are stored (in, out); pass them to
+        ``stored_weight`` to write a merged weight back in the base layout.
+
+    Raises
+    ------
+    KeyError, ValueError
+        A module missing from the base; a base shape that matches neither
+        (out, in) nor (in, out); a non-2-D base weight.
+    """
+    if not isinstance(adapter, PeftAdapter):
+        adapter = load_adapter(adapter)
+    if not hasattr(base, "keys") or isinstance(base, (str, os.PathLike)):
+        base = BaseWeights(base)
+    cfg = adapter.config
+    keys = set(base.keys())
+    layers, fifo = {}, {}
+    rng = np.random.default_rng(rng)
+    for name, mod in adapter.modules.items():
+        wkey = weight_key(name, keys)
+        W = base.get(wkey) if isinstance(base, BaseWeights) else np.asarray(base[wkey])
+        fifo[name] = is_fan_in_fan_out(mod, W.shape, cfg.fan_in_fan_out, key=wkey)
+        cdt = _compute_dtype(W.dtype)
+        W = np.ascontiguousarray((W.T if fifo[name] else W).astype(cdt))
+        bkey = wkey[: -len("weight")] + "bias"
+        bias = None
+        if bkey in keys:
+            bias = base.get(bkey) if isinstance(base, BaseWeights) else np.asarray(base[bkey])
+            bias = bias.astype(cdt)
+        cls = DoRALinear if mod.magnitude is not None else LoRALinear
+        kw = dict(detach_norm=detach_norm) if cls is DoRALinear else {}
+        layer = cls(
+            W,
+            bias,
+            r=mod.r,
+            lora_alpha=mod.lora_alpha,
+            use_rslora=cfg.use_rslora,
+            lora_dropout=cfg.lora_dropout if lora_dropout is None else lora_dropout,
+            rng=rng,
+            **kw,
+        )
+        layer.lora_A = mod.lora_A.astype(cdt, copy=True)
+        layer.lora_B = mod.lora_B.astype(cdt, copy=True)
+        if mod.magnitude is not None:
+            layer.lora_magnitude_vector = mod.magnitude.astype(cdt, copy=True)
+        layer.zero_grad()
+        layers[name] = layer
+    return layers, fifo
+
+
+def stored_weight(layer, fan_in_fan_out, dtype=None):
+    """A layer's (merged) weight in the base's stored layout and dtype.
+
+    Parameters
+    ----------
+    layer : DoRALinear or LoRALinear
+    fan_in_fan_out : bool
+        Transpose back to (in, out).
+    dtype : numpy dtype, optional
+        Cast to it (e.g. ``ml_dtypes.bfloat16``; NumPy rounds to nearest even,
+        as torch does).
+
+    Returns
+    -------
+    ndarray, shape (out, in), or (in, out) if fan_in_fan_out
+    """
+    W = layer.weight.T if fan_in_fan_out else layer.weight
+    return np.ascontiguousarray(W if dtype is None else W.astype(dtype))
+
+
+def _chain_checks(W0, modules):
+    for mod in modules:
+        if W0.shape != (mod.out_features, mod.in_features):
+            raise ValueError(
+                f"module {mod.name!r}: weight (out, in) {W0.shape} does not match lora_A "
+                f"{mod.lora_A.shape} and lora_B {mod.lora_B.shape}"
+            )
+
+
+def _as(mod, dtype):
+    cast = lambda a: None if a is None else a.astype(dtype, copy=False)  # noqa: E731
+    return cast(mod.lora_A), cast(mod.lora_B), cast(mod.magnitude)
+
+
+def chain_forward(x, W0, bias, modules):
+    """Several (Do)LoRA adapters active on one linear layer, PEFT 0.21 (eval).
+
+    PEFT's ``Linear.forward`` loop feeds the running result into each
+    adapter; a DoRA adapter rescales everything before it (peft_dora.md
+    Sec. 5.2)::
+
+        y <- x @ W0.T
+        for each adapter i:  DoRA: y <- g_i * (y + s_i (x @ A_i.T) @ B_i.T)
+                             LoRA: y <- y + s_i (x @ A_i.T) @ B_i.T
+        y <- y + b0,         g_i = m_i / ||W0 + s_i B_i A_i||_row  (bare W0)
+
+    With one DoRA adapter this is ``dora_forward`` (eval).
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., in), float32 or float64
+    W0 : ndarray, shape (out, in), the dtype of x
+    bias : ndarray, shape (out,), or None
+    modules : sequence of ModuleAdapter
+        In PEFT's active-adapter order.
+
+    Returns
+    -------
+    y : ndarray, shape (..., out)
+
+    Raises
+    ------
+    ValueError, TypeError
+        On mismatched shapes or dtypes, or a zero row norm.
+    """
+    W0 = np.asarray(W0)
+    _chain_checks(W0, modules)
+    x2 = check_input(x, W0.shape[1], W0.dtype)
+    y = x2 @ W0.T
+    for mod in modules:
+        A, B, m = _as(mod, W0.dtype)
+        low_rank = mod.scaling * ((x2 @ A.T) @ B.T)
+        if m is None:
+            y = y + low_rank
+        else:
+            n = F.column_norm(W0, A, B, mod.scaling, allow_zero_norm=False)
+            y = (m / n) * (y + low_rank)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*np.shape(x)[:-1], W0.shape[0])
+
+
+def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=False):
+    """Merge (Do)LoRA adapters into one base weight, as PEFT 0.21 ``merge``.
+
+    Computes in float32 (float64 for a float64 base) and returns the stored
+    layout and dtype. One DoRA adapter: ``W' = diag(m / n)(W0 + s B A)``
+    (``dora_ref.functional.merge``). Several: each in order,
+    ``W <- diag(m_i / n_i)(W + s_i B_i A_i)`` for DoRA and ``W <- W + s_i B_i A_i``
+    for LoRA, with n_i from the bare base (peft_dora.md Sec. 7.4, PR #3609).
+    The bias is never changed.
+
+    Parameters
+    ----------
+    W_stored : ndarray, shape (out, in), or (in, out) if fan_in_fan_out
+        float16, bfloat16, float32 or float64.
+    modules : sequence of ModuleAdapter
+    fan_in_fan_out : bool
+    allow_zero_norm : bool, default False
+        A zero row norm raises (PEFT's safe_merge raises; its unsafe merge
+        writes NaN); if True that row merges to zeros.
+
+    Returns
+    -------
+    ndarray, the shape and dtype of ``W_stored``
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes, or a zero row norm (naming the module).
+    """
+    W_stored = np.asarray(W_stored)
+    cdt = _compute_dtype(W_stored.dtype)
+    W0 = np.ascontiguousarray((W_stored.T if fan_in_fan_out else W_stored).astype(cdt))
+    _chain_checks(W0, modules)
+    W = W0
+    for mod in modules:
+        A, B, m = _as(mod, cdt)
+        try:
+            if m is None:
+                W = W + mod.scaling * (B @ A)
+            elif W is W0:
+                W, _ = F.merge(W0, A, B, m, mod.scaling, allow_zero_norm=allow_zero_norm)
+            else:
+                n = F.column_norm(W0, A, B, mod.scaling, allow_zero_norm=allow_zero_norm)
+                g = np.zeros_like(n)
+                np.divide(m, n, out=g, where=n != 0)
+                W = g[:, None] * (W + mod.scaling * (B @ A))
+        except ValueError as e:
+            raise ValueError(f"module {mod.name!r}: {e}") from None
+    out = W.T if fan_in_fan_out else W
+    return np.ascontiguousarray(out.astype(W_stored.dtype))
+
+
+def merge_state_dict(base, adapters, *, allow_zero_norm=False):
+    """Merged copies of the adapted weights, keyed as the base (in memory).
+
+    For whole checkpoints on disk use ``dora-ref merge`` (``merge_cli``),
+    which streams tensor by tensor.
+
+    Parameters
+    ----------
+    base : mapping of str to ndarray, or str or os.PathLike
+    adapters : sequence of PeftAdapter (or adapter directories)
+        Applied in order (PEFT's active-adapter order).
+    allow_zero_norm : bool, default False
+
+    Returns
+    -------
+    dict of str to ndarray
+        Only the changed ``<module>.weight`` tensors, in the base dtypes and
+        layouts. Biases and all other tensors are unchanged.
+    """
+    if not isinstance(base, BaseWeights) and isinstance(base, (str, os.PathLike)):
+        base = BaseWeights(base)
+    plan = plan_merge(base, adapters)
+    return {
+        key: merge_weight(base.get(key) if isinstance(base, BaseWeights) else np.asarray(base[key]),
+                          mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+        for key, (mods, fifo) in plan.items()
+    }  # fmt: skip
+
+
+def plan_merge(base, adapters):
+    """Match each adapter's modules to base weight keys, checking shapes (no data read).
+
+    Parameters
+    ----------
+    base : BaseWeights or mapping of str to ndarray
+    adapters : sequence of PeftAdapter or adapter directories
+
+    Returns
+    -------
+    dict of str to (list of ModuleAdapter, bool)
+        Base weight key -> the modules merged into it, in adapter order, and
+        whether it is stored fan_in_fan_out.
+
+    Raises
+    ------
+    KeyError, ValueError
+        A module whose base weight is missing or of the wrong shape.
+    """
+    adapters = [a if isinstance(a, PeftAdapter) else load_adapter(a) for a in adapters]
+    keys = set(base.keys())
+    plan = {}
+    for adapter in adapters:
+        for name, mod in adapter.modules.items():
+            key = weight_key(name, keys)
+            shape = base.shape(key) if isinstance(base, BaseWeights) else np.shape(base[key])
+            fifo = is_fan_in_fan_out(mod, shape, adapter.config.fan_in_fan_out, key=key)
+            mods, prev = plan.setdefault(key, ([], fifo))
+            if prev != fifo:  # only possible for a square weight with differing configs
+                raise ValueError(f"{key}: adapters disagree on fan_in_fan_out")
+            mods.append(mod)
+    return plan
