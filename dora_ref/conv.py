@@ -1121,17 +1121,10 @@ class _DoRAConvNd(_LoRAConvNd):
 
 _LAYER_DOC = """{kind} for ``torch.nn.Conv{d}d``: a frozen kernel plus {what}.
 
-PEFT's names and shapes (``lora_A.<adapter>.weight`` ...), so numbers and
-checkpoints compare directly:
-
-=========================  ==============================  =====================
-attribute                  shape                           note
-=========================  ==============================  =====================
-``weight`` (frozen)        (out, in/groups{k})             read-only
-``bias`` (frozen)          (out,) or None
-``lora_A``                 (r, in{k})                      conv in -> r
-``lora_B``                 (out, r/groups{ones})           1x..x1 conv, grouped{mag_row}
-=========================  ==============================  =====================
+Attributes carry PEFT's names and shapes, so numbers and checkpoints compare
+directly: ``weight`` (out, in/groups{k}) and ``bias`` (out,) are the frozen
+``base_layer``'s (read-only); ``lora_A`` (r, in{k}) is the conv in -> r;
+``lora_B`` (out, r/groups{ones}) the grouped 1x..x1 conv r -> out.{mag_row}
 
 Parameters
 ----------
@@ -1185,7 +1178,7 @@ def _doc(kind, d, dora):
         what="a DoRA update (paper Eq. 5): y = g * (conv(x, W0) + s * lora_B(lora_A(x))) + bias, "
         "g = m / n per output channel" if dora else "a low-rank update: "
         "y = conv(x, W0) + s * lora_B(lora_A(x)) + bias",
-        mag_row=(f"\n``lora_magnitude_vector``   (1, out{ones})                PEFT's shape"
+        mag_row=(f" ``lora_magnitude_vector`` is (1, out{ones}), one value per output\nchannel."
                  if dora else ""),
         extra=_DORA_EXTRA.format(ones=ones) if dora else "",
     )

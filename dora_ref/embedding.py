@@ -1,0 +1,553 @@
+r"""DoRA for ``torch.nn.Embedding``, PEFT's convention.
+
+An embedding lookup ``E[ids]`` is a linear layer applied to one-hot rows:
+``onehot(ids) @ E``, whose PyTorch-layout weight is ``E.T`` of shape
+(out, in) = (D, V). PEFT's DoRA embedding is DoRA on *that* linear layer:
+
+=====================  ========  ================================================
+symbol                 shape     PEFT name
+=====================  ========  ================================================
+ids                    (...)     integer token ids in [0, V)
+E (weight)             (V, D)    ``base_layer.weight`` (num_embeddings, embedding_dim)
+A (lora_embedding_A)   (r, V)    ``lora_embedding_A.<adapter>``
+B (lora_embedding_B)   (D, r)    ``lora_embedding_B.<adapter>``
+m                      (D,)      ``lora_magnitude_vector``: one value per embedding dimension
+n                      (D,)      ``||E.T + s * B @ A||_row``: a norm **over the vocabulary**
+y                      (..., D)
+=====================  ========  ================================================
+
+Forward (PEFT ``DoraEmbeddingVariant.forward`` + ``DoraEmbeddingLayer.forward``,
+numbered as ``functional``'s, with the one-hot products done as lookups)::
+
+    (1) U    = A.T[ids]                   (N, r)   lookup of lora_embedding_A's columns
+    (2) base = E[ids]                     (N, D)   the base lookup
+    (3) n    = ||E.T + s * B @ A||_row    (D,)     functional.column_norm of the (D, V) view
+    (4) g    = m / n
+    (5,6) y  = embed_scale * g * (base + s * U @ B.T)
+
+* ``embed_scale`` (e.g. Gemma's sqrt(D)) multiplies the whole output, the
+  DoRA term included, after the norm: PEFT >= 0.18 (PR #2839). The base
+  layer's own output already carries it.
+* No dropout, in training or eval (PEFT applies none to embeddings).
+* ``padding_idx``: as ``F.embedding``, lookups of that id send no gradient to
+  ``lora_embedding_A[:, padding_idx]``; the forward value is not changed.
+
+Backward: the forward read in reverse, as ``functional.dora_backward``, with
+the lookup's adjoint, a scatter-add into the looked-up columns of A
+(repeated ids accumulate)::
+
+    dg, dz = backward_epilogue(embed_scale * dy, ...)    dm = dg / n
+    dU = s * dz @ B        dB = s * dz.T @ U        dA[:, ids] += dU.T
+
+There is no gradient for the integer ids.
+
+Why mlx-lm's DoRA embedding is a different layer
+------------------------------------------------
+mlx-lm (``mlx_lm/tuner/dora.py``, ``DoRAEmbedding``) keeps one magnitude per
+*token*, ``m = ||E||`` over axis 1, shape (V,), and rescales each looked-up
+row to length ``m[id]``: DoRA on ``E`` read as an (out, in) = (V, D) weight,
+the tied output projection. PEFT (and dora_ref) keep one magnitude per
+embedding *dimension*, shape (D,), the norm taken over the vocabulary: DoRA on
+``E.T``, the weight of the lookup itself. Both are the identity at init, but
+they normalise different axes, their magnitudes have different shapes and
+meanings, and mlx-lm also stores ``lora_a`` (V, r) / ``lora_b`` (r, D) with a
+fixed scale. A checkpoint of one cannot be loaded into the other, not even
+by transposing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import _backend
+from . import functional as F
+from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
+from .layers import lora_scaling
+
+__all__ = [
+    "embedding_column_norm",
+    "embedding_init_magnitude",
+    "embedding_dora_forward",
+    "embedding_dora_backward",
+    "embedding_merge",
+    "embedding_unmerge",
+    "initial_embedding_lora_weights",
+    "DoRAEmbedding",
+]
+
+
+def _check_embedding(weight, A, B, magnitude=None):
+    weight = as_float_array("weight", weight, ndim=2)
+    A = as_float_array("lora_embedding_A", A, ndim=2)
+    B = as_float_array("lora_embedding_B", B, ndim=2)
+    V, D = weight.shape
+    r = A.shape[0]
+    shapes = f"weight {weight.shape}, lora_embedding_A {A.shape}, lora_embedding_B {B.shape}"
+    if r == 0 or A.shape != (r, V) or B.shape != (D, r):
+        raise ValueError(
+            f"expected weight (V, D), lora_embedding_A (r, V), lora_embedding_B (D, r) "
+            f"with r >= 1; got {shapes}"
+        )
+    if magnitude is not None:
+        magnitude = as_float_array("magnitude", magnitude, ndim=1)
+        if magnitude.shape != (D,):
+            hint = (
+                " (one value per token is mlx-lm's convention, not PEFT's: see "
+                "dora_ref.embedding)" if magnitude.shape == (V,) else ""
+            )
+            raise ValueError(
+                f"magnitude must have shape (D,) = ({D},), one value per embedding "
+                f"dimension; got {magnitude.shape}{hint}"
+            )
+    check_same_dtype(weight=weight, lora_embedding_A=A, lora_embedding_B=B, magnitude=magnitude)
+    return weight, A, B, magnitude
+
+
+def _check_ids(ids, V):
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        raise ValueError(
+            f"ids must lie in [0, {V}) (num_embeddings = {V}); got values in "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+    return ids
+
+
+def _check_embed_scale(embed_scale):
+    if embed_scale is None:
+        return 1.0
+    return check_scaling(embed_scale)
+
+
+def embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling):
+    """n = ||E.T + s * B @ A||_row: one norm per embedding dimension, over the vocabulary.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (V, D), float32 or float64
+    lora_embedding_A : ndarray, shape (r, V)
+    lora_embedding_B : ndarray, shape (D, r)
+    scaling : float
+
+    Returns
+    -------
+    n : ndarray, shape (D,)
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad dtypes or shapes, or NaN/Inf.
+
+    Notes
+    -----
+    ``functional.column_norm`` of the (D, V) linear view E.T (copied to a
+    contiguous array). Matches PEFT ``DoraEmbeddingLayer.get_weight_norm``
+    (``fan_in_fan_out=True``); at PEFT's init (A = 0) it is ``E.norm(dim=0)``.
+    """
+    weight, A, B, _ = _check_embedding(weight, lora_embedding_A, lora_embedding_B)
+    return F.column_norm(np.ascontiguousarray(weight.T), A, B, scaling)
+
+
+def embedding_init_magnitude(weight, lora_embedding_A, lora_embedding_B, scaling):
+    """PEFT's magnitude init, shape (D,): ``embedding_column_norm`` (``DoraEmbeddingVariant.init``)."""
+    return embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling)
+
+
+def initial_embedding_lora_weights(num_embeddings, embedding_dim, r, rng, dtype, init=True):
+    """PEFT's initial ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (D, r).
+
+    ``init`` True or "gaussian": A = 0, B ~ N(0, 1), so the layer starts as
+    the base layer. ``init=False``: both ~ N(0, 1) (``Embedding.update_layer``'s
+    ``torch.randn``). Matches PEFT ``LoraLayer.reset_lora_parameters``.
+    """
+    if init not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+    A = rng.standard_normal((r, num_embeddings))
+    B = rng.standard_normal((embedding_dim, r))
+    if init is not False:
+        A = np.zeros_like(A)
+    return A.astype(dtype), B.astype(dtype)
+
+
+@dataclass
+class EmbeddingDoRAContext:
+    """What ``embedding_dora_forward`` keeps for ``embedding_dora_backward``: opaque."""
+
+    ids: np.ndarray  # (N,)
+    ids_shape: tuple
+    weight: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    scaling: float
+    embed_scale: float
+    padding_idx: Optional[int]
+    n: np.ndarray  # (D,)
+    g: np.ndarray  # (D,)
+    base: np.ndarray  # (N, D)
+    U: np.ndarray  # (N, r)
+
+
+def embedding_dora_forward(
+    ids,
+    weight,
+    lora_embedding_A,
+    lora_embedding_B,
+    magnitude,
+    scaling,
+    *,
+    embed_scale=None,
+    padding_idx=None,
+    weight_norm=None,
+    allow_zero_norm=False,
+):
+    """DoRA embedding forward: y = embed_scale * g * (E[ids] + s * A.T[ids] @ B.T).
+
+    Parameters
+    ----------
+    ids : int ndarray, any shape (...)
+        Token ids in [0, V).
+    weight : ndarray, shape (V, D), float32 or float64
+    lora_embedding_A : ndarray, shape (r, V), same dtype
+    lora_embedding_B : ndarray, shape (D, r), same dtype
+    magnitude : ndarray, shape (D,), same dtype
+    scaling : float
+    embed_scale : float, optional
+        The base layer's output scale (e.g. Gemma's), applied to the DoRA
+        term too (PEFT >= 0.18). None means 1.
+    padding_idx : int, optional
+        Only affects the backward (no gradient to ``A[:, padding_idx]`` from lookups).
+    weight_norm : ndarray, shape (D,), optional
+        A precomputed ``embedding_column_norm`` of these exact weights (trusted).
+    allow_zero_norm : bool, default False
+        See ``functional.dora_forward``.
+
+    Returns
+    -------
+    y : ndarray, shape (..., D)
+    ctx : EmbeddingDoRAContext
+
+    Raises
+    ------
+    TypeError, ValueError
+        On non-integer or out-of-range ids, bad dtypes or shapes, NaN/Inf,
+        or a zero norm.
+
+    Notes
+    -----
+    Matches PEFT ``DoraEmbeddingVariant.forward``:
+    ``g * base_layer(x) + g * s * (embed(x, A.T) @ B.T) * embed_scale``.
+    """
+    weight, A, B, magnitude = _check_embedding(weight, lora_embedding_A, lora_embedding_B, magnitude)
+    if magnitude is None:
+        raise TypeError("magnitude must be an array of shape (D,), got None")
+    scaling = check_scaling(scaling)
+    embed_scale = _check_embed_scale(embed_scale)
+    check_finite("lora_embedding_A", A)
+    check_finite("lora_embedding_B", B)
+    V, D = weight.shape
+    ids_arr = _check_ids(ids, V)
+    padding_idx = _check_padding_idx(padding_idx, V)
+    flat = ids_arr.reshape(-1)
+    kernels = _backend.kernels()
+
+    U = A.T[flat]  # (1) (N, r)
+    base = weight[flat]  # (2) (N, D)
+    if weight_norm is None:
+        n = embedding_column_norm(weight, A, B, scaling)  # (3)
+    else:
+        n = as_float_array("weight_norm", weight_norm, ndim=1)
+        if n.shape != (D,) or n.dtype != weight.dtype:
+            raise ValueError(f"weight_norm must have shape ({D},) and dtype {weight.dtype}, "
+                             f"got {n.shape} {n.dtype}")
+    F._check_norm(n, weight.T, allow_zero_norm)
+    g = F._magnitude_over_norm(magnitude, n)  # (4)
+    y = kernels.forward_epilogue(base, U, B, g, scaling, None)  # (5), (6)
+    if embed_scale != 1.0:
+        y *= embed_scale
+    ctx = EmbeddingDoRAContext(flat, ids_arr.shape, weight, A, B, scaling, embed_scale,
+                               padding_idx, n, g, base, U)
+    return y.reshape(*ids_arr.shape, D), ctx
+
+
+def _check_padding_idx(padding_idx, V):
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+    if not -V <= padding_idx < V:
+        raise ValueError(f"padding_idx must be within num_embeddings = {V}, got {padding_idx}")
+    return int(padding_idx) % V  # torch accepts a negative index the same way
+
+
+def embedding_dora_backward(dy, ctx, *, detach_norm=True):
+    """Gradients of a DoRA embedding (hand-derived; steps as ``functional.dora_backward``).
+
+    Parameters
+    ----------
+    dy : ndarray, shape (..., D)
+        dL/dy, the shape of the forward's output, same dtype.
+    ctx : EmbeddingDoRAContext
+    detach_norm : bool, default True
+        True: n is a constant (paper Sec. 4.3, PEFT). False: the exact gradient.
+
+    Returns
+    -------
+    dA : ndarray, shape (r, V)
+        Scatter-added into the looked-up columns; zero in ``padding_idx``'s
+        column from lookups (its norm-path gradient, exact mode only, is kept).
+    dB : ndarray, shape (D, r)
+    dmagnitude : ndarray, shape (D,)
+
+    Raises
+    ------
+    TypeError, ValueError
+        If dy's dtype or shape does not match the forward's output.
+    """
+    E, A, B, s = ctx.weight, ctx.A, ctx.B, ctx.scaling
+    D = E.shape[1]
+    dy = as_float_array("dy", dy)
+    if dy.shape != (*ctx.ids_shape, D):
+        raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
+                         f"got {dy.shape}")
+    if dy.dtype != E.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {E.dtype}")
+    dy2 = dy.reshape(-1, D) * ctx.embed_scale
+    kernels = _backend.kernels()
+
+    dg, dz = kernels.backward_epilogue(dy2, ctx.base, ctx.U, B, ctx.g, s)  # (6)
+    n_safe = np.where(ctx.n == 0, 1, ctx.n)
+    dmagnitude = np.where(ctx.n == 0, 0, dg / n_safe)  # (4)
+    dU = s * (dz @ B)  # (5)
+    dB = s * (dz.T @ ctx.U)
+    dA = np.zeros_like(A)
+    np.add.at(dA.T, ctx.ids, dU)  # (1): the lookup's adjoint, a scatter-add
+    if ctx.padding_idx is not None:
+        dA[:, ctx.padding_idx] = 0
+
+    if not detach_norm:  # (3), as functional.dora_backward with W0 = E.T
+        c = np.where(ctx.n == 0, 0, -dg * ctx.g / (n_safe * n_safe))
+        cB = c[:, None] * B  # (D, r)
+        dB += s * (c[:, None] * ((A @ E).T + s * (B @ (A @ A.T))))  # s c (V_oi @ A.T)
+        dA += s * ((E @ cB).T + s * ((cB.T @ B) @ A))  # s (cB).T @ V_oi
+    return dA, dB, dmagnitude
+
+
+def embedding_merge(weight, lora_embedding_A, lora_embedding_B, magnitude, scaling, *,
+                    allow_zero_norm=False):
+    """Fold the adapter in: E' = (E + s * (B @ A).T) * (m / n), scaling column j by g_j.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (V, D)
+    lora_embedding_A : ndarray, shape (r, V)
+    lora_embedding_B : ndarray, shape (D, r)
+    magnitude : ndarray, shape (D,)
+    scaling : float
+    allow_zero_norm : bool, default False
+
+    Returns
+    -------
+    weight_merged : ndarray, shape (V, D)
+        The base layer's lookup of it (times its own embed_scale) equals the
+        eval forward.
+    n : ndarray, shape (D,)
+        Keep it for ``embedding_unmerge``.
+
+    Notes
+    -----
+    ``functional.merge`` of the (D, V) view; matches PEFT
+    ``DoraEmbeddingVariant.merge_safe``.
+    """
+    weight, A, B, magnitude = _check_embedding(weight, lora_embedding_A, lora_embedding_B, magnitude)
+    if magnitude is None:
+        raise TypeError("magnitude must be an array of shape (D,), got None")
+    W, n = F.merge(np.ascontiguousarray(weight.T), A, B, magnitude, scaling,
+                   allow_zero_norm=allow_zero_norm)
+    return np.ascontiguousarray(W.T), n
+
+
+def embedding_unmerge(weight_merged, lora_embedding_A, lora_embedding_B, magnitude, scaling, n):
+    """Recover E = E' / (m / n) - s * (B @ A).T (``functional.unmerge`` of the (D, V) view).
+
+    Parameters as ``embedding_merge``, plus ``n`` (D,) from it. Returns E (V, D).
+    """
+    weight_merged, A, B, magnitude = _check_embedding(
+        weight_merged, lora_embedding_A, lora_embedding_B, magnitude
+    )
+    W = F.unmerge(np.ascontiguousarray(weight_merged.T), A, B, magnitude, scaling, n)
+    return np.ascontiguousarray(W.T)
+
+
+class DoRAEmbedding:
+    """DoRA for ``torch.nn.Embedding``, PEFT's convention (see ``dora_ref.embedding``).
+
+    ``y = embed_scale * g * (weight[ids] + s * lora_embedding_A.T[ids] @ lora_embedding_B.T)``,
+    ``g = m / ||weight.T + s B A||_row``, one value per embedding dimension.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (V, D), float32 or float64
+        Frozen ``nn.Embedding.weight`` (num_embeddings, embedding_dim).
+    padding_idx : int, optional
+        As ``nn.Embedding``: lookups of it send no gradient to ``lora_embedding_A``.
+    embed_scale : float, optional
+        A scaled embedding's output factor (e.g. Gemma3's), applied to the
+        DoRA term too (PEFT >= 0.18).
+    r : int, default 8
+    lora_alpha : float, default 8
+    use_rslora : bool, default False
+    init_lora_weights : {True, False, "gaussian"}, default True
+        True: ``lora_embedding_A`` = 0 and ``lora_embedding_B`` ~ N(0, 1) (PEFT).
+    rng : numpy.random.Generator or int, optional
+    detach_norm : bool, default True
+    allow_zero_norm : bool, default False
+
+    Attributes
+    ----------
+    weight : ndarray, shape (V, D), read-only
+    lora_embedding_A : ndarray, shape (r, V)
+    lora_embedding_B : ndarray, shape (D, r)
+    lora_magnitude_vector : ndarray, shape (D,)
+    scaling : float
+    grads : dict of str to ndarray, keyed as ``parameters()``
+    weight_norm : ndarray, shape (D,) or None
+        Kept by ``merge()`` for ``unmerge()``.
+
+    Notes
+    -----
+    No dropout: PEFT applies none to embeddings. ``train()``/``eval()`` exist
+    for symmetry with the other layers and change nothing here.
+    """
+
+    _param_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(
+        self,
+        weight,
+        *,
+        padding_idx=None,
+        embed_scale=None,
+        r=8,
+        lora_alpha=8,
+        use_rslora=False,
+        init_lora_weights=True,
+        rng=None,
+        detach_norm=True,
+        allow_zero_norm=False,
+    ):
+        weight = as_float_array("weight", weight, ndim=2)
+        V, D = weight.shape
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.padding_idx = _check_padding_idx(padding_idx, V)
+        self.embed_scale = None if embed_scale is None else _check_embed_scale(embed_scale)
+        self.detach_norm = detach_norm
+        self.allow_zero_norm = allow_zero_norm
+        self.rng = np.random.default_rng(rng)
+        self.lora_embedding_A, self.lora_embedding_B = initial_embedding_lora_weights(
+            V, D, r, self.rng, weight.dtype, init_lora_weights
+        )
+        self.training = True
+        self.merged = False
+        self.weight_norm = None
+        self._ctx = None
+        self._set_base(weight)
+        self.lora_magnitude_vector = embedding_init_magnitude(
+            self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling
+        )
+        self.zero_grad()
+
+    def _set_base(self, weight):
+        weight = weight.view()
+        weight.flags.writeable = False
+        self._weight = weight
+
+    @property
+    def weight(self):
+        """The frozen (V, D) table, read-only (merged: E')."""
+        return self._weight
+
+    @property
+    def num_embeddings(self):
+        return self._weight.shape[0]
+
+    @property
+    def embedding_dim(self):
+        return self._weight.shape[1]
+
+    def parameters(self):
+        """The trainable arrays by PEFT name (live references)."""
+        return {name: getattr(self, name) for name in self._param_names}
+
+    def zero_grad(self):
+        """Set every accumulated gradient to zero."""
+        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
+
+    def train(self, mode=True):
+        """Training mode (no effect: embeddings have no dropout). Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode. Returns self."""
+        return self.train(False)
+
+    def forward(self, ids):
+        """Look up ids (...) -> (..., D)."""
+        if self.merged:
+            self._ctx = None
+            ids = _check_ids(ids, self.num_embeddings)
+            y = self._weight[ids]
+            return y * self.embed_scale if self.embed_scale is not None else y.copy()
+        y, self._ctx = embedding_dora_forward(
+            ids, self._weight, self.lora_embedding_A, self.lora_embedding_B,
+            self.lora_magnitude_vector, self.scaling, embed_scale=self.embed_scale,
+            padding_idx=self.padding_idx, allow_zero_norm=self.allow_zero_norm,
+        )
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Accumulate ``grads`` (+=) from dy (..., D). Returns None: ids have no gradient."""
+        if self.merged:
+            raise RuntimeError("the layer is merged: unmerge() before training")
+        if self._ctx is None:
+            raise RuntimeError("backward() needs a forward() first")
+        dA, dB, dm = embedding_dora_backward(dy, self._ctx, detach_norm=self.detach_norm)
+        self.grads["lora_embedding_A"] += dA
+        self.grads["lora_embedding_B"] += dB
+        self.grads["lora_magnitude_vector"] += dm
+        return None
+
+    def merge(self):
+        """E' = (E + s (B A).T) * (m / n) column-wise; n kept in ``weight_norm`` (PEFT's merge)."""
+        if self.merged:
+            raise RuntimeError("the layer is already merged")
+        W, n = embedding_merge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
+                               self.lora_magnitude_vector, self.scaling,
+                               allow_zero_norm=self.allow_zero_norm)
+        self._set_base(W)
+        self.weight_norm = n
+        self.merged = True
+
+    def unmerge(self):
+        """E = E' / (m / n) - s (B A).T, with n kept at merge time."""
+        if not self.merged:
+            raise RuntimeError("the layer is not merged")
+        self._set_base(embedding_unmerge(self._weight, self.lora_embedding_A,
+                                         self.lora_embedding_B, self.lora_magnitude_vector,
+                                         self.scaling, self.weight_norm))
+        self.weight_norm = None
+        self.merged = False
+
+    def __repr__(self):
+        return (
+            f"DoRAEmbedding({self.num_embeddings}, {self.embedding_dim}, r={self.r}, "
+            f"scaling={self.scaling:g}, padding_idx={self.padding_idx}, "
+            f"embed_scale={self.embed_scale}, dtype={self._weight.dtype}, merged={self.merged})"
+        )
