@@ -115,3 +115,56 @@ def assert_close(actual, expected, *, dtype=None, k, scale=None, name="value"):
             f"expected {expected[worst]!r}: error {err[worst]:.3g} > bound {bound[worst]:.3g} "
             f"(rtol {rtol(dtype, k):.3g} for {dtype}, k={k})"
         )
+
+
+def dora_reduction_length(output, *, n_rows, in_features, out_features, r):
+    """The reduction length ``k`` that bounds the rounding of one DoRA output.
+
+    Each DoRA output is a short chain of sums; ``k`` is the total length of
+    the sums on the longest path from the inputs to that output (a few extra
+    roundings per chain are covered by ``SAFETY``):
+
+    ==================  =======================  ===================================
+    output              k                        longest chain
+    ==================  =======================  ===================================
+    ``weight_norm``     in + r                   (B @ A)_ij over r, then sum_j over in
+    ``y``               in + r                   x @ A.T over in, then @ B.T over r
+    ``dx``              out + r                  dz @ B over out, then @ A over r
+    ``dA`` ``dB``       N + in + out + r         dg (over N of an in + r sum) feeds the
+    ``dmagnitude``                               norm term, then a product over out
+    ``W_merged``        in + r                   the norm, then one product over r
+    ``W0_unmerged``     2 (in + r)               a merge, then its inverse
+    ==================  =======================  ===================================
+
+    Parameters
+    ----------
+    output : str
+        One of the names above (``"dA_exact"``-style suffixes are accepted).
+    n_rows, in_features, out_features, r : int
+        N (rows of x), in, out and the rank (for several adapters, the sum of
+        their ranks).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        For an unknown output name.
+    """
+    base = output.split("_")[0] if output.startswith("d") else output
+    N, i, o = int(n_rows), int(in_features), int(out_features)
+    table = {
+        "weight_norm": i + r,
+        "y": i + r,
+        "dx": o + r,
+        "dA": N + i + o + r,
+        "dB": N + i + o + r,
+        "dmagnitude": N + i + o + r,
+        "W_merged": i + r,
+        "W0_unmerged": 2 * (i + r),
+    }
+    if base not in table:
+        raise ValueError(f"output must be one of {sorted(table)}, got {output!r}")
+    return table[base]
