@@ -1,0 +1,85 @@
+/* dora_kernels.h: the C API of dora_ref's fused kernels.
+
+   Declarations only. The cffi build script (dora_ref/_build_ffi.py) reads
+   this file verbatim into ffibuilder.cdef(), so it holds no preprocessor
+   lines and no code; dora_kernels.c includes <stdint.h> before it.
+
+   Layout, said once: weights are PyTorch (out, in), row-major. The paper's
+   column norm ||.||_c is the L2 norm of each *row* here, one value per
+   output channel.
+
+   Sizes (the letters used throughout):
+     N    rows of a batch (tokens)
+     out  output channels
+     in   input features
+     r    rank of the adapter
+   Every array is C-contiguous: W0 (out, in), A (r, in), B (out, r),
+   base / dy / y / dz (N, out), U (N, r), vectors (out,).
+
+   Arguments come as outputs first, then inputs, then the scaling s, then
+   sizes. Each function returns a dora_status: DORA_OK, or an error code
+   that the Python wrapper (dora_ref/_kernels_c.py) turns into an exception.
+   Results do not depend on the number of OpenMP threads: each thread writes
+   only its own rows (or, for the backward's reduction over N, its own
+   columns), with no atomics. Float32 sums of squares and the reduction dg
+   are accumulated in double. */
+
+enum dora_status {
+    DORA_OK = 0,
+    DORA_ERR_SIZE = 1,   /* a size is negative */
+    DORA_ERR_NULL = 2,   /* a required pointer is NULL */
+    DORA_ERR_NOMEM = 3   /* a scratch allocation failed */
+};
+
+/* n[i] = || W0[i, :] + s * B[i, :] @ A ||_2, for i < out, without forming B @ A. */
+int dora_column_norm_f32(float *n,
+                         const float *W0, const float *A, const float *B,
+                         double s, int64_t out, int64_t in, int64_t r);
+int dora_column_norm_f64(double *n,
+                         const double *W0, const double *A, const double *B,
+                         double s, int64_t out, int64_t in, int64_t r);
+
+/* y = g * (base + s * U @ B.T) + bias; bias may be NULL (no bias). */
+int dora_forward_epilogue_f32(float *y,
+                              const float *base, const float *U, const float *B,
+                              const float *g, const float *bias,
+                              double s, int64_t N, int64_t out, int64_t r);
+int dora_forward_epilogue_f64(double *y,
+                              const double *base, const double *U, const double *B,
+                              const double *g, const double *bias,
+                              double s, int64_t N, int64_t out, int64_t r);
+
+/* With z = base + s * U @ B.T (never stored): dg = sum over N of dy * z,
+   and dz = dy * g. */
+int dora_backward_epilogue_f32(float *dg, float *dz,
+                               const float *dy, const float *base, const float *U,
+                               const float *B, const float *g,
+                               double s, int64_t N, int64_t out, int64_t r);
+int dora_backward_epilogue_f64(double *dg, double *dz,
+                               const double *dy, const double *base, const double *U,
+                               const double *B, const double *g,
+                               double s, int64_t N, int64_t out, int64_t r);
+
+/* V = W0 + s * B @ A row by row: n[i] = ||V[i]||, W_merged[i] = (m[i] / n[i]) * V[i].
+   A row with n = 0 gives inf / NaN, as NumPy does; the caller checks n. */
+int dora_merge_f32(float *W_merged, float *n,
+                   const float *W0, const float *A, const float *B, const float *magnitude,
+                   double s, int64_t out, int64_t in, int64_t r);
+int dora_merge_f64(double *W_merged, double *n,
+                   const double *W0, const double *A, const double *B, const double *magnitude,
+                   double s, int64_t out, int64_t in, int64_t r);
+
+/* W0[i] = W_merged[i] / factor[i] - s * B[i, :] @ A, the inverse of the merge. */
+int dora_unmerge_f32(float *W0,
+                     const float *W_merged, const float *A, const float *B, const float *factor,
+                     double s, int64_t out, int64_t in, int64_t r);
+int dora_unmerge_f64(double *W0,
+                     const double *W_merged, const double *A, const double *B, const double *factor,
+                     double s, int64_t out, int64_t in, int64_t r);
+
+/* 1 if the library was compiled with OpenMP, else 0. */
+int dora_openmp_enabled(void);
+/* The number of threads a parallel region would use now (1 without OpenMP). */
+int dora_max_threads(void);
+/* A short description of how the kernels were compiled, e.g. the SIMD clones. */
+const char *dora_build_info(void);

@@ -1,0 +1,404 @@
+/* dora_kernels_impl.h: the five fused kernels for one floating type.
+
+   Not a public header: dora_kernels.c includes it twice, with
+     REAL   float (W = 16)  or  double (W = 8)   the element type
+     W      elements in one tile column (64 bytes, one cache line)
+     FN(x)  x ## _f32       or  x ## _f64
+   The arithmetic of each kernel follows its NumPy twin in
+   dora_ref/_kernels_numpy.py operation by operation (s * P, then + W0, ...),
+   so the two differ only by rounding: the order of the rank-r sum, FMA
+   contraction, and the double accumulators used here for sums.
+
+   Every kernel is split in three:
+     FN(x_step)(..., g, w)          one tile: g <= G rows, w <= W columns
+     FN(x_rows)(..., i0, i1, ...)   serial loop of steps over a range of rows
+     FN(dora_x)(...)                checks sizes, parallel loop over blocks
+   The rows worker calls each step with the constants G and W when the tile
+   is full, so that the compiler unrolls and vectorizes that case, and with
+   the variables g and w for the edges.
+   The blocks have a fixed size, and rows are grouped in G's from the start
+   of each block, so every row is computed by the same instructions whatever
+   the number of threads: the results are bitwise independent of it. */
+
+/* ------------------------------------------------------------------------ */
+/* The rank-r tile, shared by all five kernels:                             */
+/*   P[q][l] = sum_k b[q * ldb + k] * a[k * lda + l],   q < g, l < w        */
+/* i.e. g rows of (b @ a) restricted to w columns, summed over k = 0..r-1   */
+/* in order. Each load of a is used for g rows (the llm.c matmul trick), so */
+/* A is read from cache out / G times instead of out times.                 */
+/* ------------------------------------------------------------------------ */
+
+static inline __attribute__((always_inline)) void FN(tile_general)(
+    REAL P[G][W], const REAL *b, int64_t ldb, int g,
+    const REAL *a, int64_t lda, int64_t r, int w)
+{
+    for (int q = 0; q < g; q++)
+        for (int l = 0; l < w; l++) P[q][l] = 0;
+    for (int64_t k = 0; k < r; k++) {
+        const REAL *ak = a + k * lda;
+        for (int q = 0; q < g; q++) {
+            const REAL c = b[q * ldb + k];
+            for (int l = 0; l < w; l++) P[q][l] += c * ak[l];
+        }
+    }
+}
+
+/* The full G x W tile, written out row by row with the column loop inside
+   so that the compiler keeps p0..p3 in vector registers and loads each
+   a[k, l..] once for the four rows. (Written as tile_general, GCC vectorizes
+   across the rows instead, with gathers: ten times slower.) */
+static inline __attribute__((always_inline)) void FN(tile_full)(
+    REAL P[G][W], const REAL *b, int64_t ldb, const REAL *a, int64_t lda, int64_t r)
+{
+    REAL p0[W] = {0}, p1[W] = {0}, p2[W] = {0}, p3[W] = {0};
+    for (int64_t k = 0; k < r; k++) {
+        const REAL *ak = a + k * lda;
+        const REAL c0 = b[k], c1 = b[ldb + k], c2 = b[2 * ldb + k], c3 = b[3 * ldb + k];
+        for (int l = 0; l < W; l++) {
+            p0[l] += c0 * ak[l];
+            p1[l] += c1 * ak[l];
+            p2[l] += c2 * ak[l];
+            p3[l] += c3 * ak[l];
+        }
+    }
+    for (int l = 0; l < W; l++) {
+        P[0][l] = p0[l];
+        P[1][l] = p1[l];
+        P[2][l] = p2[l];
+        P[3][l] = p3[l];
+    }
+}
+
+/* P = tile of g rows and w columns: the fast path when it is a full one. */
+static inline __attribute__((always_inline)) void FN(tile)(
+    REAL P[G][W], const REAL *b, int64_t ldb, int g,
+    const REAL *a, int64_t lda, int64_t r, int w)
+{
+    if (g == G && w == W)
+        FN(tile_full)(P, b, ldb, a, lda, r);
+    else
+        FN(tile_general)(P, b, ldb, g, a, lda, r, w);
+}
+
+/* sqrt of the sum of ACCW double lanes, added in a fixed order. */
+static inline double FN(sqrt_lanes)(const double acc[ACCW])
+{
+    double t = 0;
+    for (int l = 0; l < ACCW; l++) t += acc[l];
+    return sqrt(t);
+}
+
+/* Packs the r x cols matrix M[k, c] = M[k * sk + c * sc] into panels of W
+   columns, zero-padded: Mp[(p * r + k) * W + l] = M[k, p * W + l]. A tile
+   then reads its r x W block of A (or of B.T) contiguously. Read in place,
+   those rows are in * sizeof(REAL) bytes apart, which for in = 4096 maps
+   them all to one L1 cache set: with r = 64 the tile ran 2x slower.
+   Returns a new buffer that the caller frees, or NULL. */
+static REAL *FN(pack_panels)(const REAL *M, int64_t r, int64_t cols, int64_t sk, int64_t sc)
+{
+    const int64_t npanels = (cols + W - 1) / W;
+    const int64_t size = npanels * r * W;
+    REAL *Mp = (REAL *)malloc((size_t)(size > 0 ? size : 1) * sizeof(REAL));
+    if (!Mp) return NULL;
+    for (int64_t p = 0; p < npanels; p++)
+        for (int64_t k = 0; k < r; k++)
+            for (int64_t l = 0; l < W; l++) {
+                const int64_t c = p * W + l;
+                Mp[(p * r + k) * W + l] = c < cols ? M[k * sk + c * sc] : 0;
+            }
+    return Mp;
+}
+
+/* ------------------------------------------------------------------------ */
+/* column_norm: n_i = ||W0_i + s * B_i @ A||_2  (paper ||V||_c, one per row) */
+/* ------------------------------------------------------------------------ */
+
+/* One tile: acc[q][l % ACCW] += V[q][l]^2 with V = W0 + s * (B @ A) and, if
+   Vout is not NULL, Vout = V (the merge keeps V). */
+static inline __attribute__((always_inline)) void FN(norm_step)(
+    double acc[G][ACCW], REAL *Vout, const REAL *w0, const REAL *b, const REAL *a,
+    REAL s, int64_t in, int64_t r, int g, int w)
+{
+    REAL P[G][W];
+    FN(tile)(P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
+    for (int q = 0; q < g; q++) {
+        for (int h = 0; h < w; h += ACCW) {
+            const int e = w - h < ACCW ? w - h : ACCW;
+            for (int l = 0; l < e; l++) {
+                const REAL v = w0[q * in + h + l] + s * P[q][h + l];  /* PEFT: W + s * (B @ A) */
+                if (Vout) Vout[q * in + h + l] = v;
+                acc[q][l] += (double)v * (double)v;
+            }
+        }
+    }
+}
+
+static DORA_CLONES void FN(column_norm_rows)(
+    REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, REAL s,
+    int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    for (int64_t i = i0; i < i1; i += G) {
+        const int g = (int)dora_min(G, i1 - i);
+        double acc[G][ACCW] = {{0}};
+        for (int64_t j = 0; j < in; j += W) {
+            const int w = (int)dora_min(W, in - j);
+            const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
+            if (g == G && w == W)
+                FN(norm_step)(acc, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, G, W);
+            else
+                FN(norm_step)(acc, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, g, w);
+        }
+        for (int q = 0; q < g; q++) n[i + q] = (REAL)FN(sqrt_lanes)(acc[q]);
+    }
+}
+
+int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+                         double s, int64_t out, int64_t in, int64_t r)
+{
+    if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && !n) || (out && in && !W0) || (r && in && !A) || (out && r && !B))
+        return DORA_ERR_NULL;
+    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
+    if (!Ap) return DORA_ERR_NOMEM;
+    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for schedule(static) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t i0 = blk * ROW_BLOCK;
+        FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    }
+    free(Ap);
+    return DORA_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* merge: V = W0 + s * B @ A,  n = ||V||_row,  W' = (m / n) * V             */
+/* One pass over W0: V's rows are written into W', then scaled in place     */
+/* while they are still in cache.                                           */
+/* ------------------------------------------------------------------------ */
+
+static DORA_CLONES void FN(merge_rows)(
+    REAL *Wm, REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, const REAL *m,
+    REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    for (int64_t i = i0; i < i1; i += G) {
+        const int g = (int)dora_min(G, i1 - i);
+        double acc[G][ACCW] = {{0}};
+        for (int64_t j = 0; j < in; j += W) {
+            const int w = (int)dora_min(W, in - j);
+            const int64_t o = i * in + j;
+            const REAL *ap = Ap + (j / W) * r * W;
+            if (g == G && w == W)
+                FN(norm_step)(acc, Wm + o, W0 + o, B + i * r, ap, s, in, r, G, W);
+            else
+                FN(norm_step)(acc, Wm + o, W0 + o, B + i * r, ap, s, in, r, g, w);
+        }
+        for (int q = 0; q < g; q++) {
+            const REAL nq = (REAL)FN(sqrt_lanes)(acc[q]);
+            const REAL f = m[i + q] / nq;  /* inf or NaN when nq = 0, as in NumPy */
+            REAL *row = Wm + (i + q) * in;
+            n[i + q] = nq;
+            for (int64_t j = 0; j < in; j++) row[j] = f * row[j];
+        }
+    }
+}
+
+int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+                   const REAL *m, double s, int64_t out, int64_t in, int64_t r)
+{
+    if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && (!n || !m)) || (out && in && (!Wm || !W0)) || (r && in && !A)
+        || (out && r && !B))
+        return DORA_ERR_NULL;
+    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
+    if (!Ap) return DORA_ERR_NOMEM;
+    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for schedule(static) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t i0 = blk * ROW_BLOCK;
+        FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    }
+    free(Ap);
+    return DORA_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* unmerge: W0 = W' / factor - s * B @ A  (factor = m / n from the merge)   */
+/* ------------------------------------------------------------------------ */
+
+static inline __attribute__((always_inline)) void FN(unmerge_step)(
+    REAL *W0, const REAL *Wm, const REAL *f, const REAL *b, const REAL *a,
+    REAL s, int64_t in, int64_t r, int g, int w)
+{
+    REAL P[G][W];
+    FN(tile)(P, b, r, g, a, W, r, w);
+    for (int q = 0; q < g; q++)
+        for (int l = 0; l < w; l++)
+            W0[q * in + l] = Wm[q * in + l] / f[q] - s * P[q][l];
+}
+
+static DORA_CLONES void FN(unmerge_rows)(
+    REAL *W0, const REAL *Wm, const REAL *Ap, const REAL *B, const REAL *factor,
+    REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    for (int64_t i = i0; i < i1; i += G) {
+        const int g = (int)dora_min(G, i1 - i);
+        for (int64_t j = 0; j < in; j += W) {
+            const int w = (int)dora_min(W, in - j);
+            const int64_t o = i * in + j;
+            const REAL *ap = Ap + (j / W) * r * W;
+            if (g == G && w == W)
+                FN(unmerge_step)(W0 + o, Wm + o, factor + i, B + i * r, ap, s, in, r, G, W);
+            else
+                FN(unmerge_step)(W0 + o, Wm + o, factor + i, B + i * r, ap, s, in, r, g, w);
+        }
+    }
+}
+
+int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
+                     const REAL *factor, double s, int64_t out, int64_t in, int64_t r)
+{
+    if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && !factor) || (out && in && (!W0 || !Wm)) || (r && in && !A) || (out && r && !B))
+        return DORA_ERR_NULL;
+    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
+    if (!Ap) return DORA_ERR_NOMEM;
+    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for schedule(static) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t i0 = blk * ROW_BLOCK;
+        FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    }
+    free(Ap);
+    return DORA_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* forward_epilogue: y = g * (base + s * U @ B.T) + bias  (paper Eq. 5)     */
+/* B.T (r, out) is packed in panels, so that rows of U @ B.T are tiles     */
+/* exactly like the rows of B @ A above.                                    */
+/* ------------------------------------------------------------------------ */
+
+static inline __attribute__((always_inline)) void FN(forward_step)(
+    REAL *y, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
+    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w)
+{
+    REAL P[G][W];
+    FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
+    for (int q = 0; q < g; q++) {
+        if (bias) {
+            for (int l = 0; l < w; l++)
+                y[q * out + l] = gm[l] * (base[q * out + l] + s * P[q][l]) + bias[l];
+        } else {
+            for (int l = 0; l < w; l++)
+                y[q * out + l] = gm[l] * (base[q * out + l] + s * P[q][l]);
+        }
+    }
+}
+
+static DORA_CLONES void FN(forward_epilogue_rows)(
+    REAL *y, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
+    const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t out, int64_t r)
+{
+    for (int64_t t = t0; t < t1; t += G) {
+        const int g = (int)dora_min(G, t1 - t);
+        for (int64_t i = 0; i < out; i += W) {
+            const int w = (int)dora_min(W, out - i);
+            const int64_t o = t * out + i;
+            const REAL *bi = bias ? bias + i : NULL;
+            const REAL *bp = Bp + (i / W) * r * W;  /* B.T[:, i:i+W] */
+            if (g == G && w == W)
+                FN(forward_step)(y + o, base + o, U + t * r, bp, gm + i, bi, s, out, r, G, W);
+            else
+                FN(forward_step)(y + o, base + o, U + t * r, bp, gm + i, bi, s, out, r, g, w);
+        }
+    }
+}
+
+int FN(dora_forward_epilogue)(REAL *y, const REAL *base, const REAL *U, const REAL *B,
+                              const REAL *gm, const REAL *bias,
+                              double s, int64_t N, int64_t out, int64_t r)
+{
+    if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((N && out && (!y || !base)) || (N && r && !U) || (out && r && !B) || (out && !gm))
+        return DORA_ERR_NULL;
+    REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
+    if (!Bp) return DORA_ERR_NOMEM;
+    const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for schedule(static) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t t0 = blk * ROW_BLOCK;
+        FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
+                                  t0, dora_min(N, t0 + ROW_BLOCK), out, r);
+    }
+    free(Bp);
+    return DORA_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* backward_epilogue: z = base + s * U @ B.T (never stored),                */
+/*   dg = sum_N dy * z,   dz = dy * g.                                      */
+/* dg is a sum over the N rows, so here the threads split the *columns*     */
+/* (output channels): each owns a block of dg and the same columns of dz,   */
+/* and adds its columns' N terms in row order, in double.                   */
+/* ------------------------------------------------------------------------ */
+
+static inline __attribute__((always_inline)) void FN(backward_step)(
+    double *acc, REAL *dz, const REAL *dy, const REAL *base, const REAL *u,
+    const REAL *bt, const REAL *gm, REAL s, int64_t out, int64_t r, int g, int w)
+{
+    REAL P[G][W];
+    FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
+    for (int q = 0; q < g; q++) {
+        for (int l = 0; l < w; l++) {
+            const int64_t o = q * out + l;
+            const REAL z = base[o] + s * P[q][l];
+            acc[l] += (double)(dy[o] * z);
+            dz[o] = dy[o] * gm[l];
+        }
+    }
+}
+
+static DORA_CLONES void FN(backward_epilogue_cols)(
+    REAL *dg, REAL *dz, const REAL *dy, const REAL *base, const REAL *U,
+    const REAL *Bp, const REAL *gm, REAL s,
+    int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r)
+{
+    double acc[COL_BLOCK];
+    for (int64_t i = c0; i < c1; i++) acc[i - c0] = 0;
+    for (int64_t t = 0; t < N; t += G) {
+        const int g = (int)dora_min(G, N - t);
+        for (int64_t i = c0; i < c1; i += W) {
+            const int w = (int)dora_min(W, c1 - i);
+            const int64_t o = t * out + i;
+            const REAL *bp = Bp + (i / W) * r * W;  /* c0 is a multiple of W */
+            if (g == G && w == W)
+                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
+                                  gm + i, s, out, r, G, W);
+            else
+                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
+                                  gm + i, s, out, r, g, w);
+        }
+    }
+    for (int64_t i = c0; i < c1; i++) dg[i] = (REAL)acc[i - c0];
+}
+
+int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *base,
+                               const REAL *U, const REAL *B, const REAL *gm,
+                               double s, int64_t N, int64_t out, int64_t r)
+{
+    if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && (!dg || !gm)) || (N && out && (!dz || !dy || !base)) || (N && r && !U)
+        || (out && r && !B))
+        return DORA_ERR_NULL;
+    REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
+    if (!Bp) return DORA_ERR_NOMEM;
+    const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
+    #pragma omp parallel for schedule(static) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t c0 = blk * COL_BLOCK;
+        FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
+                                   c0, dora_min(out, c0 + COL_BLOCK), N, out, r);
+    }
+    free(Bp);
+    return DORA_OK;
+}

@@ -1,0 +1,302 @@
+"""C twins of the NumPy kernels: a thin wrapper around ``dora_ref._dora_c``.
+
+The five functions here take and return exactly what their twins in
+``dora_ref._kernels_numpy`` do; ``dora_ref.set_backend("c")`` selects them
+(the default when the extension is built). The C sources are in ``csrc/``
+(``dora_kernels.h`` is the C API); ``csrc/build_ffi.py`` builds them with
+cffi at install time. This module fails to import, with ``ImportError``,
+when the extension was not built, and ``dora_ref`` then uses NumPy.
+
+Before any pointer crosses into C, every array is checked here:
+
+* dtype: float32 or float64, the same for all arrays of a call
+  (``TypeError`` otherwise, naming the argument);
+* shape: consistent with the others (``ValueError`` naming the argument and
+  the shapes seen);
+* layout: **inputs** that are not C-contiguous (strided views,
+  Fortran-ordered arrays) are copied with ``np.ascontiguousarray``, so any
+  layout works, at the cost of one copy; read-only inputs are used as they
+  are (C only reads them). **Outputs** are always allocated here, fresh,
+  C-contiguous and writable, so C never writes into a caller's array.
+
+A nonzero status from C becomes ``MemoryError`` (a scratch allocation
+failed) or ``RuntimeError`` (a bug: the checks above should make it
+impossible).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._dora_c import ffi, lib
+
+__all__ = [
+    "backward_epilogue",
+    "build_info",
+    "column_norm",
+    "forward_epilogue",
+    "merge",
+    "openmp_enabled",
+    "openmp_threads",
+    "unmerge",
+]
+
+_CTYPE = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
+
+
+def openmp_enabled():
+    """True if the C kernels were compiled with OpenMP."""
+    return bool(lib.dora_openmp_enabled())
+
+
+def openmp_threads():
+    """The number of threads a C kernel would use now (``OMP_NUM_THREADS``); 1 without OpenMP."""
+    return int(lib.dora_max_threads())
+
+
+def build_info():
+    """How the extension was compiled, e.g. ``'openmp=yes simd_clones=...'``."""
+    return ffi.string(lib.dora_build_info()).decode()
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------
+
+
+def _arrays(**named):
+    """Check dtypes and return (C-contiguous arrays in order, dtype).
+
+    Every array must be an ndarray of float32 or float64, all of one dtype.
+    Non-contiguous inputs are copied (see the module docstring).
+    """
+    dtype = None
+    first = None
+    out = []
+    for name, arr in named.items():
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+        if arr.dtype not in _CTYPE:
+            raise TypeError(
+                f"{name} must have dtype float32 or float64, got {arr.dtype} (shape {arr.shape})"
+            )
+        if dtype is None:
+            dtype, first = arr.dtype, name
+        elif arr.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {arr.dtype} but {first} has dtype {dtype}; "
+                f"the C kernels need one dtype for all arrays"
+            )
+        out.append(np.ascontiguousarray(arr))
+    return out, dtype
+
+
+def _shape(name, arr, shape, shapes):
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {shapes}")
+
+
+def _scaling(scaling):
+    if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    return float(scaling)
+
+
+def _ptr(arr, ctype):
+    return ffi.cast(ctype + " *", ffi.from_buffer(arr))
+
+
+def _check_status(status, kernel):
+    if status == lib.DORA_OK:
+        return
+    if status == lib.DORA_ERR_NOMEM:
+        raise MemoryError(f"{kernel}: the C kernel could not allocate its scratch buffer")
+    raise RuntimeError(f"{kernel}: the C kernel returned status {status} (a bug in the wrapper)")
+
+
+def _adapter(W0, A, B, W0_name="W0"):
+    """Check W0 (out, in), A (r, in), B (out, r); return out, in, r."""
+    shapes = f"{W0_name} {W0.shape}, A {A.shape}, B {B.shape}"
+    for name, arr in ((W0_name, W0), ("A", A), ("B", B)):
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D; got {shapes}")
+    out_f, in_f = W0.shape
+    r = A.shape[0]
+    _shape("A", A, (r, in_f), shapes)
+    _shape("B", B, (out_f, r), shapes)
+    return out_f, in_f, r, shapes
+
+
+def _epilogue_shapes(base, U, B, g, base_name="base"):
+    """Check base (N, out), U (N, r), B (out, r), g (out,); return N, out, r."""
+    shapes = f"{base_name} {base.shape}, U {U.shape}, B {B.shape}, g {g.shape}"
+    if base.ndim != 2 or U.ndim != 2 or B.ndim != 2:
+        raise ValueError(f"{base_name}, U and B must be 2-D; got {shapes}")
+    N, out_f = base.shape
+    r = B.shape[1]
+    _shape("U", U, (N, r), shapes)
+    _shape("B", B, (out_f, r), shapes)
+    _shape("g", g, (out_f,), shapes)
+    return N, out_f, r, shapes
+
+
+# ---------------------------------------------------------------------------
+# the five kernels
+# ---------------------------------------------------------------------------
+
+
+def column_norm(W0, A, B, scaling):
+    """n_i = ||W0_i + s * B_i @ A||_2 for every output row i, without forming B @ A.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+
+    Returns
+    -------
+    n : ndarray, shape (out,), the dtype of W0
+    """
+    (W0, A, B), dtype = _arrays(W0=W0, A=A, B=B)
+    out_f, in_f, r, _ = _adapter(W0, A, B)
+    ctype, sfx = _CTYPE[dtype]
+    n = np.empty(out_f, dtype=dtype)
+    status = getattr(lib, f"dora_column_norm_{sfx}")(
+        _ptr(n, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(B, ctype),
+        _scaling(scaling), out_f, in_f, r,
+    )
+    _check_status(status, "column_norm")
+    return n
+
+
+def forward_epilogue(base, U, B, g, scaling, bias):
+    """y = g * (base + s * U @ B.T) + bias, one pass over the (N, out) output.
+
+    Parameters
+    ----------
+    base : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+    bias : ndarray, shape (out,), or None
+
+    Returns
+    -------
+    y : ndarray, shape (N, out)
+    """
+    named = dict(base=base, U=U, B=B, g=g)
+    if bias is not None:
+        named["bias"] = bias
+    arrays, dtype = _arrays(**named)
+    base, U, B, g = arrays[:4]
+    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    ctype, sfx = _CTYPE[dtype]
+    bias_ptr = ffi.NULL
+    if bias is not None:
+        bias = arrays[4]
+        if bias.shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},); got {shapes}, bias {bias.shape}")
+        bias_ptr = _ptr(bias, ctype)
+    y = np.empty((N, out_f), dtype=dtype)
+    status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
+        _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
+        bias_ptr, _scaling(scaling), N, out_f, r,
+    )
+    _check_status(status, "forward_epilogue")
+    return y
+
+
+def backward_epilogue(dy, base, U, B, g, scaling):
+    """dg = sum_N dy * z and dz = dy * g, with z = base + s * U @ B.T never stored.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (N, out)
+    base : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    """
+    (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    ctype, sfx = _CTYPE[dtype]
+    dg = np.empty(out_f, dtype=dtype)
+    dz = np.empty((N, out_f), dtype=dtype)
+    status = getattr(lib, f"dora_backward_epilogue_{sfx}")(
+        _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(base, ctype), _ptr(U, ctype),
+        _ptr(B, ctype), _ptr(g, ctype), _scaling(scaling), N, out_f, r,
+    )
+    _check_status(status, "backward_epilogue")
+    return dg, dz
+
+
+def merge(W0, A, B, magnitude, scaling):
+    """W' = (m / n)[:, None] * (W0 + s * B @ A) and n, in one pass over W0.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    W_merged : ndarray, shape (out, in)
+    n : ndarray, shape (out,)
+        Rows with n = 0 give inf/NaN rows in W_merged, as NumPy does; the
+        caller checks n.
+    """
+    (W0, A, B, magnitude), dtype = _arrays(W0=W0, A=A, B=B, magnitude=magnitude)
+    out_f, in_f, r, shapes = _adapter(W0, A, B)
+    _shape("magnitude", magnitude, (out_f,), f"{shapes}, magnitude {magnitude.shape}")
+    ctype, sfx = _CTYPE[dtype]
+    W_merged = np.empty((out_f, in_f), dtype=dtype)
+    n = np.empty(out_f, dtype=dtype)
+    status = getattr(lib, f"dora_merge_{sfx}")(
+        _ptr(W_merged, ctype), _ptr(n, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(B, ctype),
+        _ptr(magnitude, ctype), _scaling(scaling), out_f, in_f, r,
+    )
+    _check_status(status, "merge")
+    return W_merged, n
+
+
+def unmerge(W_merged, A, B, factor, scaling):
+    """W0 = W' / factor[:, None] - s * B @ A, the inverse of ``merge``.
+
+    Parameters
+    ----------
+    W_merged : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    factor : ndarray, shape (out,)
+        ``magnitude / n`` with n from ``merge``.
+    scaling : float
+
+    Returns
+    -------
+    W0 : ndarray, shape (out, in)
+    """
+    (W_merged, A, B, factor), dtype = _arrays(W_merged=W_merged, A=A, B=B, factor=factor)
+    out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
+    _shape("factor", factor, (out_f,), f"{shapes}, factor {factor.shape}")
+    ctype, sfx = _CTYPE[dtype]
+    W0 = np.empty((out_f, in_f), dtype=dtype)
+    status = getattr(lib, f"dora_unmerge_{sfx}")(
+        _ptr(W0, ctype), _ptr(W_merged, ctype), _ptr(A, ctype), _ptr(B, ctype),
+        _ptr(factor, ctype), _scaling(scaling), out_f, in_f, r,
+    )
+    _check_status(status, "unmerge")
+    return W0
