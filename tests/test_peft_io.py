@@ -1,0 +1,437 @@
+"""PEFT adapter I/O without torch: round trips, safetensors bases, merge, errors.
+
+Every expected value is computed independently of ``dora_ref.peft``: adapters
+are written by hand (``peft_helpers.write_adapter``) and merged weights
+formed in full in float64 (``peft_helpers.dense_merge``).
+"""
+import json
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from peft_helpers import dense_merge, random_module, write_adapter
+from safetensors.numpy import load_file, save_file
+
+from dora_ref import DoRALinear, LoRALinear
+from dora_ref import peft as P
+from dora_ref.merge_cli import main as merge_main
+from dora_ref.tolerance import assert_close
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# config: PEFT's pattern semantics
+# ---------------------------------------------------------------------------
+
+
+def test_rank_and_alpha_patterns_match_as_peft_get_pattern_key():
+    """First pattern (file order) matching ``(.*\\.)?(p)$``, anchored at the start."""
+    cfg = P.LoraAdapterConfig(
+        r=8, lora_alpha=16,
+        rank_pattern={"q_proj": 4, r"layers\.1\..*": 2, "proj": 1},
+        alpha_pattern={"v_proj": 3},
+    )  # fmt: skip
+    assert cfg.rank_and_alpha("model.layers.0.self_attn.q_proj") == (4, 16)
+    assert cfg.rank_and_alpha("model.layers.1.self_attn.q_proj") == (4, 16)  # first match wins
+    assert cfg.rank_and_alpha("model.layers.1.mlp.up") == (2, 16)
+    assert cfg.rank_and_alpha("model.layers.0.mlp.down_proj") == (8, 16)  # "proj" needs a dot before
+    assert cfg.rank_and_alpha("model.layers.0.proj") == (1, 16)
+    assert cfg.rank_and_alpha("model.layers.0.self_attn.v_proj") == (8, 3)
+    assert cfg.rank_and_alpha("xq_proj") == (8, 16)
+    assert cfg.scaling("model.layers.0.self_attn.v_proj") == 3 / 8
+    rs = P.LoraAdapterConfig(r=4, lora_alpha=8, use_rslora=True)
+    assert rs.scaling("anything") == 8 / 2
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("lora_bias", True), ("modules_to_save", ["score"]), ("bias", "all"),
+     ("peft_type", "IA3"), ("use_qalora", True), ("target_parameters", ["experts.w"])],
+)  # fmt: skip
+def test_unsupported_config_is_refused_by_name(tmp_path, field, value):
+    A, B, m = random_module(np.random.default_rng(0), 3, 4, 2)
+    write_adapter(tmp_path, {"lin": (A, B, m)}, {field: value})
+    with pytest.raises(ValueError, match=field):
+        P.load_adapter(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# adapter round trips
+# ---------------------------------------------------------------------------
+
+
+def _layers(rng, dtype=np.float64):
+    """Three DoRA layers of two ranks and alphas, trained-looking (B != 0, m perturbed)."""
+    layers = {}
+    for name, (out_f, in_f, r, alpha) in {
+        "model.layers.0.q": (5, 6, 2, 4), "model.layers.0.up": (7, 5, 2, 4),
+        "model.layers.1.q": (5, 6, 3, 5),
+    }.items():  # fmt: skip
+        layer = DoRALinear(rng.normal(size=(out_f, in_f)).astype(dtype), r=r, lora_alpha=alpha, rng=rng)
+        A, B, m = random_module(rng, out_f, in_f, r, dtype)
+        layer.lora_A, layer.lora_B, layer.lora_magnitude_vector = A, B, m
+        layers[name] = layer
+    return layers
+
+
+def test_save_then_load_round_trips_exactly_with_per_module_ranks(tmp_path):
+    layers = _layers(np.random.default_rng(0))
+    P.save_adapter(tmp_path, P.adapter_from_layers(layers, base_model_name_or_path="toy"))
+    cfg = json.loads((tmp_path / P.ADAPTER_CONFIG).read_text())
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and cfg["use_dora"] is True
+    assert cfg["rank_pattern"] == {r"model\.layers\.1\.q": 3}
+    assert cfg["alpha_pattern"] == {r"model\.layers\.1\.q": 5}
+    assert cfg["base_model_name_or_path"] == "toy" and cfg["peft_type"] == "LORA"
+    # keys and shapes as peft_dora.md Sec. 8
+    tensors = load_file(str(tmp_path / P.ADAPTER_WEIGHTS))
+    pre = "base_model.model.model.layers.0.up."
+    assert tensors[pre + "lora_A.weight"].shape == (2, 5)
+    assert tensors[pre + "lora_B.weight"].shape == (7, 2)
+    assert tensors[pre + "lora_magnitude_vector"].shape == (7,)
+    assert len(tensors) == 9
+
+    back = P.load_adapter(tmp_path)
+    for name, layer in layers.items():
+        mod = back.modules[name]
+        np.testing.assert_array_equal(mod.lora_A, layer.lora_A)
+        np.testing.assert_array_equal(mod.lora_B, layer.lora_B)
+        np.testing.assert_array_equal(mod.magnitude, layer.lora_magnitude_vector)
+        assert mod.r == layer.r and mod.scaling == layer.scaling
+
+
+def test_loaded_layers_forward_as_the_saved_ones(tmp_path):
+    rng = np.random.default_rng(1)
+    layers = _layers(rng)
+    P.save_adapter(tmp_path, P.adapter_from_layers(layers))
+    base = {f"{n}.weight": layer.weight for n, layer in layers.items()}
+    built, fifo = P.build_layers(tmp_path, base)
+    assert not any(fifo.values())
+    for name, layer in layers.items():
+        x = rng.normal(size=(4, layer.in_features))
+        np.testing.assert_array_equal(built[name].eval()(x), layer.eval()(x))
+
+
+def test_plain_lora_adapter_round_trips(tmp_path):
+    rng = np.random.default_rng(2)
+    layer = LoRALinear(rng.normal(size=(4, 3)), r=2, lora_alpha=2, rng=0)
+    layer.lora_B[:] = rng.normal(size=(4, 2))
+    P.save_adapter(tmp_path, P.adapter_from_layers({"fc": layer}))
+    assert json.loads((tmp_path / P.ADAPTER_CONFIG).read_text())["use_dora"] is False
+    built, _ = P.build_layers(tmp_path, {"fc.weight": layer.weight})
+    assert type(built["fc"]) is LoRALinear
+    x = rng.normal(size=(2, 3))
+    np.testing.assert_array_equal(built["fc"](x), layer(x))
+
+
+def test_magnitude_key_with_weight_suffix_and_no_prefix_is_read(tmp_path):
+    A, B, m = random_module(np.random.default_rng(3), 3, 4, 2)
+    write_adapter(tmp_path, {"lin": (A, B, m)}, prefix="", magnitude_suffix=".weight")
+    np.testing.assert_array_equal(P.load_adapter(tmp_path).modules["lin"].magnitude, m)
+
+
+# ---------------------------------------------------------------------------
+# errors: each names the key or module and the shapes seen
+# ---------------------------------------------------------------------------
+
+
+def test_missing_magnitude_of_a_dora_adapter_names_the_module(tmp_path):
+    rng = np.random.default_rng(0)
+    A, B, m = random_module(rng, 3, 4, 2)
+    A2, B2, _ = random_module(rng, 3, 4, 2)
+    write_adapter(tmp_path, {"blk.q": (A, B, m), "blk.v": (A2, B2, None)}, {"use_dora": True})
+    with pytest.raises(ValueError, match=r"'blk\.v' has no lora_magnitude_vector.*re-initialise"):
+        P.load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (6,)])
+def test_lycoris_magnitude_over_inputs_says_it_is_the_other_convention(tmp_path, shape):
+    A, B, _ = random_module(np.random.default_rng(0), 3, 6, 2)
+    write_adapter(tmp_path, {"lin": (A, B, np.ones(shape))})
+    with pytest.raises(ValueError, match=r"\(1, 6\)|\(6,\)") as info:
+        P.load_adapter(tmp_path)
+    assert "LyCORIS" in str(info.value) and "(3,)" in str(info.value)
+
+
+def test_lycoris_keys_are_named(tmp_path):
+    save_file({"lora_unet_x.lora_down.weight": np.ones((2, 4)), "lora_unet_x.dora_scale": np.ones((1, 4))},
+              str(tmp_path / P.ADAPTER_WEIGHTS))  # fmt: skip
+    (tmp_path / P.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(ValueError, match="LyCORIS"):
+        P.load_adapter(tmp_path)
+
+
+def test_pickle_adapter_is_refused_with_how_to_convert(tmp_path):
+    (tmp_path / P.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not read")
+    with pytest.raises(ValueError, match=r"never unpickles.*(\n|.)*save_file\(torch\.load"):
+        P.load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="pickle"):
+        P.BaseWeights(tmp_path / "adapter_model.bin")
+
+
+def test_truncated_and_missing_files(tmp_path):
+    A, B, m = random_module(np.random.default_rng(0), 3, 4, 2)
+    write_adapter(tmp_path / "ad", {"lin": (A, B, m)})
+    weights = tmp_path / "ad" / P.ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"not a valid safetensors file.*truncated"):
+        P.load_adapter(tmp_path / "ad")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=P.ADAPTER_WEIGHTS):
+        P.load_adapter(tmp_path / "ad")
+    with pytest.raises(FileNotFoundError, match="no such adapter directory"):
+        P.load_adapter(tmp_path / "nope")
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).write_text('{"r": 2,')
+    write_adapter(tmp_path / "ad2", {"lin": (A, B, m)})
+    (tmp_path / "ad2" / P.ADAPTER_CONFIG).write_text('{"r": 2,')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        P.load_adapter(tmp_path / "ad2")
+
+
+def test_rank_disagreeing_with_config_is_an_error(tmp_path):
+    A, B, m = random_module(np.random.default_rng(0), 3, 4, 3)
+    write_adapter(tmp_path, {"lin": (A, B, m)}, {"r": 2})
+    with pytest.raises(ValueError, match=r"rank 3 .*r = 2"):
+        P.load_adapter(tmp_path)
+
+
+def test_base_shape_mismatch_and_conv_base_are_errors(tmp_path):
+    A, B, m = random_module(np.random.default_rng(0), 3, 4, 2)
+    write_adapter(tmp_path, {"lin": (A, B, m)})
+    with pytest.raises(ValueError, match=r"'lin\.weight' has shape \(3, 5\).*\(out, in\) = \(3, 4\)"):
+        P.build_layers(tmp_path, {"lin.weight": np.zeros((3, 5))})
+    with pytest.raises(ValueError, match="only linear layers"):
+        P.build_layers(tmp_path, {"lin.weight": np.zeros((3, 4, 1, 1))})
+    with pytest.raises(KeyError, match="'lin': base weight 'lin.weight' not found"):
+        P.build_layers(tmp_path, {"other.weight": np.zeros((3, 4))})
+
+
+# ---------------------------------------------------------------------------
+# safetensors bases: single file, shards, bf16/fp16, streaming writer
+# ---------------------------------------------------------------------------
+
+
+def _write_sharded(directory, tensors, n_shards=2, dtype=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: tensors[k] if dtype is None else tensors[k].astype(dtype) for k in keys[i::n_shards]}
+        save_file(part, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (directory / P.SHARD_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "fp16"])
+def test_sharded_low_precision_base_loads_exactly(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    tensors = {f"l{i}.weight": rng.normal(size=(3, 4)).astype(np.float32) for i in range(3)}
+    _write_sharded(tmp_path, tensors, dtype=dtype)
+    loaded = P.load_base_weights(tmp_path)
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert loaded[k].dtype == dtype
+        np.testing.assert_array_equal(loaded[k].view(np.uint16), v.astype(dtype).view(np.uint16))
+
+
+def test_index_naming_a_missing_shard_is_an_error(tmp_path):
+    _write_sharded(tmp_path, {"a.weight": np.ones((2, 2)), "b.weight": np.ones((2, 2))})
+    next(tmp_path.glob("model-00002*")).unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        P.BaseWeights(tmp_path)
+
+
+@pytest.mark.parametrize("with_bf16", [False, True])
+def test_streaming_writer_output_is_read_by_safetensors(tmp_path, with_bf16):
+    rng = np.random.default_rng(0)
+    specs = [("b", np.dtype(np.float32), (3,)), ("c", np.dtype(np.float64), (2, 1)),
+             ("a", BF16 if with_bf16 else np.dtype(np.float16), (2, 3))]  # fmt: skip
+    arrays = {k: rng.normal(size=s).astype(d) for k, d, s in specs}
+    path = tmp_path / "x.safetensors"
+    w = P.SafetensorsWriter(path, specs, {"format": "pt"})
+    with pytest.raises(ValueError, match=r"expected tensor 'b'"):
+        w.write("a", arrays["a"])
+    for k, _, _ in specs:
+        w.write(k, arrays[k])
+    assert not path.exists()  # appears only when complete
+    w.close()
+    f = P.SafetensorsFile(path)  # safe_open validates the header and coverage
+    assert sorted(f.keys()) == ["a", "b", "c"] and f.metadata() == {"format": "pt"}
+    for k in arrays:
+        assert f.get(k).dtype == arrays[k].dtype
+        np.testing.assert_array_equal(f.get(k), arrays[k])
+    if not with_bf16:  # safetensors' own NumPy loader reads the file too
+        for k, v in load_file(str(path)).items():
+            np.testing.assert_array_equal(v, arrays[k])
+
+
+# ---------------------------------------------------------------------------
+# merge: single, chained, fan_in_fan_out, low precision
+# ---------------------------------------------------------------------------
+
+
+def _module(name, rng, out_f, in_f, r, alpha=4.0, dora=True, dtype=np.float64):
+    A, B, m = random_module(rng, out_f, in_f, r, dtype, dora)
+    return P.ModuleAdapter(name, A, B, m, alpha / r, r, alpha)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (4, 7)], ids=["square", "non-square"])
+def test_merge_weight_equals_the_dense_definition_in_both_layouts(shape):
+    rng = np.random.default_rng(0)
+    W0 = rng.normal(size=shape)
+    mod = _module("m", rng, *shape, r=2)
+    want = dense_merge(W0, mod.lora_A, mod.lora_B, mod.magnitude, mod.scaling)
+    k = shape[1] + 2  # longest reduction: the row norm over in, after B @ A (r)
+    assert_close(P.merge_weight(W0, [mod]), want, k=k)
+    assert_close(P.merge_weight(W0.T.copy(), [mod], fan_in_fan_out=True), want.T, k=k)
+
+
+def test_chained_adapters_merge_and_forward_as_peft_0_21():
+    """DoRA, LoRA, DoRA on one layer; every norm from the bare W0 (peft_dora.md 5.2, 7.4)."""
+    rng = np.random.default_rng(1)
+    out_f, in_f = 6, 5
+    W0, b0, x = rng.normal(size=(out_f, in_f)), rng.normal(size=out_f), rng.normal(size=(3, in_f))
+    mods = [_module("a", rng, out_f, in_f, 2), _module("b", rng, out_f, in_f, 3, dora=False),
+            _module("c", rng, out_f, in_f, 1)]  # fmt: skip
+    W = W0.copy()
+    for mod in mods:  # the fold written out in full, float64
+        V = mod.scaling * mod.lora_B @ mod.lora_A
+        if mod.magnitude is None:
+            W = W + V
+        else:
+            g = mod.magnitude / np.linalg.norm(W0 + V, axis=1)
+            W = g[:, None] * (W + V)
+    k = in_f + 3
+    scale = np.abs(W).max() * 3  # three folds, each rounding at the scale of W
+    assert_close(P.merge_weight(W0, mods), W, k=k, scale=scale)
+    y_want = x @ W.T + b0
+    assert_close(P.chain_forward(x, W0, b0, mods), y_want, k=k, scale=np.abs(y_want).max() * 3)
+    # one adapter: the chain is the plain DoRA layer
+    one = P.chain_forward(x, W0, b0, mods[:1])
+    layer = DoRALinear(W0, b0, r=2, lora_alpha=4.0).eval()
+    layer.lora_A, layer.lora_B, layer.lora_magnitude_vector = mods[0].lora_A, mods[0].lora_B, mods[0].magnitude
+    assert_close(one, layer(x), k=k)
+
+
+def test_bf16_merge_computes_in_float32_and_rounds_once():
+    """Each merged bf16 value is the float64 result rounded to bf16, up to one bf16 ulp.
+
+    float32 arithmetic adds a relative error of about (in + r) * 2**-24 ~ 1e-6
+    before the single rounding to bf16 (relative half-ulp 2**-9), so a value
+    can land on the neighbouring bf16 only near a rounding tie.
+    """
+    rng = np.random.default_rng(2)
+    W0 = rng.normal(size=(16, 24)).astype(BF16)
+    mod = _module("m", rng, 16, 24, 4, dtype=np.float32)
+    got = P.merge_weight(W0, [mod])
+    assert got.dtype == BF16 and got.shape == W0.shape
+    exact = dense_merge(W0.astype(np.float64), mod.lora_A, mod.lora_B, mod.magnitude, mod.scaling)
+    ulp = np.spacing(np.abs(exact).astype(BF16).astype(np.float32)).astype(np.float64) * 2**16
+    # np.spacing of the float32 value times 2**16 is the bf16 spacing (8 vs 24 significand bits)
+    assert np.all(np.abs(got.astype(np.float64) - exact) <= ulp)
+    assert np.mean(got == exact.astype(BF16)) > 0.99
+
+
+def test_zero_norm_row_names_the_module():
+    W0 = np.zeros((2, 3))
+    mod = P.ModuleAdapter("blk.fc", np.zeros((1, 3)), np.zeros((2, 1)), np.ones(2), 1.0, 1, 1.0)
+    with pytest.raises(ValueError, match=r"'blk\.fc'.*all-zero row"):
+        P.merge_weight(W0, [mod])
+    assert not P.merge_weight(W0, [mod], allow_zero_norm=True).any()
+
+
+# ---------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------
+
+
+def _toy_checkpoint(tmp_path, dtype=None, n_shards=2):
+    """A sharded base with a Linear (out, in) and a Conv1D-style (in, out) weight, and its adapter."""
+    rng = np.random.default_rng(5)
+    base = {
+        "h.0.fc.weight": rng.normal(size=(6, 4)), "h.0.fc.bias": rng.normal(size=6),
+        "h.0.c_attn.weight": rng.normal(size=(4, 9)), "h.0.c_attn.bias": rng.normal(size=9),
+        "h.0.ln.weight": rng.normal(size=4), "wte.weight": rng.normal(size=(10, 4)),
+    }  # fmt: skip
+    _write_sharded(tmp_path / "base", base, n_shards=n_shards, dtype=dtype)
+    mods = {"h.0.fc": random_module(rng, 6, 4, 2), "h.0.c_attn": random_module(rng, 9, 4, 2)}
+    write_adapter(tmp_path / "ad", {"transformer." + k: v for k, v in mods.items()},
+                  {"fan_in_fan_out": True})  # fmt: skip
+    return base, mods
+
+
+@pytest.mark.parametrize("dtype", [None, BF16], ids=["f64", "bf16"])
+def test_merge_command_writes_the_base_layout_and_merged_weights(tmp_path, capsys, dtype):
+    base, mods = _toy_checkpoint(tmp_path, dtype)
+    rc = merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "merged 2 module(s) (2 with DoRA, 0 plain LoRA)" in out and "h.0.c_attn.weight" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in (tmp_path / "base").iterdir()
+    )
+    merged = P.load_base_weights(tmp_path / "out")
+    original = P.load_base_weights(tmp_path / "base")
+    assert {k: v.dtype for k, v in merged.items()} == {k: v.dtype for k, v in original.items()}
+    for k in base:
+        if k not in ("h.0.fc.weight", "h.0.c_attn.weight"):
+            np.testing.assert_array_equal(merged[k].view(np.uint8), original[k].view(np.uint8))
+    W_fc = dense_merge(original["h.0.fc.weight"].astype(np.float64), *mods["h.0.fc"][:2],
+                       mods["h.0.fc"][2], 2.0)  # fmt: skip
+    W_attn = dense_merge(original["h.0.c_attn.weight"].astype(np.float64).T, *mods["h.0.c_attn"][:2],
+                         mods["h.0.c_attn"][2], 2.0).T  # fmt: skip
+    if dtype is None:
+        assert_close(merged["h.0.fc.weight"], W_fc, k=4 + 2)
+        assert_close(merged["h.0.c_attn.weight"], W_attn, k=4 + 2)
+    else:  # float32 compute, one rounding to bf16: within one bf16 ulp (see the bf16 test)
+        for got, want in ((merged["h.0.fc.weight"], W_fc), (merged["h.0.c_attn.weight"], W_attn)):
+            ulp = np.spacing(np.abs(want).astype(BF16).astype(np.float32)).astype(np.float64) * 2**16
+            assert np.all(np.abs(got.astype(np.float64) - want) <= ulp)
+
+
+def test_merge_command_on_a_single_file_and_a_plain_lora_adapter(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    W0 = rng.normal(size=(3, 5)).astype(np.float32)
+    save_file({"fc.weight": W0}, str(tmp_path / "base.safetensors"))
+    A, B, _ = random_module(rng, 3, 5, 2, np.float32, dora=False)
+    write_adapter(tmp_path / "ad", {"fc": (A, B, None)}, {"lora_alpha": 2})
+    assert merge_main([str(tmp_path / "base.safetensors"), str(tmp_path / "ad"),
+                       str(tmp_path / "m.safetensors"), "--no-progress"]) == 0  # fmt: skip
+    assert "(0 with DoRA, 1 plain LoRA)" in capsys.readouterr().out
+    got = load_file(str(tmp_path / "m.safetensors"))["fc.weight"]
+    assert_close(got, W0.astype(np.float64) + 1.0 * B.astype(np.float64) @ A, k=2, dtype=np.float32)
+
+
+def test_merge_command_errors_before_writing_anything(tmp_path, capsys):
+    base, mods = _toy_checkpoint(tmp_path)
+    A, B, _ = mods["h.0.fc"]
+    write_adapter(tmp_path / "bad", {"transformer.h.0.fc": (A, B, None), "transformer.h.0.c_attn":
+                                     mods["h.0.c_attn"]}, {"use_dora": True})  # fmt: skip
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "bad"), str(tmp_path / "out")]) == 1
+    assert "'transformer.h.0.fc' has no lora_magnitude_vector" in capsys.readouterr().err
+    write_adapter(tmp_path / "wrong", {"h.0.fc": random_module(np.random.default_rng(0), 6, 5, 2)})
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "wrong"), str(tmp_path / "out")]) == 1
+    assert "'h.0.fc.weight' has shape (6, 4)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path):
+    base, mods = _toy_checkpoint(tmp_path, n_shards=1)
+    rng = np.random.default_rng(7)
+    write_adapter(tmp_path / "ad2", {"h.0.fc": random_module(rng, 6, 4, 2)})
+    res = subprocess.run(
+        [sys.executable, "-m", "dora_ref", "merge", str(tmp_path / "base"), str(tmp_path / "ad"),
+         str(tmp_path / "ad2"), str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "h.0.fc.weight  <- " in res.stdout and ":DoRA, " in res.stdout
+    adapters = [P.load_adapter(tmp_path / "ad"), P.load_adapter(tmp_path / "ad2")]
+    want = P.merge_weight(base["h.0.fc.weight"],
+                          [adapters[0].modules["transformer.h.0.fc"], adapters[1].modules["h.0.fc"]])  # fmt: skip
+    np.testing.assert_array_equal(P.load_base_weights(tmp_path / "out")["h.0.fc.weight"], want)
