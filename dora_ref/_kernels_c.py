@@ -123,8 +123,10 @@ def _adapter(W0, A, B, W0_name="W0"):
             raise ValueError(f"{name} must be 2-D; got {shapes}")
     out_f, in_f = W0.shape
     r = A.shape[0]
-    _shape("A", A, (r, in_f), shapes)
-    _shape("B", B, (out_f, r), shapes)
+    if A.shape[1] != in_f:
+        raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
+    if B.shape != (out_f, r):
+        raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
     return out_f, in_f, r, shapes
 
 
@@ -134,9 +136,11 @@ def _epilogue_shapes(base, U, B, g, base_name="base"):
     if base.ndim != 2 or U.ndim != 2 or B.ndim != 2:
         raise ValueError(f"{base_name}, U and B must be 2-D; got {shapes}")
     N, out_f = base.shape
-    r = B.shape[1]
-    _shape("U", U, (N, r), shapes)
-    _shape("B", B, (out_f, r), shapes)
+    r = U.shape[1]
+    if U.shape[0] != N:
+        raise ValueError(f"U must have shape (N, r) = ({N}, r); got {shapes}")
+    if B.shape != (out_f, r):
+        raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
     _shape("g", g, (out_f,), shapes)
     return N, out_f, r, shapes
 

@@ -1,0 +1,464 @@
+"""The C kernels (dora_ref._kernels_c) against their NumPy twins.
+
+Each C kernel must compute what its twin in ``dora_ref._kernels_numpy``
+computes, up to rounding, for every shape (1, odd sizes, sizes that are not
+a multiple of the 16-float tile), both dtypes, any input layout, and with
+NaN/Inf propagated as NumPy propagates them. Its result must not depend on
+the number of OpenMP threads, bit for bit. The wrapper must refuse bad
+dtypes and shapes with an error that names the argument.
+
+Tolerances (derivation)
+-----------------------
+Both backends evaluate the same formula; they differ only in the order of
+their sums (BLAS vs the C tile), FMA contraction, and the C side's double
+accumulators. A sum of k products computed in any order is within
+``gamma_k * sum|terms|`` of the exact value (Higham, Eq. 3.5;
+``gamma_k = k u / (1 - k u)``, u = eps / 2; ``dora_ref.tolerance.gamma``),
+so two evaluations differ by at most ``2 gamma_k sum|terms|``. Each test
+builds ``sum|terms|`` *elementwise*, in float64, from the absolute values of
+the inputs (so cancellation cannot make the bound too tight) and allows a
+safety factor of 4 for the few extra roundings (the scaling, the division
+by n, the square root):
+
+* column_norm: V_ij = W0_ij + s B_i.A_j has terms a_ij = |W0_ij| + |s| |B_i|.|A_j|;
+  a perturbation dV moves ||V_i|| by at most ||dV_i|| (triangle inequality),
+  and the sum of squares adds a relative gamma_in: bound
+  ``2 * 4 * gamma_{in + r + 2} * ||a_i||``.
+* forward_epilogue: ``|g| (|base| + |s| |U| @ |B|.T) + |bias|`` with k = r + 3.
+* backward_epilogue: dg sums N products dy * z: ``sum_N |dy| (|base| + |s| |U| @ |B|.T)``
+  with k = N + r + 2; dz = dy * g is one rounding in both (bitwise equal).
+* merge: W'_ij = (m_i / n_i) V_ij: ``|m_i / n_i| a_ij (1 + ||a_i|| / n_i)`` with
+  k = in + r + 4 (the error of V_ij plus the relative error of n_i).
+* unmerge: ``|W'| / |factor| + |s| |B| @ |A|`` with k = r + 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dora_ref import _kernels_numpy as NP
+from dora_ref.tolerance import gamma
+
+_REQUIRE_C = os.environ.get("DORA_REF_REQUIRE_C", "") not in ("", "0")
+try:
+    from dora_ref import _kernels_c as C
+except ImportError as exc:  # pragma: no cover - depends on the install
+    if _REQUIRE_C:
+        raise ImportError(
+            f"DORA_REF_REQUIRE_C is set but the C extension does not import: {exc}"
+        ) from exc
+    pytest.skip(
+        f"the C backend is not built ({exc}); reinstall with a C compiler "
+        f"(pip install -e .) to test it",
+        allow_module_level=True,
+    )
+
+SAFETY = 4.0
+
+
+@pytest.fixture(autouse=True)
+def backend():
+    """Override conftest's per-backend fixture: these tests call both backends directly."""
+    yield "c"
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+
+
+def _problem(seed, dtype, out_f, in_f, r, N, scaling=0.7):
+    """Random weights and activations; B is nonzero (unlike PEFT's init) to test the tile."""
+    rng = np.random.default_rng(seed)
+
+    def draw(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    return dict(
+        W0=draw(out_f, in_f),
+        A=draw(r, in_f),
+        B=draw(out_f, r),
+        m=(rng.random(out_f) + 0.5).astype(dtype),
+        g=(rng.random(out_f) + 0.5).astype(dtype),
+        bias=draw(out_f),
+        base=draw(N, out_f),
+        U=draw(N, r),
+        dy=draw(N, out_f),
+        s=scaling,
+    )
+
+
+def _assert_within(actual, expected, bound, name):
+    """Elementwise |actual - expected| <= bound, both computed by the tests' rules."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    bad = err > bound
+    if bad.any():
+        i = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{name}: C and NumPy differ by {err[i]:.3g} at {i} (bound {bound[i]:.3g}); "
+            f"C {actual[i]!r}, NumPy {expected[i]!r}; {int(bad.sum())} of {bad.size} elements"
+        )
+
+
+def _abs64(*arrays):
+    return [np.abs(np.asarray(a, dtype=np.float64)) for a in arrays]
+
+
+def _norm_terms(W0, A, B, s):
+    """a_ij = |W0_ij| + |s| |B_i| . |A_j|, the absolute terms of V, float64."""
+    aW0, aA, aB = _abs64(W0, A, B)
+    return aW0 + abs(s) * (aB @ aA)
+
+
+# ---------------------------------------------------------------------------
+# C equals NumPy, over drawn shapes
+# ---------------------------------------------------------------------------
+
+# 1, odd sizes, sizes around the 16-float / 8-double tile and the 4-row group
+_sizes = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 47, 64, 65])
+_shapes = st.tuples(_sizes, _sizes, st.integers(1, 19), _sizes)  # out, in, r, N
+_dtypes = st.sampled_from([np.float32, np.float64])
+_scalings = st.sampled_from([0.7, 2.0, -1.5, 0.0, 1 / 8])
+_seeds = st.integers(0, 2**32 - 1)
+
+
+def check_column_norm(p, dtype):
+    W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
+    in_f, r = W0.shape[1], A.shape[0]
+    bound = 2 * SAFETY * gamma(in_f + r + 2, dtype) * np.linalg.norm(_norm_terms(W0, A, B, s), axis=1)
+    _assert_within(C.column_norm(W0, A, B, s), NP.column_norm(W0, A, B, s), bound, "column_norm")
+
+
+def check_forward_epilogue(p, dtype, with_bias):
+    base, U, B, g, s = p["base"], p["U"], p["B"], p["g"], p["s"]
+    bias = p["bias"] if with_bias else None
+    abase, aU, aB, ag = _abs64(base, U, B, g)
+    terms = ag * (abase + abs(s) * (aU @ aB.T))
+    if with_bias:
+        terms = terms + np.abs(bias.astype(np.float64))
+    bound = 2 * SAFETY * gamma(B.shape[1] + 3, dtype) * terms
+    _assert_within(
+        C.forward_epilogue(base, U, B, g, s, bias),
+        NP.forward_epilogue(base, U, B, g, s, bias),
+        bound,
+        "forward_epilogue",
+    )
+
+
+def check_backward_epilogue(p, dtype):
+    dy, base, U, B, g, s = p["dy"], p["base"], p["U"], p["B"], p["g"], p["s"]
+    ady, abase, aU, aB = _abs64(dy, base, U, B)
+    N, r = U.shape
+    dg_terms = np.sum(ady * (abase + abs(s) * (aU @ aB.T)), axis=0)
+    dg_c, dz_c = C.backward_epilogue(dy, base, U, B, g, s)
+    dg_np, dz_np = NP.backward_epilogue(dy, base, U, B, g, s)
+    _assert_within(dg_c, dg_np, 2 * SAFETY * gamma(N + r + 2, dtype) * dg_terms, "dg")
+    np.testing.assert_array_equal(dz_c, dz_np, err_msg="dz = dy * g is one rounding in both")
+
+
+def check_merge_unmerge(p, dtype):
+    W0, A, B, m, s = p["W0"], p["A"], p["B"], p["m"], p["s"]
+    in_f, r = W0.shape[1], A.shape[0]
+    a = _norm_terms(W0, A, B, s)
+    a_norm = np.linalg.norm(a, axis=1)
+    Wm_c, n_c = C.merge(W0, A, B, m, s)
+    Wm_np, n_np = NP.merge(W0, A, B, m, s)
+    _assert_within(n_c, n_np, 2 * SAFETY * gamma(in_f + r + 2, dtype) * a_norm, "merge n")
+    n64 = n_np.astype(np.float64)
+    f = np.abs(m.astype(np.float64)) / n64
+    bound = 2 * SAFETY * gamma(in_f + r + 4, dtype) * f[:, None] * a * (1 + a_norm / n64)[:, None]
+    _assert_within(Wm_c, Wm_np, bound, "merge W'")
+
+    factor = m / n_np
+    aWm, aA, aB = _abs64(Wm_np, A, B)
+    terms = aWm / np.abs(factor.astype(np.float64))[:, None] + abs(s) * (aB @ aA)
+    _assert_within(
+        C.unmerge(Wm_np, A, B, factor, s),
+        NP.unmerge(Wm_np, A, B, factor, s),
+        2 * SAFETY * gamma(r + 2, dtype) * terms,
+        "unmerge",
+    )
+
+
+@settings(max_examples=60)
+@given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds)
+def test_column_norm_matches_numpy(shape, dtype, s, seed):
+    check_column_norm(_problem(seed, dtype, *shape, scaling=s), dtype)
+
+
+@settings(max_examples=60)
+@given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds, with_bias=st.booleans())
+def test_forward_epilogue_matches_numpy(shape, dtype, s, seed, with_bias):
+    check_forward_epilogue(_problem(seed, dtype, *shape, scaling=s), dtype, with_bias)
+
+
+@settings(max_examples=60)
+@given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds)
+def test_backward_epilogue_matches_numpy(shape, dtype, s, seed):
+    check_backward_epilogue(_problem(seed, dtype, *shape, scaling=s), dtype)
+
+
+@settings(max_examples=60)
+@given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds)
+def test_merge_and_unmerge_match_numpy(shape, dtype, s, seed):
+    check_merge_unmerge(_problem(seed, dtype, *shape, scaling=s), dtype)
+
+
+# Shapes past the one-thread threshold, with several row blocks (16 rows),
+# several backward column blocks (256 columns) and ragged edges everywhere.
+LARGE_SHAPES = [(300, 257, 9, 70), (129, 1000, 64, 5), (517, 33, 3, 301)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", LARGE_SHAPES)
+def test_large_shapes_match_numpy(shape, dtype):
+    p = _problem(1, dtype, *shape)
+    check_column_norm(p, dtype)
+    check_forward_epilogue(p, dtype, with_bias=True)
+    check_forward_epilogue(p, dtype, with_bias=False)
+    check_backward_epilogue(p, dtype)
+    check_merge_unmerge(p, dtype)
+
+
+def test_column_norm_has_no_cancellation():
+    """W0 = -s B @ A exactly plus a tiny residual: the norm is the residual's.
+
+    The expanded formula ||w||^2 + 2 s b.(A w) + s^2 b^T (A A^T) b would
+    subtract numbers of size 1e8 and lose the answer; the C kernel forms
+    each row of V and must give the residual's norm to float64 accuracy.
+    """
+    rng = np.random.default_rng(3)
+    A = rng.integers(-4, 5, size=(4, 50)).astype(np.float64)
+    B = rng.integers(-4, 5, size=(6, 4)).astype(np.float64) * 1e3
+    residual = rng.standard_normal((6, 50)) * 1e-6
+    W0 = -(B @ A) + residual  # B @ A is exact in float64 (small integers)
+    n = C.column_norm(W0, A, B, 1.0)
+    np.testing.assert_allclose(n, np.linalg.norm(residual, axis=1), rtol=1e-6)
+
+
+def test_empty_sizes():
+    """Zero rows, columns or batch: shapes as NumPy's, no crash."""
+    for out_f, in_f, r, N in [(0, 5, 2, 3), (4, 0, 2, 3), (4, 5, 2, 0)]:
+        p = _problem(0, np.float64, out_f, in_f, r, N)
+        np.testing.assert_array_equal(
+            C.column_norm(p["W0"], p["A"], p["B"], 0.5), NP.column_norm(p["W0"], p["A"], p["B"], 0.5)
+        )
+        y = C.forward_epilogue(p["base"], p["U"], p["B"], p["g"], 0.5, p["bias"])
+        assert y.shape == (N, out_f)
+        dg, dz = C.backward_epilogue(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5)
+        dg_np, dz_np = NP.backward_epilogue(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5)
+        np.testing.assert_allclose(dg, dg_np, rtol=1e-12, atol=1e-12)
+        assert dz.shape == dz_np.shape == (N, out_f)
+
+
+# ---------------------------------------------------------------------------
+# layouts: strided, Fortran-ordered and read-only inputs are accepted
+# ---------------------------------------------------------------------------
+
+
+def _layouts(arr):
+    """The same values as a strided view, a Fortran-ordered copy and a read-only array."""
+    wide = np.zeros((arr.shape[0], 2 * arr.shape[1]) if arr.ndim == 2 else (2 * arr.shape[0],),
+                    dtype=arr.dtype)
+    if arr.ndim == 2:
+        wide[:, ::2] = arr
+        strided = wide[:, ::2]
+    else:
+        wide[::2] = arr
+        strided = wide[::2]
+    readonly = arr.copy()
+    readonly.setflags(write=False)
+    return {"strided": strided, "fortran": np.asfortranarray(arr), "readonly": readonly}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["strided", "fortran", "readonly"])
+def test_any_input_layout_gives_the_same_bits(layout, dtype):
+    p = _problem(7, dtype, 37, 45, 5, 23)
+    q = {k: (_layouts(v)[layout] if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+    for name in ("W0", "A", "B", "base", "U", "dy"):
+        if layout != "readonly":
+            assert not q[name].flags.c_contiguous or q[name].shape[0] == 1
+    calls = [
+        lambda d: C.column_norm(d["W0"], d["A"], d["B"], d["s"]),
+        lambda d: C.forward_epilogue(d["base"], d["U"], d["B"], d["g"], d["s"], d["bias"]),
+        lambda d: C.backward_epilogue(d["dy"], d["base"], d["U"], d["B"], d["g"], d["s"]),
+        lambda d: C.merge(d["W0"], d["A"], d["B"], d["m"], d["s"]),
+        lambda d: C.unmerge(d["W0"], d["A"], d["B"], d["m"], d["s"]),
+    ]
+    for call in calls:
+        want, got = call(p), call(q)
+        for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            assert g.flags.c_contiguous and g.flags.writeable
+            np.testing.assert_array_equal(g, w)
+
+
+def test_outputs_are_fresh_arrays():
+    """The wrapper allocates outputs: C never writes into the caller's arrays."""
+    p = _problem(0, np.float32, 8, 8, 2, 4)
+    before = {k: v.copy() for k, v in p.items() if isinstance(v, np.ndarray)}
+    C.merge(p["W0"], p["A"], p["B"], p["m"], p["s"])
+    C.backward_epilogue(p["dy"], p["base"], p["U"], p["B"], p["g"], p["s"])
+    for k, v in before.items():
+        np.testing.assert_array_equal(p[k], v, err_msg=f"{k} was modified")
+
+
+# ---------------------------------------------------------------------------
+# NaN and Inf propagate as in NumPy
+# ---------------------------------------------------------------------------
+
+
+def _assert_same_nonfinite(c, n, name):
+    for what, fn in (("NaN", np.isnan), ("+Inf", np.isposinf), ("-Inf", np.isneginf)):
+        np.testing.assert_array_equal(fn(c), fn(n), err_msg=f"{name}: {what} pattern differs")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_propagate_like_numpy(bad, dtype):
+    p = _problem(5, dtype, 21, 19, 3, 17)
+    p["W0"][3, 4] = bad
+    p["W0"][10, :] = 0  # with B row 10 zero: n = 0, the merge divides by it
+    p["B"][10, :] = 0
+    p["base"][2, 5] = bad
+    p["dy"][7, 1] = bad
+    p["g"][6] = bad
+    W0, A, B, m, s = p["W0"], p["A"], p["B"], p["m"], p["s"]
+    _assert_same_nonfinite(C.column_norm(W0, A, B, s), NP.column_norm(W0, A, B, s), "column_norm")
+    for (c, n), name in zip(zip(C.merge(W0, A, B, m, s), NP.merge(W0, A, B, m, s)), ("W'", "n")):
+        _assert_same_nonfinite(c, n, f"merge {name}")
+    _assert_same_nonfinite(
+        C.unmerge(W0, A, B, m, s), NP.unmerge(W0, A, B, m, s), "unmerge"
+    )
+    args = (p["base"], p["U"], B, p["g"], s)
+    _assert_same_nonfinite(
+        C.forward_epilogue(*args, p["bias"]), NP.forward_epilogue(*args, p["bias"]), "forward"
+    )
+    for c, n, name in zip(
+        C.backward_epilogue(p["dy"], *args), NP.backward_epilogue(p["dy"], *args), ("dg", "dz")
+    ):
+        _assert_same_nonfinite(c, n, name)
+
+
+def test_zero_norm_row_merges_to_nan_like_numpy():
+    """n = 0 gives m / 0 = inf and inf * 0 = NaN, as NumPy; the caller checks n."""
+    W0 = np.ones((3, 5))
+    W0[1] = 0
+    A, B, m = np.ones((2, 5)), np.zeros((3, 2)), np.ones(3)
+    Wm, n = C.merge(W0, A, B, m, 1.0)
+    assert n[1] == 0 and np.isnan(Wm[1]).all() and np.isfinite(Wm[[0, 2]]).all()
+
+
+# ---------------------------------------------------------------------------
+# the result does not depend on the number of threads
+# ---------------------------------------------------------------------------
+
+_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys
+    import numpy as np
+    from dora_ref import _kernels_c as C
+    h = hashlib.sha256()
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(11)
+        out_f, in_f, r, N = 531, 389, 13, 301  # several blocks per thread, ragged edges
+        W0, A, B = (rng.standard_normal(s).astype(dtype) for s in ((out_f, in_f), (r, in_f), (out_f, r)))
+        base, dy, U = (rng.standard_normal(s).astype(dtype) for s in ((N, out_f), (N, out_f), (N, r)))
+        g, m, bias = (rng.random(out_f).astype(dtype) + 0.5 for _ in range(3))
+        results = [C.column_norm(W0, A, B, 0.3), C.forward_epilogue(base, U, B, g, 0.3, bias),
+                   *C.backward_epilogue(dy, base, U, B, g, 0.3), *C.merge(W0, A, B, m, 0.3),
+                   C.unmerge(W0, A, B, m, 0.3)]
+        for a in results:
+            h.update(a.tobytes())
+    print(C.openmp_threads(), h.hexdigest())
+    """
+)
+
+
+def test_bitwise_identical_for_any_thread_count():
+    digests = {}
+    for threads in (1, 2, 3):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+        res = subprocess.run(
+            [sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True, text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        seen_threads, digest = res.stdout.split()
+        if C.openmp_enabled():
+            assert int(seen_threads) == threads, "OMP_NUM_THREADS did not reach the kernels"
+        digests[threads] = digest
+    assert digests[1] == digests[2] == digests[3], digests
+
+
+def test_openmp_info():
+    assert isinstance(C.openmp_enabled(), bool)
+    assert C.openmp_threads() >= 1
+    assert "openmp=" in C.build_info()
+
+
+def test_c_is_the_default_backend():
+    import dora_ref
+
+    if os.environ.get("DORA_REF_BACKEND"):
+        pytest.skip("DORA_REF_BACKEND forces a backend")
+    code = "import dora_ref; print(dora_ref.backend())"
+    env = {k: v for k, v in os.environ.items() if k != "DORA_REF_BACKEND"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.stdout.strip() == "c", res.stderr
+    assert "c" in dora_ref.available_backends()
+
+
+# ---------------------------------------------------------------------------
+# the wrapper refuses bad input before any pointer crosses
+# ---------------------------------------------------------------------------
+
+
+def test_rejects_integer_dtype():
+    p = _problem(0, np.float64, 4, 5, 2, 3)
+    with pytest.raises(TypeError, match=r"A must have dtype float32 or float64, got int64"):
+        C.column_norm(p["W0"], p["A"].astype(np.int64), p["B"], 1.0)
+
+
+def test_rejects_mixed_dtypes():
+    p = _problem(0, np.float64, 4, 5, 2, 3)
+    with pytest.raises(TypeError, match=r"B has dtype float32 but W0 has dtype float64"):
+        C.merge(p["W0"], p["A"], p["B"].astype(np.float32), p["m"], 1.0)
+
+
+def test_rejects_non_arrays():
+    p = _problem(0, np.float64, 4, 5, 2, 3)
+    with pytest.raises(TypeError, match=r"W0 must be a numpy.ndarray, got list"):
+        C.column_norm(p["W0"].tolist(), p["A"], p["B"], 1.0)
+    with pytest.raises(TypeError, match=r"scaling must be a real number, got str"):
+        C.column_norm(p["W0"], p["A"], p["B"], "1.0")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: C.column_norm(p["W0"], p["A"].T, p["B"], 1.0), r"A must have shape \(r, in\) = \(r, 5\); got W0 \(4, 5\), A \(5, 2\)"),
+        (lambda p: C.column_norm(p["W0"], p["A"], p["B"][:3], 1.0), r"B must have shape \(out, r\) = \(4, 2\)"),
+        (lambda p: C.column_norm(p["W0"][0], p["A"], p["B"], 1.0), r"W0 must be 2-D"),
+        (lambda p: C.forward_epilogue(p["base"], p["U"], p["B"], p["g"][:3], 1.0, None), r"g must have shape \(4,\)"),
+        (lambda p: C.forward_epilogue(p["base"], p["U"][:2], p["B"], p["g"], 1.0, None), r"U must have shape \(N, r\) = \(3, r\)"),
+        (lambda p: C.forward_epilogue(p["base"], p["U"], p["B"], p["g"], 1.0, p["bias"][:2]), r"bias must have shape \(4,\)"),
+        (lambda p: C.backward_epilogue(p["dy"].T, p["base"], p["U"], p["B"], p["g"], 1.0), r"dy must have shape \(3, 4\)"),
+        (lambda p: C.merge(p["W0"], p["A"], p["B"], p["m"][:1], 1.0), r"magnitude must have shape \(4,\)"),
+        (lambda p: C.unmerge(p["W0"], p["A"], p["B"], p["m"][:1], 1.0), r"factor must have shape \(4,\)"),
+    ],
+)
+def test_rejects_bad_shapes_naming_the_argument(call, match):
+    p = _problem(0, np.float64, 4, 5, 2, 3)
+    with pytest.raises(ValueError, match=match):
+        call(p)
