@@ -402,12 +402,15 @@ def reference(case, *, detach_norm=True):
 def term_scales(case, *, detach_norm=True):
     """The size of the summed terms behind each output (Higham's ``sum |terms|``).
 
-    Each output is evaluated again with every quantity replaced by an upper
-    bound of its absolute value: ``T = |W0| + |s| |B| @ |A|`` bounds |V|
-    elementwise, ``|x|`` and ``|dy|`` their inputs (and ``max(|x|, |x*mask|)``
-    with dropout). The result is multiplied by the cancellation factor
-    ``kappa = max_i ||T_i|| / n_i`` (1 normally, large when W0 and s*B@A
-    nearly cancel), because g = m / n inherits n's relative error times kappa.
+    Rounding in a sum is bounded by gamma_k times the sum of the absolute
+    values of its terms, so each output's sums are evaluated again on
+    absolute values: ``T = |W0| + |s| |B| @ |A|`` bounds |V| elementwise and
+    covers the rounding of V itself, ``|x|`` and ``|dy|`` the inputs
+    (``max(|x|, |x * mask|)`` with dropout). The factor g = m / n adds one
+    more term: n's relative error is at most gamma_k times the cancellation
+    factor ``kappa_i = ||T_i|| / n_i`` (about 1 normally, large when W0 and
+    s*B@A nearly cancel), so every output also gets ``kappa * |its part that
+    is proportional to g|``.
 
     Parameters
     ----------
@@ -418,38 +421,43 @@ def term_scales(case, *, detach_norm=True):
     Returns
     -------
     dict of str to float
-        One scale per output of ``reference``.
+        One scale per output of ``reference``: the largest over its elements.
     """
     c = case.astype(np.float64)
+    ref = reference(case, detach_norm=detach_norm)
     s = abs(c.scaling)
-    T = np.abs(c.W0) + s * (np.abs(c.B) @ np.abs(c.A))  # (out, in) >= |V|
+    absA, absB = np.abs(c.A), np.abs(c.B)
+    T = np.abs(c.W0) + s * (absB @ absA)  # (out, in) >= |V|, elementwise
     V = c.W0 + c.scaling * (c.B @ c.A)
-    n = np.linalg.norm(V, axis=1)
-    Tn = np.linalg.norm(T, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kappa = float(np.max(np.where(n > 0, Tn / n, 1.0), initial=1.0))
-        ga = np.where(n > 0, np.abs(c.magnitude) / n, 0.0)
-    xa = np.abs(c.x) if c.dropout_mask is None else np.maximum(np.abs(c.x), np.abs(c.x * c.dropout_mask))
+    n = ref["weight_norm"]
+    safe = np.where(n > 0, n, 1.0)
+    kappa = np.where(n > 0, np.linalg.norm(T, axis=1) / safe, 1.0)  # (out,)
+    g = np.where(n > 0, c.magnitude / safe, 0.0)
+    ga = np.abs(g)
+    mask = c.dropout_mask
+    xd = c.x if mask is None else c.x * mask
+    xa = np.abs(c.x) if mask is None else np.maximum(np.abs(c.x), np.abs(xd))
+    mmax = 1.0 if mask is None else max(1.0, float(np.max(np.abs(mask), initial=0.0)))
     dya = np.abs(c.dy)
-    G = dya.T @ xa  # (out, in): bounds |dL/dW'|
+    G = dya.T @ xa  # (out, in): bounds |dL/dW'| = |dy.T @ xd| term by term
+    gz = ga * np.abs(xd @ V.T)  # (N, out): the part of y proportional to g
+    lin = ga if mask is None else 1.0 + ga  # with dropout the clean base path adds terms
+    dm_terms = np.sum(G * T, axis=1) / safe
     dV = ga[:, None] * G
-    if not detach_norm:  # the projection term c_i V_i, c = dg g / n^2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            proj = np.where(n > 0, ga * np.sum(G * T, axis=1) / n**2, 0.0)
-        dV = dV + proj[:, None] * T
-    bias = 0.0 if c.bias is None else float(np.max(np.abs(c.bias)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dm = np.where(n > 0, np.sum(G * T, axis=1) / n, 0.0)
+    if not detach_norm:  # the projection term c_i V_i, c = -dg g / n^2, and its rounding
+        cabs = np.abs(ref["dmagnitude"]) * ga / safe
+        dV = dV + (ga * dm_terms / safe + 4.0 * kappa * cabs)[:, None] * T
+    bias = 0.0 if c.bias is None else np.abs(c.bias)
     mx = lambda a: float(np.max(a, initial=0.0))  # noqa: E731
     return {
-        "weight_norm": mx(Tn),
-        "y": kappa * mx((1.0 + ga) * (xa @ T.T)) + bias,
-        "dx": kappa * mx((dya * (1.0 + ga)) @ T),
-        "dA": kappa * mx(s * (np.abs(c.B).T @ dV)),
-        "dB": kappa * mx(s * (dV @ np.abs(c.A).T)),
-        "dmagnitude": kappa * mx(dm),
-        "W_merged": kappa * mx(ga[:, None] * T),
-        "W0_unmerged": kappa * mx(T),
+        "weight_norm": mx(np.linalg.norm(T, axis=1)),
+        "y": mx(lin * (xa @ T.T) + kappa * gz + bias),
+        "dx": mmax * mx((dya * lin) @ T + (dya * (kappa * ga)) @ np.abs(V)),
+        "dA": mx(s * (absB.T @ dV) + np.max(kappa) * np.abs(ref["dA"])),
+        "dB": mx(s * (dV @ absA.T) + kappa[:, None] * np.abs(ref["dB"])),
+        "dmagnitude": mx(dm_terms + kappa * np.abs(ref["dmagnitude"])),
+        "W_merged": mx(ga[:, None] * T + kappa[:, None] * np.abs(ref["W_merged"])),
+        "W0_unmerged": mx(2.0 * T + kappa[:, None] * np.abs(V)),
     }
 
 

@@ -1,0 +1,665 @@
+"""Golden test vectors for porting DoRA: ``python -m dora_ref vectors --out DIR``.
+
+Writes one ``.npz`` per case and a ``manifest.json`` that gives, for each
+case, its configuration, every array's role, shape and dtype, and for each
+expected output the tolerance that applies and why. A port in any language
+loads the inputs, runs, and checks ``|got - expected| <= atol`` elementwise.
+
+The case matrix (each case in float32 and float64; ``CASES`` below)
+-------------------------------------------------------------------
+================================  ==================================================
+case                              what it pins
+================================  ==================================================
+linear_basic                      forward, backward (detached and exact), merge/unmerge
+linear_init                       B = 0, initial magnitude: the layer is the base layer
+linear_r1 / linear_out1           r = 1; out = 1 (a single output channel)
+linear_r_gt_min                   r = 8 > min(out, in) = 3
+linear_magnitude_far              a trained magnitude 1/30 to 30 times the initial norm
+linear_cancelling                 W0 + s*B@A nearly cancels (row norms ~1e-3 of the terms)
+linear_large_scale / tiny_scale   weights scaled by 1e6 and 1e-6
+linear_dropout                    PEFT's training formula with a given mask (p = 0.25)
+linear_fan_in_fan_out             W0 stored (in, out), as GPT-2's Conv1D
+linear_rslora                     s = lora_alpha / sqrt(r)
+linear_no_bias / linear_batched   no bias; x with two leading batch dimensions
+multi_adapter                     two DoRA adapters on one layer, PEFT 0.21's chaining
+conv1d / conv2d                   DoRA convolutions (stride, padding), PEFT shapes
+embedding / embedding_scaled      DoRA embedding (norm over the vocabulary), embed_scale
+================================  ==================================================
+
+Where the numbers come from
+---------------------------
+Inputs are drawn from NumPy's PCG64 generator seeded by (seed, the case's
+name), in float64 and then cast, so the float32 and float64 versions of a
+case share their inputs up to rounding and are identical on every machine.
+Expected values are computed by dora_ref's functional core (NumPy backend)
+**in the case's dtype**, i.e. what a correct implementation in that dtype
+computes; each is cross-checked against the dense definition
+(``dora_ref.dense``, which forms V = W0 + s*B@A in full) in float64, and the
+generator refuses to write a case whose cross-check exceeds its tolerance.
+The manifest records the worst cross-check error / tolerance.
+
+Files are written deterministically (fixed zip timestamps, stored without
+compression, arrays in a fixed order, JSON with a fixed key order), so the
+same seed regenerates them byte for byte on the same machine; other BLAS
+builds may differ in the last bits of float results, well within tolerance.
+
+Tolerances follow ``dora_ref.tolerance``: ``atol = rtol(dtype, k) * scale``,
+with ``k`` the output's reduction length (``dora_reduction_length``) and
+``scale`` the size of the summed terms (``dora_ref.testing.term_scales``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+from . import __version__, conv, dense, embedding, use_backend
+from . import functional as F
+from . import peft
+from .testing import Case, term_scales
+from .tolerance import SAFETY, dora_reduction_length, rtol
+
+SEED = 2402  # arXiv:2402.09353
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float64")
+
+# ---------------------------------------------------------------------------
+# the case matrix
+# ---------------------------------------------------------------------------
+
+
+def _linear(name, doc, tags, **kw):
+    spec = dict(kind="linear", name=name, doc=doc, tags=tags, N=4, in_features=16, out_features=12,
+                r=4, lora_alpha=8.0, use_rslora=False, bias=True, B="random", magnitude="trained",
+                weight_scale=1.0, cancel=False, dropout_p=0.0, fan_in_fan_out=False, batch=None)
+    spec.update(kw)
+    return spec
+
+
+#: The matrix: each entry is generated in float32 and in float64.
+CASES = (
+    _linear("linear_basic", "a generic trained adapter: forward, both backwards, merge/unmerge",
+            ["forward", "backward", "merge"]),
+    _linear("linear_init", "PEFT's initial state: B = 0 and m = ||W0||_row, so y is the base output",
+            ["B=0", "init"], B="zero", magnitude="init"),
+    _linear("linear_r1", "rank 1", ["r=1"], N=3, in_features=10, out_features=7, r=1),
+    _linear("linear_out1", "a single output channel", ["out=1"], in_features=9, out_features=1, r=2),
+    _linear("linear_r_gt_min", "rank 8 above min(out, in) = 3", ["r>min(out,in)"],
+            in_features=5, out_features=3, r=8),
+    _linear("linear_magnitude_far", "a trained magnitude 1/30 to 30 times the initial norm",
+            ["trained magnitude far from init"], magnitude="far"),
+    _linear("linear_cancelling", "W0 = -s*B@A + 1e-3*E: each row of V is ~1e-3 of its terms",
+            ["nearly-cancelling W0 + s*B@A"], cancel=True),
+    _linear("linear_large_scale", "W0 and B scaled by 1e6", ["large weights"], weight_scale=1e6),
+    _linear("linear_tiny_scale", "W0 and B scaled by 1e-6", ["tiny weights"], weight_scale=1e-6),
+    _linear("linear_dropout", "training with lora_dropout = 0.25: PEFT's formula, given mask",
+            ["dropout"], N=5, dropout_p=0.25),
+    _linear("linear_fan_in_fan_out", "W0 stored (in, out) as transformers' Conv1D; W_merged too",
+            ["fan_in_fan_out"], in_features=10, out_features=6),
+    _linear("linear_rslora", "rsLoRA: s = lora_alpha / sqrt(r) = 12 / 3", ["rsLoRA"],
+            r=9, lora_alpha=12.0, use_rslora=True),
+    _linear("linear_no_bias", "no base bias", ["no bias"], bias=False),
+    _linear("linear_batched", "x of shape (2, 3, in): leading dimensions are batch", ["batched x"],
+            N=6, batch=(2, 3)),
+    dict(kind="multi_adapter", name="multi_adapter", tags=["several adapters"],
+         doc="two DoRA adapters on one layer (r = 2 then 3), eval: PEFT 0.21's chaining and merge",
+         N=4, in_features=8, out_features=6, ranks=(2, 3), lora_alphas=(4.0, 3.0)),
+    dict(kind="conv", name="conv1d", tags=["conv"], doc="Conv1d 3 -> 4, k = 3, stride 2, padding 1",
+         N=2, in_channels=3, out_channels=4, kernel_size=(3,), spatial=(7,), stride=2, padding=1,
+         r=2, lora_alpha=4.0),
+    dict(kind="conv", name="conv2d", tags=["conv"], doc="Conv2d 3 -> 5, 3x3, padding 1",
+         N=2, in_channels=3, out_channels=5, kernel_size=(3, 3), spatial=(4, 5), stride=1, padding=1,
+         r=2, lora_alpha=4.0),
+    dict(kind="embedding", name="embedding", tags=["embedding"],
+         doc="Embedding V = 11, D = 6, r = 3; repeated ids; norm over the vocabulary",
+         num_embeddings=11, embedding_dim=6, r=3, lora_alpha=6.0, ids_shape=(2, 5), embed_scale=None),
+    dict(kind="embedding", name="embedding_scaled", tags=["embedding", "embed_scale"],
+         doc="as embedding, with embed_scale = sqrt(D) (Gemma; PEFT >= 0.18)",
+         num_embeddings=11, embedding_dim=6, r=3, lora_alpha=6.0, ids_shape=(2, 5),
+         embed_scale=math.sqrt(6.0)),
+)
+
+GRADS = ("dx", "dA", "dB", "dmagnitude")
+
+#: What each expected array is, for the manifest.
+FORMULAS = {
+    "y": "the forward output: g * (x @ W0.T + s * (x @ A.T) @ B.T) + bias, g = magnitude / weight_norm "
+         "(with dropout_mask: x @ W0.T + bias + (g - 1) * (xd @ W0.T) + g * s * (xd @ A.T) @ B.T)",
+    "weight_norm": "n = ||W0 + s * B @ A|| per row of the (out, in) weight: one per output channel",
+    "dx": "dL/dx for L = sum(dy * y)",
+    "dA": "dL/dA", "dB": "dL/dB", "dmagnitude": "dL/dmagnitude",
+    "W_merged": "diag(magnitude / weight_norm) (W0 + s * B @ A), in the layout W0 is stored in",
+    "W0_unmerged": "unmerge(W_merged, ..., weight_norm): W0 recovered from the merged weight",
+}
+
+
+# ---------------------------------------------------------------------------
+# drawing the inputs
+# ---------------------------------------------------------------------------
+
+
+def _rng(seed, name):
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _scaling(r, alpha, rslora=False):
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _draw_linear(spec, rng):
+    N, i, o, r = spec["N"], spec["in_features"], spec["out_features"], spec["r"]
+    s = _scaling(r, spec["lora_alpha"], spec["use_rslora"])
+    ws = spec["weight_scale"]
+    x = rng.standard_normal((N, i))
+    A = rng.standard_normal((r, i)) / math.sqrt(i)
+    B = ws * rng.standard_normal((o, r)) if spec["B"] == "random" else np.zeros((o, r))
+    W0 = ws * rng.standard_normal((o, i)) / math.sqrt(i)
+    if spec["cancel"]:
+        W0 = -s * (B @ A) + 1e-3 * W0
+    bias = rng.standard_normal(o) if spec["bias"] else None
+    dy = rng.standard_normal((N, o))
+    factor = {"init": np.ones(o), "trained": 2.0 ** rng.uniform(-1, 1, o),
+              "far": 30.0 ** rng.uniform(-1, 1, o)}[spec["magnitude"]]
+    mask = None
+    if spec["dropout_p"]:
+        mask = (rng.random((N, i)) >= spec["dropout_p"]) / (1.0 - spec["dropout_p"])
+    return dict(x=x, W0=W0, A=A, B=B, factor=factor, bias=bias, dy=dy, mask=mask, s=s)
+
+
+def _cast(a, dtype):
+    return None if a is None else np.ascontiguousarray(a, dtype=dtype)
+
+
+def _magnitude(W0, A, B, s, factor):
+    """m = ||W0 + s*B@A||_row (of the weights in their own dtype), times a trained factor."""
+    return (F.column_norm(W0, A, B, s) * factor.astype(W0.dtype)).astype(W0.dtype)
+
+
+# ---------------------------------------------------------------------------
+# tolerances
+# ---------------------------------------------------------------------------
+
+
+def _kappa(W0, A, B, s):
+    c = [np.asarray(a, dtype=np.float64) for a in (W0, A, B)]
+    T = np.abs(c[0]) + abs(s) * (np.abs(c[2]) @ np.abs(c[1]))
+    n = np.linalg.norm(c[0] + s * (c[2] @ c[1]), axis=1)
+    return float(np.max(np.linalg.norm(T, axis=1) / n, initial=1.0))
+
+
+_K_WHY = {
+    "weight_norm": "in + r: (B @ A) over r, then the sum of squares over in",
+    "y": "in + r: x @ A.T over in, then @ B.T over r",
+    "dx": "out + r: dz @ B over out, then @ A over r",
+    "dA": "N + in + out + r: dg sums N rows of (in + r)-term products, then products over out",
+    "W_merged": "in + r: the norm, then one product over r",
+    "W0_unmerged": "2 (in + r): a merge, then its inverse",
+}
+
+
+def _tolerance(name, dtype, k, scale, kappa, note=""):
+    rt = rtol(dtype, k)
+    base = name.split("_")[0] if name.startswith("d") else name
+    why = (f"rtol({dtype}, k = {k}) with k = {_K_WHY.get(base, _K_WHY['dA'])}; scale = the terms "
+           f"on absolute values, cancellation factor kappa = {kappa:.3g}{note}")
+    return dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=int(k), scale=scale, why=why)
+
+
+def _linear_tolerances(case, names, extra_k=0, extra_scale=1.0, note=""):
+    """Tolerances of the linear view ``case`` for each requested output name."""
+    N, i, o, r = case.shapes()
+    dt = str(case.dtype)
+    kappa = _kappa(case.W0, case.A, case.B, case.scaling)
+    tols = {}
+    for detach in (True, False):
+        scales = term_scales(case, detach_norm=detach)
+        for name in names:
+            base = name.replace("_detached", "").replace("_exact", "")
+            if base in GRADS and name.endswith("_detached") != detach:
+                continue
+            if base not in GRADS and not detach:
+                continue
+            k = dora_reduction_length(base, n_rows=N, in_features=i, out_features=o, r=r)
+            sc = scales[base]
+            if base == "dx":
+                k, sc = k + extra_k, sc * extra_scale
+            tols[name] = _tolerance(name, dt, k, sc, kappa, note if base == "dx" else "")
+    return tols
+
+
+# ---------------------------------------------------------------------------
+# generating each kind of case
+# ---------------------------------------------------------------------------
+
+
+def _grad_arrays(g_det, g_exact, names=GRADS):
+    out = {}
+    for name in names:
+        out[name + "_detached"] = getattr(g_det, name)
+        out[name + "_exact"] = getattr(g_exact, name)
+    return out
+
+
+def _gen_linear(spec, dtype, seed):
+    d = _draw_linear(spec, _rng(seed, spec["name"]))
+    s = d["s"]
+    x, W0, A, B = (_cast(d[k], dtype) for k in ("x", "W0", "A", "B"))
+    bias, dy, mask = _cast(d["bias"], dtype), _cast(d["dy"], dtype), _cast(d["mask"], dtype)
+    m = _magnitude(W0, A, B, s, d["factor"])
+    batch = spec["batch"]
+    x_in = x if batch is None else x.reshape(*batch, x.shape[1])
+    dy_in = dy if batch is None else dy.reshape(*batch, dy.shape[1])
+    mask_in = mask if (mask is None or batch is None) else mask.reshape(x_in.shape)
+
+    y, ctx = F.dora_forward(x_in, W0, A, B, m, s, bias, dropout_mask=mask_in)
+    g_det = F.dora_backward(dy_in, ctx, detach_norm=True)
+    g_exact = F.dora_backward(dy_in, ctx, detach_norm=False)
+    W_merged, n = F.merge(W0, A, B, m, s)
+    W0_back = F.unmerge(W_merged, A, B, m, s, n)
+
+    fifo = spec["fan_in_fan_out"]
+    stored = (lambda w: np.ascontiguousarray(w.T)) if fifo else (lambda w: w)
+    inputs = dict(x=x_in, W0=stored(W0))
+    if bias is not None:
+        inputs["bias"] = bias
+    inputs.update(A=A, B=B, magnitude=m, dy=dy_in)
+    if mask is not None:
+        inputs["dropout_mask"] = mask_in
+    expected = dict(y=y, weight_norm=n, **_grad_arrays(g_det, g_exact),
+                    W_merged=stored(W_merged), W0_unmerged=stored(W0_back))
+
+    case = Case(x, W0, A, B, m, s, bias, dy, mask)
+    tols = _linear_tolerances(case, list(expected))
+
+    # the float64 dense definition, on the float64 values of the same inputs
+    c = case.astype(np.float64)
+    ref = dict(y=dense.forward(c.x, c.W0, c.A, c.B, c.magnitude, s, c.bias, dropout_mask=c.dropout_mask),
+               weight_norm=dense.row_norm(dense.direction(c.W0, c.A, c.B, s)),
+               W_merged=stored(dense.merged_weight(c.W0, c.A, c.B, c.magnitude, s)), W0_unmerged=stored(c.W0))
+    for detach, suffix in ((True, "_detached"), (False, "_exact")):
+        gr = dense.backward(c.dy, c.x, c.W0, c.A, c.B, c.magnitude, s, detach_norm=detach,
+                            dropout_mask=c.dropout_mask)
+        ref.update({k + suffix: getattr(gr, k) for k in GRADS})
+    if batch is not None:
+        ref["y"] = ref["y"].reshape(y.shape)
+        for sfx in ("_detached", "_exact"):
+            ref["dx" + sfx] = ref["dx" + sfx].reshape(x_in.shape)
+
+    config = dict(N=spec["N"], in_features=spec["in_features"], out_features=spec["out_features"],
+                  r=spec["r"], lora_alpha=spec["lora_alpha"], use_rslora=spec["use_rslora"], scaling=s,
+                  fan_in_fan_out=fifo, lora_dropout=spec["dropout_p"], bias=bias is not None)
+    return config, inputs, expected, tols, ref
+
+
+def _gen_multi(spec, dtype, seed):
+    rng = _rng(seed, spec["name"])
+    N, i, o = spec["N"], spec["in_features"], spec["out_features"]
+    x = _cast(rng.standard_normal((N, i)), dtype)
+    W0 = _cast(rng.standard_normal((o, i)) / math.sqrt(i), dtype)
+    bias = _cast(rng.standard_normal(o), dtype)
+    modules, inputs = [], dict(x=x, W0=W0, bias=bias)
+    for j, (r, alpha) in enumerate(zip(spec["ranks"], spec["lora_alphas"])):
+        A = _cast(rng.standard_normal((r, i)) / math.sqrt(i), dtype)
+        B = _cast(rng.standard_normal((o, r)), dtype)
+        s = _scaling(r, alpha)
+        m = _magnitude(W0, A, B, s, 2.0 ** rng.uniform(-1, 1, o))
+        modules.append(peft.ModuleAdapter(f"adapter_{j}", A, B, m, s, r, alpha))
+        inputs.update({f"A_{j}": A, f"B_{j}": B, f"magnitude_{j}": m})
+    y = peft.chain_forward(x, W0, bias, modules)
+    W_merged = peft.merge_weight(W0, modules)
+    expected = dict(y=y, W_merged=W_merged)
+
+    # float64 dense: merged weight folded adapter by adapter, each g_i from the bare W0
+    W0d, xd = W0.astype(np.float64), x.astype(np.float64)
+    Wd, ya, Wa, kappa = W0d, np.abs(xd) @ np.abs(W0d).T, np.abs(W0d), 1.0
+    for mod in modules:
+        A, B, m = (a.astype(np.float64) for a in (mod.lora_A, mod.lora_B, mod.magnitude))
+        V = dense.direction(W0d, A, B, mod.scaling)
+        g = m / dense.row_norm(V)
+        Wd = g[:, None] * (Wd + mod.scaling * (B @ A))
+        low = abs(mod.scaling) * (np.abs(B) @ np.abs(A))
+        Wa = np.abs(g)[:, None] * (Wa + low)  # the terms, on absolute values
+        ya = np.abs(g) * (ya + np.abs(xd) @ low.T)
+        kappa *= _kappa(W0d, A, B, mod.scaling)
+    ref = dict(y=xd @ Wd.T + bias.astype(np.float64), W_merged=Wd)
+    r_sum = sum(spec["ranks"])
+    k = i + r_sum
+    note = "; several adapters: kappa is the product of the adapters' factors, r the sum of their ranks"
+    tols = dict(
+        y=_tolerance("y", dtype, k, kappa * float(ya.max()) + float(np.abs(bias).max()), kappa, note),
+        W_merged=_tolerance("W_merged", dtype, k, kappa * float(Wa.max()), kappa, note),
+    )
+    config = dict(N=N, in_features=i, out_features=o, ranks=list(spec["ranks"]),
+                  lora_alphas=list(spec["lora_alphas"]), scalings=[mod.scaling for mod in modules],
+                  order="adapter 0 then adapter 1", bias=True,
+                  semantics="PEFT 0.21 eval: y <- x @ W0.T; y <- g_i * (y + s_i (x @ A_i.T) @ B_i.T) "
+                            "for i = 0, 1; y <- y + bias; g_i = magnitude_i / ||W0 + s_i B_i A_i||_row "
+                            "(bare W0). Merge: W <- diag(g_i) (W + s_i B_i A_i) in the same order")
+    return config, inputs, expected, tols, ref
+
+
+def _gen_conv(spec, dtype, seed):
+    rng = _rng(seed, spec["name"])
+    N, C, O, r = spec["N"], spec["in_channels"], spec["out_channels"], spec["r"]
+    k, L = spec["kernel_size"], spec["spatial"]
+    fan_in = C * int(np.prod(k))
+    x = _cast(rng.standard_normal((N, C, *L)), dtype)
+    W0 = _cast(rng.standard_normal((O, C, *k)) / math.sqrt(fan_in), dtype)
+    A = _cast(rng.standard_normal((r, C, *k)) / math.sqrt(fan_in), dtype)
+    B = _cast(rng.standard_normal((O, r, *(1,) * len(k))), dtype)
+    bias = _cast(rng.standard_normal(O), dtype)
+    s = _scaling(r, spec["lora_alpha"])
+    n0 = conv.conv_column_norm(W0, A, B, s)
+    m = (n0 * (2.0 ** rng.uniform(-1, 1, O)).astype(dtype)).astype(dtype).reshape(1, O, *(1,) * len(k))
+    geo = dict(stride=spec["stride"], padding=spec["padding"])
+    y, ctx = conv.conv_dora_forward(x, W0, A, B, m, s, bias, **geo)
+    dy = _cast(rng.standard_normal(y.shape), dtype)
+    g_det = conv.conv_dora_backward(dy, ctx, detach_norm=True)
+    g_exact = conv.conv_dora_backward(dy, ctx, detach_norm=False)
+    W_merged, n = conv.conv_merge(W0, A, B, m, s)
+    W0_back = conv.conv_unmerge(W_merged, A, B, m, s, n)
+    inputs = dict(x=x, W0=W0, bias=bias, A=A, B=B, magnitude=m, dy=dy)
+    expected = dict(y=y, weight_norm=n, **_grad_arrays(g_det, g_exact),
+                    W_merged=W_merged, W0_unmerged=W0_back)
+
+    # the linear view: rows of x's patches against the flattened kernels
+    lin = ctx.linear
+    dy_rows = np.moveaxis(dy, 1, -1).reshape(-1, O)
+    case = Case(lin.x, lin.W0, lin.A, lin.B, lin.magnitude, s, bias, dy_rows, None)
+    taps = int(np.prod(k))
+    tols = _linear_tolerances(
+        case, list(expected), extra_k=taps, extra_scale=taps,
+        note=f"; conv: the linear view of x's patches (in = C*prod(k) = {fan_in}, N = rows of patches), "
+             f"and dx sums up to prod(k) = {taps} overlapping patches (k + {taps}, scale x {taps})")
+
+    c = case.astype(np.float64)
+    out_spatial = y.shape[2:]
+    to_y = lambda rows: np.moveaxis(rows.reshape(N, *out_spatial, O), -1, 1)  # noqa: E731
+    geom = conv.ConvGeometry.make(k, **geo)
+    ref = dict(y=to_y(dense.forward(c.x, c.W0, c.A, c.B, c.magnitude, s, c.bias)),
+               weight_norm=dense.row_norm(dense.direction(c.W0, c.A, c.B, s)),
+               W_merged=dense.merged_weight(c.W0, c.A, c.B, c.magnitude, s).reshape(W0.shape),
+               W0_unmerged=W0.astype(np.float64))
+    for detach, suffix in ((True, "_detached"), (False, "_exact")):
+        gr = dense.backward(c.dy, c.x, c.W0, c.A, c.B, c.magnitude, s, detach_norm=detach)
+        ref["dx" + suffix] = conv.col2im(gr.dx, x.shape, geom)
+        ref["dA" + suffix] = gr.dA.reshape(A.shape)
+        ref["dB" + suffix] = gr.dB.reshape(B.shape)
+        ref["dmagnitude" + suffix] = gr.dmagnitude.reshape(m.shape)
+    config = dict(N=N, in_channels=C, out_channels=O, kernel_size=list(k), input_spatial=list(L),
+                  stride=spec["stride"], padding=spec["padding"], dilation=1, groups=1, r=r,
+                  lora_alpha=spec["lora_alpha"], scaling=s, bias=True,
+                  layout="PyTorch: x (N, C, *L), W0 (out, in, *k), A (r, in, *k), B (out, r, 1..), "
+                         "magnitude (1, out, 1..) as PEFT stores it; n is over all of (in, *k)")
+    return config, inputs, expected, tols, ref
+
+
+def _gen_embedding(spec, dtype, seed):
+    rng = _rng(seed, spec["name"])
+    V, D, r = spec["num_embeddings"], spec["embedding_dim"], spec["r"]
+    ids = rng.integers(0, V, size=spec["ids_shape"]).astype(np.int64)
+    ids.flat[-1] = ids.flat[0]  # a repeated id: its gradient accumulates
+    E = _cast(rng.standard_normal((V, D)), dtype)
+    A = _cast(rng.standard_normal((r, V)), dtype)
+    B = _cast(rng.standard_normal((D, r)) / math.sqrt(V), dtype)
+    s = _scaling(r, spec["lora_alpha"])
+    es = spec["embed_scale"]
+    m = (embedding.embedding_column_norm(E, A, B, s) * (2.0 ** rng.uniform(-1, 1, D)).astype(dtype)).astype(dtype)
+    y, ctx = embedding.embedding_dora_forward(ids, E, A, B, m, s, embed_scale=es)
+    dy = _cast(rng.standard_normal(y.shape), dtype)
+    det = embedding.embedding_dora_backward(dy, ctx, detach_norm=True)
+    exact = embedding.embedding_dora_backward(dy, ctx, detach_norm=False)
+    W_merged, n = embedding.embedding_merge(E, A, B, m, s)
+    W0_back = embedding.embedding_unmerge(W_merged, A, B, m, s, n)
+    inputs = dict(ids=ids, W0=E, A=A, B=B, magnitude=m, dy=dy)
+    expected = dict(y=y, weight_norm=n)
+    for suffix, g in (("_detached", det), ("_exact", exact)):
+        expected.update({"dA" + suffix: g[0], "dB" + suffix: g[1], "dmagnitude" + suffix: g[2]})
+    expected.update(W_merged=W_merged, W0_unmerged=W0_back)
+
+    # the linear view: one-hot rows against the (D, V) weight E.T
+    onehot = np.eye(V, dtype=dtype)[ids.reshape(-1)]
+    esf = 1.0 if es is None else es
+    case = Case(onehot, np.ascontiguousarray(E.T), A, B, m, s, None, dy.reshape(-1, D) * _dtype_cast(esf, dtype), None)
+    tols = _linear_tolerances(case, list(expected))
+    if es is not None:  # embed_scale multiplies y and, through dy, every gradient: one more rounding
+        for name in ("y",):
+            tols[name] = _tolerance(name, str(dtype), tols[name]["k"] + 1, tols[name]["scale"] * es,
+                                    _kappa(case.W0, A, B, s), f"; times embed_scale {es:.6g}")
+    c = case.astype(np.float64)
+    ref = dict(y=esf * dense.forward(c.x, c.W0, c.A, c.B, c.magnitude, s).reshape(y.shape),
+               weight_norm=dense.row_norm(dense.direction(c.W0, c.A, c.B, s)),
+               W_merged=dense.merged_weight(c.W0, c.A, c.B, c.magnitude, s).T, W0_unmerged=E.astype(np.float64))
+    for detach, suffix in ((True, "_detached"), (False, "_exact")):
+        gr = dense.backward(c.dy, c.x, c.W0, c.A, c.B, c.magnitude, s, detach_norm=detach)
+        ref.update({"dA" + suffix: gr.dA, "dB" + suffix: gr.dB, "dmagnitude" + suffix: gr.dmagnitude})
+    config = dict(num_embeddings=V, embedding_dim=D, r=r, lora_alpha=spec["lora_alpha"], scaling=s,
+                  ids_shape=list(spec["ids_shape"]), embed_scale=es, padding_idx=None,
+                  layout="W0 is the embedding table E (V, D); A = lora_embedding_A (r, V), "
+                         "B = lora_embedding_B (D, r); the layer is DoRA on the (D, V) weight E.T: "
+                         "magnitude and n have one value per embedding dimension, n over the vocabulary; "
+                         "W_merged and W0_unmerged are tables (V, D); no dropout, no dx (ids are integers)")
+    return config, inputs, expected, tols, ref
+
+
+def _dtype_cast(value, dtype):
+    """``value`` rounded to ``dtype`` (a NumPy scalar)."""
+    return np.dtype(dtype).type(value)
+
+
+_GENERATORS = {"linear": _gen_linear, "multi_adapter": _gen_multi, "conv": _gen_conv,
+               "embedding": _gen_embedding}
+
+
+# ---------------------------------------------------------------------------
+# writing and reading
+# ---------------------------------------------------------------------------
+
+
+def npz_bytes(arrays):
+    """The bytes of an ``.npz`` of ``arrays``, identical for identical arrays.
+
+    ``numpy.savez`` stamps each member with the current time; this writes
+    the same format (readable by ``numpy.load``) with a fixed timestamp and
+    no compression.
+
+    Parameters
+    ----------
+    arrays : dict of str to ndarray
+        Written in this order.
+
+    Returns
+    -------
+    bytes
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def _array_entry(arr, role):
+    return dict(role=role, shape=list(arr.shape), dtype=str(arr.dtype))
+
+
+def generate(seed=SEED, cases=CASES, dtypes=DTYPES):
+    """Compute every case of the matrix in memory.
+
+    Parameters
+    ----------
+    seed : int, default ``SEED``
+    cases : sequence of dict, default ``CASES``
+    dtypes : sequence of str, default ("float32", "float64")
+
+    Returns
+    -------
+    list of (entry, arrays)
+        ``entry`` is the case's manifest entry (a dict; without the file's
+        sha256), ``arrays`` a dict of name to ndarray, inputs first.
+
+    Raises
+    ------
+    RuntimeError
+        If an expected value disagrees with the float64 dense definition by
+        more than its tolerance (the vectors would be wrong: nothing is written).
+    """
+    out = []
+    with use_backend("numpy"):
+        for spec in cases:
+            for dtype in dtypes:
+                config, inputs, expected, tols, ref = _GENERATORS[spec["kind"]](spec, np.dtype(dtype), seed)
+                name = f"{spec['name']}_{dtype}"
+                arrays_meta = {k: _array_entry(v, "input") for k, v in inputs.items()}
+                for key, value in expected.items():
+                    t = tols[key]
+                    err = np.abs(value.astype(np.float64) - np.asarray(ref[key], dtype=np.float64))
+                    worst = float(np.max(err, initial=0.0))
+                    ratio = worst / t["atol"] if t["atol"] > 0 else (0.0 if worst == 0 else np.inf)
+                    if not ratio <= 1.0:
+                        raise RuntimeError(
+                            f"{name}: {key} differs from the float64 dense definition by "
+                            f"{float(np.max(err)):.3g} > tolerance {t['atol']:.3g}"
+                        )
+                    meta = _array_entry(value, "expected")
+                    meta.update(formula=FORMULAS[key.replace("_detached", "").replace("_exact", "")],
+                                tolerance=t, crosscheck_ratio=ratio)
+                    arrays_meta[key] = meta
+                entry = dict(
+                    name=name, file=name + ".npz", kind=spec["kind"], dtype=dtype, description=spec["doc"],
+                    tags=list(spec["tags"]) + [dtype], config=config, arrays=arrays_meta,
+                )
+                out.append((entry, {**inputs, **expected}))
+    return out
+
+
+def _manifest_header(seed):
+    return dict(
+        format_version=FORMAT_VERSION,
+        generator=f"dora_ref {__version__}: python -m dora_ref vectors --seed {seed}",
+        seed=seed,
+        reference=(
+            "expected values: dora_ref's functional core (numpy backend) in each case's dtype "
+            "(functional.dora_forward/dora_backward/merge/unmerge; conv.conv_dora_*; "
+            "embedding.embedding_dora_*; peft.chain_forward/merge_weight), cross-checked against "
+            "dora_ref.dense (V = W0 + s*B@A formed in full) in float64; crosscheck_ratio is the "
+            "worst |expected - dense| / atol"
+        ),
+        conventions=(
+            "PyTorch/PEFT layout: W0 (out, in), A = lora_A.weight (r, in), B = lora_B.weight (out, r), "
+            "magnitude = lora_magnitude_vector (out,). The paper's column norm ||.||_c is the L2 norm of "
+            "each ROW of the (out, in) weight: one value per output channel. The loss is L = sum(dy * y). "
+            "'_detached' gradients treat n as a constant (paper Sec. 4.3, PEFT); '_exact' ones do not "
+            "(paper Eq. 6). dropout_mask holds 0 or 1/(1-p): x * dropout_mask is torch's Dropout(p)(x)."
+        ),
+        tolerance_policy=(
+            "for each expected array: all(|got - expected| <= tolerance.atol), with "
+            "atol = rtol * scale, rtol = rtol(dtype, k) = SAFETY * 2 * gamma_k (SAFETY = 4; "
+            "gamma_k = k u / (1 - k u), Higham Eq. 3.5, u = eps(dtype) / 2: two evaluations of "
+            "k-term sums differ by at most 2 gamma_k sum|terms|); k = the output's reduction length "
+            "(dora_ref.tolerance.dora_reduction_length); scale = the largest sum of |terms| "
+            "(dora_ref.testing.term_scales: the output evaluated on |x|, |W0| + |s||B||A|, |dy|, "
+            "plus kappa * |the part proportional to g = m / n|, kappa = ||terms_i|| / n_i the "
+            "cancellation factor of row i). See docs/porting.md"
+        ),
+    )
+
+
+def write(out_dir, seed=SEED):
+    """Write every case's ``.npz`` and ``manifest.json`` into ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Created if missing; files of the same names are overwritten.
+    seed : int, default ``SEED``
+
+    Returns
+    -------
+    dict
+        The manifest that was written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = _manifest_header(seed)
+    entries = []
+    for entry, arrays in generate(seed):
+        data = npz_bytes(arrays)
+        with open(os.path.join(out_dir, entry["file"]), "wb") as f:
+            f.write(data)
+        entry = dict(entry, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        entries.append(entry)
+    manifest["total_bytes"] = sum(e["bytes"] for e in entries)
+    manifest["cases"] = entries
+    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8", newline="\n") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    return manifest
+
+
+def load_manifest(directory):
+    """Read ``manifest.json`` from a vectors directory; returns the dict."""
+    with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_case(directory, name):
+    """Load one case.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+    name : str
+        A case name from the manifest, e.g. "linear_basic_float32".
+
+    Returns
+    -------
+    entry : dict
+        The case's manifest entry (config, arrays with roles and tolerances).
+    arrays : dict of str to ndarray
+
+    Raises
+    ------
+    KeyError
+        If there is no such case (the message lists the names).
+    ValueError
+        If the file's sha256 does not match the manifest.
+    """
+    manifest = load_manifest(directory)
+    entries = {e["name"]: e for e in manifest["cases"]}
+    if name not in entries:
+        raise KeyError(f"no case {name!r}; cases: {sorted(entries)}")
+    entry = entries[name]
+    path = os.path.join(directory, entry["file"])
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path} does not match the sha256 in the manifest: regenerate the vectors")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return entry, {k: z[k] for k in z.files}
+
+
+def main(argv=None):
+    """``python -m dora_ref vectors --out DIR [--seed N]``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="dora-ref vectors",
+        description="Write DoRA golden test vectors (.npz per case + manifest.json) for checking a port.",
+    )
+    parser.add_argument("--out", required=True, help="directory to write into (created if missing)")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of every input (default {SEED})")
+    args = parser.parse_args(argv)
+    manifest = write(args.out, seed=args.seed)
+    n = len(manifest["cases"])
+    print(f"wrote {n} cases, {manifest['total_bytes'] / 1024:.0f} KiB, and {MANIFEST} to {args.out}")
+    return 0
