@@ -1,0 +1,539 @@
+"""Parity with Hugging Face PEFT (the real client) on PyTorch.
+
+Random small models (stacks of ``nn.Linear`` with and without bias,
+non-square, several ranks and alphas, rsLoRA with rank/alpha patterns, and
+GPT-2's ``Conv1D`` with fan_in_fan_out) are wrapped with
+``get_peft_model(LoraConfig(use_dora=True, init_lora_weights=False))`` (so
+lora_B is nonzero) and their magnitudes perturbed. Adapters go through
+PEFT's ``save_pretrained`` and are read back by ``dora_ref.peft``; the
+numbers are compared with PEFT's forward, autograd, merge and unmerge.
+
+Tolerances. Both sides compute the same sums in a different order, so
+they differ by rounding only: ``dora_ref.tolerance.rtol(dtype, k)`` (Higham's
+gamma_k with a safety factor) times the scale of the summed terms, with k
+the longest reduction: ``in + r`` for outputs and merged weights (the row
+norm over ``in`` after ``B @ A`` over r), ``N + in`` for the weight
+gradients. For the toy stacks (k <= 20) that is at most 1.8e-14 in float64
+and 9.5e-6 in float32, tighter than the issue's limits (1e-12 relative in
+float64, 1e-5 of the output's scale in float32); both are asserted, so for
+the tiny transformers' longer reductions (in = 128: 6.3e-5 in float32) the
+issue's limit is the binding one.
+The largest differences measured are printed at the end (``pytest -s``).
+"""
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="parity tests need torch (pip install -e '.[parity]')")
+peft = pytest.importorskip("peft", reason="parity tests need peft (pip install -e '.[parity]')")
+transformers = pytest.importorskip("transformers", reason="parity tests need transformers")
+
+import ml_dtypes  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.utils.other import get_pattern_key  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from dora_ref import peft as P  # noqa: E402
+from dora_ref.merge_cli import main as merge_main  # noqa: E402
+from dora_ref.tolerance import rtol  # noqa: E402
+
+# the issue's acceptance limits, relative to the scale; the Higham bound used below is tighter
+ISSUE_LIMIT = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+N = 7  # rows of x
+MEASURED = {}  # (quantity, dtype) -> largest |ours - PEFT| / scale seen
+
+
+def check(name, ours, theirs, dtype, k, scale=None):
+    """Assert |ours - theirs| / scale <= both rtol(dtype, k) and the issue's limit; record it.
+
+    ``k=None``: the issue's limit (1e-12 / 1e-5 of the scale) only, for
+    results of many chained reductions (a whole network).
+    """
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
+    scale = float(np.abs(theirs).max()) if scale is None else float(scale)
+    rel = float(np.abs(ours - theirs).max()) / scale
+    key = (name, np.dtype(dtype).name)
+    MEASURED[key] = max(MEASURED.get(key, 0.0), rel)
+    bound = ISSUE_LIMIT[np.dtype(dtype)]
+    if k is not None:
+        bound = min(bound, rtol(dtype, k))
+    assert rel <= bound, f"{name}: relative difference {rel:.3g} > {bound:.3g} ({dtype}, k={k})"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    print("\nlargest relative differences vs PEFT (|ours - PEFT|max / scale):")
+    for (name, dt), rel in sorted(MEASURED.items()):
+        print(f"  {name:<34} {dt:<8} {rel:.2e}")
+
+
+# ---------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------
+
+
+class Stack(torch.nn.Module):
+    """Linear (or Conv1D) layers with tanh between them."""
+
+    def __init__(self, dims, biases, conv1d=False):
+        super().__init__()
+        make = (lambda i, o, b: Conv1D(o, i)) if conv1d else (lambda i, o, b: torch.nn.Linear(i, o, bias=b))
+        self.layers = torch.nn.ModuleList(make(i, o, b) for i, o, b in zip(dims, dims[1:], biases))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+@dataclass
+class Case:
+    dims: list
+    biases: list
+    conv1d: bool = False
+    config: dict = field(default_factory=dict)
+
+
+CASES = {
+    # non-square and square, with and without bias
+    "linear": Case([6, 5, 5, 9], [True, False, True], config=dict(r=2, lora_alpha=4)),
+    # rsLoRA, per-module rank and alpha by PEFT's pattern matching
+    "rslora-patterns": Case(
+        [8, 3, 8, 6], [False, True, True],
+        config=dict(r=3, lora_alpha=5, use_rslora=True, rank_pattern={"layers.1": 2},
+                    alpha_pattern={r"layers\.2": 7}),
+    ),  # fmt: skip
+    # GPT-2 Conv1D: weights stored (in, out), fan_in_fan_out
+    "conv1d-fifo": Case([6, 9, 9, 4], [True] * 3, conv1d=True, config=dict(r=2, lora_alpha=3, fan_in_fan_out=True)),
+}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _base_model(case, dtype, seed=0):
+    torch.manual_seed(seed)
+    return Stack(case.dims, case.biases, case.conv1d).to(dtype)
+
+
+class Setup:
+    """A PEFT DoRA model, its saved adapter, and the base weights as arrays."""
+
+    def __init__(self, case_name, dtype_name, tmp):
+        case, dtype = CASES[case_name], DTYPES[dtype_name]
+        self.case, self.dtype, self.np_dtype = case, dtype, np.dtype(dtype_name)
+        base = _base_model(case, dtype)
+        self.base_weights = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+        cfg = LoraConfig(target_modules=[f"layers.{i}" for i in range(len(case.biases))], use_dora=True,
+                         init_lora_weights=False, **case.config)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model = get_peft_model(base, cfg)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.2 * torch.randn_like(p))
+        self.dir = tmp / f"{case_name}-{dtype_name}"
+        self.model.save_pretrained(self.dir)
+        self.adapter = P.load_adapter(self.dir)
+        self.names = [f"layers.{i}" for i in range(len(case.biases))]
+
+    def module(self, name):
+        return self.model.base_model.model.get_submodule(name)
+
+    def layers(self, **kw):
+        return P.build_layers(self.adapter, self.base_weights, **kw)
+
+    def x(self, name, seed=2):
+        in_f = self.adapter.modules[name].in_features
+        return np.random.default_rng(seed).normal(size=(N, in_f)).astype(self.np_dtype)
+
+    def k(self, name):
+        mod = self.adapter.modules[name]
+        return mod.in_features + mod.r
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    cache = {}
+    tmp = tmp_path_factory.mktemp("peft")
+
+    def get(case_name, dtype_name):
+        if (case_name, dtype_name) not in cache:
+            cache[case_name, dtype_name] = Setup(case_name, dtype_name, tmp)
+        return cache[case_name, dtype_name]
+
+    return get
+
+
+def _grads(module):
+    return {
+        "lora_A": module.lora_A["default"].weight.grad.numpy().copy(),
+        "lora_B": module.lora_B["default"].weight.grad.numpy().copy(),
+        "lora_magnitude_vector": module.lora_magnitude_vector["default"].weight.grad.numpy().copy(),
+    }
+
+
+def _terms_scale(layer, x):
+    """max over outputs of g * (|x| |W0|^T + s |x| |A|^T |B|^T) + |b|: the size of the summed terms."""
+    g = layer.lora_magnitude_vector / P.F.column_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+    ax = np.abs(x)
+    t = np.abs(g) * (ax @ np.abs(layer.weight).T + layer.scaling * (ax @ np.abs(layer.lora_A).T) @ np.abs(layer.lora_B).T)
+    if layer.bias is not None:
+        t = t + np.abs(layer.bias)
+    return float(t.max())
+
+
+params = pytest.mark.parametrize("dtype_name", list(DTYPES))
+cases = pytest.mark.parametrize("case_name", list(CASES))
+
+
+# ---------------------------------------------------------------------------
+# forward, gradients, dropout
+# ---------------------------------------------------------------------------
+
+
+@cases
+@params
+def test_forward_equals_peft(setups, case_name, dtype_name):
+    s = setups(case_name, dtype_name)
+    s.model.eval()
+    layers, fifo = s.layers()
+    assert all(fifo[n] == s.case.conv1d for n in s.names)
+    for name in s.names:
+        layer = layers[name].eval()
+        x = s.x(name)
+        with torch.no_grad():
+            want = s.module(name)(torch.from_numpy(x)).numpy()
+        check("forward", layer(x), want, s.np_dtype, s.k(name), _terms_scale(layer, x))
+    # the whole model, layer outputs chained through tanh
+    x = s.x(s.names[0], seed=3)
+    h = x
+    for i, name in enumerate(s.names):
+        h = layers[name](h)
+        if i < len(s.names) - 1:
+            h = np.tanh(h)
+    with torch.no_grad():
+        want = s.model(torch.from_numpy(x)).numpy()
+    # three layers chained: each layer's rounding is amplified by the next layers (tanh is
+    # 1-Lipschitz, the weights are O(1)); no single-sum bound applies, so the issue's limit
+    check("forward (whole model)", h, want, s.np_dtype, None)
+
+
+@cases
+@params
+def test_gradients_equal_peft_autograd(setups, case_name, dtype_name):
+    """Detached norm (paper Sec. 4.3, PEFT): grads of A, B, m and x equal PEFT's autograd."""
+    s = setups(case_name, dtype_name)
+    s.model.train()
+    layers, _ = s.layers()
+    for name in s.names:
+        layer, module = layers[name].train(), s.module(name)
+        x = s.x(name)
+        dy = np.random.default_rng(4).normal(size=(N, layer.out_features)).astype(s.np_dtype)
+        s.model.zero_grad()
+        xt = torch.from_numpy(x).requires_grad_(True)
+        (module(xt) * torch.from_numpy(dy)).sum().backward()
+        want = _grads(module)
+        layer.forward(x)
+        dx = layer.backward(dy)
+        k = N + layer.in_features + layer.r
+        for p in want:
+            check(f"grad {p}", layer.grads[p], want[p], s.np_dtype, k)
+        check("grad x", dx, xt.grad.numpy(), s.np_dtype, k)
+
+
+@cases
+@params
+def test_exact_gradient_equals_autograd_of_the_undetached_norm(setups, case_name, dtype_name):
+    """detach_norm=False equals torch autograd of the same forward with n not detached."""
+    s = setups(case_name, dtype_name)
+    exact, _ = s.layers(detach_norm=False)
+    detached, _ = s.layers()
+    for name in s.names:
+        layer = exact[name].train()
+        mod = s.adapter.modules[name]
+        x = s.x(name)
+        dy = np.random.default_rng(5).normal(size=(N, layer.out_features)).astype(s.np_dtype)
+        W0 = torch.from_numpy(layer.weight.copy())
+        A, B, m = (torch.from_numpy(a.astype(s.np_dtype)).requires_grad_(True)
+                   for a in (mod.lora_A, mod.lora_B, mod.magnitude))  # fmt: skip
+        xt = torch.from_numpy(x)
+        n = torch.linalg.norm(W0 + mod.scaling * B @ A, dim=1)  # NOT detached
+        y = (m / n) * (xt @ W0.T + mod.scaling * (xt @ A.T) @ B.T)
+        if layer.bias is not None:
+            y = y + torch.from_numpy(layer.bias.copy())
+        (y * torch.from_numpy(dy)).sum().backward()
+        layer.forward(x)
+        layer.backward(dy)
+        k = N + layer.in_features + layer.r
+        for p, t in (("lora_A", A), ("lora_B", B), ("lora_magnitude_vector", m)):
+            check(f"exact grad {p}", layer.grads[p], t.grad.numpy(), s.np_dtype, k)
+        # the norm's path is not negligible here: the two modes differ far beyond the bound
+        d = detached[name].train()
+        d.forward(x)
+        d.backward(dy)
+        gap = np.abs(d.grads["lora_A"] - layer.grads["lora_A"]).max() / np.abs(layer.grads["lora_A"]).max()
+        assert gap > 1e3 * rtol(s.np_dtype, k)
+
+
+class FixedMask(torch.nn.Module):
+    """Stands in for PEFT's ``nn.Dropout``: multiplies by a given scaled keep mask."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@cases
+@params
+def test_dropout_with_the_same_mask_gives_peft_outputs_and_gradients(setups, case_name, dtype_name):
+    """Training with lora_dropout: PEFT's recompute path (peft_dora.md 5.1b), same mask both sides."""
+    s = setups(case_name, dtype_name)
+    s.model.train()
+    layers, _ = s.layers(lora_dropout=0.3)
+    rng = np.random.default_rng(6)
+    for name in s.names:
+        layer, module = layers[name].train(), s.module(name)
+        x = s.x(name)
+        mask = ((rng.random(x.shape) >= 0.3) / 0.7).astype(s.np_dtype)
+        dy = rng.normal(size=(N, layer.out_features)).astype(s.np_dtype)
+        original = module.lora_dropout["default"]
+        module.lora_dropout["default"] = FixedMask(torch.from_numpy(mask))
+        try:
+            s.model.zero_grad()
+            xt = torch.from_numpy(x).requires_grad_(True)
+            yt = module(xt)
+            (yt * torch.from_numpy(dy)).sum().backward()
+        finally:
+            module.lora_dropout["default"] = original
+        y = layer.forward(x, dropout_mask=mask)
+        dx = layer.backward(dy)
+        check("dropout forward", y, yt.detach().numpy(), s.np_dtype, s.k(name), _terms_scale(layer, x))
+        want = _grads(module)
+        k = N + layer.in_features + layer.r
+        for p in want:
+            check(f"dropout grad {p}", layer.grads[p], want[p], s.np_dtype, k)
+        check("dropout grad x", dx, xt.grad.numpy(), s.np_dtype, k)
+
+
+# ---------------------------------------------------------------------------
+# merge, unmerge
+# ---------------------------------------------------------------------------
+
+
+@cases
+@params
+def test_merged_weights_equal_merge_and_unload(setups, case_name, dtype_name):
+    s = setups(case_name, dtype_name)
+    merged = copy.deepcopy(s.model).merge_and_unload()
+    layers, fifo = s.layers()
+    for name in s.names:
+        want = merged.get_submodule(name).weight.detach().numpy()
+        stored = s.base_weights[name + ".weight"]
+        ours = P.merge_weight(stored, [s.adapter.modules[name]], fan_in_fan_out=fifo[name])
+        assert ours.dtype == stored.dtype and ours.shape == stored.shape
+        check("merged weight", ours, want, s.np_dtype, s.k(name))
+        layers[name].merge()  # the layer's merge, written back in the stored layout
+        check("merged weight (layer)", P.stored_weight(layers[name], fifo[name]), want, s.np_dtype, s.k(name))
+
+
+@cases
+@params
+def test_merge_then_unmerge_restores_the_base(setups, case_name, dtype_name):
+    """Ours and PEFT's (0.21.2 has the fan_in_fan_out unmerge fix, PR #3532); square and non-square."""
+    s = setups(case_name, dtype_name)
+    layers, fifo = s.layers()
+    model = copy.deepcopy(s.model)
+    for name in s.names:
+        W0 = s.base_weights[name + ".weight"]
+        mod = s.adapter.modules[name]
+        # W' / g - s B A: rounding at the scale of W0 + s B A, over a sum of r products
+        scale = np.abs(W0).max() + mod.scaling * np.abs(mod.lora_B @ mod.lora_A).max()
+        layers[name].merge()
+        layers[name].unmerge()
+        check("merge-unmerge (ours)", P.stored_weight(layers[name], fifo[name]), W0, s.np_dtype, s.k(name), scale)
+        module = model.base_model.model.get_submodule(name)
+        module.merge()
+        module.unmerge()
+        check("merge-unmerge (PEFT)", module.base_layer.weight.detach().numpy(), W0, s.np_dtype, s.k(name), scale)
+
+
+# ---------------------------------------------------------------------------
+# round trips
+# ---------------------------------------------------------------------------
+
+
+@cases
+@params
+def test_adapter_saved_here_loads_in_peft_and_gives_our_outputs(setups, case_name, dtype_name, tmp_path):
+    s = setups(case_name, dtype_name)
+    layers, fifo = s.layers()
+    # one SGD step, so the saved values are ours, not PEFT's
+    rng = np.random.default_rng(7)
+    for name, layer in layers.items():
+        layer.train().forward(s.x(name))
+        layer.backward(rng.normal(size=(N, layer.out_features)).astype(s.np_dtype))
+        for p, a in layer.parameters().items():
+            a -= 0.1 * layer.grads[p]
+    P.save_adapter(tmp_path, P.adapter_from_layers(layers, fan_in_fan_out=s.case.conv1d))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(_base_model(s.case, s.dtype), tmp_path).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    for name in s.names:
+        x = s.x(name, seed=8)
+        with torch.no_grad():
+            want = loaded.base_model.model.get_submodule(name)(torch.from_numpy(x)).numpy()
+        layer = layers[name].eval()
+        check("round trip: saved here, run in PEFT", layer(x), want, s.np_dtype, s.k(name), _terms_scale(layer, x))
+
+
+def test_rank_and_alpha_patterns_equal_peft_get_pattern_key():
+    patterns = {"q_proj": 4, r"layers\.1\..*": 2, "proj": 1, "mlp.up": 5}
+    cfg = P.LoraAdapterConfig(r=8, lora_alpha=16, rank_pattern=patterns)
+    for key in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up",
+                "model.layers.0.mlp.down_proj", "model.layers.0.proj", "xq_proj", "layers.0.mlp.up",
+                "layers.0.mlpXup"]:  # fmt: skip
+        want = patterns.get(get_pattern_key(patterns.keys(), key), 8)
+        assert cfg.rank_and_alpha(key)[0] == want, key
+
+
+# ---------------------------------------------------------------------------
+# several adapters on one layer
+# ---------------------------------------------------------------------------
+
+
+@params
+def test_chained_adapters_equal_peft_forward_and_merge(dtype_name, tmp_path):
+    """DoRA + DoRA + LoRA active on one layer (peft_dora.md 5.2, 7.4; PEFT 0.21 PR #3609)."""
+    dtype, np_dtype = DTYPES[dtype_name], np.dtype(dtype_name)
+    case = CASES["linear"]
+    base = _base_model(case, dtype)
+    base_weights = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    targets = ["layers.0", "layers.1", "layers.2"]
+    configs = {
+        "default": LoraConfig(target_modules=targets, use_dora=True, r=2, lora_alpha=4, init_lora_weights=False),
+        "second": LoraConfig(target_modules=targets, use_dora=True, r=3, lora_alpha=2, init_lora_weights=False),
+        "third": LoraConfig(target_modules=targets, r=1, lora_alpha=1, init_lora_weights=False),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, configs["default"])
+        for name in ("second", "third"):
+            model.add_adapter(name, configs[name])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    model.base_model.set_adapter(list(configs))
+    model.save_pretrained(tmp_path)  # the others go to subfolders named after them
+    adapters = [P.load_adapter(tmp_path), P.load_adapter(tmp_path / "second"), P.load_adapter(tmp_path / "third")]
+    model.eval()
+    x = np.random.default_rng(9).normal(size=(N, 6)).astype(np_dtype)
+    h = x
+    for i, name in enumerate(targets):
+        W0, b0 = base_weights[name + ".weight"], base_weights.get(name + ".bias")
+        mods = [a.modules[name] for a in adapters]
+        with torch.no_grad():
+            want = model.base_model.model.get_submodule(name)(torch.from_numpy(h)).numpy()
+        k = W0.shape[1] + 3
+        scale = 3 * np.abs(want).max()  # three folds, each rounding at the output's scale
+        check("chained forward", P.chain_forward(h, W0, b0, mods), want, np_dtype, k, scale)
+        h = np.tanh(want)
+    merged = model.merge_and_unload(adapter_names=list(configs))
+    ours = P.merge_state_dict(base_weights, adapters)
+    for name in targets:
+        want = merged.get_submodule(name).weight.detach().numpy()
+        k = base_weights[name + ".weight"].shape[1] + 3
+        check("chained merge", ours[name + ".weight"], want, np_dtype, k, 3 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------
+# dora-ref merge on small real transformers models (no download)
+# ---------------------------------------------------------------------------
+
+
+def _tiny(kind, dtype):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return transformers.GPT2LMHeadModel(cfg).to(dtype), ["c_attn", "c_proj", "c_fc"]
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                   max_position_embeddings=16, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).to(dtype), ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(
+    "kind, dtype_name",
+    [("gpt2", "float64"), ("gpt2", "float32"), ("llama", "float64"), ("llama", "bfloat16")],
+)
+def test_merge_command_equals_peft_merged_model(kind, dtype_name, tmp_path, capsys):
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype_name]
+    model, targets = _tiny(kind, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "base")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets,
+                                              init_lora_weights=False))  # fmt: skip
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "adapter")
+    rc = merge_main([str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), "--no-progress"])
+    assert rc == 0
+    n_modules = 2 * len(targets) + (2 if kind == "gpt2" else 0)  # GPT-2 has attn.c_proj and mlp.c_proj
+    assert f"merged {n_modules} module(s) ({n_modules} with DoRA" in capsys.readouterr().out
+    want_model = pm.merge_and_unload().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got_model = type(want_model).from_pretrained(tmp_path / "merged", dtype=dtype).eval()
+    want_sd, got_sd = want_model.state_dict(), got_model.state_dict()
+    adapter = P.load_adapter(tmp_path / "adapter")
+    merged_keys = {P.weight_key(n, want_sd.keys()): m for n, m in adapter.modules.items()}
+    assert len(merged_keys) == n_modules
+    for key in want_sd:
+        got, want = got_sd[key], want_sd[key]
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        if key not in merged_keys:
+            assert torch.equal(got, want), key
+        elif dtype == torch.bfloat16:
+            # both compute in float32 from the same bf16 base and round once to bf16: at most
+            # one bf16 ulp apart (a float32 difference of ~1e-6 can cross a rounding tie)
+            g, w = got.float().numpy(), want.float().numpy()
+            ulp = np.spacing(np.abs(w)) * 2**16  # bf16 spacing = float32 spacing * 2**16
+            assert np.all(np.abs(g - w) <= ulp), key
+            MEASURED[("merge cmd bf16: max |diff| in ulps", "bfloat16")] = max(
+                MEASURED.get(("merge cmd bf16: max |diff| in ulps", "bfloat16"), 0.0),
+                float((np.abs(g - w) / ulp).max()))  # fmt: skip
+            frac = float(np.mean(g == w))
+            MEASURED[("merge cmd bf16: 1 - fraction equal", "bfloat16")] = max(
+                MEASURED.get(("merge cmd bf16: 1 - fraction equal", "bfloat16"), 0.0), 1.0 - frac)
+        else:
+            mod = merged_keys[key]  # k: the row norm's reduction over in, after B @ A over r
+            check(f"merge command ({kind})", got.numpy(), want.numpy(), np.dtype(dtype_name),
+                  mod.in_features + mod.r)  # fmt: skip
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        a, b = got_model(ids).logits.float().numpy(), want_model(ids).logits.float().numpy()
+    rel = float(np.abs(a - b).max() / np.abs(b).max())
+    MEASURED[(f"merge cmd logits ({kind}), recorded", dtype_name)] = rel
+    if dtype == torch.float64:
+        # the logits pass the whole network (attention, layer norms, softmax), which amplifies
+        # the merged weights' rounding by an unknown factor: asserted in float64 only, against
+        # the issue's limit; the float32/bf16 weights themselves are bounded above
+        assert rel <= ISSUE_LIMIT[np.dtype(np.float64)]
