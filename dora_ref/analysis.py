@@ -129,13 +129,19 @@ def delta_direction(W, W0):
     return float(np.mean(1.0 - cos))
 
 
-def correlation_and_slope(delta_d, delta_m):
+def correlation_and_slope(delta_d, delta_m, groups=None):
     """Pearson correlation of (ΔD, ΔM) points and the slope of ΔM on ΔD.
 
     Parameters
     ----------
     delta_d, delta_m : array_like, shape (P,)
         One point per layer per checkpoint, as in the paper's Fig. 2.
+    groups : array_like, shape (P,), optional
+        If given (e.g. the training step of each point), each group's mean
+        is subtracted from its points first, so only the variation *within*
+        a group counts: with steps as groups this compares layers at the
+        same step and removes the growth that ΔD and ΔM share over
+        training. Without it, all points are pooled, as the paper does.
 
     Returns
     -------
@@ -159,7 +165,17 @@ def correlation_and_slope(delta_d, delta_m):
         )
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("delta_d and delta_m must be finite")
-    dx, dy = x - x.mean(), y - y.mean()
+    if groups is None:
+        dx, dy = x - x.mean(), y - y.mean()
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != x.shape:
+            raise ValueError(f"groups must have shape {x.shape}, got {groups.shape}")
+        dx, dy = x.copy(), y.copy()
+        for g in np.unique(groups):
+            sel = groups == g
+            dx[sel] -= x[sel].mean()
+            dy[sel] -= y[sel].mean()
     sxx, syy = float(dx @ dx), float(dy @ dy)
     if sxx == 0 or syy == 0:
         raise ValueError("delta_d or delta_m has zero spread: the correlation is undefined")

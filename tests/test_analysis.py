@@ -89,6 +89,21 @@ def test_correlation_and_slope_of_a_line():
     assert_close(slope, -2.0, k=8, scale=2.0, name="slope")
 
 
+def test_within_step_correlation_removes_the_shared_growth():
+    """Both coordinates grow from step 1 to step 2 (pooled: positive), but at
+    each step the layer with more direction change has less magnitude change."""
+    dd = np.array([0.1, 0.2, 0.5, 0.6])
+    dm = np.array([0.2, 0.1, 0.6, 0.5])
+    steps = np.array([1, 1, 2, 2])
+    pooled, _ = analysis.correlation_and_slope(dd, dm)
+    assert pooled > 0.8
+    within, slope = analysis.correlation_and_slope(dd, dm, groups=steps)
+    assert_close(within, -1.0, k=4, scale=1.0, name="within-step corr")
+    assert_close(slope, -1.0, k=4, scale=1.0, name="within-step slope")
+    with pytest.raises(ValueError, match="groups must have shape"):
+        analysis.correlation_and_slope(dd, dm, groups=steps[:3])
+
+
 def test_correlation_against_numpy():
     rng = np.random.default_rng(3)
     x, y = rng.random(12), rng.random(12)

@@ -55,7 +55,7 @@ def test_quick_demo_writes_every_output(quick_run):
         points = list(csv.DictReader(f))
     per_run = len(demo.QUICK.hidden) * demo.QUICK.checkpoints
     assert len(points) == per_run * (n_methods - 1) * demo.QUICK.seeds
-    for text in ("method", "test accuracy", "Merge check", "paper (VL-BART): -0.62"):
+    for text in ("method", "test accuracy", "Merge check", "pooled", "-0.62", "within-step"):
         assert text in stdout
 
 
