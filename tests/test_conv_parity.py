@@ -135,6 +135,42 @@ def test_conv_forward_gradients_and_merge_equal_peft(case):
                  scale=V_abs.max())
 
 
+def test_conv_training_with_dropout_equals_peft():
+    """lora_dropout > 0 in training: PEFT's recompute path (peft_dora.md Sec. 5.4 b),
+    y = conv(x, W) + b + (g - 1) conv(xd, W) + g s lora_B(lora_A(xd)). PEFT's mask is
+    reproduced by replaying torch's RNG on a tensor of ones of x's shape."""
+    model, lay = peft_dora(nn.Conv2d(3, 4, 3, padding=1, stride=2), r=2, alpha=3, lora_dropout=0.3)
+    A, B, m, s = adapter_arrays(lay)  # m != init norm, so the (g - 1) term is exercised
+    W, b = t2n(lay.base_layer.weight), t2n(lay.base_layer.bias)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 6, 6))
+    xt = torch.tensor(x, requires_grad=True)
+    model.train()
+    torch.manual_seed(123)
+    yt = model(xt)
+    torch.manual_seed(123)
+    mask = t2n(nn.Dropout(0.3)(torch.ones_like(xt)))
+    assert set(np.unique(mask)) == {0.0, 1 / 0.7}
+    y, ctx = C.conv_dora_forward(x, W, A, B, m, s, b, stride=2, padding=1, dropout_mask=mask)
+    dy = rng.standard_normal(y.shape)
+    (yt * torch.tensor(dy)).sum().backward()
+    g = C.conv_dora_backward(dy, ctx)
+    n = C.conv_column_norm(W, A, B, s)
+    y_abs, ctx_abs = C.conv_dora_forward(np.abs(x), np.abs(W), np.abs(A), np.abs(B), np.abs(m), s,
+                                         np.abs(b), stride=2, padding=1, dropout_mask=mask,
+                                         weight_norm=n)
+    g_abs = C.conv_dora_backward(np.abs(dy), ctx_abs)
+    # |g - 1| <= |g| + 1: bound the (g - 1) term by adding the base term's bound once more
+    k = k_bound(y.size // 4 + 2 * W[0].size + 4 + 2)
+    assert_close(y, t2n(yt), k=k, scale=2 * y_abs.max(), name="y")
+    for name, ours, theirs in [
+        ("dx", g.dx, xt.grad), ("dA", g.dA, lay.lora_A["default"].weight.grad),
+        ("dB", g.dB, lay.lora_B["default"].weight.grad),
+        ("dmagnitude", g.dmagnitude, lay.lora_magnitude_vector["default"].weight.grad),
+    ]:
+        assert_close(ours, t2n(theirs), k=k, scale=2 * np.abs(getattr(g_abs, name)).max(), name=name)
+
+
 def test_conv3d_1x1xk_merge_equals_the_definition_where_peft_crashes():
     """peft#3768: PEFT 0.21.2 takes the Conv2d 1x1 shortcut for a (1, 1, k) Conv3d kernel."""
     model, lay = peft_dora(nn.Conv3d(2, 3, (1, 1, 3)), r=2, alpha=2)
