@@ -103,6 +103,8 @@ __all__ = [
     "DoRAConv1d",
     "DoRAConv2d",
     "DoRAConv3d",
+    "EvalNormCache",
+    "initial_conv_lora_weights",
 ]
 
 
@@ -823,6 +825,33 @@ def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1):
 # ---------------------------------------------------------------------------
 
 
+class EvalNormCache:
+    """The eval-mode weight norm, reused while the weights it was computed from are unchanged.
+
+    As ``layers.DoRALinear``: every lookup compares the cached low-rank
+    factors (r * (in + out) numbers, negligible next to a forward) and the
+    base weight's identity, and recomputes on any change, including in-place
+    optimiser updates. Unlike PEFT's opt-in ``DoraCaching`` it cannot go stale.
+    """
+
+    def __init__(self):
+        self._entry = None
+
+    def clear(self):
+        self._entry = None
+
+    def get(self, weight, A, B, scaling, compute):
+        """Return the cached norm for (weight, A, B, scaling), or ``compute()`` and keep it."""
+        e = self._entry
+        if (e is not None and e[0] is weight and e[1] == scaling
+                and np.array_equal(e[2], A) and np.array_equal(e[3], B)):
+            return e[4]
+        n = compute()
+        self._entry = (weight, scaling, A.copy(), B.copy(), n)
+        return n
+
+
+
 def initial_conv_lora_weights(in_channels, out_channels, kernel_size, r, groups, rng, dtype,
                               init=True):
     """PEFT's initial ``lora_A`` (r, in, *k) and ``lora_B`` (out, r/groups, 1, ...).
@@ -1056,10 +1085,12 @@ class _DoRAConvNd(_LoRAConvNd):
         self.allow_zero_norm = allow_zero_norm
         self.weight_norm = None
         self.lora_magnitude_vector = None
+        self._norm_cache = EvalNormCache()
         super().__init__(weight, bias, **kwargs)
 
     def _set_base(self, weight, bias):
         super()._set_base(weight, bias)
+        self._norm_cache.clear()
         if not self.merged:  # a new base kernel: re-initialise the magnitude (PEFT init order)
             self.lora_magnitude_vector = conv_init_magnitude(
                 self._weight, self.lora_A, self.lora_B, self.scaling, self.groups
@@ -1072,9 +1103,18 @@ class _DoRAConvNd(_LoRAConvNd):
         if self.merged:
             return self._merged_forward(x)
         mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
+        norm = None
+        if self.training:
+            self._norm_cache.clear()
+        else:  # the norm of unchanged weights is reused (see EvalNormCache)
+            norm = self._norm_cache.get(
+                self._weight, self.lora_A, self.lora_B, self.scaling,
+                lambda: conv_column_norm(self._weight, self.lora_A, self.lora_B, self.scaling,
+                                         self.groups),
+            )
         y, self._ctx = conv_dora_forward(
             x, self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-            self.scaling, self._bias, dropout_mask=mask,
+            self.scaling, self._bias, dropout_mask=mask, weight_norm=norm,
             allow_zero_norm=self.allow_zero_norm, **self._conv_args(),
         )
         return y

@@ -64,6 +64,7 @@ import numpy as np
 from . import _backend
 from . import functional as F
 from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
+from .conv import EvalNormCache
 from .layers import lora_scaling
 
 __all__ = [
@@ -419,8 +420,10 @@ class DoRAEmbedding:
 
     Notes
     -----
-    No dropout: PEFT applies none to embeddings. ``train()``/``eval()`` exist
-    for symmetry with the other layers and change nothing here.
+    No dropout: PEFT applies none to embeddings. In eval mode the (D,) norm,
+    a pass over the whole (V, D) table, is cached while the weights are
+    unchanged (``conv.EvalNormCache``); in training it is recomputed every
+    forward, as PEFT does.
     """
 
     _param_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -455,6 +458,7 @@ class DoRAEmbedding:
         self.merged = False
         self.weight_norm = None
         self._ctx = None
+        self._norm_cache = EvalNormCache()
         self._set_base(weight)
         self.lora_magnitude_vector = embedding_init_magnitude(
             self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling
@@ -465,6 +469,7 @@ class DoRAEmbedding:
         weight = weight.view()
         weight.flags.writeable = False
         self._weight = weight
+        self._norm_cache.clear()
 
     @property
     def weight(self):
@@ -488,12 +493,12 @@ class DoRAEmbedding:
         self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
 
     def train(self, mode=True):
-        """Training mode (no effect: embeddings have no dropout). Returns self."""
+        """Training mode: the norm is recomputed every forward. Returns self."""
         self.training = bool(mode)
         return self
 
     def eval(self):
-        """Evaluation mode. Returns self."""
+        """Evaluation mode: the norm is cached while the weights are unchanged. Returns self."""
         return self.train(False)
 
     def forward(self, ids):
@@ -503,10 +508,19 @@ class DoRAEmbedding:
             ids = _check_ids(ids, self.num_embeddings)
             y = self._weight[ids]
             return y * self.embed_scale if self.embed_scale is not None else y.copy()
+        norm = None
+        if self.training:
+            self._norm_cache.clear()
+        else:  # the (D, V) norm of unchanged weights is reused (see conv.EvalNormCache)
+            norm = self._norm_cache.get(
+                self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
+                lambda: embedding_column_norm(self._weight, self.lora_embedding_A,
+                                              self.lora_embedding_B, self.scaling),
+            )
         y, self._ctx = embedding_dora_forward(
             ids, self._weight, self.lora_embedding_A, self.lora_embedding_B,
             self.lora_magnitude_vector, self.scaling, embed_scale=self.embed_scale,
-            padding_idx=self.padding_idx, allow_zero_norm=self.allow_zero_norm,
+            padding_idx=self.padding_idx, weight_norm=norm, allow_zero_norm=self.allow_zero_norm,
         )
         return y
 

@@ -418,3 +418,19 @@ def test_bad_input_raises_clear_errors():
     layer = C.DoRAConv2d(W, groups=2, r=2)
     with pytest.raises(RuntimeError, match="needs a forward"):
         layer.backward(y)
+
+
+def test_eval_norm_cache_is_reused_and_follows_in_place_updates():
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((3, 2, 3))
+    layer = C.DoRAConv1d(W, None, r=2, padding=1, init_lora_weights=False, rng=0).eval()
+    x = rng.standard_normal((2, 2, 6))
+    layer(x)
+    n_first = layer._norm_cache._entry[4]
+    layer(x)
+    assert layer._norm_cache._entry[4] is n_first  # reused, not recomputed
+    layer.lora_B += 0.5  # an in-place optimiser step
+    y = layer(x)
+    expected, _ = C.conv_dora_forward(x, W, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
+                                      layer.scaling, padding=1)
+    np.testing.assert_array_equal(y, expected)

@@ -186,3 +186,15 @@ def test_bad_input_raises_clear_errors():
         Em.embedding_dora_backward(y[0], ctx)
     with pytest.raises(ValueError, match="all-zero row"):
         Em.embedding_dora_forward(np.array([0]), np.zeros((5, 3)), np.zeros((2, 5)), B, m, 1.0)
+
+
+def test_eval_norm_cache_follows_in_place_updates():
+    rng = np.random.default_rng(6)
+    E = rng.standard_normal((8, 3))
+    layer = Em.DoRAEmbedding(E, r=2, init_lora_weights=False, rng=0).eval()
+    ids = np.array([1, 5, 5])
+    layer(ids)
+    layer.lora_embedding_A[:, 5] += 1.0  # an in-place optimiser step
+    y, _ = Em.embedding_dora_forward(ids, E, layer.lora_embedding_A, layer.lora_embedding_B,
+                                     layer.lora_magnitude_vector, layer.scaling)
+    np.testing.assert_array_equal(layer(ids), y)
