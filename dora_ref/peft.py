@@ -9,6 +9,14 @@ module at path ``<name>`` of the base model (e.g.
     base_model.model.<name>.lora_B.weight            (out, r)
     base_model.model.<name>.lora_magnitude_vector    (out,)    DoRA only
 
+Embeddings (``lora_embedding_A`` (r, V), ``lora_embedding_B`` (D, r),
+magnitude (D,)) and convolutions (``lora_A.weight`` (r, in, *k),
+``lora_B.weight`` (out, r, 1, ...), magnitude (1, out, 1, ...)) are read,
+written and merged too: each is DoRA on a linear view of its weight, E.T
+(D, V) for an embedding and the kernel flattened to (out, in * prod(k)) for
+a convolution (peft_dora.md Sec. 3.3, 3.4, 7.2, 7.3), the views
+``dora_ref.embedding`` and ``dora_ref.conv`` use.
+
 The magnitude has one value per output channel: the paper's column norm is
 the row norm of an (out, in) weight. A, B and the magnitude are in this
 (out, in) orientation even for GPT-2's ``Conv1D``, whose *base* weight is
@@ -564,12 +572,16 @@ class ModuleAdapter:
     ----------
     name : str
         Module path in the base model; its base weight is ``name + ".weight"``.
-    lora_A : ndarray, shape (r, in)
-    lora_B : ndarray, shape (out, r)
+    lora_A : ndarray, shape (r, in), or (r, in, *k) for a convolution
+        (``lora_embedding_A`` (r, V) for an embedding: in = V).
+    lora_B : ndarray, shape (out, r), or (out, r, 1, ...) for a convolution
+        (``lora_embedding_B`` (D, r) for an embedding: out = D).
     magnitude : ndarray, shape (out,), or None for plain LoRA
+        Flattened: PEFT stores a convolution's as (1, out, 1, ...).
     scaling : float
     r : int
     lora_alpha : float
+    kind : {"linear", "embedding", "conv"}
     """
 
     name: str
@@ -579,6 +591,7 @@ class ModuleAdapter:
     scaling: float
     r: int
     lora_alpha: float
+    kind: str = "linear"
 
     @property
     def out_features(self):
@@ -586,7 +599,13 @@ class ModuleAdapter:
 
     @property
     def in_features(self):
-        return self.lora_A.shape[1]
+        """Columns of the linear view: in, V, or in * prod(kernel)."""
+        return int(np.prod(self.lora_A.shape[1:]))
+
+    def linear_view(self):
+        """(A (r, in), B (out, r), magnitude (out,) or None): the adapter on its linear view."""
+        return (self.lora_A.reshape(self.r, -1), self.lora_B.reshape(self.out_features, self.r),
+                self.magnitude)  # fmt: skip
 
 
 @dataclass
@@ -604,7 +623,8 @@ class PeftAdapter:
 
 
 _KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector(?:\.weight)?)$"
 )
 
 
@@ -613,15 +633,16 @@ def _split_key(key, source):
     name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
     m = _KEY.match(name)
     if m:
-        return m["module"], m["part"].split(".")[0]
+        part = m["part"].split(".")[0]
+        return m["module"], {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}.get(part, part), (
+            "embedding" if part.startswith("lora_embedding") else None
+        )
     if re.search(r"(lora_down|lora_up|dora_scale|\.alpha$|hada_|lokr_)", key):
         raise ValueError(
             f"{source}: key {key!r} is in the LyCORIS/kohya format (lora_down/lora_up/dora_scale), "
             f"not PEFT's; its dora_scale is normalised over the other axis (shape (1, in)). "
             f"Convert it to PEFT keys first."
         )
-    if "lora_embedding_" in key:
-        raise ValueError(f"{source}: key {key!r} adapts an nn.Embedding; only linear layers are supported")
     if key.endswith("lora_B.bias"):
         raise ValueError(f"{source}: key {key!r} is a lora_B bias (lora_bias=True), not supported")
     raise ValueError(f"{source}: unexpected key {key!r}: not a PEFT LoRA/DoRA tensor")
@@ -667,7 +688,9 @@ def load_adapter(directory, *, dtype=None):
     parts = {}
     with SafetensorsFile(weights) as f:
         for key in f.keys():
-            module, part = _split_key(key, weights)
+            module, part, kind = _split_key(key, weights)
+            if kind:
+                parts.setdefault(module, {})["kind"] = kind
             if part in parts.setdefault(module, {}):
                 raise ValueError(f"{weights}: module {module!r} has two {part} tensors")
             arr = f.get(key)
@@ -692,16 +715,23 @@ def _module_from_parts(name, p, config, source, dtype):
         if need not in p:
             raise ValueError(f"{source}: module {name!r} has no {need}.weight (truncated adapter?)")
     (ka, A), (kb, B) = p["lora_A"], p["lora_B"]
-    if A.ndim != 2 or B.ndim != 2:
-        raise ValueError(
-            f"{source}: module {name!r} has lora_A {A.shape} and lora_B {B.shape}; only linear "
-            f"layers (2-D A and B) are supported, not convolutions"
-        )
+    kind = p.get("kind") or ("conv" if A.ndim > 2 else "linear")
     r = A.shape[0]
-    if B.shape[1] != r:
+    if kind == "conv":
+        if not (3 <= A.ndim <= 5 and B.shape[:1] + B.shape[2:] == (B.shape[0],) + (1,) * (A.ndim - 2)):
+            raise ValueError(
+                f"{source}: module {name!r}: a convolution needs lora_A (r, in, *k) and lora_B "
+                f"(out, r, 1, ...) of the same number of dimensions, got {A.shape} and {B.shape}"
+            )
+        if B.shape[1] != r:
+            raise ValueError(
+                f"{source}: module {name!r}: lora_B {B.shape} has r/groups = {B.shape[1]} != r = {r} "
+                f"(lora_A {A.shape}): grouped convolutions are not supported (PEFT cannot merge them either)"
+            )
+    elif A.ndim != 2 or B.ndim != 2 or B.shape[1] != r:
         raise ValueError(
-            f"{source}: module {name!r}: lora_A {A.shape} is (r, in) and lora_B {B.shape} "
-            f"must be (out, r) with r = {r}"
+            f"{source}: module {name!r}: lora_A {A.shape} must be (r, in) and lora_B {B.shape} "
+            f"(out, r) with the same r"
         )
     r_cfg, alpha = config.rank_and_alpha(name)
     if r != r_cfg:
@@ -715,7 +745,10 @@ def _module_from_parts(name, p, config, source, dtype):
         km, m = p["lora_magnitude_vector"]
         if not config.use_dora:
             raise ValueError(f"{source}: {km} is a DoRA magnitude but the config has use_dora=false")
-        if m.shape != (out_f,):
+        want = (out_f,) if kind != "conv" else (1, out_f) + (1,) * (A.ndim - 2)
+        if m.shape == want:
+            m = m.reshape(out_f)
+        else:
             hint = ""
             if m.shape in ((in_f,), (1, in_f)) and in_f != out_f:
                 hint = (
@@ -724,8 +757,8 @@ def _module_from_parts(name, p, config, source, dtype):
                     f"magnitude has one value per output channel (the row norm of the (out, in) weight)"
                 )
             raise ValueError(
-                f"{source}: {km} has shape {m.shape}; expected (out,) = ({out_f},) for "
-                f"lora_A {A.shape}, lora_B {B.shape}{hint}"
+                f"{source}: {km} has shape {m.shape}; expected {want} (one value per output "
+                f"channel) for lora_A {A.shape}, lora_B {B.shape}{hint}"
             )
     elif config.use_dora:
         raise ValueError(
@@ -735,14 +768,15 @@ def _module_from_parts(name, p, config, source, dtype):
         )
     cdt = np.dtype(dtype) if dtype is not None else _compute_dtype(A.dtype)
     cast = lambda a: None if a is None else np.ascontiguousarray(a.astype(cdt))  # noqa: E731
-    return ModuleAdapter(name, cast(A), cast(B), cast(m), config.scaling(name), r, alpha)
+    return ModuleAdapter(name, cast(A), cast(B), cast(m), config.scaling(name), r, alpha, kind)
 
 
 def save_adapter(directory, adapter):
     """Write ``adapter`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
     Keys and shapes as peft_dora.md Sec. 8 (``base_model.model.<name>.lora_A.weight``
-    (r, in), ``...lora_B.weight`` (out, r), ``...lora_magnitude_vector`` (out,)).
+    (r, in), ``...lora_B.weight`` (out, r), ``...lora_magnitude_vector`` (out,);
+    ``lora_embedding_A``/``_B`` for embeddings, (1, out, 1, ...) conv magnitudes).
     Each module's rank and alpha must be what the config gives it (see
     ``adapter_from_layers``, which builds a matching config).
 
@@ -771,10 +805,15 @@ def save_adapter(directory, adapter):
             raise ValueError(f"module {name!r}: magnitude present = {mod.magnitude is not None}, "
                              f"but use_dora = {cfg.use_dora}")  # fmt: skip
         key = PEFT_PREFIX + name
-        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(mod.lora_A)
-        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(mod.lora_B)
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if mod.kind == "embedding" else (
+            ".lora_A.weight", ".lora_B.weight")  # fmt: skip
+        tensors[key + a] = np.ascontiguousarray(mod.lora_A)
+        tensors[key + b] = np.ascontiguousarray(mod.lora_B)
         if mod.magnitude is not None:
-            tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(mod.magnitude)
+            m = mod.magnitude
+            if mod.kind == "conv":  # PEFT's (1, out, 1, ...), peft_dora.md Sec. 3.4
+                m = m.reshape((1, -1) + (1,) * (mod.lora_A.ndim - 2))
+            tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m)
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -886,13 +925,17 @@ def weight_key(name, base_keys):
 
 
 def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
-    """Whether ``module``'s base weight is stored (in, out) (GPT-2 ``Conv1D``).
+    """Whether ``module``'s linear view is the *transpose* of its stored base weight.
 
-    PEFT decides by the module type (``Conv1D`` -> True, ``nn.Linear`` ->
-    False, overriding the config with a warning). Without the torch module we
-    decide by the shapes: a non-square weight of shape (in, out) is
-    fan_in_fan_out, of shape (out, in) is not; a square one follows the
-    config's ``fan_in_fan_out``.
+    * Linear: True if the weight is stored (in, out) (GPT-2 ``Conv1D``). PEFT
+      decides by the module type (``Conv1D`` -> True, ``nn.Linear`` -> False,
+      overriding the config with a warning). Without the torch module we
+      decide by the shapes: a non-square weight of shape (in, out) is
+      fan_in_fan_out, of shape (out, in) is not; a square one follows the
+      config's ``fan_in_fan_out``.
+    * Embedding: always True; the view of E (V, D) is E.T (D, V).
+    * Convolution: always False; the view is the kernel flattened to
+      (out, in * prod(k)).
 
     Parameters
     ----------
@@ -910,26 +953,50 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
     Raises
     ------
     ValueError
-        If the base weight is not 2-D, or its shape is neither (out, in)
-        nor (in, out) for the adapter's A (r, in) and B (out, r).
+        If the base weight's shape does not fit the adapter's A and B
+        (the message gives all three), or is a grouped convolution.
     """
-    out_f, in_f = module.out_features, module.in_features
+    out_f, in_f = module.out_features, module.lora_A.shape[1]
     key = key or module.name + ".weight"
     stored_shape = tuple(stored_shape)
-    if len(stored_shape) != 2:
-        raise ValueError(
-            f"base weight {key!r} has shape {stored_shape}: only linear layers (2-D weights) "
-            f"are supported, not convolutions or other module types"
-        )
-    if stored_shape == (out_f, in_f) and (in_f != out_f or not config_fifo):
-        return False
-    if stored_shape == (in_f, out_f):
-        return True
+    A, B = module.lora_A.shape, module.lora_B.shape
+    if module.kind == "embedding":
+        if stored_shape == (in_f, out_f):
+            return True
+        want = f"(num_embeddings, embedding_dim) = {(in_f, out_f)}"
+    elif module.kind == "conv":
+        want_shape = (out_f,) + tuple(A[1:])
+        if stored_shape == want_shape:
+            return False
+        if len(stored_shape) == len(want_shape) and stored_shape[1] and in_f % stored_shape[1] == 0:
+            raise ValueError(
+                f"module {module.name!r}: base kernel {key!r} {stored_shape} has in/groups = "
+                f"{stored_shape[1]} for lora_A {A}: grouped convolutions (groups = "
+                f"{in_f // stored_shape[1]}) are not supported (PEFT cannot merge them either)"
+            )
+        want = f"(out, in, *k) = {want_shape}"
+    else:
+        if len(stored_shape) == 2:
+            if stored_shape == (out_f, in_f) and (in_f != out_f or not config_fifo):
+                return False
+            if stored_shape == (in_f, out_f):
+                return True
+        want = f"(out, in) = {(out_f, in_f)} (or (in, out) = {(in_f, out_f)} with fan_in_fan_out)"
     raise ValueError(
-        f"module {module.name!r}: base weight {key!r} has shape {stored_shape}, but lora_A "
-        f"{module.lora_A.shape} (r, in) and lora_B {module.lora_B.shape} (out, r) need "
-        f"(out, in) = {(out_f, in_f)} (or (in, out) = {(in_f, out_f)} with fan_in_fan_out)"
+        f"module {module.name!r}: base weight {key!r} has shape {stored_shape}, but lora_A {A} "
+        f"and lora_B {B} ({module.kind}) need {want}"
     )
+
+
+def _to_view(W_stored, mod, transposed, dtype):
+    """The (out, in) linear view of a stored weight, as a contiguous ``dtype`` array."""
+    W = W_stored.reshape(W_stored.shape[0], -1) if mod.kind == "conv" else W_stored
+    return np.ascontiguousarray((W.T if transposed else W).astype(dtype))
+
+
+def _from_view(W, shape, transposed):
+    """Back from the linear view to the stored layout (inverse of ``_to_view``)."""
+    return np.ascontiguousarray(W.T if transposed else W).reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -937,8 +1004,8 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
 # ---------------------------------------------------------------------------
 
 
-def build_layers(adapter, base, *, lora_dropout=None, rng=None, detach_norm=True):
-    """``DoRALinear`` (or ``LoRALinear``) layers from an adapter and base weights.
+def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, detach_norm=True):
+    """``DoRALinear``/``LoRALinear`` (and ``DoRAEmbedding``) layers from an adapter and base weights.
 
     Parameters
     ----------
@@ -949,6 +1016,8 @@ def build_layers(adapter, base, *, lora_dropout=None, rng=None, detach_norm=True
         fan_in_fan_out modules, and optional ``<module>.bias`` (out,)), or a
         safetensors file / model directory to read them from. float64 bases
         compute in float64; float32, float16 and bfloat16 bases in float32.
+    modules : iterable of str, optional
+        Build only these module paths (default: every module of the adapter).
     lora_dropout : float, optional
         Default: the config's.
     rng : numpy.random.Generator or int, optional
@@ -958,19 +1027,23 @@ def build_layers(adapter, base, *, lora_dropout=None, rng=None, detach_norm=True
 
     Returns
     -------
-    layers : dict of str to DoRALinear or LoRALinear
-        By module path. Each layer's ``weight`` is in (out, in) orientation
-        (transposed for fan_in_fan_out modules) and in the compute dtype; its
-        ``lora_A``, ``lora_B``, ``lora_magnitude_vector`` are the adapter's.
+    layers : dict of str to DoRALinear, LoRALinear or DoRAEmbedding
+        By module path. A linear layer's ``weight`` is in (out, in)
+        orientation (transposed for fan_in_fan_out modules), an embedding's
+        (V, D) as stored; both in the compute dtype. The adapter arrays are
+        the adapter's.
     fan_in_fan_out : dict of str to bool
-        Which modules' base weights are stored (in, out); pass them to
-        ``stored_weight`` to write a merged weight back in the base layout.
+        Which layers' ``weight`` is the transpose of the stored base weight;
+        pass it to ``stored_weight`` to write a merged weight back.
 
     Raises
     ------
     KeyError, ValueError
-        A module missing from the base; a base shape that matches neither
-        (out, in) nor (in, out); a non-2-D base weight.
+        A module missing from the base; a base shape that does not fit the
+        adapter; a convolution (its stride and padding are not in the
+        checkpoint: build ``dora_ref.conv.DoRAConv2d`` etc. from
+        ``adapter.modules[name]`` yourself; ``merge_weight`` needs no
+        geometry and merges it); a plain-LoRA embedding.
     """
     if not isinstance(adapter, PeftAdapter):
         adapter = load_adapter(adapter)
@@ -980,12 +1053,20 @@ def build_layers(adapter, base, *, lora_dropout=None, rng=None, detach_norm=True
     keys = set(base.keys())
     layers, fifo = {}, {}
     rng = np.random.default_rng(rng)
-    for name, mod in adapter.modules.items():
+    names = list(adapter.modules) if modules is None else list(modules)
+    for name in names:
+        if name not in adapter.modules:
+            raise KeyError(f"the adapter has no module {name!r}")
+        mod = adapter.modules[name]
         wkey = weight_key(name, keys)
         W = base.get(wkey) if isinstance(base, BaseWeights) else np.asarray(base[wkey])
         fifo[name] = is_fan_in_fan_out(mod, W.shape, cfg.fan_in_fan_out, key=wkey)
         cdt = _compute_dtype(W.dtype)
-        W = np.ascontiguousarray((W.T if fifo[name] else W).astype(cdt))
+        if mod.kind != "linear":
+            layers[name] = _build_non_linear(name, mod, W.astype(cdt), cfg, rng, detach_norm)
+            fifo[name] = False
+            continue
+        W = _to_view(W, mod, fifo[name], cdt)
         bkey = wkey[: -len("weight")] + "bias"
         bias = None
         if bkey in keys:
@@ -1010,6 +1091,26 @@ def build_layers(adapter, base, *, lora_dropout=None, rng=None, detach_norm=True
         layer.zero_grad()
         layers[name] = layer
     return layers, fifo
+
+
+def _build_non_linear(name, mod, W, cfg, rng, detach_norm):
+    if mod.kind == "conv":
+        raise ValueError(
+            f"module {name!r} is a convolution: its stride, padding and dilation are not stored in "
+            f"a checkpoint, so build dora_ref.conv.DoRAConv{mod.lora_A.ndim - 2}d from "
+            f"adapter.modules[{name!r}] with the geometry yourself (merge_weight needs none)"
+        )
+    if mod.magnitude is None:
+        raise ValueError(f"module {name!r}: plain-LoRA embeddings have no layer in dora_ref")
+    from .embedding import DoRAEmbedding
+
+    layer = DoRAEmbedding(W, r=mod.r, lora_alpha=mod.lora_alpha, use_rslora=cfg.use_rslora,
+                          rng=rng, detach_norm=detach_norm)  # fmt: skip
+    layer.lora_embedding_A = mod.lora_A.astype(W.dtype, copy=True)
+    layer.lora_embedding_B = mod.lora_B.astype(W.dtype, copy=True)
+    layer.lora_magnitude_vector = mod.magnitude.astype(W.dtype, copy=True)
+    layer.zero_grad()
+    return layer
 
 
 def stored_weight(layer, fan_in_fan_out, dtype=None):
@@ -1042,8 +1143,8 @@ def _chain_checks(W0, modules):
 
 
 def _as(mod, dtype):
-    cast = lambda a: None if a is None else a.astype(dtype, copy=False)  # noqa: E731
-    return cast(mod.lora_A), cast(mod.lora_B), cast(mod.magnitude)
+    cast = lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    return tuple(cast(a) for a in mod.linear_view())
 
 
 def chain_forward(x, W0, bias, modules):
@@ -1078,6 +1179,8 @@ def chain_forward(x, W0, bias, modules):
         On mismatched shapes or dtypes, or a zero row norm.
     """
     W0 = np.asarray(W0)
+    if any(mod.kind != "linear" for mod in modules):
+        raise ValueError("chain_forward takes linear modules; merge embeddings and convolutions")
     _chain_checks(W0, modules)
     x2 = check_input(x, W0.shape[1], W0.dtype)
     y = x2 @ W0.T
@@ -1104,12 +1207,20 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
     for LoRA, with n_i from the bare base (peft_dora.md Sec. 7.4, PR #3609).
     The bias is never changed.
 
+    Embeddings and convolutions merge the same way on their linear views
+    (E.T, and the kernel flattened to (out, in * prod(k))), as PEFT's
+    ``DoraEmbeddingVariant``/``_DoraConvNdVariant.merge_safe`` do.
+
     Parameters
     ----------
-    W_stored : ndarray, shape (out, in), or (in, out) if fan_in_fan_out
-        float16, bfloat16, float32 or float64.
+    W_stored : ndarray
+        Shape (out, in), or (in, out) if fan_in_fan_out; (V, D) for an
+        embedding; (out, in, *k) for a convolution. float16, bfloat16,
+        float32 or float64.
     modules : sequence of ModuleAdapter
+        All of one kind.
     fan_in_fan_out : bool
+        Whether the linear view is the transpose (``is_fan_in_fan_out``).
     allow_zero_norm : bool, default False
         A zero row norm raises (PEFT's safe_merge raises; its unsafe merge
         writes NaN); if True that row merges to zeros.
@@ -1124,8 +1235,10 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
         Mismatched shapes, or a zero row norm (naming the module).
     """
     W_stored = np.asarray(W_stored)
+    if len({mod.kind for mod in modules}) > 1:
+        raise ValueError(f"modules of different kinds on one weight: {[m.kind for m in modules]}")
     cdt = _compute_dtype(W_stored.dtype)
-    W0 = np.ascontiguousarray((W_stored.T if fan_in_fan_out else W_stored).astype(cdt))
+    W0 = _to_view(W_stored, modules[0], fan_in_fan_out, cdt)
     _chain_checks(W0, modules)
     W = W0
     for mod in modules:
@@ -1142,8 +1255,7 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
                 W = g[:, None] * (W + mod.scaling * (B @ A))
         except ValueError as e:
             raise ValueError(f"module {mod.name!r}: {e}") from None
-    out = W.T if fan_in_fan_out else W
-    return np.ascontiguousarray(out.astype(W_stored.dtype))
+    return _from_view(W, W_stored.shape, fan_in_fan_out).astype(W_stored.dtype)
 
 
 def merge_state_dict(base, adapters, *, allow_zero_norm=False):

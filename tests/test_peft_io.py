@@ -198,15 +198,68 @@ def test_rank_disagreeing_with_config_is_an_error(tmp_path):
         P.load_adapter(tmp_path)
 
 
-def test_base_shape_mismatch_and_conv_base_are_errors(tmp_path):
+def test_base_shape_mismatch_is_an_error_naming_all_shapes(tmp_path):
     A, B, m = random_module(np.random.default_rng(0), 3, 4, 2)
     write_adapter(tmp_path, {"lin": (A, B, m)})
-    with pytest.raises(ValueError, match=r"'lin\.weight' has shape \(3, 5\).*\(out, in\) = \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"'lin\.weight' has shape \(3, 5\).*\(2, 4\).*\(3, 2\).*\(out, in\) = \(3, 4\)"):
         P.build_layers(tmp_path, {"lin.weight": np.zeros((3, 5))})
-    with pytest.raises(ValueError, match="only linear layers"):
+    with pytest.raises(ValueError, match=r"\(3, 4, 1, 1\).*\(linear\)"):
         P.build_layers(tmp_path, {"lin.weight": np.zeros((3, 4, 1, 1))})
     with pytest.raises(KeyError, match="'lin': base weight 'lin.weight' not found"):
         P.build_layers(tmp_path, {"other.weight": np.zeros((3, 4))})
+
+
+def _conv_embedding_adapter(tmp_path, rng, conv_magnitude_shape=(1, 4, 1, 1)):
+    """A conv (4 <- 3, 3x3) and an embedding (V=10, D=5) module, keys as PEFT saves them."""
+    t = {
+        "base_model.model.conv.lora_A.weight": rng.normal(size=(2, 3, 3, 3)),
+        "base_model.model.conv.lora_B.weight": rng.normal(size=(4, 2, 1, 1)),
+        "base_model.model.conv.lora_magnitude_vector": 1 + 0.1 * rng.normal(size=conv_magnitude_shape),
+        "base_model.model.emb.lora_embedding_A": rng.normal(size=(2, 10)),
+        "base_model.model.emb.lora_embedding_B": rng.normal(size=(5, 2)),
+        "base_model.model.emb.lora_magnitude_vector": 1 + 0.1 * rng.normal(size=5),
+    }  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(tmp_path / P.ADAPTER_WEIGHTS))
+    (tmp_path / P.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                         "use_dora": True}))  # fmt: skip
+    return t
+
+
+def test_conv_and_embedding_modules_read_write_and_merge_on_their_linear_views(tmp_path):
+    """Conv: DoRA on the kernel flattened to (out, in*k*k); embedding: on E.T (peft_dora.md 3.3, 3.4)."""
+    rng = np.random.default_rng(0)
+    t = _conv_embedding_adapter(tmp_path / "a", rng)
+    ad = P.load_adapter(tmp_path / "a")
+    conv, emb = ad.modules["conv"], ad.modules["emb"]
+    assert (conv.kind, emb.kind) == ("conv", "embedding")
+    assert conv.magnitude.shape == (4,) and conv.in_features == 27
+    P.save_adapter(tmp_path / "b", ad)  # PEFT's keys and shapes back
+    back = load_file(str(tmp_path / "b" / P.ADAPTER_WEIGHTS))
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in t.items()}
+    for k in t:
+        np.testing.assert_array_equal(back[k], t[k])
+    K, E = rng.normal(size=(4, 3, 3, 3)), rng.normal(size=(10, 5))
+    merged = P.merge_state_dict({"conv.weight": K, "emb.weight": E}, [ad])
+    want_k = dense_merge(K.reshape(4, 27), t["base_model.model.conv.lora_A.weight"].reshape(2, 27),
+                         t["base_model.model.conv.lora_B.weight"].reshape(4, 2), conv.magnitude, 1.0)
+    assert_close(merged["conv.weight"], want_k.reshape(K.shape), k=27 + 2)
+    want_e = dense_merge(E.T, t["base_model.model.emb.lora_embedding_A"],
+                         t["base_model.model.emb.lora_embedding_B"], emb.magnitude, 1.0).T
+    assert_close(merged["emb.weight"], want_e, k=10 + 2)
+    with pytest.raises(ValueError, match="convolution: its stride"):
+        P.build_layers(ad, {"conv.weight": K, "emb.weight": E})
+
+
+def test_conv_magnitude_shape_and_grouped_conv_are_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    _conv_embedding_adapter(tmp_path, rng, conv_magnitude_shape=(4,))
+    with pytest.raises(ValueError, match=r"conv\.lora_magnitude_vector has shape \(4,\); expected \(1, 4, 1, 1\)"):
+        P.load_adapter(tmp_path)
+    _conv_embedding_adapter(tmp_path, rng)
+    ad = P.load_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"groups = 3\) are not supported"):
+        P.merge_state_dict({"conv.weight": np.ones((4, 1, 3, 3)), "emb.weight": np.ones((10, 5))}, [ad])
 
 
 # ---------------------------------------------------------------------------

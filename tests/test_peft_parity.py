@@ -537,3 +537,55 @@ def test_merge_command_equals_peft_merged_model(kind, dtype_name, tmp_path, caps
         # the merged weights' rounding by an unknown factor: asserted in float64 only, against
         # the issue's limit; the float32/bf16 weights themselves are bounded above
         assert rel <= ISSUE_LIMIT[np.dtype(np.float64)]
+
+
+# ---------------------------------------------------------------------------
+# embeddings and convolutions: merge (and the embedding forward) on their linear views
+# ---------------------------------------------------------------------------
+
+
+class ConvEmbed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6)
+        self.conv1 = torch.nn.Conv1d(6, 5, 3)
+        self.conv2 = torch.nn.Conv2d(3, 4, (3, 2), bias=False)
+        self.conv3 = torch.nn.Conv3d(2, 3, 2)
+
+
+@params
+def test_conv_and_embedding_merge_equal_peft_and_round_trip(dtype_name, tmp_path):
+    dtype, np_dtype = DTYPES[dtype_name], np.dtype(dtype_name)
+    torch.manual_seed(0)
+    base = ConvEmbed().to(dtype)
+    base_weights = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(target_modules=["emb", "conv1", "conv2", "conv3"], use_dora=True,
+                                                r=2, lora_alpha=3, init_lora_weights=False))  # fmt: skip
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n or "lora_embedding_A" in n:  # embedding A starts at 0
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "peft")
+    adapter = P.load_adapter(tmp_path / "peft")
+    assert {n: m.kind for n, m in adapter.modules.items()} == {
+        "emb": "embedding", "conv1": "conv", "conv2": "conv", "conv3": "conv"}  # fmt: skip
+    # the embedding layer's forward equals PEFT's
+    model.eval()
+    layers = P.build_layers(adapter, base_weights, modules=["emb"])[0]
+    ids = np.random.default_rng(0).integers(0, 11, size=(3, 4))
+    with torch.no_grad():
+        want = model.base_model.model.emb(torch.from_numpy(ids)).numpy()
+    check("embedding forward", layers["emb"].eval()(ids), want, np_dtype, 11 + 2)
+    # merges equal merge_and_unload, before and after a save here -> load in PEFT round trip
+    ours = P.merge_state_dict(base_weights, [adapter])
+    P.save_adapter(tmp_path / "ours", adapter)
+    torch.manual_seed(0)  # the same base weights
+    reloaded = PeftModel.from_pretrained(ConvEmbed().to(dtype), tmp_path / "ours")
+    for label, peft_model in (("PEFT-saved", model), ("saved here", reloaded)):
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+        for name, mod in adapter.modules.items():
+            want = merged.get_submodule(name).weight.detach().numpy()
+            check(f"merged {mod.kind} ({label})", ours[name + ".weight"], want, np_dtype, mod.in_features + mod.r)
