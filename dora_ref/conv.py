@@ -48,9 +48,11 @@ Where dora_ref deliberately differs from PEFT
   *not* ``dilation`` (``_ConvNd.update_layer``), while its norm and its merge
   treat ``B @ A`` as a delta of the dilated base kernel. For a dilated
   convolution with a kernel larger than 1 its low-rank path therefore sees a
-  different receptive field: the output shapes disagree and the forward
-  raises, or, when one of them is 1, silently broadcasts, and the merged
-  layer is not the unmerged one. Here ``lora_A`` uses the base dilation, so
+  different receptive field and a different output size: PEFT 0.21.2's
+  forward raises a shape error, or, where the base output has length 1,
+  silently broadcasts to the low-rank path's larger shape (a Conv1d with
+  k = 3, dilation 2 on length 5 returns (N, out, 3) instead of (N, out, 1));
+  and its merged layer is not its unmerged one. Here ``lora_A`` uses the base dilation, so
   ``W0 + s * delta`` is one kernel and forward, norm and merge agree. With
   dilation 1 (or a 1x...x1 kernel) the two are identical.
 * **groups > 1.** PEFT keeps ``lora_A`` ungrouped (in -> r) and ``lora_B``
@@ -63,7 +65,12 @@ Where dora_ref deliberately differs from PEFT
   refuses to merge. Here merge works and returns the dense (out, in, *k)
   kernel of a ``groups=1`` convolution: the merged layer is no longer grouped,
   because the adapted layer is not. At initialisation (B = 0) both give the
-  same magnitude.
+  same magnitude. Cost: the dense view multiplies the base product's work by
+  ``groups`` (a depthwise conv pays ``in`` times); the plain ``conv_nd``
+  loops over groups instead.
+* **(1, 1, k) Conv3d kernels.** PEFT's merge takes a Conv2d 1x1 shortcut
+  for them and crashes (peft#3768); here every kernel shape goes through the
+  same flattened merge.
 * **padding.** Zero padding only (``padding_mode="zeros"``); an int, a tuple,
   ``"valid"`` or ``"same"`` (stride 1), as ``torch.nn.ConvNd``.
 """
@@ -396,6 +403,7 @@ def conv_delta_weight(lora_A, lora_B, scaling, groups=1):
     -------
     ndarray, shape (out, in, *k)
     """
+    scaling = check_scaling(scaling)
     r = lora_A.shape[0]
     B = lora_B_dense(lora_B, groups)
     return (scaling * (B @ lora_A.reshape(r, -1))).reshape(B.shape[0], *lora_A.shape[1:])
