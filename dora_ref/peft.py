@@ -45,6 +45,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -432,6 +433,9 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA",
 }
 
+# initialisations that replace the base weight W by a residual (peft_dora.md Sec. 3.1, step 3)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 @dataclass
 class LoraAdapterConfig:
@@ -477,6 +481,9 @@ class LoraAdapterConfig:
     def from_dict(cls, d, *, source="adapter config"):
         """Build from the dict of an ``adapter_config.json``.
 
+        Warns (``UserWarning``) for PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA
+        initialisations, whose adapters apply to a rewritten (residual) base.
+
         Raises
         ------
         ValueError
@@ -497,6 +504,16 @@ class LoraAdapterConfig:
             raise ValueError(
                 f"{source}: bias={d['bias']!r} (trained base biases saved in the adapter) "
                 f"is not supported; only bias='none'"
+            )
+        init = str(d.get("init_lora_weights", True)).lower()
+        if init.startswith(_BASE_REWRITING_INITS):
+            warnings.warn(
+                f"{source}: init_lora_weights={d['init_lora_weights']!r} rewrote the base weights when "
+                f"the adapter was created, so this adapter applies to that *residual* base, not to the "
+                f"original model. Use it with the residual model, or convert it first with PEFT's "
+                f"save_pretrained(..., path_initial_model_for_weight_conversion=...).",
+                UserWarning,
+                stacklevel=3,
             )
         kw = {k: d.pop(k) for k in cls._FIELDS if k in d and d[k] is not None}
         cfg = cls(**kw, extra=d)

@@ -58,6 +58,13 @@ def test_unsupported_config_is_refused_by_name(tmp_path, field, value):
         P.load_adapter(tmp_path)
 
 
+def test_adapter_of_a_rewritten_base_warns(tmp_path):
+    A, B, m = random_module(np.random.default_rng(0), 3, 4, 2)
+    write_adapter(tmp_path, {"lin": (A, B, m)}, {"init_lora_weights": "pissa_niter_4"})
+    with pytest.warns(UserWarning, match="residual"):
+        P.load_adapter(tmp_path)
+
+
 # ---------------------------------------------------------------------------
 # adapter round trips
 # ---------------------------------------------------------------------------
