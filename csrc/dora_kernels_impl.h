@@ -280,36 +280,37 @@ int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
 
 static inline __attribute__((always_inline)) void FN(forward_step)(
     REAL *y, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
-    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w)
+    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias)
 {
     REAL P[G][W];
     FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
-    for (int q = 0; q < g; q++) {
-        if (bias) {
-            for (int l = 0; l < w; l++)
-                y[q * out + l] = gm[l] * (base[q * out + l] + s * P[q][l]) + bias[l];
-        } else {
-            for (int l = 0; l < w; l++)
-                y[q * out + l] = gm[l] * (base[q * out + l] + s * P[q][l]);
+    for (int q = 0; q < g; q++)
+        for (int l = 0; l < w; l++) {
+            const REAL v = gm[l] * (base[q * out + l] + s * P[q][l]);
+            y[q * out + l] = has_bias ? v + bias[l] : v;
         }
-    }
 }
 
 static DORA_CLONES void FN(forward_epilogue_rows)(
     REAL *y, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
     const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t out, int64_t r)
 {
+    /* Columns in blocks of COL_BLOCK, so that their panels of B.T stay in L1
+       while the rows go by (all of B.T per row group would come from L2). */
+    for (int64_t c0 = 0; c0 < out; c0 += COL_BLOCK)
     for (int64_t t = t0; t < t1; t += G) {
         const int g = (int)dora_min(G, t1 - t);
-        for (int64_t i = 0; i < out; i += W) {
+        for (int64_t i = c0; i < dora_min(out, c0 + COL_BLOCK); i += W) {
             const int w = (int)dora_min(W, out - i);
             const int64_t o = t * out + i;
-            const REAL *bi = bias ? bias + i : NULL;
             const REAL *bp = Bp + (i / W) * r * W;  /* B.T[:, i:i+W] */
-            if (g == G && w == W)
-                FN(forward_step)(y + o, base + o, U + t * r, bp, gm + i, bi, s, out, r, G, W);
+            const REAL *ub = U + t * r, *bi = bias ? bias + i : NULL;
+            if (g == G && w == W && bias)
+                FN(forward_step)(y + o, base + o, ub, bp, gm + i, bi, s, out, r, G, W, 1);
+            else if (g == G && w == W)
+                FN(forward_step)(y + o, base + o, ub, bp, gm + i, bi, s, out, r, G, W, 0);
             else
-                FN(forward_step)(y + o, base + o, U + t * r, bp, gm + i, bi, s, out, r, g, w);
+                FN(forward_step)(y + o, base + o, ub, bp, gm + i, bi, s, out, r, g, w, bias != NULL);
         }
     }
 }
