@@ -937,7 +937,12 @@ def weight_key(name, base_keys):
     ]  # fmt: skip
     if len(candidates) == 1:
         return candidates[0]
-    why = f"candidates {candidates[:5]}" if candidates else "no such key"
+    why = (
+        f"candidates {candidates[:5]}"
+        if candidates
+        else "no such key; a tied weight (e.g. lm_head tied to the input embeddings) is stored "
+        "once, under the other module's name"
+    )
     raise KeyError(f"module {name!r}: base weight {want!r} not found ({why})")
 
 

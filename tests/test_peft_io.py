@@ -133,6 +133,16 @@ def test_plain_lora_adapter_round_trips(tmp_path):
     np.testing.assert_array_equal(built["fc"](x), layer(x))
 
 
+def test_config_dropout_rank_and_rslora_reach_the_layers(tmp_path):
+    rng = np.random.default_rng(4)
+    mods = {"a.q": random_module(rng, 3, 4, 2), "a.v": random_module(rng, 3, 4, 5)}
+    write_adapter(tmp_path, mods, {"lora_dropout": 0.25, "use_rslora": True, "lora_alpha": 6,
+                                   "rank_pattern": {"v": 5}, "alpha_pattern": {"a.v": 10}})  # fmt: skip
+    layers, _ = P.build_layers(tmp_path, {"a.q.weight": rng.normal(size=(3, 4)), "a.v.weight": rng.normal(size=(3, 4))})
+    assert layers["a.q"].lora_dropout == 0.25 and layers["a.q"].r == 2
+    assert layers["a.q"].scaling == 6 / np.sqrt(2) and layers["a.v"].scaling == 10 / np.sqrt(5)
+
+
 def test_magnitude_key_with_weight_suffix_and_no_prefix_is_read(tmp_path):
     A, B, m = random_module(np.random.default_rng(3), 3, 4, 2)
     write_adapter(tmp_path, {"lin": (A, B, m)}, prefix="", magnitude_suffix=".weight")
