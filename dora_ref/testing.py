@@ -734,6 +734,9 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
         max_examples=max_examples, deadline=None, database=None,
         verbosity=hyp.Verbosity.quiet, report_multiple_bugs=False,
         suppress_health_check=list(hyp.HealthCheck),
+        # no "explain" phase: it reruns the shrunk case hundreds of times to say which
+        # arguments could vary, which the message already makes plain
+        phases=[hyp.Phase.explicit, hyp.Phase.generate, hyp.Phase.shrink],
     )
     @hyp.seed(seed)
     @hyp.given(_case_strategy(hyp.strategies, dtype, dropout))
