@@ -38,9 +38,9 @@ def _parser():
             "W' = diag(m / ||W0 + s B A||_row) (W0 + s B A) for DoRA, W0 + s B A for LoRA."
         ),
     )
-    p.add_argument("base", help="base .safetensors file or model directory")
+    p.add_argument("base", metavar="BASE", help="base .safetensors file or model directory")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter directory (in order)")
-    p.add_argument("out", help="output file (file BASE) or directory (directory BASE)")
+    p.add_argument("out", metavar="OUT", help="output file (file BASE) or directory (directory BASE)")
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="list every merged module")
