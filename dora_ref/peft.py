@@ -160,7 +160,7 @@ class SafetensorsFile:
         self._file = None
 
     def keys(self):
-        """The tensor names, in the file's order."""
+        """The tensor names, sorted (as ``safe_open`` lists them)."""
         return list(self._file.keys())
 
     def metadata(self):
@@ -191,12 +191,13 @@ class SafetensorsFile:
         start, header = self._header
         begin, end = header[key]["data_offsets"]
         dtype = _numpy_dtype(st_dtype)
+        count = (end - begin) // dtype.itemsize
         with open(self.path, "rb") as fh:
             fh.seek(start + begin)
-            data = fh.read(end - begin)
-        if len(data) != end - begin:  # safe_open checks this; a file changed under us
+            data = np.fromfile(fh, dtype=dtype.newbyteorder("<"), count=count)
+        if data.size != count:  # safe_open checks this; a file changed under us
             raise ValueError(f"{self.path}: tensor {key!r} is truncated")
-        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(self.shape(key)).copy()
+        return data.reshape(self.shape(key))
 
 
 class SafetensorsWriter:
@@ -646,14 +647,17 @@ _KEY = re.compile(
 
 
 def _split_key(key, source):
-    """(module path, part) of an adapter key; raise on formats we do not read."""
+    """(module path, "lora_A" | "lora_B" | "lora_magnitude_vector", "embedding" or None) of a key.
+
+    Raises ValueError on formats we do not read (LyCORIS/kohya, lora_bias).
+    """
     name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
     m = _KEY.match(name)
     if m:
         part = m["part"].split(".")[0]
-        return m["module"], {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}.get(part, part), (
-            "embedding" if part.startswith("lora_embedding") else None
-        )
+        if part.startswith("lora_embedding_"):  # lora_embedding_A -> lora_A
+            return m["module"], "lora_" + part[-1], "embedding"
+        return m["module"], part, None
     if re.search(r"(lora_down|lora_up|dora_scale|\.alpha$|hada_|lokr_)", key):
         raise ValueError(
             f"{source}: key {key!r} is in the LyCORIS/kohya format (lora_down/lora_up/dora_scale), "
