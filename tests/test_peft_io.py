@@ -488,6 +488,11 @@ def test_merge_command_errors_before_writing_anything(tmp_path, capsys):
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "wrong"), str(tmp_path / "out")]) == 1
     assert "'h.0.fc.weight' has shape (6, 4)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    shard = next((tmp_path / "base").glob("model-00001*"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out")]) == 1
+    assert f"{shard} is not a valid safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path):
