@@ -1,0 +1,258 @@
+"""Golden vectors: deterministic, small, self-describing, and right.
+
+"Right" is checked against computations the generator did not use: the
+active backend (C or NumPy) of the functional core, the dense definition in
+float64, and properties of the math (B = 0 is the base layer, the merged
+weight reproduces the forward, unmerge inverts merge).
+"""
+import hashlib
+import importlib.util
+import io
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from dora_ref import cli, conv, dense, vectors
+from dora_ref import functional as F
+from dora_ref.tolerance import dora_reduction_length, rtol
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def vec_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vectors")
+    vectors.write(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def manifest(vec_dir):
+    return vectors.load_manifest(vec_dir)
+
+
+def cases_of(manifest, kind):
+    return [e for e in manifest["cases"] if e["kind"] == kind]
+
+
+def within(entry, name, got, expected):
+    atol = entry["arrays"][name]["tolerance"]["atol"]
+    err = np.abs(np.asarray(got, dtype=np.float64) - np.asarray(expected, dtype=np.float64))
+    assert np.all(err <= atol), f"{entry['name']} {name}: {err.max():.3g} > {atol:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# the files
+# ---------------------------------------------------------------------------
+
+
+def test_regenerates_bit_identically(vec_dir, tmp_path):
+    vectors.write(tmp_path)
+    names = sorted(os.listdir(vec_dir))
+    assert names == sorted(os.listdir(tmp_path))
+    for name in names:
+        assert (vec_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_another_seed_gives_other_inputs(manifest, tmp_path):
+    other = vectors.write(tmp_path, seed=vectors.SEED + 1)
+    a = {e["name"]: e["sha256"] for e in manifest["cases"]}
+    assert all(a[e["name"]] != e["sha256"] for e in other["cases"])
+
+
+def test_whole_set_is_small(vec_dir, manifest):
+    total = sum(p.stat().st_size for p in pathlib.Path(vec_dir).iterdir())
+    assert total < 10 * 2**20
+    assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["cases"]) < total
+
+
+def test_files_match_manifest(vec_dir, manifest):
+    files = {e["file"] for e in manifest["cases"]} | {vectors.MANIFEST}
+    assert set(os.listdir(vec_dir)) == files
+    for e in manifest["cases"]:
+        data = (pathlib.Path(vec_dir) / e["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
+        entry, arrays = vectors.load_case(vec_dir, e["name"])
+        assert list(arrays) == list(e["arrays"])  # inputs first, then expected, in manifest order
+        for name, meta in e["arrays"].items():
+            assert list(arrays[name].shape) == meta["shape"] and str(arrays[name].dtype) == meta["dtype"]
+            if meta["role"] == "expected":
+                assert arrays[name].dtype == np.dtype(e["dtype"])
+
+
+def test_npz_bytes_roundtrip_and_fixed_timestamps():
+    arrays = {"a": np.arange(6.0).reshape(2, 3), "ids": np.array([3, 1], dtype=np.int64)}
+    data = vectors.npz_bytes(arrays)
+    assert data == vectors.npz_bytes(arrays)
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        assert z.files == ["a", "ids"]
+        assert np.array_equal(z["a"], arrays["a"]) and z["ids"].dtype == np.int64
+
+
+def test_load_case_errors(vec_dir, tmp_path):
+    with pytest.raises(KeyError, match="no case 'nope'"):
+        vectors.load_case(vec_dir, "nope")
+    vectors.write(tmp_path)
+    path = tmp_path / "linear_basic_float64.npz"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        vectors.load_case(tmp_path, "linear_basic_float64")
+
+
+def test_cli(tmp_path, capsys):
+    assert cli.main(["vectors", "--out", str(tmp_path / "v")]) == 0
+    assert "wrote 38 cases" in capsys.readouterr().out
+    assert vectors.load_manifest(tmp_path / "v")["seed"] == vectors.SEED
+    with pytest.raises(SystemExit) as info:
+        vectors.main([])  # --out is required
+    assert info.value.code == 2
+
+
+# ---------------------------------------------------------------------------
+# the matrix and the manifest
+# ---------------------------------------------------------------------------
+
+
+def test_matrix_covers_the_issue(manifest):
+    want = {"forward", "backward", "merge", "dropout", "several adapters", "fan_in_fan_out", "rsLoRA",
+            "conv", "embedding", "r=1", "out=1", "r>min(out,in)", "B=0", "trained magnitude far from init",
+            "nearly-cancelling W0 + s*B@A", "large weights", "tiny weights"}
+    for dtype in ("float32", "float64"):
+        tags = {t for e in manifest["cases"] if e["dtype"] == dtype for t in e["tags"]}
+        assert want <= tags, want - tags
+    shapes = {e["name"]: e["config"] for e in cases_of(manifest, "linear")}
+    assert shapes["linear_r1_float32"]["r"] == 1 and shapes["linear_out1_float32"]["out_features"] == 1
+    c = shapes["linear_r_gt_min_float64"]
+    assert c["r"] > min(c["in_features"], c["out_features"])
+    assert shapes["linear_rslora_float64"]["scaling"] == 12 / 3
+
+
+def test_every_expected_array_states_its_tolerance(manifest):
+    for e in manifest["cases"]:
+        for name, meta in e["arrays"].items():
+            if meta["role"] == "input":
+                continue
+            t = meta["tolerance"]
+            assert t["rtol"] == rtol(e["dtype"], t["k"])
+            assert t["atol"] == t["rtol"] * t["scale"] and t["atol"] >= 0
+            assert t["why"] and meta["formula"]
+            assert 0 <= meta["crosscheck_ratio"] <= 1
+            if e["kind"] == "linear":
+                c = e["config"]
+                base = name.replace("_detached", "").replace("_exact", "")
+                assert t["k"] == dora_reduction_length(
+                    base, n_rows=c["N"], in_features=c["in_features"], out_features=c["out_features"], r=c["r"])
+
+
+# ---------------------------------------------------------------------------
+# the numbers, against computations the generator did not make
+# ---------------------------------------------------------------------------
+
+
+def linear_inputs(entry, arrays):
+    W0 = arrays["W0"].T if entry["config"]["fan_in_fan_out"] else arrays["W0"]
+    return W0, arrays.get("bias"), arrays.get("dropout_mask")
+
+
+def test_linear_cases_match_the_active_backend(vec_dir, manifest, backend):
+    """The C kernels (and NumPy) reproduce the vectors within their stated tolerance."""
+    for e in cases_of(manifest, "linear"):
+        _, a = vectors.load_case(vec_dir, e["name"])
+        W0, bias, mask = linear_inputs(e, a)
+        s = e["config"]["scaling"]
+        y, ctx = F.dora_forward(a["x"], W0, a["A"], a["B"], a["magnitude"], s, bias, dropout_mask=mask)
+        within(e, "y", y, a["y"])
+        for mode, detach in (("detached", True), ("exact", False)):
+            for name, value in F.dora_backward(a["dy"], ctx, detach_norm=detach)._asdict().items():
+                within(e, f"{name}_{mode}", value, a[f"{name}_{mode}"])
+        W_merged, n = F.merge(W0, a["A"], a["B"], a["magnitude"], s)
+        within(e, "weight_norm", n, a["weight_norm"])
+        within(e, "W_merged", W_merged.T if e["config"]["fan_in_fan_out"] else W_merged, a["W_merged"])
+
+
+def test_linear_cases_match_dense_float64(vec_dir, manifest):
+    for e in cases_of(manifest, "linear"):
+        _, a = vectors.load_case(vec_dir, e["name"])
+        W0, bias, mask = (None if v is None else v.astype(np.float64) for v in linear_inputs(e, a))
+        x, A, B, m, dy = (a[k].astype(np.float64) for k in ("x", "A", "B", "magnitude", "dy"))
+        s = e["config"]["scaling"]
+        within(e, "y", dense.forward(x, W0, A, B, m, s, bias, dropout_mask=mask), a["y"])
+        g = dense.backward(dy, x, W0, A, B, m, s, detach_norm=False, dropout_mask=mask)
+        within(e, "dA_exact", g.dA, a["dA_exact"])
+        within(e, "dmagnitude_exact", g.dmagnitude, a["dmagnitude_exact"])
+
+
+def test_init_case_is_the_base_layer(vec_dir):
+    for dtype in ("float32", "float64"):
+        e, a = vectors.load_case(vec_dir, f"linear_init_{dtype}")
+        assert not a["B"].any()
+        within(e, "y", a["x"].astype(np.float64) @ a["W0"].T.astype(np.float64) + a["bias"], a["y"])
+        within(e, "W_merged", a["W0"], a["W_merged"])
+
+
+def test_merged_weight_reproduces_the_forward(vec_dir, manifest):
+    for e in manifest["cases"]:
+        _, a = vectors.load_case(vec_dir, e["name"])
+        Wm = a["W_merged"].astype(np.float64)
+        if e["kind"] in ("linear", "multi_adapter"):
+            if "dropout_mask" in a:
+                continue  # the merged weight is the eval layer
+            if e["config"].get("fan_in_fan_out"):
+                Wm = Wm.T
+            y = a["x"].astype(np.float64) @ Wm.T + (a["bias"] if "bias" in a else 0)
+        elif e["kind"] == "conv":
+            c = e["config"]
+            y = conv.conv_nd(a["x"].astype(np.float64), Wm, a["bias"].astype(np.float64),
+                             stride=c["stride"], padding=c["padding"])
+        else:
+            y = Wm[a["ids"]] * (e["config"]["embed_scale"] or 1.0)
+        # |x @ dW.T| <= sum|x_row| * max|dW|: the merged weight's tolerance carried through x
+        # (for conv, a sample's whole sum bounds any patch's; a one-hot row sums to 1)
+        x_l1 = np.max(np.abs(a["x"]).reshape(len(a["x"]), -1).sum(axis=1)) if "x" in a else 1.0
+        y_tol = e["arrays"]["y"]["tolerance"]["atol"] + x_l1 * e["arrays"]["W_merged"]["tolerance"]["atol"] * (
+            e["config"].get("embed_scale") or 1.0)
+        assert np.max(np.abs(y - a["y"])) <= y_tol, e["name"]
+
+
+def test_unmerge_recovers_the_base(vec_dir, manifest):
+    for e in manifest["cases"]:
+        if "W0_unmerged" in e["arrays"]:
+            _, a = vectors.load_case(vec_dir, e["name"])
+            within(e, "W0_unmerged", a["W0"], a["W0_unmerged"])
+
+
+def test_multi_adapter_is_not_the_independent_sum(vec_dir):
+    """PEFT chains: adapter 1's g rescales adapter 0's output. The sum of two DoRA layers differs."""
+    e, a = vectors.load_case(vec_dir, "multi_adapter_float64")
+    s = e["config"]["scalings"]
+    base = a["x"] @ a["W0"].T
+    total = sum(F.dora_forward(a["x"], a["W0"], a[f"A_{i}"], a[f"B_{i}"], a[f"magnitude_{i}"], s[i])[0] - base
+                for i in (0, 1)) + base + a["bias"]
+    assert np.max(np.abs(total - a["y"])) > 1e3 * e["arrays"]["y"]["tolerance"]["atol"]
+
+
+def test_expanded_norm_fails_the_cancelling_case(vec_dir):
+    """Regression: n^2 = ||W0||^2 + 2s<W0, BA> + s^2||BA||^2 (a "memory-saving" norm) cancels
+    catastrophically in float32; the linear_cancelling case exists to catch it."""
+    e, a = vectors.load_case(vec_dir, "linear_cancelling_float32")
+    s = np.float32(e["config"]["scaling"])
+    W0, BA = a["W0"], a["B"] @ a["A"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = np.sqrt((W0 * W0).sum(1) + 2 * s * (W0 * BA).sum(1) + s * s * (BA * BA).sum(1))
+        y = (a["magnitude"] / n) * (a["x"] @ W0.T + s * (a["x"] @ a["A"].T) @ a["B"].T) + a["bias"]
+    err = np.abs(y.astype(np.float64) - a["y"])
+    assert not np.all(err <= e["arrays"]["y"]["tolerance"]["atol"])  # NaN or far off
+    direct = F.column_norm(W0, a["A"], a["B"], float(s))
+    within(e, "weight_norm", direct, a["weight_norm"])
+
+
+def test_torch_port_matches_the_golden_vectors(vec_dir):
+    pytest.importorskip("torch", reason="torch is not installed: the PyTorch port is not checked")
+    spec = importlib.util.spec_from_file_location("torch_port", EXAMPLES / "torch_port.py")
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+    assert 0 < tp.check_golden(vec_dir) < 1
