@@ -17,9 +17,10 @@ DTYPES = [np.float64, np.float32]
 
 def _forward_scale(case):
     """sum |terms| of each output: |g| (|x| |W0|^T + s |x| |A|^T |B|^T) + |b|."""
-    V_abs = np.abs(case.W0) + abs(case.scaling) * np.abs(case.B) @ np.abs(case.A)
-    n = np.linalg.norm(case.W0.astype(np.float64) + case.scaling * case.B @ case.A, axis=1)
-    out = np.abs(case.x) @ V_abs.T * (np.abs(case.magnitude) / n)
+    x, W0, A, B, m = (a.astype(np.float64) for a in (case.x, case.W0, case.A, case.B, case.magnitude))
+    V_abs = np.abs(W0) + abs(case.scaling) * np.abs(B) @ np.abs(A)
+    n = np.linalg.norm(W0 + case.scaling * B @ A, axis=1)
+    out = np.abs(x) @ V_abs.T * (np.abs(m) / n)
     return out + (0 if case.bias is None else np.abs(case.bias))
 
 
@@ -40,7 +41,8 @@ def test_column_norm_and_merge_equal_dense_definition(dtype, data):
     case = data.draw(cases(dtype=dtype))
     W0, A, B, m, s, _ = case.weights
     k = A.shape[1] + A.shape[0] + 2
-    V_abs = np.abs(W0) + abs(s) * np.abs(B) @ np.abs(A)
+    W0_, A_, B_ = (np.abs(a.astype(np.float64)) for a in (W0, A, B))
+    V_abs = W0_ + abs(s) * B_ @ A_
     n = column_norm(W0, A, B, s)
     assert n.shape == (W0.shape[0],) and n.dtype == dtype
     assert_close(n, dense.row_norm(dense.direction(W0, A, B, s)), k=k,
