@@ -472,7 +472,7 @@ def tolerances(case, *, detach_norm=True):
     Returns
     -------
     dict of str to dict
-        For each output: ``atol`` (float), ``rtol``, ``k``, ``scale``.
+        For each output: ``atol`` (float), ``rtol``, ``k``, ``scale``, ``dtype``.
     """
     N, i, o, r = case.shapes()
     out = {}
@@ -480,7 +480,8 @@ def tolerances(case, *, detach_norm=True):
         k = dora_reduction_length(name, n_rows=N, in_features=i, out_features=o, r=r)
         rt = rtol(case.dtype, k)
         # a scale of 0 (e.g. dA when B = 0 and m = 0) still allows rounding of 0
-        out[name] = dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=k, scale=scale)
+        out[name] = dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=k, scale=scale,
+                         dtype=str(case.dtype))
     return out
 
 
@@ -658,7 +659,7 @@ def _compare(got, expected, tols):
             info["text"] = (
                 f"output {name}, index {info['index']}: expected {info['expected']!r}, "
                 f"got {info['got']!r}; error {float(err[idx]):.3g} > tolerance {atol:.3g} "
-                f"(rtol {t['rtol']:.3g} for {np.dtype(g.dtype) if g.dtype.kind == 'f' else 'float'} "
+                f"(rtol {t['rtol']:.3g} for {t['dtype']} "
                 f"with k = {t['k']}, times the term scale {t['scale']:.3g}; see dora_ref.tolerance)"
             )
             return np.inf, info
