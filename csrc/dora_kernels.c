@@ -43,7 +43,7 @@
 #define DORA_OPENMP_INFO "no"
 #endif
 
-#define G 4                       /* rows that share each load of A in a tile */
+#define G 4                       /* rows that share each load of A (tile_full spells out 4) */
 #define ACCW 8                    /* double lanes of a sum of squares */
 #define ROW_BLOCK 16              /* rows a thread takes at a time (a multiple of G) */
 #define COL_BLOCK 256             /* columns a thread takes in the backward */

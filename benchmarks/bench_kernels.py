@@ -1,0 +1,498 @@
+"""Side-by-side timings of dora_ref's DoRA layer against its physical floor.
+
+Not a test: a script that prints ratios measured in the same run (float32,
+2 threads, medians over interleaved repeats) and writes them to
+``benchmarks/results/bench_kernels.{md,json,png}``.
+
+What it measures, for (out, in, r, N) in the issue's four shapes:
+
+* column norm: the C kernel vs ``np.linalg.norm(W0 + s*B@A, axis=1)`` and vs
+  one read of W0 at the memory bandwidth measured here;
+* training step (forward + backward incl. dx), detached and exact norm, vs
+  a plain frozen linear layer (``x @ W0.T`` and ``dy @ W0``), and vs LoRA;
+* eval forward with a cached norm (``DoRALinear.eval()``, and the bare
+  functional pieces) vs the plain forward ``x @ W0.T``;
+* the same layer in PEFT on PyTorch CPU (training step, eval forward);
+* peak extra memory of a training step beyond the activations (tracemalloc);
+* scaling with out*in, r, N and the thread count.
+
+Run ``python benchmarks/bench_kernels.py`` (about 10 minutes) or with
+``--quick`` (one shape, fewer repeats). OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE,
+if set, are removed by re-executing this script without them (it says so).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# --- environment, fixed before NumPy is imported -----------------------------
+_STRIPPED = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+if _STRIPPED:
+    env = {k: v for k, v in os.environ.items() if k not in _STRIPPED}
+    env["DORA_BENCH_STRIPPED"] = ",".join(f"{k}={os.environ[k]}" for k in _STRIPPED)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+THREADS = 2
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_k] = str(THREADS)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import numpy as np  # noqa: E402
+import threadpoolctl  # noqa: E402
+
+import dora_ref  # noqa: E402
+import dora_ref.layers  # noqa: E402
+from dora_ref import _backend  # noqa: E402
+from dora_ref import _kernels_numpy  # noqa: E402
+from dora_ref import functional as F  # noqa: E402
+
+CK = _backend._kernels_c  # the C kernels, or None when not built
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+SHAPES = [(1024, 1024, 8, 2048), (4096, 4096, 8, 512), (4096, 4096, 64, 512), (11008, 4096, 16, 256)]
+KEY_SHAPE = (4096, 4096, 8, 512)
+LARGE_SHAPES = [(4096, 4096, 8, 512), (11008, 4096, 16, 256)]
+DTYPE = np.float32
+GOALS = {
+    "norm_vs_read": ("<=", 2.0),
+    "numpy_expr_vs_norm": (">=", 10.0),
+    "train_detached_vs_plain": ("<=", 1.15),
+    "train_exact_vs_plain": ("<=", 1.25),
+    "train_dora_vs_lora": ("<=", 1.10),
+    "eval_cached_vs_plain": ("<=", 1.03),
+    "peft_train_vs_ours": (">=", 2.0),
+    "peft_eval_vs_ours": (">=", 3.0),
+    "extra_memory_vs_W0": ("<=", 0.10),
+}
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+
+
+def race(fns, repeats, warmup=1):
+    """Median seconds of each callable, timed round-robin so that noise from
+    other processes on the machine falls on all of them alike."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def problem(out_f, in_f, r, N, seed=0):
+    rng = np.random.default_rng(seed)
+    W0 = rng.standard_normal((out_f, in_f), dtype=DTYPE) / np.sqrt(in_f).astype(DTYPE)
+    A = rng.standard_normal((r, in_f), dtype=DTYPE) / np.sqrt(in_f).astype(DTYPE)
+    B = rng.standard_normal((out_f, r), dtype=DTYPE) * DTYPE(0.01)
+    x = rng.standard_normal((N, in_f), dtype=DTYPE)
+    dy = rng.standard_normal((N, out_f), dtype=DTYPE)
+    s = 16.0 / r
+    m = F.column_norm(W0, A, B, s) * DTYPE(1.1)
+    return dict(W0=W0, A=A, B=B, x=x, dy=dy, s=s, m=m)
+
+
+def bandwidth_read(W0, repeats):
+    """Seconds for the fastest single read of W0 we can make here (2 threads)."""
+    v = np.ones(W0.shape[1], dtype=W0.dtype)
+    t = race({"gemv": lambda: W0 @ v, "sum": lambda: W0.sum()}, repeats)
+    return min(t.values())
+
+
+# ---------------------------------------------------------------------------
+# the layer steps
+# ---------------------------------------------------------------------------
+
+
+def steps(p):
+    W0, A, B, x, dy, s, m = (p[k] for k in ("W0", "A", "B", "x", "dy", "s", "m"))
+
+    def plain_train():
+        y = x @ W0.T
+        dx = dy @ W0
+        return y, dx
+
+    def lora_train():
+        y, ctx = F.lora_forward(x, W0, A, B, s)
+        return y, F.lora_backward(dy, ctx)
+
+    def dora_train(detach):
+        def step():
+            y, ctx = F.dora_forward(x, W0, A, B, m, s)
+            return y, F.dora_backward(dy, ctx, detach_norm=detach)
+
+        return step
+
+    layer = dora_ref.layers.DoRALinear(W0, r=A.shape[0], lora_alpha=16, rng=0)
+    layer.lora_A[...] = A
+    layer.lora_B[...] = B
+    layer.eval()
+    layer(x)  # fills the norm cache
+    n = F.column_norm(W0, A, B, s)
+    g = m / n
+    kern = _backend.kernels()
+
+    def eval_pieces():  # the floor of a cached-norm forward: two products and the epilogue
+        return kern.forward_epilogue(x @ W0.T, x @ A.T, B, g, s, None)
+
+    return {
+        "plain_train": plain_train,
+        "lora_train": lora_train,
+        "dora_train_detached": dora_train(True),
+        "dora_train_exact": dora_train(False),
+        "plain_eval": lambda: x @ W0.T,
+        "dora_eval_layer": lambda: layer(x),
+        "dora_eval_pieces": eval_pieces,
+    }
+
+
+def extra_memory(shape, detach):
+    """Bytes of a training step's peak beyond its activations (tracemalloc).
+
+    Peak(N) = extra + N * per_row exactly (the step allocates the same arrays
+    for any N), so extra = 2 * Peak(N / 2) - Peak(N): what the step holds that
+    does not scale with the batch. Plus the C kernels' scratch (packed A or
+    B.T panels, at most r * (max(in, out) + 16) floats), which tracemalloc
+    does not see, counted here from the formula.
+    """
+    out_f, in_f, r, N = shape
+
+    def peak(n_rows):
+        p = problem(out_f, in_f, r, n_rows)
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        y, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"])
+        grads = F.dora_backward(p["dy"], ctx, detach_norm=detach)
+        del y, ctx, grads
+        result = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        return result
+
+    N2 = N // 2
+    full, half = peak(N), peak(N2)
+    per_row = (full - half) / (N - N2)
+    extra = full - per_row * N
+    c_scratch = r * (max(in_f, out_f) + 16) * np.dtype(DTYPE).itemsize
+    return dict(peak=full, per_row=per_row, extra=extra + c_scratch, c_scratch=c_scratch)
+
+
+# ---------------------------------------------------------------------------
+# PEFT on PyTorch
+# ---------------------------------------------------------------------------
+
+
+def peft_steps(p, threads):
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        return None, f"PEFT/torch not installed ({exc})"
+    torch.set_num_threads(threads)
+    W0, A, B, x, dy, s = (p[k] for k in ("W0", "A", "B", "x", "dy", "s"))
+    r = A.shape[0]
+    out_f, in_f = W0.shape
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(in_f, out_f, bias=False)
+
+    net = Net()
+    with torch.no_grad():
+        net.proj.weight.copy_(torch.from_numpy(W0))
+    cfg = LoraConfig(r=r, lora_alpha=16, target_modules=["proj"], use_dora=True, lora_dropout=0.0)
+    model = get_peft_model(net, cfg)
+    lin = model.base_model.model.proj
+    with torch.no_grad():
+        lin.lora_A["default"].weight.copy_(torch.from_numpy(A))
+        lin.lora_B["default"].weight.copy_(torch.from_numpy(B))
+    tx = torch.from_numpy(x)
+    tdy = torch.from_numpy(dy)
+
+    def train():
+        model.train()
+        xx = tx.clone().requires_grad_(True)
+        y = lin(xx)
+        y.backward(tdy)
+        model.zero_grad(set_to_none=True)
+        return xx.grad
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            return lin(tx)
+
+    return {"peft_train": train, "peft_eval": evaluate}, f"torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def verdict(goal_key, value):
+    op, target = GOALS[goal_key]
+    ok = value <= target if op == "<=" else value >= target
+    return f"{'met' if ok else 'MISSED'} ({op} {target:g})"
+
+
+def run_shape(shape, repeats, with_peft):
+    out_f, in_f, r, N = shape
+    p = problem(*shape)
+    W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
+    row = {"shape": list(shape)}
+
+    t_read = bandwidth_read(W0, repeats)
+    t = race({
+        "norm_c": lambda: CK.column_norm(W0, A, B, s),
+        "norm_numpy_twin": lambda: _kernels_numpy.column_norm(W0, A, B, s),
+        "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1),
+    }, max(3, repeats // 2))
+    row.update({k: v * 1e3 for k, v in t.items()})
+    row["read_W0"] = t_read * 1e3
+    row["bandwidth_GBps"] = W0.nbytes / t_read / 1e9
+    row["norm_vs_read"] = t["norm_c"] / t_read
+    row["numpy_expr_vs_norm"] = t["norm_numpy_expr"] / t["norm_c"]
+
+    st = steps(p)
+    fns = dict(st)
+    peft_note = None
+    if with_peft:
+        peft_fns, peft_note = peft_steps(p, THREADS)
+        if peft_fns:
+            fns.update(peft_fns)
+    t = race(fns, repeats)
+    row.update({k: v * 1e3 for k, v in t.items()})
+    row["train_detached_vs_plain"] = t["dora_train_detached"] / t["plain_train"]
+    row["train_exact_vs_plain"] = t["dora_train_exact"] / t["plain_train"]
+    row["train_dora_vs_lora"] = t["dora_train_detached"] / t["lora_train"]
+    row["eval_cached_vs_plain"] = t["dora_eval_layer"] / t["plain_eval"]
+    row["eval_pieces_vs_plain"] = t["dora_eval_pieces"] / t["plain_eval"]
+    if "peft_train" in t:
+        row["peft_train_vs_ours"] = t["peft_train"] / t["dora_train_detached"]
+        row["peft_eval_vs_ours"] = t["peft_eval"] / t["dora_eval_layer"]
+    row["peft"] = peft_note
+
+    mem = extra_memory(shape, detach=True)
+    mem_exact = extra_memory(shape, detach=False)
+    row["extra_memory_MiB"] = mem["extra"] / 2**20
+    row["extra_memory_exact_MiB"] = mem_exact["extra"] / 2**20
+    row["peak_memory_MiB"] = mem["peak"] / 2**20
+    row["extra_memory_vs_W0"] = mem["extra"] / W0.nbytes
+    row["extra_memory_exact_vs_W0"] = mem_exact["extra"] / W0.nbytes
+    return row
+
+
+def scaling(repeats, quick):
+    """Times against out*in (norm), r and N (training step), and threads."""
+    res = {"norm_vs_size": [], "vs_r": [], "vs_N": [], "threads": []}
+    sizes = [512, 1024, 2048, 4096] if not quick else [1024, 4096]
+    for d in sizes:
+        p = problem(d, d, 8, 16)
+        t = race({"norm": lambda: CK.column_norm(p["W0"], p["A"], p["B"], p["s"]),
+                  "read": lambda: p["W0"].sum()}, repeats)
+        res["norm_vs_size"].append({"out_in": d * d, "norm_ms": t["norm"] * 1e3, "read_ms": t["read"] * 1e3})
+    for r in ([4, 8, 16, 32, 64, 128] if not quick else [8, 64]):
+        p = problem(4096, 4096, r, 512)
+        st = steps(p)
+        t = race({"norm": lambda: CK.column_norm(p["W0"], p["A"], p["B"], p["s"]),
+                  "plain": st["plain_train"], "dora": st["dora_train_detached"]}, max(3, repeats // 2))
+        res["vs_r"].append({"r": r, **{k + "_ms": v * 1e3 for k, v in t.items()}})
+    for N in ([128, 256, 512, 1024, 2048] if not quick else [256, 1024]):
+        p = problem(4096, 4096, 8, N)
+        st = steps(p)
+        t = race({"plain": st["plain_train"], "dora": st["dora_train_detached"]}, max(3, repeats // 2))
+        res["vs_N"].append({"N": N, **{k + "_ms": v * 1e3 for k, v in t.items()}})
+    p = problem(*KEY_SHAPE)
+    st = steps(p)
+    for threads in (1, 2):
+        with threadpoolctl.threadpool_limits(limits=threads):
+            t = race({"norm": lambda: CK.column_norm(p["W0"], p["A"], p["B"], p["s"]),
+                      "plain": st["plain_train"], "dora": st["dora_train_detached"]},
+                     max(3, repeats // 2))
+        res["threads"].append({"threads": threads, **{k + "_ms": v * 1e3 for k, v in t.items()}})
+    return res
+
+
+def environment():
+    info = threadpoolctl.threadpool_info()
+    blas = [f"{d.get('internal_api')} {d.get('version')} kernel={d.get('architecture')} "
+            f"threads={d.get('num_threads')}" for d in info if d.get("user_api") == "blas"]
+    omp = [f"{os.path.basename(d.get('filepath', ''))} threads={d.get('num_threads')}"
+           for d in info if d.get("user_api") == "openmp"]
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "threads": THREADS,
+        "blas": blas,
+        "openmp": omp,
+        "dora_ref_backend": dora_ref.backend(),
+        "c_build": CK.build_info() if CK else None,
+        "stripped_env": os.environ.get("DORA_BENCH_STRIPPED"),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def markdown(env, rows, scal):
+    L = ["# dora_ref kernel benchmarks", ""]
+    L.append(f"float32, {env['threads']} threads, medians of interleaved repeats; "
+             f"backend `{env['dora_ref_backend']}` ({env['c_build']}); BLAS: {'; '.join(env['blas'])}; "
+             f"numpy {env['numpy']}, Python {env['python']}, {env['cpus']} CPUs. "
+             f"Load average at start {tuple(round(x, 2) for x in env['loadavg_start'])} "
+             f"(the machine is shared; ratios are measured side by side in one run).")
+    if env["stripped_env"]:
+        L.append(f"Re-executed without {env['stripped_env']}.")
+    L.append("")
+    L.append("## Goals")
+    L.append("")
+    L.append("| (out, in, r, N) | metric | measured | goal |")
+    L.append("|---|---|---|---|")
+    for row in rows:
+        for key in GOALS:
+            if key in row and row[key] is not None:
+                L.append(f"| {tuple(row['shape'])} | {key} | {row[key]:.3g} | {verdict(key, row[key])} |")
+    L.append("")
+    L.append("## Times (ms)")
+    L.append("")
+    cols = ["read_W0", "norm_c", "norm_numpy_twin", "norm_numpy_expr", "plain_train", "lora_train",
+            "dora_train_detached", "dora_train_exact", "plain_eval", "dora_eval_layer",
+            "dora_eval_pieces", "peft_train", "peft_eval"]
+    L.append("| (out, in, r, N) | " + " | ".join(cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    for row in rows:
+        L.append(f"| {tuple(row['shape'])} | " + " | ".join(
+            f"{row[c]:.2f}" if c in row else "-" for c in cols) + " |")
+    L.append("")
+    L.append("Other figures: " + "; ".join(
+        f"{tuple(r['shape'])}: bandwidth {r['bandwidth_GBps']:.1f} GB/s, eval pieces/plain "
+        f"{r['eval_pieces_vs_plain']:.3f}, peak {r['peak_memory_MiB']:.1f} MiB, extra "
+        f"{r['extra_memory_MiB']:.2f} MiB detached / {r['extra_memory_exact_MiB']:.2f} MiB exact "
+        f"({100 * r['extra_memory_exact_vs_W0']:.1f}% of W0)" for r in rows))
+    L.append("")
+    L.append("## Scaling")
+    L.append("")
+    for name, items in scal.items():
+        if not items:
+            continue
+        L.append(f"**{name}**")
+        L.append("")
+        keys = list(items[0])
+        L.append("| " + " | ".join(keys) + " |")
+        L.append("|" + "---|" * len(keys))
+        for it in items:
+            L.append("| " + " | ".join(f"{it[k]:.3g}" if isinstance(it[k], float) else str(it[k]) for k in keys) + " |")
+        L.append("")
+    return "\n".join(L)
+
+
+def plot(rows, scal, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    ax = axes[0, 0]
+    keys = ["train_detached_vs_plain", "train_exact_vs_plain", "train_dora_vs_lora", "eval_cached_vs_plain"]
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        ax.bar(np.arange(len(keys)) + i * width, [row[k] for k in keys], width, label=str(tuple(row["shape"])))
+    for j, k in enumerate(keys):
+        ax.hlines(GOALS[k][1], j - 0.1, j + 0.9, colors="k", linestyles="dashed")
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, ["train det.", "train exact", "DoRA/LoRA", "eval cached"])
+    ax.set_ylabel("time / baseline (dashed: goal)")
+    ax.set_ylim(0.9, max(1.6, max(row[k] for row in rows for k in keys) * 1.05))
+    ax.legend(fontsize=7)
+    ax.set_title("DoRA overhead vs plain linear / LoRA")
+    ax = axes[0, 1]
+    d = scal["norm_vs_size"]
+    ax.loglog([x["out_in"] for x in d], [x["norm_ms"] for x in d], "o-", label="column norm (C), r=8")
+    ax.loglog([x["out_in"] for x in d], [x["read_ms"] for x in d], "s--", label="read of W0 (W0.sum())")
+    ax.set_xlabel("out * in")
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax.set_title("norm vs size")
+    ax = axes[1, 0]
+    d = scal["vs_r"]
+    for k in ("norm_ms", "plain_ms", "dora_ms"):
+        ax.plot([x["r"] for x in d], [x[k] for x in d], "o-", label=k[:-3])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("r (4096 x 4096, N = 512)")
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax.set_title("vs rank")
+    ax = axes[1, 1]
+    d = scal["vs_N"]
+    for k in ("plain_ms", "dora_ms"):
+        ax.plot([x["N"] for x in d], [x[k] for x in d], "o-", label=k[:-3] + " train step")
+    ax.set_xlabel("N (4096 x 4096, r = 8)")
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax.set_title("vs batch rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the key shape only, fewer repeats")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT/PyTorch")
+    ap.add_argument("--out", default=RESULTS, help="folder for the results files")
+    args = ap.parse_args(argv)
+
+    if os.environ.get("DORA_BENCH_STRIPPED"):
+        print(f"re-executed without {os.environ['DORA_BENCH_STRIPPED']} (so OpenBLAS picks its own kernel)")
+    if CK is None or dora_ref.backend() != "c":
+        print("the C backend is not active; build it with pip install -e .", file=sys.stderr)
+        return 1
+    env = environment()
+    print(f"BLAS: {env['blas']}; OpenMP: {env['openmp'] or 'not loaded yet'}; C: {env['c_build']}")
+    repeats = 5 if args.quick else 9
+    shapes = [KEY_SHAPE] if args.quick else SHAPES
+    rows = []
+    t_start = time.time()
+    for shape in shapes:
+        row = run_shape(shape, repeats, with_peft=not args.no_peft)
+        rows.append(row)
+        print(f"\n{tuple(shape)}  ({time.time() - t_start:.0f} s)")
+        for key in GOALS:
+            if key in row:
+                print(f"  {key:28s} {row[key]:8.3f}   {verdict(key, row[key])}")
+        print("  ms: " + ", ".join(f"{k}={row[k]:.2f}" for k in row if k.endswith(("_train", "_eval", "_c", "_expr", "read_W0")) or k.startswith(("dora_", "peft_t", "peft_e"))))
+    scal = scaling(3 if args.quick else 5, args.quick)
+    env["openmp"] = [f"{os.path.basename(d.get('filepath', ''))} threads={d.get('num_threads')}"
+                     for d in threadpoolctl.threadpool_info() if d.get("user_api") == "openmp"]
+    env["loadavg_end"] = os.getloadavg()
+    env["seconds"] = time.time() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_kernels" + ("_quick" if args.quick else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "goals": GOALS, "rows": rows, "scaling": scal}, f, indent=1)
+    md = markdown(env, rows, scal)
+    with open(stem + ".md", "w") as f:
+        f.write(md + "\n")
+    plotted = plot(rows, scal, stem + ".png")
+    print("\n" + md)
+    print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if plotted else "") + f" in {env['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Where a DoRA training step spends its time, line by line (float32, 2 threads).
+
+Re-times, one by one, the products and kernels that ``dora_forward`` and
+``dora_backward`` (``dora_ref/functional.py``) run, next to the plain frozen
+linear layer's two products, so that the overhead of each piece can be read
+off. Medians of interleaved repeats; the machine may be shared, so compare
+rows of one run only.
+
+    python benchmarks/profile_step.py [out in r N]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_k] = "2"
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from dora_ref import _backend  # noqa: E402
+from dora_ref import functional as F  # noqa: E402
+
+
+def main(argv):
+    out_f, in_f, r, N = (int(a) for a in argv) if argv else (4096, 4096, 8, 512)
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    W0 = rng.standard_normal((out_f, in_f), dtype=f32) / f32(np.sqrt(in_f))
+    A = rng.standard_normal((r, in_f), dtype=f32) / f32(np.sqrt(in_f))
+    B = rng.standard_normal((out_f, r), dtype=f32) * f32(0.01)
+    x = rng.standard_normal((N, in_f), dtype=f32)
+    dy = rng.standard_normal((N, out_f), dtype=f32)
+    s = 2.0
+    K = _backend.kernels()
+    n = K.column_norm(W0, A, B, s)
+    m = n * f32(1.1)
+    g = m / n
+    U = x @ A.T
+    base = x @ W0.T
+    dg, dz = K.backward_epilogue(dy, base, U, B, g, s)
+    dU = s * (dz @ B)
+    c = -dg * g / (n * n)
+    cB = c[:, None] * B
+
+    pieces = {
+        "plain: x @ W0.T": lambda: x @ W0.T,
+        "plain: dy @ W0": lambda: dy @ W0,
+        "fwd (3) column_norm": lambda: K.column_norm(W0, A, B, s),
+        "fwd (1) U = x @ A.T": lambda: x @ A.T,
+        "fwd (5,6) forward_epilogue": lambda: K.forward_epilogue(base, U, B, g, s, None),
+        "bwd (6) backward_epilogue": lambda: K.backward_epilogue(dy, base, U, B, g, s),
+        "bwd (5) dU = s * (dz @ B)": lambda: s * (dz @ B),
+        "bwd (5) dB = s * (dz.T @ U)": lambda: s * (dz.T @ U),
+        "bwd (1) dA = dU.T @ x": lambda: dU.T @ x,
+        "bwd (2,1) dx = dz @ W0 + dU @ A": lambda: dz @ W0 + dU @ A,
+        "bwd (2,1) dx = dz @ W0; dx += dU @ A": lambda: np.add(dz @ W0, dU @ A, out=None),
+        "exact: W0 @ A.T": lambda: W0 @ A.T,
+        "exact: cB.T @ W0": lambda: cB.T @ W0,
+        "LoRA fwd: x @ W0.T + s * (U @ B.T)": lambda: x @ W0.T + s * (U @ B.T),
+        "step: plain fwd+bwd": lambda: (x @ W0.T, dy @ W0),
+        "step: LoRA": lambda: F.lora_backward(dy, F.lora_forward(x, W0, A, B, s)[1]),
+        "step: DoRA detached": lambda: F.dora_backward(dy, F.dora_forward(x, W0, A, B, m, s)[1]),
+        "step: DoRA exact": lambda: F.dora_backward(
+            dy, F.dora_forward(x, W0, A, B, m, s)[1], detach_norm=False),
+    }
+
+    def dx_inplace():
+        dx = dz @ W0
+        dx += dU @ A
+        return dx
+
+    pieces["bwd (2,1) dx = dz @ W0; dx += dU @ A"] = dx_inplace
+    times = {k: [] for k in pieces}
+    for f in pieces.values():
+        f()
+    for _ in range(9):
+        for k, f in pieces.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    print(f"(out, in, r, N) = {(out_f, in_f, r, N)}, backend {_backend.backend()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    for k, v in times.items():
+        print(f"  {k:42s} median {np.median(v) * 1e3:8.2f} ms   min {min(v) * 1e3:8.2f} ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
