@@ -55,6 +55,7 @@ import io
 import json
 import math
 import os
+import sys
 import zipfile
 import zlib
 
@@ -512,10 +513,17 @@ def generate(seed=SEED, cases=CASES, dtypes=DTYPES):
 
     Raises
     ------
+    ValueError
+        On a negative or non-integer seed, or an unknown dtype.
     RuntimeError
         If an expected value disagrees with the float64 dense definition by
         more than its tolerance (the vectors would be wrong: nothing is written).
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise ValueError(f"dtypes must be among {DTYPES}, got {bad}")
     out = []
     with use_backend("numpy"):
         for spec in cases:
@@ -590,11 +598,19 @@ def write(out_dir, seed=SEED):
     -------
     dict
         The manifest that was written.
+
+    Raises
+    ------
+    ValueError
+        On a bad seed (see ``generate``).
+    OSError
+        If ``out_dir`` cannot be created or written (e.g. it is a file).
     """
+    entries_data = generate(seed)  # compute first: a bad seed writes nothing
     os.makedirs(out_dir, exist_ok=True)
     manifest = _manifest_header(seed)
     entries = []
-    for entry, arrays in generate(seed):
+    for entry, arrays in entries_data:
         data = npz_bytes(arrays)
         with open(os.path.join(out_dir, entry["file"]), "wb") as f:
             f.write(data)
@@ -659,7 +675,13 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory to write into (created if missing)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of every input (default {SEED})")
     args = parser.parse_args(argv)
-    manifest = write(args.out, seed=args.seed)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        manifest = write(args.out, seed=args.seed)
+    except OSError as exc:
+        print(f"dora-ref vectors: cannot write to {args.out!r}: {exc}", file=sys.stderr)
+        return 1
     n = len(manifest["cases"])
     print(f"wrote {n} cases, {manifest['total_bytes'] / 1024:.0f} KiB, and {MANIFEST} to {args.out}")
     return 0

@@ -110,6 +110,19 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         vectors.main([])  # --out is required
     assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        vectors.main(["--out", str(tmp_path / "w"), "--seed", "-1"])
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    assert vectors.main(["--out", str(tmp_path / "afile")]) == 1
+    assert "cannot write to" in capsys.readouterr().err
+
+
+def test_generate_argument_errors():
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        vectors.generate(seed=-3)
+    with pytest.raises(ValueError, match="dtypes must be among"):
+        vectors.generate(dtypes=("float16",))
 
 
 # ---------------------------------------------------------------------------
