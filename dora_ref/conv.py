@@ -265,19 +265,18 @@ def col2im(dP, x_shape, geom):
     d = geom.ndim
     N, C, spatial = x_shape[0], x_shape[1], tuple(x_shape[2:])
     out_spatial = geom.output_shape(spatial)
-    dP = dP.reshape(N, *out_spatial, C, *geom.kernel_size)
-    dP = np.moveaxis(dP, tuple(range(d + 2, 2 * d + 2)), tuple(range(d)))  # (*k, N, *L_out, C)
-    dP = np.moveaxis(dP, -1, d + 1)  # (*k, N, C, *L_out)
+    dP = dP.reshape(N, *out_spatial, C, *geom.kernel_size)  # row (n, *l), column (c, *j)
     padded = tuple(L + pl + pr for L, (pl, pr) in zip(spatial, geom.padding))
-    dxp = np.zeros((N, C, *padded), dtype=dP.dtype)
+    dxp = np.zeros((N, *padded, C), dtype=dP.dtype)  # channels last, as the rows of dP
+    rows = (slice(None),) * (d + 2)  # all of (n, *l, c)
     for j in np.ndindex(*geom.kernel_size):
         taps = tuple(
             slice(ji * dl, ji * dl + s * (Lo - 1) + 1, s)
             for ji, dl, s, Lo in zip(j, geom.dilation, geom.stride, out_spatial)
         )
-        dxp[(slice(None), slice(None)) + taps] += dP[j]
+        dxp[(slice(None),) + taps] += dP[rows + j]  # tap j of every patch, (N, *L_out, C)
     crop = tuple(slice(pl, pl + L) for (pl, _), L in zip(geom.padding, spatial))
-    return dxp[(slice(None), slice(None)) + crop]
+    return np.ascontiguousarray(np.moveaxis(dxp[(slice(None),) + crop], -1, 1))
 
 
 def conv_nd(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
