@@ -11,6 +11,8 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from peft_helpers import dense_merge, random_module, write_adapter
 from safetensors.numpy import load_file, save_file
 
@@ -340,6 +342,43 @@ def test_streaming_writer_output_is_read_by_safetensors(tmp_path, with_bf16):
             np.testing.assert_array_equal(v, arrays[k])
 
 
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["F64", "F32", "F16", "BF16", "I64", "U8"]),
+                  st.lists(st.integers(1, 4), min_size=0, max_size=3)),
+        min_size=1, max_size=5,
+    ),
+    st.integers(0, 2**32 - 1),
+)  # fmt: skip
+def test_writer_then_reader_round_trips_any_dtype_and_shape(tmp_path_factory, specs, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for i, (st_dtype, shape) in enumerate(specs):
+        dtype = P._numpy_dtype(st_dtype)
+        arrays[f"t{i}"] = (rng.normal(size=shape) * 100).astype(dtype)
+    path = tmp_path_factory.mktemp("w") / "x.safetensors"
+    w = P.SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in arrays.items()])
+    for k, a in arrays.items():
+        w.write(k, a)
+    w.close()
+    f = P.SafetensorsFile(path)
+    for k, a in arrays.items():
+        got = f.get(k)
+        assert got.dtype == a.dtype and got.shape == a.shape and f.st_dtype(k) == P._safetensors_dtype(a.dtype)
+        assert got.tobytes() == a.tobytes()
+
+
+def test_build_layers_from_a_sharded_bf16_directory_computes_in_float32(tmp_path):
+    base, mods = _toy_checkpoint(tmp_path, BF16)
+    layers, fifo = P.build_layers(tmp_path / "ad", tmp_path / "base")
+    assert fifo == {"transformer.h.0.fc": False, "transformer.h.0.c_attn": True}
+    attn = layers["transformer.h.0.c_attn"]
+    assert attn.weight.dtype == np.float32 and attn.weight.shape == (9, 4)
+    np.testing.assert_array_equal(attn.weight, base["h.0.c_attn.weight"].astype(BF16).astype(np.float32).T)
+    np.testing.assert_array_equal(attn.bias, base["h.0.c_attn.bias"].astype(BF16).astype(np.float32))
+    np.testing.assert_array_equal(attn.lora_magnitude_vector, mods["h.0.c_attn"][2].astype(np.float32))
+
+
 # ---------------------------------------------------------------------------
 # merge: single, chained, fan_in_fan_out, low precision
 # ---------------------------------------------------------------------------
@@ -386,6 +425,27 @@ def test_chained_adapters_merge_and_forward_as_peft_0_21():
     layer = DoRALinear(W0, b0, r=2, lora_alpha=4.0).eval()
     layer.lora_A, layer.lora_B, layer.lora_magnitude_vector = mods[0].lora_A, mods[0].lora_B, mods[0].magnitude
     assert_close(one, layer(x), k=k)
+
+
+@given(
+    st.integers(1, 6), st.integers(1, 6), st.lists(st.tuples(st.integers(1, 3), st.booleans()), min_size=1, max_size=3),
+    st.booleans(), st.integers(0, 2**32 - 1),
+)  # fmt: skip
+def test_merged_chain_equals_the_chained_forward(out_f, in_f, specs, fifo, seed):
+    """x @ W'.T + b equals the unmerged chain for any adapters (PEFT 0.21's merge = its forward)."""
+    rng = np.random.default_rng(seed)
+    W0, b0, x = rng.normal(size=(out_f, in_f)), rng.normal(size=out_f), rng.normal(size=(3, in_f))
+    mods = [_module(str(i), rng, out_f, in_f, r, dora=dora) for i, (r, dora) in enumerate(specs)]
+    stored = W0.T.copy() if fifo else W0
+    merged = P.merge_weight(stored, mods, fan_in_fan_out=fifo)
+    W = merged.T if fifo else merged
+    y = P.chain_forward(x, W0, b0, mods)
+    # terms: each fold rescales by g_i = O(1) and adds s B A; the products are over in + r
+    terms = np.abs(x) @ (np.abs(W0) + sum(m.scaling * np.abs(m.lora_B) @ np.abs(m.lora_A) for m in mods)).T
+    g_max = max([1.0] + [float(np.max(np.abs(m.magnitude) / np.linalg.norm(W0 + m.scaling * m.lora_B @ m.lora_A,
+                                                                          axis=1))) for m in mods if m.magnitude is not None])  # fmt: skip
+    scale = float(terms.max()) * g_max ** len(mods) + np.abs(b0).max()
+    assert_close(x @ W.T + b0, y, k=in_f + 3 * len(mods), scale=len(mods) * scale)
 
 
 def test_bf16_merge_computes_in_float32_and_rounds_once():
@@ -493,6 +553,16 @@ def test_merge_command_errors_before_writing_anything(tmp_path, capsys):
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out")]) == 1
     assert f"{shard} is not a valid safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_command_does_not_overwrite_without_force(tmp_path, capsys):
+    _toy_checkpoint(tmp_path)
+    args = [str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]
+    assert merge_main(args) == 0
+    assert merge_main(args) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert merge_main(args + ["--force"]) == 0
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "base")]) == 1
 
 
 def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path):
