@@ -115,11 +115,13 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
             raise ValueError(f"{dst} exists; pass --force to overwrite")
         if dst.resolve() in [f.resolve() for f in base.files]:
             raise ValueError(f"{dst} is a base file; write the output elsewhere")
+    created_dir = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     total = sum(len(base.file_keys(src)) for src, _ in files)
     bar = tqdm(total=total, unit="tensor", desc="merging", disable=not progress, file=sys.stderr)
+    written = []
     try:
         for src, dst in files:
             f = base.handle(src)
@@ -137,6 +139,13 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
             except BaseException:
                 writer.abort()
                 raise
+            written.append(dst)
+    except BaseException:  # no partial output: drop the shards this run completed
+        for dst in written:
+            dst.unlink(missing_ok=True)
+        if created_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     finally:
         bar.close()
 

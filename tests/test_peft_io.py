@@ -555,6 +555,16 @@ def test_merge_command_errors_before_writing_anything(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_command_leaves_no_partial_output_when_a_later_shard_fails(tmp_path, capsys):
+    """A zero row norm found while merging shard 2 removes shard 1's output too."""
+    _write_sharded(tmp_path / "base", {"a.weight": np.ones((2, 3)), "b.weight": np.zeros((2, 3))})
+    write_adapter(tmp_path / "ad", {"a": random_module(np.random.default_rng(0), 2, 3, 2),
+                                    "b": (np.zeros((2, 3)), np.zeros((2, 2)), np.ones(2))})  # fmt: skip
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "module 'b': W0 + s*B@A has an all-zero row" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_command_does_not_overwrite_without_force(tmp_path, capsys):
     _toy_checkpoint(tmp_path)
     args = [str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]
