@@ -588,6 +588,10 @@ class _Mismatch(Exception):
         self.info = info
 
 
+class _WroteInput(Exception):
+    """The port modified an input array in place."""
+
+
 def _first(result):
     if isinstance(result, tuple) and not hasattr(result, "_fields"):
         return result[0]
@@ -625,19 +629,19 @@ def _call_port(check, fn, unmerge, case, dropout, detach_norm):
     else:
         got = {"W_merged": _first(fn(c.W0, c.A, c.B, c.magnitude, c.scaling))}
         if unmerge is not None:
-            merged = reference(case)["W_merged"].astype(case.dtype)
-            n = reference(case)["weight_norm"].astype(case.dtype)
+            ref = reference(case)
+            merged, n = ref["W_merged"].astype(case.dtype), ref["weight_norm"].astype(case.dtype)
             got["W0_unmerged"] = _first(unmerge(merged, c.A, c.B, c.magnitude, c.scaling, n))
     for name in ("x", "W0", "A", "B", "magnitude", "bias", "dy", "dropout_mask"):
         before, after = getattr(case, name), getattr(c, name)
         if before is not None and not np.array_equal(before, after):
-            raise ValueError(f"the {check} wrote to its input {name!r}: a port must not modify its inputs")
+            raise _WroteInput(f"your {check} wrote to its input {name!r}: a port must not modify its inputs")
     return {k: _to_numpy(v) for k, v in got.items()}
 
 
 def _compare(got, expected, tols):
-    """Return (worst ratio, mismatch info or None) over the outputs in ``expected``."""
-    worst, worst_name = 0.0, None
+    """Compare outputs: (inf, mismatch info) at the first mismatch, else (worst ratio, its output's name)."""
+    worst, worst_name = 0.0, None  # without a mismatch: the largest error / tolerance, and where
     for name, exp in expected.items():
         g = got[name]
         if g.shape != exp.shape:
@@ -746,9 +750,9 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
         try:
             got = _call_port(check, fn, unmerge, case, dropout, detach_norm)
         except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
+            text = str(exc) if isinstance(exc, _WroteInput) else f"your {check} raised {type(exc).__name__}: {exc}"
             raise _Mismatch(case, dict(
-                output=None, index=None, expected=None, got=None, bound=None,
-                text=f"your {check} raised {type(exc).__name__}: {exc}",
+                output=None, index=None, expected=None, got=None, bound=None, text=text,
             )) from exc
         ratio, info = _compare(got, _expected(check, case, detach_norm, unmerge is not None),
                                tolerances(case, detach_norm=detach_norm))
@@ -827,6 +831,7 @@ def check_forward(forward, *, dtype="float64", dropout=False, max_examples=100, 
         formula ``y = x@W0.T + b + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T``,
         ``xd = x * dropout_mask``.
     dropout : bool, default False
+        Check PEFT's training path (``lora_dropout > 0``) with a given mask.
     """
     return _run("forward", forward, dtype=dtype, dropout=dropout, max_examples=max_examples, seed=seed)
 
@@ -846,6 +851,7 @@ def check_backward(backward, *, detach_norm=True, dtype="float64", dropout=False
         True: the norm is a constant (paper Sec. 4.3; PEFT). False: the exact
         gradient (paper Eqs. 6-7).
     dropout : bool, default False
+        Check the gradients of PEFT's training path with a given mask.
     """
     return _run("backward", backward, dtype=dtype, dropout=dropout, detach_norm=detach_norm,
                 max_examples=max_examples, seed=seed)
@@ -869,5 +875,5 @@ def check_merge(merge, unmerge=None, *, dtype="float64", max_examples=100, seed=
 
 
 for _check in (check_forward, check_backward, check_merge):
-    _check.__doc__ += _COMMON
+    _check.__doc__ = _check.__doc__.rstrip() + _COMMON
 del _check
