@@ -149,18 +149,16 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     finally:
         bar.close()
 
-    if out_dir is not None:  # the index and the small non-weight files (config, tokenizer)
+    if out_dir is not None:  # the shard index and the small files (config.json, tokenizer, ...)
         for item in base.path.iterdir():
-            if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and not (out_dir / item.name).exists():
-                shutil.copy2(item, out_dir / item.name)
-            elif item.name == P.SHARD_INDEX:
+            if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES:
                 shutil.copy2(item, out_dir / item.name)
 
     merged = {k: [":".join(origin[id(m)]) for m in mods] for k, (mods, _) in plan.items()}
     n_dora = sum(1 for mods, _ in plan.values() if any(m.magnitude is not None for m in mods))
     log(
         f"merged {len(plan)} module(s) ({n_dora} with DoRA, {len(plan) - n_dora} plain LoRA) "
-        f"from {len(adapters)} adapter(s) into {total} tensor(s); wrote {out}"
+        f"from {len(adapters)} adapter(s); wrote {total} tensor(s) to {out}"
     )
     shown = sorted(merged)
     for key in shown if verbose else shown[:10]:
