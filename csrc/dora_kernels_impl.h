@@ -18,7 +18,10 @@
    the variables g and w for the edges.
    The blocks have a fixed size, and rows are grouped in G's from the start
    of each block, so every row is computed by the same instructions whatever
-   the number of threads: the results are bitwise independent of it. */
+   the number of threads: the results are bitwise independent of it. Blocks
+   are handed out dynamically, so that on a shared machine a thread the OS
+   preempts does not hold up the others (which thread computes a block does
+   not change its bits). */
 
 /* ------------------------------------------------------------------------ */
 /* The rank-r tile, shared by all five kernels:                             */
@@ -161,7 +164,7 @@ int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
+    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t i0 = blk * ROW_BLOCK;
         FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
@@ -212,7 +215,7 @@ int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL 
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
+    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t i0 = blk * ROW_BLOCK;
         FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
@@ -263,7 +266,7 @@ int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
+    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t i0 = blk * ROW_BLOCK;
         FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
@@ -325,7 +328,7 @@ int FN(dora_forward_epilogue)(REAL *y, const REAL *base, const REAL *U, const RE
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
+    #pragma omp parallel for schedule(dynamic) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t t0 = blk * ROW_BLOCK;
         FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
@@ -394,7 +397,7 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
-    #pragma omp parallel for schedule(static) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
+    #pragma omp parallel for schedule(dynamic) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t c0 = blk * COL_BLOCK;
         FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
