@@ -371,3 +371,43 @@ def test_torch_port_with_norm_on_wrong_axis_is_caught(torch_port, monkeypatch):
 
 def test_torch_port_with_norm_not_detached_is_caught(torch_port):
     expect_hint(testing.check_backward, torch_port.make_backward(detach_norm=False), "norm_not_detached")
+
+
+# ---------------------------------------------------------------------------
+# the hints themselves
+# ---------------------------------------------------------------------------
+
+
+def test_every_hint_is_told_apart_on_the_diagnostic_case():
+    """Each known mistake changes the numbers of the square diagnostic case, so each hint can fire."""
+    seen = set()
+    for dropout in (False, True):
+        case = testing._diagnostic_case(np.float64, dropout)
+        ref = testing.reference(case)
+        groups = [(testing._forward_variants(case), testing.tolerances(case), ref)]
+        for detach in (True, False):
+            groups.append((testing._backward_variants(case, detach), testing.tolerances(case, detach_norm=detach),
+                           testing.reference(case, detach_norm=detach)))
+        groups.append((testing._merge_variants(case), testing.tolerances(case), ref))
+        for variants, tols, expected in groups:
+            for key, outputs in variants.items():
+                assert any(np.max(np.abs(v - expected[k])) > 100 * tols[k]["atol"] for k, v in outputs.items()), key
+                seen.add(key)
+    assert seen == set(testing.HINTS)
+
+
+def test_reported_index_is_where_the_port_is_wrong():
+    """A single wrong element is found: its output, index, and both values are reported exactly."""
+
+    def forward(x, W0, A, B, m, s, b):
+        y = np_forward(x, W0, A, B, m, s, b)
+        y[-1, -1] += 1e-3 * (1 + abs(y[-1, -1]))
+        return y
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(forward, **FEW)
+    err = info.value
+    N, _, out, _ = err.case.shapes()
+    assert err.output == "y" and err.index == (N - 1, out - 1) and err.hint is None
+    want = testing.reference(err.case)["y"][N - 1, out - 1]
+    assert err.expected == want and err.got != want
