@@ -31,7 +31,6 @@ torch = pytest.importorskip("torch", reason="parity tests need torch (pip instal
 peft = pytest.importorskip("peft", reason="parity tests need peft (pip install -e '.[parity]')")
 transformers = pytest.importorskip("transformers", reason="parity tests need transformers")
 
-import ml_dtypes  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils.other import get_pattern_key  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -184,7 +183,8 @@ def _terms_scale(layer, x):
     """max over outputs of g * (|x| |W0|^T + s |x| |A|^T |B|^T) + |b|: the size of the summed terms."""
     g = layer.lora_magnitude_vector / P.F.column_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
     ax = np.abs(x)
-    t = np.abs(g) * (ax @ np.abs(layer.weight).T + layer.scaling * (ax @ np.abs(layer.lora_A).T) @ np.abs(layer.lora_B).T)
+    low_rank = (ax @ np.abs(layer.lora_A).T) @ np.abs(layer.lora_B).T
+    t = np.abs(g) * (ax @ np.abs(layer.weight).T + layer.scaling * low_rank)
     if layer.bias is not None:
         t = t + np.abs(layer.bias)
     return float(t.max())
@@ -473,7 +473,8 @@ def _tiny(kind, dtype):
     cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                    max_position_embeddings=16, bos_token_id=0, eos_token_id=0)  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).to(dtype), ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    return transformers.LlamaForCausalLM(cfg).to(dtype), targets
 
 
 @pytest.mark.parametrize(
