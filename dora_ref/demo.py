@@ -266,7 +266,9 @@ def run_seed(config, seed, data, progress=None):
 
     runs, points = [], []
     for method, rank in methods(config):
-        run_rng = np.random.default_rng([seed, len(runs)])
+        # LoRA and DoRA at the same rank share their adapter init and batch order (a paired
+        # comparison), and a run does not depend on which other ranks are in the config
+        run_rng = np.random.default_rng([seed, rank or 0])
         net = adapt(base, method, rank, config, run_rng)
         lr = {"head": config.lr_head, "FT": config.lr_ft}.get(method, config.lr_adapter)
 
