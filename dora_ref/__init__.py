@@ -20,13 +20,22 @@ from .functional import (
     unmerge,
 )
 from .layers import DoRALinear, LoRALinear, lora_scaling
+from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d, LoRAConv1d, LoRAConv2d, LoRAConv3d
+from .embedding import DoRAEmbedding
 from .optim import SGD, AdamW
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamW",
+    "DoRAConv1d",
+    "DoRAConv2d",
+    "DoRAConv3d",
+    "DoRAEmbedding",
     "DoRALinear",
+    "LoRAConv1d",
+    "LoRAConv2d",
+    "LoRAConv3d",
     "LoRALinear",
     "SGD",
     "lora_scaling",

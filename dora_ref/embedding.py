@@ -264,8 +264,8 @@ def embedding_dora_forward(
         if n.shape != (D,) or n.dtype != weight.dtype:
             raise ValueError(f"weight_norm must have shape ({D},) and dtype {weight.dtype}, "
                              f"got {n.shape} {n.dtype}")
-    F._check_norm(n, weight.T, allow_zero_norm)
-    g = F._magnitude_over_norm(magnitude, n)  # (4)
+    F.check_norm(n, weight.T, allow_zero_norm)
+    g = F.divide_by_norm(magnitude, n)  # (4)
     y = kernels.forward_epilogue(base, U, B, g, scaling, None)  # (5), (6)
     if embed_scale != 1.0:
         y *= embed_scale
@@ -320,8 +320,7 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
     kernels = _backend.kernels()
 
     dg, dz = kernels.backward_epilogue(dy2, ctx.base, ctx.U, B, ctx.g, s)  # (6)
-    n_safe = np.where(ctx.n == 0, 1, ctx.n)
-    dmagnitude = np.where(ctx.n == 0, 0, dg / n_safe)  # (4)
+    dmagnitude = F.divide_by_norm(dg, ctx.n)  # (4)
     dU = s * (dz @ B)  # (5)
     dB = s * (dz.T @ ctx.U)
     dA = np.zeros_like(A)
@@ -330,10 +329,9 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
         dA[:, ctx.padding_idx] = 0
 
     if not detach_norm:  # (3), as functional.dora_backward with W0 = E.T
-        c = np.where(ctx.n == 0, 0, -dg * ctx.g / (n_safe * n_safe))
-        cB = c[:, None] * B  # (D, r)
-        dB += s * (c[:, None] * ((A @ E).T + s * (B @ (A @ A.T))))  # s c (V_oi @ A.T)
-        dA += s * ((E @ cB).T + s * ((cB.T @ B) @ A))  # s (cB).T @ V_oi
+        dA_n, dB_n = F.norm_gradient(E.T, A, B, s, dg, ctx.g, ctx.n)
+        dA += dA_n
+        dB += dB_n
     return dA, dB, dmagnitude
 
 

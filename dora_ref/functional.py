@@ -145,8 +145,18 @@ class LoRAContext:
 # ---------------------------------------------------------------------------
 
 
-def _check_norm(n, W0, allow_zero_norm):
-    """Raise on a non-finite or (unless allowed) zero row norm, naming the rows."""
+def check_norm(n, W0, allow_zero_norm):
+    """Raise ``ValueError`` on a non-finite or (unless allowed) zero row norm.
+
+    Parameters
+    ----------
+    n : ndarray, shape (out,)
+        Row norms of W0 + s*B@A.
+    W0 : ndarray, shape (out, in)
+        Read only to name the cause (NaN/Inf rows) when n is not finite.
+    allow_zero_norm : bool
+        If False, n = 0 raises (PEFT outputs NaN there, peft#2049).
+    """
     finite = np.isfinite(n)
     if not finite.all():
         rows = np.flatnonzero(~finite)
@@ -170,13 +180,18 @@ def _check_norm(n, W0, allow_zero_norm):
         )
 
 
-def _magnitude_over_norm(magnitude, n):
-    """g = m / n, with g = 0 where n = 0 (reached only with allow_zero_norm)."""
+def divide_by_norm(a, n):
+    """a / n elementwise for a per-channel a, shape (out,), with 0 where n = 0.
+
+    Gives g = m / n and dm = dg / n. A zero norm is reached only with
+    ``allow_zero_norm=True``; there g = 0 (the channel outputs its bias) and
+    the magnitude gets no gradient.
+    """
     if n.all():
-        return magnitude / n
-    g = np.zeros_like(n)
-    np.divide(magnitude, n, out=g, where=n != 0)
-    return g
+        return a / n
+    out = np.zeros_like(a)
+    np.divide(a, n, out=out, where=n != 0)
+    return out
 
 
 def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
@@ -213,7 +228,7 @@ def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
     W0, A, B, _, _ = check_adapter(W0, A, B)
     scaling = check_scaling(scaling)
     n = _backend.kernels().column_norm(W0, A, B, scaling)
-    _check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm)
     return n
 
 
@@ -328,8 +343,8 @@ def dora_forward(
                 f"weight_norm must have shape {magnitude.shape} and dtype {W0.dtype}, "
                 f"got {n.shape} {n.dtype}"
             )
-    _check_norm(n, W0, allow_zero_norm)
-    g = _magnitude_over_norm(magnitude, n)  # (4)
+    check_norm(n, W0, allow_zero_norm)
+    g = divide_by_norm(magnitude, n)  # (4)
 
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
@@ -386,8 +401,7 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     kernels = _backend.kernels()
 
     dg, dz = kernels.backward_epilogue(dy2, ctx.base, ctx.U, B, ctx.g, s)  # (6)
-    n_safe = np.where(ctx.n == 0, 1, ctx.n)
-    dmagnitude = np.where(ctx.n == 0, 0, dg / n_safe)  # (4)
+    dmagnitude = divide_by_norm(dg, ctx.n)  # (4)
     dU = s * (dz @ B)  # (5)
     dB = s * (dz.T @ ctx.U)
     dA = dU.T @ ctx.x  # (1)
@@ -397,14 +411,51 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
 
-    if not detach_norm:  # (3): dL/dV_i += c_i V_i with c = dn / n
-        c = np.where(ctx.n == 0, 0, -dg * ctx.g / (n_safe * n_safe))
-        cB = c[:, None] * B  # (out, r)
-        VAt = W0 @ A.T + s * (B @ (A @ A.T))  # V @ A.T, (out, r)
-        dB += s * (c[:, None] * VAt)
-        dA += s * (cB.T @ W0 + s * ((cB.T @ B) @ A))
+    if not detach_norm:  # (3)
+        dA_n, dB_n = norm_gradient(W0, A, B, s, dg, ctx.g, ctx.n)
+        dA += dA_n
+        dB += dB_n
 
     return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
+
+
+def norm_gradient(W0, A, B, scaling, dg, g, n):
+    """The gradient through the norm n (step 3), which ``detach_norm=True`` drops.
+
+    With dn = dL/dn = -dg * m / n**2 and c = dn / n = -dg * g / n**2, the
+    norm sends ``dL/dV_i = c_i V_i`` to each row of V = W0 + s B A, so::
+
+        dB = s * c[:, None] * (V @ A.T) = s * c[:, None] * (W0 @ A.T + s * B @ (A @ A.T))
+        dA = s * B.T @ diag(c) @ V     = s * ((c B).T @ W0 + s * ((c B).T @ B) @ A)
+
+    using only (out, r), (r, r) and (r, in) products: no (out, in) temporary.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+        Any strides (a transposed view works).
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+    dg : ndarray, shape (out,)
+        dL/dg from step (6).
+    g : ndarray, shape (out,)
+        m / n.
+    n : ndarray, shape (out,)
+        Rows with n = 0 get c = 0.
+
+    Returns
+    -------
+    dA : ndarray, shape (r, in)
+    dB : ndarray, shape (out, r)
+        To be added to the detached gradients.
+    """
+    c = divide_by_norm(-dg * g, n * n)
+    cB = c[:, None] * B  # (out, r)
+    VAt = W0 @ A.T + scaling * (B @ (A @ A.T))  # V @ A.T, (out, r)
+    dB = scaling * (c[:, None] * VAt)
+    dA = scaling * (cB.T @ W0 + scaling * ((cB.T @ B) @ A))
+    return dA, dB
 
 
 def _check_mask(mask, x_shape, dtype):
@@ -460,7 +511,7 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
     W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
-    _check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm)
     if not n.all():
         W_merged[n == 0] = 0
     return W_merged, n
