@@ -7,6 +7,10 @@ writes it (``model.safetensors``, or shards with
 merges several active adapters (each DoRA norm from the bare base weight,
 see ``dora_ref.peft.merge_weight``).
 
+Tensors of an adapter's ``modules_to_save`` (e.g. a classification head
+trained in full) replace the base's, cast to the base dtype, as in PEFT's
+``merge_and_unload``.
+
 OUT gets the base's keys, dtypes, shapes and file layout: a file for a file
 BASE; a directory for a directory BASE, with the same shard names, the index,
 and the base's other small files (``config.json``, tokenizer files, ...)
@@ -105,6 +109,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     base = P.BaseWeights(base_path)
     adapters = [P.load_adapter(a) for a in adapter_paths]
     plan = P.plan_merge(base, adapters)
+    replaced = P.plan_replacements(base, adapters)  # modules_to_save: full tensors
     # which adapter each module came from, for the summary
     origin = {id(m): (str(a), "DoRA" if ad.config.use_dora else "LoRA")
               for a, ad in zip(adapter_paths, adapters) for m in ad.modules.values()}  # fmt: skip
@@ -132,6 +137,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
                     if key in plan:
                         mods, fifo = plan[key]
                         W = P.merge_weight(W, mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+                    elif key in replaced:
+                        W = replaced[key].astype(W.dtype)
                     writer.write(key, W)
                     bar.update(1)
                 writer.close()
@@ -159,6 +166,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         f"merged {len(plan)} module(s) ({n_dora} with DoRA, {len(plan) - n_dora} plain LoRA) "
         f"from {len(adapters)} adapter(s); wrote {total} tensor(s) to {out}"
     )
+    if replaced:
+        log(f"replaced {len(replaced)} tensor(s) by the adapters' modules_to_save: {sorted(replaced)}")
     shown = sorted(merged)
     for key in shown if verbose else shown[:10]:
         log(f"  {key}  <- {', '.join(merged[key])}")

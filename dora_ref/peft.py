@@ -29,6 +29,10 @@ Base weights come from safetensors files (one file, or shards listed in
 Merged weights are cast back to the base dtype. Nothing here unpickles:
 ``.bin`` checkpoints are refused with a note on how to convert them.
 
+Tensors of the config's ``modules_to_save`` (modules trained in full, saved
+as ``base_model.model.<module>.weight``) are kept in ``PeftAdapter.replaced``
+and replace the base's when merging.
+
 Several DoRA adapters on one layer are chained as PEFT 0.21 chains them
 (peft_dora.md Sec. 5.2, 7.4): each adapter's norm is taken from the *bare*
 base weight, and each DoRA adapter rescales everything accumulated before it::
@@ -420,7 +424,6 @@ def load_base_weights(path, keys=None):
 # truthy values of these fields select behaviour this library does not implement
 _UNSUPPORTED_FIELDS = {
     "lora_bias": "a trainable bias in lora_B (PEFT refuses it together with DoRA)",
-    "modules_to_save": "full copies of extra modules stored in the adapter",
     "trainable_token_indices": "trainable token embeddings",
     "target_parameters": "LoRA on nn.Parameter targets (MoE experts)",
     "layer_replication": "layer replication",
@@ -489,7 +492,7 @@ class LoraAdapterConfig:
         ------
         ValueError
             If it is not a LoRA config, or asks for something unsupported
-            (``lora_bias``, ``modules_to_save``, ``bias != "none"``, other
+            (``lora_bias``, ``trainable_token_indices``, ``bias != "none"``, other
             LoRA variants): the message names the field.
         """
         d = dict(d)
@@ -634,10 +637,21 @@ class PeftAdapter:
     ----------
     config : LoraAdapterConfig
     modules : dict of str to ModuleAdapter
+    replaced : dict of str to ndarray
+        Full tensors of the config's ``modules_to_save`` (e.g. a
+        classification head trained in full), by their key in the base model
+        (``score.weight``): merging *replaces* the base tensors with them.
     """
 
     config: LoraAdapterConfig
     modules: dict
+    replaced: dict = field(default_factory=dict)
+
+    def replacement_key(self, name):
+        """Whether adapter key ``name`` (prefix stripped) is a ``modules_to_save`` tensor."""
+        targets = self.config.extra.get("modules_to_save") or []
+        module = name.rpartition(".")[0]
+        return any(module == t or module.endswith("." + t) for t in targets)
 
 
 _KEY = re.compile(
@@ -682,6 +696,7 @@ def load_adapter(directory, *, dtype=None):
     Returns
     -------
     PeftAdapter
+        Its ``replaced`` holds the ``modules_to_save`` tensors as stored.
 
     Raises
     ------
@@ -706,9 +721,14 @@ def load_adapter(directory, *, dtype=None):
                 _refuse_pickle(directory / pickle_name)
         raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}")
     config = read_config(directory)
+    adapter = PeftAdapter(config, {})
     parts = {}
     with SafetensorsFile(weights) as f:
         for key in f.keys():
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            if not _KEY.match(name) and adapter.replacement_key(name):
+                adapter.replaced[name] = f.get(key)
+                continue
             module, part, kind = _split_key(key, weights)
             if kind:
                 parts.setdefault(module, {})["kind"] = kind
@@ -718,12 +738,11 @@ def load_adapter(directory, *, dtype=None):
             if arr.dtype.kind != "f" and np.dtype(arr.dtype).name not in ("bfloat16",):
                 raise ValueError(f"{weights}: {key} has dtype {arr.dtype}, not a float")
             parts[module][part] = (key, arr)
-    modules = {}
     for name, p in parts.items():
-        modules[name] = _module_from_parts(name, p, config, weights, dtype)
-    if not modules:
+        adapter.modules[name] = _module_from_parts(name, p, config, weights, dtype)
+    if not adapter.modules and not adapter.replaced:
         raise ValueError(f"{weights}: no LoRA tensors found")
-    return PeftAdapter(config, modules)
+    return adapter
 
 
 def _compute_dtype(dtype):
@@ -835,6 +854,8 @@ def save_adapter(directory, adapter):
             if mod.kind == "conv":  # PEFT's (1, out, 1, ...), peft_dora.md Sec. 3.4
                 m = m.reshape((1, -1) + (1,) * (mod.lora_A.ndim - 2))
             tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m)
+    for name, arr in adapter.replaced.items():
+        tensors[PEFT_PREFIX + name] = np.ascontiguousarray(arr)
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -932,13 +953,21 @@ def weight_key(name, base_keys):
     KeyError
         If no key, or more than one candidate, matches.
     """
-    want = name + ".weight"
+    return base_key(name + ".weight", base_keys, what=f"module {name!r}: base weight")
+
+
+def base_key(want, base_keys, *, what="tensor"):
+    """``want`` if it is a key of the base, else the one key that ends with
+    ``"." + want`` or that ``want`` ends with (see ``weight_key``).
+
+    Raises
+    ------
+    KeyError
+        If no key, or more than one candidate, matches.
+    """
     if want in base_keys:
         return want
-    candidates = [
-        k for k in base_keys
-        if k.endswith(".weight") and (k.endswith("." + want) or want.endswith("." + k))
-    ]  # fmt: skip
+    candidates = [k for k in base_keys if k.endswith("." + want) or want.endswith("." + k)]
     if len(candidates) == 1:
         return candidates[0]
     why = (
@@ -947,7 +976,7 @@ def weight_key(name, base_keys):
         else "no such key; a tied weight (e.g. lm_head tied to the input embeddings) is stored "
         "once, under the other module's name"
     )
-    raise KeyError(f"module {name!r}: base weight {want!r} not found ({why})")
+    raise KeyError(f"{what} {want!r} not found ({why})")
 
 
 def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
@@ -1300,17 +1329,57 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False):
     Returns
     -------
     dict of str to ndarray
-        Only the changed ``<module>.weight`` tensors, in the base dtypes and
-        layouts. Biases and all other tensors are unchanged.
+        Only the changed tensors, in the base dtypes and layouts: merged
+        ``<module>.weight`` tensors, and the adapters' ``modules_to_save``
+        tensors (cast to the base dtype). All other tensors are unchanged.
     """
     if not isinstance(base, BaseWeights) and isinstance(base, (str, os.PathLike)):
         base = BaseWeights(base)
-    plan = plan_merge(base, adapters)
-    return {
-        key: merge_weight(base.get(key) if isinstance(base, BaseWeights) else np.asarray(base[key]),
-                          mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
-        for key, (mods, fifo) in plan.items()
-    }  # fmt: skip
+    adapters = [a if isinstance(a, PeftAdapter) else load_adapter(a) for a in adapters]
+    get = base.get if isinstance(base, BaseWeights) else (lambda k: np.asarray(base[k]))
+    out = {
+        key: merge_weight(get(key), mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+        for key, (mods, fifo) in plan_merge(base, adapters).items()
+    }
+    for key, arr in plan_replacements(base, adapters).items():
+        out[key] = arr.astype(get(key).dtype)
+    return out
+
+
+def plan_replacements(base, adapters):
+    """The base tensors that adapters' ``modules_to_save`` replace, by base key (no data read).
+
+    Parameters
+    ----------
+    base : BaseWeights or mapping of str to ndarray
+    adapters : sequence of PeftAdapter
+
+    Returns
+    -------
+    dict of str to ndarray
+        Base key -> the adapter's tensor, as stored in the adapter.
+
+    Raises
+    ------
+    KeyError, ValueError
+        A tensor with no base counterpart, of another shape, or replaced by
+        two adapters, or also adapted by LoRA.
+    """
+    keys = set(base.keys())
+    lora_keys = {weight_key(name, keys) for a in adapters for name in a.modules}
+    out = {}
+    for adapter in adapters:
+        for name, arr in adapter.replaced.items():
+            key = base_key(name, keys, what="modules_to_save tensor")
+            shape = base.shape(key) if isinstance(base, BaseWeights) else np.shape(base[key])
+            if tuple(shape) != arr.shape:
+                raise ValueError(
+                    f"modules_to_save tensor {name!r} has shape {arr.shape}, the base's {key!r} {tuple(shape)}"
+                )
+            if key in out or key in lora_keys:
+                raise ValueError(f"{key!r} is replaced by two adapters, or also adapted by LoRA")
+            out[key] = arr
+    return out
 
 
 def plan_merge(base, adapters):

@@ -18,11 +18,12 @@ def random_module(rng, out_f, in_f, r, dtype=np.float64, dora=True):
     return A, B, m
 
 
-def write_adapter(directory, modules, config=None, *, prefix=PEFT_PREFIX, magnitude_suffix=""):
+def write_adapter(directory, modules, config=None, *, prefix=PEFT_PREFIX, magnitude_suffix="", extra=None):
     """Write a PEFT-format adapter by hand (independent of ``dora_ref.peft.save_adapter``).
 
     ``modules``: name -> (A, B, m or None). ``config``: fields overriding
     PEFT defaults (``use_dora`` defaults to whether any module has a magnitude).
+    ``extra``: more tensors by key (without the prefix), e.g. ``modules_to_save`` copies.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -32,6 +33,7 @@ def write_adapter(directory, modules, config=None, *, prefix=PEFT_PREFIX, magnit
         tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(B)
         if m is not None:
             tensors[f"{prefix}{name}.lora_magnitude_vector{magnitude_suffix}"] = np.ascontiguousarray(m)
+    tensors.update({prefix + k: v for k, v in (extra or {}).items()})
     save_file(tensors, str(directory / ADAPTER_WEIGHTS))
     cfg = {
         "peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": False,

@@ -50,7 +50,7 @@ def test_rank_and_alpha_patterns_match_as_peft_get_pattern_key():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("lora_bias", True), ("modules_to_save", ["score"]), ("bias", "all"),
+    [("lora_bias", True), ("trainable_token_indices", [1, 2]), ("bias", "all"),
      ("peft_type", "IA3"), ("use_qalora", True), ("target_parameters", ["experts.w"])],
 )  # fmt: skip
 def test_unsupported_config_is_refused_by_name(tmp_path, field, value):
@@ -569,6 +569,32 @@ def test_merge_command_leaves_no_partial_output_when_a_later_shard_fails(tmp_pat
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "module 'b': W0 + s*B@A has an all-zero row" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_modules_to_save_tensors_replace_the_base_tensors_in_its_dtype(tmp_path, capsys):
+    """PEFT saves a modules_to_save copy (e.g. a classifier) in full as base_model.model.<module>.<param>."""
+    rng = np.random.default_rng(8)
+    base = {"fc.weight": rng.normal(size=(3, 4)), "score.weight": rng.normal(size=(2, 3)),
+            "score.bias": rng.normal(size=2)}  # fmt: skip
+    save_file({k: v.astype(BF16) for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    head = {"score.weight": rng.normal(size=(2, 3)).astype(np.float32), "score.bias": np.ones(2, np.float32)}
+    write_adapter(tmp_path / "ad", {"fc": random_module(rng, 3, 4, 2)}, {"modules_to_save": ["score"]}, extra=head)
+    adapter = P.load_adapter(tmp_path / "ad")
+    assert set(adapter.replaced) == {"score.weight", "score.bias"} and set(adapter.modules) == {"fc"}
+    P.save_adapter(tmp_path / "again", adapter)  # written back under PEFT's keys
+    assert set(load_file(str(tmp_path / "again" / P.ADAPTER_WEIGHTS))) >= {
+        "base_model.model.score.weight", "base_model.model.score.bias"}  # fmt: skip
+    out = tmp_path / "out.safetensors"
+    assert merge_main([str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), str(out), "--no-progress"]) == 0
+    assert "replaced 2 tensor(s) by the adapters' modules_to_save" in capsys.readouterr().out
+    merged = P.load_base_weights(out)
+    for k, v in head.items():
+        assert merged[k].dtype == BF16
+        np.testing.assert_array_equal(merged[k].view(np.uint16), v.astype(BF16).view(np.uint16))
+    bad = {"score.weight": np.ones((3, 2), np.float32)}
+    write_adapter(tmp_path / "bad", {"fc": random_module(rng, 3, 4, 2)}, {"modules_to_save": ["score"]}, extra=bad)
+    assert merge_main([str(tmp_path / "base.safetensors"), str(tmp_path / "bad"), str(tmp_path / "o2")]) == 1
+    assert "'score.weight' has shape (3, 2), the base's 'score.weight' (2, 3)" in capsys.readouterr().err
 
 
 def test_merge_command_does_not_overwrite_without_force(tmp_path, capsys):

@@ -595,3 +595,35 @@ def test_conv_and_embedding_merge_equal_peft_and_round_trip(dtype_name, tmp_path
         for name, mod in adapter.modules.items():
             want = merged.get_submodule(name).weight.detach().numpy()
             check(f"merged {mod.kind} ({label})", ours[name + ".weight"], want, np_dtype, mod.in_features + mod.r)
+
+
+class WithHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 5)
+        self.score = torch.nn.Linear(5, 3)
+
+
+@params
+def test_modules_to_save_merge_equals_peft(dtype_name, tmp_path):
+    """A head trained in full (modules_to_save) replaces the base's; the DoRA module merges."""
+    dtype, np_dtype = DTYPES[dtype_name], np.dtype(dtype_name)
+    torch.manual_seed(0)
+    base = WithHead().to(dtype)
+    base_weights = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(target_modules=["fc"], modules_to_save=["score"], use_dora=True,
+                                                r=2, lora_alpha=4, init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():  # "train" the head copy and the magnitude
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n or "lora_magnitude_vector" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    ours = P.merge_state_dict(base_weights, [P.load_adapter(tmp_path)])
+    assert set(ours) == {"fc.weight", "score.weight", "score.bias"}
+    merged = model.merge_and_unload().state_dict()
+    for key in ("score.weight", "score.bias"):
+        np.testing.assert_array_equal(ours[key], merged[key].numpy())
+        assert not np.array_equal(ours[key], base_weights[key])
+    check("merged weight (with modules_to_save)", ours["fc.weight"], merged["fc.weight"].numpy(), np_dtype, 6 + 2)
