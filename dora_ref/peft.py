@@ -363,7 +363,7 @@ class BaseWeights:
         return self._open[f]
 
     def file_keys(self, f):
-        """The keys stored in file ``f``, in its order."""
+        """The keys stored in file ``f``, sorted."""
         return self._handle(f).keys()
 
     def handle(self, f):
