@@ -55,8 +55,14 @@ def test_quick_demo_writes_every_output(quick_run):
         points = list(csv.DictReader(f))
     per_run = len(demo.QUICK.hidden) * demo.QUICK.checkpoints
     assert len(points) == per_run * (n_methods - 1) * demo.QUICK.seeds
-    for text in ("method", "test accuracy", "Merge check", "pooled", "-0.62", "within-step"):
+    for text in ("method", "test accuracy", "Merge check", "pooled", "-0.62", "within-step",
+                 "DoRA - LoRA"):
         assert text in stdout
+    # the paired differences are those of the runs
+    acc = {(r["method"], r["rank"], r["seed"]): r["accuracy"] for r in result["runs"]}
+    for p in result["dora_minus_lora"]:
+        assert p["diffs"] == [acc[("DoRA", p["rank"], s)] - acc[("LoRA", p["rank"], s)]
+                              for s in result["seeds"]]
 
 
 def test_quick_demo_merged_equals_unmerged(quick_run):
