@@ -11,22 +11,29 @@ What it does
    random permutation** ("permuted digits", as in permuted MNIST). Why this
    shift: the pretrained first layer's features become random projections of
    scrambled pixels, so training only the head does poorly; undoing the
-   shuffle needs ``W1 @ P``, a change of the first layer that is far from
-   low rank, so a small rank limits what LoRA and DoRA can do; full
-   fine-tuning has the capacity and does well. (Permuting the input columns
-   leaves every row norm of W1 unchanged: the ideal update is a pure change
-   of direction, which is what DoRA's decomposition makes easy to express.)
+   shuffle exactly needs ``W1[:, perm]`` (``W1 @ P``), whose difference from
+   W1 has nearly full rank (58 of 64 for seed 0), so a small rank limits
+   what LoRA and DoRA can do; full fine-tuning has the capacity and does
+   well. Permuting a row's entries keeps its norm, so that ideal update is
+   a pure change of direction (ΔM = 0, ΔD = 0.99; tutorial 01 shows it).
+   Measured (5 seeds): head only ~70%, full fine-tuning ~97%, LoRA/DoRA
+   from ~84% at rank 1 to ~95% at rank 8.
 4. **Methods**, each from the pretrained weights, several seeds: the head
    only; full fine-tuning; LoRA and DoRA at ranks 1, 2, 4, 8 on the three
    hidden layers (the head is trained in full, as PEFT's
-   ``modules_to_save``). All use ``dora_ref``'s layers, its hand-derived
-   backward and its AdamW; nothing here uses an autograd framework.
+   ``modules_to_save``), ``lora_alpha = 2 r``, AdamW without weight decay.
+   LoRA and DoRA at the same rank and seed share their adapter init and
+   batch order, so their difference is paired. All use ``dora_ref``'s
+   layers, its hand-derived backward and its AdamW; nothing here uses an
+   autograd framework.
 5. **Merge check.** Every trained adapter is merged into its base weights
    and the merged network's test outputs are compared with the unmerged ones.
 6. **Weight-decomposition analysis** (paper Sec. 3.2, Fig. 2): ΔM and ΔD of
    each hidden layer at 4 checkpoints against the pretrained weights, for
    FT, LoRA and DoRA; their correlation and slope next to the paper's
-   (FT -0.62, DoRA -0.31, LoRA +0.83 on VL-BART).
+   (FT -0.62, DoRA -0.31, LoRA +0.83 on VL-BART). The paper pools all
+   points of a run; the demo also reports a within-step correlation (each
+   checkpoint's mean removed), since ΔD and ΔM both grow with training.
 
 Outputs in ``--out`` (default ``./demo_out``): ``results.json``,
 ``results.csv`` (the table), ``decomposition.csv`` (every ΔM/ΔD point),
