@@ -29,6 +29,7 @@ from pathlib import Path
 
 
 from . import peft as P
+from . import safetensors_io as S
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
@@ -106,7 +107,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     """
     from tqdm.auto import tqdm
 
-    base = P.BaseWeights(base_path)
+    base = S.BaseWeights(base_path)
     adapters = [P.load_adapter(a) for a in adapter_paths]
     plan = P.plan_merge(base, adapters)
     replaced = P.plan_replacements(base, adapters)  # modules_to_save: full tensors
@@ -130,7 +131,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         for src, dst in files:
             f = base.handle(src)
             keys = f.keys()
-            writer = P.SafetensorsWriter(dst, [(k, f.dtype(k), f.shape(k)) for k in keys], f.metadata())
+            writer = S.SafetensorsWriter(dst, [(k, f.dtype(k), f.shape(k)) for k in keys], f.metadata())
             try:
                 for key in keys:
                     W = f.get(key)

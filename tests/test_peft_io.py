@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from dora_ref import DoRALinear, LoRALinear
 from dora_ref import peft as P
+from dora_ref import safetensors_io as S
 from dora_ref.merge_cli import main as merge_main
 from dora_ref.tolerance import assert_close
 
@@ -326,14 +327,14 @@ def test_streaming_writer_output_is_read_by_safetensors(tmp_path, with_bf16):
              ("a", BF16 if with_bf16 else np.dtype(np.float16), (2, 3))]  # fmt: skip
     arrays = {k: rng.normal(size=s).astype(d) for k, d, s in specs}
     path = tmp_path / "x.safetensors"
-    w = P.SafetensorsWriter(path, specs, {"format": "pt"})
+    w = S.SafetensorsWriter(path, specs, {"format": "pt"})
     with pytest.raises(ValueError, match=r"expected tensor 'b'"):
         w.write("a", arrays["a"])
     for k, _, _ in specs:
         w.write(k, arrays[k])
     assert not path.exists()  # appears only when complete
     w.close()
-    f = P.SafetensorsFile(path)  # safe_open validates the header and coverage
+    f = S.SafetensorsFile(path)  # safe_open validates the header and coverage
     assert sorted(f.keys()) == ["a", "b", "c"] and f.metadata() == {"format": "pt"}
     for k in arrays:
         assert f.get(k).dtype == arrays[k].dtype
@@ -355,17 +356,17 @@ def test_writer_then_reader_round_trips_any_dtype_and_shape(tmp_path_factory, sp
     rng = np.random.default_rng(seed)
     arrays = {}
     for i, (st_dtype, shape) in enumerate(specs):
-        dtype = P._numpy_dtype(st_dtype)
+        dtype = S._numpy_dtype(st_dtype)
         arrays[f"t{i}"] = (rng.normal(size=shape) * 100).astype(dtype)
     path = tmp_path_factory.mktemp("w") / "x.safetensors"
-    w = P.SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in arrays.items()])
+    w = S.SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in arrays.items()])
     for k, a in arrays.items():
         w.write(k, a)
     w.close()
-    f = P.SafetensorsFile(path)
+    f = S.SafetensorsFile(path)
     for k, a in arrays.items():
         got = f.get(k)
-        assert got.dtype == a.dtype and got.shape == a.shape and f.st_dtype(k) == P._safetensors_dtype(a.dtype)
+        assert got.dtype == a.dtype and got.shape == a.shape and f.st_dtype(k) == S._safetensors_dtype(a.dtype)
         assert got.tobytes() == a.tobytes()
 
 
