@@ -47,7 +47,7 @@ summed, not by the size of the result. See docs/porting.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 

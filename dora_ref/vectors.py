@@ -65,7 +65,7 @@ from . import __version__, conv, dense, embedding, use_backend
 from . import functional as F
 from . import peft
 from .testing import Case, term_scales
-from .tolerance import SAFETY, dora_reduction_length, rtol
+from .tolerance import dora_reduction_length, rtol
 
 SEED = 2402  # arXiv:2402.09353
 FORMAT_VERSION = 1
