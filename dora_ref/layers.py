@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from . import functional as F
-from ._validate import as_float_array, check_input, check_scaling
+from ._validate import as_float_array, check_adapter, check_input, check_scaling
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -116,13 +116,18 @@ class LoRALinear:
         Frozen base weight. Kept by reference, as a read-only view.
     bias : ndarray, shape (out,), optional
         Frozen base bias.
-    r : int, default 8
+    r : int, optional
+        Rank; default 8 (PEFT's), or ``lora_A.shape[0]`` when ``lora_A`` is given.
     lora_alpha : float, default 8
     use_rslora : bool, default False
     lora_dropout : float in [0, 1), default 0
     init_lora_weights : {True, False, "gaussian"}, default True
     rng : numpy.random.Generator or int, optional
         Seeds the init and the dropout masks.
+    lora_A : ndarray, shape (r, in), optional
+    lora_B : ndarray, shape (out, r), optional
+        Trained adapter weights (e.g. from a PEFT checkpoint) instead of the
+        initialisation; give both or neither. Copied, in the weight's dtype.
 
     Attributes
     ----------
@@ -147,14 +152,26 @@ class LoRALinear:
         weight,
         bias=None,
         *,
-        r=8,
+        r=None,
         lora_alpha=8,
         use_rslora=False,
         lora_dropout=0.0,
         init_lora_weights=True,
         rng=None,
+        lora_A=None,
+        lora_B=None,
     ):
         weight = as_float_array("weight", weight, ndim=2)
+        if (lora_A is None) != (lora_B is None):
+            raise ValueError("give both lora_A and lora_B, or neither")
+        if lora_A is not None:
+            _, lora_A, lora_B, _, _ = check_adapter(
+                weight, np.asarray(lora_A, dtype=weight.dtype), np.asarray(lora_B, dtype=weight.dtype)
+            )
+            if r is not None and r != lora_A.shape[0]:
+                raise ValueError(f"r = {r} but lora_A has shape {lora_A.shape}")
+            r = lora_A.shape[0]
+        r = 8 if r is None else r
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -164,9 +181,12 @@ class LoRALinear:
         self.lora_dropout = float(lora_dropout)
         self.rng = np.random.default_rng(rng)
         out_features, in_features = weight.shape
-        self.lora_A, self.lora_B = initial_lora_weights(
-            in_features, out_features, r, self.rng, weight.dtype, init_lora_weights
-        )
+        if lora_A is None:
+            self.lora_A, self.lora_B = initial_lora_weights(
+                in_features, out_features, r, self.rng, weight.dtype, init_lora_weights
+            )
+        else:
+            self.lora_A, self.lora_B = lora_A.copy(), lora_B.copy()
         self.training = True
         self.merged = False
         self._ctx = None
@@ -352,9 +372,11 @@ class DoRALinear(LoRALinear):
 
     Parameters
     ----------
-    weight, bias, r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, rng
+    weight, bias, r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, rng, lora_A, lora_B
         As in ``LoRALinear``. The magnitude is initialised to the row norms of
         ``weight + s * lora_B @ lora_A`` (PEFT ``DoraLinearLayer.update_layer``).
+    lora_magnitude_vector : ndarray, shape (out,), optional
+        A trained magnitude instead of that initialisation. Copied.
     detach_norm : bool, default True
         True: the norm is a constant in backward (paper Sec. 4.3, PEFT).
         False: the exact gradient (paper Eqs. 6-7).
@@ -378,18 +400,34 @@ class DoRALinear(LoRALinear):
 
     _param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
-    def __init__(self, weight, bias=None, *, detach_norm=True, allow_zero_norm=False, **kwargs):
+    def __init__(
+        self,
+        weight,
+        bias=None,
+        *,
+        detach_norm=True,
+        allow_zero_norm=False,
+        lora_magnitude_vector=None,
+        **kwargs,
+    ):
         self.detach_norm = detach_norm
         self.allow_zero_norm = allow_zero_norm
         self.weight_norm = None
         self._norm_cache = None
+        self._given_magnitude = lora_magnitude_vector
         self.lora_magnitude_vector = None
         super().__init__(weight, bias, **kwargs)
 
     def _set_base(self, weight, bias):
         super()._set_base(weight, bias)
         self._norm_cache = None
-        if not self.merged:  # a new base weight: re-initialise the magnitude from it
+        if self._given_magnitude is not None:  # construction with a trained magnitude
+            _, _, _, m, _ = check_adapter(
+                self._weight, self.lora_A, self.lora_B,
+                np.asarray(self._given_magnitude, dtype=self._weight.dtype),
+            )
+            self.lora_magnitude_vector, self._given_magnitude = m.copy(), None
+        elif not self.merged:  # a new base weight: re-initialise the magnitude from it
             self.lora_magnitude_vector = F.init_magnitude(
                 self._weight, self.lora_A, self.lora_B, self.scaling
             )

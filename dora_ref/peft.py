@@ -786,23 +786,22 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
             bias = base.get(bkey) if isinstance(base, BaseWeights) else np.asarray(base[bkey])
             bias = bias.astype(cdt)
         cls = DoRALinear if mod.magnitude is not None else LoRALinear
-        kw = dict(detach_norm=detach_norm) if cls is DoRALinear else {}
-        layer = cls(
+        kw = (
+            dict(detach_norm=detach_norm, lora_magnitude_vector=mod.magnitude.astype(cdt))
+            if cls is DoRALinear
+            else {}
+        )
+        layers[name] = cls(
             W,
             bias,
-            r=mod.r,
+            lora_A=mod.lora_A.astype(cdt),
+            lora_B=mod.lora_B.astype(cdt),
             lora_alpha=mod.lora_alpha,
             use_rslora=cfg.use_rslora,
             lora_dropout=cfg.lora_dropout if lora_dropout is None else lora_dropout,
             rng=rng,
             **kw,
         )
-        layer.lora_A = mod.lora_A.astype(cdt, copy=True)
-        layer.lora_B = mod.lora_B.astype(cdt, copy=True)
-        if mod.magnitude is not None:
-            layer.lora_magnitude_vector = mod.magnitude.astype(cdt, copy=True)
-        layer.zero_grad()
-        layers[name] = layer
     return layers, fifo
 
 

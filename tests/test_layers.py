@@ -182,3 +182,20 @@ def test_bad_layer_arguments():
         DoRALinear(W0, init_lora_weights="pissa")
     with pytest.raises(RuntimeError, match="forward"):
         DoRALinear(W0).backward(np.ones((1, 3)))
+
+
+def test_construct_from_trained_weights():
+    """lora_A/lora_B/lora_magnitude_vector given: used as is (copied), r from lora_A."""
+    case = make_case(6, 5, 3, 4, seed=8)
+    layer = DoRALinear(case.W0, case.bias, lora_A=case.A, lora_B=case.B,
+                       lora_magnitude_vector=case.magnitude, lora_alpha=3 * case.scaling).eval()
+    assert layer.r == 3 and layer.scaling == case.scaling
+    assert layer.lora_A is not case.A
+    np.testing.assert_array_equal(layer.lora_magnitude_vector, case.magnitude)
+    assert_close(layer(case.x), dense.forward(case.x, *case.weights), k=12)
+    with pytest.raises(ValueError, match="both lora_A and lora_B"):
+        DoRALinear(case.W0, lora_A=case.A)
+    with pytest.raises(ValueError, match=r"r = 2 but lora_A has shape \(3, 5\)"):
+        DoRALinear(case.W0, r=2, lora_A=case.A, lora_B=case.B)
+    with pytest.raises(ValueError, match=r"magnitude must have shape \(out,\) = \(6,\)"):
+        DoRALinear(case.W0, lora_A=case.A, lora_B=case.B, lora_magnitude_vector=np.ones(5))
