@@ -113,6 +113,11 @@ def test_missing_dependency_says_how_to_install(monkeypatch, capsys):
     assert "scikit-learn" in err and 'pip install -e ".[demo]"' in err
 
 
+def test_bad_seed_count_is_an_error(capsys):
+    assert demo.main(["--quick", "--seeds", "0", "--no-progress"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
 def test_cli_dispatches_demo_help(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--help"])
