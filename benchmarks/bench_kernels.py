@@ -26,10 +26,18 @@ import os
 import sys
 
 # --- environment, fixed before NumPy is imported -----------------------------
+# OpenBLAS reads these when NumPy loads it, so a change needs a fresh process.
 _STRIPPED = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
-if _STRIPPED:
+_TIMEOUT = None  # --openblas-thread-timeout N: OpenBLAS workers then sleep after 2**N cycles
+for _i, _a in enumerate(sys.argv):
+    if _a.startswith("--openblas-thread-timeout"):
+        _TIMEOUT = _a.split("=", 1)[1] if "=" in _a else sys.argv[_i + 1]
+if _STRIPPED or (_TIMEOUT and os.environ.get("OPENBLAS_THREAD_TIMEOUT") != _TIMEOUT):
     env = {k: v for k, v in os.environ.items() if k not in _STRIPPED}
-    env["DORA_BENCH_STRIPPED"] = ",".join(f"{k}={os.environ[k]}" for k in _STRIPPED)
+    if _STRIPPED:
+        env["DORA_BENCH_STRIPPED"] = ",".join(f"{k}={os.environ[k]}" for k in _STRIPPED)
+    if _TIMEOUT:
+        env["OPENBLAS_THREAD_TIMEOUT"] = _TIMEOUT
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 THREADS = 2
 for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -364,6 +372,7 @@ def environment():
         "dora_ref_backend": dora_ref.backend(),
         "c_build": CK.build_info() if CK else None,
         "stripped_env": os.environ.get("DORA_BENCH_STRIPPED"),
+        "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "loadavg_start": os.getloadavg(),
     }
 
@@ -377,6 +386,9 @@ def markdown(env, rows, scal):
              f"(the machine is shared; ratios are measured side by side in one run).")
     if env["stripped_env"]:
         L.append(f"Re-executed without {env['stripped_env']}.")
+    obtt = env["OPENBLAS_THREAD_TIMEOUT"] or (
+        "unset (OpenBLAS default: its workers spin for 2**28 cycles, ~0.1 s, after each call)")
+    L.append(f"OPENBLAS_THREAD_TIMEOUT={obtt}.")
     L.append("")
     L.append("## Goals")
     L.append("")
@@ -484,10 +496,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the key shape only, fewer repeats")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT/PyTorch")
     ap.add_argument("--out", default=RESULTS, help="folder for the results files")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    ap.add_argument(
+        "--openblas-thread-timeout", metavar="N", default=None,
+        help="run with OPENBLAS_THREAD_TIMEOUT=N (4 = OpenBLAS workers sleep at once instead "
+             "of spinning for 2**28 cycles after each call, which leaves the cores to the "
+             "OpenMP kernels between BLAS calls); results get the suffix _obttN")
     args = ap.parse_args(argv)
 
     if os.environ.get("DORA_BENCH_STRIPPED"):
         print(f"re-executed without {os.environ['DORA_BENCH_STRIPPED']} (so OpenBLAS picks its own kernel)")
+    if os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
+        print(f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}")
     if CK is None or dora_ref.backend() != "c":
         print("the C backend is not active; build it with pip install -e .", file=sys.stderr)
         return 1
@@ -507,19 +527,21 @@ def main(argv=None):
                 print(f"  {key:28s} {row[key]:8.3f}  (min {fm:7.3f})  {verdict(key, row[key], shape)}")
         print("  median ms: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()
                                           if k in row["min_ms"]))
-    scal = scaling(3 if args.quick else 5, args.quick)
+    scal = {} if args.no_scaling else scaling(3 if args.quick else 5, args.quick)
     env["openmp"] = [f"{os.path.basename(d.get('filepath', ''))} threads={d.get('num_threads')}"
                      for d in threadpoolctl.threadpool_info() if d.get("user_api") == "openmp"]
     env["loadavg_end"] = os.getloadavg()
     env["seconds"] = time.time() - t_start
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_kernels" + ("_quick" if args.quick else ""))
+    suffix = ("_quick" if args.quick else "") + (
+        f"_obtt{args.openblas_thread_timeout}" if args.openblas_thread_timeout else "")
+    stem = os.path.join(args.out, "bench_kernels" + suffix)
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "goals": GOALS, "rows": rows, "scaling": scal}, f, indent=1)
     md = markdown(env, rows, scal)
     with open(stem + ".md", "w") as f:
         f.write(md + "\n")
-    plotted = plot(rows, scal, stem + ".png")
+    plotted = bool(scal) and plot(rows, scal, stem + ".png")
     print("\n" + md)
     print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if plotted else "") + f" in {env['seconds']:.0f} s")
     return 0
