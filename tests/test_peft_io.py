@@ -5,6 +5,7 @@ are written by hand (``peft_helpers.write_adapter``) and merged weights
 formed in full in float64 (``peft_helpers.dense_merge``).
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -608,15 +609,15 @@ def test_merge_command_does_not_overwrite_without_force(tmp_path, capsys):
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "base")]) == 1
 
 
-def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path):
+def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path, backend):
     base, mods = _toy_checkpoint(tmp_path, n_shards=1)
     rng = np.random.default_rng(7)
     write_adapter(tmp_path / "ad2", {"h.0.fc": random_module(rng, 6, 4, 2)})
     res = subprocess.run(
         [sys.executable, "-m", "dora_ref", "merge", str(tmp_path / "base"), str(tmp_path / "ad"),
          str(tmp_path / "ad2"), str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True, text=True, env={**os.environ, "DORA_REF_BACKEND": backend},
+    )  # fmt: skip  (the same backend as this process: their last bits may differ)
     assert res.returncode == 0, res.stderr
     assert "h.0.fc.weight  <- " in res.stdout and ":DoRA, " in res.stdout
     adapters = [P.load_adapter(tmp_path / "ad"), P.load_adapter(tmp_path / "ad2")]
