@@ -11,12 +11,24 @@ Layout, said once: weights are PyTorch ``(out, in)``. The paper's column norm
 Nothing of size (out, in) is allocated besides the merge's output: the norm
 and the merge walk W0 in blocks of rows, so the temporary ``W0 + s*B@A`` is
 at most ``_BLOCK_BYTES`` at a time.
+
+The norm forms each entry of V in the weights' dtype, as PEFT does
+(``W + s * (B @ A)``), and sums the squares in float64, as the C kernel does:
+a float32 row then neither loses its small entries to subnormals nor
+overflows in the sum of squares (PEFT's float32 sum can do both).
 """
 from __future__ import annotations
 
 import numpy as np
 
 _BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
+
+
+def _row_norms(V):
+    """||V_i|| for each row of a block, squares summed in float64, result in V's dtype."""
+    V64 = V.astype(np.float64, copy=False)
+    with np.errstate(over="ignore"):  # a norm beyond the dtype's range is inf; the caller checks
+        return np.sqrt(np.einsum("ij,ij->i", V64, V64)).astype(V.dtype)
 
 
 def _row_blocks(out_features, in_features, itemsize):
@@ -43,7 +55,7 @@ def column_norm(W0, A, B, scaling):
     n = np.empty(W0.shape[0], dtype=W0.dtype)
     for rows in _row_blocks(*W0.shape, W0.itemsize):
         V = W0[rows] + scaling * (B[rows] @ A)  # PEFT: W + s * (B @ A)
-        n[rows] = np.linalg.norm(V, axis=1)
+        n[rows] = _row_norms(V)
     return n
 
 
@@ -117,7 +129,7 @@ def merge(W0, A, B, magnitude, scaling):
     with np.errstate(divide="ignore", invalid="ignore"):
         for rows in _row_blocks(*W0.shape, W0.itemsize):
             V = W0[rows] + scaling * (B[rows] @ A)
-            n[rows] = np.linalg.norm(V, axis=1)
+            n[rows] = _row_norms(V)
             np.multiply((magnitude[rows] / n[rows])[:, None], V, out=W_merged[rows])
     return W_merged, n
 

@@ -135,6 +135,8 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     shapes = f"W0 {W0.shape}, A {A.shape}, B {B.shape}"
     if r == 0:
         raise ValueError(f"rank r must be >= 1, got A of shape {A.shape}")
+    if in_f == 0:
+        raise ValueError(f"W0 must have at least one input feature, got shape {W0.shape}")
     if A.shape[1] != in_f:
         raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
     if B.shape != (out_f, r):

@@ -76,7 +76,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _backend
-from ._validate import as_float_array, check_adapter, check_input, check_scaling
+from ._validate import as_float_array, check_adapter, check_finite, check_input, check_scaling
 
 
 class DoRAGrads(NamedTuple):
@@ -194,6 +194,39 @@ def divide_by_norm(a, n):
     return out
 
 
+def _rescue_extreme_rows(n, W0, A, B, scaling):
+    """Recompute, in place, rows whose sum of squares left float64's range.
+
+    The kernels sum squares in float64, which underflows to 0 for rows of
+    entries below ~1e-154 and overflows for entries above ~1e154 (float64
+    weights only: float32's whole range squares safely in float64). Those
+    rows are recomputed as ``t * ||V_i / t||`` with ``t = max |V_i|``, the
+    scaling of LAPACK's nrm2, so that a tiny row is not reported as "all
+    zero" and a huge but representable norm is not reported as overflow.
+
+    Returns
+    -------
+    ndarray of int
+        The rows recomputed (usually none).
+    """
+    rows = np.flatnonzero((n == 0) | np.isinf(n))
+    if rows.size:
+        V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
+        with np.errstate(all="ignore"):
+            t = np.max(np.abs(V), axis=1, initial=0)
+            ok = (t > 0) & np.isfinite(t)
+            scaled = t * np.linalg.norm(V / np.where(ok, t, 1)[:, None], axis=1)
+        n[rows] = np.where(ok, scaled, n[rows])
+    return rows
+
+
+def _kernel_norm(W0, A, B, scaling):
+    """The active backend's row norms, with under/overflowed rows recomputed."""
+    n = _backend.kernels().column_norm(W0, A, B, scaling)
+    _rescue_extreme_rows(n, W0, A, B, scaling)
+    return n
+
+
 def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
     """Row norms of V = W0 + s * B @ A, without forming V (paper's ||V||_c).
 
@@ -227,7 +260,7 @@ def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
     """
     W0, A, B, _, _ = check_adapter(W0, A, B)
     scaling = check_scaling(scaling)
-    n = _backend.kernels().column_norm(W0, A, B, scaling)
+    n = _kernel_norm(W0, A, B, scaling)
     check_norm(n, W0, allow_zero_norm)
     return n
 
@@ -335,7 +368,7 @@ def dora_forward(
     kernels = _backend.kernels()
 
     if weight_norm is None:
-        n = kernels.column_norm(W0, A, B, scaling)  # (3)
+        n = _kernel_norm(W0, A, B, scaling)  # (3)
     else:
         n = as_float_array("weight_norm", weight_norm, ndim=1)
         if n.shape != magnitude.shape or n.dtype != W0.dtype:
@@ -450,7 +483,7 @@ def norm_gradient(W0, A, B, scaling, dg, g, n):
     dB : ndarray, shape (out, r)
         To be added to the detached gradients.
     """
-    c = divide_by_norm(-dg * g, n * n)
+    c = divide_by_norm(divide_by_norm(-dg * g, n), n)  # not n * n: it can overflow
     cB = c[:, None] * B  # (out, r)
     VAt = W0 @ A.T + scaling * (B @ (A @ A.T))  # V @ A.T, (out, r)
     dB = scaling * (c[:, None] * VAt)
@@ -511,7 +544,11 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
     W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
+    rescued = _rescue_extreme_rows(n, W0, A, B, scaling)
     check_norm(n, W0, allow_zero_norm)
+    if rescued.size:
+        V = W0[rescued] + scaling * (B[rescued] @ A)
+        W_merged[rescued] = divide_by_norm(magnitude[rescued], n[rescued])[:, None] * V
     if not n.all():
         W_merged[n == 0] = 0
     return W_merged, n
@@ -554,13 +591,18 @@ def unmerge(W_merged, A, B, magnitude, scaling, n):
             f"got {n.shape} {n.dtype}"
         )
     scaling = check_scaling(scaling)
-    factor = magnitude / n
-    if not (np.isfinite(factor).all() and factor.all()):
-        rows = np.flatnonzero(~np.isfinite(factor) | (factor == 0))
+    # where n = 0 the merge wrote a zero row and V_i = 0, so W0_i = -s B_i A:
+    # dividing that zero row by 1 and subtracting s B_i A gives exactly that
+    factor = np.where(n == 0, 1, divide_by_norm(magnitude, n))
+    lost = (factor == 0) | ~np.isfinite(factor)
+    if lost.any():
+        rows = np.flatnonzero(lost)
         raise ValueError(
-            f"cannot unmerge: m / n is 0 or not finite at output channel(s) "
-            f"{rows[:8].tolist()}; the merge scaled those rows to zero"
+            f"cannot unmerge: the magnitude is 0 (or m / n not finite) at output channel(s) "
+            f"{rows[:8].tolist()}: the merge scaled those rows of V to zero and W0 cannot "
+            f"be recovered there"
         )
+    check_finite("W_merged", W_merged)
     return _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
 
 

@@ -105,6 +105,33 @@ def initial_lora_weights(in_features, out_features, r, rng, dtype, init=True):
     return A.astype(dtype), B.astype(dtype)
 
 
+def _frozen(arr, owned=False):
+    """A read-only, C-contiguous array the layer can rely on never to change.
+
+    The layer keeps its own copy, so that writing to the array the caller
+    passed cannot change the frozen weight behind the layer's back (and its
+    eval-mode norm cache). An array that is already read-only and
+    C-contiguous is trusted and kept without a copy (pass one to save the
+    memory), as are ``owned`` arrays the layer computed itself.
+    """
+    if not owned and (arr.flags.writeable or not arr.flags.c_contiguous):
+        arr = np.array(arr, order="C", copy=True)
+    elif owned and not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    else:
+        arr = arr.view()
+    arr.flags.writeable = False
+    return arr
+
+
+def _adapter_array(name, value, dtype, ndim):
+    """A copy of a given adapter array, which must be float of the weight's dtype."""
+    value = as_float_array(name, value, ndim=ndim)
+    if value.dtype != dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the weight has dtype {dtype}")
+    return value.copy()
+
+
 class LoRALinear:
     """A frozen linear layer with a trainable low-rank update (LoRA).
 
@@ -113,9 +140,11 @@ class LoRALinear:
     Parameters
     ----------
     weight : ndarray, shape (out, in), float32 or float64
-        Frozen base weight. Kept by reference, as a read-only view.
+        Frozen base weight. The layer keeps a read-only, C-contiguous copy;
+        an array that is already read-only and C-contiguous is kept without
+        copying, and trusted not to change.
     bias : ndarray, shape (out,), optional
-        Frozen base bias.
+        Frozen base bias, kept the same way.
     r : int, optional
         Rank; default 8 (PEFT's), or ``lora_A.shape[0]`` when ``lora_A`` is given.
     lora_alpha : float, default 8
@@ -165,9 +194,9 @@ class LoRALinear:
         if (lora_A is None) != (lora_B is None):
             raise ValueError("give both lora_A and lora_B, or neither")
         if lora_A is not None:
-            _, lora_A, lora_B, _, _ = check_adapter(
-                weight, np.asarray(lora_A, dtype=weight.dtype), np.asarray(lora_B, dtype=weight.dtype)
-            )
+            lora_A = _adapter_array("lora_A", lora_A, weight.dtype, 2)
+            lora_B = _adapter_array("lora_B", lora_B, weight.dtype, 2)
+            check_adapter(weight, lora_A, lora_B)
             if r is not None and r != lora_A.shape[0]:
                 raise ValueError(f"r = {r} but lora_A has shape {lora_A.shape}")
             r = lora_A.shape[0]
@@ -186,7 +215,7 @@ class LoRALinear:
                 in_features, out_features, r, self.rng, weight.dtype, init_lora_weights
             )
         else:
-            self.lora_A, self.lora_B = lora_A.copy(), lora_B.copy()
+            self.lora_A, self.lora_B = lora_A, lora_B
         self.training = True
         self.merged = False
         self._ctx = None
@@ -195,7 +224,8 @@ class LoRALinear:
 
     # -- base weights -------------------------------------------------------
 
-    def _set_base(self, weight, bias):
+    def _set_base(self, weight, bias, owned=False):
+        """Install a frozen base; ``owned``: the arrays are fresh results of ours."""
         weight = as_float_array("weight", weight, ndim=2)
         if weight.shape != (self.lora_B.shape[0], self.lora_A.shape[1]):
             raise ValueError(
@@ -211,11 +241,8 @@ class LoRALinear:
                     f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, "
                     f"got {bias.shape} {bias.dtype}"
                 )
-            bias = bias.view()
-            bias.flags.writeable = False
-        weight = weight.view()
-        weight.flags.writeable = False  # frozen: edits go through set_base_weight
-        self._weight, self._bias = weight, bias
+            bias = _frozen(bias, owned)
+        self._weight, self._bias = _frozen(weight, owned), bias
 
     @property
     def weight(self):
@@ -279,6 +306,17 @@ class LoRALinear:
         """Evaluation mode: no dropout. Returns self."""
         return self.train(False)
 
+    def _mask_for(self, x, dropout_mask):
+        """The dropout mask of this forward: the given one, a drawn one, or None."""
+        if dropout_mask is not None:
+            if not self.training:
+                raise ValueError(
+                    "dropout_mask given in eval mode: PEFT applies no dropout in eval; "
+                    "call train() first"
+                )
+            return dropout_mask
+        return self._dropout_mask(np.shape(x))
+
     def _dropout_mask(self, shape):
         if not self.training or self.lora_dropout == 0.0:
             return None
@@ -294,7 +332,9 @@ class LoRALinear:
         ----------
         x : ndarray, shape (..., in)
         dropout_mask : ndarray, shape of x, optional
-            Use this scaled keep mask instead of drawing one (training only).
+            Use this scaled keep mask instead of drawing one. Training only:
+            PEFT applies no dropout in eval, so a mask in eval mode raises
+            ``ValueError``.
 
         Returns
         -------
@@ -307,7 +347,7 @@ class LoRALinear:
             if self._bias is not None:
                 y += self._bias
             return y.reshape(*np.shape(x)[:-1], self.out_features)
-        mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
+        mask = self._mask_for(x, dropout_mask)
         y, self._ctx = F.lora_forward(
             x, self._weight, self.lora_A, self.lora_B, self.scaling, self._bias, dropout_mask=mask
         )
@@ -344,14 +384,16 @@ class LoRALinear:
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
-        self._set_base(self._weight + self.scaling * (self.lora_B @ self.lora_A), self._bias)
+        self._set_base(self._weight + self.scaling * (self.lora_B @ self.lora_A), self._bias, owned=True)
         self.merged = True
 
     def unmerge(self):
         """Restore the unmerged base weight W0 = W' - s B A."""
         if not self.merged:
             raise RuntimeError("the layer is not merged")
-        self._set_base(self._weight - self.scaling * (self.lora_B @ self.lora_A), self._bias)
+        self._set_base(
+            self._weight - self.scaling * (self.lora_B @ self.lora_A), self._bias, owned=True
+        )
         self.merged = False
 
     def __repr__(self):
@@ -418,21 +460,20 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = None
         super().__init__(weight, bias, **kwargs)
 
-    def _set_base(self, weight, bias):
-        super()._set_base(weight, bias)
+    def _set_base(self, weight, bias, owned=False):
+        super()._set_base(weight, bias, owned)
         self._norm_cache = None
         if self._given_magnitude is not None:  # construction with a trained magnitude
-            _, _, _, m, _ = check_adapter(
-                self._weight, self.lora_A, self.lora_B,
-                np.asarray(self._given_magnitude, dtype=self._weight.dtype),
-            )
-            self.lora_magnitude_vector, self._given_magnitude = m.copy(), None
+            m = _adapter_array("lora_magnitude_vector", self._given_magnitude, self._weight.dtype, 1)
+            check_adapter(self._weight, self.lora_A, self.lora_B, m)
+            self.lora_magnitude_vector, self._given_magnitude = m, None
         elif not self.merged:  # a new base weight: re-initialise the magnitude from it
-            self.lora_magnitude_vector = F.init_magnitude(
-                self._weight, self.lora_A, self.lora_B, self.scaling
-            )
-            if hasattr(self, "grads"):
-                self.grads["lora_magnitude_vector"] = np.zeros_like(self.lora_magnitude_vector)
+            m = F.init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling)
+            if self.lora_magnitude_vector is None:
+                self.lora_magnitude_vector = m
+            else:  # in place: an optimiser holds this array
+                self.lora_magnitude_vector[...] = m
+                self.grads["lora_magnitude_vector"][...] = 0
 
     def set_base_weight(self, weight, bias="keep"):
         """Replace the base weight; the magnitude is re-initialised from it.
@@ -473,13 +514,12 @@ class DoRALinear(LoRALinear):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
         if self.merged:
             return super().forward(x)
+        mask = self._mask_for(x, dropout_mask)
         if self.training:
             self._norm_cache = None
             norm = None
-            mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
         else:
             norm = self._cached_norm()
-            mask = dropout_mask
         y, self._ctx = F.dora_forward(
             x,
             self._weight,
@@ -521,8 +561,15 @@ class DoRALinear(LoRALinear):
             self.scaling,
             allow_zero_norm=self.allow_zero_norm,
         )
+        lost = (self.lora_magnitude_vector == 0) & (n != 0)
+        if lost.any():
+            raise ValueError(
+                f"the magnitude is 0 at output channel(s) {np.flatnonzero(lost)[:8].tolist()}: "
+                f"merging would scale those rows of W0 to zero and unmerge() could not restore "
+                f"them. Use dora_ref.merge(...) for a one-way merge."
+            )
         self.merged = True
-        self._set_base(W_merged, self._bias)
+        self._set_base(W_merged, self._bias, owned=True)
         self.weight_norm = n
 
     def unmerge(self):
@@ -537,6 +584,6 @@ class DoRALinear(LoRALinear):
             self.scaling,
             self.weight_norm,
         )
-        self._set_base(W0, self._bias)  # keeps the magnitude: merged is still True here
+        self._set_base(W0, self._bias, owned=True)  # keeps the magnitude: still merged here
         self.merged = False
         self.weight_norm = None

@@ -65,8 +65,10 @@ def test_unmerge_rejects_lost_rows_and_wrong_norm():
     Wm, n = merge(W0, A, B, m, 1.0)
     m0 = m.copy()
     m0[1] = 0.0
-    with pytest.raises(ValueError, match=r"cannot unmerge: m / n is 0 .* channel\(s\) \[1\]"):
+    with pytest.raises(ValueError, match=r"cannot unmerge: the magnitude is 0 .* channel\(s\) \[1\]"):
         unmerge(Wm, A, B, m0, 1.0, n)
+    with pytest.raises(ValueError, match=r"W_merged .* contains NaN or Inf"):
+        unmerge(Wm * np.nan, A, B, m, 1.0, n)
     with pytest.raises(ValueError, match=r"n must have the shape and dtype of magnitude"):
         unmerge(Wm, A, B, m, 1.0, n[:3])
 
@@ -76,6 +78,11 @@ def test_dropout_mask_shape():
         dora_forward(x, W0, A, B, m, 1.0, dropout_mask=np.ones((5, 2)))
     with pytest.raises(ValueError, match=r"dropout_mask"):
         lora_forward(x, W0, A, B, 1.0, dropout_mask=np.ones(3))
+
+
+def test_zero_input_features_is_an_error():
+    with pytest.raises(ValueError, match=r"W0 must have at least one input feature, got shape \(4, 0\)"):
+        dora_forward(np.ones((2, 0)), np.ones((4, 0)), np.ones((1, 0)), np.ones((4, 1)), np.ones(4), 1.0)
 
 
 def test_python_lists_of_ints_are_float64():

@@ -34,3 +34,14 @@ def test_numerical_gradient_restores_the_point():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"grads\['x'\] has shape \(3,\), params\['x'\] \(2,\)"):
         gradcheck(lambda p: 0.0, {"x": np.ones(2)}, {"x": np.ones(3)})
+
+
+def test_a_loss_too_large_to_resolve_is_inconclusive_not_ok():
+    """Adversarial review: with f ~ 1e8 the difference noise (~1e-2) hid a missing gradient."""
+    f = lambda p: 1e8 + float(np.sum(p["a"] ** 2))  # noqa: E731
+    report = gradcheck(f, {"a": np.array([0.3, -0.2])}, {"a": np.zeros(2)})
+    assert report.inconclusive and not report.ok
+    assert "INCONCLUSIVE" in str(report)
+    # the same gradient check without the constant resolves and catches the zero gradient
+    report = gradcheck(lambda p: f(p) - 1e8, {"a": np.array([0.3, -0.2])}, {"a": np.zeros(2)})
+    assert not report.inconclusive and not report.ok

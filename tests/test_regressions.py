@@ -5,7 +5,17 @@ The expected numbers are worked by hand in the docstrings.
 import numpy as np
 import pytest
 
-from dora_ref import DoRALinear, SGD, dora_forward, init_magnitude, lora_scaling
+from dora_ref import (
+    DoRALinear,
+    SGD,
+    column_norm,
+    dora_backward,
+    dora_forward,
+    init_magnitude,
+    lora_scaling,
+    merge,
+    unmerge,
+)
 
 
 def test_norm_axis_is_per_output_row():
@@ -98,3 +108,129 @@ def test_zero_row_norm_opt_in_gives_the_bias():
     assert np.isfinite(y).all() and y[0] == 0.5
     g = dora_backward(np.ones(2), ctx, detach_norm=False)
     assert all(np.isfinite(a).all() for a in g) and g.dmagnitude[0] == 0
+
+
+def test_tiny_float64_rows_are_not_reported_as_zero():
+    """Adversarial review: rows of 1e-170 (norm 2.6e-170, representable) underflowed to 0
+    in the sum of squares and were reported as all-zero rows. Such rows are recomputed
+    with scaling (LAPACK nrm2's idea)."""
+    W0 = np.full((2, 7), 1e-170)
+    W0[1] = np.arange(1.0, 8.0)
+    A, B = np.ones((1, 7)), np.zeros((2, 1))
+    n = column_norm(W0, A, B, 1.0)
+    np.testing.assert_allclose(n, [np.sqrt(7) * 1e-170, np.sqrt(140)], rtol=4e-16)
+    W_merged, n2 = merge(W0, A, B, np.array([2.0, 1.0]), 1.0)
+    np.testing.assert_allclose(W_merged[0], 2 * W0[0] / n[0], rtol=4e-16)
+
+
+def test_huge_float64_rows_do_not_overflow_the_norm():
+    W0 = np.full((1, 4), 1e200)
+    n = column_norm(W0, np.ones((1, 4)), np.zeros((1, 1)), 1.0)
+    np.testing.assert_allclose(n, [2e200], rtol=4e-16)
+
+
+def test_float32_norm_sums_squares_in_float64_on_both_backends():
+    """Adversarial review: a float32 row of 3e-21 squared into subnormals; the C kernel
+    (float64 sums) and the NumPy twin (float32 sums) disagreed by ~30 ulp. Both now sum
+    in float64 and give the correctly rounded norm."""
+    W0 = np.full((1, 8), 3e-21, dtype=np.float32)
+    A, B = np.ones((1, 8), np.float32), np.zeros((1, 1), np.float32)
+    want = np.float32(np.sqrt(8 * np.float64(np.float32(3e-21)) ** 2))
+    assert column_norm(W0, A, B, 1.0)[0] == want
+
+
+def test_exact_float32_gradient_survives_a_norm_whose_square_overflows():
+    """Adversarial review: n ~ 1e21 in float32 made n * n = inf, which silently zeroed the
+    projection term of the exact gradient (the detached one came back)."""
+    rng = np.random.default_rng(0)
+    sc = 3e19
+    W = rng.normal(size=(4, 6)) * sc
+    A = rng.normal(size=(2, 6))
+    B = rng.normal(size=(4, 2)) * sc
+    m = np.abs(rng.normal(size=4)) * sc
+    x, dy = rng.normal(size=(3, 6)) / sc, rng.normal(size=(3, 4))
+
+    def run(dt, detach):
+        _, ctx = dora_forward(*(a.astype(dt) for a in (x, W, A, B, m)), 1.0)
+        return dora_backward(dy.astype(dt), ctx, detach_norm=detach)
+
+    ref, got, detached = run(np.float64, False), run(np.float32, False), run(np.float64, True)
+    scale = np.abs(ref.dB).max()
+    assert np.abs(got.dB - ref.dB).max() < 1e-4 * scale  # float32 rounding of a few steps
+    assert np.abs(detached.dB - ref.dB).max() > 0.1 * scale  # and the two modes differ here
+
+
+def test_unmerge_restores_rows_whose_norm_was_zero():
+    """Adversarial review: with allow_zero_norm a zero row merged but could not unmerge.
+    There V_i = 0, so W0_i = -s B_i A is known exactly."""
+    A = np.array([[1.0, 2.0, -1.0]])
+    B = np.array([[0.5], [1.0]])
+    W0 = np.array([[-0.5, -1.0, 0.5], [1.0, 0.0, 2.0]])  # row 0 = -s B_0 A with s = 1
+    m = np.array([1.0, 2.0])
+    W_merged, n = merge(W0, A, B, m, 1.0, allow_zero_norm=True)
+    assert n[0] == 0 and not W_merged[0].any()
+    np.testing.assert_allclose(unmerge(W_merged, A, B, m, 1.0, n), W0, atol=4e-16)
+
+
+def test_layer_owns_its_frozen_weight():
+    """Adversarial review: the layer kept the caller's array by reference, so writing to it
+    changed the base behind the eval norm cache (eval and train outputs differed by 8.6)."""
+    from dora_ref import dense
+
+    rng = np.random.default_rng(0)
+    W, x = rng.normal(size=(6, 8)), rng.normal(size=(4, 8))
+    layer = DoRALinear(W, r=2, lora_alpha=4, init_lora_weights=False, rng=0).eval()
+    y = layer(x)
+    W *= 3.0
+    np.testing.assert_array_equal(layer(x), y)
+    assert not np.shares_memory(layer.weight, W)
+    frozen = np.ascontiguousarray(W)
+    frozen.flags.writeable = False
+    assert np.shares_memory(DoRALinear(frozen, r=2).weight, frozen)  # trusted: no copy
+    want = dense.forward(x, layer.weight, layer.lora_A, layer.lora_B,
+                         layer.lora_magnitude_vector, layer.scaling)
+    np.testing.assert_allclose(layer(x), want, rtol=1e-13)
+
+
+def test_set_base_weight_keeps_the_optimisers_magnitude():
+    """Adversarial review: set_base_weight rebound the magnitude array, so an optimiser
+    made before it kept updating a stale array and the magnitude stopped training."""
+    from dora_ref import AdamW
+
+    rng = np.random.default_rng(0)
+    W, x = rng.normal(size=(4, 5)), rng.normal(size=(3, 5))
+    layer = DoRALinear(W, r=2, rng=0)
+    opt = AdamW(layer.parameters(), lr=0.1)
+    layer.set_base_weight(2 * W)
+    y = layer(x)
+    layer.backward(np.ones_like(y))
+    m0 = layer.lora_magnitude_vector.copy()
+    opt.step(layer.grads)
+    assert not np.array_equal(m0, layer.lora_magnitude_vector)
+
+
+def test_layer_rejects_complex_adapter_weights():
+    W = np.ones((3, 2))
+    with pytest.raises(TypeError, match="lora_A must have dtype float32 or float64, got complex128"):
+        DoRALinear(W, lora_A=np.ones((1, 2)) + 0j, lora_B=np.ones((3, 1)))
+    with pytest.raises(TypeError, match="lora_magnitude_vector must have dtype"):
+        DoRALinear(W, lora_A=np.ones((1, 2)), lora_B=np.ones((3, 1)),
+                   lora_magnitude_vector=np.ones(3) + 1j)
+
+
+def test_dropout_mask_in_eval_mode_is_an_error():
+    """PEFT applies no dropout in eval; a mask there used to switch on the training formula."""
+    layer = DoRALinear(np.ones((3, 2)), r=1, rng=0).eval()
+    with pytest.raises(ValueError, match="dropout_mask given in eval mode"):
+        layer(np.ones((1, 2)), dropout_mask=np.zeros((1, 2)))
+
+
+def test_layer_merge_refuses_rows_it_could_not_unmerge():
+    """A zero magnitude scales a row of W0 away: merge() refuses rather than leave the
+    layer merged for good (dora_ref.merge still does a one-way merge)."""
+    layer = DoRALinear(np.random.default_rng(0).normal(size=(3, 4)), r=1, rng=0).eval()
+    layer.lora_magnitude_vector[1] = 0.0
+    with pytest.raises(ValueError, match=r"magnitude is 0 at output channel\(s\) \[1\]"):
+        layer.merge()
+    assert not layer.merged
+    merge(layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.scaling)
