@@ -21,11 +21,9 @@ Before any pointer crosses into C, every array is checked here:
 
 Results agree with NumPy up to rounding (``tests/test_kernels_c.py`` states
 the bound), and do not depend on ``OMP_NUM_THREADS``, bit for bit. NaN and
-Inf propagate as in NumPy. One deliberate difference: float32 sums (the
-squares of a row's norm, the reduction dg) are accumulated in double, so a
-float32 row whose sum of squares alone would overflow (entries above about
-1e19) gets its true norm here, and inf only when the norm itself exceeds
-float32's range; NumPy returns inf in both cases.
+Inf propagate as in NumPy. Sums of squares are accumulated in double, as
+in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
+twin sums it in the arrays' dtype), which only makes it more accurate.
 
 A nonzero status from C becomes ``MemoryError`` (a scratch allocation
 failed) or ``RuntimeError`` (a bug: the checks above should make it
