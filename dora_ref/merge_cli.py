@@ -16,6 +16,18 @@ BASE; a directory for a directory BASE, with the same shard names, the index,
 and the base's other small files (``config.json``, tokenizer files, ...)
 copied, so ``AutoModel.from_pretrained(OUT)`` loads the merged model.
 
+Which base weights are stored (in, out) (GPT-2 ``Conv1D``, PEFT's
+``fan_in_fan_out``) is not recorded in a checkpoint. A non-square weight's
+shape tells; a square one is settled by ``--fan-in-fan-out PATTERN`` (a regex
+of the modules stored (in, out), matched as PEFT matches ``rank_pattern``
+keys; ``''`` for none), else by the ``model_type`` in the base's
+``config.json``, else by the adapter's ``fan_in_fan_out`` when its non-square
+modules corroborate it; otherwise the command stops and says so
+(``dora_ref.peft.resolve_fan_in_fan_out``): it never guesses.
+
+OUT must not exist (for a directory BASE: may be an empty directory) unless
+``--force``, and may not be, or lie inside, BASE or an ADAPTER directory.
+
 Tensors are read, merged and written one at a time: memory is about one
 tensor (plus its float32 copy for bf16/fp16 bases), not the model. Every
 adapter is checked against the base's header before anything is written.
@@ -45,7 +57,15 @@ def _parser():
     p.add_argument("base", metavar="BASE", help="base .safetensors file or model directory")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter directory (in order)")
     p.add_argument("out", metavar="OUT", help="output file (file BASE) or directory (directory BASE)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output")
+    p.add_argument("--force", action="store_true", help="write into an existing OUT, overwriting its files")
+    p.add_argument(
+        "--fan-in-fan-out",
+        metavar="PATTERN",
+        default=None,
+        help="regex of the modules whose base weight is stored (in, out) (GPT-2 Conv1D), matched as "
+        "PEFT matches rank_pattern keys, e.g. 'c_attn|c_proj|c_fc'; '' for none. Needed only for square "
+        "weights that nothing else settles (the command says so)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="list every merged module")
     p.add_argument(
@@ -68,8 +88,33 @@ def _output_files(base, out):
     return [(base.files[0], out)], None
 
 
+def _inside(path, directory):
+    """Whether ``path`` is ``directory`` or lies inside it (both resolved)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents
+
+
+def _check_output(base, adapter_paths, out, files, out_dir, force):
+    """Refuse an OUT that would overwrite files (without force) or lands in an input."""
+    out = Path(out)
+    for what, src in [("ADAPTER", Path(a)) for a in adapter_paths] + [("BASE", base.path)]:
+        if src.is_dir() and _inside(out, src):
+            where = "" if _inside(src, out) else "inside "
+            raise ValueError(f"OUT {out} is {where}the {what} directory {src}; write the output elsewhere")
+    for _, dst in files:
+        if dst.resolve() in [f.resolve() for f in base.files]:
+            raise ValueError(f"{dst} is a base file; write the output elsewhere")
+    if force:
+        return
+    if out_dir is not None and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(f"OUT {out_dir} exists and is not empty; pass --force to write into it")
+    for _, dst in files:
+        if dst.exists():
+            raise ValueError(f"{dst} exists; pass --force to overwrite")
+
+
 def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero_norm=False,
-                     force=False, verbose=False, log=print):  # fmt: skip
+                     force=False, verbose=False, log=print, fan_in_fan_out=None):  # fmt: skip
     """Merge adapters into a safetensors checkpoint, streaming tensor by tensor.
 
     Parameters
@@ -85,11 +130,14 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     allow_zero_norm : bool
         See ``dora_ref.peft.merge_weight``.
     force : bool
-        Overwrite existing output files.
+        Write into an existing, non-empty OUT, overwriting its files.
     verbose : bool
         List every merged module in the summary (default: the first 10).
     log : callable
         Receives the summary lines.
+    fan_in_fan_out : None, bool, str or iterable of str
+        Which base weights are stored (in, out); see
+        ``dora_ref.peft.resolve_fan_in_fan_out``.
 
     Returns
     -------
@@ -100,8 +148,9 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     ------
     FileNotFoundError, KeyError, ValueError
         Missing files, an adapter module without a base weight, shape
-        mismatches, unsupported configs, a zero row norm, or an existing
-        output without ``force``. Raised before any output is written, except
+        mismatches, unsupported or malformed configs, a square weight of
+        unknown orientation, a zero row norm, an existing output without
+        ``force``, or OUT in BASE or an ADAPTER directory. Raised before any output is written, except
         the zero-norm error (found while merging), after which no partial
         output is left behind.
     """
@@ -109,17 +158,13 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
 
     base = S.BaseWeights(base_path)
     adapters = [P.load_adapter(a) for a in adapter_paths]
-    plan = P.plan_merge(base, adapters)
+    plan = P.plan_merge(base, adapters, fan_in_fan_out=fan_in_fan_out)
     replaced = P.plan_replacements(base, adapters)  # modules_to_save: full tensors
     # which adapter each module came from, for the summary
     origin = {id(m): (str(a), "DoRA" if ad.config.use_dora else "LoRA")
               for a, ad in zip(adapter_paths, adapters) for m in ad.modules.values()}  # fmt: skip
     files, out_dir = _output_files(base, out)
-    for _, dst in files:
-        if dst.exists() and not force:
-            raise ValueError(f"{dst} exists; pass --force to overwrite")
-        if dst.resolve() in [f.resolve() for f in base.files]:
-            raise ValueError(f"{dst} is a base file; write the output elsewhere")
+    _check_output(base, adapter_paths, out, files, out_dir, force)
     created_dir = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +234,9 @@ def main(argv=None):
             allow_zero_norm=args.allow_zero_norm,
             force=args.force,
             verbose=args.verbose,
+            fan_in_fan_out=args.fan_in_fan_out,
         )
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError) as e:  # one line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dora-ref merge: error: {msg}", file=sys.stderr)
         return 1

@@ -21,7 +21,11 @@ The magnitude has one value per output channel: the paper's column norm is
 the row norm of an (out, in) weight. A, B and the magnitude are in this
 (out, in) orientation even for GPT-2's ``Conv1D``, whose *base* weight is
 stored (in, out) (``fan_in_fan_out``): the base weight is transposed for the
-math and the merged weight is stored back in the base's own layout.
+math and the merged weight is stored back in the base's own layout. Which
+weights are stored (in, out) is not in a checkpoint (PEFT decides it by the
+module's type): a shape tells for a non-square weight; for a square one
+``resolve_fan_in_fan_out`` states the rule, and raises rather than guess
+(pass ``fan_in_fan_out=`` / ``--fan-in-fan-out`` to settle it).
 
 Base weights come from safetensors files (one file, or shards listed in
 ``model.safetensors.index.json``). bfloat16 and float16 bases are read with
@@ -95,6 +99,56 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA",
 }
 
+def _is_real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_field_types(d, source):
+    """ValueError naming the file and the field for a field of the wrong JSON type.
+
+    The numbers and patterns that change the math must be what PEFT writes:
+    ``lora_alpha`` a number (not ``"16"``), ``rank_pattern`` an object of
+    regex -> positive int, and so on; anything else would fail later with a
+    message naming neither the file nor the field.
+    """
+
+    def bad(name, want):
+        return ValueError(f"{source}: field {name!r} must be {want}, got {d[name]!r}")
+
+    present = lambda name: d.get(name) is not None  # noqa: E731  (null means the default)
+    if present("peft_type") and not isinstance(d["peft_type"], str):
+        raise bad("peft_type", "a string")
+    for name in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if present(name) and not isinstance(d[name], bool):
+            raise bad(name, "true or false")
+    if present("lora_alpha") and not _is_real(d["lora_alpha"]):
+        raise bad("lora_alpha", "a finite number")
+    if present("lora_dropout") and not _is_real(d["lora_dropout"]):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for name in ("target_modules", "modules_to_save"):
+        v = d.get(name)
+        if v is None or (name == "target_modules" and isinstance(v, str)):
+            continue
+        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+            raise bad(name, "a list of module names" + (" or a regex string" if name == "target_modules" else ""))
+    for name, check, want in (
+        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "positive integers"),
+        ("alpha_pattern", _is_real, "finite numbers"),
+    ):
+        pattern = d.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(name, "an object of {regex: value}")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise ValueError(f"{source}: field {name!r}: key {key!r} is not a valid regex ({e})") from None
+            if not check(value):
+                raise ValueError(f"{source}: field {name!r}: {key!r} maps to {value!r}; values must be {want}")
+
+
 # initialisations that replace the base weight W by a residual (peft_dora.md Sec. 3.1, step 3)
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -116,7 +170,9 @@ class LoraAdapterConfig:
     lora_dropout : float
         Dropout on the adapter's input in training (peft_dora.md Sec. 5.1b).
     fan_in_fan_out : bool
-        Base weights stored (in, out), as GPT-2's ``Conv1D``.
+        Base weights stored (in, out), as GPT-2's ``Conv1D``. PEFT overwrites
+        it per module type, so a saved adapter holds the value for the last
+        module PEFT visited: ``resolve_fan_in_fan_out`` says when it is used.
     target_modules : list of str, str, or None
     rank_pattern, alpha_pattern : dict of str to number
         Per-module rank and alpha; keys are regexes matched as PEFT matches
@@ -153,7 +209,10 @@ class LoraAdapterConfig:
             (``lora_bias``, ``trainable_token_indices``, ``bias != "none"``, other
             LoRA variants): the message names the field.
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
         d = dict(d)
+        _check_field_types(d, source)
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"{source}: peft_type is {peft_type!r}; only LoRA/DoRA adapters are supported")
@@ -181,7 +240,7 @@ class LoraAdapterConfig:
         cfg = cls(**kw, extra=d)
         if isinstance(cfg.r, bool) or not isinstance(cfg.r, int) or cfg.r <= 0:
             raise ValueError(f"{source}: r must be a positive integer, got {cfg.r!r}")
-        if not 0.0 <= float(cfg.lora_dropout) < 1.0:
+        if not 0.0 <= cfg.lora_dropout < 1.0:
             raise ValueError(f"{source}: lora_dropout must be in [0, 1), got {cfg.lora_dropout!r}")
         return cfg
 
@@ -521,22 +580,39 @@ def save_adapter(directory, adapter):
     (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def _layer_parts(layer):
+    """(kind, A, B, magnitude (out,) or None) of a dora_ref layer, in PEFT's shapes."""
+    if hasattr(layer, "lora_embedding_A"):  # DoRAEmbedding: A (r, V), B (D, r)
+        kind, A, B = "embedding", layer.lora_embedding_A, layer.lora_embedding_B
+    else:
+        A, B = layer.lora_A, layer.lora_B
+        kind = "conv" if np.ndim(A) > 2 else "linear"
+    m = getattr(layer, "lora_magnitude_vector", None)
+    return kind, A, B, None if m is None else np.reshape(m, -1)
+
+
 def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **config_fields):
-    """Collect ``DoRALinear``/``LoRALinear`` layers into a ``PeftAdapter`` for ``save_adapter``.
+    """Collect dora_ref layers into a ``PeftAdapter`` for ``save_adapter``.
 
     The config gets the most common rank and alpha as ``r``/``lora_alpha``,
-    and ``rank_pattern``/``alpha_pattern`` entries (escaped full module
-    paths) for the others, so that PEFT gives every module its own rank and
-    scaling back. ``target_modules`` lists the module paths.
+    and ``rank_pattern``/``alpha_pattern`` entries for the others, so that
+    PEFT gives every module its own rank and scaling back. Each entry is the
+    module's escaped full path anchored with ``^``: PEFT matches a key ``p``
+    as ``(.*\\.)?(p)$``, under which a bare ``proj`` would also match
+    ``block.proj``, while ``^proj`` matches ``proj`` only.
+    ``target_modules`` lists the module paths.
 
     Parameters
     ----------
-    layers : dict of str to DoRALinear or LoRALinear
-        Module path in the base model -> layer. All DoRA or all LoRA.
+    layers : dict of str to layer
+        Module path in the base model -> ``DoRALinear``/``LoRALinear``,
+        ``DoRAEmbedding``, or a ``dora_ref.conv`` layer (what
+        ``build_layers`` returns). All DoRA or all LoRA.
     fan_in_fan_out : bool, default False
         Recorded in the config (set it for GPT-2 ``Conv1D`` modules).
     lora_dropout : float, optional
-        Default: the layers' common ``lora_dropout``.
+        Default: the most common ``lora_dropout`` of the layers that have one
+        (embeddings have none: PEFT applies no dropout to them), else 0.
     **config_fields
         Other ``adapter_config.json`` fields (e.g. ``base_model_name_or_path``).
 
@@ -552,45 +628,46 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
     """
     if not layers:
         raise ValueError("layers is empty")
-    kinds = {isinstance(layer, DoRALinear) for layer in layers.values()}
+    parts = {name: _layer_parts(layer) for name, layer in layers.items()}
+    dora = {name: m is not None for name, (_, _, _, m) in parts.items()}
     rslora = {bool(layer.use_rslora) for layer in layers.values()}
-    if len(kinds) != 1 or len(rslora) != 1:
-        raise ValueError("all layers must be DoRA (or all LoRA) and share use_rslora")
+    if len(set(dora.values())) != 1 or len(rslora) != 1:
+        raise ValueError(
+            f"all layers must be DoRA (or all LoRA) and share use_rslora; DoRA: "
+            f"{sorted(n for n, d in dora.items() if d)}, LoRA: {sorted(n for n, d in dora.items() if not d)}, "
+            f"use_rslora: {sorted(rslora)}"
+        )
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"layer {name!r} is merged: unmerge() it before saving its adapter")
 
-    def most_common(values):
+    def most_common(values, default=None):
         values = list(values)
-        return max(dict.fromkeys(values), key=values.count)
+        return max(dict.fromkeys(values), key=values.count) if values else default
+
+    def exactly(name):  # a rank_pattern/alpha_pattern key that matches ``name`` only
+        return "^" + re.escape(name)
 
     r = most_common(int(layer.r) for layer in layers.values())
     alpha = most_common(layer.lora_alpha for layer in layers.values())
-    dropout = most_common(layer.lora_dropout for layer in layers.values())
+    dropout = most_common((layer.lora_dropout for layer in layers.values() if hasattr(layer, "lora_dropout")), 0.0)
     config = LoraAdapterConfig(
         r=r,
         lora_alpha=alpha,
-        use_dora=kinds.pop(),
+        use_dora=next(iter(dora.values())),
         use_rslora=rslora.pop(),
         lora_dropout=dropout if lora_dropout is None else lora_dropout,
         fan_in_fan_out=bool(fan_in_fan_out),
         target_modules=sorted(layers),
-        rank_pattern={re.escape(n): int(l.r) for n, l in layers.items() if l.r != r},
-        alpha_pattern={re.escape(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != alpha},
+        rank_pattern={exactly(n): int(l.r) for n, l in layers.items() if l.r != r},
+        alpha_pattern={exactly(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != alpha},
         extra=dict(config_fields),
     )
-    modules = {
-        name: ModuleAdapter(
-            name,
-            layer.lora_A.copy(),
-            layer.lora_B.copy(),
-            None if config.use_dora is False else layer.lora_magnitude_vector.copy(),
-            layer.scaling,
-            int(layer.r),
-            layer.lora_alpha,
-        )
-        for name, layer in layers.items()
-    }
+    modules = {}
+    for name, layer in layers.items():
+        kind, A, B, m = parts[name]
+        modules[name] = ModuleAdapter(name, np.array(A), np.array(B), None if m is None else np.array(m),
+                                      layer.scaling, int(layer.r), layer.lora_alpha, kind)  # fmt: skip
     return PeftAdapter(config, modules)
 
 
@@ -644,8 +721,9 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
       decides by the module type (``Conv1D`` -> True, ``nn.Linear`` -> False,
       overriding the config with a warning). Without the torch module we
       decide by the shapes: a non-square weight of shape (in, out) is
-      fan_in_fan_out, of shape (out, in) is not; a square one follows the
-      config's ``fan_in_fan_out``.
+      fan_in_fan_out, of shape (out, in) is not; a square one follows
+      ``config_fifo``, which the caller must have *established*
+      (``resolve_fan_in_fan_out`` gives the rule); ``None`` raises.
     * Embedding: always True; the view of E (V, D) is E.T (D, V).
     * Convolution: always False; the view is the kernel flattened to
       (out, in * prod(k)).
@@ -655,7 +733,8 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
     module : ModuleAdapter
     stored_shape : tuple of int
         The base weight's stored shape.
-    config_fifo : bool
+    config_fifo : bool or None
+        The orientation of a square linear weight; None: not known (raises).
     key : str, optional
         The base key, for messages.
 
@@ -667,7 +746,8 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
     ------
     ValueError
         If the base weight's shape does not fit the adapter's A and B
-        (the message gives all three), or is a grouped convolution.
+        (the message gives all three), or is a grouped convolution, or is
+        square with ``config_fifo=None``.
     """
     out_f, in_f = module.out_features, module.lora_A.shape[1]
     key = key or module.name + ".weight"
@@ -689,8 +769,15 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
             )
         want = f"(out, in, *k) = {want_shape}"
     else:
+        if len(stored_shape) == 2 and stored_shape == (out_f, in_f) == (in_f, out_f):
+            if config_fifo is None:
+                raise ValueError(
+                    f"module {module.name!r}: base weight {key!r} is square {stored_shape}, so its "
+                    f"shape does not tell (out, in) from (in, out); see resolve_fan_in_fan_out"
+                )
+            return bool(config_fifo)
         if len(stored_shape) == 2:
-            if stored_shape == (out_f, in_f) and (in_f != out_f or not config_fifo):
+            if stored_shape == (out_f, in_f):
                 return False
             if stored_shape == (in_f, out_f):
                 return True
@@ -699,6 +786,197 @@ def is_fan_in_fan_out(module, stored_shape, config_fifo, *, key=None):
         f"module {module.name!r}: base weight {key!r} has shape {stored_shape}, but lora_A {A} "
         f"and lora_B {B} ({module.kind}) need {want}"
     )
+
+
+# transformers models with GPT-2's ``Conv1D`` (weight stored (in, out)) and which of
+# their modules are Conv1D, as PEFT-style suffix patterns (from transformers'
+# modeling files: ``grep "= Conv1D("``). Every other linear module of these, and
+# every linear module of any other transformers ``model_type``, is an nn.Linear.
+_GPT2_CONV1D = r"(attn|crossattention)\.(c_attn|q_attn|c_proj)|mlp\.(c_fc|c_proj)"
+CONV1D_MODULES = {
+    "gpt2": _GPT2_CONV1D,
+    "openai-gpt": _GPT2_CONV1D,
+    "imagegpt": _GPT2_CONV1D,
+    "decision_transformer": _GPT2_CONV1D,
+    "clvp": r"mlp\.(c_fc|c_proj)",
+    "clvp_decoder": r"mlp\.(c_fc|c_proj)",
+}
+
+
+def _suffix_match(pattern, name):
+    """PEFT's pattern rule (``get_pattern_key``): ``(.*\\.)?(pattern)$`` matches ``name``."""
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+
+
+def _fifo_override(fan_in_fan_out):
+    """None, or a function module name -> whether it is stored (in, out)."""
+    if fan_in_fan_out is None:
+        return None
+    if isinstance(fan_in_fan_out, (bool, np.bool_)):
+        return lambda name: bool(fan_in_fan_out)
+    if isinstance(fan_in_fan_out, re.Pattern):
+        fan_in_fan_out = fan_in_fan_out.pattern
+    if isinstance(fan_in_fan_out, str):
+        if fan_in_fan_out == "":
+            return lambda name: False
+        try:
+            re.compile(fan_in_fan_out)
+        except re.error as e:
+            raise ValueError(f"fan_in_fan_out: {fan_in_fan_out!r} is not a valid regex ({e})") from None
+        return lambda name: _suffix_match(fan_in_fan_out, name)
+    if isinstance(fan_in_fan_out, dict):  # e.g. build_layers' {module: fan_in_fan_out}
+        fan_in_fan_out = [n for n, f in fan_in_fan_out.items() if f]
+    names = list(fan_in_fan_out)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"fan_in_fan_out must be a bool, a regex or module names, got {fan_in_fan_out!r}")
+    return lambda name: any(name == n or name.endswith("." + n) for n in names)
+
+
+def _model_types(cfg):
+    """Every ``model_type`` in a (possibly composite) transformers config dict."""
+    found = [cfg["model_type"]] if isinstance(cfg.get("model_type"), str) else []
+    for v in cfg.values():
+        if isinstance(v, dict):
+            found += _model_types(v)
+    return found
+
+
+def _model_evidence(base):
+    """(description, Conv1D pattern) from the base's ``config.json``, or None if it tells nothing.
+
+    A config whose ``model_type`` (or a sub-config's, e.g. a GPT-2 decoder) is
+    in ``CONV1D_MODULES`` names its Conv1D modules; any other transformers
+    ``model_type`` has only nn.Linear (pattern ""). Remote code (``auto_map``)
+    and configs without a ``model_type`` tell nothing.
+    """
+    cfg = getattr(base, "model_config", None)
+    if not isinstance(cfg, dict) or cfg.get("auto_map"):
+        return None
+    types = _model_types(cfg)
+    if not types:
+        return None
+    pattern = "|".join(dict.fromkeys(f"(?:{CONV1D_MODULES[t]})" for t in types if t in CONV1D_MODULES))
+    return f"{base.model_config_path} (model_type {'/'.join(dict.fromkeys(types))})", pattern
+
+
+def _layout(fifo):
+    return "(in, out)" if fifo else "(out, in)"
+
+
+def resolve_fan_in_fan_out(adapter, base, fan_in_fan_out=None):
+    """Which modules' base weights are stored (in, out) (GPT-2 ``Conv1D``): the orientation rule.
+
+    PEFT decides per module *type* (``Conv1D``: (in, out); ``nn.Linear``:
+    (out, in)) and overwrites the config's ``fan_in_fan_out`` as it goes, so
+    an adapter on both types saves the flag of the last module it visited.
+    A checkpoint records no types, so for each linear module, in order:
+
+    1. ``fan_in_fan_out`` given: it decides (a bool for every module, or
+       module names / a regex of the modules stored (in, out)).
+    2. A non-square weight: its shape decides (and must agree with 1 and 3).
+    3. The base's ``config.json`` (next to its weights) has a transformers
+       ``model_type``: GPT-2-family Conv1D modules (``CONV1D_MODULES``) are
+       (in, out), all others (out, in).
+    4. Else a square weight follows the adapter's ``fan_in_fan_out`` only if
+       the adapter corroborates it: it has non-square linear modules, all
+       stored as the flag says, and the module is not named as a GPT-2
+       Conv1D (``c_attn``, ``c_proj``, ...) under ``fan_in_fan_out=false``.
+
+    Otherwise nothing establishes the orientation, and a ValueError names
+    the square modules and says how to settle them: this never guesses.
+
+    Parameters
+    ----------
+    adapter : PeftAdapter
+    base : BaseWeights or mapping of str to ndarray
+    fan_in_fan_out : None, bool, str or iterable of str
+        None: the rule above. True/False: every linear module. A str: a regex
+        of the modules stored (in, out), matched as PEFT matches
+        ``rank_pattern`` keys (``(.*\\.)?(PATTERN)$``; "" matches none). An
+        iterable: module paths (or their dotted suffixes) stored (in, out);
+        a dict (as ``build_layers`` returns): the modules mapped to True.
+
+    Returns
+    -------
+    dict of str to bool
+        For every module of the adapter whose base weight is present;
+        embeddings True (their view is E.T), convolutions False.
+
+    Raises
+    ------
+    ValueError
+        A square module whose orientation is not established; a non-square
+        weight stored against what ``fan_in_fan_out`` or ``config.json``
+        say; a base shape that does not fit the adapter.
+    """
+    keys = set(base.keys())
+    shape_of = base.shape if isinstance(base, BaseWeights) else (lambda k: np.shape(base[k]))
+    override = _fifo_override(fan_in_fan_out)
+    model = None
+    out, square = {}, []
+    for name, mod in adapter.modules.items():
+        try:
+            key = weight_key(name, keys)
+        except KeyError:
+            continue  # the callers report it
+        shape = tuple(shape_of(key))
+        if mod.kind == "linear" and len(shape) == 2 and shape == (mod.out_features, mod.in_features) == shape[::-1]:
+            square.append(name)
+            continue
+        fifo = is_fan_in_fan_out(mod, shape, None, key=key)
+        if mod.kind == "linear":
+            if override is not None and override(name) != fifo:
+                raise ValueError(
+                    f"fan_in_fan_out={fan_in_fan_out!r} says module {name!r} is stored {_layout(not fifo)}, "
+                    f"but its base weight {key!r} {shape} is {_layout(fifo)} for lora_A "
+                    f"{mod.lora_A.shape} and lora_B {mod.lora_B.shape}"
+                )
+            if override is None:
+                model = model or _model_evidence(base) or (None, "")
+                says = bool(model[1]) and _suffix_match(model[1], name)
+            if override is None and model[0] and says != fifo:
+                raise ValueError(
+                    f"{model[0]} makes module {name!r} {'a Conv1D' if says else 'an nn.Linear'} stored "
+                    f"{_layout(says)}, but its base weight {key!r} {shape} is stored {_layout(fifo)}; "
+                    f"pass fan_in_fan_out to say which modules are (in, out)"
+                )
+        out[name] = fifo
+    if not square:
+        return out
+    if override is None:
+        model = model or _model_evidence(base) or (None, "")
+    flag = bool(adapter.config.fan_in_fan_out)
+    linear = [n for n in out if adapter.modules[n].kind == "linear"]
+    against = [n for n in linear if out[n] != flag]
+    unresolved = []
+    for name in square:
+        if override is not None:
+            out[name] = override(name)
+        elif model[0]:  # a transformers model_type: its Conv1D modules are known
+            out[name] = bool(model[1]) and _suffix_match(model[1], name)
+        elif linear and not against and (flag or not _suffix_match(_GPT2_CONV1D, name)):
+            out[name] = flag
+        else:
+            unresolved.append(name)
+    if unresolved:
+        if against:
+            why = (f"the adapter's fan_in_fan_out={str(flag).lower()} is contradicted by its non-square "
+                   f"module(s) {against[:3]}, stored {_layout(not flag)}, so it targets both nn.Linear "
+                   f"and Conv1D modules")  # fmt: skip
+        elif linear:
+            why = f"{unresolved[:3]} are named as GPT-2 Conv1D modules but the adapter says fan_in_fan_out=false"
+        else:
+            why = (f"no non-square module corroborates the adapter's fan_in_fan_out="
+                   f"{str(flag).lower()} and the base has no config.json with a model_type")  # fmt: skip
+        raise ValueError(
+            f"cannot tell whether the square base weight(s) of module(s) {unresolved} are stored "
+            f"(out, in) (nn.Linear) or (in, out) (GPT-2 Conv1D): {why}. PEFT decides this by each "
+            f"module's type, which a checkpoint does not record, and saves fan_in_fan_out as it was for "
+            f"the last module it visited. Say which modules are stored (in, out): fan_in_fan_out=<bool, "
+            f"module names or regex> (Python), --fan-in-fan-out PATTERN ('' for none) (dora-ref merge), "
+            f"or keep the base model's config.json next to its weights"
+        )
+    return out
 
 
 def _to_view(W_stored, mod, transposed, dtype):
@@ -717,7 +995,8 @@ def _from_view(W, shape, transposed):
 # ---------------------------------------------------------------------------
 
 
-def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, detach_norm=True):
+def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, detach_norm=True,
+                 fan_in_fan_out=None):  # fmt: skip
     """``DoRALinear``/``LoRALinear`` (and ``DoRAEmbedding``) layers from an adapter and base weights.
 
     Parameters
@@ -737,6 +1016,10 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
         Seeds the dropout masks.
     detach_norm : bool, default True
         See ``DoRALinear``.
+    fan_in_fan_out : None, bool, str or iterable of str
+        Which base weights are stored (in, out) (GPT-2 ``Conv1D``); None:
+        decided by ``resolve_fan_in_fan_out``'s rule, which raises rather
+        than guess for a square weight.
 
     Returns
     -------
@@ -767,13 +1050,14 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
     layers, fifo = {}, {}
     rng = np.random.default_rng(rng)
     names = list(adapter.modules) if modules is None else list(modules)
+    orientation = resolve_fan_in_fan_out(adapter, base, fan_in_fan_out)
     for name in names:
         if name not in adapter.modules:
             raise KeyError(f"the adapter has no module {name!r}")
         mod = adapter.modules[name]
         wkey = weight_key(name, keys)
         W = base.get(wkey) if isinstance(base, BaseWeights) else np.asarray(base[wkey])
-        fifo[name] = is_fan_in_fan_out(mod, W.shape, cfg.fan_in_fan_out, key=wkey)
+        fifo[name] = is_fan_in_fan_out(mod, W.shape, orientation.get(name), key=wkey)
         cdt = _compute_dtype(W.dtype)
         if mod.kind != "linear":
             layers[name] = _build_non_linear(name, mod, W.astype(cdt), cfg, rng, detach_norm)
@@ -970,7 +1254,7 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
     return _from_view(W, W_stored.shape, fan_in_fan_out).astype(W_stored.dtype)
 
 
-def merge_state_dict(base, adapters, *, allow_zero_norm=False):
+def merge_state_dict(base, adapters, *, allow_zero_norm=False, fan_in_fan_out=None):
     """Merged copies of the adapted weights, keyed as the base (in memory).
 
     For whole checkpoints on disk use ``dora-ref merge`` (``merge_cli``),
@@ -982,6 +1266,8 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False):
     adapters : sequence of PeftAdapter (or adapter directories)
         Applied in order (PEFT's active-adapter order).
     allow_zero_norm : bool, default False
+    fan_in_fan_out : None, bool, str or iterable of str
+        Which base weights are stored (in, out); see ``resolve_fan_in_fan_out``.
 
     Returns
     -------
@@ -996,7 +1282,7 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False):
     get = base.get if isinstance(base, BaseWeights) else (lambda k: np.asarray(base[k]))
     out = {
         key: merge_weight(get(key), mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
-        for key, (mods, fifo) in plan_merge(base, adapters).items()
+        for key, (mods, fifo) in plan_merge(base, adapters, fan_in_fan_out=fan_in_fan_out).items()
     }
     for key, arr in plan_replacements(base, adapters).items():
         out[key] = arr.astype(get(key).dtype)
@@ -1039,13 +1325,15 @@ def plan_replacements(base, adapters):
     return out
 
 
-def plan_merge(base, adapters):
+def plan_merge(base, adapters, *, fan_in_fan_out=None):
     """Match each adapter's modules to base weight keys, checking shapes (no data read).
 
     Parameters
     ----------
     base : BaseWeights or mapping of str to ndarray
     adapters : sequence of PeftAdapter or adapter directories
+    fan_in_fan_out : None, bool, str or iterable of str
+        Which base weights are stored (in, out); see ``resolve_fan_in_fan_out``.
 
     Returns
     -------
@@ -1056,18 +1344,24 @@ def plan_merge(base, adapters):
     Raises
     ------
     KeyError, ValueError
-        A module whose base weight is missing or of the wrong shape.
+        A module whose base weight is missing or of the wrong shape, or a
+        square weight whose orientation is not established.
     """
     adapters = [a if isinstance(a, PeftAdapter) else load_adapter(a) for a in adapters]
     keys = set(base.keys())
     plan = {}
     for adapter in adapters:
+        for name in adapter.modules:
+            weight_key(name, keys)  # a missing module: KeyError first
+        orientation = resolve_fan_in_fan_out(adapter, base, fan_in_fan_out)
         for name, mod in adapter.modules.items():
             key = weight_key(name, keys)
-            shape = base.shape(key) if isinstance(base, BaseWeights) else np.shape(base[key])
-            fifo = is_fan_in_fan_out(mod, shape, adapter.config.fan_in_fan_out, key=key)
+            fifo = orientation[name]
             mods, prev = plan.setdefault(key, ([], fifo))
-            if prev != fifo:  # only possible for a square weight with differing configs
-                raise ValueError(f"{key}: adapters disagree on fan_in_fan_out")
+            if prev != fifo:  # only possible for a square weight with differing evidence
+                raise ValueError(
+                    f"{key}: the adapters disagree on whether it is stored (in, out) (fan_in_fan_out); "
+                    f"pass fan_in_fan_out to say"
+                )
             mods.append(mod)
     return plan

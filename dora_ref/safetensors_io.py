@@ -256,6 +256,9 @@ class BaseWeights:
         Each tensor key's file.
     index : dict or None
         The parsed shard index, if there is one.
+    model_config : dict or None
+        The model's ``config.json`` (read when first asked for), which
+        ``dora_ref.peft.resolve_fan_in_fan_out`` takes ``model_type`` from.
 
     Raises
     ------
@@ -276,9 +279,17 @@ class BaseWeights:
             if index_path.is_file():
                 try:
                     self.index = json.loads(index_path.read_text())
-                    wm = self.index["weight_map"]
-                except (ValueError, KeyError) as e:
-                    raise ValueError(f"{index_path}: not a valid shard index ({e!r})") from None
+                except ValueError as e:
+                    raise ValueError(f"{index_path}: not valid JSON ({e})") from None
+                wm = self.index.get("weight_map") if isinstance(self.index, dict) else None
+                if not isinstance(wm, dict) or not all(
+                    isinstance(v, str) and v and Path(v).name == v for v in wm.values()
+                ):
+                    raise ValueError(
+                        f"{index_path}: field 'weight_map' must be an object of tensor key -> shard "
+                        f"file name (in this directory), got "
+                        f"{type(wm).__name__ if not isinstance(wm, dict) else 'other values'}"
+                    )
                 self.weight_map = {k: path / v for k, v in wm.items()}
                 self.files = list(dict.fromkeys(self.weight_map.values()))
                 for f in self.files:
@@ -301,6 +312,7 @@ class BaseWeights:
             self.files = [path]
             self.weight_map = None
         self._open = {}
+        self._model_config = False  # not read yet
         if self.weight_map is None:
             self.weight_map = {k: self.files[0] for k in self._handle(self.files[0]).keys()}
         else:
@@ -309,6 +321,29 @@ class BaseWeights:
                 missing = [k for k, v in self.weight_map.items() if v == f and k not in have]
                 if missing:
                     raise ValueError(f"{f}: the index lists {missing[:5]} but the shard lacks them")
+
+    @property
+    def model_config_path(self):
+        """The model's ``config.json``: in the directory, or beside the file."""
+        return (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+
+    @property
+    def model_config(self):
+        """The parsed ``config.json`` (``model_type``, ...), or None if there is none.
+
+        Raises ValueError if it is not a JSON object.
+        """
+        if self._model_config is False:
+            path, cfg = self.model_config_path, None
+            if path.is_file():
+                try:
+                    cfg = json.loads(path.read_text())
+                except ValueError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e})") from None
+                if not isinstance(cfg, dict):
+                    raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+            self._model_config = cfg
+        return self._model_config
 
     def _handle(self, f):
         if f not in self._open:

@@ -93,8 +93,8 @@ def test_save_then_load_round_trips_exactly_with_per_module_ranks(tmp_path):
     P.save_adapter(tmp_path, P.adapter_from_layers(layers, base_model_name_or_path="toy"))
     cfg = json.loads((tmp_path / P.ADAPTER_CONFIG).read_text())
     assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and cfg["use_dora"] is True
-    assert cfg["rank_pattern"] == {r"model\.layers\.1\.q": 3}
-    assert cfg["alpha_pattern"] == {r"model\.layers\.1\.q": 5}
+    assert cfg["rank_pattern"] == {r"^model\.layers\.1\.q": 3}  # anchored: this module only
+    assert cfg["alpha_pattern"] == {r"^model\.layers\.1\.q": 5}
     assert cfg["base_model_name_or_path"] == "toy" and cfg["peft_type"] == "LORA"
     # keys and shapes as peft_dora.md Sec. 8
     tensors = load_file(str(tmp_path / P.ADAPTER_WEIGHTS))
@@ -604,7 +604,7 @@ def test_merge_command_does_not_overwrite_without_force(tmp_path, capsys):
     args = [str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]
     assert merge_main(args) == 0
     assert merge_main(args) == 1
-    assert "exists; pass --force" in capsys.readouterr().err
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert merge_main(args + ["--force"]) == 0
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "base")]) == 1
 
@@ -624,3 +624,212 @@ def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path, backend):
     want = P.merge_weight(base["h.0.fc.weight"],
                           [adapters[0].modules["transformer.h.0.fc"], adapters[1].modules["h.0.fc"]])  # fmt: skip
     np.testing.assert_array_equal(P.load_base_weights(tmp_path / "out")["h.0.fc.weight"], want)
+
+
+# ---------------------------------------------------------------------------
+# regressions from the adversarial review
+# ---------------------------------------------------------------------------
+
+
+def _square_pair(tmp_path, fifo_flag=False, extra_modules=None):
+    """Adapter on two square (4, 4) modules "c" and "l"; base stores "c" (in, out) like a Conv1D."""
+    rng = np.random.default_rng(11)
+    mods = {"c": random_module(rng, 4, 4, 2), "l": random_module(rng, 4, 4, 2), **(extra_modules or {})}
+    write_adapter(tmp_path / "ad", mods, {"fan_in_fan_out": fifo_flag})
+    W_c, W_l = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))  # (out, in) views
+    base = {"c.weight": W_c.T.copy(), "l.weight": W_l}  # c stored (in, out)
+    want = {"c.weight": dense_merge(W_c, *mods["c"], 2.0).T, "l.weight": dense_merge(W_l, *mods["l"], 2.0)}
+    return base, want, mods
+
+
+def test_square_weights_of_unestablished_orientation_are_refused_not_guessed(tmp_path):
+    """Review HIGH: PEFT saves fan_in_fan_out=false for a Conv1D + nn.Linear adapter; a square
+    Conv1D was merged untransposed. Nothing here says which square module is which: refuse."""
+    base, want, _ = _square_pair(tmp_path)
+    for call in (lambda **kw: P.merge_state_dict(base, [tmp_path / "ad"], **kw),
+                 lambda **kw: P.build_layers(tmp_path / "ad", base, **kw),
+                 lambda **kw: P.plan_merge(base, [P.load_adapter(tmp_path / "ad")], **kw)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"square base weight\(s\) of module\(s\) \['c', 'l'\].*fan_in_fan_out="):
+            call()
+    # the override settles it: module names, a regex (PEFT's suffix rule), or a bool per module set
+    for override in (["c"], "c", r"c|nothing"):
+        got = P.merge_state_dict(base, [tmp_path / "ad"], fan_in_fan_out=override)
+        for k in want:
+            assert_close(got[k], want[k], k=4 + 2)
+    layers, fifo = P.build_layers(tmp_path / "ad", base, fan_in_fan_out=["c"])
+    assert fifo == {"c": True, "l": False}
+    with pytest.raises(ValueError, match="not a valid regex"):
+        P.merge_state_dict(base, [tmp_path / "ad"], fan_in_fan_out="(")
+
+
+def test_fan_in_fan_out_flag_contradicted_by_a_non_square_module_is_refused(tmp_path):
+    """A non-square module stored (in, out) under fan_in_fan_out=false: the adapter mixes types."""
+    rng = np.random.default_rng(12)
+    base, want, mods = _square_pair(tmp_path, extra_modules={"f": random_module(rng, 6, 4, 2)})
+    base["f.weight"] = rng.normal(size=(4, 6))  # (in, out): a Conv1D
+    with pytest.raises(ValueError, match=r"\['c', 'l'\].*contradicted by its non-square module\(s\) \['f'\]"):
+        P.merge_state_dict(base, [tmp_path / "ad"])
+    # an override contradicting a non-square shape is an error too, not a silent transpose
+    with pytest.raises(ValueError, match=r"says module 'f' is stored \(out, in\)"):
+        P.merge_state_dict(base, [tmp_path / "ad"], fan_in_fan_out=["c"])
+    got = P.merge_state_dict(base, [tmp_path / "ad"], fan_in_fan_out="c|f")
+    assert_close(got["c.weight"], want["c.weight"], k=6)
+    # corroborated: every non-square module agrees with the flag, and no name says Conv1D
+    base["f.weight"] = rng.normal(size=(6, 4))
+    base["c.weight"] = base["c.weight"].T.copy()  # now both square modules are nn.Linear
+    got = P.merge_state_dict(base, [tmp_path / "ad"])
+    assert_close(got["c.weight"], dense_merge(base["c.weight"], *mods["c"], 2.0), k=6)
+
+
+def test_base_config_json_model_type_decides_square_conv1d_modules(tmp_path):
+    """GPT-2's attn.c_proj is a square Conv1D; config.json's model_type says so. A square
+    module named like a GPT-2 Conv1D under fan_in_fan_out=false is never taken on the flag."""
+    rng = np.random.default_rng(13)
+    mods = {"h.0.attn.c_proj": random_module(rng, 4, 4, 2), "score": random_module(rng, 3, 4, 2)}
+    write_adapter(tmp_path / "ad", mods, {"fan_in_fan_out": False})  # as PEFT saves it: score was last
+    W = rng.normal(size=(4, 4))
+    tensors = {"h.0.attn.c_proj.weight": W.T.copy(), "score.weight": rng.normal(size=(3, 4))}
+    (tmp_path / "base").mkdir()
+    save_file(tensors, str(tmp_path / "base" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"\['h.0.attn.c_proj'\] are named as GPT-2 Conv1D modules"):
+        P.merge_state_dict(tmp_path / "base", [tmp_path / "ad"])
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    got = P.merge_state_dict(tmp_path / "base", [tmp_path / "ad"])
+    assert_close(got["h.0.attn.c_proj.weight"], dense_merge(W, *mods["h.0.attn.c_proj"], 2.0).T, k=6)
+    # another transformers model_type has nn.Linear only; a contradicting shape is an error
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    got = P.merge_state_dict(tmp_path / "base", [tmp_path / "ad"])
+    assert_close(got["h.0.attn.c_proj.weight"], dense_merge(W.T, *mods["h.0.attn.c_proj"], 2.0), k=6)
+    save_file({**tensors, "score.weight": rng.normal(size=(4, 3))}, str(tmp_path / "base" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model_type llama\) makes module 'score' an nn.Linear"):
+        P.merge_state_dict(tmp_path / "base", [tmp_path / "ad"])
+    # remote code (auto_map) tells nothing
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "gpt2", "auto_map": {"x": "y"}}))
+    with pytest.raises(ValueError, match="cannot tell whether"):
+        P.merge_state_dict(tmp_path / "base", [tmp_path / "ad"])
+
+
+def test_merge_command_fan_in_fan_out_option_settles_square_modules(tmp_path, capsys):
+    base, want, _ = _square_pair(tmp_path)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    args = [str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), str(tmp_path / "out.safetensors"),
+            "--no-progress"]  # fmt: skip
+    assert merge_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dora-ref merge: error: cannot tell whether") and err.count("\n") == 1
+    assert "--fan-in-fan-out PATTERN" in err and not (tmp_path / "out.safetensors").exists()
+    assert merge_main(args + ["--fan-in-fan-out", "c"]) == 0
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for k in want:
+        assert_close(got[k], want[k], k=6)
+
+
+def test_merge_command_refuses_a_non_empty_out_and_out_in_an_input_directory(tmp_path, capsys):
+    """Review: config.json/tokenizer files in OUT were overwritten without --force, and OUT ==
+    ADAPTER wrote model.safetensors into the adapter directory."""
+    _toy_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+
+    def run(o, *extra):
+        return merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(o), "--no-progress", *extra])
+
+    assert run(out) == 1
+    assert f"OUT {out} exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "mine" and len(list(out.iterdir())) == 1
+    before = sorted(p.name for p in (tmp_path / "ad").iterdir())
+    for o in (tmp_path / "ad", tmp_path / "ad" / "sub", tmp_path / "base", tmp_path / "base" / "merged"):
+        assert run(o, "--force") == 1
+        err = capsys.readouterr().err
+        assert "directory" in err and err.endswith("; write the output elsewhere\n"), err
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == before
+    assert not (tmp_path / "base" / "merged").exists()
+    (out / "config.json").unlink()
+    assert run(out) == 0  # an empty existing directory is fine
+    assert run(tmp_path / "out2") == 0 and run(tmp_path / "out2", "--force") == 0
+
+
+def test_adapter_from_layers_anchors_patterns_so_suffix_named_modules_keep_their_ranks(tmp_path):
+    """Review: rank_pattern {'proj': 4} also matches 'block.proj' under PEFT's (.*\\.)?(key)$."""
+    rng = np.random.default_rng(0)
+    layers = {"proj": DoRALinear(rng.normal(size=(4, 6)), r=4, rng=0),
+              "block.proj": DoRALinear(rng.normal(size=(4, 6)), r=2, lora_alpha=3, rng=1),
+              "other": DoRALinear(rng.normal(size=(4, 6)), r=2, rng=2)}  # fmt: skip
+    adapter = P.adapter_from_layers(layers)
+    assert adapter.config.rank_pattern == {"^proj": 4} and adapter.config.alpha_pattern == {r"^block\.proj": 3}
+    P.save_adapter(tmp_path, adapter)
+    back = P.load_adapter(tmp_path)
+    for name, layer in layers.items():
+        assert (back.modules[name].r, back.modules[name].scaling) == (layer.r, layer.scaling)
+
+
+def test_embedding_layers_save_through_adapter_from_layers(tmp_path):
+    """Review: build_layers -> adapter_from_layers -> save_adapter failed for DoRAEmbedding
+    (alone: no lora_dropout; with linear layers: 'all layers must be DoRA')."""
+    rng = np.random.default_rng(3)
+    t = _conv_embedding_adapter(tmp_path / "a", rng)
+    t = {k: v for k, v in t.items() if ".emb." in k}
+    t["base_model.model.lin.lora_A.weight"] = rng.normal(size=(2, 5))
+    t["base_model.model.lin.lora_B.weight"] = rng.normal(size=(3, 2))
+    t["base_model.model.lin.lora_magnitude_vector"] = 1 + 0.1 * rng.normal(size=3)
+    save_file(t, str(tmp_path / "a" / P.ADAPTER_WEIGHTS))
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": True, "lora_dropout": 0.1}
+    (tmp_path / "a" / P.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    base = {"emb.weight": rng.normal(size=(10, 5)), "lin.weight": rng.normal(size=(3, 5))}
+    layers, _ = P.build_layers(tmp_path / "a", base)
+    P.save_adapter(tmp_path / "b", P.adapter_from_layers(layers))
+    back = load_file(str(tmp_path / "b" / P.ADAPTER_WEIGHTS))
+    assert set(back) == set(t)
+    for k in t:
+        np.testing.assert_array_equal(back[k], t[k])
+    assert json.loads((tmp_path / "b" / P.ADAPTER_CONFIG).read_text())["lora_dropout"] == 0.1
+    P.save_adapter(tmp_path / "c", P.adapter_from_layers({"emb": layers["emb"]}))  # embeddings alone
+    alone = P.load_adapter(tmp_path / "c")
+    assert alone.modules["emb"].kind == "embedding" and alone.config.lora_dropout == 0.0
+    np.testing.assert_array_equal(P.merge_state_dict(base, [alone])["emb.weight"],
+                                  P.merge_state_dict(base, [tmp_path / "a"])["emb.weight"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [({"lora_alpha": "16"}, r"field 'lora_alpha' must be a finite number, got '16'"),
+     ({"rank_pattern": ["q", 4]}, r"field 'rank_pattern' must be an object"),
+     ({"rank_pattern": {"(": 4}}, r"field 'rank_pattern': key '\(' is not a valid regex"),
+     ({"alpha_pattern": {"q": "8"}}, r"field 'alpha_pattern': 'q' maps to '8'"),
+     ({"rank_pattern": {"q": 2.5}}, r"field 'rank_pattern': 'q' maps to 2.5"),
+     ({"use_dora": "yes"}, r"field 'use_dora' must be true or false"),
+     ({"lora_dropout": "0.1"}, r"field 'lora_dropout' must be a number"),
+     ({"target_modules": 5}, r"field 'target_modules' must be a list"),
+     ({"modules_to_save": "score"}, r"field 'modules_to_save' must be a list"),
+     ([1, 2], r"expected a JSON object of config fields, got list"),
+     (None, r"expected a JSON object of config fields, got NoneType")],
+)  # fmt: skip
+def test_malformed_config_is_a_value_error_naming_file_and_field(tmp_path, capsys, config, match):
+    """Review: these gave TypeError/AttributeError/re.error naming neither file nor field."""
+    write_adapter(tmp_path / "ad", {"lin": random_module(np.random.default_rng(0), 3, 4, 2)},
+                  config if isinstance(config, dict) else {})  # fmt: skip
+    if not isinstance(config, dict):
+        (tmp_path / "ad" / P.ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
+        P.load_adapter(tmp_path / "ad")
+    save_file({"lin.weight": np.ones((3, 4))}, str(tmp_path / "base.safetensors"))
+    assert merge_main([str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dora-ref merge: error: ") and err.count("\n") == 1 and "adapter_config.json" in err
+
+
+@pytest.mark.parametrize(
+    "index", [{"weight_map": [["a.weight", "s.safetensors"]]}, [1, 2], {"metadata": {}},
+              {"weight_map": {"a.weight": 3}}, {"weight_map": {"a.weight": "../s.safetensors"}}],
+)  # fmt: skip
+def test_malformed_shard_index_is_a_value_error_naming_the_field(tmp_path, capsys, index):
+    (tmp_path / "base").mkdir()
+    save_file({"a.weight": np.ones((2, 3))}, str(tmp_path / "base" / "s.safetensors"))
+    (tmp_path / "base" / S.SHARD_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{S.SHARD_INDEX}: field 'weight_map' must be an object"):
+        S.BaseWeights(tmp_path / "base")
+    write_adapter(tmp_path / "ad", {"a": random_module(np.random.default_rng(0), 2, 3, 2)})
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dora-ref merge: error: ") and err.count("\n") == 1 and "weight_map" in err

@@ -35,6 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils.other import get_pattern_key  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from dora_ref import DoRALinear  # noqa: E402
 from dora_ref import peft as P  # noqa: E402
 from dora_ref.merge_cli import main as merge_main  # noqa: E402
 from dora_ref.tolerance import rtol  # noqa: E402
@@ -627,3 +628,110 @@ def test_modules_to_save_merge_equals_peft(dtype_name, tmp_path):
         np.testing.assert_array_equal(ours[key], merged[key].numpy())
         assert not np.array_equal(ours[key], base_weights[key])
     check("merged weight (with modules_to_save)", ours["fc.weight"], merged["fc.weight"].numpy(), np_dtype, 6 + 2)
+
+
+# ---------------------------------------------------------------------------
+# regressions from the adversarial review
+# ---------------------------------------------------------------------------
+
+
+class MixedSquare(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = Conv1D(8, 8)  # square, stored (in, out)
+        self.l = torch.nn.Linear(8, 8)  # square, stored (out, in)
+
+
+def test_square_conv1d_next_to_a_linear_is_refused_or_merged_as_peft(tmp_path):
+    """Review HIGH: PEFT saves fan_in_fan_out=false for this adapter (the flag of the last
+    module it visited), so taking the flag merged the square Conv1D untransposed (error 1.24)."""
+    torch.manual_seed(0)
+    base = MixedSquare().double()
+    sd = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["c", "l"],
+                                             init_lora_weights=False, fan_in_fan_out=True))  # fmt: skip
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path)
+    assert P.load_adapter(tmp_path).config.fan_in_fan_out is False  # what makes the flag useless here
+    want = pm.merge_and_unload().state_dict()
+    with pytest.raises(ValueError, match=r"square base weight\(s\) of module\(s\) \['c', 'l'\]"):
+        P.merge_state_dict(sd, [tmp_path])
+    for override in (["c"], "c"):
+        ours = P.merge_state_dict(sd, [tmp_path], fan_in_fan_out=override)
+        for key in ("c.weight", "l.weight"):
+            check("merged square Conv1D/Linear", ours[key], want[key].numpy(), np.float64, 8 + 2)
+
+
+class SuffixNames(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 4)
+        self.block = torch.nn.Module()
+        self.block.proj = torch.nn.Linear(6, 4)
+        self.other = torch.nn.Linear(6, 4)
+
+
+def test_adapter_from_layers_with_suffix_named_modules_loads_in_peft_with_each_rank(tmp_path):
+    """Review: rank_pattern {'proj': 4} also matched 'block.proj'; anchored '^proj' does not."""
+    torch.manual_seed(0)
+    base = SuffixNames().double()
+    sd = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    rng = np.random.default_rng(0)
+    layers = {}
+    for name, r, alpha in (("proj", 4, 8), ("block.proj", 2, 3), ("other", 2, 8)):
+        layer = DoRALinear(sd[name + ".weight"], sd[name + ".bias"], r=r, lora_alpha=alpha, rng=rng)
+        layer.lora_B = rng.normal(size=layer.lora_B.shape)
+        layer.lora_magnitude_vector = layer.lora_magnitude_vector * (1 + 0.2 * rng.normal(size=4))
+        layers[name] = layer
+    P.save_adapter(tmp_path, P.adapter_from_layers(layers))
+    for key in P.load_adapter(tmp_path).config.rank_pattern:  # PEFT's own matcher agrees
+        assert [n for n in layers if get_pattern_key([key], n) == key] == ["proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(base, tmp_path).eval()
+    x = np.random.default_rng(1).normal(size=(3, 6))
+    for name, layer in layers.items():
+        module = pm.base_model.model.get_submodule(name)
+        assert module.lora_A["default"].weight.shape == (layer.r, 6), name
+        assert module.scaling["default"] == layer.scaling, name
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        check("suffix-named module forward", layer.eval()(x), want, np.float64, 6 + layer.r)
+
+
+class EmbedLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6)
+        self.lin = torch.nn.Linear(6, 5)
+
+
+def test_embedding_layers_from_build_layers_save_and_load_in_peft(tmp_path):
+    """Review: build_layers -> adapter_from_layers -> save_adapter failed with a DoRAEmbedding."""
+    torch.manual_seed(0)
+    base = EmbedLinear().double()
+    sd = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=["emb", "lin"],
+                                             init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n or "lora_embedding_A" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    layers, _ = P.build_layers(tmp_path / "peft", sd)
+    P.save_adapter(tmp_path / "ours", P.adapter_from_layers(layers))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = PeftModel.from_pretrained(EmbedLinear().double(), tmp_path / "ours")
+    want = copy.deepcopy(pm).merge_and_unload().state_dict()
+    got = reloaded.merge_and_unload().state_dict()
+    for key in ("emb.weight", "lin.weight"):
+        check("embedding+linear via adapter_from_layers", got[key].numpy(), want[key].numpy(), np.float64, 11 + 2)
