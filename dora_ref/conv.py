@@ -84,8 +84,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import functional as F
-from ._validate import as_float_array, check_same_dtype, check_scaling
-from .layers import initial_lora_weights, lora_scaling
+from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
+from .layers import _frozen, initial_lora_weights, lora_scaling
 
 __all__ = [
     "ConvGeometry",
@@ -438,6 +438,23 @@ def _check_bias(bias, weight):
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape (out,) = ({weight.shape[0]},), got {bias.shape}")
     return bias
+
+
+def _assigned_adapter_array(name, value, dtype, shape, alt_shapes=()):
+    """An adapter array assigned to a layer (lora_A, lora_B, magnitude), checked, as ``shape``.
+
+    It must be a float array of the weight's dtype: complex, integer and
+    object arrays, and the other float dtype, raise ``TypeError`` (no silent
+    truncation or promotion); NaN/Inf raise ``ValueError``. A shape in
+    ``alt_shapes`` (e.g. a flat (out,) magnitude) is reshaped to ``shape``.
+    """
+    value = as_float_array(name, value)
+    if value.dtype != dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the weight has dtype {dtype}")
+    if value.shape != tuple(shape) and value.shape not in alt_shapes:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
+    check_finite(name, value)
+    return value.reshape(shape)  # the setter copies it into the layer's own array
 
 
 def _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude=None):
@@ -918,7 +935,7 @@ class _LoRAConvNd:
         self.rng = np.random.default_rng(rng)
         self.in_channels = weight.shape[1] * groups
         self.out_channels = weight.shape[0]
-        self.lora_A, self.lora_B = initial_conv_lora_weights(
+        self._lora_A, self._lora_B = initial_conv_lora_weights(
             self.in_channels, self.out_channels, self.kernel_size, self.r, groups,
             self.rng, weight.dtype, init_lora_weights,
         )
@@ -940,9 +957,13 @@ class _LoRAConvNd:
         """Per-dimension (left, right) zero padding."""
         return self.geometry.padding
 
-    def _set_base(self, weight, bias):
-        """Set the frozen kernel (read-only view). Unmerged: (out, in/groups, *k);
-        merged with groups > 1: the dense (out, in, *k) kernel."""
+    def _set_base(self, weight, bias, owned=False):
+        """Install the frozen kernel and bias as the layer's own read-only arrays
+        (``layers._frozen``).
+
+        Unmerged: (out, in/groups, *k); merged with groups > 1: the dense
+        (out, in, *k) kernel. ``owned``: the arrays are fresh results of ours.
+        """
         weight = as_float_array("weight", weight, ndim=self._ndim + 2)
         cols = self.in_channels if (self.merged and self.groups > 1) else self.in_channels // self.groups
         want = (self.out_channels, cols, *self.kernel_size)
@@ -954,16 +975,38 @@ class _LoRAConvNd:
             bias = _check_bias(bias, weight)
             if bias.dtype != weight.dtype:
                 raise TypeError(f"bias has dtype {bias.dtype}, the weight {weight.dtype}")
-            bias = bias.view()
-            bias.flags.writeable = False
-        weight = weight.view()
-        weight.flags.writeable = False
-        self._weight, self._bias = weight, bias
+            bias = _frozen(bias, owned)
+        self._weight, self._bias = _frozen(weight, owned), bias
 
     @property
     def weight(self):
-        """The frozen base kernel, read-only (dense (out, in, *k) while merged with groups > 1)."""
+        """The frozen base kernel, read-only (dense (out, in, *k) while merged with groups > 1).
+
+        The layer's own copy: writing to the array given at construction or to
+        ``set_base_weight`` does not change it (an array that was already
+        read-only and C-contiguous is kept as is, trusted not to change).
+        """
         return self._weight
+
+    @property
+    def lora_A(self):
+        """``lora_A`` (r, in, *k), trainable. Assigning copies into it in place."""
+        return self._lora_A
+
+    @lora_A.setter
+    def lora_A(self, value):
+        A = self._lora_A
+        A[...] = _assigned_adapter_array("lora_A", value, A.dtype, A.shape)
+
+    @property
+    def lora_B(self):
+        """``lora_B`` (out, r/groups, 1, ...), trainable. Assigning copies into it in place."""
+        return self._lora_B
+
+    @lora_B.setter
+    def lora_B(self, value):
+        B = self._lora_B
+        B[...] = _assigned_adapter_array("lora_B", value, B.dtype, B.shape)
 
     @property
     def bias(self):
@@ -972,6 +1015,10 @@ class _LoRAConvNd:
 
     def set_base_weight(self, weight, bias="keep"):
         """Replace the frozen base kernel (out, in/groups, *k) and optionally the bias.
+
+        The layer keeps its own read-only copy (see ``weight``). The trainable
+        arrays are the same objects afterwards, so an optimiser built on
+        ``parameters()`` keeps training them.
 
         Raises ``RuntimeError`` if the layer is merged.
         """
@@ -1005,6 +1052,21 @@ class _LoRAConvNd:
         """Evaluation mode: no dropout. Returns self."""
         return self.train(False)
 
+    def _mask_for(self, x, dropout_mask):
+        """The dropout mask of this forward: the given one, a drawn one, or None.
+
+        A given mask in eval mode raises ``ValueError``: PEFT applies no
+        dropout in eval, and using the training formula there would be silent.
+        """
+        if dropout_mask is not None:
+            if not self.training:
+                raise ValueError(
+                    "dropout_mask given in eval mode: PEFT applies no dropout in eval; "
+                    "call train() first"
+                )
+            return dropout_mask
+        return self._dropout_mask(np.shape(x))
+
     def _dropout_mask(self, shape):
         if not self.training or self.lora_dropout == 0.0:
             return None
@@ -1029,11 +1091,12 @@ class _LoRAConvNd:
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (N, in, *L) -> y (N, out, *L_out).
 
-        ``dropout_mask`` (shape of x) replaces the drawn mask in training.
+        ``dropout_mask`` (shape of x) replaces the drawn mask; training only
+        (in eval mode it raises ``ValueError``: PEFT applies no dropout there).
         """
+        mask = self._mask_for(x, dropout_mask)
         if self.merged:
             return self._merged_forward(x)
-        mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
         y, self._ctx = conv_lora_forward(
             x, self._weight, self.lora_A, self.lora_B, self.scaling, self._bias,
             dropout_mask=mask, **self._conv_args(),
@@ -1062,7 +1125,7 @@ class _LoRAConvNd:
         delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
         W = grouped_to_dense(self._weight, self.groups) + delta
         self.merged = True
-        self._set_base(W, self._bias)
+        self._set_base(W, self._bias, owned=True)
 
     def unmerge(self):
         """Restore W0 = W' - s * delta."""
@@ -1071,7 +1134,7 @@ class _LoRAConvNd:
         delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
         W0 = dense_to_grouped(self._weight - delta, self.groups)
         self.merged = False
-        self._set_base(W0, self._bias)
+        self._set_base(W0, self._bias, owned=True)
 
     def __repr__(self):
         return (
@@ -1091,25 +1154,42 @@ class _DoRAConvNd(_LoRAConvNd):
         self.detach_norm = detach_norm
         self.allow_zero_norm = allow_zero_norm
         self.weight_norm = None
-        self.lora_magnitude_vector = None
+        self._lora_magnitude_vector = None
         self._norm_cache = EvalNormCache()
         super().__init__(weight, bias, **kwargs)
 
-    def _set_base(self, weight, bias):
-        super()._set_base(weight, bias)
+    @property
+    def lora_magnitude_vector(self):
+        """The magnitude (1, out, 1, ...), trainable. Assigning copies into it in place;
+        a flat (out,) array is accepted too."""
+        return self._lora_magnitude_vector
+
+    @lora_magnitude_vector.setter
+    def lora_magnitude_vector(self, value):
+        m = self._lora_magnitude_vector
+        m[...] = _assigned_adapter_array("lora_magnitude_vector", value, m.dtype, m.shape,
+                                alt_shapes=((self.out_channels,),))
+
+    def _set_base(self, weight, bias, owned=False, keep_magnitude=False):
+        super()._set_base(weight, bias, owned)
         self._norm_cache.clear()
-        if not self.merged:  # a new base kernel: re-initialise the magnitude (PEFT init order)
-            self.lora_magnitude_vector = conv_init_magnitude(
-                self._weight, self.lora_A, self.lora_B, self.scaling, self.groups
-            )
-            if hasattr(self, "grads"):
-                self.grads["lora_magnitude_vector"] = np.zeros_like(self.lora_magnitude_vector)
+        if not (self.merged or keep_magnitude):  # a new base: re-initialise m (PEFT init order)
+            m = conv_init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling,
+                                    self.groups)
+            if self._lora_magnitude_vector is None:
+                self._lora_magnitude_vector = m
+            else:  # in place: an optimiser built on parameters() holds these arrays
+                self._lora_magnitude_vector[...] = m
+                self.grads["lora_magnitude_vector"][...] = 0
 
     def forward(self, x, *, dropout_mask=None):
-        """Forward pass, x (N, in, *L) -> y (N, out, *L_out); see ``conv_dora_forward``."""
+        """Forward pass, x (N, in, *L) -> y (N, out, *L_out); see ``conv_dora_forward``.
+
+        ``dropout_mask`` as ``LoRAConv2d.forward`` (training only).
+        """
+        mask = self._mask_for(x, dropout_mask)
         if self.merged:
             return self._merged_forward(x)
-        mask = dropout_mask if dropout_mask is not None else self._dropout_mask(np.shape(x))
         norm = None
         if self.training:
             self._norm_cache.clear()
@@ -1150,7 +1230,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self.groups, allow_zero_norm=self.allow_zero_norm,
         )
         self.merged = True
-        self._set_base(W, self._bias)
+        self._set_base(W, self._bias, owned=True)
         self.weight_norm = n
 
     def unmerge(self):
@@ -1162,7 +1242,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self.weight_norm, self.groups,
         )
         self.merged = False
-        _LoRAConvNd._set_base(self, W0, self._bias)  # keeps the trained magnitude
+        self._set_base(W0, self._bias, owned=True, keep_magnitude=True)  # keeps the trained m
         self.weight_norm = None
 
 
@@ -1176,7 +1256,11 @@ directly: ``weight`` (out, in/groups{k}) and ``bias`` (out,) are the frozen
 Parameters
 ----------
 weight : ndarray, shape (out, in/groups{k}), float32 or float64
+    The frozen kernel. The layer keeps its own read-only, C-contiguous copy;
+    an array that is already read-only and C-contiguous is kept without a
+    copy, trusted not to change.
 bias : ndarray, shape (out,), optional
+    Kept the same way.
 stride, padding, dilation, groups
     As ``torch.nn.Conv{d}d`` (zero padding; ``padding`` may be "valid" or
     "same"). ``lora_A`` uses the same stride, padding and dilation (PEFT
@@ -1191,9 +1275,14 @@ rng : numpy.random.Generator or int, optional{extra}
 
 Methods
 -------
-forward(x) / __call__(x) : (N, in{L}) -> (N, out{Lout})
+forward(x, dropout_mask=None) / __call__ : (N, in{L}) -> (N, out{Lout});
+    a given ``dropout_mask`` (shape of x) in eval mode raises ``ValueError``
 backward(dy) : accumulates ``grads`` (+=), returns dx (N, in{L})
 parameters(), zero_grad(), train(), eval(), merge(), unmerge(), set_base_weight()
+
+Assigning ``lora_A``, ``lora_B`` (or ``lora_magnitude_vector``) copies into
+the layer's array in place, so an optimiser built on ``parameters()`` keeps
+training it; the value must be a float array of the weight's dtype and shape.
 
 Raises
 ------

@@ -64,8 +64,9 @@ import numpy as np
 from . import _backend
 from . import functional as F
 from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
-from .conv import EvalNormCache
-from .layers import lora_scaling
+from ._kernels_numpy import _row_blocks
+from .conv import EvalNormCache, _assigned_adapter_array
+from .layers import _frozen, lora_scaling
 
 __all__ = [
     "embedding_column_norm",
@@ -103,6 +104,12 @@ def _check_embedding(weight, A, B, magnitude=None):
                 f"dimension; got {magnitude.shape}{hint}"
             )
     check_same_dtype(weight=weight, lora_embedding_A=A, lora_embedding_B=B, magnitude=magnitude)
+    # as _validate.check_adapter: NaN/Inf in the adapter raises here (NaN/Inf
+    # in the table is caught where the norm reads it)
+    check_finite("lora_embedding_A", A)
+    check_finite("lora_embedding_B", B)
+    if magnitude is not None:
+        check_finite("magnitude", magnitude)
     return weight, A, B, magnitude
 
 
@@ -145,12 +152,44 @@ def embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling):
 
     Notes
     -----
-    ``functional.column_norm`` of the (D, V) linear view E.T (copied to a
-    contiguous array). Matches PEFT ``DoraEmbeddingLayer.get_weight_norm``
-    (``fan_in_fan_out=True``); at PEFT's init (A = 0) it is ``E.norm(dim=0)``.
+    ``functional.column_norm`` of the (D, V) linear view E.T, computed by
+    ``_vocab_block_norm`` without copying the table. Matches PEFT
+    ``DoraEmbeddingLayer.get_weight_norm`` (``fan_in_fan_out=True``); at
+    PEFT's init (A = 0) it is ``E.norm(dim=0)``.
     """
     weight, A, B, _ = _check_embedding(weight, lora_embedding_A, lora_embedding_B)
-    return F.column_norm(np.ascontiguousarray(weight.T), A, B, scaling)
+    n = _embedding_norm(weight, A, B, check_scaling(scaling))
+    F.check_norm(n, weight.T, allow_zero_norm=True)
+    return n
+
+
+def _embedding_norm(E, A, B, scaling):
+    """``_vocab_block_norm``, with rows whose float64 sum of squares under- or
+    overflowed recomputed by scaling (``functional._rescue_extreme_rows``, on
+    the (D, V) view: only those rows are read)."""
+    n = _vocab_block_norm(E, A, B, scaling)
+    F._rescue_extreme_rows(n, E.T, A, B, scaling)
+    return n
+
+
+def _vocab_block_norm(E, A, B, scaling):
+    """n_d = ||E.T[d] + s * (B @ A)[d]||_2, walking the (V, D) table in blocks of whole rows.
+
+    The row-walking kernels (``_kernels_numpy.column_norm`` and its C twin)
+    want the (D, V) view E.T, which is not C-contiguous: the C wrapper would
+    copy the whole table on every call, and NumPy's row blocks of E.T would
+    gather strided columns. Reading blocks of E's own rows instead, about
+    ``_BLOCK_BYTES`` each, and summing each column's squares gives the same
+    norms with no (V, D)-sized temporary. As the kernels, every entry of
+    V = E + s * (B @ A).T is formed in the table's dtype (PEFT's order) and
+    the squares are summed in float64.
+    """
+    sumsq = np.zeros(E.shape[1], dtype=np.float64)
+    for rows in _row_blocks(*E.shape, E.itemsize):
+        V_rows = E[rows] + scaling * (A[:, rows].T @ B.T)  # (v, D): rows of (E.T + s B A).T
+        V64 = V_rows.astype(np.float64, copy=False)
+        sumsq += np.einsum("vd,vd->d", V64, V64)
+    return np.sqrt(sumsq).astype(E.dtype)
 
 
 def embedding_init_magnitude(weight, lora_embedding_A, lora_embedding_B, scaling):
@@ -247,8 +286,6 @@ def embedding_dora_forward(
         raise TypeError("magnitude must be an array of shape (D,), got None")
     scaling = check_scaling(scaling)
     embed_scale = _check_embed_scale(embed_scale)
-    check_finite("lora_embedding_A", A)
-    check_finite("lora_embedding_B", B)
     V, D = weight.shape
     ids_arr = _check_ids(ids, V)
     padding_idx = _check_padding_idx(padding_idx, V)
@@ -258,7 +295,7 @@ def embedding_dora_forward(
     U = A.T[flat]  # (1) (N, r)
     base = weight[flat]  # (2) (N, D)
     if weight_norm is None:
-        n = embedding_column_norm(weight, A, B, scaling)  # (3)
+        n = _embedding_norm(weight, A, B, scaling)  # (3), no copy of the table
     else:
         n = as_float_array("weight_norm", weight_norm, ndim=1)
         if n.shape != (D,) or n.dtype != weight.dtype:
@@ -390,7 +427,10 @@ class DoRAEmbedding:
     Parameters
     ----------
     weight : ndarray, shape (V, D), float32 or float64
-        Frozen ``nn.Embedding.weight`` (num_embeddings, embedding_dim).
+        Frozen ``nn.Embedding.weight`` (num_embeddings, embedding_dim). The
+        layer keeps its own read-only, C-contiguous copy; an array that is
+        already read-only and C-contiguous is kept without a copy (saving a
+        table's worth of memory), trusted not to change.
     padding_idx : int, optional
         As ``nn.Embedding``: lookups of it send no gradient to ``lora_embedding_A``.
     embed_scale : float, optional
@@ -418,6 +458,11 @@ class DoRAEmbedding:
 
     Notes
     -----
+    Assigning ``lora_embedding_A``, ``lora_embedding_B`` or
+    ``lora_magnitude_vector`` copies into the layer's array in place (an
+    optimiser built on ``parameters()`` keeps training it); the value must be
+    a finite float array of the weight's dtype and the parameter's shape.
+
     No dropout: PEFT applies none to embeddings. In eval mode the (D,) norm,
     a pass over the whole (V, D) table, is cached while the weights are
     unchanged (``conv.EvalNormCache``); in training it is recomputed every
@@ -449,7 +494,7 @@ class DoRAEmbedding:
         self.detach_norm = detach_norm
         self.allow_zero_norm = allow_zero_norm
         self.rng = np.random.default_rng(rng)
-        self.lora_embedding_A, self.lora_embedding_B = initial_embedding_lora_weights(
+        self._lora_embedding_A, self._lora_embedding_B = initial_embedding_lora_weights(
             V, D, r, self.rng, weight.dtype, init_lora_weights
         )
         self.training = True
@@ -457,22 +502,88 @@ class DoRAEmbedding:
         self.weight_norm = None
         self._ctx = None
         self._norm_cache = EvalNormCache()
+        self._lora_magnitude_vector = None
         self._set_base(weight)
-        self.lora_magnitude_vector = embedding_init_magnitude(
-            self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling
-        )
         self.zero_grad()
 
-    def _set_base(self, weight):
-        weight = weight.view()
-        weight.flags.writeable = False
-        self._weight = weight
+    def _set_base(self, weight, owned=False, keep_magnitude=False):
+        """Install the frozen table as the layer's own read-only array (``layers._frozen``);
+        unless merged or ``keep_magnitude``, (re-)initialise the magnitude from it."""
+        weight = as_float_array("weight", weight, ndim=2)
+        if weight.shape != (self._lora_embedding_A.shape[1], self._lora_embedding_B.shape[0]):
+            raise ValueError(
+                f"weight must have shape (V, D) = ({self._lora_embedding_A.shape[1]}, "
+                f"{self._lora_embedding_B.shape[0]}), got {weight.shape}"
+            )
+        if weight.dtype != self._lora_embedding_A.dtype:
+            raise TypeError(
+                f"weight has dtype {weight.dtype}, the adapter {self._lora_embedding_A.dtype}"
+            )
+        self._weight = _frozen(weight, owned)
         self._norm_cache.clear()
+        if self.merged or keep_magnitude:
+            return
+        m = embedding_init_magnitude(self._weight, self._lora_embedding_A,
+                                     self._lora_embedding_B, self.scaling)
+        if self._lora_magnitude_vector is None:
+            self._lora_magnitude_vector = m
+        else:  # in place: an optimiser built on parameters() holds these arrays
+            self._lora_magnitude_vector[...] = m
+            self.grads["lora_magnitude_vector"][...] = 0
+
+    def set_base_weight(self, weight):
+        """Replace the frozen (V, D) table; the magnitude is re-initialised from it.
+
+        As ``DoRALinear.set_base_weight``: the magnitude is defined relative
+        to the base (m = ||E.T + s B A||_row at init). The layer keeps its own
+        read-only copy (see ``weight``); the trainable arrays stay the same
+        objects, so an optimiser built on ``parameters()`` keeps training them.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer is merged.
+        TypeError, ValueError
+            On a dtype or shape that differs from the adapter's.
+        """
+        if self.merged:
+            raise RuntimeError("unmerge() before replacing the base weight")
+        self._set_base(weight)
 
     @property
     def weight(self):
-        """The frozen (V, D) table, read-only (merged: E')."""
+        """The frozen (V, D) table, read-only (merged: E'): the layer's own copy."""
         return self._weight
+
+    @property
+    def lora_embedding_A(self):
+        """``lora_embedding_A`` (r, V), trainable. Assigning copies into it in place."""
+        return self._lora_embedding_A
+
+    @lora_embedding_A.setter
+    def lora_embedding_A(self, value):
+        A = self._lora_embedding_A
+        A[...] = _assigned_adapter_array("lora_embedding_A", value, A.dtype, A.shape)
+
+    @property
+    def lora_embedding_B(self):
+        """``lora_embedding_B`` (D, r), trainable. Assigning copies into it in place."""
+        return self._lora_embedding_B
+
+    @lora_embedding_B.setter
+    def lora_embedding_B(self, value):
+        B = self._lora_embedding_B
+        B[...] = _assigned_adapter_array("lora_embedding_B", value, B.dtype, B.shape)
+
+    @property
+    def lora_magnitude_vector(self):
+        """The magnitude (D,), one value per embedding dimension. Assigning copies in place."""
+        return self._lora_magnitude_vector
+
+    @lora_magnitude_vector.setter
+    def lora_magnitude_vector(self, value):
+        m = self._lora_magnitude_vector
+        m[...] = _assigned_adapter_array("lora_magnitude_vector", value, m.dtype, m.shape)
 
     @property
     def num_embeddings(self):
@@ -543,19 +654,19 @@ class DoRAEmbedding:
         W, n = embedding_merge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                                self.lora_magnitude_vector, self.scaling,
                                allow_zero_norm=self.allow_zero_norm)
-        self._set_base(W)
-        self.weight_norm = n
         self.merged = True
+        self._set_base(W, owned=True)
+        self.weight_norm = n
 
     def unmerge(self):
         """E = E' / (m / n) - s (B A).T, with n kept at merge time."""
         if not self.merged:
             raise RuntimeError("the layer is not merged")
-        self._set_base(embedding_unmerge(self._weight, self.lora_embedding_A,
-                                         self.lora_embedding_B, self.lora_magnitude_vector,
-                                         self.scaling, self.weight_norm))
-        self.weight_norm = None
+        E = embedding_unmerge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
+                              self.lora_magnitude_vector, self.scaling, self.weight_norm)
         self.merged = False
+        self._set_base(E, owned=True, keep_magnitude=True)
+        self.weight_norm = None
 
     def __repr__(self):
         return (
