@@ -440,7 +440,8 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     dA = dU.T @ ctx.x  # (1)
 
     if ctx.dropout_mask is None:
-        dx = dz @ W0 + dU @ A  # (2), (1)
+        dx = dz @ W0  # (2)
+        dx += dU @ A  # (1), in place: no second (N, in) temporary
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
 
@@ -678,5 +679,6 @@ def lora_backward(dy, ctx):
     low_rank_dx = dU @ A
     if ctx.dropout_mask is not None:
         low_rank_dx *= ctx.dropout_mask
-    dx = dy2 @ W0 + low_rank_dx
+    dx = dy2 @ W0
+    dx += low_rank_dx
     return LoRAGrads(dx.reshape(ctx.x_shape), dA, dB)
