@@ -23,11 +23,12 @@ order 1. The error of each element is measured relative to
 ``max(|analytic|, |numeric|, 1e-3 * max|analytic|, atol / rtol)`` so that
 tiny elements are judged against the array's scale, not against themselves,
 and a gradient that is truly zero is not failed for the rounding noise of
-its difference quotient: ``atol = 10 u max(1, |f|) / step`` is ten times
-that noise.
+its difference quotient: ``atol = 100 u max(1, |f|) / step`` is a hundred
+times the noise ``u |f| / step`` (the rounding error of f itself is a few u
+times the sum of its absolute terms, which can exceed |f| several-fold).
 
 A loss that is large next to its own variation (a big constant, a bias of
-1e9) makes that noise large too. When the noise exceeds 1e-3 of the largest
+1e9) makes that noise large too. When ``u |f| / step`` exceeds 1e-3 of the largest
 gradient checked, central differences cannot resolve the gradient, and the
 report says so and fails (``inconclusive``) rather than passing anything:
 subtract the constant, or scale the loss down.
@@ -82,7 +83,7 @@ class GradcheckReport:
         if self.inconclusive:
             lines.append(
                 f"  INCONCLUSIVE: the loss is so large next to its variation that central "
-                f"differences carry noise of ~{self.atol / 10:.3g}, over 1e-3 of the largest "
+                f"differences carry noise of ~{self.atol / 100:.3g}, over 1e-3 of the largest "
                 f"gradient; subtract its constant part or scale it down"
             )
         for e in self.entries:
@@ -164,7 +165,8 @@ def gradcheck(f, params, grads, *, rtol=1e-6, step=1e-6, raise_on_failure=False)
     f0 = float(f(work))
     if not np.isfinite(f0):
         raise ValueError("f(params) is not finite at the point to check")
-    atol = 10 * np.finfo(np.float64).eps / 2 * max(1.0, abs(f0)) / step
+    noise = np.finfo(np.float64).eps / 2 * max(1.0, abs(f0)) / step
+    atol = 100 * noise
     entries = []
     for name, analytic in grads.items():
         if name not in work:
@@ -193,7 +195,7 @@ def gradcheck(f, params, grads, *, rtol=1e-6, step=1e-6, raise_on_failure=False)
     scale = max((max(abs(e.analytic), abs(e.numeric)) for e in entries), default=0.0)
     scale = max([scale] + [float(np.max(np.abs(np.asarray(g, dtype=np.float64)), initial=0.0))
                            for g in grads.values()])
-    inconclusive = atol / 10 > 1e-3 * scale if scale > 0 else False
+    inconclusive = noise > 1e-3 * scale if scale > 0 else False
     report = GradcheckReport(entries, rtol, atol, inconclusive)
     if raise_on_failure and not report.ok:
         raise GradcheckError(report)

@@ -82,14 +82,18 @@ def abs_scales(case, detach_norm=True):
     )
     V = W0 + s * B @ A
     n = np.linalg.norm(case.W0 + case.scaling * case.B @ case.A, axis=1)
-    g = m / n
+    # where W0 and s*B@A nearly cancel, n carries the rounding error of the
+    # terms it is summed from, u * ||V_abs||, not u * n: every 1/n is uncertain
+    # relative to itself by the factor kappa = ||V_abs|| / n >= 1.
+    kappa = np.linalg.norm(V, axis=1) / n
+    g = m / n * kappa
     G = dy.T @ x
     dV = g[:, None] * G
     if not detach_norm:
-        dV = dV + g[:, None] * (np.sum(G * V, axis=1) / n**2)[:, None] * V
+        dV = dV + g[:, None] * kappa[:, None] * (np.sum(G * V, axis=1) / n**2)[:, None] * V
     return dict(
         dx=dy @ (g[:, None] * V) + dy @ (g[:, None] * W0),
         dA=s * B.T @ dV,
         dB=s * dV @ A.T,
-        dmagnitude=np.sum(G * V, axis=1) / n,
+        dmagnitude=np.sum(G * V, axis=1) / n * kappa,
     )

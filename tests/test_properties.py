@@ -20,7 +20,8 @@ def _forward_scale(case):
     x, W0, A, B, m = (a.astype(np.float64) for a in (case.x, case.W0, case.A, case.B, case.magnitude))
     V_abs = np.abs(W0) + abs(case.scaling) * np.abs(B) @ np.abs(A)
     n = np.linalg.norm(W0 + case.scaling * B @ A, axis=1)
-    out = np.abs(x) @ V_abs.T * (np.abs(m) / n)
+    kappa = np.linalg.norm(V_abs, axis=1) / n  # n's own cancellation (see cases.abs_scales)
+    out = np.abs(x) @ V_abs.T * (np.abs(m) / n * kappa)
     return out + (0 if case.bias is None else np.abs(case.bias))
 
 
