@@ -876,6 +876,18 @@ class EvalNormCache:
 
 
 
+def _refuse_unrecoverable_merge(magnitude, n, one_way):
+    """Raise ``ValueError`` where m = 0 but n != 0: the merge would zero a base
+    channel that ``unmerge()`` cannot restore (as ``DoRALinear.merge``)."""
+    lost = (magnitude == 0) & (n != 0)
+    if lost.any():
+        raise ValueError(
+            f"the magnitude is 0 at output channel(s) {np.flatnonzero(lost)[:8].tolist()}: "
+            f"merging would scale those channels of the base weight to zero and unmerge() "
+            f"could not restore them. Use {one_way}(...) for a one-way merge."
+        )
+
+
 def initial_conv_lora_weights(in_channels, out_channels, kernel_size, r, groups, rng, dtype,
                               init=True):
     """PEFT's initial ``lora_A`` (r, in, *k) and ``lora_B`` (out, r/groups, 1, ...).
@@ -1229,6 +1241,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
             self.groups, allow_zero_norm=self.allow_zero_norm,
         )
+        _refuse_unrecoverable_merge(self.lora_magnitude_vector.reshape(-1), n, "conv_merge")
         self.merged = True
         self._set_base(W, self._bias, owned=True)
         self.weight_norm = n

@@ -65,7 +65,7 @@ from . import _backend
 from . import functional as F
 from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
 from ._kernels_numpy import _row_blocks
-from .conv import EvalNormCache, _assigned_adapter_array
+from .conv import EvalNormCache, _assigned_adapter_array, _refuse_unrecoverable_merge
 from .layers import _frozen, lora_scaling
 
 __all__ = [
@@ -654,6 +654,7 @@ class DoRAEmbedding:
         W, n = embedding_merge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                                self.lora_magnitude_vector, self.scaling,
                                allow_zero_norm=self.allow_zero_norm)
+        _refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "embedding_merge")
         self.merged = True
         self._set_base(W, owned=True)
         self.weight_norm = n

@@ -553,3 +553,15 @@ def test_training_forward_makes_no_copy_of_the_weight():
     finally:
         tracemalloc.stop()
     assert peak < W.nbytes / 3, f"peak {peak / 2**20:.2f} MiB for a {W.nbytes / 2**20:.1f} MiB kernel"
+
+
+def test_merge_refuses_a_zero_magnitude_it_could_not_unmerge():
+    """As DoRALinear: m = 0 would zero a base channel for good; the layer stays unmerged."""
+    rng = np.random.default_rng(16)
+    W = rng.standard_normal((3, 2, 3))
+    layer = C.DoRAConv1d(W, r=2, rng=0)
+    layer.lora_magnitude_vector[0, 1, 0] = 0.0
+    with pytest.raises(ValueError, match=r"magnitude is 0 at output channel\(s\) \[1\]"):
+        layer.merge()
+    assert not layer.merged
+    np.testing.assert_array_equal(layer.weight, W)

@@ -342,3 +342,15 @@ def test_tiny_or_huge_float64_table_gets_its_true_norm(size):
     assert_close(n / size, np.linalg.norm(E / size, axis=0), k=7)
     y, _ = Em.embedding_dora_forward(np.array([2]), E, A, B, n, 1.0)
     assert_close(y / size, E[[2]] / size, k=9)
+
+
+def test_merge_refuses_a_zero_magnitude_it_could_not_unmerge():
+    """As DoRALinear: m = 0 would zero a column of the table for good; the layer stays unmerged."""
+    rng = np.random.default_rng(27)
+    E = rng.standard_normal((6, 3))
+    layer = Em.DoRAEmbedding(E, r=2, rng=0)
+    layer.lora_magnitude_vector[2] = 0.0
+    with pytest.raises(ValueError, match=r"magnitude is 0 at output channel\(s\) \[2\]"):
+        layer.merge()
+    assert not layer.merged
+    np.testing.assert_array_equal(layer.weight, E)
