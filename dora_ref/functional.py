@@ -194,12 +194,17 @@ def divide_by_norm(a, n):
     return out
 
 
+# below this norm the float64 sum of squares was subnormal (or 0), so it lost digits
+_SMALLEST_SAFE_NORM = float(np.sqrt(np.finfo(np.float64).tiny))  # 1.5e-154
+
+
 def _rescue_extreme_rows(n, W0, A, B, scaling):
     """Recompute, in place, rows whose sum of squares left float64's range.
 
-    The kernels sum squares in float64, which underflows to 0 for rows of
-    entries below ~1e-154 and overflows for entries above ~1e154 (float64
-    weights only: float32's whole range squares safely in float64). Those
+    The kernels sum squares in float64, which loses digits to subnormals (or
+    underflows to 0) for rows of entries below ~1e-154 and overflows for
+    entries above ~1e154 (float64 weights only: float32's whole range squares
+    safely in float64). Those
     rows are recomputed as ``t * ||V_i / t||`` with ``t = max |V_i|``, the
     scaling of LAPACK's nrm2, so that a tiny row is not reported as "all
     zero" and a huge but representable norm is not reported as overflow.
@@ -209,7 +214,7 @@ def _rescue_extreme_rows(n, W0, A, B, scaling):
     ndarray of int
         The rows recomputed (usually none).
     """
-    rows = np.flatnonzero((n == 0) | np.isinf(n))
+    rows = np.flatnonzero((n < _SMALLEST_SAFE_NORM) | np.isinf(n))
     if rows.size:
         V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
         with np.errstate(all="ignore"):

@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from . import functional as F
-from ._validate import as_float_array, check_adapter, check_input, check_scaling
+from ._validate import as_float_array, check_adapter, check_finite, check_input, check_scaling
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -132,6 +132,31 @@ def _adapter_array(name, value, dtype, ndim):
     return value.copy()
 
 
+def _parameter(name, doc):
+    """A trainable array attribute: assigning copies into the existing array.
+
+    Optimisers hold references to the arrays of ``parameters()``, so the
+    arrays themselves must live as long as the layer. Assigning a new value
+    checks it (float, the same dtype and shape, finite) and writes it in.
+    """
+    attr = "_" + name
+
+    def get(self):
+        return getattr(self, attr)
+
+    def set(self, value):
+        current = getattr(self, attr)
+        value = as_float_array(name, value, ndim=current.ndim)
+        if value.dtype != current.dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but the layer's is {current.dtype}")
+        if value.shape != current.shape:
+            raise ValueError(f"{name} must have shape {current.shape}, got {value.shape}")
+        check_finite(name, value)
+        current[...] = value
+
+    return property(get, set, doc=doc)
+
+
 class LoRALinear:
     """A frozen linear layer with a trainable low-rank update (LoRA).
 
@@ -175,6 +200,8 @@ class LoRALinear:
     """
 
     _param_names = ("lora_A", "lora_B")
+    lora_A = _parameter("lora_A", "Trainable (r, in), PEFT ``lora_A.weight``.")
+    lora_B = _parameter("lora_B", "Trainable (out, r), PEFT ``lora_B.weight``.")
 
     def __init__(
         self,
@@ -211,11 +238,11 @@ class LoRALinear:
         self.rng = np.random.default_rng(rng)
         out_features, in_features = weight.shape
         if lora_A is None:
-            self.lora_A, self.lora_B = initial_lora_weights(
+            self._lora_A, self._lora_B = initial_lora_weights(
                 in_features, out_features, r, self.rng, weight.dtype, init_lora_weights
             )
         else:
-            self.lora_A, self.lora_B = lora_A, lora_B
+            self._lora_A, self._lora_B = lora_A, lora_B
         self.training = True
         self.merged = False
         self._ctx = None
@@ -441,6 +468,9 @@ class DoRALinear(LoRALinear):
     """
 
     _param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    lora_magnitude_vector = _parameter(
+        "lora_magnitude_vector", "Trainable (out,), PEFT ``lora_magnitude_vector``: one per output channel."
+    )
 
     def __init__(
         self,
@@ -457,7 +487,7 @@ class DoRALinear(LoRALinear):
         self.weight_norm = None
         self._norm_cache = None
         self._given_magnitude = lora_magnitude_vector
-        self.lora_magnitude_vector = None
+        self._lora_magnitude_vector = None
         super().__init__(weight, bias, **kwargs)
 
     def _set_base(self, weight, bias, owned=False):
@@ -466,13 +496,13 @@ class DoRALinear(LoRALinear):
         if self._given_magnitude is not None:  # construction with a trained magnitude
             m = _adapter_array("lora_magnitude_vector", self._given_magnitude, self._weight.dtype, 1)
             check_adapter(self._weight, self.lora_A, self.lora_B, m)
-            self.lora_magnitude_vector, self._given_magnitude = m, None
+            self._lora_magnitude_vector, self._given_magnitude = m, None
         elif not self.merged:  # a new base weight: re-initialise the magnitude from it
             m = F.init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling)
-            if self.lora_magnitude_vector is None:
-                self.lora_magnitude_vector = m
+            if self._lora_magnitude_vector is None:
+                self._lora_magnitude_vector = m
             else:  # in place: an optimiser holds this array
-                self.lora_magnitude_vector[...] = m
+                self._lora_magnitude_vector[...] = m
                 self.grads["lora_magnitude_vector"][...] = 0
 
     def set_base_weight(self, weight, bias="keep"):

@@ -199,3 +199,18 @@ def test_construct_from_trained_weights():
         DoRALinear(case.W0, r=2, lora_A=case.A, lora_B=case.B)
     with pytest.raises(ValueError, match=r"magnitude must have shape \(out,\) = \(6,\)"):
         DoRALinear(case.W0, lora_A=case.A, lora_B=case.B, lora_magnitude_vector=np.ones(5))
+
+
+def test_assigning_a_parameter_writes_into_the_array_the_optimiser_holds():
+    """Assignment copies into the existing array (as in the conv and embedding layers)."""
+    layer = _layer()
+    held = layer.parameters()["lora_B"]
+    new = np.full(layer.lora_B.shape, 0.25)
+    layer.lora_B = new
+    assert layer.lora_B is held and np.array_equal(held, new)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(6, 3\), got \(3, 6\)"):
+        layer.lora_B = new.T
+    with pytest.raises(TypeError, match="lora_magnitude_vector has dtype float32"):
+        layer.lora_magnitude_vector = np.ones(6, np.float32)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer.lora_A = np.full(layer.lora_A.shape, np.nan)

@@ -234,3 +234,11 @@ def test_layer_merge_refuses_rows_it_could_not_unmerge():
         layer.merge()
     assert not layer.merged
     merge(layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.scaling)
+
+
+def test_subnormal_sums_of_squares_are_recomputed():
+    """Review of the fix above: entries of 1e-160 square into float64 subnormals (~3e-5
+    relative error) without reaching 0; they are recomputed too."""
+    W0 = np.full((1, 5), 1e-160)
+    n = column_norm(W0, np.ones((1, 5)), np.zeros((1, 1)), 1.0)
+    np.testing.assert_allclose(n, [np.sqrt(5) * 1e-160], rtol=4e-16)
