@@ -17,9 +17,11 @@ The central difference ``(f(p + h) - f(p - h)) / 2h`` has truncation error
 ``h**2 / 6 * |f'''|`` and rounding error about ``u |f| / h`` (u = 1.1e-16
 in float64). With ``h = 1e-6 * max(1, |p|)`` both are about 1e-10 relative
 to the scale of f and its derivatives, so a correct gradient agrees to
-~1e-9 and ``rtol = 1e-6`` leaves three orders of margin, while a wrong term
-(a missing factor, a wrong sign, a dropped path) shows up as an error of
-order 1. The error of each element is measured relative to
+~1e-9 in most elements (measured on 600 random DoRA cases, exact and
+detached, with and without dropout: the worst element of all was 1.7e-7, a
+small one judged against the floor below), and ``rtol = 1e-6`` still leaves
+a margin, while a wrong term (a missing factor, a wrong sign, a dropped
+path) shows up as an error of order 1. The error of each element is measured relative to
 ``max(|analytic|, |numeric|, 1e-3 * max|analytic|, atol / rtol)`` so that
 tiny elements are judged against the array's scale, not against themselves,
 and a gradient that is truly zero is not failed for the rounding noise of
