@@ -84,8 +84,15 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import functional as F
-from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
-from .layers import _frozen, initial_lora_weights, lora_scaling
+from ._validate import as_float_array, check_same_dtype, check_scaling
+from ._layer_base import (
+    AdapterLayer,
+    EvalNormCache,
+    adapter_parameter,
+    frozen,
+    refuse_unrecoverable_merge,
+)
+from .layers import initial_lora_weights, lora_scaling
 
 __all__ = [
     "ConvGeometry",
@@ -110,7 +117,6 @@ __all__ = [
     "DoRAConv1d",
     "DoRAConv2d",
     "DoRAConv3d",
-    "EvalNormCache",
     "initial_conv_lora_weights",
 ]
 
@@ -438,23 +444,6 @@ def _check_bias(bias, weight):
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape (out,) = ({weight.shape[0]},), got {bias.shape}")
     return bias
-
-
-def _assigned_adapter_array(name, value, dtype, shape, alt_shapes=()):
-    """An adapter array assigned to a layer (lora_A, lora_B, magnitude), checked, as ``shape``.
-
-    It must be a float array of the weight's dtype: complex, integer and
-    object arrays, and the other float dtype, raise ``TypeError`` (no silent
-    truncation or promotion); NaN/Inf raise ``ValueError``. A shape in
-    ``alt_shapes`` (e.g. a flat (out,) magnitude) is reshaped to ``shape``.
-    """
-    value = as_float_array(name, value)
-    if value.dtype != dtype:
-        raise TypeError(f"{name} has dtype {value.dtype} but the weight has dtype {dtype}")
-    if value.shape != tuple(shape) and value.shape not in alt_shapes:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
-    check_finite(name, value)
-    return value.reshape(shape)  # the setter copies it into the layer's own array
 
 
 def _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude=None):
@@ -849,45 +838,6 @@ def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1):
 # ---------------------------------------------------------------------------
 
 
-class EvalNormCache:
-    """The eval-mode weight norm, reused while the weights it was computed from are unchanged.
-
-    As ``layers.DoRALinear``: every lookup compares the cached low-rank
-    factors (r * (in + out) numbers, negligible next to a forward) and the
-    base weight's identity, and recomputes on any change, including in-place
-    optimiser updates. Unlike PEFT's opt-in ``DoraCaching`` it cannot go stale.
-    """
-
-    def __init__(self):
-        self._entry = None
-
-    def clear(self):
-        self._entry = None
-
-    def get(self, weight, A, B, scaling, compute):
-        """Return the cached norm for (weight, A, B, scaling), or ``compute()`` and keep it."""
-        e = self._entry
-        if (e is not None and e[0] is weight and e[1] == scaling
-                and np.array_equal(e[2], A) and np.array_equal(e[3], B)):
-            return e[4]
-        n = compute()
-        self._entry = (weight, scaling, A.copy(), B.copy(), n)
-        return n
-
-
-
-def _refuse_unrecoverable_merge(magnitude, n, one_way):
-    """Raise ``ValueError`` where m = 0 but n != 0: the merge would zero a base
-    channel that ``unmerge()`` cannot restore (as ``DoRALinear.merge``)."""
-    lost = (magnitude == 0) & (n != 0)
-    if lost.any():
-        raise ValueError(
-            f"the magnitude is 0 at output channel(s) {np.flatnonzero(lost)[:8].tolist()}: "
-            f"merging would scale those channels of the base weight to zero and unmerge() "
-            f"could not restore them. Use {one_way}(...) for a one-way merge."
-        )
-
-
 def initial_conv_lora_weights(in_channels, out_channels, kernel_size, r, groups, rng, dtype,
                               init=True):
     """PEFT's initial ``lora_A`` (r, in, *k) and ``lora_B`` (out, r/groups, 1, ...).
@@ -909,7 +859,7 @@ def initial_conv_lora_weights(in_channels, out_channels, kernel_size, r, groups,
     return A.reshape(r, in_channels, *kernel_size), B.reshape(out_channels, r // groups, *(1,) * d)
 
 
-class _LoRAConvNd:
+class _LoRAConvNd(AdapterLayer):
     """A frozen convolution with a trainable low-rank update (LoRA); see ``LoRAConv2d``."""
 
     _ndim = None  # 1, 2 or 3, set by the subclasses
@@ -971,7 +921,7 @@ class _LoRAConvNd:
 
     def _set_base(self, weight, bias, owned=False):
         """Install the frozen kernel and bias as the layer's own read-only arrays
-        (``layers._frozen``).
+        (``_layer_base.frozen``).
 
         Unmerged: (out, in/groups, *k); merged with groups > 1: the dense
         (out, in, *k) kernel. ``owned``: the arrays are fresh results of ours.
@@ -987,8 +937,8 @@ class _LoRAConvNd:
             bias = _check_bias(bias, weight)
             if bias.dtype != weight.dtype:
                 raise TypeError(f"bias has dtype {bias.dtype}, the weight {weight.dtype}")
-            bias = _frozen(bias, owned)
-        self._weight, self._bias = _frozen(weight, owned), bias
+            bias = frozen(bias, owned)
+        self._weight, self._bias = frozen(weight, owned), bias
 
     @property
     def weight(self):
@@ -1000,25 +950,10 @@ class _LoRAConvNd:
         """
         return self._weight
 
-    @property
-    def lora_A(self):
-        """``lora_A`` (r, in, *k), trainable. Assigning copies into it in place."""
-        return self._lora_A
-
-    @lora_A.setter
-    def lora_A(self, value):
-        A = self._lora_A
-        A[...] = _assigned_adapter_array("lora_A", value, A.dtype, A.shape)
-
-    @property
-    def lora_B(self):
-        """``lora_B`` (out, r/groups, 1, ...), trainable. Assigning copies into it in place."""
-        return self._lora_B
-
-    @lora_B.setter
-    def lora_B(self, value):
-        B = self._lora_B
-        B[...] = _assigned_adapter_array("lora_B", value, B.dtype, B.shape)
+    lora_A = adapter_parameter("lora_A", "``lora_A`` (r, in, *k), trainable; assigning copies in place.")
+    lora_B = adapter_parameter(
+        "lora_B", "``lora_B`` (out, r/groups, 1, ...), trainable; assigning copies in place."
+    )
 
     @property
     def bias(self):
@@ -1046,50 +981,6 @@ class _LoRAConvNd:
         return dict(stride=g.stride, padding=pad, dilation=g.dilation, groups=g.groups)
 
     # -- parameters and modes --------------------------------------------------
-
-    def parameters(self):
-        """The trainable arrays by PEFT name (live references, updated in place by optimisers)."""
-        return {name: getattr(self, name) for name in self._param_names}
-
-    def zero_grad(self):
-        """Set every accumulated gradient to zero."""
-        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
-
-    def train(self, mode=True):
-        """Training mode: dropout is applied. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: no dropout. Returns self."""
-        return self.train(False)
-
-    def _mask_for(self, x, dropout_mask):
-        """The dropout mask of this forward: the given one, a drawn one, or None.
-
-        A given mask in eval mode raises ``ValueError``: PEFT applies no
-        dropout in eval, and using the training formula there would be silent.
-        """
-        if dropout_mask is not None:
-            if not self.training:
-                raise ValueError(
-                    "dropout_mask given in eval mode: PEFT applies no dropout in eval; "
-                    "call train() first"
-                )
-            return dropout_mask
-        return self._dropout_mask(np.shape(x))
-
-    def _dropout_mask(self, shape):
-        if not self.training or self.lora_dropout == 0.0:
-            return None
-        keep = self.rng.random(shape) >= self.lora_dropout
-        return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
-
-    def _require_ctx(self):
-        if self.merged:
-            raise RuntimeError("the layer is merged: unmerge() before training")
-        if self._ctx is None:
-            raise RuntimeError("backward() needs a forward() first")
 
     # -- forward / backward ----------------------------------------------------
 
@@ -1161,6 +1052,11 @@ class _DoRAConvNd(_LoRAConvNd):
     """A frozen convolution adapted with DoRA; see ``DoRAConv2d``."""
 
     _param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    lora_magnitude_vector = adapter_parameter(
+        "lora_magnitude_vector",
+        "The magnitude (1, out, 1, ...), trainable; assigning copies in place (a flat (out,) too).",
+        alt_shapes=lambda layer: ((layer.out_channels,),),
+    )
 
     def __init__(self, weight, bias=None, *, detach_norm=True, allow_zero_norm=False, **kwargs):
         self.detach_norm = detach_norm
@@ -1169,18 +1065,6 @@ class _DoRAConvNd(_LoRAConvNd):
         self._lora_magnitude_vector = None
         self._norm_cache = EvalNormCache()
         super().__init__(weight, bias, **kwargs)
-
-    @property
-    def lora_magnitude_vector(self):
-        """The magnitude (1, out, 1, ...), trainable. Assigning copies into it in place;
-        a flat (out,) array is accepted too."""
-        return self._lora_magnitude_vector
-
-    @lora_magnitude_vector.setter
-    def lora_magnitude_vector(self, value):
-        m = self._lora_magnitude_vector
-        m[...] = _assigned_adapter_array("lora_magnitude_vector", value, m.dtype, m.shape,
-                                alt_shapes=((self.out_channels,),))
 
     def _set_base(self, weight, bias, owned=False, keep_magnitude=False):
         super()._set_base(weight, bias, owned)
@@ -1241,7 +1125,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
             self.groups, allow_zero_norm=self.allow_zero_norm,
         )
-        _refuse_unrecoverable_merge(self.lora_magnitude_vector.reshape(-1), n, "conv_merge")
+        refuse_unrecoverable_merge(self.lora_magnitude_vector.reshape(-1), n, "conv_merge")
         self.merged = True
         self._set_base(W, self._bias, owned=True)
         self.weight_norm = n

@@ -65,8 +65,14 @@ from . import _backend
 from . import functional as F
 from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
 from ._kernels_numpy import _row_blocks
-from .conv import EvalNormCache, _assigned_adapter_array, _refuse_unrecoverable_merge
-from .layers import _frozen, lora_scaling
+from ._layer_base import (
+    AdapterLayer,
+    EvalNormCache,
+    adapter_parameter,
+    frozen,
+    refuse_unrecoverable_merge,
+)
+from .layers import lora_scaling
 
 __all__ = [
     "embedding_column_norm",
@@ -418,7 +424,7 @@ def embedding_unmerge(weight_merged, lora_embedding_A, lora_embedding_B, magnitu
     return np.ascontiguousarray(W.T)
 
 
-class DoRAEmbedding:
+class DoRAEmbedding(AdapterLayer):
     """DoRA for ``torch.nn.Embedding``, PEFT's convention (see ``dora_ref.embedding``).
 
     ``y = embed_scale * g * (weight[ids] + s * lora_embedding_A.T[ids] @ lora_embedding_B.T)``,
@@ -465,7 +471,7 @@ class DoRAEmbedding:
 
     No dropout: PEFT applies none to embeddings. In eval mode the (D,) norm,
     a pass over the whole (V, D) table, is cached while the weights are
-    unchanged (``conv.EvalNormCache``); in training it is recomputed every
+    unchanged (``_layer_base.EvalNormCache``); in training it is recomputed every
     forward, as PEFT does.
     """
 
@@ -507,7 +513,7 @@ class DoRAEmbedding:
         self.zero_grad()
 
     def _set_base(self, weight, owned=False, keep_magnitude=False):
-        """Install the frozen table as the layer's own read-only array (``layers._frozen``);
+        """Install the frozen table as the layer's own read-only array (``_layer_base.frozen``);
         unless merged or ``keep_magnitude``, (re-)initialise the magnitude from it."""
         weight = as_float_array("weight", weight, ndim=2)
         if weight.shape != (self._lora_embedding_A.shape[1], self._lora_embedding_B.shape[0]):
@@ -519,7 +525,7 @@ class DoRAEmbedding:
             raise TypeError(
                 f"weight has dtype {weight.dtype}, the adapter {self._lora_embedding_A.dtype}"
             )
-        self._weight = _frozen(weight, owned)
+        self._weight = frozen(weight, owned)
         self._norm_cache.clear()
         if self.merged or keep_magnitude:
             return
@@ -555,35 +561,16 @@ class DoRAEmbedding:
         """The frozen (V, D) table, read-only (merged: E'): the layer's own copy."""
         return self._weight
 
-    @property
-    def lora_embedding_A(self):
-        """``lora_embedding_A`` (r, V), trainable. Assigning copies into it in place."""
-        return self._lora_embedding_A
-
-    @lora_embedding_A.setter
-    def lora_embedding_A(self, value):
-        A = self._lora_embedding_A
-        A[...] = _assigned_adapter_array("lora_embedding_A", value, A.dtype, A.shape)
-
-    @property
-    def lora_embedding_B(self):
-        """``lora_embedding_B`` (D, r), trainable. Assigning copies into it in place."""
-        return self._lora_embedding_B
-
-    @lora_embedding_B.setter
-    def lora_embedding_B(self, value):
-        B = self._lora_embedding_B
-        B[...] = _assigned_adapter_array("lora_embedding_B", value, B.dtype, B.shape)
-
-    @property
-    def lora_magnitude_vector(self):
-        """The magnitude (D,), one value per embedding dimension. Assigning copies in place."""
-        return self._lora_magnitude_vector
-
-    @lora_magnitude_vector.setter
-    def lora_magnitude_vector(self, value):
-        m = self._lora_magnitude_vector
-        m[...] = _assigned_adapter_array("lora_magnitude_vector", value, m.dtype, m.shape)
+    lora_embedding_A = adapter_parameter(
+        "lora_embedding_A", "``lora_embedding_A`` (r, V), trainable; assigning copies in place."
+    )
+    lora_embedding_B = adapter_parameter(
+        "lora_embedding_B", "``lora_embedding_B`` (D, r), trainable; assigning copies in place."
+    )
+    lora_magnitude_vector = adapter_parameter(
+        "lora_magnitude_vector",
+        "The magnitude (D,), one value per embedding dimension; assigning copies in place.",
+    )
 
     @property
     def num_embeddings(self):
@@ -592,23 +579,6 @@ class DoRAEmbedding:
     @property
     def embedding_dim(self):
         return self._weight.shape[1]
-
-    def parameters(self):
-        """The trainable arrays by PEFT name (live references)."""
-        return {name: getattr(self, name) for name in self._param_names}
-
-    def zero_grad(self):
-        """Set every accumulated gradient to zero."""
-        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
-
-    def train(self, mode=True):
-        """Training mode: the norm is recomputed every forward. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: the norm is cached while the weights are unchanged. Returns self."""
-        return self.train(False)
 
     def forward(self, ids):
         """Look up ids (...) -> (..., D)."""
@@ -620,7 +590,7 @@ class DoRAEmbedding:
         norm = None
         if self.training:
             self._norm_cache.clear()
-        else:  # the (D, V) norm of unchanged weights is reused (see conv.EvalNormCache)
+        else:  # the (D, V) norm of unchanged weights is reused (see _layer_base.EvalNormCache)
             norm = self._norm_cache.get(
                 self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
                 lambda: embedding_column_norm(self._weight, self.lora_embedding_A,
@@ -637,10 +607,7 @@ class DoRAEmbedding:
 
     def backward(self, dy):
         """Accumulate ``grads`` (+=) from dy (..., D). Returns None: ids have no gradient."""
-        if self.merged:
-            raise RuntimeError("the layer is merged: unmerge() before training")
-        if self._ctx is None:
-            raise RuntimeError("backward() needs a forward() first")
+        self._require_ctx()
         dA, dB, dm = embedding_dora_backward(dy, self._ctx, detach_norm=self.detach_norm)
         self.grads["lora_embedding_A"] += dA
         self.grads["lora_embedding_B"] += dB
@@ -654,7 +621,7 @@ class DoRAEmbedding:
         W, n = embedding_merge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                                self.lora_magnitude_vector, self.scaling,
                                allow_zero_norm=self.allow_zero_norm)
-        _refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "embedding_merge")
+        refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "embedding_merge")
         self.merged = True
         self._set_base(W, owned=True)
         self.weight_norm = n

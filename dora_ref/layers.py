@@ -30,7 +30,15 @@ import math
 import numpy as np
 
 from . import functional as F
-from ._validate import as_float_array, check_adapter, check_finite, check_input, check_scaling
+from ._layer_base import (
+    AdapterLayer,
+    EvalNormCache,
+    adapter_parameter,
+    checked_array,
+    frozen,
+    refuse_unrecoverable_merge,
+)
+from ._validate import as_float_array, check_adapter, check_input, check_scaling
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -105,59 +113,7 @@ def initial_lora_weights(in_features, out_features, r, rng, dtype, init=True):
     return A.astype(dtype), B.astype(dtype)
 
 
-def _frozen(arr, owned=False):
-    """A read-only, C-contiguous array the layer can rely on never to change.
-
-    The layer keeps its own copy, so that writing to the array the caller
-    passed cannot change the frozen weight behind the layer's back (and its
-    eval-mode norm cache). An array that is already read-only and
-    C-contiguous is trusted and kept without a copy (pass one to save the
-    memory), as are ``owned`` arrays the layer computed itself.
-    """
-    if not owned and (arr.flags.writeable or not arr.flags.c_contiguous):
-        arr = np.array(arr, order="C", copy=True)
-    elif owned and not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
-    else:
-        arr = arr.view()
-    arr.flags.writeable = False
-    return arr
-
-
-def _adapter_array(name, value, dtype, ndim):
-    """A copy of a given adapter array, which must be float of the weight's dtype."""
-    value = as_float_array(name, value, ndim=ndim)
-    if value.dtype != dtype:
-        raise TypeError(f"{name} has dtype {value.dtype} but the weight has dtype {dtype}")
-    return value.copy()
-
-
-def _parameter(name, doc):
-    """A trainable array attribute: assigning copies into the existing array.
-
-    Optimisers hold references to the arrays of ``parameters()``, so the
-    arrays themselves must live as long as the layer. Assigning a new value
-    checks it (float, the same dtype and shape, finite) and writes it in.
-    """
-    attr = "_" + name
-
-    def get(self):
-        return getattr(self, attr)
-
-    def set(self, value):
-        current = getattr(self, attr)
-        value = as_float_array(name, value, ndim=current.ndim)
-        if value.dtype != current.dtype:
-            raise TypeError(f"{name} has dtype {value.dtype} but the layer's is {current.dtype}")
-        if value.shape != current.shape:
-            raise ValueError(f"{name} must have shape {current.shape}, got {value.shape}")
-        check_finite(name, value)
-        current[...] = value
-
-    return property(get, set, doc=doc)
-
-
-class LoRALinear:
+class LoRALinear(AdapterLayer):
     """A frozen linear layer with a trainable low-rank update (LoRA).
 
     ``y = x @ weight.T + s * (dropout(x) @ lora_A.T) @ lora_B.T + bias``.
@@ -200,8 +156,8 @@ class LoRALinear:
     """
 
     _param_names = ("lora_A", "lora_B")
-    lora_A = _parameter("lora_A", "Trainable (r, in), PEFT ``lora_A.weight``.")
-    lora_B = _parameter("lora_B", "Trainable (out, r), PEFT ``lora_B.weight``.")
+    lora_A = adapter_parameter("lora_A", "Trainable (r, in), PEFT ``lora_A.weight``.")
+    lora_B = adapter_parameter("lora_B", "Trainable (out, r), PEFT ``lora_B.weight``.")
 
     def __init__(
         self,
@@ -221,9 +177,10 @@ class LoRALinear:
         if (lora_A is None) != (lora_B is None):
             raise ValueError("give both lora_A and lora_B, or neither")
         if lora_A is not None:
-            lora_A = _adapter_array("lora_A", lora_A, weight.dtype, 2)
-            lora_B = _adapter_array("lora_B", lora_B, weight.dtype, 2)
+            lora_A = as_float_array("lora_A", lora_A, ndim=2)
+            lora_B = as_float_array("lora_B", lora_B, ndim=2)
             check_adapter(weight, lora_A, lora_B)
+            lora_A, lora_B = lora_A.copy(), lora_B.copy()
             if r is not None and r != lora_A.shape[0]:
                 raise ValueError(f"r = {r} but lora_A has shape {lora_A.shape}")
             r = lora_A.shape[0]
@@ -268,8 +225,8 @@ class LoRALinear:
                     f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, "
                     f"got {bias.shape} {bias.dtype}"
                 )
-            bias = _frozen(bias, owned)
-        self._weight, self._bias = _frozen(weight, owned), bias
+            bias = frozen(bias, owned)
+        self._weight, self._bias = frozen(weight, owned), bias
 
     @property
     def weight(self):
@@ -309,46 +266,6 @@ class LoRALinear:
     @property
     def out_features(self):
         return self._weight.shape[0]
-
-    # -- parameters and modes ------------------------------------------------
-
-    def parameters(self):
-        """The trainable arrays by PEFT name, e.g. ``{"lora_A": (r, in), "lora_B": (out, r)}``.
-
-        The arrays are the layer's own (live references): optimisers update
-        them in place.
-        """
-        return {name: getattr(self, name) for name in self._param_names}
-
-    def zero_grad(self):
-        """Set every accumulated gradient to zero."""
-        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
-
-    def train(self, mode=True):
-        """Training mode: dropout is applied. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: no dropout. Returns self."""
-        return self.train(False)
-
-    def _mask_for(self, x, dropout_mask):
-        """The dropout mask of this forward: the given one, a drawn one, or None."""
-        if dropout_mask is not None:
-            if not self.training:
-                raise ValueError(
-                    "dropout_mask given in eval mode: PEFT applies no dropout in eval; "
-                    "call train() first"
-                )
-            return dropout_mask
-        return self._dropout_mask(np.shape(x))
-
-    def _dropout_mask(self, shape):
-        if not self.training or self.lora_dropout == 0.0:
-            return None
-        keep = self.rng.random(shape) >= self.lora_dropout
-        return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
 
     # -- forward / backward ---------------------------------------------------
 
@@ -395,12 +312,6 @@ class LoRALinear:
         self.grads["lora_A"] += g.dA
         self.grads["lora_B"] += g.dB
         return g.dx
-
-    def _require_ctx(self):
-        if self.merged:
-            raise RuntimeError("the layer is merged: unmerge() before training")
-        if self._ctx is None:
-            raise RuntimeError("backward() needs a forward() first")
 
     # -- merge ------------------------------------------------------------------
 
@@ -468,7 +379,7 @@ class DoRALinear(LoRALinear):
     """
 
     _param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
-    lora_magnitude_vector = _parameter(
+    lora_magnitude_vector = adapter_parameter(
         "lora_magnitude_vector", "Trainable (out,), PEFT ``lora_magnitude_vector``: one per output channel."
     )
 
@@ -485,18 +396,18 @@ class DoRALinear(LoRALinear):
         self.detach_norm = detach_norm
         self.allow_zero_norm = allow_zero_norm
         self.weight_norm = None
-        self._norm_cache = None
+        self._norm_cache = EvalNormCache()
         self._given_magnitude = lora_magnitude_vector
         self._lora_magnitude_vector = None
         super().__init__(weight, bias, **kwargs)
 
     def _set_base(self, weight, bias, owned=False):
         super()._set_base(weight, bias, owned)
-        self._norm_cache = None
+        self._norm_cache.clear()
         if self._given_magnitude is not None:  # construction with a trained magnitude
-            m = _adapter_array("lora_magnitude_vector", self._given_magnitude, self._weight.dtype, 1)
-            check_adapter(self._weight, self.lora_A, self.lora_B, m)
-            self._lora_magnitude_vector, self._given_magnitude = m, None
+            m = checked_array("lora_magnitude_vector", self._given_magnitude, self._weight.dtype,
+                              (self.out_features,))
+            self._lora_magnitude_vector, self._given_magnitude = m.copy(), None
         elif not self.merged:  # a new base weight: re-initialise the magnitude from it
             m = F.init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling)
             if self._lora_magnitude_vector is None:
@@ -519,37 +430,19 @@ class DoRALinear(LoRALinear):
         """
         super().set_base_weight(weight, bias)
 
-    def _cached_norm(self):
-        """The eval-mode norm, recomputed when A, B, s or W0 changed."""
-        c = self._norm_cache
-        if (
-            c is not None
-            and c["weight"] is self._weight
-            and c["scaling"] == self.scaling
-            and np.array_equal(c["A"], self.lora_A)
-            and np.array_equal(c["B"], self.lora_B)
-        ):
-            return c["n"]
-        n = F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling)
-        self._norm_cache = dict(
-            weight=self._weight,
-            scaling=self.scaling,
-            A=self.lora_A.copy(),
-            B=self.lora_B.copy(),
-            n=n,
-        )
-        return n
-
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
         if self.merged:
             return super().forward(x)
         mask = self._mask_for(x, dropout_mask)
         if self.training:
-            self._norm_cache = None
+            self._norm_cache.clear()
             norm = None
-        else:
-            norm = self._cached_norm()
+        else:  # reused while W0, A, B and s are unchanged (EvalNormCache)
+            norm = self._norm_cache.get(
+                self._weight, self.lora_A, self.lora_B, self.scaling,
+                lambda: F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling),
+            )
         y, self._ctx = F.dora_forward(
             x,
             self._weight,
@@ -591,13 +484,7 @@ class DoRALinear(LoRALinear):
             self.scaling,
             allow_zero_norm=self.allow_zero_norm,
         )
-        lost = (self.lora_magnitude_vector == 0) & (n != 0)
-        if lost.any():
-            raise ValueError(
-                f"the magnitude is 0 at output channel(s) {np.flatnonzero(lost)[:8].tolist()}: "
-                f"merging would scale those rows of W0 to zero and unmerge() could not restore "
-                f"them. Use dora_ref.merge(...) for a one-way merge."
-            )
+        refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "dora_ref.merge")
         self.merged = True
         self._set_base(W_merged, self._bias, owned=True)
         self.weight_norm = n

@@ -128,15 +128,15 @@ def test_eval_norm_cache_is_reused_and_invalidated_by_updates():
     layer = _layer().eval()
     x = np.random.default_rng(4).normal(size=(3, 5))
     layer.forward(x)
-    cached = layer._norm_cache["n"]
+    cached = layer._norm_cache._entry[4]
     layer.forward(x)
-    assert layer._norm_cache["n"] is cached  # reused while nothing changed
+    assert layer._norm_cache._entry[4] is cached  # reused while nothing changed
     layer.lora_B += 0.5  # an in-place update, as an optimiser makes
     y = layer.forward(x)
     want = dense.forward(x, layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
                          layer.scaling, layer.bias)
     assert_close(y, want, k=12)
-    assert layer._norm_cache["n"] is not cached
+    assert layer._norm_cache._entry[4] is not cached
 
 
 def test_eval_cache_sees_an_optimiser_step():
@@ -197,7 +197,7 @@ def test_construct_from_trained_weights():
         DoRALinear(case.W0, lora_A=case.A)
     with pytest.raises(ValueError, match=r"r = 2 but lora_A has shape \(3, 5\)"):
         DoRALinear(case.W0, r=2, lora_A=case.A, lora_B=case.B)
-    with pytest.raises(ValueError, match=r"magnitude must have shape \(out,\) = \(6,\)"):
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector must have shape \(6,\), got \(5,\)"):
         DoRALinear(case.W0, lora_A=case.A, lora_B=case.B, lora_magnitude_vector=np.ones(5))
 
 
@@ -210,7 +210,7 @@ def test_assigning_a_parameter_writes_into_the_array_the_optimiser_holds():
     assert layer.lora_B is held and np.array_equal(held, new)
     with pytest.raises(ValueError, match=r"lora_B must have shape \(6, 3\), got \(3, 6\)"):
         layer.lora_B = new.T
-    with pytest.raises(TypeError, match="lora_magnitude_vector has dtype float32"):
+    with pytest.raises(TypeError, match="lora_magnitude_vector has dtype float32 but the weight has dtype float64"):
         layer.lora_magnitude_vector = np.ones(6, np.float32)
     with pytest.raises(ValueError, match="NaN or Inf"):
         layer.lora_A = np.full(layer.lora_A.shape, np.nan)

@@ -1,0 +1,175 @@
+"""What every adapter layer shares: frozen weights, trainable arrays, modes, the eval cache.
+
+``LoRALinear``/``DoRALinear`` (``layers``), the conv layers (``conv``) and
+``DoRAEmbedding`` (``embedding``) differ in their math, which lives in their
+own modules; the state handling below is the same for all of them:
+
+* the frozen base weight is the layer's own read-only copy (``frozen``);
+* trainable arrays keep their identity for the layer's life, because
+  optimisers hold references to them: assigning copies into them
+  (``adapter_parameter``);
+* ``parameters()``/``grads``/``zero_grad()``, ``train()``/``eval()``, and
+  dropout masks drawn from the layer's seeded generator (``AdapterLayer``);
+* the eval-mode norm cache that recomputes on any change (``EvalNormCache``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import as_float_array, check_finite
+
+
+def frozen(arr, owned=False):
+    """A read-only, C-contiguous array the layer can rely on never to change.
+
+    The layer keeps its own copy, so that writing to the array the caller
+    passed cannot change the frozen weight behind the layer's back (and its
+    eval-mode norm cache). An array that is already read-only and
+    C-contiguous is trusted and kept without a copy (pass one to save the
+    memory), as are ``owned`` arrays the layer computed itself.
+    """
+    if not owned and (arr.flags.writeable or not arr.flags.c_contiguous):
+        arr = np.array(arr, order="C", copy=True)
+    elif owned and not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    else:
+        arr = arr.view()
+    arr.flags.writeable = False
+    return arr
+
+
+def checked_array(name, value, dtype, shape, alt_shapes=()):
+    """A value for a trainable array: float of ``dtype``, finite, of ``shape``.
+
+    Complex, integer and object arrays and the other float dtype raise
+    ``TypeError`` (no silent truncation or promotion); NaN/Inf and a wrong
+    shape raise ``ValueError``. A shape in ``alt_shapes`` (e.g. a flat (out,)
+    conv magnitude) is reshaped to ``shape``.
+    """
+    value = as_float_array(name, value)
+    if value.dtype != dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the weight has dtype {dtype}")
+    if value.shape != tuple(shape) and value.shape not in alt_shapes:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
+    check_finite(name, value)
+    return value.reshape(shape)
+
+
+def adapter_parameter(name, doc, alt_shapes=lambda layer: ()):
+    """A trainable array attribute stored as ``_<name>``: assigning copies into it.
+
+    Optimisers hold references to the arrays of ``parameters()``, so the
+    arrays must live as long as the layer; an assigned value is checked
+    (``checked_array``) and written in.
+    """
+    attr = "_" + name
+
+    def get(self):
+        return getattr(self, attr)
+
+    def set(self, value):
+        current = getattr(self, attr)
+        current[...] = checked_array(name, value, current.dtype, current.shape, alt_shapes(self))
+
+    return property(get, set, doc=doc)
+
+
+def refuse_unrecoverable_merge(magnitude, n, one_way):
+    """Raise ``ValueError`` where m = 0 but n != 0.
+
+    The merge would scale that channel of the base weight to zero, and
+    ``unmerge()`` could not restore it; ``one_way`` names the functional
+    merge to use instead.
+    """
+    lost = (np.asarray(magnitude).reshape(-1) == 0) & (np.asarray(n).reshape(-1) != 0)
+    if lost.any():
+        raise ValueError(
+            f"the magnitude is 0 at output channel(s) {np.flatnonzero(lost)[:8].tolist()}: "
+            f"merging would scale those rows of the base weight to zero and unmerge() could "
+            f"not restore them. Use {one_way}(...) for a one-way merge."
+        )
+
+
+class EvalNormCache:
+    """The eval-mode weight norm, reused while the weights it came from are unchanged.
+
+    Every lookup compares the cached low-rank factors (r * (in + out)
+    numbers, negligible next to a forward) and the base weight's identity
+    (the layer's own frozen copy: it changes only by replacement), and
+    recomputes on any change, including in-place optimiser updates. PEFT's
+    opt-in ``DoraCaching`` is not invalidated when weights change in eval.
+    """
+
+    def __init__(self):
+        self._entry = None
+
+    def clear(self):
+        """Forget the cached norm."""
+        self._entry = None
+
+    def get(self, weight, A, B, scaling, compute):
+        """The cached norm for (weight, A, B, scaling), or ``compute()``, kept."""
+        e = self._entry
+        if (
+            e is not None
+            and e[0] is weight
+            and e[1] == scaling
+            and np.array_equal(e[2], A)
+            and np.array_equal(e[3], B)
+        ):
+            return e[4]
+        n = compute()
+        self._entry = (weight, scaling, A.copy(), B.copy(), n)
+        return n
+
+
+class AdapterLayer:
+    """Parameters, gradients, modes and dropout masks of an adapter layer.
+
+    A subclass sets ``_param_names`` and, in its constructor, ``training``,
+    ``merged``, ``_ctx``, ``rng``, ``lora_dropout`` and ``_weight``.
+    """
+
+    _param_names = ()
+
+    def parameters(self):
+        """The trainable arrays by PEFT name: live references, updated in place by optimisers."""
+        return {name: getattr(self, name) for name in self._param_names}
+
+    def zero_grad(self):
+        """Set every accumulated gradient to zero (new arrays in ``grads``)."""
+        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
+
+    def train(self, mode=True):
+        """Training mode: dropout is applied and the norm recomputed every forward. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout; a DoRA norm is cached while unchanged. Returns self."""
+        return self.train(False)
+
+    def _mask_for(self, x, dropout_mask):
+        """The dropout mask of this forward: the given one, a drawn one, or None.
+
+        A given mask in eval mode raises ``ValueError``: PEFT applies no
+        dropout in eval, and using the training formula there would be silent.
+        """
+        if dropout_mask is not None:
+            if not self.training:
+                raise ValueError(
+                    "dropout_mask given in eval mode: PEFT applies no dropout in eval; "
+                    "call train() first"
+                )
+            return dropout_mask
+        if not self.training or self.lora_dropout == 0.0:
+            return None
+        keep = self.rng.random(np.shape(x)) >= self.lora_dropout
+        return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
+
+    def _require_ctx(self):
+        """Raise ``RuntimeError`` unless a forward left a context for backward."""
+        if self.merged:
+            raise RuntimeError("the layer is merged: unmerge() before training")
+        if self._ctx is None:
+            raise RuntimeError("backward() needs a forward() first")
