@@ -22,6 +22,9 @@ from .functional import (
 from .layers import DoRALinear, LoRALinear, lora_scaling
 from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d, LoRAConv1d, LoRAConv2d, LoRAConv3d
 from .embedding import DoRAEmbedding
+
+# the submodules a user reaches as dora_ref.<name> (all import only NumPy)
+from . import analysis, dense, gradcheck, peft, testing, tolerance  # noqa: E402
 from .optim import SGD, AdamW
 
 __version__ = "0.1.0"

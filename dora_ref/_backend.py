@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 from . import _kernels_numpy
 
@@ -75,4 +76,26 @@ def kernels():
     return _MODULES[_active]
 
 
-set_backend(os.environ.get("DORA_REF_BACKEND") or ("c" if _kernels_c is not None else "numpy"))
+def _initial_backend():
+    """The backend at import: DORA_REF_BACKEND if set, else C when built, else NumPy."""
+    requested = os.environ.get("DORA_REF_BACKEND")
+    if requested:
+        if requested not in _MODULES or _MODULES[requested] is None:
+            raise ImportError(
+                f"DORA_REF_BACKEND={requested!r}: must be 'numpy' or 'c' (available here: "
+                f"{', '.join(available_backends())})"
+            )
+        return requested
+    if _kernels_c is None:
+        warnings.warn(
+            f"dora_ref: the C extension is not built ({_C_IMPORT_ERROR}); running on the "
+            f"slower NumPy backend. Reinstall with a C compiler present to build it, or set "
+            f"DORA_REF_BACKEND=numpy to choose NumPy and silence this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "numpy"
+    return "c"
+
+
+set_backend(_initial_backend())

@@ -127,7 +127,12 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     A = as_float_array("A", A, ndim=2)
     B = as_float_array("B", B, ndim=2)
     if magnitude is not None:
-        magnitude = as_float_array("magnitude", magnitude, ndim=1)
+        magnitude = as_float_array("magnitude", magnitude)
+        if magnitude.ndim != 1:
+            raise ValueError(
+                f"magnitude must have shape (out,) = ({W0.shape[0]},), one value per output "
+                f"channel; got {magnitude.shape}"
+            )
     if bias is not None:
         bias = as_float_array("bias", bias, ndim=1)
     out_f, in_f = W0.shape

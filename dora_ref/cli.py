@@ -27,11 +27,28 @@ def _usage():
 
 
 def info(argv=None):
-    """Print dora_ref's version, backends and the active one."""
+    """Print dora_ref's version, the backends, the active one and its threads."""
+    import argparse
+
     import dora_ref
 
+    argparse.ArgumentParser(
+        prog="dora-ref info", description="Print the version, the backends and the threads."
+    ).parse_args(argv)
     print(f"dora_ref {dora_ref.__version__}")
     print(f"backend: {dora_ref.backend()} (available: {', '.join(dora_ref.available_backends())})")
+    if "c" in dora_ref.available_backends():
+        from dora_ref import _kernels_c
+
+        print(f"C kernels: {_kernels_c.build_info()}; OpenMP threads: {_kernels_c.openmp_threads()}")
+    try:
+        from threadpoolctl import threadpool_info
+
+        for pool in threadpool_info():
+            version = f" {pool['version']}" if pool.get("version") else ""
+            print(f"{pool['user_api']}: {pool['prefix']}{version}, {pool['num_threads']} threads")
+    except ImportError:
+        pass
     return 0
 
 

@@ -17,7 +17,7 @@ m, x = np.linalg.norm(W0, axis=1), rng.normal(size=(5, 3))
         (dict(B=B.T), ValueError, r"B must have shape \(out, r\) = \(4, 2\).*B \(2, 4\)"),
         (dict(A=np.zeros((0, 3)), B=np.zeros((4, 0))), ValueError, r"rank r must be >= 1"),
         (dict(magnitude=np.ones(3)), ValueError, r"magnitude must have shape \(out,\) = \(4,\), got \(3,\).*wrong axis"),
-        (dict(magnitude=np.ones((1, 4))), ValueError, r"magnitude must have 1 dimension"),
+        (dict(magnitude=np.ones((1, 4))), ValueError, r"magnitude must have shape \(out,\) = \(4,\), one value per output channel; got \(1, 4\)"),
         (dict(bias=np.ones(3)), ValueError, r"bias must have shape \(out,\) = \(4,\), got \(3,\)"),
         (dict(x=np.ones((5, 4))), ValueError, r"x must have shape \(\.\.\., in\) = \(\.\.\., 3\), got \(5, 4\)"),
         (dict(x=np.ones((5, 3), np.float32)), TypeError, r"x has dtype float32 but the weights have dtype float64"),
