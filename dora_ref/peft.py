@@ -364,6 +364,15 @@ class PeftAdapter:
     modules: dict
     replaced: dict = field(default_factory=dict)
 
+    def __repr__(self):
+        kinds = {}
+        for mod in self.modules.values():
+            kind = ("DoRA " if mod.magnitude is not None else "LoRA ") + mod.kind
+            kinds[kind] = kinds.get(kind, 0) + 1
+        listing = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no modules"
+        return (f"PeftAdapter({listing}; r={self.config.r}, lora_alpha={self.config.lora_alpha}, "
+                f"{len(self.replaced)} replaced tensor(s))")
+
     def replacement_key(self, name):
         """Whether adapter key ``name`` (prefix stripped) is a ``modules_to_save`` tensor."""
         targets = self.config.extra.get("modules_to_save") or []
