@@ -183,8 +183,10 @@ def extra_memory(shape, detach):
     Peak(N) = extra + N * per_row exactly (the step allocates the same arrays
     for any N), so extra = 2 * Peak(N / 2) - Peak(N): what the step holds that
     does not scale with the batch. Plus the C kernels' scratch (packed A or
-    B.T panels, at most r * (max(in, out) + 16) floats), which tracemalloc
-    does not see, counted here from the formula.
+    B.T panels, at most r * (max(in, out) + 16) floats; backward_lowrank's
+    partial sums of dU and, exact only, norm_gradient_products' partial sums
+    of (c B).T @ W0), which tracemalloc does not see, counted here from the
+    kernels' own formulas.
     """
     out_f, in_f, r, N = shape
 
@@ -204,7 +206,13 @@ def extra_memory(shape, detach):
     full, half = peak(N), peak(N2)
     per_row = (full - half) / (N - N2)
     extra = full - per_row * N
-    c_scratch = r * (max(in_f, out_f) + 16) * np.dtype(DTYPE).itemsize
+    itemsize = np.dtype(DTYPE).itemsize
+    c_scratch = r * (max(in_f, out_f) + 16) * itemsize
+    if _backend.backend() == "c":
+        c_scratch = max(c_scratch, CK.scratch_bytes("backward_lowrank", N, out_f, r, itemsize=itemsize))
+        if not detach:
+            c_scratch = max(c_scratch, CK.scratch_bytes(
+                "norm_gradient_products", out_f, in_f, r, itemsize=itemsize))
     return dict(peak=full, per_row=per_row, extra=extra + c_scratch, c_scratch=c_scratch)
 
 

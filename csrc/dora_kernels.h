@@ -21,7 +21,8 @@
    that the Python wrapper (dora_ref/_kernels_c.py) turns into an exception.
    Results do not depend on the number of OpenMP threads: each thread writes
    only its own rows (or, for the backward's reduction over N, its own
-   columns), with no atomics. Float32 sums of squares and the reduction dg
+   columns), with no atomics; a sum across threads' blocks goes through
+   per-block partial sums, blocks fixed by the sizes, added in block order. Float32 sums of squares and the reduction dg
    are accumulated in double. */
 
 enum dora_status {
@@ -59,6 +60,37 @@ int dora_backward_epilogue_f64(double *dg, double *dz,
                                const double *dy, const double *base, const double *U,
                                const double *B, const double *g,
                                double s, int64_t N, int64_t out, int64_t r);
+
+/* backward_epilogue plus the rank-r products of the backward, in the same
+   pass over the (N, out) arrays: dg and dz as above, and
+     dU = s * dz @ B     (N, r)     a sum over out: fixed column blocks give
+                                    partial sums, added in block order
+     dB = s * dz.T @ U   (out, r)   a sum over N, in row order, per column. */
+int dora_backward_lowrank_f32(float *dg, float *dz, float *dU, float *dB,
+                              const float *dy, const float *base, const float *U,
+                              const float *B, const float *g,
+                              double s, int64_t N, int64_t out, int64_t r);
+int dora_backward_lowrank_f64(double *dg, double *dz, double *dU, double *dB,
+                              const double *dy, const double *base, const double *U,
+                              const double *B, const double *g,
+                              double s, int64_t N, int64_t out, int64_t r);
+
+/* The two products of W0 that the exact norm gradient needs, in one pass over W0:
+     WAt = W0 @ A.T     (out, r)   a sum over in, per row
+     CtW = C.T @ W0     (r, in)    a sum over out: a fixed number of row
+                                   slices (set by the sizes alone) give
+                                   partial sums, added in slice order. */
+int dora_norm_gradient_products_f32(float *WAt, float *CtW,
+                                    const float *W0, const float *A, const float *C,
+                                    int64_t out, int64_t in, int64_t r);
+int dora_norm_gradient_products_f64(double *WAt, double *CtW,
+                                    const double *W0, const double *A, const double *C,
+                                    int64_t out, int64_t in, int64_t r);
+
+/* Scratch bytes that the two kernels above allocate (partial sums and
+   packed panels), for the memory accounting of benchmarks/bench_kernels.py. */
+int64_t dora_backward_lowrank_scratch(int64_t N, int64_t out, int64_t r, int64_t itemsize);
+int64_t dora_norm_gradient_products_scratch(int64_t out, int64_t in, int64_t r, int64_t itemsize);
 
 /* V = W0 + s * B @ A row by row: n[i] = ||V[i]||, W_merged[i] = (m[i] / n[i]) * V[i].
    A row with n = 0 gives inf / NaN, as NumPy does; the caller checks n. */

@@ -1,4 +1,4 @@
-/* dora_kernels_impl.h: the five fused kernels for one floating type.
+/* dora_kernels_impl.h: the fused kernels for one floating type.
 
    Not a public header: dora_kernels.c includes it twice, with
      REAL   float (W = 16)  or  double (W = 8)   the element type
@@ -24,7 +24,7 @@
    not change its bits). */
 
 /* ------------------------------------------------------------------------ */
-/* The rank-r tile, shared by all five kernels:                             */
+/* The rank-r tile, shared by the kernels:                                    */
 /*   P[q][l] = sum_k b[q * ldb + k] * a[k * lda + l],   q < g, l < w        */
 /* i.e. g rows of (b @ a) restricted to w columns, summed over k = 0..r-1   */
 /* in order. Each load of a is used for g rows (the llm.c matmul trick), so */
@@ -405,4 +405,273 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     }
     free(Bp);
     return DORA_OK;
+}
+
+/* Sums each of the n runs of W lanes of v (v[e * W .. e * W + W - 1]) into
+   its first lane, by a fixed pairwise tree (halves added W / 2, W / 4, ...
+   apart), which vectorizes across the lanes; v is overwritten. */
+static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
+{
+    for (int h = W / 2; h >= 1; h /= 2)
+        for (int64_t e = 0; e < n; e++)
+            for (int l = 0; l < h; l++) v[e * W + l] += v[e * W + l + h];
+}
+
+/* ------------------------------------------------------------------------ */
+/* backward_lowrank: backward_epilogue, and in the same pass over dz        */
+/*   dB = s * dz.T @ U   (out, r): a sum over N, owned by the column block  */
+/*   dU = s * dz @ B     (N, r):   a sum over out, across the column blocks */
+/* Each column block adds its columns' terms of dU into its own (N, r)      */
+/* partial; the partials are then added in block order. The block width    */
+/* depends on out and r only (lowrank_col_block), so the bits do not depend */
+/* on the number of threads.                                                */
+/* ------------------------------------------------------------------------ */
+
+/* One tile of the rank-r products, for one k: w columns of g rows of dz.
+     row[l]      += sum_q U[t + q, k] * dz[t + q, l]    (dB.T[k, :], rows in order)
+     lanes[q][l] += dz[t + q, l] * B.T[k, l]            (dU[t + q, k], lane by lane) */
+static inline __attribute__((always_inline)) void FN(lowrank_tile)(
+    REAL lanes[G][W], REAL *restrict row, const REAL *restrict dz, const REAL *restrict bt,
+    const REAL uk[G], int64_t out, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l];
+        for (int q = 0; q < g; q++) {
+            const REAL d = dz[q * out + l];
+            t += uk[q] * d;
+            lanes[q][l] += d * bt[l];
+        }
+        row[l] = t;
+    }
+}
+
+/* The rank-r products of one group of g rows of dz (already written) over
+   the width columns of a block, k by k, so that the g rows' lanes of dU stay
+   in registers while the columns go by and the rows of dz come from L1.
+   dUt (g, r) gets this block's partial of dU; dBt (r, ldt) accumulates. */
+static inline __attribute__((always_inline)) void FN(lowrank_rows)(
+    REAL *restrict dUt, REAL *restrict dBt, int64_t ldt, const REAL *restrict dz,
+    const REAL *restrict u, const REAL *restrict Bp, int64_t width, int64_t out, int64_t r, int g)
+{
+    for (int64_t k = 0; k < r; k++) {
+        REAL lanes[G][W] = {{0}}, uk[G] = {0};
+        for (int q = 0; q < g; q++) uk[q] = u[q * r + k];
+        REAL *row = dBt + k * ldt;
+        int64_t j = 0;
+        for (; j + W <= width; j += W)
+            FN(lowrank_tile)(lanes, row + j, dz + j, Bp + (j / W) * r * W + k * W, uk, out, g, W);
+        if (j < width)
+            FN(lowrank_tile)(lanes, row + j, dz + j, Bp + (j / W) * r * W + k * W, uk, out, g,
+                             (int)(width - j));
+        FN(sum_lanes)(&lanes[0][0], g);
+        for (int q = 0; q < g; q++) dUt[q * r + k] = lanes[q][0];
+    }
+}
+
+/* One column block [c0, c1): dg, dz (backward_step, exactly as in
+   backward_epilogue), dB for these columns, and this block's partial
+   dUp = dz[:, c0:c1] @ B[c0:c1] (N, r). Scratch: acc (c1 - c0 doubles),
+   dBt (r x (c1 - c0 + W)). */
+static DORA_CLONES void FN(backward_lowrank_cols)(
+    REAL *dg, REAL *dz, REAL *dUp, REAL *dB, double *acc, REAL *dBt,
+    const REAL *dy, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
+    REAL s, int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r)
+{
+    const int64_t width = c1 - c0, ldt = width + W;  /* rows not a power of two apart */
+    const REAL *bp0 = Bp + (c0 / W) * r * W;  /* c0 is a multiple of W */
+    for (int64_t i = 0; i < width; i++) acc[i] = 0;
+    for (int64_t i = 0; i < r * ldt; i++) dBt[i] = 0;
+    for (int64_t t = 0; t < N; t += G) {
+        const int g = (int)dora_min(G, N - t);
+        for (int64_t i = c0; i < c1; i += W) {
+            const int w = (int)dora_min(W, c1 - i);
+            const int64_t o = t * out + i;
+            const REAL *bp = Bp + (i / W) * r * W;
+            if (g == G && w == W)
+                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
+                                  gm + i, s, out, r, G, W);
+            else
+                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
+                                  gm + i, s, out, r, g, w);
+        }
+        if (g == G)
+            FN(lowrank_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, U + t * r, bp0,
+                             width, out, r, G);
+        else
+            FN(lowrank_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, U + t * r, bp0,
+                             width, out, r, g);
+    }
+    for (int64_t i = c0; i < c1; i++) {
+        dg[i] = (REAL)acc[i - c0];
+        for (int64_t k = 0; k < r; k++) dB[i * r + k] = s * dBt[k * ldt + (i - c0)];
+    }
+}
+
+int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL *dy,
+                              const REAL *base, const REAL *U, const REAL *B, const REAL *gm,
+                              double s, int64_t N, int64_t out, int64_t r)
+{
+    if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && (!dg || !gm)) || (N && out && (!dz || !dy || !base)) || (N && r && (!U || !dU))
+        || (out && r && (!B || !dB)))
+        return DORA_ERR_NULL;
+    const int64_t width = lowrank_col_block(out, r);
+    const int64_t nblocks = (out + width - 1) / width;
+    REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
+    REAL *dUp = (REAL *)malloc((size_t)dora_max(1, nblocks * N * r) * sizeof(REAL));
+    if (!Bp || !dUp) {
+        free(Bp);
+        free(dUp);
+        return DORA_ERR_NOMEM;
+    }
+    int failed = 0;
+    #pragma omp parallel if (N * out * (3 * r + 1) > PARALLEL_MIN_WORK)
+    {
+        double *acc = (double *)malloc((size_t)width * sizeof(double));
+        REAL *dBt = (REAL *)malloc((size_t)dora_max(1, r * (width + W)) * sizeof(REAL));
+        if (!acc || !dBt) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t c0 = blk * width;
+            if (acc && dBt)
+                FN(backward_lowrank_cols)(dg, dz, dUp + blk * N * r, dB, acc, dBt,
+                                          dy, base, U, Bp, gm, (REAL)s,
+                                          c0, dora_min(out, c0 + width), N, out, r);
+        }
+        free(acc);
+        free(dBt);
+    }
+    if (!failed) {  /* dU = s * (sum of the blocks' partials, in block order) */
+        #pragma omp parallel for if (N * r * nblocks > PARALLEL_MIN_WORK)
+        for (int64_t e = 0; e < N * r; e++) {
+            double sum = 0;
+            for (int64_t blk = 0; blk < nblocks; blk++) sum += dUp[blk * N * r + e];
+            dU[e] = (REAL)s * (REAL)sum;
+        }
+    }
+    free(Bp);
+    free(dUp);
+    return failed ? DORA_ERR_NOMEM : DORA_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* norm_gradient_products: in one pass over W0,                             */
+/*   WAt = W0 @ A.T   (out, r): a sum over in, owned by the row             */
+/*   CtW = C.T @ W0   (r, in):  a sum over out, across row slices           */
+/* The exact norm gradient needs both (functional.norm_gradient, with       */
+/* C = c * B); two BLAS calls would read W0 twice. W0 is cut into           */
+/* products_slices(out, r) slices of rows, set by the sizes alone; each     */
+/* adds its rows into its own (r, in) partial of CtW (slice 0 into CtW      */
+/* itself), and the partials are added in slice order.                      */
+/* ------------------------------------------------------------------------ */
+
+/* One tile of the two products, for one k: w columns of g rows of W0.
+     lanes[q][l] += W0[i + q, l] * A[k, l]             (WAt[i + q, k], lane by lane)
+     row[l]      += sum_q C[i + q, k] * W0[i + q, l]   (CtW[k, :], rows in order) */
+static inline __attribute__((always_inline)) void FN(products_tile)(
+    REAL lanes[G][W], REAL *restrict row, const REAL *restrict w0, const REAL *restrict a,
+    const REAL ck[G], int64_t in, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l];
+        for (int q = 0; q < g; q++) {
+            const REAL x = w0[q * in + l];
+            lanes[q][l] += x * a[l];
+            t += ck[q] * x;
+        }
+        row[l] = t;
+    }
+}
+
+/* g rows of W0 over width columns, k by k: the rows' lanes of WAt stay in
+   registers while the columns go by, and the rows of W0 come from L1.
+   wat (g, r) accumulates WAt; cc (r, CHUNK_LD) accumulates CtW. */
+static inline __attribute__((always_inline)) void FN(products_rows)(
+    REAL *restrict wat, REAL *restrict cc, const REAL *restrict w0, const REAL *restrict Ap,
+    const REAL *restrict c, int64_t width, int64_t in, int64_t r, int g)
+{
+    for (int64_t k = 0; k < r; k++) {
+        REAL lanes[G][W] = {{0}}, ck[G] = {0};
+        for (int q = 0; q < g; q++) ck[q] = c[q * r + k];
+        REAL *row = cc + k * CHUNK_LD;
+        int64_t j = 0;
+        for (; j + W <= width; j += W)
+            FN(products_tile)(lanes, row + j, w0 + j, Ap + (j / W) * r * W + k * W, ck, in, g, W);
+        if (j < width)
+            FN(products_tile)(lanes, row + j, w0 + j, Ap + (j / W) * r * W + k * W, ck, in, g,
+                              (int)(width - j));
+        FN(sum_lanes)(&lanes[0][0], g);
+        for (int q = 0; q < g; q++) wat[q * r + k] += lanes[q][0];
+    }
+}
+
+/* Rows [i0, i1): WAt for these rows, and ct (r, in) = C[i0:i1].T @ W0[i0:i1].
+   Columns in chunks of PRODUCT_CHUNK, so that a group's rows of W0 stay in
+   L1 while k runs and the chunk of ct stays in cache while the rows go by;
+   the chunk is summed in cc, rows CHUNK_LD apart rather than in apart (rows
+   a power of two bytes apart share one L1 cache set), and copied to ct when
+   it is done. Scratch: cc (r x CHUNK_LD). */
+static DORA_CLONES void FN(products_slice)(
+    REAL *WAt, REAL *ct, REAL *cc, const REAL *W0, const REAL *Ap, const REAL *C,
+    int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    for (int64_t i = i0 * r; i < i1 * r; i++) WAt[i] = 0;
+    for (int64_t j0 = 0; j0 < in; j0 += PRODUCT_CHUNK) {
+        const int64_t width = dora_min(in - j0, PRODUCT_CHUNK);
+        const REAL *ap = Ap + (j0 / W) * r * W;  /* j0 is a multiple of W */
+        for (int64_t e = 0; e < r * CHUNK_LD; e++) cc[e] = 0;
+        for (int64_t i = i0; i < i1; i += G) {
+            const int g = (int)dora_min(G, i1 - i);
+            if (g == G)
+                FN(products_rows)(WAt + i * r, cc, W0 + i * in + j0, ap, C + i * r, width, in, r, G);
+            else
+                FN(products_rows)(WAt + i * r, cc, W0 + i * in + j0, ap, C + i * r, width, in, r, g);
+        }
+        for (int64_t k = 0; k < r; k++)
+            for (int64_t j = 0; j < width; j++) ct[k * in + j0 + j] = cc[k * CHUNK_LD + j];
+    }
+}
+
+int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const REAL *A,
+                                    const REAL *C, int64_t out, int64_t in, int64_t r)
+{
+    if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && r && (!WAt || !C)) || (r && in && (!A || !CtW)) || (out && in && !W0))
+        return DORA_ERR_NULL;
+    const int64_t nslices = products_slices(out, r);
+    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
+    REAL *part = (REAL *)malloc((size_t)dora_max(1, (nslices - 1) * r * in) * sizeof(REAL));
+    if (!Ap || !part) {
+        free(Ap);
+        free(part);
+        return DORA_ERR_NOMEM;
+    }
+    int failed = 0;
+    #pragma omp parallel if (out * in * (2 * r + 1) > PARALLEL_MIN_WORK)
+    {
+        REAL *cc = (REAL *)malloc((size_t)dora_max(1, r * CHUNK_LD) * sizeof(REAL));
+        if (!cc) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t sl = 0; sl < nslices; sl++) {
+            REAL *ct = sl == 0 ? CtW : part + (sl - 1) * r * in;
+            if (cc)
+                FN(products_slice)(WAt, ct, cc, W0, Ap, C, sl * out / nslices,
+                                   (sl + 1) * out / nslices, in, r);
+        }
+        free(cc);
+    }
+    if (!failed && nslices > 1) {  /* CtW = sum of the slices' partials, in slice order */
+        #pragma omp parallel for if (r * in * nslices > PARALLEL_MIN_WORK)
+        for (int64_t e = 0; e < r * in; e++)
+            for (int64_t sl = 1; sl < nslices; sl++) CtW[e] += part[(sl - 1) * r * in + e];
+    }
+    free(Ap);
+    free(part);
+    return failed ? DORA_ERR_NOMEM : DORA_OK;
 }

@@ -1,6 +1,6 @@
 """C twins of the NumPy kernels: a thin wrapper around ``dora_ref._dora_c``.
 
-The five functions here take and return exactly what their twins in
+The kernels here take and return exactly what their twins in
 ``dora_ref._kernels_numpy`` do; ``dora_ref.set_backend("c")`` selects them
 (the default when the extension is built). The C sources are in ``csrc/``
 (``dora_kernels.h`` is the C API); ``csrc/build_ffi.py`` builds them with
@@ -39,10 +39,12 @@ from ._dora_c import ffi, lib
 
 __all__ = [
     "backward_epilogue",
+    "backward_lowrank",
     "build_info",
     "column_norm",
     "forward_epilogue",
     "merge",
+    "norm_gradient_products",
     "openmp_enabled",
     "openmp_threads",
     "unmerge",
@@ -152,7 +154,7 @@ def _epilogue_shapes(base, U, B, g, base_name="base"):
 
 
 # ---------------------------------------------------------------------------
-# the five kernels
+# the kernels
 # ---------------------------------------------------------------------------
 
 
@@ -249,6 +251,124 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     )
     _check_status(status, "backward_epilogue")
     return dg, dz
+
+
+# Ranks up to which the one-pass kernels below beat BLAS. They do r
+# multiply-adds per element more than one pass of BLAS needs, in exchange for
+# one pass less over the (N, out) or (out, in) array: a win while the pass is
+# bound by memory (r = 8: 1.5x faster at (4096, 4096, 8, 512)), a loss once it
+# is bound by arithmetic (r = 16: 1.3x slower, on an AVX-512 Xeon). Above it
+# the wrappers call BLAS, as the NumPy twins do.
+FUSED_MAX_RANK = 12
+
+
+def backward_lowrank(dy, base, U, B, g, scaling):
+    """``backward_epilogue`` plus dU = s * dz @ B and dB = s * dz.T @ U.
+
+    For r <= ``FUSED_MAX_RANK``, all four in one pass over dz
+    (``_backward_lowrank_fused``); above it, ``backward_epilogue`` and two
+    BLAS products, as the NumPy twin.
+
+    Parameters
+    ----------
+    dy, base : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    dU : ndarray, shape (N, r)
+    dB : ndarray, shape (out, r)
+    """
+    if np.ndim(U) == 2 and np.shape(U)[1] > FUSED_MAX_RANK:
+        dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
+        return dg, dz, scaling * (dz @ B), scaling * (dz.T @ U)
+    return _backward_lowrank_fused(dy, base, U, B, g, scaling)
+
+
+def _backward_lowrank_fused(dy, base, U, B, g, scaling):
+    """``backward_lowrank`` in one pass over dz, for any r (the C kernel)."""
+    (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    ctype, sfx = _CTYPE[dtype]
+    dg = np.empty(out_f, dtype=dtype)
+    dz = np.empty((N, out_f), dtype=dtype)
+    dU = np.empty((N, r), dtype=dtype)
+    dB = np.empty((out_f, r), dtype=dtype)
+    status = getattr(lib, f"dora_backward_lowrank_{sfx}")(
+        _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dU, ctype), _ptr(dB, ctype), _ptr(dy, ctype),
+        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), _scaling(scaling),
+        N, out_f, r,
+    )
+    _check_status(status, "backward_lowrank")
+    return dg, dz, dU, dB
+
+
+def norm_gradient_products(W0, A, C):
+    """W0 @ A.T (out, r) and C.T @ W0 (r, in).
+
+    For r <= ``FUSED_MAX_RANK``, in one pass over W0
+    (``_norm_gradient_products_fused``); above it, two BLAS products, as the
+    NumPy twin.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    C : ndarray, shape (out, r)
+
+    Returns
+    -------
+    WAt : ndarray, shape (out, r)
+    CtW : ndarray, shape (r, in)
+    """
+    if np.ndim(A) == 2 and np.shape(A)[0] > FUSED_MAX_RANK:
+        return W0 @ A.T, C.T @ W0
+    return _norm_gradient_products_fused(W0, A, C)
+
+
+def _norm_gradient_products_fused(W0, A, C):
+    """``norm_gradient_products`` in one pass over W0, for any r (the C kernel)."""
+    (W0, A, C), dtype = _arrays(W0=W0, A=A, C=C)
+    shapes = f"W0 {W0.shape}, A {A.shape}, C {C.shape}"
+    for name, arr in (("W0", W0), ("A", A), ("C", C)):
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D; got {shapes}")
+    out_f, in_f = W0.shape
+    r = A.shape[0]
+    if A.shape[1] != in_f:
+        raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
+    _shape("C", C, (out_f, r), shapes)
+    ctype, sfx = _CTYPE[dtype]
+    WAt = np.empty((out_f, r), dtype=dtype)
+    CtW = np.empty((r, in_f), dtype=dtype)
+    status = getattr(lib, f"dora_norm_gradient_products_{sfx}")(
+        _ptr(WAt, ctype), _ptr(CtW, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(C, ctype),
+        out_f, in_f, r,
+    )
+    _check_status(status, "norm_gradient_products")
+    return WAt, CtW
+
+
+def scratch_bytes(kernel, *sizes, itemsize=4):
+    """Bytes of C scratch one call allocates (not seen by tracemalloc); r is the last size.
+
+    ``scratch_bytes("backward_lowrank", N, out, r)`` or
+    ``scratch_bytes("norm_gradient_products", out, in, r)``; for the
+    benchmark's memory accounting.
+    """
+    fn = {
+        "backward_lowrank": lib.dora_backward_lowrank_scratch,
+        "norm_gradient_products": lib.dora_norm_gradient_products_scratch,
+    }[kernel]
+    if sizes[-1] > FUSED_MAX_RANK:  # BLAS: its arrays are NumPy's, seen by tracemalloc
+        return 0
+    return int(fn(*sizes, itemsize))
 
 
 def merge(W0, A, B, magnitude, scaling):

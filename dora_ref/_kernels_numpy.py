@@ -2,8 +2,8 @@
 
 Each function here has a C twin in ``csrc/`` with the same arguments and
 results; ``dora_ref.set_backend`` picks one. The functional core
-(``dora_ref.functional``) calls only these five steps plus BLAS products,
-so this file and its C twin are all that differs between backends.
+(``dora_ref.functional``) calls only these steps plus BLAS products, so
+this file and its C twin are all that differs between backends.
 
 Layout, said once: weights are PyTorch ``(out, in)``. The paper's column norm
 ``||.||_c`` is the L2 norm of each *row* here, one value per output channel.
@@ -105,6 +105,60 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg = np.sum(dy * z, axis=0)
     dz = dy * g
     return dg, dz
+
+
+def backward_lowrank(dy, base, U, B, g, scaling):
+    """``backward_epilogue`` plus the backward's rank-r products.
+
+    dg = sum_N dy * z and dz = dy * g as in ``backward_epilogue``, and the
+    low-rank path's step (5) of ``dora_ref.functional``::
+
+        dU = s * dz @ B       (N, r)
+        dB = s * dz.T @ U     (out, r)
+
+    The C twin computes all four in one pass over dz.
+
+    Parameters
+    ----------
+    dy, base : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    dU : ndarray, shape (N, r)
+    dB : ndarray, shape (out, r)
+    """
+    dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
+    dU = scaling * (dz @ B)
+    dB = scaling * (dz.T @ U)
+    return dg, dz, dU, dB
+
+
+def norm_gradient_products(W0, A, C):
+    """The two products of W0 in the exact norm gradient: W0 @ A.T and C.T @ W0.
+
+    ``dora_ref.functional.norm_gradient`` needs both (with C = c * B); the C
+    twin computes them in one pass over W0 instead of two.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    C : ndarray, shape (out, r)
+
+    Returns
+    -------
+    WAt : ndarray, shape (out, r)
+        ``W0 @ A.T``.
+    CtW : ndarray, shape (r, in)
+        ``C.T @ W0``.
+    """
+    return W0 @ A.T, C.T @ W0
 
 
 def merge(W0, A, B, magnitude, scaling):

@@ -438,10 +438,9 @@ def dora_backward(dy, ctx, *, detach_norm=True):
         )
     kernels = _backend.kernels()
 
-    dg, dz = kernels.backward_epilogue(dy2, ctx.base, ctx.U, B, ctx.g, s)  # (6)
+    # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
+    dg, dz, dU, dB = kernels.backward_lowrank(dy2, ctx.base, ctx.U, B, ctx.g, s)
     dmagnitude = divide_by_norm(dg, ctx.n)  # (4)
-    dU = s * (dz @ B)  # (5)
-    dB = s * (dz.T @ ctx.U)
     dA = dU.T @ ctx.x  # (1)
 
     if ctx.dropout_mask is None:
@@ -468,11 +467,14 @@ def norm_gradient(W0, A, B, scaling, dg, g, n):
         dA = s * B.T @ diag(c) @ V     = s * ((c B).T @ W0 + s * ((c B).T @ B) @ A)
 
     using only (out, r), (r, r) and (r, in) products: no (out, in) temporary.
+    The two products of W0 in it, ``W0 @ A.T`` and ``(c B).T @ W0``, come
+    from one kernel (``norm_gradient_products``; in C, one pass over W0 at
+    small ranks).
 
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
-        Any strides (a transposed view works).
+        Any strides (a transposed view works: it goes to BLAS, not copied).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     scaling : float
@@ -491,9 +493,13 @@ def norm_gradient(W0, A, B, scaling, dg, g, n):
     """
     c = divide_by_norm(divide_by_norm(-dg * g, n), n)  # not n * n: it can overflow
     cB = c[:, None] * B  # (out, r)
-    VAt = W0 @ A.T + scaling * (B @ (A @ A.T))  # V @ A.T, (out, r)
+    if W0.flags.c_contiguous:
+        W0At, cBtW0 = _backend.kernels().norm_gradient_products(W0, A, cB)  # one pass over W0
+    else:  # e.g. an embedding table's transpose: BLAS reads it in place, no copy
+        W0At, cBtW0 = W0 @ A.T, cB.T @ W0
+    VAt = W0At + scaling * (B @ (A @ A.T))  # V @ A.T, (out, r)
     dB = scaling * (c[:, None] * VAt)
-    dA = scaling * (cB.T @ W0 + scaling * ((cB.T @ B) @ A))
+    dA = scaling * (cBtW0 + scaling * ((cB.T @ B) @ A))
     return dA, dB
 
 

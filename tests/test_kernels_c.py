@@ -30,6 +30,11 @@ by n, the square root):
 * merge: W'_ij = (m_i / n_i) V_ij: ``|m_i / n_i| a_ij (1 + ||a_i|| / n_i)`` with
   k = in + r + 4 (the error of V_ij plus the relative error of n_i).
 * unmerge: ``|W'| / |factor| + |s| |B| @ |A|`` with k = r + 2.
+* backward_lowrank: dg and dz as backward_epilogue; dU = s dz @ B sums out
+  products: ``|s| |dz| @ |B|`` with k = out + 2; dB = s dz.T @ U sums N:
+  ``|s| |dz|.T @ |U|`` with k = N + 2.
+* norm_gradient_products: ``|W0| @ |A|.T`` with k = in + 2 and
+  ``|C|.T @ |W0|`` with k = out + 2.
 """
 from __future__ import annotations
 
@@ -166,6 +171,33 @@ def check_backward_epilogue(p, dtype):
     np.testing.assert_array_equal(dz_c, dz_np, err_msg="dz = dy * g is one rounding in both")
 
 
+def check_backward_lowrank(p, dtype, fn):
+    """``fn`` (C's backward_lowrank or its one-pass kernel) against the NumPy twin."""
+    dy, base, U, B, g, s = p["dy"], p["base"], p["U"], p["B"], p["g"], p["s"]
+    ady, abase, aU, aB = _abs64(dy, base, U, B)
+    N, r = U.shape
+    out_f = B.shape[0]
+    dg_c, dz_c, dU_c, dB_c = fn(dy, base, U, B, g, s)
+    dg_np, dz_np, dU_np, dB_np = NP.backward_lowrank(dy, base, U, B, g, s)
+    dg_terms = np.sum(ady * (abase + abs(s) * (aU @ aB.T)), axis=0)
+    _assert_within(dg_c, dg_np, 2 * SAFETY * gamma(N + r + 2, dtype) * dg_terms, "dg")
+    np.testing.assert_array_equal(dz_c, dz_np, err_msg="dz = dy * g is one rounding in both")
+    (adz,) = _abs64(dz_np)
+    _assert_within(dU_c, dU_np, 2 * SAFETY * gamma(out_f + 2, dtype) * abs(s) * (adz @ aB), "dU")
+    _assert_within(dB_c, dB_np, 2 * SAFETY * gamma(N + 2, dtype) * abs(s) * (adz.T @ aU), "dB")
+
+
+def check_norm_gradient_products(p, dtype, fn):
+    """``fn`` (C's norm_gradient_products or its one-pass kernel) against the twin."""
+    W0, A, Cm = p["W0"], p["A"], p["B"] * p["g"][:, None]  # C = c * B: any (out, r)
+    out_f, in_f = W0.shape
+    aW0, aA, aC = _abs64(W0, A, Cm)
+    WAt_c, CtW_c = fn(W0, A, Cm)
+    WAt_np, CtW_np = NP.norm_gradient_products(W0, A, Cm)
+    _assert_within(WAt_c, WAt_np, 2 * SAFETY * gamma(in_f + 2, dtype) * (aW0 @ aA.T), "W0 @ A.T")
+    _assert_within(CtW_c, CtW_np, 2 * SAFETY * gamma(out_f + 2, dtype) * (aC.T @ aW0), "C.T @ W0")
+
+
 def check_merge_unmerge(p, dtype):
     W0, A, B, m, s = p["W0"], p["A"], p["B"], p["m"], p["s"]
     in_f, r = W0.shape[1], A.shape[0]
@@ -210,13 +242,31 @@ def test_backward_epilogue_matches_numpy(shape, dtype, s, seed):
 
 @settings(max_examples=60)
 @given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds)
+def test_backward_lowrank_matches_numpy(shape, dtype, s, seed):
+    p = _problem(seed, dtype, *shape, scaling=s)
+    check_backward_lowrank(p, dtype, C._backward_lowrank_fused)  # the C kernel at any r
+    check_backward_lowrank(p, dtype, C.backward_lowrank)  # C or BLAS, by rank
+
+
+@settings(max_examples=60)
+@given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds)
+def test_norm_gradient_products_match_numpy(shape, dtype, s, seed):
+    p = _problem(seed, dtype, *shape, scaling=s)
+    check_norm_gradient_products(p, dtype, C._norm_gradient_products_fused)
+    check_norm_gradient_products(p, dtype, C.norm_gradient_products)
+
+
+@settings(max_examples=60)
+@given(shape=_shapes, dtype=_dtypes, s=_scalings, seed=_seeds)
 def test_merge_and_unmerge_match_numpy(shape, dtype, s, seed):
     check_merge_unmerge(_problem(seed, dtype, *shape, scaling=s), dtype)
 
 
 # Shapes past the one-thread threshold, with several row blocks (16 rows),
 # several backward column blocks (256 columns) and ragged edges everywhere.
-LARGE_SHAPES = [(300, 257, 9, 70), (129, 1000, 64, 5), (517, 33, 3, 301)]
+# backward_lowrank: several column blocks (512+ columns); norm_gradient_products:
+# several row slices (out >= 64 r) and column chunks (512 columns).
+LARGE_SHAPES = [(300, 257, 9, 70), (129, 1000, 64, 5), (517, 33, 3, 301), (1100, 1050, 4, 37)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -228,6 +278,25 @@ def test_large_shapes_match_numpy(shape, dtype):
     check_forward_epilogue(p, dtype, with_bias=False)
     check_backward_epilogue(p, dtype)
     check_merge_unmerge(p, dtype)
+    check_backward_lowrank(p, dtype, C._backward_lowrank_fused)
+    check_norm_gradient_products(p, dtype, C._norm_gradient_products_fused)
+
+
+def test_lowrank_kernels_dispatch_on_rank():
+    """Up to FUSED_MAX_RANK the public kernels are the one-pass C kernels; above, BLAS."""
+    for r in (C.FUSED_MAX_RANK, C.FUSED_MAX_RANK + 1):
+        p = _problem(2, np.float32, 40, 30, r, 20)
+        args = (p["dy"], p["base"], p["U"], p["B"], p["g"], p["s"])
+        want = C._backward_lowrank_fused(*args) if r <= C.FUSED_MAX_RANK else (
+            *C.backward_epilogue(*args), p["s"] * ((p["dy"] * p["g"]) @ p["B"]), None)
+        got = C.backward_lowrank(*args)
+        for w, g in zip(want[:3], got[:3]):
+            np.testing.assert_array_equal(g, w)
+        prods = (p["W0"], p["A"], p["B"])
+        want = C._norm_gradient_products_fused(*prods) if r <= C.FUSED_MAX_RANK else (
+            p["W0"] @ p["A"].T, p["B"].T @ p["W0"])
+        for w, g in zip(want, C.norm_gradient_products(*prods)):
+            np.testing.assert_array_equal(g, w)
 
 
 def test_column_norm_has_no_cancellation():
@@ -260,6 +329,18 @@ def test_empty_sizes():
         dg_np, dz_np = NP.backward_epilogue(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5)
         np.testing.assert_allclose(dg, dg_np, rtol=1e-12, atol=1e-12)
         assert dz.shape == dz_np.shape == (N, out_f)
+        for got, want in zip(
+            C._backward_lowrank_fused(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5),
+            NP.backward_lowrank(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5),
+        ):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        for got, want in zip(
+            C._norm_gradient_products_fused(p["W0"], p["A"], p["B"]),
+            NP.norm_gradient_products(p["W0"], p["A"], p["B"]),
+        ):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -296,6 +377,8 @@ def test_any_input_layout_gives_the_same_bits(layout, dtype):
         lambda d: C.backward_epilogue(d["dy"], d["base"], d["U"], d["B"], d["g"], d["s"]),
         lambda d: C.merge(d["W0"], d["A"], d["B"], d["m"], d["s"]),
         lambda d: C.unmerge(d["W0"], d["A"], d["B"], d["m"], d["s"]),
+        lambda d: C.backward_lowrank(d["dy"], d["base"], d["U"], d["B"], d["g"], d["s"]),
+        lambda d: C.norm_gradient_products(d["W0"], d["A"], d["B"]),
     ]
     for call in calls:
         want, got = call(p), call(q)
@@ -349,6 +432,16 @@ def test_nan_inf_propagate_like_numpy(bad, dtype):
         C.backward_epilogue(p["dy"], *args), NP.backward_epilogue(p["dy"], *args), ("dg", "dz")
     ):
         _assert_same_nonfinite(c, n, name)
+    # the sums over N and out carry a NaN or Inf into whole rows or columns
+    for c, n, name in zip(
+        C.backward_lowrank(p["dy"], *args), NP.backward_lowrank(p["dy"], *args),
+        ("dg", "dz", "dU", "dB"),
+    ):
+        _assert_same_nonfinite(c, n, f"backward_lowrank {name}")
+    for c, n, name in zip(
+        C.norm_gradient_products(W0, A, B), NP.norm_gradient_products(W0, A, B), ("WAt", "CtW")
+    ):
+        _assert_same_nonfinite(c, n, f"norm_gradient_products {name}")
 
 
 def test_zero_norm_row_merges_to_nan_like_numpy():
@@ -370,15 +463,19 @@ _THREAD_SCRIPT = textwrap.dedent(
     import numpy as np
     from dora_ref import _kernels_c as C
     h = hashlib.sha256()
-    for dtype in (np.float32, np.float64):
+    # several blocks per thread, ragged edges; r = 3 also gives norm_gradient_products
+    # several row slices and backward_lowrank several column blocks
+    for dtype, (out_f, in_f, r, N) in [(dt, sh) for dt in (np.float32, np.float64)
+                                       for sh in ((531, 389, 13, 301), (1100, 1050, 3, 61))]:
         rng = np.random.default_rng(11)
-        out_f, in_f, r, N = 531, 389, 13, 301  # several blocks per thread, ragged edges
         W0, A, B = (rng.standard_normal(s).astype(dtype) for s in ((out_f, in_f), (r, in_f), (out_f, r)))
         base, dy, U = (rng.standard_normal(s).astype(dtype) for s in ((N, out_f), (N, out_f), (N, r)))
         g, m, bias = (rng.random(out_f).astype(dtype) + 0.5 for _ in range(3))
         results = [C.column_norm(W0, A, B, 0.3), C.forward_epilogue(base, U, B, g, 0.3, bias),
                    *C.backward_epilogue(dy, base, U, B, g, 0.3), *C.merge(W0, A, B, m, 0.3),
-                   C.unmerge(W0, A, B, m, 0.3)]
+                   C.unmerge(W0, A, B, m, 0.3),
+                   *C._backward_lowrank_fused(dy, base, U, B, g, 0.3),
+                   *C._norm_gradient_products_fused(W0, A, B)]
         for a in results:
             h.update(a.tobytes())
     print(C.openmp_threads(), h.hexdigest())
@@ -457,6 +554,10 @@ def test_rejects_non_arrays():
         (lambda p: C.backward_epilogue(p["dy"].T, p["base"], p["U"], p["B"], p["g"], 1.0), r"dy must have shape \(3, 4\)"),
         (lambda p: C.merge(p["W0"], p["A"], p["B"], p["m"][:1], 1.0), r"magnitude must have shape \(4,\)"),
         (lambda p: C.unmerge(p["W0"], p["A"], p["B"], p["m"][:1], 1.0), r"factor must have shape \(4,\)"),
+        (lambda p: C.backward_lowrank(p["dy"][:2], p["base"], p["U"], p["B"], p["g"], 1.0), r"dy must have shape \(3, 4\)"),
+        (lambda p: C.backward_lowrank(p["dy"], p["base"], p["U"], p["B"][:3], p["g"], 1.0), r"B must have shape \(out, r\) = \(4, 2\)"),
+        (lambda p: C.norm_gradient_products(p["W0"], p["A"], p["B"][:3]), r"C must have shape \(4, 2\)"),
+        (lambda p: C.norm_gradient_products(p["W0"], p["A"].T, p["B"]), r"A must have shape \(r, in\) = \(r, 5\)"),
     ],
 )
 def test_rejects_bad_shapes_naming_the_argument(call, match):
