@@ -445,6 +445,27 @@ static inline __attribute__((always_inline)) void FN(lowrank_tile)(
     }
 }
 
+/* lowrank_tile for two k at once (k and k + 1): each row of dz loaded is
+   used four times. The same sums, in the same order. */
+static inline __attribute__((always_inline)) void FN(lowrank_tile2)(
+    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
+    const REAL *restrict dz, const REAL *restrict bt, const REAL *restrict bt1,
+    const REAL uk[G], const REAL uk1[G], int64_t out, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l], t1 = row1[l];
+        for (int q = 0; q < g; q++) {
+            const REAL d = dz[q * out + l];
+            t += uk[q] * d;
+            t1 += uk1[q] * d;
+            lanes[q][l] += d * bt[l];
+            lanes1[q][l] += d * bt1[l];
+        }
+        row[l] = t;
+        row1[l] = t1;
+    }
+}
+
 /* The rank-r products of one group of g rows of dz (already written) over
    the width columns of a block, k by k, so that the g rows' lanes of dU stay
    in registers while the columns go by and the rows of dz come from L1.
@@ -453,7 +474,33 @@ static inline __attribute__((always_inline)) void FN(lowrank_rows)(
     REAL *restrict dUt, REAL *restrict dBt, int64_t ldt, const REAL *restrict dz,
     const REAL *restrict u, const REAL *restrict Bp, int64_t width, int64_t out, int64_t r, int g)
 {
-    for (int64_t k = 0; k < r; k++) {
+    int64_t k = 0;
+    for (; k + 1 < r; k += 2) {  /* two k at a time */
+        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, uk[G] = {0}, uk1[G] = {0};
+        for (int q = 0; q < g; q++) {
+            uk[q] = u[q * r + k];
+            uk1[q] = u[q * r + k + 1];
+        }
+        REAL *row = dBt + k * ldt, *row1 = row + ldt;
+        int64_t j = 0;
+        for (; j + W <= width; j += W) {
+            const REAL *b = Bp + (j / W) * r * W + k * W;
+            FN(lowrank_tile2)(lanes, lanes1, row + j, row1 + j, dz + j, b, b + W, uk, uk1,
+                              out, g, W);
+        }
+        if (j < width) {
+            const REAL *b = Bp + (j / W) * r * W + k * W;
+            FN(lowrank_tile2)(lanes, lanes1, row + j, row1 + j, dz + j, b, b + W, uk, uk1,
+                              out, g, (int)(width - j));
+        }
+        FN(sum_lanes)(&lanes[0][0], g);
+        FN(sum_lanes)(&lanes1[0][0], g);
+        for (int q = 0; q < g; q++) {
+            dUt[q * r + k] = lanes[q][0];
+            dUt[q * r + k + 1] = lanes1[q][0];
+        }
+    }
+    for (; k < r; k++) {  /* the last k of an odd r */
         REAL lanes[G][W] = {{0}}, uk[G] = {0};
         for (int q = 0; q < g; q++) uk[q] = u[q * r + k];
         REAL *row = dBt + k * ldt;
@@ -586,6 +633,27 @@ static inline __attribute__((always_inline)) void FN(products_tile)(
     }
 }
 
+/* products_tile for two k at once (k and k + 1): each row of W0 loaded is
+   used four times. The same sums, in the same order. */
+static inline __attribute__((always_inline)) void FN(products_tile2)(
+    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
+    const REAL *restrict w0, const REAL *restrict a, const REAL *restrict a1,
+    const REAL ck[G], const REAL ck1[G], int64_t in, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l], t1 = row1[l];
+        for (int q = 0; q < g; q++) {
+            const REAL x = w0[q * in + l];
+            lanes[q][l] += x * a[l];
+            lanes1[q][l] += x * a1[l];
+            t += ck[q] * x;
+            t1 += ck1[q] * x;
+        }
+        row[l] = t;
+        row1[l] = t1;
+    }
+}
+
 /* g rows of W0 over width columns, k by k: the rows' lanes of WAt stay in
    registers while the columns go by, and the rows of W0 come from L1.
    wat (g, r) accumulates WAt; cc (r, CHUNK_LD) accumulates CtW. */
@@ -593,7 +661,33 @@ static inline __attribute__((always_inline)) void FN(products_rows)(
     REAL *restrict wat, REAL *restrict cc, const REAL *restrict w0, const REAL *restrict Ap,
     const REAL *restrict c, int64_t width, int64_t in, int64_t r, int g)
 {
-    for (int64_t k = 0; k < r; k++) {
+    int64_t k = 0;
+    for (; k + 1 < r; k += 2) {  /* two k at a time */
+        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, ck[G] = {0}, ck1[G] = {0};
+        for (int q = 0; q < g; q++) {
+            ck[q] = c[q * r + k];
+            ck1[q] = c[q * r + k + 1];
+        }
+        REAL *row = cc + k * CHUNK_LD, *row1 = row + CHUNK_LD;
+        int64_t j = 0;
+        for (; j + W <= width; j += W) {
+            const REAL *a = Ap + (j / W) * r * W + k * W;
+            FN(products_tile2)(lanes, lanes1, row + j, row1 + j, w0 + j, a, a + W, ck, ck1,
+                               in, g, W);
+        }
+        if (j < width) {
+            const REAL *a = Ap + (j / W) * r * W + k * W;
+            FN(products_tile2)(lanes, lanes1, row + j, row1 + j, w0 + j, a, a + W, ck, ck1,
+                               in, g, (int)(width - j));
+        }
+        FN(sum_lanes)(&lanes[0][0], g);
+        FN(sum_lanes)(&lanes1[0][0], g);
+        for (int q = 0; q < g; q++) {
+            wat[q * r + k] += lanes[q][0];
+            wat[q * r + k + 1] += lanes1[q][0];
+        }
+    }
+    for (; k < r; k++) {  /* the last k of an odd r */
         REAL lanes[G][W] = {{0}}, ck[G] = {0};
         for (int q = 0; q < g; q++) ck[q] = c[q * r + k];
         REAL *row = cc + k * CHUNK_LD;
