@@ -441,18 +441,18 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
     dg, dz, dU, dB = kernels.backward_lowrank(dy2, ctx.base, ctx.U, B, ctx.g, s)
     dmagnitude = divide_by_norm(dg, ctx.n)  # (4)
-    dA = dU.T @ ctx.x  # (1)
+    if detach_norm:
+        dA = dU.T @ ctx.x  # (1)
+    else:  # (3) now, so that its pass over W0 (C) follows the C pass above, not BLAS
+        dA, dB_n = norm_gradient(W0, A, B, s, dg, ctx.g, ctx.n)
+        dB += dB_n
+        dA += dU.T @ ctx.x  # (1)
 
     if ctx.dropout_mask is None:
         dx = dz @ W0  # (2)
         dx += dU @ A  # (1), in place: no second (N, in) temporary
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
-
-    if not detach_norm:  # (3)
-        dA_n, dB_n = norm_gradient(W0, A, B, s, dg, ctx.g, ctx.n)
-        dA += dA_n
-        dB += dB_n
 
     return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
 
