@@ -1,7 +1,8 @@
 """Which implementation of the fused kernels runs: NumPy or C.
 
-Two backends compute the same five steps (``column_norm``,
-``forward_epilogue``, ``backward_epilogue``, ``merge``, ``unmerge``):
+Two backends compute the same seven steps (``column_norm``,
+``forward_epilogue``, ``backward_epilogue``, ``backward_lowrank``,
+``norm_gradient_products``, ``merge``, ``unmerge``):
 
 * ``"numpy"``: ``dora_ref._kernels_numpy``, the readable definition;
 * ``"c"``: ``dora_ref._kernels_c``, the cffi/OpenMP extension built at install.

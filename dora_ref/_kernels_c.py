@@ -15,7 +15,9 @@ Before any pointer crosses into C, every array is checked here:
   the shapes seen);
 * layout: **inputs** that are not C-contiguous (strided views,
   Fortran-ordered arrays) are copied with ``np.ascontiguousarray``, so any
-  layout works, at the cost of one copy; read-only inputs are used as they
+  layout works, at the cost of one copy; except the (out, in) weight of
+  ``column_norm`` and ``merge``, which is never copied whole: a
+  non-contiguous one is copied a block of rows at a time (``_strided_weight``); read-only inputs are used as they
   are (C only reads them). **Outputs** are always allocated here, fresh,
   C-contiguous and writable, so C never writes into a caller's array.
 
@@ -35,6 +37,7 @@ import numbers
 
 import numpy as np
 
+from . import _kernels_numpy
 from ._dora_c import ffi, lib
 
 __all__ = [
@@ -98,6 +101,22 @@ def _arrays(**named):
             )
         out.append(np.ascontiguousarray(arr))
     return out, dtype
+
+
+def _strided_weight(W0):
+    """True for an (out, in) weight that is not C-contiguous (e.g. a transpose).
+
+    ``column_norm`` and ``merge`` then call C on blocks of about 1 MiB of
+    rows, each copied contiguous, instead of copying the whole weight (an
+    (out, in) copy on every forward is what DoRA's memory budget rules out).
+    Every row is computed alone, so the bits are those of a contiguous call.
+    """
+    return (
+        isinstance(W0, np.ndarray)
+        and W0.ndim == 2
+        and W0.dtype in _CTYPE
+        and not W0.flags.c_contiguous
+    )
 
 
 def _shape(name, arr, shape, shapes):
@@ -172,6 +191,13 @@ def column_norm(W0, A, B, scaling):
     -------
     n : ndarray, shape (out,), the dtype of W0
     """
+    if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
+        (A, B), _ = _arrays(A=A, B=B)
+        _adapter(W0, A, B)
+        n = np.empty(W0.shape[0], dtype=W0.dtype)
+        for rows in _kernels_numpy._row_blocks(*W0.shape, W0.itemsize):
+            n[rows] = column_norm(np.ascontiguousarray(W0[rows]), A, B[rows], scaling)
+        return n
     (W0, A, B), dtype = _arrays(W0=W0, A=A, B=B)
     out_f, in_f, r, _ = _adapter(W0, A, B)
     ctype, sfx = _CTYPE[dtype]
@@ -392,6 +418,17 @@ def merge(W0, A, B, magnitude, scaling):
         Rows with n = 0 give inf/NaN rows in W_merged, as NumPy does; the
         caller checks n.
     """
+    if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
+        (A, B, magnitude), _ = _arrays(A=A, B=B, magnitude=magnitude)
+        _, _, _, shapes = _adapter(W0, A, B)
+        _shape("magnitude", magnitude, (W0.shape[0],), f"{shapes}, magnitude {magnitude.shape}")
+        W_merged = np.empty(W0.shape, dtype=W0.dtype)
+        n = np.empty(W0.shape[0], dtype=W0.dtype)
+        for rows in _kernels_numpy._row_blocks(*W0.shape, W0.itemsize):
+            W_merged[rows], n[rows] = merge(
+                np.ascontiguousarray(W0[rows]), A, B[rows], magnitude[rows], scaling
+            )
+        return W_merged, n
     (W0, A, B, magnitude), dtype = _arrays(W0=W0, A=A, B=B, magnitude=magnitude)
     out_f, in_f, r, shapes = _adapter(W0, A, B)
     _shape("magnitude", magnitude, (out_f,), f"{shapes}, magnitude {magnitude.shape}")
