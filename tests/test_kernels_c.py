@@ -407,6 +407,7 @@ def _assert_same_nonfinite(c, n, name):
         np.testing.assert_array_equal(fn(c), fn(n), err_msg=f"{name}: {what} pattern differs")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/Inf on purpose
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_inf_propagate_like_numpy(bad, dtype):
