@@ -73,7 +73,7 @@ def use_backend(name):
 
 
 def kernels():
-    """Return the module of the active backend (its five kernel functions)."""
+    """Return the module of the active backend (its seven kernel functions)."""
     return _MODULES[_active]
 
 

@@ -1125,7 +1125,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
             self.groups, allow_zero_norm=self.allow_zero_norm,
         )
-        refuse_unrecoverable_merge(self.lora_magnitude_vector.reshape(-1), n, "conv_merge")
+        refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "conv_merge")
         self.merged = True
         self._set_base(W, self._bias, owned=True)
         self.weight_norm = n

@@ -182,9 +182,9 @@ def _vocab_block_norm(E, A, B, scaling):
     """n_d = ||E.T[d] + s * (B @ A)[d]||_2, walking the (V, D) table in blocks of whole rows.
 
     The row-walking kernels (``_kernels_numpy.column_norm`` and its C twin)
-    want the (D, V) view E.T, which is not C-contiguous: the C wrapper would
-    copy the whole table on every call, and NumPy's row blocks of E.T would
-    gather strided columns. Reading blocks of E's own rows instead, about
+    want the (D, V) view E.T, which is not C-contiguous: their row blocks of
+    E.T gather strided columns of E, and a C call copies each such block.
+    Reading blocks of E's own rows instead, about
     ``_BLOCK_BYTES`` each, and summing each column's squares gives the same
     norms with no (V, D)-sized temporary. As the kernels, every entry of
     V = E + s * (B @ A).T is formed in the table's dtype (PEFT's order) and
