@@ -1049,8 +1049,9 @@ class _LoRAConvNd(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
-        delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
-        W = grouped_to_dense(self._weight, self.groups) + delta
+        with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
+            delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
+            W = grouped_to_dense(self._weight, self.groups) + delta
         check_rows_finite("the merged kernel W0 + s * delta", W)  # nothing changed yet
         self.merged = True
         self._set_base(W, self._bias, owned=True)

@@ -464,7 +464,8 @@ def dora_forward(
         if bias is not None:
             y += bias
 
-    seen = WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B, "magnitude": magnitude})
+    seen = WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B,
+                           "magnitude (lora_magnitude_vector)": magnitude})
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen)
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 

@@ -348,7 +348,8 @@ class LoRALinear(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
-        W = self._weight + self.scaling * (self.lora_B @ self.lora_A)
+        with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
+            W = self._weight + self.scaling * (self.lora_B @ self.lora_A)
         check_rows_finite("the merged weight W0 + s*B@A", W)
         self._set_base(W, self._bias, owned=True)
         self.merged = True

@@ -43,7 +43,8 @@ def _hyperparameter(name, value, low, *, low_inclusive, high=None):
     if high is not None:
         ok = ok and v < high
     if not ok:
-        raise ValueError(f"{name} must be finite with {cond}, got {name}={value!r}")
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}... (a {v:g})"
+        raise ValueError(f"{name} must be finite with {cond}, got {name}={shown}")
     return v
 
 
