@@ -169,6 +169,17 @@ class AdapterLayer:
         """Evaluation mode: no dropout; a DoRA norm is cached while unchanged. Returns self."""
         return self.train(False)
 
+    def _check_parameters_finite(self):
+        """Per call, what can change between calls: NaN/Inf written in place into a trainable array.
+
+        Their shapes and dtypes are fixed when the layer is built (assignments
+        are checked, in-place writes cannot change them) and the frozen
+        weights are checked when installed, so the forward's per-call checks
+        are this, the input's and the scaling's (``functional._dora_forward``).
+        """
+        for name in self._param_names:
+            check_finite(name, getattr(self, "_" + name))
+
     def _mask_for(self, x, dropout_mask):
         """The dropout mask of this forward: the given one, a drawn one, or None.
 

@@ -122,7 +122,7 @@ def check_scaling(scaling):
 
 def check_finite(name, arr):
     """Raise ``ValueError`` if ``arr`` holds NaN or Inf, naming a first bad index."""
-    if not np.all(np.isfinite(arr)):
+    if not np.isfinite(arr).all():  # the method: no Python wrapper on the hot path
         bad = np.argwhere(~np.isfinite(arr))
         raise ValueError(
             f"{name} (shape {arr.shape}) contains NaN or Inf, "

@@ -194,6 +194,9 @@ def check_norm(n, W0, allow_zero_norm):
         )
 
 
+_HALF_MAX = {np.dtype(t): 0.5 * float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
+
 def magnitude_over_norm(magnitude, n):
     """g = m / n (step 4), refused where it overflows the dtype.
 
@@ -218,6 +221,10 @@ def magnitude_over_norm(magnitude, n):
     NonFiniteWeightError
         A ``ValueError`` naming every row where m / n is not finite.
     """
+    # |m_i| / n_i <= max|m| / min(n) < half the dtype's largest value: no quotient can
+    # overflow (and no n is 0), the common case, without errstate's cost
+    if float(n.min()) * _HALF_MAX[n.dtype] > float(np.abs(magnitude).max()):
+        return magnitude / n
     with np.errstate(over="ignore"):  # checked right below
         g = divide_by_norm(magnitude, n)
     if not np.isfinite(g).all():
@@ -434,19 +441,30 @@ def dora_forward(
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
-    x_shape = np.shape(x)
     x2 = check_input(x, W0.shape[1], W0.dtype)
-    kernels = _backend.kernels()
-
-    if weight_norm is None:
-        n = _kernel_norm(W0, A, B, scaling)  # (3)
-    else:
-        n = as_float_array("weight_norm", weight_norm, ndim=1)
-        if n.shape != magnitude.shape or n.dtype != W0.dtype:
+    if weight_norm is not None:
+        weight_norm = as_float_array("weight_norm", weight_norm, ndim=1)
+        if weight_norm.shape != magnitude.shape or weight_norm.dtype != W0.dtype:
             raise ValueError(
                 f"weight_norm must have shape {magnitude.shape} and dtype {W0.dtype}, "
-                f"got {n.shape} {n.dtype}"
+                f"got {weight_norm.shape} {weight_norm.dtype}"
             )
+    return _dora_forward(np.shape(x), x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
+                         weight_norm, allow_zero_norm)
+
+
+def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
+                  allow_zero_norm):
+    """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
+
+    The layers call it directly: the shapes and dtypes of their arrays are
+    fixed when the layer is built (assignments are checked, in-place writes
+    cannot change them), so per call they check only x, the scaling and the
+    finiteness of the trainable arrays (``AdapterLayer._checked_parameters``).
+    The public API's inputs are all checked every call, by ``dora_forward``.
+    """
+    kernels = _backend.kernels()
+    n = _kernel_norm(W0, A, B, scaling) if weight_norm is None else weight_norm  # (3)
     check_norm(n, W0, allow_zero_norm)
     g = magnitude_over_norm(magnitude, n)  # (4)
 
@@ -743,8 +761,12 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
     """
     W0, A, B, _, bias = check_adapter(W0, A, B, None, bias)
     scaling = check_scaling(scaling)
-    x_shape = np.shape(x)
     x2 = check_input(x, W0.shape[1], W0.dtype)
+    return _lora_forward(np.shape(x), x2, W0, A, B, scaling, bias, dropout_mask)
+
+
+def _lora_forward(x_shape, x2, W0, A, B, scaling, bias, dropout_mask):
+    """``lora_forward`` after its argument checks (see ``_dora_forward``)."""
     mask = None
     xd = x2
     if dropout_mask is not None:

@@ -41,6 +41,7 @@ from ._layer_base import (
 from ._validate import (
     as_float_array,
     check_adapter,
+    check_finite,
     check_input,
     check_rows_finite,
     check_scaling,
@@ -234,6 +235,7 @@ class LoRALinear(AdapterLayer):
                     f"got {bias.shape} {bias.dtype}"
                 )
             bias = frozen(bias, owned)
+            check_finite("bias", bias)  # frozen: checked once, not every forward
         self._weight, self._bias = frozen(weight, owned), bias
 
     @property
@@ -307,9 +309,10 @@ class LoRALinear(AdapterLayer):
                 y += self._bias
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
-        y, self._ctx = F.lora_forward(
-            x, self._weight, self.lora_A, self.lora_B, self.scaling, self._bias, dropout_mask=mask
-        )
+        x2 = check_input(x, self.in_features, self._weight.dtype)
+        self._check_parameters_finite()  # shapes, dtypes and the frozen weights: checked once
+        y, self._ctx = F._lora_forward(np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
+                                       check_scaling(self.scaling), self._bias, mask)
         return y
 
     __call__ = forward
@@ -483,17 +486,12 @@ class DoRALinear(LoRALinear):
                 self._weight, self.lora_A, self.lora_B, self.scaling,
                 lambda: F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling),
             )
-        y, self._ctx = F.dora_forward(
-            x,
-            self._weight,
-            self.lora_A,
-            self.lora_B,
-            self.lora_magnitude_vector,
-            self.scaling,
-            self._bias,
-            dropout_mask=mask,
-            weight_norm=norm,
-            allow_zero_norm=self.allow_zero_norm,
+        x2 = check_input(x, self.in_features, self._weight.dtype)
+        self._check_parameters_finite()  # shapes, dtypes and the frozen weights: checked once
+        y, self._ctx = F._dora_forward(
+            np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
+            self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
+            self.allow_zero_norm,
         )
         return y
 

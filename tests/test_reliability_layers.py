@@ -441,3 +441,32 @@ def test_masked_gradient_refused_by_optimizers():
         with pytest.raises(TypeError, match=r"grads\['w'\] is a numpy.ma.MaskedArray"):
             opt.step({"w": np.ma.masked_array(np.ones(3), mask=[0, 1, 0])})
     np.testing.assert_array_equal(p["w"], 1.0)
+
+
+# ---------------------------------------------------------------------------
+# the layers' cheaper per-call checks (issue 11) keep every check that can fail
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
+def test_layer_forward_checks_what_can_change_between_calls(cls):
+    """A layer checks its arrays' shapes and dtypes (fixed) once, but every forward still
+    refuses NaN/Inf written in place into a trainable array, a bad scaling, and bad x;
+    the frozen bias is checked when installed."""
+    layer, x = make_layer(cls.__name__)
+    for name, p in layer.parameters().items():
+        saved = p.copy()
+        p.flat[1] = np.inf
+        with pytest.raises(ValueError, match=f"{name} .* contains NaN or Inf"):
+            layer.forward(x)
+        p[...] = saved
+    layer.scaling = float("nan")
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        layer.forward(x)
+    layer.scaling = 1.0
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in\) = \(\.\.\., 5\)"):
+        layer.forward(x[:, :4])
+    with pytest.raises(TypeError, match="x has dtype float32"):
+        layer.forward(x.astype(np.float32))
+    with pytest.raises(ValueError, match="bias .* contains NaN or Inf"):
+        cls(np.ones((3, 2)), np.array([0.0, np.nan, 0.0]), r=1)
