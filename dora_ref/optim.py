@@ -89,7 +89,25 @@ def _check_writeable(params):
             )
 
 
-class SGD:
+class _Optimizer:
+    """What SGD and AdamW share: every check before any parameter changes."""
+
+    def step(self, grads):
+        """Apply one update from ``grads`` (a mapping with the keys of ``params``).
+
+        Raises
+        ------
+        ValueError
+            A missing, misshapen or non-finite gradient (nothing is changed).
+        RuntimeError
+            A parameter is read-only: its layer is merged (nothing is changed).
+        """
+        _check_grads(self.params, grads)
+        _check_writeable(self.params)
+        self._update(grads)
+
+
+class SGD(_Optimizer):
     """Stochastic gradient descent with momentum (PyTorch's rule, no dampening).
 
     ``v <- momentum * v + (grad + weight_decay * p)``, ``p <- p - lr * v``
@@ -130,18 +148,8 @@ class SGD:
         self.weight_decay, self.nesterov = weight_decay, nesterov
         self.velocity = {}
 
-    def step(self, grads):
-        """Apply one update from ``grads`` (a mapping with the keys of ``params``).
-
-        Raises
-        ------
-        ValueError
-            A missing, misshapen or non-finite gradient (nothing is changed).
-        RuntimeError
-            A parameter is read-only: its layer is merged (nothing is changed).
-        """
-        _check_grads(self.params, grads)
-        _check_writeable(self.params)
+    def _update(self, grads):
+        """The update rule above, on checked gradients."""
         for name, p in self.params.items():
             d = np.asarray(grads[name], dtype=p.dtype)
             if self.weight_decay:
@@ -154,7 +162,7 @@ class SGD:
             p -= self.lr * d
 
 
-class AdamW:
+class AdamW(_Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019), PyTorch's rule.
 
     At step t, for each parameter p with gradient d::
@@ -198,18 +206,8 @@ class AdamW:
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
         self.v = {k: np.zeros_like(p) for k, p in params.items()}
 
-    def step(self, grads):
-        """Apply one update from ``grads`` (a mapping with the keys of ``params``).
-
-        Raises
-        ------
-        ValueError
-            A missing, misshapen or non-finite gradient (nothing is changed).
-        RuntimeError
-            A parameter is read-only: its layer is merged (nothing is changed).
-        """
-        _check_grads(self.params, grads)
-        _check_writeable(self.params)
+    def _update(self, grads):
+        """The update rule above, on checked gradients."""
         self.t += 1
         beta1, beta2 = self.betas
         bias1 = 1.0 - beta1**self.t

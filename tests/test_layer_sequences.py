@@ -186,11 +186,15 @@ def ref_backward(kind, layer, W0, params, x, mask, dy, detach_norm):
     return dx, grads
 
 
+def no_input(kind, W0):
+    """An empty input, for the linear view of the weights alone."""
+    if "Conv" in kind:
+        return np.zeros((0, 1, 1))
+    return np.zeros((0,), int) if kind == "DoRAEmbedding" else np.zeros((0, W0.shape[-1]))
+
+
 def ref_merged_weight(kind, layer, W0, params):
-    X, W, A, B, m, _, _, _ = linear_view(kind, layer, W0, params,
-                                         np.zeros((0, 1, 1)) if "Conv" in kind else
-                                         (np.zeros((0,), int) if kind == "DoRAEmbedding"
-                                          else np.zeros((0, W0.shape[-1]))))
+    _, W, A, B, m, _, _, _ = linear_view(kind, layer, W0, params, no_input(kind, W0))
     s = layer.scaling
     Wm = dense.merged_weight(W, A, B, m, s) if m is not None else W + s * B @ A
     scale = amax(W) + s * amax(np.abs(B) @ np.abs(A)) + 1
@@ -345,9 +349,7 @@ def run(kind, detach_norm, actions, seed):
             W0 = new
             if "lora_magnitude_vector" in params:  # re-initialised from the new base
                 _, Wv, A, B, _, _, _, _ = linear_view(kind, layer, W0, copies(layer),
-                                                      np.zeros((0, 1, 1)) if "Conv" in kind else
-                                                      (np.zeros((0,), int) if kind == "DoRAEmbedding"
-                                                       else np.zeros((0, W0.shape[-1]))))
+                                                      no_input(kind, W0))
                 want_m = dense.row_norm(Wv + layer.scaling * B @ A)
                 assert_close(params["lora_magnitude_vector"].reshape(-1), want_m, k=K,
                              name=f"{kind} re-initialised magnitude")
