@@ -121,7 +121,10 @@ class DoRAContext:
     """What ``dora_forward`` keeps for ``dora_backward``.
 
     Holds references, not copies, of the weights, plus the (N, out) base
-    product and the (N, r) low-rank activations. Treat it as opaque.
+    product and the (N, r) low-rank activations, and a snapshot of A, B and
+    the magnitude (``WeightSnapshot``): ``dora_backward`` raises
+    ``RuntimeError`` if they changed in place since the forward. Treat it as
+    opaque.
     """
 
     x_shape: tuple

@@ -326,6 +326,12 @@ class LoRALinear(AdapterLayer):
             If no forward was run, the layer is merged, or a trainable array
             changed in place since the forward (an optimiser step between
             forward and backward: the saved activations would not match it).
+
+        Notes
+        -----
+        The forward keeps a view of x, not a copy: do not write into x
+        between the forward and this backward (the trainable arrays are
+        compared; x, as large as the batch, is not).
         """
         self._require_ctx()
         g = F.lora_backward(dy, self._ctx)
