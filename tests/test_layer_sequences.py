@@ -1,6 +1,7 @@
 """Layer call sequences in random orders, each step checked against a fresh recomputation.
 
-Hypothesis draws a layer (DoRA or LoRA; linear, Conv1d or embedding), its
+Hypothesis draws a layer (DoRA or LoRA; linear, Conv1d with groups 1 or 2, or
+embedding), its
 norm mode, and a sequence of calls: train/eval, forward (with or without a
 dropout mask), backward, merge, unmerge, AdamW and SGD steps, assignments
 and in-place writes into the trainable arrays, writes through a view taken
@@ -35,7 +36,9 @@ from dora_ref import conv as C
 from dora_ref import embedding as Em
 from dora_ref.tolerance import assert_close
 
-KINDS = ["DoRALinear", "LoRALinear", "DoRAConv1d", "LoRAConv1d", "DoRAEmbedding"]
+KINDS = ["DoRALinear", "LoRALinear", "DoRAConv1d", "LoRAConv1d", "DoRAConv1d-groups",
+         "DoRAEmbedding"]
+CONVS = ("DoRAConv1d", "LoRAConv1d", "DoRAConv1d-groups")
 ACTIONS = ["forward", "forward", "backward", "backward", "merge", "unmerge", "adamw", "sgd",
            "assign", "write", "tamper", "restore", "train", "eval", "zero_grad",
            "set_base_weight"]
@@ -55,14 +58,16 @@ def build(kind, rng, detach_norm):
         layer = cls(rng.normal(size=(out_f, in_f)), rng.normal(size=out_f), r=int(r),
                     lora_alpha=float(rng.uniform(1, 8)), rng=int(rng.integers(1 << 30)), **kw)
         geom = None
-    elif kind in ("DoRAConv1d", "LoRAConv1d"):
+    elif kind in CONVS:
+        groups = 2 if kind.endswith("groups") else 1
         out_c, in_c, k, r = (int(v) for v in rng.integers(1, 4, size=4))
+        out_c, in_c, r = groups * out_c, groups * in_c, groups * r
         geom = dict(stride=int(rng.integers(1, 3)), padding=int(rng.integers(0, 2)),
                     dilation=int(rng.integers(1, 3)))
-        kw = dict(detach_norm=detach_norm) if kind == "DoRAConv1d" else {}
-        cls = C.DoRAConv1d if kind == "DoRAConv1d" else C.LoRAConv1d
-        layer = cls(rng.normal(size=(out_c, in_c, k)), rng.normal(size=out_c), r=r,
-                    rng=int(rng.integers(1 << 30)), **geom, **kw)
+        kw = dict(detach_norm=detach_norm) if kind.startswith("DoRA") else {}
+        cls = C.DoRAConv1d if kind.startswith("DoRA") else C.LoRAConv1d
+        layer = cls(rng.normal(size=(out_c, in_c // groups, k)), rng.normal(size=out_c), r=r,
+                    groups=groups, rng=int(rng.integers(1 << 30)), **geom, **kw)
     else:
         V, D, r = (int(v) for v in rng.integers(1, 6, size=3))
         layer = Em.DoRAEmbedding(rng.normal(size=(V, D)), r=r, rng=int(rng.integers(1 << 30)),
@@ -78,7 +83,7 @@ def draw_input(kind, layer, geom, rng):
     N = int(rng.integers(0, 4))  # N = 0 included
     if kind in ("DoRALinear", "LoRALinear"):
         return rng.normal(size=(N, layer.in_features))
-    if kind in ("DoRAConv1d", "LoRAConv1d"):
+    if kind in CONVS:
         k = layer.kernel_size[0]
         span = geom["dilation"] * (k - 1) + 1
         L = int(rng.integers(max(1, span - 2 * geom["padding"]), span + 4))
@@ -113,6 +118,23 @@ def unpatch(dP, x_shape, k, stride, padding, dilation):
     return dxp[:, :, padding:padding + L]
 
 
+def block_diagonal(blocks, groups):
+    """(out, c, ...) grouped blocks -> (out, groups * c, ...): row o keeps block o // (out/groups)."""
+    out, c = blocks.shape[:2]
+    dense = np.zeros((out, groups * c) + blocks.shape[2:])
+    for o in range(out):
+        j = o // (out // groups)
+        dense[o, j * c:(j + 1) * c] = blocks[o]
+    return dense
+
+
+def diagonal_blocks(dense, groups):
+    """The inverse of ``block_diagonal``: the entries of the grouped parameter."""
+    out, c = dense.shape[0], dense.shape[1] // groups
+    return np.stack([dense[o, (o // (out // groups)) * c:(o // (out // groups) + 1) * c]
+                     for o in range(out)])
+
+
 def linear_view(kind, layer, W0, params, x, mask=None):
     """(rows, W0, A, B, m, bias, mask rows, unflatten) of the layer as a linear map."""
     A, B = (params[n] for n in (("lora_embedding_A", "lora_embedding_B")
@@ -120,17 +142,19 @@ def linear_view(kind, layer, W0, params, x, mask=None):
     m = params.get("lora_magnitude_vector")
     if kind in ("DoRALinear", "LoRALinear"):
         return x, W0, A, B, m, layer.bias, mask, lambda y: y
-    if kind in ("DoRAConv1d", "LoRAConv1d"):
+    if kind in CONVS:
         k, g = layer.kernel_size[0], layer.geometry
         args = (k, g.stride[0], g.padding[0][0], g.dilation[0])
         P, L_out = patches(x, *args)
         Pm = None if mask is None else patches(mask, *args)[0]
         out, r = W0.shape[0], A.shape[0]
         N = x.shape[0]
+        W_dense = block_diagonal(W0, g.groups)  # the (out, in, k) kernel of the grouped one
+        B_dense = block_diagonal(B.reshape(out, -1), g.groups)  # (out, r)
 
         def unflatten(y):
             return y.reshape(N, L_out, out).transpose(0, 2, 1)
-        return (P, W0.reshape(out, -1), A.reshape(r, -1), B.reshape(out, r),
+        return (P, W_dense.reshape(out, -1), A.reshape(r, -1), B_dense,
                 None if m is None else m.reshape(out), layer.bias, Pm, unflatten)
     onehot = np.eye(W0.shape[0])[x.reshape(-1)]  # (N, V): the lookup as a product
     return onehot, W0.T, A, B, m, None, None, lambda y: y.reshape(*x.shape, y.shape[-1])
@@ -157,7 +181,7 @@ def ref_backward(kind, layer, W0, params, x, mask, dy, detach_norm):
     """dx and the parameter gradients by the definition (dense.backward or LoRA inline)."""
     X, W, A, B, m, _, Xm, _ = linear_view(kind, layer, W0, params, x, mask)
     s = layer.scaling
-    if kind in ("DoRAConv1d", "LoRAConv1d"):
+    if kind in CONVS:
         dY = dy.transpose(0, 2, 1).reshape(-1, W.shape[0])
     else:
         dY = dy.reshape(-1, W.shape[0])
@@ -171,12 +195,14 @@ def ref_backward(kind, layer, W0, params, x, mask, dy, detach_norm):
         low = s * (dY @ B) @ A
         dX = dY @ W + (low if Xm is None else low * Xm)
         dm = None
+    if kind in CONVS:
+        dB = diagonal_blocks(dB, layer.groups)  # the grouped lora_B's own entries
     names = list(params)
     grads = {names[0]: dA.reshape(params[names[0]].shape),
              names[1]: dB.reshape(params[names[1]].shape)}
     if dm is not None:
         grads["lora_magnitude_vector"] = dm.reshape(params["lora_magnitude_vector"].shape)
-    if kind in ("DoRAConv1d", "LoRAConv1d"):
+    if kind in CONVS:
         g = layer.geometry
         dx = unpatch(dX, x.shape, layer.kernel_size[0], g.stride[0], g.padding[0][0], g.dilation[0])
     elif kind == "DoRAEmbedding":
@@ -200,7 +226,9 @@ def ref_merged_weight(kind, layer, W0, params):
     scale = amax(W) + s * amax(np.abs(B) @ np.abs(A)) + 1
     if kind == "DoRAEmbedding":
         return Wm.T, scale
-    return Wm.reshape(W0.shape), scale
+    if kind in CONVS:  # the dense (out, in, k) kernel, also with groups > 1 (see conv_merge)
+        return Wm.reshape(W0.shape[0], layer.in_channels, *W0.shape[2:]), scale
+    return Wm, scale
 
 
 # ---------------------------------------------------------------------------
