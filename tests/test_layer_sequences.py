@@ -3,11 +3,10 @@
 Hypothesis draws a layer (DoRA or LoRA; linear, Conv1d with groups 1 or 2,
 or embedding), its norm mode, and a sequence of calls: train/eval, forward
 (with or without a dropout mask), backward, merge, unmerge, AdamW and SGD
-steps, assignments
-and in-place writes into the trainable arrays, writes through a view taken
-before a merge (and writing the merged values back), zero_grad and
-set_base_weight. A model of the layer's state says, before each call, what
-it must do, and the test asserts exactly that:
+steps, assignments and in-place writes into the trainable arrays, writes
+through a view taken before a merge (and writing the merged values back),
+zero_grad and set_base_weight. A model of the layer's state says, before
+each call, what it must do, and the test asserts exactly that:
 
 * a **correct result**: a forward equals the dense definition
   (``dora_ref.dense``, which forms V in full; LoRA written inline) at the
