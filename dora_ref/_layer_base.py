@@ -234,6 +234,18 @@ class AdapterLayer:
                 f"layer.merged_adapter, then call {action} again."
             )
 
+    def __setstate__(self, state):
+        """Unpickling and ``copy.deepcopy``: a merged copy's adapter is read-only too.
+
+        NumPy restores arrays writeable; without this a merged copy would
+        accept optimiser steps (its ``unmerge()`` would still refuse, by the
+        snapshot, but late).
+        """
+        self.__dict__.update(state)
+        if getattr(self, "merged", False):
+            for p in self.parameters().values():
+                p.flags.writeable = False
+
     def _unlock_adapter(self):
         """After an unmerge: the trainable arrays are writeable again."""
         for p in self.parameters().values():

@@ -146,6 +146,26 @@ def test_unmerge_after_writeable_flag_set_back_raises():
         layer.unmerge()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_copied_or_pickled_merged_layer_keeps_its_adapter_read_only(kind):
+    """NumPy gives back writeable arrays from pickle and deepcopy: a merged copy (with the
+    optimiser built on it before the merge) must refuse the step all the same, and
+    unmerge to the base weight."""
+    import copy
+    import pickle
+
+    layer, _ = make_layer(kind)
+    opt = AdamW(layer.parameters(), weight_decay=0.5)
+    W0 = layer.weight.copy()
+    layer.merge()
+    for clone, clone_opt in (copy.deepcopy((layer, opt)), pickle.loads(pickle.dumps((layer, opt)))):
+        assert clone_opt.params[next(iter(clone_opt.params))] is next(iter(clone.parameters().values()))
+        with pytest.raises(RuntimeError, match="read-only: its layer is merged"):
+            clone_opt.step(zero_grads(clone))
+        clone.unmerge()
+        assert_close(clone.weight, W0, k=8, scale=np.abs(W0).max() + 1)
+
+
 def test_optimizer_step_refused_before_any_change_when_one_layer_is_merged():
     """One optimiser over two layers, one merged: the refused step changes neither."""
     a, _ = make_layer("DoRALinear", seed=1)
