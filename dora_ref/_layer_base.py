@@ -10,13 +10,17 @@ own modules; the state handling below is the same for all of them:
   (``adapter_parameter``);
 * ``parameters()``/``grads``/``zero_grad()``, ``train()``/``eval()``, and
   dropout masks drawn from the layer's seeded generator (``AdapterLayer``);
-* the eval-mode norm cache that recomputes on any change (``EvalNormCache``).
+* the eval-mode norm cache that recomputes on any change (``EvalNormCache``);
+* the merged state's guard (``AdapterLayer._lock_adapter``): while merged,
+  the trainable arrays are read-only, and a change that got around that is
+  found (by a snapshot of their bytes) before ``unmerge()`` or a merged
+  forward could use the merged weight with values it was not built from.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ._validate import as_float_array, check_finite
+from ._validate import WeightSnapshot, as_float_array, check_finite
 
 
 def frozen(arr, owned=False):
@@ -68,6 +72,12 @@ def adapter_parameter(name, doc, alt_shapes=lambda layer: ()):
         return getattr(self, attr)
 
     def set(self, value):
+        if getattr(self, "merged", False):
+            raise RuntimeError(
+                f"the layer is merged: unmerge() before assigning {name} (the merged weight "
+                f"was built from its current value, and unmerge() needs that value to "
+                f"restore the base weight)"
+            )
         current = getattr(self, attr)
         current[...] = checked_array(name, value, current.dtype, current.shape, alt_shapes(self))
 
@@ -127,10 +137,20 @@ class AdapterLayer:
     """Parameters, gradients, modes and dropout masks of an adapter layer.
 
     A subclass sets ``_param_names`` and, in its constructor, ``training``,
-    ``merged``, ``_ctx``, ``rng``, ``lora_dropout`` and ``_weight``.
+    ``merged``, ``_ctx``, ``rng``, ``lora_dropout`` and ``_weight``. Its
+    ``merge()`` calls ``_lock_adapter()`` last, its ``unmerge()`` and merged
+    forward ``_check_merged_adapter()`` first, and ``unmerge()``
+    ``_unlock_adapter()`` last.
+
+    Attributes
+    ----------
+    merged_adapter : dict of str to ndarray, or None
+        While merged: copies of the trainable arrays as ``merge()`` used them.
     """
 
     _param_names = ()
+    merged_adapter = None
+    _merged_snapshot = None
 
     def parameters(self):
         """The trainable arrays by PEFT name: live references, updated in place by optimisers."""
@@ -149,6 +169,17 @@ class AdapterLayer:
         """Evaluation mode: no dropout; a DoRA norm is cached while unchanged. Returns self."""
         return self.train(False)
 
+    def _check_parameters_finite(self):
+        """Per call, what can change between calls: NaN/Inf written in place into a trainable array.
+
+        Their shapes and dtypes are fixed when the layer is built (assignments
+        are checked, in-place writes cannot change them) and the frozen
+        weights are checked when installed, so the forward's per-call checks
+        are this, the input's and the scaling's (``functional._dora_forward``).
+        """
+        for name in self._param_names:
+            check_finite(name, getattr(self, "_" + name))
+
     def _mask_for(self, x, dropout_mask):
         """The dropout mask of this forward: the given one, a drawn one, or None.
 
@@ -166,6 +197,61 @@ class AdapterLayer:
             return None
         keep = self.rng.random(np.shape(x)) >= self.lora_dropout
         return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
+
+    # -- the merged state's guard ---------------------------------------------
+
+    def _lock_adapter(self):
+        """After a merge: keep what was merged, and make the trainable arrays read-only.
+
+        The merged weight was built from the adapter's current values, and
+        ``unmerge()`` subtracts exactly them: an optimiser step (AdamW's
+        weight decay moves parameters even with zero gradients) or an
+        assignment in between would give back a wrong base weight. Read-only
+        arrays refuse such writes where they happen (the optimisers and the
+        property setters say why); the snapshot finds the writes that get
+        around it (a view taken before ``merge()``, a writeable flag set back).
+        """
+        params = self.parameters()
+        self.merged_adapter = {name: p.copy() for name, p in params.items()}
+        self._merged_snapshot = WeightSnapshot(params)
+        for p in params.values():
+            p.flags.writeable = False
+
+    def _check_merged_adapter(self, action):
+        """Raise ``RuntimeError`` if the adapter differs from what was merged."""
+        changed = self._merged_snapshot.changed() if self._merged_snapshot is not None else []
+        if changed:
+            consequence = {
+                "unmerge()": "give back a wrong base weight",
+                "forward": "not compute the adapter the layer now holds",
+            }[action]
+            raise RuntimeError(
+                f"{', '.join(changed)} changed in place while the layer was merged: the merged "
+                f"weight was built from the values at merge(), so {action} would {consequence}. "
+                f"The layer is left merged and unchanged. (While merged the adapter's arrays "
+                f"are read-only; this write went around that, e.g. through a view taken "
+                f"before merge().) Write back the merged values, kept in "
+                f"layer.merged_adapter, then call {action} again."
+            )
+
+    def __setstate__(self, state):
+        """Unpickling and ``copy.deepcopy``: a merged copy's adapter is read-only too.
+
+        NumPy restores arrays writeable; without this a merged copy would
+        accept optimiser steps (its ``unmerge()`` would still refuse, by the
+        snapshot, but late).
+        """
+        self.__dict__.update(state)
+        if getattr(self, "merged", False):
+            for p in self.parameters().values():
+                p.flags.writeable = False
+
+    def _unlock_adapter(self):
+        """After an unmerge: the trainable arrays are writeable again."""
+        for p in self.parameters().values():
+            p.flags.writeable = True
+        self.merged_adapter = None
+        self._merged_snapshot = None
 
     def _require_ctx(self):
         """Raise ``RuntimeError`` unless a forward left a context for backward."""

@@ -13,6 +13,34 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# ndarray subclasses whose arithmetic is the ndarray's: a memory-mapped file
+_PLAIN_SUBCLASSES = (np.memmap,)
+
+
+def refuse_array_subclass(name, value):
+    """Raise ``TypeError`` if ``value`` is an ndarray subclass that changes arithmetic.
+
+    A masked array (``np.ma``) computes on its unmasked entries only and
+    ``np.matrix`` makes ``*`` a matrix product: through dora_ref's formulas
+    either gives a wrong result or an unrelated broadcasting error, and
+    ``np.asarray`` would silently drop the mask. Only plain ndarrays and
+    ``np.memmap`` (an ndarray backed by a file) are accepted; the message says
+    how to convert.
+    """
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray and not isinstance(
+        value, _PLAIN_SUBCLASSES
+    ):
+        if isinstance(value, np.ma.MaskedArray):
+            how = (f"fill the masked entries explicitly, e.g. {name}.filled(0), "
+                   f"or drop them before the call")
+        else:
+            how = f"convert it with np.asarray({name}) if its arithmetic is the ndarray's"
+        raise TypeError(
+            f"{name} is a {type(value).__module__}.{type(value).__name__} (shape {value.shape}), "
+            f"an ndarray subclass with its own arithmetic, which dora_ref does not "
+            f"follow: pass a plain numpy.ndarray; {how}"
+        )
+
 
 def as_float_array(name, value, ndim=None):
     """Return ``value`` as a float32/float64 ndarray, or raise.
@@ -35,10 +63,14 @@ def as_float_array(name, value, ndim=None):
     Raises
     ------
     TypeError
-        If the dtype is not float32 or float64.
+        If the dtype is not float32 or float64, or ``value`` is an ndarray
+        subclass with its own arithmetic (``np.ma.MaskedArray``,
+        ``np.matrix``; see ``refuse_array_subclass``).
     ValueError
         If the number of dimensions is not allowed.
     """
+    if type(value) is not np.ndarray:
+        refuse_array_subclass(name, value)
     if not isinstance(value, np.ndarray):
         if value is None:
             raise TypeError(f"{name} must be an array, got None")
@@ -90,7 +122,7 @@ def check_scaling(scaling):
 
 def check_finite(name, arr):
     """Raise ``ValueError`` if ``arr`` holds NaN or Inf, naming a first bad index."""
-    if not np.all(np.isfinite(arr)):
+    if not np.isfinite(arr).all():  # the method: no Python wrapper on the hot path
         bad = np.argwhere(~np.isfinite(arr))
         raise ValueError(
             f"{name} (shape {arr.shape}) contains NaN or Inf, "
@@ -119,9 +151,11 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     TypeError
         On a non-float dtype or mixed dtypes.
     ValueError
-        On inconsistent shapes (the message gives every shape seen), r = 0,
-        or NaN/Inf in A, B, magnitude or bias. NaN/Inf in W0 is caught where
-        the norm is computed, which reads W0 anyway.
+        On inconsistent shapes (the message gives every shape seen), an
+        empty weight (out, in or r = 0: refused everywhere, see
+        ``check_weight_shape``), or NaN/Inf in A, B, magnitude or bias.
+        NaN/Inf in W0 is caught where the norm is computed, which reads W0
+        anyway.
     """
     W0 = as_float_array("W0", W0, ndim=2)
     A = as_float_array("A", A, ndim=2)
@@ -140,8 +174,7 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     shapes = f"W0 {W0.shape}, A {A.shape}, B {B.shape}"
     if r == 0:
         raise ValueError(f"rank r must be >= 1, got A of shape {A.shape}")
-    if in_f == 0:
-        raise ValueError(f"W0 must have at least one input feature, got shape {W0.shape}")
+    check_weight_shape("W0", W0.shape)
     if A.shape[1] != in_f:
         raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
     if B.shape != (out_f, r):
@@ -169,6 +202,30 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     return W0, A, B, magnitude, bias
 
 
+def check_weight_shape(name, shape, axes=("output channel", "input feature")):
+    """Raise ``ValueError`` if a weight has no output channels or no input features.
+
+    An empty weight is refused everywhere (construction, forward, backward,
+    merge) rather than supported in some paths only: a layer with out = 0
+    or in = 0 computes nothing, and its norm and magnitude would be empty.
+    A batch of N = 0 rows is different, and works everywhere.
+
+    Parameters
+    ----------
+    name : str
+    shape : tuple of int
+        (out, in, ...), the weight's shape.
+    axes : (str, str)
+        What the first two axes are called, for the message.
+    """
+    for size, axis in zip(shape[:2], axes):
+        if size == 0:
+            raise ValueError(
+                f"{name} must have at least one {axis}, got shape {tuple(shape)}: "
+                f"empty weights are not supported (a batch of 0 rows is)"
+            )
+
+
 def check_input(x, in_features, dtype, name="x"):
     """Check an input batch and flatten its leading dimensions.
 
@@ -192,3 +249,95 @@ def check_input(x, in_features, dtype, name="x"):
     if x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}")
     return x.reshape(-1, in_features)
+
+
+class NonFiniteWeightError(ValueError):
+    """A DoRA scale m / n or a merged weight that would not be finite, refused.
+
+    Raised by ``dora_forward`` and ``merge`` (and the layers, the conv and
+    embedding variants built on them) instead of returning inf or NaN, as
+    PEFT's ``merge(safe_merge=True)`` refuses a broken adapter. A
+    ``ValueError``, so callers that catch bad weights keep working; code
+    that adds context (a module name, a file) can read the attributes.
+
+    Attributes
+    ----------
+    rows : list of int
+        Every output channel (row of the (out, in) weight) concerned.
+    cause : str
+        What overflowed, in words.
+    """
+
+    def __init__(self, message, rows, cause):
+        super().__init__(message)
+        self.rows = [int(i) for i in rows]
+        self.cause = cause
+
+
+def refuse_non_finite_rows(what, bad_rows, cause):
+    """Raise ``NonFiniteWeightError`` naming ``what``, the rows and the cause."""
+    rows = np.asarray(bad_rows).reshape(-1)
+    shown = f"{rows[:8].tolist()}{'...' if rows.size > 8 else ''}"
+    raise NonFiniteWeightError(
+        f"{what} is not finite at output channel(s) {shown} ({rows.size} in all): {cause}",
+        rows,
+        cause,
+    )
+
+
+def check_rows_finite(what, W):
+    """Raise ``NonFiniteWeightError`` if a row of the (out, ...) array ``W`` has NaN/Inf.
+
+    For a merged weight computed from finite inputs, where a non-finite
+    entry can only be an overflow of the dtype.
+    """
+    W2 = W.reshape(W.shape[0], -1)
+    if not np.isfinite(W2).all():
+        bad = np.flatnonzero(~np.isfinite(W2).all(axis=1))
+        refuse_non_finite_rows(what, bad, f"the result overflowed {W.dtype} "
+                                          f"(largest finite value {np.finfo(W.dtype).max:.3g})")
+
+
+class WeightSnapshot:
+    """What some weight arrays held at one moment, to tell whether they changed in place since.
+
+    What is shared between calls has a version: a forward's context holds
+    references to ``A``, ``B`` and the magnitude (not copies), and a merged
+    layer's weight was built from them. NumPy arrays carry no version
+    counter, and an optimiser is not the only thing that writes into them
+    (``layer.lora_A[...] = v``, ``np.copyto``, a view), so the snapshot keeps
+    the arrays' bytes and compares them exactly: any change of any bit is
+    seen. The arrays are small (r * (in + out) + out numbers), so a copy and
+    a comparison cost a few microseconds, nothing next to a forward.
+
+    Parameters
+    ----------
+    arrays : mapping of str to ndarray
+        The live arrays, by the name an error message should use.
+    """
+
+    __slots__ = ("_arrays", "_bytes")
+
+    def __init__(self, arrays):
+        self._arrays = dict(arrays)
+        self._bytes = [a.tobytes() for a in self._arrays.values()]
+
+    def changed(self):
+        """The names of the arrays whose contents differ from the snapshot's, in order."""
+        return [
+            name
+            for (name, a), saved in zip(self._arrays.items(), self._bytes)
+            if a.tobytes() != saved
+        ]
+
+    def check_backward(self):
+        """Raise ``RuntimeError`` if an array changed since the forward that took the snapshot."""
+        changed = self.changed()
+        if changed:
+            raise RuntimeError(
+                f"{', '.join(changed)} changed in place between the forward and this backward "
+                f"(an optimiser step or an assignment in between?): the activations the "
+                f"forward saved belong to the old values, and backward would mix them with "
+                f"the new ones. Call backward before updating the weights, or run the "
+                f"forward again."
+            )

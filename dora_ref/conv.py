@@ -84,7 +84,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import functional as F
-from ._validate import as_float_array, check_same_dtype, check_scaling
+from ._validate import (
+    WeightSnapshot,
+    as_float_array,
+    check_rows_finite,
+    check_same_dtype,
+    check_scaling,
+    check_weight_shape,
+)
 from ._layer_base import (
     AdapterLayer,
     EvalNormCache,
@@ -453,6 +460,7 @@ def _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude=None):
     lora_A = as_float_array("lora_A", lora_A, ndim=d + 2)
     lora_B = as_float_array("lora_B", lora_B, ndim=d + 2)
     out, cg, k = weight.shape[0], weight.shape[1], weight.shape[2:]
+    check_weight_shape("weight", weight.shape, ("output channel", "input channel"))
     cin = cg * groups
     _check_groups(out, cin, groups)
     r = lora_A.shape[0]
@@ -562,6 +570,7 @@ class ConvDoRAContext:
     lora_A_shape: tuple
     lora_B_shape: tuple
     magnitude_shape: Optional[tuple]
+    seen: Optional[WeightSnapshot] = None  # the PEFT-shaped arrays as the forward saw them
 
 
 def _patch_mask(dropout_mask, x):
@@ -652,7 +661,9 @@ def conv_dora_forward(
         P, W0, A, B, m, scaling, bias,
         dropout_mask=P_mask, weight_norm=weight_norm, allow_zero_norm=allow_zero_norm,
     )
-    ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, np.shape(magnitude))
+    seen = WeightSnapshot({"lora_A": lora_A, "lora_B": lora_B, "lora_magnitude_vector": m})
+    ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, np.shape(magnitude),
+                          seen)
     return _rows_to_channels_first(y_rows, x.shape[0], out_spatial), ctx
 
 
@@ -693,6 +704,9 @@ def conv_dora_backward(dy, ctx, *, detach_norm=True):
     ------
     TypeError, ValueError
         If dy's dtype or shape does not match the forward's output.
+    RuntimeError
+        If ``lora_A``, ``lora_B`` or the magnitude changed in place since the
+        forward (as ``functional.dora_backward``).
 
     Notes
     -----
@@ -700,6 +714,8 @@ def conv_dora_backward(dy, ctx, *, detach_norm=True):
     the grouped ``lora_B`` is the diagonal blocks of the dense gradient
     (the parameters are exactly those entries).
     """
+    if ctx.seen is not None:  # the PEFT-shaped arrays (with groups > 1 the view's B is a copy)
+        ctx.seen.check_backward()
     lin = ctx.linear
     g = F.dora_backward(_check_dy(dy, ctx, lin.W0.shape[0]), lin, detach_norm=detach_norm)
     dx = col2im(g.dx, ctx.x_shape, ctx.geom)
@@ -730,13 +746,19 @@ def conv_lora_forward(
     P_mask = None if mask is None else im2col(mask, geom)[0]
     y_rows, lin = F.lora_forward(P, *_flat(weight, lora_A, lora_B, groups), scaling, bias,
                                  dropout_mask=P_mask)
-    ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, None)
+    ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, None,
+                          WeightSnapshot({"lora_A": lora_A, "lora_B": lora_B}))
     return _rows_to_channels_first(y_rows, x.shape[0], out_spatial), ctx
 
 
 def conv_lora_backward(dy, ctx):
     """Gradients of a LoRA convolution: ``functional.LoRAGrads`` with dx (N, in, *L),
-    dA (r, in, *k), dB (out, r/groups, 1, ...)."""
+    dA (r, in, *k), dB (out, r/groups, 1, ...).
+
+    Raises ``RuntimeError`` if ``lora_A`` or ``lora_B`` changed in place since
+    the forward, ``TypeError``/``ValueError`` on a bad dy."""
+    if ctx.seen is not None:
+        ctx.seen.check_backward()
     lin = ctx.linear
     g = F.lora_backward(_check_dy(dy, ctx, lin.W0.shape[0]), lin)
     dA, dB = _grouped_grads(ctx, g.dA, g.dB)
@@ -883,6 +905,7 @@ class _LoRAConvNd(AdapterLayer):
     ):
         d = self._ndim
         weight = as_float_array("weight", weight, ndim=d + 2)
+        check_weight_shape("weight", weight.shape, ("output channel", "input channel"))
         self.geometry = ConvGeometry.make(weight.shape[2:], stride, padding, dilation, groups)
         _check_groups(weight.shape[0], weight.shape[1] * groups, groups)
         if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1 or r % groups:
@@ -986,6 +1009,7 @@ class _LoRAConvNd(AdapterLayer):
 
     def _merged_forward(self, x):
         self._ctx = None
+        self._check_merged_adapter("forward")
         args = self._conv_args()
         if self.groups > 1:  # the merged kernel is dense (see conv_merge)
             args["groups"] = 1
@@ -1025,19 +1049,28 @@ class _LoRAConvNd(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
-        delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
-        W = grouped_to_dense(self._weight, self.groups) + delta
+        with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
+            delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
+            W = grouped_to_dense(self._weight, self.groups) + delta
+        check_rows_finite("the merged kernel W0 + s * delta", W)  # nothing changed yet
         self.merged = True
         self._set_base(W, self._bias, owned=True)
+        self._lock_adapter()
 
     def unmerge(self):
-        """Restore W0 = W' - s * delta."""
+        """Restore W0 = W' - s * delta.
+
+        Raises ``RuntimeError`` if not merged, or if the adapter changed in
+        place since ``merge()`` (see ``dora_ref.LoRALinear.unmerge``).
+        """
         if not self.merged:
             raise RuntimeError("the layer is not merged")
+        self._check_merged_adapter("unmerge()")
         delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
         W0 = dense_to_grouped(self._weight - delta, self.groups)
         self.merged = False
         self._set_base(W0, self._bias, owned=True)
+        self._unlock_adapter()
 
     def __repr__(self):
         return (
@@ -1129,11 +1162,17 @@ class _DoRAConvNd(_LoRAConvNd):
         self.merged = True
         self._set_base(W, self._bias, owned=True)
         self.weight_norm = n
+        self._lock_adapter()
 
     def unmerge(self):
-        """Restore W0 = W' / (m / n) - s * delta, with n kept at merge time."""
+        """Restore W0 = W' / (m / n) - s * delta, with n kept at merge time.
+
+        Raises ``RuntimeError`` if not merged, or if the adapter changed in
+        place since ``merge()`` (see ``dora_ref.LoRALinear.unmerge``).
+        """
         if not self.merged:
             raise RuntimeError("the layer is not merged")
+        self._check_merged_adapter("unmerge()")
         W0 = conv_unmerge(
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
             self.weight_norm, self.groups,
@@ -1141,6 +1180,7 @@ class _DoRAConvNd(_LoRAConvNd):
         self.merged = False
         self._set_base(W0, self._bias, owned=True, keep_magnitude=True)  # keeps the trained m
         self.weight_norm = None
+        self._unlock_adapter()
 
 
 _LAYER_DOC = """{kind} for ``torch.nn.Conv{d}d``: a frozen kernel plus {what}.

@@ -63,7 +63,15 @@ import numpy as np
 
 from . import _backend
 from . import functional as F
-from ._validate import as_float_array, check_finite, check_same_dtype, check_scaling
+from ._validate import (
+    WeightSnapshot,
+    as_float_array,
+    check_finite,
+    check_same_dtype,
+    check_scaling,
+    check_weight_shape,
+    refuse_array_subclass,
+)
 from ._kernels_numpy import _row_blocks
 from ._layer_base import (
     AdapterLayer,
@@ -91,6 +99,7 @@ def _check_embedding(weight, A, B, magnitude=None):
     A = as_float_array("lora_embedding_A", A, ndim=2)
     B = as_float_array("lora_embedding_B", B, ndim=2)
     V, D = weight.shape
+    check_weight_shape("weight", weight.shape, ("embedding (num_embeddings)", "dimension"))
     r = A.shape[0]
     shapes = f"weight {weight.shape}, lora_embedding_A {A.shape}, lora_embedding_B {B.shape}"
     if r == 0 or A.shape != (r, V) or B.shape != (D, r):
@@ -120,6 +129,7 @@ def _check_embedding(weight, A, B, magnitude=None):
 
 
 def _check_ids(ids, V):
+    refuse_array_subclass("ids", ids)  # np.asarray would drop a mask silently
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
@@ -235,6 +245,7 @@ class EmbeddingDoRAContext:
     g: np.ndarray  # (D,)
     base: np.ndarray  # (N, D)
     U: np.ndarray  # (N, r)
+    seen: Optional[WeightSnapshot] = None  # A, B, m as the forward saw them
 
 
 def embedding_dora_forward(
@@ -279,8 +290,11 @@ def embedding_dora_forward(
     Raises
     ------
     TypeError, ValueError
-        On non-integer or out-of-range ids, bad dtypes or shapes, NaN/Inf,
-        or a zero norm.
+        On non-integer or out-of-range ids (or a masked ids array), bad dtypes
+        or shapes, an empty table (V or D = 0; an empty ids array works),
+        NaN/Inf, or a zero norm.
+    NonFiniteWeightError
+        A ``ValueError``: m / n overflows the dtype (``functional.magnitude_over_norm``).
 
     Notes
     -----
@@ -308,12 +322,14 @@ def embedding_dora_forward(
             raise ValueError(f"weight_norm must have shape ({D},) and dtype {weight.dtype}, "
                              f"got {n.shape} {n.dtype}")
     F.check_norm(n, weight.T, allow_zero_norm)
-    g = F.divide_by_norm(magnitude, n)  # (4)
+    g = F.magnitude_over_norm(magnitude, n)  # (4)
     y = kernels.forward_epilogue(base, U, B, g, scaling, None)  # (5), (6)
     if embed_scale != 1.0:
         y *= embed_scale
+    seen = WeightSnapshot({"lora_embedding_A": A, "lora_embedding_B": B,
+                           "lora_magnitude_vector": magnitude})
     ctx = EmbeddingDoRAContext(flat, ids_arr.shape, weight, A, B, scaling, embed_scale,
-                               padding_idx, n, g, base, U)
+                               padding_idx, n, g, base, U, seen)
     return y.reshape(*ids_arr.shape, D), ctx
 
 
@@ -350,7 +366,12 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
     ------
     TypeError, ValueError
         If dy's dtype or shape does not match the forward's output.
+    RuntimeError
+        If an adapter array changed in place since the forward (as
+        ``functional.dora_backward``).
     """
+    if ctx.seen is not None:
+        ctx.seen.check_backward()
     E, A, B, s = ctx.weight, ctx.A, ctx.B, ctx.scaling
     D = E.shape[1]
     dy = as_float_array("dy", dy)
@@ -492,6 +513,7 @@ class DoRAEmbedding(AdapterLayer):
         allow_zero_norm=False,
     ):
         weight = as_float_array("weight", weight, ndim=2)
+        check_weight_shape("weight", weight.shape, ("embedding (num_embeddings)", "dimension"))
         V, D = weight.shape
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
@@ -584,6 +606,7 @@ class DoRAEmbedding(AdapterLayer):
         """Look up ids (...) -> (..., D)."""
         if self.merged:
             self._ctx = None
+            self._check_merged_adapter("forward")
             ids = _check_ids(ids, self.num_embeddings)
             y = self._weight[ids]
             return y * self.embed_scale if self.embed_scale is not None else y.copy()
@@ -625,16 +648,23 @@ class DoRAEmbedding(AdapterLayer):
         self.merged = True
         self._set_base(W, owned=True)
         self.weight_norm = n
+        self._lock_adapter()
 
     def unmerge(self):
-        """E = E' / (m / n) - s (B A).T, with n kept at merge time."""
+        """E = E' / (m / n) - s (B A).T, with n kept at merge time.
+
+        Raises ``RuntimeError`` if not merged, or if the adapter changed in
+        place since ``merge()`` (see ``dora_ref.LoRALinear.unmerge``).
+        """
         if not self.merged:
             raise RuntimeError("the layer is not merged")
+        self._check_merged_adapter("unmerge()")
         E = embedding_unmerge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                               self.lora_magnitude_vector, self.scaling, self.weight_norm)
         self.merged = False
         self._set_base(E, owned=True, keep_magnitude=True)
         self.weight_norm = None
+        self._unlock_adapter()
 
     def __repr__(self):
         return (

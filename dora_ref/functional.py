@@ -56,7 +56,10 @@ with c = dn / n = -dg * g / n**2 (per row)::
 
     dL/dV  += diag(c) @ V                                   (out, in)
     dB     += s * diag(c) @ V @ A.T  = s * c[:, None] * (W0 @ A.T + s * B @ (A @ A.T))
-    dA     += s * B.T @ diag(c) @ V  = s * ((c B).T @ W0 + s * ((c B).T @ B) @ A)
+    dA     += s * B.T @ diag(c) @ V  = s * (cB.T @ W0 + s * (cB.T @ B) @ A)
+
+where ``cB = c[:, None] * B`` (out, r) is B with row i scaled by c_i (an
+elementwise scaling, not a matrix product).
 
 Adding this to the detached term g_i * G_i, where G = dy.T @ x is the
 gradient w.r.t. the merged weight W', gives row by row
@@ -76,7 +79,16 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _backend
-from ._validate import as_float_array, check_adapter, check_finite, check_input, check_scaling
+from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
+    NonFiniteWeightError,
+    WeightSnapshot,
+    as_float_array,
+    check_adapter,
+    check_finite,
+    check_input,
+    check_scaling,
+    refuse_non_finite_rows,
+)
 
 
 class DoRAGrads(NamedTuple):
@@ -109,7 +121,10 @@ class DoRAContext:
     """What ``dora_forward`` keeps for ``dora_backward``.
 
     Holds references, not copies, of the weights, plus the (N, out) base
-    product and the (N, r) low-rank activations. Treat it as opaque.
+    product and the (N, r) low-rank activations, and a snapshot of A, B and
+    the magnitude (``WeightSnapshot``): ``dora_backward`` raises
+    ``RuntimeError`` if they changed in place since the forward. Treat it as
+    opaque.
     """
 
     x_shape: tuple
@@ -124,6 +139,7 @@ class DoRAContext:
     g: np.ndarray  # (out,)
     base: np.ndarray  # (N, out): x @ W0.T for the x above
     U: np.ndarray  # (N, r): x @ A.T for the x above
+    seen: Optional[WeightSnapshot] = None  # A, B, m as the forward saw them
 
 
 @dataclass
@@ -138,6 +154,7 @@ class LoRAContext:
     B: np.ndarray
     scaling: float
     U: np.ndarray
+    seen: Optional[WeightSnapshot] = None  # A, B as the forward saw them
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +195,52 @@ def check_norm(n, W0, allow_zero_norm):
             f"(PEFT silently outputs NaN here, peft#2049). Pass allow_zero_norm=True "
             f"to define g = 0 for such rows (the channel then outputs its bias)."
         )
+
+
+_HALF_MAX = {np.dtype(t): 0.5 * float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
+
+def magnitude_over_norm(magnitude, n):
+    """g = m / n (step 4), refused where it overflows the dtype.
+
+    A row of V far smaller than its magnitude (a float32 row of norm 1e-41
+    with m = 1) makes m / n overflow to inf, and the forward and the merged
+    weight would be inf or NaN in that channel, although m * V_i / n_i is
+    representable. PEFT computes the same m / n and returns the inf; here it
+    raises instead.
+
+    Parameters
+    ----------
+    magnitude : ndarray, shape (out,)
+    n : ndarray, shape (out,)
+        Finite row norms (``check_norm`` passed); rows with n = 0 get g = 0.
+
+    Returns
+    -------
+    g : ndarray, shape (out,)
+
+    Raises
+    ------
+    NonFiniteWeightError
+        A ``ValueError`` naming every row where m / n is not finite.
+    """
+    # |m_i| / n_i <= max|m| / min(n) < half the dtype's largest value: no quotient can
+    # overflow (and no n is 0), the common case, without errstate's cost
+    if float(n.min()) * _HALF_MAX[n.dtype] > float(np.abs(magnitude).max()):
+        return magnitude / n
+    with np.errstate(over="ignore"):  # checked right below
+        g = divide_by_norm(magnitude, n)
+    if not np.isfinite(g).all():
+        rows = np.flatnonzero(~np.isfinite(g))
+        i = rows[0]
+        refuse_non_finite_rows(
+            "the DoRA scale m / n",
+            rows,
+            f"m / n overflows {g.dtype} (row {i}: m = {magnitude[i]:.3g}, n = ||W0 + s*B@A||"
+            f" = {n[i]:.3g}); a row of W0 + s*B@A this small cannot carry this magnitude in "
+            f"{g.dtype}",
+        )
+    return g
 
 
 def divide_by_norm(a, n):
@@ -361,28 +424,52 @@ def dora_forward(
     TypeError
         On non-float or mixed dtypes.
     ValueError
-        On inconsistent shapes (the message lists them), NaN/Inf in a weight,
-        or a zero row norm (see ``allow_zero_norm``).
+        On inconsistent shapes (the message lists them), an empty weight
+        (out, in or r = 0; a batch of N = 0 rows works), NaN/Inf in a
+        weight, or a zero row norm (see ``allow_zero_norm``).
+    NonFiniteWeightError
+        A ``ValueError``: m / n overflows the dtype in some row (see
+        ``magnitude_over_norm``).
+
+    Notes
+    -----
+    The context holds references to W0, A, B, the magnitude and x (no
+    copies). ``dora_backward`` raises ``RuntimeError`` if A, B or the
+    magnitude changed in place since this forward (it compares them with a
+    snapshot, ``WeightSnapshot``); W0 and x are not compared (a full pass
+    each): do not write into them between forward and backward (the layers
+    keep W0 read-only).
     """
     W0, A, B, magnitude, bias = check_adapter(W0, A, B, magnitude, bias)
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
-    x_shape = np.shape(x)
     x2 = check_input(x, W0.shape[1], W0.dtype)
-    kernels = _backend.kernels()
-
-    if weight_norm is None:
-        n = _kernel_norm(W0, A, B, scaling)  # (3)
-    else:
-        n = as_float_array("weight_norm", weight_norm, ndim=1)
-        if n.shape != magnitude.shape or n.dtype != W0.dtype:
+    if weight_norm is not None:
+        weight_norm = as_float_array("weight_norm", weight_norm, ndim=1)
+        if weight_norm.shape != magnitude.shape or weight_norm.dtype != W0.dtype:
             raise ValueError(
                 f"weight_norm must have shape {magnitude.shape} and dtype {W0.dtype}, "
-                f"got {n.shape} {n.dtype}"
+                f"got {weight_norm.shape} {weight_norm.dtype}"
             )
+    return _dora_forward(np.shape(x), x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
+                         weight_norm, allow_zero_norm)
+
+
+def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
+                  allow_zero_norm):
+    """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
+
+    The layers call it directly: the shapes and dtypes of their arrays are
+    fixed when the layer is built (assignments are checked, in-place writes
+    cannot change them), so per call they check only x, the scaling and the
+    finiteness of the trainable arrays (``AdapterLayer._checked_parameters``).
+    The public API's inputs are all checked every call, by ``dora_forward``.
+    """
+    kernels = _backend.kernels()
+    n = _kernel_norm(W0, A, B, scaling) if weight_norm is None else weight_norm  # (3)
     check_norm(n, W0, allow_zero_norm)
-    g = divide_by_norm(magnitude, n)  # (4)
+    g = magnitude_over_norm(magnitude, n)  # (4)
 
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
@@ -398,7 +485,9 @@ def dora_forward(
         if bias is not None:
             y += bias
 
-    ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U)
+    seen = WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B,
+                           "magnitude (lora_magnitude_vector)": magnitude})
+    ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen)
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 
 
@@ -427,7 +516,14 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     ------
     TypeError, ValueError
         If dy's dtype or shape does not match the forward's output.
+    RuntimeError
+        If A, B or the magnitude changed in place since the forward (an
+        optimiser step in between): the saved activations belong to the
+        old values, and mixing them with the new ones would be silently
+        wrong (PyTorch raises the same way for saved tensors).
     """
+    if ctx.seen is not None:
+        ctx.seen.check_backward()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
     out_f = W0.shape[0]
     dy2 = check_input(dy, out_f, W0.dtype, name="dy")
@@ -464,10 +560,10 @@ def norm_gradient(W0, A, B, scaling, dg, g, n):
     norm sends ``dL/dV_i = c_i V_i`` to each row of V = W0 + s B A, so::
 
         dB = s * c[:, None] * (V @ A.T) = s * c[:, None] * (W0 @ A.T + s * B @ (A @ A.T))
-        dA = s * B.T @ diag(c) @ V     = s * ((c B).T @ W0 + s * ((c B).T @ B) @ A)
+        dA = s * B.T @ diag(c) @ V     = s * (cB.T @ W0 + s * (cB.T @ B) @ A)
 
-    using only (out, r), (r, r) and (r, in) products: no (out, in) temporary.
-    The two products of W0 in it, ``W0 @ A.T`` and ``(c B).T @ W0``, come
+    with ``cB = c[:, None] * B`` (row i of B scaled by c_i), using only (out, r), (r, r) and (r, in) products: no (out, in) temporary.
+    The two products of W0 in it, ``W0 @ A.T`` and ``cB.T @ W0``, come
     from one kernel (``norm_gradient_products``; in C, one pass over W0 at
     small ranks).
 
@@ -543,8 +639,14 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
     Raises
     ------
     ValueError
-        On bad shapes, NaN/Inf, or a zero row norm (PEFT's ``safe_merge``
-        raises there too; its unsafe merge writes NaN).
+        On bad shapes, an empty weight, NaN/Inf, or a zero row norm (PEFT's
+        ``safe_merge`` raises there too; its unsafe merge writes NaN).
+    NonFiniteWeightError
+        A ``ValueError`` subclass, when the merged weight would not be finite:
+        m / n overflows the dtype, or (a magnitude near the dtype's largest
+        value) a product does. It names every row (``.rows``) and the
+        cause (``.cause``), as PEFT's ``safe_merge`` refuses NaN results.
+        Nothing is modified: the inputs are only read.
 
     Notes
     -----
@@ -555,14 +657,26 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
-    W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
+    with np.errstate(over="ignore"):  # an overflow is refused below, with its rows
+        W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
     rescued = _rescue_extreme_rows(n, W0, A, B, scaling)
     check_norm(n, W0, allow_zero_norm)
+    g = magnitude_over_norm(magnitude, n)  # the kernel's factor: refused if it overflows
     if rescued.size:
         V = W0[rescued] + scaling * (B[rescued] @ A)
-        W_merged[rescued] = divide_by_norm(magnitude[rescued], n[rescued])[:, None] * V
+        W_merged[rescued] = g[rescued, None] * V
     if not n.all():
         W_merged[n == 0] = 0
+    # With g finite, |W'_ij| = |g_i| |V_ij| <= |m_i| (1 + a few u), as |V_ij| <= n_i:
+    # only a magnitude within a factor 2 of the dtype's largest value can overflow.
+    near_max = np.flatnonzero(np.abs(magnitude) > np.finfo(W0.dtype).max / 2)
+    if near_max.size and not np.isfinite(W_merged[near_max]).all():
+        bad = near_max[~np.isfinite(W_merged[near_max]).all(axis=1)]
+        refuse_non_finite_rows(
+            "the merged weight (m / n) * (W0 + s*B@A)", bad,
+            f"the magnitude is near the largest {W0.dtype} ({np.finfo(W0.dtype).max:.3g}) "
+            f"and a product overflowed",
+        )
     return W_merged, n
 
 
@@ -650,8 +764,12 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
     """
     W0, A, B, _, bias = check_adapter(W0, A, B, None, bias)
     scaling = check_scaling(scaling)
-    x_shape = np.shape(x)
     x2 = check_input(x, W0.shape[1], W0.dtype)
+    return _lora_forward(np.shape(x), x2, W0, A, B, scaling, bias, dropout_mask)
+
+
+def _lora_forward(x_shape, x2, W0, A, B, scaling, bias, dropout_mask):
+    """``lora_forward`` after its argument checks (see ``_dora_forward``)."""
     mask = None
     xd = x2
     if dropout_mask is not None:
@@ -661,7 +779,8 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
     y = x2 @ W0.T + scaling * (U @ B.T)
     if bias is not None:
         y += bias
-    ctx = LoRAContext(x_shape, xd, mask, W0, A, B, scaling, U)
+    ctx = LoRAContext(x_shape, xd, mask, W0, A, B, scaling, U,
+                      WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B}))
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 
 
@@ -677,7 +796,16 @@ def lora_backward(dy, ctx):
     -------
     LoRAGrads
         ``dx`` (..., in), ``dA`` (r, in), ``dB`` (out, r).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If dy's dtype or shape does not match the forward's output.
+    RuntimeError
+        If A or B changed in place since the forward (see ``dora_backward``).
     """
+    if ctx.seen is not None:
+        ctx.seen.check_backward()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
     dy2 = check_input(dy, W0.shape[0], W0.dtype, name="dy")
     if dy2.shape[0] != ctx.x.shape[0]:

@@ -38,7 +38,15 @@ from ._layer_base import (
     frozen,
     refuse_unrecoverable_merge,
 )
-from ._validate import as_float_array, check_adapter, check_input, check_scaling
+from ._validate import (
+    as_float_array,
+    check_adapter,
+    check_finite,
+    check_input,
+    check_rows_finite,
+    check_scaling,
+    check_weight_shape,
+)
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -174,6 +182,7 @@ class LoRALinear(AdapterLayer):
         lora_B=None,
     ):
         weight = as_float_array("weight", weight, ndim=2)
+        check_weight_shape("weight", weight.shape)
         if (lora_A is None) != (lora_B is None):
             raise ValueError("give both lora_A and lora_B, or neither")
         if lora_A is not None:
@@ -226,6 +235,7 @@ class LoRALinear(AdapterLayer):
                     f"got {bias.shape} {bias.dtype}"
                 )
             bias = frozen(bias, owned)
+            check_finite("bias", bias)  # frozen: checked once, not every forward
         self._weight, self._bias = frozen(weight, owned), bias
 
     @property
@@ -283,18 +293,26 @@ class LoRALinear(AdapterLayer):
         Returns
         -------
         y : ndarray, shape (..., out)
+
+        Raises
+        ------
+        RuntimeError
+            Merged, if the adapter changed in place since ``merge()`` (see
+            ``unmerge``).
         """
         if self.merged:
             self._ctx = None
+            self._check_merged_adapter("forward")
             x2 = check_input(x, self.in_features, self._weight.dtype)
             y = x2 @ self._weight.T
             if self._bias is not None:
                 y += self._bias
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
-        y, self._ctx = F.lora_forward(
-            x, self._weight, self.lora_A, self.lora_B, self.scaling, self._bias, dropout_mask=mask
-        )
+        x2 = check_input(x, self.in_features, self._weight.dtype)
+        self._check_parameters_finite()  # shapes, dtypes and the frozen weights: checked once
+        y, self._ctx = F._lora_forward(np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
+                                       check_scaling(self.scaling), self._bias, mask)
         return y
 
     __call__ = forward
@@ -305,7 +323,15 @@ class LoRALinear(AdapterLayer):
         Raises
         ------
         RuntimeError
-            If no forward was run, or the layer is merged.
+            If no forward was run, the layer is merged, or a trainable array
+            changed in place since the forward (an optimiser step between
+            forward and backward: the saved activations would not match it).
+
+        Notes
+        -----
+        The forward keeps a view of x, not a copy: do not write into x
+        between the forward and this backward (the trainable arrays are
+        compared; x, as large as the batch, is not).
         """
         self._require_ctx()
         g = F.lora_backward(dy, self._ctx)
@@ -318,21 +344,44 @@ class LoRALinear(AdapterLayer):
     def merge(self):
         """Fold the adapter into ``weight``: W' = W0 + s B A (PEFT ``Linear.merge``).
 
-        Raises ``RuntimeError`` if already merged.
+        While merged, ``lora_A`` and ``lora_B`` are read-only (an optimiser
+        step or an assignment raises), so that ``unmerge()`` subtracts what
+        was added.
+
+        Raises
+        ------
+        RuntimeError
+            If already merged.
+        NonFiniteWeightError
+            A ``ValueError``: W' would overflow the dtype (nothing is changed).
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
-        self._set_base(self._weight + self.scaling * (self.lora_B @ self.lora_A), self._bias, owned=True)
+        with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
+            W = self._weight + self.scaling * (self.lora_B @ self.lora_A)
+        check_rows_finite("the merged weight W0 + s*B@A", W)
+        self._set_base(W, self._bias, owned=True)
         self.merged = True
+        self._lock_adapter()
 
     def unmerge(self):
-        """Restore the unmerged base weight W0 = W' - s B A."""
+        """Restore the unmerged base weight W0 = W' - s B A.
+
+        Raises
+        ------
+        RuntimeError
+            If not merged, or if the adapter changed in place since ``merge()``
+            (a write around its read-only arrays): W0 could not be restored;
+            the layer is left merged and unchanged.
+        """
         if not self.merged:
             raise RuntimeError("the layer is not merged")
+        self._check_merged_adapter("unmerge()")
         self._set_base(
             self._weight - self.scaling * (self.lora_B @ self.lora_A), self._bias, owned=True
         )
         self.merged = False
+        self._unlock_adapter()
 
     def __repr__(self):
         return (
@@ -443,17 +492,12 @@ class DoRALinear(LoRALinear):
                 self._weight, self.lora_A, self.lora_B, self.scaling,
                 lambda: F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling),
             )
-        y, self._ctx = F.dora_forward(
-            x,
-            self._weight,
-            self.lora_A,
-            self.lora_B,
-            self.lora_magnitude_vector,
-            self.scaling,
-            self._bias,
-            dropout_mask=mask,
-            weight_norm=norm,
-            allow_zero_norm=self.allow_zero_norm,
+        x2 = check_input(x, self.in_features, self._weight.dtype)
+        self._check_parameters_finite()  # shapes, dtypes and the frozen weights: checked once
+        y, self._ctx = F._dora_forward(
+            np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
+            self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
+            self.allow_zero_norm,
         )
         return y
 
@@ -472,7 +516,17 @@ class DoRALinear(LoRALinear):
         """Fold the adapter into ``weight``: W' = diag(m / n)(W0 + s B A).
 
         Keeps n in ``weight_norm`` for ``unmerge`` (PEFT caches it the same
-        way; W' alone does not determine it). The bias is unchanged.
+        way; W' alone does not determine it). The bias is unchanged. While
+        merged the trainable arrays are read-only (see ``LoRALinear.merge``).
+
+        Raises
+        ------
+        RuntimeError
+            If already merged.
+        ValueError
+            A zero row norm, a zero magnitude (unmerge could not restore the
+            row), or (``NonFiniteWeightError``) a merged weight that would
+            not be finite; nothing is changed.
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
@@ -488,11 +542,17 @@ class DoRALinear(LoRALinear):
         self.merged = True
         self._set_base(W_merged, self._bias, owned=True)
         self.weight_norm = n
+        self._lock_adapter()
 
     def unmerge(self):
-        """Restore W0 = W' / (m / n) - s B A, with n kept at merge time."""
+        """Restore W0 = W' / (m / n) - s B A, with n kept at merge time.
+
+        Raises ``RuntimeError`` if not merged, or if the adapter changed in
+        place since ``merge()`` (see ``LoRALinear.unmerge``).
+        """
         if not self.merged:
             raise RuntimeError("the layer is not merged")
+        self._check_merged_adapter("unmerge()")
         W0 = F.unmerge(
             self._weight,
             self.lora_A,
@@ -504,3 +564,4 @@ class DoRALinear(LoRALinear):
         self._set_base(W0, self._bias, owned=True)  # keeps the magnitude: still merged here
         self.merged = False
         self.weight_norm = None
+        self._unlock_adapter()

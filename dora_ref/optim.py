@@ -15,7 +15,37 @@ Use::
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
+
+from ._validate import check_finite, refuse_array_subclass
+
+
+def _hyperparameter(name, value, low, *, low_inclusive, high=None):
+    """``value`` as a float in the range, or ``TypeError``/``ValueError`` naming it.
+
+    NaN, inf, numbers too large for a float and bools are refused: a NaN
+    learning rate would turn every parameter into NaN at the first step,
+    and the next forward would blame ``lora_A``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
+    cond = f"{name} {'>=' if low_inclusive else '>'} {low:g}"
+    if high is not None:
+        cond = f"{low:g} {'<=' if low_inclusive else '<'} {name} < {high:g}"
+    ok = math.isfinite(v) and (v >= low if low_inclusive else v > low)
+    if high is not None:
+        ok = ok and v < high
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}... (a {v:g})"
+        raise ValueError(f"{name} must be finite with {cond}, got {name}={shown}")
+    return v
 
 
 def _check_grads(params, grads):
@@ -23,21 +53,61 @@ def _check_grads(params, grads):
     if missing:
         raise ValueError(f"grads is missing {sorted(missing)} (params has {sorted(params)})")
     for name, p in params.items():
+        refuse_array_subclass(f"grads[{name!r}]", grads[name])
         if np.shape(grads[name]) != p.shape:
             raise ValueError(
                 f"grads[{name!r}] has shape {np.shape(grads[name])}, the parameter {p.shape}"
             )
+        check_finite(f"grads[{name!r}]", np.asarray(grads[name]))
 
 
 def _check_params(params):
     for name, p in params.items():
+        refuse_array_subclass(f"params[{name!r}]", p)
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
             raise TypeError(f"params[{name!r}] must be a float ndarray, got {type(p).__name__}")
         if not p.flags.writeable:
-            raise ValueError(f"params[{name!r}] is read-only (a frozen weight?)")
+            raise ValueError(
+                f"params[{name!r}] is read-only (a frozen weight, or the adapter of a merged "
+                f"layer: unmerge() it first)"
+            )
 
 
-class SGD:
+def _check_writeable(params):
+    """Before a step changes anything: every parameter must still be writeable.
+
+    A merged layer makes its adapter read-only (its merged weight was built
+    from it, and ``unmerge()`` subtracts exactly those values); checking all
+    of them first means a refused step changes no parameter at all.
+    """
+    for name, p in params.items():
+        if not p.flags.writeable:
+            raise RuntimeError(
+                f"params[{name!r}] is read-only: its layer is merged (an optimiser step would "
+                f"change the adapter the merged weight was built from, and unmerge() could not "
+                f"restore the base weight). unmerge() before training; no parameter was changed"
+            )
+
+
+class _Optimizer:
+    """What SGD and AdamW share: every check before any parameter changes."""
+
+    def step(self, grads):
+        """Apply one update from ``grads`` (a mapping with the keys of ``params``).
+
+        Raises
+        ------
+        ValueError
+            A missing, misshapen or non-finite gradient (nothing is changed).
+        RuntimeError
+            A parameter is read-only: its layer is merged (nothing is changed).
+        """
+        _check_grads(self.params, grads)
+        _check_writeable(self.params)
+        self._update(grads)
+
+
+class SGD(_Optimizer):
     """Stochastic gradient descent with momentum (PyTorch's rule, no dampening).
 
     ``v <- momentum * v + (grad + weight_decay * p)``, ``p <- p - lr * v``
@@ -57,23 +127,29 @@ class SGD:
 
     Raises
     ------
+    TypeError
+        If a hyperparameter is not a real number (``nesterov``: not a bool).
     ValueError
-        On a negative learning rate or momentum, or read-only parameters.
+        Naming the argument: lr not > 0, momentum or weight_decay not >= 0,
+        any of them NaN or infinite, ``nesterov`` without momentum (as
+        ``torch.optim.SGD``), or read-only parameters.
     """
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
-        if lr <= 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(
-                f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
-            )
+        lr = _hyperparameter("lr", lr, 0, low_inclusive=False)
+        momentum = _hyperparameter("momentum", momentum, 0, low_inclusive=True)
+        weight_decay = _hyperparameter("weight_decay", weight_decay, 0, low_inclusive=True)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0 (as torch.optim.SGD)")
         _check_params(params)
         self.params, self.lr, self.momentum = params, lr, momentum
         self.weight_decay, self.nesterov = weight_decay, nesterov
         self.velocity = {}
 
-    def step(self, grads):
-        """Apply one update from ``grads`` (a mapping with the keys of ``params``)."""
-        _check_grads(self.params, grads)
+    def _update(self, grads):
+        """The update rule above, on checked gradients."""
         for name, p in self.params.items():
             d = np.asarray(grads[name], dtype=p.dtype)
             if self.weight_decay:
@@ -86,7 +162,7 @@ class SGD:
             p -= self.lr * d
 
 
-class AdamW:
+class AdamW(_Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019), PyTorch's rule.
 
     At step t, for each parameter p with gradient d::
@@ -107,14 +183,22 @@ class AdamW:
 
     Raises
     ------
+    TypeError
+        If a hyperparameter is not a real number, or betas not a pair.
     ValueError
-        On out-of-range hyperparameters or read-only parameters.
+        Naming the argument: lr or eps not > 0, weight_decay not >= 0, a beta
+        outside [0, 1), any of them NaN or infinite; or read-only parameters.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"bad AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
+        lr = _hyperparameter("lr", lr, 0, low_inclusive=False)
+        eps = _hyperparameter("eps", eps, 0, low_inclusive=False)
+        weight_decay = _hyperparameter("weight_decay", weight_decay, 0, low_inclusive=True)
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = tuple(
+            _hyperparameter(f"betas[{i}]", b, 0, low_inclusive=True, high=1) for i, b in enumerate(betas)
+        )
         _check_params(params)
         self.params, self.lr, self.betas = params, lr, betas
         self.eps, self.weight_decay = eps, weight_decay
@@ -122,9 +206,8 @@ class AdamW:
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
         self.v = {k: np.zeros_like(p) for k, p in params.items()}
 
-    def step(self, grads):
-        """Apply one update from ``grads`` (a mapping with the keys of ``params``)."""
-        _check_grads(self.params, grads)
+    def _update(self, grads):
+        """The update rule above, on checked gradients."""
         self.t += 1
         beta1, beta2 = self.betas
         bias1 = 1.0 - beta1**self.t

@@ -67,3 +67,61 @@ def test_bad_optimiser_input():
         AdamW(p).step({"w": np.ones(3)})
     with pytest.raises(TypeError, match="must be a float ndarray"):
         SGD({"w": [1.0]}, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda p: SGD(p, lr=float("nan")), r"lr must be finite with lr > 0, got lr=nan"),
+        (lambda p: SGD(p, lr=float("inf")), r"lr must be finite.*got lr=inf"),
+        (lambda p: SGD(p, lr=-0.1), r"lr must be finite with lr > 0, got lr=-0.1"),
+        (lambda p: SGD(p, lr=10**400), r"lr must be finite.*got lr=1000"),
+        (lambda p: SGD(p, lr=0.1, momentum=float("nan")), r"momentum must be finite with momentum >= 0"),
+        (lambda p: SGD(p, lr=0.1, momentum=-0.5), r"momentum must be finite with momentum >= 0"),
+        (lambda p: SGD(p, lr=0.1, weight_decay=float("inf")), r"weight_decay must be finite"),
+        (lambda p: SGD(p, lr=0.1, nesterov=True), r"nesterov=True needs momentum > 0"),
+        (lambda p: AdamW(p, lr=float("nan")), r"lr must be finite with lr > 0, got lr=nan"),
+        (lambda p: AdamW(p, eps=float("nan")), r"eps must be finite with eps > 0"),
+        (lambda p: AdamW(p, eps=0.0), r"eps must be finite with eps > 0"),
+        (lambda p: AdamW(p, weight_decay=float("nan")), r"weight_decay must be finite"),
+        (lambda p: AdamW(p, weight_decay=-1e-3), r"weight_decay must be finite with weight_decay >= 0"),
+        (lambda p: AdamW(p, betas=(float("nan"), 0.999)), r"betas\[0\] must be finite with 0 <= betas\[0\] < 1"),
+        (lambda p: AdamW(p, betas=(0.9, float("inf"))), r"betas\[1\] must be finite"),
+        (lambda p: AdamW(p, betas=(0.9, 1.0)), r"betas\[1\] must be finite with 0 <= betas\[1\] < 1, got betas\[1\]=1.0"),
+        (lambda p: AdamW(p, betas=(-0.1, 0.9)), r"betas\[0\]"),
+    ],
+)
+def test_optimizer_rejects_nan_lr_and_other_bad_hyperparameters(make, pattern):
+    """lr=nan used to be accepted (the next forward then blamed lora_A): every
+    hyperparameter is checked at construction, with its name."""
+    p = {"w": np.ones(2)}
+    with pytest.raises(ValueError, match=pattern):
+        make(p)
+
+
+@pytest.mark.parametrize("make, error, pattern", [
+    (lambda p: SGD(p, lr="0.1"), TypeError, r"lr must be a real number, got str"),
+    (lambda p: SGD(p, lr=True), TypeError, r"lr must be a real number, got bool"),
+    (lambda p: SGD(p, lr=0.1, nesterov="yes"), TypeError, r"nesterov must be a bool"),
+    (lambda p: AdamW(p, betas=0.9), TypeError, r"betas must be a pair"),
+    (lambda p: AdamW(p, betas=(0.9, 0.99, 0.999)), TypeError, r"betas must be a pair"),
+])
+def test_optimizer_rejects_non_numeric_hyperparameters(make, error, pattern):
+    with pytest.raises(error, match=pattern):
+        make({"w": np.ones(2)})
+
+
+@pytest.mark.parametrize("make", [lambda p: SGD(p, lr=0.1), lambda p: AdamW(p)])
+def test_optimizer_step_with_nan_gradient_raises_and_changes_nothing(make):
+    p = {"a": np.ones(2), "w": np.ones(3)}
+    opt = make(p)
+    with pytest.raises(ValueError, match=r"grads\['w'\] \(shape \(3,\)\) contains NaN or Inf, first at index \(1,\)"):
+        opt.step({"a": np.ones(2), "w": np.array([0.0, np.nan, 0.0])})
+    np.testing.assert_array_equal(p["a"], 1.0)
+    np.testing.assert_array_equal(p["w"], 1.0)
+
+
+def test_numpy_scalar_hyperparameters_are_accepted():
+    p = {"w": np.ones(2)}
+    AdamW(p, lr=np.float32(1e-3), betas=np.array([0.9, 0.99]), eps=np.float64(1e-8), weight_decay=np.int64(0))
+    SGD(p, lr=np.float64(0.1), momentum=np.float32(0.9), nesterov=np.bool_(True)).step({"w": np.ones(2)})
