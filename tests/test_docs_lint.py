@@ -13,7 +13,8 @@ Over every markdown cell of ``tutorials/*.ipynb``, every ``docs/*.md`` and
   ``shared/``): the repository must be self-contained;
 * every LaTeX span ``$...$`` and ``$$...$$`` outside code parses with
   matplotlib's mathtext, after the few MathJax spellings that mathtext lacks
-  are translated (``\\lVert`` -> ``\\Vert``, ``\\frac1k`` -> ``\\frac{1}{k}``):
+  are translated (``\\lVert`` -> ``\\Vert``, ``\\frac1k`` -> ``\\frac{1}{k}``,
+  ``\\le`` -> ``\\leq``):
   an unknown command or unbalanced braces fail.
 """
 import json
@@ -35,6 +36,7 @@ _MATHJAX_TO_MATHTEXT = [
     (re.compile(r"\\[lr]Vert"), r"\\Vert"),
     (re.compile(r"\\[lr]vert"), r"|"),
     (re.compile(r"\\frac\s*([A-Za-z0-9])\s*([A-Za-z0-9])"), r"\\frac{\1}{\2}"),
+    (re.compile(r"\\([lg]e)(?![A-Za-z])"), r"\\\1q"),
 ]
 _OUTSIDE = re.compile(r"(?<![\w.-])(shared/|/work/|/tmp/|/home/|~/)")
 
@@ -193,5 +195,6 @@ def test_lint_catches_latex_that_does_not_parse():
     pytest.importorskip("matplotlib")
     assert math_errors(r"$\frac{1}{2$") and math_errors(r"$\nosuchcommand x$")
     assert math_errors(r"$x^{\top$")
-    assert not math_errors(r"$\lVert W\rVert_c$ and $$\Delta M = \frac1k \sum_n |m_n|$$")
+    assert not math_errors(r"$\lVert W\rVert_c$ and $$\Delta M = \frac1k \sum_n |m_n|$$, $a \le b$")
+    assert math_errors(r"$a \lef b$")
     assert not math_errors("price `$5` and ```\n$\\oops$\n```")  # code is not math
