@@ -38,6 +38,7 @@ _MATHJAX_TO_MATHTEXT = [
     (re.compile(r"\\frac\s*([A-Za-z0-9])\s*([A-Za-z0-9])"), r"\\frac{\1}{\2}"),
     (re.compile(r"\\([lg]e)(?![A-Za-z])"), r"\\\1q"),
 ]
+_BARE_PATH = re.compile(r"(?<![\w./\-])([a-z_]+)/[\w./-]*\.(?:md|py|ipynb|png|json|c|h|toml)\b")
 _OUTSIDE = re.compile(r"(?<![\w.-])(shared/|/work/|/tmp/|/home/|~/)")
 
 
@@ -120,6 +121,11 @@ def bad_references(text, directory):
         first = span.split("/")[0]
         if "/" in span and " " not in span and first in _REPO_DIRS and not _exists(span.rstrip("/")):
             problems.append((_line_of(text, m.start()), f"path `{span}` does not exist"))
+    # a file path written in plain prose, e.g. "see docs/porting.md, section 3"
+    bare = _LINK.sub(lambda m: " " * len(m.group(0)), _CODE_SPAN.sub(lambda m: " " * len(m.group(0)), prose))
+    for m in _BARE_PATH.finditer(bare):
+        if m.group(1) in _REPO_DIRS and not (ROOT / m.group(0)).exists():
+            problems.append((_line_of(bare, m.start()), f"path {m.group(0)!r} does not exist"))
     for m in _OUTSIDE.finditer(text):
         problems.append((_line_of(text, m.start()),
                          f"refers to {m.group(1)!r}, outside the repository: "
@@ -186,6 +192,7 @@ def test_lint_catches_links_outside_and_missing_paths():
     assert bad_references("[notes](../../shared/x.md)", tutorials)
     assert bad_references("[gone](../docs/no_such_page.md)", tutorials)
     assert bad_references("`dora_ref/no_such_module.py`", tutorials)
+    assert bad_references("see docs/no_such_page.md, section 3", tutorials)
     assert not bad_references("[PEFT](../docs/peft_dora.md) and `dora_ref/functional.py`, "
                               "`benchmarks/results/bench_kernels.{md,json,png}`, "
                               "[paper](https://arxiv.org/abs/2402.09353)", tutorials)
