@@ -390,6 +390,7 @@ def format_table(table):
         merge = f"{row['merge_max_diff']:.1e}" if "merge_max_diff" in row else "-"
         lines.append(f"{_label(row['method'], row['rank']):<11}{row['params']:>8}  {acc:<22}"
                      f"{row['seconds_mean']:>12.2f}{merge:>17}")
+    lines.append("test accuracy: mean ± std (sample std over seeds) [min, max]; time: mean per run")
     return "\n".join(lines)
 
 
@@ -568,7 +569,8 @@ def main(argv=None):
     print(f"Target task (digits, pixels permuted): {len(data['X_train'])} train / "
           f"{len(data['X_test'])} test images, seeds {seeds[0]}..{seeds[-1]}.\n")
     print(format_table(table))
-    print("\nDoRA - LoRA test accuracy, paired by seed (same adapter init and batches): "
+    print("\nDoRA - LoRA test accuracy, paired by seed (same adapter init and batches), "
+          "mean ± std over seeds: "
           + ", ".join(f"r={p['rank']} {100 * p['mean']:+.1f} ± {100 * p['std']:.1f}" for p in paired)
           + " points")
     print(f"\nMerge check: largest |merged - unmerged| test logit over all adapters "
