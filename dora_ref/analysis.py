@@ -208,7 +208,8 @@ def effective_weight(layer):
     return np.array(layer.weight, copy=True)
 
 
-def plot_decomposition(ax, delta_d, delta_m, layers, steps, *, title=None, paper_corr=None):
+def plot_decomposition(ax, delta_d, delta_m, layers, steps, *, title=None, paper_corr=None,
+                       points_label=None, summary=None):
     """Draw one panel of the paper's Fig. 2: ΔM against ΔD.
 
     Marker shape says the layer, colour the training step, and a dashed line
@@ -226,6 +227,13 @@ def plot_decomposition(ax, delta_d, delta_m, layers, steps, *, title=None, paper
         The method's name; the measured correlation is appended.
     paper_corr : float, optional
         The paper's correlation for this method, shown next to the measured one.
+    points_label : str, optional
+        Which run the points are (e.g. ``"seed 0"``); the title's correlation
+        and the fit line's slope are labelled with it, so that they are not
+        mistaken for a statistic over several runs.
+    summary : str, optional
+        A second title line, e.g. the same statistic averaged over seeds
+        (``"mean over 5 seeds: r = +0.31 ± 0.12"``).
 
     Returns
     -------
@@ -250,11 +258,15 @@ def plot_decomposition(ax, delta_d, delta_m, layers, steps, *, title=None, paper
         ax.scatter([], [], marker=markers[j % 8], s=42, facecolors="white",
                    edgecolors="black", linewidths=0.5, label=name)
     xs = np.linspace(x.min(), x.max(), 2)
+    which = f" ({points_label})" if points_label else ""
     ax.plot(xs, y.mean() + slope * (xs - x.mean()), "--", color="grey", lw=1,
-            label=f"fit, slope {slope:.2g}")
-    head = f"{title}: " if title else ""
+            label=f"least-squares fit{which}, slope {slope:.2g}")
     paper = f" (paper {paper_corr:+.2f})" if paper_corr is not None else ""
-    ax.set_title(f"{head}corr {corr:+.2f}{paper}", fontsize=10)
+    if points_label:  # one line per statistic, each saying what it is over
+        lines = [f"{title or ''}{paper}".strip(), f"{points_label}: corr {corr:+.2f}, slope {slope:.2g}"]
+    else:
+        lines = [f"{title + ': ' if title else ''}corr {corr:+.2f}{paper}"]
+    ax.set_title("\n".join(lines + ([summary] if summary else [])), fontsize=10)
     ax.set_xlabel("ΔD: mean (1 − cos) to W0 (dimensionless)")
     ax.set_ylabel("ΔM: mean |Δ row norm| (weight units)")
     ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
