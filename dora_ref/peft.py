@@ -354,12 +354,10 @@ class LoraAdapterConfig:
         _check_field_types(d, source)
         peft_type = "LORA" if d.get("peft_type") is None else d["peft_type"]
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; only LoRA/DoRA adapters are supported")
+            raise ValueError(f"{source}: peft_type is {_show(peft_type)}; only LoRA/DoRA adapters are supported")
         for name, what in _UNSUPPORTED_FIELDS.items():
             if d.get(name):
-                raise ValueError(
-                    f"{source}: {name}={d[name]!r} ({what}) is not supported by dora_ref"
-                )
+                raise ValueError(f"{source}: {name}={_show(d[name])} ({what}) is not supported by dora_ref")
         bias = d.get("bias", "none")
         if bias is None:  # PEFT 0.21 fails on it too (AttributeError in _mark_only_adapters_as_trainable)
             raise ValueError(
@@ -372,9 +370,9 @@ class LoraAdapterConfig:
                 f"is not supported; only bias='none'"
             )
         if bias != "none":
-            raise ValueError(f"{source}: field 'bias' must be 'none', 'all' or 'lora_only', got {bias!r}")
-        init = str(d.get("init_lora_weights", True)).lower()
-        if init.startswith(_BASE_REWRITING_INITS):
+            raise ValueError(f"{source}: field 'bias' must be 'none', 'all' or 'lora_only', got {_show(bias)}")
+        init = d.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
             warnings.warn(
                 f"{source}: init_lora_weights={d['init_lora_weights']!r} rewrote the base weights when "
                 f"the adapter was created, so this adapter applies to that *residual* base, not to the "

@@ -153,7 +153,9 @@ def parse_header(raw, data_bytes):
             raise ValueError(f"tensor {key!r}: expected an object with dtype, shape, data_offsets")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise ValueError(f"tensor {key!r}: dtype {dtype!r} is not a safetensors dtype")
+            raise ValueError(
+                f"tensor {key!r}: dtype {dtype!r} is not one dora_ref reads ({', '.join(_DTYPES)})"
+            )
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
