@@ -339,6 +339,22 @@ class _NotFinite(Exception):
         self.offset, self.rows, self.W = offset, rows, W
 
 
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, show):
+    if not show:  # tqdm is not even imported (it takes a tenth of a second)
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr)
+
+
 def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero_norm=False,
                      force=False, verbose=False, log=print, fan_in_fan_out=None):  # fmt: skip
     """Merge adapters into a safetensors checkpoint, streaming tensor by tensor, crash-safe.
@@ -382,8 +398,6 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         merging) and I/O errors: raised with OUT untouched and the temporary
         output removed.
     """
-    from tqdm.auto import tqdm
-
     base = S.BaseWeights(base_path)
     adapters = [P.load_adapter(a) for a in adapter_paths]
     plan = P.plan_merge(base, adapters, fan_in_fan_out=fan_in_fan_out)
@@ -403,7 +417,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         files = [(files[0][0], tmp)]
 
     total = sum(len(base.file_keys(src)) for src, _ in files)
-    bar = tqdm(total=total, unit="tensor", desc="merging", disable=not progress, file=sys.stderr)
+    bar = _progress_bar(total, progress)
     done = 0
     try:
         for src, dst in files:
