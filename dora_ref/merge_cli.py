@@ -66,8 +66,10 @@ from . import peft as P
 from . import safetensors_io as S
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
-#: rows of a merged tensor processed at once: about this many elements (a few MB, cache-sized)
-_BLOCK_ELEMENTS = 1 << 20
+#: rows of a merged tensor processed at once: about this many elements (64 MB in float32). A
+#: Llama projection is one block; blocks bound the memory of larger weights. (Smaller blocks
+#: cost more than they save: each merge call opens a parallel region, slow on a busy machine.)
+_BLOCK_ELEMENTS = 1 << 24
 _TMP_TAG = "dora-ref-tmp"
 _OLD_TAG = "dora-ref-old"
 
@@ -252,20 +254,27 @@ def _fsync_file(path):
 def _codec(st_dtype):
     """(read, widen, narrow, not_finite) for a stored dtype; the merge computes in float32 or float64.
 
+    ``narrow`` returns the stored values and whether any is not finite;
+    ``not_finite`` gives the mask (only on that error path).
+
     bfloat16 is handled as raw bits (``S.bfloat16_bits_to_float32`` /
     ``S.float32_to_bfloat16_bits``), so ``ml_dtypes`` is never imported here.
     """
+    def checked(a):  # (array, whether any value is not finite)
+        return a, not np.isfinite(a).all()
+
     if st_dtype == "BF16":
-        return ("bits", S.bfloat16_bits_to_float32, S.float32_to_bfloat16_bits,
+        return ("bits", S.bfloat16_bits_to_float32,
+                lambda x: S.float32_to_bfloat16_bits(x, report_non_finite=True),
                 lambda bits: (bits & 0x7F80) == 0x7F80)  # fmt: skip
     if st_dtype == "F16":
         def narrow(x):
             with np.errstate(over="ignore"):
-                return x.astype(np.float16)
+                return checked(x.astype(np.float16))
 
         return "array", lambda a: a.astype(np.float32), narrow, lambda a: ~np.isfinite(a)
     if st_dtype in ("F32", "F64"):
-        return "array", lambda a: a, lambda a: a, lambda a: ~np.isfinite(a)
+        return "array", lambda a: a, checked, lambda a: ~np.isfinite(a)
     raise ValueError(f"cannot merge into a {st_dtype} base weight (float16, bfloat16, float32, float64 only)")
 
 
@@ -307,19 +316,22 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
     st_dtype = f.st_dtype(key)
     how, widen, narrow, not_finite = _codec(st_dtype)
     stored = f.read_bits(key) if how == "bits" else f.get(key)
-    out = np.empty_like(stored)
-    blockwise = not fifo and mods[0].kind != "embedding" and stored.ndim >= 1 and stored.shape[0] > 0
     row_elems = max(1, int(np.prod(stored.shape[1:], dtype=np.int64)))
+    blockwise = (not fifo and mods[0].kind != "embedding" and stored.ndim >= 1
+                 and stored.size > _BLOCK_ELEMENTS)  # fmt: skip
     step = max(1, _BLOCK_ELEMENTS // row_elems) if blockwise else max(1, stored.shape[0])
+    out = np.empty_like(stored) if blockwise else None
     try:
         for start in range(0, max(1, stored.shape[0]), step):
             rows = slice(start, start + step) if blockwise else slice(None)
             block_mods = _block_modules(mods, rows) if blockwise else mods
             W = P.merge_view(widen(stored[rows]), block_mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
-            merged = narrow(P._from_view(W, stored[rows].shape, fifo))
-            bad = not_finite(merged)
-            if bad.any():
+            merged, any_bad = narrow(P._from_view(W, stored[rows].shape, fifo))
+            if any_bad:
+                bad = not_finite(merged)
                 raise _NotFinite(start if blockwise else 0, P._from_view_rows(bad, fifo), W)
+            if not blockwise:
+                return merged, how == "bits"
             out[rows] = merged
     except (_NotFinite, ValueError) as e:
         # name the rows of the whole tensor: diagnose it whole (only on this error path)
@@ -407,7 +419,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
               for a, ad in zip(adapter_paths, adapters) for m in ad.modules.values()}  # fmt: skip
     files, out_dir = _output_files(base, out)
     _check_output(base, adapter_paths, out, files, out_dir, force)
-    final = out_dir if out_dir is not None else files[0][1]
+    final = Path(os.path.abspath(out_dir if out_dir is not None else files[0][1]))  # "." has no name
     _clean_leftovers(final)
     tmp = _sibling(final, _TMP_TAG)
     if out_dir is not None:

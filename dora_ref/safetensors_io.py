@@ -403,7 +403,7 @@ def bfloat16_bits_to_float32(bits):
     return out
 
 
-def float32_to_bfloat16_bits(x):
+def float32_to_bfloat16_bits(x, *, report_non_finite=False):
     """Round float32 values to bfloat16, ties to even; return the uint16 bits.
 
     The rule of IEEE 754 (and of ``torch.Tensor.to(torch.bfloat16)``, and
@@ -416,12 +416,17 @@ def float32_to_bfloat16_bits(x):
     Parameters
     ----------
     x : ndarray of float32, any shape
+    report_non_finite : bool, default False
+        Also say whether any result is inf or NaN (checked while each chunk
+        is in cache).
 
     Returns
     -------
     ndarray of uint16, the same shape
+        And, with ``report_non_finite``, a bool.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    non_finite = []
     out = np.empty(x.shape, dtype=np.uint16)
     xf, dst = x.reshape(-1), out.reshape(-1)
     xu = xf.view(np.uint32)
@@ -440,9 +445,13 @@ def float32_to_bfloat16_bits(x):
             nan = np.isnan(xf[s:e])
             if nan.any():
                 dst[s:e][nan] = (u[nan] >> 16) | 0x0040
+            if report_non_finite:
+                t &= 0x7FFF  # exponent all ones: inf or NaN
+                if t.size and t.max() >= 0x7F80:
+                    non_finite.append(True)
 
     _parallel(run, xu.size)
-    return out
+    return (out, bool(non_finite)) if report_non_finite else out
 
 
 # ---------------------------------------------------------------------------

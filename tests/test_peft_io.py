@@ -1082,7 +1082,7 @@ def test_merged_low_precision_values_are_the_float32_merge_rounded_once_to_neare
     """
     from dora_ref import merge_cli
 
-    monkeypatch.setattr(merge_cli, "_BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(merge_cli, "_BLOCK_ELEMENTS", 1000)  # several blocks
     rng = np.random.default_rng(3)
     out_f, in_f, r = 64, 64, 4
     W0 = rng.standard_normal((out_f, in_f)).astype(dtype)
@@ -1127,6 +1127,10 @@ def test_bf16_rounding_of_float32_bits_is_round_to_nearest_even_on_every_class()
     assert np.isnan(got[nan].view(BF16).astype(np.float32)).all()  # NaN stays NaN (never inf or -0)
     assert np.array_equal(got[nan] >> 15, x[nan].view(np.uint32) >> 31)
     np.testing.assert_array_equal(S.bfloat16_bits_to_float32(want[~nan]), want[~nan].view(BF16).astype(np.float32))
+    finite = x[np.isfinite(x) & (np.abs(x) < 3.38e38)]
+    assert S.float32_to_bfloat16_bits(finite, report_non_finite=True)[1] is False
+    for bad in (np.inf, np.nan, np.float32(3.3962e38)):  # the last rounds up to inf
+        assert S.float32_to_bfloat16_bits(np.append(finite, np.float32(bad)), report_non_finite=True)[1] is True
 
 
 @pytest.mark.parametrize("dtype", [None, BF16, np.dtype(np.float16)], ids=["f64", "bf16", "fp16"])
