@@ -39,12 +39,12 @@ complete output, or the new complete output, never a mix. A kill leaves at
 most the temporary sibling(s); the next ``dora-ref merge`` to the same OUT
 removes those whose process is gone.
 
-Tensors are read, merged and written one at a time, the merged ones a block
-of rows at a time (bf16/fp16 rows widened to float32, merged, rounded once
-back to the stored dtype, ties to even), so memory is about the largest
-merged tensor twice in its stored dtype, not the model. Tensors that no
-adapter touches are copied byte for byte (``copy_file_range``), never
-decoded. Every adapter is checked against the base's header before anything
+Tensors are read, merged and written one at a time (bf16/fp16 widened to
+float32, merged, rounded once back to the stored dtype, ties to even); a
+weight above 16M elements is merged a block of rows at a time. Memory is a
+few copies of the largest merged tensor (two of them in float32), not the
+model. Tensors that no adapter touches are copied byte for byte
+(``copy_file_range``), never decoded and never in memory. Every adapter is checked against the base's header before anything
 is written; a merged weight that is not finite in the stored dtype stops the
 command (naming the module, rows and cause) and nothing is written.
 """
@@ -286,12 +286,14 @@ def _block_modules(mods, rows):
 def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
     """Merge ``mods`` into base tensor ``key`` of ``f``: the stored dtype's array (or bits for bf16).
 
-    Rows are independent (each output channel has its own norm), so a
-    weight whose linear view keeps its rows (a linear (out, in) weight, a
-    convolution kernel) is merged a block of rows at a time: the block is
-    widened to float32, merged (``dora_ref.peft.merge_view``), and rounded
-    once back to the stored dtype, while it is in cache. Fan-in-fan-out
-    weights and embeddings (whose view is a transpose) are merged whole.
+    The tensor is widened to float32 (bf16 from its bits, exactly), merged
+    (``dora_ref.peft.merge_view``) and rounded once back to the stored
+    dtype, the check for non-finite values fused into the rounding. Rows are
+    independent (each output channel has its own norm), so a weight above
+    ``_BLOCK_ELEMENTS`` whose linear view keeps its rows (a linear (out, in)
+    weight, a convolution kernel) is merged a block of rows at a time, with
+    the same bits; fan-in-fan-out weights and embeddings (whose view is a
+    transpose) are merged whole.
 
     Parameters
     ----------

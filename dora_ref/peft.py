@@ -1153,10 +1153,13 @@ def resolve_fan_in_fan_out(adapter, base, fan_in_fan_out=None):
     return out
 
 
-def _to_view(W_stored, mod, transposed, dtype):
-    """The (out, in) linear view of a stored weight, as a contiguous ``dtype`` array."""
+def _to_view(W_stored, mod, transposed, dtype, copy=True):
+    """The (out, in) linear view of a stored weight, as a contiguous ``dtype`` array.
+
+    ``copy=False`` may return ``W_stored`` itself (for callers that never write to it).
+    """
     W = W_stored.reshape(W_stored.shape[0], -1) if mod.kind == "conv" else W_stored
-    return np.ascontiguousarray((W.T if transposed else W).astype(dtype))
+    return np.ascontiguousarray((W.T if transposed else W).astype(dtype, copy=copy))
 
 
 def _from_view(W, shape, transposed):
@@ -1437,7 +1440,7 @@ def merge_view(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=False
     if len({mod.kind for mod in modules}) > 1:
         raise ValueError(f"modules of different kinds on one weight: {[m.kind for m in modules]}")
     cdt = _compute_dtype(W_stored.dtype)
-    W0 = _to_view(W_stored, modules[0], fan_in_fan_out, cdt)
+    W0 = _to_view(W_stored, modules[0], fan_in_fan_out, cdt, copy=False)  # read only
     _chain_checks(W0, modules)
     W = W0
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused by the callers
