@@ -1112,10 +1112,15 @@ def test_merged_low_precision_values_are_the_float32_merge_rounded_once_to_neare
     assert differ.mean() < 0.01, differ.sum()
 
 
-def test_bf16_rounding_of_float32_bits_is_round_to_nearest_even_on_every_class():
-    """float32_to_bfloat16_bits against ml_dtypes' cast: random bit patterns, ties, the largest values, NaN, inf."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bf16_rounding_of_float32_bits_is_round_to_nearest_even_on_every_class(threads, monkeypatch):
+    """float32_to_bfloat16_bits against ml_dtypes' cast: random bit patterns, ties, the largest values, NaN, inf.
+
+    With one thread and with three (the parts split at chunk boundaries), whatever the machine's load.
+    """
+    monkeypatch.setattr(S, "_idle_cores", lambda: threads)
     rng = np.random.default_rng(0)
-    u = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    u = rng.integers(0, 2**32, size=1_000_003, dtype=np.uint64).astype(np.uint32)  # > 8 chunks: threaded
     specials = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00008000,
                          0x00018000, 0x3F808000, 0x3F818000, 0xBF808000], np.uint32)  # fmt: skip
     x = np.concatenate([u, specials]).view(np.float32)
