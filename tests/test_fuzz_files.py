@@ -15,10 +15,12 @@ What each test asserts, for every generated input:
   ``ValueError`` whose message names the source; never another exception.
   Scaling lookups on the accepted config return finite floats.
 
-The counts of inputs tried (and refused) are printed (``pytest -s``).
+The counts of inputs tried (and refused) are printed (``pytest -s``);
+``DORA_REF_FUZZ_EXAMPLES=N`` runs N inputs per test instead of 400/600.
 """
 import json
 import math
+import os
 import struct
 from collections import Counter
 
@@ -31,6 +33,7 @@ from dora_ref import peft as P
 from dora_ref import safetensors_io as S
 
 COUNTS = Counter()
+EXAMPLES = os.environ.get("DORA_REF_FUZZ_EXAMPLES")
 
 DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
 
@@ -119,7 +122,7 @@ def _theirs(path):
         return None
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(EXAMPLES or 400), suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(blob=safetensors_files())
 def test_reader_on_malformed_files(tmp_path, blob):
     path = tmp_path / "x.safetensors"
@@ -169,7 +172,7 @@ values = st.recursive(
 configs = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), values, max_size=6) | values
 
 
-@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(EXAMPLES or 600), suppress_health_check=[HealthCheck.too_slow])
 @given(d=configs)
 def test_config_from_dict_on_json_values_of_every_type(d):
     COUNTS["config inputs"] += 1
