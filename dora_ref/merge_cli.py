@@ -492,8 +492,9 @@ def main(argv=None):
     """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage).
 
     Every expected error (a bad file, config, shape, a non-finite merged
-    weight, an OS error) prints one line, ``dora-ref merge: error: ...``,
-    and returns 1: no traceback.
+    weight, an OS error, running out of memory) prints one line,
+    ``dora-ref merge: error: ...``, and returns 1: no traceback. Ctrl-C
+    returns 130; either way OUT is as it was (the temporary output is removed).
     """
     args = _parser().parse_args(argv)
     try:
@@ -511,6 +512,13 @@ def main(argv=None):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dora-ref merge: error: {msg}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("dora-ref merge: error: out of memory (a tensor and its float32 copies did not fit); "
+              f"{args.out} is unchanged", file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        print(f"dora-ref merge: interrupted; {args.out} is unchanged", file=sys.stderr)
+        return 130
     return 0
 
 

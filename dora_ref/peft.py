@@ -453,7 +453,7 @@ def read_config(directory):
         A missing file, invalid JSON, or an unsupported config.
     """
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
+    if not path.exists():  # anything else (a directory, no permission): the OS's own reason below
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (is this a PEFT adapter directory?)")
     try:
         d = json.loads(path.read_text())
@@ -606,7 +606,7 @@ def load_adapter(directory, *, dtype=None):
     if not directory.is_dir():
         raise FileNotFoundError(f"no such adapter directory: {directory}")
     weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    if not weights.exists():
         for pickle_name in ("adapter_model.bin", "adapter_model.pt"):
             if (directory / pickle_name).is_file():
                 _refuse_pickle(directory / pickle_name)

@@ -1172,3 +1172,29 @@ def test_merge_command_force_replaces_out_as_a_whole_and_only_a_model_directory(
     (notes / "todo.txt").write_text("mine")
     assert merge_main(args[:2] + [str(notes)] + args[3:]) == 1
     assert "holds no safetensors model" in capsys.readouterr().err and (notes / "todo.txt").exists()
+
+
+def test_adapter_config_that_is_a_directory_is_not_reported_missing(tmp_path):
+    """Issue 10 item 14, for adapters: the OS's reason, not 'no adapter_config.json'."""
+    write_adapter(tmp_path / "ad", {"fc": random_module(np.random.default_rng(0), 3, 4, 2)})
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).unlink()
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).mkdir()
+    with pytest.raises(IsADirectoryError):
+        P.load_adapter(tmp_path / "ad")
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).rmdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        P.load_adapter(tmp_path / "ad")
+
+
+def test_merge_command_interrupted_leaves_out_unchanged_and_says_so(tmp_path, capsys, monkeypatch):
+    from dora_ref import merge_cli
+
+    _toy_checkpoint(tmp_path)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_cli, "merge_tensor", interrupt)
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base"]  # no OUT, no temporary output
