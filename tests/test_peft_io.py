@@ -1198,3 +1198,12 @@ def test_merge_command_interrupted_leaves_out_unchanged_and_says_so(tmp_path, ca
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base"]  # no OUT, no temporary output
+
+
+def test_dora_ref_command_with_a_missing_optional_dependency_prints_one_line(capsys, monkeypatch):
+    from dora_ref import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "merge", ("dora_ref._no_such_module", "merge"))
+    assert cli.main(["merge", "a", "b", "c"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dora-ref merge: error: No module named") and err.count("\n") == 1
