@@ -26,8 +26,12 @@ the page cache. The machine's load (``uptime``) is printed before and after:
 on a shared machine the ratios, measured side by side, are what to compare.
 
 Run ``python benchmarks/bench_merge.py`` (about 5 minutes; PEFT takes most)
-or ``--small`` (a 2-layer, 34 MB model, seconds). ``--rounds N`` repeats the
-interleaved round (default 2); ``--no-peft`` skips PEFT.
+or ``--small`` (a 2-layer model, seconds). ``--rounds N`` repeats the
+interleaved round (default 2); ``--no-peft`` skips PEFT. ``--compare`` keeps
+the last round's dora-ref and PEFT outputs and compares the first layer's
+seven merged projections bit by bit, and each with the float64 merge rounded
+once to bf16 (ties to even): how many values differ, and which side holds
+the correctly rounded value.
 """
 from __future__ import annotations
 
@@ -114,6 +118,50 @@ def build_in_subprocess(directory, small):
     return directory / "base", directory / "adapter", largest
 
 
+def compare(base, adapter, ours, theirs):
+    """Lines comparing dora-ref's and PEFT's merged bf16 values with the float64 merge rounded once."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    def bf16(t):
+        return t.view(torch.int16).numpy().view(np.uint16)
+
+    def round_once(x):  # float64 -> the nearest bf16 (8 significant bits), ties to even; as bits
+        mant, exp = np.frexp(x)
+        y = np.ldexp(np.round(mant * 256.0), exp - 8).astype(np.float32)  # exact: 8 bits fit
+        return (y.view(np.uint32) >> 16).astype(np.uint16)
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    W = load_file(str(base / "model.safetensors"))
+    ad = load_file(str(adapter / "adapter_model.safetensors"))
+    ours_t, theirs_t = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    total = differ = ours_right = theirs_right = ours_wrong = 0
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        sub = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = f"model.layers.0.{sub}.{proj}"
+        W0 = W[key + ".weight"].double().numpy()
+        A = ad[f"base_model.model.{key}.lora_A.weight"].double().numpy()
+        B = ad[f"base_model.model.{key}.lora_B.weight"].double().numpy()
+        m = ad[f"base_model.model.{key}.lora_magnitude_vector"].double().numpy()
+        V = W0 + scaling * (B @ A)
+        once = round_once((m / np.linalg.norm(V, axis=1))[:, None] * V)
+        a, b = bf16(ours_t[key + ".weight"]), bf16(theirs_t[key + ".weight"])
+        d = a != b
+        total += a.size
+        differ += int(d.sum())
+        ours_right += int((a == once)[d].sum())
+        theirs_right += int((b == once)[d].sum())
+        ours_wrong += int((a != once).sum())
+    return [
+        f"layer 0's seven projections: {total} merged bf16 values; dora-ref and PEFT differ in {differ}; "
+        f"of those, dora-ref holds the float64 merge rounded once in {ours_right}, PEFT in {theirs_right}",
+        f"dora-ref differs from the float64 merge rounded once in {ours_wrong} of {total} values "
+        f"({ours_wrong / total:.1e}; near rounding ties the float32 arithmetic's error decides the side)",
+    ]
+
+
 def run(cmd, env=None):
     """(wall seconds, peak RSS bytes, stdout) of a subprocess; raises if it fails."""
     start = time.perf_counter()
@@ -144,6 +192,7 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="a 2-layer model of a few MB (quick check)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT (the slowest)")
+    ap.add_argument("--compare", action="store_true", help="compare dora-ref's merged bits with PEFT's")
     ap.add_argument("--results", default=None, help="write a markdown table here (default: print only)")
     ap.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: build the model here
     args = ap.parse_args(argv)
@@ -173,10 +222,13 @@ def main(argv=None):
         times = {name: [] for name in methods}
         rss = {name: [] for name in methods}
         inner = []
+        kept = {"dora-ref merge": tmp / "cmp_dora_ref", "PEFT merge_and_unload": tmp / "cmp_peft"}
         for round_ in range(args.rounds):
             for name, cmd in methods.items():
                 out = tmp / "out"
                 shutil.rmtree(out, ignore_errors=True)
+                if args.compare and round_ == args.rounds - 1 and name in kept:
+                    out = kept[name]
                 wall, peak, stdout = run([c.replace("{out}", str(out)) for c in cmd], env)
                 times[name].append(wall)
                 rss[name].append(peak)
@@ -184,7 +236,9 @@ def main(argv=None):
                     inner.append(float(stdout.split()[0]))
                 print(f"  round {round_ + 1}: {name:<34} {wall:7.2f} s  peak RSS {peak / 1e6:6.0f} MB", flush=True)
         shutil.rmtree(tmp / "out", ignore_errors=True)
-    after = uptime()
+        after = uptime()
+        compared = compare(base, adapter, kept["dora-ref merge"], kept["PEFT merge_and_unload"]) if (
+            args.compare and not args.no_peft) else []
     import resource
 
     parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -214,6 +268,7 @@ def main(argv=None):
                      f"dora-ref merge / read + write: {med['dora-ref merge'] / floor:.2f} (goal <= 1.1), "
                      f"/ strict floor: {med['dora-ref merge'] / strict:.2f}; "
                      f"peak RSS / largest tensor: {peak['dora-ref merge'] / largest:.2f} (goal <= 3)")  # fmt: skip
+    lines += [""] + compared if compared else []
     print("\n".join(lines))
     if args.results:
         Path(args.results).write_text("\n".join(lines) + "\n")
