@@ -185,7 +185,10 @@ def _clean_leftovers(out):
             continue
         pid = int(m[2])
         if pid != os.getpid() and _alive(pid):
-            raise ValueError(f"another dora-ref merge (pid {pid}) is writing {out} ({item}); wait for it")
+            raise ValueError(
+                f"process {pid}, which is writing {item}, is still running (another dora-ref merge into "
+                f"{out}?); wait for it, or remove {item} if it is not"
+            )
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item)
         else:

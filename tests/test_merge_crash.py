@@ -152,5 +152,5 @@ def test_a_live_merge_into_the_same_out_is_not_disturbed(checkpoint, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "dora_ref", "merge", str(d / "base"), str(d / "new_ad"), str(out),
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 1 and f"(pid {os.getpid()}) is writing" in proc.stderr
+    assert proc.returncode == 1 and f"process {os.getpid()}, which is writing {live}, is still running" in proc.stderr
     assert live.is_dir() and not out.exists()
