@@ -64,7 +64,11 @@ def main(argv=None):
         return 2
     if name == "info":
         return info(rest)
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ImportError as e:  # an optional dependency of this command: one line, not a traceback
+        print(f"dora-ref {name}: error: {e}; install the extra it needs (see README.md)", file=sys.stderr)
+        return 1
     return module.main(rest) or 0
 
 

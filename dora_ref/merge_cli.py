@@ -28,22 +28,50 @@ modules corroborate it; otherwise the command stops and says so
 OUT must not exist (for a directory BASE: may be an empty directory) unless
 ``--force``, and may not be, or lie inside, BASE or an ADAPTER directory.
 
-Tensors are read, merged and written one at a time: memory is about one
-tensor (plus its float32 copy for bf16/fp16 bases), not the model. Every
-adapter is checked against the base's header before anything is written.
+Crash safety: the output is written into a temporary sibling of OUT
+(``.<OUT name>.dora-ref-tmp-<pid>-<random>``), every file flushed to disk
+(fsync) and the directory too, then moved into place by one rename. With
+``--force`` an existing OUT directory is swapped with the new one
+atomically (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere the old OUT is
+first renamed aside, so a kill between the two renames leaves no OUT), and
+the old one is removed afterwards. So a reader sees OUT absent, the old
+complete output, or the new complete output, never a mix. A kill leaves at
+most the temporary sibling(s); the next ``dora-ref merge`` to the same OUT
+removes those whose process is gone.
+
+Tensors are read, merged and written one at a time (bf16/fp16 widened to
+float32, merged, rounded once back to the stored dtype, ties to even); a
+weight above 16M elements is merged a block of rows at a time. Memory is a
+few copies of the largest merged tensor (two of them in float32), not the
+model. Tensors that no adapter touches are copied byte for byte
+(``copy_file_range``), never decoded and never in memory. Every adapter is checked against the base's header before anything
+is written; a merged weight that is not finite in the stored dtype stops the
+command (naming the module, rows and cause) and nothing is written.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import re
+import secrets
 import shutil
+import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 
 from . import peft as P
 from . import safetensors_io as S
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+#: rows of a merged tensor processed at once: about this many elements (64 MB in float32). A
+#: Llama projection is one block; blocks bound the memory of larger weights. (Smaller blocks
+#: cost more than they save: each merge call opens a parallel region, slow on a busy machine.)
+_BLOCK_ELEMENTS = 1 << 24
+_TMP_TAG = "dora-ref-tmp"
+_OLD_TAG = "dora-ref-old"
 
 
 def _parser():
@@ -57,7 +85,8 @@ def _parser():
     p.add_argument("base", metavar="BASE", help="base .safetensors file or model directory")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter directory (in order)")
     p.add_argument("out", metavar="OUT", help="output file (file BASE) or directory (directory BASE)")
-    p.add_argument("--force", action="store_true", help="write into an existing OUT, overwriting its files")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT as a whole (atomically: a kill leaves the old or the new)")
     p.add_argument(
         "--fan-in-fan-out",
         metavar="PATTERN",
@@ -94,6 +123,12 @@ def _inside(path, directory):
     return path == directory or directory in path.parents
 
 
+def _looks_like_output(directory):
+    """Whether an existing directory may be replaced by --force: empty, or holding a safetensors model."""
+    names = [p.name for p in directory.iterdir()]
+    return not names or any(n.endswith(".safetensors") or n == S.SHARD_INDEX for n in names)
+
+
 def _check_output(base, adapter_paths, out, files, out_dir, force):
     """Refuse an OUT that would overwrite files (without force) or lands in an input."""
     out = Path(out)
@@ -104,18 +139,242 @@ def _check_output(base, adapter_paths, out, files, out_dir, force):
     for _, dst in files:
         if dst.resolve() in [f.resolve() for f in base.files]:
             raise ValueError(f"{dst} is a base file; write the output elsewhere")
-    if force:
-        return
     if out_dir is not None and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ValueError(f"OUT {out_dir} exists and is not empty; pass --force to write into it")
+        if not force:
+            raise ValueError(f"OUT {out_dir} exists and is not empty; pass --force to replace it")
+        if not _looks_like_output(out_dir):
+            raise ValueError(
+                f"OUT {out_dir} exists and holds no safetensors model; --force replaces OUT as a whole, "
+                f"so it only replaces a model directory (remove {out_dir} yourself if you mean it)"
+            )
     for _, dst in files:
-        if dst.exists():
+        if dst.exists() and not force:
             raise ValueError(f"{dst} exists; pass --force to overwrite")
+        if force and dst.is_dir():
+            raise ValueError(f"{dst} is a directory; OUT must be a file or a model directory")
+
+
+# ---------------------------------------------------------------------------
+# crash safety: a temporary sibling, fsync, one rename (or an atomic exchange)
+# ---------------------------------------------------------------------------
+
+
+def _kill_point(name):
+    """Test hook: ``DORA_REF_TEST_KILL_AT=<name>`` makes the process SIGKILL itself here.
+
+    Used by tests/test_merge_crash.py to kill the command at exact points
+    (``tensor:<N>`` after N tensors, ``written``, ``exchanged``, ``renamed-aside``).
+    """
+    if os.environ.get("DORA_REF_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sibling(out, tag):
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _clean_leftovers(out):
+    """Remove temporary siblings of OUT left by killed runs; refuse if a live run is writing OUT."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({_TMP_TAG}|{_OLD_TAG})-(\d+)-[0-9a-f]+(\.partial)?$")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    for item in parent.iterdir():
+        m = pattern.match(item.name)
+        if not m:
+            continue
+        pid = int(m[2])
+        if pid != os.getpid() and _alive(pid):
+            raise ValueError(
+                f"process {pid}, which is writing {item}, is still running (another dora-ref merge into "
+                f"{out}?); wait for it, or remove {item} if it is not"
+            )
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _exchange(a, b):
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if os.environ.get("DORA_REF_TEST_NO_EXCHANGE") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # glibc < 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        return False  # e.g. a filesystem without it: fall back to two renames
+    return True
+
+
+def _install(tmp, out, is_dir):
+    """Move the complete, synced ``tmp`` to ``out`` (replacing an old OUT) and sync the parent."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not is_dir or not out.exists():
+        os.replace(tmp, out)  # atomic; an empty OUT directory is replaced too
+    elif _exchange(tmp, out):
+        _kill_point("exchanged")
+        S.fsync_directory(parent)
+        shutil.rmtree(tmp)  # now the old output
+    else:
+        old = _sibling(out, _OLD_TAG)
+        os.rename(out, old)
+        _kill_point("renamed-aside")
+        os.rename(tmp, out)
+        S.fsync_directory(parent)
+        shutil.rmtree(old)
+    S.fsync_directory(parent)
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# merging one tensor, a block of rows at a time
+# ---------------------------------------------------------------------------
+
+
+def _codec(st_dtype):
+    """(read, widen, narrow, not_finite) for a stored dtype; the merge computes in float32 or float64.
+
+    ``narrow`` returns the stored values and whether any is not finite;
+    ``not_finite`` gives the mask (only on that error path).
+
+    bfloat16 is handled as raw bits (``S.bfloat16_bits_to_float32`` /
+    ``S.float32_to_bfloat16_bits``), so ``ml_dtypes`` is never imported here.
+    """
+    def checked(a):  # (array, whether any value is not finite)
+        return a, not np.isfinite(a).all()
+
+    if st_dtype == "BF16":
+        return ("bits", S.bfloat16_bits_to_float32,
+                lambda x: S.float32_to_bfloat16_bits(x, report_non_finite=True),
+                lambda bits: (bits & 0x7F80) == 0x7F80)  # fmt: skip
+    if st_dtype == "F16":
+        def narrow(x):
+            with np.errstate(over="ignore"):
+                return checked(x.astype(np.float16))
+
+        return "array", lambda a: a.astype(np.float32), narrow, lambda a: ~np.isfinite(a)
+    if st_dtype in ("F32", "F64"):
+        return "array", lambda a: a, checked, lambda a: ~np.isfinite(a)
+    raise ValueError(f"cannot merge into a {st_dtype} base weight (float16, bfloat16, float32, float64 only)")
+
+
+def _block_modules(mods, rows):
+    return [dataclasses.replace(m, lora_B=m.lora_B[rows], magnitude=None if m.magnitude is None else m.magnitude[rows])
+            for m in mods]  # fmt: skip
+
+
+def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
+    """Merge ``mods`` into base tensor ``key`` of ``f``: the stored dtype's array (or bits for bf16).
+
+    The tensor is widened to float32 (bf16 from its bits, exactly), merged
+    (``dora_ref.peft.merge_view``) and rounded once back to the stored
+    dtype, the check for non-finite values fused into the rounding. Rows are
+    independent (each output channel has its own norm), so a weight above
+    ``_BLOCK_ELEMENTS`` whose linear view keeps its rows (a linear (out, in)
+    weight, a convolution kernel) is merged a block of rows at a time, with
+    the same bits; fan-in-fan-out weights and embeddings (whose view is a
+    transpose) are merged whole.
+
+    Parameters
+    ----------
+    f : SafetensorsFile
+    key : str
+    mods : list of ModuleAdapter
+    fifo : bool
+    allow_zero_norm : bool
+
+    Returns
+    -------
+    (ndarray, bool)
+        The merged tensor in the stored shape, and whether it holds raw bits
+        (uint16 for bfloat16) rather than typed values.
+
+    Raises
+    ------
+    ValueError
+        As ``dora_ref.peft.merge_weight``: shapes, zero norms, and a merged
+        weight that is not finite in the stored dtype (module, rows, cause).
+    """
+    st_dtype = f.st_dtype(key)
+    how, widen, narrow, not_finite = _codec(st_dtype)
+    stored = f.read_bits(key) if how == "bits" else f.get(key)
+    row_elems = max(1, int(np.prod(stored.shape[1:], dtype=np.int64)))
+    blockwise = (not fifo and mods[0].kind != "embedding" and stored.ndim >= 1
+                 and stored.size > _BLOCK_ELEMENTS)  # fmt: skip
+    step = max(1, _BLOCK_ELEMENTS // row_elems) if blockwise else max(1, stored.shape[0])
+    out = np.empty_like(stored) if blockwise else None
+    try:
+        for start in range(0, max(1, stored.shape[0]), step):
+            rows = slice(start, start + step) if blockwise else slice(None)
+            block_mods = _block_modules(mods, rows) if blockwise else mods
+            W = P.merge_view(widen(stored[rows]), block_mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+            merged, any_bad = narrow(P._from_view(W, stored[rows].shape, fifo))
+            if any_bad:
+                bad = not_finite(merged)
+                raise _NotFinite(start if blockwise else 0, P._from_view_rows(bad, fifo), W)
+            if not blockwise:
+                return merged, how == "bits"
+            out[rows] = merged
+    except (_NotFinite, ValueError) as e:
+        # name the rows of the whole tensor: diagnose it whole (only on this error path)
+        full = widen(stored)
+        if isinstance(e, _NotFinite):
+            W = P.merge_view(full, mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+            dtype = S._numpy_dtype(st_dtype)
+            raise P.non_finite_error(full, mods, fifo, e.offset + e.rows, W, dtype) from None
+        P.merge_view(full, mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+        raise
+    return out, how == "bits"
+
+
+class _NotFinite(Exception):
+    def __init__(self, offset, rows, W):
+        super().__init__()
+        self.offset, self.rows, self.W = offset, rows, W
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, show):
+    if not show:  # tqdm is not even imported (it takes a tenth of a second)
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr)
 
 
 def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero_norm=False,
                      force=False, verbose=False, log=print, fan_in_fan_out=None):  # fmt: skip
-    """Merge adapters into a safetensors checkpoint, streaming tensor by tensor.
+    """Merge adapters into a safetensors checkpoint, streaming tensor by tensor, crash-safe.
 
     Parameters
     ----------
@@ -130,7 +389,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     allow_zero_norm : bool
         See ``dora_ref.peft.merge_weight``.
     force : bool
-        Write into an existing, non-empty OUT, overwriting its files.
+        Replace an existing OUT (a file, or a directory holding a
+        safetensors model) as a whole.
     verbose : bool
         List every merged module in the summary (default: the first 10).
     log : callable
@@ -146,16 +406,15 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
 
     Raises
     ------
-    FileNotFoundError, KeyError, ValueError
-        Missing files, an adapter module without a base weight, shape
-        mismatches, unsupported or malformed configs, a square weight of
-        unknown orientation, a zero row norm, an existing output without
-        ``force``, or OUT in BASE or an ADAPTER directory. Raised before any output is written, except
-        the zero-norm error (found while merging), after which no partial
-        output is left behind.
+    FileNotFoundError, OSError, KeyError, ValueError
+        Missing or unreadable files, an adapter module without a base
+        weight, shape mismatches, unsupported or malformed configs, a square
+        weight of unknown orientation, an existing output without ``force``,
+        or OUT in BASE or an ADAPTER directory: raised before any output is
+        written. A zero row norm or a non-finite merged weight (found while
+        merging) and I/O errors: raised with OUT untouched and the temporary
+        output removed.
     """
-    from tqdm.auto import tqdm
-
     base = S.BaseWeights(base_path)
     adapters = [P.load_adapter(a) for a in adapter_paths]
     plan = P.plan_merge(base, adapters, fan_in_fan_out=fan_in_fan_out)
@@ -165,46 +424,56 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
               for a, ad in zip(adapter_paths, adapters) for m in ad.modules.values()}  # fmt: skip
     files, out_dir = _output_files(base, out)
     _check_output(base, adapter_paths, out, files, out_dir, force)
-    created_dir = out_dir is not None and not out_dir.exists()
+    final = Path(os.path.abspath(out_dir if out_dir is not None else files[0][1]))  # "." has no name
+    _clean_leftovers(final)
+    tmp = _sibling(final, _TMP_TAG)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)
+        files = [(src, tmp / dst.name) for src, dst in files]
+    else:
+        files = [(files[0][0], tmp)]
 
     total = sum(len(base.file_keys(src)) for src, _ in files)
-    bar = tqdm(total=total, unit="tensor", desc="merging", disable=not progress, file=sys.stderr)
-    written = []
+    bar = _progress_bar(total, progress)
+    done = 0
     try:
         for src, dst in files:
             f = base.handle(src)
-            keys = f.keys()
-            writer = S.SafetensorsWriter(dst, [(k, f.dtype(k), f.shape(k)) for k in keys], f.metadata())
+            keys = f.keys_in_file_order()
+            writer = S.SafetensorsWriter(dst, [(k, f.st_dtype(k), f.shape(k)) for k in keys], f.metadata())
             try:
                 for key in keys:
-                    W = f.get(key)
                     if key in plan:
                         mods, fifo = plan[key]
-                        W = P.merge_weight(W, mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+                        W, bits = merge_tensor(f, key, mods, fifo, allow_zero_norm)
+                        writer.write(key, W, bits=bits)
                     elif key in replaced:
-                        W = replaced[key].astype(W.dtype)
-                    writer.write(key, W)
+                        writer.write(key, P.cast_replacement(replaced[key], f.dtype(key), key))
+                    else:
+                        writer.copy(key, f)
+                    done += 1
+                    _kill_point(f"tensor:{done}")
                     bar.update(1)
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
-            written.append(dst)
-    except BaseException:  # no partial output: drop the shards this run completed
-        for dst in written:
-            dst.unlink(missing_ok=True)
-        if created_dir and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if out_dir is not None:  # the shard index and the small files (config.json, tokenizer, ...)
+            for item in base.path.iterdir():
+                if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES:
+                    shutil.copy2(item, tmp / item.name)
+                    _fsync_file(tmp / item.name)
+            S.fsync_directory(tmp)
+        _kill_point("written")
+        _install(tmp, final, out_dir is not None)
+    except BaseException:  # no partial output: OUT is untouched, the temporary output goes
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
         raise
     finally:
         bar.close()
-
-    if out_dir is not None:  # the shard index and the small files (config.json, tokenizer, ...)
-        for item in base.path.iterdir():
-            if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES:
-                shutil.copy2(item, out_dir / item.name)
 
     merged = {k: [":".join(origin[id(m)]) for m in mods] for k, (mods, _) in plan.items()}
     n_dora = sum(1 for mods, _ in plan.values() if any(m.magnitude is not None for m in mods))
@@ -223,7 +492,13 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
 
 
 def main(argv=None):
-    """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage).
+
+    Every expected error (a bad file, config, shape, a non-finite merged
+    weight, an OS error, running out of memory) prints one line,
+    ``dora-ref merge: error: ...``, and returns 1: no traceback. Ctrl-C
+    returns 130; either way OUT is as it was (the temporary output is removed).
+    """
     args = _parser().parse_args(argv)
     try:
         merge_checkpoint(
@@ -236,10 +511,17 @@ def main(argv=None):
             verbose=args.verbose,
             fan_in_fan_out=args.fan_in_fan_out,
         )
-    except (OSError, KeyError, ValueError) as e:  # one line, no traceback
+    except (OSError, KeyError, ValueError, TypeError) as e:  # one line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dora-ref merge: error: {msg}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("dora-ref merge: error: out of memory (a tensor and its float32 copies did not fit); "
+              f"{args.out} is unchanged", file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        print(f"dora-ref merge: interrupted; {args.out} is unchanged", file=sys.stderr)
+        return 130
     return 0
 
 

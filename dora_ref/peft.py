@@ -48,10 +48,12 @@ base weight, and each DoRA adapter rescales everything accumulated before it::
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +102,138 @@ _UNSUPPORTED_FIELDS = {
 }
 
 def _is_real(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A JSON number that is a finite float (an integer too large for a float, e.g. 10**400, is not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _is_rank(x):
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x < 2**31
+
+
+def _show(value, limit=80):
+    """``repr(value)`` cut to ``limit`` characters (an integer of thousands of digits has no repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# rank_pattern / alpha_pattern keys: PEFT's regex rule, at a bounded cost
+# ---------------------------------------------------------------------------
+
+#: at most this many quantifiers (``*``, ``+``, ``?``, ``{m,n}``) in a pattern key
+MAX_PATTERN_QUANTIFIERS = 3
+#: module paths longer than this are not matched against pattern keys
+MAX_MODULE_PATH = 256
+#: seconds one config may spend matching its pattern keys, in total (each match takes
+#: microseconds for real keys and at most ~0.3 s for the worst key the rules above let through)
+PATTERN_TIME_BUDGET = 2.0
+
+
+def _quantifiers(items, repeated):
+    """Count the quantifiers of a parsed regex; raise ValueError on constructs that backtrack exponentially."""
+    count = 0
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            lo, hi, sub = av
+            if repeated:
+                raise ValueError("a quantifier inside a repeated group")
+            count += lo != hi
+            count += _quantifiers(sub, repeated or hi > 1)
+        elif name == "BRANCH":
+            if repeated:
+                raise ValueError("an alternation inside a repeated group")
+            count += sum(_quantifiers(branch, repeated) for branch in av[1])
+        elif name == "SUBPATTERN":
+            count += _quantifiers(av[-1], repeated)
+        elif name == "ATOMIC_GROUP":
+            count += _quantifiers(av, repeated)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            count += _quantifiers(av[1], repeated)
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            raise ValueError("a backreference")
+    return count
+
+
+@functools.lru_cache(maxsize=1024)
+def pattern_key_regex(key):
+    """The compiled PEFT pattern ``(.*\\.)?(key)$`` of a rank_pattern/alpha_pattern key.
+
+    PEFT (``peft.utils.other.get_pattern_key``) matches a key ``p`` against
+    a module path with ``re.match(rf"(.*\\.)?({p})$", path)``: the key must
+    match a whole dot-separated suffix of the path. The same regex is used
+    here, but only for keys whose matching time is bounded: Python's regex
+    engine backtracks, and a key such as ``(a+)+b`` takes exponential time
+    (minutes on one module path). Refused: a quantifier or an alternation
+    inside a repeated group (``(a+)+``, ``(a|ab)*``, ``(a?){30}``), a
+    backreference, and more than ``MAX_PATTERN_QUANTIFIERS`` quantifiers
+    (sequential optional parts such as ``a?a?a?...`` backtrack exponentially
+    too). Plain module paths, anchors, ``.*``, ``\\d+`` and alternations such
+    as ``(q|v)_proj`` are accepted.
+
+    Returns
+    -------
+    re.Pattern
+
+    Raises
+    ------
+    ValueError
+        An invalid regex, or one of the constructs above (the message says which).
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"key {key!r} is not a string")
+    full = rf"(.*\.)?({key})$"
+    try:
+        compiled = re.compile(full)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"key {key!r} is not a valid regex ({e})") from None
+    try:
+        count = _quantifiers(_regex_parser().parse(full), False) - 2  # the two of the prefix (.*\.)?
+    except ValueError as e:
+        raise ValueError(
+            f"key {key!r} has {e}, whose matching time can grow exponentially with the module path's "
+            f"length; write the key without it (e.g. list the module paths)"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"key {key!r} nests too deeply") from None
+    if count > MAX_PATTERN_QUANTIFIERS:
+        raise ValueError(
+            f"key {key!r} has {count} quantifiers (at most {MAX_PATTERN_QUANTIFIERS}: each one multiplies "
+            f"the matching time by up to the module path's length)"
+        )
+    return compiled
+
+
+def _regex_parser():
+    try:
+        import re._parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover  (Python 3.10)
+        import sre_parse as parser
+    return parser
+
+
+def pattern_matches(key, module):
+    """PEFT's rule: whether pattern key ``key`` matches module path ``module`` (see ``pattern_key_regex``).
+
+    Raises
+    ------
+    ValueError
+        A key refused by ``pattern_key_regex``, or a module path longer than
+        ``MAX_MODULE_PATH`` characters.
+    """
+    if len(module) > MAX_MODULE_PATH or "\n" in module:
+        raise ValueError(
+            f"module path {_show(module)} ({len(module)} characters) is not matched against pattern keys: "
+            f"a module path has at most {MAX_MODULE_PATH} characters and no line break"
+        )
+    return pattern_key_regex(key).match(module) is not None
 
 
 def _check_field_types(d, source):
@@ -113,7 +246,7 @@ def _check_field_types(d, source):
     """
 
     def bad(name, want):
-        return ValueError(f"{source}: field {name!r} must be {want}, got {d[name]!r}")
+        return ValueError(f"{source}: field {name!r} must be {want}, got {_show(d[name])}")
 
     present = lambda name: d.get(name) is not None  # noqa: E731  (null means the default)
     if present("peft_type") and not isinstance(d["peft_type"], str):
@@ -121,6 +254,8 @@ def _check_field_types(d, source):
     for name in ("use_dora", "use_rslora", "fan_in_fan_out"):
         if present(name) and not isinstance(d[name], bool):
             raise bad(name, "true or false")
+    if present("r") and not _is_rank(d["r"]):
+        raise bad("r", "a positive integer below 2**31")
     if present("lora_alpha") and not _is_real(d["lora_alpha"]):
         raise bad("lora_alpha", "a finite number")
     if present("lora_dropout") and not _is_real(d["lora_dropout"]):
@@ -132,7 +267,7 @@ def _check_field_types(d, source):
         if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
             raise bad(name, "a list of module names" + (" or a regex string" if name == "target_modules" else ""))
     for name, check, want in (
-        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "positive integers"),
+        ("rank_pattern", _is_rank, "positive integers below 2**31"),
         ("alpha_pattern", _is_real, "finite numbers"),
     ):
         pattern = d.get(name)
@@ -142,11 +277,11 @@ def _check_field_types(d, source):
             raise bad(name, "an object of {regex: value}")
         for key, value in pattern.items():
             try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise ValueError(f"{source}: field {name!r}: key {key!r} is not a valid regex ({e})") from None
+                pattern_key_regex(key)
+            except ValueError as e:
+                raise ValueError(f"{source}: field {name!r}: {e}") from None
             if not check(value):
-                raise ValueError(f"{source}: field {name!r}: {key!r} maps to {value!r}; values must be {want}")
+                raise ValueError(f"{source}: field {name!r}: {key!r} maps to {_show(value)}; values must be {want}")
 
 
 # initialisations that replace the base weight W by a residual (peft_dora.md Sec. 3.1, step 3)
@@ -179,6 +314,8 @@ class LoraAdapterConfig:
         them (see ``rank_and_alpha``).
     extra : dict
         Every other field of ``adapter_config.json``, written back unchanged.
+    source : str
+        Where the config was read from (the file), named in error messages.
     """
 
     r: int = 8
@@ -191,6 +328,8 @@ class LoraAdapterConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    #: where the config came from, for messages (not written back)
+    source: str = field(default="adapter config", repr=False, compare=False)
 
     _FIELDS = ("r", "lora_alpha", "use_dora", "use_rslora", "lora_dropout", "fan_in_fan_out",
                "target_modules", "rank_pattern", "alpha_pattern")  # fmt: skip
@@ -213,21 +352,27 @@ class LoraAdapterConfig:
             raise ValueError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
         d = dict(d)
         _check_field_types(d, source)
-        peft_type = d.get("peft_type", "LORA")
+        peft_type = "LORA" if d.get("peft_type") is None else d["peft_type"]
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; only LoRA/DoRA adapters are supported")
+            raise ValueError(f"{source}: peft_type is {_show(peft_type)}; only LoRA/DoRA adapters are supported")
         for name, what in _UNSUPPORTED_FIELDS.items():
             if d.get(name):
-                raise ValueError(
-                    f"{source}: {name}={d[name]!r} ({what}) is not supported by dora_ref"
-                )
-        if d.get("bias", "none") != "none":
+                raise ValueError(f"{source}: {name}={_show(d[name])} ({what}) is not supported by dora_ref")
+        bias = d.get("bias", "none")
+        if bias is None:  # PEFT 0.21 fails on it too (AttributeError in _mark_only_adapters_as_trainable)
             raise ValueError(
-                f"{source}: bias={d['bias']!r} (trained base biases saved in the adapter) "
+                f"{source}: field 'bias' is null; PEFT's LoraConfig takes 'none', 'all' or 'lora_only' "
+                f"(PEFT itself cannot load a null bias). Write \"none\" if the adapter saved no biases"
+            )
+        if bias in ("all", "lora_only"):
+            raise ValueError(
+                f"{source}: bias={bias!r} (base biases trained and saved in the adapter) "
                 f"is not supported; only bias='none'"
             )
-        init = str(d.get("init_lora_weights", True)).lower()
-        if init.startswith(_BASE_REWRITING_INITS):
+        if bias != "none":
+            raise ValueError(f"{source}: field 'bias' must be 'none', 'all' or 'lora_only', got {_show(bias)}")
+        init = d.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
             warnings.warn(
                 f"{source}: init_lora_weights={d['init_lora_weights']!r} rewrote the base weights when "
                 f"the adapter was created, so this adapter applies to that *residual* base, not to the "
@@ -237,7 +382,7 @@ class LoraAdapterConfig:
                 stacklevel=3,
             )
         kw = {k: d.pop(k) for k in cls._FIELDS if k in d and d[k] is not None}
-        cfg = cls(**kw, extra=d)
+        cfg = cls(**kw, extra=d, source=str(source))
         if isinstance(cfg.r, bool) or not isinstance(cfg.r, int) or cfg.r <= 0:
             raise ValueError(f"{source}: r must be a positive integer, got {cfg.r!r}")
         if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -258,16 +403,36 @@ class LoraAdapterConfig:
         PEFT ``get_pattern_key``: the first key ``p`` of ``rank_pattern``
         (``alpha_pattern``), in the file's order, for which
         ``re.match(rf"(.*\\.)?({p})$", module)`` matches gives the value;
-        otherwise ``r`` (``lora_alpha``).
+        otherwise ``r`` (``lora_alpha``). Keys whose matching time is not
+        bounded are refused (``pattern_key_regex``), and all matches of one
+        config together may take at most ``PATTERN_TIME_BUDGET`` seconds.
+
+        Raises
+        ------
+        ValueError
+            Naming the field, the key and ``source``.
         """
 
-        def lookup(pattern, default):
+        def lookup(name, pattern, default):
             for key, value in pattern.items():
-                if re.match(rf"(.*\.)?({key})$", module):
+                start = time.perf_counter()
+                try:
+                    hit = pattern_matches(key, module)
+                except ValueError as e:
+                    raise ValueError(f"{self.source}: field {name!r}: {e}") from None
+                self._match_seconds = getattr(self, "_match_seconds", 0.0) + time.perf_counter() - start
+                if self._match_seconds > PATTERN_TIME_BUDGET:
+                    raise ValueError(
+                        f"{self.source}: field {name!r}: matching its keys against the module paths took "
+                        f"over {PATTERN_TIME_BUDGET:g} s (last key {_show(key)}, module {_show(module)}); "
+                        f"simplify the keys (e.g. list the module paths)"
+                    )
+                if hit:
                     return value
             return default
 
-        return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
+        return (lookup("rank_pattern", self.rank_pattern, self.r),
+                lookup("alpha_pattern", self.alpha_pattern, self.lora_alpha))  # fmt: skip
 
     def scaling(self, module):
         """PEFT's scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -288,7 +453,7 @@ def read_config(directory):
         A missing file, invalid JSON, or an unsupported config.
     """
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
+    if not path.exists():  # anything else (a directory, no permission): the OS's own reason below
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (is this a PEFT adapter directory?)")
     try:
         d = json.loads(path.read_text())
@@ -441,7 +606,7 @@ def load_adapter(directory, *, dtype=None):
     if not directory.is_dir():
         raise FileNotFoundError(f"no such adapter directory: {directory}")
     weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    if not weights.exists():
         for pickle_name in ("adapter_model.bin", "adapter_model.pt"):
             if (directory / pickle_name).is_file():
                 _refuse_pickle(directory / pickle_name)
@@ -814,7 +979,7 @@ CONV1D_MODULES = {
 
 def _suffix_match(pattern, name):
     """PEFT's pattern rule (``get_pattern_key``): ``(.*\\.)?(pattern)$`` matches ``name``."""
-    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+    return pattern_matches(pattern, name)
 
 
 def _fifo_override(fan_in_fan_out):
@@ -829,9 +994,9 @@ def _fifo_override(fan_in_fan_out):
         if fan_in_fan_out == "":
             return lambda name: False
         try:
-            re.compile(fan_in_fan_out)
-        except re.error as e:
-            raise ValueError(f"fan_in_fan_out: {fan_in_fan_out!r} is not a valid regex ({e})") from None
+            pattern_key_regex(fan_in_fan_out)
+        except ValueError as e:
+            raise ValueError(f"fan_in_fan_out: {e}") from None
         return lambda name: _suffix_match(fan_in_fan_out, name)
     if isinstance(fan_in_fan_out, dict):  # e.g. build_layers' {module: fan_in_fan_out}
         fan_in_fan_out = [n for n, f in fan_in_fan_out.items() if f]
@@ -988,10 +1153,13 @@ def resolve_fan_in_fan_out(adapter, base, fan_in_fan_out=None):
     return out
 
 
-def _to_view(W_stored, mod, transposed, dtype):
-    """The (out, in) linear view of a stored weight, as a contiguous ``dtype`` array."""
+def _to_view(W_stored, mod, transposed, dtype, copy=True):
+    """The (out, in) linear view of a stored weight, as a contiguous ``dtype`` array.
+
+    ``copy=False`` may return ``W_stored`` itself (for callers that never write to it).
+    """
     W = W_stored.reshape(W_stored.shape[0], -1) if mod.kind == "conv" else W_stored
-    return np.ascontiguousarray((W.T if transposed else W).astype(dtype))
+    return np.ascontiguousarray((W.T if transposed else W).astype(dtype, copy=copy))
 
 
 def _from_view(W, shape, transposed):
@@ -1216,6 +1384,10 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
     (E.T, and the kernel flattened to (out, in * prod(k))), as PEFT's
     ``DoraEmbeddingVariant``/``_DoraConvNdVariant.merge_safe`` do.
 
+    Rounding: a float16/bfloat16 result is the float32 result rounded once
+    to the nearest representable value, ties to even (IEEE 754's default,
+    what ``torch.Tensor.to`` does); there is no intermediate rounding.
+
     Parameters
     ----------
     W_stored : ndarray
@@ -1237,30 +1409,164 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
     Raises
     ------
     ValueError
-        Mismatched shapes, or a zero row norm (naming the module).
+        Mismatched shapes; a zero row norm (naming the module); or a merged
+        weight that is not finite in the stored dtype (as PEFT's
+        ``safe_merge``, which checks for NaN/inf): the message names the
+        module, the rows (output channels) and the cause (a row norm so
+        small that m / n overflows, values beyond the dtype's range, NaN or
+        inf in the base or the adapter).
+    """
+    W_stored = np.asarray(W_stored)
+    W = merge_view(W_stored, modules, fan_in_fan_out=fan_in_fan_out, allow_zero_norm=allow_zero_norm)
+    out = _from_view(W, W_stored.shape, fan_in_fan_out)
+    if out.dtype != W_stored.dtype:
+        with np.errstate(over="ignore"):  # a value beyond the dtype's range: refused just below
+            out = out.astype(W_stored.dtype)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        bad_rows = _from_view_rows(bad, fan_in_fan_out)
+        raise non_finite_error(W_stored, modules, fan_in_fan_out, bad_rows, W, out.dtype)
+    return out
+
+
+def merge_view(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=False):
+    """The merged weight on its (out, in) linear view, in the compute dtype (float32 or float64).
+
+    The arithmetic of ``merge_weight`` without the cast back to the stored
+    dtype and without its finiteness check (``dora-ref merge`` rounds and
+    checks the bits itself). Same parameters; returns shape (out, in').
     """
     W_stored = np.asarray(W_stored)
     if len({mod.kind for mod in modules}) > 1:
         raise ValueError(f"modules of different kinds on one weight: {[m.kind for m in modules]}")
     cdt = _compute_dtype(W_stored.dtype)
-    W0 = _to_view(W_stored, modules[0], fan_in_fan_out, cdt)
+    W0 = _to_view(W_stored, modules[0], fan_in_fan_out, cdt, copy=False)  # read only
     _chain_checks(W0, modules)
     W = W0
-    for mod in modules:
-        A, B, m = _as(mod, cdt)
-        try:
-            if m is None:
-                W = W + mod.scaling * (B @ A)
-            elif W is W0:
-                W, _ = F.merge(W0, A, B, m, mod.scaling, allow_zero_norm=allow_zero_norm)
-            else:
-                n = F.column_norm(W0, A, B, mod.scaling, allow_zero_norm=allow_zero_norm)
-                g = np.zeros_like(n)
-                np.divide(m, n, out=g, where=n != 0)
-                W = g[:, None] * (W + mod.scaling * (B @ A))
-        except ValueError as e:
-            raise ValueError(f"module {mod.name!r}: {e}") from None
-    return _from_view(W, W_stored.shape, fan_in_fan_out).astype(W_stored.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused by the callers
+        for mod in modules:
+            A, B, m = _as(mod, cdt)
+            try:
+                if m is None:
+                    W = W + mod.scaling * (B @ A)
+                elif W is W0:
+                    W, _ = F.merge(W0, A, B, m, mod.scaling, allow_zero_norm=allow_zero_norm)
+                else:
+                    n = F.column_norm(W0, A, B, mod.scaling, allow_zero_norm=allow_zero_norm)
+                    g = np.zeros_like(n)
+                    np.divide(m, n, out=g, where=n != 0)
+                    W = g[:, None] * (W + mod.scaling * (B @ A))
+            except ValueError as e:
+                raise ValueError(f"module {mod.name!r}: {e}") from None
+    return W
+
+
+def finite_max(dtype):
+    """The largest finite value of a float dtype (bfloat16 and float8 through ``ml_dtypes``)."""
+    dtype = np.dtype(dtype)
+    if dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+    return float(np.finfo(dtype).max)
+
+
+def cast_replacement(arr, dtype, key):
+    """A ``modules_to_save`` tensor cast to the base dtype; ValueError if a value is not finite there."""
+    with np.errstate(over="ignore"):
+        out = np.asarray(arr).astype(dtype)
+    if np.dtype(dtype).kind in "fV" and not np.isfinite(out).all():
+        src = np.asarray(arr)
+        why = ("the adapter's tensor holds NaN or inf" if not np.isfinite(src.astype(np.float64)).all() else
+               f"values up to {np.abs(src.astype(np.float64)).max():.4g} are beyond {np.dtype(dtype).name}'s "
+               f"largest finite value {finite_max(dtype):.4g}")  # fmt: skip
+        raise ValueError(f"modules_to_save tensor {key!r} is not finite in the base dtype: {why}")
+    return out
+
+
+def _from_view_rows(bad, fan_in_fan_out):
+    """Output channels (rows of the linear view) with a True in ``bad`` (the stored layout)."""
+    if fan_in_fan_out:
+        return np.flatnonzero(bad.any(axis=0))
+    return np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+
+
+def non_finite_error(W_stored, modules, fan_in_fan_out, rows, W=None, dtype=None):
+    """The ValueError for a merged weight that is not finite in ``rows``: says why, row by row.
+
+    Causes, checked in this order for each row: NaN/inf in the base weight's
+    row; NaN/inf in an adapter (its lora_A, or the row's lora_B or
+    magnitude); a DoRA row norm n so small that m / n overflows the compute
+    dtype; W0 + s B A itself overflowing it; merged values beyond the stored
+    dtype's largest finite value (float16 65504, bfloat16 3.39e38). The
+    diagnosis recomputes the rows in float64.
+
+    Parameters
+    ----------
+    W_stored : ndarray, the base weight as stored
+    modules : sequence of ModuleAdapter
+    fan_in_fan_out : bool
+    rows : sequence of int
+        Output channels whose merged values are not finite.
+    W : ndarray, optional
+        The merged linear view in the compute dtype (to tell the range case).
+    dtype : numpy dtype, optional
+        The stored dtype (default ``W_stored.dtype``).
+
+    Returns
+    -------
+    ValueError
+    """
+    dtype = np.dtype(W_stored.dtype if dtype is None else dtype)
+    cdt = _compute_dtype(W_stored.dtype)
+    rows = [int(i) for i in rows]
+    view = W_stored.reshape(W_stored.shape[0], -1) if modules[0].kind == "conv" else W_stored
+    view = view.T if fan_in_fan_out else view
+    causes = {}  # why -> (rows, the extreme value of each row, how to show it)
+    big = float(np.finfo(cdt).max)
+    for i in rows[:64]:  # the first 64 are diagnosed
+        W0 = np.asarray(view[i], dtype=np.float64)
+        why, value, show = None, None, ""
+        if not np.isfinite(W0).all():
+            why = "the base weight's row holds NaN or inf"
+        for mod in modules if why is None else ():
+            A, B, m = mod.linear_view()
+            if not (np.isfinite(A).all() and np.isfinite(B[i]).all() and (m is None or np.isfinite(m[i]))):
+                why = f"adapter module {mod.name!r} holds NaN or inf (lora_A, or this row of lora_B or magnitude)"
+                break
+            V = W0 + mod.scaling * (B[i].astype(np.float64) @ A.astype(np.float64))
+            if np.abs(V).max() > big:
+                why, value, show = f"W0 + s*B@A overflows {cdt.name}", np.abs(V).max(), "max |W0 + s*B@A|"
+                break
+            n = float(np.sqrt(np.sum(V * V)))
+            if m is not None and n > 0 and abs(float(m[i])) / n > big:
+                why = f"the row norm n = ||W0 + s*B@A|| is so small that m / n overflows {cdt.name}"
+                value, show = n, "smallest n"
+                break
+        if why is None and W is not None and dtype != cdt and np.isfinite(W[i]).all():
+            why = f"merged values beyond {dtype.name}'s largest finite value {finite_max(dtype):.4g}"
+            value, show = float(np.abs(W[i]).max()), "largest"
+        if why is None:
+            why = f"an intermediate product overflowed {cdt.name}"
+        entry = causes.setdefault(why, ([], [], show))
+        entry[0].append(i)
+        if value is not None:
+            entry[1].append(value)
+    parts = []
+    for why, (r, values, show) in causes.items():
+        extreme = ""
+        if values:
+            extreme = f" ({show} {min(values) if show.startswith('smallest') else max(values):.4g})"
+        parts.append(f"rows {r[:8]}{' ...' if len(r) > 8 else ''}: {why}{extreme}")
+    detail = "; ".join(parts)
+    if len(rows) > 64:
+        detail += f" (the first 64 rows diagnosed; all: {rows[:20]} ...)"
+    out = W_stored.shape[1] if fan_in_fan_out else W_stored.shape[0]
+    names = ", ".join(dict.fromkeys(repr(m.name) for m in modules))
+    return ValueError(
+        f"module {names}: the merged weight is not finite in {len(rows)} of {out} rows (output channels); "
+        f"{detail}. Refused, as PEFT's safe_merge refuses it"
+    )
 
 
 def merge_state_dict(base, adapters, *, allow_zero_norm=False, fan_in_fan_out=None):
@@ -1284,6 +1590,14 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False, fan_in_fan_out=No
         Only the changed tensors, in the base dtypes and layouts: merged
         ``<module>.weight`` tensors, and the adapters' ``modules_to_save``
         tensors (cast to the base dtype). All other tensors are unchanged.
+
+    Raises
+    ------
+    KeyError, ValueError
+        As ``plan_merge`` and ``merge_weight``: a merged weight or a
+        ``modules_to_save`` tensor that is not finite in the base dtype is
+        refused (naming the module, the rows and the cause) and nothing is
+        returned.
     """
     if not isinstance(base, BaseWeights) and isinstance(base, (str, os.PathLike)):
         base = BaseWeights(base)
@@ -1294,7 +1608,8 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False, fan_in_fan_out=No
         for key, (mods, fifo) in plan_merge(base, adapters, fan_in_fan_out=fan_in_fan_out).items()
     }
     for key, arr in plan_replacements(base, adapters).items():
-        out[key] = arr.astype(get(key).dtype)
+        dtype = base.dtype(key) if isinstance(base, BaseWeights) else np.asarray(base[key]).dtype
+        out[key] = cast_replacement(arr, dtype, key)
     return out
 
 

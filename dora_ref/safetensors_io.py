@@ -1,17 +1,30 @@
 """safetensors files as NumPy arrays: read tensor by tensor, write streaming.
 
 Used by ``dora_ref.peft`` and the ``dora-ref merge`` command, which must hold
-about one tensor in memory, not the model. Reading uses the ``safetensors``
-package; bfloat16 and float8 tensors, which its NumPy API refuses, are read
-from the file's documented layout (an 8-byte header length, a JSON header,
-then raw little-endian data) and typed with ``ml_dtypes``. Nothing here
-unpickles: ``.bin``/``.pt`` checkpoints are refused with a note on how to
+about one tensor in memory, not the model. The format is small enough to read
+here in full: an 8-byte little-endian header length n, n bytes of JSON header
+(each tensor's ``dtype``, ``shape`` and ``data_offsets`` into the data that
+follows, optional ``__metadata__``), then the raw little-endian data, the
+tensors back to back. The reader checks every field the way the
+``safetensors`` package does (offsets in order, no gaps or overlaps, sizes
+that match the shapes, the data ending where the file ends), and reads with
+``pread`` into a new array: no memory map, so a file truncated while it is
+open is an error naming it, never a SIGBUS (the ``safetensors`` package maps
+the file; touching a mapped page past a new end of file kills the process).
+Before each read the file's size and modification time are compared with
+those seen at open.
+
+bfloat16 and float8 arrays are typed with ``ml_dtypes``, imported only when
+such a tensor is read (``read_bits`` gives their raw bits without it). Nothing
+here unpickles: ``.bin``/``.pt`` checkpoints are refused with a note on how to
 convert them.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -19,6 +32,8 @@ import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+#: the ``safetensors`` package refuses headers above 100 MB; so do we
+MAX_HEADER_BYTES = 100_000_000
 
 _PICKLE_NOTE = (
     "dora_ref never unpickles: loading a pickle can run arbitrary code. Convert it once, "
@@ -30,33 +45,44 @@ _PICKLE_NOTE = (
 
 
 # ---------------------------------------------------------------------------
-# safetensors reading and streaming writing
+# dtypes
 # ---------------------------------------------------------------------------
+
+# safetensors dtype string -> (NumPy dtype name, itemsize); the ml_dtypes ones are looked up lazily
+_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I64": ("int64", 8),
+    "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U64": ("uint64", 8),
+    "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}  # fmt: skip
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+_BY_NAME = {name: st for st, (name, _) in _DTYPES.items()}
+#: unsigned integer dtype with the same bytes, for reading a tensor's raw bits
+_BITS = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def _numpy_dtype(st_dtype):
-    """The NumPy dtype of a safetensors dtype string ("F32", "BF16", ...)."""
-    import ml_dtypes
+    """The NumPy dtype of a safetensors dtype string ("F32", "BF16", ...).
 
-    table = {
-        "F64": np.float64, "F32": np.float32, "F16": np.float16,
-        "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-        "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-        "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
-        "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-    }  # fmt: skip
-    if st_dtype not in table:
+    ``ml_dtypes`` is imported only for BF16 and F8 (its import costs about a second).
+    """
+    if st_dtype not in _DTYPES:
         raise ValueError(f"safetensors dtype {st_dtype!r} is not supported")
-    return np.dtype(table[st_dtype])
+    name = _DTYPES[st_dtype][0]
+    if name in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
 
 
 def _safetensors_dtype(dtype):
     """The safetensors dtype string of a NumPy dtype (inverse of ``_numpy_dtype``)."""
-    for name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16",
-                 "I8", "U64", "U32", "U16", "U8", "BOOL"):  # fmt: skip
-        if _numpy_dtype(name) == np.dtype(dtype):
-            return name
-    raise ValueError(f"dtype {np.dtype(dtype)} cannot be stored in safetensors")
+    dtype = np.dtype(dtype)
+    st = _BY_NAME.get(dtype.name)
+    if st is None:
+        raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+    return st
 
 
 def _refuse_pickle(path):
@@ -68,14 +94,114 @@ def _refuse_pickle(path):
         )
 
 
-class SafetensorsFile:
-    """One safetensors file, read tensor by tensor with the ``safetensors`` NumPy API.
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
 
-    Tensors are read only when asked for, so memory stays about one tensor.
-    dtypes NumPy cannot name (bfloat16, float8) are read from the file's
-    documented layout (an 8-byte little-endian header length, a JSON header
-    with ``data_offsets``, then the raw little-endian data) and viewed with
-    ``ml_dtypes``: ``safetensors``' NumPy API raises on them.
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def parse_header(raw, data_bytes):
+    """Check a safetensors JSON header against the data size; return its tensors and metadata.
+
+    The checks are those of the ``safetensors`` package: a JSON object; an
+    optional ``__metadata__`` object of str to str; for every other key an
+    object with ``dtype`` (a known dtype string), ``shape`` (a list of
+    non-negative integers) and ``data_offsets`` ([begin, end] with
+    end - begin = prod(shape) * itemsize); the tensors, in offset order,
+    cover the data exactly, with no gap and no overlap.
+
+    Parameters
+    ----------
+    raw : bytes
+        The header (the n bytes after the 8-byte length).
+    data_bytes : int
+        The size of the data part of the file (file size - 8 - n).
+
+    Returns
+    -------
+    tensors : dict of str to (str, tuple of int, int, int)
+        Key -> (dtype string, shape, begin, end), in offset order.
+    metadata : dict of str to str, or None
+
+    Raises
+    ------
+    ValueError
+        Naming the first field found malformed.
+    """
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise ValueError("the header's __metadata__ must be an object of string values")
+    tensors = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {key!r}: expected an object with dtype, shape, data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ValueError(
+                f"tensor {key!r}: dtype {dtype!r} is not one dora_ref reads ({', '.join(_DTYPES)})"
+            )
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        nbytes = math.prod(shape) * _DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(
+                f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but "
+                f"{dtype} {tuple(shape)} needs {nbytes}"
+            )
+        tensors.append((offsets[0], offsets[1], key, dtype, tuple(shape)))
+    tensors.sort(key=lambda t: (t[0], t[1]))
+    end = 0
+    for begin, stop, key, _, _ in tensors:
+        if begin != end:
+            why = "overlaps the previous tensor" if begin < end else f"leaves a gap of {begin - end} bytes"
+            raise ValueError(f"tensor {key!r}: data_offsets begin at {begin}, which {why}")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"the tensors end at byte {end} of the data, but the file holds {data_bytes}")
+    return {key: (dtype, shape, begin, stop) for begin, stop, key, dtype, shape in tensors}, metadata
+
+
+def _read_into(fd, buf, offset):
+    """Fill ``buf`` (a writable byte memoryview) from ``fd`` at ``offset``; the bytes read."""
+    done = 0
+    while done < len(buf):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        else:  # pragma: no cover  (Windows)
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            n = os.readv(fd, [buf[done:]])
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+class SafetensorsFile:
+    """One safetensors file, read tensor by tensor.
+
+    The header is read and checked when the file is opened; tensors are read
+    only when asked for, so memory stays about one tensor. Reads use
+    ``pread``, not a memory map (see the module docstring: a file truncated
+    while open is a ValueError, not a SIGBUS).
 
     Parameters
     ----------
@@ -85,26 +211,57 @@ class SafetensorsFile:
     ------
     FileNotFoundError
         If the file does not exist.
+    IsADirectoryError, PermissionError, OSError
+        If it cannot be opened (the OS's own reason and the path).
     ValueError
-        If the file is a pickle (``.bin``), or is not a valid safetensors file
-        (e.g. truncated): the message names the file and the parser's reason.
+        If the file is a pickle (``.bin``), not a regular file, or not a
+        valid safetensors file (e.g. truncated): the message names the file
+        and the reason.
     """
 
     def __init__(self, path):
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         _refuse_pickle(self.path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no such safetensors file: {self.path}")
         try:
-            self._file = safe_open(str(self.path), framework="np")
-        except SafetensorError as e:
-            raise ValueError(
-                f"{self.path} is not a valid safetensors file ({e}); "
-                f"it may be truncated or not fully downloaded ({self.path.stat().st_size} bytes)"
-            ) from None
-        self._header = None
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such safetensors file: {self.path}") from None
+        # any other OSError (permission denied, ...) propagates with the OS's own reason
+        try:
+            st = os.fstat(self._fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(f"{self.path} is a directory, not a safetensors file")
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{self.path} is not a regular file (a pipe or a device?)")
+            self._stamp = (st.st_size, st.st_mtime_ns)
+            self._tensors, self._metadata, self._data_start = self._read_header(st.st_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self, size):
+        def invalid(why):
+            return ValueError(
+                f"{self.path} is not a valid safetensors file ({why}); "
+                f"it may be truncated or not fully downloaded ({size} bytes)"
+            )
+
+        head = bytearray(8)
+        if size < 8 or _read_into(self._fd, memoryview(head), 0) != 8:
+            raise invalid("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise invalid(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if n > size - 8:
+            raise invalid(f"header length {n} runs past the end of the file")
+        raw = bytearray(n)
+        if _read_into(self._fd, memoryview(raw), 8) != n:
+            raise invalid("the header is cut short")
+        try:
+            tensors, metadata = parse_header(bytes(raw), size - 8 - n)
+        except ValueError as e:
+            raise invalid(e) from None
+        return tensors, metadata, 8 + n
 
     def __enter__(self):
         return self
@@ -112,21 +269,39 @@ class SafetensorsFile:
     def __exit__(self, *exc):
         self.close()
 
+    def __del__(self):
+        self.close()
+
     def close(self):
         """Release the file."""
-        self._file = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def fileno(self):
+        """The open file descriptor (for copying a tensor's bytes)."""
+        return self._fd
 
     def keys(self):
-        """The tensor names, sorted (as ``safe_open`` lists them)."""
-        return list(self._file.keys())
+        """The tensor names, sorted (as ``safetensors.safe_open`` lists them)."""
+        return sorted(self._tensors)
+
+    def keys_in_file_order(self):
+        """The tensor names in the order their data is stored."""
+        return list(self._tensors)
 
     def metadata(self):
         """The ``__metadata__`` dict of the header (str to str), or None."""
-        return self._file.metadata()
+        return None if self._metadata is None else dict(self._metadata)
+
+    def _info(self, key):
+        if key not in self._tensors:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        return self._tensors[key]
 
     def st_dtype(self, key):
         """The safetensors dtype string of tensor ``key`` ("F32", "BF16", ...)."""
-        return self._file.get_slice(key).get_dtype()
+        return self._info(key)[0]
 
     def dtype(self, key):
         """The NumPy dtype of tensor ``key`` (``ml_dtypes.bfloat16`` for BF16)."""
@@ -134,27 +309,212 @@ class SafetensorsFile:
 
     def shape(self, key):
         """The shape of tensor ``key``, as a tuple, without reading its data."""
-        return tuple(self._file.get_slice(key).get_shape())
+        return self._info(key)[1]
+
+    def byte_range(self, key):
+        """(offset in the file, number of bytes) of tensor ``key``'s data."""
+        _, _, begin, end = self._info(key)
+        return self._data_start + begin, end - begin
+
+    def check_unchanged(self):
+        """Raise ValueError if the file's size or modification time changed since it was opened."""
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise ValueError(
+                f"{self.path} changed while it was being read (size {self._stamp[0]} -> {st.st_size} "
+                f"bytes); was it overwritten or truncated? Read it again once it is complete"
+            )
+
+    def read_bits(self, key):
+        """Tensor ``key``'s raw little-endian bits as unsigned integers of its itemsize, shaped.
+
+        A bfloat16 tensor gives uint16 (no ``ml_dtypes`` needed); BOOL gives uint8.
+        """
+        st_dtype, shape, _, _ = self._info(key)
+        return self._read(key, _BITS[_DTYPES[st_dtype][1]], shape)
 
     def get(self, key):
         """Read tensor ``key`` into a new NumPy array of its stored dtype and shape."""
-        st_dtype = self.st_dtype(key)
-        if st_dtype not in ("BF16", "F8_E4M3", "F8_E5M2"):
-            return self._file.get_tensor(key)
-        if self._header is None:
-            with open(self.path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                self._header = (8 + n, json.loads(fh.read(n)))
-        start, header = self._header
-        begin, end = header[key]["data_offsets"]
-        dtype = _numpy_dtype(st_dtype)
-        count = (end - begin) // dtype.itemsize
-        with open(self.path, "rb") as fh:
-            fh.seek(start + begin)
-            data = np.fromfile(fh, dtype=dtype.newbyteorder("<"), count=count)
-        if data.size != count:  # safe_open checks this; a file changed under us
-            raise ValueError(f"{self.path}: tensor {key!r} is truncated")
-        return data.reshape(self.shape(key))
+        st_dtype, shape, _, _ = self._info(key)
+        return self._read(key, _numpy_dtype(st_dtype).newbyteorder("<"), shape)
+
+    def _read(self, key, dtype, shape):
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        offset, nbytes = self.byte_range(key)
+        out = np.empty(shape, dtype=dtype)
+        self.check_unchanged()
+        if _read_into(self._fd, memoryview(out.reshape(-1).view(np.uint8)), offset) != nbytes:
+            raise ValueError(f"{self.path}: tensor {key!r} is truncated (the file shrank while open)")
+        return out
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 as raw bits (no ml_dtypes): widening is exact, narrowing rounds once
+# ---------------------------------------------------------------------------
+
+_CHUNK = 1 << 16  # elements per step of a conversion (cache-sized temporaries)
+_pool = None
+
+
+def _idle_cores():
+    """Cores not busy with other work: the core count minus the 1-minute load average (ours counted as idle).
+
+    Threads help only on idle cores: on a busy 2-core machine a second
+    conversion thread made ``dora-ref merge`` slower (9.2-10.8 s single vs
+    11.1-12.3 s with two, load average 8).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover  (Windows)
+        return cores
+    return max(1, min(cores, int(cores - busy + 1.5)))
+
+
+def _parallel(run, n):
+    """Call ``run(lo, hi)`` on contiguous parts of range(n): one per idle core for large n.
+
+    NumPy's integer ufuncs release the GIL, so the parts run at once.
+    """
+    global _pool
+    workers = min(_idle_cores(), 8) if n >= 8 * _CHUNK else 1
+    if workers == 1:
+        run(0, n)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8), thread_name_prefix="dora-ref-convert")
+    step = -(-n // workers // _CHUNK) * _CHUNK
+    list(_pool.map(lambda lo: run(lo, min(lo + step, n)), range(0, n, step)))
+
+
+def bfloat16_bits_to_float32(bits):
+    """Widen bfloat16 values, given as their uint16 bits, to float32 (exact).
+
+    A bfloat16 is the upper half of a float32: the float32 bits are the
+    bfloat16 bits shifted left by 16.
+
+    Parameters
+    ----------
+    bits : ndarray of uint16, any shape
+
+    Returns
+    -------
+    ndarray of float32, the same shape
+    """
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    out = np.empty(bits.shape, dtype=np.float32)
+    src, dst = bits.reshape(-1), out.reshape(-1).view(np.uint32)
+
+    def run(lo, hi):
+        for s in range(lo, hi, _CHUNK):
+            d = dst[s : min(s + _CHUNK, hi)]
+            d[...] = src[s : s + d.size]
+            d <<= 16
+
+    _parallel(run, src.size)
+    return out
+
+
+def float32_to_bfloat16_bits(x, *, report_non_finite=False):
+    """Round float32 values to bfloat16, ties to even; return the uint16 bits.
+
+    The rule of IEEE 754 (and of ``torch.Tensor.to(torch.bfloat16)``, and
+    ``ml_dtypes``): the nearest bfloat16, and of two equally near the one
+    with an even last bit. In bits: add 0x7FFF plus the lowest kept bit,
+    then drop the low 16 bits. Values beyond the largest bfloat16
+    (3.3895e38 plus half a unit in the last place) become inf, inf stays
+    inf, and NaN stays a (quiet) NaN of the same sign.
+
+    Parameters
+    ----------
+    x : ndarray of float32, any shape
+    report_non_finite : bool, default False
+        Also say whether any result is inf or NaN (checked while each chunk
+        is in cache).
+
+    Returns
+    -------
+    ndarray of uint16, the same shape
+        And, with ``report_non_finite``, a bool.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    non_finite = []
+    out = np.empty(x.shape, dtype=np.uint16)
+    xf, dst = x.reshape(-1), out.reshape(-1)
+    xu = xf.view(np.uint32)
+
+    def run(lo, hi):
+        tmp = np.empty(min(_CHUNK, hi - lo), dtype=np.uint32)
+        for s in range(lo, hi, _CHUNK):
+            e = min(s + _CHUNK, hi)
+            t, u = tmp[: e - s], xu[s:e]
+            np.right_shift(u, 16, out=t)
+            t &= 1
+            t += 0x7FFF
+            t += u  # no wrap-around: only NaNs are that large, and they are redone below
+            t >>= 16
+            dst[s:e] = t
+            nan = np.isnan(xf[s:e])
+            if nan.any():
+                dst[s:e][nan] = (u[nan] >> 16) | 0x0040
+            if report_non_finite:
+                t &= 0x7FFF  # exponent all ones: inf or NaN
+                if t.size and t.max() >= 0x7F80:
+                    non_finite.append(True)
+
+    _parallel(run, xu.size)
+    return (out, bool(non_finite)) if report_non_finite else out
+
+
+# ---------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------
+
+
+def _write_all(fd, buf):
+    buf = memoryview(buf).cast("B")
+    while buf:
+        buf = buf[os.write(fd, buf):]
+
+
+def _copy_range(src_fd, dst_fd, offset, nbytes):
+    """Append ``nbytes`` of ``src_fd`` from ``offset`` to ``dst_fd`` (kernel copy where it can)."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src_fd, dst_fd, nbytes - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        except OSError:  # e.g. EXDEV on older kernels, or a filesystem that refuses: copy by hand
+            pass
+    chunk = bytearray(min(max(nbytes - done, 1), 16 << 20))
+    while done < nbytes:
+        n = _read_into(src_fd, memoryview(chunk)[: min(len(chunk), nbytes - done)], offset + done)
+        if n == 0:
+            break
+        _write_all(dst_fd, memoryview(chunk)[:n])
+        done += n
+    return done
+
+
+def fsync_directory(path):
+    """Flush a directory's entries (renames, new files) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover  (Windows cannot open directories)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 class SafetensorsWriter:
@@ -165,13 +525,15 @@ class SafetensorsWriter:
     emits the same format (header first, then each tensor's little-endian
     bytes, in header order, 8-byte aligned header), so the header must be
     known up front: the keys, dtypes and shapes, e.g. those of the base.
+    Arrays are written from their own buffer (no copy), and ``copy`` moves a
+    tensor's bytes from another safetensors file without decoding them.
     The file appears at ``path`` only when ``close()`` succeeds (it is
-    written to ``path + ".partial"`` and renamed).
+    written to ``path + ".partial"``, flushed to disk with fsync and renamed).
 
     Parameters
     ----------
     path : str or os.PathLike
-    specs : list of (str, numpy dtype, tuple)
+    specs : list of (str, numpy dtype or safetensors dtype string, tuple)
         Key, dtype and shape of every tensor, in the order they will be written.
     metadata : dict of str to str, optional
         The header's ``__metadata__`` (e.g. ``{"format": "pt"}``).
@@ -179,8 +541,9 @@ class SafetensorsWriter:
     Raises
     ------
     ValueError
-        From ``write`` if a tensor comes out of order or with a dtype or
-        shape other than announced; from ``close`` if tensors are missing.
+        From ``write``/``copy`` if a tensor comes out of order or with a
+        dtype or shape other than announced, or a copied source changed;
+        from ``close`` if tensors are missing.
     """
 
     def __init__(self, path, specs, metadata=None):
@@ -190,48 +553,77 @@ class SafetensorsWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         self._specs = []
         for key, dtype, shape in specs:
-            dtype = np.dtype(dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[key] = {
-                "dtype": _safetensors_dtype(dtype),
-                "shape": [int(d) for d in shape],
-                "data_offsets": [offset, offset + nbytes],
-            }
-            self._specs.append((key, dtype, tuple(shape)))
+            st = dtype if isinstance(dtype, str) and dtype in _DTYPES else _safetensors_dtype(dtype)
+            nbytes = math.prod(int(d) for d in shape) * _DTYPES[st][1]
+            header[key] = {"dtype": st, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+            self._specs.append((key, st, tuple(int(d) for d in shape), nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._partial = self.path.with_name(self.path.name + ".partial")
-        self._fh = open(self._partial, "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fd = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+        _write_all(self._fd, struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
-    def write(self, key, array):
-        """Append tensor ``key``; it must be the next announced one, same dtype and shape."""
+    def _expect(self, key, st_dtype, shape):
         if self._next >= len(self._specs):
             raise ValueError(f"{self.path}: tensor {key!r} was not announced in the header")
-        want_key, dtype, shape = self._specs[self._next]
-        array = np.asarray(array)
-        if key != want_key or array.dtype != dtype or array.shape != shape:
+        want_key, want_st, want_shape, nbytes = self._specs[self._next]
+        if key != want_key or st_dtype != want_st or tuple(shape) != want_shape:
             raise ValueError(
-                f"{self.path}: expected tensor {want_key!r} {dtype} {shape} next, "
-                f"got {key!r} {array.dtype} {array.shape}"
+                f"{self.path}: expected tensor {want_key!r} {want_st} {want_shape} next, "
+                f"got {key!r} {st_dtype} {tuple(shape)}"
             )
-        self._fh.write(np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes())
+        return nbytes
+
+    def write(self, key, array, *, bits=False):
+        """Append tensor ``key``; it must be the next announced one, same dtype and shape.
+
+        With ``bits=True`` ``array`` holds the raw bits as unsigned integers
+        of the announced dtype's itemsize (uint16 for bfloat16), as
+        ``SafetensorsFile.read_bits`` returns them.
+        """
+        array = np.asarray(array)
+        if bits:
+            want = self._specs[self._next][1] if self._next < len(self._specs) else None
+            if want is None or array.dtype.kind != "u" or array.dtype.itemsize != _DTYPES[want][1]:
+                raise ValueError(f"{self.path}: tensor {key!r}: bits must be unsigned integers of the "
+                                 f"announced dtype's size, got {array.dtype}")  # fmt: skip
+            st = want
+        else:
+            st = _safetensors_dtype(array.dtype)
+        self._expect(key, st, array.shape)
+        _write_all(self._fd, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+        self._next += 1
+
+    def copy(self, key, source):
+        """Append tensor ``key`` by copying its bytes from ``source`` (a ``SafetensorsFile``) unchanged."""
+        offset, nbytes = source.byte_range(key)
+        self._expect(key, source.st_dtype(key), source.shape(key))
+        source.check_unchanged()
+        if _copy_range(source.fileno(), self._fd, offset, nbytes) != nbytes:
+            raise ValueError(f"{source.path}: tensor {key!r} is truncated (the file shrank while open)")
         self._next += 1
 
     def close(self):
-        """Finish the file and move it into place."""
-        self._fh.close()
-        if self._next != len(self._specs):
-            self._partial.unlink()
-            missing = [k for k, _, _ in self._specs[self._next:]]
-            raise ValueError(f"{self.path}: {len(missing)} tensor(s) never written: {missing[:5]}")
+        """Finish the file, flush it to disk and move it into place."""
+        try:
+            if self._next != len(self._specs):
+                missing = [k for k, _, _, _ in self._specs[self._next:]]
+                raise ValueError(f"{self.path}: {len(missing)} tensor(s) never written: {missing[:5]}")
+            os.fsync(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = None
         os.replace(self._partial, self.path)
 
     def abort(self):
         """Drop the partial file."""
-        self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._partial.unlink(missing_ok=True)
 
 
@@ -293,9 +685,9 @@ class BaseWeights:
                 self.weight_map = {k: path / v for k, v in wm.items()}
                 self.files = list(dict.fromkeys(self.weight_map.values()))
                 for f in self.files:
-                    if not f.is_file():
+                    if not f.exists():
                         raise FileNotFoundError(f"{index_path} names shard {f.name}, which is missing")
-            elif single.is_file():
+            elif single.exists():
                 self.files = [single]
                 self.weight_map = None
             else:
@@ -307,7 +699,7 @@ class BaseWeights:
                 )
         else:
             _refuse_pickle(path)
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(f"no such file or directory: {path}")
             self.files = [path]
             self.weight_map = None

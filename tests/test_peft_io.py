@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -833,3 +834,376 @@ def test_malformed_shard_index_is_a_value_error_naming_the_field(tmp_path, capsy
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dora-ref merge: error: ") and err.count("\n") == 1 and "weight_map" in err
+
+
+# ---------------------------------------------------------------------------
+# issue 10: non-finite merges, hostile configs, true messages, files changing under us
+# ---------------------------------------------------------------------------
+
+
+def _single_file_case(tmp_path, W0, A, B, m, name="blk.fc"):
+    save_file({f"{name}.weight": W0}, str(tmp_path / "base.safetensors"))
+    write_adapter(tmp_path / "ad", {name: (A, B, m)}, {"r": A.shape[0], "lora_alpha": A.shape[0]})
+    return [str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), str(tmp_path / "out.safetensors"), "--no-progress"]
+
+
+def test_tiny_float32_row_norm_with_unit_magnitude_is_refused_naming_module_rows_and_cause(tmp_path, capsys):
+    """Issue 10 item 5: a row norm ~1e-41 made m / n = inf; the C merge returned it and the CLI wrote it."""
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((6, 8)).astype(np.float32)
+    W0[[1, 4]] = np.float32(1e-42)  # subnormal rows: n ~ 4e-42, m / n ~ 2e41 > float32 max
+    A, B = np.zeros((2, 8), np.float32), np.zeros((6, 2), np.float32)
+    mod = P.ModuleAdapter("blk.fc", A, B, np.ones(6, np.float32), 1.0, 2, 2.0)
+    for call in (lambda: P.merge_weight(W0, [mod]), lambda: P.merge_state_dict({"blk.fc.weight": W0}, [
+            P.PeftAdapter(P.LoraAdapterConfig(r=2, lora_alpha=2, use_dora=True), {"blk.fc": mod})])):  # fmt: skip
+        with pytest.raises(ValueError, match=r"'blk\.fc'.*not finite in 2 of 6 rows.*rows \[1, 4\].*so small that m / n overflows float32"):
+            call()
+    argv = _single_file_case(tmp_path, W0, A, B, np.ones(6, np.float32))
+    assert merge_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'blk.fc'" in err and "rows [1, 4]" in err and "m / n overflows" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors"]  # nothing written
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=["fp16", "bf16"])
+def test_merged_values_beyond_the_stored_dtype_range_are_refused_not_warned(tmp_path, capsys, dtype):
+    """Issue 10 item 5: fp16/bf16 merged values past the dtype's range gave only a RuntimeWarning."""
+    big = 6e4 if dtype == np.float16 else 3.3e38
+    W0 = np.full((4, 3), big, np.float32).astype(dtype)
+    A, B = np.ones((1, 3), np.float32), np.zeros((4, 1), np.float32)
+    B[2] = 1.2e4 if dtype == np.float16 else 1.05e37  # row 2 passes the largest finite value; float32 holds it
+    mod = P.ModuleAdapter("blk.fc", A, B, None, 1.0, 1, 1.0)
+    with pytest.raises(ValueError, match=rf"rows \[2\]: merged values beyond {dtype.name}'s largest finite value"):
+        P.merge_weight(W0, [mod])
+    assert merge_main(_single_file_case(tmp_path, W0, A, B, None)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"beyond {dtype.name}'s largest finite value" in err and "rows [2]" in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_modules_to_save_tensor_beyond_fp16_range_is_refused():
+    base = {"score.weight": np.zeros((2, 2), np.float16)}
+    adapter = P.PeftAdapter(P.LoraAdapterConfig(), {}, {"score.weight": np.full((2, 2), 1e6, np.float32)})
+    with pytest.raises(ValueError, match=r"modules_to_save tensor 'score\.weight'.*beyond float16"):
+        P.merge_state_dict(base, [adapter])
+
+
+@pytest.mark.parametrize(
+    "key, why",
+    [("(a+)+b", "a quantifier inside a repeated group"), ("(a|ab)*c", "an alternation inside a repeated group"),
+     ("(a?){30}a{30}", "a quantifier inside a repeated group"), (r"(\w)\1", "a backreference"),
+     ("a?a?a?a?a?aaaaa", "5 quantifiers")],
+)  # fmt: skip
+def test_catastrophic_backtracking_pattern_key_is_refused_naming_field_and_file(tmp_path, capsys, key, why):
+    """Issue 10 item 6 (ReDoS): `(a+)+b` made load_adapter run for minutes.
+
+    The adapter is loaded in a subprocess with a time limit, so a regression
+    fails instead of hanging the suite.
+    """
+    name = "a" * 40  # what (a+)+b backtracks on: 2**40 ways
+    write_adapter(tmp_path / "ad", {name: random_module(np.random.default_rng(0), 3, 4, 2)},
+                  {"rank_pattern": {key: 2}})  # fmt: skip
+    code = "import sys; from dora_ref import peft; peft.load_adapter(sys.argv[1])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ad")], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 1 and "ValueError" in proc.stderr
+    with pytest.raises(ValueError, match=rf"adapter_config.json: field 'rank_pattern': key .* has {why}"):
+        P.load_adapter(tmp_path / "ad")
+
+
+def test_pattern_keys_peft_writes_are_accepted_and_match_as_peft_get_pattern_key():
+    peft_other = pytest.importorskip("peft.utils.other")
+    keys = ["model.layers.0.self_attn.q_proj", "^model.decoder.layers.0.encoder_attn.k_proj", r".*q_proj",
+            r"model\.layers\.\d+\.(q|v)_proj", "q_proj|v_proj", r"layers\.[0-3]\.mlp\..*", "lm_head$"]  # fmt: skip
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.12.self_attn.v_proj", "model.decoder.layers.0.encoder_attn.k_proj",
+               "encoder.model.decoder.layers.0.encoder_attn.k_proj", "model.layers.2.mlp.up_proj", "lm_head", "xq_proj"]  # fmt: skip
+    for module in modules:
+        for key in keys:
+            want = peft_other.get_pattern_key([key], module) == key
+            assert P.pattern_matches(key, module) == want, (key, module)
+
+
+def test_pattern_matching_time_budget_names_the_field_and_the_file(tmp_path, monkeypatch):
+    """Keys the rules let through stay polynomial; a config that still spends too long is stopped."""
+    monkeypatch.setattr(P, "PATTERN_TIME_BUDGET", 0.0)
+    write_adapter(tmp_path / "ad", {"blk.fc": random_module(np.random.default_rng(0), 3, 4, 2)},
+                  {"alpha_pattern": {".*.*x": 3}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"adapter_config.json: field 'alpha_pattern': matching its keys .* took over 0 s"):
+        P.load_adapter(tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"lora_alpha": 10**400}, {"lora_dropout": 10**400}, {"alpha_pattern": {"fc": 10**400}},
+     {"r": 10**400}, {"rank_pattern": {"fc": 10**400}}, {"lora_alpha": 123456789}],
+    ids=["lora_alpha", "lora_dropout", "alpha_pattern", "r", "rank_pattern", "5000_digits"],
+)  # fmt: skip
+def test_integer_too_large_for_a_float_is_a_value_error_naming_field_and_file(tmp_path, capsys, config):
+    """Issue 10 item 7: 10**400 gave an OverflowError naming nothing, and the CLI a traceback.
+
+    A 5000-digit integer is beyond what Python's json reads (4300 digits):
+    "not valid JSON", naming the file.
+    """
+    field = next(iter(config))
+    write_adapter(tmp_path / "ad", {"fc": random_module(np.random.default_rng(0), 3, 4, 2)}, config)
+    text = (tmp_path / "ad" / P.ADAPTER_CONFIG).read_text()
+    if "123456789" in text:
+        (tmp_path / "ad" / P.ADAPTER_CONFIG).write_text(text.replace("123456789", "1" + "0" * 5000))
+    match = "not valid JSON" if "123456789" in text else f"field '{field}'"
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {match}"):
+        P.load_adapter(tmp_path / "ad")
+    save_file({"fc.weight": np.ones((3, 4))}, str(tmp_path / "base.safetensors"))
+    assert merge_main([str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dora-ref merge: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "adapter_config.json" in err and (f"'{field}'" in err or "not valid JSON" in err), (err, len(text))
+
+
+def test_null_bias_is_refused_with_a_true_message(tmp_path):
+    """Issue 10 item 14: `bias: null` was refused as if the adapter held trained biases.
+
+    PEFT 0.21 cannot load it either (``bias.endswith`` on None), so it is
+    refused, saying so; 'all'/'lora_only' keep the trained-bias message.
+    """
+    for bias, match in ((None, r"field 'bias' is null; PEFT's LoraConfig takes 'none', 'all' or 'lora_only'"),
+                        ("all", r"bias='all' \(base biases trained and saved"),
+                        (7, r"field 'bias' must be 'none', 'all' or 'lora_only', got 7")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            P.LoraAdapterConfig.from_dict({"bias": bias}, source="x.json")
+
+
+def test_null_bias_fails_in_peft_too(tmp_path):
+    """The PEFT behaviour the message states: a null bias does not load."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    write_adapter(tmp_path / "ad", {"lin": random_module(np.random.default_rng(0), 3, 4, 2, dtype=np.float32)},
+                  {"bias": None, "target_modules": ["lin"]})  # fmt: skip
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'endswith'"):
+        peft.PeftModel.from_pretrained(M(), str(tmp_path / "ad"))
+
+
+def test_unreadable_base_file_says_why_not_no_such_file(tmp_path):
+    """Issue 10 item 14: a directory, or a file without read permission, was 'No such file or directory'.
+
+    Root reads any file, so the command runs in a subprocess that drops to
+    user nobody after its imports, on files in a world-readable directory.
+    """
+    import shutil
+    import tempfile
+
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory, not a safetensors file"):
+        S.SafetensorsFile(tmp_path / "dir.safetensors")
+    d = Path(tempfile.mkdtemp(prefix="dora-ref-perm-"))
+    try:
+        os.chmod(d, 0o755)
+        save_file({"a.weight": np.ones((2, 1))}, str(d / "x.safetensors"))
+        os.chmod(d / "x.safetensors", 0)
+        write_adapter(d / "ad", {"a": random_module(np.random.default_rng(0), 2, 1, 1)})
+        code = ("import os, sys\nfrom dora_ref.merge_cli import main\nimport tqdm.auto\n"
+                "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\nsys.exit(main(sys.argv[1:]))")  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.run([sys.executable, "-c", code, str(d / "x.safetensors"), str(d / "ad"), str(d / "o.safetensors"),
+                               "--no-progress"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    finally:
+        shutil.rmtree(d)
+    assert proc.returncode == 1 and "Permission denied" in proc.stderr and "No such file" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_file_truncated_after_it_was_opened_is_a_value_error_not_sigbus(tmp_path):
+    """Issue 10: a safetensors file truncated after open killed the process (SIGBUS, memory-mapped reads).
+
+    dora_ref reads with pread (no memory map) and compares the size and
+    modification time with those seen at open before every read and copy.
+    """
+    path = tmp_path / "x.safetensors"
+    save_file({"a": np.arange(4096.0), "b": np.ones((64, 64), np.float32)}, str(path))
+    f = S.SafetensorsFile(path)
+    np.testing.assert_array_equal(f.get("a"), np.arange(4096.0))
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(ValueError, match="changed while it was being read"):
+        f.get("b")
+    with pytest.raises(ValueError, match="changed while it was being read"):
+        f.read_bits("b")
+    w = S.SafetensorsWriter(tmp_path / "y.safetensors", [("b", np.float32, (64, 64))])
+    with pytest.raises(ValueError, match="changed while it was being read"):
+        w.copy("b", f)
+    w.abort()
+
+
+def test_reader_stops_at_a_short_read_even_if_the_size_check_passed(tmp_path, monkeypatch):
+    """The second line of defence: a read that comes back short is an error naming the tensor."""
+    path = tmp_path / "x.safetensors"
+    save_file({"a": np.arange(16.0)}, str(path))
+    f = S.SafetensorsFile(path)
+    os.truncate(path, path.stat().st_size - 8)
+    monkeypatch.setattr(f, "check_unchanged", lambda: None)
+    with pytest.raises(ValueError, match=r"tensor 'a' is truncated"):
+        f.get("a")
+
+
+def _round_once(x, bits, emin):
+    """float64 -> nearest binary float with ``bits`` significant bits, ties to even.
+
+    ``emin``: the frexp exponent of the smallest normal number (below it,
+    subnormals keep fewer bits). Independent of NumPy's and ml_dtypes'
+    casts: frexp, then Python's round() (exact, ties to even) on the scaled
+    significand. No overflow handling: the values tested are in range.
+    """
+    out = np.empty_like(x)
+    for i, v in enumerate(x.ravel()):
+        mant, exp = np.frexp(v)
+        keep = bits - max(0, emin - int(exp))
+        out.flat[i] = np.ldexp(round(mant * 2.0**keep), int(exp) - keep)
+    return out
+
+
+@pytest.mark.parametrize("dtype, bits, emin", [(BF16, 8, -125), (np.dtype(np.float16), 11, -13)], ids=["bf16", "fp16"])
+def test_merged_low_precision_values_are_the_float32_merge_rounded_once_to_nearest_even(
+    tmp_path, dtype, bits, emin, monkeypatch
+):
+    """The rule: every stored value is the float32 merge rounded once, ties to even (no double rounding).
+
+    Checked on 4096 values of the command's block-wise path (small blocks, so
+    several) against an independent rounding (frexp + round()) of its own
+    float32 result, and against a float64 merge rounded once: the two may
+    differ only where the float64 value lies within the float32 computation's
+    error bound of a tie between two neighbours. That bound: V = W0 + s B A
+    and the norm in float32 each carry at most (in + r + 4) * 2**-24 relative
+    to |W0| + s |B||A|, and the scale m / n adds as much.
+    """
+    from dora_ref import merge_cli
+
+    monkeypatch.setattr(merge_cli, "_BLOCK_ELEMENTS", 1000)  # several blocks
+    rng = np.random.default_rng(3)
+    out_f, in_f, r = 64, 64, 4
+    W0 = rng.standard_normal((out_f, in_f)).astype(dtype)
+    A, B, m = random_module(rng, out_f, in_f, r, dtype=np.float32)
+    if dtype == BF16:  # written by safetensors' torch API, independent of dora_ref's writer
+        torch = pytest.importorskip("torch")
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({"w": torch.from_numpy(W0.view(np.int16)).view(torch.bfloat16)}, str(tmp_path / "base.safetensors"))
+    else:
+        save_file({"w": W0}, str(tmp_path / "base.safetensors"))
+    f = S.SafetensorsFile(tmp_path / "base.safetensors")
+    mod = P.ModuleAdapter("w", A, B, m, 0.5, r, 2.0)
+    got, is_bits = merge_cli.merge_tensor(f, "w", [mod], False)
+    got = got.view(dtype) if is_bits else got
+    np.testing.assert_array_equal(got.view(np.uint16), P.merge_weight(W0, [mod]).view(np.uint16))  # whole = blocks
+    f32 = P.merge_view(W0.astype(np.float32), [mod]).astype(np.float64)
+    np.testing.assert_array_equal(got.astype(np.float64), _round_once(f32, bits, emin))
+    exact = dense_merge(W0.astype(np.float64), A.astype(np.float64), B.astype(np.float64), m.astype(np.float64), 0.5)
+    once = _round_once(exact, bits, emin)
+    differ = got.astype(np.float64) != once
+    scale = np.abs(W0.astype(np.float64)) + 0.5 * np.abs(B) @ np.abs(A)
+    g = np.abs(exact).max(axis=1, keepdims=True) / np.abs(W0.astype(np.float64) + 0.5 * B @ A).max(axis=1, keepdims=True)
+    tol = 2 * (in_f + r + 4) * 2.0**-24 * g * scale
+    tie = (got.astype(np.float64) + once) / 2
+    assert np.all(np.abs(exact - tie)[differ] <= tol[differ])
+    assert differ.mean() < 0.01, differ.sum()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bf16_rounding_of_float32_bits_is_round_to_nearest_even_on_every_class(threads, monkeypatch):
+    """float32_to_bfloat16_bits against ml_dtypes' cast: random bit patterns, ties, the largest values, NaN, inf.
+
+    With one thread and with three (the parts split at chunk boundaries), whatever the machine's load.
+    """
+    monkeypatch.setattr(S, "_idle_cores", lambda: threads)
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 2**32, size=1_000_003, dtype=np.uint64).astype(np.uint32)  # > 8 chunks: threaded
+    specials = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00008000,
+                         0x00018000, 0x3F808000, 0x3F818000, 0xBF808000], np.uint32)  # fmt: skip
+    x = np.concatenate([u, specials]).view(np.float32)
+    got = S.float32_to_bfloat16_bits(x)
+    nan = np.isnan(x)
+    with np.errstate(invalid="ignore"):
+        want = x.astype(BF16).view(np.uint16)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(BF16).astype(np.float32)).all()  # NaN stays NaN (never inf or -0)
+    assert np.array_equal(got[nan] >> 15, x[nan].view(np.uint32) >> 31)
+    np.testing.assert_array_equal(S.bfloat16_bits_to_float32(want[~nan]), want[~nan].view(BF16).astype(np.float32))
+    finite = x[np.isfinite(x) & (np.abs(x) < 3.38e38)]
+    assert S.float32_to_bfloat16_bits(finite, report_non_finite=True)[1] is False
+    for bad in (np.inf, np.nan, np.float32(3.3962e38)):  # the last rounds up to inf
+        assert S.float32_to_bfloat16_bits(np.append(finite, np.float32(bad)), report_non_finite=True)[1] is True
+
+
+@pytest.mark.parametrize("dtype", [None, BF16, np.dtype(np.float16)], ids=["f64", "bf16", "fp16"])
+def test_merge_command_output_equals_merge_state_dict_bit_for_bit_and_copies_the_rest(tmp_path, dtype, monkeypatch):
+    """The streaming command (blocks of rows, bits for bf16, byte copies) and the in-memory API agree exactly."""
+    from dora_ref import merge_cli
+
+    monkeypatch.setattr(merge_cli, "_BLOCK_ELEMENTS", 10)
+    _toy_checkpoint(tmp_path, dtype)
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]) == 0
+    want = P.merge_state_dict(tmp_path / "base", [tmp_path / "ad"])
+    base = S.BaseWeights(tmp_path / "base")
+    out = S.BaseWeights(tmp_path / "out")
+    for key in base.keys():
+        if key in want:
+            assert out.get(key).tobytes() == want[key].tobytes()
+        else:
+            f, g = base.handle(base.weight_map[key]), out.handle(out.weight_map[key])
+            (o1, n1), (o2, n2) = f.byte_range(key), g.byte_range(key)
+            raw1, raw2 = f.path.read_bytes()[o1 : o1 + n1], g.path.read_bytes()[o2 : o2 + n2]
+            assert raw1 == raw2
+
+
+def test_merge_command_force_replaces_out_as_a_whole_and_only_a_model_directory(tmp_path, capsys):
+    _toy_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale-00009.safetensors").write_bytes(b"old shard")
+    args = [str(tmp_path / "base"), str(tmp_path / "ad"), str(out), "--no-progress", "--force"]
+    assert merge_main(args) == 0
+    assert not (out / "stale-00009.safetensors").exists()  # not mixed into the new model
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert merge_main(args[:2] + [str(notes)] + args[3:]) == 1
+    assert "holds no safetensors model" in capsys.readouterr().err and (notes / "todo.txt").exists()
+
+
+def test_adapter_config_that_is_a_directory_is_not_reported_missing(tmp_path):
+    """Issue 10 item 14, for adapters: the OS's reason, not 'no adapter_config.json'."""
+    write_adapter(tmp_path / "ad", {"fc": random_module(np.random.default_rng(0), 3, 4, 2)})
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).unlink()
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).mkdir()
+    with pytest.raises(IsADirectoryError):
+        P.load_adapter(tmp_path / "ad")
+    (tmp_path / "ad" / P.ADAPTER_CONFIG).rmdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        P.load_adapter(tmp_path / "ad")
+
+
+def test_merge_command_interrupted_leaves_out_unchanged_and_says_so(tmp_path, capsys, monkeypatch):
+    from dora_ref import merge_cli
+
+    _toy_checkpoint(tmp_path)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_cli, "merge_tensor", interrupt)
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base"]  # no OUT, no temporary output
+
+
+def test_dora_ref_command_with_a_missing_optional_dependency_prints_one_line(capsys, monkeypatch):
+    from dora_ref import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "merge", ("dora_ref._no_such_module", "merge"))
+    assert cli.main(["merge", "a", "b", "c"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dora-ref merge: error: No module named") and err.count("\n") == 1

@@ -1,0 +1,279 @@
+"""``dora-ref merge`` against PEFT, a plain safetensors read + write, and ``cp -r``.
+
+Not a test: a script that builds a Llama-shaped bf16 model with random
+weights (transformers ``LlamaConfig``: 6 layers, hidden 2048, intermediate
+4480, vocabulary 32000, untied head: 397 M parameters, 794 MB, saved with
+``save_pretrained`` into a temporary directory) and a PEFT DoRA adapter on
+all seven projections (r = 16, lora_B and the magnitude randomised so the
+merge is not the identity), then times, each as a fresh subprocess, in
+interleaved rounds:
+
+* ``dora-ref merge BASE ADAPTER OUT`` (this checkout's dora_ref);
+* PEFT: ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained``
+  + ``merge_and_unload()`` + ``save_pretrained`` (bf16, PyTorch CPU);
+* a plain read + write of the same files with ``safetensors.torch``
+  (``load_file`` + ``save_file``), the floor a merge that must read and
+  write every byte can approach; its in-process time (imports excluded) too;
+* ``cp -r``.
+
+Wall time is the subprocess's, start to exit (interpreter start and imports
+included, as a user sees it); peak RSS is the subprocess's own ``ru_maxrss``
+(``os.wait4``). Linux folds the peak of the forking parent's memory into a
+child's ``ru_maxrss`` at exec, so this script stays small (the model is
+built in a subprocess, the page cache warmed with ``cat``) and prints its own
+peak: no child can show less. The base is read once beforehand so every run reads it from
+the page cache. The machine's load (``uptime``) is printed before and after:
+on a shared machine the ratios, measured side by side, are what to compare.
+
+Run ``python benchmarks/bench_merge.py`` (about 5 minutes; PEFT takes most)
+or ``--small`` (a 2-layer model, seconds). ``--rounds N`` repeats the
+interleaved round (default 2); ``--no-peft`` skips PEFT. ``--compare`` keeps
+the last round's dora-ref and PEFT outputs and compares the first layer's
+seven merged projections bit by bit, and each with the float64 merge rounded
+once to bf16 (ties to even): how many values differ, and which side holds
+the correctly rounded value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # this checkout's dora_ref, not an installed one
+
+PEFT_MERGE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+READ_WRITE = """
+import sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+t1 = time.perf_counter()
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir()
+for f in sorted(base.glob("*.safetensors")):
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata()
+    save_file(load_file(str(f)), str(out / f.name), metadata=meta)
+print(f"{time.perf_counter() - t1:.4f} {t1 - t0:.4f}")
+"""
+
+
+def build(directory, small):
+    """Save the base model and the DoRA adapter; return (base dir, adapter dir, largest tensor bytes).
+
+    Run in its own process (``--build``): a parent holding the model would
+    lend its resident pages to every child it forks, and their peak RSS
+    would start from it.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dims = dict(hidden_size=512, intermediate_size=1120, num_hidden_layers=2, vocab_size=4000) if small else dict(
+        hidden_size=2048, intermediate_size=4480, num_hidden_layers=6, vocab_size=32000)  # fmt: skip
+    config = LlamaConfig(num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False, **dims)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    base = directory / "base"
+    model.save_pretrained(base)
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_dora=True, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    adapter = directory / "adapter"
+    peft_model.save_pretrained(adapter)
+    return base, adapter, largest
+
+
+def build_in_subprocess(directory, small):
+    cmd = [sys.executable, __file__, "--build", str(directory)] + (["--small"] if small else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    largest = int(out.strip().split()[-1])
+    return directory / "base", directory / "adapter", largest
+
+
+def compare(base, adapter, ours, theirs):
+    """Lines comparing dora-ref's and PEFT's merged bf16 values with the float64 merge rounded once."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    def bf16(t):
+        return t.view(torch.int16).numpy().view(np.uint16)
+
+    def round_once(x):  # float64 -> the nearest bf16 (8 significant bits), ties to even; as bits
+        mant, exp = np.frexp(x)
+        y = np.ldexp(np.round(mant * 256.0), exp - 8).astype(np.float32)  # exact: 8 bits fit
+        return (y.view(np.uint32) >> 16).astype(np.uint16)
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    W = load_file(str(base / "model.safetensors"))
+    ad = load_file(str(adapter / "adapter_model.safetensors"))
+    ours_t, theirs_t = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    total = differ = ours_right = theirs_right = ours_wrong = 0
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        sub = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = f"model.layers.0.{sub}.{proj}"
+        W0 = W[key + ".weight"].double().numpy()
+        A = ad[f"base_model.model.{key}.lora_A.weight"].double().numpy()
+        B = ad[f"base_model.model.{key}.lora_B.weight"].double().numpy()
+        m = ad[f"base_model.model.{key}.lora_magnitude_vector"].double().numpy()
+        V = W0 + scaling * (B @ A)
+        once = round_once((m / np.linalg.norm(V, axis=1))[:, None] * V)
+        a, b = bf16(ours_t[key + ".weight"]), bf16(theirs_t[key + ".weight"])
+        d = a != b
+        total += a.size
+        differ += int(d.sum())
+        ours_right += int((a == once)[d].sum())
+        theirs_right += int((b == once)[d].sum())
+        ours_wrong += int((a != once).sum())
+    return [
+        f"layer 0's seven projections: {total} merged bf16 values; dora-ref and PEFT differ in {differ}; "
+        f"of those, dora-ref holds the float64 merge rounded once in {ours_right}, PEFT in {theirs_right}",
+        f"dora-ref differs from the float64 merge rounded once in {ours_wrong} of {total} values "
+        f"({ours_wrong / total:.1e}; near rounding ties the float32 arithmetic's error decides the side)",
+    ]
+
+
+def run(cmd, env=None):
+    """(wall seconds, peak RSS bytes, stdout) of a subprocess; raises if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024, out.decode()
+
+
+def machine():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = open("/proc/cpuinfo").read()
+    simd = "avx512f" if " avx512f" in flags else "avx2" if " avx2" in flags else "neither avx2 nor avx512f"
+    return f"{model}, {os.cpu_count()} cores, {simd}"
+
+
+def uptime():
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="a 2-layer model of a few MB (quick check)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT (the slowest)")
+    ap.add_argument("--compare", action="store_true", help="compare dora-ref's merged bits with PEFT's")
+    ap.add_argument("--results", default=None, help="write a markdown table here (default: print only)")
+    ap.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: build the model here
+    args = ap.parse_args(argv)
+    if args.build:
+        print(build(Path(args.build), args.small)[2])
+        return 0
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    print(f"machine: {machine()}")
+    print(f"load before: {uptime()}")
+    with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
+        tmp = Path(tmp)
+        base, adapter, largest = build_in_subprocess(tmp, args.small)
+        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        print(f"model: {size / 1e6:.0f} MB of bf16 safetensors in {len(list(base.glob('*.safetensors')))} file(s); "
+              f"largest tensor {largest / 1e6:.0f} MB")  # fmt: skip
+        for f in base.iterdir():  # into the page cache, for every method alike (not via this process:
+            subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)  # see below)
+        methods = {
+            "dora-ref merge": [sys.executable, "-m", "dora_ref", "merge", str(base), str(adapter), "{out}", "--no-progress"],
+            "read + write (safetensors.torch)": [sys.executable, "-c", READ_WRITE, str(base), "{out}"],
+            "cp -r": ["cp", "-r", str(base), "{out}"],
+            "python -c 'import numpy' (startup)": [sys.executable, "-c", "import numpy"],
+        }
+        if not args.no_peft:
+            methods["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), "{out}"]
+        times = {name: [] for name in methods}
+        rss = {name: [] for name in methods}
+        inner = []
+        kept = {"dora-ref merge": tmp / "cmp_dora_ref", "PEFT merge_and_unload": tmp / "cmp_peft"}
+        for round_ in range(args.rounds):
+            for name, cmd in methods.items():
+                out = tmp / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                if args.compare and round_ == args.rounds - 1 and name in kept:
+                    out = kept[name]
+                wall, peak, stdout = run([c.replace("{out}", str(out)) for c in cmd], env)
+                times[name].append(wall)
+                rss[name].append(peak)
+                if name.startswith("read"):
+                    inner.append(float(stdout.split()[0]))
+                print(f"  round {round_ + 1}: {name:<34} {wall:7.2f} s  peak RSS {peak / 1e6:6.0f} MB", flush=True)
+        shutil.rmtree(tmp / "out", ignore_errors=True)
+        after = uptime()
+        compared = compare(base, adapter, kept["dora-ref merge"], kept["PEFT merge_and_unload"]) if (
+            args.compare and not args.no_peft) else []
+    import resource
+
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"load after: {after}; this script's own peak RSS (a floor for every child's): {parent_peak / 1e6:.0f} MB")
+
+    med = {name: statistics.median(v) for name, v in times.items()}
+    peak = {name: max(v) for name, v in rss.items()}
+    floor = med["read + write (safetensors.torch)"]
+    # the strict floor: the read + write itself (no torch import) plus what any NumPy program pays to start
+    strict = statistics.median(inner) + med["python -c 'import numpy' (startup)"]
+    lines = [
+        f"machine: {machine()}; model {size / 1e6:.0f} MB bf16, largest tensor {largest / 1e6:.0f} MB",
+        f"load before/after: see the run log; after: {after}",
+        "",
+        "| method | wall (median of %d) | vs read + write | peak RSS | RSS / largest tensor |" % args.rounds,
+        "|---|---|---|---|---|",
+    ]
+    for name in methods:
+        lines.append(f"| {name} | {med[name]:.2f} s | {med[name] / floor:.2f}x | {peak[name] / 1e6:.0f} MB | "
+                     f"{peak[name] / largest:.2f} |")  # fmt: skip
+    lines.append(f"| read + write, in-process (imports excluded) | {statistics.median(inner):.2f} s | "
+                 f"{statistics.median(inner) / floor:.2f}x | | |")  # fmt: skip
+    lines.append(f"| strict floor: in-process read + write + NumPy startup | {strict:.2f} s | {strict / floor:.2f}x | | |")
+    if "PEFT merge_and_unload" in med:
+        lines.append("")
+        lines.append(f"PEFT / dora-ref merge: {med['PEFT merge_and_unload'] / med['dora-ref merge']:.1f}x (goal >= 6); "
+                     f"dora-ref merge / read + write: {med['dora-ref merge'] / floor:.2f} (goal <= 1.1), "
+                     f"/ strict floor: {med['dora-ref merge'] / strict:.2f}; "
+                     f"peak RSS / largest tensor: {peak['dora-ref merge'] / largest:.2f} (goal <= 3)")  # fmt: skip
+    lines += [""] + compared if compared else []
+    print("\n".join(lines))
+    if args.results:
+        Path(args.results).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
