@@ -1456,6 +1456,8 @@ def merge_view(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=False
                     g = np.zeros_like(n)
                     np.divide(m, n, out=g, where=n != 0)
                     W = g[:, None] * (W + mod.scaling * (B @ A))
+            except F.NonFiniteWeightError as e:  # diagnosed row by row, as merge_weight does
+                raise non_finite_error(W_stored, modules, fan_in_fan_out, e.rows) from None
             except ValueError as e:
                 raise ValueError(f"module {mod.name!r}: {e}") from None
     return W

@@ -310,9 +310,14 @@ def run(kind, detach_norm, actions, seed):
             if want_dx is not None:
                 assert_close(dx, want_dx, k=K, scale=amax(want_dx) + amax(dy) + 1,
                              name=f"{kind} dx")
+            # The term scale of each gradient: the detached gradient of the absolute values
+            # bounds the sum of |terms|; the exact mode's projection removes at most as much
+            # again (it cancels to zero when in_features = 1, where every direction is fixed).
+            _, abs_g = ref_backward(kind, layer, np.abs(W_fwd), {k: np.abs(v) for k, v in p_fwd.items()},
+                                    np.abs(x), mask, np.abs(dy), True)
             for k, g in want_g.items():
                 grads[k] += g
-                grad_scale[k] += amax(g) + amax(dy) + 1
+                grad_scale[k] += amax(g) + 2 * amax(abs_g[k]) + amax(dy) + 1
         elif action == "merge":
             if merged:
                 expect(RuntimeError, "already merged", layer.merge)
