@@ -164,11 +164,18 @@ int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t i0 = blk * ROW_BLOCK;
-        FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_NORM, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK;
+            FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Ap);
     return DORA_OK;
 }
@@ -215,11 +222,18 @@ int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL 
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t i0 = blk * ROW_BLOCK;
-        FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_MERGE, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK;
+            FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Ap);
     return DORA_OK;
 }
@@ -266,11 +280,18 @@ int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t i0 = blk * ROW_BLOCK;
-        FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_UNMERGE, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK;
+            FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Ap);
     return DORA_OK;
 }
@@ -328,12 +349,19 @@ int FN(dora_forward_epilogue)(REAL *y, const REAL *base, const REAL *U, const RE
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t t0 = blk * ROW_BLOCK;
-        FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
-                                  t0, dora_min(N, t0 + ROW_BLOCK), out, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_FORWARD, (double)N * out * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t t0 = blk * ROW_BLOCK;
+            FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
+                                      t0, dora_min(N, t0 + ROW_BLOCK), out, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Bp);
     return DORA_OK;
 }
@@ -397,12 +425,19 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t c0 = blk * COL_BLOCK;
-        FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
-                                   c0, dora_min(out, c0 + COL_BLOCK), N, out, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_BACKWARD, (double)N * out * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t c0 = blk * COL_BLOCK;
+            FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
+                                       c0, dora_min(out, c0 + COL_BLOCK), N, out, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Bp);
     return DORA_OK;
 }
@@ -572,8 +607,11 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
         return DORA_ERR_NOMEM;
     }
     int failed = 0;
-    #pragma omp parallel if (N * out * (3 * r + 1) > PARALLEL_MIN_WORK)
+    dora_plan plan;
+    dora_plan_begin(&plan, K_LOWRANK, (double)N * out * (3 * r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
     {
+        dora_plan_arrive(&plan);
         double *acc = (double *)malloc((size_t)width * sizeof(double));
         REAL *dBt = (REAL *)malloc((size_t)dora_max(1, r * (width + W)) * sizeof(REAL));
         if (!acc || !dBt) {
@@ -591,13 +629,21 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
         free(acc);
         free(dBt);
     }
+    dora_plan_end(&plan);
     if (!failed) {  /* dU = s * (sum of the blocks' partials, in block order) */
-        #pragma omp parallel for if (N * r * nblocks > PARALLEL_MIN_WORK)
-        for (int64_t e = 0; e < N * r; e++) {
-            double sum = 0;
-            for (int64_t blk = 0; blk < nblocks; blk++) sum += dUp[blk * N * r + e];
-            dU[e] = (REAL)s * (REAL)sum;
+        dora_plan sum_plan;
+        dora_plan_begin(&sum_plan, K_LOWRANK_SUM, (double)N * r * nblocks, N * r / ROW_BLOCK);
+        #pragma omp parallel num_threads(sum_plan.nt)
+        {
+            dora_plan_arrive(&sum_plan);
+            #pragma omp for
+            for (int64_t e = 0; e < N * r; e++) {
+                double sum = 0;
+                for (int64_t blk = 0; blk < nblocks; blk++) sum += dUp[blk * N * r + e];
+                dU[e] = (REAL)s * (REAL)sum;
+            }
         }
+        dora_plan_end(&sum_plan);
     }
     free(Bp);
     free(dUp);
@@ -744,8 +790,11 @@ int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const 
         return DORA_ERR_NOMEM;
     }
     int failed = 0;
-    #pragma omp parallel if (out * in * (2 * r + 1) > PARALLEL_MIN_WORK)
+    dora_plan plan;
+    dora_plan_begin(&plan, K_PRODUCTS, (double)out * in * (2 * r + 1), nslices);
+    #pragma omp parallel num_threads(plan.nt)
     {
+        dora_plan_arrive(&plan);
         REAL *cc = (REAL *)malloc((size_t)dora_max(1, r * CHUNK_LD) * sizeof(REAL));
         if (!cc) {
             #pragma omp atomic write
@@ -760,10 +809,18 @@ int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const 
         }
         free(cc);
     }
+    dora_plan_end(&plan);
     if (!failed && nslices > 1) {  /* CtW = sum of the slices' partials, in slice order */
-        #pragma omp parallel for if (r * in * nslices > PARALLEL_MIN_WORK)
-        for (int64_t e = 0; e < r * in; e++)
-            for (int64_t sl = 1; sl < nslices; sl++) CtW[e] += part[(sl - 1) * r * in + e];
+        dora_plan sum_plan;
+        dora_plan_begin(&sum_plan, K_PRODUCTS_SUM, (double)r * in * nslices, r * in / ROW_BLOCK);
+        #pragma omp parallel num_threads(sum_plan.nt)
+        {
+            dora_plan_arrive(&sum_plan);
+            #pragma omp for
+            for (int64_t e = 0; e < r * in; e++)
+                for (int64_t sl = 1; sl < nslices; sl++) CtW[e] += part[(sl - 1) * r * in + e];
+        }
+        dora_plan_end(&sum_plan);
     }
     free(Ap);
     free(part);

@@ -42,7 +42,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -458,11 +457,8 @@ def test_zero_norm_row_merges_to_nan_like_numpy():
 # the result does not depend on the number of threads
 # ---------------------------------------------------------------------------
 
-_THREAD_SCRIPT = textwrap.dedent(
-    """
-    import hashlib, sys
-    import numpy as np
-    from dora_ref import _kernels_c as C
+def _all_kernels_digest():
+    """sha256 of every C kernel's results on shapes with several blocks per thread."""
     h = hashlib.sha256()
     # several blocks per thread, ragged edges; r = 3 also gives norm_gradient_products
     # several row slices and backward_lowrank several column blocks
@@ -479,25 +475,49 @@ _THREAD_SCRIPT = textwrap.dedent(
                    *C._norm_gradient_products_fused(W0, A, B)]
         for a in results:
             h.update(a.tobytes())
-    print(C.openmp_threads(), h.hexdigest())
-    """
-)
+    return h.hexdigest()
 
 
-def test_bitwise_identical_for_any_thread_count():
+@pytest.fixture
+def forced_threads():
+    """Yield set_threads with every call forced onto that many threads; restore after."""
+    C._set_always_parallel(True)
+    try:
+        yield C.set_threads
+    finally:
+        C._set_always_parallel(False)
+        C.set_threads(0)
+
+
+def test_bitwise_identical_for_any_thread_count(forced_threads):
     digests = {}
     for threads in (1, 2, 3):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
-        res = subprocess.run(
-            [sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True, text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr
-        seen_threads, digest = res.stdout.split()
+        forced_threads(threads)
         if C.openmp_enabled():
-            assert int(seen_threads) == threads, "OMP_NUM_THREADS did not reach the kernels"
-        digests[threads] = digest
+            assert C.openmp_threads() == threads
+        digests[threads] = _all_kernels_digest()
     assert digests[1] == digests[2] == digests[3], digests
+
+
+def test_bitwise_identical_whether_the_cost_model_picks_one_thread_or_more(forced_threads):
+    forced_threads(2)
+    forced = _all_kernels_digest()
+    C._set_always_parallel(False)  # the cost model decides, call by call
+    assert _all_kernels_digest() == forced
+
+
+def test_set_threads_checks_its_argument():
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        C.set_threads(2.0)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        C.set_threads(-1)
+
+
+def test_threading_info_says_who_set_the_wait_policy():
+    info = C.threading_info()
+    assert info["threads"] == C.openmp_threads()
+    assert info["region_cost_us"] >= 0
+    assert any(word in info["wait_policy"] for word in ("passive", "environment", "default"))
 
 
 def test_openmp_info():
