@@ -307,6 +307,11 @@ int64_t dora_norm_gradient_products_scratch(int64_t out, int64_t in, int64_t r, 
     return (partials + panels + dora_max_threads() * CHUNK_LD * r) * itemsize;
 }
 
+int64_t dora_row_block(void)
+{
+    return ROW_BLOCK;
+}
+
 int dora_openmp_enabled(void)
 {
 #ifdef _OPENMP

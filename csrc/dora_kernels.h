@@ -111,6 +111,12 @@ int dora_unmerge_f64(double *W0,
                      const double *W_merged, const double *A, const double *B, const double *factor,
                      double s, int64_t out, int64_t in, int64_t r);
 
+/* Rows of W0 that a thread takes at a time in column_norm, merge and unmerge
+   (ROW_BLOCK): a row's bits depend on where its group of rows starts, so a
+   caller that splits W0 into row blocks must start each at a multiple of it
+   to get the bits of one call on the whole of W0. */
+int64_t dora_row_block(void);
+
 /* 1 if the library was compiled with OpenMP, else 0. */
 int dora_openmp_enabled(void);
 /* The most threads a call may use now: dora_set_threads's n, else

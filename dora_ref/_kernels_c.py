@@ -17,12 +17,25 @@ Before any pointer crosses into C, every array is checked here:
   Fortran-ordered arrays) are copied with ``np.ascontiguousarray``, so any
   layout works, at the cost of one copy; except the (out, in) weight of
   ``column_norm`` and ``merge``, which is never copied whole: a
-  non-contiguous one is copied a block of rows at a time (``_strided_weight``); read-only inputs are used as they
-  are (C only reads them). **Outputs** are always allocated here, fresh,
+  non-contiguous one is copied a block of rows at a time
+  (``_weight_row_blocks``), with the bits of a contiguous call; read-only
+  inputs are used as they are (C only reads them). **Outputs** are always allocated here, fresh,
   C-contiguous and writable, so C never writes into a caller's array.
 
 Results agree with NumPy up to rounding (``tests/test_kernels_c.py`` states
-the bound), and do not depend on ``OMP_NUM_THREADS``, bit for bit. NaN and
+the bound). Determinism, precisely: every C kernel here gives the same bits
+for any number of threads (each thread owns whole rows or columns, and the
+block sizes that fix the order of every sum depend on the sizes alone), and
+so do ``merge``, ``unmerge`` and ``column_norm`` of ``dora_ref.functional``
+with this backend. The BLAS paths (``backward_lowrank`` and
+``norm_gradient_products`` above ``FUSED_MAX_RANK``), and the forward and
+backward's large products, which BLAS computes, may differ in the last bits
+between thread counts (``tests/test_determinism.py`` bounds the difference).
+
+Threads: each call uses one thread or ``openmp_threads()``, chosen from its
+measured cost against what opening a team costs now (``set_threads``,
+``threading_info``; ``csrc/dora_kernels.c`` explains the model). A process
+forked after a threaded call runs the kernels too (``tests/test_fork.py``). NaN and
 Inf propagate as in NumPy. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
@@ -224,10 +237,10 @@ def _arrays(**named):
 def _strided_weight(W0):
     """True for an (out, in) weight that is not C-contiguous (e.g. a transpose).
 
-    ``column_norm`` and ``merge`` then call C on blocks of about 1 MiB of
-    rows, each copied contiguous, instead of copying the whole weight (an
-    (out, in) copy on every forward is what DoRA's memory budget rules out).
-    Every row is computed alone, so the bits are those of a contiguous call.
+    ``column_norm`` and ``merge`` then call C on blocks of rows
+    (``_weight_row_blocks``), each copied contiguous, instead of copying the
+    whole weight (an (out, in) copy on every forward is what DoRA's memory
+    budget rules out).
     """
     return (
         isinstance(W0, np.ndarray)
@@ -235,6 +248,25 @@ def _strided_weight(W0):
         and W0.dtype in _CTYPE
         and not W0.flags.c_contiguous
     )
+
+
+def _weight_row_blocks(out_features, in_features, itemsize):
+    """Yield slices of about 1 MiB of rows of W0, each starting at a multiple of ROW_BLOCK.
+
+    The C kernels take rows in groups of four from the start of each block
+    of ``dora_row_block()`` rows, and a row in a full group is computed by
+    other instructions than one in the ragged last group (the compiler's
+    vector code, its FMA contractions), which can change its last bit. Blocks
+    that start where the kernel's own blocks start keep every row in the
+    group it has in one call on the whole weight: the same bits, whatever
+    the layout. (Blocks of ``_kernels_numpy._row_blocks`` did not, and
+    gave 1-ulp differences in float64.)
+    """
+    align = int(lib.dora_row_block())
+    rows = max(1, _kernels_numpy._BLOCK_BYTES // max(1, in_features * itemsize))
+    rows = max(align, rows // align * align)
+    for start in range(0, out_features, rows):
+        yield slice(start, min(start + rows, out_features))
 
 
 def _shape(name, arr, shape, shapes):
@@ -313,7 +345,7 @@ def column_norm(W0, A, B, scaling):
         (A, B), _ = _arrays(A=A, B=B)
         _adapter(W0, A, B)
         n = np.empty(W0.shape[0], dtype=W0.dtype)
-        for rows in _kernels_numpy._row_blocks(*W0.shape, W0.itemsize):
+        for rows in _weight_row_blocks(*W0.shape, W0.itemsize):
             n[rows] = column_norm(np.ascontiguousarray(W0[rows]), A, B[rows], scaling)
         return n
     (W0, A, B), dtype = _arrays(W0=W0, A=A, B=B)
@@ -414,7 +446,8 @@ def backward_lowrank(dy, base, U, B, g, scaling):
 
     For r <= ``FUSED_MAX_RANK``, all four in one pass over dz
     (``_backward_lowrank_fused``); above it, ``backward_epilogue`` and two
-    BLAS products, as the NumPy twin.
+    BLAS products, as the NumPy twin. The arguments are checked the same
+    way on both paths.
 
     Parameters
     ----------
@@ -430,11 +463,29 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     dz : ndarray, shape (N, out)
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a float32/float64 ndarray, mixed dtypes, or a
+        scaling that is not a real number.
+    ValueError
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
+
+    Notes
+    -----
+    The fused path's bits do not depend on the number of threads; on the
+    BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
+    by thread).
     """
-    if np.ndim(U) == 2 and np.shape(U)[1] > FUSED_MAX_RANK:
-        dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
-        return dg, dz, scaling * (dz @ B), scaling * (dz.T @ U)
-    return _backward_lowrank_fused(dy, base, U, B, g, scaling)
+    (dy, base, U, B, g), _ = _arrays(dy=dy, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    s = _scaling(scaling)
+    if r > FUSED_MAX_RANK:
+        dg, dz = backward_epilogue(dy, base, U, B, g, s)
+        return dg, dz, s * (dz @ B), s * (dz.T @ U)
+    return _backward_lowrank_fused(dy, base, U, B, g, s)
 
 
 def _backward_lowrank_fused(dy, base, U, B, g, scaling):
@@ -461,7 +512,7 @@ def norm_gradient_products(W0, A, C):
 
     For r <= ``FUSED_MAX_RANK``, in one pass over W0
     (``_norm_gradient_products_fused``); above it, two BLAS products, as the
-    NumPy twin.
+    NumPy twin. The arguments are checked the same way on both paths.
 
     Parameters
     ----------
@@ -473,15 +524,28 @@ def norm_gradient_products(W0, A, C):
     -------
     WAt : ndarray, shape (out, r)
     CtW : ndarray, shape (r, in)
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a float32/float64 ndarray, or mixed dtypes.
+    ValueError
+        Shapes that do not fit (out, in), (r, in), (out, r).
+
+    Notes
+    -----
+    The fused path's bits do not depend on the number of threads; the BLAS
+    path's may (BLAS splits its sums by thread).
     """
-    if np.ndim(A) == 2 and np.shape(A)[0] > FUSED_MAX_RANK:
+    (W0, A, C), _ = _arrays(W0=W0, A=A, C=C)
+    _products_shapes(W0, A, C)
+    if A.shape[0] > FUSED_MAX_RANK:
         return W0 @ A.T, C.T @ W0
     return _norm_gradient_products_fused(W0, A, C)
 
 
-def _norm_gradient_products_fused(W0, A, C):
-    """``norm_gradient_products`` in one pass over W0, for any r (the C kernel)."""
-    (W0, A, C), dtype = _arrays(W0=W0, A=A, C=C)
+def _products_shapes(W0, A, C):
+    """Check W0 (out, in), A (r, in), C (out, r); return out, in, r."""
     shapes = f"W0 {W0.shape}, A {A.shape}, C {C.shape}"
     for name, arr in (("W0", W0), ("A", A), ("C", C)):
         if arr.ndim != 2:
@@ -491,6 +555,13 @@ def _norm_gradient_products_fused(W0, A, C):
     if A.shape[1] != in_f:
         raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
     _shape("C", C, (out_f, r), shapes)
+    return out_f, in_f, r
+
+
+def _norm_gradient_products_fused(W0, A, C):
+    """``norm_gradient_products`` in one pass over W0, for any r (the C kernel)."""
+    (W0, A, C), dtype = _arrays(W0=W0, A=A, C=C)
+    out_f, in_f, r = _products_shapes(W0, A, C)
     ctype, sfx = _CTYPE[dtype]
     WAt = np.empty((out_f, r), dtype=dtype)
     CtW = np.empty((r, in_f), dtype=dtype)
@@ -542,7 +613,7 @@ def merge(W0, A, B, magnitude, scaling):
         _shape("magnitude", magnitude, (W0.shape[0],), f"{shapes}, magnitude {magnitude.shape}")
         W_merged = np.empty(W0.shape, dtype=W0.dtype)
         n = np.empty(W0.shape[0], dtype=W0.dtype)
-        for rows in _kernels_numpy._row_blocks(*W0.shape, W0.itemsize):
+        for rows in _weight_row_blocks(*W0.shape, W0.itemsize):
             W_merged[rows], n[rows] = merge(
                 np.ascontiguousarray(W0[rows]), A, B[rows], magnitude[rows], scaling
             )
