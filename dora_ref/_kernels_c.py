@@ -230,8 +230,24 @@ def _arrays(**named):
                 f"{name} has dtype {arr.dtype} but {first} has dtype {dtype}; "
                 f"the C kernels need one dtype for all arrays"
             )
-        out.append(np.ascontiguousarray(arr))
+        out.append(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
     return out, dtype
+
+
+class _Shapes:
+    """The shapes of a call's arrays, for an error message: formatted only when
+    one is raised (formatting them on every call cost more than a small kernel)."""
+
+    __slots__ = ("named",)
+
+    def __init__(self, *named):
+        self.named = named  # (name, array) pairs
+
+    def plus(self, name, arr, first=False):
+        return _Shapes((name, arr), *self.named) if first else _Shapes(*self.named, (name, arr))
+
+    def __str__(self):
+        return ", ".join(f"{name} {np.shape(arr)}" for name, arr in self.named)
 
 
 def _strided_weight(W0):
@@ -275,13 +291,19 @@ def _shape(name, arr, shape, shapes):
 
 
 def _scaling(scaling):
+    if type(scaling) is float:
+        return scaling
     if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     return float(scaling)
 
 
+_ARRAY_TYPE = {"float": "float[]", "double": "double[]"}
+
+
 def _ptr(arr, ctype):
-    return ffi.cast(ctype + " *", ffi.from_buffer(arr))
+    """A C pointer to arr's data (arr is C-contiguous, of ctype)."""
+    return ffi.from_buffer(_ARRAY_TYPE[ctype], arr)
 
 
 def _check_status(status, kernel):
@@ -294,7 +316,7 @@ def _check_status(status, kernel):
 
 def _adapter(W0, A, B, W0_name="W0"):
     """Check W0 (out, in), A (r, in), B (out, r); return out, in, r."""
-    shapes = f"{W0_name} {W0.shape}, A {A.shape}, B {B.shape}"
+    shapes = _Shapes((W0_name, W0), ("A", A), ("B", B))
     for name, arr in ((W0_name, W0), ("A", A), ("B", B)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got {shapes}")
@@ -309,7 +331,7 @@ def _adapter(W0, A, B, W0_name="W0"):
 
 def _epilogue_shapes(base, U, B, g, base_name="base"):
     """Check base (N, out), U (N, r), B (out, r), g (out,); return N, out, r."""
-    shapes = f"{base_name} {base.shape}, U {U.shape}, B {B.shape}, g {g.shape}"
+    shapes = _Shapes((base_name, base), ("U", U), ("B", B), ("g", g))
     if base.ndim != 2 or U.ndim != 2 or B.ndim != 2:
         raise ValueError(f"{base_name}, U and B must be 2-D; got {shapes}")
     N, out_f = base.shape
@@ -417,7 +439,7 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     """
     (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
     N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
@@ -480,7 +502,7 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     """
     (dy, base, U, B, g), _ = _arrays(dy=dy, base=base, U=U, B=B, g=g)
     N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
     s = _scaling(scaling)
     if r > FUSED_MAX_RANK:
         dg, dz = backward_epilogue(dy, base, U, B, g, s)
@@ -492,7 +514,7 @@ def _backward_lowrank_fused(dy, base, U, B, g, scaling):
     """``backward_lowrank`` in one pass over dz, for any r (the C kernel)."""
     (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
     N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
@@ -546,7 +568,7 @@ def norm_gradient_products(W0, A, C):
 
 def _products_shapes(W0, A, C):
     """Check W0 (out, in), A (r, in), C (out, r); return out, in, r."""
-    shapes = f"W0 {W0.shape}, A {A.shape}, C {C.shape}"
+    shapes = _Shapes(("W0", W0), ("A", A), ("C", C))
     for name, arr in (("W0", W0), ("A", A), ("C", C)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got {shapes}")
@@ -610,7 +632,7 @@ def merge(W0, A, B, magnitude, scaling):
     if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
         (A, B, magnitude), _ = _arrays(A=A, B=B, magnitude=magnitude)
         _, _, _, shapes = _adapter(W0, A, B)
-        _shape("magnitude", magnitude, (W0.shape[0],), f"{shapes}, magnitude {magnitude.shape}")
+        _shape("magnitude", magnitude, (W0.shape[0],), shapes.plus("magnitude", magnitude))
         W_merged = np.empty(W0.shape, dtype=W0.dtype)
         n = np.empty(W0.shape[0], dtype=W0.dtype)
         for rows in _weight_row_blocks(*W0.shape, W0.itemsize):
@@ -620,7 +642,7 @@ def merge(W0, A, B, magnitude, scaling):
         return W_merged, n
     (W0, A, B, magnitude), dtype = _arrays(W0=W0, A=A, B=B, magnitude=magnitude)
     out_f, in_f, r, shapes = _adapter(W0, A, B)
-    _shape("magnitude", magnitude, (out_f,), f"{shapes}, magnitude {magnitude.shape}")
+    _shape("magnitude", magnitude, (out_f,), shapes.plus("magnitude", magnitude))
     ctype, sfx = _CTYPE[dtype]
     W_merged = np.empty((out_f, in_f), dtype=dtype)
     n = np.empty(out_f, dtype=dtype)
@@ -650,7 +672,7 @@ def unmerge(W_merged, A, B, factor, scaling):
     """
     (W_merged, A, B, factor), dtype = _arrays(W_merged=W_merged, A=A, B=B, factor=factor)
     out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
-    _shape("factor", factor, (out_f,), f"{shapes}, factor {factor.shape}")
+    _shape("factor", factor, (out_f,), shapes.plus("factor", factor))
     ctype, sfx = _CTYPE[dtype]
     W0 = np.empty((out_f, in_f), dtype=dtype)
     status = getattr(lib, f"dora_unmerge_{sfx}")(
