@@ -57,6 +57,7 @@ static inline __attribute__((always_inline)) void FN(tile_full)(
     for (int64_t k = 0; k < r; k++) {
         const REAL *ak = a + k * lda;
         const REAL c0 = b[k], c1 = b[ldb + k], c2 = b[2 * ldb + k], c3 = b[3 * ldb + k];
+        #pragma omp simd  /* GCC 12 made the float64 tile 5x slower without it */
         for (int l = 0; l < W; l++) {
             p0[l] += c0 * ak[l];
             p1[l] += c1 * ak[l];
