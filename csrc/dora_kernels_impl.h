@@ -310,6 +310,7 @@ static inline __attribute__((always_inline)) void FN(forward_step)(
     REAL P[G][W];
     FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++)
+        #pragma omp simd
         for (int l = 0; l < w; l++) {
             const REAL v = gm[l] * (base[q * out + l] + s * P[q][l]);
             y[q * out + l] = has_bias ? v + bias[l] : v;
