@@ -383,6 +383,7 @@ static inline __attribute__((always_inline)) void FN(backward_step)(
     REAL P[G][W];
     FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++) {
+        #pragma omp simd
         for (int l = 0; l < w; l++) {
             const int64_t o = q * out + l;
             const REAL z = base[o] + s * P[q][l];
