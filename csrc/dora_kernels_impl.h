@@ -456,6 +456,107 @@ static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Two products in one pass over a matrix M (the generic row kernel):       */
+/*   M @ P.T   a sum over M's columns, one value per row of M and k < r     */
+/*   Q.T @ M   a sum over M's rows, one row per k < r                       */
+/* backward_lowrank runs it on M = dz (P = B.T, Q = U: dU and dB), and      */
+/* norm_gradient_products on M = W0 (P = A, Q = C: WAt and CtW). P comes    */
+/* packed in panels of W columns (pack_panels).                             */
+/* ------------------------------------------------------------------------ */
+
+/* One tile, for one k: w columns of g rows of M (rows ldm apart).
+     lanes[q][l] += M[q, l] * P[k, l]            (M @ P.T, row q, lane by lane)
+     row[l]      += sum_q Q[q, k] * M[q, l]      (Q.T @ M, row k, rows in order) */
+static inline __attribute__((always_inline)) void FN(twoprod_tile)(
+    REAL lanes[G][W], REAL *restrict row, const REAL *restrict m, const REAL *restrict p,
+    const REAL qk[G], int64_t ldm, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l];
+        for (int q = 0; q < g; q++) {
+            const REAL x = m[q * ldm + l];
+            lanes[q][l] += x * p[l];
+            t += qk[q] * x;
+        }
+        row[l] = t;
+    }
+}
+
+/* twoprod_tile for two k at once (k and k + 1): each row of M loaded is
+   used four times. The same sums, in the same order. */
+static inline __attribute__((always_inline)) void FN(twoprod_tile2)(
+    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
+    const REAL *restrict m, const REAL *restrict p, const REAL *restrict p1,
+    const REAL qk[G], const REAL qk1[G], int64_t ldm, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l], t1 = row1[l];
+        for (int q = 0; q < g; q++) {
+            const REAL x = m[q * ldm + l];
+            lanes[q][l] += x * p[l];
+            lanes1[q][l] += x * p1[l];
+            t += qk[q] * x;
+            t1 += qk1[q] * x;
+        }
+        row[l] = t;
+        row1[l] = t1;
+    }
+}
+
+/* g rows of M over width columns, k by k, so that the rows' lanes stay in
+   registers while the columns go by and the rows of M come from L1.
+     mp (g, r)      gets this stretch's M @ P.T: stored (accumulate = 0) or
+                    added to what it holds (accumulate = 1);
+     qm (r, ldq)    accumulates Q.T @ M over these rows.
+   q holds the g rows of Q (r apart), Pp the panels of P for these columns. */
+static inline __attribute__((always_inline)) void FN(twoprod_rows)(
+    REAL *restrict mp, REAL *restrict qm, int64_t ldq, const REAL *restrict m, int64_t ldm,
+    const REAL *restrict Pp, const REAL *restrict q, int64_t width, int64_t r, int g,
+    int accumulate)
+{
+    int64_t k = 0;
+    for (; k + 1 < r; k += 2) {  /* two k at a time */
+        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, qk[G] = {0}, qk1[G] = {0};
+        for (int e = 0; e < g; e++) {
+            qk[e] = q[e * r + k];
+            qk1[e] = q[e * r + k + 1];
+        }
+        REAL *row = qm + k * ldq, *row1 = row + ldq;
+        int64_t j = 0;
+        for (; j + W <= width; j += W) {
+            const REAL *p = Pp + (j / W) * r * W + k * W;
+            FN(twoprod_tile2)(lanes, lanes1, row + j, row1 + j, m + j, p, p + W, qk, qk1,
+                              ldm, g, W);
+        }
+        if (j < width) {
+            const REAL *p = Pp + (j / W) * r * W + k * W;
+            FN(twoprod_tile2)(lanes, lanes1, row + j, row1 + j, m + j, p, p + W, qk, qk1,
+                              ldm, g, (int)(width - j));
+        }
+        FN(sum_lanes)(&lanes[0][0], g);
+        FN(sum_lanes)(&lanes1[0][0], g);
+        for (int e = 0; e < g; e++) {
+            mp[e * r + k] = accumulate ? mp[e * r + k] + lanes[e][0] : lanes[e][0];
+            mp[e * r + k + 1] = accumulate ? mp[e * r + k + 1] + lanes1[e][0] : lanes1[e][0];
+        }
+    }
+    for (; k < r; k++) {  /* the last k of an odd r */
+        REAL lanes[G][W] = {{0}}, qk[G] = {0};
+        for (int e = 0; e < g; e++) qk[e] = q[e * r + k];
+        REAL *row = qm + k * ldq;
+        int64_t j = 0;
+        for (; j + W <= width; j += W)
+            FN(twoprod_tile)(lanes, row + j, m + j, Pp + (j / W) * r * W + k * W, qk, ldm, g, W);
+        if (j < width)
+            FN(twoprod_tile)(lanes, row + j, m + j, Pp + (j / W) * r * W + k * W, qk, ldm, g,
+                             (int)(width - j));
+        FN(sum_lanes)(&lanes[0][0], g);
+        for (int e = 0; e < g; e++)
+            mp[e * r + k] = accumulate ? mp[e * r + k] + lanes[e][0] : lanes[e][0];
+    }
+}
+
+/* ------------------------------------------------------------------------ */
 /* backward_lowrank: backward_epilogue, and in the same pass over dz        */
 /*   dB = s * dz.T @ U   (out, r): a sum over N, owned by the column block  */
 /*   dU = s * dz @ B     (N, r):   a sum over out, across the column blocks */
@@ -464,94 +565,6 @@ static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
 /* depends on out and r only (lowrank_col_block), so the bits do not depend */
 /* on the number of threads.                                                */
 /* ------------------------------------------------------------------------ */
-
-/* One tile of the rank-r products, for one k: w columns of g rows of dz.
-     row[l]      += sum_q U[t + q, k] * dz[t + q, l]    (dB.T[k, :], rows in order)
-     lanes[q][l] += dz[t + q, l] * B.T[k, l]            (dU[t + q, k], lane by lane) */
-static inline __attribute__((always_inline)) void FN(lowrank_tile)(
-    REAL lanes[G][W], REAL *restrict row, const REAL *restrict dz, const REAL *restrict bt,
-    const REAL uk[G], int64_t out, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l];
-        for (int q = 0; q < g; q++) {
-            const REAL d = dz[q * out + l];
-            t += uk[q] * d;
-            lanes[q][l] += d * bt[l];
-        }
-        row[l] = t;
-    }
-}
-
-/* lowrank_tile for two k at once (k and k + 1): each row of dz loaded is
-   used four times. The same sums, in the same order. */
-static inline __attribute__((always_inline)) void FN(lowrank_tile2)(
-    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
-    const REAL *restrict dz, const REAL *restrict bt, const REAL *restrict bt1,
-    const REAL uk[G], const REAL uk1[G], int64_t out, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l], t1 = row1[l];
-        for (int q = 0; q < g; q++) {
-            const REAL d = dz[q * out + l];
-            t += uk[q] * d;
-            t1 += uk1[q] * d;
-            lanes[q][l] += d * bt[l];
-            lanes1[q][l] += d * bt1[l];
-        }
-        row[l] = t;
-        row1[l] = t1;
-    }
-}
-
-/* The rank-r products of one group of g rows of dz (already written) over
-   the width columns of a block, k by k, so that the g rows' lanes of dU stay
-   in registers while the columns go by and the rows of dz come from L1.
-   dUt (g, r) gets this block's partial of dU; dBt (r, ldt) accumulates. */
-static inline __attribute__((always_inline)) void FN(lowrank_rows)(
-    REAL *restrict dUt, REAL *restrict dBt, int64_t ldt, const REAL *restrict dz,
-    const REAL *restrict u, const REAL *restrict Bp, int64_t width, int64_t out, int64_t r, int g)
-{
-    int64_t k = 0;
-    for (; k + 1 < r; k += 2) {  /* two k at a time */
-        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, uk[G] = {0}, uk1[G] = {0};
-        for (int q = 0; q < g; q++) {
-            uk[q] = u[q * r + k];
-            uk1[q] = u[q * r + k + 1];
-        }
-        REAL *row = dBt + k * ldt, *row1 = row + ldt;
-        int64_t j = 0;
-        for (; j + W <= width; j += W) {
-            const REAL *b = Bp + (j / W) * r * W + k * W;
-            FN(lowrank_tile2)(lanes, lanes1, row + j, row1 + j, dz + j, b, b + W, uk, uk1,
-                              out, g, W);
-        }
-        if (j < width) {
-            const REAL *b = Bp + (j / W) * r * W + k * W;
-            FN(lowrank_tile2)(lanes, lanes1, row + j, row1 + j, dz + j, b, b + W, uk, uk1,
-                              out, g, (int)(width - j));
-        }
-        FN(sum_lanes)(&lanes[0][0], g);
-        FN(sum_lanes)(&lanes1[0][0], g);
-        for (int q = 0; q < g; q++) {
-            dUt[q * r + k] = lanes[q][0];
-            dUt[q * r + k + 1] = lanes1[q][0];
-        }
-    }
-    for (; k < r; k++) {  /* the last k of an odd r */
-        REAL lanes[G][W] = {{0}}, uk[G] = {0};
-        for (int q = 0; q < g; q++) uk[q] = u[q * r + k];
-        REAL *row = dBt + k * ldt;
-        int64_t j = 0;
-        for (; j + W <= width; j += W)
-            FN(lowrank_tile)(lanes, row + j, dz + j, Bp + (j / W) * r * W + k * W, uk, out, g, W);
-        if (j < width)
-            FN(lowrank_tile)(lanes, row + j, dz + j, Bp + (j / W) * r * W + k * W, uk, out, g,
-                             (int)(width - j));
-        FN(sum_lanes)(&lanes[0][0], g);
-        for (int q = 0; q < g; q++) dUt[q * r + k] = lanes[q][0];
-    }
-}
 
 /* One column block [c0, c1): dg, dz (backward_step, exactly as in
    backward_epilogue), dB for these columns, and this block's partial
@@ -579,12 +592,13 @@ static DORA_CLONES void FN(backward_lowrank_cols)(
                 FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
                                   gm + i, s, out, r, g, w);
         }
+        /* dUp[t:t+g] = dz[t:t+g, c0:c1] @ B[c0:c1], dBt += U[t:t+g].T @ dz[t:t+g, c0:c1] */
         if (g == G)
-            FN(lowrank_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, U + t * r, bp0,
-                             width, out, r, G);
+            FN(twoprod_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, out, bp0, U + t * r,
+                             width, r, G, 0);
         else
-            FN(lowrank_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, U + t * r, bp0,
-                             width, out, r, g);
+            FN(twoprod_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, out, bp0, U + t * r,
+                             width, r, g, 0);
     }
     for (int64_t i = c0; i < c1; i++) {
         dg[i] = (REAL)acc[i - c0];
@@ -664,93 +678,6 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
 /* itself), and the partials are added in slice order.                      */
 /* ------------------------------------------------------------------------ */
 
-/* One tile of the two products, for one k: w columns of g rows of W0.
-     lanes[q][l] += W0[i + q, l] * A[k, l]             (WAt[i + q, k], lane by lane)
-     row[l]      += sum_q C[i + q, k] * W0[i + q, l]   (CtW[k, :], rows in order) */
-static inline __attribute__((always_inline)) void FN(products_tile)(
-    REAL lanes[G][W], REAL *restrict row, const REAL *restrict w0, const REAL *restrict a,
-    const REAL ck[G], int64_t in, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l];
-        for (int q = 0; q < g; q++) {
-            const REAL x = w0[q * in + l];
-            lanes[q][l] += x * a[l];
-            t += ck[q] * x;
-        }
-        row[l] = t;
-    }
-}
-
-/* products_tile for two k at once (k and k + 1): each row of W0 loaded is
-   used four times. The same sums, in the same order. */
-static inline __attribute__((always_inline)) void FN(products_tile2)(
-    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
-    const REAL *restrict w0, const REAL *restrict a, const REAL *restrict a1,
-    const REAL ck[G], const REAL ck1[G], int64_t in, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l], t1 = row1[l];
-        for (int q = 0; q < g; q++) {
-            const REAL x = w0[q * in + l];
-            lanes[q][l] += x * a[l];
-            lanes1[q][l] += x * a1[l];
-            t += ck[q] * x;
-            t1 += ck1[q] * x;
-        }
-        row[l] = t;
-        row1[l] = t1;
-    }
-}
-
-/* g rows of W0 over width columns, k by k: the rows' lanes of WAt stay in
-   registers while the columns go by, and the rows of W0 come from L1.
-   wat (g, r) accumulates WAt; cc (r, CHUNK_LD) accumulates CtW. */
-static inline __attribute__((always_inline)) void FN(products_rows)(
-    REAL *restrict wat, REAL *restrict cc, const REAL *restrict w0, const REAL *restrict Ap,
-    const REAL *restrict c, int64_t width, int64_t in, int64_t r, int g)
-{
-    int64_t k = 0;
-    for (; k + 1 < r; k += 2) {  /* two k at a time */
-        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, ck[G] = {0}, ck1[G] = {0};
-        for (int q = 0; q < g; q++) {
-            ck[q] = c[q * r + k];
-            ck1[q] = c[q * r + k + 1];
-        }
-        REAL *row = cc + k * CHUNK_LD, *row1 = row + CHUNK_LD;
-        int64_t j = 0;
-        for (; j + W <= width; j += W) {
-            const REAL *a = Ap + (j / W) * r * W + k * W;
-            FN(products_tile2)(lanes, lanes1, row + j, row1 + j, w0 + j, a, a + W, ck, ck1,
-                               in, g, W);
-        }
-        if (j < width) {
-            const REAL *a = Ap + (j / W) * r * W + k * W;
-            FN(products_tile2)(lanes, lanes1, row + j, row1 + j, w0 + j, a, a + W, ck, ck1,
-                               in, g, (int)(width - j));
-        }
-        FN(sum_lanes)(&lanes[0][0], g);
-        FN(sum_lanes)(&lanes1[0][0], g);
-        for (int q = 0; q < g; q++) {
-            wat[q * r + k] += lanes[q][0];
-            wat[q * r + k + 1] += lanes1[q][0];
-        }
-    }
-    for (; k < r; k++) {  /* the last k of an odd r */
-        REAL lanes[G][W] = {{0}}, ck[G] = {0};
-        for (int q = 0; q < g; q++) ck[q] = c[q * r + k];
-        REAL *row = cc + k * CHUNK_LD;
-        int64_t j = 0;
-        for (; j + W <= width; j += W)
-            FN(products_tile)(lanes, row + j, w0 + j, Ap + (j / W) * r * W + k * W, ck, in, g, W);
-        if (j < width)
-            FN(products_tile)(lanes, row + j, w0 + j, Ap + (j / W) * r * W + k * W, ck, in, g,
-                              (int)(width - j));
-        FN(sum_lanes)(&lanes[0][0], g);
-        for (int q = 0; q < g; q++) wat[q * r + k] += lanes[q][0];
-    }
-}
-
 /* Rows [i0, i1): WAt for these rows, and ct (r, in) = C[i0:i1].T @ W0[i0:i1].
    Columns in chunks of PRODUCT_CHUNK, so that a group's rows of W0 stay in
    L1 while k runs and the chunk of ct stays in cache while the rows go by;
@@ -768,10 +695,13 @@ static DORA_CLONES void FN(products_slice)(
         for (int64_t e = 0; e < r * CHUNK_LD; e++) cc[e] = 0;
         for (int64_t i = i0; i < i1; i += G) {
             const int g = (int)dora_min(G, i1 - i);
+            /* WAt[i:i+g] += W0[i:i+g, chunk] @ A[:, chunk].T, cc += C[i:i+g].T @ W0[i:i+g, chunk] */
             if (g == G)
-                FN(products_rows)(WAt + i * r, cc, W0 + i * in + j0, ap, C + i * r, width, in, r, G);
+                FN(twoprod_rows)(WAt + i * r, cc, CHUNK_LD, W0 + i * in + j0, in, ap, C + i * r,
+                                 width, r, G, 1);
             else
-                FN(products_rows)(WAt + i * r, cc, W0 + i * in + j0, ap, C + i * r, width, in, r, g);
+                FN(twoprod_rows)(WAt + i * r, cc, CHUNK_LD, W0 + i * in + j0, in, ap, C + i * r,
+                                 width, r, g, 1);
         }
         for (int64_t k = 0; k < r; k++)
             for (int64_t j = 0; j < width; j++) ct[k * in + j0 + j] = cc[k * CHUNK_LD + j];
