@@ -33,6 +33,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+# Time the checkout this script sits in, not an installed dora_ref.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from dora_ref import _backend  # noqa: E402
 from dora_ref import functional as F  # noqa: E402
 

@@ -52,6 +52,9 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 import threadpoolctl  # noqa: E402
 
+# Time the checkout this script sits in, not an installed dora_ref.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import dora_ref  # noqa: E402
 import dora_ref.layers  # noqa: E402
 from dora_ref import _backend  # noqa: E402

@@ -12,6 +12,10 @@ Compiler flags are chosen by test compiles, never assumed:
 * ``-fopenmp`` (``/openmp``), only when a small OpenMP program compiles and
   links: Apple clang, for one, has no OpenMP by default. Without it the
   kernels are the same code, run on one thread;
+* ``-DDORA_HAVE_OMP_PAUSE`` when the OpenMP runtime has
+  ``omp_pause_resource_all`` (OpenMP 5.0; GCC's libgomp since GCC 10 has it
+  while ``_OPENMP`` still says 4.5): the kernels release the thread pool
+  before a fork with it (``csrc/dora_kernels.c``);
 * on x86-64, ``-DDORA_HAVE_TARGET_CLONES`` when the compiler supports
   ``__attribute__((target_clones))``: each row worker is compiled for
   baseline x86-64, x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512) and picked
@@ -47,6 +51,11 @@ int dora_probe(void) {
     for (int i = 0; i < 4; i++) s += i;
     return s + omp_get_max_threads();
 }
+"""
+
+_PAUSE_TEST = r"""
+#include <omp.h>
+int dora_probe(void) { return omp_pause_resource_all(omp_pause_soft); }
 """
 
 _CLONES_TEST = r"""
@@ -105,6 +114,9 @@ def compiler_flags():
     else:
         print("dora_ref: the C compiler has no OpenMP; the C kernels will run on one thread",
               file=sys.stderr)
+    if "-fopenmp" in compile_args or "/openmp" in compile_args:
+        if _compiles(_PAUSE_TEST, compile_args, link_args):
+            macros.append(("DORA_HAVE_OMP_PAUSE", "1"))
     if platform.machine().lower() in ("x86_64", "amd64") and not msvc:
         if _compiles(_CLONES_TEST, compile_args, link_args):
             macros.append(("DORA_HAVE_TARGET_CLONES", "1"))

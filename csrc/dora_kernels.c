@@ -14,8 +14,9 @@
    Layout, said once: weights are PyTorch (out, in); the paper's column norm
    is the norm of each *row* here, one value per output channel.
 
-   Build knobs (set by dora_ref/_build_ffi.py after test compiles):
+   Build knobs (set by csrc/build_ffi.py after test compiles):
      _OPENMP                 compiled with -fopenmp
+     DORA_HAVE_OMP_PAUSE     the runtime has omp_pause_resource_all (fork, below)
      DORA_HAVE_TARGET_CLONES x86-64 with GCC/Clang function multi-versioning:
                              the row workers are compiled for baseline x86-64,
                              x86-64-v3 (AVX2+FMA) and x86-64-v4 (AVX-512) and
@@ -39,6 +40,12 @@
 #define DORA_CLONES_INFO "none"
 #endif
 
+#ifdef DORA_HAVE_OMP_PAUSE
+#define DORA_PAUSE_INFO "yes"
+#else
+#define DORA_PAUSE_INFO "no"
+#endif
+
 #ifdef _OPENMP
 #define DORA_OPENMP_INFO "yes"
 #else
@@ -49,7 +56,6 @@
 #define ACCW 8                    /* double lanes of a sum of squares */
 #define ROW_BLOCK 16              /* rows a thread takes at a time (a multiple of G) */
 #define COL_BLOCK 256             /* columns a thread takes in the backward */
-#define PARALLEL_MIN_WORK 65536   /* below this many multiply-adds, stay on one thread */
 
 #define LOWRANK_COL_BLOCK 512     /* columns a thread takes in backward_lowrank (at least) */
 #define SLICES_MAX 8              /* most row slices of W0 in norm_gradient_products */
@@ -79,6 +85,195 @@ static int64_t products_slices(int64_t out, int64_t r)
 {
     return dora_max(1, dora_min(SLICES_MAX, out / (32 * dora_max(1, r))));
 }
+
+/* ------------------------------------------------------------------------ */
+/* How many threads a call uses (dora_plan), and fork.                      */
+/*                                                                          */
+/* Every parallel region has an explicit num_threads(plan.nt), chosen per   */
+/* call by dora_plan_begin from a cost model measured in this process:      */
+/*   T = ns_per_work[kernel] * work   the call's serial time, from the      */
+/*                                     kernel's recent calls (a slowly      */
+/*                                     rising minimum of their rates);      */
+/*   L = region_ns                     what opening a team costs now: the   */
+/*                                     delay until its last thread starts,  */
+/*                                     measured in every parallel region.   */
+/* A team of nt threads saves at most T (1 - 1/nt) and costs about L, so a  */
+/* call goes parallel only when T > 4 L. On a busy machine a woken thread   */
+/* waits for a time slice, L grows to milliseconds and small calls stay on  */
+/* one thread (a barrier then never waits for the scheduler). While calls   */
+/* stay serial L is not measured, so at most every PROBE_INTERVAL seconds   */
+/* a call that would pay on a quiet machine (T > 4 L_min) goes parallel     */
+/* again to see whether the load has gone. The bits never depend on nt.    */
+/*                                                                          */
+/* Fork: libgomp's worker threads do not exist in a forked child, but its   */
+/* pool still lists them, so the child's first team would wait for them     */
+/* forever. Before every fork (pthread_atfork) the forking thread's pool is */
+/* released with omp_pause_resource_all (OpenMP 5.0): the child then starts */
+/* a new pool when it needs one. If that fails (an older runtime, or a fork */
+/* from inside a parallel region), the child runs every kernel on one       */
+/* thread.                                                                  */
+/* ------------------------------------------------------------------------ */
+
+enum dora_kernel_id {
+    K_NORM, K_MERGE, K_UNMERGE, K_FORWARD, K_BACKWARD, K_LOWRANK, K_LOWRANK_SUM,
+    K_PRODUCTS, K_PRODUCTS_SUM, K_COUNT
+};
+
+#define MAX_TEAM 64             /* threads a team may have (arrival times kept) */
+#define PROBE_INTERVAL 0.1      /* seconds between parallel probes while serial */
+
+typedef struct {
+    int kernel, nt;
+    double work, t0;
+    double arrive[MAX_TEAM];    /* when each thread of the team started */
+} dora_plan;
+
+static int threads_setting = 0;     /* 0 until first use: omp_get_max_threads() */
+static int policy_setting = 0;      /* 0 auto (the cost model), 1 always nt threads */
+static int fork_pause_setting = 1;  /* release the pool before fork (else: serial child) */
+static int child_serial = 0;        /* set in a forked child whose pool was not released */
+static int fork_pause_ok = 0;       /* what the last prepare handler achieved */
+static double ns_per_work[K_COUNT]; /* 0: not measured yet */
+static double region_ns = 0;        /* L: recent cost of opening a team; 0: not measured */
+static double region_min_ns = 0;    /* the smallest L seen */
+static double last_parallel = 0;    /* when the last team ran */
+
+#ifdef _OPENMP
+static double dora_now(void) { return omp_get_wtime(); }
+#define LOAD(x, v) do { _Pragma("omp atomic read") v = x; } while (0)
+#define STORE(x, v) do { _Pragma("omp atomic write") x = v; } while (0)
+#else
+static double dora_now(void) { return 0; }
+#define LOAD(x, v) ((v) = (x))
+#define STORE(x, v) ((x) = (v))
+#endif
+
+static int dora_threads_now(void)
+{
+    int nt, serial;
+    LOAD(threads_setting, nt);
+    LOAD(child_serial, serial);
+#ifdef _OPENMP
+    if (nt <= 0) nt = omp_get_max_threads();
+#else
+    nt = 1;
+#endif
+    return serial ? 1 : dora_max(1, dora_min(nt, MAX_TEAM));
+}
+
+#ifdef _OPENMP
+/* L from a few empty teams, the first time a call might go parallel. */
+static void dora_measure_region(int nt)
+{
+    double best = 1e30, sum = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double arrive[MAX_TEAM] = {0};
+        const double t0 = dora_now();
+        #pragma omp parallel num_threads(nt)
+        arrive[omp_get_thread_num()] = dora_now();
+        double last = t0;
+        for (int t = 0; t < nt; t++) last = arrive[t] > last ? arrive[t] : last;
+        const double L = (last - t0) * 1e9;
+        best = L < best ? L : best;
+        sum += L;
+    }
+    STORE(region_min_ns, best);
+    STORE(region_ns, sum / 3);
+    STORE(last_parallel, dora_now());
+}
+#endif
+
+static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nblocks)
+{
+    p->kernel = kernel;
+    p->work = work;
+    p->nt = (int)dora_min(dora_threads_now(), dora_max(1, nblocks));
+    p->t0 = dora_now();
+#ifdef _OPENMP
+    if (p->nt <= 1) return;
+    int policy;
+    LOAD(policy_setting, policy);
+    if (policy == 1) return;
+    double rate, L, Lmin, last;
+    LOAD(ns_per_work[kernel], rate);
+    if (rate == 0) {  /* the first call of this kernel runs alone, to measure its rate */
+        p->nt = 1;
+        return;
+    }
+    LOAD(region_ns, L);
+    if (L == 0) {
+        dora_measure_region(p->nt);
+        LOAD(region_ns, L);
+    }
+    LOAD(region_min_ns, Lmin);
+    LOAD(last_parallel, last);
+    const double T = rate * work;
+    const int pays = T > 4 * L;
+    const int probe = T > 4 * Lmin && p->t0 - last > PROBE_INTERVAL;
+    if (!pays && !probe) p->nt = 1;
+    p->t0 = dora_now();
+#endif
+}
+
+/* Called by every thread of the team when it starts. */
+static inline void dora_plan_arrive(dora_plan *p)
+{
+#ifdef _OPENMP
+    if (p->nt > 1) p->arrive[omp_get_thread_num()] = dora_now();
+#else
+    (void)p;
+#endif
+}
+
+static void dora_plan_end(dora_plan *p)
+{
+#ifdef _OPENMP
+    const double t1 = dora_now();
+    double rate;
+    LOAD(ns_per_work[p->kernel], rate);
+    double sample = (t1 - p->t0) * 1e9 / (p->work > 1 ? p->work : 1);
+    if (p->nt > 1) {
+        double last = p->t0;
+        for (int t = 0; t < p->nt; t++) last = p->arrive[t] > last ? p->arrive[t] : last;
+        const double L = (last - p->t0) * 1e9;
+        double Lold, Lmin;
+        LOAD(region_ns, Lold);
+        LOAD(region_min_ns, Lmin);
+        STORE(region_ns, Lold == 0 ? L : 0.75 * Lold + 0.25 * L);
+        STORE(region_min_ns, Lmin == 0 || L < Lmin ? L : Lmin);
+        STORE(last_parallel, t1);
+        sample *= p->nt;  /* the team's time, as if one thread had done it all */
+    }
+    /* a minimum that rises 2 % a call: a preempted call does not inflate it,
+       a kernel that really got slower (larger sizes, out of cache) is followed */
+    STORE(ns_per_work[p->kernel], rate == 0 || sample < rate * 1.02 ? sample : rate * 1.02);
+#else
+    (void)p;
+#endif
+}
+
+#if defined(_OPENMP) && !defined(_WIN32)
+#include <pthread.h>
+static void dora_before_fork(void)
+{
+    int ok = 0;
+#ifdef DORA_HAVE_OMP_PAUSE
+    int pause_wanted;
+    LOAD(fork_pause_setting, pause_wanted);
+    if (pause_wanted) ok = omp_pause_resource_all(omp_pause_soft) == 0;
+#endif
+    fork_pause_ok = ok;
+}
+static void dora_in_child(void)
+{
+    if (!fork_pause_ok) child_serial = 1;
+    region_ns = 0;  /* a new process: measure again */
+}
+__attribute__((constructor)) static void dora_register_fork_handlers(void)
+{
+    pthread_atfork(dora_before_fork, NULL, dora_in_child);
+}
+#endif
 
 #define REAL float
 #define W 16
@@ -112,6 +307,11 @@ int64_t dora_norm_gradient_products_scratch(int64_t out, int64_t in, int64_t r, 
     return (partials + panels + dora_max_threads() * CHUNK_LD * r) * itemsize;
 }
 
+int64_t dora_row_block(void)
+{
+    return ROW_BLOCK;
+}
+
 int dora_openmp_enabled(void)
 {
 #ifdef _OPENMP
@@ -123,14 +323,33 @@ int dora_openmp_enabled(void)
 
 int dora_max_threads(void)
 {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
+    return dora_threads_now();
+}
+
+void dora_set_threads(int n)
+{
+    STORE(threads_setting, n > 0 ? n : 0);
+}
+
+void dora_set_parallel_policy(int always)
+{
+    STORE(policy_setting, always ? 1 : 0);
+}
+
+void dora_set_fork_pause(int on)
+{
+    STORE(fork_pause_setting, on ? 1 : 0);
+}
+
+double dora_region_cost_ns(void)
+{
+    double L;
+    LOAD(region_ns, L);
+    return L;
 }
 
 const char *dora_build_info(void)
 {
-    return "openmp=" DORA_OPENMP_INFO " simd_clones=" DORA_CLONES_INFO;
+    return "openmp=" DORA_OPENMP_INFO " simd_clones=" DORA_CLONES_INFO
+           " fork_pause=" DORA_PAUSE_INFO;
 }

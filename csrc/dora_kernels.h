@@ -1,6 +1,6 @@
 /* dora_kernels.h: the C API of dora_ref's fused kernels.
 
-   Declarations only. The cffi build script (dora_ref/_build_ffi.py) reads
+   Declarations only. The cffi build script (csrc/build_ffi.py) reads
    this file verbatim into ffibuilder.cdef(), so it holds no preprocessor
    lines and no code; dora_kernels.c includes <stdint.h> before it.
 
@@ -19,11 +19,13 @@
    Arguments come as outputs first, then inputs, then the scaling s, then
    sizes. Each function returns a dora_status: DORA_OK, or an error code
    that the Python wrapper (dora_ref/_kernels_c.py) turns into an exception.
-   Results do not depend on the number of OpenMP threads: each thread writes
-   only its own rows (or, for the backward's reduction over N, its own
-   columns), with no atomics; a sum across threads' blocks goes through
-   per-block partial sums, blocks fixed by the sizes, added in block order. Float32 sums of squares and the reduction dg
-   are accumulated in double. */
+   Results do not depend on the number of OpenMP threads, bit for bit: each
+   thread writes only its own rows (or, for the backward's reduction over
+   N, its own columns), with no atomics; a sum across threads' blocks goes
+   through per-block partial sums, blocks fixed by the sizes, added in
+   block order. Float32 sums of squares and the reduction dg are
+   accumulated in double. How many threads a call uses is decided per call
+   (dora_set_parallel_policy below); it never changes the bits. */
 
 enum dora_status {
     DORA_OK = 0,
@@ -109,9 +111,31 @@ int dora_unmerge_f64(double *W0,
                      const double *W_merged, const double *A, const double *B, const double *factor,
                      double s, int64_t out, int64_t in, int64_t r);
 
+/* Rows of W0 that a thread takes at a time in column_norm, merge and unmerge
+   (ROW_BLOCK): a row's bits depend on where its group of rows starts, so a
+   caller that splits W0 into row blocks must start each at a multiple of it
+   to get the bits of one call on the whole of W0. */
+int64_t dora_row_block(void);
+
 /* 1 if the library was compiled with OpenMP, else 0. */
 int dora_openmp_enabled(void);
-/* The number of threads a parallel region would use now (1 without OpenMP). */
+/* The most threads a call may use now: dora_set_threads's n, else
+   omp_get_max_threads() (OMP_NUM_THREADS); 1 without OpenMP, and 1 in a
+   forked child whose parent's thread pool could not be released. */
 int dora_max_threads(void);
+/* Set that number (n <= 0: back to omp_get_max_threads()). */
+void dora_set_threads(int n);
+/* 0 (the default): each call picks 1 or dora_max_threads() threads from its
+   measured cost against what opening a team costs (dora_kernels.c, "How
+   many threads a call uses"); 1: every call with several blocks uses
+   dora_max_threads() threads (for tests of thread-count independence). */
+void dora_set_parallel_policy(int always);
+/* 1 (the default): release the OpenMP thread pool before every fork, so a
+   forked child can start its own; 0: do not, and a forked child runs on
+   one thread (for tests of that fallback). */
+void dora_set_fork_pause(int on);
+/* The current estimate of what opening a team costs, in ns (0 before the
+   first measurement). */
+double dora_region_cost_ns(void);
 /* A short description of how the kernels were compiled, e.g. the SIMD clones. */
 const char *dora_build_info(void);

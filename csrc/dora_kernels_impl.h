@@ -57,6 +57,7 @@ static inline __attribute__((always_inline)) void FN(tile_full)(
     for (int64_t k = 0; k < r; k++) {
         const REAL *ak = a + k * lda;
         const REAL c0 = b[k], c1 = b[ldb + k], c2 = b[2 * ldb + k], c3 = b[3 * ldb + k];
+        #pragma omp simd  /* GCC 12 made the float64 tile 5x slower without it */
         for (int l = 0; l < W; l++) {
             p0[l] += c0 * ak[l];
             p1[l] += c1 * ak[l];
@@ -164,11 +165,18 @@ int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t i0 = blk * ROW_BLOCK;
-        FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_NORM, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK;
+            FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Ap);
     return DORA_OK;
 }
@@ -215,11 +223,18 @@ int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL 
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t i0 = blk * ROW_BLOCK;
-        FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_MERGE, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK;
+            FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Ap);
     return DORA_OK;
 }
@@ -266,11 +281,18 @@ int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (out * in * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t i0 = blk * ROW_BLOCK;
-        FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_UNMERGE, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK;
+            FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Ap);
     return DORA_OK;
 }
@@ -288,6 +310,7 @@ static inline __attribute__((always_inline)) void FN(forward_step)(
     REAL P[G][W];
     FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++)
+        #pragma omp simd
         for (int l = 0; l < w; l++) {
             const REAL v = gm[l] * (base[q * out + l] + s * P[q][l]);
             y[q * out + l] = has_bias ? v + bias[l] : v;
@@ -328,12 +351,19 @@ int FN(dora_forward_epilogue)(REAL *y, const REAL *base, const REAL *U, const RE
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t t0 = blk * ROW_BLOCK;
-        FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
-                                  t0, dora_min(N, t0 + ROW_BLOCK), out, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_FORWARD, (double)N * out * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t t0 = blk * ROW_BLOCK;
+            FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
+                                      t0, dora_min(N, t0 + ROW_BLOCK), out, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Bp);
     return DORA_OK;
 }
@@ -353,6 +383,7 @@ static inline __attribute__((always_inline)) void FN(backward_step)(
     REAL P[G][W];
     FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++) {
+        #pragma omp simd
         for (int l = 0; l < w; l++) {
             const int64_t o = q * out + l;
             const REAL z = base[o] + s * P[q][l];
@@ -397,12 +428,19 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
-    #pragma omp parallel for schedule(dynamic) if (N * out * (r + 1) > PARALLEL_MIN_WORK)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t c0 = blk * COL_BLOCK;
-        FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
-                                   c0, dora_min(out, c0 + COL_BLOCK), N, out, r);
+    dora_plan plan;
+    dora_plan_begin(&plan, K_BACKWARD, (double)N * out * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t c0 = blk * COL_BLOCK;
+            FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
+                                       c0, dora_min(out, c0 + COL_BLOCK), N, out, r);
+        }
     }
+    dora_plan_end(&plan);
     free(Bp);
     return DORA_OK;
 }
@@ -418,6 +456,107 @@ static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Two products in one pass over a matrix M (the generic row kernel):       */
+/*   M @ P.T   a sum over M's columns, one value per row of M and k < r     */
+/*   Q.T @ M   a sum over M's rows, one row per k < r                       */
+/* backward_lowrank runs it on M = dz (P = B.T, Q = U: dU and dB), and      */
+/* norm_gradient_products on M = W0 (P = A, Q = C: WAt and CtW). P comes    */
+/* packed in panels of W columns (pack_panels).                             */
+/* ------------------------------------------------------------------------ */
+
+/* One tile, for one k: w columns of g rows of M (rows ldm apart).
+     lanes[q][l] += M[q, l] * P[k, l]            (M @ P.T, row q, lane by lane)
+     row[l]      += sum_q Q[q, k] * M[q, l]      (Q.T @ M, row k, rows in order) */
+static inline __attribute__((always_inline)) void FN(twoprod_tile)(
+    REAL lanes[G][W], REAL *restrict row, const REAL *restrict m, const REAL *restrict p,
+    const REAL qk[G], int64_t ldm, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l];
+        for (int q = 0; q < g; q++) {
+            const REAL x = m[q * ldm + l];
+            lanes[q][l] += x * p[l];
+            t += qk[q] * x;
+        }
+        row[l] = t;
+    }
+}
+
+/* twoprod_tile for two k at once (k and k + 1): each row of M loaded is
+   used four times. The same sums, in the same order. */
+static inline __attribute__((always_inline)) void FN(twoprod_tile2)(
+    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
+    const REAL *restrict m, const REAL *restrict p, const REAL *restrict p1,
+    const REAL qk[G], const REAL qk1[G], int64_t ldm, int g, int w)
+{
+    for (int l = 0; l < w; l++) {
+        REAL t = row[l], t1 = row1[l];
+        for (int q = 0; q < g; q++) {
+            const REAL x = m[q * ldm + l];
+            lanes[q][l] += x * p[l];
+            lanes1[q][l] += x * p1[l];
+            t += qk[q] * x;
+            t1 += qk1[q] * x;
+        }
+        row[l] = t;
+        row1[l] = t1;
+    }
+}
+
+/* g rows of M over width columns, k by k, so that the rows' lanes stay in
+   registers while the columns go by and the rows of M come from L1.
+     mp (g, r)      gets this stretch's M @ P.T: stored (accumulate = 0) or
+                    added to what it holds (accumulate = 1);
+     qm (r, ldq)    accumulates Q.T @ M over these rows.
+   q holds the g rows of Q (r apart), Pp the panels of P for these columns. */
+static inline __attribute__((always_inline)) void FN(twoprod_rows)(
+    REAL *restrict mp, REAL *restrict qm, int64_t ldq, const REAL *restrict m, int64_t ldm,
+    const REAL *restrict Pp, const REAL *restrict q, int64_t width, int64_t r, int g,
+    int accumulate)
+{
+    int64_t k = 0;
+    for (; k + 1 < r; k += 2) {  /* two k at a time */
+        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, qk[G] = {0}, qk1[G] = {0};
+        for (int e = 0; e < g; e++) {
+            qk[e] = q[e * r + k];
+            qk1[e] = q[e * r + k + 1];
+        }
+        REAL *row = qm + k * ldq, *row1 = row + ldq;
+        int64_t j = 0;
+        for (; j + W <= width; j += W) {
+            const REAL *p = Pp + (j / W) * r * W + k * W;
+            FN(twoprod_tile2)(lanes, lanes1, row + j, row1 + j, m + j, p, p + W, qk, qk1,
+                              ldm, g, W);
+        }
+        if (j < width) {
+            const REAL *p = Pp + (j / W) * r * W + k * W;
+            FN(twoprod_tile2)(lanes, lanes1, row + j, row1 + j, m + j, p, p + W, qk, qk1,
+                              ldm, g, (int)(width - j));
+        }
+        FN(sum_lanes)(&lanes[0][0], g);
+        FN(sum_lanes)(&lanes1[0][0], g);
+        for (int e = 0; e < g; e++) {
+            mp[e * r + k] = accumulate ? mp[e * r + k] + lanes[e][0] : lanes[e][0];
+            mp[e * r + k + 1] = accumulate ? mp[e * r + k + 1] + lanes1[e][0] : lanes1[e][0];
+        }
+    }
+    for (; k < r; k++) {  /* the last k of an odd r */
+        REAL lanes[G][W] = {{0}}, qk[G] = {0};
+        for (int e = 0; e < g; e++) qk[e] = q[e * r + k];
+        REAL *row = qm + k * ldq;
+        int64_t j = 0;
+        for (; j + W <= width; j += W)
+            FN(twoprod_tile)(lanes, row + j, m + j, Pp + (j / W) * r * W + k * W, qk, ldm, g, W);
+        if (j < width)
+            FN(twoprod_tile)(lanes, row + j, m + j, Pp + (j / W) * r * W + k * W, qk, ldm, g,
+                             (int)(width - j));
+        FN(sum_lanes)(&lanes[0][0], g);
+        for (int e = 0; e < g; e++)
+            mp[e * r + k] = accumulate ? mp[e * r + k] + lanes[e][0] : lanes[e][0];
+    }
+}
+
+/* ------------------------------------------------------------------------ */
 /* backward_lowrank: backward_epilogue, and in the same pass over dz        */
 /*   dB = s * dz.T @ U   (out, r): a sum over N, owned by the column block  */
 /*   dU = s * dz @ B     (N, r):   a sum over out, across the column blocks */
@@ -426,94 +565,6 @@ static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
 /* depends on out and r only (lowrank_col_block), so the bits do not depend */
 /* on the number of threads.                                                */
 /* ------------------------------------------------------------------------ */
-
-/* One tile of the rank-r products, for one k: w columns of g rows of dz.
-     row[l]      += sum_q U[t + q, k] * dz[t + q, l]    (dB.T[k, :], rows in order)
-     lanes[q][l] += dz[t + q, l] * B.T[k, l]            (dU[t + q, k], lane by lane) */
-static inline __attribute__((always_inline)) void FN(lowrank_tile)(
-    REAL lanes[G][W], REAL *restrict row, const REAL *restrict dz, const REAL *restrict bt,
-    const REAL uk[G], int64_t out, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l];
-        for (int q = 0; q < g; q++) {
-            const REAL d = dz[q * out + l];
-            t += uk[q] * d;
-            lanes[q][l] += d * bt[l];
-        }
-        row[l] = t;
-    }
-}
-
-/* lowrank_tile for two k at once (k and k + 1): each row of dz loaded is
-   used four times. The same sums, in the same order. */
-static inline __attribute__((always_inline)) void FN(lowrank_tile2)(
-    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
-    const REAL *restrict dz, const REAL *restrict bt, const REAL *restrict bt1,
-    const REAL uk[G], const REAL uk1[G], int64_t out, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l], t1 = row1[l];
-        for (int q = 0; q < g; q++) {
-            const REAL d = dz[q * out + l];
-            t += uk[q] * d;
-            t1 += uk1[q] * d;
-            lanes[q][l] += d * bt[l];
-            lanes1[q][l] += d * bt1[l];
-        }
-        row[l] = t;
-        row1[l] = t1;
-    }
-}
-
-/* The rank-r products of one group of g rows of dz (already written) over
-   the width columns of a block, k by k, so that the g rows' lanes of dU stay
-   in registers while the columns go by and the rows of dz come from L1.
-   dUt (g, r) gets this block's partial of dU; dBt (r, ldt) accumulates. */
-static inline __attribute__((always_inline)) void FN(lowrank_rows)(
-    REAL *restrict dUt, REAL *restrict dBt, int64_t ldt, const REAL *restrict dz,
-    const REAL *restrict u, const REAL *restrict Bp, int64_t width, int64_t out, int64_t r, int g)
-{
-    int64_t k = 0;
-    for (; k + 1 < r; k += 2) {  /* two k at a time */
-        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, uk[G] = {0}, uk1[G] = {0};
-        for (int q = 0; q < g; q++) {
-            uk[q] = u[q * r + k];
-            uk1[q] = u[q * r + k + 1];
-        }
-        REAL *row = dBt + k * ldt, *row1 = row + ldt;
-        int64_t j = 0;
-        for (; j + W <= width; j += W) {
-            const REAL *b = Bp + (j / W) * r * W + k * W;
-            FN(lowrank_tile2)(lanes, lanes1, row + j, row1 + j, dz + j, b, b + W, uk, uk1,
-                              out, g, W);
-        }
-        if (j < width) {
-            const REAL *b = Bp + (j / W) * r * W + k * W;
-            FN(lowrank_tile2)(lanes, lanes1, row + j, row1 + j, dz + j, b, b + W, uk, uk1,
-                              out, g, (int)(width - j));
-        }
-        FN(sum_lanes)(&lanes[0][0], g);
-        FN(sum_lanes)(&lanes1[0][0], g);
-        for (int q = 0; q < g; q++) {
-            dUt[q * r + k] = lanes[q][0];
-            dUt[q * r + k + 1] = lanes1[q][0];
-        }
-    }
-    for (; k < r; k++) {  /* the last k of an odd r */
-        REAL lanes[G][W] = {{0}}, uk[G] = {0};
-        for (int q = 0; q < g; q++) uk[q] = u[q * r + k];
-        REAL *row = dBt + k * ldt;
-        int64_t j = 0;
-        for (; j + W <= width; j += W)
-            FN(lowrank_tile)(lanes, row + j, dz + j, Bp + (j / W) * r * W + k * W, uk, out, g, W);
-        if (j < width)
-            FN(lowrank_tile)(lanes, row + j, dz + j, Bp + (j / W) * r * W + k * W, uk, out, g,
-                             (int)(width - j));
-        FN(sum_lanes)(&lanes[0][0], g);
-        for (int q = 0; q < g; q++) dUt[q * r + k] = lanes[q][0];
-    }
-}
 
 /* One column block [c0, c1): dg, dz (backward_step, exactly as in
    backward_epilogue), dB for these columns, and this block's partial
@@ -541,12 +592,13 @@ static DORA_CLONES void FN(backward_lowrank_cols)(
                 FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
                                   gm + i, s, out, r, g, w);
         }
+        /* dUp[t:t+g] = dz[t:t+g, c0:c1] @ B[c0:c1], dBt += U[t:t+g].T @ dz[t:t+g, c0:c1] */
         if (g == G)
-            FN(lowrank_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, U + t * r, bp0,
-                             width, out, r, G);
+            FN(twoprod_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, out, bp0, U + t * r,
+                             width, r, G, 0);
         else
-            FN(lowrank_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, U + t * r, bp0,
-                             width, out, r, g);
+            FN(twoprod_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, out, bp0, U + t * r,
+                             width, r, g, 0);
     }
     for (int64_t i = c0; i < c1; i++) {
         dg[i] = (REAL)acc[i - c0];
@@ -572,8 +624,11 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
         return DORA_ERR_NOMEM;
     }
     int failed = 0;
-    #pragma omp parallel if (N * out * (3 * r + 1) > PARALLEL_MIN_WORK)
+    dora_plan plan;
+    dora_plan_begin(&plan, K_LOWRANK, (double)N * out * (3 * r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
     {
+        dora_plan_arrive(&plan);
         double *acc = (double *)malloc((size_t)width * sizeof(double));
         REAL *dBt = (REAL *)malloc((size_t)dora_max(1, r * (width + W)) * sizeof(REAL));
         if (!acc || !dBt) {
@@ -591,13 +646,21 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
         free(acc);
         free(dBt);
     }
+    dora_plan_end(&plan);
     if (!failed) {  /* dU = s * (sum of the blocks' partials, in block order) */
-        #pragma omp parallel for if (N * r * nblocks > PARALLEL_MIN_WORK)
-        for (int64_t e = 0; e < N * r; e++) {
-            double sum = 0;
-            for (int64_t blk = 0; blk < nblocks; blk++) sum += dUp[blk * N * r + e];
-            dU[e] = (REAL)s * (REAL)sum;
+        dora_plan sum_plan;
+        dora_plan_begin(&sum_plan, K_LOWRANK_SUM, (double)N * r * nblocks, N * r / ROW_BLOCK);
+        #pragma omp parallel num_threads(sum_plan.nt)
+        {
+            dora_plan_arrive(&sum_plan);
+            #pragma omp for
+            for (int64_t e = 0; e < N * r; e++) {
+                double sum = 0;
+                for (int64_t blk = 0; blk < nblocks; blk++) sum += dUp[blk * N * r + e];
+                dU[e] = (REAL)s * (REAL)sum;
+            }
         }
+        dora_plan_end(&sum_plan);
     }
     free(Bp);
     free(dUp);
@@ -614,93 +677,6 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
 /* adds its rows into its own (r, in) partial of CtW (slice 0 into CtW      */
 /* itself), and the partials are added in slice order.                      */
 /* ------------------------------------------------------------------------ */
-
-/* One tile of the two products, for one k: w columns of g rows of W0.
-     lanes[q][l] += W0[i + q, l] * A[k, l]             (WAt[i + q, k], lane by lane)
-     row[l]      += sum_q C[i + q, k] * W0[i + q, l]   (CtW[k, :], rows in order) */
-static inline __attribute__((always_inline)) void FN(products_tile)(
-    REAL lanes[G][W], REAL *restrict row, const REAL *restrict w0, const REAL *restrict a,
-    const REAL ck[G], int64_t in, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l];
-        for (int q = 0; q < g; q++) {
-            const REAL x = w0[q * in + l];
-            lanes[q][l] += x * a[l];
-            t += ck[q] * x;
-        }
-        row[l] = t;
-    }
-}
-
-/* products_tile for two k at once (k and k + 1): each row of W0 loaded is
-   used four times. The same sums, in the same order. */
-static inline __attribute__((always_inline)) void FN(products_tile2)(
-    REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
-    const REAL *restrict w0, const REAL *restrict a, const REAL *restrict a1,
-    const REAL ck[G], const REAL ck1[G], int64_t in, int g, int w)
-{
-    for (int l = 0; l < w; l++) {
-        REAL t = row[l], t1 = row1[l];
-        for (int q = 0; q < g; q++) {
-            const REAL x = w0[q * in + l];
-            lanes[q][l] += x * a[l];
-            lanes1[q][l] += x * a1[l];
-            t += ck[q] * x;
-            t1 += ck1[q] * x;
-        }
-        row[l] = t;
-        row1[l] = t1;
-    }
-}
-
-/* g rows of W0 over width columns, k by k: the rows' lanes of WAt stay in
-   registers while the columns go by, and the rows of W0 come from L1.
-   wat (g, r) accumulates WAt; cc (r, CHUNK_LD) accumulates CtW. */
-static inline __attribute__((always_inline)) void FN(products_rows)(
-    REAL *restrict wat, REAL *restrict cc, const REAL *restrict w0, const REAL *restrict Ap,
-    const REAL *restrict c, int64_t width, int64_t in, int64_t r, int g)
-{
-    int64_t k = 0;
-    for (; k + 1 < r; k += 2) {  /* two k at a time */
-        REAL lanes[G][W] = {{0}}, lanes1[G][W] = {{0}}, ck[G] = {0}, ck1[G] = {0};
-        for (int q = 0; q < g; q++) {
-            ck[q] = c[q * r + k];
-            ck1[q] = c[q * r + k + 1];
-        }
-        REAL *row = cc + k * CHUNK_LD, *row1 = row + CHUNK_LD;
-        int64_t j = 0;
-        for (; j + W <= width; j += W) {
-            const REAL *a = Ap + (j / W) * r * W + k * W;
-            FN(products_tile2)(lanes, lanes1, row + j, row1 + j, w0 + j, a, a + W, ck, ck1,
-                               in, g, W);
-        }
-        if (j < width) {
-            const REAL *a = Ap + (j / W) * r * W + k * W;
-            FN(products_tile2)(lanes, lanes1, row + j, row1 + j, w0 + j, a, a + W, ck, ck1,
-                               in, g, (int)(width - j));
-        }
-        FN(sum_lanes)(&lanes[0][0], g);
-        FN(sum_lanes)(&lanes1[0][0], g);
-        for (int q = 0; q < g; q++) {
-            wat[q * r + k] += lanes[q][0];
-            wat[q * r + k + 1] += lanes1[q][0];
-        }
-    }
-    for (; k < r; k++) {  /* the last k of an odd r */
-        REAL lanes[G][W] = {{0}}, ck[G] = {0};
-        for (int q = 0; q < g; q++) ck[q] = c[q * r + k];
-        REAL *row = cc + k * CHUNK_LD;
-        int64_t j = 0;
-        for (; j + W <= width; j += W)
-            FN(products_tile)(lanes, row + j, w0 + j, Ap + (j / W) * r * W + k * W, ck, in, g, W);
-        if (j < width)
-            FN(products_tile)(lanes, row + j, w0 + j, Ap + (j / W) * r * W + k * W, ck, in, g,
-                              (int)(width - j));
-        FN(sum_lanes)(&lanes[0][0], g);
-        for (int q = 0; q < g; q++) wat[q * r + k] += lanes[q][0];
-    }
-}
 
 /* Rows [i0, i1): WAt for these rows, and ct (r, in) = C[i0:i1].T @ W0[i0:i1].
    Columns in chunks of PRODUCT_CHUNK, so that a group's rows of W0 stay in
@@ -719,10 +695,13 @@ static DORA_CLONES void FN(products_slice)(
         for (int64_t e = 0; e < r * CHUNK_LD; e++) cc[e] = 0;
         for (int64_t i = i0; i < i1; i += G) {
             const int g = (int)dora_min(G, i1 - i);
+            /* WAt[i:i+g] += W0[i:i+g, chunk] @ A[:, chunk].T, cc += C[i:i+g].T @ W0[i:i+g, chunk] */
             if (g == G)
-                FN(products_rows)(WAt + i * r, cc, W0 + i * in + j0, ap, C + i * r, width, in, r, G);
+                FN(twoprod_rows)(WAt + i * r, cc, CHUNK_LD, W0 + i * in + j0, in, ap, C + i * r,
+                                 width, r, G, 1);
             else
-                FN(products_rows)(WAt + i * r, cc, W0 + i * in + j0, ap, C + i * r, width, in, r, g);
+                FN(twoprod_rows)(WAt + i * r, cc, CHUNK_LD, W0 + i * in + j0, in, ap, C + i * r,
+                                 width, r, g, 1);
         }
         for (int64_t k = 0; k < r; k++)
             for (int64_t j = 0; j < width; j++) ct[k * in + j0 + j] = cc[k * CHUNK_LD + j];
@@ -744,8 +723,11 @@ int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const 
         return DORA_ERR_NOMEM;
     }
     int failed = 0;
-    #pragma omp parallel if (out * in * (2 * r + 1) > PARALLEL_MIN_WORK)
+    dora_plan plan;
+    dora_plan_begin(&plan, K_PRODUCTS, (double)out * in * (2 * r + 1), nslices);
+    #pragma omp parallel num_threads(plan.nt)
     {
+        dora_plan_arrive(&plan);
         REAL *cc = (REAL *)malloc((size_t)dora_max(1, r * CHUNK_LD) * sizeof(REAL));
         if (!cc) {
             #pragma omp atomic write
@@ -760,10 +742,18 @@ int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const 
         }
         free(cc);
     }
+    dora_plan_end(&plan);
     if (!failed && nslices > 1) {  /* CtW = sum of the slices' partials, in slice order */
-        #pragma omp parallel for if (r * in * nslices > PARALLEL_MIN_WORK)
-        for (int64_t e = 0; e < r * in; e++)
-            for (int64_t sl = 1; sl < nslices; sl++) CtW[e] += part[(sl - 1) * r * in + e];
+        dora_plan sum_plan;
+        dora_plan_begin(&sum_plan, K_PRODUCTS_SUM, (double)r * in * nslices, r * in / ROW_BLOCK);
+        #pragma omp parallel num_threads(sum_plan.nt)
+        {
+            dora_plan_arrive(&sum_plan);
+            #pragma omp for
+            for (int64_t e = 0; e < r * in; e++)
+                for (int64_t sl = 1; sl < nslices; sl++) CtW[e] += part[(sl - 1) * r * in + e];
+        }
+        dora_plan_end(&sum_plan);
     }
     free(Ap);
     free(part);

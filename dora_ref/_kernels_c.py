@@ -17,12 +17,25 @@ Before any pointer crosses into C, every array is checked here:
   Fortran-ordered arrays) are copied with ``np.ascontiguousarray``, so any
   layout works, at the cost of one copy; except the (out, in) weight of
   ``column_norm`` and ``merge``, which is never copied whole: a
-  non-contiguous one is copied a block of rows at a time (``_strided_weight``); read-only inputs are used as they
-  are (C only reads them). **Outputs** are always allocated here, fresh,
+  non-contiguous one is copied a block of rows at a time
+  (``_weight_row_blocks``), with the bits of a contiguous call; read-only
+  inputs are used as they are (C only reads them). **Outputs** are always allocated here, fresh,
   C-contiguous and writable, so C never writes into a caller's array.
 
 Results agree with NumPy up to rounding (``tests/test_kernels_c.py`` states
-the bound), and do not depend on ``OMP_NUM_THREADS``, bit for bit. NaN and
+the bound). Determinism, precisely: every C kernel here gives the same bits
+for any number of threads (each thread owns whole rows or columns, and the
+block sizes that fix the order of every sum depend on the sizes alone), and
+so do ``merge``, ``unmerge`` and ``column_norm`` of ``dora_ref.functional``
+with this backend. The BLAS paths (``backward_lowrank`` and
+``norm_gradient_products`` above ``FUSED_MAX_RANK``), and the forward and
+backward's large products, which BLAS computes, may differ in the last bits
+between thread counts (``tests/test_determinism.py`` bounds the difference).
+
+Threads: each call uses one thread or ``openmp_threads()``, chosen from its
+measured cost against what opening a team costs now (``set_threads``,
+``threading_info``; ``csrc/dora_kernels.c`` explains the model). A process
+forked after a threaded call runs the kernels too (``tests/test_fork.py``). NaN and
 Inf propagate as in NumPy. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
@@ -34,11 +47,74 @@ impossible).
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 
 from . import _kernels_numpy
-from ._dora_c import ffi, lib
+
+# Environment variables with which a user tells the OpenMP runtime how idle
+# threads wait; dora_ref never overrides one that is set.
+_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def _openmp_runtime_loaded():
+    """The path of an OpenMP runtime already mapped into this process, or None.
+
+    Read from ``/proc/self/maps`` (Linux); elsewhere None. Only the runtime
+    the extension links by soname (``libgomp.so.1``, ``libomp.so``) counts:
+    a vendored copy under another name (scikit-learn's) is a separate runtime.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                name = os.path.basename(path)
+                if name.startswith(("libgomp.so", "libomp.so", "libiomp5.so")):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _import_extension():
+    """Import ``_dora_c`` with its OpenMP runtime's idle threads told to sleep.
+
+    By default an idle OpenMP thread spins for a few milliseconds after each
+    parallel region, on a core that the next BLAS call (or another process)
+    needs: measured at (out, in) = (1024, 1024), N = 256, r = 8 on 2 cores,
+    the forward epilogue took 7.4 ms instead of 0.66 ms and the next BLAS
+    product 15.2 instead of 8.7 ms. The runtime reads its wait policy once,
+    when it is loaded; so if no OpenMP runtime is loaded yet and the user set
+    none of ``_WAIT_VARIABLES``, ``OMP_WAIT_POLICY=PASSIVE`` is set while the
+    extension (and with it the runtime) loads, then removed again, so that no
+    child process inherits it. The policy then holds for every user of that
+    runtime in this process (PyTorch imported later shares it). Returns the
+    module and a sentence saying which policy holds.
+    """
+    if any(os.environ.get(v) is not None for v in _WAIT_VARIABLES):
+        from . import _dora_c
+
+        set_by = ", ".join(f"{v}={os.environ[v]}" for v in _WAIT_VARIABLES if v in os.environ)
+        return _dora_c, f"as the environment sets it ({set_by})"
+    loaded = _openmp_runtime_loaded()
+    if loaded is not None:
+        from . import _dora_c
+
+        return _dora_c, (
+            f"the runtime's default (it spins): {loaded} was loaded before dora_ref, "
+            f"e.g. by torch; import dora_ref first for a passive policy"
+        )
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from . import _dora_c
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+    return _dora_c, "passive, set by dora_ref when it loaded the runtime"
+
+
+_dora_c, _WAIT_POLICY = _import_extension()
+ffi, lib = _dora_c.ffi, _dora_c.lib
 
 __all__ = [
     "backward_epilogue",
@@ -50,6 +126,8 @@ __all__ = [
     "norm_gradient_products",
     "openmp_enabled",
     "openmp_threads",
+    "set_threads",
+    "threading_info",
     "unmerge",
 ]
 
@@ -62,8 +140,61 @@ def openmp_enabled():
 
 
 def openmp_threads():
-    """The number of threads a C kernel would use now (``OMP_NUM_THREADS``); 1 without OpenMP."""
+    """The most threads a C kernel may use now; 1 without OpenMP.
+
+    ``set_threads(n)`` if called, else the OpenMP runtime's maximum
+    (``OMP_NUM_THREADS`` or the number of cores); 1 in a forked child whose
+    parent's thread pool could not be released before the fork.
+    """
     return int(lib.dora_max_threads())
+
+
+def set_threads(n):
+    """Let each C kernel use at most ``n`` threads (``n = 0``: the OpenMP default).
+
+    Whether a call uses one thread or ``n`` is decided per call from its
+    measured cost against what opening a team of threads costs now (see
+    ``threading_info``); the results are the same bits whatever it uses.
+
+    Raises
+    ------
+    TypeError
+        If ``n`` is not an int.
+    ValueError
+        If ``n`` is negative.
+    """
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (0: the OpenMP default), got {n}")
+    lib.dora_set_threads(int(min(n, 2**31 - 1)))
+
+
+def threading_info():
+    """How the C kernels use threads here: a dict.
+
+    ``threads`` (``openmp_threads()``), ``wait_policy`` (how idle OpenMP
+    threads wait, and who set it: see ``_import_extension``),
+    ``region_cost_us`` (the current estimate of what opening a team costs,
+    which decides serial against parallel per call; 0 before the first
+    measurement) and ``build`` (``build_info()``).
+    """
+    return {
+        "threads": openmp_threads(),
+        "wait_policy": _WAIT_POLICY,
+        "region_cost_us": float(lib.dora_region_cost_ns()) / 1e3,
+        "build": build_info(),
+    }
+
+
+def _set_always_parallel(always):
+    """Tests only: every call with several blocks uses ``openmp_threads()`` threads."""
+    lib.dora_set_parallel_policy(1 if always else 0)
+
+
+def _set_fork_pause(on):
+    """Tests only: ``False`` keeps the thread pool across fork, so a child runs serially."""
+    lib.dora_set_fork_pause(1 if on else 0)
 
 
 def build_info():
@@ -99,17 +230,33 @@ def _arrays(**named):
                 f"{name} has dtype {arr.dtype} but {first} has dtype {dtype}; "
                 f"the C kernels need one dtype for all arrays"
             )
-        out.append(np.ascontiguousarray(arr))
+        out.append(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
     return out, dtype
+
+
+class _Shapes:
+    """The shapes of a call's arrays, for an error message: formatted only when
+    one is raised (formatting them on every call cost more than a small kernel)."""
+
+    __slots__ = ("named",)
+
+    def __init__(self, *named):
+        self.named = named  # (name, array) pairs
+
+    def plus(self, name, arr, first=False):
+        return _Shapes((name, arr), *self.named) if first else _Shapes(*self.named, (name, arr))
+
+    def __str__(self):
+        return ", ".join(f"{name} {np.shape(arr)}" for name, arr in self.named)
 
 
 def _strided_weight(W0):
     """True for an (out, in) weight that is not C-contiguous (e.g. a transpose).
 
-    ``column_norm`` and ``merge`` then call C on blocks of about 1 MiB of
-    rows, each copied contiguous, instead of copying the whole weight (an
-    (out, in) copy on every forward is what DoRA's memory budget rules out).
-    Every row is computed alone, so the bits are those of a contiguous call.
+    ``column_norm`` and ``merge`` then call C on blocks of rows
+    (``_weight_row_blocks``), each copied contiguous, instead of copying the
+    whole weight (an (out, in) copy on every forward is what DoRA's memory
+    budget rules out).
     """
     return (
         isinstance(W0, np.ndarray)
@@ -119,19 +266,44 @@ def _strided_weight(W0):
     )
 
 
+def _weight_row_blocks(out_features, in_features, itemsize):
+    """Yield slices of about 1 MiB of rows of W0, each starting at a multiple of ROW_BLOCK.
+
+    The C kernels take rows in groups of four from the start of each block
+    of ``dora_row_block()`` rows, and a row in a full group is computed by
+    other instructions than one in the ragged last group (the compiler's
+    vector code, its FMA contractions), which can change its last bit. Blocks
+    that start where the kernel's own blocks start keep every row in the
+    group it has in one call on the whole weight: the same bits, whatever
+    the layout. (Blocks of ``_kernels_numpy._row_blocks`` did not, and
+    gave 1-ulp differences in float64.)
+    """
+    align = int(lib.dora_row_block())
+    rows = max(1, _kernels_numpy._BLOCK_BYTES // max(1, in_features * itemsize))
+    rows = max(align, rows // align * align)
+    for start in range(0, out_features, rows):
+        yield slice(start, min(start + rows, out_features))
+
+
 def _shape(name, arr, shape, shapes):
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}; got {shapes}")
 
 
 def _scaling(scaling):
+    if type(scaling) is float:
+        return scaling
     if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     return float(scaling)
 
 
+_ARRAY_TYPE = {"float": "float[]", "double": "double[]"}
+
+
 def _ptr(arr, ctype):
-    return ffi.cast(ctype + " *", ffi.from_buffer(arr))
+    """A C pointer to arr's data (arr is C-contiguous, of ctype)."""
+    return ffi.from_buffer(_ARRAY_TYPE[ctype], arr)
 
 
 def _check_status(status, kernel):
@@ -144,7 +316,7 @@ def _check_status(status, kernel):
 
 def _adapter(W0, A, B, W0_name="W0"):
     """Check W0 (out, in), A (r, in), B (out, r); return out, in, r."""
-    shapes = f"{W0_name} {W0.shape}, A {A.shape}, B {B.shape}"
+    shapes = _Shapes((W0_name, W0), ("A", A), ("B", B))
     for name, arr in ((W0_name, W0), ("A", A), ("B", B)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got {shapes}")
@@ -159,7 +331,7 @@ def _adapter(W0, A, B, W0_name="W0"):
 
 def _epilogue_shapes(base, U, B, g, base_name="base"):
     """Check base (N, out), U (N, r), B (out, r), g (out,); return N, out, r."""
-    shapes = f"{base_name} {base.shape}, U {U.shape}, B {B.shape}, g {g.shape}"
+    shapes = _Shapes((base_name, base), ("U", U), ("B", B), ("g", g))
     if base.ndim != 2 or U.ndim != 2 or B.ndim != 2:
         raise ValueError(f"{base_name}, U and B must be 2-D; got {shapes}")
     N, out_f = base.shape
@@ -195,7 +367,7 @@ def column_norm(W0, A, B, scaling):
         (A, B), _ = _arrays(A=A, B=B)
         _adapter(W0, A, B)
         n = np.empty(W0.shape[0], dtype=W0.dtype)
-        for rows in _kernels_numpy._row_blocks(*W0.shape, W0.itemsize):
+        for rows in _weight_row_blocks(*W0.shape, W0.itemsize):
             n[rows] = column_norm(np.ascontiguousarray(W0[rows]), A, B[rows], scaling)
         return n
     (W0, A, B), dtype = _arrays(W0=W0, A=A, B=B)
@@ -267,7 +439,7 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     """
     (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
     N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
@@ -296,7 +468,8 @@ def backward_lowrank(dy, base, U, B, g, scaling):
 
     For r <= ``FUSED_MAX_RANK``, all four in one pass over dz
     (``_backward_lowrank_fused``); above it, ``backward_epilogue`` and two
-    BLAS products, as the NumPy twin.
+    BLAS products, as the NumPy twin. The arguments are checked the same
+    way on both paths.
 
     Parameters
     ----------
@@ -312,18 +485,36 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     dz : ndarray, shape (N, out)
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a float32/float64 ndarray, mixed dtypes, or a
+        scaling that is not a real number.
+    ValueError
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
+
+    Notes
+    -----
+    The fused path's bits do not depend on the number of threads; on the
+    BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
+    by thread).
     """
-    if np.ndim(U) == 2 and np.shape(U)[1] > FUSED_MAX_RANK:
-        dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
-        return dg, dz, scaling * (dz @ B), scaling * (dz.T @ U)
-    return _backward_lowrank_fused(dy, base, U, B, g, scaling)
+    (dy, base, U, B, g), _ = _arrays(dy=dy, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
+    s = _scaling(scaling)
+    if r > FUSED_MAX_RANK:
+        dg, dz = backward_epilogue(dy, base, U, B, g, s)
+        return dg, dz, s * (dz @ B), s * (dz.T @ U)
+    return _backward_lowrank_fused(dy, base, U, B, g, s)
 
 
 def _backward_lowrank_fused(dy, base, U, B, g, scaling):
     """``backward_lowrank`` in one pass over dz, for any r (the C kernel)."""
     (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
     N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, f"dy {dy.shape}, {shapes}")
+    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
@@ -343,7 +534,7 @@ def norm_gradient_products(W0, A, C):
 
     For r <= ``FUSED_MAX_RANK``, in one pass over W0
     (``_norm_gradient_products_fused``); above it, two BLAS products, as the
-    NumPy twin.
+    NumPy twin. The arguments are checked the same way on both paths.
 
     Parameters
     ----------
@@ -355,16 +546,29 @@ def norm_gradient_products(W0, A, C):
     -------
     WAt : ndarray, shape (out, r)
     CtW : ndarray, shape (r, in)
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a float32/float64 ndarray, or mixed dtypes.
+    ValueError
+        Shapes that do not fit (out, in), (r, in), (out, r).
+
+    Notes
+    -----
+    The fused path's bits do not depend on the number of threads; the BLAS
+    path's may (BLAS splits its sums by thread).
     """
-    if np.ndim(A) == 2 and np.shape(A)[0] > FUSED_MAX_RANK:
+    (W0, A, C), _ = _arrays(W0=W0, A=A, C=C)
+    _products_shapes(W0, A, C)
+    if A.shape[0] > FUSED_MAX_RANK:
         return W0 @ A.T, C.T @ W0
     return _norm_gradient_products_fused(W0, A, C)
 
 
-def _norm_gradient_products_fused(W0, A, C):
-    """``norm_gradient_products`` in one pass over W0, for any r (the C kernel)."""
-    (W0, A, C), dtype = _arrays(W0=W0, A=A, C=C)
-    shapes = f"W0 {W0.shape}, A {A.shape}, C {C.shape}"
+def _products_shapes(W0, A, C):
+    """Check W0 (out, in), A (r, in), C (out, r); return out, in, r."""
+    shapes = _Shapes(("W0", W0), ("A", A), ("C", C))
     for name, arr in (("W0", W0), ("A", A), ("C", C)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got {shapes}")
@@ -373,6 +577,13 @@ def _norm_gradient_products_fused(W0, A, C):
     if A.shape[1] != in_f:
         raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
     _shape("C", C, (out_f, r), shapes)
+    return out_f, in_f, r
+
+
+def _norm_gradient_products_fused(W0, A, C):
+    """``norm_gradient_products`` in one pass over W0, for any r (the C kernel)."""
+    (W0, A, C), dtype = _arrays(W0=W0, A=A, C=C)
+    out_f, in_f, r = _products_shapes(W0, A, C)
     ctype, sfx = _CTYPE[dtype]
     WAt = np.empty((out_f, r), dtype=dtype)
     CtW = np.empty((r, in_f), dtype=dtype)
@@ -421,17 +632,17 @@ def merge(W0, A, B, magnitude, scaling):
     if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
         (A, B, magnitude), _ = _arrays(A=A, B=B, magnitude=magnitude)
         _, _, _, shapes = _adapter(W0, A, B)
-        _shape("magnitude", magnitude, (W0.shape[0],), f"{shapes}, magnitude {magnitude.shape}")
+        _shape("magnitude", magnitude, (W0.shape[0],), shapes.plus("magnitude", magnitude))
         W_merged = np.empty(W0.shape, dtype=W0.dtype)
         n = np.empty(W0.shape[0], dtype=W0.dtype)
-        for rows in _kernels_numpy._row_blocks(*W0.shape, W0.itemsize):
+        for rows in _weight_row_blocks(*W0.shape, W0.itemsize):
             W_merged[rows], n[rows] = merge(
                 np.ascontiguousarray(W0[rows]), A, B[rows], magnitude[rows], scaling
             )
         return W_merged, n
     (W0, A, B, magnitude), dtype = _arrays(W0=W0, A=A, B=B, magnitude=magnitude)
     out_f, in_f, r, shapes = _adapter(W0, A, B)
-    _shape("magnitude", magnitude, (out_f,), f"{shapes}, magnitude {magnitude.shape}")
+    _shape("magnitude", magnitude, (out_f,), shapes.plus("magnitude", magnitude))
     ctype, sfx = _CTYPE[dtype]
     W_merged = np.empty((out_f, in_f), dtype=dtype)
     n = np.empty(out_f, dtype=dtype)
@@ -461,7 +672,7 @@ def unmerge(W_merged, A, B, factor, scaling):
     """
     (W_merged, A, B, factor), dtype = _arrays(W_merged=W_merged, A=A, B=B, factor=factor)
     out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
-    _shape("factor", factor, (out_f,), f"{shapes}, factor {factor.shape}")
+    _shape("factor", factor, (out_f,), shapes.plus("factor", factor))
     ctype, sfx = _CTYPE[dtype]
     W0 = np.empty((out_f, in_f), dtype=dtype)
     status = getattr(lib, f"dora_unmerge_{sfx}")(

@@ -42,7 +42,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -458,11 +457,8 @@ def test_zero_norm_row_merges_to_nan_like_numpy():
 # the result does not depend on the number of threads
 # ---------------------------------------------------------------------------
 
-_THREAD_SCRIPT = textwrap.dedent(
-    """
-    import hashlib, sys
-    import numpy as np
-    from dora_ref import _kernels_c as C
+def _all_kernels_digest():
+    """sha256 of every C kernel's results on shapes with several blocks per thread."""
     h = hashlib.sha256()
     # several blocks per thread, ragged edges; r = 3 also gives norm_gradient_products
     # several row slices and backward_lowrank several column blocks
@@ -479,25 +475,49 @@ _THREAD_SCRIPT = textwrap.dedent(
                    *C._norm_gradient_products_fused(W0, A, B)]
         for a in results:
             h.update(a.tobytes())
-    print(C.openmp_threads(), h.hexdigest())
-    """
-)
+    return h.hexdigest()
 
 
-def test_bitwise_identical_for_any_thread_count():
+@pytest.fixture
+def forced_threads():
+    """Yield set_threads with every call forced onto that many threads; restore after."""
+    C._set_always_parallel(True)
+    try:
+        yield C.set_threads
+    finally:
+        C._set_always_parallel(False)
+        C.set_threads(0)
+
+
+def test_bitwise_identical_for_any_thread_count(forced_threads):
     digests = {}
     for threads in (1, 2, 3):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
-        res = subprocess.run(
-            [sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True, text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr
-        seen_threads, digest = res.stdout.split()
+        forced_threads(threads)
         if C.openmp_enabled():
-            assert int(seen_threads) == threads, "OMP_NUM_THREADS did not reach the kernels"
-        digests[threads] = digest
+            assert C.openmp_threads() == threads
+        digests[threads] = _all_kernels_digest()
     assert digests[1] == digests[2] == digests[3], digests
+
+
+def test_bitwise_identical_whether_the_cost_model_picks_one_thread_or_more(forced_threads):
+    forced_threads(2)
+    forced = _all_kernels_digest()
+    C._set_always_parallel(False)  # the cost model decides, call by call
+    assert _all_kernels_digest() == forced
+
+
+def test_set_threads_checks_its_argument():
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        C.set_threads(2.0)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        C.set_threads(-1)
+
+
+def test_threading_info_says_who_set_the_wait_policy():
+    info = C.threading_info()
+    assert info["threads"] == C.openmp_threads()
+    assert info["region_cost_us"] >= 0
+    assert any(word in info["wait_policy"] for word in ("passive", "environment", "default"))
 
 
 def test_openmp_info():
@@ -565,3 +585,93 @@ def test_rejects_bad_shapes_naming_the_argument(call, match):
     p = _problem(0, np.float64, 4, 5, 2, 3)
     with pytest.raises(ValueError, match=match):
         call(p)
+
+
+# Every wrapper with its arguments, by name: (kernel, argument names in order).
+# backward_lowrank and norm_gradient_products take a fused C path for
+# r <= FUSED_MAX_RANK and a BLAS path above it; both must check everything.
+_WRAPPERS = {
+    "column_norm": (lambda a: C.column_norm(a["W0"], a["A"], a["B"], a["s"]), ("W0", "A", "B")),
+    "forward_epilogue": (
+        lambda a: C.forward_epilogue(a["base"], a["U"], a["B"], a["g"], a["s"], a["bias"]),
+        ("base", "U", "B", "g", "bias"),
+    ),
+    "backward_epilogue": (
+        lambda a: C.backward_epilogue(a["dy"], a["base"], a["U"], a["B"], a["g"], a["s"]),
+        ("dy", "base", "U", "B", "g"),
+    ),
+    "backward_lowrank": (
+        lambda a: C.backward_lowrank(a["dy"], a["base"], a["U"], a["B"], a["g"], a["s"]),
+        ("dy", "base", "U", "B", "g"),
+    ),
+    "norm_gradient_products": (
+        lambda a: C.norm_gradient_products(a["W0"], a["A"], a["C"]), ("W0", "A", "C"),
+    ),
+    "merge": (lambda a: C.merge(a["W0"], a["A"], a["B"], a["m"], a["s"]), ("W0", "A", "B", "m")),
+    "unmerge": (lambda a: C.unmerge(a["W0"], a["A"], a["B"], a["m"], a["s"]), ("W0", "A", "B", "m")),
+}
+# the wrappers' own names for the arguments, where the problem's differ
+_ARG_NAMES = {
+    ("merge", "m"): "magnitude", ("unmerge", "m"): "factor", ("unmerge", "W0"): "W_merged",
+}
+
+
+@pytest.mark.parametrize("r", [2, C.FUSED_MAX_RANK + 4] if C is not None else [2])
+@pytest.mark.parametrize("kernel", sorted(_WRAPPERS))
+def test_every_wrapper_checks_every_argument_on_every_path(kernel, r):
+    """Each argument in turn gets a bad dtype, a wrong shape, then a non-array:
+    the wrapper must raise the documented error naming it, on the fused and
+    the BLAS path alike (norm_gradient_products above rank 12 used to skip
+    its checks and hand the arrays to BLAS)."""
+    call, names = _WRAPPERS[kernel]
+    p = _problem(3, np.float64, 6, 7, r, 5)
+    p["C"] = p["B"]
+    call(p)  # the good arguments go through
+    for name in names:
+        shown = _ARG_NAMES.get((kernel, name), name)
+        bad = dict(p, **{name: p[name].astype(np.int32)})
+        with pytest.raises(TypeError, match=rf"{shown} must have dtype float32 or float64"):
+            call(bad)
+        bad = dict(p, **{name: p[name].astype(np.float32)})
+        with pytest.raises(TypeError, match=rf"{shown} has dtype float32 but \w+ has dtype float64|"
+                                            rf"\w+ has dtype float64 but {shown} has dtype float32"):
+            call(bad)
+        bad = dict(p, **{name: p[name][..., :-1]})
+        with pytest.raises(ValueError, match=rf"{shown}"):
+            call(bad)
+        bad = dict(p, **{name: p[name].tolist()})
+        with pytest.raises(TypeError, match=rf"{shown} must be a numpy.ndarray, got list"):
+            call(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_f", [3000, 1000, 700, 4096])
+def test_non_contiguous_weight_gives_the_bits_of_a_contiguous_one(in_f, dtype):
+    """A strided (out, in) weight goes to C a block of rows at a time. Blocks of
+    1 MiB of rows that did not start at a multiple of the kernel's row block
+    (43 rows of float64 at in = 3000) put some rows in a ragged group of rows,
+    computed by other instructions: 1 ulp off in float64. Now every layout
+    gives the contiguous call's bits."""
+    rng = np.random.default_rng(5)
+    out_f, r = 301, 8
+    W0 = rng.standard_normal((out_f, in_f)).astype(dtype)
+    A = rng.standard_normal((r, in_f)).astype(dtype)
+    B = rng.standard_normal((out_f, r)).astype(dtype)
+    m = (rng.random(out_f) + 0.5).astype(dtype)
+    wide = np.zeros((out_f, in_f + 3), dtype=dtype)
+    wide[:, 1:in_f + 1] = W0
+    backwards = np.ascontiguousarray(W0[::-1])[::-1]
+    layouts = {
+        "fortran": np.asfortranarray(W0),
+        "column slice": wide[:, 1:in_f + 1],
+        "reversed rows": backwards,
+        "transposed twice": np.ascontiguousarray(W0.T).T,
+    }
+    want_n = C.column_norm(W0, A, B, 0.3)
+    want_W, want_m = C.merge(W0, A, B, m, 0.3)
+    for name, W in layouts.items():
+        assert not W.flags.c_contiguous, name
+        np.testing.assert_array_equal(C.column_norm(W, A, B, 0.3), want_n, err_msg=name)
+        got_W, got_n = C.merge(W, A, B, m, 0.3)
+        np.testing.assert_array_equal(got_W, want_W, err_msg=name)
+        np.testing.assert_array_equal(got_n, want_m, err_msg=name)

@@ -1,0 +1,120 @@
+"""What is and is not deterministic across thread counts, tested exactly.
+
+* Bitwise identical for any number of threads: every C kernel (tested in
+  ``test_kernels_c.py``), and so, with the C backend, everything built only
+  from them and elementwise NumPy: ``column_norm`` (the magnitude's initial
+  value), ``merge`` and ``unmerge``. (The NumPy backend forms B @ A with
+  BLAS, so there they are only within rounding.)
+* Not bitwise identical: ``dora_forward`` and ``dora_backward``, because
+  their large products (x @ W0.T, x @ A.T, dz @ W0, dU.T @ x) are BLAS's,
+  and BLAS splits a sum differently for another number of threads. They
+  stay within the rounding bound of those sums, derived below and asserted
+  with 1 and 2 threads for both BLAS and the C kernels.
+
+Bound (Higham, Eq. 3.5): one evaluation of a sum of k products is within
+``gamma_k * sum |terms|`` of the exact value, so two evaluations in different
+orders differ by at most ``2 gamma_k sum |terms|``; each bound below is that,
+built elementwise from absolute values in float64, with the safety factor 4
+of ``test_kernels_c.py`` for the few roundings on top:
+
+* y = g (x @ W0.T + s (x @ A.T) @ B.T) + bias (the norm is bitwise fixed):
+  ``|g| (|x| @ |W0|.T + |s| (|x| @ |A|.T) @ |B|.T)``, k = in + r + 2.
+* dx = dz @ W0 + dU @ A, with dz = dy g and dU = s dz @ B bitwise fixed:
+  ``|dz| @ |W0| + |dU| @ |A|``, k = out + r + 1.
+* dA = dU.T @ x: ``|dU|.T @ |x|``, k = N.
+* dB = s dz.T @ U, with U from BLAS: ``|s| |dz|.T @ (|U| + dU_bound)``, k = N + in + r,
+  where dU_bound = |x| @ |A|.T bounds U's own difference (folded into k).
+* dmagnitude = dg / n, dg = sum_N dy z: ``sum_N |dy| |z|_bound / n``, with
+  |z|_bound = |x| @ |W0|.T + |s| (|x| @ |A|.T) @ |B|.T, k = N + in + r + 2.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dora_ref import functional as F
+from dora_ref.tolerance import gamma
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+try:
+    from dora_ref import _kernels_c as C
+except ImportError:  # pragma: no cover - depends on the install
+    C = None
+
+
+def _problem(dtype, out_f=768, in_f=1024, r=8, N=300):  # large enough for BLAS to thread
+    rng = np.random.default_rng(21)
+    draw = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    return dict(
+        x=draw(N, in_f), W0=draw(out_f, in_f), A=draw(r, in_f), B=draw(out_f, r),
+        m=(rng.random(out_f) + 0.5).astype(dtype), bias=draw(out_f), dy=draw(N, out_f), s=0.7,
+    )
+
+
+def _run(p, threads):
+    """Forward, backward and merge with `threads` BLAS threads and C threads."""
+    if C is not None:
+        C._set_always_parallel(True)
+        C.set_threads(threads)
+    try:
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            y, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"], p["bias"])
+            grads = F.dora_backward(p["dy"], ctx)
+            W_merged, n = F.merge(p["W0"], p["A"], p["B"], p["m"], p["s"])
+            unmerged = F.unmerge(W_merged, p["A"], p["B"], p["m"], p["s"], n)
+            norm = F.column_norm(p["W0"], p["A"], p["B"], p["s"])
+    finally:
+        if C is not None:
+            C._set_always_parallel(False)
+            C.set_threads(0)
+    return dict(y=y, dx=grads.dx, dA=grads.dA, dB=grads.dB, dmagnitude=grads.dmagnitude,
+                W_merged=W_merged, n=n, unmerged=unmerged, norm=norm)
+
+
+def _bounds(p, dtype):
+    """The bounds of the module docstring, in float64."""
+    a = {k: np.abs(v).astype(np.float64) for k, v in p.items() if isinstance(v, np.ndarray)}
+    s = abs(p["s"])
+    N, in_f = p["x"].shape
+    out_f, r = p["B"].shape
+    n = F.column_norm(*(p[k].astype(np.float64) for k in ("W0", "A", "B")), p["s"])
+    g = a["m"] / n
+    z = a["x"] @ a["W0"].T + s * (a["x"] @ a["A"].T) @ a["B"].T
+    dz = a["dy"] * g
+    dU = s * dz @ a["B"]
+    U = a["x"] @ a["A"].T
+    safety = 4 * 2
+    return {
+        "y": safety * gamma(in_f + r + 2, dtype) * g * z,
+        "dx": safety * gamma(out_f + r + 1, dtype) * (dz @ a["W0"] + dU @ a["A"]),
+        "dA": safety * gamma(N, dtype) * (dU.T @ a["x"]),
+        "dB": safety * gamma(N + in_f + r, dtype) * s * (dz.T @ (2 * U)),
+        "dmagnitude": safety * gamma(N + in_f + r + 2, dtype) * (a["dy"] * z).sum(axis=0) / n,
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_unmerge_and_norm_bits_do_not_depend_on_threads(dtype, backend):
+    if backend != "c":
+        pytest.skip("the NumPy backend forms B @ A with BLAS: its bits may depend on threads")
+    p = _problem(dtype)
+    one, two = _run(p, 1), _run(p, 2)
+    for name in ("W_merged", "n", "unmerged", "norm"):
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_and_backward_agree_across_threads_within_blas_rounding(dtype):
+    p = _problem(dtype)
+    one, two = _run(p, 1), _run(p, 2)
+    bounds = _bounds(p, dtype)
+    if all(np.array_equal(one[name], two[name]) for name in bounds):
+        pytest.skip("BLAS gave the same bits with 1 and 2 threads here: nothing to bound")
+    for name, bound in bounds.items():
+        err = np.abs(one[name].astype(np.float64) - two[name].astype(np.float64))
+        worst = np.unravel_index(np.argmax(err - bound), err.shape)
+        assert (err <= bound).all(), (
+            f"{name}: |1 thread - 2 threads| = {err[worst]:.3g} > bound {bound[worst]:.3g} "
+            f"at {worst}"
+        )
