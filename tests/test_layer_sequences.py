@@ -312,12 +312,20 @@ def run(kind, detach_norm, actions, seed):
                              name=f"{kind} dx")
             # The term scale of each gradient: the detached gradient of the absolute values
             # bounds the sum of |terms|; the exact mode's projection removes at most as much
-            # again (it cancels to zero when in_features = 1, where every direction is fixed).
+            # again (it cancels to zero when in_features = 1, where every direction is fixed),
+            # and its fast path forms it from W0 and B@A separately, so a row where W0 + s*B@A
+            # nearly cancels carries the factor ||(|W0| + s|B||A|)_i|| / n_i (as tests/cases.py).
             _, abs_g = ref_backward(kind, layer, np.abs(W_fwd), {k: np.abs(v) for k, v in p_fwd.items()},
                                     np.abs(x), mask, np.abs(dy), True)
+            kappa = 1.0
+            _, Wl, Al, Bl, ml, _, _, _ = linear_view(kind, layer, W_fwd, p_fwd, x, mask)
+            if ml is not None and not detach_norm:
+                n = dense.row_norm(Wl + layer.scaling * Bl @ Al)
+                n_abs = dense.row_norm(np.abs(Wl) + abs(layer.scaling) * np.abs(Bl) @ np.abs(Al))
+                kappa = float(np.max(n_abs / np.maximum(n, np.finfo(float).tiny), initial=1.0))
             for k, g in want_g.items():
                 grads[k] += g
-                grad_scale[k] += amax(g) + 2 * amax(abs_g[k]) + amax(dy) + 1
+                grad_scale[k] += amax(g) + 2 * kappa * amax(abs_g[k]) + amax(dy) + 1
         elif action == "merge":
             if merged:
                 expect(RuntimeError, "already merged", layer.merge)
