@@ -1,0 +1,287 @@
+"""Diagnose a port that disagrees with dora_ref: which known variants its numbers reproduce.
+
+On a mismatch ``dora_ref.testing`` calls ``diagnose`` with the shrunk case.
+It runs the port again on a few targeted cases (probes), each built to make
+some variants visible:
+
+* the shrunk case itself;
+* a square case (in = out = 5): a per-column quantity then has the
+  per-output shape, so a norm over the wrong axis, the per-input-column
+  layer and the fan_in_fan_out layout mix run instead of raising;
+* the same with weights scaled by 1e-6 (norms ~1e-6): an epsilon added to
+  the norm shows;
+* the same with a bias 1000 times larger: a bias scaled by the magnitude
+  shows;
+* (dropout checks: every probe has a dropout mask)
+* when the port raised: the smallest square case, x of shape (batch, seq,
+  in), the magnitude as (out, 1) or (1, in), the weight stored (in, out).
+
+A variant is *consistent* when, on every probe where the port ran, the
+port's outputs match the variant's within the check's tolerance, and on at
+least one probe the variant differs from dora_ref (so the match is not a
+coincidence of a case where they agree). Consistent variants are ranked by
+the number of such probes, single variants before pairs of them, then by
+how closely they match. Variants that explain only the outputs they change
+come last, marked "partly".
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import _testing_conventions as C
+from . import _testing_variants as VV
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One explanation of a mismatch.
+
+    Attributes
+    ----------
+    key : str
+        A key of ``testing.HINTS`` (two joined by " + " for a pair).
+    rank : int
+        1 for the most likely.
+    kind : str
+        "convention" (the port is right, called another way), "matches"
+        (consistent on every probe), "partly" (matches the outputs the
+        variant changes, not all).
+    probes : int
+        Probes where the variant differs from dora_ref and the port matches it.
+    evidence : tuple of str
+        What was run and seen, one line a probe.
+    detail : str
+        E.g. the epsilon that matched.
+    """
+
+    key: str
+    rank: int
+    kind: str
+    probes: int
+    evidence: tuple
+    detail: str = ""
+
+    def describe(self, hints):
+        text = " + ".join(hints[k] for k in self.key.split(" + "))
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.key}{extra}: {text}"
+
+
+def _probes(case, raised):
+    from .testing import make_case
+
+    p = dict(case.params)
+    sq = dict(p, N=3, in_features=5, out_features=5, r=2, bias=True, B_zero=False, magnitude="trained",
+              weight_scale=1.0, bias_scale=1.0, seed=7)
+    probes = [
+        ("the shrunk case", case),
+        ("a square case (in = out = 5)", make_case(**sq)),
+        ("a square case with weights scaled by 1e-6 (norms ~1e-6)", make_case(**dict(sq, weight_scale=1e-6))),
+        ("a square case with a bias 1000 times larger", make_case(**dict(sq, bias_scale=1e3))),
+    ]
+    if raised:
+        probes.append(("the smallest square case (N = 1, in = out = 2, r = 1)",
+                       make_case(**dict(sq, N=1, in_features=2, out_features=2, r=1))))
+    return probes
+
+
+def _names(check, with_unmerge):
+    names = {"forward": ("y",), "backward": C.GRAD_NAMES, "merge": ("W_merged",)}[check]
+    return names + ("W0_unmerged",) if (check == "merge" and with_unmerge) else names
+
+
+def _ratio(got, want, tols, names):
+    """Largest |got - want| / atol over the named outputs (inf on shape mismatch or NaN)."""
+    worst = 0.0
+    for k in names:
+        g, w = np.asarray(got[k], dtype=np.float64), np.asarray(want[k], dtype=np.float64)
+        if g.shape != w.shape:
+            return np.inf
+        err = np.abs(g - w)
+        err = np.where(np.isnan(err), np.inf, err)
+        atol = tols[k]["atol"]
+        r = np.where(err > 0, np.inf, 0.0) if atol <= 0 else err / atol
+        worst = max(worst, float(np.max(r, initial=0.0)))
+    return worst
+
+
+def _fmt(r):
+    return "inf" if not np.isfinite(r) else f"{r:.3g}"
+
+
+def _candidates(c, check, detach_norm, conv, with_unmerge):
+    """(key, spec overrides, eps) for each applicable single variant (one per epsilon)."""
+    out = []
+    for key in VV.VARIANTS:
+        if not VV.applies(key, c, check=check, detach_norm=detach_norm, conv=conv, with_unmerge=with_unmerge):
+            continue
+        over = VV.VARIANTS[key][1]
+        if over.get("eps") == "eps":
+            for eps in VV.EPSILONS:
+                e = float(np.finfo(c.dtype).eps) if eps is None else eps
+                out.append((key, dict(over, eps=e), e))
+        else:
+            out.append((key, dict(over), None))
+    return out
+
+
+def _variant(c64, over, detach_norm, conv):
+    spec = dict(VV.BASE, **over)
+    if conv.per_input_column and spec.get("flip_detach") and len(over) == 1:
+        spec["layer"] = "column"
+    unmerge_input = None
+    if conv.unmerge_gets_norm:
+        from .testing import reference
+
+        ref = reference(c64)
+        unmerge_input = (ref["W_merged"], ref["weight_norm"])
+    return VV.evaluate(c64, spec, detach_norm, unmerge_input=unmerge_input)
+
+
+def _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
+    """When the port raised: does it run, and match dora_ref, called another way?"""
+    from .testing import make_case, reference, tolerances
+
+    found = []
+    names = _names(check, unmerge is not None)
+    tries = []
+    if conv.x_ndim == 2:
+        even = make_case(**dict(case.params, N=max(2, case.shapes()[0] + case.shapes()[0] % 2)))
+        tries.append(("expects_batched_x", replace(conv, x_ndim=3), even,
+                      "x of shape (2, seq, in) instead of (N, in)"))
+    if conv.magnitude == "(out,)":
+        tries.append(("magnitude_shape_out_1", replace(conv, magnitude="(out, 1)"), case,
+                      "a magnitude of shape (out, 1)"))
+    if conv.magnitude != "(1, in)" and not dropout:
+        col = make_case(**dict(case.params, magnitude_axis="in"))
+        tries.append(("magnitude_per_input_column", replace(conv, magnitude="(1, in)"), col,
+                      "a magnitude of shape (1, in), compared with the per-input-column layer"))
+    tries.append(("weight_layout_transposed", replace(conv, fan_in_fan_out=not conv.fan_in_fan_out), case,
+                  f"W0 stored {'(out, in)' if conv.fan_in_fan_out else '(in, out)'}"))
+    for key, other, probe, words in tries:
+        try:
+            got = C.call_port(check, fn, unmerge, probe, other, dropout)
+        except Exception:  # noqa: BLE001 - this way does not run either
+            continue
+        ref = reference(probe, detach_norm=detach_norm)
+        r = _ratio(got, ref, tolerances(probe, detach_norm=detach_norm), names)
+        if r <= 1.0:
+            found.append((key, f"called with {words}, it runs and matches dora_ref "
+                               f"(worst error / tolerance {_fmt(r)})", other.changed()))
+    return found
+
+
+def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
+    """Rank the known variants by how well they explain the port's numbers.
+
+    Parameters
+    ----------
+    check : {"forward", "backward", "merge"}
+    fn, unmerge : the port's callables
+    case : Case
+        The shrunk case.
+    conv : Convention
+    dropout, detach_norm : bool
+        As the check was called.
+    raised : Exception, optional
+        What the port raised on the shrunk case, if it did.
+
+    Returns
+    -------
+    list of Diagnosis, best first (empty if nothing explains the numbers).
+    """
+    from .testing import reference, tolerances
+
+    with_unmerge = unmerge is not None
+    names = _names(check, with_unmerge)
+    runs = []  # (label, case, float64 case, got, ref, tols)
+    evidence_raised = []
+    for label, probe in _probes(case, raised is not None):
+        try:
+            got = C.call_port(check, fn, unmerge, probe, conv, dropout)
+        except Exception as exc:  # noqa: BLE001 - a probe the port cannot run says something too
+            evidence_raised.append(f"on {label} it raised {type(exc).__name__}: {exc}")
+            continue
+        ref = reference(probe, detach_norm=detach_norm)
+        runs.append((label, probe, probe.astype(np.float64), got, ref, tolerances(probe, detach_norm=detach_norm)))
+
+    scored = []  # (kind order, -support, pair?, mean ratio, key, detail, evidence)
+
+    def score(key, over, detail, pair):
+        support, contradicted, partial, ratios, ev = 0, False, 0, [], []
+        changed_any = False
+        for label, probe, c64, got, ref, tols in runs:
+            if not VV.applies(key.split(" + ")[0], probe, check=check, detach_norm=detach_norm, conv=conv,
+                              with_unmerge=with_unmerge) or (pair and not VV.applies(
+                                  key.split(" + ")[1], probe, check=check, detach_norm=detach_norm, conv=conv,
+                                  with_unmerge=with_unmerge)):
+                continue
+            with np.errstate(all="ignore"):
+                var = _variant(c64, over, detach_norm, conv)
+            told = _ratio(var, ref, tols, names)
+            fit = _ratio(got, var, tols, names)
+            changed = [k for k in names if _ratio(var, ref, tols, (k,)) > 1.0]
+            if told > 1.0:
+                changed_any = True
+                if fit <= 1.0:
+                    support += 1
+                    ratios.append(fit)
+                    ev.append(f"on {label}: the variant differs from dora_ref by {_fmt(told)} x the tolerance; "
+                              f"the port matches it (worst error / tolerance {_fmt(fit)})")
+                elif changed and _ratio(got, var, tols, changed) <= 1.0:
+                    partial += 1
+                    contradicted = True
+                    ev.append(f"on {label}: the port matches the variant's {', '.join(changed)} but not the rest")
+                else:
+                    contradicted = True
+            elif fit > 1.0:
+                contradicted = True
+        if support and not contradicted:
+            scored.append((1, -support, pair, float(np.mean(ratios)), key, detail, ev, "matches", support))
+        elif (support or partial) and changed_any and not pair:
+            scored.append((2, -(support + partial), pair, float(np.mean(ratios)) if ratios else np.inf,
+                           key, detail, ev, "partly", support + partial))
+
+    c0 = case.astype(np.float64)
+    singles = _candidates(runs[0][1] if runs else c0, check, detach_norm, conv, with_unmerge) if runs else []
+    # square-only variants are candidates too, when the square probes ran
+    if runs:
+        seen = {(k, e) for k, _, e in singles}
+        for _, probe, *_ in runs[1:]:
+            for cand in _candidates(probe, check, detach_norm, conv, with_unmerge):
+                if (cand[0], cand[2]) not in seen:
+                    seen.add((cand[0], cand[2]))
+                    singles.append(cand)
+    for key, over, eps in singles:
+        score(key, over, f"eps = {eps:.3g}" if eps is not None else "", False)
+    # keep the best epsilon only
+    best = {}
+    for s in scored:
+        if s[4] not in best or s[:4] < best[s[4]][:4]:
+            best[s[4]] = s
+    scored = list(best.values())
+    if not any(s[0] == 1 for s in scored):
+        for (k1, o1, e1), (k2, o2, e2) in itertools.combinations(singles, 2):
+            over = VV.combine(k1, k2)
+            if over is None or k1 == k2:
+                continue
+            if "eps" in over:
+                over["eps"] = e1 if e1 is not None else e2
+            detail = " ".join(f"eps = {e:.3g}" for e in (e1, e2) if e is not None)
+            score(f"{k1} + {k2}", over, detail, True)
+    scored = [s for s in scored if s[0] == 1 or not s[2]]
+    scored.sort(key=lambda s: s[:4])
+    out = []
+    if raised is not None:
+        for key, ev, changed in _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
+            args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            out.append(Diagnosis(key, len(out) + 1, "convention", 1,
+                                 (f"on the shrunk case it raised {type(raised).__name__}: {raised}", ev),
+                                 f"check it with {args}"))
+    for s in scored:
+        ev = tuple(s[6]) + tuple(evidence_raised)
+        out.append(Diagnosis(s[4], len(out) + 1, s[7], s[8], ev, s[5]))
+    return out
