@@ -79,7 +79,8 @@ def _probes(case, raised):
     probes = [
         ("the shrunk case", case),
         ("a square case (in = out = 5)", make_case(**sq)),
-        ("a square case with weights scaled by 1e-6 (norms ~1e-6)", make_case(**dict(sq, weight_scale=1e-6))),
+        ("a square case with weights scaled by 1e-6 (norms ~1e-6), no bias",
+         make_case(**dict(sq, weight_scale=1e-6, bias=False))),
         ("a square case with a bias 1000 times larger", make_case(**dict(sq, bias_scale=1e3))),
     ]
     if raised:
