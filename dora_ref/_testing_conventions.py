@@ -211,6 +211,15 @@ def call_port(check, fn, unmerge, case, conv, dropout):
         dy = c.dy.reshape(*lead, o)
         raw = grads_of(fn(dy, *args.values(), **kw))
         port_shapes.update(dx=(*lead, i), dA=c.A.shape, dB=c.B.shape, dmagnitude=m_shape)
+    elif check == "init":
+        a = args
+        raw = {"magnitude": first(fn(a["W0"], a["A"], a["B"], a["scaling"]))}
+        port_shapes["magnitude"] = m_shape
+        if unmerge is not None:  # here: the port's forward, for the B = 0 identity
+            B0 = np.zeros_like(a["B"])
+            m0 = np.array(to_numpy(first(fn(a["W0"], a["A"], B0, a["scaling"]))), dtype=case.dtype)
+            raw["y_identity"] = first(unmerge(a["x"], a["W0"], a["A"], B0, m0, a["scaling"], a["bias"]))
+            port_shapes["y_identity"] = (*lead, o)
     else:
         a = args
         raw = {"W_merged": first(fn(a["W0"], a["A"], a["B"], a["magnitude"], a["scaling"]))}
@@ -238,9 +247,9 @@ def call_port(check, fn, unmerge, case, conv, dropout):
             raise ShapeMismatch(name, value.shape, tuple(port_shapes[name]))
         if name in ("W_merged", "W0_unmerged") and conv.fan_in_fan_out:
             value = value.T
-        elif name in ("y", "dx"):
+        elif name in ("y", "dx", "y_identity"):
             value = value.reshape(N, -1)
-        elif name == "dmagnitude":
+        elif name in ("dmagnitude", "magnitude"):
             value = value.reshape(-1)
         out[name] = value
     return out

@@ -89,9 +89,15 @@ def _probes(case, raised):
     return probes
 
 
-def _names(check, with_unmerge):
-    names = {"forward": ("y",), "backward": C.GRAD_NAMES, "merge": ("W_merged",)}[check]
-    return names + ("W0_unmerged",) if (check == "merge" and with_unmerge) else names
+def output_names(check, with_second):
+    """The outputs a check compares (``with_second``: an unmerge, or init's identity forward)."""
+    names = {"forward": ("y",), "backward": C.GRAD_NAMES, "merge": ("W_merged",), "init": ("magnitude",)}[check]
+    if with_second and check in ("merge", "init"):
+        names = names + ({"merge": "W0_unmerged", "init": "y_identity"}[check],)
+    return names
+
+
+_names = output_names
 
 
 def _ratio(got, want, tols, names):
@@ -129,7 +135,14 @@ def _candidates(c, check, detach_norm, conv, with_unmerge):
     return out
 
 
-def _variant(c64, over, detach_norm, conv):
+def _variant(c64, over, detach_norm, conv, check=None, ref=None):
+    out = _variant_outputs(c64, over, detach_norm, conv)
+    if check == "init":  # a port's init gives its norm; its identity forward is not modelled
+        out = dict(out, magnitude=out["weight_norm"], y_identity=ref["y_identity"])
+    return out
+
+
+def _variant_outputs(c64, over, detach_norm, conv):
     spec = dict(VV.BASE, **over)
     if conv.per_input_column and spec.get("flip_detach") and len(over) == 1:
         spec["layer"] = "column"
@@ -144,7 +157,7 @@ def _variant(c64, over, detach_norm, conv):
 
 def _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
     """When the port raised: does it run, and match dora_ref, called another way?"""
-    from .testing import make_case, reference, tolerances
+    from .testing import _reference_and_tolerances, make_case
 
     found = []
     names = _names(check, unmerge is not None)
@@ -167,8 +180,8 @@ def _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
             got = C.call_port(check, fn, unmerge, probe, other, dropout)
         except Exception:  # noqa: BLE001 - this way does not run either
             continue
-        ref = reference(probe, detach_norm=detach_norm)
-        r = _ratio(got, ref, tolerances(probe, detach_norm=detach_norm), names)
+        ref, tols = _reference_and_tolerances(check, probe, detach_norm)
+        r = _ratio(got, ref, tols, names)
         if r <= 1.0:
             found.append((key, f"called with {words}, it runs and matches dora_ref "
                                f"(worst error / tolerance {_fmt(r)})", other.changed()))
@@ -194,7 +207,7 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
     -------
     list of Diagnosis, best first (empty if nothing explains the numbers).
     """
-    from .testing import reference, tolerances
+    from .testing import _reference_and_tolerances
 
     with_unmerge = unmerge is not None
     names = _names(check, with_unmerge)
@@ -206,8 +219,8 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
         except Exception as exc:  # noqa: BLE001 - a probe the port cannot run says something too
             evidence_raised.append(f"on {label} it raised {type(exc).__name__}: {exc}")
             continue
-        ref = reference(probe, detach_norm=detach_norm)
-        runs.append((label, probe, probe.astype(np.float64), got, ref, tolerances(probe, detach_norm=detach_norm)))
+        ref, tols = _reference_and_tolerances(check, probe, detach_norm)
+        runs.append((label, probe, probe.astype(np.float64), got, ref, tols))
 
     scored = []  # (kind order, -support, pair?, mean ratio, key, detail, evidence)
 
@@ -221,7 +234,7 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
                                   with_unmerge=with_unmerge)):
                 continue
             with np.errstate(all="ignore"):
-                var = _variant(c64, over, detach_norm, conv)
+                var = _variant(c64, over, detach_norm, conv, check, ref)
             told = _ratio(var, ref, tols, names)
             fit = _ratio(got, var, tols, names)
             changed = [k for k in names if _ratio(var, ref, tols, (k,)) > 1.0]

@@ -212,7 +212,7 @@ def evaluate(c, spec, detach_norm, *, unmerge_input=None):
 # the variants: key -> (checks it applies to, overrides, when it applies)
 # ---------------------------------------------------------------------------
 
-_F, _B, _M = "forward", "backward", "merge"
+_F, _B, _M, _I = "forward", "backward", "merge", "init"
 _SQUARE = "square"
 
 
@@ -223,12 +223,12 @@ def _square(c):
 #: key: (checks, overrides, condition). Conditions: "square" (a per-column quantity
 #: has the per-output shape only when in = out), "dropout", "fan_in_fan_out".
 VARIANTS = {
-    "norm_axis": ((_F, _B, _M), dict(norm="col"), _SQUARE),
-    "scaling_outside_norm": ((_F, _B, _M), dict(norm="no_scaling"), None),
-    "norm_of_W0": ((_F, _B, _M), dict(norm="W0"), None),
-    "norm_plus_eps": ((_F, _B, _M), dict(eps="eps"), None),
-    "fan_in_fan_out_norm_untransposed": ((_F, _B, _M), dict(norm="stored_rows"), "fan_in_fan_out"),
-    "magnitude_per_input_column": ((_F, _B, _M), dict(layer="column"), _SQUARE),
+    "norm_axis": ((_F, _B, _M, _I), dict(norm="col"), _SQUARE),
+    "scaling_outside_norm": ((_F, _B, _M, _I), dict(norm="no_scaling"), None),
+    "norm_of_W0": ((_F, _B, _M, _I), dict(norm="W0"), None),
+    "norm_plus_eps": ((_F, _B, _M, _I), dict(eps="eps"), None),
+    "fan_in_fan_out_norm_untransposed": ((_F, _B, _M, _I), dict(norm="stored_rows"), "fan_in_fan_out"),
+    "magnitude_per_input_column": ((_F, _B, _M, _I), dict(layer="column"), _SQUARE),
     "bias_scaled": ((_F, _B), dict(bias="scaled"), "bias"),
     "no_magnitude": ((_F,), dict(g="one"), None),
     "naive_dropout": ((_F, _B), dict(dropout="naive"), "dropout"),

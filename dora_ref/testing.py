@@ -46,6 +46,7 @@ summed, not by the size of the result. See docs/porting.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -68,6 +69,7 @@ __all__ = [
     "Report",
     "check_backward",
     "check_forward",
+    "check_init",
     "check_merge",
     "make_case",
     "reference",
@@ -633,9 +635,25 @@ def _compare(got, expected, tols):
     return worst, worst_name
 
 
-def _expected(check, case, detach_norm, names):
+def _init_identity_case(case):
+    """The case with B = 0 and the magnitude at its initial value ||W0||_row (in the case's dtype)."""
+    c = dataclasses.replace(case, B=np.zeros_like(case.B), params=dict(case.params, B_zero=True, magnitude="init"))
+    ref = reference(c)
+    return dataclasses.replace(c, magnitude=ref["weight_norm"].astype(case.dtype))
+
+
+def _reference_and_tolerances(check, case, detach_norm):
+    """Expected outputs and their tolerances for one check (``init`` adds its own two)."""
     ref = reference(case, detach_norm=detach_norm)
-    return {k: ref[k] for k in names}
+    tols = tolerances(case, detach_norm=detach_norm)
+    if check == "init":  # the magnitude at init is the norm; with B = 0 the layer is the base layer
+        ref = dict(ref, magnitude=ref["weight_norm"])
+        tols = dict(tols, magnitude=tols["weight_norm"])
+        c0 = _init_identity_case(case)
+        c64 = c0.astype(np.float64)
+        ref["y_identity"] = c64.x @ c64.W0.T + (0.0 if c64.bias is None else c64.bias)
+        tols["y_identity"] = tolerances(c0)["y"]
+    return ref, tols
 
 
 def _hypothesis():
@@ -748,8 +766,8 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
             raise _Mismatch(case, dict(
                 output=None, index=None, expected=None, got=None, bound=None, text=text,
             ), None if wrote else exc) from exc
-        ratio, info = _compare({k: got[k] for k in names}, _expected(check, case, detach_norm, names),
-                               tolerances(case, detach_norm=detach_norm))
+        ref, tols = _reference_and_tolerances(check, case, detach_norm)
+        ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
             raise _Mismatch(case, info)
         stats["examples"] += 1
@@ -815,9 +833,7 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
     if conv.per_input_column and dropout:
         raise ValueError("dropout=True is not defined for the per-input-column layer (magnitude='(1, in)')")
     _hypothesis()
-    names = {"forward": ("y",), "backward": GRAD_NAMES, "merge": ("W_merged",)}[check]
-    if check == "merge" and unmerge is not None:
-        names = names + ("W0_unmerged",)
+    names = _D.output_names(check, unmerge is not None)
     kw = dict(dtype=dtype, dropout=dropout, detach_norm=detach_norm, max_examples=max_examples, seed=seed,
               cases=cases)
     if report == "first":
@@ -952,6 +968,29 @@ def check_merge(merge, unmerge=None, *, dtype="float64", max_examples=100, seed=
                 convention=convention, report=report, cases=cases, **conventions)
 
 
-for _check in (check_forward, check_backward, check_merge):
+def check_init(init, forward=None, *, dtype="float64", max_examples=100, seed=0, convention=None,
+               report="first", cases=None, **conventions):
+    """Check a port's magnitude initialisation (and, given its forward, the B = 0 identity).
+
+    Parameters
+    ----------
+    init : callable
+        ``init(W0, A, B, scaling) -> magnitude`` (out,): the magnitude a new
+        adapter starts from, ``||W0 + s*B@A||_row`` (PEFT
+        ``DoraLinearLayer.update_layer``; with PEFT's default B = 0 it is
+        ``||W0||_row``). B is drawn random, as with ``init_lora_weights=False``.
+    forward : callable, optional
+        ``forward(x, W0, A, B, magnitude, scaling, bias) -> y``: then each case
+        is also run with B = 0 and the port's own ``init`` magnitude, and y
+        must be the base layer's output ``x@W0.T + b`` (output
+        ``y_identity``): a freshly initialised adapter changes nothing.
+    """
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable or None, got {type(forward).__name__}")
+    return _run("init", init, unmerge=forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                convention=convention, report=report, cases=cases, **conventions)
+
+
+for _check in (check_forward, check_backward, check_merge, check_init):
     _check.__doc__ = _check.__doc__.rstrip() + _COMMON
 del _check

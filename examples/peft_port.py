@@ -119,6 +119,21 @@ def make_ports(fan_in_fan_out=False):
     return forward, backward, merge, unmerge
 
 
+def make_init(fan_in_fan_out=False):
+    """PEFT's magnitude initialisation from given W0, A, B: ``DoraLinearLayer.update_layer``."""
+
+    def init(W0, A, B, scaling):
+        layer = peft_layer(W0, None, A, B, np.zeros(W0.shape[1] if fan_in_fan_out else W0.shape[0], W0.dtype),
+                           scaling, fan_in_fan_out=fan_in_fan_out)
+        dora = layer.lora_magnitude_vector["default"]
+        with torch.no_grad():
+            dora.update_layer(base_layer=layer.get_base_layer(), lora_A=layer.lora_A["default"].weight,
+                              lora_B=layer.lora_B["default"].weight, scaling=layer.scaling["default"])
+        return dora.weight.detach().numpy()
+
+    return init
+
+
 #: the conventions PEFT's layers are written in
 CONVENTIONS = {
     "Linear": dict(scaling="lora_alpha", dropout_as="callable"),
@@ -139,6 +154,7 @@ def check_all(max_examples=200, dtypes=("float64", "float32")):
             yield kind, dtype, testing.check_backward(backward, **kw)
             yield kind, dtype, testing.check_backward(backward, dropout=True, **kw)
             yield kind, dtype, testing.check_merge(merge, unmerge, **kw)
+            yield kind, dtype, testing.check_init(make_init(kind == "Conv1D"), forward, **kw)
 
 
 def main(argv=None):

@@ -335,3 +335,37 @@ def test_bad_convention_arguments(kwargs, exc, match):
 def test_per_input_column_with_dropout_is_refused():
     with pytest.raises(ValueError, match="per-input-column"):
         testing.check_forward(column_port, magnitude="(1, in)", dropout=True)
+
+
+# ---------------------------------------------------------------------------
+# the initialisation check
+# ---------------------------------------------------------------------------
+
+
+def np_init(W0, A, B, s):
+    return norm_rows(W0 + s * (B @ A))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_correct_init_and_identity_pass(dtype):
+    r = testing.check_init(np_init, port_forward, dtype=dtype, **FEW)
+    assert r.check == "init" and r.examples == FEW["max_examples"] and r.worst_ratio < 1
+
+
+def test_init_from_W0_alone_is_caught():
+    """Right only when B = 0: PEFT computes the initial magnitude from W0 + s*B@A with the B it has."""
+    expect_top(testing.check_init, lambda W0, A, B, s: norm_rows(W0), "norm_of_W0")
+
+
+def test_init_over_the_wrong_axis_is_caught():
+    expect_top(testing.check_init, lambda W0, A, B, s: np.linalg.norm(W0 + s * B @ A, axis=0), "norm_axis")
+
+
+def test_broken_identity_at_b_zero_is_caught():
+    """A forward that is not the base layer at B = 0 with its own initial magnitude (here: bias scaled
+    by g, which only shows once g != 1 -- so the identity holds; then a forward that adds an epsilon to
+    the norm, which breaks it)."""
+    testing.check_init(np_init, lambda *a: port_forward(*a, bias_scaled=True), **FEW)
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_init(np_init, lambda *a: port_forward(*a, eps=1e-3), **FEW)
+    assert info.value.output == "y_identity"
