@@ -1,11 +1,13 @@
-"""No false alarms: PEFT 0.21 (Linear and GPT-2's Conv1D) and the worked PyTorch port pass every check.
+"""No false alarms: PEFT 0.21 (Linear and GPT-2's Conv1D) passes every check.
 
 A checker that fails the implementation most users run is not trusted, so
 PEFT's own layers, wrapped as ports (``examples/peft_port.py``) in the
 conventions they are written in, must pass every check in float32 and
 float64. These are the suite's slow tests (about a minute on a busy 2-core
-machine): each backend draws its own cases (seed = its index), 30 per check
-here; ``python examples/peft_port.py 1000`` runs 1,000 per check.
+machine): each backend draws its own cases (seed = its index), 20 per check
+here; ``python examples/peft_port.py 1000`` runs 1,000 per check (and
+``python examples/torch_port.py 1000`` the worked PyTorch port, which
+tests/test_testing.py checks with 20 per check and backend).
 """
 import dataclasses
 import importlib.util
@@ -22,7 +24,7 @@ pytest.importorskip("peft", reason="peft is not installed: PEFT is not checked")
 pytest.importorskip("transformers", reason="transformers is not installed: PEFT's Conv1D is not checked")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-PER_CHECK = 30
+PER_CHECK = 20
 
 
 def _load(name):
@@ -38,11 +40,6 @@ def peft_port():
 
     torch.set_num_threads(1)
     return _load("peft_port")
-
-
-@pytest.fixture(scope="module")
-def torch_port():
-    return _load("torch_port")
 
 
 def test_peft_dm_with_a_bias_far_above_x_W0_passes(peft_port):
@@ -113,21 +110,6 @@ def test_peft_conv1d_passes_with_unmerge_after_its_own_merge(peft_port):
 
     assert C.Convention(unmerge_gets_norm=False).changed() == {"unmerge_gets_norm": False}
     testing.check_merge(merge, unmerge, unmerge_gets_norm=False, max_examples=PER_CHECK, **peft_port.CONVENTIONS["Conv1D"])
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_torch_port_passes_every_check(torch_port, dtype, backend):
-    tp = torch_port
-    kw = dict(dtype=dtype, max_examples=PER_CHECK, seed=10 + ["numpy", "c"].index(backend))
-    for r in (
-        testing.check_forward(tp.forward, **kw),
-        testing.check_forward(tp.forward, dropout=True, **kw),
-        testing.check_backward(tp.make_backward(True), **kw),
-        testing.check_backward(tp.make_backward(False), detach_norm=False, **kw),
-        testing.check_backward(tp.make_backward(True), dropout=True, **kw),
-        testing.check_merge(tp.merge, tp.unmerge, **kw),
-    ):
-        assert r.worst_ratio < 1
 
 
 def test_the_bias_term_is_small_where_the_bias_is_not_large():
