@@ -183,7 +183,7 @@ def _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
         ref, tols = _reference_and_tolerances(check, probe, detach_norm)
         r = _ratio(got, ref, tols, names)
         if r <= 1.0:
-            found.append((key, f"called with {words}, it runs and matches dora_ref "
+            found.append((key, f"called with {words}, it runs and matches dora_ref's reference for that convention "
                                f"(worst error / tolerance {_fmt(r)})", other.changed()))
     return found
 
@@ -297,5 +297,10 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
                                  f"check it with {args}"))
     for s in scored:
         ev = tuple(s[6]) + tuple(evidence_raised)
+        same = [i for i, d in enumerate(out) if d.key == s[4]]
+        if same:  # found both by a retry and as a variant: one entry, all the evidence
+            d = out[same[0]]
+            out[same[0]] = replace(d, probes=d.probes + s[8], evidence=d.evidence + tuple(s[6]))
+            continue
         out.append(Diagnosis(s[4], len(out) + 1, s[7], s[8], ev, s[5]))
     return out

@@ -7,6 +7,7 @@ and call::
     testing.check_forward(my_forward)                      # y
     testing.check_backward(my_backward, detach_norm=True)  # dx, dA, dB, dmagnitude
     testing.check_merge(my_merge, my_unmerge)              # W', then W0 back
+    testing.check_init(my_init, my_forward)                # m at init; B = 0 is the base layer
 
 Each check draws cases with hypothesis (shapes from 1 up, with or without
 bias, B = 0 or random, a magnitude at its initial value or trained, several
@@ -14,11 +15,20 @@ scalings and weight scales), computes the expected outputs with dora_ref's
 functional core in float64, and compares. On a mismatch hypothesis shrinks
 the case to a minimal one, and the check raises ``ConformanceError`` saying
 in words which output and index differ, expected vs got, the tolerance and
-why, and, when your numbers match a known mistake (the norm over the wrong
-axis, the scaling left out of the norm, the bias multiplied by the
-magnitude, the norm detached or not, the naive dropout formula, a merge
-without the magnitude, ...), a hint naming it. Hints are found by
-recomputing each wrong variant and seeing which one your output matches.
+why, and the known variants of DoRA your numbers reproduce, ranked, with the
+evidence (``.hint`` the first, ``.diagnoses`` all): the port is run again on
+a few targeted cases (square, tiny norms, a large bias; when it raised, the
+smallest square case, a 3-D x, other magnitude and weight layouts) and each
+variant, recomputed, is kept when the port matches it wherever it differs
+from DoRA (``dora_ref._testing_diagnosis``).
+
+A port is checked as it is written: ``Convention`` (or the same fields as
+keywords) says how it takes its arguments -- a magnitude (out,), (out, 1)
+or, as a different layer with its own reference, (1, in); scaling as a float
+or ``(lora_alpha, r, use_rslora)``; W0 stored (in, out) (fan_in_fan_out);
+x of shape (batch, seq, in); unmerge with or without n; dropout as a mask or
+a callable. ``report="all"`` checks each output on its own and returns
+every failure; ``cases=`` restricts the drawn cases.
 
 The signatures the checks call (arrays in the case's dtype, PyTorch layout:
 weights are (out, in); the paper's column norm is the norm of each *row*,
@@ -149,9 +159,10 @@ HINTS = {
         "W' = diag(m / n) (W0 + s*B@A), n = ||W0 + s*B@A||_row."
     ),
     "factor_on_columns": (
-        "the factor m / n scales the columns instead of the rows of the (out, in) "
-        "weight (the transposed layout; PEFT's fan_in_fan_out unmerge had this bug "
-        "before PR #3532). One factor per output channel: W' = (m / n)[:, None] * V."
+        "the factor m / n scales the columns instead of the rows of the (out, in) weight, in "
+        "the merge and in the unmerge (the factor laid out for a weight stored (in, out) but "
+        "applied to an (out, in) one). One factor per output channel: "
+        "W' = (m / n)[:, None] * V, W0 = W' / (m / n)[:, None] - s*B@A."
     ),
     "unmerge_factor_on_columns": (
         "the merge is right but the unmerge divides by m / n per column of the (out, in) "
