@@ -67,7 +67,7 @@ from . import _testing_conventions as _C
 from . import _testing_diagnosis as _D
 from . import _testing_variants as _V
 from . import functional as F
-from .tolerance import dora_reduction_length, rtol
+from .tolerance import UNIT_ROUNDOFF, dora_reduction_length, gamma, rtol
 
 __all__ = [
     "Case",
@@ -508,17 +508,20 @@ def term_scales(case, *, detach_norm=True):
 
     One correct algorithm adds a term of its own: PEFT (eval, or
     ``lora_dropout = 0``) recovers ``x@W0.T`` from the base layer's output as
-    ``(x@W0.T + b) - b``. That subtraction is exact to ``u (|x@W0.T| + |b|)``
-    per element, so when ``|b|`` dwarfs ``|x@W0.T|`` it cancels and keeps only
-    about ``u |b|`` of absolute accuracy. It enters the magnitude's gradient
-    ``dm = sum_N(dy * z) / n`` as ``sum_N |dy| * |b| / n`` (added to its
-    scale, and through dm to the exact gradient's projection term) and the
-    output ``y = ... + (g - 1) * z0 + b`` as ``(1 + |g|) |b|``. Without it a
-    checker fails PEFT itself, e.g. on ``make_case(N=1, in_features=1,
-    out_features=1, r=1, weight_scale=0.001, dtype="float32")`` (PEFT's dm
-    is 0.04224, the exact value 0.04546: n = 2.3e-6 there, so
-    u |b| |dy| / n = 5.2e-3 is the size of the loss; the bound without this
-    term is 2.05e-5, with it 0.16, the same ``rtol(dtype, k)`` as every term).
+    ``(x@W0.T + b) - b``. Those two roundings are exact to
+    ``2u (|x@W0.T| + |b|)`` per element, so when ``|b|`` dwarfs ``|x@W0.T|``
+    the subtraction cancels and keeps only about ``u |b|`` of absolute
+    accuracy. It enters the magnitude's gradient ``dm = sum_N(dy * z) / n`` as
+    ``2u sum_N |dy| |b| / n``: added to dm's scale with the weight
+    ``u / gamma_k`` (about 1 / k), so that ``rtol(dtype, k)`` times it is
+    ``SAFETY * 2u * sum_N |dy| |b| / n`` -- two roundings, not k -- and
+    through dm to the exact gradient's projection term. (The output
+    ``y = base + (g - 1) * (base - b) + ...`` already has ``(1 + |g|) |b|``
+    in its scale.) Without it a checker fails PEFT itself, e.g. on
+    ``make_case(N=1, in_features=1, out_features=1, r=1, weight_scale=0.001,
+    dtype="float32")``: PEFT's dm is 0.04224, the exact value 0.04546; n =
+    2.3e-6 there, so ``u |b| |dy| / n`` = 5.2e-3 is the size of the loss; the
+    bound is 2.05e-5 without the term, 0.041 with it.
 
     Parameters
     ----------
@@ -554,8 +557,13 @@ def term_scales(case, *, detach_norm=True):
     lin = ga if mask is None else 1.0 + ga  # with dropout the clean base path adds terms
     dm_terms = np.sum(G * T, axis=1) / safe
     bias = 0.0 if c.bias is None else np.abs(c.bias)
-    if mask is None:  # z = x@V.T may be recovered as (x@W0.T + b) - b: error u (|x@W0.T| + |b|)
-        dm_terms = dm_terms + np.sum(dya, axis=0) * bias / safe
+    if mask is None and c.bias is not None:
+        # z = x@V.T may be recovered as (x@W0.T + b) - b: two roundings, 2u (|x@W0.T| + |b|). The |b| part
+        # is weighted so that rtol(dtype, k) * weight = 2u: two roundings, not k of them
+        N, i, o, r = case.shapes()
+        k = dora_reduction_length("dmagnitude", n_rows=N, in_features=i, out_features=o, r=r)
+        weight = 2.0 * UNIT_ROUNDOFF[np.dtype(case.dtype)] / (2.0 * gamma(k, case.dtype))
+        dm_terms = dm_terms + weight * np.sum(dya, axis=0) * bias / safe
     dV = ga[:, None] * G
     if not detach_norm:  # the projection term c_i V_i, c = -dg g / n^2, and its rounding
         cabs = np.abs(ref["dmagnitude"]) * ga / safe
@@ -563,7 +571,7 @@ def term_scales(case, *, detach_norm=True):
     mx = lambda a: float(np.max(a, initial=0.0))  # noqa: E731
     return {
         "weight_norm": mx(np.linalg.norm(T, axis=1)),
-        "y": mx(lin * (xa @ T.T) + kappa * gz + (1.0 + ga) * bias),
+        "y": mx(lin * (xa @ T.T) + kappa * gz + (1.0 + ga) * (0.0 if c.bias is None else np.abs(c.bias))),
         "dx": mmax * mx((dya * lin) @ T + (dya * (kappa * ga)) @ np.abs(V)),
         "dA": mx(s * (absB.T @ dV) + np.max(kappa) * np.abs(ref["dA"])),
         "dB": mx(s * (dV @ absA.T) + kappa[:, None] * np.abs(ref["dB"])),
