@@ -369,3 +369,45 @@ def test_broken_identity_at_b_zero_is_caught():
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_init(np_init, lambda *a: port_forward(*a, eps=1e-3), **FEW)
     assert info.value.output == "y_identity"
+
+
+# ---------------------------------------------------------------------------
+# conventions in the backward (autograd ports: a route independent of the reference's formulas)
+# ---------------------------------------------------------------------------
+
+
+def _torch_backward(forward, magnitude_shape=None):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+
+    def backward(dy, x, W0, A, B, m, s, b, **kw):
+        t = lambda a: None if a is None else torch.from_numpy(np.array(a))  # noqa: E731
+        xs, As, Bs, ms = (t(a).requires_grad_() for a in (x, A, B, m))
+        y = forward(torch, xs, t(W0), As, Bs, ms, s, t(b), **{k: t(v) for k, v in kw.items()})
+        y.backward(t(dy))
+        return xs.grad.numpy(), As.grad.numpy(), Bs.grad.numpy(), ms.grad.numpy()
+
+    return backward
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_per_input_column_backward_by_autograd_passes(detach):
+    """The per-input-column layer's reference gradient agrees with PyTorch autograd (both variants)."""
+
+    def forward(torch, x, W0, A, B, m, s, b):
+        V_ = W0 + s * (B @ A)
+        n = torch.linalg.norm(V_, dim=0, keepdim=True)
+        n = n.detach() if detach else n
+        y = x @ (V_ * (m / n)).T
+        return y if b is None else y + b
+
+    testing.check_backward(_torch_backward(forward), detach_norm=detach, magnitude="(1, in)", **FEW)
+
+
+def test_magnitude_out_1_and_batched_x_backward_by_autograd_passes():
+    def forward(torch, x, W0, A, B, m, s, b):  # m (out, 1) as the paper authors' code; x (batch, seq, in)
+        n = torch.linalg.norm(W0 + s * (B @ A), dim=1, keepdim=True).detach()
+        y = (x @ W0.T + s * (x @ A.T) @ B.T) * (m / n).T
+        return y if b is None else y + b
+
+    testing.check_backward(_torch_backward(forward), magnitude="(out, 1)", x_ndim=3, **FEW)
+    testing.check_backward(_torch_backward(forward), magnitude="(out, 1)", x_ndim=3, dtype="float32", **FEW)
