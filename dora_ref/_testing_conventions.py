@@ -89,7 +89,8 @@ class Convention:
     def changed(self):
         """The fields that differ from the defaults, as keyword arguments."""
         default = Convention()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
 
 
 def convention_from(convention, kwargs):
@@ -116,10 +117,8 @@ class Dropout:
 
     def __init__(self, mask):
         self.mask = mask
-        self.calls = 0
 
     def __call__(self, x):
-        self.calls += 1
         mask = self.mask
         if hasattr(x, "new_tensor"):  # torch
             mask = x.new_tensor(mask)

@@ -277,24 +277,6 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
     return True
 
 
-def variant_outputs(key, c, *, detach_norm, conv, eps=None):
-    """The outputs of variant ``key`` on float64 case ``c`` (its eps if ``norm_plus_eps``)."""
-    spec = dict(BASE)
-    _, over, _ = VARIANTS[key]
-    spec.update(over)
-    if spec["eps"] == "eps":
-        spec["eps"] = eps
-    if conv.per_input_column and key in ("norm_not_detached", "norm_detached"):
-        spec["layer"] = "column"
-    unmerge_input = None
-    if conv.unmerge_gets_norm:
-        from .testing import reference
-
-        ref = reference(c)
-        unmerge_input = (ref["W_merged"], ref["weight_norm"])
-    return evaluate(c, spec, detach_norm, unmerge_input=unmerge_input)
-
-
 def combine(key1, key2):
     """The overrides of two variants together, or None if they change the same thing."""
     a, b = VARIANTS[key1][1], VARIANTS[key2][1]

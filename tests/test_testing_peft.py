@@ -109,7 +109,8 @@ def test_peft_conv1d_passes_with_unmerge_after_its_own_merge(peft_port):
         return layer.base_layer.weight.detach().numpy()
 
     assert C.Convention(unmerge_gets_norm=False).changed() == {"unmerge_gets_norm": False}
-    testing.check_merge(merge, unmerge, unmerge_gets_norm=False, max_examples=PER_CHECK, **peft_port.CONVENTIONS["Conv1D"])
+    testing.check_merge(merge, unmerge, unmerge_gets_norm=False, max_examples=PER_CHECK,
+                        **peft_port.CONVENTIONS["Conv1D"])
 
 
 def test_the_bias_term_is_small_where_the_bias_is_not_large():
