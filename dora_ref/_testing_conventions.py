@@ -169,8 +169,21 @@ class ShapeMismatch(Exception):
     """An output came back in a shape the convention does not give it."""
 
     def __init__(self, output, got, expected):
-        super().__init__(f"output {output} has shape {got}, expected {expected}")
+        super().__init__(f"output {output} has shape {got}, expected {expected}{_shape_note(got, expected)}")
         self.output, self.got, self.expected = output, got, expected
+
+
+def _shape_note(got, expected):
+    """What a wrong output shape suggests, in words (empty when nothing simple does)."""
+    squeeze = lambda shape: tuple(d for d in shape if d != 1)  # noqa: E731
+    if got == tuple(reversed(expected)) and got != expected:
+        return ": the transpose (a weight in the other layout? see fan_in_fan_out)"
+    if squeeze(got) == squeeze(expected) and len(got) != len(expected):
+        return ": the same values with dimensions of size 1 added or dropped (a magnitude (out, 1) or " \
+               "(1, in) broadcast into the output? see the magnitude and x_ndim conventions)"
+    if len(got) == len(expected) + 1 and got[1:] == expected:
+        return ": an extra leading dimension (x treated as batched? see x_ndim)"
+    return ""
 
 
 def _scaling_arg(case, conv):

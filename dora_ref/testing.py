@@ -776,9 +776,9 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
         case = make_case(**params)
         try:
             got = _C.call_port(check, fn, unmerge, case, conv, dropout)
-        except _C.ShapeMismatch as exc:
+        except _C.ShapeMismatch as exc:  # diagnosed as a port that raised: other layouts are tried
             raise _Mismatch(case, dict(output=exc.output, index=None, expected=None, got=None, bound=None,
-                                       text=str(exc))) from exc
+                                       text=str(exc)), exc) from exc
         except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
             wrote = isinstance(exc, _C.WroteInput)
             text = str(exc) if wrote else f"your {check} raised {type(exc).__name__}: {exc}"

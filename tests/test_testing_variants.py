@@ -411,3 +411,20 @@ def test_magnitude_out_1_and_batched_x_backward_by_autograd_passes():
 
     testing.check_backward(_torch_backward(forward), magnitude="(out, 1)", x_ndim=3, **FEW)
     testing.check_backward(_torch_backward(forward), magnitude="(out, 1)", x_ndim=3, dtype="float32", **FEW)
+
+
+def test_wrong_output_shape_says_what_it_suggests():
+    """A 3-D output for a 2-D x (the magnitude (out, 1) broadcast the wrong way) is named, and the retries
+    find the convention under which the port is right."""
+
+    def forward(x, W0, A, B, m, s, b):  # written for the paper authors' (out, 1) magnitude
+        n = norm_rows(W0 + s * (B @ A))[:, None]
+        y = (m / n).T * (x @ W0.T + s * ((x @ A.T) @ B.T))
+        return y + (0.0 if b is None else b)
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(forward, **FEW)
+    err = info.value
+    assert err.output == "y" and err.index is None
+    assert "dimensions of size 1" in str(err) or "shape" in str(err)
+    assert err.hint == "magnitude_shape_out_1", str(err)
