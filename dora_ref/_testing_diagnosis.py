@@ -28,11 +28,26 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _testing_conventions as C
 from . import _testing_variants as VV
+
+
+class _Score(NamedTuple):
+    """How well one variant explains the port; sorts best first on its first four fields."""
+
+    order: int  # 1: consistent on every probe; 2: explains only the outputs it changes
+    neg_support: int  # minus the probes that tell it apart and match
+    pair: bool  # a pair of variants ranks after a single one
+    mean_fit: float  # mean error / tolerance against the variant where it matched
+    key: str
+    detail: str
+    evidence: list
+    kind: str
+    probes: int
 
 
 @dataclass(frozen=True)
@@ -224,72 +239,68 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
         ref, tols = _reference_and_tolerances(check, probe, detach_norm)
         runs.append((label, probe, probe.astype(np.float64), got, ref, tols))
 
-    scored = []  # (kind order, -support, pair?, mean ratio, key, detail, evidence)
+    def applies(key, probe):
+        return all(VV.applies(k, probe, check=check, detach_norm=detach_norm, conv=conv, with_unmerge=with_unmerge)
+                   for k in key.split(" + "))
 
-    def score(key, over, detail, pair):
-        support, contradicted, partial, ratios, ev = 0, False, 0, [], []
-        changed_any = False
+    def score(key, over, detail):
+        """A _Score if the variant explains the port on the probes (fully or partly), else None."""
+        support, partial, contradicted, fits, evidence = 0, 0, False, [], []
         for label, probe, c64, got, ref, tols in runs:
-            if not VV.applies(key.split(" + ")[0], probe, check=check, detach_norm=detach_norm, conv=conv,
-                              with_unmerge=with_unmerge) or (pair and not VV.applies(
-                                  key.split(" + ")[1], probe, check=check, detach_norm=detach_norm, conv=conv,
-                                  with_unmerge=with_unmerge)):
+            if not applies(key, probe):
                 continue
             with np.errstate(all="ignore"):
                 var = _variant(c64, over, detach_norm, conv, check, ref)
-            told = _ratio(var, ref, tols, names)
-            fit = _ratio(got, var, tols, names)
+            told = _ratio(var, ref, tols, names)  # > 1: the variant differs from DoRA here
+            fit = _ratio(got, var, tols, names)  # <= 1: the port matches the variant here
+            if told <= 1.0:
+                contradicted |= fit > 1.0  # the variant is DoRA here, the port is not
+                continue
+            if fit <= 1.0:
+                support += 1
+                fits.append(fit)
+                evidence.append(f"on {label}: the variant differs from dora_ref by {_fmt(told)} x the tolerance; "
+                                f"the port matches it (worst error / tolerance {_fmt(fit)})")
+                continue
+            contradicted = True
             changed = [k for k in names if _ratio(var, ref, tols, (k,)) > 1.0]
-            if told > 1.0:
-                changed_any = True
-                if fit <= 1.0:
-                    support += 1
-                    ratios.append(fit)
-                    ev.append(f"on {label}: the variant differs from dora_ref by {_fmt(told)} x the tolerance; "
-                              f"the port matches it (worst error / tolerance {_fmt(fit)})")
-                elif changed and _ratio(got, var, tols, changed) <= 1.0:
-                    partial += 1
-                    contradicted = True
-                    ev.append(f"on {label}: the port matches the variant's {', '.join(changed)} but not the rest")
-                else:
-                    contradicted = True
-            elif fit > 1.0:
-                contradicted = True
+            if changed and _ratio(got, var, tols, changed) <= 1.0:
+                partial += 1
+                evidence.append(f"on {label}: the port matches the variant's {', '.join(changed)} but not the rest")
+        pair = " + " in key
+        mean_fit = float(np.mean(fits)) if fits else np.inf
         if support and not contradicted:
-            scored.append((1, -support, pair, float(np.mean(ratios)), key, detail, ev, "matches", support))
-        elif (support or partial) and changed_any and not pair:
-            scored.append((2, -(support + partial), pair, float(np.mean(ratios)) if ratios else np.inf,
-                           key, detail, ev, "partly", support + partial))
+            return _Score(1, -support, pair, mean_fit, key, detail, evidence, "matches", support)
+        if (support or partial) and not pair:
+            return _Score(2, -(support + partial), pair, mean_fit, key, detail, evidence, "partly",
+                          support + partial)
+        return None
 
-    c0 = case.astype(np.float64)
-    singles = _candidates(runs[0][1] if runs else c0, check, detach_norm, conv, with_unmerge) if runs else []
-    # square-only variants are candidates too, when the square probes ran
-    if runs:
-        seen = {(k, e) for k, _, e in singles}
-        for _, probe, *_ in runs[1:]:
-            for cand in _candidates(probe, check, detach_norm, conv, with_unmerge):
-                if (cand[0], cand[2]) not in seen:
-                    seen.add((cand[0], cand[2]))
-                    singles.append(cand)
+    # candidates: the variants that apply on any probe that ran (square-only ones need the square probes)
+    singles, seen = [], set()
+    for _, probe, *_ in runs:
+        for cand in _candidates(probe, check, detach_norm, conv, with_unmerge):
+            if (cand[0], cand[2]) not in seen:
+                seen.add((cand[0], cand[2]))
+                singles.append(cand)
+    best = {}  # key -> its best _Score (norm_plus_eps is tried with several epsilons)
     for key, over, eps in singles:
-        score(key, over, f"eps = {eps:.3g}" if eps is not None else "", False)
-    # keep the best epsilon only
-    best = {}
-    for s in scored:
-        if s[4] not in best or s[:4] < best[s[4]][:4]:
-            best[s[4]] = s
+        sc = score(key, over, f"eps = {eps:.3g}" if eps is not None else "")
+        if sc is not None and (key not in best or sc[:4] < best[key][:4]):
+            best[key] = sc
     scored = list(best.values())
-    if not any(s[0] == 1 for s in scored):
-        for (k1, o1, e1), (k2, o2, e2) in itertools.combinations(singles, 2):
+    if not any(sc.order == 1 for sc in scored):  # no single variant explains it: try pairs
+        for (k1, _, e1), (k2, _, e2) in itertools.combinations(singles, 2):
             over = VV.combine(k1, k2)
             if over is None or k1 == k2:
                 continue
             if "eps" in over:
                 over["eps"] = e1 if e1 is not None else e2
             detail = " ".join(f"eps = {e:.3g}" for e in (e1, e2) if e is not None)
-            score(f"{k1} + {k2}", over, detail, True)
-    scored = [s for s in scored if s[0] == 1 or not s[2]]
-    scored.sort(key=lambda s: s[:4])
+            sc = score(f"{k1} + {k2}", over, detail)
+            if sc is not None:
+                scored.append(sc)
+    scored.sort(key=lambda sc: sc[:4])
     out = []
     if raised is not None:
         for key, ev, changed in _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
@@ -297,12 +308,12 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
             out.append(Diagnosis(key, len(out) + 1, "convention", 1,
                                  (f"on the shrunk case it raised {type(raised).__name__}: {raised}", ev),
                                  f"check it with {args}"))
-    for s in scored:
-        ev = tuple(s[6]) + tuple(evidence_raised)
-        same = [i for i, d in enumerate(out) if d.key == s[4]]
+    for sc in scored:
+        same = [i for i, d in enumerate(out) if d.key == sc.key]
         if same:  # found both by a retry and as a variant: one entry, all the evidence
             d = out[same[0]]
-            out[same[0]] = replace(d, probes=d.probes + s[8], evidence=d.evidence + tuple(s[6]))
+            out[same[0]] = replace(d, probes=d.probes + sc.probes, evidence=d.evidence + tuple(sc.evidence))
             continue
-        out.append(Diagnosis(s[4], len(out) + 1, s[7], s[8], ev, s[5]))
+        out.append(Diagnosis(sc.key, len(out) + 1, sc.kind, sc.probes, tuple(sc.evidence) + tuple(evidence_raised),
+                             sc.detail))
     return out
