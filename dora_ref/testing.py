@@ -508,20 +508,22 @@ def term_scales(case, *, detach_norm=True):
 
     One correct algorithm adds a term of its own: PEFT (eval, or
     ``lora_dropout = 0``) recovers ``x@W0.T`` from the base layer's output as
-    ``(x@W0.T + b) - b``. Those two roundings are exact to
-    ``2u (|x@W0.T| + |b|)`` per element, so when ``|b|`` dwarfs ``|x@W0.T|``
-    the subtraction cancels and keeps only about ``u |b|`` of absolute
-    accuracy. It enters the magnitude's gradient ``dm = sum_N(dy * z) / n`` as
-    ``2u sum_N |dy| |b| / n``: added to dm's scale with the weight
-    ``u / gamma_k`` (about 1 / k), so that ``rtol(dtype, k)`` times it is
-    ``SAFETY * 2u * sum_N |dy| |b| / n`` -- two roundings, not k -- and
+    ``(x@W0.T + b) - b``, the first a sum of in + 1 terms (``addmm`` adds b
+    into the accumulator), the second one subtraction: exact to
+    ``(gamma_{in+1} + u) |b|`` in its ``|b|`` part, so when ``|b|`` dwarfs
+    ``|x@W0.T|`` the subtraction cancels and keeps only about ``in u |b|`` of
+    absolute accuracy. It enters the magnitude's gradient
+    ``dm = sum_N(dy * z) / n`` as ``(gamma_{in+1} + u) sum_N |dy| |b| / n``:
+    added to dm's scale with the weight ``(gamma_{in+1} + u) / (2 gamma_k)``,
+    so that ``rtol(dtype, k)`` times it is ``SAFETY (gamma_{in+1} + u)
+    sum_N |dy| |b| / n`` -- the roundings of that path, not k of them -- and
     through dm to the exact gradient's projection term. (The output
     ``y = base + (g - 1) * (base - b) + ...`` already has ``(1 + |g|) |b|``
     in its scale.) Without it a checker fails PEFT itself, e.g. on
     ``make_case(N=1, in_features=1, out_features=1, r=1, weight_scale=0.001,
     dtype="float32")``: PEFT's dm is 0.04224, the exact value 0.04546; n =
     2.3e-6 there, so ``u |b| |dy| / n`` = 5.2e-3 is the size of the loss; the
-    bound is 2.05e-5 without the term, 0.041 with it.
+    bound is 2.05e-5 without the term, 0.061 with it.
 
     Parameters
     ----------
@@ -558,11 +560,13 @@ def term_scales(case, *, detach_norm=True):
     dm_terms = np.sum(G * T, axis=1) / safe
     bias = 0.0 if c.bias is None else np.abs(c.bias)
     if mask is None and c.bias is not None:
-        # z = x@V.T may be recovered as (x@W0.T + b) - b: two roundings, 2u (|x@W0.T| + |b|). The |b| part
-        # is weighted so that rtol(dtype, k) * weight = 2u: two roundings, not k of them
+        # z = x@V.T may be recovered as (x@W0.T + b) - b, the first a sum of in + 1 terms (addmm puts b in
+        # the accumulator), then one subtraction: the |b| part of the error is (gamma_{in+1} + u) |b|,
+        # weighted so that rtol(dtype, k) * weight = SAFETY * (gamma_{in+1} + u)
         N, i, o, r = case.shapes()
         k = dora_reduction_length("dmagnitude", n_rows=N, in_features=i, out_features=o, r=r)
-        weight = 2.0 * UNIT_ROUNDOFF[np.dtype(case.dtype)] / (2.0 * gamma(k, case.dtype))
+        u = UNIT_ROUNDOFF[np.dtype(case.dtype)]
+        weight = (gamma(i + 1, case.dtype) + u) / (2.0 * gamma(k, case.dtype))
         dm_terms = dm_terms + weight * np.sum(dya, axis=0) * bias / safe
     dV = ga[:, None] * G
     if not detach_norm:  # the projection term c_i V_i, c = -dg g / n^2, and its rounding
