@@ -64,12 +64,22 @@ def backward(exact=False, *, dm_times_n=False, lora_grads=False, bias_scaled=Fal
 def merge(W0, A, B, m, s, *, factor="rows"):
     V = W0 + s * (B @ A)
     g = m / rows(V)
-    return {"rows": g[:, None] * V, "none": V, "m_only": m[:, None] * V, "columns": g[None, :] * V}[factor]
+    if factor == "rows":
+        return g[:, None] * V
+    if factor == "none":
+        return V
+    if factor == "m_only":
+        return m[:, None] * V
+    return g[None, :] * V  # "columns": broadcasts only when in = out
 
 
 def unmerge(W, A, B, m, s, n, *, factor="rows"):
     g = m / n
-    return {"rows": W / g[:, None], "none": W, "columns": W / g[None, :]}[factor] - s * (B @ A)
+    if factor == "rows":
+        return W / g[:, None] - s * (B @ A)
+    if factor == "none":
+        return W - s * (B @ A)
+    return W / g[None, :] - s * (B @ A)  # "columns"
 
 
 def _fifo_norm_untransposed(x, W0s, A, B, m, s, b):  # PEFT 0.10 Conv1D
