@@ -299,7 +299,8 @@ class Case:
     W0 : ndarray, shape (out, in)
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
-    magnitude : ndarray, shape (out,)
+    magnitude : ndarray, shape (out,), or (in,) for the per-input-column layer
+        (``make_case(magnitude_axis="in")``)
     scaling : float
     bias : ndarray, shape (out,), or None
     dy : ndarray, shape (N, out)
