@@ -7,6 +7,7 @@ and call::
     testing.check_forward(my_forward)                      # y
     testing.check_backward(my_backward, detach_norm=True)  # dx, dA, dB, dmagnitude
     testing.check_merge(my_merge, my_unmerge)              # W', then W0 back
+    testing.check_init(my_init, my_forward)                # m at init; B = 0 is the base layer
 
 Each check draws cases with hypothesis (shapes from 1 up, with or without
 bias, B = 0 or random, a magnitude at its initial value or trained, several
@@ -14,11 +15,20 @@ scalings and weight scales), computes the expected outputs with dora_ref's
 functional core in float64, and compares. On a mismatch hypothesis shrinks
 the case to a minimal one, and the check raises ``ConformanceError`` saying
 in words which output and index differ, expected vs got, the tolerance and
-why, and, when your numbers match a known mistake (the norm over the wrong
-axis, the scaling left out of the norm, the bias multiplied by the
-magnitude, the norm detached or not, the naive dropout formula, a merge
-without the magnitude, ...), a hint naming it. Hints are found by
-recomputing each wrong variant and seeing which one your output matches.
+why, and the known variants of DoRA your numbers reproduce, ranked, with the
+evidence (``.hint`` the first, ``.diagnoses`` all): the port is run again on
+a few targeted cases (square, tiny norms, a large bias; when it raised, the
+smallest square case, a 3-D x, other magnitude and weight layouts) and each
+variant, recomputed, is kept when the port matches it wherever it differs
+from DoRA (``dora_ref._testing_diagnosis``).
+
+A port is checked as it is written: ``Convention`` (or the same fields as
+keywords) says how it takes its arguments -- a magnitude (out,), (out, 1)
+or, as a different layer with its own reference, (1, in); scaling as a float
+or ``(lora_alpha, r, use_rslora)``; W0 stored (in, out) (fan_in_fan_out);
+x of shape (batch, seq, in); unmerge with or without n; dropout as a mask or
+a callable. ``report="all"`` checks each output on its own and returns
+every failure; ``cases=`` restricts the drawn cases.
 
 The signatures the checks call (arrays in the case's dtype, PyTorch layout:
 weights are (out, in); the paper's column norm is the norm of each *row*,
@@ -46,21 +56,30 @@ summed, not by the size of the result. See docs/porting.md.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import numpy as np
 
+from . import _testing_conventions as _C
+from . import _testing_diagnosis as _D
+from . import _testing_variants as _V
 from . import functional as F
-from .tolerance import dora_reduction_length, rtol
+from .tolerance import UNIT_ROUNDOFF, dora_reduction_length, gamma, rtol
 
 __all__ = [
     "Case",
     "CheckResult",
     "ConformanceError",
+    "Convention",
+    "Diagnosis",
     "HINTS",
+    "Report",
     "check_backward",
     "check_forward",
+    "check_init",
     "check_merge",
     "make_case",
     "reference",
@@ -68,7 +87,9 @@ __all__ = [
     "tolerances",
 ]
 
-GRAD_NAMES = ("dx", "dA", "dB", "dmagnitude")
+GRAD_NAMES = _C.GRAD_NAMES
+Convention = _C.Convention
+Diagnosis = _D.Diagnosis
 
 #: What each hint means. The keys are ``ConformanceError.hint``.
 HINTS = {
@@ -89,9 +110,11 @@ HINTS = {
         "agree only at initialisation (B = 0)."
     ),
     "bias_scaled": (
-        "the bias is multiplied by the magnitude: y = g*(x@V.T + b). The bias must be "
-        "added after the scaling, y = g*(x@V.T) + b (PEFT subtracts the base bias before "
-        "applying m / n, and never scales it)."
+        "the bias is multiplied by the magnitude: y = g*(x@V.T + b), so in the backward "
+        "dm = sum_N(dy * (x@V.T + b)) / n (torchtune's and fsdp_qlora's DoRALinear add "
+        "(g - 1) * base_layer(x), bias included). The bias must be added after the "
+        "scaling, y = g*(x@V.T) + b, dm = sum_N(dy * x@V.T) / n (PEFT subtracts the base "
+        "bias before applying m / n, and never scales it)."
     ),
     "no_magnitude": (
         "the magnitude is not applied: your output is plain LoRA, x@(W0 + s*B@A).T + b. "
@@ -136,9 +159,61 @@ HINTS = {
         "W' = diag(m / n) (W0 + s*B@A), n = ||W0 + s*B@A||_row."
     ),
     "factor_on_columns": (
-        "the factor m / n scales the columns instead of the rows of the (out, in) "
-        "weight (the transposed layout; PEFT's fan_in_fan_out unmerge had this bug "
-        "before PR #3532). One factor per output channel: W' = (m / n)[:, None] * V."
+        "the factor m / n scales the columns instead of the rows of the (out, in) weight, in "
+        "the merge and in the unmerge (the factor laid out for a weight stored (in, out) but "
+        "applied to an (out, in) one). One factor per output channel: "
+        "W' = (m / n)[:, None] * V, W0 = W' / (m / n)[:, None] - s*B@A."
+    ),
+    "unmerge_factor_on_columns": (
+        "the merge is right but the unmerge divides by m / n per column of the (out, in) "
+        "weight, i.e. per ROW of a weight stored (in, out) (PEFT 0.11 to 0.20's Conv1D / "
+        "fan_in_fan_out unmerge: weight / dora_factor.view(-1, 1) without transposing; "
+        "fixed in PEFT PR #3532). Divide each output channel's weights by its own factor: "
+        "W0 = W' / (m / n)[:, None] - s*B@A in the (out, in) layout."
+    ),
+    "norm_plus_eps": (
+        "an epsilon is added to the norm, g = m / (n + eps) (LyCORIS adds "
+        "torch.finfo(dtype).eps to its weight norm). DoRA divides by n itself; the "
+        "difference is eps / n relative, so it shows only when the norms are tiny. If you "
+        "need a guard against n = 0, raise or handle n = 0 alone rather than shift every n."
+    ),
+    "fan_in_fan_out_norm_untransposed": (
+        "the weight is stored (in, out) (fan_in_fan_out, GPT-2's Conv1D) and the norm is "
+        "taken of that stored weight plus s*B@A without transposing it first, "
+        "n = ||W0_stored + s*B@A||_row: it runs only when in = out and is wrong there "
+        "(PEFT 0.10's Conv1D DoRA, fixed in peft PR #1588). Transpose to (out, in) before "
+        "adding s*B@A and taking the row norms."
+    ),
+    "magnitude_per_input_column": (
+        "your port normalises per INPUT column: n = ||W0 + s*B@A|| over the output axis, "
+        "one value per input feature, magnitude of shape (1, in), W' = V * (m / n)[None, :] "
+        "(the paper's ||.||_c read on an (out, in) weight; LyCORIS with wd_on_out=False). "
+        "That is a different layer from DoRA as PEFT and the paper's code implement it (one "
+        "magnitude per output channel). If it is the layer you mean, check it as such with "
+        "magnitude='(1, in)'; otherwise take the norm over dim=1 with a magnitude (out,)."
+    ),
+    "dropout_scales_clean_base": (
+        "with dropout your forward scales the clean base output by g and applies the "
+        "correction to the dropped-out input only through the low-rank term: "
+        "y = g*(x@W0.T) + g*s*(xd@A.T)@B.T + b (torchtune's DoRALinear, which also scales "
+        "the bias). PEFT's formula also corrects the base output on xd: "
+        "y = x@W0.T + b + (g - 1)*(xd@W0.T) + g*s*(xd@A.T)@B.T. Both equal the eval "
+        "forward without dropout; they differ in training."
+    ),
+    "expects_batched_x": (
+        "your port runs and is right on x of shape (batch, seq, in) but not on (N, in): "
+        "it assumes a leading batch dimension (e.g. indexes x.shape[2], sums over dim=(0, 1)). "
+        "Either accept any number of leading dimensions or check it with x_ndim=3."
+    ),
+    "magnitude_shape_out_1": (
+        "your port runs and is right with a magnitude of shape (out, 1) (as the paper "
+        "authors' code stores it, the weight of an nn.Linear(1, out)), not (out,): check "
+        "it with magnitude='(out, 1)'."
+    ),
+    "weight_layout_transposed": (
+        "your port runs and is right with W0 in the other layout: with fan_in_fan_out it "
+        "wants W0 (out, in), without it W0 (in, out). Check it with the fan_in_fan_out= "
+        "that matches how it stores the weight."
     ),
     "unmerge_without_magnitude": (
         "the unmerge only subtracts s*B@A (or recomputes n from the merged weight, whose "
@@ -167,10 +242,16 @@ class ConformanceError(AssertionError):
         The (shrunk) case; ``case.describe()`` says it in words,
         ``make_case(**case.params)`` rebuilds it.
     hint : str or None
-        A key of ``HINTS`` when the port's numbers match a known mistake.
+        A key of ``HINTS``: the top-ranked explanation (``diagnoses[0]``),
+        when the port's numbers match a known mistake; for a pair of mistakes
+        the first of the two.
+    diagnoses : list of Diagnosis
+        Every known variant consistent with the port's outputs, ranked, each
+        with its evidence (``key``, ``rank``, ``kind``, ``probes``,
+        ``evidence``, ``detail``); empty when none is.
     """
 
-    def __init__(self, message, *, check, output, index, expected, got, bound, case, hint):
+    def __init__(self, message, *, check, output, index, expected, got, bound, case, hint, diagnoses=()):
         super().__init__(message)
         self.check = check
         self.output = output
@@ -180,6 +261,7 @@ class ConformanceError(AssertionError):
         self.bound = bound
         self.case = case
         self.hint = hint
+        self.diagnoses = list(diagnoses)
 
 
 class CheckResult(NamedTuple):
@@ -217,7 +299,8 @@ class Case:
     W0 : ndarray, shape (out, in)
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
-    magnitude : ndarray, shape (out,)
+    magnitude : ndarray, shape (out,), or (in,) for the per-input-column layer
+        (``make_case(magnitude_axis="in")``)
     scaling : float
     bias : ndarray, shape (out,), or None
     dy : ndarray, shape (N, out)
@@ -285,6 +368,10 @@ def make_case(
     weight_scale=1.0,
     dropout_p=0.0,
     seed=0,
+    bias_scale=1.0,
+    lora_alpha=None,
+    use_rslora=False,
+    magnitude_axis="out",
 ):
     """Build a ``Case`` from a few parameters, deterministically.
 
@@ -307,16 +394,35 @@ def make_case(
         If > 0, a dropout mask with entries 0 or 1 / (1 - p).
     seed : int
         Seeds NumPy's PCG64 generator that draws every value.
+    bias_scale : float
+        Multiplies the bias (1e3: a bias that dwarfs x@W0.T).
+    lora_alpha : float, optional
+        If given, ``scaling`` is ignored and s = lora_alpha / r (or
+        lora_alpha / sqrt(r) with ``use_rslora``), computed as PEFT does, so
+        that a port given ``(lora_alpha, r, use_rslora)`` gets the same s.
+    use_rslora : bool
+    magnitude_axis : {"out", "in"}
+        "in": the per-input-column layer (magnitude (in,) from the column
+        norms of W0 + s*B@A; the ``magnitude="(1, in)"`` convention).
 
     Returns
     -------
     Case
     """
+    if lora_alpha is not None:
+        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+    if magnitude_axis not in ("out", "in"):
+        raise ValueError(f"magnitude_axis must be 'out' or 'in', got {magnitude_axis!r}")
     params = dict(
         N=N, in_features=in_features, out_features=out_features, r=r, dtype=str(np.dtype(dtype)),
         scaling=scaling, bias=bias, B_zero=B_zero, magnitude=magnitude,
         weight_scale=weight_scale, dropout_p=dropout_p, seed=seed,
     )
+    # the parameters added later are recorded only when they differ from their defaults,
+    # so that a case's params (and its message) read as before
+    extra = dict(bias_scale=(bias_scale, 1.0), lora_alpha=(lora_alpha, None), use_rslora=(use_rslora, False),
+                 magnitude_axis=(magnitude_axis, "out"))
+    params.update({k: v for k, (v, default) in extra.items() if v != default})
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, in_features))
     W0 = weight_scale * rng.standard_normal((out_features, in_features)) / np.sqrt(in_features)
@@ -324,16 +430,17 @@ def make_case(
     B = weight_scale * rng.standard_normal((out_features, r))
     if B_zero:
         B[:] = 0
-    b = rng.standard_normal(out_features) if bias else None
+    b = bias_scale * rng.standard_normal(out_features) if bias else None
     dy = rng.standard_normal((N, out_features))
-    factor = 2.0 ** rng.uniform(-2, 2, out_features)
+    factor = 2.0 ** rng.uniform(-2, 2, out_features if magnitude_axis == "out" else in_features)
     mask = None
     if dropout_p > 0:
         mask = (rng.random((N, in_features)) >= dropout_p) / (1.0 - dropout_p)
     dtype = np.dtype(dtype)
     W0, A, B = W0.astype(dtype), A.astype(dtype), B.astype(dtype)
     # the magnitude is the norm of the weights as stored in this dtype
-    m = np.linalg.norm(W0.astype(np.float64) + scaling * (B.astype(np.float64) @ A.astype(np.float64)), axis=1)
+    m = np.linalg.norm(W0.astype(np.float64) + scaling * (B.astype(np.float64) @ A.astype(np.float64)),
+                       axis=1 if magnitude_axis == "out" else 0)
     if magnitude == "trained":
         m = m * factor
     elif magnitude != "init":
@@ -350,29 +457,13 @@ def _diagnostic_case(dtype, dropout):
     )
 
 
-def _case_strategy(st, dtype, dropout):
-    """Hypothesis strategy for ``make_case``'s parameters; shrinks towards small, plain cases."""
-    return st.fixed_dictionaries(
-        {
-            "N": st.integers(1, 6),
-            "in_features": st.integers(1, 8),
-            "out_features": st.integers(1, 8),
-            "r": st.integers(1, 6),
-            "dtype": st.just(str(np.dtype(dtype))),
-            "scaling": st.sampled_from([2.0, 0.5, 1.0 / 3.0, 8.0]),
-            "bias": st.booleans(),
-            "B_zero": st.booleans(),
-            "magnitude": st.sampled_from(["trained", "init"]),
-            "weight_scale": st.sampled_from([1.0, 1e-3, 1e3]),
-            "dropout_p": st.just(0.5) if dropout else st.just(0.0),
-            "seed": st.integers(0, 2**16),
-        }
-    )
-
-
 # ---------------------------------------------------------------------------
 # the reference and its tolerances
 # ---------------------------------------------------------------------------
+
+
+def _per_input_column(case):
+    return case.params.get("magnitude_axis", "out") == "in"
 
 
 def reference(case, *, detach_norm=True):
@@ -389,9 +480,13 @@ def reference(case, *, detach_norm=True):
     dict of str to ndarray (float64)
         ``y`` (N, out), ``weight_norm`` (out,), ``dx`` (N, in), ``dA`` (r, in),
         ``dB`` (out, r), ``dmagnitude`` (out,), ``W_merged`` (out, in),
-        ``W0_unmerged`` (out, in) (the unmerge of that merge).
+        ``W0_unmerged`` (out, in) (the unmerge of that merge). For a case of
+        the per-input-column layer (``make_case(magnitude_axis="in")``),
+        that layer's outputs: ``weight_norm`` and ``dmagnitude`` are (in,).
     """
     c = case.astype(np.float64)
+    if _per_input_column(case):
+        return _V.column_layer(c, detach_norm)
     y, ctx = F.dora_forward(c.x, c.W0, c.A, c.B, c.magnitude, c.scaling, c.bias, dropout_mask=c.dropout_mask)
     grads = F.dora_backward(c.dy, ctx, detach_norm=detach_norm)
     W_merged, n = F.merge(c.W0, c.A, c.B, c.magnitude, c.scaling)
@@ -412,6 +507,25 @@ def term_scales(case, *, detach_norm=True):
     s*B@A nearly cancel), so every output also gets ``kappa * |its part that
     is proportional to g|``.
 
+    One correct algorithm adds a term of its own: PEFT (eval, or
+    ``lora_dropout = 0``) recovers ``x@W0.T`` from the base layer's output as
+    ``(x@W0.T + b) - b``, the first a sum of in + 1 terms (``addmm`` adds b
+    into the accumulator), the second one subtraction: exact to
+    ``(gamma_{in+1} + u) |b|`` in its ``|b|`` part, so when ``|b|`` dwarfs
+    ``|x@W0.T|`` the subtraction cancels and keeps only about ``in u |b|`` of
+    absolute accuracy. It enters the magnitude's gradient
+    ``dm = sum_N(dy * z) / n`` as ``(gamma_{in+1} + u) sum_N |dy| |b| / n``:
+    added to dm's scale with the weight ``(gamma_{in+1} + u) / (2 gamma_k)``,
+    so that ``rtol(dtype, k)`` times it is ``SAFETY (gamma_{in+1} + u)
+    sum_N |dy| |b| / n`` -- the roundings of that path, not k of them -- and
+    through dm to the exact gradient's projection term. (The output
+    ``y = base + (g - 1) * (base - b) + ...`` already has ``(1 + |g|) |b|``
+    in its scale.) Without it a checker fails PEFT itself, e.g. on
+    ``make_case(N=1, in_features=1, out_features=1, r=1, weight_scale=0.001,
+    dtype="float32")``: PEFT's dm is 0.04224, the exact value 0.04546; n =
+    2.3e-6 there, so ``u |b| |dy| / n`` = 5.2e-3 is the size of the loss; the
+    bound is 2.05e-5 without the term, 0.061 with it.
+
     Parameters
     ----------
     case : Case
@@ -425,6 +539,8 @@ def term_scales(case, *, detach_norm=True):
     """
     c = case.astype(np.float64)
     ref = reference(case, detach_norm=detach_norm)
+    if _per_input_column(case):
+        return _V.column_term_scales(c, ref, detach_norm)
     s = abs(c.scaling)
     absA, absB = np.abs(c.A), np.abs(c.B)
     T = np.abs(c.W0) + s * (absB @ absA)  # (out, in) >= |V|, elementwise
@@ -443,15 +559,24 @@ def term_scales(case, *, detach_norm=True):
     gz = ga * np.abs(xd @ V.T)  # (N, out): the part of y proportional to g
     lin = ga if mask is None else 1.0 + ga  # with dropout the clean base path adds terms
     dm_terms = np.sum(G * T, axis=1) / safe
+    bias = 0.0 if c.bias is None else np.abs(c.bias)
+    if mask is None and c.bias is not None:
+        # z = x@V.T may be recovered as (x@W0.T + b) - b, the first a sum of in + 1 terms (addmm puts b in
+        # the accumulator), then one subtraction: the |b| part of the error is (gamma_{in+1} + u) |b|,
+        # weighted so that rtol(dtype, k) * weight = SAFETY * (gamma_{in+1} + u)
+        N, i, o, r = case.shapes()
+        k = dora_reduction_length("dmagnitude", n_rows=N, in_features=i, out_features=o, r=r)
+        u = UNIT_ROUNDOFF[np.dtype(case.dtype)]
+        weight = (gamma(i + 1, case.dtype) + u) / (2.0 * gamma(k, case.dtype))
+        dm_terms = dm_terms + weight * np.sum(dya, axis=0) * bias / safe
     dV = ga[:, None] * G
     if not detach_norm:  # the projection term c_i V_i, c = -dg g / n^2, and its rounding
         cabs = np.abs(ref["dmagnitude"]) * ga / safe
         dV = dV + (ga * dm_terms / safe + 4.0 * kappa * cabs)[:, None] * T
-    bias = 0.0 if c.bias is None else np.abs(c.bias)
     mx = lambda a: float(np.max(a, initial=0.0))  # noqa: E731
     return {
         "weight_norm": mx(np.linalg.norm(T, axis=1)),
-        "y": mx(lin * (xa @ T.T) + kappa * gz + bias),
+        "y": mx(lin * (xa @ T.T) + kappa * gz + (1.0 + ga) * (0.0 if c.bias is None else np.abs(c.bias))),
         "dx": mmax * mx((dya * lin) @ T + (dya * (kappa * ga)) @ np.abs(V)),
         "dA": mx(s * (absB.T @ dV) + np.max(kappa) * np.abs(ref["dA"])),
         "dB": mx(s * (dV @ absA.T) + kappa[:, None] * np.abs(ref["dB"])),
@@ -486,95 +611,6 @@ def tolerances(case, *, detach_norm=True):
 
 
 # ---------------------------------------------------------------------------
-# the known mistakes, recomputed (float64, through the functional core)
-# ---------------------------------------------------------------------------
-
-
-def _f64(case):
-    return case.astype(np.float64)
-
-
-def _forward_with_norm(c, n, *, x=None, mask="case"):
-    mask = c.dropout_mask if mask == "case" else mask
-    x = c.x if x is None else x
-    return F.dora_forward(x, c.W0, c.A, c.B, c.magnitude, c.scaling, c.bias,
-                          dropout_mask=mask, weight_norm=n, allow_zero_norm=True)
-
-
-def _wrong_norms(c):
-    """Norms a port gets wrong: name -> (out,) array, where the shapes allow."""
-    V = c.W0 + c.scaling * (c.B @ c.A)
-    norms = {
-        "scaling_outside_norm": np.linalg.norm(c.W0 + c.B @ c.A, axis=1),
-        "norm_of_W0": np.linalg.norm(c.W0, axis=1),
-    }
-    if V.shape[0] == V.shape[1]:
-        norms["norm_axis"] = np.linalg.norm(V, axis=0)
-    return norms
-
-
-def _forward_variants(case):
-    c = _f64(case)
-    n = F.column_norm(c.W0, c.A, c.B, c.scaling)
-    g = c.magnitude / n
-    y_ref = _forward_with_norm(c, n)[0]
-    out = {key: _forward_with_norm(c, wrong)[0] for key, wrong in _wrong_norms(c).items()}
-    if c.bias is not None:
-        out["bias_scaled"] = y_ref + (g - 1.0) * c.bias
-    # magnitude = n makes g = 1: plain LoRA
-    out["no_magnitude"] = F.dora_forward(c.x, c.W0, c.A, c.B, n, c.scaling, c.bias,
-                                         dropout_mask=c.dropout_mask)[0]
-    if c.dropout_mask is not None:
-        out["naive_dropout"] = _forward_with_norm(c, n, x=c.x * c.dropout_mask, mask=None)[0]
-        out["dropout_ignored"] = _forward_with_norm(c, n, mask=None)[0]
-    return {k: {"y": v} for k, v in out.items()}
-
-
-def _backward_variants(case, detach_norm):
-    c = _f64(case)
-    n = F.column_norm(c.W0, c.A, c.B, c.scaling)
-    out = {}
-    other = F.dora_backward(c.dy, _forward_with_norm(c, n)[1], detach_norm=not detach_norm)
-    out["norm_not_detached" if detach_norm else "norm_detached"] = other._asdict()
-    for key, wrong in _wrong_norms(c).items():
-        if np.all(wrong > 0):
-            out[key] = F.dora_backward(c.dy, _forward_with_norm(c, wrong)[1])._asdict()
-    ref = F.dora_backward(c.dy, _forward_with_norm(c, n)[1], detach_norm=detach_norm)._asdict()
-    out["dmagnitude_missing_norm"] = dict(ref, dmagnitude=ref["dmagnitude"] * n)
-    _, lctx = F.lora_forward(c.x, c.W0, c.A, c.B, c.scaling, c.bias, dropout_mask=c.dropout_mask)
-    lora = F.lora_backward(c.dy, lctx)
-    out["grads_without_g"] = dict(ref, dA=lora.dA, dB=lora.dB)
-    if c.dropout_mask is not None:  # y = g*(xd@V.T) + b: dx = mask * d/dxd
-        _, nctx = _forward_with_norm(c, n, x=c.x * c.dropout_mask, mask=None)
-        naive = F.dora_backward(c.dy, nctx, detach_norm=detach_norm)._asdict()
-        naive["dx"] = naive["dx"] * c.dropout_mask
-        out["naive_dropout"] = naive
-    return out
-
-
-def _merge_variants(case):
-    c = _f64(case)
-    V = c.W0 + c.scaling * (c.B @ c.A)
-    n = np.linalg.norm(V, axis=1)
-    g = c.magnitude / n
-    ref_merged = g[:, None] * V
-    low_rank = c.scaling * (c.B @ c.A)
-    out = {
-        "merge_without_magnitude": {"W_merged": V},
-        "merge_without_norm": {"W_merged": c.magnitude[:, None] * V},
-        "unmerge_without_magnitude": {"W0_unmerged": ref_merged - low_rank},
-    }
-    for key, wrong in _wrong_norms(c).items():
-        out[key] = {"W_merged": (c.magnitude / wrong)[:, None] * V}
-    if V.shape[0] == V.shape[1]:
-        out["factor_on_columns"] = {
-            "W_merged": g[None, :] * V,
-            "W0_unmerged": ref_merged / g[None, :] - low_rank,
-        }
-    return out
-
-
-# ---------------------------------------------------------------------------
 # calling the port and comparing
 # ---------------------------------------------------------------------------
 
@@ -582,61 +618,11 @@ def _merge_variants(case):
 class _Mismatch(Exception):
     """Raised inside a hypothesis example; carries what differed."""
 
-    def __init__(self, case, info):
+    def __init__(self, case, info, raised=None):
         super().__init__(info["text"])
         self.case = case
         self.info = info
-
-
-class _WroteInput(Exception):
-    """The port modified an input array in place."""
-
-
-def _first(result):
-    if isinstance(result, tuple) and not hasattr(result, "_fields"):
-        return result[0]
-    return result
-
-
-def _to_numpy(value):
-    """np.asarray, after .detach().cpu() for tensors that carry a graph or live on a device."""
-    for method in ("detach", "cpu"):
-        if hasattr(value, method) and not isinstance(value, np.ndarray):
-            value = getattr(value, method)()
-    return np.asarray(value)
-
-
-def _grads_of(result):
-    if isinstance(result, dict):
-        missing = [k for k in GRAD_NAMES if k not in result]
-        if missing:
-            raise TypeError(f"the backward returned a mapping without {missing}")
-        return {k: result[k] for k in GRAD_NAMES}
-    result = tuple(result)
-    if len(result) != 4:
-        raise TypeError(f"the backward must return (dx, dA, dB, dmagnitude), got {len(result)} values")
-    return dict(zip(GRAD_NAMES, result))
-
-
-def _call_port(check, fn, unmerge, case, dropout, detach_norm):
-    """Call the port on copies of the case's arrays; return {output: ndarray}."""
-    c = case.astype(case.dtype)  # fresh copies: a port may not write to our arrays
-    kw = {"dropout_mask": c.dropout_mask} if dropout else {}
-    if check == "forward":
-        got = {"y": _first(fn(c.x, c.W0, c.A, c.B, c.magnitude, c.scaling, c.bias, **kw))}
-    elif check == "backward":
-        got = _grads_of(fn(c.dy, c.x, c.W0, c.A, c.B, c.magnitude, c.scaling, c.bias, **kw))
-    else:
-        got = {"W_merged": _first(fn(c.W0, c.A, c.B, c.magnitude, c.scaling))}
-        if unmerge is not None:
-            ref = reference(case)
-            merged, n = ref["W_merged"].astype(case.dtype), ref["weight_norm"].astype(case.dtype)
-            got["W0_unmerged"] = _first(unmerge(merged, c.A, c.B, c.magnitude, c.scaling, n))
-    for name in ("x", "W0", "A", "B", "magnitude", "bias", "dy", "dropout_mask"):
-        before, after = getattr(case, name), getattr(c, name)
-        if before is not None and not np.array_equal(before, after):
-            raise _WroteInput(f"your {check} wrote to its input {name!r}: a port must not modify its inputs")
-    return {k: _to_numpy(v) for k, v in got.items()}
+        self.raised = raised
 
 
 def _compare(got, expected, tols):
@@ -673,40 +659,25 @@ def _compare(got, expected, tols):
     return worst, worst_name
 
 
-def _expected(check, case, detach_norm, with_unmerge):
+def _init_identity_case(case):
+    """The case with B = 0 and the magnitude at its initial value ||W0||_row (in the case's dtype)."""
+    c = dataclasses.replace(case, B=np.zeros_like(case.B), params=dict(case.params, B_zero=True, magnitude="init"))
+    ref = reference(c)
+    return dataclasses.replace(c, magnitude=ref["weight_norm"].astype(case.dtype))
+
+
+def _reference_and_tolerances(check, case, detach_norm):
+    """Expected outputs and their tolerances for one check (``init`` adds its own two)."""
     ref = reference(case, detach_norm=detach_norm)
-    names = {"forward": ("y",), "backward": GRAD_NAMES, "merge": ("W_merged",)}[check]
-    if check == "merge" and with_unmerge:
-        names = names + ("W0_unmerged",)
-    return {k: ref[k] for k in names}
-
-
-def _diagnose(check, fn, unmerge, case, dropout, detach_norm):
-    """Find the known mistake whose numbers the port reproduces; (key, where) or (None, None)."""
-    dtype = case.dtype
-    for where, probe in (("on this case", case), ("on a square diagnostic case", _diagnostic_case(dtype, dropout))):
-        try:
-            got = _call_port(check, fn, unmerge, probe, dropout, detach_norm)
-        except Exception:  # noqa: BLE001 - a port that raises cannot be diagnosed on this probe
-            continue
-        expected = _expected(check, probe, detach_norm, unmerge is not None)
-        tols = tolerances(probe, detach_norm=detach_norm)
-        if check == "forward":
-            variants = _forward_variants(probe)
-        elif check == "backward":
-            variants = _backward_variants(probe, detach_norm)
-        else:
-            variants = _merge_variants(probe)
-        for key, wrong in variants.items():
-            # compare only the outputs the variant changes, and only where it is told apart
-            outs = {k: v for k, v in wrong.items() if k in got}
-            if not outs:
-                continue
-            differs = _compare(outs, {k: expected[k] for k in outs}, tols)[0] == np.inf
-            matches = _compare(got, outs, tols)[0] != np.inf
-            if differs and matches:
-                return key, where
-    return None, None
+    tols = tolerances(case, detach_norm=detach_norm)
+    if check == "init":  # the magnitude at init is the norm; with B = 0 the layer is the base layer
+        ref = dict(ref, magnitude=ref["weight_norm"])
+        tols = dict(tols, magnitude=tols["weight_norm"])
+        c0 = _init_identity_case(case)
+        c64 = c0.astype(np.float64)
+        ref["y_identity"] = c64.x @ c64.W0.T + (0.0 if c64.bias is None else c64.bias)
+        tols["y_identity"] = tolerances(c0)["y"]
+    return ref, tols
 
 
 def _hypothesis():
@@ -721,17 +692,78 @@ def _hypothesis():
     return hypothesis
 
 
-def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
-         max_examples=100, seed=0):
-    if not callable(fn):
-        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
-    if unmerge is not None and not callable(unmerge):
-        raise TypeError(f"unmerge must be callable or None, got {type(unmerge).__name__}")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
-        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+def _case_strategy(st, dtype, dropout, conv=None, cases=None):
+    """Hypothesis strategy for ``make_case``'s parameters; shrinks towards small, plain cases.
+
+    ``cases`` restricts it: parameter -> a value, a list / tuple / range of
+    values, or a hypothesis strategy.
+    """
+    conv = conv or _C.Convention()
+    fields_ = {
+        "N": st.integers(1, 6),
+        "in_features": st.integers(1, 8),
+        "out_features": st.integers(1, 8),
+        "r": st.integers(1, 6),
+        "dtype": st.just(str(np.dtype(dtype))),
+        "scaling": st.sampled_from([2.0, 0.5, 1.0 / 3.0, 8.0]),
+        "bias": st.booleans(),
+        "B_zero": st.booleans(),
+        "magnitude": st.sampled_from(["trained", "init"]),
+        "weight_scale": st.sampled_from([1.0, 1e-3, 1e3]),
+        "dropout_p": st.just(0.5) if dropout else st.just(0.0),
+        "seed": st.integers(0, 2**16),
+    }
+    if conv.scaling == "lora_alpha":
+        fields_["lora_alpha"] = st.sampled_from([16.0, 1.0, 8.0, 3.0])
+        fields_["use_rslora"] = st.booleans()
+    if conv.per_input_column:
+        fields_["magnitude_axis"] = st.just("in")
+    for key, value in (cases or {}).items():
+        if key in ("dtype", "dropout_p", "magnitude_axis"):
+            raise ValueError(f"cases= cannot set {key!r}: it follows the check's own arguments")
+        if key not in fields_ and key not in ("bias_scale", "lora_alpha", "use_rslora"):
+            raise ValueError(f"cases= has an unknown parameter {key!r}; make_case takes {sorted(fields_)}")
+        if hasattr(value, "example") and hasattr(value, "map"):  # a hypothesis strategy
+            fields_[key] = value
+        elif isinstance(value, (list, tuple, range)):
+            if len(value) == 0:
+                raise ValueError(f"cases[{key!r}] is empty")
+            fields_[key] = st.sampled_from(list(value))
+        else:
+            fields_[key] = st.just(value)
+    return st.fixed_dictionaries(fields_)
+
+
+class Report(NamedTuple):
+    """What ``report="all"`` returns: every output checked on its own.
+
+    Attributes
+    ----------
+    check : str
+    passed : dict of str to CheckResult
+        The outputs that passed.
+    failures : list of ConformanceError
+        One per failing output, each on its own shrunk case with its diagnosis.
+    """
+
+    check: str
+    passed: dict
+    failures: list
+
+    @property
+    def ok(self):
+        return not self.failures
+
+    def __str__(self):
+        lines = [f"check_{self.check}: {len(self.passed)} output(s) pass, {len(self.failures)} fail"]
+        lines += [f"  pass {name}: {r.examples} cases, worst error / tolerance {r.worst_ratio:.3g}"
+                  for name, r in self.passed.items()]
+        lines += [str(f) for f in self.failures]
+        return "\n".join(lines)
+
+
+def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
+    """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
     hyp = _hypothesis()
     stats = {"examples": 0, "worst": 0.0, "where": ""}
 
@@ -744,18 +776,22 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
         phases=[hyp.Phase.explicit, hyp.Phase.generate, hyp.Phase.shrink],
     )
     @hyp.seed(seed)
-    @hyp.given(_case_strategy(hyp.strategies, dtype, dropout))
+    @hyp.given(_case_strategy(hyp.strategies, dtype, dropout, conv, cases))
     def one_case(params):
         case = make_case(**params)
         try:
-            got = _call_port(check, fn, unmerge, case, dropout, detach_norm)
+            got = _C.call_port(check, fn, unmerge, case, conv, dropout)
+        except _C.ShapeMismatch as exc:  # diagnosed as a port that raised: other layouts are tried
+            raise _Mismatch(case, dict(output=exc.output, index=None, expected=None, got=None, bound=None,
+                                       text=str(exc)), exc) from exc
         except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
-            text = str(exc) if isinstance(exc, _WroteInput) else f"your {check} raised {type(exc).__name__}: {exc}"
+            wrote = isinstance(exc, _C.WroteInput)
+            text = str(exc) if wrote else f"your {check} raised {type(exc).__name__}: {exc}"
             raise _Mismatch(case, dict(
                 output=None, index=None, expected=None, got=None, bound=None, text=text,
-            )) from exc
-        ratio, info = _compare(got, _expected(check, case, detach_norm, unmerge is not None),
-                               tolerances(case, detach_norm=detach_norm))
+            ), None if wrote else exc) from exc
+        ref, tols = _reference_and_tolerances(check, case, detach_norm)
+        ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
             raise _Mismatch(case, info)
         stats["examples"] += 1
@@ -765,24 +801,80 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
     try:
         one_case()
     except _Mismatch as exc:
-        hint, where = _diagnose(check, fn, unmerge, exc.case, dropout, detach_norm)
-        info = exc.info
-        mode = ""
-        if check == "backward":
-            mode = " (detached norm)" if detach_norm else " (exact gradient)"
-        lines = [
-            f"check_{check}{mode}: your {check} differs from dora_ref on this minimal case "
-            f"(found by hypothesis, then shrunk):",
-            f"  case: {exc.case.describe()}",
-            f"  {info['text']}",
-        ]
-        if hint is not None:
-            lines.append(f"  hint (your numbers match this mistake {where}): {HINTS[hint]}")
-        raise ConformanceError(
-            "\n".join(lines), check=check, output=info["output"], index=info["index"],
-            expected=info["expected"], got=info["got"], bound=info["bound"], case=exc.case, hint=hint,
-        ) from None
+        return exc
     return CheckResult(check, stats["examples"], stats["worst"], stats["where"] or "")
+
+
+def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
+    """The ConformanceError for a shrunk mismatch, with its diagnosis."""
+    diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
+    info = exc.info
+    mode = ""
+    if check == "backward":
+        mode = " (detached norm)" if detach_norm else " (exact gradient)"
+    changed = conv.changed()
+    lines = [
+        f"check_{check}{mode}: your {check} differs from dora_ref on this minimal case "
+        f"(found by hypothesis, then shrunk):",
+        f"  case: {exc.case.describe()}",
+    ]
+    if changed:
+        lines.append("  convention: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+    lines.append(f"  {info['text']}")
+    hint = diagnoses[0].key.split(" + ")[0] if diagnoses else None
+    if diagnoses:
+        top = diagnoses[0]
+        lines.append(f"  hint (rank 1 of {len(diagnoses)}, {top.kind} on {top.probes} probe(s)): "
+                     + top.describe(HINTS))
+        for ev in top.evidence:
+            lines.append(f"    - {ev}")
+        for d in diagnoses[1:]:
+            lines.append(f"  also consistent (rank {d.rank}, {d.kind} on {d.probes} probe(s)): {d.key}"
+                         + (f" ({d.detail})" if d.detail else ""))
+    return ConformanceError(
+        "\n".join(lines), check=check, output=info["output"], index=info["index"],
+        expected=info["expected"], got=info["got"], bound=info["bound"], case=exc.case, hint=hint,
+        diagnoses=diagnoses,
+    )
+
+
+def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
+         max_examples=100, seed=0, convention=None, report="first", cases=None, **conventions):
+    if not callable(fn):
+        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
+    if unmerge is not None and not callable(unmerge):
+        raise TypeError(f"unmerge must be callable or None, got {type(unmerge).__name__}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+    if report not in ("first", "all"):
+        raise ValueError(f"report must be 'first' or 'all', got {report!r}")
+    if cases is not None and not isinstance(cases, dict):
+        raise TypeError(f"cases must be a dict of make_case parameters, got {type(cases).__name__}")
+    conv = _C.convention_from(convention, conventions)
+    if conv.per_input_column and dropout:
+        raise ValueError("dropout=True is not defined for the per-input-column layer (magnitude='(1, in)')")
+    _hypothesis()
+    names = _D.output_names(check, unmerge is not None)
+    kw = dict(dtype=dtype, dropout=dropout, detach_norm=detach_norm, max_examples=max_examples, seed=seed,
+              cases=cases)
+    if report == "first":
+        found = _search(check, fn, unmerge, conv, names, **kw)
+        if isinstance(found, _Mismatch):
+            raise _error(check, fn, unmerge, conv, found, dropout, detach_norm) from None
+        return found
+    passed, failures = {}, []
+    for name in names:
+        found = _search(check, fn, unmerge, conv, (name,), **kw)
+        if isinstance(found, _Mismatch):
+            failures.append(_error(check, fn, unmerge, conv, found, dropout, detach_norm))
+            if found.info["output"] is None:  # the port raised or wrote its inputs: the same for every output
+                break
+        else:
+            passed[name] = found
+    return Report(check, passed, failures)
 
 
 # ---------------------------------------------------------------------------
@@ -798,19 +890,36 @@ _COMMON = """
         Cases to draw.
     seed : int, default 0
         Seeds hypothesis: the same seed draws the same cases.
+    convention : Convention, optional
+        How your function takes its arguments; the same fields may be given
+        as keywords: ``magnitude`` ("(out,)", "(out, 1)", or "(1, in)" for the
+        per-input-column layer), ``scaling`` ("float" or "lora_alpha": you
+        get ``(lora_alpha, r, use_rslora)``), ``fan_in_fan_out`` (W0 stored
+        (in, out)), ``x_ndim`` (3: x (batch, seq, in)), ``unmerge_gets_norm``
+        and ``dropout_as`` ("mask" or "callable"). See ``Convention``.
+    report : {"first", "all"}, default "first"
+        "first": raise at the first (shrunk) mismatch. "all": check each
+        output on its own and return a ``Report`` of every failure (one
+        accepted deviation does not hide the others).
+    cases : dict, optional
+        Restricts the drawn cases: a ``make_case`` parameter -> a value, a
+        list / tuple / range of values, or a hypothesis strategy, e.g.
+        ``cases=dict(bias=False, weight_scale=[1.0])``.
 
     Returns
     -------
     CheckResult
-        Cases compared and the largest error / tolerance seen.
+        Cases compared and the largest error / tolerance seen; with
+        ``report="all"``, a ``Report``.
 
     Raises
     ------
     ConformanceError
         An ``AssertionError`` on the first (shrunk) mismatch, or if your
         function raised or wrote to its inputs; the message names the
-        output, index, expected and got values, tolerance, the case, and a
-        hint when one applies (also in ``.hint``).
+        output, index, expected and got values, tolerance, the case, and
+        the known mistakes your numbers reproduce, ranked, with the evidence
+        (``.hint`` the first, ``.diagnoses`` all).
     ImportError
         If hypothesis is not installed.
     TypeError, ValueError
@@ -818,7 +927,8 @@ _COMMON = """
 """
 
 
-def check_forward(forward, *, dtype="float64", dropout=False, max_examples=100, seed=0):
+def check_forward(forward, *, dtype="float64", dropout=False, max_examples=100, seed=0, convention=None,
+                  report="first", cases=None, **conventions):
     """Check a port's DoRA forward against dora_ref (paper Eq. 5, PEFT semantics).
 
     Parameters
@@ -833,10 +943,12 @@ def check_forward(forward, *, dtype="float64", dropout=False, max_examples=100, 
     dropout : bool, default False
         Check PEFT's training path (``lora_dropout > 0``) with a given mask.
     """
-    return _run("forward", forward, dtype=dtype, dropout=dropout, max_examples=max_examples, seed=seed)
+    return _run("forward", forward, dtype=dtype, dropout=dropout, max_examples=max_examples, seed=seed,
+                convention=convention, report=report, cases=cases, **conventions)
 
 
-def check_backward(backward, *, detach_norm=True, dtype="float64", dropout=False, max_examples=100, seed=0):
+def check_backward(backward, *, detach_norm=True, dtype="float64", dropout=False, max_examples=100, seed=0,
+                   convention=None, report="first", cases=None, **conventions):
     """Check a port's DoRA gradients against dora_ref's hand-derived backward.
 
     Parameters
@@ -854,10 +966,12 @@ def check_backward(backward, *, detach_norm=True, dtype="float64", dropout=False
         Check the gradients of PEFT's training path with a given mask.
     """
     return _run("backward", backward, dtype=dtype, dropout=dropout, detach_norm=detach_norm,
-                max_examples=max_examples, seed=seed)
+                max_examples=max_examples, seed=seed, convention=convention, report=report, cases=cases,
+                **conventions)
 
 
-def check_merge(merge, unmerge=None, *, dtype="float64", max_examples=100, seed=0):
+def check_merge(merge, unmerge=None, *, dtype="float64", max_examples=100, seed=0, convention=None,
+                report="first", cases=None, **conventions):
     """Check a port's merge (and unmerge) against dora_ref.
 
     Parameters
@@ -870,10 +984,37 @@ def check_merge(merge, unmerge=None, *, dtype="float64", max_examples=100, seed=
         ``unmerge(W_merged, A, B, magnitude, scaling, weight_norm) -> W0``,
         given dora_ref's merged weight and the norm n from merge time
         (PEFT caches it: the merged weight alone does not determine it).
+        With ``unmerge_gets_norm=False``: ``unmerge(W_merged, A, B,
+        magnitude, scaling)`` on the port's own merged weight, right after
+        its merge.
     """
-    return _run("merge", merge, unmerge=unmerge, dtype=dtype, max_examples=max_examples, seed=seed)
+    return _run("merge", merge, unmerge=unmerge, dtype=dtype, max_examples=max_examples, seed=seed,
+                convention=convention, report=report, cases=cases, **conventions)
 
 
-for _check in (check_forward, check_backward, check_merge):
+def check_init(init, forward=None, *, dtype="float64", max_examples=100, seed=0, convention=None,
+               report="first", cases=None, **conventions):
+    """Check a port's magnitude initialisation (and, given its forward, the B = 0 identity).
+
+    Parameters
+    ----------
+    init : callable
+        ``init(W0, A, B, scaling) -> magnitude`` (out,): the magnitude a new
+        adapter starts from, ``||W0 + s*B@A||_row`` (PEFT
+        ``DoraLinearLayer.update_layer``; with PEFT's default B = 0 it is
+        ``||W0||_row``). B is drawn random, as with ``init_lora_weights=False``.
+    forward : callable, optional
+        ``forward(x, W0, A, B, magnitude, scaling, bias) -> y``: then each case
+        is also run with B = 0 and the port's own ``init`` magnitude, and y
+        must be the base layer's output ``x@W0.T + b`` (output
+        ``y_identity``): a freshly initialised adapter changes nothing.
+    """
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable or None, got {type(forward).__name__}")
+    return _run("init", init, unmerge=forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                convention=convention, report=report, cases=cases, **conventions)
+
+
+for _check in (check_forward, check_backward, check_merge, check_init):
     _check.__doc__ = _check.__doc__.rstrip() + _COMMON
 del _check

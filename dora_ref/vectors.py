@@ -104,7 +104,7 @@ CASES = (
     _linear("linear_dropout", "training with lora_dropout = 0.25: PEFT's formula, given mask",
             ["dropout"], N=5, dropout_p=0.25),
     _linear("linear_fan_in_fan_out", "W0 stored (in, out) as transformers' Conv1D; W_merged too",
-            ["fan_in_fan_out"], in_features=10, out_features=6),
+            ["fan_in_fan_out"], in_features=10, out_features=6, fan_in_fan_out=True),
     _linear("linear_rslora", "rsLoRA: s = lora_alpha / sqrt(r) = 12 / 3", ["rsLoRA"],
             r=9, lora_alpha=12.0, use_rslora=True),
     _linear("linear_no_bias", "no base bias", ["no bias"], bias=False),
@@ -211,6 +211,9 @@ def _tolerance(name, dtype, k, scale, kappa, note=""):
     base = name.split("_")[0] if name.startswith("d") else name
     why = (f"rtol({dtype}, k = {k}) with k = {_K_WHY.get(base, _K_WHY['dA'])}; scale = the terms "
            f"on absolute values, cancellation factor kappa = {kappa:.3g}{note}")
+    if base == "dmagnitude":
+        why += ("; plus sum_N |dy| |bias| / n (without dropout), for x @ W0.T recovered as "
+                "(x @ W0.T + bias) - bias (PEFT)")
     return dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=int(k), scale=scale, why=why)
 
 

@@ -2,7 +2,7 @@
 
 Run it (torch==2.13.0, CPU)::
 
-    python examples/torch_port.py
+    python examples/torch_port.py [cases per check, default 100]
 
 The port is the first half of this file, about 40 lines: forward (with
 PEFT's dropout formula), backward by autograd (the norm detached, as PEFT
@@ -118,6 +118,9 @@ def check_golden(directory):
             got.update({f"{k}_{mode}": v for k, v in zip(("dx", "dA", "dB", "dmagnitude"), grads)})
         W_merged = merge(W0, a["A"], a["B"], a["magnitude"], cfg["scaling"])
         got["W_merged"] = W_merged.T if cfg["fan_in_fan_out"] else W_merged
+        W_given = a["W_merged"].T if cfg["fan_in_fan_out"] else a["W_merged"]  # (out, in) for the port
+        W0_back = unmerge(W_given, a["A"], a["B"], a["magnitude"], cfg["scaling"], a["weight_norm"])
+        got["W0_unmerged"] = W0_back.T if cfg["fan_in_fan_out"] else W0_back
         for name, value in got.items():
             atol = entry["arrays"][name]["tolerance"]["atol"]
             err = float(np.max(np.abs(value.astype(np.float64) - a[name]), initial=0.0))
@@ -127,18 +130,28 @@ def check_golden(directory):
     return worst
 
 
-def main():
+def init(W0, A, B, scaling):
+    """The magnitude a new adapter starts from: n itself (PEFT DoraLinearLayer.update_layer)."""
+    with torch.no_grad():
+        return weight_norm(_t(W0), _t(A), _t(B), scaling).numpy()
+
+
+def main(argv=None):
     from dora_ref import testing, vectors
 
+    argv = sys.argv[1:] if argv is None else argv
+    n = int(argv[0]) if argv else 100  # cases per check
     torch.set_num_threads(1)
     for dtype in ("float64", "float32"):
+        kw = dict(dtype=dtype, max_examples=n)
         results = [
-            testing.check_forward(forward, dtype=dtype),
-            testing.check_forward(forward, dtype=dtype, dropout=True),
-            testing.check_backward(make_backward(True), detach_norm=True, dtype=dtype),
-            testing.check_backward(make_backward(False), detach_norm=False, dtype=dtype),
-            testing.check_backward(make_backward(True), detach_norm=True, dtype=dtype, dropout=True),
-            testing.check_merge(merge, unmerge, dtype=dtype),
+            testing.check_forward(forward, **kw),
+            testing.check_forward(forward, dropout=True, **kw),
+            testing.check_backward(make_backward(True), detach_norm=True, **kw),
+            testing.check_backward(make_backward(False), detach_norm=False, **kw),
+            testing.check_backward(make_backward(True), detach_norm=True, dropout=True, **kw),
+            testing.check_merge(merge, unmerge, **kw),
+            testing.check_init(init, forward, **kw),
         ]
         for r in results:
             print(f"{dtype}  check_{r.check:<8}  {r.examples} cases  worst error / tolerance "

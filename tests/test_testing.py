@@ -378,22 +378,29 @@ def test_torch_port_with_norm_not_detached_is_caught(torch_port):
 # ---------------------------------------------------------------------------
 
 
-def test_every_hint_is_told_apart_on_the_diagnostic_case():
-    """Each known mistake changes the numbers of the square diagnostic case, so each hint can fire."""
+def test_every_variant_is_told_apart_on_a_probe():
+    """Each known variant changes the numbers of at least one of the diagnosis probes (beyond 100x the
+    tolerance), so each one can be diagnosed; every variant has a hint text."""
+    from dora_ref import _testing_diagnosis as D
+    from dora_ref import _testing_variants as V
+
     seen = set()
     for dropout in (False, True):
-        case = testing._diagnostic_case(np.float64, dropout)
-        ref = testing.reference(case)
-        groups = [(testing._forward_variants(case), testing.tolerances(case), ref)]
-        for detach in (True, False):
-            groups.append((testing._backward_variants(case, detach), testing.tolerances(case, detach_norm=detach),
-                           testing.reference(case, detach_norm=detach)))
-        groups.append((testing._merge_variants(case), testing.tolerances(case), ref))
-        for variants, tols, expected in groups:
-            for key, outputs in variants.items():
-                assert any(np.max(np.abs(v - expected[k])) > 100 * tols[k]["atol"] for k, v in outputs.items()), key
-                seen.add(key)
-    assert seen == set(testing.HINTS)
+        for conv in (testing.Convention(), testing.Convention(fan_in_fan_out=True)):
+            case = testing._diagnostic_case(np.float64, dropout)
+            for _, probe in D._probes(case, raised=False):
+                c64 = probe.astype(np.float64)
+                for check in ("forward", "backward", "merge"):
+                    for detach in (True, False):
+                        ref = testing.reference(probe, detach_norm=detach)
+                        tols = testing.tolerances(probe, detach_norm=detach)
+                        for key, over, eps in D._candidates(probe, check, detach, conv, True):
+                            var = D._variant(c64, over, detach, conv)
+                            names = D._names(check, True)
+                            if D._ratio(var, ref, tols, names) > 100:
+                                seen.add(key)
+    assert seen == set(V.VARIANTS)
+    assert set(V.VARIANTS) <= set(testing.HINTS)
 
 
 def test_reported_index_is_where_the_port_is_wrong():

@@ -263,6 +263,18 @@ def test_expanded_norm_fails_the_cancelling_case(vec_dir):
     within(e, "weight_norm", direct, a["weight_norm"])
 
 
+def test_fan_in_fan_out_case_is_stored_in_out(vec_dir, manifest):
+    """Regression: the fan_in_fan_out case once had W0 (out, in) and the flag false, so no port was ever
+    tested on the transposed layout."""
+    for dtype in ("float32", "float64"):
+        e, a = vectors.load_case(vec_dir, f"linear_fan_in_fan_out_{dtype}")
+        c = e["config"]
+        assert c["fan_in_fan_out"] is True
+        assert a["W0"].shape == (c["in_features"], c["out_features"]) == a["W_merged"].shape
+        assert a["W0_unmerged"].shape == a["W0"].shape and c["in_features"] != c["out_features"]
+        assert e["arrays"]["W0"]["shape"] == [c["in_features"], c["out_features"]]
+
+
 def test_torch_port_matches_the_golden_vectors(vec_dir):
     pytest.importorskip("torch", reason="torch is not installed: the PyTorch port is not checked")
     spec = importlib.util.spec_from_file_location("torch_port", EXAMPLES / "torch_port.py")
@@ -349,9 +361,9 @@ def test_linear_vectors_match_peft(vec_dir, manifest, dtype):
         within(e, "dx_detached", x.grad.numpy(), a["dx_detached"])
         within(e, "dA_detached", layer.lora_A["default"].weight.grad.numpy(), a["dA_detached"])
         within(e, "dB_detached", layer.lora_B["default"].weight.grad.numpy(), a["dB_detached"])
-        if "tiny_scale" not in e["name"]:  # PEFT loses bits there: see the next test
-            within(e, "dmagnitude_detached", layer.lora_magnitude_vector["default"].weight.grad.numpy(),
-                   a["dmagnitude_detached"])
+        # in linear_tiny_scale PEFT loses bits to the bias (see the next test); the tolerance covers it
+        within(e, "dmagnitude_detached", layer.lora_magnitude_vector["default"].weight.grad.numpy(),
+               a["dmagnitude_detached"])
         model.eval()
         with torch.no_grad():
             layer.merge(safe_merge=True)
