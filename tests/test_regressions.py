@@ -330,3 +330,37 @@ def test_merge_norm_is_the_column_norm_bit_for_bit(backend):
     if backend == "c" and not np.array_equal(n_merge, n):
         pytest.xfail("C float64 merge and column_norm differ in the last bit on full tiles")
     np.testing.assert_array_equal(n_merge, n)
+
+
+def test_float32_norm_is_correctly_rounded_where_a_float_accumulator_is_not(backend):
+    """Issue 15: only the 3e-21 test above pinned the double accumulator, and the kernel
+    tolerances (gamma_in) accept a float one. Here 64 float32 rows of in = 4096 normal
+    entries, B = 0 so that V = W0 exactly on both backends: squares summed in double
+    give every norm correctly rounded to float32, while a float32 accumulator misses it
+    in a third to two thirds of the rows (measured: sequential, 8 or 16 lanes, or
+    pairwise; up to 4 ulp).
+
+    The data is checked to have no norm within 1e-11 (relative) of a float32 rounding
+    boundary: double's own error here is below 4096 * 2**-53 = 4.5e-13, so any double
+    sum rounds the same way as the exact one.
+    """
+    import math
+
+    rng = np.random.default_rng(15)
+    W0 = rng.normal(size=(64, 4096)).astype(np.float32)
+    A, B = np.zeros((1, 4096), np.float32), np.zeros((64, 1), np.float32)
+    exact = np.array([math.sqrt(math.fsum(float(v) ** 2 for v in row)) for row in W0])
+    want = exact.astype(np.float32)
+    # distance to the nearest float32 midpoint, relative: the data must be safe
+    lo = np.nextafter(want, np.float32(-np.inf)).astype(np.float64)
+    hi = np.nextafter(want, np.float32(np.inf)).astype(np.float64)
+    mids = np.stack([(lo + want) / 2, (hi + want) / 2])
+    assert np.min(np.abs(mids - exact) / exact) > 1e-11
+    n = column_norm(W0, A, B, 1.0)
+    wrong = np.flatnonzero(n != want)
+    assert not wrong.size, (
+        f"rows {wrong[:8].tolist()} not correctly rounded: got {n[wrong[:4]].tolist()}, "
+        f"want {want[wrong[:4]].tolist()} (a float32 accumulator?)"
+    )
+    _, n_merge = merge(W0, A, B, np.ones(64, np.float32), 1.0)
+    np.testing.assert_array_equal(n_merge, want)
