@@ -43,34 +43,29 @@ def pytest_sessionstart(session):
                 ) from exc
 
 
-def _parity_skip(report):
-    """The reason of a skip for want of a parity module, or None."""
-    if not report.skipped or not isinstance(report.longrepr, tuple):
-        return None
+def _fail_parity_skip(report, what):
+    """Under DORA_REF_REQUIRE_PARITY, turn a skip for want of a parity module into a failure."""
+    if not (env_flag("DORA_REF_REQUIRE_PARITY") and report.skipped
+            and isinstance(report.longrepr, tuple)):
+        return
     reason = str(report.longrepr[2])
-    return reason if any(name in reason for name in PARITY_MODULES) else None
+    if any(name in reason for name in PARITY_MODULES):
+        report.outcome = "failed"
+        report.longrepr = f"DORA_REF_REQUIRE_PARITY is set but the {what} skipped: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under DORA_REF_REQUIRE_PARITY, a test skipped for want of torch/PEFT fails."""
+    """A test skipped for want of torch / PEFT / transformers (see _fail_parity_skip)."""
     outcome = yield
-    report = outcome.get_result()
-    reason = _parity_skip(report) if env_flag("DORA_REF_REQUIRE_PARITY") else None
-    if reason:
-        report.outcome = "failed"
-        report.longrepr = f"DORA_REF_REQUIRE_PARITY is set but the test skipped: {reason}"
+    _fail_parity_skip(outcome.get_result(), "test")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
-    """The same for a whole module skipped by a module-level importorskip."""
+    """A whole module skipped by a module-level importorskip."""
     outcome = yield
-    report = outcome.get_result()
-    reason = _parity_skip(report) if env_flag("DORA_REF_REQUIRE_PARITY") else None
-    if reason:
-        report.outcome = "failed"
-        report.longrepr = f"DORA_REF_REQUIRE_PARITY is set but the module skipped: {reason}"
+    _fail_parity_skip(outcome.get_result(), "module")
 
 
 @pytest.fixture(params=BACKENDS, autouse=True)
