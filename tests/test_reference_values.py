@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cases import Case, abs_scales
-from dora_ref import dora_backward, dora_forward, init_magnitude, merge
+from dora_ref import dora_backward, dora_forward, init_magnitude, merge, unmerge
 from dora_ref.tolerance import assert_close
 
 DATA = Path(__file__).with_name("data") / "reference_values.npz"
@@ -93,3 +93,12 @@ def test_forward_gradients_and_merge_match_peft_and_torch(name, dtype):
     scale = (np.abs(case64.magnitude) / n)[:, None] * V_abs * (1 + (row_scale / n)[:, None])
     assert_close(W_merged, ref["W_merged"], dtype=dtype, k=k_y + 2, scale=scale,
                  name=f"{name} W_merged")
+    if np.all(case.magnitude != 0):
+        # PEFT's merged weight, unmerged here: W0 = W' / (m / n) - s B A; the scale is
+        # that of the terms that cancel, |V| + |s| |B| |A| (test_properties)
+        n_ref = np.linalg.norm(case64.W0 + case64.scaling * case64.B @ case64.A, axis=1)
+        W0 = unmerge(ref["W_merged"].astype(dtype), case.A, case.B, case.magnitude, case.scaling,
+                     n_ref.astype(dtype))
+        cancel = np.abs(case64.W0) + 2 * abs(case64.scaling) * np.abs(case64.B) @ np.abs(case64.A)
+        assert_close(W0, ref["W0"], dtype=dtype, k=r + 4 + extra, scale=cancel,
+                     name=f"{name} unmerged W0")
