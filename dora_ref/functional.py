@@ -259,6 +259,12 @@ def divide_by_norm(a, n):
 
 # below this norm the float64 sum of squares was subnormal (or 0), so it lost digits
 _SMALLEST_SAFE_NORM = float(np.sqrt(np.finfo(np.float64).tiny))  # 1.5e-154
+# above this norm the float64 sum of squares overflows
+_LARGEST_SAFE_NORM = float(np.sqrt(np.finfo(np.float64).max))  # 1.3e154
+# how far a genuine under/overflow may land from those limits: the kernels'
+# own rounding (squares that lost digits to subnormals, the sum's rounding) is
+# a relative in * u ~ 1e-9 for in = 1e7; a bug lands orders of magnitude away
+_RESCUE_SLACK = 1e-6
 
 
 def _rescue_extreme_rows(n, W0, A, B, scaling):
@@ -267,24 +273,64 @@ def _rescue_extreme_rows(n, W0, A, B, scaling):
     The kernels sum squares in float64, which loses digits to subnormals (or
     underflows to 0) for rows of entries below ~1e-154 and overflows for
     entries above ~1e154 (float64 weights only: float32's whole range squares
-    safely in float64). Those
-    rows are recomputed as ``t * ||V_i / t||`` with ``t = max |V_i|``, the
-    scaling of LAPACK's nrm2, so that a tiny row is not reported as "all
-    zero" and a huge but representable norm is not reported as overflow.
+    safely in float64). Those rows are recomputed as ``t * ||V_i / t||`` with
+    ``t = max |V_i|``, the scaling of LAPACK's nrm2, so that a tiny row is not
+    reported as "all zero" and a huge but representable norm is not reported
+    as overflow.
+
+    The rescue repairs only genuine under/overflow. A row the kernel reported
+    as tiny (or 0) whose recomputed norm is not tiny, or one reported as
+    inf whose recomputed norm is well inside the range, is a bug in the
+    kernel, and repairing it would hide that bug from every test of the
+    kernel: it raises instead.
+
+    Parameters
+    ----------
+    n : ndarray, shape (out,)
+        The kernel's row norms of V = W0 + s * B @ A; rescued rows are
+        overwritten.
+    W0 : ndarray, shape (out, in), any strides
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
 
     Returns
     -------
     ndarray of int
         The rows recomputed (usually none).
+
+    Raises
+    ------
+    RuntimeError
+        If a flagged row is not a genuine under/overflow (a kernel bug); the
+        message names the rows, both norms and the backend.
     """
     rows = np.flatnonzero((n < _SMALLEST_SAFE_NORM) | np.isinf(n))
-    if rows.size:
-        V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
-        with np.errstate(all="ignore"):
-            t = np.max(np.abs(V), axis=1, initial=0)
-            ok = (t > 0) & np.isfinite(t)
-            scaled = t * np.linalg.norm(V / np.where(ok, t, 1)[:, None], axis=1)
-        n[rows] = np.where(ok, scaled, n[rows])
+    if not rows.size:
+        return rows
+    V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
+    with np.errstate(all="ignore"):
+        t = np.max(np.abs(V), axis=1, initial=0)
+        ok = (t > 0) & np.isfinite(t)
+        scaled = t * np.linalg.norm(V / np.where(ok, t, 1)[:, None], axis=1)
+    recomputed = np.where(ok, scaled, n[rows])
+    reported = n[rows]
+    huge = min(float(np.finfo(n.dtype).max), _LARGEST_SAFE_NORM)
+    bug = np.where(
+        np.isinf(reported),
+        recomputed < huge * (1 - _RESCUE_SLACK),  # reported overflow of an ordinary row
+        recomputed > _SMALLEST_SAFE_NORM * (1 + _RESCUE_SLACK),  # reported 0 / tiny, it is not
+    )
+    if bug.any():
+        bad = rows[bug]
+        raise RuntimeError(
+            f"the {_backend.backend()!r} backend's row norm kernel returned "
+            f"{reported[bug][:8].tolist()} for row(s) {bad[:8].tolist()}"
+            f"{'...' if bad.size > 8 else ''} of W0 + s*B@A, whose norms are "
+            f"{recomputed[bug][:8].tolist()}: not an under/overflow but a bug in the kernel "
+            f"(shape W0 {W0.shape}, A {A.shape}, dtype {W0.dtype})"
+        )
+    n[rows] = recomputed
     return rows
 
 

@@ -1,14 +1,21 @@
 """Shared test setup: every test runs once per available backend.
 
 With ``DORA_REF_REQUIRE_C=1`` (CI sets it) a missing C backend is an error,
-not a silent NumPy-only run.
+not a silent NumPy-only run. With ``DORA_REF_REQUIRE_PARITY=1`` (CI sets it;
+the ``parity`` extra is installed there) a torch, PEFT or transformers that
+does not import is an error too, and so is any test skipped for want of one:
+without it a broken torch would leave CI green with ~170 skips. Both are read
+by ``ci_env.env_flag`` (set and not "0").
 """
-import os
+import importlib
 
 import hypothesis
 import pytest
 
 import dora_ref
+from ci_env import env_flag
+
+PARITY_MODULES = ("torch", "peft", "transformers")
 
 # Deadlines off: the machines are shared and noisy, and timing is not what
 # these tests check. Examples are kept moderate so the suite runs in minutes.
@@ -19,11 +26,46 @@ BACKENDS = ("numpy", "c")
 
 
 def pytest_sessionstart(session):
-    if os.environ.get("DORA_REF_REQUIRE_C") == "1" and "c" not in dora_ref.available_backends():
+    if env_flag("DORA_REF_REQUIRE_C") and "c" not in dora_ref.available_backends():
         raise pytest.UsageError(
-            "DORA_REF_REQUIRE_C=1 but the C backend is not available: "
+            "DORA_REF_REQUIRE_C is set but the C backend is not available: "
             f"{dora_ref._backend._C_IMPORT_ERROR}"
         )
+    if env_flag("DORA_REF_REQUIRE_PARITY"):
+        for name in PARITY_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # a broken install raises more than ImportError
+                raise pytest.UsageError(
+                    f"DORA_REF_REQUIRE_PARITY is set but {name} does not import "
+                    f"({type(exc).__name__}: {exc}); install the parity extra: "
+                    f"pip install -e '.[test,parity]'"
+                ) from exc
+
+
+def _fail_parity_skip(report, what):
+    """Under DORA_REF_REQUIRE_PARITY, turn a skip for want of a parity module into a failure."""
+    if not (env_flag("DORA_REF_REQUIRE_PARITY") and report.skipped
+            and isinstance(report.longrepr, tuple)):
+        return
+    reason = str(report.longrepr[2])
+    if any(name in reason for name in PARITY_MODULES):
+        report.outcome = "failed"
+        report.longrepr = f"DORA_REF_REQUIRE_PARITY is set but the {what} skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped for want of torch / PEFT / transformers (see _fail_parity_skip)."""
+    outcome = yield
+    _fail_parity_skip(outcome.get_result(), "test")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped by a module-level importorskip."""
+    outcome = yield
+    _fail_parity_skip(outcome.get_result(), "module")
 
 
 @pytest.fixture(params=BACKENDS, autouse=True)

@@ -83,6 +83,59 @@ def test_quick_demo_merged_equals_unmerged(quick_run):
     assert result["merge_ok"] is True
 
 
+def test_merge_check_of_a_trained_network_against_outputs_computed_here():
+    """Issue 15: the test above asserts the demo's own reported difference, which a merge
+    that did nothing would also pass. Here the test computes everything itself: each
+    trained DoRA layer's merged weight from the paper's Eq. (5) formed densely,
+    diag(m / ||W0 + s B A||_row)(W0 + s B A), and the network's logits from those
+    weights. The unmerged network, the merged one and the demo's merge_check must all
+    agree with them within the demo's float64 bound; and the merged weights are far
+    from W0 (the adapter moved them), so a merge that did nothing fails.
+
+    Bound: rtol(float64, k) * max|logits| with k = sum over the linear layers of
+    (in + r), as in the docstring of test_quick_demo_merged_equals_unmerged.
+    """
+    data = demo.load_tasks()
+    config = demo.Config(hidden=(32, 32), ranks=(2,))
+    rng = np.random.default_rng(3)
+    base = demo.build_mlp((64, 32, 32, 10), rng)
+    net = demo.adapt(base, "DoRA", 2, config, rng)
+    demo.train(net, data["X_train_target"][:256], data["y_train"][:256], epochs=2,
+               lr=config.lr_adapter, batch_size=config.batch_size, rng=rng)
+    X = data["X_test_target"][:100]
+    adapters = [layer for layer in net.layers if isinstance(layer, DoRALinear)]
+    assert len(adapters) == 2 and all(np.abs(a.lora_B).max() > 1e-3 for a in adapters)
+
+    weights = []  # (W, b) of every linear layer, merged densely here
+    for layer in net.layers:
+        if isinstance(layer, DoRALinear):
+            V = layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
+            W = (layer.lora_magnitude_vector / np.linalg.norm(V, axis=1))[:, None] * V
+            assert np.abs(W - layer.weight).max() > 1e-3  # the merge has work to do
+            weights.append((W, layer.bias))
+        elif isinstance(layer, Dense):
+            weights.append((layer.weight, layer.bias))
+    h = X
+    for i, (W, b) in enumerate(weights):
+        h = h @ W.T + b
+        if i < len(weights) - 1:
+            h = np.maximum(h, 0.0)
+    k = sum(W.shape[1] + 2 for W, _ in weights)
+    bound = rtol(np.float64, k) * float(np.max(np.abs(h)))
+
+    net.eval()
+    unmerged = net.forward(X)
+    assert np.abs(unmerged - h).max() <= bound
+    max_diff, demo_bound = demo.merge_check(net, X)  # merges, compares, unmerges
+    assert max_diff <= demo_bound
+    for layer in adapters:
+        layer.merge()
+    for layer, (W, _) in zip([la for la in net.layers if isinstance(la, (Dense, DoRALinear))],
+                             weights):
+        np.testing.assert_allclose(layer.weight, W, rtol=1e-13, atol=1e-15)
+    assert np.abs(net.forward(X) - h).max() <= bound
+
+
 def test_the_shift_matters(quick_run):
     """The target task separates the methods: head-only is far below full FT."""
     out, _ = quick_run

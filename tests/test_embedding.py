@@ -86,6 +86,38 @@ def test_gradients_match_finite_differences(c, detach_norm):
     assert report.ok, str(report)
 
 
+@pytest.mark.parametrize("embed_scale", [None, 2.5])
+def test_exact_gradient_of_the_padding_column_is_the_norms_path_only(embed_scale):
+    """Issue 15: in exact mode dA's padding column was never checked. There the lookup
+    sends nothing (F.embedding's padding_idx) but the norm n = ||E.T + s B A||_row still
+    depends on the whole of A: the column gets the norm's path and nothing else. The
+    reference is float64 central differences of the one-hot definition with A moving in
+    the norm only, at column pad."""
+    from dora_ref.gradcheck import numerical_gradient
+
+    rng = np.random.default_rng(4)
+    E, A, B = rng.standard_normal((6, 3)), rng.standard_normal((2, 6)), rng.standard_normal((3, 2))
+    m, s, pad = 1.0 + 0.3 * rng.standard_normal(3), 0.7, 2
+    ids = np.array([[2, 0, 2], [5, 2, 1]])
+    y, ctx = Em.embedding_dora_forward(ids, E, A, B, m, s, embed_scale=embed_scale,
+                                       padding_idx=pad)
+    dy = rng.standard_normal(y.shape)
+    dA, _, _ = Em.embedding_dora_backward(dy, ctx, detach_norm=False)
+
+    def loss(p):  # the one-hot definition; A in the norm has column pad = p["a"]
+        A_norm = A.copy()
+        A_norm[:, pad] = p["a"]
+        n = np.linalg.norm(E.T + s * B @ A_norm, axis=1)
+        V_oi = E.T + s * B @ A  # the lookup's A: fixed
+        yy = np.eye(6)[ids.reshape(-1)] @ ((m / n)[:, None] * V_oi).T * (embed_scale or 1.0)
+        return float(np.sum(dy.reshape(-1, 3) * yy))
+
+    want = numerical_gradient(loss, {"a": A[:, pad].copy()}, "a")
+    # central differences: ~1e-10 relative (dora_ref.gradcheck's error model), 1e-6 allowed
+    np.testing.assert_allclose(dA[:, pad], want, rtol=1e-6, atol=1e-9 * np.abs(dA).max())
+    assert np.abs(dA[:, pad]).max() > 1e-3 * np.abs(dA).max()  # not a vacuous zero
+
+
 def test_repeated_ids_accumulate_in_the_scatter_add():
     rng = np.random.default_rng(0)
     E, A, B = rng.standard_normal((5, 3)), rng.standard_normal((2, 5)), rng.standard_normal((3, 2))

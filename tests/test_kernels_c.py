@@ -51,7 +51,9 @@ from hypothesis import strategies as st
 from dora_ref import _kernels_numpy as NP
 from dora_ref.tolerance import gamma
 
-_REQUIRE_C = os.environ.get("DORA_REF_REQUIRE_C", "") not in ("", "0")
+from ci_env import env_flag  # the suite's one parser of DORA_REF_REQUIRE_*
+
+_REQUIRE_C = env_flag("DORA_REF_REQUIRE_C")
 try:
     from dora_ref import _kernels_c as C
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -324,10 +326,20 @@ def test_empty_sizes():
         )
         y = C.forward_epilogue(p["base"], p["U"], p["B"], p["g"], 0.5, p["bias"])
         assert y.shape == (N, out_f)
+        np.testing.assert_allclose(
+            y, NP.forward_epilogue(p["base"], p["U"], p["B"], p["g"], 0.5, p["bias"]),
+            rtol=1e-12, atol=1e-12)  # in = 0 does not empty y: g * (base + s U B^T) + bias
         dg, dz = C.backward_epilogue(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5)
         dg_np, dz_np = NP.backward_epilogue(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5)
         np.testing.assert_allclose(dg, dg_np, rtol=1e-12, atol=1e-12)
         assert dz.shape == dz_np.shape == (N, out_f)
+        np.testing.assert_array_equal(dz, dz_np)  # dy * g: one rounding in both
+        W_merged, n = C.merge(p["W0"], p["A"], p["B"], p["m"], 0.5)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            W_merged_np, n_np = NP.merge(p["W0"], p["A"], p["B"], p["m"], 0.5)
+        assert W_merged.shape == (out_f, in_f)
+        np.testing.assert_allclose(n, n_np, rtol=1e-13)
+        np.testing.assert_allclose(W_merged, W_merged_np, rtol=1e-13)
         for got, want in zip(
             C._backward_lowrank_fused(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5),
             NP.backward_lowrank(p["dy"], p["base"], p["U"], p["B"], p["g"], 0.5),
@@ -490,6 +502,11 @@ def forced_threads():
 
 
 def test_bitwise_identical_for_any_thread_count(forced_threads):
+    if not C.openmp_enabled():  # one thread whatever is asked: nothing to compare
+        if env_flag("DORA_REF_REQUIRE_OPENMP"):
+            pytest.fail(f"DORA_REF_REQUIRE_OPENMP is set but the C kernels lack OpenMP: "
+                        f"{C.build_info()}")
+        pytest.skip(f"the C kernels were built without OpenMP ({C.build_info()})")
     digests = {}
     for threads in (1, 2, 3):
         forced_threads(threads)
@@ -529,8 +546,6 @@ def test_openmp_info():
 def test_c_is_the_default_backend():
     import dora_ref
 
-    if os.environ.get("DORA_REF_BACKEND"):
-        pytest.skip("DORA_REF_BACKEND forces a backend")
     code = "import dora_ref; print(dora_ref.backend())"
     env = {k: v for k, v in os.environ.items() if k != "DORA_REF_BACKEND"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -610,7 +610,10 @@ def test_merge_command_does_not_overwrite_without_force(tmp_path, capsys):
     assert merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "base")]) == 1
 
 
-def test_merge_command_chains_adapters_and_runs_as_python_m(tmp_path, backend):
+def test_plumbing_merge_command_chains_adapters_as_python_m(tmp_path, backend):
+    """Plumbing: the command's output equals P.merge_weight's (same code path); the chained
+    values are checked against the fold written out densely in
+    test_chained_adapters_merge_and_forward_as_peft_0_21."""
     base, mods = _toy_checkpoint(tmp_path, n_shards=1)
     rng = np.random.default_rng(7)
     write_adapter(tmp_path / "ad2", {"h.0.fc": random_module(rng, 6, 4, 2)})

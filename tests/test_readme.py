@@ -23,6 +23,16 @@ def test_readme_names_the_two_commands():
     assert 'pip install -e ".[test,parity]" && pytest -q' in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install -e ".[test,parity]"' in ci and "pytest -q" in ci
+    # CI turns the skips that could hide a broken install into failures
+    for flag in ("DORA_REF_REQUIRE_C=1", "DORA_REF_REQUIRE_PARITY=1", "DORA_REF_REQUIRE_OPENMP=1"):
+        assert f"export {flag}" in ci, flag
+
+
+def test_readme_testing_commands_name_real_files():
+    text = README.read_text()
+    for path in ("tests/mutation/run_mutations.py", "tests/data/make_reference_values.py"):
+        assert f"python {path}" in text or f"`{path}`" in text, path
+        assert (README.parent / path).is_file(), path
 
 
 def test_cli_info_and_usage():

@@ -93,8 +93,11 @@ def test_correct_numpy_port_passes(dtype):
     assert res.examples == 20 and res.worst_ratio < 1
 
 
-def test_dora_ref_itself_passes_with_its_own_signatures():
-    """dora_forward and merge return tuples: the checker takes their first element."""
+def test_plumbing_checker_accepts_dora_refs_own_signatures():
+    """Plumbing (the checker's expected values are dora_ref.functional's own):
+    dora_forward and merge return tuples, and the checker takes their first element.
+    The checker's verdicts are tested on independent ports (np_forward and the wrong
+    ports) above and below."""
     testing.check_forward(F.dora_forward, **FEW)
     testing.check_merge(F.merge, F.unmerge, **FEW)
 
