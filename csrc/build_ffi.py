@@ -8,7 +8,13 @@ verbatim into ``ffibuilder.cdef``; ``dora_ref/_kernels_c.py`` wraps it.
 
 Compiler flags are chosen by test compiles, never assumed:
 
-* ``-O3`` (``/O2`` with MSVC);
+* ``-O3`` (``/O2`` with MSVC) and ``-ffp-contract=off``: no multiply-add is
+  fused behind the source's back. GCC fuses by default where it sees fit,
+  and it fused ``acc += v * v`` in one float64 kernel and not in another,
+  so that merge's n and column_norm's n differed in the last bit
+  (``test_merge_norm_is_the_column_norm_bit_for_bit``). Off, every kernel
+  rounds each operation as its NumPy twin does (MSVC does not contract by
+  default);
 * ``-fopenmp`` (``/openmp``), only when a small OpenMP program compiles and
   links: Apple clang, for one, has no OpenMP by default. Without it the
   kernels are the same code, run on one thread;
@@ -100,7 +106,7 @@ def compiler_flags():
         msvc = _new_compiler().compiler_type == "msvc"
     except Exception:  # no compiler at all: the build fails later, setup.py reports it
         return [], [], []
-    compile_args = ["/O2"] if msvc else ["-O3"]
+    compile_args = ["/O2"] if msvc else ["-O3", "-ffp-contract=off"]
     link_args = []
     macros = []
     for omp_compile, omp_link in (

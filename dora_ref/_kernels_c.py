@@ -272,7 +272,7 @@ def _weight_row_blocks(out_features, in_features, itemsize):
     The C kernels take rows in groups of four from the start of each block
     of ``dora_row_block()`` rows, and a row in a full group is computed by
     other instructions than one in the ragged last group (the compiler's
-    vector code, its FMA contractions), which can change its last bit. Blocks
+    vector code), which can change its last bit. Blocks
     that start where the kernel's own blocks start keep every row in the
     group it has in one call on the whole weight: the same bits, whatever
     the layout. (Blocks of ``_kernels_numpy._row_blocks`` did not, and
