@@ -172,9 +172,10 @@ MUTATIONS = [
              "dU[e] = (REAL)s * (REAL)sum;", "dU[e] = (REAL)sum;",
              "C backward_lowrank forgets s in dU"),
     Mutation("c_products_odd_rank_sign", C,
-             "            lanes[q][l] += x * a[l];\n            t += ck[q] * x;",
-             "            lanes[q][l] += x * a[l];\n            t -= ck[q] * x;",
-             "C norm_gradient_products: C.T @ W0 subtracted for the last k of an odd r"),
+             "            lanes[q][l] += x * p[l];\n            t += qk[q] * x;",
+             "            lanes[q][l] += x * p[l];\n            t -= qk[q] * x;",
+             "C two-product row kernel (norm_gradient_products' C.T @ W0, backward_lowrank's "
+             "dB): Q.T @ M subtracted for the last k of an odd r"),
     Mutation("c_unmerge_sign", C,
              "W0[q * in + l] = Wm[q * in + l] / f[q] - s * P[q][l];",
              "W0[q * in + l] = Wm[q * in + l] / f[q] + s * P[q][l];",
