@@ -10,6 +10,7 @@ from ._backend import available_backends, backend, set_backend, use_backend
 from .functional import (
     DoRAGrads,
     LoRAGrads,
+    NonFiniteWeightError,
     column_norm,
     dora_backward,
     dora_forward,
@@ -44,6 +45,7 @@ __all__ = [
     "lora_scaling",
     "DoRAGrads",
     "LoRAGrads",
+    "NonFiniteWeightError",
     "available_backends",
     "backend",
     "column_norm",

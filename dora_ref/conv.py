@@ -61,7 +61,7 @@ Where dora_ref deliberately differs from PEFT
   linear map of the dense kernel ``V = blockdiag(W0) + s * B_full @ A``
   (``grouped_to_dense``, ``lora_B_dense``), and dora_ref normalises the rows of
   that V. PEFT instead reshapes ``lora_B.view(-1, r) @ lora_A.view(r, -1)``
-  into W0's shape, which mixes output channels (peft_dora.md Sec. 3.4), and
+  into W0's shape, which mixes output channels (docs/peft_dora.md, Sec. 1 "Convolutions"), and
   refuses to merge. Here merge works and returns the dense (out, in, *k)
   kernel of a ``groups=1`` convolution: the merged layer is no longer grouped,
   because the adapted layer is not. At initialisation (B = 0) both give the

@@ -3,7 +3,7 @@
 An adapter directory as ``PeftModel.save_pretrained`` writes it holds
 ``adapter_config.json`` and ``adapter_model.safetensors``. For a linear
 module at path ``<name>`` of the base model (e.g.
-``model.layers.0.self_attn.q_proj``), PEFT 0.12+ saves (peft_dora.md Sec. 8)::
+``model.layers.0.self_attn.q_proj``), PEFT 0.12+ saves (docs/peft_dora.md, Sec. 4)::
 
     base_model.model.<name>.lora_A.weight            (r, in)
     base_model.model.<name>.lora_B.weight            (out, r)
@@ -14,7 +14,7 @@ magnitude (D,)) and convolutions (``lora_A.weight`` (r, in, *k),
 ``lora_B.weight`` (out, r, 1, ...), magnitude (1, out, 1, ...)) are read,
 written and merged too: each is DoRA on a linear view of its weight, E.T
 (D, V) for an embedding and the kernel flattened to (out, in * prod(k)) for
-a convolution (peft_dora.md Sec. 3.3, 3.4, 7.2, 7.3), the views
+a convolution (docs/peft_dora.md, Sec. 1 "Embeddings", "Convolutions", and Sec. 3), the views
 ``dora_ref.embedding`` and ``dora_ref.conv`` use.
 
 The magnitude has one value per output channel: the paper's column norm is
@@ -38,7 +38,7 @@ as ``base_model.model.<module>.weight``) are kept in ``PeftAdapter.replaced``
 and replace the base's when merging.
 
 Several DoRA adapters on one layer are chained as PEFT 0.21 chains them
-(peft_dora.md Sec. 5.2, 7.4): each adapter's norm is taken from the *bare*
+(docs/peft_dora.md, Sec. 1 "Several DoRA adapters", Sec. 3): each adapter's norm is taken from the *bare*
 base weight, and each DoRA adapter rescales everything accumulated before it::
 
     forward (eval):  y <- x @ W0.T;  per adapter i:  y <- g_i * (y + s_i (x A_i.T) B_i.T)
@@ -284,7 +284,7 @@ def _check_field_types(d, source):
                 raise ValueError(f"{source}: field {name!r}: {key!r} maps to {_show(value)}; values must be {want}")
 
 
-# initialisations that replace the base weight W by a residual (peft_dora.md Sec. 3.1, step 3)
+# initialisations that replace the base weight W by a residual (docs/peft_dora.md, Sec. 1 "Initial magnitude")
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -303,7 +303,7 @@ class LoraAdapterConfig:
     use_rslora : bool
         Scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
     lora_dropout : float
-        Dropout on the adapter's input in training (peft_dora.md Sec. 5.1b).
+        Dropout on the adapter's input in training (docs/peft_dora.md, Sec. 1 "The forward").
     fan_in_fan_out : bool
         Base weights stored (in, out), as GPT-2's ``Conv1D``. PEFT overwrites
         it per module type, so a saved adapter holds the value for the last
@@ -705,7 +705,7 @@ def _module_from_parts(name, p, config, source, dtype):
 def save_adapter(directory, adapter):
     """Write ``adapter`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
-    Keys and shapes as peft_dora.md Sec. 8 (``base_model.model.<name>.lora_A.weight``
+    Keys and shapes as docs/peft_dora.md, Sec. 4 (``base_model.model.<name>.lora_A.weight``
     (r, in), ``...lora_B.weight`` (out, r), ``...lora_magnitude_vector`` (out,);
     ``lora_embedding_A``/``_B`` for embeddings, (1, out, 1, ...) conv magnitudes).
     Each module's rank and alpha must be what the config gives it (see
@@ -742,7 +742,7 @@ def save_adapter(directory, adapter):
         tensors[key + b] = np.ascontiguousarray(mod.lora_B)
         if mod.magnitude is not None:
             m = mod.magnitude
-            if mod.kind == "conv":  # PEFT's (1, out, 1, ...), peft_dora.md Sec. 3.4
+            if mod.kind == "conv":  # PEFT's (1, out, 1, ...), docs/peft_dora.md, Sec. 1 "Convolutions"
                 m = m.reshape((1, -1) + (1,) * (mod.lora_A.ndim - 2))
             tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m)
     for name, arr in adapter.replaced.items():
@@ -1324,8 +1324,8 @@ def chain_forward(x, W0, bias, modules):
     """Several (Do)LoRA adapters active on one linear layer, PEFT 0.21 (eval).
 
     PEFT's ``Linear.forward`` loop feeds the running result into each
-    adapter; a DoRA adapter rescales everything before it (peft_dora.md
-    Sec. 5.2)::
+    adapter; a DoRA adapter rescales everything before it (docs/peft_dora.md,
+    Sec. 1 "Several DoRA adapters")::
 
         y <- x @ W0.T
         for each adapter i:  DoRA: y <- g_i * (y + s_i (x @ A_i.T) @ B_i.T)
@@ -1377,7 +1377,7 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
     layout and dtype. One DoRA adapter: ``W' = diag(m / n)(W0 + s B A)``
     (``dora_ref.functional.merge``). Several: each in order,
     ``W <- diag(m_i / n_i)(W + s_i B_i A_i)`` for DoRA and ``W <- W + s_i B_i A_i``
-    for LoRA, with n_i from the bare base (peft_dora.md Sec. 7.4, PR #3609).
+    for LoRA, with n_i from the bare base (docs/peft_dora.md, Sec. 3; PEFT PR #3609).
     The bias is never changed.
 
     Embeddings and convolutions merge the same way on their linear views

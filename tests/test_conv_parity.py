@@ -136,7 +136,7 @@ def test_conv_forward_gradients_and_merge_equal_peft(case):
 
 
 def test_conv_training_with_dropout_equals_peft():
-    """lora_dropout > 0 in training: PEFT's recompute path (peft_dora.md Sec. 5.4 b),
+    """lora_dropout > 0 in training: PEFT's recompute path (docs/peft_dora.md, Sec. 1 "Convolutions"),
     y = conv(x, W) + b + (g - 1) conv(xd, W) + g s lora_B(lora_A(xd)). PEFT's mask is
     reproduced by replaying torch's RNG on a tensor of ones of x's shape."""
     model, lay = peft_dora(nn.Conv2d(3, 4, 3, padding=1, stride=2), r=2, alpha=3, lora_dropout=0.3)

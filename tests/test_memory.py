@@ -1,4 +1,4 @@
-"""Memory: DoRA's training step needs no (out, in) temporary (DESIGN.md).
+"""Memory: DoRA's training step needs no (out, in) temporary (the memory goal in README.md).
 
 tracemalloc sees NumPy's allocations. What the step must allocate anyway is
 its results (y, dx, dA, dB, dmagnitude) and the activations it keeps for the

@@ -97,7 +97,7 @@ def test_save_then_load_round_trips_exactly_with_per_module_ranks(tmp_path):
     assert cfg["rank_pattern"] == {r"^model\.layers\.1\.q": 3}  # anchored: this module only
     assert cfg["alpha_pattern"] == {r"^model\.layers\.1\.q": 5}
     assert cfg["base_model_name_or_path"] == "toy" and cfg["peft_type"] == "LORA"
-    # keys and shapes as peft_dora.md Sec. 8
+    # keys and shapes as docs/peft_dora.md, Sec. 4
     tensors = load_file(str(tmp_path / P.ADAPTER_WEIGHTS))
     pre = "base_model.model.model.layers.0.up."
     assert tensors[pre + "lora_A.weight"].shape == (2, 5)
@@ -250,7 +250,7 @@ def _conv_embedding_adapter(tmp_path, rng, conv_magnitude_shape=(1, 4, 1, 1)):
 
 
 def test_conv_and_embedding_modules_read_write_and_merge_on_their_linear_views(tmp_path):
-    """Conv: DoRA on the kernel flattened to (out, in*k*k); embedding: on E.T (peft_dora.md 3.3, 3.4)."""
+    """Conv: DoRA on the kernel flattened to (out, in*k*k); embedding: on E.T (docs/peft_dora.md, Sec. 1 "Embeddings", "Convolutions")."""
     rng = np.random.default_rng(0)
     t = _conv_embedding_adapter(tmp_path / "a", rng)
     ad = P.load_adapter(tmp_path / "a")
@@ -405,7 +405,7 @@ def test_merge_weight_equals_the_dense_definition_in_both_layouts(shape):
 
 
 def test_chained_adapters_merge_and_forward_as_peft_0_21():
-    """DoRA, LoRA, DoRA on one layer; every norm from the bare W0 (peft_dora.md 5.2, 7.4)."""
+    """DoRA, LoRA, DoRA on one layer; every norm from the bare W0 (docs/peft_dora.md, Sec. 1 "Several DoRA adapters", Sec. 3)."""
     rng = np.random.default_rng(1)
     out_f, in_f = 6, 5
     W0, b0, x = rng.normal(size=(out_f, in_f)), rng.normal(size=out_f), rng.normal(size=(3, in_f))

@@ -298,7 +298,7 @@ class FixedMask(torch.nn.Module):
 @cases
 @params
 def test_dropout_with_the_same_mask_gives_peft_outputs_and_gradients(setups, case_name, dtype_name):
-    """Training with lora_dropout: PEFT's recompute path (peft_dora.md 5.1b), same mask both sides."""
+    """Training with lora_dropout: PEFT's recompute path (docs/peft_dora.md, Sec. 1 "The forward"), same mask both sides."""
     s = setups(case_name, dtype_name)
     s.model.train()
     layers, _ = s.layers(lora_dropout=0.3)
@@ -416,7 +416,7 @@ def test_rank_and_alpha_patterns_equal_peft_get_pattern_key():
 
 @params
 def test_chained_adapters_equal_peft_forward_and_merge(dtype_name, tmp_path):
-    """DoRA + DoRA + LoRA active on one layer (peft_dora.md 5.2, 7.4; PEFT 0.21 PR #3609)."""
+    """DoRA + DoRA + LoRA active on one layer (docs/peft_dora.md, Sec. 1 "Several DoRA adapters" and Sec. 3; PEFT 0.21 PR #3609)."""
     dtype, np_dtype = DTYPES[dtype_name], np.dtype(dtype_name)
     case = CASES["linear"]
     base = _base_model(case, dtype)
