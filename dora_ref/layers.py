@@ -301,6 +301,7 @@ class LoRALinear(AdapterLayer):
             ``unmerge``).
         """
         if self.merged:
+            self._mask_for(x, dropout_mask)  # refuses a mask: a merged layer has no dropout
             self._ctx = None
             self._check_merged_adapter("forward")
             x2 = check_input(x, self.in_features, self._weight.dtype)
@@ -482,7 +483,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
         if self.merged:
-            return super().forward(x)
+            return super().forward(x, dropout_mask=dropout_mask)
         mask = self._mask_for(x, dropout_mask)
         if self.training:
             self._norm_cache.clear()
