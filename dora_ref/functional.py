@@ -491,6 +491,14 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 
 
+def _check_ctx(ctx, cls, forward):
+    """Raise ``TypeError`` unless ``ctx`` is the context ``forward`` returns."""
+    if not isinstance(ctx, cls):
+        raise TypeError(
+            f"ctx must be the {cls.__name__} returned by {forward}, got {type(ctx).__name__}"
+        )
+
+
 def dora_backward(dy, ctx, *, detach_norm=True):
     """Gradients of a DoRA layer from the upstream gradient (hand-derived).
 
@@ -515,13 +523,15 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     Raises
     ------
     TypeError, ValueError
-        If dy's dtype or shape does not match the forward's output.
+        If dy's dtype or shape does not match the forward's output, or ctx
+        is not a ``DoRAContext``.
     RuntimeError
         If A, B or the magnitude changed in place since the forward (an
         optimiser step in between): the saved activations belong to the
         old values, and mixing them with the new ones would be silently
         wrong (PyTorch raises the same way for saved tensors).
     """
+    _check_ctx(ctx, DoRAContext, "dora_forward")
     if ctx.seen is not None:
         ctx.seen.check_backward()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
@@ -760,9 +770,10 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
     Raises
     ------
     TypeError, ValueError
-        On bad dtypes or shapes.
+        On bad dtypes or shapes, or NaN/Inf in a weight.
     """
     W0, A, B, _, bias = check_adapter(W0, A, B, None, bias)
+    check_finite("W0", W0)  # check_adapter leaves it to the norm, which LoRA has not
     scaling = check_scaling(scaling)
     x2 = check_input(x, W0.shape[1], W0.dtype)
     return _lora_forward(np.shape(x), x2, W0, A, B, scaling, bias, dropout_mask)
@@ -800,10 +811,12 @@ def lora_backward(dy, ctx):
     Raises
     ------
     TypeError, ValueError
-        If dy's dtype or shape does not match the forward's output.
+        If dy's dtype or shape does not match the forward's output, or ctx
+        is not a ``LoRAContext``.
     RuntimeError
         If A or B changed in place since the forward (see ``dora_backward``).
     """
+    _check_ctx(ctx, LoRAContext, "lora_forward")
     if ctx.seen is not None:
         ctx.seen.check_backward()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling

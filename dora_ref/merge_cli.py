@@ -391,6 +391,10 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     force : bool
         Replace an existing OUT (a file, or a directory holding a
         safetensors model) as a whole.
+
+        An OUT that is a symbolic link is written through: its target (which
+        need not exist yet) is what is created or replaced, and the link
+        stays, as ``cp`` and ``save_pretrained`` write through it.
     verbose : bool
         List every merged module in the summary (default: the first 10).
     log : callable
@@ -422,6 +426,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     # which adapter each module came from, for the summary
     origin = {id(m): (str(a), "DoRA" if ad.config.use_dora else "LoRA")
               for a, ad in zip(adapter_paths, adapters) for m in ad.modules.values()}  # fmt: skip
+    if Path(out).is_symlink():  # write through the link (replacing it would leave it behind)
+        out = Path(os.path.realpath(out))
     files, out_dir = _output_files(base, out)
     _check_output(base, adapter_paths, out, files, out_dir, force)
     final = Path(os.path.abspath(out_dir if out_dir is not None else files[0][1]))  # "." has no name

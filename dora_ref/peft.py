@@ -457,7 +457,7 @@ def read_config(directory):
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (is this a PEFT adapter directory?)")
     try:
         d = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
     return LoraAdapterConfig.from_dict(d, source=str(path))
 

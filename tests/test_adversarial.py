@@ -84,3 +84,106 @@ def test_dropout_mask_while_merged_raises(kind):
     layer.unmerge()
     layer.train(False)
     np.testing.assert_allclose(layer.forward(x), y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_lora_forward_nonfinite_W0_raises(bad):
+    """lora_forward left NaN/Inf in W0 to a norm that LoRA does not compute: it returned
+    NaN outputs silently (dora_forward refused the same W0)."""
+    import dora_ref.functional as F
+
+    rng = np.random.default_rng(3)
+    W0, A, B = rng.normal(size=(6, 5)), rng.normal(size=(2, 5)), rng.normal(size=(6, 2))
+    W0[4, 1] = bad
+    with pytest.raises(ValueError, match="W0"):
+        F.lora_forward(rng.normal(size=(3, 5)), W0, A, B, 0.5)
+
+
+@pytest.mark.parametrize("ctx", [None, {}, "ctx", 3])
+def test_backward_with_a_wrong_ctx_raises_type_error(ctx):
+    """dora_backward / lora_backward with something that is not their forward's context
+    raised AttributeError ('NoneType' object has no attribute 'seen')."""
+    import dora_ref.functional as F
+
+    dy = np.ones((4, 6))
+    with pytest.raises(TypeError, match="ctx must be the DoRAContext"):
+        F.dora_backward(dy, ctx)
+    with pytest.raises(TypeError, match="ctx must be the LoRAContext"):
+        F.lora_backward(dy, ctx)
+
+
+def test_backward_with_the_other_kinds_ctx_raises_type_error():
+    import dora_ref.functional as F
+
+    rng = np.random.default_rng(4)
+    x, W0, A, B = (rng.normal(size=s) for s in [(3, 5), (6, 5), (2, 5), (6, 2)])
+    _, lora_ctx = F.lora_forward(x, W0, A, B, 0.5)
+    _, dora_ctx = F.dora_forward(x, W0, A, B, np.ones(6), 0.5)
+    with pytest.raises(TypeError, match="got LoRAContext"):
+        F.dora_backward(np.ones((3, 6)), lora_ctx)
+    with pytest.raises(TypeError, match="got DoRAContext"):
+        F.lora_backward(np.ones((3, 6)), dora_ctx)
+
+
+# ---------------------------------------------------------------------------
+# dora-ref merge
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """A two-tensor base directory and a DoRA adapter for one of its modules."""
+    from peft_helpers import random_module, write_adapter
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "base").mkdir()
+    save_file({"l0.weight": rng.standard_normal((8, 6)).astype(np.float32),
+               "norm.weight": np.ones(6, np.float32)},
+              str(tmp_path / "base" / "model.safetensors"))
+    write_adapter(tmp_path / "ad", {"l0": random_module(rng, 8, 6, 2, dtype=np.float32)})
+    return tmp_path
+
+
+def _merged_files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["model-dir", "dangling"])
+def test_merge_out_symlink_is_written_through(small_checkpoint, target_exists):
+    """OUT a symlink (--force): before, the atomic exchange swapped the link itself, the
+    cleanup then failed ('Cannot call rmtree on a symbolic link') and the command exited
+    with an error although OUT had been replaced, leaving the link as a temporary sibling;
+    a dangling link failed with 'Not a directory'. Now the target is written, the link stays."""
+    from dora_ref.merge_cli import merge_checkpoint
+
+    d = small_checkpoint
+    merge_checkpoint(d / "base", [d / "ad"], d / "ref", progress=False, log=lambda *a: None)
+    if target_exists:
+        merge_checkpoint(d / "base", [d / "ad"], d / "target", progress=False, log=lambda *a: None)
+        (d / "target" / "model.safetensors").write_bytes(b"old")  # an older output
+    (d / "link").symlink_to(d / "target")
+    merge_checkpoint(d / "base", [d / "ad"], d / "link", progress=False, force=True,
+                     log=lambda *a: None)
+    assert (d / "link").is_symlink()
+    assert _merged_files(d / "target") == _merged_files(d / "ref")
+    assert sorted(p.name for p in d.iterdir()) == ["ad", "base", "link", "ref", "target"]
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("adapter_config.json", b"[" * 100000 + b"]" * 100000),
+    ("adapter_config.json", b"{" + b'"a":{' * 100000 + b"}" * 100001),
+    ("model.safetensors.index.json", b"[" * 100000 + b"]" * 100000),
+    ("config.json", b"[" * 100000 + b"]" * 100000),
+])
+def test_merge_deeply_nested_json_is_a_value_error(small_checkpoint, name, raw):
+    """JSON nested deeper than Python's stack raised RecursionError (a traceback from the
+    CLI) for the adapter config, the shard index and the model's config.json."""
+    from dora_ref.merge_cli import merge_checkpoint
+
+    d = small_checkpoint
+    target = d / ("ad" if name == "adapter_config.json" else "base") / name
+    target.write_bytes(raw)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        merge_checkpoint(d / "base", [d / "ad"], d / "out", progress=False, log=lambda *a: None)
+    assert not (d / "out").exists()
