@@ -187,3 +187,78 @@ def test_merge_deeply_nested_json_is_a_value_error(small_checkpoint, name, raw):
     with pytest.raises(ValueError, match="not valid JSON"):
         merge_checkpoint(d / "base", [d / "ad"], d / "out", progress=False, log=lambda *a: None)
     assert not (d / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# optimisers
+# ---------------------------------------------------------------------------
+
+OPTIMISERS = {
+    "SGD": lambda p, **kw: __import__("dora_ref").SGD(p, **{"lr": 0.1, **kw}),
+    "SGD-momentum": lambda p, **kw: __import__("dora_ref").SGD(
+        p, **{"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, **kw}),
+    "AdamW": lambda p, **kw: __import__("dora_ref").AdamW(p, **{"lr": 0.1, **kw}),
+}
+
+
+@pytest.mark.parametrize("opt", OPTIMISERS)
+@pytest.mark.parametrize("lr, grad, dtype", [(1e308, 1e10, np.float64), (10.0, 3e38, np.float32)],
+                         ids=["huge-lr", "huge-grad-float32"])
+def test_step_that_overflows_raises_and_changes_nothing(opt, lr, grad, dtype):
+    """A finite but huge lr or gradient overflowed the update: the parameter (or AdamW's v,
+    which then froze it) turned inf silently, and the next forward blamed lora_A."""
+    import copy
+
+    p = {"a": np.array([1.0, -2.0, 0.5], dtype), "b": np.ones(2, dtype)}
+    o = OPTIMISERS[opt](p, lr=lr)
+    before = copy.deepcopy(p)
+    state = copy.deepcopy({k: v for k, v in vars(o).items() if k != "params"})
+    with pytest.raises(ValueError, match="non-finite"):
+        o.step({"a": np.full(3, grad, dtype), "b": np.ones(2, dtype)})
+    for k in p:
+        np.testing.assert_array_equal(p[k], before[k])
+    after = {k: v for k, v in vars(o).items() if k != "params"}
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        if isinstance(v, dict):
+            assert after[k].keys() == v.keys()
+            for n in v:
+                np.testing.assert_array_equal(after[k][n], v[n])
+        else:
+            assert after[k] == v
+
+
+@pytest.mark.parametrize("opt", OPTIMISERS)
+def test_optimizer_refuses_params_that_share_memory(opt):
+    """The same array under two names (or overlapping views) was stepped twice per step."""
+    a = np.ones(4)
+    with pytest.raises(ValueError, match=r"params\['x'\] and params\['y'\] share memory"):
+        OPTIMISERS[opt]({"x": a, "y": a})
+    with pytest.raises(ValueError, match="share memory"):
+        OPTIMISERS[opt]({"x": a[:3], "y": a[1:]})
+    OPTIMISERS[opt]({"x": a[::2], "y": np.ones(2)})  # distinct arrays: accepted
+
+
+@pytest.mark.parametrize("opt", OPTIMISERS)
+@pytest.mark.parametrize("dtype", [bool, complex, object])
+def test_step_refuses_grads_that_are_not_real_numbers(opt, dtype):
+    """Complex gradients lost their imaginary part with only a ComplexWarning, bools were
+    taken as 0/1, object arrays gave numpy's 'isfinite not supported'."""
+    p = {"a": np.ones(3)}
+    o = OPTIMISERS[opt](p)
+    with pytest.raises(TypeError, match=r"grads\['a'\] must hold real numbers"):
+        o.step({"a": np.ones(3, dtype)})
+    np.testing.assert_array_equal(p["a"], np.ones(3))
+
+
+@pytest.mark.parametrize("opt", OPTIMISERS)
+def test_optimizer_params_and_grads_not_mappings_raise_type_error(opt):
+    """A list of params gave AttributeError ('list' object has no attribute 'items'), grads
+    None 'NoneType' object is not iterable."""
+    with pytest.raises(TypeError, match="params must be a mapping"):
+        OPTIMISERS[opt]([np.ones(3)])
+    o = OPTIMISERS[opt]({"a": np.ones(3)})
+    with pytest.raises(TypeError, match="grads must be a mapping"):
+        o.step(None)
+    with pytest.raises(TypeError, match="grads must be a mapping"):
+        o.step([np.ones(3)])
