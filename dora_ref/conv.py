@@ -87,6 +87,7 @@ from . import functional as F
 from ._validate import (
     WeightSnapshot,
     as_float_array,
+    check_result_finite,
     check_rows_finite,
     check_same_dtype,
     check_scaling,
@@ -1013,7 +1014,9 @@ class _LoRAConvNd(AdapterLayer):
         args = self._conv_args()
         if self.groups > 1:  # the merged kernel is dense (see conv_merge)
             args["groups"] = 1
-        return conv_nd(x, self._weight, self._bias, **args)
+        y = conv_nd(x, self._weight, self._bias, **args)
+        check_result_finite([("y (the output)", y)], [("x", x)])
+        return y
 
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (N, in, *L) -> y (N, out, *L_out).

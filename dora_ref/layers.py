@@ -43,6 +43,7 @@ from ._validate import (
     check_adapter,
     check_finite,
     check_input,
+    check_result_finite,
     check_rows_finite,
     check_scaling,
     check_weight_shape,
@@ -308,6 +309,7 @@ class LoRALinear(AdapterLayer):
             y = x2 @ self._weight.T
             if self._bias is not None:
                 y += self._bias
+            check_result_finite([("y (the output)", y)], [("x", x2)])
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
         x2 = check_input(x, self.in_features, self._weight.dtype)

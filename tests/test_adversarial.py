@@ -262,3 +262,66 @@ def test_optimizer_params_and_grads_not_mappings_raise_type_error(opt):
         o.step(None)
     with pytest.raises(TypeError, match="grads must be a mapping"):
         o.step([np.ones(3)])
+
+
+# ---------------------------------------------------------------------------
+# NaN/Inf in the batch, and outputs that overflow: never returned
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_forward_with_nonfinite_x_raises_naming_x(kind, merged, bad):
+    """NaN/Inf in x came out as NaN/Inf outputs silently (unmerged and merged)."""
+    if kind == "DoRAEmbedding":
+        pytest.skip("an embedding's input is integer ids")
+    layer, x = make_layer(kind)
+    if merged:
+        layer.merge()
+    x = x.copy()
+    x.flat[3] = bad
+    with pytest.raises(ValueError, match=r"^x .*contains NaN or Inf"):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_forward_that_overflows_raises(kind, merged):
+    """A finite float32 x near the dtype's maximum overflowed the output to inf: returned
+    with a RuntimeWarning (NumPy backend) or nothing at all (C epilogue)."""
+    if kind == "DoRAEmbedding":
+        pytest.skip("an embedding's output is a row of its finite table")
+    layer, x = make_layer(kind, dtype=np.float32)
+    if merged:
+        layer.merge()
+    x = np.full_like(x, 3e38)
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError, match="overflowed float32"):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "DoRAEmbedding"] + ["DoRAEmbedding"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_backward_with_nonfinite_dy_raises_naming_dy(kind, bad):
+    """NaN/Inf in dy came out as NaN gradients, accumulated into layer.grads silently."""
+    layer, x = make_layer(kind)
+    y = layer.forward(x)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    dy = np.ones_like(y)
+    dy.flat[2] = bad
+    with pytest.raises(ValueError, match=r"^dy .*contains NaN or Inf"):
+        layer.backward(dy)
+    for k in grads:
+        np.testing.assert_array_equal(layer.grads[k], grads[k])
+
+
+def test_dora_forward_magnitude_that_overflows_the_output_raises():
+    """C backend: a finite magnitude near float64's maximum gave inf outputs with no
+    warning at all (the epilogue runs in C); NumPy only warned."""
+    import dora_ref.functional as F
+
+    rng = np.random.default_rng(6)
+    W0, A, B = rng.normal(size=(6, 5)), rng.normal(size=(2, 5)), rng.normal(size=(6, 2))
+    m = np.full(6, np.finfo(np.float64).max)
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError, match="overflowed float64"):
+        F.dora_forward(rng.normal(size=(3, 5)), W0, A, B, m, 0.5)
