@@ -325,3 +325,58 @@ def test_dora_forward_magnitude_that_overflows_the_output_raises():
     m = np.full(6, np.finfo(np.float64).max)
     with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError, match="overflowed float64"):
         F.dora_forward(rng.normal(size=(3, 5)), W0, A, B, m, 0.5)
+
+
+# ---------------------------------------------------------------------------
+# dora_ref.peft: merge_weight and merge_state_dict arguments
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dora_module(tmp_path):
+    from peft_helpers import random_module, write_adapter
+
+    import dora_ref.peft as P
+
+    rng = np.random.default_rng(7)
+    write_adapter(tmp_path / "ad", {"l0": random_module(rng, 8, 8, 2, dtype=np.float32)})
+    adapter = P.load_adapter(tmp_path / "ad")
+    return adapter, rng.standard_normal((8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int8, bool])
+def test_merge_weight_into_integer_or_bool_weight_raises(dora_module, dtype):
+    """An int32 or bool base weight came back merged and truncated to its dtype."""
+    import dora_ref.peft as P
+
+    adapter, W = dora_module
+    with pytest.raises(TypeError, match="W_stored must be a float16, bfloat16, float32 or float64"):
+        P.merge_weight((W * 10).astype(dtype), [adapter.modules["l0"]])
+
+
+@pytest.mark.parametrize("fifo", ["false", "False", 1, None])
+def test_merge_weight_fan_in_fan_out_not_a_bool_raises(dora_module, fifo):
+    """fan_in_fan_out="false" is truthy: a square weight was merged transposed, silently."""
+    import dora_ref.peft as P
+
+    adapter, W = dora_module
+    with pytest.raises(TypeError, match="fan_in_fan_out must be True or False"):
+        P.merge_weight(W, [adapter.modules["l0"]], fan_in_fan_out=fifo)
+
+
+def test_merge_weight_and_state_dict_bad_containers_raise_type_error(dora_module):
+    """merge_weight(W, []) raised IndexError; merge_state_dict(list or None, ...)
+    AttributeError; merge_state_dict(base, adapter) 'PeftAdapter' object is not iterable."""
+    import dora_ref.peft as P
+
+    adapter, W = dora_module
+    for modules in ([], None, adapter.modules["l0"], ["l0"]):
+        with pytest.raises(TypeError, match="modules must be a non-empty sequence of ModuleAdapter"):
+            P.merge_weight(W, modules)
+    for base in ([W], None):
+        with pytest.raises(TypeError, match="base must be a mapping"):
+            P.merge_state_dict(base, [adapter])
+    with pytest.raises(TypeError, match="adapters must be a sequence"):
+        P.merge_state_dict({"l0.weight": W}, adapter)
+    merged = P.merge_state_dict({"l0.weight": W}, [adapter], fan_in_fan_out=False)  # well formed
+    np.testing.assert_array_equal(merged["l0.weight"], P.merge_weight(W, [adapter.modules["l0"]]))
