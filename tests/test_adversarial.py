@@ -380,3 +380,16 @@ def test_merge_weight_and_state_dict_bad_containers_raise_type_error(dora_module
         P.merge_state_dict({"l0.weight": W}, adapter)
     merged = P.merge_state_dict({"l0.weight": W}, [adapter], fan_in_fan_out=False)  # well formed
     np.testing.assert_array_equal(merged["l0.weight"], P.merge_weight(W, [adapter.modules["l0"]]))
+
+
+@pytest.mark.parametrize("kw", [dict(stride=1.5), dict(padding=2.0), dict(dilation=None),
+                                dict(padding=10**30), dict(stride=2**31), dict(dilation=(1, 10**20))])
+def test_conv_geometry_float_or_huge_raises_value_error_naming_it(kw):
+    """stride=1.5 raised "TypeError: 'float' object is not iterable" and padding=10**30
+    NumPy's "`pad_width` must be of integral type": neither named the argument."""
+    from dora_ref import conv as C
+
+    (name,) = kw
+    W = np.random.default_rng(8).standard_normal((4, 2, 3, 3))
+    with pytest.raises(ValueError, match=f"^{name} must be an int >= "):
+        C.DoRAConv2d(W, r=2, rng=0, **kw)
