@@ -497,15 +497,37 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     return merged
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the temporary output is removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None):
     """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage).
 
     Every expected error (a bad file, config, shape, a non-finite merged
     weight, an OS error, running out of memory) prints one line,
     ``dora-ref merge: error: ...``, and returns 1: no traceback. Ctrl-C
-    returns 130; either way OUT is as it was (the temporary output is removed).
+    returns 130 and SIGTERM (``kill``, ``timeout``, a container stopping)
+    143; either way OUT is as it was (the temporary output is removed; by
+    default SIGTERM would end Python at once and leave it behind).
     """
     args = _parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args):
     try:
         merge_checkpoint(
             args.base,
@@ -525,6 +547,9 @@ def main(argv=None):
         print("dora-ref merge: error: out of memory (a tensor and its float32 copies did not fit); "
               f"{args.out} is unchanged", file=sys.stderr)  # fmt: skip
         return 1
+    except _Terminated:
+        print(f"dora-ref merge: terminated (SIGTERM); {args.out} is unchanged", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"dora-ref merge: interrupted; {args.out} is unchanged", file=sys.stderr)
         return 130

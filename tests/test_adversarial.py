@@ -393,3 +393,48 @@ def test_conv_geometry_float_or_huge_raises_value_error_naming_it(kw):
     W = np.random.default_rng(8).standard_normal((4, 2, 3, 3))
     with pytest.raises(ValueError, match=f"^{name} must be an int >= "):
         C.DoRAConv2d(W, r=2, rng=0, **kw)
+
+
+_SIGTERM_MID_MERGE = """
+import os, signal, sys
+from dora_ref import merge_cli
+real = merge_cli.merge_tensor
+def terminated_mid_merge(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next bytecode
+    return real(*args, **kwargs)
+merge_cli.merge_tensor = terminated_mid_merge
+handler = signal.getsignal(signal.SIGTERM)
+rc = merge_cli.main(sys.argv[1:])
+assert signal.getsignal(signal.SIGTERM) is handler, "SIGTERM handler not restored"
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("out_exists", [False, True], ids=["fresh", "force"])
+def test_merge_sigterm_removes_the_temporary_output(small_checkpoint, out_exists):
+    """SIGTERM (kill, timeout, docker stop) ended Python at once: exit -15 and a partial
+    temporary copy of the model left beside OUT until the next merge into it. Now the
+    temporary output is removed, OUT is as it was, exit 143. (In a subprocess: the
+    signal must not reach pytest.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dora_ref import merge_cli
+
+    d = small_checkpoint
+    out = d / "out"
+    if out_exists:
+        merge_cli.merge_checkpoint(d / "base", [d / "ad"], out, progress=False, log=lambda *a: None)
+        (out / "model.safetensors").write_bytes(b"old")
+    before = sorted(p.name for p in d.iterdir())
+    snapshot = _merged_files(out) if out_exists else None
+    argv = [str(d / "base"), str(d / "ad"), str(out), "--no-progress"] + (["--force"] if out_exists else [])
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_MID_MERGE, *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated (SIGTERM)" in proc.stderr
+    assert sorted(p.name for p in d.iterdir()) == before  # no temporary sibling left
+    assert (_merged_files(out) if out_exists else None) == snapshot
