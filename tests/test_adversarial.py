@@ -269,6 +269,7 @@ def test_optimizer_params_and_grads_not_mappings_raise_type_error(opt):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns before the check refuses
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -285,6 +286,7 @@ def test_forward_with_nonfinite_x_raises_naming_x(kind, merged, bad):
         layer.forward(x)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns before the check refuses
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_forward_that_overflows_raises(kind, merged):
@@ -300,6 +302,7 @@ def test_forward_that_overflows_raises(kind, merged):
         layer.forward(x)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns before the check refuses
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "DoRAEmbedding"] + ["DoRAEmbedding"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_backward_with_nonfinite_dy_raises_naming_dy(kind, bad):
@@ -315,6 +318,7 @@ def test_backward_with_nonfinite_dy_raises_naming_dy(kind, bad):
         np.testing.assert_array_equal(layer.grads[k], grads[k])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns before the check refuses
 def test_dora_forward_magnitude_that_overflows_the_output_raises():
     """C backend: a finite magnitude near float64's maximum gave inf outputs with no
     warning at all (the epilogue runs in C); NumPy only warned."""
