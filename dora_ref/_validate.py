@@ -114,7 +114,12 @@ def check_scaling(scaling):
         scaling, (numbers.Real, np.floating, np.integer)
     ):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    scaling = float(scaling)
+    try:
+        scaling = float(scaling)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(
+            f"scaling must be finite, got an integer of {int(scaling).bit_length()} bits"
+        ) from None
     if not np.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
     return scaling

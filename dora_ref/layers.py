@@ -360,8 +360,9 @@ class LoRALinear(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
+        s = check_scaling(self.scaling)
         with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
-            W = self._weight + self.scaling * (self.lora_B @ self.lora_A)
+            W = self._weight + s * (self.lora_B @ self.lora_A)
         check_rows_finite("the merged weight W0 + s*B@A", W)
         self._set_base(W, self._bias, owned=True)
         self.merged = True

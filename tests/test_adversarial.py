@@ -442,3 +442,21 @@ def test_merge_sigterm_removes_the_temporary_output(small_checkpoint, out_exists
     assert "terminated (SIGTERM)" in proc.stderr
     assert sorted(p.name for p in d.iterdir()) == before  # no temporary sibling left
     assert (_merged_files(out) if out_exists else None) == snapshot
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("op", ["merge", "forward", "eval-forward"])
+@pytest.mark.parametrize("scaling", [10**400, True, "2"])
+def test_layer_scaling_too_large_or_not_a_number_raises_naming_scaling(kind, op, scaling):
+    """layer.scaling = 10**400 raised a bare OverflowError ('int too large to convert to
+    float') from every layer; LoRALinear.merge() took scaling = True as 1 (its forward
+    refused it)."""
+    layer, x = make_layer(kind)
+    layer.scaling = scaling
+    with pytest.raises((TypeError, ValueError), match="^scaling must be"):
+        if op == "merge":
+            layer.merge()
+        else:
+            layer.train(op == "forward")
+            layer.forward(x)
+    assert not layer.merged
