@@ -151,6 +151,7 @@ class AdapterLayer:
     _param_names = ()
     merged_adapter = None
     _merged_snapshot = None
+    _merged_scaling = None  # the scaling merge() used, compared like the adapter
 
     def parameters(self):
         """The trainable arrays by PEFT name: live references, updated in place by optimisers."""
@@ -185,15 +186,23 @@ class AdapterLayer:
 
         A given mask in eval mode raises ``ValueError``: PEFT applies no
         dropout in eval, and using the training formula there would be silent.
+        So does a given mask while merged (a merged layer runs only its merged
+        weight; the mask would be ignored); merged, no mask is drawn.
         """
+        merged = getattr(self, "merged", False)
         if dropout_mask is not None:
             if not self.training:
                 raise ValueError(
                     "dropout_mask given in eval mode: PEFT applies no dropout in eval; "
                     "call train() first"
                 )
+            if merged:
+                raise ValueError(
+                    "dropout_mask given while the layer is merged: a merged layer runs only "
+                    "its merged weight (as PEFT's), with no adapter dropout; unmerge() first"
+                )
             return dropout_mask
-        if not self.training or self.lora_dropout == 0.0:
+        if merged or not self.training or self.lora_dropout == 0.0:
             return None
         keep = self.rng.random(np.shape(x)) >= self.lora_dropout
         return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
@@ -213,13 +222,33 @@ class AdapterLayer:
         """
         params = self.parameters()
         self.merged_adapter = {name: p.copy() for name, p in params.items()}
-        self._merged_snapshot = WeightSnapshot(params)
+        self._merged_scaling = self.scaling
+        self._merged_snapshot = WeightSnapshot({**params, **self._merged_norm()})
         for p in params.values():
             p.flags.writeable = False
+        for n in self._merged_norm().values():
+            n.flags.writeable = False
+
+    def _merged_norm(self):
+        """A DoRA layer's ``weight_norm`` kept by ``merge()``, which ``unmerge()`` divides by."""
+        n = getattr(self, "weight_norm", None)
+        return {} if n is None else {"weight_norm": n}
 
     def _check_merged_adapter(self, action):
         """Raise ``RuntimeError`` if the adapter differs from what was merged."""
         changed = self._merged_snapshot.changed() if self._merged_snapshot is not None else []
+        saved = self._merged_scaling
+        try:
+            same_scaling = saved is None or bool(self.scaling == saved)
+        except (TypeError, ValueError):  # e.g. an array assigned to scaling
+            same_scaling = False
+        if not same_scaling:
+            raise RuntimeError(
+                f"scaling changed from {saved!r} to {self.scaling!r} while the layer was "
+                f"merged: the merged weight was built with the scaling at merge(), so "
+                f"{action} would use another one and give a wrong result. The layer is left "
+                f"merged and unchanged. Set scaling back to {saved!r}, then call {action} again."
+            )
         if changed:
             consequence = {
                 "unmerge()": "give back a wrong base weight",
@@ -243,7 +272,7 @@ class AdapterLayer:
         """
         self.__dict__.update(state)
         if getattr(self, "merged", False):
-            for p in self.parameters().values():
+            for p in [*self.parameters().values(), *self._merged_norm().values()]:
                 p.flags.writeable = False
 
     def _unlock_adapter(self):
@@ -252,6 +281,7 @@ class AdapterLayer:
             p.flags.writeable = True
         self.merged_adapter = None
         self._merged_snapshot = None
+        self._merged_scaling = None
 
     def _require_ctx(self):
         """Raise ``RuntimeError`` unless a forward left a context for backward."""

@@ -114,7 +114,12 @@ def check_scaling(scaling):
         scaling, (numbers.Real, np.floating, np.integer)
     ):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    scaling = float(scaling)
+    try:
+        scaling = float(scaling)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(
+            f"scaling must be finite, got an integer of {int(scaling).bit_length()} bits"
+        ) from None
     if not np.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
     return scaling
@@ -128,6 +133,33 @@ def check_finite(name, arr):
             f"{name} (shape {arr.shape}) contains NaN or Inf, "
             f"first at index {tuple(int(i) for i in bad[0])}"
         )
+
+
+def check_result_finite(results, inputs):
+    """Raise ``ValueError`` if a result holds NaN or Inf: naming the input that does, or the overflow.
+
+    The weights are checked before a call; what is left is the batch (x, or
+    dy in backward), checked here only when a result is not finite, so the
+    usual path costs one pass over the results. A non-finite input is named
+    (``check_finite``); with finite inputs the values overflowed the dtype.
+
+    Parameters
+    ----------
+    results : sequence of (str, ndarray)
+        The arrays computed, by the name a message should use.
+    inputs : sequence of (str, ndarray)
+        The per-call inputs that could carry NaN or Inf in.
+    """
+    for name, a in results:
+        if not np.isfinite(a).all():
+            for input_name, x in inputs:
+                check_finite(input_name, x)
+            bad = np.argwhere(~np.isfinite(a))
+            raise ValueError(
+                f"{name} (shape {a.shape}) overflowed {a.dtype}, first at index "
+                f"{tuple(int(i) for i in bad[0])}: every input is finite, but the values are "
+                f"too large for the dtype; scale them down, or compute in float64"
+            )
 
 
 def check_adapter(W0, A, B, magnitude=None, bias=None):

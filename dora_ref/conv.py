@@ -87,6 +87,7 @@ from . import functional as F
 from ._validate import (
     WeightSnapshot,
     as_float_array,
+    check_result_finite,
     check_rows_finite,
     check_same_dtype,
     check_scaling,
@@ -133,14 +134,30 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
+_MAX_GEOMETRY = 2**31 - 1  # any larger stride, padding or dilation is no layer's: refused by name
+
+
 def _ntuple(name, value, d, minimum):
-    """An int or a length-d sequence of ints >= minimum, as a tuple of d ints."""
-    items = (value,) * d if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(items) != d or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum for v in items
+    """An int or a length-d sequence of ints >= minimum (below 2**31), as a tuple of d ints.
+
+    Anything else raises ``ValueError`` naming the argument (a float, which
+    is not a sequence, too: ``TypeError: 'float' object is not iterable``
+    named nothing, and a padding of 10**30 reached ``np.pad``).
+    """
+    if isinstance(value, (int, np.integer)):
+        items = (value,) * d
+    else:
+        try:
+            items = tuple(value)
+        except TypeError:
+            items = None
+    if items is None or len(items) != d or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        and minimum <= v <= _MAX_GEOMETRY for v in items
     ):
         raise ValueError(
-            f"{name} must be an int >= {minimum} or a tuple of {d} such ints, got {value!r}"
+            f"{name} must be an int >= {minimum} (below 2**31) or a tuple of {d} such ints, "
+            f"got {value!r:.60}"
         )
     return tuple(int(v) for v in items)
 
@@ -1013,7 +1030,9 @@ class _LoRAConvNd(AdapterLayer):
         args = self._conv_args()
         if self.groups > 1:  # the merged kernel is dense (see conv_merge)
             args["groups"] = 1
-        return conv_nd(x, self._weight, self._bias, **args)
+        y = conv_nd(x, self._weight, self._bias, **args)
+        check_result_finite([("y (the output)", y)], [("x", x)])
+        return y
 
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (N, in, *L) -> y (N, out, *L_out).

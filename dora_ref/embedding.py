@@ -67,6 +67,7 @@ from ._validate import (
     WeightSnapshot,
     as_float_array,
     check_finite,
+    check_result_finite,
     check_same_dtype,
     check_scaling,
     check_weight_shape,
@@ -326,6 +327,7 @@ def embedding_dora_forward(
     y = kernels.forward_epilogue(base, U, B, g, scaling, None)  # (5), (6)
     if embed_scale != 1.0:
         y *= embed_scale
+    check_result_finite([("y (the output)", y)], [])  # the ids cannot carry NaN in
     seen = WeightSnapshot({"lora_embedding_A": A, "lora_embedding_B": B,
                            "lora_magnitude_vector": magnitude})
     ctx = EmbeddingDoRAContext(flat, ids_arr.shape, weight, A, B, scaling, embed_scale,
@@ -365,7 +367,8 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
     Raises
     ------
     TypeError, ValueError
-        If dy's dtype or shape does not match the forward's output.
+        If dy's dtype or shape does not match the forward's output; NaN/Inf
+        in dy, or a gradient that overflowed the dtype.
     RuntimeError
         If an adapter array changed in place since the forward (as
         ``functional.dora_backward``).
@@ -396,6 +399,7 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
         dA_n, dB_n = F.norm_gradient(E.T, A, B, s, dg, ctx.g, ctx.n)
         dA += dA_n
         dB += dB_n
+    check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude)], [("dy", dy2)])
     return dA, dB, dmagnitude
 
 

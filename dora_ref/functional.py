@@ -86,6 +86,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_adapter,
     check_finite,
     check_input,
+    check_result_finite,
     check_scaling,
     refuse_non_finite_rows,
 )
@@ -476,6 +477,9 @@ def dora_forward(
     NonFiniteWeightError
         A ``ValueError``: m / n overflows the dtype in some row (see
         ``magnitude_over_norm``).
+    ValueError
+        NaN/Inf in x, or an output that overflowed the dtype (never
+        returned as inf or NaN).
 
     Notes
     -----
@@ -531,10 +535,19 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         if bias is not None:
             y += bias
 
+    check_result_finite([("y (the output)", y)], [("x", x2)])
     seen = WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B,
                            "magnitude (lora_magnitude_vector)": magnitude})
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen)
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
+
+
+def _check_ctx(ctx, cls, forward):
+    """Raise ``TypeError`` unless ``ctx`` is the context ``forward`` returns."""
+    if not isinstance(ctx, cls):
+        raise TypeError(
+            f"ctx must be the {cls.__name__} returned by {forward}, got {type(ctx).__name__}"
+        )
 
 
 def dora_backward(dy, ctx, *, detach_norm=True):
@@ -561,13 +574,16 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     Raises
     ------
     TypeError, ValueError
-        If dy's dtype or shape does not match the forward's output.
+        If dy's dtype or shape does not match the forward's output, or ctx
+        is not a ``DoRAContext``; NaN/Inf in dy, or a gradient that
+        overflowed the dtype (never returned as inf or NaN).
     RuntimeError
         If A, B or the magnitude changed in place since the forward (an
         optimiser step in between): the saved activations belong to the
         old values, and mixing them with the new ones would be silently
         wrong (PyTorch raises the same way for saved tensors).
     """
+    _check_ctx(ctx, DoRAContext, "dora_forward")
     if ctx.seen is not None:
         ctx.seen.check_backward()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
@@ -596,6 +612,8 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
 
+    check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
+                        [("dy", dy2)])
     return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
 
 
@@ -806,9 +824,11 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
     Raises
     ------
     TypeError, ValueError
-        On bad dtypes or shapes.
+        On bad dtypes or shapes, NaN/Inf in a weight or in x, or an output
+        that overflowed the dtype (never returned as inf or NaN).
     """
     W0, A, B, _, bias = check_adapter(W0, A, B, None, bias)
+    check_finite("W0", W0)  # check_adapter leaves it to the norm, which LoRA has not
     scaling = check_scaling(scaling)
     x2 = check_input(x, W0.shape[1], W0.dtype)
     return _lora_forward(np.shape(x), x2, W0, A, B, scaling, bias, dropout_mask)
@@ -825,6 +845,7 @@ def _lora_forward(x_shape, x2, W0, A, B, scaling, bias, dropout_mask):
     y = x2 @ W0.T + scaling * (U @ B.T)
     if bias is not None:
         y += bias
+    check_result_finite([("y (the output)", y)], [("x", x2)])
     ctx = LoRAContext(x_shape, xd, mask, W0, A, B, scaling, U,
                       WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B}))
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
@@ -846,10 +867,13 @@ def lora_backward(dy, ctx):
     Raises
     ------
     TypeError, ValueError
-        If dy's dtype or shape does not match the forward's output.
+        If dy's dtype or shape does not match the forward's output, or ctx
+        is not a ``LoRAContext``; NaN/Inf in dy, or a gradient that
+        overflowed the dtype.
     RuntimeError
         If A or B changed in place since the forward (see ``dora_backward``).
     """
+    _check_ctx(ctx, LoRAContext, "lora_forward")
     if ctx.seen is not None:
         ctx.seen.check_backward()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
@@ -866,4 +890,5 @@ def lora_backward(dy, ctx):
         low_rank_dx *= ctx.dropout_mask
     dx = dy2 @ W0
     dx += low_rank_dx
+    check_result_finite([("dA", dA), ("dB", dB), ("dx", dx)], [("dy", dy2)])
     return LoRAGrads(dx.reshape(ctx.x_shape), dA, dB)

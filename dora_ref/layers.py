@@ -43,6 +43,7 @@ from ._validate import (
     check_adapter,
     check_finite,
     check_input,
+    check_result_finite,
     check_rows_finite,
     check_scaling,
     check_weight_shape,
@@ -301,12 +302,14 @@ class LoRALinear(AdapterLayer):
             ``unmerge``).
         """
         if self.merged:
+            self._mask_for(x, dropout_mask)  # refuses a mask: a merged layer has no dropout
             self._ctx = None
             self._check_merged_adapter("forward")
             x2 = check_input(x, self.in_features, self._weight.dtype)
             y = x2 @ self._weight.T
             if self._bias is not None:
                 y += self._bias
+            check_result_finite([("y (the output)", y)], [("x", x2)])
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
         x2 = check_input(x, self.in_features, self._weight.dtype)
@@ -357,8 +360,9 @@ class LoRALinear(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("the layer is already merged")
+        s = check_scaling(self.scaling)
         with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
-            W = self._weight + self.scaling * (self.lora_B @ self.lora_A)
+            W = self._weight + s * (self.lora_B @ self.lora_A)
         check_rows_finite("the merged weight W0 + s*B@A", W)
         self._set_base(W, self._bias, owned=True)
         self.merged = True
@@ -482,7 +486,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
         if self.merged:
-            return super().forward(x)
+            return super().forward(x, dropout_mask=dropout_mask)
         mask = self._mask_for(x, dropout_mask)
         if self.training:
             self._norm_cache.clear()

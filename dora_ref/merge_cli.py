@@ -391,6 +391,10 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     force : bool
         Replace an existing OUT (a file, or a directory holding a
         safetensors model) as a whole.
+
+        An OUT that is a symbolic link is written through: its target (which
+        need not exist yet) is what is created or replaced, and the link
+        stays, as ``cp`` and ``save_pretrained`` write through it.
     verbose : bool
         List every merged module in the summary (default: the first 10).
     log : callable
@@ -422,6 +426,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     # which adapter each module came from, for the summary
     origin = {id(m): (str(a), "DoRA" if ad.config.use_dora else "LoRA")
               for a, ad in zip(adapter_paths, adapters) for m in ad.modules.values()}  # fmt: skip
+    if Path(out).is_symlink():  # write through the link (replacing it would leave it behind)
+        out = Path(os.path.realpath(out))
     files, out_dir = _output_files(base, out)
     _check_output(base, adapter_paths, out, files, out_dir, force)
     final = Path(os.path.abspath(out_dir if out_dir is not None else files[0][1]))  # "." has no name
@@ -491,15 +497,37 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     return merged
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the temporary output is removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None):
     """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage).
 
     Every expected error (a bad file, config, shape, a non-finite merged
     weight, an OS error, running out of memory) prints one line,
     ``dora-ref merge: error: ...``, and returns 1: no traceback. Ctrl-C
-    returns 130; either way OUT is as it was (the temporary output is removed).
+    returns 130 and SIGTERM (``kill``, ``timeout``, a container stopping)
+    143; either way OUT is as it was (the temporary output is removed; by
+    default SIGTERM would end Python at once and leave it behind).
     """
     args = _parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args):
     try:
         merge_checkpoint(
             args.base,
@@ -519,6 +547,9 @@ def main(argv=None):
         print("dora-ref merge: error: out of memory (a tensor and its float32 copies did not fit); "
               f"{args.out} is unchanged", file=sys.stderr)  # fmt: skip
         return 1
+    except _Terminated:
+        print(f"dora-ref merge: terminated (SIGTERM); {args.out} is unchanged", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"dora-ref merge: interrupted; {args.out} is unchanged", file=sys.stderr)
         return 130

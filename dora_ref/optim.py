@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -49,6 +50,11 @@ def _hyperparameter(name, value, low, *, low_inclusive, high=None):
 
 
 def _check_grads(params, grads):
+    if not isinstance(grads, Mapping):
+        raise TypeError(
+            f"grads must be a mapping of name -> array with the keys of params (e.g. "
+            f"layer.grads), got {type(grads).__name__}"
+        )
     missing = set(params) - set(grads)
     if missing:
         raise ValueError(f"grads is missing {sorted(missing)} (params has {sorted(params)})")
@@ -58,10 +64,21 @@ def _check_grads(params, grads):
             raise ValueError(
                 f"grads[{name!r}] has shape {np.shape(grads[name])}, the parameter {p.shape}"
             )
-        check_finite(f"grads[{name!r}]", np.asarray(grads[name]))
+        g = np.asarray(grads[name])
+        if g.dtype.kind not in "fiu":  # complex would lose its imaginary part, bool mean 0/1
+            raise TypeError(
+                f"grads[{name!r}] must hold real numbers, got dtype {g.dtype} (the parameter "
+                f"has dtype {p.dtype})"
+            )
+        check_finite(f"grads[{name!r}]", g)
 
 
 def _check_params(params):
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"params must be a mapping of name -> array (e.g. layer.parameters()), "
+            f"got {type(params).__name__}"
+        )
     for name, p in params.items():
         refuse_array_subclass(f"params[{name!r}]", p)
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
@@ -70,6 +87,36 @@ def _check_params(params):
             raise ValueError(
                 f"params[{name!r}] is read-only (a frozen weight, or the adapter of a merged "
                 f"layer: unmerge() it first)"
+            )
+    names = list(params)
+    for i, a in enumerate(names):  # a few arrays: the pairs are cheap
+        for b in names[i + 1:]:
+            if np.may_share_memory(params[a], params[b]):
+                raise ValueError(
+                    f"params[{a!r}] and params[{b!r}] share memory (the same array, or "
+                    f"overlapping views): each step would update it twice; give each "
+                    f"parameter once"
+                )
+
+
+def _check_result(new_values):
+    """Before a step writes anything: every new parameter and state value must be finite.
+
+    A finite but huge lr or gradient can overflow the update; written, a
+    parameter would turn inf and the next forward would blame the layer's
+    weights, not the step (an inf in AdamW's v would freeze the parameter
+    silently from then on).
+
+    Parameters
+    ----------
+    new_values : mapping of str to ndarray
+        By the name the message should use, e.g. ``params['lora_A']``.
+    """
+    for label, a in new_values.items():
+        if not np.isfinite(a).all():
+            raise ValueError(
+                f"this step would make {label} non-finite (the update overflowed its dtype "
+                f"{a.dtype}: lr or the gradient too large); no parameter was changed"
             )
 
 
@@ -97,8 +144,11 @@ class _Optimizer:
 
         Raises
         ------
+        TypeError
+            ``grads`` not a mapping, or a gradient not of real numbers.
         ValueError
-            A missing, misshapen or non-finite gradient (nothing is changed).
+            A missing, misshapen or non-finite gradient, or an update that
+            would make a parameter non-finite (nothing is changed).
         RuntimeError
             A parameter is read-only: its layer is merged (nothing is changed).
         """
@@ -149,17 +199,24 @@ class SGD(_Optimizer):
         self.velocity = {}
 
     def _update(self, grads):
-        """The update rule above, on checked gradients."""
+        """The update rule above, on checked gradients; nothing is written unless all is finite."""
+        new_p, new_v = {}, {}
+        with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the parameter
+            for name, p in self.params.items():
+                d = np.asarray(grads[name], dtype=p.dtype)
+                if self.weight_decay:
+                    d = d + self.weight_decay * p
+                if self.momentum:
+                    v = self.velocity.get(name)
+                    v = d.copy() if v is None else self.momentum * v + d
+                    new_v[name] = v
+                    d = d + self.momentum * v if self.nesterov else v
+                new_p[name] = p - self.lr * d
+        _check_result({**{f"params[{k!r}]": a for k, a in new_p.items()},
+                       **{f"the velocity of params[{k!r}]": a for k, a in new_v.items()}})
         for name, p in self.params.items():
-            d = np.asarray(grads[name], dtype=p.dtype)
-            if self.weight_decay:
-                d = d + self.weight_decay * p
-            if self.momentum:
-                v = self.velocity.get(name)
-                v = d.copy() if v is None else self.momentum * v + d
-                self.velocity[name] = v
-                d = d + self.momentum * v if self.nesterov else v
-            p -= self.lr * d
+            p[...] = new_p[name]
+        self.velocity.update(new_v)
 
 
 class AdamW(_Optimizer):
@@ -208,16 +265,26 @@ class AdamW(_Optimizer):
 
     def _update(self, grads):
         """The update rule above, on checked gradients."""
-        self.t += 1
+        t = self.t + 1
         beta1, beta2 = self.betas
-        bias1 = 1.0 - beta1**self.t
-        bias2 = 1.0 - beta2**self.t
-        for name, p in self.params.items():
-            d = np.asarray(grads[name], dtype=p.dtype)
-            m, v = self.m[name], self.v[name]
-            p *= 1.0 - self.lr * self.weight_decay
-            m *= beta1
-            m += (1.0 - beta1) * d
-            v *= beta2
-            v += (1.0 - beta2) * d * d
-            p -= (self.lr / bias1) * m / (np.sqrt(v) / np.sqrt(bias2) + self.eps)
+        bias1 = 1.0 - beta1**t
+        bias2 = 1.0 - beta2**t
+        new = {}
+        with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the parameter
+            for name, p in self.params.items():
+                d = np.asarray(grads[name], dtype=p.dtype)
+                p = p * (1.0 - self.lr * self.weight_decay)
+                m = self.m[name] * beta1
+                m += (1.0 - beta1) * d
+                v = self.v[name] * beta2
+                v += (1.0 - beta2) * d * d
+                p -= (self.lr / bias1) * m / (np.sqrt(v) / np.sqrt(bias2) + self.eps)
+                new[name] = p, m, v
+        _check_result({f"{what}[{k!r}]": a for k, arrays in new.items()
+                       for what, a in zip(("params", "AdamW's m of params", "AdamW's v of params"),
+                                          arrays)})
+        for name, (p, m, v) in new.items():
+            self.params[name][...] = p
+            self.m[name][...] = m
+            self.v[name][...] = v
+        self.t = t

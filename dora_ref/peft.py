@@ -457,7 +457,7 @@ def read_config(directory):
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (is this a PEFT adapter directory?)")
     try:
         d = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
     return LoraAdapterConfig.from_dict(d, source=str(path))
 
@@ -1408,6 +1408,9 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
 
     Raises
     ------
+    TypeError
+        W_stored not of a float dtype, ``fan_in_fan_out`` not a bool, or
+        ``modules`` not a non-empty sequence of ``ModuleAdapter``.
     ValueError
         Mismatched shapes; a zero row norm (naming the module); or a merged
         weight that is not finite in the stored dtype (as PEFT's
@@ -1429,6 +1432,31 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
     return out
 
 
+def _check_merge_args(W_stored, modules, fan_in_fan_out):
+    """The stored weight as an ndarray, after the checks ``merge_weight`` documents.
+
+    An integer or bool weight would take the merged values truncated (a
+    quantised weight is not a weight to merge into; dequantise it first), a
+    string ``fan_in_fan_out`` such as ``"false"`` is true, and an empty
+    ``modules`` has no adapter to merge: each raises, naming the argument.
+    """
+    W_stored = np.asarray(W_stored)
+    if W_stored.dtype.kind != "f" and W_stored.dtype.name != "bfloat16":
+        raise TypeError(
+            f"W_stored must be a float16, bfloat16, float32 or float64 array, got dtype "
+            f"{W_stored.dtype} (shape {W_stored.shape}): the merged weight would be cast to it"
+        )
+    if not isinstance(fan_in_fan_out, (bool, np.bool_)):
+        raise TypeError(f"fan_in_fan_out must be True or False, got {fan_in_fan_out!r}")
+    if isinstance(modules, ModuleAdapter) or not hasattr(modules, "__len__") or len(modules) == 0 or \
+            not all(isinstance(m, ModuleAdapter) for m in modules):
+        raise TypeError(
+            f"modules must be a non-empty sequence of ModuleAdapter (adapter.modules[name], "
+            f"in the order to merge), got {modules!r:.80}"
+        )
+    return W_stored
+
+
 def merge_view(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=False):
     """The merged weight on its (out, in) linear view, in the compute dtype (float32 or float64).
 
@@ -1436,7 +1464,7 @@ def merge_view(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=False
     dtype and without its finiteness check (``dora-ref merge`` rounds and
     checks the bits itself). Same parameters; returns shape (out, in').
     """
-    W_stored = np.asarray(W_stored)
+    W_stored = _check_merge_args(W_stored, modules, fan_in_fan_out)
     if len({mod.kind for mod in modules}) > 1:
         raise ValueError(f"modules of different kinds on one weight: {[m.kind for m in modules]}")
     cdt = _compute_dtype(W_stored.dtype)
@@ -1595,6 +1623,8 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False, fan_in_fan_out=No
 
     Raises
     ------
+    TypeError
+        ``base`` not a mapping or path, ``adapters`` a single adapter.
     KeyError, ValueError
         As ``plan_merge`` and ``merge_weight``: a merged weight or a
         ``modules_to_save`` tensor that is not finite in the base dtype is
@@ -1603,6 +1633,16 @@ def merge_state_dict(base, adapters, *, allow_zero_norm=False, fan_in_fan_out=No
     """
     if not isinstance(base, BaseWeights) and isinstance(base, (str, os.PathLike)):
         base = BaseWeights(base)
+    if not isinstance(base, BaseWeights) and not hasattr(base, "keys"):
+        raise TypeError(
+            f"base must be a mapping of key -> array, a BaseWeights, or a path, "
+            f"got {type(base).__name__}"
+        )
+    if isinstance(adapters, (PeftAdapter, str, os.PathLike)):
+        raise TypeError(
+            f"adapters must be a sequence of adapters (PeftAdapter or directories), in the "
+            f"order to merge; got one {type(adapters).__name__}: pass [it]"
+        )
     adapters = [a if isinstance(a, PeftAdapter) else load_adapter(a) for a in adapters]
     get = base.get if isinstance(base, BaseWeights) else (lambda k: np.asarray(base[k]))
     out = {

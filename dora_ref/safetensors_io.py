@@ -671,7 +671,7 @@ class BaseWeights:
             if index_path.is_file():
                 try:
                     self.index = json.loads(index_path.read_text())
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:  # nested deeper than Python's stack
                     raise ValueError(f"{index_path}: not valid JSON ({e})") from None
                 wm = self.index.get("weight_map") if isinstance(self.index, dict) else None
                 if not isinstance(wm, dict) or not all(
@@ -730,7 +730,7 @@ class BaseWeights:
             if path.is_file():
                 try:
                     cfg = json.loads(path.read_text())
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:  # nested deeper than Python's stack
                     raise ValueError(f"{path}: not valid JSON ({e})") from None
                 if not isinstance(cfg, dict):
                     raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
