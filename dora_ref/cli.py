@@ -52,9 +52,30 @@ def info(argv=None):
     return 0
 
 
+def _shadowing_folder():
+    """The folder that ``import dora_ref`` found instead of the package, or None.
+
+    Run from the folder that holds a clone named ``dora_ref``, Python imports
+    that folder as a namespace package (no ``__init__.py``, no ``__file__``)
+    ahead of the installed package, and every command then fails on a missing
+    name. Say so instead.
+    """
+    import dora_ref
+
+    if getattr(dora_ref, "__file__", None) is None:
+        return ", ".join(str(p) for p in getattr(dora_ref, "__path__", []))
+    return None
+
+
 def main(argv=None):
     """Entry point: ``dora-ref COMMAND ...``. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    folder = _shadowing_folder()
+    if folder is not None:
+        print(f"dora-ref: error: 'import dora_ref' found the folder {folder}, not the package "
+              "(a folder named dora_ref in the current directory shadows it): run from another "
+              "directory, e.g. the repository root", file=sys.stderr)
+        return 1
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -67,7 +88,9 @@ def main(argv=None):
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ImportError as e:  # an optional dependency of this command: one line, not a traceback
-        print(f"dora-ref {name}: error: {e}; install the extra it needs (see README.md)", file=sys.stderr)
+        missing = f" ({e.name})" if getattr(e, "name", None) else ""
+        print(f"dora-ref {name}: error: {e}; install the extra that provides it{missing} (see README.md)",
+              file=sys.stderr)
         return 1
     return module.main(rest) or 0
 

@@ -42,3 +42,19 @@ def test_cli_info_and_usage():
     bad = subprocess.run([sys.executable, "-m", "dora_ref", "nonsense"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown command 'nonsense'" in bad.stderr
+
+
+def test_cli_names_a_folder_that_shadows_the_package(monkeypatch, capsys, tmp_path):
+    """New-user finding: run from the folder holding a clone named dora_ref, Python imports
+    that folder as a namespace package, and 'dora-ref info' died of an AttributeError
+    ('vectors' blamed a missing extra). The command now names the folder and the fix."""
+    import types
+
+    from dora_ref import cli
+
+    shadow = types.ModuleType("dora_ref")  # what a namespace import gives: no __file__
+    shadow.__path__ = [str(tmp_path / "dora_ref")]
+    monkeypatch.setitem(sys.modules, "dora_ref", shadow)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "dora_ref") in err and "another directory" in err
