@@ -65,6 +65,7 @@ import numpy as np
 
 from . import _testing_conventions as _C
 from . import _testing_diagnosis as _D
+from . import _testing_layers as _L
 from . import _testing_variants as _V
 from . import functional as F
 from .tolerance import UNIT_ROUNDOFF, dora_reduction_length, gamma, rtol
@@ -78,16 +79,24 @@ __all__ = [
     "HINTS",
     "Report",
     "check_backward",
+    "check_conv_forward",
+    "check_embedding_forward",
+    "check_embedding_merge",
     "check_forward",
     "check_init",
     "check_merge",
     "make_case",
+    "make_conv_case",
+    "make_embedding_case",
     "reference",
     "term_scales",
     "tolerances",
 ]
 
 GRAD_NAMES = _C.GRAD_NAMES
+LayerCase = _L.LayerCase
+make_embedding_case = _L.make_embedding_case
+make_conv_case = _L.make_conv_case
 Convention = _C.Convention
 Diagnosis = _D.Diagnosis
 
@@ -214,6 +223,26 @@ HINTS = {
         "your port runs and is right with W0 in the other layout: with fan_in_fan_out it "
         "wants W0 (out, in), without it W0 (in, out). Check it with the fan_in_fan_out= "
         "that matches how it stores the weight."
+    ),
+    "embedding_norm_axis": (
+        "the embedding's norm is taken over the wrong axis: per token (over the embedding "
+        "dimension, one value per row of E), as in mlx-lm's DoRAEmbedding, which is a different "
+        "layer. PEFT's DoRA embedding keeps one magnitude per embedding DIMENSION, shape (D,), "
+        "and its norm is over the vocabulary: n = ||E.T + s*B@A||_row with "
+        "lora_embedding_B @ lora_embedding_A of shape (D, V), e.g. "
+        "torch.linalg.norm(E + s * (B @ A).T, dim=0)."
+    ),
+    "embed_scale_not_on_lora": (
+        "embed_scale multiplies only the base lookup, not the DoRA term: your "
+        "y = g*(embed_scale*E[ids] + s*A.T[ids]@B.T). PEFT >= 0.18 scales the whole output, "
+        "y = embed_scale * g * (E[ids] + s*A.T[ids]@B.T) (the base layer's output already "
+        "carries embed_scale; the low-rank term must be scaled too)."
+    ),
+    "embedding_merge_without_magnitude": (
+        "the embedding merge ignores the magnitude: your E' = E + s*(B@A).T, a LoRA merge (the "
+        "delta weight alone; PEFT 0.14's embedding merge is reported to do this). DoRA's merged "
+        "table scales each embedding dimension j by g_j = m_j / n_j: "
+        "E' = (E + s*(B@A).T) * (m / n)[None, :], n = ||E.T + s*B@A||_row (over the vocabulary)."
     ),
     "unmerge_without_magnitude": (
         "the unmerge only subtracts s*B@A (or recomputes n from the merged weight, whose "
@@ -762,12 +791,9 @@ class Report(NamedTuple):
         return "\n".join(lines)
 
 
-def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
-    """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
-    hyp = _hypothesis()
-    stats = {"examples": 0, "worst": 0.0, "where": ""}
-
-    @hyp.settings(
+def _settings(hyp, max_examples):
+    """The hypothesis settings of every check: quiet, no deadline, no database, shrink."""
+    return hyp.settings(
         max_examples=max_examples, deadline=None, database=None,
         verbosity=hyp.Verbosity.quiet, report_multiple_bugs=False,
         suppress_health_check=list(hyp.HealthCheck),
@@ -775,6 +801,14 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
         # arguments could vary, which the message already makes plain
         phases=[hyp.Phase.explicit, hyp.Phase.generate, hyp.Phase.shrink],
     )
+
+
+def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
+    """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
+    hyp = _hypothesis()
+    stats = {"examples": 0, "worst": 0.0, "where": ""}
+
+    @_settings(hyp, max_examples)
     @hyp.seed(seed)
     @hyp.given(_case_strategy(hyp.strategies, dtype, dropout, conv, cases))
     def one_case(params):
@@ -808,11 +842,15 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
 def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     """The ConformanceError for a shrunk mismatch, with its diagnosis."""
     diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
-    info = exc.info
     mode = ""
     if check == "backward":
         mode = " (detached norm)" if detach_norm else " (exact gradient)"
-    changed = conv.changed()
+    return _error_from(check, exc, diagnoses, mode, conv.changed())
+
+
+def _error_from(check, exc, diagnoses, mode="", changed=None):
+    """The ConformanceError for a shrunk mismatch and its ranked diagnoses."""
+    info = exc.info
     lines = [
         f"check_{check}{mode}: your {check} differs from dora_ref on this minimal case "
         f"(found by hypothesis, then shrunk):",
@@ -875,6 +913,60 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
         else:
             passed[name] = found
     return Report(check, passed, failures)
+
+
+def _search_layer(check, fn, names, *, dtype, max_examples, seed, cases):
+    """``_search`` for the Embedding and Conv checks (``dora_ref._testing_layers``)."""
+    hyp = _hypothesis()
+    stats = {"examples": 0, "worst": 0.0, "where": ""}
+
+    @_settings(hyp, max_examples)
+    @hyp.seed(seed)
+    @hyp.given(_L.strategy(check, hyp.strategies, dtype, cases))
+    def one_case(params):
+        case = _L.make_case(check, params)
+        try:
+            got = _L.call_port(check, fn, case)
+        except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
+            wrote = isinstance(exc, _C.WroteInput)
+            text = str(exc) if wrote else f"your {check} raised {type(exc).__name__}: {exc}"
+            raise _Mismatch(case, dict(output=None, index=None, expected=None, got=None, bound=None, text=text),
+                            None if wrote else exc) from exc
+        ref, tols = _L.reference(check, case), _L.tolerances(check, case)
+        ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
+        if ratio == np.inf:
+            raise _Mismatch(case, info)
+        stats["examples"] += 1
+        if ratio >= stats["worst"]:
+            stats["worst"], stats["where"] = ratio, info
+
+    try:
+        one_case()
+    except _Mismatch as exc:
+        return exc
+    return CheckResult(check, stats["examples"], stats["worst"], stats["where"] or "")
+
+
+def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
+    if not callable(fn):
+        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+    if report not in ("first", "all"):
+        raise ValueError(f"report must be 'first' or 'all', got {report!r}")
+    if cases is not None and not isinstance(cases, dict):
+        raise TypeError(f"cases must be a dict of case parameters, got {type(cases).__name__}")
+    names = _L.output_names(check)
+    found = _search_layer(check, fn, names, dtype=dtype, max_examples=max_examples, seed=seed, cases=cases)
+    if isinstance(found, _Mismatch):
+        error = _error_from(check, found, _L.diagnose(check, fn, found.case))
+        if report == "first":
+            raise error from None
+        return Report(check, {}, [error])
+    return found if report == "first" else Report(check, {names[0]: found}, [])
 
 
 # ---------------------------------------------------------------------------
@@ -1014,6 +1106,96 @@ def check_init(init, forward=None, *, dtype="float64", max_examples=100, seed=0,
     return _run("init", init, unmerge=forward, dtype=dtype, max_examples=max_examples, seed=seed,
                 convention=convention, report=report, cases=cases, **conventions)
 
+
+_LAYER_COMMON = """
+    dtype : {"float64", "float32"}, default "float64"
+        The dtype of every float array passed to your function; compared with
+        dora_ref's float64 result within the linear view's tolerance
+        (``dora_ref._testing_layers.tolerances``).
+    max_examples : int, default 100
+    seed : int, default 0
+    report : {"first", "all"}, default "first"
+        "all": return a ``Report`` instead of raising.
+    cases : dict, optional
+        Restricts the drawn cases: a parameter of the case builder
+        (``make_embedding_case`` / ``make_conv_case``) -> a value, a list of
+        values or a hypothesis strategy.
+
+    Returns
+    -------
+    CheckResult, or a ``Report`` with ``report="all"``.
+
+    Raises
+    ------
+    ConformanceError
+        On the first (shrunk) mismatch, or if your function raised or wrote
+        to its inputs, with the known mistakes your numbers reproduce, ranked
+        (``.hint`` the first, ``.diagnoses`` all).
+    ImportError
+        If hypothesis is not installed.
+    TypeError, ValueError
+        On bad arguments to the check itself.
+"""
+
+
+def check_embedding_forward(forward, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's DoRA Embedding forward (PEFT ``DoraEmbeddingVariant.forward``, PEFT >= 0.18).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(ids, weight, lora_embedding_A, lora_embedding_B, magnitude,
+        scaling, embed_scale, padding_idx) -> y``: ids int64 (N,), weight E
+        (V, D), lora_embedding_A (r, V), lora_embedding_B (D, r), magnitude
+        (D,), scaling and embed_scale floats, padding_idx an int or None;
+        y (N, D) = ``embed_scale * g * (E[ids] + s * A.T[ids] @ B.T)``,
+        ``g = m / ||E.T + s*B@A||_row`` (one norm per embedding dimension,
+        over the vocabulary). padding_idx changes only the backward: the
+        forward value of a padding id is computed like any other.
+    """
+    return _run_layer("embedding_forward", forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+def check_embedding_merge(merge, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's DoRA Embedding merge (PEFT ``DoraEmbeddingVariant.merge_safe``).
+
+    Parameters
+    ----------
+    merge : callable
+        ``merge(weight, lora_embedding_A, lora_embedding_B, magnitude,
+        scaling) -> weight_merged`` (V, D) = ``(E + s*(B@A).T) * (m / n)[None, :]``
+        (a tuple whose first element is it is accepted, as
+        ``dora_ref.embedding.embedding_merge`` returns).
+    """
+    return _run_layer("embedding_merge", merge, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+def check_conv_forward(forward, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's DoRA Conv1d / Conv2d forward (PEFT ``_DoraConvNdLayer.forward``, eval).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(x, weight, lora_A, lora_B, magnitude, scaling, bias,
+        stride, padding, dilation, groups) -> y``: x (N, in, *L), weight
+        (out, in/groups, *k), lora_A (r, in, *k) (a convolution with the
+        base's stride, padding and dilation, not grouped), lora_B
+        (out, r/groups, 1, ...) (a grouped 1x1 convolution), magnitude
+        (out,) (PEFT stores it (1, out, 1, ...)), bias (out,) or None, ints
+        for the geometry (the same on every axis); y (N, out, *L_out) =
+        ``g * (conv(x, W0) + s * lora_B(lora_A(x))) + bias`` per channel,
+        g = m / n with n the norm of each output channel's dense adapted
+        kernel ``W0 + s * lora_B_dense @ lora_A`` (``dora_ref.conv``). With
+        groups > 1, PEFT's norm differs (see ``dora_ref.conv``).
+    """
+    return _run_layer("conv_forward", forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+for _check in (check_embedding_forward, check_embedding_merge, check_conv_forward):
+    _check.__doc__ = _check.__doc__.rstrip() + _LAYER_COMMON
 
 for _check in (check_forward, check_backward, check_merge, check_init):
     _check.__doc__ = _check.__doc__.rstrip() + _COMMON

@@ -1,0 +1,180 @@
+"""The Embedding and Conv checks of dora_ref.testing: correct ports pass, known wrong ones are named.
+
+The correct ports are written here from the formulas (NumPy for the
+embedding, torch.nn.functional convolutions for Conv1d / Conv2d), not with
+dora_ref's functions, so that the checks are tested against an independent
+computation.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("hypothesis")
+
+from dora_ref import testing as T  # noqa: E402
+
+
+# --- embedding: PEFT's convention, A (r, V), B (D, r), m (D,), the norm over the vocabulary ---------------
+
+def _emb_norm(E, A, B, s, axis=0):
+    return np.linalg.norm(E + s * (B @ A).T, axis=axis)
+
+
+def embedding_forward(ids, E, A, B, m, s, embed_scale, padding_idx):
+    return embed_scale * (m / _emb_norm(E, A, B, s)) * (E[ids] + s * A.T[ids] @ B.T)
+
+
+def embedding_merge(E, A, B, m, s):
+    V = E + s * (B @ A).T
+    return V * (m / np.linalg.norm(V, axis=0))
+
+
+def embedding_forward_norm_per_token(ids, E, A, B, m, s, embed_scale, padding_idx):
+    return embed_scale * (m / _emb_norm(E, A, B, s, axis=1)) * (E[ids] + s * A.T[ids] @ B.T)
+
+
+def embedding_forward_embed_scale_on_base_only(ids, E, A, B, m, s, embed_scale, padding_idx):
+    return (m / _emb_norm(E, A, B, s)) * (embed_scale * E[ids] + s * A.T[ids] @ B.T)
+
+
+def embedding_forward_scaling_outside_norm(ids, E, A, B, m, s, embed_scale, padding_idx):
+    return embed_scale * (m / _emb_norm(E, A, B, 1.0)) * (E[ids] + s * A.T[ids] @ B.T)
+
+
+def embedding_merge_without_magnitude(E, A, B, m, s):
+    return E + s * (B @ A).T
+
+
+def embedding_merge_norm_per_token(E, A, B, m, s):
+    V = E + s * (B @ A).T
+    return V * (m / np.linalg.norm(V, axis=1))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_embedding_forward_correct_port_passes(dtype):
+    result = T.check_embedding_forward(embedding_forward, dtype=dtype, max_examples=200)
+    assert result.examples == 200 and result.worst_ratio < 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_embedding_merge_correct_port_passes(dtype):
+    result = T.check_embedding_merge(embedding_merge, dtype=dtype, max_examples=200)
+    assert result.examples == 200 and result.worst_ratio < 1.0
+
+
+def test_embedding_reference_is_the_linear_view():
+    """dora_ref.embedding's forward equals the linear DoRA layer on one-hot rows (the tolerances' premise)."""
+    from dora_ref import functional as F
+    from dora_ref._testing_layers import reference
+
+    case = T.make_embedding_case(N=5, num_embeddings=6, embedding_dim=3, r=2, embed_scale=3.0, seed=3)
+    c = case.linear
+    y_lin, _ = F.dora_forward(c.x, c.W0, c.A, c.B, c.magnitude, c.scaling, None)
+    np.testing.assert_allclose(reference("embedding_forward", case)["y"], 3.0 * y_lin, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("port, check, hint", [
+    (embedding_forward_norm_per_token, T.check_embedding_forward, "embedding_norm_axis"),
+    (embedding_forward_embed_scale_on_base_only, T.check_embedding_forward, "embed_scale_not_on_lora"),
+    (embedding_forward_scaling_outside_norm, T.check_embedding_forward, "scaling_outside_norm"),
+    (embedding_merge_without_magnitude, T.check_embedding_merge, "embedding_merge_without_magnitude"),
+    (embedding_merge_norm_per_token, T.check_embedding_merge, "embedding_norm_axis"),
+])
+def test_embedding_wrong_port_is_named_first(port, check, hint):
+    with pytest.raises(T.ConformanceError) as info:
+        check(port, max_examples=100)
+    err = info.value
+    assert err.hint == hint, str(err)
+    assert err.diagnoses[0].key == hint and err.diagnoses[0].rank == 1
+    assert "make_embedding_case" in str(err)
+    # the shrunk case rebuilds
+    assert T.make_embedding_case(**err.case.params).params == err.case.params
+
+
+def test_embedding_report_all_returns_the_failure():
+    rep = T.check_embedding_merge(embedding_merge_without_magnitude, max_examples=50, report="all")
+    assert not rep.ok and rep.failures[0].hint == "embedding_merge_without_magnitude"
+    assert T.check_embedding_merge(embedding_merge, max_examples=20, report="all").ok
+
+
+# --- convolution: torch.nn.functional, the norm of each output channel's dense adapted kernel -------------
+
+torch = pytest.importorskip("torch")
+Fn = torch.nn.functional
+
+
+def _dense(W, B, r, groups):
+    """The dense (out, in, *k) base kernel and the dense (out, r) lora_B of grouped ones."""
+    out, cg = W.shape[:2]
+    og, rg = out // groups, r // groups
+    Wd = np.zeros((out, cg * groups) + W.shape[2:], dtype=W.dtype)
+    Bd = np.zeros((out, r), dtype=W.dtype)
+    for j in range(groups):
+        Wd[j * og:(j + 1) * og, j * cg:(j + 1) * cg] = W[j * og:(j + 1) * og]
+        Bd[j * og:(j + 1) * og, j * rg:(j + 1) * rg] = B[j * og:(j + 1) * og].reshape(og, rg)
+    return Wd, Bd
+
+
+def _conv_port(scale_in_norm=True, bias_in_g=False):
+    def forward(x, W, A, B, m, s, b, stride, padding, dilation, groups):
+        d = x.ndim - 2
+        conv = Fn.conv1d if d == 1 else Fn.conv2d
+        out, r = W.shape[0], A.shape[0]
+        Wd, Bd = _dense(W, B, r, groups)
+        V = Wd.reshape(out, -1) + (s if scale_in_norm else 1.0) * Bd @ A.reshape(r, -1)
+        shape = (1, out) + (1,) * d
+        g = torch.from_numpy(m / np.linalg.norm(V, axis=1)).reshape(shape)
+        t = torch.from_numpy
+        bias = None if b is None else t(b)
+        base = conv(t(x), t(W), bias if bias_in_g else None, stride, padding, dilation, groups)
+        lora = conv(conv(t(x), t(A), None, stride, padding, dilation), t(B), None, 1, 0, 1, groups)
+        y = g * (base + s * lora)
+        if bias is not None and not bias_in_g:
+            y = y + bias.reshape(shape)
+        return y.numpy()
+    return forward
+
+
+def conv_norm_over_inputs(x, W, A, B, m, s, b, stride, padding, dilation, groups):
+    """The norm of each column of the flattened (out, in*k) kernel: runs only when in*k = out."""
+    d = x.ndim - 2
+    conv = Fn.conv1d if d == 1 else Fn.conv2d
+    out, r = W.shape[0], A.shape[0]
+    Wd, Bd = _dense(W, B, r, groups)
+    V = Wd.reshape(out, -1) + s * Bd @ A.reshape(r, -1)
+    shape = (1, out) + (1,) * d
+    g = torch.from_numpy(m / np.linalg.norm(V, axis=0)).reshape(shape)
+    t = torch.from_numpy
+    base = conv(t(x), t(W), None, stride, padding, dilation, groups)
+    lora = conv(conv(t(x), t(A), None, stride, padding, dilation), t(B), None, 1, 0, 1, groups)
+    y = g * (base + s * lora)
+    return (y if b is None else y + t(b).reshape(shape)).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conv_forward_correct_port_passes(dtype):
+    result = T.check_conv_forward(_conv_port(), dtype=dtype, max_examples=150)
+    assert result.examples == 150 and result.worst_ratio < 1.0
+
+
+@pytest.mark.parametrize("port, hint", [
+    (_conv_port(scale_in_norm=False), "scaling_outside_norm"),
+    (_conv_port(bias_in_g=True), "bias_scaled"),
+    (conv_norm_over_inputs, "norm_axis"),
+])
+def test_conv_wrong_port_is_named_first(port, hint):
+    with pytest.raises(T.ConformanceError) as info:
+        T.check_conv_forward(port, max_examples=100)
+    err = info.value
+    assert err.hint == hint, str(err)
+    assert "make_conv_case" in str(err)
+
+
+def test_conv_cases_restrict_the_geometry():
+    seen = []
+
+    def port(x, W, A, B, m, s, b, stride, padding, dilation, groups):
+        seen.append((groups, dilation))
+        return _conv_port()(x, W, A, B, m, s, b, stride, padding, dilation, groups)
+
+    T.check_conv_forward(port, max_examples=20, cases=dict(groups=2, dilation=[2]))
+    assert set(seen) == {(2, 2)}
