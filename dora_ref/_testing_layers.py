@@ -1,4 +1,4 @@
-"""Conformance checks for DoRA's other layers: Embedding and Conv1d / Conv2d.
+"""Conformance checks for DoRA's other layers: Embedding, Conv1d / Conv2d, chained adapters.
 
 Both layers are DoRA on a linear layer (see ``dora_ref.embedding`` and
 ``dora_ref.conv``), and the checks use that:
@@ -22,6 +22,10 @@ variants from ``_testing_variants.evaluate`` on the linear view, mapped back
 to the layer's shapes, plus the layer's own (``embed_scale`` left off the
 DoRA term). Cases are drawn and shrunk by hypothesis, and a mismatch is
 diagnosed on a few probes, as for the linear checks.
+
+Several adapters active on one linear layer (PEFT 0.21) are checked against
+``dora_ref.peft.chain_forward``, with a tolerance of their own
+(``_chain_tolerance``).
 """
 from __future__ import annotations
 
@@ -67,6 +71,16 @@ class LayerCase:
 
     def describe(self):
         p = self.params
+        if self.layer == "chain":
+            kinds = ["LoRA" if (p["lora_mask"] >> i) & 1 else "DoRA" for i in range(p["adapters"])]
+            words = [f"N={p['N']}, in={p['in_features']}, out={p['out_features']}, "
+                     f"adapters {' -> '.join(kinds)} (ranks {[m['A'].shape[0] for m in self.arrays['adapters']]}, "
+                     f"scalings {[round(m['scaling'], 4) for m in self.arrays['adapters']]})",
+                     f"dtype={p['dtype']}", "bias" if p["bias"] else "no bias"]
+            if p["weight_scale"] != 1.0:
+                words.append(f"weight scale {p['weight_scale']:g}")
+            return ", ".join(words) + f", magnitude {p['magnitude']}; rebuild it with " \
+                f"dora_ref.testing.make_chain_case(**{p!r})"
         if self.layer == "embedding":
             words = [f"N={p['N']} ids, V={p['num_embeddings']}, D={p['embedding_dim']}, r={p['r']}",
                      f"dtype={p['dtype']}, scaling={p['scaling']:g}, embed_scale={p['embed_scale']:g}",
@@ -202,6 +216,55 @@ def make_conv_case(N=2, in_channels=2, out_channels=3, kernel_size=2, r=2, *, nd
     return LayerCase("conv", arrays, linear, params)
 
 
+def make_chain_case(N=3, in_features=4, out_features=5, r=2, *, adapters=2, lora_mask=0, dtype="float64",
+                    bias=True, magnitude="trained", weight_scale=1.0, seed=0):
+    """Build a ``LayerCase`` of several adapters active on one linear layer (PEFT 0.21).
+
+    Parameters
+    ----------
+    N, in_features, out_features : int
+    r : int
+        The largest rank; each adapter's rank is drawn in 1..r.
+    adapters : int
+        How many adapters are active, in order.
+    lora_mask : int
+        Bit i set: adapter i is plain LoRA (no magnitude).
+    dtype, bias, weight_scale, seed
+        As ``testing.make_case``; each adapter's scaling is drawn from
+        {2, 1/2, 1/3, 8}.
+    magnitude : {"init", "trained"}
+        Each DoRA adapter's m: ||W0 + s_i B_i A_i||_row, times a factor in
+        [0.25, 4) per channel when "trained".
+
+    Returns
+    -------
+    LayerCase
+    """
+    params = dict(N=N, in_features=in_features, out_features=out_features, r=r, adapters=adapters,
+                  lora_mask=lora_mask, dtype=str(np.dtype(dtype)), bias=bias, magnitude=magnitude,
+                  weight_scale=weight_scale, seed=seed)
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, in_features)).astype(dtype)
+    W0 = (weight_scale * rng.standard_normal((out_features, in_features)) / np.sqrt(in_features)).astype(dtype)
+    b = rng.standard_normal(out_features).astype(dtype) if bias else None
+    mods = []
+    for i in range(adapters):
+        ri = int(rng.integers(1, r + 1))
+        s = float(rng.choice([2.0, 0.5, 1.0 / 3.0, 8.0]))
+        A = (rng.standard_normal((ri, in_features)) / np.sqrt(in_features)).astype(dtype)
+        B = (weight_scale * rng.standard_normal((out_features, ri)) / np.sqrt(ri)).astype(dtype)
+        m = None
+        if not (lora_mask >> i) & 1:
+            n64 = np.linalg.norm(W0.astype(np.float64) + s * (B.astype(np.float64) @ A.astype(np.float64)), axis=1)
+            m = _magnitude(n64, magnitude, rng, dtype)
+        mods.append(dict(A=A, B=B, magnitude=m, scaling=s))
+    first = mods[0]
+    m0 = first["magnitude"] if first["magnitude"] is not None else np.ones(out_features, dtype)
+    linear = _linear_case(x, W0, first["A"], first["B"], m0, first["scaling"], b, rng, params)
+    return LayerCase("chain", dict(x=x, W0=W0, bias=b, adapters=mods), linear, params)
+
+
 # ---------------------------------------------------------------------------
 # the reference, its tolerances, and the variants on the linear view
 # ---------------------------------------------------------------------------
@@ -225,7 +288,82 @@ def reference(check, case):
                                        a["bias"], stride=a["stride"], padding=a["padding"],
                                        dilation=a["dilation"], groups=a["groups"])
         return dict(y=y)
+    if check == "chain_forward":
+        from .peft import ModuleAdapter, chain_forward
+
+        mods = [ModuleAdapter("chain", m["A"].astype(np.float64), m["B"].astype(np.float64),
+                              None if m["magnitude"] is None else m["magnitude"].astype(np.float64),
+                              m["scaling"], m["A"].shape[0], m["scaling"] * m["A"].shape[0])
+                for m in case.arrays["adapters"]]
+        b = None if a["bias"] is None else a["bias"]
+        return dict(y=chain_forward(a["x"], a["W0"], b, mods))
     raise ValueError(check)
+
+
+def _chain_forward(case, norm_from):
+    """The chained forward in float64 with each DoRA adapter's norm taken from ``norm_from``.
+
+    "bare": W0 (PEFT 0.21, ``peft.chain_forward``); "merged": the weight the
+    adapters before it give when merged in order; "independent": from W0,
+    but each adapter's correction computed on the bare base output and
+    summed (the running result not fed forward).
+    """
+    a = case.arrays
+    x, W0 = a["x"].astype(np.float64), a["W0"].astype(np.float64)
+    z0 = x @ W0.T
+    y, W = z0, W0
+    for mod in a["adapters"]:
+        A, B, s = mod["A"].astype(np.float64), mod["B"].astype(np.float64), mod["scaling"]
+        low_rank = s * ((x @ A.T) @ B.T)
+        if mod["magnitude"] is None:
+            y, W = y + low_rank, W + s * (B @ A)
+            continue
+        base = W if norm_from == "merged" else W0
+        V = base + s * (B @ A)
+        g = mod["magnitude"].astype(np.float64) / np.linalg.norm(V, axis=1)
+        if norm_from == "independent":  # each adapter's DoRA correction on the bare base, summed
+            y = y + (g - 1.0) * z0 + g * low_rank
+        else:
+            y = g * (y + low_rank)
+        W = g[:, None] * (W + s * (B @ A))
+    return y if a["bias"] is None else y + a["bias"].astype(np.float64)
+
+
+def _chain_tolerance(case):
+    """The chained forward's tolerance: ``rtol(dtype, k)`` times a running term scale.
+
+    ``S_0 = |x| @ |W0|.T``; a LoRA adapter adds ``L_i = |s_i| (|x| @ |A_i|.T)
+    @ |B_i|.T``; a DoRA adapter gives ``S_i = |g_i| (1 + kappa_i) (S_{i-1} +
+    L_i)``, kappa_i = ||T_i||_row / n_i with T_i = |W0| + |s_i| |B_i| |A_i|
+    (the norm's relative error is gamma times kappa, as for one adapter,
+    ``testing.term_scales``), and the bias adds |b|. k = in + the largest
+    rank + 2 per adapter (its multiplication and its addition).
+    """
+    from .tolerance import rtol as _rtol
+
+    a = case.arrays
+    x, W0 = np.abs(a["x"].astype(np.float64)), a["W0"].astype(np.float64)
+    S = x @ np.abs(W0).T
+    r_max = 1
+    for mod in a["adapters"]:
+        A, B, s = mod["A"].astype(np.float64), mod["B"].astype(np.float64), abs(mod["scaling"])
+        r_max = max(r_max, A.shape[0])
+        L = s * ((x @ np.abs(A).T) @ np.abs(B).T)
+        if mod["magnitude"] is None:
+            S = S + L
+            continue
+        T = np.abs(W0) + s * (np.abs(B) @ np.abs(A))
+        n = np.linalg.norm(W0 + mod["scaling"] * (B @ A), axis=1)
+        safe = np.where(n > 0, n, 1.0)
+        g = np.abs(mod["magnitude"].astype(np.float64)) / safe
+        kappa = np.linalg.norm(T, axis=1) / safe
+        S = g * (1.0 + kappa) * (S + L)
+    if a["bias"] is not None:
+        S = S + np.abs(a["bias"].astype(np.float64))
+    k = W0.shape[1] + r_max + 2 * len(a["adapters"])
+    scale = float(np.max(S, initial=0.0))
+    rt = _rtol(case.dtype, k)
+    return dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=k, scale=scale, dtype=str(case.dtype))
 
 
 def tolerances(check, case):
@@ -236,6 +374,8 @@ def tolerances(check, case):
     """
     from .testing import tolerances as linear_tolerances
 
+    if check == "chain_forward":
+        return dict(y=_chain_tolerance(case))
     tols = linear_tolerances(case.linear)
     if check == "embedding_forward":
         t = dict(tols["y"])
@@ -248,6 +388,14 @@ def tolerances(check, case):
     if check == "embedding_merge":
         return dict(W_merged=tols["W_merged"])
     return dict(y=tols["y"])
+
+
+def _chain_variant(norm_from):
+    return lambda case: dict(y=_chain_forward(case, norm_from))
+
+
+def _several_dora(case):
+    return sum(m["magnitude"] is not None for m in case.arrays["adapters"]) >= 2
 
 
 def _to_layer(check, case, lin):
@@ -288,6 +436,10 @@ LAYER_VARIANTS = {
         ("embedding_norm_axis", dict(norm="col"), _square),
         ("scaling_outside_norm", dict(norm="no_scaling"), None),
         ("norm_of_W0", dict(norm="W0"), None),
+    ],
+    "chain_forward": [
+        ("chain_norm_of_merged_weight", _chain_variant("merged"), lambda c: len(c.arrays["adapters"]) >= 2),
+        ("chain_not_fed_forward", _chain_variant("independent"), _several_dora),
     ],
     "conv_forward": [
         ("norm_axis", dict(norm="col"), _square),
@@ -343,6 +495,15 @@ def call_port(check, fn, case):
         out = fn(copies["weight"], copies["lora_embedding_A"], copies["lora_embedding_B"], copies["magnitude"],
                  copies["scaling"])
         name = "W_merged"
+    elif check == "chain_forward":
+        adapters = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in mod.items()}
+                    for mod in a["adapters"]]
+        out = fn(copies["x"], copies["W0"], copies["bias"], adapters)
+        for mod, got in zip(a["adapters"], adapters):
+            for k, v in mod.items():
+                if isinstance(v, np.ndarray) and not np.array_equal(v, got[k], equal_nan=True):
+                    raise WroteInput(f"your {check} wrote to an adapter's {k}: ports must not modify their arguments")
+        name = "y"
     else:
         out = fn(copies["x"], copies["weight"], copies["lora_A"], copies["lora_B"], copies["magnitude"],
                  copies["scaling"], copies["bias"], copies["stride"], copies["padding"], copies["dilation"],
@@ -366,6 +527,11 @@ def _probes(check, case):
                   weight_scale=1.0, seed=7, embed_scale=p["embed_scale"] if p["embed_scale"] != 1.0 else 3.0)
         make = make_embedding_case
         label = "a square case (V = D = 5, embed_scale != 1)"
+    elif case.layer == "chain":
+        sq = dict(p, N=3, in_features=5, out_features=5, r=2, adapters=3, lora_mask=0, bias=True,
+                  magnitude="trained", weight_scale=1.0, seed=7)
+        make = make_chain_case
+        label = "three DoRA adapters (in = out = 5)"
     else:
         # in * prod(k) = out: the flattened kernel is square
         sq = dict(p, N=2, in_channels=2, out_channels=2 * 2 ** p["ndim"], kernel_size=2, r=2, stride=1, padding=1,
@@ -490,14 +656,32 @@ _EMBEDDING_PARAMS = ("N", "num_embeddings", "embedding_dim", "r", "scaling", "em
                      "magnitude", "weight_scale", "seed")
 
 
+def chain_strategy(st, dtype, fixed=None):
+    """Hypothesis strategy for ``make_chain_case``'s parameters (``fixed`` as ``conv_strategy``)."""
+    fields = dict(
+        N=st.integers(1, 6), in_features=st.integers(1, 8), out_features=st.integers(1, 8), r=st.integers(1, 4),
+        adapters=st.integers(1, 3), lora_mask=st.integers(0, 7), dtype=st.just(str(np.dtype(dtype))),
+        bias=st.booleans(), magnitude=st.sampled_from(["trained", "init"]),
+        weight_scale=st.sampled_from([1.0, 1e-3, 1e3]), seed=st.integers(0, 2 ** 16),
+    )
+    fields.update(fixed or {})
+    return st.fixed_dictionaries(fields)
+
+
+_CHAIN_PARAMS = ("N", "in_features", "out_features", "r", "adapters", "lora_mask", "bias", "magnitude",
+                 "weight_scale", "seed")
+
+
 def make_case(check, params):
-    return make_embedding_case(**params) if check.startswith("embedding") else make_conv_case(**params)
+    if check.startswith("embedding"):
+        return make_embedding_case(**params)
+    return make_chain_case(**params) if check == "chain_forward" else make_conv_case(**params)
 
 
 def strategy(check, st, dtype, cases: Optional[dict]):
     """The check's case strategy, restricted by ``cases`` (parameter -> value, list, or strategy)."""
     embedding = check.startswith("embedding")
-    known = _EMBEDDING_PARAMS if embedding else _CONV_PARAMS
+    known = _EMBEDDING_PARAMS if embedding else _CHAIN_PARAMS if check == "chain_forward" else _CONV_PARAMS
     fixed = {}
     for key, value in (cases or {}).items():
         if key not in known:
@@ -510,4 +694,6 @@ def strategy(check, st, dtype, cases: Optional[dict]):
             fixed[key] = st.sampled_from(list(value))
         else:
             fixed[key] = st.just(value)
+    if check == "chain_forward":
+        return chain_strategy(st, dtype, fixed)
     return embedding_strategy(st, dtype, fixed) if embedding else conv_strategy(st, dtype, fixed)

@@ -79,6 +79,7 @@ __all__ = [
     "HINTS",
     "Report",
     "check_backward",
+    "check_chain_forward",
     "check_conv_forward",
     "check_embedding_forward",
     "check_embedding_merge",
@@ -86,6 +87,7 @@ __all__ = [
     "check_init",
     "check_merge",
     "make_case",
+    "make_chain_case",
     "make_conv_case",
     "make_embedding_case",
     "reference",
@@ -97,6 +99,7 @@ GRAD_NAMES = _C.GRAD_NAMES
 LayerCase = _L.LayerCase
 make_embedding_case = _L.make_embedding_case
 make_conv_case = _L.make_conv_case
+make_chain_case = _L.make_chain_case
 Convention = _C.Convention
 Diagnosis = _D.Diagnosis
 
@@ -243,6 +246,19 @@ HINTS = {
         "delta weight alone; PEFT 0.14's embedding merge is reported to do this). DoRA's merged "
         "table scales each embedding dimension j by g_j = m_j / n_j: "
         "E' = (E + s*(B@A).T) * (m / n)[None, :], n = ||E.T + s*B@A||_row (over the vocabulary)."
+    ),
+    "chain_norm_of_merged_weight": (
+        "with several adapters active, each DoRA adapter's norm is taken from the weight the "
+        "adapters before it give (W0 merged with them in order). PEFT 0.21 takes every "
+        "adapter's norm from the bare base, n_i = ||W0 + s_i*B_i@A_i||_row, and feeds the "
+        "running output forward: y <- g_i * (y + s_i*(x@A_i.T)@B_i.T) per DoRA adapter, "
+        "y <- y + s_i*(x@A_i.T)@B_i.T per LoRA one, then + b (its merge does the same, PEFT PR #3609)."
+    ),
+    "chain_not_fed_forward": (
+        "with several DoRA adapters active, each adapter's correction is computed on the bare base "
+        "output and the corrections are summed, y = x@W0.T + b + sum_i ((g_i - 1)*x@W0.T + "
+        "g_i*s_i*(x@A_i.T)@B_i.T). PEFT 0.21 feeds the running output into each adapter, so a DoRA "
+        "adapter rescales everything before it: y <- g_i * (y + s_i*(x@A_i.T)@B_i.T)."
     ),
     "unmerge_without_magnitude": (
         "the unmerge only subtracts s*B@A (or recomputes n from the merged weight, whose "
@@ -1118,7 +1134,7 @@ _LAYER_COMMON = """
         "all": return a ``Report`` instead of raising.
     cases : dict, optional
         Restricts the drawn cases: a parameter of the case builder
-        (``make_embedding_case`` / ``make_conv_case``) -> a value, a list of
+        (``make_embedding_case`` / ``make_conv_case`` / ``make_chain_case``) -> a value, a list of
         values or a hypothesis strategy.
 
     Returns
@@ -1194,7 +1210,28 @@ def check_conv_forward(forward, *, dtype="float64", max_examples=100, seed=0, re
                       report=report, cases=cases)
 
 
-for _check in (check_embedding_forward, check_embedding_merge, check_conv_forward):
+def check_chain_forward(forward, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's forward with several (Do)LoRA adapters active on one linear layer (PEFT 0.21, eval).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(x, W0, bias, adapters) -> y``: x (N, in), W0 (out, in),
+        bias (out,) or None, adapters a list (PEFT's active-adapter order)
+        of dicts with ``A`` (r_i, in), ``B`` (out, r_i), ``magnitude``
+        (out,) or None for a plain LoRA adapter, and ``scaling`` (float);
+        y (N, out) as ``dora_ref.peft.chain_forward``::
+
+            y <- x @ W0.T
+            for each adapter:  DoRA: y <- g_i * (y + s_i (x @ A_i.T) @ B_i.T)
+                               LoRA: y <- y + s_i (x @ A_i.T) @ B_i.T
+            y <- y + b,        g_i = m_i / ||W0 + s_i B_i A_i||_row  (the bare W0)
+    """
+    return _run_layer("chain_forward", forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+for _check in (check_embedding_forward, check_embedding_merge, check_conv_forward, check_chain_forward):
     _check.__doc__ = _check.__doc__.rstrip() + _LAYER_COMMON
 
 for _check in (check_forward, check_backward, check_merge, check_init):

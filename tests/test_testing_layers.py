@@ -178,3 +178,39 @@ def test_conv_cases_restrict_the_geometry():
 
     T.check_conv_forward(port, max_examples=20, cases=dict(groups=2, dilation=[2]))
     assert set(seen) == {(2, 2)}
+
+
+# --- several adapters on one linear layer, PEFT 0.21: every norm from the bare base, the output fed forward --
+
+def _chain_port(norm_from="bare"):
+    def forward(x, W0, b, adapters):
+        y, W = x @ W0.T, W0
+        for ad in adapters:
+            A, B, m, s = ad["A"], ad["B"], ad["magnitude"], ad["scaling"]
+            low_rank = s * (x @ A.T) @ B.T
+            if m is None:
+                y, W = y + low_rank, W + s * B @ A
+                continue
+            g = m / np.linalg.norm((W if norm_from == "merged" else W0) + s * B @ A, axis=1)
+            y = g * (y + low_rank) if norm_from != "independent" else y + (g - 1) * (x @ W0.T) + g * low_rank
+            W = g[:, None] * (W + s * B @ A)
+        return y if b is None else y + b
+    return forward
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_chain_forward_correct_port_passes(dtype):
+    result = T.check_chain_forward(_chain_port(), dtype=dtype, max_examples=200)
+    assert result.examples == 200 and result.worst_ratio < 1.0
+
+
+@pytest.mark.parametrize("norm_from, hint", [
+    ("merged", "chain_norm_of_merged_weight"),
+    ("independent", "chain_not_fed_forward"),
+])
+def test_chain_wrong_port_is_named_first(norm_from, hint):
+    with pytest.raises(T.ConformanceError) as info:
+        T.check_chain_forward(_chain_port(norm_from), max_examples=100)
+    err = info.value
+    assert err.hint == hint, str(err)
+    assert "make_chain_case" in str(err)
