@@ -214,3 +214,56 @@ def test_chain_wrong_port_is_named_first(norm_from, hint):
     err = info.value
     assert err.hint == hint, str(err)
     assert "make_chain_case" in str(err)
+
+
+# --- PEFT 0.21's own DoRA embedding passes (no false alarm on the implementation most users run) ------------
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """An embedding that scales its output, as Gemma's ScaledWordEmbedding (PEFT reads ``embed_scale``)."""
+
+    def __init__(self, V, D, padding_idx, embed_scale):
+        super().__init__(V, D, padding_idx=padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+def peft_embedding_forward(ids, E, A, B, m, s, embed_scale, padding_idx):
+    import warnings
+
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Embedding
+
+    dtype = torch.float64 if E.dtype == np.float64 else torch.float32
+    base = _ScaledEmbedding(E.shape[0], E.shape[1], padding_idx, embed_scale).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = LoraConfig(r=A.shape[0], lora_alpha=1, use_dora=True, init_lora_weights=False)
+        layer = Embedding(base, "default", cfg, r=A.shape[0], lora_alpha=1, use_dora=True, init_lora_weights=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.from_numpy(E))
+        layer.lora_embedding_A["default"].copy_(torch.from_numpy(A))
+        layer.lora_embedding_B["default"].copy_(torch.from_numpy(B))
+        layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(m))
+        layer.scaling["default"] = s
+        layer.eval()
+        return layer(torch.from_numpy(ids)).numpy()
+
+
+def peft_embedding_forward_wrong_scaling(ids, E, A, B, m, s, embed_scale, padding_idx):
+    return peft_embedding_forward(ids, E, A, B, m, s * 1.001, embed_scale, padding_idx)
+
+
+def test_peft_embedding_port_can_fail():
+    """The wrapper really runs PEFT with the case's weights: a scaling off by 0.1% is caught."""
+    with pytest.raises(T.ConformanceError):
+        T.check_embedding_forward(peft_embedding_forward_wrong_scaling, max_examples=30)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_peft_embedding_passes(dtype):
+    pytest.importorskip("peft")
+    torch.set_num_threads(1)
+    result = T.check_embedding_forward(peft_embedding_forward, dtype=dtype, max_examples=30)
+    assert result.examples == 30 and result.worst_ratio < 1.0
