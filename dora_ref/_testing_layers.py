@@ -678,6 +678,17 @@ def make_case(check, params):
     return make_chain_case(**params) if check == "chain_forward" else make_conv_case(**params)
 
 
+def as_strategy(st, key, value):
+    """A ``cases=`` entry as a hypothesis strategy: a strategy, a list / tuple / range of values, or one value."""
+    if hasattr(value, "example") and hasattr(value, "map"):  # a hypothesis strategy
+        return value
+    if isinstance(value, (list, tuple, range)):
+        if len(value) == 0:
+            raise ValueError(f"cases[{key!r}] is empty")
+        return st.sampled_from(list(value))
+    return st.just(value)
+
+
 def strategy(check, st, dtype, cases: Optional[dict]):
     """The check's case strategy, restricted by ``cases`` (parameter -> value, list, or strategy)."""
     embedding = check.startswith("embedding")
@@ -686,14 +697,7 @@ def strategy(check, st, dtype, cases: Optional[dict]):
     for key, value in (cases or {}).items():
         if key not in known:
             raise ValueError(f"cases= has an unknown parameter {key!r}; the {check} cases take {sorted(known)}")
-        if hasattr(value, "example") and hasattr(value, "map"):  # a hypothesis strategy
-            fixed[key] = value
-        elif isinstance(value, (list, tuple, range)):
-            if len(value) == 0:
-                raise ValueError(f"cases[{key!r}] is empty")
-            fixed[key] = st.sampled_from(list(value))
-        else:
-            fixed[key] = st.just(value)
+        fixed[key] = as_strategy(st, key, value)
     if check == "chain_forward":
         return chain_strategy(st, dtype, fixed)
     return embedding_strategy(st, dtype, fixed) if embedding else conv_strategy(st, dtype, fixed)

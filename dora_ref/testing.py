@@ -768,14 +768,7 @@ def _case_strategy(st, dtype, dropout, conv=None, cases=None):
             raise ValueError(f"cases= cannot set {key!r}: it follows the check's own arguments")
         if key not in fields_ and key not in ("bias_scale", "lora_alpha", "use_rslora"):
             raise ValueError(f"cases= has an unknown parameter {key!r}; make_case takes {sorted(fields_)}")
-        if hasattr(value, "example") and hasattr(value, "map"):  # a hypothesis strategy
-            fields_[key] = value
-        elif isinstance(value, (list, tuple, range)):
-            if len(value) == 0:
-                raise ValueError(f"cases[{key!r}] is empty")
-            fields_[key] = st.sampled_from(list(value))
-        else:
-            fields_[key] = st.just(value)
+        fields_[key] = _L.as_strategy(st, key, value)
     return st.fixed_dictionaries(fields_)
 
 
@@ -822,15 +815,29 @@ def _settings(hyp, max_examples):
 def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
     """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
     hyp = _hypothesis()
+    return _hunt(
+        check, names, _case_strategy(hyp.strategies, dtype, dropout, conv, cases), make_case,
+        lambda case: _C.call_port(check, fn, unmerge, case, conv, dropout),
+        lambda case: _reference_and_tolerances(check, case, detach_norm),
+        max_examples=max_examples, seed=seed,
+    )
+
+
+def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed):
+    """The search every check runs: hypothesis draws parameters from ``strategy``,
+    ``build(params)`` makes the case, ``call(case)`` runs the port (its outputs
+    by name), ``expect(case)`` gives the reference and the tolerances; the first
+    mismatch is shrunk and returned as a _Mismatch, else a CheckResult."""
+    hyp = _hypothesis()
     stats = {"examples": 0, "worst": 0.0, "where": ""}
 
     @_settings(hyp, max_examples)
     @hyp.seed(seed)
-    @hyp.given(_case_strategy(hyp.strategies, dtype, dropout, conv, cases))
+    @hyp.given(strategy)
     def one_case(params):
-        case = make_case(**params)
+        case = build(**params)
         try:
-            got = _C.call_port(check, fn, unmerge, case, conv, dropout)
+            got = call(case)
         except _C.ShapeMismatch as exc:  # diagnosed as a port that raised: other layouts are tried
             raise _Mismatch(case, dict(output=exc.output, index=None, expected=None, got=None, bound=None,
                                        text=str(exc)), exc) from exc
@@ -840,7 +847,7 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
             raise _Mismatch(case, dict(
                 output=None, index=None, expected=None, got=None, bound=None, text=text,
             ), None if wrote else exc) from exc
-        ref, tols = _reference_and_tolerances(check, case, detach_norm)
+        ref, tols = expect(case)
         ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
             raise _Mismatch(case, info)
@@ -894,19 +901,9 @@ def _error_from(check, exc, diagnoses, mode="", changed=None):
 
 def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
          max_examples=100, seed=0, convention=None, report="first", cases=None, **conventions):
-    if not callable(fn):
-        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
+    dtype = _check_arguments(check, fn, dtype, max_examples, report, cases)
     if unmerge is not None and not callable(unmerge):
         raise TypeError(f"unmerge must be callable or None, got {type(unmerge).__name__}")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
-        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
-    if report not in ("first", "all"):
-        raise ValueError(f"report must be 'first' or 'all', got {report!r}")
-    if cases is not None and not isinstance(cases, dict):
-        raise TypeError(f"cases must be a dict of make_case parameters, got {type(cases).__name__}")
     conv = _C.convention_from(convention, conventions)
     if conv.per_input_column and dropout:
         raise ValueError("dropout=True is not defined for the per-input-column layer (magnitude='(1, in)')")
@@ -932,38 +929,18 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
 
 
 def _search_layer(check, fn, names, *, dtype, max_examples, seed, cases):
-    """``_search`` for the Embedding and Conv checks (``dora_ref._testing_layers``)."""
+    """``_search`` for the Embedding, Conv and chained-adapter checks (``dora_ref._testing_layers``)."""
     hyp = _hypothesis()
-    stats = {"examples": 0, "worst": 0.0, "where": ""}
-
-    @_settings(hyp, max_examples)
-    @hyp.seed(seed)
-    @hyp.given(_L.strategy(check, hyp.strategies, dtype, cases))
-    def one_case(params):
-        case = _L.make_case(check, params)
-        try:
-            got = _L.call_port(check, fn, case)
-        except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
-            wrote = isinstance(exc, _C.WroteInput)
-            text = str(exc) if wrote else f"your {check} raised {type(exc).__name__}: {exc}"
-            raise _Mismatch(case, dict(output=None, index=None, expected=None, got=None, bound=None, text=text),
-                            None if wrote else exc) from exc
-        ref, tols = _L.reference(check, case), _L.tolerances(check, case)
-        ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
-        if ratio == np.inf:
-            raise _Mismatch(case, info)
-        stats["examples"] += 1
-        if ratio >= stats["worst"]:
-            stats["worst"], stats["where"] = ratio, info
-
-    try:
-        one_case()
-    except _Mismatch as exc:
-        return exc
-    return CheckResult(check, stats["examples"], stats["worst"], stats["where"] or "")
+    return _hunt(
+        check, names, _L.strategy(check, hyp.strategies, dtype, cases),
+        lambda **params: _L.make_case(check, params), lambda case: _L.call_port(check, fn, case),
+        lambda case: (_L.reference(check, case), _L.tolerances(check, case)),
+        max_examples=max_examples, seed=seed,
+    )
 
 
-def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
+def _check_arguments(check, fn, dtype, max_examples, report, cases):
+    """Validate the arguments every check takes; returns the dtype."""
     if not callable(fn):
         raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
     dtype = np.dtype(dtype)
@@ -975,6 +952,11 @@ def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
         raise ValueError(f"report must be 'first' or 'all', got {report!r}")
     if cases is not None and not isinstance(cases, dict):
         raise TypeError(f"cases must be a dict of case parameters, got {type(cases).__name__}")
+    return dtype
+
+
+def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
+    dtype = _check_arguments(check, fn, dtype, max_examples, report, cases)
     names = _L.output_names(check)
     found = _search_layer(check, fn, names, dtype=dtype, max_examples=max_examples, seed=seed, cases=cases)
     if isinstance(found, _Mismatch):
