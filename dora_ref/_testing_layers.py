@@ -416,6 +416,49 @@ def _embed_scale_not_on_lora(case):
     return dict(y=g * (es * (c.x @ c.W0.T) + c.scaling * ((c.x @ c.A.T) @ c.B.T)))
 
 
+def _peft_grouped_conv_norm(case):
+    """PEFT 0.21's conv forward with groups > 1: its norm mixes output channels.
+
+    PEFT's ``_DoraConvNdLayer.get_weight_norm`` forms the delta as
+    ``(lora_B.view(-1, r) @ lora_A.view(r, -1)).view(W0.shape)``: for a grouped
+    lora_B (out, r/groups, 1, ...) that is an (out/groups, in * prod(k))
+    product reshaped into the (out, in/groups, *k) kernel. The output is
+    g * (conv(x, W0) + s * lora_B(lora_A(x))) + b with g = m / that norm.
+    """
+    a = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+         for k, v in case.arrays.items()}
+    W, A, B = a["weight"], a["lora_A"], a["lora_B"]
+    r = A.shape[0]
+    delta = (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(W.shape)
+    out = W.shape[0]
+    n_peft = np.linalg.norm((W + a["scaling"] * delta).reshape(out, -1), axis=1)
+    W0f, Af, Bf = _conv._flat(W, A, B, a["groups"])
+    n_true = np.linalg.norm(W0f + a["scaling"] * (Bf @ Af), axis=1)
+    m = a["magnitude"] * n_true / n_peft  # the reference with this m has g = m / n_peft
+    y, _ = _conv.conv_dora_forward(a["x"], W, A, B, m, a["scaling"], a["bias"], stride=a["stride"],
+                                   padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
+    return dict(y=y)
+
+
+def _peft_conv_dilation_dropped(case):
+    """PEFT 0.21's conv forward with dilation > 1: lora_A is built without the base's dilation.
+
+    Its low-rank path then has another output size; PyTorch broadcasting
+    joins the two where one of them has length 1 (else PEFT raises).
+    """
+    a = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+         for k, v in case.arrays.items()}
+    W0f, Af, Bf = _conv._flat(a["weight"], a["lora_A"], a["lora_B"], a["groups"])
+    g = a["magnitude"] / np.linalg.norm(W0f + a["scaling"] * (Bf @ Af), axis=1)
+    base = _conv.conv_nd(a["x"], a["weight"], None, stride=a["stride"], padding=a["padding"],
+                         dilation=a["dilation"], groups=a["groups"])
+    low = _conv.conv_nd(a["x"], a["lora_A"], None, stride=a["stride"], padding=a["padding"])
+    low = _conv.conv_nd(low, a["lora_B"], None, groups=a["groups"])
+    shape = (1, -1) + (1,) * (a["x"].ndim - 2)
+    y = g.reshape(shape) * (base + a["scaling"] * low)  # raises where PEFT raises
+    return dict(y=y if a["bias"] is None else y + a["bias"].reshape(shape))
+
+
 def _square(case):
     return case.linear.W0.shape[0] == case.linear.W0.shape[1]
 
@@ -448,6 +491,9 @@ LAYER_VARIANTS = {
         ("norm_plus_eps", dict(eps="eps"), None),
         ("no_magnitude", dict(g="one"), None),
         ("bias_scaled", dict(bias="scaled"), lambda c: c.linear.bias is not None),
+        ("peft_grouped_conv_norm", _peft_grouped_conv_norm, lambda c: c.arrays["groups"] > 1),
+        ("peft_conv_dilation_dropped", _peft_conv_dilation_dropped,
+         lambda c: c.arrays["dilation"] > 1 and c.params["kernel_size"] > 1),
     ],
 }
 
@@ -460,8 +506,11 @@ def _candidates(check, case):
         if cond is not None and not cond(case):
             continue
         if callable(over):
-            with np.errstate(all="ignore"):
-                out.append((key, "", over(case)))
+            try:
+                with np.errstate(all="ignore"):
+                    out.append((key, "", over(case)))
+            except ValueError:  # the variant itself fails on this case (e.g. PEFT's shapes do not broadcast)
+                pass
             continue
         epsilons = [None]
         if over.get("eps") == "eps":
@@ -539,8 +588,15 @@ def _probes(check, case):
                   seed=7)
         make = make_conv_case
         label = "a square case (in * prod(kernel) = out)"
-    return [("the shrunk case", case), (label, make(**sq)),
-            ("that case with weights scaled by 1e-6 (norms ~1e-6)", make(**dict(sq, weight_scale=1e-6)))]
+    probes = [("the shrunk case", case), (label, make(**sq)),
+              ("that case with weights scaled by 1e-6 (norms ~1e-6)", make(**dict(sq, weight_scale=1e-6)))]
+    if case.layer == "conv" and p["groups"] > 1:  # a geometry the shrunk case needed is kept in a probe
+        probes.append(("a grouped case (groups = 2, in = out = 4, r = 4)",
+                       make(**dict(sq, in_channels=4, out_channels=4, r=4, groups=2, padding=0))))
+    if case.layer == "conv" and p["dilation"] > 1:
+        probes.append(("a dilated case (dilation 2, kernel 2, length 3)",
+                       make(**dict(sq, dilation=2, kernel_size=2, padding=0, length=3))))
+    return probes
 
 
 def diagnose(check, fn, case):

@@ -247,6 +247,21 @@ HINTS = {
         "table scales each embedding dimension j by g_j = m_j / n_j: "
         "E' = (E + s*(B@A).T) * (m / n)[None, :], n = ||E.T + s*B@A||_row (over the vocabulary)."
     ),
+    "peft_grouped_conv_norm": (
+        "with groups > 1 your norm is PEFT 0.21's: it forms the delta as "
+        "(lora_B.view(-1, r) @ lora_A.view(r, -1)).view(W0.shape), which for a grouped lora_B "
+        "reshapes an (out/groups, in*k) product into the grouped kernel and mixes output channels "
+        "(_DoraConvNdLayer.get_weight_norm). The layer's own norm is that of each output channel's "
+        "dense adapted kernel, blockdiag(W0) + s * lora_B_dense @ lora_A (dora_ref.conv). To check the "
+        "rest of a port that follows PEFT, use cases=dict(groups=1)."
+    ),
+    "peft_conv_dilation_dropped": (
+        "with dilation > 1 your low-rank path ignores the dilation: lora_A is a convolution with "
+        "the base's kernel size, stride and padding but dilation 1 (PEFT 0.21's _ConvNd.update_layer), "
+        "so it sees another receptive field and gives another output size (PEFT raises, or broadcasts "
+        "where one size is 1). lora_A must use the base's dilation, so that W0 + s*delta is one kernel; "
+        "to check the rest of a port that follows PEFT, use cases=dict(dilation=1)."
+    ),
     "chain_norm_of_merged_weight": (
         "with several adapters active, each DoRA adapter's norm is taken from the weight the "
         "adapters before it give (W0 merged with them in order). PEFT 0.21 takes every "

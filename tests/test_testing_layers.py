@@ -267,3 +267,55 @@ def test_peft_embedding_passes(dtype):
     torch.set_num_threads(1)
     result = T.check_embedding_forward(peft_embedding_forward, dtype=dtype, max_examples=30)
     assert result.examples == 30 and result.worst_ratio < 1.0
+
+
+# --- PEFT 0.21's DoRA Conv1d / Conv2d: passes where it is the same layer, named where it is not ----------
+
+def peft_conv_forward(x, W, A, B, m, s, b, stride, padding, dilation, groups):
+    import warnings
+
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Conv1d, Conv2d
+
+    d = x.ndim - 2
+    dtype = torch.float64 if W.dtype == np.float64 else torch.float32
+    Base = torch.nn.Conv1d if d == 1 else torch.nn.Conv2d
+    base = Base(x.shape[1], W.shape[0], W.shape[2:], stride=stride, padding=padding, dilation=dilation,
+                groups=groups, bias=b is not None).to(dtype)
+    cfg = LoraConfig(r=A.shape[0], lora_alpha=1, use_dora=True, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = (Conv1d if d == 1 else Conv2d)(base, "default", cfg, r=A.shape[0], lora_alpha=1, use_dora=True,
+                                               init_lora_weights=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.from_numpy(W))
+        if b is not None:
+            base.bias.copy_(torch.from_numpy(b))
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(A))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(B))
+        magnitude = layer.lora_magnitude_vector["default"].weight  # (1, out, 1, ...)
+        magnitude.copy_(torch.from_numpy(m).reshape(magnitude.shape))
+        layer.scaling["default"] = s
+        layer.eval()
+        return layer(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_peft_conv_passes_without_groups_and_dilation(dtype):
+    pytest.importorskip("peft")
+    torch.set_num_threads(1)
+    result = T.check_conv_forward(peft_conv_forward, dtype=dtype, max_examples=30, cases=dict(groups=1, dilation=1))
+    assert result.examples == 30 and result.worst_ratio < 1.0
+
+
+@pytest.mark.parametrize("cases, hint", [
+    (dict(groups=2, dilation=1), "peft_grouped_conv_norm"),
+    (dict(groups=1, dilation=2), "peft_conv_dilation_dropped"),
+])
+def test_peft_conv_differences_are_named(cases, hint):
+    """Where dora_ref.conv deliberately differs from PEFT (its module docstring), PEFT fails, named."""
+    pytest.importorskip("peft")
+    torch.set_num_threads(1)
+    with pytest.raises(T.ConformanceError) as info:
+        T.check_conv_forward(peft_conv_forward, max_examples=50, cases=cases)
+    assert info.value.hint == hint, str(info.value)
