@@ -319,3 +319,28 @@ def test_peft_conv_differences_are_named(cases, hint):
     with pytest.raises(T.ConformanceError) as info:
         T.check_conv_forward(peft_conv_forward, max_examples=50, cases=cases)
     assert info.value.hint == hint, str(info.value)
+
+
+@pytest.mark.parametrize("check", [T.check_embedding_forward, T.check_embedding_merge, T.check_conv_forward,
+                                   T.check_chain_forward])
+def test_layer_checks_reject_bad_arguments(check):
+    with pytest.raises(TypeError, match="callable"):
+        check(None)
+    with pytest.raises(ValueError, match="dtype"):
+        check(embedding_forward, dtype="float16")
+    with pytest.raises(ValueError, match="max_examples"):
+        check(embedding_forward, max_examples=0)
+    with pytest.raises(ValueError, match="unknown parameter 'nope'"):
+        check(embedding_forward, cases=dict(nope=1))
+    with pytest.raises(ValueError, match="empty"):
+        check(embedding_forward, cases=dict(seed=[]))
+
+
+def test_a_port_that_writes_its_input_is_reported():
+    def forward(ids, E, A, B, m, s, embed_scale, padding_idx):
+        m *= 1.0 + 0.0 * m  # in place, unchanged values: not reported
+        E[...] = 0.0 if E.size else E
+        return embedding_forward(ids, E, A, B, m, s, embed_scale, padding_idx)
+
+    with pytest.raises(T.ConformanceError, match="wrote to its input weight"):
+        T.check_embedding_forward(forward, max_examples=10)
