@@ -202,8 +202,10 @@ def evaluate(c, spec, detach_norm, *, unmerge_input=None):
     Wm, n_given = (W, n) if unmerge_input is None else unmerge_input
     gg = c.magnitude / n_given
     BA = s * (c.B @ c.A)
-    W0_back = {"ok": Wm / gg[:, None] - BA, "without_magnitude": Wm - BA,
-               "factor_on_columns": Wm / gg[None, :] - BA}[spec["unmerge"]]
+    # only the unmerge asked for: the per-column one broadcasts only on square weights
+    unmerge_by = {"ok": lambda: Wm / gg[:, None] - BA, "without_magnitude": lambda: Wm - BA,
+                  "factor_on_columns": lambda: Wm / gg[None, :] - BA}
+    W0_back = unmerge_by[spec["unmerge"]]()
     return dict(y=y, weight_norm=n, dx=dx, dA=c.B.T @ dP, dB=dP @ c.A.T, dmagnitude=dm,
                 W_merged=W, W0_unmerged=W0_back)
 

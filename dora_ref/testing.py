@@ -65,6 +65,7 @@ import numpy as np
 
 from . import _testing_conventions as _C
 from . import _testing_diagnosis as _D
+from . import _testing_layers as _L
 from . import _testing_variants as _V
 from . import functional as F
 from .tolerance import UNIT_ROUNDOFF, dora_reduction_length, gamma, rtol
@@ -78,16 +79,27 @@ __all__ = [
     "HINTS",
     "Report",
     "check_backward",
+    "check_chain_forward",
+    "check_conv_forward",
+    "check_embedding_forward",
+    "check_embedding_merge",
     "check_forward",
     "check_init",
     "check_merge",
     "make_case",
+    "make_chain_case",
+    "make_conv_case",
+    "make_embedding_case",
     "reference",
     "term_scales",
     "tolerances",
 ]
 
 GRAD_NAMES = _C.GRAD_NAMES
+LayerCase = _L.LayerCase
+make_embedding_case = _L.make_embedding_case
+make_conv_case = _L.make_conv_case
+make_chain_case = _L.make_chain_case
 Convention = _C.Convention
 Diagnosis = _D.Diagnosis
 
@@ -214,6 +226,54 @@ HINTS = {
         "your port runs and is right with W0 in the other layout: with fan_in_fan_out it "
         "wants W0 (out, in), without it W0 (in, out). Check it with the fan_in_fan_out= "
         "that matches how it stores the weight."
+    ),
+    "embedding_norm_axis": (
+        "the embedding's norm is taken over the wrong axis: per token (over the embedding "
+        "dimension, one value per row of E), as in mlx-lm's DoRAEmbedding, which is a different "
+        "layer. PEFT's DoRA embedding keeps one magnitude per embedding DIMENSION, shape (D,), "
+        "and its norm is over the vocabulary: n = ||E.T + s*B@A||_row with "
+        "lora_embedding_B @ lora_embedding_A of shape (D, V), e.g. "
+        "torch.linalg.norm(E + s * (B @ A).T, dim=0)."
+    ),
+    "embed_scale_not_on_lora": (
+        "embed_scale multiplies only the base lookup, not the DoRA term: your "
+        "y = g*(embed_scale*E[ids] + s*A.T[ids]@B.T). PEFT >= 0.18 scales the whole output, "
+        "y = embed_scale * g * (E[ids] + s*A.T[ids]@B.T) (the base layer's output already "
+        "carries embed_scale; the low-rank term must be scaled too)."
+    ),
+    "embedding_merge_without_magnitude": (
+        "the embedding merge ignores the magnitude: your E' = E + s*(B@A).T, a LoRA merge (the "
+        "delta weight alone; PEFT 0.14's embedding merge is reported to do this). DoRA's merged "
+        "table scales each embedding dimension j by g_j = m_j / n_j: "
+        "E' = (E + s*(B@A).T) * (m / n)[None, :], n = ||E.T + s*B@A||_row (over the vocabulary)."
+    ),
+    "peft_grouped_conv_norm": (
+        "with groups > 1 your norm is PEFT 0.21's: it forms the delta as "
+        "(lora_B.view(-1, r) @ lora_A.view(r, -1)).view(W0.shape), which for a grouped lora_B "
+        "reshapes an (out/groups, in*k) product into the grouped kernel and mixes output channels "
+        "(_DoraConvNdLayer.get_weight_norm). The layer's own norm is that of each output channel's "
+        "dense adapted kernel, blockdiag(W0) + s * lora_B_dense @ lora_A (dora_ref.conv). To check the "
+        "rest of a port that follows PEFT, use cases=dict(groups=1)."
+    ),
+    "peft_conv_dilation_dropped": (
+        "with dilation > 1 your low-rank path ignores the dilation: lora_A is a convolution with "
+        "the base's kernel size, stride and padding but dilation 1 (PEFT 0.21's _ConvNd.update_layer), "
+        "so it sees another receptive field and gives another output size (PEFT raises, or broadcasts "
+        "where one size is 1). lora_A must use the base's dilation, so that W0 + s*delta is one kernel; "
+        "to check the rest of a port that follows PEFT, use cases=dict(dilation=1)."
+    ),
+    "chain_norm_of_merged_weight": (
+        "with several adapters active, each DoRA adapter's norm is taken from the weight the "
+        "adapters before it give (W0 merged with them in order). PEFT 0.21 takes every "
+        "adapter's norm from the bare base, n_i = ||W0 + s_i*B_i@A_i||_row, and feeds the "
+        "running output forward: y <- g_i * (y + s_i*(x@A_i.T)@B_i.T) per DoRA adapter, "
+        "y <- y + s_i*(x@A_i.T)@B_i.T per LoRA one, then + b (its merge does the same, PEFT PR #3609)."
+    ),
+    "chain_not_fed_forward": (
+        "with several DoRA adapters active, each adapter's correction is computed on the bare base "
+        "output and the corrections are summed, y = x@W0.T + b + sum_i ((g_i - 1)*x@W0.T + "
+        "g_i*s_i*(x@A_i.T)@B_i.T). PEFT 0.21 feeds the running output into each adapter, so a DoRA "
+        "adapter rescales everything before it: y <- g_i * (y + s_i*(x@A_i.T)@B_i.T)."
     ),
     "unmerge_without_magnitude": (
         "the unmerge only subtracts s*B@A (or recomputes n from the merged weight, whose "
@@ -723,14 +783,7 @@ def _case_strategy(st, dtype, dropout, conv=None, cases=None):
             raise ValueError(f"cases= cannot set {key!r}: it follows the check's own arguments")
         if key not in fields_ and key not in ("bias_scale", "lora_alpha", "use_rslora"):
             raise ValueError(f"cases= has an unknown parameter {key!r}; make_case takes {sorted(fields_)}")
-        if hasattr(value, "example") and hasattr(value, "map"):  # a hypothesis strategy
-            fields_[key] = value
-        elif isinstance(value, (list, tuple, range)):
-            if len(value) == 0:
-                raise ValueError(f"cases[{key!r}] is empty")
-            fields_[key] = st.sampled_from(list(value))
-        else:
-            fields_[key] = st.just(value)
+        fields_[key] = _L.as_strategy(st, key, value)
     return st.fixed_dictionaries(fields_)
 
 
@@ -762,12 +815,9 @@ class Report(NamedTuple):
         return "\n".join(lines)
 
 
-def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
-    """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
-    hyp = _hypothesis()
-    stats = {"examples": 0, "worst": 0.0, "where": ""}
-
-    @hyp.settings(
+def _settings(hyp, max_examples):
+    """The hypothesis settings of every check: quiet, no deadline, no database, shrink."""
+    return hyp.settings(
         max_examples=max_examples, deadline=None, database=None,
         verbosity=hyp.Verbosity.quiet, report_multiple_bugs=False,
         suppress_health_check=list(hyp.HealthCheck),
@@ -775,12 +825,34 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
         # arguments could vary, which the message already makes plain
         phases=[hyp.Phase.explicit, hyp.Phase.generate, hyp.Phase.shrink],
     )
+
+
+def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
+    """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
+    hyp = _hypothesis()
+    return _hunt(
+        check, names, _case_strategy(hyp.strategies, dtype, dropout, conv, cases), make_case,
+        lambda case: _C.call_port(check, fn, unmerge, case, conv, dropout),
+        lambda case: _reference_and_tolerances(check, case, detach_norm),
+        max_examples=max_examples, seed=seed,
+    )
+
+
+def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed):
+    """The search every check runs: hypothesis draws parameters from ``strategy``,
+    ``build(params)`` makes the case, ``call(case)`` runs the port (its outputs
+    by name), ``expect(case)`` gives the reference and the tolerances; the first
+    mismatch is shrunk and returned as a _Mismatch, else a CheckResult."""
+    hyp = _hypothesis()
+    stats = {"examples": 0, "worst": 0.0, "where": ""}
+
+    @_settings(hyp, max_examples)
     @hyp.seed(seed)
-    @hyp.given(_case_strategy(hyp.strategies, dtype, dropout, conv, cases))
+    @hyp.given(strategy)
     def one_case(params):
-        case = make_case(**params)
+        case = build(**params)
         try:
-            got = _C.call_port(check, fn, unmerge, case, conv, dropout)
+            got = call(case)
         except _C.ShapeMismatch as exc:  # diagnosed as a port that raised: other layouts are tried
             raise _Mismatch(case, dict(output=exc.output, index=None, expected=None, got=None, bound=None,
                                        text=str(exc)), exc) from exc
@@ -790,7 +862,7 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
             raise _Mismatch(case, dict(
                 output=None, index=None, expected=None, got=None, bound=None, text=text,
             ), None if wrote else exc) from exc
-        ref, tols = _reference_and_tolerances(check, case, detach_norm)
+        ref, tols = expect(case)
         ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
             raise _Mismatch(case, info)
@@ -808,11 +880,15 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
 def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     """The ConformanceError for a shrunk mismatch, with its diagnosis."""
     diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
-    info = exc.info
     mode = ""
     if check == "backward":
         mode = " (detached norm)" if detach_norm else " (exact gradient)"
-    changed = conv.changed()
+    return _error_from(check, exc, diagnoses, mode, conv.changed())
+
+
+def _error_from(check, exc, diagnoses, mode="", changed=None):
+    """The ConformanceError for a shrunk mismatch and its ranked diagnoses."""
+    info = exc.info
     lines = [
         f"check_{check}{mode}: your {check} differs from dora_ref on this minimal case "
         f"(found by hypothesis, then shrunk):",
@@ -840,19 +916,9 @@ def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
 
 def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
          max_examples=100, seed=0, convention=None, report="first", cases=None, **conventions):
-    if not callable(fn):
-        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
+    dtype = _check_arguments(check, fn, dtype, max_examples, report, cases)
     if unmerge is not None and not callable(unmerge):
         raise TypeError(f"unmerge must be callable or None, got {type(unmerge).__name__}")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
-        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
-    if report not in ("first", "all"):
-        raise ValueError(f"report must be 'first' or 'all', got {report!r}")
-    if cases is not None and not isinstance(cases, dict):
-        raise TypeError(f"cases must be a dict of make_case parameters, got {type(cases).__name__}")
     conv = _C.convention_from(convention, conventions)
     if conv.per_input_column and dropout:
         raise ValueError("dropout=True is not defined for the per-input-column layer (magnitude='(1, in)')")
@@ -875,6 +941,45 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
         else:
             passed[name] = found
     return Report(check, passed, failures)
+
+
+def _search_layer(check, fn, names, *, dtype, max_examples, seed, cases):
+    """``_search`` for the Embedding, Conv and chained-adapter checks (``dora_ref._testing_layers``)."""
+    hyp = _hypothesis()
+    return _hunt(
+        check, names, _L.strategy(check, hyp.strategies, dtype, cases),
+        lambda **params: _L.make_case(check, params), lambda case: _L.call_port(check, fn, case),
+        lambda case: (_L.reference(check, case), _L.tolerances(check, case)),
+        max_examples=max_examples, seed=seed,
+    )
+
+
+def _check_arguments(check, fn, dtype, max_examples, report, cases):
+    """Validate the arguments every check takes; returns the dtype."""
+    if not callable(fn):
+        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+    if report not in ("first", "all"):
+        raise ValueError(f"report must be 'first' or 'all', got {report!r}")
+    if cases is not None and not isinstance(cases, dict):
+        raise TypeError(f"cases must be a dict of case parameters, got {type(cases).__name__}")
+    return dtype
+
+
+def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
+    dtype = _check_arguments(check, fn, dtype, max_examples, report, cases)
+    names = _L.output_names(check)
+    found = _search_layer(check, fn, names, dtype=dtype, max_examples=max_examples, seed=seed, cases=cases)
+    if isinstance(found, _Mismatch):
+        error = _error_from(check, found, _L.diagnose(check, fn, found.case))
+        if report == "first":
+            raise error from None
+        return Report(check, {}, [error])
+    return found if report == "first" else Report(check, {names[0]: found}, [])
 
 
 # ---------------------------------------------------------------------------
@@ -1014,6 +1119,117 @@ def check_init(init, forward=None, *, dtype="float64", max_examples=100, seed=0,
     return _run("init", init, unmerge=forward, dtype=dtype, max_examples=max_examples, seed=seed,
                 convention=convention, report=report, cases=cases, **conventions)
 
+
+_LAYER_COMMON = """
+    dtype : {"float64", "float32"}, default "float64"
+        The dtype of every float array passed to your function; compared with
+        dora_ref's float64 result within the linear view's tolerance
+        (``dora_ref._testing_layers.tolerances``).
+    max_examples : int, default 100
+    seed : int, default 0
+    report : {"first", "all"}, default "first"
+        "all": return a ``Report`` instead of raising.
+    cases : dict, optional
+        Restricts the drawn cases: a parameter of the case builder
+        (``make_embedding_case`` / ``make_conv_case`` / ``make_chain_case``) -> a value, a list of
+        values or a hypothesis strategy.
+
+    Returns
+    -------
+    CheckResult, or a ``Report`` with ``report="all"``.
+
+    Raises
+    ------
+    ConformanceError
+        On the first (shrunk) mismatch, or if your function raised or wrote
+        to its inputs, with the known mistakes your numbers reproduce, ranked
+        (``.hint`` the first, ``.diagnoses`` all).
+    ImportError
+        If hypothesis is not installed.
+    TypeError, ValueError
+        On bad arguments to the check itself.
+"""
+
+
+def check_embedding_forward(forward, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's DoRA Embedding forward (PEFT ``DoraEmbeddingVariant.forward``, PEFT >= 0.18).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(ids, weight, lora_embedding_A, lora_embedding_B, magnitude,
+        scaling, embed_scale, padding_idx) -> y``: ids int64 (N,), weight E
+        (V, D), lora_embedding_A (r, V), lora_embedding_B (D, r), magnitude
+        (D,), scaling and embed_scale floats, padding_idx an int or None;
+        y (N, D) = ``embed_scale * g * (E[ids] + s * A.T[ids] @ B.T)``,
+        ``g = m / ||E.T + s*B@A||_row`` (one norm per embedding dimension,
+        over the vocabulary). padding_idx changes only the backward: the
+        forward value of a padding id is computed like any other.
+    """
+    return _run_layer("embedding_forward", forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+def check_embedding_merge(merge, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's DoRA Embedding merge (PEFT ``DoraEmbeddingVariant.merge_safe``).
+
+    Parameters
+    ----------
+    merge : callable
+        ``merge(weight, lora_embedding_A, lora_embedding_B, magnitude,
+        scaling) -> weight_merged`` (V, D) = ``(E + s*(B@A).T) * (m / n)[None, :]``
+        (a tuple whose first element is it is accepted, as
+        ``dora_ref.embedding.embedding_merge`` returns).
+    """
+    return _run_layer("embedding_merge", merge, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+def check_conv_forward(forward, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's DoRA Conv1d / Conv2d forward (PEFT ``_DoraConvNdLayer.forward``, eval).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(x, weight, lora_A, lora_B, magnitude, scaling, bias,
+        stride, padding, dilation, groups) -> y``: x (N, in, *L), weight
+        (out, in/groups, *k), lora_A (r, in, *k) (a convolution with the
+        base's stride, padding and dilation, not grouped), lora_B
+        (out, r/groups, 1, ...) (a grouped 1x1 convolution), magnitude
+        (out,) (PEFT stores it (1, out, 1, ...)), bias (out,) or None, ints
+        for the geometry (the same on every axis); y (N, out, *L_out) =
+        ``g * (conv(x, W0) + s * lora_B(lora_A(x))) + bias`` per channel,
+        g = m / n with n the norm of each output channel's dense adapted
+        kernel ``W0 + s * lora_B_dense @ lora_A`` (``dora_ref.conv``). With
+        groups > 1, PEFT's norm differs (see ``dora_ref.conv``).
+    """
+    return _run_layer("conv_forward", forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+def check_chain_forward(forward, *, dtype="float64", max_examples=100, seed=0, report="first", cases=None):
+    """Check a port's forward with several (Do)LoRA adapters active on one linear layer (PEFT 0.21, eval).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(x, W0, bias, adapters) -> y``: x (N, in), W0 (out, in),
+        bias (out,) or None, adapters a list (PEFT's active-adapter order)
+        of dicts with ``A`` (r_i, in), ``B`` (out, r_i), ``magnitude``
+        (out,) or None for a plain LoRA adapter, and ``scaling`` (float);
+        y (N, out) as ``dora_ref.peft.chain_forward``::
+
+            y <- x @ W0.T
+            for each adapter:  DoRA: y <- g_i * (y + s_i (x @ A_i.T) @ B_i.T)
+                               LoRA: y <- y + s_i (x @ A_i.T) @ B_i.T
+            y <- y + b,        g_i = m_i / ||W0 + s_i B_i A_i||_row  (the bare W0)
+    """
+    return _run_layer("chain_forward", forward, dtype=dtype, max_examples=max_examples, seed=seed,
+                      report=report, cases=cases)
+
+
+for _check in (check_embedding_forward, check_embedding_merge, check_conv_forward, check_chain_forward):
+    _check.__doc__ = _check.__doc__.rstrip() + _LAYER_COMMON
 
 for _check in (check_forward, check_backward, check_merge, check_init):
     _check.__doc__ = _check.__doc__.rstrip() + _COMMON

@@ -428,3 +428,16 @@ def test_wrong_output_shape_says_what_it_suggests():
     assert err.output == "y" and err.index is None
     assert "dimensions of size 1" in str(err) or "shape" in str(err)
     assert err.hint == "magnitude_shape_out_1", str(err)
+
+
+def test_diagnosis_of_a_non_square_shrunk_case_does_not_crash():
+    """Regression: the variants' evaluation formed every unmerge, the per-column one included, which does not
+    broadcast on an (out, in) weight with in != out (both > 1): diagnosing a port on such a case raised
+    ValueError instead of naming the mistake."""
+    def forward(x, W0, A, B, m, s, b):  # the scaling left out of the norm
+        y = (m / np.linalg.norm(W0 + B @ A, axis=1)) * (x @ W0.T + s * (x @ A.T) @ B.T)
+        return y if b is None else y + b
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(forward, max_examples=30, cases=dict(in_features=4, out_features=5))
+    assert info.value.hint == "scaling_outside_norm"
