@@ -458,11 +458,14 @@ def float32_to_bfloat16_bits(x, *, report_non_finite=False):
             t >>= 16
             dst[s:e] = t
             nan = np.isnan(xf[s:e])
-            if nan.any():
+            has_nan = bool(nan.any())
+            if has_nan:
                 dst[s:e][nan] = (u[nan] >> 16) | 0x0040
             if report_non_finite:
+                # On the final bits: a NaN whose payload is near all ones wraps t to 0,
+                # so the rounded value t alone would not show it.
                 t &= 0x7FFF  # exponent all ones: inf or NaN
-                if t.size and t.max() >= 0x7F80:
+                if has_nan or (t.size and t.max() >= 0x7F80):
                     non_finite.append(True)
 
     _parallel(run, xu.size)

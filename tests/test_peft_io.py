@@ -1210,3 +1210,15 @@ def test_dora_ref_command_with_a_missing_optional_dependency_prints_one_line(cap
     assert cli.main(["merge", "a", "b", "c"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dora-ref merge: error: No module named") and err.count("\n") == 1
+
+
+def test_nan_with_a_payload_near_all_ones_is_reported_when_rounded_to_bf16():
+    """Review finding: the non-finite report looked at the rounded value before NaNs were
+    redone, and a NaN whose payload is near all ones wraps that value to 0, so 0x7FFFFFFF
+    and 0xFFFF8001 went through a merge unreported."""
+    for bits in (0x7FFFFFFF, 0xFFFF8001, 0x7FC00000):
+        x = np.array([1.0, bits], dtype=np.uint32)
+        x[0] = np.float32(1.0).view(np.uint32)
+        out, bad = S.float32_to_bfloat16_bits(x.view(np.float32), report_non_finite=True)
+        assert bad is True, hex(bits)
+        assert np.isnan(out[1:].view(BF16).astype(np.float32)).all()
