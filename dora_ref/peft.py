@@ -404,14 +404,17 @@ class LoraAdapterConfig:
         (``alpha_pattern``), in the file's order, for which
         ``re.match(rf"(.*\\.)?({p})$", module)`` matches gives the value;
         otherwise ``r`` (``lora_alpha``). Keys whose matching time is not
-        bounded are refused (``pattern_key_regex``), and all matches of one
-        config together may take at most ``PATTERN_TIME_BUDGET`` seconds.
+        bounded are refused (``pattern_key_regex``); as a backstop, the
+        matches for one module may take at most ``PATTERN_TIME_BUDGET``
+        seconds (per call, so a config kept for long is not worn down).
 
         Raises
         ------
         ValueError
             Naming the field, the key and ``source``.
         """
+
+        spent = [0.0]  # seconds of matching in this call
 
         def lookup(name, pattern, default):
             for key, value in pattern.items():
@@ -420,8 +423,8 @@ class LoraAdapterConfig:
                     hit = pattern_matches(key, module)
                 except ValueError as e:
                     raise ValueError(f"{self.source}: field {name!r}: {e}") from None
-                self._match_seconds = getattr(self, "_match_seconds", 0.0) + time.perf_counter() - start
-                if self._match_seconds > PATTERN_TIME_BUDGET:
+                spent[0] += time.perf_counter() - start
+                if spent[0] > PATTERN_TIME_BUDGET:
                     raise ValueError(
                         f"{self.source}: field {name!r}: matching its keys against the module paths took "
                         f"over {PATTERN_TIME_BUDGET:g} s (last key {_show(key)}, module {_show(module)}); "
