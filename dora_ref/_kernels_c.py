@@ -278,11 +278,8 @@ def _weight_row_blocks(out_features, in_features, itemsize):
     the layout. (Blocks of ``_kernels_numpy._row_blocks`` did not, and
     gave 1-ulp differences in float64.)
     """
-    align = int(lib.dora_row_block())
-    rows = max(1, _kernels_numpy._BLOCK_BYTES // max(1, in_features * itemsize))
-    rows = max(align, rows // align * align)
-    for start in range(0, out_features, rows):
-        yield slice(start, min(start + rows, out_features))
+    return _kernels_numpy._row_blocks(out_features, in_features, itemsize,
+                                      align=int(lib.dora_row_block()))
 
 
 def _shape(name, arr, shape, shapes):

@@ -31,9 +31,11 @@ def _row_norms(V):
         return np.sqrt(np.einsum("ij,ij->i", V64, V64)).astype(V.dtype)
 
 
-def _row_blocks(out_features, in_features, itemsize):
-    """Yield slices of about ``_BLOCK_BYTES`` of rows of an (out, in) matrix."""
+def _row_blocks(out_features, in_features, itemsize, align=1):
+    """Yield slices of about ``_BLOCK_BYTES`` of rows of an (out, in) matrix,
+    each starting at a multiple of ``align`` rows."""
     rows = max(1, _BLOCK_BYTES // max(1, in_features * itemsize))
+    rows = max(align, rows // align * align)
     for start in range(0, out_features, rows):
         yield slice(start, min(start + rows, out_features))
 
