@@ -1,7 +1,7 @@
 """Build script for dora_ref.
 
 Metadata lives in pyproject.toml. This file exists for the C extension
-``dora_ref._dora_c``, which cffi builds in out-of-line API mode from
+``dora_ref.kernels._dora_c``, which cffi builds in out-of-line API mode from
 ``csrc/`` through ``cffi_modules`` (see ``csrc/build_ffi.py``).
 
 The extension is optional: if it fails to build (no C compiler, say), the

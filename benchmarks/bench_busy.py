@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import dora_ref  # noqa: E402
-from dora_ref import functional as F  # noqa: E402
+from dora_ref.core import functional as F  # noqa: E402
 
 GOAL = 1.05
 
@@ -158,7 +158,7 @@ def main(argv=None):
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
     if "c" not in dora_ref.available_backends():
         sys.exit("the C extension is not built: nothing to compare")
-    from dora_ref import _kernels_c
+    from dora_ref.kernels import c as _kernels_c
 
     print(f"# C backend vs NumPy backend, quiet and busy (goal: C/NumPy <= {GOAL})")
     print(f"# CPU: {cpu()}; numpy {np.__version__}; {_kernels_c.threading_info()}")

@@ -1,6 +1,6 @@
 """The backward with and without the one-pass kernels, side by side (float32, 2 threads).
 
-``dora_backward`` (``dora_ref/functional.py``) gets dg, dz, dU and dB from
+``dora_backward`` (``dora_ref/core/functional.py``) gets dg, dz, dU and dB from
 ``backward_lowrank`` and, exact only, W0 @ A.T and (c B).T @ W0 from
 ``norm_gradient_products``. This script times it, interleaved in one process,
 against the same backward written with ``backward_epilogue`` and separate
@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 # Time the checkout this script sits in, not an installed dora_ref.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dora_ref import _backend  # noqa: E402
-from dora_ref import functional as F  # noqa: E402
+from dora_ref.kernels import backend as _backend  # noqa: E402
+from dora_ref.core import functional as F  # noqa: E402
 
 SHAPES = [(1024, 1024, 8, 2048), (4096, 4096, 8, 512), (4096, 4096, 64, 512), (11008, 4096, 16, 256)]
 HERE = os.path.dirname(os.path.abspath(__file__))

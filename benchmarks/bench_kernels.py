@@ -57,9 +57,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dora_ref  # noqa: E402
 import dora_ref.layers  # noqa: E402
-from dora_ref import _backend  # noqa: E402
-from dora_ref import _kernels_numpy  # noqa: E402
-from dora_ref import functional as F  # noqa: E402
+from dora_ref.kernels import backend as _backend  # noqa: E402
+from dora_ref.core import kernels_numpy as _kernels_numpy  # noqa: E402
+from dora_ref.core import functional as F  # noqa: E402
 
 CK = _backend._kernels_c  # the C kernels, or None when not built
 

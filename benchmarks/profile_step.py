@@ -1,7 +1,7 @@
 """Where a DoRA training step spends its time, line by line (float32, 2 threads).
 
 Re-times, one by one, the products and kernels that ``dora_forward`` and
-``dora_backward`` (``dora_ref/functional.py``) run, next to the plain frozen
+``dora_backward`` (``dora_ref/core/functional.py``) run, next to the plain frozen
 linear layer's two products, so that the overhead of each piece can be read
 off. Medians of interleaved repeats; the machine may be shared, so compare
 rows of one run only.
@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 # Time the checkout this script sits in, not an installed dora_ref.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dora_ref import _backend  # noqa: E402
-from dora_ref import functional as F  # noqa: E402
+from dora_ref.kernels import backend as _backend  # noqa: E402
+from dora_ref.core import functional as F  # noqa: E402
 
 
 def main(argv):

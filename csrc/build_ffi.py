@@ -1,10 +1,10 @@
 """cffi build script for dora_ref's C kernels (out-of-line API mode).
 
 ``setup.py`` names this file in ``cffi_modules``; cffi then compiles
-``csrc/dora_kernels.c`` into the extension module ``dora_ref._dora_c``
+``csrc/dora_kernels.c`` into the extension module ``dora_ref.kernels._dora_c``
 during ``build_ext`` (both ``pip install .`` and ``pip install -e .``).
 The C API is the declarations-only header ``csrc/dora_kernels.h``, read
-verbatim into ``ffibuilder.cdef``; ``dora_ref/_kernels_c.py`` wraps it.
+verbatim into ``ffibuilder.cdef``; ``dora_ref/kernels/c.py`` wraps it.
 
 Compiler flags are chosen by test compiles, never assumed:
 
@@ -139,7 +139,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 _compile_args, _link_args, _macros = compiler_flags()
 ffibuilder.set_source(
-    "dora_ref._dora_c",
+    "dora_ref.kernels._dora_c",
     '#include <stdint.h>\n#include "dora_kernels.h"\n',
     sources=SOURCES,
     depends=DEPENDS,

@@ -2,7 +2,7 @@
 
    What a reference promises (after llm.c's train_gpt2.c): plain C99 that
    runs on any CPU, no intrinsics, readable next to its NumPy twin in
-   dora_ref/_kernels_numpy.py, and a few OpenMP pragmas because they are a
+   dora_ref/core/kernels_numpy.py, and a few OpenMP pragmas because they are a
    large speedup at very low cost. Large matrix products (x @ W0.T, dy @ W0,
    x @ A.T) are not here: they stay with NumPy's BLAS. What is here is
    everything DoRA adds to a linear layer that BLAS cannot fuse: one pass

@@ -18,7 +18,7 @@
 
    Arguments come as outputs first, then inputs, then the scaling s, then
    sizes. Each function returns a dora_status: DORA_OK, or an error code
-   that the Python wrapper (dora_ref/_kernels_c.py) turns into an exception.
+   that the Python wrapper (dora_ref/kernels/c.py) turns into an exception.
    Results do not depend on the number of OpenMP threads, bit for bit: each
    thread writes only its own rows (or, for the backward's reduction over
    N, its own columns), with no atomics; a sum across threads' blocks goes

@@ -5,7 +5,7 @@
      W      elements in one tile column (64 bytes, one cache line)
      FN(x)  x ## _f32       or  x ## _f64
    The arithmetic of each kernel follows its NumPy twin in
-   dora_ref/_kernels_numpy.py operation by operation (s * P, then + W0, ...),
+   dora_ref/core/kernels_numpy.py operation by operation (s * P, then + W0, ...),
    so the two differ only by rounding: the order of the rank-r sum and the
    double accumulators used here for sums (no FMA contraction: the build
    passes -ffp-contract=off, so each operation rounds as written).

@@ -3,11 +3,18 @@
 DoRA (Weight-Decomposed Low-Rank Adaptation; Liu et al., ICML 2024,
 arXiv:2402.09353) in NumPy, with C kernels for the hot paths.
 
-Layout, said once: weights are PyTorch ``(out, in)``; the paper's column norm
+The package, bottom to top (the README has the sketch): ``core`` (the DoRA
+math in NumPy: read it first), ``kernels`` (the backend switch and the C
+kernels), ``layers`` (stateful layers and optimisers), ``formats`` (safetensors,
+PEFT's files, the merge command), ``porting`` (the conformance checker, golden
+vectors, tolerances), ``demo``.
+
+Layout of the arrays, said once: weights are PyTorch ``(out, in)``; the paper's column norm
 ``||.||_c`` is the L2 norm of each *row*, one value per output channel.
 """
-from ._backend import available_backends, backend, set_backend, use_backend
-from .functional import (
+from ._aliases import install as _install_aliases
+from .kernels.backend import available_backends, backend, set_backend, use_backend
+from .core.functional import (
     DoRAGrads,
     LoRAGrads,
     NonFiniteWeightError,
@@ -20,13 +27,30 @@ from .functional import (
     merge,
     unmerge,
 )
-from .layers import DoRALinear, LoRALinear, lora_scaling
-from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d, LoRAConv1d, LoRAConv2d, LoRAConv3d
-from .embedding import DoRAEmbedding
+from .layers import (
+    AdamW,
+    DoRAConv1d,
+    DoRAConv2d,
+    DoRAConv3d,
+    DoRAEmbedding,
+    DoRALinear,
+    LoRAConv1d,
+    LoRAConv2d,
+    LoRAConv3d,
+    LoRALinear,
+    SGD,
+    lora_scaling,
+)
+
+# the old flat module names (dora_ref.functional, dora_ref.peft, ...) keep importing
+_install_aliases()
 
 # the submodules a user reaches as dora_ref.<name> (all import only NumPy)
-from . import analysis, dense, gradcheck, peft, testing, tolerance  # noqa: E402
-from .optim import SGD, AdamW
+from . import core, formats, kernels, layers, porting  # noqa: E402
+from .core import dense, functional  # noqa: E402
+from .formats import peft  # noqa: E402
+from .porting import gradcheck, testing, tolerance  # noqa: E402
+from .demo import analysis  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -12,9 +12,9 @@ import sys
 
 # name -> (module with main(argv), one-line help)
 COMMANDS = {
-    "demo": ("dora_ref.demo", "DoRA vs LoRA vs full fine-tuning on scikit-learn's digits"),
-    "merge": ("dora_ref.merge_cli", "merge a PEFT (Do)LoRA adapter into base safetensors weights"),
-    "vectors": ("dora_ref.vectors", "write golden test vectors for porting DoRA"),
+    "demo": ("dora_ref.demo.digits", "DoRA vs LoRA vs full fine-tuning on scikit-learn's digits"),
+    "merge": ("dora_ref.formats.merge_cli", "merge a PEFT (Do)LoRA adapter into base safetensors weights"),
+    "vectors": ("dora_ref.porting.vectors", "write golden test vectors for porting DoRA"),
     "info": ("dora_ref.cli", "print the version, the active backend and the threads"),
 }
 
@@ -38,7 +38,7 @@ def info(argv=None):
     print(f"dora_ref {dora_ref.__version__}")
     print(f"backend: {dora_ref.backend()} (available: {', '.join(dora_ref.available_backends())})")
     if "c" in dora_ref.available_backends():
-        from dora_ref import _kernels_c
+        from dora_ref.kernels import c as _kernels_c
 
         print(f"C kernels: {_kernels_c.build_info()}; OpenMP threads: {_kernels_c.openmp_threads()}")
     try:

@@ -7,7 +7,7 @@ Run it (torch==2.13.0, peft 0.21, transformers; CPU)::
 PEFT takes ``lora_alpha`` and ``r`` (not a scaling), keeps the weight norm
 of a merge privately, stores GPT-2's ``Conv1D`` weight as (in, out) and
 calls ``self.lora_dropout[...](x)``: each of these is a convention of
-``dora_ref.testing`` (``scaling="lora_alpha"``, ``fan_in_fan_out=True``,
+``dora_ref.porting.testing`` (``scaling="lora_alpha"``, ``fan_in_fan_out=True``,
 ``dropout_as="callable"``), so the wrappers below only move arrays in and out
 of a freshly built PEFT layer; the numbers are all PEFT's.
 
@@ -143,7 +143,7 @@ CONVENTIONS = {
 
 def check_all(max_examples=200, dtypes=("float64", "float32")):
     """Every check on PEFT's Linear and Conv1D; yields (kind, dtype, CheckResult)."""
-    from dora_ref import testing
+    from dora_ref.porting import testing
 
     for kind, conv in CONVENTIONS.items():
         forward, backward, merge, unmerge = make_ports(kind == "Conv1D")

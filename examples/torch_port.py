@@ -7,7 +7,7 @@ Run it (torch==2.13.0, CPU)::
 The port is the first half of this file, about 40 lines: forward (with
 PEFT's dropout formula), backward by autograd (the norm detached, as PEFT
 does, or not), merge and unmerge. The second half wraps it to take and
-return NumPy arrays and hands it to ``dora_ref.testing``, which draws cases
+return NumPy arrays and hands it to ``dora_ref.porting.testing``, which draws cases
 with hypothesis, compares with dora_ref and, on a mismatch, names the
 output, the index, the tolerance and the likely mistake. Last, it checks
 the port against the golden vectors (``python -m dora_ref vectors``), the
@@ -64,7 +64,7 @@ def dora_unmerge(W_merged, A, B, magnitude, scaling, n):
 
 
 # ---------------------------------------------------------------------------
-# NumPy in, NumPy out: what dora_ref.testing calls
+# NumPy in, NumPy out: what dora_ref.porting.testing calls
 # ---------------------------------------------------------------------------
 
 
@@ -102,7 +102,7 @@ def unmerge(W_merged, A, B, magnitude, scaling, weight_norm):
 
 def check_golden(directory):
     """Run the port on every linear golden case; return the worst error / atol."""
-    from dora_ref import vectors
+    from dora_ref.porting import vectors
 
     worst = 0.0
     for entry in vectors.load_manifest(directory)["cases"]:
@@ -137,7 +137,8 @@ def init(W0, A, B, scaling):
 
 
 def main(argv=None):
-    from dora_ref import testing, vectors
+    from dora_ref.porting import testing
+    from dora_ref.porting import vectors
 
     argv = sys.argv[1:] if argv is None else argv
     n = int(argv[0]) if argv else 100  # cases per check

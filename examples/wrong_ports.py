@@ -17,7 +17,9 @@ import time
 
 import numpy as np
 
-from dora_ref import dense, testing
+from dora_ref.core import dense
+
+from dora_ref.porting import testing
 
 
 def rows(W):
@@ -44,7 +46,7 @@ def forward(x, W0, A, B, m, s, b, dropout_mask=None, *, axis=1, s_in_norm=True, 
 
 
 def backward(exact=False, *, dm_times_n=False, lora_grads=False, bias_scaled=False):
-    """The paper's gradients (dora_ref.dense, the dense route), with one change."""
+    """The paper's gradients (dora_ref.core.dense, the dense route), with one change."""
 
     def fn(dy, x, W0, A, B, m, s, b):
         g = dense.backward(dy, x, W0, A, B, m, s, detach_norm=not exact)

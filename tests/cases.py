@@ -113,7 +113,7 @@ def cases(draw, dtype=np.float64, zero_magnitude=True, extreme=True):
     ``zero_magnitude=False`` for what needs m != 0 (unmerge). ``extreme=False``
     (for the finite difference checks) draws sizes up to 17, not 33, and
     leaves out magnitudes far from the norm and B >> W0: there the rounding of
-    the loss exceeds the noise model of ``dora_ref.gradcheck`` (u |f| / h;
+    the loss exceeds the noise model of ``dora_ref.porting.gradcheck`` (u |f| / h;
     measured: 1.0e-6 > rtol 1e-6 on an exact dA that is 0 for in = 1). Those
     cases are checked against the dense formulas instead, whose tolerance
     carries the cancellation factor.
@@ -134,10 +134,10 @@ def cases(draw, dtype=np.float64, zero_magnitude=True, extreme=True):
 def abs_scales(case, detach_norm=True):
     """Sum of |terms| behind each gradient, for ``assert_close(scale=...)``.
 
-    The dense backward (``dora_ref.dense.backward``) with every input replaced
+    The dense backward (``dora_ref.core.dense.backward``) with every input replaced
     by its absolute value and every subtraction by an addition: the rounding
     error of any correct evaluation is bounded relative to these sums
-    (see ``dora_ref.tolerance``), even where the gradient itself cancels to
+    (see ``dora_ref.porting.tolerance``), even where the gradient itself cancels to
     nearly zero.
     """
     x, W0, A, B, m, s, dy = (

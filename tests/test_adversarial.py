@@ -90,7 +90,7 @@ def test_dropout_mask_while_merged_raises(kind):
 def test_lora_forward_nonfinite_W0_raises(bad):
     """lora_forward left NaN/Inf in W0 to a norm that LoRA does not compute: it returned
     NaN outputs silently (dora_forward refused the same W0)."""
-    import dora_ref.functional as F
+    import dora_ref.core.functional as F
 
     rng = np.random.default_rng(3)
     W0, A, B = rng.normal(size=(6, 5)), rng.normal(size=(2, 5)), rng.normal(size=(6, 2))
@@ -103,7 +103,7 @@ def test_lora_forward_nonfinite_W0_raises(bad):
 def test_backward_with_a_wrong_ctx_raises_type_error(ctx):
     """dora_backward / lora_backward with something that is not their forward's context
     raised AttributeError ('NoneType' object has no attribute 'seen')."""
-    import dora_ref.functional as F
+    import dora_ref.core.functional as F
 
     dy = np.ones((4, 6))
     with pytest.raises(TypeError, match="ctx must be the DoRAContext"):
@@ -113,7 +113,7 @@ def test_backward_with_a_wrong_ctx_raises_type_error(ctx):
 
 
 def test_backward_with_the_other_kinds_ctx_raises_type_error():
-    import dora_ref.functional as F
+    import dora_ref.core.functional as F
 
     rng = np.random.default_rng(4)
     x, W0, A, B = (rng.normal(size=s) for s in [(3, 5), (6, 5), (2, 5), (6, 2)])
@@ -155,7 +155,7 @@ def test_merge_out_symlink_is_written_through(small_checkpoint, target_exists):
     cleanup then failed ('Cannot call rmtree on a symbolic link') and the command exited
     with an error although OUT had been replaced, leaving the link as a temporary sibling;
     a dangling link failed with 'Not a directory'. Now the target is written, the link stays."""
-    from dora_ref.merge_cli import merge_checkpoint
+    from dora_ref.formats.merge_cli import merge_checkpoint
 
     d = small_checkpoint
     merge_checkpoint(d / "base", [d / "ad"], d / "ref", progress=False, log=lambda *a: None)
@@ -179,7 +179,7 @@ def test_merge_out_symlink_is_written_through(small_checkpoint, target_exists):
 def test_merge_deeply_nested_json_is_a_value_error(small_checkpoint, name, raw):
     """JSON nested deeper than Python's stack raised RecursionError (a traceback from the
     CLI) for the adapter config, the shard index and the model's config.json."""
-    from dora_ref.merge_cli import merge_checkpoint
+    from dora_ref.formats.merge_cli import merge_checkpoint
 
     d = small_checkpoint
     target = d / ("ad" if name == "adapter_config.json" else "base") / name
@@ -322,7 +322,7 @@ def test_backward_with_nonfinite_dy_raises_naming_dy(kind, bad):
 def test_dora_forward_magnitude_that_overflows_the_output_raises():
     """C backend: a finite magnitude near float64's maximum gave inf outputs with no
     warning at all (the epilogue runs in C); NumPy only warned."""
-    import dora_ref.functional as F
+    import dora_ref.core.functional as F
 
     rng = np.random.default_rng(6)
     W0, A, B = rng.normal(size=(6, 5)), rng.normal(size=(2, 5)), rng.normal(size=(6, 2))
@@ -401,7 +401,7 @@ def test_conv_geometry_float_or_huge_raises_value_error_naming_it(kw):
 
 _SIGTERM_MID_MERGE = """
 import os, signal, sys
-from dora_ref import merge_cli
+from dora_ref.formats import merge_cli
 real = merge_cli.merge_tensor
 def terminated_mid_merge(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next bytecode
@@ -425,7 +425,7 @@ def test_merge_sigterm_removes_the_temporary_output(small_checkpoint, out_exists
     import sys
     from pathlib import Path
 
-    from dora_ref import merge_cli
+    from dora_ref.formats import merge_cli
 
     d = small_checkpoint
     out = d / "out"

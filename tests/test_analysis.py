@@ -4,7 +4,7 @@ Each case has a known answer: a rescaling of rows changes only the
 magnitude, a rotation only the direction, and a transposed axis (the
 paper's column norm taken as a PyTorch column norm) gives a different,
 wrong answer that the tests tell apart. Values are compared with
-``dora_ref.tolerance.assert_close`` at the reduction length of the sums
+``dora_ref.porting.tolerance.assert_close`` at the reduction length of the sums
 involved (in for a row norm, out for the mean over rows).
 """
 import numpy as np
@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dora_ref import DoRALinear, LoRALinear, analysis
-from dora_ref.mlp import Dense
-from dora_ref.tolerance import assert_close
+from dora_ref import DoRALinear, LoRALinear
+
+from dora_ref.demo import analysis
+from dora_ref.demo.mlp import Dense
+from dora_ref.porting.tolerance import assert_close
 
 
 def _weight(rng, out=5, inp=7):

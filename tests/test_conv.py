@@ -3,7 +3,7 @@ float64 finite differences (exact and detached), merge/unmerge, shapes, errors.
 
 Independent computations used here: ``direct_conv`` (a loop over output
 positions, no im2col), norms by ``np.linalg.norm`` of the dense kernel, and
-``dora_ref.gradcheck`` (central differences; its docstring derives rtol 1e-6).
+``dora_ref.porting.gradcheck`` (central differences; its docstring derives rtol 1e-6).
 """
 import math
 
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dora_ref import conv as C
-from dora_ref.gradcheck import gradcheck
-from dora_ref.tolerance import assert_close
+from dora_ref.porting.gradcheck import gradcheck
+from dora_ref.porting.tolerance import assert_close
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def test_default_init_is_the_base_layer_in_peft_shapes(d):
 
 
 def test_layer_training_step_accumulates_and_lowers_the_loss():
-    from dora_ref.optim import SGD
+    from dora_ref.layers.optim import SGD
 
     rng = np.random.default_rng(5)
     W = rng.standard_normal((3, 2, 3, 3))
@@ -470,7 +470,7 @@ def test_layer_owns_its_base_weight_so_writes_to_the_callers_array_do_not_stale_
 
 def test_set_base_weight_keeps_an_optimizer_training_the_magnitude():
     """Reviewer repro: after set_base_weight, AdamW(layer.parameters()) no longer moved m."""
-    from dora_ref.optim import AdamW
+    from dora_ref.layers.optim import AdamW
 
     rng = np.random.default_rng(12)
     W = rng.standard_normal((4, 2, 3, 3))

@@ -27,7 +27,7 @@ nn = torch.nn
 
 from dora_ref import conv as C  # noqa: E402
 from dora_ref import embedding as Em  # noqa: E402
-from dora_ref.tolerance import assert_close, rtol  # noqa: E402
+from dora_ref.porting.tolerance import assert_close, rtol  # noqa: E402
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

@@ -2,7 +2,7 @@
 
 The demo runs in ``--quick`` mode into a temporary folder; the MLP's
 hand-written backward is checked against float64 central differences
-(``dora_ref.gradcheck``, rtol 1e-6: see its docstring for the error model).
+(``dora_ref.porting.gradcheck``, rtol 1e-6: see its docstring for the error model).
 """
 import csv
 import json
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from dora_ref import DoRALinear, LoRALinear, cli
-from dora_ref.gradcheck import gradcheck
-from dora_ref.mlp import MLP, Dense, ReLU, init_dense, softmax_cross_entropy
-from dora_ref.tolerance import rtol
+from dora_ref.porting.gradcheck import gradcheck
+from dora_ref.demo.mlp import MLP, Dense, ReLU, init_dense, softmax_cross_entropy
+from dora_ref.porting.tolerance import rtol
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")

@@ -32,13 +32,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dora_ref import functional as F
-from dora_ref.tolerance import gamma
+from dora_ref.core import functional as F
+from dora_ref.porting.tolerance import gamma
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 try:
-    from dora_ref import _kernels_c as C
+    from dora_ref.kernels import c as C
 except ImportError:  # pragma: no cover - depends on the install
     C = None
 

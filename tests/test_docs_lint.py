@@ -7,7 +7,7 @@ Over every markdown cell of ``tutorials/*.ipynb``, every ``docs/*.md`` and
   is saved as a TAB followed by ``imes``, ``"\\approx"`` as a BEL followed by
   ``pprox``; tabs are refused too: nothing in this prose needs one);
 * every relative link and image, and every repository path written in
-  backticks (``dora_ref/functional.py``, ``docs/figures/...``), exists in the
+  backticks (``dora_ref/core/functional.py``, ``docs/figures/...``), exists in the
   repository, and nothing points outside it (no ``../`` that leaves the
   repository, no absolute paths, no notes kept outside it such as
   ``shared/``): the repository must be self-contained;
@@ -195,7 +195,7 @@ def test_lint_catches_links_outside_and_missing_paths():
     assert bad_references("[gone](../docs/no_such_page.md)", tutorials)
     assert bad_references("`dora_ref/no_such_module.py`", tutorials)
     assert bad_references("see docs/no_such_page.md, section 3", tutorials)
-    assert not bad_references("[PEFT](../docs/peft_dora.md) and `dora_ref/functional.py`, "
+    assert not bad_references("[PEFT](../docs/peft_dora.md) and `dora_ref/core/functional.py`, "
                               "`benchmarks/results/bench_kernels.{md,json,png}`, "
                               "[paper](https://arxiv.org/abs/2402.09353)", tutorials)
 

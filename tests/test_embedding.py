@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dora_ref import embedding as Em
-from dora_ref.gradcheck import gradcheck
-from dora_ref.tolerance import assert_close
+from dora_ref.porting.gradcheck import gradcheck
+from dora_ref.porting.tolerance import assert_close
 
 
 @st.composite
@@ -93,7 +93,7 @@ def test_exact_gradient_of_the_padding_column_is_the_norms_path_only(embed_scale
     depends on the whole of A: the column gets the norm's path and nothing else. The
     reference is float64 central differences of the one-hot definition with A moving in
     the norm only, at column pad."""
-    from dora_ref.gradcheck import numerical_gradient
+    from dora_ref.porting.gradcheck import numerical_gradient
 
     rng = np.random.default_rng(4)
     E, A, B = rng.standard_normal((6, 3)), rng.standard_normal((2, 6)), rng.standard_normal((3, 2))
@@ -113,7 +113,7 @@ def test_exact_gradient_of_the_padding_column_is_the_norms_path_only(embed_scale
         return float(np.sum(dy.reshape(-1, 3) * yy))
 
     want = numerical_gradient(loss, {"a": A[:, pad].copy()}, "a")
-    # central differences: ~1e-10 relative (dora_ref.gradcheck's error model), 1e-6 allowed
+    # central differences: ~1e-10 relative (dora_ref.porting.gradcheck's error model), 1e-6 allowed
     np.testing.assert_allclose(dA[:, pad], want, rtol=1e-6, atol=1e-9 * np.abs(dA).max())
     assert np.abs(dA[:, pad]).max() > 1e-3 * np.abs(dA).max()  # not a vacuous zero
 
@@ -163,7 +163,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(c):
 
 
 def test_layer_backward_accumulates_and_training_lowers_the_loss():
-    from dora_ref.optim import AdamW
+    from dora_ref.layers.optim import AdamW
 
     rng = np.random.default_rng(2)
     E = rng.standard_normal((10, 4))
@@ -255,7 +255,7 @@ def test_layer_owns_its_table_so_writes_to_the_callers_array_do_not_stale_the_ev
 
 
 def test_set_base_weight_keeps_an_optimizer_training_the_magnitude():
-    from dora_ref.optim import AdamW
+    from dora_ref.layers.optim import AdamW
 
     rng = np.random.default_rng(21)
     E = rng.standard_normal((10, 4))

@@ -21,7 +21,7 @@ import textwrap
 import pytest
 
 try:
-    from dora_ref import _kernels_c as C
+    from dora_ref.kernels import c as C
 except ImportError:  # pragma: no cover - depends on the install
     C = None
 
@@ -36,7 +36,7 @@ TIME_LIMIT = 120
 _SETUP = """
 import hashlib, os, sys
 import numpy as np
-from dora_ref import _kernels_c as C
+from dora_ref.kernels import c as C
 
 C._set_always_parallel(True)   # every call opens a team, so that a pool exists
 C.set_threads(2)

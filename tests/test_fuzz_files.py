@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dora_ref import peft as P
-from dora_ref import safetensors_io as S
+from dora_ref.formats import safetensors_io as S
 
 COUNTS = Counter()
 EXAMPLES = os.environ.get("DORA_REF_FUZZ_EXAMPLES")

@@ -1,8 +1,8 @@
-"""dora_ref.gradcheck catches wrong gradients and passes right ones."""
+"""dora_ref.porting.gradcheck catches wrong gradients and passes right ones."""
 import numpy as np
 import pytest
 
-from dora_ref.gradcheck import GradcheckError, gradcheck, numerical_gradient
+from dora_ref.porting.gradcheck import GradcheckError, gradcheck, numerical_gradient
 
 
 def test_passes_a_correct_gradient_and_reports_the_worst_element():

@@ -4,17 +4,18 @@ Exact mode is checked against differences of the forward itself; detached
 mode against differences of the forward with the norm n held fixed (passed
 in as ``weight_norm``), which is what "n is a constant" means. The rtol of
 1e-6 follows from the central-difference error model in
-``dora_ref.gradcheck``.
+``dora_ref.porting.gradcheck``.
 """
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 from cases import abs_scales, cases, make_case
-from dora_ref import dense, dora_backward, dora_forward, lora_backward, lora_forward
-from dora_ref.functional import column_norm
-from dora_ref.gradcheck import gradcheck
-from dora_ref.tolerance import assert_close
+from dora_ref import dora_backward, dora_forward, lora_backward, lora_forward
+from dora_ref.core import dense
+from dora_ref.core.functional import column_norm
+from dora_ref.porting.gradcheck import gradcheck
+from dora_ref.porting.tolerance import assert_close
 
 
 def _loss(case, fixed_norm=None, mask=None):

@@ -1,6 +1,6 @@
-"""The C kernels (dora_ref._kernels_c) against their NumPy twins.
+"""The C kernels (dora_ref.kernels.c) against their NumPy twins.
 
-Each C kernel must compute what its twin in ``dora_ref._kernels_numpy``
+Each C kernel must compute what its twin in ``dora_ref.core.kernels_numpy``
 computes, up to rounding, for every shape (1, odd sizes, sizes that are not
 a multiple of the 16-float tile), both dtypes, any input layout, and with
 NaN/Inf propagated as NumPy propagates them. Its result must not depend on
@@ -13,7 +13,7 @@ Both backends evaluate the same formula; they differ only in the order of
 their sums (BLAS vs the C tile), FMA contraction, and the C side's double
 accumulators. A sum of k products computed in any order is within
 ``gamma_k * sum|terms|`` of the exact value (Higham, Eq. 3.5;
-``gamma_k = k u / (1 - k u)``, u = eps / 2; ``dora_ref.tolerance.gamma``),
+``gamma_k = k u / (1 - k u)``, u = eps / 2; ``dora_ref.porting.tolerance.gamma``),
 so two evaluations differ by at most ``2 gamma_k sum|terms|``. Each test
 builds ``sum|terms|`` *elementwise*, in float64, from the absolute values of
 the inputs (so cancellation cannot make the bound too tight) and allows a
@@ -48,14 +48,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dora_ref import _kernels_numpy as NP
-from dora_ref.tolerance import gamma
+from dora_ref.core import kernels_numpy as NP
+from dora_ref.porting.tolerance import gamma
 
 from ci_env import env_flag  # the suite's one parser of DORA_REF_REQUIRE_*
 
 _REQUIRE_C = env_flag("DORA_REF_REQUIRE_C")
 try:
-    from dora_ref import _kernels_c as C
+    from dora_ref.kernels import c as C
 except ImportError as exc:  # pragma: no cover - depends on the install
     if _REQUIRE_C:
         raise ImportError(

@@ -9,7 +9,7 @@ zero_grad and set_base_weight. A model of the layer's state says, before
 each call, what it must do, and the test asserts exactly that:
 
 * a **correct result**: a forward equals the dense definition
-  (``dora_ref.dense``, which forms V in full; LoRA written inline) at the
+  (``dora_ref.core.dense``, which forms V in full; LoRA written inline) at the
   current parameters; a backward adds the dense gradients at the parameters
   and input of the forward it follows; ``merge`` gives the dense merged
   weight and ``unmerge`` gives back the base weight; or
@@ -22,7 +22,7 @@ each call, what it must do, and the test asserts exactly that:
 Any other exception, a result off by more than the tolerance, or a missing
 exception fails. The convolution's reference cuts patches with its own loop
 (not ``dora_ref.conv.im2col``). Tolerances: float64, ``assert_close`` with
-the reduction lengths of the chain (``dora_ref.tolerance``), against the
+the reduction lengths of the chain (``dora_ref.porting.tolerance``), against the
 sum of the absolute terms where a result can cancel.
 """
 import numpy as np
@@ -30,10 +30,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dora_ref import AdamW, DoRALinear, LoRALinear, SGD, dense
+from dora_ref import AdamW, DoRALinear, LoRALinear, SGD
+
+from dora_ref.core import dense
 from dora_ref import conv as C
 from dora_ref import embedding as Em
-from dora_ref.tolerance import assert_close
+from dora_ref.porting.tolerance import assert_close
 
 KINDS = ["DoRALinear", "LoRALinear", "DoRAConv1d", "LoRAConv1d", "DoRAConv1d-groups",
          "DoRAEmbedding"]

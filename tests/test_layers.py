@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from cases import make_case
-from dora_ref import AdamW, DoRALinear, LoRALinear, SGD, dense
-from dora_ref.tolerance import assert_close
+from dora_ref import AdamW, DoRALinear, LoRALinear, SGD
+from dora_ref.core import dense
+from dora_ref.porting.tolerance import assert_close
 
 
 def _layer(cls=DoRALinear, out_f=6, in_f=5, r=3, seed=0, **kw):

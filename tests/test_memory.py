@@ -31,7 +31,7 @@ def _c_scratch(case, detach_norm):
 
     if backend() != "c":
         return 0
-    from dora_ref import _kernels_c as C
+    from dora_ref.kernels import c as C
 
     (N, in_f), out_f, r = case.x.shape, case.W0.shape[0], case.A.shape[0]
     item = case.W0.itemsize
@@ -53,7 +53,7 @@ def test_c_kernels_report_scratch_below_their_budget(backend):
     """
     if backend != "c":
         pytest.skip("the NumPy backend allocates nothing tracemalloc does not see")
-    from dora_ref import _kernels_c as C
+    from dora_ref.kernels import c as C
 
     for out_f, in_f, r, N in [(2048, 2048, 8, 64), (4096, 4096, 8, 512), (4096, 4096, 12, 2048)]:
         for item in (4, 8):

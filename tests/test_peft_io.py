@@ -20,9 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 from dora_ref import DoRALinear, LoRALinear
 from dora_ref import peft as P
-from dora_ref import safetensors_io as S
-from dora_ref.merge_cli import main as merge_main
-from dora_ref.tolerance import assert_close
+from dora_ref.formats import safetensors_io as S
+from dora_ref.formats.merge_cli import main as merge_main
+from dora_ref.porting.tolerance import assert_close
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -1010,7 +1010,7 @@ def test_unreadable_base_file_says_why_not_no_such_file(tmp_path):
         save_file({"a.weight": np.ones((2, 1))}, str(d / "x.safetensors"))
         os.chmod(d / "x.safetensors", 0)
         write_adapter(d / "ad", {"a": random_module(np.random.default_rng(0), 2, 1, 1)})
-        code = ("import os, sys\nfrom dora_ref.merge_cli import main\nimport tqdm.auto\n"
+        code = ("import os, sys\nfrom dora_ref.formats.merge_cli import main\nimport tqdm.auto\n"
                 "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\nsys.exit(main(sys.argv[1:]))")  # fmt: skip
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         proc = subprocess.run([sys.executable, "-c", code, str(d / "x.safetensors"), str(d / "ad"), str(d / "o.safetensors"),
@@ -1083,7 +1083,7 @@ def test_merged_low_precision_values_are_the_float32_merge_rounded_once_to_neare
     and the norm in float32 each carry at most (in + r + 4) * 2**-24 relative
     to |W0| + s |B||A|, and the scale m / n adds as much.
     """
-    from dora_ref import merge_cli
+    from dora_ref.formats import merge_cli
 
     monkeypatch.setattr(merge_cli, "_BLOCK_ELEMENTS", 1000)  # several blocks
     rng = np.random.default_rng(3)
@@ -1144,7 +1144,7 @@ def test_bf16_rounding_of_float32_bits_is_round_to_nearest_even_on_every_class(t
 @pytest.mark.parametrize("dtype", [None, BF16, np.dtype(np.float16)], ids=["f64", "bf16", "fp16"])
 def test_merge_command_output_equals_merge_state_dict_bit_for_bit_and_copies_the_rest(tmp_path, dtype, monkeypatch):
     """The streaming command (blocks of rows, bits for bf16, byte copies) and the in-memory API agree exactly."""
-    from dora_ref import merge_cli
+    from dora_ref.formats import merge_cli
 
     monkeypatch.setattr(merge_cli, "_BLOCK_ELEMENTS", 10)
     _toy_checkpoint(tmp_path, dtype)
@@ -1190,7 +1190,7 @@ def test_adapter_config_that_is_a_directory_is_not_reported_missing(tmp_path):
 
 
 def test_merge_command_interrupted_leaves_out_unchanged_and_says_so(tmp_path, capsys, monkeypatch):
-    from dora_ref import merge_cli
+    from dora_ref.formats import merge_cli
 
     _toy_checkpoint(tmp_path)
 

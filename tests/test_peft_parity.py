@@ -9,7 +9,7 @@ PEFT's ``save_pretrained`` and are read back by ``dora_ref.peft``; the
 numbers are compared with PEFT's forward, autograd, merge and unmerge.
 
 Tolerances. Both sides compute the same sums in a different order, so
-they differ by rounding only: ``dora_ref.tolerance.rtol(dtype, k)`` (Higham's
+they differ by rounding only: ``dora_ref.porting.tolerance.rtol(dtype, k)`` (Higham's
 gamma_k with a safety factor) times the scale of the summed terms, with k
 the longest reduction: ``in + r`` for outputs and merged weights (the row
 norm over ``in`` after ``B @ A`` over r), ``N + in`` for the weight
@@ -37,8 +37,8 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from dora_ref import DoRALinear  # noqa: E402
 from dora_ref import peft as P  # noqa: E402
-from dora_ref.merge_cli import main as merge_main  # noqa: E402
-from dora_ref.tolerance import rtol  # noqa: E402
+from dora_ref.formats.merge_cli import main as merge_main  # noqa: E402
+from dora_ref.porting.tolerance import rtol  # noqa: E402
 
 # the issue's acceptance limits, relative to the scale; the Higham bound used below is tighter
 ISSUE_LIMIT = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}

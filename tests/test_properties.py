@@ -1,6 +1,6 @@
 """Properties that follow from the math, over hypothesis-drawn cases.
 
-Tolerances: ``dora_ref.tolerance`` (Higham's gamma_k from the dtype's unit
+Tolerances: ``dora_ref.porting.tolerance`` (Higham's gamma_k from the dtype's unit
 roundoff), with k the longest reduction and the scale the sum of absolute
 terms where the result can cancel.
 """
@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cases import cases, make_case
-from dora_ref import column_norm, dense, dora_forward, init_magnitude, merge, unmerge
-from dora_ref.tolerance import assert_close
+from dora_ref import column_norm, dora_forward, init_magnitude, merge, unmerge
+from dora_ref.core import dense
+from dora_ref.porting.tolerance import assert_close
 
 DTYPES = [np.float64, np.float32]
 

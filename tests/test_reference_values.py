@@ -10,7 +10,7 @@ through the dense forward. ``tests/data/make_reference_values.py`` made it;
 nothing here regenerates it, so the NumPy and C backends are both compared with
 numbers from another library.
 
-Tolerances (``dora_ref.tolerance``): two float64 evaluations of k-term sums,
+Tolerances (``dora_ref.porting.tolerance``): two float64 evaluations of k-term sums,
 k the longest reduction (in + r for y and the merge, N + in + out + r for the
 gradients), scaled by the sum of absolute terms with the norm's cancellation
 factor (``cases.abs_scales``). float32 runs compare the rounded inputs' result
@@ -23,7 +23,7 @@ import pytest
 
 from cases import Case, abs_scales
 from dora_ref import dora_backward, dora_forward, init_magnitude, merge, unmerge
-from dora_ref.tolerance import assert_close
+from dora_ref.porting.tolerance import assert_close
 
 DATA = Path(__file__).with_name("data") / "reference_values.npz"
 FIELDS = ("W0", "A", "B", "magnitude", "bias", "x", "dy")

@@ -147,7 +147,7 @@ def test_exact_float32_gradient_survives_a_norm_whose_square_overflows():
     where n**2 ~ 1e42 is far from overflow: independent of the chain rule under test,
     so a flipped or dropped correction term fails here.
     """
-    from dora_ref import dense
+    from dora_ref.core import dense
 
     rng = np.random.default_rng(0)
     sc = 3e19
@@ -187,7 +187,7 @@ def test_unmerge_restores_rows_whose_norm_was_zero():
 def test_layer_owns_its_frozen_weight():
     """Adversarial review: the layer kept the caller's array by reference, so writing to it
     changed the base behind the eval norm cache (eval and train outputs differed by 8.6)."""
-    from dora_ref import dense
+    from dora_ref.core import dense
 
     rng = np.random.default_rng(0)
     W, x = rng.normal(size=(6, 8)), rng.normal(size=(4, 8))
@@ -261,7 +261,7 @@ def test_a_norm_kernel_that_returns_zero_rows_raises_instead_of_being_rescued(mo
     rows, and the underflow rescue recomputed them in NumPy, so every end-to-end test of
     the kernel passed. The rescue now repairs only rows that are genuinely tiny (or
     huge) and raises, naming the rows and the backend, on any other."""
-    from dora_ref import _backend
+    from dora_ref.kernels import backend as _backend
 
     kernels = _backend.kernels()
     good_norm, good_merge = kernels.column_norm, kernels.merge
@@ -290,7 +290,7 @@ def test_a_norm_kernel_that_returns_zero_rows_raises_instead_of_being_rescued(mo
 
 
 def test_a_norm_kernel_that_reports_overflow_for_an_ordinary_row_raises(monkeypatch, backend):
-    from dora_ref import _backend
+    from dora_ref.kernels import backend as _backend
 
     kernels = _backend.kernels()
     good_norm = kernels.column_norm

@@ -1,7 +1,7 @@
 """Regression tests of issue 10's layer, optimiser and functional-API cases.
 
 Each test is named after the case it pins. The references are independent of
-the code under test: the dense definition (``dora_ref.dense``, which forms
+the code under test: the dense definition (``dora_ref.core.dense``, which forms
 V in full), values computed by hand, or the state before the call.
 
 * unmerge after an in-place change of the adapter (item 2): the adapter is
@@ -15,12 +15,13 @@ V in full), values computed by hand, or the state before the call.
 import numpy as np
 import pytest
 
-import dora_ref.functional as F
-from dora_ref import AdamW, DoRALinear, LoRALinear, SGD, dense
+import dora_ref.core.functional as F
+from dora_ref import AdamW, DoRALinear, LoRALinear, SGD
+from dora_ref.core import dense
 from dora_ref import conv as C
 from dora_ref import embedding as Em
-from dora_ref.functional import NonFiniteWeightError
-from dora_ref.tolerance import assert_close
+from dora_ref.core.functional import NonFiniteWeightError
+from dora_ref.porting.tolerance import assert_close
 
 KINDS = ["DoRALinear", "LoRALinear", "DoRAConv1d", "LoRAConv2d", "DoRAConv2d-groups",
          "DoRAEmbedding"]

@@ -12,9 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from dora_ref import dense, testing
-from dora_ref import functional as F
-from dora_ref.tolerance import rtol
+from dora_ref.core import dense
+
+from dora_ref.porting import testing
+from dora_ref.core import functional as F
+from dora_ref.porting.tolerance import rtol
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 FEW = dict(max_examples=20)
@@ -52,7 +54,7 @@ def np_unmerge(W_merged, A, B, m, s, n):
 
 
 def np_backward(detach_norm):
-    """The paper's gradient formulas (dora_ref.dense), a route independent of functional's."""
+    """The paper's gradient formulas (dora_ref.core.dense), a route independent of functional's."""
 
     def backward(dy, x, W0, A, B, m, s, b, dropout_mask=None):
         return dense.backward(dy, x, W0, A, B, m, s, detach_norm=detach_norm, dropout_mask=dropout_mask)
@@ -94,7 +96,7 @@ def test_correct_numpy_port_passes(dtype):
 
 
 def test_plumbing_checker_accepts_dora_refs_own_signatures():
-    """Plumbing (the checker's expected values are dora_ref.functional's own):
+    """Plumbing (the checker's expected values are dora_ref.core.functional's own):
     dora_forward and merge return tuples, and the checker takes their first element.
     The checker's verdicts are tested on independent ports (np_forward and the wrong
     ports) above and below."""
@@ -384,8 +386,8 @@ def test_torch_port_with_norm_not_detached_is_caught(torch_port):
 def test_every_variant_is_told_apart_on_a_probe():
     """Each known variant changes the numbers of at least one of the diagnosis probes (beyond 100x the
     tolerance), so each one can be diagnosed; every variant has a hint text."""
-    from dora_ref import _testing_diagnosis as D
-    from dora_ref import _testing_variants as V
+    from dora_ref.porting import diagnosis as D
+    from dora_ref.porting import variants as V
 
     seen = set()
     for dropout in (False, True):

@@ -1,4 +1,4 @@
-"""The Embedding and Conv checks of dora_ref.testing: correct ports pass, known wrong ones are named.
+"""The Embedding and Conv checks of dora_ref.porting.testing: correct ports pass, known wrong ones are named.
 
 The correct ports are written here from the formulas (NumPy for the
 embedding, torch.nn.functional convolutions for Conv1d / Conv2d), not with
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from dora_ref import testing as T  # noqa: E402
+from dora_ref.porting import testing as T  # noqa: E402
 
 
 # --- embedding: PEFT's convention, A (r, V), B (D, r), m (D,), the norm over the vocabulary ---------------
@@ -63,8 +63,8 @@ def test_embedding_merge_correct_port_passes(dtype):
 
 def test_embedding_reference_is_the_linear_view():
     """dora_ref.embedding's forward equals the linear DoRA layer on one-hot rows (the tolerances' premise)."""
-    from dora_ref import functional as F
-    from dora_ref._testing_layers import reference
+    from dora_ref.core import functional as F
+    from dora_ref.porting.layer_checks import reference
 
     case = T.make_embedding_case(N=5, num_embeddings=6, embedding_dim=3, r=2, embed_scale=3.0, seed=3)
     c = case.linear

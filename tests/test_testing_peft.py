@@ -16,8 +16,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from dora_ref import testing
-from dora_ref.tolerance import rtol
+from dora_ref.porting import testing
+from dora_ref.porting.tolerance import rtol
 
 pytest.importorskip("torch", reason="torch is not installed: PEFT is not checked")
 pytest.importorskip("peft", reason="peft is not installed: PEFT is not checked")
@@ -89,7 +89,7 @@ def test_peft_conv1d_passes_with_unmerge_after_its_own_merge(peft_port):
     """The unmerge_gets_norm=False convention on a real stateful port: PEFT keeps n from its merge."""
     import torch
 
-    from dora_ref import _testing_conventions as C
+    from dora_ref.porting import conventions as C
 
     state = {}
 

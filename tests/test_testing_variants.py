@@ -1,4 +1,4 @@
-"""The diagnosis engine and the conventions of dora_ref.testing (v2).
+"""The diagnosis engine and the conventions of dora_ref.porting.testing (v2).
 
 Each wrong port below is a correct NumPy port with one behaviour of a real
 implementation (named in the test), called the way that implementation is
@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from dora_ref import _testing_variants as V
-from dora_ref import dense, testing
+from dora_ref.porting import variants as V
+from dora_ref.core import dense
+from dora_ref.porting import testing
 
 FEW = dict(max_examples=30)
 

@@ -14,9 +14,13 @@ import pathlib
 import numpy as np
 import pytest
 
-from dora_ref import cli, conv, dense, vectors
-from dora_ref import functional as F
-from dora_ref.tolerance import dora_reduction_length, rtol
+from dora_ref import cli, conv
+
+from dora_ref.core import dense
+
+from dora_ref.porting import vectors
+from dora_ref.core import functional as F
+from dora_ref.porting.tolerance import dora_reduction_length, rtol
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -52,7 +52,7 @@ E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
 MAXFAIL = 1  # a file stops at its first failure: the report names one test a file
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
 
-NP, FUNC, C = "dora_ref/_kernels_numpy.py", "dora_ref/functional.py", "csrc/dora_kernels_impl.h"
+NP, FUNC, C = "dora_ref/core/kernels_numpy.py", "dora_ref/core/functional.py", "csrc/dora_kernels_impl.h"
 
 
 @dataclass

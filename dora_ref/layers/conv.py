@@ -4,7 +4,7 @@ A convolution is a linear layer applied to patches. ``im2col`` cuts the
 (zero-padded) input into one row per output position, each row holding the
 ``in * k1 * ... * kd`` values the kernel sees; the kernel, flattened to
 ``(out, in * k1 * ... * kd)``, is then an ``nn.Linear`` weight. So DoRA for a
-convolution is ``dora_ref.functional.dora_forward`` / ``dora_backward`` on
+convolution is ``dora_ref.core.functional.dora_forward`` / ``dora_backward`` on
 that patch matrix, and the norm is ``column_norm`` of the flattened kernel:
 this module adds only the patch bookkeeping, no second copy of the DoRA math.
 
@@ -83,8 +83,8 @@ from typing import Optional
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import functional as F
-from ._validate import (
+from ..core import functional as F
+from ..core._validate import (
     WeightSnapshot,
     as_float_array,
     check_result_finite,
@@ -93,14 +93,14 @@ from ._validate import (
     check_scaling,
     check_weight_shape,
 )
-from ._layer_base import (
+from .base import (
     AdapterLayer,
     EvalNormCache,
     adapter_parameter,
     frozen,
     refuse_unrecoverable_merge,
 )
-from .layers import initial_lora_weights, lora_scaling
+from .linear import initial_lora_weights, lora_scaling
 
 __all__ = [
     "ConvGeometry",
@@ -1251,7 +1251,7 @@ detach_norm : bool, default True
     True: the norm is a constant in backward (paper Sec. 4.3, PEFT).
     False: the exact gradient (paper Eqs. 6-7).
 allow_zero_norm : bool, default False
-    See ``dora_ref.functional.dora_forward``.
+    See ``dora_ref.core.functional.dora_forward``.
 
 Attributes
 ----------

@@ -61,9 +61,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import functional as F
-from ._validate import check_input
-from .layers import DoRALinear, LoRALinear, lora_scaling
+from ..core import functional as F
+from ..core._validate import check_input
+from ..layers.linear import DoRALinear, LoRALinear, lora_scaling
 from .safetensors_io import (  # noqa: F401  (re-exported: part of dora_ref.peft's API)
     SHARD_INDEX,
     SINGLE_FILE,
@@ -1278,7 +1278,7 @@ def _build_non_linear(name, mod, W, cfg, rng, detach_norm):
         )
     if mod.magnitude is None:
         raise ValueError(f"module {name!r}: plain-LoRA embeddings have no layer in dora_ref")
-    from .embedding import DoRAEmbedding
+    from ..layers.embedding import DoRAEmbedding
 
     layer = DoRAEmbedding(W, r=mod.r, lora_alpha=mod.lora_alpha, use_rslora=cfg.use_rslora,
                           rng=rng, detach_norm=detach_norm)  # fmt: skip
@@ -1378,7 +1378,7 @@ def merge_weight(W_stored, modules, *, fan_in_fan_out=False, allow_zero_norm=Fal
 
     Computes in float32 (float64 for a float64 base) and returns the stored
     layout and dtype. One DoRA adapter: ``W' = diag(m / n)(W0 + s B A)``
-    (``dora_ref.functional.merge``). Several: each in order,
+    (``dora_ref.core.functional.merge``). Several: each in order,
     ``W <- diag(m_i / n_i)(W + s_i B_i A_i)`` for DoRA and ``W <- W + s_i B_i A_i``
     for LoRA, with n_i from the bare base (docs/peft_dora.md, Sec. 3; PEFT PR #3609).
     The bias is never changed.

@@ -4,7 +4,7 @@ This is the spec every faster path in dora_ref is tested against. It is
 slow and memory-hungry on purpose (it allocates (out, in) matrices, as PEFT
 does), and it follows the paper's equations literally, including the
 gradient w.r.t. V written as the paper's projection (Eq. 6) rather than by
-the chain rule that ``dora_ref.functional`` uses. Two different routes to the
+the chain rule that ``dora_ref.core.functional`` uses. Two different routes to the
 same numbers make a useful check.
 
 Weights are (out, in); the paper's column norm ``||.||_c`` is the L2 norm of
@@ -59,7 +59,7 @@ def forward(x, W0, A, B, magnitude, scaling, bias=None, dropout_mask=None):
     ----------
     x : ndarray, shape (..., in)
     W0, A, B, magnitude, scaling, bias
-        As in ``dora_ref.functional.dora_forward``.
+        As in ``dora_ref.core.functional.dora_forward``.
     dropout_mask : ndarray, shape of x, optional
         With a mask, PEFT's training formula:
         ``y = x W0^T + b + (g - 1)(xd W0^T) + g s (xd A^T) B^T``, xd = x * mask,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validate import check_finite, refuse_array_subclass
+from ..core._validate import check_finite, refuse_array_subclass
 
 
 def _hyperparameter(name, value, low, *, low_inclusive, high=None):

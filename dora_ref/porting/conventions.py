@@ -1,6 +1,6 @@
 """How a port is called: the conventions real DoRA implementations use.
 
-``dora_ref.testing`` draws every case in one canonical layout (PyTorch's:
+``dora_ref.porting.testing`` draws every case in one canonical layout (PyTorch's:
 W0 (out, in), magnitude (out,), x (N, in), scaling a float). Real
 implementations differ in how they take those arrays, not in what they
 compute, so each check can call a port the way it is written and convert

@@ -1,6 +1,6 @@
 """DoRA and LoRA linear layers: parameters, init, train/eval, merge/unmerge.
 
-A layer wraps the functions of ``dora_ref.functional`` with state, named as
+A layer wraps the functions of ``dora_ref.core.functional`` with state, named as
 PEFT names it so that numbers and checkpoints compare directly:
 
 ==========================  ===========  =================================
@@ -21,7 +21,7 @@ Use::
     layer = DoRALinear(W0, bias, r=8, lora_alpha=16, rng=np.random.default_rng(0))
     y = layer.forward(x)            # x: (..., in) -> y: (..., out)
     dx = layer.backward(dy)         # accumulates layer.grads[name] (+=)
-    opt.step()                      # dora_ref.optim over layer.parameters()
+    opt.step()                      # dora_ref.layers.optim over layer.parameters()
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import math
 
 import numpy as np
 
-from . import functional as F
-from ._layer_base import (
+from ..core import functional as F
+from .base import (
     AdapterLayer,
     EvalNormCache,
     adapter_parameter,
@@ -38,7 +38,7 @@ from ._layer_base import (
     frozen,
     refuse_unrecoverable_merge,
 )
-from ._validate import (
+from ..core._validate import (
     as_float_array,
     check_adapter,
     check_finite,
@@ -401,7 +401,7 @@ class DoRALinear(LoRALinear):
     ``y = g * (x @ W0.T + s * (x @ A.T) @ B.T) + bias`` with
     ``g = lora_magnitude_vector / ||W0 + s B A||_row`` (one value per output
     channel). Training with ``lora_dropout > 0`` uses PEFT's formula, see
-    ``dora_ref.functional.dora_forward``.
+    ``dora_ref.core.functional.dora_forward``.
 
     Parameters
     ----------
@@ -414,7 +414,7 @@ class DoRALinear(LoRALinear):
         True: the norm is a constant in backward (paper Sec. 4.3, PEFT).
         False: the exact gradient (paper Eqs. 6-7).
     allow_zero_norm : bool, default False
-        See ``dora_ref.functional.dora_forward``.
+        See ``dora_ref.core.functional.dora_forward``.
 
     Attributes
     ----------

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import functional as F
-from ._validate import as_float_array
+from ..core import functional as F
+from ..core._validate import as_float_array
 
 #: Correlations between ΔD and ΔM reported by the paper (Sec. 4.1, VL-BART, query matrices)
 PAPER_CORRELATIONS = {"FT": -0.62, "DoRA": -0.31, "LoRA": 0.83}
@@ -190,14 +190,14 @@ def effective_weight(layer):
     ----------
     layer : DoRALinear, LoRALinear, or any object with a ``weight`` (out, in)
         For an unmerged DoRA layer: ``m / ||W0 + s B A||_row * (W0 + s B A)``
-        (``dora_ref.functional.merge``); for LoRA: ``W0 + s B A``; for a
+        (``dora_ref.core.functional.merge``); for LoRA: ``W0 + s B A``; for a
         merged adapter or a dense layer: its ``weight``.
 
     Returns
     -------
     W : ndarray, shape (out, in), a new array
     """
-    from .layers import DoRALinear, LoRALinear
+    from ..layers.linear import DoRALinear, LoRALinear
 
     if isinstance(layer, DoRALinear) and not layer.merged:
         W, _ = F.merge(layer.weight, layer.lora_A, layer.lora_B,

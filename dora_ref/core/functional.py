@@ -69,7 +69,7 @@ gradient dm_i = G_i . V_i / n_i is the paper's Eq. (7) in both modes.
 
 Every term uses W0, ``W0 @ A.T`` (out, r), ``A @ A.T`` (r, r) and N-row
 products only; no (out, in) temporary exists besides W0 itself (the norm in
-step (3) walks W0 in row blocks, see ``dora_ref._kernels_numpy``).
+step (3) walks W0 in row blocks, see ``dora_ref.core.kernels_numpy``).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _backend
+from ..kernels import backend as _backend
 from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
     WeightSnapshot,

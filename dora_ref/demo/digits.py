@@ -55,10 +55,10 @@ import time
 import numpy as np
 
 from . import analysis
-from .layers import DoRALinear, LoRALinear
+from ..layers.linear import DoRALinear, LoRALinear
 from .mlp import MLP, Dense, ReLU, init_dense, softmax_cross_entropy
-from .optim import AdamW
-from .tolerance import rtol
+from ..layers.optim import AdamW
+from ..porting.tolerance import rtol
 
 MISSING = (
     "dora-ref demo needs scikit-learn and matplotlib, which are not installed "
@@ -219,7 +219,7 @@ def merge_check(net, X):
     bound : float
         The float64 rounding bound it must meet: ``rtol(float64, k) *
         max|logits|`` with k the sum over linear layers of (in + r), the
-        reduction lengths along the chain (``dora_ref.tolerance``).
+        reduction lengths along the chain (``dora_ref.porting.tolerance``).
     """
     net.eval()
     before = net.forward(X)

@@ -35,10 +35,10 @@ from typing import Optional
 
 import numpy as np
 
-from . import _testing_diagnosis as _D
-from . import _testing_variants as _V
-from . import conv as _conv
-from . import embedding as _emb
+from . import diagnosis as _D
+from . import variants as _V
+from ..layers import conv as _conv
+from ..layers import embedding as _emb
 from .tolerance import rtol
 
 
@@ -80,7 +80,7 @@ class LayerCase:
             if p["weight_scale"] != 1.0:
                 words.append(f"weight scale {p['weight_scale']:g}")
             return ", ".join(words) + f", magnitude {p['magnitude']}; rebuild it with " \
-                f"dora_ref.testing.make_chain_case(**{p!r})"
+                f"dora_ref.porting.testing.make_chain_case(**{p!r})"
         if self.layer == "embedding":
             words = [f"N={p['N']} ids, V={p['num_embeddings']}, D={p['embedding_dim']}, r={p['r']}",
                      f"dtype={p['dtype']}, scaling={p['scaling']:g}, embed_scale={p['embed_scale']:g}",
@@ -96,7 +96,7 @@ class LayerCase:
         words += ["B = 0" if p["B_zero"] else "B random", f"magnitude {p['magnitude']}"]
         if p["weight_scale"] != 1.0:
             words.append(f"weight scale {p['weight_scale']:g}")
-        return ", ".join(words) + f"; rebuild it with dora_ref.testing.{maker}(**{p!r})"
+        return ", ".join(words) + f"; rebuild it with dora_ref.porting.testing.{maker}(**{p!r})"
 
 
 def _magnitude(n64, magnitude, rng, dtype):
@@ -289,7 +289,7 @@ def reference(check, case):
                                        dilation=a["dilation"], groups=a["groups"])
         return dict(y=y)
     if check == "chain_forward":
-        from .peft import ModuleAdapter, chain_forward
+        from ..formats.peft import ModuleAdapter, chain_forward
 
         mods = [ModuleAdapter("chain", m["A"].astype(np.float64), m["B"].astype(np.float64),
                               None if m["magnitude"] is None else m["magnitude"].astype(np.float64),
@@ -532,7 +532,7 @@ def _candidates(check, case):
 
 def call_port(check, fn, case):
     """Call the port on copies of the case's arrays; return its outputs as float arrays."""
-    from ._testing_conventions import WroteInput, first, to_numpy
+    from .conventions import WroteInput, first, to_numpy
 
     a = case.arrays
     copies = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from ._validate import as_float_array, check_input
+from ..core._validate import as_float_array, check_input
 
 
 def init_dense(in_features, out_features, rng, dtype=np.float64):

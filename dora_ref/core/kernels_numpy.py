@@ -2,7 +2,7 @@
 
 Each function here has a C twin in ``csrc/`` with the same arguments and
 results; ``dora_ref.set_backend`` picks one. The functional core
-(``dora_ref.functional``) calls only these steps plus BLAS products, so
+(``dora_ref.core.functional``) calls only these steps plus BLAS products, so
 this file and its C twin are all that differs between backends.
 
 Layout, said once: weights are PyTorch ``(out, in)``. The paper's column norm
@@ -113,7 +113,7 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     """``backward_epilogue`` plus the backward's rank-r products.
 
     dg = sum_N dy * z and dz = dy * g as in ``backward_epilogue``, and the
-    low-rank path's step (5) of ``dora_ref.functional``::
+    low-rank path's step (5) of ``dora_ref.core.functional``::
 
         dU = s * dz @ B       (N, r)
         dB = s * dz.T @ U     (out, r)
@@ -144,7 +144,7 @@ def backward_lowrank(dy, base, U, B, g, scaling):
 def norm_gradient_products(W0, A, C):
     """The two products of W0 in the exact norm gradient: W0 @ A.T and C.T @ W0.
 
-    ``dora_ref.functional.norm_gradient`` needs both (with C = c * B); the C
+    ``dora_ref.core.functional.norm_gradient`` needs both (with C = c * B); the C
     twin computes them in one pass over W0 instead of two.
 
     Parameters

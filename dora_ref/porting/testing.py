@@ -3,7 +3,7 @@
 Write your port in any framework, wrap it to take and return NumPy arrays,
 and call::
 
-    from dora_ref import testing
+    from dora_ref.porting import testing
     testing.check_forward(my_forward)                      # y
     testing.check_backward(my_backward, detach_norm=True)  # dx, dA, dB, dmagnitude
     testing.check_merge(my_merge, my_unmerge)              # W', then W0 back
@@ -20,7 +20,7 @@ evidence (``.hint`` the first, ``.diagnoses`` all): the port is run again on
 a few targeted cases (square, tiny norms, a large bias; when it raised, the
 smallest square case, a 3-D x, other magnitude and weight layouts) and each
 variant, recomputed, is kept when the port matches it wherever it differs
-from DoRA (``dora_ref._testing_diagnosis``).
+from DoRA (``dora_ref.porting.diagnosis``).
 
 A port is checked as it is written: ``Convention`` (or the same fields as
 keywords) says how it takes its arguments -- a magnitude (out,), (out, 1)
@@ -48,7 +48,7 @@ mapping with keys ``dx``, ``dA``, ``dB``, ``dmagnitude``.
 hypothesis is needed for the checks (``pip install hypothesis``); it is
 imported only when a check runs.
 
-Tolerances come from ``dora_ref.tolerance``: ``rtol(dtype, k)`` with ``k``
+Tolerances come from ``dora_ref.porting.tolerance``: ``rtol(dtype, k)`` with ``k``
 the reduction length of the output (``dora_reduction_length``), times the
 size of the summed terms (``term_scales``), so that a nearly cancelling
 ``W0 + s*B@A`` or a tiny weight scale is judged by the size of what was
@@ -63,11 +63,11 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _testing_conventions as _C
-from . import _testing_diagnosis as _D
-from . import _testing_layers as _L
-from . import _testing_variants as _V
-from . import functional as F
+from . import conventions as _C
+from . import diagnosis as _D
+from . import layer_checks as _L
+from . import variants as _V
+from ..core import functional as F
 from .tolerance import UNIT_ROUNDOFF, dora_reduction_length, gamma, rtol
 
 __all__ = [
@@ -411,7 +411,7 @@ class Case:
             words.append(f"weight scale {p['weight_scale']:g}")
         if self.dropout_mask is not None:
             words.append(f"dropout p={p.get('dropout_p')}")
-        return ", ".join(words) + f"; rebuild it with dora_ref.testing.make_case(**{p!r})"
+        return ", ".join(words) + f"; rebuild it with dora_ref.porting.testing.make_case(**{p!r})"
 
 
 def make_case(
@@ -710,7 +710,7 @@ def _compare(got, expected, tols):
                 f"output {name}, index {info['index']}: expected {info['expected']!r}, "
                 f"got {info['got']!r}; error {float(err[idx]):.3g} > tolerance {atol:.3g} "
                 f"(rtol {t['rtol']:.3g} for {t['dtype']} "
-                f"with k = {t['k']}, times the term scale {t['scale']:.3g}; see dora_ref.tolerance)"
+                f"with k = {t['k']}, times the term scale {t['scale']:.3g}; see dora_ref.porting.tolerance)"
             )
             return np.inf, info
         r = float(np.max(ratio, initial=0.0))
@@ -746,7 +746,7 @@ def _hypothesis():
         import hypothesis.strategies
     except ImportError as exc:  # pragma: no cover - exercised with hypothesis hidden
         raise ImportError(
-            "dora_ref.testing needs hypothesis to draw cases: pip install hypothesis "
+            "dora_ref.porting.testing needs hypothesis to draw cases: pip install hypothesis "
             "(or pip install 'dora_ref[test]')"
         ) from exc
     return hypothesis
@@ -944,7 +944,7 @@ def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm
 
 
 def _search_layer(check, fn, names, *, dtype, max_examples, seed, cases):
-    """``_search`` for the Embedding, Conv and chained-adapter checks (``dora_ref._testing_layers``)."""
+    """``_search`` for the Embedding, Conv and chained-adapter checks (``dora_ref.porting.layer_checks``)."""
     hyp = _hypothesis()
     return _hunt(
         check, names, _L.strategy(check, hyp.strategies, dtype, cases),
@@ -1124,7 +1124,7 @@ _LAYER_COMMON = """
     dtype : {"float64", "float32"}, default "float64"
         The dtype of every float array passed to your function; compared with
         dora_ref's float64 result within the linear view's tolerance
-        (``dora_ref._testing_layers.tolerances``).
+        (``dora_ref.porting.layer_checks.tolerances``).
     max_examples : int, default 100
     seed : int, default 0
     report : {"first", "all"}, default "first"

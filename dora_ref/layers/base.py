@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import WeightSnapshot, as_float_array, check_finite
+from ..core._validate import WeightSnapshot, as_float_array, check_finite
 
 
 def frozen(arr, owned=False):

@@ -1,6 +1,6 @@
 """Diagnose a port that disagrees with dora_ref: which known variants its numbers reproduce.
 
-On a mismatch ``dora_ref.testing`` calls ``diagnose`` with the shrunk case.
+On a mismatch ``dora_ref.porting.testing`` calls ``diagnose`` with the shrunk case.
 It runs the port again on a few targeted cases (probes), each built to make
 some variants visible:
 
@@ -32,8 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _testing_conventions as C
-from . import _testing_variants as VV
+from . import conventions as C
+from . import variants as VV
 
 
 class _Score(NamedTuple):

@@ -1,6 +1,6 @@
 """The DoRA variants real implementations compute, recomputed in float64.
 
-``dora_ref.testing`` diagnoses a mismatch by recomputing what each known
+``dora_ref.porting.testing`` diagnoses a mismatch by recomputing what each known
 variant of DoRA gives on a few cases and asking which ones the port's
 numbers reproduce. Every variant is one or two changes to one generic
 formula, evaluated here with its hand-derived gradient (no autograd)::

@@ -2,7 +2,7 @@
 
 Use::
 
-    from dora_ref.gradcheck import gradcheck
+    from dora_ref.porting.gradcheck import gradcheck
 
     def loss(p):                       # p: dict of float64 arrays
         y, _ = my_dora_forward(x, W0, p["A"], p["B"], p["m"], s)

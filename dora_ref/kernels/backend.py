@@ -4,8 +4,8 @@ Two backends compute the same seven steps (``column_norm``,
 ``forward_epilogue``, ``backward_epilogue``, ``backward_lowrank``,
 ``norm_gradient_products``, ``merge``, ``unmerge``):
 
-* ``"numpy"``: ``dora_ref._kernels_numpy``, the readable definition;
-* ``"c"``: ``dora_ref._kernels_c``, the cffi/OpenMP extension built at install.
+* ``"numpy"``: ``dora_ref.core.kernels_numpy``, the readable definition;
+* ``"c"``: ``dora_ref.kernels.c``, the cffi/OpenMP extension built at install.
 
 The C backend is the default when the extension imports. Force one with
 ``set_backend("numpy")``, the ``use_backend`` context manager, or the
@@ -17,11 +17,11 @@ import contextlib
 import os
 import warnings
 
-from . import _kernels_numpy
+from ..core import kernels_numpy as _kernels_numpy
 
 _C_IMPORT_ERROR = None
 try:  # the extension is optional: a machine without a compiler gets NumPy
-    from . import _kernels_c
+    from . import c as _kernels_c
 except ImportError as exc:  # pragma: no cover - depends on the install
     _kernels_c = None
     _C_IMPORT_ERROR = exc

@@ -61,9 +61,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import _backend
-from . import functional as F
-from ._validate import (
+from ..kernels import backend as _backend
+from ..core import functional as F
+from ..core._validate import (
     WeightSnapshot,
     as_float_array,
     check_finite,
@@ -73,15 +73,15 @@ from ._validate import (
     check_weight_shape,
     refuse_array_subclass,
 )
-from ._kernels_numpy import _row_blocks
-from ._layer_base import (
+from ..core.kernels_numpy import _row_blocks
+from .base import (
     AdapterLayer,
     EvalNormCache,
     adapter_parameter,
     frozen,
     refuse_unrecoverable_merge,
 )
-from .layers import lora_scaling
+from .linear import lora_scaling
 
 __all__ = [
     "embedding_column_norm",

@@ -1,7 +1,7 @@
-"""C twins of the NumPy kernels: a thin wrapper around ``dora_ref._dora_c``.
+"""C twins of the NumPy kernels: a thin wrapper around ``dora_ref.kernels._dora_c``.
 
 The kernels here take and return exactly what their twins in
-``dora_ref._kernels_numpy`` do; ``dora_ref.set_backend("c")`` selects them
+``dora_ref.core.kernels_numpy`` do; ``dora_ref.set_backend("c")`` selects them
 (the default when the extension is built). The C sources are in ``csrc/``
 (``dora_kernels.h`` is the C API); ``csrc/build_ffi.py`` builds them with
 cffi at install time. This module fails to import, with ``ImportError``,
@@ -26,7 +26,7 @@ Results agree with NumPy up to rounding (``tests/test_kernels_c.py`` states
 the bound). Determinism, precisely: every C kernel here gives the same bits
 for any number of threads (each thread owns whole rows or columns, and the
 block sizes that fix the order of every sum depend on the sizes alone), and
-so do ``merge``, ``unmerge`` and ``column_norm`` of ``dora_ref.functional``
+so do ``merge``, ``unmerge`` and ``column_norm`` of ``dora_ref.core.functional``
 with this backend. The BLAS paths (``backward_lowrank`` and
 ``norm_gradient_products`` above ``FUSED_MAX_RANK``), and the forward and
 backward's large products, which BLAS computes, may differ in the last bits
@@ -51,7 +51,7 @@ import os
 
 import numpy as np
 
-from . import _kernels_numpy
+from ..core import kernels_numpy as _kernels_numpy
 
 # Environment variables with which a user tells the OpenMP runtime how idle
 # threads wait; dora_ref never overrides one that is set.

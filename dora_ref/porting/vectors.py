@@ -34,7 +34,7 @@ case share their inputs up to rounding and are identical on every machine.
 Expected values are computed by dora_ref's functional core (NumPy backend)
 **in the case's dtype**, i.e. what a correct implementation in that dtype
 computes; each is cross-checked against the dense definition
-(``dora_ref.dense``, which forms V = W0 + s*B@A in full) in float64, and the
+(``dora_ref.core.dense``, which forms V = W0 + s*B@A in full) in float64, and the
 generator refuses to write a case whose cross-check exceeds its tolerance.
 The manifest records the worst cross-check error / tolerance.
 
@@ -43,9 +43,9 @@ compression, arrays in a fixed order, JSON with a fixed key order), so the
 same seed regenerates them byte for byte on the same machine; other BLAS
 builds may differ in the last bits of float results, well within tolerance.
 
-Tolerances follow ``dora_ref.tolerance``: ``atol = rtol(dtype, k) * scale``,
+Tolerances follow ``dora_ref.porting.tolerance``: ``atol = rtol(dtype, k) * scale``,
 with ``k`` the output's reduction length (``dora_reduction_length``) and
-``scale`` the size of the summed terms (``dora_ref.testing.term_scales``).
+``scale`` the size of the summed terms (``dora_ref.porting.testing.term_scales``).
 """
 from __future__ import annotations
 
@@ -61,9 +61,11 @@ import zlib
 
 import numpy as np
 
-from . import __version__, conv, dense, embedding, use_backend
-from . import functional as F
-from . import peft
+from .. import __version__, use_backend
+from ..layers import conv, embedding
+from ..core import dense
+from ..core import functional as F
+from ..formats import peft
 from .testing import Case, term_scales
 from .tolerance import dora_reduction_length, rtol
 
@@ -565,7 +567,7 @@ def _manifest_header(seed):
             "expected values: dora_ref's functional core (numpy backend) in each case's dtype "
             "(functional.dora_forward/dora_backward/merge/unmerge; conv.conv_dora_*; "
             "embedding.embedding_dora_*; peft.chain_forward/merge_weight), cross-checked against "
-            "dora_ref.dense (V = W0 + s*B@A formed in full) in float64; crosscheck_ratio is the "
+            "dora_ref.core.dense (V = W0 + s*B@A formed in full) in float64; crosscheck_ratio is the "
             "worst |expected - dense| / atol"
         ),
         conventions=(
@@ -580,8 +582,8 @@ def _manifest_header(seed):
             "atol = rtol * scale, rtol = rtol(dtype, k) = SAFETY * 2 * gamma_k (SAFETY = 4; "
             "gamma_k = k u / (1 - k u), Higham Eq. 3.5, u = eps(dtype) / 2: two evaluations of "
             "k-term sums differ by at most 2 gamma_k sum|terms|); k = the output's reduction length "
-            "(dora_ref.tolerance.dora_reduction_length); scale = the largest sum of |terms| "
-            "(dora_ref.testing.term_scales: the output evaluated on |x|, |W0| + |s||B||A|, |dy|, "
+            "(dora_ref.porting.tolerance.dora_reduction_length); scale = the largest sum of |terms| "
+            "(dora_ref.porting.testing.term_scales: the output evaluated on |x|, |W0| + |s||B||A|, |dy|, "
             "plus kappa * |the part proportional to g = m / n|, kappa = ||terms_i|| / n_i the "
             "cancellation factor of row i). See docs/porting.md"
         ),

@@ -1,0 +1,15 @@
+"""The reference: DoRA's math in NumPy, and nothing else. Read this first.
+
+* ``dense``: the definition, paper Eqs. (1)-(5), with the adapted weight
+  formed in full; short, slow, float64, the yardstick for the rest.
+* ``functional``: the same math as a porter writes it: forward, the
+  hand-derived backward (Sec. 4.3's detached norm or the exact gradient),
+  merge and unmerge, without ever forming ``B @ A`` on the hot path.
+* ``kernels_numpy``: the fused steps ``functional`` calls, in NumPy; the C
+  kernels (``dora_ref.kernels``) compute the same steps faster.
+* ``conv`` and ``embedding``: the same decomposition for ``nn.ConvNd`` (as
+  im2col) and ``nn.Embedding``, PEFT's conventions.
+* ``_validate``: the argument checks every public function runs.
+
+Nothing here keeps state; the layers in ``dora_ref.layers`` do.
+"""
