@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 # Time the checkout this script sits in, not an installed dora_ref.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dora_ref.kernels import backend as _backend  # noqa: E402
+from dora_ref.core import backend as _backend  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 
 SHAPES = [(1024, 1024, 8, 2048), (4096, 4096, 8, 512), (4096, 4096, 64, 512), (11008, 4096, 16, 256)]

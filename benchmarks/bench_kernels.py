@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dora_ref  # noqa: E402
 import dora_ref.layers  # noqa: E402
-from dora_ref.kernels import backend as _backend  # noqa: E402
+from dora_ref.core import backend as _backend  # noqa: E402
 from dora_ref.core import kernels_numpy as _kernels_numpy  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 

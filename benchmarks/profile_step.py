@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 # Time the checkout this script sits in, not an installed dora_ref.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dora_ref.kernels import backend as _backend  # noqa: E402
+from dora_ref.core import backend as _backend  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 
 

@@ -13,7 +13,7 @@ Layout of the arrays, said once: weights are PyTorch ``(out, in)``; the paper's 
 ``||.||_c`` is the L2 norm of each *row*, one value per output channel.
 """
 from ._aliases import install as _install_aliases
-from .kernels.backend import available_backends, backend, set_backend, use_backend
+from .core.backend import available_backends, backend, set_backend, use_backend
 from .core.functional import (
     DoRAGrads,
     LoRAGrads,

@@ -28,12 +28,12 @@ FLAT_LAYOUT = {
     "functional": ("core.functional",),
     "_kernels_numpy": ("core.kernels_numpy",),
     "_validate": ("core._validate",),
-    "_backend": ("kernels.backend",),
+    "_backend": ("core.backend",),
     "_kernels_c": ("kernels.c",),
     "_layer_base": ("layers.base",),
     "optim": ("layers.optim",),
-    "conv": ("layers.conv",),
-    "embedding": ("layers.embedding",),
+    "conv": ("core.im2col", "core.conv", "layers.conv"),
+    "embedding": ("core.embedding", "layers.embedding"),
     "safetensors_io": ("formats.safetensors_io",),
     "peft": ("formats.peft",),
     "merge_cli": ("formats.merge_cli",),
@@ -64,9 +64,11 @@ class _SplitModule(types.ModuleType):
                 if not key.startswith("__") and key not in self.__dict__:
                     self.__dict__[key] = value
                     names.append(key)
-        self.__all__ = [n for n in names if not n.startswith("_")]
+        self.__dict__["__all__"] = [n for n in names if not n.startswith("_")]
 
     def __setattr__(self, key, value):
+        if key.startswith("__") and key.endswith("__"):  # the import system's own (__spec__, ...)
+            return super().__setattr__(key, value)
         raise AttributeError(
             f"{self.__name__} is an old name kept for imports; set {key!r} on the module that "
             f"holds it ({', '.join(p.__name__ for p in self._parts)})"

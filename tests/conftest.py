@@ -29,7 +29,7 @@ def pytest_sessionstart(session):
     if env_flag("DORA_REF_REQUIRE_C") and "c" not in dora_ref.available_backends():
         raise pytest.UsageError(
             "DORA_REF_REQUIRE_C is set but the C backend is not available: "
-            f"{dora_ref.kernels.backend._C_IMPORT_ERROR}"
+            f"{dora_ref.core.backend._C_IMPORT_ERROR}"
         )
     if env_flag("DORA_REF_REQUIRE_PARITY"):
         for name in PARITY_MODULES:
@@ -72,6 +72,6 @@ def pytest_make_collect_report(collector):
 def backend(request):
     """Run the test under each backend; the C runs skip, visibly, where it is not built."""
     if request.param not in dora_ref.available_backends():
-        pytest.skip(f"the C extension is not built: {dora_ref.kernels.backend._C_IMPORT_ERROR}")
+        pytest.skip(f"the C extension is not built: {dora_ref.core.backend._C_IMPORT_ERROR}")
     with dora_ref.use_backend(request.param):
         yield request.param

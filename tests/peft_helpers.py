@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from dora_ref.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from dora_ref.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 
 def random_module(rng, out_f, in_f, r, dtype=np.float64, dora=True):
@@ -19,7 +19,7 @@ def random_module(rng, out_f, in_f, r, dtype=np.float64, dora=True):
 
 
 def write_adapter(directory, modules, config=None, *, prefix=PEFT_PREFIX, magnitude_suffix="", extra=None):
-    """Write a PEFT-format adapter by hand (independent of ``dora_ref.peft.save_adapter``).
+    """Write a PEFT-format adapter by hand (independent of ``dora_ref.formats.peft.save_adapter``).
 
     ``modules``: name -> (A, B, m or None). ``config``: fields overriding
     PEFT defaults (``use_dora`` defaults to whether any module has a magnitude).

@@ -332,7 +332,7 @@ def test_dora_forward_magnitude_that_overflows_the_output_raises():
 
 
 # ---------------------------------------------------------------------------
-# dora_ref.peft: merge_weight and merge_state_dict arguments
+# dora_ref.formats.peft: merge_weight and merge_state_dict arguments
 # ---------------------------------------------------------------------------
 
 
@@ -340,7 +340,7 @@ def test_dora_forward_magnitude_that_overflows_the_output_raises():
 def dora_module(tmp_path):
     from peft_helpers import random_module, write_adapter
 
-    import dora_ref.peft as P
+    import dora_ref.formats.peft as P
 
     rng = np.random.default_rng(7)
     write_adapter(tmp_path / "ad", {"l0": random_module(rng, 8, 8, 2, dtype=np.float32)})
@@ -351,7 +351,7 @@ def dora_module(tmp_path):
 @pytest.mark.parametrize("dtype", [np.int32, np.int8, bool])
 def test_merge_weight_into_integer_or_bool_weight_raises(dora_module, dtype):
     """An int32 or bool base weight came back merged and truncated to its dtype."""
-    import dora_ref.peft as P
+    import dora_ref.formats.peft as P
 
     adapter, W = dora_module
     with pytest.raises(TypeError, match="W_stored must be a float16, bfloat16, float32 or float64"):
@@ -361,7 +361,7 @@ def test_merge_weight_into_integer_or_bool_weight_raises(dora_module, dtype):
 @pytest.mark.parametrize("fifo", ["false", "False", 1, None])
 def test_merge_weight_fan_in_fan_out_not_a_bool_raises(dora_module, fifo):
     """fan_in_fan_out="false" is truthy: a square weight was merged transposed, silently."""
-    import dora_ref.peft as P
+    import dora_ref.formats.peft as P
 
     adapter, W = dora_module
     with pytest.raises(TypeError, match="fan_in_fan_out must be True or False"):
@@ -371,7 +371,7 @@ def test_merge_weight_fan_in_fan_out_not_a_bool_raises(dora_module, fifo):
 def test_merge_weight_and_state_dict_bad_containers_raise_type_error(dora_module):
     """merge_weight(W, []) raised IndexError; merge_state_dict(list or None, ...)
     AttributeError; merge_state_dict(base, adapter) 'PeftAdapter' object is not iterable."""
-    import dora_ref.peft as P
+    import dora_ref.formats.peft as P
 
     adapter, W = dora_module
     for modules in ([], None, adapter.modules["l0"], ["l0"]):

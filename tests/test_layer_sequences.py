@@ -21,7 +21,7 @@ each call, what it must do, and the test asserts exactly that:
 
 Any other exception, a result off by more than the tolerance, or a missing
 exception fails. The convolution's reference cuts patches with its own loop
-(not ``dora_ref.conv.im2col``). Tolerances: float64, ``assert_close`` with
+(not ``dora_ref.core.im2col.im2col``). Tolerances: float64, ``assert_close`` with
 the reduction lengths of the chain (``dora_ref.porting.tolerance``), against the
 sum of the absolute terms where a result can cancel.
 """

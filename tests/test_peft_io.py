@@ -1,6 +1,6 @@
 """PEFT adapter I/O without torch: round trips, safetensors bases, merge, errors.
 
-Every expected value is computed independently of ``dora_ref.peft``: adapters
+Every expected value is computed independently of ``dora_ref.formats.peft``: adapters
 are written by hand (``peft_helpers.write_adapter``) and merged weights
 formed in full in float64 (``peft_helpers.dense_merge``).
 """
@@ -20,6 +20,8 @@ from safetensors.numpy import load_file, save_file
 
 from dora_ref import DoRALinear, LoRALinear
 from dora_ref import peft as P
+from dora_ref.formats.peft import config as peft_config
+from dora_ref.formats import bf16_bits
 from dora_ref.formats import safetensors_io as S
 from dora_ref.formats.merge_cli import main as merge_main
 from dora_ref.porting.tolerance import assert_close
@@ -929,7 +931,7 @@ def test_pattern_keys_peft_writes_are_accepted_and_match_as_peft_get_pattern_key
 
 def test_pattern_matching_time_budget_names_the_field_and_the_file(tmp_path, monkeypatch):
     """Keys the rules let through stay polynomial; a config that still spends too long is stopped."""
-    monkeypatch.setattr(P, "PATTERN_TIME_BUDGET", 0.0)
+    monkeypatch.setattr(peft_config, "PATTERN_TIME_BUDGET", 0.0)
     write_adapter(tmp_path / "ad", {"blk.fc": random_module(np.random.default_rng(0), 3, 4, 2)},
                   {"alpha_pattern": {".*.*x": 3}})  # fmt: skip
     with pytest.raises(ValueError, match=r"adapter_config.json: field 'alpha_pattern': matching its keys .* took over 0 s"):
@@ -1121,24 +1123,24 @@ def test_bf16_rounding_of_float32_bits_is_round_to_nearest_even_on_every_class(t
 
     With one thread and with three (the parts split at chunk boundaries), whatever the machine's load.
     """
-    monkeypatch.setattr(S, "_idle_cores", lambda: threads)
+    monkeypatch.setattr(bf16_bits, "_idle_cores", lambda: threads)
     rng = np.random.default_rng(0)
     u = rng.integers(0, 2**32, size=1_000_003, dtype=np.uint64).astype(np.uint32)  # > 8 chunks: threaded
     specials = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00008000,
                          0x00018000, 0x3F808000, 0x3F818000, 0xBF808000], np.uint32)  # fmt: skip
     x = np.concatenate([u, specials]).view(np.float32)
-    got = S.float32_to_bfloat16_bits(x)
+    got = bf16_bits.float32_to_bfloat16_bits(x)
     nan = np.isnan(x)
     with np.errstate(invalid="ignore"):
         want = x.astype(BF16).view(np.uint16)
     np.testing.assert_array_equal(got[~nan], want[~nan])
     assert np.isnan(got[nan].view(BF16).astype(np.float32)).all()  # NaN stays NaN (never inf or -0)
     assert np.array_equal(got[nan] >> 15, x[nan].view(np.uint32) >> 31)
-    np.testing.assert_array_equal(S.bfloat16_bits_to_float32(want[~nan]), want[~nan].view(BF16).astype(np.float32))
+    np.testing.assert_array_equal(bf16_bits.bfloat16_bits_to_float32(want[~nan]), want[~nan].view(BF16).astype(np.float32))
     finite = x[np.isfinite(x) & (np.abs(x) < 3.38e38)]
-    assert S.float32_to_bfloat16_bits(finite, report_non_finite=True)[1] is False
+    assert bf16_bits.float32_to_bfloat16_bits(finite, report_non_finite=True)[1] is False
     for bad in (np.inf, np.nan, np.float32(3.3962e38)):  # the last rounds up to inf
-        assert S.float32_to_bfloat16_bits(np.append(finite, np.float32(bad)), report_non_finite=True)[1] is True
+        assert bf16_bits.float32_to_bfloat16_bits(np.append(finite, np.float32(bad)), report_non_finite=True)[1] is True
 
 
 @pytest.mark.parametrize("dtype", [None, BF16, np.dtype(np.float16)], ids=["f64", "bf16", "fp16"])
@@ -1219,6 +1221,6 @@ def test_nan_with_a_payload_near_all_ones_is_reported_when_rounded_to_bf16():
     for bits in (0x7FFFFFFF, 0xFFFF8001, 0x7FC00000):
         x = np.array([1.0, bits], dtype=np.uint32)
         x[0] = np.float32(1.0).view(np.uint32)
-        out, bad = S.float32_to_bfloat16_bits(x.view(np.float32), report_non_finite=True)
+        out, bad = bf16_bits.float32_to_bfloat16_bits(x.view(np.float32), report_non_finite=True)
         assert bad is True, hex(bits)
         assert np.isnan(out[1:].view(BF16).astype(np.float32)).all()

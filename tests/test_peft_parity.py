@@ -5,7 +5,7 @@ non-square, several ranks and alphas, rsLoRA with rank/alpha patterns, and
 GPT-2's ``Conv1D`` with fan_in_fan_out) are wrapped with
 ``get_peft_model(LoraConfig(use_dora=True, init_lora_weights=False))`` (so
 lora_B is nonzero) and their magnitudes perturbed. Adapters go through
-PEFT's ``save_pretrained`` and are read back by ``dora_ref.peft``; the
+PEFT's ``save_pretrained`` and are read back by ``dora_ref.formats.peft``; the
 numbers are compared with PEFT's forward, autograd, merge and unmerge.
 
 Tolerances. Both sides compute the same sums in a different order, so

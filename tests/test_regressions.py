@@ -261,7 +261,7 @@ def test_a_norm_kernel_that_returns_zero_rows_raises_instead_of_being_rescued(mo
     rows, and the underflow rescue recomputed them in NumPy, so every end-to-end test of
     the kernel passed. The rescue now repairs only rows that are genuinely tiny (or
     huge) and raises, naming the rows and the backend, on any other."""
-    from dora_ref.kernels import backend as _backend
+    from dora_ref.core import backend as _backend
 
     kernels = _backend.kernels()
     good_norm, good_merge = kernels.column_norm, kernels.merge
@@ -290,7 +290,7 @@ def test_a_norm_kernel_that_returns_zero_rows_raises_instead_of_being_rescued(mo
 
 
 def test_a_norm_kernel_that_reports_overflow_for_an_ordinary_row_raises(monkeypatch, backend):
-    from dora_ref.kernels import backend as _backend
+    from dora_ref.core import backend as _backend
 
     kernels = _backend.kernels()
     good_norm = kernels.column_norm

@@ -14,6 +14,7 @@ import pytest
 
 from dora_ref.core import dense
 
+from dora_ref.porting import cases as porting_cases
 from dora_ref.porting import testing
 from dora_ref.core import functional as F
 from dora_ref.porting.tolerance import rtol
@@ -392,7 +393,7 @@ def test_every_variant_is_told_apart_on_a_probe():
     seen = set()
     for dropout in (False, True):
         for conv in (testing.Convention(), testing.Convention(fan_in_fan_out=True)):
-            case = testing._diagnostic_case(np.float64, dropout)
+            case = porting_cases._diagnostic_case(np.float64, dropout)
             for _, probe in D._probes(case, raised=False):
                 c64 = probe.astype(np.float64)
                 for check in ("forward", "backward", "merge"):

@@ -62,7 +62,7 @@ def test_embedding_merge_correct_port_passes(dtype):
 
 
 def test_embedding_reference_is_the_linear_view():
-    """dora_ref.embedding's forward equals the linear DoRA layer on one-hot rows (the tolerances' premise)."""
+    """dora_ref.core.embedding's forward equals the linear DoRA layer on one-hot rows (the tolerances' premise)."""
     from dora_ref.core import functional as F
     from dora_ref.porting.layer_checks import reference
 
@@ -316,7 +316,7 @@ def test_peft_conv_passes_without_groups_and_dilation(dtype):
     (dict(groups=1, dilation=2), "peft_conv_dilation_dropped"),
 ])
 def test_peft_conv_differences_are_named(cases, hint):
-    """Where dora_ref.conv deliberately differs from PEFT (its module docstring), PEFT fails, named."""
+    """Where dora_ref.core.conv deliberately differs from PEFT (its module docstring), PEFT fails, named."""
     pytest.importorskip("peft")
     torch.set_num_threads(1)
     with pytest.raises(T.ConformanceError) as info:

@@ -5,10 +5,13 @@
 * ``functional``: the same math as a porter writes it: forward, the
   hand-derived backward (Sec. 4.3's detached norm or the exact gradient),
   merge and unmerge, without ever forming ``B @ A`` on the hot path.
+* ``norm``: the row norm ``||W0 + s B A||`` and the guards around dividing
+  by it (zero norms, overflow, rows whose squares under/overflow).
 * ``kernels_numpy``: the fused steps ``functional`` calls, in NumPy; the C
-  kernels (``dora_ref.kernels``) compute the same steps faster.
-* ``conv`` and ``embedding``: the same decomposition for ``nn.ConvNd`` (as
-  im2col) and ``nn.Embedding``, PEFT's conventions.
+  kernels (``dora_ref.kernels``) compute the same steps faster, and
+  ``backend`` chooses between the two.
+* ``conv`` (with ``im2col``, the patch bookkeeping) and ``embedding``: the
+  same decomposition for ``nn.ConvNd`` and ``nn.Embedding``, PEFT's conventions.
 * ``_validate``: the argument checks every public function runs.
 
 Nothing here keeps state; the layers in ``dora_ref.layers`` do.

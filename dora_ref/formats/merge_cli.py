@@ -5,7 +5,7 @@ writes it (``model.safetensors``, or shards with
 ``model.safetensors.index.json``). Each ADAPTER is a PEFT adapter directory
 (DoRA or plain LoRA); several are merged in the order given, as PEFT 0.21
 merges several active adapters (each DoRA norm from the bare base weight,
-see ``dora_ref.peft.merge_weight``).
+see ``dora_ref.formats.peft.merge_weight``).
 
 Tensors of an adapter's ``modules_to_save`` (e.g. a classification head
 trained in full) replace the base's, cast to the base dtype, as in PEFT's
@@ -23,7 +23,7 @@ of the modules stored (in, out), matched as PEFT matches ``rank_pattern``
 keys; ``''`` for none), else by the ``model_type`` in the base's
 ``config.json``, else by the adapter's ``fan_in_fan_out`` when its non-square
 modules corroborate it; otherwise the command stops and says so
-(``dora_ref.peft.resolve_fan_in_fan_out``): it never guesses.
+(``dora_ref.formats.peft.resolve_fan_in_fan_out``): it never guesses.
 
 OUT must not exist (for a directory BASE: may be an empty directory) unless
 ``--force``, and may not be, or lie inside, BASE or an ADAPTER directory.
@@ -62,8 +62,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bf16_bits
 from . import peft as P
 from . import safetensors_io as S
+from .peft.merge import _from_view_rows
+from .peft.orientation import _from_view
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 #: rows of a merged tensor processed at once: about this many elements (64 MB in float32). A
@@ -260,15 +263,15 @@ def _codec(st_dtype):
     ``narrow`` returns the stored values and whether any is not finite;
     ``not_finite`` gives the mask (only on that error path).
 
-    bfloat16 is handled as raw bits (``S.bfloat16_bits_to_float32`` /
-    ``S.float32_to_bfloat16_bits``), so ``ml_dtypes`` is never imported here.
+    bfloat16 is handled as raw bits (``bf16_bits.bfloat16_bits_to_float32`` /
+    ``bf16_bits.float32_to_bfloat16_bits``), so ``ml_dtypes`` is never imported here.
     """
     def checked(a):  # (array, whether any value is not finite)
         return a, not np.isfinite(a).all()
 
     if st_dtype == "BF16":
-        return ("bits", S.bfloat16_bits_to_float32,
-                lambda x: S.float32_to_bfloat16_bits(x, report_non_finite=True),
+        return ("bits", bf16_bits.bfloat16_bits_to_float32,
+                lambda x: bf16_bits.float32_to_bfloat16_bits(x, report_non_finite=True),
                 lambda bits: (bits & 0x7F80) == 0x7F80)  # fmt: skip
     if st_dtype == "F16":
         def narrow(x):
@@ -290,7 +293,7 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
     """Merge ``mods`` into base tensor ``key`` of ``f``: the stored dtype's array (or bits for bf16).
 
     The tensor is widened to float32 (bf16 from its bits, exactly), merged
-    (``dora_ref.peft.merge_view``) and rounded once back to the stored
+    (``dora_ref.formats.peft.merge_view``) and rounded once back to the stored
     dtype, the check for non-finite values fused into the rounding. Rows are
     independent (each output channel has its own norm), so a weight above
     ``_BLOCK_ELEMENTS`` whose linear view keeps its rows (a linear (out, in)
@@ -315,7 +318,7 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
     Raises
     ------
     ValueError
-        As ``dora_ref.peft.merge_weight``: shapes, zero norms, and a merged
+        As ``dora_ref.formats.peft.merge_weight``: shapes, zero norms, and a merged
         weight that is not finite in the stored dtype (module, rows, cause).
     """
     st_dtype = f.st_dtype(key)
@@ -331,10 +334,10 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
             rows = slice(start, start + step) if blockwise else slice(None)
             block_mods = _block_modules(mods, rows) if blockwise else mods
             W = P.merge_view(widen(stored[rows]), block_mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
-            merged, any_bad = narrow(P._from_view(W, stored[rows].shape, fifo))
+            merged, any_bad = narrow(_from_view(W, stored[rows].shape, fifo))
             if any_bad:
                 bad = not_finite(merged)
-                raise _NotFinite(start if blockwise else 0, P._from_view_rows(bad, fifo), W)
+                raise _NotFinite(start if blockwise else 0, _from_view_rows(bad, fifo), W)
             if not blockwise:
                 return merged, how == "bits"
             out[rows] = merged
@@ -387,7 +390,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     progress : bool
         Show a tqdm progress bar (one step per tensor).
     allow_zero_norm : bool
-        See ``dora_ref.peft.merge_weight``.
+        See ``dora_ref.formats.peft.merge_weight``.
     force : bool
         Replace an existing OUT (a file, or a directory holding a
         safetensors model) as a whole.
@@ -401,7 +404,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         Receives the summary lines.
     fan_in_fan_out : None, bool, str or iterable of str
         Which base weights are stored (in, out); see
-        ``dora_ref.peft.resolve_fan_in_fan_out``.
+        ``dora_ref.formats.peft.resolve_fan_in_fan_out``.
 
     Returns
     -------

@@ -1,9 +1,11 @@
-"""Which code runs the hot paths: the backend switch and the C kernels.
+"""The C kernels: the fast twins of ``dora_ref.core.kernels_numpy``.
 
-* ``backend``: ``set_backend`` / ``use_backend`` choose between the NumPy
-  twins (``dora_ref.core.kernels_numpy``) and the C kernels;
-* ``c``: the wrapper of the cffi extension built from ``csrc/``; it checks
-  every argument before a pointer crosses and decides each call's threads.
+* ``c``: the wrapper of the cffi extension built from ``csrc/`` (the C
+  sources stay at the repository's root). It checks every argument before a
+  pointer crosses, decides each call's threads, and falls back to the NumPy
+  twin where C would not win (ranks above ``FUSED_MAX_RANK``).
 
-Both compute the same steps; see the README on what "the same" means bitwise.
+The core chooses between the two through ``dora_ref.core.backend``
+(``set_backend`` / ``use_backend``); both compute the same steps, and the
+README says what "the same" means bitwise.
 """

@@ -239,7 +239,7 @@ def call_port(check, fn, unmerge, case, conv, dropout):
         if unmerge is not None:
             port_shapes["W0_unmerged"] = a["W0"].shape
             if conv.unmerge_gets_norm:
-                from .testing import reference
+                from .cases import reference
 
                 ref = reference(case)
                 merged = store(ref["W_merged"].astype(case.dtype))

@@ -86,7 +86,7 @@ class Diagnosis:
 
 
 def _probes(case, raised):
-    from .testing import make_case
+    from .cases import make_case
 
     p = dict(case.params)
     sq = dict(p, N=3, in_features=5, out_features=5, r=2, bias=True, B_zero=False, magnitude="trained",
@@ -163,7 +163,7 @@ def _variant_outputs(c64, over, detach_norm, conv):
         spec["layer"] = "column"
     unmerge_input = None
     if conv.unmerge_gets_norm:
-        from .testing import reference
+        from .cases import reference
 
         ref = reference(c64)
         unmerge_input = (ref["W_merged"], ref["weight_norm"])
@@ -172,7 +172,8 @@ def _variant_outputs(c64, over, detach_norm, conv):
 
 def _retry(check, fn, unmerge, case, conv, dropout, detach_norm):
     """When the port raised: does it run, and match dora_ref, called another way?"""
-    from .testing import _reference_and_tolerances, make_case
+    from .cases import make_case
+    from .runner import _reference_and_tolerances
 
     found = []
     names = _names(check, unmerge is not None)
@@ -224,7 +225,7 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
     -------
     list of Diagnosis, best first (empty if nothing explains the numbers).
     """
-    from .testing import _reference_and_tolerances
+    from .runner import _reference_and_tolerances
 
     with_unmerge = unmerge is not None
     names = _names(check, with_unmerge)

@@ -1,7 +1,7 @@
 """Conformance checks for DoRA's other layers: Embedding, Conv1d / Conv2d, chained adapters.
 
-Both layers are DoRA on a linear layer (see ``dora_ref.embedding`` and
-``dora_ref.conv``), and the checks use that:
+Both layers are DoRA on a linear layer (see ``dora_ref.core.embedding`` and
+``dora_ref.core.conv``), and the checks use that:
 
 * an embedding lookup ``E[ids]`` is ``onehot(ids) @ E``: the linear layer
   with x = onehot(ids) (N, V), W0 = E.T (D, V), A = lora_embedding_A (r, V),
@@ -24,7 +24,7 @@ DoRA term). Cases are drawn and shrunk by hypothesis, and a mismatch is
 diagnosed on a few probes, as for the linear checks.
 
 Several adapters active on one linear layer (PEFT 0.21) are checked against
-``dora_ref.peft.chain_forward``, with a tolerance of their own
+``dora_ref.formats.peft.chain_forward``, with a tolerance of their own
 (``_chain_tolerance``).
 """
 from __future__ import annotations
@@ -37,8 +37,9 @@ import numpy as np
 
 from . import diagnosis as _D
 from . import variants as _V
-from ..layers import conv as _conv
-from ..layers import embedding as _emb
+from ..core import conv as _conv
+from ..core import embedding as _emb
+from ..core import im2col as _im2col
 from .tolerance import rtol
 
 
@@ -109,7 +110,7 @@ def _magnitude(n64, magnitude, rng, dtype):
 
 
 def _linear_case(x, W0, A, B, m, scaling, bias, rng, params):
-    from .testing import Case
+    from .cases import Case
 
     dy = rng.standard_normal((x.shape[0], W0.shape[0])).astype(W0.dtype)
     return Case(np.ascontiguousarray(x), np.ascontiguousarray(W0), np.ascontiguousarray(A),
@@ -205,11 +206,11 @@ def make_conv_case(N=2, in_channels=2, out_channels=3, kernel_size=2, r=2, *, nd
     if B_zero:
         B[:] = 0
     b = rng.standard_normal(out_channels).astype(dtype) if bias else None
-    W0f, Af, Bf = _conv._flat(W, A, B, groups)
+    W0f, Af, Bf = _im2col._flat(W, A, B, groups)
     n64 = np.linalg.norm(W0f.astype(np.float64) + scaling * (Bf.astype(np.float64) @ Af.astype(np.float64)), axis=1)
     m = _magnitude(n64, magnitude, rng, dtype)
-    geom = _conv.ConvGeometry.make(k, stride, padding, dilation, groups)
-    P, out_spatial = _conv.im2col(x, geom)
+    geom = _im2col.ConvGeometry.make(k, stride, padding, dilation, groups)
+    P, out_spatial = _im2col.im2col(x, geom)
     linear = _linear_case(P, W0f, Af, Bf, m, scaling, b, rng, params)
     arrays = dict(x=x, weight=W, lora_A=A, lora_B=B, magnitude=m, scaling=float(scaling), bias=b,
                   stride=stride, padding=padding, dilation=dilation, groups=groups, out_spatial=out_spatial)
@@ -372,7 +373,7 @@ def tolerances(check, case):
     ``embed_scale`` adds one multiplication: y's tolerance is that of the
     linear view with k + 1, times |embed_scale|.
     """
-    from .testing import tolerances as linear_tolerances
+    from .cases import tolerances as linear_tolerances
 
     if check == "chain_forward":
         return dict(y=_chain_tolerance(case))
@@ -404,7 +405,7 @@ def _to_layer(check, case, lin):
         return dict(y=lin["y"] * case.arrays["embed_scale"])
     if check == "embedding_merge":
         return dict(W_merged=np.ascontiguousarray(lin["W_merged"].T))
-    return dict(y=_conv._rows_to_channels_first(lin["y"], case.arrays["x"].shape[0], case.arrays["out_spatial"]))
+    return dict(y=_im2col._rows_to_channels_first(lin["y"], case.arrays["x"].shape[0], case.arrays["out_spatial"]))
 
 
 def _embed_scale_not_on_lora(case):
@@ -432,7 +433,7 @@ def _peft_grouped_conv_norm(case):
     delta = (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(W.shape)
     out = W.shape[0]
     n_peft = np.linalg.norm((W + a["scaling"] * delta).reshape(out, -1), axis=1)
-    W0f, Af, Bf = _conv._flat(W, A, B, a["groups"])
+    W0f, Af, Bf = _im2col._flat(W, A, B, a["groups"])
     n_true = np.linalg.norm(W0f + a["scaling"] * (Bf @ Af), axis=1)
     m = a["magnitude"] * n_true / n_peft  # the reference with this m has g = m / n_peft
     y, _ = _conv.conv_dora_forward(a["x"], W, A, B, m, a["scaling"], a["bias"], stride=a["stride"],
@@ -448,12 +449,12 @@ def _peft_conv_dilation_dropped(case):
     """
     a = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
          for k, v in case.arrays.items()}
-    W0f, Af, Bf = _conv._flat(a["weight"], a["lora_A"], a["lora_B"], a["groups"])
+    W0f, Af, Bf = _im2col._flat(a["weight"], a["lora_A"], a["lora_B"], a["groups"])
     g = a["magnitude"] / np.linalg.norm(W0f + a["scaling"] * (Bf @ Af), axis=1)
-    base = _conv.conv_nd(a["x"], a["weight"], None, stride=a["stride"], padding=a["padding"],
+    base = _im2col.conv_nd(a["x"], a["weight"], None, stride=a["stride"], padding=a["padding"],
                          dilation=a["dilation"], groups=a["groups"])
-    low = _conv.conv_nd(a["x"], a["lora_A"], None, stride=a["stride"], padding=a["padding"])
-    low = _conv.conv_nd(low, a["lora_B"], None, groups=a["groups"])
+    low = _im2col.conv_nd(a["x"], a["lora_A"], None, stride=a["stride"], padding=a["padding"])
+    low = _im2col.conv_nd(low, a["lora_B"], None, groups=a["groups"])
     shape = (1, -1) + (1,) * (a["x"].ndim - 2)
     y = g.reshape(shape) * (base + a["scaling"] * low)  # raises where PEFT raises
     return dict(y=y if a["bias"] is None else y + a["bias"].reshape(shape))

@@ -62,11 +62,10 @@ import zlib
 import numpy as np
 
 from .. import __version__, use_backend
-from ..layers import conv, embedding
-from ..core import dense
+from ..core import conv, dense, embedding, im2col
 from ..core import functional as F
 from ..formats import peft
-from .testing import Case, term_scales
+from .cases import Case, term_scales
 from .tolerance import dora_reduction_length, rtol
 
 SEED = 2402  # arXiv:2402.09353
@@ -389,14 +388,14 @@ def _gen_conv(spec, dtype, seed):
     c = case.astype(np.float64)
     out_spatial = y.shape[2:]
     to_y = lambda rows: np.moveaxis(rows.reshape(N, *out_spatial, O), -1, 1)  # noqa: E731
-    geom = conv.ConvGeometry.make(k, **geo)
+    geom = im2col.ConvGeometry.make(k, **geo)
     ref = dict(y=to_y(dense.forward(c.x, c.W0, c.A, c.B, c.magnitude, s, c.bias)),
                weight_norm=dense.row_norm(dense.direction(c.W0, c.A, c.B, s)),
                W_merged=dense.merged_weight(c.W0, c.A, c.B, c.magnitude, s).reshape(W0.shape),
                W0_unmerged=W0.astype(np.float64))
     for detach, suffix in ((True, "_detached"), (False, "_exact")):
         gr = dense.backward(c.dy, c.x, c.W0, c.A, c.B, c.magnitude, s, detach_norm=detach)
-        ref["dx" + suffix] = conv.col2im(gr.dx, x.shape, geom)
+        ref["dx" + suffix] = im2col.col2im(gr.dx, x.shape, geom)
         ref["dA" + suffix] = gr.dA.reshape(A.shape)
         ref["dB" + suffix] = gr.dB.reshape(B.shape)
         ref["dmagnitude" + suffix] = gr.dmagnitude.reshape(m.shape)

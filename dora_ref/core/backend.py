@@ -17,11 +17,11 @@ import contextlib
 import os
 import warnings
 
-from ..core import kernels_numpy as _kernels_numpy
+from . import kernels_numpy as _kernels_numpy
 
 _C_IMPORT_ERROR = None
 try:  # the extension is optional: a machine without a compiler gets NumPy
-    from . import c as _kernels_c
+    from ..kernels import c as _kernels_c
 except ImportError as exc:  # pragma: no cover - depends on the install
     _kernels_c = None
     _C_IMPORT_ERROR = exc

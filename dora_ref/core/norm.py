@@ -1,0 +1,259 @@
+"""The row norm ``||W0 + s B A||_row`` and the guards around dividing by it.
+
+DoRA's step (3) (paper Eq. 5, the "column" norm of the paper's (in, out)
+layout, one value per output channel here): ``column_norm`` computes it
+without forming ``B @ A`` (the kernels walk W0 in row blocks),
+``init_magnitude`` is it at initialisation (PEFT's ``update_layer``), and
+``check_norm``, ``magnitude_over_norm`` and ``divide_by_norm`` refuse, by
+name, a zero norm or a quotient that overflows instead of returning inf or
+NaN. Rows whose float64 sum of squares underflows or overflows are
+recomputed scaled (``_rescue_extreme_rows``), so the norm of any finite
+weight is finite and correct to rounding.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend as _backend
+from ._validate import check_adapter, check_scaling, refuse_non_finite_rows
+
+
+def check_norm(n, W0, allow_zero_norm):
+    """Raise ``ValueError`` on a non-finite or (unless allowed) zero row norm.
+
+    Parameters
+    ----------
+    n : ndarray, shape (out,)
+        Row norms of W0 + s*B@A.
+    W0 : ndarray, shape (out, in)
+        Read only to name the cause (NaN/Inf rows) when n is not finite.
+    allow_zero_norm : bool
+        If False, n = 0 raises (PEFT outputs NaN there, peft#2049).
+    """
+    finite = np.isfinite(n)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        w0_bad = [int(i) for i in rows[:8] if not np.isfinite(W0[i]).all()]
+        cause = (
+            f"W0 has NaN/Inf in row(s) {w0_bad}"
+            if w0_bad
+            else "the sum of squares overflowed the dtype"
+        )
+        raise ValueError(
+            f"the row norm of W0 + s*B@A is not finite in row(s) "
+            f"{rows[:8].tolist()}{'...' if rows.size > 8 else ''}: {cause}"
+        )
+    if not allow_zero_norm and not n.all():
+        rows = np.flatnonzero(n == 0)
+        raise ValueError(
+            f"W0 + s*B@A has an all-zero row at output channel(s) {rows[:8].tolist()}"
+            f"{'...' if rows.size > 8 else ''}: its norm is 0 and m / n is undefined "
+            f"(PEFT silently outputs NaN here, peft#2049). Pass allow_zero_norm=True "
+            f"to define g = 0 for such rows (the channel then outputs its bias)."
+        )
+
+
+_HALF_MAX = {np.dtype(t): 0.5 * float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
+
+def magnitude_over_norm(magnitude, n):
+    """g = m / n (step 4), refused where it overflows the dtype.
+
+    A row of V far smaller than its magnitude (a float32 row of norm 1e-41
+    with m = 1) makes m / n overflow to inf, and the forward and the merged
+    weight would be inf or NaN in that channel, although m * V_i / n_i is
+    representable. PEFT computes the same m / n and returns the inf; here it
+    raises instead.
+
+    Parameters
+    ----------
+    magnitude : ndarray, shape (out,)
+    n : ndarray, shape (out,)
+        Finite row norms (``check_norm`` passed); rows with n = 0 get g = 0.
+
+    Returns
+    -------
+    g : ndarray, shape (out,)
+
+    Raises
+    ------
+    NonFiniteWeightError
+        A ``ValueError`` naming every row where m / n is not finite.
+    """
+    # |m_i| / n_i <= max|m| / min(n) < half the dtype's largest value: no quotient can
+    # overflow (and no n is 0), the common case, without errstate's cost
+    if float(n.min()) * _HALF_MAX[n.dtype] > float(np.abs(magnitude).max()):
+        return magnitude / n
+    with np.errstate(over="ignore"):  # checked right below
+        g = divide_by_norm(magnitude, n)
+    if not np.isfinite(g).all():
+        rows = np.flatnonzero(~np.isfinite(g))
+        i = rows[0]
+        refuse_non_finite_rows(
+            "the DoRA scale m / n",
+            rows,
+            f"m / n overflows {g.dtype} (row {i}: m = {magnitude[i]:.3g}, n = ||W0 + s*B@A||"
+            f" = {n[i]:.3g}); a row of W0 + s*B@A this small cannot carry this magnitude in "
+            f"{g.dtype}",
+        )
+    return g
+
+
+def divide_by_norm(a, n):
+    """a / n elementwise for a per-channel a, shape (out,), with 0 where n = 0.
+
+    Gives g = m / n and dm = dg / n. A zero norm is reached only with
+    ``allow_zero_norm=True``; there g = 0 (the channel outputs its bias) and
+    the magnitude gets no gradient.
+    """
+    if n.all():
+        return a / n
+    out = np.zeros_like(a)
+    np.divide(a, n, out=out, where=n != 0)
+    return out
+
+
+# below this norm the float64 sum of squares was subnormal (or 0), so it lost digits
+_SMALLEST_SAFE_NORM = float(np.sqrt(np.finfo(np.float64).tiny))  # 1.5e-154
+# above this norm the float64 sum of squares overflows
+_LARGEST_SAFE_NORM = float(np.sqrt(np.finfo(np.float64).max))  # 1.3e154
+# how far a genuine under/overflow may land from those limits: the kernels'
+# own rounding (squares that lost digits to subnormals, the sum's rounding) is
+# a relative in * u ~ 1e-9 for in = 1e7; a bug lands orders of magnitude away
+_RESCUE_SLACK = 1e-6
+
+
+def _rescue_extreme_rows(n, W0, A, B, scaling):
+    """Recompute, in place, rows whose sum of squares left float64's range.
+
+    The kernels sum squares in float64, which loses digits to subnormals (or
+    underflows to 0) for rows of entries below ~1e-154 and overflows for
+    entries above ~1e154 (float64 weights only: float32's whole range squares
+    safely in float64). Those rows are recomputed as ``t * ||V_i / t||`` with
+    ``t = max |V_i|``, the scaling of LAPACK's nrm2, so that a tiny row is not
+    reported as "all zero" and a huge but representable norm is not reported
+    as overflow.
+
+    The rescue repairs only genuine under/overflow. A row the kernel reported
+    as tiny (or 0) whose recomputed norm is not tiny, or one reported as
+    inf whose recomputed norm is well inside the range, is a bug in the
+    kernel, and repairing it would hide that bug from every test of the
+    kernel: it raises instead.
+
+    Parameters
+    ----------
+    n : ndarray, shape (out,)
+        The kernel's row norms of V = W0 + s * B @ A; rescued rows are
+        overwritten.
+    W0 : ndarray, shape (out, in), any strides
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+
+    Returns
+    -------
+    ndarray of int
+        The rows recomputed (usually none).
+
+    Raises
+    ------
+    RuntimeError
+        If a flagged row is not a genuine under/overflow (a kernel bug); the
+        message names the rows, both norms and the backend.
+    """
+    rows = np.flatnonzero((n < _SMALLEST_SAFE_NORM) | np.isinf(n))
+    if not rows.size:
+        return rows
+    V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
+    with np.errstate(all="ignore"):
+        t = np.max(np.abs(V), axis=1, initial=0)
+        ok = (t > 0) & np.isfinite(t)
+        scaled = t * np.linalg.norm(V / np.where(ok, t, 1)[:, None], axis=1)
+    recomputed = np.where(ok, scaled, n[rows])
+    reported = n[rows]
+    huge = min(float(np.finfo(n.dtype).max), _LARGEST_SAFE_NORM)
+    bug = np.where(
+        np.isinf(reported),
+        recomputed < huge * (1 - _RESCUE_SLACK),  # reported overflow of an ordinary row
+        recomputed > _SMALLEST_SAFE_NORM * (1 + _RESCUE_SLACK),  # reported 0 / tiny, it is not
+    )
+    if bug.any():
+        bad = rows[bug]
+        raise RuntimeError(
+            f"the {_backend.backend()!r} backend's row norm kernel returned "
+            f"{reported[bug][:8].tolist()} for row(s) {bad[:8].tolist()}"
+            f"{'...' if bad.size > 8 else ''} of W0 + s*B@A, whose norms are "
+            f"{recomputed[bug][:8].tolist()}: not an under/overflow but a bug in the kernel "
+            f"(shape W0 {W0.shape}, A {A.shape}, dtype {W0.dtype})"
+        )
+    n[rows] = recomputed
+    return rows
+
+
+def _kernel_norm(W0, A, B, scaling):
+    """The active backend's row norms, with under/overflowed rows recomputed."""
+    n = _backend.kernels().column_norm(W0, A, B, scaling)
+    _rescue_extreme_rows(n, W0, A, B, scaling)
+    return n
+
+
+def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
+    """Row norms of V = W0 + s * B @ A, without forming V (paper's ||V||_c).
+
+    The paper's column norm is the row norm of a PyTorch (out, in) weight:
+    one value per output channel.
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in), float32 or float64
+    A : ndarray, shape (r, in), same dtype
+    B : ndarray, shape (out, r), same dtype
+    scaling : float
+        s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
+    allow_zero_norm : bool, default True
+        If False, a zero row raises ``ValueError``.
+
+    Returns
+    -------
+    n : ndarray, shape (out,), the dtype of W0
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad dtypes or shapes, NaN/Inf in the weights, or (if not allowed)
+        a zero row.
+
+    Notes
+    -----
+    Matches PEFT ``DoraLinearLayer.get_weight_norm``:
+    ``torch.linalg.norm(W + s * B @ A, dim=1)`` with no epsilon.
+    """
+    W0, A, B, _, _ = check_adapter(W0, A, B)
+    scaling = check_scaling(scaling)
+    n = _kernel_norm(W0, A, B, scaling)
+    check_norm(n, W0, allow_zero_norm)
+    return n
+
+
+def init_magnitude(W0, A, B, scaling):
+    """PEFT's magnitude initialisation: m = ||W0 + s * B @ A||_row.
+
+    With PEFT's default init (B = 0) this is the row norms of W0, so the
+    layer starts as the base layer (paper Sec. 4.1).
+
+    Parameters
+    ----------
+    W0 : ndarray, shape (out, in)
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+
+    Returns
+    -------
+    magnitude : ndarray, shape (out,)
+
+    Notes
+    -----
+    Matches PEFT ``DoraLinearLayer.update_layer``.
+    """
+    return column_norm(W0, A, B, scaling)

@@ -1,0 +1,540 @@
+"""PEFT adapter folders: read (``load_adapter``), written (``save_adapter``,
+``adapter_from_layers``), and turned into layers (``build_layers``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ...layers.linear import DoRALinear, LoRALinear
+from ..safetensors_io import BaseWeights, SafetensorsFile, _refuse_pickle
+from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapterConfig, PEFT_PREFIX, read_config
+from .orientation import _to_view, is_fan_in_fan_out, resolve_fan_in_fan_out, weight_key
+
+
+@dataclass
+
+
+class ModuleAdapter:
+    """One adapted linear module.
+
+    Attributes
+    ----------
+    name : str
+        Module path in the base model; its base weight is ``name + ".weight"``.
+    lora_A : ndarray, shape (r, in), or (r, in, *k) for a convolution
+        (``lora_embedding_A`` (r, V) for an embedding: in = V).
+    lora_B : ndarray, shape (out, r), or (out, r, 1, ...) for a convolution
+        (``lora_embedding_B`` (D, r) for an embedding: out = D).
+    magnitude : ndarray, shape (out,), or None for plain LoRA
+        Flattened: PEFT stores a convolution's as (1, out, 1, ...).
+    scaling : float
+    r : int
+    lora_alpha : float
+    kind : {"linear", "embedding", "conv"}
+    """
+
+    name: str
+    lora_A: np.ndarray
+    lora_B: np.ndarray
+    magnitude: Optional[np.ndarray]
+    scaling: float
+    r: int
+    lora_alpha: float
+    kind: str = "linear"
+
+    @property
+    def out_features(self):
+        return self.lora_B.shape[0]
+
+    @property
+    def in_features(self):
+        """Columns of the linear view: in, V, or in * prod(kernel)."""
+        return int(np.prod(self.lora_A.shape[1:]))
+
+    def linear_view(self):
+        """(A (r, in), B (out, r), magnitude (out,) or None): the adapter on its linear view."""
+        return (self.lora_A.reshape(self.r, -1), self.lora_B.reshape(self.out_features, self.r),
+                self.magnitude)  # fmt: skip
+
+
+@dataclass
+
+
+class PeftAdapter:
+    """A PEFT (Do)LoRA adapter: its config and its modules by path.
+
+    Attributes
+    ----------
+    config : LoraAdapterConfig
+    modules : dict of str to ModuleAdapter
+    replaced : dict of str to ndarray
+        Full tensors of the config's ``modules_to_save`` (e.g. a
+        classification head trained in full), by their key in the base model
+        (``score.weight``): merging *replaces* the base tensors with them.
+    """
+
+    config: LoraAdapterConfig
+    modules: dict
+    replaced: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        kinds = {}
+        for mod in self.modules.values():
+            kind = ("DoRA " if mod.magnitude is not None else "LoRA ") + mod.kind
+            kinds[kind] = kinds.get(kind, 0) + 1
+        listing = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no modules"
+        return (f"PeftAdapter({listing}; r={self.config.r}, lora_alpha={self.config.lora_alpha}, "
+                f"{len(self.replaced)} replaced tensor(s))")
+
+    def replacement_key(self, name):
+        """Whether adapter key ``name`` (prefix stripped) is a ``modules_to_save`` tensor."""
+        targets = self.config.extra.get("modules_to_save") or []
+        module = name.rpartition(".")[0]
+        return any(module == t or module.endswith("." + t) for t in targets)
+
+
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def _split_key(key, source):
+    """(module path, "lora_A" | "lora_B" | "lora_magnitude_vector", "embedding" or None) of a key.
+
+    Raises ValueError on formats we do not read (LyCORIS/kohya, lora_bias).
+    """
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    m = _KEY.match(name)
+    if m:
+        part = m["part"].split(".")[0]
+        if part.startswith("lora_embedding_"):  # lora_embedding_A -> lora_A
+            return m["module"], "lora_" + part[-1], "embedding"
+        return m["module"], part, None
+    if re.search(r"(lora_down|lora_up|dora_scale|\.alpha$|hada_|lokr_)", key):
+        raise ValueError(
+            f"{source}: key {key!r} is in the LyCORIS/kohya format (lora_down/lora_up/dora_scale), "
+            f"not PEFT's; its dora_scale is normalised over the other axis (shape (1, in)). "
+            f"Convert it to PEFT keys first."
+        )
+    if key.endswith("lora_B.bias"):
+        raise ValueError(f"{source}: key {key!r} is a lora_B bias (lora_bias=True), not supported")
+    raise ValueError(f"{source}: unexpected key {key!r}: not a PEFT LoRA/DoRA tensor")
+
+
+def load_adapter(directory, *, dtype=None):
+    """Read a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+    dtype : numpy dtype, optional
+        Cast A, B and the magnitude to it (float32 or float64); default:
+        float64 tensors stay float64, every other float dtype becomes float32.
+
+    Returns
+    -------
+    PeftAdapter
+        Its ``replaced`` holds the ``modules_to_save`` tensors as stored.
+
+    Raises
+    ------
+    FileNotFoundError
+        A missing directory, config or weights file.
+    ValueError
+        A ``.bin`` (pickle) adapter; a truncated or invalid file; an
+        unsupported config or key; a module with A but no B (or the
+        reverse); A and B of inconsistent ranks or of a rank other than the
+        config's; a ``use_dora`` adapter without a magnitude for a module
+        (PEFT only warns there and re-initialises it, changing the outputs),
+        or a magnitude in a LoRA adapter; a magnitude not of shape (out,)
+        (the LyCORIS convention (1, in) or (in,) gets a message saying so).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such adapter directory: {directory}")
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.exists():
+        for pickle_name in ("adapter_model.bin", "adapter_model.pt"):
+            if (directory / pickle_name).is_file():
+                _refuse_pickle(directory / pickle_name)
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}")
+    config = read_config(directory)
+    adapter = PeftAdapter(config, {})
+    parts = {}
+    with SafetensorsFile(weights) as f:
+        for key in f.keys():
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            if not _KEY.match(name) and adapter.replacement_key(name):
+                adapter.replaced[name] = f.get(key)
+                continue
+            module, part, kind = _split_key(key, weights)
+            if kind:
+                parts.setdefault(module, {})["kind"] = kind
+            if part in parts.setdefault(module, {}):
+                raise ValueError(f"{weights}: module {module!r} has two {part} tensors")
+            arr = f.get(key)
+            if arr.dtype.kind != "f" and np.dtype(arr.dtype).name not in ("bfloat16",):
+                raise ValueError(f"{weights}: {key} has dtype {arr.dtype}, not a float")
+            parts[module][part] = (key, arr)
+    for name, p in parts.items():
+        adapter.modules[name] = _module_from_parts(name, p, config, weights, dtype)
+    if not adapter.modules and not adapter.replaced:
+        raise ValueError(f"{weights}: no LoRA tensors found")
+    return adapter
+
+
+def _compute_dtype(dtype):
+    """float64 stays float64; float32, float16, bfloat16 compute in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _module_from_parts(name, p, config, source, dtype):
+    for need in ("lora_A", "lora_B"):
+        if need not in p:
+            raise ValueError(f"{source}: module {name!r} has no {need}.weight (truncated adapter?)")
+    (_, A), (_, B) = p["lora_A"], p["lora_B"]
+    kind = p.get("kind") or ("conv" if A.ndim > 2 else "linear")
+    r = A.shape[0]
+    if kind == "conv":
+        if not (3 <= A.ndim <= 5 and B.shape[:1] + B.shape[2:] == (B.shape[0],) + (1,) * (A.ndim - 2)):
+            raise ValueError(
+                f"{source}: module {name!r}: a convolution needs lora_A (r, in, *k) and lora_B "
+                f"(out, r, 1, ...) of the same number of dimensions, got {A.shape} and {B.shape}"
+            )
+        if B.shape[1] != r:
+            raise ValueError(
+                f"{source}: module {name!r}: lora_B {B.shape} has r/groups = {B.shape[1]} != r = {r} "
+                f"(lora_A {A.shape}): grouped convolutions are not supported (PEFT cannot merge them either)"
+            )
+    elif A.ndim != 2 or B.ndim != 2 or B.shape[1] != r:
+        raise ValueError(
+            f"{source}: module {name!r}: lora_A {A.shape} must be (r, in) and lora_B {B.shape} "
+            f"(out, r) with the same r"
+        )
+    r_cfg, alpha = config.rank_and_alpha(name)
+    if r != r_cfg:
+        raise ValueError(
+            f"{source}: module {name!r} has rank {r} (lora_A {A.shape}) but the config gives "
+            f"r = {r_cfg} (r / rank_pattern); the scaling would be wrong"
+        )
+    out_f, in_f = B.shape[0], A.shape[1]
+    m = None
+    if "lora_magnitude_vector" in p:
+        km, m = p["lora_magnitude_vector"]
+        if not config.use_dora:
+            raise ValueError(f"{source}: {km} is a DoRA magnitude but the config has use_dora=false")
+        want = (out_f,) if kind != "conv" else (1, out_f) + (1,) * (A.ndim - 2)
+        if m.shape == want:
+            m = m.reshape(out_f)
+        else:
+            hint = ""
+            if m.shape in ((in_f,), (1, in_f)) and in_f != out_f:
+                hint = (
+                    ": one value per *input* feature is the LyCORIS/kohya convention "
+                    "(dora_scale, the weight normalised over the other axis), not PEFT's, whose "
+                    "magnitude has one value per output channel (the row norm of the (out, in) weight)"
+                )
+            raise ValueError(
+                f"{source}: {km} has shape {m.shape}; expected {want} (one value per output "
+                f"channel) for lora_A {A.shape}, lora_B {B.shape}{hint}"
+            )
+    elif config.use_dora:
+        raise ValueError(
+            f"{source}: the config has use_dora=true but module {name!r} has no "
+            f"lora_magnitude_vector (PEFT would only warn and re-initialise it to the base norm, "
+            f"silently changing the outputs)"
+        )
+    cdt = np.dtype(dtype) if dtype is not None else _compute_dtype(A.dtype)
+    cast = lambda a: None if a is None else np.ascontiguousarray(a.astype(cdt))  # noqa: E731
+    return ModuleAdapter(name, cast(A), cast(B), cast(m), config.scaling(name), r, alpha, kind)
+
+
+def save_adapter(directory, adapter):
+    """Write ``adapter`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Keys and shapes as docs/peft_dora.md, Sec. 4 (``base_model.model.<name>.lora_A.weight``
+    (r, in), ``...lora_B.weight`` (out, r), ``...lora_magnitude_vector`` (out,);
+    ``lora_embedding_A``/``_B`` for embeddings, (1, out, 1, ...) conv magnitudes).
+    Each module's rank and alpha must be what the config gives it (see
+    ``adapter_from_layers``, which builds a matching config).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Created if needed.
+    adapter : PeftAdapter
+
+    Raises
+    ------
+    ValueError
+        If a module's rank, scaling or magnitude disagrees with the config.
+    """
+    directory = Path(directory)
+    cfg = adapter.config
+    tensors = {}
+    for name, mod in adapter.modules.items():
+        r, alpha = cfg.rank_and_alpha(name)
+        if mod.r != r or mod.lora_A.shape[0] != r or not math.isclose(mod.scaling, cfg.scaling(name)):
+            raise ValueError(
+                f"module {name!r} has r={mod.r}, scaling={mod.scaling:g} but the config gives "
+                f"r={r}, scaling={cfg.scaling(name):g}"
+            )
+        if (mod.magnitude is not None) != bool(cfg.use_dora):
+            raise ValueError(f"module {name!r}: magnitude present = {mod.magnitude is not None}, "
+                             f"but use_dora = {cfg.use_dora}")  # fmt: skip
+        key = PEFT_PREFIX + name
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if mod.kind == "embedding" else (
+            ".lora_A.weight", ".lora_B.weight")  # fmt: skip
+        tensors[key + a] = np.ascontiguousarray(mod.lora_A)
+        tensors[key + b] = np.ascontiguousarray(mod.lora_B)
+        if mod.magnitude is not None:
+            m = mod.magnitude
+            if mod.kind == "conv":  # PEFT's (1, out, 1, ...), docs/peft_dora.md, Sec. 1 "Convolutions"
+                m = m.reshape((1, -1) + (1,) * (mod.lora_A.ndim - 2))
+            tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m)
+    for name, arr in adapter.replaced.items():
+        tensors[PEFT_PREFIX + name] = np.ascontiguousarray(arr)
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _layer_parts(layer):
+    """(kind, A, B, magnitude (out,) or None) of a dora_ref layer, in PEFT's shapes."""
+    if hasattr(layer, "lora_embedding_A"):  # DoRAEmbedding: A (r, V), B (D, r)
+        kind, A, B = "embedding", layer.lora_embedding_A, layer.lora_embedding_B
+    else:
+        A, B = layer.lora_A, layer.lora_B
+        kind = "conv" if np.ndim(A) > 2 else "linear"
+    m = getattr(layer, "lora_magnitude_vector", None)
+    return kind, A, B, None if m is None else np.reshape(m, -1)
+
+
+def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **config_fields):
+    """Collect dora_ref layers into a ``PeftAdapter`` for ``save_adapter``.
+
+    The config gets the most common rank and alpha as ``r``/``lora_alpha``,
+    and ``rank_pattern``/``alpha_pattern`` entries for the others, so that
+    PEFT gives every module its own rank and scaling back. Each entry is the
+    module's escaped full path anchored with ``^``: PEFT matches a key ``p``
+    as ``(.*\\.)?(p)$``, under which a bare ``proj`` would also match
+    ``block.proj``, while ``^proj`` matches ``proj`` only.
+    ``target_modules`` lists the module paths.
+
+    Parameters
+    ----------
+    layers : dict of str to layer
+        Module path in the base model -> ``DoRALinear``/``LoRALinear``,
+        ``DoRAEmbedding``, or a ``dora_ref.core.conv`` layer (what
+        ``build_layers`` returns). All DoRA or all LoRA.
+    fan_in_fan_out : bool, default False
+        Recorded in the config (set it for GPT-2 ``Conv1D`` modules).
+    lora_dropout : float, optional
+        Default: the most common ``lora_dropout`` of the layers that have one
+        (embeddings have none: PEFT applies no dropout to them), else 0.
+    **config_fields
+        Other ``adapter_config.json`` fields (e.g. ``base_model_name_or_path``).
+
+    Returns
+    -------
+    PeftAdapter
+
+    Raises
+    ------
+    ValueError
+        On an empty mapping, a mix of DoRA and LoRA layers, mixed rsLoRA,
+        or merged layers.
+    """
+    if not layers:
+        raise ValueError("layers is empty")
+    parts = {name: _layer_parts(layer) for name, layer in layers.items()}
+    dora = {name: m is not None for name, (_, _, _, m) in parts.items()}
+    rslora = {bool(layer.use_rslora) for layer in layers.values()}
+    if len(set(dora.values())) != 1 or len(rslora) != 1:
+        raise ValueError(
+            f"all layers must be DoRA (or all LoRA) and share use_rslora; DoRA: "
+            f"{sorted(n for n, d in dora.items() if d)}, LoRA: {sorted(n for n, d in dora.items() if not d)}, "
+            f"use_rslora: {sorted(rslora)}"
+        )
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"layer {name!r} is merged: unmerge() it before saving its adapter")
+
+    def most_common(values, default=None):
+        values = list(values)
+        return max(dict.fromkeys(values), key=values.count) if values else default
+
+    def exactly(name):  # a rank_pattern/alpha_pattern key that matches ``name`` only
+        return "^" + re.escape(name)
+
+    r = most_common(int(layer.r) for layer in layers.values())
+    alpha = most_common(layer.lora_alpha for layer in layers.values())
+    dropout = most_common((layer.lora_dropout for layer in layers.values() if hasattr(layer, "lora_dropout")), 0.0)
+    config = LoraAdapterConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_dora=next(iter(dora.values())),
+        use_rslora=rslora.pop(),
+        lora_dropout=dropout if lora_dropout is None else lora_dropout,
+        fan_in_fan_out=bool(fan_in_fan_out),
+        target_modules=sorted(layers),
+        rank_pattern={exactly(n): int(l.r) for n, l in layers.items() if l.r != r},
+        alpha_pattern={exactly(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != alpha},
+        extra=dict(config_fields),
+    )
+    modules = {}
+    for name, layer in layers.items():
+        kind, A, B, m = parts[name]
+        modules[name] = ModuleAdapter(name, np.array(A), np.array(B), None if m is None else np.array(m),
+                                      layer.scaling, int(layer.r), layer.lora_alpha, kind)  # fmt: skip
+    return PeftAdapter(config, modules)
+
+
+# ---------------------------------------------------------------------------
+# layers, forward and merge from adapter + base
+# ---------------------------------------------------------------------------
+
+
+def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, detach_norm=True,
+                 fan_in_fan_out=None):  # fmt: skip
+    """``DoRALinear``/``LoRALinear`` (and ``DoRAEmbedding``) layers from an adapter and base weights.
+
+    Parameters
+    ----------
+    adapter : PeftAdapter or str or os.PathLike
+        Loaded adapter, or its directory.
+    base : mapping of str to ndarray, or str or os.PathLike
+        Base tensors by key (``<module>.weight`` (out, in), or (in, out) for
+        fan_in_fan_out modules, and optional ``<module>.bias`` (out,)), or a
+        safetensors file / model directory to read them from. float64 bases
+        compute in float64; float32, float16 and bfloat16 bases in float32.
+    modules : iterable of str, optional
+        Build only these module paths (default: every module of the adapter).
+    lora_dropout : float, optional
+        Default: the config's.
+    rng : numpy.random.Generator or int, optional
+        Seeds the dropout masks.
+    detach_norm : bool, default True
+        See ``DoRALinear``.
+    fan_in_fan_out : None, bool, str or iterable of str
+        Which base weights are stored (in, out) (GPT-2 ``Conv1D``); None:
+        decided by ``resolve_fan_in_fan_out``'s rule, which raises rather
+        than guess for a square weight.
+
+    Returns
+    -------
+    layers : dict of str to DoRALinear, LoRALinear or DoRAEmbedding
+        By module path. A linear layer's ``weight`` is in (out, in)
+        orientation (transposed for fan_in_fan_out modules), an embedding's
+        (V, D) as stored; both in the compute dtype. The adapter arrays are
+        the adapter's.
+    fan_in_fan_out : dict of str to bool
+        Which layers' ``weight`` is the transpose of the stored base weight;
+        pass it to ``stored_weight`` to write a merged weight back.
+
+    Raises
+    ------
+    KeyError, ValueError
+        A module missing from the base; a base shape that does not fit the
+        adapter; a convolution (its stride and padding are not in the
+        checkpoint: build ``dora_ref.layers.conv.DoRAConv2d`` etc. from
+        ``adapter.modules[name]`` yourself; ``merge_weight`` needs no
+        geometry and merges it); a plain-LoRA embedding.
+    """
+    if not isinstance(adapter, PeftAdapter):
+        adapter = load_adapter(adapter)
+    if not hasattr(base, "keys") or isinstance(base, (str, os.PathLike)):
+        base = BaseWeights(base)
+    cfg = adapter.config
+    keys = set(base.keys())
+    layers, fifo = {}, {}
+    rng = np.random.default_rng(rng)
+    names = list(adapter.modules) if modules is None else list(modules)
+    orientation = resolve_fan_in_fan_out(adapter, base, fan_in_fan_out)
+    for name in names:
+        if name not in adapter.modules:
+            raise KeyError(f"the adapter has no module {name!r}")
+        mod = adapter.modules[name]
+        wkey = weight_key(name, keys)
+        W = base.get(wkey) if isinstance(base, BaseWeights) else np.asarray(base[wkey])
+        fifo[name] = is_fan_in_fan_out(mod, W.shape, orientation.get(name), key=wkey)
+        cdt = _compute_dtype(W.dtype)
+        if mod.kind != "linear":
+            layers[name] = _build_non_linear(name, mod, W.astype(cdt), cfg, rng, detach_norm)
+            fifo[name] = False
+            continue
+        W = _to_view(W, mod, fifo[name], cdt)
+        bkey = wkey[: -len("weight")] + "bias"
+        bias = None
+        if bkey in keys:
+            bias = base.get(bkey) if isinstance(base, BaseWeights) else np.asarray(base[bkey])
+            bias = bias.astype(cdt)
+        cls = DoRALinear if mod.magnitude is not None else LoRALinear
+        kw = (
+            dict(detach_norm=detach_norm, lora_magnitude_vector=mod.magnitude.astype(cdt))
+            if cls is DoRALinear
+            else {}
+        )
+        layers[name] = cls(
+            W,
+            bias,
+            lora_A=mod.lora_A.astype(cdt),
+            lora_B=mod.lora_B.astype(cdt),
+            lora_alpha=mod.lora_alpha,
+            use_rslora=cfg.use_rslora,
+            lora_dropout=cfg.lora_dropout if lora_dropout is None else lora_dropout,
+            rng=rng,
+            **kw,
+        )
+    return layers, fifo
+
+
+def _build_non_linear(name, mod, W, cfg, rng, detach_norm):
+    if mod.kind == "conv":
+        raise ValueError(
+            f"module {name!r} is a convolution: its stride, padding and dilation are not stored in "
+            f"a checkpoint, so build dora_ref.layers.conv.DoRAConv{mod.lora_A.ndim - 2}d from "
+            f"adapter.modules[{name!r}] with the geometry yourself (merge_weight needs none)"
+        )
+    if mod.magnitude is None:
+        raise ValueError(f"module {name!r}: plain-LoRA embeddings have no layer in dora_ref")
+    from ...layers.embedding import DoRAEmbedding
+
+    layer = DoRAEmbedding(W, r=mod.r, lora_alpha=mod.lora_alpha, use_rslora=cfg.use_rslora,
+                          rng=rng, detach_norm=detach_norm)  # fmt: skip
+    layer.lora_embedding_A = mod.lora_A.astype(W.dtype, copy=True)
+    layer.lora_embedding_B = mod.lora_B.astype(W.dtype, copy=True)
+    layer.lora_magnitude_vector = mod.magnitude.astype(W.dtype, copy=True)
+    layer.zero_grad()
+    return layer
+
+
+def stored_weight(layer, fan_in_fan_out, dtype=None):
+    """A layer's (merged) weight in the base's stored layout and dtype.
+
+    Parameters
+    ----------
+    layer : DoRALinear or LoRALinear
+    fan_in_fan_out : bool
+        Transpose back to (in, out).
+    dtype : numpy dtype, optional
+        Cast to it (e.g. ``ml_dtypes.bfloat16``; NumPy rounds to nearest even,
+        as torch does).
+
+    Returns
+    -------
+    ndarray, shape (out, in), or (in, out) if fan_in_fan_out
+    """
+    W = layer.weight.T if fan_in_fan_out else layer.weight
+    return np.ascontiguousarray(W if dtype is None else W.astype(dtype))

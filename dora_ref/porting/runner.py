@@ -1,0 +1,386 @@
+"""Calling a port and comparing it: the search, the shrinking, the errors it raises.
+
+``_run`` draws cases (hypothesis), calls the port in its own convention,
+compares every output with the reference within its tolerance, and for a
+mismatch shrinks the case and ranks the known mistakes that explain it
+(``dora_ref.porting.diagnosis``) before raising ``ConformanceError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from . import conventions as _C
+from . import diagnosis as _D
+from . import layer_checks as _L
+from .cases import make_case, reference, tolerances
+from .hints import HINTS
+
+
+class ConformanceError(AssertionError):
+    """A port disagrees with dora_ref beyond the tolerance.
+
+    Attributes
+    ----------
+    check : str
+        "forward", "backward" or "merge".
+    output : str
+        The output that differs ("y", "dA", "W_merged", "W0_unmerged", ...).
+    index : tuple of int or None
+        The worst element (None if the output has the wrong shape or the port raised).
+    expected, got : float or None
+    bound : float or None
+        The tolerance that applied to that element.
+    case : Case
+        The (shrunk) case; ``case.describe()`` says it in words,
+        ``make_case(**case.params)`` rebuilds it.
+    hint : str or None
+        A key of ``HINTS``: the top-ranked explanation (``diagnoses[0]``),
+        when the port's numbers match a known mistake; for a pair of mistakes
+        the first of the two.
+    diagnoses : list of Diagnosis
+        Every known variant consistent with the port's outputs, ranked, each
+        with its evidence (``key``, ``rank``, ``kind``, ``probes``,
+        ``evidence``, ``detail``); empty when none is.
+    """
+
+    def __init__(self, message, *, check, output, index, expected, got, bound, case, hint, diagnoses=()):
+        super().__init__(message)
+        self.check = check
+        self.output = output
+        self.index = index
+        self.expected = expected
+        self.got = got
+        self.bound = bound
+        self.case = case
+        self.hint = hint
+        self.diagnoses = list(diagnoses)
+
+
+class CheckResult(NamedTuple):
+    """What a passing check measured.
+
+    Attributes
+    ----------
+    check : str
+    examples : int
+        Cases compared.
+    worst_ratio : float
+        The largest error / tolerance seen (below 1, since the check passed).
+    worst_output : str
+        The output where it was seen.
+    """
+
+    check: str
+    examples: int
+    worst_ratio: float
+    worst_output: str
+
+
+class _Mismatch(Exception):
+    """Raised inside a hypothesis example; carries what differed."""
+
+    def __init__(self, case, info, raised=None):
+        super().__init__(info["text"])
+        self.case = case
+        self.info = info
+        self.raised = raised
+
+
+def _compare(got, expected, tols):
+    """Compare outputs: (inf, mismatch info) at the first mismatch, else (worst ratio, its output's name)."""
+    worst, worst_name = 0.0, None  # without a mismatch: the largest error / tolerance, and where
+    for name, exp in expected.items():
+        g = got[name]
+        if g.shape != exp.shape:
+            return np.inf, dict(
+                output=name, index=None, expected=None, got=None, bound=None,
+                text=f"output {name} has shape {g.shape}, expected {exp.shape}",
+            )
+        atol = tols[name]["atol"]
+        err = np.abs(g.astype(np.float64) - exp)
+        err = np.where(np.isnan(err), np.inf, err)
+        ratio = err / atol if atol > 0 else np.where(err > 0, np.inf, 0.0)
+        if ratio.size and np.max(ratio) > 1.0:
+            idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+            t = tols[name]
+            info = dict(
+                output=name, index=tuple(int(i) for i in idx), expected=float(exp[idx]),
+                got=float(g[idx]), bound=float(atol),
+            )
+            info["text"] = (
+                f"output {name}, index {info['index']}: expected {info['expected']!r}, "
+                f"got {info['got']!r}; error {float(err[idx]):.3g} > tolerance {atol:.3g} "
+                f"(rtol {t['rtol']:.3g} for {t['dtype']} "
+                f"with k = {t['k']}, times the term scale {t['scale']:.3g}; see dora_ref.porting.tolerance)"
+            )
+            return np.inf, info
+        r = float(np.max(ratio, initial=0.0))
+        if r >= worst:
+            worst, worst_name = r, name
+    return worst, worst_name
+
+
+def _init_identity_case(case):
+    """The case with B = 0 and the magnitude at its initial value ||W0||_row (in the case's dtype)."""
+    c = dataclasses.replace(case, B=np.zeros_like(case.B), params=dict(case.params, B_zero=True, magnitude="init"))
+    ref = reference(c)
+    return dataclasses.replace(c, magnitude=ref["weight_norm"].astype(case.dtype))
+
+
+def _reference_and_tolerances(check, case, detach_norm):
+    """Expected outputs and their tolerances for one check (``init`` adds its own two)."""
+    ref = reference(case, detach_norm=detach_norm)
+    tols = tolerances(case, detach_norm=detach_norm)
+    if check == "init":  # the magnitude at init is the norm; with B = 0 the layer is the base layer
+        ref = dict(ref, magnitude=ref["weight_norm"])
+        tols = dict(tols, magnitude=tols["weight_norm"])
+        c0 = _init_identity_case(case)
+        c64 = c0.astype(np.float64)
+        ref["y_identity"] = c64.x @ c64.W0.T + (0.0 if c64.bias is None else c64.bias)
+        tols["y_identity"] = tolerances(c0)["y"]
+    return ref, tols
+
+
+def _hypothesis():
+    try:
+        import hypothesis
+        import hypothesis.strategies
+    except ImportError as exc:  # pragma: no cover - exercised with hypothesis hidden
+        raise ImportError(
+            "dora_ref.porting.testing needs hypothesis to draw cases: pip install hypothesis "
+            "(or pip install 'dora_ref[test]')"
+        ) from exc
+    return hypothesis
+
+
+def _case_strategy(st, dtype, dropout, conv=None, cases=None):
+    """Hypothesis strategy for ``make_case``'s parameters; shrinks towards small, plain cases.
+
+    ``cases`` restricts it: parameter -> a value, a list / tuple / range of
+    values, or a hypothesis strategy.
+    """
+    conv = conv or _C.Convention()
+    fields_ = {
+        "N": st.integers(1, 6),
+        "in_features": st.integers(1, 8),
+        "out_features": st.integers(1, 8),
+        "r": st.integers(1, 6),
+        "dtype": st.just(str(np.dtype(dtype))),
+        "scaling": st.sampled_from([2.0, 0.5, 1.0 / 3.0, 8.0]),
+        "bias": st.booleans(),
+        "B_zero": st.booleans(),
+        "magnitude": st.sampled_from(["trained", "init"]),
+        "weight_scale": st.sampled_from([1.0, 1e-3, 1e3]),
+        "dropout_p": st.just(0.5) if dropout else st.just(0.0),
+        "seed": st.integers(0, 2**16),
+    }
+    if conv.scaling == "lora_alpha":
+        fields_["lora_alpha"] = st.sampled_from([16.0, 1.0, 8.0, 3.0])
+        fields_["use_rslora"] = st.booleans()
+    if conv.per_input_column:
+        fields_["magnitude_axis"] = st.just("in")
+    for key, value in (cases or {}).items():
+        if key in ("dtype", "dropout_p", "magnitude_axis"):
+            raise ValueError(f"cases= cannot set {key!r}: it follows the check's own arguments")
+        if key not in fields_ and key not in ("bias_scale", "lora_alpha", "use_rslora"):
+            raise ValueError(f"cases= has an unknown parameter {key!r}; make_case takes {sorted(fields_)}")
+        fields_[key] = _L.as_strategy(st, key, value)
+    return st.fixed_dictionaries(fields_)
+
+
+class Report(NamedTuple):
+    """What ``report="all"`` returns: every output checked on its own.
+
+    Attributes
+    ----------
+    check : str
+    passed : dict of str to CheckResult
+        The outputs that passed.
+    failures : list of ConformanceError
+        One per failing output, each on its own shrunk case with its diagnosis.
+    """
+
+    check: str
+    passed: dict
+    failures: list
+
+    @property
+    def ok(self):
+        return not self.failures
+
+    def __str__(self):
+        lines = [f"check_{self.check}: {len(self.passed)} output(s) pass, {len(self.failures)} fail"]
+        lines += [f"  pass {name}: {r.examples} cases, worst error / tolerance {r.worst_ratio:.3g}"
+                  for name, r in self.passed.items()]
+        lines += [str(f) for f in self.failures]
+        return "\n".join(lines)
+
+
+def _settings(hyp, max_examples):
+    """The hypothesis settings of every check: quiet, no deadline, no database, shrink."""
+    return hyp.settings(
+        max_examples=max_examples, deadline=None, database=None,
+        verbosity=hyp.Verbosity.quiet, report_multiple_bugs=False,
+        suppress_health_check=list(hyp.HealthCheck),
+        # no "explain" phase: it reruns the shrunk case hundreds of times to say which
+        # arguments could vary, which the message already makes plain
+        phases=[hyp.Phase.explicit, hyp.Phase.generate, hyp.Phase.shrink],
+    )
+
+
+def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max_examples, seed, cases):
+    """Draw cases until one fails on ``names`` (returns the shrunk _Mismatch) or all pass (CheckResult)."""
+    hyp = _hypothesis()
+    return _hunt(
+        check, names, _case_strategy(hyp.strategies, dtype, dropout, conv, cases), make_case,
+        lambda case: _C.call_port(check, fn, unmerge, case, conv, dropout),
+        lambda case: _reference_and_tolerances(check, case, detach_norm),
+        max_examples=max_examples, seed=seed,
+    )
+
+
+def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed):
+    """The search every check runs: hypothesis draws parameters from ``strategy``,
+    ``build(params)`` makes the case, ``call(case)`` runs the port (its outputs
+    by name), ``expect(case)`` gives the reference and the tolerances; the first
+    mismatch is shrunk and returned as a _Mismatch, else a CheckResult."""
+    hyp = _hypothesis()
+    stats = {"examples": 0, "worst": 0.0, "where": ""}
+
+    @_settings(hyp, max_examples)
+    @hyp.seed(seed)
+    @hyp.given(strategy)
+    def one_case(params):
+        case = build(**params)
+        try:
+            got = call(case)
+        except _C.ShapeMismatch as exc:  # diagnosed as a port that raised: other layouts are tried
+            raise _Mismatch(case, dict(output=exc.output, index=None, expected=None, got=None, bound=None,
+                                       text=str(exc)), exc) from exc
+        except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
+            wrote = isinstance(exc, _C.WroteInput)
+            text = str(exc) if wrote else f"your {check} raised {type(exc).__name__}: {exc}"
+            raise _Mismatch(case, dict(
+                output=None, index=None, expected=None, got=None, bound=None, text=text,
+            ), None if wrote else exc) from exc
+        ref, tols = expect(case)
+        ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
+        if ratio == np.inf:
+            raise _Mismatch(case, info)
+        stats["examples"] += 1
+        if ratio >= stats["worst"]:
+            stats["worst"], stats["where"] = ratio, info
+
+    try:
+        one_case()
+    except _Mismatch as exc:
+        return exc
+    return CheckResult(check, stats["examples"], stats["worst"], stats["where"] or "")
+
+
+def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
+    """The ConformanceError for a shrunk mismatch, with its diagnosis."""
+    diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
+    mode = ""
+    if check == "backward":
+        mode = " (detached norm)" if detach_norm else " (exact gradient)"
+    return _error_from(check, exc, diagnoses, mode, conv.changed())
+
+
+def _error_from(check, exc, diagnoses, mode="", changed=None):
+    """The ConformanceError for a shrunk mismatch and its ranked diagnoses."""
+    info = exc.info
+    lines = [
+        f"check_{check}{mode}: your {check} differs from dora_ref on this minimal case "
+        f"(found by hypothesis, then shrunk):",
+        f"  case: {exc.case.describe()}",
+    ]
+    if changed:
+        lines.append("  convention: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+    lines.append(f"  {info['text']}")
+    hint = diagnoses[0].key.split(" + ")[0] if diagnoses else None
+    if diagnoses:
+        top = diagnoses[0]
+        lines.append(f"  hint (rank 1 of {len(diagnoses)}, {top.kind} on {top.probes} probe(s)): "
+                     + top.describe(HINTS))
+        for ev in top.evidence:
+            lines.append(f"    - {ev}")
+        for d in diagnoses[1:]:
+            lines.append(f"  also consistent (rank {d.rank}, {d.kind} on {d.probes} probe(s)): {d.key}"
+                         + (f" ({d.detail})" if d.detail else ""))
+    return ConformanceError(
+        "\n".join(lines), check=check, output=info["output"], index=info["index"],
+        expected=info["expected"], got=info["got"], bound=info["bound"], case=exc.case, hint=hint,
+        diagnoses=diagnoses,
+    )
+
+
+def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
+         max_examples=100, seed=0, convention=None, report="first", cases=None, **conventions):
+    dtype = _check_arguments(check, fn, dtype, max_examples, report, cases)
+    if unmerge is not None and not callable(unmerge):
+        raise TypeError(f"unmerge must be callable or None, got {type(unmerge).__name__}")
+    conv = _C.convention_from(convention, conventions)
+    if conv.per_input_column and dropout:
+        raise ValueError("dropout=True is not defined for the per-input-column layer (magnitude='(1, in)')")
+    _hypothesis()
+    names = _D.output_names(check, unmerge is not None)
+    kw = dict(dtype=dtype, dropout=dropout, detach_norm=detach_norm, max_examples=max_examples, seed=seed,
+              cases=cases)
+    if report == "first":
+        found = _search(check, fn, unmerge, conv, names, **kw)
+        if isinstance(found, _Mismatch):
+            raise _error(check, fn, unmerge, conv, found, dropout, detach_norm) from None
+        return found
+    passed, failures = {}, []
+    for name in names:
+        found = _search(check, fn, unmerge, conv, (name,), **kw)
+        if isinstance(found, _Mismatch):
+            failures.append(_error(check, fn, unmerge, conv, found, dropout, detach_norm))
+            if found.info["output"] is None:  # the port raised or wrote its inputs: the same for every output
+                break
+        else:
+            passed[name] = found
+    return Report(check, passed, failures)
+
+
+def _search_layer(check, fn, names, *, dtype, max_examples, seed, cases):
+    """``_search`` for the Embedding, Conv and chained-adapter checks (``dora_ref.porting.layer_checks``)."""
+    hyp = _hypothesis()
+    return _hunt(
+        check, names, _L.strategy(check, hyp.strategies, dtype, cases),
+        lambda **params: _L.make_case(check, params), lambda case: _L.call_port(check, fn, case),
+        lambda case: (_L.reference(check, case), _L.tolerances(check, case)),
+        max_examples=max_examples, seed=seed,
+    )
+
+
+def _check_arguments(check, fn, dtype, max_examples, report, cases):
+    """Validate the arguments every check takes; returns the dtype."""
+    if not callable(fn):
+        raise TypeError(f"check_{check} needs a callable, got {type(fn).__name__}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+    if report not in ("first", "all"):
+        raise ValueError(f"report must be 'first' or 'all', got {report!r}")
+    if cases is not None and not isinstance(cases, dict):
+        raise TypeError(f"cases must be a dict of case parameters, got {type(cases).__name__}")
+    return dtype
+
+
+def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
+    dtype = _check_arguments(check, fn, dtype, max_examples, report, cases)
+    names = _L.output_names(check)
+    found = _search_layer(check, fn, names, dtype=dtype, max_examples=max_examples, seed=seed, cases=cases)
+    if isinstance(found, _Mismatch):
+        error = _error_from(check, found, _L.diagnose(check, fn, found.case))
+        if report == "first":
+            raise error from None
+        return Report(check, {}, [error])
+    return found if report == "first" else Report(check, {names[0]: found}, [])
