@@ -138,48 +138,44 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
     }
 }
 
-static DORA_CLONES void FN(column_norm_rows)(
-    REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, REAL s,
-    int64_t i0, int64_t i1, int64_t in, int64_t r)
+/* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,
+   Wm_i = (m_i / n_i) V_i, scaled while the row is in cache. Inlined into its
+   two callers below with `merging` a constant, so that the norm's inner loop
+   carries no store and neither carries a test. */
+static inline __attribute__((always_inline)) void FN(norm_rows)(
+    const int merging, REAL *Wm, REAL *n, const REAL *W0, const REAL *Ap, const REAL *B,
+    const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0; i < i1; i += G) {
         const int g = (int)dora_min(G, i1 - i);
         double acc[G][ACCW] = {{0}};
         for (int64_t j = 0; j < in; j += W) {
             const int w = (int)dora_min(W, in - j);
+            const int64_t o = i * in + j;
             const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
+            REAL *vout = merging ? Wm + o : NULL;
             if (g == G && w == W)
-                FN(norm_step)(acc, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, G, W);
+                FN(norm_step)(acc, vout, W0 + o, B + i * r, ap, s, in, r, G, W);
             else
-                FN(norm_step)(acc, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, g, w);
+                FN(norm_step)(acc, vout, W0 + o, B + i * r, ap, s, in, r, g, w);
         }
-        for (int q = 0; q < g; q++) n[i + q] = (REAL)FN(sqrt_lanes)(acc[q]);
+        for (int q = 0; q < g; q++) {
+            const REAL nq = (REAL)FN(sqrt_lanes)(acc[q]);
+            n[i + q] = nq;
+            if (merging) {
+                const REAL f = m[i + q] / nq;  /* inf or NaN when nq = 0, as in NumPy */
+                REAL *row = Wm + (i + q) * in;
+                for (int64_t j = 0; j < in; j++) row[j] = f * row[j];
+            }
+        }
     }
 }
 
-int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
-                         double s, int64_t out, int64_t in, int64_t r)
+static DORA_CLONES void FN(column_norm_rows)(
+    REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, REAL s,
+    int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
-    if ((out && !n) || (out && in && !W0) || (r && in && !A) || (out && r && !B))
-        return DORA_ERR_NULL;
-    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
-    if (!Ap) return DORA_ERR_NOMEM;
-    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    dora_plan plan;
-    dora_plan_begin(&plan, K_NORM, (double)out * in * (r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t i0 = blk * ROW_BLOCK;
-            FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
-        }
-    }
-    dora_plan_end(&plan);
-    free(Ap);
-    return DORA_OK;
+    FN(norm_rows)(0, NULL, n, W0, Ap, B, NULL, s, i0, i1, in, r);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -192,26 +188,42 @@ static DORA_CLONES void FN(merge_rows)(
     REAL *Wm, REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, const REAL *m,
     REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    for (int64_t i = i0; i < i1; i += G) {
-        const int g = (int)dora_min(G, i1 - i);
-        double acc[G][ACCW] = {{0}};
-        for (int64_t j = 0; j < in; j += W) {
-            const int w = (int)dora_min(W, in - j);
-            const int64_t o = i * in + j;
-            const REAL *ap = Ap + (j / W) * r * W;
-            if (g == G && w == W)
-                FN(norm_step)(acc, Wm + o, W0 + o, B + i * r, ap, s, in, r, G, W);
+    FN(norm_rows)(1, Wm, n, W0, Ap, B, m, s, i0, i1, in, r);
+}
+
+/* The norm (Wm NULL) or the merge, over row blocks on the planned threads. */
+static int FN(norm_or_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+                             const REAL *m, double s, int64_t out, int64_t in, int64_t r)
+{
+    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
+    if (!Ap) return DORA_ERR_NOMEM;
+    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
+    dora_plan plan;
+    dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
+    #pragma omp parallel num_threads(plan.nt)
+    {
+        dora_plan_arrive(&plan);
+        #pragma omp for schedule(dynamic)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t i0 = blk * ROW_BLOCK, i1 = dora_min(out, i0 + ROW_BLOCK);
+            if (Wm)
+                FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
             else
-                FN(norm_step)(acc, Wm + o, W0 + o, B + i * r, ap, s, in, r, g, w);
-        }
-        for (int q = 0; q < g; q++) {
-            const REAL nq = (REAL)FN(sqrt_lanes)(acc[q]);
-            const REAL f = m[i + q] / nq;  /* inf or NaN when nq = 0, as in NumPy */
-            REAL *row = Wm + (i + q) * in;
-            n[i + q] = nq;
-            for (int64_t j = 0; j < in; j++) row[j] = f * row[j];
+                FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, i1, in, r);
         }
     }
+    dora_plan_end(&plan);
+    free(Ap);
+    return DORA_OK;
+}
+
+int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+                         double s, int64_t out, int64_t in, int64_t r)
+{
+    if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && !n) || (out && in && !W0) || (r && in && !A) || (out && r && !B))
+        return DORA_ERR_NULL;
+    return FN(norm_or_merge)(NULL, n, W0, A, B, NULL, s, out, in, r);
 }
 
 int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL *B,
@@ -221,23 +233,7 @@ int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL 
     if ((out && (!n || !m)) || (out && in && (!Wm || !W0)) || (r && in && !A)
         || (out && r && !B))
         return DORA_ERR_NULL;
-    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
-    if (!Ap) return DORA_ERR_NOMEM;
-    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
-    dora_plan plan;
-    dora_plan_begin(&plan, K_MERGE, (double)out * in * (r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t i0 = blk * ROW_BLOCK;
-            FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
-        }
-    }
-    dora_plan_end(&plan);
-    free(Ap);
-    return DORA_OK;
+    return FN(norm_or_merge)(Wm, n, W0, A, B, m, s, out, in, r);
 }
 
 /* ------------------------------------------------------------------------ */

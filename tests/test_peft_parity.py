@@ -35,6 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils.other import get_pattern_key  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+import dora_ref  # noqa: E402
 from dora_ref import DoRALinear  # noqa: E402
 from dora_ref import peft as P  # noqa: E402
 from dora_ref.formats.merge_cli import main as merge_main  # noqa: E402
@@ -182,7 +183,7 @@ def _grads(module):
 
 def _terms_scale(layer, x):
     """max over outputs of g * (|x| |W0|^T + s |x| |A|^T |B|^T) + |b|: the size of the summed terms."""
-    g = layer.lora_magnitude_vector / P.F.column_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+    g = layer.lora_magnitude_vector / dora_ref.column_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
     ax = np.abs(x)
     low_rank = (ax @ np.abs(layer.lora_A).T) @ np.abs(layer.lora_B).T
     t = np.abs(g) * (ax @ np.abs(layer.weight).T + layer.scaling * low_rank)
