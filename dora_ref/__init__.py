@@ -27,20 +27,7 @@ from .core.functional import (
     merge,
     unmerge,
 )
-from .layers import (
-    AdamW,
-    DoRAConv1d,
-    DoRAConv2d,
-    DoRAConv3d,
-    DoRAEmbedding,
-    DoRALinear,
-    LoRAConv1d,
-    LoRAConv2d,
-    LoRAConv3d,
-    LoRALinear,
-    SGD,
-    lora_scaling,
-)
+from .layers import *  # noqa: F403 (the layers and optimisers, dora_ref.layers.__all__)
 
 # the old flat module names (dora_ref.functional, dora_ref.peft, ...) keep importing
 _install_aliases()
@@ -54,19 +41,7 @@ from .demo import analysis  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdamW",
-    "DoRAConv1d",
-    "DoRAConv2d",
-    "DoRAConv3d",
-    "DoRAEmbedding",
-    "DoRALinear",
-    "LoRAConv1d",
-    "LoRAConv2d",
-    "LoRAConv3d",
-    "LoRALinear",
-    "SGD",
-    "lora_scaling",
+__all__ = layers.__all__ + [
     "DoRAGrads",
     "LoRAGrads",
     "NonFiniteWeightError",

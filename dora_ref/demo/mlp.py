@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from ..core._validate import as_float_array, check_input
+from ..layers.base import Module
 
 
 def init_dense(in_features, out_features, rng, dtype=np.float64):
@@ -47,7 +48,7 @@ def init_dense(in_features, out_features, rng, dtype=np.float64):
     return weight, bias
 
 
-class Dense:
+class Dense(Module):
     """A linear layer ``y = x @ weight.T + bias``, trainable or frozen.
 
     Parameters
@@ -98,17 +99,6 @@ class Dense:
             params["bias"] = self.bias
         return params
 
-    def zero_grad(self):
-        """Set every accumulated gradient to zero."""
-        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
     def forward(self, x):
         """x (..., in) -> y (..., out)."""
         x2 = check_input(x, self.in_features, self.weight.dtype)
@@ -137,25 +127,12 @@ class Dense:
                 f"trainable={self.trainable})")
 
 
-class ReLU:
+class ReLU(Module):
     """max(x, 0) elementwise; backward passes dy where x > 0."""
 
     def __init__(self):
         self._mask = None
         self.training = True
-
-    def parameters(self):
-        return {}
-
-    def zero_grad(self):
-        self.grads = {}
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     def forward(self, x):
         self._mask = x > 0
@@ -213,7 +190,7 @@ def softmax_cross_entropy(logits, labels):
     return loss, dlogits
 
 
-class MLP:
+class MLP(Module):
     """A chain of layers; parameters are named ``"<index>.<name>"``.
 
     Parameters
@@ -256,12 +233,10 @@ class MLP:
             layer.zero_grad()
 
     def train(self, mode=True):
+        """Every layer in training mode (``mode=True``) or evaluation mode. Returns self."""
         for layer in self.layers:
             layer.train(mode)
         return self
-
-    def eval(self):
-        return self.train(False)
 
     def num_trainable(self):
         """The number of trainable scalars."""

@@ -12,7 +12,7 @@ its forward context for the backward, and the merged state.
 
 ``dora_ref.layers`` was a module in 0.1; its names are here.
 """
-from .linear import DoRALinear, LoRALinear, initial_lora_weights, lora_scaling
+from .linear import DoRALinear, LoRALinear, initial_lora_weights, lora_scaling  # noqa: F401
 from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d, LoRAConv1d, LoRAConv2d, LoRAConv3d
 from .embedding import DoRAEmbedding
 from .optim import SGD, AdamW
@@ -29,6 +29,5 @@ __all__ = [
     "LoRAConv3d",
     "LoRALinear",
     "SGD",
-    "initial_lora_weights",
     "lora_scaling",
 ]

@@ -133,8 +133,37 @@ class EvalNormCache:
         return n
 
 
-class AdapterLayer:
+class Module:
+    """What every trainable piece shares: named parameters, their gradients, a mode.
+
+    A subclass defines ``parameters()`` (the trainable arrays by name, live
+    references that optimisers update in place) and sets ``training``.
+    """
+
+    def parameters(self):
+        """The trainable arrays by name (none here)."""
+        return {}
+
+    def zero_grad(self):
+        """Set every accumulated gradient to zero (new arrays in ``grads``)."""
+        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
+
+    def train(self, mode=True):
+        """Training mode (``mode=True``) or evaluation mode. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: ``train(False)``. Returns self."""
+        return self.train(False)
+
+
+class AdapterLayer(Module):
     """Parameters, gradients, modes and dropout masks of an adapter layer.
+
+    In training mode dropout is applied and a DoRA norm is recomputed every
+    forward; in evaluation mode there is no dropout and the norm is cached
+    while the weights it depends on are unchanged.
 
     A subclass sets ``_param_names`` and, in its constructor, ``training``,
     ``merged``, ``_ctx``, ``rng``, ``lora_dropout`` and ``_weight``. Its
@@ -156,19 +185,6 @@ class AdapterLayer:
     def parameters(self):
         """The trainable arrays by PEFT name: live references, updated in place by optimisers."""
         return {name: getattr(self, name) for name in self._param_names}
-
-    def zero_grad(self):
-        """Set every accumulated gradient to zero (new arrays in ``grads``)."""
-        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
-
-    def train(self, mode=True):
-        """Training mode: dropout is applied and the norm recomputed every forward. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: no dropout; a DoRA norm is cached while unchanged. Returns self."""
-        return self.train(False)
 
     def _check_parameters_finite(self):
         """Per call, what can change between calls: NaN/Inf written in place into a trainable array.
@@ -208,6 +224,40 @@ class AdapterLayer:
         return keep.astype(self._weight.dtype) / (1.0 - self.lora_dropout)
 
     # -- the merged state's guard ---------------------------------------------
+
+    def _replace_base(self, weight):
+        """Install ``weight`` (a fresh array of ours) as the base, keeping the bias and magnitude."""
+        raise NotImplementedError
+
+    def _switch_base(self, weight, merged):
+        # the flag first: the shapes a grouped conv layer accepts depend on it
+        self.merged = merged
+        try:
+            self._replace_base(weight)
+        except BaseException:
+            self.merged = not merged
+            raise
+
+    def _install_merged(self, weight, n=None, where=None):
+        """A merge's last steps: the merged ``weight`` becomes the base, the adapter is locked.
+
+        For DoRA, ``n`` is the norm the merge used (kept in ``weight_norm`` for
+        ``unmerge``) and a zero magnitude is refused first (``where`` names the
+        merge in the message), since unmerge could not restore that row.
+        """
+        if n is not None:
+            refuse_unrecoverable_merge(self.lora_magnitude_vector, n, where)
+        self._switch_base(weight, merged=True)
+        if n is not None:
+            self.weight_norm = n
+        self._lock_adapter()
+
+    def _install_unmerged(self, weight):
+        """An unmerge's last steps: the restored ``weight`` becomes the base, the adapter trainable."""
+        self._switch_base(weight, merged=False)
+        if getattr(self, "weight_norm", None) is not None:
+            self.weight_norm = None
+        self._unlock_adapter()
 
     def _lock_adapter(self):
         """After a merge: keep what was merged, and make the trainable arrays read-only.

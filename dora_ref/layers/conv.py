@@ -31,7 +31,7 @@ from ..core.im2col import (
     dense_to_grouped,
     grouped_to_dense,
 )
-from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen, refuse_unrecoverable_merge
+from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen
 from .linear import initial_lora_weights, lora_scaling
 
 
@@ -116,6 +116,9 @@ class _LoRAConvNd(AdapterLayer):
     def padding(self):
         """Per-dimension (left, right) zero padding."""
         return self.geometry.padding
+
+    def _replace_base(self, weight):
+        self._set_base(weight, self._bias, owned=True)
 
     def _set_base(self, weight, bias, owned=False):
         """Install the frozen kernel and bias as the layer's own read-only arrays
@@ -230,9 +233,7 @@ class _LoRAConvNd(AdapterLayer):
             delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
             W = grouped_to_dense(self._weight, self.groups) + delta
         check_rows_finite("the merged kernel W0 + s * delta", W)  # nothing changed yet
-        self.merged = True
-        self._set_base(W, self._bias, owned=True)
-        self._lock_adapter()
+        self._install_merged(W)
 
     def unmerge(self):
         """Restore W0 = W' - s * delta.
@@ -244,10 +245,7 @@ class _LoRAConvNd(AdapterLayer):
             raise RuntimeError("the layer is not merged")
         self._check_merged_adapter("unmerge()")
         delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
-        W0 = dense_to_grouped(self._weight - delta, self.groups)
-        self.merged = False
-        self._set_base(W0, self._bias, owned=True)
-        self._unlock_adapter()
+        self._install_unmerged(dense_to_grouped(self._weight - delta, self.groups))
 
     def __repr__(self):
         return (
@@ -275,6 +273,9 @@ class _DoRAConvNd(_LoRAConvNd):
         self._lora_magnitude_vector = None
         self._norm_cache = EvalNormCache()
         super().__init__(weight, bias, **kwargs)
+
+    def _replace_base(self, weight):
+        self._set_base(weight, self._bias, owned=True, keep_magnitude=True)
 
     def _set_base(self, weight, bias, owned=False, keep_magnitude=False):
         super()._set_base(weight, bias, owned)
@@ -335,11 +336,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
             self.groups, allow_zero_norm=self.allow_zero_norm,
         )
-        refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "conv_merge")
-        self.merged = True
-        self._set_base(W, self._bias, owned=True)
-        self.weight_norm = n
-        self._lock_adapter()
+        self._install_merged(W, n, "conv_merge")
 
     def unmerge(self):
         """Restore W0 = W' / (m / n) - s * delta, with n kept at merge time.
@@ -354,10 +351,7 @@ class _DoRAConvNd(_LoRAConvNd):
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
             self.weight_norm, self.groups,
         )
-        self.merged = False
-        self._set_base(W0, self._bias, owned=True, keep_magnitude=True)  # keeps the trained m
-        self.weight_norm = None
-        self._unlock_adapter()
+        self._install_unmerged(W0)
 
 
 _LAYER_DOC = """{kind} for ``torch.nn.Conv{d}d``: a frozen kernel plus {what}.

@@ -20,7 +20,7 @@ from ..core.embedding import (
     embedding_merge,
     embedding_unmerge,
 )
-from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen, refuse_unrecoverable_merge
+from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen
 from .linear import lora_scaling
 
 
@@ -128,6 +128,9 @@ class DoRAEmbedding(AdapterLayer):
         self._lora_magnitude_vector = None
         self._set_base(weight)
         self.zero_grad()
+
+    def _replace_base(self, weight):
+        self._set_base(weight, owned=True, keep_magnitude=True)
 
     def _set_base(self, weight, owned=False, keep_magnitude=False):
         """Install the frozen table as the layer's own read-only array (``_layer_base.frozen``);
@@ -239,11 +242,7 @@ class DoRAEmbedding(AdapterLayer):
         W, n = embedding_merge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                                self.lora_magnitude_vector, self.scaling,
                                allow_zero_norm=self.allow_zero_norm)
-        refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "embedding_merge")
-        self.merged = True
-        self._set_base(W, owned=True)
-        self.weight_norm = n
-        self._lock_adapter()
+        self._install_merged(W, n, "embedding_merge")
 
     def unmerge(self):
         """E = E' / (m / n) - s (B A).T, with n kept at merge time.
@@ -256,10 +255,7 @@ class DoRAEmbedding(AdapterLayer):
         self._check_merged_adapter("unmerge()")
         E = embedding_unmerge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                               self.lora_magnitude_vector, self.scaling, self.weight_norm)
-        self.merged = False
-        self._set_base(E, owned=True, keep_magnitude=True)
-        self.weight_norm = None
-        self._unlock_adapter()
+        self._install_unmerged(E)
 
     def __repr__(self):
         return (

@@ -36,7 +36,6 @@ from .base import (
     adapter_parameter,
     checked_array,
     frozen,
-    refuse_unrecoverable_merge,
 )
 from ..core._validate import (
     as_float_array,
@@ -239,6 +238,9 @@ class LoRALinear(AdapterLayer):
             check_finite("bias", bias)  # frozen: checked once, not every forward
         self._weight, self._bias = frozen(weight, owned), bias
 
+    def _replace_base(self, weight):
+        self._set_base(weight, self._bias, owned=True)
+
     @property
     def weight(self):
         """The frozen base weight (out, in), read-only. Assigning calls ``set_base_weight``."""
@@ -364,9 +366,7 @@ class LoRALinear(AdapterLayer):
         with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
             W = self._weight + s * (self.lora_B @ self.lora_A)
         check_rows_finite("the merged weight W0 + s*B@A", W)
-        self._set_base(W, self._bias, owned=True)
-        self.merged = True
-        self._lock_adapter()
+        self._install_merged(W)
 
     def unmerge(self):
         """Restore the unmerged base weight W0 = W' - s B A.
@@ -381,11 +381,7 @@ class LoRALinear(AdapterLayer):
         if not self.merged:
             raise RuntimeError("the layer is not merged")
         self._check_merged_adapter("unmerge()")
-        self._set_base(
-            self._weight - self.scaling * (self.lora_B @ self.lora_A), self._bias, owned=True
-        )
-        self.merged = False
-        self._unlock_adapter()
+        self._install_unmerged(self._weight - self.scaling * (self.lora_B @ self.lora_A))
 
     def __repr__(self):
         return (
@@ -454,14 +450,17 @@ class DoRALinear(LoRALinear):
         self._lora_magnitude_vector = None
         super().__init__(weight, bias, **kwargs)
 
-    def _set_base(self, weight, bias, owned=False):
+    def _replace_base(self, weight):
+        self._set_base(weight, self._bias, owned=True, keep_magnitude=True)
+
+    def _set_base(self, weight, bias, owned=False, keep_magnitude=False):
         super()._set_base(weight, bias, owned)
         self._norm_cache.clear()
         if self._given_magnitude is not None:  # construction with a trained magnitude
             m = checked_array("lora_magnitude_vector", self._given_magnitude, self._weight.dtype,
                               (self.out_features,))
             self._lora_magnitude_vector, self._given_magnitude = m.copy(), None
-        elif not self.merged:  # a new base weight: re-initialise the magnitude from it
+        elif not (self.merged or keep_magnitude):  # a new base: re-initialise the magnitude
             m = F.init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling)
             if self._lora_magnitude_vector is None:
                 self._lora_magnitude_vector = m
@@ -542,11 +541,7 @@ class DoRALinear(LoRALinear):
             self.scaling,
             allow_zero_norm=self.allow_zero_norm,
         )
-        refuse_unrecoverable_merge(self.lora_magnitude_vector, n, "dora_ref.merge")
-        self.merged = True
-        self._set_base(W_merged, self._bias, owned=True)
-        self.weight_norm = n
-        self._lock_adapter()
+        self._install_merged(W_merged, n, "dora_ref.merge")
 
     def unmerge(self):
         """Restore W0 = W' / (m / n) - s B A, with n kept at merge time.
@@ -565,7 +560,4 @@ class DoRALinear(LoRALinear):
             self.scaling,
             self.weight_norm,
         )
-        self._set_base(W0, self._bias, owned=True)  # keeps the magnitude: still merged here
-        self.merged = False
-        self.weight_norm = None
-        self._unlock_adapter()
+        self._install_unmerged(W0)
