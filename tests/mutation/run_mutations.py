@@ -53,6 +53,7 @@ MAXFAIL = 1  # a file stops at its first failure: the report names one test a fi
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
 
 NP, FUNC, C = "dora_ref/core/kernels_numpy.py", "dora_ref/core/functional.py", "csrc/dora_kernels_impl.h"
+NORM = "dora_ref/core/norm.py"
 
 
 @dataclass
@@ -123,7 +124,7 @@ MUTATIONS = [
              "factor = np.where(n == 0, 1, divide_by_norm(magnitude, "
              "_kernel_norm(W_merged, A, B, scaling)))",
              "unmerge divides by the norm of the merged weight, not the one kept at merge"),
-    Mutation("init_magnitude_ignores_B", FUNC,
+    Mutation("init_magnitude_ignores_B", NORM,
              "    return column_norm(W0, A, B, scaling)\n",
              "    return column_norm(W0, A, 0 * B, scaling)\n",
              "the magnitude initialised from W0 alone (right only when B = 0)"),
@@ -131,25 +132,16 @@ MUTATIONS = [
     Mutation("c_norm_skips_last_partial_tile", C,
              "        for (int64_t j = 0; j < in; j += W) {\n"
              "            const int w = (int)dora_min(W, in - j);\n"
+             "            const int64_t o = i * in + j;\n"
              "            const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */",
              "        for (int64_t j = 0; j + W <= in; j += W) {\n"
              "            const int w = (int)dora_min(W, in - j);\n"
+             "            const int64_t o = i * in + j;\n"
              "            const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */",
-             "C column_norm skips the last partial tile (the bug the rescue hid)"),
-    Mutation("c_merge_skips_last_partial_tile", C,
-             "        for (int64_t j = 0; j < in; j += W) {\n"
-             "            const int w = (int)dora_min(W, in - j);\n"
-             "            const int64_t o = i * in + j;\n"
-             "            const REAL *ap = Ap + (j / W) * r * W;\n"
-             "            if (g == G && w == W)\n"
-             "                FN(norm_step)",
-             "        for (int64_t j = 0; j + W <= in; j += W) {\n"
-             "            const int w = (int)dora_min(W, in - j);\n"
-             "            const int64_t o = i * in + j;\n"
-             "            const REAL *ap = Ap + (j / W) * r * W;\n"
-             "            if (g == G && w == W)\n"
-             "                FN(norm_step)",
-             "C merge skips the last partial tile"),
+             "C column_norm and merge (one row loop) skip the last partial tile (the bug the rescue hid)"),
+    Mutation("c_merge_factor_inverted", C,
+             "const REAL f = m[i + q] / nq;", "const REAL f = nq / m[i + q];",
+             "C merge scales the rows by n / m instead of m / n"),
     Mutation("c_float_accumulator", C,
              "acc[q][l] += (double)v * (double)v;",
              "acc[q][l] = (double)((float)acc[q][l] + (float)v * (float)v);",
