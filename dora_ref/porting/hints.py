@@ -193,7 +193,8 @@ HINTS = {
         "This is PEFT 0.21 with autocast_adapter_dtype=True (its default): DoraLinearLayer.update_layer "
         "computes the norm of the lp weight and rounds it to lp, and only afterwards are the adapter's "
         "parameters upcast to float32. Compute the initial magnitude in float32 from the upcast weights "
-        "and keep it float32 (dora_ref's consistent rule: m = n exactly, so g = 1), or round the forward's "
-        "norm the same way (PEFT with autocast_adapter_dtype=False, all in lp). See docs/low_precision.md."
+        "and keep it float32 (dora_ref's consistent rule: m = n exactly, so g = 1). (PEFT with "
+        "autocast_adapter_dtype=False rounds the forward's norm too, so g = 1 there, but its adapters are "
+        "lp, which these cases, with float32 adapters, do not model.) See docs/low_precision.md."
     ),
 }
