@@ -539,3 +539,77 @@ def test_consistent_untrained_lp_merge_is_the_base_weight_bit_for_bit(lp_dir):
         _, a = vectors.load_case(lp_dir, f"linear_init_{dtype}")
         assert np.array_equal(a["W_merged"], a["W0"]) and np.array_equal(a["W0_unmerged"], a["W0"])
         assert np.array_equal(a["magnitude"], a["weight_norm"])
+
+
+@pytest.mark.parametrize("dtype", vectors.LP_DTYPES)
+def test_low_precision_linear_vectors_match_peft_mixed_precision(lp_dir, lp_manifest, dtype):
+    """PEFT 0.21 on an lp nn.Linear with float32 adapters (autocast_adapter_dtype=True), given the
+    vectors' float32 magnitude: forward, dx, dA, dB and the merge are within the vectors' tolerances
+    (its three roundings of y stay inside one rounding's SAFETY margin). Its dmagnitude is not: it
+    recovers x @ W0.T as lp(lp(x @ W0.T + b) - b), two lp roundings in a float32 gradient, which the
+    check allows for explicitly (SAFETY * 2 u sum_N |dy| (|z| + |b|) / n on top of the tolerance)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: no PEFT parity")
+    pytest.importorskip("peft", reason="peft is not installed: no PEFT parity")
+    import warnings
+
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+    def to_torch(a):
+        a = np.ascontiguousarray(a)
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(a.copy())
+
+    def to_numpy(t):
+        t = t.detach()
+        return t.view(torch.int16).numpy().view(as_dtype("bfloat16")) if t.dtype == torch.bfloat16 else t.numpy()
+
+    checked = 0
+    for e in cases_of(lp_manifest, "linear"):
+        c = e["config"]
+        if e["dtype"] != dtype or c["fan_in_fan_out"] or c["lora_dropout"]:
+            continue
+        _, a = vectors.load_case(lp_dir, e["name"])
+        base = torch.nn.Linear(c["in_features"], c["out_features"], bias=c["bias"]).to(tdt)
+        with torch.no_grad():
+            base.weight.copy_(to_torch(a["W0"]))
+            if c["bias"]:
+                base.bias.copy_(to_torch(a["bias"]))
+        cfg = LoraConfig(r=c["r"], lora_alpha=c["lora_alpha"], use_rslora=c["use_rslora"], use_dora=True,
+                         init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = LoraLinear(base, "default", cfg, r=c["r"], lora_alpha=c["lora_alpha"],
+                               use_rslora=c["use_rslora"], use_dora=True, init_lora_weights=False)
+        for mod in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]):
+            mod.float()  # cast_adapter_dtype, after PEFT's lp init
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(to_torch(a["A"]))
+            layer.lora_B["default"].weight.copy_(to_torch(a["B"]))
+            layer.lora_magnitude_vector["default"].weight.copy_(to_torch(a["magnitude"]))
+        layer.eval()
+        x = to_torch(a["x"]).requires_grad_()
+        y = layer(x)
+        within(e, "y", to_numpy(y), a["y"])
+        y.backward(to_torch(a["dy"]))
+        within(e, "dx_detached", to_numpy(x.grad), a["dx_detached"])
+        within(e, "dA_detached", to_numpy(layer.lora_A["default"].weight.grad), a["dA_detached"])
+        within(e, "dB_detached", to_numpy(layer.lora_B["default"].weight.grad), a["dB_detached"])
+        dm = to_numpy(layer.lora_magnitude_vector["default"].weight.grad).astype(np.float64)
+        x64, W64, dy64 = (a[k].astype(np.float64) for k in ("x", "W0", "dy"))
+        b64 = a["bias"].astype(np.float64) if c["bias"] else 0.0
+        x64 = x64.reshape(-1, x64.shape[-1])
+        dy64 = dy64.reshape(-1, dy64.shape[-1])
+        u = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+        explained = SAFETY * 2 * u * np.sum(np.abs(dy64) * (np.abs(x64 @ W64.T) + np.abs(b64)), axis=0) \
+            / a["weight_norm"].astype(np.float64)
+        atol = e["arrays"]["dmagnitude_detached"]["tolerance"]["atol"]
+        assert np.all(np.abs(dm - a["dmagnitude_detached"]) <= atol + explained), e["name"]
+        with torch.no_grad():
+            layer.merge(safe_merge=True)
+        within(e, "W_merged", to_numpy(layer.base_layer.weight), a["W_merged"])
+        checked += 1
+    assert checked >= 10
