@@ -267,7 +267,7 @@ def test_same_seed_draws_the_same_cases():
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(dtype="int32"), ValueError, "dtype must be float32 or float64"),
+    (dict(dtype="int32"), ValueError, "dtype must be float64, float32, bfloat16 or float16"),
     (dict(max_examples=0), ValueError, "max_examples"),
 ])
 def test_bad_check_arguments(kwargs, exc, match):
@@ -405,6 +405,14 @@ def test_every_variant_is_told_apart_on_a_probe():
                             names = D._names(check, True)
                             if D._ratio(var, ref, tols, names) > 100:
                                 seen.add(key)
+    from dora_ref.porting.runner import _reference_and_tolerances
+
+    for _, probe in D._probes(porting_cases._diagnostic_case("bfloat16", False), raised=False):  # init, lp
+        ref, tols = _reference_and_tolerances("init", probe, True)
+        for key, over, eps in D._candidates(probe, "init", True, testing.Convention(), True):
+            var = D._variant(probe.astype(np.float64), over, True, testing.Convention(), "init", ref, probe.dtype)
+            if D._ratio(var, ref, tols, D._names("init", True)) > 100:
+                seen.add(key)
     assert seen == set(V.VARIANTS)
     assert set(V.VARIANTS) <= set(testing.HINTS)
 

@@ -20,7 +20,7 @@ from dora_ref.core import dense
 
 from dora_ref.porting import vectors
 from dora_ref.core import functional as F
-from dora_ref.porting.tolerance import dora_reduction_length, rtol
+from dora_ref.porting.tolerance import SAFETY, as_dtype, dora_reduction_length, rtol, underflow_error
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -35,6 +35,25 @@ def vec_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def manifest(vec_dir):
     return vectors.load_manifest(vec_dir)
+
+
+@pytest.fixture(scope="module")
+def lp_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vectors_lp")
+    vectors.write(d, dtypes=vectors.LP_DTYPES)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lp_manifest(lp_dir):
+    return vectors.load_manifest(lp_dir)
+
+
+@pytest.fixture(scope="module", params=["float32/float64", "bfloat16/float16"])
+def any_set(request, vec_dir, lp_dir):
+    """Each set, in its own directory with its own manifest: (directory, manifest)."""
+    d = vec_dir if request.param == "float32/float64" else lp_dir
+    return d, vectors.load_manifest(d)
 
 
 def cases_of(manifest, kind):
@@ -52,8 +71,9 @@ def within(entry, name, got, expected):
 # ---------------------------------------------------------------------------
 
 
-def test_regenerates_bit_identically(vec_dir, tmp_path):
-    vectors.write(tmp_path)
+def test_regenerates_bit_identically(any_set, tmp_path):
+    vec_dir, manifest = any_set
+    vectors.write(tmp_path, dtypes=sorted({e["dtype"] for e in manifest["cases"]}))
     names = sorted(os.listdir(vec_dir))
     assert names == sorted(os.listdir(tmp_path))
     for name in names:
@@ -72,7 +92,8 @@ def test_whole_set_is_small(vec_dir, manifest):
     assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["cases"]) < total
 
 
-def test_files_match_manifest(vec_dir, manifest):
+def test_files_match_manifest(any_set):
+    vec_dir, manifest = any_set
     files = {e["file"] for e in manifest["cases"]} | {vectors.MANIFEST}
     assert set(os.listdir(vec_dir)) == files
     for e in manifest["cases"]:
@@ -83,7 +104,7 @@ def test_files_match_manifest(vec_dir, manifest):
         for name, meta in e["arrays"].items():
             assert list(arrays[name].shape) == meta["shape"] and str(arrays[name].dtype) == meta["dtype"]
             if meta["role"] == "expected":
-                assert arrays[name].dtype == np.dtype(e["dtype"])
+                assert str(arrays[name].dtype) == meta["tolerance"].get("dtype", e["dtype"])
 
 
 def test_npz_bytes_roundtrip_and_fixed_timestamps():
@@ -109,8 +130,12 @@ def test_load_case_errors(vec_dir, tmp_path):
 
 def test_cli(tmp_path, capsys):
     assert cli.main(["vectors", "--out", str(tmp_path / "v")]) == 0
-    assert "wrote 38 cases" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 38 cases" in out and "37 low-precision cases (bfloat16, float16)" in out
     assert vectors.load_manifest(tmp_path / "v")["seed"] == vectors.SEED
+    low = vectors.load_manifest(tmp_path / "v" / vectors.LP_SUBDIR)
+    assert {e["dtype"] for e in low["cases"]} == set(vectors.LP_DTYPES) and "low_precision" in low
+    assert "low_precision" not in vectors.load_manifest(tmp_path / "v")  # the float set's manifest as before
     with pytest.raises(SystemExit) as info:
         vectors.main([])  # --out is required
     assert info.value.code == 2
@@ -126,7 +151,7 @@ def test_generate_argument_errors():
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         vectors.generate(seed=-3)
     with pytest.raises(ValueError, match="dtypes must be among"):
-        vectors.generate(dtypes=("float16",))
+        vectors.generate(dtypes=("int8",))
 
 
 # ---------------------------------------------------------------------------
@@ -148,14 +173,21 @@ def test_matrix_covers_the_issue(manifest):
     assert shapes["linear_rslora_float64"]["scaling"] == 12 / 3
 
 
-def test_every_expected_array_states_its_tolerance(manifest):
+def test_every_expected_array_states_its_tolerance(any_set):
+    _, manifest = any_set
     for e in manifest["cases"]:
         for name, meta in e["arrays"].items():
             if meta["role"] == "input":
                 continue
             t = meta["tolerance"]
-            assert t["rtol"] == rtol(e["dtype"], t["k"])
-            assert t["atol"] == t["rtol"] * t["scale"] and t["atol"] >= 0
+            if t.get("dtype") in vectors.LP_DTYPES:  # stored in lp: R roundings, and rounding near zero
+                R = t["roundings"]
+                assert R == (2 if name == "W0_unmerged" else 1)
+                assert t["rtol"] == rtol(t["dtype"], t["k"], roundings=R)
+                assert t["atol"] == t["rtol"] * t["scale"] + SAFETY * R * underflow_error(t["dtype"])
+            else:
+                assert t["rtol"] == rtol(t.get("dtype", e["dtype"]), t["k"])
+                assert t["atol"] == t["rtol"] * t["scale"] and t["atol"] >= 0
             assert t["why"] and meta["formula"]
             assert 0 <= meta["crosscheck_ratio"] <= 1
             if e["kind"] == "linear":
@@ -175,10 +207,16 @@ def linear_inputs(entry, arrays):
     return W0, arrays.get("bias"), arrays.get("dropout_mask")
 
 
-def test_linear_cases_match_the_active_backend(vec_dir, manifest, backend):
-    """The C kernels (and NumPy) reproduce the vectors within their stated tolerance."""
+def test_linear_cases_match_the_active_backend(any_set, backend):
+    """The C kernels (and NumPy) reproduce the vectors within their stated tolerance; an lp case by the
+    consistent rule: float32 on the upcast inputs (``within`` compares before any rounding, which the
+    tolerance covers)."""
+    vec_dir, manifest = any_set
     for e in cases_of(manifest, "linear"):
         _, a = vectors.load_case(vec_dir, e["name"])
+        if e["dtype"] in vectors.LP_DTYPES:
+            a = {k: (v.astype(np.float32) if v.dtype.kind == "V" or v.dtype.itemsize == 2 else v)
+                 for k, v in a.items()}
         W0, bias, mask = linear_inputs(e, a)
         s = e["config"]["scaling"]
         y, ctx = F.dora_forward(a["x"], W0, a["A"], a["B"], a["magnitude"], s, bias, dropout_mask=mask)
@@ -191,7 +229,8 @@ def test_linear_cases_match_the_active_backend(vec_dir, manifest, backend):
         within(e, "W_merged", W_merged.T if e["config"]["fan_in_fan_out"] else W_merged, a["W_merged"])
 
 
-def test_linear_cases_match_dense_float64(vec_dir, manifest):
+def test_linear_cases_match_dense_float64(any_set):
+    vec_dir, manifest = any_set
     for e in cases_of(manifest, "linear"):
         _, a = vectors.load_case(vec_dir, e["name"])
         W0, bias, mask = (None if v is None else v.astype(np.float64) for v in linear_inputs(e, a))
@@ -203,15 +242,17 @@ def test_linear_cases_match_dense_float64(vec_dir, manifest):
         within(e, "dmagnitude_exact", g.dmagnitude, a["dmagnitude_exact"])
 
 
-def test_init_case_is_the_base_layer(vec_dir):
-    for dtype in ("float32", "float64"):
-        e, a = vectors.load_case(vec_dir, f"linear_init_{dtype}")
+def test_init_case_is_the_base_layer(vec_dir, lp_dir):
+    for dtype in vectors.ALL_DTYPES:
+        e, a = vectors.load_case(vec_dir if dtype in vectors.DTYPES else lp_dir, f"linear_init_{dtype}")
         assert not a["B"].any()
-        within(e, "y", a["x"].astype(np.float64) @ a["W0"].T.astype(np.float64) + a["bias"], a["y"])
+        within(e, "y", a["x"].astype(np.float64) @ a["W0"].T.astype(np.float64) + a["bias"].astype(np.float64),
+               a["y"])
         within(e, "W_merged", a["W0"], a["W_merged"])
 
 
-def test_merged_weight_reproduces_the_forward(vec_dir, manifest):
+def test_merged_weight_reproduces_the_forward(any_set):
+    vec_dir, manifest = any_set
     for e in manifest["cases"]:
         _, a = vectors.load_case(vec_dir, e["name"])
         Wm = a["W_merged"].astype(np.float64)
@@ -235,7 +276,8 @@ def test_merged_weight_reproduces_the_forward(vec_dir, manifest):
         assert np.max(np.abs(y - a["y"])) <= y_tol, e["name"]
 
 
-def test_unmerge_recovers_the_base(vec_dir, manifest):
+def test_unmerge_recovers_the_base(any_set):
+    vec_dir, manifest = any_set
     for e in manifest["cases"]:
         if "W0_unmerged" in e["arrays"]:
             _, a = vectors.load_case(vec_dir, e["name"])
@@ -434,3 +476,140 @@ def test_multi_adapter_and_conv_vectors_match_peft(vec_dir, manifest):
             within(e, "y", model(torch.from_numpy(a["x"])).numpy(), a["y"])
             layer.merge(safe_merge=True)
             within(e, "W_merged", layer.base_layer.weight.numpy(), a["W_merged"])
+
+
+# ---------------------------------------------------------------------------
+# the low-precision vectors (bfloat16, float16): the consistent rule
+# ---------------------------------------------------------------------------
+
+
+def test_low_precision_vectors_cover_the_same_configurations(manifest, lp_manifest):
+    names = {dtype: {e["name"].rsplit("_", 1)[0] for e in manifest["cases"] + lp_manifest["cases"]
+                     if e["dtype"] == dtype} for dtype in vectors.ALL_DTYPES}
+    assert names["bfloat16"] == names["float32"]
+    assert names["float16"] == names["float32"] - {"linear_large_scale"}
+    assert ("linear_large_scale", "float16") in vectors.LP_SKIPPED
+
+
+def test_low_precision_inputs_are_lp_values_with_float32_adapters(lp_dir, lp_manifest):
+    for e in lp_manifest["cases"]:
+        if e["dtype"] not in vectors.LP_DTYPES:
+            continue
+        lp = as_dtype(e["dtype"])
+        _, a = vectors.load_case(lp_dir, e["name"])
+        for k, v in a.items():
+            base = k.split("_")[0] if k.startswith(("A_", "B_", "magnitude_")) else k
+            if e["arrays"][k]["role"] == "input" and k in vectors.LP_INPUTS:
+                assert v.dtype == lp, (e["name"], k)
+            elif base in ("A", "B"):  # float32 holding lp values, as PEFT's autocast keeps them
+                assert v.dtype == np.float32 and np.array_equal(v.astype(lp).astype(np.float32), v), (e["name"], k)
+            elif base == "magnitude" or k in ("weight_norm",) or k.startswith(("dA", "dB", "dmagnitude")):
+                assert v.dtype == np.float32, (e["name"], k)
+
+
+def test_bfloat16_is_stored_as_its_bits(lp_dir):
+    e, a = vectors.load_case(lp_dir, "linear_basic_bfloat16")
+    with np.load(lp_dir / e["file"], allow_pickle=False) as z:
+        raw = z["y"]
+    assert raw.dtype == np.uint16 and e["arrays"]["y"]["dtype"] == "bfloat16"
+    widened = (raw.astype(np.uint32) << 16).view(np.float32)  # a bfloat16 is the top half of a float32
+    assert np.array_equal(widened, a["y"].astype(np.float32))
+
+
+def test_low_precision_expected_is_float64_within_one_rounding(lp_dir, lp_manifest):
+    """Against the float64 dense definition on the same inputs: every lp output is within one lp rounding
+    of it plus float32's sums (the manifest's tolerance, without SAFETY's margin on the rounding)."""
+    for e in cases_of(lp_manifest, "linear"):
+        if e["dtype"] not in vectors.LP_DTYPES:
+            continue
+        _, a = vectors.load_case(lp_dir, e["name"])
+        W0, bias, mask = (None if v is None else v.astype(np.float64) for v in linear_inputs(e, a))
+        x, A, B, m = (a[k].astype(np.float64) for k in ("x", "A", "B", "magnitude"))
+        s = e["config"]["scaling"]
+        want = dense.forward(x, W0, A, B, m, s, bias, dropout_mask=mask).reshape(a["y"].shape)
+        t = e["arrays"]["y"]["tolerance"]
+        u = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[e["dtype"]]
+        one_rounding = u * np.abs(want) + 2 * rtol("float32", t["k"]) / 8 * t["scale"] + underflow_error(e["dtype"])
+        assert np.all(np.abs(a["y"].astype(np.float64) - want) <= one_rounding * (1 + 1e-9)), e["name"]
+
+
+def test_consistent_untrained_lp_merge_is_the_base_weight_bit_for_bit(lp_dir):
+    """B = 0 and m = n (float32): g = 1 exactly, so W' = lp(W0) = W0 and unmerge gives W0 back, bitwise."""
+    for dtype in vectors.LP_DTYPES:
+        _, a = vectors.load_case(lp_dir, f"linear_init_{dtype}")
+        assert np.array_equal(a["W_merged"], a["W0"]) and np.array_equal(a["W0_unmerged"], a["W0"])
+        assert np.array_equal(a["magnitude"], a["weight_norm"])
+
+
+@pytest.mark.parametrize("dtype", vectors.LP_DTYPES)
+def test_low_precision_linear_vectors_match_peft_mixed_precision(lp_dir, lp_manifest, dtype):
+    """PEFT 0.21 on an lp nn.Linear with float32 adapters (autocast_adapter_dtype=True), given the
+    vectors' float32 magnitude: forward, dx, dA, dB and the merge are within the vectors' tolerances
+    (its three roundings of y stay inside one rounding's SAFETY margin). Its dmagnitude is not: it
+    recovers x @ W0.T as lp(lp(x @ W0.T + b) - b), two lp roundings in a float32 gradient, which the
+    check allows for explicitly (SAFETY * 2 u sum_N |dy| (|z| + |b|) / n on top of the tolerance)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: no PEFT parity")
+    pytest.importorskip("peft", reason="peft is not installed: no PEFT parity")
+    import warnings
+
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+    def to_torch(a):
+        a = np.ascontiguousarray(a)
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(a.copy())
+
+    def to_numpy(t):
+        t = t.detach()
+        return t.view(torch.int16).numpy().view(as_dtype("bfloat16")) if t.dtype == torch.bfloat16 else t.numpy()
+
+    checked = 0
+    for e in cases_of(lp_manifest, "linear"):
+        c = e["config"]
+        if e["dtype"] != dtype or c["fan_in_fan_out"] or c["lora_dropout"]:
+            continue
+        _, a = vectors.load_case(lp_dir, e["name"])
+        base = torch.nn.Linear(c["in_features"], c["out_features"], bias=c["bias"]).to(tdt)
+        with torch.no_grad():
+            base.weight.copy_(to_torch(a["W0"]))
+            if c["bias"]:
+                base.bias.copy_(to_torch(a["bias"]))
+        cfg = LoraConfig(r=c["r"], lora_alpha=c["lora_alpha"], use_rslora=c["use_rslora"], use_dora=True,
+                         init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = LoraLinear(base, "default", cfg, r=c["r"], lora_alpha=c["lora_alpha"],
+                               use_rslora=c["use_rslora"], use_dora=True, init_lora_weights=False)
+        for mod in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]):
+            mod.float()  # cast_adapter_dtype, after PEFT's lp init
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(to_torch(a["A"]))
+            layer.lora_B["default"].weight.copy_(to_torch(a["B"]))
+            layer.lora_magnitude_vector["default"].weight.copy_(to_torch(a["magnitude"]))
+        layer.eval()
+        x = to_torch(a["x"]).requires_grad_()
+        y = layer(x)
+        within(e, "y", to_numpy(y), a["y"])
+        y.backward(to_torch(a["dy"]))
+        within(e, "dx_detached", to_numpy(x.grad), a["dx_detached"])
+        within(e, "dA_detached", to_numpy(layer.lora_A["default"].weight.grad), a["dA_detached"])
+        within(e, "dB_detached", to_numpy(layer.lora_B["default"].weight.grad), a["dB_detached"])
+        dm = to_numpy(layer.lora_magnitude_vector["default"].weight.grad).astype(np.float64)
+        x64, W64, dy64 = (a[k].astype(np.float64) for k in ("x", "W0", "dy"))
+        b64 = a["bias"].astype(np.float64) if c["bias"] else 0.0
+        x64 = x64.reshape(-1, x64.shape[-1])
+        dy64 = dy64.reshape(-1, dy64.shape[-1])
+        u = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+        explained = SAFETY * 2 * u * np.sum(np.abs(dy64) * (np.abs(x64 @ W64.T) + np.abs(b64)), axis=0) \
+            / a["weight_norm"].astype(np.float64)
+        atol = e["arrays"]["dmagnitude_detached"]["tolerance"]["atol"]
+        assert np.all(np.abs(dm - a["dmagnitude_detached"]) <= atol + explained), e["name"]
+        with torch.no_grad():
+            layer.merge(safe_merge=True)
+        within(e, "W_merged", to_numpy(layer.base_layer.weight), a["W_merged"])
+        checked += 1
+    assert checked >= 10

@@ -6,6 +6,7 @@
   and the diagnosis of the usual mistakes (``conventions``, ``variants``,
   ``diagnosis``, ``layer_checks`` for embeddings, convolutions and chains);
 * ``vectors``: golden input/output files, the same cases for any language;
-* ``tolerance``: the error model every comparison uses (``rtol(dtype, k)``);
+* ``tolerance``: the error model every comparison uses (``rtol(dtype, k)``;
+  bfloat16 and float16 with ``roundings=R``, ``ROUNDINGS``);
 * ``gradcheck``: float64 finite differences.
 """

@@ -16,7 +16,12 @@ import numpy as np
 
 from . import variants as _V
 from ..core import functional as F
-from .tolerance import UNIT_ROUNDOFF, dora_reduction_length, gamma, rtol
+from .tolerance import ROUNDINGS, SAFETY, accumulation_dtype, as_dtype, dora_reduction_length, gamma, \
+    is_low_precision, rtol, underflow_error, unit_roundoff
+
+#: the outputs a low-precision port returns in its storage dtype (the rest are float32: n, the magnitude and,
+#: with float32 adapters, their gradients)
+LP_OUTPUTS = ("y", "dx", "W_merged", "W0_unmerged", "y_identity")
 
 
 @dataclass
@@ -53,7 +58,16 @@ class Case:
 
     @property
     def dtype(self):
+        """The storage dtype (W0's): float64, float32, or bfloat16 / float16 with float32 adapters."""
         return self.W0.dtype
+
+    def copy(self):
+        """The same case with fresh copies of its arrays, each in its own dtype."""
+        cp = lambda a: None if a is None else a.copy()  # noqa: E731
+        return Case(
+            cp(self.x), cp(self.W0), cp(self.A), cp(self.B), cp(self.magnitude),
+            self.scaling, cp(self.bias), cp(self.dy), cp(self.dropout_mask), dict(self.params),
+        )
 
     def shapes(self):
         """N, in, out, r."""
@@ -109,7 +123,12 @@ def make_case(
     ----------
     N, in_features, out_features, r : int
         Shapes, all >= 1 (r may exceed min(out, in)).
-    dtype : {"float64", "float32"}
+    dtype : {"float64", "float32", "bfloat16", "float16"}
+        bfloat16 / float16 (PEFT's mixed precision, ``autocast_adapter_dtype=True``):
+        x, W0, bias, dy and the dropout mask are stored in that dtype; A and B
+        hold values of that dtype (PEFT rounds them at init) stored float32;
+        the magnitude is float32 (the norm of the stored weights, times the
+        trained factor, rounded once to float32).
     scaling : float
     bias : bool
     B_zero : bool
@@ -143,8 +162,9 @@ def make_case(
         scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
     if magnitude_axis not in ("out", "in"):
         raise ValueError(f"magnitude_axis must be 'out' or 'in', got {magnitude_axis!r}")
+    dtype = as_dtype(dtype)
     params = dict(
-        N=N, in_features=in_features, out_features=out_features, r=r, dtype=str(np.dtype(dtype)),
+        N=N, in_features=in_features, out_features=out_features, r=r, dtype=str(dtype),
         scaling=scaling, bias=bias, B_zero=B_zero, magnitude=magnitude,
         weight_scale=weight_scale, dropout_p=dropout_p, seed=seed,
     )
@@ -166,8 +186,10 @@ def make_case(
     mask = None
     if dropout_p > 0:
         mask = (rng.random((N, in_features)) >= dropout_p) / (1.0 - dropout_p)
-    dtype = np.dtype(dtype)
-    W0, A, B = W0.astype(dtype), A.astype(dtype), B.astype(dtype)
+    lp = is_low_precision(dtype)
+    adapter = np.dtype(np.float32) if lp else dtype
+    W0 = W0.astype(dtype)
+    A, B = (a.astype(dtype).astype(adapter) for a in (A, B))  # lp values in float32, as PEFT's autocast keeps them
     # the magnitude is the norm of the weights as stored in this dtype
     m = np.linalg.norm(W0.astype(np.float64) + scaling * (B.astype(np.float64) @ A.astype(np.float64)),
                        axis=1 if magnitude_axis == "out" else 0)
@@ -175,8 +197,8 @@ def make_case(
         m = m * factor
     elif magnitude != "init":
         raise ValueError(f"magnitude must be 'init' or 'trained', got {magnitude!r}")
-    cast = lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
-    return Case(cast(x), W0, A, B, cast(m), float(scaling), cast(b), cast(dy), cast(mask), params)
+    cast = lambda a, d=dtype: None if a is None else np.ascontiguousarray(a, dtype=d)  # noqa: E731
+    return Case(cast(x), W0, A, B, cast(m, adapter), float(scaling), cast(b), cast(dy), cast(mask), params)
 
 
 def _diagnostic_case(dtype, dropout):
@@ -296,9 +318,14 @@ def term_scales(case, *, detach_norm=True):
         # weighted so that rtol(dtype, k) * weight = SAFETY * (gamma_{in+1} + u)
         N, i, o, r = case.shapes()
         k = dora_reduction_length("dmagnitude", n_rows=N, in_features=i, out_features=o, r=r)
-        u = UNIT_ROUNDOFF[np.dtype(case.dtype)]
-        weight = (gamma(i + 1, case.dtype) + u) / (2.0 * gamma(k, case.dtype))
+        acc = accumulation_dtype(case.dtype)
+        u = unit_roundoff(acc)
+        weight = (gamma(i + 1, acc) + u) / (2.0 * gamma(k, acc))
         dm_terms = dm_terms + weight * np.sum(dya, axis=0) * bias / safe
+    if is_low_precision(case.dtype) and c.bias is not None:
+        # lp (PEFT): z = lp(lp(x@W0.T + b) - b), two lp roundings of terms of size |z| + |b|: the |b| part
+        # enters dm with weight 1, so that rtol(lp, k, roundings=2) covers it
+        dm_terms = dm_terms + np.sum(dya, axis=0) * bias / safe
     dV = ga[:, None] * G
     if not detach_norm:  # the projection term c_i V_i, c = -dg g / n^2, and its rounding
         cabs = np.abs(ref["dmagnitude"]) * ga / safe
@@ -319,6 +346,17 @@ def term_scales(case, *, detach_norm=True):
 def tolerances(case, *, detach_norm=True):
     """The absolute tolerance of each output: ``rtol(dtype, k) * term scale``.
 
+    For a bfloat16 / float16 case each output is judged in the dtype it is
+    returned in: y, dx and the merged / unmerged weights in the storage
+    dtype, with ``rtol(lp, k, roundings=R)``; n, the magnitude and the
+    float32 adapters' gradients in float32. R is the larger of the
+    "consistent" rule's count and PEFT's mixed-precision path's
+    (``tolerance.ROUNDINGS``), except for the magnitude at init, which
+    both the consistent rule and the paper leave unrounded (R = 0): a port
+    that rounds it to the storage dtype (PEFT with
+    ``autocast_adapter_dtype=True``) fails ``check_init`` with the hint
+    ``magnitude_rounded_at_init``.
+
     Parameters
     ----------
     case : Case
@@ -327,14 +365,37 @@ def tolerances(case, *, detach_norm=True):
     Returns
     -------
     dict of str to dict
-        For each output: ``atol`` (float), ``rtol``, ``k``, ``scale``, ``dtype``.
+        For each output: ``atol`` (float), ``rtol``, ``k``, ``scale``, ``dtype``
+        (and ``roundings`` for an lp case).
     """
     N, i, o, r = case.shapes()
     out = {}
+    lp = is_low_precision(case.dtype)
     for name, scale in term_scales(case, detach_norm=detach_norm).items():
         k = dora_reduction_length(name, n_rows=N, in_features=i, out_features=o, r=r)
+        if lp:
+            out[name] = _lp_tolerance(case.dtype, name, k, scale)
+            continue
         rt = rtol(case.dtype, k)
         # a scale of 0 (e.g. dA when B = 0 and m = 0) still allows rounding of 0
         out[name] = dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=k, scale=scale,
                          dtype=str(case.dtype))
     return out
+
+
+def lp_roundings(name):
+    """R for output ``name`` of a low-precision case (see ``tolerances``): the checker's choice."""
+    if name == "magnitude":
+        return ROUNDINGS["consistent"]["magnitude"]
+    base = "y" if name == "y_identity" else name
+    return max(ROUNDINGS["consistent"][base], ROUNDINGS["peft_mixed"][base])
+
+
+def _lp_tolerance(dtype, name, k, scale):
+    """One output's tolerance in a low-precision case: lp outputs get R roundings, the rest float32's."""
+    R = lp_roundings(name)
+    stored = name in LP_OUTPUTS
+    dt = dtype if (stored or R) else np.dtype(np.float32)
+    rt = rtol(dt, k, roundings=R) if is_low_precision(dt) else rtol(dt, k)
+    atol = (rt * scale if scale > 0 else 0.0) + SAFETY * R * underflow_error(dt)  # rounding near zero is absolute
+    return dict(atol=atol, rtol=rt, k=k, scale=scale, dtype=str(dt), roundings=R)

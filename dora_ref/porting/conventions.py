@@ -202,7 +202,7 @@ def call_port(check, fn, unmerge, case, conv, dropout):
     dmagnitude (out,) or (in,) for the per-input-column layer). Raises
     ShapeMismatch, WroteInput, or whatever the port raised.
     """
-    c = case.astype(case.dtype)  # fresh copies: a port may not write to our arrays
+    c = case.copy()  # fresh copies: a port may not write to our arrays
     N, i, o, _ = c.shapes()
     lead = batch_shape(N, conv.x_ndim)
     store = (lambda w: np.ascontiguousarray(w.T)) if conv.fan_in_fan_out else (lambda w: w)
@@ -229,7 +229,7 @@ def call_port(check, fn, unmerge, case, conv, dropout):
         port_shapes["magnitude"] = m_shape
         if unmerge is not None:  # here: the port's forward, for the B = 0 identity
             B0 = np.zeros_like(a["B"])
-            m0 = np.array(to_numpy(first(fn(a["W0"], a["A"], B0, a["scaling"]))), dtype=case.dtype)
+            m0 = np.array(to_numpy(first(fn(a["W0"], a["A"], B0, a["scaling"]))), dtype=case.magnitude.dtype)
             raw["y_identity"] = first(unmerge(a["x"], a["W0"], a["A"], B0, m0, a["scaling"], a["bias"]))
             port_shapes["y_identity"] = (*lead, o)
     else:
@@ -243,7 +243,7 @@ def call_port(check, fn, unmerge, case, conv, dropout):
 
                 ref = reference(case)
                 merged = store(ref["W_merged"].astype(case.dtype))
-                n = ref["weight_norm"].astype(case.dtype).reshape(m_shape)
+                n = ref["weight_norm"].astype(case.magnitude.dtype).reshape(m_shape)
                 raw["W0_unmerged"] = first(unmerge(merged, a["A"], a["B"], a["magnitude"], a["scaling"], n))
             else:
                 own = np.array(to_numpy(raw["W_merged"]), dtype=case.dtype, copy=True)

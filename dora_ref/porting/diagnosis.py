@@ -150,10 +150,16 @@ def _candidates(c, check, detach_norm, conv, with_unmerge):
     return out
 
 
-def _variant(c64, over, detach_norm, conv, check=None, ref=None):
+def _variant(c64, over, detach_norm, conv, check=None, ref=None, storage_dtype=None):
     out = _variant_outputs(c64, over, detach_norm, conv)
-    if check == "init":  # a port's init gives its norm; its identity forward is not modelled
-        out = dict(out, magnitude=out["weight_norm"], y_identity=ref["y_identity"])
+    if check == "init":  # a port's init gives its norm (maybe rounded); its identity forward is not modelled
+        m = VV.init_magnitude(out["weight_norm"], over, storage_dtype)
+        y_identity = ref["y_identity"]
+        if over.get("init") == "rounded":  # B = 0: g = lp(||W0||) / ||W0|| scales the base product
+            n0 = np.linalg.norm(c64.W0, axis=1)
+            g = VV.init_magnitude(n0, over, storage_dtype) / np.where(n0 > 0, n0, 1.0)
+            y_identity = g * (c64.x @ c64.W0.T) + (0.0 if c64.bias is None else c64.bias)
+        out = dict(out, magnitude=m, y_identity=y_identity)
     return out
 
 
@@ -251,7 +257,7 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
             if not applies(key, probe):
                 continue
             with np.errstate(all="ignore"):
-                var = _variant(c64, over, detach_norm, conv, check, ref)
+                var = _variant(c64, over, detach_norm, conv, check, ref, probe.dtype)
             told = _ratio(var, ref, tols, names)  # > 1: the variant differs from DoRA here
             fit = _ratio(got, var, tols, names)  # <= 1: the port matches the variant here
             if told <= 1.0:

@@ -185,4 +185,16 @@ HINTS = {
         "m / n of the merge first, with n the norm kept from merge time: "
         "W0 = W' / (m / n)[:, None] - s*B@A."
     ),
+    "magnitude_rounded_at_init": (
+        "your init rounds the magnitude to the storage dtype (bfloat16 / float16) while your forward's "
+        "norm is not rounded: m = lp(||W0 + s*B@A||_row) but n = the float32 norm of the same weights, "
+        "so g = m / n differs from 1 by up to u (2**-8 in bfloat16, 2**-11 in float16) in almost every "
+        "output channel, and a freshly initialised adapter moves the layer's outputs by about one ulp. "
+        "This is PEFT 0.21 with autocast_adapter_dtype=True (its default): DoraLinearLayer.update_layer "
+        "computes the norm of the lp weight and rounds it to lp, and only afterwards are the adapter's "
+        "parameters upcast to float32. Compute the initial magnitude in float32 from the upcast weights "
+        "and keep it float32 (dora_ref's consistent rule: m = n exactly, so g = 1). (PEFT with "
+        "autocast_adapter_dtype=False rounds the forward's norm too, so g = 1 there, but its adapters are "
+        "lp, which these cases, with float32 adapters, do not model.) See docs/low_precision.md."
+    ),
 }

@@ -99,10 +99,17 @@ Diagnosis = _D.Diagnosis
 
 
 _COMMON = """
-    dtype : {"float64", "float32"}, default "float64"
+    dtype : {"float64", "float32", "bfloat16", "float16"}, default "float64"
         The dtype of every array passed to your function. Your outputs are
         compared with dora_ref's float64 result within ``rtol(dtype, k)``
-        times the term scale (``tolerances``).
+        times the term scale (``tolerances``). "bfloat16" / "float16" check
+        a low-precision port in PEFT's mixed precision: x, W0, bias, dy (and
+        the dropout mask) come as lp arrays (``ml_dtypes.bfloat16`` or
+        ``numpy.float16``), A and B as float32 arrays holding lp values, the
+        magnitude (and unmerge's n) float32; y, dx and the merged / unmerged
+        weights are judged as lp results (``rtol(lp, k, roundings=R)``), n,
+        the initial magnitude, dA and dB as float32 ones. See
+        docs/low_precision.md.
     max_examples : int, default 100
         Cases to draw.
     seed : int, default 0

@@ -110,7 +110,22 @@ def column_term_scales(c, ref, detach_norm=True):
 
 #: the reference's choices; a variant overrides one or two of them
 BASE = dict(norm="row", eps=0.0, g="m/n", bias="added", dropout="peft", grads="ok", flip_detach=False,
-            merge="ok", unmerge="ok", layer="row")
+            merge="ok", unmerge="ok", layer="row", init="ok")
+
+
+def init_magnitude(norm, spec, storage_dtype):
+    """The magnitude a variant's init returns, from its norm (float64).
+
+    ``spec["init"]`` "ok": the norm itself (what the consistent rule stores in
+    float32); "rounded": the norm rounded to the storage dtype (bfloat16 /
+    float16) and kept in float32 -- PEFT 0.21's ``DoraLinearLayer.update_layer``
+    computes the norm of the lp weight, rounds it to lp, and only then does
+    ``autocast_adapter_dtype=True`` upcast the magnitude to float32, while
+    its forward's norm stays float32: g = m / n differs from 1 by up to u_lp.
+    """
+    if spec.get("init", "ok") == "rounded":
+        return np.asarray(norm).astype(storage_dtype).astype(np.float64)
+    return norm
 
 
 def _norm(c, kind):
@@ -245,6 +260,7 @@ VARIANTS = {
     "factor_on_columns": ((_M,), dict(merge="factor_on_columns", unmerge="factor_on_columns"), _SQUARE),
     "unmerge_factor_on_columns": ((_M,), dict(unmerge="factor_on_columns"), "unmerge_square"),
     "unmerge_without_magnitude": ((_M,), dict(unmerge="without_magnitude"), "unmerge"),
+    "magnitude_rounded_at_init": ((_I,), dict(init="rounded"), "low_precision"),
 }
 
 #: epsilons tried for ``norm_plus_eps``: the dtype's machine epsilon (LyCORIS adds
@@ -276,6 +292,8 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
         return with_unmerge
     if cond == "unmerge_square":
         return with_unmerge and _square(c)
+    if cond == "low_precision":
+        return np.dtype(c.dtype).name in ("bfloat16", "float16")
     return True
 
 

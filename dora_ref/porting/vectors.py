@@ -46,6 +46,21 @@ builds may differ in the last bits of float results, well within tolerance.
 Tolerances follow ``dora_ref.porting.tolerance``: ``atol = rtol(dtype, k) * scale``,
 with ``k`` the output's reduction length (``dora_reduction_length``) and
 ``scale`` the size of the summed terms (``dora_ref.porting.testing.term_scales``).
+
+Low precision (bfloat16, float16)
+---------------------------------
+``dora-ref vectors`` also writes the same configurations in bfloat16 and
+float16 into ``DIR/low_precision/`` with their own manifest (the float32 /
+float64 files and their manifest are unchanged). Their inputs x, W0, bias,
+dy hold and are stored in the lp dtype, A and B hold lp values stored
+float32 and the magnitude is float32 (PEFT's mixed precision); the expected
+values follow the "consistent" rule of docs/low_precision.md: the float32
+computation on the upcast inputs, y, dx, W_merged and W0_unmerged rounded
+once to the lp dtype, n and the adapters' gradients float32. Their
+tolerance adds R lp roundings: ``rtol(lp, k, roundings=R)``. bfloat16
+arrays are stored as their uint16 bits (``.npy`` has no bfloat16);
+``load_case`` gives them back as ``ml_dtypes.bfloat16``. float16 leaves out
+``linear_large_scale`` (1e6 is past its largest value, 65504).
 """
 from __future__ import annotations
 
@@ -66,12 +81,42 @@ from ..core import conv, dense, embedding, im2col
 from ..core import functional as F
 from ..formats import peft
 from .cases import Case, term_scales
-from .tolerance import dora_reduction_length, rtol
+from .tolerance import SAFETY, as_dtype, dora_reduction_length, rtol, underflow_error
 
 SEED = 2402  # arXiv:2402.09353
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float64")
+#: the low-precision storage dtypes (base in lp, adapters float32: PEFT's autocast_adapter_dtype=True)
+LP_DTYPES = ("bfloat16", "float16")
+ALL_DTYPES = DTYPES + LP_DTYPES
+#: inputs stored in the lp dtype (the rest, A, B, the magnitude, are float32 holding what they hold)
+LP_INPUTS = ("x", "W0", "bias", "dy", "dropout_mask")
+#: expected outputs stored in the lp dtype (n and the adapters' gradients are float32)
+LP_OUTPUTS = ("y", "dx", "W_merged", "W0_unmerged")
+#: where ``dora-ref vectors`` writes the low-precision set (its own manifest.json)
+LP_SUBDIR = "low_precision"
+#: what the low-precision manifest adds to the header
+LOW_PRECISION_NOTE = dict(
+    low_precision=(
+        "bfloat16 / float16 cases follow dora_ref's 'consistent' rule: the inputs x, W0, bias, dy (and "
+        "dropout_mask) hold and are stored in the case's dtype; A and B hold values of that dtype stored "
+        "float32, the magnitude is float32 (PEFT's autocast_adapter_dtype=True keeps adapters float32). "
+        "Each expected value is the float32 computation on the exactly upcast inputs; y, dx, W_merged and "
+        "W0_unmerged are rounded once (round to nearest, ties to even) to the case's dtype, weight_norm and "
+        "the adapters' gradients stay float32. W0_unmerged is the unmerge of the rounded W_merged. bfloat16 "
+        "arrays are stored in the .npz as their uint16 bits (widen: bits << 16 as float32); the manifest "
+        "gives their dtype as bfloat16. See docs/low_precision.md"
+    ),
+    tolerance_policy_low_precision=(
+        "an expected array stored in bfloat16 / float16 has atol = rtol * scale + SAFETY * R * (half the "
+        "smallest subnormal), rtol = rtol(dtype, k, roundings=R) = SAFETY * (R u + 2 gamma_k(float32)), "
+        "u = 2**-8 (bfloat16) or 2**-11 (float16), R = 1 (2 for W0_unmerged: the merged weight's rounding, "
+        "then its own); a float32 one has float32's tolerance"
+    ),
+)
+#: (case, dtype) pairs not generated, and why
+LP_SKIPPED = {("linear_large_scale", "float16"): "its weights of 1e6 are past float16's largest value, 65504"}
 
 # ---------------------------------------------------------------------------
 # the case matrix
@@ -180,6 +225,14 @@ def _cast(a, dtype):
     return None if a is None else np.ascontiguousarray(a, dtype=dtype)
 
 
+def _caster(dtype, lp):
+    """How a generator casts its float64 draws: to ``dtype``, or first to the lp storage dtype
+    (so that every input holds an lp value) and then to float32, the dtype the case is computed in."""
+    if lp is None:
+        return lambda a: _cast(a, dtype)
+    return lambda a: None if a is None else _cast(_cast(a, lp), dtype)
+
+
 def _magnitude(W0, A, B, s, factor):
     """m = ||W0 + s*B@A||_row (of the weights in their own dtype), times a trained factor."""
     return (F.column_norm(W0, A, B, s) * factor.astype(W0.dtype)).astype(W0.dtype)
@@ -253,11 +306,12 @@ def _grad_arrays(g_det, g_exact, names=GRADS):
     return out
 
 
-def _gen_linear(spec, dtype, seed):
+def _gen_linear(spec, dtype, seed, lp=None):
+    cast = _caster(dtype, lp)
     d = _draw_linear(spec, _rng(seed, spec["name"]))
     s = d["s"]
-    x, W0, A, B = (_cast(d[k], dtype) for k in ("x", "W0", "A", "B"))
-    bias, dy, mask = _cast(d["bias"], dtype), _cast(d["dy"], dtype), _cast(d["mask"], dtype)
+    x, W0, A, B = (cast(d[k]) for k in ("x", "W0", "A", "B"))
+    bias, dy, mask = cast(d["bias"]), cast(d["dy"]), cast(d["mask"])
     m = _magnitude(W0, A, B, s, d["factor"])
     batch = spec["batch"]
     x_in = x if batch is None else x.reshape(*batch, x.shape[1])
@@ -304,16 +358,17 @@ def _gen_linear(spec, dtype, seed):
     return config, inputs, expected, tols, ref
 
 
-def _gen_multi(spec, dtype, seed):
+def _gen_multi(spec, dtype, seed, lp=None):
+    cast = _caster(dtype, lp)
     rng = _rng(seed, spec["name"])
     N, i, o = spec["N"], spec["in_features"], spec["out_features"]
-    x = _cast(rng.standard_normal((N, i)), dtype)
-    W0 = _cast(rng.standard_normal((o, i)) / math.sqrt(i), dtype)
-    bias = _cast(rng.standard_normal(o), dtype)
+    x = cast(rng.standard_normal((N, i)))
+    W0 = cast(rng.standard_normal((o, i)) / math.sqrt(i))
+    bias = cast(rng.standard_normal(o))
     modules, inputs = [], dict(x=x, W0=W0, bias=bias)
     for j, (r, alpha) in enumerate(zip(spec["ranks"], spec["lora_alphas"])):
-        A = _cast(rng.standard_normal((r, i)) / math.sqrt(i), dtype)
-        B = _cast(rng.standard_normal((o, r)), dtype)
+        A = cast(rng.standard_normal((r, i)) / math.sqrt(i))
+        B = cast(rng.standard_normal((o, r)))
         s = _scaling(r, alpha)
         m = _magnitude(W0, A, B, s, 2.0 ** rng.uniform(-1, 1, o))
         modules.append(peft.ModuleAdapter(f"adapter_{j}", A, B, m, s, r, alpha))
@@ -351,22 +406,23 @@ def _gen_multi(spec, dtype, seed):
     return config, inputs, expected, tols, ref
 
 
-def _gen_conv(spec, dtype, seed):
+def _gen_conv(spec, dtype, seed, lp=None):
+    cast = _caster(dtype, lp)
     rng = _rng(seed, spec["name"])
     N, C, O, r = spec["N"], spec["in_channels"], spec["out_channels"], spec["r"]
     k, L = spec["kernel_size"], spec["spatial"]
     fan_in = C * int(np.prod(k))
-    x = _cast(rng.standard_normal((N, C, *L)), dtype)
-    W0 = _cast(rng.standard_normal((O, C, *k)) / math.sqrt(fan_in), dtype)
-    A = _cast(rng.standard_normal((r, C, *k)) / math.sqrt(fan_in), dtype)
-    B = _cast(rng.standard_normal((O, r, *(1,) * len(k))), dtype)
-    bias = _cast(rng.standard_normal(O), dtype)
+    x = cast(rng.standard_normal((N, C, *L)))
+    W0 = cast(rng.standard_normal((O, C, *k)) / math.sqrt(fan_in))
+    A = cast(rng.standard_normal((r, C, *k)) / math.sqrt(fan_in))
+    B = cast(rng.standard_normal((O, r, *(1,) * len(k))))
+    bias = cast(rng.standard_normal(O))
     s = _scaling(r, spec["lora_alpha"])
     n0 = conv.conv_column_norm(W0, A, B, s)
     m = (n0 * (2.0 ** rng.uniform(-1, 1, O)).astype(dtype)).astype(dtype).reshape(1, O, *(1,) * len(k))
     geo = dict(stride=spec["stride"], padding=spec["padding"])
     y, ctx = conv.conv_dora_forward(x, W0, A, B, m, s, bias, **geo)
-    dy = _cast(rng.standard_normal(y.shape), dtype)
+    dy = cast(rng.standard_normal(y.shape))
     g_det = conv.conv_dora_backward(dy, ctx, detach_norm=True)
     g_exact = conv.conv_dora_backward(dy, ctx, detach_norm=False)
     W_merged, n = conv.conv_merge(W0, A, B, m, s)
@@ -407,19 +463,20 @@ def _gen_conv(spec, dtype, seed):
     return config, inputs, expected, tols, ref
 
 
-def _gen_embedding(spec, dtype, seed):
+def _gen_embedding(spec, dtype, seed, lp=None):
+    cast = _caster(dtype, lp)
     rng = _rng(seed, spec["name"])
     V, D, r = spec["num_embeddings"], spec["embedding_dim"], spec["r"]
     ids = rng.integers(0, V, size=spec["ids_shape"]).astype(np.int64)
     ids.flat[-1] = ids.flat[0]  # a repeated id: its gradient accumulates
-    E = _cast(rng.standard_normal((V, D)), dtype)
-    A = _cast(rng.standard_normal((r, V)), dtype)
-    B = _cast(rng.standard_normal((D, r)) / math.sqrt(V), dtype)
+    E = cast(rng.standard_normal((V, D)))
+    A = cast(rng.standard_normal((r, V)))
+    B = cast(rng.standard_normal((D, r)) / math.sqrt(V))
     s = _scaling(r, spec["lora_alpha"])
     es = spec["embed_scale"]
     m = (embedding.embedding_column_norm(E, A, B, s) * (2.0 ** rng.uniform(-1, 1, D)).astype(dtype)).astype(dtype)
     y, ctx = embedding.embedding_dora_forward(ids, E, A, B, m, s, embed_scale=es)
-    dy = _cast(rng.standard_normal(y.shape), dtype)
+    dy = cast(rng.standard_normal(y.shape))
     det = embedding.embedding_dora_backward(dy, ctx, detach_norm=True)
     exact = embedding.embedding_dora_backward(dy, ctx, detach_norm=False)
     W_merged, n = embedding.embedding_merge(E, A, B, m, s)
@@ -500,6 +557,51 @@ def _array_entry(arr, role):
     return dict(role=role, shape=list(arr.shape), dtype=str(arr.dtype))
 
 
+def _lp_base(name):
+    return name.replace("_detached", "").replace("_exact", "")
+
+
+def _round_outputs(spec, config, inputs, expected, tols, lp):
+    """The consistent rule on a case computed in float32 from lp inputs: each lp output rounded once.
+
+    The unmerge is recomputed from the rounded merged weight (what a port is given), so W0_unmerged
+    carries two roundings (the merged weight's, its own); n and the float32 adapters' gradients stay.
+    """
+    out = {k: (v.astype(lp) if _lp_base(k) in LP_OUTPUTS else v) for k, v in expected.items()}
+    if "W0_unmerged" in expected:
+        Wm = out["W_merged"].astype(np.float32)
+        A, B, m, n, s = inputs["A"], inputs["B"], inputs["magnitude"], expected["weight_norm"], config["scaling"]
+        if spec["kind"] == "conv":
+            back = conv.conv_unmerge(Wm, A, B, m, s, n)
+        elif spec["kind"] == "embedding":
+            back = embedding.embedding_unmerge(Wm, A, B, m, s, n)
+        elif config.get("fan_in_fan_out"):
+            back = np.ascontiguousarray(F.unmerge(np.ascontiguousarray(Wm.T), A, B, m, s, n).T)
+        else:
+            back = F.unmerge(Wm, A, B, m, s, n)
+        out["W0_unmerged"] = back.astype(lp)
+    ins = {k: (v.astype(lp) if k in LP_INPUTS else v) for k, v in inputs.items()}
+    new_tols = {}
+    for k, t in tols.items():
+        if _lp_base(k) not in LP_OUTPUTS:
+            new_tols[k] = dict(t, dtype="float32", roundings=0,
+                               why=t["why"] + "; float32 (n and the float32 adapters' gradients are not rounded)")
+            continue
+        R = 2 if k == "W0_unmerged" else 1
+        rt = rtol(lp, t["k"], roundings=R)
+        atol = (rt * t["scale"] if t["scale"] > 0 else 0.0) + SAFETY * R * underflow_error(lp)
+        new_tols[k] = dict(t, atol=atol, rtol=rt, dtype=str(lp), roundings=R, why=(
+            t["why"].replace("rtol(float32, k", f"rtol({lp}, k", 1) + f"; stored in {lp}: rtol({lp}, k, roundings={R}) = SAFETY * ({R} u + 2 gamma_k(float32))"
+            + (" (the rounded merged weight, then the unmerge's own rounding)" if R == 2 else
+               " (float32 computation, rounded once)") + " + SAFETY * R * half the smallest subnormal"))
+    return ins, out, new_tols
+
+
+def _storable(arrays):
+    """bfloat16 arrays as their uint16 bits (NumPy's .npy has no bfloat16; the manifest says bfloat16)."""
+    return {k: (v.view(np.uint16) if v.dtype.name == "bfloat16" else v) for k, v in arrays.items()}
+
+
 def generate(seed=SEED, cases=CASES, dtypes=DTYPES):
     """Compute every case of the matrix in memory.
 
@@ -508,6 +610,12 @@ def generate(seed=SEED, cases=CASES, dtypes=DTYPES):
     seed : int, default ``SEED``
     cases : sequence of dict, default ``CASES``
     dtypes : sequence of str, default ("float32", "float64")
+        Any of ``ALL_DTYPES``. bfloat16 / float16: the inputs x, W0, bias, dy (and a dropout mask)
+        hold and are stored in that dtype, A and B hold values of it stored
+        float32, the magnitude is float32; the expected values follow the
+        consistent rule (the float32 computation on those inputs, each lp
+        output rounded once; n and the adapters' gradients float32). A
+        (case, dtype) in ``LP_SKIPPED`` is left out.
 
     Returns
     -------
@@ -525,19 +633,32 @@ def generate(seed=SEED, cases=CASES, dtypes=DTYPES):
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    bad = [d for d in dtypes if d not in DTYPES]
+    bad = [d for d in dtypes if d not in ALL_DTYPES]
     if bad:
-        raise ValueError(f"dtypes must be among {DTYPES}, got {bad}")
+        raise ValueError(f"dtypes must be among {ALL_DTYPES}, got {bad}")
     out = []
     with use_backend("numpy"):
         for spec in cases:
             for dtype in dtypes:
-                config, inputs, expected, tols, ref = _GENERATORS[spec["kind"]](spec, np.dtype(dtype), seed)
+                if (spec["name"], dtype) in LP_SKIPPED:
+                    continue
+                if dtype in LP_DTYPES:
+                    lp = as_dtype(dtype)
+                    config, inputs, expected, tols, ref = _GENERATORS[spec["kind"]](spec, np.dtype(np.float32),
+                                                                                    seed, lp)
+                    inputs, expected, tols = _round_outputs(spec, config, inputs, expected, tols, lp)
+                    config = dict(config, storage_dtype=dtype, adapter_dtype="float32",
+                                  rule="consistent: the float32 computation on these inputs, each output "
+                                       f"stored in {dtype} rounded once (n and the adapters' gradients float32)")
+                else:
+                    config, inputs, expected, tols, ref = _GENERATORS[spec["kind"]](spec, np.dtype(dtype), seed)
                 name = f"{spec['name']}_{dtype}"
                 arrays_meta = {k: _array_entry(v, "input") for k, v in inputs.items()}
                 for key, value in expected.items():
                     t = tols[key]
                     err = np.abs(value.astype(np.float64) - np.asarray(ref[key], dtype=np.float64))
+                    if not np.all(np.isfinite(value)):
+                        raise RuntimeError(f"{name}: {key} is not finite in {value.dtype}")
                     worst = float(np.max(err, initial=0.0))
                     ratio = worst / t["atol"] if t["atol"] > 0 else (0.0 if worst == 0 else np.inf)
                     if not ratio <= 1.0:
@@ -589,7 +710,7 @@ def _manifest_header(seed):
     )
 
 
-def write(out_dir, seed=SEED):
+def write(out_dir, seed=SEED, dtypes=DTYPES):
     """Write every case's ``.npz`` and ``manifest.json`` into ``out_dir``.
 
     Parameters
@@ -597,6 +718,10 @@ def write(out_dir, seed=SEED):
     out_dir : str or os.PathLike
         Created if missing; files of the same names are overwritten.
     seed : int, default ``SEED``
+    dtypes : sequence of str, default ("float32", "float64")
+        ``LP_DTYPES`` for the low-precision set (``dora-ref vectors`` writes
+        it into the subdirectory ``LP_SUBDIR``, with its own manifest, so
+        that the float32 / float64 set and its manifest stay as they were).
 
     Returns
     -------
@@ -610,12 +735,15 @@ def write(out_dir, seed=SEED):
     OSError
         If ``out_dir`` cannot be created or written (e.g. it is a file).
     """
-    entries_data = generate(seed)  # compute first: a bad seed writes nothing
+    entries_data = generate(seed, dtypes=dtypes)  # compute first: a bad seed writes nothing
     os.makedirs(out_dir, exist_ok=True)
     manifest = _manifest_header(seed)
+    if any(d in LP_DTYPES for d in dtypes):
+        manifest.update(LOW_PRECISION_NOTE, generator=manifest["generator"] + f" (the {LP_SUBDIR}/ subdirectory)")
+        manifest["skipped"] = [dict(name=f"{n}_{d}", why=why) for (n, d), why in LP_SKIPPED.items() if d in dtypes]
     entries = []
     for entry, arrays in entries_data:
-        data = npz_bytes(arrays)
+        data = npz_bytes(_storable(arrays))
         with open(os.path.join(out_dir, entry["file"]), "wb") as f:
             f.write(data)
         entry = dict(entry, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -667,7 +795,11 @@ def load_case(directory, name):
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"{path} does not match the sha256 in the manifest: regenerate the vectors")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return entry, {k: z[k] for k in z.files}
+        arrays = {k: z[k] for k in z.files}
+    for k, meta in entry["arrays"].items():  # bfloat16 is stored as its uint16 bits
+        if meta["dtype"] == "bfloat16":
+            arrays[k] = arrays[k].view(as_dtype("bfloat16"))
+    return entry, arrays
 
 
 def main(argv=None):
@@ -683,9 +815,12 @@ def main(argv=None):
         parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
         manifest = write(args.out, seed=args.seed)
+        low = write(os.path.join(args.out, LP_SUBDIR), seed=args.seed, dtypes=LP_DTYPES)
     except OSError as exc:
         print(f"dora-ref vectors: cannot write to {args.out!r}: {exc}", file=sys.stderr)
         return 1
     n = len(manifest["cases"])
-    print(f"wrote {n} cases, {manifest['total_bytes'] / 1024:.0f} KiB, and {MANIFEST} to {args.out}")
+    print(f"wrote {n} cases, {manifest['total_bytes'] / 1024:.0f} KiB, and {MANIFEST} to {args.out}; "
+          f"{len(low['cases'])} low-precision cases ({', '.join(LP_DTYPES)}), {low['total_bytes'] / 1024:.0f} KiB, "
+          f"and their {MANIFEST} to {os.path.join(args.out, LP_SUBDIR)}")
     return 0
