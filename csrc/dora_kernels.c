@@ -1,4 +1,5 @@
-/* dora_kernels.c: the fused C kernels of dora_ref, float32 and float64.
+/* dora_kernels.c: the fused C kernels of dora_ref, float32 and float64,
+   and float32 arithmetic on bfloat16 / float16 weights.
 
    What a reference promises (after llm.c's train_gpt2.c): plain C99 that
    runs on any CPU, no intrinsics, readable next to its NumPy twin in
@@ -26,6 +27,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -275,6 +277,68 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 }
 #endif
 
+/* ------------------------------------------------------------------------ */
+/* bfloat16 and float16 <-> float32, on the bits (a uint16_t holds a value). */
+/* Widening is exact. Narrowing rounds once, to nearest, ties to even; a    */
+/* finite value past the 16-bit range gives inf; NaN stays NaN, with the    */
+/* bits NumPy's and ml_dtypes' casts give: float16 keeps the sign and the   */
+/* top 10 payload bits (at least one set), bfloat16 gives the sign and the  */
+/* quiet NaN 0x7fc0. Plain integer and float operations, which the compiler */
+/* vectorizes; tests/test_kernels_lowp.py checks them against NumPy and     */
+/* ml_dtypes on every float16 / bfloat16 boundary and tie.                  */
+/* ------------------------------------------------------------------------ */
+
+static inline uint32_t dora_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float dora_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* bfloat16 is the top half of a float32. */
+static inline float dora_bf16_to_f32(uint16_t h) { return dora_float((uint32_t)h << 16); }
+
+static inline uint16_t dora_f32_to_bf16(float f)
+{
+    const uint32_t u = dora_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    /* add half an ulp of bfloat16, less one unless the kept bit is odd, and
+       truncate; a carry out of the mantissa steps the exponent (to inf past the top) */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float dora_f16_to_f32(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    if (e == 0x1f) return dora_float(sign | 0x7f800000u | (mant << 13));  /* inf, NaN */
+    if (e == 0) {  /* zero or subnormal: mant * 2^-24, exact in float32 */
+        const float v = (float)mant * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return dora_float(sign | ((e + 112) << 23) | (mant << 13));  /* rebias 15 -> 127 */
+}
+
+static inline uint16_t dora_f32_to_f16(float f)
+{
+    const uint32_t u = dora_bits(f), x = u & 0x7fffffffu;
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (x >= 0x47800000u) {  /* |f| >= 2^16: inf, or NaN */
+        const uint32_t payload = (x >> 13) & 0x3ffu;
+        return sign | (x > 0x7f800000u ? (uint16_t)(0x7c00u + payload + (payload == 0)) : 0x7c00u);
+    }
+    if (x < 0x38800000u) {  /* |f| < 2^-14, subnormal or zero in float16: adding 0.5, */
+        /* whose float32 ulp is 2^-24 (float16's subnormal step), rounds |f| to a  */
+        /* multiple of it; the mantissa of the sum is that multiple (up to 2^-14,  */
+        /* float16's smallest normal, 0x400)                                       */
+        return sign | (uint16_t)(dora_bits(dora_float(x) + 0.5f) - 0x3f000000u);
+    }
+    /* normal: rebias the exponent (127 -> 15) and round the 13 dropped bits as bfloat16's 16 */
+    return sign | (uint16_t)((x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13);
+}
+
+/* The kernels, for each type (dora_kernels_impl.h says what the macros mean). */
+
+#define LP 0
+#define WTYPE REAL
+#define WIDEN(v) (v)
+#define NARROW(v) (v)
+
 #define REAL float
 #define W 16
 #define FN(name) name##_f32
@@ -290,6 +354,59 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 #undef REAL
 #undef W
 #undef FN
+
+#undef LP
+#undef WTYPE
+#undef WIDEN
+#undef NARROW
+
+/* float32 arithmetic, 16-bit storage */
+#define LP 1
+#define REAL float
+#define W 16
+#define WTYPE uint16_t
+
+#define WIDEN(v) dora_bf16_to_f32(v)
+#define NARROW(v) dora_f32_to_bf16(v)
+#define FN(name) name##_bf16
+#include "dora_kernels_impl.h"
+#undef WIDEN
+#undef NARROW
+#undef FN
+
+#define WIDEN(v) dora_f16_to_f32(v)
+#define NARROW(v) dora_f32_to_f16(v)
+#define FN(name) name##_f16
+#include "dora_kernels_impl.h"
+#undef WIDEN
+#undef NARROW
+#undef FN
+
+#undef LP
+#undef REAL
+#undef W
+#undef WTYPE
+
+/* Array conversions, with the functions the kernels use (for the tests). */
+void dora_widen_bf16(float *dst, const uint16_t *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = dora_bf16_to_f32(src[i]);
+}
+
+void dora_narrow_bf16(uint16_t *dst, const float *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = dora_f32_to_bf16(src[i]);
+}
+
+void dora_widen_f16(float *dst, const uint16_t *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = dora_f16_to_f32(src[i]);
+}
+
+void dora_narrow_f16(uint16_t *dst, const float *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = dora_f32_to_f16(src[i]);
+}
 
 int64_t dora_backward_lowrank_scratch(int64_t N, int64_t out, int64_t r, int64_t itemsize)
 {
