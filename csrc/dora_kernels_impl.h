@@ -137,10 +137,13 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
     REAL P[G][W];
     FN(tile)(P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
     for (int q = 0; q < g; q++) {
+        /* V = W0 + s * P in place of P (PEFT: W + s * (B @ A)), in a loop of
+           its own, which vectorizes with the widening of W0 in it */
+        for (int l = 0; l < w; l++) P[q][l] = WIDEN(w0[q * in + l]) + s * P[q][l];
         for (int h = 0; h < w; h += ACCW) {
             const int e = w - h < ACCW ? w - h : ACCW;
             for (int l = 0; l < e; l++) {
-                const REAL v = WIDEN(w0[q * in + h + l]) + s * P[q][h + l];  /* PEFT: W + s * (B @ A) */
+                const REAL v = P[q][h + l];
                 if (Vout) Vout[q * in + h + l] = v;
                 acc[q][l] += (double)v * (double)v;
             }
