@@ -38,6 +38,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         ) from exc
     pytest.skip(f"the C backend is not built ({exc})", allow_module_level=True)
 
+from test_kernels_c import forced_threads  # noqa: E402,F401 (the fixture: set_threads, forced)
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 LP = [F16, BF16]
@@ -333,17 +335,6 @@ def test_lp_weight_is_never_copied_to_float32(dtype):
 # ---------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def forced_threads():
-    """Yield set_threads with every call forced onto that many threads; restore after."""
-    C._set_always_parallel(True)
-    try:
-        yield C.set_threads
-    finally:
-        C._set_always_parallel(False)
-        C.set_threads(0)
 
 
 def _lp_digest():

@@ -397,13 +397,31 @@ def _lp_weight_reason(name, W):
     return f"when {name} has dtype {W.dtype} (a 16-bit weight takes a float32 adapter)"
 
 
-def _for_row_blocks(W, call):
-    """``call(rows, W[rows])`` with W[rows] C-contiguous: once for all of W if W is,
-    else for each block of ``_weight_row_blocks``.
+class _Whole:
+    """An argument of ``_lp_call`` passed whole to every row block (A)."""
 
-    A strided 16-bit weight is copied a block of rows at a time, in its own
-    dtype (one block alive at a time): never whole, never to float32.
+    __slots__ = ("arr",)
+
+    def __init__(self, arr):
+        self.arr = arr
+
+
+def _lp_call(kernel, W, args, scaling, in_features, r):
+    """Call a 16-bit C kernel on all of W, or on W's row blocks if W is strided.
+
+    ``args`` are the kernel's array arguments in order: ``W`` itself (the
+    (out, in) 16-bit weight), ``_Whole(A)``, and arrays whose first axis is
+    W's rows (outputs included), which are cut to each block's rows. A
+    strided weight is copied a block of rows at a time (``_weight_row_blocks``),
+    in its own dtype, one block alive at a time: never whole, never to float32.
     """
+    def call(rows, W_rows):
+        ptrs = []
+        for a in args:
+            block = W_rows if a is W else a.arr if isinstance(a, _Whole) else a[rows]
+            ptrs.append(_bits(block) if block.itemsize == 2 else _ptr(block, "float"))
+        _check_status(kernel(*ptrs, scaling, W_rows.shape[0], in_features, r), kernel.__name__)
+
     if W.flags.c_contiguous:
         call(slice(None), W)
         return
@@ -495,16 +513,9 @@ def _column_norm_lp(W0, A, B, scaling):
     """``column_norm`` of a 16-bit W0 with float32 A, B: n float32."""
     A, B = _float32_arrays(_lp_weight_reason("W0", W0), A=A, B=B)
     out_f, in_f, r, _ = _adapter(W0, A, B)
-    s = _scaling(scaling)
-    kernel = getattr(lib, f"dora_column_norm_{_lp_suffix(W0.dtype)}")
     n = np.empty(out_f, dtype=np.float32)
-
-    def rows_of(rows, W0_rows):
-        status = kernel(_ptr(n[rows], "float"), _bits(W0_rows), _ptr(A, "float"),
-                        _ptr(B[rows], "float"), s, W0_rows.shape[0], in_f, r)
-        _check_status(status, "column_norm")
-
-    _for_row_blocks(W0, rows_of)
+    _lp_call(getattr(lib, f"dora_column_norm_{_lp_suffix(W0.dtype)}"), W0,
+             [n, W0, _Whole(A), B], _scaling(scaling), in_f, r)
     return n
 
 
@@ -808,7 +819,7 @@ def merge(W0, A, B, magnitude, scaling):
     TypeError
         A non-array, a dtype outside those combinations, a non-real scaling.
     ValueError
-        Shapes that do not fit (out, in), (r, in), (out, r), (out,).
+        Shapes that do not fit W0 (out, in), A (r, in), B (out, r), magnitude (out,).
     """
     if _is_lp(W0):
         return _merge_lp(W0, A, B, magnitude, scaling)
@@ -842,18 +853,10 @@ def _merge_lp(W0, A, B, magnitude, scaling):
     A, B, magnitude = _float32_arrays(_lp_weight_reason("W0", W0), A=A, B=B, magnitude=magnitude)
     out_f, in_f, r, shapes = _adapter(W0, A, B)
     _shape("magnitude", magnitude, (out_f,), shapes.plus("magnitude", magnitude))
-    s = _scaling(scaling)
-    kernel = getattr(lib, f"dora_merge_{_lp_suffix(W0.dtype)}")
     W_merged = np.empty((out_f, in_f), dtype=W0.dtype)
     n = np.empty(out_f, dtype=np.float32)
-
-    def rows_of(rows, W0_rows):
-        status = kernel(_bits(W_merged[rows]), _ptr(n[rows], "float"), _bits(W0_rows),
-                        _ptr(A, "float"), _ptr(B[rows], "float"), _ptr(magnitude[rows], "float"),
-                        s, W0_rows.shape[0], in_f, r)
-        _check_status(status, "merge")
-
-    _for_row_blocks(W0, rows_of)
+    _lp_call(getattr(lib, f"dora_merge_{_lp_suffix(W0.dtype)}"), W0,
+             [W_merged, n, W0, _Whole(A), B, magnitude], _scaling(scaling), in_f, r)
     return W_merged, n
 
 
@@ -881,7 +884,8 @@ def unmerge(W_merged, A, B, factor, scaling):
     TypeError
         A non-array, a dtype outside those combinations, a non-real scaling.
     ValueError
-        Shapes that do not fit (out, in), (r, in), (out, r), (out,).
+        Shapes that do not fit W_merged (out, in), A (r, in), B (out, r),
+        factor (out,).
     """
     if _is_lp(W_merged):
         return _unmerge_lp(W_merged, A, B, factor, scaling)
@@ -904,14 +908,7 @@ def _unmerge_lp(W_merged, A, B, factor, scaling):
                                    factor=factor)
     out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
     _shape("factor", factor, (out_f,), shapes.plus("factor", factor))
-    s = _scaling(scaling)
-    kernel = getattr(lib, f"dora_unmerge_{_lp_suffix(W_merged.dtype)}")
     W0 = np.empty((out_f, in_f), dtype=W_merged.dtype)
-
-    def rows_of(rows, Wm_rows):
-        status = kernel(_bits(W0[rows]), _bits(Wm_rows), _ptr(A, "float"), _ptr(B[rows], "float"),
-                        _ptr(factor[rows], "float"), s, Wm_rows.shape[0], in_f, r)
-        _check_status(status, "unmerge")
-
-    _for_row_blocks(W_merged, rows_of)
+    _lp_call(getattr(lib, f"dora_unmerge_{_lp_suffix(W_merged.dtype)}"), W_merged,
+             [W0, W_merged, _Whole(A), B, factor], _scaling(scaling), in_f, r)
     return W0
