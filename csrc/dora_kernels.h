@@ -111,7 +111,7 @@ int dora_unmerge_f64(double *W0,
                      const double *W_merged, const double *A, const double *B, const double *factor,
                      double s, int64_t out, int64_t in, int64_t r);
 
-/* The same four kernels on 16-bit weights: W0, W_merged and y hold the bits
+/* The same kernels on 16-bit weights: W0, W_merged and y hold the bits
    of bfloat16 (_bf16) or float16 (_f16) values as uint16_t; every other
    array is float32. Each computes what its _f32 twin computes on the
    exactly widened W0 (resp. W_merged), bit for bit, with the same float32
@@ -145,6 +145,13 @@ int dora_forward_epilogue_f16(uint16_t *y,
                               const float *base, const float *U, const float *B,
                               const float *g, const float *bias,
                               double s, int64_t N, int64_t out, int64_t r);
+/* And the two products of W0 of the exact norm gradient (WAt, CtW float32). */
+int dora_norm_gradient_products_bf16(float *WAt, float *CtW,
+                                     const uint16_t *W0, const float *A, const float *C,
+                                     int64_t out, int64_t in, int64_t r);
+int dora_norm_gradient_products_f16(float *WAt, float *CtW,
+                                    const uint16_t *W0, const float *A, const float *C,
+                                    int64_t out, int64_t in, int64_t r);
 
 /* n values from float32 to 16 bits (narrow) and back (widen), with the
    conversions the kernels above use. */

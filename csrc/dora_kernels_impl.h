@@ -9,7 +9,8 @@
      WIDEN(v), NARROW(v)   WTYPE -> REAL exactly, REAL -> WTYPE rounded once
             (the identity when WTYPE is REAL)
      LP     1 for the two 16-bit storage types: only column_norm, merge,
-            unmerge and forward_epilogue are built for them.
+            unmerge, forward_epilogue and norm_gradient_products are built
+            for them.
    An LP kernel is the float32 kernel, the same source and the same
    instructions for the arithmetic, with W0's elements widened as they are
    loaded and the results narrowed as they are stored: so it gives the bits
@@ -389,7 +390,7 @@ int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const R
     return DORA_OK;
 }
 
-#if !LP  /* the rest: float32 and float64 only */
+#if !LP  /* backward_epilogue: float32 and float64 only */
 
 /* ------------------------------------------------------------------------ */
 /* backward_epilogue: z = base + s * U @ B.T (never stored),                */
@@ -468,6 +469,8 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     return DORA_OK;
 }
 
+#endif  /* !LP */
+
 /* Sums each of the n runs of W lanes of v (v[e * W .. e * W + W - 1]) into
    its first lane, by a fixed pairwise tree (halves added W / 2, W / 4, ...
    apart), which vectorizes across the lanes; v is overwritten. */
@@ -491,13 +494,13 @@ static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
      lanes[q][l] += M[q, l] * P[k, l]            (M @ P.T, row q, lane by lane)
      row[l]      += sum_q Q[q, k] * M[q, l]      (Q.T @ M, row k, rows in order) */
 static inline __attribute__((always_inline)) void FN(twoprod_tile)(
-    REAL lanes[G][W], REAL *restrict row, const REAL *restrict m, const REAL *restrict p,
+    REAL lanes[G][W], REAL *restrict row, const WTYPE *restrict m, const REAL *restrict p,
     const REAL qk[G], int64_t ldm, int g, int w)
 {
     for (int l = 0; l < w; l++) {
         REAL t = row[l];
         for (int q = 0; q < g; q++) {
-            const REAL x = m[q * ldm + l];
+            const REAL x = WIDEN(m[q * ldm + l]);
             lanes[q][l] += x * p[l];
             t += qk[q] * x;
         }
@@ -509,13 +512,13 @@ static inline __attribute__((always_inline)) void FN(twoprod_tile)(
    used four times. The same sums, in the same order. */
 static inline __attribute__((always_inline)) void FN(twoprod_tile2)(
     REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
-    const REAL *restrict m, const REAL *restrict p, const REAL *restrict p1,
+    const WTYPE *restrict m, const REAL *restrict p, const REAL *restrict p1,
     const REAL qk[G], const REAL qk1[G], int64_t ldm, int g, int w)
 {
     for (int l = 0; l < w; l++) {
         REAL t = row[l], t1 = row1[l];
         for (int q = 0; q < g; q++) {
-            const REAL x = m[q * ldm + l];
+            const REAL x = WIDEN(m[q * ldm + l]);
             lanes[q][l] += x * p[l];
             lanes1[q][l] += x * p1[l];
             t += qk[q] * x;
@@ -533,7 +536,7 @@ static inline __attribute__((always_inline)) void FN(twoprod_tile2)(
      qm (r, ldq)    accumulates Q.T @ M over these rows.
    q holds the g rows of Q (r apart), Pp the panels of P for these columns. */
 static inline __attribute__((always_inline)) void FN(twoprod_rows)(
-    REAL *restrict mp, REAL *restrict qm, int64_t ldq, const REAL *restrict m, int64_t ldm,
+    REAL *restrict mp, REAL *restrict qm, int64_t ldq, const WTYPE *restrict m, int64_t ldm,
     const REAL *restrict Pp, const REAL *restrict q, int64_t width, int64_t r, int g,
     int accumulate)
 {
@@ -578,6 +581,8 @@ static inline __attribute__((always_inline)) void FN(twoprod_rows)(
             mp[e * r + k] = accumulate ? mp[e * r + k] + lanes[e][0] : lanes[e][0];
     }
 }
+
+#if !LP  /* backward_lowrank: float32 and float64 only */
 
 /* ------------------------------------------------------------------------ */
 /* backward_lowrank: backward_epilogue, and in the same pass over dz        */
@@ -690,6 +695,8 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
     return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
 
+#endif  /* !LP */
+
 /* ------------------------------------------------------------------------ */
 /* norm_gradient_products: in one pass over W0,                             */
 /*   WAt = W0 @ A.T   (out, r): a sum over in, owned by the row             */
@@ -708,7 +715,7 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
    a power of two bytes apart share one L1 cache set), and copied to ct when
    it is done. Scratch: cc (r x CHUNK_LD). */
 static DORA_CLONES void FN(products_slice)(
-    REAL *WAt, REAL *ct, REAL *cc, const REAL *W0, const REAL *Ap, const REAL *C,
+    REAL *WAt, REAL *ct, REAL *cc, const WTYPE *W0, const REAL *Ap, const REAL *C,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0 * r; i < i1 * r; i++) WAt[i] = 0;
@@ -731,7 +738,7 @@ static DORA_CLONES void FN(products_slice)(
     }
 }
 
-int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const REAL *A,
+int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const WTYPE *W0, const REAL *A,
                                     const REAL *C, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -782,5 +789,3 @@ int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const 
     free(part);
     return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
-
-#endif  /* !LP */

@@ -280,6 +280,46 @@ def test_lp_merge_rounds_once_not_after_each_step(dtype):
     assert not np.array_equal(Wm.view(np.uint16), twice.view(np.uint16))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 53, 3), (70, 129, 8), (33, 40, 12), (0, 5, 2),
+                                   (300, 64, 2), (6, 0, 3)], ids=str)
+@pytest.mark.parametrize("dtype", LP, ids=str)
+def test_lp_norm_gradient_products_fused_are_the_float32_kernel_on_the_widened_weight(dtype, shape):
+    """(300, 64, 2): several row slices of W0, whose partial sums of C.T @ W0 are added."""
+    out_f, in_f, r = shape
+    p = _problem(out_f + in_f, dtype, out_f, in_f, r)
+    W0, A, Cm = p["W0"], p["A"], p["B"]
+    WAt, CtW = C.norm_gradient_products(W0, A, Cm)
+    WAt_f, CtW_f = C.norm_gradient_products(W0.astype(np.float32), A, Cm)
+    _bits_equal(WAt, WAt_f)
+    _bits_equal(CtW, CtW_f)
+    WAt_t, CtW_t = C.norm_gradient_products(np.asfortranarray(W0), A, Cm)
+    _bits_equal(WAt_t, WAt_f)
+    _bits_equal(CtW_t, CtW_f)
+
+
+@pytest.mark.parametrize("dtype", LP, ids=str)
+def test_lp_norm_gradient_products_above_the_fused_rank_widen_a_row_block_at_a_time(dtype):
+    """BLAS on W0 widened block by block: WAt is row by row BLAS on the widened
+    rows (bitwise, BLAS's own rows); CtW sums the blocks, within float32
+    rounding of a sum of out terms: |error| <= 2 gamma_{out} (|C|.T @ |W0|)."""
+    out_f, in_f, r = 300, 64, C.FUSED_MAX_RANK + 4
+    p = _problem(1, dtype, out_f, in_f, r)
+    W0, A, Cm = p["W0"], p["A"], p["B"]
+    W0f = W0.astype(np.float32)
+    WAt, CtW = C.norm_gradient_products(W0, A, Cm)
+    assert WAt.dtype == CtW.dtype == np.float32
+    exact_WAt = W0f.astype(np.float64) @ A.T.astype(np.float64)
+    exact_CtW = Cm.T.astype(np.float64) @ W0f.astype(np.float64)
+    u = np.finfo(np.float32).eps / 2
+    gamma = lambda k: k * u / (1 - k * u)  # noqa: E731
+    assert (np.abs(WAt - exact_WAt) <= 2 * gamma(in_f) * (np.abs(W0f) @ np.abs(A.T))).all()
+    assert (np.abs(CtW - exact_CtW) <= 2 * gamma(out_f) * (np.abs(Cm.T) @ np.abs(W0f))).all()
+    with pytest.raises(TypeError, match=r"C must have dtype float32 when W0 has dtype"):
+        C.norm_gradient_products(W0, A, Cm.astype(np.float64))
+    with pytest.raises(ValueError, match=r"C must have shape"):
+        C.norm_gradient_products(W0, A, Cm[:3])
+
+
 # ---------------------------------------------------------------------------
 # layouts
 # ---------------------------------------------------------------------------
@@ -340,11 +380,13 @@ def test_lp_weight_is_never_copied_to_float32(dtype):
 def _lp_digest():
     h = hashlib.sha256()
     for dtype in LP:
-        for out_f, in_f, r, N in ((70, 45, 8, 50), (37, 129, 3, 33), (100, 64, 16, 70)):
+        for out_f, in_f, r, N in ((70, 45, 8, 50), (37, 129, 3, 33), (100, 64, 16, 70),
+                                  (300, 64, 2, 20)):  # 4 row slices in norm_gradient_products
             p = _problem(out_f, dtype, out_f, in_f, r, N)
             W0, A, B, m, s = p["W0"], p["A"], p["B"], p["m"], p["s"]
             Wm, n = C.merge(W0, A, B, m, s)
             for a in (C.column_norm(W0, A, B, s), Wm, n, C.unmerge(Wm, A, B, m / n, s),
+                      *C.norm_gradient_products(W0, A, B),
                       C.forward_epilogue(p["base"], p["U"], B, p["g"], s, p["bias"],
                                          out_dtype=dtype)):
                 h.update(a.view(np.uint8).tobytes())
@@ -438,12 +480,14 @@ _LP_WRAPPERS = {  # kernel: (call, the arguments by the wrapper's names)
                                      out_dtype=a["out_dtype"]),
         ("base", "U", "B", "g", "bias"),
     ),
+    "norm_gradient_products": (lambda a: C.norm_gradient_products(a["W0"], a["A"], a["C"]),
+                               ("A", "C")),
 }
 
 
 def _lp_args(dtype):
     p = _problem(0, dtype, 4, 5, 2, 3)
-    return dict(W0=p["W0"], W_merged=p["W0"], A=p["A"], B=p["B"], magnitude=p["m"],
+    return dict(W0=p["W0"], W_merged=p["W0"], A=p["A"], B=p["B"], C=p["B"], magnitude=p["m"],
                 factor=p["m"], base=p["base"], U=p["U"], g=p["g"], bias=p["bias"],
                 out_dtype=dtype, s=0.5)
 

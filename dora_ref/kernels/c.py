@@ -11,7 +11,8 @@ Before any pointer crosses into C, every array is checked here:
 
 * dtype: float32 or float64, the same for all arrays of a call
   (``TypeError`` otherwise, naming the argument); or, for ``column_norm``,
-  ``merge``, ``unmerge`` and ``forward_epilogue``, a 16-bit weight
+  ``merge``, ``unmerge``, ``norm_gradient_products`` and
+  ``forward_epilogue``, a 16-bit weight
   (``np.float16`` or ``ml_dtypes.bfloat16``) with float32 adapter arrays
   (see "Low-precision weights" below);
 * shape: consistent with the others (``ValueError`` naming the argument and
@@ -43,14 +44,16 @@ Inf propagate as in NumPy. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
 
-Low-precision weights: ``column_norm(W0, A, B, s)``, ``merge(W0, A, B, m, s)``
-and ``unmerge(W_merged, A, B, factor, s)`` take W0 (resp. W_merged) in
-``np.float16`` or ``ml_dtypes.bfloat16`` with A, B, m, factor float32, and
-``forward_epilogue(..., out_dtype=)`` writes y in either (base, U, B, g
-float32; bias float32 or of ``out_dtype``). Each result is, bit for bit, the
-float32 kernel's on the exactly widened inputs, rounded once to the 16-bit
-dtype (to nearest, ties to even, as ``astype``): n is float32, W', the
-unmerged W0 and y have the weight's dtype. The C kernels read the 16 bits
+Low-precision weights: ``column_norm(W0, A, B, s)``, ``merge(W0, A, B, m, s)``,
+``unmerge(W_merged, A, B, factor, s)`` and ``norm_gradient_products(W0, A, C)``
+take W0 (resp. W_merged) in ``np.float16`` or ``ml_dtypes.bfloat16`` with
+A, B, C, m, factor float32, and ``forward_epilogue(..., out_dtype=)`` writes
+y in either (base, U, B, g float32; bias float32 or of ``out_dtype``). Each
+result is, bit for bit, the float32 kernel's on the exactly widened inputs,
+rounded once to the 16-bit dtype (to nearest, ties to even, as ``astype``):
+n, WAt and CtW are float32, W', the unmerged W0 and y have the weight's
+dtype (above ``FUSED_MAX_RANK``, ``norm_gradient_products`` is BLAS on W0
+widened a block of rows at a time). The C kernels read the 16 bits
 and widen each element as they load it, so no float32 copy of the weight is
 made. A value past the 16-bit range becomes inf, returned as the float32
 kernels return an overflow; the callers (``dora_ref.core``) refuse it.
@@ -719,6 +722,7 @@ def norm_gradient_products(W0, A, C):
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
+        float32, float64, or float16 / bfloat16 (then A and C are float32).
     A : ndarray, shape (r, in)
     C : ndarray, shape (out, r)
 
@@ -726,6 +730,10 @@ def norm_gradient_products(W0, A, C):
     -------
     WAt : ndarray, shape (out, r)
     CtW : ndarray, shape (r, in)
+        W0's dtype; float32 for a 16-bit W0: on the fused path, bit for bit
+        the float32 kernel's on ``W0.astype(np.float32)``; on the BLAS path,
+        BLAS on W0 widened one block of rows at a time (no float32 copy of
+        W0), CtW summed over the blocks in order.
 
     Raises
     ------
@@ -739,6 +747,8 @@ def norm_gradient_products(W0, A, C):
     The fused path's bits do not depend on the number of threads; the BLAS
     path's may (BLAS splits its sums by thread).
     """
+    if _is_lp(W0):
+        return _norm_gradient_products_lp(W0, A, C)
     (W0, A, C), _ = _arrays(W0=W0, A=A, C=C)
     _products_shapes(W0, A, C)
     if A.shape[0] > FUSED_MAX_RANK:
@@ -769,6 +779,30 @@ def _norm_gradient_products_fused(W0, A, C):
     CtW = np.empty((r, in_f), dtype=dtype)
     status = getattr(lib, f"dora_norm_gradient_products_{sfx}")(
         _ptr(WAt, ctype), _ptr(CtW, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(C, ctype),
+        out_f, in_f, r,
+    )
+    _check_status(status, "norm_gradient_products")
+    return WAt, CtW
+
+
+def _norm_gradient_products_lp(W0, A, C):
+    """``norm_gradient_products`` of a 16-bit W0 with float32 A, C: WAt, CtW float32."""
+    A, C = _float32_arrays(_lp_weight_reason("W0", W0), A=A, C=C)
+    out_f, in_f, r = _products_shapes(W0, A, C)
+    WAt = np.empty((out_f, r), dtype=np.float32)
+    if r > FUSED_MAX_RANK:  # BLAS, as for float32, on W0 widened a block of rows at a time
+        CtW = np.zeros((r, in_f), dtype=np.float32)
+        for rows in _weight_row_blocks(out_f, in_f, 4):
+            W_rows = W0[rows].astype(np.float32)
+            WAt[rows] = W_rows @ A.T
+            CtW += C[rows].T @ W_rows
+        return WAt, CtW
+    # the kernel's row slices depend on out: a strided W0 is copied whole
+    # (in its own dtype), as the float32 wrapper copies it, for the same bits
+    W0 = W0 if W0.flags.c_contiguous else np.ascontiguousarray(W0)
+    CtW = np.empty((r, in_f), dtype=np.float32)
+    status = getattr(lib, f"dora_norm_gradient_products_{_lp_suffix(W0.dtype)}")(
+        _ptr(WAt, "float"), _ptr(CtW, "float"), _bits(W0), _ptr(A, "float"), _ptr(C, "float"),
         out_f, in_f, r,
     )
     _check_status(status, "norm_gradient_products")
