@@ -438,7 +438,7 @@ def lowp_markdown(rows):
     L = ["## Low precision", ""]
     if not rows:
         return L
-    L.append(f"(out, in, r, N) = {tuple(rows[0]['shape'])}. `lp`: the 16-bit kernel; `float32`: the "
+    L.append(f"(out, in, r, N) = {tuple(rows[0]['shape'])}, {THREADS} threads. `lp`: the 16-bit kernel; `float32`: the "
              "float32 kernel on a float32 weight; `widen`: `astype(float32)`, the float32 kernel, "
              "`astype` of the result (the same bits). Ratios of medians (of minima).")
     L.append("")
@@ -486,7 +486,11 @@ def markdown(env, rows, scal):
     obtt = env["OPENBLAS_THREAD_TIMEOUT"] or (
         "unset (OpenBLAS default: its workers spin for 2**28 cycles, ~0.1 s, after each call)")
     L.append(f"OPENBLAS_THREAD_TIMEOUT={obtt}.")
+    if "loadavg_end" in env:
+        L.append(f"Load average at the end {tuple(round(x, 2) for x in env['loadavg_end'])}.")
     L.append("")
+    if not rows:  # --lowp-only
+        return "\n".join(L)
     L.append("## Goals")
     L.append("")
     L.append("Each ratio is a ratio of medians; the next column is the ratio of the fastest")
@@ -628,7 +632,7 @@ def main(argv=None):
         print("  median ms: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()
                                           if k in row["min_ms"]))
     scal = {} if args.no_scaling or args.lowp_only else scaling(3 if args.quick else 5, args.quick)
-    lowp = [] if args.no_lowp else low_precision(repeats)
+    lowp = [] if args.no_lowp else low_precision(max(repeats, 15))  # fast: more repeats
     env["openmp"] = [f"{os.path.basename(d.get('filepath', ''))} threads={d.get('num_threads')}"
                      for d in threadpoolctl.threadpool_info() if d.get("user_api") == "openmp"]
     env["loadavg_end"] = os.getloadavg()
