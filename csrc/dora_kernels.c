@@ -348,6 +348,7 @@ static inline uint16_t dora_f32_to_f16(float f)
 /* The kernels, for each type (dora_kernels_impl.h says what the macros mean). */
 
 #define LP 0
+#define API
 #define WTYPE REAL
 #define WIDEN(v) (v)
 #define NARROW(v) (v)
@@ -369,12 +370,14 @@ static inline uint16_t dora_f32_to_f16(float f)
 #undef FN
 
 #undef LP
+#undef API
 #undef WTYPE
 #undef WIDEN
 #undef NARROW
 
 /* float32 arithmetic, 16-bit storage */
 #define LP 1
+#define API static
 #define REAL float
 #define W 16
 #define WTYPE uint16_t
@@ -396,29 +399,65 @@ static inline uint16_t dora_f32_to_f16(float f)
 #undef FN
 
 #undef LP
+#undef API
 #undef REAL
 #undef W
 #undef WTYPE
 
+/* The entry points dora_<kernel>_lp(..., format) of dora_kernels.h: the
+   kernel's _bf16 or _f16 instance, by format. */
+#define DORA_BY_FORMAT(kernel, args) \
+    (format == DORA_BF16 ? kernel##_bf16 args \
+     : format == DORA_F16 ? kernel##_f16 args : DORA_ERR_FORMAT)
+
+int dora_column_norm_lp(float *n, const uint16_t *W0, const float *A, const float *B,
+                        double s, int64_t out, int64_t in, int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_column_norm, (n, W0, A, B, s, out, in, r));
+}
+
+int dora_merge_lp(uint16_t *W_merged, float *n, const uint16_t *W0, const float *A,
+                  const float *B, const float *magnitude, double s, int64_t out, int64_t in,
+                  int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_merge, (W_merged, n, W0, A, B, magnitude, s, out, in, r));
+}
+
+int dora_unmerge_lp(uint16_t *W0, const uint16_t *W_merged, const float *A, const float *B,
+                    const float *factor, double s, int64_t out, int64_t in, int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_unmerge, (W0, W_merged, A, B, factor, s, out, in, r));
+}
+
+int dora_forward_epilogue_lp(uint16_t *y, const float *base, const float *U, const float *B,
+                             const float *g, const float *bias, double s, int64_t N,
+                             int64_t out, int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_forward_epilogue, (y, base, U, B, g, bias, s, N, out, r));
+}
+
+int dora_norm_gradient_products_lp(float *WAt, float *CtW, const uint16_t *W0, const float *A,
+                                   const float *C, int64_t out, int64_t in, int64_t r,
+                                   int format)
+{
+    return DORA_BY_FORMAT(dora_norm_gradient_products, (WAt, CtW, W0, A, C, out, in, r));
+}
+
 /* Array conversions, with the functions the kernels use (for the tests). */
-void dora_widen_bf16(float *dst, const uint16_t *src, int64_t n)
+int dora_widen_lp(float *dst, const uint16_t *src, int64_t n, int format)
 {
-    for (int64_t i = 0; i < n; i++) dst[i] = dora_bf16_to_f32(src[i]);
+    if (format != DORA_BF16 && format != DORA_F16) return DORA_ERR_FORMAT;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = format == DORA_BF16 ? dora_bf16_to_f32(src[i]) : dora_f16_to_f32(src[i]);
+    return DORA_OK;
 }
 
-void dora_narrow_bf16(uint16_t *dst, const float *src, int64_t n)
+int dora_narrow_lp(uint16_t *dst, const float *src, int64_t n, int format)
 {
-    for (int64_t i = 0; i < n; i++) dst[i] = dora_f32_to_bf16(src[i]);
-}
-
-void dora_widen_f16(float *dst, const uint16_t *src, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++) dst[i] = dora_f16_to_f32(src[i]);
-}
-
-void dora_narrow_f16(uint16_t *dst, const float *src, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++) dst[i] = dora_f32_to_f16(src[i]);
+    if (format != DORA_BF16 && format != DORA_F16) return DORA_ERR_FORMAT;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = format == DORA_BF16 ? dora_f32_to_bf16(src[i]) : dora_f32_to_f16(src[i]);
+    return DORA_OK;
 }
 
 int64_t dora_backward_lowrank_scratch(int64_t N, int64_t out, int64_t r, int64_t itemsize)

@@ -10,7 +10,9 @@
             (the identity when WTYPE is REAL)
      LP     1 for the two 16-bit storage types: only column_norm, merge,
             unmerge, forward_epilogue and norm_gradient_products are built
-            for them.
+            for them, static (the dora_*_lp entry points of
+            dora_kernels.c call them by format)
+     API    what precedes those five kernels: nothing, or static
    An LP kernel is the float32 kernel, the same source and the same
    instructions for the arithmetic, with W0's elements widened as they are
    loaded and the results narrowed as they are stored: so it gives the bits
@@ -242,7 +244,7 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
 
-int FN(dora_column_norm)(REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
+API int FN(dora_column_norm)(REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                          double s, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -251,7 +253,7 @@ int FN(dora_column_norm)(REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
     return FN(norm_or_merge)(NULL, n, W0, A, B, NULL, s, out, in, r);
 }
 
-int FN(dora_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
+API int FN(dora_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                    const REAL *m, double s, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -294,7 +296,7 @@ static DORA_CLONES void FN(unmerge_rows)(
     }
 }
 
-int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *B,
+API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *B,
                      const REAL *factor, double s, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -363,7 +365,7 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
     }
 }
 
-int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const REAL *B,
+API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const REAL *B,
                               const REAL *gm, const REAL *bias,
                               double s, int64_t N, int64_t out, int64_t r)
 {
@@ -738,7 +740,7 @@ static DORA_CLONES void FN(products_slice)(
     }
 }
 
-int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const WTYPE *W0, const REAL *A,
+API int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const WTYPE *W0, const REAL *A,
                                     const REAL *C, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;

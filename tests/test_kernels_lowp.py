@@ -43,7 +43,7 @@ from test_kernels_c import forced_threads  # noqa: E402,F401 (the fixture: set_t
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 LP = [F16, BF16]
-_SUFFIX = {F16: "f16", BF16: "bf16"}
+_FORMAT = {F16: C.lib.DORA_F16, BF16: C.lib.DORA_BF16}
 
 
 @pytest.fixture(autouse=True)
@@ -59,16 +59,16 @@ def backend():
 
 def _c_widen(bits, dtype):
     out = np.empty(bits.size, np.float32)
-    getattr(C.lib, f"dora_widen_{_SUFFIX[dtype]}")(
-        C.ffi.from_buffer("float[]", out), C.ffi.from_buffer("uint16_t[]", bits), bits.size)
+    assert C.lib.dora_widen_lp(C.ffi.from_buffer("float[]", out),
+                               C.ffi.from_buffer("uint16_t[]", bits), bits.size, _FORMAT[dtype]) == 0
     return out
 
 
 def _c_narrow(x, dtype):
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.size, np.uint16)
-    getattr(C.lib, f"dora_narrow_{_SUFFIX[dtype]}")(
-        C.ffi.from_buffer("uint16_t[]", out), C.ffi.from_buffer("float[]", x), x.size)
+    assert C.lib.dora_narrow_lp(C.ffi.from_buffer("uint16_t[]", out),
+                                C.ffi.from_buffer("float[]", x), x.size, _FORMAT[dtype]) == 0
     return out
 
 
@@ -567,3 +567,16 @@ def test_ml_dtypes_is_imported_only_when_a_bfloat16_array_appears():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_c_entry_points_refuse_an_unknown_16_bit_format():
+    """The wrapper always passes DORA_BF16 or DORA_F16; C still checks."""
+    n, W0 = np.empty(1, np.float32), np.zeros((1, 1), np.uint16)
+    A, B = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)
+    f, u = C.ffi.from_buffer("float[]", n), C.ffi.from_buffer("uint16_t[]", W0)
+    for bad in (0, 3, -1):
+        assert C.lib.dora_column_norm_lp(f, u, C.ffi.from_buffer("float[]", A),
+                                         C.ffi.from_buffer("float[]", B), 1.0, 1, 1, 1,
+                                         bad) == C.lib.DORA_ERR_FORMAT
+        assert C.lib.dora_widen_lp(f, u, 1, bad) == C.lib.DORA_ERR_FORMAT
+        assert C.lib.dora_narrow_lp(u, f, 1, bad) == C.lib.DORA_ERR_FORMAT

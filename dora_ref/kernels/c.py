@@ -155,24 +155,24 @@ _CTYPE = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double
 _FLOAT32 = np.dtype(np.float32)
 
 
-def _lp_suffix(dtype):
-    """The C suffix of a 16-bit storage dtype ("f16" or "bf16"), else None.
+def _lp_format(dtype):
+    """The C format of a 16-bit storage dtype (``DORA_F16``, ``DORA_BF16``), else None.
 
     A bfloat16 array exists only if ``ml_dtypes`` was imported already, so
     importing it here, once the name says bfloat16, costs nothing.
     """
     if dtype == np.float16:
-        return "f16"
+        return lib.DORA_F16
     if dtype.itemsize == 2 and dtype.name == "bfloat16":
         import ml_dtypes
 
         if dtype == ml_dtypes.bfloat16:
-            return "bf16"
+            return lib.DORA_BF16
     return None
 
 
 def _is_lp(arr):
-    return isinstance(arr, np.ndarray) and _lp_suffix(arr.dtype) is not None
+    return isinstance(arr, np.ndarray) and _lp_format(arr.dtype) is not None
 
 
 def openmp_enabled():
@@ -302,7 +302,7 @@ def _strided_weight(W0):
     return (
         isinstance(W0, np.ndarray)
         and W0.ndim == 2
-        and (W0.dtype in _CTYPE or _lp_suffix(W0.dtype) is not None)
+        and (W0.dtype in _CTYPE or _lp_format(W0.dtype) is not None)
         and not W0.flags.c_contiguous
     )
 
@@ -423,7 +423,8 @@ def _lp_call(kernel, W, args, scaling, in_features, r):
         for a in args:
             block = W_rows if a is W else a.arr if isinstance(a, _Whole) else a[rows]
             ptrs.append(_bits(block) if block.itemsize == 2 else _ptr(block, "float"))
-        _check_status(kernel(*ptrs, scaling, W_rows.shape[0], in_features, r), kernel.__name__)
+        status = kernel(*ptrs, scaling, W_rows.shape[0], in_features, r, _lp_format(W.dtype))
+        _check_status(status, kernel.__name__)
 
     if W.flags.c_contiguous:
         call(slice(None), W)
@@ -449,7 +450,7 @@ def _lp_out_dtype(out_dtype, base):
         dtype = np.dtype(out_dtype)
     except TypeError:
         dtype = None
-    if dtype is not None and _lp_suffix(dtype) is not None:
+    if dtype is not None and _lp_format(dtype) is not None:
         return dtype
     if dtype is not None and isinstance(base, np.ndarray) and dtype == base.dtype:
         return None  # the inputs' dtype: the float32/float64 kernel
@@ -517,7 +518,7 @@ def _column_norm_lp(W0, A, B, scaling):
     A, B = _float32_arrays(_lp_weight_reason("W0", W0), A=A, B=B)
     out_f, in_f, r, _ = _adapter(W0, A, B)
     n = np.empty(out_f, dtype=np.float32)
-    _lp_call(getattr(lib, f"dora_column_norm_{_lp_suffix(W0.dtype)}"), W0,
+    _lp_call(lib.dora_column_norm_lp, W0,
              [n, W0, _Whole(A), B], _scaling(scaling), in_f, r)
     return n
 
@@ -595,9 +596,9 @@ def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype):
         bias = np.ascontiguousarray(bias, dtype=np.float32)  # (out,): widening is exact
         bias_ptr = _ptr(bias, "float")
     y = np.empty((N, out_f), dtype=out_dtype)
-    status = getattr(lib, f"dora_forward_epilogue_{_lp_suffix(out_dtype)}")(
+    status = lib.dora_forward_epilogue_lp(
         _bits(y), _ptr(base, "float"), _ptr(U, "float"), _ptr(B, "float"), _ptr(g, "float"),
-        bias_ptr, _scaling(scaling), N, out_f, r,
+        bias_ptr, _scaling(scaling), N, out_f, r, _lp_format(out_dtype),
     )
     _check_status(status, "forward_epilogue")
     return y
@@ -801,9 +802,9 @@ def _norm_gradient_products_lp(W0, A, C):
     # (in its own dtype), as the float32 wrapper copies it, for the same bits
     W0 = W0 if W0.flags.c_contiguous else np.ascontiguousarray(W0)
     CtW = np.empty((r, in_f), dtype=np.float32)
-    status = getattr(lib, f"dora_norm_gradient_products_{_lp_suffix(W0.dtype)}")(
+    status = lib.dora_norm_gradient_products_lp(
         _ptr(WAt, "float"), _ptr(CtW, "float"), _bits(W0), _ptr(A, "float"), _ptr(C, "float"),
-        out_f, in_f, r,
+        out_f, in_f, r, _lp_format(W0.dtype),
     )
     _check_status(status, "norm_gradient_products")
     return WAt, CtW
@@ -889,7 +890,7 @@ def _merge_lp(W0, A, B, magnitude, scaling):
     _shape("magnitude", magnitude, (out_f,), shapes.plus("magnitude", magnitude))
     W_merged = np.empty((out_f, in_f), dtype=W0.dtype)
     n = np.empty(out_f, dtype=np.float32)
-    _lp_call(getattr(lib, f"dora_merge_{_lp_suffix(W0.dtype)}"), W0,
+    _lp_call(lib.dora_merge_lp, W0,
              [W_merged, n, W0, _Whole(A), B, magnitude], _scaling(scaling), in_f, r)
     return W_merged, n
 
@@ -943,6 +944,6 @@ def _unmerge_lp(W_merged, A, B, factor, scaling):
     out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
     _shape("factor", factor, (out_f,), shapes.plus("factor", factor))
     W0 = np.empty((out_f, in_f), dtype=W_merged.dtype)
-    _lp_call(getattr(lib, f"dora_unmerge_{_lp_suffix(W_merged.dtype)}"), W_merged,
+    _lp_call(lib.dora_unmerge_lp, W_merged,
              [W0, W_merged, _Whole(A), B, factor], _scaling(scaling), in_f, r)
     return W0
