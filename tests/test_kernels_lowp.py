@@ -358,18 +358,24 @@ def test_lp_weight_is_never_copied_to_float32(dtype):
     time, in its own dtype)."""
     p = _problem(2, dtype, 2048, 1024, 8)
     W0, A, B, m, s = p["W0"], p["A"], p["B"], p["m"], p["s"]
+    results = []
     for W in (W0, np.asfortranarray(W0)):
         tracemalloc.start()
         try:
-            C.column_norm(W, A, B, s)
+            n = C.column_norm(W, A, B, s)
             norm_peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.reset_peak()
-            C.merge(W, A, B, m, s)
+            Wm, _ = C.merge(W, A, B, m, s)
             merge_peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         assert norm_peak < W0.nbytes // 2, norm_peak       # row blocks of about 1 MiB at most
         assert merge_peak < W0.nbytes + W0.nbytes // 2, merge_peak  # W' itself, plus a block
+        results.append((n, Wm, C.unmerge(W, A, B, m, s)))
+    # the strided weight went through several row blocks: the bits of one call
+    assert len(list(C._weight_row_blocks(*W0.shape, W0.itemsize))) > 1
+    for whole, blocks in zip(*results):
+        _bits_equal(blocks, whole)
 
 
 # ---------------------------------------------------------------------------
