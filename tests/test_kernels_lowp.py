@@ -59,8 +59,9 @@ def backend():
 
 def _c_widen(bits, dtype):
     out = np.empty(bits.size, np.float32)
-    assert C.lib.dora_widen_lp(C.ffi.from_buffer("float[]", out),
-                               C.ffi.from_buffer("uint16_t[]", bits), bits.size, _FORMAT[dtype]) == 0
+    status = C.lib.dora_widen_lp(C.ffi.from_buffer("float[]", out),
+                                 C.ffi.from_buffer("uint16_t[]", bits), bits.size, _FORMAT[dtype])
+    assert status == 0
     return out
 
 
@@ -528,9 +529,9 @@ def test_lp_weight_with_a_float64_or_other_lp_adapter_is_refused_naming_both(dty
     other = BF16 if dtype == F16 else F16
     with pytest.raises(TypeError, match=rf"A must have dtype float32 when W0 has dtype {dtype}"):
         C.column_norm(a["W0"], a["A"].astype(np.float64), a["B"], 1.0)
-    with pytest.raises(TypeError, match=rf"magnitude must have dtype float32 when W0 has dtype"):
+    with pytest.raises(TypeError, match=r"magnitude must have dtype float32 when W0 has dtype"):
         C.merge(a["W0"], a["A"], a["B"], a["magnitude"].astype(other), 1.0)
-    with pytest.raises(TypeError, match=rf"B must have dtype float32 when W_merged has dtype"):
+    with pytest.raises(TypeError, match=r"B must have dtype float32 when W_merged has dtype"):
         C.unmerge(a["W_merged"], a["A"], a["B"].astype(dtype), a["factor"], 1.0)
     with pytest.raises(ValueError, match=r"W0 must be 2-D"):
         C.column_norm(a["W0"][0], a["A"], a["B"], 1.0)

@@ -302,7 +302,7 @@ def _strided_weight(W0):
     return (
         isinstance(W0, np.ndarray)
         and W0.ndim == 2
-        and (W0.dtype in _CTYPE or _lp_format(W0.dtype) is not None)
+        and W0.dtype in _CTYPE
         and not W0.flags.c_contiguous
     )
 
@@ -336,7 +336,7 @@ def _scaling(scaling):
     return float(scaling)
 
 
-_ARRAY_TYPE = {"float": "float[]", "double": "double[]", "uint16_t": "uint16_t[]"}
+_ARRAY_TYPE = {"float": "float[]", "double": "double[]"}
 
 
 def _ptr(arr, ctype):
@@ -383,7 +383,10 @@ def _epilogue_shapes(base, U, B, g, base_name="base"):
 
 
 def _float32_arrays(reason, **named):
-    """Check that every array is a float32 ndarray (``reason`` says why it must be); return them C-contiguous."""
+    """Check that every array is a float32 ndarray; return them C-contiguous.
+
+    ``reason`` (a phrase) says in the error why float32 is due.
+    """
     out = []
     for name, arr in named.items():
         if not isinstance(arr, np.ndarray):
@@ -397,6 +400,7 @@ def _float32_arrays(reason, **named):
 
 
 def _lp_weight_reason(name, W):
+    """The reason A, B, ... must be float32: W is a 16-bit weight."""
     return f"when {name} has dtype {W.dtype} (a 16-bit weight takes a float32 adapter)"
 
 
