@@ -14,10 +14,15 @@ What it measures, for (out, in, r, N) in the issue's four shapes:
   functional pieces) vs the plain forward ``x @ W0.T``;
 * the same layer in PEFT on PyTorch CPU (training step, eval forward);
 * peak extra memory of a training step beyond the activations (tracemalloc);
-* scaling with out*in, r, N and the thread count.
+* scaling with out*in, r, N and the thread count;
+* low precision: column norm, merge, unmerge and forward epilogue with a
+  bfloat16 / float16 weight (resp. output) vs the float32 kernels, and vs
+  widening the weight to float32, calling the float32 kernel and rounding
+  the result (what the C kernels avoid), at the key shape.
 
 Run ``python benchmarks/bench_kernels.py`` (about 10 minutes) or with
-``--quick`` (one shape, fewer repeats). OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE,
+``--quick`` (one shape, fewer repeats); ``--lowp-only`` runs the low
+precision section alone (about a minute). OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE,
 if set, are removed by re-executing this script without them (it says so).
 """
 from __future__ import annotations
@@ -366,6 +371,87 @@ def scaling(repeats, quick):
     return res
 
 
+def low_precision(repeats, shape=KEY_SHAPE):
+    """The 16-bit kernels against float32 ones, and against "widen, float32 kernel, round".
+
+    For each of bfloat16 and float16 and each kernel, three callables raced
+    side by side: the float32 kernel on a float32 weight (``float32``), the
+    16-bit kernel (``lp``), and ``W.astype(float32)``, the float32 kernel and
+    ``astype`` of the weight-shaped result (``widen``), which gives the same
+    bits (tests/test_kernels_lowp.py) through a float32 copy of the weight.
+    Returns one dict a (dtype, kernel): ms of each, min ms, and the ratios.
+    """
+    import ml_dtypes
+
+    out_f, in_f, r, N = shape
+    p = problem(out_f, in_f, r, N)
+    W0, A, B, m, s = p["W0"], p["A"], p["B"], p["m"], p["s"]
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((N, out_f), dtype=np.float32)
+    U = rng.standard_normal((N, r), dtype=np.float32)
+    bias = rng.standard_normal(out_f, dtype=np.float32)
+    f32 = np.float32
+    rows = []
+    for lp in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+        W_lp = W0.astype(lp)
+        Wm_f, n = CK.merge(W0, A, B, m, s)
+        factor, g = m / n, m / n
+        Wm_lp = Wm_f.astype(lp)
+        kernels = {
+            "column_norm": {
+                "float32": lambda: CK.column_norm(W0, A, B, s),
+                "lp": lambda: CK.column_norm(W_lp, A, B, s),
+                "widen": lambda: CK.column_norm(W_lp.astype(f32), A, B, s),
+            },
+            "merge": {
+                "float32": lambda: CK.merge(W0, A, B, m, s),
+                "lp": lambda: CK.merge(W_lp, A, B, m, s),
+                "widen": lambda: CK.merge(W_lp.astype(f32), A, B, m, s)[0].astype(lp),
+            },
+            "unmerge": {
+                "float32": lambda: CK.unmerge(Wm_f, A, B, factor, s),
+                "lp": lambda: CK.unmerge(Wm_lp, A, B, factor, s),
+                "widen": lambda: CK.unmerge(Wm_lp.astype(f32), A, B, factor, s).astype(lp),
+            },
+            "forward_epilogue": {
+                "float32": lambda: CK.forward_epilogue(base, U, B, g, s, bias),
+                "lp": lambda: CK.forward_epilogue(base, U, B, g, s, bias, out_dtype=lp),
+                "widen": lambda: CK.forward_epilogue(base, U, B, g, s, bias).astype(lp),
+            },
+        }
+        for name, fns in kernels.items():
+            mins = {}
+            t = race(fns, repeats, warmup=2, mins=mins)
+            rows.append({
+                "dtype": lp.name, "kernel": name, "shape": list(shape),
+                **{k + "_ms": v * 1e3 for k, v in t.items()},
+                "min_ms": {k: v * 1e3 for k, v in mins.items()},
+                "lp_vs_float32": t["lp"] / t["float32"],
+                "lp_vs_widen": t["lp"] / t["widen"],
+                "lp_vs_float32_min": mins["lp"] / mins["float32"],
+                "lp_vs_widen_min": mins["lp"] / mins["widen"],
+            })
+    return rows
+
+
+def lowp_markdown(rows):
+    L = ["## Low precision", ""]
+    if not rows:
+        return L
+    L.append(f"(out, in, r, N) = {tuple(rows[0]['shape'])}, {THREADS} threads. `lp`: the 16-bit kernel; `float32`: the "
+             "float32 kernel on a float32 weight; `widen`: `astype(float32)`, the float32 kernel, "
+             "`astype` of the result (the same bits). Ratios of medians (of minima).")
+    L.append("")
+    L.append("| dtype | kernel | float32 ms | lp ms | widen ms | lp / float32 | lp / widen |")
+    L.append("|---|---|---|---|---|---|---|")
+    for row in rows:
+        L.append(f"| {row['dtype']} | {row['kernel']} | {row['float32_ms']:.2f} | {row['lp_ms']:.2f} | "
+                 f"{row['widen_ms']:.2f} | {row['lp_vs_float32']:.2f} ({row['lp_vs_float32_min']:.2f}) | "
+                 f"{row['lp_vs_widen']:.2f} ({row['lp_vs_widen_min']:.2f}) |")
+    L.append("")
+    return L
+
+
 def environment():
     info = threadpoolctl.threadpool_info()
     blas = [f"{d.get('internal_api')} {d.get('version')} kernel={d.get('architecture')} "
@@ -400,7 +486,11 @@ def markdown(env, rows, scal):
     obtt = env["OPENBLAS_THREAD_TIMEOUT"] or (
         "unset (OpenBLAS default: its workers spin for 2**28 cycles, ~0.1 s, after each call)")
     L.append(f"OPENBLAS_THREAD_TIMEOUT={obtt}.")
+    if "loadavg_end" in env:
+        L.append(f"Load average at the end {tuple(round(x, 2) for x in env['loadavg_end'])}.")
     L.append("")
+    if not rows:  # --lowp-only
+        return "\n".join(L)
     L.append("## Goals")
     L.append("")
     L.append("Each ratio is a ratio of medians; the next column is the ratio of the fastest")
@@ -508,6 +598,9 @@ def main(argv=None):
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT/PyTorch")
     ap.add_argument("--out", default=RESULTS, help="folder for the results files")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    ap.add_argument("--no-lowp", action="store_true", help="skip the low precision section")
+    ap.add_argument("--lowp-only", action="store_true",
+                    help="only the low precision section (results get the suffix _lowp)")
     ap.add_argument(
         "--openblas-thread-timeout", metavar="N", default=None,
         help="run with OPENBLAS_THREAD_TIMEOUT=N (4 = OpenBLAS workers sleep at once instead "
@@ -525,7 +618,7 @@ def main(argv=None):
     env = environment()
     print(f"BLAS: {env['blas']}; OpenMP: {env['openmp'] or 'not loaded yet'}; C: {env['c_build']}")
     repeats = 5 if args.quick else 9
-    shapes = [KEY_SHAPE] if args.quick else SHAPES
+    shapes = [] if args.lowp_only else [KEY_SHAPE] if args.quick else SHAPES
     rows = []
     t_start = time.time()
     for shape in shapes:
@@ -538,18 +631,20 @@ def main(argv=None):
                 print(f"  {key:28s} {row[key]:8.3f}  (min {fm:7.3f})  {verdict(key, row[key], shape)}")
         print("  median ms: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()
                                           if k in row["min_ms"]))
-    scal = {} if args.no_scaling else scaling(3 if args.quick else 5, args.quick)
+    scal = {} if args.no_scaling or args.lowp_only else scaling(3 if args.quick else 5, args.quick)
+    lowp = [] if args.no_lowp else low_precision(max(repeats, 15))  # fast: more repeats
     env["openmp"] = [f"{os.path.basename(d.get('filepath', ''))} threads={d.get('num_threads')}"
                      for d in threadpoolctl.threadpool_info() if d.get("user_api") == "openmp"]
     env["loadavg_end"] = os.getloadavg()
     env["seconds"] = time.time() - t_start
     os.makedirs(args.out, exist_ok=True)
-    suffix = ("_quick" if args.quick else "") + (
+    suffix = ("_quick" if args.quick else "") + ("_lowp" if args.lowp_only else "") + (
         f"_obtt{args.openblas_thread_timeout}" if args.openblas_thread_timeout else "")
     stem = os.path.join(args.out, "bench_kernels" + suffix)
     with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, "goals": GOALS, "rows": rows, "scaling": scal}, f, indent=1)
-    md = markdown(env, rows, scal)
+        json.dump({"environment": env, "goals": GOALS, "rows": rows, "scaling": scal,
+                   "low_precision": lowp}, f, indent=1)
+    md = "\n".join([markdown(env, rows, scal), *lowp_markdown(lowp)])
     with open(stem + ".md", "w") as f:
         f.write(md + "\n")
     plotted = bool(scal) and plot(rows, scal, stem + ".png")

@@ -1,4 +1,5 @@
-/* dora_kernels.c: the fused C kernels of dora_ref, float32 and float64.
+/* dora_kernels.c: the fused C kernels of dora_ref, float32 and float64,
+   and float32 arithmetic on bfloat16 / float16 weights.
 
    What a reference promises (after llm.c's train_gpt2.c): plain C99 that
    runs on any CPU, no intrinsics, readable next to its NumPy twin in
@@ -26,6 +27,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -275,6 +277,82 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 }
 #endif
 
+/* ------------------------------------------------------------------------ */
+/* bfloat16 and float16 <-> float32, on the bits (a uint16_t holds a value). */
+/* Widening is exact. Narrowing rounds once, to nearest, ties to even; a    */
+/* finite value past the 16-bit range gives inf; NaN stays NaN, with the    */
+/* bits NumPy's and ml_dtypes' casts give: float16 keeps the sign and the   */
+/* top 10 payload bits (at least one set), bfloat16 gives the sign and the  */
+/* quiet NaN 0x7fc0. Plain integer and float operations, which the compiler */
+/* vectorizes; tests/test_kernels_lowp.py checks them against NumPy and     */
+/* ml_dtypes on every float16 / bfloat16 boundary and tie.                  */
+/* ------------------------------------------------------------------------ */
+
+static inline uint32_t dora_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float dora_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+/* a if c, else b: with masks, not a branch, so that a loop of conversions
+   vectorizes (GCC 12 would not if-convert the ternaries: a float16 kernel
+   ran 3-4 times slower than the float32 one) */
+static inline uint32_t dora_pick(int c, uint32_t a, uint32_t b)
+{
+    const uint32_t m = (uint32_t)0 - (uint32_t)c;
+    return (a & m) | (b & ~m);
+}
+
+/* bfloat16 is the top half of a float32. */
+static inline float dora_bf16_to_f32(uint16_t h) { return dora_float((uint32_t)h << 16); }
+
+static inline uint16_t dora_f32_to_bf16(float f)
+{
+    const uint32_t u = dora_bits(f);
+    /* add half an ulp of bfloat16, less one unless the kept bit is odd, and
+       truncate; a carry out of the mantissa steps the exponent (to inf past the top) */
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+    return (uint16_t)dora_pick((u & 0x7fffffffu) > 0x7f800000u, nan, rounded);
+}
+
+/* float16: each path below is computed whatever the value, and dora_pick
+   takes the one that applies. */
+static inline float dora_f16_to_f32(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t em = (uint32_t)(h & 0x7fffu) << 13;  /* exponent and mantissa, float32's places */
+    const uint32_t e = em & 0x0f800000u;
+    const uint32_t normal = em + 0x38000000u;           /* rebias the exponent: 15 -> 127 */
+    const uint32_t inf_nan = em + 0x70000000u;          /* exponent 31 -> 255, payload kept */
+    /* zero or subnormal, mant * 2^-24: the float32 2^-14 * (1 + mant / 2^10),
+       less 2^-14, exactly */
+    const uint32_t sub = dora_bits(dora_float(em + 0x38800000u) - 0x1p-14f);
+    return dora_float(sign | dora_pick(e == 0x0f800000u, inf_nan, dora_pick(e == 0, sub, normal)));
+}
+
+static inline uint16_t dora_f32_to_f16(float f)
+{
+    const uint32_t u = dora_bits(f), x = u & 0x7fffffffu;
+    const uint32_t payload = (x >> 13) & 0x3ffu;
+    /* |f| >= 2^16: inf, or NaN with the top payload bits (at least one set) */
+    const uint32_t big = 0x7c00u + dora_pick(x > 0x7f800000u, payload + (payload == 0), 0);
+    /* |f| < 2^-14, subnormal or zero in float16: adding 0.5, whose float32
+       ulp is 2^-24 (float16's subnormal step), rounds |f| to a multiple of
+       it, and the sum's mantissa is that multiple (up to 0x400 = 2^-14,
+       float16's smallest normal) */
+    const uint32_t small = dora_bits(dora_float(x) + 0.5f) - 0x3f000000u;
+    /* normal: rebias the exponent (127 -> 15) and round the 13 dropped bits
+       as bfloat16's 16 above (a carry past 65504 gives inf) */
+    const uint32_t normal = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;
+    const uint32_t h = dora_pick(x >= 0x47800000u, big, dora_pick(x < 0x38800000u, small, normal));
+    return (uint16_t)(((u >> 16) & 0x8000u) | h);
+}
+
+/* The kernels, for each type (dora_kernels_impl.h says what the macros mean). */
+
+#define LP 0
+#define API
+#define WTYPE REAL
+#define WIDEN(v) (v)
+#define NARROW(v) (v)
+
 #define REAL float
 #define W 16
 #define FN(name) name##_f32
@@ -290,6 +368,97 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 #undef REAL
 #undef W
 #undef FN
+
+#undef LP
+#undef API
+#undef WTYPE
+#undef WIDEN
+#undef NARROW
+
+/* float32 arithmetic, 16-bit storage */
+#define LP 1
+#define API static
+#define REAL float
+#define W 16
+#define WTYPE uint16_t
+
+#define WIDEN(v) dora_bf16_to_f32(v)
+#define NARROW(v) dora_f32_to_bf16(v)
+#define FN(name) name##_bf16
+#include "dora_kernels_impl.h"
+#undef WIDEN
+#undef NARROW
+#undef FN
+
+#define WIDEN(v) dora_f16_to_f32(v)
+#define NARROW(v) dora_f32_to_f16(v)
+#define FN(name) name##_f16
+#include "dora_kernels_impl.h"
+#undef WIDEN
+#undef NARROW
+#undef FN
+
+#undef LP
+#undef API
+#undef REAL
+#undef W
+#undef WTYPE
+
+/* The entry points dora_<kernel>_lp(..., format) of dora_kernels.h: the
+   kernel's _bf16 or _f16 instance, by format. */
+#define DORA_BY_FORMAT(kernel, args) \
+    (format == DORA_BF16 ? kernel##_bf16 args \
+     : format == DORA_F16 ? kernel##_f16 args : DORA_ERR_FORMAT)
+
+int dora_column_norm_lp(float *n, const uint16_t *W0, const float *A, const float *B,
+                        double s, int64_t out, int64_t in, int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_column_norm, (n, W0, A, B, s, out, in, r));
+}
+
+int dora_merge_lp(uint16_t *W_merged, float *n, const uint16_t *W0, const float *A,
+                  const float *B, const float *magnitude, double s, int64_t out, int64_t in,
+                  int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_merge, (W_merged, n, W0, A, B, magnitude, s, out, in, r));
+}
+
+int dora_unmerge_lp(uint16_t *W0, const uint16_t *W_merged, const float *A, const float *B,
+                    const float *factor, double s, int64_t out, int64_t in, int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_unmerge, (W0, W_merged, A, B, factor, s, out, in, r));
+}
+
+int dora_forward_epilogue_lp(uint16_t *y, const float *base, const float *U, const float *B,
+                             const float *g, const float *bias, double s, int64_t N,
+                             int64_t out, int64_t r, int format)
+{
+    return DORA_BY_FORMAT(dora_forward_epilogue, (y, base, U, B, g, bias, s, N, out, r));
+}
+
+int dora_norm_gradient_products_lp(float *WAt, float *CtW, const uint16_t *W0, const float *A,
+                                   const float *C, int64_t out, int64_t in, int64_t r,
+                                   int format)
+{
+    return DORA_BY_FORMAT(dora_norm_gradient_products, (WAt, CtW, W0, A, C, out, in, r));
+}
+
+/* Array conversions, with the functions the kernels use (for the tests). */
+int dora_widen_lp(float *dst, const uint16_t *src, int64_t n, int format)
+{
+    if (format != DORA_BF16 && format != DORA_F16) return DORA_ERR_FORMAT;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = format == DORA_BF16 ? dora_bf16_to_f32(src[i]) : dora_f16_to_f32(src[i]);
+    return DORA_OK;
+}
+
+int dora_narrow_lp(uint16_t *dst, const float *src, int64_t n, int format)
+{
+    if (format != DORA_BF16 && format != DORA_F16) return DORA_ERR_FORMAT;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = format == DORA_BF16 ? dora_f32_to_bf16(src[i]) : dora_f32_to_f16(src[i]);
+    return DORA_OK;
+}
 
 int64_t dora_backward_lowrank_scratch(int64_t N, int64_t out, int64_t r, int64_t itemsize)
 {

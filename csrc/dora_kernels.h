@@ -31,7 +31,8 @@ enum dora_status {
     DORA_OK = 0,
     DORA_ERR_SIZE = 1,   /* a size is negative */
     DORA_ERR_NULL = 2,   /* a required pointer is NULL */
-    DORA_ERR_NOMEM = 3   /* a scratch allocation failed */
+    DORA_ERR_NOMEM = 3,  /* a scratch allocation failed */
+    DORA_ERR_FORMAT = 4  /* a 16-bit format other than DORA_BF16, DORA_F16 */
 };
 
 /* n[i] = || W0[i, :] + s * B[i, :] @ A ||_2, for i < out, without forming B @ A. */
@@ -110,6 +111,35 @@ int dora_unmerge_f32(float *W0,
 int dora_unmerge_f64(double *W0,
                      const double *W_merged, const double *A, const double *B, const double *factor,
                      double s, int64_t out, int64_t in, int64_t r);
+
+/* The same kernels on 16-bit weights, one entry point each, `format`
+   saying which: W0, W_merged and y hold the bits of bfloat16 (DORA_BF16)
+   or float16 (DORA_F16) values as uint16_t; every other array is float32.
+   Each computes what its _f32 twin computes on the exactly widened W0
+   (resp. W_merged), bit for bit, with the same float32 operations in the
+   same order, and rounds W_merged, W0 and y once to the 16-bit type (to
+   nearest, ties to even; past the range: inf; NaN stays NaN). No float32
+   copy of the weight is made: elements are widened as they are loaded.
+   n, WAt and CtW are float32. Another format: DORA_ERR_FORMAT. */
+enum dora_lp_format { DORA_BF16 = 1, DORA_F16 = 2 };
+int dora_column_norm_lp(float *n, const uint16_t *W0, const float *A, const float *B,
+                        double s, int64_t out, int64_t in, int64_t r, int format);
+int dora_merge_lp(uint16_t *W_merged, float *n, const uint16_t *W0, const float *A,
+                  const float *B, const float *magnitude, double s, int64_t out, int64_t in,
+                  int64_t r, int format);
+int dora_unmerge_lp(uint16_t *W0, const uint16_t *W_merged, const float *A, const float *B,
+                    const float *factor, double s, int64_t out, int64_t in, int64_t r, int format);
+int dora_forward_epilogue_lp(uint16_t *y, const float *base, const float *U, const float *B,
+                             const float *g, const float *bias, double s, int64_t N,
+                             int64_t out, int64_t r, int format);
+int dora_norm_gradient_products_lp(float *WAt, float *CtW, const uint16_t *W0, const float *A,
+                                   const float *C, int64_t out, int64_t in, int64_t r,
+                                   int format);
+
+/* n values from float32 to 16 bits (narrow) and back (widen), with the
+   conversions the kernels above use. */
+int dora_widen_lp(float *dst, const uint16_t *src, int64_t n, int format);
+int dora_narrow_lp(uint16_t *dst, const float *src, int64_t n, int format);
 
 /* Rows of W0 that a thread takes at a time in column_norm, merge and unmerge
    (ROW_BLOCK): a row's bits depend on where its group of rows starts, so a

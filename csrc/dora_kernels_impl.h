@@ -1,9 +1,22 @@
 /* dora_kernels_impl.h: the fused kernels for one floating type.
 
-   Not a public header: dora_kernels.c includes it twice, with
-     REAL   float (W = 16)  or  double (W = 8)   the element type
+   Not a public header: dora_kernels.c includes it four times, with
+     REAL   float (W = 16)  or  double (W = 8)   the type of the arithmetic
      W      elements in one tile column (64 bytes, one cache line)
-     FN(x)  x ## _f32       or  x ## _f64
+     FN(x)  x ## _f32, x ## _f64, x ## _bf16 or x ## _f16
+     WTYPE  the storage type of the weight-shaped arrays (W0, W', y): REAL,
+            or uint16_t holding the bits of a bfloat16 / float16
+     WIDEN(v), NARROW(v)   WTYPE -> REAL exactly, REAL -> WTYPE rounded once
+            (the identity when WTYPE is REAL)
+     LP     1 for the two 16-bit storage types: only column_norm, merge,
+            unmerge, forward_epilogue and norm_gradient_products are built
+            for them, static (the dora_*_lp entry points of
+            dora_kernels.c call them by format)
+     API    what precedes those five kernels: nothing, or static
+   An LP kernel is the float32 kernel, the same source and the same
+   instructions for the arithmetic, with W0's elements widened as they are
+   loaded and the results narrowed as they are stored: so it gives the bits
+   of the float32 kernel on W0.astype(float32), then one rounding.
    The arithmetic of each kernel follows its NumPy twin in
    dora_ref/core/kernels_numpy.py operation by operation (s * P, then + W0, ...),
    so the two differ only by rounding: the order of the rank-r sum and the
@@ -119,18 +132,21 @@ static REAL *FN(pack_panels)(const REAL *M, int64_t r, int64_t cols, int64_t sk,
 /* ------------------------------------------------------------------------ */
 
 /* One tile: acc[q][l % ACCW] += V[q][l]^2 with V = W0 + s * (B @ A) and, if
-   Vout is not NULL, Vout = V (the merge keeps V). */
+   Vout is not NULL, Vout = V (the merge keeps V; rows in apart, as W0's). */
 static inline __attribute__((always_inline)) void FN(norm_step)(
-    double acc[G][ACCW], REAL *Vout, const REAL *w0, const REAL *b, const REAL *a,
+    double acc[G][ACCW], REAL *Vout, const WTYPE *w0, const REAL *b, const REAL *a,
     REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
     FN(tile)(P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
     for (int q = 0; q < g; q++) {
+        /* V = W0 + s * P in place of P (PEFT: W + s * (B @ A)), in a loop of
+           its own, which vectorizes with the widening of W0 in it */
+        for (int l = 0; l < w; l++) P[q][l] = WIDEN(w0[q * in + l]) + s * P[q][l];
         for (int h = 0; h < w; h += ACCW) {
             const int e = w - h < ACCW ? w - h : ACCW;
             for (int l = 0; l < e; l++) {
-                const REAL v = w0[q * in + h + l] + s * P[q][h + l];  /* PEFT: W + s * (B @ A) */
+                const REAL v = P[q][h + l];
                 if (Vout) Vout[q * in + h + l] = v;
                 acc[q][l] += (double)v * (double)v;
             }
@@ -139,12 +155,14 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
 }
 
 /* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,
-   Wm_i = (m_i / n_i) V_i, scaled while the row is in cache. Inlined into its
-   two callers below with `merging` a constant, so that the norm's inner loop
-   carries no store and neither carries a test. */
+   Wm_i = (m_i / n_i) V_i, scaled while the row is in cache: a group's G rows
+   of V are kept in V (G x in REALs, the caller's scratch), so that W' is
+   written once, narrowed once. Inlined into its two callers below with
+   `merging` a constant, so that the norm's inner loop carries no store and
+   neither carries a test. */
 static inline __attribute__((always_inline)) void FN(norm_rows)(
-    const int merging, REAL *Wm, REAL *n, const REAL *W0, const REAL *Ap, const REAL *B,
-    const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+    const int merging, WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap,
+    const REAL *B, const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0; i < i1; i += G) {
         const int g = (int)dora_min(G, i1 - i);
@@ -153,7 +171,7 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
             const int w = (int)dora_min(W, in - j);
             const int64_t o = i * in + j;
             const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
-            REAL *vout = merging ? Wm + o : NULL;
+            REAL *vout = merging ? V + j : NULL;
             if (g == G && w == W)
                 FN(norm_step)(acc, vout, W0 + o, B + i * r, ap, s, in, r, G, W);
             else
@@ -164,60 +182,69 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
             n[i + q] = nq;
             if (merging) {
                 const REAL f = m[i + q] / nq;  /* inf or NaN when nq = 0, as in NumPy */
-                REAL *row = Wm + (i + q) * in;
-                for (int64_t j = 0; j < in; j++) row[j] = f * row[j];
+                const REAL *v = V + q * in;
+                WTYPE *row = Wm + (i + q) * in;
+                for (int64_t j = 0; j < in; j++) row[j] = NARROW(f * v[j]);
             }
         }
     }
 }
 
 static DORA_CLONES void FN(column_norm_rows)(
-    REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, REAL s,
+    REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    FN(norm_rows)(0, NULL, n, W0, Ap, B, NULL, s, i0, i1, in, r);
+    FN(norm_rows)(0, NULL, NULL, n, W0, Ap, B, NULL, s, i0, i1, in, r);
 }
 
 /* ------------------------------------------------------------------------ */
 /* merge: V = W0 + s * B @ A,  n = ||V||_row,  W' = (m / n) * V             */
-/* One pass over W0: V's rows are written into W', then scaled in place     */
-/* while they are still in cache.                                           */
+/* One pass over W0: a group's rows of V are kept in a scratch (in cache),  */
+/* then scaled into W'.                                                     */
 /* ------------------------------------------------------------------------ */
 
 static DORA_CLONES void FN(merge_rows)(
-    REAL *Wm, REAL *n, const REAL *W0, const REAL *Ap, const REAL *B, const REAL *m,
-    REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+    WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B,
+    const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    FN(norm_rows)(1, Wm, n, W0, Ap, B, m, s, i0, i1, in, r);
+    FN(norm_rows)(1, Wm, V, n, W0, Ap, B, m, s, i0, i1, in, r);
 }
 
-/* The norm (Wm NULL) or the merge, over row blocks on the planned threads. */
-static int FN(norm_or_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+/* The norm (Wm NULL) or the merge, over row blocks on the planned threads.
+   The merge's threads each have a scratch of G rows of V. */
+static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                              const REAL *m, double s, int64_t out, int64_t in, int64_t r)
 {
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
+    int failed = 0;
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
     #pragma omp parallel num_threads(plan.nt)
     {
         dora_plan_arrive(&plan);
+        REAL *V = Wm ? (REAL *)malloc((size_t)dora_max(1, G * in) * sizeof(REAL)) : NULL;
+        if (Wm && !V) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(dynamic)
         for (int64_t blk = 0; blk < nblocks; blk++) {
             const int64_t i0 = blk * ROW_BLOCK, i1 = dora_min(out, i0 + ROW_BLOCK);
-            if (Wm)
-                FN(merge_rows)(Wm, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
-            else
+            if (V)
+                FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
+            else if (!Wm)
                 FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, i1, in, r);
         }
+        free(V);
     }
     dora_plan_end(&plan);
     free(Ap);
-    return DORA_OK;
+    return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
 
-int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+API int FN(dora_column_norm)(REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                          double s, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -226,7 +253,7 @@ int FN(dora_column_norm)(REAL *n, const REAL *W0, const REAL *A, const REAL *B,
     return FN(norm_or_merge)(NULL, n, W0, A, B, NULL, s, out, in, r);
 }
 
-int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL *B,
+API int FN(dora_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                    const REAL *m, double s, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -241,18 +268,18 @@ int FN(dora_merge)(REAL *Wm, REAL *n, const REAL *W0, const REAL *A, const REAL 
 /* ------------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void FN(unmerge_step)(
-    REAL *W0, const REAL *Wm, const REAL *f, const REAL *b, const REAL *a,
+    WTYPE *W0, const WTYPE *Wm, const REAL *f, const REAL *b, const REAL *a,
     REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
     FN(tile)(P, b, r, g, a, W, r, w);
     for (int q = 0; q < g; q++)
         for (int l = 0; l < w; l++)
-            W0[q * in + l] = Wm[q * in + l] / f[q] - s * P[q][l];
+            W0[q * in + l] = NARROW(WIDEN(Wm[q * in + l]) / f[q] - s * P[q][l]);
 }
 
 static DORA_CLONES void FN(unmerge_rows)(
-    REAL *W0, const REAL *Wm, const REAL *Ap, const REAL *B, const REAL *factor,
+    WTYPE *W0, const WTYPE *Wm, const REAL *Ap, const REAL *B, const REAL *factor,
     REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0; i < i1; i += G) {
@@ -269,7 +296,7 @@ static DORA_CLONES void FN(unmerge_rows)(
     }
 }
 
-int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
+API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *B,
                      const REAL *factor, double s, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;
@@ -301,7 +328,7 @@ int FN(dora_unmerge)(REAL *W0, const REAL *Wm, const REAL *A, const REAL *B,
 /* ------------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void FN(forward_step)(
-    REAL *y, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
+    WTYPE *y, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
     const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias)
 {
     REAL P[G][W];
@@ -310,12 +337,12 @@ static inline __attribute__((always_inline)) void FN(forward_step)(
         #pragma omp simd
         for (int l = 0; l < w; l++) {
             const REAL v = gm[l] * (base[q * out + l] + s * P[q][l]);
-            y[q * out + l] = has_bias ? v + bias[l] : v;
+            y[q * out + l] = NARROW(has_bias ? v + bias[l] : v);
         }
 }
 
 static DORA_CLONES void FN(forward_epilogue_rows)(
-    REAL *y, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
+    WTYPE *y, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
     const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t out, int64_t r)
 {
     /* Columns in blocks of COL_BLOCK, so that their panels of B.T stay in L1
@@ -338,7 +365,7 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
     }
 }
 
-int FN(dora_forward_epilogue)(REAL *y, const REAL *base, const REAL *U, const REAL *B,
+API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const REAL *B,
                               const REAL *gm, const REAL *bias,
                               double s, int64_t N, int64_t out, int64_t r)
 {
@@ -364,6 +391,8 @@ int FN(dora_forward_epilogue)(REAL *y, const REAL *base, const REAL *U, const RE
     free(Bp);
     return DORA_OK;
 }
+
+#if !LP  /* backward_epilogue: float32 and float64 only */
 
 /* ------------------------------------------------------------------------ */
 /* backward_epilogue: z = base + s * U @ B.T (never stored),                */
@@ -442,6 +471,8 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     return DORA_OK;
 }
 
+#endif  /* !LP */
+
 /* Sums each of the n runs of W lanes of v (v[e * W .. e * W + W - 1]) into
    its first lane, by a fixed pairwise tree (halves added W / 2, W / 4, ...
    apart), which vectorizes across the lanes; v is overwritten. */
@@ -465,13 +496,13 @@ static inline void FN(sum_lanes)(REAL *restrict v, int64_t n)
      lanes[q][l] += M[q, l] * P[k, l]            (M @ P.T, row q, lane by lane)
      row[l]      += sum_q Q[q, k] * M[q, l]      (Q.T @ M, row k, rows in order) */
 static inline __attribute__((always_inline)) void FN(twoprod_tile)(
-    REAL lanes[G][W], REAL *restrict row, const REAL *restrict m, const REAL *restrict p,
+    REAL lanes[G][W], REAL *restrict row, const WTYPE *restrict m, const REAL *restrict p,
     const REAL qk[G], int64_t ldm, int g, int w)
 {
     for (int l = 0; l < w; l++) {
         REAL t = row[l];
         for (int q = 0; q < g; q++) {
-            const REAL x = m[q * ldm + l];
+            const REAL x = WIDEN(m[q * ldm + l]);
             lanes[q][l] += x * p[l];
             t += qk[q] * x;
         }
@@ -483,13 +514,13 @@ static inline __attribute__((always_inline)) void FN(twoprod_tile)(
    used four times. The same sums, in the same order. */
 static inline __attribute__((always_inline)) void FN(twoprod_tile2)(
     REAL lanes[G][W], REAL lanes1[G][W], REAL *restrict row, REAL *restrict row1,
-    const REAL *restrict m, const REAL *restrict p, const REAL *restrict p1,
+    const WTYPE *restrict m, const REAL *restrict p, const REAL *restrict p1,
     const REAL qk[G], const REAL qk1[G], int64_t ldm, int g, int w)
 {
     for (int l = 0; l < w; l++) {
         REAL t = row[l], t1 = row1[l];
         for (int q = 0; q < g; q++) {
-            const REAL x = m[q * ldm + l];
+            const REAL x = WIDEN(m[q * ldm + l]);
             lanes[q][l] += x * p[l];
             lanes1[q][l] += x * p1[l];
             t += qk[q] * x;
@@ -507,7 +538,7 @@ static inline __attribute__((always_inline)) void FN(twoprod_tile2)(
      qm (r, ldq)    accumulates Q.T @ M over these rows.
    q holds the g rows of Q (r apart), Pp the panels of P for these columns. */
 static inline __attribute__((always_inline)) void FN(twoprod_rows)(
-    REAL *restrict mp, REAL *restrict qm, int64_t ldq, const REAL *restrict m, int64_t ldm,
+    REAL *restrict mp, REAL *restrict qm, int64_t ldq, const WTYPE *restrict m, int64_t ldm,
     const REAL *restrict Pp, const REAL *restrict q, int64_t width, int64_t r, int g,
     int accumulate)
 {
@@ -552,6 +583,8 @@ static inline __attribute__((always_inline)) void FN(twoprod_rows)(
             mp[e * r + k] = accumulate ? mp[e * r + k] + lanes[e][0] : lanes[e][0];
     }
 }
+
+#if !LP  /* backward_lowrank: float32 and float64 only */
 
 /* ------------------------------------------------------------------------ */
 /* backward_lowrank: backward_epilogue, and in the same pass over dz        */
@@ -664,6 +697,8 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
     return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
 
+#endif  /* !LP */
+
 /* ------------------------------------------------------------------------ */
 /* norm_gradient_products: in one pass over W0,                             */
 /*   WAt = W0 @ A.T   (out, r): a sum over in, owned by the row             */
@@ -682,7 +717,7 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
    a power of two bytes apart share one L1 cache set), and copied to ct when
    it is done. Scratch: cc (r x CHUNK_LD). */
 static DORA_CLONES void FN(products_slice)(
-    REAL *WAt, REAL *ct, REAL *cc, const REAL *W0, const REAL *Ap, const REAL *C,
+    REAL *WAt, REAL *ct, REAL *cc, const WTYPE *W0, const REAL *Ap, const REAL *C,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0 * r; i < i1 * r; i++) WAt[i] = 0;
@@ -705,7 +740,7 @@ static DORA_CLONES void FN(products_slice)(
     }
 }
 
-int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const REAL *W0, const REAL *A,
+API int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const WTYPE *W0, const REAL *A,
                                     const REAL *C, int64_t out, int64_t in, int64_t r)
 {
     if (out < 0 || in < 0 || r < 0) return DORA_ERR_SIZE;

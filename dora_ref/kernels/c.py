@@ -10,7 +10,11 @@ when the extension was not built, and ``dora_ref`` then uses NumPy.
 Before any pointer crosses into C, every array is checked here:
 
 * dtype: float32 or float64, the same for all arrays of a call
-  (``TypeError`` otherwise, naming the argument);
+  (``TypeError`` otherwise, naming the argument); or, for ``column_norm``,
+  ``merge``, ``unmerge``, ``norm_gradient_products`` and
+  ``forward_epilogue``, a 16-bit weight
+  (``np.float16`` or ``ml_dtypes.bfloat16``) with float32 adapter arrays
+  (see "Low-precision weights" below);
 * shape: consistent with the others (``ValueError`` naming the argument and
   the shapes seen);
 * layout: **inputs** that are not C-contiguous (strided views,
@@ -39,6 +43,22 @@ forked after a threaded call runs the kernels too (``tests/test_fork.py``). NaN 
 Inf propagate as in NumPy. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
+
+Low-precision weights: ``column_norm(W0, A, B, s)``, ``merge(W0, A, B, m, s)``,
+``unmerge(W_merged, A, B, factor, s)`` and ``norm_gradient_products(W0, A, C)``
+take W0 (resp. W_merged) in ``np.float16`` or ``ml_dtypes.bfloat16`` with
+A, B, C, m, factor float32, and ``forward_epilogue(..., out_dtype=)`` writes
+y in either (base, U, B, g float32; bias float32 or of ``out_dtype``). Each
+result is, bit for bit, the float32 kernel's on the exactly widened inputs,
+rounded once to the 16-bit dtype (to nearest, ties to even, as ``astype``):
+n, WAt and CtW are float32, W', the unmerged W0 and y have the weight's
+dtype (above ``FUSED_MAX_RANK``, ``norm_gradient_products`` is BLAS on W0
+widened a block of rows at a time). The C kernels read the 16 bits
+and widen each element as they load it, so no float32 copy of the weight is
+made. A value past the 16-bit range becomes inf, returned as the float32
+kernels return an overflow; the callers (``dora_ref.core``) refuse it.
+``ml_dtypes`` is imported only when a bfloat16 array or ``"bfloat16"`` is
+passed.
 
 A nonzero status from C becomes ``MemoryError`` (a scratch allocation
 failed) or ``RuntimeError`` (a bug: the checks above should make it
@@ -132,6 +152,27 @@ __all__ = [
 ]
 
 _CTYPE = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _lp_format(dtype):
+    """The C format of a 16-bit storage dtype (``DORA_F16``, ``DORA_BF16``), else None.
+
+    A bfloat16 array exists only if ``ml_dtypes`` was imported already, so
+    importing it here, once the name says bfloat16, costs nothing.
+    """
+    if dtype == np.float16:
+        return lib.DORA_F16
+    if dtype.itemsize == 2 and dtype.name == "bfloat16":
+        import ml_dtypes
+
+        if dtype == ml_dtypes.bfloat16:
+            return lib.DORA_BF16
+    return None
+
+
+def _is_lp(arr):
+    return isinstance(arr, np.ndarray) and _lp_format(arr.dtype) is not None
 
 
 def openmp_enabled():
@@ -341,6 +382,88 @@ def _epilogue_shapes(base, U, B, g, base_name="base"):
     return N, out_f, r, shapes
 
 
+def _float32_arrays(reason, **named):
+    """Check that every array is a float32 ndarray; return them C-contiguous.
+
+    ``reason`` (a phrase) says in the error why float32 is due.
+    """
+    out = []
+    for name, arr in named.items():
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+        if arr.dtype != _FLOAT32:
+            raise TypeError(
+                f"{name} must have dtype float32 {reason}, got {arr.dtype} (shape {arr.shape})"
+            )
+        out.append(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
+    return out
+
+
+def _lp_weight_reason(name, W):
+    """The reason A, B, ... must be float32: W is a 16-bit weight."""
+    return f"when {name} has dtype {W.dtype} (a 16-bit weight takes a float32 adapter)"
+
+
+class _Whole:
+    """An argument of ``_lp_call`` passed whole to every row block (A)."""
+
+    __slots__ = ("arr",)
+
+    def __init__(self, arr):
+        self.arr = arr
+
+
+def _lp_call(kernel, W, args, scaling, in_features, r):
+    """Call a 16-bit C kernel on all of W, or on W's row blocks if W is strided.
+
+    ``args`` are the kernel's array arguments in order: ``W`` itself (the
+    (out, in) 16-bit weight), ``_Whole(A)``, and arrays whose first axis is
+    W's rows (outputs included), which are cut to each block's rows. A
+    strided weight is copied a block of rows at a time (``_weight_row_blocks``),
+    in its own dtype, one block alive at a time: never whole, never to float32.
+    """
+    def call(rows, W_rows):
+        ptrs = []
+        for a in args:
+            block = W_rows if a is W else a.arr if isinstance(a, _Whole) else a[rows]
+            ptrs.append(_bits(block) if block.itemsize == 2 else _ptr(block, "float"))
+        status = kernel(*ptrs, scaling, W_rows.shape[0], in_features, r, _lp_format(W.dtype))
+        _check_status(status, kernel.__name__)
+
+    if W.flags.c_contiguous:
+        call(slice(None), W)
+        return
+    for rows in _weight_row_blocks(*W.shape, W.itemsize):
+        call(rows, np.ascontiguousarray(W[rows]))
+
+
+def _bits(arr):
+    """A C pointer to the 16-bit storage of a C-contiguous float16/bfloat16 array."""
+    return ffi.from_buffer("uint16_t[]", arr.view(np.uint16))
+
+
+def _lp_out_dtype(out_dtype, base):
+    """``forward_epilogue``'s out_dtype: the 16-bit dtype, or None for the inputs' own dtype."""
+    if out_dtype is None:
+        return None
+    if isinstance(out_dtype, str) and out_dtype == "bfloat16":
+        import ml_dtypes
+
+        out_dtype = ml_dtypes.bfloat16
+    try:
+        dtype = np.dtype(out_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is not None and _lp_format(dtype) is not None:
+        return dtype
+    if dtype is not None and isinstance(base, np.ndarray) and dtype == base.dtype:
+        return None  # the inputs' dtype: the float32/float64 kernel
+    raise TypeError(
+        f"out_dtype must be None, float16, bfloat16 or the inputs' dtype "
+        f"({getattr(base, 'dtype', type(base).__name__)}), got {out_dtype!r}"
+    )
+
+
 # ---------------------------------------------------------------------------
 # the kernels
 # ---------------------------------------------------------------------------
@@ -349,17 +472,32 @@ def _epilogue_shapes(base, U, B, g, base_name="base"):
 def column_norm(W0, A, B, scaling):
     """n_i = ||W0_i + s * B_i @ A||_2 for every output row i, without forming B @ A.
 
+    The paper's column norm ||V||_c (DoRA, Eq. 2), one per output row of the
+    PyTorch (out, in) weight.
+
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
+        float32, float64, or float16 / bfloat16 (then A and B are float32).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     scaling : float
 
     Returns
     -------
-    n : ndarray, shape (out,), the dtype of W0
+    n : ndarray, shape (out,)
+        The dtype of W0; float32 for a 16-bit W0, bit for bit the float32
+        kernel's on ``W0.astype(np.float32)``.
+
+    Raises
+    ------
+    TypeError
+        A non-array, a dtype outside those combinations, a non-real scaling.
+    ValueError
+        Shapes that do not fit (out, in), (r, in), (out, r).
     """
+    if _is_lp(W0):
+        return _column_norm_lp(W0, A, B, scaling)
     if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
         (A, B), _ = _arrays(A=A, B=B)
         _adapter(W0, A, B)
@@ -379,8 +517,21 @@ def column_norm(W0, A, B, scaling):
     return n
 
 
-def forward_epilogue(base, U, B, g, scaling, bias):
+def _column_norm_lp(W0, A, B, scaling):
+    """``column_norm`` of a 16-bit W0 with float32 A, B: n float32."""
+    A, B = _float32_arrays(_lp_weight_reason("W0", W0), A=A, B=B)
+    out_f, in_f, r, _ = _adapter(W0, A, B)
+    n = np.empty(out_f, dtype=np.float32)
+    _lp_call(lib.dora_column_norm_lp, W0,
+             [n, W0, _Whole(A), B], _scaling(scaling), in_f, r)
+    return n
+
+
+def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
     """y = g * (base + s * U @ B.T) + bias, one pass over the (N, out) output.
+
+    The DoRA output (Eq. 5) with g = m / n, after the two products x @ W0.T
+    (base) and x @ A.T (U) that BLAS computes.
 
     Parameters
     ----------
@@ -390,11 +541,26 @@ def forward_epilogue(base, U, B, g, scaling, bias):
     g : ndarray, shape (out,)
     scaling : float
     bias : ndarray, shape (out,), or None
+    out_dtype : None, np.float16, ml_dtypes.bfloat16 (or "bfloat16"), optional
+        None (or the inputs' dtype): y in the inputs' dtype. A 16-bit dtype:
+        base, U, B, g must be float32 and bias float32 or of out_dtype; y is
+        the float32 result rounded once to out_dtype, bit for bit.
 
     Returns
     -------
     y : ndarray, shape (N, out)
+        The inputs' dtype, or out_dtype.
+
+    Raises
+    ------
+    TypeError
+        A non-array, mixed or unsupported dtypes, an unknown out_dtype.
+    ValueError
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
     """
+    lp_dtype = _lp_out_dtype(out_dtype, base)
+    if lp_dtype is not None:
+        return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype)
     named = dict(base=base, U=U, B=B, g=g)
     if bias is not None:
         named["bias"] = bias
@@ -412,6 +578,31 @@ def forward_epilogue(base, U, B, g, scaling, bias):
     status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
         _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
         bias_ptr, _scaling(scaling), N, out_f, r,
+    )
+    _check_status(status, "forward_epilogue")
+    return y
+
+
+def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype):
+    """``forward_epilogue`` with float32 inputs and y rounded once to the 16-bit out_dtype."""
+    reason = f"when out_dtype is {out_dtype} (float32 inputs, a 16-bit output)"
+    base, U, B, g = _float32_arrays(reason, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    bias_ptr = ffi.NULL
+    if bias is not None:
+        if not isinstance(bias, np.ndarray):
+            raise TypeError(f"bias must be a numpy.ndarray or None, got {type(bias).__name__}")
+        if bias.dtype not in (_FLOAT32, out_dtype):
+            raise TypeError(f"bias must have dtype float32 or out_dtype ({out_dtype}), "
+                            f"got {bias.dtype} (shape {bias.shape})")
+        if bias.shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},); got {shapes}, bias {bias.shape}")
+        bias = np.ascontiguousarray(bias, dtype=np.float32)  # (out,): widening is exact
+        bias_ptr = _ptr(bias, "float")
+    y = np.empty((N, out_f), dtype=out_dtype)
+    status = lib.dora_forward_epilogue_lp(
+        _bits(y), _ptr(base, "float"), _ptr(U, "float"), _ptr(B, "float"), _ptr(g, "float"),
+        bias_ptr, _scaling(scaling), N, out_f, r, _lp_format(out_dtype),
     )
     _check_status(status, "forward_epilogue")
     return y
@@ -536,6 +727,7 @@ def norm_gradient_products(W0, A, C):
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
+        float32, float64, or float16 / bfloat16 (then A and C are float32).
     A : ndarray, shape (r, in)
     C : ndarray, shape (out, r)
 
@@ -543,6 +735,10 @@ def norm_gradient_products(W0, A, C):
     -------
     WAt : ndarray, shape (out, r)
     CtW : ndarray, shape (r, in)
+        W0's dtype; float32 for a 16-bit W0: on the fused path, bit for bit
+        the float32 kernel's on ``W0.astype(np.float32)``; on the BLAS path,
+        BLAS on W0 widened one block of rows at a time (no float32 copy of
+        W0), CtW summed over the blocks in order.
 
     Raises
     ------
@@ -556,6 +752,8 @@ def norm_gradient_products(W0, A, C):
     The fused path's bits do not depend on the number of threads; the BLAS
     path's may (BLAS splits its sums by thread).
     """
+    if _is_lp(W0):
+        return _norm_gradient_products_lp(W0, A, C)
     (W0, A, C), _ = _arrays(W0=W0, A=A, C=C)
     _products_shapes(W0, A, C)
     if A.shape[0] > FUSED_MAX_RANK:
@@ -592,6 +790,30 @@ def _norm_gradient_products_fused(W0, A, C):
     return WAt, CtW
 
 
+def _norm_gradient_products_lp(W0, A, C):
+    """``norm_gradient_products`` of a 16-bit W0 with float32 A, C: WAt, CtW float32."""
+    A, C = _float32_arrays(_lp_weight_reason("W0", W0), A=A, C=C)
+    out_f, in_f, r = _products_shapes(W0, A, C)
+    WAt = np.empty((out_f, r), dtype=np.float32)
+    if r > FUSED_MAX_RANK:  # BLAS, as for float32, on W0 widened a block of rows at a time
+        CtW = np.zeros((r, in_f), dtype=np.float32)
+        for rows in _weight_row_blocks(out_f, in_f, 4):
+            W_rows = W0[rows].astype(np.float32)
+            WAt[rows] = W_rows @ A.T
+            CtW += C[rows].T @ W_rows
+        return WAt, CtW
+    # the kernel's row slices depend on out: a strided W0 is copied whole
+    # (in its own dtype), as the float32 wrapper copies it, for the same bits
+    W0 = W0 if W0.flags.c_contiguous else np.ascontiguousarray(W0)
+    CtW = np.empty((r, in_f), dtype=np.float32)
+    status = lib.dora_norm_gradient_products_lp(
+        _ptr(WAt, "float"), _ptr(CtW, "float"), _bits(W0), _ptr(A, "float"), _ptr(C, "float"),
+        out_f, in_f, r, _lp_format(W0.dtype),
+    )
+    _check_status(status, "norm_gradient_products")
+    return WAt, CtW
+
+
 def scratch_bytes(kernel, *sizes, itemsize=4):
     """Bytes of C scratch one call allocates (not seen by tracemalloc); r is the last size.
 
@@ -611,9 +833,12 @@ def scratch_bytes(kernel, *sizes, itemsize=4):
 def merge(W0, A, B, magnitude, scaling):
     """W' = (m / n)[:, None] * (W0 + s * B @ A) and n, in one pass over W0.
 
+    PEFT's merge with DoRA (``W' = m * V / ||V||_c``, V = W0 + s * B @ A).
+
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
+        float32, float64, or float16 / bfloat16 (then A, B, magnitude are float32).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     magnitude : ndarray, shape (out,)
@@ -622,10 +847,21 @@ def merge(W0, A, B, magnitude, scaling):
     Returns
     -------
     W_merged : ndarray, shape (out, in)
+        W0's dtype; for a 16-bit W0, the float32 kernel's W' on
+        ``W0.astype(np.float32)`` rounded once (past the range: inf).
     n : ndarray, shape (out,)
-        Rows with n = 0 give inf/NaN rows in W_merged, as NumPy does; the
-        caller checks n.
+        W0's dtype, float32 for a 16-bit W0. Rows with n = 0 give inf/NaN
+        rows in W_merged, as NumPy does; the caller checks n.
+
+    Raises
+    ------
+    TypeError
+        A non-array, a dtype outside those combinations, a non-real scaling.
+    ValueError
+        Shapes that do not fit W0 (out, in), A (r, in), B (out, r), magnitude (out,).
     """
+    if _is_lp(W0):
+        return _merge_lp(W0, A, B, magnitude, scaling)
     if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
         (A, B, magnitude), _ = _arrays(A=A, B=B, magnitude=magnitude)
         _, _, _, shapes = _adapter(W0, A, B)
@@ -651,12 +887,25 @@ def merge(W0, A, B, magnitude, scaling):
     return W_merged, n
 
 
+def _merge_lp(W0, A, B, magnitude, scaling):
+    """``merge`` of a 16-bit W0 with float32 A, B, magnitude: W' in W0's dtype, n float32."""
+    A, B, magnitude = _float32_arrays(_lp_weight_reason("W0", W0), A=A, B=B, magnitude=magnitude)
+    out_f, in_f, r, shapes = _adapter(W0, A, B)
+    _shape("magnitude", magnitude, (out_f,), shapes.plus("magnitude", magnitude))
+    W_merged = np.empty((out_f, in_f), dtype=W0.dtype)
+    n = np.empty(out_f, dtype=np.float32)
+    _lp_call(lib.dora_merge_lp, W0,
+             [W_merged, n, W0, _Whole(A), B, magnitude], _scaling(scaling), in_f, r)
+    return W_merged, n
+
+
 def unmerge(W_merged, A, B, factor, scaling):
     """W0 = W' / factor[:, None] - s * B @ A, the inverse of ``merge``.
 
     Parameters
     ----------
     W_merged : ndarray, shape (out, in)
+        float32, float64, or float16 / bfloat16 (then A, B, factor are float32).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     factor : ndarray, shape (out,)
@@ -666,7 +915,19 @@ def unmerge(W_merged, A, B, factor, scaling):
     Returns
     -------
     W0 : ndarray, shape (out, in)
+        W_merged's dtype; for a 16-bit W_merged, the float32 kernel's result
+        on ``W_merged.astype(np.float32)`` rounded once (past the range: inf).
+
+    Raises
+    ------
+    TypeError
+        A non-array, a dtype outside those combinations, a non-real scaling.
+    ValueError
+        Shapes that do not fit W_merged (out, in), A (r, in), B (out, r),
+        factor (out,).
     """
+    if _is_lp(W_merged):
+        return _unmerge_lp(W_merged, A, B, factor, scaling)
     (W_merged, A, B, factor), dtype = _arrays(W_merged=W_merged, A=A, B=B, factor=factor)
     out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
     _shape("factor", factor, (out_f,), shapes.plus("factor", factor))
@@ -677,4 +938,16 @@ def unmerge(W_merged, A, B, factor, scaling):
         _ptr(factor, ctype), _scaling(scaling), out_f, in_f, r,
     )
     _check_status(status, "unmerge")
+    return W0
+
+
+def _unmerge_lp(W_merged, A, B, factor, scaling):
+    """``unmerge`` of a 16-bit W_merged with float32 A, B, factor: W0 in W_merged's dtype."""
+    A, B, factor = _float32_arrays(_lp_weight_reason("W_merged", W_merged), A=A, B=B,
+                                   factor=factor)
+    out_f, in_f, r, shapes = _adapter(W_merged, A, B, W0_name="W_merged")
+    _shape("factor", factor, (out_f,), shapes.plus("factor", factor))
+    W0 = np.empty((out_f, in_f), dtype=W_merged.dtype)
+    _lp_call(lib.dora_unmerge_lp, W_merged,
+             [W0, W_merged, _Whole(A), B, factor], _scaling(scaling), in_f, r)
     return W0

@@ -150,8 +150,8 @@ MUTATIONS = [
              "p3[l] += c3 * ak[l];", "p3[l] += c2 * ak[l];",
              "C full 4-row tile uses row 2's coefficient for row 3"),
     Mutation("c_bias_times_g", C,
-             "y[q * out + l] = has_bias ? v + bias[l] : v;",
-             "y[q * out + l] = has_bias ? v + gm[l] * bias[l] : v;",
+             "y[q * out + l] = NARROW(has_bias ? v + bias[l] : v);",
+             "y[q * out + l] = NARROW(has_bias ? v + gm[l] * bias[l] : v);",
              "C forward multiplies the bias by g"),
     Mutation("c_forward_skips_last_partial_tile", C,
              "for (int64_t i = c0; i < dora_min(out, c0 + COL_BLOCK); i += W) {",
@@ -169,8 +169,8 @@ MUTATIONS = [
              "C two-product row kernel (norm_gradient_products' C.T @ W0, backward_lowrank's "
              "dB): Q.T @ M subtracted for the last k of an odd r"),
     Mutation("c_unmerge_sign", C,
-             "W0[q * in + l] = Wm[q * in + l] / f[q] - s * P[q][l];",
-             "W0[q * in + l] = Wm[q * in + l] / f[q] + s * P[q][l];",
+             "W0[q * in + l] = NARROW(WIDEN(Wm[q * in + l]) / f[q] - s * P[q][l]);",
+             "W0[q * in + l] = NARROW(WIDEN(Wm[q * in + l]) / f[q] + s * P[q][l]);",
              "C unmerge adds s B A instead of subtracting it"),
 ]
 
