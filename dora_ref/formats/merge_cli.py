@@ -40,13 +40,19 @@ most the temporary sibling(s); the next ``dora-ref merge`` to the same OUT
 removes those whose process is gone.
 
 Tensors are read, merged and written one at a time (bf16/fp16 widened to
-float32, merged, rounded once back to the stored dtype, ties to even); a
-weight above 16M elements is merged a block of rows at a time. Memory is a
-few copies of the largest merged tensor (two of them in float32), not the
-model. Tensors that no adapter touches are copied byte for byte
-(``copy_file_range``), never decoded and never in memory. Every adapter is checked against the base's header before anything
-is written; a merged weight that is not finite in the stored dtype stops the
-command (naming the module, rows and cause) and nothing is written.
+float32, merged, rounded once back to the stored dtype, ties to even: every
+stored value is the float32 merge correctly rounded); a weight above 16M
+elements is merged a block of rows at a time. The conversions run in
+cache-sized chunks on the cores the machine has idle, bf16 as raw bits
+(``ml_dtypes``, a second or two to import, is never imported for it), into
+buffers reused from tensor to tensor. Memory is a few copies of the largest
+merged tensor (two of them in float32), not the model. Tensors that no
+adapter touches are copied byte for byte (``copy_file_range``), never
+decoded and never in memory. Each tensor's bytes start going to disk as soon
+as they are written, so the final fsync waits for little. Every adapter is
+checked against the base's header before anything is written; a merged
+weight that is not finite in the stored dtype stops the command (naming the
+module, rows and cause) and nothing is written.
 """
 from __future__ import annotations
 
@@ -346,8 +352,11 @@ def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, wide=None, out=No
     check for non-finite values fused into the rounding; the conversions run
     a cache-sized chunk at a time on the idle cores (``bf16_bits``). A fused
     kernel taking the bf16/fp16 block with float32 A, B, m and writing the
-    rounded result (the same bits) replaces the three steps by its one call
-    for a single linear module (``len(mods) == 1 and not fifo``).
+    rounded result (the same bits) replaces the first line by its one call
+    for a single DoRA module on a linear view (``len(mods) == 1 and not
+    fifo``; zero norms and the finiteness check as ``F.merge`` does them).
+    It must take bfloat16 as its uint16 bits: viewing them as an
+    ``ml_dtypes`` array would import ml_dtypes (1.4-2 s here).
 
     Parameters
     ----------
