@@ -352,7 +352,7 @@ def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, wide=None, out=No
     check for non-finite values fused into the rounding; the conversions run
     a cache-sized chunk at a time on the idle cores (``bf16_bits``). A fused
     kernel taking the bf16/fp16 block with float32 A, B, m and writing the
-    rounded result (the same bits) replaces the first line by its one call
+    rounded result (the same bits) replaces the two lines below by one call
     for a single DoRA module on a linear view (``len(mods) == 1 and not
     fifo``; zero norms and the finiteness check as ``F.merge`` does them).
     It must take bfloat16 as its uint16 bits: viewing them as an
