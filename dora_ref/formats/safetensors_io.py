@@ -398,8 +398,10 @@ def _copy_range(src_fd, dst_fd, offset, nbytes):
 def _writeback_starter():
     """Linux ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``, or None elsewhere.
 
-    It starts writing a range of a file's dirty pages to disk and returns at
-    once: the disk works while the merge computes, and the fsync that
+    It starts writing a range of a file's dirty pages to disk and returns
+    without waiting for the disk (unless its queue is full): the disk works
+    while the merge computes (measured: the final fsync of bench_merge.py's
+    794 MB output went from 0.47 s to 0.01 s), and the fsync that
     ``SafetensorsWriter.close`` still does (the guarantee) finds little left.
     Only a hint: where it is missing nothing changes but the time.
     """
