@@ -17,7 +17,10 @@ interleaved rounds:
 * ``cp -r``.
 
 Wall time is the subprocess's, start to exit (interpreter start and imports
-included, as a user sees it); peak RSS is the subprocess's own ``ru_maxrss``
+included, as a user sees it); CPU time its user + system time over all its
+threads (the work itself: on a busy machine steadier than the wall time,
+though a parallel region waiting on a busy core shows only in the wall
+time); peak RSS is the subprocess's own ``ru_maxrss``
 (``os.wait4``). Linux folds the peak of the forking parent's memory into a
 child's ``ru_maxrss`` at exec, so this script stays small (the model is
 built in a subprocess, the page cache warmed with ``cat``) and prints its own
@@ -26,7 +29,7 @@ the page cache. The machine's load (``uptime``) is printed before and after:
 on a shared machine the ratios, measured side by side, are what to compare.
 
 Run ``python benchmarks/bench_merge.py`` (about 5 minutes; PEFT takes most)
-or ``--small`` (a 2-layer model, seconds). ``--rounds N`` repeats the
+or ``--quick`` (a 2-layer model, seconds; ``--small`` is the old name). ``--rounds N`` repeats the
 interleaved round (default 2); ``--no-peft`` skips PEFT. ``--compare`` keeps
 the last round's dora-ref and PEFT outputs and compares the first layer's
 seven merged projections bit by bit, and each with the float64 merge rounded
@@ -163,7 +166,11 @@ def compare(base, adapter, ours, theirs):
 
 
 def run(cmd, env=None):
-    """(wall seconds, peak RSS bytes, stdout) of a subprocess; raises if it fails."""
+    """(wall seconds, CPU seconds (user + system, all threads), peak RSS bytes, stdout) of a subprocess.
+
+    Raises if it fails. On a busy machine the wall time depends on what else
+    runs; the CPU time is the work itself, a steadier figure to compare.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out = proc.stdout.read()
@@ -173,7 +180,7 @@ def run(cmd, env=None):
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out.decode()
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, out.decode()
 
 
 def machine():
@@ -189,7 +196,8 @@ def uptime():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="a 2-layer model of a few MB (quick check)")
+    ap.add_argument("--quick", "--small", dest="small", action="store_true",
+                    help="a 2-layer model of a few MB (a check that everything runs, in seconds)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT (the slowest)")
     ap.add_argument("--compare", action="store_true", help="compare dora-ref's merged bits with PEFT's")
@@ -221,6 +229,7 @@ def main(argv=None):
             methods["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), "{out}"]
         times = {name: [] for name in methods}
         rss = {name: [] for name in methods}
+        cpu = {name: [] for name in methods}
         inner = []
         kept = {"dora-ref merge": tmp / "cmp_dora_ref", "PEFT merge_and_unload": tmp / "cmp_peft"}
         for round_ in range(args.rounds):
@@ -229,12 +238,14 @@ def main(argv=None):
                 shutil.rmtree(out, ignore_errors=True)
                 if args.compare and round_ == args.rounds - 1 and name in kept:
                     out = kept[name]
-                wall, peak, stdout = run([c.replace("{out}", str(out)) for c in cmd], env)
+                wall, cpu_s, peak, stdout = run([c.replace("{out}", str(out)) for c in cmd], env)
+                cpu[name].append(cpu_s)
                 times[name].append(wall)
                 rss[name].append(peak)
                 if name.startswith("read"):
                     inner.append(float(stdout.split()[0]))
-                print(f"  round {round_ + 1}: {name:<34} {wall:7.2f} s  peak RSS {peak / 1e6:6.0f} MB", flush=True)
+                print(f"  round {round_ + 1}: {name:<34} {wall:7.2f} s  CPU {cpu_s:6.2f} s  peak RSS {peak / 1e6:6.0f} MB",
+                      flush=True)
         shutil.rmtree(tmp / "out", ignore_errors=True)
         after = uptime()
         compared = compare(base, adapter, kept["dora-ref merge"], kept["PEFT merge_and_unload"]) if (
@@ -246,6 +257,7 @@ def main(argv=None):
 
     med = {name: statistics.median(v) for name, v in times.items()}
     peak = {name: max(v) for name, v in rss.items()}
+    med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
     floor = med["read + write (safetensors.torch)"]
     # the strict floor: the read + write itself (no torch import) plus what any NumPy program pays to start
     strict = statistics.median(inner) + med["python -c 'import numpy' (startup)"]
@@ -253,21 +265,27 @@ def main(argv=None):
         f"machine: {machine()}; model {size / 1e6:.0f} MB bf16, largest tensor {largest / 1e6:.0f} MB",
         f"load before/after: see the run log; after: {after}",
         "",
-        "| method | wall (median of %d) | vs read + write | peak RSS | RSS / largest tensor |" % args.rounds,
-        "|---|---|---|---|---|",
+        "| method | wall (median of %d) | vs read + write | CPU, user + sys (median) | vs read + write "
+        "| peak RSS | RSS / largest tensor |" % args.rounds,
+        "|---|---|---|---|---|---|---|",
     ]
+    cpu_floor = med_cpu["read + write (safetensors.torch)"]
     for name in methods:
-        lines.append(f"| {name} | {med[name]:.2f} s | {med[name] / floor:.2f}x | {peak[name] / 1e6:.0f} MB | "
-                     f"{peak[name] / largest:.2f} |")  # fmt: skip
+        lines.append(f"| {name} | {med[name]:.2f} s | {med[name] / floor:.2f}x | {med_cpu[name]:.2f} s | "
+                     f"{med_cpu[name] / cpu_floor:.2f}x | {peak[name] / 1e6:.0f} MB | {peak[name] / largest:.2f} |")  # fmt: skip
     lines.append(f"| read + write, in-process (imports excluded) | {statistics.median(inner):.2f} s | "
-                 f"{statistics.median(inner) / floor:.2f}x | | |")  # fmt: skip
-    lines.append(f"| strict floor: in-process read + write + NumPy startup | {strict:.2f} s | {strict / floor:.2f}x | | |")
+                 f"{statistics.median(inner) / floor:.2f}x | | | | |")  # fmt: skip
+    lines.append(f"| strict floor: in-process read + write + NumPy startup | {strict:.2f} s | {strict / floor:.2f}x "
+                 f"| | | | |")  # fmt: skip
+    lines.append("")
+    summary = [f"dora-ref merge / read + write: {med['dora-ref merge'] / floor:.2f} wall, "
+               f"{med_cpu['dora-ref merge'] / cpu_floor:.2f} CPU (goal <= 1.1); "
+               f"/ strict floor: {med['dora-ref merge'] / strict:.2f}",
+               f"peak RSS / largest tensor: {peak['dora-ref merge'] / largest:.2f} (goal <= 3)"]  # fmt: skip
     if "PEFT merge_and_unload" in med:
-        lines.append("")
-        lines.append(f"PEFT / dora-ref merge: {med['PEFT merge_and_unload'] / med['dora-ref merge']:.1f}x (goal >= 6); "
-                     f"dora-ref merge / read + write: {med['dora-ref merge'] / floor:.2f} (goal <= 1.1), "
-                     f"/ strict floor: {med['dora-ref merge'] / strict:.2f}; "
-                     f"peak RSS / largest tensor: {peak['dora-ref merge'] / largest:.2f} (goal <= 3)")  # fmt: skip
+        summary.insert(0, f"PEFT / dora-ref merge: {med['PEFT merge_and_unload'] / med['dora-ref merge']:.1f}x wall, "
+                          f"{med_cpu['PEFT merge_and_unload'] / med_cpu['dora-ref merge']:.1f}x CPU (goal >= 6)")
+    lines.append("; ".join(summary))
     lines += [""] + compared if compared else []
     print("\n".join(lines))
     if args.results:

@@ -40,18 +40,26 @@ most the temporary sibling(s); the next ``dora-ref merge`` to the same OUT
 removes those whose process is gone.
 
 Tensors are read, merged and written one at a time (bf16/fp16 widened to
-float32, merged, rounded once back to the stored dtype, ties to even); a
-weight above 16M elements is merged a block of rows at a time. Memory is a
-few copies of the largest merged tensor (two of them in float32), not the
-model. Tensors that no adapter touches are copied byte for byte
-(``copy_file_range``), never decoded and never in memory. Every adapter is checked against the base's header before anything
-is written; a merged weight that is not finite in the stored dtype stops the
-command (naming the module, rows and cause) and nothing is written.
+float32, merged, rounded once back to the stored dtype, ties to even: every
+stored value is the float32 merge correctly rounded); a weight above 16M
+elements is merged a block of rows at a time. The conversions run in
+cache-sized chunks on the cores the machine has idle, bf16 as raw bits
+(``ml_dtypes``, a second or two to import, is never imported for it), into
+buffers reused from tensor to tensor. Memory is a few copies of the largest
+merged tensor (two of them in float32), not the model. Tensors that no
+adapter touches are copied byte for byte (``copy_file_range``), never
+decoded and never in memory. Each tensor's bytes start going to disk as soon
+as they are written, so the final fsync waits for little. Every adapter is
+checked against the base's header before anything is written; a merged
+weight that is not finite in the stored dtype stops the command (naming the
+module, rows and cause) and nothing is written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import os
 import re
 import secrets
@@ -257,31 +265,77 @@ def _fsync_file(path):
 # ---------------------------------------------------------------------------
 
 
-def _codec(st_dtype):
-    """(read, widen, narrow, not_finite) for a stored dtype; the merge computes in float32 or float64.
+@dataclasses.dataclass(frozen=True)
+class _Codec:
+    """How one stored float dtype is read, widened to the compute dtype and rounded back.
 
-    ``narrow`` returns the stored values and whether any is not finite;
-    ``not_finite`` gives the mask (only on that error path).
-
-    bfloat16 is handled as raw bits (``bf16_bits.bfloat16_bits_to_float32`` /
-    ``bf16_bits.float32_to_bfloat16_bits``), so ``ml_dtypes`` is never imported here.
+    ``view``: the dtype the read bits are viewed as (uint16 for bfloat16, which
+    is handled as raw bits so that ``ml_dtypes`` is never imported; float16,
+    float32, float64 as themselves). ``widen(stored, out=)`` gives the
+    compute-dtype values (exact); ``narrow(W, out=)`` rounds them once to the
+    stored dtype, ties to even, and says whether any result is not finite;
+    ``not_finite(stored)`` gives the mask (only on that error path). ``bits``:
+    the merged tensor is raw bits rather than typed values.
     """
-    def checked(a):  # (array, whether any value is not finite)
-        return a, not np.isfinite(a).all()
 
+    view: np.dtype
+    widen: object
+    narrow: object
+    not_finite: object
+    bits: bool = False
+
+
+def _same(x, *, out=None):
+    """float32/float64 weights merge in their own dtype: nothing to widen (``out`` unused)."""
+    return x
+
+
+def _checked(x, *, out=None):
+    """A float32/float64 merge result as is (copied into ``out`` if given), and whether any value is not finite."""
+    if out is not None:
+        np.copyto(out, x)
+        x = out
+    return x, not np.isfinite(x).all()
+
+
+def _codec(st_dtype):
+    """The ``_Codec`` of a stored dtype; the merge computes in float32 (float64 for a float64 weight)."""
     if st_dtype == "BF16":
-        return ("bits", bf16_bits.bfloat16_bits_to_float32,
-                lambda x: bf16_bits.float32_to_bfloat16_bits(x, report_non_finite=True),
-                lambda bits: (bits & 0x7F80) == 0x7F80)  # fmt: skip
+        return _Codec(np.dtype("<u2"), bf16_bits.bfloat16_bits_to_float32,
+                      functools.partial(bf16_bits.float32_to_bfloat16_bits, report_non_finite=True),
+                      lambda bits: (bits & 0x7F80) == 0x7F80, bits=True)  # fmt: skip
     if st_dtype == "F16":
-        def narrow(x):
-            with np.errstate(over="ignore"):
-                return checked(x.astype(np.float16))
-
-        return "array", lambda a: a.astype(np.float32), narrow, lambda a: ~np.isfinite(a)
+        return _Codec(np.dtype("<f2"), bf16_bits.float16_to_float32,
+                      functools.partial(bf16_bits.float32_to_float16, report_non_finite=True),
+                      lambda a: ~np.isfinite(a))  # fmt: skip
     if st_dtype in ("F32", "F64"):
-        return "array", lambda a: a, checked, lambda a: ~np.isfinite(a)
+        return _Codec(np.dtype("<f4" if st_dtype == "F32" else "<f8"), _same, _checked, lambda a: ~np.isfinite(a))
     raise ValueError(f"cannot merge into a {st_dtype} base weight (float16, bfloat16, float32, float64 only)")
+
+
+class _Buffers:
+    """Arrays reused from one merged tensor to the next, by role.
+
+    A new array's pages are faulted in and zeroed by the kernel on first
+    touch: on bench_merge.py's model, reusing them took the command from
+    58,000 page faults to 20,000 (the C merge kernel's new output array
+    makes most of the rest). Each role keeps one flat buffer, grown to the
+    largest tensor seen, so memory is what the largest merged tensor needs
+    anyway. An array taken for a role is valid until that role is taken again.
+    """
+
+    def __init__(self):
+        self._flat = {}
+
+    def take(self, role, shape, dtype):
+        """A C-contiguous ``dtype`` array of ``shape`` (uninitialised) over the role's buffer."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        flat = self._flat.get(role)
+        if flat is None or flat.size < nbytes:
+            flat = self._flat[role] = None  # drop the old one first: never two at once
+            flat = self._flat[role] = np.empty(max(nbytes, 1), dtype=np.uint8)
+        return flat[:nbytes].view(dtype).reshape(shape)
 
 
 def _block_modules(mods, rows):
@@ -289,17 +343,55 @@ def _block_modules(mods, rows):
             for m in mods]  # fmt: skip
 
 
-def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
+def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, wide=None, out=None):
+    """Merge ``mods`` into one block of rows of a stored weight: widen, merge, round once.
+
+    The one function where the command touches the numbers. Today: widen the
+    stored values to float32 exactly (bf16 from its bits), merge
+    (``dora_ref.formats.peft.merge_view``: the C kernel where built), round
+    the float32 result once to the stored dtype, ties to even, with the
+    check for non-finite values fused into the rounding; the conversions run
+    a cache-sized chunk at a time on the idle cores (``bf16_bits``). A fused
+    kernel taking the bf16/fp16 block with float32 A, B, m and writing the
+    rounded result (the same bits) replaces the two lines below by one call
+    for a single DoRA module on a linear view (``len(mods) == 1 and not
+    fifo``; zero norms and the finiteness check as ``F.merge`` does them).
+    It must take bfloat16 as its uint16 bits: viewing them as an
+    ``ml_dtypes`` array would import ml_dtypes (1.4-2 s here).
+
+    Parameters
+    ----------
+    stored : ndarray, shape (rows, ...) of the stored layout, ``codec.view`` dtype
+    mods : list of ModuleAdapter
+        Sliced to these rows (``_block_modules``).
+    fifo : bool
+    codec : _Codec
+    allow_zero_norm : bool
+    wide : ndarray, optional
+        Buffer for the widened block (float32, the shape of ``stored``).
+    out : ndarray, optional
+        Where the rounded block goes (``codec.view`` dtype, the shape of ``stored``).
+
+    Returns
+    -------
+    (ndarray, bool)
+        The merged block in the stored dtype (``out`` if given) and whether any value is not finite.
+    """
+    W = P.merge_view(codec.widen(stored, out=wide), mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
+    return codec.narrow(_from_view(W, stored.shape, fifo), out=out)
+
+
+def merge_tensor(f, key, mods, fifo, allow_zero_norm=False, *, buffers=None):
     """Merge ``mods`` into base tensor ``key`` of ``f``: the stored dtype's array (or bits for bf16).
 
     The tensor is widened to float32 (bf16 from its bits, exactly), merged
     (``dora_ref.formats.peft.merge_view``) and rounded once back to the stored
-    dtype, the check for non-finite values fused into the rounding. Rows are
-    independent (each output channel has its own norm), so a weight above
-    ``_BLOCK_ELEMENTS`` whose linear view keeps its rows (a linear (out, in)
-    weight, a convolution kernel) is merged a block of rows at a time, with
-    the same bits; fan-in-fan-out weights and embeddings (whose view is a
-    transpose) are merged whole.
+    dtype, the check for non-finite values fused into the rounding
+    (``_merge_rows``). Rows are independent (each output channel has its own
+    norm), so a weight above ``_BLOCK_ELEMENTS`` whose linear view keeps its
+    rows (a linear (out, in) weight, a convolution kernel) is merged a block
+    of rows at a time, with the same bits; fan-in-fan-out weights and
+    embeddings (whose view is a transpose) are merged whole.
 
     Parameters
     ----------
@@ -308,6 +400,10 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
     mods : list of ModuleAdapter
     fifo : bool
     allow_zero_norm : bool
+    buffers : _Buffers, optional
+        Reused arrays (``merge_checkpoint`` passes one for the whole run); the
+        result may live in one, valid until the next call with the same
+        ``buffers``. Default: new arrays.
 
     Returns
     -------
@@ -322,41 +418,42 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False):
         weight that is not finite in the stored dtype (module, rows, cause).
     """
     st_dtype = f.st_dtype(key)
-    how, widen, narrow, not_finite = _codec(st_dtype)
-    stored = f.read_bits(key) if how == "bits" else f.get(key)
+    codec = _codec(st_dtype)
+    buffers = _Buffers() if buffers is None else buffers
+    shape = f.shape(key)
+    stored = f.read_bits(key, out=buffers.take("stored", shape, S._BITS[codec.view.itemsize])).view(codec.view)
     row_elems = max(1, int(np.prod(stored.shape[1:], dtype=np.int64)))
     blockwise = (not fifo and mods[0].kind != "embedding" and stored.ndim >= 1
                  and stored.size > _BLOCK_ELEMENTS)  # fmt: skip
     step = max(1, _BLOCK_ELEMENTS // row_elems) if blockwise else max(1, stored.shape[0])
-    out = np.empty_like(stored) if blockwise else None
+    out = buffers.take("merged", shape, codec.view) if codec.widen is not _same or blockwise else None
     try:
         for start in range(0, max(1, stored.shape[0]), step):
             rows = slice(start, start + step) if blockwise else slice(None)
-            block_mods = _block_modules(mods, rows) if blockwise else mods
-            W = P.merge_view(widen(stored[rows]), block_mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
-            merged, any_bad = narrow(_from_view(W, stored[rows].shape, fifo))
+            block = stored[rows]
+            wide = None if codec.widen is _same else buffers.take("wide", block.shape, np.float32)
+            merged, any_bad = _merge_rows(block, _block_modules(mods, rows) if blockwise else mods, fifo, codec,
+                                          allow_zero_norm, wide=wide, out=None if out is None else out[rows])  # fmt: skip
             if any_bad:
-                bad = not_finite(merged)
-                raise _NotFinite(start if blockwise else 0, _from_view_rows(bad, fifo), W)
+                raise _NotFinite(start if blockwise else 0, _from_view_rows(codec.not_finite(merged), fifo))
             if not blockwise:
-                return merged, how == "bits"
-            out[rows] = merged
+                return merged, codec.bits
     except (_NotFinite, ValueError) as e:
         # name the rows of the whole tensor: diagnose it whole (only on this error path)
-        full = widen(stored)
+        full = codec.widen(stored)
         if isinstance(e, _NotFinite):
             W = P.merge_view(full, mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
             dtype = S._numpy_dtype(st_dtype)
             raise P.non_finite_error(full, mods, fifo, e.offset + e.rows, W, dtype) from None
         P.merge_view(full, mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
         raise
-    return out, how == "bits"
+    return out, codec.bits
 
 
 class _NotFinite(Exception):
-    def __init__(self, offset, rows, W):
+    def __init__(self, offset, rows):
         super().__init__()
-        self.offset, self.rows, self.W = offset, rows, W
+        self.offset, self.rows = offset, rows
 
 
 class _NoBar:
@@ -444,6 +541,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
 
     total = sum(len(base.file_keys(src)) for src, _ in files)
     bar = _progress_bar(total, progress)
+    buffers = _Buffers()  # written out before they are reused
     done = 0
     try:
         for src, dst in files:
@@ -454,7 +552,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
                 for key in keys:
                     if key in plan:
                         mods, fifo = plan[key]
-                        W, bits = merge_tensor(f, key, mods, fifo, allow_zero_norm)
+                        W, bits = merge_tensor(f, key, mods, fifo, allow_zero_norm, buffers=buffers)
                         writer.write(key, W, bits=bits)
                     elif key in replaced:
                         writer.write(key, P.cast_replacement(replaced[key], f.dtype(key), key))
