@@ -330,7 +330,7 @@ def _check_ctx(ctx, cls, forward):
         )
 
 
-def dora_backward(dy, ctx, *, detach_norm=True):
+def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
     """Gradients of a DoRA layer from the upstream gradient (hand-derived).
 
     The derivation is in this module's docstring; the steps are numbered
@@ -368,7 +368,7 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     if ctx.seen is not None:
         ctx.seen.check_backward()
     if ctx.precision is not None:
-        return _lowp.dora_backward(dy, ctx, detach_norm)
+        return _lowp.dora_backward(dy, ctx, detach_norm, _dx_adjoint)
     dy2 = _check_dy(dy, ctx, ctx.W0.dtype)
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy2, ctx, ctx.W0, detach_norm)
     check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
@@ -679,7 +679,7 @@ def _lora_forward(x_shape, x2, W0, A, B, scaling, bias, dropout_mask):
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 
 
-def lora_backward(dy, ctx):
+def lora_backward(dy, ctx, *, _dx_adjoint=None):
     """Gradients of a LoRA layer.
 
     Parameters
@@ -705,7 +705,7 @@ def lora_backward(dy, ctx):
     if ctx.seen is not None:
         ctx.seen.check_backward()
     if ctx.precision is not None:
-        return _lowp.lora_backward(dy, ctx)
+        return _lowp.lora_backward(dy, ctx, _dx_adjoint)
     dy2 = _check_dy(dy, ctx, ctx.W0.dtype)
     dx, dA, dB = _lora_backward_f32(dy2, ctx, ctx.W0)
     check_result_finite([("dA", dA), ("dB", dB), ("dx", dx)], [("dy", dy2)])

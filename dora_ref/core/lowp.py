@@ -175,15 +175,21 @@ def dora_forward(x_shape, x, W0, A, B, magnitude, scaling, bias, dropout_mask, w
     return y, ctx
 
 
-def dora_backward(dy, ctx, detach_norm):
-    """``functional.dora_backward`` for a context of an lp forward."""
+def dora_backward(dy, ctx, detach_norm, dx_adjoint=None):
+    """``functional.dora_backward`` for a context of an lp forward.
+
+    ``dx_adjoint`` (the convolutions' col2im) maps the float32 gradient of
+    the rows of x to the caller's x before dx is rounded, so that its sums
+    are float32 too; None: dx is reshaped to the forward's x.
+    """
     p = ctx.precision
     dy2 = F._check_dy(dy, ctx, p.lp)
+    adjoint = dx_adjoint or (lambda d: d.reshape(ctx.x_shape))
     if p.policy == "peft":
-        return _peft_backward(dy2, ctx)
+        return _peft_backward(dy2, ctx, adjoint)
     dx, dA, dB, dm = F._dora_backward_f32(upcast(dy2), ctx, ctx.W0.astype(F32), detach_norm)
     inputs = [("dy", dy2)]
-    return F.DoRAGrads(_store(dx, p.lp, "dx", inputs).reshape(ctx.x_shape),
+    return F.DoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
                        _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
                        _store(dm, p.adapter, "dmagnitude", inputs))
 
@@ -229,7 +235,7 @@ def _peft_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, weight_norm, 
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 
 
-def _peft_backward(dy2, ctx):
+def _peft_backward(dy2, ctx, adjoint):
     """PEFT's autograd through ``_peft_forward`` (detached norm, as PEFT).
 
     With G = dy in the adapter's dtype and ``op`` that dtype's rounding::
@@ -239,6 +245,9 @@ def _peft_backward(dy2, ctx):
         dB = op(gl.T @ h)   dh = op(gl @ B)   dA = op(dh.T @ x)
         dr = lp(lp(G) + lp(G (g - 1)))               both gradients of the lp result
         dx = lp(lp(dr @ W0) + lp(dh @ A))
+
+    (each product's rows mapped by ``adjoint`` before its rounding: PEFT's
+    convolution backward rounds after its transposed convolution).
     """
     p = ctx.precision
     lp, op = p.lp, _op(p.adapter, p.lp)
@@ -258,9 +267,10 @@ def _peft_backward(dy2, ctx):
     dA = op(dh.T @ x32)
     dr = round_to(round_to(G, lp).astype(F32) + round_to(op(G * op(g - F32(1))), lp).astype(F32),
                   lp).astype(F32)
-    dx = round_to(dr @ ctx.W0.astype(F32), lp).astype(F32) + round_to(dh @ A32, lp).astype(F32)
+    dx = (round_to(adjoint(dr @ ctx.W0.astype(F32)), lp).astype(F32)
+          + round_to(adjoint(dh @ A32), lp).astype(F32))
     inputs = [("dy", dy2)]
-    return F.DoRAGrads(_store(dx, lp, "dx", inputs).reshape(ctx.x_shape),
+    return F.DoRAGrads(_store(dx, lp, "dx", inputs),
                        _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
                        _store(dm, p.adapter, "dmagnitude", inputs))
 
@@ -292,22 +302,30 @@ def merge(W0, A, B, magnitude, scaling, allow_zero_norm, policy):
             W_merged[rescued] = round_to(g[rescued, None] * (W0[rescued].astype(F32) + scaling
                                                               * (B32[rescued] @ A32)), lp)
         n_stored = n
-    else:
-        if policy == "consistent":
-            n = _f32_norm(W0, A32, B32, scaling, allow_zero_norm)
-            n_stored, n = _to_magnitude_dtype(n, magnitude.dtype, W0, allow_zero_norm)
-        else:
-            n_stored = _peft_pure_norm(W0, A, B, scaling, lp, allow_zero_norm)
-            n = n_stored.astype(F32)
+    elif policy == "consistent":
+        n = _f32_norm(W0, A32, B32, scaling, allow_zero_norm)
+        n_stored, n = _to_magnitude_dtype(n, magnitude.dtype, W0, allow_zero_norm)
         g = magnitude_over_norm(m32, n)
-        op = (lambda a: a) if policy == "consistent" else _op(lp, lp)
-        g = op(g)
         W_merged = np.empty_like(W0)
         with np.errstate(over="ignore"):
             for rows in _row_blocks(*W0.shape, 4):
-                delta = op(F32(scaling) * (B32[rows] @ A32))
-                W_merged[rows] = round_to(op(g[rows, None] * op(W0[rows].astype(F32) + delta)),
-                                          lp)
+                V = W0[rows].astype(F32) + F32(scaling) * (B32[rows] @ A32)
+                W_merged[rows] = round_to(g[rows, None] * V, lp)
+    else:  # PEFT with lp adapters: get_delta_weight rounds s * (B @ A) once, then lp after each op
+        op = _op(lp, lp)
+        n_stored = np.empty(W0.shape[0], lp)
+        W_merged = np.empty_like(W0)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            for rows in _row_blocks(*W0.shape, 4):
+                V = op(W0[rows].astype(F32) + op(F32(scaling) * (B32[rows] @ A32)))
+                n_rows = round_to(np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
+                                  .astype(F32), lp)
+                n_stored[rows] = n_rows
+                factor = op(m32[rows] / n_rows.astype(F32))
+                W_merged[rows] = round_to(op(factor[:, None] * V), lp)
+        n = n_stored.astype(F32)
+        check_norm(n, W0, allow_zero_norm)
+        magnitude_over_norm(m32, n)  # refuses an m / n that overflowed
     if not n.all():
         W_merged[n == 0] = 0
     check_rows_finite("the merged weight (m / n) * (W0 + s*B@A)", W_merged)
@@ -367,11 +385,12 @@ def lora_forward(x_shape, x, W0, A, B, scaling, bias, dropout_mask, policy):
     return y, ctx
 
 
-def lora_backward(dy, ctx):
-    """``functional.lora_backward`` for a context of an lp forward."""
+def lora_backward(dy, ctx, dx_adjoint=None):
+    """``functional.lora_backward`` for a context of an lp forward (see ``dora_backward``)."""
     p = ctx.precision
     dy2 = F._check_dy(dy, ctx, p.lp)
+    adjoint = dx_adjoint or (lambda d: d.reshape(ctx.x_shape))
     dx, dA, dB = F._lora_backward_f32(upcast(dy2), ctx, ctx.W0.astype(F32))
     inputs = [("dy", dy2)]
-    return F.LoRAGrads(_store(dx, p.lp, "dx", inputs).reshape(ctx.x_shape),
+    return F.LoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
                        _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs))
