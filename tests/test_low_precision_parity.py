@@ -22,7 +22,12 @@ lp intermediates such as r that may sit 1 lp ulp apart):
 
     |ours - PEFT| <= gamma_k(u32) * scale + 2 u_lp * scale_of_the_lp_term
 
-dx sums two lp-rounded products (PEFT's lp GEMM of the base path and the
+Where PEFT adds lp-rounded intermediates (y = lp(r + d) with r = lp(x W0^T + b);
+dx = lp(lp(dr W0) + lp(dh A)); with lp adapters, products feeding the
+gradients), each may sit 1 ulp of ITS OWN size away (torch's summation order),
+which cancellation turns into many ulps of a small result: those checks add
+2 u_lp * |intermediate| per element (``forward_spread`` and the tests).
+In particular dx sums two lp-rounded products (PEFT's lp GEMM of the base path and the
 rounded float32 lora path) and gets, per element, 2 u_lp times the size of
 each term on top (see the test).
 
@@ -42,6 +47,8 @@ peft = pytest.importorskip("peft", reason="parity tests need peft (pip install -
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import dora_ref.core.functional as F  # noqa: E402
+from dora_ref.core import conv as C  # noqa: E402
+from dora_ref.core import embedding as E  # noqa: E402
 from dora_ref.core.precision import unit_roundoff  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -86,6 +93,20 @@ def check_lp(key, ours, theirs, lp, k, scale, extra=0.0):
     bound = 2 * spacing + gamma(k) * scale + extra
     record(key, float((d / spacing).max()) if d.size else 0.0)
     assert (d <= bound).all(), (key, float((d / spacing).max()))
+
+
+def forward_spread(lin, bias, lp, shape):
+    """2 u_lp (|r| + s |g| |l|): 1 ulp of each lp intermediate PEFT adds into y.
+
+    y = lp(r + d): torch's lp GEMM/conv rounds r = lp(x W0^T + b) (and, with lp
+    adapters, l = lp(h B^T)) after a float32 sum in an order we do not share,
+    so r and l may each sit 1 ulp of THEIR size (<= 2 u |.|) away; when r and d
+    cancel, that is many ulps of the small y. ``lin`` is the linear-view context.
+    """
+    r = np.abs(lin.base.astype(np.float64) + (0 if bias is None else bias.astype(np.float64)))
+    lo = np.abs(lin.precision.parts["lo"].astype(np.float64))
+    spread = 2 * unit_roundoff(lp) * (r + lin.scaling * np.abs(lin.g.astype(np.float64)) * lo)
+    return spread.reshape(shape)
 
 
 def check_f32(key, ours, theirs, lp, k, scale, lp_term_scale):
@@ -159,7 +180,8 @@ def test_peft_policy_linear_matches_peft(lp, autocast):
             y, ctx = F.dora_forward(to_np(x, lp), W0, A, B, m, s, b, policy="peft")
             assert y.dtype == lp
             y_scale = float(np.abs(to_np(y_t, np.float64)).max())
-            check_lp(f"{tag}: forward", y, to_np(y_t, lp), lp, 64 + 4, y_scale)
+            check_lp(f"{tag}: forward", y, to_np(y_t, lp), lp, 64 + 4, y_scale,
+                     extra=forward_spread(ctx, b, lp, y.shape))
 
             grads = F.dora_backward(to_np(gy, lp), ctx)
             Lw = lambda name: getattr(L, name)["default"].weight.grad  # noqa: E731
@@ -224,6 +246,124 @@ def test_consistent_policy_linear_differs_from_peft_by_the_init_quirk_only(lp, a
                  extra=quirk)
         if not autocast:  # PEFT pure has no quirk (g == 1): the bound alone, no extra term
             check_lp(f"{tag}: forward with its own magnitude", y_own, y_t, lp, 68, scale)
+
+
+def peft_layer(kind, lp, autocast, seed, trained):
+    """A PEFT DoRA Conv2d(8, 16, 3, padding=1, bias) or Embedding(40, 24) in lp.
+
+    ``trained``: the factor PEFT initialises to zero (conv: lora_B; embedding:
+    lora_embedding_A) is made nonzero, lp-representable.
+    """
+    torch.manual_seed(seed)
+    layer = (torch.nn.Conv2d(8, 16, 3, padding=1, bias=True) if kind == "conv"
+             else torch.nn.Embedding(40, 24))
+    net = Net(layer).to(TORCH[lp])
+    cfg = LoraConfig(r=4, lora_alpha=10, target_modules=["lay"], use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(copy.deepcopy(net), cfg, autocast_adapter_dtype=autocast)
+    L = pm.base_model.model.lay
+    if trained:
+        g = torch.Generator().manual_seed(seed + 100)
+        p = L.lora_B["default"].weight if kind == "conv" else L.lora_embedding_A["default"]
+        p.data = (torch.randn(p.shape, generator=g) * 0.1).to(TORCH[lp]).to(p.dtype)
+    pm.eval()
+    return pm, L
+
+
+def layer_arrays(kind, L, lp):
+    if kind == "conv":
+        A, B = L.lora_A["default"].weight, L.lora_B["default"].weight
+    else:
+        A, B = L.lora_embedding_A["default"], L.lora_embedding_B["default"]
+    ad = np.float32 if A.dtype == torch.float32 else lp
+    b = getattr(L.base_layer, "bias", None)
+    return (to_np(L.base_layer.weight, lp), None if b is None else to_np(b, lp), to_np(A, ad),
+            to_np(B, ad), to_np(L.lora_magnitude_vector["default"].weight, ad), L.scaling["default"])
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+@pytest.mark.parametrize("lp, autocast", CASES, ids=CASE_IDS)
+def test_peft_policy_conv_and_embedding_match_peft(kind, lp, autocast):
+    """init magnitude, forward, adapter gradients, merge, unmerge under policy='peft'.
+
+    k: the conv's reductions run over in * 3 * 3 = 72 (+ r); the embedding's
+    norm over V = 40, its gradients over the N = 21 looked-up rows.
+    """
+    tag = f"{kind} {lp.name} {'mixed' if autocast else 'pure'}"
+    k = 72 + 4 if kind == "conv" else 40 + 4
+    for seed in range(3):
+        pm, L = peft_layer(kind, lp, autocast, seed, trained=False)
+        W0, b, A, B, m, s = layer_arrays(kind, L, lp)
+        init = C.conv_init_magnitude if kind == "conv" else E.embedding_init_magnitude
+        m_ours = init(W0, A, B, s, policy="peft")
+        assert m_ours.dtype == m.dtype and m_ours.shape == m.shape
+        check_lp(f"{tag}: init magnitude", m_ours, m, lp, k, float(np.abs(m).max()))
+
+        pm, L = peft_layer(kind, lp, autocast, seed, trained=True)
+        W0, b, A, B, m, s = layer_arrays(kind, L, lp)
+        g = torch.Generator().manual_seed(seed + 7)
+        if kind == "conv":
+            x = torch.randn(2, 8, 6, 6, generator=g).to(TORCH[lp])
+            y, ctx = C.conv_dora_forward(to_np(x, lp), W0, A, B, m, s, b, padding=1,
+                                         policy="peft")
+        else:
+            x = torch.randint(0, 40, (3, 7), generator=g)
+            y, ctx = E.embedding_dora_forward(x.numpy(), W0, A, B, m, s, policy="peft")
+        y_t = pm(x)
+        gy = torch.randn(y_t.shape, generator=g).to(TORCH[lp])
+        (y_t.float() * gy.float()).sum().backward()
+        assert y.dtype == lp
+        if kind == "conv":  # the linear view's rows are (n, h, w), channels last
+            spread = forward_spread(ctx.linear, b, lp, (2, 6, 6, 16)).transpose(0, 3, 1, 2)
+        else:  # a lookup rounds nothing: no lp intermediate besides the products in d
+            spread = 0.0
+        check_lp(f"{tag}: forward", y, to_np(y_t, lp), lp, k,
+                 float(np.abs(to_np(y_t, np.float64)).max()), extra=spread)
+
+        if kind == "conv":
+            grads = C.conv_dora_backward(to_np(gy, lp), ctx)
+            ours = dict(dA=grads.dA, dB=grads.dB, dmagnitude=grads.dmagnitude)
+            theirs = dict(dA=L.lora_A["default"].weight.grad, dB=L.lora_B["default"].weight.grad)
+        else:
+            dA, dB, dm = E.embedding_dora_backward(to_np(gy, lp), ctx)
+            ours = dict(dA=dA, dB=dB, dmagnitude=dm)
+            theirs = dict(dA=L.lora_embedding_A["default"].grad,
+                          dB=L.lora_embedding_B["default"].grad)
+        theirs["dmagnitude"] = L.lora_magnitude_vector["default"].weight.grad
+        spread = {}
+        if kind == "conv" and not autocast:
+            # torch's lp transposed convolution rounds dh = lp(gl @ B) in another order: an
+            # entry of dh may sit 1 ulp (<= 2 u |dh|) away, and dA = dh.T @ patches carries
+            # it: 2 u (|dh|.T @ |patches|) on top (same for dB through |h|)
+            lin = ctx.linear
+            Gs = np.abs(to_np(gy, np.float64)).transpose(0, 2, 3, 1).reshape(-1, 16) * s * \
+                np.abs(lin.g.astype(np.float64))
+            dh = Gs @ np.abs(B.astype(np.float64).reshape(16, 4))
+            spread["dA"] = 2 * unit_roundoff(lp) * (dh.T @ np.abs(lin.x.astype(np.float64))
+                                                    ).reshape(A.shape)
+            spread["dB"] = 2 * unit_roundoff(lp) * (Gs.T @ np.abs(lin.U.astype(np.float64))
+                                                    ).reshape(B.shape)
+        for name, t in theirs.items():
+            assert ours[name].dtype == A.dtype, name
+            t = to_np(t, np.float64)
+            scale = float(np.abs(t).max())
+            if autocast:
+                check_f32(f"{tag}: {name}", ours[name], t, lp, k + 72, scale, scale)
+            else:
+                check_lp(f"{tag}: {name}", ours[name], t, lp, k + 72, scale,
+                         extra=spread.get(name, 0.0))
+
+        merge = C.conv_merge if kind == "conv" else E.embedding_merge
+        unmerge = C.conv_unmerge if kind == "conv" else E.embedding_unmerge
+        L.merge(safe_merge=True)
+        Wm_t = to_np(L.base_layer.weight, lp)
+        Wm, n = merge(W0, A, B, m, s, policy="peft")
+        check_lp(f"{tag}: merge", Wm, Wm_t, lp, k, float(np.abs(Wm_t).max()))
+        L.unmerge()
+        W0_t = to_np(L.base_layer.weight, lp)
+        check_lp(f"{tag}: unmerge", unmerge(Wm_t, A, B, m, s, n, policy="peft"), W0_t, lp, 4,
+                 float(np.abs(W0_t).max()))
 
 
 def test_zz_report_measured():
