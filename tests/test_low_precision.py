@@ -288,3 +288,101 @@ def test_peft_policy_reproduces_magnitude_rounded_at_init(lp):
     mp = F.init_magnitude(cp["W0"], cp["A"], cp["B"], cp["s"], policy="peft")
     _, ctxp = F.dora_forward(cp["x"], cp["W0"], cp["A"], cp["B"], mp, cp["s"], policy="peft")
     assert mp.dtype == lp and (ctxp.g == 1).all()
+
+
+# ---------------------------------------------------------------------------
+# conv and embedding under "consistent"
+# ---------------------------------------------------------------------------
+
+
+def conv_case(lp, mixed, trained=True, seed=0):
+    rng = np.random.default_rng(seed)
+    ad = F32 if mixed else lp
+    rep = lambda a: a.astype(lp).astype(ad)  # noqa: E731
+    W = (rng.standard_normal((6, 3, 3, 3)) * 0.5).astype(lp)
+    A = rep(rng.standard_normal((4, 3, 3, 3)) * 0.3)
+    B = rep(rng.standard_normal((6, 4, 1, 1)) * 0.3) if trained else np.zeros((6, 4, 1, 1), ad)
+    m = rep(1 + rng.random((1, 6, 1, 1)))
+    x = rng.standard_normal((2, 3, 5, 5)).astype(lp)
+    b = (rng.standard_normal(6) * 0.1).astype(lp)
+    return x, W, A, B, m, b
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "pure"])
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_consistent_conv_is_float32_rounded_once(lp, mixed):
+    from dora_ref.core import conv as C
+
+    x, W, A, B, m, b = conv_case(lp, mixed)
+    s = 2.5
+    y, ctx = C.conv_dora_forward(x, W, A, B, m, s, b, padding=1)
+    n = C.conv_column_norm(up(W), up(A), up(B), s)
+    if not mixed:
+        n = n.astype(lp).astype(np.float32)
+    y32, ctx32 = C.conv_dora_forward(up(x), up(W), up(A), up(B), up(m), s, up(b), padding=1,
+                                     weight_norm=n)
+    same_bits(y, y32.astype(lp))
+    dy = np.random.default_rng(3).standard_normal(y.shape).astype(lp)
+    g, g32 = C.conv_dora_backward(dy, ctx), C.conv_dora_backward(up(dy), ctx32)
+    same_bits(g.dx, g32.dx.astype(lp))  # col2im summed in float32, then one rounding
+    for got, want in zip(g[1:], g32[1:]):
+        same_bits(got, want.astype(A.dtype))
+    Wm, n_m = C.conv_merge(W, A, B, m, s)
+    W_back = C.conv_unmerge(Wm, A, B, m, s, n_m)
+    assert Wm.dtype == lp and W_back.dtype == lp and n_m.dtype == m.dtype
+    if mixed:
+        Wm32, n32 = C.conv_merge(up(W), up(A), up(B), up(m), s)
+        same_bits(Wm, Wm32.astype(lp))
+        same_bits(W_back, C.conv_unmerge(up(Wm), up(A), up(B), up(m), s, n32).astype(lp))
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "pure"])
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_consistent_policy_untrained_conv_and_embedding_are_the_base_layer(lp, mixed):
+    """B = 0 (conv) / A = 0 (embedding, PEFT's init): g == 1, y is the base layer's, bitwise."""
+    from dora_ref.core import conv as C
+    from dora_ref.core import embedding as E
+    from dora_ref.core.im2col import conv_nd
+
+    x, W, A, B, _, b = conv_case(lp, mixed, trained=False, seed=5)
+    m = C.conv_init_magnitude(W, A, B, 2.5)
+    y, ctx = C.conv_dora_forward(x, W, A, B, m, 2.5, b, padding=1)
+    assert (ctx.linear.g == 1).all()
+    same_bits(y, conv_nd(up(x), up(W), up(b), padding=1).astype(lp))
+
+    rng = np.random.default_rng(6)
+    ad = F32 if mixed else lp
+    table = rng.standard_normal((40, 24)).astype(lp)
+    A_e = np.zeros((4, 40), ad)
+    B_e = rng.standard_normal((24, 4)).astype(lp).astype(ad)
+    m_e = E.embedding_init_magnitude(table, A_e, B_e, 2.5)
+    ids = rng.integers(0, 40, (3, 7))
+    y_e, ctx_e = E.embedding_dora_forward(ids, table, A_e, B_e, m_e, 2.5)
+    assert (ctx_e.g == 1).all()
+    same_bits(y_e, table[ids])
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "pure"])
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_consistent_embedding_is_float32_rounded_once(lp, mixed):
+    from dora_ref.core import embedding as E
+
+    rng = np.random.default_rng(8)
+    ad = F32 if mixed else lp
+    table = rng.standard_normal((40, 24)).astype(lp)
+    A = (rng.standard_normal((4, 40)) * 0.2).astype(lp).astype(ad)
+    B = (rng.standard_normal((24, 4)) * 0.2).astype(lp).astype(ad)
+    m = (1 + rng.random(24)).astype(lp).astype(ad)
+    ids = rng.integers(0, 40, (3, 7))
+    n = E.embedding_column_norm(up(table), up(A), up(B), 2.5)
+    same_bits(E.embedding_column_norm(table, A, B, 2.5), n)
+    if not mixed:
+        n = n.astype(lp).astype(np.float32)
+    y, ctx = E.embedding_dora_forward(ids, table, A, B, m, 2.5)
+    y32, ctx32 = E.embedding_dora_forward(ids, up(table), up(A), up(B), up(m), 2.5, weight_norm=n)
+    same_bits(y, y32.astype(lp))
+    dy = rng.standard_normal(y.shape).astype(lp)
+    for detach in (True, False):
+        for got, want in zip(E.embedding_dora_backward(dy, ctx, detach_norm=detach),
+                             E.embedding_dora_backward(up(dy), ctx32, detach_norm=detach)):
+            same_bits(got, want.astype(ad))
