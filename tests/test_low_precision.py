@@ -386,3 +386,79 @@ def test_consistent_embedding_is_float32_rounded_once(lp, mixed):
         for got, want in zip(E.embedding_dora_backward(dy, ctx, detach_norm=detach),
                              E.embedding_dora_backward(up(dy), ctx32, detach_norm=detach)):
             same_bits(got, want.astype(ad))
+
+
+# ---------------------------------------------------------------------------
+# layers and optimisers
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["mixed", "pure"])
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_dora_linear_layer_low_precision(lp, autocast):
+    from dora_ref import DoRALinear
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((24, 40)).astype(lp)
+    b = (rng.standard_normal(24) * 0.1).astype(lp)
+    x = rng.standard_normal((7, 40)).astype(lp)
+    ad = F32 if autocast else lp
+    layer = DoRALinear(W, b, r=4, lora_alpha=10, rng=1, autocast_adapter_dtype=autocast)
+    assert layer.lora_A.dtype == ad and layer.lora_magnitude_vector.dtype == ad
+    if autocast:  # "consistent" keeps the float32 draw
+        assert (layer.lora_A.astype(lp).astype(np.float32) != layer.lora_A).any()
+    y = layer(x)  # untrained: the base layer, bit for bit
+    same_bits(y, (up(x) @ up(W).T + up(b)).astype(lp))
+    peft_layer = DoRALinear(W, b, r=4, lora_alpha=10, rng=1, policy="peft",
+                            autocast_adapter_dtype=autocast)
+    A = peft_layer.lora_A  # PEFT: drawn in float32, cast to lp
+    same_bits(A, A.astype(lp).astype(ad))
+    np.testing.assert_array_equal(up(A), up(layer.lora_A.astype(lp)))
+    same_bits(peft_layer.lora_magnitude_vector,
+              F.init_magnitude(W, A, peft_layer.lora_B, peft_layer.scaling, policy="peft"))
+
+    # training forward == functional; eval (cached norm) == training; merge round trip
+    layer.lora_B[...] = (rng.standard_normal((24, 4)) * 0.1).astype(lp).astype(ad)
+    y_train = layer(x)
+    y_fun, _ = F.dora_forward(x, W, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
+                              layer.scaling, b)
+    same_bits(y_train, y_fun)
+    dx = layer.backward(np.ones_like(y_train))
+    assert dx.dtype == lp and layer.grads["lora_A"].dtype == ad
+    layer.eval()
+    same_bits(layer(x), y_train)
+    same_bits(layer(x), y_train)  # from the cache
+    layer.merge()
+    Wm, _ = F.merge(W, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.scaling)
+    same_bits(layer.weight, Wm)
+    same_bits(layer(x), (up(x) @ up(Wm).T + up(b)).astype(lp))
+    from dora_ref.layers.optim import SGD
+
+    with pytest.raises(ValueError, match="read-only"):  # merged: the adapter is locked
+        SGD(layer.parameters(), lr=0.1)
+    layer.unmerge()
+    assert layer.weight.dtype == lp
+
+
+def test_lora_linear_refuses_the_peft_policy_on_low_precision():
+    from dora_ref import LoRALinear
+
+    with pytest.raises(ValueError, match="policy='peft' is defined for DoRA layers"):
+        LoRALinear(np.zeros((3, 4), BF16), r=2, policy="peft")
+
+
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_optimiser_step_on_pure_lp_parameters_is_float32_rounded_once(lp):
+    from dora_ref.layers.optim import SGD, AdamW
+
+    rng = np.random.default_rng(2)
+    for make in (lambda p: AdamW(p, lr=1e-2), lambda p: SGD(p, lr=0.1, momentum=0.9)):
+        p_lp = {"a": rng.standard_normal(50).astype(lp)}
+        p_32 = {"a": up(p_lp["a"])}
+        opt_lp, opt_32 = make(p_lp), make(p_32)
+        for _ in range(3):
+            g = rng.standard_normal(50).astype(lp)
+            opt_lp.step({"a": g})
+            opt_32.step({"a": up(g)})
+            same_bits(p_lp["a"], p_32["a"].astype(lp))
+            p_32["a"][...] = up(p_lp["a"])  # the float32 twin continues from the rounded value
