@@ -462,3 +462,49 @@ def test_optimiser_step_on_pure_lp_parameters_is_float32_rounded_once(lp):
             opt_32.step({"a": up(g)})
             same_bits(p_lp["a"], p_32["a"].astype(lp))
             p_32["a"][...] = up(p_lp["a"])  # the float32 twin continues from the rounded value
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["mixed", "pure"])
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_conv_and_embedding_layers_low_precision(lp, autocast):
+    """Untrained layers are the base layer (consistent); eval cache and merge as the functions."""
+    from dora_ref import DoRAConv2d, DoRAEmbedding, LoRAConv2d
+    from dora_ref.core import conv as C
+    from dora_ref.core import embedding as E
+    from dora_ref.core.im2col import conv_nd
+
+    rng = np.random.default_rng(3)
+    ad = F32 if autocast else lp
+    W = (rng.standard_normal((6, 3, 3, 3)) * 0.5).astype(lp)
+    b = (rng.standard_normal(6) * 0.1).astype(lp)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(lp)
+    layer = DoRAConv2d(W, b, r=4, padding=1, rng=0, autocast_adapter_dtype=autocast)
+    assert layer.lora_A.dtype == ad and layer.lora_magnitude_vector.dtype == ad
+    same_bits(layer(x), conv_nd(up(x), up(W), up(b), padding=1).astype(lp))
+    layer.lora_B[...] = (rng.standard_normal(layer.lora_B.shape) * 0.2).astype(lp).astype(ad)
+    y = layer(x)
+    y_fun, _ = C.conv_dora_forward(x, W, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
+                                   layer.scaling, b, padding=1)
+    same_bits(y, y_fun)
+    layer.eval()
+    same_bits(layer(x), y)
+    layer.merge()
+    Wm, _ = C.conv_merge(W, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.scaling)
+    same_bits(layer.weight, Wm)
+    layer.unmerge()
+    lora = LoRAConv2d(W, b, r=4, padding=1, rng=0, autocast_adapter_dtype=autocast)
+    same_bits(lora(x), conv_nd(up(x), up(W), up(b), padding=1).astype(lp))
+
+    table = rng.standard_normal((40, 24)).astype(lp)
+    ids = rng.integers(0, 40, (3, 7))
+    emb = DoRAEmbedding(table, r=4, rng=0, autocast_adapter_dtype=autocast)
+    assert emb.lora_embedding_B.dtype == ad
+    same_bits(emb(ids), table[ids])
+    emb_peft = DoRAEmbedding(table, r=4, rng=0, policy="peft", autocast_adapter_dtype=autocast)
+    same_bits(emb_peft.lora_magnitude_vector,
+              E.embedding_init_magnitude(table, emb_peft.lora_embedding_A,
+                                         emb_peft.lora_embedding_B, emb_peft.scaling,
+                                         policy="peft"))
+    conv_peft = DoRAConv2d(W, b, r=4, padding=1, rng=0, policy="peft",
+                           autocast_adapter_dtype=autocast)
+    same_bits(conv_peft.lora_A, conv_peft.lora_A.astype(lp).astype(ad))

@@ -353,8 +353,8 @@ def _check_x(x, in_channels, d, dtype, name="x"):
     return x
 
 
-def _check_bias(bias, weight):
-    bias = as_float_array("bias", bias, ndim=1)
+def _check_bias(bias, weight, low_precision=False):
+    bias = as_float_array("bias", bias, ndim=1, low_precision=low_precision)
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape (out,) = ({weight.shape[0]},), got {bias.shape}")
     return bias

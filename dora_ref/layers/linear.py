@@ -33,6 +33,8 @@ from ..core import functional as F
 from ..core import lowp as _lowp
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
 from .base import (
+    adapter_dtype,
+    initial_adapter_dtype,
     AdapterLayer,
     EvalNormCache,
     adapter_parameter,
@@ -205,8 +207,7 @@ class LoRALinear(AdapterLayer):
         if low_precision and policy == "peft" and not self._peft_policy:
             raise ValueError("policy='peft' is defined for DoRA layers; a float16/bfloat16 "
                              "LoRALinear uses policy='consistent'")
-        adapter_dtype = (np.dtype(np.float32) if low_precision and self.autocast_adapter_dtype
-                         else weight.dtype)
+        ad_dtype = adapter_dtype(weight.dtype, self.autocast_adapter_dtype)
         if (lora_A is None) != (lora_B is None):
             raise ValueError("give both lora_A and lora_B, or neither")
         if lora_A is not None:
@@ -214,11 +215,11 @@ class LoRALinear(AdapterLayer):
             lora_B = as_float_array("lora_B", lora_B, ndim=2, low_precision=low_precision)
             check_adapter(weight, lora_A, lora_B, low_precision=low_precision,
                           names=("weight", "lora_A", "lora_B", "magnitude", "bias"))
-            if lora_A.dtype != adapter_dtype:
+            if lora_A.dtype != ad_dtype:
                 raise TypeError(
                     f"lora_A and lora_B have dtype {lora_A.dtype}, but a {weight.dtype} weight "
                     f"with autocast_adapter_dtype={self.autocast_adapter_dtype} keeps the "
-                    f"adapter in {adapter_dtype}"
+                    f"adapter in {ad_dtype}"
                 )
             lora_A, lora_B = lora_A.copy(), lora_B.copy()
             if r is not None and r != lora_A.shape[0]:
@@ -238,10 +239,8 @@ class LoRALinear(AdapterLayer):
             A, B = initial_lora_weights(in_features, out_features, r, self.rng,
                                         np.float32 if low_precision else weight.dtype,
                                         init_lora_weights)
-            if low_precision and (policy == "peft" or adapter_dtype == weight.dtype):
-                # PEFT draws in float32 and casts to the base dtype (then upcasts if autocast)
-                A, B = A.astype(weight.dtype), B.astype(weight.dtype)
-            self._lora_A, self._lora_B = A.astype(adapter_dtype), B.astype(adapter_dtype)
+            self._lora_A, self._lora_B = initial_adapter_dtype(
+                (A, B), weight.dtype, policy, self.autocast_adapter_dtype)
         else:
             self._lora_A, self._lora_B = lora_A, lora_B
         self.training = True
