@@ -70,6 +70,31 @@ gradient dm_i = G_i . V_i / n_i is the paper's Eq. (7) in both modes.
 Every term uses W0, ``W0 @ A.T`` (out, r), ``A @ A.T`` (r, r) and N-row
 products only; no (out, in) temporary exists besides W0 itself (the norm in
 step (3) walks W0 in row blocks, see ``dora_ref.core.kernels_numpy``).
+
+Low precision
+-------------
+W0 (with x, the bias, y, dx) may be float16 or ``ml_dtypes.bfloat16``; A, B
+and the magnitude are then float32 ("mixed", PEFT's default
+``autocast_adapter_dtype=True``) or W0's dtype ("pure"); any other mix is a
+``TypeError`` (``dora_ref.core.precision``). No arithmetic is done in the
+low-precision dtype: inputs are upcast exactly to float32. The keyword
+``policy`` says where results are rounded (round to nearest even):
+
+* ``"consistent"`` (default): each function is the float32 computation
+  above on the upcast inputs, and each result is rounded ONCE to its
+  storage dtype (y, dx, a merged or unmerged weight: W0's; dA, dB,
+  dmagnitude: A's). Its error is the float32 bound plus one rounding,
+  ``u_lp |result|`` (u = 2**-11 float16, 2**-8 bfloat16). A pure-lp
+  magnitude divides a norm rounded to its dtype too, so g = m / n == 1
+  exactly at init and an untrained layer is the base layer, bit for bit.
+* ``"peft"``: PEFT 0.21.2's roundings on CPU, to compare with PEFT:
+  its magnitude is rounded to lp at init even when it is then kept in
+  float32 (so g != 1, |g - 1| <= u_lp, at init), and with lp adapters every
+  operation is rounded (``dora_ref.core.lowp``).
+
+float32 and float64 calls ignore ``policy``: their results are unchanged,
+bit for bit. The NumPy kernels read a low-precision W0 one row block at a
+time (no float32 copy of W0 in the norm or the merge).
 """
 from __future__ import annotations
 
