@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .precision import LOW_PRECISION_DTYPES
+from .precision import LOW_PRECISION_DTYPES, upcast
 
 _BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
 
@@ -33,8 +33,7 @@ LOW_PRECISION = True
 
 def _rows_f32(W, rows):
     """Rows of W, upcast exactly to float32 if W is float16/bfloat16 (one block, not W)."""
-    block = W[rows]
-    return block.astype(np.float32) if W.dtype in LOW_PRECISION_DTYPES else block
+    return upcast(W[rows])
 
 
 def _norm_dtype(W):
@@ -241,7 +240,7 @@ def unmerge(W_merged, A, B, factor, scaling):
         For float16/bfloat16, the float32 result rounded once.
     """
     W0 = np.empty_like(W_merged)
-    if W_merged.dtype not in LOW_PRECISION_DTYPES:
+    if W_merged.dtype not in LOW_PRECISION_DTYPES:  # the float32/float64 loop, unchanged
         for rows in _row_blocks(*W_merged.shape, W_merged.itemsize):
             np.divide(W_merged[rows], factor[rows, None], out=W0[rows])
             W0[rows] -= scaling * (B[rows] @ A)

@@ -166,7 +166,7 @@ def dora_forward(x_shape, x, W0, A, B, magnitude, scaling, bias, dropout_mask, w
     else:
         n = upcast(weight_norm)
     mask = None if dropout_mask is None else upcast(F._check_mask(dropout_mask, x_shape, lp))
-    y, ctx = F._dora_forward(x_shape, x2.astype(F32), W0.astype(F32), A32, B32, m32, scaling,
+    y, ctx = F._dora_forward(x_shape, upcast(x2), upcast(W0), A32, B32, m32, scaling,
                              upcast(bias), mask, n, allow_zero_norm)
     y = _store(y, lp, "y (the output)", [("x", x2)])
     ctx.W0 = W0  # the backward upcasts it again: the context keeps no float32 copy
@@ -187,7 +187,7 @@ def dora_backward(dy, ctx, detach_norm, dx_adjoint=None):
     adjoint = dx_adjoint or (lambda d: d.reshape(ctx.x_shape))
     if p.policy == "peft":
         return _peft_backward(dy2, ctx, adjoint)
-    dx, dA, dB, dm = F._dora_backward_f32(upcast(dy2), ctx, ctx.W0.astype(F32), detach_norm)
+    dx, dA, dB, dm = F._dora_backward_f32(upcast(dy2), ctx, upcast(ctx.W0), detach_norm)
     inputs = [("dy", dy2)]
     return F.DoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
                        _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
@@ -211,7 +211,7 @@ def _peft_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, weight_norm, 
     """
     op = _op(A.dtype, lp)
     s = F32(scaling)
-    x32, W32, A32, B32 = x2.astype(F32), W0.astype(F32), upcast(A), upcast(B)
+    x32, W32, A32, B32 = upcast(x2), upcast(W0), upcast(A), upcast(B)
     if weight_norm is not None:
         n = upcast(weight_norm)
     elif A.dtype == np.dtype(F32):
@@ -253,7 +253,7 @@ def _peft_backward(dy2, ctx, adjoint):
     lp, op = p.lp, _op(p.adapter, p.lp)
     parts = p.parts
     s, g, n, h = F32(ctx.scaling), ctx.g, ctx.n, ctx.U
-    x32 = ctx.x.astype(F32)
+    x32 = upcast(ctx.x)
     A32, B32 = upcast(ctx.A), upcast(ctx.B)
     G = dy2.astype(F32)
     gt = op(G * s)
@@ -267,7 +267,7 @@ def _peft_backward(dy2, ctx, adjoint):
     dA = op(dh.T @ x32)
     dr = round_to(round_to(G, lp).astype(F32) + round_to(op(G * op(g - F32(1))), lp).astype(F32),
                   lp).astype(F32)
-    dx = (round_to(adjoint(dr @ ctx.W0.astype(F32)), lp).astype(F32)
+    dx = (round_to(adjoint(dr @ upcast(ctx.W0)), lp).astype(F32)
           + round_to(adjoint(dh @ A32), lp).astype(F32))
     inputs = [("dy", dy2)]
     return F.DoRAGrads(_store(dx, lp, "dx", inputs),
@@ -376,7 +376,7 @@ def lora_forward(x_shape, x, W0, A, B, scaling, bias, dropout_mask, policy):
     x2 = check_input(x, W0.shape[1], lp, low_precision=True)
     check_finite("W0", W0)
     mask = None if dropout_mask is None else upcast(F._check_mask(dropout_mask, x_shape, lp))
-    y, ctx = F._lora_forward(x_shape, x2.astype(F32), W0.astype(F32), upcast(A), upcast(B),
+    y, ctx = F._lora_forward(x_shape, upcast(x2), upcast(W0), upcast(A), upcast(B),
                              scaling, upcast(bias), mask)
     y = _store(y, lp, "y (the output)", [("x", x2)])
     ctx.W0 = W0
@@ -390,7 +390,7 @@ def lora_backward(dy, ctx, dx_adjoint=None):
     p = ctx.precision
     dy2 = F._check_dy(dy, ctx, p.lp)
     adjoint = dx_adjoint or (lambda d: d.reshape(ctx.x_shape))
-    dx, dA, dB = F._lora_backward_f32(upcast(dy2), ctx, ctx.W0.astype(F32))
+    dx, dA, dB = F._lora_backward_f32(upcast(dy2), ctx, upcast(ctx.W0))
     inputs = [("dy", dy2)]
     return F.LoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
                        _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs))

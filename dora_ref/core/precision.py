@@ -107,9 +107,17 @@ def round_to(x, dtype):
 
 
 def upcast(x):
-    """``x`` as float32 (exact for an lp array), or ``x`` itself if not lp; None stays None."""
+    """``x`` as float32 (exact for an lp array), or ``x`` itself if not lp; None stays None.
+
+    A bfloat16 value is the upper half of the float32 with the same value, so
+    its upcast is a 16-bit shift of the bits (NaN payloads included), several
+    times faster than ml_dtypes' element-by-element cast.
+    """
     if x is None or x.dtype not in LOW_PRECISION_DTYPES:
         return x
+    if x.dtype == BFLOAT16:
+        bits = np.ascontiguousarray(x).view(np.uint16).astype(np.uint32)
+        return (bits << 16).view(np.float32)
     return x.astype(np.float32)
 
 
