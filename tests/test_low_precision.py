@@ -508,3 +508,50 @@ def test_conv_and_embedding_layers_low_precision(lp, autocast):
     conv_peft = DoRAConv2d(W, b, r=4, padding=1, rng=0, policy="peft",
                            autocast_adapter_dtype=autocast)
     same_bits(conv_peft.lora_A, conv_peft.lora_A.astype(lp).astype(ad))
+
+
+@pytest.mark.parametrize("lp", LP, ids=LP_IDS)
+def test_low_precision_norm_and_merge_make_no_float32_copy_of_the_weight(lp):
+    """The twins upcast one row block at a time: the peak does not grow with W0.
+
+    A block holds ``_BLOCK_BYTES`` of lp rows (1 MiB); its temporaries are
+    the float32 upcast (2 blocks), s * B @ A (2), V (2) and V in float64 for
+    the squares (4): at most 10 blocks, whatever the size of W0; 12 allowed.
+    W0 is 32 MiB, so a float32 copy (64 MiB) could not hide under that; the
+    merge adds its lp output, W0.nbytes.
+    """
+    import tracemalloc
+
+    from dora_ref.core.kernels_numpy import _BLOCK_BYTES
+
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((4096, 4096), dtype=np.float32).astype(lp)
+    A = rng.standard_normal((8, 4096), dtype=np.float32) * 0.01
+    B = rng.standard_normal((4096, 8), dtype=np.float32) * 0.01
+    m = np.ones(4096, np.float32)
+    blocks = 12 * _BLOCK_BYTES
+    for f, budget in ((lambda: F.column_norm(W0, A, B, 2.0), blocks),
+                      (lambda: F.merge(W0, A, B, m, 2.0), W0.nbytes + blocks)):
+        tracemalloc.start()
+        f()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < budget, (peak / _BLOCK_BYTES)
+
+
+@pytest.mark.parametrize("policy", ["consistent", "peft"])
+def test_fp16_merge_past_the_range_is_refused_naming_the_row(policy):
+    """A float32 magnitude past float16's range (65504) overflows the rounded W': refused.
+
+    (With an lp magnitude |W'_ij| <= |m_i| (1 + a few u) cannot pass the range.)
+    """
+    from dora_ref.core._validate import NonFiniteWeightError
+
+    c = lp_case(FP16, True, trained=False)  # B = 0: V = W0
+    W0 = c["W0"].copy()
+    W0[3] = 0
+    W0[3, 0] = 1  # row 3's norm is carried by one entry: W'_30 ~ m_3
+    m = c["m"].copy()
+    m[3] = 1e5
+    with pytest.raises(NonFiniteWeightError, match=r"merged weight.*output channel\(s\) \[3\]"):
+        F.merge(W0, c["A"], c["B"], m, c["s"], policy=policy)

@@ -292,6 +292,9 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False):
     in_features : int
     dtype : numpy.dtype
         The weights' dtype, which x must share.
+    name : str, default "x"
+    low_precision : bool, default False
+        Also accept a float16/bfloat16 x (of ``dtype``).
 
     Returns
     -------

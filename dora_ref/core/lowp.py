@@ -72,6 +72,14 @@ def _store(a, dtype, name, inputs):
     return r
 
 
+def _check_rows_finite(what, W):
+    """``check_rows_finite`` one row block at a time: no (out, in) bool temporary."""
+    for rows in _row_blocks(*W.shape, W.itemsize):
+        block = W[rows]
+        if not np.isfinite(block).all():
+            check_rows_finite(what, W)  # names every bad row (a rare, failing path)
+
+
 def _f32_norm(W0, A32, B32, scaling, allow_zero_norm):
     """Row norms of W0 + s B A, float32, from the kernel that reads lp W0 in row blocks."""
     n = _backend.low_precision_kernels().column_norm(W0, A32, B32, scaling)
@@ -328,7 +336,7 @@ def merge(W0, A, B, magnitude, scaling, allow_zero_norm, policy):
         magnitude_over_norm(m32, n)  # refuses an m / n that overflowed
     if not n.all():
         W_merged[n == 0] = 0
-    check_rows_finite("the merged weight (m / n) * (W0 + s*B@A)", W_merged)
+    _check_rows_finite("the merged weight (m / n) * (W0 + s*B@A)", W_merged)
     return W_merged, n_stored
 
 
@@ -345,7 +353,9 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, policy):
     op = _op(lp, lp) if (policy == "peft" and case == "pure") else (lambda a: a)
     factor = op(np.where(n32 == 0, F32(1), divide_by_norm(m32, n32)).astype(F32))
     F._refuse_lost_rows(factor)
-    check_finite("W_merged", W_merged)
+    for rows in _row_blocks(*W_merged.shape, W_merged.itemsize):
+        if not np.isfinite(W_merged[rows]).all():
+            check_finite("W_merged", W_merged)
     if policy == "peft" and case == "pure":
         W0 = np.empty_like(W_merged)
         with np.errstate(over="ignore"):
@@ -356,7 +366,7 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, policy):
     else:
         with np.errstate(over="ignore"):
             W0 = _backend.low_precision_kernels().unmerge(W_merged, A32, B32, factor, scaling)
-    check_rows_finite("the unmerged weight W' / (m / n) - s*B@A", W0)
+    _check_rows_finite("the unmerged weight W' / (m / n) - s*B@A", W0)
     return W0
 
 
