@@ -241,11 +241,10 @@ def test_consistent_policy_linear_differs_from_peft_by_the_init_quirk_only(lp, a
         m = F.init_magnitude(W0, A, B, s)
         y_own, ctx = F.dora_forward(to_np(x, lp), W0, A, B, m, s, b)
         assert (ctx.g == 1).all()
+        # PEFT pure has no quirk (g == 1): the bound alone, no extra term
         quirk = unit_roundoff(lp) * np.abs(to_np(x, np.float64) @ W0.astype(np.float64).T)
-        check_lp(f"{tag}: forward with its own magnitude (the quirk)", y_own, y_t, lp, 68, scale,
-                 extra=quirk)
-        if not autocast:  # PEFT pure has no quirk (g == 1): the bound alone, no extra term
-            check_lp(f"{tag}: forward with its own magnitude", y_own, y_t, lp, 68, scale)
+        check_lp(f"{tag}: forward with its own magnitude", y_own, y_t, lp, 68, scale,
+                 extra=quirk if autocast else 0.0)
 
 
 def peft_layer(kind, lp, autocast, seed, trained):
@@ -364,6 +363,42 @@ def test_peft_policy_conv_and_embedding_match_peft(kind, lp, autocast):
         W0_t = to_np(L.base_layer.weight, lp)
         check_lp(f"{tag}: unmerge", unmerge(Wm_t, A, B, m, s, n, policy="peft"), W0_t, lp, 4,
                  float(np.abs(W0_t).max()))
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+@pytest.mark.parametrize("lp, autocast", CASES, ids=CASE_IDS)
+def test_consistent_policy_conv_and_embedding_differ_from_peft_by_the_init_quirk_only(
+        kind, lp, autocast):
+    """As the linear test: at init, given PEFT's magnitude, 'consistent' meets PEFT within
+    the bound; with its own (g == 1) the extra is PEFT's (g - 1) * base, |g - 1| <= u_lp."""
+    tag = f"{kind} {lp.name} {'mixed' if autocast else 'pure'} consistent"
+    k = 72 + 4 if kind == "conv" else 40 + 4
+    for seed in range(3):
+        pm, L = peft_layer(kind, lp, autocast, seed, trained=False)
+        W0, b, A, B, m_peft, s = layer_arrays(kind, L, lp)
+        g = torch.Generator().manual_seed(seed + 7)
+        if kind == "conv":
+            x = torch.randn(2, 8, 6, 6, generator=g).to(TORCH[lp])
+            run = lambda m: C.conv_dora_forward(to_np(x, lp), W0, A, B, m, s, b, padding=1)  # noqa: E731,E501
+            m_own = C.conv_init_magnitude(W0, A, B, s)
+        else:
+            x = torch.randint(0, 40, (3, 7), generator=g)
+            run = lambda m: E.embedding_dora_forward(x.numpy(), W0, A, B, m, s)  # noqa: E731
+            m_own = E.embedding_init_magnitude(W0, A, B, s)
+        y_t = to_np(pm(x), lp)
+        scale = float(np.abs(y_t.astype(np.float64)).max())
+        y, _ = run(m_peft)
+        check_lp(f"{tag}: forward with PEFT's magnitude", y, y_t, lp, k, scale)
+        y_own, ctx = run(m_own)
+        lin = ctx.linear if kind == "conv" else ctx
+        assert (lin.g == 1).all()
+        base = np.abs(lin.base.astype(np.float64))
+        if kind == "conv":
+            base = base.reshape(2, 6, 6, 16).transpose(0, 3, 1, 2)
+        else:
+            base = base.reshape(y.shape)
+        check_lp(f"{tag}: forward with its own magnitude", y_own, y_t, lp, k, scale,
+                 extra=unit_roundoff(lp) * base if autocast else 0.0)
 
 
 def test_zz_report_measured():
