@@ -555,3 +555,25 @@ def test_fp16_merge_past_the_range_is_refused_naming_the_row(policy):
     m[3] = 1e5
     with pytest.raises(NonFiniteWeightError, match=r"merged weight.*output channel\(s\) \[3\]"):
         F.merge(W0, c["A"], c["B"], m, c["s"], policy=policy)
+
+
+def test_dora_ref_imports_ml_dtypes_only_when_a_bfloat16_array_appears():
+    """float16 needs only NumPy: dora_ref's precision rules never import ml_dtypes themselves."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import dora_ref\n"
+        "from dora_ref.core import precision\n"
+        "W0 = np.ones((3, 4), np.float16); A = np.ones((2, 4), np.float32)\n"
+        "B = np.ones((3, 2), np.float32); m = np.ones(3, np.float32)\n"
+        "dora_ref.merge(W0, A, B, m, 1.0); dora_ref.dora_forward(W0, W0, A, B, m, 1.0)\n"
+        "assert np.dtype(np.float16) in precision.LOW_PRECISION_DTYPES\n"
+        "assert np.dtype(np.float32) not in precision.LOW_PRECISION_DTYPES\n"
+        "print('ml_dtypes' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    assert [d.name for d in precision.LOW_PRECISION_DTYPES] == ["float16", "bfloat16"]

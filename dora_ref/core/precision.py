@@ -31,18 +31,53 @@ changes nothing.
 """
 from __future__ import annotations
 
-import ml_dtypes
+import sys
+
 import numpy as np
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT16 = np.dtype(np.float16)
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 
-LOW_PRECISION_DTYPES = (FLOAT16, BFLOAT16)
 POLICIES = ("consistent", "peft")
 
-_UNIT_ROUNDOFF = {FLOAT16: 2.0**-11, BFLOAT16: 2.0**-8, FLOAT32: 2.0**-24, FLOAT64: 2.0**-53}
+_UNIT_ROUNDOFF = {FLOAT16: 2.0**-11, FLOAT32: 2.0**-24, FLOAT64: 2.0**-53}
+
+
+def _is_bfloat16(dtype):
+    """True for ``ml_dtypes.bfloat16``, without importing ml_dtypes for any other dtype.
+
+    A bfloat16 array exists only once ml_dtypes is imported, so the check
+    looks it up in ``sys.modules``: importing dora_ref does not import it.
+    """
+    if dtype.itemsize != 2 or dtype.name != "bfloat16":
+        return False
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and dtype == ml_dtypes.bfloat16
+
+
+class _LowPrecisionDtypes:
+    """The set {float16, bfloat16}: ``dtype in LOW_PRECISION_DTYPES`` works for any dtype,
+    and iterating it (which imports ml_dtypes) gives the two numpy dtypes."""
+
+    __slots__ = ()
+
+    def __contains__(self, dtype):
+        return dtype == FLOAT16 or _is_bfloat16(dtype)
+
+    def __iter__(self):
+        import ml_dtypes
+
+        return iter((FLOAT16, np.dtype(ml_dtypes.bfloat16)))
+
+    def __len__(self):
+        return 2
+
+    def __repr__(self):
+        return "(dtype('float16'), dtype(bfloat16))"
+
+
+LOW_PRECISION_DTYPES = _LowPrecisionDtypes()
 
 
 def is_low_precision(dtype):
@@ -68,7 +103,8 @@ def unit_roundoff(dtype):
         For any other dtype.
     """
     try:
-        return _UNIT_ROUNDOFF[np.dtype(dtype)]
+        dtype = np.dtype(dtype)
+        return 2.0**-8 if _is_bfloat16(dtype) else _UNIT_ROUNDOFF[dtype]
     except (KeyError, TypeError):
         raise TypeError(
             f"unit_roundoff: dtype must be float16, bfloat16, float32 or float64, got {dtype}"
@@ -77,7 +113,11 @@ def unit_roundoff(dtype):
 
 def finfo(dtype):
     """``np.finfo`` that also knows bfloat16 (through ``ml_dtypes.finfo``)."""
-    return ml_dtypes.finfo(dtype) if np.dtype(dtype) == BFLOAT16 else np.finfo(dtype)
+    if _is_bfloat16(np.dtype(dtype)):
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
 
 
 def check_policy(policy):
@@ -115,7 +155,7 @@ def upcast(x):
     """
     if x is None or x.dtype not in LOW_PRECISION_DTYPES:
         return x
-    if x.dtype == BFLOAT16:
+    if _is_bfloat16(x.dtype):
         bits = np.ascontiguousarray(x).view(np.uint16).astype(np.uint32)
         return (bits << 16).view(np.float32)
     return x.astype(np.float32)
