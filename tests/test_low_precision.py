@@ -577,3 +577,14 @@ def test_dora_ref_imports_ml_dtypes_only_when_a_bfloat16_array_appears():
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
     assert [d.name for d in precision.LOW_PRECISION_DTYPES] == ["float16", "bfloat16"]
+
+
+def test_peft_policy_refuses_grouped_low_precision_convolutions():
+    from dora_ref.core import conv as C
+
+    W = np.zeros((4, 1, 3, 3), FP16)
+    A = np.zeros((4, 2, 3, 3), F32)
+    B = np.zeros((4, 2, 1, 1), F32)
+    with pytest.raises(ValueError, match="policy='peft' with groups=2"):
+        C.conv_init_magnitude(W, A, B, 1.0, groups=2, policy="peft")
+    C.conv_init_magnitude(W + np.float16(1), A, B, 1.0, groups=2)  # "consistent" works

@@ -103,6 +103,20 @@ from .im2col import (
 # ---------------------------------------------------------------------------
 
 
+def _refuse_peft_groups(policy, weight, groups):
+    """policy='peft' on lp weights reproduces PEFT's groups = 1 convolutions only.
+
+    With groups > 1 PEFT mixes output channels in its norm and refuses to
+    merge (see this module's docstring): there is no PEFT behaviour to match.
+    """
+    if policy == "peft" and groups != 1 and np.dtype(weight.dtype).itemsize == 2:
+        raise ValueError(
+            f"policy='peft' with groups={groups}: PEFT's grouped DoRA convolution mixes output "
+            f"channels and cannot merge, so there is nothing to reproduce; use "
+            f"policy='consistent'"
+        )
+
+
 def conv_column_norm(weight, lora_A, lora_B, scaling, groups=1, *, policy="consistent"):
     """Per-output-channel norm of the adapted kernel V = W0 + s * delta.
 
@@ -137,6 +151,7 @@ def conv_column_norm(weight, lora_A, lora_B, scaling, groups=1, *, policy="consi
     differs there (see the module docstring).
     """
     weight, lora_A, lora_B, _ = _check_conv_adapter(weight, lora_A, lora_B, groups)
+    _refuse_peft_groups(policy, weight, groups)
     return F.column_norm(*_flat(weight, lora_A, lora_B, groups), scaling, policy=policy)
 
 
@@ -158,6 +173,7 @@ def conv_init_magnitude(weight, lora_A, lora_B, scaling, groups=1, *, policy="co
     policies.
     """
     weight, lora_A, lora_B, _ = _check_conv_adapter(weight, lora_A, lora_B, groups)
+    _refuse_peft_groups(policy, weight, groups)
     n = F.init_magnitude(*_flat(weight, lora_A, lora_B, groups), scaling, policy=policy)
     return n.reshape((1, -1) + (1,) * (np.ndim(weight) - 2))
 
@@ -257,6 +273,7 @@ def conv_dora_forward(
     weight, lora_A, lora_B, m = _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude)
     if m is None:
         raise TypeError("magnitude must be an array of shape (1, out, 1, ...), got None")
+    _refuse_peft_groups(policy, weight, groups)
     geom = ConvGeometry.make(weight.shape[2:], stride, padding, dilation, groups)
     x = _check_x(x, lora_A.shape[1], geom.ndim, weight.dtype)
     mask = _patch_mask(dropout_mask, x)
@@ -430,6 +447,7 @@ def conv_merge(weight, lora_A, lora_B, magnitude, scaling, groups=1, *, allow_ze
     weight, lora_A, lora_B, m = _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude)
     if m is None:
         raise TypeError("magnitude must be an array, got None")
+    _refuse_peft_groups(policy, weight, groups)
     W_merged, n = F.merge(
         *_flat(weight, lora_A, lora_B, groups), m, scaling, allow_zero_norm=allow_zero_norm,
         policy=policy,
@@ -475,6 +493,7 @@ def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1, *,
     _, lora_A, lora_B, m = _check_conv_adapter(
         np.empty(grouped_shape, W_merged.dtype), lora_A, lora_B, groups, magnitude
     )
+    _refuse_peft_groups(policy, W_merged, groups)
     r = lora_A.shape[0]
     W0 = F.unmerge(
         W_merged.reshape(out, -1), lora_A.reshape(r, -1), lora_B_dense(lora_B, groups), m, scaling, n,
