@@ -27,6 +27,7 @@ from .core.functional import (
     merge,
     unmerge,
 )
+from .core.precision import LOW_PRECISION_DTYPES, POLICIES
 from .layers import *  # noqa: F403 (the layers and optimisers, dora_ref.layers.__all__)
 
 # the old flat module names (dora_ref.functional, dora_ref.peft, ...) keep importing
@@ -34,7 +35,7 @@ _install_aliases()
 
 # the submodules a user reaches as dora_ref.<name> (all import only NumPy)
 from . import core, formats, kernels, layers, porting  # noqa: E402
-from .core import dense, functional  # noqa: E402
+from .core import dense, functional, precision  # noqa: E402
 from .formats import peft  # noqa: E402
 from .porting import gradcheck, testing, tolerance  # noqa: E402
 from .demo import analysis  # noqa: E402
@@ -43,8 +44,10 @@ __version__ = "0.1.0"
 
 __all__ = layers.__all__ + [
     "DoRAGrads",
+    "LOW_PRECISION_DTYPES",
     "LoRAGrads",
     "NonFiniteWeightError",
+    "POLICIES",
     "available_backends",
     "backend",
     "column_norm",

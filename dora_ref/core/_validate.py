@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from .precision import LOW_PRECISION_DTYPES, classify
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # ndarray subclasses whose arithmetic is the ndarray's: a memory-mapped file
@@ -42,8 +44,8 @@ def refuse_array_subclass(name, value):
         )
 
 
-def as_float_array(name, value, ndim=None):
-    """Return ``value`` as a float32/float64 ndarray, or raise.
+def as_float_array(name, value, ndim=None, *, low_precision=False):
+    """Return ``value`` as a float32/float64 (or float16/bfloat16) ndarray, or raise.
 
     Parameters
     ----------
@@ -54,6 +56,9 @@ def as_float_array(name, value, ndim=None):
         arrays are rejected rather than silently promoted.
     ndim : int or tuple of int, optional
         The allowed number(s) of dimensions.
+    low_precision : bool, default False
+        Also accept float16 and ``ml_dtypes.bfloat16`` (the functions that
+        implement ``dora_ref.core.precision``'s rules pass True).
 
     Returns
     -------
@@ -63,7 +68,8 @@ def as_float_array(name, value, ndim=None):
     Raises
     ------
     TypeError
-        If the dtype is not float32 or float64, or ``value`` is an ndarray
+        If the dtype is not float32 or float64 (or, with ``low_precision``,
+        float16 or bfloat16), or ``value`` is an ndarray
         subclass with its own arithmetic (``np.ma.MaskedArray``,
         ``np.matrix``; see ``refuse_array_subclass``).
     ValueError
@@ -78,7 +84,15 @@ def as_float_array(name, value, ndim=None):
         if value.dtype.kind in "iu" or value.dtype == np.bool_:
             # a Python list of ints such as [[1, 2], [3, 4]] means float64
             value = value.astype(np.float64)
-    if value.dtype not in FLOAT_DTYPES:
+    if value.dtype not in FLOAT_DTYPES and not (
+        low_precision and value.dtype in LOW_PRECISION_DTYPES
+    ):
+        if value.dtype in LOW_PRECISION_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {value.dtype} (shape {value.shape}), which this function "
+                f"does not accept: it takes float32 or float64; convert it explicitly, e.g. "
+                f"{name}.astype(np.float32)"
+            )
         raise TypeError(
             f"{name} must have dtype float32 or float64, got {value.dtype} "
             f"(shape {value.shape}); convert it explicitly, e.g. "
@@ -162,7 +176,7 @@ def check_result_finite(results, inputs):
             )
 
 
-def check_adapter(W0, A, B, magnitude=None, bias=None):
+def check_adapter(W0, A, B, magnitude=None, bias=None, *, low_precision=False, names=None):
     """Check the shapes and dtypes of a DoRA layer's weights.
 
     Parameters
@@ -172,6 +186,12 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     B : ndarray, shape (out, r)
     magnitude : ndarray, shape (out,), optional
     bias : ndarray, shape (out,), optional
+    low_precision : bool, default False
+        Also accept a float16/bfloat16 W0 with the adapter dtypes
+        ``dora_ref.core.precision.classify`` allows (float32 "mixed" or
+        W0's dtype "pure").
+    names : tuple of 5 str, optional
+        How messages call the five arrays (default W0, A, B, magnitude, bias).
 
     Returns
     -------
@@ -181,7 +201,8 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
     Raises
     ------
     TypeError
-        On a non-float dtype or mixed dtypes.
+        On a non-float dtype or mixed dtypes (with ``low_precision``, a
+        combination ``classify`` refuses).
     ValueError
         On inconsistent shapes (the message gives every shape seen), an
         empty weight (out, in or r = 0: refused everywhere, see
@@ -189,18 +210,19 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
         NaN/Inf in W0 is caught where the norm is computed, which reads W0
         anyway.
     """
-    W0 = as_float_array("W0", W0, ndim=2)
-    A = as_float_array("A", A, ndim=2)
-    B = as_float_array("B", B, ndim=2)
+    lp = low_precision
+    W0 = as_float_array(names[0] if names else "W0", W0, ndim=2, low_precision=lp)
+    A = as_float_array("A", A, ndim=2, low_precision=lp)
+    B = as_float_array("B", B, ndim=2, low_precision=lp)
     if magnitude is not None:
-        magnitude = as_float_array("magnitude", magnitude)
+        magnitude = as_float_array("magnitude", magnitude, low_precision=lp)
         if magnitude.ndim != 1:
             raise ValueError(
                 f"magnitude must have shape (out,) = ({W0.shape[0]},), one value per output "
                 f"channel; got {magnitude.shape}"
             )
     if bias is not None:
-        bias = as_float_array("bias", bias, ndim=1)
+        bias = as_float_array("bias", bias, ndim=1, low_precision=lp)
     out_f, in_f = W0.shape
     r = A.shape[0]
     shapes = f"W0 {W0.shape}, A {A.shape}, B {B.shape}"
@@ -224,7 +246,10 @@ def check_adapter(W0, A, B, magnitude=None, bias=None):
         )
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"bias must have shape (out,) = ({out_f},), got {bias.shape}")
-    check_same_dtype(W0=W0, A=A, B=B, magnitude=magnitude, bias=bias)
+    if lp:
+        classify(W0, A, B, magnitude, bias, **({"names": names} if names else {}))
+    else:
+        check_same_dtype(W0=W0, A=A, B=B, magnitude=magnitude, bias=bias)
     check_finite("A", A)
     check_finite("B", B)
     if magnitude is not None:
@@ -258,7 +283,7 @@ def check_weight_shape(name, shape, axes=("output channel", "input feature")):
             )
 
 
-def check_input(x, in_features, dtype, name="x"):
+def check_input(x, in_features, dtype, name="x", *, low_precision=False):
     """Check an input batch and flatten its leading dimensions.
 
     Parameters
@@ -267,13 +292,16 @@ def check_input(x, in_features, dtype, name="x"):
     in_features : int
     dtype : numpy.dtype
         The weights' dtype, which x must share.
+    name : str, default "x"
+    low_precision : bool, default False
+        Also accept a float16/bfloat16 x (of ``dtype``).
 
     Returns
     -------
     ndarray, shape (N, in)
         A view of x when possible, N the product of the leading dimensions.
     """
-    x = as_float_array(name, x)
+    x = as_float_array(name, x, low_precision=low_precision)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(
             f"{name} must have shape (..., in) = (..., {in_features}), got {x.shape}"

@@ -77,6 +77,19 @@ def kernels():
     return _MODULES[_active]
 
 
+def low_precision_kernels():
+    """The kernel module for a float16/bfloat16 weight: the active one if it accepts them.
+
+    A kernel module declares that its ``column_norm``, ``merge``, ``unmerge``
+    and ``forward_epilogue`` accept low-precision weights (see
+    ``dora_ref.core.kernels_numpy``) with a module attribute
+    ``LOW_PRECISION = True``; a backend without it hands those calls to the
+    NumPy twins, which compute the same bits.
+    """
+    active = _MODULES[_active]
+    return active if getattr(active, "LOW_PRECISION", False) else _kernels_numpy
+
+
 def _initial_backend():
     """The backend at import: DORA_REF_BACKEND if set, else C when built, else NumPy."""
     requested = os.environ.get("DORA_REF_BACKEND")

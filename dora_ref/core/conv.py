@@ -103,7 +103,21 @@ from .im2col import (
 # ---------------------------------------------------------------------------
 
 
-def conv_column_norm(weight, lora_A, lora_B, scaling, groups=1):
+def _refuse_peft_groups(policy, weight, groups):
+    """policy='peft' on lp weights reproduces PEFT's groups = 1 convolutions only.
+
+    With groups > 1 PEFT mixes output channels in its norm and refuses to
+    merge (see this module's docstring): there is no PEFT behaviour to match.
+    """
+    if policy == "peft" and groups != 1 and np.dtype(weight.dtype).itemsize == 2:
+        raise ValueError(
+            f"policy='peft' with groups={groups}: PEFT's grouped DoRA convolution mixes output "
+            f"channels and cannot merge, so there is nothing to reproduce; use "
+            f"policy='consistent'"
+        )
+
+
+def conv_column_norm(weight, lora_A, lora_B, scaling, groups=1, *, policy="consistent"):
     """Per-output-channel norm of the adapted kernel V = W0 + s * delta.
 
     Output channel o's norm is taken over everything that produces it,
@@ -112,15 +126,18 @@ def conv_column_norm(weight, lora_A, lora_B, scaling, groups=1):
 
     Parameters
     ----------
-    weight : ndarray, shape (out, in/groups, *k), float32 or float64
-    lora_A : ndarray, shape (r, in, *k)
-    lora_B : ndarray, shape (out, r/groups, 1, ...)
+    weight : ndarray, shape (out, in/groups, *k), float32, float64, float16 or bfloat16
+    lora_A : ndarray, shape (r, in, *k), weight's dtype, or float32 with an lp weight
+    lora_B : ndarray, shape (out, r/groups, 1, ...), lora_A's dtype
     scaling : float
     groups : int, default 1
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 weight (see ``functional.dora_forward`` and
+        ``dora_ref.core.precision``); ignored for float32/float64.
 
     Returns
     -------
-    n : ndarray, shape (out,)
+    n : ndarray, shape (out,), as ``functional.column_norm``
 
     Raises
     ------
@@ -134,10 +151,11 @@ def conv_column_norm(weight, lora_A, lora_B, scaling, groups=1):
     differs there (see the module docstring).
     """
     weight, lora_A, lora_B, _ = _check_conv_adapter(weight, lora_A, lora_B, groups)
-    return F.column_norm(*_flat(weight, lora_A, lora_B, groups), scaling)
+    _refuse_peft_groups(policy, weight, groups)
+    return F.column_norm(*_flat(weight, lora_A, lora_B, groups), scaling, policy=policy)
 
 
-def conv_init_magnitude(weight, lora_A, lora_B, scaling, groups=1):
+def conv_init_magnitude(weight, lora_A, lora_B, scaling, groups=1, *, policy="consistent"):
     """PEFT's magnitude init, in PEFT's shape: (1, out, 1, ...) = ``conv_column_norm``.
 
     Parameters
@@ -146,14 +164,17 @@ def conv_init_magnitude(weight, lora_A, lora_B, scaling, groups=1):
 
     Returns
     -------
-    magnitude : ndarray, shape (1, out, 1, ..., 1) (d ones after out)
+    magnitude : ndarray, shape (1, out, 1, ..., 1) (d ones after out), lora_A's dtype
 
     Notes
     -----
     Matches PEFT ``_DoraConvNdLayer.update_layer`` (the norm with keepdim,
-    transposed to (1, out, 1, ...)).
+    transposed to (1, out, 1, ...)); for lp weights, ``functional.init_magnitude``'s
+    policies.
     """
-    n = conv_column_norm(weight, lora_A, lora_B, scaling, groups)
+    weight, lora_A, lora_B, _ = _check_conv_adapter(weight, lora_A, lora_B, groups)
+    _refuse_peft_groups(policy, weight, groups)
+    n = F.init_magnitude(*_flat(weight, lora_A, lora_B, groups), scaling, policy=policy)
     return n.reshape((1, -1) + (1,) * (np.ndim(weight) - 2))
 
 
@@ -173,7 +194,7 @@ class ConvDoRAContext:
 def _patch_mask(dropout_mask, x):
     if dropout_mask is None:
         return None
-    mask = as_float_array("dropout_mask", dropout_mask)
+    mask = as_float_array("dropout_mask", dropout_mask, low_precision=True)
     if mask.shape != x.shape or mask.dtype != x.dtype:
         raise ValueError(
             f"dropout_mask must have the shape and dtype of x {x.shape} {x.dtype}, "
@@ -198,6 +219,7 @@ def conv_dora_forward(
     dropout_mask=None,
     weight_norm=None,
     allow_zero_norm=False,
+    policy="consistent",
 ):
     """DoRA convolution forward (PEFT ``_DoraConvNdLayer.forward``, paper Eq. 5).
 
@@ -214,11 +236,11 @@ def conv_dora_forward(
 
     Parameters
     ----------
-    x : ndarray, shape (N, in, *L), float32 or float64
-    weight : ndarray, shape (out, in/groups, *k), same dtype
-    lora_A : ndarray, shape (r, in, *k), same dtype
-    lora_B : ndarray, shape (out, r/groups, 1, ..., 1), same dtype
-    magnitude : ndarray, shape (1, out, 1, ..., 1) (PEFT's) or (out,)
+    x : ndarray, shape (N, in, *L), float32, float64, float16 or bfloat16
+    weight : ndarray, shape (out, in/groups, *k), x's dtype
+    lora_A : ndarray, shape (r, in, *k), x's dtype, or float32 with an lp x
+    lora_B : ndarray, shape (out, r/groups, 1, ..., 1), lora_A's dtype
+    magnitude : ndarray, shape (1, out, 1, ..., 1) (PEFT's) or (out,), lora_A's dtype
     scaling : float
     bias : ndarray, shape (out,), optional
         Never multiplied by g.
@@ -233,10 +255,13 @@ def conv_dora_forward(
         A precomputed ``conv_column_norm`` of these exact weights (trusted).
     allow_zero_norm : bool, default False
         See ``functional.dora_forward``.
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 weight (see ``functional.dora_forward`` and
+        ``dora_ref.core.precision``); ignored for float32/float64.
 
     Returns
     -------
-    y : ndarray, shape (N, out, *L_out)
+    y : ndarray, shape (N, out, *L_out), x's dtype
     ctx : ConvDoRAContext
 
     Raises
@@ -248,6 +273,7 @@ def conv_dora_forward(
     weight, lora_A, lora_B, m = _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude)
     if m is None:
         raise TypeError("magnitude must be an array of shape (1, out, 1, ...), got None")
+    _refuse_peft_groups(policy, weight, groups)
     geom = ConvGeometry.make(weight.shape[2:], stride, padding, dilation, groups)
     x = _check_x(x, lora_A.shape[1], geom.ndim, weight.dtype)
     mask = _patch_mask(dropout_mask, x)
@@ -257,6 +283,7 @@ def conv_dora_forward(
     y_rows, lin = F.dora_forward(
         P, W0, A, B, m, scaling, bias,
         dropout_mask=P_mask, weight_norm=weight_norm, allow_zero_norm=allow_zero_norm,
+        policy=policy,
     )
     seen = WeightSnapshot({"lora_A": lora_A, "lora_B": lora_B, "lora_magnitude_vector": m})
     ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, np.shape(magnitude),
@@ -265,7 +292,7 @@ def conv_dora_forward(
 
 
 def _check_dy(dy, ctx, out):
-    dy = as_float_array("dy", dy)
+    dy = as_float_array("dy", dy, low_precision=True)
     want = (ctx.x_shape[0], out, *ctx.geom.output_shape(ctx.x_shape[2:]))
     if dy.shape != want:
         raise ValueError(f"dy must have the forward output's shape {want}, got {dy.shape}")
@@ -314,25 +341,31 @@ def conv_dora_backward(dy, ctx, *, detach_norm=True):
     if ctx.seen is not None:  # the PEFT-shaped arrays (with groups > 1 the view's B is a copy)
         ctx.seen.check_backward()
     lin = ctx.linear
-    g = F.dora_backward(_check_dy(dy, ctx, lin.W0.shape[0]), lin, detach_norm=detach_norm)
-    dx = col2im(g.dx, ctx.x_shape, ctx.geom)
+    dy_rows = _check_dy(dy, ctx, lin.W0.shape[0])
+    if lin.precision is not None:  # col2im's sums in float32, then one rounding
+        g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm,
+                            _dx_adjoint=lambda dP: col2im(dP, ctx.x_shape, ctx.geom))
+        dx = g.dx
+    else:
+        g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm)
+        dx = col2im(g.dx, ctx.x_shape, ctx.geom)
     dA, dB = _grouped_grads(ctx, g.dA, g.dB)
     return F.DoRAGrads(dx, dA, dB, g.dmagnitude.reshape(ctx.magnitude_shape))
 
 
 def conv_lora_forward(
     x, weight, lora_A, lora_B, scaling, bias=None, *,
-    stride=1, padding=0, dilation=1, groups=1, dropout_mask=None,
+    stride=1, padding=0, dilation=1, groups=1, dropout_mask=None, policy="consistent",
 ):
     """LoRA convolution forward: y = conv(x, W0) + s * lora_B(lora_A(xd)) + bias.
 
     ``functional.lora_forward`` on the patch matrix (PEFT ``_ConvNd.forward``,
     vanilla LoRA). Arguments and shapes as ``conv_dora_forward`` without the
-    magnitude.
+    magnitude (float16/bfloat16: "consistent" only, as ``functional.lora_forward``).
 
     Returns
     -------
-    y : ndarray, shape (N, out, *L_out)
+    y : ndarray, shape (N, out, *L_out), x's dtype
     ctx : ConvDoRAContext
     """
     weight, lora_A, lora_B, _ = _check_conv_adapter(weight, lora_A, lora_B, groups)
@@ -342,7 +375,7 @@ def conv_lora_forward(
     P, out_spatial = im2col(x, geom)
     P_mask = None if mask is None else im2col(mask, geom)[0]
     y_rows, lin = F.lora_forward(P, *_flat(weight, lora_A, lora_B, groups), scaling, bias,
-                                 dropout_mask=P_mask)
+                                 dropout_mask=P_mask, policy=policy)
     ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, None,
                           WeightSnapshot({"lora_A": lora_A, "lora_B": lora_B}))
     return _rows_to_channels_first(y_rows, x.shape[0], out_spatial), ctx
@@ -357,9 +390,16 @@ def conv_lora_backward(dy, ctx):
     if ctx.seen is not None:
         ctx.seen.check_backward()
     lin = ctx.linear
-    g = F.lora_backward(_check_dy(dy, ctx, lin.W0.shape[0]), lin)
+    dy_rows = _check_dy(dy, ctx, lin.W0.shape[0])
+    if lin.precision is not None:  # col2im's sums in float32, then one rounding
+        g = F.lora_backward(dy_rows, lin,
+                            _dx_adjoint=lambda dP: col2im(dP, ctx.x_shape, ctx.geom))
+        dx = g.dx
+    else:
+        g = F.lora_backward(dy_rows, lin)
+        dx = col2im(g.dx, ctx.x_shape, ctx.geom)
     dA, dB = _grouped_grads(ctx, g.dA, g.dB)
-    return F.LoRAGrads(col2im(g.dx, ctx.x_shape, ctx.geom), dA, dB)
+    return F.LoRAGrads(dx, dA, dB)
 
 
 # ---------------------------------------------------------------------------
@@ -367,7 +407,8 @@ def conv_lora_backward(dy, ctx):
 # ---------------------------------------------------------------------------
 
 
-def conv_merge(weight, lora_A, lora_B, magnitude, scaling, groups=1, *, allow_zero_norm=False):
+def conv_merge(weight, lora_A, lora_B, magnitude, scaling, groups=1, *, allow_zero_norm=False,
+               policy="consistent"):
     """Fold a DoRA adapter into the kernel: W' = (m / n) * (W0 + s * delta), per channel.
 
     ``functional.merge`` of the linear view. The bias is unchanged.
@@ -381,6 +422,8 @@ def conv_merge(weight, lora_A, lora_B, magnitude, scaling, groups=1, *, allow_ze
     scaling : float
     groups : int, default 1
     allow_zero_norm : bool, default False
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 weight, as ``functional.merge``.
 
     Returns
     -------
@@ -404,13 +447,16 @@ def conv_merge(weight, lora_A, lora_B, magnitude, scaling, groups=1, *, allow_ze
     weight, lora_A, lora_B, m = _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude)
     if m is None:
         raise TypeError("magnitude must be an array, got None")
+    _refuse_peft_groups(policy, weight, groups)
     W_merged, n = F.merge(
-        *_flat(weight, lora_A, lora_B, groups), m, scaling, allow_zero_norm=allow_zero_norm
+        *_flat(weight, lora_A, lora_B, groups), m, scaling, allow_zero_norm=allow_zero_norm,
+        policy=policy,
     )
     return W_merged.reshape(weight.shape[0], *lora_A.shape[1:]), n
 
 
-def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1):
+def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1, *,
+                 policy="consistent"):
     """Recover the base kernel: W0 = W' / (m / n) - s * delta (``functional.unmerge``).
 
     Parameters
@@ -421,6 +467,8 @@ def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1):
         As given to ``conv_merge``.
     n : ndarray, shape (out,)
         The norms ``conv_merge`` returned.
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 W_merged, as ``functional.unmerge``.
 
     Returns
     -------
@@ -433,8 +481,8 @@ def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1):
     ValueError
         On bad shapes, or a channel that the merge scaled to zero.
     """
-    W_merged = as_float_array("W_merged", W_merged, ndim=(3, 4, 5))
-    lora_A = as_float_array("lora_A", lora_A, ndim=W_merged.ndim)
+    W_merged = as_float_array("W_merged", W_merged, ndim=(3, 4, 5), low_precision=True)
+    lora_A = as_float_array("lora_A", lora_A, ndim=W_merged.ndim, low_precision=True)
     if W_merged.shape[1:] != lora_A.shape[1:]:
         raise ValueError(
             f"W_merged must have shape (out, in, *k) with (in, *k) = {lora_A.shape[1:]} "
@@ -445,8 +493,10 @@ def conv_unmerge(W_merged, lora_A, lora_B, magnitude, scaling, n, groups=1):
     _, lora_A, lora_B, m = _check_conv_adapter(
         np.empty(grouped_shape, W_merged.dtype), lora_A, lora_B, groups, magnitude
     )
+    _refuse_peft_groups(policy, W_merged, groups)
     r = lora_A.shape[0]
     W0 = F.unmerge(
-        W_merged.reshape(out, -1), lora_A.reshape(r, -1), lora_B_dense(lora_B, groups), m, scaling, n
+        W_merged.reshape(out, -1), lora_A.reshape(r, -1), lora_B_dense(lora_B, groups), m, scaling, n,
+        policy=policy,
     )
     return dense_to_grouped(W0.reshape(W_merged.shape), groups)

@@ -68,19 +68,21 @@ from ._validate import (
     as_float_array,
     check_finite,
     check_result_finite,
-    check_same_dtype,
     check_scaling,
     check_weight_shape,
     refuse_array_subclass,
 )
-from .kernels_numpy import _row_blocks
+from .kernels_numpy import _norm_dtype, _row_blocks, _rows_f32
 from .norm import _rescue_extreme_rows
+from .precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
+
+_NAMES = ("weight", "lora_embedding_A", "lora_embedding_B", "magnitude", "bias")
 
 
 def _check_embedding(weight, A, B, magnitude=None):
-    weight = as_float_array("weight", weight, ndim=2)
-    A = as_float_array("lora_embedding_A", A, ndim=2)
-    B = as_float_array("lora_embedding_B", B, ndim=2)
+    weight = as_float_array("weight", weight, ndim=2, low_precision=True)
+    A = as_float_array("lora_embedding_A", A, ndim=2, low_precision=True)
+    B = as_float_array("lora_embedding_B", B, ndim=2, low_precision=True)
     V, D = weight.shape
     check_weight_shape("weight", weight.shape, ("embedding (num_embeddings)", "dimension"))
     r = A.shape[0]
@@ -91,7 +93,7 @@ def _check_embedding(weight, A, B, magnitude=None):
             f"with r >= 1; got {shapes}"
         )
     if magnitude is not None:
-        magnitude = as_float_array("magnitude", magnitude, ndim=1)
+        magnitude = as_float_array("magnitude", magnitude, ndim=1, low_precision=True)
         if magnitude.shape != (D,):
             hint = (
                 " (one value per token is mlx-lm's convention, not PEFT's: see "
@@ -101,7 +103,7 @@ def _check_embedding(weight, A, B, magnitude=None):
                 f"magnitude must have shape (D,) = ({D},), one value per embedding "
                 f"dimension; got {magnitude.shape}{hint}"
             )
-    check_same_dtype(weight=weight, lora_embedding_A=A, lora_embedding_B=B, magnitude=magnitude)
+    classify(weight, A, B, magnitude, names=_NAMES)  # float16/bfloat16 rules: core.precision
     # as _validate.check_adapter: NaN/Inf in the adapter raises here (NaN/Inf
     # in the table is caught where the norm reads it)
     check_finite("lora_embedding_A", A)
@@ -130,19 +132,24 @@ def _check_embed_scale(embed_scale):
     return check_scaling(embed_scale)
 
 
-def embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling):
+def embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling, *,
+                          policy="consistent"):
     """n = ||E.T + s * B @ A||_row: one norm per embedding dimension, over the vocabulary.
 
     Parameters
     ----------
-    weight : ndarray, shape (V, D), float32 or float64
-    lora_embedding_A : ndarray, shape (r, V)
-    lora_embedding_B : ndarray, shape (D, r)
+    weight : ndarray, shape (V, D), float32, float64, float16 or bfloat16
+    lora_embedding_A : ndarray, shape (r, V), weight's dtype, or float32 with an lp weight
+    lora_embedding_B : ndarray, shape (D, r), lora_embedding_A's dtype
     scaling : float
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 weight, as ``functional.column_norm``: the
+        float32 norm, or PEFT's lp norm with lp adapters. Ignored otherwise.
 
     Returns
     -------
-    n : ndarray, shape (D,)
+    n : ndarray, shape (D,), weight's dtype (float32 for an lp weight, but
+        the lp dtype under "peft" with lp adapters)
 
     Raises
     ------
@@ -156,10 +163,33 @@ def embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling):
     ``DoraEmbeddingLayer.get_weight_norm`` (``fan_in_fan_out=True``); at
     PEFT's init (A = 0) it is ``E.norm(dim=0)``.
     """
+    check_policy(policy)
     weight, A, B, _ = _check_embedding(weight, lora_embedding_A, lora_embedding_B)
-    n = _embedding_norm(weight, A, B, check_scaling(scaling))
+    scaling = check_scaling(scaling)
+    if weight.dtype in LOW_PRECISION_DTYPES and policy == "peft" and A.dtype == weight.dtype:
+        n = _peft_pure_vocab_norm(weight, A, B, scaling)
+        F.check_norm(upcast(n), weight.T, allow_zero_norm=True)
+        return n
+    n = _embedding_norm(weight, upcast(A), upcast(B), scaling)
     F.check_norm(n, weight.T, allow_zero_norm=True)
     return n
+
+
+def _peft_pure_vocab_norm(E, A, B, scaling):
+    """PEFT with lp adapters: n = lp(||lp(E.T + lp(s * lp(B @ A)))||) over the vocabulary, (D,) lp.
+
+    The squares are summed in float64 (torch: float32, sequentially over V on
+    the strided view), then rounded to float32 and to lp.
+    """
+    lp = E.dtype
+    rnd = lambda a: round_to(a, lp).astype(np.float32)  # noqa: E731
+    A32, B32 = upcast(A), upcast(B)
+    sumsq = np.zeros(E.shape[1], dtype=np.float64)
+    for rows in _row_blocks(*E.shape, 4):
+        V_rows = rnd(E[rows].astype(np.float32)
+                     + rnd(np.float32(scaling) * rnd(A32[:, rows].T @ B32.T)))
+        sumsq += np.einsum("vd,vd->d", V_rows, V_rows, dtype=np.float64)
+    return round_to(np.sqrt(sumsq).astype(np.float32), lp)
 
 
 def _embedding_norm(E, A, B, scaling):
@@ -181,19 +211,38 @@ def _vocab_block_norm(E, A, B, scaling):
     ``_BLOCK_BYTES`` each, and summing each column's squares gives the same
     norms with no (V, D)-sized temporary. As the kernels, every entry of
     V = E + s * (B @ A).T is formed in the table's dtype (PEFT's order) and
-    the squares are summed in float64.
+    the squares are summed in float64; a float16/bfloat16 table is upcast
+    one block at a time and gives float32 norms (A, B float32).
     """
     sumsq = np.zeros(E.shape[1], dtype=np.float64)
     for rows in _row_blocks(*E.shape, E.itemsize):
-        V_rows = E[rows] + scaling * (A[:, rows].T @ B.T)  # (v, D): rows of (E.T + s B A).T
+        V_rows = _rows_f32(E, rows) + scaling * (A[:, rows].T @ B.T)  # rows of (E.T + s B A).T
         V64 = V_rows.astype(np.float64, copy=False)
         sumsq += np.einsum("vd,vd->d", V64, V64)
-    return np.sqrt(sumsq).astype(E.dtype)
+    return np.sqrt(sumsq).astype(_norm_dtype(E))
 
 
-def embedding_init_magnitude(weight, lora_embedding_A, lora_embedding_B, scaling):
-    """PEFT's magnitude init, shape (D,): ``embedding_column_norm`` (``DoraEmbeddingVariant.init``)."""
-    return embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling)
+def embedding_init_magnitude(weight, lora_embedding_A, lora_embedding_B, scaling, *,
+                             policy="consistent"):
+    """PEFT's magnitude init, shape (D,): ``embedding_column_norm`` (``DoraEmbeddingVariant.init``).
+
+    For a float16/bfloat16 weight the magnitude has lora_embedding_A's dtype:
+    "consistent" rounds the float32 norm once to it (g == 1 exactly at init);
+    "peft" is PEFT's init, the lp norm of ``lp(E.T + lp(s * lp(B @ A)))``
+    (computed before PEFT upcasts the adapter), so with float32 adapters
+    g = m / n differs from 1 by up to u_lp at init, as in PEFT. Arguments,
+    errors: as ``embedding_column_norm``.
+    """
+    check_policy(policy)
+    weight, A, B, _ = _check_embedding(weight, lora_embedding_A, lora_embedding_B)
+    if weight.dtype not in LOW_PRECISION_DTYPES:
+        return embedding_column_norm(weight, A, B, scaling)
+    scaling = check_scaling(scaling)
+    if policy == "peft":
+        n = _peft_pure_vocab_norm(weight, A, B, scaling)
+        F.check_norm(upcast(n), weight.T, allow_zero_norm=True)
+        return n.astype(A.dtype)
+    return round_to(embedding_column_norm(weight, A, B, scaling), A.dtype)
 
 
 @dataclass
@@ -213,6 +262,7 @@ class EmbeddingDoRAContext:
     base: np.ndarray  # (N, D)
     U: np.ndarray  # (N, r)
     seen: Optional[WeightSnapshot] = None  # A, B, m as the forward saw them
+    precision: Optional[object] = None  # lowp.Precision of a float16/bfloat16 forward
 
 
 def embedding_dora_forward(
@@ -227,6 +277,7 @@ def embedding_dora_forward(
     padding_idx=None,
     weight_norm=None,
     allow_zero_norm=False,
+    policy="consistent",
 ):
     """DoRA embedding forward: y = embed_scale * g * (E[ids] + s * A.T[ids] @ B.T).
 
@@ -234,10 +285,10 @@ def embedding_dora_forward(
     ----------
     ids : int ndarray, any shape (...)
         Token ids in [0, V).
-    weight : ndarray, shape (V, D), float32 or float64
-    lora_embedding_A : ndarray, shape (r, V), same dtype
-    lora_embedding_B : ndarray, shape (D, r), same dtype
-    magnitude : ndarray, shape (D,), same dtype
+    weight : ndarray, shape (V, D), float32, float64, float16 or bfloat16
+    lora_embedding_A : ndarray, shape (r, V), weight's dtype, or float32 with an lp weight
+    lora_embedding_B : ndarray, shape (D, r), lora_embedding_A's dtype
+    magnitude : ndarray, shape (D,), lora_embedding_A's dtype
     scaling : float
     embed_scale : float, optional
         The base layer's output scale (e.g. Gemma's), applied to the DoRA
@@ -248,10 +299,15 @@ def embedding_dora_forward(
         A precomputed ``embedding_column_norm`` of these exact weights (trusted).
     allow_zero_norm : bool, default False
         See ``functional.dora_forward``.
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 weight: the float32 forward rounded once, or
+        PEFT's (mixed: ``lp(g * E[ids] + (g * l) * s)`` in float32; lp
+        adapters: a rounding after each operation). "peft" accepts no
+        ``embed_scale`` (not measured). Ignored for float32/float64.
 
     Returns
     -------
-    y : ndarray, shape (..., D)
+    y : ndarray, shape (..., D), weight's dtype
     ctx : EmbeddingDoRAContext
 
     Raises
@@ -268,6 +324,7 @@ def embedding_dora_forward(
     Matches PEFT ``DoraEmbeddingVariant.forward``:
     ``g * base_layer(x) + g * s * (embed(x, A.T) @ B.T) * embed_scale``.
     """
+    check_policy(policy)
     weight, A, B, magnitude = _check_embedding(weight, lora_embedding_A, lora_embedding_B, magnitude)
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (D,), got None")
@@ -277,6 +334,9 @@ def embedding_dora_forward(
     ids_arr = _check_ids(ids, V)
     padding_idx = _check_padding_idx(padding_idx, V)
     flat = ids_arr.reshape(-1)
+    if weight.dtype in LOW_PRECISION_DTYPES:
+        return _lp_forward(ids_arr, weight, A, B, magnitude, scaling, embed_scale, padding_idx,
+                           weight_norm, allow_zero_norm, policy)
     kernels = _backend.kernels()
 
     U = A.T[flat]  # (1) (N, r)
@@ -301,6 +361,123 @@ def embedding_dora_forward(
     return y.reshape(*ids_arr.shape, D), ctx
 
 
+def _lp_forward(ids_arr, weight, A, B, magnitude, scaling, embed_scale, padding_idx,
+                weight_norm, allow_zero_norm, policy):
+    """``embedding_dora_forward`` for a float16/bfloat16 table (arguments checked).
+
+    "consistent": steps (1)-(6) in float32 on the upcast lookups, y rounded
+    once; with an lp magnitude the norm is rounded to it first (g == 1 at
+    init). "peft" (``DoraEmbeddingVariant.forward``; ``op`` = PEFT's rounding
+    of adapter arithmetic: none with float32 adapters, lp after each op)::
+
+        l = op(A.T[ids] @ B.T)   g = op(m / n)
+        y = lp(op(g * E[ids]) + op(op(g * l) * s))
+    """
+    from .lowp import Precision, _op, _store
+
+    lp, D = weight.dtype, weight.shape[1]
+    flat = ids_arr.reshape(-1)
+    A32, B32, m32 = upcast(A), upcast(B), upcast(magnitude)
+    pure_peft = policy == "peft" and A.dtype == lp
+    if weight_norm is not None:
+        n = as_float_array("weight_norm", weight_norm, ndim=1, low_precision=True)
+        if n.shape != (D,) or n.dtype != magnitude.dtype:
+            raise ValueError(f"weight_norm must have shape ({D},) and dtype {magnitude.dtype}, "
+                             f"got {n.shape} {n.dtype}")
+        n = upcast(n)
+    elif pure_peft:
+        n = upcast(_peft_pure_vocab_norm(weight, A, B, scaling))
+    else:
+        n = _embedding_norm(weight, A32, B32, scaling)
+        if policy == "consistent" and A.dtype == lp:  # pure: the norm in the magnitude's dtype
+            F.check_norm(n, weight.T, allow_zero_norm)
+            n = upcast(round_to(n, lp))
+    F.check_norm(n, weight.T, allow_zero_norm)
+    g = F.magnitude_over_norm(m32, n)
+    U = A32.T[flat]
+    base = weight[flat].astype(np.float32)
+    if policy == "consistent":
+        y = _backend.kernels().forward_epilogue(base, U, B32, g, scaling, None)
+        if embed_scale != 1.0:
+            y *= embed_scale
+        parts = None
+    else:
+        if embed_scale != 1.0:
+            raise ValueError("embed_scale with policy='peft' on a float16/bfloat16 table is not "
+                             "supported (PEFT's cast points were not measured there); use "
+                             "policy='consistent'")
+        op = _op(A.dtype, lp)
+        g = op(g)
+        lo = op(U @ B32.T)
+        y = op(g * base) + op(op(g * lo) * np.float32(scaling))
+        parts = dict(lo=lo)
+    y = _store(y, lp, "y (the output)", [])
+    seen = WeightSnapshot({"lora_embedding_A": A, "lora_embedding_B": B,
+                           "lora_magnitude_vector": magnitude})
+    ctx = EmbeddingDoRAContext(flat, ids_arr.shape, weight, A32, B32, scaling, embed_scale,
+                               padding_idx, n, g, base, U, seen,
+                               Precision(policy, lp, A.dtype, parts))
+    return y.reshape(*ids_arr.shape, D), ctx
+
+
+def _lp_backward(dy, ctx, detach_norm):
+    """``embedding_dora_backward`` for an lp forward: float32 steps, each gradient rounded once
+    to the adapter's dtype ("consistent"), or PEFT's autograd with ``op`` after each step::
+
+        gt = op(G s)   gl = op(gt g)   dm = op(op(sum op(gt l) + sum op(G E[ids])) / n)
+        dB = op(gl.T @ U)   dU = op(gl @ B)   dA[:, ids] += dU (float32, then op)
+    """
+    from .lowp import _op, _store
+
+    p = ctx.precision
+    D = ctx.weight.shape[1]
+    dy = as_float_array("dy", dy, low_precision=True)
+    if dy.shape != (*ctx.ids_shape, D):
+        raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
+                         f"got {dy.shape}")
+    if dy.dtype != p.lp:
+        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {p.lp}")
+    dy2 = dy.reshape(-1, D).astype(np.float32)
+    A, B, s = ctx.A, ctx.B, ctx.scaling
+    if p.policy == "consistent":
+        dy2 = dy2 * ctx.embed_scale
+        dg, dz = _backend.kernels().backward_epilogue(dy2, ctx.base, ctx.U, B, ctx.g, s)
+        dm = F.divide_by_norm(dg, ctx.n)
+        dU = s * (dz @ B)
+        dB = s * (dz.T @ ctx.U)
+        dA = np.zeros_like(A)
+        np.add.at(dA.T, ctx.ids, dU)
+        if ctx.padding_idx is not None:
+            dA[:, ctx.padding_idx] = 0
+        if not detach_norm:
+            dA_n, dB_n = F.norm_gradient(ctx.weight.T.astype(np.float32), A, B, s, dg, ctx.g,
+                                         ctx.n)
+            dA += dA_n
+            dB += dB_n
+    else:
+        if not detach_norm:
+            raise ValueError("detach_norm=False with policy='peft': PEFT detaches the norm; "
+                             "use policy='consistent' for the exact gradient")
+        op = _op(p.adapter, p.lp)
+        red = (lambda a: a.sum(axis=0, dtype=np.float32)) if p.adapter == np.float32 else \
+            (lambda a: op(a.sum(axis=0, dtype=np.float32)))
+        G = dy2
+        gt = op(G * np.float32(s))
+        gl = op(gt * ctx.g)
+        dg = op(red(op(gt * p.parts["lo"])) + red(op(G * ctx.base)))
+        dm = op(F.divide_by_norm(dg, ctx.n))
+        dB = op(gl.T @ ctx.U)
+        dU = op(gl @ B)
+        dA = np.zeros_like(A)
+        np.add.at(dA.T, ctx.ids, dU)
+        dA = op(dA)
+        if ctx.padding_idx is not None:
+            dA[:, ctx.padding_idx] = 0
+    inputs = [("dy", dy)]
+    return (_store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
+            _store(dm, p.adapter, "dmagnitude", inputs))
+
+
 def _check_padding_idx(padding_idx, V):
     if padding_idx is None:
         return None
@@ -319,12 +496,13 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
     dy : ndarray, shape (..., D)
         dL/dy, the shape of the forward's output, same dtype.
     ctx : EmbeddingDoRAContext
+        A float16/bfloat16 forward's policy applies (``_lp_backward``).
     detach_norm : bool, default True
         True: n is a constant (paper Sec. 4.3, PEFT). False: the exact gradient.
 
     Returns
     -------
-    dA : ndarray, shape (r, V)
+    dA : ndarray, shape (r, V), lora_embedding_A's dtype (likewise dB, dmagnitude)
         Scatter-added into the looked-up columns; zero in ``padding_idx``'s
         column from lookups (its norm-path gradient, exact mode only, is kept).
     dB : ndarray, shape (D, r)
@@ -341,6 +519,8 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
     """
     if ctx.seen is not None:
         ctx.seen.check_backward()
+    if ctx.precision is not None:
+        return _lp_backward(dy, ctx, detach_norm)
     E, A, B, s = ctx.weight, ctx.A, ctx.B, ctx.scaling
     D = E.shape[1]
     dy = as_float_array("dy", dy)
@@ -370,7 +550,7 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
 
 
 def embedding_merge(weight, lora_embedding_A, lora_embedding_B, magnitude, scaling, *,
-                    allow_zero_norm=False):
+                    allow_zero_norm=False, policy="consistent"):
     """Fold the adapter in: E' = (E + s * (B @ A).T) * (m / n), scaling column j by g_j.
 
     Parameters
@@ -381,10 +561,12 @@ def embedding_merge(weight, lora_embedding_A, lora_embedding_B, magnitude, scali
     magnitude : ndarray, shape (D,)
     scaling : float
     allow_zero_norm : bool, default False
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 table, as ``functional.merge``.
 
     Returns
     -------
-    weight_merged : ndarray, shape (V, D)
+    weight_merged : ndarray, shape (V, D), weight's dtype
         The base layer's lookup of it (times its own embed_scale) equals the
         eval forward.
     n : ndarray, shape (D,)
@@ -399,17 +581,20 @@ def embedding_merge(weight, lora_embedding_A, lora_embedding_B, magnitude, scali
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (D,), got None")
     W, n = F.merge(np.ascontiguousarray(weight.T), A, B, magnitude, scaling,
-                   allow_zero_norm=allow_zero_norm)
+                   allow_zero_norm=allow_zero_norm, policy=policy)
     return np.ascontiguousarray(W.T), n
 
 
-def embedding_unmerge(weight_merged, lora_embedding_A, lora_embedding_B, magnitude, scaling, n):
+def embedding_unmerge(weight_merged, lora_embedding_A, lora_embedding_B, magnitude, scaling, n,
+                      *, policy="consistent"):
     """Recover E = E' / (m / n) - s * (B @ A).T (``functional.unmerge`` of the (D, V) view).
 
-    Parameters as ``embedding_merge``, plus ``n`` (D,) from it. Returns E (V, D).
+    Parameters as ``embedding_merge`` (``policy`` included), plus ``n`` (D,)
+    from it. Returns E (V, D) in weight_merged's dtype.
     """
     weight_merged, A, B, magnitude = _check_embedding(
         weight_merged, lora_embedding_A, lora_embedding_B, magnitude
     )
-    W = F.unmerge(np.ascontiguousarray(weight_merged.T), A, B, magnitude, scaling, n)
+    W = F.unmerge(np.ascontiguousarray(weight_merged.T), A, B, magnitude, scaling, n,
+                  policy=policy)
     return np.ascontiguousarray(W.T)

@@ -70,6 +70,31 @@ gradient dm_i = G_i . V_i / n_i is the paper's Eq. (7) in both modes.
 Every term uses W0, ``W0 @ A.T`` (out, r), ``A @ A.T`` (r, r) and N-row
 products only; no (out, in) temporary exists besides W0 itself (the norm in
 step (3) walks W0 in row blocks, see ``dora_ref.core.kernels_numpy``).
+
+Low precision
+-------------
+W0 (with x, the bias, y, dx) may be float16 or ``ml_dtypes.bfloat16``; A, B
+and the magnitude are then float32 ("mixed", PEFT's default
+``autocast_adapter_dtype=True``) or W0's dtype ("pure"); any other mix is a
+``TypeError`` (``dora_ref.core.precision``). No arithmetic is done in the
+low-precision dtype: inputs are upcast exactly to float32. The keyword
+``policy`` says where results are rounded (round to nearest even):
+
+* ``"consistent"`` (default): each function is the float32 computation
+  above on the upcast inputs, and each result is rounded ONCE to its
+  storage dtype (y, dx, a merged or unmerged weight: W0's; dA, dB,
+  dmagnitude: A's). Its error is the float32 bound plus one rounding,
+  ``u_lp |result|`` (u = 2**-11 float16, 2**-8 bfloat16). A pure-lp
+  magnitude divides a norm rounded to its dtype too, so g = m / n == 1
+  exactly at init and an untrained layer is the base layer, bit for bit.
+* ``"peft"``: PEFT 0.21.2's roundings on CPU, to compare with PEFT:
+  its magnitude is rounded to lp at init even when it is then kept in
+  float32 (so g != 1, |g - 1| <= u_lp, at init), and with lp adapters every
+  operation is rounded (``dora_ref.core.lowp``).
+
+float32 and float64 calls ignore ``policy``: their results are unchanged,
+bit for bit. The NumPy kernels read a low-precision W0 one row block at a
+time (no float32 copy of W0 in the norm or the merge).
 """
 from __future__ import annotations
 
@@ -90,6 +115,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_scaling,
     refuse_non_finite_rows,
 )
+from .precision import LOW_PRECISION_DTYPES, check_policy
 from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the functional API)
     _kernel_norm,
     _rescue_extreme_rows,
@@ -150,6 +176,7 @@ class DoRAContext:
     base: np.ndarray  # (N, out): x @ W0.T for the x above
     U: np.ndarray  # (N, r): x @ A.T for the x above
     seen: Optional[WeightSnapshot] = None  # A, B, m as the forward saw them
+    precision: Optional[object] = None  # lowp.Precision of a float16/bfloat16 forward
 
 
 @dataclass
@@ -165,6 +192,7 @@ class LoRAContext:
     scaling: float
     U: np.ndarray
     seen: Optional[WeightSnapshot] = None  # A, B as the forward saw them
+    precision: Optional[object] = None  # lowp.Precision of a float16/bfloat16 forward
 
 
 # ---------------------------------------------------------------------------
@@ -184,6 +212,7 @@ def dora_forward(
     dropout_mask=None,
     weight_norm=None,
     allow_zero_norm=False,
+    policy="consistent",
 ):
     """DoRA linear layer forward, PEFT semantics (paper Eq. 5).
 
@@ -203,11 +232,11 @@ def dora_forward(
 
     Parameters
     ----------
-    x : ndarray, shape (..., in), float32 or float64
-    W0 : ndarray, shape (out, in), same dtype
-    A : ndarray, shape (r, in), same dtype
-    B : ndarray, shape (out, r), same dtype
-    magnitude : ndarray, shape (out,), same dtype
+    x : ndarray, shape (..., in), float32, float64, float16 or bfloat16
+    W0 : ndarray, shape (out, in), x's dtype
+    A : ndarray, shape (r, in), x's dtype, or float32 with a float16/bfloat16 W0
+    B : ndarray, shape (out, r), A's dtype
+    magnitude : ndarray, shape (out,), A's dtype
     scaling : float
     bias : ndarray, shape (out,), optional
         Never multiplied by g (PEFT subtracts it before scaling).
@@ -222,17 +251,21 @@ def dora_forward(
         A zero row of W0 + s*B@A raises ``ValueError`` by default. If True,
         g = 0 for that row: the channel outputs its bias, and its magnitude
         gets zero gradient.
+    policy : {"consistent", "peft"}, default "consistent"
+        Where a float16/bfloat16 call rounds (see "Low precision" in this
+        module's docstring); float32/float64 calls ignore it.
 
     Returns
     -------
-    y : ndarray, shape (..., out)
+    y : ndarray, shape (..., out), x's dtype
     ctx : DoRAContext
-        Pass it to ``dora_backward``.
+        Pass it to ``dora_backward`` (it remembers the policy).
 
     Raises
     ------
     TypeError
-        On non-float or mixed dtypes.
+        On non-float or mixed dtypes (``dora_ref.core.precision.classify``
+        lists the float16/bfloat16 combinations accepted).
     ValueError
         On inconsistent shapes (the message lists them), an empty weight
         (out, in or r = 0; a batch of N = 0 rows works), NaN/Inf in a
@@ -253,13 +286,22 @@ def dora_forward(
     each): do not write into them between forward and backward (the layers
     keep W0 read-only).
     """
-    W0, A, B, magnitude, bias = check_adapter(W0, A, B, magnitude, bias)
+    check_policy(policy)
+    W0, A, B, magnitude, bias = check_adapter(W0, A, B, magnitude, bias, low_precision=True)
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
+    lp = W0.dtype in LOW_PRECISION_DTYPES
+    if weight_norm is not None:
+        weight_norm = as_float_array("weight_norm", weight_norm, ndim=1, low_precision=lp)
+        if weight_norm.shape != magnitude.shape:
+            raise ValueError(f"weight_norm must have shape {magnitude.shape}, "
+                             f"got {weight_norm.shape}")
+    if lp:
+        return _lowp.dora_forward(np.shape(x), x, W0, A, B, magnitude, scaling, bias,
+                                  dropout_mask, weight_norm, allow_zero_norm, policy)
     x2 = check_input(x, W0.shape[1], W0.dtype)
     if weight_norm is not None:
-        weight_norm = as_float_array("weight_norm", weight_norm, ndim=1)
         if weight_norm.shape != magnitude.shape or weight_norm.dtype != W0.dtype:
             raise ValueError(
                 f"weight_norm must have shape {magnitude.shape} and dtype {W0.dtype}, "
@@ -313,7 +355,7 @@ def _check_ctx(ctx, cls, forward):
         )
 
 
-def dora_backward(dy, ctx, *, detach_norm=True):
+def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
     """Gradients of a DoRA layer from the upstream gradient (hand-derived).
 
     The derivation is in this module's docstring; the steps are numbered
@@ -324,7 +366,7 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     dy : ndarray, shape (..., out)
         dL/dy, the shape of the forward's output, same dtype.
     ctx : DoRAContext
-        From ``dora_forward``.
+        From ``dora_forward``; a float16/bfloat16 forward's policy applies.
     detach_norm : bool, default True
         True: n is a constant (paper Sec. 4.3, PEFT). False: the exact
         gradient, including the path through n (paper Eqs. 6-7).
@@ -332,7 +374,8 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     Returns
     -------
     DoRAGrads
-        ``dx`` (..., in), ``dA`` (r, in), ``dB`` (out, r), ``dmagnitude`` (out,).
+        ``dx`` (..., in), ``dA`` (r, in), ``dB`` (out, r), ``dmagnitude`` (out,),
+        each in the dtype of what it differentiates (dx in x's, the others in A's).
 
     Raises
     ------
@@ -349,14 +392,36 @@ def dora_backward(dy, ctx, *, detach_norm=True):
     _check_ctx(ctx, DoRAContext, "dora_forward")
     if ctx.seen is not None:
         ctx.seen.check_backward()
-    W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
-    out_f = W0.shape[0]
-    dy2 = check_input(dy, out_f, W0.dtype, name="dy")
+    if ctx.precision is not None:
+        return _lowp.dora_backward(dy, ctx, detach_norm, _dx_adjoint)
+    dy2 = _check_dy(dy, ctx, ctx.W0.dtype)
+    dx, dA, dB, dmagnitude = _dora_backward_f32(dy2, ctx, ctx.W0, detach_norm)
+    check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
+                        [("dy", dy2)])
+    return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
+
+
+def _check_dy(dy, ctx, dtype):
+    """dy checked against the forward's output (shape (..., out), ``dtype``), flattened."""
+    out_f = ctx.W0.shape[0]
+    low_precision = dtype in LOW_PRECISION_DTYPES
+    dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision)
     if dy2.shape[0] != ctx.x.shape[0]:
         raise ValueError(
             f"dy must have shape {(*ctx.x_shape[:-1], out_f)} (the forward's output), "
             f"got {np.shape(dy)}"
         )
+    return dy2
+
+
+def _dora_backward_f32(dy2, ctx, W0, detach_norm):
+    """The backward's arithmetic, steps (6) to (1), in the dtype of dy2 and W0 (not lp).
+
+    Returns dx (N, in), dA, dB, dmagnitude, not yet checked for overflow.
+    """
+    A, B, s = ctx.A, ctx.B, ctx.scaling
+    if ctx.precision is not None:  # an lp forward's context: its adapter as float32
+        A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     kernels = _backend.kernels()
 
     # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
@@ -374,10 +439,7 @@ def dora_backward(dy, ctx, *, detach_norm=True):
         dx += dU @ A  # (1), in place: no second (N, in) temporary
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
-
-    check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
-                        [("dy", dy2)])
-    return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
+    return dx, dA, dB, dmagnitude
 
 
 def norm_gradient(W0, A, B, scaling, dg, g, n):
@@ -427,7 +489,7 @@ def norm_gradient(W0, A, B, scaling, dg, g, n):
 
 
 def _check_mask(mask, x_shape, dtype):
-    mask = as_float_array("dropout_mask", mask)
+    mask = as_float_array("dropout_mask", mask, low_precision=dtype in LOW_PRECISION_DTYPES)
     if mask.shape != tuple(x_shape):
         raise ValueError(f"dropout_mask must have the shape of x {tuple(x_shape)}, got {mask.shape}")
     if mask.dtype != dtype:
@@ -440,7 +502,7 @@ def _check_mask(mask, x_shape, dtype):
 # ---------------------------------------------------------------------------
 
 
-def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
+def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False, policy="consistent"):
     """Fold a DoRA adapter into the base weight: W' = diag(m / n) (W0 + s B A).
 
     After merging, ``x @ W'.T + bias`` equals ``dora_forward`` (eval). The
@@ -456,12 +518,17 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
     scaling : float
     allow_zero_norm : bool, default False
         If True, rows with n = 0 merge to zero rows (g = 0) instead of raising.
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 W0 (A, B, magnitude float32 or W0's dtype):
+        W' is the float32 merge rounded once to W0's dtype ("consistent"), or
+        PEFT's merge with its roundings ("peft"). Ignored for float32/float64.
 
     Returns
     -------
-    W_merged : ndarray, shape (out, in), new array
-    n : ndarray, shape (out,)
-        The row norms of W0 + s*B@A at merge time.
+    W_merged : ndarray, shape (out, in), new array, W0's dtype
+    n : ndarray, shape (out,), the magnitude's dtype
+        The row norms of W0 + s*B@A at merge time (for a float16/bfloat16
+        magnitude, rounded to it, as the forward uses them).
 
     Raises
     ------
@@ -480,10 +547,13 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
     Matches PEFT ``DoraLinearVariant.merge_safe`` (the factor m / n applied to
     ``W + s * B @ A``, the norm cached for unmerge).
     """
-    W0, A, B, magnitude, _ = check_adapter(W0, A, B, magnitude)
+    check_policy(policy)
+    W0, A, B, magnitude, _ = check_adapter(W0, A, B, magnitude, low_precision=True)
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")
     scaling = check_scaling(scaling)
+    if W0.dtype in LOW_PRECISION_DTYPES:
+        return _lowp.merge(W0, A, B, magnitude, scaling, allow_zero_norm, policy)
     with np.errstate(over="ignore"):  # an overflow is refused below, with its rows
         W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
     rescued = _rescue_extreme_rows(n, W0, A, B, scaling)
@@ -507,7 +577,7 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False):
     return W_merged, n
 
 
-def unmerge(W_merged, A, B, magnitude, scaling, n):
+def unmerge(W_merged, A, B, magnitude, scaling, n, *, policy="consistent"):
     """Recover the base weight: W0 = W' / (m / n)[:, None] - s B A.
 
     Parameters
@@ -518,12 +588,16 @@ def unmerge(W_merged, A, B, magnitude, scaling, n):
     magnitude : ndarray, shape (out,)
         The magnitude used by ``merge``.
     scaling : float
-    n : ndarray, shape (out,)
+    n : ndarray, shape (out,), the magnitude's dtype
         The norms returned by ``merge``.
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 W_merged: the float32 unmerge of the upcast
+        W_merged rounded once ("consistent"), or PEFT's unmerge with its
+        roundings ("peft"). Ignored for float32/float64.
 
     Returns
     -------
-    W0 : ndarray, shape (out, in)
+    W0 : ndarray, shape (out, in), W_merged's dtype
 
     Raises
     ------
@@ -536,17 +610,29 @@ def unmerge(W_merged, A, B, magnitude, scaling, n):
     Matches PEFT ``DoraLinearVariant.unmerge``, which divides by the factor
     cached at merge time.
     """
-    W_merged, A, B, magnitude, _ = check_adapter(W_merged, A, B, magnitude)
-    n = as_float_array("n", n, ndim=1)
+    check_policy(policy)
+    W_merged, A, B, magnitude, _ = check_adapter(
+        W_merged, A, B, magnitude, low_precision=True,
+        names=("W_merged", "A", "B", "magnitude", "bias"))
+    n = as_float_array("n", n, ndim=1, low_precision=True)
     if n.shape != magnitude.shape or n.dtype != magnitude.dtype:
         raise ValueError(
             f"n must have the shape and dtype of magnitude {magnitude.shape} {magnitude.dtype}, "
             f"got {n.shape} {n.dtype}"
         )
     scaling = check_scaling(scaling)
+    if W_merged.dtype in LOW_PRECISION_DTYPES:
+        return _lowp.unmerge(W_merged, A, B, magnitude, scaling, n, policy)
     # where n = 0 the merge wrote a zero row and V_i = 0, so W0_i = -s B_i A:
     # dividing that zero row by 1 and subtracting s B_i A gives exactly that
     factor = np.where(n == 0, 1, divide_by_norm(magnitude, n))
+    _refuse_lost_rows(factor)
+    check_finite("W_merged", W_merged)
+    return _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
+
+
+def _refuse_lost_rows(factor):
+    """Raise ``ValueError`` where m / n is 0 or not finite: unmerge cannot recover those rows."""
     lost = (factor == 0) | ~np.isfinite(factor)
     if lost.any():
         rows = np.flatnonzero(lost)
@@ -555,8 +641,6 @@ def unmerge(W_merged, A, B, magnitude, scaling, n):
             f"{rows[:8].tolist()}: the merge scaled those rows of V to zero and W0 cannot "
             f"be recovered there"
         )
-    check_finite("W_merged", W_merged)
-    return _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
 
 
 # ---------------------------------------------------------------------------
@@ -564,7 +648,7 @@ def unmerge(W_merged, A, B, magnitude, scaling, n):
 # ---------------------------------------------------------------------------
 
 
-def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
+def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None, policy="consistent"):
     """LoRA linear layer forward: y = x @ W0.T + s * (xd @ A.T) @ B.T + bias.
 
     Parameters
@@ -578,10 +662,13 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
     dropout_mask : ndarray, shape of x, optional
         Scaled keep mask; ``xd = x * dropout_mask`` feeds only the low-rank
         path (PEFT ``lora.Linear.forward``). Without it, xd = x.
+    policy : {"consistent"}, default "consistent"
+        For a float16/bfloat16 W0: the float32 forward rounded once. "peft"
+        is defined for DoRA only and raises ``ValueError`` here.
 
     Returns
     -------
-    y : ndarray, shape (..., out)
+    y : ndarray, shape (..., out), x's dtype
     ctx : LoRAContext
 
     Raises
@@ -590,9 +677,12 @@ def lora_forward(x, W0, A, B, scaling, bias=None, *, dropout_mask=None):
         On bad dtypes or shapes, NaN/Inf in a weight or in x, or an output
         that overflowed the dtype (never returned as inf or NaN).
     """
-    W0, A, B, _, bias = check_adapter(W0, A, B, None, bias)
-    check_finite("W0", W0)  # check_adapter leaves it to the norm, which LoRA has not
+    check_policy(policy)
+    W0, A, B, _, bias = check_adapter(W0, A, B, None, bias, low_precision=True)
     scaling = check_scaling(scaling)
+    if W0.dtype in LOW_PRECISION_DTYPES:
+        return _lowp.lora_forward(np.shape(x), x, W0, A, B, scaling, bias, dropout_mask, policy)
+    check_finite("W0", W0)  # check_adapter leaves it to the norm, which LoRA has not
     x2 = check_input(x, W0.shape[1], W0.dtype)
     return _lora_forward(np.shape(x), x2, W0, A, B, scaling, bias, dropout_mask)
 
@@ -614,7 +704,7 @@ def _lora_forward(x_shape, x2, W0, A, B, scaling, bias, dropout_mask):
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
 
 
-def lora_backward(dy, ctx):
+def lora_backward(dy, ctx, *, _dx_adjoint=None):
     """Gradients of a LoRA layer.
 
     Parameters
@@ -639,12 +729,19 @@ def lora_backward(dy, ctx):
     _check_ctx(ctx, LoRAContext, "lora_forward")
     if ctx.seen is not None:
         ctx.seen.check_backward()
-    W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
-    dy2 = check_input(dy, W0.shape[0], W0.dtype, name="dy")
-    if dy2.shape[0] != ctx.x.shape[0]:
-        raise ValueError(
-            f"dy must have shape {(*ctx.x_shape[:-1], W0.shape[0])}, got {np.shape(dy)}"
-        )
+    if ctx.precision is not None:
+        return _lowp.lora_backward(dy, ctx, _dx_adjoint)
+    dy2 = _check_dy(dy, ctx, ctx.W0.dtype)
+    dx, dA, dB = _lora_backward_f32(dy2, ctx, ctx.W0)
+    check_result_finite([("dA", dA), ("dB", dB), ("dx", dx)], [("dy", dy2)])
+    return LoRAGrads(dx.reshape(ctx.x_shape), dA, dB)
+
+
+def _lora_backward_f32(dy2, ctx, W0):
+    """LoRA's backward arithmetic in the dtype of dy2 and W0; dx (N, in), dA, dB unchecked."""
+    A, B, s = ctx.A, ctx.B, ctx.scaling
+    if ctx.precision is not None:
+        A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     dU = s * (dy2 @ B)
     dB = s * (dy2.T @ ctx.U)
     dA = dU.T @ ctx.x
@@ -653,5 +750,7 @@ def lora_backward(dy, ctx):
         low_rank_dx *= ctx.dropout_mask
     dx = dy2 @ W0
     dx += low_rank_dx
-    check_result_finite([("dA", dA), ("dB", dB), ("dx", dx)], [("dy", dy2)])
-    return LoRAGrads(dx.reshape(ctx.x_shape), dA, dB)
+    return dx, dA, dB
+
+
+from . import lowp as _lowp  # noqa: E402 (it builds on the functions above)

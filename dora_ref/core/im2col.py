@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._validate import as_float_array, check_same_dtype, check_scaling, check_weight_shape
+from ._validate import as_float_array, check_scaling, check_weight_shape
+from .precision import classify
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def _check_groups(out, cin, groups):
 
 def _check_x(x, in_channels, d, dtype, name="x"):
     """x as (N, in, *L); an unbatched (in, *L) input is not accepted here."""
-    x = as_float_array(name, x)
+    x = as_float_array(name, x, low_precision=True)
     if x.ndim != d + 2 or x.shape[1] != in_channels:
         raise ValueError(
             f"{name} must have shape (N, in, {', '.join('L' + str(i) for i in range(1, d + 1))}) "
@@ -352,19 +353,23 @@ def _check_x(x, in_channels, d, dtype, name="x"):
     return x
 
 
-def _check_bias(bias, weight):
-    bias = as_float_array("bias", bias, ndim=1)
+def _check_bias(bias, weight, low_precision=False):
+    bias = as_float_array("bias", bias, ndim=1, low_precision=low_precision)
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape (out,) = ({weight.shape[0]},), got {bias.shape}")
     return bias
 
 
 def _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude=None):
-    """Check PEFT-shaped conv adapter arrays; return them and the flat magnitude (out,)."""
-    weight = as_float_array("weight", weight, ndim=(3, 4, 5))
+    """Check PEFT-shaped conv adapter arrays; return them and the flat magnitude (out,).
+
+    float16/bfloat16 weights are accepted with the adapter dtypes of
+    ``dora_ref.core.precision.classify`` (float32, or the weight's dtype).
+    """
+    weight = as_float_array("weight", weight, ndim=(3, 4, 5), low_precision=True)
     d = weight.ndim - 2
-    lora_A = as_float_array("lora_A", lora_A, ndim=d + 2)
-    lora_B = as_float_array("lora_B", lora_B, ndim=d + 2)
+    lora_A = as_float_array("lora_A", lora_A, ndim=d + 2, low_precision=True)
+    lora_B = as_float_array("lora_B", lora_B, ndim=d + 2, low_precision=True)
     out, cg, k = weight.shape[0], weight.shape[1], weight.shape[2:]
     check_weight_shape("weight", weight.shape, ("output channel", "input channel"))
     cin = cg * groups
@@ -385,14 +390,15 @@ def _check_conv_adapter(weight, lora_A, lora_B, groups, magnitude=None):
         )
     m = None
     if magnitude is not None:
-        magnitude = as_float_array("magnitude", magnitude)
+        magnitude = as_float_array("magnitude", magnitude, low_precision=True)
         if magnitude.shape not in ((out,), (1, out) + (1,) * d):
             raise ValueError(
                 f"magnitude must have shape (out,) = ({out},) or PEFT's (1, out, 1, ...) = "
                 f"{(1, out) + (1,) * d}; got {magnitude.shape}"
             )
         m = magnitude.reshape(out)
-    check_same_dtype(weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude)
+    classify(weight, lora_A, lora_B, magnitude,
+             names=("weight", "lora_A", "lora_B", "magnitude", "bias"))
     return weight, lora_A, lora_B, m
 
 

@@ -21,7 +21,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from .precision import LOW_PRECISION_DTYPES, upcast
+
 _BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
+
+# column_norm, merge and unmerge accept a float16/bfloat16 W0 (resp. W_merged)
+# with float32 A, B, magnitude; forward_epilogue takes out_dtype. The functional
+# core reads this flag to choose a backend for low-precision weights.
+LOW_PRECISION = True
+
+
+def _rows_f32(W, rows):
+    """Rows of W, upcast exactly to float32 if W is float16/bfloat16 (one block, not W)."""
+    return upcast(W[rows])
+
+
+def _norm_dtype(W):
+    """The dtype of the norms of W's rows: float32 for a low-precision W, else W's."""
+    return np.dtype(np.float32) if W.dtype in LOW_PRECISION_DTYPES else W.dtype
 
 
 def _row_norms(V):
@@ -46,22 +63,24 @@ def column_norm(W0, A, B, scaling):
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
+        float32/float64, or float16/bfloat16 with float32 A and B: then each
+        block of rows is upcast exactly to float32 (no float32 copy of W0).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     scaling : float
 
     Returns
     -------
-    n : ndarray, shape (out,), the dtype of W0
+    n : ndarray, shape (out,), the dtype of W0 (float32 for a float16/bfloat16 W0)
     """
-    n = np.empty(W0.shape[0], dtype=W0.dtype)
+    n = np.empty(W0.shape[0], dtype=_norm_dtype(W0))
     for rows in _row_blocks(*W0.shape, W0.itemsize):
-        V = W0[rows] + scaling * (B[rows] @ A)  # PEFT: W + s * (B @ A)
+        V = _rows_f32(W0, rows) + scaling * (B[rows] @ A)  # PEFT: W + s * (B @ A)
         n[rows] = _row_norms(V)
     return n
 
 
-def forward_epilogue(base, U, B, g, scaling, bias):
+def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
     """y = g * (base + s * U @ B.T) + bias, paper Eq. (5) applied to a batch.
 
     Parameters
@@ -75,14 +94,21 @@ def forward_epilogue(base, U, B, g, scaling, bias):
         ``magnitude / n``.
     scaling : float
     bias : ndarray, shape (out,), or None
+        The dtype of ``base``, or float16/bfloat16 (upcast exactly).
+    out_dtype : float16 or bfloat16 dtype, optional
+        Round y once to it (round to nearest even) after the float32
+        computation; a value past its range becomes inf (the caller refuses it).
 
     Returns
     -------
-    y : ndarray, shape (N, out)
+    y : ndarray, shape (N, out), base's dtype or ``out_dtype``
     """
     y = g * (base + scaling * (U @ B.T))
     if bias is not None:
-        y += bias
+        y += bias.astype(y.dtype, copy=False)
+    if out_dtype is not None:
+        with np.errstate(over="ignore"):
+            y = y.astype(out_dtype)
     return y
 
 
@@ -169,6 +195,8 @@ def merge(W0, A, B, magnitude, scaling):
     Parameters
     ----------
     W0 : ndarray, shape (out, in)
+        float32/float64, or float16/bfloat16 with float32 A, B, magnitude
+        (each block of rows upcast exactly; no float32 copy of W0).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     magnitude : ndarray, shape (out,)
@@ -176,17 +204,19 @@ def merge(W0, A, B, magnitude, scaling):
 
     Returns
     -------
-    W_merged : ndarray, shape (out, in)
-    n : ndarray, shape (out,)
+    W_merged : ndarray, shape (out, in), the dtype of W0
+        For a float16/bfloat16 W0, the float32 result rounded once (to
+        nearest even; past the dtype's range it is inf, refused by the caller).
+    n : ndarray, shape (out,), the dtype of W0 (float32 for float16/bfloat16)
         Rows with n = 0 give inf/NaN rows in W_merged; the caller checks n.
     """
     W_merged = np.empty_like(W0)
-    n = np.empty(W0.shape[0], dtype=W0.dtype)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    n = np.empty(W0.shape[0], dtype=_norm_dtype(W0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for rows in _row_blocks(*W0.shape, W0.itemsize):
-            V = W0[rows] + scaling * (B[rows] @ A)
+            V = _rows_f32(W0, rows) + scaling * (B[rows] @ A)
             n[rows] = _row_norms(V)
-            np.multiply((magnitude[rows] / n[rows])[:, None], V, out=W_merged[rows])
+            W_merged[rows] = (magnitude[rows] / n[rows])[:, None] * V
     return W_merged, n
 
 
@@ -196,6 +226,8 @@ def unmerge(W_merged, A, B, factor, scaling):
     Parameters
     ----------
     W_merged : ndarray, shape (out, in)
+        float32/float64, or float16/bfloat16 with float32 A, B, factor
+        (each block of rows upcast exactly).
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     factor : ndarray, shape (out,)
@@ -204,10 +236,16 @@ def unmerge(W_merged, A, B, factor, scaling):
 
     Returns
     -------
-    W0 : ndarray, shape (out, in)
+    W0 : ndarray, shape (out, in), the dtype of W_merged
+        For float16/bfloat16, the float32 result rounded once.
     """
     W0 = np.empty_like(W_merged)
-    for rows in _row_blocks(*W_merged.shape, W_merged.itemsize):
-        np.divide(W_merged[rows], factor[rows, None], out=W0[rows])
-        W0[rows] -= scaling * (B[rows] @ A)
+    if W_merged.dtype not in LOW_PRECISION_DTYPES:  # the float32/float64 loop, unchanged
+        for rows in _row_blocks(*W_merged.shape, W_merged.itemsize):
+            np.divide(W_merged[rows], factor[rows, None], out=W0[rows])
+            W0[rows] -= scaling * (B[rows] @ A)
+        return W0
+    with np.errstate(over="ignore"):
+        for rows in _row_blocks(*W_merged.shape, W_merged.itemsize):
+            W0[rows] = _rows_f32(W_merged, rows) / factor[rows, None] - scaling * (B[rows] @ A)
     return W0

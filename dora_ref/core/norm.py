@@ -197,7 +197,7 @@ def _kernel_norm(W0, A, B, scaling):
     return n
 
 
-def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
+def column_norm(W0, A, B, scaling, *, allow_zero_norm=True, policy="consistent"):
     """Row norms of V = W0 + s * B @ A, without forming V (paper's ||V||_c).
 
     The paper's column norm is the row norm of a PyTorch (out, in) weight:
@@ -205,17 +205,24 @@ def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
 
     Parameters
     ----------
-    W0 : ndarray, shape (out, in), float32 or float64
-    A : ndarray, shape (r, in), same dtype
-    B : ndarray, shape (out, r), same dtype
+    W0 : ndarray, shape (out, in), float32, float64, float16 or bfloat16
+    A : ndarray, shape (r, in), W0's dtype, or float32 with a float16/bfloat16 W0
+    B : ndarray, shape (out, r), A's dtype
     scaling : float
         s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
     allow_zero_norm : bool, default True
         If False, a zero row raises ``ValueError``.
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 W0: the float32 norm of the exactly upcast
+        weights ("consistent"; also "peft" with float32 A and B, PEFT's
+        autocast), or PEFT's norm in lp with lp A, B: ``lp(||lp(W0 + lp(s *
+        lp(B @ A)))||)``. Ignored for float32/float64.
 
     Returns
     -------
-    n : ndarray, shape (out,), the dtype of W0
+    n : ndarray, shape (out,)
+        The dtype of W0; float32 for a float16/bfloat16 W0, except under
+        "peft" with lp A (then W0's dtype).
 
     Raises
     ------
@@ -228,14 +235,21 @@ def column_norm(W0, A, B, scaling, *, allow_zero_norm=True):
     Matches PEFT ``DoraLinearLayer.get_weight_norm``:
     ``torch.linalg.norm(W + s * B @ A, dim=1)`` with no epsilon.
     """
-    W0, A, B, _, _ = check_adapter(W0, A, B)
+    from .precision import LOW_PRECISION_DTYPES, check_policy
+
+    check_policy(policy)
+    W0, A, B, _, _ = check_adapter(W0, A, B, low_precision=True)
     scaling = check_scaling(scaling)
+    if W0.dtype in LOW_PRECISION_DTYPES:
+        from . import lowp
+
+        return lowp.column_norm(W0, A, B, scaling, allow_zero_norm, policy)
     n = _kernel_norm(W0, A, B, scaling)
     check_norm(n, W0, allow_zero_norm)
     return n
 
 
-def init_magnitude(W0, A, B, scaling):
+def init_magnitude(W0, A, B, scaling, *, policy="consistent"):
     """PEFT's magnitude initialisation: m = ||W0 + s * B @ A||_row.
 
     With PEFT's default init (B = 0) this is the row norms of W0, so the
@@ -247,13 +261,33 @@ def init_magnitude(W0, A, B, scaling):
     A : ndarray, shape (r, in)
     B : ndarray, shape (out, r)
     scaling : float
+    policy : {"consistent", "peft"}, default "consistent"
+        For a float16/bfloat16 W0. "consistent": ``column_norm`` rounded
+        once to A's dtype, so that g = m / n == 1 exactly at init. "peft":
+        PEFT's init, which computes the norm in lp before it upcasts the
+        adapter: ``lp(||lp(W0 + lp(s * lp(B @ A)))||)``, then in A's dtype
+        (with float32 A, g = m / n differs from 1 by up to one lp unit
+        roundoff at init: PEFT's quirk, reproduced).
 
     Returns
     -------
-    magnitude : ndarray, shape (out,)
+    magnitude : ndarray, shape (out,), A's dtype
+
+    Raises
+    ------
+    TypeError, ValueError
+        As ``column_norm``.
 
     Notes
     -----
     Matches PEFT ``DoraLinearLayer.update_layer``.
     """
+    from .precision import LOW_PRECISION_DTYPES, check_policy
+
+    check_policy(policy)
+    if getattr(W0, "dtype", None) in LOW_PRECISION_DTYPES:
+        from . import lowp
+
+        W0, A, B, _, _ = check_adapter(W0, A, B, low_precision=True)
+        return lowp.init_magnitude(W0, A, B, check_scaling(scaling), policy)
     return column_norm(W0, A, B, scaling)

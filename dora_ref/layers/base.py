@@ -21,6 +21,33 @@ from __future__ import annotations
 import numpy as np
 
 from ..core._validate import WeightSnapshot, as_float_array, check_finite
+from ..core.precision import LOW_PRECISION_DTYPES
+
+
+def adapter_dtype(weight_dtype, autocast_adapter_dtype):
+    """The dtype of lora_A, lora_B (and the magnitude) for a base weight of ``weight_dtype``.
+
+    float32/float64 weights: their own. float16/bfloat16 (``core.precision``):
+    float32 with ``autocast_adapter_dtype`` (PEFT's default, "mixed"), else
+    the weight's dtype ("pure").
+    """
+    if weight_dtype in LOW_PRECISION_DTYPES and autocast_adapter_dtype:
+        return np.dtype(np.float32)
+    return np.dtype(weight_dtype)
+
+
+def initial_adapter_dtype(arrays, weight_dtype, policy, autocast_adapter_dtype):
+    """Freshly drawn adapter arrays (float32 for an lp weight) in the adapter's dtype.
+
+    PEFT draws in float32 and casts to the base dtype before anything else,
+    then upcasts again if ``autocast_adapter_dtype``: under "peft" (and for a
+    pure-lp adapter, which must be lp) the draw is rounded to the weight's
+    dtype; under "consistent" a mixed adapter keeps its float32 draw.
+    """
+    target = adapter_dtype(weight_dtype, autocast_adapter_dtype)
+    if weight_dtype in LOW_PRECISION_DTYPES and (policy == "peft" or target == weight_dtype):
+        arrays = [a.astype(weight_dtype) for a in arrays]
+    return [a.astype(target) for a in arrays]
 
 
 def frozen(arr, owned=False):
@@ -50,7 +77,7 @@ def checked_array(name, value, dtype, shape, alt_shapes=()):
     shape raise ``ValueError``. A shape in ``alt_shapes`` (e.g. a flat (out,)
     conv magnitude) is reshaped to ``shape``.
     """
-    value = as_float_array(name, value)
+    value = as_float_array(name, value, low_precision=dtype in LOW_PRECISION_DTYPES)
     if value.dtype != dtype:
         raise TypeError(f"{name} has dtype {value.dtype} but the weight has dtype {dtype}")
     if value.shape != tuple(shape) and value.shape not in alt_shapes:

@@ -26,12 +26,14 @@ from ..core.im2col import (
     ConvGeometry,
     _check_bias,
     _check_groups,
+    _check_x,
     conv_delta_weight,
     conv_nd,
     dense_to_grouped,
     grouped_to_dense,
 )
-from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen
+from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
+from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen, initial_adapter_dtype
 from .linear import initial_lora_weights, lora_scaling
 
 
@@ -77,9 +79,17 @@ class _LoRAConvNd(AdapterLayer):
         lora_dropout=0.0,
         init_lora_weights=True,
         rng=None,
+        policy="consistent",
+        autocast_adapter_dtype=True,
     ):
         d = self._ndim
-        weight = as_float_array("weight", weight, ndim=d + 2)
+        self.policy = check_policy(policy)
+        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        weight = as_float_array("weight", weight, ndim=d + 2, low_precision=True)
+        low_precision = weight.dtype in LOW_PRECISION_DTYPES
+        if low_precision and policy == "peft" and "lora_magnitude_vector" not in self._param_names:
+            raise ValueError("policy='peft' is defined for DoRA layers; a float16/bfloat16 "
+                             "LoRA convolution uses policy='consistent'")
         check_weight_shape("weight", weight.shape, ("output channel", "input channel"))
         self.geometry = ConvGeometry.make(weight.shape[2:], stride, padding, dilation, groups)
         _check_groups(weight.shape[0], weight.shape[1] * groups, groups)
@@ -95,10 +105,12 @@ class _LoRAConvNd(AdapterLayer):
         self.rng = np.random.default_rng(rng)
         self.in_channels = weight.shape[1] * groups
         self.out_channels = weight.shape[0]
-        self._lora_A, self._lora_B = initial_conv_lora_weights(
+        A, B = initial_conv_lora_weights(
             self.in_channels, self.out_channels, self.kernel_size, self.r, groups,
-            self.rng, weight.dtype, init_lora_weights,
+            self.rng, np.float32 if low_precision else weight.dtype, init_lora_weights,
         )
+        self._lora_A, self._lora_B = initial_adapter_dtype((A, B), weight.dtype, policy,
+                                                           self.autocast_adapter_dtype)
         self.training = True
         self.merged = False
         self._ctx = None
@@ -127,15 +139,19 @@ class _LoRAConvNd(AdapterLayer):
         Unmerged: (out, in/groups, *k); merged with groups > 1: the dense
         (out, in, *k) kernel. ``owned``: the arrays are fresh results of ours.
         """
-        weight = as_float_array("weight", weight, ndim=self._ndim + 2)
+        weight = as_float_array("weight", weight, ndim=self._ndim + 2, low_precision=True)
         cols = self.in_channels if (self.merged and self.groups > 1) else self.in_channels // self.groups
         want = (self.out_channels, cols, *self.kernel_size)
         if weight.shape != want:
             raise ValueError(f"weight must have shape {want}, got {weight.shape}")
-        if weight.dtype != self.lora_A.dtype:
+        self._low_precision = weight.dtype in LOW_PRECISION_DTYPES
+        if self._low_precision:
+            classify(weight, self.lora_A, self.lora_B,
+                     names=("weight", "lora_A", "lora_B", "magnitude", "bias"))
+        elif weight.dtype != self.lora_A.dtype:
             raise TypeError(f"weight has dtype {weight.dtype}, the adapter {self.lora_A.dtype}")
         if bias is not None:
-            bias = _check_bias(bias, weight)
+            bias = _check_bias(bias, weight, self._low_precision)
             if bias.dtype != weight.dtype:
                 raise TypeError(f"bias has dtype {bias.dtype}, the weight {weight.dtype}")
             bias = frozen(bias, owned)
@@ -191,7 +207,12 @@ class _LoRAConvNd(AdapterLayer):
         args = self._conv_args()
         if self.groups > 1:  # the merged kernel is dense (see conv_merge)
             args["groups"] = 1
-        y = conv_nd(x, self._weight, self._bias, **args)
+        if self._low_precision:  # the float32 convolution, rounded once
+            x = _check_x(x, self.in_channels, self._ndim, self._weight.dtype)
+            y = round_to(conv_nd(upcast(x), upcast(self._weight), upcast(self._bias), **args),
+                         self._weight.dtype)
+        else:
+            y = conv_nd(x, self._weight, self._bias, **args)
         check_result_finite([("y (the output)", y)], [("x", x)])
         return y
 
@@ -206,7 +227,7 @@ class _LoRAConvNd(AdapterLayer):
             return self._merged_forward(x)
         y, self._ctx = conv_lora_forward(
             x, self._weight, self.lora_A, self.lora_B, self.scaling, self._bias,
-            dropout_mask=mask, **self._conv_args(),
+            dropout_mask=mask, policy=self.policy, **self._conv_args(),
         )
         return y
 
@@ -230,8 +251,10 @@ class _LoRAConvNd(AdapterLayer):
         if self.merged:
             raise RuntimeError("the layer is already merged")
         with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
-            delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
-            W = grouped_to_dense(self._weight, self.groups) + delta
+            delta = conv_delta_weight(upcast(self.lora_A), upcast(self.lora_B), self.scaling,
+                                      self.groups)
+            W = grouped_to_dense(upcast(self._weight), self.groups) + delta
+            W = round_to(W, self._weight.dtype)  # float16/bfloat16: rounded once
         check_rows_finite("the merged kernel W0 + s * delta", W)  # nothing changed yet
         self._install_merged(W)
 
@@ -244,8 +267,12 @@ class _LoRAConvNd(AdapterLayer):
         if not self.merged:
             raise RuntimeError("the layer is not merged")
         self._check_merged_adapter("unmerge()")
-        delta = conv_delta_weight(self.lora_A, self.lora_B, self.scaling, self.groups)
-        self._install_unmerged(dense_to_grouped(self._weight - delta, self.groups))
+        delta = conv_delta_weight(upcast(self.lora_A), upcast(self.lora_B), self.scaling,
+                                  self.groups)
+        with np.errstate(over="ignore"):
+            W0 = round_to(upcast(self._weight) - delta, self._weight.dtype)
+        check_rows_finite("the unmerged kernel W' - s * delta", W0)
+        self._install_unmerged(dense_to_grouped(W0, self.groups))
 
     def __repr__(self):
         return (
@@ -282,7 +309,7 @@ class _DoRAConvNd(_LoRAConvNd):
         self._norm_cache.clear()
         if not (self.merged or keep_magnitude):  # a new base: re-initialise m (PEFT init order)
             m = conv_init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling,
-                                    self.groups)
+                                    self.groups, policy=self.policy)
             if self._lora_magnitude_vector is None:
                 self._lora_magnitude_vector = m
             else:  # in place: an optimiser built on parameters() holds these arrays
@@ -303,13 +330,14 @@ class _DoRAConvNd(_LoRAConvNd):
         else:  # the norm of unchanged weights is reused (see EvalNormCache)
             norm = self._norm_cache.get(
                 self._weight, self.lora_A, self.lora_B, self.scaling,
-                lambda: conv_column_norm(self._weight, self.lora_A, self.lora_B, self.scaling,
-                                         self.groups),
+                lambda: round_to(conv_column_norm(self._weight, self.lora_A, self.lora_B,
+                                                  self.scaling, self.groups, policy=self.policy),
+                                 self.lora_magnitude_vector.dtype),  # lp: the forward's n
             )
         y, self._ctx = conv_dora_forward(
             x, self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector,
             self.scaling, self._bias, dropout_mask=mask, weight_norm=norm,
-            allow_zero_norm=self.allow_zero_norm, **self._conv_args(),
+            allow_zero_norm=self.allow_zero_norm, policy=self.policy, **self._conv_args(),
         )
         return y
 
@@ -334,7 +362,7 @@ class _DoRAConvNd(_LoRAConvNd):
             raise RuntimeError("the layer is already merged")
         W, n = conv_merge(
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
-            self.groups, allow_zero_norm=self.allow_zero_norm,
+            self.groups, allow_zero_norm=self.allow_zero_norm, policy=self.policy,
         )
         self._install_merged(W, n, "conv_merge")
 
@@ -349,7 +377,7 @@ class _DoRAConvNd(_LoRAConvNd):
         self._check_merged_adapter("unmerge()")
         W0 = conv_unmerge(
             self._weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
-            self.weight_norm, self.groups,
+            self.weight_norm, self.groups, policy=self.policy,
         )
         self._install_unmerged(W0)
 
@@ -363,7 +391,7 @@ directly: ``weight`` (out, in/groups{k}) and ``bias`` (out,) are the frozen
 
 Parameters
 ----------
-weight : ndarray, shape (out, in/groups{k}), float32 or float64
+weight : ndarray, shape (out, in/groups{k}), float32, float64, float16 or bfloat16
     The frozen kernel. The layer keeps its own read-only, C-contiguous copy;
     an array that is already read-only and C-contiguous is kept without a
     copy, trusted not to change.
@@ -379,7 +407,12 @@ lora_alpha : float, default 8
 use_rslora : bool, default False
 lora_dropout : float in [0, 1), default 0
 init_lora_weights : {{True, False, "gaussian"}}, default True
-rng : numpy.random.Generator or int, optional{extra}
+rng : numpy.random.Generator or int, optional
+policy : {{"consistent", "peft"}}, default "consistent"
+autocast_adapter_dtype : bool, default True
+    For a float16/bfloat16 kernel, as ``dora_ref.LoRALinear`` (the adapter
+    float32 or in the kernel's dtype; "peft": PEFT's init rounding; LoRA
+    layers accept "consistent" only).{extra}
 
 Methods
 -------

@@ -20,7 +20,8 @@ from ..core.embedding import (
     embedding_merge,
     embedding_unmerge,
 )
-from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen
+from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
+from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen, initial_adapter_dtype
 from .linear import lora_scaling
 
 
@@ -66,6 +67,12 @@ class DoRAEmbedding(AdapterLayer):
     rng : numpy.random.Generator or int, optional
     detach_norm : bool, default True
     allow_zero_norm : bool, default False
+    policy : {"consistent", "peft"}, default "consistent"
+    autocast_adapter_dtype : bool, default True
+        For a float16/bfloat16 table, as ``dora_ref.DoRALinear``: the adapter
+        and magnitude float32 (True) or in the table's dtype (False); "peft"
+        rounds the init draw to the table's dtype and initialises the
+        magnitude as PEFT (``dora_ref.core.embedding``).
 
     Attributes
     ----------
@@ -106,8 +113,12 @@ class DoRAEmbedding(AdapterLayer):
         rng=None,
         detach_norm=True,
         allow_zero_norm=False,
+        policy="consistent",
+        autocast_adapter_dtype=True,
     ):
-        weight = as_float_array("weight", weight, ndim=2)
+        self.policy = check_policy(policy)
+        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         check_weight_shape("weight", weight.shape, ("embedding (num_embeddings)", "dimension"))
         V, D = weight.shape
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
@@ -117,9 +128,12 @@ class DoRAEmbedding(AdapterLayer):
         self.detach_norm = detach_norm
         self.allow_zero_norm = allow_zero_norm
         self.rng = np.random.default_rng(rng)
-        self._lora_embedding_A, self._lora_embedding_B = initial_embedding_lora_weights(
-            V, D, r, self.rng, weight.dtype, init_lora_weights
+        A, B = initial_embedding_lora_weights(
+            V, D, r, self.rng,
+            np.float32 if weight.dtype in LOW_PRECISION_DTYPES else weight.dtype, init_lora_weights
         )
+        self._lora_embedding_A, self._lora_embedding_B = initial_adapter_dtype(
+            (A, B), weight.dtype, policy, self.autocast_adapter_dtype)
         self.training = True
         self.merged = False
         self.weight_norm = None
@@ -135,13 +149,16 @@ class DoRAEmbedding(AdapterLayer):
     def _set_base(self, weight, owned=False, keep_magnitude=False):
         """Install the frozen table as the layer's own read-only array (``_layer_base.frozen``);
         unless merged or ``keep_magnitude``, (re-)initialise the magnitude from it."""
-        weight = as_float_array("weight", weight, ndim=2)
+        weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         if weight.shape != (self._lora_embedding_A.shape[1], self._lora_embedding_B.shape[0]):
             raise ValueError(
                 f"weight must have shape (V, D) = ({self._lora_embedding_A.shape[1]}, "
                 f"{self._lora_embedding_B.shape[0]}), got {weight.shape}"
             )
-        if weight.dtype != self._lora_embedding_A.dtype:
+        if weight.dtype in LOW_PRECISION_DTYPES:
+            classify(weight, self._lora_embedding_A, self._lora_embedding_B,
+                     names=("weight", "lora_embedding_A", "lora_embedding_B", "magnitude", "bias"))
+        elif weight.dtype != self._lora_embedding_A.dtype:
             raise TypeError(
                 f"weight has dtype {weight.dtype}, the adapter {self._lora_embedding_A.dtype}"
             )
@@ -150,7 +167,7 @@ class DoRAEmbedding(AdapterLayer):
         if self.merged or keep_magnitude:
             return
         m = embedding_init_magnitude(self._weight, self._lora_embedding_A,
-                                     self._lora_embedding_B, self.scaling)
+                                     self._lora_embedding_B, self.scaling, policy=self.policy)
         if self._lora_magnitude_vector is None:
             self._lora_magnitude_vector = m
         else:  # in place: an optimiser built on parameters() holds these arrays
@@ -207,20 +224,26 @@ class DoRAEmbedding(AdapterLayer):
             self._check_merged_adapter("forward")
             ids = _check_ids(ids, self.num_embeddings)
             y = self._weight[ids]
-            return y * self.embed_scale if self.embed_scale is not None else y.copy()
+            if self.embed_scale is None:
+                return y.copy()
+            if self._weight.dtype in LOW_PRECISION_DTYPES:  # float32 product, rounded once
+                return round_to(y.astype(np.float32) * self.embed_scale, self._weight.dtype)
+            return y * self.embed_scale
         norm = None
         if self.training:
             self._norm_cache.clear()
         else:  # the (D, V) norm of unchanged weights is reused (see _layer_base.EvalNormCache)
             norm = self._norm_cache.get(
                 self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
-                lambda: embedding_column_norm(self._weight, self.lora_embedding_A,
-                                              self.lora_embedding_B, self.scaling),
+                lambda: round_to(embedding_column_norm(
+                    self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
+                    policy=self.policy), self.lora_magnitude_vector.dtype),  # lp: the forward's n
             )
         y, self._ctx = embedding_dora_forward(
             ids, self._weight, self.lora_embedding_A, self.lora_embedding_B,
             self.lora_magnitude_vector, self.scaling, embed_scale=self.embed_scale,
             padding_idx=self.padding_idx, weight_norm=norm, allow_zero_norm=self.allow_zero_norm,
+            policy=self.policy,
         )
         return y
 
@@ -241,7 +264,7 @@ class DoRAEmbedding(AdapterLayer):
             raise RuntimeError("the layer is already merged")
         W, n = embedding_merge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
                                self.lora_magnitude_vector, self.scaling,
-                               allow_zero_norm=self.allow_zero_norm)
+                               allow_zero_norm=self.allow_zero_norm, policy=self.policy)
         self._install_merged(W, n, "embedding_merge")
 
     def unmerge(self):
@@ -254,7 +277,8 @@ class DoRAEmbedding(AdapterLayer):
             raise RuntimeError("the layer is not merged")
         self._check_merged_adapter("unmerge()")
         E = embedding_unmerge(self._weight, self.lora_embedding_A, self.lora_embedding_B,
-                              self.lora_magnitude_vector, self.scaling, self.weight_norm)
+                              self.lora_magnitude_vector, self.scaling, self.weight_norm,
+                              policy=self.policy)
         self._install_unmerged(E)
 
     def __repr__(self):

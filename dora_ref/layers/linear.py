@@ -30,7 +30,11 @@ import math
 import numpy as np
 
 from ..core import functional as F
+from ..core import lowp as _lowp
+from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
 from .base import (
+    adapter_dtype,
+    initial_adapter_dtype,
     AdapterLayer,
     EvalNormCache,
     adapter_parameter,
@@ -145,7 +149,18 @@ class LoRALinear(AdapterLayer):
     lora_A : ndarray, shape (r, in), optional
     lora_B : ndarray, shape (out, r), optional
         Trained adapter weights (e.g. from a PEFT checkpoint) instead of the
-        initialisation; give both or neither. Copied, in the weight's dtype.
+        initialisation; give both or neither. Copied, in the adapter's dtype
+        (the weight's; with a float16/bfloat16 weight, see below).
+    policy : {"consistent", "peft"}, default "consistent"
+        Where a float16/bfloat16 layer rounds (``dora_ref.core.precision``);
+        ignored for float32/float64. ``LoRALinear`` accepts "consistent" only.
+    autocast_adapter_dtype : bool, default True
+        PEFT's name. With a float16/bfloat16 weight: True keeps lora_A,
+        lora_B (and DoRA's magnitude) in float32 ("mixed"), False in the
+        weight's dtype ("pure"). The init draws A in float32; under "peft" it
+        is rounded to the weight's dtype as PEFT does (then kept in the
+        adapter's dtype), under "consistent" a mixed layer keeps the float32
+        draw. Ignored for float32/float64 weights.
 
     Attributes
     ----------
@@ -164,6 +179,7 @@ class LoRALinear(AdapterLayer):
     """
 
     _param_names = ("lora_A", "lora_B")
+    _peft_policy = False  # PEFT's lp cast points are reproduced for DoRA only
     lora_A = adapter_parameter("lora_A", "Trainable (r, in), PEFT ``lora_A.weight``.")
     lora_B = adapter_parameter("lora_B", "Trainable (out, r), PEFT ``lora_B.weight``.")
 
@@ -180,15 +196,31 @@ class LoRALinear(AdapterLayer):
         rng=None,
         lora_A=None,
         lora_B=None,
+        policy="consistent",
+        autocast_adapter_dtype=True,
     ):
-        weight = as_float_array("weight", weight, ndim=2)
+        self.policy = check_policy(policy)
+        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         check_weight_shape("weight", weight.shape)
+        low_precision = weight.dtype in LOW_PRECISION_DTYPES
+        if low_precision and policy == "peft" and not self._peft_policy:
+            raise ValueError("policy='peft' is defined for DoRA layers; a float16/bfloat16 "
+                             "LoRALinear uses policy='consistent'")
+        ad_dtype = adapter_dtype(weight.dtype, self.autocast_adapter_dtype)
         if (lora_A is None) != (lora_B is None):
             raise ValueError("give both lora_A and lora_B, or neither")
         if lora_A is not None:
-            lora_A = as_float_array("lora_A", lora_A, ndim=2)
-            lora_B = as_float_array("lora_B", lora_B, ndim=2)
-            check_adapter(weight, lora_A, lora_B)
+            lora_A = as_float_array("lora_A", lora_A, ndim=2, low_precision=low_precision)
+            lora_B = as_float_array("lora_B", lora_B, ndim=2, low_precision=low_precision)
+            check_adapter(weight, lora_A, lora_B, low_precision=low_precision,
+                          names=("weight", "lora_A", "lora_B", "magnitude", "bias"))
+            if lora_A.dtype != ad_dtype:
+                raise TypeError(
+                    f"lora_A and lora_B have dtype {lora_A.dtype}, but a {weight.dtype} weight "
+                    f"with autocast_adapter_dtype={self.autocast_adapter_dtype} keeps the "
+                    f"adapter in {ad_dtype}"
+                )
             lora_A, lora_B = lora_A.copy(), lora_B.copy()
             if r is not None and r != lora_A.shape[0]:
                 raise ValueError(f"r = {r} but lora_A has shape {lora_A.shape}")
@@ -204,9 +236,11 @@ class LoRALinear(AdapterLayer):
         self.rng = np.random.default_rng(rng)
         out_features, in_features = weight.shape
         if lora_A is None:
-            self._lora_A, self._lora_B = initial_lora_weights(
-                in_features, out_features, r, self.rng, weight.dtype, init_lora_weights
-            )
+            A, B = initial_lora_weights(in_features, out_features, r, self.rng,
+                                        np.float32 if low_precision else weight.dtype,
+                                        init_lora_weights)
+            self._lora_A, self._lora_B = initial_adapter_dtype(
+                (A, B), weight.dtype, policy, self.autocast_adapter_dtype)
         else:
             self._lora_A, self._lora_B = lora_A, lora_B
         self.training = True
@@ -219,16 +253,20 @@ class LoRALinear(AdapterLayer):
 
     def _set_base(self, weight, bias, owned=False):
         """Install a frozen base; ``owned``: the arrays are fresh results of ours."""
-        weight = as_float_array("weight", weight, ndim=2)
+        weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         if weight.shape != (self.lora_B.shape[0], self.lora_A.shape[1]):
             raise ValueError(
                 f"weight must have shape (out, in) = "
                 f"{(self.lora_B.shape[0], self.lora_A.shape[1])}, got {weight.shape}"
             )
-        if weight.dtype != self.lora_A.dtype:
+        if weight.dtype in LOW_PRECISION_DTYPES:
+            classify(weight, self.lora_A, self.lora_B,
+                     names=("weight", "lora_A", "lora_B", "magnitude", "bias"))
+        elif weight.dtype != self.lora_A.dtype:
             raise TypeError(f"weight has dtype {weight.dtype}, the adapter {self.lora_A.dtype}")
+        self._low_precision = weight.dtype in LOW_PRECISION_DTYPES
         if bias is not None:
-            bias = as_float_array("bias", bias, ndim=1)
+            bias = as_float_array("bias", bias, ndim=1, low_precision=self._low_precision)
             if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
                 raise ValueError(
                     f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, "
@@ -307,13 +345,26 @@ class LoRALinear(AdapterLayer):
             self._mask_for(x, dropout_mask)  # refuses a mask: a merged layer has no dropout
             self._ctx = None
             self._check_merged_adapter("forward")
-            x2 = check_input(x, self.in_features, self._weight.dtype)
-            y = x2 @ self._weight.T
-            if self._bias is not None:
-                y += self._bias
+            x2 = check_input(x, self.in_features, self._weight.dtype,
+                             low_precision=self._low_precision)
+            if self._low_precision:  # float32 product (and bias), rounded once
+                y = x2.astype(np.float32) @ self._weight.astype(np.float32).T
+                if self._bias is not None:
+                    y += self._bias.astype(np.float32)
+                y = round_to(y, self._weight.dtype)
+            else:
+                y = x2 @ self._weight.T
+                if self._bias is not None:
+                    y += self._bias
             check_result_finite([("y (the output)", y)], [("x", x2)])
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
+        if self._low_precision:
+            self._check_parameters_finite()
+            y, self._ctx = _lowp.lora_forward(np.shape(x), x, self._weight, self._lora_A,
+                                              self._lora_B, check_scaling(self.scaling),
+                                              self._bias, mask, self.policy)
+            return y
         x2 = check_input(x, self.in_features, self._weight.dtype)
         self._check_parameters_finite()  # shapes, dtypes and the frozen weights: checked once
         y, self._ctx = F._lora_forward(np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
@@ -364,7 +415,12 @@ class LoRALinear(AdapterLayer):
             raise RuntimeError("the layer is already merged")
         s = check_scaling(self.scaling)
         with np.errstate(over="ignore", invalid="ignore"):  # refused right below, with its rows
-            W = self._weight + s * (self.lora_B @ self.lora_A)
+            if self._low_precision:  # float32, rounded once
+                W = round_to(self._weight.astype(np.float32) + s * (
+                    self.lora_B.astype(np.float32) @ self.lora_A.astype(np.float32)),
+                    self._weight.dtype)
+            else:
+                W = self._weight + s * (self.lora_B @ self.lora_A)
         check_rows_finite("the merged weight W0 + s*B@A", W)
         self._install_merged(W)
 
@@ -381,6 +437,14 @@ class LoRALinear(AdapterLayer):
         if not self.merged:
             raise RuntimeError("the layer is not merged")
         self._check_merged_adapter("unmerge()")
+        if self._low_precision:
+            with np.errstate(over="ignore"):
+                W0 = round_to(self._weight.astype(np.float32) - self.scaling * (
+                    self.lora_B.astype(np.float32) @ self.lora_A.astype(np.float32)),
+                    self._weight.dtype)
+            check_rows_finite("the unmerged weight W' - s*B@A", W0)
+            self._install_unmerged(W0)
+            return
         self._install_unmerged(self._weight - self.scaling * (self.lora_B @ self.lora_A))
 
     def __repr__(self):
@@ -411,10 +475,13 @@ class DoRALinear(LoRALinear):
         False: the exact gradient (paper Eqs. 6-7).
     allow_zero_norm : bool, default False
         See ``dora_ref.core.functional.dora_forward``.
+    policy, autocast_adapter_dtype
+        As in ``LoRALinear``; "peft" also initialises the magnitude as PEFT
+        does (rounded to the weight's dtype, so g != 1 at init when mixed).
 
     Attributes
     ----------
-    lora_magnitude_vector : ndarray, shape (out,)
+    lora_magnitude_vector : ndarray, shape (out,), the adapter's dtype
     weight_norm : ndarray, shape (out,) or None
         The row norms n kept by ``merge()`` for ``unmerge()``.
 
@@ -428,6 +495,7 @@ class DoRALinear(LoRALinear):
     """
 
     _param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    _peft_policy = True
     lora_magnitude_vector = adapter_parameter(
         "lora_magnitude_vector", "Trainable (out,), PEFT ``lora_magnitude_vector``: one per output channel."
     )
@@ -450,6 +518,11 @@ class DoRALinear(LoRALinear):
         self._lora_magnitude_vector = None
         super().__init__(weight, bias, **kwargs)
 
+    def _forward_norm(self):
+        """The norm the forward divides by, in the magnitude's dtype (see ``core.lowp``)."""
+        n = F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling, policy=self.policy)
+        return round_to(n, self._lora_magnitude_vector.dtype)
+
     def _replace_base(self, weight):
         self._set_base(weight, self._bias, owned=True, keep_magnitude=True)
 
@@ -457,11 +530,12 @@ class DoRALinear(LoRALinear):
         super()._set_base(weight, bias, owned)
         self._norm_cache.clear()
         if self._given_magnitude is not None:  # construction with a trained magnitude
-            m = checked_array("lora_magnitude_vector", self._given_magnitude, self._weight.dtype,
+            m = checked_array("lora_magnitude_vector", self._given_magnitude, self.lora_A.dtype,
                               (self.out_features,))
             self._lora_magnitude_vector, self._given_magnitude = m.copy(), None
         elif not (self.merged or keep_magnitude):  # a new base: re-initialise the magnitude
-            m = F.init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling)
+            m = F.init_magnitude(self._weight, self.lora_A, self.lora_B, self.scaling,
+                                 policy=self.policy)
             if self._lora_magnitude_vector is None:
                 self._lora_magnitude_vector = m
             else:  # in place: an optimiser holds this array
@@ -493,8 +567,16 @@ class DoRALinear(LoRALinear):
         else:  # reused while W0, A, B and s are unchanged (EvalNormCache)
             norm = self._norm_cache.get(
                 self._weight, self.lora_A, self.lora_B, self.scaling,
-                lambda: F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling),
+                self._forward_norm,
             )
+        if self._low_precision:
+            self._check_parameters_finite()
+            y, self._ctx = _lowp.dora_forward(
+                np.shape(x), x, self._weight, self._lora_A, self._lora_B,
+                self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
+                self.allow_zero_norm, self.policy,
+            )
+            return y
         x2 = check_input(x, self.in_features, self._weight.dtype)
         self._check_parameters_finite()  # shapes, dtypes and the frozen weights: checked once
         y, self._ctx = F._dora_forward(
@@ -540,6 +622,7 @@ class DoRALinear(LoRALinear):
             self.lora_magnitude_vector,
             self.scaling,
             allow_zero_norm=self.allow_zero_norm,
+            policy=self.policy,
         )
         self._install_merged(W_merged, n, "dora_ref.merge")
 
@@ -559,5 +642,6 @@ class DoRALinear(LoRALinear):
             self.lora_magnitude_vector,
             self.scaling,
             self.weight_norm,
+            policy=self.policy,
         )
         self._install_unmerged(W0)

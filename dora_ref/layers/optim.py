@@ -4,6 +4,11 @@ Both follow PyTorch's update rules (``torch.optim.SGD``, ``torch.optim.AdamW``)
 so that a training run can be compared step by step. They update the arrays
 of ``params`` in place, which is what a layer's ``parameters()`` hands out.
 
+Low precision: a float16/bfloat16 parameter (a "pure" lp adapter) is
+updated in float32: its value and gradient are upcast exactly, the update
+(and the optimiser's state, kept in float32) is computed as for a float32
+parameter, and the new value is rounded once to the parameter's dtype.
+
 Use::
 
     params = layer.parameters()            # {"lora_A": ..., "lora_B": ..., ...}
@@ -22,6 +27,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..core._validate import check_finite, refuse_array_subclass
+from ..core.precision import LOW_PRECISION_DTYPES, round_to
+
+
+def _working_dtype(p):
+    """The dtype a parameter's update is computed in: float32 for float16/bfloat16, else its own."""
+    return np.dtype(np.float32) if p.dtype in LOW_PRECISION_DTYPES else p.dtype
 
 
 def _hyperparameter(name, value, low, *, low_inclusive, high=None):
@@ -65,7 +76,7 @@ def _check_grads(params, grads):
                 f"grads[{name!r}] has shape {np.shape(grads[name])}, the parameter {p.shape}"
             )
         g = np.asarray(grads[name])
-        if g.dtype.kind not in "fiu":  # complex would lose its imaginary part, bool mean 0/1
+        if g.dtype.kind not in "fiu" and g.dtype not in LOW_PRECISION_DTYPES:  # complex would lose its imaginary part, bool mean 0/1
             raise TypeError(
                 f"grads[{name!r}] must hold real numbers, got dtype {g.dtype} (the parameter "
                 f"has dtype {p.dtype})"
@@ -81,7 +92,8 @@ def _check_params(params):
         )
     for name, p in params.items():
         refuse_array_subclass(f"params[{name!r}]", p)
-        if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+        if not isinstance(p, np.ndarray) or (p.dtype.kind != "f"
+                                             and p.dtype not in LOW_PRECISION_DTYPES):
             raise TypeError(f"params[{name!r}] must be a float ndarray, got {type(p).__name__}")
         if not p.flags.writeable:
             raise ValueError(
@@ -203,7 +215,9 @@ class SGD(_Optimizer):
         new_p, new_v = {}, {}
         with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the parameter
             for name, p in self.params.items():
-                d = np.asarray(grads[name], dtype=p.dtype)
+                work = _working_dtype(p)
+                d = np.asarray(grads[name], dtype=work)
+                p = p.astype(work, copy=False)
                 if self.weight_decay:
                     d = d + self.weight_decay * p
                 if self.momentum:
@@ -211,7 +225,7 @@ class SGD(_Optimizer):
                     v = d.copy() if v is None else self.momentum * v + d
                     new_v[name] = v
                     d = d + self.momentum * v if self.nesterov else v
-                new_p[name] = p - self.lr * d
+                new_p[name] = round_to(p - self.lr * d, self.params[name].dtype)
         _check_result({**{f"params[{k!r}]": a for k, a in new_p.items()},
                        **{f"the velocity of params[{k!r}]": a for k, a in new_v.items()}})
         for name, p in self.params.items():
@@ -260,8 +274,8 @@ class AdamW(_Optimizer):
         self.params, self.lr, self.betas = params, lr, betas
         self.eps, self.weight_decay = eps, weight_decay
         self.t = 0
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.m = {k: np.zeros(p.shape, _working_dtype(p)) for k, p in params.items()}
+        self.v = {k: np.zeros(p.shape, _working_dtype(p)) for k, p in params.items()}
 
     def _update(self, grads):
         """The update rule above, on checked gradients."""
@@ -272,14 +286,15 @@ class AdamW(_Optimizer):
         new = {}
         with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the parameter
             for name, p in self.params.items():
-                d = np.asarray(grads[name], dtype=p.dtype)
-                p = p * (1.0 - self.lr * self.weight_decay)
+                work = _working_dtype(p)
+                d = np.asarray(grads[name], dtype=work)
+                p = p.astype(work, copy=False) * (1.0 - self.lr * self.weight_decay)
                 m = self.m[name] * beta1
                 m += (1.0 - beta1) * d
                 v = self.v[name] * beta2
                 v += (1.0 - beta2) * d * d
                 p -= (self.lr / bias1) * m / (np.sqrt(v) / np.sqrt(bias2) + self.eps)
-                new[name] = p, m, v
+                new[name] = round_to(p, self.params[name].dtype), m, v
         _check_result({f"{what}[{k!r}]": a for k, arrays in new.items()
                        for what, a in zip(("params", "AdamW's m of params", "AdamW's v of params"),
                                           arrays)})
