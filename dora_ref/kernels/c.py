@@ -154,6 +154,12 @@ __all__ = [
 _CTYPE = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
 _FLOAT32 = np.dtype(np.float32)
 
+#: ``column_norm``, ``merge``, ``unmerge`` and ``forward_epilogue`` take a
+#: float16/bfloat16 weight (float32 adapter arrays) by the contract of
+#: ``dora_ref.core.kernels_numpy``: the float32 kernel on the exactly widened
+#: input, each result rounded once; ``dora_ref.core.backend`` reads this flag.
+LOW_PRECISION = True
+
 
 def _lp_format(dtype):
     """The C format of a 16-bit storage dtype (``DORA_F16``, ``DORA_BF16``), else None.
