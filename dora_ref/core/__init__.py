@@ -12,6 +12,9 @@
   ``backend`` chooses between the two.
 * ``conv`` (with ``im2col``, the patch bookkeeping) and ``embedding``: the
   same decomposition for ``nn.ConvNd`` and ``nn.Embedding``, PEFT's conventions.
+* ``precision`` and ``lowp``: float16/bfloat16 weights, the dtype rules and
+  the two policies ("consistent": float32 rounded once; "peft": PEFT 0.21's
+  cast points).
 * ``_validate``: the argument checks every public function runs.
 
 Nothing here keeps state; the layers in ``dora_ref.layers`` do.
