@@ -5,7 +5,8 @@
   tolerances), ``runner`` (calling a port, comparing, shrinking), ``hints``,
   and the diagnosis of the usual mistakes (``conventions``, ``variants``,
   ``diagnosis``, ``layer_checks`` for embeddings, convolutions and chains);
-* ``vectors``: golden input/output files, the same cases for any language;
+* ``vectors``: golden input/output files, the same cases for any language
+  (``vector_cases``: which cases, how drawn, their tolerances);
 * ``tolerance``: the error model every comparison uses (``rtol(dtype, k)``;
   bfloat16 and float16 with ``roundings=R``, ``ROUNDINGS``);
 * ``gradcheck``: float64 finite differences.
