@@ -204,7 +204,7 @@ def _embedding_norm(E, A, B, scaling):
 def _vocab_block_norm(E, A, B, scaling):
     """n_d = ||E.T[d] + s * (B @ A)[d]||_2, walking the (V, D) table in blocks of whole rows.
 
-    The row-walking kernels (``_kernels_numpy.column_norm`` and its C twin)
+    The row-walking kernels (``kernels_numpy.column_norm`` and its C twin)
     want the (D, V) view E.T, which is not C-contiguous: their row blocks of
     E.T gather strided columns of E, and a C call copies each such block.
     Reading blocks of E's own rows instead, about

@@ -134,7 +134,7 @@ class _LoRAConvNd(AdapterLayer):
 
     def _set_base(self, weight, bias, owned=False):
         """Install the frozen kernel and bias as the layer's own read-only arrays
-        (``_layer_base.frozen``).
+        (``layers.base.frozen``).
 
         Unmerged: (out, in/groups, *k); merged with groups > 1: the dense
         (out, in, *k) kernel. ``owned``: the arrays are fresh results of ours.

@@ -94,7 +94,7 @@ class DoRAEmbedding(AdapterLayer):
 
     No dropout: PEFT applies none to embeddings. In eval mode the (D,) norm,
     a pass over the whole (V, D) table, is cached while the weights are
-    unchanged (``_layer_base.EvalNormCache``); in training it is recomputed every
+    unchanged (``layers.base.EvalNormCache``); in training it is recomputed every
     forward, as PEFT does.
     """
 
@@ -147,7 +147,7 @@ class DoRAEmbedding(AdapterLayer):
         self._set_base(weight, owned=True, keep_magnitude=True)
 
     def _set_base(self, weight, owned=False, keep_magnitude=False):
-        """Install the frozen table as the layer's own read-only array (``_layer_base.frozen``);
+        """Install the frozen table as the layer's own read-only array (``layers.base.frozen``);
         unless merged or ``keep_magnitude``, (re-)initialise the magnitude from it."""
         weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         if weight.shape != (self._lora_embedding_A.shape[1], self._lora_embedding_B.shape[0]):
@@ -232,7 +232,7 @@ class DoRAEmbedding(AdapterLayer):
         norm = None
         if self.training:
             self._norm_cache.clear()
-        else:  # the (D, V) norm of unchanged weights is reused (see _layer_base.EvalNormCache)
+        else:  # the (D, V) norm of unchanged weights is reused (see layers.base.EvalNormCache)
             norm = self._norm_cache.get(
                 self._weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
                 lambda: round_to(embedding_column_norm(

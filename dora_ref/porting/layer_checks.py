@@ -18,7 +18,7 @@ the tolerances from ``testing.tolerances`` of the linear view (the same
 derivation as the linear checks: one-hot rows and patch rows are just the
 x of that view; zeros of a grouped kernel add nothing to the term scales,
 and only lengthen k, so the bound stays an upper bound), and the known
-variants from ``_testing_variants.evaluate`` on the linear view, mapped back
+variants from ``variants.evaluate`` on the linear view, mapped back
 to the layer's shapes, plus the layer's own (``embed_scale`` left off the
 DoRA term). Cases are drawn and shrunk by hypothesis, and a mismatch is
 diagnosed on a few probes, as for the linear checks.
@@ -601,7 +601,7 @@ def _probes(check, case):
 
 
 def diagnose(check, fn, case):
-    """Rank the layer's known variants by how well they explain the port (as ``_testing_diagnosis``).
+    """Rank the layer's known variants by how well they explain the port (as ``diagnosis``).
 
     A variant is kept when, on every probe where the port ran, the port
     matches it within the tolerance, and on at least one probe it differs
