@@ -96,3 +96,31 @@ def test_split_view_is_read_only():
         pytest.skip("dora_ref.conv is a single module")
     with pytest.raises(AttributeError, match="set 'conv_nd' on the module that holds it"):
         conv.conv_nd = None
+
+
+def test_folders_import_only_the_folders_below_them():
+    """README's sketch: demo > porting > formats > layers > core > kernels, one exception.
+
+    ``kernels/c.py`` is the C twin of ``core/kernels_numpy.py`` and reuses it
+    (row blocks, the fallback above the fused kernels' rank): the only import
+    that points up the sketch.
+    """
+    import ast
+
+    order = ["demo", "porting", "formats", "layers", "core", "kernels"]
+    allowed_up = {("kernels/c.py", "core")}
+    found_up = set()
+    for path in (ROOT / "dora_ref").rglob("*.py"):
+        parts = path.relative_to(ROOT / "dora_ref").parts
+        if len(parts) < 2:
+            continue
+        folder, package = parts[0], list(parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level):
+                continue
+            target = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            names = [target[0]] if target else [a.name for a in node.names]
+            for other in names:
+                if other in order and other != folder and order.index(other) < order.index(folder):
+                    found_up.add(("/".join(parts), other))
+    assert found_up == allowed_up

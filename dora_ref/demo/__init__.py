@@ -2,7 +2,7 @@
 
 * ``digits``: the experiment, run by ``python -m dora_ref demo``;
 * ``mlp``: the small network it adapts;
-* ``analysis``: the paper's magnitude/direction analysis (Sec. 2.2, Fig. 2).
+* ``analysis``: the paper's magnitude/direction analysis (Sec. 3.2, Fig. 2).
 
 ``dora_ref.demo`` was a module in 0.1; its names are here.
 """
