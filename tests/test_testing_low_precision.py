@@ -137,6 +137,29 @@ def test_low_precision_port_with_a_formula_mistake_gets_its_usual_hint():
     assert info.value.output == "y" and info.value.hint == "norm_of_W0"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_unknown_mistake_gets_no_hint_from_a_variant_barely_apart_from_dora(dtype):
+    """A port that takes the Frobenius norm of all of V (no known variant) gets no hint.
+
+    Found by a new user: in bfloat16 the checker named ``norm_plus_eps`` as the
+    only hint, "partly" matching on one probe (tiny weights) where that variant
+    differs from dora_ref by 1.19 tolerances: evidence too close to dora_ref to
+    tell anything apart. A probe counts only where the variant is more than
+    ``diagnosis._DECISIVE`` tolerances away from dora_ref.
+    """
+    def forward(x, W0, A, B, m, s, bias):
+        xf = x.astype(f32)
+        V = W0.astype(f32) + f32(s) * (B.astype(f32) @ A.astype(f32))
+        g = m.astype(f32) / np.sqrt(np.sum(V * V))  # one norm for the whole matrix
+        y = g * (xf @ V.T)
+        return (y + (0 if bias is None else bias.astype(f32))).astype(x.dtype)
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(forward, dtype=dtype, max_examples=50, seed=0)
+    assert info.value.output == "y"
+    assert info.value.hint is None, [d.key for d in info.value.diagnoses]
+
+
 def test_low_precision_argument_errors():
     with pytest.raises(ValueError, match="dtype must be float64, float32, bfloat16 or float16"):
         testing.check_forward(consistent_forward, dtype="int8")

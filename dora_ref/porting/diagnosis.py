@@ -35,6 +35,12 @@ import numpy as np
 from . import conventions as C
 from . import variants as VV
 
+# A probe is evidence for a variant only where the variant differs from
+# dora_ref by more than this many tolerances: a port that misses dora_ref by a
+# little (with 16-bit tolerances, say) would otherwise "match" any variant that
+# also misses it by a little there (a Frobenius norm taken for norm_plus_eps).
+_DECISIVE = 2.0
+
 
 class _Score(NamedTuple):
     """How well one variant explains the port; sorts best first on its first four fields."""
@@ -262,6 +268,8 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
             fit = _ratio(got, var, tols, names)  # <= 1: the port matches the variant here
             if told <= 1.0:
                 contradicted |= fit > 1.0  # the variant is DoRA here, the port is not
+                continue
+            if told <= _DECISIVE:  # too close to DoRA for a match to say anything
                 continue
             if fit <= 1.0:
                 support += 1
