@@ -191,7 +191,7 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
 
 /* Rows i0..i1 (at most NORM_ROW_BLOCK) of the norm alone, with the columns
    in chunks: all the rows' groups take one chunk of A before the next, so
-   that A's chunk (r x chunk REALs, norm_chunk) is read from L2 by every
+   that A's chunk (r x chunk REALs, norm_chunk) is read from L1 by every
    group, where norm_rows reads all of A, which at r = 64 is larger than L2,
    once per group. Each row's squares are still added in column order, into
    the same lanes: the bits of norm_rows. */
