@@ -317,9 +317,9 @@ def test_column_norm_has_no_cancellation():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(70, 2100, 40), (133, 4100, 17), (9, 4100, 64)])
+@pytest.mark.parametrize("shape", [(70, 4100, 40), (133, 8200, 17), (9, 4100, 64)])
 def test_column_norm_in_column_chunks_gives_the_bits_of_the_merge(shape, dtype):
-    """When A is large (r * in * 8 > 512 KiB, half of L2), column_norm takes
+    """When A is large (r * in * 8 > 1 MiB), column_norm takes
     the columns in chunks, each chunk for all the rows of a block, while the
     merge takes each row group across all columns: each row's squares are
     still added in column order into the same lanes, so n has the same bits
@@ -496,7 +496,7 @@ def _all_kernels_digest():
     # several row slices and backward_lowrank several column blocks
     for dtype, (out_f, in_f, r, N) in [(dt, sh) for dt in (np.float32, np.float64)
                                        for sh in ((531, 389, 13, 301), (1100, 1050, 3, 61),
-                                                  (150, 2100, 40, 3))]:  # norm in column chunks
+                                                  (150, 4100, 40, 3))]:  # norm in column chunks
         rng = np.random.default_rng(11)
         W0, A, B = (rng.standard_normal(s).astype(dtype) for s in ((out_f, in_f), (r, in_f), (out_f, r)))
         base, dy, U = (rng.standard_normal(s).astype(dtype) for s in ((N, out_f), (N, out_f), (N, r)))

@@ -244,7 +244,7 @@ _SHAPES = [  # out, in, r, N
     (1, 1, 1, 1), (1, 17, 8, 3), (5, 37, 1, 2), (37, 53, 3, 5), (64, 256, 8, 33),
     (33, 100, 16, 17), (20, 70, 64, 9), (19, 16, 12, 4), (0, 8, 2, 3), (6, 0, 2, 0),
     (40, 31, 8, 0),
-    (70, 2100, 40, 3),  # column_norm takes A in chunks of columns (r * in * 8 > 512 KiB)
+    (70, 4100, 40, 3),  # column_norm takes A in chunks of columns (r * in * 8 > 1 MiB)
 ]
 
 
