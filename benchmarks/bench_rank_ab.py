@@ -30,7 +30,6 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -67,16 +66,9 @@ def behind(mod, fn):
 
 
 def race(fns, repeats):
-    """Median and min seconds of each callable, timed round-robin."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
+    """Median and min seconds of each callable (bench_kernels.race: round-robin)."""
+    mins = {}
+    return bk.race(fns, repeats, mins=mins), mins
 
 
 def run(shape, builds, repeats):
