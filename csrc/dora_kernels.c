@@ -74,7 +74,7 @@ static inline int64_t dora_max(int64_t a, int64_t b) { return a > b ? a : b; }
    in float64) is at most NORM_WHOLE_BYTES, so at most the 512 KiB of a
    float32 A at r = 32, in = 4096, since then a group of rows streams
    through W0's rows without restarts (AVX2 EPYC, 2 threads, busy: chunks
-   were 1.3x slower at r = 8, 16 and even at r = 32); otherwise a whole
+   were 1.3x slower at r = 8, 16 and no faster at r = 32); otherwise a whole
    number of tiles (W = 16 floats or 8 doubles: a multiple of 16 suits both)
    whose r rows of A fill NORM_CHUNK_BYTES, which stay in L1 while all the
    block's rows take them (r = 64, in = 4096: 0.82-0.89x the median time of
