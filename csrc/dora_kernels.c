@@ -58,6 +58,9 @@
 #define ACCW 8                    /* double lanes of a sum of squares */
 #define ROW_BLOCK 16              /* rows a thread takes at a time (a multiple of G) */
 #define COL_BLOCK 256             /* columns a thread takes in the backward */
+#define NORM_ROW_BLOCK 64         /* rows a thread takes at a time in column_norm (a multiple of G) */
+#define NORM_WHOLE_BYTES 1048576  /* A up to this size (counted in float64) is read whole in column_norm */
+#define NORM_CHUNK_BYTES 32768    /* else column_norm takes it in chunks of this size (L1) */
 
 #define LOWRANK_COL_BLOCK 512     /* columns a thread takes in backward_lowrank (at least) */
 #define SLICES_MAX 8              /* most row slices of W0 in norm_gradient_products */
@@ -66,6 +69,22 @@
 
 static inline int64_t dora_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t dora_max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* column_norm's chunk of columns: all `in` columns when A (r x in, counted
+   in float64) is at most NORM_WHOLE_BYTES, so at most the 512 KiB of a
+   float32 A at r = 32, in = 4096, since then a group of rows streams
+   through W0's rows without restarts (AVX2 EPYC, 2 threads, busy: chunks
+   were 1.3x slower at r = 8, 16 and no faster at r = 32); otherwise a whole
+   number of tiles (W = 16 floats or 8 doubles: a multiple of 16 suits both)
+   whose r rows of A fill NORM_CHUNK_BYTES, which stay in L1 while all the
+   block's rows take them (r = 64, in = 4096: 0.82-0.89x the median time of
+   whole rows, over six runs). */
+static inline int64_t norm_chunk(int64_t r, int64_t in)
+{
+    if (8 * r * in <= NORM_WHOLE_BYTES) return dora_max(1, in);
+    const int64_t cols = NORM_CHUNK_BYTES / (8 * dora_max(1, r));
+    return dora_max(16, cols / 16 * 16);
+}
 
 /* The block sizes of the two reductions, set by the sizes alone (never by the
    number of threads), so that the order of every sum is fixed.

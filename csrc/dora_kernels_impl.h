@@ -157,9 +157,8 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
 /* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,
    Wm_i = (m_i / n_i) V_i, scaled while the row is in cache: a group's G rows
    of V are kept in V (G x in REALs, the caller's scratch), so that W' is
-   written once, narrowed once. Inlined into its two callers below with
-   `merging` a constant, so that the norm's inner loop carries no store and
-   neither carries a test. */
+   written once, narrowed once. Inlined into merge_rows with `merging` a
+   constant 1 (column_norm_rows has a loop of its own, blocked for A). */
 static inline __attribute__((always_inline)) void FN(norm_rows)(
     const int merging, WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap,
     const REAL *B, const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
@@ -190,11 +189,36 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
     }
 }
 
+/* Rows i0..i1 (at most NORM_ROW_BLOCK) of the norm alone, with the columns
+   in chunks: all the rows' groups take one chunk of A before the next, so
+   that A's chunk (r x chunk REALs, norm_chunk) is read from L1 by every
+   group, where norm_rows reads all of A, which at r = 64 is larger than L2,
+   once per group. Each row's squares are still added in column order, into
+   the same lanes: the bits of norm_rows. */
 static DORA_CLONES void FN(column_norm_rows)(
     REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    FN(norm_rows)(0, NULL, NULL, n, W0, Ap, B, NULL, s, i0, i1, in, r);
+    const int64_t chunk = norm_chunk(r, in);
+    double acc[NORM_ROW_BLOCK / G][G][ACCW] = {{{0}}};
+    for (int64_t j0 = 0; j0 < in; j0 += chunk) {
+        const int64_t j1 = dora_min(in, j0 + chunk);
+        for (int64_t i = i0; i < i1; i += G) {
+            /* acc[group] += squares of V[i:i+g, j0:j1], V = W0 + s * B @ A */
+            const int g = (int)dora_min(G, i1 - i);
+            double (*ag)[ACCW] = acc[(i - i0) / G];
+            for (int64_t j = j0; j < j1; j += W) {
+                const int w = (int)dora_min(W, in - j);
+                const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
+                if (g == G && w == W)
+                    FN(norm_step)(ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, G, W);
+                else
+                    FN(norm_step)(ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, g, w);
+            }
+        }
+    }
+    for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */
+        n[i] = (REAL)FN(sqrt_lanes)(acc[(i - i0) / G][(i - i0) % G]);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -217,7 +241,8 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
 {
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
-    const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t rows = Wm ? ROW_BLOCK : NORM_ROW_BLOCK;  /* rows in a block */
+    const int64_t nblocks = (out + rows - 1) / rows;
     int failed = 0;
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
@@ -231,7 +256,7 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
         }
         #pragma omp for schedule(dynamic)
         for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t i0 = blk * ROW_BLOCK, i1 = dora_min(out, i0 + ROW_BLOCK);
+            const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
             if (V)
                 FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
             else if (!Wm)

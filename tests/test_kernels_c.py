@@ -316,6 +316,26 @@ def test_column_norm_has_no_cancellation():
     np.testing.assert_allclose(n, np.linalg.norm(residual, axis=1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(70, 4100, 40), (133, 8200, 17), (9, 4100, 64)])
+def test_column_norm_in_column_chunks_gives_the_bits_of_the_merge(shape, dtype):
+    """When A is large (r * in * 8 > 1 MiB), column_norm takes
+    the columns in chunks, each chunk for all the rows of a block, while the
+    merge takes each row group across all columns: each row's squares are
+    still added in column order into the same lanes, so n has the same bits
+    (ragged chunks, row groups and row blocks in these shapes)."""
+    out_f, in_f, r = shape
+    rng = np.random.default_rng(sum(shape))
+    W0, A, B = (rng.standard_normal(sz).astype(dtype) for sz in ((out_f, in_f), (r, in_f), (out_f, r)))
+    m = rng.random(out_f).astype(dtype) + 0.5
+    n = C.column_norm(W0, A, B, 0.7)
+    _, n_merge = C.merge(W0, A, B, m, 0.7)
+    np.testing.assert_array_equal(n, n_merge)
+    a = _norm_terms(W0, A, B, 0.7)
+    _assert_within(n, NP.column_norm(W0, A, B, 0.7),
+                   2 * SAFETY * gamma(in_f + r + 2, dtype) * np.linalg.norm(a, axis=1), "n")
+
+
 def test_empty_sizes():
     """Zero rows, columns or batch: shapes as NumPy's, no crash."""
     for out_f, in_f, r, N in [(0, 5, 2, 3), (4, 0, 2, 3), (4, 5, 2, 0)]:
@@ -475,7 +495,8 @@ def _all_kernels_digest():
     # several blocks per thread, ragged edges; r = 3 also gives norm_gradient_products
     # several row slices and backward_lowrank several column blocks
     for dtype, (out_f, in_f, r, N) in [(dt, sh) for dt in (np.float32, np.float64)
-                                       for sh in ((531, 389, 13, 301), (1100, 1050, 3, 61))]:
+                                       for sh in ((531, 389, 13, 301), (1100, 1050, 3, 61),
+                                                  (150, 4100, 40, 3))]:  # norm in column chunks
         rng = np.random.default_rng(11)
         W0, A, B = (rng.standard_normal(s).astype(dtype) for s in ((out_f, in_f), (r, in_f), (out_f, r)))
         base, dy, U = (rng.standard_normal(s).astype(dtype) for s in ((N, out_f), (N, out_f), (N, r)))

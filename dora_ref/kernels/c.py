@@ -652,8 +652,13 @@ def backward_epilogue(dy, base, U, B, g, scaling):
 # float32, 2 threads, AVX-512 Xeon (fastest repeats): backward_lowrank 1.3 ms
 # vs 2.0 ms for backward_epilogue and two BLAS products at r = 8, 1.6 vs
 # 2.4 ms at r = 12; norm_gradient_products 5-6 ms vs 15 ms for two BLAS
-# products at r = 8, 10 vs 17 ms at r = 12, about even at r = 16. Above it
-# the wrappers call BLAS, as the NumPy twins do.
+# products at r = 8, 10 vs 17 ms at r = 12, about even at r = 16. Measured
+# again on an AVX2 EPYC (Zen 3), same shape, fastest of 11 interleaved
+# repeats on a busy machine (load 2.4-2.7 on 2 cores): backward_lowrank 3.7
+# vs 4.2 ms at r = 16, 8.2 vs 6.0 ms at r = 32, 22.7 vs 20.5 ms at r = 64;
+# norm_gradient_products 22 vs 12 ms at r = 16, 57 vs 19 ms at r = 32,
+# 131 vs 98 ms at r = 64. Above it the wrappers call BLAS, as the NumPy
+# twins do.
 FUSED_MAX_RANK = 12
 
 

@@ -1,0 +1,141 @@
+"""Two builds of the C kernels side by side in one process: the rank table of issue 11.
+
+Not a test: a script that prints ratios of medians measured in one run
+(float32, 2 threads, interleaved repeats). It loads this checkout's
+``_dora_c`` and a second build of it (``--base``, e.g. one built from an
+earlier commit with ``git archive <commit> | tar -x -C DIR`` and
+``python setup.py build_ext --inplace`` there), and times, with each build
+in turn behind ``dora_ref.kernels.c``:
+
+* the column norm against NumPy's expression ``norm(W0 + s * B @ A)``, one
+  read of W0 (the faster of a GEMV and a sum) and the flop bound
+  2 * out * in * r / (the rate of a (1024, 1024) BLAS GEMM measured in the
+  same loop);
+* a DoRA training step (forward + backward, detached norm) and an eval
+  forward with the cached norm (``DoRALinear.eval()``), each against the plain
+  layer (``x @ W0.T`` and ``dy @ W0``; ``x @ W0.T``),
+
+at (4096, 4096, r, 512) for r in 8, 16, 32, 64 and (11008, 4096, 16, 256)
+by default.
+
+    python benchmarks/bench_rank_ab.py --base /tmp/base/dora_ref/kernels/_dora_c.abi3.so
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_k] = "2"
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+# Time the checkout this script sits in, not an installed dora_ref.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_kernels as bk  # noqa: E402  (problem, steps: the layer steps it times)
+from dora_ref.core import functional as F  # noqa: E402
+from dora_ref.kernels import c as C  # noqa: E402
+
+SHAPES = [(4096, 4096, 8, 512), (4096, 4096, 16, 512), (4096, 4096, 32, 512),
+          (4096, 4096, 64, 512), (11008, 4096, 16, 256)]
+
+
+def load_build(path):
+    """The ``_dora_c`` module at ``path``, under a name of its own."""
+    spec = importlib.util.spec_from_file_location("dora_ab_base._dora_c", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def behind(mod, fn):
+    """fn run with ``mod``'s ffi and lib behind dora_ref.kernels.c."""
+    def call():
+        saved = C.ffi, C.lib
+        C.ffi, C.lib = mod.ffi, mod.lib
+        try:
+            return fn()
+        finally:
+            C.ffi, C.lib = saved
+    return call
+
+
+def race(fns, repeats):
+    """Median and min seconds of each callable (bench_kernels.race: round-robin)."""
+    mins = {}
+    return bk.race(fns, repeats, mins=mins), mins
+
+
+def run(shape, builds, repeats):
+    out_f, in_f, r, N = shape
+    p = bk.problem(*shape)
+    W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
+    X = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
+    ones = np.ones(in_f, dtype=np.float32)
+    fns = {"gemm_1024": lambda: X @ X, "read_gemv": lambda: W0 @ ones, "read_sum": lambda: W0.sum(),
+           "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1)}
+    for tag, mod in builds.items():
+        fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s))
+    norms = race(fns, repeats)
+    st = bk.steps(p)
+    fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
+    for tag, mod in builds.items():
+        fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"])
+        fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"])
+    steps = race(fns, repeats)
+    med = {**norms[0], **steps[0]}
+    mins = {**norms[1], **steps[1]}
+    rate = 2 * 1024 ** 3 / med["gemm_1024"]
+    read = min(med["read_gemv"], med["read_sum"])
+    rows = []
+    for tag in builds:
+        n = med[f"norm_{tag}"]
+        rows.append({
+            "build": tag,
+            "norm_ms": n * 1e3,
+            "numpy_expr_vs_norm": med["norm_numpy_expr"] / n,
+            "norm_vs_read": n / read,
+            "norm_vs_flop_bound": n / (2 * out_f * in_f * r / rate),
+            "train_vs_plain": med[f"train_{tag}"] / med["plain_train"],
+            "train_vs_plain_min": mins[f"train_{tag}"] / mins["plain_train"],
+            "eval_vs_plain": med[f"eval_{tag}"] / med["plain_eval"],
+            "eval_vs_plain_min": mins[f"eval_{tag}"] / mins["plain_eval"],
+        })
+    extra = {"gemm_GFps": rate / 1e9, "read_ms": read * 1e3, "plain_train_ms": med["plain_train"] * 1e3,
+             "plain_eval_ms": med["plain_eval"] * 1e3}
+    return rows, extra
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="path of the other build's _dora_c shared object")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--shapes", default=None, help="e.g. 4096,4096,64,512;11008,4096,16,256")
+    args = ap.parse_args()
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
+                                             for sh in args.shapes.split(";")]
+    builds = {"base": load_build(args.base), "this": C._dora_c}
+    print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
+    print("| (out, in, r, N) | build | norm ms | NumPy expr / norm | norm / read W0 | "
+          "norm / flop bound | train / plain (min) | eval / plain (min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        rows, extra = run(shape, builds, args.repeats)
+        for row in rows:
+            print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
+                  f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "
+                  f"{row['train_vs_plain']:.3f} ({row['train_vs_plain_min']:.3f}) | "
+                  f"{row['eval_vs_plain']:.3f} ({row['eval_vs_plain_min']:.3f}) |", flush=True)
+        print(f"|  | GEMM {extra['gemm_GFps']:.0f} GF/s, read W0 {extra['read_ms']:.2f} ms, plain train "
+              f"{extra['plain_train_ms']:.0f} ms, plain eval {extra['plain_eval_ms']:.0f} ms | | | | | | |",
+              flush=True)
+    print(f"load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
