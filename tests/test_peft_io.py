@@ -548,6 +548,17 @@ def test_merge_command_on_a_single_file_and_a_plain_lora_adapter(tmp_path, capsy
     assert_close(got, W0.astype(np.float64) + 1.0 * B.astype(np.float64) @ A, k=2, dtype=np.float32)
 
 
+def test_merge_command_with_base_and_adapter_swapped_says_so(tmp_path, capsys):
+    """A new user gave the adapter folder as BASE: the error names the likely mistake."""
+    rng = np.random.default_rng(6)
+    save_file({"fc.weight": rng.normal(size=(3, 5)).astype(np.float32)}, str(tmp_path / "base.safetensors"))
+    write_adapter(tmp_path / "ad", {"fc": random_module(rng, 3, 5, 2)})
+    assert merge_main([str(tmp_path / "ad"), str(tmp_path / "base.safetensors"), str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a PEFT adapter: are the base and the adapter given in the wrong order?" in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_merge_command_errors_before_writing_anything(tmp_path, capsys):
     base, mods = _toy_checkpoint(tmp_path)
     A, B, _ = mods["h.0.fc"]

@@ -623,8 +623,11 @@ class BaseWeights:
                 pickles = sorted(p.name for p in path.glob("*.bin"))
                 if pickles:
                     _refuse_pickle(path / pickles[0])
+                adapter = (path / "adapter_config.json").exists()
                 raise FileNotFoundError(
                     f"{path}: no {SINGLE_FILE} or {SHARD_INDEX} in this directory"
+                    + ("; it holds adapter_config.json, a PEFT adapter: are the base and the "
+                       "adapter given in the wrong order?" if adapter else "")
                 )
         else:
             _refuse_pickle(path)
