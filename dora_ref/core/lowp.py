@@ -31,7 +31,7 @@ from .kernels_numpy import _row_blocks
 from .norm import _rescue_extreme_rows, check_norm, divide_by_norm, magnitude_over_norm
 from ._validate import WeightSnapshot, check_finite, check_input, check_result_finite, \
     check_rows_finite
-from .precision import classify, round_to, upcast
+from .precision import classify, finfo, round_to, upcast
 
 F32 = np.float32
 
@@ -93,9 +93,27 @@ def _to_magnitude_dtype(n, magnitude_dtype, W0, allow_zero_norm):
     if magnitude_dtype == np.dtype(F32):
         return n, n
     stored = round_to(n, magnitude_dtype)
+    _refuse_overflowed_norm(n, stored)
     n32 = stored.astype(F32)
     check_norm(n32, W0, allow_zero_norm)
     return stored, n32
+
+
+def _refuse_overflowed_norm(n, stored):
+    """``ValueError`` where a finite float32 norm ``n`` became inf in its lp rounding ``stored``.
+
+    (A row norm of 0.9 * 65504 over 8 columns is 1.7e5: finite in float32,
+    past float16's largest value; an lp magnitude cannot hold it.)
+    """
+    over = np.isfinite(n) & ~np.isfinite(stored)
+    if over.any():
+        rows = np.flatnonzero(over)
+        raise ValueError(
+            f"the row norm of W0 + s*B@A overflows the magnitude's dtype {stored.dtype} in "
+            f"row(s) {rows[:8].tolist()}{'...' if rows.size > 8 else ''} (norm "
+            f"{float(n[rows[0]]):.6g}, largest {stored.dtype} {float(finfo(stored.dtype).max):.6g}): "
+            f"keep the adapter in float32 (autocast_adapter_dtype=True) or scale W0 down"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +138,9 @@ def _peft_pure_norm(W0, A, B, scaling, lp, allow_zero_norm):
     for rows in _row_blocks(*W0.shape, 4):
         lora_weight = op(B32[rows] @ A32)  # lora_B(lora_A(eye)).T, an lp product
         V = op(W0[rows].astype(F32) + op(F32(scaling) * lora_weight))
-        n[rows] = round_to(np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(F32), lp)
+        n32 = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(F32)
+        n[rows] = round_to(n32, lp)
+        _refuse_overflowed_norm(n32, n[rows])
     check_norm(n.astype(F32), W0, allow_zero_norm)
     return n
 
@@ -136,7 +156,7 @@ def init_magnitude(W0, A, B, scaling, policy):
     case, lp = classify(W0, A, B)
     if policy == "consistent":
         n = _f32_norm(W0, upcast(A), upcast(B), scaling, True)
-        return round_to(n, A.dtype)
+        return _to_magnitude_dtype(n, A.dtype, W0, True)[0]
     m = _peft_pure_norm(W0, A, B, scaling, lp, True)
     return m.astype(A.dtype)
 
