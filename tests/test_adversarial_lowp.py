@@ -3,11 +3,14 @@
 Every test names the input that once gave a silent inf, a silently different
 number or a crash instead of a result or a clear ValueError.
 """
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
 import dora_ref
-from dora_ref import init_magnitude
+from dora_ref import DoRALinear, LoRALinear, init_magnitude
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -48,3 +51,63 @@ def test_peft_pure_norm_fp16_overflow_message_names_dtype():
     A, B = _pure_fp16_adapter(np.random.default_rng(1))
     with pytest.raises(ValueError, match="magnitude's dtype float16"):
         dora_ref.column_norm(_near_max_fp16_weight(), A, B, 2.0, policy="peft")
+
+
+def _fp16_layer(cls, **kw):
+    rng = np.random.default_rng(2)
+    W0 = rng.normal(size=(6, 8)).astype(np.float16)
+    return cls(W0, r=2, rng=0, **kw), rng.normal(size=(3, 8)).astype(np.float16)
+
+
+@pytest.mark.parametrize("typo", ["Peft", "PEFT", "consistant", None, 1])
+@pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
+def test_layer_policy_typo_assigned_after_construction_raises(cls, typo):
+    """``layer.policy = "Peft"`` used to run the consistent path silently (forward tests == "peft")."""
+    layer, _ = _fp16_layer(cls)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        layer.policy = typo
+    assert layer.policy == "consistent"
+
+
+def test_layer_policy_assigned_after_construction_is_used():
+    """A valid assignment takes effect: the same numbers as a layer built with that policy."""
+    built, x = _fp16_layer(DoRALinear, policy="peft", autocast_adapter_dtype=False)
+    switched, _ = _fp16_layer(DoRALinear, policy="peft", autocast_adapter_dtype=False)
+    switched.policy = "consistent"
+    switched.policy = "peft"
+    assert built.forward(x).tobytes() == switched.forward(x).tobytes()
+
+
+@pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
+def test_layer_pickled_before_policies_existed_merges(cls):
+    """A float32 layer pickled by dora_ref 0.1 has no ``policy``: merge() raised AttributeError."""
+    rng = np.random.default_rng(3)
+    layer = cls(rng.normal(size=(6, 8)).astype(np.float32), r=2, rng=0)
+    layer.lora_B[...] = rng.normal(size=layer.lora_B.shape).astype(np.float32)
+    state = copy.deepcopy(layer.__dict__)
+    for key in ("_policy", "policy", "autocast_adapter_dtype"):
+        state.pop(key, None)  # what an old pickle holds
+    old = cls.__new__(cls)
+    old.__setstate__(state)
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    y = layer.forward(x)
+    assert old.policy == "consistent"
+    old.merge()
+    layer.merge()
+    assert old.weight.tobytes() == layer.weight.tobytes()
+    assert old.forward(x).tobytes() == layer.forward(x).tobytes()
+    old.unmerge()
+    layer.unmerge()
+    assert old.weight.tobytes() == layer.weight.tobytes()
+    assert np.isfinite(y).all()
+
+
+def test_layer_pickled_with_policy_attribute_keeps_it():
+    """A pickle written while ``policy`` was a plain attribute loads with that policy."""
+    layer, x = _fp16_layer(DoRALinear, policy="peft")
+    state = dict(layer.__dict__)
+    state["policy"] = state.pop("_policy")
+    old = DoRALinear.__new__(DoRALinear)
+    old.__setstate__(state)
+    assert old.policy == "peft"
+    assert old.forward(x).tobytes() == pickle.loads(pickle.dumps(layer)).forward(x).tobytes()

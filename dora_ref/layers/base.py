@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core._validate import WeightSnapshot, as_float_array, check_finite
-from ..core.precision import LOW_PRECISION_DTYPES
+from ..core.precision import LOW_PRECISION_DTYPES, check_policy
 
 
 def adapter_dtype(weight_dtype, autocast_adapter_dtype):
@@ -206,6 +206,21 @@ class AdapterLayer(Module):
 
     _param_names = ()
     merged_adapter = None
+
+    @property
+    def policy(self):
+        """Where a float16/bfloat16 layer rounds: "consistent" or "peft" (``precision.POLICIES``).
+
+        Checked on every assignment (a typo would otherwise run the other
+        policy silently: the low-precision code tests ``== "peft"``). A layer
+        pickled before policies existed reads as "consistent", the rule its
+        float32/float64 arithmetic already follows.
+        """
+        return self.__dict__.get("_policy", "consistent")
+
+    @policy.setter
+    def policy(self, value):
+        self.__dict__["_policy"] = check_policy(value)
     _merged_snapshot = None
     _merged_scaling = None  # the scaling merge() used, compared like the adapter
 
@@ -347,6 +362,9 @@ class AdapterLayer(Module):
         accept optimiser steps (its ``unmerge()`` would still refuse, by the
         snapshot, but late).
         """
+        if "policy" in state:  # pickled while policy was a plain attribute
+            state = dict(state)
+            state["_policy"] = check_policy(state.pop("policy"))
         self.__dict__.update(state)
         if getattr(self, "merged", False):
             for p in [*self.parameters().values(), *self._merged_norm().values()]:
