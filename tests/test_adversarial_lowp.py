@@ -111,3 +111,50 @@ def test_layer_pickled_with_policy_attribute_keeps_it():
     old.__setstate__(state)
     assert old.policy == "peft"
     assert old.forward(x).tobytes() == pickle.loads(pickle.dumps(layer)).forward(x).tobytes()
+
+
+def _layers_of_dora_ref_0_1():
+    """Float32 layers and an input each, as dora_ref 0.1 (before float16/bfloat16) built them."""
+    from dora_ref.layers.conv import DoRAConv2d
+    from dora_ref.layers.embedding import DoRAEmbedding
+
+    rng = np.random.default_rng(4)
+    f32 = np.float32
+    return [
+        (DoRALinear(rng.normal(size=(6, 8)).astype(f32), r=2, rng=0),
+         rng.normal(size=(3, 8)).astype(f32)),
+        (LoRALinear(rng.normal(size=(6, 8)).astype(f32), r=2, rng=0),
+         rng.normal(size=(3, 8)).astype(f32)),
+        (DoRAConv2d(rng.normal(size=(4, 3, 3, 3)).astype(f32), r=2, rng=0),
+         rng.normal(size=(2, 3, 5, 5)).astype(f32)),
+        (DoRAEmbedding(rng.normal(size=(10, 4)).astype(f32), r=2, rng=0),
+         np.array([[1, 2, 9]])),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["DoRALinear", "LoRALinear", "DoRAConv2d",
+                                                 "DoRAEmbedding"])
+def test_layer_pickled_before_low_precision_runs_forward_merge_backward(index):
+    """A 0.1 pickle lacks _low_precision, policy and autocast_adapter_dtype: forward raised
+    AttributeError. Loaded, it gives the bits of the layer it was pickled from."""
+    layer, x = _layers_of_dora_ref_0_1()[index]
+    for name in ("lora_B", "lora_embedding_A"):
+        if name in layer.parameters():
+            p = layer.parameters()[name]
+            p[...] = np.linspace(-0.2, 0.3, p.size, dtype=p.dtype).reshape(p.shape)
+    old = copy.deepcopy(layer)
+    for key in ("_low_precision", "_policy", "autocast_adapter_dtype"):
+        old.__dict__.pop(key, None)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.policy == "consistent"
+    y = layer.forward(x)
+    assert loaded.forward(x).tobytes() == y.tobytes()
+    dy = np.linspace(-1, 1, y.size, dtype=y.dtype).reshape(y.shape)
+    layer.backward(dy)
+    loaded.backward(dy)
+    for name, g in layer.grads.items():
+        assert loaded.grads[name].tobytes() == g.tobytes(), name
+    layer.merge()
+    loaded.merge()
+    assert loaded.weight.tobytes() == layer.weight.tobytes()
+    assert loaded.forward(x).tobytes() == layer.forward(x).tobytes()

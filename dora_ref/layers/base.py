@@ -362,9 +362,14 @@ class AdapterLayer(Module):
         accept optimiser steps (its ``unmerge()`` would still refuse, by the
         snapshot, but late).
         """
+        state = dict(state)
         if "policy" in state:  # pickled while policy was a plain attribute
-            state = dict(state)
             state["_policy"] = check_policy(state.pop("policy"))
+        # pickled before float16/bfloat16 layers existed (dora_ref 0.1): a float32 or
+        # float64 layer, for which autocast_adapter_dtype changes nothing
+        if "_weight" in state and "_low_precision" not in state:
+            state["_low_precision"] = state["_weight"].dtype in LOW_PRECISION_DTYPES
+        state.setdefault("autocast_adapter_dtype", True)
         self.__dict__.update(state)
         if getattr(self, "merged", False):
             for p in [*self.parameters().values(), *self._merged_norm().values()]:
