@@ -158,3 +158,23 @@ def test_layer_pickled_before_low_precision_runs_forward_merge_backward(index):
     loaded.merge()
     assert loaded.weight.tobytes() == layer.weight.tobytes()
     assert loaded.forward(x).tobytes() == layer.forward(x).tobytes()
+
+
+# every public name the 0.1 module dora_ref.layers held (read from its source)
+LAYERS_0_1_NAMES = [
+    "AdapterLayer", "DoRALinear", "EvalNormCache", "LoRALinear", "adapter_parameter",
+    "as_float_array", "check_adapter", "check_finite", "check_input", "check_result_finite",
+    "check_rows_finite", "check_scaling", "check_weight_shape", "checked_array", "frozen",
+    "initial_lora_weights", "lora_scaling", "refuse_unrecoverable_merge",
+]
+
+
+def test_layers_package_keeps_every_name_of_the_0_1_module():
+    """``from dora_ref.layers import AdapterLayer`` (a custom layer's base) raised ImportError."""
+    import subprocess
+    import sys
+
+    code = f"from dora_ref.layers import {', '.join(LAYERS_0_1_NAMES)}; import dora_ref; " \
+           "from dora_ref.layers.base import AdapterLayer as A; assert AdapterLayer is A; " \
+           "assert 'AdapterLayer' not in dora_ref.__all__"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
