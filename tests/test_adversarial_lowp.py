@@ -178,3 +178,27 @@ def test_layers_package_keeps_every_name_of_the_0_1_module():
            "from dora_ref.layers.base import AdapterLayer as A; assert AdapterLayer is A; " \
            "assert 'AdapterLayer' not in dora_ref.__all__"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("policy", ["consistent", "peft"])
+def test_embedding_init_magnitude_fp16_pure_norm_past_fp16_max_raises(policy):
+    """The embedding's magnitude init rounded a norm of 1.9e5 to a float16 inf ("consistent")."""
+    from dora_ref.core.embedding import embedding_init_magnitude
+
+    E = np.full((10, 4), 6e4, np.float16)  # each dimension's norm over V = 10: 1.9e5
+    A, B = np.zeros((2, 10), np.float16), np.ones((4, 2), np.float16)
+    with pytest.raises(ValueError, match=r"overflows the magnitude's dtype float16.*65504"):
+        embedding_init_magnitude(E, A, B, 2.0, policy=policy)
+
+
+def test_embedding_layer_fp16_pure_norm_past_fp16_max_raises_at_construction():
+    """The layer was built with an inf magnitude and failed only at its first forward."""
+    from dora_ref.layers.embedding import DoRAEmbedding
+
+    E = np.full((10, 4), 6e4, np.float16)
+    with pytest.raises(ValueError, match="overflows the magnitude's dtype float16"):
+        DoRAEmbedding(E, r=2, autocast_adapter_dtype=False, rng=0)
+    layer = DoRAEmbedding(E, r=2, rng=0)  # float32 magnitude: the float32 norm, finite
+    assert layer.lora_magnitude_vector.dtype == np.float32
+    # A = 0 at init: each norm is sqrt(10) * 6e4 up to one float64 sum rounded to float32
+    np.testing.assert_allclose(layer.lora_magnitude_vector, np.sqrt(10) * 6e4, rtol=2.0**-23)

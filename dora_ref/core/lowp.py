@@ -28,10 +28,11 @@ import numpy as np
 from . import backend as _backend
 from . import functional as F
 from .kernels_numpy import _row_blocks
-from .norm import _rescue_extreme_rows, check_norm, divide_by_norm, magnitude_over_norm
+from .norm import (_rescue_extreme_rows, check_norm, divide_by_norm, magnitude_over_norm,
+                   refuse_overflowed_norm)
 from ._validate import WeightSnapshot, check_finite, check_input, check_result_finite, \
     check_rows_finite
-from .precision import classify, finfo, round_to, upcast
+from .precision import classify, round_to, upcast
 
 F32 = np.float32
 
@@ -93,27 +94,10 @@ def _to_magnitude_dtype(n, magnitude_dtype, W0, allow_zero_norm):
     if magnitude_dtype == np.dtype(F32):
         return n, n
     stored = round_to(n, magnitude_dtype)
-    _refuse_overflowed_norm(n, stored)
+    refuse_overflowed_norm(n, stored)
     n32 = stored.astype(F32)
     check_norm(n32, W0, allow_zero_norm)
     return stored, n32
-
-
-def _refuse_overflowed_norm(n, stored):
-    """``ValueError`` where a finite float32 norm ``n`` became inf in its lp rounding ``stored``.
-
-    (A row norm of 0.9 * 65504 over 8 columns is 1.7e5: finite in float32,
-    past float16's largest value; an lp magnitude cannot hold it.)
-    """
-    over = np.isfinite(n) & ~np.isfinite(stored)
-    if over.any():
-        rows = np.flatnonzero(over)
-        raise ValueError(
-            f"the row norm of W0 + s*B@A overflows the magnitude's dtype {stored.dtype} in "
-            f"row(s) {rows[:8].tolist()}{'...' if rows.size > 8 else ''} (norm "
-            f"{float(n[rows[0]]):.6g}, largest {stored.dtype} {float(finfo(stored.dtype).max):.6g}): "
-            f"keep the adapter in float32 (autocast_adapter_dtype=True) or scale W0 down"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +124,7 @@ def _peft_pure_norm(W0, A, B, scaling, lp, allow_zero_norm):
         V = op(W0[rows].astype(F32) + op(F32(scaling) * lora_weight))
         n32 = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(F32)
         n[rows] = round_to(n32, lp)
-        _refuse_overflowed_norm(n32, n[rows])
+        refuse_overflowed_norm(n32, n[rows])
     check_norm(n.astype(F32), W0, allow_zero_norm)
     return n
 
