@@ -69,8 +69,15 @@ class _SplitModule(types.ModuleType):
     def __setattr__(self, key, value):
         if key.startswith("__") and key.endswith("__"):  # the import system's own (__spec__, ...)
             return super().__setattr__(key, value)
+        self._refuse("set", key)
+
+    def __delattr__(self, key):
+        # a deleted name would be gone from every later ``from dora_ref.<old> import``
+        self._refuse("delete", key)
+
+    def _refuse(self, verb, key):
         raise AttributeError(
-            f"{self.__name__} is an old name kept for imports; set {key!r} on the module that "
+            f"{self.__name__} is an old name kept for imports; {verb} {key!r} on the module that "
             f"holds it ({', '.join(p.__name__ for p in self._parts)})"
         )
 

@@ -202,3 +202,18 @@ def test_embedding_layer_fp16_pure_norm_past_fp16_max_raises_at_construction():
     assert layer.lora_magnitude_vector.dtype == np.float32
     # A = 0 at init: each norm is sqrt(10) * 6e4 up to one float64 sum rounded to float32
     np.testing.assert_allclose(layer.lora_magnitude_vector, np.sqrt(10) * 6e4, rtol=2.0**-23)
+
+
+@pytest.mark.parametrize("old", ["conv", "embedding"])
+def test_split_old_module_refuses_attribute_deletion(old):
+    """``del dora_ref.conv.conv_merge`` removed the name from the shared view for the whole
+    process (``from dora_ref.conv import conv_merge`` then failed); it is refused like assignment."""
+    import importlib
+
+    view = importlib.import_module(f"dora_ref.{old}")
+    name = next(n for n in view.__all__ if callable(getattr(view, n)))
+    with pytest.raises(AttributeError, match=f"delete '{name}' on the module that holds it"):
+        delattr(view, name)
+    assert hasattr(view, name)
+    with pytest.raises(AttributeError, match="set 'x' on the module that holds it"):
+        view.x = 1
