@@ -217,3 +217,43 @@ def test_split_old_module_refuses_attribute_deletion(old):
     assert hasattr(view, name)
     with pytest.raises(AttributeError, match="set 'x' on the module that holds it"):
         view.x = 1
+
+
+def _merged(dtype):
+    rng = np.random.default_rng(5)
+    W0 = rng.normal(size=(6, 8)).astype(dtype)
+    A = (rng.normal(size=(2, 8)) / 4).astype(np.float32)
+    B = (rng.normal(size=(6, 2)) / 4).astype(np.float32)
+    m = init_magnitude(W0, A, B, 2.0)
+    W_merged, n = dora_ref.merge(W0, A, B, m, 2.0)
+    return W_merged, A, B, m, n
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
+@pytest.mark.parametrize("bad", ["negative", "nan", "zero_on_nonzero_row"])
+def test_unmerge_with_norms_merge_cannot_return_raises(dtype, bad):
+    """unmerge(..., n) with n < 0, NaN or 0 on a nonzero row of W' returned a wrong W0 silently
+    (n = 0 gave W'_i - s B_i A, a negative n a flipped row)."""
+    import ml_dtypes
+
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    W_merged, A, B, m, n = _merged(dtype)
+    n = n.copy()
+    n[2] = {"negative": -n[2], "nan": np.nan, "zero_on_nonzero_row": 0.0}[bad]
+    with pytest.raises(ValueError, match=r"n (must hold the row norms|is 0 at output channel).*\b2\b"):
+        dora_ref.unmerge(W_merged, A, B, m, 2.0, n)
+
+
+def test_unmerge_zero_norm_row_of_allowed_merge_still_recovers():
+    """The legitimate n = 0 (allow_zero_norm: merge wrote a zero row) still unmerges: W0_i = -s B_i A."""
+    rng = np.random.default_rng(6)
+    W0 = rng.normal(size=(4, 8)).astype(np.float16)
+    A = (rng.normal(size=(2, 8)) / 4).astype(np.float32)
+    B = (rng.normal(size=(4, 2)) / 4).astype(np.float32)
+    B[1] = 0.0
+    W0[1] = 0.0  # row 1 of W0 + s B A is zero: its norm is 0
+    m = np.ones(4, np.float32)
+    W_merged, n = dora_ref.merge(W0, A, B, m, 2.0, allow_zero_norm=True)
+    assert n[1] == 0 and not W_merged[1].any()
+    W0_back = dora_ref.unmerge(W_merged, A, B, m, 2.0, n)
+    assert W0_back[1].tobytes() == W0[1].tobytes()
