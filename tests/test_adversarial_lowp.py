@@ -257,3 +257,34 @@ def test_unmerge_zero_norm_row_of_allowed_merge_still_recovers():
     assert n[1] == 0 and not W_merged[1].any()
     W0_back = dora_ref.unmerge(W_merged, A, B, m, 2.0, n)
     assert W0_back[1].tobytes() == W0[1].tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_dropout_mask_with_nan_or_inf_is_named(dtype, value):
+    """A NaN dropout mask was reported as 'y overflowed float32 ... every input is finite'."""
+    rng = np.random.default_rng(7)
+    W0 = rng.normal(size=(6, 8)).astype(dtype)
+    A = (rng.normal(size=(2, 8)) / 4).astype(np.float32)
+    B = (rng.normal(size=(6, 2)) / 4).astype(np.float32)
+    x = rng.normal(size=(3, 8)).astype(dtype)
+    m = init_magnitude(W0, A, B, 2.0)
+    mask = np.ones_like(x)
+    mask[1, 3] = value
+    with pytest.raises(ValueError, match=r"dropout_mask \(shape \(3, 8\)\) contains NaN or Inf"):
+        dora_ref.dora_forward(x, W0, A, B, m, 2.0, dropout_mask=mask)
+
+
+def test_conv_dropout_mask_with_nan_is_named():
+    from dora_ref.core.conv import conv_dora_forward, conv_init_magnitude
+
+    rng = np.random.default_rng(8)
+    W = rng.normal(size=(4, 3, 3, 3)).astype(np.float16)
+    A = (rng.normal(size=(2, 3, 3, 3)) / 4).astype(np.float32)
+    B = np.zeros((4, 2, 1, 1), np.float32)
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float16)
+    m = conv_init_magnitude(W, A, B, 2.0)
+    mask = np.ones_like(x)
+    mask[0, 1, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="dropout_mask .*contains NaN or Inf"):
+        conv_dora_forward(x, W, A, B, m, 2.0, dropout_mask=mask)

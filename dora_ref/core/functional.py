@@ -494,6 +494,7 @@ def _check_mask(mask, x_shape, dtype):
         raise ValueError(f"dropout_mask must have the shape of x {tuple(x_shape)}, got {mask.shape}")
     if mask.dtype != dtype:
         raise TypeError(f"dropout_mask has dtype {mask.dtype} but the weights have dtype {dtype}")
+    check_finite("dropout_mask", mask)  # else blamed on an overflow of finite inputs
     return mask.reshape(-1, x_shape[-1])
 
 
