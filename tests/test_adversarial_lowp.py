@@ -288,3 +288,24 @@ def test_conv_dropout_mask_with_nan_is_named():
     mask[0, 1, 2, 2] = np.nan
     with pytest.raises(ValueError, match="dropout_mask .*contains NaN or Inf"):
         conv_dora_forward(x, W, A, B, m, 2.0, dropout_mask=mask)
+
+
+@pytest.mark.parametrize("merged_under", ["consistent", "peft"])
+def test_layer_policy_change_while_merged_raises(merged_under):
+    """Switching the policy between merge() and unmerge() recovered another W0 (pure fp16: 20 of
+    20 seeds differed); the change is refused while merged and allowed after unmerge()."""
+    other = {"consistent": "peft", "peft": "consistent"}[merged_under]
+    layer, x = _fp16_layer(DoRALinear, policy=merged_under, autocast_adapter_dtype=False)
+    layer.lora_B[...] = np.linspace(-0.3, 0.3, layer.lora_B.size).reshape(
+        layer.lora_B.shape).astype(layer.lora_B.dtype)
+    reference = copy.deepcopy(layer)
+    reference.merge()
+    reference.unmerge()
+    layer.merge()
+    layer.policy = merged_under  # the same policy: allowed
+    with pytest.raises(ValueError, match="policy cannot change while the layer is merged"):
+        layer.policy = other
+    layer.unmerge()
+    assert layer.weight.tobytes() == reference.weight.tobytes()
+    layer.policy = other
+    assert layer.policy == other

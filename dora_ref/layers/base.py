@@ -220,7 +220,14 @@ class AdapterLayer(Module):
 
     @policy.setter
     def policy(self, value):
-        self.__dict__["_policy"] = check_policy(value)
+        check_policy(value)
+        if getattr(self, "merged", False) and value != self.policy:
+            # unmerge() under another policy than merge() recovers another W0
+            raise ValueError(
+                f"policy cannot change while the layer is merged (merged under "
+                f"{self.policy!r}, got {value!r}): unmerge() first"
+            )
+        self.__dict__["_policy"] = value
     _merged_snapshot = None
     _merged_scaling = None  # the scaling merge() used, compared like the adapter
 
