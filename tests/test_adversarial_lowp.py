@@ -309,3 +309,23 @@ def test_layer_policy_change_while_merged_raises(merged_under):
     assert layer.weight.tobytes() == reference.weight.tobytes()
     layer.policy = other
     assert layer.policy == other
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, None, 1.0])
+def test_layer_autocast_adapter_dtype_not_bool_raises(value):
+    """``autocast_adapter_dtype="False"`` (a config read as text) was bool()-ed to True: float32
+    adapters instead of the 16-bit ones asked for, silently."""
+    from dora_ref.layers.conv import DoRAConv2d
+    from dora_ref.layers.embedding import DoRAEmbedding
+
+    W = np.ones((4, 3, 3, 3), np.float16)
+    for build in (lambda: DoRALinear(np.ones((6, 8), np.float16), r=2, rng=0,
+                                     autocast_adapter_dtype=value),
+                  lambda: DoRAConv2d(W, r=2, rng=0, autocast_adapter_dtype=value),
+                  lambda: DoRAEmbedding(np.ones((10, 4), np.float16), r=2, rng=0,
+                                        autocast_adapter_dtype=value)):
+        with pytest.raises(TypeError, match="autocast_adapter_dtype must be True or False"):
+            build()
+    layer = DoRALinear(np.ones((6, 8), np.float16), r=2, rng=0,
+                       autocast_adapter_dtype=np.bool_(False))
+    assert layer.lora_A.dtype == np.float16

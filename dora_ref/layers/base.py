@@ -36,6 +36,20 @@ def adapter_dtype(weight_dtype, autocast_adapter_dtype):
     return np.dtype(weight_dtype)
 
 
+def check_autocast(autocast_adapter_dtype):
+    """``autocast_adapter_dtype`` as a bool; ``TypeError`` for anything but True/False.
+
+    ``bool("False")`` is True: a setting read from a config file as a string
+    would silently give float32 adapters instead of 16-bit ones.
+    """
+    if not isinstance(autocast_adapter_dtype, (bool, np.bool_)):
+        raise TypeError(
+            f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r} "
+            f"({type(autocast_adapter_dtype).__name__})"
+        )
+    return bool(autocast_adapter_dtype)
+
+
 def initial_adapter_dtype(arrays, weight_dtype, policy, autocast_adapter_dtype):
     """Freshly drawn adapter arrays (float32 for an lp weight) in the adapter's dtype.
 
