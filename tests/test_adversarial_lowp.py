@@ -329,3 +329,41 @@ def test_layer_autocast_adapter_dtype_not_bool_raises(value):
     layer = DoRALinear(np.ones((6, 8), np.float16), r=2, rng=0,
                        autocast_adapter_dtype=np.bool_(False))
     assert layer.lora_A.dtype == np.float16
+
+
+def _eval_layers(policy, index):
+    """A pure-fp16 layer with a trained lora_B; seeds where the two policies' norms differ."""
+    from dora_ref.layers.conv import DoRAConv2d
+    from dora_ref.layers.embedding import DoRAEmbedding
+
+    seed = (4, 0, 0)[index]
+    rng = np.random.default_rng(seed)
+    kw = dict(r=4, rng=0, policy=policy, autocast_adapter_dtype=False)
+    f16 = np.float16
+    layer, x = [
+        lambda: (DoRALinear(rng.normal(size=(16, 256)).astype(f16), **kw),
+                 rng.normal(size=(4, 256)).astype(f16)),
+        lambda: (DoRAConv2d(rng.normal(size=(8, 16, 3, 3)).astype(f16), **kw),
+                 rng.normal(size=(2, 16, 6, 6)).astype(f16)),
+        lambda: (DoRAEmbedding(rng.normal(size=(400, 16)).astype(f16), **kw),
+                 np.arange(10).reshape(2, 5)),
+    ][index]()
+    name = "lora_embedding_A" if index == 2 else "lora_B"
+    p = layer.parameters()[name]
+    p[...] = (np.random.default_rng(seed + 100).normal(size=p.shape) * 0.3).astype(p.dtype)
+    return layer.eval(), x
+
+
+@pytest.mark.parametrize("index", range(3), ids=["linear", "conv2d", "embedding"])
+def test_eval_norm_cache_after_policy_change_is_recomputed(index):
+    """In eval mode the cached norm outlived ``layer.policy = ...``: a pure-fp16 forward kept
+    the old policy's norm and gave other bits than a layer built with the new policy."""
+    layer, x = _eval_layers("consistent", index)
+    built_peft, _ = _eval_layers("peft", index)
+    y_consistent = layer.forward(x)  # fills the cache under "consistent"
+    y_peft = built_peft.forward(x)
+    assert y_consistent.tobytes() != y_peft.tobytes()  # the case tells the policies apart
+    layer.policy = "peft"
+    assert layer.forward(x).tobytes() == y_peft.tobytes()
+    layer.policy = "consistent"
+    assert layer.forward(x).tobytes() == y_consistent.tobytes()

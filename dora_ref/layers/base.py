@@ -241,6 +241,8 @@ class AdapterLayer(Module):
                 f"policy cannot change while the layer is merged (merged under "
                 f"{self.policy!r}, got {value!r}): unmerge() first"
             )
+        if value != self.policy and self.__dict__.get("_norm_cache") is not None:
+            self._norm_cache.clear()  # the eval-mode norm was computed under the old policy
         self.__dict__["_policy"] = value
     _merged_snapshot = None
     _merged_scaling = None  # the scaling merge() used, compared like the adapter
