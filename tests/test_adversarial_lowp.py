@@ -367,3 +367,18 @@ def test_eval_norm_cache_after_policy_change_is_recomputed(index):
     assert layer.forward(x).tobytes() == y_peft.tobytes()
     layer.policy = "consistent"
     assert layer.forward(x).tobytes() == y_consistent.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_weight_norm_with_nan_is_named(dtype):
+    """A NaN weight_norm was reported as 'the sum of squares overflowed the dtype'."""
+    rng = np.random.default_rng(10)
+    W0 = rng.normal(size=(6, 8)).astype(dtype)
+    A = (rng.normal(size=(2, 8)) / 4).astype(np.float32)
+    B = (rng.normal(size=(6, 2)) / 4).astype(np.float32)
+    m = init_magnitude(W0, A, B, 2.0)
+    n = m.copy()
+    n[4] = np.nan
+    with pytest.raises(ValueError, match=r"weight_norm \(shape \(6,\)\) contains NaN or Inf"):
+        dora_ref.dora_forward(rng.normal(size=(3, 8)).astype(dtype), W0, A, B, m, 2.0,
+                              weight_norm=n)

@@ -297,6 +297,7 @@ def dora_forward(
         if weight_norm.shape != magnitude.shape:
             raise ValueError(f"weight_norm must have shape {magnitude.shape}, "
                              f"got {weight_norm.shape}")
+        check_finite("weight_norm", weight_norm)  # else reported as an overflowed sum
     if lp:
         return _lowp.dora_forward(np.shape(x), x, W0, A, B, magnitude, scaling, bias,
                                   dropout_mask, weight_norm, allow_zero_norm, policy)
