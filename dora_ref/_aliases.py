@@ -108,6 +108,21 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             module.__spec__ = module.__spec__.loader_state
 
 
+def _package_getattr(name):
+    """``dora_ref.<old name>`` as an attribute, without an import statement (PEP 562).
+
+    In 0.1 ``import dora_ref`` imported every module, so ``dora_ref.optim.AdamW``
+    and ``dora_ref.conv.DoRAConv2d`` worked after it; the old name is imported
+    on first access instead.
+    """
+    if name in FLAT_LAYOUT:
+        return importlib.import_module(f"dora_ref.{name}")
+    raise AttributeError(f"module 'dora_ref' has no attribute {name!r}")
+
+
 def install():
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+    package = sys.modules.get("dora_ref")
+    if package is not None and "__getattr__" not in vars(package):
+        package.__getattr__ = _package_getattr

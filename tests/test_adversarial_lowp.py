@@ -382,3 +382,21 @@ def test_weight_norm_with_nan_is_named(dtype):
     with pytest.raises(ValueError, match=r"weight_norm \(shape \(6,\)\) contains NaN or Inf"):
         dora_ref.dora_forward(rng.normal(size=(3, 8)).astype(dtype), W0, A, B, m, 2.0,
                               weight_norm=n)
+
+
+def test_old_module_names_are_attributes_of_the_package_after_import_dora_ref():
+    """In 0.1 ``import dora_ref`` imported every module: ``dora_ref.optim.AdamW`` and
+    ``dora_ref.conv.DoRAConv2d`` worked; after the new layout they raised AttributeError."""
+    import subprocess
+    import sys
+
+    from dora_ref._aliases import FLAT_LAYOUT
+
+    code = (
+        "import importlib, dora_ref\n"
+        f"for old in {sorted(FLAT_LAYOUT)!r}:\n"
+        "    assert getattr(dora_ref, old) is importlib.import_module('dora_ref.' + old), old\n"
+        "assert dora_ref.optim.AdamW is dora_ref.AdamW\n"
+        "assert not hasattr(dora_ref, 'no_such_module')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
