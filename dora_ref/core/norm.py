@@ -57,8 +57,20 @@ def check_norm(n, W0, allow_zero_norm):
 def refuse_overflowed_norm(n, stored):
     """``ValueError`` where a finite float32 norm ``n`` became inf in its lp rounding ``stored``.
 
-    (A row norm of 0.9 * 65504 over 8 columns is 1.7e5: finite in float32,
-    past float16's largest value; an lp magnitude cannot hold it.)
+    A row norm of 0.9 * 65504 over 8 columns is 1.7e5: finite in float32,
+    past float16's largest value (65504); a float16 magnitude cannot hold it.
+
+    Parameters
+    ----------
+    n : ndarray, shape (out,), float32
+        The row norms before rounding.
+    stored : ndarray, shape (out,), float16 or bfloat16
+        ``n`` rounded to the magnitude's dtype (``precision.round_to``).
+
+    Raises
+    ------
+    ValueError
+        Naming the rows, the first norm and the dtype's largest value.
     """
     over = np.isfinite(n) & ~np.isfinite(stored)
     if over.any():

@@ -41,6 +41,20 @@ def check_autocast(autocast_adapter_dtype):
 
     ``bool("False")`` is True: a setting read from a config file as a string
     would silently give float32 adapters instead of 16-bit ones.
+
+    Parameters
+    ----------
+    autocast_adapter_dtype : bool or numpy.bool_
+        PEFT's ``get_peft_model(..., autocast_adapter_dtype=)``.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    TypeError
+        For any other type (str, int, None, ...).
     """
     if not isinstance(autocast_adapter_dtype, (bool, np.bool_)):
         raise TypeError(
