@@ -69,8 +69,15 @@ class _SplitModule(types.ModuleType):
     def __setattr__(self, key, value):
         if key.startswith("__") and key.endswith("__"):  # the import system's own (__spec__, ...)
             return super().__setattr__(key, value)
+        self._refuse("set", key)
+
+    def __delattr__(self, key):
+        # a deleted name would be gone from every later ``from dora_ref.<old> import``
+        self._refuse("delete", key)
+
+    def _refuse(self, verb, key):
         raise AttributeError(
-            f"{self.__name__} is an old name kept for imports; set {key!r} on the module that "
+            f"{self.__name__} is an old name kept for imports; {verb} {key!r} on the module that "
             f"holds it ({', '.join(p.__name__ for p in self._parts)})"
         )
 
@@ -101,6 +108,21 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             module.__spec__ = module.__spec__.loader_state
 
 
+def _package_getattr(name):
+    """``dora_ref.<old name>`` as an attribute, without an import statement (PEP 562).
+
+    In 0.1 ``import dora_ref`` imported every module, so ``dora_ref.optim.AdamW``
+    and ``dora_ref.conv.DoRAConv2d`` worked after it; the old name is imported
+    on first access instead.
+    """
+    if name in FLAT_LAYOUT:
+        return importlib.import_module(f"dora_ref.{name}")
+    raise AttributeError(f"module 'dora_ref' has no attribute {name!r}")
+
+
 def install():
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+    package = sys.modules.get("dora_ref")
+    if package is not None and "__getattr__" not in vars(package):
+        package.__getattr__ = _package_getattr

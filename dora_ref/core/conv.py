@@ -83,7 +83,7 @@ from typing import Optional
 import numpy as np
 
 from . import functional as F
-from ._validate import WeightSnapshot, as_float_array
+from ._validate import WeightSnapshot, as_float_array, check_finite
 from .im2col import (
     ConvGeometry,
     _channels_last_rows,
@@ -200,6 +200,7 @@ def _patch_mask(dropout_mask, x):
             f"dropout_mask must have the shape and dtype of x {x.shape} {x.dtype}, "
             f"got {mask.shape} {mask.dtype}"
         )
+    check_finite("dropout_mask", mask)  # else blamed on an overflow of finite inputs
     return mask
 
 

@@ -73,7 +73,7 @@ from ._validate import (
     refuse_array_subclass,
 )
 from .kernels_numpy import _norm_dtype, _row_blocks, _rows_f32
-from .norm import _rescue_extreme_rows
+from .norm import _rescue_extreme_rows, refuse_overflowed_norm
 from .precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
 
 _NAMES = ("weight", "lora_embedding_A", "lora_embedding_B", "magnitude", "bias")
@@ -189,7 +189,10 @@ def _peft_pure_vocab_norm(E, A, B, scaling):
         V_rows = rnd(E[rows].astype(np.float32)
                      + rnd(np.float32(scaling) * rnd(A32[:, rows].T @ B32.T)))
         sumsq += np.einsum("vd,vd->d", V_rows, V_rows, dtype=np.float64)
-    return round_to(np.sqrt(sumsq).astype(np.float32), lp)
+    n32 = np.sqrt(sumsq).astype(np.float32)
+    n = round_to(n32, lp)
+    refuse_overflowed_norm(n32, n)
+    return n
 
 
 def _embedding_norm(E, A, B, scaling):
@@ -242,7 +245,10 @@ def embedding_init_magnitude(weight, lora_embedding_A, lora_embedding_B, scaling
         n = _peft_pure_vocab_norm(weight, A, B, scaling)
         F.check_norm(upcast(n), weight.T, allow_zero_norm=True)
         return n.astype(A.dtype)
-    return round_to(embedding_column_norm(weight, A, B, scaling), A.dtype)
+    n = embedding_column_norm(weight, A, B, scaling)
+    m = round_to(n, A.dtype)
+    refuse_overflowed_norm(n, m)
+    return m
 
 
 @dataclass

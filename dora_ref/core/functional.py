@@ -297,6 +297,7 @@ def dora_forward(
         if weight_norm.shape != magnitude.shape:
             raise ValueError(f"weight_norm must have shape {magnitude.shape}, "
                              f"got {weight_norm.shape}")
+        check_finite("weight_norm", weight_norm)  # else reported as an overflowed sum
     if lp:
         return _lowp.dora_forward(np.shape(x), x, W0, A, B, magnitude, scaling, bias,
                                   dropout_mask, weight_norm, allow_zero_norm, policy)
@@ -494,6 +495,7 @@ def _check_mask(mask, x_shape, dtype):
         raise ValueError(f"dropout_mask must have the shape of x {tuple(x_shape)}, got {mask.shape}")
     if mask.dtype != dtype:
         raise TypeError(f"dropout_mask has dtype {mask.dtype} but the weights have dtype {dtype}")
+    check_finite("dropout_mask", mask)  # else blamed on an overflow of finite inputs
     return mask.reshape(-1, x_shape[-1])
 
 
@@ -621,6 +623,7 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, *, policy="consistent"):
             f"got {n.shape} {n.dtype}"
         )
     scaling = check_scaling(scaling)
+    _check_merge_norms(n, W_merged)
     if W_merged.dtype in LOW_PRECISION_DTYPES:
         return _lowp.unmerge(W_merged, A, B, magnitude, scaling, n, policy)
     # where n = 0 the merge wrote a zero row and V_i = 0, so W0_i = -s B_i A:
@@ -629,6 +632,31 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, *, policy="consistent"):
     _refuse_lost_rows(factor)
     check_finite("W_merged", W_merged)
     return _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
+
+
+def _check_merge_norms(n, W_merged):
+    """Refuse an ``n`` that ``merge`` cannot have returned: NaN, negative, or 0 on a nonzero row.
+
+    A row norm is >= 0, and where it is 0 the merge wrote a zero row (g = 0).
+    Any other n would make unmerge return a wrong W0 without a sign: n < 0
+    flips the row, n = 0 on a nonzero row of W' returns W'_i - s B_i A.
+    """
+    bad = ~(n >= 0)  # NaN too
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"n must hold the row norms returned by merge (>= 0), got {float(n[rows[0]])} "
+            f"at output channel(s) {rows[:8].tolist()}"
+        )
+    zero = np.flatnonzero(n == 0)
+    if zero.size:
+        nonzero_rows = zero[np.any(W_merged[zero] != 0, axis=1)]
+        if nonzero_rows.size:
+            raise ValueError(
+                f"n is 0 at output channel(s) {nonzero_rows[:8].tolist()} where W_merged is not "
+                f"zero: merge writes a zero row where the norm is 0, so this n does not belong "
+                f"to this W_merged"
+            )
 
 
 def _refuse_lost_rows(factor):

@@ -28,7 +28,8 @@ import numpy as np
 from . import backend as _backend
 from . import functional as F
 from .kernels_numpy import _row_blocks
-from .norm import _rescue_extreme_rows, check_norm, divide_by_norm, magnitude_over_norm
+from .norm import (_rescue_extreme_rows, check_norm, divide_by_norm, magnitude_over_norm,
+                   refuse_overflowed_norm)
 from ._validate import WeightSnapshot, check_finite, check_input, check_result_finite, \
     check_rows_finite
 from .precision import classify, round_to, upcast
@@ -93,6 +94,7 @@ def _to_magnitude_dtype(n, magnitude_dtype, W0, allow_zero_norm):
     if magnitude_dtype == np.dtype(F32):
         return n, n
     stored = round_to(n, magnitude_dtype)
+    refuse_overflowed_norm(n, stored)
     n32 = stored.astype(F32)
     check_norm(n32, W0, allow_zero_norm)
     return stored, n32
@@ -120,7 +122,9 @@ def _peft_pure_norm(W0, A, B, scaling, lp, allow_zero_norm):
     for rows in _row_blocks(*W0.shape, 4):
         lora_weight = op(B32[rows] @ A32)  # lora_B(lora_A(eye)).T, an lp product
         V = op(W0[rows].astype(F32) + op(F32(scaling) * lora_weight))
-        n[rows] = round_to(np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(F32), lp)
+        n32 = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(F32)
+        n[rows] = round_to(n32, lp)
+        refuse_overflowed_norm(n32, n[rows])
     check_norm(n.astype(F32), W0, allow_zero_norm)
     return n
 
@@ -136,7 +140,7 @@ def init_magnitude(W0, A, B, scaling, policy):
     case, lp = classify(W0, A, B)
     if policy == "consistent":
         n = _f32_norm(W0, upcast(A), upcast(B), scaling, True)
-        return round_to(n, A.dtype)
+        return _to_magnitude_dtype(n, A.dtype, W0, True)[0]
     m = _peft_pure_norm(W0, A, B, scaling, lp, True)
     return m.astype(A.dtype)
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import backend as _backend
 from ._validate import check_adapter, check_scaling, refuse_non_finite_rows
+from .precision import finfo as _finfo
 
 
 def check_norm(n, W0, allow_zero_norm):
@@ -50,6 +51,36 @@ def check_norm(n, W0, allow_zero_norm):
             f"{'...' if rows.size > 8 else ''}: its norm is 0 and m / n is undefined "
             f"(PEFT silently outputs NaN here, peft#2049). Pass allow_zero_norm=True "
             f"to define g = 0 for such rows (the channel then outputs its bias)."
+        )
+
+
+def refuse_overflowed_norm(n, stored):
+    """``ValueError`` where a finite float32 norm ``n`` became inf in its lp rounding ``stored``.
+
+    A row norm of 0.9 * 65504 over 8 columns is 1.7e5: finite in float32,
+    past float16's largest value (65504); a float16 magnitude cannot hold it.
+
+    Parameters
+    ----------
+    n : ndarray, shape (out,), float32
+        The row norms before rounding.
+    stored : ndarray, shape (out,), float16 or bfloat16
+        ``n`` rounded to the magnitude's dtype (``precision.round_to``).
+
+    Raises
+    ------
+    ValueError
+        Naming the rows, the first norm and the dtype's largest value.
+    """
+    over = np.isfinite(n) & ~np.isfinite(stored)
+    if over.any():
+        rows = np.flatnonzero(over)
+        largest = float(_finfo(stored.dtype).max)
+        raise ValueError(
+            f"the row norm of W0 + s*B@A overflows the magnitude's dtype {stored.dtype} in "
+            f"row(s) {rows[:8].tolist()}{'...' if rows.size > 8 else ''} (norm "
+            f"{float(n[rows[0]]):.6g}, largest {stored.dtype} {largest:.6g}): "
+            f"keep the adapter in float32 (autocast_adapter_dtype=True) or scale W0 down"
         )
 
 

@@ -17,6 +17,17 @@ from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d, LoRAConv1d, LoRAConv2d, Lo
 from .embedding import DoRAEmbedding
 from .optim import SGD, AdamW
 
+# the other names the 0.1 module ``dora_ref.layers`` held (it imported them from its
+# helpers): code that took them from there keeps working; not part of __all__
+from .base import (  # noqa: F401
+    AdapterLayer, EvalNormCache, adapter_parameter, checked_array, frozen,
+    refuse_unrecoverable_merge,
+)
+from ..core._validate import (  # noqa: F401
+    as_float_array, check_adapter, check_finite, check_input, check_result_finite,
+    check_rows_finite, check_scaling, check_weight_shape,
+)
+
 __all__ = [
     "AdamW",
     "DoRAConv1d",

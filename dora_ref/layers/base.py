@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core._validate import WeightSnapshot, as_float_array, check_finite
-from ..core.precision import LOW_PRECISION_DTYPES
+from ..core.precision import LOW_PRECISION_DTYPES, check_policy
 
 
 def adapter_dtype(weight_dtype, autocast_adapter_dtype):
@@ -34,6 +34,34 @@ def adapter_dtype(weight_dtype, autocast_adapter_dtype):
     if weight_dtype in LOW_PRECISION_DTYPES and autocast_adapter_dtype:
         return np.dtype(np.float32)
     return np.dtype(weight_dtype)
+
+
+def check_autocast(autocast_adapter_dtype):
+    """``autocast_adapter_dtype`` as a bool; ``TypeError`` for anything but True/False.
+
+    ``bool("False")`` is True: a setting read from a config file as a string
+    would silently give float32 adapters instead of 16-bit ones.
+
+    Parameters
+    ----------
+    autocast_adapter_dtype : bool or numpy.bool_
+        PEFT's ``get_peft_model(..., autocast_adapter_dtype=)``.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    TypeError
+        For any other type (str, int, None, ...).
+    """
+    if not isinstance(autocast_adapter_dtype, (bool, np.bool_)):
+        raise TypeError(
+            f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r} "
+            f"({type(autocast_adapter_dtype).__name__})"
+        )
+    return bool(autocast_adapter_dtype)
 
 
 def initial_adapter_dtype(arrays, weight_dtype, policy, autocast_adapter_dtype):
@@ -206,6 +234,30 @@ class AdapterLayer(Module):
 
     _param_names = ()
     merged_adapter = None
+
+    @property
+    def policy(self):
+        """Where a float16/bfloat16 layer rounds: "consistent" or "peft" (``precision.POLICIES``).
+
+        Checked on every assignment (a typo would otherwise run the other
+        policy silently: the low-precision code tests ``== "peft"``). A layer
+        pickled before policies existed reads as "consistent", the rule its
+        float32/float64 arithmetic already follows.
+        """
+        return self.__dict__.get("_policy", "consistent")
+
+    @policy.setter
+    def policy(self, value):
+        check_policy(value)
+        if getattr(self, "merged", False) and value != self.policy:
+            # unmerge() under another policy than merge() recovers another W0
+            raise ValueError(
+                f"policy cannot change while the layer is merged (merged under "
+                f"{self.policy!r}, got {value!r}): unmerge() first"
+            )
+        if value != self.policy and self.__dict__.get("_norm_cache") is not None:
+            self._norm_cache.clear()  # the eval-mode norm was computed under the old policy
+        self.__dict__["_policy"] = value
     _merged_snapshot = None
     _merged_scaling = None  # the scaling merge() used, compared like the adapter
 
@@ -347,6 +399,14 @@ class AdapterLayer(Module):
         accept optimiser steps (its ``unmerge()`` would still refuse, by the
         snapshot, but late).
         """
+        state = dict(state)
+        if "policy" in state:  # pickled while policy was a plain attribute
+            state["_policy"] = check_policy(state.pop("policy"))
+        # pickled before float16/bfloat16 layers existed (dora_ref 0.1): a float32 or
+        # float64 layer, for which autocast_adapter_dtype changes nothing
+        if "_weight" in state and "_low_precision" not in state:
+            state["_low_precision"] = state["_weight"].dtype in LOW_PRECISION_DTYPES
+        state.setdefault("autocast_adapter_dtype", True)
         self.__dict__.update(state)
         if getattr(self, "merged", False):
             for p in [*self.parameters().values(), *self._merged_norm().values()]:

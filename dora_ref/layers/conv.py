@@ -33,7 +33,8 @@ from ..core.im2col import (
     grouped_to_dense,
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
-from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen, initial_adapter_dtype
+from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast, frozen,
+                   initial_adapter_dtype)
 from .linear import initial_lora_weights, lora_scaling
 
 
@@ -84,7 +85,7 @@ class _LoRAConvNd(AdapterLayer):
     ):
         d = self._ndim
         self.policy = check_policy(policy)
-        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        self.autocast_adapter_dtype = check_autocast(autocast_adapter_dtype)
         weight = as_float_array("weight", weight, ndim=d + 2, low_precision=True)
         low_precision = weight.dtype in LOW_PRECISION_DTYPES
         if low_precision and policy == "peft" and "lora_magnitude_vector" not in self._param_names:

@@ -21,7 +21,8 @@ from ..core.embedding import (
     embedding_unmerge,
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
-from .base import AdapterLayer, EvalNormCache, adapter_parameter, frozen, initial_adapter_dtype
+from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast, frozen,
+                   initial_adapter_dtype)
 from .linear import lora_scaling
 
 
@@ -117,7 +118,7 @@ class DoRAEmbedding(AdapterLayer):
         autocast_adapter_dtype=True,
     ):
         self.policy = check_policy(policy)
-        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        self.autocast_adapter_dtype = check_autocast(autocast_adapter_dtype)
         weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         check_weight_shape("weight", weight.shape, ("embedding (num_embeddings)", "dimension"))
         V, D = weight.shape

@@ -34,6 +34,7 @@ from ..core import lowp as _lowp
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
 from .base import (
     adapter_dtype,
+    check_autocast,
     initial_adapter_dtype,
     AdapterLayer,
     EvalNormCache,
@@ -200,7 +201,7 @@ class LoRALinear(AdapterLayer):
         autocast_adapter_dtype=True,
     ):
         self.policy = check_policy(policy)
-        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        self.autocast_adapter_dtype = check_autocast(autocast_adapter_dtype)
         weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         check_weight_shape("weight", weight.shape)
         low_precision = weight.dtype in LOW_PRECISION_DTYPES
