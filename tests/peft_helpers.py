@@ -51,3 +51,25 @@ def dense_merge(W0, A, B, m, s):
     """W' = diag(m / ||W0 + s B A||_row)(W0 + s B A), formed in full, float64."""
     V = W0.astype(np.float64) + s * B.astype(np.float64) @ A.astype(np.float64)
     return (m.astype(np.float64) / np.linalg.norm(V, axis=1))[:, None] * V
+
+
+def to_torch(a):
+    """A NumPy array as a torch tensor of the same dtype; bfloat16 through its 16 bits (torch has no NumPy bfloat16)."""
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def to_numpy(t):
+    """A torch tensor as a NumPy array of the same dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()

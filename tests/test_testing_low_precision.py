@@ -177,18 +177,8 @@ def _peft_ports(torch):
     its default: the init and the forward as ports (bfloat16 arrays cross as their 16 bits)."""
     import warnings
 
-    import ml_dtypes
     from peft import LoraConfig, get_peft_model
-
-    def to_torch(a):
-        a = np.ascontiguousarray(a)
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-        return torch.from_numpy(a.copy())
-
-    def to_numpy(t):
-        t = t.detach()
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+    from peft_helpers import to_numpy, to_torch
 
     def model_of(W0, bias, scaling, r):
         lora_alpha, _, use_rslora = scaling

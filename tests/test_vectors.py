@@ -557,15 +557,7 @@ def test_low_precision_linear_vectors_match_peft_mixed_precision(lp_dir, lp_mani
 
     tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
-    def to_torch(a):
-        a = np.ascontiguousarray(a)
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-        return torch.from_numpy(a.copy())
-
-    def to_numpy(t):
-        t = t.detach()
-        return t.view(torch.int16).numpy().view(as_dtype("bfloat16")) if t.dtype == torch.bfloat16 else t.numpy()
+    from peft_helpers import to_numpy, to_torch
 
     checked = 0
     for e in cases_of(lp_manifest, "linear"):
