@@ -62,7 +62,6 @@ import functools
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -182,7 +181,7 @@ def _kill_point(name):
 
 
 def _sibling(out, tag):
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")  # (secrets: 0.01 s to import)
 
 
 def _clean_leftovers(out):
