@@ -39,14 +39,21 @@ complete output, or the new complete output, never a mix. A kill leaves at
 most the temporary sibling(s); the next ``dora-ref merge`` to the same OUT
 removes those whose process is gone.
 
-Tensors are read, merged and written one at a time (bf16/fp16 widened to
-float32, merged, rounded once back to the stored dtype, ties to even: every
-stored value is the float32 merge correctly rounded); a weight above 16M
-elements is merged a block of rows at a time. The conversions run in
-cache-sized chunks on the cores the machine has idle, bf16 as raw bits
-(``ml_dtypes``, a second or two to import, is never imported for it), into
-buffers reused from tensor to tensor. Memory is a few copies of the largest
-merged tensor (two of them in float32), not the model. Tensors that no
+Tensors are read, merged and written one at a time: every stored value is
+the float32 merge (float64 for a float64 weight) rounded once to the stored
+dtype, ties to even. A weight with one DoRA module on a linear view (a
+linear (out, in) weight, a convolution kernel) is merged by one C call
+(``dora_ref.kernels.c.merge_into``) that reads the stored values (bf16 and
+fp16 as their bits, widened as they are loaded) and writes the rounded
+result into a buffer reused from tensor to tensor: no float32 copy, no
+conversion pass, no new array per tensor. Other weights (several adapters,
+plain LoRA, fan-in-fan-out weights, embeddings, rows with zero or extreme
+norms) are widened to float32, merged and rounded back, with the same bits;
+the conversions run in cache-sized chunks on the cores the machine has idle.
+bf16 is handled as raw bits throughout (``ml_dtypes``, a second or two to
+import, is never imported for it). A weight above 16M elements is merged a
+block of rows at a time. Memory is a copy or two of the largest merged tensor
+(float32 ones only on the general path), not the model. Tensors that no
 adapter touches are copied byte for byte (``copy_file_range``), never
 decoded and never in memory. Each tensor's bytes start going to disk as soon
 as they are written, so the final fsync waits for little. Every adapter is
@@ -325,8 +332,9 @@ class _Buffers:
 
     A new array's pages are faulted in and zeroed by the kernel on first
     touch: on bench_merge.py's model, reusing them took the command from
-    58,000 page faults to 20,000 (the C merge kernel's new output array
-    makes most of the rest). Each role keeps one flat buffer, grown to the
+    58,000 page faults to 20,000, and merging into the "merged" buffer
+    (``_fused_merge``) instead of the C merge kernel's new output array to
+    13,000 (29,000 before, on that session's measure). Each role keeps one flat buffer, grown to the
     largest tensor seen, so memory is what the largest merged tensor needs
     anyway. An array taken for a role is valid until that role is taken again.
     """
@@ -450,10 +458,11 @@ def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, buffers=None, out
 def merge_tensor(f, key, mods, fifo, allow_zero_norm=False, *, buffers=None):
     """Merge ``mods`` into base tensor ``key`` of ``f``: the stored dtype's array (or bits for bf16).
 
-    The tensor is widened to float32 (bf16 from its bits, exactly), merged
-    (``dora_ref.formats.peft.merge_view``) and rounded once back to the stored
-    dtype, the check for non-finite values fused into the rounding
-    (``_merge_rows``). Rows are independent (each output channel has its own
+    The tensor is merged in float32 (float64 for a float64 weight) and
+    rounded once back to the stored dtype: by one C call for one DoRA module
+    on a linear view, else widened (bf16 from its bits, exactly), merged
+    (``dora_ref.formats.peft.merge_view``) and rounded with the check for
+    non-finite values fused into the rounding (``_merge_rows``). Rows are independent (each output channel has its own
     norm), so a weight above ``_BLOCK_ELEMENTS`` whose linear view keeps its
     rows (a linear (out, in) weight, a convolution kernel) is merged a block
     of rows at a time, with the same bits; fan-in-fan-out weights and

@@ -24,7 +24,9 @@ Before any pointer crosses into C, every array is checked here:
   non-contiguous one is copied a block of rows at a time
   (``_weight_row_blocks``), with the bits of a contiguous call; read-only
   inputs are used as they are (C only reads them). **Outputs** are always allocated here, fresh,
-  C-contiguous and writable, so C never writes into a caller's array.
+  C-contiguous and writable, so C never writes into a caller's array; except ``merge_into``'s
+  W_merged, a caller's buffer checked first (dtype, shape, C-contiguous, writable, no memory
+  shared with an input).
 
 Results agree with NumPy up to rounding (``tests/test_kernels_c.py`` states
 the bound). Determinism, precisely: every C kernel here gives the same bits
