@@ -334,9 +334,9 @@ class _Buffers:
     touch: on bench_merge.py's model, reusing them took the command from
     58,000 page faults to 20,000, and merging into the "merged" buffer
     (``_fused_merge``) instead of the C merge kernel's new output array to
-    13,000 (29,000 before, on that session's measure). Each role keeps one flat buffer, grown to the
-    largest tensor seen, so memory is what the largest merged tensor needs
-    anyway. An array taken for a role is valid until that role is taken again.
+    13,000 (29,000 before, measured side by side). Each role keeps one flat
+    buffer, grown to the largest tensor seen, so memory is what the largest
+    merged tensor needs anyway. An array taken for a role is valid until that role is taken again.
     """
 
     def __init__(self):
@@ -462,10 +462,10 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False, *, buffers=None):
     rounded once back to the stored dtype: by one C call for one DoRA module
     on a linear view, else widened (bf16 from its bits, exactly), merged
     (``dora_ref.formats.peft.merge_view``) and rounded with the check for
-    non-finite values fused into the rounding (``_merge_rows``). Rows are independent (each output channel has its own
-    norm), so a weight above ``_BLOCK_ELEMENTS`` whose linear view keeps its
-    rows (a linear (out, in) weight, a convolution kernel) is merged a block
-    of rows at a time, with the same bits; fan-in-fan-out weights and
+    non-finite values fused into the rounding (``_merge_rows``). Rows are
+    independent (each output channel has its own norm), so a weight above
+    ``_BLOCK_ELEMENTS`` whose linear view keeps its rows (a linear (out, in)
+    weight, a convolution kernel) is merged a block of rows at a time, with the same bits; fan-in-fan-out weights and
     embeddings (whose view is a transpose) are merged whole.
 
     Parameters
