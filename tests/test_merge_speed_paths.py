@@ -372,3 +372,51 @@ def test_merge_into_checks_every_array_before_a_pointer_crosses():
     out32 = np.empty((6, 5), np.float32)
     c.merge_into(out32, W32, A, B, m, 0.5)
     np.testing.assert_array_equal(out32, c.merge(W32, A, B, m, 0.5)[0])
+
+
+def test_buffers_that_share_a_role_share_its_buffer_and_nothing_else():
+    first = merge_cli._Buffers()
+    second = merge_cli._Buffers(share=first, roles=("wide",))
+    assert np.shares_memory(first.take("wide", (4, 4), np.float32), second.take("wide", (2, 4), np.float32))
+    assert not np.shares_memory(first.take("merged", (4, 4), np.uint16), second.take("merged", (4, 4), np.uint16))
+    grown = second.take("wide", (32, 4), np.float32)  # grown through the second: the first sees it
+    assert np.shares_memory(grown, first.take("wide", (32, 4), np.float32))
+
+
+def test_writes_behind_the_merge_keep_the_order_and_raise_the_writers_error(tmp_path, monkeypatch):
+    """Each tensor is written on a thread while the next one merges: the file is the same as written
+    in line, a write error surfaces in the command (one line, no output), and no write is under way
+    when the partial file is dropped."""
+    rng = np.random.default_rng(12)
+    _write_base(tmp_path / "base.safetensors", BF16, rng)
+    mods = {name: random_module(rng, *shape, 4, dtype=np.float32) for name, shape in SHAPES.items()}
+    write_adapter(tmp_path / "ad", mods, {"lora_alpha": 8, "r": 4})
+    args = [str(tmp_path / "base.safetensors"), str(tmp_path / "ad")]
+    assert merge_cli.main(args + [str(tmp_path / "behind.safetensors"), "--no-progress"]) == 0
+
+    class InLine(merge_cli._WriteBehind):
+        def submit(self, fn, *a, **k):
+            fn(*a, **k)
+
+    monkeypatch.setattr(merge_cli, "_WriteBehind", InLine)
+    assert merge_cli.main(args + [str(tmp_path / "inline.safetensors"), "--no-progress"]) == 0
+    assert (tmp_path / "behind.safetensors").read_bytes() == (tmp_path / "inline.safetensors").read_bytes()
+    monkeypatch.undo()
+
+    real_write, busy, aborted_while_busy = S.SafetensorsWriter.write, [], []
+
+    def failing_write(self, key, *a, **k):
+        busy.append(key)
+        try:
+            if key == "up.weight":
+                raise OSError(28, "No space left on device")
+            return real_write(self, key, *a, **k)
+        finally:
+            busy.remove(key)
+
+    real_abort = S.SafetensorsWriter.abort
+    monkeypatch.setattr(S.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(S.SafetensorsWriter, "abort", lambda self: aborted_while_busy.append(list(busy)) or real_abort(self))
+    assert merge_cli.main(args + [str(tmp_path / "fails.safetensors"), "--no-progress"]) == 1
+    assert aborted_while_busy == [[]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors", "behind.safetensors", "inline.safetensors"]
