@@ -72,7 +72,6 @@ import re
 import shutil
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -337,25 +336,20 @@ class _Buffers:
     (``_fused_merge``) instead of the C merge kernel's new output array to
     13,000 (29,000 before, measured side by side). Each role keeps one flat
     buffer, grown to the largest tensor seen, so memory is what the largest
-    merged tensor needs anyway. An array taken for a role is valid until that
-    role is taken again, from this object or from one that shares the role
-    (``_Buffers(share=other, roles=(...))``: those roles are ``other``'s buffers).
+    merged tensor needs anyway. An array taken for a role is valid until that role is taken again.
     """
 
-    def __init__(self, share=None, roles=()):
+    def __init__(self):
         self._flat = {}
-        self._shared = share._flat if share is not None else None
-        self._shared_roles = frozenset(roles)  # with ``share``: these roles are its buffers
 
     def take(self, role, shape, dtype):
         """A C-contiguous ``dtype`` array of ``shape`` (uninitialised) over the role's buffer."""
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        store = self._shared if role in self._shared_roles and self._shared is not None else self._flat
-        flat = store.get(role)
+        flat = self._flat.get(role)
         if flat is None or flat.size < nbytes:
-            flat = store[role] = None  # drop the old one first: never two at once
-            flat = store[role] = np.empty(max(nbytes, 1), dtype=np.uint8)
+            flat = self._flat[role] = None  # drop the old one first: never two at once
+            flat = self._flat[role] = np.empty(max(nbytes, 1), dtype=np.uint8)
         return flat[:nbytes].view(dtype).reshape(shape)
 
 
@@ -531,56 +525,6 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False, *, buffers=None):
     return out, codec.bits
 
 
-class _WriteBehind:
-    """Runs each tensor's write on a thread while the caller merges the next tensor.
-
-    The merge is the C kernel (which releases the GIL) and the write is
-    ``os.write`` / ``copy_file_range`` into the page cache, with the waits
-    when the kernel throttles dirty pages: overlapped, the command's time is
-    nearer the larger of the two than their sum. At most one write is under
-    way: ``submit`` first waits for the one before (and raises its error),
-    so a caller that alternates two sets of buffers never overwrites one
-    being written. The file's writer is used by this thread alone while a
-    write is under way, and ``wait`` or ``abandon`` must return before the
-    file is closed or aborted.
-    """
-
-    def __init__(self):
-        self._pending = None  # (thread, {"error": exception})
-
-    def submit(self, fn, *args, **kwargs):
-        """Wait for the write under way (raising its error), then start ``fn(*args, **kwargs)``."""
-        self.wait()
-        box = {}
-
-        def run():
-            try:
-                fn(*args, **kwargs)
-            except BaseException as e:  # handed to the caller by wait()
-                box["error"] = e
-
-        thread = threading.Thread(target=run, name="dora-ref-merge-write", daemon=True)
-        self._pending = (thread, box)
-        thread.start()
-
-    def wait(self):
-        """Wait for the write under way, if any; raise its error."""
-        if self._pending is None:
-            return
-        thread, box = self._pending
-        thread.join()
-        self._pending = None
-        if "error" in box:
-            raise box.pop("error")
-
-    def abandon(self):
-        """Wait for the write under way, if any, ignoring its error (the caller is failing already)."""
-        try:
-            self.wait()
-        except Exception:  # noqa: BLE001 - the error being raised is the caller's
-            pass
-
-
 class _NotFinite(Exception):
     def __init__(self, offset, rows):
         super().__init__()
@@ -672,12 +616,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
 
     total = sum(len(base.file_keys(src)) for src, _ in files)
     bar = _progress_bar(total, progress)
-    # a tensor merges into one set of buffers while the one before is written from the other;
-    # the float32 block of the general path is never written, so the two share it
-    first = _Buffers()
-    buffers = (first, _Buffers(share=first, roles=("wide",)))
-    behind = _WriteBehind()
-    done = merged_count = 0
+    buffers = _Buffers()  # written out before they are reused
+    done = 0
     try:
         for src, dst in files:
             f = base.handle(src)
@@ -687,21 +627,17 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
                 for key in keys:
                     if key in plan:
                         mods, fifo = plan[key]
-                        W, bits = merge_tensor(f, key, mods, fifo, allow_zero_norm,
-                                               buffers=buffers[merged_count % 2])  # fmt: skip
-                        merged_count += 1
-                        behind.submit(writer.write, key, W, bits=bits)
+                        W, bits = merge_tensor(f, key, mods, fifo, allow_zero_norm, buffers=buffers)
+                        writer.write(key, W, bits=bits)
                     elif key in replaced:
-                        behind.submit(writer.write, key, P.cast_replacement(replaced[key], f.dtype(key), key))
+                        writer.write(key, P.cast_replacement(replaced[key], f.dtype(key), key))
                     else:
-                        behind.submit(writer.copy, key, f)
+                        writer.copy(key, f)
                     done += 1
                     _kill_point(f"tensor:{done}")
                     bar.update(1)
-                behind.wait()
                 writer.close()
             except BaseException:
-                behind.abandon()  # no write may be under way when the file goes
                 writer.abort()
                 raise
         if out_dir is not None:  # the shard index and the small files (config.json, tokenizer, ...)
