@@ -203,9 +203,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT (the slowest)")
     ap.add_argument("--compare", action="store_true", help="compare dora-ref's merged bits with PEFT's")
-    ap.add_argument("--baseline", metavar="CHECKOUT", default=None,
+    ap.add_argument("--baseline", metavar="CHECKOUT", action="append", default=[],
                     help="also time 'dora-ref merge' of another checkout of dora_ref (its extension built), "
-                         "in the same interleaved rounds: an A/B on a shared machine")
+                         "in the same interleaved rounds: an A/B on a shared machine (repeatable)")
     ap.add_argument("--results", default=None, help="write a markdown table here (default: print only)")
     ap.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: build the model here
     args = ap.parse_args(argv)
@@ -231,10 +231,10 @@ def main(argv=None):
             "python -c 'import numpy' (startup)": [sys.executable, "-c", "import numpy"],
         }
         envs = {}
-        if args.baseline:
-            name = f"dora-ref merge, baseline {args.baseline}"
+        for checkout in args.baseline:
+            name = f"dora-ref merge, baseline {checkout}"
             methods[name] = methods["dora-ref merge"]
-            envs[name] = dict(env, PYTHONPATH=os.pathsep.join([str(Path(args.baseline).resolve()),
+            envs[name] = dict(env, PYTHONPATH=os.pathsep.join([str(Path(checkout).resolve()),
                                                                 os.environ.get("PYTHONPATH", "")]))
         if not args.no_peft:
             methods["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), "{out}"]
@@ -243,8 +243,8 @@ def main(argv=None):
         cpu = {name: [] for name in methods}
         inner = []
         kept = {"dora-ref merge": tmp / "cmp_dora_ref", "PEFT merge_and_unload": tmp / "cmp_peft"}
-        if args.baseline:  # the two checkouts' outputs are compared byte for byte
-            kept[f"dora-ref merge, baseline {args.baseline}"] = tmp / "cmp_baseline"
+        for i, checkout in enumerate(args.baseline):  # the checkouts' outputs are compared byte for byte
+            kept[f"dora-ref merge, baseline {checkout}"] = tmp / f"cmp_baseline_{i}"
         for round_ in range(args.rounds):
             for name, cmd in methods.items():
                 out = tmp / "out"
@@ -263,12 +263,13 @@ def main(argv=None):
         after = uptime()
         compared = compare(base, adapter, kept["dora-ref merge"], kept["PEFT merge_and_unload"]) if (
             args.compare and not args.no_peft) else []
-        if args.baseline:
-            files = sorted(p.name for p in kept["dora-ref merge"].iterdir())
-            same = files == sorted(p.name for p in kept[f"dora-ref merge, baseline {args.baseline}"].iterdir()) and all(
-                filecmp.cmp(kept["dora-ref merge"] / f, tmp / "cmp_baseline" / f, shallow=False) for f in files)
-            compared.append(f"this checkout's and the baseline's outputs are {'byte for byte the same' if same else 'DIFFERENT'}"
-                            f" ({len(files)} files)")
+        for checkout in args.baseline:
+            ours, theirs = kept["dora-ref merge"], kept[f"dora-ref merge, baseline {checkout}"]
+            files = sorted(p.name for p in ours.iterdir())
+            same = files == sorted(p.name for p in theirs.iterdir()) and all(
+                filecmp.cmp(ours / f, theirs / f, shallow=False) for f in files)
+            compared.append(f"this checkout's and {checkout}'s outputs are "
+                            f"{'byte for byte the same' if same else 'DIFFERENT'} ({len(files)} files)")
     import resource
 
     parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -301,9 +302,9 @@ def main(argv=None):
                f"{med_cpu['dora-ref merge'] / cpu_floor:.2f} CPU (goal <= 1.1); "
                f"/ strict floor: {med['dora-ref merge'] / strict:.2f}",
                f"peak RSS / largest tensor: {peak['dora-ref merge'] / largest:.2f} (goal <= 3)"]  # fmt: skip
-    if args.baseline:
-        base_name = f"dora-ref merge, baseline {args.baseline}"
-        summary.append(f"dora-ref merge / baseline: {med['dora-ref merge'] / med[base_name]:.2f} wall (median), "
+    for checkout in args.baseline:
+        base_name = f"dora-ref merge, baseline {checkout}"
+        summary.append(f"dora-ref merge / {checkout}: {med['dora-ref merge'] / med[base_name]:.2f} wall (median), "
                        f"{min(times['dora-ref merge']) / min(times[base_name]):.2f} (fastest), "
                        f"{med_cpu['dora-ref merge'] / med_cpu[base_name]:.2f} CPU; baseline / read + write "
                        f"{med[base_name] / floor:.2f}, peak RSS / largest {peak[base_name] / largest:.2f}")
