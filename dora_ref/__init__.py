@@ -37,23 +37,19 @@ _aliases.install()
 from . import core, kernels  # noqa: E402
 from .core import dense, functional, precision  # noqa: E402
 
+# imported before by the layers, so ``dora_ref.core.conv`` ... keep working (not bound here:
+# ``dora_ref.conv`` and ``dora_ref.embedding`` are old flat-layout names, see _aliases)
+for _name in ("im2col", "conv", "embedding"):
+    _importlib.import_module(f"dora_ref.core.{_name}")
+del _name
+
 __version__ = "0.1.0"
 
 # The rest is imported on first use (PEP 562), so that a command imports only what it
 # needs: ``dora-ref merge`` needs no layer, no conformance checker and no demo, whose
 # imports took a third of its start (``python -X importtime -m dora_ref merge --help``).
-# ``dora_ref.layers``' names (``dora_ref.DoRALinear``, ...) and ``__all__`` come with it.
-_SUBMODULES = {
-    "layers": "dora_ref.layers",
-    "formats": "dora_ref.formats",
-    "porting": "dora_ref.porting",
-    "demo": "dora_ref.demo",
-    "peft": "dora_ref.formats.peft",
-    "gradcheck": "dora_ref.porting.gradcheck",
-    "testing": "dora_ref.porting.testing",
-    "tolerance": "dora_ref.porting.tolerance",
-    "analysis": "dora_ref.demo.analysis",
-}
+# The first access to any of it (``dora_ref.DoRALinear``, ``dora_ref.porting.testing``,
+# ``__all__``, ``from dora_ref import *``) imports all that ``import dora_ref`` imported before.
 _CORE_ALL = [
     "DoRAGrads",
     "LOW_PRECISION_DTYPES",
@@ -75,19 +71,37 @@ _CORE_ALL = [
 ]
 
 
+_REST = {  # what ``import dora_ref`` bound before it was lazy: name -> module
+    "demo": "dora_ref.demo",
+    "formats": "dora_ref.formats",
+    "layers": "dora_ref.layers",
+    "porting": "dora_ref.porting",
+    "analysis": "dora_ref.demo.analysis",
+    "peft": "dora_ref.formats.peft",
+    "gradcheck": "dora_ref.porting.gradcheck",
+    "testing": "dora_ref.porting.testing",
+    "tolerance": "dora_ref.porting.tolerance",
+}
+
+
+def _import_the_rest():
+    """Import and bind the lazy part: ``_REST``, the layers' names, ``__all__``."""
+    found = {name: _importlib.import_module(module) for name, module in _REST.items()}
+    layers = found["layers"]
+    found.update((name, getattr(layers, name)) for name in layers.__all__)
+    found["__all__"] = layers.__all__ + _CORE_ALL
+    globals().update(found)
+
+
 def __getattr__(name):
-    """A submodule, a layer (``dora_ref.layers.__all__``) or ``__all__``, imported on first use."""
-    if name in _SUBMODULES:
-        value = _importlib.import_module(_SUBMODULES[name])
-    elif name == "__all__":
-        value = _importlib.import_module("dora_ref.layers").__all__ + _CORE_ALL
-    elif not name.startswith("__") and name in _importlib.import_module("dora_ref.layers").__all__:
-        value = getattr(_importlib.import_module("dora_ref.layers"), name)
-    else:
-        return _aliases._package_getattr(name)  # an old flat-layout name, or AttributeError
-    globals()[name] = value
-    return value
+    """A name of the lazily imported part (see above), or an old flat-layout module name."""
+    if name == "__all__" or not name.startswith("__"):
+        _import_the_rest()
+        if name in globals():
+            return globals()[name]
+    return _aliases._package_getattr(name)  # an old flat-layout name, or AttributeError
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_SUBMODULES) | set(__getattr__("__all__")))
+    _import_the_rest()
+    return sorted(globals())

@@ -372,3 +372,30 @@ def test_merge_into_checks_every_array_before_a_pointer_crosses():
     out32 = np.empty((6, 5), np.float32)
     c.merge_into(out32, W32, A, B, m, 0.5)
     np.testing.assert_array_equal(out32, c.merge(W32, A, B, m, 0.5)[0])
+
+
+def test_merge_command_imports_no_layer_checker_or_demo_and_import_dora_ref_still_binds_everything(tmp_path):
+    """Issue 11: ``import dora_ref`` imports the layers, the conformance checker and the demo on first
+    use (``dora-ref merge`` needs none of them: a third of its start); every name it bound before still
+    resolves, to the same objects, and the old flat-layout names stay the views they were."""
+    rng = np.random.default_rng(0)
+    _write_base(tmp_path / "base.safetensors", BF16, rng)
+    write_adapter(tmp_path / "ad", {"q": random_module(rng, *SHAPES["q"], 4, dtype=np.float32)}, {"r": 4})
+    code = textwrap.dedent(f"""
+        import sys
+        from dora_ref.cli import main
+        assert main(["merge", {str(tmp_path / 'base.safetensors')!r}, {str(tmp_path / 'ad')!r},
+                     {str(tmp_path / 'out.safetensors')!r}, "--no-progress"]) == 0
+        print(sorted(m for m in sys.modules if m.startswith(("dora_ref.layers", "dora_ref.porting", "dora_ref.demo"))))
+        import dora_ref
+        import dora_ref.layers, dora_ref.porting.testing, dora_ref.demo.analysis, dora_ref.core.conv
+        assert dora_ref.DoRALinear is dora_ref.layers.DoRALinear and dora_ref.testing is dora_ref.porting.testing
+        assert dora_ref.analysis is dora_ref.demo.analysis and dora_ref.peft is dora_ref.formats.peft
+        assert sorted(dora_ref.__all__) == sorted(set(dora_ref.__all__)) and "AdamW" in dora_ref.__all__
+        assert type(dora_ref.conv).__name__ == "_SplitModule" and dora_ref.conv.DoRAConv2d is dora_ref.DoRAConv2d
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[-2:] == ["[]", "ok"]
