@@ -30,7 +30,8 @@ on a shared machine the ratios, measured side by side, are what to compare.
 
 Run ``python benchmarks/bench_merge.py`` (about 5 minutes; PEFT takes most)
 or ``--quick`` (a 2-layer model, seconds; ``--small`` is the old name). ``--rounds N`` repeats the
-interleaved round (default 2); ``--no-peft`` skips PEFT. ``--compare`` keeps
+interleaved round (default 2); ``--no-peft`` skips PEFT; ``--baseline CHECKOUT``
+also times another checkout's ``dora-ref merge`` in the same rounds (an A/B). ``--compare`` keeps
 the last round's dora-ref and PEFT outputs and compares the first layer's
 seven merged projections bit by bit, and each with the float64 merge rounded
 once to bf16 (ties to even): how many values differ, and which side holds
@@ -39,6 +40,7 @@ the correctly rounded value.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import platform
@@ -201,6 +203,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT (the slowest)")
     ap.add_argument("--compare", action="store_true", help="compare dora-ref's merged bits with PEFT's")
+    ap.add_argument("--baseline", metavar="CHECKOUT", action="append", default=[],
+                    help="also time 'dora-ref merge' of another checkout of dora_ref (its extension built), "
+                         "in the same interleaved rounds: an A/B on a shared machine (repeatable)")
     ap.add_argument("--results", default=None, help="write a markdown table here (default: print only)")
     ap.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: build the model here
     args = ap.parse_args(argv)
@@ -225,6 +230,12 @@ def main(argv=None):
             "cp -r": ["cp", "-r", str(base), "{out}"],
             "python -c 'import numpy' (startup)": [sys.executable, "-c", "import numpy"],
         }
+        envs = {}
+        for checkout in args.baseline:
+            name = f"dora-ref merge, baseline {checkout}"
+            methods[name] = methods["dora-ref merge"]
+            envs[name] = dict(env, PYTHONPATH=os.pathsep.join([str(Path(checkout).resolve()),
+                                                                os.environ.get("PYTHONPATH", "")]))
         if not args.no_peft:
             methods["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), "{out}"]
         times = {name: [] for name in methods}
@@ -232,13 +243,15 @@ def main(argv=None):
         cpu = {name: [] for name in methods}
         inner = []
         kept = {"dora-ref merge": tmp / "cmp_dora_ref", "PEFT merge_and_unload": tmp / "cmp_peft"}
+        for i, checkout in enumerate(args.baseline):  # the checkouts' outputs are compared byte for byte
+            kept[f"dora-ref merge, baseline {checkout}"] = tmp / f"cmp_baseline_{i}"
         for round_ in range(args.rounds):
             for name, cmd in methods.items():
                 out = tmp / "out"
                 shutil.rmtree(out, ignore_errors=True)
-                if args.compare and round_ == args.rounds - 1 and name in kept:
+                if round_ == args.rounds - 1 and name in kept and (args.compare or args.baseline and "dora" in name):
                     out = kept[name]
-                wall, cpu_s, peak, stdout = run([c.replace("{out}", str(out)) for c in cmd], env)
+                wall, cpu_s, peak, stdout = run([c.replace("{out}", str(out)) for c in cmd], envs.get(name, env))
                 cpu[name].append(cpu_s)
                 times[name].append(wall)
                 rss[name].append(peak)
@@ -250,6 +263,13 @@ def main(argv=None):
         after = uptime()
         compared = compare(base, adapter, kept["dora-ref merge"], kept["PEFT merge_and_unload"]) if (
             args.compare and not args.no_peft) else []
+        for checkout in args.baseline:
+            ours, theirs = kept["dora-ref merge"], kept[f"dora-ref merge, baseline {checkout}"]
+            files = sorted(p.name for p in ours.iterdir())
+            same = files == sorted(p.name for p in theirs.iterdir()) and all(
+                filecmp.cmp(ours / f, theirs / f, shallow=False) for f in files)
+            compared.append(f"this checkout's and {checkout}'s outputs are "
+                            f"{'byte for byte the same' if same else 'DIFFERENT'} ({len(files)} files)")
     import resource
 
     parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -282,6 +302,12 @@ def main(argv=None):
                f"{med_cpu['dora-ref merge'] / cpu_floor:.2f} CPU (goal <= 1.1); "
                f"/ strict floor: {med['dora-ref merge'] / strict:.2f}",
                f"peak RSS / largest tensor: {peak['dora-ref merge'] / largest:.2f} (goal <= 3)"]  # fmt: skip
+    for checkout in args.baseline:
+        base_name = f"dora-ref merge, baseline {checkout}"
+        summary.append(f"dora-ref merge / {checkout}: {med['dora-ref merge'] / med[base_name]:.2f} wall (median), "
+                       f"{min(times['dora-ref merge']) / min(times[base_name]):.2f} (fastest), "
+                       f"{med_cpu['dora-ref merge'] / med_cpu[base_name]:.2f} CPU; baseline / read + write "
+                       f"{med[base_name] / floor:.2f}, peak RSS / largest {peak[base_name] / largest:.2f}")
     if "PEFT merge_and_unload" in med:
         summary.insert(0, f"PEFT / dora-ref merge: {med['PEFT merge_and_unload'] / med['dora-ref merge']:.1f}x wall, "
                           f"{med_cpu['PEFT merge_and_unload'] / med_cpu['dora-ref merge']:.1f}x CPU (goal >= 6)")

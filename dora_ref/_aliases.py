@@ -17,7 +17,6 @@ are the objects that live in ``dora_ref.core.conv`` and
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.util
 import sys
 import types
@@ -88,8 +87,14 @@ def resolve(old):
     return parts[0] if len(parts) == 1 else _SplitModule(f"dora_ref.{old}", parts)
 
 
-class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``dora_ref.<old name>`` and loads it as the module that holds it now."""
+class _Finder:
+    """Finds ``dora_ref.<old name>`` and loads it as the module that holds it now.
+
+    A meta path finder and loader by protocol (``find_spec``, ``create_module``,
+    ``exec_module``), not by ``importlib.abc``'s base classes: importing
+    ``importlib.abc`` imports ``importlib.resources`` and with it a few
+    hundredths of a second of modules no dora_ref command needs.
+    """
 
     def find_spec(self, fullname, path=None, target=None):
         package, _, old = fullname.rpartition(".")

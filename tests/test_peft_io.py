@@ -1235,3 +1235,28 @@ def test_nan_with_a_payload_near_all_ones_is_reported_when_rounded_to_bf16():
         out, bad = bf16_bits.float32_to_bfloat16_bits(x.view(np.float32), report_non_finite=True)
         assert bad is True, hex(bits)
         assert np.isnan(out[1:].view(BF16).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("r, alpha, rslora", [(1, 1, False), (8, 16, False), (8, 16, True), (3, 0.5, True), (16, 7, False)])
+def test_config_scaling_is_lora_scaling(tmp_path, r, alpha, rslora):
+    """The adapter config computes PEFT's scaling itself (so that reading an adapter imports no layer,
+    for the merge command's start): it must be ``dora_ref.layers.lora_scaling``, bit for bit, and refuse
+    what it refuses."""
+    from dora_ref.formats.peft.config import _lora_scaling
+    from dora_ref.layers import lora_scaling
+
+    write_adapter(tmp_path / "ad", {"fc": random_module(np.random.default_rng(0), 3, 4, r)},
+                  {"r": r, "lora_alpha": alpha, "use_rslora": rslora})
+    assert P.load_adapter(tmp_path / "ad").modules["fc"].scaling == lora_scaling(r, alpha, rslora)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="r must be a positive integer") as ours:
+            _lora_scaling(bad, alpha, rslora)
+        with pytest.raises(ValueError) as theirs:
+            lora_scaling(bad, alpha, rslora)
+        assert str(ours.value) == str(theirs.value)
+    for bad in (float("nan"), "2"):
+        with pytest.raises((TypeError, ValueError)) as ours:
+            _lora_scaling(r, bad, rslora)
+        with pytest.raises((TypeError, ValueError)) as theirs:
+            lora_scaling(r, bad, rslora)
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)

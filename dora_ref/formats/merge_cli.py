@@ -39,14 +39,21 @@ complete output, or the new complete output, never a mix. A kill leaves at
 most the temporary sibling(s); the next ``dora-ref merge`` to the same OUT
 removes those whose process is gone.
 
-Tensors are read, merged and written one at a time (bf16/fp16 widened to
-float32, merged, rounded once back to the stored dtype, ties to even: every
-stored value is the float32 merge correctly rounded); a weight above 16M
-elements is merged a block of rows at a time. The conversions run in
-cache-sized chunks on the cores the machine has idle, bf16 as raw bits
-(``ml_dtypes``, a second or two to import, is never imported for it), into
-buffers reused from tensor to tensor. Memory is a few copies of the largest
-merged tensor (two of them in float32), not the model. Tensors that no
+Tensors are read, merged and written one at a time: every stored value is
+the float32 merge (float64 for a float64 weight) rounded once to the stored
+dtype, ties to even. A weight with one DoRA module on a linear view (a
+linear (out, in) weight, a convolution kernel) is merged by one C call
+(``dora_ref.kernels.c.merge_into``) that reads the stored values (bf16 and
+fp16 as their bits, widened as they are loaded) and writes the rounded
+result into a buffer reused from tensor to tensor: no float32 copy, no
+conversion pass, no new array per tensor. Other weights (several adapters,
+plain LoRA, fan-in-fan-out weights, embeddings, rows with zero or extreme
+norms) are widened to float32, merged and rounded back, with the same bits;
+the conversions run in cache-sized chunks on the cores the machine has idle.
+bf16 is handled as raw bits throughout (``ml_dtypes``, a second or two to
+import, is never imported for it). A weight above 16M elements is merged a
+block of rows at a time. Memory is a copy or two of the largest merged tensor
+(float32 ones only on the general path), not the model. Tensors that no
 adapter touches are copied byte for byte (``copy_file_range``), never
 decoded and never in memory. Each tensor's bytes start going to disk as soon
 as they are written, so the final fsync waits for little. Every adapter is
@@ -62,7 +69,6 @@ import functools
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -73,7 +79,8 @@ import numpy as np
 from . import bf16_bits
 from . import peft as P
 from . import safetensors_io as S
-from .peft.merge import _from_view_rows
+from ..core.norm import _SMALLEST_SAFE_NORM
+from .peft.merge import _as, _from_view_rows
 from .peft.orientation import _from_view
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
@@ -181,7 +188,7 @@ def _kill_point(name):
 
 
 def _sibling(out, tag):
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")  # (secrets: 0.01 s to import)
 
 
 def _clean_leftovers(out):
@@ -275,7 +282,10 @@ class _Codec:
     compute-dtype values (exact); ``narrow(W, out=)`` rounds them once to the
     stored dtype, ties to even, and says whether any result is not finite;
     ``not_finite(stored)`` gives the mask (only on that error path). ``bits``:
-    the merged tensor is raw bits rather than typed values.
+    the merged tensor is raw bits rather than typed values. ``fmt``: how the
+    C kernel is told what the stored values are (``"bfloat16"``,
+    ``"float16"``; None for float32/float64, merged in their own dtype), and
+    ``largest``: the stored dtype's largest finite value (see ``_fused_merge``).
     """
 
     view: np.dtype
@@ -283,6 +293,8 @@ class _Codec:
     narrow: object
     not_finite: object
     bits: bool = False
+    fmt: object = None
+    largest: float = 0.0
 
 
 def _same(x, *, out=None):
@@ -303,13 +315,15 @@ def _codec(st_dtype):
     if st_dtype == "BF16":
         return _Codec(np.dtype("<u2"), bf16_bits.bfloat16_bits_to_float32,
                       functools.partial(bf16_bits.float32_to_bfloat16_bits, report_non_finite=True),
-                      lambda bits: (bits & 0x7F80) == 0x7F80, bits=True)  # fmt: skip
+                      lambda bits: (bits & 0x7F80) == 0x7F80, bits=True, fmt="bfloat16",
+                      largest=float.fromhex("0x1.fep127"))  # fmt: skip
     if st_dtype == "F16":
         return _Codec(np.dtype("<f2"), bf16_bits.float16_to_float32,
                       functools.partial(bf16_bits.float32_to_float16, report_non_finite=True),
-                      lambda a: ~np.isfinite(a))  # fmt: skip
+                      lambda a: ~np.isfinite(a), fmt="float16", largest=65504.0)  # fmt: skip
     if st_dtype in ("F32", "F64"):
-        return _Codec(np.dtype("<f4" if st_dtype == "F32" else "<f8"), _same, _checked, lambda a: ~np.isfinite(a))
+        view = np.dtype("<f4" if st_dtype == "F32" else "<f8")
+        return _Codec(view, _same, _checked, lambda a: ~np.isfinite(a), largest=float(np.finfo(view).max))
     raise ValueError(f"cannot merge into a {st_dtype} base weight (float16, bfloat16, float32, float64 only)")
 
 
@@ -318,10 +332,11 @@ class _Buffers:
 
     A new array's pages are faulted in and zeroed by the kernel on first
     touch: on bench_merge.py's model, reusing them took the command from
-    58,000 page faults to 20,000 (the C merge kernel's new output array
-    makes most of the rest). Each role keeps one flat buffer, grown to the
-    largest tensor seen, so memory is what the largest merged tensor needs
-    anyway. An array taken for a role is valid until that role is taken again.
+    58,000 page faults to 20,000, and merging into the "merged" buffer
+    (``_fused_merge``) instead of the C merge kernel's new output array to
+    13,000 (29,000 before, measured side by side). Each role keeps one flat
+    buffer, grown to the largest tensor seen, so memory is what the largest
+    merged tensor needs anyway. An array taken for a role is valid until that role is taken again.
     """
 
     def __init__(self):
@@ -343,21 +358,74 @@ def _block_modules(mods, rows):
             for m in mods]  # fmt: skip
 
 
-def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, wide=None, out=None):
+def _c_kernels():
+    """The C kernels if they are the active backend (``merge_into`` is theirs), else None."""
+    from ..core import backend
+
+    return backend.kernels() if backend.backend() == "c" else None
+
+
+def _fusable(mods, fifo, codec):
+    """Whether ``_fused_merge`` may take a weight: one DoRA module whose linear view is the
+    stored rows (a linear (out, in) weight, a convolution kernel), with the C backend."""
+    mod = mods[0]
+    return (len(mods) == 1 and mod.magnitude is not None and not fifo and mod.kind in ("linear", "conv")
+            and _c_kernels() is not None)  # fmt: skip
+
+
+def _fused_merge(stored, mod, codec, out):
+    """Merge one DoRA module into a block of rows by one C call, stored dtype in and out; True if done.
+
+    ``dora_ref.kernels.c.merge_into`` reads the stored values (bfloat16 and
+    float16 as their bits, widened as they are loaded), merges in float32
+    (float64 for a float64 weight) and writes ``out`` rounded once, ties to
+    even: the bits of ``F.merge`` on the widened block rounded once, with no
+    float32 copy of the block, no new output array and no conversion pass.
+
+    It answers False (``out`` then holds garbage, and the caller merges the
+    block the general way, which raises or handles what it finds) unless
+    every row is ordinary: n finite and at least ``_SMALLEST_SAFE_NORM``
+    (so ``F.merge`` rescues, zeroes and refuses no row: for float32 norms this
+    is n > 0), m / n finite, and every |m| at most the stored dtype's largest
+    finite value (half of it for float32/float64). Then no merged value can
+    be NaN or inf, so none needs checking: n is at least every |V_ij| of its
+    row (the norm sums the float32 squares exactly in double, and each
+    rounding is monotone), so |W'_ij| = |fl(fl(m / n) V_ij)| <= |m_i| (1 + u)^2,
+    and the stored dtype's rounding reaches inf only from (1 + 2^-12) times
+    its largest value (float16; bfloat16 2^-9); for float32/float64 the
+    bound keeps ``F.merge``'s near-max check empty.
+    """
+    kernels = _c_kernels()
+    A, B, m = _as(mod, np.float64 if codec.view == np.float64 else np.float32)
+    if stored.size == 0 or A.shape[0] == 0:
+        return False
+    W0 = stored.reshape(stored.shape[0], -1)
+    dst = out.reshape(W0.shape)
+    if codec.fmt is not None:
+        W0, dst = W0.view(np.uint16), dst.view(np.uint16)
+    n = kernels.merge_into(dst, W0, A, B, m, mod.scaling, fmt=codec.fmt)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        g = m / n  # what the kernel scaled each row by
+    largest = codec.largest if codec.fmt is not None else codec.largest / 2
+    return bool(float(n.min()) >= _SMALLEST_SAFE_NORM and float(n.max()) < math.inf
+                and np.isfinite(g).all() and float(np.abs(m).max()) <= largest)  # fmt: skip
+
+
+def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, buffers=None, out=None, fused=False):
     """Merge ``mods`` into one block of rows of a stored weight: widen, merge, round once.
 
-    The one function where the command touches the numbers. Today: widen the
-    stored values to float32 exactly (bf16 from its bits), merge
-    (``dora_ref.formats.peft.merge_view``: the C kernel where built), round
-    the float32 result once to the stored dtype, ties to even, with the
-    check for non-finite values fused into the rounding; the conversions run
-    a cache-sized chunk at a time on the idle cores (``bf16_bits``). A fused
-    kernel taking the bf16/fp16 block with float32 A, B, m and writing the
-    rounded result (the same bits) replaces the two lines below by one call
-    for a single DoRA module on a linear view (``len(mods) == 1 and not
-    fifo``; zero norms and the finiteness check as ``F.merge`` does them).
-    It must take bfloat16 as its uint16 bits: viewing them as an
-    ``ml_dtypes`` array would import ml_dtypes (1.4-2 s here).
+    The one function where the command touches the numbers. One DoRA module
+    on a linear view (``fused``, see ``_fusable``) takes one C call
+    (``_fused_merge``): the stored block in, the rounded merged block out.
+    Otherwise, and for the rows ``_fused_merge`` leaves (zero or extreme
+    norms, a magnitude near the dtype's largest value): widen the stored
+    values to float32 exactly (bf16 from its bits), merge
+    (``dora_ref.formats.peft.merge_view``), round the float32 result once to
+    the stored dtype, ties to even, with the check for non-finite values
+    fused into the rounding; the conversions run a cache-sized chunk at a
+    time on the idle cores (``bf16_bits``). The two give the same bits.
+    Neither imports ``ml_dtypes`` (1.4-2 s): bfloat16 is handled as its
+    uint16 bits.
 
     Parameters
     ----------
@@ -367,16 +435,22 @@ def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, wide=None, out=No
     fifo : bool
     codec : _Codec
     allow_zero_norm : bool
-    wide : ndarray, optional
-        Buffer for the widened block (float32, the shape of ``stored``).
+    buffers : _Buffers, optional
+        Where the widened block goes (role ``"wide"``, float32), if needed.
     out : ndarray, optional
-        Where the rounded block goes (``codec.view`` dtype, the shape of ``stored``).
+        Where the rounded block goes (``codec.view`` dtype, the shape of
+        ``stored``); required with ``fused``.
+    fused : bool
+        ``_fusable(mods, fifo, codec)``.
 
     Returns
     -------
     (ndarray, bool)
         The merged block in the stored dtype (``out`` if given) and whether any value is not finite.
     """
+    if fused and _fused_merge(stored, mods[0], codec, out):
+        return out, False
+    wide = None if codec.widen is _same or buffers is None else buffers.take("wide", stored.shape, np.float32)
     W = P.merge_view(codec.widen(stored, out=wide), mods, fan_in_fan_out=fifo, allow_zero_norm=allow_zero_norm)
     return codec.narrow(_from_view(W, stored.shape, fifo), out=out)
 
@@ -384,13 +458,14 @@ def _merge_rows(stored, mods, fifo, codec, allow_zero_norm, *, wide=None, out=No
 def merge_tensor(f, key, mods, fifo, allow_zero_norm=False, *, buffers=None):
     """Merge ``mods`` into base tensor ``key`` of ``f``: the stored dtype's array (or bits for bf16).
 
-    The tensor is widened to float32 (bf16 from its bits, exactly), merged
-    (``dora_ref.formats.peft.merge_view``) and rounded once back to the stored
-    dtype, the check for non-finite values fused into the rounding
-    (``_merge_rows``). Rows are independent (each output channel has its own
-    norm), so a weight above ``_BLOCK_ELEMENTS`` whose linear view keeps its
-    rows (a linear (out, in) weight, a convolution kernel) is merged a block
-    of rows at a time, with the same bits; fan-in-fan-out weights and
+    The tensor is merged in float32 (float64 for a float64 weight) and
+    rounded once back to the stored dtype: by one C call for one DoRA module
+    on a linear view, else widened (bf16 from its bits, exactly), merged
+    (``dora_ref.formats.peft.merge_view``) and rounded with the check for
+    non-finite values fused into the rounding (``_merge_rows``). Rows are
+    independent (each output channel has its own norm), so a weight above
+    ``_BLOCK_ELEMENTS`` whose linear view keeps its rows (a linear (out, in)
+    weight, a convolution kernel) is merged a block of rows at a time, with the same bits; fan-in-fan-out weights and
     embeddings (whose view is a transpose) are merged whole.
 
     Parameters
@@ -426,14 +501,14 @@ def merge_tensor(f, key, mods, fifo, allow_zero_norm=False, *, buffers=None):
     blockwise = (not fifo and mods[0].kind != "embedding" and stored.ndim >= 1
                  and stored.size > _BLOCK_ELEMENTS)  # fmt: skip
     step = max(1, _BLOCK_ELEMENTS // row_elems) if blockwise else max(1, stored.shape[0])
-    out = buffers.take("merged", shape, codec.view) if codec.widen is not _same or blockwise else None
+    fused = _fusable(mods, fifo, codec)
+    out = buffers.take("merged", shape, codec.view) if codec.widen is not _same or blockwise or fused else None
     try:
         for start in range(0, max(1, stored.shape[0]), step):
             rows = slice(start, start + step) if blockwise else slice(None)
-            block = stored[rows]
-            wide = None if codec.widen is _same else buffers.take("wide", block.shape, np.float32)
-            merged, any_bad = _merge_rows(block, _block_modules(mods, rows) if blockwise else mods, fifo, codec,
-                                          allow_zero_norm, wide=wide, out=None if out is None else out[rows])  # fmt: skip
+            merged, any_bad = _merge_rows(stored[rows], _block_modules(mods, rows) if blockwise else mods, fifo,
+                                          codec, allow_zero_norm, buffers=buffers,
+                                          out=None if out is None else out[rows], fused=fused)  # fmt: skip
             if any_bad:
                 raise _NotFinite(start if blockwise else 0, _from_view_rows(codec.not_finite(merged), fifo))
             if not blockwise:

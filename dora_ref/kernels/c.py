@@ -24,7 +24,9 @@ Before any pointer crosses into C, every array is checked here:
   non-contiguous one is copied a block of rows at a time
   (``_weight_row_blocks``), with the bits of a contiguous call; read-only
   inputs are used as they are (C only reads them). **Outputs** are always allocated here, fresh,
-  C-contiguous and writable, so C never writes into a caller's array.
+  C-contiguous and writable, so C never writes into a caller's array; except ``merge_into``'s
+  W_merged, a caller's buffer checked first (dtype, shape, C-contiguous, writable, no memory
+  shared with an input).
 
 Results agree with NumPy up to rounding (``tests/test_kernels_c.py`` states
 the bound). Determinism, precisely: every C kernel here gives the same bits
@@ -143,6 +145,7 @@ __all__ = [
     "column_norm",
     "forward_epilogue",
     "merge",
+    "merge_into",
     "norm_gradient_products",
     "openmp_enabled",
     "openmp_threads",
@@ -908,6 +911,105 @@ def _merge_lp(W0, A, B, magnitude, scaling):
     _lp_call(lib.dora_merge_lp, W0,
              [W_merged, n, W0, _Whole(A), B, magnitude], _scaling(scaling), in_f, r)
     return W_merged, n
+
+
+#: ``merge_into``'s formats: the C format of a 16-bit weight given as its bits
+_BITS_FORMATS = {"bfloat16": "DORA_BF16", "float16": "DORA_F16"}
+
+
+def merge_into(W_merged, W0, A, B, magnitude, scaling, *, fmt=None):
+    """``merge`` written into the caller's ``W_merged``; a 16-bit weight as its raw bits.
+
+    For ``dora-ref merge``, which reuses one output buffer from tensor to
+    tensor (a fresh (out, in) array per tensor costs its page faults and
+    zeroing) and handles bfloat16 as uint16 bits, so that ``ml_dtypes`` (a
+    second or two to import) is never imported.
+
+    Parameters
+    ----------
+    W_merged : ndarray, shape (out, in)
+        Written: C-contiguous, writable, not overlapping any input; uint16
+        with ``fmt``, else W0's dtype.
+    W0 : ndarray, shape (out, in)
+        With ``fmt``: uint16, the bits of the bfloat16/float16 values; else
+        float32 or float64. Any layout (a strided W0 is copied a block of
+        rows at a time, with the bits of a contiguous one).
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    magnitude : ndarray, shape (out,)
+        float32 with ``fmt``; else W0's dtype.
+    scaling : float
+    fmt : {None, "bfloat16", "float16"}
+        What W0's bits are; None for a float32/float64 W0.
+
+    Returns
+    -------
+    n : ndarray, shape (out,)
+        float32 with ``fmt``, else W0's dtype. W_merged then holds the bits of
+        ``merge(W0, A, B, magnitude, scaling)[0]``: with ``fmt``, the float32
+        kernel's W' on the exactly widened W0, rounded once to the format
+        (to nearest, ties to even; past the range: inf). Rows with n = 0
+        give inf/NaN rows, as ``merge``; the caller checks n.
+
+    Raises
+    ------
+    TypeError
+        A non-array, a dtype that does not fit ``fmt``, an unknown ``fmt``,
+        a non-real scaling.
+    ValueError
+        Shapes that do not fit W0 (out, in), A (r, in), B (out, r),
+        magnitude (out,); a W_merged of another shape, not C-contiguous,
+        read-only, or sharing memory with an input.
+    """
+    if fmt is not None and fmt not in _BITS_FORMATS:
+        raise TypeError(f"fmt must be None, 'bfloat16' or 'float16', got {fmt!r}")
+    for name, arr in (("W_merged", W_merged), ("W0", W0)):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+    if fmt is None:
+        if W0.dtype not in _CTYPE:
+            raise TypeError(f"W0 must have dtype float32 or float64 (or be uint16 bits with fmt), "
+                            f"got {W0.dtype} (shape {W0.shape})")
+        (A, B, magnitude), dtype = _arrays(A=A, B=B, magnitude=magnitude)
+        if dtype != W0.dtype:
+            raise TypeError(f"A, B and magnitude must have W0's dtype {W0.dtype}, got {dtype}")
+        ctype, sfx = _CTYPE[dtype]
+        kernel = getattr(lib, f"dora_merge_{sfx}")
+        in_ptr = out_ptr = lambda a: _ptr(a, ctype)  # noqa: E731
+        tail = ()
+    else:
+        if W0.dtype != np.uint16:
+            raise TypeError(f"W0 must be uint16 (the bits of {fmt} values) with fmt={fmt!r}, "
+                            f"got {W0.dtype} (shape {W0.shape})")
+        A, B, magnitude = _float32_arrays(f"when W0 holds {fmt} bits (a 16-bit weight takes a "
+                                          f"float32 adapter)", A=A, B=B, magnitude=magnitude)
+        dtype, ctype, kernel = np.dtype(np.uint16), "float", lib.dora_merge_lp
+        in_ptr = out_ptr = lambda a: ffi.from_buffer("uint16_t[]", a)  # noqa: E731
+        tail = (getattr(lib, _BITS_FORMATS[fmt]),)
+    out_f, in_f, r, shapes = _adapter(W0, A, B)
+    _shape("magnitude", magnitude, (out_f,), shapes.plus("magnitude", magnitude))
+    if W_merged.dtype != dtype or W_merged.shape != W0.shape:
+        raise ValueError(f"W_merged must be {dtype} of W0's shape {W0.shape}; got {W_merged.dtype} "
+                         f"{W_merged.shape}")
+    if not (W_merged.flags.c_contiguous and W_merged.flags.writeable):
+        raise ValueError(f"W_merged must be C-contiguous and writable (shape {W_merged.shape})")
+    for name, arr in (("W0", W0), ("A", A), ("B", B), ("magnitude", magnitude)):
+        if np.may_share_memory(W_merged, arr):
+            raise ValueError(f"W_merged shares memory with {name}: the kernel reads {name} while it "
+                             f"writes W_merged; pass a separate buffer")
+    n = np.empty(out_f, dtype=np.float32 if fmt else dtype)
+    vec_ptr = (lambda a: _ptr(a, "float")) if fmt else in_ptr
+    # a strided W0: blocks of rows starting where the kernel's own blocks start, each copied
+    # contiguous (never the whole weight), with the bits of one call on the whole
+    whole = W0.flags.c_contiguous
+    blocks = [slice(None)] if whole else _weight_row_blocks(out_f, in_f, W0.itemsize)
+    s = _scaling(scaling)
+    for rows in blocks:
+        W_rows = W0 if whole else np.ascontiguousarray(W0[rows])
+        status = kernel(out_ptr(W_merged[rows]), vec_ptr(n[rows]), in_ptr(W_rows), vec_ptr(A),
+                        vec_ptr(B[rows]), vec_ptr(magnitude[rows]), s, W_rows.shape[0], in_f, r, *tail)
+        _check_status(status, "merge_into")
+    return n
 
 
 def unmerge(W_merged, A, B, factor, scaling):

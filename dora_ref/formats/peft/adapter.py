@@ -13,7 +13,6 @@ from typing import Optional
 
 import numpy as np
 
-from ...layers.linear import DoRALinear, LoRALinear
 from ..safetensors_io import BaseWeights, SafetensorsFile, _refuse_pickle
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapterConfig, PEFT_PREFIX, read_config
 from .orientation import _to_view, is_fan_in_fan_out, resolve_fan_in_fan_out, weight_key
@@ -452,6 +451,8 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
         ``adapter.modules[name]`` yourself; ``merge_weight`` needs no
         geometry and merges it); a plain-LoRA embedding.
     """
+    from ...layers.linear import DoRALinear, LoRALinear  # only here: the merge command needs no layer
+
     if not isinstance(adapter, PeftAdapter):
         adapter = load_adapter(adapter)
     if not hasattr(base, "keys") or isinstance(base, (str, os.PathLike)):

@@ -12,8 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...core._validate import check_scaling
 
-from ...layers.linear import lora_scaling
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -40,6 +40,19 @@ _UNSUPPORTED_FIELDS = {
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
 }
+
+
+def _lora_scaling(r, lora_alpha, use_rslora):
+    """``dora_ref.layers.lora_scaling`` (alpha / r, or alpha / sqrt(r) with rsLoRA; the same checks).
+
+    Here rather than imported, so that reading an adapter imports no layer:
+    ``dora_ref.layers`` is a fifth of ``dora-ref merge``'s start.
+    ``tests/test_peft_io.py`` checks that the two agree.
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    lora_alpha = check_scaling(lora_alpha)
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def _is_real(x):
@@ -385,7 +398,7 @@ class LoraAdapterConfig:
     def scaling(self, module):
         """PEFT's scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         r, alpha = self.rank_and_alpha(module)
-        return lora_scaling(int(r), alpha, self.use_rslora)
+        return _lora_scaling(int(r), alpha, self.use_rslora)
 
 
 def read_config(directory):
