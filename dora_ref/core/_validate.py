@@ -331,6 +331,9 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False):
     ndarray, shape (N, in)
         A view of x when possible, N the product of the leading dimensions.
     """
+    if (type(x) is np.ndarray and x.dtype is dtype and x.ndim == 2
+            and x.shape[1] == in_features and (low_precision or dtype.char in "fd")):
+        return x  # the usual case: an (N, in) ndarray of the weights' float dtype
     x = as_float_array(name, x, low_precision=low_precision)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(
@@ -406,22 +409,28 @@ class WeightSnapshot:
         The live arrays, by the name an error message should use.
     """
 
-    __slots__ = ("_arrays", "_bytes")
+    __slots__ = ("_names", "_arrays", "_bytes")
 
     def __init__(self, arrays):
-        self._arrays = dict(arrays)
-        self._bytes = [a.tobytes() for a in self._arrays.values()]
+        self._names = tuple(arrays)
+        self._arrays = tuple(arrays.values())
+        self._bytes = [a.tobytes() for a in self._arrays]
 
     def changed(self):
         """The names of the arrays whose contents differ from the snapshot's, in order."""
         return [
             name
-            for (name, a), saved in zip(self._arrays.items(), self._bytes)
+            for name, a, saved in zip(self._names, self._arrays, self._bytes)
             if a.tobytes() != saved
         ]
 
     def check_backward(self):
         """Raise ``RuntimeError`` if an array changed since the forward that took the snapshot."""
+        for a, saved in zip(self._arrays, self._bytes):
+            if a.tobytes() != saved:
+                break
+        else:
+            return
         changed = self.changed()
         if changed:
             raise RuntimeError(

@@ -119,6 +119,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
 from .precision import LOW_PRECISION_DTYPES, check_policy
 from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the functional API)
     _HALF_MAX,
+    _SMALLEST_SAFE_NORM,
     _kernel_norm,
     _rescue_extreme_rows,
     check_norm,
@@ -126,7 +127,6 @@ from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the
     divide_by_norm,
     init_magnitude,
     magnitude_over_norm,
-    norms_in_safe_range,
 )
 
 
@@ -323,7 +323,7 @@ def dora_forward(
 
 
 def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
-                  allow_zero_norm, overwrite_base=False):
+                  allow_zero_norm, overwrite_base=False, magnitude_name="magnitude"):
     """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
 
     The layers call it directly: the shapes and dtypes of their arrays are
@@ -335,11 +335,14 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     ``overwrite_base`` (a layer's eval forward): the epilogue writes y over
     the (N, out) base product instead of allocating another (N, out) array;
     the context then holds no base, and a backward recomputes it.
+
+    The magnitude need not be checked for NaN/Inf before: ``_scale`` proves
+    it finite on its fast path and checks it by ``magnitude_name`` otherwise.
     """
     kernels = _backend.kernels()
     n = kernels.column_norm(W0, A, B, scaling) if weight_norm is None else weight_norm  # (3)
     g, n_nonzero = _scale(n, magnitude, W0, A, B, scaling, weight_norm is None,
-                          allow_zero_norm)  # (4)
+                          allow_zero_norm, magnitude_name)  # (4)
 
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
@@ -364,23 +367,28 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
                            "magnitude (lora_magnitude_vector)": magnitude})
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen,
                       n_nonzero=n_nonzero)
-    return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
+    if len(x_shape) != 2:
+        y = y.reshape(*x_shape[:-1], W0.shape[0])
+    return y, ctx
 
 
-def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm):
-    """g = m / n (step 4) from the kernel's norms n, with every check on n; and whether n > 0.
+def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name):
+    """g = m / n (step 4) from the kernel's norms n, with every check on n and m; and whether n > 0.
 
-    The usual case costs three reductions: every norm finite and at least
-    ``norm._SMALLEST_SAFE_NORM`` (so no row needs the rescue, none is zero)
-    and ``min(n) * max/2 > ||m||_2 >= max |m_i|`` (so m is finite and no
-    quotient overflows): g = m / n. Otherwise the full sequence, which names
-    what is wrong: the rescue of under/overflowed rows (only for norms the
-    kernel just computed, ``rescue``), ``check_norm``, ``magnitude_over_norm``.
+    The usual case costs three reductions: every norm finite (``n . n`` is)
+    and at least ``norm._SMALLEST_SAFE_NORM`` (so no row needs the rescue,
+    none is zero), and ``min(n) * max/2 > sqrt(m . m) >= max |m_i|`` (so m
+    is finite and no quotient overflows): g = m / n. Otherwise the full
+    sequence, which names what is wrong: NaN/Inf in m (by
+    ``magnitude_name``), the rescue of under/overflowed rows (only for norms
+    the kernel just computed, ``rescue``), ``check_norm``,
+    ``magnitude_over_norm``.
     """
-    if norms_in_safe_range(n) and (
-        float(np.minimum.reduce(n)) * _HALF_MAX[n.dtype] > math.sqrt(np.vdot(magnitude, magnitude))
-    ):
+    lo = float(np.minimum.reduce(n))  # NaN if a norm is: every comparison below is False
+    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(np.vdot(n, n))
+            and lo * _HALF_MAX[n.dtype] > math.sqrt(np.vdot(magnitude, magnitude))):
         return magnitude / n, True
+    check_finite(magnitude_name, magnitude)
     if rescue:
         _rescue_extreme_rows(n, W0, A, B, scaling)
     check_norm(n, W0, allow_zero_norm)
@@ -438,7 +446,8 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy2, ctx, ctx.W0, detach_norm)
     check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
                         [("dy", dy2)])
-    return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
+    return DoRAGrads(dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape), dA, dB,
+                     dmagnitude)
 
 
 def _check_dy(dy, ctx, dtype):

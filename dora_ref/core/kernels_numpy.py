@@ -73,6 +73,8 @@ def column_norm(W0, A, B, scaling):
     -------
     n : ndarray, shape (out,), the dtype of W0 (float32 for a float16/bfloat16 W0)
     """
+    if W0.size * W0.itemsize <= _BLOCK_BYTES and W0.dtype not in LOW_PRECISION_DTYPES:
+        return _row_norms(W0 + scaling * (B @ A))  # one block: the loop's operations, no loop
     n = np.empty(W0.shape[0], dtype=_norm_dtype(W0))
     for rows in _row_blocks(*W0.shape, W0.itemsize):
         V = _rows_f32(W0, rows) + scaling * (B[rows] @ A)  # PEFT: W + s * (B @ A)
@@ -206,8 +208,11 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    z = base + scaling * (U @ B.T)
-    dg = np.sum(dy * z, axis=0)
+    z = U @ B.T  # base + s * (U @ B.T), then dy * z, in place on one temporary
+    z *= float(scaling)
+    z += base
+    z *= dy
+    dg = np.sum(z, axis=0)
     dz = dy * g
     return dg, dz
 
@@ -239,8 +244,10 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     dB : ndarray, shape (out, r)
     """
     dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
-    dU = scaling * (dz @ B)
-    dB = scaling * (dz.T @ U)
+    dU = dz @ B
+    dU *= float(scaling)
+    dB = dz.T @ U
+    dB *= float(scaling)
     return dg, dz, dU, dB
 
 

@@ -165,6 +165,7 @@ def norms_in_safe_range(n):
     norm, and one dot product ``n . n``, finite only if every norm is (a NaN
     or an Inf makes it NaN or Inf; an overflow of the sum of squares of
     finite norms answers False too, and the caller's exact path decides).
+    ``functional._scale`` makes the same test inline.
 
     Parameters
     ----------

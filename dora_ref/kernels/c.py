@@ -573,6 +573,18 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
         of another shape, not C-contiguous, read-only, or overlapping an
         input other than as base itself.
     """
+    if out_dtype is None and out is None:
+        fast = _epilogue_checked_fast(base, U, B, g, bias)
+        if fast is not None:  # every check below passed: the same call, without the copies
+            ctype, kernel, N, out_f, r = fast
+            y = np.empty((N, out_f), dtype=base.dtype)
+            status = kernel(
+                _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
+                _ptr(g, ctype), ffi.NULL if bias is None else _ptr(bias, ctype),
+                _scaling(scaling), N, out_f, r,
+            )
+            _check_status(status, "forward_epilogue")
+            return y
     lp_dtype = _lp_out_dtype(out_dtype, base)
     if lp_dtype is not None:
         return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype, out)
@@ -600,6 +612,39 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
     )
     _check_status(status, "forward_epilogue")
     return y
+
+
+_EPILOGUE_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_forward_epilogue_f32),
+    np.dtype(np.float64): ("double", lib.dora_forward_epilogue_f64),
+}
+
+
+def _epilogue_checked_fast(base, U, B, g, bias):
+    """``forward_epilogue``'s checks for the usual call, decided in one expression.
+
+    Returns (ctype, kernel, N, out, r) when every array is a C-contiguous
+    ndarray of one float32/float64 dtype with the shapes (N, out), (N, r),
+    (out, r), (out,) [, (out,)]: exactly the calls for which ``_arrays`` copies
+    nothing and ``_epilogue_shapes`` raises nothing. Otherwise None, and the
+    general path checks again and raises the message that says what is wrong.
+    """
+    if type(base) is not np.ndarray or base.ndim != 2:
+        return None
+    entry = _EPILOGUE_KERNELS.get(base.dtype)
+    if entry is None:
+        return None
+    dtype = base.dtype
+    N, out_f = base.shape
+    for arr in (U, B, g) if bias is None else (U, B, g, bias):
+        if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
+            return None
+    if not base.flags.c_contiguous or U.ndim != 2 or U.shape[0] != N:
+        return None
+    r = U.shape[1]
+    if B.shape != (out_f, r) or g.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
+        return None
+    return entry[0], entry[1], N, out_f, r
 
 
 def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
