@@ -325,3 +325,25 @@ def test_eval_forward_returns_a_new_array_each_call(backend):
         y2 = layer.forward(2 * x)
         assert not np.shares_memory(y1, y2)
         np.testing.assert_array_equal(y1, keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_forward_base_weight_replaced_before_backward(backend):
+    """A new base weight re-initialises the magnitude in place: the backward of the eval
+    forward before it is refused (it would recompute the base product of another layer),
+    and the next forward uses the new weight, its norm recomputed."""
+    rng = np.random.default_rng(6)
+    with dora_ref.use_backend(backend):
+        layer = DoRALinear(rng.standard_normal((6, 4)), r=2, init_lora_weights=False, rng=0).eval()
+        x = rng.standard_normal((3, 4))
+        dy = rng.standard_normal((3, 6))
+        layer.forward(x)
+        layer.set_base_weight(rng.standard_normal((6, 4)))
+        with pytest.raises(RuntimeError, match="changed in place between the forward"):
+            layer.backward(dy)
+        y_new = layer.forward(x)
+        y_ref, g_ref = _fresh_grads(layer, x, dy)
+        np.testing.assert_array_equal(y_new, y_ref)
+        dx = layer.backward(dy)
+        np.testing.assert_allclose(dx, g_ref.dx, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layer.grads["lora_A"], g_ref.dA, rtol=1e-12, atol=1e-12)
