@@ -15,9 +15,12 @@ same order (PEFT's semantics, norm detached, no dropout)::
     dg = sum_N dy z;  dz = g dy;  dm = dg / n
     dU = s dz B;  dB = s dz^T U;  dA = dU^T x;  dx = dz W0 + dU A
 
-Both are timed interleaved in one process (medians of many repeats), so the
-ratio holds for the machine's state during the run: it prints the load
-average before and after, and the CPU. Never a timed test.
+Both are timed interleaved in one process, in blocks of ``--inner`` steps
+(medians of the blocks' time per step), so the ratio holds for the
+machine's state during the run: it prints the load average before and
+after, and the CPU. On a shared machine read the CPU-time columns
+(``time.process_time``: the time this process ran, not the time it waited
+for a core); wall and CPU time agree on a quiet one. Never a timed test.
 
     python benchmarks/bench_small_layer.py [--out 64] [--in 64] [--r 8] [--N 64]
 """
@@ -74,7 +77,7 @@ def cpu_model():
         return platform.processor() or "unknown CPU"
 
 
-def measure(out_f, in_f, r, N, dtype, repeats, backend):
+def measure(out_f, in_f, r, N, dtype, repeats, backend, inner=10):
     rng = np.random.default_rng(0)
     W0 = rng.standard_normal((out_f, in_f)).astype(dtype) / np.sqrt(in_f).astype(dtype)
     b0 = rng.standard_normal(out_f).astype(dtype)
@@ -90,16 +93,21 @@ def measure(out_f, in_f, r, N, dtype, repeats, backend):
         y2, dx2 = inline_step(x, dy, W0, A, B, m, s, b0, grads)
         tol = 1e-4 if dtype == np.float32 else 1e-12
         assert np.allclose(y1, y2, rtol=tol, atol=tol) and np.allclose(dx1, dx2, rtol=tol, atol=tol)
-        t_layer, t_inline = [], []
-        for _ in range(repeats):  # interleaved: both see the same machine
-            t0 = time.perf_counter()
-            layer_step(layer, x, dy)
-            t1 = time.perf_counter()
-            inline_step(x, dy, W0, A, B, m, s, b0, grads)
-            t2 = time.perf_counter()
-            t_layer.append(t1 - t0)
-            t_inline.append(t2 - t1)
-    return float(np.median(t_layer)), float(np.median(t_inline))
+        wall = {"layer": [], "inline": []}
+        cpu = {"layer": [], "inline": []}
+        for _ in range(max(1, repeats // inner)):  # interleaved: both see the same machine
+            for name in ("layer", "inline"):
+                c0, t0 = time.process_time(), time.perf_counter()
+                if name == "layer":
+                    for _ in range(inner):
+                        layer_step(layer, x, dy)
+                else:
+                    for _ in range(inner):
+                        inline_step(x, dy, W0, A, B, m, s, b0, grads)
+                wall[name].append((time.perf_counter() - t0) / inner)
+                cpu[name].append((time.process_time() - c0) / inner)
+    return {k: float(np.median(v)) for k, v in wall.items()}, \
+        {k: float(np.median(v)) for k, v in cpu.items()}
 
 
 def main(argv=None):
@@ -108,18 +116,23 @@ def main(argv=None):
     p.add_argument("--in", dest="in_f", type=int, default=64)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--N", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=2000, help="steps of each, in all")
+    p.add_argument("--inner", type=int, default=10, help="steps per timed block")
     args = p.parse_args(argv)
     print(f"CPU: {cpu_model()}; load average before: {os.getloadavg()}")
     print(f"(out, in, r, N) = ({args.out}, {args.in_f}, {args.r}, {args.N}); "
-          f"median of {args.repeats} interleaved repeats; goal: layer / inline <= 1.3")
-    print(f"{'backend':8s} {'dtype':8s} {'layer us':>9s} {'inline us':>10s} {'ratio':>6s}")
+          f"{args.repeats} steps each, medians of interleaved blocks of {args.inner}; "
+          f"goal: layer / inline <= 1.3")
+    print(f"{'backend':8s} {'dtype':8s} {'layer us':>9s} {'inline us':>10s} {'ratio':>6s}"
+          f" | CPU time: {'layer us':>9s} {'inline us':>10s} {'ratio':>6s}")
     for backend in dora_ref.available_backends():
         for dtype in (np.float32, np.float64):
-            t_layer, t_inline = measure(args.out, args.in_f, args.r, args.N, dtype,
-                                        args.repeats, backend)
-            print(f"{backend:8s} {np.dtype(dtype).name:8s} {t_layer * 1e6:9.1f} "
-                  f"{t_inline * 1e6:10.1f} {t_layer / t_inline:6.2f}")
+            wall, cpu = measure(args.out, args.in_f, args.r, args.N, dtype,
+                                args.repeats, backend, args.inner)
+            print(f"{backend:8s} {np.dtype(dtype).name:8s} {wall['layer'] * 1e6:9.1f} "
+                  f"{wall['inline'] * 1e6:10.1f} {wall['layer'] / wall['inline']:6.2f}"
+                  f" | {'':9s} {cpu['layer'] * 1e6:9.1f} {cpu['inline'] * 1e6:10.1f} "
+                  f"{cpu['layer'] / cpu['inline']:6.2f}")
     print(f"load average after: {os.getloadavg()}")
 
 

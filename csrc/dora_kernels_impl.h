@@ -350,6 +350,11 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
 /* forward_epilogue: y = g * (base + s * U @ B.T) + bias  (paper Eq. 5)     */
 /* B.T (r, out) is packed in panels, so that rows of U @ B.T are tiles     */
 /* exactly like the rows of B @ A above.                                    */
+/* y may be base itself (the eval forward writes y over the base product,  */
+/* dora_ref.kernels.c.forward_epilogue(out=base)): each element of base is  */
+/* read once, by the step that then writes the same element of y, and no   */
+/* step reads an element another step writes. (No restrict on y and base   */
+/* for that reason; any other overlap is refused by the wrapper.)           */
 /* ------------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void FN(forward_step)(

@@ -7,6 +7,7 @@ or a silent NaN.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -124,6 +125,8 @@ def check_same_dtype(**arrays):
 
 def check_scaling(scaling):
     """Return ``scaling`` as a Python float; raise if it is not a finite real."""
+    if type(scaling) is float and scaling - scaling == 0.0:  # finite (inf - inf, NaN: NaN)
+        return scaling
     if isinstance(scaling, (bool, np.bool_)) or not isinstance(
         scaling, (numbers.Real, np.floating, np.integer)
     ):
@@ -139,9 +142,36 @@ def check_scaling(scaling):
     return scaling
 
 
+def all_finite(arr):
+    """True if every entry of the float32/float64 ndarray ``arr`` is finite.
+
+    One dot product ``arr . arr`` (BLAS, no temporary) decides in the usual
+    case: a NaN or an Inf anywhere makes the sum of squares NaN or Inf (the
+    squares are >= 0, so an Inf cannot cancel). A finite sum proves every
+    entry finite; a non-finite one is NaN/Inf or an overflow of the sum
+    (entries beyond ~1e19 in float32, ~1e154 in float64), which the exact
+    elementwise test then tells apart. About half the cost of
+    ``np.isfinite(arr).all()``, which allocates a boolean array and reduces
+    it. Other dtypes (float16, bfloat16, lists) and arrays that are not
+    C-contiguous (``vdot`` would copy them) take the exact test.
+
+    Parameters
+    ----------
+    arr : ndarray or array_like, any shape and strides
+
+    Returns
+    -------
+    bool
+    """
+    if type(arr) is np.ndarray and arr.dtype.char in "fd" and arr.flags.c_contiguous:
+        if math.isfinite(np.vdot(arr, arr)):
+            return True
+    return bool(np.isfinite(arr).all())
+
+
 def check_finite(name, arr):
     """Raise ``ValueError`` if ``arr`` holds NaN or Inf, naming a first bad index."""
-    if not np.isfinite(arr).all():  # the method: no Python wrapper on the hot path
+    if not all_finite(arr):
         bad = np.argwhere(~np.isfinite(arr))
         raise ValueError(
             f"{name} (shape {arr.shape}) contains NaN or Inf, "
@@ -154,7 +184,9 @@ def check_result_finite(results, inputs):
 
     The weights are checked before a call; what is left is the batch (x, or
     dy in backward), checked here only when a result is not finite, so the
-    usual path costs one pass over the results. A non-finite input is named
+    usual path costs one pass over the results: a dot product ``a . a`` of
+    each, summed, finite only if every entry of every result is (see
+    ``all_finite``; a finite sum that overflows is sorted out array by array). A non-finite input is named
     (``check_finite``); with finite inputs the values overflowed the dtype.
 
     Parameters
@@ -164,8 +196,16 @@ def check_result_finite(results, inputs):
     inputs : sequence of (str, ndarray)
         The per-call inputs that could carry NaN or Inf in.
     """
+    total = 0.0  # the usual case: one sum of the results' dot products (see all_finite)
+    for _, a in results:
+        if type(a) is not np.ndarray or a.dtype.char not in "fd" or not a.flags.c_contiguous:
+            total = math.nan
+            break
+        total += float(np.vdot(a, a))
+    if math.isfinite(total):
+        return
     for name, a in results:
-        if not np.isfinite(a).all():
+        if not all_finite(a):
             for input_name, x in inputs:
                 check_finite(input_name, x)
             bad = np.argwhere(~np.isfinite(a))
@@ -301,6 +341,9 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False):
     ndarray, shape (N, in)
         A view of x when possible, N the product of the leading dimensions.
     """
+    if (type(x) is np.ndarray and x.dtype is dtype and x.ndim == 2
+            and x.shape[1] == in_features and (low_precision or dtype.char in "fd")):
+        return x  # the usual case: an (N, in) ndarray of the weights' float dtype
     x = as_float_array(name, x, low_precision=low_precision)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(
@@ -376,22 +419,28 @@ class WeightSnapshot:
         The live arrays, by the name an error message should use.
     """
 
-    __slots__ = ("_arrays", "_bytes")
+    __slots__ = ("_names", "_arrays", "_bytes")
 
     def __init__(self, arrays):
-        self._arrays = dict(arrays)
-        self._bytes = [a.tobytes() for a in self._arrays.values()]
+        self._names = tuple(arrays)
+        self._arrays = tuple(arrays.values())
+        self._bytes = [a.tobytes() for a in self._arrays]
 
     def changed(self):
         """The names of the arrays whose contents differ from the snapshot's, in order."""
         return [
             name
-            for (name, a), saved in zip(self._arrays.items(), self._bytes)
+            for name, a, saved in zip(self._names, self._arrays, self._bytes)
             if a.tobytes() != saved
         ]
 
     def check_backward(self):
         """Raise ``RuntimeError`` if an array changed since the forward that took the snapshot."""
+        for a, saved in zip(self._arrays, self._bytes):
+            if a.tobytes() != saved:
+                break
+        else:
+            return
         changed = self.changed()
         if changed:
             raise RuntimeError(

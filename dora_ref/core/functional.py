@@ -98,6 +98,7 @@ time (no float32 copy of W0 in the norm or the merge).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -117,6 +118,8 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
 )
 from .precision import LOW_PRECISION_DTYPES, check_policy
 from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the functional API)
+    _HALF_MAX,
+    _SMALLEST_SAFE_NORM,
     _kernel_norm,
     _rescue_extreme_rows,
     check_norm,
@@ -161,6 +164,12 @@ class DoRAContext:
     the magnitude (``WeightSnapshot``): ``dora_backward`` raises
     ``RuntimeError`` if they changed in place since the forward. Treat it as
     opaque.
+
+    ``base`` is None after a forward that wrote its output over the base
+    product (a layer's eval forward, which usually has no backward): the
+    backward then recomputes it from ``x``. ``n_nonzero`` says that the
+    forward found every norm nonzero (the backward divides by n without
+    looking again).
     """
 
     x_shape: tuple
@@ -173,10 +182,11 @@ class DoRAContext:
     scaling: float
     n: np.ndarray  # (out,)
     g: np.ndarray  # (out,)
-    base: np.ndarray  # (N, out): x @ W0.T for the x above
+    base: Optional[np.ndarray]  # (N, out): x @ W0.T for the x above; None: recompute it
     U: np.ndarray  # (N, r): x @ A.T for the x above
     seen: Optional[WeightSnapshot] = None  # A, B, m as the forward saw them
     precision: Optional[object] = None  # lowp.Precision of a float16/bfloat16 forward
+    n_nonzero: bool = False  # every n > 0, checked by the forward
 
 
 @dataclass
@@ -313,24 +323,35 @@ def dora_forward(
 
 
 def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
-                  allow_zero_norm):
+                  allow_zero_norm, overwrite_base=False, magnitude_name="magnitude"):
     """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
 
     The layers call it directly: the shapes and dtypes of their arrays are
     fixed when the layer is built (assignments are checked, in-place writes
     cannot change them), so per call they check only x, the scaling and the
-    finiteness of the trainable arrays (``AdapterLayer._checked_parameters``).
+    finiteness of the trainable arrays (``AdapterLayer._check_parameters_finite``).
     The public API's inputs are all checked every call, by ``dora_forward``.
+
+    ``overwrite_base`` (a layer's eval forward): the epilogue writes y over
+    the (N, out) base product instead of allocating another (N, out) array;
+    the context then holds no base, and a backward recomputes it.
+
+    The magnitude need not be checked for NaN/Inf before: ``_scale`` proves
+    it finite on its fast path and checks it by ``magnitude_name`` otherwise.
     """
     kernels = _backend.kernels()
-    n = _kernel_norm(W0, A, B, scaling) if weight_norm is None else weight_norm  # (3)
-    check_norm(n, W0, allow_zero_norm)
-    g = magnitude_over_norm(magnitude, n)  # (4)
+    n = kernels.column_norm(W0, A, B, scaling) if weight_norm is None else weight_norm  # (3)
+    g, n_nonzero = _scale(n, magnitude, W0, A, B, scaling, weight_norm is None,
+                          allow_zero_norm, magnitude_name)  # (4)
 
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
         base = x2 @ W0.T  # (2)
-        y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
+        if overwrite_base:  # base is ours, fresh: y replaces it, element by element
+            y = kernels.forward_epilogue(base, U, B, g, scaling, bias, out=base)  # (5), (6)
+            base = None
+        else:
+            y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
         xd, mask = x2, None
     else:
         mask = _check_mask(dropout_mask, x_shape, W0.dtype)
@@ -344,8 +365,34 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     check_result_finite([("y (the output)", y)], [("x", x2)])
     seen = WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B,
                            "magnitude (lora_magnitude_vector)": magnitude})
-    ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen)
-    return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
+    ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen,
+                      n_nonzero=n_nonzero)
+    if len(x_shape) != 2:
+        y = y.reshape(*x_shape[:-1], W0.shape[0])
+    return y, ctx
+
+
+def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name):
+    """g = m / n (step 4) from the kernel's norms n, with every check on n and m; and whether n > 0.
+
+    The usual case costs three reductions: every norm finite (``n . n`` is)
+    and at least ``norm._SMALLEST_SAFE_NORM`` (so no row needs the rescue,
+    none is zero), and ``min(n) * max/2 > sqrt(m . m) >= max |m_i|`` (so m
+    is finite and no quotient overflows): g = m / n. Otherwise the full
+    sequence, which names what is wrong: NaN/Inf in m (by
+    ``magnitude_name``), the rescue of under/overflowed rows (only for norms
+    the kernel just computed, ``rescue``), ``check_norm``,
+    ``magnitude_over_norm``.
+    """
+    lo = float(np.minimum.reduce(n))  # NaN if a norm is: every comparison below is False
+    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(np.vdot(n, n))
+            and lo * _HALF_MAX[n.dtype] > math.sqrt(np.vdot(magnitude, magnitude))):
+        return magnitude / n, True
+    check_finite(magnitude_name, magnitude)
+    if rescue:
+        _rescue_extreme_rows(n, W0, A, B, scaling)
+    check_norm(n, W0, allow_zero_norm)
+    return magnitude_over_norm(magnitude, n), bool(n.all())
 
 
 def _check_ctx(ctx, cls, forward):
@@ -399,7 +446,8 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy2, ctx, ctx.W0, detach_norm)
     check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
                         [("dy", dy2)])
-    return DoRAGrads(dx.reshape(ctx.x_shape), dA, dB, dmagnitude)
+    return DoRAGrads(dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape), dA, dB,
+                     dmagnitude)
 
 
 def _check_dy(dy, ctx, dtype):
@@ -425,9 +473,12 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
         A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     kernels = _backend.kernels()
 
+    base = ctx.base
+    if base is None:  # the forward wrote y over it (a layer in eval): (2) again
+        base = ctx.x @ W0.T
     # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
-    dg, dz, dU, dB = kernels.backward_lowrank(dy2, ctx.base, ctx.U, B, ctx.g, s)
-    dmagnitude = divide_by_norm(dg, ctx.n)  # (4)
+    dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
+    dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
     if detach_norm:
         dA = dU.T @ ctx.x  # (1)
     else:  # (3) now, so that its pass over W0 (C) follows the C pass above, not BLAS

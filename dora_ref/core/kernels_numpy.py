@@ -73,6 +73,8 @@ def column_norm(W0, A, B, scaling):
     -------
     n : ndarray, shape (out,), the dtype of W0 (float32 for a float16/bfloat16 W0)
     """
+    if W0.size * W0.itemsize <= _BLOCK_BYTES and W0.dtype not in LOW_PRECISION_DTYPES:
+        return _row_norms(W0 + scaling * (B @ A))  # one block: the loop's operations, no loop
     n = np.empty(W0.shape[0], dtype=_norm_dtype(W0))
     for rows in _row_blocks(*W0.shape, W0.itemsize):
         V = _rows_f32(W0, rows) + scaling * (B[rows] @ A)  # PEFT: W + s * (B @ A)
@@ -80,7 +82,7 @@ def column_norm(W0, A, B, scaling):
     return n
 
 
-def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
+def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
     """y = g * (base + s * U @ B.T) + bias, paper Eq. (5) applied to a batch.
 
     Parameters
@@ -98,18 +100,95 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
     out_dtype : float16 or bfloat16 dtype, optional
         Round y once to it (round to nearest even) after the float32
         computation; a value past its range becomes inf (the caller refuses it).
+    out : ndarray, shape (N, out), optional
+        Write y here instead of into a new array: C-contiguous, writeable, of
+        y's dtype (base's, or ``out_dtype``). It may be ``base`` itself (the
+        eval forward overwrites the base product it owns: each element of base
+        is read before the same element of y is written); any other overlap
+        with an input raises ``ValueError`` (``check_epilogue_out``).
 
     Returns
     -------
     y : ndarray, shape (N, out), base's dtype or ``out_dtype``
+        ``out`` when given.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad ``out`` (``check_epilogue_out``).
     """
-    y = g * (base + scaling * (U @ B.T))
+    if out is not None:
+        check_epilogue_out(out, base, (U, B, g, bias),
+                           np.dtype(out_dtype) if out_dtype is not None else base.dtype)
+    y = U @ B.T  # the operations of g * (base + s * (U @ B.T)), in place on one temporary
+    y *= float(scaling)  # a Python float: y keeps the arrays' dtype (as in C)
+    if out_dtype is None and out is not None:  # y's final dtype: the sum goes to out
+        y = np.add(base, y, out=out)
+    else:
+        y += base
+    y *= g
     if bias is not None:
         y += bias.astype(y.dtype, copy=False)
     if out_dtype is not None:
         with np.errstate(over="ignore"):
-            y = y.astype(out_dtype)
+            if out is None:
+                y = y.astype(out_dtype)
+            else:
+                out[...] = y
+                y = out
     return y
+
+
+def check_epilogue_out(out, base, others, dtype):
+    """Check ``forward_epilogue``'s ``out=`` (both backends): raise unless it can take y.
+
+    Parameters
+    ----------
+    out : ndarray
+        Must be an ndarray of ``dtype`` and base's shape (N, out),
+        C-contiguous and writeable.
+    base : ndarray, shape (N, out)
+        ``out`` may be base itself, element for element (the same memory,
+        shape and strides): the epilogue reads each element of base before
+        it writes that element of y. Any other overlap is refused.
+    others : sequence of ndarray or None
+        The other inputs (U, B, g, bias): ``out`` may not overlap them.
+    dtype : numpy.dtype
+        y's dtype.
+
+    Raises
+    ------
+    TypeError
+        ``out`` not an ndarray, or of another dtype.
+    ValueError
+        Another shape, not C-contiguous, read-only, or overlapping an input
+        other than as base itself.
+    """
+    if type(out) is not np.ndarray:
+        raise TypeError(f"out must be a numpy.ndarray or None, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have y's dtype {dtype}, got {out.dtype} (shape {out.shape})")
+    if out.shape != np.shape(base):
+        raise ValueError(f"out must have base's shape {np.shape(base)}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous (shape {out.shape}, strides {out.strides})")
+    if not out.flags.writeable:
+        raise ValueError(f"out must be writeable (shape {out.shape} is read-only)")
+    same_as_base = (
+        isinstance(base, np.ndarray)
+        and out.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+        and out.strides == base.strides
+        and out.dtype == base.dtype
+    )
+    if not same_as_base and isinstance(base, np.ndarray) and np.may_share_memory(out, base):
+        raise ValueError(
+            "out overlaps base other than element for element (a shifted or strided view): "
+            "the epilogue would read elements of base it has already overwritten; pass base "
+            "itself or a separate array"
+        )
+    for name, arr in zip(("U", "B", "g", "bias"), others):
+        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
+            raise ValueError(f"out overlaps {name}: y would overwrite an input it still reads")
 
 
 def backward_epilogue(dy, base, U, B, g, scaling):
@@ -129,8 +208,11 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    z = base + scaling * (U @ B.T)
-    dg = np.sum(dy * z, axis=0)
+    z = U @ B.T  # base + s * (U @ B.T), then dy * z, in place on one temporary
+    z *= float(scaling)
+    z += base
+    z *= dy
+    dg = np.sum(z, axis=0)
     dz = dy * g
     return dg, dz
 
@@ -162,8 +244,10 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     dB : ndarray, shape (out, r)
     """
     dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
-    dU = scaling * (dz @ B)
-    dB = scaling * (dz.T @ U)
+    dU = dz @ B
+    dU *= float(scaling)
+    dB = dz.T @ U
+    dB *= float(scaling)
     return dg, dz, dU, dB
 
 

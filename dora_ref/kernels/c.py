@@ -536,7 +536,7 @@ def _column_norm_lp(W0, A, B, scaling):
     return n
 
 
-def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
+def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
     """y = g * (base + s * U @ B.T) + bias, one pass over the (N, out) output.
 
     The DoRA output (Eq. 5) with g = m / n, after the two products x @ W0.T
@@ -554,36 +554,61 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
         None (or the inputs' dtype): y in the inputs' dtype. A 16-bit dtype:
         base, U, B, g must be float32 and bias float32 or of out_dtype; y is
         the float32 result rounded once to out_dtype, bit for bit.
+    out : ndarray, shape (N, out), optional
+        Write y here (C-contiguous, writeable, y's dtype) instead of into a
+        new array. It may be ``base`` itself, element for element: the kernel
+        reads each element of base before it writes that element of y. Any
+        other overlap with an input is refused (see
+        ``dora_ref.core.kernels_numpy.check_epilogue_out``).
 
     Returns
     -------
     y : ndarray, shape (N, out)
-        The inputs' dtype, or out_dtype.
+        The inputs' dtype, or out_dtype; ``out`` when given.
 
     Raises
     ------
     TypeError
-        A non-array, mixed or unsupported dtypes, an unknown out_dtype.
+        A non-array, mixed or unsupported dtypes, an unknown out_dtype, an
+        ``out`` of another dtype.
     ValueError
-        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,); an ``out``
+        of another shape, not C-contiguous, read-only, or overlapping an
+        input other than as base itself.
     """
+    if out_dtype is None and out is None:
+        fast = _epilogue_checked_fast(base, U, B, g, bias)
+        if fast is not None:  # every check below passed: the same call, without the copies
+            ctype, kernel, N, out_f, r = fast
+            y = np.empty((N, out_f), dtype=base.dtype)
+            status = kernel(
+                _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
+                _ptr(g, ctype), ffi.NULL if bias is None else _ptr(bias, ctype),
+                _scaling(scaling), N, out_f, r,
+            )
+            _check_status(status, "forward_epilogue")
+            return y
     lp_dtype = _lp_out_dtype(out_dtype, base)
     if lp_dtype is not None:
-        return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype)
+        return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype, out)
     named = dict(base=base, U=U, B=B, g=g)
     if bias is not None:
         named["bias"] = bias
     arrays, dtype = _arrays(**named)
-    base, U, B, g = arrays[:4]
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    N, out_f, r, shapes = _epilogue_shapes(*arrays[:4])
     ctype, sfx = _CTYPE[dtype]
     bias_ptr = ffi.NULL
     if bias is not None:
-        bias = arrays[4]
-        if bias.shape != (out_f,):
-            raise ValueError(f"bias must have shape ({out_f},); got {shapes}, bias {bias.shape}")
-        bias_ptr = _ptr(bias, ctype)
-    y = np.empty((N, out_f), dtype=dtype)
+        if arrays[4].shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},); got {shapes}, "
+                             f"bias {arrays[4].shape}")
+        bias_ptr = _ptr(arrays[4], ctype)
+    if out is None:
+        y = np.empty((N, out_f), dtype=dtype)
+    else:  # against the caller's arrays: a non-contiguous base was copied by _arrays
+        _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), dtype)
+        y = out
+    base, U, B, g = arrays[:4]
     status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
         _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
         bias_ptr, _scaling(scaling), N, out_f, r,
@@ -592,11 +617,44 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None):
     return y
 
 
-def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype):
+_EPILOGUE_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_forward_epilogue_f32),
+    np.dtype(np.float64): ("double", lib.dora_forward_epilogue_f64),
+}
+
+
+def _epilogue_checked_fast(base, U, B, g, bias):
+    """``forward_epilogue``'s checks for the usual call, decided in one expression.
+
+    Returns (ctype, kernel, N, out, r) when every array is a C-contiguous
+    ndarray of one float32/float64 dtype with the shapes (N, out), (N, r),
+    (out, r), (out,) [, (out,)]: exactly the calls for which ``_arrays`` copies
+    nothing and ``_epilogue_shapes`` raises nothing. Otherwise None, and the
+    general path checks again and raises the message that says what is wrong.
+    """
+    if type(base) is not np.ndarray or base.ndim != 2:
+        return None
+    entry = _EPILOGUE_KERNELS.get(base.dtype)
+    if entry is None:
+        return None
+    dtype = base.dtype
+    N, out_f = base.shape
+    for arr in (U, B, g) if bias is None else (U, B, g, bias):
+        if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
+            return None
+    if not base.flags.c_contiguous or U.ndim != 2 or U.shape[0] != N:
+        return None
+    r = U.shape[1]
+    if B.shape != (out_f, r) or g.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
+        return None
+    return entry[0], entry[1], N, out_f, r
+
+
+def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
     """``forward_epilogue`` with float32 inputs and y rounded once to the 16-bit out_dtype."""
     reason = f"when out_dtype is {out_dtype} (float32 inputs, a 16-bit output)"
-    base, U, B, g = _float32_arrays(reason, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
+    base32, U32, B32, g32 = _float32_arrays(reason, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(base32, U32, B32, g32)
     bias_ptr = ffi.NULL
     if bias is not None:
         if not isinstance(bias, np.ndarray):
@@ -606,12 +664,16 @@ def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype):
                             f"got {bias.dtype} (shape {bias.shape})")
         if bias.shape != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},); got {shapes}, bias {bias.shape}")
-        bias = np.ascontiguousarray(bias, dtype=np.float32)  # (out,): widening is exact
-        bias_ptr = _ptr(bias, "float")
-    y = np.empty((N, out_f), dtype=out_dtype)
+        bias32 = np.ascontiguousarray(bias, dtype=np.float32)  # (out,): widening is exact
+        bias_ptr = _ptr(bias32, "float")
+    if out is None:
+        y = np.empty((N, out_f), dtype=out_dtype)
+    else:  # a 16-bit out cannot alias the float32 inputs element for element
+        _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), out_dtype)
+        y = out
     status = lib.dora_forward_epilogue_lp(
-        _bits(y), _ptr(base, "float"), _ptr(U, "float"), _ptr(B, "float"), _ptr(g, "float"),
-        bias_ptr, _scaling(scaling), N, out_f, r, _lp_format(out_dtype),
+        _bits(y), _ptr(base32, "float"), _ptr(U32, "float"), _ptr(B32, "float"),
+        _ptr(g32, "float"), bias_ptr, _scaling(scaling), N, out_f, r, _lp_format(out_dtype),
     )
     _check_status(status, "forward_epilogue")
     return y
