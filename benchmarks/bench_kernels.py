@@ -7,7 +7,9 @@ Not a test: a script that prints ratios measured in the same run (float32,
 What it measures, for (out, in, r, N) in the issue's four shapes:
 
 * column norm: the C kernel vs ``np.linalg.norm(W0 + s*B@A, axis=1)`` and vs
-  one read of W0 at the memory bandwidth measured here;
+  one read of W0 at the memory bandwidth measured here; and timed right
+  after a BLAS product, as in a training step, with its threads on
+  OpenBLAS's workers (the default) and on an OpenMP team;
 * training step (forward + backward incl. dx), detached and exact norm, vs
   a plain frozen linear layer (``x @ W0.T`` and ``dy @ W0``), and vs LoRA;
 * eval forward with a cached norm (``DoRALinear.eval()``, and the bare
@@ -229,6 +231,34 @@ def extra_memory(shape, detach):
 # ---------------------------------------------------------------------------
 
 
+def norm_after_blas(W0, A, B, s, repeats, mins):
+    """The C column norm timed right after a BLAS product (``B @ A``, untimed),
+    as in a training step, where OpenBLAS's workers still spin: with its team
+    on OpenBLAS's threads (the default where they are found,
+    ``norm_after_gemm``) and on an OpenMP team (``norm_after_gemm_openmp``);
+    and after a 0.2 s pause, when they sleep (``norm_alone``). Interleaved;
+    returns medians (seconds) and stores the minima in ``mins``."""
+    pool = CK._set_blas_pool(True)
+    variants = {"norm_after_gemm": (True, lambda: B @ A),
+                "norm_after_gemm_openmp": (False, lambda: B @ A),
+                "norm_alone": (True, lambda: time.sleep(0.2))}
+    times = {k: [] for k in variants}
+    try:
+        for _ in range(repeats):
+            for k, (use_pool, before) in variants.items():
+                CK._set_blas_pool(use_pool)
+                before()
+                t0 = time.perf_counter()
+                CK.column_norm(W0, A, B, s)
+                times[k].append(time.perf_counter() - t0)
+    finally:
+        CK._set_blas_pool(True)
+    if not pool:  # no OpenBLAS pool here: the two "after" rows are the same code
+        times.pop("norm_after_gemm_openmp")
+    mins.update({k: float(min(v)) for k, v in times.items()})
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def peft_steps(p, threads):
     try:
         import torch
@@ -278,7 +308,14 @@ def peft_steps(p, threads):
 # ---------------------------------------------------------------------------
 
 
+# ratios reported beside the goals, without one: the norm right after a BLAS
+# product, on OpenBLAS's threads, against a read of W0 and against an OpenMP team
+INFO_RATIOS = ("norm_after_gemm_vs_read", "norm_after_gemm_openmp_vs_pool")
+
+
 def verdict(goal_key, value, shape=None):
+    if goal_key not in GOALS:
+        return "info"
     op, target = GOALS[goal_key]
     if shape is not None and tuple(shape) not in GOAL_SHAPES.get(goal_key, [tuple(shape)]):
         return f"info (goal {op} {target:g} is stated for {GOAL_SHAPES[goal_key][0]})"
@@ -301,6 +338,7 @@ def run_shape(shape, repeats, with_peft):
     }, max(3, repeats // 2), mins=mins)
     t["read_W0"] = t_read
     row["bandwidth_GBps"] = W0.nbytes / t_read_min / 1e9
+    t.update(norm_after_blas(W0, A, B, s, max(5, repeats), mins))
 
     st = steps(p)
     fns = dict(st)
@@ -314,6 +352,8 @@ def run_shape(shape, repeats, with_peft):
     row["min_ms"] = {k: v * 1e3 for k, v in mins.items()}
     ratios = {
         "norm_vs_read": ("norm_c", "read_W0"),
+        "norm_after_gemm_vs_read": ("norm_after_gemm", "read_W0"),
+        "norm_after_gemm_openmp_vs_pool": ("norm_after_gemm_openmp", "norm_after_gemm"),
         "numpy_expr_vs_norm": ("norm_numpy_expr", "norm_c"),
         "train_detached_vs_plain": ("dora_train_detached", "plain_train"),
         "train_exact_vs_plain": ("dora_train_exact", "plain_train"),
@@ -499,7 +539,7 @@ def markdown(env, rows, scal):
     L.append("| (out, in, r, N) | metric | median ratio | min ratio | goal |")
     L.append("|---|---|---|---|---|")
     for row in rows:
-        for key in GOALS:
+        for key in (*GOALS, *INFO_RATIOS):
             if key in row and row[key] is not None:
                 fm = row.get("from_min", {}).get(key)
                 fm = f"{fm:.3g}" if fm is not None else "-"
@@ -508,7 +548,8 @@ def markdown(env, rows, scal):
     L.append("")
     L.append("## Times (ms)")
     L.append("")
-    cols = ["read_W0", "norm_c", "norm_numpy_twin", "norm_numpy_expr", "plain_train", "lora_train",
+    cols = ["read_W0", "norm_c", "norm_after_gemm", "norm_after_gemm_openmp", "norm_alone",
+            "norm_numpy_twin", "norm_numpy_expr", "plain_train", "lora_train",
             "dora_train_detached", "dora_train_exact", "plain_eval", "dora_eval_layer",
             "dora_eval_pieces", "peft_train", "peft_eval"]
     L.append("| (out, in, r, N) | " + " | ".join(cols) + " |")
@@ -625,7 +666,7 @@ def main(argv=None):
         row = run_shape(shape, repeats, with_peft=not args.no_peft)
         rows.append(row)
         print(f"\n{tuple(shape)}  ({time.time() - t_start:.0f} s)")
-        for key in GOALS:
+        for key in (*GOALS, *INFO_RATIOS):
             if key in row:
                 fm = row.get("from_min", {}).get(key, float("nan"))
                 print(f"  {key:28s} {row[key]:8.3f}  (min {fm:7.3f})  {verdict(key, row[key], shape)}")

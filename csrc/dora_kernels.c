@@ -297,6 +297,78 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 #endif
 
 /* ------------------------------------------------------------------------ */
+/* Teams on OpenBLAS's threads (column_norm: dora_team_run).                */
+/*                                                                          */
+/* NumPy's OpenBLAS (the pthreads build NumPy's wheels ship) keeps worker   */
+/* threads of its own, which busy-wait for 2**28 cycles (about 0.1 s,       */
+/* OPENBLAS_THREAD_TIMEOUT) after every BLAS call. An OpenMP team started   */
+/* in that window finds the other cores taken by spinning threads of equal  */
+/* priority: its threads start only when the scheduler preempts a spinner,  */
+/* milliseconds later (2 cores: a column norm right after a product took    */
+/* about the serial time, its second thread arriving as the first ended).   */
+/* The cores are not busy, they are waiting for work: so when c.py finds    */
+/* OpenBLAS's gotoblas_pthread(nt, fn, args, stride) (which runs            */
+/* fn(args + t * stride) for t < nt, t = 0 on the calling thread, the       */
+/* others on its workers, and returns when all have), it registers it with  */
+/* dora_set_blas_pool, and a team's members run on OpenBLAS's workers: a    */
+/* spinning worker takes its job at once, a sleeping one is woken as        */
+/* libgomp wakes its own, and no second pool is left to compete. Members    */
+/* take blocks from a shared counter, so which member computes a block      */
+/* never changes its bits. Without a pool, the members run on an OpenMP     */
+/* team (each thread runs members t, t + team size, ...).                   */
+/* ------------------------------------------------------------------------ */
+
+typedef int (*dora_blas_pool_fn)(int, void *, void *, int);
+static uintptr_t blas_pool_fn = 0;  /* gotoblas_pthread, or 0: OpenMP teams */
+static int blas_pool_threads = 0;   /* OpenBLAS's threads, caller included */
+
+/* Runs fn(args + t * stride) for t < nt and returns when all have. */
+static void dora_team_run(int nt, void (*fn)(void *), void *args, size_t stride)
+{
+    uintptr_t pool;
+    int pool_threads;
+    LOAD(blas_pool_fn, pool);
+    LOAD(blas_pool_threads, pool_threads);
+    if (nt > 1 && pool && nt <= pool_threads) {
+        ((dora_blas_pool_fn)pool)(nt, (void *)fn, args, (int)stride);
+        return;
+    }
+#ifdef _OPENMP
+    if (nt > 1) {
+        #pragma omp parallel num_threads(nt)
+        {
+            const int size = omp_get_num_threads();
+            for (int t = omp_get_thread_num(); t < nt; t += size)
+                fn((char *)args + (size_t)t * stride);
+        }
+        return;
+    }
+#endif
+    for (int t = 0; t < nt; t++) fn((char *)args + (size_t)t * stride);
+}
+
+/* A member's dora_plan_arrive: its index, not omp_get_thread_num(). */
+static inline void dora_team_arrive(dora_plan *p, int t)
+{
+    if (p->nt > 1) p->arrive[t] = dora_now();
+}
+
+void dora_set_blas_pool(void *gotoblas_pthread, int threads)
+{
+    STORE(blas_pool_threads, gotoblas_pthread && threads > 1 ? threads : 0);
+    STORE(blas_pool_fn, (uintptr_t)gotoblas_pthread);
+}
+
+int dora_blas_pool_threads(void)
+{
+    uintptr_t pool;
+    int threads;
+    LOAD(blas_pool_fn, pool);
+    LOAD(blas_pool_threads, threads);
+    return pool ? threads : 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* bfloat16 and float16 <-> float32, on the bits (a uint16_t holds a value). */
 /* Widening is exact. Narrowing rounds once, to nearest, ties to even; a    */
 /* finite value past the 16-bit range gives inf; NaN stays NaN, with the    */

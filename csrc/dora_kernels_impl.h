@@ -234,8 +234,43 @@ static DORA_CLONES void FN(merge_rows)(
     FN(norm_rows)(1, Wm, V, n, W0, Ap, B, m, s, i0, i1, in, r);
 }
 
-/* The norm (Wm NULL) or the merge, over row blocks on the planned threads.
-   The merge's threads each have a scratch of G rows of V. */
+/* column_norm on a team (dora_team_run): what the members share, and each
+   member's handle. A member takes blocks of NORM_ROW_BLOCK rows from
+   `next` until none is left. */
+typedef struct {
+    REAL *n;
+    const WTYPE *W0;
+    const REAL *Ap, *B;
+    REAL s;
+    int64_t out, in, r, nblocks;
+    int64_t next;  /* the next block to take (atomic) */
+    dora_plan *plan;
+} FN(norm_team);
+
+typedef struct {
+    FN(norm_team) *team;
+    int t;
+} FN(norm_member);
+
+static void FN(norm_member_run)(void *arg)
+{
+    const FN(norm_member) *me = (const FN(norm_member) *)arg;
+    FN(norm_team) *team = me->team;
+    dora_team_arrive(team->plan, me->t);
+    for (;;) {
+        int64_t blk;
+        #pragma omp atomic capture
+        blk = team->next++;
+        if (blk >= team->nblocks) break;
+        const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(team->out, i0 + NORM_ROW_BLOCK);
+        FN(column_norm_rows)(team->n, team->W0, team->Ap, team->B, team->s, i0, i1, team->in,
+                             team->r);
+    }
+}
+
+/* The norm (Wm NULL), on a team of members (dora_team_run: OpenBLAS's
+   threads when registered), or the merge, over row blocks on an OpenMP
+   team whose threads each have a scratch of G rows of V. */
 static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                              const REAL *m, double s, int64_t out, int64_t in, int64_t r)
 {
@@ -246,23 +281,30 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     int failed = 0;
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        REAL *V = Wm ? (REAL *)malloc((size_t)dora_max(1, G * in) * sizeof(REAL)) : NULL;
-        if (Wm && !V) {
-            #pragma omp atomic write
-            failed = 1;
+    if (!Wm) {
+        FN(norm_team) team = {n, W0, Ap, B, (REAL)s, out, in, r, nblocks, 0, &plan};
+        FN(norm_member) members[MAX_TEAM];
+        for (int t = 0; t < plan.nt; t++) {
+            members[t].team = &team;
+            members[t].t = t;
         }
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
-            if (V)
-                FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
-            else if (!Wm)
-                FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, i1, in, r);
+        dora_team_run(plan.nt, FN(norm_member_run), members, sizeof members[0]);
+    } else {
+        #pragma omp parallel num_threads(plan.nt)
+        {
+            dora_plan_arrive(&plan);
+            REAL *V = (REAL *)malloc((size_t)dora_max(1, G * in) * sizeof(REAL));
+            if (!V) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp for schedule(dynamic)
+            for (int64_t blk = 0; blk < nblocks; blk++) {
+                const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
+                if (V) FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
+            }
+            free(V);
         }
-        free(V);
     }
     dora_plan_end(&plan);
     free(Ap);

@@ -29,6 +29,8 @@ of ``test_kernels_c.py`` for the few roundings on top:
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,55 @@ def test_forward_and_backward_agree_across_threads_within_blas_rounding(dtype):
             f"{name}: |1 thread - 2 threads| = {err[worst]:.3g} > bound {bound[worst]:.3g} "
             f"at {worst}"
         )
+
+
+def _openblas_info():
+    """threadpoolctl's view of NumPy's OpenBLAS, or None."""
+    for info in threadpoolctl.threadpool_info():
+        if info.get("internal_api") == "openblas":
+            return info
+    return None
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+def test_openblas_pool_is_found_where_numpy_has_a_threaded_pthreads_openblas():
+    info = _openblas_info()
+    if info is None or info.get("threading_layer") != "pthreads" or info["num_threads"] < 2:
+        pytest.skip(f"NumPy's BLAS here is not a threaded pthreads OpenBLAS: {info}")
+    pool = C._openblas_pool()
+    assert pool is not None, "column_norm would not use OpenBLAS's threads here"
+    address, threads, path = pool
+    assert address and threads == info["num_threads"]
+    assert os.path.realpath(path) == os.path.realpath(info["filepath"])
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_column_norm_bits_on_openblas_threads_and_openmp_teams(dtype):
+    """column_norm's team runs on OpenBLAS's threads when they are found
+    (``_set_blas_pool``), else on OpenMP's: the same bits either way, for 1
+    and 2 threads, and right after a BLAS call (when OpenBLAS's workers spin)."""
+    rng = np.random.default_rng(5)
+    W0 = rng.standard_normal((1000, 700)).astype(dtype)
+    lp = dtype == np.float16
+    adapter = np.float32 if lp else dtype
+    A = rng.standard_normal((12, 700)).astype(adapter)
+    B = rng.standard_normal((1000, 12)).astype(adapter)
+    results = {}
+    C._set_always_parallel(True)
+    try:
+        for pool in (True, False):
+            used = C._set_blas_pool(pool)
+            assert pool or used == 0
+            for threads in (1, 2):
+                C.set_threads(threads)
+                _ = A @ A.T  # a BLAS call just before: its workers spin
+                results[pool, threads, used] = C.column_norm(W0, A, B, 0.3)
+    finally:
+        C._set_always_parallel(False)
+        C.set_threads(0)
+        C._set_blas_pool(True)
+    reference = results[False, 1, 0]
+    assert reference.dtype == (np.float32 if lp else dtype)
+    for key, n in results.items():
+        np.testing.assert_array_equal(n, reference, err_msg=f"(pool, threads, pool threads) {key}")
