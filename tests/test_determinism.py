@@ -144,16 +144,31 @@ def test_openblas_pool_is_found_where_numpy_has_a_threaded_pthreads_openblas():
 
 @pytest.mark.skipif(C is None, reason="the C extension is not built")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-def test_column_norm_bits_on_openblas_threads_and_openmp_teams(dtype):
-    """column_norm's team runs on OpenBLAS's threads when they are found
-    (``_set_blas_pool``), else on OpenMP's: the same bits either way, for 1
-    and 2 threads, and right after a BLAS call (when OpenBLAS's workers spin)."""
+def test_kernel_bits_on_openblas_threads_and_openmp_teams(dtype):
+    """The kernels whose teams run on OpenBLAS's threads when they are found
+    (``_set_blas_pool``: column_norm, backward_epilogue, backward_lowrank,
+    norm_gradient_products), else on OpenMP's, give the same bits either way,
+    for 1 and 2 threads, and right after a BLAS call (when OpenBLAS's workers
+    spin). float16: the 16-bit kernels (norm and products) on float32 adapters."""
     rng = np.random.default_rng(5)
-    W0 = rng.standard_normal((1000, 700)).astype(dtype)
     lp = dtype == np.float16
     adapter = np.float32 if lp else dtype
-    A = rng.standard_normal((12, 700)).astype(adapter)
-    B = rng.standard_normal((1000, 12)).astype(adapter)
+    out_f, in_f, r, N = 1000, 700, 12, 300
+    draw = lambda *shape: rng.standard_normal(shape).astype(adapter)  # noqa: E731
+    W0 = rng.standard_normal((out_f, in_f)).astype(dtype)
+    A, B, U, dy, base = draw(r, in_f), draw(out_f, r), draw(N, r), draw(N, out_f), draw(N, out_f)
+    g = (rng.random(out_f) + 0.5).astype(adapter)
+
+    def kernels():
+        res = {"norm": C.column_norm(W0, A, B, 0.3)}
+        assert r <= C.FUSED_MAX_RANK  # the fused kernels, not BLAS
+        res.update(zip(("WAt", "CtW"), C.norm_gradient_products(W0, A, B)))
+        if not lp:
+            res.update(zip(("dg", "dz"), C.backward_epilogue(dy, base, U, B, g, 0.3)))
+            res.update(zip(("lr_dg", "lr_dz", "dU", "dB"),
+                           C._backward_lowrank_fused(dy, base, U, B, g, 0.3)))
+        return res
+
     results = {}
     C._set_always_parallel(True)
     try:
@@ -163,12 +178,14 @@ def test_column_norm_bits_on_openblas_threads_and_openmp_teams(dtype):
             for threads in (1, 2):
                 C.set_threads(threads)
                 _ = A @ A.T  # a BLAS call just before: its workers spin
-                results[pool, threads, used] = C.column_norm(W0, A, B, 0.3)
+                results[pool, threads, used] = kernels()
     finally:
         C._set_always_parallel(False)
         C.set_threads(0)
         C._set_blas_pool(True)
     reference = results[False, 1, 0]
-    assert reference.dtype == (np.float32 if lp else dtype)
-    for key, n in results.items():
-        np.testing.assert_array_equal(n, reference, err_msg=f"(pool, threads, pool threads) {key}")
+    assert reference["norm"].dtype == (np.float32 if lp else dtype)
+    for key, res in results.items():
+        for name, value in res.items():
+            np.testing.assert_array_equal(
+                value, reference[name], err_msg=f"{name}, (pool, threads, pool threads) {key}")

@@ -484,7 +484,7 @@ def _openblas_pool():
     ``openblas_get_parallel`` returns 1, under any of the symbol prefixes
     the wheels use), at least two threads, and ``gotoblas_pthread``
     exported. Anything else (another BLAS, an OpenMP OpenBLAS, one thread,
-    not Linux) gives None, and column_norm uses OpenMP teams.
+    not Linux) gives None, and the kernels use OpenMP teams.
     """
     import ctypes
 
@@ -526,7 +526,8 @@ def _openblas_pool():
 
 
 def _set_blas_pool(on):
-    """Run column_norm's teams on NumPy's OpenBLAS threads (``True``, the default
+    """Run the teams of column_norm, backward_epilogue, backward_lowrank and
+    norm_gradient_products on NumPy's OpenBLAS threads (``True``, the default
     where ``_openblas_pool`` finds them) or on OpenMP teams (``False``); returns
     the OpenBLAS threads now used, 0 for none. (``csrc/dora_kernels.c``, "Teams
     on OpenBLAS's threads", says why.)"""
