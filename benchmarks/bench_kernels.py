@@ -7,9 +7,9 @@ Not a test: a script that prints ratios measured in the same run (float32,
 What it measures, for (out, in, r, N) in the issue's four shapes:
 
 * column norm: the C kernel vs ``np.linalg.norm(W0 + s*B@A, axis=1)`` and vs
-  one read of W0 at the memory bandwidth measured here; and timed right
-  after a BLAS product, as in a training step, with its threads on
-  OpenBLAS's workers (the default) and on an OpenMP team;
+  one read of W0 at the memory bandwidth measured here; and, with the fused
+  backward kernels, timed right after a BLAS product, as in a training step,
+  with their teams on OpenBLAS's workers (the default) and on OpenMP teams;
 * training step (forward + backward incl. dx), detached and exact norm, vs
   a plain frozen linear layer (``x @ W0.T`` and ``dy @ W0``), and vs LoRA;
 * eval forward with a cached norm (``DoRALinear.eval()``, and the bare
@@ -231,30 +231,43 @@ def extra_memory(shape, detach):
 # ---------------------------------------------------------------------------
 
 
-def norm_after_blas(W0, A, B, s, repeats, mins):
-    """The C column norm timed right after a BLAS product (``B @ A``, untimed),
-    as in a training step, where OpenBLAS's workers still spin: with its team
-    on OpenBLAS's threads (the default where they are found,
-    ``norm_after_gemm``) and on an OpenMP team (``norm_after_gemm_openmp``);
-    and after a 0.2 s pause, when they sleep (``norm_alone``). Interleaved;
-    returns medians (seconds) and stores the minima in ``mins``."""
+def kernels_after_blas(p, repeats, mins):
+    """C kernels timed right after a BLAS product (``B @ A``, untimed), as in a
+    training step, where OpenBLAS's workers still spin: with their teams on
+    OpenBLAS's threads (the default where they are found: ``norm_after_gemm``,
+    ``lowrank_after_gemm``, ``products_after_gemm``) and on OpenMP teams
+    (``..._openmp``); and the norm after a 0.2 s pause, when the workers sleep
+    (``norm_alone``). Interleaved; returns medians (seconds) and stores the
+    minima in ``mins``. The products are those of the fused kernel at any r."""
+    W0, A, B, s, x, dy = (p[k] for k in ("W0", "A", "B", "s", "x", "dy"))
+    N, r = x.shape[0], A.shape[0]
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(dy.shape, dtype=DTYPE)
+    U = rng.standard_normal((N, r), dtype=DTYPE)
+    g = rng.random(W0.shape[0], dtype=DTYPE) + DTYPE(0.5)
+    kernels = {
+        "norm": lambda: CK.column_norm(W0, A, B, s),
+        "lowrank": lambda: CK._backward_lowrank_fused(dy, base, U, B, g, s),
+        "products": lambda: CK._norm_gradient_products_fused(W0, A, B),
+    }
     pool = CK._set_blas_pool(True)
-    variants = {"norm_after_gemm": (True, lambda: B @ A),
-                "norm_after_gemm_openmp": (False, lambda: B @ A),
-                "norm_alone": (True, lambda: time.sleep(0.2))}
+    variants = {}
+    for name, fn in kernels.items():
+        variants[f"{name}_after_gemm"] = (True, lambda: B @ A, fn)
+        if pool:  # else the two are the same code
+            variants[f"{name}_after_gemm_openmp"] = (False, lambda: B @ A, fn)
+    variants["norm_alone"] = (True, lambda: time.sleep(0.2), kernels["norm"])
     times = {k: [] for k in variants}
     try:
         for _ in range(repeats):
-            for k, (use_pool, before) in variants.items():
+            for k, (use_pool, before, fn) in variants.items():
                 CK._set_blas_pool(use_pool)
                 before()
                 t0 = time.perf_counter()
-                CK.column_norm(W0, A, B, s)
+                fn()
                 times[k].append(time.perf_counter() - t0)
     finally:
         CK._set_blas_pool(True)
-    if not pool:  # no OpenBLAS pool here: the two "after" rows are the same code
-        times.pop("norm_after_gemm_openmp")
     mins.update({k: float(min(v)) for k, v in times.items()})
     return {k: float(np.median(v)) for k, v in times.items()}
 
@@ -308,9 +321,10 @@ def peft_steps(p, threads):
 # ---------------------------------------------------------------------------
 
 
-# ratios reported beside the goals, without one: the norm right after a BLAS
-# product, on OpenBLAS's threads, against a read of W0 and against an OpenMP team
-INFO_RATIOS = ("norm_after_gemm_vs_read", "norm_after_gemm_openmp_vs_pool")
+# ratios reported beside the goals, without one: the kernels right after a BLAS
+# product on OpenBLAS's threads, against a read of W0 (norm) and against OpenMP teams
+INFO_RATIOS = ("norm_after_gemm_vs_read", "norm_after_gemm_openmp_vs_pool",
+               "lowrank_after_gemm_openmp_vs_pool", "products_after_gemm_openmp_vs_pool")
 
 
 def verdict(goal_key, value, shape=None):
@@ -338,7 +352,7 @@ def run_shape(shape, repeats, with_peft):
     }, max(3, repeats // 2), mins=mins)
     t["read_W0"] = t_read
     row["bandwidth_GBps"] = W0.nbytes / t_read_min / 1e9
-    t.update(norm_after_blas(W0, A, B, s, max(5, repeats), mins))
+    t.update(kernels_after_blas(p, max(5, repeats), mins))
 
     st = steps(p)
     fns = dict(st)
@@ -354,6 +368,8 @@ def run_shape(shape, repeats, with_peft):
         "norm_vs_read": ("norm_c", "read_W0"),
         "norm_after_gemm_vs_read": ("norm_after_gemm", "read_W0"),
         "norm_after_gemm_openmp_vs_pool": ("norm_after_gemm_openmp", "norm_after_gemm"),
+        "lowrank_after_gemm_openmp_vs_pool": ("lowrank_after_gemm_openmp", "lowrank_after_gemm"),
+        "products_after_gemm_openmp_vs_pool": ("products_after_gemm_openmp", "products_after_gemm"),
         "numpy_expr_vs_norm": ("norm_numpy_expr", "norm_c"),
         "train_detached_vs_plain": ("dora_train_detached", "plain_train"),
         "train_exact_vs_plain": ("dora_train_exact", "plain_train"),
