@@ -189,3 +189,46 @@ def test_kernel_bits_on_openblas_threads_and_openmp_teams(dtype):
         for name, value in res.items():
             np.testing.assert_array_equal(
                 value, reference[name], err_msg=f"{name}, (pool, threads, pool threads) {key}")
+
+
+_THREADS_SCRIPT = """
+import os, sys
+import numpy as np
+from dora_ref.kernels import c as C
+
+C._set_always_parallel(True)
+C.set_threads(2)
+print(C._set_blas_pool(sys.argv[1] == "pool"))
+rng = np.random.default_rng(0)
+W0, A, B = rng.standard_normal((512, 256)), rng.standard_normal((4, 256)), rng.standard_normal((512, 4))
+_ = A @ A.T
+before = len(os.listdir("/proc/self/task"))
+C.column_norm(W0, A, B, 0.5)
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc/self/task (Linux)")
+def test_column_norm_after_blas_runs_on_openblas_threads_not_a_second_pool():
+    """Issue: right after a BLAS call, OpenBLAS's workers spin and an OpenMP
+    team's threads waited for them to be preempted. With OpenBLAS's threads
+    found, a two-thread column_norm starts no OpenMP thread at all (a fresh
+    process: the thread count does not grow); without them, libgomp starts
+    its worker."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        res = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, mode], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        pool, before, after = (int(v) for v in res.stdout.split())
+        return pool, before, after
+
+    pool, before, after = run("pool")
+    if pool == 0:
+        pytest.skip("no threaded pthreads OpenBLAS here: OpenMP teams only")
+    assert after == before, "column_norm started threads of its own beside OpenBLAS's"
+    _, before, after = run("openmp")
+    assert after == before + 1, "the OpenMP path should start libgomp's second thread"
