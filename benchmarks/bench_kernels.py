@@ -7,7 +7,9 @@ Not a test: a script that prints ratios measured in the same run (float32,
 What it measures, for (out, in, r, N) in the issue's four shapes:
 
 * column norm: the C kernel vs ``np.linalg.norm(W0 + s*B@A, axis=1)`` and vs
-  one read of W0 at the memory bandwidth measured here;
+  one read of W0 at the memory bandwidth measured here; and, with the fused
+  backward kernels, timed right after a BLAS product, as in a training step,
+  with their teams on OpenBLAS's workers (the default) and on OpenMP teams;
 * training step (forward + backward incl. dx), detached and exact norm, vs
   a plain frozen linear layer (``x @ W0.T`` and ``dy @ W0``), and vs LoRA;
 * eval forward with a cached norm (``DoRALinear.eval()``, and the bare
@@ -229,6 +231,47 @@ def extra_memory(shape, detach):
 # ---------------------------------------------------------------------------
 
 
+def kernels_after_blas(p, repeats, mins):
+    """C kernels timed right after a BLAS product (``B @ A``, untimed), as in a
+    training step, where OpenBLAS's workers still spin: with their teams on
+    OpenBLAS's threads (the default where they are found: ``norm_after_gemm``,
+    ``lowrank_after_gemm``, ``products_after_gemm``) and on OpenMP teams
+    (``..._openmp``); and the norm after a 0.2 s pause, when the workers sleep
+    (``norm_alone``). Interleaved; returns medians (seconds) and stores the
+    minima in ``mins``. The products are those of the fused kernel at any r."""
+    W0, A, B, s, x, dy = (p[k] for k in ("W0", "A", "B", "s", "x", "dy"))
+    N, r = x.shape[0], A.shape[0]
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(dy.shape, dtype=DTYPE)
+    U = rng.standard_normal((N, r), dtype=DTYPE)
+    g = rng.random(W0.shape[0], dtype=DTYPE) + DTYPE(0.5)
+    kernels = {
+        "norm": lambda: CK.column_norm(W0, A, B, s),
+        "lowrank": lambda: CK._backward_lowrank_fused(dy, base, U, B, g, s),
+        "products": lambda: CK._norm_gradient_products_fused(W0, A, B),
+    }
+    pool = CK._set_blas_pool(True)
+    variants = {}
+    for name, fn in kernels.items():
+        variants[f"{name}_after_gemm"] = (True, lambda: B @ A, fn)
+        if pool:  # else the two are the same code
+            variants[f"{name}_after_gemm_openmp"] = (False, lambda: B @ A, fn)
+    variants["norm_alone"] = (True, lambda: time.sleep(0.2), kernels["norm"])
+    times = {k: [] for k in variants}
+    try:
+        for _ in range(repeats):
+            for k, (use_pool, before, fn) in variants.items():
+                CK._set_blas_pool(use_pool)
+                before()
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    finally:
+        CK._set_blas_pool(True)
+    mins.update({k: float(min(v)) for k, v in times.items()})
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def peft_steps(p, threads):
     try:
         import torch
@@ -278,7 +321,15 @@ def peft_steps(p, threads):
 # ---------------------------------------------------------------------------
 
 
+# ratios reported beside the goals, without one: the kernels right after a BLAS
+# product on OpenBLAS's threads, against a read of W0 (norm) and against OpenMP teams
+INFO_RATIOS = ("norm_after_gemm_vs_read", "norm_after_gemm_openmp_vs_pool",
+               "lowrank_after_gemm_openmp_vs_pool", "products_after_gemm_openmp_vs_pool")
+
+
 def verdict(goal_key, value, shape=None):
+    if goal_key not in GOALS:
+        return "info"
     op, target = GOALS[goal_key]
     if shape is not None and tuple(shape) not in GOAL_SHAPES.get(goal_key, [tuple(shape)]):
         return f"info (goal {op} {target:g} is stated for {GOAL_SHAPES[goal_key][0]})"
@@ -301,6 +352,7 @@ def run_shape(shape, repeats, with_peft):
     }, max(3, repeats // 2), mins=mins)
     t["read_W0"] = t_read
     row["bandwidth_GBps"] = W0.nbytes / t_read_min / 1e9
+    t.update(kernels_after_blas(p, max(5, repeats), mins))
 
     st = steps(p)
     fns = dict(st)
@@ -314,6 +366,10 @@ def run_shape(shape, repeats, with_peft):
     row["min_ms"] = {k: v * 1e3 for k, v in mins.items()}
     ratios = {
         "norm_vs_read": ("norm_c", "read_W0"),
+        "norm_after_gemm_vs_read": ("norm_after_gemm", "read_W0"),
+        "norm_after_gemm_openmp_vs_pool": ("norm_after_gemm_openmp", "norm_after_gemm"),
+        "lowrank_after_gemm_openmp_vs_pool": ("lowrank_after_gemm_openmp", "lowrank_after_gemm"),
+        "products_after_gemm_openmp_vs_pool": ("products_after_gemm_openmp", "products_after_gemm"),
         "numpy_expr_vs_norm": ("norm_numpy_expr", "norm_c"),
         "train_detached_vs_plain": ("dora_train_detached", "plain_train"),
         "train_exact_vs_plain": ("dora_train_exact", "plain_train"),
@@ -499,7 +555,7 @@ def markdown(env, rows, scal):
     L.append("| (out, in, r, N) | metric | median ratio | min ratio | goal |")
     L.append("|---|---|---|---|---|")
     for row in rows:
-        for key in GOALS:
+        for key in (*GOALS, *INFO_RATIOS):
             if key in row and row[key] is not None:
                 fm = row.get("from_min", {}).get(key)
                 fm = f"{fm:.3g}" if fm is not None else "-"
@@ -508,7 +564,8 @@ def markdown(env, rows, scal):
     L.append("")
     L.append("## Times (ms)")
     L.append("")
-    cols = ["read_W0", "norm_c", "norm_numpy_twin", "norm_numpy_expr", "plain_train", "lora_train",
+    cols = ["read_W0", "norm_c", "norm_after_gemm", "norm_after_gemm_openmp", "norm_alone",
+            "norm_numpy_twin", "norm_numpy_expr", "plain_train", "lora_train",
             "dora_train_detached", "dora_train_exact", "plain_eval", "dora_eval_layer",
             "dora_eval_pieces", "peft_train", "peft_eval"]
     L.append("| (out, in, r, N) | " + " | ".join(cols) + " |")
@@ -625,7 +682,7 @@ def main(argv=None):
         row = run_shape(shape, repeats, with_peft=not args.no_peft)
         rows.append(row)
         print(f"\n{tuple(shape)}  ({time.time() - t_start:.0f} s)")
-        for key in GOALS:
+        for key in (*GOALS, *INFO_RATIOS):
             if key in row:
                 fm = row.get("from_min", {}).get(key, float("nan"))
                 print(f"  {key:28s} {row[key]:8.3f}  (min {fm:7.3f})  {verdict(key, row[key], shape)}")

@@ -66,6 +66,7 @@
 #define SLICES_MAX 8              /* most row slices of W0 in norm_gradient_products */
 #define PRODUCT_CHUNK 512         /* columns of W0 a slice takes at a time there */
 #define CHUNK_LD (PRODUCT_CHUNK + 16)  /* row stride of that chunk's sums */
+#define SUM_BLOCK 4096            /* elements a thread takes at a time in a sum of partials */
 
 static inline int64_t dora_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t dora_max(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -295,6 +296,143 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
     pthread_atfork(dora_before_fork, NULL, dora_in_child);
 }
 #endif
+
+/* ------------------------------------------------------------------------ */
+/* Teams on OpenBLAS's threads (dora_team_run, dora_team_for: the teams of  */
+/* column_norm, backward_epilogue, backward_lowrank and                     */
+/* norm_gradient_products, the kernels that follow BLAS products).          */
+/*                                                                          */
+/* NumPy's OpenBLAS (the pthreads build NumPy's wheels ship) keeps worker   */
+/* threads of its own, which busy-wait for 2**28 cycles (about 0.1 s,       */
+/* OPENBLAS_THREAD_TIMEOUT) after every BLAS call. An OpenMP team started   */
+/* in that window finds the other cores taken by spinning threads of equal  */
+/* priority: its threads start only when the scheduler preempts a spinner,  */
+/* milliseconds later (2 cores: a column norm right after a product took    */
+/* about the serial time, its second thread arriving as the first ended).   */
+/* The cores are not busy, they are waiting for work: so when c.py finds    */
+/* OpenBLAS's gotoblas_pthread(nt, fn, args, stride) (which runs            */
+/* fn(args + t * stride) for t < nt, t = 0 on the calling thread, the       */
+/* others on its workers, and returns when all have), it registers it with  */
+/* dora_set_blas_pool, and a team's members run on OpenBLAS's workers: a    */
+/* spinning worker takes its job at once, a sleeping one is woken as        */
+/* libgomp wakes its own, and no second pool is left to compete. Members    */
+/* take blocks from a shared counter, so which member computes a block      */
+/* never changes its bits. Without a pool, the members run on an OpenMP     */
+/* team (each thread runs members t, t + team size, ...).                   */
+/* ------------------------------------------------------------------------ */
+
+typedef int (*dora_blas_pool_fn)(int, void *, void *, int);
+static uintptr_t blas_pool_fn = 0;  /* gotoblas_pthread, or 0: OpenMP teams */
+static int blas_pool_threads = 0;   /* OpenBLAS's threads, caller included */
+
+/* Runs fn(args + t * stride) for t < nt and returns when all have. */
+static void dora_team_run(int nt, void (*fn)(void *), void *args, size_t stride)
+{
+    uintptr_t pool;
+    int pool_threads;
+    LOAD(blas_pool_fn, pool);
+    LOAD(blas_pool_threads, pool_threads);
+#ifdef _OPENMP
+    /* (not from inside a caller's OpenMP region, where OpenBLAS's threads
+       would warn and a nested OpenMP team is the caller's to plan) */
+    if (nt > 1 && pool && nt <= pool_threads && !omp_in_parallel()) {
+#else
+    if (nt > 1 && pool && nt <= pool_threads) {
+#endif
+        ((dora_blas_pool_fn)pool)(nt, (void *)fn, args, (int)stride);
+        return;
+    }
+#ifdef _OPENMP
+    if (nt > 1) {
+        #pragma omp parallel num_threads(nt)
+        {
+            const int size = omp_get_num_threads();
+            for (int t = omp_get_thread_num(); t < nt; t += size)
+                fn((char *)args + (size_t)t * stride);
+        }
+        return;
+    }
+#endif
+    for (int t = 0; t < nt; t++) fn((char *)args + (size_t)t * stride);
+}
+
+/* A member's dora_plan_arrive: its index, not omp_get_thread_num(). */
+static inline void dora_team_arrive(dora_plan *p, int t)
+{
+    if (p->nt > 1) p->arrive[t] = dora_now();
+}
+
+/* A loop over blocks on a team (dora_team_for): fn(ctx, scratch, blk) for
+   every blk < nblocks, each block once, by whichever member takes it from
+   the counter `next`; each member has `scratch_bytes` of its own (NULL if
+   0), and a member whose malloc fails sets `failed` and takes no block
+   (the call then reports DORA_ERR_NOMEM, as before). */
+typedef void (*dora_block_fn)(void *ctx, void *scratch, int64_t blk);
+typedef struct {
+    dora_block_fn fn;
+    void *ctx;
+    size_t scratch_bytes;
+    int64_t nblocks;
+    int64_t next;
+    int failed;
+    dora_plan *plan;
+} dora_team_loop;
+typedef struct {
+    dora_team_loop *loop;
+    int t;
+} dora_team_member;
+
+static void dora_team_member_run(void *arg)
+{
+    const dora_team_member *me = (const dora_team_member *)arg;
+    dora_team_loop *loop = me->loop;
+    dora_team_arrive(loop->plan, me->t);
+    void *scratch = loop->scratch_bytes ? malloc(loop->scratch_bytes) : NULL;
+    if (loop->scratch_bytes && !scratch) {
+        #pragma omp atomic write
+        loop->failed = 1;
+        return;
+    }
+    for (;;) {
+        int64_t blk;
+        #pragma omp atomic capture
+        blk = loop->next++;
+        if (blk >= loop->nblocks) break;
+        loop->fn(loop->ctx, scratch, blk);
+    }
+    free(scratch);
+}
+
+/* The blocks on plan->nt members (dora_team_run); returns 0, or 1 if a
+   member's scratch could not be allocated (then some blocks may not have
+   run). */
+static int dora_team_for(dora_plan *plan, int64_t nblocks, dora_block_fn fn, void *ctx,
+                         size_t scratch_bytes)
+{
+    dora_team_loop loop = {fn, ctx, scratch_bytes, nblocks, 0, 0, plan};
+    dora_team_member members[MAX_TEAM];
+    for (int t = 0; t < plan->nt; t++) {
+        members[t].loop = &loop;
+        members[t].t = t;
+    }
+    dora_team_run(plan->nt, dora_team_member_run, members, sizeof members[0]);
+    return loop.failed;
+}
+
+void dora_set_blas_pool(void *gotoblas_pthread, int threads)
+{
+    STORE(blas_pool_threads, gotoblas_pthread && threads > 1 ? threads : 0);
+    STORE(blas_pool_fn, (uintptr_t)gotoblas_pthread);
+}
+
+int dora_blas_pool_threads(void)
+{
+    uintptr_t pool;
+    int threads;
+    LOAD(blas_pool_fn, pool);
+    LOAD(blas_pool_threads, threads);
+    return pool ? threads : 0;
+}
 
 /* ------------------------------------------------------------------------ */
 /* bfloat16 and float16 <-> float32, on the bits (a uint16_t holds a value). */

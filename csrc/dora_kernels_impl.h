@@ -234,8 +234,27 @@ static DORA_CLONES void FN(merge_rows)(
     FN(norm_rows)(1, Wm, V, n, W0, Ap, B, m, s, i0, i1, in, r);
 }
 
-/* The norm (Wm NULL) or the merge, over row blocks on the planned threads.
-   The merge's threads each have a scratch of G rows of V. */
+/* column_norm's blocks on a team (dora_team_for): block blk is rows
+   blk * NORM_ROW_BLOCK onwards. */
+typedef struct {
+    REAL *n;
+    const WTYPE *W0;
+    const REAL *Ap, *B;
+    REAL s;
+    int64_t out, in, r;
+} FN(norm_ctx);
+
+static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
+{
+    const FN(norm_ctx) *c = (const FN(norm_ctx) *)ctx;
+    (void)scratch;
+    const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(c->out, i0 + NORM_ROW_BLOCK);
+    FN(column_norm_rows)(c->n, c->W0, c->Ap, c->B, c->s, i0, i1, c->in, c->r);
+}
+
+/* The norm (Wm NULL), on a team (dora_team_for: OpenBLAS's threads when
+   registered), or the merge, over row blocks on an OpenMP
+   team whose threads each have a scratch of G rows of V. */
 static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                              const REAL *m, double s, int64_t out, int64_t in, int64_t r)
 {
@@ -246,23 +265,25 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     int failed = 0;
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        REAL *V = Wm ? (REAL *)malloc((size_t)dora_max(1, G * in) * sizeof(REAL)) : NULL;
-        if (Wm && !V) {
-            #pragma omp atomic write
-            failed = 1;
+    if (!Wm) {
+        FN(norm_ctx) ctx = {n, W0, Ap, B, (REAL)s, out, in, r};
+        failed = dora_team_for(&plan, nblocks, FN(norm_block), &ctx, 0);
+    } else {
+        #pragma omp parallel num_threads(plan.nt)
+        {
+            dora_plan_arrive(&plan);
+            REAL *V = (REAL *)malloc((size_t)dora_max(1, G * in) * sizeof(REAL));
+            if (!V) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp for schedule(dynamic)
+            for (int64_t blk = 0; blk < nblocks; blk++) {
+                const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
+                if (V) FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
+            }
+            free(V);
         }
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
-            if (V)
-                FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
-            else if (!Wm)
-                FN(column_norm_rows)(n, W0, Ap, B, (REAL)s, i0, i1, in, r);
-        }
-        free(V);
     }
     dora_plan_end(&plan);
     free(Ap);
@@ -473,6 +494,23 @@ static DORA_CLONES void FN(backward_epilogue_cols)(
     for (int64_t i = c0; i < c1; i++) dg[i] = (REAL)acc[i - c0];
 }
 
+/* backward_epilogue's blocks on a team: block blk is columns blk * COL_BLOCK onwards. */
+typedef struct {
+    REAL *dg, *dz;
+    const REAL *dy, *base, *U, *Bp, *gm;
+    REAL s;
+    int64_t N, out, r;
+} FN(backward_ctx);
+
+static void FN(backward_block)(void *ctx, void *scratch, int64_t blk)
+{
+    const FN(backward_ctx) *c = (const FN(backward_ctx) *)ctx;
+    (void)scratch;
+    const int64_t c0 = blk * COL_BLOCK;
+    FN(backward_epilogue_cols)(c->dg, c->dz, c->dy, c->base, c->U, c->Bp, c->gm, c->s, c0,
+                               dora_min(c->out, c0 + COL_BLOCK), c->N, c->out, c->r);
+}
+
 int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *base,
                                const REAL *U, const REAL *B, const REAL *gm,
                                double s, int64_t N, int64_t out, int64_t r)
@@ -484,18 +522,10 @@ int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *b
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
+    FN(backward_ctx) ctx = {dg, dz, dy, base, U, Bp, gm, (REAL)s, N, out, r};
     dora_plan plan;
     dora_plan_begin(&plan, K_BACKWARD, (double)N * out * (r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t c0 = blk * COL_BLOCK;
-            FN(backward_epilogue_cols)(dg, dz, dy, base, U, Bp, gm, (REAL)s,
-                                       c0, dora_min(out, c0 + COL_BLOCK), N, out, r);
-        }
-    }
+    dora_team_for(&plan, nblocks, FN(backward_block), &ctx, 0);  /* no scratch: cannot fail */
     dora_plan_end(&plan);
     free(Bp);
     return DORA_OK;
@@ -666,6 +696,39 @@ static DORA_CLONES void FN(backward_lowrank_cols)(
     }
 }
 
+/* backward_lowrank's blocks on a team: column blocks of `width` (scratch:
+   acc and dBt), then the sum of the partials in blocks of SUM_BLOCK
+   elements of dU. */
+typedef struct {
+    REAL *dg, *dz, *dUp, *dB, *dU;
+    const REAL *dy, *base, *U, *Bp, *gm;
+    REAL s;
+    int64_t N, out, r, width, nblocks;
+} FN(lowrank_ctx);
+
+static void FN(lowrank_block)(void *ctx, void *scratch, int64_t blk)
+{
+    const FN(lowrank_ctx) *c = (const FN(lowrank_ctx) *)ctx;
+    double *acc = (double *)scratch;
+    REAL *dBt = (REAL *)(acc + c->width);
+    const int64_t c0 = blk * c->width;
+    FN(backward_lowrank_cols)(c->dg, c->dz, c->dUp + blk * c->N * c->r, c->dB, acc, dBt, c->dy,
+                              c->base, c->U, c->Bp, c->gm, c->s, c0,
+                              dora_min(c->out, c0 + c->width), c->N, c->out, c->r);
+}
+
+static void FN(lowrank_sum_block)(void *ctx, void *scratch, int64_t blk)
+{
+    const FN(lowrank_ctx) *c = (const FN(lowrank_ctx) *)ctx;
+    (void)scratch;
+    const int64_t size = c->N * c->r, e1 = dora_min(size, (blk + 1) * SUM_BLOCK);
+    for (int64_t e = blk * SUM_BLOCK; e < e1; e++) {
+        double sum = 0;
+        for (int64_t b = 0; b < c->nblocks; b++) sum += c->dUp[b * size + e];
+        c->dU[e] = c->s * (REAL)sum;
+    }
+}
+
 int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL *dy,
                               const REAL *base, const REAL *U, const REAL *B, const REAL *gm,
                               double s, int64_t N, int64_t out, int64_t r)
@@ -683,43 +746,20 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
         free(dUp);
         return DORA_ERR_NOMEM;
     }
-    int failed = 0;
+    FN(lowrank_ctx) ctx = {dg, dz, dUp, dB, dU, dy, base, U, Bp, gm, (REAL)s, N, out, r, width,
+                           nblocks};
     dora_plan plan;
     dora_plan_begin(&plan, K_LOWRANK, (double)N * out * (3 * r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        double *acc = (double *)malloc((size_t)width * sizeof(double));
-        REAL *dBt = (REAL *)malloc((size_t)dora_max(1, r * (width + W)) * sizeof(REAL));
-        if (!acc || !dBt) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t c0 = blk * width;
-            if (acc && dBt)
-                FN(backward_lowrank_cols)(dg, dz, dUp + blk * N * r, dB, acc, dBt,
-                                          dy, base, U, Bp, gm, (REAL)s,
-                                          c0, dora_min(out, c0 + width), N, out, r);
-        }
-        free(acc);
-        free(dBt);
-    }
+    /* scratch: acc (width doubles), then dBt (r x (width + W) REALs) */
+    const size_t scratch = (size_t)width * sizeof(double)
+                           + (size_t)dora_max(1, r * (width + W)) * sizeof(REAL);
+    const int failed = dora_team_for(&plan, nblocks, FN(lowrank_block), &ctx, scratch);
     dora_plan_end(&plan);
     if (!failed) {  /* dU = s * (sum of the blocks' partials, in block order) */
+        const int64_t nsums = (N * r + SUM_BLOCK - 1) / SUM_BLOCK;
         dora_plan sum_plan;
-        dora_plan_begin(&sum_plan, K_LOWRANK_SUM, (double)N * r * nblocks, N * r / ROW_BLOCK);
-        #pragma omp parallel num_threads(sum_plan.nt)
-        {
-            dora_plan_arrive(&sum_plan);
-            #pragma omp for
-            for (int64_t e = 0; e < N * r; e++) {
-                double sum = 0;
-                for (int64_t blk = 0; blk < nblocks; blk++) sum += dUp[blk * N * r + e];
-                dU[e] = (REAL)s * (REAL)sum;
-            }
-        }
+        dora_plan_begin(&sum_plan, K_LOWRANK_SUM, (double)N * r * nblocks, nsums);
+        dora_team_for(&sum_plan, nsums, FN(lowrank_sum_block), &ctx, 0);
         dora_plan_end(&sum_plan);
     }
     free(Bp);
@@ -770,6 +810,32 @@ static DORA_CLONES void FN(products_slice)(
     }
 }
 
+/* norm_gradient_products' blocks on a team: the row slices (scratch: cc),
+   then the sum of the partials in blocks of SUM_BLOCK elements of CtW. */
+typedef struct {
+    REAL *WAt, *CtW, *part;
+    const WTYPE *W0;
+    const REAL *Ap, *C;
+    int64_t out, in, r, nslices;
+} FN(products_ctx);
+
+static void FN(products_block)(void *ctx, void *scratch, int64_t sl)
+{
+    const FN(products_ctx) *c = (const FN(products_ctx) *)ctx;
+    REAL *ct = sl == 0 ? c->CtW : c->part + (sl - 1) * c->r * c->in;
+    FN(products_slice)(c->WAt, ct, (REAL *)scratch, c->W0, c->Ap, c->C, sl * c->out / c->nslices,
+                       (sl + 1) * c->out / c->nslices, c->in, c->r);
+}
+
+static void FN(products_sum_block)(void *ctx, void *scratch, int64_t blk)
+{
+    const FN(products_ctx) *c = (const FN(products_ctx) *)ctx;
+    (void)scratch;
+    const int64_t size = c->r * c->in, e1 = dora_min(size, (blk + 1) * SUM_BLOCK);
+    for (int64_t e = blk * SUM_BLOCK; e < e1; e++)
+        for (int64_t sl = 1; sl < c->nslices; sl++) c->CtW[e] += c->part[(sl - 1) * size + e];
+}
+
 API int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const WTYPE *W0, const REAL *A,
                                     const REAL *C, int64_t out, int64_t in, int64_t r)
 {
@@ -784,37 +850,17 @@ API int FN(dora_norm_gradient_products)(REAL *WAt, REAL *CtW, const WTYPE *W0, c
         free(part);
         return DORA_ERR_NOMEM;
     }
-    int failed = 0;
+    FN(products_ctx) ctx = {WAt, CtW, part, W0, Ap, C, out, in, r, nslices};
     dora_plan plan;
     dora_plan_begin(&plan, K_PRODUCTS, (double)out * in * (2 * r + 1), nslices);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        REAL *cc = (REAL *)malloc((size_t)dora_max(1, r * CHUNK_LD) * sizeof(REAL));
-        if (!cc) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(dynamic)
-        for (int64_t sl = 0; sl < nslices; sl++) {
-            REAL *ct = sl == 0 ? CtW : part + (sl - 1) * r * in;
-            if (cc)
-                FN(products_slice)(WAt, ct, cc, W0, Ap, C, sl * out / nslices,
-                                   (sl + 1) * out / nslices, in, r);
-        }
-        free(cc);
-    }
+    const int failed = dora_team_for(&plan, nslices, FN(products_block), &ctx,
+                                     (size_t)dora_max(1, r * CHUNK_LD) * sizeof(REAL));
     dora_plan_end(&plan);
     if (!failed && nslices > 1) {  /* CtW = sum of the slices' partials, in slice order */
+        const int64_t nsums = (r * in + SUM_BLOCK - 1) / SUM_BLOCK;
         dora_plan sum_plan;
-        dora_plan_begin(&sum_plan, K_PRODUCTS_SUM, (double)r * in * nslices, r * in / ROW_BLOCK);
-        #pragma omp parallel num_threads(sum_plan.nt)
-        {
-            dora_plan_arrive(&sum_plan);
-            #pragma omp for
-            for (int64_t e = 0; e < r * in; e++)
-                for (int64_t sl = 1; sl < nslices; sl++) CtW[e] += part[(sl - 1) * r * in + e];
-        }
+        dora_plan_begin(&sum_plan, K_PRODUCTS_SUM, (double)r * in * nslices, nsums);
+        dora_team_for(&sum_plan, nsums, FN(products_sum_block), &ctx, 0);
         dora_plan_end(&sum_plan);
     }
     free(Ap);

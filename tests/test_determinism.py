@@ -29,6 +29,8 @@ of ``test_kernels_c.py`` for the few roundings on top:
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,115 @@ def test_forward_and_backward_agree_across_threads_within_blas_rounding(dtype):
             f"{name}: |1 thread - 2 threads| = {err[worst]:.3g} > bound {bound[worst]:.3g} "
             f"at {worst}"
         )
+
+
+def _openblas_info():
+    """threadpoolctl's view of NumPy's OpenBLAS, or None."""
+    for info in threadpoolctl.threadpool_info():
+        if info.get("internal_api") == "openblas":
+            return info
+    return None
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+def test_openblas_pool_is_found_where_numpy_has_a_threaded_pthreads_openblas():
+    info = _openblas_info()
+    if info is None or info.get("threading_layer") != "pthreads" or info["num_threads"] < 2:
+        pytest.skip(f"NumPy's BLAS here is not a threaded pthreads OpenBLAS: {info}")
+    pool = C._openblas_pool()
+    assert pool is not None, "column_norm would not use OpenBLAS's threads here"
+    address, threads, path = pool
+    assert address and threads == info["num_threads"]
+    assert os.path.realpath(path) == os.path.realpath(info["filepath"])
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_kernel_bits_on_openblas_threads_and_openmp_teams(dtype):
+    """The kernels whose teams run on OpenBLAS's threads when they are found
+    (``_set_blas_pool``: column_norm, backward_epilogue, backward_lowrank,
+    norm_gradient_products), else on OpenMP's, give the same bits either way,
+    for 1 and 2 threads, and right after a BLAS call (when OpenBLAS's workers
+    spin). float16: the 16-bit kernels (norm and products) on float32 adapters."""
+    rng = np.random.default_rng(5)
+    lp = dtype == np.float16
+    adapter = np.float32 if lp else dtype
+    out_f, in_f, r, N = 1000, 700, 12, 300
+    draw = lambda *shape: rng.standard_normal(shape).astype(adapter)  # noqa: E731
+    W0 = rng.standard_normal((out_f, in_f)).astype(dtype)
+    A, B, U, dy, base = draw(r, in_f), draw(out_f, r), draw(N, r), draw(N, out_f), draw(N, out_f)
+    g = (rng.random(out_f) + 0.5).astype(adapter)
+
+    def kernels():
+        res = {"norm": C.column_norm(W0, A, B, 0.3)}
+        assert r <= C.FUSED_MAX_RANK  # the fused kernels, not BLAS
+        res.update(zip(("WAt", "CtW"), C.norm_gradient_products(W0, A, B)))
+        if not lp:
+            res.update(zip(("dg", "dz"), C.backward_epilogue(dy, base, U, B, g, 0.3)))
+            res.update(zip(("lr_dg", "lr_dz", "dU", "dB"),
+                           C._backward_lowrank_fused(dy, base, U, B, g, 0.3)))
+        return res
+
+    results = {}
+    C._set_always_parallel(True)
+    try:
+        for pool in (True, False):
+            used = C._set_blas_pool(pool)
+            assert pool or used == 0
+            for threads in (1, 2):
+                C.set_threads(threads)
+                _ = A @ A.T  # a BLAS call just before: its workers spin
+                results[pool, threads, used] = kernels()
+    finally:
+        C._set_always_parallel(False)
+        C.set_threads(0)
+        C._set_blas_pool(True)
+    reference = results[False, 1, 0]
+    assert reference["norm"].dtype == (np.float32 if lp else dtype)
+    for key, res in results.items():
+        for name, value in res.items():
+            np.testing.assert_array_equal(
+                value, reference[name], err_msg=f"{name}, (pool, threads, pool threads) {key}")
+
+
+_THREADS_SCRIPT = """
+import os, sys
+import numpy as np
+from dora_ref.kernels import c as C
+
+C._set_always_parallel(True)
+C.set_threads(2)
+print(C._set_blas_pool(sys.argv[1] == "pool"))
+rng = np.random.default_rng(0)
+W0, A, B = rng.standard_normal((512, 256)), rng.standard_normal((4, 256)), rng.standard_normal((512, 4))
+_ = A @ A.T
+before = len(os.listdir("/proc/self/task"))
+C.column_norm(W0, A, B, 0.5)
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc/self/task (Linux)")
+def test_column_norm_after_blas_runs_on_openblas_threads_not_a_second_pool():
+    """Issue: right after a BLAS call, OpenBLAS's workers spin and an OpenMP
+    team's threads waited for them to be preempted. With OpenBLAS's threads
+    found, a two-thread column_norm starts no OpenMP thread at all (a fresh
+    process: the thread count does not grow); without them, libgomp starts
+    its worker."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        res = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, mode], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        pool, before, after = (int(v) for v in res.stdout.split())
+        return pool, before, after
+
+    pool, before, after = run("pool")
+    if pool == 0:
+        pytest.skip("no threaded pthreads OpenBLAS here: OpenMP teams only")
+    assert after == before, "column_norm started threads of its own beside OpenBLAS's"
+    _, before, after = run("openmp")
+    assert after == before + 1, "the OpenMP path should start libgomp's second thread"

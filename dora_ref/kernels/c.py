@@ -478,6 +478,73 @@ def _lp_out_dtype(out_dtype, base):
 # ---------------------------------------------------------------------------
 
 
+def _openblas_pool():
+    """NumPy's OpenBLAS thread pool: (address of ``gotoblas_pthread``, threads, path), or None.
+
+    Looked for among the libraries mapped into this process
+    (``/proc/self/maps``, Linux): exactly one OpenBLAS (``libopenblas*``,
+    ``libscipy_openblas*``) with the pthreads threading layer (its
+    ``openblas_get_parallel`` returns 1, under any of the symbol prefixes
+    the wheels use), at least two threads, and ``gotoblas_pthread``
+    exported. Anything else (another BLAS, an OpenMP OpenBLAS, one thread,
+    not Linux) gives None, and the kernels use OpenMP teams.
+    """
+    import ctypes
+
+    paths = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "openblas" in os.path.basename(path).lower() and ".so" in path:
+                    paths.add(path)
+    except OSError:
+        return None
+    if len(paths) != 1:
+        return None
+    path = paths.pop()
+    try:
+        blas = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+    except OSError:
+        return None
+
+    def symbol(name):
+        for prefix in ("", "scipy_"):
+            for suffix in ("", "64_", "_64"):
+                fn = getattr(blas, prefix + name + suffix, None)
+                if fn is not None:
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = []
+                    return fn
+        return None
+
+    parallel, threads = symbol("openblas_get_parallel"), symbol("openblas_get_num_threads")
+    pool = getattr(blas, "gotoblas_pthread", None)
+    if parallel is None or threads is None or pool is None or parallel() != 1:
+        return None
+    nthreads = threads()
+    if nthreads < 2:
+        return None
+    return ctypes.cast(pool, ctypes.c_void_p).value, nthreads, path
+
+
+def _set_blas_pool(on):
+    """Run the teams of column_norm, backward_epilogue, backward_lowrank and
+    norm_gradient_products on NumPy's OpenBLAS threads (``True``, the default
+    where ``_openblas_pool`` finds them) or on OpenMP teams (``False``); returns
+    the OpenBLAS threads now used, 0 for none. (``csrc/dora_kernels.c``, "Teams
+    on OpenBLAS's threads", says why.)"""
+    pool = _openblas_pool() if on else None
+    if pool is None:
+        lib.dora_set_blas_pool(ffi.NULL, 0)
+    else:
+        lib.dora_set_blas_pool(ffi.cast("void *", pool[0]), pool[1])
+    return int(lib.dora_blas_pool_threads())
+
+
+_set_blas_pool(True)
+
+
 def column_norm(W0, A, B, scaling):
     """n_i = ||W0_i + s * B_i @ A||_2 for every output row i, without forming B @ A.
 
@@ -504,6 +571,15 @@ def column_norm(W0, A, B, scaling):
         A non-array, a dtype outside those combinations, a non-real scaling.
     ValueError
         Shapes that do not fit (out, in), (r, in), (out, r).
+
+    Notes
+    -----
+    Where NumPy's BLAS is a threaded pthreads OpenBLAS (``_openblas_pool``),
+    the kernel's threads are OpenBLAS's own workers rather than an OpenMP
+    team: after each BLAS call those workers busy-wait for about 0.1 s, and
+    an OpenMP team started then waited for the scheduler to preempt them
+    (``csrc/dora_kernels.c``, "Teams on OpenBLAS's threads"). The bits are
+    the same either way, for any number of threads.
     """
     if _is_lp(W0):
         return _column_norm_lp(W0, A, B, scaling)
