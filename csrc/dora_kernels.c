@@ -135,7 +135,11 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* Measured with one busy process on 2 cores (column_norm, (1024, 1024),    */
 /* r = 8, in a training step): 13 of 21 probes a 0.1 s apart lost, 1.4 ms  */
 /* each on average, against 0.5 ms of predicted serial time; backing off    */
-/* bounds what losing probes cost to a few ms every few seconds.            */
+/* bounds what losing probes cost to a few ms every few seconds. And a      */
+/* probe first reads how many threads are runnable (dora_cores_free): with  */
+/* no idle core for the team it is skipped until the next interval (the    */
+/* same benchmark on a machine at load 5-7, 5 minutes: 71 probes, 66 lost,  */
+/* 1.1 s lost in all, before this test).                                    */
 /* The bits never depend on nt.                                             */
 /*                                                                          */
 /* Fork: libgomp's worker threads do not exist in a forked child, but its   */
@@ -171,11 +175,12 @@ static double ns_per_work[K_COUNT]; /* 0: not measured yet */
 static double region_ns = 0;        /* L: recent cost of opening a team; 0: not measured */
 static double region_min_ns = 0;    /* the smallest L seen */
 static double last_parallel = 0;    /* when the last team ran */
+static double last_gate = 0;        /* when a probe was last refused by dora_cores_free */
 static double probe_interval = PROBE_INTERVAL;  /* seconds without a team before a probe */
 
 /* Counters of the plan's decisions, per kernel, for dora_plan_stats. */
 enum { S_CALLS, S_PARALLEL, S_PROBES, S_LOST, S_LOST_NS, S_START_NS, S_WALL_NS, S_PREDICT_NS,
-       S_COUNT };
+       S_GATED, S_COUNT };
 static double plan_stats[K_COUNT][S_COUNT];
 #define STAT_ADD(k, s, v) do { _Pragma("omp atomic") plan_stats[k][s] += (v); } while (0)
 
@@ -224,6 +229,48 @@ static void dora_measure_region(int nt)
 }
 #endif
 
+/* The number of runnable threads in the text of /proc/loadavg (its fourth
+   field, "running/total"), or -1 if the text does not have one. */
+long dora_loadavg_running(const char *text)
+{
+    const char *q = text;
+    for (int field = 0; field < 3; field++) {  /* skip the three load averages */
+        q = strchr(q, ' ');
+        if (!q) return -1;
+        q++;
+    }
+    char *end;
+    const long running = strtol(q, &end, 10);
+    return end != q && *end == '/' && running >= 0 ? running : -1;
+}
+
+#if defined(__linux__) && defined(_OPENMP)
+#include <fcntl.h>
+#include <unistd.h>
+/* 1 if the machine has nt - 1 idle cores for a team besides the calling
+   thread, or if that cannot be read; 0 if not. Linux's /proc/loadavg gives
+   the number of runnable threads now (the caller included); a probe reads
+   it (a few us) before it opens a team, so that on a machine whose cores
+   are all taken (other processes, or OpenBLAS's workers spinning after a
+   product) the probe does not pay a time slice to find out. */
+static int dora_cores_free(int nt)
+{
+    char buf[128];
+    const int fd = open("/proc/loadavg", O_RDONLY);
+    if (fd < 0) return 1;
+    const ssize_t len = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (len <= 0) return 1;
+    buf[len] = 0;
+    const long running = dora_loadavg_running(buf);
+    const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (running <= 0 || cores <= 0) return 1;
+    return cores - running >= nt - 1;
+}
+#else
+static inline int dora_cores_free(int nt) { (void)nt; return 1; }
+#endif
+
 static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nblocks)
 {
     p->kernel = kernel;
@@ -248,15 +295,21 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
         dora_measure_region(p->nt);
         LOAD(region_ns, L);
     }
-    double interval;
+    double interval, gated;
     LOAD(region_min_ns, Lmin);
     LOAD(last_parallel, last);
+    LOAD(last_gate, gated);
     LOAD(probe_interval, interval);
     const double T = rate * work;
     const int pays = T > 4 * L;
-    const int probe = T > 4 * Lmin && p->t0 - last > interval;
+    int probe = !pays && T > 4 * Lmin && p->t0 - dora_max_d(last, gated) > interval;
+    if (probe && !dora_cores_free(p->nt)) {  /* no idle core: try again an interval later */
+        STORE(last_gate, p->t0);
+        STAT_ADD(kernel, S_GATED, 1);
+        probe = 0;
+    }
     if (!pays && !probe) p->nt = 1;
-    p->probe = !pays && probe;
+    p->probe = probe;
     p->T = T;
     p->t0 = dora_now();
 #endif
@@ -608,6 +661,7 @@ void dora_plan_reset(void)
     STORE(region_ns, 0);
     STORE(region_min_ns, 0);
     STORE(probe_interval, PROBE_INTERVAL);
+    STORE(last_gate, 0);
 }
 
 int dora_plan_stats(double *stats, int n)

@@ -250,7 +250,7 @@ _PLAN_KERNELS = ("column_norm", "merge", "unmerge", "forward_epilogue", "backwar
                  "backward_lowrank", "backward_lowrank_sum", "norm_gradient_products",
                  "norm_gradient_products_sum")
 _PLAN_FIELDS = ("calls", "parallel", "probes", "lost", "lost_ms", "start_ms", "wall_ms",
-                "predicted_ms")
+                "predicted_ms", "gated")
 
 
 def _plan_stats(reset=False):
@@ -262,13 +262,17 @@ def _plan_stats(reset=False):
     ``lost`` (parallel calls slower than the predicted serial time) and
     ``lost_ms`` (their excess, summed), ``start_ms`` (the teams' start
     delays, summed), ``wall_ms`` and ``predicted_ms`` (the parallel calls'
-    time and predicted serial time, summed). ``reset=True`` zeroes the
-    counters after reading them.
+    time and predicted serial time, summed), ``gated`` (probes not made
+    because no core was idle). ``reset=True`` zeroes the counters after
+    reading them.
     """
     count = int(lib.dora_plan_stats(ffi.NULL, 0))
     buf = ffi.new("double[]", count)
     lib.dora_plan_stats(buf, count)
-    width = len(_PLAN_FIELDS)
+    width = count // len(_PLAN_KERNELS)
+    if width != len(_PLAN_FIELDS):
+        raise RuntimeError(f"the extension counts {width} fields a kernel, this module names "
+                           f"{len(_PLAN_FIELDS)}: rebuild it (setup.py build_ext --inplace)")
     stats = {}
     for k, name in enumerate(_PLAN_KERNELS):
         row = [buf[k * width + j] for j in range(width)]
@@ -284,6 +288,11 @@ def _plan_observe(start_us, wall_us, predicted_us, threads):
     """Tests only: feed the cost model one parallel call (times in us); True if it lost."""
     return bool(lib.dora_plan_observe_for_tests(start_us * 1e3, wall_us * 1e3,
                                                 predicted_us * 1e3, threads))
+
+
+def _loadavg_running(text):
+    """Tests only: the runnable threads in a /proc/loadavg text (C's parser), or -1."""
+    return int(lib.dora_loadavg_running(text.encode()))
 
 
 def _plan_reset():
