@@ -137,9 +137,11 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* each on average, against 0.5 ms of predicted serial time; backing off    */
 /* bounds what losing probes cost to a few ms every few seconds. And a      */
 /* probe first reads how many threads are runnable (dora_cores_free): with  */
-/* no idle core for the team it is skipped until the next interval (the    */
-/* same benchmark on a machine at load 5-7, 5 minutes: 71 probes, 66 lost,  */
-/* 1.1 s lost in all, before this test).                                    */
+/* no idle core for the team it is skipped until the next interval. Before */
+/* this test, bench_busy --quick's quiet level on a machine kept at load    */
+/* 5-7 by other jobs made 71 probes in 5 minutes, 66 lost (1.1 s in all);   */
+/* with it, the training step above with one busy process made no probe    */
+/* (28 gated) where it had made 5-7, 4-5 of them lost (13-30 ms).          */
 /* The bits never depend on nt.                                             */
 /*                                                                          */
 /* Fork: libgomp's worker threads do not exist in a forked child, but its   */
