@@ -11,15 +11,27 @@ every cell, quiet and busy, with no environment variable set by the user.
 
 Timing: for each cell the two backends run round-robin (C, NumPy, C, ...),
 so that a burst of load falls on both; the ratio of the medians is the
-headline, the ratio of the fastest repeats (the least disturbed ones) is
-printed beside it.
+headline, the ratios of the means (the total time a user sees) and of the
+fastest repeats (the least disturbed ones) are printed beside it. Under load
+the times of both backends are often bimodal (a BLAS product whose second
+thread waits for the busy process's time slice takes several times longer),
+and a median near the split of the two modes jumps between them: read the
+means and the minima too. The C cost model's decisions at each load level
+(calls that opened a team, probes, parallel calls that lost against the
+predicted serial time) are printed after it.
 The busy processes are plain Python spin loops, each bounded in time by
 itself (it exits after ``--busy-limit`` seconds even if this script dies)
 and killed by PID in a ``finally``. ``uptime`` is printed before and after
 every load level: the machine may be shared with other work too.
 
     python benchmarks/bench_busy.py --quick      # a few minutes
-    python benchmarks/bench_busy.py              # the full sweep
+    python benchmarks/bench_busy.py --full       # the issue's grid, bounded by --max-minutes
+
+The full grid is 450 cells (150 with each of 0, 1 and 2 busy processes); its
+largest cells take seconds a step. ``--max-minutes`` bounds the whole run:
+each cell gets an equal share of what is left (at least 3 rounds), and a
+cell whose single warm-up step (C and NumPy, train and eval) already
+exceeds ``--step-limit`` seconds is skipped and listed as skipped.
 """
 from __future__ import annotations
 
@@ -114,25 +126,45 @@ def eval_forward(p):
                           weight_norm=p["n"])
 
 
-def side_by_side(fn, p, budget):
-    """Median seconds of fn with the C and the NumPy backend, run round-robin
-    for about `budget` seconds (at least 5 and at most 200 rounds)."""
-    times = {"c": [], "numpy": []}
-    for name in times:  # warm up: caches, the C cost model's first calls
+def warm_up(fn, p):
+    """Run fn twice with each backend (caches, the C cost model's first calls);
+    return the seconds of the slower backend's second call."""
+    step = 0.0
+    for name in ("c", "numpy"):
         with dora_ref.use_backend(name):
             fn(p)
+            t0 = time.perf_counter()
             fn(p)
+            step = max(step, time.perf_counter() - t0)
+    return step
+
+
+def side_by_side(fn, p, budget, min_rounds=5):
+    """Seconds of fn with the C and the NumPy backend, run round-robin for
+    about `budget` seconds (at least `min_rounds` and at most 200 rounds):
+    the median, mean and minimum of each, and the number of rounds."""
+    times = {"c": [], "numpy": []}
     t_end = time.perf_counter() + budget
     rounds = 0
-    while rounds < 5 or (time.perf_counter() < t_end and rounds < 200):
+    while rounds < min_rounds or (time.perf_counter() < t_end and rounds < 200):
         for name in ("c", "numpy") if rounds % 2 == 0 else ("numpy", "c"):
             with dora_ref.use_backend(name):
                 t0 = time.perf_counter()
                 fn(p)
                 times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {k: float(np.median(v)) for k, v in times.items()} | {
-        f"{k}_min": float(np.min(v)) for k, v in times.items()}
+    stats = {"rounds": rounds}
+    for k, v in times.items():
+        stats[k] = float(np.median(v))
+        stats[f"{k}_mean"] = float(np.mean(v))
+        stats[f"{k}_min"] = float(np.min(v))
+    return stats
+
+
+def ratios(st):
+    """C/NumPy of the medians, the means and the minima."""
+    return (st["c"] / st["numpy"], st["c_mean"] / st["numpy_mean"],
+            st["c_min"] / st["numpy_min"])
 
 
 def cells(grid):
@@ -144,58 +176,121 @@ def cells(grid):
         yield out_f, in_f, r, N, dtype
 
 
+def plan_summary(kernels_c):
+    """The C cost model's decisions since the last call, summed over kernels."""
+    if not hasattr(kernels_c, "_plan_stats"):  # a build before the counters
+        return "no counters in this build"
+    stats = kernels_c._plan_stats(reset=True)
+    total = {f: sum(v[f] for v in stats.values())
+             for f in ("calls", "parallel", "probes", "lost", "lost_ms")}
+    return (f"{total['calls']} C calls, {total['parallel']} parallel ({total['probes']} probes), "
+            f"{total['lost']} slower than predicted serial (+{total['lost_ms']:.1f} ms)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller sweep (a few minutes)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smaller sweep (a few minutes)")
+    size.add_argument("--full", action="store_true",
+                      help="the issue's grid: 5 shapes x 5 ranks x 3 N x 2 dtypes x 0/1/2 busy "
+                           "(the default)")
     ap.add_argument("--loads", default=None, help="busy processes per level, e.g. 0,1,2")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per cell and kind")
-    ap.add_argument("--busy-limit", type=float, default=1800,
-                    help="seconds after which a busy process stops by itself")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds per cell and kind (default: 0.3 quick, else from --max-minutes)")
+    ap.add_argument("--max-minutes", type=float, default=90,
+                    help="the whole run's time bound (full sweep; default 90)")
+    ap.add_argument("--step-limit", type=float, default=5.0,
+                    help="skip a cell whose warm-up step takes longer than this (seconds)")
+    ap.add_argument("--busy-limit", type=float, default=None,
+                    help="seconds after which a busy process stops by itself "
+                         "(default: the time bound)")
     args = ap.parse_args(argv)
     grid = dict(QUICK if args.quick else FULL)
     if args.loads:
         grid["loads"] = [int(v) for v in args.loads.split(",")]
-    budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
     if "c" not in dora_ref.available_backends():
         sys.exit("the C extension is not built: nothing to compare")
     from dora_ref.kernels import c as _kernels_c
 
+    all_cells = [(load, cell) for load in grid["loads"] for cell in cells(grid)]
+    t_start = time.perf_counter()
+    deadline = t_start + 60 * args.max_minutes
+    busy_limit = args.busy_limit if args.busy_limit is not None else 60 * args.max_minutes + 60
     print(f"# C backend vs NumPy backend, quiet and busy (goal: C/NumPy <= {GOAL})")
     print(f"# CPU: {cpu()}; numpy {np.__version__}; {_kernels_c.threading_info()}")
-    worst = {}
+    print(f"# {len(all_cells)} cells; "
+          + (f"{args.budget} s per cell and kind" if args.budget is not None else
+             "0.3 s per cell and kind" if args.quick else
+             f"bounded by {args.max_minutes:g} min, cells over {args.step_limit:g} s a step skipped"))
+    results = {}  # load -> list of (key, (train ratios), (eval ratios))
+    skipped = {}
+    done = 0
     for load in grid["loads"]:
-        procs = start_busy(load, args.busy_limit)
+        procs = start_busy(load, busy_limit)
         try:
             time.sleep(0.5 if load else 0)
             print(f"\n## {load} busy process(es); before: {uptime()}")
             print(f"{'out':>6} {'in':>5} {'r':>3} {'N':>5} {'dtype':>7} | "
                   f"{'train C ms':>10} {'NumPy ms':>9} {'C/NumPy':>7} | "
-                  f"{'eval C ms':>9} {'NumPy ms':>9} {'C/NumPy':>7} | min-ratio train eval")
+                  f"{'eval C ms':>9} {'NumPy ms':>9} {'C/NumPy':>7} | "
+                  f"means: train eval | minima: train eval | rounds")
+            plan_summary(_kernels_c)  # reset the counters
             for out_f, in_f, r, N, dtype in cells(grid):
+                key = (out_f, in_f, r, N, np.dtype(dtype).name)
+                bounded = not args.quick and args.budget is None
+                done += 1
+                if bounded and time.perf_counter() > deadline:
+                    skipped.setdefault(load, []).append((key, "past the time bound"))
+                    print(f"{out_f:>6} {in_f:>5} {r:>3} {N:>5} {key[4]:>7} | skipped: past the "
+                          f"time bound ({args.max_minutes:g} min)", flush=True)
+                    continue
                 p = problem(out_f, in_f, r, N, dtype)
                 p["n"] = F.column_norm(p["W0"], p["A"], p["B"], p["s"])
-                tr = side_by_side(train_step, p, budget)
-                ev = side_by_side(eval_forward, p, budget)
-                rt, re_ = tr["c"] / tr["numpy"], ev["c"] / ev["numpy"]
-                mt, me = tr["c_min"] / tr["numpy_min"], ev["c_min"] / ev["numpy_min"]
-                flag = " <-- over the goal" if max(rt, re_) > GOAL else ""
-                print(f"{out_f:>6} {in_f:>5} {r:>3} {N:>5} {np.dtype(dtype).name:>7} | "
-                      f"{tr['c'] * 1e3:>10.3f} {tr['numpy'] * 1e3:>9.3f} {rt:>7.2f} | "
-                      f"{ev['c'] * 1e3:>9.3f} {ev['numpy'] * 1e3:>9.3f} {re_:>7.2f} | "
-                      f"{mt:>9.2f} {me:>5.2f}{flag}",
+                step = warm_up(train_step, p) + warm_up(eval_forward, p)
+                if not bounded:
+                    budget, min_rounds = (args.budget if args.budget is not None else 0.3), 5
+                else:  # an equal share of what is left, at least 3 rounds
+                    left = max(0.0, deadline - time.perf_counter())
+                    budget, min_rounds = left / max(1, len(all_cells) - done + 1) / 2, 3
+                why = (f"a step takes {step:.1f} s (over --step-limit {args.step_limit:g} s)"
+                       if step > args.step_limit else
+                       f"3 rounds at {step:.1f} s a step would pass the time bound"
+                       if bounded and time.perf_counter() + 3 * 2 * step > deadline else None)
+                if why:
+                    skipped.setdefault(load, []).append((key, why))
+                    print(f"{out_f:>6} {in_f:>5} {r:>3} {N:>5} {key[4]:>7} | skipped: {why}",
+                          flush=True)
+                    continue
+                tr = side_by_side(train_step, p, budget, min_rounds)
+                ev = side_by_side(eval_forward, p, budget, min_rounds)
+                rt, re_ = ratios(tr), ratios(ev)
+                flag = " <-- over the goal" if max(rt[0], re_[0]) > GOAL else ""
+                print(f"{out_f:>6} {in_f:>5} {r:>3} {N:>5} {key[4]:>7} | "
+                      f"{tr['c'] * 1e3:>10.3f} {tr['numpy'] * 1e3:>9.3f} {rt[0]:>7.2f} | "
+                      f"{ev['c'] * 1e3:>9.3f} {ev['numpy'] * 1e3:>9.3f} {re_[0]:>7.2f} | "
+                      f"{rt[1]:>12.2f} {re_[1]:>4.2f} | {rt[2]:>13.2f} {re_[2]:>4.2f} | "
+                      f"{tr['rounds']:>3} {ev['rounds']:>3}{flag}",
                       flush=True)
-                key = (out_f, in_f, r, N, np.dtype(dtype).name)
-                w = worst.setdefault(load, (0, None))
-                if max(rt, re_) > w[0]:
-                    worst[load] = (max(rt, re_), key)
-            print(f"after: {uptime()}; C cost model: {_kernels_c.threading_info()['region_cost_us']:.1f} "
-                  f"us to open a team")
+                results.setdefault(load, []).append((key, rt, re_))
+            print(f"after: {uptime()}; C cost model: "
+                  f"{_kernels_c.threading_info()['region_cost_us']:.1f} us to open a team; "
+                  f"{plan_summary(_kernels_c)}")
         finally:
             stop_busy(procs)
-    print("\n## worst C/NumPy cell per load level")
-    for load, (ratio, key) in worst.items():
-        print(f"{load} busy: {ratio:.2f} at (out, in, r, N, dtype) = {key}")
-
+    print(f"\n## summary per load level (C/NumPy, worst of train and eval; goal <= {GOAL}); "
+          f"{(time.perf_counter() - t_start) / 60:.1f} min")
+    for load in grid["loads"]:
+        rows = results.get(load, [])
+        parts = []
+        for label, j in (("medians", 0), ("means", 1), ("minima", 2)) if rows else ():
+            worst = max(rows, key=lambda row: max(row[1][j], row[2][j]))
+            over = sum(1 for row in rows for kind in (1, 2) if row[kind][j] > GOAL)
+            parts.append(f"by {label}: worst {max(worst[1][j], worst[2][j]):.2f} at {worst[0]}, "
+                         f"{over} of {2 * len(rows)} over")
+        print(f"{load} busy ({len(rows)} cells x train, eval; {len(skipped.get(load, []))} "
+              f"skipped): " + ("; ".join(parts) or "no cell measured"))
+        for key, why in skipped.get(load, []):
+            print(f"    skipped {key}: {why}")
 
 if __name__ == "__main__":
     main()

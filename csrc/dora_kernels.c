@@ -70,6 +70,7 @@
 
 static inline int64_t dora_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t dora_max(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline double dora_max_d(double a, double b) { return a > b ? a : b; }
 
 /* column_norm's chunk of columns: all `in` columns when A (r x in, counted
    in float64) is at most NORM_WHOLE_BYTES, so at most the 512 KiB of a
@@ -123,9 +124,26 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* call goes parallel only when T > 4 L. On a busy machine a woken thread   */
 /* waits for a time slice, L grows to milliseconds and small calls stay on  */
 /* one thread (a barrier then never waits for the scheduler). While calls   */
-/* stay serial L is not measured, so at most every PROBE_INTERVAL seconds   */
-/* a call that would pay on a quiet machine (T > 4 L_min) goes parallel     */
-/* again to see whether the load has gone. The bits never depend on nt.    */
+/* stay serial L is not measured, so after probe_interval seconds without a */
+/* team a call that would pay on a quiet machine (T > 4 L_min) goes         */
+/* parallel again (a probe) to see whether the load has gone.               */
+/*                                                                          */
+/* A parallel call that ends later than its predicted serial time T lost:   */
+/* its team cost at least wall - T / nt, more than the start delay shows    */
+/* (a thread preempted mid-region makes the barrier wait a whole slice),    */
+/* so that excess is L's sample, and probe_interval doubles (from           */
+/* PROBE_INTERVAL up to PROBE_INTERVAL_MAX); a call that wins sets it back. */
+/* Measured with one busy process on 2 cores (column_norm, (1024, 1024),    */
+/* r = 8, in a training step): 13 of 21 probes a 0.1 s apart lost, 1.4 ms  */
+/* each on average, against 0.5 ms of predicted serial time; backing off    */
+/* bounds what losing probes cost to a few ms every few seconds. And a      */
+/* probe first reads how many threads are runnable (dora_cores_free): with  */
+/* no idle core for the team it is skipped until the next interval. Before */
+/* this test, bench_busy --quick's quiet level on a machine kept at load    */
+/* 5-7 by other jobs made 71 probes in 5 minutes, 66 lost (1.1 s in all);   */
+/* with it, the training step above with one busy process made no probe    */
+/* (28 gated) where it had made 5-7, 4-5 of them lost (13-30 ms).          */
+/* The bits never depend on nt.                                             */
 /*                                                                          */
 /* Fork: libgomp's worker threads do not exist in a forked child, but its   */
 /* pool still lists them, so the child's first team would wait for them     */
@@ -143,10 +161,11 @@ enum dora_kernel_id {
 
 #define MAX_TEAM 64             /* threads a team may have (arrival times kept) */
 #define PROBE_INTERVAL 0.1      /* seconds between parallel probes while serial */
+#define PROBE_INTERVAL_MAX 6.4  /* ... at most, after probes that lost (0.1 * 2^6) */
 
 typedef struct {
-    int kernel, nt;
-    double work, t0;
+    int kernel, nt, probe;
+    double work, t0, T;
     double arrive[MAX_TEAM];    /* when each thread of the team started */
 } dora_plan;
 
@@ -159,6 +178,14 @@ static double ns_per_work[K_COUNT]; /* 0: not measured yet */
 static double region_ns = 0;        /* L: recent cost of opening a team; 0: not measured */
 static double region_min_ns = 0;    /* the smallest L seen */
 static double last_parallel = 0;    /* when the last team ran */
+static double last_gate = 0;        /* when a probe was last refused by dora_cores_free */
+static double probe_interval = PROBE_INTERVAL;  /* seconds without a team before a probe */
+
+/* Counters of the plan's decisions, per kernel, for dora_plan_stats. */
+enum { S_CALLS, S_PARALLEL, S_PROBES, S_LOST, S_LOST_NS, S_START_NS, S_WALL_NS, S_PREDICT_NS,
+       S_GATED, S_COUNT };
+static double plan_stats[K_COUNT][S_COUNT];
+#define STAT_ADD(k, s, v) do { _Pragma("omp atomic") plan_stats[k][s] += (v); } while (0)
 
 #ifdef _OPENMP
 static double dora_now(void) { return omp_get_wtime(); }
@@ -205,10 +232,54 @@ static void dora_measure_region(int nt)
 }
 #endif
 
+/* The number of runnable threads in the text of /proc/loadavg (its fourth
+   field, "running/total"), or -1 if the text does not have one. */
+long dora_loadavg_running(const char *text)
+{
+    const char *q = text;
+    for (int field = 0; field < 3; field++) {  /* skip the three load averages */
+        q = strchr(q, ' ');
+        if (!q) return -1;
+        q++;
+    }
+    char *end;
+    const long running = strtol(q, &end, 10);
+    return end != q && *end == '/' && running >= 0 ? running : -1;
+}
+
+#if defined(__linux__) && defined(_OPENMP)
+#include <fcntl.h>
+#include <unistd.h>
+/* 1 if the machine has nt - 1 idle cores for a team besides the calling
+   thread, or if that cannot be read; 0 if not. Linux's /proc/loadavg gives
+   the number of runnable threads now (the caller included); a probe reads
+   it (a few us) before it opens a team, so that on a machine whose cores
+   are all taken (other processes, or OpenBLAS's workers spinning after a
+   product) the probe does not pay a time slice to find out. */
+static int dora_cores_free(int nt)
+{
+    char buf[128];
+    const int fd = open("/proc/loadavg", O_RDONLY);
+    if (fd < 0) return 1;
+    const ssize_t len = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (len <= 0) return 1;
+    buf[len] = 0;
+    const long running = dora_loadavg_running(buf);
+    const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (running <= 0 || cores <= 0) return 1;
+    return cores - running >= nt - 1;
+}
+#else
+static inline int dora_cores_free(int nt) { (void)nt; return 1; }
+#endif
+
 static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nblocks)
 {
     p->kernel = kernel;
     p->work = work;
+    p->probe = 0;
+    p->T = 0;
     p->nt = (int)dora_min(dora_threads_now(), dora_max(1, nblocks));
     p->t0 = dora_now();
 #ifdef _OPENMP
@@ -227,12 +298,22 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
         dora_measure_region(p->nt);
         LOAD(region_ns, L);
     }
+    double interval, gated;
     LOAD(region_min_ns, Lmin);
     LOAD(last_parallel, last);
+    LOAD(last_gate, gated);
+    LOAD(probe_interval, interval);
     const double T = rate * work;
     const int pays = T > 4 * L;
-    const int probe = T > 4 * Lmin && p->t0 - last > PROBE_INTERVAL;
+    int probe = !pays && T > 4 * Lmin && p->t0 - dora_max_d(last, gated) > interval;
+    if (probe && !dora_cores_free(p->nt)) {  /* no idle core: try again an interval later */
+        STORE(last_gate, p->t0);
+        STAT_ADD(kernel, S_GATED, 1);
+        probe = 0;
+    }
     if (!pays && !probe) p->nt = 1;
+    p->probe = probe;
+    p->T = T;
     p->t0 = dora_now();
 #endif
 }
@@ -247,23 +328,51 @@ static inline void dora_plan_arrive(dora_plan *p)
 #endif
 }
 
+/* What a parallel call taught: its team's start delay, its wall time and
+   its predicted serial time T (0: the policy forced the team, nothing was
+   predicted), in ns, at time t1 (s). Updates L, L_min, the time of the last
+   team and probe_interval (the rules above); returns 1 if the call lost. */
+static int dora_plan_observe(double start, double wall, double T, int nt, double t1)
+{
+    const int lost = T > 0 && wall > T;
+    const double L = lost ? dora_max_d(start, wall - T / nt) : start;
+    double Lold, Lmin;
+    LOAD(region_ns, Lold);
+    LOAD(region_min_ns, Lmin);
+    STORE(region_ns, Lold == 0 ? L : 0.75 * Lold + 0.25 * L);
+    STORE(region_min_ns, Lmin == 0 || start < Lmin ? start : Lmin);
+    STORE(last_parallel, t1);
+    if (T > 0) {
+        double interval;
+        LOAD(probe_interval, interval);
+        interval = lost ? (2 * interval < PROBE_INTERVAL_MAX ? 2 * interval : PROBE_INTERVAL_MAX)
+                        : PROBE_INTERVAL;
+        STORE(probe_interval, interval);
+    }
+    return lost;
+}
+
 static void dora_plan_end(dora_plan *p)
 {
 #ifdef _OPENMP
     const double t1 = dora_now();
     double rate;
     LOAD(ns_per_work[p->kernel], rate);
-    double sample = (t1 - p->t0) * 1e9 / (p->work > 1 ? p->work : 1);
+    const double wall = (t1 - p->t0) * 1e9;
+    double sample = wall / (p->work > 1 ? p->work : 1);
+    STAT_ADD(p->kernel, S_CALLS, 1);
     if (p->nt > 1) {
         double last = p->t0;
         for (int t = 0; t < p->nt; t++) last = p->arrive[t] > last ? p->arrive[t] : last;
-        const double L = (last - p->t0) * 1e9;
-        double Lold, Lmin;
-        LOAD(region_ns, Lold);
-        LOAD(region_min_ns, Lmin);
-        STORE(region_ns, Lold == 0 ? L : 0.75 * Lold + 0.25 * L);
-        STORE(region_min_ns, Lmin == 0 || L < Lmin ? L : Lmin);
-        STORE(last_parallel, t1);
+        const double start = (last - p->t0) * 1e9;
+        const int lost = dora_plan_observe(start, wall, p->T, p->nt, t1);
+        STAT_ADD(p->kernel, S_PARALLEL, 1);
+        STAT_ADD(p->kernel, S_PROBES, p->probe);
+        STAT_ADD(p->kernel, S_LOST, lost);
+        STAT_ADD(p->kernel, S_LOST_NS, lost ? wall - p->T : 0);
+        STAT_ADD(p->kernel, S_START_NS, start);
+        STAT_ADD(p->kernel, S_WALL_NS, wall);
+        STAT_ADD(p->kernel, S_PREDICT_NS, p->T);
         sample *= p->nt;  /* the team's time, as if one thread had done it all */
     }
     /* a minimum that rises 2 % a call: a preempted call does not inflate it,
@@ -290,6 +399,7 @@ static void dora_in_child(void)
 {
     if (!fork_pause_ok) child_serial = 1;
     region_ns = 0;  /* a new process: measure again */
+    probe_interval = PROBE_INTERVAL;
 }
 __attribute__((constructor)) static void dora_register_fork_handlers(void)
 {
@@ -672,6 +782,40 @@ double dora_region_cost_ns(void)
     double L;
     LOAD(region_ns, L);
     return L;
+}
+
+double dora_probe_interval(void)
+{
+    double interval;
+    LOAD(probe_interval, interval);
+    return interval;
+}
+
+int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicted_ns, int nt)
+{
+    return dora_plan_observe(start_ns, wall_ns, predicted_ns, nt, dora_now());
+}
+
+void dora_plan_reset(void)
+{
+    STORE(region_ns, 0);
+    STORE(region_min_ns, 0);
+    STORE(probe_interval, PROBE_INTERVAL);
+    STORE(last_gate, 0);
+}
+
+int dora_plan_stats(double *stats, int n)
+{
+    int k = 0;
+    for (int i = 0; i < K_COUNT; i++)
+        for (int j = 0; j < S_COUNT && k < n; j++, k++) LOAD(plan_stats[i][j], stats[k]);
+    return K_COUNT * S_COUNT;
+}
+
+void dora_plan_stats_reset(void)
+{
+    for (int i = 0; i < K_COUNT; i++)
+        for (int j = 0; j < S_COUNT; j++) STORE(plan_stats[i][j], 0);
 }
 
 const char *dora_build_info(void)

@@ -175,5 +175,31 @@ double dora_region_cost_ns(void);
 void dora_set_blas_pool(void *gotoblas_pthread, int threads);
 /* The threads registered that way, 0 if none. */
 int dora_blas_pool_threads(void);
+/* Seconds without a team after which a call that would pay on a quiet
+   machine goes parallel to measure the cost again (0.1, doubled after each
+   parallel call that lost against its predicted serial time, up to 6.4). */
+double dora_probe_interval(void);
+/* Tests only: feed the cost model a parallel call's start delay, wall time
+   and predicted serial time (ns; predicted 0: a forced team) for nt
+   threads, as dora_plan_end does; returns 1 if the call lost. */
+int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicted_ns, int nt);
+/* The number of runnable threads in a text of Linux's /proc/loadavg (its
+   fourth field, "running/total"), or -1 if it has none: a probe opens a
+   team only if that leaves an idle core for each extra thread. */
+long dora_loadavg_running(const char *text);
+/* Forget what the cost model measured of teams (L, L_min, the probe
+   interval): the next call that might go parallel measures L again. */
+void dora_plan_reset(void);
+/* Counters of the thread plan's decisions since the last reset, for
+   diagnosis: per kernel (the order of dora_plan_kernel_names in
+   dora_ref/kernels/c.py), 9 values: calls, parallel calls,
+   probes (parallel calls the model alone would have run serially),
+   parallel calls slower than the predicted serial time, the sum of that
+   excess (ns), the sum of team start delays (ns), the sums of the
+   parallel calls' wall and predicted serial times (ns), and probes not
+   made because no core was idle. Fills at most n
+   values of stats and returns how many there are. */
+int dora_plan_stats(double *stats, int n);
+void dora_plan_stats_reset(void);
 /* A short description of how the kernels were compiled, e.g. the SIMD clones. */
 const char *dora_build_info(void);

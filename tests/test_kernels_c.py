@@ -544,6 +544,71 @@ def test_bitwise_identical_whether_the_cost_model_picks_one_thread_or_more(force
     assert _all_kernels_digest() == forced
 
 
+@pytest.fixture
+def fresh_plan():
+    """The cost model with nothing measured of teams, before and after the test."""
+    C._plan_reset()
+    try:
+        yield
+    finally:
+        C._plan_reset()
+
+
+def test_a_parallel_call_slower_than_serial_backs_off_the_probes(fresh_plan):
+    """With one busy process on 2 cores, 13 of 21 probes (a call sent to a team
+    every 0.1 s to see whether the load had gone) lost against the predicted
+    serial time, 1.4 ms each. A lost call now counts its whole excess over a
+    perfect split, wall - T / nt, as the team's cost (the start delay alone
+    missed a thread preempted mid-region), and doubles the probe interval up
+    to 6.4 s; a call that wins sets it back to 0.1 s."""
+    info = C.threading_info
+    assert info()["probe_interval_s"] == 0.1
+    assert not C._plan_observe(start_us=10, wall_us=600, predicted_us=1000, threads=2)
+    assert info()["region_cost_us"] == pytest.approx(10)  # the first sample, a start delay
+    assert info()["probe_interval_s"] == 0.1
+    # lost: 3000 us against 1000 predicted; the team cost at least 3000 - 1000 / 2
+    assert C._plan_observe(start_us=20, wall_us=3000, predicted_us=1000, threads=2)
+    assert info()["region_cost_us"] == pytest.approx(0.75 * 10 + 0.25 * 2500)
+    assert info()["probe_interval_s"] == 0.2
+    for expected in (0.4, 0.8, 1.6, 3.2, 6.4, 6.4):
+        assert C._plan_observe(start_us=20, wall_us=3000, predicted_us=1000, threads=2)
+        assert info()["probe_interval_s"] == expected
+    # a forced team (nothing predicted) is not judged
+    assert not C._plan_observe(start_us=20, wall_us=3000, predicted_us=0, threads=2)
+    assert info()["probe_interval_s"] == 6.4
+    # a win: back to probing every 0.1 s
+    assert not C._plan_observe(start_us=20, wall_us=900, predicted_us=1000, threads=2)
+    assert info()["probe_interval_s"] == 0.1
+
+
+def test_a_probe_reads_the_runnable_threads_from_loadavg():
+    """Under load 5-7 on 2 cores, 66 of 71 probes lost (1.1 s in 5 minutes):
+    a probe now first reads how many threads are runnable, and opens a team
+    only if a core is idle for each extra thread."""
+    assert C._loadavg_running("0.20 0.18 0.12 1/80 11206\n") == 1
+    assert C._loadavg_running("5.66 5.75 5.37 13/105 18336") == 13
+    for bad in ("", "0.20 0.18 0.12", "0.20 0.18 0.12 x/80 1", "0.20 0.18 0.12 7 1"):
+        assert C._loadavg_running(bad) == -1, bad
+
+
+def test_plan_stats_count_the_decisions(forced_threads):
+    if not C.openmp_enabled():
+        pytest.skip(f"the C kernels were built without OpenMP ({C.build_info()})")
+    p = _problem(0, np.float64, 256, 32, 2, 3)
+    forced_threads(2)
+    C._plan_stats(reset=True)
+    C.column_norm(p["W0"], p["A"], p["B"], 1.0)  # 256 rows: 4 blocks of 64, a team of 2
+    stats = C._plan_stats(reset=True)
+    assert list(stats) == ["column_norm"]
+    assert {k: stats["column_norm"][k] for k in ("calls", "parallel", "probes", "lost")} == {
+        "calls": 1, "parallel": 1, "probes": 0, "lost": 0}
+    assert stats["column_norm"]["wall_ms"] > 0
+    assert C._plan_stats() == {}  # reset
+    C._set_always_parallel(False)
+    C.column_norm(p["W0"], p["A"], p["B"], 1.0)
+    assert C._plan_stats()["column_norm"]["calls"] == 1
+
+
 def test_set_threads_checks_its_argument():
     with pytest.raises(TypeError, match="n must be an int, got float"):
         C.set_threads(2.0)
@@ -621,6 +686,27 @@ def test_rejects_bad_shapes_naming_the_argument(call, match):
     p = _problem(0, np.float64, 4, 5, 2, 3)
     with pytest.raises(ValueError, match=match):
         call(p)
+
+
+class _Subclass(np.ndarray):
+    pass
+
+
+def test_array_checks_fast_path_falls_back_to_the_full_checks():
+    """``_arrays`` takes plain C-contiguous arrays of NumPy's own float32/float64
+    dtype objects in one cheap loop; anything else goes through the full checks:
+    a subclass and a strided array give the plain call's bits, a byte-swapped
+    float64 is refused by name."""
+    p = _problem(0, np.float64, 6, 5, 2, 3)
+    plain = C.column_norm(p["W0"], p["A"], p["B"], 0.5)
+    assert np.array_equal(C.column_norm(p["W0"], p["A"].view(_Subclass), p["B"], 0.5), plain)
+    strided_B = np.asfortranarray(p["B"])
+    assert np.array_equal(C.column_norm(p["W0"], p["A"], strided_B, 0.5), plain)
+    swapped = p["B"].astype(p["B"].dtype.newbyteorder())
+    with pytest.raises(TypeError, match=r"B must have dtype float32 or float64, got >f8"):
+        C.column_norm(p["W0"], p["A"], swapped, 0.5)
+    with pytest.raises(TypeError, match=r"A has dtype float32 but W0 has dtype float64"):
+        C.column_norm(p["W0"], p["A"].astype(np.float32), p["B"], 0.5)
 
 
 # Every wrapper with its arguments, by name: (kernel, argument names in order).

@@ -156,6 +156,7 @@ __all__ = [
 
 _CTYPE = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
 _FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
 
 #: ``column_norm``, ``merge``, ``unmerge`` and ``forward_epilogue`` take a
 #: float16/bfloat16 weight (float32 adapter arrays) by the contract of
@@ -227,12 +228,16 @@ def threading_info():
     threads wait, and who set it: see ``_import_extension``),
     ``region_cost_us`` (the current estimate of what opening a team costs,
     which decides serial against parallel per call; 0 before the first
-    measurement) and ``build`` (``build_info()``).
+    measurement), ``probe_interval_s`` (how long calls stay serial before
+    one goes parallel to measure that cost again: 0.1 s, doubled after each
+    parallel call slower than its predicted serial time, up to 6.4 s) and
+    ``build`` (``build_info()``).
     """
     return {
         "threads": openmp_threads(),
         "wait_policy": _WAIT_POLICY,
         "region_cost_us": float(lib.dora_region_cost_ns()) / 1e3,
+        "probe_interval_s": float(lib.dora_probe_interval()),
         "build": build_info(),
     }
 
@@ -240,6 +245,62 @@ def threading_info():
 def _set_always_parallel(always):
     """Tests only: every call with several blocks uses ``openmp_threads()`` threads."""
     lib.dora_set_parallel_policy(1 if always else 0)
+
+
+#: The kernels of ``_plan_stats``, in the order of ``enum dora_kernel_id`` in
+#: ``csrc/dora_kernels.c`` (``*_sum``: the reduction of a kernel's partial sums).
+_PLAN_KERNELS = ("column_norm", "merge", "unmerge", "forward_epilogue", "backward_epilogue",
+                 "backward_lowrank", "backward_lowrank_sum", "norm_gradient_products",
+                 "norm_gradient_products_sum")
+_PLAN_FIELDS = ("calls", "parallel", "probes", "lost", "lost_ms", "start_ms", "wall_ms",
+                "predicted_ms", "gated")
+
+
+def _plan_stats(reset=False):
+    """Diagnosis: the thread plan's decisions since the last reset, per kernel.
+
+    A dict ``{kernel: {field: value}}`` over the kernels called at least
+    once: ``calls``, ``parallel`` (calls that opened a team), ``probes``
+    (parallel calls that the cost model alone would have run serially),
+    ``lost`` (parallel calls slower than the predicted serial time) and
+    ``lost_ms`` (their excess, summed), ``start_ms`` (the teams' start
+    delays, summed), ``wall_ms`` and ``predicted_ms`` (the parallel calls'
+    time and predicted serial time, summed), ``gated`` (probes not made
+    because no core was idle). ``reset=True`` zeroes the counters after
+    reading them.
+    """
+    count = int(lib.dora_plan_stats(ffi.NULL, 0))
+    buf = ffi.new("double[]", count)
+    lib.dora_plan_stats(buf, count)
+    width = count // len(_PLAN_KERNELS)
+    if width != len(_PLAN_FIELDS):
+        raise RuntimeError(f"the extension counts {width} fields a kernel, this module names "
+                           f"{len(_PLAN_FIELDS)}: rebuild it (setup.py build_ext --inplace)")
+    stats = {}
+    for k, name in enumerate(_PLAN_KERNELS):
+        row = [buf[k * width + j] for j in range(width)]
+        if row[0]:
+            stats[name] = {f: (v / 1e6 if f.endswith("_ms") else int(v))
+                           for f, v in zip(_PLAN_FIELDS, row)}
+    if reset:
+        lib.dora_plan_stats_reset()
+    return stats
+
+
+def _plan_observe(start_us, wall_us, predicted_us, threads):
+    """Tests only: feed the cost model one parallel call (times in us); True if it lost."""
+    return bool(lib.dora_plan_observe_for_tests(start_us * 1e3, wall_us * 1e3,
+                                                predicted_us * 1e3, threads))
+
+
+def _loadavg_running(text):
+    """Tests only: the runnable threads in a /proc/loadavg text (C's parser), or -1."""
+    return int(lib.dora_loadavg_running(text.encode()))
+
+
+def _plan_reset():
+    """Forget the measured cost of a team: the next call that might go parallel measures it."""
+    lib.dora_plan_reset()
 
 
 def _set_fork_pause(on):
@@ -263,6 +324,21 @@ def _arrays(**named):
     Every array must be an ndarray of float32 or float64, all of one dtype.
     Non-contiguous inputs are copied (see the module docstring).
     """
+    arrays = list(named.values())
+    # the common case, checked fully but cheaply: plain C-contiguous ndarrays
+    # that share NumPy's own float32 or float64 dtype object
+    dtype = getattr(arrays[0], "dtype", None) if arrays else None
+    if dtype is _FLOAT32 or dtype is _FLOAT64:
+        for arr in arrays:
+            if type(arr) is not np.ndarray or arr.dtype is not dtype or not arr.flags.c_contiguous:
+                break
+        else:
+            return arrays, dtype
+    return _arrays_checked(named)
+
+
+def _arrays_checked(named):
+    """``_arrays`` for any input: each array checked in turn, the error naming it."""
     dtype = None
     first = None
     out = []
@@ -345,16 +421,19 @@ def _scaling(scaling):
     return float(scaling)
 
 
-_ARRAY_TYPE = {"float": "float[]", "double": "double[]"}
+# the cffi types, looked up once (a type given by name is parsed on every call)
+_ARRAY_TYPE = {"float": ffi.typeof("float[]"), "double": ffi.typeof("double[]")}
+_from_buffer = ffi.from_buffer
+_DORA_OK = lib.DORA_OK
 
 
 def _ptr(arr, ctype):
     """A C pointer to arr's data (arr is C-contiguous, of ctype)."""
-    return ffi.from_buffer(_ARRAY_TYPE[ctype], arr)
+    return _from_buffer(_ARRAY_TYPE[ctype], arr)
 
 
 def _check_status(status, kernel):
-    if status == lib.DORA_OK:
+    if status == _DORA_OK:
         return
     if status == lib.DORA_ERR_NOMEM:
         raise MemoryError(f"{kernel}: the C kernel could not allocate its scratch buffer")
@@ -362,33 +441,37 @@ def _check_status(status, kernel):
 
 
 def _adapter(W0, A, B, W0_name="W0"):
-    """Check W0 (out, in), A (r, in), B (out, r); return out, in, r."""
+    """Check W0 (out, in), A (r, in), B (out, r); return out, in, r and their _Shapes."""
     shapes = _Shapes((W0_name, W0), ("A", A), ("B", B))
+    ws, As, Bs = W0.shape, A.shape, B.shape
+    if len(ws) == 2 and len(As) == 2 and As[1] == ws[1] and Bs == (ws[0], As[0]):
+        return ws[0], ws[1], As[0], shapes
     for name, arr in ((W0_name, W0), ("A", A), ("B", B)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got {shapes}")
-    out_f, in_f = W0.shape
-    r = A.shape[0]
-    if A.shape[1] != in_f:
+    out_f, in_f = ws
+    r = As[0]
+    if As[1] != in_f:
         raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
-    if B.shape != (out_f, r):
-        raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
-    return out_f, in_f, r, shapes
+    raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
 
 
 def _epilogue_shapes(base, U, B, g, base_name="base"):
-    """Check base (N, out), U (N, r), B (out, r), g (out,); return N, out, r."""
+    """Check base (N, out), U (N, r), B (out, r), g (out,); return N, out, r and their _Shapes."""
     shapes = _Shapes((base_name, base), ("U", U), ("B", B), ("g", g))
-    if base.ndim != 2 or U.ndim != 2 or B.ndim != 2:
+    bs, us, Bs, gs = base.shape, U.shape, B.shape, g.shape
+    if len(bs) == 2 and len(us) == 2 and us[0] == bs[0] and Bs == (bs[1], us[1]) \
+            and gs == (bs[1],):
+        return bs[0], bs[1], us[1], shapes
+    if len(bs) != 2 or len(us) != 2 or len(Bs) != 2:
         raise ValueError(f"{base_name}, U and B must be 2-D; got {shapes}")
-    N, out_f = base.shape
-    r = U.shape[1]
-    if U.shape[0] != N:
+    N, out_f = bs
+    r = us[1]
+    if us[0] != N:
         raise ValueError(f"U must have shape (N, r) = ({N}, r); got {shapes}")
-    if B.shape != (out_f, r):
+    if Bs != (out_f, r):
         raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
-    _shape("g", g, (out_f,), shapes)
-    return N, out_f, r, shapes
+    raise ValueError(f"g must have shape {(out_f,)}; got {shapes}")  # the one left
 
 
 def _float32_arrays(reason, **named):
