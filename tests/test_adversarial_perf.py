@@ -1,0 +1,73 @@
+"""Adversarial cases against session 4's performance work (hot path, C teams, fused merge).
+
+Each test is named after the case that broke; it asserts values against an
+independent computation (``dora_ref.core.dense``) or the error the rules ask for.
+"""
+from __future__ import annotations
+
+import copyreg
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+from dora_ref.core import dense
+from dora_ref.core._validate import WeightSnapshot
+from dora_ref.layers.linear import DoRALinear
+
+
+class _PicklerOfTheOldSnapshot(pickle.Pickler):
+    """Pickles a ``WeightSnapshot`` as the version before session 4 did: its slots
+    ``_arrays`` (a dict by name) and ``_bytes``, no ``_names``."""
+
+    def reducer_override(self, obj):
+        if type(obj) is WeightSnapshot:
+            old = {"_arrays": dict(zip(obj._names, obj._arrays)), "_bytes": list(obj._bytes)}
+            return copyreg.__newobj__, (WeightSnapshot,), (None, old)
+        return NotImplemented
+
+
+def _old_pickle_roundtrip(obj):
+    buf = io.BytesIO()
+    _PicklerOfTheOldSnapshot(buf, protocol=4).dump(obj)
+    return pickle.loads(buf.getvalue())
+
+
+def _layer(rng):
+    return DoRALinear(rng.standard_normal((6, 5)), rng.standard_normal(6), r=2,
+                      lora_A=rng.standard_normal((2, 5)), lora_B=rng.standard_normal((6, 2)))
+
+
+def test_layer_pickled_with_the_old_weight_snapshot_layout_still_runs_backward_and_unmerge():
+    """A layer pickled before ``WeightSnapshot`` kept ``_names`` (its ``_arrays`` a dict) crashed:
+    backward after a training forward raised AttributeError ('str' has no ``tobytes``: it iterated
+    the names), a merged layer's forward AttributeError (no ``_names``). Now the old state is
+    read, the snapshot still sees in-place changes, and the values are the dense definition's."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((3, 5)), rng.standard_normal((3, 6))
+
+    L = _layer(rng)
+    L(x)
+    want = dense.backward(dy, x, L.weight, L.lora_A, L.lora_B, L.lora_magnitude_vector, L.scaling)
+    L = _old_pickle_roundtrip(L)
+    dx = L.backward(dy)
+    np.testing.assert_allclose(dx, want.dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(L.grads["lora_A"], want.dA, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(L.grads["lora_magnitude_vector"], want.dmagnitude, rtol=1e-12, atol=1e-12)
+
+    L(x)
+    L = _old_pickle_roundtrip(L)
+    L.lora_B[0, 0] += 1.0  # in place between forward and backward: still refused
+    with pytest.raises(RuntimeError, match="lora_B"):
+        L.backward(dy)
+
+    M = _layer(rng)
+    W0, A, B, m, b = (np.array(a) for a in (M.weight, M.lora_A, M.lora_B, M.lora_magnitude_vector, M.bias))
+    M.merge()
+    M = _old_pickle_roundtrip(M)
+    want_y = dense.forward(x, W0, A, B, m, M.scaling, b)
+    np.testing.assert_allclose(M(x), want_y, rtol=1e-12, atol=1e-12)
+    M.unmerge()
+    np.testing.assert_allclose(M.weight, W0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M(x), want_y, rtol=1e-12, atol=1e-12)
