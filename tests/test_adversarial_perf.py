@@ -71,3 +71,27 @@ def test_layer_pickled_with_the_old_weight_snapshot_layout_still_runs_backward_a
     M.unmerge()
     np.testing.assert_allclose(M.weight, W0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(M(x), want_y, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_layer_pickled_with_protocol_5_unmerges_and_still_sees_in_place_writes():
+    """Pickle protocol 5 restores a merged layer's read-only adapter arrays over immutable bytes:
+    ``unmerge()`` raised NumPy's "cannot set WRITEABLE flag to True". Now they are owned copies
+    (the merge-time snapshot follows them): unmerge restores W0 and the forward is the dense one,
+    and a write around the lock after unpickling is still refused."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5))
+    L = _layer(rng)
+    W0, A, B, m, b = (np.array(a) for a in (L.weight, L.lora_A, L.lora_B, L.lora_magnitude_vector, L.bias))
+    L.merge()
+    M = pickle.loads(pickle.dumps(L, protocol=5))
+    assert not M.lora_A.flags.writeable  # still locked while merged
+    M.unmerge()
+    np.testing.assert_allclose(M.weight, W0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M(x), dense.forward(x, W0, A, B, m, M.scaling, b), rtol=1e-12, atol=1e-12)
+    M.lora_A[0, 0] += 1.0  # writeable again after unmerge
+
+    N = pickle.loads(pickle.dumps(L, protocol=5))
+    N.lora_B.flags.writeable = True  # a write around the lock: the snapshot follows the copies
+    N.lora_B[0, 0] += 1.0
+    with pytest.raises(RuntimeError, match="lora_B"):
+        N.unmerge()

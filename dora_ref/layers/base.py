@@ -409,8 +409,31 @@ class AdapterLayer(Module):
         state.setdefault("autocast_adapter_dtype", True)
         self.__dict__.update(state)
         if getattr(self, "merged", False):
+            self._own_locked_arrays()
             for p in [*self.parameters().values(), *self._merged_norm().values()]:
                 p.flags.writeable = False
+
+    def _own_locked_arrays(self):
+        """Give a merged copy writeable-capable adapter arrays, the snapshot following them.
+
+        A merged layer's arrays are read-only when pickled; pickle protocol 5
+        restores such an array over the pickle's immutable bytes, whose
+        WRITEABLE flag can never be set again, so ``unmerge()`` failed with
+        NumPy's "cannot set WRITEABLE flag". Such an array is replaced by a
+        copy (nothing outside this fresh copy holds it yet), also in the
+        merge-time snapshot, which compares the live arrays.
+        """
+        replaced = {}
+        for attr in ["_" + name for name in self._param_names] + ["weight_norm"]:
+            a = self.__dict__.get(attr)
+            if isinstance(a, np.ndarray) and not a.flags.writeable:
+                try:
+                    a.flags.writeable = True
+                except ValueError:  # over immutable memory: copy
+                    replaced[id(a)] = self.__dict__[attr] = a.copy()
+        snapshot = self.__dict__.get("_merged_snapshot")
+        if replaced and snapshot is not None:
+            snapshot._arrays = tuple(replaced.get(id(a), a) for a in snapshot._arrays)
 
     def _unlock_adapter(self):
         """After an unmerge: the trainable arrays are writeable again."""
