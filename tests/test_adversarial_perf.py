@@ -95,3 +95,36 @@ def test_merged_layer_pickled_with_protocol_5_unmerges_and_still_sees_in_place_w
     N.lora_B[0, 0] += 1.0
     with pytest.raises(RuntimeError, match="lora_B"):
         N.unmerge()
+
+
+_POOL_AFTER = """
+import sys
+if sys.argv[1] == "scipy":
+    import scipy.linalg  # brings a second OpenBLAS (SciPy's own) into the process
+import os
+import numpy as np
+from dora_ref.kernels import c
+pool = c._openblas_pool()
+print(None if pool is None else os.path.realpath(pool[2]), int(c.lib.dora_blas_pool_threads()))
+"""
+
+
+def test_openblas_pool_is_numpys_also_after_import_scipy_loaded_a_second_openblas():
+    """``import scipy`` (also through transformers, peft) maps SciPy's own OpenBLAS beside NumPy's:
+    the pool finder wanted exactly one OpenBLAS in the process and silently fell back to OpenMP
+    teams (the slow teams right after a BLAS call), and test_determinism's pool test failed when
+    run after a test that imported scipy. Now NumPy's own OpenBLAS is found (``dlsym`` through
+    NumPy's extension, ``dladdr``) whatever else is loaded: the same library and team size as in
+    a process without SciPy."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("scipy")
+    pytest.importorskip("dora_ref.kernels.c", reason="the C extension is not built")
+    run = lambda how: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _POOL_AFTER, how], capture_output=True, text=True, timeout=120,
+        check=True).stdout.split()
+    alone, with_scipy = run("none"), run("scipy")
+    if alone[0] == "None":
+        pytest.skip("NumPy's BLAS here is not a threaded pthreads OpenBLAS")
+    assert with_scipy == alone

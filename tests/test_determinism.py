@@ -123,11 +123,17 @@ def test_forward_and_backward_agree_across_threads_within_blas_rounding(dtype):
 
 
 def _openblas_info():
-    """threadpoolctl's view of NumPy's OpenBLAS, or None."""
-    for info in threadpoolctl.threadpool_info():
-        if info.get("internal_api") == "openblas":
-            return info
-    return None
+    """threadpoolctl's view of NumPy's OpenBLAS, or None.
+
+    With several OpenBLAS libraries loaded (``import scipy`` by an earlier
+    test brings SciPy's own), NumPy's is the one its wheel ships beside it
+    (``numpy.libs``); an unknown layout with several gives None."""
+    infos = [i for i in threadpoolctl.threadpool_info() if i.get("internal_api") == "openblas"]
+    if len(infos) <= 1:
+        return infos[0] if infos else None
+    libs = os.path.realpath(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs"))
+    ours = [i for i in infos if os.path.realpath(i["filepath"]).startswith(libs + os.sep)]
+    return ours[0] if len(ours) == 1 else None
 
 
 @pytest.mark.skipif(C is None, reason="the C extension is not built")
