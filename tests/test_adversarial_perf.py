@@ -128,3 +128,31 @@ def test_openblas_pool_is_numpys_also_after_import_scipy_loaded_a_second_openbla
     if alone[0] == "None":
         pytest.skip("NumPy's BLAS here is not a threaded pthreads OpenBLAS")
     assert with_scipy == alone
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "flag"])
+def test_frozen_weight_of_a_copied_layer_or_its_own_copy_cannot_be_written_in_place(how):
+    """The eval-mode norm cache keys on the frozen weight's identity (it changes only by
+    replacement). A pickled or deep-copied layer got its weight and bias back writeable, and
+    ``layer.weight.flags.writeable = True`` was allowed on the layer's own copy (it owned its
+    data): an in-place write then left the cached norm stale, and the eval forward was silently
+    wrong (max error 8.8 on this layer) while the training forward was right. Now the weight
+    stays read-only (a view of a read-only array), and the eval forward is the dense one."""
+    import copy
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 5))
+    L = _layer(rng).eval()
+    L(x)  # fills the eval norm cache
+    if how == "pickle":
+        L = pickle.loads(pickle.dumps(L, protocol=4))
+    elif how == "deepcopy":
+        L = copy.deepcopy(L)
+    for arr in (L.weight, L.bias):
+        with pytest.raises(ValueError):
+            arr[0] += 5.0
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+    want = dense.forward(x, np.array(L.weight), L.lora_A, L.lora_B, L.lora_magnitude_vector,
+                         L.scaling, np.array(L.bias))
+    np.testing.assert_allclose(L(x), want, rtol=1e-12, atol=1e-12)

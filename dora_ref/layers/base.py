@@ -86,13 +86,22 @@ def frozen(arr, owned=False):
     eval-mode norm cache). An array that is already read-only and
     C-contiguous is trusted and kept without a copy (pass one to save the
     memory), as are ``owned`` arrays the layer computed itself.
+
+    The layer's own copy is handed out as a read-only view of a read-only
+    array: NumPy refuses ``flags.writeable = True`` on such a view (on an
+    array owning its data it would allow it, and an in-place write would
+    leave the eval-mode norm cache stale).
     """
     if not owned and (arr.flags.writeable or not arr.flags.c_contiguous):
         arr = np.array(arr, order="C", copy=True)
-    elif owned and not arr.flags.c_contiguous:
+    elif owned:
         arr = np.ascontiguousarray(arr)
-    else:
+    else:  # the caller's read-only array, trusted
         arr = arr.view()
+        arr.flags.writeable = False
+        return arr
+    arr.flags.writeable = False
+    arr = arr.view()
     arr.flags.writeable = False
     return arr
 
@@ -393,7 +402,8 @@ class AdapterLayer(Module):
             )
 
     def __setstate__(self, state):
-        """Unpickling and ``copy.deepcopy``: a merged copy's adapter is read-only too.
+        """Unpickling and ``copy.deepcopy``: the frozen weight and bias are frozen again, and a
+        merged copy's adapter is read-only too.
 
         NumPy restores arrays writeable; without this a merged copy would
         accept optimiser steps (its ``unmerge()`` would still refuse, by the
@@ -407,6 +417,9 @@ class AdapterLayer(Module):
         if "_weight" in state and "_low_precision" not in state:
             state["_low_precision"] = state["_weight"].dtype in LOW_PRECISION_DTYPES
         state.setdefault("autocast_adapter_dtype", True)
+        for name in ("_weight", "_bias"):  # NumPy restores them writeable: freeze them again
+            if isinstance(state.get(name), np.ndarray):
+                state[name] = frozen(state[name], owned=True)
         self.__dict__.update(state)
         if getattr(self, "merged", False):
             self._own_locked_arrays()
