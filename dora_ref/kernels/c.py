@@ -565,8 +565,9 @@ def _openblas_pool():
     """NumPy's OpenBLAS thread pool: (address of ``gotoblas_pthread``, threads, path), or None.
 
     Looked for among the libraries mapped into this process
-    (``/proc/self/maps``, Linux): exactly one OpenBLAS (``libopenblas*``,
-    ``libscipy_openblas*``) with the pthreads threading layer (its
+    (``/proc/self/maps``, Linux): one OpenBLAS (``libopenblas*``,
+    ``libscipy_openblas*``; where SciPy has mapped its own copy too, the one
+    in NumPy's wheel folder ``numpy.libs``) with the pthreads threading layer (its
     ``openblas_get_parallel`` returns 1, under any of the symbol prefixes
     the wheels use), at least two threads, and ``gotoblas_pthread``
     exported. Anything else (another BLAS, an OpenMP OpenBLAS, one thread,
@@ -583,6 +584,9 @@ def _openblas_pool():
                     paths.add(path)
     except OSError:
         return None
+    if len(paths) > 1:  # SciPy (scikit-learn) maps its own copy: keep the one NumPy's wheel ships
+        wheel_libs = os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"))
+        paths = {p for p in paths if os.path.dirname(os.path.realpath(p)) == wheel_libs}
     if len(paths) != 1:
         return None
     path = paths.pop()
