@@ -123,17 +123,40 @@ def test_forward_and_backward_agree_across_threads_within_blas_rounding(dtype):
 
 
 def _openblas_info():
-    """threadpoolctl's view of NumPy's OpenBLAS, or None.
+    """threadpoolctl's view of NumPy's OpenBLAS (the one in NumPy's wheel folder
+    where SciPy has mapped a copy of its own too), or None."""
+    found = [info for info in threadpoolctl.threadpool_info() if info.get("internal_api") == "openblas"]
+    wheel_libs = os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"))
+    mine = [info for info in found if os.path.dirname(os.path.realpath(info["filepath"])) == wheel_libs]
+    return (mine or found or [None])[0]
 
-    With several OpenBLAS libraries loaded (``import scipy`` by an earlier
-    test brings SciPy's own), NumPy's is the one its wheel ships beside it
-    (``numpy.libs``); an unknown layout with several gives None."""
-    infos = [i for i in threadpoolctl.threadpool_info() if i.get("internal_api") == "openblas"]
-    if len(infos) <= 1:
-        return infos[0] if infos else None
-    libs = os.path.realpath(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs"))
-    ours = [i for i in infos if os.path.realpath(i["filepath"]).startswith(libs + os.sep)]
-    return ours[0] if len(ours) == 1 else None
+
+_SCIPY_FIRST_SCRIPT = """
+import scipy.linalg  # maps SciPy's own OpenBLAS before dora_ref looks
+from dora_ref.kernels import c as C
+pool = C._openblas_pool()
+print(C._set_blas_pool(True), pool[2] if pool else None)
+"""
+
+
+@pytest.mark.skipif(C is None, reason="the C extension is not built")
+def test_openblas_pool_is_numpys_when_scipy_mapped_its_openblas_first():
+    """Regression: with SciPy (scikit-learn's dependency) imported first, two
+    OpenBLAS copies are mapped and the lookup gave up, so the kernels' teams
+    went back to OpenMP depending on import order (the full test suite caught
+    it). NumPy's copy, in its wheel folder, is the one its products use."""
+    import subprocess
+    import sys
+
+    info = _openblas_info()
+    if info is None or info.get("threading_layer") != "pthreads" or info["num_threads"] < 2:
+        pytest.skip(f"NumPy's BLAS here is not a threaded pthreads OpenBLAS: {info}")
+    res = subprocess.run([sys.executable, "-c", _SCIPY_FIRST_SCRIPT], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    threads, path = res.stdout.split()
+    assert int(threads) == info["num_threads"]
+    assert os.path.realpath(path) == os.path.realpath(info["filepath"])
 
 
 @pytest.mark.skipif(C is None, reason="the C extension is not built")

@@ -567,12 +567,13 @@ def _openblas_pool():
     Looked for among the libraries mapped into this process
     (``/proc/self/maps``, Linux): the OpenBLAS (``libopenblas*``,
     ``libscipy_openblas*``) that NumPy calls (``_numpy_blas_path``; with
-    several mapped, as after ``import scipy``, which brings its own), with
-    the pthreads threading layer (its ``openblas_get_parallel`` returns 1,
-    under any of the symbol prefixes the wheels use), at least two threads,
-    and ``gotoblas_pthread`` exported. Anything else (another BLAS, an
-    OpenMP OpenBLAS, one thread, not Linux) gives None, and the kernels use
-    OpenMP teams.
+    several mapped, as after ``import scipy``, which brings its own; where
+    that lookup is not available, the one in NumPy's wheel folder
+    ``numpy.libs``, or a lone one), with the pthreads threading layer (its
+    ``openblas_get_parallel`` returns 1, under any of the symbol prefixes
+    the wheels use), at least two threads, and ``gotoblas_pthread``
+    exported. Anything else (another BLAS, an OpenMP OpenBLAS, one thread,
+    not Linux) gives None, and the kernels use OpenMP teams.
     """
     import ctypes
 
@@ -586,13 +587,18 @@ def _openblas_pool():
     except OSError:
         return None
     path = _numpy_blas_path(ctypes)
-    if path is None or os.path.realpath(path) not in {os.path.realpath(p) for p in paths}:
-        # NumPy's BLAS unknown (then only a lone OpenBLAS can be it) or not an OpenBLAS
-        if path is not None or len(paths) != 1:
+    if path is not None:  # the library NumPy's cblas_sgemm lies in: an OpenBLAS mapped here?
+        same = [p for p in sorted(paths) if os.path.realpath(p) == os.path.realpath(path)]
+        if not same:
+            return None  # NumPy calls another BLAS
+        path = same[0]
+    else:
+        if len(paths) > 1:  # SciPy (scikit-learn) maps its own copy: keep the one NumPy's wheel ships
+            wheel_libs = os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"))
+            paths = {p for p in paths if os.path.dirname(os.path.realpath(p)) == wheel_libs}
+        if len(paths) != 1:
             return None
-        path = next(iter(paths))
-    else:  # the name /proc/self/maps gives it
-        path = next(p for p in sorted(paths) if os.path.realpath(p) == os.path.realpath(path))
+        path = paths.pop()
     try:
         blas = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
     except OSError:
