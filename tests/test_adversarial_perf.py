@@ -8,6 +8,7 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,27 @@ def test_frozen_weight_of_a_copied_layer_or_its_own_copy_cannot_be_written_in_pl
     want = dense.forward(x, np.array(L.weight), L.lora_A, L.lora_B, L.lora_magnitude_vector,
                          L.scaling, np.array(L.bias))
     np.testing.assert_allclose(L(x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_written_into_the_adapter_is_named_by_its_peft_name_in_eval_too(dtype, name, value):
+    """In eval the norm cache's miss computed the norm first, and NaN/Inf written into lora_A or
+    lora_B was reported as "A (shape ...)" / "B (shape ...)" (the functional API's names); the
+    training forward names lora_A/lora_B. Both modes now name the layer's parameter."""
+    rng = np.random.default_rng(3)
+    L = DoRALinear(rng.standard_normal((6, 5)).astype(dtype), r=2,
+                   lora_A=rng.standard_normal((2, 5)).astype(dtype),
+                   lora_B=rng.standard_normal((6, 2)).astype(dtype))
+    x = rng.standard_normal((3, 5)).astype(dtype)
+    for training in (True, False):
+        L.train(training)
+        L(x)
+        arr = getattr(L, name)
+        keep = arr[1, 0]
+        arr[1, 0] = value
+        with pytest.raises(ValueError, match=rf"^{name} \(shape {re.escape(str(arr.shape))}\) "
+                                             r"contains NaN or Inf, first at index \(1, 0\)"):
+            L(x)
+        arr[1, 0] = keep
