@@ -581,6 +581,13 @@ def column_norm(W0, A, B, scaling):
     (``csrc/dora_kernels.c``, "Teams on OpenBLAS's threads"). The bits are
     the same either way, for any number of threads.
     """
+    fast = _column_norm_checked_fast(W0, A, B)
+    if fast is not None:  # every check below passed: the same call, one pass of tests
+        ctype, kernel, out_f, in_f, r = fast
+        n = np.empty(out_f, dtype=W0.dtype)
+        _check_status(kernel(_ptr(n, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(B, ctype),
+                             _scaling(scaling), out_f, in_f, r), "column_norm")
+        return n
     if _is_lp(W0):
         return _column_norm_lp(W0, A, B, scaling)
     if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
@@ -600,6 +607,36 @@ def column_norm(W0, A, B, scaling):
     )
     _check_status(status, "column_norm")
     return n
+
+
+_NORM_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_column_norm_f32),
+    np.dtype(np.float64): ("double", lib.dora_column_norm_f64),
+}
+
+
+def _column_norm_checked_fast(W0, A, B):
+    """``column_norm``'s checks for the usual call, decided in one pass.
+
+    Returns (ctype, kernel, out, in, r) when W0, A, B are C-contiguous
+    ndarrays of one float32/float64 dtype with the shapes (out, in), (r, in),
+    (out, r): exactly the calls for which ``_arrays`` copies nothing and
+    ``_adapter`` raises nothing (a 16-bit or strided W0 is not one of them).
+    Otherwise None, and the general path checks again and raises the message
+    that names what is wrong.
+    """
+    if type(W0) is not np.ndarray or type(A) is not np.ndarray or type(B) is not np.ndarray:
+        return None
+    entry = _NORM_KERNELS.get(W0.dtype)
+    if (entry is None or A.dtype != W0.dtype or B.dtype != W0.dtype
+            or W0.ndim != 2 or A.ndim != 2 or not W0.flags.c_contiguous
+            or not A.flags.c_contiguous or not B.flags.c_contiguous):
+        return None
+    out_f, in_f = W0.shape
+    r = A.shape[0]
+    if A.shape[1] != in_f or B.shape != (out_f, r):
+        return None
+    return entry[0], entry[1], out_f, in_f, r
 
 
 def _column_norm_lp(W0, A, B, scaling):
@@ -772,9 +809,12 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
+    return _backward_epilogue_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
+
+
+def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
+    """The C kernel on arguments ``_backward_checked`` returned (it checks nothing)."""
+    dy, base, U, B, g = arrays
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
@@ -840,21 +880,50 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
     by thread).
     """
-    (dy, base, U, B, g), _ = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
+    checked = _backward_checked(dy, base, U, B, g)  # once, for either path
     s = _scaling(scaling)
-    if r > FUSED_MAX_RANK:
-        dg, dz = backward_epilogue(dy, base, U, B, g, s)
-        return dg, dz, s * (dz @ B), s * (dz.T @ U)
-    return _backward_lowrank_fused(dy, base, U, B, g, s)
+    if checked[4] > FUSED_MAX_RANK:
+        dg, dz = _backward_epilogue_kernel(*checked, s)
+        return dg, dz, s * (dz @ checked[0][3]), s * (dz.T @ checked[0][2])
+    return _backward_lowrank_kernel(*checked, s)
+
+
+def _backward_checked(dy, base, U, B, g):
+    """The checks of ``backward_epilogue`` and ``backward_lowrank``.
+
+    Returns ((dy, base, U, B, g) C-contiguous, dtype, N, out, r). The usual
+    call (C-contiguous ndarrays of one float32/float64 dtype, the shapes
+    (N, out), (N, out), (N, r), (out, r), (out,)) is recognised in one pass
+    by ``_epilogue_checked_fast``; any other goes through ``_arrays`` and
+    ``_epilogue_shapes``, which copy what is strided and raise the message
+    that names the argument.
+    """
+    arrays = (dy, base, U, B, g)
+    if type(base) is np.ndarray and base.dtype in _CTYPE and base.ndim == 2:
+        dtype = base.dtype
+        for arr in arrays:
+            if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
+                break
+        else:
+            N, out_f = base.shape
+            if U.ndim == 2 and U.shape[0] == N and dy.shape == base.shape:
+                r = U.shape[1]
+                if B.shape == (out_f, r) and g.shape == (out_f,):
+                    return arrays, dtype, N, out_f, r
+    arrays, dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(*arrays[1:])
+    _shape("dy", arrays[0], arrays[1].shape, shapes.plus("dy", arrays[0], first=True))
+    return arrays, dtype, N, out_f, r
 
 
 def _backward_lowrank_fused(dy, base, U, B, g, scaling):
-    """``backward_lowrank`` in one pass over dz, for any r (the C kernel)."""
-    (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
+    """``backward_lowrank`` in one pass over dz, for any r (the C kernel), checked."""
+    return _backward_lowrank_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
+
+
+def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling):
+    """The C kernel on arguments ``_backward_checked`` returned (it checks nothing)."""
+    dy, base, U, B, g = arrays
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
