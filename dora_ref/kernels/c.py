@@ -639,6 +639,17 @@ def _column_norm_checked_fast(W0, A, B):
     return entry[0], entry[1], out_f, in_f, r
 
 
+# NaN or Inf in A or B makes at least one norm of ``column_norm`` NaN or Inf
+# when out, in > 0 (float32/float64): the kernel (csrc/dora_kernels_impl.h,
+# norm_step and tile_full/tile_general) forms every product B[i, k] * A[k, j]
+# (no element skipped, no zero short-cut; 0 * Inf is NaN) and adds
+# s * B_i @ A to W0_i and the squares without -ffast-math, so a NaN or an
+# infinite product reaches that row's sum. A caller that finds every norm
+# finite has therefore proved A and B finite (``core.functional._scale``;
+# tested in tests/test_small_layer_path.py).
+NORM_PROPAGATES_NON_FINITE = True
+
+
 def _column_norm_lp(W0, A, B, scaling):
     """``column_norm`` of a 16-bit W0 with float32 A, B: n float32."""
     A, B = _float32_arrays(_lp_weight_reason("W0", W0), A=A, B=B)
