@@ -824,14 +824,15 @@ def backward_epilogue(dy, base, U, B, g, scaling):
 
 
 def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
-    """The C kernel on arguments ``_backward_checked`` returned (it checks nothing)."""
+    """The C kernel on arguments ``_backward_checked`` returned and a scaling
+    ``_scaling`` returned (it checks nothing)."""
     dy, base, U, B, g = arrays
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_backward_epilogue_{sfx}")(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(base, ctype), _ptr(U, ctype),
-        _ptr(B, ctype), _ptr(g, ctype), _scaling(scaling), N, out_f, r,
+        _ptr(B, ctype), _ptr(g, ctype), scaling, N, out_f, r,
     )
     _check_status(status, "backward_epilogue")
     return dg, dz
@@ -932,17 +933,24 @@ def _backward_lowrank_fused(dy, base, U, B, g, scaling):
     return _backward_lowrank_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
 
 
+_LOWRANK_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_backward_lowrank_f32),
+    np.dtype(np.float64): ("double", lib.dora_backward_lowrank_f64),
+}
+
+
 def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling):
-    """The C kernel on arguments ``_backward_checked`` returned (it checks nothing)."""
+    """The C kernel on arguments ``_backward_checked`` returned and a scaling
+    ``_scaling`` returned (it checks nothing)."""
     dy, base, U, B, g = arrays
-    ctype, sfx = _CTYPE[dtype]
+    ctype, kernel = _LOWRANK_KERNELS[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
     dB = np.empty((out_f, r), dtype=dtype)
-    status = getattr(lib, f"dora_backward_lowrank_{sfx}")(
+    status = kernel(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dU, ctype), _ptr(dB, ctype), _ptr(dy, ctype),
-        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), _scaling(scaling),
+        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), scaling,
         N, out_f, r,
     )
     _check_status(status, "backward_lowrank")
