@@ -853,7 +853,7 @@ def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
 # 131 vs 98 ms at r = 64. Above it the wrappers call BLAS, as the NumPy
 # twins do.
 # At small sizes the fused backward_lowrank is kept too: at (N, out) = 64x64,
-# r = 8, 1 thread, CPU time (medians of 15 interleaved repeats, load 5-6 on
+# r = 8, 1 thread, CPU time (medians of 15 interleaved repeats, load ~4-6 on
 # 2 cores) it took 0.89x (float32) and 0.94x (float64) the time of
 # backward_epilogue and two BLAS products, though it runs about twice their
 # instructions (one call from Python instead of five); from 128x128 to
