@@ -347,3 +347,65 @@ def test_eval_forward_base_weight_replaced_before_backward(backend):
         dx = layer.backward(dy)
         np.testing.assert_allclose(dx, g_ref.dx, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.grads["lora_A"], g_ref.dA, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# the C norm kernel proves A and B finite; the layer checks them only then
+# ---------------------------------------------------------------------------
+
+C = dora_ref.kernels.c if "c" in BACKENDS else None
+
+
+@pytest.mark.skipif(C is None, reason="no C extension")
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["A", "B"])
+@pytest.mark.parametrize("zero_other", [False, True])
+@pytest.mark.parametrize("s", [0.5, 0.0])
+def test_c_column_norm_nan_or_inf_in_A_or_B_gives_a_non_finite_norm(dtype, bad, where,
+                                                                    zero_other, s):
+    """NORM_PROPAGATES_NON_FINITE: a NaN/Inf at any position of A or B (also
+    against a zero partner, 0 * Inf, and at s = 0) leaves a norm NaN or Inf,
+    at shapes with full and partial tiles."""
+    assert C.NORM_PROPAGATES_NON_FINITE
+    rng = np.random.default_rng(5)
+    for out_f, in_f, r in [(64, 64, 8), (7, 13, 3), (1, 1, 1)]:
+        W0 = rng.standard_normal((out_f, in_f)).astype(dtype)
+        A = rng.standard_normal((r, in_f)).astype(dtype)
+        B = rng.standard_normal((out_f, r)).astype(dtype)
+        if zero_other:  # the partner of every bad element is 0: 0 * Inf must be NaN
+            (B if where == "A" else A)[...] = 0
+        arr = A if where == "A" else B
+        positions = list(np.ndindex(arr.shape))
+        for pos in positions[:: max(1, len(positions) // 40)] + [positions[-1]]:
+            bad_arr = arr.copy()
+            bad_arr[pos] = bad
+            args = (W0, bad_arr, B, s) if where == "A" else (W0, A, bad_arr, s)
+            assert not np.isfinite(C.column_norm(*args)).all(), (out_f, in_f, r, pos)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("name", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_nan_in_lora_A_or_B_is_named_on_every_backend(backend, dtype, bad, name, training):
+    """The C backend's training forward checks A and B only when a norm is not
+    finite: the error still names the array, as the NumPy backend's and the
+    eval forward's (a cached norm proves nothing) up-front checks do; with the
+    magnitude bad as well, the adapter is named first, as before."""
+    rng = np.random.default_rng(6)
+    with dora_ref.use_backend(backend):
+        layer = DoRALinear(rng.standard_normal((12, 10)).astype(dtype), r=3, rng=0)
+        layer.lora_B[...] = rng.standard_normal(layer.lora_B.shape)
+        x = rng.standard_normal((4, 10)).astype(dtype)
+        layer.train(training)
+        layer(x)  # an eval forward caches the norm
+        getattr(layer, name)[1, 2] = bad
+        # the eval forward's norm (recomputed: A or B changed) names them as F.column_norm does
+        shown = name if training else rf"(lora_)?{name[-1]}"
+        with pytest.raises(ValueError, match=rf"^{shown} \(shape .*\) contains NaN or Inf"):
+            layer(x)
+        layer.lora_magnitude_vector[0] = np.nan
+        with pytest.raises(ValueError, match=rf"^{shown} \(shape .*\) contains NaN or Inf"):
+            layer(x)

@@ -323,7 +323,8 @@ def dora_forward(
 
 
 def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
-                  allow_zero_norm, overwrite_base=False, magnitude_name="magnitude"):
+                  allow_zero_norm, overwrite_base=False, magnitude_name="magnitude",
+                  adapter_names=None):
     """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
 
     The layers call it directly: the shapes and dtypes of their arrays are
@@ -338,11 +339,23 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
 
     The magnitude need not be checked for NaN/Inf before: ``_scale`` proves
     it finite on its fast path and checks it by ``magnitude_name`` otherwise.
+
+    ``adapter_names`` (names for A and B): A and B have not been checked for
+    NaN/Inf. Allowed only where the norm proves them finite: it is computed
+    here (no ``weight_norm``), by a backend whose ``column_norm`` turns NaN
+    or Inf in A or B into a non-finite norm (``NORM_PROPAGATES_NON_FINITE``),
+    W0 not empty; otherwise they are checked here first. ``_scale`` checks
+    them by these names before anything else whenever a norm is not finite.
     """
     kernels = _backend.kernels()
+    if adapter_names is not None and not (
+            weight_norm is None and W0.size and getattr(kernels, "NORM_PROPAGATES_NON_FINITE", False)):
+        check_finite(adapter_names[0], A)
+        check_finite(adapter_names[1], B)
+        adapter_names = None
     n = kernels.column_norm(W0, A, B, scaling) if weight_norm is None else weight_norm  # (3)
     g, n_nonzero = _scale(n, magnitude, W0, A, B, scaling, weight_norm is None,
-                          allow_zero_norm, magnitude_name)  # (4)
+                          allow_zero_norm, magnitude_name, adapter_names)  # (4)
 
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
@@ -372,7 +385,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     return y, ctx
 
 
-def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name):
+def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name,
+           adapter_names=None):
     """g = m / n (step 4) from the kernel's norms n, with every check on n and m; and whether n > 0.
 
     The usual case costs three reductions: every norm finite (``n . n`` is)
@@ -383,11 +397,18 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     ``magnitude_name``), the rescue of under/overflowed rows (only for norms
     the kernel just computed, ``rescue``), ``check_norm``,
     ``magnitude_over_norm``.
+
+    ``adapter_names`` (see ``_dora_forward``): A and B, not yet checked, are
+    checked first on the full sequence (finite norms from the backend's
+    kernel prove them finite).
     """
     lo = float(np.minimum.reduce(n))  # NaN if a norm is: every comparison below is False
     if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(np.vdot(n, n))
             and lo * _HALF_MAX[n.dtype] > math.sqrt(np.vdot(magnitude, magnitude))):
         return magnitude / n, True
+    if adapter_names is not None:
+        check_finite(adapter_names[0], A)
+        check_finite(adapter_names[1], B)
     check_finite(magnitude_name, magnitude)
     if rescue:
         _rescue_extreme_rows(n, W0, A, B, scaling)

@@ -30,6 +30,11 @@ _BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
 # core reads this flag to choose a backend for low-precision weights.
 LOW_PRECISION = True
 
+# Not claimed here: B @ A is BLAS's, which this module cannot prove forms every
+# product (0 * Inf) at every size; the layers check A and B for NaN/Inf before
+# this backend's norm (see ``core.functional._dora_forward``, ``adapter_names``).
+NORM_PROPAGATES_NON_FINITE = False
+
 
 def _rows_f32(W, rows):
     """Rows of W, upcast exactly to float32 if W is float16/bfloat16 (one block, not W)."""

@@ -708,6 +708,13 @@ def column_norm(W0, A, B, scaling):
     (``csrc/dora_kernels.c``, "Teams on OpenBLAS's threads"). The bits are
     the same either way, for any number of threads.
     """
+    fast = _column_norm_checked_fast(W0, A, B)
+    if fast is not None:  # every check below passed: the same call, one pass of tests
+        ctype, kernel, out_f, in_f, r = fast
+        n = np.empty(out_f, dtype=W0.dtype)
+        _check_status(kernel(_ptr(n, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(B, ctype),
+                             _scaling(scaling), out_f, in_f, r), "column_norm")
+        return n
     if _is_lp(W0):
         return _column_norm_lp(W0, A, B, scaling)
     if _strided_weight(W0):  # row blocks, each copied: the same bits, no (out, in) copy
@@ -727,6 +734,47 @@ def column_norm(W0, A, B, scaling):
     )
     _check_status(status, "column_norm")
     return n
+
+
+_NORM_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_column_norm_f32),
+    np.dtype(np.float64): ("double", lib.dora_column_norm_f64),
+}
+
+
+def _column_norm_checked_fast(W0, A, B):
+    """``column_norm``'s checks for the usual call, decided in one pass.
+
+    Returns (ctype, kernel, out, in, r) when W0, A, B are C-contiguous
+    ndarrays of one float32/float64 dtype with the shapes (out, in), (r, in),
+    (out, r): exactly the calls for which ``_arrays`` copies nothing and
+    ``_adapter`` raises nothing (a 16-bit or strided W0 is not one of them).
+    Otherwise None, and the general path checks again and raises the message
+    that names what is wrong.
+    """
+    if type(W0) is not np.ndarray or type(A) is not np.ndarray or type(B) is not np.ndarray:
+        return None
+    entry = _NORM_KERNELS.get(W0.dtype)
+    if (entry is None or A.dtype != W0.dtype or B.dtype != W0.dtype
+            or W0.ndim != 2 or A.ndim != 2 or not W0.flags.c_contiguous
+            or not A.flags.c_contiguous or not B.flags.c_contiguous):
+        return None
+    out_f, in_f = W0.shape
+    r = A.shape[0]
+    if A.shape[1] != in_f or B.shape != (out_f, r):
+        return None
+    return entry[0], entry[1], out_f, in_f, r
+
+
+# NaN or Inf in A or B makes at least one norm of ``column_norm`` NaN or Inf
+# when out, in > 0 (float32/float64): the kernel (csrc/dora_kernels_impl.h,
+# norm_step and tile_full/tile_general) forms every product B[i, k] * A[k, j]
+# (no element skipped, no zero short-cut; 0 * Inf is NaN) and adds
+# s * B_i @ A to W0_i and the squares without -ffast-math, so a NaN or an
+# infinite product reaches that row's sum. A caller that finds every norm
+# finite has therefore proved A and B finite (``core.functional._scale``;
+# tested in tests/test_small_layer_path.py).
+NORM_PROPAGATES_NON_FINITE = True
 
 
 def _column_norm_lp(W0, A, B, scaling):
@@ -899,15 +947,19 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
+    return _backward_epilogue_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
+
+
+def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
+    """The C kernel on arguments ``_backward_checked`` returned and a scaling
+    ``_scaling`` returned (it checks nothing)."""
+    dy, base, U, B, g = arrays
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_backward_epilogue_{sfx}")(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(base, ctype), _ptr(U, ctype),
-        _ptr(B, ctype), _ptr(g, ctype), _scaling(scaling), N, out_f, r,
+        _ptr(B, ctype), _ptr(g, ctype), scaling, N, out_f, r,
     )
     _check_status(status, "backward_epilogue")
     return dg, dz
@@ -927,6 +979,13 @@ def backward_epilogue(dy, base, U, B, g, scaling):
 # norm_gradient_products 22 vs 12 ms at r = 16, 57 vs 19 ms at r = 32,
 # 131 vs 98 ms at r = 64. Above it the wrappers call BLAS, as the NumPy
 # twins do.
+# At small sizes the fused backward_lowrank is kept too: at (N, out) = 64x64,
+# r = 8, 1 thread, CPU time (medians of 15 interleaved repeats, load ~4-6 on
+# 2 cores) it took 0.89x (float32) and 0.94x (float64) the time of
+# backward_epilogue and two BLAS products, though it runs about twice their
+# instructions (one call from Python instead of five); from 128x128 to
+# 512x512 it was 0.96-1.18x, from 1024x1024 0.63-0.75x. No size switch: the
+# bits of a given shape stay those of one kernel.
 FUSED_MAX_RANK = 12
 
 
@@ -967,29 +1026,65 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
     by thread).
     """
-    (dy, base, U, B, g), _ = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
+    checked = _backward_checked(dy, base, U, B, g)  # once, for either path
     s = _scaling(scaling)
-    if r > FUSED_MAX_RANK:
-        dg, dz = backward_epilogue(dy, base, U, B, g, s)
-        return dg, dz, s * (dz @ B), s * (dz.T @ U)
-    return _backward_lowrank_fused(dy, base, U, B, g, s)
+    if checked[4] > FUSED_MAX_RANK:
+        dg, dz = _backward_epilogue_kernel(*checked, s)
+        return dg, dz, s * (dz @ checked[0][3]), s * (dz.T @ checked[0][2])
+    return _backward_lowrank_kernel(*checked, s)
+
+
+def _backward_checked(dy, base, U, B, g):
+    """The checks of ``backward_epilogue`` and ``backward_lowrank``.
+
+    Returns ((dy, base, U, B, g) C-contiguous, dtype, N, out, r). The usual
+    call (C-contiguous ndarrays of one float32/float64 dtype, the shapes
+    (N, out), (N, out), (N, r), (out, r), (out,)) is recognised in one pass
+    by ``_epilogue_checked_fast``; any other goes through ``_arrays`` and
+    ``_epilogue_shapes``, which copy what is strided and raise the message
+    that names the argument.
+    """
+    arrays = (dy, base, U, B, g)
+    if type(base) is np.ndarray and base.dtype in _CTYPE and base.ndim == 2:
+        dtype = base.dtype
+        for arr in arrays:
+            if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
+                break
+        else:
+            N, out_f = base.shape
+            if U.ndim == 2 and U.shape[0] == N and dy.shape == base.shape:
+                r = U.shape[1]
+                if B.shape == (out_f, r) and g.shape == (out_f,):
+                    return arrays, dtype, N, out_f, r
+    arrays, dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
+    N, out_f, r, shapes = _epilogue_shapes(*arrays[1:])
+    _shape("dy", arrays[0], arrays[1].shape, shapes.plus("dy", arrays[0], first=True))
+    return arrays, dtype, N, out_f, r
 
 
 def _backward_lowrank_fused(dy, base, U, B, g, scaling):
-    """``backward_lowrank`` in one pass over dz, for any r (the C kernel)."""
-    (dy, base, U, B, g), dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(base, U, B, g)
-    _shape("dy", dy, base.shape, shapes.plus("dy", dy, first=True))
-    ctype, sfx = _CTYPE[dtype]
+    """``backward_lowrank`` in one pass over dz, for any r (the C kernel), checked."""
+    return _backward_lowrank_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
+
+
+_LOWRANK_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_backward_lowrank_f32),
+    np.dtype(np.float64): ("double", lib.dora_backward_lowrank_f64),
+}
+
+
+def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling):
+    """The C kernel on arguments ``_backward_checked`` returned and a scaling
+    ``_scaling`` returned (it checks nothing)."""
+    dy, base, U, B, g = arrays
+    ctype, kernel = _LOWRANK_KERNELS[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
     dB = np.empty((out_f, r), dtype=dtype)
-    status = getattr(lib, f"dora_backward_lowrank_{sfx}")(
+    status = kernel(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dU, ctype), _ptr(dB, ctype), _ptr(dy, ctype),
-        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), _scaling(scaling),
+        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), scaling,
         N, out_f, r,
     )
     _check_status(status, "backward_lowrank")

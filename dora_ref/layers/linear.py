@@ -587,16 +587,15 @@ class DoRALinear(LoRALinear):
             return y
         x2 = check_input(x, self._weight.shape[1], self._weight.dtype)
         # shapes, dtypes and the frozen weights: checked once; NaN/Inf written into A or B
-        # here, into the magnitude by _dora_forward (its norm checks prove it finite)
-        check_finite("lora_A", self._lora_A)
-        check_finite("lora_B", self._lora_B)
+        # and the magnitude by _dora_forward (where the C kernel's norms prove A and B
+        # finite, by its fast path: checked there by name only if a norm is not finite)
         # in eval, y is written over the base product (no second (N, out) array); a
         # backward after an eval forward recomputes that product
         y, self._ctx = F._dora_forward(
             np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
             self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
             self.allow_zero_norm, overwrite_base=not self.training,
-            magnitude_name="lora_magnitude_vector",
+            magnitude_name="lora_magnitude_vector", adapter_names=("lora_A", "lora_B"),
         )
         return y
 
