@@ -426,6 +426,27 @@ class WeightSnapshot:
         self._arrays = tuple(arrays.values())
         self._bytes = [a.tobytes() for a in self._arrays]
 
+    def __getstate__(self):
+        return None, {"_names": self._names, "_arrays": self._arrays, "_bytes": self._bytes}
+
+    def __setstate__(self, state):
+        """Restore a pickle, also one from before ``_names`` (``_arrays`` a dict by name).
+
+        A merged layer or a forward's context pickled by an earlier version
+        holds such a snapshot; read as it was stored, its ``changed`` and
+        ``check_backward`` would fail with AttributeError (or iterate the
+        names as arrays).
+        """
+        slots = dict(state[1] or {}) if isinstance(state, tuple) else dict(state or {})
+        if isinstance(state, tuple) and state[0]:
+            slots.update(state[0])
+        arrays = slots["_arrays"]
+        if isinstance(arrays, dict):  # the layout before session 4
+            slots["_names"], arrays = tuple(arrays), tuple(arrays.values())
+        self._names = tuple(slots["_names"])
+        self._arrays = tuple(arrays)
+        self._bytes = list(slots["_bytes"])
+
     def changed(self):
         """The names of the arrays whose contents differ from the snapshot's, in order."""
         return [

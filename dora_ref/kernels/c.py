@@ -565,9 +565,11 @@ def _openblas_pool():
     """NumPy's OpenBLAS thread pool: (address of ``gotoblas_pthread``, threads, path), or None.
 
     Looked for among the libraries mapped into this process
-    (``/proc/self/maps``, Linux): one OpenBLAS (``libopenblas*``,
-    ``libscipy_openblas*``; where SciPy has mapped its own copy too, the one
-    in NumPy's wheel folder ``numpy.libs``) with the pthreads threading layer (its
+    (``/proc/self/maps``, Linux): the OpenBLAS (``libopenblas*``,
+    ``libscipy_openblas*``) that NumPy calls (``_numpy_blas_path``; with
+    several mapped, as after ``import scipy``, which brings its own; where
+    that lookup is not available, the one in NumPy's wheel folder
+    ``numpy.libs``, or a lone one), with the pthreads threading layer (its
     ``openblas_get_parallel`` returns 1, under any of the symbol prefixes
     the wheels use), at least two threads, and ``gotoblas_pthread``
     exported. Anything else (another BLAS, an OpenMP OpenBLAS, one thread,
@@ -584,12 +586,19 @@ def _openblas_pool():
                     paths.add(path)
     except OSError:
         return None
-    if len(paths) > 1:  # SciPy (scikit-learn) maps its own copy: keep the one NumPy's wheel ships
-        wheel_libs = os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"))
-        paths = {p for p in paths if os.path.dirname(os.path.realpath(p)) == wheel_libs}
-    if len(paths) != 1:
-        return None
-    path = paths.pop()
+    path = _numpy_blas_path(ctypes)
+    if path is not None:  # the library NumPy's cblas_sgemm lies in: an OpenBLAS mapped here?
+        same = [p for p in sorted(paths) if os.path.realpath(p) == os.path.realpath(path)]
+        if not same:
+            return None  # NumPy calls another BLAS
+        path = same[0]
+    else:
+        if len(paths) > 1:  # SciPy (scikit-learn) maps its own copy: keep the one NumPy's wheel ships
+            wheel_libs = os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs"))
+            paths = {p for p in paths if os.path.dirname(os.path.realpath(p)) == wheel_libs}
+        if len(paths) != 1:
+            return None
+        path = paths.pop()
     try:
         blas = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
     except OSError:
@@ -613,6 +622,37 @@ def _openblas_pool():
     if nthreads < 2:
         return None
     return ctypes.cast(pool, ctypes.c_void_p).value, nthreads, path
+
+
+def _numpy_blas_path(ctypes):
+    """The file of the library that NumPy's ``cblas_sgemm`` comes from, or None if not found.
+
+    ``dlsym`` on NumPy's own extension module searches the libraries it was
+    linked against, so the symbol found is the one NumPy calls, whatever
+    other BLAS libraries (SciPy's OpenBLAS, MKL from torch) are loaded;
+    ``dladdr`` names the file it lies in.
+    """
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        from numpy._core import _multiarray_umath as umath
+        ext = ctypes.CDLL(umath.__file__, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+        dladdr = ctypes.CDLL(None).dladdr
+    except (ImportError, OSError, AttributeError):
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    dladdr.restype = ctypes.c_int
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            fn = getattr(ext, prefix + "cblas_sgemm" + suffix, None)
+            if fn is None:
+                continue
+            info = _DlInfo()
+            if dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
+                return os.fsdecode(info.dli_fname)
+    return None
 
 
 def _set_blas_pool(on):

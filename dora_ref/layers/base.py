@@ -86,13 +86,22 @@ def frozen(arr, owned=False):
     eval-mode norm cache). An array that is already read-only and
     C-contiguous is trusted and kept without a copy (pass one to save the
     memory), as are ``owned`` arrays the layer computed itself.
+
+    The layer's own copy is handed out as a read-only view of a read-only
+    array: NumPy refuses ``flags.writeable = True`` on such a view (on an
+    array owning its data it would allow it, and an in-place write would
+    leave the eval-mode norm cache stale).
     """
     if not owned and (arr.flags.writeable or not arr.flags.c_contiguous):
         arr = np.array(arr, order="C", copy=True)
-    elif owned and not arr.flags.c_contiguous:
+    elif owned:
         arr = np.ascontiguousarray(arr)
-    else:
+    else:  # the caller's read-only array, trusted
         arr = arr.view()
+        arr.flags.writeable = False
+        return arr
+    arr.flags.writeable = False
+    arr = arr.view()
     arr.flags.writeable = False
     return arr
 
@@ -393,7 +402,8 @@ class AdapterLayer(Module):
             )
 
     def __setstate__(self, state):
-        """Unpickling and ``copy.deepcopy``: a merged copy's adapter is read-only too.
+        """Unpickling and ``copy.deepcopy``: the frozen weight and bias are frozen again, and a
+        merged copy's adapter is read-only too.
 
         NumPy restores arrays writeable; without this a merged copy would
         accept optimiser steps (its ``unmerge()`` would still refuse, by the
@@ -407,10 +417,36 @@ class AdapterLayer(Module):
         if "_weight" in state and "_low_precision" not in state:
             state["_low_precision"] = state["_weight"].dtype in LOW_PRECISION_DTYPES
         state.setdefault("autocast_adapter_dtype", True)
+        for name in ("_weight", "_bias"):  # NumPy restores them writeable: freeze them again
+            if isinstance(state.get(name), np.ndarray):
+                state[name] = frozen(state[name], owned=True)
         self.__dict__.update(state)
         if getattr(self, "merged", False):
+            self._own_locked_arrays()
             for p in [*self.parameters().values(), *self._merged_norm().values()]:
                 p.flags.writeable = False
+
+    def _own_locked_arrays(self):
+        """Give a merged copy writeable-capable adapter arrays, the snapshot following them.
+
+        A merged layer's arrays are read-only when pickled; pickle protocol 5
+        restores such an array over the pickle's immutable bytes, whose
+        WRITEABLE flag can never be set again, so ``unmerge()`` failed with
+        NumPy's "cannot set WRITEABLE flag". Such an array is replaced by a
+        copy (nothing outside this fresh copy holds it yet), also in the
+        merge-time snapshot, which compares the live arrays.
+        """
+        replaced = {}
+        for attr in ["_" + name for name in self._param_names] + ["weight_norm"]:
+            a = self.__dict__.get(attr)
+            if isinstance(a, np.ndarray) and not a.flags.writeable:
+                try:
+                    a.flags.writeable = True
+                except ValueError:  # over immutable memory: copy
+                    replaced[id(a)] = self.__dict__[attr] = a.copy()
+        snapshot = self.__dict__.get("_merged_snapshot")
+        if replaced and snapshot is not None:
+            snapshot._arrays = tuple(replaced.get(id(a), a) for a in snapshot._arrays)
 
     def _unlock_adapter(self):
         """After an unmerge: the trainable arrays are writeable again."""

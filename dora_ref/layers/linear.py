@@ -520,7 +520,14 @@ class DoRALinear(LoRALinear):
         super().__init__(weight, bias, **kwargs)
 
     def _forward_norm(self):
-        """The norm the forward divides by, in the magnitude's dtype (see ``core.lowp``)."""
+        """The norm the forward divides by, in the magnitude's dtype (see ``core.lowp``).
+
+        Computed on an eval-mode cache miss, before the forward's own checks:
+        NaN/Inf in the adapter is named here by its PEFT name (the functional
+        ``column_norm`` would call it "A" or "B").
+        """
+        check_finite("lora_A", self._lora_A)
+        check_finite("lora_B", self._lora_B)
         n = F.column_norm(self._weight, self.lora_A, self.lora_B, self.scaling, policy=self.policy)
         return round_to(n, self._lora_magnitude_vector.dtype)
 
