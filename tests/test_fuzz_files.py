@@ -154,6 +154,24 @@ def test_reader_on_malformed_files(tmp_path, blob):
     COUNTS["reader accepted"] += 1
 
 
+@pytest.mark.parametrize("extra", ["Infinity", "-Infinity", "NaN", "1e999", "-1e999"])
+def test_reader_refuses_non_json_numbers_in_the_header_as_safetensors_does(tmp_path, extra):
+    # found by the fuzz test above: Python's json reads NaN/Infinity and turns 1e999
+    # into inf; JSON has no such numbers and the safetensors package refuses the file
+    header = ('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": %s}}' % extra).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    assert _theirs(path) is None
+    with pytest.raises(ValueError, match="not valid JSON") as e:
+        S.SafetensorsFile(path)
+    assert str(path) in str(e.value)
+    ok = header.replace(extra.encode(), b"1.5")  # a field both ignore, with a finite number: fine for both
+    path.write_bytes(struct.pack("<Q", len(ok)) + ok + b"\0" * 4)
+    assert _theirs(path) == {"t": ("F32", (1,))}
+    with S.SafetensorsFile(path) as f:
+        assert f.shape("t") == (1,)
+
+
 # ---------------------------------------------------------------------------
 # the adapter config
 # ---------------------------------------------------------------------------

@@ -111,6 +111,19 @@ def _no_duplicates(pairs):
     return d
 
 
+def _no_constant(name):
+    # Python's json reads NaN, Infinity and -Infinity; JSON (RFC 8259) and the
+    # safetensors package do not
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: JSON allows it, serde_json (safetensors) refuses it
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
 def parse_header(raw, data_bytes):
     """Check a safetensors JSON header against the data size; return its tensors and metadata.
 
@@ -140,7 +153,10 @@ def parse_header(raw, data_bytes):
         Naming the first field found malformed.
     """
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant, parse_float=_finite_float,
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
