@@ -154,3 +154,20 @@ def test_a_live_merge_into_the_same_out_is_not_disturbed(checkpoint, tmp_path):
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 1 and f"process {os.getpid()}, which is writing {live}, is still running" in proc.stderr
     assert live.is_dir() and not out.exists()
+
+
+def test_merge_piped_into_a_reader_that_has_gone_exits_0_with_the_complete_output(checkpoint, tmp_path):
+    # found by a new user: `dora-ref merge ... | head -1` printed "error: [Errno 32]
+    # Broken pipe" and exited 1 after writing OUT in full
+    d, out = checkpoint, tmp_path / "piped"
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line: every print meets EPIPE
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DORA_REF_TEST_KILL_AT", None)
+    cmd = [sys.executable, "-m", "dora_ref", "merge", str(d / "base"), str(d / "new_ad"), str(out),
+           "--no-progress", "-v"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, stdout=w, stderr=subprocess.PIPE, timeout=300)
+    os.close(w)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr.decode() == ""
+    assert _state(d, out) == "new" and _leftovers(out) == []

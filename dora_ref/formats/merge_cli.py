@@ -114,7 +114,7 @@ def _parser():
         "weights that nothing else settles (the command says so)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="list every merged module")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every merged module (by default the first 10)")
     p.add_argument(
         "--allow-zero-norm",
         action="store_true",
@@ -673,6 +673,22 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
     return merged
 
 
+def _report(line):
+    """Print a line of the command's report; a reader that has gone does not fail the merge.
+
+    ``dora-ref merge ... | head -1`` closes stdout after one line: the rest of
+    the report is dropped (stdout is pointed at the null device, as Python's
+    documentation of SIGPIPE advises, so that the exit's flush does not fail
+    either) and the merge, which owes nothing to its reader, goes on.
+    """
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that the temporary output is removed."""
 
@@ -714,6 +730,7 @@ def _main(args):
             force=args.force,
             verbose=args.verbose,
             fan_in_fan_out=args.fan_in_fan_out,
+            log=_report,
         )
     except (OSError, KeyError, ValueError, TypeError) as e:  # one line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
