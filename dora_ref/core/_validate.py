@@ -184,6 +184,22 @@ def check_finite(name, arr):
         )
 
 
+def results_finite(*arrays):
+    """True if every entry of every float ndarray given is finite: ``check_result_finite``'s
+    usual case, for a caller that holds fresh results (its own products) and would
+    otherwise build the lists of names per call.
+
+    One dot product ``a . a`` per array, summed: finite only if every entry
+    is (see ``all_finite``). False also when only a sum overflowed; the
+    caller then calls ``check_result_finite``, which decides exactly and
+    names what is wrong, so together they refuse exactly what it refuses.
+    """
+    total = 0.0
+    for a in arrays:
+        total += float(_vdot(a, a))  # float(): adding NumPy scalars is slower
+    return math.isfinite(total)
+
+
 def check_result_finite(results, inputs):
     """Raise ``ValueError`` if a result holds NaN or Inf: naming the input that does, or the overflow.
 
