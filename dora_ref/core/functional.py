@@ -490,7 +490,7 @@ def _dora_backward_checked(dy, ctx, detach_norm):
 def _check_dy(dy, ctx, dtype):
     """dy checked against the forward's output (shape (..., out), ``dtype``), flattened."""
     out_f = ctx.W0.shape[0]
-    low_precision = dtype in LOW_PRECISION_DTYPES
+    low_precision = dtype.char not in "fd" and dtype in LOW_PRECISION_DTYPES  # the first: cheaper
     dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision)
     if dy2.shape[0] != ctx.x.shape[0]:
         raise ValueError(

@@ -597,8 +597,8 @@ class DoRALinear(LoRALinear):
         y, self._ctx = F._dora_forward(
             x.shape if x2 is x else np.shape(x), x2, W0, self._lora_A, self._lora_B,
             self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
-            self.allow_zero_norm, overwrite_base=not self.training,
-            magnitude_name="lora_magnitude_vector", adapter_names=("lora_A", "lora_B"),
+            self.allow_zero_norm, not self.training,  # overwrite_base
+            "lora_magnitude_vector", ("lora_A", "lora_B"),  # magnitude_name, adapter_names
         )
         return y
 
