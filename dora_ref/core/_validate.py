@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import numpy as np
 
 from .precision import LOW_PRECISION_DTYPES, classify
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# np.vdot without the __array_function__ dispatch (a Python call per use), where NumPy
+# exposes it: the checks below call it on arrays they know to be plain ndarrays
+_vdot = getattr(np.vdot, "_implementation", np.vdot)
 
 # ndarray subclasses whose arithmetic is the ndarray's: a memory-mapped file
 _PLAIN_SUBCLASSES = (np.memmap,)
@@ -164,7 +169,7 @@ def all_finite(arr):
     bool
     """
     if type(arr) is np.ndarray and arr.dtype.char in "fd" and arr.flags.c_contiguous:
-        if math.isfinite(np.vdot(arr, arr)):
+        if math.isfinite(_vdot(arr, arr)):
             return True
     return bool(np.isfinite(arr).all())
 
@@ -177,6 +182,22 @@ def check_finite(name, arr):
             f"{name} (shape {arr.shape}) contains NaN or Inf, "
             f"first at index {tuple(int(i) for i in bad[0])}"
         )
+
+
+def results_finite(*arrays):
+    """True if every entry of every float ndarray given is finite: ``check_result_finite``'s
+    usual case, for a caller that holds fresh results (its own products) and would
+    otherwise build the lists of names per call.
+
+    One dot product ``a . a`` per array, summed: finite only if every entry
+    is (see ``all_finite``). False also when only a sum overflowed; the
+    caller then calls ``check_result_finite``, which decides exactly and
+    names what is wrong, so together they refuse exactly what it refuses.
+    """
+    total = 0.0
+    for a in arrays:
+        total += float(_vdot(a, a))  # float(): adding NumPy scalars is slower
+    return math.isfinite(total)
 
 
 def check_result_finite(results, inputs):
@@ -198,10 +219,12 @@ def check_result_finite(results, inputs):
     """
     total = 0.0  # the usual case: one sum of the results' dot products (see all_finite)
     for _, a in results:
-        if type(a) is not np.ndarray or a.dtype.char not in "fd" or not a.flags.c_contiguous:
+        if type(a) is not np.ndarray or a.dtype.char not in "fd":
             total = math.nan
             break
-        total += float(np.vdot(a, a))
+        # any strides: a . a is the sum of the squares either way (a strided a is copied;
+        # the results here are fresh and C-contiguous); float(): adding NumPy scalars is slower
+        total += float(_vdot(a, a))
     if math.isfinite(total):
         return
     for name, a in results:
@@ -401,6 +424,9 @@ def check_rows_finite(what, W):
                                           f"(largest finite value {np.finfo(W.dtype).max:.3g})")
 
 
+_tobytes = operator.methodcaller("tobytes")
+
+
 class WeightSnapshot:
     """What some weight arrays held at one moment, to tell whether they changed in place since.
 
@@ -424,7 +450,22 @@ class WeightSnapshot:
     def __init__(self, arrays):
         self._names = tuple(arrays)
         self._arrays = tuple(arrays.values())
-        self._bytes = [a.tobytes() for a in self._arrays]
+        self._bytes = list(map(_tobytes, self._arrays))
+
+    @classmethod
+    def of(cls, names, arrays):
+        """``WeightSnapshot(dict(zip(names, arrays)))`` without building the dict (per call).
+
+        Parameters
+        ----------
+        names : tuple of str
+        arrays : tuple of ndarray, as many as names
+        """
+        self = cls.__new__(cls)
+        self._names = names
+        self._arrays = arrays
+        self._bytes = list(map(_tobytes, arrays))
+        return self
 
     def __getstate__(self):
         return None, {"_names": self._names, "_arrays": self._arrays, "_bytes": self._bytes}
@@ -457,10 +498,7 @@ class WeightSnapshot:
 
     def check_backward(self):
         """Raise ``RuntimeError`` if an array changed since the forward that took the snapshot."""
-        for a, saved in zip(self._arrays, self._bytes):
-            if a.tobytes() != saved:
-                break
-        else:
+        if list(map(_tobytes, self._arrays)) == self._bytes:  # every byte as it was
             return
         changed = self.changed()
         if changed:

@@ -115,6 +115,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_result_finite,
     check_scaling,
     refuse_non_finite_rows,
+    results_finite,
 )
 from .precision import LOW_PRECISION_DTYPES, check_policy
 from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the functional API)
@@ -127,6 +128,7 @@ from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the
     divide_by_norm,
     init_magnitude,
     magnitude_over_norm,
+    smallest_norm,
 )
 
 
@@ -153,6 +155,10 @@ class LoRAGrads(NamedTuple):
     dx: np.ndarray
     dA: np.ndarray
     dB: np.ndarray
+
+
+# the names a DoRA forward's WeightSnapshot gives A, B and the magnitude in messages
+_DORA_SNAPSHOT_NAMES = ("A (lora_A)", "B (lora_B)", "magnitude (lora_magnitude_vector)")
 
 
 @dataclass
@@ -375,9 +381,9 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         if bias is not None:
             y += bias
 
-    check_result_finite([("y (the output)", y)], [("x", x2)])
-    seen = WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B,
-                           "magnitude (lora_magnitude_vector)": magnitude})
+    if not results_finite(y):  # else the exact test, which names x or the overflow
+        check_result_finite([("y (the output)", y)], [("x", x2)])
+    seen = WeightSnapshot.of(_DORA_SNAPSHOT_NAMES, (A, B, magnitude))
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen,
                       n_nonzero=n_nonzero)
     if len(x_shape) != 2:
@@ -402,9 +408,11 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     checked first on the full sequence (finite norms from the backend's
     kernel prove them finite).
     """
-    lo = float(np.minimum.reduce(n))  # NaN if a norm is: every comparison below is False
-    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(np.vdot(n, n))
-            and lo * _HALF_MAX[n.dtype] > math.sqrt(np.vdot(magnitude, magnitude))):
+    lo = smallest_norm(n)  # NaN if a norm is: every comparison below is False
+    # n and m are 1-D (shape (out,)): ndarray.dot is their dot product, without np.vdot's
+    # dispatch; a sum of squares either way, finite only if every term is
+    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(n.dot(n))
+            and lo * _HALF_MAX[n.dtype] > math.sqrt(magnitude.dot(magnitude))):
         return magnitude / n, True
     if adapter_names is not None:
         check_finite(adapter_names[0], A)
@@ -459,22 +467,30 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
         wrong (PyTorch raises the same way for saved tensors).
     """
     _check_ctx(ctx, DoRAContext, "dora_forward")
+    if ctx.precision is not None:
+        if ctx.seen is not None:
+            ctx.seen.check_backward()
+        return _lowp.dora_backward(dy, ctx, detach_norm, _dx_adjoint)
+    return DoRAGrads(*_dora_backward_checked(dy, ctx, detach_norm))
+
+
+def _dora_backward_checked(dy, ctx, detach_norm):
+    """``dora_backward`` of a float32/float64 forward's ``DoRAContext`` (the caller knows it
+    is one, as a layer does of its own): every other check, then (dx, dA, dB, dmagnitude)."""
     if ctx.seen is not None:
         ctx.seen.check_backward()
-    if ctx.precision is not None:
-        return _lowp.dora_backward(dy, ctx, detach_norm, _dx_adjoint)
     dy2 = _check_dy(dy, ctx, ctx.W0.dtype)
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy2, ctx, ctx.W0, detach_norm)
-    check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
-                        [("dy", dy2)])
-    return DoRAGrads(dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape), dA, dB,
-                     dmagnitude)
+    if not results_finite(dA, dB, dmagnitude, dx):  # else the exact test, which names them
+        check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
+                            [("dy", dy2)])
+    return (dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape)), dA, dB, dmagnitude
 
 
 def _check_dy(dy, ctx, dtype):
     """dy checked against the forward's output (shape (..., out), ``dtype``), flattened."""
     out_f = ctx.W0.shape[0]
-    low_precision = dtype in LOW_PRECISION_DTYPES
+    low_precision = dtype.char not in "fd" and dtype in LOW_PRECISION_DTYPES  # the first: cheaper
     dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision)
     if dy2.shape[0] != ctx.x.shape[0]:
         raise ValueError(

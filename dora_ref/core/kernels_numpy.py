@@ -46,11 +46,30 @@ def _norm_dtype(W):
     return np.dtype(np.float32) if W.dtype in LOW_PRECISION_DTYPES else W.dtype
 
 
+# Below this, a float64 norm rounds to a finite float32 (its square is < 3.4e38 ** 2): the
+# cast back cannot overflow, and needs no np.errstate (about 1.5 us a call at small sizes)
+_F32_SAFE_SQUARE = float(np.finfo(np.float32).max) ** 2
+
+
 def _row_norms(V):
-    """||V_i|| for each row of a block, squares summed in float64, result in V's dtype."""
+    """||V_i|| for each row of a block, squares summed in float64, result in V's dtype.
+
+    A norm beyond the dtype's range is inf; the caller checks. The float64
+    sum and square root raise no floating-point warning (``einsum`` checks
+    none; ``sqrt(inf)`` is inf), so only the cast of a float32 block's norms
+    back to float32 can overflow: it runs under ``np.errstate`` only when a
+    sum of squares is that large, or NaN (``argmax`` finds the first NaN).
+    Same bits as the cast under ``errstate`` every time (tested in
+    tests/test_small_layer_fast.py).
+    """
+    if V.dtype == np.float64:
+        return np.sqrt(np.einsum("ij,ij->i", V, V))
     V64 = V.astype(np.float64, copy=False)
-    with np.errstate(over="ignore"):  # a norm beyond the dtype's range is inf; the caller checks
-        return np.sqrt(np.einsum("ij,ij->i", V64, V64)).astype(V.dtype)
+    sq = np.einsum("ij,ij->i", V64, V64)
+    if sq.item(sq.argmax()) < _F32_SAFE_SQUARE:  # NaN compares False
+        return np.sqrt(sq).astype(V.dtype)
+    with np.errstate(over="ignore"):
+        return np.sqrt(sq).astype(V.dtype)
 
 
 def _row_blocks(out_features, in_features, itemsize, align=1):
@@ -78,7 +97,8 @@ def column_norm(W0, A, B, scaling):
     -------
     n : ndarray, shape (out,), the dtype of W0 (float32 for a float16/bfloat16 W0)
     """
-    if W0.size * W0.itemsize <= _BLOCK_BYTES and W0.dtype not in LOW_PRECISION_DTYPES:
+    if W0.size * W0.itemsize <= _BLOCK_BYTES and (
+            W0.dtype.char in "fd" or W0.dtype not in LOW_PRECISION_DTYPES):  # the first: cheaper
         return _row_norms(W0 + scaling * (B @ A))  # one block: the loop's operations, no loop
     n = np.empty(W0.shape[0], dtype=_norm_dtype(W0))
     for rows in _row_blocks(*W0.shape, W0.itemsize):
@@ -217,7 +237,7 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     z *= float(scaling)
     z += base
     z *= dy
-    dg = np.sum(z, axis=0)
+    dg = np.add.reduce(z, axis=0)  # np.sum's own call for an ndarray, without its wrapper
     dz = dy * g
     return dg, dz
 

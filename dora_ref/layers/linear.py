@@ -568,7 +568,9 @@ class DoRALinear(LoRALinear):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
         if self.merged:
             return super().forward(x, dropout_mask=dropout_mask)
-        mask = self._mask_for(x, dropout_mask)
+        # _mask_for's answer when no mask is given and no dropout is configured: None
+        mask = (None if dropout_mask is None and self.lora_dropout == 0.0
+                else self._mask_for(x, dropout_mask))
         if self.training:
             self._norm_cache.clear()
             norm = None
@@ -585,17 +587,18 @@ class DoRALinear(LoRALinear):
                 self.allow_zero_norm, self.policy,
             )
             return y
-        x2 = check_input(x, self._weight.shape[1], self._weight.dtype)
+        W0 = self._weight
+        x2 = check_input(x, W0.shape[1], W0.dtype)
         # shapes, dtypes and the frozen weights: checked once; NaN/Inf written into A or B
         # and the magnitude by _dora_forward (where the C kernel's norms prove A and B
         # finite, by its fast path: checked there by name only if a norm is not finite)
         # in eval, y is written over the base product (no second (N, out) array); a
         # backward after an eval forward recomputes that product
         y, self._ctx = F._dora_forward(
-            np.shape(x), x2, self._weight, self._lora_A, self._lora_B,
+            x.shape if x2 is x else np.shape(x), x2, W0, self._lora_A, self._lora_B,
             self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
-            self.allow_zero_norm, overwrite_base=not self.training,
-            magnitude_name="lora_magnitude_vector", adapter_names=("lora_A", "lora_B"),
+            self.allow_zero_norm, not self.training,  # overwrite_base
+            "lora_magnitude_vector", ("lora_A", "lora_B"),  # magnitude_name, adapter_names
         )
         return y
 
@@ -604,11 +607,16 @@ class DoRALinear(LoRALinear):
     def backward(self, dy):
         """Backward pass: accumulates ``grads`` (+=) and returns dx (..., in)."""
         self._require_ctx()
-        g = F.dora_backward(dy, self._ctx, detach_norm=self.detach_norm)
-        self.grads["lora_A"] += g.dA
-        self.grads["lora_B"] += g.dB
-        self.grads["lora_magnitude_vector"] += g.dmagnitude
-        return g.dx
+        ctx = self._ctx
+        if type(ctx) is F.DoRAContext and ctx.precision is None:  # dora_backward, known ctx
+            dx, dA, dB, dm = F._dora_backward_checked(dy, ctx, self.detach_norm)
+        else:
+            dx, dA, dB, dm = F.dora_backward(dy, ctx, detach_norm=self.detach_norm)
+        grads = self.grads
+        grads["lora_A"] += dA
+        grads["lora_B"] += dB
+        grads["lora_magnitude_vector"] += dm
+        return dx
 
     def merge(self):
         """Fold the adapter into ``weight``: W' = diag(m / n)(W0 + s B A).
