@@ -298,6 +298,21 @@ def _loadavg_running(text):
     return int(lib.dora_loadavg_running(text.encode()))
 
 
+def _team_fits(running, own, cores, threads, on_pool):
+    """Tests only: C's decision whether a team finds its cores (``dora_team_fits``)."""
+    return bool(lib.dora_team_fits(running, own, cores, threads, 1 if on_pool else 0))
+
+
+def _stat_runnable(text):
+    """Tests only: True if a /proc/<pid>/task/<tid>/stat text says runnable (C's parser)."""
+    return bool(lib.dora_stat_runnable(text.encode()))
+
+
+def _own_runnable():
+    """Diagnosis: this process's runnable threads now, as a probe counts them (0: unknown)."""
+    return int(lib.dora_own_runnable())
+
+
 def _plan_reset():
     """Forget the measured cost of a team: the next call that might go parallel measures it."""
     lib.dora_plan_reset()
