@@ -300,14 +300,16 @@ static ssize_t dora_read_small(const char *path, char *buf, size_t size)
 }
 
 /* This process's runnable threads (/proc/self/task/<tid>/stat), the
-   caller included; 0 if they cannot be read. */
-long dora_own_runnable(void)
+   caller included, counted up to `limit` (0: all); 0 if they cannot be
+   read. (About 30 us for a handful of threads: a probe reads it only when
+   the load alone refuses the team, and stops at the team's size.) */
+long dora_own_runnable(long limit)
 {
     DIR *dir = opendir("/proc/self/task");
     if (!dir) return 0;
     long runnable = 0;
     char path[64], buf[512];
-    for (struct dirent *e = readdir(dir); e; e = readdir(dir)) {
+    for (struct dirent *e = readdir(dir); e && (limit <= 0 || runnable < limit); e = readdir(dir)) {
         if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
         snprintf(path, sizeof path, "/proc/self/task/%.24s/stat", e->d_name);
         if (dora_read_small(path, buf, sizeof buf) > 0) runnable += dora_stat_runnable(buf);
@@ -317,20 +319,20 @@ long dora_own_runnable(void)
 }
 
 /* 1 if the machine has cores for a team of nt (dora_team_fits), or if
-   that cannot be read; 0 if not. A probe reads it (tens of us, once per
-   probe interval at most) before it opens a team, so that on a machine
-   whose cores other processes take the probe does not pay a time slice to
-   find out. */
+   that cannot be read; 0 if not. A probe reads it before it opens a team,
+   so that on a machine whose cores other processes take the probe does not
+   pay a time slice to find out. */
 static int dora_cores_free(int nt, int on_pool)
 {
     char buf[128];
     if (dora_read_small("/proc/loadavg", buf, sizeof buf) < 0) return 1;
     const long running = dora_loadavg_running(buf);
-    return dora_team_fits(running, on_pool ? dora_own_runnable() : 0,
-                          sysconf(_SC_NPROCESSORS_ONLN), nt, on_pool);
+    const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (dora_team_fits(running, 0, cores, nt, 0)) return 1;
+    return on_pool && dora_team_fits(running, dora_own_runnable(nt), cores, nt, 1);
 }
 #else
-long dora_own_runnable(void) { return 0; }
+long dora_own_runnable(long limit) { (void)limit; return 0; }
 static inline int dora_cores_free(int nt, int on_pool) { (void)nt; (void)on_pool; return 1; }
 #endif
 

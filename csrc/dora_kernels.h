@@ -195,8 +195,9 @@ long dora_loadavg_running(const char *text);
 int dora_team_fits(long running, long own, long cores, int nt, int on_pool);
 /* 1 if a /proc/<pid>/task/<tid>/stat text says the thread is runnable (R). */
 int dora_stat_runnable(const char *text);
-/* This process's runnable threads, the caller included (Linux; else 0). */
-long dora_own_runnable(void);
+/* This process's runnable threads, the caller included, counted up to
+   limit (0: all) (Linux with OpenMP; else 0). */
+long dora_own_runnable(long limit);
 /* Forget what the cost model measured of teams (L, L_min, the probe
    interval): the next call that might go parallel measures L again. */
 void dora_plan_reset(void);

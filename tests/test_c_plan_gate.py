@@ -70,6 +70,7 @@ def test_own_runnable_counts_the_calling_thread():
         assert C._own_runnable() == 0  # the gate is compiled only with OpenMP
         return
     assert C._own_runnable() >= 1
+    assert C._own_runnable(1) == 1  # counted up to the limit, a team's size
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task is Linux's")

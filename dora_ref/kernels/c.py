@@ -308,9 +308,10 @@ def _stat_runnable(text):
     return bool(lib.dora_stat_runnable(text.encode()))
 
 
-def _own_runnable():
-    """Diagnosis: this process's runnable threads now, as a probe counts them (0: unknown)."""
-    return int(lib.dora_own_runnable())
+def _own_runnable(limit=0):
+    """Diagnosis: this process's runnable threads now, as a probe counts them
+    (up to ``limit``, 0: all; 0 if unknown)."""
+    return int(lib.dora_own_runnable(limit))
 
 
 def _plan_reset():
