@@ -235,8 +235,7 @@ static void dora_measure_region(int nt)
         sum += L;
     }
     STORE(region_min_ns, best);
-    STORE(region_ns, sum / 3);
-    STORE(last_parallel, dora_now());
+    STORE(region_ns, sum / 3);  /* (not a recent team: the first decision asks for the cores) */
 }
 #endif
 
@@ -347,6 +346,26 @@ static int dora_kernel_on_pool(int kernel, int nt)
     return pool && nt <= pool_threads && kernel != K_MERGE && kernel != K_UNMERGE;
 }
 
+/* The plan's decision for a call of predicted serial time T (ns), from the
+   cost of a team L and its smallest L_min (ns), the seconds since the last
+   team and since the last team or refused probe, and the probe interval:
+   DORA_PLAN_TEAM when L, measured by a team within the interval, says a
+   team pays (T > 4 L); DORA_PLAN_ASK when a team might pay but nothing was
+   measured or refused for an interval: a probe (T > 4 L_min only), or a
+   team that pays by an L that old; either opens only if the cores are
+   free (dora_cores_free). Before, an old L opened a team unasked: the
+   first team after startup or after a serial spell could find every core
+   taken (bench_busy --cells at load ~7: a column norm of 0.5 ms predicted
+   lost 12 ms). DORA_PLAN_SERIAL otherwise. */
+int dora_plan_decide(double T, double L, double Lmin, double since_team, double since_check,
+                     double interval)
+{
+    const int pays = T > 4 * L;
+    if (pays && since_team <= interval) return DORA_PLAN_TEAM;
+    if ((pays || T > 4 * Lmin) && since_check > interval) return DORA_PLAN_ASK;
+    return DORA_PLAN_SERIAL;
+}
+
 static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nblocks)
 {
     p->kernel = kernel;
@@ -377,14 +396,20 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
     LOAD(last_gate, gated);
     LOAD(probe_interval, interval);
     const double T = rate * work;
-    const int pays = T > 4 * L;
-    int probe = !pays && T > 4 * Lmin && p->t0 - dora_max_d(last, gated) > interval;
-    if (probe && !dora_cores_free(p->nt, dora_kernel_on_pool(kernel, p->nt))) {  /* no idle core: try again an interval later */
-        STORE(last_gate, p->t0);
-        STAT_ADD(kernel, S_GATED, 1);
-        probe = 0;
+    const int decision = dora_plan_decide(T, L, Lmin, p->t0 - last,
+                                          p->t0 - dora_max_d(last, gated), interval);
+    int probe = 0;
+    if (decision == DORA_PLAN_ASK) {
+        if (dora_cores_free(p->nt, dora_kernel_on_pool(kernel, p->nt))) {
+            probe = !(T > 4 * L);  /* else a team pays by an L older than an interval */
+        } else {  /* no idle core: try again an interval later */
+            STORE(last_gate, p->t0);
+            STAT_ADD(kernel, S_GATED, 1);
+            p->nt = 1;
+        }
+    } else if (decision == DORA_PLAN_SERIAL) {
+        p->nt = 1;
     }
-    if (!pays && !probe) p->nt = 1;
     p->probe = probe;
     p->T = T;
     p->t0 = dora_now();

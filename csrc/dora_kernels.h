@@ -193,6 +193,13 @@ long dora_loadavg_running(const char *text);
    so up to nt - 1 of the process's own runnable threads (its workers,
    spinning after a product) are the team, not competitors. */
 int dora_team_fits(long running, long own, long cores, int nt, int on_pool);
+/* The thread plan's decision for a call (dora_kernels.c, dora_plan_decide):
+   T, L, Lmin in ns, the times in seconds. */
+#define DORA_PLAN_SERIAL 0
+#define DORA_PLAN_TEAM 1
+#define DORA_PLAN_ASK 2
+int dora_plan_decide(double T, double L, double Lmin, double since_team, double since_check,
+                     double interval);
 /* 1 if a /proc/<pid>/task/<tid>/stat text says the thread is runnable (R). */
 int dora_stat_runnable(const char *text);
 /* This process's runnable threads, the caller included, counted up to

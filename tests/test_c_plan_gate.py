@@ -89,3 +89,26 @@ def test_own_runnable_sees_openblas_workers_spinning_after_a_product():
         if seen >= 2:
             break
     assert seen >= 2
+
+
+@pytest.mark.parametrize("T, L, Lmin, since_team, since_check, interval, decision", [
+    # L measured by a team within the interval says a team pays: open one
+    (1000, 50, 20, 0.05, 0.05, 0.1, "team"),
+    # the same L, older than an interval (startup, or a serial spell): ask for the cores first
+    (1000, 50, 20, 0.5, 0.5, 0.1, "ask"),
+    # ... unless a probe was refused within the interval: stay serial until it passes
+    (1000, 50, 20, 0.5, 0.05, 0.1, "serial"),
+    # L says no, L_min says yes: a probe once an interval, asking for the cores
+    (1000, 3500, 20, 0.5, 0.5, 0.1, "ask"),
+    (1000, 3500, 20, 0.05, 0.05, 0.1, "serial"),
+    (1000, 3500, 20, 0.5, 0.05, 0.1, "serial"),
+    # too small even for the best team ever seen: serial, nothing read
+    (50, 3500, 20, 10.0, 10.0, 0.1, "serial"),
+    (50, 20, 20, 0.01, 0.01, 0.1, "serial"),
+])
+def test_a_team_on_an_old_region_cost_asks_for_the_cores_first(
+        T, L, Lmin, since_team, since_check, interval, decision):
+    """bench_busy --cells at load ~7: a column norm predicted at 0.5 ms went
+    parallel on an L measured at startup and lost 12 ms; an L older than the
+    probe interval now opens a team only through the idle-core gate."""
+    assert C._plan_decide(T, L, Lmin, since_team, since_check, interval) == decision

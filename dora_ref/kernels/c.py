@@ -298,6 +298,14 @@ def _loadavg_running(text):
     return int(lib.dora_loadavg_running(text.encode()))
 
 
+def _plan_decide(T_us, L_us, Lmin_us, since_team_s, since_check_s, interval_s):
+    """Tests only: the plan's decision, ``"serial"``, ``"team"`` or ``"ask"`` (``dora_plan_decide``)."""
+    decision = lib.dora_plan_decide(T_us * 1e3, L_us * 1e3, Lmin_us * 1e3, since_team_s,
+                                    since_check_s, interval_s)
+    return {lib.DORA_PLAN_SERIAL: "serial", lib.DORA_PLAN_TEAM: "team",
+            lib.DORA_PLAN_ASK: "ask"}[decision]
+
+
 def _team_fits(running, own, cores, threads, on_pool):
     """Tests only: C's decision whether a team finds its cores (``dora_team_fits``)."""
     return bool(lib.dora_team_fits(running, own, cores, threads, 1 if on_pool else 0))
