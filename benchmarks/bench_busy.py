@@ -36,6 +36,7 @@ exceeds ``--step-limit`` seconds is skipped and listed as skipped.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import os
 import platform
@@ -91,6 +92,7 @@ def uptime():
 
 
 def cpu():
+    """The CPU's name, its cores and SIMD level (which of the C kernels' clones runs)."""
     name = platform.processor() or platform.machine()
     flags = set()
     try:
@@ -103,8 +105,37 @@ def cpu():
                     break
     except OSError:
         pass
-    simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
+    # GCC's target_clones pick x86-64-v4 with AVX-512 F/BW/CD/DQ/VL, v3 with AVX2 and FMA
+    v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+    simd = ("AVX-512, clone x86-64-v4" if v4 else
+            "AVX2, clone x86-64-v3" if {"avx2", "fma"} <= flags else "baseline clone")
     return f"{name} ({os.cpu_count()} CPUs, {simd})"
+
+
+def blas():
+    """NumPy's BLAS: library, version, threading layer, threads and the kernel it picked."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        for lib in threadpool_info():
+            if lib.get("user_api") == "blas":
+                return (f"{lib.get('internal_api')} {lib.get('version')} "
+                        f"({lib.get('threading_layer')}, {lib.get('num_threads')} threads, "
+                        f"kernel {lib.get('architecture')}); {os.path.basename(lib['filepath'])}")
+    from dora_ref.kernels import c as kernels_c
+    path = kernels_c._numpy_blas_path(ctypes)
+    if path is None:
+        return "unknown (no threadpoolctl, NumPy's BLAS not found)"
+    lib = ctypes.CDLL(path)
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            fn = getattr(lib, f"{prefix}openblas_get_corename{suffix}", None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return f"OpenBLAS, kernel {fn().decode()}; {os.path.basename(path)}"
+    return os.path.basename(path)
 
 
 def problem(out_f, in_f, r, N, dtype, seed=0):
@@ -176,15 +207,22 @@ def cells(grid):
         yield out_f, in_f, r, N, dtype
 
 
-def plan_summary(kernels_c):
-    """The C cost model's decisions since the last call, summed over kernels."""
+def plan_summary(kernels_c, per_kernel=False):
+    """The C cost model's decisions since the last call, summed over kernels
+    (and, with ``per_kernel``, each kernel's calls/parallel/probes/lost/gated)."""
     if not hasattr(kernels_c, "_plan_stats"):  # a build before the counters
         return "no counters in this build"
     stats = kernels_c._plan_stats(reset=True)
     total = {f: sum(v[f] for v in stats.values())
-             for f in ("calls", "parallel", "probes", "lost", "lost_ms")}
-    return (f"{total['calls']} C calls, {total['parallel']} parallel ({total['probes']} probes), "
-            f"{total['lost']} slower than predicted serial (+{total['lost_ms']:.1f} ms)")
+             for f in ("calls", "parallel", "probes", "lost", "lost_ms", "gated")}
+    text = (f"{total['calls']} C calls, {total['parallel']} parallel ({total['probes']} probes, "
+            f"{total['gated']} gated), {total['lost']} slower than predicted serial "
+            f"(+{total['lost_ms']:.1f} ms)")
+    if per_kernel:
+        text += "; " + ", ".join(
+            f"{k} {v['calls']}/{v['parallel']}/{v['probes']}/{v['lost']}/{v['gated']}"
+            for k, v in stats.items()) + " (calls/parallel/probes/lost/gated)"
+    return text
 
 
 def main(argv=None):
@@ -195,6 +233,10 @@ def main(argv=None):
                       help="the issue's grid: 5 shapes x 5 ranks x 3 N x 2 dtypes x 0/1/2 busy "
                            "(the default)")
     ap.add_argument("--loads", default=None, help="busy processes per level, e.g. 0,1,2")
+    ap.add_argument("--cells", default=None,
+                    help="only these cells, out,in,r,N,dtype separated by ';' "
+                         "(e.g. '1024,1024,64,256,float64;64,64,1,16,float32'); "
+                         "the plan's counters are then printed after each cell")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per cell and kind (default: 0.3 quick, else from --max-minutes)")
     ap.add_argument("--max-minutes", type=float, default=90,
@@ -208,16 +250,25 @@ def main(argv=None):
     grid = dict(QUICK if args.quick else FULL)
     if args.loads:
         grid["loads"] = [int(v) for v in args.loads.split(",")]
+    focus = None
+    if args.cells:
+        focus = []
+        for text in args.cells.split(";"):
+            out_f, in_f, r, N, dtype = text.split(",")
+            focus.append((int(out_f), int(in_f), int(r), int(N), np.dtype(dtype).type))
     if "c" not in dora_ref.available_backends():
         sys.exit("the C extension is not built: nothing to compare")
     from dora_ref.kernels import c as _kernels_c
 
-    all_cells = [(load, cell) for load in grid["loads"] for cell in cells(grid)]
+    cells_of = (lambda g: iter(focus)) if focus else cells
+    all_cells = [(load, cell) for load in grid["loads"] for cell in cells_of(grid)]
     t_start = time.perf_counter()
     deadline = t_start + 60 * args.max_minutes
     busy_limit = args.busy_limit if args.busy_limit is not None else 60 * args.max_minutes + 60
     print(f"# C backend vs NumPy backend, quiet and busy (goal: C/NumPy <= {GOAL})")
-    print(f"# CPU: {cpu()}; numpy {np.__version__}; {_kernels_c.threading_info()}")
+    print(f"# CPU: {cpu()}")
+    print(f"# BLAS: {blas()}; numpy {np.__version__}")
+    print(f"# C kernels: {_kernels_c.threading_info()}")
     print(f"# {len(all_cells)} cells; "
           + (f"{args.budget} s per cell and kind" if args.budget is not None else
              "0.3 s per cell and kind" if args.quick else
@@ -235,7 +286,7 @@ def main(argv=None):
                   f"{'eval C ms':>9} {'NumPy ms':>9} {'C/NumPy':>7} | "
                   f"means: train eval | minima: train eval | rounds")
             plan_summary(_kernels_c)  # reset the counters
-            for out_f, in_f, r, N, dtype in cells(grid):
+            for out_f, in_f, r, N, dtype in cells_of(grid):
                 key = (out_f, in_f, r, N, np.dtype(dtype).name)
                 bounded = not args.quick and args.budget is None
                 done += 1
@@ -272,6 +323,8 @@ def main(argv=None):
                       f"{tr['rounds']:>3} {ev['rounds']:>3}{flag}",
                       flush=True)
                 results.setdefault(load, []).append((key, rt, re_))
+                if focus:
+                    print(f"    plan: {plan_summary(_kernels_c, per_kernel=True)}", flush=True)
             print(f"after: {uptime()}; C cost model: "
                   f"{_kernels_c.threading_info()['region_cost_us']:.1f} us to open a team; "
                   f"{plan_summary(_kernels_c)}")

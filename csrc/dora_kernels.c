@@ -143,6 +143,12 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* 5-7 by other jobs made 71 probes in 5 minutes, 66 lost (1.1 s in all);   */
 /* with it, the training step above with one busy process made no probe    */
 /* (28 gated) where it had made 5-7, 4-5 of them lost (13-30 ms).          */
+/* The test counts this process's own runnable threads apart when the team */
+/* runs on OpenBLAS's workers (dora_team_fits): after every product those  */
+/* workers spin, runnable, for ~0.1 s, and a training loop always follows  */
+/* a product, so counting them as busy refused every probe on 2 cores: one */
+/* lost call (L of ms) kept every kernel serial for the rest of the run,   */
+/* quiet or not (bench_busy --cells, load ~7: L stayed at 3.5 ms).         */
 /* The bits never depend on nt.                                             */
 /*                                                                          */
 /* Fork: libgomp's worker threads do not exist in a forked child, but its   */
@@ -180,6 +186,8 @@ static double region_min_ns = 0;    /* the smallest L seen */
 static double last_parallel = 0;    /* when the last team ran */
 static double last_gate = 0;        /* when a probe was last refused by dora_cores_free */
 static double probe_interval = PROBE_INTERVAL;  /* seconds without a team before a probe */
+static uintptr_t blas_pool_fn = 0;  /* gotoblas_pthread, or 0: OpenMP teams (dora_team_run) */
+static int blas_pool_threads = 0;   /* OpenBLAS's threads, caller included */
 
 /* Counters of the plan's decisions, per kernel, for dora_plan_stats. */
 enum { S_CALLS, S_PARALLEL, S_PROBES, S_LOST, S_LOST_NS, S_START_NS, S_WALL_NS, S_PREDICT_NS,
@@ -227,8 +235,7 @@ static void dora_measure_region(int nt)
         sum += L;
     }
     STORE(region_min_ns, best);
-    STORE(region_ns, sum / 3);
-    STORE(last_parallel, dora_now());
+    STORE(region_ns, sum / 3);  /* (not a recent team: the first decision asks for the cores) */
 }
 #endif
 
@@ -247,32 +254,117 @@ long dora_loadavg_running(const char *text)
     return end != q && *end == '/' && running >= 0 ? running : -1;
 }
 
+/* Whether a team of nt threads (the caller and nt - 1 members) finds its
+   cores, from what the machine runs now: `running` runnable threads in all
+   (/proc/loadavg, the caller included), `own` of them this process's (the
+   caller included; 0 if unknown), `cores` online. Every runnable thread
+   but the caller competes with the members, except, when the team runs on
+   OpenBLAS's workers (on_pool), up to nt - 1 of the process's own: right
+   after a BLAS product its workers spin, runnable, for about 0.1 s, waiting
+   for the job the team gives them. (Counting them as busy, a probe on 2
+   cores in a training loop, which always follows a product, was always
+   refused: one lost call then kept every kernel serial for good.) */
+int dora_team_fits(long running, long own, long cores, int nt, int on_pool)
+{
+    if (running <= 0 || cores <= 0) return 1;  /* unknown: let the probe measure */
+    long competitors = running - 1;
+    if (on_pool && own > 1) competitors -= dora_min(own - 1, nt - 1);
+    return cores - dora_max(0, competitors) >= nt;
+}
+
+/* 1 if the state field of a /proc/<pid>/task/<tid>/stat text (after the
+   command's closing parenthesis) is R (running or runnable), else 0. */
+int dora_stat_runnable(const char *text)
+{
+    const char *q = strrchr(text, ')');
+    return q && q[1] == ' ' && q[2] == 'R';
+}
+
 #if defined(__linux__) && defined(_OPENMP)
+#include <dirent.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
-/* 1 if the machine has nt - 1 idle cores for a team besides the calling
-   thread, or if that cannot be read; 0 if not. Linux's /proc/loadavg gives
-   the number of runnable threads now (the caller included); a probe reads
-   it (a few us) before it opens a team, so that on a machine whose cores
-   are all taken (other processes, or OpenBLAS's workers spinning after a
-   product) the probe does not pay a time slice to find out. */
-static int dora_cores_free(int nt)
+
+/* The text of a small file of /proc into buf; its length, or -1. */
+static ssize_t dora_read_small(const char *path, char *buf, size_t size)
+{
+    const int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    const ssize_t len = read(fd, buf, size - 1);
+    close(fd);
+    if (len <= 0) return -1;
+    buf[len] = 0;
+    return len;
+}
+
+/* This process's runnable threads (/proc/self/task/<tid>/stat), the
+   caller included, counted up to `limit` (0: all); 0 if they cannot be
+   read. (About 30 us for a handful of threads: a probe reads it only when
+   the load alone refuses the team, and stops at the team's size.) */
+long dora_own_runnable(long limit)
+{
+    DIR *dir = opendir("/proc/self/task");
+    if (!dir) return 0;
+    long runnable = 0;
+    char path[64], buf[512];
+    for (struct dirent *e = readdir(dir); e && (limit <= 0 || runnable < limit); e = readdir(dir)) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        snprintf(path, sizeof path, "/proc/self/task/%.24s/stat", e->d_name);
+        if (dora_read_small(path, buf, sizeof buf) > 0) runnable += dora_stat_runnable(buf);
+    }
+    closedir(dir);
+    return runnable;
+}
+
+/* 1 if the machine has cores for a team of nt (dora_team_fits), or if
+   that cannot be read; 0 if not. A probe reads it before it opens a team,
+   so that on a machine whose cores other processes take the probe does not
+   pay a time slice to find out. */
+static int dora_cores_free(int nt, int on_pool)
 {
     char buf[128];
-    const int fd = open("/proc/loadavg", O_RDONLY);
-    if (fd < 0) return 1;
-    const ssize_t len = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (len <= 0) return 1;
-    buf[len] = 0;
+    if (dora_read_small("/proc/loadavg", buf, sizeof buf) < 0) return 1;
     const long running = dora_loadavg_running(buf);
     const long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    if (running <= 0 || cores <= 0) return 1;
-    return cores - running >= nt - 1;
+    if (dora_team_fits(running, 0, cores, nt, 0)) return 1;
+    return on_pool && dora_team_fits(running, dora_own_runnable(nt), cores, nt, 1);
 }
 #else
-static inline int dora_cores_free(int nt) { (void)nt; return 1; }
+long dora_own_runnable(long limit) { (void)limit; return 0; }
+static inline int dora_cores_free(int nt, int on_pool) { (void)nt; (void)on_pool; return 1; }
 #endif
+
+/* The kernels whose teams run on dora_team_for (OpenBLAS's workers when
+   registered, dora_team_run); merge and unmerge open OpenMP teams. */
+static int dora_kernel_on_pool(int kernel, int nt)
+{
+    uintptr_t pool;
+    int pool_threads;
+    LOAD(blas_pool_fn, pool);
+    LOAD(blas_pool_threads, pool_threads);
+    return pool && nt <= pool_threads && kernel != K_MERGE && kernel != K_UNMERGE;
+}
+
+/* The plan's decision for a call of predicted serial time T (ns), from the
+   cost of a team L and its smallest L_min (ns), the seconds since the last
+   team and since the last team or refused probe, and the probe interval:
+   DORA_PLAN_TEAM when L, measured by a team within the interval, says a
+   team pays (T > 4 L); DORA_PLAN_ASK when a team might pay but nothing was
+   measured or refused for an interval: a probe (T > 4 L_min only), or a
+   team that pays by an L that old; either opens only if the cores are
+   free (dora_cores_free). Before, an old L opened a team unasked: the
+   first team after startup or after a serial spell could find every core
+   taken (bench_busy --cells at load ~7: a column norm of 0.5 ms predicted
+   lost 12 ms). DORA_PLAN_SERIAL otherwise. */
+int dora_plan_decide(double T, double L, double Lmin, double since_team, double since_check,
+                     double interval)
+{
+    const int pays = T > 4 * L;
+    if (pays && since_team <= interval) return DORA_PLAN_TEAM;
+    if ((pays || T > 4 * Lmin) && since_check > interval) return DORA_PLAN_ASK;
+    return DORA_PLAN_SERIAL;
+}
 
 static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nblocks)
 {
@@ -304,14 +396,20 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
     LOAD(last_gate, gated);
     LOAD(probe_interval, interval);
     const double T = rate * work;
-    const int pays = T > 4 * L;
-    int probe = !pays && T > 4 * Lmin && p->t0 - dora_max_d(last, gated) > interval;
-    if (probe && !dora_cores_free(p->nt)) {  /* no idle core: try again an interval later */
-        STORE(last_gate, p->t0);
-        STAT_ADD(kernel, S_GATED, 1);
-        probe = 0;
+    const int decision = dora_plan_decide(T, L, Lmin, p->t0 - last,
+                                          p->t0 - dora_max_d(last, gated), interval);
+    int probe = 0;
+    if (decision == DORA_PLAN_ASK) {
+        if (dora_cores_free(p->nt, dora_kernel_on_pool(kernel, p->nt))) {
+            probe = !(T > 4 * L);  /* else a team pays by an L older than an interval */
+        } else {  /* no idle core: try again an interval later */
+            STORE(last_gate, p->t0);
+            STAT_ADD(kernel, S_GATED, 1);
+            p->nt = 1;
+        }
+    } else if (decision == DORA_PLAN_SERIAL) {
+        p->nt = 1;
     }
-    if (!pays && !probe) p->nt = 1;
     p->probe = probe;
     p->T = T;
     p->t0 = dora_now();
@@ -432,8 +530,6 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 /* ------------------------------------------------------------------------ */
 
 typedef int (*dora_blas_pool_fn)(int, void *, void *, int);
-static uintptr_t blas_pool_fn = 0;  /* gotoblas_pthread, or 0: OpenMP teams */
-static int blas_pool_threads = 0;   /* OpenBLAS's threads, caller included */
 
 /* Runs fn(args + t * stride) for t < nt and returns when all have. */
 static void dora_team_run(int nt, void (*fn)(void *), void *args, size_t stride)

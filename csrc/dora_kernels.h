@@ -187,6 +187,24 @@ int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicte
    fourth field, "running/total"), or -1 if it has none: a probe opens a
    team only if that leaves an idle core for each extra thread. */
 long dora_loadavg_running(const char *text);
+/* Whether a team of nt threads finds its cores: `running` runnable threads
+   on the machine (the caller included), `own` of them this process's (0:
+   unknown), `cores` online; on_pool: the team runs on OpenBLAS's workers,
+   so up to nt - 1 of the process's own runnable threads (its workers,
+   spinning after a product) are the team, not competitors. */
+int dora_team_fits(long running, long own, long cores, int nt, int on_pool);
+/* The thread plan's decision for a call (dora_kernels.c, dora_plan_decide):
+   T, L, Lmin in ns, the times in seconds. */
+#define DORA_PLAN_SERIAL 0
+#define DORA_PLAN_TEAM 1
+#define DORA_PLAN_ASK 2
+int dora_plan_decide(double T, double L, double Lmin, double since_team, double since_check,
+                     double interval);
+/* 1 if a /proc/<pid>/task/<tid>/stat text says the thread is runnable (R). */
+int dora_stat_runnable(const char *text);
+/* This process's runnable threads, the caller included, counted up to
+   limit (0: all) (Linux with OpenMP; else 0). */
+long dora_own_runnable(long limit);
 /* Forget what the cost model measured of teams (L, L_min, the probe
    interval): the next call that might go parallel measures L again. */
 void dora_plan_reset(void);

@@ -298,6 +298,30 @@ def _loadavg_running(text):
     return int(lib.dora_loadavg_running(text.encode()))
 
 
+def _plan_decide(T_us, L_us, Lmin_us, since_team_s, since_check_s, interval_s):
+    """Tests only: the plan's decision, ``"serial"``, ``"team"`` or ``"ask"`` (``dora_plan_decide``)."""
+    decision = lib.dora_plan_decide(T_us * 1e3, L_us * 1e3, Lmin_us * 1e3, since_team_s,
+                                    since_check_s, interval_s)
+    return {lib.DORA_PLAN_SERIAL: "serial", lib.DORA_PLAN_TEAM: "team",
+            lib.DORA_PLAN_ASK: "ask"}[decision]
+
+
+def _team_fits(running, own, cores, threads, on_pool):
+    """Tests only: C's decision whether a team finds its cores (``dora_team_fits``)."""
+    return bool(lib.dora_team_fits(running, own, cores, threads, 1 if on_pool else 0))
+
+
+def _stat_runnable(text):
+    """Tests only: True if a /proc/<pid>/task/<tid>/stat text says runnable (C's parser)."""
+    return bool(lib.dora_stat_runnable(text.encode()))
+
+
+def _own_runnable(limit=0):
+    """Diagnosis: this process's runnable threads now, as a probe counts them
+    (up to ``limit``, 0: all; 0 if unknown)."""
+    return int(lib.dora_own_runnable(limit))
+
+
 def _plan_reset():
     """Forget the measured cost of a team: the next call that might go parallel measures it."""
     lib.dora_plan_reset()
@@ -827,17 +851,21 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
         of another shape, not C-contiguous, read-only, or overlapping an
         input other than as base itself.
     """
-    if out_dtype is None and out is None:
-        fast = _epilogue_checked_fast(base, U, B, g, bias)
-        if fast is not None:  # every check below passed: the same call, without the copies
-            ctype, kernel, N, out_f, r = fast
+    if out_dtype is None and out is None and type(base) is np.ndarray:
+        entry = _EPILOGUE_KERNELS.get(base.dtype)
+        if entry is not None and _epilogue_usual(base, U, B, g, bias):
+            # every check below passed (``_epilogue_usual``): the same call, in fewer steps
+            ptr_type, kernel = entry
+            N, out_f = base.shape
             y = np.empty((N, out_f), dtype=base.dtype)
             status = kernel(
-                _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
-                _ptr(g, ctype), ffi.NULL if bias is None else _ptr(bias, ctype),
-                _scaling(scaling), N, out_f, r,
+                _from_buffer(ptr_type, y), _from_buffer(ptr_type, base),
+                _from_buffer(ptr_type, U), _from_buffer(ptr_type, B), _from_buffer(ptr_type, g),
+                ffi.NULL if bias is None else _from_buffer(ptr_type, bias),
+                scaling if type(scaling) is float else _scaling(scaling), N, out_f, U.shape[1],
             )
-            _check_status(status, "forward_epilogue")
+            if status != _DORA_OK:
+                _check_status(status, "forward_epilogue")
             return y
     lp_dtype = _lp_out_dtype(out_dtype, base)
     if lp_dtype is not None:
@@ -869,36 +897,31 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
 
 
 _EPILOGUE_KERNELS = {
-    np.dtype(np.float32): ("float", lib.dora_forward_epilogue_f32),
-    np.dtype(np.float64): ("double", lib.dora_forward_epilogue_f64),
+    np.dtype(np.float32): (_ARRAY_TYPE["float"], lib.dora_forward_epilogue_f32),
+    np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_f64),
 }
 
 
-def _epilogue_checked_fast(base, U, B, g, bias):
-    """``forward_epilogue``'s checks for the usual call, decided in one expression.
+def _epilogue_usual(base, U, B, g, bias):
+    """True for ``forward_epilogue``'s usual call, decided in one pass.
 
-    Returns (ctype, kernel, N, out, r) when every array is a C-contiguous
-    ndarray of one float32/float64 dtype with the shapes (N, out), (N, r),
-    (out, r), (out,) [, (out,)]: exactly the calls for which ``_arrays`` copies
-    nothing and ``_epilogue_shapes`` raises nothing. Otherwise None, and the
-    general path checks again and raises the message that says what is wrong.
+    base is a 2-D ndarray of float32/float64 (the caller checked that);
+    True when it and U, B, g (and bias) are C-contiguous ndarrays of its
+    dtype with the shapes (N, out), (N, r), (out, r), (out,) [, (out,)]:
+    exactly the calls for which ``_arrays`` copies nothing and
+    ``_epilogue_shapes`` raises nothing. Otherwise False, and the general
+    path checks again and raises the message that says what is wrong
+    (``tests/test_kernels_c.py`` passes every kind of bad argument).
     """
-    if type(base) is not np.ndarray or base.ndim != 2:
-        return None
-    entry = _EPILOGUE_KERNELS.get(base.dtype)
-    if entry is None:
-        return None
     dtype = base.dtype
-    N, out_f = base.shape
     for arr in (U, B, g) if bias is None else (U, B, g, bias):
         if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
-            return None
-    if not base.flags.c_contiguous or U.ndim != 2 or U.shape[0] != N:
-        return None
-    r = U.shape[1]
-    if B.shape != (out_f, r) or g.shape != (out_f,) or (bias is not None and bias.shape != (out_f,)):
-        return None
-    return entry[0], entry[1], N, out_f, r
+            return False
+    if base.ndim != 2 or not base.flags.c_contiguous or U.ndim != 2:
+        return False
+    N, out_f = base.shape
+    return (U.shape[0] == N and B.shape == (out_f, U.shape[1]) and g.shape == (out_f,)
+            and (bias is None or bias.shape == (out_f,)))
 
 
 def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
@@ -1040,7 +1063,7 @@ def _backward_checked(dy, base, U, B, g):
     Returns ((dy, base, U, B, g) C-contiguous, dtype, N, out, r). The usual
     call (C-contiguous ndarrays of one float32/float64 dtype, the shapes
     (N, out), (N, out), (N, r), (out, r), (out,)) is recognised in one pass
-    by ``_epilogue_checked_fast``; any other goes through ``_arrays`` and
+    by the same tests as ``_epilogue_usual``; any other goes through ``_arrays`` and
     ``_epilogue_shapes``, which copy what is strided and raise the message
     that names the argument.
     """
