@@ -235,7 +235,7 @@ def kernels_after_blas(p, repeats, mins):
     """C kernels timed right after a BLAS product (``B @ A``, untimed), as in a
     training step, where OpenBLAS's workers still spin: with their teams on
     OpenBLAS's threads (the default where they are found: ``norm_after_gemm``,
-    ``lowrank_after_gemm``, ``products_after_gemm``) and on OpenMP teams
+    ``forward_after_gemm``, ``lowrank_after_gemm``, ``products_after_gemm``) and on OpenMP teams
     (``..._openmp``); and the norm after a 0.2 s pause, when the workers sleep
     (``norm_alone``). Interleaved; returns medians (seconds) and stores the
     minima in ``mins``. The products are those of the fused kernel at any r."""
@@ -247,6 +247,7 @@ def kernels_after_blas(p, repeats, mins):
     g = rng.random(W0.shape[0], dtype=DTYPE) + DTYPE(0.5)
     kernels = {
         "norm": lambda: CK.column_norm(W0, A, B, s),
+        "forward": lambda: CK.forward_epilogue(base, U, B, g, s, None),
         "lowrank": lambda: CK._backward_lowrank_fused(dy, base, U, B, g, s),
         "products": lambda: CK._norm_gradient_products_fused(W0, A, B),
     }
@@ -324,7 +325,7 @@ def peft_steps(p, threads):
 # ratios reported beside the goals, without one: the kernels right after a BLAS
 # product on OpenBLAS's threads, against a read of W0 (norm) and against OpenMP teams
 INFO_RATIOS = ("norm_after_gemm_vs_read", "norm_after_gemm_openmp_vs_pool",
-               "lowrank_after_gemm_openmp_vs_pool", "products_after_gemm_openmp_vs_pool")
+               "forward_after_gemm_openmp_vs_pool", "lowrank_after_gemm_openmp_vs_pool", "products_after_gemm_openmp_vs_pool")
 
 
 def verdict(goal_key, value, shape=None):
@@ -368,6 +369,7 @@ def run_shape(shape, repeats, with_peft):
         "norm_vs_read": ("norm_c", "read_W0"),
         "norm_after_gemm_vs_read": ("norm_after_gemm", "read_W0"),
         "norm_after_gemm_openmp_vs_pool": ("norm_after_gemm_openmp", "norm_after_gemm"),
+        "forward_after_gemm_openmp_vs_pool": ("forward_after_gemm_openmp", "forward_after_gemm"),
         "lowrank_after_gemm_openmp_vs_pool": ("lowrank_after_gemm_openmp", "lowrank_after_gemm"),
         "products_after_gemm_openmp_vs_pool": ("products_after_gemm_openmp", "products_after_gemm"),
         "numpy_expr_vs_norm": ("norm_numpy_expr", "norm_c"),

@@ -3,8 +3,9 @@
 Re-times, one by one, the products and kernels that ``dora_forward`` and
 ``dora_backward`` (``dora_ref/core/functional.py``) run, next to the plain frozen
 linear layer's two products, so that the overhead of each piece can be read
-off. Medians of interleaved repeats; the machine may be shared, so compare
-rows of one run only.
+off. Medians of interleaved repeats, wall and CPU time (``time.process_time``,
+all threads: steadier than wall time on a shared machine); compare rows of
+one run only.
 
     python benchmarks/profile_step.py [out in r N]
 """
@@ -79,17 +80,20 @@ def main(argv):
 
     pieces["bwd (2,1) dx = dz @ W0; dx += dU @ A"] = dx_inplace
     times = {k: [] for k in pieces}
+    cpu = {k: [] for k in pieces}
     for f in pieces.values():
         f()
     for _ in range(9):
         for k, f in pieces.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     print(f"(out, in, r, N) = {(out_f, in_f, r, N)}, backend {_backend.backend()}, "
           f"load average {os.getloadavg()[0]:.2f}")
     for k, v in times.items():
-        print(f"  {k:42s} median {np.median(v) * 1e3:8.2f} ms   min {min(v) * 1e3:8.2f} ms")
+        print(f"  {k:44s} median {np.median(v) * 1e3:8.2f} ms   min {min(v) * 1e3:8.2f} ms   "
+              f"CPU median {np.median(cpu[k]) * 1e3:8.2f} ms")
 
 
 if __name__ == "__main__":

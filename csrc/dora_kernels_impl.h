@@ -416,6 +416,27 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
     }
 }
 
+/* forward_epilogue's blocks on a team (dora_team_for), as column_norm's:
+   it follows the BLAS product x @ W0.T, whose OpenBLAS workers are still
+   spinning when it starts; on an OpenMP team of its own its second thread
+   waited for a core (and its spinning threads then slowed the next BLAS
+   call). Block blk is rows blk * ROW_BLOCK onwards. */
+typedef struct {
+    WTYPE *y;
+    const REAL *base, *U, *Bp, *gm, *bias;
+    REAL s;
+    int64_t N, out, r;
+} FN(forward_ctx);
+
+static void FN(forward_block)(void *ctx, void *scratch, int64_t blk)
+{
+    const FN(forward_ctx) *c = (const FN(forward_ctx) *)ctx;
+    (void)scratch;
+    const int64_t t0 = blk * ROW_BLOCK;
+    FN(forward_epilogue_rows)(c->y, c->base, c->U, c->Bp, c->gm, c->bias, c->s, t0,
+                              dora_min(c->N, t0 + ROW_BLOCK), c->out, c->r);
+}
+
 API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const REAL *B,
                               const REAL *gm, const REAL *bias,
                               double s, int64_t N, int64_t out, int64_t r)
@@ -426,18 +447,10 @@ API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, con
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    FN(forward_ctx) ctx = {y, base, U, Bp, gm, bias, (REAL)s, N, out, r};
     dora_plan plan;
     dora_plan_begin(&plan, K_FORWARD, (double)N * out * (r + 1), nblocks);
-    #pragma omp parallel num_threads(plan.nt)
-    {
-        dora_plan_arrive(&plan);
-        #pragma omp for schedule(dynamic)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            const int64_t t0 = blk * ROW_BLOCK;
-            FN(forward_epilogue_rows)(y, base, U, Bp, gm, bias, (REAL)s,
-                                      t0, dora_min(N, t0 + ROW_BLOCK), out, r);
-        }
-    }
+    dora_team_for(&plan, nblocks, FN(forward_block), &ctx, 0);  /* no scratch: cannot fail */
     dora_plan_end(&plan);
     free(Bp);
     return DORA_OK;
