@@ -71,6 +71,7 @@
 static inline int64_t dora_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t dora_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline double dora_max_d(double a, double b) { return a > b ? a : b; }
+static inline double dora_min_d(double a, double b) { return a < b ? a : b; }
 
 /* column_norm's chunk of columns: all `in` columns when A (r x in, counted
    in float64) is at most NORM_WHOLE_BYTES, so at most the 512 KiB of a
@@ -173,6 +174,7 @@ typedef struct {
     int kernel, nt, probe;
     double work, t0, T;
     double arrive[MAX_TEAM];    /* when each thread of the team started */
+    double leave[MAX_TEAM];     /* ... and when it ran out of work */
 } dora_plan;
 
 static int threads_setting = 0;     /* 0 until first use: omp_get_max_threads() */
@@ -191,7 +193,7 @@ static int blas_pool_threads = 0;   /* OpenBLAS's threads, caller included */
 
 /* Counters of the plan's decisions, per kernel, for dora_plan_stats. */
 enum { S_CALLS, S_PARALLEL, S_PROBES, S_LOST, S_LOST_NS, S_START_NS, S_WALL_NS, S_PREDICT_NS,
-       S_GATED, S_COUNT };
+       S_GATED, S_SPREAD_NS, S_COUNT };
 static double plan_stats[K_COUNT][S_COUNT];
 #define STAT_ADD(k, s, v) do { _Pragma("omp atomic") plan_stats[k][s] += (v); } while (0)
 
@@ -412,6 +414,7 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
     }
     p->probe = probe;
     p->T = T;
+    for (int t = 0; t < p->nt; t++) p->arrive[t] = p->leave[t] = 0;
     p->t0 = dora_now();
 #endif
 }
@@ -426,18 +429,46 @@ static inline void dora_plan_arrive(dora_plan *p)
 #endif
 }
 
-/* What a parallel call taught: its team's start delay, its wall time and
-   its predicted serial time T (0: the policy forced the team, nothing was
-   predicted), in ns, at time t1 (s). Updates L, L_min, the time of the last
-   team and probe_interval (the rules above); returns 1 if the call lost. */
-static int dora_plan_observe(double start, double wall, double T, int nt, double t1)
+/* Called by every thread of the team when it has no block left. */
+static inline void dora_plan_leave(dora_plan *p)
+{
+#ifdef _OPENMP
+    if (p->nt > 1) p->leave[omp_get_thread_num()] = dora_now();
+#else
+    (void)p;
+#endif
+}
+
+/* What a parallel call taught: its team's start delay, its wall time, its
+   predicted serial time T (0: the policy forced the team, nothing was
+   predicted), the spread of its members' finishing times, in ns, and
+   whether it was a probe, at time t1 (s). Updates L, L_min, the time of
+   the last team and probe_interval (the rules above); returns 1 if the
+   call lost.
+   A lost call's sample of L is its excess over a perfect split,
+   wall - T / nt, but no more than the delays that fell on some members and
+   not on others: the start delay plus the spread of the finishing times.
+   A member preempted by another process (a busy core) starts or finishes
+   late while the others wait: that counts in full. A stall of the whole
+   process (every vCPU of a virtual machine descheduled by its host, a page
+   fault storm) delays every member alike and would have delayed one thread
+   as much: it is not the team's cost.
+   L follows its samples by a moving average (0.75 old + 0.25 new), except
+   after a probe that won: a probe asks whether what made teams lose has
+   gone, and a win says it has, so L becomes that probe's sample. (With the
+   average alone, one lost call on a quiet 2-core VM, one vCPU stalled for
+   9-20 ms, set L to 2-5 ms, and a 3.5 ms column norm ran on one thread,
+   7 ms, in a fifth of the next 300 calls, until three or four winning
+   probes had brought L down.) */
+static int dora_plan_observe(double start, double wall, double T, int nt, double t1, double spread,
+                             int probe)
 {
     const int lost = T > 0 && wall > T;
-    const double L = lost ? dora_max_d(start, wall - T / nt) : start;
+    const double L = lost ? dora_max_d(start, dora_min_d(wall - T / nt, start + spread)) : start;
     double Lold, Lmin;
     LOAD(region_ns, Lold);
     LOAD(region_min_ns, Lmin);
-    STORE(region_ns, Lold == 0 ? L : 0.75 * Lold + 0.25 * L);
+    STORE(region_ns, Lold == 0 || (probe && !lost) ? L : 0.75 * Lold + 0.25 * L);
     STORE(region_min_ns, Lmin == 0 || start < Lmin ? start : Lmin);
     STORE(last_parallel, t1);
     if (T > 0) {
@@ -463,7 +494,15 @@ static void dora_plan_end(dora_plan *p)
         double last = p->t0;
         for (int t = 0; t < p->nt; t++) last = p->arrive[t] > last ? p->arrive[t] : last;
         const double start = (last - p->t0) * 1e9;
-        const int lost = dora_plan_observe(start, wall, p->T, p->nt, t1);
+        double first = t1, final = p->t0;  /* the members' earliest and latest finish */
+        for (int t = 0; t < p->nt; t++) {
+            if (p->leave[t] < p->t0) continue;  /* not noted (a runtime gave fewer threads) */
+            first = p->leave[t] < first ? p->leave[t] : first;
+            final = p->leave[t] > final ? p->leave[t] : final;
+        }
+        const double spread = dora_max_d(0, (final - first) * 1e9);
+        const int lost = dora_plan_observe(start, wall, p->T, p->nt, t1, spread, p->probe);
+        STAT_ADD(p->kernel, S_SPREAD_NS, spread);
         STAT_ADD(p->kernel, S_PARALLEL, 1);
         STAT_ADD(p->kernel, S_PROBES, p->probe);
         STAT_ADD(p->kernel, S_LOST, lost);
@@ -568,6 +607,12 @@ static inline void dora_team_arrive(dora_plan *p, int t)
     if (p->nt > 1) p->arrive[t] = dora_now();
 }
 
+/* A member's dora_plan_leave. */
+static inline void dora_team_leave(dora_plan *p, int t)
+{
+    if (p->nt > 1) p->leave[t] = dora_now();
+}
+
 /* A loop over blocks on a team (dora_team_for): fn(ctx, scratch, blk) for
    every blk < nblocks, each block once, by whichever member takes it from
    the counter `next`; each member has `scratch_bytes` of its own (NULL if
@@ -597,6 +642,7 @@ static void dora_team_member_run(void *arg)
     if (loop->scratch_bytes && !scratch) {
         #pragma omp atomic write
         loop->failed = 1;
+        dora_team_leave(loop->plan, me->t);
         return;
     }
     for (;;) {
@@ -606,6 +652,7 @@ static void dora_team_member_run(void *arg)
         if (blk >= loop->nblocks) break;
         loop->fn(loop->ctx, scratch, blk);
     }
+    dora_team_leave(loop->plan, me->t);
     free(scratch);
 }
 
@@ -887,9 +934,10 @@ double dora_probe_interval(void)
     return interval;
 }
 
-int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicted_ns, int nt)
+int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicted_ns, int nt,
+                                double spread_ns, int probe)
 {
-    return dora_plan_observe(start_ns, wall_ns, predicted_ns, nt, dora_now());
+    return dora_plan_observe(start_ns, wall_ns, predicted_ns, nt, dora_now(), spread_ns, probe);
 }
 
 void dora_plan_reset(void)

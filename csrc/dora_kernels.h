@@ -179,10 +179,12 @@ int dora_blas_pool_threads(void);
    machine goes parallel to measure the cost again (0.1, doubled after each
    parallel call that lost against its predicted serial time, up to 6.4). */
 double dora_probe_interval(void);
-/* Tests only: feed the cost model a parallel call's start delay, wall time
-   and predicted serial time (ns; predicted 0: a forced team) for nt
-   threads, as dora_plan_end does; returns 1 if the call lost. */
-int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicted_ns, int nt);
+/* Tests only: feed the cost model a parallel call's start delay, wall time,
+   predicted serial time (ns; predicted 0: a forced team), the spread of its
+   members' finishing times, for nt threads, and whether it was a probe, as
+   dora_plan_end does; returns 1 if the call lost. */
+int dora_plan_observe_for_tests(double start_ns, double wall_ns, double predicted_ns, int nt,
+                                double spread_ns, int probe);
 /* The number of runnable threads in a text of Linux's /proc/loadavg (its
    fourth field, "running/total"), or -1 if it has none: a probe opens a
    team only if that leaves an idle core for each extra thread. */

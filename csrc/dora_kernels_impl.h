@@ -277,11 +277,14 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
                 #pragma omp atomic write
                 failed = 1;
             }
-            #pragma omp for schedule(dynamic)
+            /* nowait: each member notes when it ran out of blocks (the region's
+               end is the barrier) */
+            #pragma omp for schedule(dynamic) nowait
             for (int64_t blk = 0; blk < nblocks; blk++) {
                 const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
                 if (V) FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
             }
+            dora_plan_leave(&plan);
             free(V);
         }
     }
@@ -356,11 +359,12 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
     #pragma omp parallel num_threads(plan.nt)
     {
         dora_plan_arrive(&plan);
-        #pragma omp for schedule(dynamic)
+        #pragma omp for schedule(dynamic) nowait
         for (int64_t blk = 0; blk < nblocks; blk++) {
             const int64_t i0 = blk * ROW_BLOCK;
             FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
         }
+        dora_plan_leave(&plan);
     }
     dora_plan_end(&plan);
     free(Ap);

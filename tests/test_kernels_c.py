@@ -581,6 +581,45 @@ def test_a_parallel_call_slower_than_serial_backs_off_the_probes(fresh_plan):
     assert info()["probe_interval_s"] == 0.1
 
 
+def test_a_lost_call_whose_members_were_delayed_alike_is_not_the_teams_cost(fresh_plan):
+    """A stall of the whole process (a VM's vCPUs descheduled by the host)
+    makes a parallel call lose against its predicted serial time, but it
+    would have delayed one thread as much: only the delays that fell on some
+    members and not others (start delay + spread of finishing times) count."""
+    info = C.threading_info
+    assert not C._plan_observe(start_us=10, wall_us=600, predicted_us=1000, threads=2)
+    # lost by 2000 us, but the members finished within 30 us of each other
+    assert C._plan_observe(start_us=20, wall_us=3000, predicted_us=1000, threads=2, spread_us=30)
+    assert info()["region_cost_us"] == pytest.approx(0.75 * 10 + 0.25 * (20 + 30))
+    assert info()["probe_interval_s"] == 0.2  # still a loss: the probes back off
+    # one member finished 1800 us after the other: a busy core; counted up to wall - T / nt
+    assert C._plan_observe(start_us=20, wall_us=3000, predicted_us=1000, threads=2, spread_us=1800)
+    assert info()["region_cost_us"] == pytest.approx(0.75 * (0.75 * 10 + 0.25 * 50) + 0.25 * 1820)
+
+
+def test_a_probe_that_wins_sets_the_team_cost_to_its_sample(fresh_plan):
+    """Measured on a quiet 2-core VM: one lost call (a vCPU stalled 9-20 ms) set
+    the team cost L to 2-5 ms by the moving average, and a 3.5 ms column norm
+    ran on one thread (7 ms) in a fifth of the next 300 calls while winning
+    probes brought L down a quarter at a time. A probe that wins says the load
+    has gone: L becomes its sample; other calls keep the average."""
+    info = C.threading_info
+    assert not C._plan_observe(start_us=10, wall_us=600, predicted_us=1000, threads=2)
+    assert C._plan_observe(start_us=20, wall_us=20000, predicted_us=7000, threads=2)
+    big = info()["region_cost_us"]
+    assert big > 4000
+    # a team call (not a probe) that wins: the average
+    assert not C._plan_observe(start_us=12, wall_us=3500, predicted_us=7000, threads=2)
+    assert info()["region_cost_us"] == pytest.approx(0.75 * big + 0.25 * 12)
+    # a probe that wins: its own sample
+    assert not C._plan_observe(start_us=12, wall_us=3500, predicted_us=7000, threads=2, probe=True)
+    assert info()["region_cost_us"] == pytest.approx(12)
+    assert info()["probe_interval_s"] == 0.1
+    # a probe that loses: the average, as any lost call
+    assert C._plan_observe(start_us=12, wall_us=9000, predicted_us=7000, threads=2, probe=True)
+    assert info()["region_cost_us"] == pytest.approx(0.75 * 12 + 0.25 * (9000 - 3500))
+
+
 def test_a_probe_reads_the_runnable_threads_from_loadavg():
     """Under load 5-7 on 2 cores, 66 of 71 probes lost (1.1 s in 5 minutes):
     a probe now first reads how many threads are runnable, and opens a team
@@ -603,6 +642,9 @@ def test_plan_stats_count_the_decisions(forced_threads):
     assert {k: stats["column_norm"][k] for k in ("calls", "parallel", "probes", "lost")} == {
         "calls": 1, "parallel": 1, "probes": 0, "lost": 0}
     assert stats["column_norm"]["wall_ms"] > 0
+    # each member noted when it ran out of blocks: the spread of those times
+    # lies within the call (not garbage from a member that was never noted)
+    assert 0 <= stats["column_norm"]["spread_ms"] <= stats["column_norm"]["wall_ms"]
     assert C._plan_stats() == {}  # reset
     C._set_always_parallel(False)
     C.column_norm(p["W0"], p["A"], p["B"], 1.0)

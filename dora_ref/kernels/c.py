@@ -253,7 +253,7 @@ _PLAN_KERNELS = ("column_norm", "merge", "unmerge", "forward_epilogue", "backwar
                  "backward_lowrank", "backward_lowrank_sum", "norm_gradient_products",
                  "norm_gradient_products_sum")
 _PLAN_FIELDS = ("calls", "parallel", "probes", "lost", "lost_ms", "start_ms", "wall_ms",
-                "predicted_ms", "gated")
+                "predicted_ms", "gated", "spread_ms")
 
 
 def _plan_stats(reset=False):
@@ -266,8 +266,9 @@ def _plan_stats(reset=False):
     ``lost_ms`` (their excess, summed), ``start_ms`` (the teams' start
     delays, summed), ``wall_ms`` and ``predicted_ms`` (the parallel calls'
     time and predicted serial time, summed), ``gated`` (probes not made
-    because no core was idle). ``reset=True`` zeroes the counters after
-    reading them.
+    because no core was idle), ``spread_ms`` (the spread of the team
+    members' finishing times, summed). ``reset=True`` zeroes the counters
+    after reading them.
     """
     count = int(lib.dora_plan_stats(ffi.NULL, 0))
     buf = ffi.new("double[]", count)
@@ -287,10 +288,16 @@ def _plan_stats(reset=False):
     return stats
 
 
-def _plan_observe(start_us, wall_us, predicted_us, threads):
-    """Tests only: feed the cost model one parallel call (times in us); True if it lost."""
-    return bool(lib.dora_plan_observe_for_tests(start_us * 1e3, wall_us * 1e3,
-                                                predicted_us * 1e3, threads))
+def _plan_observe(start_us, wall_us, predicted_us, threads, spread_us=None, probe=False):
+    """Tests only: feed the cost model one parallel call (times in us); True if it lost.
+
+    ``spread_us``: the spread of the members' finishing times (default: the
+    wall time, so that all of a lost call's excess may be the team's);
+    ``probe``: whether the call was a probe.
+    """
+    spread_us = wall_us if spread_us is None else spread_us
+    return bool(lib.dora_plan_observe_for_tests(start_us * 1e3, wall_us * 1e3, predicted_us * 1e3,
+                                                threads, spread_us * 1e3, 1 if probe else 0))
 
 
 def _loadavg_running(text):
