@@ -546,7 +546,7 @@ __attribute__((constructor)) static void dora_register_fork_handlers(void)
 
 /* ------------------------------------------------------------------------ */
 /* Teams on OpenBLAS's threads (dora_team_run, dora_team_for: the teams of  */
-/* column_norm, backward_epilogue, backward_lowrank and                     */
+/* column_norm, forward_epilogue, backward_epilogue, backward_lowrank and   */
 /* norm_gradient_products, the kernels that follow BLAS products).          */
 /*                                                                          */
 /* NumPy's OpenBLAS (the pthreads build NumPy's wheels ship) keeps worker   */

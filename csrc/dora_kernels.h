@@ -167,8 +167,8 @@ void dora_set_fork_pause(int on);
 /* The current estimate of what opening a team costs, in ns (0 before the
    first measurement). */
 double dora_region_cost_ns(void);
-/* Run the teams of column_norm, backward_epilogue, backward_lowrank and
-   norm_gradient_products on OpenBLAS's own worker threads: the address of
+/* Run the teams of column_norm, forward_epilogue, backward_epilogue,
+   backward_lowrank and norm_gradient_products on OpenBLAS's own worker threads: the address of
    that OpenBLAS's gotoblas_pthread, and its number of threads (caller
    included); NULL: OpenMP teams (dora_kernels.c, "Teams on OpenBLAS's
    threads"). A team larger than `threads` uses OpenMP. */

@@ -175,10 +175,11 @@ def test_openblas_pool_is_found_where_numpy_has_a_threaded_pthreads_openblas():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_kernel_bits_on_openblas_threads_and_openmp_teams(dtype):
     """The kernels whose teams run on OpenBLAS's threads when they are found
-    (``_set_blas_pool``: column_norm, backward_epilogue, backward_lowrank,
-    norm_gradient_products), else on OpenMP's, give the same bits either way,
-    for 1 and 2 threads, and right after a BLAS call (when OpenBLAS's workers
-    spin). float16: the 16-bit kernels (norm and products) on float32 adapters."""
+    (``_set_blas_pool``: column_norm, forward_epilogue, backward_epilogue,
+    backward_lowrank, norm_gradient_products), else on OpenMP's, give the same
+    bits either way, for 1 and 2 threads, and right after a BLAS call (when
+    OpenBLAS's workers spin). float16: the 16-bit kernels (norm and products)
+    on float32 adapters, and the epilogue's float16 y."""
     rng = np.random.default_rng(5)
     lp = dtype == np.float16
     adapter = np.float32 if lp else dtype
@@ -192,7 +193,14 @@ def test_kernel_bits_on_openblas_threads_and_openmp_teams(dtype):
         res = {"norm": C.column_norm(W0, A, B, 0.3)}
         assert r <= C.FUSED_MAX_RANK  # the fused kernels, not BLAS
         res.update(zip(("WAt", "CtW"), C.norm_gradient_products(W0, A, B)))
-        if not lp:
+        if lp:
+            res["y16"] = C.forward_epilogue(base, U, B, g, 0.3, None, out_dtype=np.float16)
+        else:
+            res["y"] = C.forward_epilogue(base, U, B, g, 0.3, g)
+            res["y_nobias"] = C.forward_epilogue(base, U, B, g, 0.3, None)
+            over = base.copy()
+            C.forward_epilogue(over, U, B, g, 0.3, g, out=over)  # y written over base
+            assert np.array_equal(over, res["y"])
             res.update(zip(("dg", "dz"), C.backward_epilogue(dy, base, U, B, g, 0.3)))
             res.update(zip(("lr_dg", "lr_dz", "dU", "dB"),
                            C._backward_lowrank_fused(dy, base, U, B, g, 0.3)))
@@ -230,26 +238,31 @@ C.set_threads(2)
 print(C._set_blas_pool(sys.argv[1] == "pool"))
 rng = np.random.default_rng(0)
 W0, A, B = rng.standard_normal((512, 256)), rng.standard_normal((4, 256)), rng.standard_normal((512, 4))
+base, U = rng.standard_normal((256, 512)), rng.standard_normal((256, 4))
 _ = A @ A.T
 before = len(os.listdir("/proc/self/task"))
-C.column_norm(W0, A, B, 0.5)
+if sys.argv[2] == "column_norm":
+    C.column_norm(W0, A, B, 0.5)
+else:
+    C.forward_epilogue(base, U, B, np.ones(512), 0.5, None)
 print(before, len(os.listdir("/proc/self/task")))
 """
 
 
 @pytest.mark.skipif(C is None, reason="the C extension is not built")
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc/self/task (Linux)")
-def test_column_norm_after_blas_runs_on_openblas_threads_not_a_second_pool():
+@pytest.mark.parametrize("kernel", ["column_norm", "forward_epilogue"])
+def test_kernel_after_blas_runs_on_openblas_threads_not_a_second_pool(kernel):
     """Issue: right after a BLAS call, OpenBLAS's workers spin and an OpenMP
     team's threads waited for them to be preempted. With OpenBLAS's threads
-    found, a two-thread column_norm starts no OpenMP thread at all (a fresh
-    process: the thread count does not grow); without them, libgomp starts
-    its worker."""
+    found, a two-thread column_norm (or forward_epilogue, which follows
+    x @ W0.T) starts no OpenMP thread at all (a fresh process: the thread
+    count does not grow); without them, libgomp starts its worker."""
     import subprocess
     import sys
 
     def run(mode):
-        res = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, mode], capture_output=True,
+        res = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, mode, kernel], capture_output=True,
                              text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         pool, before, after = (int(v) for v in res.stdout.split())
@@ -258,6 +271,6 @@ def test_column_norm_after_blas_runs_on_openblas_threads_not_a_second_pool():
     pool, before, after = run("pool")
     if pool == 0:
         pytest.skip("no threaded pthreads OpenBLAS here: OpenMP teams only")
-    assert after == before, "column_norm started threads of its own beside OpenBLAS's"
+    assert after == before, f"{kernel} started threads of its own beside OpenBLAS's"
     _, before, after = run("openmp")
     assert after == before + 1, "the OpenMP path should start libgomp's second thread"

@@ -687,10 +687,10 @@ def _numpy_blas_path(ctypes):
 
 
 def _set_blas_pool(on):
-    """Run the teams of column_norm, backward_epilogue, backward_lowrank and
-    norm_gradient_products on NumPy's OpenBLAS threads (``True``, the default
-    where ``_openblas_pool`` finds them) or on OpenMP teams (``False``); returns
-    the OpenBLAS threads now used, 0 for none. (``csrc/dora_kernels.c``, "Teams
+    """Run the teams of column_norm, forward_epilogue, backward_epilogue,
+    backward_lowrank and norm_gradient_products on NumPy's OpenBLAS threads
+    (``True``, the default where ``_openblas_pool`` finds them) or on OpenMP
+    teams (``False``); returns the OpenBLAS threads now used, 0 for none. (``csrc/dora_kernels.c``, "Teams
     on OpenBLAS's threads", says why.)"""
     pool = _openblas_pool() if on else None
     if pool is None:
