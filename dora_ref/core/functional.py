@@ -107,6 +107,7 @@ import numpy as np
 from . import backend as _backend
 from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
+    _vdot,
     WeightSnapshot,
     as_float_array,
     check_adapter,
@@ -409,10 +410,12 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     kernel prove them finite).
     """
     lo = smallest_norm(n)  # NaN if a norm is: every comparison below is False
-    # n and m are 1-D (shape (out,)): ndarray.dot is their dot product, without np.vdot's
-    # dispatch; a sum of squares either way, finite only if every term is
-    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(n.dot(n))
-            and lo * _HALF_MAX[n.dtype] > math.sqrt(magnitude.dot(magnitude))):
+    # sums of squares, finite only if every term is; by _vdot (np.vdot without its
+    # dispatch), which sets no floating-point flag: ndarray.dot reports a sum that
+    # overflows as a RuntimeWarning, and as FloatingPointError under
+    # np.errstate(over="raise"), where the full path below handles it
+    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(_vdot(n, n))
+            and lo * _HALF_MAX[n.dtype] > math.sqrt(_vdot(magnitude, magnitude))):
         return magnitude / n, True
     if adapter_names is not None:
         check_finite(adapter_names[0], A)

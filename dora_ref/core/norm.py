@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from . import backend as _backend
-from ._validate import check_adapter, check_scaling, refuse_non_finite_rows
+from ._validate import _vdot, check_adapter, check_scaling, refuse_non_finite_rows
 from .precision import finfo as _finfo
 
 
@@ -177,7 +177,7 @@ def norms_in_safe_range(n):
     """
     return (n.size > 0
             and smallest_norm(n) >= _SMALLEST_SAFE_NORM  # NaN compares False
-            and math.isfinite(n.dot(n)))  # n is 1-D: its dot product, without np.vdot's dispatch
+            and math.isfinite(_vdot(n, n)))  # silent if it overflows (see functional._scale)
 
 
 def smallest_norm(n):
