@@ -113,6 +113,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_finite,
     check_input,
     check_result_finite,
+    _vdot,
     check_scaling,
     refuse_non_finite_rows,
     results_finite,
@@ -409,10 +410,12 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     kernel prove them finite).
     """
     lo = smallest_norm(n)  # NaN if a norm is: every comparison below is False
-    # n and m are 1-D (shape (out,)): ndarray.dot is their dot product, without np.vdot's
-    # dispatch; a sum of squares either way, finite only if every term is
-    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(n.dot(n))
-            and lo * _HALF_MAX[n.dtype] > math.sqrt(magnitude.dot(magnitude))):
+    # n . n and m . m by np.vdot's implementation (no dispatch), not ndarray.dot: dot checks
+    # the floating-point flags, so a float32 sum of squares beyond 3.4e38 (norms of 2e19,
+    # valid weights) warned 'overflow encountered in dot', or raised FloatingPointError
+    # under np.errstate(over='raise'); vdot sets no flag: inf, and the full sequence below
+    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(_vdot(n, n))
+            and lo * _HALF_MAX[n.dtype] > math.sqrt(_vdot(magnitude, magnitude))):
         return magnitude / n, True
     if adapter_names is not None:
         check_finite(adapter_names[0], A)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from . import backend as _backend
-from ._validate import check_adapter, check_scaling, refuse_non_finite_rows
+from ._validate import _vdot, check_adapter, check_scaling, refuse_non_finite_rows
 from .precision import finfo as _finfo
 
 
@@ -177,7 +177,9 @@ def norms_in_safe_range(n):
     """
     return (n.size > 0
             and smallest_norm(n) >= _SMALLEST_SAFE_NORM  # NaN compares False
-            and math.isfinite(n.dot(n)))  # n is 1-D: its dot product, without np.vdot's dispatch
+            # np.vdot's implementation (no dispatch), not ndarray.dot, which warns or raises
+            # (np.errstate) when a float32 sum of squares overflows: vdot gives inf, no flag
+            and math.isfinite(_vdot(n, n)))
 
 
 def smallest_norm(n):
