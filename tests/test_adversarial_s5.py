@@ -13,6 +13,10 @@
   with no rows: ``kernels_numpy.column_norm`` of a (0, in) weight raised
   ``ValueError: attempt to get argmax of an empty sequence`` where the C twin
   (and the session-start code) return an empty array.
+* Pre-existing: a forward that raised left the previous forward's context
+  in the layer, so a backward after it returned the gradients of that
+  earlier forward (another batch), silently. Every layer's forward now
+  drops the context first: backward() refuses until a forward succeeds.
 """
 import warnings
 
@@ -20,7 +24,7 @@ import numpy as np
 import pytest
 
 import dora_ref
-from dora_ref import DoRALinear
+from dora_ref import DoRALinear, LoRALinear
 from dora_ref.core import functional as F
 from dora_ref.core import kernels_numpy as KN
 
@@ -84,3 +88,47 @@ def test_numpy_column_norm_of_a_weight_with_no_rows_is_empty_as_the_c_twin(dtype
         from dora_ref.kernels import c
         n_c = c.column_norm(W0, A, B, 0.5)
         assert n_c.shape == n.shape and n_c.dtype == n.dtype
+
+
+# ---------------------------------------------------------------------------
+# pre-existing: a backward after a forward that raised used the previous forward's context
+# ---------------------------------------------------------------------------
+
+
+def _stale_ctx_layer(kind, rng):
+    """(layer, a good input, a bad input the forward refuses, dy for the good input)."""
+    from dora_ref.layers import conv as C
+    from dora_ref.layers import embedding as Em
+    if kind in ("LoRALinear", "DoRALinear"):
+        cls = LoRALinear if kind == "LoRALinear" else DoRALinear
+        layer = cls(rng.standard_normal((4, 3)), rng.standard_normal(4), r=2, rng=0)
+        x = rng.standard_normal((2, 3))
+        bad = x.copy()
+        bad[1, 2] = np.nan
+        return layer, x, bad, np.ones((2, 4))
+    if kind in ("LoRAConv2d", "DoRAConv2d"):
+        cls = C.LoRAConv2d if kind == "LoRAConv2d" else C.DoRAConv2d
+        layer = cls(rng.standard_normal((4, 2, 2, 3)), None, r=2, rng=0)
+        x = rng.standard_normal((2, 2, 5, 6))
+        return layer, x, x[:, :1], np.ones((2, 4, 4, 4))
+    layer = Em.DoRAEmbedding(rng.standard_normal((9, 4)), r=2, rng=0)
+    ids = rng.integers(0, 9, size=(3, 5))
+    return layer, ids, np.full((3, 5), 9), np.ones((3, 5, 4))
+
+
+@pytest.mark.parametrize("kind", ["LoRALinear", "DoRALinear", "LoRAConv2d", "DoRAConv2d",
+                                  "DoRAEmbedding"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_backward_after_a_refused_forward_is_refused_not_the_previous_forwards(kind, mode):
+    # before: forward(x); forward(bad) raised; backward(dy) returned the gradients of forward(x)
+    layer, x, bad, dy = _stale_ctx_layer(kind, np.random.default_rng(0))
+    getattr(layer, mode)()
+    layer.forward(x)
+    layer.backward(dy)  # the usual sequence works
+    layer.forward(x)
+    with pytest.raises((ValueError, TypeError)):
+        layer.forward(bad)
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        layer.backward(dy)
+    layer.forward(x)  # and the next good forward is usable again
+    layer.backward(dy)
