@@ -132,3 +132,15 @@ def test_backward_after_a_refused_forward_is_refused_not_the_previous_forwards(k
         layer.backward(dy)
     layer.forward(x)  # and the next good forward is usable again
     layer.backward(dy)
+
+
+def test_demo_dense_backward_after_a_refused_forward_is_refused():
+    from dora_ref.demo.mlp import Dense
+    rng = np.random.default_rng(0)
+    layer = Dense(rng.standard_normal((4, 3)), np.zeros(4))
+    x = rng.standard_normal((2, 3))
+    layer.forward(x)
+    with pytest.raises(ValueError):
+        layer.forward(np.ones((2, 5)))  # in = 3: refused
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        layer.backward(np.ones((2, 4)))
