@@ -107,13 +107,13 @@ import numpy as np
 from . import backend as _backend
 from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
-    _vdot,
     WeightSnapshot,
     as_float_array,
     check_adapter,
     check_finite,
     check_input,
     check_result_finite,
+    _vdot,
     check_scaling,
     refuse_non_finite_rows,
     results_finite,
@@ -410,10 +410,10 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     kernel prove them finite).
     """
     lo = smallest_norm(n)  # NaN if a norm is: every comparison below is False
-    # sums of squares, finite only if every term is; by _vdot (np.vdot without its
-    # dispatch), which sets no floating-point flag: ndarray.dot reports a sum that
-    # overflows as a RuntimeWarning, and as FloatingPointError under
-    # np.errstate(over="raise"), where the full path below handles it
+    # n . n and m . m by np.vdot's implementation (no dispatch), not ndarray.dot: dot checks
+    # the floating-point flags, so a float32 sum of squares beyond 3.4e38 (norms of 2e19,
+    # valid weights) warned 'overflow encountered in dot', or raised FloatingPointError
+    # under np.errstate(over='raise'); vdot sets no flag: inf, and the full sequence below
     if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(_vdot(n, n))
             and lo * _HALF_MAX[n.dtype] > math.sqrt(_vdot(magnitude, magnitude))):
         return magnitude / n, True

@@ -66,7 +66,8 @@ def _row_norms(V):
         return np.sqrt(np.einsum("ij,ij->i", V, V))
     V64 = V.astype(np.float64, copy=False)
     sq = np.einsum("ij,ij->i", V64, V64)
-    if sq.item(sq.argmax()) < _F32_SAFE_SQUARE:  # NaN compares False
+    # NaN compares False; no rows (a kernel call with out = 0): nothing to cast (argmax raises)
+    if sq.size == 0 or sq.item(sq.argmax()) < _F32_SAFE_SQUARE:
         return np.sqrt(sq).astype(V.dtype)
     with np.errstate(over="ignore"):
         return np.sqrt(sq).astype(V.dtype)

@@ -177,7 +177,9 @@ def norms_in_safe_range(n):
     """
     return (n.size > 0
             and smallest_norm(n) >= _SMALLEST_SAFE_NORM  # NaN compares False
-            and math.isfinite(_vdot(n, n)))  # silent if it overflows (see functional._scale)
+            # np.vdot's implementation (no dispatch), not ndarray.dot, which warns or raises
+            # (np.errstate) when a float32 sum of squares overflows: vdot gives inf, no flag
+            and math.isfinite(_vdot(n, n)))
 
 
 def smallest_norm(n):

@@ -101,6 +101,7 @@ class Dense(Module):
 
     def forward(self, x):
         """x (..., in) -> y (..., out)."""
+        self._x = None  # a forward that raises leaves no input: backward() then refuses
         x2 = check_input(x, self.in_features, self.weight.dtype)
         self._x = x2
         y = x2 @ self.weight.T

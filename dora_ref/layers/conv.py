@@ -223,6 +223,7 @@ class _LoRAConvNd(AdapterLayer):
         ``dropout_mask`` (shape of x) replaces the drawn mask; training only
         (in eval mode it raises ``ValueError``: PEFT applies no dropout there).
         """
+        self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         mask = self._mask_for(x, dropout_mask)
         if self.merged:
             return self._merged_forward(x)
@@ -322,6 +323,7 @@ class _DoRAConvNd(_LoRAConvNd):
 
         ``dropout_mask`` as ``LoRAConv2d.forward`` (training only).
         """
+        self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         mask = self._mask_for(x, dropout_mask)
         if self.merged:
             return self._merged_forward(x)

@@ -220,8 +220,8 @@ class DoRAEmbedding(AdapterLayer):
 
     def forward(self, ids):
         """Look up ids (...) -> (..., D)."""
+        self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         if self.merged:
-            self._ctx = None
             self._check_merged_adapter("forward")
             ids = _check_ids(ids, self.num_embeddings)
             y = self._weight[ids]

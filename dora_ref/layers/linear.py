@@ -342,9 +342,9 @@ class LoRALinear(AdapterLayer):
             Merged, if the adapter changed in place since ``merge()`` (see
             ``unmerge``).
         """
+        self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         if self.merged:
             self._mask_for(x, dropout_mask)  # refuses a mask: a merged layer has no dropout
-            self._ctx = None
             self._check_merged_adapter("forward")
             x2 = check_input(x, self.in_features, self._weight.dtype,
                              low_precision=self._low_precision)
@@ -566,6 +566,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
+        self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         if self.merged:
             return super().forward(x, dropout_mask=dropout_mask)
         # _mask_for's answer when no mask is given and no dropout is configured: None
