@@ -1,0 +1,175 @@
+"""Adversarial checks (session 5) of the C thread plan against threads and processes.
+
+Every case that can hang runs in a subprocess under a time limit, so that a
+hang is reported, not suffered. Results must be the bits of a serial run:
+no C kernel's result depends on the number of threads.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+try:
+    from dora_ref.kernels import c as C
+except ImportError:  # pragma: no cover - depends on the install
+    C = None
+
+pytestmark = pytest.mark.skipif(C is None, reason="the C extension is not built")
+
+TIME_LIMIT = 120
+
+_SETUP = """
+import hashlib, os, sys, threading
+import numpy as np
+from dora_ref.kernels import c as C
+
+rng = np.random.default_rng(0)
+n = 600
+W0 = rng.standard_normal((n, n)).astype(np.float32)
+A = rng.standard_normal((8, n)).astype(np.float32)
+B = rng.standard_normal((n, 8)).astype(np.float32)
+dy, base = rng.standard_normal((2, 128, n)).astype(np.float32)
+U = rng.standard_normal((128, 8)).astype(np.float32)
+g = (rng.random(n) + 0.5).astype(np.float32)
+x = rng.standard_normal((128, n)).astype(np.float32)
+
+
+def digest():
+    x @ W0.T  # OpenBLAS's workers spin after a product, as in a training step
+    h = hashlib.sha256()
+    for a in (C.column_norm(W0, A, B, 0.5), *C.merge(W0, A, B, g, 0.5),
+              C.forward_epilogue(base, U, B, g, 0.5, None),
+              C.backward_epilogue(dy, base, U, B, g, 0.5),
+              *C._backward_lowrank_fused(dy, base, U, B, g, 0.5),
+              *C._norm_gradient_products_fused(W0, A, B)):
+        for part in (a if isinstance(a, tuple) else (a,)):
+            h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+C.set_threads(1)
+SERIAL = digest()
+C.set_threads(0)
+"""
+
+
+def _run(body):
+    code = _SETUP + textwrap.dedent(body)
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=TIME_LIMIT, env=dict(os.environ))
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hung (killed after {TIME_LIMIT} s): {exc.stderr!r}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.split()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io") or not os.path.isdir("/proc/self/task"),
+                    reason="needs Linux's /proc/self/io and /proc/self/task")
+def test_own_runnable_with_200_idle_threads_reads_a_bounded_number_of_threads():
+    # A process with 200 idle threads: the gate read every thread's stat
+    # (1.6 ms a gated probe, shared machine load ~2.3); it reads at most 32.
+    # Counted by read system calls (/proc/self/io), not by time.
+    if C._own_runnable() == 0:
+        pytest.skip("the gate is compiled only with OpenMP on Linux")
+    stop = threading.Event()
+    idle = [threading.Thread(target=stop.wait) for _ in range(200)]
+    for t in idle:
+        t.start()
+    try:
+        def reads():
+            with open("/proc/self/io") as f:
+                return int(next(line for line in f if line.startswith("syscr:")).split()[1])
+        before = reads()
+        own = C._own_runnable(2)
+        spent = reads() - before - 1  # less the read of /proc/self/io itself
+        assert 1 <= own <= 2  # the caller at least (the main thread is read first)
+        assert spent <= 32, f"{spent} reads for {len(os.listdir('/proc/self/task'))} threads"
+    finally:
+        stop.set()
+        for t in idle:
+            t.join()
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_three_python_threads_calling_kernels_at_once_give_the_serial_bits(always):
+    out = _run(
+        f"""
+        C._set_always_parallel({always})
+        bad, errors = [], []
+        def work():
+            try:
+                for _ in range(6):
+                    if digest() != SERIAL:
+                        bad.append(1)
+            except Exception as exc:
+                errors.append(repr(exc))
+        ts = [threading.Thread(target=work) for _ in range(3)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        print(len(bad), len(errors), *errors)
+        """
+    )
+    assert out[:2] == ["0", "0"], out
+
+
+@pytest.mark.parametrize("toggle", ["set_threads", "threadpoolctl", "always_parallel"])
+def test_thread_settings_toggled_from_another_thread_keep_the_serial_bits(toggle):
+    pytest.importorskip("threadpoolctl")
+    out = _run(
+        f"""
+        import time
+        from threadpoolctl import threadpool_limits
+        C._set_always_parallel(True)
+        stop = threading.Event()
+        def toggler():
+            i = 0
+            while not stop.is_set():
+                if "{toggle}" == "set_threads":
+                    C.set_threads(i % 3)
+                elif "{toggle}" == "threadpoolctl":
+                    with threadpool_limits(limits=1 + i % 2):
+                        time.sleep(0.002)
+                else:
+                    C._set_always_parallel(i % 2 == 0)
+                i += 1
+                time.sleep(0.001)
+        t = threading.Thread(target=toggler)
+        t.start()
+        bad = sum(digest() != SERIAL for _ in range(12))
+        stop.set()
+        t.join()
+        print(bad)
+        """
+    )
+    assert out == ["0"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_fork_of_a_fork_right_after_a_product_gives_the_serial_bits():
+    out = _run(
+        """
+        C._set_always_parallel(True)
+        def check(depth):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                x @ W0.T
+                ok = digest() == SERIAL and (depth == 1 or check(depth - 1))
+                os.write(w, b"1" if ok else b"0")
+                os._exit(0)
+            os.close(w)
+            got = os.read(r, 1)
+            os.close(r)
+            return got == b"1" and os.waitpid(pid, 0)[1] == 0
+        digest()
+        print(check(3), digest() == SERIAL)
+        """
+    )
+    assert out == ["True", "True"]
