@@ -173,3 +173,62 @@ def test_fork_of_a_fork_right_after_a_product_gives_the_serial_bits():
         """
     )
     assert out == ["True", "True"]
+
+
+# ---- the merge command's processes: stderr closed, a file size limit ----
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    np = pytest.importorskip("numpy")
+    save_file = pytest.importorskip("safetensors.numpy").save_file
+    from peft_helpers import random_module, write_adapter
+
+    d = tmp_path_factory.mktemp("merge_procs")
+    rng = np.random.default_rng(0)
+    save_file({f"l{i}.weight": rng.standard_normal((64, 32)).astype(np.float32) for i in range(6)},
+              str(d / "base.safetensors"), metadata={"format": "pt"})
+    write_adapter(d / "ad", {f"l{i}": random_module(rng, 64, 32, 4, dtype=np.float32) for i in range(6)},
+                  config={"r": 4, "lora_alpha": 8})
+    return d
+
+
+def _merge(d, out, *extra, preexec_fn=None, stderr=subprocess.PIPE):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "dora_ref", "merge", str(d / "base.safetensors"), str(d / "ad"),
+             str(out), *extra], env=env, stdout=subprocess.PIPE, stderr=stderr,
+            preexec_fn=preexec_fn, timeout=TIME_LIMIT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the merge hung (killed after {TIME_LIMIT} s): {exc!r}")
+
+
+def test_merge_with_stderr_closed_completes_with_the_same_bytes(small_checkpoint, tmp_path):
+    # `dora-ref merge ... 2>&-` (cron, a daemon): Python sets sys.stderr to
+    # None; the progress bar wrote to it and a complete merge failed, exit 1,
+    # with no message.
+    d = small_checkpoint
+    ref = _merge(d, tmp_path / "ref.safetensors", "--no-progress")
+    assert ref.returncode == 0, ref.stderr
+    res = _merge(d, tmp_path / "out.safetensors", preexec_fn=lambda: os.close(2), stderr=None)
+    assert res.returncode == 0, res.stdout
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as Linux applies it")
+def test_merge_past_a_file_size_limit_fails_clearly_and_leaves_nothing(small_checkpoint, tmp_path):
+    # A full disk, simulated: the output may not exceed 8 KiB (the merge
+    # writes about 50 KiB). Python ignores SIGXFSZ, so the write fails with
+    # EFBIG: one error line, exit 1, no OUT and no temporary file left.
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    out = tmp_path / "out.safetensors"
+    res = _merge(small_checkpoint, out, "--no-progress", preexec_fn=limit)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.decode().startswith("dora-ref merge: error:"), res.stderr
+    assert "File too large" in res.stderr.decode()
+    assert os.listdir(tmp_path) == []
