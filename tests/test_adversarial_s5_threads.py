@@ -232,3 +232,21 @@ def test_merge_past_a_file_size_limit_fails_clearly_and_leaves_nothing(small_che
     assert res.stderr.decode().startswith("dora-ref merge: error:"), res.stderr
     assert "File too large" in res.stderr.decode()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("shape", [[2**63, 0], [10**30, 0], [2**40, 2**40, 0], [0, 2**64]])
+def test_safetensors_header_shape_past_a_64_bit_size_is_refused_naming_the_tensor(shape):
+    # With no data (a 0 in the shape), these were accepted and failed later in
+    # NumPy ("Maximum allowed dimension exceeded"), naming no tensor.
+    from dora_ref.formats.safetensors_io import parse_header
+
+    header = '{"w":{"dtype":"F32","shape":%s,"data_offsets":[0,0]}}' % shape
+    with pytest.raises(ValueError, match=r"tensor 'w': shape .* overflows a 64-bit size"):
+        parse_header(header.encode(), 0)
+
+
+def test_safetensors_header_largest_zero_size_shape_is_still_read():
+    from dora_ref.formats.safetensors_io import parse_header
+
+    header = '{"w":{"dtype":"F32","shape":[%d,0],"data_offsets":[0,0]}}' % (2**63 - 1)
+    assert parse_header(header.encode(), 0)[0]["w"][1] == (2**63 - 1, 0)
