@@ -303,15 +303,25 @@ static ssize_t dora_read_small(const char *path, char *buf, size_t size)
 /* This process's runnable threads (/proc/self/task/<tid>/stat), the
    caller included, counted up to `limit` (0: all); 0 if they cannot be
    read. (About 30 us for a handful of threads: a probe reads it only when
-   the load alone refuses the team, and stops at the team's size.) */
+   the load alone refuses the team, and stops at the team's size.)
+   At most OWN_SCAN_MAX threads are read, the first in /proc's order (by
+   thread id: the main thread, then OpenBLAS's workers, started when NumPy
+   loads, come first): each costs an open and read of about 8 us, and a
+   process with 200 idle threads (a server's pool) paid 1.6 ms a gated
+   probe reading all of them (issue: adversarial s5, many threads). A
+   thread left unread counts as not runnable: fewer own threads, more
+   competitors, so the bound can only refuse a team, never open one. */
+#define OWN_SCAN_MAX 32
 long dora_own_runnable(long limit)
 {
     DIR *dir = opendir("/proc/self/task");
     if (!dir) return 0;
-    long runnable = 0;
+    long runnable = 0, scanned = 0;
     char path[64], buf[512];
-    for (struct dirent *e = readdir(dir); e && (limit <= 0 || runnable < limit); e = readdir(dir)) {
+    for (struct dirent *e = readdir(dir);
+         e && (limit <= 0 || runnable < limit) && scanned < OWN_SCAN_MAX; e = readdir(dir)) {
         if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        scanned++;
         snprintf(path, sizeof path, "/proc/self/task/%.24s/stat", e->d_name);
         if (dora_read_small(path, buf, sizeof buf) > 0) runnable += dora_stat_runnable(buf);
     }

@@ -540,7 +540,10 @@ class _NoBar:
 
 
 def _progress_bar(total, show):
-    if not show:  # tqdm is not even imported (it takes a tenth of a second)
+    # No stderr (started with it closed, ``2>&-``: Python sets sys.stderr to
+    # None): no bar. tqdm wrote to None and a complete merge failed, exit 1,
+    # with no message at all.
+    if not show or sys.stderr is None:  # tqdm is not even imported (it takes a tenth of a second)
         return _NoBar()
     from tqdm.auto import tqdm
 

@@ -124,6 +124,13 @@ def _finite_float(text):
     return value
 
 
+#: The largest element count (and dimension) a tensor may have: a shape whose
+#: running product exceeds it (a dimension of 2**63, or [2**40, 2**40, 0]) was
+#: accepted with no data and failed in NumPy, naming no tensor (issue:
+#: adversarial s5); the safetensors package refuses it in its header.
+_MAX_SIZE = 2**63 - 1
+
+
 def parse_header(raw, data_bytes):
     """Check a safetensors JSON header against the data size; return its tensors and metadata.
 
@@ -180,7 +187,12 @@ def parse_header(raw, data_bytes):
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):  # fmt: skip
             raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-        nbytes = math.prod(shape) * _DTYPES[dtype][1]
+        size = 1
+        for d in shape:  # as safetensors computes it: in order, refused on a 64-bit overflow
+            size *= d
+            if size > _MAX_SIZE or d > _MAX_SIZE:  # (and each dimension: NumPy takes none past it)
+                raise ValueError(f"tensor {key!r}: shape {tuple(shape)} overflows a 64-bit size")
+        nbytes = size * _DTYPES[dtype][1]
         if offsets[1] - offsets[0] != nbytes:
             raise ValueError(
                 f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but "

@@ -325,7 +325,8 @@ def _stat_runnable(text):
 
 def _own_runnable(limit=0):
     """Diagnosis: this process's runnable threads now, as a probe counts them
-    (up to ``limit``, 0: all; 0 if unknown)."""
+    (up to ``limit``, 0: all; 0 if unknown), among the first 32 threads in
+    /proc/self/task (the C side reads no more: ``OWN_SCAN_MAX``)."""
     return int(lib.dora_own_runnable(limit))
 
 
