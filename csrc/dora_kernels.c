@@ -385,6 +385,9 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
     p->probe = 0;
     p->T = 0;
     p->nt = (int)dora_min(dora_threads_now(), dora_max(1, nblocks));
+    /* not noted yet: a member the runtime does not start leaves its times 0 (dora_plan_end
+       skips them), whichever way the team is decided below, forced teams included */
+    for (int t = 0; t < p->nt; t++) p->arrive[t] = p->leave[t] = 0;
     p->t0 = dora_now();
 #ifdef _OPENMP
     if (p->nt <= 1) return;
@@ -424,7 +427,6 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
     }
     p->probe = probe;
     p->T = T;
-    for (int t = 0; t < p->nt; t++) p->arrive[t] = p->leave[t] = 0;
     p->t0 = dora_now();
 #endif
 }

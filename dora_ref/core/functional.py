@@ -107,13 +107,13 @@ import numpy as np
 from . import backend as _backend
 from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
+    _vdot,
     WeightSnapshot,
     as_float_array,
     check_adapter,
     check_finite,
     check_input,
     check_result_finite,
-    _vdot,
     check_scaling,
     refuse_non_finite_rows,
     results_finite,

@@ -870,10 +870,9 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
                 _from_buffer(ptr_type, y), _from_buffer(ptr_type, base),
                 _from_buffer(ptr_type, U), _from_buffer(ptr_type, B), _from_buffer(ptr_type, g),
                 ffi.NULL if bias is None else _from_buffer(ptr_type, bias),
-                scaling if type(scaling) is float else _scaling(scaling), N, out_f, U.shape[1],
+                _scaling(scaling), N, out_f, U.shape[1],
             )
-            if status != _DORA_OK:
-                _check_status(status, "forward_epilogue")
+            _check_status(status, "forward_epilogue")
             return y
     lp_dtype = _lp_out_dtype(out_dtype, base)
     if lp_dtype is not None:
@@ -913,8 +912,8 @@ _EPILOGUE_KERNELS = {
 def _epilogue_usual(base, U, B, g, bias):
     """True for ``forward_epilogue``'s usual call, decided in one pass.
 
-    base is a 2-D ndarray of float32/float64 (the caller checked that);
-    True when it and U, B, g (and bias) are C-contiguous ndarrays of its
+    base is an ndarray of float32/float64 (the caller checked that);
+    True when it is 2-D and it and U, B, g (and bias) are C-contiguous ndarrays of its
     dtype with the shapes (N, out), (N, r), (out, r), (out,) [, (out,)]:
     exactly the calls for which ``_arrays`` copies nothing and
     ``_epilogue_shapes`` raises nothing. Otherwise False, and the general

@@ -293,6 +293,8 @@ class AdapterLayer(Module):
         So does a given mask while merged (a merged layer runs only its merged
         weight; the mask would be ignored); merged, no mask is drawn.
         """
+        if dropout_mask is None and self.lora_dropout == 0.0:  # the usual call, answered first
+            return None
         merged = getattr(self, "merged", False)
         if dropout_mask is not None:
             if not self.training:

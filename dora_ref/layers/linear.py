@@ -569,9 +569,7 @@ class DoRALinear(LoRALinear):
         self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         if self.merged:
             return super().forward(x, dropout_mask=dropout_mask)
-        # _mask_for's answer when no mask is given and no dropout is configured: None
-        mask = (None if dropout_mask is None and self.lora_dropout == 0.0
-                else self._mask_for(x, dropout_mask))
+        mask = self._mask_for(x, dropout_mask)
         if self.training:
             self._norm_cache.clear()
             norm = None
