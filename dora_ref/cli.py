@@ -26,8 +26,37 @@ def _usage():
     return "\n".join(lines)
 
 
+def _cpu_summary(cpuinfo_text):
+    """One line naming the CPU and its vector level, from the text of ``/proc/cpuinfo``.
+
+    The timings in the README name the machine kind they were measured on
+    (e.g. an AVX2 Zen 3 or an AVX-512 Zen 4); ``lscpu`` often says only
+    "AMD EPYC", so this gives the model name, family and model numbers and
+    the x86-64 level whose C kernel clones run here (v4: AVX-512 F/BW/CD/DQ/VL;
+    v3: AVX2 + FMA). Returns None if the text has no model name.
+    """
+    fields = {}
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's entry
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name")
+    if name is None:
+        return None
+    flags = set(fields.get("flags", "").split())
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
+        level = "AVX-512 (x86-64-v4)"
+    elif {"avx2", "fma"} <= flags:
+        level = "AVX2 + FMA (x86-64-v3), no AVX-512"
+    else:
+        level = "no AVX2"
+    family, model = fields.get("cpu family"), fields.get("model")
+    where = f" (family {family} model {model})" if family and model else ""
+    return f"cpu: {name}{where}, {level}"
+
+
 def info(argv=None):
-    """Print dora_ref's version, the backends, the active one and its threads."""
+    """Print dora_ref's version, the backends, the active one, its threads, the CPU and BLAS."""
     import argparse
 
     import dora_ref
@@ -42,11 +71,20 @@ def info(argv=None):
 
         print(f"C kernels: {_kernels_c.build_info()}; OpenMP threads: {_kernels_c.openmp_threads()}")
     try:
+        with open("/proc/cpuinfo") as f:
+            cpu = _cpu_summary(f.read())
+    except OSError:  # not Linux
+        cpu = None
+    if cpu is not None:
+        print(cpu)
+    try:
         from threadpoolctl import threadpool_info
 
         for pool in threadpool_info():
             version = f" {pool['version']}" if pool.get("version") else ""
-            print(f"{pool['user_api']}: {pool['prefix']}{version}, {pool['num_threads']} threads")
+            kernel = f", kernel {pool['architecture']}" if pool.get("architecture") else ""
+            print(f"{pool['user_api']}: {pool['prefix']}{version}{kernel}, "
+                  f"{pool['num_threads']} threads")
     except ImportError:
         pass
     return 0

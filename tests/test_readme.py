@@ -58,3 +58,23 @@ def test_cli_names_a_folder_that_shadows_the_package(monkeypatch, capsys, tmp_pa
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "dora_ref") in err and "another directory" in err
+
+
+def test_cli_info_names_the_machine_kind():
+    """New-user finding (session 6): the README labels timings by machine kind (AVX2 Zen 3,
+    AVX-512 Zen 4) but ``lscpu`` said only "AMD EPYC"; ``dora-ref info`` now names the CPU's
+    family, model and vector level, read from /proc/cpuinfo (the first processor's entry)."""
+    from dora_ref.cli import _cpu_summary
+
+    zen3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n\n"
+            "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n")
+    assert _cpu_summary(zen3) == ("cpu: AMD EPYC (family 25 model 1), "
+                                  "AVX2 + FMA (x86-64-v3), no AVX-512")
+    zen4 = zen3.replace("model\t\t: 1", "model\t\t: 17").replace(
+        "bmi2", "bmi2 avx512f avx512dq avx512cd avx512bw avx512vl")
+    assert _cpu_summary(zen4) == "cpu: AMD EPYC (family 25 model 17), AVX-512 (x86-64-v4)"
+    only_f = zen3.replace("bmi2", "bmi2 avx512f")  # AVX-512F alone: the v4 clones do not run
+    assert "x86-64-v3" in _cpu_summary(only_f)
+    assert _cpu_summary("model name\t: old\nflags\t\t: sse2\n") == "cpu: old, no AVX2"
+    assert _cpu_summary("no such fields") is None
