@@ -288,6 +288,30 @@ def _plan_stats(reset=False):
     return stats
 
 
+_RATE_TYPES = ("float32", "float64", "16-bit")
+
+
+def _plan_rates(reset=False):
+    """Diagnosis: the plan's serial rates, which predict a call's serial time.
+
+    A dict ``{(kernel, type, work, blocks): ns per unit of work}``, one per
+    call shape measured (``type``: ``"float32"``, ``"float64"`` or
+    ``"16-bit"`` storage; ``work`` and ``blocks`` as the kernel counts them).
+    ``reset=True`` forgets them after reading: the next call of each shape
+    runs on one thread to measure its rate.
+    """
+    size = 5 * int(lib.DORA_RATE_SLOTS)
+    buf = ffi.new("double[]", size)
+    filled = int(lib.dora_plan_rates(buf, size))
+    rates = {}
+    for i in range(0, filled, 5):
+        kernel, kind, work, blocks, rate = (buf[i + j] for j in range(5))
+        rates[(_PLAN_KERNELS[int(kernel)], _RATE_TYPES[int(kind)], int(work), int(blocks))] = rate
+    if reset:
+        lib.dora_plan_rates_reset()
+    return rates
+
+
 def _plan_observe(start_us, wall_us, predicted_us, threads, spread_us=None, probe=False):
     """Tests only: feed the cost model one parallel call (times in us); True if it lost.
 
