@@ -160,8 +160,10 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* 4.4x apart there) was predicted several times too fast for tens of      */
 /* calls: a team that beat the real serial time counted as lost, inflated  */
 /* L and backed the probes off (--full, quiet: 1,648 of 21,796 parallel     */
-/* calls "lost", mostly at large cells). The first call of a shape runs on  */
-/* one thread to measure its rate.                                          */
+/* calls "lost", mostly at large cells). A new shape is planned by the     */
+/* latest rate of its kernel, type and size class (class_rates: N varying  */
+/* from step to step), and its call is not judged lost; the first call of  */
+/* a class runs on one thread to measure it.                                */
 /* The bits never depend on nt.                                             */
 /*                                                                          */
 /* Fork: libgomp's worker threads do not exist in a forked child, but its   */
@@ -183,12 +185,15 @@ enum dora_kernel_id {
 #define PROBE_INTERVAL_MAX 6.4  /* ... at most, after probes that lost (0.1 * 2^6) */
 #define RATE_TYPES 3            /* element types: float32, float64, 16-bit storage */
 #define RATE_SLOTS DORA_RATE_SLOTS  /* serial rates kept, one per call shape (a power of 2) */
+#define RATE_SIZES 20           /* size classes of work, by factors of 4 (dora_rate_size_class) */
 
 typedef struct { double work; int64_t nblocks; int kernel_type; double rate; } dora_rate_slot;
 
 typedef struct {
     int kernel, nt, probe;
-    dora_rate_slot *slot;                 /* its serial rate's slot (dora_rate_slot) */
+    dora_rate_slot *slot;
+    double *class_rate;         /* the latest rate of its kernel, type and size class */
+    int guessed;                /* T is from class_rate: another shape's (not judged) */                /* its serial rate's slot (dora_rate_slot) */
     int kernel_type;            /* kernel * RATE_TYPES + element type */
     int64_t nblocks;
     double work, t0, T;
@@ -400,6 +405,21 @@ int dora_plan_decide(double T, double L, double Lmin, double since_team, double 
    number of blocks, all four exactly (a layer calls a kernel with the same
    ones every step); a slot already held by another shape is taken over. */
 static dora_rate_slot rate_slots[RATE_SLOTS];
+/* The rate of the latest call of each kernel, type and size class: the guess
+   for a shape not in rate_slots (a new one, or one taken over), so that
+   calls whose shapes keep changing (N varying from step to step) are
+   planned as before rather than all run alone to measure a rate. */
+static double class_rates[K_COUNT][RATE_TYPES][RATE_SIZES];
+
+/* The size class of a call's work: floor(log4(work)), 0 below 4, at most
+   RATE_SIZES - 1. */
+int dora_rate_size_class(double work)
+{
+    int e = 0;
+    if (!(work >= 4)) return 0;
+    frexp(work, &e);  /* 2^(e-1) <= work < 2^e */
+    return (int)dora_min((e - 1) / 2, RATE_SIZES - 1);
+}
 
 int dora_rate_slot_index(int kernel, int type, double work, int64_t nblocks)
 {
@@ -441,14 +461,40 @@ static void dora_rate_set(const dora_plan *p, double rate)
 #define dora_plan_begin(p, kernel, work, nblocks) \
     dora_plan_begin_typed(p, kernel, work, nblocks, RATE_TYPE)
 
-static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t nblocks,
-                                  int type)
+/* The rate that predicts the call p plans: its shape's, else (a new shape:
+   p->guessed) the latest of its kernel, type and size class, else 0. */
+static double dora_plan_rate(dora_plan *p)
+{
+    double rate = dora_rate_get(p);
+    p->guessed = rate == 0;
+    if (p->guessed) LOAD(*p->class_rate, rate);
+    return rate;
+}
+
+static void dora_plan_where(dora_plan *p, int kernel, int type, double work, int64_t nblocks)
 {
     p->kernel = kernel;
     p->work = work;
     p->slot = &rate_slots[dora_rate_slot_index(kernel, type, work, nblocks)];
     p->kernel_type = kernel * RATE_TYPES + type;
+    p->class_rate = &class_rates[kernel][type][dora_rate_size_class(work)];
+    p->guessed = 0;
     p->nblocks = nblocks;
+}
+
+double dora_plan_rate_for_tests(int kernel, int type, double work, int64_t nblocks, int *guessed)
+{
+    dora_plan p;
+    dora_plan_where(&p, kernel, type, work, nblocks);
+    const double rate = dora_plan_rate(&p);
+    *guessed = p.guessed;
+    return rate;
+}
+
+static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t nblocks,
+                                  int type)
+{
+    dora_plan_where(p, kernel, type, work, nblocks);
     p->probe = 0;
     p->T = 0;
     p->nt = (int)dora_min(dora_threads_now(), dora_max(1, nblocks));
@@ -462,8 +508,8 @@ static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t
     LOAD(policy_setting, policy);
     if (policy == 1) return;
     double rate, L, Lmin, last;
-    rate = dora_rate_get(p);
-    if (rate == 0) {  /* the first call of this shape runs alone, to measure its rate */
+    rate = dora_plan_rate(p);
+    if (rate == 0) {  /* none: the call runs alone, to measure its rate */
         p->nt = 1;
         return;
     }
@@ -579,7 +625,9 @@ static void dora_plan_end(dora_plan *p)
             final = p->leave[t] > final ? p->leave[t] : final;
         }
         const double spread = dora_max_d(0, (final - first) * 1e9);
-        const int lost = dora_plan_observe(start, wall, p->T, p->nt, t1, spread, p->probe);
+        /* a T guessed from another shape's rate is not judged (as a forced team's) */
+        const int lost = dora_plan_observe(start, wall, p->guessed ? 0 : p->T, p->nt, t1, spread,
+                                           p->probe);
         STAT_ADD(p->kernel, S_SPREAD_NS, spread);
         STAT_ADD(p->kernel, S_PARALLEL, 1);
         STAT_ADD(p->kernel, S_PROBES, p->probe);
@@ -592,7 +640,9 @@ static void dora_plan_end(dora_plan *p)
     }
     /* a minimum that rises 2 % a call: a preempted call does not inflate it,
        a kernel that really got slower (larger sizes, out of cache) is followed */
-    dora_rate_set(p, rate == 0 || sample < rate * 1.02 ? sample : rate * 1.02);
+    const double next = rate == 0 || sample < rate * 1.02 ? sample : rate * 1.02;
+    dora_rate_set(p, next);
+    STORE(*p->class_rate, next);
 #else
     (void)p;
 #endif
@@ -1063,6 +1113,9 @@ int dora_plan_rates(double *rates, int n)
 void dora_plan_rates_reset(void)
 {
     for (int i = 0; i < RATE_SLOTS; i++) STORE(rate_slots[i].rate, 0);
+    for (int i = 0; i < K_COUNT; i++)
+        for (int t = 0; t < RATE_TYPES; t++)
+            for (int c = 0; c < RATE_SIZES; c++) STORE(class_rates[i][t][c], 0);
 }
 
 void dora_plan_stats_reset(void)

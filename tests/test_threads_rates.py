@@ -88,3 +88,26 @@ def test_the_slot_of_a_shape_depends_on_each_part_of_its_key():
               ((1, 0, 1e6, 16), (0, 1, 1e6, 16), (0, 0, 2e6, 16), (0, 0, 1e6, 17))]
     assert all(0 <= s < slots for s in others + [base])
     assert base not in others
+
+
+def test_a_new_shape_is_planned_by_its_size_class_and_not_judged(fresh_rates):
+    """N varying from step to step makes every call a new shape: such a call
+    is planned by the latest rate of the same kernel, type and size class
+    (work within a factor of 4), marked guessed (a parallel call by a guess
+    is not judged lost), instead of running alone to measure its rate."""
+    _norm(256, 128, 4, np.float32)
+    ((_, _, work, blocks), rate), = _norm_rates().items()
+    assert C._plan_rate("column_norm", "float32", work, blocks) == (rate, False)
+    assert C._rate_size_class(work + 1) == C._rate_size_class(work)
+    assert C._plan_rate("column_norm", "float32", work + 1, blocks) == (rate, True)
+    # another type, another size class, another kernel: nothing to go by
+    assert C._plan_rate("column_norm", "float64", work, blocks)[0] == 0.0
+    assert C._plan_rate("column_norm", "float32", 64 * work, blocks)[0] == 0.0
+    assert C._plan_rate("merge", "float32", work, blocks)[0] == 0.0
+
+
+@pytest.mark.parametrize("work, size_class", [
+    (0, 0), (3, 0), (4, 1), (15, 1), (16, 2), (4.0 ** 10, 10), (4.0 ** 10 - 1, 9), (1e300, 19),
+])
+def test_the_size_classes_are_powers_of_4(work, size_class):
+    assert C._rate_size_class(work) == size_class
