@@ -12,7 +12,14 @@ every cell, quiet and busy, with no environment variable set by the user.
 Timing: for each cell the two backends run round-robin (C, NumPy, C, ...),
 so that a burst of load falls on both; the ratio of the medians is the
 headline, the ratios of the means (the total time a user sees) and of the
-fastest repeats (the least disturbed ones) are printed beside it. Under load
+fastest repeats (the least disturbed ones) are printed beside it. The
+number of rounds adapts to the noise: after 5 (3 in a bounded --full run)
+a cell is sampled further while a 95 % bootstrap interval of the ratio of
+medians (rounds resampled as C/NumPy pairs) straddles the goal, up to
+--budget seconds or --max-rounds rounds; each cell and kind is then over
+(the whole interval above 1.05), under (none of it) or undecided, printed
+beside the ratio with the interval and the rounds, and counted per load
+level in the summary (``--fixed``: the fixed budget of earlier sessions). Under load
 the times of both backends are often bimodal (a BLAS product whose second
 thread waits for the busy process's time slice takes several times longer),
 and a median near the split of the two modes jumps between them: read the
@@ -24,7 +31,7 @@ itself (it exits after ``--busy-limit`` seconds even if this script dies)
 and killed by PID in a ``finally``. ``uptime`` is printed before and after
 every load level: the machine may be shared with other work too.
 
-    python benchmarks/bench_busy.py --quick      # a few minutes
+    python benchmarks/bench_busy.py --quick      # 5-15 minutes, by the noise
     python benchmarks/bench_busy.py --full       # the issue's grid, bounded by --max-minutes
 
 The full grid is 450 cells (150 with each of 0, 1 and 2 busy processes); its
@@ -170,21 +177,52 @@ def warm_up(fn, p):
     return step
 
 
-def side_by_side(fn, p, budget, min_rounds=5):
-    """Seconds of fn with the C and the NumPy backend, run round-robin for
-    about `budget` seconds (at least `min_rounds` and at most 200 rounds):
-    the median, mean and minimum of each, and the number of rounds."""
+def ratio_interval(c, numpy, level=0.95, resamples=400, seed=0):
+    """A bootstrap interval of C/NumPy, the ratio of the medians, from times
+    measured round by round (c[i] and numpy[i] in the same round): rounds
+    are resampled as pairs, so a burst of load that fell on both stays in
+    both. Returns (low, high)."""
+    c, numpy = np.asarray(c), np.asarray(numpy)
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(resamples, len(c)))
+    boot = np.median(c[idx], axis=1) / np.median(numpy[idx], axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
+
+
+def verdict(low, high, goal=GOAL):
+    """'over' if the whole interval is above the goal, 'under' if none of it
+    is, else 'undecided'."""
+    return "over" if low > goal else "under" if high <= goal else "undecided"
+
+
+def side_by_side(fn, p, budget, min_rounds=5, max_rounds=200, adaptive=True):
+    """Seconds of fn with the C and the NumPy backend, run round-robin (C
+    first in even rounds, NumPy first in odd ones): at least `min_rounds`;
+    then, with `adaptive`, more rounds while the interval of the ratio
+    (``ratio_interval``) straddles the goal, else while under `budget`
+    seconds, up to `budget` seconds and `max_rounds` rounds in all.
+    Returns the median, mean and minimum of each backend, the number of
+    rounds, the interval and the verdict (``verdict``)."""
     times = {"c": [], "numpy": []}
     t_end = time.perf_counter() + budget
     rounds = 0
-    while rounds < min_rounds or (time.perf_counter() < t_end and rounds < 200):
+    low, high = 0.0, float("inf")
+    while rounds < max_rounds:
+        if rounds >= min_rounds:
+            if time.perf_counter() >= t_end:
+                break
+            if adaptive and rounds % 2 == 0:  # an even count: each backend as often first
+                low, high = ratio_interval(times["c"], times["numpy"])
+                if verdict(low, high) != "undecided":
+                    break
         for name in ("c", "numpy") if rounds % 2 == 0 else ("numpy", "c"):
             with dora_ref.use_backend(name):
                 t0 = time.perf_counter()
                 fn(p)
                 times[name].append(time.perf_counter() - t0)
         rounds += 1
-    stats = {"rounds": rounds}
+    low, high = ratio_interval(times["c"], times["numpy"])
+    stats = {"rounds": rounds, "low": low, "high": high, "verdict": verdict(low, high)}
     for k, v in times.items():
         stats[k] = float(np.median(v))
         stats[f"{k}_mean"] = float(np.mean(v))
@@ -238,7 +276,14 @@ def main(argv=None):
                          "(e.g. '1024,1024,64,256,float64;64,64,1,16,float32'); "
                          "the plan's counters are then printed after each cell")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds per cell and kind (default: 0.3 quick, else from --max-minutes)")
+                    help="at most this many seconds per cell and kind: a cell is sampled until "
+                         "its interval decides it, or this bound (default: 3 quick, else an "
+                         "equal share of what --max-minutes leaves)")
+    ap.add_argument("--max-rounds", type=int, default=200,
+                    help="at most this many rounds (C and NumPy once each) per cell and kind")
+    ap.add_argument("--fixed", action="store_true",
+                    help="the sampling of earlier sessions: the whole budget, whatever the "
+                         "interval (with --budget 0.3 for --quick)")
     ap.add_argument("--max-minutes", type=float, default=90,
                     help="the whole run's time bound (full sweep; default 90)")
     ap.add_argument("--step-limit", type=float, default=5.0,
@@ -270,8 +315,9 @@ def main(argv=None):
     print(f"# BLAS: {blas()}; numpy {np.__version__}")
     print(f"# C kernels: {_kernels_c.threading_info()}")
     print(f"# {len(all_cells)} cells; "
-          + (f"{args.budget} s per cell and kind" if args.budget is not None else
-             "0.3 s per cell and kind" if args.quick else
+          + ("sampled while undecided, " if not args.fixed else "fixed budget, ")
+          + (f"at most {args.budget} s per cell and kind" if args.budget is not None else
+             "at most 3 s per cell and kind" if args.quick else
              f"bounded by {args.max_minutes:g} min, cells over {args.step_limit:g} s a step skipped"))
     results = {}  # load -> list of (key, (train ratios), (eval ratios))
     skipped = {}
@@ -284,7 +330,8 @@ def main(argv=None):
             print(f"{'out':>6} {'in':>5} {'r':>3} {'N':>5} {'dtype':>7} | "
                   f"{'train C ms':>10} {'NumPy ms':>9} {'C/NumPy':>7} | "
                   f"{'eval C ms':>9} {'NumPy ms':>9} {'C/NumPy':>7} | "
-                  f"means: train eval | minima: train eval | rounds")
+                  f"means: train eval | minima: train eval | rounds | "
+                  f"95% interval and verdict: train, eval")
             plan_summary(_kernels_c)  # reset the counters
             for out_f, in_f, r, N, dtype in cells_of(grid):
                 key = (out_f, in_f, r, N, np.dtype(dtype).name)
@@ -299,7 +346,7 @@ def main(argv=None):
                 p["n"] = F.column_norm(p["W0"], p["A"], p["B"], p["s"])
                 step = warm_up(train_step, p) + warm_up(eval_forward, p)
                 if not bounded:
-                    budget, min_rounds = (args.budget if args.budget is not None else 0.3), 5
+                    budget, min_rounds = (args.budget if args.budget is not None else 3.0), 5
                 else:  # an equal share of what is left, at least 3 rounds
                     left = max(0.0, deadline - time.perf_counter())
                     budget, min_rounds = left / max(1, len(all_cells) - done + 1) / 2, 3
@@ -312,17 +359,23 @@ def main(argv=None):
                     print(f"{out_f:>6} {in_f:>5} {r:>3} {N:>5} {key[4]:>7} | skipped: {why}",
                           flush=True)
                     continue
-                tr = side_by_side(train_step, p, budget, min_rounds)
-                ev = side_by_side(eval_forward, p, budget, min_rounds)
+                tr = side_by_side(train_step, p, budget, min_rounds, args.max_rounds,
+                                  adaptive=not args.fixed)
+                ev = side_by_side(eval_forward, p, budget, min_rounds, args.max_rounds,
+                                  adaptive=not args.fixed)
                 rt, re_ = ratios(tr), ratios(ev)
                 flag = " <-- over the goal" if max(rt[0], re_[0]) > GOAL else ""
+                if "over" in (tr["verdict"], ev["verdict"]):
+                    flag += " (interval over)"
                 print(f"{out_f:>6} {in_f:>5} {r:>3} {N:>5} {key[4]:>7} | "
                       f"{tr['c'] * 1e3:>10.3f} {tr['numpy'] * 1e3:>9.3f} {rt[0]:>7.2f} | "
                       f"{ev['c'] * 1e3:>9.3f} {ev['numpy'] * 1e3:>9.3f} {re_[0]:>7.2f} | "
                       f"{rt[1]:>12.2f} {re_[1]:>4.2f} | {rt[2]:>13.2f} {re_[2]:>4.2f} | "
-                      f"{tr['rounds']:>3} {ev['rounds']:>3}{flag}",
+                      f"{tr['rounds']:>3} {ev['rounds']:>3} | "
+                      f"{tr['low']:.2f}-{tr['high']:.2f} {tr['verdict']:<9} "
+                      f"{ev['low']:.2f}-{ev['high']:.2f} {ev['verdict']:<9}{flag}",
                       flush=True)
-                results.setdefault(load, []).append((key, rt, re_))
+                results.setdefault(load, []).append((key, rt, re_, tr, ev))
                 if focus:
                     print(f"    plan: {plan_summary(_kernels_c, per_kernel=True)}", flush=True)
             print(f"after: {uptime()}; C cost model: "
@@ -342,6 +395,21 @@ def main(argv=None):
                          f"{over} of {2 * len(rows)} over")
         print(f"{load} busy ({len(rows)} cells x train, eval; {len(skipped.get(load, []))} "
               f"skipped): " + ("; ".join(parts) or "no cell measured"))
+        if rows:
+            kinds = [(row[0], name, row[k]) for row in rows
+                     for name, k in (("train", 3), ("eval", 4))]
+            count = {v: sum(1 for _, _, st in kinds if st["verdict"] == v)
+                     for v in ("over", "under", "undecided")}
+            rounds = [st["rounds"] for _, _, st in kinds]
+            print(f"    by 95% interval of the ratio of medians: {count['over']} over, "
+                  f"{count['under']} under, {count['undecided']} undecided of {len(kinds)} "
+                  f"(rounds per cell and kind: median {int(np.median(rounds))}, "
+                  f"max {max(rounds)})")
+            for key, name, st in kinds:
+                if st["verdict"] != "under":
+                    print(f"    {st['verdict']:<9} {name:<5} {key}: C/NumPy "
+                          f"{st['c'] / st['numpy']:.2f}, interval {st['low']:.2f}-"
+                          f"{st['high']:.2f}, {st['rounds']} rounds")
         for key, why in skipped.get(load, []):
             print(f"    skipped {key}: {why}")
 

@@ -115,9 +115,11 @@ static int64_t products_slices(int64_t out, int64_t r)
 /*                                                                          */
 /* Every parallel region has an explicit num_threads(plan.nt), chosen per   */
 /* call by dora_plan_begin from a cost model measured in this process:      */
-/*   T = ns_per_work[kernel] * work   the call's serial time, from the      */
-/*                                     kernel's recent calls (a slowly      */
-/*                                     rising minimum of their rates);      */
+/*   T = rate * work                   the call's serial time, from the     */
+/*                                     recent calls of the same shape       */
+/*                                     (kernel, element type, work, blocks: */
+/*                                     a slowly rising minimum of their     */
+/*                                     rates, ns per unit of work);         */
 /*   L = region_ns                     what opening a team costs now: the   */
 /*                                     delay until its last thread starts,  */
 /*                                     measured in every parallel region.   */
@@ -150,6 +152,18 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* a product, so counting them as busy refused every probe on 2 cores: one */
 /* lost call (L of ms) kept every kernel serial for the rest of the run,   */
 /* quiet or not (bench_busy --cells, load ~7: L stayed at 3.5 ms).         */
+/* The rate is kept per call shape (rate_slots), not per kernel: one      */
+/* kernel's rate spans 200x over bench_busy's grid (forward_epilogue,      */
+/* serial: 0.04 ns a unit at (4096, 4096), r = 64, N = 256, float32; 8.6 ns */
+/* at r = 1, N = 2048, float64, out of cache), and with one rate per kernel */
+/* a call after a cheaper shape (the grid runs float64 right after float32, */
+/* 4.4x apart there) was predicted several times too fast for tens of      */
+/* calls: a team that beat the real serial time counted as lost, inflated  */
+/* L and backed the probes off (--full, quiet: 1,648 of 21,796 parallel     */
+/* calls "lost", mostly at large cells). A new shape is planned by the     */
+/* latest rate of its kernel, type and size class (class_rates: N varying  */
+/* from step to step), and its call is not judged lost; the first call of  */
+/* a class runs on one thread to measure it.                                */
 /* The bits never depend on nt.                                             */
 /*                                                                          */
 /* Fork: libgomp's worker threads do not exist in a forked child, but its   */
@@ -169,9 +183,19 @@ enum dora_kernel_id {
 #define MAX_TEAM 64             /* threads a team may have (arrival times kept) */
 #define PROBE_INTERVAL 0.1      /* seconds between parallel probes while serial */
 #define PROBE_INTERVAL_MAX 6.4  /* ... at most, after probes that lost (0.1 * 2^6) */
+#define RATE_TYPES 3            /* element types: float32, float64, 16-bit storage */
+#define RATE_SLOTS DORA_RATE_SLOTS  /* serial rates kept, one per call shape (a power of 2) */
+#define RATE_SIZES 20           /* size classes of work, by factors of 4 (dora_rate_size_class) */
+
+typedef struct { double work; int64_t nblocks; int kernel_type; double rate; } dora_rate_slot;
 
 typedef struct {
     int kernel, nt, probe;
+    dora_rate_slot *slot;
+    double *class_rate;         /* the latest rate of its kernel, type and size class */
+    int guessed;                /* T is from class_rate: another shape's (not judged) */                /* its serial rate's slot (dora_rate_slot) */
+    int kernel_type;            /* kernel * RATE_TYPES + element type */
+    int64_t nblocks;
     double work, t0, T;
     double arrive[MAX_TEAM];    /* when each thread of the team started */
     double leave[MAX_TEAM];     /* ... and when it ran out of work */
@@ -182,7 +206,6 @@ static int policy_setting = 0;      /* 0 auto (the cost model), 1 always nt thre
 static int fork_pause_setting = 1;  /* release the pool before fork (else: serial child) */
 static int child_serial = 0;        /* set in a forked child whose pool was not released */
 static int fork_pause_ok = 0;       /* what the last prepare handler achieved */
-static double ns_per_work[K_COUNT]; /* 0: not measured yet */
 static double region_ns = 0;        /* L: recent cost of opening a team; 0: not measured */
 static double region_min_ns = 0;    /* the smallest L seen */
 static double last_parallel = 0;    /* when the last team ran */
@@ -378,10 +401,100 @@ int dora_plan_decide(double T, double L, double Lmin, double since_team, double 
     return DORA_PLAN_SERIAL;
 }
 
-static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nblocks)
+/* The slot of a call's serial rate: its kernel, element type, work and
+   number of blocks, all four exactly (a layer calls a kernel with the same
+   ones every step); a slot already held by another shape is taken over. */
+static dora_rate_slot rate_slots[RATE_SLOTS];
+/* The rate of the latest call of each kernel, type and size class: the guess
+   for a shape not in rate_slots (a new one, or one taken over), so that
+   calls whose shapes keep changing (N varying from step to step) are
+   planned as before rather than all run alone to measure a rate. */
+static double class_rates[K_COUNT][RATE_TYPES][RATE_SIZES];
+
+/* The size class of a call's work: floor(log4(work)), 0 below 4, at most
+   RATE_SIZES - 1. */
+int dora_rate_size_class(double work)
+{
+    int e = 0;
+    if (!(work >= 4)) return 0;
+    frexp(work, &e);  /* 2^(e-1) <= work < 2^e */
+    return (int)dora_min((e - 1) / 2, RATE_SIZES - 1);
+}
+
+int dora_rate_slot_index(int kernel, int type, double work, int64_t nblocks)
+{
+    uint64_t bits;
+    memcpy(&bits, &work, sizeof bits);
+    uint64_t h = bits ^ ((uint64_t)nblocks * 0x9E3779B97F4A7C15u) ^ ((uint64_t)(kernel * RATE_TYPES + type) << 56);
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9u;
+    h ^= h >> 32;
+    return (int)(h & (RATE_SLOTS - 1));
+}
+
+/* The serial rate of the call p plans, ns per unit of work; 0 if its slot
+   holds another shape's (or none). */
+static double dora_rate_get(const dora_plan *p)
+{
+    double work, rate;
+    int64_t nblocks;
+    int kt;
+    LOAD(p->slot->work, work);
+    LOAD(p->slot->nblocks, nblocks);
+    LOAD(p->slot->kernel_type, kt);
+    LOAD(p->slot->rate, rate);
+    return work == p->work && nblocks == p->nblocks && kt == p->kernel_type ? rate : 0;
+}
+
+static void dora_rate_set(const dora_plan *p, double rate)
+{
+    STORE(p->slot->rate, 0);  /* a reader between these stores sees no rate, not another's */
+    STORE(p->slot->work, p->work);
+    STORE(p->slot->nblocks, p->nblocks);
+    STORE(p->slot->kernel_type, p->kernel_type);
+    STORE(p->slot->rate, rate);
+}
+
+/* The kernels call dora_plan_begin(p, kernel, work, nblocks); the macro adds
+   their element type (RATE_TYPE, defined where dora_kernels_impl.h is
+   included). */
+#define dora_plan_begin(p, kernel, work, nblocks) \
+    dora_plan_begin_typed(p, kernel, work, nblocks, RATE_TYPE)
+
+/* The rate that predicts the call p plans: its shape's, else (a new shape:
+   p->guessed) the latest of its kernel, type and size class, else 0. */
+static double dora_plan_rate(dora_plan *p)
+{
+    double rate = dora_rate_get(p);
+    p->guessed = rate == 0;
+    if (p->guessed) LOAD(*p->class_rate, rate);
+    return rate;
+}
+
+static void dora_plan_where(dora_plan *p, int kernel, int type, double work, int64_t nblocks)
 {
     p->kernel = kernel;
     p->work = work;
+    p->slot = &rate_slots[dora_rate_slot_index(kernel, type, work, nblocks)];
+    p->kernel_type = kernel * RATE_TYPES + type;
+    p->class_rate = &class_rates[kernel][type][dora_rate_size_class(work)];
+    p->guessed = 0;
+    p->nblocks = nblocks;
+}
+
+double dora_plan_rate_for_tests(int kernel, int type, double work, int64_t nblocks, int *guessed)
+{
+    dora_plan p;
+    dora_plan_where(&p, kernel, type, work, nblocks);
+    const double rate = dora_plan_rate(&p);
+    *guessed = p.guessed;
+    return rate;
+}
+
+static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t nblocks,
+                                  int type)
+{
+    dora_plan_where(p, kernel, type, work, nblocks);
     p->probe = 0;
     p->T = 0;
     p->nt = (int)dora_min(dora_threads_now(), dora_max(1, nblocks));
@@ -395,8 +508,8 @@ static void dora_plan_begin(dora_plan *p, int kernel, double work, int64_t nbloc
     LOAD(policy_setting, policy);
     if (policy == 1) return;
     double rate, L, Lmin, last;
-    LOAD(ns_per_work[kernel], rate);
-    if (rate == 0) {  /* the first call of this kernel runs alone, to measure its rate */
+    rate = dora_plan_rate(p);
+    if (rate == 0) {  /* none: the call runs alone, to measure its rate */
         p->nt = 1;
         return;
     }
@@ -497,8 +610,7 @@ static void dora_plan_end(dora_plan *p)
 {
 #ifdef _OPENMP
     const double t1 = dora_now();
-    double rate;
-    LOAD(ns_per_work[p->kernel], rate);
+    const double rate = dora_rate_get(p);
     const double wall = (t1 - p->t0) * 1e9;
     double sample = wall / (p->work > 1 ? p->work : 1);
     STAT_ADD(p->kernel, S_CALLS, 1);
@@ -513,7 +625,9 @@ static void dora_plan_end(dora_plan *p)
             final = p->leave[t] > final ? p->leave[t] : final;
         }
         const double spread = dora_max_d(0, (final - first) * 1e9);
-        const int lost = dora_plan_observe(start, wall, p->T, p->nt, t1, spread, p->probe);
+        /* a T guessed from another shape's rate is not judged (as a forced team's) */
+        const int lost = dora_plan_observe(start, wall, p->guessed ? 0 : p->T, p->nt, t1, spread,
+                                           p->probe);
         STAT_ADD(p->kernel, S_SPREAD_NS, spread);
         STAT_ADD(p->kernel, S_PARALLEL, 1);
         STAT_ADD(p->kernel, S_PROBES, p->probe);
@@ -526,7 +640,9 @@ static void dora_plan_end(dora_plan *p)
     }
     /* a minimum that rises 2 % a call: a preempted call does not inflate it,
        a kernel that really got slower (larger sizes, out of cache) is followed */
-    STORE(ns_per_work[p->kernel], rate == 0 || sample < rate * 1.02 ? sample : rate * 1.02);
+    const double next = rate == 0 || sample < rate * 1.02 ? sample : rate * 1.02;
+    dora_rate_set(p, next);
+    STORE(*p->class_rate, next);
 #else
     (void)p;
 #endif
@@ -775,6 +891,7 @@ static inline uint16_t dora_f32_to_f16(float f)
 #define WIDEN(v) (v)
 #define NARROW(v) (v)
 
+#define RATE_TYPE 0
 #define REAL float
 #define W 16
 #define FN(name) name##_f32
@@ -783,6 +900,8 @@ static inline uint16_t dora_f32_to_f16(float f)
 #undef W
 #undef FN
 
+#undef RATE_TYPE
+#define RATE_TYPE 1
 #define REAL double
 #define W 8
 #define FN(name) name##_f64
@@ -798,6 +917,8 @@ static inline uint16_t dora_f32_to_f16(float f)
 #undef NARROW
 
 /* float32 arithmetic, 16-bit storage */
+#undef RATE_TYPE
+#define RATE_TYPE 2
 #define LP 1
 #define API static
 #define REAL float
@@ -966,6 +1087,35 @@ int dora_plan_stats(double *stats, int n)
     for (int i = 0; i < K_COUNT; i++)
         for (int j = 0; j < S_COUNT && k < n; j++, k++) LOAD(plan_stats[i][j], stats[k]);
     return K_COUNT * S_COUNT;
+}
+
+int dora_plan_rates(double *rates, int n)
+{
+    int k = 0;
+    for (int i = 0; i < RATE_SLOTS && k + 5 <= n; i++) {
+        double work, rate;
+        int64_t nblocks;
+        int kt;
+        LOAD(rate_slots[i].rate, rate);
+        if (rate == 0) continue;
+        LOAD(rate_slots[i].work, work);
+        LOAD(rate_slots[i].nblocks, nblocks);
+        LOAD(rate_slots[i].kernel_type, kt);
+        rates[k++] = kt / RATE_TYPES;
+        rates[k++] = kt % RATE_TYPES;
+        rates[k++] = work;
+        rates[k++] = (double)nblocks;
+        rates[k++] = rate;
+    }
+    return k;
+}
+
+void dora_plan_rates_reset(void)
+{
+    for (int i = 0; i < RATE_SLOTS; i++) STORE(rate_slots[i].rate, 0);
+    for (int i = 0; i < K_COUNT; i++)
+        for (int t = 0; t < RATE_TYPES; t++)
+            for (int c = 0; c < RATE_SIZES; c++) STORE(class_rates[i][t][c], 0);
 }
 
 void dora_plan_stats_reset(void)

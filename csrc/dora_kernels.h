@@ -221,5 +221,23 @@ void dora_plan_reset(void);
    values of stats and returns how many there are. */
 int dora_plan_stats(double *stats, int n);
 void dora_plan_stats_reset(void);
+/* The plan's serial rates, for diagnosis: one per call shape (kernel,
+   element type, work, blocks), in DORA_RATE_SLOTS slots. Fills stats with
+   5 values per measured shape (kernel as dora_plan_stats, element type 0
+   float32, 1 float64, 2 16-bit storage, work, blocks, ns per unit of work),
+   at most n values, and returns how many it filled. A shape not measured
+   is planned by the latest rate of its kernel, type and size class
+   (dora_rate_size_class: floor(log4(work)), at most 19), and not judged
+   lost. dora_plan_rates_reset forgets them all: the next call of each
+   kernel, type and size class runs on one thread to measure its rate.
+   dora_rate_slot_index: the slot of a shape. */
+#define DORA_RATE_SLOTS 1024
+int dora_plan_rates(double *rates, int n);
+void dora_plan_rates_reset(void);
+int dora_rate_slot_index(int kernel, int type, double work, int64_t nblocks);
+int dora_rate_size_class(double work);
+/* Tests only: the rate (ns per unit of work) the plan would predict a call
+   of that shape by, 0 if none; *guessed: 1 if it is another shape's. */
+double dora_plan_rate_for_tests(int kernel, int type, double work, int64_t nblocks, int *guessed);
 /* A short description of how the kernels were compiled, e.g. the SIMD clones. */
 const char *dora_build_info(void);

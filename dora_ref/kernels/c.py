@@ -288,6 +288,47 @@ def _plan_stats(reset=False):
     return stats
 
 
+_RATE_TYPES = ("float32", "float64", "16-bit")
+
+
+def _plan_rates(reset=False):
+    """Diagnosis: the plan's serial rates, which predict a call's serial time.
+
+    A dict ``{(kernel, type, work, blocks): ns per unit of work}``, one per
+    call shape measured (``type``: ``"float32"``, ``"float64"`` or
+    ``"16-bit"`` storage; ``work`` and ``blocks`` as the kernel counts them).
+    A shape not measured yet is planned by the latest rate of its kernel,
+    type and size class (``floor(log4(work))``) and not judged lost.
+    ``reset=True`` forgets them all after reading: the next call of each
+    kernel, type and size class runs on one thread to measure its rate.
+    """
+    size = 5 * int(lib.DORA_RATE_SLOTS)
+    buf = ffi.new("double[]", size)
+    filled = int(lib.dora_plan_rates(buf, size))
+    rates = {}
+    for i in range(0, filled, 5):
+        kernel, kind, work, blocks, rate = (buf[i + j] for j in range(5))
+        rates[(_PLAN_KERNELS[int(kernel)], _RATE_TYPES[int(kind)], int(work), int(blocks))] = rate
+    if reset:
+        lib.dora_plan_rates_reset()
+    return rates
+
+
+def _rate_size_class(work):
+    """Tests only: the size class of a call's work for the plan's guessed rates (C's)."""
+    return int(lib.dora_rate_size_class(float(work)))
+
+
+def _plan_rate(kernel, dtype, work, blocks):
+    """Tests only: ``(rate, guessed)``, the rate the plan would predict a call
+    of that shape by (0.0: none, the call runs alone), and whether it is the
+    latest of another shape of the same size class."""
+    guessed = ffi.new("int *")
+    rate = lib.dora_plan_rate_for_tests(_PLAN_KERNELS.index(kernel), _RATE_TYPES.index(dtype),
+                                        float(work), int(blocks), guessed)
+    return float(rate), bool(guessed[0])
+
+
 def _plan_observe(start_us, wall_us, predicted_us, threads, spread_us=None, probe=False):
     """Tests only: feed the cost model one parallel call (times in us); True if it lost.
 
