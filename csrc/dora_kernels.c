@@ -191,9 +191,9 @@ typedef struct { double work; int64_t nblocks; int kernel_type; double rate; } d
 
 typedef struct {
     int kernel, nt, probe;
-    dora_rate_slot *slot;
+    dora_rate_slot *slot;       /* its serial rate's slot */
     double *class_rate;         /* the latest rate of its kernel, type and size class */
-    int guessed;                /* T is from class_rate: another shape's (not judged) */                /* its serial rate's slot (dora_rate_slot) */
+    int guessed;                /* T is from class_rate: another shape's (not judged) */
     int kernel_type;            /* kernel * RATE_TYPES + element type */
     int64_t nblocks;
     double work, t0, T;
