@@ -89,6 +89,22 @@ static inline int64_t norm_chunk(int64_t r, int64_t in)
     return dora_max(16, cols / 16 * 16);
 }
 
+/* Whether the norm, merge and unmerge tiles add their rank-r terms with fused
+   multiply-adds (dora_kernels_impl.h, norm_tile): where the CPU has FMA, so
+   on the machines that run the x86-64-v3 and v4 clones. Elsewhere (another
+   architecture, a compiler without __builtin_cpu_supports, an x86-64 CPU
+   without FMA) the tiles keep a multiply and an add. Fixed for the process:
+   the bits do not depend on the number of threads or the layout, and a
+   machine with FMA and one without may differ in the last bits of P. */
+static int dora_fma_ok(void)
+{
+#if defined(DORA_HAVE_TARGET_CLONES) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("fma") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
 /* The block sizes of the two reductions, set by the sizes alone (never by the
    number of threads), so that the order of every sum is fixed.
 

@@ -19,9 +19,12 @@
    of the float32 kernel on W0.astype(float32), then one rounding.
    The arithmetic of each kernel follows its NumPy twin in
    dora_ref/core/kernels_numpy.py operation by operation (s * P, then + W0, ...),
-   so the two differ only by rounding: the order of the rank-r sum and the
-   double accumulators used here for sums (no FMA contraction: the build
-   passes -ffp-contract=off, so each operation rounds as written).
+   so the two differ only by rounding: the order of the rank-r sum, the
+   double accumulators used here for sums, and, where the CPU has FMA, the
+   fused multiply-adds of the rank-r sum in the tile of the norm, the merge
+   and the unmerge (norm_tile), written as fma() calls. Nothing else is
+   fused: the build passes -ffp-contract=off, so each other operation rounds
+   as written.
 
    Every kernel is split in three:
      FN(x_step)(..., g, w)          one tile: g <= G rows, w <= W columns
@@ -98,6 +101,59 @@ static inline __attribute__((always_inline)) void FN(tile)(
         FN(tile_general)(P, b, ldb, g, a, lda, r, w);
 }
 
+/* The tile of the norm, the merge and the unmerge: P as FN(tile) computes it
+   or, when `fused` (a constant after inlining), with each term added by one
+   fused multiply-add, p = fma(b, a, p), rounded once instead of twice: on
+   x86-64-v3 and v4 that halves the tile's instructions (one vfmadd for a
+   vmulps and a vaddps), the most of the norm's time at r >= 8. The order of
+   the k terms is unchanged, and the full tile and the edges round alike, so
+   a row's P is the same for any tile and any number of threads;
+   norm_or_merge sets `fused` where the CPU has FMA (dora_fma_ok), so the
+   baseline clone on an older CPU keeps the two roundings. */
+static inline __attribute__((always_inline)) REAL FN(fmadd)(REAL x, REAL y, REAL z)
+{
+    return sizeof(REAL) == sizeof(float) ? (REAL)fmaf((float)x, (float)y, (float)z)
+                                         : (REAL)fma((double)x, (double)y, (double)z);
+}
+
+static inline __attribute__((always_inline)) void FN(norm_tile)(
+    const int fused, REAL P[G][W], const REAL *b, int64_t ldb, int g,
+    const REAL *a, int64_t lda, int64_t r, int w)
+{
+    if (!fused) {
+        FN(tile)(P, b, ldb, g, a, lda, r, w);
+    } else if (g == G && w == W) {  /* tile_full with fma */
+        REAL p0[W] = {0}, p1[W] = {0}, p2[W] = {0}, p3[W] = {0};
+        for (int64_t k = 0; k < r; k++) {
+            const REAL *ak = a + k * lda;
+            const REAL c0 = b[k], c1 = b[ldb + k], c2 = b[2 * ldb + k], c3 = b[3 * ldb + k];
+            #pragma omp simd
+            for (int l = 0; l < W; l++) {
+                p0[l] = FN(fmadd)(c0, ak[l], p0[l]);
+                p1[l] = FN(fmadd)(c1, ak[l], p1[l]);
+                p2[l] = FN(fmadd)(c2, ak[l], p2[l]);
+                p3[l] = FN(fmadd)(c3, ak[l], p3[l]);
+            }
+        }
+        for (int l = 0; l < W; l++) {
+            P[0][l] = p0[l];
+            P[1][l] = p1[l];
+            P[2][l] = p2[l];
+            P[3][l] = p3[l];
+        }
+    } else {  /* tile_general with fma */
+        for (int q = 0; q < g; q++)
+            for (int l = 0; l < w; l++) P[q][l] = 0;
+        for (int64_t k = 0; k < r; k++) {
+            const REAL *ak = a + k * lda;
+            for (int q = 0; q < g; q++) {
+                const REAL c = b[q * ldb + k];
+                for (int l = 0; l < w; l++) P[q][l] = FN(fmadd)(c, ak[l], P[q][l]);
+            }
+        }
+    }
+}
+
 /* sqrt of the sum of ACCW double lanes, added in a fixed order. */
 static inline double FN(sqrt_lanes)(const double acc[ACCW])
 {
@@ -134,11 +190,11 @@ static REAL *FN(pack_panels)(const REAL *M, int64_t r, int64_t cols, int64_t sk,
 /* One tile: acc[q][l % ACCW] += V[q][l]^2 with V = W0 + s * (B @ A) and, if
    Vout is not NULL, Vout = V (the merge keeps V; rows in apart, as W0's). */
 static inline __attribute__((always_inline)) void FN(norm_step)(
-    double acc[G][ACCW], REAL *Vout, const WTYPE *w0, const REAL *b, const REAL *a,
-    REAL s, int64_t in, int64_t r, int g, int w)
+    const int fused, double acc[G][ACCW], REAL *Vout, const WTYPE *w0, const REAL *b,
+    const REAL *a, REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
-    FN(tile)(P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
+    FN(norm_tile)(fused, P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
     for (int q = 0; q < g; q++) {
         /* V = W0 + s * P in place of P (PEFT: W + s * (B @ A)), in a loop of
            its own, which vectorizes with the widening of W0 in it */
@@ -160,7 +216,7 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
    written once, narrowed once. Inlined into merge_rows with `merging` a
    constant 1 (column_norm_rows has a loop of its own, blocked for A). */
 static inline __attribute__((always_inline)) void FN(norm_rows)(
-    const int merging, WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap,
+    const int fused, const int merging, WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap,
     const REAL *B, const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0; i < i1; i += G) {
@@ -172,9 +228,9 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
             const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
             REAL *vout = merging ? V + j : NULL;
             if (g == G && w == W)
-                FN(norm_step)(acc, vout, W0 + o, B + i * r, ap, s, in, r, G, W);
+                FN(norm_step)(fused, acc, vout, W0 + o, B + i * r, ap, s, in, r, G, W);
             else
-                FN(norm_step)(acc, vout, W0 + o, B + i * r, ap, s, in, r, g, w);
+                FN(norm_step)(fused, acc, vout, W0 + o, B + i * r, ap, s, in, r, g, w);
         }
         for (int q = 0; q < g; q++) {
             const REAL nq = (REAL)FN(sqrt_lanes)(acc[q]);
@@ -195,8 +251,8 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
    group, where norm_rows reads all of A, which at r = 64 is larger than L2,
    once per group. Each row's squares are still added in column order, into
    the same lanes: the bits of norm_rows. */
-static DORA_CLONES void FN(column_norm_rows)(
-    REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
+static inline __attribute__((always_inline)) void FN(column_norm_rows_body)(
+    const int fused, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     const int64_t chunk = norm_chunk(r, in);
@@ -211,14 +267,24 @@ static DORA_CLONES void FN(column_norm_rows)(
                 const int w = (int)dora_min(W, in - j);
                 const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
                 if (g == G && w == W)
-                    FN(norm_step)(ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, G, W);
+                    FN(norm_step)(fused, ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, G, W);
                 else
-                    FN(norm_step)(ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, g, w);
+                    FN(norm_step)(fused, ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, g, w);
             }
         }
     }
     for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */
         n[i] = (REAL)FN(sqrt_lanes)(acc[(i - i0) / G][(i - i0) % G]);
+}
+
+static DORA_CLONES void FN(column_norm_rows)(
+    int fused, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
+    int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    if (fused)
+        FN(column_norm_rows_body)(1, n, W0, Ap, B, s, i0, i1, in, r);
+    else
+        FN(column_norm_rows_body)(0, n, W0, Ap, B, s, i0, i1, in, r);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -228,10 +294,13 @@ static DORA_CLONES void FN(column_norm_rows)(
 /* ------------------------------------------------------------------------ */
 
 static DORA_CLONES void FN(merge_rows)(
-    WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B,
+    int fused, WTYPE *Wm, REAL *V, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B,
     const REAL *m, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    FN(norm_rows)(1, Wm, V, n, W0, Ap, B, m, s, i0, i1, in, r);
+    if (fused)
+        FN(norm_rows)(1, 1, Wm, V, n, W0, Ap, B, m, s, i0, i1, in, r);
+    else
+        FN(norm_rows)(0, 1, Wm, V, n, W0, Ap, B, m, s, i0, i1, in, r);
 }
 
 /* column_norm's blocks on a team (dora_team_for): block blk is rows
@@ -242,6 +311,7 @@ typedef struct {
     const REAL *Ap, *B;
     REAL s;
     int64_t out, in, r;
+    int fused;
 } FN(norm_ctx);
 
 static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
@@ -249,7 +319,7 @@ static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
     const FN(norm_ctx) *c = (const FN(norm_ctx) *)ctx;
     (void)scratch;
     const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(c->out, i0 + NORM_ROW_BLOCK);
-    FN(column_norm_rows)(c->n, c->W0, c->Ap, c->B, c->s, i0, i1, c->in, c->r);
+    FN(column_norm_rows)(c->fused, c->n, c->W0, c->Ap, c->B, c->s, i0, i1, c->in, c->r);
 }
 
 /* The norm (Wm NULL), on a team (dora_team_for: OpenBLAS's threads when
@@ -260,13 +330,14 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
 {
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
+    const int fused = dora_fma_ok();
     const int64_t rows = Wm ? ROW_BLOCK : NORM_ROW_BLOCK;  /* rows in a block */
     const int64_t nblocks = (out + rows - 1) / rows;
     int failed = 0;
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
     if (!Wm) {
-        FN(norm_ctx) ctx = {n, W0, Ap, B, (REAL)s, out, in, r};
+        FN(norm_ctx) ctx = {n, W0, Ap, B, (REAL)s, out, in, r, fused};
         failed = dora_team_for(&plan, nblocks, FN(norm_block), &ctx, 0);
     } else {
         #pragma omp parallel num_threads(plan.nt)
@@ -282,7 +353,7 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
             #pragma omp for schedule(dynamic) nowait
             for (int64_t blk = 0; blk < nblocks; blk++) {
                 const int64_t i0 = blk * rows, i1 = dora_min(out, i0 + rows);
-                if (V) FN(merge_rows)(Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
+                if (V) FN(merge_rows)(fused, Wm, V, n, W0, Ap, B, m, (REAL)s, i0, i1, in, r);
             }
             dora_plan_leave(&plan);
             free(V);
@@ -317,19 +388,19 @@ API int FN(dora_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const
 /* ------------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void FN(unmerge_step)(
-    WTYPE *W0, const WTYPE *Wm, const REAL *f, const REAL *b, const REAL *a,
+    const int fused, WTYPE *W0, const WTYPE *Wm, const REAL *f, const REAL *b, const REAL *a,
     REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
-    FN(tile)(P, b, r, g, a, W, r, w);
+    FN(norm_tile)(fused, P, b, r, g, a, W, r, w);  /* the merge's P, bit for bit */
     for (int q = 0; q < g; q++)
         for (int l = 0; l < w; l++)
             W0[q * in + l] = NARROW(WIDEN(Wm[q * in + l]) / f[q] - s * P[q][l]);
 }
 
-static DORA_CLONES void FN(unmerge_rows)(
-    WTYPE *W0, const WTYPE *Wm, const REAL *Ap, const REAL *B, const REAL *factor,
-    REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+static inline __attribute__((always_inline)) void FN(unmerge_rows_body)(
+    const int fused, WTYPE *W0, const WTYPE *Wm, const REAL *Ap, const REAL *B,
+    const REAL *factor, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     for (int64_t i = i0; i < i1; i += G) {
         const int g = (int)dora_min(G, i1 - i);
@@ -338,11 +409,21 @@ static DORA_CLONES void FN(unmerge_rows)(
             const int64_t o = i * in + j;
             const REAL *ap = Ap + (j / W) * r * W;
             if (g == G && w == W)
-                FN(unmerge_step)(W0 + o, Wm + o, factor + i, B + i * r, ap, s, in, r, G, W);
+                FN(unmerge_step)(fused, W0 + o, Wm + o, factor + i, B + i * r, ap, s, in, r, G, W);
             else
-                FN(unmerge_step)(W0 + o, Wm + o, factor + i, B + i * r, ap, s, in, r, g, w);
+                FN(unmerge_step)(fused, W0 + o, Wm + o, factor + i, B + i * r, ap, s, in, r, g, w);
         }
     }
+}
+
+static DORA_CLONES void FN(unmerge_rows)(
+    int fused, WTYPE *W0, const WTYPE *Wm, const REAL *Ap, const REAL *B, const REAL *factor,
+    REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    if (fused)
+        FN(unmerge_rows_body)(1, W0, Wm, Ap, B, factor, s, i0, i1, in, r);
+    else
+        FN(unmerge_rows_body)(0, W0, Wm, Ap, B, factor, s, i0, i1, in, r);
 }
 
 API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *B,
@@ -353,6 +434,7 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
         return DORA_ERR_NULL;
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
     if (!Ap) return DORA_ERR_NOMEM;
+    const int fused = dora_fma_ok();
     const int64_t nblocks = (out + ROW_BLOCK - 1) / ROW_BLOCK;
     dora_plan plan;
     dora_plan_begin(&plan, K_UNMERGE, (double)out * in * (r + 1), nblocks);
@@ -362,7 +444,7 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
         #pragma omp for schedule(dynamic) nowait
         for (int64_t blk = 0; blk < nblocks; blk++) {
             const int64_t i0 = blk * ROW_BLOCK;
-            FN(unmerge_rows)(W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
+            FN(unmerge_rows)(fused, W0, Wm, Ap, B, factor, (REAL)s, i0, dora_min(out, i0 + ROW_BLOCK), in, r);
         }
         dora_plan_leave(&plan);
     }

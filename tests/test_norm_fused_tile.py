@@ -1,0 +1,73 @@
+"""The norm's tile rounds alike wherever a row falls (C backend).
+
+Where the CPU has FMA, the tile of column_norm, merge and unmerge adds each
+rank-r term with one fused multiply-add (``csrc/dora_kernels_impl.h``,
+``norm_tile``), in the full 4 x 16 tile (vectorized) and in the edge tiles
+(the last rows of a block, the last columns of a row) alike. A row's results
+must then not depend on which tile computed it: the row alone (a group of
+one row, so always an edge tile) gives the bits it has inside a larger
+problem (a full group of four rows). Without FMA both tiles multiply and add,
+and the same must hold. The columns keep their positions, so each row's
+squares go to the same lanes in the same order.
+
+Independent check: the column norm against float64 within the bound of
+``tests/test_kernels_c.py`` (``2 * 4 * gamma_{in + r + 2} * ||a_i||``, a_ij =
+|W0_ij| + |s| |B_i|.|A_j|), which covers one or two roundings per term.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dora_ref.porting.tolerance import gamma
+
+from ci_env import env_flag  # the suite's one parser of DORA_REF_REQUIRE_*
+
+try:
+    from dora_ref.kernels import c as C
+except ImportError as exc:  # pragma: no cover - depends on the install
+    if env_flag("DORA_REF_REQUIRE_C"):
+        raise ImportError(f"DORA_REF_REQUIRE_C is set but the C extension does not import: {exc}") from exc
+    pytest.skip(f"the C backend is not built ({exc})", allow_module_level=True)
+
+# 9 rows: two full groups of 4 and an edge row; 37 columns: two full tiles of
+# 16 floats (four of 8 doubles) and an edge of 5; r = 5 terms per element.
+OUT, IN, R, S = 9, 37, 5, 0.7
+
+
+def _problem(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    W0 = rng.standard_normal((OUT, IN)).astype(dtype)
+    A = rng.standard_normal((R, IN)).astype(dtype)
+    B = rng.standard_normal((OUT, R)).astype(dtype)
+    m = rng.uniform(0.5, 2.0, OUT).astype(dtype)
+    return W0, A, B, m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_norm_row_alone_has_the_bits_of_the_row_in_a_full_tile(dtype):
+    W0, A, B, _ = _problem(dtype)
+    n = C.column_norm(W0, A, B, S)
+    for i in range(OUT):
+        alone = C.column_norm(W0[i:i + 1], A, B[i:i + 1], S)
+        np.testing.assert_array_equal(alone, n[i:i + 1], err_msg=f"row {i}")
+    W64, A64, B64 = (x.astype(np.float64) for x in (W0, A, B))
+    ref = np.linalg.norm(W64 + S * (B64 @ A64), axis=1)
+    a = np.abs(W64) + abs(S) * (np.abs(B64) @ np.abs(A64))
+    bound = 2 * 4 * gamma(IN + R + 2, dtype) * np.linalg.norm(a, axis=1)
+    assert np.all(np.abs(n - ref) <= bound), np.max(np.abs(n - ref) / bound)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_and_unmerge_row_alone_have_the_bits_of_the_row_in_a_full_tile(dtype):
+    W0, A, B, m = _problem(dtype, seed=1)
+    Wm, n = C.merge(W0, A, B, m, S)
+    np.testing.assert_array_equal(n, C.column_norm(W0, A, B, S))
+    factor = (m / n).astype(dtype)
+    back = C.unmerge(Wm, A, B, factor, S)
+    for i in range(OUT):
+        Wm_i, n_i = C.merge(W0[i:i + 1], A, B[i:i + 1], m[i:i + 1], S)
+        np.testing.assert_array_equal(Wm_i, Wm[i:i + 1], err_msg=f"merge, row {i}")
+        np.testing.assert_array_equal(n_i, n[i:i + 1], err_msg=f"merge's n, row {i}")
+        back_i = C.unmerge(Wm[i:i + 1], A, B[i:i + 1], factor[i:i + 1], S)
+        np.testing.assert_array_equal(back_i, back[i:i + 1], err_msg=f"unmerge, row {i}")
