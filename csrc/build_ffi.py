@@ -14,7 +14,11 @@ Compiler flags are chosen by test compiles, never assumed:
   so that merge's n and column_norm's n differed in the last bit
   (``test_merge_norm_is_the_column_norm_bit_for_bit``). Off, every kernel
   rounds each operation as its NumPy twin does (MSVC does not contract by
-  default);
+  default), except where the source asks for a fused multiply-add itself:
+  the rank-r sums of the norm, merge and unmerge (``norm_tile`` in
+  ``csrc/dora_kernels_impl.h``) call ``fma`` when the CPU has FMA, in every
+  tile alike, so that their bits still do not depend on the tile, the
+  layout or the thread count;
 * ``-fopenmp`` (``/openmp``), only when a small OpenMP program compiles and
   links: Apple clang, for one, has no OpenMP by default. Without it the
   kernels are the same code, run on one thread;
