@@ -85,6 +85,16 @@ def test_z_out_holds_base_plus_the_low_rank_term(dtype, r):
     exact = b64 + s * (U64 @ B64.T)
     bound = 4 * gamma(r + 2, dtype) * (np.abs(b64) + s * (np.abs(U64) @ np.abs(B64).T))
     assert np.all(np.abs(z - exact) <= bound)
+    z3 = base.copy()  # the functional core's call, without the overlap checks: the same
+    assert np.array_equal(K._forward_epilogue_keep_z(z3, U, B, g, s, bias), y_plain)
+    assert np.array_equal(z3, z)
+    z4 = np.asfortranarray(base)  # not the usual call
+    if K is NP:  # elementwise NumPy: any layout takes z
+        assert np.array_equal(K._forward_epilogue_keep_z(z4, U, B, g, s, bias), y_plain)
+        assert np.array_equal(z4, z)
+    else:  # C: through forward_epilogue's checks
+        with pytest.raises(ValueError, match="z_out must be C-contiguous"):
+            K._forward_epilogue_keep_z(z4, U, B, g, s, bias)
     z2 = np.empty_like(base)  # a separate array: base is left as it was
     base_before = base.copy()
     K.forward_epilogue(base, U, B, g, s, bias, z_out=z2)

@@ -381,7 +381,7 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
             y = kernels.forward_epilogue(base, U, B, g, scaling, bias, out=base)  # (5), (6)
             base = None
         elif _KEEP_Z:  # base is ours, fresh: z (5) replaces it, and the backward reads it
-            y = kernels.forward_epilogue(base, U, B, g, scaling, bias, z_out=base)  # (5), (6)
+            y = kernels._forward_epilogue_keep_z(base, U, B, g, scaling, bias)  # (5), (6)
         else:
             y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
         xd, mask = x2, None

@@ -916,6 +916,38 @@ _EPILOGUE_KERNELS = {
     np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_f64),
 }
 
+_EPILOGUE_Z_KERNELS = {
+    np.dtype(np.float32): (_ARRAY_TYPE["float"], lib.dora_forward_epilogue_z_f32),
+    np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_z_f64),
+}
+
+
+def _forward_epilogue_keep_z(base, U, B, g, scaling, bias):
+    """``forward_epilogue(base, ..., z_out=base)`` for the functional core's training forward.
+
+    base is the caller's own (N, out) product, fresh from ``x @ W0.T``: it
+    cannot overlap U, B, g or the bias, so the usual call (``_epilogue_usual``,
+    base writeable) goes to the kernel without ``check_epilogue_out``; any
+    other goes through ``forward_epilogue``'s checks.
+    """
+    if type(base) is np.ndarray and base.flags.writeable:
+        entry = _EPILOGUE_Z_KERNELS.get(base.dtype)
+        if entry is not None and _epilogue_usual(base, U, B, g, bias):
+            ptr_type, kernel = entry
+            N, out_f = base.shape
+            y = np.empty((N, out_f), dtype=base.dtype)
+            zp = _from_buffer(ptr_type, base)
+            status = kernel(
+                _from_buffer(ptr_type, y), zp, zp, _from_buffer(ptr_type, U),
+                _from_buffer(ptr_type, B), _from_buffer(ptr_type, g),
+                ffi.NULL if bias is None else _from_buffer(ptr_type, bias),
+                _scaling(scaling), N, out_f, U.shape[1],
+            )
+            _check_status(status, "forward_epilogue")
+            return y
+    return forward_epilogue(base, U, B, g, scaling, bias, z_out=base)
+
+
 def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
     """``forward_epilogue`` with ``z_out``: y in a new array, z written to z_out."""
     if out_dtype is not None or out is not None:
