@@ -11,7 +11,9 @@ in turn behind ``dora_ref.kernels.c``:
   read of W0 (the faster of a GEMV and a sum) and the flop bound
   2 * out * in * r / (the rate of a (1024, 1024) BLAS GEMM measured in the
   same loop);
-* a DoRA training step (forward + backward, detached norm) and an eval
+* a DoRA training step (forward + backward, detached norm; with this build
+  also with the forward not keeping z for the backward, column
+  "this, z off") and an eval
   forward with the cached norm (``DoRALinear.eval()``), each against the plain
   layer (``x @ W0.T`` and ``dy @ W0``; ``x @ W0.T``),
 
@@ -53,15 +55,23 @@ def load_build(path):
     return mod
 
 
-def behind(mod, fn):
-    """fn run with ``mod``'s ffi and lib behind dora_ref.kernels.c."""
+def behind(mod, fn, keep_z=True):
+    """fn run with ``mod``'s ffi and lib behind dora_ref.kernels.c, and the
+    training forward keeping z or not (``functional._KEEP_Z``; a build without
+    the _z kernels never keeps it).
+
+    Only what the wrapper looks up in ``lib`` at call time is swapped: the
+    kernels it bound at import (the fused backward_lowrank, the usual
+    forward_epilogue call) are this build's in every column."""
+    keep_z = keep_z and hasattr(mod.lib, "dora_forward_epilogue_z_f32")
+
     def call():
-        saved = C.ffi, C.lib
-        C.ffi, C.lib = mod.ffi, mod.lib
+        saved = C.ffi, C.lib, F._KEEP_Z
+        C.ffi, C.lib, F._KEEP_Z = mod.ffi, mod.lib, keep_z
         try:
             return fn()
         finally:
-            C.ffi, C.lib = saved
+            C.ffi, C.lib, F._KEEP_Z = saved
     return call
 
 
@@ -79,14 +89,14 @@ def run(shape, builds, repeats):
     ones = np.ones(in_f, dtype=np.float32)
     fns = {"gemm_1024": lambda: X @ X, "read_gemv": lambda: W0 @ ones, "read_sum": lambda: W0.sum(),
            "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1)}
-    for tag, mod in builds.items():
-        fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s))
+    for tag, (mod, keep_z) in builds.items():
+        fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
     norms = race(fns, repeats)
     st = bk.steps(p)
     fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
-    for tag, mod in builds.items():
-        fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"])
-        fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"])
+    for tag, (mod, keep_z) in builds.items():
+        fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
+        fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     steps = race(fns, repeats)
     med = {**norms[0], **steps[0]}
     mins = {**norms[1], **steps[1]}
@@ -119,7 +129,9 @@ def main():
     args = ap.parse_args()
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
                                              for sh in args.shapes.split(";")]
-    builds = {"base": load_build(args.base), "this": C._dora_c}
+    # "this, z off": this build with the training forward not keeping z (the step of before)
+    builds = {"base": (load_build(args.base), False), "this, z off": (C._dora_c, False),
+              "this": (C._dora_c, True)}
     print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
     print("| (out, in, r, N) | build | norm ms | NumPy expr / norm | norm / read W0 | "
           "norm / flop bound | train / plain (min) | eval / plain (min) |")

@@ -44,10 +44,18 @@ def main(argv):
     g = m / n
     U = x @ A.T
     base = x @ W0.T
+    z = base + s * (U @ B.T)  # what the training forward keeps over base
     dg, dz = K.backward_epilogue(dy, base, U, B, g, s)
     dU = s * (dz @ B)
     c = -dg * g / (n * n)
     cB = c[:, None] * B
+
+    def no_keep_z():  # the step of before: the backward forms U @ B.T again
+        F._KEEP_Z = False
+        try:
+            return F.dora_backward(dy, F.dora_forward(x, W0, A, B, m, s)[1])
+        finally:
+            F._KEEP_Z = True
 
     pieces = {
         "plain: x @ W0.T": lambda: x @ W0.T,
@@ -55,8 +63,12 @@ def main(argv):
         "fwd (3) column_norm": lambda: K.column_norm(W0, A, B, s),
         "fwd (1) U = x @ A.T": lambda: x @ A.T,
         "fwd (5,6) forward_epilogue": lambda: K.forward_epilogue(base, U, B, g, s, None),
+        "fwd (5,6) forward_epilogue keeping z": lambda: K.forward_epilogue(z, U, B, g, s, None,
+                                                                           z_out=z),
         "bwd (6) backward_epilogue": lambda: K.backward_epilogue(dy, base, U, B, g, s),
+        "bwd (6) backward_epilogue_z": lambda: K.backward_epilogue_z(dy, z, g),
         "bwd (6,5) backward_lowrank (dg, dz, dU, dB)": lambda: K.backward_lowrank(dy, base, U, B, g, s),
+        "bwd (6,5) backward_lowrank_z": lambda: K.backward_lowrank_z(dy, z, U, B, g, s),
         "bwd (5) dU = s * (dz @ B)": lambda: s * (dz @ B),
         "bwd (5) dB = s * (dz.T @ U)": lambda: s * (dz.T @ U),
         "bwd (1) dA = dU.T @ x": lambda: dU.T @ x,
@@ -69,6 +81,7 @@ def main(argv):
         "step: plain fwd+bwd": lambda: (x @ W0.T, dy @ W0),
         "step: LoRA": lambda: F.lora_backward(dy, F.lora_forward(x, W0, A, B, s)[1]),
         "step: DoRA detached": lambda: F.dora_backward(dy, F.dora_forward(x, W0, A, B, m, s)[1]),
+        "step: DoRA detached, z not kept": no_keep_z,
         "step: DoRA exact": lambda: F.dora_backward(
             dy, F.dora_forward(x, W0, A, B, m, s)[1], detach_norm=False),
     }
@@ -91,9 +104,23 @@ def main(argv):
             cpu[k].append(time.process_time() - c0)
     print(f"(out, in, r, N) = {(out_f, in_f, r, N)}, backend {_backend.backend()}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    # GFLOP/s of the products (fastest repeat), to set each against the big GEMM's rate
+    big = 2.0 * N * in_f * out_f
+    flops = {"plain: x @ W0.T": big, "plain: dy @ W0": big, "fwd (1) U = x @ A.T": 2.0 * N * r * in_f,
+             "bwd (5) dU = s * (dz @ B)": 2.0 * N * r * out_f,
+             "bwd (5) dB = s * (dz.T @ U)": 2.0 * N * r * out_f,
+             "bwd (1) dA = dU.T @ x": 2.0 * N * r * in_f,
+             "fwd (5,6) forward_epilogue": 2.0 * N * r * out_f,
+             "fwd (5,6) forward_epilogue keeping z": 2.0 * N * r * out_f,
+             "bwd (6) backward_epilogue": 2.0 * N * r * out_f,
+             "bwd (6,5) backward_lowrank (dg, dz, dU, dB)": 3 * 2.0 * N * r * out_f,
+             "bwd (6,5) backward_lowrank_z": 2 * 2.0 * N * r * out_f,
+             "exact: W0 @ A.T": 2.0 * out_f * in_f * r, "exact: cB.T @ W0": 2.0 * out_f * in_f * r,
+             "fwd (3) column_norm": 2.0 * out_f * in_f * r}
     for k, v in times.items():
+        rate = f"   {flops[k] / min(v) / 1e9:6.1f} GF/s" if k in flops else ""
         print(f"  {k:44s} median {np.median(v) * 1e3:8.2f} ms   min {min(v) * 1e3:8.2f} ms   "
-              f"CPU median {np.median(cpu[k]) * 1e3:8.2f} ms")
+              f"CPU median {np.median(cpu[k]) * 1e3:8.2f} ms{rate}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,18 @@ int dora_forward_epilogue_f64(double *y,
                               const double *g, const double *bias,
                               double s, int64_t N, int64_t out, int64_t r);
 
+/* forward_epilogue that also writes z = base + s * U @ B.T to z, which may
+   be base itself (element for element; y may not overlap z): the training
+   forward keeps z for the backward's *_z kernels below. */
+int dora_forward_epilogue_z_f32(float *y, float *z,
+                                const float *base, const float *U, const float *B,
+                                const float *g, const float *bias,
+                                double s, int64_t N, int64_t out, int64_t r);
+int dora_forward_epilogue_z_f64(double *y, double *z,
+                                const double *base, const double *U, const double *B,
+                                const double *g, const double *bias,
+                                double s, int64_t N, int64_t out, int64_t r);
+
 /* With z = base + s * U @ B.T (never stored): dg = sum over N of dy * z,
    and dz = dy * g. */
 int dora_backward_epilogue_f32(float *dg, float *dz,
@@ -63,6 +75,13 @@ int dora_backward_epilogue_f64(double *dg, double *dz,
                                const double *dy, const double *base, const double *U,
                                const double *B, const double *g,
                                double s, int64_t N, int64_t out, int64_t r);
+
+/* backward_epilogue given z as the forward kept it: dg = sum over N of
+   dy * z, dz = dy * g, no product formed. */
+int dora_backward_epilogue_z_f32(float *dg, float *dz, const float *dy, const float *z,
+                                 const float *g, int64_t N, int64_t out);
+int dora_backward_epilogue_z_f64(double *dg, double *dz, const double *dy, const double *z,
+                                 const double *g, int64_t N, int64_t out);
 
 /* backward_epilogue plus the rank-r products of the backward, in the same
    pass over the (N, out) arrays: dg and dz as above, and
@@ -77,6 +96,17 @@ int dora_backward_lowrank_f64(double *dg, double *dz, double *dU, double *dB,
                               const double *dy, const double *base, const double *U,
                               const double *B, const double *g,
                               double s, int64_t N, int64_t out, int64_t r);
+
+/* backward_lowrank given z as the forward kept it (z in place of base):
+   the same dg, dz, dU, dB, without forming U @ B.T again. */
+int dora_backward_lowrank_z_f32(float *dg, float *dz, float *dU, float *dB,
+                                const float *dy, const float *z, const float *U,
+                                const float *B, const float *g,
+                                double s, int64_t N, int64_t out, int64_t r);
+int dora_backward_lowrank_z_f64(double *dg, double *dz, double *dU, double *dB,
+                                const double *dy, const double *z, const double *U,
+                                const double *B, const double *g,
+                                double s, int64_t N, int64_t out, int64_t r);
 
 /* The two products of W0 that the exact norm gradient needs, in one pass over W0:
      WAt = W0 @ A.T     (out, r)   a sum over in, per row

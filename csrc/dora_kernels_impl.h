@@ -465,21 +465,40 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
 /* ------------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void FN(forward_step)(
-    WTYPE *y, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
-    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias)
+    WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
+    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias, int has_z)
 {
     REAL P[G][W];
     FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++)
         #pragma omp simd
         for (int l = 0; l < w; l++) {
-            const REAL v = gm[l] * (base[q * out + l] + s * P[q][l]);
+            const REAL zv = base[q * out + l] + s * P[q][l];
+            const REAL v = gm[l] * zv;
+            if (has_z) z[q * out + l] = zv;  /* z may be base: its element was read above */
             y[q * out + l] = NARROW(has_bias ? v + bias[l] : v);
         }
 }
 
+/* One row group's tile, the four (bias, z) cases as constants of forward_step. */
+static inline __attribute__((always_inline)) void FN(forward_tile)(
+    WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
+    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w)
+{
+    if (g == G && w == W) {
+        if (bias && z) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 1, 1);
+        else if (bias) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 1, 0);
+        else if (z) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 0, 1);
+        else FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 0, 0);
+    } else if (z) {
+        FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, g, w, bias != NULL, 1);
+    } else {
+        FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, g, w, bias != NULL, 0);
+    }
+}
+
 static DORA_CLONES void FN(forward_epilogue_rows)(
-    WTYPE *y, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
+    WTYPE *y, REAL *z, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
     const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t out, int64_t r)
 {
     /* Columns in blocks of COL_BLOCK, so that their panels of B.T stay in L1
@@ -492,12 +511,8 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
             const int64_t o = t * out + i;
             const REAL *bp = Bp + (i / W) * r * W;  /* B.T[:, i:i+W] */
             const REAL *ub = U + t * r, *bi = bias ? bias + i : NULL;
-            if (g == G && w == W && bias)
-                FN(forward_step)(y + o, base + o, ub, bp, gm + i, bi, s, out, r, G, W, 1);
-            else if (g == G && w == W)
-                FN(forward_step)(y + o, base + o, ub, bp, gm + i, bi, s, out, r, G, W, 0);
-            else
-                FN(forward_step)(y + o, base + o, ub, bp, gm + i, bi, s, out, r, g, w, bias != NULL);
+            FN(forward_tile)(y + o, z ? z + o : NULL, base + o, ub, bp, gm + i, bi, s, out, r,
+                             g, w);
         }
     }
 }
@@ -509,6 +524,7 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
    call). Block blk is rows blk * ROW_BLOCK onwards. */
 typedef struct {
     WTYPE *y;
+    REAL *z;
     const REAL *base, *U, *Bp, *gm, *bias;
     REAL s;
     int64_t N, out, r;
@@ -519,13 +535,17 @@ static void FN(forward_block)(void *ctx, void *scratch, int64_t blk)
     const FN(forward_ctx) *c = (const FN(forward_ctx) *)ctx;
     (void)scratch;
     const int64_t t0 = blk * ROW_BLOCK;
-    FN(forward_epilogue_rows)(c->y, c->base, c->U, c->Bp, c->gm, c->bias, c->s, t0,
+    FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s, t0,
                               dora_min(c->N, t0 + ROW_BLOCK), c->out, c->r);
 }
 
-API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const REAL *B,
-                              const REAL *gm, const REAL *bias,
-                              double s, int64_t N, int64_t out, int64_t r)
+/* The forward epilogue; z NULL, or where z = base + s * U @ B.T goes (it may
+   be base itself: the training forward keeps z for the backward in the
+   memory of the base product, so that the backward need not form U @ B.T
+   again). */
+static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const REAL *U,
+                                     const REAL *B, const REAL *gm, const REAL *bias,
+                                     double s, int64_t N, int64_t out, int64_t r)
 {
     if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
     if ((N && out && (!y || !base)) || (N && r && !U) || (out && r && !B) || (out && !gm))
@@ -533,7 +553,7 @@ API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, con
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    FN(forward_ctx) ctx = {y, base, U, Bp, gm, bias, (REAL)s, N, out, r};
+    FN(forward_ctx) ctx = {y, (N && out) ? z : NULL, base, U, Bp, gm, bias, (REAL)s, N, out, r};
     dora_plan plan;
     dora_plan_begin(&plan, K_FORWARD, (double)N * out * (r + 1), nblocks);
     dora_team_for(&plan, nblocks, FN(forward_block), &ctx, 0);  /* no scratch: cannot fail */
@@ -542,10 +562,29 @@ API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, con
     return DORA_OK;
 }
 
+API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, const REAL *B,
+                              const REAL *gm, const REAL *bias,
+                              double s, int64_t N, int64_t out, int64_t r)
+{
+    return FN(forward_epilogue_impl)(y, NULL, base, U, B, gm, bias, s, N, out, r);
+}
+
+#if !LP
+int FN(dora_forward_epilogue_z)(REAL *y, REAL *z, const REAL *base, const REAL *U,
+                                const REAL *B, const REAL *gm, const REAL *bias,
+                                double s, int64_t N, int64_t out, int64_t r)
+{
+    if (N > 0 && out > 0 && !z) return DORA_ERR_NULL;
+    return FN(forward_epilogue_impl)(y, z, base, U, B, gm, bias, s, N, out, r);
+}
+#endif
+
 #if !LP  /* backward_epilogue: float32 and float64 only */
 
 /* ------------------------------------------------------------------------ */
-/* backward_epilogue: z = base + s * U @ B.T (never stored),                */
+/* backward_epilogue: z = base + s * U @ B.T (formed again here, not         */
+/* stored), or z as the training forward kept it (has_z: then base holds z  */
+/* and U, B are not read),                                                  */
 /*   dg = sum_N dy * z,   dz = dy * g.                                      */
 /* dg is a sum over the N rows, so here the threads split the *columns*     */
 /* (output channels): each owns a block of dg and the same columns of dz,   */
@@ -554,25 +593,40 @@ API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, con
 
 static inline __attribute__((always_inline)) void FN(backward_step)(
     double *acc, REAL *dz, const REAL *dy, const REAL *base, const REAL *u,
-    const REAL *bt, const REAL *gm, REAL s, int64_t out, int64_t r, int g, int w)
+    const REAL *bt, const REAL *gm, REAL s, int64_t out, int64_t r, int g, int w, int has_z)
 {
     REAL P[G][W];
-    FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
+    if (!has_z) FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++) {
         #pragma omp simd
         for (int l = 0; l < w; l++) {
             const int64_t o = q * out + l;
-            const REAL z = base[o] + s * P[q][l];
+            const REAL z = has_z ? base[o] : base[o] + s * P[q][l];
             acc[l] += (double)(dy[o] * z);
             dz[o] = dy[o] * gm[l];
         }
     }
 }
 
+/* backward_step on one tile, has_z and the full tile as constants. */
+static inline __attribute__((always_inline)) void FN(backward_tile)(
+    double *acc, REAL *dz, const REAL *dy, const REAL *base, const REAL *u,
+    const REAL *bt, const REAL *gm, REAL s, int64_t out, int64_t r, int g, int w, int has_z)
+{
+    if (has_z && g == G && w == W)
+        FN(backward_step)(acc, dz, dy, base, u, bt, gm, s, out, r, G, W, 1);
+    else if (has_z)
+        FN(backward_step)(acc, dz, dy, base, u, bt, gm, s, out, r, g, w, 1);
+    else if (g == G && w == W)
+        FN(backward_step)(acc, dz, dy, base, u, bt, gm, s, out, r, G, W, 0);
+    else
+        FN(backward_step)(acc, dz, dy, base, u, bt, gm, s, out, r, g, w, 0);
+}
+
 static DORA_CLONES void FN(backward_epilogue_cols)(
     REAL *dg, REAL *dz, const REAL *dy, const REAL *base, const REAL *U,
     const REAL *Bp, const REAL *gm, REAL s,
-    int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r)
+    int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r, int has_z)
 {
     double acc[COL_BLOCK];
     for (int64_t i = c0; i < c1; i++) acc[i - c0] = 0;
@@ -581,13 +635,11 @@ static DORA_CLONES void FN(backward_epilogue_cols)(
         for (int64_t i = c0; i < c1; i += W) {
             const int w = (int)dora_min(W, c1 - i);
             const int64_t o = t * out + i;
-            const REAL *bp = Bp + (i / W) * r * W;  /* c0 is a multiple of W */
-            if (g == G && w == W)
-                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
-                                  gm + i, s, out, r, G, W);
-            else
-                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
-                                  gm + i, s, out, r, g, w);
+            /* c0 is a multiple of W; with has_z there are no panels, no U */
+            const REAL *bp = has_z ? NULL : Bp + (i / W) * r * W;
+            const REAL *ub = has_z ? NULL : U + t * r;
+            FN(backward_tile)(acc + (i - c0), dz + o, dy + o, base + o, ub, bp, gm + i, s,
+                              out, r, g, w, has_z);
         }
     }
     for (int64_t i = c0; i < c1; i++) dg[i] = (REAL)acc[i - c0];
@@ -599,6 +651,7 @@ typedef struct {
     const REAL *dy, *base, *U, *Bp, *gm;
     REAL s;
     int64_t N, out, r;
+    int has_z;
 } FN(backward_ctx);
 
 static void FN(backward_block)(void *ctx, void *scratch, int64_t blk)
@@ -607,27 +660,53 @@ static void FN(backward_block)(void *ctx, void *scratch, int64_t blk)
     (void)scratch;
     const int64_t c0 = blk * COL_BLOCK;
     FN(backward_epilogue_cols)(c->dg, c->dz, c->dy, c->base, c->U, c->Bp, c->gm, c->s, c0,
-                               dora_min(c->out, c0 + COL_BLOCK), c->N, c->out, c->r);
+                               dora_min(c->out, c0 + COL_BLOCK), c->N, c->out, c->r, c->has_z);
+}
+
+/* The work of one element of backward_epilogue_z, in the units of the plan's
+   K_BACKWARD (per element, one plus one multiply-add of U @ B.T per rank):
+   without the product an element still streams dy, z and dz, the bulk of
+   the cost at small ranks. Measured on a Zen 3 (AVX2), (N, out) =
+   (512, 4096), one thread, fastest CPU time of 15 on a busy machine (load
+   5.7): 1.4-1.7 ns an element without the product; with it, 0.30 ns a
+   unit at r = 4, 0.19 at r = 8: an element is about 5-8 units. */
+#define BACKWARD_Z_WORK 6.0
+
+static int FN(backward_epilogue_impl)(REAL *dg, REAL *dz, const REAL *dy, const REAL *base,
+                                      const REAL *U, const REAL *B, const REAL *gm,
+                                      double s, int64_t N, int64_t out, int64_t r, int has_z)
+{
+    if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
+    if ((out && (!dg || !gm)) || (N && out && (!dz || !dy || !base)) || (!has_z && N && r && !U)
+        || (!has_z && out && r && !B))
+        return DORA_ERR_NULL;
+    REAL *Bp = NULL;
+    if (!has_z) {
+        Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
+        if (!Bp) return DORA_ERR_NOMEM;
+    }
+    const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
+    FN(backward_ctx) ctx = {dg, dz, dy, base, U, Bp, gm, (REAL)s, N, out, r, has_z};
+    dora_plan plan;
+    dora_plan_begin(&plan, K_BACKWARD,
+                    (double)N * out * (has_z ? BACKWARD_Z_WORK : (double)(r + 1)), nblocks);
+    dora_team_for(&plan, nblocks, FN(backward_block), &ctx, 0);  /* no scratch: cannot fail */
+    dora_plan_end(&plan);
+    free(Bp);
+    return DORA_OK;
 }
 
 int FN(dora_backward_epilogue)(REAL *dg, REAL *dz, const REAL *dy, const REAL *base,
                                const REAL *U, const REAL *B, const REAL *gm,
                                double s, int64_t N, int64_t out, int64_t r)
 {
-    if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
-    if ((out && (!dg || !gm)) || (N && out && (!dz || !dy || !base)) || (N && r && !U)
-        || (out && r && !B))
-        return DORA_ERR_NULL;
-    REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
-    if (!Bp) return DORA_ERR_NOMEM;
-    const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
-    FN(backward_ctx) ctx = {dg, dz, dy, base, U, Bp, gm, (REAL)s, N, out, r};
-    dora_plan plan;
-    dora_plan_begin(&plan, K_BACKWARD, (double)N * out * (r + 1), nblocks);
-    dora_team_for(&plan, nblocks, FN(backward_block), &ctx, 0);  /* no scratch: cannot fail */
-    dora_plan_end(&plan);
-    free(Bp);
-    return DORA_OK;
+    return FN(backward_epilogue_impl)(dg, dz, dy, base, U, B, gm, s, N, out, r, 0);
+}
+
+int FN(dora_backward_epilogue_z)(REAL *dg, REAL *dz, const REAL *dy, const REAL *z,
+                                 const REAL *gm, int64_t N, int64_t out)
+{
+    return FN(backward_epilogue_impl)(dg, dz, dy, z, NULL, NULL, gm, 1.0, N, out, 0, 1);
 }
 
 #endif  /* !LP */
@@ -762,7 +841,7 @@ static inline __attribute__((always_inline)) void FN(twoprod_rows)(
 static DORA_CLONES void FN(backward_lowrank_cols)(
     REAL *dg, REAL *dz, REAL *dUp, REAL *dB, double *acc, REAL *dBt,
     const REAL *dy, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
-    REAL s, int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r)
+    REAL s, int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r, int has_z)
 {
     const int64_t width = c1 - c0, ldt = width + W;  /* rows not a power of two apart */
     const REAL *bp0 = Bp + (c0 / W) * r * W;  /* c0 is a multiple of W */
@@ -774,12 +853,8 @@ static DORA_CLONES void FN(backward_lowrank_cols)(
             const int w = (int)dora_min(W, c1 - i);
             const int64_t o = t * out + i;
             const REAL *bp = Bp + (i / W) * r * W;
-            if (g == G && w == W)
-                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
-                                  gm + i, s, out, r, G, W);
-            else
-                FN(backward_step)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp,
-                                  gm + i, s, out, r, g, w);
+            FN(backward_tile)(acc + (i - c0), dz + o, dy + o, base + o, U + t * r, bp, gm + i,
+                              s, out, r, g, w, has_z);
         }
         /* dUp[t:t+g] = dz[t:t+g, c0:c1] @ B[c0:c1], dBt += U[t:t+g].T @ dz[t:t+g, c0:c1] */
         if (g == G)
@@ -803,6 +878,7 @@ typedef struct {
     const REAL *dy, *base, *U, *Bp, *gm;
     REAL s;
     int64_t N, out, r, width, nblocks;
+    int has_z;
 } FN(lowrank_ctx);
 
 static void FN(lowrank_block)(void *ctx, void *scratch, int64_t blk)
@@ -813,7 +889,7 @@ static void FN(lowrank_block)(void *ctx, void *scratch, int64_t blk)
     const int64_t c0 = blk * c->width;
     FN(backward_lowrank_cols)(c->dg, c->dz, c->dUp + blk * c->N * c->r, c->dB, acc, dBt, c->dy,
                               c->base, c->U, c->Bp, c->gm, c->s, c0,
-                              dora_min(c->out, c0 + c->width), c->N, c->out, c->r);
+                              dora_min(c->out, c0 + c->width), c->N, c->out, c->r, c->has_z);
 }
 
 static void FN(lowrank_sum_block)(void *ctx, void *scratch, int64_t blk)
@@ -828,9 +904,11 @@ static void FN(lowrank_sum_block)(void *ctx, void *scratch, int64_t blk)
     }
 }
 
-int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL *dy,
-                              const REAL *base, const REAL *U, const REAL *B, const REAL *gm,
-                              double s, int64_t N, int64_t out, int64_t r)
+/* has_z: base holds z (the training forward kept it), no U @ B.T to form. */
+static int FN(backward_lowrank_impl)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL *dy,
+                                     const REAL *base, const REAL *U, const REAL *B,
+                                     const REAL *gm, double s, int64_t N, int64_t out, int64_t r,
+                                     int has_z)
 {
     if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
     if ((out && (!dg || !gm)) || (N && out && (!dz || !dy || !base)) || (N && r && (!U || !dU))
@@ -846,9 +924,9 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
         return DORA_ERR_NOMEM;
     }
     FN(lowrank_ctx) ctx = {dg, dz, dUp, dB, dU, dy, base, U, Bp, gm, (REAL)s, N, out, r, width,
-                           nblocks};
+                           nblocks, has_z};
     dora_plan plan;
-    dora_plan_begin(&plan, K_LOWRANK, (double)N * out * (3 * r + 1), nblocks);
+    dora_plan_begin(&plan, K_LOWRANK, (double)N * out * ((has_z ? 2 : 3) * r + 1), nblocks);
     /* scratch: acc (width doubles), then dBt (r x (width + W) REALs) */
     const size_t scratch = (size_t)width * sizeof(double)
                            + (size_t)dora_max(1, r * (width + W)) * sizeof(REAL);
@@ -864,6 +942,20 @@ int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL
     free(Bp);
     free(dUp);
     return failed ? DORA_ERR_NOMEM : DORA_OK;
+}
+
+int FN(dora_backward_lowrank)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL *dy,
+                              const REAL *base, const REAL *U, const REAL *B, const REAL *gm,
+                              double s, int64_t N, int64_t out, int64_t r)
+{
+    return FN(backward_lowrank_impl)(dg, dz, dU, dB, dy, base, U, B, gm, s, N, out, r, 0);
+}
+
+int FN(dora_backward_lowrank_z)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, const REAL *dy,
+                                const REAL *z, const REAL *U, const REAL *B, const REAL *gm,
+                                double s, int64_t N, int64_t out, int64_t r)
+{
+    return FN(backward_lowrank_impl)(dg, dz, dU, dB, dy, z, U, B, gm, s, N, out, r, 1);
 }
 
 #endif  /* !LP */

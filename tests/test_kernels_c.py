@@ -506,6 +506,9 @@ def _all_kernels_digest():
                    C.unmerge(W0, A, B, m, 0.3),
                    *C._backward_lowrank_fused(dy, base, U, B, g, 0.3),
                    *C._norm_gradient_products_fused(W0, A, B)]
+        z = base.copy()  # the training forward's z over its base product, and its backward
+        results += [C.forward_epilogue(z, U, B, g, 0.3, bias, z_out=z), z,
+                    *C.backward_epilogue_z(dy, z, g), *C._backward_lowrank_z_fused(dy, z, U, B, g, 0.3)]
         for a in results:
             h.update(a.tobytes())
     return h.hexdigest()

@@ -158,6 +158,11 @@ class LoRAGrads(NamedTuple):
     dB: np.ndarray
 
 
+# A training forward without dropout keeps z = base + s * U @ B.T over the base product
+# for its backward (``DoRAContext.base_is_z``). False: the forward and backward of
+# before (the backward forms U @ B.T again), for benchmarks/bench_rank_ab.py's A/B.
+_KEEP_Z = True
+
 # the names a DoRA forward's WeightSnapshot gives A, B and the magnitude in messages
 _DORA_SNAPSHOT_NAMES = ("A (lora_A)", "B (lora_B)", "magnitude (lora_magnitude_vector)")
 
@@ -174,7 +179,11 @@ class DoRAContext:
 
     ``base`` is None after a forward that wrote its output over the base
     product (a layer's eval forward, which usually has no backward): the
-    backward then recomputes it from ``x``. ``n_nonzero`` says that the
+    backward then recomputes it from ``x``. After a forward without dropout
+    that kept it, ``base`` holds z = x @ W0.T + s * U @ B.T instead of the
+    base product (``base_is_z``): the forward's epilogue wrote z over it, and
+    the backward reads z instead of forming U @ B.T again (A, B and the
+    magnitude cannot have changed since: the snapshot refuses the backward). ``n_nonzero`` says that the
     forward found every norm nonzero (the backward divides by n without
     looking again).
     """
@@ -194,6 +203,7 @@ class DoRAContext:
     seen: Optional[WeightSnapshot] = None  # A, B, m as the forward saw them
     precision: Optional[object] = None  # lowp.Precision of a float16/bfloat16 forward
     n_nonzero: bool = False  # every n > 0, checked by the forward
+    base_is_z: bool = False  # base holds z = base + s * U @ B.T (step 5), not x @ W0.T
 
 
 @dataclass
@@ -370,6 +380,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         if overwrite_base:  # base is ours, fresh: y replaces it, element by element
             y = kernels.forward_epilogue(base, U, B, g, scaling, bias, out=base)  # (5), (6)
             base = None
+        elif _KEEP_Z:  # base is ours, fresh: z (5) replaces it, and the backward reads it
+            y = kernels._forward_epilogue_keep_z(base, U, B, g, scaling, bias)  # (5), (6)
         else:
             y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
         xd, mask = x2, None
@@ -386,7 +398,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         check_result_finite([("y (the output)", y)], [("x", x2)])
     seen = WeightSnapshot.of(_DORA_SNAPSHOT_NAMES, (A, B, magnitude))
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen,
-                      n_nonzero=n_nonzero)
+                      n_nonzero=n_nonzero,
+                      base_is_z=_KEEP_Z and mask is None and base is not None)
     if len(x_shape) != 2:
         y = y.reshape(*x_shape[:-1], W0.shape[0])
     return y, ctx
@@ -514,10 +527,13 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
     kernels = _backend.kernels()
 
     base = ctx.base
-    if base is None:  # the forward wrote y over it (a layer in eval): (2) again
-        base = ctx.x @ W0.T
-    # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
-    dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
+    if ctx.base_is_z:  # the forward kept z (5) over the base product
+        # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
+        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s)
+    else:
+        if base is None:  # the forward wrote y over it (a layer in eval): (2) again
+            base = ctx.x @ W0.T
+        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
     dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
     if detach_norm:
         dA = dU.T @ ctx.x  # (1)

@@ -108,7 +108,7 @@ def column_norm(W0, A, B, scaling):
     return n
 
 
-def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
+def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_out=None):
     """y = g * (base + s * U @ B.T) + bias, paper Eq. (5) applied to a batch.
 
     Parameters
@@ -132,6 +132,11 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
         eval forward overwrites the base product it owns: each element of base
         is read before the same element of y is written); any other overlap
         with an input raises ``ValueError`` (``check_epilogue_out``).
+    z_out : ndarray, shape (N, out), optional
+        Also write z = base + s * U @ B.T here, in base's dtype (the training
+        forward keeps z for ``backward_lowrank_z``). It may be ``base``
+        itself, as ``out`` may; checked as ``out`` is. Not with ``out`` or
+        ``out_dtype``: y is then a new array.
 
     Returns
     -------
@@ -141,8 +146,15 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
     Raises
     ------
     TypeError, ValueError
-        A bad ``out`` (``check_epilogue_out``).
+        A bad ``out`` or ``z_out`` (``check_epilogue_out``); ``z_out`` with
+        ``out`` or ``out_dtype`` (``ValueError``).
     """
+    if z_out is not None:
+        if out_dtype is not None or out is not None:
+            raise ValueError("z_out cannot be combined with out or out_dtype: the forward that "
+                             "keeps z writes y (base's dtype) to a new array")
+        check_epilogue_out(z_out, base, (U, B, g, bias), base.dtype, name="z_out")
+        return _epilogue_z(base, U, B, g, scaling, bias, z_out)
     if out is not None:
         check_epilogue_out(out, base, (U, B, g, bias),
                            np.dtype(out_dtype) if out_dtype is not None else base.dtype)
@@ -165,8 +177,31 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
     return y
 
 
-def check_epilogue_out(out, base, others, dtype):
+def _epilogue_z(base, U, B, g, scaling, bias, z_out):
+    """``forward_epilogue`` with a checked ``z_out``: the operations of its y, z stored on the way."""
+    y = U @ B.T
+    y *= float(scaling)
+    np.add(base, y, out=z_out)
+    np.multiply(z_out, g, out=y)
+    if bias is not None:
+        y += bias.astype(y.dtype, copy=False)
+    return y
+
+
+def _forward_epilogue_keep_z(base, U, B, g, scaling, bias):
+    """``forward_epilogue(base, ..., z_out=base)`` for the functional core's training forward.
+
+    base is the caller's own (N, out) product, fresh from ``x @ W0.T``: it
+    cannot overlap U, B, g or the bias, so ``check_epilogue_out`` (a few
+    microseconds, noticeable at a 64x64 layer) is not run.
+    """
+    return _epilogue_z(base, U, B, g, scaling, bias, base)
+
+
+def check_epilogue_out(out, base, others, dtype, name="out"):
     """Check ``forward_epilogue``'s ``out=`` (both backends): raise unless it can take y.
+
+    The same checks for its ``z_out=`` (``name="z_out"``), which takes z.
 
     Parameters
     ----------
@@ -181,6 +216,8 @@ def check_epilogue_out(out, base, others, dtype):
         The other inputs (U, B, g, bias): ``out`` may not overlap them.
     dtype : numpy.dtype
         y's dtype.
+    name : str, default "out"
+        The argument's name in the messages.
 
     Raises
     ------
@@ -191,15 +228,15 @@ def check_epilogue_out(out, base, others, dtype):
         other than as base itself.
     """
     if type(out) is not np.ndarray:
-        raise TypeError(f"out must be a numpy.ndarray or None, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray or None, got {type(out).__name__}")
     if out.dtype != dtype:
-        raise TypeError(f"out must have y's dtype {dtype}, got {out.dtype} (shape {out.shape})")
+        raise TypeError(f"{name} must have y's dtype {dtype}, got {out.dtype} (shape {out.shape})")
     if out.shape != np.shape(base):
-        raise ValueError(f"out must have base's shape {np.shape(base)}, got {out.shape}")
+        raise ValueError(f"{name} must have base's shape {np.shape(base)}, got {out.shape}")
     if not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous (shape {out.shape}, strides {out.strides})")
+        raise ValueError(f"{name} must be C-contiguous (shape {out.shape}, strides {out.strides})")
     if not out.flags.writeable:
-        raise ValueError(f"out must be writeable (shape {out.shape} is read-only)")
+        raise ValueError(f"{name} must be writeable (shape {out.shape} is read-only)")
     same_as_base = (
         isinstance(base, np.ndarray)
         and out.__array_interface__["data"][0] == base.__array_interface__["data"][0]
@@ -208,13 +245,13 @@ def check_epilogue_out(out, base, others, dtype):
     )
     if not same_as_base and isinstance(base, np.ndarray) and np.may_share_memory(out, base):
         raise ValueError(
-            "out overlaps base other than element for element (a shifted or strided view): "
+            f"{name} overlaps base other than element for element (a shifted or strided view): "
             "the epilogue would read elements of base it has already overwritten; pass base "
             "itself or a separate array"
         )
-    for name, arr in zip(("U", "B", "g", "bias"), others):
+    for arg, arr in zip(("U", "B", "g", "bias"), others):
         if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
-            raise ValueError(f"out overlaps {name}: y would overwrite an input it still reads")
+            raise ValueError(f"{name} overlaps {arg}: y would overwrite an input it still reads")
 
 
 def backward_epilogue(dy, base, U, B, g, scaling):
@@ -270,6 +307,54 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     dB : ndarray, shape (out, r)
     """
     dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
+    dU = dz @ B
+    dU *= float(scaling)
+    dB = dz.T @ U
+    dB *= float(scaling)
+    return dg, dz, dU, dB
+
+
+def backward_epilogue_z(dy, z, g):
+    """dg = sum_N dy * z and dz = dy * g, with z as the training forward kept it.
+
+    ``backward_epilogue`` when ``forward_epilogue(..., z_out=)`` stored
+    z = base + s * U @ B.T (the same bits: the same operations formed it).
+
+    Parameters
+    ----------
+    dy, z : ndarray, shape (N, out)
+    g : ndarray, shape (out,)
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    """
+    p = z * dy  # the operands of backward_epilogue's product, in its order
+    dg = np.add.reduce(p, axis=0)
+    dz = dy * g
+    return dg, dz
+
+
+def backward_lowrank_z(dy, z, U, B, g, scaling):
+    """``backward_lowrank`` with z as the training forward kept it, in place of base.
+
+    Parameters
+    ----------
+    dy, z : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    dU : ndarray, shape (N, r)
+    dB : ndarray, shape (out, r)
+    """
+    dg, dz = backward_epilogue_z(dy, z, g)
     dU = dz @ B
     dU *= float(scaling)
     dB = dz.T @ U

@@ -860,7 +860,7 @@ def _column_norm_lp(W0, A, B, scaling):
     return n
 
 
-def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
+def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_out=None):
     """y = g * (base + s * U @ B.T) + bias, one pass over the (N, out) output.
 
     The DoRA output (Eq. 5) with g = m / n, after the two products x @ W0.T
@@ -884,6 +884,11 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
         reads each element of base before it writes that element of y. Any
         other overlap with an input is refused (see
         ``dora_ref.core.kernels_numpy.check_epilogue_out``).
+    z_out : ndarray, shape (N, out), optional
+        Also write z = base + s * U @ B.T here (the training forward keeps it
+        for ``backward_lowrank_z``): C-contiguous, writeable, base's dtype
+        (float32/float64); it may be ``base`` itself, element for element,
+        as ``out`` may. Not with ``out`` or ``out_dtype``. y is a new array.
 
     Returns
     -------
@@ -894,12 +899,15 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None):
     ------
     TypeError
         A non-array, mixed or unsupported dtypes, an unknown out_dtype, an
-        ``out`` of another dtype.
+        ``out`` or ``z_out`` of another dtype.
     ValueError
         Shapes that do not fit (N, out), (N, r), (out, r), (out,); an ``out``
-        of another shape, not C-contiguous, read-only, or overlapping an
-        input other than as base itself.
+        or ``z_out`` of another shape, not C-contiguous, read-only, or
+        overlapping an input other than as base itself; ``z_out`` with
+        ``out`` or ``out_dtype``.
     """
+    if z_out is not None:
+        return _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out)
     if out_dtype is None and out is None and type(base) is np.ndarray:
         entry = _EPILOGUE_KERNELS.get(base.dtype)
         if entry is not None and _epilogue_usual(base, U, B, g, bias):
@@ -948,6 +956,67 @@ _EPILOGUE_KERNELS = {
     np.dtype(np.float32): (_ARRAY_TYPE["float"], lib.dora_forward_epilogue_f32),
     np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_f64),
 }
+
+_EPILOGUE_Z_KERNELS = {
+    np.dtype(np.float32): (_ARRAY_TYPE["float"], lib.dora_forward_epilogue_z_f32),
+    np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_z_f64),
+}
+
+
+def _forward_epilogue_keep_z(base, U, B, g, scaling, bias):
+    """``forward_epilogue(base, ..., z_out=base)`` for the functional core's training forward.
+
+    base is the caller's own (N, out) product, fresh from ``x @ W0.T``: it
+    cannot overlap U, B, g or the bias, so the usual call (``_epilogue_usual``,
+    base writeable) goes to the kernel without ``check_epilogue_out``; any
+    other goes through ``forward_epilogue``'s checks.
+    """
+    if type(base) is np.ndarray and base.flags.writeable:
+        entry = _EPILOGUE_Z_KERNELS.get(base.dtype)
+        if entry is not None and _epilogue_usual(base, U, B, g, bias):
+            ptr_type, kernel = entry
+            N, out_f = base.shape
+            y = np.empty((N, out_f), dtype=base.dtype)
+            zp = _from_buffer(ptr_type, base)
+            status = kernel(
+                _from_buffer(ptr_type, y), zp, zp, _from_buffer(ptr_type, U),
+                _from_buffer(ptr_type, B), _from_buffer(ptr_type, g),
+                ffi.NULL if bias is None else _from_buffer(ptr_type, bias),
+                _scaling(scaling), N, out_f, U.shape[1],
+            )
+            _check_status(status, "forward_epilogue")
+            return y
+    return forward_epilogue(base, U, B, g, scaling, bias, z_out=base)
+
+
+def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
+    """``forward_epilogue`` with ``z_out``: y in a new array, z written to z_out."""
+    if out_dtype is not None or out is not None:
+        raise ValueError("z_out cannot be combined with out or out_dtype: the forward that "
+                         "keeps z writes y (base's dtype) to a new array")
+    named = dict(base=base, U=U, B=B, g=g)
+    if bias is not None:
+        named["bias"] = bias
+    arrays, dtype = _arrays(**named)
+    N, out_f, r, shapes = _epilogue_shapes(*arrays[:4])
+    ctype, sfx = _CTYPE[dtype]
+    bias_ptr = ffi.NULL
+    if bias is not None:
+        if arrays[4].shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},); got {shapes}, "
+                             f"bias {arrays[4].shape}")
+        bias_ptr = _ptr(arrays[4], ctype)
+    # against the caller's arrays: a non-contiguous base was copied by _arrays (and a
+    # z_out that is that base is refused: not C-contiguous)
+    _kernels_numpy.check_epilogue_out(z_out, base, (U, B, g, bias), dtype, name="z_out")
+    y = np.empty((N, out_f), dtype=dtype)
+    base, U, B, g = arrays[:4]
+    status = getattr(lib, f"dora_forward_epilogue_z_{sfx}")(
+        _ptr(y, ctype), _ptr(z_out, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
+        _ptr(g, ctype), bias_ptr, _scaling(scaling), N, out_f, r,
+    )
+    _check_status(status, "forward_epilogue")
+    return y
 
 
 def _epilogue_usual(base, U, B, g, bias):
@@ -1036,6 +1105,52 @@ def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
     return dg, dz
 
 
+def backward_epilogue_z(dy, z, g):
+    """dg = sum_N dy * z and dz = dy * g, with z as the training forward kept it.
+
+    ``backward_epilogue`` when ``forward_epilogue(..., z_out=)`` stored
+    z = base + s * U @ B.T: no product is formed, one pass over dy and z.
+
+    Parameters
+    ----------
+    dy, z : ndarray, shape (N, out), float32 or float64
+    g : ndarray, shape (out,)
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+
+    Raises
+    ------
+    TypeError
+        A non-array, mixed or unsupported dtypes.
+    ValueError
+        Shapes that do not fit (N, out), (N, out), (out,).
+    """
+    arrays, dtype = _arrays(dy=dy, z=z, g=g)
+    dy, z, g = arrays
+    shapes = _Shapes(("dy", dy), ("z", z), ("g", g))
+    if z.ndim != 2:
+        raise ValueError(f"z must be 2-D (N, out); got {shapes}")
+    _shape("dy", dy, z.shape, shapes)
+    _shape("g", g, (z.shape[1],), shapes)
+    return _backward_epilogue_z_kernel(dy, z, g, dtype, *z.shape)
+
+
+def _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f):
+    """The C kernel on checked arguments (C-contiguous, one dtype, fitting shapes)."""
+    ctype, sfx = _CTYPE[dtype]
+    dg = np.empty(out_f, dtype=dtype)
+    dz = np.empty((N, out_f), dtype=dtype)
+    status = getattr(lib, f"dora_backward_epilogue_z_{sfx}")(
+        _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(z, ctype), _ptr(g, ctype),
+        N, out_f,
+    )
+    _check_status(status, "backward_epilogue_z")
+    return dg, dz
+
+
 # The rank up to which the one-pass kernels below beat BLAS. They save a pass
 # over the (N, out) or (out, in) array but do their 2 r multiply-adds per
 # element less efficiently than BLAS: a win while the pass is bound by memory,
@@ -1105,7 +1220,7 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     return _backward_lowrank_kernel(*checked, s)
 
 
-def _backward_checked(dy, base, U, B, g):
+def _backward_checked(dy, base, U, B, g, base_name="base"):
     """The checks of ``backward_epilogue`` and ``backward_lowrank``.
 
     Returns ((dy, base, U, B, g) C-contiguous, dtype, N, out, r). The usual
@@ -1127,10 +1242,16 @@ def _backward_checked(dy, base, U, B, g):
                 r = U.shape[1]
                 if B.shape == (out_f, r) and g.shape == (out_f,):
                     return arrays, dtype, N, out_f, r
-    arrays, dtype = _arrays(dy=dy, base=base, U=U, B=B, g=g)
-    N, out_f, r, shapes = _epilogue_shapes(*arrays[1:])
+    arrays, dtype = _arrays(**{"dy": dy, base_name: base, "U": U, "B": B, "g": g})
+    N, out_f, r, shapes = _epilogue_shapes(*arrays[1:], base_name=base_name)
     _shape("dy", arrays[0], arrays[1].shape, shapes.plus("dy", arrays[0], first=True))
     return arrays, dtype, N, out_f, r
+
+
+def _backward_lowrank_z_fused(dy, z, U, B, g, scaling):
+    """``backward_lowrank_z`` in one pass over dz, for any r (the C kernel), checked."""
+    return _backward_lowrank_kernel(*_backward_checked(dy, z, U, B, g, "z"), _scaling(scaling),
+                                    _LOWRANK_Z_KERNELS)
 
 
 def _backward_lowrank_fused(dy, base, U, B, g, scaling):
@@ -1142,13 +1263,59 @@ _LOWRANK_KERNELS = {
     np.dtype(np.float32): ("float", lib.dora_backward_lowrank_f32),
     np.dtype(np.float64): ("double", lib.dora_backward_lowrank_f64),
 }
+_LOWRANK_Z_KERNELS = {
+    np.dtype(np.float32): ("float", lib.dora_backward_lowrank_z_f32),
+    np.dtype(np.float64): ("double", lib.dora_backward_lowrank_z_f64),
+}
 
 
-def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling):
+def backward_lowrank_z(dy, z, U, B, g, scaling):
+    """``backward_lowrank`` with z as the training forward kept it, in place of base.
+
+    The same dg, dz, dU, dB, bit for bit, as ``backward_lowrank`` on the
+    base product that z was formed from (``forward_epilogue(..., z_out=)``
+    forms z = base + s * U @ B.T exactly as the backward would), without
+    forming U @ B.T again: for r <= ``FUSED_MAX_RANK`` the one-pass kernel
+    skips it, above it ``backward_epilogue_z`` and two BLAS products.
+
+    Parameters
+    ----------
+    dy, z : ndarray, shape (N, out)
+    U : ndarray, shape (N, r)
+    B : ndarray, shape (out, r)
+    g : ndarray, shape (out,)
+    scaling : float
+
+    Returns
+    -------
+    dg : ndarray, shape (out,)
+    dz : ndarray, shape (N, out)
+    dU : ndarray, shape (N, r)
+    dB : ndarray, shape (out, r)
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a float32/float64 ndarray, mixed dtypes, or a
+        scaling that is not a real number.
+    ValueError
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
+    """
+    checked = _backward_checked(dy, z, U, B, g, "z")
+    s = _scaling(scaling)
+    if checked[4] > FUSED_MAX_RANK:
+        (dy, z, U, B, g), dtype, N, out_f, _ = checked
+        dg, dz = _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f)
+        return dg, dz, s * (dz @ B), s * (dz.T @ U)
+    return _backward_lowrank_kernel(*checked, s, _LOWRANK_Z_KERNELS)
+
+
+def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRANK_KERNELS):
     """The C kernel on arguments ``_backward_checked`` returned and a scaling
-    ``_scaling`` returned (it checks nothing)."""
+    ``_scaling`` returned (it checks nothing); ``kernels``: the _z ones for z
+    in place of base."""
     dy, base, U, B, g = arrays
-    ctype, kernel = _LOWRANK_KERNELS[dtype]
+    ctype, kernel = kernels[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
