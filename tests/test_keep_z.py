@@ -43,13 +43,16 @@ def _problem(dtype, out_f, in_f, r, N, seed=3):
 
 
 def _step(p, keep_z, bias=True, detach_norm=True):
-    saved = F._KEEP_Z
-    F._KEEP_Z = keep_z
+    """One step with z kept or not, at every rank (the backends' KEEP_Z_MIN_RANK set to 0:
+    the z kernels are checked below the C backend's threshold too)."""
+    kernels = _backend.kernels()
+    saved = F._KEEP_Z, kernels.KEEP_Z_MIN_RANK
+    F._KEEP_Z, kernels.KEEP_Z_MIN_RANK = keep_z, 0
     try:
         y, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"],
                                 p["bias"] if bias else None)
     finally:
-        F._KEEP_Z = saved
+        F._KEEP_Z, kernels.KEEP_Z_MIN_RANK = saved
     assert ctx.base_is_z is keep_z
     return (y, *F.dora_backward(p["dy"], ctx, detach_norm=detach_norm))
 
@@ -128,8 +131,8 @@ def test_dropout_does_not_keep_z_and_its_gradient_is_unchanged():
 
 def test_eval_forward_then_backward_forms_base_again():
     """A layer in eval writes y over its base product: nothing to keep, the backward recomputes."""
-    p = _problem(np.float32, 24, 16, 4, 6)
-    layer = dora_ref.layers.DoRALinear(p["W0"], r=4, lora_alpha=8, rng=0)
+    p = _problem(np.float32, 24, 16, 16, 6)  # r = 16: z kept by both backends
+    layer = dora_ref.layers.DoRALinear(p["W0"], r=16, lora_alpha=8, rng=0)
     layer.lora_B[...] = p["B"]
     layer.train()
     y_train = layer(p["x"])
@@ -148,7 +151,7 @@ def test_eval_forward_then_backward_forms_base_again():
 
 
 def test_a_kept_z_is_not_used_after_A_changed():
-    p = _problem(np.float32, 24, 16, 4, 6)
+    p = _problem(np.float32, 24, 16, 16, 6)  # r = 16: z kept by both backends
     y, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"])
     assert ctx.base_is_z
     p["A"][0, 0] += 1
@@ -207,3 +210,17 @@ def test_backward_z_kernels_refuse_bad_arguments(kernel):
         call(dy, base.astype(np.float64), g)
     with pytest.raises(TypeError, match="must be a numpy.ndarray"):
         call(dy, base.tolist(), g)
+
+
+@pytest.mark.parametrize("r", [1, 8, 12, 13, 64])
+def test_which_ranks_keep_z_by_default(backend, r):
+    """The C backend keeps z from r = FUSED_MAX_RANK + 1 on (below, its fused backward forms
+    z in registers for less than storing it costs); the NumPy backend at every rank."""
+    p = _problem(np.float64, 20, 16, r, 5)
+    _, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"])
+    if backend == "c":
+        from dora_ref.kernels import c as C
+        assert C.KEEP_Z_MIN_RANK == C.FUSED_MAX_RANK + 1
+        assert ctx.base_is_z is (r > C.FUSED_MAX_RANK)
+    else:
+        assert ctx.base_is_z is True

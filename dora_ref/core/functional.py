@@ -374,13 +374,15 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     g, n_nonzero = _scale(n, magnitude, W0, A, B, scaling, weight_norm is None,
                           allow_zero_norm, magnitude_name, adapter_names)  # (4)
 
+    # keep z where forming it again in the backward costs more than storing it now
+    keep_z = _KEEP_Z and dropout_mask is None and A.shape[0] >= kernels.KEEP_Z_MIN_RANK
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
         base = x2 @ W0.T  # (2)
         if overwrite_base:  # base is ours, fresh: y replaces it, element by element
             y = kernels.forward_epilogue(base, U, B, g, scaling, bias, out=base)  # (5), (6)
             base = None
-        elif _KEEP_Z:  # base is ours, fresh: z (5) replaces it, and the backward reads it
+        elif keep_z:  # base is ours, fresh: z (5) replaces it, and the backward reads it
             y = kernels._forward_epilogue_keep_z(base, U, B, g, scaling, bias)  # (5), (6)
         else:
             y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
@@ -399,7 +401,7 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     seen = WeightSnapshot.of(_DORA_SNAPSHOT_NAMES, (A, B, magnitude))
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U, seen,
                       n_nonzero=n_nonzero,
-                      base_is_z=_KEEP_Z and mask is None and base is not None)
+                      base_is_z=keep_z and base is not None)
     if len(x_shape) != 2:
         y = y.reshape(*x_shape[:-1], W0.shape[0])
     return y, ctx

@@ -35,6 +35,10 @@ LOW_PRECISION = True
 # this backend's norm (see ``core.functional._dora_forward``, ``adapter_names``).
 NORM_PROPAGATES_NON_FINITE = False
 
+# A training forward keeps z = base + s * U @ B.T for the backward at every rank
+# (``core.functional``): here the backward would form U @ B.T again with a matmul.
+KEEP_Z_MIN_RANK = 0
+
 
 def _rows_f32(W, rows):
     """Rows of W, upcast exactly to float32 if W is float16/bfloat16 (one block, not W)."""

@@ -1173,6 +1173,12 @@ def _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f):
 # 512x512 it was 0.96-1.18x, from 1024x1024 0.63-0.75x. No size switch: the
 # bits of a given shape stay those of one kernel.
 FUSED_MAX_RANK = 12
+#: A training forward keeps z = base + s * U @ B.T for the backward from this rank on
+#: (``core.functional``). Below it the fused backward above forms z in registers as it
+#: goes, for less than writing and reading it back costs (a 64x64 layer, r = 8: a step
+#: 2-3% slower with z kept, CPU time, Zen 3); above, the backward's separate epilogue
+#: would form U @ B.T again (its kernels' CPU time 16-25% lower with z kept, r = 16..64).
+KEEP_Z_MIN_RANK = FUSED_MAX_RANK + 1
 
 
 def backward_lowrank(dy, base, U, B, g, scaling):
