@@ -1,8 +1,11 @@
 """Which implementation of the fused kernels runs: NumPy or C.
 
-Two backends compute the same seven steps (``column_norm``,
-``forward_epilogue``, ``backward_epilogue``, ``backward_lowrank``,
-``norm_gradient_products``, ``merge``, ``unmerge``):
+Two backends compute the same nine steps (``column_norm``,
+``forward_epilogue`` (which can also keep z = base + s U B^T for the
+backward), ``backward_epilogue``, ``backward_lowrank`` and their ``_z``
+variants that read a kept z, ``norm_gradient_products``, ``merge``,
+``unmerge``), and say from which rank a training forward keeps z
+(``KEEP_Z_MIN_RANK``):
 
 * ``"numpy"``: ``dora_ref.core.kernels_numpy``, the readable definition;
 * ``"c"``: ``dora_ref.kernels.c``, the cffi/OpenMP extension built at install.
@@ -73,7 +76,7 @@ def use_backend(name):
 
 
 def kernels():
-    """Return the module of the active backend (its seven kernel functions)."""
+    """Return the module of the active backend (its nine kernel functions)."""
     return _MODULES[_active]
 
 
