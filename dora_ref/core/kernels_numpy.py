@@ -101,6 +101,13 @@ def column_norm(W0, A, B, scaling):
     Returns
     -------
     n : ndarray, shape (out,), the dtype of W0 (float32 for a float16/bfloat16 W0)
+
+    Notes
+    -----
+    A raw kernel: a row whose squares are subnormal in float64 (entries below
+    about 1e-154) loses digits, one above about 1e154 overflows to inf;
+    ``dora_ref.column_norm`` and the layers recompute such rows scaled by their
+    largest entry (``core.norm._rescue_extreme_rows``).
     """
     if W0.size * W0.itemsize <= _BLOCK_BYTES and (
             W0.dtype.char in "fd" or W0.dtype not in LOW_PRECISION_DTYPES):  # the first: cheaper

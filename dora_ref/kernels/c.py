@@ -780,6 +780,12 @@ def column_norm(W0, A, B, scaling):
     an OpenMP team started then waited for the scheduler to preempt them
     (``csrc/dora_kernels.c``, "Teams on OpenBLAS's threads"). The bits are
     the same either way, for any number of threads.
+
+    A raw kernel, as its NumPy twin: squares are summed in float64 without
+    rescaling, so a row whose entries are below about 1e-154 (its squares
+    subnormal) loses digits, and one above about 1e154 overflows to inf.
+    ``dora_ref.column_norm`` and the layers recompute such rows scaled by
+    their largest entry (``core.norm._rescue_extreme_rows``).
     """
     fast = _column_norm_checked_fast(W0, A, B)
     if fast is not None:  # every check below passed: the same call, one pass of tests
