@@ -193,7 +193,11 @@ static int64_t products_slices(int64_t out, int64_t r)
 
 enum dora_kernel_id {
     K_NORM, K_MERGE, K_UNMERGE, K_FORWARD, K_BACKWARD, K_LOWRANK, K_LOWRANK_SUM,
-    K_PRODUCTS, K_PRODUCTS_SUM, K_COUNT
+    K_PRODUCTS, K_PRODUCTS_SUM,
+    /* the variants that write or read the z a training forward keeps: their own
+       rates (the forward's writes one more (N, out) array than its eval twin at the
+       same shape; the backward's skip the rank-r product) */
+    K_FORWARD_Z, K_BACKWARD_Z, K_LOWRANK_Z, K_COUNT
 };
 
 #define MAX_TEAM 64             /* threads a team may have (arrival times kept) */

@@ -555,7 +555,7 @@ static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const 
     const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
     FN(forward_ctx) ctx = {y, (N && out) ? z : NULL, base, U, Bp, gm, bias, (REAL)s, N, out, r};
     dora_plan plan;
-    dora_plan_begin(&plan, K_FORWARD, (double)N * out * (r + 1), nblocks);
+    dora_plan_begin(&plan, z ? K_FORWARD_Z : K_FORWARD, (double)N * out * (r + 1), nblocks);
     dora_team_for(&plan, nblocks, FN(forward_block), &ctx, 0);  /* no scratch: cannot fail */
     dora_plan_end(&plan);
     free(Bp);
@@ -663,15 +663,6 @@ static void FN(backward_block)(void *ctx, void *scratch, int64_t blk)
                                dora_min(c->out, c0 + COL_BLOCK), c->N, c->out, c->r, c->has_z);
 }
 
-/* The work of one element of backward_epilogue_z, in the units of the plan's
-   K_BACKWARD (per element, one plus one multiply-add of U @ B.T per rank):
-   without the product an element still streams dy, z and dz, the bulk of
-   the cost at small ranks. Measured on a Zen 3 (AVX2), (N, out) =
-   (512, 4096), one thread, fastest CPU time of 15 on a busy machine (load
-   5.7): 1.4-1.7 ns an element without the product; with it, 0.30 ns a
-   unit at r = 4, 0.19 at r = 8: an element is about 5-8 units. */
-#define BACKWARD_Z_WORK 6.0
-
 static int FN(backward_epilogue_impl)(REAL *dg, REAL *dz, const REAL *dy, const REAL *base,
                                       const REAL *U, const REAL *B, const REAL *gm,
                                       double s, int64_t N, int64_t out, int64_t r, int has_z)
@@ -688,8 +679,9 @@ static int FN(backward_epilogue_impl)(REAL *dg, REAL *dz, const REAL *dy, const 
     const int64_t nblocks = (out + COL_BLOCK - 1) / COL_BLOCK;
     FN(backward_ctx) ctx = {dg, dz, dy, base, U, Bp, gm, (REAL)s, N, out, r, has_z};
     dora_plan plan;
-    dora_plan_begin(&plan, K_BACKWARD,
-                    (double)N * out * (has_z ? BACKWARD_Z_WORK : (double)(r + 1)), nblocks);
+    /* work: per element, one plus one multiply-add of U @ B.T per rank; with z, no product */
+    dora_plan_begin(&plan, has_z ? K_BACKWARD_Z : K_BACKWARD,
+                    (double)N * out * (has_z ? 1.0 : (double)(r + 1)), nblocks);
     dora_team_for(&plan, nblocks, FN(backward_block), &ctx, 0);  /* no scratch: cannot fail */
     dora_plan_end(&plan);
     free(Bp);
@@ -926,7 +918,8 @@ static int FN(backward_lowrank_impl)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, con
     FN(lowrank_ctx) ctx = {dg, dz, dUp, dB, dU, dy, base, U, Bp, gm, (REAL)s, N, out, r, width,
                            nblocks, has_z};
     dora_plan plan;
-    dora_plan_begin(&plan, K_LOWRANK, (double)N * out * ((has_z ? 2 : 3) * r + 1), nblocks);
+    dora_plan_begin(&plan, has_z ? K_LOWRANK_Z : K_LOWRANK,
+                    (double)N * out * ((has_z ? 2 : 3) * r + 1), nblocks);
     /* scratch: acc (width doubles), then dBt (r x (width + W) REALs) */
     const size_t scratch = (size_t)width * sizeof(double)
                            + (size_t)dora_max(1, r * (width + W)) * sizeof(REAL);

@@ -111,3 +111,26 @@ def test_a_new_shape_is_planned_by_its_size_class_and_not_judged(fresh_rates):
 ])
 def test_the_size_classes_are_powers_of_4(work, size_class):
     assert C._rate_size_class(work) == size_class
+
+
+def test_forward_that_keeps_z_has_a_rate_of_its_own(fresh_rates):
+    """Review finding (session 6): the training forward's epilogue writes z as well as y and
+    was planned as the eval forward's epilogue at the same shape (same kernel, work and
+    blocks): a layer switching train/eval mixed the two costs in one rate. The z variants
+    (forward, backward epilogue, fused backward) are kernels of their own in the plan."""
+    rng = np.random.default_rng(0)
+    N, out_f, r = 64, 96, 16
+    base = rng.standard_normal((N, out_f)).astype(np.float32)
+    U = rng.standard_normal((N, r)).astype(np.float32)
+    B = rng.standard_normal((out_f, r)).astype(np.float32)
+    g = np.ones(out_f, np.float32)
+    C.forward_epilogue(base, U, B, g, 0.5, None)
+    z = np.empty_like(base)
+    C.forward_epilogue(base, U, B, g, 0.5, None, z_out=z)
+    dy = rng.standard_normal((N, out_f)).astype(np.float32)
+    C.backward_lowrank(dy, base, U, B, g, 0.5)
+    C.backward_lowrank_z(dy, z, U, B, g, 0.5)
+    kernels = {key[0] for key in C._plan_rates()}
+    assert {"forward_epilogue", "forward_epilogue_z"} <= kernels
+    # r = 16 > FUSED_MAX_RANK: the backward epilogue and its z variant, each with its own rate
+    assert {"backward_epilogue", "backward_epilogue_z"} <= kernels

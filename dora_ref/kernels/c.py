@@ -251,7 +251,8 @@ def _set_always_parallel(always):
 #: ``csrc/dora_kernels.c`` (``*_sum``: the reduction of a kernel's partial sums).
 _PLAN_KERNELS = ("column_norm", "merge", "unmerge", "forward_epilogue", "backward_epilogue",
                  "backward_lowrank", "backward_lowrank_sum", "norm_gradient_products",
-                 "norm_gradient_products_sum")
+                 "norm_gradient_products_sum", "forward_epilogue_z", "backward_epilogue_z",
+                 "backward_lowrank_z")
 _PLAN_FIELDS = ("calls", "parallel", "probes", "lost", "lost_ms", "start_ms", "wall_ms",
                 "predicted_ms", "gated", "spread_ms")
 
