@@ -159,8 +159,8 @@ class LoRAGrads(NamedTuple):
 
 
 # A training forward without dropout keeps z = base + s * U @ B.T over the base product
-# for its backward (``DoRAContext.base_is_z``). False: the forward and backward of
-# before (the backward forms U @ B.T again), for benchmarks/bench_rank_ab.py's A/B.
+# for its backward (``DoRAContext.base_is_z``) from the backend's ``KEEP_Z_MIN_RANK`` on.
+# False: never (the backward forms U @ B.T again), for benchmarks/bench_rank_ab.py's A/B.
 _KEEP_Z = True
 
 # the names a DoRA forward's WeightSnapshot gives A, B and the magnitude in messages
@@ -179,13 +179,13 @@ class DoRAContext:
 
     ``base`` is None after a forward that wrote its output over the base
     product (a layer's eval forward, which usually has no backward): the
-    backward then recomputes it from ``x``. After a forward without dropout
-    that kept it, ``base`` holds z = x @ W0.T + s * U @ B.T instead of the
-    base product (``base_is_z``): the forward's epilogue wrote z over it, and
-    the backward reads z instead of forming U @ B.T again (A, B and the
-    magnitude cannot have changed since: the snapshot refuses the backward). ``n_nonzero`` says that the
-    forward found every norm nonzero (the backward divides by n without
-    looking again).
+    backward then recomputes it from ``x``. After a training forward that
+    kept z (no dropout, r >= the backend's ``KEEP_Z_MIN_RANK``), ``base``
+    holds z = x @ W0.T + s * U @ B.T instead (``base_is_z``): the forward's
+    epilogue wrote z over it, and the backward reads z instead of forming
+    U @ B.T again (A, B and the magnitude cannot have changed since: the
+    snapshot refuses the backward). ``n_nonzero`` says that the forward found
+    every norm nonzero (the backward divides by n without looking again).
     """
 
     x_shape: tuple

@@ -318,11 +318,17 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     dB : ndarray, shape (out, r)
     """
     dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
+    return (dg, dz, *_lowrank_products(dz, U, B, scaling))
+
+
+def _lowrank_products(dz, U, B, scaling):
+    """Step (5)'s products of ``backward_lowrank`` and ``backward_lowrank_z``:
+    dU = s * dz @ B (N, r) and dB = s * dz.T @ U (out, r), scaled in place."""
     dU = dz @ B
     dU *= float(scaling)
     dB = dz.T @ U
     dB *= float(scaling)
-    return dg, dz, dU, dB
+    return dU, dB
 
 
 def backward_epilogue_z(dy, z, g):
@@ -366,11 +372,7 @@ def backward_lowrank_z(dy, z, U, B, g, scaling):
     dB : ndarray, shape (out, r)
     """
     dg, dz = backward_epilogue_z(dy, z, g)
-    dU = dz @ B
-    dU *= float(scaling)
-    dB = dz.T @ U
-    dB *= float(scaling)
-    return dg, dz, dU, dB
+    return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 
 def norm_gradient_products(W0, A, C):
