@@ -15,7 +15,7 @@ Compiler flags are chosen by test compiles, never assumed:
   (``test_merge_norm_is_the_column_norm_bit_for_bit``). Off, every kernel
   rounds each operation as its NumPy twin does (MSVC does not contract by
   default), except where the source asks for a fused multiply-add itself:
-  the rank-r sums of the norm, merge and unmerge (``norm_tile`` in
+  the rank-r sums of the norm, merge and unmerge (``madd`` in
   ``csrc/dora_kernels_impl.h``) call ``fma`` when the CPU has FMA, in every
   tile alike, so that their bits still do not depend on the tile, the
   layout or the thread count;

@@ -90,7 +90,7 @@ static inline int64_t norm_chunk(int64_t r, int64_t in)
 }
 
 /* Whether the norm, merge and unmerge tiles add their rank-r terms with fused
-   multiply-adds (dora_kernels_impl.h, norm_tile): where the CPU has FMA, so
+   multiply-adds (dora_kernels_impl.h, FN(madd)): where the CPU has FMA, so
    on the machines that run the x86-64-v3 and v4 clones. Elsewhere (another
    architecture, a compiler without __builtin_cpu_supports, an x86-64 CPU
    without FMA) the tiles keep a multiply and an add. Fixed for the process:

@@ -22,7 +22,7 @@
    so the two differ only by rounding: the order of the rank-r sum, the
    double accumulators used here for sums, and, where the CPU has FMA, the
    fused multiply-adds of the rank-r sum in the tile of the norm, the merge
-   and the unmerge (norm_tile), written as fma() calls. Nothing else is
+   and the unmerge (the tile's fused mode, FN(madd)), written as fma() calls. Nothing else is
    fused: the build passes -ffp-contract=off, so each other operation rounds
    as written.
 
@@ -48,8 +48,23 @@
 /* A is read from cache out / G times instead of out times.                 */
 /* ------------------------------------------------------------------------ */
 
+/* One term of the tile, p + c * a: rounded twice (the product, then the
+   sum), or, when `fused` (a constant after inlining), rounded once by a
+   fused multiply-add. The norm, the merge and the unmerge fuse where the CPU
+   has FMA (norm_or_merge: dora_fma_ok): on x86-64-v3 and v4 one vfmadd
+   replaces a vmulps and a vaddps, the most of the norm's time at r >= 8.
+   The forward and backward tiles never fuse. Either way the k terms are
+   added in the same order, and the full tile and the edges round alike, so
+   a row's P is the same for any tile and any number of threads. */
+static inline __attribute__((always_inline)) REAL FN(madd)(const int fused, REAL c, REAL a, REAL p)
+{
+    if (!fused) return p + c * a;
+    return sizeof(REAL) == sizeof(float) ? (REAL)fmaf((float)c, (float)a, (float)p)
+                                         : (REAL)fma((double)c, (double)a, (double)p);
+}
+
 static inline __attribute__((always_inline)) void FN(tile_general)(
-    REAL P[G][W], const REAL *b, int64_t ldb, int g,
+    const int fused, REAL P[G][W], const REAL *b, int64_t ldb, int g,
     const REAL *a, int64_t lda, int64_t r, int w)
 {
     for (int q = 0; q < g; q++)
@@ -58,7 +73,7 @@ static inline __attribute__((always_inline)) void FN(tile_general)(
         const REAL *ak = a + k * lda;
         for (int q = 0; q < g; q++) {
             const REAL c = b[q * ldb + k];
-            for (int l = 0; l < w; l++) P[q][l] += c * ak[l];
+            for (int l = 0; l < w; l++) P[q][l] = FN(madd)(fused, c, ak[l], P[q][l]);
         }
     }
 }
@@ -68,7 +83,8 @@ static inline __attribute__((always_inline)) void FN(tile_general)(
    a[k, l..] once for the four rows. (Written as tile_general, GCC vectorizes
    across the rows instead, with gathers: ten times slower.) */
 static inline __attribute__((always_inline)) void FN(tile_full)(
-    REAL P[G][W], const REAL *b, int64_t ldb, const REAL *a, int64_t lda, int64_t r)
+    const int fused, REAL P[G][W], const REAL *b, int64_t ldb, const REAL *a, int64_t lda,
+    int64_t r)
 {
     REAL p0[W] = {0}, p1[W] = {0}, p2[W] = {0}, p3[W] = {0};
     for (int64_t k = 0; k < r; k++) {
@@ -76,10 +92,10 @@ static inline __attribute__((always_inline)) void FN(tile_full)(
         const REAL c0 = b[k], c1 = b[ldb + k], c2 = b[2 * ldb + k], c3 = b[3 * ldb + k];
         #pragma omp simd  /* GCC 12 made the float64 tile 5x slower without it */
         for (int l = 0; l < W; l++) {
-            p0[l] += c0 * ak[l];
-            p1[l] += c1 * ak[l];
-            p2[l] += c2 * ak[l];
-            p3[l] += c3 * ak[l];
+            p0[l] = FN(madd)(fused, c0, ak[l], p0[l]);
+            p1[l] = FN(madd)(fused, c1, ak[l], p1[l]);
+            p2[l] = FN(madd)(fused, c2, ak[l], p2[l]);
+            p3[l] = FN(madd)(fused, c3, ak[l], p3[l]);
         }
     }
     for (int l = 0; l < W; l++) {
@@ -92,66 +108,13 @@ static inline __attribute__((always_inline)) void FN(tile_full)(
 
 /* P = tile of g rows and w columns: the fast path when it is a full one. */
 static inline __attribute__((always_inline)) void FN(tile)(
-    REAL P[G][W], const REAL *b, int64_t ldb, int g,
-    const REAL *a, int64_t lda, int64_t r, int w)
-{
-    if (g == G && w == W)
-        FN(tile_full)(P, b, ldb, a, lda, r);
-    else
-        FN(tile_general)(P, b, ldb, g, a, lda, r, w);
-}
-
-/* The tile of the norm, the merge and the unmerge: P as FN(tile) computes it
-   or, when `fused` (a constant after inlining), with each term added by one
-   fused multiply-add, p = fma(b, a, p), rounded once instead of twice: on
-   x86-64-v3 and v4 that halves the tile's instructions (one vfmadd for a
-   vmulps and a vaddps), the most of the norm's time at r >= 8. The order of
-   the k terms is unchanged, and the full tile and the edges round alike, so
-   a row's P is the same for any tile and any number of threads;
-   norm_or_merge sets `fused` where the CPU has FMA (dora_fma_ok), so the
-   baseline clone on an older CPU keeps the two roundings. */
-static inline __attribute__((always_inline)) REAL FN(fmadd)(REAL x, REAL y, REAL z)
-{
-    return sizeof(REAL) == sizeof(float) ? (REAL)fmaf((float)x, (float)y, (float)z)
-                                         : (REAL)fma((double)x, (double)y, (double)z);
-}
-
-static inline __attribute__((always_inline)) void FN(norm_tile)(
     const int fused, REAL P[G][W], const REAL *b, int64_t ldb, int g,
     const REAL *a, int64_t lda, int64_t r, int w)
 {
-    if (!fused) {
-        FN(tile)(P, b, ldb, g, a, lda, r, w);
-    } else if (g == G && w == W) {  /* tile_full with fma */
-        REAL p0[W] = {0}, p1[W] = {0}, p2[W] = {0}, p3[W] = {0};
-        for (int64_t k = 0; k < r; k++) {
-            const REAL *ak = a + k * lda;
-            const REAL c0 = b[k], c1 = b[ldb + k], c2 = b[2 * ldb + k], c3 = b[3 * ldb + k];
-            #pragma omp simd
-            for (int l = 0; l < W; l++) {
-                p0[l] = FN(fmadd)(c0, ak[l], p0[l]);
-                p1[l] = FN(fmadd)(c1, ak[l], p1[l]);
-                p2[l] = FN(fmadd)(c2, ak[l], p2[l]);
-                p3[l] = FN(fmadd)(c3, ak[l], p3[l]);
-            }
-        }
-        for (int l = 0; l < W; l++) {
-            P[0][l] = p0[l];
-            P[1][l] = p1[l];
-            P[2][l] = p2[l];
-            P[3][l] = p3[l];
-        }
-    } else {  /* tile_general with fma */
-        for (int q = 0; q < g; q++)
-            for (int l = 0; l < w; l++) P[q][l] = 0;
-        for (int64_t k = 0; k < r; k++) {
-            const REAL *ak = a + k * lda;
-            for (int q = 0; q < g; q++) {
-                const REAL c = b[q * ldb + k];
-                for (int l = 0; l < w; l++) P[q][l] = FN(fmadd)(c, ak[l], P[q][l]);
-            }
-        }
-    }
+    if (g == G && w == W)
+        FN(tile_full)(fused, P, b, ldb, a, lda, r);
+    else
+        FN(tile_general)(fused, P, b, ldb, g, a, lda, r, w);
 }
 
 /* sqrt of the sum of ACCW double lanes, added in a fixed order. */
@@ -194,7 +157,7 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
     const REAL *a, REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
-    FN(norm_tile)(fused, P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
+    FN(tile)(fused, P, b, r, g, a, W, r, w);  /* P = B_i @ A on this tile */
     for (int q = 0; q < g; q++) {
         /* V = W0 + s * P in place of P (PEFT: W + s * (B @ A)), in a loop of
            its own, which vectorizes with the widening of W0 in it */
@@ -392,7 +355,7 @@ static inline __attribute__((always_inline)) void FN(unmerge_step)(
     REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
-    FN(norm_tile)(fused, P, b, r, g, a, W, r, w);  /* the merge's P, bit for bit */
+    FN(tile)(fused, P, b, r, g, a, W, r, w);  /* the merge's P, bit for bit */
     for (int q = 0; q < g; q++)
         for (int l = 0; l < w; l++)
             W0[q * in + l] = NARROW(WIDEN(Wm[q * in + l]) / f[q] - s * P[q][l]);
@@ -469,7 +432,7 @@ static inline __attribute__((always_inline)) void FN(forward_step)(
     const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias, int has_z)
 {
     REAL P[G][W];
-    FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
+    FN(tile)(0, P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++)
         #pragma omp simd
         for (int l = 0; l < w; l++) {
@@ -596,7 +559,7 @@ static inline __attribute__((always_inline)) void FN(backward_step)(
     const REAL *bt, const REAL *gm, REAL s, int64_t out, int64_t r, int g, int w, int has_z)
 {
     REAL P[G][W];
-    if (!has_z) FN(tile)(P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
+    if (!has_z) FN(tile)(0, P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++) {
         #pragma omp simd
         for (int l = 0; l < w; l++) {

@@ -2,7 +2,7 @@
 
 Where the CPU has FMA, the tile of column_norm, merge and unmerge adds each
 rank-r term with one fused multiply-add (``csrc/dora_kernels_impl.h``,
-``norm_tile``), in the full 4 x 16 tile (vectorized) and in the edge tiles
+``madd`` in its tiles), in the full 4 x 16 tile (vectorized) and in the edge tiles
 (the last rows of a block, the last columns of a row) alike. A row's results
 must then not depend on which tile computed it: the row alone (a group of
 one row, so always an edge tile) gives the bits it has inside a larger
