@@ -933,18 +933,7 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
     lp_dtype = _lp_out_dtype(out_dtype, base)
     if lp_dtype is not None:
         return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype, out)
-    named = dict(base=base, U=U, B=B, g=g)
-    if bias is not None:
-        named["bias"] = bias
-    arrays, dtype = _arrays(**named)
-    N, out_f, r, shapes = _epilogue_shapes(*arrays[:4])
-    ctype, sfx = _CTYPE[dtype]
-    bias_ptr = ffi.NULL
-    if bias is not None:
-        if arrays[4].shape != (out_f,):
-            raise ValueError(f"bias must have shape ({out_f},); got {shapes}, "
-                             f"bias {arrays[4].shape}")
-        bias_ptr = _ptr(arrays[4], ctype)
+    arrays, dtype, N, out_f, r, ctype, sfx, bias_ptr = _epilogue_arrays(base, U, B, g, bias)
     if out is None:
         y = np.empty((N, out_f), dtype=dtype)
     else:  # against the caller's arrays: a non-contiguous base was copied by _arrays
@@ -1001,6 +990,27 @@ def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
     if out_dtype is not None or out is not None:
         raise ValueError("z_out cannot be combined with out or out_dtype: the forward that "
                          "keeps z writes y (base's dtype) to a new array")
+    arrays, dtype, N, out_f, r, ctype, sfx, bias_ptr = _epilogue_arrays(base, U, B, g, bias)
+    # against the caller's arrays: a non-contiguous base was copied by _arrays (and a
+    # z_out that is that base is refused: not C-contiguous)
+    _kernels_numpy.check_epilogue_out(z_out, base, (U, B, g, bias), dtype, name="z_out")
+    y = np.empty((N, out_f), dtype=dtype)
+    base, U, B, g = arrays[:4]
+    status = getattr(lib, f"dora_forward_epilogue_z_{sfx}")(
+        _ptr(y, ctype), _ptr(z_out, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
+        _ptr(g, ctype), bias_ptr, _scaling(scaling), N, out_f, r,
+    )
+    _check_status(status, "forward_epilogue")
+    return y
+
+
+def _epilogue_arrays(base, U, B, g, bias):
+    """The general path's checks of ``forward_epilogue`` (with or without ``z_out``).
+
+    Returns ((base, U, B, g[, bias]) C-contiguous of one float32/float64 dtype, that
+    dtype, N, out, r, its C type name, the kernels' suffix, the bias pointer
+    or NULL); raises the ``TypeError``/``ValueError`` that names the argument.
+    """
     named = dict(base=base, U=U, B=B, g=g)
     if bias is not None:
         named["bias"] = bias
@@ -1013,17 +1023,7 @@ def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
             raise ValueError(f"bias must have shape ({out_f},); got {shapes}, "
                              f"bias {arrays[4].shape}")
         bias_ptr = _ptr(arrays[4], ctype)
-    # against the caller's arrays: a non-contiguous base was copied by _arrays (and a
-    # z_out that is that base is refused: not C-contiguous)
-    _kernels_numpy.check_epilogue_out(z_out, base, (U, B, g, bias), dtype, name="z_out")
-    y = np.empty((N, out_f), dtype=dtype)
-    base, U, B, g = arrays[:4]
-    status = getattr(lib, f"dora_forward_epilogue_z_{sfx}")(
-        _ptr(y, ctype), _ptr(z_out, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
-        _ptr(g, ctype), bias_ptr, _scaling(scaling), N, out_f, r,
-    )
-    _check_status(status, "forward_epilogue")
-    return y
+    return arrays, dtype, N, out_f, r, ctype, sfx, bias_ptr
 
 
 def _epilogue_usual(base, U, B, g, bias):
