@@ -382,6 +382,25 @@ def _set_fork_pause(on):
     lib.dora_set_fork_pause(1 if on else 0)
 
 
+def _fork_stats():
+    """What the fork handlers did in this process: a dict of counts.
+
+    ``forks``; ``waited``, those that found another thread inside a C
+    kernel with a team and waited for the team to finish before forking
+    (no team starts while a fork is under way: those calls run on one
+    thread); ``waited_in_vain``, those whose wait reached its limit (10 s;
+    the child then runs every kernel on one thread). Zeros without OpenMP.
+    """
+    stats = ffi.new("int64_t[3]")
+    lib.dora_fork_stats(stats)
+    return {"forks": int(stats[0]), "waited": int(stats[1]), "waited_in_vain": int(stats[2])}
+
+
+def _set_fork_wait_limit(seconds):
+    """Tests only: how long a fork waits for the teams in flight (``None``: the default, 10 s)."""
+    lib.dora_set_fork_wait_limit(-1.0 if seconds is None else float(seconds))
+
+
 def build_info():
     """How the extension was compiled, e.g. ``'openmp=yes simd_clones=...'``."""
     return ffi.string(lib.dora_build_info()).decode()
