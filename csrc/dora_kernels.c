@@ -186,9 +186,17 @@ static int64_t products_slices(int64_t out, int64_t r)
 /* pool still lists them, so the child's first team would wait for them     */
 /* forever. Before every fork (pthread_atfork) the forking thread's pool is */
 /* released with omp_pause_resource_all (OpenMP 5.0): the child then starts */
-/* a new pool when it needs one. If that fails (an older runtime, or a fork */
-/* from inside a parallel region), the child runs every kernel on one       */
-/* thread.                                                                  */
+/* a new pool when it needs one. A fork while another thread is inside a    */
+/* call first waits for that call's team to finish (teams_in_flight,        */
+/* dora_fork_gate_close; at most the call's time, 1.4-1.8 ms median a fork  */
+/* against 0.8 with nothing in flight, 2048 x 2048 norms, 2 shared cores),  */
+/* and no team starts until the fork is done: calls meanwhile run on one    */
+/* thread. Before, the fork stopped OpenBLAS's workers in the middle of a   */
+/* team's job (OpenBLAS's own prepare handler) and both the parent's caller */
+/* and the child's first team waited forever. If the pool cannot be         */
+/* released (an older runtime, a fork from inside a parallel region or from */
+/* inside a call, a wait that reached its limit), the child runs every      */
+/* kernel on one thread.                                                    */
 /* ------------------------------------------------------------------------ */
 
 enum dora_kernel_id {

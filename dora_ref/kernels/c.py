@@ -41,7 +41,9 @@ between thread counts (``tests/test_determinism.py`` bounds the difference).
 Threads: each call uses one thread or ``openmp_threads()``, chosen from its
 measured cost against what opening a team costs now (``set_threads``,
 ``threading_info``; ``csrc/dora_kernels.c`` explains the model). A process
-forked after a threaded call runs the kernels too (``tests/test_fork.py``). NaN and
+forked after a threaded call runs the kernels too (``tests/test_fork.py``); a fork
+while another thread is inside one waits for its team to finish
+(``tests/test_fork_mid_call.py``). NaN and
 Inf propagate as in NumPy. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
@@ -230,14 +232,16 @@ def threading_info():
     which decides serial against parallel per call; 0 before the first
     measurement), ``probe_interval_s`` (how long calls stay serial before
     one goes parallel to measure that cost again: 0.1 s, doubled after each
-    parallel call slower than its predicted serial time, up to 6.4 s) and
-    ``build`` (``build_info()``).
+    parallel call slower than its predicted serial time, up to 6.4 s),
+    ``forks`` (what the fork handlers did: ``_fork_stats()``) and ``build``
+    (``build_info()``).
     """
     return {
         "threads": openmp_threads(),
         "wait_policy": _WAIT_POLICY,
         "region_cost_us": float(lib.dora_region_cost_ns()) / 1e3,
         "probe_interval_s": float(lib.dora_probe_interval()),
+        "forks": _fork_stats(),
         "build": build_info(),
     }
 
