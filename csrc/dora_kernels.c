@@ -788,12 +788,13 @@ static void dora_fork_gate_open(void)
     fork_pending--;
 }
 
-/* In the child: one thread, no team in flight, no fork under way. */
+/* In the child: one thread, no fork under way, and no team in flight but
+   the forking thread's own (a fork from inside a call: given back when the
+   call returns, as in the parent). */
 static void dora_fork_gate_reset(void)
 {
     fork_depth = 0;
-    places_held = 0;
-    STORE(teams_in_flight, 0);
+    STORE(teams_in_flight, places_held);
     STORE(fork_pending, 0);
 }
 
