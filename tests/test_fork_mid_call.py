@@ -54,7 +54,7 @@ def backend():
     """Override conftest's per-backend fixture: each case runs the C kernels in a subprocess."""
     yield "c"
 
-_SETUP = """
+_SETUP = """{preload}
 import hashlib, os, signal, sys, threading, time
 import numpy as np
 from dora_ref.kernels import c as C
@@ -123,8 +123,8 @@ def fork_and_check():
 """
 
 
-def _run(body, pool):
-    code = _SETUP.format(pool=pool, limit=TIME_LIMIT) + textwrap.dedent(body)
+def _run(body, pool, preload=""):
+    code = _SETUP.format(pool=pool, limit=TIME_LIMIT, preload=preload) + textwrap.dedent(body)
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=TIME_LIMIT + 30, env=dict(os.environ))
@@ -249,3 +249,16 @@ def test_fork_whose_wait_reaches_its_limit_gives_a_serial_child_with_the_same_bi
     assert bad == "0" and parent_ok == "True", out
     assert int(in_vain) >= 1, out
     assert serial_children == in_vain, out
+
+
+def test_fork_mid_call_when_the_extension_was_loaded_before_numpy():
+    # Prepare handlers run last registered first, and OpenBLAS registers its
+    # own (which stops its workers) when it loads. Loaded before NumPy, the
+    # extension's handler alone would run after OpenBLAS's, too late: the gate
+    # is registered again when the BLAS pool is set, and so runs first.
+    if C._set_blas_pool(True) == 0:
+        pytest.skip("NumPy's BLAS is not a threaded pthreads OpenBLAS here")
+    import dora_ref.kernels._dora_c as ext
+
+    preload = f"import ctypes\nctypes.CDLL({ext.__file__!r})\nassert 'numpy' not in __import__('sys').modules"
+    _check(_run(_FORK_WHILE_COMPUTING, True, preload=preload))
