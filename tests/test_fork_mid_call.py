@@ -42,6 +42,9 @@ pytestmark = [
     pytest.mark.skipif(C is not None and not C.openmp_enabled(), reason="no threads without OpenMP"),
 ]
 
+# Whether the OpenMP runtime can release its pool before a fork (else every child is serial).
+_PAUSE = C is not None and "fork_pause=yes" in C.build_info()
+
 # A healthy run takes 2-25 s (2 cores, shared with other jobs). A hung run
 # ends itself by SIGALRM at TIME_LIMIT (its forked children at half that: an
 # orphan must not spin on after the test), else it is killed 30 s later.
@@ -161,8 +164,9 @@ def _check(out):
     # the case under test happened: many forks found a team in flight and waited
     assert int(waited) >= FORKS // 5, out
     assert in_vain == "0", out
-    # and their children still opened teams (the pools were released as usual)
-    assert serial_children == "0", out
+    # and their children still opened teams (the pools were released as usual;
+    # a runtime without omp_pause_resource_all keeps them, and every child is serial)
+    assert serial_children == ("0" if _PAUSE else str(FORKS)), out
     return int(pool)
 
 
@@ -214,7 +218,8 @@ def test_forks_from_two_threads_at_once_while_a_third_computes():
         False,
     )
     bad, serial_children, forks, waited, in_vain, parent_ok = out
-    assert (bad, serial_children, forks, in_vain, parent_ok) == ("0", "0", "30", "0", "True"), out
+    expected_serial = "0" if _PAUSE else "30"
+    assert (bad, serial_children, forks, in_vain, parent_ok) == ("0", expected_serial, "30", "0", "True"), out
     assert int(waited) >= 1, out
 
 
@@ -241,14 +246,14 @@ def test_fork_whose_wait_reaches_its_limit_gives_a_serial_child_with_the_same_bi
         in_vain = s["waited_in_vain"]
         # every fork that waited in vain gave a serial child; the others a threaded one
         print(sum(not ok for ok, _ in results), in_vain, sum(th == 1 for _, th in results),
-              digest() == SERIAL)
+              len(results), digest() == SERIAL)
         """,
         False,
     )
-    bad, in_vain, serial_children, parent_ok = out
+    bad, in_vain, serial_children, forks, parent_ok = out
     assert bad == "0" and parent_ok == "True", out
     assert int(in_vain) >= 1, out
-    assert serial_children == in_vain, out
+    assert serial_children == (in_vain if _PAUSE else forks), out
 
 
 def test_fork_mid_call_when_the_extension_was_loaded_before_numpy():
