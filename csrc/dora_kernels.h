@@ -194,6 +194,13 @@ void dora_set_parallel_policy(int always);
    forked child can start its own; 0: do not, and a forked child runs on
    one thread (for tests of that fallback). */
 void dora_set_fork_pause(int on);
+/* What the fork handlers did in this process: stats[0] forks, stats[1] of
+   them found a team in flight (another thread inside a kernel) and waited
+   for it to finish, stats[2] of these waited in vain (the limit, 10 s: a
+   fork from inside a call); their child runs on one thread. */
+void dora_fork_stats(int64_t *stats);
+/* Tests only: that limit in seconds (negative: back to 10). */
+void dora_set_fork_wait_limit(double seconds);
 /* The current estimate of what opening a team costs, in ns (0 before the
    first measurement). */
 double dora_region_cost_ns(void);

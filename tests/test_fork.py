@@ -33,6 +33,12 @@ pytestmark = [
 # A generous limit: a healthy run takes about a second even on a busy machine.
 TIME_LIMIT = 120
 
+
+@pytest.fixture(autouse=True)
+def backend():
+    """Override conftest's per-backend fixture: each case runs the C kernels in a subprocess."""
+    yield "c"
+
 _SETUP = """
 import hashlib, os, sys
 import numpy as np

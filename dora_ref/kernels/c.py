@@ -41,7 +41,9 @@ between thread counts (``tests/test_determinism.py`` bounds the difference).
 Threads: each call uses one thread or ``openmp_threads()``, chosen from its
 measured cost against what opening a team costs now (``set_threads``,
 ``threading_info``; ``csrc/dora_kernels.c`` explains the model). A process
-forked after a threaded call runs the kernels too (``tests/test_fork.py``). NaN and
+forked after a threaded call runs the kernels too (``tests/test_fork.py``); a fork
+while another thread is inside one waits for its team to finish
+(``tests/test_fork_mid_call.py``). NaN and
 Inf propagate as in NumPy. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
@@ -230,14 +232,16 @@ def threading_info():
     which decides serial against parallel per call; 0 before the first
     measurement), ``probe_interval_s`` (how long calls stay serial before
     one goes parallel to measure that cost again: 0.1 s, doubled after each
-    parallel call slower than its predicted serial time, up to 6.4 s) and
-    ``build`` (``build_info()``).
+    parallel call slower than its predicted serial time, up to 6.4 s),
+    ``forks`` (what the fork handlers did: ``_fork_stats()``) and ``build``
+    (``build_info()``).
     """
     return {
         "threads": openmp_threads(),
         "wait_policy": _WAIT_POLICY,
         "region_cost_us": float(lib.dora_region_cost_ns()) / 1e3,
         "probe_interval_s": float(lib.dora_probe_interval()),
+        "forks": _fork_stats(),
         "build": build_info(),
     }
 
@@ -380,6 +384,25 @@ def _plan_reset():
 def _set_fork_pause(on):
     """Tests only: ``False`` keeps the thread pool across fork, so a child runs serially."""
     lib.dora_set_fork_pause(1 if on else 0)
+
+
+def _fork_stats():
+    """What the fork handlers did in this process: a dict of counts.
+
+    ``forks``; ``waited``, those that found another thread inside a C
+    kernel with a team and waited for the team to finish before forking
+    (no team starts while a fork is under way: those calls run on one
+    thread); ``waited_in_vain``, those whose wait reached its limit (10 s;
+    the child then runs every kernel on one thread). Zeros without OpenMP.
+    """
+    stats = ffi.new("int64_t[3]")
+    lib.dora_fork_stats(stats)
+    return {"forks": int(stats[0]), "waited": int(stats[1]), "waited_in_vain": int(stats[2])}
+
+
+def _set_fork_wait_limit(seconds):
+    """Tests only: how long a fork waits for the teams in flight (``None``: the default, 10 s)."""
+    lib.dora_set_fork_wait_limit(-1.0 if seconds is None else float(seconds))
 
 
 def build_info():
