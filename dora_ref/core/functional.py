@@ -399,7 +399,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         if bias is not None:
             y += bias
 
-    if not results_finite(y):  # else the exact test, which names x or the overflow
+    if not math.isfinite(_vdot(y, y)):  # results_finite(y), inline; else the exact test,
+        # which names x or the overflow
         check_result_finite([("y (the output)", y)], [("x", x2)])
     # positional (keywords cost a few tenths of a us per call at small sizes):
     # seen, precision, n_nonzero, base_is_z
@@ -509,7 +510,9 @@ def _dora_backward_checked(dy, ctx, detach_norm):
             and dy.shape[0] == x.shape[0] and dy.shape[1] == W0.shape[0] and dtype.char in "fd"):
         dy = _check_dy(dy, ctx, dtype)
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy, ctx, W0, detach_norm)
-    if not results_finite(dA, dB, dmagnitude, dx):  # else the exact test, which names them
+    # results_finite(dA, dB, dmagnitude, dx), inline; else the exact test, which names them
+    if not math.isfinite(float(_vdot(dA, dA)) + float(_vdot(dB, dB))
+                         + float(_vdot(dmagnitude, dmagnitude)) + float(_vdot(dx, dx))):
         check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
                             [("dy", dy)])
     return (dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape)), dA, dB, dmagnitude

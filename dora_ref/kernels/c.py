@@ -1329,16 +1329,18 @@ def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRA
     in place of base."""
     dy, base, U, B, g = arrays
     ctype, kernel = kernels[dtype]
+    pt = _ARRAY_TYPE[ctype]  # once, not per pointer (_ptr): nine pointers per call
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
     dB = np.empty((out_f, r), dtype=dtype)
     status = kernel(
-        _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dU, ctype), _ptr(dB, ctype), _ptr(dy, ctype),
-        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), scaling,
-        N, out_f, r,
+        _from_buffer(pt, dg), _from_buffer(pt, dz), _from_buffer(pt, dU), _from_buffer(pt, dB),
+        _from_buffer(pt, dy), _from_buffer(pt, base), _from_buffer(pt, U), _from_buffer(pt, B),
+        _from_buffer(pt, g), scaling, N, out_f, r,
     )
-    _check_status(status, "backward_lowrank")
+    if status != _DORA_OK:
+        _check_status(status, "backward_lowrank")
     return dg, dz, dU, dB
 
 
