@@ -791,9 +791,12 @@ def column_norm(W0, A, B, scaling):
     fast = _column_norm_checked_fast(W0, A, B)
     if fast is not None:  # every check below passed: the same call, one pass of tests
         ctype, kernel, out_f, in_f, r = fast
+        pt = _ARRAY_TYPE[ctype]  # once, not per pointer (_ptr)
         n = np.empty(out_f, dtype=W0.dtype)
-        _check_status(kernel(_ptr(n, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(B, ctype),
-                             _scaling(scaling), out_f, in_f, r), "column_norm")
+        status = kernel(_from_buffer(pt, n), _from_buffer(pt, W0), _from_buffer(pt, A),
+                        _from_buffer(pt, B), _scaling(scaling), out_f, in_f, r)
+        if status != _DORA_OK:
+            _check_status(status, "column_norm")
         return n
     if _is_lp(W0):
         return _column_norm_lp(W0, A, B, scaling)
