@@ -425,6 +425,7 @@ def check_rows_finite(what, W):
 
 
 _tobytes = operator.methodcaller("tobytes")
+_new_object = object.__new__
 
 
 class WeightSnapshot:
@@ -461,10 +462,14 @@ class WeightSnapshot:
         names : tuple of str
         arrays : tuple of ndarray, as many as names
         """
-        self = cls.__new__(cls)
+        self = _new_object(cls)
         self._names = names
         self._arrays = arrays
-        self._bytes = list(map(_tobytes, arrays))
+        if len(arrays) == 3:  # a DoRA forward's A, B, magnitude, per call: the method
+            a, b, c = arrays  # called directly, not through map and methodcaller (1 us less)
+            self._bytes = [a.tobytes(), b.tobytes(), c.tobytes()]
+        else:
+            self._bytes = list(map(_tobytes, arrays))
         return self
 
     def __getstate__(self):
@@ -498,7 +503,12 @@ class WeightSnapshot:
 
     def check_backward(self):
         """Raise ``RuntimeError`` if an array changed since the forward that took the snapshot."""
-        if list(map(_tobytes, self._arrays)) == self._bytes:  # every byte as it was
+        arrays, saved = self._arrays, self._bytes
+        if len(arrays) == 3 and len(saved) == 3:  # a DoRA forward's, per call: unrolled
+            a, b, c = arrays
+            if a.tobytes() == saved[0] and b.tobytes() == saved[1] and c.tobytes() == saved[2]:
+                return  # every byte as it was
+        elif list(map(_tobytes, arrays)) == saved:  # every byte as it was
             return
         changed = self.changed()
         if changed:

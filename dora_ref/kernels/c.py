@@ -814,9 +814,12 @@ def column_norm(W0, A, B, scaling):
     fast = _column_norm_checked_fast(W0, A, B)
     if fast is not None:  # every check below passed: the same call, one pass of tests
         ctype, kernel, out_f, in_f, r = fast
+        pt = _ARRAY_TYPE[ctype]  # once, not per pointer (_ptr)
         n = np.empty(out_f, dtype=W0.dtype)
-        _check_status(kernel(_ptr(n, ctype), _ptr(W0, ctype), _ptr(A, ctype), _ptr(B, ctype),
-                             _scaling(scaling), out_f, in_f, r), "column_norm")
+        status = kernel(_from_buffer(pt, n), _from_buffer(pt, W0), _from_buffer(pt, A),
+                        _from_buffer(pt, B), _scaling(scaling), out_f, in_f, r)
+        if status != _DORA_OK:
+            _check_status(status, "column_norm")
         return n
     if _is_lp(W0):
         return _column_norm_lp(W0, A, B, scaling)
@@ -1352,16 +1355,18 @@ def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRA
     in place of base."""
     dy, base, U, B, g = arrays
     ctype, kernel = kernels[dtype]
+    pt = _ARRAY_TYPE[ctype]  # once, not per pointer (_ptr): nine pointers per call
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
     dB = np.empty((out_f, r), dtype=dtype)
     status = kernel(
-        _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dU, ctype), _ptr(dB, ctype), _ptr(dy, ctype),
-        _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype), scaling,
-        N, out_f, r,
+        _from_buffer(pt, dg), _from_buffer(pt, dz), _from_buffer(pt, dU), _from_buffer(pt, dB),
+        _from_buffer(pt, dy), _from_buffer(pt, base), _from_buffer(pt, U), _from_buffer(pt, B),
+        _from_buffer(pt, g), scaling, N, out_f, r,
     )
-    _check_status(status, "backward_lowrank")
+    if status != _DORA_OK:
+        _check_status(status, "backward_lowrank")
     return dg, dz, dU, dB
 
 

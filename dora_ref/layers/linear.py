@@ -569,9 +569,12 @@ class DoRALinear(LoRALinear):
         self._ctx = None  # a forward that raises leaves no context: backward() then refuses
         if self.merged:
             return super().forward(x, dropout_mask=dropout_mask)
-        mask = self._mask_for(x, dropout_mask)
+        # _mask_for's usual answer, without the call
+        mask = None if dropout_mask is None and self.lora_dropout == 0.0 else \
+            self._mask_for(x, dropout_mask)
         if self.training:
-            self._norm_cache.clear()
+            if self._norm_cache._entry is not None:
+                self._norm_cache.clear()
             norm = None
         else:  # reused while W0, A, B and s are unchanged (EvalNormCache)
             norm = self._norm_cache.get(
@@ -588,6 +591,9 @@ class DoRALinear(LoRALinear):
             return y
         W0 = self._weight
         x2 = check_input(x, W0.shape[1], W0.dtype)
+        scaling = self.scaling
+        if not (type(scaling) is float and scaling - scaling == 0.0):  # finite: check_scaling's
+            scaling = check_scaling(scaling)  # own first test, without the call; else it raises
         # shapes, dtypes and the frozen weights: checked once; NaN/Inf written into A or B
         # and the magnitude by _dora_forward (where the C kernel's norms prove A and B
         # finite, by its fast path: checked there by name only if a norm is not finite)
@@ -595,7 +601,7 @@ class DoRALinear(LoRALinear):
         # backward after an eval forward recomputes that product
         y, self._ctx = F._dora_forward(
             x.shape if x2 is x else np.shape(x), x2, W0, self._lora_A, self._lora_B,
-            self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
+            self._lora_magnitude_vector, scaling, self._bias, mask, norm,
             self.allow_zero_norm, not self.training,  # overwrite_base
             "lora_magnitude_vector", ("lora_A", "lora_B"),  # magnitude_name, adapter_names
         )
@@ -605,8 +611,9 @@ class DoRALinear(LoRALinear):
 
     def backward(self, dy):
         """Backward pass: accumulates ``grads`` (+=) and returns dx (..., in)."""
-        self._require_ctx()
         ctx = self._ctx
+        if ctx is None or self.merged:
+            self._require_ctx()  # raises, saying which
         if type(ctx) is F.DoRAContext and ctx.precision is None:  # dora_backward, known ctx
             dx, dA, dB, dm = F._dora_backward_checked(dy, ctx, self.detach_norm)
         else:
