@@ -247,6 +247,20 @@ def _set_always_parallel(always):
     lib.dora_set_parallel_policy(1 if always else 0)
 
 
+def _set_forward_layout(layout):
+    """Tests and benchmarks only: the forward epilogue's blocks.
+
+    ``"rule"`` (the default): by columns when the rows (blocks of 16)
+    give fewer blocks than the threads and the columns (blocks of 64) give
+    more, else by rows; ``"rows"`` or ``"columns"``: always that way. The
+    bits are the same for all three.
+    """
+    layouts = ("rule", "rows", "columns")
+    if layout not in layouts:
+        raise ValueError(f"layout must be one of {layouts}, got {layout!r}")
+    lib.dora_set_forward_layout(layouts.index(layout))
+
+
 #: The kernels of ``_plan_stats``, in the order of ``enum dora_kernel_id`` in
 #: ``csrc/dora_kernels.c`` (``*_sum``: the reduction of a kernel's partial sums).
 _PLAN_KERNELS = ("column_norm", "merge", "unmerge", "forward_epilogue", "backward_epilogue",
