@@ -60,18 +60,27 @@ def behind(mod, fn, keep_z=True):
     training forward keeping z or not (``functional._KEEP_Z``; a build without
     the _z kernels never keeps it).
 
-    Only what the wrapper looks up in ``lib`` at call time is swapped: the
-    kernels it bound at import (the fused backward_lowrank, the usual
-    forward_epilogue call) are this build's in every column."""
+    Swapped: what the wrapper looks up in ``lib`` at call time, and its
+    tables of forward epilogue kernels (the layer's eval forward and the
+    training forward call them); the other kernels it bound at import (the
+    fused backward_lowrank) are this build's in every column."""
     keep_z = keep_z and hasattr(mod.lib, "dora_forward_epilogue_z_f32")
+    tables = {}
+    for name, prefix in (("_EPILOGUE_KERNELS", "dora_forward_epilogue_"),
+                         ("_EPILOGUE_Z_KERNELS", "dora_forward_epilogue_z_")):
+        ours = getattr(C, name)
+        tables[name] = {dt: (ptr_type, getattr(mod.lib, prefix + ("f32" if dt == np.float32 else "f64"),
+                                               kernel))
+                        for dt, (ptr_type, kernel) in ours.items()}
 
     def call():
-        saved = C.ffi, C.lib, F._KEEP_Z
+        saved = C.ffi, C.lib, F._KEEP_Z, C._EPILOGUE_KERNELS, C._EPILOGUE_Z_KERNELS
         C.ffi, C.lib, F._KEEP_Z = mod.ffi, mod.lib, keep_z
+        C._EPILOGUE_KERNELS, C._EPILOGUE_Z_KERNELS = tables["_EPILOGUE_KERNELS"], tables["_EPILOGUE_Z_KERNELS"]
         try:
             return fn()
         finally:
-            C.ffi, C.lib, F._KEEP_Z = saved
+            C.ffi, C.lib, F._KEEP_Z, C._EPILOGUE_KERNELS, C._EPILOGUE_Z_KERNELS = saved
     return call
 
 

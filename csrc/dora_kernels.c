@@ -59,6 +59,7 @@
 #define ROW_BLOCK 16              /* rows a thread takes at a time (a multiple of G) */
 #define COL_BLOCK 256             /* columns a thread takes in the backward */
 #define NORM_ROW_BLOCK 64         /* rows a thread takes at a time in column_norm (a multiple of G) */
+#define FWD_COL_BLOCK 64          /* columns a block of the forward by columns has (a multiple of W) */
 #define NORM_WHOLE_BYTES 1048576  /* A up to this size (counted in float64) is read whole in column_norm */
 #define NORM_CHUNK_BYTES 32768    /* else column_norm takes it in chunks of this size (L1) */
 
@@ -1075,6 +1076,36 @@ static inline uint16_t dora_f32_to_f16(float f)
     const uint32_t normal = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;
     const uint32_t h = dora_pick(x >= 0x47800000u, big, dora_pick(x < 0x38800000u, small, normal));
     return (uint16_t)(((u >> 16) & 0x8000u) | h);
+}
+
+/* The forward epilogue's blocks: 0 by the rule below, 1 by rows, 2 by
+   columns (dora_set_forward_layout: tests and benchmarks). */
+static int forward_layout_setting = 0;
+
+/* 1 if the forward epilogue of N rows (tokens) and `out` columns runs in
+   blocks of columns (each packs its own panels of B.T, then does every
+   row), 0 if in blocks of ROW_BLOCK rows (B.T packed before the team).
+   The rule: by columns when the rows give fewer blocks than the threads a
+   call may use and the columns give more. By rows, an eval forward of
+   N <= ROW_BLOCK had one block, so one thread, after a serial pack of all
+   of B.T (out * r elements: at N = 16 as many instructions as the N * out
+   * r sums, callgrind, (1024, 1024), r = 64, float32), while NumPy's
+   U @ B.T ran on every thread. Where the rows give a block to every thread
+   they stay: by columns each block reads N rows of base and y 64 columns
+   wide, out * 4 bytes apart, which was slower at (4096, 4096), r = 64,
+   N = 512. The bits are the same either way. */
+static int dora_forward_by_columns(int64_t N, int64_t out)
+{
+    int layout;
+    LOAD(forward_layout_setting, layout);
+    if (layout) return layout == 2;
+    const int64_t row_blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    return row_blocks < dora_threads_now() && (out + FWD_COL_BLOCK - 1) / FWD_COL_BLOCK > row_blocks;
+}
+
+void dora_set_forward_layout(int layout)
+{
+    STORE(forward_layout_setting, layout >= 0 && layout <= 2 ? layout : 0);
 }
 
 /* The kernels, for each type (dora_kernels_impl.h says what the macros mean). */

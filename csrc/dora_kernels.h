@@ -276,5 +276,8 @@ int dora_rate_size_class(double work);
 /* Tests only: the rate (ns per unit of work) the plan would predict a call
    of that shape by, 0 if none; *guessed: 1 if it is another shape's. */
 double dora_plan_rate_for_tests(int kernel, int type, double work, int64_t nblocks, int *guessed);
+/* Tests and benchmarks: the forward epilogue's blocks, 0 by its rule (the
+   default), 1 by rows, 2 by columns; the bits are the same for all three. */
+void dora_set_forward_layout(int layout);
 /* A short description of how the kernels were compiled, e.g. the SIMD clones. */
 const char *dora_build_info(void);

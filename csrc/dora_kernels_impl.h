@@ -131,18 +131,37 @@ static inline double FN(sqrt_lanes)(const double acc[ACCW])
    those rows are in * sizeof(REAL) bytes apart, which for in = 4096 maps
    them all to one L1 cache set: with r = 64 the tile ran 2x slower.
    Returns a new buffer that the caller frees, or NULL. */
+/* Panels p0..p1 of that packing into Mp. A full panel's copy has no test
+   of the column inside it (the forward packs B.T per call: at N = 16 that
+   copy cost as many instructions as the rank-r sums themselves). */
+static void FN(pack_panels_range)(REAL *Mp, const REAL *M, int64_t r, int64_t cols, int64_t sk,
+                                  int64_t sc, int64_t p0, int64_t p1)
+{
+    for (int64_t p = p0; p < p1; p++) {
+        REAL *dst = Mp + p * r * W;
+        const REAL *src = M + p * W * sc;
+        if ((p + 1) * W <= cols) {
+            for (int64_t k = 0; k < r; k++)
+                for (int l = 0; l < W; l++) dst[k * W + l] = src[k * sk + l * sc];
+        } else {
+            for (int64_t k = 0; k < r; k++)
+                for (int64_t l = 0; l < W; l++)
+                    dst[k * W + l] = p * W + l < cols ? src[k * sk + l * sc] : 0;
+        }
+    }
+}
+
+/* A buffer for the panels of an r x cols matrix, or NULL. */
+static REAL *FN(pack_alloc)(int64_t r, int64_t cols)
+{
+    const int64_t size = (cols + W - 1) / W * r * W;
+    return (REAL *)malloc((size_t)(size > 0 ? size : 1) * sizeof(REAL));
+}
+
 static REAL *FN(pack_panels)(const REAL *M, int64_t r, int64_t cols, int64_t sk, int64_t sc)
 {
-    const int64_t npanels = (cols + W - 1) / W;
-    const int64_t size = npanels * r * W;
-    REAL *Mp = (REAL *)malloc((size_t)(size > 0 ? size : 1) * sizeof(REAL));
-    if (!Mp) return NULL;
-    for (int64_t p = 0; p < npanels; p++)
-        for (int64_t k = 0; k < r; k++)
-            for (int64_t l = 0; l < W; l++) {
-                const int64_t c = p * W + l;
-                Mp[(p * r + k) * W + l] = c < cols ? M[k * sk + c * sc] : 0;
-            }
+    REAL *Mp = FN(pack_alloc)(r, cols);
+    if (Mp) FN(pack_panels_range)(Mp, M, r, cols, sk, sc, 0, (cols + W - 1) / W);
     return Mp;
 }
 
@@ -460,16 +479,18 @@ static inline __attribute__((always_inline)) void FN(forward_tile)(
     }
 }
 
+/* Rows t0..t1, columns j0..j1 (j0 a multiple of W). */
 static DORA_CLONES void FN(forward_epilogue_rows)(
     WTYPE *y, REAL *z, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
-    const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t out, int64_t r)
+    const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t j0, int64_t j1, int64_t out,
+    int64_t r)
 {
     /* Columns in blocks of COL_BLOCK, so that their panels of B.T stay in L1
        while the rows go by (all of B.T per row group would come from L2). */
-    for (int64_t c0 = 0; c0 < out; c0 += COL_BLOCK)
+    for (int64_t c0 = j0; c0 < j1; c0 += COL_BLOCK)
     for (int64_t t = t0; t < t1; t += G) {
         const int g = (int)dora_min(G, t1 - t);
-        for (int64_t i = c0; i < dora_min(out, c0 + COL_BLOCK); i += W) {
+        for (int64_t i = c0; i < dora_min(j1, c0 + COL_BLOCK); i += W) {
             const int w = (int)dora_min(W, out - i);
             const int64_t o = t * out + i;
             const REAL *bp = Bp + (i / W) * r * W;  /* B.T[:, i:i+W] */
@@ -484,28 +505,41 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
    it follows the BLAS product x @ W0.T, whose OpenBLAS workers are still
    spinning when it starts; on an OpenMP team of its own its second thread
    waited for a core (and its spinning threads then slowed the next BLAS
-   call). Block blk is rows blk * ROW_BLOCK onwards. */
+   call). By rows (B.T packed before the team): block blk is rows
+   blk * ROW_BLOCK onwards, every column. By columns: block blk is columns
+   blk * FWD_COL_BLOCK onwards, every row, and it packs its own panels of
+   B.T first (into its part of the shared buffer: no block reads another's). */
 typedef struct {
     WTYPE *y;
     REAL *z;
-    const REAL *base, *U, *Bp, *gm, *bias;
+    const REAL *base, *U, *B, *gm, *bias;
+    REAL *Bp;
     REAL s;
     int64_t N, out, r;
+    int by_columns;
 } FN(forward_ctx);
 
 static void FN(forward_block)(void *ctx, void *scratch, int64_t blk)
 {
     const FN(forward_ctx) *c = (const FN(forward_ctx) *)ctx;
     (void)scratch;
-    const int64_t t0 = blk * ROW_BLOCK;
-    FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s, t0,
-                              dora_min(c->N, t0 + ROW_BLOCK), c->out, c->r);
+    if (c->by_columns) {
+        const int64_t j0 = blk * FWD_COL_BLOCK, j1 = dora_min(c->out, j0 + FWD_COL_BLOCK);
+        FN(pack_panels_range)(c->Bp, c->B, c->r, c->out, 1, c->r, j0 / W, (j1 + W - 1) / W);
+        FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s, 0,
+                                  c->N, j0, j1, c->out, c->r);
+    } else {
+        const int64_t t0 = blk * ROW_BLOCK;
+        FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s, t0,
+                                  dora_min(c->N, t0 + ROW_BLOCK), 0, c->out, c->out, c->r);
+    }
 }
 
 /* The forward epilogue; z NULL, or where z = base + s * U @ B.T goes (it may
    be base itself: the training forward keeps z for the backward in the
    memory of the base product, so that the backward need not form U @ B.T
-   again). */
+   again). By rows or by columns (dora_forward_by_columns): every element
+   is the same sum and the same epilogue either way, the same bits. */
 static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const REAL *U,
                                      const REAL *B, const REAL *gm, const REAL *bias,
                                      double s, int64_t N, int64_t out, int64_t r)
@@ -513,10 +547,13 @@ static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const 
     if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
     if ((N && out && (!y || !base)) || (N && r && !U) || (out && r && !B) || (out && !gm))
         return DORA_ERR_NULL;
-    REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
+    const int by_columns = dora_forward_by_columns(N, out);
+    REAL *Bp = by_columns ? FN(pack_alloc)(r, out) : FN(pack_panels)(B, r, out, 1, r);
     if (!Bp) return DORA_ERR_NOMEM;
-    const int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    FN(forward_ctx) ctx = {y, (N && out) ? z : NULL, base, U, Bp, gm, bias, (REAL)s, N, out, r};
+    const int64_t nblocks = by_columns ? (out + FWD_COL_BLOCK - 1) / FWD_COL_BLOCK
+                                       : (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    FN(forward_ctx) ctx = {y, (N && out) ? z : NULL, base, U, B, gm, bias, Bp, (REAL)s, N, out, r,
+                           by_columns};
     dora_plan plan;
     dora_plan_begin(&plan, z ? K_FORWARD_Z : K_FORWARD, (double)N * out * (r + 1), nblocks);
     dora_team_for(&plan, nblocks, FN(forward_block), &ctx, 0);  /* no scratch: cannot fail */

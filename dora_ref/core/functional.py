@@ -383,7 +383,7 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         U = x2 @ A.T  # (1)
         base = x2 @ W0.T  # (2)
         if overwrite_base:  # base is ours, fresh: y replaces it, element by element
-            y = kernels.forward_epilogue(base, U, B, g, scaling, bias, out=base)  # (5), (6)
+            y = kernels._forward_epilogue_over_base(base, U, B, g, scaling, bias)  # (5), (6)
             base = None
         elif keep_z:  # base is ours, fresh: z (5) replaces it, and the backward reads it
             y = kernels._forward_epilogue_keep_z(base, U, B, g, scaling, bias)  # (5), (6)

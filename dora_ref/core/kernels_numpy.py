@@ -209,6 +209,22 @@ def _forward_epilogue_keep_z(base, U, B, g, scaling, bias):
     return _epilogue_z(base, U, B, g, scaling, bias, base)
 
 
+def _forward_epilogue_over_base(base, U, B, g, scaling, bias):
+    """``forward_epilogue(base, ..., out=base)`` for the functional core's eval forward.
+
+    base is the caller's own (N, out) product, fresh from ``x @ W0.T``: it
+    cannot overlap U, B, g or the bias, so ``check_epilogue_out`` is not run
+    (as in ``_forward_epilogue_keep_z``). The operations of ``forward_epilogue``.
+    """
+    y = U @ B.T
+    y *= float(scaling)
+    y = np.add(base, y, out=base)
+    y *= g
+    if bias is not None:
+        y += bias.astype(y.dtype, copy=False)
+    return y
+
+
 def check_epilogue_out(out, base, others, dtype, name="out"):
     """Check ``forward_epilogue``'s ``out=`` (both backends): raise unless it can take y.
 
