@@ -60,18 +60,22 @@ def behind(mod, fn, keep_z=True):
     training forward keeping z or not (``functional._KEEP_Z``; a build without
     the _z kernels never keeps it).
 
-    Only what the wrapper looks up in ``lib`` at call time is swapped: the
-    kernels it bound at import (the fused backward_lowrank, the usual
+    What the wrapper looks up in ``lib`` at call time is swapped, and
+    column_norm's table of kernels (``C._NORM_KERNELS``, bound at import:
+    without it the norm columns timed this build under both names); the
+    other kernels it bound at import (the fused backward_lowrank, the usual
     forward_epilogue call) are this build's in every column."""
     keep_z = keep_z and hasattr(mod.lib, "dora_forward_epilogue_z_f32")
+    norm_kernels = {dtype: (ctype, getattr(mod.lib, kernel.__name__))
+                    for dtype, (ctype, kernel) in C._NORM_KERNELS.items()}
 
     def call():
-        saved = C.ffi, C.lib, F._KEEP_Z
-        C.ffi, C.lib, F._KEEP_Z = mod.ffi, mod.lib, keep_z
+        saved = C.ffi, C.lib, F._KEEP_Z, C._NORM_KERNELS
+        C.ffi, C.lib, F._KEEP_Z, C._NORM_KERNELS = mod.ffi, mod.lib, keep_z, norm_kernels
         try:
             return fn()
         finally:
-            C.ffi, C.lib, F._KEEP_Z = saved
+            C.ffi, C.lib, F._KEEP_Z, C._NORM_KERNELS = saved
     return call
 
 
@@ -81,7 +85,7 @@ def race(fns, repeats):
     return bk.race(fns, repeats, mins=mins), mins
 
 
-def run(shape, builds, repeats):
+def run(shape, builds, repeats, norm_only=False):
     out_f, in_f, r, N = shape
     p = bk.problem(*shape)
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
@@ -92,14 +96,27 @@ def run(shape, builds, repeats):
     for tag, (mod, keep_z) in builds.items():
         fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
     norms = race(fns, repeats)
+    if norm_only:
+        return norm_rows(shape, builds, norms[0], {}, norms[1], {})
     st = bk.steps(p)
     fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
     for tag, (mod, keep_z) in builds.items():
         fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     steps = race(fns, repeats)
-    med = {**norms[0], **steps[0]}
-    mins = {**norms[1], **steps[1]}
+    return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1])
+
+
+def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min):
+    """The table's rows from the medians and minima of the two races (the
+    step columns NaN when the steps were not timed)."""
+    out_f, in_f, r, _ = shape
+    nan = float("nan")
+    med = {**norm_med, **step_med}
+    mins = {**norm_min, **step_min}
+    for d in (med, mins):
+        for k in ["plain_train", "plain_eval"] + [f"{w}_{tag}" for tag in builds for w in ("train", "eval")]:
+            d.setdefault(k, nan)
     rate = 2 * 1024 ** 3 / med["gemm_1024"]
     read = min(med["read_gemv"], med["read_sum"])
     rows = []
@@ -126,6 +143,8 @@ def main():
     ap.add_argument("--base", required=True, help="path of the other build's _dora_c shared object")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--shapes", default=None, help="e.g. 4096,4096,64,512;11008,4096,16,256")
+    ap.add_argument("--norm-only", action="store_true",
+                    help="time the column norm alone (the step columns nan)")
     args = ap.parse_args()
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
                                              for sh in args.shapes.split(";")]
@@ -137,7 +156,7 @@ def main():
           "norm / flop bound | train / plain (min) | eval / plain (min) |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        rows, extra = run(shape, builds, args.repeats)
+        rows, extra = run(shape, builds, args.repeats, args.norm_only)
         for row in rows:
             print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
                   f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "
