@@ -52,6 +52,12 @@ def load_build(path):
     spec = importlib.util.spec_from_file_location("dora_ab_base._dora_c", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    # Its teams on NumPy's OpenBLAS threads, as dora_ref.kernels.c sets up for
+    # its own build at import (_set_blas_pool): left on OpenMP teams, the other
+    # build waited for OpenBLAS's spinning workers after each BLAS call of the race.
+    pool = C._openblas_pool()
+    if pool is not None and hasattr(mod.lib, "dora_set_blas_pool"):
+        mod.lib.dora_set_blas_pool(mod.ffi.cast("void *", pool[0]), pool[1])
     return mod
 
 
