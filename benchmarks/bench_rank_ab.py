@@ -52,6 +52,12 @@ def load_build(path):
     spec = importlib.util.spec_from_file_location("dora_ab_base._dora_c", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    # Its teams on NumPy's OpenBLAS threads, as dora_ref.kernels.c sets up for
+    # its own build at import (_set_blas_pool): left on OpenMP teams, the other
+    # build waited for OpenBLAS's spinning workers after each BLAS call of the race.
+    pool = C._openblas_pool()
+    if pool is not None and hasattr(mod.lib, "dora_set_blas_pool"):
+        mod.lib.dora_set_blas_pool(mod.ffi.cast("void *", pool[0]), pool[1])
     return mod
 
 
@@ -60,10 +66,13 @@ def behind(mod, fn, keep_z=True):
     training forward keeping z or not (``functional._KEEP_Z``; a build without
     the _z kernels never keeps it).
 
-    Swapped: what the wrapper looks up in ``lib`` at call time, and its
-    tables of forward epilogue kernels (the layer's eval forward and the
-    training forward call them); the other kernels it bound at import (the
-    fused backward_lowrank) are this build's in every column."""
+    Swapped: what the wrapper looks up in ``lib`` at call time, its tables
+    of forward epilogue kernels (the layer's eval forward and the training
+    forward call them) and column_norm's table of kernels
+    (``C._NORM_KERNELS``); all three tables are bound at import, and without
+    the swap those columns timed this build under both names. The other
+    kernels it bound at import (the fused backward_lowrank) are this build's
+    in every column."""
     keep_z = keep_z and hasattr(mod.lib, "dora_forward_epilogue_z_f32")
     tables = {}
     for name, prefix in (("_EPILOGUE_KERNELS", "dora_forward_epilogue_"),
@@ -72,15 +81,21 @@ def behind(mod, fn, keep_z=True):
         tables[name] = {dt: (ptr_type, getattr(mod.lib, prefix + ("f32" if dt == np.float32 else "f64"),
                                                kernel))
                         for dt, (ptr_type, kernel) in ours.items()}
+    tables["_NORM_KERNELS"] = {dtype: (ctype, getattr(mod.lib, kernel.__name__))
+                               for dtype, (ctype, kernel) in C._NORM_KERNELS.items()}
 
     def call():
-        saved = C.ffi, C.lib, F._KEEP_Z, C._EPILOGUE_KERNELS, C._EPILOGUE_Z_KERNELS
+        saved = {name: getattr(C, name) for name in tables}
+        saved_rest = C.ffi, C.lib, F._KEEP_Z
         C.ffi, C.lib, F._KEEP_Z = mod.ffi, mod.lib, keep_z
-        C._EPILOGUE_KERNELS, C._EPILOGUE_Z_KERNELS = tables["_EPILOGUE_KERNELS"], tables["_EPILOGUE_Z_KERNELS"]
+        for name, table in tables.items():
+            setattr(C, name, table)
         try:
             return fn()
         finally:
-            C.ffi, C.lib, F._KEEP_Z, C._EPILOGUE_KERNELS, C._EPILOGUE_Z_KERNELS = saved
+            C.ffi, C.lib, F._KEEP_Z = saved_rest
+            for name, table in saved.items():
+                setattr(C, name, table)
     return call
 
 
@@ -90,7 +105,7 @@ def race(fns, repeats):
     return bk.race(fns, repeats, mins=mins), mins
 
 
-def run(shape, builds, repeats):
+def run(shape, builds, repeats, norm_only=False):
     out_f, in_f, r, N = shape
     p = bk.problem(*shape)
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
@@ -101,14 +116,27 @@ def run(shape, builds, repeats):
     for tag, (mod, keep_z) in builds.items():
         fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
     norms = race(fns, repeats)
+    if norm_only:
+        return norm_rows(shape, builds, norms[0], {}, norms[1], {})
     st = bk.steps(p)
     fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
     for tag, (mod, keep_z) in builds.items():
         fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     steps = race(fns, repeats)
-    med = {**norms[0], **steps[0]}
-    mins = {**norms[1], **steps[1]}
+    return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1])
+
+
+def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min):
+    """The table's rows from the medians and minima of the two races (the
+    step columns NaN when the steps were not timed)."""
+    out_f, in_f, r, _ = shape
+    nan = float("nan")
+    med = {**norm_med, **step_med}
+    mins = {**norm_min, **step_min}
+    for d in (med, mins):
+        for k in ["plain_train", "plain_eval"] + [f"{w}_{tag}" for tag in builds for w in ("train", "eval")]:
+            d.setdefault(k, nan)
     rate = 2 * 1024 ** 3 / med["gemm_1024"]
     read = min(med["read_gemv"], med["read_sum"])
     rows = []
@@ -135,6 +163,8 @@ def main():
     ap.add_argument("--base", required=True, help="path of the other build's _dora_c shared object")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--shapes", default=None, help="e.g. 4096,4096,64,512;11008,4096,16,256")
+    ap.add_argument("--norm-only", action="store_true",
+                    help="time the column norm alone (the step columns nan)")
     args = ap.parse_args()
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
                                              for sh in args.shapes.split(";")]
@@ -146,7 +176,7 @@ def main():
           "norm / flop bound | train / plain (min) | eval / plain (min) |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        rows, extra = run(shape, builds, args.repeats)
+        rows, extra = run(shape, builds, args.repeats, args.norm_only)
         for row in rows:
             print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
                   f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "

@@ -165,14 +165,44 @@ static REAL *FN(pack_panels)(const REAL *M, int64_t r, int64_t cols, int64_t sk,
     return Mp;
 }
 
+/* Packs B (out x r) in groups of NG rows for norm_full6, zero-padded:
+   Bq[(i / NG) * NG * r + k * NG + q] = B[i + q, k] for i a multiple of NG.
+   Returns a new buffer that the caller frees, or NULL. */
+static REAL *FN(pack_groups)(const REAL *B, int64_t out, int64_t r)
+{
+    const int64_t ngroups = (out + NG - 1) / NG;
+    const int64_t size = ngroups * NG * r;
+    REAL *Bq = (REAL *)malloc((size_t)(size > 0 ? size : 1) * sizeof(REAL));
+    if (!Bq) return NULL;
+    for (int64_t p = 0; p < ngroups; p++)
+        for (int64_t k = 0; k < r; k++)
+            for (int64_t q = 0; q < NG; q++) {
+                const int64_t i = p * NG + q;
+                Bq[(p * r + k) * NG + q] = i < out ? B[i * r + k] : 0;
+            }
+    return Bq;
+}
+
 /* ------------------------------------------------------------------------ */
 /* column_norm: n_i = ||W0_i + s * B_i @ A||_2  (paper ||V||_c, one per row) */
 /* ------------------------------------------------------------------------ */
 
+/* acc + v * v in double. For a float v the product of the two doubles is
+   exact (24-bit significands, 48 bits of product), so a fused multiply-add
+   rounds it exactly as the add alone does: the same bits, one instruction
+   fewer, taken in the fused mode; a double v keeps the two roundings. */
+static inline __attribute__((always_inline)) double FN(add_square)(const int fused, double acc,
+                                                                   REAL v)
+{
+    if (fused && sizeof(REAL) == sizeof(float)) return fma((double)v, (double)v, acc);
+    return acc + (double)v * (double)v;
+}
+
 /* One tile: acc[q][l % ACCW] += V[q][l]^2 with V = W0 + s * (B @ A) and, if
-   Vout is not NULL, Vout = V (the merge keeps V; rows in apart, as W0's). */
+   Vout is not NULL, Vout = V (the merge keeps V; rows in apart, as W0's).
+   g <= G rows (acc has g of them), w <= W columns. */
 static inline __attribute__((always_inline)) void FN(norm_step)(
-    const int fused, double acc[G][ACCW], REAL *Vout, const WTYPE *w0, const REAL *b,
+    const int fused, double acc[][ACCW], REAL *Vout, const WTYPE *w0, const REAL *b,
     const REAL *a, REAL s, int64_t in, int64_t r, int g, int w)
 {
     REAL P[G][W];
@@ -186,10 +216,84 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
             for (int l = 0; l < e; l++) {
                 const REAL v = P[q][h + l];
                 if (Vout) Vout[q * in + h + l] = v;
-                acc[q][l] += (double)v * (double)v;
+                acc[q][l] = FN(add_square)(fused, acc[q][l], v);  /* += (double)v * (double)v */
             }
         }
     }
+}
+
+/* One row of norm_full6's tile: acc[l % ACCW] += V[l]^2, V = W0 + s * p,
+   for the W columns of this tile; the arithmetic of norm_step. */
+static inline __attribute__((always_inline)) void FN(norm_row_squares)(
+    const int fused, double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
+{
+    REAL v[W];
+    #pragma omp simd
+    for (int l = 0; l < W; l++) v[l] = WIDEN(w0[l]) + s * p[l];
+    for (int h = 0; h < W; h += ACCW)
+        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(fused, acc[l], v[h + l]);
+}
+
+/* norm_step for a full tile of NG = 6 rows (column_norm of float32 in the
+   fused mode, r >= NORM_SIX_MIN_R): twelve vector accumulators on AVX2
+   where tile_full has eight, so that each load of A feeds six rows instead
+   of four and the k loop has twelve independent chains of FMAs. A loop a
+   row, so that a row's coefficient is needed only for its own vector FMAs
+   (with the six loaded ahead GCC spilled three accumulators), and each
+   row's sums go from registers into its squares. The group's coefficients
+   come packed, bq[k * NG + q] = B[i + q, k] (pack_groups): one pointer
+   where six rows of B took six registers, which GCC reloaded from the
+   stack at every k. k = 0 is peeled (t = c * a, no zeroed accumulators,
+   which GCC kept on the stack): fma(c, a, 0) differs from c * a only in
+   the sign of a zero, and so may every later P; V = W0 + s * P then only
+   in the sign of a zero, and V * V not at all. Otherwise the same terms in
+   the same order as tile_full, tile_general and norm_step: n has the same
+   bits. Zen 3, one thread, (120, 4096) float32, 41 interleaved repeats,
+   load 8: 0.93-0.98x the four-row tile's time at r = 16, 32, 64, 1.06x at
+   r = 8 (hence NORM_SIX_MIN_R). */
+static inline __attribute__((always_inline)) void FN(norm_full6)(
+    const int fused, double acc[][ACCW], const WTYPE *w0, const REAL *bq, const REAL *a, REAL s,
+    int64_t in, int64_t r)
+{
+    REAL t0[W], t1[W], t2[W], t3[W], t4[W], t5[W];
+    #pragma omp simd
+    for (int l = 0; l < W; l++) {  /* k = 0: fma(c, a, 0) = c * a but for the sign of a zero */
+        t0[l] = bq[0] * a[l];
+        t1[l] = bq[1] * a[l];
+        t2[l] = bq[2] * a[l];
+        t3[l] = bq[3] * a[l];
+        t4[l] = bq[4] * a[l];
+        t5[l] = bq[5] * a[l];
+    }
+    for (int64_t k = 1; k < r; k++) {
+        const REAL *ak = a + k * W;  /* A[k, j:j+W] in its panel */
+        const REAL *bk = bq + k * NG;  /* B[i:i+NG, k] */
+        REAL e;
+        e = bk[0];
+        #pragma omp simd
+        for (int l = 0; l < W; l++) t0[l] = FN(madd)(fused, e, ak[l], t0[l]);
+        e = bk[1];
+        #pragma omp simd
+        for (int l = 0; l < W; l++) t1[l] = FN(madd)(fused, e, ak[l], t1[l]);
+        e = bk[2];
+        #pragma omp simd
+        for (int l = 0; l < W; l++) t2[l] = FN(madd)(fused, e, ak[l], t2[l]);
+        e = bk[3];
+        #pragma omp simd
+        for (int l = 0; l < W; l++) t3[l] = FN(madd)(fused, e, ak[l], t3[l]);
+        e = bk[4];
+        #pragma omp simd
+        for (int l = 0; l < W; l++) t4[l] = FN(madd)(fused, e, ak[l], t4[l]);
+        e = bk[5];
+        #pragma omp simd
+        for (int l = 0; l < W; l++) t5[l] = FN(madd)(fused, e, ak[l], t5[l]);
+    }
+    FN(norm_row_squares)(fused, acc[0], w0, t0, s);
+    FN(norm_row_squares)(fused, acc[1], w0 + in, t1, s);
+    FN(norm_row_squares)(fused, acc[2], w0 + 2 * in, t2, s);
+    FN(norm_row_squares)(fused, acc[3], w0 + 3 * in, t3, s);
+    FN(norm_row_squares)(fused, acc[4], w0 + 4 * in, t4, s);
+    FN(norm_row_squares)(fused, acc[5], w0 + 5 * in, t5, s);
 }
 
 /* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,
@@ -232,41 +336,54 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
    that A's chunk (r x chunk REALs, norm_chunk) is read from L1 by every
    group, where norm_rows reads all of A, which at r = 64 is larger than L2,
    once per group. Each row's squares are still added in column order, into
-   the same lanes: the bits of norm_rows. */
+   the same lanes: the bits of norm_rows. Rows are taken `ng` at a time, a
+   constant: NG (norm_full6) in the fused mode at r >= NORM_SIX_MIN_R, G
+   otherwise (norm_step). NORM_ROW_BLOCK is a multiple of both, so only the
+   last group of the matrix can be short. */
 static inline __attribute__((always_inline)) void FN(column_norm_rows_body)(
-    const int fused, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
-    int64_t i0, int64_t i1, int64_t in, int64_t r)
+    const int fused, const int ng, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B,
+    const REAL *Bq, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     const int64_t chunk = norm_chunk(r, in);
-    double acc[NORM_ROW_BLOCK / G][G][ACCW] = {{{0}}};
+    double acc[NORM_ROW_BLOCK][ACCW] = {{0}};  /* row i's lanes: acc[i - i0] */
     for (int64_t j0 = 0; j0 < in; j0 += chunk) {
         const int64_t j1 = dora_min(in, j0 + chunk);
-        for (int64_t i = i0; i < i1; i += G) {
+        for (int64_t i = i0; i < i1; i += ng) {
             /* acc[group] += squares of V[i:i+g, j0:j1], V = W0 + s * B @ A */
-            const int g = (int)dora_min(G, i1 - i);
-            double (*ag)[ACCW] = acc[(i - i0) / G];
+            const int g = (int)dora_min(ng, i1 - i);
+            double (*ag)[ACCW] = acc + (i - i0);
             for (int64_t j = j0; j < j1; j += W) {
                 const int w = (int)dora_min(W, in - j);
                 const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
-                if (g == G && w == W)
-                    FN(norm_step)(fused, ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, G, W);
-                else
-                    FN(norm_step)(fused, ag, NULL, W0 + i * in + j, B + i * r, ap, s, in, r, g, w);
+                const WTYPE *w0 = W0 + i * in + j;
+                if (ng == NG && g == NG && w == W) {
+                    FN(norm_full6)(fused, ag, w0, Bq + i * r, ap, s, in, r);
+                } else if (ng == NG) {  /* the last group's or the last columns' tile */
+                    for (int q = 0; q < g; q += G)
+                        FN(norm_step)(fused, ag + q, NULL, w0 + q * in, B + (i + q) * r, ap, s,
+                                      in, r, (int)dora_min(G, g - q), w);
+                } else if (g == G && w == W) {
+                    FN(norm_step)(fused, ag, NULL, w0, B + i * r, ap, s, in, r, G, W);
+                } else {
+                    FN(norm_step)(fused, ag, NULL, w0, B + i * r, ap, s, in, r, g, w);
+                }
             }
         }
     }
     for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */
-        n[i] = (REAL)FN(sqrt_lanes)(acc[(i - i0) / G][(i - i0) % G]);
+        n[i] = (REAL)FN(sqrt_lanes)(acc[i - i0]);
 }
 
 static DORA_CLONES void FN(column_norm_rows)(
-    int fused, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, REAL s,
+    int fused, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq, REAL s,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    if (fused)
-        FN(column_norm_rows_body)(1, n, W0, Ap, B, s, i0, i1, in, r);
+    if (fused && Bq)
+        FN(column_norm_rows_body)(1, NG, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+    else if (fused)
+        FN(column_norm_rows_body)(1, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
     else
-        FN(column_norm_rows_body)(0, n, W0, Ap, B, s, i0, i1, in, r);
+        FN(column_norm_rows_body)(0, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -290,7 +407,7 @@ static DORA_CLONES void FN(merge_rows)(
 typedef struct {
     REAL *n;
     const WTYPE *W0;
-    const REAL *Ap, *B;
+    const REAL *Ap, *B, *Bq;
     REAL s;
     int64_t out, in, r;
     int fused;
@@ -301,7 +418,7 @@ static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
     const FN(norm_ctx) *c = (const FN(norm_ctx) *)ctx;
     (void)scratch;
     const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(c->out, i0 + NORM_ROW_BLOCK);
-    FN(column_norm_rows)(c->fused, c->n, c->W0, c->Ap, c->B, c->s, i0, i1, c->in, c->r);
+    FN(column_norm_rows)(c->fused, c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
 }
 
 /* The norm (Wm NULL), on a team (dora_team_for: OpenBLAS's threads when
@@ -310,16 +427,26 @@ static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
 static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A, const REAL *B,
                              const REAL *m, double s, int64_t out, int64_t in, int64_t r)
 {
-    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
-    if (!Ap) return DORA_ERR_NOMEM;
     const int fused = dora_fma_ok();
+    REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
+    /* the float32 norm (and the 16-bit formats') in the fused mode at
+       r >= NORM_SIX_MIN_R: B in groups of NG rows, for norm_full6 (which
+       needs r > 0); Bq NULL selects G-row tiles. (The float64 six-row tile
+       was 1.09x slower at r = 16 on Zen 3, so float64 keeps G rows.) */
+    const int six = !Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R;
+    REAL *Bq = six ? FN(pack_groups)(B, out, r) : NULL;
+    if (!Ap || (six && !Bq)) {
+        free(Ap);
+        free(Bq);
+        return DORA_ERR_NOMEM;
+    }
     const int64_t rows = Wm ? ROW_BLOCK : NORM_ROW_BLOCK;  /* rows in a block */
     const int64_t nblocks = (out + rows - 1) / rows;
     int failed = 0;
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
     if (!Wm) {
-        FN(norm_ctx) ctx = {n, W0, Ap, B, (REAL)s, out, in, r, fused};
+        FN(norm_ctx) ctx = {n, W0, Ap, B, Bq, (REAL)s, out, in, r, fused};
         failed = dora_team_for(&plan, nblocks, FN(norm_block), &ctx, 0);
     } else {
         #pragma omp parallel num_threads(plan.nt)
@@ -343,6 +470,7 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     }
     dora_plan_end(&plan);
     free(Ap);
+    free(Bq);
     return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
 

@@ -71,3 +71,29 @@ def test_merge_and_unmerge_row_alone_have_the_bits_of_the_row_in_a_full_tile(dty
         np.testing.assert_array_equal(n_i, n[i:i + 1], err_msg=f"merge's n, row {i}")
         back_i = C.unmerge(Wm[i:i + 1], A, B[i:i + 1], factor[i:i + 1], S)
         np.testing.assert_array_equal(back_i, back[i:i + 1], err_msg=f"unmerge, row {i}")
+
+
+# The float32 norm takes six-row tiles (norm_full6) in the fused mode from
+# r = 16 on; merge and unmerge keep four. 67 rows: a block of 60 (ten full
+# groups of six), then a group of six and an edge row; 37 columns as above.
+OUT6, R6 = 67, 17
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_norm_six_row_tile_row_alone_and_merge_have_its_bits(dtype):
+    rng = np.random.default_rng(2)
+    W0 = rng.standard_normal((OUT6, IN)).astype(dtype)
+    A = rng.standard_normal((R6, IN)).astype(dtype)
+    B = rng.standard_normal((OUT6, R6)).astype(dtype)
+    m = rng.uniform(0.5, 2.0, OUT6).astype(dtype)
+    n = C.column_norm(W0, A, B, S)
+    for i in range(OUT6):
+        alone = C.column_norm(W0[i:i + 1], A, B[i:i + 1], S)
+        np.testing.assert_array_equal(alone, n[i:i + 1], err_msg=f"row {i}")
+    _, n_merge = C.merge(W0, A, B, m, S)  # four-row tiles, the same terms in the same order
+    np.testing.assert_array_equal(n_merge, n)
+    W64, A64, B64 = (x.astype(np.float64) for x in (W0, A, B))
+    ref = np.linalg.norm(W64 + S * (B64 @ A64), axis=1)
+    a = np.abs(W64) + abs(S) * (np.abs(B64) @ np.abs(A64))
+    bound = 2 * 4 * gamma(IN + R6 + 2, dtype) * np.linalg.norm(a, axis=1)
+    assert np.all(np.abs(n - ref) <= bound), np.max(np.abs(n - ref) / bound)
