@@ -273,7 +273,8 @@ def dora_forward(
     weight_norm : ndarray, shape (out,), optional
         A precomputed ``column_norm(W0, A, B, scaling)``, e.g. one cached while
         the weights are unchanged (eval mode). It is trusted: pass only the
-        norm of these exact weights.
+        norm of these exact weights. Its shape, dtype and finiteness are
+        checked, and a negative entry is refused (``ValueError``).
     allow_zero_norm : bool, default False
         A zero row of W0 + s*B@A raises ``ValueError`` by default. If True,
         g = 0 for that row: the channel outputs its bias, and its magnitude
@@ -325,6 +326,9 @@ def dora_forward(
             raise ValueError(f"weight_norm must have shape {magnitude.shape}, "
                              f"got {weight_norm.shape}")
         check_finite("weight_norm", weight_norm)  # else reported as an overflowed sum
+        if (weight_norm < 0).any():  # a norm is >= 0; a negative one would flip DoRA's term
+            raise ValueError(f"weight_norm must hold row norms (>= 0), got a negative entry at "
+                             f"row {int(np.argmax(weight_norm < 0))} of {weight_norm.shape}")
     if lp:
         return _lowp.dora_forward(np.shape(x), x, W0, A, B, magnitude, scaling, bias,
                                   dropout_mask, weight_norm, allow_zero_norm, policy)
@@ -506,7 +510,7 @@ def _dora_backward_checked(dy, ctx, detach_norm):
     dtype = W0.dtype
     # the usual dy, an (N, out) ndarray of the forward's float dtype, recognised in one test
     # (check_input's own first test, plus N); any other goes through _check_dy
-    if not (type(dy) is np.ndarray and dy.dtype is dtype and dy.ndim == 2
+    if not (type(dy) is np.ndarray and dy.dtype is dtype and dy.ndim == 2 == len(ctx.x_shape)
             and dy.shape[0] == x.shape[0] and dy.shape[1] == W0.shape[0] and dtype.char in "fd"):
         dy = _check_dy(dy, ctx, dtype)
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy, ctx, W0, detach_norm)
@@ -519,11 +523,17 @@ def _dora_backward_checked(dy, ctx, detach_norm):
 
 
 def _check_dy(dy, ctx, dtype):
-    """dy checked against the forward's output (shape (..., out), ``dtype``), flattened."""
+    """dy checked against the forward's output (shape (..., out), ``dtype``), flattened.
+
+    Its whole shape must be the output's: a dy of as many rows in another
+    shape ((3, 2, out) for an output of (2, 3, out), or a flattened
+    (6, out)) would pair its rows with rows of x by position, which is
+    right for some layouts and silently wrong for others, so it is refused
+    (as PyTorch refuses a gradient of another shape)."""
     out_f = ctx.W0.shape[0]
     low_precision = dtype.char not in "fd" and dtype in LOW_PRECISION_DTYPES  # the first: cheaper
     dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision)
-    if dy2.shape[0] != ctx.x.shape[0]:
+    if np.shape(dy)[:-1] != tuple(ctx.x_shape[:-1]):
         raise ValueError(
             f"dy must have shape {(*ctx.x_shape[:-1], out_f)} (the forward's output), "
             f"got {np.shape(dy)}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core._validate import WeightSnapshot, as_float_array, check_finite
+from ..core._validate import WeightSnapshot, as_float_array, check_finite, check_scaling
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy
 
 
@@ -182,7 +182,12 @@ class EvalNormCache:
         self._entry = None
 
     def get(self, weight, A, B, scaling, compute):
-        """The cached norm for (weight, A, B, scaling), or ``compute()``, kept."""
+        """The cached norm for (weight, A, B, scaling), or ``compute()``, kept.
+
+        ``scaling`` is checked first (``check_scaling``: a TypeError or
+        ValueError naming it), so that no comparison with the cached one
+        sees an array or a non-number."""
+        scaling = check_scaling(scaling)
         e = self._entry
         if (
             e is not None

@@ -572,28 +572,30 @@ class DoRALinear(LoRALinear):
         # _mask_for's usual answer, without the call
         mask = None if dropout_mask is None and self.lora_dropout == 0.0 else \
             self._mask_for(x, dropout_mask)
+        # checked before the eval cache compares it with its own (an array
+        # scaling would otherwise fail there with NumPy's message, not ours)
+        scaling = self.scaling
+        if not (type(scaling) is float and scaling - scaling == 0.0):  # finite: check_scaling's
+            scaling = check_scaling(scaling)  # own first test, without the call; else it raises
         if self.training:
             if self._norm_cache._entry is not None:
                 self._norm_cache.clear()
             norm = None
         else:  # reused while W0, A, B and s are unchanged (EvalNormCache)
             norm = self._norm_cache.get(
-                self._weight, self.lora_A, self.lora_B, self.scaling,
+                self._weight, self.lora_A, self.lora_B, scaling,
                 self._forward_norm,
             )
         if self._low_precision:
             self._check_parameters_finite()
             y, self._ctx = _lowp.dora_forward(
                 np.shape(x), x, self._weight, self._lora_A, self._lora_B,
-                self._lora_magnitude_vector, check_scaling(self.scaling), self._bias, mask, norm,
+                self._lora_magnitude_vector, scaling, self._bias, mask, norm,
                 self.allow_zero_norm, self.policy,
             )
             return y
         W0 = self._weight
         x2 = check_input(x, W0.shape[1], W0.dtype)
-        scaling = self.scaling
-        if not (type(scaling) is float and scaling - scaling == 0.0):  # finite: check_scaling's
-            scaling = check_scaling(scaling)  # own first test, without the call; else it raises
         # shapes, dtypes and the frozen weights: checked once; NaN/Inf written into A or B
         # and the magnitude by _dora_forward (where the C kernel's norms prove A and B
         # finite, by its fast path: checked there by name only if a norm is not finite)
