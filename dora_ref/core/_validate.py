@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-from .precision import LOW_PRECISION_DTYPES, classify
+from .precision import LOW_PRECISION_DTYPES, classify, finfo
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -421,7 +421,7 @@ def check_rows_finite(what, W):
     if not np.isfinite(W2).all():
         bad = np.flatnonzero(~np.isfinite(W2).all(axis=1))
         refuse_non_finite_rows(what, bad, f"the result overflowed {W.dtype} "
-                                          f"(largest finite value {np.finfo(W.dtype).max:.3g})")
+                                          f"(largest finite value {float(finfo(W.dtype).max):.3g})")
 
 
 _tobytes = operator.methodcaller("tobytes")

@@ -62,6 +62,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.precision import finfo
+
 SAFETY = 4.0
 
 #: unit roundoff u = eps / 2 of the dtypes sums are computed in (``unit_roundoff`` also knows the lp ones)
@@ -133,7 +135,7 @@ def underflow_error(dtype):
     (Higham Eq. 2.8: fl(x) = x (1 + delta) + eta with |eta| <= this.)
     """
     dtype = as_dtype(dtype)
-    return float(np.finfo(dtype).smallest_subnormal) / 2
+    return float(finfo(dtype).smallest_subnormal) / 2  # bfloat16 too, on NumPy 1
 
 
 def accumulation_dtype(dtype):
