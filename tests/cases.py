@@ -161,3 +161,21 @@ def abs_scales(case, detach_norm=True):
         dB=s * dV @ A.T,
         dmagnitude=np.sum(G * V, axis=1) / n * kappa,
     )
+
+
+def small_dora_layer(backend, dtype, seed, **kw):
+    """A (6, 5) DoRALinear built under ``backend`` with a nonzero lora_B, an
+    x of 4 rows and a dy for it: (layer, x, dy) in ``dtype``. The small-layer
+    hot-path tests share it (each with its own seed)."""
+    import dora_ref
+    from dora_ref import DoRALinear
+
+    rng = np.random.default_rng(seed)
+    W0 = (rng.standard_normal((6, 5)) / 3).astype(dtype)
+    b0 = rng.standard_normal(6).astype(dtype)
+    with dora_ref.use_backend(backend):
+        layer = DoRALinear(W0, b0, r=2, lora_alpha=4, rng=0, **kw)
+    layer.lora_B[...] = 0.1 * rng.standard_normal(layer.lora_B.shape).astype(dtype)
+    x = rng.standard_normal((4, 5)).astype(dtype)
+    dy = rng.standard_normal((4, 6)).astype(dtype)
+    return layer, x, dy

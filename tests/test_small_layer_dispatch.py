@@ -26,6 +26,7 @@ import math
 import numpy as np
 import pytest
 
+from cases import small_dora_layer
 import dora_ref
 from dora_ref import DoRALinear
 from dora_ref.core import functional as F
@@ -36,15 +37,7 @@ FLOATS = [np.float32, np.float64]
 
 
 def _layer(backend, dtype, **kw):
-    rng = np.random.default_rng(5)
-    W0 = (rng.standard_normal((6, 5)) / 3).astype(dtype)
-    b0 = rng.standard_normal(6).astype(dtype)
-    with dora_ref.use_backend(backend):
-        layer = DoRALinear(W0, b0, r=2, lora_alpha=4, rng=0, **kw)
-    layer.lora_B[...] = 0.1 * rng.standard_normal(layer.lora_B.shape).astype(dtype)
-    x = rng.standard_normal((4, 5)).astype(dtype)
-    dy = rng.standard_normal((4, 6)).astype(dtype)
-    return layer, x, dy
+    return small_dora_layer(backend, dtype, 5, **kw)
 
 
 def _uint(dtype):
