@@ -192,12 +192,9 @@ static REAL *FN(pack_groups)(const REAL *B, int64_t out, int64_t r)
    bits with one instruction fewer; it was tried and measured slower: column
    norm (4096, 4096, r = 64) float32, 2 threads, Zen 3, 16.5 ms against
    14.7 ms with the two instructions, 15 interleaved repeats, r = 8
-   unchanged; why was not established.) `fused` is
-   kept for the callers' symmetry with the tiles. */
-static inline __attribute__((always_inline)) double FN(add_square)(const int fused, double acc,
-                                                                   REAL v)
+   unchanged; why was not established.) */
+static inline __attribute__((always_inline)) double FN(add_square)(double acc, REAL v)
 {
-    (void)fused;
     return acc + (double)v * (double)v;
 }
 
@@ -219,7 +216,7 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
             for (int l = 0; l < e; l++) {
                 const REAL v = P[q][h + l];
                 if (Vout) Vout[q * in + h + l] = v;
-                acc[q][l] = FN(add_square)(fused, acc[q][l], v);  /* += (double)v * (double)v */
+                acc[q][l] = FN(add_square)(acc[q][l], v);  /* += (double)v * (double)v */
             }
         }
     }
@@ -228,13 +225,13 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
 /* One row of norm_full6's tile: acc[l % ACCW] += V[l]^2, V = W0 + s * p,
    for the W columns of this tile; the arithmetic of norm_step. */
 static inline __attribute__((always_inline)) void FN(norm_row_squares)(
-    const int fused, double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
+    double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
 {
     REAL v[W];
     #pragma omp simd
     for (int l = 0; l < W; l++) v[l] = WIDEN(w0[l]) + s * p[l];
     for (int h = 0; h < W; h += ACCW)
-        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(fused, acc[l], v[h + l]);
+        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(acc[l], v[h + l]);
 }
 
 /* norm_step for a full tile of NG = 6 rows (column_norm of float32 in the
@@ -291,12 +288,12 @@ static inline __attribute__((always_inline)) void FN(norm_full6)(
         #pragma omp simd
         for (int l = 0; l < W; l++) t5[l] = FN(madd)(fused, e, ak[l], t5[l]);
     }
-    FN(norm_row_squares)(fused, acc[0], w0, t0, s);
-    FN(norm_row_squares)(fused, acc[1], w0 + in, t1, s);
-    FN(norm_row_squares)(fused, acc[2], w0 + 2 * in, t2, s);
-    FN(norm_row_squares)(fused, acc[3], w0 + 3 * in, t3, s);
-    FN(norm_row_squares)(fused, acc[4], w0 + 4 * in, t4, s);
-    FN(norm_row_squares)(fused, acc[5], w0 + 5 * in, t5, s);
+    FN(norm_row_squares)(acc[0], w0, t0, s);
+    FN(norm_row_squares)(acc[1], w0 + in, t1, s);
+    FN(norm_row_squares)(acc[2], w0 + 2 * in, t2, s);
+    FN(norm_row_squares)(acc[3], w0 + 3 * in, t3, s);
+    FN(norm_row_squares)(acc[4], w0 + 4 * in, t4, s);
+    FN(norm_row_squares)(acc[5], w0 + 5 * in, t5, s);
 }
 
 /* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,

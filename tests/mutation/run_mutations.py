@@ -147,7 +147,6 @@ MUTATIONS = [
              "const REAL f = m[i + q] / nq;", "const REAL f = nq / m[i + q];",
              "C merge scales the rows by n / m instead of m / n"),
     Mutation("c_float_accumulator", C,
-             "    (void)fused;\n"
              "    return acc + (double)v * (double)v;",
              "    return (double)((float)acc + (float)v * (float)v);",
              "C norm sums squares in float"),
