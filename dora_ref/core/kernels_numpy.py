@@ -169,15 +169,8 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
     if out is not None:
         check_epilogue_out(out, base, (U, B, g, bias),
                            np.dtype(out_dtype) if out_dtype is not None else base.dtype)
-    y = U @ B.T  # the operations of g * (base + s * (U @ B.T)), in place on one temporary
-    y *= float(scaling)  # a Python float: y keeps the arrays' dtype (as in C)
-    if out_dtype is None and out is not None:  # y's final dtype: the sum goes to out
-        y = np.add(base, y, out=out)
-    else:
-        y += base
-    y *= g
-    if bias is not None:
-        y += bias.astype(y.dtype, copy=False)
+    # y's final dtype: the sum goes to out; else y is rounded to out_dtype below
+    y = _epilogue(base, U, B, g, scaling, bias, out if out_dtype is None else None)
     if out_dtype is not None:
         with np.errstate(over="ignore"):
             if out is None:
@@ -185,6 +178,21 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
             else:
                 out[...] = y
                 y = out
+    return y
+
+
+def _epilogue(base, U, B, g, scaling, bias, out):
+    """``forward_epilogue``'s operations, y in base's dtype: into ``out`` (checked by the
+    caller, or base itself) or, if None, a new array."""
+    y = U @ B.T  # the operations of g * (base + s * (U @ B.T)), in place on one temporary
+    y *= float(scaling)  # a Python float: y keeps the arrays' dtype (as in C)
+    if out is not None:
+        y = np.add(base, y, out=out)
+    else:
+        y += base
+    y *= g
+    if bias is not None:
+        y += bias.astype(y.dtype, copy=False)
     return y
 
 
@@ -214,15 +222,9 @@ def _forward_epilogue_over_base(base, U, B, g, scaling, bias):
 
     base is the caller's own (N, out) product, fresh from ``x @ W0.T``: it
     cannot overlap U, B, g or the bias, so ``check_epilogue_out`` is not run
-    (as in ``_forward_epilogue_keep_z``). The operations of ``forward_epilogue``.
+    (as in ``_forward_epilogue_keep_z``).
     """
-    y = U @ B.T
-    y *= float(scaling)
-    y = np.add(base, y, out=base)
-    y *= g
-    if bias is not None:
-        y += bias.astype(y.dtype, copy=False)
-    return y
+    return _epilogue(base, U, B, g, scaling, bias, base)
 
 
 def check_epilogue_out(out, base, others, dtype, name="out"):

@@ -578,8 +578,7 @@ class DoRALinear(LoRALinear):
         if not (type(scaling) is float and scaling - scaling == 0.0):  # finite: check_scaling's
             scaling = check_scaling(scaling)  # own first test, without the call; else it raises
         if self.training:
-            if self._norm_cache._entry is not None:
-                self._norm_cache.clear()
+            self._norm_cache.clear()
             norm = None
         else:  # reused while W0, A, B and s are unchanged (EvalNormCache)
             norm = self._norm_cache.get(
