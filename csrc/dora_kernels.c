@@ -748,6 +748,16 @@ static int64_t fork_stats[3];  /* forks; forks that found a team in flight; ... 
 static _Thread_local int fork_depth = 0;
 static _Thread_local int fork_drained = 0;
 static _Thread_local int fork_pause_ok = 0;
+/* One fork at a time: held from this library's first prepare handler of a
+   fork to its last parent or child handler, so that every handler
+   registered before ours (OpenBLAS's: it stops and restarts its workers
+   under its own lock) runs for one fork at a time. glibc runs the
+   handlers without a lock of its own, so two threads that fork at once
+   (outside Python's GIL: native threads) interleaved them, and a child
+   forked while the other fork held OpenBLAS's lock waited for it forever
+   in its first threaded call (about 1 in 500-1,000 forks from 3-6 threads
+   at once, with or without dora_ref's kernels; tests/test_fork_concurrent.py). */
+static pthread_mutex_t fork_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Closes the gate (fork_pending) and waits until no team is in flight, at
    most fork_wait_max seconds; returns 1 if none is. A team finishes in
@@ -760,6 +770,7 @@ static _Thread_local int fork_pause_ok = 0;
    first one's answer. */
 static int dora_fork_gate_close(void)
 {
+    if (fork_depth == 0) pthread_mutex_lock(&fork_lock);  /* another thread's fork: after it */
     #pragma omp atomic update seq_cst
     fork_pending++;
     if (fork_depth++ > 0) return fork_drained;
@@ -783,12 +794,13 @@ static int dora_fork_gate_close(void)
     return fork_drained;
 }
 
-/* In the parent after the fork: opens the gate (once per prepare). */
+/* In the parent after the fork: opens the gate (once per prepare); the
+   last one lets the next fork in. */
 static void dora_fork_gate_open(void)
 {
-    fork_depth--;
     #pragma omp atomic update seq_cst
     fork_pending--;
+    if (--fork_depth == 0) pthread_mutex_unlock(&fork_lock);
 }
 
 /* In the child: one thread, no fork under way, and no team in flight but
@@ -796,6 +808,10 @@ static void dora_fork_gate_open(void)
    call returns, as in the parent). */
 static void dora_fork_gate_reset(void)
 {
+    if (fork_depth > 0) {  /* the child's one thread holds the lock (this fork's): a new one */
+        pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
+        fork_lock = unlocked;
+    }
     fork_depth = 0;
     STORE(teams_in_flight, places_held);
     STORE(fork_pending, 0);
