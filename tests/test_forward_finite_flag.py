@@ -58,6 +58,38 @@ def _layouts():
     return [(t, lay) for t in (1, 2) for lay in ("rows", "columns")]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_and_training_forward_raise_on_non_finite_x_and_on_overflow(backend):
+    """The layer's eval forward (y over base) and training forward (z kept),
+    and the functional forward with a weight_norm: NaN in x is named; an
+    output that overflows float32 raises; y of eval and training bitwise equal."""
+    with _backend.use_backend(backend):
+        rng = np.random.default_rng(4)
+        W0 = rng.standard_normal((40, 24)).astype(np.float32)
+        layer = dora_ref.layers.DoRALinear(W0, r=16, lora_alpha=16, rng=0)
+        layer.lora_B[...] = rng.standard_normal(layer.lora_B.shape).astype(np.float32) * 0.1
+        x = rng.standard_normal((7, 24)).astype(np.float32)
+        y_train = layer(x).copy()
+        layer.eval()
+        y_eval = layer(x)
+        assert np.array_equal(y_train, y_eval)
+        n = F.column_norm(W0, layer.lora_A, layer.lora_B, layer.scaling)
+        for training in (True, False):
+            layer.train(training)
+            xb = x.copy()
+            xb[3, 5] = np.nan
+            with pytest.raises(ValueError, match="x"):
+                layer(xb)
+            with pytest.raises(ValueError, match="overflow"), np.errstate(over="ignore"):
+                layer(x * np.float32(3e37))
+        with pytest.raises(ValueError, match="x"):
+            F.dora_forward(xb, W0, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
+                           layer.scaling, weight_norm=n)
+        with pytest.raises(ValueError, match="overflow"), np.errstate(over="ignore"):
+            F.dora_forward(x * np.float32(3e37), W0, layer.lora_A, layer.lora_B,
+                           layer.lora_magnitude_vector, layer.scaling, weight_norm=n)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("where", list(WHERE))
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,35 +173,3 @@ def test_flagged_kernel_refuses_a_null_flag():
     status = C.lib.dora_forward_epilogue_nf_f32(p(y), C.ffi.NULL, p(base), p(U), p(B), p(g),
                                                 C.ffi.NULL, 0.5, 2, 3, 1, C.ffi.NULL)
     assert status == C.lib.DORA_ERR_NULL
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_and_training_forward_raise_on_non_finite_x_and_on_overflow(backend):
-    """The layer's eval forward (y over base) and training forward (z kept),
-    and the functional forward with a weight_norm: NaN in x is named; an
-    output that overflows float32 raises; y of eval and training bitwise equal."""
-    with _backend.use_backend(backend):
-        rng = np.random.default_rng(4)
-        W0 = rng.standard_normal((40, 24)).astype(np.float32)
-        layer = dora_ref.layers.DoRALinear(W0, r=16, lora_alpha=16, rng=0)
-        layer.lora_B[...] = rng.standard_normal(layer.lora_B.shape).astype(np.float32) * 0.1
-        x = rng.standard_normal((7, 24)).astype(np.float32)
-        y_train = layer(x).copy()
-        layer.eval()
-        y_eval = layer(x)
-        assert np.array_equal(y_train, y_eval)
-        n = F.column_norm(W0, layer.lora_A, layer.lora_B, layer.scaling)
-        for training in (True, False):
-            layer.train(training)
-            xb = x.copy()
-            xb[3, 5] = np.nan
-            with pytest.raises(ValueError, match="x"):
-                layer(xb)
-            with pytest.raises(ValueError, match="overflow"), np.errstate(over="ignore"):
-                layer(x * np.float32(3e37))
-        with pytest.raises(ValueError, match="x"):
-            F.dora_forward(xb, W0, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
-                           layer.scaling, weight_norm=n)
-        with pytest.raises(ValueError, match="overflow"), np.errstate(over="ignore"):
-            F.dora_forward(x * np.float32(3e37), W0, layer.lora_A, layer.lora_B,
-                           layer.lora_magnitude_vector, layer.scaling, weight_norm=n)

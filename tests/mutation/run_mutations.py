@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     "tests/test_reference_values.py",
     "tests/test_regressions.py",
+    "tests/test_forward_finite_flag.py",  # its first test: the layer and functional forwards
     "tests/test_properties.py",
     "tests/test_gradients.py",
 ]
