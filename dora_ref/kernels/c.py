@@ -44,7 +44,9 @@ measured cost against what opening a team costs now (``set_threads``,
 forked after a threaded call runs the kernels too (``tests/test_fork.py``); a fork
 while another thread is inside one waits for its team to finish
 (``tests/test_fork_mid_call.py``). NaN and
-Inf propagate as in NumPy. Sums of squares are accumulated in double, as
+Inf propagate as in NumPy; the forward epilogue also tells the functional
+core whether it wrote one into y (``_forward_epilogue_flagged``), so that
+the forward's test of y costs no second pass over it. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
 
