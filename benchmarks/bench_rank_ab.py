@@ -21,6 +21,14 @@ at (4096, 4096, r, 512) for r in 8, 16, 32, 64 and (11008, 4096, 16, 256)
 by default.
 
     python benchmarks/bench_rank_ab.py --base /tmp/base/dora_ref/kernels/_dora_c.abi3.so
+
+``--eval-only`` races the plain product and each build's eval forward alone
+(more repeats in the same time); ``--eval-breakdown`` (no ``--base``) times
+the parts of this build's eval forward against the plain product: x @ A.T,
+the epilogue over base, a new-y epilogue, U @ B.T by BLAS, the pass over y
+that the epilogue's finiteness flag replaced, the snapshot and the norm
+cache's comparison, and prints the floor (the two low-rank products' flops
+at the plain product's rate).
 """
 from __future__ import annotations
 
@@ -111,9 +119,18 @@ def race(fns, repeats):
     return bk.race(fns, repeats, mins=mins), mins
 
 
-def run(shape, builds, repeats, norm_only=False):
+def run(shape, builds, repeats, norm_only=False, eval_only=False):
     out_f, in_f, r, N = shape
     p = bk.problem(*shape)
+    if eval_only:  # the plain product and each build's eval forward, nothing else
+        st = bk.steps(p)
+        fns = {"plain_eval": st["plain_eval"]}
+        for tag, (mod, keep_z) in builds.items():
+            fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
+        nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
+               "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
+        steps = race(fns, repeats)
+        return norm_rows(shape, builds, nan, steps[0], nan, steps[1])
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
     X = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
     ones = np.ones(in_f, dtype=np.float32)
@@ -149,6 +166,7 @@ def eval_breakdown(shape, repeats):
     g = m / n
     base, U = x @ W0.T, x @ A.T
     buf = base.copy()
+    A_seen, B_seen = A.copy(), B.copy()  # the norm cache's copies (EvalNormCache)
     fns = {
         "plain x @ W0.T": st["plain_eval"],
         "layer eval forward": st["dora_eval_layer"],
@@ -159,7 +177,7 @@ def eval_breakdown(shape, repeats):
         "U @ B.T alone (BLAS)": lambda: U @ B.T,
         "vdot(y, y) (the pass the flag replaces)": lambda: _vdot(buf, buf),
         "snapshot of A, B, m": lambda: WeightSnapshot.of(("A", "B", "m"), (A, B, m)),
-        "cache: A, B compared": lambda: np.array_equal(A, A.copy()) and np.array_equal(B, B.copy()),
+        "cache: A, B compared": lambda: np.array_equal(A_seen, A) and np.array_equal(B_seen, B),
     }
     mins = {}
     med = bk.race(fns, repeats, mins=mins)
@@ -206,6 +224,9 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4096,4096,64,512;11008,4096,16,256")
     ap.add_argument("--norm-only", action="store_true",
                     help="time the column norm alone (the step columns nan)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="time the eval forwards alone against the plain product (the other "
+                         "columns nan): more repeats in the same time")
     ap.add_argument("--eval-breakdown", action="store_true",
                     help="time the parts of this build's eval forward against the plain product "
                          "(no --base build needed)")
@@ -236,7 +257,7 @@ def main():
           "norm / flop bound | train / plain (min) | eval / plain (min) |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        rows, extra = run(shape, builds, args.repeats, args.norm_only)
+        rows, extra = run(shape, builds, args.repeats, args.norm_only, args.eval_only)
         for row in rows:
             print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
                   f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "
