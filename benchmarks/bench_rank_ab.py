@@ -21,6 +21,14 @@ at (4096, 4096, r, 512) for r in 8, 16, 32, 64 and (11008, 4096, 16, 256)
 by default.
 
     python benchmarks/bench_rank_ab.py --base /tmp/base/dora_ref/kernels/_dora_c.abi3.so
+
+``--eval-only`` races the plain product and each build's eval forward alone
+(more repeats in the same time); ``--eval-breakdown`` (no ``--base``) times
+the parts of this build's eval forward against the plain product: x @ A.T,
+the epilogue over base, a new-y epilogue, U @ B.T by BLAS, the pass over y
+that the epilogue's finiteness flag replaced, the snapshot and the norm
+cache's comparison, and prints the floor (the two low-rank products' flops
+at the plain product's rate).
 """
 from __future__ import annotations
 
@@ -68,8 +76,8 @@ def behind(mod, fn, keep_z=True):
 
     Swapped: what the wrapper looks up in ``lib`` at call time, its tables
     of forward epilogue kernels (the layer's eval forward and the training
-    forward call them) and column_norm's table of kernels
-    (``C._NORM_KERNELS``); all three tables are bound at import, and without
+    forward call them; with and without the finiteness flag) and column_norm's table of kernels
+    (``C._NORM_KERNELS``); all four tables are bound at import, and without
     the swap those columns timed this build under both names. The other
     kernels it bound at import (the fused backward_lowrank) are this build's
     in every column."""
@@ -83,6 +91,12 @@ def behind(mod, fn, keep_z=True):
                         for dt, (ptr_type, kernel) in ours.items()}
     tables["_NORM_KERNELS"] = {dtype: (ctype, getattr(mod.lib, kernel.__name__))
                                for dtype, (ctype, kernel) in C._NORM_KERNELS.items()}
+    # the epilogue with the finiteness flag: a build without it leaves the table empty, and
+    # the forward then calls the kernels above and tests y by a second pass (as it did)
+    tables["_EPILOGUE_NF_KERNELS"] = {
+        dt: (ptr_type, getattr(mod.lib, "dora_forward_epilogue_nf_" + ("f32" if dt == np.float32 else "f64")))
+        for dt, (ptr_type, _) in C._EPILOGUE_NF_KERNELS.items()
+    } if hasattr(mod.lib, "dora_forward_epilogue_nf_f32") else {}
 
     def call():
         saved = {name: getattr(C, name) for name in tables}
@@ -105,9 +119,18 @@ def race(fns, repeats):
     return bk.race(fns, repeats, mins=mins), mins
 
 
-def run(shape, builds, repeats, norm_only=False):
+def run(shape, builds, repeats, norm_only=False, eval_only=False):
     out_f, in_f, r, N = shape
     p = bk.problem(*shape)
+    if eval_only:  # the plain product and each build's eval forward, nothing else
+        st = bk.steps(p)
+        fns = {"plain_eval": st["plain_eval"]}
+        for tag, (mod, keep_z) in builds.items():
+            fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
+        nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
+               "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
+        steps = race(fns, repeats)
+        return norm_rows(shape, builds, nan, steps[0], nan, steps[1])
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
     X = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
     ones = np.ones(in_f, dtype=np.float32)
@@ -125,6 +148,42 @@ def run(shape, builds, repeats, norm_only=False):
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     steps = race(fns, repeats)
     return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1])
+
+
+def eval_breakdown(shape, repeats):
+    """The parts of this build's eval forward (the layer's, cached norm) against
+    the plain product x @ W0.T, timed in one race: each part alone, on
+    arrays of the forward's shapes. Returns rows (name, median s, min s)
+    and the floor: the two low-rank products' flops at the plain product's
+    rate (its median), as a fraction of the plain product."""
+    from dora_ref.core._validate import WeightSnapshot, _vdot
+
+    out_f, in_f, r, N = shape
+    p = bk.problem(*shape)
+    W0, A, B, x, s, m = (p[k] for k in ("W0", "A", "B", "x", "s", "m"))
+    st = bk.steps(p)  # its layer: eval mode, the norm cached
+    n = F.column_norm(W0, A, B, s)
+    g = m / n
+    base, U = x @ W0.T, x @ A.T
+    buf = base.copy()
+    A_seen, B_seen = A.copy(), B.copy()  # the norm cache's copies (EvalNormCache)
+    fns = {
+        "plain x @ W0.T": st["plain_eval"],
+        "layer eval forward": st["dora_eval_layer"],
+        "functional, weight_norm": lambda: F.dora_forward(x, W0, A, B, m, s, weight_norm=n),
+        "x @ A.T (BLAS)": lambda: x @ A.T,
+        "epilogue over base (C, flag)": lambda: C._forward_epilogue_flagged(buf, U, B, g, s, None, 1),
+        "epilogue, new y (C)": lambda: C.forward_epilogue(base, U, B, g, s, None),
+        "U @ B.T alone (BLAS)": lambda: U @ B.T,
+        "vdot(y, y) (the pass the flag replaces)": lambda: _vdot(buf, buf),
+        "snapshot of A, B, m": lambda: WeightSnapshot.of(("A", "B", "m"), (A, B, m)),
+        "cache: A, B compared": lambda: np.array_equal(A_seen, A) and np.array_equal(B_seen, B),
+    }
+    mins = {}
+    med = bk.race(fns, repeats, mins=mins)
+    plain = med["plain x @ W0.T"]
+    floor = 2 * N * r * (in_f + out_f) / (2 * N * in_f * out_f / plain) / plain
+    return [(k, med[k], mins[k]) for k in fns], floor, plain
 
 
 def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min):
@@ -160,14 +219,36 @@ def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="path of the other build's _dora_c shared object")
+    ap.add_argument("--base", help="path of the other build's _dora_c shared object")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--shapes", default=None, help="e.g. 4096,4096,64,512;11008,4096,16,256")
     ap.add_argument("--norm-only", action="store_true",
                     help="time the column norm alone (the step columns nan)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="time the eval forwards alone against the plain product (the other "
+                         "columns nan): more repeats in the same time")
+    ap.add_argument("--eval-breakdown", action="store_true",
+                    help="time the parts of this build's eval forward against the plain product "
+                         "(no --base build needed)")
     args = ap.parse_args()
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
                                              for sh in args.shapes.split(";")]
+    if args.eval_breakdown:
+        print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
+        print("| (out, in, r, N) | part | median ms | min ms | median / plain | min / plain |")
+        print("|---|---|---|---|---|---|")
+        for shape in shapes:
+            rows, floor, plain = eval_breakdown(shape, args.repeats)
+            pmin = rows[0][2]
+            for name, md, mn in rows:
+                print(f"| {shape} | {name} | {md * 1e3:.3f} | {mn * 1e3:.3f} | {md / plain:.4f} | "
+                      f"{mn / pmin:.4f} |", flush=True)
+            print(f"| {shape} | floor: x @ A.T and U @ B.T flops at the plain product's rate | | | "
+                  f"{floor:.4f} | |", flush=True)
+        print(f"load average at end {os.getloadavg()}")
+        return
+    if not args.base:
+        ap.error("--base is required (except with --eval-breakdown)")
     # "this, z off": this build with the training forward not keeping z (the step of before)
     builds = {"base": (load_build(args.base), False), "this, z off": (C._dora_c, False),
               "this": (C._dora_c, True)}
@@ -176,7 +257,7 @@ def main():
           "norm / flop bound | train / plain (min) | eval / plain (min) |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        rows, extra = run(shape, builds, args.repeats, args.norm_only)
+        rows, extra = run(shape, builds, args.repeats, args.norm_only, args.eval_only)
         for row in rows:
             print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
                   f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "

@@ -65,6 +65,18 @@ int dora_forward_epilogue_z_f64(double *y, double *z,
                                 const double *g, const double *bias,
                                 double s, int64_t N, int64_t out, int64_t r);
 
+/* forward_epilogue (z NULL) or forward_epilogue_z (z not NULL) that also sets
+   *nonfinite to 1 if some element of y is Inf or NaN, else 0 (the forward's
+   test of its output, without a second pass over y). */
+int dora_forward_epilogue_nf_f32(float *y, float *z,
+                                 const float *base, const float *U, const float *B,
+                                 const float *g, const float *bias,
+                                 double s, int64_t N, int64_t out, int64_t r, int *nonfinite);
+int dora_forward_epilogue_nf_f64(double *y, double *z,
+                                 const double *base, const double *U, const double *B,
+                                 const double *g, const double *bias,
+                                 double s, int64_t N, int64_t out, int64_t r, int *nonfinite);
+
 /* With z = base + s * U @ B.T (never stored): dg = sum over N of dy * z,
    and dz = dy * g. */
 int dora_backward_epilogue_f32(float *dg, float *dz,

@@ -576,7 +576,8 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
 
 static inline __attribute__((always_inline)) void FN(forward_step)(
     WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
-    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias, int has_z)
+    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias, int has_z,
+    REAL chk[W])
 {
     REAL P[G][W];
     FN(tile)(0, P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
@@ -585,34 +586,39 @@ static inline __attribute__((always_inline)) void FN(forward_step)(
         for (int l = 0; l < w; l++) {
             const REAL zv = base[q * out + l] + s * P[q][l];
             const REAL v = gm[l] * zv;
+            const REAL yv = has_bias ? v + bias[l] : v;
             if (has_z) z[q * out + l] = zv;  /* z may be base: its element was read above */
-            y[q * out + l] = NARROW(has_bias ? v + bias[l] : v);
+            y[q * out + l] = NARROW(yv);
+            chk[l] += yv - yv;  /* +0 for a finite yv, NaN for Inf or NaN (the finiteness flag) */
         }
 }
 
 /* One row group's tile, the four (bias, z) cases as constants of forward_step. */
 static inline __attribute__((always_inline)) void FN(forward_tile)(
     WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
-    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w)
+    const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, REAL chk[W])
 {
     if (g == G && w == W) {
-        if (bias && z) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 1, 1);
-        else if (bias) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 1, 0);
-        else if (z) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 0, 1);
-        else FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 0, 0);
+        if (bias && z) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 1, 1, chk);
+        else if (bias) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 1, 0, chk);
+        else if (z) FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 0, 1, chk);
+        else FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, G, W, 0, 0, chk);
     } else if (z) {
-        FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, g, w, bias != NULL, 1);
+        FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, g, w, bias != NULL, 1, chk);
     } else {
-        FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, g, w, bias != NULL, 0);
+        FN(forward_step)(y, z, base, u, bt, gm, bias, s, out, r, g, w, bias != NULL, 0, chk);
     }
 }
 
-/* Rows t0..t1, columns j0..j1 (j0 a multiple of W). */
-static DORA_CLONES void FN(forward_epilogue_rows)(
+/* Rows t0..t1, columns j0..j1 (j0 a multiple of W). Returns 1 if some y it
+   wrote is Inf or NaN (before the narrowing of a 16-bit y), else 0: the
+   eval forward's finiteness test, without a second pass over y. */
+static DORA_CLONES int FN(forward_epilogue_rows)(
     WTYPE *y, REAL *z, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
     const REAL *bias, REAL s, int64_t t0, int64_t t1, int64_t j0, int64_t j1, int64_t out,
     int64_t r)
 {
+    REAL chk[W] = {0};
     /* Columns in blocks of COL_BLOCK, so that their panels of B.T stay in L1
        while the rows go by (all of B.T per row group would come from L2). */
     for (int64_t c0 = j0; c0 < j1; c0 += COL_BLOCK)
@@ -624,9 +630,12 @@ static DORA_CLONES void FN(forward_epilogue_rows)(
             const REAL *bp = Bp + (i / W) * r * W;  /* B.T[:, i:i+W] */
             const REAL *ub = U + t * r, *bi = bias ? bias + i : NULL;
             FN(forward_tile)(y + o, z ? z + o : NULL, base + o, ub, bp, gm + i, bi, s, out, r,
-                             g, w);
+                             g, w, chk);
         }
     }
+    REAL sum = 0;
+    for (int l = 0; l < W; l++) sum += chk[l];
+    return !(sum == 0);  /* NaN unless every lane is +0 */
 }
 
 /* forward_epilogue's blocks on a team (dora_team_for), as column_norm's:
@@ -645,22 +654,26 @@ typedef struct {
     REAL s;
     int64_t N, out, r;
     int by_columns;
+    int nonfinite;  /* set (atomically) by a block that wrote an Inf or NaN */
 } FN(forward_ctx);
 
 static void FN(forward_block)(void *ctx, void *scratch, int64_t blk)
 {
-    const FN(forward_ctx) *c = (const FN(forward_ctx) *)ctx;
+    FN(forward_ctx) *c = (FN(forward_ctx) *)ctx;
+    int bad;
     (void)scratch;
     if (c->by_columns) {
         const int64_t j0 = blk * FWD_COL_BLOCK, j1 = dora_min(c->out, j0 + FWD_COL_BLOCK);
         FN(pack_panels_range)(c->Bp, c->B, c->r, c->out, 1, c->r, j0 / W, (j1 + W - 1) / W);
-        FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s, 0,
-                                  c->N, j0, j1, c->out, c->r);
+        bad = FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s,
+                                        0, c->N, j0, j1, c->out, c->r);
     } else {
         const int64_t t0 = blk * ROW_BLOCK;
-        FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s, t0,
-                                  dora_min(c->N, t0 + ROW_BLOCK), 0, c->out, c->out, c->r);
+        bad = FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s,
+                                        t0, dora_min(c->N, t0 + ROW_BLOCK), 0, c->out, c->out,
+                                        c->r);
     }
+    if (bad) __atomic_store_n(&c->nonfinite, 1, __ATOMIC_RELAXED);
 }
 
 /* The forward epilogue; z NULL, or where z = base + s * U @ B.T goes (it may
@@ -670,7 +683,7 @@ static void FN(forward_block)(void *ctx, void *scratch, int64_t blk)
    is the same sum and the same epilogue either way, the same bits. */
 static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const REAL *U,
                                      const REAL *B, const REAL *gm, const REAL *bias,
-                                     double s, int64_t N, int64_t out, int64_t r)
+                                     double s, int64_t N, int64_t out, int64_t r, int *nonfinite)
 {
     if (N < 0 || out < 0 || r < 0) return DORA_ERR_SIZE;
     if ((N && out && (!y || !base)) || (N && r && !U) || (out && r && !B) || (out && !gm))
@@ -681,12 +694,13 @@ static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const 
     const int64_t nblocks = by_columns ? (out + FWD_COL_BLOCK - 1) / FWD_COL_BLOCK
                                        : (N + ROW_BLOCK - 1) / ROW_BLOCK;
     FN(forward_ctx) ctx = {y, (N && out) ? z : NULL, base, U, B, gm, bias, Bp, (REAL)s, N, out, r,
-                           by_columns};
+                           by_columns, 0};
     dora_plan plan;
     dora_plan_begin(&plan, z ? K_FORWARD_Z : K_FORWARD, (double)N * out * (r + 1), nblocks);
     dora_team_for(&plan, nblocks, FN(forward_block), &ctx, 0);  /* no scratch: cannot fail */
     dora_plan_end(&plan);
     free(Bp);
+    if (nonfinite) *nonfinite = ctx.nonfinite;
     return DORA_OK;
 }
 
@@ -694,7 +708,7 @@ API int FN(dora_forward_epilogue)(WTYPE *y, const REAL *base, const REAL *U, con
                               const REAL *gm, const REAL *bias,
                               double s, int64_t N, int64_t out, int64_t r)
 {
-    return FN(forward_epilogue_impl)(y, NULL, base, U, B, gm, bias, s, N, out, r);
+    return FN(forward_epilogue_impl)(y, NULL, base, U, B, gm, bias, s, N, out, r, NULL);
 }
 
 #if !LP
@@ -703,7 +717,18 @@ int FN(dora_forward_epilogue_z)(REAL *y, REAL *z, const REAL *base, const REAL *
                                 double s, int64_t N, int64_t out, int64_t r)
 {
     if (N > 0 && out > 0 && !z) return DORA_ERR_NULL;
-    return FN(forward_epilogue_impl)(y, z, base, U, B, gm, bias, s, N, out, r);
+    return FN(forward_epilogue_impl)(y, z, base, U, B, gm, bias, s, N, out, r, NULL);
+}
+
+/* The two above with the finiteness flag: *nonfinite = 1 if some element of
+   y is Inf or NaN, else 0 (z NULL: y alone). */
+int FN(dora_forward_epilogue_nf)(REAL *y, REAL *z, const REAL *base, const REAL *U,
+                                 const REAL *B, const REAL *gm, const REAL *bias,
+                                 double s, int64_t N, int64_t out, int64_t r, int *nonfinite)
+{
+    if (!nonfinite) return DORA_ERR_NULL;
+    *nonfinite = 0;
+    return FN(forward_epilogue_impl)(y, z, base, U, B, gm, bias, s, N, out, r, nonfinite);
 }
 #endif
 

@@ -386,13 +386,14 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     if dropout_mask is None:
         U = x2 @ A.T  # (1)
         base = x2 @ W0.T  # (2)
-        if overwrite_base:  # base is ours, fresh: y replaces it, element by element
-            y = kernels._forward_epilogue_over_base(base, U, B, g, scaling, bias)  # (5), (6)
+        # base is ours, fresh: y replaces it, element by element (overwrite_base), or z (5)
+        # replaces it and the backward reads it (keep_z); finite: the kernel saw y finite as
+        # it wrote it (the C backend's flag, or results_finite(y) for the NumPy one)
+        y, finite = kernels._forward_epilogue_flagged(
+            base, U, B, g, scaling, bias,
+            1 if overwrite_base else 2 if keep_z else 0)  # (5), (6); EPILOGUE_* of the backends
+        if overwrite_base:
             base = None
-        elif keep_z:  # base is ours, fresh: z (5) replaces it, and the backward reads it
-            y = kernels._forward_epilogue_keep_z(base, U, B, g, scaling, bias)  # (5), (6)
-        else:
-            y = kernels.forward_epilogue(base, U, B, g, scaling, bias)  # (5), (6)
         xd, mask = x2, None
     else:
         mask = _check_mask(dropout_mask, x_shape, W0.dtype)
@@ -402,9 +403,9 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         y = x2 @ W0.T + (g - 1.0) * base + g * (scaling * (U @ B.T))
         if bias is not None:
             y += bias
+        finite = math.isfinite(_vdot(y, y))  # results_finite(y), inline
 
-    if not math.isfinite(_vdot(y, y)):  # results_finite(y), inline; else the exact test,
-        # which names x or the overflow
+    if not finite:  # the exact test, which names x or the overflow
         check_result_finite([("y (the output)", y)], [("x", x2)])
     # positional (keywords cost a few tenths of a us per call at small sizes):
     # seen, precision, n_nonzero, base_is_z

@@ -19,8 +19,11 @@ overflows in the sum of squares (PEFT's float32 sum can do both).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ._validate import _vdot
 from .precision import LOW_PRECISION_DTYPES, upcast
 
 _BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
@@ -225,6 +228,29 @@ def _forward_epilogue_over_base(base, U, B, g, scaling, bias):
     (as in ``_forward_epilogue_keep_z``).
     """
     return _epilogue(base, U, B, g, scaling, bias, base)
+
+
+#: ``_forward_epilogue_flagged``'s ``where`` (as in ``dora_ref.kernels.c``)
+EPILOGUE_NEW, EPILOGUE_OVER_BASE, EPILOGUE_KEEP_Z = 0, 1, 2
+
+
+def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
+    """The functional core's forward epilogue, and whether y is certainly finite.
+
+    ``where``: ``EPILOGUE_NEW`` (``forward_epilogue``), ``EPILOGUE_OVER_BASE``
+    (``_forward_epilogue_over_base``) or ``EPILOGUE_KEEP_Z``
+    (``_forward_epilogue_keep_z``). Returns (y, finite): finite is True when
+    the sum of y's squares is (then every element is), False when the caller
+    must run the exact test (``check_result_finite``). The C backend takes
+    the flag from its kernel instead of this second pass over y.
+    """
+    if where == EPILOGUE_OVER_BASE:
+        y = _epilogue(base, U, B, g, scaling, bias, base)
+    elif where == EPILOGUE_KEEP_Z:
+        y = _epilogue_z(base, U, B, g, scaling, bias, base)
+    else:
+        y = forward_epilogue(base, U, B, g, scaling, bias)
+    return y, math.isfinite(_vdot(y, y))
 
 
 def check_epilogue_out(out, base, others, dtype, name="out"):

@@ -44,7 +44,9 @@ measured cost against what opening a team costs now (``set_threads``,
 forked after a threaded call runs the kernels too (``tests/test_fork.py``); a fork
 while another thread is inside one waits for its team to finish
 (``tests/test_fork_mid_call.py``). NaN and
-Inf propagate as in NumPy. Sums of squares are accumulated in double, as
+Inf propagate as in NumPy; the forward epilogue also tells the functional
+core whether it wrote one into y (``_forward_epilogue_flagged``), so that
+the forward's test of y costs no second pass over it. Sums of squares are accumulated in double, as
 in the NumPy twin; the reduction dg of ``backward_epilogue`` is too (the
 twin sums it in the arrays' dtype), which only makes it more accurate.
 
@@ -70,12 +72,14 @@ impossible).
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
 import numpy as np
 
 from ..core import kernels_numpy as _kernels_numpy
+from ..core._validate import _vdot
 
 # Environment variables with which a user tells the OpenMP runtime how idle
 # threads wait; dora_ref never overrides one that is set.
@@ -1048,6 +1052,66 @@ def _forward_epilogue_over_base(base, U, B, g, scaling, bias):
             _check_status(status, "forward_epilogue")
             return base
     return forward_epilogue(base, U, B, g, scaling, bias, out=base)
+
+
+_EPILOGUE_NF_KERNELS = {
+    np.dtype(np.float32): (_ARRAY_TYPE["float"], lib.dora_forward_epilogue_nf_f32),
+    np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_nf_f64),
+}
+
+#: ``_forward_epilogue_flagged``'s ``where``: y in a new array, y over base, z over base
+EPILOGUE_NEW, EPILOGUE_OVER_BASE, EPILOGUE_KEEP_Z = 0, 1, 2
+
+_new_flag = ffi.new
+
+
+def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
+    """The functional core's forward epilogue, and whether y is certainly finite.
+
+    ``where``: ``EPILOGUE_NEW`` (``forward_epilogue``), ``EPILOGUE_OVER_BASE``
+    (``_forward_epilogue_over_base``: y written over base, which is the
+    caller's own fresh product) or ``EPILOGUE_KEEP_Z``
+    (``_forward_epilogue_keep_z``: z written over base, y a new array).
+
+    Returns
+    -------
+    y : ndarray, shape (N, out)
+        The same bits as the function named above.
+    finite : bool
+        True: every element of y is finite (the kernel's flag, set while it
+        wrote y: no second pass over y). False: some element may not be;
+        the caller runs the exact test (``check_result_finite``). The usual
+        call (``_epilogue_usual``, base writeable) takes the flag from the
+        kernel; any other goes through the function named above and
+        ``results_finite``'s one-sum test of y.
+    """
+    if type(base) is np.ndarray and (where == EPILOGUE_NEW or base.flags.writeable):
+        entry = _EPILOGUE_NF_KERNELS.get(base.dtype)
+        if entry is not None and _epilogue_usual(base, U, B, g, bias):
+            ptr_type, kernel = entry
+            N, out_f = base.shape
+            bp = _from_buffer(ptr_type, base)
+            if where == EPILOGUE_OVER_BASE:
+                y, yp, zp = base, bp, ffi.NULL
+            else:
+                y = np.empty((N, out_f), dtype=base.dtype)
+                yp = _from_buffer(ptr_type, y)
+                zp = bp if where == EPILOGUE_KEEP_Z else ffi.NULL
+            flag = _new_flag("int *")
+            status = kernel(
+                yp, zp, bp, _from_buffer(ptr_type, U), _from_buffer(ptr_type, B),
+                _from_buffer(ptr_type, g), ffi.NULL if bias is None else _from_buffer(ptr_type, bias),
+                _scaling(scaling), N, out_f, U.shape[1], flag,
+            )
+            _check_status(status, "forward_epilogue")
+            return y, not flag[0]
+    if where == EPILOGUE_OVER_BASE:
+        y = _forward_epilogue_over_base(base, U, B, g, scaling, bias)
+    elif where == EPILOGUE_KEEP_Z:
+        y = _forward_epilogue_keep_z(base, U, B, g, scaling, bias)
+    else:
+        y = forward_epilogue(base, U, B, g, scaling, bias)
+    return y, math.isfinite(_vdot(y, y))
 
 
 def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):

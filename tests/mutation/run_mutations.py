@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     "tests/test_reference_values.py",
     "tests/test_regressions.py",
+    "tests/test_forward_finite_flag.py",  # its first test: the layer and functional forwards
     "tests/test_properties.py",
     "tests/test_gradients.py",
 ]
@@ -155,9 +156,12 @@ MUTATIONS = [
              "p3[l] = FN(madd)(fused, c2, ak[l], p3[l]);",
              "C full 4-row tile uses row 2's coefficient for row 3"),
     Mutation("c_bias_times_g", C,
-             "y[q * out + l] = NARROW(has_bias ? v + bias[l] : v);",
-             "y[q * out + l] = NARROW(has_bias ? v + gm[l] * bias[l] : v);",
+             "const REAL yv = has_bias ? v + bias[l] : v;",
+             "const REAL yv = has_bias ? v + gm[l] * bias[l] : v;",
              "C forward multiplies the bias by g"),
+    Mutation("c_forward_flag_ignores_y", C,
+             "chk[l] += yv - yv;", "chk[l] += 0;",
+             "C forward epilogue's finiteness flag never set"),
     Mutation("c_forward_skips_last_partial_tile", C,
              "for (int64_t i = c0; i < dora_min(j1, c0 + COL_BLOCK); i += W) {",
              "for (int64_t i = c0; i + W <= dora_min(j1, c0 + COL_BLOCK); i += W) {",
