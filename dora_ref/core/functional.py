@@ -118,7 +118,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     refuse_non_finite_rows,
     results_finite,
 )
-from .precision import LOW_PRECISION_DTYPES, check_policy
+from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
 from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the functional API)
     _HALF_MAX,
     _SMALLEST_SAFE_NORM,
@@ -405,8 +405,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
             y += bias
         finite = math.isfinite(_vdot(y, y))  # results_finite(y), inline
 
-    if not finite:  # the exact test, which names x or the overflow
-        check_result_finite([("y (the output)", y)], [("x", x2)])
+    if not finite:  # the exact test, which names x or what overflowed
+        _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, mask is not None)
     # positional (keywords cost a few tenths of a us per call at small sizes):
     # seen, precision, n_nonzero, base_is_z
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U,
@@ -415,6 +415,43 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     if len(x_shape) != 2:
         y = y.reshape(*x_shape[:-1], W0.shape[0])
     return y, ctx
+
+
+def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked):
+    """Raise the ``ValueError`` that says why y (N, out) is not finite.
+
+    A NaN or Inf in x is named (``check_finite``). Else something
+    overflowed y's dtype: y itself, or only the unmerged forward's
+    intermediate z = x W0^T + s (x A^T) B^T, which is formed before the
+    magnitude's scale g = m / n (steps (5), (6); PEFT forms it in the same
+    order). The first non-finite element is computed again in float64 to
+    tell which: a y that fits the dtype is said to fit, with its value, so
+    that the message never claims an overflow of y that did not happen.
+    """
+    check_finite("x", x2)
+    bad = np.argwhere(~np.isfinite(y))
+    i, j = (int(v) for v in bad[0])
+    f64 = np.float64
+    w, b = W0[j].astype(f64), B[j].astype(f64)
+    lowrank = float(scaling) * float((A.astype(f64) @ xd[i].astype(f64)) @ b)
+    gj = float(g[j])
+    with np.errstate(over="ignore", invalid="ignore"):
+        if masked:  # y = x W0^T + (g - 1) (xd W0^T) + g s (xd A^T) B^T
+            value = float(x2[i].astype(f64) @ w) + (gj - 1.0) * float(xd[i].astype(f64) @ w) \
+                + gj * lowrank
+        else:  # y = g (x W0^T + s (x A^T) B^T)
+            value = gj * (float(x2[i].astype(f64) @ w) + lowrank)
+        if bias is not None:
+            value += float(bias[j])
+    if math.isfinite(value) and abs(value) <= float(finfo(y.dtype).max):
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed in {y.dtype}: at index "
+            f"({i}, {j}) it is about {value:.4g}, which fits, but the unmerged forward's "
+            f"intermediate z = x W0^T + s (x A^T) B^T, formed before the magnitude's scale "
+            f"m / n (as PEFT forms it), overflowed {y.dtype}; every input is finite. Scale the "
+            f"scaling or the adapter down, merge the adapter (merge() forms W0 + s B A scaled "
+            f"by m / n first), or compute in float64")
+    check_result_finite([("y (the output)", y)], [("x", x2)])
 
 
 def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name,
