@@ -187,14 +187,23 @@ static REAL *FN(pack_groups)(const REAL *B, int64_t out, int64_t r)
 /* column_norm: n_i = ||W0_i + s * B_i @ A||_2  (paper ||V||_c, one per row) */
 /* ------------------------------------------------------------------------ */
 
-/* acc + v * v in double, a multiply and an add. (For a float v the product
-   of the two doubles is exact, so a fused multiply-add would give the same
-   bits with one instruction fewer; it was tried and measured slower: column
-   norm (4096, 4096, r = 64) float32, 2 threads, Zen 3, 16.5 ms against
-   14.7 ms with the two instructions, 15 interleaved repeats, r = 8
-   unchanged; why was not established.) */
-static inline __attribute__((always_inline)) double FN(add_square)(double acc, REAL v)
+/* acc + v * v in double. For a float v the product of the two doubles is
+   exact (24 significant bits squared fit in 53, and no float squared
+   overflows or underflows a double), so in the fused mode the float
+   kernels take one fused multiply-add for the two instructions: the same
+   bits, including for inf and NaN. It moves the add from the FP adders,
+   where the square's two vcvtps2pd also run, to the FMA units:
+   column_norm (240, 4096) float32, one thread, Zen 3 shared (load 7), 41
+   interleaved repeats, medians: 0.957x the time at r = 8, 0.964x at r = 16,
+   0.99-1.01x at r = 32 and 64. (An earlier try of the same fma,
+   (4096, 4096, 64), 2 threads, measured 16.5 ms against 14.7 ms; see the
+   report of this change for the re-measure.) float64 keeps the multiply
+   and the add: there the product rounds, and an fma would change the bits. */
+static inline __attribute__((always_inline)) double FN(add_square)(const int fused, double acc,
+                                                                   REAL v)
 {
+    if (fused && sizeof(REAL) == sizeof(float))
+        return fma((double)v, (double)v, acc);
     return acc + (double)v * (double)v;
 }
 
@@ -216,7 +225,7 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
             for (int l = 0; l < e; l++) {
                 const REAL v = P[q][h + l];
                 if (Vout) Vout[q * in + h + l] = v;
-                acc[q][l] = FN(add_square)(acc[q][l], v);  /* += (double)v * (double)v */
+                acc[q][l] = FN(add_square)(fused, acc[q][l], v);  /* += (double)v * (double)v */
             }
         }
     }
@@ -225,13 +234,13 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
 /* One row of norm_full6's tile: acc[l % ACCW] += V[l]^2, V = W0 + s * p,
    for the W columns of this tile; the arithmetic of norm_step. */
 static inline __attribute__((always_inline)) void FN(norm_row_squares)(
-    double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
+    const int fused, double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
 {
     REAL v[W];
     #pragma omp simd
     for (int l = 0; l < W; l++) v[l] = WIDEN(w0[l]) + s * p[l];
     for (int h = 0; h < W; h += ACCW)
-        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(acc[l], v[h + l]);
+        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(fused, acc[l], v[h + l]);
 }
 
 /* norm_step for a full tile of NG = 6 rows (column_norm of float32 in the
@@ -288,12 +297,12 @@ static inline __attribute__((always_inline)) void FN(norm_full6)(
         #pragma omp simd
         for (int l = 0; l < W; l++) t5[l] = FN(madd)(fused, e, ak[l], t5[l]);
     }
-    FN(norm_row_squares)(acc[0], w0, t0, s);
-    FN(norm_row_squares)(acc[1], w0 + in, t1, s);
-    FN(norm_row_squares)(acc[2], w0 + 2 * in, t2, s);
-    FN(norm_row_squares)(acc[3], w0 + 3 * in, t3, s);
-    FN(norm_row_squares)(acc[4], w0 + 4 * in, t4, s);
-    FN(norm_row_squares)(acc[5], w0 + 5 * in, t5, s);
+    FN(norm_row_squares)(fused, acc[0], w0, t0, s);
+    FN(norm_row_squares)(fused, acc[1], w0 + in, t1, s);
+    FN(norm_row_squares)(fused, acc[2], w0 + 2 * in, t2, s);
+    FN(norm_row_squares)(fused, acc[3], w0 + 3 * in, t3, s);
+    FN(norm_row_squares)(fused, acc[4], w0 + 4 * in, t4, s);
+    FN(norm_row_squares)(fused, acc[5], w0 + 5 * in, t5, s);
 }
 
 /* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,
