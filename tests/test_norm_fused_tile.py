@@ -117,7 +117,7 @@ def _lane_sums_norm(V):
     return np.sqrt(t).astype(V.dtype)
 
 
-@pytest.mark.parametrize("r", [8, R6])  # the four-row tile, the six-row tile (fused mode)
+@pytest.mark.parametrize("r", [8, R6, 40])  # four rows, six (fused mode), six without fma squares
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_column_norm_fused_squares_have_the_bits_of_a_multiply_and_an_add(dtype, r):
     """Where the CPU has FMA, the float32 norm adds each square with one fused
