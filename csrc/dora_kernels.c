@@ -61,6 +61,7 @@
 #define NG 6                      /* rows of column_norm's six-row tile (norm_full6 spells out 6) */
 #define NORM_ROW_BLOCK 60         /* rows a thread takes at a time in column_norm (a multiple of G and NG) */
 #define NORM_SIX_MIN_R 16         /* column_norm takes NG-row tiles from this rank on (fused mode) */
+#define NORM_FMA_SQUARES_MAX_R 32 /* column_norm adds its float32 squares by fma below this rank (fused mode) */
 #define FWD_COL_BLOCK 64          /* columns a block of the forward by columns has (a multiple of W) */
 #define NORM_WHOLE_BYTES 1048576  /* A up to this size (counted in float64) is read whole in column_norm */
 #define NORM_CHUNK_BYTES 32768    /* else column_norm takes it in chunks of this size (L1) */

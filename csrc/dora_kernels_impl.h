@@ -22,9 +22,10 @@
    so the two differ only by rounding: the order of the rank-r sum, the
    double accumulators used here for sums, and, where the CPU has FMA, the
    fused multiply-adds of the rank-r sum in the tile of the norm, the merge
-   and the unmerge (the tile's fused mode, FN(madd)), written as fma() calls. Nothing else is
-   fused: the build passes -ffp-contract=off, so each other operation rounds
-   as written.
+   and the unmerge (the tile's fused mode, FN(madd)), written as fma() calls. Elsewhere
+   only column_norm's float32 squares may take an fma (FN(add_square)), where
+   it gives the bits of the multiply and the add. Nothing else is fused: the
+   build passes -ffp-contract=off, so each other operation rounds as written.
 
    Every kernel is split in three:
      FN(x_step)(..., g, w)          one tile: g <= G rows, w <= W columns
@@ -187,14 +188,24 @@ static REAL *FN(pack_groups)(const REAL *B, int64_t out, int64_t r)
 /* column_norm: n_i = ||W0_i + s * B_i @ A||_2  (paper ||V||_c, one per row) */
 /* ------------------------------------------------------------------------ */
 
-/* acc + v * v in double, a multiply and an add. (For a float v the product
-   of the two doubles is exact, so a fused multiply-add would give the same
-   bits with one instruction fewer; it was tried and measured slower: column
-   norm (4096, 4096, r = 64) float32, 2 threads, Zen 3, 16.5 ms against
-   14.7 ms with the two instructions, 15 interleaved repeats, r = 8
-   unchanged; why was not established.) */
-static inline __attribute__((always_inline)) double FN(add_square)(double acc, REAL v)
+/* acc + v * v in double. For a float v the product of the two doubles is
+   exact (24 significant bits squared fit in 53, and no float squared
+   overflows or underflows a double), so one fused multiply-add gives the
+   same bits, including for inf and NaN: the float kernels take it when
+   `fused` is 2 (column_norm_rows_sq: the fused mode at r < NORM_FMA_SQUARES_MAX_R).
+   It moves the add from the FP adders, where the square's two vcvtps2pd also
+   run, to the FMA units, which the rank-r sum keeps busy: Zen 3 shared with
+   other processes (load 7-9), one thread, float32, interleaved repeats,
+   medians against the multiply and the add: (240, 4096) 0.957x the time at
+   r = 8, 0.964x at r = 16, 0.99-1.01x at r = 32 and 64; (4096, 4096)
+   0.95-0.99x at r = 32 but 1.05-1.12x at r = 64 (three runs; the slowdown
+   an earlier session also saw at r = 64). float64 always multiplies and
+   adds: its product rounds, and an fma would change the bits. */
+static inline __attribute__((always_inline)) double FN(add_square)(const int fused, double acc,
+                                                                   REAL v)
 {
+    if (fused == 2 && sizeof(REAL) == sizeof(float))
+        return fma((double)v, (double)v, acc);
     return acc + (double)v * (double)v;
 }
 
@@ -216,7 +227,7 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
             for (int l = 0; l < e; l++) {
                 const REAL v = P[q][h + l];
                 if (Vout) Vout[q * in + h + l] = v;
-                acc[q][l] = FN(add_square)(acc[q][l], v);  /* += (double)v * (double)v */
+                acc[q][l] = FN(add_square)(fused, acc[q][l], v);  /* += (double)v * (double)v */
             }
         }
     }
@@ -225,13 +236,13 @@ static inline __attribute__((always_inline)) void FN(norm_step)(
 /* One row of norm_full6's tile: acc[l % ACCW] += V[l]^2, V = W0 + s * p,
    for the W columns of this tile; the arithmetic of norm_step. */
 static inline __attribute__((always_inline)) void FN(norm_row_squares)(
-    double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
+    const int fused, double acc[ACCW], const WTYPE *w0, const REAL p[W], REAL s)
 {
     REAL v[W];
     #pragma omp simd
     for (int l = 0; l < W; l++) v[l] = WIDEN(w0[l]) + s * p[l];
     for (int h = 0; h < W; h += ACCW)
-        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(acc[l], v[h + l]);
+        for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(fused, acc[l], v[h + l]);
 }
 
 /* norm_step for a full tile of NG = 6 rows (column_norm of float32 in the
@@ -288,12 +299,12 @@ static inline __attribute__((always_inline)) void FN(norm_full6)(
         #pragma omp simd
         for (int l = 0; l < W; l++) t5[l] = FN(madd)(fused, e, ak[l], t5[l]);
     }
-    FN(norm_row_squares)(acc[0], w0, t0, s);
-    FN(norm_row_squares)(acc[1], w0 + in, t1, s);
-    FN(norm_row_squares)(acc[2], w0 + 2 * in, t2, s);
-    FN(norm_row_squares)(acc[3], w0 + 3 * in, t3, s);
-    FN(norm_row_squares)(acc[4], w0 + 4 * in, t4, s);
-    FN(norm_row_squares)(acc[5], w0 + 5 * in, t5, s);
+    FN(norm_row_squares)(fused, acc[0], w0, t0, s);
+    FN(norm_row_squares)(fused, acc[1], w0 + in, t1, s);
+    FN(norm_row_squares)(fused, acc[2], w0 + 2 * in, t2, s);
+    FN(norm_row_squares)(fused, acc[3], w0 + 3 * in, t3, s);
+    FN(norm_row_squares)(fused, acc[4], w0 + 4 * in, t4, s);
+    FN(norm_row_squares)(fused, acc[5], w0 + 5 * in, t5, s);
 }
 
 /* Rows i0..i1 of V = W0 + s * B @ A: n_i = ||V_i||, and, for the merge,
@@ -386,6 +397,21 @@ static DORA_CLONES void FN(column_norm_rows)(
         FN(column_norm_rows_body)(0, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
 }
 
+/* column_norm_rows in the fused mode at r < NORM_FMA_SQUARES_MAX_R: the
+   squares by fma too (add_square's `fused` 2). A function of its own: with
+   these two bodies added to column_norm_rows, GCC 12 compiled that
+   function's six-row body 1.7x slower at r = 32, where it takes no fma
+   squares ((4096, 4096) and (1024, 4096) float32, one thread, Zen 3). */
+static DORA_CLONES void FN(column_norm_rows_sq)(
+    REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq, REAL s,
+    int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    if (Bq)
+        FN(column_norm_rows_body)(2, NG, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+    else
+        FN(column_norm_rows_body)(2, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+}
+
 /* ------------------------------------------------------------------------ */
 /* merge: V = W0 + s * B @ A,  n = ||V||_row,  W' = (m / n) * V             */
 /* One pass over W0: a group's rows of V are kept in a scratch (in cache),  */
@@ -418,7 +444,10 @@ static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
     const FN(norm_ctx) *c = (const FN(norm_ctx) *)ctx;
     (void)scratch;
     const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(c->out, i0 + NORM_ROW_BLOCK);
-    FN(column_norm_rows)(c->fused, c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
+    if (c->fused && c->r < NORM_FMA_SQUARES_MAX_R)
+        FN(column_norm_rows_sq)(c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
+    else
+        FN(column_norm_rows)(c->fused, c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
 }
 
 /* The norm (Wm NULL), on a team (dora_team_for: OpenBLAS's threads when

@@ -97,3 +97,49 @@ def test_column_norm_six_row_tile_row_alone_and_merge_have_its_bits(dtype):
     a = np.abs(W64) + abs(S) * (np.abs(B64) @ np.abs(A64))
     bound = 2 * 4 * gamma(IN + R6 + 2, dtype) * np.linalg.norm(a, axis=1)
     assert np.all(np.abs(n - ref) <= bound), np.max(np.abs(n - ref) / bound)
+
+
+def _lane_sums_norm(V):
+    """The kernel's sum of squares, replayed in NumPy: column j's square goes to
+    lane j % 8 (ACCW), each lane adds in column order, the eight lanes are
+    added in order, then sqrt, rounded once to V's dtype. The squares are
+    taken in float64 (for float32 V exact; for float64 V rounded, as the
+    kernel's multiply then add)."""
+    V64 = V.astype(np.float64)
+    out, cols = V.shape
+    acc = np.zeros((out, 8))
+    for h in range(0, cols, 8):
+        sq = V64[:, h:h + 8] * V64[:, h:h + 8]
+        acc[:, :sq.shape[1]] += sq
+    t = np.zeros(out)
+    for lane in range(8):
+        t += acc[:, lane]
+    return np.sqrt(t).astype(V.dtype)
+
+
+@pytest.mark.parametrize("r", [8, R6, 40])  # four rows, six (fused mode), six without fma squares
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_norm_fused_squares_have_the_bits_of_a_multiply_and_an_add(dtype, r):
+    """Where the CPU has FMA, the float32 norm adds each square with one fused
+    multiply-add (csrc/dora_kernels_impl.h, add_square): exact products, so
+    the bits of acc + (double)v * (double)v. With B = 0 the tile's P is 0 and
+    V = W0, so the norm is the lanes' sums of W0's squares, replayed here:
+    entries with all 24 (53) significant bits, over a range of exponents from
+    subnormal float32 to near its largest, where a square rounded in float, or
+    a product rounded before the add, would differ."""
+    rng = np.random.default_rng(3)
+    finfo = np.finfo(dtype)
+    expo = rng.integers(-140, 120, size=(OUT6, IN)) if dtype == np.float32 \
+        else rng.integers(-500, 500, size=(OUT6, IN))
+    W0 = (rng.uniform(1.0, 2.0, (OUT6, IN)) * np.exp2(expo.astype(np.float64))).astype(dtype)
+    W0 *= rng.choice(np.array([-1, 1], dtype=dtype), size=W0.shape)
+    W0[3, 5] = finfo.max / 4 if dtype == np.float32 else 1e150  # a square still finite in float64
+    W0[7, :] = finfo.smallest_subnormal * rng.integers(1, 1000, IN)  # a row of subnormals
+    A = rng.standard_normal((r, IN)).astype(dtype)
+    B = np.zeros((OUT6, r), dtype=dtype)
+    expected = _lane_sums_norm(W0)
+    assert np.all(np.isfinite(expected)) and np.all(expected[:7] > 0)
+    n = C.column_norm(W0, A, B, S)
+    np.testing.assert_array_equal(n, expected)
+    _, n_merge = C.merge(W0, A, B, np.ones(OUT6, dtype=dtype), S)
+    np.testing.assert_array_equal(n_merge, expected)

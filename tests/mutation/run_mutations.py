@@ -148,7 +148,9 @@ MUTATIONS = [
              "const REAL f = m[i + q] / nq;", "const REAL f = nq / m[i + q];",
              "C merge scales the rows by n / m instead of m / n"),
     Mutation("c_float_accumulator", C,
+             "        return fma((double)v, (double)v, acc);\n"
              "    return acc + (double)v * (double)v;",
+             "        return (double)((float)acc + (float)v * (float)v);\n"
              "    return (double)((float)acc + (float)v * (float)v);",
              "C norm sums squares in float"),
     Mutation("c_full_tile_wrong_row", C,
