@@ -8,6 +8,7 @@ the others.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module with main(argv), one-line help)
@@ -106,7 +107,24 @@ def _shadowing_folder():
 
 
 def main(argv=None):
-    """Entry point: ``dora-ref COMMAND ...``. Returns the exit status."""
+    """Entry point: ``dora-ref COMMAND ...``. Returns the exit status.
+
+    Output piped into a reader that stops early (``dora-ref info | head -2``)
+    ends the command quietly, with status 1, as other command-line tools do,
+    instead of a ``BrokenPipeError`` traceback.
+    """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # Python's advice: point stdout at devnull so that the flush at exit is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     folder = _shadowing_folder()
     if folder is not None:

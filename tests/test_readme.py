@@ -60,6 +60,23 @@ def test_cli_names_a_folder_that_shadows_the_package(monkeypatch, capsys, tmp_pa
     assert str(tmp_path / "dora_ref") in err and "another directory" in err
 
 
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    """Found by session 8's new user: ``dora-ref info | head -2`` ended with a
+    BrokenPipeError traceback. The reader here closes its end before the command
+    writes: status 1, and nothing on stderr but what the command printed itself."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "dora_ref", "info"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_cli_info_names_the_machine_kind():
     """New-user finding (session 6): the README labels timings by machine kind (AVX2 Zen 3,
     AVX-512 Zen 4) but ``lscpu`` said only "AMD EPYC"; ``dora-ref info`` now names the CPU's
