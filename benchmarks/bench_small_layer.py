@@ -165,10 +165,11 @@ def measure(out_f, in_f, r, N, dtype, repeats, backend, inner=10, base=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=int, default=64)
-    p.add_argument("--in", dest="in_f", type=int, default=64)
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--N", type=int, default=64)
+    p.add_argument("--out", type=int, default=64,
+                   help="the layer's out_features (not a folder: this script writes no file)")
+    p.add_argument("--in", dest="in_f", type=int, default=64, help="the layer's in_features")
+    p.add_argument("--r", type=int, default=8, help="the adapter's rank")
+    p.add_argument("--N", type=int, default=64, help="rows of x per step (the batch)")
     p.add_argument("--repeats", type=int, default=2000, help="steps of each, in all")
     p.add_argument("--inner", type=int, default=10, help="steps per timed block")
     p.add_argument("--base", metavar="DIR", help="also time the layer of the checkout in DIR")
