@@ -118,6 +118,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     refuse_non_finite_rows,
     results_finite,
 )
+from .kernels_numpy import EPILOGUE_KEEP_Z, EPILOGUE_NEW, EPILOGUE_OVER_BASE
 from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
 from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the functional API)
     _HALF_MAX,
@@ -391,7 +392,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         # it wrote it (the C backend's flag, or results_finite(y) for the NumPy one)
         y, finite = kernels._forward_epilogue_flagged(
             base, U, B, g, scaling, bias,
-            1 if overwrite_base else 2 if keep_z else 0)  # (5), (6); EPILOGUE_* of the backends
+            EPILOGUE_OVER_BASE if overwrite_base else EPILOGUE_KEEP_Z if keep_z
+            else EPILOGUE_NEW)  # (5), (6)
         if overwrite_base:
             base = None
         xd, mask = x2, None

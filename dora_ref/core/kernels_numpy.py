@@ -245,9 +245,9 @@ def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
     the flag from its kernel instead of this second pass over y.
     """
     if where == EPILOGUE_OVER_BASE:
-        y = _epilogue(base, U, B, g, scaling, bias, base)
+        y = _forward_epilogue_over_base(base, U, B, g, scaling, bias)
     elif where == EPILOGUE_KEEP_Z:
-        y = _epilogue_z(base, U, B, g, scaling, bias, base)
+        y = _forward_epilogue_keep_z(base, U, B, g, scaling, bias)
     else:
         y = forward_epilogue(base, U, B, g, scaling, bias)
     return y, math.isfinite(_vdot(y, y))

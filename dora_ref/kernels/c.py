@@ -1060,7 +1060,9 @@ _EPILOGUE_NF_KERNELS = {
 }
 
 #: ``_forward_epilogue_flagged``'s ``where``: y in a new array, y over base, z over base
-EPILOGUE_NEW, EPILOGUE_OVER_BASE, EPILOGUE_KEEP_Z = 0, 1, 2
+#: (the NumPy twin's constants: both backends take the same values)
+EPILOGUE_NEW, EPILOGUE_OVER_BASE, EPILOGUE_KEEP_Z = (
+    _kernels_numpy.EPILOGUE_NEW, _kernels_numpy.EPILOGUE_OVER_BASE, _kernels_numpy.EPILOGUE_KEEP_Z)
 
 _new_flag = ffi.new
 
