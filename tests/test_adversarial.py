@@ -440,6 +440,9 @@ def test_merge_sigterm_removes_the_temporary_output(small_checkpoint, out_exists
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr
     assert "terminated (SIGTERM)" in proc.stderr
+    # the message says what is at OUT: the old output, or none (it said "unchanged" for an
+    # OUT that never existed: a new user's nit)
+    assert (f"{out} is unchanged" if out_exists else f"{out} was not created") in proc.stderr, proc.stderr
     assert sorted(p.name for p in d.iterdir()) == before  # no temporary sibling left
     assert (_merged_files(out) if out_exists else None) == snapshot
 

@@ -158,6 +158,8 @@ def test_unknown_mistake_gets_no_hint_from_a_variant_barely_apart_from_dora(dtyp
         testing.check_forward(forward, dtype=dtype, max_examples=50, seed=0)
     assert info.value.output == "y"
     assert info.value.hint is None, [d.key for d in info.value.diagnoses]
+    # and says so, instead of ending after the mismatch (a new user's nit)
+    assert "hint: none; no known mistake" in str(info.value), str(info.value)
 
 
 def test_low_precision_argument_errors():

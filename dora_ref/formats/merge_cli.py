@@ -723,6 +723,9 @@ def main(argv=None):
 
 
 def _main(args):
+    # What a failed merge leaves at OUT: what was there before, or nothing.
+    left = (f"{args.out} is unchanged" if os.path.lexists(args.out)
+            else f"{args.out} was not created")
     try:
         merge_checkpoint(
             args.base,
@@ -741,13 +744,13 @@ def _main(args):
         return 1
     except MemoryError:
         print("dora-ref merge: error: out of memory (a tensor and its float32 copies did not fit); "
-              f"{args.out} is unchanged", file=sys.stderr)  # fmt: skip
+              f"{left}", file=sys.stderr)  # fmt: skip
         return 1
     except _Terminated:
-        print(f"dora-ref merge: terminated (SIGTERM); {args.out} is unchanged", file=sys.stderr)
+        print(f"dora-ref merge: terminated (SIGTERM); {left}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"dora-ref merge: interrupted; {args.out} is unchanged", file=sys.stderr)
+        print(f"dora-ref merge: interrupted; {left}", file=sys.stderr)
         return 130
     return 0
 

@@ -313,6 +313,8 @@ def _error_from(check, exc, diagnoses, mode="", changed=None):
         for d in diagnoses[1:]:
             lines.append(f"  also consistent (rank {d.rank}, {d.kind} on {d.probes} probe(s)): {d.key}"
                          + (f" ({d.detail})" if d.detail else ""))
+    else:
+        lines.append("  hint: none; no known mistake (dora_ref.porting.variants) explains these numbers")
     return ConformanceError(
         "\n".join(lines), check=check, output=info["output"], index=info["index"],
         expected=info["expected"], got=info["got"], bound=info["bound"], case=exc.case, hint=hint,
