@@ -89,3 +89,29 @@ def test_zero_input_features_is_an_error():
 def test_python_lists_of_ints_are_float64():
     y, _ = dora_forward([1, 0], [[1, 2], [3, 4]], [[1, 1]], [[0], [0]], [1, 1], 1)
     assert y.dtype == np.float64
+
+
+
+@pytest.mark.parametrize("call", ["dora_forward", "merge", "column_norm"])
+def test_transposed_W0_error_says_W0_looks_transposed(call):
+    """A new user passed W0 as (in, out): the error said A had the wrong shape (with all
+    three shapes) without saying that W0 transposed fits A and B. Now it says so; a
+    square W0 (which cannot be told) and a merely wrong A get no such hint."""
+    rng = np.random.default_rng(0)
+    out_f, in_f, r = 64, 32, 4
+    W0 = rng.normal(size=(out_f, in_f))
+    A, B = rng.normal(size=(r, in_f)), rng.normal(size=(out_f, r))
+    m, x = np.ones(out_f), rng.normal(size=(3, in_f))
+    calls = {"dora_forward": lambda W: dora_forward(x, W, A, B, m, 2.0),
+             "merge": lambda W: merge(W, A, B, m, 2.0),
+             "column_norm": lambda W: column_norm(W, A, B, 2.0)}
+    calls[call](W0)  # the right layout passes
+    with pytest.raises(ValueError, match=r"W0 looks transposed: A and B fit a weight of shape \(64, 32\)"):
+        calls[call](W0.T)
+    with pytest.raises(ValueError) as info:
+        dora_forward(x, W0, A[:, :-1], B, m, 2.0)  # A wrong, W0 right
+    assert "transposed" not in str(info.value)
+    sq = rng.normal(size=(in_f, in_f))
+    with pytest.raises(ValueError) as info:
+        dora_forward(x, sq, A, rng.normal(size=(in_f + 1, r)), np.ones(in_f), 2.0)
+    assert "transposed" not in str(info.value)

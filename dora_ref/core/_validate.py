@@ -292,10 +292,15 @@ def check_adapter(W0, A, B, magnitude=None, bias=None, *, low_precision=False, n
     if r == 0:
         raise ValueError(f"rank r must be >= 1, got A of shape {A.shape}")
     check_weight_shape("W0", W0.shape)
-    if A.shape[1] != in_f:
-        raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}")
-    if B.shape != (out_f, r):
-        raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}")
+    if A.shape[1] != in_f or B.shape != (out_f, r):
+        w_name = names[0] if names else "W0"
+        hint = ""
+        if A.shape[1] == out_f and B.shape == (in_f, r) and in_f != out_f:
+            hint = (f" ({w_name} looks transposed: A and B fit a weight of shape {(in_f, out_f)}; "
+                    f"dora_ref takes it as (out, in), the layout of PyTorch's nn.Linear.weight)")
+        if A.shape[1] != in_f:
+            raise ValueError(f"A must have shape (r, in) = (r, {in_f}); got {shapes}{hint}")
+        raise ValueError(f"B must have shape (out, r) = ({out_f}, {r}); got {shapes}{hint}")
     if magnitude is not None and magnitude.shape != (out_f,):
         hint = ""
         if magnitude.shape == (in_f,) and in_f != out_f:
