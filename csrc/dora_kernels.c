@@ -749,6 +749,10 @@ static int64_t fork_stats[3];  /* forks; forks that found a team in flight; ... 
 static _Thread_local int fork_depth = 0;
 static _Thread_local int fork_drained = 0;
 static _Thread_local int fork_pause_ok = 0;
+/* Whether this thread is inside the wait for the teams in flight: a fork
+   there (from a signal handler) is a new fork, not a second prepare
+   handler of the same one, and waits too. */
+static _Thread_local int fork_waiting = 0;
 /* One fork at a time: held from this library's first prepare handler of a
    fork to its last parent or child handler, so that every handler
    registered before ours (OpenBLAS's: it stops and restarts its workers
@@ -768,13 +772,16 @@ static pthread_mutex_t fork_lock = PTHREAD_MUTEX_INITIALIZER;
    (a signal handler's on a member), which would wait for itself. A fork
    from inside a call on its calling thread does not wait. A second prepare
    handler of the same fork (dora_set_blas_pool registers one) takes the
-   first one's answer. */
+   first one's answer; a fork from a signal handler during the wait does
+   not (it returned the previous fork's answer at once, and OpenBLAS's
+   handler then stopped its workers under another thread's team: a hang,
+   tests/test_fork_signal_nested.py). */
 static int dora_fork_gate_close(void)
 {
     if (fork_depth == 0) pthread_mutex_lock(&fork_lock);  /* another thread's fork: after it */
     #pragma omp atomic update seq_cst
     fork_pending++;
-    if (fork_depth++ > 0) return fork_drained;
+    if (fork_depth++ > 0 && !fork_waiting) return fork_drained;
     int n;
     #pragma omp atomic read seq_cst
     n = teams_in_flight;
@@ -784,12 +791,14 @@ static int dora_fork_gate_close(void)
     if (places_held > 0) limit = 0;  /* its own team cannot finish while it forks */
     STAT_FORK(0);
     if (n > 0) STAT_FORK(1);
+    fork_waiting++;
     while (n > 0 && dora_now() - t0 < limit) {
         const struct timespec pause = {0, 20000};  /* 20 us */
         nanosleep(&pause, NULL);
         #pragma omp atomic read seq_cst
         n = teams_in_flight;
     }
+    fork_waiting--;
     if (n > 0) STAT_FORK(2);
     fork_drained = n == 0;
     return fork_drained;
