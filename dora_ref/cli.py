@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # name -> (module with main(argv), one-line help)
 COMMANDS = {
@@ -115,13 +117,30 @@ def main(argv=None):
     """
     try:
         status = _run(argv)
-        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # the console script, its work done: a Ctrl-C now would only kill the exit
+            # (status -2 after a complete merge, say), so it is ignored
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if sys.stdout is not None:  # None when the command started with stdout closed (>&-)
+            sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
         return status
     except BrokenPipeError:
-        # Python's advice: point stdout at devnull so that the flush at exit is quiet
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_to_devnull()
         return 1
+    except OSError as e:  # stdout on a full disk (> /dev/full), ...: one line, no traceback
+        _stdout_to_devnull()
+        print(f"dora-ref: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _stdout_to_devnull():
+    """Point stdout at the null device (Python's advice for SIGPIPE), so that
+    the flush at exit does not fail again."""
+    if sys.stdout is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _run(argv):

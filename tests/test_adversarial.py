@@ -447,6 +447,61 @@ def test_merge_sigterm_removes_the_temporary_output(small_checkpoint, out_exists
     assert (_merged_files(out) if out_exists else None) == snapshot
 
 
+@pytest.mark.parametrize("stop", ["interrupt", "sigterm"])
+@pytest.mark.parametrize("out_exists", [False, True], ids=["fresh", "force"])
+def test_merge_stopped_after_out_was_installed_says_the_merge_is_done(small_checkpoint, monkeypatch,
+                                                                      capsys, stop, out_exists):
+    """Found by session 9's adversary: a Ctrl-C or SIGTERM that came after OUT had been
+    moved into place (the report blocked on a full pipe) said 'OUT was not created' (or
+    'unchanged') with status 130/143, though OUT held the complete merge. Now the message
+    says the merge is done, status 0; OUT is the merged output."""
+    from dora_ref.formats import merge_cli
+
+    d = small_checkpoint
+    out = d / "out"
+    if out_exists:
+        merge_cli.merge_checkpoint(d / "base", [d / "ad"], out, progress=False, log=lambda *a: None)
+        (out / "model.safetensors").write_bytes(b"old")
+    real_install = merge_cli._install
+
+    def install_then_stop(*args, **kwargs):
+        real_install(*args, **kwargs)
+        raise merge_cli._Terminated() if stop == "sigterm" else KeyboardInterrupt()
+
+    monkeypatch.setattr(merge_cli, "_install", install_then_stop)
+    argv = [str(d / "base"), str(d / "ad"), str(out), "--no-progress"] + (["--force"] if out_exists else [])
+    assert merge_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"after {out} was written complete: the merge is done" in err, err
+    monkeypatch.setattr(merge_cli, "_install", real_install)
+    reference = d / "reference"
+    merge_cli.merge_checkpoint(d / "base", [d / "ad"], reference, progress=False, log=lambda *a: None)
+    assert _merged_files(out) == _merged_files(reference)
+
+
+def test_merge_report_into_a_full_disk_does_not_fail_the_merge(small_checkpoint):
+    """Found by session 9's adversary: ``dora-ref merge ... > /dev/full`` printed
+    'error: [Errno 28] No space left on device' and exited 1 although OUT was written
+    complete (a script would redo the merge). The report is dropped, as for a reader
+    that has gone, and stderr says so once; status 0."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    d = small_checkpoint
+    out = d / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = " ".join(shlex.quote(str(a)) for a in [sys.executable, "-m", "dora_ref", "merge", d / "base",
+                                                  d / "ad", out, "--no-progress", "-v"]) + " > /dev/full"
+    done = subprocess.run(["sh", "-c", cmd], stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "the report could not be written" in done.stderr, done.stderr
+    assert (out / "model.safetensors").exists()
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("op", ["merge", "forward", "eval-forward"])
 @pytest.mark.parametrize("scaling", [10**400, True, "2"])

@@ -1,8 +1,11 @@
 """README.md's code runs as written, and its commands name real things."""
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
+
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -76,6 +79,25 @@ def test_cli_output_into_a_closed_pipe_ends_quietly():
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
+
+@pytest.mark.parametrize("stdout", ["closed", "dev-full"])
+def test_cli_output_with_stdout_closed_or_on_a_full_disk_has_no_traceback(stdout):
+    """Found by session 9's adversary: ``dora-ref info >&-`` ended with
+    ``AttributeError: 'NoneType' object has no attribute 'flush'`` (Python sets
+    sys.stdout to None when fd 1 is closed) and ``dora-ref info > /dev/full``
+    with an OSError traceback. Now: nothing to write to, status 0; a full disk,
+    one line and status 1."""
+    import os
+
+    if stdout == "dev-full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    cmd = f"{shlex.quote(sys.executable)} -m dora_ref info " + (">&-" if stdout == "closed" else "> /dev/full")
+    done = subprocess.run(["sh", "-c", cmd], stderr=subprocess.PIPE, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    if stdout == "closed":
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 1 and done.stderr.startswith("dora-ref: error: [Errno 28]"), done.stderr
 
 def test_cli_info_names_the_machine_kind():
     """New-user finding (session 6): the README labels timings by machine kind (AVX2 Zen 3,

@@ -683,13 +683,19 @@ def _report(line):
     the report is dropped (stdout is pointed at the null device, as Python's
     documentation of SIGPIPE advises, so that the exit's flush does not fail
     either) and the merge, which owes nothing to its reader, goes on.
+    A report that cannot be written for another reason (stdout on a full disk)
+    is dropped the same way, and said once on stderr.
     """
     try:
         print(line, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    except OSError as e:
+        if sys.stdout is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        if not isinstance(e, BrokenPipeError):
+            print(f"dora-ref merge: the report could not be written to stdout ({e}); the merge goes on",
+                  file=sys.stderr)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -708,24 +714,60 @@ def main(argv=None):
     ``dora-ref merge: error: ...``, and returns 1: no traceback. Ctrl-C
     returns 130 and SIGTERM (``kill``, ``timeout``, a container stopping)
     143; either way OUT is as it was (the temporary output is removed; by
-    default SIGTERM would end Python at once and leave it behind).
+    default SIGTERM would end Python at once and leave it behind), and the
+    message says whether OUT was there before. A stop that comes after the
+    complete output was moved into place (while the report is printed, say)
+    changes nothing: the message says the merge is done, and the status is 0.
+    A report that cannot be written (stdout closed, a reader gone, a full
+    disk) does not fail the merge.
     """
     args = _parser().parse_args(argv)
+    before = _identity(args.out)
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: signals stay as they are
         previous = None
     try:
-        return _main(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            return _main(args, before)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    except _Terminated:  # after _main's own handlers (a signal just as it returned)
+        return _stopped(args.out, before, "terminated (SIGTERM)", 143)
+    except KeyboardInterrupt:
+        return _stopped(args.out, before, "interrupted", 130)
 
 
-def _main(args):
-    # What a failed merge leaves at OUT: what was there before, or nothing.
-    left = (f"{args.out} is unchanged" if os.path.lexists(args.out)
-            else f"{args.out} was not created")
+def _identity(path):
+    """(device, inode) of what is at path, or None: tells whether the merge installed OUT."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _installed(out, before):
+    """Whether OUT is the merge's output: a new file or folder at OUT since the start
+    (the output is moved into place by one rename, complete, or not at all)."""
+    now = _identity(out)
+    return now is not None and now != before
+
+
+def _stopped(out, before, what, status, say_left=True):
+    """The message and exit status of a merge stopped by a signal or an error: a
+    stop after OUT was installed leaves the complete merge (status 0: done)."""
+    if _installed(out, before):
+        print(f"dora-ref merge: {what} after {out} was written complete: the merge is done",
+              file=sys.stderr)
+        return 0
+    left = f"{out} is unchanged" if before is not None else f"{out} was not created"
+    print(f"dora-ref merge: {what}" + (f"; {left}" if say_left else ""), file=sys.stderr)
+    return status
+
+
+def _main(args, before):
     try:
         merge_checkpoint(
             args.base,
@@ -740,18 +782,14 @@ def _main(args):
         )
     except (OSError, KeyError, ValueError, TypeError) as e:  # one line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"dora-ref merge: error: {msg}", file=sys.stderr)
-        return 1
+        return _stopped(args.out, before, f"error: {msg}", 1, say_left=False)
     except MemoryError:
-        print("dora-ref merge: error: out of memory (a tensor and its float32 copies did not fit); "
-              f"{left}", file=sys.stderr)  # fmt: skip
-        return 1
+        return _stopped(args.out, before, "error: out of memory (a tensor and its float32 copies "
+                        "did not fit)", 1)
     except _Terminated:
-        print(f"dora-ref merge: terminated (SIGTERM); {left}", file=sys.stderr)
-        return 143
+        return _stopped(args.out, before, "terminated (SIGTERM)", 143)
     except KeyboardInterrupt:
-        print(f"dora-ref merge: interrupted; {left}", file=sys.stderr)
-        return 130
+        return _stopped(args.out, before, "interrupted", 130)
     return 0
 
 
