@@ -26,8 +26,8 @@ busy process's time slice takes 5-50x longer, with either backend), and a
 median near the split of the two modes jumps between them: each backend's
 share of slow rounds is printed, with a mark where C's is above NumPy's by
 its interval (a backend that falls into the slow mode more often), and
-the interval decides only from MIN_DECIDE rounds on, checked at LOOKS
-(``decide``). The C cost model's decisions at each
+the interval of a bimodal cell decides only from MIN_DECIDE rounds on;
+every interval is checked only at LOOKS (``decide``). The C cost model's decisions at each
 load level (calls that opened a team, probes, parallel calls that lost
 against the predicted serial time) are printed after it.
 The busy processes are plain Python spin loops, each bounded in time by
@@ -64,10 +64,10 @@ import dora_ref  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 
 GOAL = 1.05
-MIN_DECIDE = 10  # rounds before an interval may decide a cell (``decide``)
-LOOKS = (10, 20, 40, 80, 160, 320)  # the round counts at which an adaptive cell is checked
+MIN_DECIDE = 10  # rounds before an interval may decide a bimodal cell (``decide``)
+LOOKS = (6, 10, 20, 40, 80, 160, 320)  # the round counts at which an adaptive cell is checked
 LEVEL = 1 - 0.05 / len(LOOKS)  # each check's interval: 95 % over all the checks of a cell
-SLOW = 2.0  # a repeat slower than SLOW x the cell's fastest is in the slow mode (``slow_shares``)
+SLOW = 2.0  # a repeat over SLOW x its backend's fastest is slow (``slow_shares``)
 BIMODAL = 0.1  # a cell is bimodal when a backend has from BIMODAL to 1 - BIMODAL slow repeats
 
 FULL = dict(
@@ -201,18 +201,19 @@ def ratio_interval(c, numpy, level=0.95, resamples=400, seed=0, stat=np.median):
 
 def slow_shares(c, numpy, factor=SLOW):
     """The share of each backend's rounds in the slow mode: slower than
-    ``factor`` times the cell's fastest repeat (of either backend).
+    ``factor`` times that backend's fastest repeat (its own, so that a
+    backend uniformly slower than the other is not counted as slow).
     Returns (C's share, NumPy's share)."""
     c, numpy = np.asarray(c), np.asarray(numpy)
-    fastest = min(c.min(), numpy.min())
-    return float(np.mean(c > factor * fastest)), float(np.mean(numpy > factor * fastest))
+    return float(np.mean(c > factor * c.min())), float(np.mean(numpy > factor * numpy.min()))
 
 
 def decide(c, numpy, goal=GOAL, level=LEVEL):
     """The verdict on a cell from its rounds so far: a dict with the ratio
     of the medians C/NumPy (``ratio``), its interval at `level` (``low``,
     ``high``: ``ratio_interval``), the verdict (``verdict``; always
-    ``"undecided"`` with fewer than MIN_DECIDE rounds), each backend's slow
+    ``"undecided"`` in a bimodal cell of fewer than MIN_DECIDE rounds),
+    each backend's slow
     share (``slow_c``, ``slow_numpy``: ``slow_shares``), whether the cell is
     bimodal (``bimodal``: some of a backend's rounds slow, not all, a share
     from BIMODAL to 1 - BIMODAL) and an interval of C's slow share minus
@@ -228,9 +229,11 @@ def decide(c, numpy, goal=GOAL, level=LEVEL):
     near 1/2 it jumps from run to run and from one backend to the other
     although both draw from the same two modes. A backend that really falls
     into the slow mode more often shows in the slow shares' interval (wholly
-    above 0: ``slow_low > 0``). The interval decides only at MIN_DECIDE
-    rounds or more, and ``sample_cell`` checks it only at LOOKS, each at
-    LEVEL: the rule before (a check every 2 rounds from 4-6 on, each at 95
+    above 0: ``slow_low > 0``). The interval of a bimodal cell decides only
+    from MIN_DECIDE rounds on (a cell with no slow round, or only slow
+    ones, from any count: a 4096 x 4096 step takes 0.1-1 s, 5-6 rounds in
+    --quick's budget, and its few rounds agree), and ``sample_cell`` checks
+    it only at LOOKS, each at LEVEL: the rule before (a check every 2 rounds from 4-6 on, each at 95
     %) called 5-9 % of simulated cells whose two backends drew from the
     same bimodal times "over" (a check every 2 rounds is a new chance to
     stray), and with 6 rounds two such cells of the full sweep were "over"
@@ -240,12 +243,11 @@ def decide(c, numpy, goal=GOAL, level=LEVEL):
     bimodal = any(BIMODAL <= v <= 1 - BIMODAL for v in (share_c, share_numpy))
     low, high = ratio_interval(c, numpy, level=level, resamples=2000)
     c_, numpy_ = np.asarray(c), np.asarray(numpy)
-    fastest = min(c_.min(), numpy_.min())
-    diff = (c_ > SLOW * fastest).astype(float) - (numpy_ > SLOW * fastest)
+    diff = (c_ > SLOW * c_.min()).astype(float) - (numpy_ > SLOW * numpy_.min())
     idx = np.random.default_rng(1).integers(0, len(diff), size=(2000, len(diff)))
     boot = diff[idx].mean(axis=1)
     tail = (1 - level) / 2
-    v = verdict(low, high, goal) if len(c) >= MIN_DECIDE else "undecided"
+    v = verdict(low, high, goal) if len(c) >= MIN_DECIDE or not bimodal else "undecided"
     return {"ratio": float(np.median(c_) / np.median(numpy_)), "low": low, "high": high,
             "verdict": v, "slow_c": share_c, "slow_numpy": share_numpy, "bimodal": bimodal,
             "slow_low": float(np.quantile(boot, tail)),

@@ -64,7 +64,8 @@ def test_six_rounds_of_a_bimodal_cell_decide_nothing(bench):
     """The full sweep's (256, 256, 4, 256) float32 training step: 6 rounds,
     C slow in 5, NumPy in 1. The 95 % interval of the ratio of medians of
     those 6 pairs lies wholly above 1.05 (the old verdict, 'over'); the
-    benchmark now needs MIN_DECIDE rounds before an interval decides."""
+    benchmark now needs MIN_DECIDE rounds before the interval of a bimodal
+    cell decides."""
     c = np.array([1.0, 5.0, 4.8, 5.2, 5.1, 4.9]) * 1e-3
     numpy = np.array([1.1, 1.0, 1.1, 5.0, 1.05, 1.1]) * 1e-3
     low, high = bench.ratio_interval(c, numpy)
@@ -104,10 +105,21 @@ def test_a_uniform_slowdown_is_over(bench):
     assert verdicts == ["over"] * 20
 
 
-def test_slow_shares_count_against_the_cells_fastest_repeat(bench):
+def test_a_cell_without_slow_rounds_decides_from_few(bench):
+    """A large cell gets 5-6 rounds in --quick's budget: with no slow round
+    (not bimodal) its interval still decides."""
+    numpy = 1.0 + 0.01 * np.random.default_rng(5).standard_normal(6)
+    d = bench.decide(0.5 * numpy, numpy)
+    assert not d["bimodal"] and d["verdict"] == "under"
+    d = bench.decide(1.3 * numpy, numpy)
+    assert not d["bimodal"] and d["verdict"] == "over"
+
+
+def test_slow_shares_count_against_each_backends_fastest_repeat(bench):
     c = [1.0, 1.5, 2.5, 3.0]
     numpy = [1.2, 2.1, 1.9, 1.0]
     assert bench.slow_shares(c, numpy) == (0.5, 0.25)
+    assert bench.slow_shares([2.0, 2.1, 2.2], [1.0, 1.05, 1.1]) == (0.0, 0.0)
 
 
 def test_checks_only_at_the_looks(bench):
