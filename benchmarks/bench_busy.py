@@ -233,11 +233,13 @@ def decide(c, numpy, goal=GOAL, level=LEVEL):
     from MIN_DECIDE rounds on (a cell with no slow round, or only slow
     ones, from any count: a 4096 x 4096 step takes 0.1-1 s, 5-6 rounds in
     --quick's budget, and its few rounds agree), and ``sample_cell`` checks
-    it only at LOOKS, each at LEVEL: the rule before (a check every 2 rounds from 4-6 on, each at 95
-    %) called 5-9 % of simulated cells whose two backends drew from the
-    same bimodal times "over" (a check every 2 rounds is a new chance to
-    stray), and with 6 rounds two such cells of the full sweep were "over"
-    at 3.4-4.4x by medians with minima 0.99-1.12; this rule, 0-0.3 %
+    it only at LOOKS, each at LEVEL. The rule before (a check every 2
+    rounds from the 4th or 6th on, each at 95 %) called 1-9 % of simulated
+    cells whose two backends drew from the same bimodal times "over" (3-28
+    of 300, slow shares 0.3-0.7; each check is a new chance to stray), and
+    with 6 rounds two such cells of the full sweep were "over" at 3.4-4.4x
+    by medians with minima 0.99-1.12; this rule, 0, 0 and 1 of 200 at slow
+    shares 0.3, 0.5 and 0.7
     (tests/test_busy_bimodal.py)."""
     share_c, share_numpy = slow_shares(c, numpy)
     bimodal = any(BIMODAL <= v <= 1 - BIMODAL for v in (share_c, share_numpy))

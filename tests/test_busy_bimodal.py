@@ -5,7 +5,7 @@ runs a product on two threads; when the second waits for a time slice
 behind the busy process the call takes 5-50x its time, with either
 backend). The full sweep of the session before called two such cells "over"
 from 6 rounds (3.4x and 4.4x by medians, minima 0.99-1.12), and its rule (a
-95 % interval checked every 2 rounds from the 4th on) called 5-9 % of
+95 % interval checked every 2 rounds from the 4th on) called 1-9 % of
 simulated cells "over" whose two backends drew from the same times. These
 tests drive the sampling rule (``sample_cell``, ``decide``) with synthetic
 times from fixed seeds: no timing.
@@ -81,7 +81,7 @@ def test_the_same_bimodal_times_are_rarely_called_over(bench):
     """Both backends slow in half their rounds, the same times: the true
     ratio is 1, under the goal. The rule before called 26 of 300 such cells
     'over' (budget 200 rounds); the looks at LOOKS with a corrected level
-    allow at most 1 of 60 here (0-1 of 300 measured)."""
+    allow at most 1 of 60 here (the rule before: 6 of these 60)."""
     verdicts = simulate(bench, 60, 0.5, 0.5)
     assert verdicts.count("over") <= 1
 
