@@ -513,7 +513,8 @@ def main(argv=None):
                   f"max {max(rounds)})")
             if bimodal:
                 print(f"    {len(bimodal)} bimodal (a backend slow in "
-                      f"{BIMODAL:g}-{1 - BIMODAL:g} of its rounds): C's slow share minus NumPy's, median "
+                      f"{BIMODAL:g}-{1 - BIMODAL:g} of its rounds): "
+                      f"C's slow share minus NumPy's, median "
                       f"{np.median([st['slow_c'] - st['slow_numpy'] for st in bimodal]):+.2f}; "
                       f"C more often slow by the interval in "
                       f"{sum(st['slow_low'] > 0 for st in bimodal)}, NumPy in "
