@@ -14,18 +14,22 @@ so that a burst of load falls on both; the ratio of the medians is the
 headline, the ratios of the means (the total time a user sees) and of the
 fastest repeats (the least disturbed ones) are printed beside it. The
 number of rounds adapts to the noise: after 5 (3 in a bounded --full run)
-a cell is sampled further while a 95 % bootstrap interval of the ratio of
-medians (rounds resampled as C/NumPy pairs) straddles the goal, up to
---budget seconds or --max-rounds rounds; each cell and kind is then over
-(the whole interval above 1.05), under (none of it) or undecided, printed
-beside the ratio with the interval and the rounds, and counted per load
-level in the summary (``--fixed``: the fixed budget of earlier sessions). Under load
-the times of both backends are often bimodal (a BLAS product whose second
-thread waits for the busy process's time slice takes several times longer),
-and a median near the split of the two modes jumps between them: read the
-means and the minima too. The C cost model's decisions at each load level
-(calls that opened a team, probes, parallel calls that lost against the
-predicted serial time) are printed after it.
+a cell is sampled further while a bootstrap interval of the ratio of
+medians (rounds resampled as C/NumPy pairs; 95 % over all its checks)
+straddles the goal, up to --budget seconds or --max-rounds rounds;
+each cell and kind is then over (the whole interval above 1.05), under
+(none of it) or undecided, printed beside the ratio with the interval and
+the rounds, and counted per load level in the summary (``--fixed``: the
+fixed budget of earlier sessions). Under load the times of both backends
+are often bimodal (an OpenBLAS product whose second thread waits for the
+busy process's time slice takes 5-50x longer, with either backend), and a
+median near the split of the two modes jumps between them: each backend's
+share of slow rounds is printed, with a mark where C's is above NumPy's by
+its interval (a backend that falls into the slow mode more often), and
+the interval of a bimodal cell decides only from MIN_DECIDE rounds on;
+every interval is checked only at LOOKS (``decide``). The C cost model's decisions at each
+load level (calls that opened a team, probes, parallel calls that lost
+against the predicted serial time) are printed after it.
 The busy processes are plain Python spin loops, each bounded in time by
 itself (it exits after ``--busy-limit`` seconds even if this script dies)
 and killed by PID in a ``finally``. ``uptime`` is printed before and after
@@ -60,6 +64,11 @@ import dora_ref  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 
 GOAL = 1.05
+MIN_DECIDE = 10  # rounds before an interval may decide a bimodal cell (``decide``)
+LOOKS = (6, 10, 20, 40, 80, 160, 320)  # the round counts at which an adaptive cell is checked
+LEVEL = 1 - 0.05 / len(LOOKS)  # each check's interval: 95 % over all the checks of a cell
+SLOW = 2.0  # a repeat over SLOW x its backend's fastest is slow (``slow_shares``)
+BIMODAL = 0.1  # a cell is bimodal when a backend has from BIMODAL to 1 - BIMODAL slow repeats
 
 FULL = dict(
     shapes=[(64, 64), (256, 256), (1024, 1024), (4096, 4096), (11008, 4096)],
@@ -177,16 +186,74 @@ def warm_up(fn, p):
     return step
 
 
-def ratio_interval(c, numpy, level=0.95, resamples=400, seed=0):
-    """A bootstrap interval of C/NumPy, the ratio of the medians, from times
+def ratio_interval(c, numpy, level=0.95, resamples=400, seed=0, stat=np.median):
+    """A bootstrap interval of C/NumPy, the ratio of ``stat`` (the medians by
+    default, ``np.mean`` for a bimodal cell: see ``decide``), from times
     measured round by round (c[i] and numpy[i] in the same round): rounds
     are resampled as pairs, so a burst of load that fell on both stays in
     both. Returns (low, high)."""
     c, numpy = np.asarray(c), np.asarray(numpy)
     idx = np.random.default_rng(seed).integers(0, len(c), size=(resamples, len(c)))
-    boot = np.median(c[idx], axis=1) / np.median(numpy[idx], axis=1)
+    boot = stat(c[idx], axis=1) / stat(numpy[idx], axis=1)
     tail = (1 - level) / 2
     return float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
+
+
+def slow_shares(c, numpy, factor=SLOW):
+    """The share of each backend's rounds in the slow mode: slower than
+    ``factor`` times that backend's fastest repeat (its own, so that a
+    backend uniformly slower than the other is not counted as slow).
+    Returns (C's share, NumPy's share)."""
+    c, numpy = np.asarray(c), np.asarray(numpy)
+    return float(np.mean(c > factor * c.min())), float(np.mean(numpy > factor * numpy.min()))
+
+
+def decide(c, numpy, goal=GOAL, level=LEVEL):
+    """The verdict on a cell from its rounds so far: a dict with the ratio
+    of the medians C/NumPy (``ratio``), its interval at `level` (``low``,
+    ``high``: ``ratio_interval``), the verdict (``verdict``; always
+    ``"undecided"`` in a bimodal cell of fewer than MIN_DECIDE rounds),
+    each backend's slow
+    share (``slow_c``, ``slow_numpy``: ``slow_shares``), whether the cell is
+    bimodal (``bimodal``: some of a backend's rounds slow, not all, a share
+    from BIMODAL to 1 - BIMODAL) and an interval of C's slow share minus
+    NumPy's (``slow_low``, ``slow_high``; rounds resampled as pairs).
+
+    Under load most cells are bimodal, with either backend: NumPy's
+    OpenBLAS runs a product on two threads, and when its second thread
+    waits for a time slice behind a busy process the call takes 5-50x its
+    time while the calling thread spins (at (256, 256, 4, 256), float32, one
+    busy process, with OpenBLAS on one thread the same steps' means fell
+    5-10x, in both backends alike). The median of such a cell is that of
+    whichever mode holds more than half its rounds, so with a slow share
+    near 1/2 it jumps from run to run and from one backend to the other
+    although both draw from the same two modes. A backend that really falls
+    into the slow mode more often shows in the slow shares' interval (wholly
+    above 0: ``slow_low > 0``). The interval of a bimodal cell decides only
+    from MIN_DECIDE rounds on (a cell with no slow round, or only slow
+    ones, from any count: a 4096 x 4096 step takes 0.1-1 s, 5-6 rounds in
+    --quick's budget, and its few rounds agree), and ``sample_cell`` checks
+    it only at LOOKS, each at LEVEL. The rule before (a check every 2
+    rounds from the 4th or 6th on, each at 95 %) called 1-9 % of simulated
+    cells whose two backends drew from the same bimodal times "over" (3-28
+    of 300, slow shares 0.3-0.7; each check is a new chance to stray), and
+    with 6 rounds two such cells of the full sweep were "over" at 3.4-4.4x
+    by medians with minima 0.99-1.12; this rule, 0, 0 and 1 of 200 at slow
+    shares 0.3, 0.5 and 0.7
+    (tests/test_busy_bimodal.py)."""
+    share_c, share_numpy = slow_shares(c, numpy)
+    bimodal = any(BIMODAL <= v <= 1 - BIMODAL for v in (share_c, share_numpy))
+    low, high = ratio_interval(c, numpy, level=level, resamples=2000)
+    c_, numpy_ = np.asarray(c), np.asarray(numpy)
+    diff = (c_ > SLOW * c_.min()).astype(float) - (numpy_ > SLOW * numpy_.min())
+    idx = np.random.default_rng(1).integers(0, len(diff), size=(2000, len(diff)))
+    boot = diff[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    v = verdict(low, high, goal) if len(c) >= MIN_DECIDE or not bimodal else "undecided"
+    return {"ratio": float(np.median(c_) / np.median(numpy_)), "low": low, "high": high,
+            "verdict": v, "slow_c": share_c, "slow_numpy": share_numpy, "bimodal": bimodal,
+            "slow_low": float(np.quantile(boot, tail)),
+            "slow_high": float(np.quantile(boot, 1 - tail))}
 
 
 def verdict(low, high, goal=GOAL):
@@ -195,47 +262,75 @@ def verdict(low, high, goal=GOAL):
     return "over" if low > goal else "under" if high <= goal else "undecided"
 
 
-def side_by_side(fn, p, budget, min_rounds=5, max_rounds=200, adaptive=True):
-    """Seconds of fn with the C and the NumPy backend, run round-robin (C
-    first in even rounds, NumPy first in odd ones): at least `min_rounds`;
-    then, with `adaptive`, more rounds while the interval of the ratio
-    (``ratio_interval``) straddles the goal, else while under `budget`
-    seconds, up to `budget` seconds and `max_rounds` rounds in all.
-    Returns the median, mean and minimum of each backend, the number of
-    rounds, the interval and the verdict (``verdict``)."""
+def sample_cell(run_round, out_of_budget, min_rounds=5, max_rounds=200, adaptive=True,
+                between_checks=None):
+    """The sampling rule of one cell, apart from the clock (tests drive it
+    with synthetic times): ``run_round(i)`` returns round i's (C seconds,
+    NumPy seconds); rounds run while fewer than `min_rounds`, then, with
+    `adaptive`, while ``decide`` leaves the cell undecided (checked when the
+    count of rounds is one of LOOKS, all even: each backend has been first
+    as often) and
+    ``out_of_budget()`` is false, up to `max_rounds`; ``between_checks()``
+    (if given) runs after each check that goes on. Returns the times of C
+    and of NumPy, one each per round."""
     times = {"c": [], "numpy": []}
-    t_end = time.perf_counter() + budget
     rounds = 0
-    low, high = 0.0, float("inf")
     while rounds < max_rounds:
         if rounds >= min_rounds:
-            if time.perf_counter() >= t_end:
+            if out_of_budget():
                 break
-            if adaptive and rounds % 2 == 0:  # an even count: each backend as often first
-                low, high = ratio_interval(times["c"], times["numpy"])
-                if verdict(low, high) != "undecided":
+            if adaptive and rounds in LOOKS:
+                if decide(times["c"], times["numpy"])["verdict"] != "undecided":
                     break
-                # the bootstrap just evicted the caches, and an even round
-                # times C first: one untimed call of each backend, so that
-                # neither timed call is the cold one (without this a 50 us
-                # cell read C/NumPy 1.10-1.14 where back-to-back timing
-                # gave 0.98-1.01)
-                for name in ("c", "numpy"):
-                    with dora_ref.use_backend(name):
-                        fn(p)
-        for name in ("c", "numpy") if rounds % 2 == 0 else ("numpy", "c"):
+                if between_checks is not None:
+                    between_checks()
+        tc, tn = run_round(rounds)
+        times["c"].append(tc)
+        times["numpy"].append(tn)
+        rounds += 1
+    return times["c"], times["numpy"]
+
+
+def side_by_side(fn, p, budget, min_rounds=5, max_rounds=200, adaptive=True):
+    """Seconds of fn with the C and the NumPy backend, run round-robin (C
+    first in even rounds, NumPy first in odd ones), sampled by
+    ``sample_cell`` for at most `budget` seconds. Returns the median, mean
+    and minimum of each backend, the number of rounds and ``decide``'s
+    ratio, interval, verdict and slow shares."""
+    t_end = time.perf_counter() + budget
+
+    def run_round(i):
+        t = {}
+        for name in ("c", "numpy") if i % 2 == 0 else ("numpy", "c"):
             with dora_ref.use_backend(name):
                 t0 = time.perf_counter()
                 fn(p)
-                times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    low, high = ratio_interval(times["c"], times["numpy"])
-    stats = {"rounds": rounds, "low": low, "high": high, "verdict": verdict(low, high)}
-    for k, v in times.items():
+                t[name] = time.perf_counter() - t0
+        return t["c"], t["numpy"]
+
+    def warm():
+        # the bootstrap just evicted the caches, and an even round times C
+        # first: one untimed call of each backend, so that neither timed
+        # call is the cold one (without this a 50 us cell read C/NumPy
+        # 1.10-1.14 where back-to-back timing gave 0.98-1.01)
+        for name in ("c", "numpy"):
+            with dora_ref.use_backend(name):
+                fn(p)
+
+    c, numpy = sample_cell(run_round, lambda: time.perf_counter() >= t_end, min_rounds,
+                           max_rounds, adaptive, warm)
+    stats = {"rounds": len(c), **decide(c, numpy)}
+    for k, v in (("c", c), ("numpy", numpy)):
         stats[k] = float(np.median(v))
         stats[f"{k}_mean"] = float(np.mean(v))
         stats[f"{k}_min"] = float(np.min(v))
     return stats
+
+
+def _slow(st):
+    """A cell's slow shares, e.g. '0.40/0.45', with '!' if C's is above NumPy's
+    by its interval."""
+    return f"{st['slow_c']:.2f}/{st['slow_numpy']:.2f}{'!' if st['slow_low'] > 0 else ' '}"
 
 
 def ratios(st):
@@ -339,7 +434,8 @@ def main(argv=None):
                   f"{'train C ms':>10} {'NumPy ms':>9} {'C/NumPy':>7} | "
                   f"{'eval C ms':>9} {'NumPy ms':>9} {'C/NumPy':>7} | "
                   f"means: train eval | minima: train eval | rounds | "
-                  f"95% interval and verdict: train, eval")
+                  f"95% interval and verdict: train, eval | "
+                  f"slow share C/NumPy (! C more often slow): train, eval")
             plan_summary(_kernels_c)  # reset the counters
             for out_f, in_f, r, N, dtype in cells_of(grid):
                 key = (out_f, in_f, r, N, np.dtype(dtype).name)
@@ -381,7 +477,8 @@ def main(argv=None):
                       f"{rt[1]:>12.2f} {re_[1]:>4.2f} | {rt[2]:>13.2f} {re_[2]:>4.2f} | "
                       f"{tr['rounds']:>3} {ev['rounds']:>3} | "
                       f"{tr['low']:.2f}-{tr['high']:.2f} {tr['verdict']:<9} "
-                      f"{ev['low']:.2f}-{ev['high']:.2f} {ev['verdict']:<9}{flag}",
+                      f"{ev['low']:.2f}-{ev['high']:.2f} {ev['verdict']:<9} | "
+                      f"{_slow(tr)} {_slow(ev)}{flag}",
                       flush=True)
                 results.setdefault(load, []).append((key, rt, re_, tr, ev))
                 if focus:
@@ -409,15 +506,27 @@ def main(argv=None):
             count = {v: sum(1 for _, _, st in kinds if st["verdict"] == v)
                      for v in ("over", "under", "undecided")}
             rounds = [st["rounds"] for _, _, st in kinds]
+            bimodal = [st for _, _, st in kinds if st["bimodal"]]
             print(f"    by 95% interval of the ratio of medians: {count['over']} over, "
                   f"{count['under']} under, {count['undecided']} undecided of {len(kinds)} "
                   f"(rounds per cell and kind: median {int(np.median(rounds))}, "
                   f"max {max(rounds)})")
+            if bimodal:
+                print(f"    {len(bimodal)} bimodal (a backend slow in "
+                      f"{BIMODAL:g}-{1 - BIMODAL:g} of its rounds): "
+                      f"C's slow share minus NumPy's, median "
+                      f"{np.median([st['slow_c'] - st['slow_numpy'] for st in bimodal]):+.2f}; "
+                      f"C more often slow by the interval in "
+                      f"{sum(st['slow_low'] > 0 for st in bimodal)}, NumPy in "
+                      f"{sum(st['slow_high'] < 0 for st in bimodal)}")
             for key, name, st in kinds:
                 if st["verdict"] != "under":
                     print(f"    {st['verdict']:<9} {name:<5} {key}: C/NumPy "
-                          f"{st['c'] / st['numpy']:.2f}, interval {st['low']:.2f}-"
-                          f"{st['high']:.2f}, {st['rounds']} rounds")
+                          f"{st['ratio']:.2f} by medians, "
+                          f"{st['c_mean'] / st['numpy_mean']:.2f} by means, "
+                          f"interval {st['low']:.2f}-{st['high']:.2f}, "
+                          f"{st['rounds']} rounds, slow share C/NumPy "
+                          f"{st['slow_c']:.2f}/{st['slow_numpy']:.2f}")
         for key, why in skipped.get(load, []):
             print(f"    skipped {key}: {why}")
 
