@@ -756,8 +756,8 @@ static _Thread_local int fork_waiting = 0;
 /* One fork at a time: held from this library's first prepare handler of a
    fork to its last parent or child handler, so that every handler
    registered before ours (OpenBLAS's: it stops and restarts its workers
-   under its own lock) runs for one fork at a time. glibc runs the
-   handlers without a lock of its own, so two threads that fork at once
+   under its own lock) runs for one fork at a time. glibc holds no lock
+   of its own while the handlers run, so two threads that fork at once
    (outside Python's GIL: native threads) interleaved them, and a child
    forked while the other fork held OpenBLAS's lock waited for it forever
    in its first threaded call (about 1 in 500-1,000 forks from 3-6 threads

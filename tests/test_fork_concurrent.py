@@ -2,7 +2,7 @@
 
 Python's ``os.fork`` holds the GIL, so two Python threads never fork at
 once; native threads (a C extension's, a data loader written in C++) do.
-glibc runs the fork handlers (``pthread_atfork``) without a lock of its own,
+glibc holds no lock of its own while the fork handlers (``pthread_atfork``) run,
 so two such forks interleaved OpenBLAS's handlers, which stop and restart
 its worker threads under OpenBLAS's own lock: a child forked while the
 other fork held that lock waited for it forever in its first threaded call
