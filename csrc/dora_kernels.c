@@ -62,9 +62,6 @@
 #define NORM_ROW_BLOCK 60         /* rows a thread takes at a time in column_norm (a multiple of G and NG) */
 #define NORM_SIX_MIN_R 16         /* column_norm takes NG-row tiles from this rank on (fused mode) */
 #define NORM_FMA_SQUARES_MAX_R 32 /* column_norm adds its float32 squares by fma below this rank (fused mode) */
-#define FWD_ROW_BLOCK 24          /* rows a thread takes at a time in the forward epilogue (a multiple of G and NG) */
-#define FWD_SIX_MIN_R 32          /* the forward epilogue takes NG-row tiles from this rank on (at least 1) */
-#define FWD_SIX_ALIAS_BYTES 4096  /* ... but not when its rows are a multiple of this apart (L1 sets) */
 #define FWD_COL_BLOCK 64          /* columns a block of the forward by columns has (a multiple of W) */
 #define NORM_WHOLE_BYTES 1048576  /* A up to this size (counted in float64) is read whole in column_norm */
 #define NORM_CHUNK_BYTES 32768    /* else column_norm takes it in chunks of this size (L1) */
@@ -1106,10 +1103,10 @@ static int forward_layout_setting = 0;
 
 /* 1 if the forward epilogue of N rows (tokens) and `out` columns runs in
    blocks of columns (each packs its own panels of B.T, then does every
-   row), 0 if in blocks of FWD_ROW_BLOCK rows (B.T packed before the team).
+   row), 0 if in blocks of ROW_BLOCK rows (B.T packed before the team).
    The rule: by columns when the rows give fewer blocks than the threads a
    call may use and the columns give more. By rows, an eval forward of
-   N <= 16 (a block's rows then) had one block, so one thread, after a serial pack of all
+   N <= ROW_BLOCK had one block, so one thread, after a serial pack of all
    of B.T (out * r elements: at N = 16 as many instructions as the N * out
    * r sums, callgrind, (1024, 1024), r = 64, float32), while NumPy's
    U @ B.T ran on every thread. Where the rows give a block to every thread
@@ -1121,7 +1118,7 @@ static int dora_forward_by_columns(int64_t N, int64_t out)
     int layout;
     LOAD(forward_layout_setting, layout);
     if (layout) return layout == 2;
-    const int64_t row_blocks = (N + FWD_ROW_BLOCK - 1) / FWD_ROW_BLOCK;
+    const int64_t row_blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
     return row_blocks < dora_threads_now() && (out + FWD_COL_BLOCK - 1) / FWD_COL_BLOCK > row_blocks;
 }
 

@@ -603,24 +603,6 @@ API int FN(dora_unmerge)(WTYPE *W0, const WTYPE *Wm, const REAL *A, const REAL *
 /* for that reason; any other overlap is refused by the wrapper.)           */
 /* ------------------------------------------------------------------------ */
 
-/* One row of a tile's epilogue: y = g * (base + s * p) + bias over w
-   columns (z = base + s * p kept too when has_z), and the finiteness check.
-   Both tiles below end in it, so a row's y has the same bits in either. */
-static inline __attribute__((always_inline)) void FN(forward_row)(
-    WTYPE *y, REAL *z, const REAL *base, const REAL *p, const REAL *gm, const REAL *bias,
-    REAL s, int w, int has_bias, int has_z, REAL chk[W])
-{
-    #pragma omp simd
-    for (int l = 0; l < w; l++) {
-        const REAL zv = base[l] + s * p[l];
-        const REAL v = gm[l] * zv;
-        const REAL yv = has_bias ? v + bias[l] : v;
-        if (has_z) z[l] = zv;  /* z may be base: its element was read above */
-        y[l] = NARROW(yv);
-        chk[l] += yv - yv;  /* +0 for a finite yv, NaN for Inf or NaN (the finiteness flag) */
-    }
-}
-
 static inline __attribute__((always_inline)) void FN(forward_step)(
     WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
     const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, int has_bias, int has_z,
@@ -629,76 +611,18 @@ static inline __attribute__((always_inline)) void FN(forward_step)(
     REAL P[G][W];
     FN(tile)(0, P, u, r, g, bt, W, r, w);  /* P = U_t @ B.T on this tile */
     for (int q = 0; q < g; q++)
-        FN(forward_row)(y + q * out, has_z ? z + q * out : NULL, base + q * out, P[q], gm, bias,
-                        s, w, has_bias, has_z, chk);
+        #pragma omp simd
+        for (int l = 0; l < w; l++) {
+            const REAL zv = base[q * out + l] + s * P[q][l];
+            const REAL v = gm[l] * zv;
+            const REAL yv = has_bias ? v + bias[l] : v;
+            if (has_z) z[q * out + l] = zv;  /* z may be base: its element was read above */
+            y[q * out + l] = NARROW(yv);
+            chk[l] += yv - yv;  /* +0 for a finite yv, NaN for Inf or NaN (the finiteness flag) */
+        }
 }
 
-/* forward_step for a full tile of NG = 6 rows and W columns (r >= 1): the
-   pattern of norm_full6, unfused. Twelve vector accumulators on AVX2 where
-   tile_full has eight, so that each load of B.T feeds six rows instead of
-   four and there are fewer instructions per multiply-add: the four-row
-   tile's loop, 26 instructions for 8 vector multiply-adds, could not issue
-   its multiplies and adds at Zen 3's rate (two multiplies and two adds a
-   cycle), and formed U @ B.T more slowly than OpenBLAS's micro-kernel on
-   one thread. A loop a row, so that a row's coefficient is needed only for
-   its own vector multiply-adds. k = 0 is peeled as 0 + c * a, the first
-   step of tile_full and tile_general written out: the same terms added in
-   the same order from the same +0, so each element of P, z and y has the
-   bits of the four-row and edge tiles (the rows of a call fall into six-
-   and four-row tiles differently by rows and by columns: the bits must not
-   depend on it). */
-static inline __attribute__((always_inline)) void FN(forward_full6)(
-    WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
-    const REAL *bias, REAL s, int64_t out, int64_t r, int has_bias, int has_z, REAL chk[W])
-{
-    const REAL *u0 = u, *u1 = u + r, *u2 = u + 2 * r, *u3 = u + 3 * r, *u4 = u + 4 * r,
-               *u5 = u + 5 * r;
-    REAL t0[W], t1[W], t2[W], t3[W], t4[W], t5[W];
-    #pragma omp simd
-    for (int l = 0; l < W; l++) {  /* k = 0: P = 0 + c * a, as the other tiles' first step */
-        t0[l] = (REAL)0 + u0[0] * bt[l];
-        t1[l] = (REAL)0 + u1[0] * bt[l];
-        t2[l] = (REAL)0 + u2[0] * bt[l];
-        t3[l] = (REAL)0 + u3[0] * bt[l];
-        t4[l] = (REAL)0 + u4[0] * bt[l];
-        t5[l] = (REAL)0 + u5[0] * bt[l];
-    }
-    for (int64_t k = 1; k < r; k++) {
-        const REAL *ak = bt + k * W;  /* B.T[k, i:i+W] in its panel */
-        REAL e;
-        e = u0[k];
-        #pragma omp simd
-        for (int l = 0; l < W; l++) t0[l] = t0[l] + e * ak[l];
-        e = u1[k];
-        #pragma omp simd
-        for (int l = 0; l < W; l++) t1[l] = t1[l] + e * ak[l];
-        e = u2[k];
-        #pragma omp simd
-        for (int l = 0; l < W; l++) t2[l] = t2[l] + e * ak[l];
-        e = u3[k];
-        #pragma omp simd
-        for (int l = 0; l < W; l++) t3[l] = t3[l] + e * ak[l];
-        e = u4[k];
-        #pragma omp simd
-        for (int l = 0; l < W; l++) t4[l] = t4[l] + e * ak[l];
-        e = u5[k];
-        #pragma omp simd
-        for (int l = 0; l < W; l++) t5[l] = t5[l] + e * ak[l];
-    }
-    FN(forward_row)(y, z, base, t0, gm, bias, s, W, has_bias, has_z, chk);
-    FN(forward_row)(y + out, has_z ? z + out : NULL, base + out, t1, gm, bias, s, W, has_bias,
-                    has_z, chk);
-    FN(forward_row)(y + 2 * out, has_z ? z + 2 * out : NULL, base + 2 * out, t2, gm, bias, s, W,
-                    has_bias, has_z, chk);
-    FN(forward_row)(y + 3 * out, has_z ? z + 3 * out : NULL, base + 3 * out, t3, gm, bias, s, W,
-                    has_bias, has_z, chk);
-    FN(forward_row)(y + 4 * out, has_z ? z + 4 * out : NULL, base + 4 * out, t4, gm, bias, s, W,
-                    has_bias, has_z, chk);
-    FN(forward_row)(y + 5 * out, has_z ? z + 5 * out : NULL, base + 5 * out, t5, gm, bias, s, W,
-                    has_bias, has_z, chk);
-}
-
-/* One row group's tile (g <= G), the four (bias, z) cases as constants of forward_step. */
+/* One row group's tile, the four (bias, z) cases as constants of forward_step. */
 static inline __attribute__((always_inline)) void FN(forward_tile)(
     WTYPE *y, REAL *z, const REAL *base, const REAL *u, const REAL *bt, const REAL *gm,
     const REAL *bias, REAL s, int64_t out, int64_t r, int g, int w, REAL chk[W])
@@ -715,36 +639,6 @@ static inline __attribute__((always_inline)) void FN(forward_tile)(
     }
 }
 
-/* Six rows from t, columns i0..i1 (i0 a multiple of W): forward_full6 on the
-   full tiles, the last partial one as tiles of G and 2 rows. A function of
-   its own: inlined into forward_epilogue_rows, it made GCC 12 compile the
-   four-row path with 5-8% more instructions (callgrind, (256, 256), r = 8
-   and 16, float32). */
-static DORA_CLONES void FN(forward_six_rows)(
-    WTYPE *y, REAL *z, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
-    const REAL *bias, REAL s, int64_t t, int64_t i0, int64_t i1, int64_t out, int64_t r,
-    REAL chk[W])
-{
-    for (int64_t i = i0; i < i1; i += W) {
-        const int w = (int)dora_min(W, out - i);
-        const int64_t o = t * out + i;
-        const REAL *bp = Bp + (i / W) * r * W;  /* B.T[:, i:i+W] */
-        const REAL *ub = U + t * r, *bi = bias ? bias + i : NULL;
-        REAL *zo = z ? z + o : NULL;
-        if (w == W) {
-            if (bias && z) FN(forward_full6)(y + o, zo, base + o, ub, bp, gm + i, bi, s, out, r, 1, 1, chk);
-            else if (bias) FN(forward_full6)(y + o, zo, base + o, ub, bp, gm + i, bi, s, out, r, 1, 0, chk);
-            else if (z) FN(forward_full6)(y + o, zo, base + o, ub, bp, gm + i, bi, s, out, r, 0, 1, chk);
-            else FN(forward_full6)(y + o, zo, base + o, ub, bp, gm + i, bi, s, out, r, 0, 0, chk);
-        } else {
-            for (int q = 0; q < NG; q += G)
-                FN(forward_tile)(y + o + q * out, z ? zo + q * out : NULL, base + o + q * out,
-                                 ub + q * r, bp, gm + i, bi, s, out, r, (int)dora_min(G, NG - q),
-                                 w, chk);
-        }
-    }
-}
-
 /* Rows t0..t1, columns j0..j1 (j0 a multiple of W). Returns 1 if some y it
    wrote is Inf or NaN (before the narrowing of a 16-bit y), else 0: the
    eval forward's finiteness test, without a second pass over y. */
@@ -754,24 +648,10 @@ static DORA_CLONES int FN(forward_epilogue_rows)(
     int64_t r)
 {
     REAL chk[W] = {0};
-    /* Six-row tiles (forward_full6) from FWD_SIX_MIN_R on, unless the rows of
-       base are a multiple of FWD_SIX_ALIAS_BYTES apart: then a tile's six
-       rows of base and six of y (or z) fall in one L1 set, more lines than
-       its ways ((256, 1024, 32) float32, one thread, Zen 3: 1.07x the time
-       of four-row tiles; (256, 1008, 32): 0.98x). */
-    const int six = r >= FWD_SIX_MIN_R && (out * (int64_t)sizeof(REAL)) % FWD_SIX_ALIAS_BYTES != 0;
     /* Columns in blocks of COL_BLOCK, so that their panels of B.T stay in L1
        while the rows go by (all of B.T per row group would come from L2). */
     for (int64_t c0 = j0; c0 < j1; c0 += COL_BLOCK)
-    for (int64_t t = t0; t < t1;) {
-        /* six rows while they last, but eight rows as two tiles of G rather
-           than six and an edge tile of two (the edge tile is the slow one) */
-        if (six && t1 - t >= NG && t1 - t != 2 * G) {
-            FN(forward_six_rows)(y, z, base, U, Bp, gm, bias, s, t, c0,
-                                 dora_min(j1, c0 + COL_BLOCK), out, r, chk);
-            t += NG;
-            continue;
-        }
+    for (int64_t t = t0; t < t1; t += G) {
         const int g = (int)dora_min(G, t1 - t);
         for (int64_t i = c0; i < dora_min(j1, c0 + COL_BLOCK); i += W) {
             const int w = (int)dora_min(W, out - i);
@@ -781,7 +661,6 @@ static DORA_CLONES int FN(forward_epilogue_rows)(
             FN(forward_tile)(y + o, z ? z + o : NULL, base + o, ub, bp, gm + i, bi, s, out, r,
                              g, w, chk);
         }
-        t += g;
     }
     REAL sum = 0;
     for (int l = 0; l < W; l++) sum += chk[l];
@@ -793,7 +672,7 @@ static DORA_CLONES int FN(forward_epilogue_rows)(
    spinning when it starts; on an OpenMP team of its own its second thread
    waited for a core (and its spinning threads then slowed the next BLAS
    call). By rows (B.T packed before the team): block blk is rows
-   blk * FWD_ROW_BLOCK onwards, every column. By columns: block blk is columns
+   blk * ROW_BLOCK onwards, every column. By columns: block blk is columns
    blk * FWD_COL_BLOCK onwards, every row, and it packs its own panels of
    B.T first (into its part of the shared buffer: no block reads another's). */
 typedef struct {
@@ -818,9 +697,9 @@ static void FN(forward_block)(void *ctx, void *scratch, int64_t blk)
         bad = FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s,
                                         0, c->N, j0, j1, c->out, c->r);
     } else {
-        const int64_t t0 = blk * FWD_ROW_BLOCK;
+        const int64_t t0 = blk * ROW_BLOCK;
         bad = FN(forward_epilogue_rows)(c->y, c->z, c->base, c->U, c->Bp, c->gm, c->bias, c->s,
-                                        t0, dora_min(c->N, t0 + FWD_ROW_BLOCK), 0, c->out, c->out,
+                                        t0, dora_min(c->N, t0 + ROW_BLOCK), 0, c->out, c->out,
                                         c->r);
     }
     if (bad) __atomic_store_n(&c->nonfinite, 1, __ATOMIC_RELAXED);
@@ -842,7 +721,7 @@ static int FN(forward_epilogue_impl)(WTYPE *y, REAL *z, const REAL *base, const 
     REAL *Bp = by_columns ? FN(pack_alloc)(r, out) : FN(pack_panels)(B, r, out, 1, r);
     if (!Bp) return DORA_ERR_NOMEM;
     const int64_t nblocks = by_columns ? (out + FWD_COL_BLOCK - 1) / FWD_COL_BLOCK
-                                       : (N + FWD_ROW_BLOCK - 1) / FWD_ROW_BLOCK;
+                                       : (N + ROW_BLOCK - 1) / ROW_BLOCK;
     FN(forward_ctx) ctx = {y, (N && out) ? z : NULL, base, U, B, gm, bias, Bp, (REAL)s, N, out, r,
                            by_columns, 0};
     dora_plan plan;

@@ -258,7 +258,7 @@ def _set_always_parallel(always):
 def _set_forward_layout(layout):
     """Tests and benchmarks only: the forward epilogue's blocks.
 
-    ``"rule"`` (the default): by columns when the rows (blocks of 24)
+    ``"rule"`` (the default): by columns when the rows (blocks of 16)
     give fewer blocks than the threads and the columns (blocks of 64) give
     more, else by rows; ``"rows"`` or ``"columns"``: always that way. The
     bits are the same for all three.

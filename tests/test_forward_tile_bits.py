@@ -1,21 +1,21 @@
-"""The C forward epilogue's six-row tile (issue 11, goal 1): the bits of the four-row tile.
+"""The C forward epilogue's rank-r tile: the bits of one fixed sequence of roundings.
 
-At r >= 32 the forward epilogue forms U @ B.T in tiles of six rows
-(``forward_full6`` in ``csrc/dora_kernels_impl.h``) where it can: twelve
-vector accumulators, fewer instructions per multiply-add than the four-row
-tile. Every element is still the same sum, ``((0 + u_0 b_0) + u_1 b_1) + ...``
-in k order, each product and each sum rounded once (the build does not
-contract them), followed by the same three operations. So y must not depend
-on which tile a row falls in: six-row, four-row or edge tiles, which differ
-by rows (blocks of 24 rows) and by columns (all the rows from the first).
+The forward epilogue forms U @ B.T in register tiles of rows (full tiles of
+G = 4 rows and W columns, edge tiles for the rest) and each element is one
+sum, ``((0 + u_0 b_0) + u_1 b_1) + ...`` in k order, each product and each
+sum rounded once (the build does not contract them), followed by
+z = base + s * P and y = g * z (+ bias). So y must not depend on which tile
+a row falls in, which differs by rows (blocks of rows) and by columns (all
+the rows from the first), nor on the number of threads; any tile that
+reorders or fuses the terms (a wider register tile, fused multiply-adds)
+must show up here.
 
-What is asserted: y (with and without bias), z kept, y over base, and a
-float16 y, bit for bit against NumPy evaluating that same sequence of
-roundings (a loop over k of float32/float64 elementwise operations), by
-rows, by columns and by the rule, on 1 and 2 threads; at N that leave every
-remainder of six-row groups (0 to 5 rows, and 8, which takes two four-row
-tiles), with columns that leave a partial tile, at ranks on both sides of
-the six-row threshold, and with a row stride of 4 KiB (four-row tiles only).
+What is asserted: y (with and without bias), z kept, y over base (with the
+finiteness flag) and a float16 y, bit for bit against NumPy evaluating that
+same sequence of roundings (a loop over k of float32/float64 elementwise
+operations), by rows, by columns and by the rule, on 1 and 2 threads; at N
+that leave every remainder of row groups, with columns that leave a partial
+tile, at ranks 1 to 64; and the finiteness flag set by an inf in any row.
 """
 import numpy as np
 import pytest
@@ -42,10 +42,9 @@ def _sequential(base, U, B, g, bias, s):
     return (y if bias is None else y + bias), z
 
 
-# (N, out, r): N = 24 and 48 (whole blocks of six-row tiles), 25-29 and 32 (the
-# remainders 1-5 and 8 after four six-row tiles), 13 and 6; out with a partial
-# tile of columns; r at the threshold, below it and 64; out = 1024 float32 and
-# 512 float64 (rows 4 KiB apart: four-row tiles only)
+# (N, out, r): N from 6 to 48, with every remainder of four- and six-row groups;
+# out with a partial tile of columns (16 float32 or 8 float64 a tile); r from 1 to
+# 64; rows 4 KiB apart (out = 1024 float32, 512 float64)
 SHAPES = [(24, 64, 32), (48, 80, 64), (25, 70, 33), (26, 17, 40), (27, 64, 64), (28, 33, 32),
           (29, 100, 48), (32, 64, 64), (13, 130, 31), (6, 16, 64), (7, 9, 1), (30, 1024, 32),
           (30, 512, 40)]
@@ -53,7 +52,7 @@ SHAPES = [(24, 64, 32), (48, 80, 64), (25, 70, 33), (26, 17, 40), (27, 64, 64), 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N,out_f,r", SHAPES)
-def test_forward_six_row_tile_gives_the_sequential_bits(N, out_f, r, dtype):
+def test_forward_tile_gives_the_sequential_bits(N, out_f, r, dtype):
     rng = np.random.default_rng(N * 1000 + out_f * 7 + r)
     draw = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
     base, U, B, g, bias = draw(N, out_f), draw(N, r), draw(out_f, r), draw(out_f), draw(out_f)
@@ -92,9 +91,9 @@ def test_forward_six_row_tile_gives_the_sequential_bits(N, out_f, r, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("row", [0, 5, 24, 29])
-def test_forward_six_row_tile_flags_a_nonfinite_y_in_any_row(row, dtype):
-    """An inf in one row of base of a six-row tile (its first and last row, in
-    the first and the second block of rows): the finiteness flag is set."""
+def test_forward_tile_flags_a_nonfinite_y_in_any_row(row, dtype):
+    """An inf in one row of base (first and last rows of tiles, in the first
+    and the second block of rows): the finiteness flag is set."""
     rng = np.random.default_rng(row)
     draw = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
     N, out_f, r = 30, 48, 32
