@@ -117,6 +117,10 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_scaling,
     refuse_non_finite_rows,
     results_finite,
+    wider_float,
+    fits_dtype,
+    describe_overflow,
+    format_wide,
 )
 from .kernels_numpy import EPILOGUE_KEEP_Z, EPILOGUE_NEW, EPILOGUE_OVER_BASE
 from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
@@ -346,7 +350,7 @@ def dora_forward(
 
 def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
                   allow_zero_norm, overwrite_base=False, magnitude_name="magnitude",
-                  adapter_names=None):
+                  adapter_names=None, out_dtype=None):
     """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
 
     The layers call it directly: the shapes and dtypes of their arrays are
@@ -361,6 +365,9 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
 
     The magnitude need not be checked for NaN/Inf before: ``_scale`` proves
     it finite on its fast path and checks it by ``magnitude_name`` otherwise.
+
+    ``out_dtype`` (a low-precision forward computed in float32): the dtype
+    y is rounded to afterwards; only an overflow's message reads it.
 
     ``adapter_names`` (names for A and B): A and B have not been checked for
     NaN/Inf. Allowed only where the norm proves them finite: it is computed
@@ -408,7 +415,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         finite = math.isfinite(_vdot(y, y))  # results_finite(y), inline
 
     if not finite:  # the exact test, which names x or what overflowed
-        _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, mask is not None)
+        _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, mask is not None,
+                                out_dtype)
     # positional (keywords cost a few tenths of a us per call at small sizes):
     # seen, precision, n_nonzero, base_is_z
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U,
@@ -419,43 +427,136 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     return y, ctx
 
 
-def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked):
-    """Raise the ``ValueError`` that says why y (N, out) is not finite.
+def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_dtype=None):
+    """Raise the ``ValueError`` that says why y (N, out) is not finite, every claim true.
 
-    A NaN or Inf in x is named (``check_finite``). Else something
-    overflowed y's dtype: y itself, or only the unmerged forward's
-    intermediate z = x W0^T + s (x A^T) B^T, which is formed before the
-    magnitude's scale g = m / n (steps (5), (6); PEFT forms it in the same
-    order). The first non-finite element is computed again in float64 to
-    tell which: a y that fits the dtype is said to fit, with its value, so
-    that the message never claims an overflow of y that did not happen.
+    A NaN or Inf in x is named (``check_finite``). Else something overflowed
+    y's dtype: y itself, or only an intermediate of the unmerged forward
+    (x A^T, (x A^T) B^T, s times that, x W0^T, or z = x W0^T + s (x A^T) B^T,
+    formed before the magnitude's scale g = m / n; PEFT forms them in the same
+    order). The first non-finite element (i, j) is recomputed step by step,
+    in y's dtype to find the first intermediate that is not finite there, and
+    in a wider type (``wider_float``: float64, or a long double with more
+    exponent range for float64) to tell whether y fits ``out_dtype`` (the
+    caller's output dtype, float16/bfloat16 for a low-precision forward
+    computed in float32; default y's). The message names what overflowed,
+    says that y fits (with its value) only when it does, and where neither
+    can be told says the true, less specific "y, or an intermediate of its
+    computation, is not finite". Runs only after a non-finite y was found.
     """
     check_finite("x", x2)
     bad = np.argwhere(~np.isfinite(y))
     if not bad.size:  # every entry finite: only the one-sum test's sum of squares overflowed
         return
     i, j = (int(v) for v in bad[0])
-    f64 = np.float64
-    w, b = W0[j].astype(f64), B[j].astype(f64)
-    lowrank = float(scaling) * float((A.astype(f64) @ xd[i].astype(f64)) @ b)
-    gj = float(g[j])
-    with np.errstate(over="ignore", invalid="ignore"):
-        if masked:  # y = x W0^T + (g - 1) (xd W0^T) + g s (xd A^T) B^T
-            value = float(x2[i].astype(f64) @ w) + (gj - 1.0) * float(xd[i].astype(f64) @ w) \
-                + gj * lowrank
-        else:  # y = g (x W0^T + s (x A^T) B^T)
-            value = gj * (float(x2[i].astype(f64) @ w) + lowrank)
-        if bias is not None:
-            value += float(bias[j])
-    if math.isfinite(value) and abs(value) <= float(finfo(y.dtype).max):
+    dt = y.dtype
+    out = np.dtype(dt if out_dtype is None else out_dtype)
+    wide = wider_float(dt)
+    steps = [(name, _forward_step(value, dt), None if wide is None else _forward_step(value, wide))
+             for name, value in _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked)]
+    what = describe_overflow(steps[:-1], dt)  # the first intermediate not finite in dt
+    y_wide = steps[-1][2]
+    y_fits = None if y_wide is None else fits_dtype(y_wide, out)
+    largest = float(finfo(out).max)
+    advice = ("Scale the scaling or the adapter down, merge the adapter (merge() forms "
+              "W0 + s B A scaled by m / n first)"
+              + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
+    if y_fits is False:
+        about = f"about {format_wide(y_wide)}, " if np.isfinite(y_wide) else ""
         raise ValueError(
-            f"y (the output) (shape {y.shape}) could not be formed in {y.dtype}: at index "
-            f"({i}, {j}) it is about {value:.4g}, which fits, but the unmerged forward's "
-            f"intermediate z = x W0^T + s (x A^T) B^T, formed before the magnitude's scale "
-            f"m / n (as PEFT forms it), overflowed {y.dtype}; every input is finite. Scale the "
-            f"scaling or the adapter down, merge the adapter (merge() forms W0 + s B A scaled "
-            f"by m / n first), or compute in float64")
-    check_result_finite([("y (the output)", y)], [("x", x2)])
+            f"y (the output) (shape {y.shape}) overflowed {out}, first at index ({i}, {j}): "
+            f"{about}beyond {out}'s largest value {largest:.6g}"
+            + (f"; on the way, {what}" if what and out != dt else "")
+            + "; every input is finite, but the values are too large for the dtype; scale "
+              "them down" + (", or compute in float64" if out != np.dtype(np.float64) else ""))
+    if what and y_fits:
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index "
+            f"({i}, {j}) it is about {format_wide(y_wide)}, which fits {out}, but the unmerged "
+            f"forward's intermediate {what}; every input is finite. {advice}")
+    if what:  # no wider type: whether y fits is not known
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index "
+            f"({i}, {j}) the unmerged forward's intermediate {what}; whether y itself fits "
+            f"{out} is not known (no float type wider than {dt} here); every input is "
+            f"finite. {advice}")
+    fit = f" (y there is about {format_wide(y_wide)}, which fits {out})" if y_fits else ""
+    raise ValueError(
+        f"y, or an intermediate of its computation, is not finite in {dt}: first at index "
+        f"({i}, {j}) of y (shape {y.shape}){fit}; every input is finite, but the values are "
+        f"too large for the dtype. {advice}")
+
+
+def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked):
+    """The unmerged forward's intermediates for y[i, j], in the order it forms them.
+
+    Returns (name, function of a dtype) pairs; the function recomputes the
+    value in that dtype (the operands rounded to it first, which is exact for
+    a wider one). The last pair is y[i, j] itself. Error path only.
+    """
+    def up(a, t):
+        return np.asarray(a).astype(t)
+
+    def U(t):
+        return up(xd[i], t) @ up(A, t).T
+
+    def UB(t):
+        return U(t) @ up(B[j], t)
+
+    def sUB(t):
+        return UB(t) * up(scaling, t)
+
+    def base(t):  # x W0^T, or (x * mask) W0^T
+        return up(xd[i], t) @ up(W0[j], t)
+
+    def gj(t):
+        return up(g[j], t)
+
+    if not masked:  # y = g (x W0^T + s (x A^T) B^T) (+ bias): the epilogue's order
+        def z(t):
+            return base(t) + sUB(t)
+
+        def gz(t):
+            return gj(t) * z(t)
+
+        steps = [("x A^T", U), ("(x A^T) B^T", UB), ("s (x A^T) B^T", sUB), ("x W0^T", base),
+                 ("z = x W0^T + s (x A^T) B^T (formed before the magnitude's scale m / n, as "
+                  "PEFT forms it)", z)]
+        last = gz
+    else:  # y = x W0^T + (g - 1) (xd W0^T) + g (s (xd A^T) B^T) (+ bias)
+        def xw(t):
+            return up(x2[i], t) @ up(W0[j], t)
+
+        def t1(t):
+            return (gj(t) - up(1, t)) * base(t)
+
+        def t2(t):
+            return gj(t) * sUB(t)
+
+        def s1(t):
+            return xw(t) + t1(t)
+
+        def gz(t):
+            return s1(t) + t2(t)
+
+        steps = [("(x * mask) A^T", U), ("((x * mask) A^T) B^T", UB),
+                 ("s ((x * mask) A^T) B^T", sUB), ("x W0^T", xw), ("(x * mask) W0^T", base),
+                 ("(m / n - 1) (x * mask) W0^T", t1), ("(m / n) s ((x * mask) A^T) B^T", t2),
+                 ("x W0^T + (m / n - 1) (x * mask) W0^T", s1)]
+        last = gz
+    if bias is None:
+        return steps + [("y", last)]
+
+    def with_bias(t):
+        return last(t) + up(bias[j], t)
+
+    return steps + [("y before the bias", last), ("y", with_bias)]
+
+
+def _forward_step(fn, dtype):
+    """``fn(dtype)`` with floating-point warnings off (the error path recomputes overflows)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return fn(dtype)
 
 
 def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name,

@@ -179,7 +179,7 @@ def dora_forward(x_shape, x, W0, A, B, magnitude, scaling, bias, dropout_mask, w
         n = upcast(weight_norm)
     mask = None if dropout_mask is None else upcast(F._check_mask(dropout_mask, x_shape, lp))
     y, ctx = F._dora_forward(x_shape, upcast(x2), upcast(W0), A32, B32, m32, scaling,
-                             upcast(bias), mask, n, allow_zero_norm)
+                             upcast(bias), mask, n, allow_zero_norm, out_dtype=lp)
     y = _store(y, lp, "y (the output)", [("x", x2)])
     ctx.W0 = W0  # the backward upcasts it again: the context keeps no float32 copy
     ctx.seen = seen
