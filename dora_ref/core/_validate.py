@@ -283,10 +283,11 @@ def describe_overflow(steps, dtype):
 
     Parameters
     ----------
-    steps : list of (str, ndarray or scalar, ndarray or scalar or None)
+    steps : list of (str, ndarray or scalar, ndarray or scalar or None[, dtype])
         In the order the computation forms them: a name, the value as
         recomputed in ``dtype`` and the same value in ``wider_float(dtype)``
-        (None where there is none).
+        (None where there is none); an optional fourth entry is the dtype
+        that step is formed in, where it is not ``dtype``.
     dtype : numpy dtype
         The computation's dtype.
 
@@ -297,7 +298,9 @@ def describe_overflow(steps, dtype):
         finite; where its wide value fits the dtype, it says that the sums
         forming it overflowed (the value fits); None if every step is finite.
     """
-    for name, value, wide in steps:
+    computation_dtype = dtype
+    for name, value, wide, *step_dtype in steps:
+        dtype = step_dtype[0] if step_dtype else computation_dtype
         if np.isfinite(np.asarray(value)).all():
             continue
         if wide is None:
