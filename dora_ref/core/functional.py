@@ -590,7 +590,9 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     check_finite(magnitude_name, magnitude)
     if rescue:
         _rescue_extreme_rows(n, W0, A, B, scaling)
-    check_norm(n, W0, allow_zero_norm)
+        check_norm(n, W0, allow_zero_norm, A, B, scaling)  # names what overflowed
+    else:
+        check_norm(n, W0, allow_zero_norm)
     return magnitude_over_norm(magnitude, n), bool(n.all())
 
 
@@ -834,7 +836,7 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False, policy="consis
     with np.errstate(over="ignore"):  # an overflow is refused below, with its rows
         W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
     rescued = _rescue_extreme_rows(n, W0, A, B, scaling)
-    check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm, A, B, scaling)
     g = magnitude_over_norm(magnitude, n)  # the kernel's factor: refused if it overflows
     if rescued.size:
         V = W0[rescued] + scaling * (B[rescued] @ A)

@@ -86,7 +86,7 @@ def _f32_norm(W0, A32, B32, scaling, allow_zero_norm):
     """Row norms of W0 + s B A, float32, from the kernel that reads lp W0 in row blocks."""
     n = _backend.low_precision_kernels().column_norm(W0, A32, B32, scaling)
     _rescue_extreme_rows(n, W0, A32, B32, scaling)
-    check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm, A32, B32, scaling)
     return n
 
 
@@ -372,7 +372,7 @@ def merge(W0, A, B, magnitude, scaling, allow_zero_norm, policy):
         with np.errstate(over="ignore"):
             W_merged, n = _backend.low_precision_kernels().merge(W0, A32, B32, m32, scaling)
         rescued = _rescue_extreme_rows(n, W0, A32, B32, scaling)
-        check_norm(n, W0, allow_zero_norm)
+        check_norm(n, W0, allow_zero_norm, A32, B32, scaling)
         g = magnitude_over_norm(m32, n)
         if rescued.size:
             W_merged[rescued] = round_to(g[rescued, None] * (W0[rescued].astype(F32) + scaling
