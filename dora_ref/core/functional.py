@@ -121,6 +121,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     fits_dtype,
     describe_overflow,
     format_wide,
+    all_finite,
 )
 from .kernels_numpy import EPILOGUE_KEEP_Z, EPILOGUE_NEW, EPILOGUE_OVER_BASE
 from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
@@ -662,9 +663,163 @@ def _dora_backward_checked(dy, ctx, detach_norm):
     # results_finite(dA, dB, dmagnitude, dx), inline; else the exact test, which names them
     if not math.isfinite(float(_vdot(dA, dA)) + float(_vdot(dB, dB))
                          + float(_vdot(dmagnitude, dmagnitude)) + float(_vdot(dx, dx))):
-        check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
-                            [("dy", dy)])
+        _check_backward_overflow(dict(dA=dA, dB=dB, dmagnitude=dmagnitude, dx=dx), dy, ctx,
+                                 W0, detach_norm)
     return (dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape)), dA, dB, dmagnitude
+
+
+# a float64 backward recomputed in long double (no BLAS) above this many multiply-adds is
+# not: its message then says less (whether the gradient itself fits is not known)
+_WIDE_BACKWARD_LIMIT = 3e7
+
+
+def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
+    """Raise the ``ValueError`` that says, truly, why a gradient is not finite (error path only).
+
+    NaN/Inf in dy is named. Else the first gradient (dA, dB, dmagnitude, dx)
+    with a non-finite entry is named as overflowed only if its value there,
+    recomputed in a wider type (``wider_float``), does not fit the dtype.
+    Otherwise its intermediates (dy * z, dg = sum_N dy * z, dz = dy m / n,
+    dU = s dz B, the norm's terms c = -dg g / n^2, ...), recomputed in the
+    dtype in the order the backward forms them, name the first that
+    overflowed; where none can be named, the message says "<name>, or an
+    intermediate of its computation, is not finite". Returns if every
+    result is finite (only the one-sum test's sum of squares overflowed).
+    """
+    check_result_finite(list(results.items()), [("dy", dy)]) if not all_finite(dy) else None
+    name = next((k for k, a in results.items() if not np.isfinite(a).all()), None)
+    if name is None:
+        return
+    got = results[name]
+    dt = got.dtype
+    idx = tuple(int(v) for v in np.argwhere(~np.isfinite(got))[0])
+    N, in_f = ctx.x.shape
+    out_f, r = ctx.B.shape
+    wide = wider_float(dt)
+    if wide is np.longdouble and N * in_f * out_f + out_f * in_f * r > _WIDE_BACKWARD_LIMIT:
+        wide = None
+    mine = _backward_parts(dy, ctx, W0, detach_norm, dt)
+    ref = None if wide is None else _backward_parts(dy, ctx, W0, detach_norm, wide)
+    value = fits = None
+    if ref is not None:
+        # the wide value's error is at most (gamma_k + 8 u) times the same computation on
+        # |operands| (k: the longest chain of wide operations; 8 u: the forward's n and g,
+        # each rounded to the dtype once, enter as n^-3 g at most), so that a cancelling sum
+        # of huge terms is said to fit (or to overflow) only when it surely does
+        value = ref[name][idx]
+        bound = _backward_parts(dy, ctx, W0, detach_norm, wide, absolute=True)[name][idx]
+        k = N + in_f + out_f + 2 * r + 16
+        u = float(np.finfo(wide).eps)
+        err = bound * (k * u / (1 - k * u) + 8 * float(np.finfo(dt).eps))
+        largest = finfo(dt).max
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(value) and abs(value) + err <= largest:
+                fits = True
+            elif not np.isfinite(value) or abs(value) - err > largest:
+                fits = False
+        about = (f"about {format_wide(value)}" if err <= abs(value) * 1e-3
+                 else f"{format_wide(value)} to within {format_wide(err)}")
+    if fits is False:
+        raise ValueError(
+            f"{name} (shape {got.shape}) overflowed {dt}, first at index {idx}: "
+            + (f"{about}, " if np.isfinite(value) else "")
+            + f"beyond {dt}'s largest value {float(finfo(dt).max):.6g}; every input is finite, "
+            f"but the values are too large for the dtype; scale them down"
+            + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
+    chain = _BACKWARD_CHAINS[name, bool(detach_norm) or name in ("dmagnitude", "dx")]
+    what = describe_overflow([(label, mine[key], None if ref is None else ref[key])
+                              for key, label in chain], dt)
+    if what and fits:
+        raise ValueError(
+            f"the gradient {name} (shape {got.shape}) could not be formed in {dt}: at index "
+            f"{idx} it is {about} (recomputed in {_wide_name(wide)}), which fits {dt}, but its "
+            f"intermediate {what}; every input is finite. Scale dy, x or the adapter down")
+    if what:
+        raise ValueError(
+            f"the gradient {name} (shape {got.shape}) could not be formed in {dt}: at index "
+            f"{idx} its intermediate {what}; whether {name} itself fits {dt} is not known; "
+            f"every input is finite. Scale dy, x or the adapter down")
+    fit = "" if not fits else f" ({name} there is {about}, which fits {dt})"
+    raise ValueError(
+        f"{name}, or an intermediate of its computation, is not finite in {dt}: first at "
+        f"index {idx} of {name} (shape {got.shape}){fit}; every input is finite, but the "
+        f"values are too large for the dtype. Scale dy, x or the adapter down")
+
+
+def _wide_name(t):
+    """How a message calls ``wider_float``'s type ("float64", or "long double": NumPy's
+    name float128 would claim a format x86-64's 80-bit extended is not)."""
+    return "long double" if np.dtype(t) == np.dtype(np.longdouble) != np.dtype(np.float64) \
+        else str(np.dtype(t))
+
+
+# each gradient's intermediates, in the order the backward forms them: (key, name)
+_DG = [("dyz", "dy * z"), ("dg", "dg = sum_N dy * z")]
+_NORM = _DG + [("c", "c = -dg (m / n) / n^2, the norm's factor"), ("cB", "c B")]
+_BACKWARD_CHAINS = {
+    ("dmagnitude", True): _DG,
+    ("dx", True): [("dz", "dz = dy m / n"), ("dzW0", "dz W0"), ("dU", "dU = s dz B"),
+                   ("dUA", "dU A")],
+    ("dA", True): [("dz", "dz = dy m / n"), ("dU", "dU = s dz B"), ("dA_lowrank", "dU^T x")],
+    ("dB", True): [("dz", "dz = dy m / n"), ("U", "x A^T"), ("dB_lowrank", "s dz^T (x A^T)")],
+    ("dA", False): _NORM + [("cBtW0", "(c B)^T W0"), ("dA_norm", "the norm's term of dA"),
+                            ("dz", "dz = dy m / n"), ("dU", "dU = s dz B"),
+                            ("dA_lowrank", "dU^T x (the low-rank term of dA)")],
+    ("dB", False): _NORM + [("W0At", "W0 A^T"), ("dB_norm", "the norm's term of dB"),
+                            ("dz", "dz = dy m / n"), ("U", "x A^T"),
+                            ("dB_lowrank", "s dz^T (x A^T) (the low-rank term of dB)")],
+}
+
+
+def _backward_parts(dy, ctx, W0, detach_norm, t, absolute=False):
+    """The backward's intermediates and gradients recomputed in dtype ``t`` (error path only).
+
+    The operands are rounded to ``t`` first (exact for a wider type); the
+    formulas are ``_dora_backward_f32``'s and ``norm_gradient``'s, with x the
+    forward's (dropped-out) input; dx is computed for the unmasked forward
+    and, with a mask, as the backward forms it. ``absolute``: the same
+    computation on the operands' magnitudes, every difference a sum (the
+    bound that scales the wide computation's rounding error).
+    """
+    sign = 1 if absolute else -1
+
+    def up(a):
+        a = np.asarray(a).astype(t)
+        return np.abs(a) if absolute else a
+
+    x, w, A, B, dY = up(ctx.x), up(W0), up(ctx.A), up(ctx.B), up(dy)
+    g, n, s = up(ctx.g), up(ctx.n), up(ctx.scaling)
+    p = {}
+    with np.errstate(all="ignore"):
+        p["U"] = U = x @ A.T
+        z = x @ w.T + s * (U @ B.T)
+        p["dyz"] = dY * z
+        p["dg"] = dg = p["dyz"].sum(axis=0)
+        safe = np.where(n == 0, up(1), n)
+        p["dmagnitude"] = np.where(n == 0, up(0), dg / safe)
+        p["dz"] = dz = dY * g
+        p["dU"] = dU = s * (dz @ B)
+        p["dA_lowrank"] = dU.T @ x
+        p["dB_lowrank"] = s * (dz.T @ U)
+        p["dzW0"] = dz @ w
+        p["dUA"] = dU @ A
+        if ctx.dropout_mask is None:
+            p["dx"] = p["dzW0"] + p["dUA"]
+        else:
+            mask = up(ctx.dropout_mask)
+            p["dx"] = dY @ w + mask * ((dz + sign * dY) @ w + p["dUA"])
+        if detach_norm:
+            p["dA"], p["dB"] = p["dA_lowrank"], p["dB_lowrank"]
+        else:
+            p["c"] = c = np.where(n == 0, up(0), (sign * dg * g / safe) / safe)
+            p["cB"] = cB = c[:, None] * B
+            p["cBtW0"] = cB.T @ w
+            p["W0At"] = w @ A.T
+            p["dA_norm"] = s * (p["cBtW0"] + s * ((cB.T @ B) @ A))
+            p["dB_norm"] = s * (c[:, None] * (p["W0At"] + s * (B @ (A @ A.T))))
+            p["dA"] = p["dA_norm"] + p["dA_lowrank"]
+            p["dB"] = p["dB_lowrank"] + p["dB_norm"]
+    return p
 
 
 def _check_dy(dy, ctx, dtype):
