@@ -294,9 +294,10 @@ def describe_overflow(steps, dtype):
     Returns
     -------
     str or None
-        "NAME overflowed DTYPE (about V)" for the first step that is not
-        finite; where its wide value fits the dtype, it says that the sums
-        forming it overflowed (the value fits); None if every step is finite.
+        "NAME overflowed DTYPE (largest magnitude about V)" for the first
+        step that is not finite; where its wide value fits the dtype, "NAME
+        overflowed DTYPE in its partial sums (its value ... fits)"; None if
+        every step is finite.
     """
     computation_dtype = dtype
     for name, value, wide, *step_dtype in steps:
@@ -308,7 +309,7 @@ def describe_overflow(steps, dtype):
         w = np.asarray(wide)
         big = format_wide(np.max(np.abs(w))) if w.size else "0"
         if fits_dtype(w, dtype):
-            return (f"the {dtype} sums forming {name} overflowed (its value, largest "
+            return (f"{name} overflowed {dtype} in its partial sums (its value, largest "
                     f"magnitude about {big}, fits {dtype})")
         return f"{name} overflowed {dtype} (largest magnitude about {big})"
     return None
