@@ -121,7 +121,6 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     fits_dtype,
     describe_overflow,
     format_wide,
-    all_finite,
 )
 from .kernels_numpy import EPILOGUE_KEEP_Z, EPILOGUE_NEW, EPILOGUE_OVER_BASE
 from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
@@ -309,7 +308,12 @@ def dora_forward(
         ``magnitude_over_norm``).
     ValueError
         NaN/Inf in x, or an output that overflowed the dtype (never
-        returned as inf or NaN).
+        returned as inf or NaN). The message names what overflowed: y (only
+        when its value, recomputed in a wider type, does not fit the output
+        dtype, float16/bfloat16 for those weights), or the first intermediate
+        (x A^T, (x A^T) B^T, s times it, x W0^T, z; PEFT's cast points under
+        ``policy="peft"``) with y's value where it fits; where it cannot tell,
+        "y, or an intermediate of its computation, is not finite".
 
     Notes
     -----
@@ -632,7 +636,12 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
     TypeError, ValueError
         If dy's dtype or shape does not match the forward's output, or ctx
         is not a ``DoRAContext``; NaN/Inf in dy, or a gradient that
-        overflowed the dtype (never returned as inf or NaN).
+        overflowed the dtype (never returned as inf or NaN). A gradient is
+        said to overflow only when its value, recomputed in a wider type
+        with a bound on that recomputation's error, surely does not fit;
+        otherwise the message names its first intermediate that overflowed
+        (dy * z, dg = sum_N dy * z, dU, the norm's terms) or says "<name>, or
+        an intermediate of its computation, is not finite".
     RuntimeError
         If A, B or the magnitude changed in place since the forward (an
         optimiser step in between): the saved activations belong to the
@@ -686,7 +695,7 @@ def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
     intermediate of its computation, is not finite". Returns if every
     result is finite (only the one-sum test's sum of squares overflowed).
     """
-    check_result_finite(list(results.items()), [("dy", dy)]) if not all_finite(dy) else None
+    check_finite("dy", dy)
     name = next((k for k, a in results.items() if not np.isfinite(a).all()), None)
     if name is None:
         return
