@@ -461,13 +461,17 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
              for name, value in _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked)]
     what = describe_overflow(steps[:-1], dt)  # the first intermediate not finite in dt
     y_wide = steps[-1][2]
-    y_fits = None if y_wide is None else fits_dtype(y_wide, out)
+    y_fits, about = None, None
+    if wide is not None:
+        bound = _forward_step(_forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias,
+                                                 masked, absolute=True)[-1][1], wide)
+        y_fits, about = _wide_verdict(y_wide, bound, x2.shape[1] + A.shape[0] + 8, wide, dt, out)
     largest = float(finfo(out).max)
     advice = ("Scale the scaling or the adapter down, merge the adapter (merge() forms "
               "W0 + s B A scaled by m / n first)"
               + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
     if y_fits is False:
-        about = f"about {format_wide(y_wide)}, " if np.isfinite(y_wide) else ""
+        about = f"{about}, " if np.isfinite(y_wide) else ""
         raise ValueError(
             f"y (the output) (shape {y.shape}) overflowed {out}, first at index ({i}, {j}): "
             f"{about}beyond {out}'s largest value {largest:.6g}"
@@ -477,30 +481,62 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
     if what and y_fits:
         raise ValueError(
             f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index "
-            f"({i}, {j}) it is about {format_wide(y_wide)}, which fits {out}, but the unmerged "
+            f"({i}, {j}) it is {about}, which fits {out}, but the unmerged "
             f"forward's intermediate {what}; every input is finite. {advice}")
-    if what:  # no wider type: whether y fits is not known
+    unknown = (f"no float type wider than {dt} here" if wide is None else
+               f"its {_wide_name(wide)} recomputation is not accurate enough to tell")
+    if what:  # whether y fits is not known
         raise ValueError(
             f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index "
             f"({i}, {j}) the unmerged forward's intermediate {what}; whether y itself fits "
-            f"{out} is not known (no float type wider than {dt} here); every input is "
-            f"finite. {advice}")
-    fit = f" (y there is about {format_wide(y_wide)}, which fits {out})" if y_fits else ""
+            f"{out} is not known ({unknown}); every input is finite. {advice}")
+    fit = f" (y there is {about}, which fits {out})" if y_fits else ""
     raise ValueError(
         f"y, or an intermediate of its computation, is not finite in {dt}: first at index "
         f"({i}, {j}) of y (shape {y.shape}){fit}; every input is finite, but the values are "
         f"too large for the dtype. {advice}")
 
 
-def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked):
+def _wide_verdict(value, bound, k, wide, dt, out):
+    """Whether a value recomputed in ``wide`` surely fits ``out``: (True, False or None; words).
+
+    The recomputation's error is at most (gamma_k + 8 u) * ``bound`` (``bound``:
+    the same computation on the operands' magnitudes; gamma_k for its k
+    chained wide operations; 8 u for the forward's n and g, rounded to ``dt``
+    once each, entering as n^-3 g at most). True if value + error fits, False
+    if value - error does not (or the value is not finite), None otherwise.
+    The words: "about V", or "V to within E" where E is not below V / 1000.
+    """
+    u = float(np.finfo(wide).eps)
+    err = bound * (k * u / (1 - k * u) + 8 * float(np.finfo(dt).eps))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(value):
+            return False, f"about {format_wide(value)}"
+        if fits_dtype(abs(value) + err, out):
+            fits = True
+        elif not fits_dtype(max(abs(value) - err, 0 * err), out):
+            fits = False
+        else:
+            fits = None
+        about = (f"about {format_wide(value)}" if err <= abs(value) * 1e-3
+                 else f"{format_wide(value)} to within {format_wide(err)}")
+    return fits, about
+
+
+def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked, absolute=False):
     """The unmerged forward's intermediates for y[i, j], in the order it forms them.
 
     Returns (name, function of a dtype) pairs; the function recomputes the
     value in that dtype (the operands rounded to it first, which is exact for
-    a wider one). The last pair is y[i, j] itself. Error path only.
+    a wider one). The last pair is y[i, j] itself. ``absolute``: the same on
+    the operands' magnitudes, every difference a sum (``_wide_verdict``'s
+    bound). Error path only.
     """
+    sign = 1 if absolute else -1
+
     def up(a, t):
-        return np.asarray(a).astype(t)
+        a = np.asarray(a).astype(t)
+        return np.abs(a) if absolute else a
 
     def U(t):
         return up(xd[i], t) @ up(A, t).T
@@ -533,7 +569,7 @@ def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked):
             return up(x2[i], t) @ up(W0[j], t)
 
         def t1(t):
-            return (gj(t) - up(1, t)) * base(t)
+            return (gj(t) + sign * up(1, t)) * base(t)
 
         def t2(t):
             return gj(t) * sUB(t)
@@ -709,25 +745,13 @@ def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
         wide = None
     mine = _backward_parts(dy, ctx, W0, detach_norm, dt)
     ref = None if wide is None else _backward_parts(dy, ctx, W0, detach_norm, wide)
-    value = fits = None
+    value = fits = about = None
     if ref is not None:
-        # the wide value's error is at most (gamma_k + 8 u) times the same computation on
-        # |operands| (k: the longest chain of wide operations; 8 u: the forward's n and g,
-        # each rounded to the dtype once, enter as n^-3 g at most), so that a cancelling sum
-        # of huge terms is said to fit (or to overflow) only when it surely does
+        # said to fit (or to overflow) only when it surely does: a cancelling sum of huge
+        # terms carries the wide computation's error (_wide_verdict)
         value = ref[name][idx]
         bound = _backward_parts(dy, ctx, W0, detach_norm, wide, absolute=True)[name][idx]
-        k = N + in_f + out_f + 2 * r + 16
-        u = float(np.finfo(wide).eps)
-        err = bound * (k * u / (1 - k * u) + 8 * float(np.finfo(dt).eps))
-        largest = finfo(dt).max
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(value) and abs(value) + err <= largest:
-                fits = True
-            elif not np.isfinite(value) or abs(value) - err > largest:
-                fits = False
-        about = (f"about {format_wide(value)}" if err <= abs(value) * 1e-3
-                 else f"{format_wide(value)} to within {format_wide(err)}")
+        fits, about = _wide_verdict(value, bound, N + in_f + out_f + 2 * r + 16, wide, dt, dt)
     if fits is False:
         raise ValueError(
             f"{name} (shape {got.shape}) overflowed {dt}, first at index {idx}: "
