@@ -199,3 +199,15 @@ def test_backward_nan_dy_is_still_named_dy():
     dy, ctx = _dg_case(f32)
     dy[0, 1] = np.nan
     assert _message(lambda: F.dora_backward(dy, ctx)).startswith("dy ")
+
+
+def test_backward_bf16_consistent_dg_overflows_dmagnitude_fits():
+    # a bfloat16 W0 with float32 adapters: the backward runs in float32; dy * z = 1e41
+    # overflows it, dmagnitude = dg / n (about 7e20) fits float32 (its dtype here)
+    big = 1e20
+    W0, A, B = np.full((2, 2), big, BF16), np.ones((1, 2), f32), np.ones((2, 1), f32)
+    _, ctx = F.dora_forward(np.full((1, 2), 5.0, BF16), W0, A, B, np.ones(2, f32), 1.0)
+    text = _message(lambda: F.dora_backward(np.full((1, 2), big, BF16), ctx))
+    assert not text.startswith("dmagnitude (shape"), text
+    assert "the gradient dmagnitude" in text and "intermediate dy * z overflowed float32" in text
+    assert "which fits float32" in text, text

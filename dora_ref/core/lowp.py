@@ -202,9 +202,17 @@ def dora_backward(dy, ctx, detach_norm, dx_adjoint=None):
         return _peft_backward(dy2, ctx, adjoint)
     dx, dA, dB, dm = F._dora_backward_f32(upcast(dy2), ctx, upcast(ctx.W0), detach_norm)
     inputs = [("dy", dy2)]
-    return F.DoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
-                       _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
-                       _store(dm, p.adapter, "dmagnitude", inputs))
+    try:
+        return F.DoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
+                           _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
+                           _store(dm, p.adapter, "dmagnitude", inputs))
+    except ValueError:
+        # a float32 gradient already not finite: say truly what overflowed (an intermediate
+        # such as dg = sum_N dy * z, or the gradient), as the float32 backward does
+        results = dict(dA=dA, dB=dB, dmagnitude=dm, dx=dx)
+        if not all(np.isfinite(a).all() for a in results.values()):
+            F._check_backward_overflow(results, upcast(dy2), ctx, upcast(ctx.W0), detach_norm)
+        raise
 
 
 def _peft_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, weight_norm, allow_zero_norm,
