@@ -315,14 +315,17 @@ def describe_overflow(steps, dtype):
     return None
 
 
-def format_wide(value):
-    """A wide scalar (float64 or long double) to 4 significant digits, also beyond float64."""
+def format_wide(value, digits=4):
+    """A wide scalar (float64 or long double) to ``digits`` significant digits, also beyond
+    float64 (where ``float()`` would give inf)."""
     v = np.asarray(value)[()]
     with np.errstate(over="ignore"):
         as64 = float(v)
     if math.isfinite(as64) or not np.isfinite(v):
-        return f"{as64:.4g}"
-    return np.format_float_scientific(v, precision=3, trim="-")
+        return f"{as64:.{digits}g}"
+    mantissa, exponent = np.format_float_scientific(v, precision=digits - 1, trim="k").split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}"
 
 
 def check_adapter(W0, A, B, magnitude=None, bias=None, *, low_precision=False, names=None):

@@ -470,8 +470,8 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
     advice = ("Scale the scaling or the adapter down, merge the adapter (merge() forms "
               "W0 + s B A scaled by m / n first)"
               + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
-    if y_fits is False:
-        about = f"{about}, " if np.isfinite(y_wide) else ""
+    if y_fits is False:  # six digits: a y just past the largest value shows that it is
+        about = f"about {format_wide(y_wide, 6)}, " if np.isfinite(y_wide) else ""
         raise ValueError(
             f"y (the output) (shape {y.shape}) overflowed {out}, first at index ({i}, {j}): "
             f"{about}beyond {out}'s largest value {largest:.6g}"
