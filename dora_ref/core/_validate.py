@@ -239,6 +239,95 @@ def check_result_finite(results, inputs):
             )
 
 
+def wider_float(dtype):
+    """A float type with more exponent range than ``dtype``, or None (error paths only).
+
+    float64 for float32, float16 and bfloat16; for float64, ``np.longdouble``
+    where it has a larger exponent range (x86-64 Linux: 80-bit extended,
+    largest about 1.19e4932), decided at run time from ``np.finfo``; else
+    None, and a message that needs a value beyond float64 says less.
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+
+    Returns
+    -------
+    type or None
+    """
+    if np.dtype(dtype) != np.dtype(np.float64):
+        return np.float64
+    if np.finfo(np.longdouble).max > np.finfo(np.float64).max:
+        return np.longdouble
+    return None
+
+
+def fits_dtype(value, dtype):
+    """True if the finite wide ``value`` (scalar or array) rounds to finite values of ``dtype``.
+
+    ``value`` is computed in ``wider_float(dtype)``; float16/bfloat16 are
+    reached through float64 (a longdouble is never paired with them).
+    """
+    v = np.asarray(value)
+    if not np.isfinite(v).all():
+        return False
+    if v.dtype == np.dtype(np.longdouble) and np.dtype(dtype) != np.dtype(np.float64) and \
+            np.dtype(dtype) != v.dtype:
+        v = v.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(v.astype(dtype)).all())
+
+
+def describe_overflow(steps, dtype):
+    """The first step of a recomputation that is not finite in ``dtype``, in words.
+
+    Parameters
+    ----------
+    steps : list of (str, ndarray or scalar, ndarray or scalar or None[, dtype])
+        In the order the computation forms them: a name, the value as
+        recomputed in ``dtype`` and the same value in ``wider_float(dtype)``
+        (None where there is none); an optional fourth entry is the dtype
+        that step is formed in, where it is not ``dtype``.
+    dtype : numpy dtype
+        The computation's dtype.
+
+    Returns
+    -------
+    str or None
+        "NAME overflowed DTYPE (largest magnitude about V)" for the first
+        step that is not finite; where its wide value fits the dtype, "NAME
+        overflowed DTYPE in its partial sums (its value ... fits)"; None if
+        every step is finite.
+    """
+    computation_dtype = dtype
+    for name, value, wide, *step_dtype in steps:
+        dtype = step_dtype[0] if step_dtype else computation_dtype
+        if np.isfinite(np.asarray(value)).all():
+            continue
+        if wide is None:
+            return f"{name} overflowed {dtype}"
+        w = np.asarray(wide)
+        big = format_wide(np.max(np.abs(w))) if w.size else "0"
+        if fits_dtype(w, dtype):
+            return (f"{name} overflowed {dtype} in its partial sums (its value, largest "
+                    f"magnitude about {big}, fits {dtype})")
+        return f"{name} overflowed {dtype} (largest magnitude about {big})"
+    return None
+
+
+def format_wide(value, digits=4):
+    """A wide scalar (float64 or long double) to ``digits`` significant digits, also beyond
+    float64 (where ``float()`` would give inf)."""
+    v = np.asarray(value)[()]
+    with np.errstate(over="ignore"):
+        as64 = float(v)
+    if math.isfinite(as64) or not np.isfinite(v):
+        return f"{as64:.{digits}g}"
+    mantissa, exponent = np.format_float_scientific(v, precision=digits - 1, trim="k").split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}"
+
+
 def check_adapter(W0, A, B, magnitude=None, bias=None, *, low_precision=False, names=None):
     """Check the shapes and dtypes of a DoRA layer's weights.
 

@@ -117,6 +117,10 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_scaling,
     refuse_non_finite_rows,
     results_finite,
+    wider_float,
+    fits_dtype,
+    describe_overflow,
+    format_wide,
 )
 from .kernels_numpy import EPILOGUE_KEEP_Z, EPILOGUE_NEW, EPILOGUE_OVER_BASE
 from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
@@ -304,7 +308,12 @@ def dora_forward(
         ``magnitude_over_norm``).
     ValueError
         NaN/Inf in x, or an output that overflowed the dtype (never
-        returned as inf or NaN).
+        returned as inf or NaN). The message names what overflowed: y (only
+        when its value, recomputed in a wider type, does not fit the output
+        dtype, float16/bfloat16 for those weights), or the first intermediate
+        (x A^T, (x A^T) B^T, s times it, x W0^T, z; PEFT's cast points under
+        ``policy="peft"``) with y's value where it fits; where it cannot tell,
+        "y, or an intermediate of its computation, is not finite".
 
     Notes
     -----
@@ -346,7 +355,7 @@ def dora_forward(
 
 def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask, weight_norm,
                   allow_zero_norm, overwrite_base=False, magnitude_name="magnitude",
-                  adapter_names=None):
+                  adapter_names=None, out_dtype=None):
     """``dora_forward`` after its argument checks, x flattened to x2 (N, in).
 
     The layers call it directly: the shapes and dtypes of their arrays are
@@ -361,6 +370,9 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
 
     The magnitude need not be checked for NaN/Inf before: ``_scale`` proves
     it finite on its fast path and checks it by ``magnitude_name`` otherwise.
+
+    ``out_dtype`` (a low-precision forward computed in float32): the dtype
+    y is rounded to afterwards; only an overflow's message reads it.
 
     ``adapter_names`` (names for A and B): A and B have not been checked for
     NaN/Inf. Allowed only where the norm proves them finite: it is computed
@@ -408,7 +420,8 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         finite = math.isfinite(_vdot(y, y))  # results_finite(y), inline
 
     if not finite:  # the exact test, which names x or what overflowed
-        _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, mask is not None)
+        _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, mask is not None,
+                                out_dtype)
     # positional (keywords cost a few tenths of a us per call at small sizes):
     # seen, precision, n_nonzero, base_is_z
     ctx = DoRAContext(x_shape, xd, mask, W0, A, B, magnitude, scaling, n, g, base, U,
@@ -419,43 +432,172 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
     return y, ctx
 
 
-def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked):
-    """Raise the ``ValueError`` that says why y (N, out) is not finite.
+def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_dtype=None):
+    """Raise the ``ValueError`` that says why y (N, out) is not finite, every claim true.
 
-    A NaN or Inf in x is named (``check_finite``). Else something
-    overflowed y's dtype: y itself, or only the unmerged forward's
-    intermediate z = x W0^T + s (x A^T) B^T, which is formed before the
-    magnitude's scale g = m / n (steps (5), (6); PEFT forms it in the same
-    order). The first non-finite element is computed again in float64 to
-    tell which: a y that fits the dtype is said to fit, with its value, so
-    that the message never claims an overflow of y that did not happen.
+    A NaN or Inf in x is named (``check_finite``). Else something overflowed
+    y's dtype: y itself, or only an intermediate of the unmerged forward
+    (x A^T, (x A^T) B^T, s times that, x W0^T, or z = x W0^T + s (x A^T) B^T,
+    formed before the magnitude's scale g = m / n; PEFT forms them in the same
+    order). The first non-finite element (i, j) is recomputed step by step,
+    in y's dtype to find the first intermediate that is not finite there, and
+    in a wider type (``wider_float``: float64, or a long double with more
+    exponent range for float64) to tell whether y fits ``out_dtype`` (the
+    caller's output dtype, float16/bfloat16 for a low-precision forward
+    computed in float32; default y's). The message names what overflowed,
+    says that y fits (with its value) only when it does, and where neither
+    can be told says the true, less specific "y, or an intermediate of its
+    computation, is not finite". Runs only after a non-finite y was found.
     """
     check_finite("x", x2)
     bad = np.argwhere(~np.isfinite(y))
     if not bad.size:  # every entry finite: only the one-sum test's sum of squares overflowed
         return
     i, j = (int(v) for v in bad[0])
-    f64 = np.float64
-    w, b = W0[j].astype(f64), B[j].astype(f64)
-    lowrank = float(scaling) * float((A.astype(f64) @ xd[i].astype(f64)) @ b)
-    gj = float(g[j])
-    with np.errstate(over="ignore", invalid="ignore"):
-        if masked:  # y = x W0^T + (g - 1) (xd W0^T) + g s (xd A^T) B^T
-            value = float(x2[i].astype(f64) @ w) + (gj - 1.0) * float(xd[i].astype(f64) @ w) \
-                + gj * lowrank
-        else:  # y = g (x W0^T + s (x A^T) B^T)
-            value = gj * (float(x2[i].astype(f64) @ w) + lowrank)
-        if bias is not None:
-            value += float(bias[j])
-    if math.isfinite(value) and abs(value) <= float(finfo(y.dtype).max):
+    dt = y.dtype
+    out = np.dtype(dt if out_dtype is None else out_dtype)
+    wide = wider_float(dt)
+    steps = [(name, _forward_step(value, dt), None if wide is None else _forward_step(value, wide))
+             for name, value in _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked)]
+    what = describe_overflow(steps[:-1], dt)  # the first intermediate not finite in dt
+    y_wide = steps[-1][2]
+    y_fits, about = None, None
+    if wide is not None:
+        bound = _forward_step(_forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias,
+                                                 masked, absolute=True)[-1][1], wide)
+        y_fits, about = _wide_verdict(y_wide, bound, x2.shape[1] + A.shape[0] + 8, wide, dt, out)
+    largest = float(finfo(out).max)
+    advice = ("Scale the scaling or the adapter down, merge the adapter (merge() forms "
+              "W0 + s B A scaled by m / n first)"
+              + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
+    if y_fits is False:  # six digits: a y just past the largest value shows that it is
+        about = f"about {format_wide(y_wide, 6)}, " if np.isfinite(y_wide) else ""
         raise ValueError(
-            f"y (the output) (shape {y.shape}) could not be formed in {y.dtype}: at index "
-            f"({i}, {j}) it is about {value:.4g}, which fits, but the unmerged forward's "
-            f"intermediate z = x W0^T + s (x A^T) B^T, formed before the magnitude's scale "
-            f"m / n (as PEFT forms it), overflowed {y.dtype}; every input is finite. Scale the "
-            f"scaling or the adapter down, merge the adapter (merge() forms W0 + s B A scaled "
-            f"by m / n first), or compute in float64")
-    check_result_finite([("y (the output)", y)], [("x", x2)])
+            f"y (the output) (shape {y.shape}) overflowed {out}, first at index ({i}, {j}): "
+            f"{about}beyond {out}'s largest value {largest:.6g}"
+            + (f"; on the way, {what}" if what and out != dt else "")
+            + "; every input is finite, but the values are too large for the dtype; scale "
+              "them down" + (", or compute in float64" if out != np.dtype(np.float64) else ""))
+    if what and y_fits:
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index "
+            f"({i}, {j}) it is {about}, which fits {out}, but the unmerged "
+            f"forward's intermediate {what}; every input is finite. {advice}")
+    unknown = (f"no float type wider than {dt} here" if wide is None else
+               f"its {_wide_name(wide)} recomputation is not accurate enough to tell")
+    if what:  # whether y fits is not known
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index "
+            f"({i}, {j}) the unmerged forward's intermediate {what}; whether y itself fits "
+            f"{out} is not known ({unknown}); every input is finite. {advice}")
+    fit = f" (y there is {about}, which fits {out})" if y_fits else ""
+    raise ValueError(
+        f"y, or an intermediate of its computation, is not finite in {dt}: first at index "
+        f"({i}, {j}) of y (shape {y.shape}){fit}; every input is finite, but the values are "
+        f"too large for the dtype. {advice}")
+
+
+def _wide_verdict(value, bound, k, wide, dt, out):
+    """Whether a value recomputed in ``wide`` surely fits ``out``: (True, False or None; words).
+
+    The recomputation's error is at most (gamma_k + 8 u) * ``bound`` (``bound``:
+    the same computation on the operands' magnitudes; gamma_k for its k
+    chained wide operations; 8 u for the forward's n and g, rounded to ``dt``
+    once each, entering as n^-3 g at most). True if value + error fits, False
+    if value - error does not (or the value is not finite), None otherwise.
+    The words: "about V", or "V to within E" where E is not below V / 1000.
+    """
+    u = float(np.finfo(wide).eps)
+    err = bound * (k * u / (1 - k * u) + 8 * float(np.finfo(dt).eps))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(value):
+            return False, f"about {format_wide(value)}"
+        if fits_dtype(abs(value) + err, out):
+            fits = True
+        elif not fits_dtype(max(abs(value) - err, 0 * err), out):
+            fits = False
+        else:
+            fits = None
+        about = (f"about {format_wide(value)}" if err <= abs(value) * 1e-3
+                 else f"{format_wide(value)} to within {format_wide(err)}")
+    return fits, about
+
+
+def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked, absolute=False):
+    """The unmerged forward's intermediates for y[i, j], in the order it forms them.
+
+    Returns (name, function of a dtype) pairs; the function recomputes the
+    value in that dtype (the operands rounded to it first, which is exact for
+    a wider one). The last pair is y[i, j] itself. ``absolute``: the same on
+    the operands' magnitudes, every difference a sum (``_wide_verdict``'s
+    bound). Error path only.
+    """
+    sign = 1 if absolute else -1
+
+    def up(a, t):
+        a = np.asarray(a).astype(t)
+        return np.abs(a) if absolute else a
+
+    def U(t):
+        return up(xd[i], t) @ up(A, t).T
+
+    def UB(t):
+        return U(t) @ up(B[j], t)
+
+    def sUB(t):
+        return UB(t) * up(scaling, t)
+
+    def base(t):  # x W0^T, or (x * mask) W0^T
+        return up(xd[i], t) @ up(W0[j], t)
+
+    def gj(t):
+        return up(g[j], t)
+
+    if not masked:  # y = g (x W0^T + s (x A^T) B^T) (+ bias): the epilogue's order
+        def z(t):
+            return base(t) + sUB(t)
+
+        def gz(t):
+            return gj(t) * z(t)
+
+        steps = [("x A^T", U), ("(x A^T) B^T", UB), ("s (x A^T) B^T", sUB), ("x W0^T", base),
+                 ("z = x W0^T + s (x A^T) B^T (formed before the magnitude's scale m / n, as "
+                  "PEFT forms it)", z)]
+        last = gz
+    else:  # y = x W0^T + (g - 1) (xd W0^T) + g (s (xd A^T) B^T) (+ bias)
+        def xw(t):
+            return up(x2[i], t) @ up(W0[j], t)
+
+        def t1(t):
+            return (gj(t) + sign * up(1, t)) * base(t)
+
+        def t2(t):
+            return gj(t) * sUB(t)
+
+        def s1(t):
+            return xw(t) + t1(t)
+
+        def gz(t):
+            return s1(t) + t2(t)
+
+        steps = [("(x * mask) A^T", U), ("((x * mask) A^T) B^T", UB),
+                 ("s ((x * mask) A^T) B^T", sUB), ("x W0^T", xw), ("(x * mask) W0^T", base),
+                 ("(m / n - 1) (x * mask) W0^T", t1), ("(m / n) s ((x * mask) A^T) B^T", t2),
+                 ("x W0^T + (m / n - 1) (x * mask) W0^T", s1)]
+        last = gz
+    if bias is None:
+        return steps + [("y", last)]
+
+    def with_bias(t):
+        return last(t) + up(bias[j], t)
+
+    return steps + [("y before the bias", last), ("y", with_bias)]
+
+
+def _forward_step(fn, dtype):
+    """``fn(dtype)`` with floating-point warnings off (the error path recomputes overflows)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return fn(dtype)
 
 
 def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_name,
@@ -489,7 +631,9 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     check_finite(magnitude_name, magnitude)
     if rescue:
         _rescue_extreme_rows(n, W0, A, B, scaling)
-    check_norm(n, W0, allow_zero_norm)
+        check_norm(n, W0, allow_zero_norm, A, B, scaling)  # names what overflowed
+    else:
+        check_norm(n, W0, allow_zero_norm)
     return magnitude_over_norm(magnitude, n), bool(n.all())
 
 
@@ -528,7 +672,12 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
     TypeError, ValueError
         If dy's dtype or shape does not match the forward's output, or ctx
         is not a ``DoRAContext``; NaN/Inf in dy, or a gradient that
-        overflowed the dtype (never returned as inf or NaN).
+        overflowed the dtype (never returned as inf or NaN). A gradient is
+        said to overflow only when its value, recomputed in a wider type
+        with a bound on that recomputation's error, surely does not fit;
+        otherwise the message names its first intermediate that overflowed
+        (dy * z, dg = sum_N dy * z, dU, the norm's terms) or says "<name>, or
+        an intermediate of its computation, is not finite".
     RuntimeError
         If A, B or the magnitude changed in place since the forward (an
         optimiser step in between): the saved activations belong to the
@@ -559,9 +708,151 @@ def _dora_backward_checked(dy, ctx, detach_norm):
     # results_finite(dA, dB, dmagnitude, dx), inline; else the exact test, which names them
     if not math.isfinite(float(_vdot(dA, dA)) + float(_vdot(dB, dB))
                          + float(_vdot(dmagnitude, dmagnitude)) + float(_vdot(dx, dx))):
-        check_result_finite([("dA", dA), ("dB", dB), ("dmagnitude", dmagnitude), ("dx", dx)],
-                            [("dy", dy)])
+        _check_backward_overflow(dict(dA=dA, dB=dB, dmagnitude=dmagnitude, dx=dx), dy, ctx,
+                                 W0, detach_norm)
     return (dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape)), dA, dB, dmagnitude
+
+
+# a float64 backward recomputed in long double (no BLAS) above this many multiply-adds is
+# not: its message then says less (whether the gradient itself fits is not known)
+_WIDE_BACKWARD_LIMIT = 3e7
+
+
+def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
+    """Raise the ``ValueError`` that says, truly, why a gradient is not finite (error path only).
+
+    NaN/Inf in dy is named. Else the first gradient (dA, dB, dmagnitude, dx)
+    with a non-finite entry is named as overflowed only if its value there,
+    recomputed in a wider type (``wider_float``), does not fit the dtype.
+    Otherwise its intermediates (dy * z, dg = sum_N dy * z, dz = dy m / n,
+    dU = s dz B, the norm's terms c = -dg g / n^2, ...), recomputed in the
+    dtype in the order the backward forms them, name the first that
+    overflowed; where none can be named, the message says "<name>, or an
+    intermediate of its computation, is not finite". Returns if every
+    result is finite (only the one-sum test's sum of squares overflowed).
+    """
+    check_finite("dy", dy)
+    name = next((k for k, a in results.items() if not np.isfinite(a).all()), None)
+    if name is None:
+        return
+    got = results[name]
+    dt = got.dtype
+    idx = tuple(int(v) for v in np.argwhere(~np.isfinite(got))[0])
+    N, in_f = ctx.x.shape
+    out_f, r = ctx.B.shape
+    wide = wider_float(dt)
+    if wide is np.longdouble and N * in_f * out_f + out_f * in_f * r > _WIDE_BACKWARD_LIMIT:
+        wide = None
+    mine = _backward_parts(dy, ctx, W0, detach_norm, dt)
+    ref = None if wide is None else _backward_parts(dy, ctx, W0, detach_norm, wide)
+    value = fits = about = None
+    if ref is not None:
+        # said to fit (or to overflow) only when it surely does: a cancelling sum of huge
+        # terms carries the wide computation's error (_wide_verdict)
+        value = ref[name][idx]
+        bound = _backward_parts(dy, ctx, W0, detach_norm, wide, absolute=True)[name][idx]
+        fits, about = _wide_verdict(value, bound, N + in_f + out_f + 2 * r + 16, wide, dt, dt)
+    if fits is False:
+        raise ValueError(
+            f"{name} (shape {got.shape}) overflowed {dt}, first at index {idx}: "
+            + (f"{about}, " if np.isfinite(value) else "")
+            + f"beyond {dt}'s largest value {float(finfo(dt).max):.6g}; every input is finite, "
+            f"but the values are too large for the dtype; scale them down"
+            + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
+    chain = _BACKWARD_CHAINS[name, bool(detach_norm) or name in ("dmagnitude", "dx")]
+    what = describe_overflow([(label, mine[key], None if ref is None else ref[key])
+                              for key, label in chain], dt)
+    if what and fits:
+        raise ValueError(
+            f"the gradient {name} (shape {got.shape}) could not be formed in {dt}: at index "
+            f"{idx} it is {about} (recomputed in {_wide_name(wide)}), which fits {dt}, but its "
+            f"intermediate {what}; every input is finite. Scale dy, x or the adapter down")
+    if what:
+        raise ValueError(
+            f"the gradient {name} (shape {got.shape}) could not be formed in {dt}: at index "
+            f"{idx} its intermediate {what}; whether {name} itself fits {dt} is not known; "
+            f"every input is finite. Scale dy, x or the adapter down")
+    fit = "" if not fits else f" ({name} there is {about}, which fits {dt})"
+    raise ValueError(
+        f"{name}, or an intermediate of its computation, is not finite in {dt}: first at "
+        f"index {idx} of {name} (shape {got.shape}){fit}; every input is finite, but the "
+        f"values are too large for the dtype. Scale dy, x or the adapter down")
+
+
+def _wide_name(t):
+    """How a message calls ``wider_float``'s type ("float64", or "long double": NumPy's
+    name float128 would claim a format x86-64's 80-bit extended is not)."""
+    return "long double" if np.dtype(t) == np.dtype(np.longdouble) != np.dtype(np.float64) \
+        else str(np.dtype(t))
+
+
+# each gradient's intermediates, in the order the backward forms them: (key, name)
+_DG = [("dyz", "dy * z"), ("dg", "dg = sum_N dy * z")]
+_NORM = _DG + [("c", "c = -dg (m / n) / n^2, the norm's factor"), ("cB", "c B")]
+_BACKWARD_CHAINS = {
+    ("dmagnitude", True): _DG,
+    ("dx", True): [("dz", "dz = dy m / n"), ("dzW0", "dz W0"), ("dU", "dU = s dz B"),
+                   ("dUA", "dU A")],
+    ("dA", True): [("dz", "dz = dy m / n"), ("dU", "dU = s dz B"), ("dA_lowrank", "dU^T x")],
+    ("dB", True): [("dz", "dz = dy m / n"), ("U", "x A^T"), ("dB_lowrank", "s dz^T (x A^T)")],
+    ("dA", False): _NORM + [("cBtW0", "(c B)^T W0"), ("dA_norm", "the norm's term of dA"),
+                            ("dz", "dz = dy m / n"), ("dU", "dU = s dz B"),
+                            ("dA_lowrank", "dU^T x (the low-rank term of dA)")],
+    ("dB", False): _NORM + [("W0At", "W0 A^T"), ("dB_norm", "the norm's term of dB"),
+                            ("dz", "dz = dy m / n"), ("U", "x A^T"),
+                            ("dB_lowrank", "s dz^T (x A^T) (the low-rank term of dB)")],
+}
+
+
+def _backward_parts(dy, ctx, W0, detach_norm, t, absolute=False):
+    """The backward's intermediates and gradients recomputed in dtype ``t`` (error path only).
+
+    The operands are rounded to ``t`` first (exact for a wider type); the
+    formulas are ``_dora_backward_f32``'s and ``norm_gradient``'s, with x the
+    forward's (dropped-out) input; dx is computed for the unmasked forward
+    and, with a mask, as the backward forms it. ``absolute``: the same
+    computation on the operands' magnitudes, every difference a sum (the
+    bound that scales the wide computation's rounding error).
+    """
+    sign = 1 if absolute else -1
+
+    def up(a):
+        a = np.asarray(a).astype(t)
+        return np.abs(a) if absolute else a
+
+    x, w, A, B, dY = up(ctx.x), up(W0), up(ctx.A), up(ctx.B), up(dy)
+    g, n, s = up(ctx.g), up(ctx.n), up(ctx.scaling)
+    p = {}
+    with np.errstate(all="ignore"):
+        p["U"] = U = x @ A.T
+        z = x @ w.T + s * (U @ B.T)
+        p["dyz"] = dY * z
+        p["dg"] = dg = p["dyz"].sum(axis=0)
+        safe = np.where(n == 0, up(1), n)
+        p["dmagnitude"] = np.where(n == 0, up(0), dg / safe)
+        p["dz"] = dz = dY * g
+        p["dU"] = dU = s * (dz @ B)
+        p["dA_lowrank"] = dU.T @ x
+        p["dB_lowrank"] = s * (dz.T @ U)
+        p["dzW0"] = dz @ w
+        p["dUA"] = dU @ A
+        if ctx.dropout_mask is None:
+            p["dx"] = p["dzW0"] + p["dUA"]
+        else:
+            mask = up(ctx.dropout_mask)
+            p["dx"] = dY @ w + mask * ((dz + sign * dY) @ w + p["dUA"])
+        if detach_norm:
+            p["dA"], p["dB"] = p["dA_lowrank"], p["dB_lowrank"]
+        else:
+            p["c"] = c = np.where(n == 0, up(0), (sign * dg * g / safe) / safe)
+            p["cB"] = cB = c[:, None] * B
+            p["cBtW0"] = cB.T @ w
+            p["W0At"] = w @ A.T
+            p["dA_norm"] = s * (p["cBtW0"] + s * ((cB.T @ B) @ A))
+            p["dB_norm"] = s * (c[:, None] * (p["W0At"] + s * (B @ (A @ A.T))))
+            p["dA"] = p["dA_norm"] + p["dA_lowrank"]
+            p["dB"] = p["dB_lowrank"] + p["dB_norm"]
+    return p
 
 
 def _check_dy(dy, ctx, dtype):
@@ -733,7 +1024,7 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False, policy="consis
     with np.errstate(over="ignore"):  # an overflow is refused below, with its rows
         W_merged, n = _backend.kernels().merge(W0, A, B, magnitude, scaling)
     rescued = _rescue_extreme_rows(n, W0, A, B, scaling)
-    check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm, A, B, scaling)
     g = magnitude_over_norm(magnitude, n)  # the kernel's factor: refused if it overflows
     if rescued.size:
         V = W0[rescued] + scaling * (B[rescued] @ A)

@@ -21,6 +21,7 @@ is ``op(float32 product)`` here. Each step cites the PEFT line it matches.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,9 @@ from . import functional as F
 from .kernels_numpy import _row_blocks
 from .norm import (_rescue_extreme_rows, check_norm, divide_by_norm, magnitude_over_norm,
                    refuse_overflowed_norm)
-from ._validate import WeightSnapshot, check_finite, check_input, check_result_finite, \
-    check_rows_finite
-from .precision import classify, round_to, upcast
+from ._validate import WeightSnapshot, all_finite, check_finite, check_input, \
+    check_result_finite, check_rows_finite, describe_overflow, fits_dtype
+from .precision import classify, finfo, round_to, upcast
 
 F32 = np.float32
 
@@ -85,7 +86,7 @@ def _f32_norm(W0, A32, B32, scaling, allow_zero_norm):
     """Row norms of W0 + s B A, float32, from the kernel that reads lp W0 in row blocks."""
     n = _backend.low_precision_kernels().column_norm(W0, A32, B32, scaling)
     _rescue_extreme_rows(n, W0, A32, B32, scaling)
-    check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm, A32, B32, scaling)
     return n
 
 
@@ -179,7 +180,7 @@ def dora_forward(x_shape, x, W0, A, B, magnitude, scaling, bias, dropout_mask, w
         n = upcast(weight_norm)
     mask = None if dropout_mask is None else upcast(F._check_mask(dropout_mask, x_shape, lp))
     y, ctx = F._dora_forward(x_shape, upcast(x2), upcast(W0), A32, B32, m32, scaling,
-                             upcast(bias), mask, n, allow_zero_norm)
+                             upcast(bias), mask, n, allow_zero_norm, out_dtype=lp)
     y = _store(y, lp, "y (the output)", [("x", x2)])
     ctx.W0 = W0  # the backward upcasts it again: the context keeps no float32 copy
     ctx.seen = seen
@@ -201,9 +202,17 @@ def dora_backward(dy, ctx, detach_norm, dx_adjoint=None):
         return _peft_backward(dy2, ctx, adjoint)
     dx, dA, dB, dm = F._dora_backward_f32(upcast(dy2), ctx, upcast(ctx.W0), detach_norm)
     inputs = [("dy", dy2)]
-    return F.DoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
-                       _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
-                       _store(dm, p.adapter, "dmagnitude", inputs))
+    try:
+        return F.DoRAGrads(_store(adjoint(dx), p.lp, "dx", inputs),
+                           _store(dA, p.adapter, "dA", inputs), _store(dB, p.adapter, "dB", inputs),
+                           _store(dm, p.adapter, "dmagnitude", inputs))
+    except ValueError:
+        # a float32 gradient already not finite: say truly what overflowed (an intermediate
+        # such as dg = sum_N dy * z, or the gradient), as the float32 backward does
+        results = dict(dA=dA, dB=dB, dmagnitude=dm, dx=dx)
+        if not all(np.isfinite(a).all() for a in results.values()):
+            F._check_backward_overflow(results, upcast(dy2), ctx, upcast(ctx.W0), detach_norm)
+        raise
 
 
 def _peft_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, weight_norm, allow_zero_norm,
@@ -241,10 +250,73 @@ def _peft_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, weight_norm, 
     h = op(x32 @ A32.T)
     lo = op(h @ B32.T)
     d = op(op(op(g - F32(1)) * bse) + op(op(g * lo) * s))
-    y = _store(r + d, lp, "y (the output)", [("x", x2)])
+    y = round_to(r + d, lp)
+    if not all_finite(y):  # _store's test; the error path names what overflowed
+        _peft_forward_overflow(y, x2, W0, A, B, g, scaling, bias, r, bse, h, lo, op, lp)
     ctx = F.DoRAContext(x_shape, x2, None, W0, A, B, magnitude, scaling, n, g, base, h)
     ctx.precision = Precision("peft", lp, A.dtype, dict(bse=bse, lo=lo))
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
+
+
+def _peft_forward_overflow(y, x2, W0, A, B, g, scaling, bias, r, bse, h, lo, op, lp):
+    """Raise the ``ValueError`` that says, truly, why ``_peft_forward``'s y is not finite.
+
+    NaN/Inf in x is named. Else the first non-finite element (i, j) is
+    followed through PEFT's cast points, in the order ``_peft_forward`` forms
+    them (the float32 values it computed; adapter-side steps rounded by
+    ``op``), to name the first intermediate that overflowed; y itself is
+    computed in float64 to say whether it fits W0's dtype ``lp``. A y that
+    fits is never said to overflow; where no step can be named, the message
+    says "y, or an intermediate of its computation, is not finite". Error
+    path only.
+    """
+    check_finite("x", x2)
+    i, j = (int(v) for v in np.argwhere(~np.isfinite(y))[0])
+    ad = A.dtype  # op's dtype: float32 (mixed) or lp (pure)
+    s = F32(scaling)
+    f64 = np.float64
+    with np.errstate(over="ignore", invalid="ignore"):
+        gj = F32(g[j])
+        t1 = op(op(gj - F32(1)) * bse[i, j])
+        t2 = op(gj * lo[i, j])
+        t3 = op(t2 * s)
+        d = op(t1 + t3)
+        xw = float(x2[i].astype(f64) @ W0[j].astype(f64))
+        hw = x2[i].astype(f64) @ A.astype(f64).T
+        low = float(hw @ B[j].astype(f64))
+        b = 0.0 if bias is None else float(bias[j])
+        yw = float(gj) * (xw + scaling * low) + b
+        steps = [
+            ("the base layer's output x W0^T" + (" + b" if bias is not None else ""),
+             r[i, j], xw + b, lp),
+            ("x W0^T (the base output less the bias)", bse[i, j], xw, lp),
+            ("x A^T", h[i], hw, ad),
+            ("(x A^T) B^T", lo[i, j], low, ad),
+            ("(m / n - 1) x W0^T", t1, (float(gj) - 1.0) * xw, ad),
+            ("(m / n) (x A^T) B^T", t2, float(gj) * low, ad),
+            ("s (m / n) (x A^T) B^T", t3, scaling * float(gj) * low, ad),
+            ("the DoRA delta (m / n - 1) x W0^T + s (m / n) (x A^T) B^T", d,
+             (float(gj) - 1.0) * xw + scaling * float(gj) * low, ad),
+            ("the base output plus the DoRA delta, in float32", r[i, j] + d, yw, np.dtype(F32)),
+        ]
+    what = describe_overflow(steps, np.dtype(F32))
+    if not fits_dtype(yw, lp):
+        about = f"about {yw:.4g}, " if math.isfinite(yw) else ""
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) overflowed {lp}, first at index ({i}, {j}): "
+            f"{about}beyond {lp}'s largest value {float(finfo(lp).max):.6g}; every input is "
+            f"finite, but the values are too large for the dtype; scale them down")
+    if what:
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed under policy 'peft': at "
+            f"index ({i}, {j}) it is about {yw:.4g}, which fits {lp}, but PEFT's intermediate "
+            f"{what}; every input is finite. Scale the scaling or the adapter down, or merge "
+            f"the adapter (merge() forms W0 + s B A scaled by m / n first)")
+    raise ValueError(
+        f"y, or an intermediate of its computation, is not finite in {lp}: first at index "
+        f"({i}, {j}) of y (shape {y.shape}), which is about {yw:.4g} and fits {lp}; every "
+        f"input is finite, but the values are too large for PEFT's cast points (policy "
+        f"'peft'). Scale the scaling or the adapter down")
 
 
 def _peft_backward(dy2, ctx, adjoint):
@@ -308,7 +380,7 @@ def merge(W0, A, B, magnitude, scaling, allow_zero_norm, policy):
         with np.errstate(over="ignore"):
             W_merged, n = _backend.low_precision_kernels().merge(W0, A32, B32, m32, scaling)
         rescued = _rescue_extreme_rows(n, W0, A32, B32, scaling)
-        check_norm(n, W0, allow_zero_norm)
+        check_norm(n, W0, allow_zero_norm, A32, B32, scaling)
         g = magnitude_over_norm(m32, n)
         if rescued.size:
             W_merged[rescued] = round_to(g[rescued, None] * (W0[rescued].astype(F32) + scaling

@@ -17,11 +17,12 @@ import math
 import numpy as np
 
 from . import backend as _backend
-from ._validate import _vdot, check_adapter, check_scaling, refuse_non_finite_rows
+from ._validate import (_vdot, check_adapter, check_scaling, describe_overflow, fits_dtype,
+                        format_wide, refuse_non_finite_rows, wider_float)
 from .precision import finfo as _finfo
 
 
-def check_norm(n, W0, allow_zero_norm):
+def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
     """Raise ``ValueError`` on a non-finite or (unless allowed) zero row norm.
 
     Parameters
@@ -32,11 +33,20 @@ def check_norm(n, W0, allow_zero_norm):
         Read only to name the cause (NaN/Inf rows) when n is not finite.
     allow_zero_norm : bool
         If False, n = 0 raises (PEFT outputs NaN there, peft#2049).
+    A, B : ndarray, shapes (r, in) and (out, r), optional
+    scaling : float, optional
+        The adapter (finite, checked before), read only when n is not finite
+        and W0 is: the first bad row is recomputed step by step (B@A, s*B@A,
+        W0 + s*B@A) in n's dtype and in a wider one (``wider_float``), so that
+        a norm that fits n's dtype is never said to have overflowed (B@A,
+        formed before the scaling, is named instead).
     """
     finite = np.isfinite(n)
     if not finite.all():
         rows = np.flatnonzero(~finite)
         w0_bad = [int(i) for i in rows[:8] if not np.isfinite(W0[i]).all()]
+        if not w0_bad and A is not None and B is not None and scaling is not None:
+            _refuse_intermediate_overflow(n, rows, W0, A, B, scaling)
         cause = (
             f"W0 has NaN/Inf in row(s) {w0_bad}"
             if w0_bad
@@ -54,6 +64,50 @@ def check_norm(n, W0, allow_zero_norm):
             f"(PEFT silently outputs NaN here, peft#2049). Pass allow_zero_norm=True "
             f"to define g = 0 for such rows (the channel then outputs its bias)."
         )
+
+
+def _refuse_intermediate_overflow(n, rows, W0, A, B, scaling):
+    """``check_norm``'s error path: raise where only an intermediate of row rows[0]'s norm overflowed.
+
+    Returns (and ``check_norm`` says that the sum of squares overflowed) when
+    the norm itself does not fit n's dtype, or when no step can be named.
+    """
+    i = int(rows[0])
+    if not (np.isfinite(A).all() and np.isfinite(B[i]).all()):
+        return  # NaN/Inf in the adapter is named by its own check, not as an overflow
+    dt = n.dtype
+    wide = wider_float(dt)
+
+    def steps(t):
+        with np.errstate(over="ignore", invalid="ignore"):
+            BA = B[i].astype(t) @ A.astype(t)
+            sBA = BA * np.asarray(scaling).astype(t)
+            V = W0[i].astype(t) + sBA
+        return BA, sBA, V
+
+    got = steps(dt)
+    ref = steps(wide) if wide is not None else (None, None, None)
+    what = describe_overflow(list(zip(("B@A (formed before the scaling)", "s*B@A",
+                                       "W0 + s*B@A"), got, ref)), dt)
+    if what is None:
+        return
+    listing = f"{rows[:8].tolist()}{'...' if rows.size > 8 else ''}"
+    if wide is None:
+        raise ValueError(
+            f"the row norm of W0 + s*B@A could not be computed in {dt} in row(s) {listing}: at "
+            f"row {i}, {what}; whether the norm itself fits {dt} is not known (no float type "
+            f"wider than {dt} here). Scale A or B down (and the scaling up)")
+    V = ref[2]
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.max(np.abs(V), initial=0)
+        norm = t * np.sqrt(np.sum((V / t) ** 2)) if t > 0 else t
+    if not fits_dtype(norm, dt):
+        return
+    raise ValueError(
+        f"the row norm of W0 + s*B@A could not be computed in {dt} in row(s) {listing}: at "
+        f"row {i} it is about {format_wide(norm)}, which fits {dt}, but {what}; every weight "
+        f"is finite. Scale A or B down (and the scaling up)"
+        + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
 
 
 def refuse_overflowed_norm(n, stored):
@@ -327,7 +381,7 @@ def column_norm(W0, A, B, scaling, *, allow_zero_norm=True, policy="consistent")
 
         return lowp.column_norm(W0, A, B, scaling, allow_zero_norm, policy)
     n = _kernel_norm(W0, A, B, scaling)
-    check_norm(n, W0, allow_zero_norm)
+    check_norm(n, W0, allow_zero_norm, A, B, scaling)
     return n
 
 

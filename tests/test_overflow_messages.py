@@ -1,0 +1,213 @@
+"""Every overflow message is true (session 9's adversary, attacks 30 and 31; one test per case).
+
+The rule (README "Errors", the docstrings): an error never claims an overflow
+that did not happen. Each case builds finite inputs where only an
+intermediate overflows (or the output truly does), computes what the
+message talks about in float64 / long double here, and asserts what the
+message claims: the quantity it names as overflowed does not fit, a y it
+calls "fits" fits the OUTPUT dtype, and where dora_ref cannot tell it says
+the less specific "..., or an intermediate of its computation, ...".
+Before the fix each of these said "y (the output) ... overflowed", "the
+intermediate z ... overflowed", "the sum of squares overflowed" or
+"dmagnitude/dA overflowed" for a value that fits.
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dora_ref
+from dora_ref import functional as F
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns before the refusal
+
+f32, f64 = np.float32, np.float64
+BF16 = ml_dtypes.bfloat16
+LONG_DOUBLE_WIDER = np.finfo(np.longdouble).max > np.finfo(np.float64).max
+
+
+def _message(fn):
+    with pytest.raises(ValueError) as err:
+        fn()
+    return str(err.value)
+
+
+def _quoted_y(text):
+    return float(text.split("it is about ")[1].split(",")[0].split(" ")[0])
+
+
+def _claims_y_overflowed(text):
+    return "y (the output) (shape" in text and ") overflowed" in text.split(":")[0]
+
+
+def test_a_float64_only_x_W0T_overflows_is_not_called_an_overflow_of_y():
+    # x W0^T = 2e310 overflows float64; y = (m / n) z is about 1.414e10
+    W0 = np.array([[1e300, 1e300], [1.0, 2.0]])
+    A, B = np.full((1, 2), 0.1), np.full((2, 1), 0.1)
+    x = np.array([[1e10, 1e10], [1.0, 1.0]])
+    text = _message(lambda: F.dora_forward(x, W0, A, B, np.ones(2), 1.0))
+    assert not _claims_y_overflowed(text), text
+    assert "intermediate x W0^T overflowed float64" in text, text
+    if LONG_DOUBLE_WIDER:  # y's value from the long double recomputation
+        assert "which fits float64" in text, text
+        assert np.isclose(_quoted_y(text), 2 ** 0.5 * 1e10, rtol=1e-3), text
+    else:
+        assert "whether y itself fits float64 is not known" in text, text
+
+
+def test_a_float64_layer_eval_says_the_same():
+    W0 = np.array([[1e300, 1e300], [1.0, 2.0]])
+    layer = dora_ref.DoRALinear(W0, None, lora_A=np.full((1, 2), 0.1), lora_B=np.full((2, 1), 0.1),
+                                lora_magnitude_vector=np.ones(2), lora_alpha=1.0, rng=0)
+    layer.eval()
+    text = _message(lambda: layer(np.array([[1e10, 1e10], [1.0, 1.0]])))
+    assert not _claims_y_overflowed(text) and "x W0^T overflowed float64" in text, text
+
+
+def test_b_only_xAT_overflows_names_xAT_not_z():
+    # x A^T = 6e38 overflows float32; U B^T = 6e28, z and y (about 1.414) fit
+    W0, A, B = np.ones((2, 2), f32), np.full((1, 2), 3e38, f32), np.full((2, 1), 1e-10, f32)
+    text = _message(lambda: F.dora_forward(np.ones((1, 2), f32), W0, A, B, np.ones(2, f32), 1.0))
+    assert "intermediate x A^T overflowed float32" in text, text
+    assert "intermediate z" not in text and not _claims_y_overflowed(text), text
+    assert "which fits float32" in text and np.isclose(_quoted_y(text), 2 ** 0.5, rtol=1e-3), text
+
+
+def test_c_only_UBT_overflows_names_UBT_not_z():
+    # U = 2e20 fits, U B^T = 2e40 overflows float32, s U B^T = 2e30, z and y (1.414e20) fit
+    W0, A, B = np.ones((2, 2), f32), np.ones((1, 2), f32), np.full((2, 1), 1e20, f32)
+    x = np.full((1, 2), 1e20, f32)
+    text = _message(lambda: F.dora_forward(x, W0, A, B, np.ones(2, f32), 1e-10))
+    assert "intermediate (x A^T) B^T overflowed float32" in text, text
+    assert "intermediate z" not in text and not _claims_y_overflowed(text), text
+    assert np.isclose(_quoted_y(text), 2 ** 0.5 * 1e20, rtol=1e-3), text
+
+
+def test_c_prime_only_BA_overflows_names_BA_not_the_norm():
+    # B @ A = 1e40 overflows float32 before the scaling 1e-10; V = 1e30 and n = 1.414e30 fit
+    W0, A, B = np.ones((2, 2), f32), np.full((1, 2), 1e20, f32), np.full((2, 1), 1e20, f32)
+    for call in (lambda: F.dora_forward(np.ones((1, 2), f32), W0, A, B, np.ones(2, f32), 1e-10),
+                 lambda: F.column_norm(W0, A, B, 1e-10)):
+        text = _message(call)
+        assert "row norm of W0 + s*B@A is not finite" not in text, text
+        assert "sum of squares overflowed" not in text, text
+        assert "B@A (formed before the scaling) overflowed float32" in text, text
+        assert "about 1.414e+30, which fits float32" in text, text
+
+
+def test_c_prime_norm_that_truly_overflows_keeps_its_message():
+    # the norm itself (2e308 * sqrt(1.25)) does not fit float64: the old, true message
+    W0 = np.array([[0.5, -0.25, 1.0, 0.1]] * 3)
+    text = _message(lambda: F.dora_forward(np.ones((2, 4)), W0, np.ones((1, 4)), np.ones((3, 1)),
+                                           np.array([1.0, 2.0, 3.0]), 1e308))
+    assert "the row norm of W0 + s*B@A is not finite" in text and "sum of squares" in text, text
+
+
+def test_g_fp16_consistent_y_beyond_65504_is_an_overflow_of_float16():
+    # z overflows float32 (x A^T = 1.2e39); y = 8.485e4 fits float32, not float16 (65504)
+    W0, A, B = np.ones((2, 2), np.float16), np.full((1, 2), 1e34, f32), np.ones((2, 1), f32)
+    x = np.full((1, 2), 60000, np.float16)
+    text = _message(lambda: F.dora_forward(x, W0, A, B, np.ones(2, f32), 1.0))
+    assert "which fits" not in text, text
+    assert "y (the output) (shape (1, 2)) overflowed float16" in text, text
+    assert "largest value 65504" in text and "about 84852.8," in text, text
+
+
+def test_h_bf16_consistent_y_beyond_bf16_max_is_an_overflow_of_bfloat16():
+    # y = sqrt(2) * 2.404e38 = 3.3998e38: fits float32, not bfloat16 (3.3895e38)
+    W0, A, B = np.ones((2, 2), BF16), np.full((1, 2), 2e38, f32), np.ones((2, 1), f32)
+    text = _message(lambda: F.dora_forward(np.ones((1, 2), BF16), W0, A, B,
+                                           np.full(2, 2.404e38, f32), 1.0))
+    assert "which fits" not in text, text
+    assert "y (the output) (shape (1, 2)) overflowed bfloat16" in text, text
+
+
+def test_g_prime_fp16_peft_y_fits_names_PEFTs_intermediate():
+    # under PEFT's cast points x A^T = 6e38 overflows float32; y = 4.243e4 fits float16
+    W0, A, B = np.ones((2, 2), np.float16), np.full((1, 2), 1e34, f32), np.ones((2, 1), f32)
+    x = np.full((1, 2), 30000, np.float16)
+    text = _message(lambda: F.dora_forward(x, W0, A, B, np.ones(2, f32), 1.0, policy="peft"))
+    assert not _claims_y_overflowed(text), text
+    assert "PEFT's intermediate x A^T overflowed float32" in text, text
+    assert "which fits float16" in text and np.isclose(_quoted_y(text), 42426, rtol=1e-3), text
+
+
+def test_h_prime_bf16_peft_y_fits_names_PEFTs_intermediate():
+    W0, A, B = np.ones((2, 2), BF16), np.full((1, 2), 2e38, f32), np.ones((2, 1), f32)
+    text = _message(lambda: F.dora_forward(np.ones((1, 2), BF16), W0, A, B, np.full(2, 1e38, f32),
+                                           1.0, policy="peft"))
+    assert not _claims_y_overflowed(text), text
+    assert "PEFT's intermediate x A^T overflowed float32" in text, text
+    assert "which fits bfloat16" in text, text
+
+
+def test_peft_fp16_true_overflow_of_y_is_still_called_one():
+    W0, A, B = np.ones((2, 2), np.float16), np.full((1, 2), 1e34, f32), np.ones((2, 1), f32)
+    x = np.full((1, 2), 60000, np.float16)
+    text = _message(lambda: F.dora_forward(x, W0, A, B, np.ones(2, f32), 1.0, policy="peft"))
+    assert "y (the output) (shape (1, 2)) overflowed float16" in text, text
+
+
+def _dg_case(dt):
+    big = 1e20 if dt == f32 else 1e160  # dy * z = 1e41 (1e321) overflows; dg / n fits
+    W0, A, B = np.full((2, 2), big, dt), np.ones((1, 2), dt), np.ones((2, 1), dt)
+    x, m, dy = np.full((1, 2), 5.0, dt), np.ones(2, dt), np.full((1, 2), big, dt)
+    _, ctx = F.dora_forward(x, W0, A, B, m, 1.0)
+    return dy, ctx
+
+
+@pytest.mark.parametrize("dt", [f32, f64], ids=["float32", "float64"])
+def test_backward_dg_overflows_dmagnitude_fits(dt):
+    if dt == f64 and not LONG_DOUBLE_WIDER:
+        pytest.skip("no float type wider than float64 here: the message names dy * z only")
+    dy, ctx = _dg_case(dt)
+    text = _message(lambda: F.dora_backward(dy, ctx))
+    assert not text.startswith("dmagnitude (shape"), text  # not "dmagnitude ... overflowed"
+    assert f"intermediate dy * z overflowed {np.dtype(dt)}" in text, text
+    assert f"which fits {np.dtype(dt)}" in text, text
+    quoted = float(text.split("it is about ")[1].split(" ")[0])
+    # dmagnitude = dy * z / n, z = x (W0 + s B A)^T = 10 (W0 + 1), n the forward's
+    dm = float(np.longdouble(dy[0, 0]) * (np.longdouble(5) * 2 * np.longdouble(ctx.W0[0, 0]) + 10)
+               / np.longdouble(ctx.n[0]))
+    assert np.isclose(quoted, dm, rtol=1e-3), (quoted, dm, text)
+
+
+@pytest.mark.parametrize("dt", [f32, f64], ids=["float32", "float64"])
+def test_backward_norm_terms_that_cancel_are_not_called_an_overflow_of_dA(dt):
+    # detach_norm=False: dg overflows, the norm's term and the low-rank term of dA cancel
+    if dt == f64 and not LONG_DOUBLE_WIDER:
+        pytest.skip("no float type wider than float64 here")
+    dy, ctx = _dg_case(dt)
+    text = _message(lambda: F.dora_backward(dy, ctx, detach_norm=False))
+    assert not text.startswith("dA (shape"), text
+    assert "the gradient dA" in text and "intermediate dy * z overflowed" in text, text
+    assert f"which fits {np.dtype(dt)}" in text, text
+
+
+@pytest.mark.parametrize("dt", [f32, f64], ids=["float32", "float64"])
+def test_backward_true_overflow_of_dA_is_still_called_one(dt):
+    # dA = s B^T dV = 7.07e39 (7.07e309): beyond the dtype, named as before
+    if dt == f64 and not LONG_DOUBLE_WIDER:
+        pytest.skip("no float type wider than float64 here")
+    hb = 1e30 if dt == f32 else 1e300
+    W0, A, B = np.ones((2, 2), dt), np.full((1, 2), 1 / hb, dt), np.full((2, 1), hb, dt)
+    _, ctx = F.dora_forward(np.ones((1, 2), dt), W0, A, B, np.ones(2, dt), 1.0)
+    text = _message(lambda: F.dora_backward(np.full((1, 2), 1e10, dt), ctx))
+    assert text.startswith(f"dA (shape (1, 2)) overflowed {np.dtype(dt)}"), text
+
+
+def test_backward_nan_dy_is_still_named_dy():
+    dy, ctx = _dg_case(f32)
+    dy[0, 1] = np.nan
+    assert _message(lambda: F.dora_backward(dy, ctx)).startswith("dy ")
+
+
+def test_backward_bf16_consistent_dg_overflows_dmagnitude_fits():
+    # a bfloat16 W0 with float32 adapters: the backward runs in float32; dy * z = 1e41
+    # overflows it, dmagnitude = dg / n (about 7e20) fits float32 (its dtype here)
+    big = 1e20
+    W0, A, B = np.full((2, 2), big, BF16), np.ones((1, 2), f32), np.ones((2, 1), f32)
+    _, ctx = F.dora_forward(np.full((1, 2), 5.0, BF16), W0, A, B, np.ones(2, f32), 1.0)
+    text = _message(lambda: F.dora_backward(np.full((1, 2), big, BF16), ctx))
+    assert not text.startswith("dmagnitude (shape"), text
+    assert "the gradient dmagnitude" in text and "intermediate dy * z overflowed float32" in text
+    assert "which fits float32" in text, text
