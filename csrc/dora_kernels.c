@@ -737,6 +737,7 @@ static void dora_plan_end(dora_plan *p)
 
 #if defined(_OPENMP) && !defined(_WIN32)
 #include <pthread.h>
+#include <signal.h>
 #include <time.h>
 
 #define FORK_WAIT_MAX 10.0  /* seconds a fork waits for the teams in flight, at most */
@@ -749,10 +750,16 @@ static int64_t fork_stats[3];  /* forks; forks that found a team in flight; ... 
 static _Thread_local int fork_depth = 0;
 static _Thread_local int fork_drained = 0;
 static _Thread_local int fork_pause_ok = 0;
-/* Whether this thread is inside the wait for the teams in flight: a fork
-   there (from a signal handler) is a new fork, not a second prepare
-   handler of the same one, and waits too. */
-static _Thread_local int fork_waiting = 0;
+/* The forking thread's signal mask before its fork: every signal is
+   blocked from this library's first prepare handler of a fork to its last
+   parent or child handler, and delivered then. A signal handler that forks
+   in between forked inside a fork: it took the shortcut of a second prepare
+   handler of the same fork (below), returned the previous fork's answer at
+   once, and OpenBLAS's handler stopped its workers under another thread's
+   team (the parent hung in exec_blas); or it re-entered OpenBLAS's own
+   prepare handler, or this library's lock, from inside them
+   (tests/test_fork_signal_nested.py; the adversarial tests' attack 36). */
+static _Thread_local sigset_t fork_saved_mask;
 /* One fork at a time: held from this library's first prepare handler of a
    fork to its last parent or child handler, so that every handler
    registered before ours (OpenBLAS's: it stops and restarts its workers
@@ -772,16 +779,19 @@ static pthread_mutex_t fork_lock = PTHREAD_MUTEX_INITIALIZER;
    (a signal handler's on a member), which would wait for itself. A fork
    from inside a call on its calling thread does not wait. A second prepare
    handler of the same fork (dora_set_blas_pool registers one) takes the
-   first one's answer; a fork from a signal handler during the wait does
-   not (it returned the previous fork's answer at once, and OpenBLAS's
-   handler then stopped its workers under another thread's team: a hang,
-   tests/test_fork_signal_nested.py). */
+   first one's answer (no signal handler's fork can come in between: the
+   signals wait, fork_saved_mask). */
 static int dora_fork_gate_close(void)
 {
-    if (fork_depth == 0) pthread_mutex_lock(&fork_lock);  /* another thread's fork: after it */
+    if (fork_depth == 0) {
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &fork_saved_mask);  /* until this fork's last handler */
+        pthread_mutex_lock(&fork_lock);  /* another thread's fork: after it */
+    }
     #pragma omp atomic update seq_cst
     fork_pending++;
-    if (fork_depth++ > 0 && !fork_waiting) return fork_drained;
+    if (fork_depth++ > 0) return fork_drained;
     int n;
     #pragma omp atomic read seq_cst
     n = teams_in_flight;
@@ -791,14 +801,12 @@ static int dora_fork_gate_close(void)
     if (places_held > 0) limit = 0;  /* its own team cannot finish while it forks */
     STAT_FORK(0);
     if (n > 0) STAT_FORK(1);
-    fork_waiting++;
     while (n > 0 && dora_now() - t0 < limit) {
         const struct timespec pause = {0, 20000};  /* 20 us */
         nanosleep(&pause, NULL);
         #pragma omp atomic read seq_cst
         n = teams_in_flight;
     }
-    fork_waiting--;
     if (n > 0) STAT_FORK(2);
     fork_drained = n == 0;
     return fork_drained;
@@ -810,7 +818,10 @@ static void dora_fork_gate_open(void)
 {
     #pragma omp atomic update seq_cst
     fork_pending--;
-    if (--fork_depth == 0) pthread_mutex_unlock(&fork_lock);
+    if (--fork_depth == 0) {
+        pthread_mutex_unlock(&fork_lock);
+        pthread_sigmask(SIG_SETMASK, &fork_saved_mask, NULL);  /* the signals that waited come now */
+    }
 }
 
 /* In the child: one thread, no fork under way, and no team in flight but
@@ -818,13 +829,15 @@ static void dora_fork_gate_open(void)
    call returns, as in the parent). */
 static void dora_fork_gate_reset(void)
 {
-    if (fork_depth > 0) {  /* the child's one thread holds the lock (this fork's): a new one */
+    const int in_fork = fork_depth > 0;
+    if (in_fork) {  /* the child's one thread holds the lock (this fork's): a new one */
         pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
         fork_lock = unlocked;
     }
     fork_depth = 0;
     STORE(teams_in_flight, places_held);
     STORE(fork_pending, 0);
+    if (in_fork) pthread_sigmask(SIG_SETMASK, &fork_saved_mask, NULL);
 }
 
 /* The pool is released only when no team is in flight: libgomp's pause

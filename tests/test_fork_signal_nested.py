@@ -9,15 +9,20 @@ shortcut: it returned the previous fork's answer without waiting, OpenBLAS's
 handler then stopped its workers under another thread's team, and that
 thread waited for ever in OpenBLAS's ``exec_blas`` (the adversary's attack
 36: the parent hung in about 3 runs of 4; gdb showed the computing thread
-there with the pool's workers gone). Such a nested fork now waits too.
+there with the pool's workers gone). A first fix made such a nested fork
+wait too, and the attack still hung 1 round in 4: a signal could also land
+inside OpenBLAS's prepare handler (re-entered by the nested fork) or between
+taking dora_ref's lock and counting the fork. dora_ref's first prepare
+handler of a fork now blocks every signal until its last parent or child
+handler, so a signal handler's fork comes after the fork it interrupted.
 
 A small C helper compiled here (skipped without a compiler): two native
 threads fork in loops, a third computes the float32 column norm on a team
 of threads and compares its bits with the serial result, and a SIGUSR2
 handler that forks is sent to the forking threads every 0.5 ms. The signal
-is unblocked only while a forking thread runs dora_ref's own prepare
-handler (between a handler registered after dora_ref's and one registered
-before it): anywhere else in a fork, a fork from a signal handler can
+is unblocked only while a forking thread runs the prepare handlers between
+one registered after dora_ref's and one registered before it (dora_ref's
+and OpenBLAS's): anywhere else in a fork, a fork from a signal handler can
 deadlock inside glibc itself, which is not dora_ref's to prevent. Each
 round runs in a subprocess with a watchdog, so a hang is a failure, never
 a stuck test.
