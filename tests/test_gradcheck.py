@@ -45,3 +45,34 @@ def test_a_loss_too_large_to_resolve_is_inconclusive_not_ok():
     # the same gradient check without the constant resolves and catches the zero gradient
     report = gradcheck(lambda p: f(p) - 1e8, {"a": np.array([0.3, -0.2])}, {"a": np.zeros(2)})
     assert not report.inconclusive and not report.ok
+
+
+def test_a_zero_gradient_judged_against_the_measured_noise_of_a_cancelling_loss():
+    """The DoRA case hypothesis found (exact norm, in = 1: each row of V / ||V|| is a
+    sign, so dA is exactly 0) with dy chosen so that sum(dy * y) cancels to ~0: the
+    central difference of A carries the rounding noise of the loss's terms (2.5e-8),
+    and atol from u max(1, |f|) (1.1e-8) failed the true zero gradient. The measured
+    noise passes it; dx is still checked to 1e-6, and a wrong dA still fails."""
+    from dora_ref import dora_backward, dora_forward
+    from dora_ref.porting.gradcheck import measured_noise
+
+    rng = np.random.default_rng(0)
+    N, out_f, r = 8, 32, 4
+    x, W0 = rng.standard_normal((N, 1)), rng.standard_normal((out_f, 1))
+    A, B = rng.standard_normal((r, 1)), rng.standard_normal((out_f, r)) * 0.1
+    m, s = rng.uniform(0.5, 2, out_f), 2.0
+    y, ctx = dora_forward(x, W0, A, B, m, s)
+    dy = rng.standard_normal((N, out_f)) * 10
+    dy -= (np.sum(dy * y) / np.sum(y * y)) * y  # the loss's terms cancel
+    g = dora_backward(dy, ctx, detach_norm=False)
+
+    def f(p):
+        return float(np.sum(dy * dora_forward(p["x"], W0, p["A"], B, m, s)[0]))
+
+    params = {"A": A.copy(), "x": x.copy()}
+    assert measured_noise(f, params) > 100 * np.finfo(float).eps / 2  # far above u max(1, |f|)
+    np.testing.assert_array_equal(params["A"], A)  # the point restored exactly
+    report = gradcheck(f, {"A": A, "x": x}, {"A": g.dA, "x": g.dx})
+    assert report.ok, report
+    wrong = gradcheck(f, {"A": A, "x": x}, {"A": g.dA + 1e-3, "x": g.dx})
+    assert not wrong.ok, wrong
