@@ -479,6 +479,40 @@ def test_merge_stopped_after_out_was_installed_says_the_merge_is_done(small_chec
     assert _merged_files(out) == _merged_files(reference)
 
 
+@pytest.mark.parametrize("case", ["foreign-file-then-interrupt", "foreign-folder-then-error"])
+def test_merge_out_changed_by_another_process_is_not_called_done(small_checkpoint, monkeypatch,
+                                                                   capsys, case):
+    """Found by session 9's second adversarial pass: 'the merge is done' (status 0) was
+    decided by any new file at OUT, so a file another process put at OUT before an
+    interrupt, or a folder that made the final rename fail (an error!), read as this
+    merge's complete output. Now only the output this merge moved there counts."""
+    from dora_ref.formats import merge_cli
+
+    d = small_checkpoint
+    out = d / "out.safetensors"
+    real_install = merge_cli._install
+
+    def someone_else_then(tmp, final, is_dir):
+        if case == "foreign-file-then-interrupt":
+            final.write_bytes(b"not ours")
+            raise KeyboardInterrupt()
+        final.mkdir()
+        (final / "x").write_bytes(b"not ours")
+        real_install(tmp, final, is_dir)
+
+    monkeypatch.setattr(merge_cli, "_install", someone_else_then)
+    # a one-file base: OUT is a file (with a folder base OUT is a folder, which a merge
+    # may rightly put in place of a folder that appeared meanwhile)
+    argv = [str(d / "base" / "model.safetensors"), str(d / "ad"), str(out), "--no-progress"]
+    status = merge_cli.main(argv)
+    err = capsys.readouterr().err
+    assert "the merge is done" not in err, err
+    if case == "foreign-file-then-interrupt":
+        assert status == 130 and "this merge did not write it" in err, err
+        assert out.read_bytes() == b"not ours"
+    else:
+        assert status == 1 and "error:" in err, err
+
 def test_merge_report_into_a_full_disk_does_not_fail_the_merge(small_checkpoint):
     """Found by session 9's adversary: ``dora-ref merge ... > /dev/full`` printed
     'error: [Errno 28] No space left on device' and exited 1 although OUT was written

@@ -240,9 +240,18 @@ def _exchange(a, b):
     return True
 
 
+#: realpath of an OUT -> (device, inode) of the output this process moved there
+#: (a rename keeps the inode): how ``main`` tells its own complete output from
+#: something another process put at OUT meanwhile.
+_INSTALLED = {}
+
+
 def _install(tmp, out, is_dir):
     """Move the complete, synced ``tmp`` to ``out`` (replacing an old OUT) and sync the parent."""
     parent = out.parent if str(out.parent) else Path(".")
+    # recorded before the rename: OUT holds this inode only if the rename happened
+    # (an interrupt between the rename and a later record would go unrecorded)
+    _INSTALLED[os.path.realpath(out)] = _identity(tmp)
     if not is_dir or not out.exists():
         os.replace(tmp, out)  # atomic; an empty OUT directory is replaced too
     elif _exchange(tmp, out):
@@ -723,6 +732,7 @@ def main(argv=None):
     """
     args = _parser().parse_args(argv)
     before = _identity(args.out)
+    _INSTALLED.pop(os.path.realpath(args.out), None)  # a record of an earlier merge says nothing
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: signals stay as they are
@@ -740,30 +750,32 @@ def main(argv=None):
 
 
 def _identity(path):
-    """(device, inode) of what is at path, or None: tells whether the merge installed OUT."""
+    """(device, inode) of what is at path (through a symlink), or None."""
     try:
-        st = os.lstat(path)
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
 
 
-def _installed(out, before):
-    """Whether OUT is the merge's output: a new file or folder at OUT since the start
-    (the output is moved into place by one rename, complete, or not at all)."""
-    now = _identity(out)
-    return now is not None and now != before
-
-
 def _stopped(out, before, what, status, say_left=True):
-    """The message and exit status of a merge stopped by a signal or an error: a
-    stop after OUT was installed leaves the complete merge (status 0: done)."""
-    if _installed(out, before):
+    """The message and exit status of a merge stopped by a signal or an error.
+
+    A stop after this merge moved its complete output to OUT (the identity
+    ``_install`` recorded is at OUT now) changes nothing: status 0. Else
+    the message says what is at OUT: as before, nothing, or something this
+    merge did not write (another process changed OUT meanwhile)."""
+    now = _identity(out)
+    if now is not None and now != before and now == _INSTALLED.get(os.path.realpath(out)):
         print(f"dora-ref merge: {what} after {out} was written complete: the merge is done",
               file=sys.stderr)
         return 0
-    left = f"{out} is unchanged" if before is not None else f"{out} was not created"
-    print(f"dora-ref merge: {what}" + (f"; {left}" if say_left else ""), file=sys.stderr)
+    if now == before:
+        left = f"{out} is unchanged" if before is not None else f"{out} was not created"
+    else:
+        left = f"{out} was changed meanwhile by something else: this merge did not write it"
+    print(f"dora-ref merge: {what}" + (f"; {left}" if say_left or now != before else ""),
+          file=sys.stderr)
     return status
 
 
