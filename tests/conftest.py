@@ -75,3 +75,17 @@ def backend(request):
         pytest.skip(f"the C extension is not built: {dora_ref.core.backend._C_IMPORT_ERROR}")
     with dora_ref.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(scope="session")
+def bench_busy():
+    """benchmarks/bench_busy.py as a module (its decision rules are tested on synthetic times)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "bench_busy.py")
+    spec = importlib.util.spec_from_file_location("bench_busy_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

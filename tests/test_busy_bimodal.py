@@ -12,22 +12,13 @@ times from fixed seeds: no timing.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "benchmarks", "bench_busy.py")
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_busy_bimodal_under_test", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(bench_busy):
+    return bench_busy
 
 
 def bimodal_rounds(rng, slow_c, slow_numpy, c_factor=1.0):

@@ -698,10 +698,9 @@ def _report(line):
     try:
         print(line, flush=True)
     except OSError as e:
-        if sys.stdout is not None:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        from ..cli import _stdout_to_devnull
+
+        _stdout_to_devnull()
         if not isinstance(e, BrokenPipeError):
             print(f"dora-ref merge: the report could not be written to stdout ({e}); the merge goes on",
                   file=sys.stderr)
