@@ -28,20 +28,17 @@ round runs in a subprocess with a watchdog, so a hang is a failure, never
 a stuck test.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from native_fork import build_helper, skip_unless_threaded
 
 c = pytest.importorskip("dora_ref.kernels.c")
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not c.threading_info().get("threads", 1) > 1,
-    reason="needs Linux and a threaded C build with at least two threads",
-)
+pytestmark = skip_unless_threaded(c)
 
 HELPER = r"""
 #define _GNU_SOURCE
@@ -257,17 +254,7 @@ def backend(request):
 
 @pytest.fixture(scope="module")
 def helper(tmp_path_factory):
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the forking helper")
-    folder = tmp_path_factory.mktemp("fork_signal_helper")
-    source, library = folder / "fork_signal.c", folder / "fork_signal.so"
-    source.write_text(HELPER)
-    done = subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-pthread", "-o", str(library),
-                           str(source)], capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        pytest.skip(f"the forking helper did not compile: {done.stderr[-300:]}")
-    return str(library)
+    return build_helper(tmp_path_factory, HELPER, "fork_signal")
 
 
 def test_fork_from_a_signal_handler_during_the_fork_gate_wait_does_not_hang(helper):
