@@ -101,11 +101,13 @@ GOALS = {
 # ---------------------------------------------------------------------------
 
 
-def race(fns, repeats, warmup=1, mins=None):
+def race(fns, repeats, warmup=1, mins=None, samples=None):
     """Median seconds of each callable, timed round-robin so that noise from
     other processes on the machine falls on all of them alike. If ``mins`` is
     a dict, the fastest repeat of each is stored in it too (the least
-    disturbed one: on a shared machine, the best estimate of a quiet run)."""
+    disturbed one: on a shared machine, the best estimate of a quiet run);
+    if ``samples`` is a dict, every repeat's seconds, in round order (the
+    i-th of each callable from the same round)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -117,6 +119,8 @@ def race(fns, repeats, warmup=1, mins=None):
             times[k].append(time.perf_counter() - t0)
     if mins is not None:
         mins.update({k: float(min(v)) for k, v in times.items()})
+    if samples is not None:
+        samples.update(times)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 

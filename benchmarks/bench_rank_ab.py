@@ -18,7 +18,9 @@ in turn behind ``dora_ref.kernels.c``:
   layer (``x @ W0.T`` and ``dy @ W0``; ``x @ W0.T``),
 
 at (4096, 4096, r, 512) for r in 8, 16, 32, 64 and (11008, 4096, 16, 256)
-by default.
+by default. Beside each step ratio: the minima's ratio and a 95 % bootstrap
+interval of the ratio of medians (rounds resampled as pairs), which says
+whether a goal is met, missed or not decided by this many repeats.
 
     python benchmarks/bench_rank_ab.py --base /tmp/base/dora_ref/kernels/_dora_c.abi3.so
 
@@ -47,6 +49,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_busy  # noqa: E402  (ratio_interval)
 import bench_kernels as bk  # noqa: E402  (problem, steps: the layer steps it times)
 from dora_ref.core import functional as F  # noqa: E402
 from dora_ref.kernels import c as C  # noqa: E402
@@ -114,9 +117,10 @@ def behind(mod, fn, keep_z=True):
 
 
 def race(fns, repeats):
-    """Median and min seconds of each callable (bench_kernels.race: round-robin)."""
-    mins = {}
-    return bk.race(fns, repeats, mins=mins), mins
+    """Median and min seconds of each callable (bench_kernels.race: round-robin),
+    and every round's seconds (for the intervals of ``norm_rows``)."""
+    mins, samples = {}, {}
+    return bk.race(fns, repeats, mins=mins, samples=samples), mins, samples
 
 
 def run(shape, builds, repeats, norm_only=False, eval_only=False):
@@ -130,7 +134,7 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False):
         nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
                "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
         steps = race(fns, repeats)
-        return norm_rows(shape, builds, nan, steps[0], nan, steps[1])
+        return norm_rows(shape, builds, nan, steps[0], nan, steps[1], steps[2])
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
     X = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
     ones = np.ones(in_f, dtype=np.float32)
@@ -140,14 +144,14 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False):
         fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
     norms = race(fns, repeats)
     if norm_only:
-        return norm_rows(shape, builds, norms[0], {}, norms[1], {})
+        return norm_rows(shape, builds, norms[0], {}, norms[1], {}, {})
     st = bk.steps(p)
     fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
     for tag, (mod, keep_z) in builds.items():
         fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     steps = race(fns, repeats)
-    return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1])
+    return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1], steps[2])
 
 
 def eval_breakdown(shape, repeats):
@@ -186,9 +190,19 @@ def eval_breakdown(shape, repeats):
     return [(k, med[k], mins[k]) for k in fns], floor, plain
 
 
-def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min):
-    """The table's rows from the medians and minima of the two races (the
-    step columns NaN when the steps were not timed)."""
+def interval(samples, num, den):
+    """The 95 % bootstrap interval of the ratio of medians num / den from the
+    rounds of a race (``bench_busy.ratio_interval``: rounds resampled as
+    pairs, so a burst of load that fell on both stays in both), or (nan, nan)
+    when they were not timed."""
+    if num not in samples or den not in samples:
+        return float("nan"), float("nan")
+    return bench_busy.ratio_interval(samples[num], samples[den])
+
+
+def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min, step_samples):
+    """The table's rows from the medians, minima and rounds of the two races
+    (the step columns NaN when the steps were not timed)."""
     out_f, in_f, r, _ = shape
     nan = float("nan")
     med = {**norm_med, **step_med}
@@ -211,6 +225,8 @@ def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min):
             "train_vs_plain_min": mins[f"train_{tag}"] / mins["plain_train"],
             "eval_vs_plain": med[f"eval_{tag}"] / med["plain_eval"],
             "eval_vs_plain_min": mins[f"eval_{tag}"] / mins["plain_eval"],
+            "train_interval": interval(step_samples, f"train_{tag}", "plain_train"),
+            "eval_interval": interval(step_samples, f"eval_{tag}", "plain_eval"),
         })
     extra = {"gemm_GFps": rate / 1e9, "read_ms": read * 1e3, "plain_train_ms": med["plain_train"] * 1e3,
              "plain_eval_ms": med["plain_eval"] * 1e3}
@@ -254,15 +270,17 @@ def main():
               "this": (C._dora_c, True)}
     print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
     print("| (out, in, r, N) | build | norm ms | NumPy expr / norm | norm / read W0 | "
-          "norm / flop bound | train / plain (min) | eval / plain (min) |")
+          "norm / flop bound | train / plain (min) [95% interval] | eval / plain (min) [95% interval] |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         rows, extra = run(shape, builds, args.repeats, args.norm_only, args.eval_only)
         for row in rows:
             print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
                   f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "
-                  f"{row['train_vs_plain']:.3f} ({row['train_vs_plain_min']:.3f}) | "
-                  f"{row['eval_vs_plain']:.3f} ({row['eval_vs_plain_min']:.3f}) |", flush=True)
+                  f"{row['train_vs_plain']:.3f} ({row['train_vs_plain_min']:.3f}) "
+                  f"[{row['train_interval'][0]:.3f}-{row['train_interval'][1]:.3f}] | "
+                  f"{row['eval_vs_plain']:.3f} ({row['eval_vs_plain_min']:.3f}) "
+                  f"[{row['eval_interval'][0]:.3f}-{row['eval_interval'][1]:.3f}] |", flush=True)
         print(f"|  | GEMM {extra['gemm_GFps']:.0f} GF/s, read W0 {extra['read_ms']:.2f} ms, plain train "
               f"{extra['plain_train_ms']:.0f} ms, plain eval {extra['plain_eval_ms']:.0f} ms | | | | | | |",
               flush=True)
