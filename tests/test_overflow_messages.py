@@ -211,3 +211,62 @@ def test_backward_bf16_consistent_dg_overflows_dmagnitude_fits():
     assert not text.startswith("dmagnitude (shape"), text
     assert "the gradient dmagnitude" in text and "intermediate dy * z overflowed float32" in text
     assert "which fits float32" in text, text
+
+
+# LoRA (lora_forward / lora_backward, LoRALinear): the same rule. Before, every LoRA
+# refusal said "y (the output) ... overflowed" or "dB ... overflowed", whatever did.
+
+def _lora_UBT_case():
+    # U = x A^T = 2e30 fits, U B^T = 2e40 overflows float32, s U B^T = 2e20: y fits
+    return (np.ones((1, 2), f32), np.ones((2, 2), f32), np.full((1, 2), 1e30, f32),
+            np.full((2, 1), 1e10, f32), 1e-20)
+
+
+def test_lora_forward_only_UBT_overflows_is_not_called_an_overflow_of_y():
+    text = _message(lambda: F.lora_forward(*_lora_UBT_case()))
+    assert not _claims_y_overflowed(text), text
+    assert "intermediate (x A^T) B^T overflowed float32" in text, text
+    assert "which fits float32" in text and np.isclose(_quoted_y(text), 2e20, rtol=1e-3), text
+    assert "m / n" not in text, text  # LoRA has no magnitude
+
+
+def test_lora_forward_with_a_mask_names_the_masked_intermediate():
+    x, W0, A, B, s = _lora_UBT_case()
+    mask = np.full((1, 2), 2.0, f32)  # xd = 2 x: y = 1 + 4e20
+    text = _message(lambda: F.lora_forward(x, W0, A, B, s, dropout_mask=mask))
+    assert "intermediate ((x * mask) A^T) B^T overflowed float32" in text, text
+    assert np.isclose(_quoted_y(text), 4e20, rtol=1e-3), text
+
+
+def test_lora_layer_says_the_same():
+    x, W0, A, B, s = _lora_UBT_case()
+    layer = dora_ref.LoRALinear(W0, None, lora_A=A, lora_B=B, r=1, lora_alpha=s, rng=0)
+    text = _message(lambda: layer(x))
+    assert not _claims_y_overflowed(text) and "(x A^T) B^T overflowed" in text, text
+
+
+def test_lora_forward_true_overflow_of_y_is_still_called_one():
+    x, W0, A, B, _ = _lora_UBT_case()  # s = 1: y = 2e40
+    text = _message(lambda: F.lora_forward(x, W0, A, B, 1.0))
+    assert _claims_y_overflowed(text) and "about 2e+40" in text, text
+
+
+def _lora_dB_case(s):
+    # U = x A^T = 2e19; dy^T U = 2e39 overflows float32; dB = s dy^T U
+    x, W0 = np.ones((1, 2), f32), np.ones((2, 2), f32)
+    A, B = np.full((1, 2), 1e19, f32), np.full((2, 1), 1e-10, f32)
+    _, ctx = F.lora_forward(x, W0, A, B, s)
+    return np.full((1, 2), 1e20, f32), ctx
+
+
+def test_lora_backward_dB_fits_when_only_its_product_overflows():
+    dy, ctx = _lora_dB_case(1e-10)  # dB = 2e29
+    text = _message(lambda: F.lora_backward(dy, ctx))
+    assert not text.startswith("dB (shape"), text  # not "dB ... overflowed"
+    assert "the gradient dB" in text and "which fits float32" in text, text
+    assert np.isclose(float(text.split("it is about ")[1].split(" ")[0]), 2e29, rtol=1e-3), text
+
+
+def test_lora_backward_true_overflow_of_dB_is_still_called_one():
+    dy, ctx = _lora_dB_case(1.0)  # dB = 2e39
+    assert _message(lambda: F.lora_backward(dy, ctx)).startswith("dB (shape (2, 1)) overflowed float32")

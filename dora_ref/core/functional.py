@@ -113,7 +113,6 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_adapter,
     check_finite,
     check_input,
-    check_result_finite,
     check_scaling,
     refuse_non_finite_rows,
     results_finite,
@@ -439,7 +438,8 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
     y's dtype: y itself, or only an intermediate of the unmerged forward
     (x A^T, (x A^T) B^T, s times that, x W0^T, or z = x W0^T + s (x A^T) B^T,
     formed before the magnitude's scale g = m / n; PEFT forms them in the same
-    order). The first non-finite element (i, j) is recomputed step by step,
+    order). ``g`` None: the LoRA forward, y = x W0^T + s (xd A^T) B^T (+ bias),
+    with the same intermediates but z. The first non-finite element (i, j) is recomputed step by step,
     in y's dtype to find the first intermediate that is not finite there, and
     in a wider type (``wider_float``: float64, or a long double with more
     exponent range for float64) to tell whether y fits ``out_dtype`` (the
@@ -468,7 +468,7 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
         y_fits, about = _wide_verdict(y_wide, bound, x2.shape[1] + A.shape[0] + 8, wide, dt, out)
     largest = float(finfo(out).max)
     advice = ("Scale the scaling or the adapter down, merge the adapter (merge() forms "
-              "W0 + s B A scaled by m / n first)"
+              + ("W0 + s B A first)" if g is None else "W0 + s B A scaled by m / n first)")
               + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
     if y_fits is False:  # six digits: a y just past the largest value shows that it is
         about = f"about {format_wide(y_wide, 6)}, " if np.isfinite(y_wide) else ""
@@ -530,7 +530,7 @@ def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked, absolut
     value in that dtype (the operands rounded to it first, which is exact for
     a wider one). The last pair is y[i, j] itself. ``absolute``: the same on
     the operands' magnitudes, every difference a sum (``_wide_verdict``'s
-    bound). Error path only.
+    bound). ``g`` None: LoRA's forward, ``_lora_forward``'s order. Error path only.
     """
     sign = 1 if absolute else -1
 
@@ -553,7 +553,17 @@ def _forward_row_steps(i, j, x2, xd, W0, A, B, g, scaling, bias, masked, absolut
     def gj(t):
         return up(g[j], t)
 
-    if not masked:  # y = g (x W0^T + s (x A^T) B^T) (+ bias): the epilogue's order
+    if g is None:  # LoRA: y = x W0^T + s (xd A^T) B^T (+ bias), xd = x (* mask)
+        def xw(t):
+            return up(x2[i], t) @ up(W0[j], t)
+
+        def lora_y(t):
+            return xw(t) + sUB(t)
+
+        xa = "(x * mask) A^T" if masked else "x A^T"
+        steps = [(xa, U), (f"({xa}) B^T", UB), (f"s ({xa}) B^T", sUB), ("x W0^T", xw)]
+        last = lora_y
+    elif not masked:  # y = g (x W0^T + s (x A^T) B^T) (+ bias): the epilogue's order
         def z(t):
             return base(t) + sUB(t)
 
@@ -718,8 +728,10 @@ def _dora_backward_checked(dy, ctx, detach_norm):
 _WIDE_BACKWARD_LIMIT = 3e7
 
 
-def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
+def _check_backward_overflow(results, dy, ctx, W0, detach_norm, lora=False):
     """Raise the ``ValueError`` that says, truly, why a gradient is not finite (error path only).
+
+    ``lora``: ctx is a ``LoRAContext`` (dz = dy: no magnitude, no norm).
 
     NaN/Inf in dy is named. Else the first gradient (dA, dB, dmagnitude, dx)
     with a non-finite entry is named as overflowed only if its value there,
@@ -743,14 +755,14 @@ def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
     wide = wider_float(dt)
     if wide is np.longdouble and N * in_f * out_f + out_f * in_f * r > _WIDE_BACKWARD_LIMIT:
         wide = None
-    mine = _backward_parts(dy, ctx, W0, detach_norm, dt)
-    ref = None if wide is None else _backward_parts(dy, ctx, W0, detach_norm, wide)
+    mine = _backward_parts(dy, ctx, W0, detach_norm, dt, lora=lora)
+    ref = None if wide is None else _backward_parts(dy, ctx, W0, detach_norm, wide, lora=lora)
     value = fits = about = None
     if ref is not None:
         # said to fit (or to overflow) only when it surely does: a cancelling sum of huge
         # terms carries the wide computation's error (_wide_verdict)
         value = ref[name][idx]
-        bound = _backward_parts(dy, ctx, W0, detach_norm, wide, absolute=True)[name][idx]
+        bound = _backward_parts(dy, ctx, W0, detach_norm, wide, absolute=True, lora=lora)[name][idx]
         fits, about = _wide_verdict(value, bound, N + in_f + out_f + 2 * r + 16, wide, dt, dt)
     if fits is False:
         raise ValueError(
@@ -759,7 +771,8 @@ def _check_backward_overflow(results, dy, ctx, W0, detach_norm):
             + f"beyond {dt}'s largest value {float(finfo(dt).max):.6g}; every input is finite, "
             f"but the values are too large for the dtype; scale them down"
             + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
-    chain = _BACKWARD_CHAINS[name, bool(detach_norm) or name in ("dmagnitude", "dx")]
+    chain = _BACKWARD_CHAINS[name, "lora" if lora else
+                             bool(detach_norm) or name in ("dmagnitude", "dx")]
     what = describe_overflow([(label, mine[key], None if ref is None else ref[key])
                               for key, label in chain], dt)
     if what and fits:
@@ -801,10 +814,14 @@ _BACKWARD_CHAINS = {
     ("dB", False): _NORM + [("W0At", "W0 A^T"), ("dB_norm", "the norm's term of dB"),
                             ("dz", "dz = dy m / n"), ("U", "x A^T"),
                             ("dB_lowrank", "s dz^T (x A^T) (the low-rank term of dB)")],
+    # LoRA (lora_backward): dz is dy itself
+    ("dx", "lora"): [("dzW0", "dy W0"), ("dU", "dU = s dy B"), ("dUA", "dU A")],
+    ("dA", "lora"): [("dU", "dU = s dy B"), ("dA_lowrank", "dU^T x")],
+    ("dB", "lora"): [("U", "x A^T"), ("dB_lowrank", "s dy^T (x A^T)")],
 }
 
 
-def _backward_parts(dy, ctx, W0, detach_norm, t, absolute=False):
+def _backward_parts(dy, ctx, W0, detach_norm, t, absolute=False, lora=False):
     """The backward's intermediates and gradients recomputed in dtype ``t`` (error path only).
 
     The operands are rounded to ``t`` first (exact for a wider type); the
@@ -812,7 +829,10 @@ def _backward_parts(dy, ctx, W0, detach_norm, t, absolute=False):
     forward's (dropped-out) input; dx is computed for the unmasked forward
     and, with a mask, as the backward forms it. ``absolute``: the same
     computation on the operands' magnitudes, every difference a sum (the
-    bound that scales the wide computation's rounding error).
+    bound that scales the wide computation's rounding error). ``lora``: a
+    ``LoRAContext``'s backward, as DoRA's with m / n = 1 and n = 1 (then
+    dz = dy exactly, and with a mask (dz - dy) W0 = 0: ``_lora_backward_f32``'s
+    values).
     """
     sign = 1 if absolute else -1
 
@@ -821,7 +841,11 @@ def _backward_parts(dy, ctx, W0, detach_norm, t, absolute=False):
         return np.abs(a) if absolute else a
 
     x, w, A, B, dY = up(ctx.x), up(W0), up(ctx.A), up(ctx.B), up(dy)
-    g, n, s = up(ctx.g), up(ctx.n), up(ctx.scaling)
+    if lora:
+        g = n = np.ones(W0.shape[0], dtype=t)
+    else:
+        g, n = up(ctx.g), up(ctx.n)
+    s = up(ctx.scaling)
     p = {}
     with np.errstate(all="ignore"):
         p["U"] = U = x @ A.T
@@ -1191,7 +1215,8 @@ def _lora_forward(x_shape, x2, W0, A, B, scaling, bias, dropout_mask):
     y = x2 @ W0.T + scaling * (U @ B.T)
     if bias is not None:
         y += bias
-    check_result_finite([("y (the output)", y)], [("x", x2)])
+    if not results_finite(y):  # the exact test, which names x or, truly, what overflowed
+        _check_forward_overflow(y, x2, xd, W0, A, B, None, scaling, bias, mask is not None)
     ctx = LoRAContext(x_shape, xd, mask, W0, A, B, scaling, U,
                       WeightSnapshot({"A (lora_A)": A, "B (lora_B)": B}))
     return y.reshape(*x_shape[:-1], W0.shape[0]), ctx
@@ -1226,7 +1251,8 @@ def lora_backward(dy, ctx, *, _dx_adjoint=None):
         return _lowp.lora_backward(dy, ctx, _dx_adjoint)
     dy2 = _check_dy(dy, ctx, ctx.W0.dtype)
     dx, dA, dB = _lora_backward_f32(dy2, ctx, ctx.W0)
-    check_result_finite([("dA", dA), ("dB", dB), ("dx", dx)], [("dy", dy2)])
+    if not results_finite(dA, dB, dx):  # the exact test, which names dy or, truly, the overflow
+        _check_backward_overflow(dict(dA=dA, dB=dB, dx=dx), dy2, ctx, ctx.W0, True, lora=True)
     return LoRAGrads(dx.reshape(ctx.x_shape), dA, dB)
 
 
