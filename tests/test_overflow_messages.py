@@ -270,3 +270,26 @@ def test_lora_backward_dB_fits_when_only_its_product_overflows():
 def test_lora_backward_true_overflow_of_dB_is_still_called_one():
     dy, ctx = _lora_dB_case(1.0)  # dB = 2e39
     assert _message(lambda: F.lora_backward(dy, ctx)).startswith("dB (shape (2, 1)) overflowed float32")
+
+
+# A merged layer's forward, y = x W'^T: its product's terms can overflow and cancel.
+# Before, "y (the output) ... overflowed" for y = 0.
+
+def _merged(cls, dt):
+    layer = cls(np.array([[1e30, 1e30], [1.0, 1.0]], dt), None, r=1, lora_alpha=1, rng=0)
+    layer.merge()  # lora_B = 0: W' = W0
+    return layer
+
+
+@pytest.mark.parametrize("cls", [dora_ref.LoRALinear, dora_ref.DoRALinear])
+@pytest.mark.parametrize("dt", [f32, BF16], ids=["float32", "bfloat16"])
+def test_merged_forward_terms_that_cancel_are_not_called_an_overflow_of_y(cls, dt):
+    text = _message(lambda: _merged(cls, dt)(np.array([[1e10, -1e10]], dt)))  # y = 0
+    assert not _claims_y_overflowed(text), text
+    assert "terms of the product x W'^T" in text and "which fits" in text, text
+
+
+@pytest.mark.parametrize("dt", [f32, BF16], ids=["float32", "bfloat16"])
+def test_merged_forward_true_overflow_of_y_is_still_called_one(dt):
+    text = _message(lambda: _merged(dora_ref.DoRALinear, dt)(np.array([[1e10, 1e10]], dt)))
+    assert _claims_y_overflowed(text) and "about 2e+40" in text, text  # y = 2e40

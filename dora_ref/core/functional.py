@@ -497,6 +497,55 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
         f"too large for the dtype. {advice}")
 
 
+def _check_merged_overflow(y, x2, W, bias, out_dtype=None):
+    """Raise the ``ValueError`` that says truly why a merged layer's y = x W'^T (+ bias) is not finite.
+
+    The merged layer's forward is one product; its terms can overflow where
+    their sum fits (they cancel). As ``_check_forward_overflow``: x is named
+    if it holds NaN or Inf; else y[i, j] at the first non-finite element is
+    recomputed in a wider type and called an overflow only where it surely
+    does not fit ``out_dtype`` (default y's). x2 (N, in), W (out, in) and
+    bias in the dtype the product was computed in. Error path only.
+    """
+    check_finite("x", x2)
+    bad = np.argwhere(~np.isfinite(y))
+    if not bad.size:
+        return
+    i, j = (int(v) for v in bad[0])
+    dt = x2.dtype
+    out = np.dtype(y.dtype if out_dtype is None else out_dtype)
+
+    def y_at(t, absolute=False):
+        up = (lambda a: np.abs(np.asarray(a).astype(t))) if absolute else \
+            (lambda a: np.asarray(a).astype(t))
+        v = up(x2[i]) @ up(W[j])
+        return v if bias is None else v + up(bias[j])
+
+    wide = wider_float(dt)
+    fits, about = None, None
+    if wide is not None:
+        value = _forward_step(y_at, wide)
+        bound = _forward_step(lambda t: y_at(t, absolute=True), wide)
+        fits, about = _wide_verdict(value, bound, x2.shape[1] + 2, wide, dt, out)
+    if fits is False:
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) overflowed {out}, first at index ({i}, {j}): "
+            f"{about}, beyond {out}'s largest value {float(finfo(out).max):.6g}; every input is "
+            f"finite, but the values are too large for the dtype; scale them down"
+            + (", or compute in float64" if out != np.dtype(np.float64) else ""))
+    if fits:
+        raise ValueError(
+            f"y (the output) (shape {y.shape}) could not be formed in {dt}: at index ({i}, {j}) "
+            f"it is {about}, which fits {out}, but the terms of the product x W'^T (W' the "
+            f"merged weight) overflowed {dt} before they cancelled; every input is finite. "
+            f"Scale x down" + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
+    raise ValueError(
+        f"y, or an intermediate of its computation, is not finite in {dt}: first at index "
+        f"({i}, {j}) of y (shape {y.shape}); every input is finite, but the values are too "
+        f"large for the dtype. Scale x down"
+        + (", or compute in float64" if dt != np.dtype(np.float64) else ""))
+
+
 def _wide_verdict(value, bound, k, wide, dt, out):
     """Whether a value recomputed in ``wide`` surely fits ``out``: (True, False or None; words).
 

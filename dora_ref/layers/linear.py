@@ -47,10 +47,10 @@ from ..core._validate import (
     check_adapter,
     check_finite,
     check_input,
-    check_result_finite,
     check_rows_finite,
     check_scaling,
     check_weight_shape,
+    results_finite,
 )
 
 _INIT_CHOICES = (True, False, "gaussian")
@@ -357,7 +357,10 @@ class LoRALinear(AdapterLayer):
                 y = x2 @ self._weight.T
                 if self._bias is not None:
                     y += self._bias
-            check_result_finite([("y (the output)", y)], [("x", x2)])
+            if not results_finite(y):  # names x, or truly what overflowed
+                t = np.float32 if self._low_precision else self._weight.dtype  # the product's
+                F._check_merged_overflow(y, x2.astype(t, copy=False), self._weight.astype(t, copy=False),
+                                         None if self._bias is None else self._bias.astype(t))
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
         if self._low_precision:
