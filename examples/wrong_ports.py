@@ -99,6 +99,12 @@ def _batched_only(x, W0, A, B, m, s, b):
     return forward(x.reshape(batch * seq, -1), W0, A, B, m, s, b).reshape(batch, seq, -1)
 
 
+def _other_scaling_rule(x, W0, A, B, m, scaling, b, dropout_mask=None):
+    """Given (lora_alpha, r, use_rslora), s by the rule not asked for (alpha / sqrt(r) for alpha / r)."""
+    alpha, r, rslora = scaling
+    return forward(x, W0, A, B, m, alpha / r if rslora else alpha / np.sqrt(r), b, dropout_mask)
+
+
 def _fifo_merge(W0s, A, B, m, s):
     return merge(W0s.T, A, B, m, s).T
 
@@ -111,6 +117,7 @@ def _fifo_unmerge_rows_of_stored(Ws, A, B, m, s, n):  # PEFT 0.11-0.20 Conv1D
 WRONG_PORTS = {
     "norm_axis": ("forward", (lambda *a, **k: forward(*a, **k, axis=0),), {}),
     "scaling_outside_norm": ("forward", (lambda *a, **k: forward(*a, **k, s_in_norm=False),), {}),
+    "scaling_rule": ("forward", (_other_scaling_rule,), dict(scaling="lora_alpha")),
     "norm_of_W0": ("forward", (lambda *a, **k: forward(*a, **k, of_W0=True),), {}),
     "norm_plus_eps": ("forward", (lambda *a, **k: forward(*a, **k, eps=float(np.finfo(np.float32).eps)),),
                       dict(dtype="float32", max_examples=100)),

@@ -413,8 +413,37 @@ def test_every_variant_is_told_apart_on_a_probe():
             var = D._variant(probe.astype(np.float64), over, True, testing.Convention(), "init", ref, probe.dtype)
             if D._ratio(var, ref, tols, D._names("init", True)) > 100:
                 seen.add(key)
+    # a port that computes s from (lora_alpha, r, use_rslora): the diagnostic case with an alpha
+    alpha = testing.make_case(**dict(porting_cases._diagnostic_case(np.float64, False).params, lora_alpha=4.0))
+    for _, probe in D._probes(alpha, raised=False):
+        for key, over, eps in D._candidates(probe, "forward", True, testing.Convention(scaling="lora_alpha"), True):
+            var = D._variant(probe.astype(np.float64), over, True, testing.Convention(scaling="lora_alpha"))
+            if D._ratio(var, testing.reference(probe), testing.tolerances(probe), ("y",)) > 100:
+                seen.add(key)
     assert seen == set(V.VARIANTS)
     assert set(V.VARIANTS) <= set(testing.HINTS)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha_over_r_asked", "rslora_asked"])
+def test_port_with_the_other_scaling_rule_gets_the_scaling_rule_hint(use_rslora):
+    # new user, session 10: a port that always took lora_alpha / sqrt(r) was told "hint: none"
+    def port(x, W0, A, B, m, scaling, b, dropout_mask=None):
+        alpha, r, rslora = scaling
+        s = alpha / r if rslora else alpha / np.sqrt(r)  # the rule the case did NOT ask for
+        return np_forward(x, W0, A, B, m, s, b, dropout_mask)
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(port, scaling="lora_alpha", cases=dict(r=[2, 4, 8], use_rslora=use_rslora), **FEW)
+    assert info.value.hint == "scaling_rule", str(info.value)
+    assert testing.HINTS["scaling_rule"] in str(info.value)
+
+
+def test_port_with_the_right_scaling_rule_passes_with_lora_alpha():
+    def port(x, W0, A, B, m, scaling, b, dropout_mask=None):
+        alpha, r, rslora = scaling
+        return np_forward(x, W0, A, B, m, alpha / np.sqrt(r) if rslora else alpha / r, b, dropout_mask)
+
+    testing.check_forward(port, scaling="lora_alpha", **FEW)
 
 
 def test_reported_index_is_where_the_port_is_wrong():

@@ -20,6 +20,12 @@ HINTS = {
         "the same s = lora_alpha / r (or / sqrt(r)) as the low-rank term "
         "(PEFT DoraLinearLayer.get_weight_norm)."
     ),
+    "scaling_rule": (
+        "the scaling uses the other of PEFT's two rules: s = lora_alpha / r, and "
+        "s = lora_alpha / sqrt(r) only with use_rslora=True (rsLoRA; PEFT "
+        "LoraLayer.update_layer). Your numbers match the rule the case did not ask for; "
+        "the same s goes into the norm, the low-rank term and the merge."
+    ),
     "norm_of_W0": (
         "the norm ignores the low-rank update: your n is ||W0|| per row, but it must be "
         "||W0 + s*B@A||, recomputed from the current A and B at every forward. The two "

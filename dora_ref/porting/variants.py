@@ -28,6 +28,8 @@ in)"`` convention.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # ---------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def column_term_scales(c, ref, detach_norm=True):
 
 #: the reference's choices; a variant overrides one or two of them
 BASE = dict(norm="row", eps=0.0, g="m/n", bias="added", dropout="peft", grads="ok", flip_detach=False,
-            merge="ok", unmerge="ok", layer="row", init="ok")
+            merge="ok", unmerge="ok", layer="row", init="ok", scaling="ok")
 
 
 def init_magnitude(norm, spec, storage_dtype):
@@ -128,9 +130,18 @@ def init_magnitude(norm, spec, storage_dtype):
     return norm
 
 
-def _norm(c, kind):
-    """(n, dn) for a norm kind: n (out,) and dn(v) = dL/d(B@A) for dL/dn = v."""
-    s = c.scaling
+def _scaling(c, spec):
+    """The scaling a variant uses: the case's, or ("other_rule") the other of PEFT's two
+    rules for the case's (lora_alpha, r, use_rslora): lora_alpha / sqrt(r) where the case
+    says lora_alpha / r, and the reverse."""
+    if spec.get("scaling", "ok") == "ok":
+        return c.scaling
+    alpha, r = c.params["lora_alpha"], c.A.shape[0]
+    return alpha / r if c.params.get("use_rslora", False) else alpha / math.sqrt(r)
+
+
+def _norm(c, kind, s):
+    """(n, dn) for a norm kind: n (out,) and dn(v) = dL/d(B@A) for dL/dn = v; s the scaling."""
     BA = c.B @ c.A
     if kind == "row":
         V = c.W0 + s * BA
@@ -173,8 +184,8 @@ def evaluate(c, spec, detach_norm, *, unmerge_input=None):
     if spec["layer"] == "column":
         return column_layer(c, detach_norm != spec["flip_detach"])
     detach = detach_norm != spec["flip_detach"]
-    s = c.scaling
-    n_raw, dn = _norm(c, spec["norm"])
+    s = _scaling(c, spec)
+    n_raw, dn = _norm(c, spec["norm"], s)
     n = n_raw + spec["eps"]
     with np.errstate(divide="ignore", invalid="ignore"):
         g = c.magnitude / n if spec["g"] == "m/n" else np.ones_like(n)
@@ -261,6 +272,7 @@ VARIANTS = {
     "unmerge_factor_on_columns": ((_M,), dict(unmerge="factor_on_columns"), "unmerge_square"),
     "unmerge_without_magnitude": ((_M,), dict(unmerge="without_magnitude"), "unmerge"),
     "magnitude_rounded_at_init": ((_I,), dict(init="rounded"), "low_precision"),
+    "scaling_rule": ((_F, _B, _M, _I), dict(scaling="other_rule"), "lora_alpha"),
 }
 
 #: epsilons tried for ``norm_plus_eps``: the dtype's machine epsilon (LyCORIS adds
@@ -294,6 +306,8 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
         return with_unmerge and _square(c)
     if cond == "low_precision":
         return np.dtype(c.dtype).name in ("bfloat16", "float16")
+    if cond == "lora_alpha":  # the port computes s itself; at r = 1 both rules give lora_alpha
+        return conv.scaling == "lora_alpha" and c.params.get("lora_alpha") is not None and c.A.shape[0] > 1
     return True
 
 
