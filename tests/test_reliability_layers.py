@@ -487,3 +487,64 @@ def test_layer_forward_checks_what_can_change_between_calls(cls):
         layer.forward(x.astype(np.float32))
     with pytest.raises(ValueError, match="bias .* contains NaN or Inf"):
         cls(np.ones((3, 2)), np.array([0.0, np.nan, 0.0]), r=1)
+
+
+def _large(kind):
+    """A layer of ``kind`` whose arrays are over 1 KiB: NumPy unpickles those over the
+    pickle's immutable bytes (below that it copies them)."""
+    rng = np.random.default_rng(3)
+    if kind == "DoRALinear":
+        return DoRALinear(rng.normal(size=(64, 64)), r=8, rng=3), rng.normal(size=(2, 64))
+    if kind == "DoRAConv2d":
+        return C.DoRAConv2d(rng.normal(size=(16, 8, 3, 3)), None, r=8, padding=1, rng=3), \
+            rng.normal(size=(1, 8, 5, 5))
+    return Em.DoRAEmbedding(rng.normal(size=(300, 16)), r=8, rng=3), rng.integers(0, 300, size=(2, 3))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("kind", ["DoRALinear", "DoRAConv2d", "DoRAEmbedding"])
+def test_large_layer_through_pickle_merges_and_unmerges(kind, protocol):
+    """Session 10's adversary: a merged layer sent through pickle (a spawn or forkserver
+    worker's), or one merged after it, could not unmerge ("cannot set WRITEABLE flag")
+    and was left half unmerged. Now it unmerges to its base weight, and a write into an
+    array that could not be made read-only is still found by the merge-time snapshot."""
+    import pickle
+
+    layer, x = _large(kind)
+    for p in layer.parameters().values():
+        p[...] = 0.1 * np.random.default_rng(4).normal(size=p.shape) + (p if p.ndim == 1 else 0)
+    W0 = layer.weight.copy()
+    merged = pickle.loads(pickle.dumps(layer, protocol=protocol))
+    merged.merge()
+    for clone in (pickle.loads(pickle.dumps(merged, protocol=protocol)), merged):
+        clone.unmerge()
+        assert not clone.merged
+        assert_close(clone.weight, W0, k=8, scale=np.abs(W0).max() + 1)
+        for p in clone.parameters().values():
+            p[...] += 0.0  # writeable again: an optimiser can train it
+    fresh = pickle.loads(pickle.dumps(layer, protocol=protocol))
+    fresh.merge()
+    name, a = next((n, p) for n, p in fresh.parameters().items() if p.ndim >= 2)
+    if a.flags.writeable:  # left writeable (it could not be unlocked again): the snapshot sees it
+        a[(0,) * a.ndim] += 1.0
+        with pytest.raises(RuntimeError, match=f"{name} changed in place"):
+            fresh(x)
+    else:
+        with pytest.raises(ValueError, match="read-only"):
+            a[(0,) * a.ndim] += 1.0
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_large_layer_and_its_optimizer_through_pickle_still_share_arrays(protocol):
+    """The fix keeps the arrays an optimiser pickled with the layer holds: no copy."""
+    import pickle
+
+    layer, _ = _large("DoRALinear")
+    opt = AdamW(layer.parameters())
+    clone, clone_opt = pickle.loads(pickle.dumps((layer, opt), protocol=protocol))
+    for name, p in clone.parameters().items():
+        assert clone_opt.params[name] is p
+    clone.merge()
+    clone.unmerge()
+    for name, p in clone.parameters().items():
+        assert clone_opt.params[name] is p

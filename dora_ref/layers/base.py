@@ -106,6 +106,34 @@ def frozen(arr, owned=False):
     return arr
 
 
+def _can_unlock(arr):
+    """Whether ``arr``'s WRITEABLE flag, once cleared, can be set again (NumPy's own test:
+    it owns its data, or the object at the end of its chain of bases is a writable buffer).
+
+    Not so for an array NumPy unpickled over the pickle's immutable bytes: writeable as
+    restored (above about 1 KiB), never again once cleared (a layer sent to a spawn or
+    forkserver worker)."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        if base.base is None:
+            return True
+        base = base.base
+    try:
+        return not memoryview(base).readonly
+    except TypeError:
+        return False
+
+
+def _lock(arr):
+    """Make a merged layer's array read-only where ``unmerge()`` can make it writeable again.
+
+    An array that could not be unlocked (``_can_unlock``) stays writeable: the merge-time
+    snapshot then finds a write into it, at the next forward or ``unmerge()``, as it finds
+    one through a view taken before ``merge()`` (a ``RuntimeError`` saying what changed)."""
+    if _can_unlock(arr):
+        arr.flags.writeable = False
+
+
 def checked_array(name, value, dtype, shape, alt_shapes=()):
     """A value for a trainable array: float of ``dtype``, finite, of ``shape``.
 
@@ -369,10 +397,8 @@ class AdapterLayer(Module):
         self.merged_adapter = {name: p.copy() for name, p in params.items()}
         self._merged_scaling = self.scaling
         self._merged_snapshot = WeightSnapshot({**params, **self._merged_norm()})
-        for p in params.values():
-            p.flags.writeable = False
-        for n in self._merged_norm().values():
-            n.flags.writeable = False
+        for p in [*params.values(), *self._merged_norm().values()]:
+            _lock(p)
 
     def _merged_norm(self):
         """A DoRA layer's ``weight_norm`` kept by ``merge()``, which ``unmerge()`` divides by."""
@@ -431,7 +457,7 @@ class AdapterLayer(Module):
         if getattr(self, "merged", False):
             self._own_locked_arrays()
             for p in [*self.parameters().values(), *self._merged_norm().values()]:
-                p.flags.writeable = False
+                _lock(p)
 
     def _own_locked_arrays(self):
         """Give a merged copy writeable-capable adapter arrays, the snapshot following them.
@@ -456,9 +482,11 @@ class AdapterLayer(Module):
             snapshot._arrays = tuple(replaced.get(id(a), a) for a in snapshot._arrays)
 
     def _unlock_adapter(self):
-        """After an unmerge: the trainable arrays are writeable again."""
+        """After an unmerge: the trainable arrays are writeable again (those ``_lock`` left
+        writeable are: NumPy refuses to set the flag of such an array even to True again)."""
         for p in self.parameters().values():
-            p.flags.writeable = True
+            if not p.flags.writeable:
+                p.flags.writeable = True
         self.merged_adapter = None
         self._merged_snapshot = None
         self._merged_scaling = None
