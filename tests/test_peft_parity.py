@@ -736,3 +736,60 @@ def test_embedding_layers_from_build_layers_save_and_load_in_peft(tmp_path):
     got = reloaded.merge_and_unload().state_dict()
     for key in ("emb.weight", "lin.weight"):
         check("embedding+linear via adapter_from_layers", got[key].numpy(), want[key].numpy(), np.float64, 11 + 2)
+
+
+class PaddedEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6, padding_idx=0)
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
+def _padded_embedding_adapter(tmp_path, config=None):
+    """A PEFT DoRA adapter on an embedding with padding_idx 0 (random A, so its padding
+    column would get a gradient), the base saved as a model directory."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = PaddedEmbedding().double()
+    (tmp_path / "base").mkdir()
+    save_file({"emb.weight": net.emb.weight.detach().clone()}, str(tmp_path / "base" / "model.safetensors"))
+    if config is not None:
+        (tmp_path / "base" / "config.json").write_text(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(net, LoraConfig(r=3, lora_alpha=7, target_modules=["emb"], use_dora=True,
+                                            init_lora_weights=False))
+    A = pm.base_model.model.emb.lora_embedding_A["default"]
+    with torch.no_grad():
+        A.normal_()
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[0, 3, 3, 10], [0, 0, 5, 1]])
+    y = pm(ids)
+    dy = torch.randn_like(y)
+    (dA,) = torch.autograd.grad((y * dy).sum(), [A])
+    return ids.numpy(), y.detach().numpy(), dy.numpy(), dA.numpy()
+
+
+def test_build_layers_embedding_with_padding_idx_matches_peft_gradient(tmp_path):
+    """Session 10's adversary (attack 40): build_layers built every embedding without a
+    padding row, so lora_embedding_A's padding column got a gradient PEFT does not give
+    it (4.07 off). With padding_idx the layer is PEFT's."""
+    ids, y, dy, dA = _padded_embedding_adapter(tmp_path)
+    layer = P.build_layers(tmp_path / "adapter", tmp_path / "base", padding_idx={"emb": 0})[0]["emb"]
+    check("embedding forward", layer.forward(ids), y, np.float64, 6 + 3)
+    layer.backward(dy)
+    assert np.all(layer.grads["lora_embedding_A"][:, 0] == 0)
+    check("embedding dA", layer.grads["lora_embedding_A"], dA, np.float64, ids.size + 6)
+    # an int applies to every embedding
+    assert P.build_layers(tmp_path / "adapter", tmp_path / "base", padding_idx=0)[0]["emb"].padding_idx == 0
+
+
+def test_build_layers_refuses_to_guess_the_padding_row_named_by_config(tmp_path):
+    _padded_embedding_adapter(tmp_path, config='{"pad_token_id": 0}')
+    with pytest.raises(ValueError, match=r"pad_token_id = 0.*padding_idx=\{'emb': 0\}"):
+        P.build_layers(tmp_path / "adapter", tmp_path / "base")
+    layer = P.build_layers(tmp_path / "adapter", tmp_path / "base", padding_idx={"emb": None})[0]["emb"]
+    assert layer.padding_idx is None

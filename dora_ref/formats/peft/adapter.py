@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -406,7 +407,7 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
 
 
 def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, detach_norm=True,
-                 fan_in_fan_out=None):  # fmt: skip
+                 fan_in_fan_out=None, padding_idx=None):  # fmt: skip
     """``DoRALinear``/``LoRALinear`` (and ``DoRAEmbedding``) layers from an adapter and base weights.
 
     Parameters
@@ -430,6 +431,16 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
         Which base weights are stored (in, out) (GPT-2 ``Conv1D``); None:
         decided by ``resolve_fan_in_fan_out``'s rule, which raises rather
         than guess for a square weight.
+    padding_idx : None, int, or mapping of str to int or None
+        The embeddings' padding row (``DoRAEmbedding``'s ``padding_idx``): an
+        int for every embedding module, or one per module path. PEFT's DoRA
+        embedding looks tokens up with its base ``nn.Embedding``'s
+        padding_idx, so no gradient reaches that token's column of
+        ``lora_embedding_A``; a checkpoint does not store it. None (default):
+        no padding row, except that an embedding module of a base directory
+        whose ``config.json`` names a ``pad_token_id`` raises (transformers
+        models usually give it to their token embedding; this function does
+        not guess which): pass ``padding_idx`` for it, None included.
 
     Returns
     -------
@@ -449,7 +460,8 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
         adapter; a convolution (its stride and padding are not in the
         checkpoint: build ``dora_ref.layers.conv.DoRAConv2d`` etc. from
         ``adapter.modules[name]`` yourself; ``merge_weight`` needs no
-        geometry and merges it); a plain-LoRA embedding.
+        geometry and merges it); a plain-LoRA embedding; an embedding whose
+        padding row is not known (see ``padding_idx``).
     """
     from ...layers.linear import DoRALinear, LoRALinear  # only here: the merge command needs no layer
 
@@ -472,7 +484,8 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
         fifo[name] = is_fan_in_fan_out(mod, W.shape, orientation.get(name), key=wkey)
         cdt = _compute_dtype(W.dtype)
         if mod.kind != "linear":
-            layers[name] = _build_non_linear(name, mod, W.astype(cdt), cfg, rng, detach_norm)
+            pad = _padding_idx(name, padding_idx, base) if mod.kind == "embedding" else None
+            layers[name] = _build_non_linear(name, mod, W.astype(cdt), cfg, rng, detach_norm, pad)
             fifo[name] = False
             continue
         W = _to_view(W, mod, fifo[name], cdt)
@@ -501,7 +514,31 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
     return layers, fifo
 
 
-def _build_non_linear(name, mod, W, cfg, rng, detach_norm):
+def _padding_idx(name, padding_idx, base):
+    """The padding row of embedding module ``name`` (``build_layers``'s ``padding_idx``)."""
+    if isinstance(padding_idx, Mapping):
+        if name in padding_idx:
+            return padding_idx[name]
+    elif padding_idx is not None:
+        return padding_idx
+    path = getattr(base, "path", None)  # a model directory, or a weights file in one
+    config = None if path is None else (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
+    try:
+        pad = json.loads(config.read_text()).get("pad_token_id") if config and config.is_file() else None
+    except (ValueError, AttributeError, OSError):
+        pad = None  # not a JSON object: it names no pad token
+    if pad is not None:
+        raise ValueError(
+            f"module {name!r} is an embedding and the base's config.json has pad_token_id = {pad!r}, "
+            f"which transformers models usually give their token embedding as padding_idx (PEFT then "
+            f"sends no gradient to that token's column of lora_embedding_A); a checkpoint does not "
+            f"say which embedding has it: pass build_layers(..., padding_idx={{{name!r}: {pad!r}}}), "
+            f"or None for no padding row"
+        )
+    return None
+
+
+def _build_non_linear(name, mod, W, cfg, rng, detach_norm, padding_idx=None):
     if mod.kind == "conv":
         raise ValueError(
             f"module {name!r} is a convolution: its stride, padding and dilation are not stored in "
@@ -513,7 +550,7 @@ def _build_non_linear(name, mod, W, cfg, rng, detach_norm):
     from ...layers.embedding import DoRAEmbedding
 
     layer = DoRAEmbedding(W, r=mod.r, lora_alpha=mod.lora_alpha, use_rslora=cfg.use_rslora,
-                          rng=rng, detach_norm=detach_norm)  # fmt: skip
+                          rng=rng, detach_norm=detach_norm, padding_idx=padding_idx)  # fmt: skip
     layer.lora_embedding_A = mod.lora_A.astype(W.dtype, copy=True)
     layer.lora_embedding_B = mod.lora_B.astype(W.dtype, copy=True)
     layer.lora_magnitude_vector = mod.magnitude.astype(W.dtype, copy=True)
