@@ -793,3 +793,51 @@ def test_build_layers_refuses_to_guess_the_padding_row_named_by_config(tmp_path)
         P.build_layers(tmp_path / "adapter", tmp_path / "base")
     layer = P.build_layers(tmp_path / "adapter", tmp_path / "base", padding_idx={"emb": None})[0]["emb"]
     assert layer.padding_idx is None
+
+
+def _embedding_adapter_saved_with_defaults(tmp_path):
+    """A tiny Llama with DoRA on embed_tokens, saved by PEFT with its defaults
+    (save_embedding_layers="auto": the embedding's base weight goes into the adapter)."""
+    model, _ = _tiny("llama", torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "base")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                              target_modules=["embed_tokens", "v_proj"]))
+        pm.save_pretrained(tmp_path / "adapter")
+    return pm
+
+
+def test_adapter_with_the_embeddings_saved_base_weight_merges_as_peft(tmp_path):
+    """Session 10's adversary (attack 41): PEFT's default save of an adapter on embed_tokens
+    (or lm_head) holds '<module>.base_layer.weight', and every such adapter was refused
+    ('unexpected key ... not a PEFT LoRA/DoRA tensor'). A copy equal to the base's is used."""
+    pm = _embedding_adapter_saved_with_defaults(tmp_path)
+    adapter = P.load_adapter(tmp_path / "adapter")
+    assert list(adapter.saved_base) == ["model.embed_tokens"]
+    assert merge_main([str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                       "--no-progress"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pm.merge_and_unload().state_dict()
+    got = P.load_base_weights(tmp_path / "merged")
+    for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight"):
+        check("saved-base adapter merge", got[key], want[key].numpy(), np.float64, 64 + 4)
+    layers, _ = P.build_layers(adapter, tmp_path / "base")
+    assert "model.embed_tokens" in layers
+
+
+def test_adapter_whose_saved_base_weight_differs_from_the_base_is_refused(tmp_path):
+    """PEFT would load the adapter's copy over the base's weight: merging onto another
+    base would not give PEFT's model, so it is refused, saying why and what to do."""
+    _embedding_adapter_saved_with_defaults(tmp_path)
+    other, _ = _tiny("llama", torch.float64)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other.save_pretrained(tmp_path / "other-base")
+    for call in (lambda: P.plan_merge(P.BaseWeights(tmp_path / "other-base"), [tmp_path / "adapter"]),
+                 lambda: P.build_layers(tmp_path / "adapter", tmp_path / "other-base")):
+        with pytest.raises(ValueError, match=r"own copy of 'model.embed_tokens'.*save_embedding_layers=False"):
+            call()

@@ -79,11 +79,18 @@ class PeftAdapter:
         Full tensors of the config's ``modules_to_save`` (e.g. a
         classification head trained in full), by their key in the base model
         (``score.weight``): merging *replaces* the base tensors with them.
+    saved_base : dict of str to ndarray
+        Copies of adapted modules' base weights that PEFT saved with the
+        adapter (``<module>.base_layer.weight``: an adapted embedding, or
+        ``lm_head``, under PEFT's default ``save_embedding_layers="auto"``),
+        by module path. PEFT loads such a copy over the base model's own
+        weight; dora_ref checks that it is the base's (``check_saved_bases``).
     """
 
     config: LoraAdapterConfig
     modules: dict
     replaced: dict = field(default_factory=dict)
+    saved_base: dict = field(default_factory=dict)
 
     def __repr__(self):
         kinds = {}
@@ -105,6 +112,48 @@ _KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
     r"|lora_magnitude_vector(?:\.weight)?)$"
 )
+
+
+_SAVED_BASE = ".base_layer.weight"
+
+
+def check_saved_bases(adapter, base):
+    """Check that every base weight PEFT saved with the adapter is the base's own.
+
+    PEFT saves the base weight of an adapted embedding (and ``lm_head``) with
+    the adapter by default (``save_embedding_layers="auto"``, for a resized
+    vocabulary) and loads it over the base model's weight; merging onto
+    another base weight would not give PEFT's model. Equal (same dtype,
+    shape and bits): nothing to do, the base weight is used.
+
+    Parameters
+    ----------
+    adapter : PeftAdapter
+    base : BaseWeights or mapping of str to ndarray
+
+    Raises
+    ------
+    ValueError
+        A saved copy that differs from the base's weight (dtype, shape or
+        values), naming the module and what to do.
+    """
+    keys = set(base.keys())
+    for name, saved in adapter.saved_base.items():
+        key = weight_key(name, keys)
+        W = base.get(key) if isinstance(base, BaseWeights) else np.asarray(base[key])
+        if W.dtype == saved.dtype and W.shape == saved.shape and np.array_equal(
+                W.reshape(-1).view(np.uint8), saved.reshape(-1).view(np.uint8)):
+            continue
+        what = (f"shape {saved.shape} against {W.shape}" if W.shape != saved.shape else
+                f"dtype {saved.dtype} against {W.dtype}" if W.dtype != saved.dtype else
+                "the same shape and dtype, other values")
+        raise ValueError(
+            f"the adapter holds its own copy of {name!r}'s base weight ({name}{_SAVED_BASE}, saved by "
+            f"PEFT's save_embedding_layers), which differs from the base's {key!r} ({what}): PEFT "
+            f"loads that copy in place of the base's (a resized vocabulary). Merge onto the base the "
+            f"adapter was trained with, or, if this base is right, save the adapter again with "
+            f"save_embedding_layers=False"
+        )
 
 
 def _split_key(key, source):
@@ -176,6 +225,9 @@ def load_adapter(directory, *, dtype=None):
             if not _KEY.match(name) and adapter.replacement_key(name):
                 adapter.replaced[name] = f.get(key)
                 continue
+            if name.endswith(_SAVED_BASE):  # PEFT's save_embedding_layers: the base weight itself
+                adapter.saved_base[name[: -len(_SAVED_BASE)]] = (key, f.get(key))
+                continue
             module, part, kind = _split_key(key, weights)
             if kind:
                 parts.setdefault(module, {})["kind"] = kind
@@ -187,6 +239,10 @@ def load_adapter(directory, *, dtype=None):
             parts[module][part] = (key, arr)
     for name, p in parts.items():
         adapter.modules[name] = _module_from_parts(name, p, config, weights, dtype)
+    for name, (key, _) in adapter.saved_base.items():
+        if name not in adapter.modules:
+            raise ValueError(f"{weights}: {key!r} is a saved base weight of {name!r}, which the adapter does not adapt")
+    adapter.saved_base = {name: arr for name, (_, arr) in adapter.saved_base.items()}
     if not adapter.modules and not adapter.replaced:
         raise ValueError(f"{weights}: no LoRA tensors found")
     return adapter
@@ -470,6 +526,7 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
     if not hasattr(base, "keys") or isinstance(base, (str, os.PathLike)):
         base = BaseWeights(base)
     cfg = adapter.config
+    check_saved_bases(adapter, base)
     keys = set(base.keys())
     layers, fifo = {}, {}
     rng = np.random.default_rng(rng)

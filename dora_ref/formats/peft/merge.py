@@ -10,7 +10,7 @@ import numpy as np
 from ...core import functional as F
 from ...core._validate import check_input
 from ..safetensors_io import BaseWeights
-from .adapter import ModuleAdapter, PeftAdapter, _compute_dtype, load_adapter
+from .adapter import ModuleAdapter, PeftAdapter, _compute_dtype, check_saved_bases, load_adapter
 from .orientation import _from_view, _to_view, base_key, resolve_fan_in_fan_out, weight_key
 
 
@@ -427,6 +427,7 @@ def plan_merge(base, adapters, *, fan_in_fan_out=None):
     for adapter in adapters:
         for name in adapter.modules:
             weight_key(name, keys)  # a missing module: KeyError first
+        check_saved_bases(adapter, base)
         orientation = resolve_fan_in_fan_out(adapter, base, fan_in_fan_out)
         for name, mod in adapter.modules.items():
             key = weight_key(name, keys)
