@@ -25,6 +25,7 @@
                              wheel stays portable without -march=native. */
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -276,6 +277,58 @@ static int dora_threads_now(void)
 }
 
 #ifdef _OPENMP
+/* The largest team libgomp has been seen able to start in this process (1:
+   none yet, or its threads were freed: omp_pause_resource_all before a fork,
+   a new child). */
+static int omp_team_verified = 1;
+
+static void *dora_idle_thread(void *arg) { return arg; }
+
+/* The stack size libgomp gives its threads: OMP_STACKSIZE or GOMP_STACKSIZE
+   (a number, then B, K, M or G; K without one), or 0 for the default. */
+static size_t dora_omp_stacksize(void)
+{
+    const char *v = getenv("OMP_STACKSIZE");
+    if (!v || !*v) v = getenv("GOMP_STACKSIZE");
+    if (!v || !*v) return 0;
+    char *end;
+    const unsigned long long n = strtoull(v, &end, 10);
+    while (*end == ' ') end++;
+    const int unit = *end == 'B' || *end == 'b' ? 0 : *end == 'M' || *end == 'm' ? 20
+                     : *end == 'G' || *end == 'g' ? 30 : 10;
+    return (size_t)(n << unit);
+}
+
+/* Whether libgomp can start a team of nt threads. It creates the nt - 1
+   other threads when a team first needs them, and when pthread_create fails
+   (a memory limit, RLIMIT_AS, or a limit on processes) it prints "Thread
+   creation failed" and ends the process, with nothing a caller could catch
+   (session 10's adversary: the merge command killed that way under prlimit
+   --as, its temporary output left behind). So before a team larger than any
+   started so far, dora_ref creates nt - 1 threads itself, with libgomp's
+   stack size, and joins them; if one cannot be created the call runs on one
+   thread (where a failed allocation is an error it returns). Memory taken
+   by another thread between this test and libgomp's own creation can still
+   end the process: a window of microseconds, once per process. */
+static int dora_omp_team_ok(int nt)
+{
+    int verified;
+    LOAD(omp_team_verified, verified);
+    if (nt <= verified) return 1;
+    pthread_attr_t attr;
+    const size_t stack = dora_omp_stacksize();
+    if (pthread_attr_init(&attr) != 0) return 0;
+    if (stack) pthread_attr_setstacksize(&attr, stack);
+    pthread_t threads[MAX_TEAM];
+    int made = 0;
+    while (made < nt - 1 && pthread_create(&threads[made], &attr, dora_idle_thread, NULL) == 0) made++;
+    for (int t = 0; t < made; t++) pthread_join(threads[t], NULL);
+    pthread_attr_destroy(&attr);
+    if (made < nt - 1) return 0;
+    STORE(omp_team_verified, nt);
+    return 1;
+}
+
 /* L from a few empty teams, the first time a call might go parallel. */
 static void dora_measure_region(int nt)
 {
@@ -620,6 +673,10 @@ static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t
     p->t0 = dora_now();
 #ifdef _OPENMP
     if (p->nt <= 1) return;
+    if (!dora_omp_team_ok(p->nt)) {  /* libgomp could not start the team: it would end the process */
+        p->nt = 1;
+        return;
+    }
     dora_plan_choose(p, kernel, work);
     if (p->nt > 1) {
         if (dora_flight_enter())
@@ -851,6 +908,7 @@ static void dora_before_fork(void)
     int pause_wanted;
     LOAD(fork_pause_setting, pause_wanted);
     if (pause_wanted && drained) ok = omp_pause_resource_all(omp_pause_soft) == 0;
+    if (ok) STORE(omp_team_verified, 1);  /* its threads are gone: the next team creates them */
 #else
     (void)drained;
 #endif
@@ -865,6 +923,9 @@ static void dora_in_child(void)
     const int serial = !fork_pause_ok;
     dora_fork_gate_reset();
     if (serial) STORE(child_serial, 1);
+#ifdef _OPENMP
+    STORE(omp_team_verified, 1);  /* no thread of the parent's pool came along */
+#endif
     STORE(region_ns, 0);  /* a new process: measure again */
     STORE(probe_interval, PROBE_INTERVAL);
 }
