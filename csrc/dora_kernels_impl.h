@@ -390,12 +390,15 @@ static inline __attribute__((always_inline)) void FN(norm_prefetch)(
    whole at in = 4096 and no prefetch is made, the test alone made the
    r = 16 norm 2-8% slower (Zen 3, one and two threads, shared); and in a
    function of its own the six-row body kept two of its twelve sums on the
-   stack in the k loop (GCC 12). Zen 3, (4096, 4096, 64) float32, CPU time
-   of 7 interleaved repeats, shared (load 4-5): 0.86-0.88x the time
-   without it on one thread, 0.83-0.89x on two; the bits are the same. */
+   stack in the k loop (GCC 12). Zen 3, (4096, 4096, 64) float32, shared
+   (load 2-5): 0.88-0.92x the time without it on one thread, 0.83-0.93x on
+   two (CPU time, minima and medians of 7 interleaved repeats), 0.85-0.92x
+   in bench_rank_ab.py (2 threads, medians of 21-41); r = 32, where it is
+   not taken, 0.99-1.00x (3.6% more instructions per tile). The bits are
+   the same. */
 static inline __attribute__((always_inline)) void FN(column_norm_rows_body)(
-    const int fused, const int ng, const int prefetch, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B,
-    const REAL *Bq, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+    const int fused, const int ng, const int prefetch, REAL *n, const WTYPE *W0, const REAL *Ap,
+    const REAL *B, const REAL *Bq, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     const int64_t chunk = norm_chunk(r, in);
     const int pf = prefetch && chunk < in;  /* W0 read a chunk's width at a time */
