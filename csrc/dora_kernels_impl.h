@@ -342,6 +342,39 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
     }
 }
 
+/* Asks for the cache lines of W0 that the tile after (i, j) in
+   column_norm_rows_body's order reads: (i, j + W) in the chunk j0..j1,
+   else the next group's first tile (i + ng, j0), else the next chunk's
+   first tile (i0, j1); nothing past W0's last row or column. A hint only:
+   no value depends on it. When A is taken in chunks (norm_chunk), the
+   block's rows read W0 a chunk's width at a time (256 bytes a row at
+   r = 64), a pattern the CPU's own prefetchers did not follow. */
+static inline __attribute__((always_inline)) void FN(norm_prefetch)(
+    const WTYPE *W0, const int ng, int64_t i, int64_t j, int64_t i0, int64_t i1, int64_t j0,
+    int64_t j1, int64_t in)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    int64_t pi = i, pj = j + W;
+    if (pj >= j1) {
+        pi = i + ng;
+        pj = j0;
+        if (pi >= i1) {
+            pi = i0;
+            pj = j1;
+        }
+    }
+    if (pj >= in) return;
+    const WTYPE *p = W0 + pi * in + pj;
+    if (pi + ng <= i1) {
+        for (int q = 0; q < ng; q++) __builtin_prefetch(p + q * in, 0, 3);
+    } else {
+        for (int64_t q = 0; q < i1 - pi; q++) __builtin_prefetch(p + q * in, 0, 3);
+    }
+#else
+    (void)W0, (void)ng, (void)i, (void)j, (void)i0, (void)i1, (void)j0, (void)j1, (void)in;
+#endif
+}
+
 /* Rows i0..i1 (at most NORM_ROW_BLOCK) of the norm alone, with the columns
    in chunks: all the rows' groups take one chunk of A before the next, so
    that A's chunk (r x chunk REALs, norm_chunk) is read from L1 by every
@@ -350,12 +383,25 @@ static inline __attribute__((always_inline)) void FN(norm_rows)(
    the same lanes: the bits of norm_rows. Rows are taken `ng` at a time, a
    constant: NG (norm_full6) in the fused mode at r >= NORM_SIX_MIN_R, G
    otherwise (norm_step). NORM_ROW_BLOCK is a multiple of both, so only the
-   last group of the matrix can be short. */
+   last group of the matrix can be short. `prefetch` (a constant): when A
+   is taken in chunks, each tile first asks for the W0 lines of the tile
+   after it (norm_prefetch). Only column_norm_rows' six-row body takes it
+   (r >= NORM_FMA_SQUARES_MAX_R): in column_norm_rows_sq, where A is read
+   whole at in = 4096 and no prefetch is made, the test alone made the
+   r = 16 norm 2-8% slower (Zen 3, one and two threads, shared); and in a
+   function of its own the six-row body kept two of its twelve sums on the
+   stack in the k loop (GCC 12). Zen 3, (4096, 4096, 64) float32, shared
+   (load 2-5): 0.88-0.92x the time without it on one thread, 0.83-0.93x on
+   two (CPU time, minima and medians of 7 interleaved repeats), 0.85-0.92x
+   in bench_rank_ab.py (2 threads, medians of 21-41); r = 32, where it is
+   not taken, 0.99-1.00x (3.6% more instructions per tile). The bits are
+   the same. */
 static inline __attribute__((always_inline)) void FN(column_norm_rows_body)(
-    const int fused, const int ng, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B,
-    const REAL *Bq, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
+    const int fused, const int ng, const int prefetch, REAL *n, const WTYPE *W0, const REAL *Ap,
+    const REAL *B, const REAL *Bq, REAL s, int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     const int64_t chunk = norm_chunk(r, in);
+    const int pf = prefetch && chunk < in;  /* W0 read a chunk's width at a time */
     double acc[NORM_ROW_BLOCK][ACCW] = {{0}};  /* row i's lanes: acc[i - i0] */
     for (int64_t j0 = 0; j0 < in; j0 += chunk) {
         const int64_t j1 = dora_min(in, j0 + chunk);
@@ -367,6 +413,7 @@ static inline __attribute__((always_inline)) void FN(column_norm_rows_body)(
                 const int w = (int)dora_min(W, in - j);
                 const REAL *ap = Ap + (j / W) * r * W;  /* A[:, j:j+W] */
                 const WTYPE *w0 = W0 + i * in + j;
+                if (pf) FN(norm_prefetch)(W0, ng, i, j, i0, i1, j0, j1, in);
                 if (ng == NG && g == NG && w == W) {
                     FN(norm_full6)(fused, ag, w0, Bq + i * r, ap, s, in, r);
                 } else if (ng == NG) {  /* the last group's or the last columns' tile */
@@ -390,11 +437,11 @@ static DORA_CLONES void FN(column_norm_rows)(
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     if (fused && Bq)
-        FN(column_norm_rows_body)(1, NG, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+        FN(column_norm_rows_body)(1, NG, 1, n, W0, Ap, B, Bq, s, i0, i1, in, r);
     else if (fused)
-        FN(column_norm_rows_body)(1, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+        FN(column_norm_rows_body)(1, G, 0, n, W0, Ap, B, Bq, s, i0, i1, in, r);
     else
-        FN(column_norm_rows_body)(0, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+        FN(column_norm_rows_body)(0, G, 0, n, W0, Ap, B, Bq, s, i0, i1, in, r);
 }
 
 /* column_norm_rows in the fused mode at r < NORM_FMA_SQUARES_MAX_R: the
@@ -407,9 +454,9 @@ static DORA_CLONES void FN(column_norm_rows_sq)(
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
     if (Bq)
-        FN(column_norm_rows_body)(2, NG, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+        FN(column_norm_rows_body)(2, NG, 0, n, W0, Ap, B, Bq, s, i0, i1, in, r);
     else
-        FN(column_norm_rows_body)(2, G, n, W0, Ap, B, Bq, s, i0, i1, in, r);
+        FN(column_norm_rows_body)(2, G, 0, n, W0, Ap, B, Bq, s, i0, i1, in, r);
 }
 
 /* ------------------------------------------------------------------------ */

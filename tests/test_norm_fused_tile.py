@@ -30,6 +30,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(f"DORA_REF_REQUIRE_C is set but the C extension does not import: {exc}") from exc
     pytest.skip(f"the C backend is not built ({exc})", allow_module_level=True)
 
+from test_kernels_c import forced_threads  # noqa: E402,F401 (the fixture: set_threads, forced)
+
 # 9 rows: two full groups of 4 and an edge row; 37 columns: two full tiles of
 # 16 floats (four of 8 doubles) and an edge of 5; r = 5 terms per element.
 OUT, IN, R, S = 9, 37, 5, 0.7
@@ -143,3 +145,49 @@ def test_column_norm_fused_squares_have_the_bits_of_a_multiply_and_an_add(dtype,
     np.testing.assert_array_equal(n, expected)
     _, n_merge = C.merge(W0, A, B, np.ones(OUT6, dtype=dtype), S)
     np.testing.assert_array_equal(n_merge, expected)
+
+
+# A taken in chunks of columns (norm_chunk: 8 * r * in > 1 MiB), where the
+# float32 six-row body at r >= 32 prefetches the next tile's W0
+# (norm_prefetch): rows not a multiple of six (a short last group, blocks of
+# 60 rows and a short last block), columns not a multiple of 16 and chunks
+# that do not divide them (a short last chunk, a short last tile), r from 16
+# (the fma squares' body, chunked without prefetch) to 70.
+_CHUNKED = [  # out, in, r: chunk of columns
+    (7, 8200, 16),    # 128 columns (the fma squares' body)
+    (13, 4001, 33),   # 112
+    (61, 3300, 40),   # 96
+    (127, 2100, 64),  # 64
+    (67, 1890, 70),   # 48
+]
+
+
+@pytest.mark.parametrize("shape", _CHUNKED, ids=lambda s: "out{}_in{}_r{}".format(*s))
+def test_column_norm_chunked_prefetched_tile_has_the_bits_of_merge_on_any_threads(
+        shape, forced_threads):
+    out, in_, r = shape
+    assert 8 * r * in_ > 1 << 20  # A is taken in chunks
+    rng = np.random.default_rng(out + in_ + r)
+    W0 = rng.standard_normal((out, in_)).astype(np.float32)
+    A = rng.standard_normal((r, in_)).astype(np.float32)
+    B = rng.standard_normal((out, r)).astype(np.float32)
+    m = rng.uniform(0.5, 2.0, out).astype(np.float32)
+    norms = {}
+    for threads in (1, 2):
+        forced_threads(threads)
+        norms[threads] = C.column_norm(W0, A, B, S)
+    n = norms[1]
+    np.testing.assert_array_equal(norms[2], n)
+    _, n_merge = C.merge(W0, A, B, m, S)  # four-row tiles, whole rows, no prefetch
+    np.testing.assert_array_equal(n_merge, n)
+    for i in sorted({0, out // 2, out - 1}):
+        alone = C.column_norm(W0[i:i + 1], A, B[i:i + 1], S)
+        np.testing.assert_array_equal(alone, n[i:i + 1], err_msg=f"row {i}")
+    W16 = W0.astype(np.float16)  # the 16-bit body: the float32 kernel on the widened W0
+    np.testing.assert_array_equal(C.column_norm(W16, A, B, S),
+                                  C.column_norm(W16.astype(np.float32), A, B, S))
+    W64, A64, B64 = (x.astype(np.float64) for x in (W0, A, B))
+    ref = np.linalg.norm(W64 + S * (B64 @ A64), axis=1)
+    a = np.abs(W64) + abs(S) * (np.abs(B64) @ np.abs(A64))
+    bound = 2 * 4 * gamma(in_ + r + 2, np.float32) * np.linalg.norm(a, axis=1)
+    assert np.all(np.abs(n - ref) <= bound), np.max(np.abs(n - ref) / bound)
