@@ -101,21 +101,27 @@ GOALS = {
 # ---------------------------------------------------------------------------
 
 
-def race(fns, repeats, warmup=1, mins=None, samples=None):
+def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False):
     """Median seconds of each callable, timed round-robin so that noise from
     other processes on the machine falls on all of them alike. If ``mins`` is
     a dict, the fastest repeat of each is stored in it too (the least
     disturbed one: on a shared machine, the best estimate of a quiet run);
     if ``samples`` is a dict, every repeat's seconds, in round order (the
-    i-th of each callable from the same round)."""
+    i-th of each callable from the same round). ``rotate``: each round
+    starts one callable later, so that none always runs right after the
+    same one (a kernel timed right after NumPy's expression, whose
+    temporaries leave the caches cold, took 5-13% longer than the same
+    kernel timed after another norm)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    keys = list(fns)
+    for i in range(repeats):
+        shift = i % len(keys) if rotate else 0
+        for k in keys[shift:] + keys[:shift]:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     if mins is not None:
         mins.update({k: float(min(v)) for k, v in times.items()})

@@ -117,10 +117,12 @@ def behind(mod, fn, keep_z=True):
 
 
 def race(fns, repeats):
-    """Median and min seconds of each callable (bench_kernels.race: round-robin),
-    and every round's seconds (for the intervals of ``norm_rows``)."""
+    """Median and min seconds of each callable (bench_kernels.race: round-robin,
+    each round starting one callable later, so that neither build's kernel
+    always follows the same one), and every round's seconds (for the
+    intervals of ``norm_rows``)."""
     mins, samples = {}, {}
-    return bk.race(fns, repeats, mins=mins, samples=samples), mins, samples
+    return bk.race(fns, repeats, mins=mins, samples=samples, rotate=True), mins, samples
 
 
 def run(shape, builds, repeats, norm_only=False, eval_only=False):
