@@ -461,3 +461,21 @@ def test_reported_index_is_where_the_port_is_wrong():
     assert err.output == "y" and err.index == (N - 1, out - 1) and err.hint is None
     want = testing.reference(err.case)["y"][N - 1, out - 1]
     assert err.expected == want and err.got != want
+
+
+def test_per_input_column_port_with_the_other_scaling_rule_gets_the_scaling_rule_hint():
+    # second adversarial pass, session 10: the per-input-column layer's port got "hint: none"
+    from types import SimpleNamespace
+
+    from dora_ref.porting import variants as V
+
+    def port(x, W0, A, B, m, scaling, b, dropout_mask=None):
+        alpha, r, rslora = scaling
+        s = alpha / r if rslora else alpha / np.sqrt(r)  # the rule the case did NOT ask for
+        c = SimpleNamespace(x=x, W0=W0, A=A, B=B, magnitude=m.reshape(-1), scaling=s, bias=b,
+                            dy=np.zeros((len(x), len(W0))))
+        return V.column_layer(c)["y"]
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(port, scaling="lora_alpha", magnitude="(1, in)", cases=dict(r=[2, 4]), **FEW)
+    assert info.value.hint == "scaling_rule", str(info.value)

@@ -171,8 +171,8 @@ def _variant(c64, over, detach_norm, conv, check=None, ref=None, storage_dtype=N
 
 def _variant_outputs(c64, over, detach_norm, conv):
     spec = dict(VV.BASE, **over)
-    if conv.per_input_column and spec.get("flip_detach") and len(over) == 1:
-        spec["layer"] = "column"
+    if conv.per_input_column and (spec.get("flip_detach") or "scaling" in over) and len(over) == 1:
+        spec["layer"] = "column"  # the per-input-column layer with the detach flipped, or the other scaling
     unmerge_input = None
     if conv.unmerge_gets_norm:
         from .cases import reference

@@ -37,7 +37,7 @@ import numpy as np
 # ---------------------------------------------------------------------------
 
 
-def column_layer(c, detach_norm=True, magnitude=None):
+def column_layer(c, detach_norm=True, magnitude=None, scaling=None):
     """Outputs of the per-input-column DoRA layer, float64.
 
     Parameters
@@ -46,6 +46,8 @@ def column_layer(c, detach_norm=True, magnitude=None):
     detach_norm : bool
     magnitude : ndarray (in,), optional
         Default ``c.magnitude`` (which must then be (in,)).
+    scaling : float, optional
+        Default ``c.scaling`` (a variant's other rule: ``_scaling``).
 
     Returns
     -------
@@ -59,7 +61,7 @@ def column_layer(c, detach_norm=True, magnitude=None):
     ``dA = s B.T @ dV``, ``dB = s dV @ A.T``.
     """
     m = c.magnitude if magnitude is None else magnitude
-    s = c.scaling
+    s = c.scaling if scaling is None else scaling
     V = c.W0 + s * (c.B @ c.A)
     n = np.linalg.norm(V, axis=0)
     g = m / n
@@ -182,7 +184,7 @@ def evaluate(c, spec, detach_norm, *, unmerge_input=None):
     dict of str to ndarray
     """
     if spec["layer"] == "column":
-        return column_layer(c, detach_norm != spec["flip_detach"])
+        return column_layer(c, detach_norm != spec["flip_detach"], scaling=_scaling(c, spec))
     detach = detach_norm != spec["flip_detach"]
     s = _scaling(c, spec)
     n_raw, dn = _norm(c, spec["norm"], s)
@@ -286,7 +288,8 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
         return False
     if conv.per_input_column and key == "magnitude_per_input_column":
         return False
-    if conv.per_input_column and spec.get("layer") != "column" and key not in ("norm_not_detached", "norm_detached"):
+    if conv.per_input_column and spec.get("layer") != "column" and key not in (
+            "norm_not_detached", "norm_detached", "scaling_rule"):
         return False  # the per-output variants do not describe the per-column layer
     if cond == _SQUARE:
         return _square(c)
