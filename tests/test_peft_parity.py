@@ -841,3 +841,22 @@ def test_adapter_whose_saved_base_weight_differs_from_the_base_is_refused(tmp_pa
                  lambda: P.build_layers(tmp_path / "adapter", tmp_path / "other-base")):
         with pytest.raises(ValueError, match=r"own copy of 'model.embed_tokens'.*save_embedding_layers=False"):
             call()
+
+
+@pytest.mark.parametrize("key", ["emb.", "base_model.model.emb", "lin"])
+def test_build_layers_padding_idx_naming_no_embedding_is_refused(tmp_path, key):
+    """Second adversarial pass, session 10 (attack 46): a padding_idx key that names no
+    embedding module being built was dropped, the embedding built without its padding row."""
+    _padded_embedding_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"not an embedding module being built.*\['emb'\]"):
+        P.build_layers(tmp_path / "adapter", tmp_path / "base", padding_idx={key: 0})
+
+
+@pytest.mark.parametrize("pad", ["[0, 1]", '"3"', "true", "3.5", "999"])
+def test_build_layers_does_not_suggest_a_padding_idx_it_would_refuse(tmp_path, pad):
+    """The refusal for a config pad_token_id that is not a row of the embedding (11 rows)
+    suggested passing it, which build_layers then refused: it now says it is not a row."""
+    _padded_embedding_adapter(tmp_path, config='{"pad_token_id": %s}' % pad)
+    with pytest.raises(ValueError, match=r"not a row of this embedding \(11 rows\).*'emb': None") as info:
+        P.build_layers(tmp_path / "adapter", tmp_path / "base")
+    assert f"padding_idx={{'emb': {pad}" not in str(info.value)

@@ -535,13 +535,15 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
     for name in names:
         if name not in adapter.modules:
             raise KeyError(f"the adapter has no module {name!r}")
+    _check_padding_keys(padding_idx, adapter, names)
+    for name in names:
         mod = adapter.modules[name]
         wkey = weight_key(name, keys)
         W = base.get(wkey) if isinstance(base, BaseWeights) else np.asarray(base[wkey])
         fifo[name] = is_fan_in_fan_out(mod, W.shape, orientation.get(name), key=wkey)
         cdt = _compute_dtype(W.dtype)
         if mod.kind != "linear":
-            pad = _padding_idx(name, padding_idx, base) if mod.kind == "embedding" else None
+            pad = _padding_idx(name, padding_idx, base, W.shape[0]) if mod.kind == "embedding" else None
             layers[name] = _build_non_linear(name, mod, W.astype(cdt), cfg, rng, detach_norm, pad)
             fifo[name] = False
             continue
@@ -571,7 +573,23 @@ def build_layers(adapter, base, *, modules=None, lora_dropout=None, rng=None, de
     return layers, fifo
 
 
-def _padding_idx(name, padding_idx, base):
+def _check_padding_keys(padding_idx, adapter, names):
+    """A ``padding_idx`` mapping may name only embedding modules being built: any other key
+    (a suffix, a key with PEFT's prefix) would be dropped, the embedding built without its
+    padding row."""
+    if not isinstance(padding_idx, Mapping):
+        return
+    embeddings = [n for n in names if n in adapter.modules and adapter.modules[n].kind == "embedding"]
+    unknown = [k for k in padding_idx if k not in embeddings]
+    if unknown:
+        raise ValueError(
+            f"padding_idx names {unknown!r}, which {'is' if len(unknown) == 1 else 'are'} not an embedding "
+            f"module being built; the embedding modules are {embeddings!r} (full module paths, as in "
+            f"adapter.modules)"
+        )
+
+
+def _padding_idx(name, padding_idx, base, num_embeddings):
     """The padding row of embedding module ``name`` (``build_layers``'s ``padding_idx``)."""
     if isinstance(padding_idx, Mapping):
         if name in padding_idx:
@@ -585,12 +603,17 @@ def _padding_idx(name, padding_idx, base):
     except (ValueError, AttributeError, OSError):
         pad = None  # not a JSON object: it names no pad token
     if pad is not None:
+        usable = (isinstance(pad, (int, np.integer)) and not isinstance(pad, bool)
+                  and -num_embeddings <= pad < num_embeddings)
+        suggest = (f"pass build_layers(..., padding_idx={{{name!r}: {pad!r}}}), or None for no padding "
+                   f"row" if usable else
+                   f"it is not a row of this embedding ({num_embeddings} rows): pass build_layers(..., "
+                   f"padding_idx={{{name!r}: None}}) for no padding row, or the row")
         raise ValueError(
             f"module {name!r} is an embedding and the base's config.json has pad_token_id = {pad!r}, "
             f"which transformers models usually give their token embedding as padding_idx (PEFT then "
             f"sends no gradient to that token's column of lora_embedding_A); a checkpoint does not "
-            f"say which embedding has it: pass build_layers(..., padding_idx={{{name!r}: {pad!r}}}), "
-            f"or None for no padding row"
+            f"say which embedding has it: {suggest}"
         )
     return None
 
