@@ -24,6 +24,7 @@
                              the loader picks one for the running CPU, so the
                              wheel stays portable without -march=native. */
 
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -277,55 +278,84 @@ static int dora_threads_now(void)
 }
 
 #ifdef _OPENMP
-/* The largest team libgomp has been seen able to start in this process (1:
+/* The largest team libgomp has been seen able to start from this thread (1:
    none yet, or its threads were freed: omp_pause_resource_all before a fork,
-   a new child). */
-static int omp_team_verified = 1;
+   a new child). Per calling thread: libgomp keeps a pool of threads for each
+   thread that starts teams, so another thread's first team creates threads
+   of its own. */
+static __thread int omp_team_verified = 1;
+
+/* The stack size libgomp gives its threads, read as libgomp reads it when it
+   loads (dora_omp_stack_at_load, a constructor: a later change to the
+   environment changes neither): OMP_STACKSIZE if valid, else GOMP_STACKSIZE
+   if valid, else 0 (the default). */
+static size_t omp_stacksize = 0;
+
+/* libgomp's parse_stacksize: spaces, a decimal number, spaces, an optional
+   B, K, M or G (K without one), spaces, the end; anything else is invalid. */
+static int dora_parse_stacksize(const char *v, size_t *out)
+{
+    if (!v) return 0;
+    while (*v == ' ' || *v == '\t' || *v == '\n') v++;
+    if (*v < '0' || *v > '9') return 0;
+    char *end;
+    errno = 0;
+    const unsigned long long n = strtoull(v, &end, 10);
+    if (errno) return 0;
+    while (*end == ' ' || *end == '\t' || *end == '\n') end++;
+    int shift = 10;
+    if (*end) {
+        switch (*end | 0x20) {
+        case 'b': shift = 0; break;
+        case 'k': shift = 10; break;
+        case 'm': shift = 20; break;
+        case 'g': shift = 30; break;
+        default: return 0;
+        }
+        end++;
+        while (*end == ' ' || *end == '\t' || *end == '\n') end++;
+        if (*end) return 0;
+    }
+    if (((n << shift) >> shift) != n) return 0;
+    *out = (size_t)(n << shift);
+    return 1;
+}
+
+__attribute__((constructor)) static void dora_omp_stack_at_load(void)
+{
+    size_t v = 0;
+    if (dora_parse_stacksize(getenv("OMP_STACKSIZE"), &v)
+        || dora_parse_stacksize(getenv("GOMP_STACKSIZE"), &v))
+        omp_stacksize = v;
+}
 
 static void *dora_idle_thread(void *arg) { return arg; }
 
-/* The stack size libgomp gives its threads: OMP_STACKSIZE or GOMP_STACKSIZE
-   (a number, then B, K, M or G; K without one), or 0 for the default. */
-static size_t dora_omp_stacksize(void)
-{
-    const char *v = getenv("OMP_STACKSIZE");
-    if (!v || !*v) v = getenv("GOMP_STACKSIZE");
-    if (!v || !*v) return 0;
-    char *end;
-    const unsigned long long n = strtoull(v, &end, 10);
-    while (*end == ' ') end++;
-    const int unit = *end == 'B' || *end == 'b' ? 0 : *end == 'M' || *end == 'm' ? 20
-                     : *end == 'G' || *end == 'g' ? 30 : 10;
-    return (size_t)(n << unit);
-}
-
-/* Whether libgomp can start a team of nt threads. It creates the nt - 1
-   other threads when a team first needs them, and when pthread_create fails
-   (a memory limit, RLIMIT_AS, or a limit on processes) it prints "Thread
-   creation failed" and ends the process, with nothing a caller could catch
-   (session 10's adversary: the merge command killed that way under prlimit
-   --as, its temporary output left behind). So before a team larger than any
-   started so far, dora_ref creates nt - 1 threads itself, with libgomp's
-   stack size, and joins them; if one cannot be created the call runs on one
-   thread (where a failed allocation is an error it returns). Memory taken
-   by another thread between this test and libgomp's own creation can still
-   end the process: a window of microseconds, once per process. */
+/* Whether libgomp can start a team of nt threads from this thread. It
+   creates the nt - 1 other threads when a team first needs them, and when
+   pthread_create fails (a memory limit, RLIMIT_AS, or a limit on processes)
+   it prints "Thread creation failed" and ends the process, with nothing a
+   caller could catch (session 10's adversary: the merge command killed that
+   way under prlimit --as, its temporary output left behind). So before a
+   team larger than any this thread has started, dora_ref creates nt - 1
+   threads itself, with libgomp's stack size, and joins them; if one cannot
+   be created the call runs on one thread (where a failed allocation is an
+   error it returns). Memory taken by another thread between this test and
+   libgomp's own creation can still end the process: a window of
+   microseconds, once per thread. */
 static int dora_omp_team_ok(int nt)
 {
-    int verified;
-    LOAD(omp_team_verified, verified);
-    if (nt <= verified) return 1;
+    if (nt <= omp_team_verified) return 1;
     pthread_attr_t attr;
-    const size_t stack = dora_omp_stacksize();
     if (pthread_attr_init(&attr) != 0) return 0;
-    if (stack) pthread_attr_setstacksize(&attr, stack);
+    if (omp_stacksize) pthread_attr_setstacksize(&attr, omp_stacksize);  /* as libgomp: on failure, the default */
     pthread_t threads[MAX_TEAM];
     int made = 0;
     while (made < nt - 1 && pthread_create(&threads[made], &attr, dora_idle_thread, NULL) == 0) made++;
     for (int t = 0; t < made; t++) pthread_join(threads[t], NULL);
     pthread_attr_destroy(&attr);
     if (made < nt - 1) return 0;
-    STORE(omp_team_verified, nt);
+    omp_team_verified = nt;
     return 1;
 }
 
@@ -908,7 +938,7 @@ static void dora_before_fork(void)
     int pause_wanted;
     LOAD(fork_pause_setting, pause_wanted);
     if (pause_wanted && drained) ok = omp_pause_resource_all(omp_pause_soft) == 0;
-    if (ok) STORE(omp_team_verified, 1);  /* its threads are gone: the next team creates them */
+    if (ok) omp_team_verified = 1;  /* this thread's pool is gone: its next team creates it */
 #else
     (void)drained;
 #endif
@@ -924,7 +954,7 @@ static void dora_in_child(void)
     dora_fork_gate_reset();
     if (serial) STORE(child_serial, 1);
 #ifdef _OPENMP
-    STORE(omp_team_verified, 1);  /* no thread of the parent's pool came along */
+    omp_team_verified = 1;  /* no thread of the parent's pools came along */
 #endif
     STORE(region_ns, 0);  /* a new process: measure again */
     STORE(probe_interval, PROBE_INTERVAL);
