@@ -548,3 +548,26 @@ def test_large_layer_and_its_optimizer_through_pickle_still_share_arrays(protoco
     clone.unmerge()
     for name, p in clone.parameters().items():
         assert clone_opt.params[name] is p
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("kind", ["DoRALinear", "DoRAConv2d", "DoRAEmbedding"])
+def test_optimizer_pickled_with_a_merged_layer_trains_it_after_unmerge(kind, protocol):
+    """Second adversarial pass, session 10 (attack 45): under pickle protocol 5 a merged
+    layer's read-only arrays come back over immutable bytes and the layer takes copies;
+    the optimiser pickled with it kept the old arrays and refused every step after
+    unmerge() ("read-only: its layer is merged"). It now trains the layer's arrays."""
+    import pickle
+
+    layer, x = _large(kind)
+    opt = AdamW(layer.parameters(), lr=0.1)
+    layer.merge()
+    clone, clone_opt = pickle.loads(pickle.dumps((layer, opt), protocol=protocol))
+    with pytest.raises(RuntimeError, match="read-only: its layer is merged"):
+        clone_opt.step(zero_grads(clone))  # still merged: refused, as before
+    clone.unmerge()
+    before = {k: v.copy() for k, v in clone.parameters().items()}
+    clone_opt.step({k: np.ones_like(v) for k, v in clone.parameters().items()})
+    for name, p in clone.parameters().items():
+        assert clone_opt.params[name] is p
+        assert not np.array_equal(p, before[name]), name

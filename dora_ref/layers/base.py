@@ -18,6 +18,8 @@ own modules; the state handling below is the same for all of them:
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ..core._validate import WeightSnapshot, as_float_array, check_finite, check_scaling
@@ -104,6 +106,30 @@ def frozen(arr, owned=False):
     arr = arr.view()
     arr.flags.writeable = False
     return arr
+
+
+# id(array restored read-only over a pickle's bytes) -> (weak ref to it, weak ref to the copy
+# the layer took in its place): see _own_locked_arrays and replacement
+_REPLACED = {}
+
+
+def _record_replacement(old, new):
+    key = id(old)
+    _REPLACED[key] = (weakref.ref(old, lambda _, key=key: _REPLACED.pop(key, None)), weakref.ref(new))
+
+
+def replacement(arr):
+    """The array a layer restored from a pickle took in place of ``arr``, or None.
+
+    A merged layer's adapter is pickled read-only; NumPy restores it (pickle
+    protocol 5) over the pickle's immutable bytes, which can never be made
+    writeable, so the restored layer holds writeable-capable copies
+    (``_own_locked_arrays``). An optimiser pickled with it still holds the
+    restored arrays; its step looks here for the layer's own (``optim``)."""
+    entry = _REPLACED.get(id(arr))
+    if entry is None or entry[0]() is not arr:
+        return None
+    return entry[1]()
 
 
 def _can_unlock(arr):
@@ -475,8 +501,9 @@ class AdapterLayer(Module):
             if isinstance(a, np.ndarray) and not a.flags.writeable:
                 try:
                     a.flags.writeable = True
-                except ValueError:  # over immutable memory: copy
+                except ValueError:  # over immutable memory: copy (an optimiser finds it: replacement)
                     replaced[id(a)] = self.__dict__[attr] = a.copy()
+                    _record_replacement(a, replaced[id(a)])
         snapshot = self.__dict__.get("_merged_snapshot")
         if replaced and snapshot is not None:
             snapshot._arrays = tuple(replaced.get(id(a), a) for a in snapshot._arrays)
