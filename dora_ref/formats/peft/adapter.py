@@ -596,15 +596,15 @@ def _padding_idx(name, padding_idx, base, num_embeddings):
             return padding_idx[name]
     elif padding_idx is not None:
         return padding_idx
-    path = getattr(base, "path", None)  # a model directory, or a weights file in one
-    config = None if path is None else (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
-    try:
-        pad = json.loads(config.read_text()).get("pad_token_id") if config and config.is_file() else None
-    except (ValueError, AttributeError, OSError):
-        pad = None  # not a JSON object: it names no pad token
+    cfg = getattr(base, "model_config", None)  # BaseWeights: the config.json beside its weights
+    pad = cfg.get("pad_token_id") if isinstance(cfg, dict) else None
     if pad is not None:
-        usable = (isinstance(pad, (int, np.integer)) and not isinstance(pad, bool)
-                  and -num_embeddings <= pad < num_embeddings)
+        from ...core.embedding import _check_padding_idx  # only here: the merge command needs no layer
+
+        try:  # a value DoRAEmbedding would take as its padding_idx
+            usable = _check_padding_idx(pad, num_embeddings) is not None
+        except (TypeError, ValueError):
+            usable = False
         suggest = (f"pass build_layers(..., padding_idx={{{name!r}: {pad!r}}}), or None for no padding "
                    f"row" if usable else
                    f"it is not a row of this embedding ({num_embeddings} rows): pass build_layers(..., "
