@@ -497,23 +497,25 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
         f"too large for the dtype. {advice}")
 
 
-def _check_merged_overflow(y, x2, W, bias, out_dtype=None):
+def _check_merged_overflow(y, x2, W, bias, dtype):
     """Raise the ``ValueError`` that says truly why a merged layer's y = x W'^T (+ bias) is not finite.
 
     The merged layer's forward is one product; its terms can overflow where
     their sum fits (they cancel). As ``_check_forward_overflow``: x is named
     if it holds NaN or Inf; else y[i, j] at the first non-finite element is
     recomputed in a wider type and called an overflow only where it surely
-    does not fit ``out_dtype`` (default y's). x2 (N, in), W (out, in) and
-    bias in the dtype the product was computed in. Error path only.
+    does not fit y's dtype. y (N, out); x2 (N, in), W (out, in) and bias
+    (out,) as stored; ``dtype`` the one the product was computed in
+    (float32 for a 16-bit layer): only row i of x and row j of W are
+    converted. Error path only.
     """
     check_finite("x", x2)
     bad = np.argwhere(~np.isfinite(y))
     if not bad.size:
         return
     i, j = (int(v) for v in bad[0])
-    dt = x2.dtype
-    out = np.dtype(y.dtype if out_dtype is None else out_dtype)
+    dt = np.dtype(dtype)
+    out = y.dtype
 
     def y_at(t, absolute=False):
         up = (lambda a: np.abs(np.asarray(a).astype(t))) if absolute else \

@@ -358,9 +358,8 @@ class LoRALinear(AdapterLayer):
                 if self._bias is not None:
                     y += self._bias
             if not results_finite(y):  # names x, or truly what overflowed
-                t = np.float32 if self._low_precision else self._weight.dtype  # the product's
-                F._check_merged_overflow(y, x2.astype(t, copy=False), self._weight.astype(t, copy=False),
-                                         None if self._bias is None else self._bias.astype(t))
+                F._check_merged_overflow(y, x2, self._weight, self._bias,
+                                         np.float32 if self._low_precision else self._weight.dtype)
             return y.reshape(*np.shape(x)[:-1], self.out_features)
         mask = self._mask_for(x, dropout_mask)
         if self._low_precision:

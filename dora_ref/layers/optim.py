@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..core._validate import check_finite, refuse_array_subclass
-from .base import replacement
 from ..core.precision import LOW_PRECISION_DTYPES, round_to
+from .base import replacement
 
 
 def _working_dtype(p):
@@ -141,10 +141,11 @@ def _check_writeable(params):
     of them first means a refused step changes no parameter at all.
     """
     for name, p in params.items():
-        if not p.flags.writeable and replacement(p) is not None:
-            # a merged layer restored from a pickle with this optimiser holds a copy of p (its
-            # restored array can never be made writeable): train the layer's array
-            params[name] = p = replacement(p)
+        # a merged layer restored from a pickle with this optimiser holds a copy of p (its
+        # restored array can never be made writeable): train the layer's array
+        q = None if p.flags.writeable else replacement(p)
+        if q is not None:
+            params[name] = p = q
         if not p.flags.writeable:
             raise RuntimeError(
                 f"params[{name!r}] is read-only: its layer is merged (an optimiser step would "
