@@ -24,6 +24,13 @@ whether a goal is met, missed or not decided by this many repeats.
 
     python benchmarks/bench_rank_ab.py --base /tmp/base/dora_ref/kernels/_dora_c.abi3.so
 
+``--decide MINUTES`` goes on sampling each race past ``--repeats`` until
+every goal of issue 11 at its shape is met or missed by its interval (the
+looks at the round counts of bench_busy.LOOKS, as bench_busy samples a
+cell), for at most MINUTES a race, and prints a verdict per goal: met,
+missed or undecided, with the rounds it took. A noisy day then costs
+time instead of giving an interval too wide to say anything.
+
 ``--eval-only`` races the plain product and each build's eval forward alone
 (more repeats in the same time); ``--eval-breakdown`` (no ``--base``) times
 the parts of this build's eval forward against the plain product: x @ A.T,
@@ -42,6 +49,7 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -116,18 +124,99 @@ def behind(mod, fn, keep_z=True):
     return call
 
 
-def race(fns, repeats):
+def race(fns, repeats, checks=None, budget=0.0):
     """Median and min seconds of each callable (bench_kernels.race: round-robin,
     each round starting one callable later, so that neither build's kernel
     always follows the same one), and every round's seconds (for the
-    intervals of ``norm_rows``)."""
-    mins, samples = {}, {}
-    return bk.race(fns, repeats, mins=mins, samples=samples, rotate=True), mins, samples
+    intervals of ``norm_rows``).
+
+    With ``checks`` (``goal_checks``) and a `budget` in seconds (``--decide``):
+    after the first `repeats` rounds, more rounds while a check is undecided,
+    looked at when the count of rounds is one of bench_busy.LOOKS (each look
+    at bench_busy.LEVEL, so that all the looks together keep 95 %), until the
+    budget is spent or the last look. Returns the medians, the minima and the
+    rounds' seconds."""
+    for f in fns.values():  # warm-up
+        f()
+    keys = list(fns)
+    samples = {k: [] for k in keys}
+    t_end = time.perf_counter() + budget
+    i = 0
+    while True:
+        if i >= repeats:
+            if not checks or time.perf_counter() > t_end or i >= bench_busy.LOOKS[-1]:
+                break
+            if i in bench_busy.LOOKS and all(
+                    c["verdict"] != "undecided"
+                    for c in judge(checks, samples, level=bench_busy.LEVEL)):
+                break
+        shift = i % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t0)
+        i += 1
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    mins = {k: float(min(v)) for k, v in samples.items()}
+    return med, mins, samples
 
 
-def run(shape, builds, repeats, norm_only=False, eval_only=False):
+def goal_checks(shape, tag, part):
+    """Issue 11's goals for build `tag` at `shape`, as checks on ratios of
+    medians of the race's callables: (name, numerator, denominator or a
+    tuple of candidates (the one with the lower median is taken), factor,
+    goal, "<=" or ">="). `part` "norm": at r <= 16 the norm >= 10x NumPy's
+    expression and <= 2x one read of W0, above it <= 1.2x the flop bound
+    2 * out * in * r / (the (1024, 1024) GEMM's rate); "steps": the training
+    step <= 1.15x the plain layer's at r <= 32 (1.20x above), the eval
+    forward <= 1.03x the plain product."""
+    out_f, in_f, r, _ = shape
+    if part == "norm":
+        if r <= 16:
+            return [("NumPy expr / norm", "norm_numpy_expr", f"norm_{tag}", 1.0, 10.0, ">="),
+                    ("norm / read W0", f"norm_{tag}", ("read_gemv", "read_sum"), 1.0, 2.0, "<=")]
+        return [("norm / flop bound", f"norm_{tag}", "gemm_1024", 1024 ** 3 / (out_f * in_f * r), 1.2, "<=")]
+    return [("train / plain", f"train_{tag}", "plain_train", 1.0, 1.15 if r <= 32 else 1.20, "<="),
+            ("eval / plain", f"eval_{tag}", "plain_eval", 1.0, 1.03, "<=")]
+
+
+def judge(checks, samples, level=0.95):
+    """Each check's ratio of medians, bootstrap interval at `level` (rounds
+    resampled as pairs: bench_busy.ratio_interval) and verdict: "met" when
+    the whole interval is on the goal's side, "missed" when none of it is,
+    else "undecided"."""
+    out = []
+    for name, num, den, factor, goal, way in checks:
+        if isinstance(den, tuple):
+            den = min(den, key=lambda k: np.median(samples[k]))
+        ratio = factor * np.median(samples[num]) / np.median(samples[den])
+        low, high = (factor * v for v in bench_busy.ratio_interval(samples[num], samples[den],
+                                                                   level=level, resamples=2000))
+        if way == "<=":
+            v = "met" if high <= goal else "missed" if low > goal else "undecided"
+        else:
+            v = "met" if low >= goal else "missed" if high < goal else "undecided"
+        out.append({"name": name, "ratio": float(ratio), "low": low, "high": high, "goal": goal,
+                    "way": way, "verdict": v, "rounds": len(samples[num])})
+    return out
+
+
+def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, judged="this"):
+    """The table's rows for one shape (``norm_rows``) and, with `decide` (seconds
+    per race), the goal checks of build `judged` (``judge``; else [])."""
     out_f, in_f, r, N = shape
     p = bk.problem(*shape)
+    verdicts = []
+
+    def timed(fns, part):
+        checks = goal_checks(shape, judged, part) if decide else None
+        if checks and eval_only:
+            checks = [c for c in checks if c[1].startswith("eval_")]
+        result = race(fns, repeats, checks, decide)
+        if checks:
+            verdicts.extend(judge(checks, result[2], level=bench_busy.LEVEL))
+        return result
+
     if eval_only:  # the plain product and each build's eval forward, nothing else
         st = bk.steps(p)
         fns = {"plain_eval": st["plain_eval"]}
@@ -135,8 +224,8 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False):
             fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
         nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
                "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
-        steps = race(fns, repeats)
-        return norm_rows(shape, builds, nan, steps[0], nan, steps[1], steps[2])
+        steps = timed(fns, "steps")
+        return norm_rows(shape, builds, nan, steps[0], nan, steps[1], steps[2]), verdicts
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
     X = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
     ones = np.ones(in_f, dtype=np.float32)
@@ -144,16 +233,16 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False):
            "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1)}
     for tag, (mod, keep_z) in builds.items():
         fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
-    norms = race(fns, repeats)
+    norms = timed(fns, "norm")
     if norm_only:
-        return norm_rows(shape, builds, norms[0], {}, norms[1], {}, {})
+        return norm_rows(shape, builds, norms[0], {}, norms[1], {}, {}), verdicts
     st = bk.steps(p)
     fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
     for tag, (mod, keep_z) in builds.items():
         fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
-    steps = race(fns, repeats)
-    return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1], steps[2])
+    steps = timed(fns, "steps")
+    return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1], steps[2]), verdicts
 
 
 def eval_breakdown(shape, repeats):
@@ -248,7 +337,13 @@ def main():
     ap.add_argument("--eval-breakdown", action="store_true",
                     help="time the parts of this build's eval forward against the plain product "
                          "(no --base build needed)")
+    ap.add_argument("--decide", type=float, default=0.0, metavar="MINUTES",
+                    help="sample each race past --repeats until every goal of issue 11 at its "
+                         "shape is met or missed by its interval, for at most MINUTES a race "
+                         "(the norms' race and the steps' race of each shape), and print the "
+                         "verdicts")
     args = ap.parse_args()
+    decided = []
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
                                              for sh in args.shapes.split(";")]
     if args.eval_breakdown:
@@ -275,7 +370,9 @@ def main():
           "norm / flop bound | train / plain (min) [95% interval] | eval / plain (min) [95% interval] |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        rows, extra = run(shape, builds, args.repeats, args.norm_only, args.eval_only)
+        (rows, extra), verdicts = run(shape, builds, args.repeats, args.norm_only, args.eval_only,
+                                      60.0 * args.decide)
+        decided.extend((shape, v) for v in verdicts)
         for row in rows:
             print(f"| {shape} | {row['build']} | {row['norm_ms']:.2f} | {row['numpy_expr_vs_norm']:.2f} | "
                   f"{row['norm_vs_read']:.2f} | {row['norm_vs_flop_bound']:.2f} | "
@@ -286,6 +383,15 @@ def main():
         print(f"|  | GEMM {extra['gemm_GFps']:.0f} GF/s, read W0 {extra['read_ms']:.2f} ms, plain train "
               f"{extra['plain_train_ms']:.0f} ms, plain eval {extra['plain_eval_ms']:.0f} ms | | | | | | |",
               flush=True)
+    if decided:
+        print(f"\nIssue 11's goals for this build, each sampled until decided (--decide {args.decide:g}: "
+              f"at most {args.decide:g} min a race; each interval at "
+              f"{100 * bench_busy.LEVEL:.1f} %, so that all the looks at a race keep 95 %):")
+        print("| (out, in, r, N) | ratio | goal | ratio of medians [interval] | verdict | rounds |")
+        print("|---|---|---|---|---|---|")
+        for shape, v in decided:
+            print(f"| {shape} | {v['name']} | {v['way']} {v['goal']:g} | {v['ratio']:.3f} "
+                  f"[{v['low']:.3f}-{v['high']:.3f}] | {v['verdict']} | {v['rounds']} |")
     print(f"load average at end {os.getloadavg()}")
 
 
