@@ -77,6 +77,16 @@ int dora_forward_epilogue_nf_f64(double *y, double *z,
                                  const double *g, const double *bias,
                                  double s, int64_t N, int64_t out, int64_t r, int *nonfinite);
 
+/* forward_epilogue_nf from the product P = U @ B.T (N, out) formed by the
+   caller: the same operations on each element, P's sum the caller's. */
+int dora_forward_epilogue_from_product_nf_f32(float *y, float *z, const float *base,
+                                              const float *P, const float *g, const float *bias,
+                                              double s, int64_t N, int64_t out, int *nonfinite);
+int dora_forward_epilogue_from_product_nf_f64(double *y, double *z, const double *base,
+                                              const double *P, const double *g,
+                                              const double *bias, double s, int64_t N,
+                                              int64_t out, int *nonfinite);
+
 /* With z = base + s * U @ B.T (never stored): dg = sum over N of dy * z,
    and dz = dy * g. */
 int dora_backward_epilogue_f32(float *dg, float *dz,

@@ -806,6 +806,59 @@ int FN(dora_forward_epilogue_nf)(REAL *y, REAL *z, const REAL *base, const REAL 
     *nonfinite = 0;
     return FN(forward_epilogue_impl)(y, z, base, U, B, gm, bias, s, N, out, r, nonfinite);
 }
+
+/* The forward epilogue from the product P = U @ B.T formed by the caller  */
+/* (BLAS, dora_ref.kernels.c._lowrank_on_blas): y = g * (base + s * P) +    */
+/* bias, z = base + s * P stored if z is not NULL, *nonfinite as above.    */
+/* Each element is the forward_step's operations on that element, in the   */
+/* same order and roundings (s * P, + base, * g, + bias; no contraction),   */
+/* only P's sum is BLAS's. y or z may be base, element for element (each    */
+/* element of base is read before the same element of y and z is written); */
+/* P may not overlap y or z. One thread: one pass over (N, out) arrays, a  */
+/* small part of the product it follows.                                   */
+static DORA_CLONES int FN(forward_from_product_rows)(
+    REAL *y, REAL *z, const REAL *base, const REAL *P, const REAL *gm, const REAL *bias,
+    REAL s, int64_t N, int64_t out)
+{
+    REAL chk = 0;
+    for (int64_t t = 0; t < N; t++) {
+        REAL *yr = y + t * out, *zr = z ? z + t * out : NULL;
+        const REAL *br = base + t * out, *pr = P + t * out;
+        if (zr) {
+            #pragma omp simd reduction(+:chk)
+            for (int64_t l = 0; l < out; l++) {
+                const REAL zv = br[l] + s * pr[l];
+                const REAL v = gm[l] * zv;
+                const REAL yv = bias ? v + bias[l] : v;
+                zr[l] = zv;
+                yr[l] = yv;
+                chk += yv - yv;
+            }
+        } else {
+            #pragma omp simd reduction(+:chk)
+            for (int64_t l = 0; l < out; l++) {
+                const REAL zv = br[l] + s * pr[l];
+                const REAL v = gm[l] * zv;
+                const REAL yv = bias ? v + bias[l] : v;
+                yr[l] = yv;
+                chk += yv - yv;
+            }
+        }
+    }
+    return !(chk == 0);  /* NaN unless every yv was finite */
+}
+
+int FN(dora_forward_epilogue_from_product_nf)(REAL *y, REAL *z, const REAL *base, const REAL *P,
+                                              const REAL *gm, const REAL *bias, double s,
+                                              int64_t N, int64_t out, int *nonfinite)
+{
+    if (!nonfinite) return DORA_ERR_NULL;
+    *nonfinite = 0;
+    if (N < 0 || out < 0) return DORA_ERR_SIZE;
+    if (N && out && (!y || !base || !P || !gm)) return DORA_ERR_NULL;
+    if (N && out) *nonfinite = FN(forward_from_product_rows)(y, z, base, P, gm, bias, (REAL)s, N, out);
+    return DORA_OK;
+}
 #endif
 
 #if !LP  /* backward_epilogue: float32 and float64 only */

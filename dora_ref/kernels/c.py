@@ -966,6 +966,9 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
             ptr_type, kernel = entry
             N, out_f = base.shape
             y = np.empty((N, out_f), dtype=base.dtype)
+            if _lowrank_on_blas(out_f, U.shape[1]):
+                _epilogue_from_product(y, None, base, U, B, g, bias, scaling)
+                return y
             status = kernel(
                 _from_buffer(ptr_type, y), _from_buffer(ptr_type, base),
                 _from_buffer(ptr_type, U), _from_buffer(ptr_type, B), _from_buffer(ptr_type, g),
@@ -984,6 +987,10 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), dtype)
         y = out
     base, U, B, g = arrays[:4]
+    if _lowrank_on_blas(out_f, r):
+        _epilogue_from_product(y, None, base, U, B, g, arrays[4] if bias is not None else None,
+                               scaling)
+        return y
     status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
         _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
         bias_ptr, _scaling(scaling), N, out_f, r,
@@ -1017,6 +1024,9 @@ def _forward_epilogue_keep_z(base, U, B, g, scaling, bias):
             ptr_type, kernel = entry
             N, out_f = base.shape
             y = np.empty((N, out_f), dtype=base.dtype)
+            if _lowrank_on_blas(out_f, U.shape[1]):
+                _epilogue_from_product(y, base, base, U, B, g, bias, scaling)
+                return y
             zp = _from_buffer(ptr_type, base)
             status = kernel(
                 _from_buffer(ptr_type, y), zp, zp, _from_buffer(ptr_type, U),
@@ -1043,6 +1053,9 @@ def _forward_epilogue_over_base(base, U, B, g, scaling, bias):
         if entry is not None and _epilogue_usual(base, U, B, g, bias):
             ptr_type, kernel = entry
             N, out_f = base.shape
+            if _lowrank_on_blas(out_f, U.shape[1]):
+                _epilogue_from_product(base, None, base, U, B, g, bias, scaling)
+                return base
             yp = _from_buffer(ptr_type, base)
             status = kernel(
                 yp, yp, _from_buffer(ptr_type, U), _from_buffer(ptr_type, B),
@@ -1065,6 +1078,67 @@ EPILOGUE_NEW, EPILOGUE_OVER_BASE, EPILOGUE_KEEP_Z = (
     _kernels_numpy.EPILOGUE_NEW, _kernels_numpy.EPILOGUE_OVER_BASE, _kernels_numpy.EPILOGUE_KEEP_Z)
 
 _new_flag = ffi.new
+
+_FROM_PRODUCT_KERNELS = {
+    np.dtype(np.float32): (_ARRAY_TYPE["float"], lib.dora_forward_epilogue_from_product_nf_f32),
+    np.dtype(np.float64): (_ARRAY_TYPE["double"], lib.dora_forward_epilogue_from_product_nf_f64),
+}
+
+
+def _lowrank_on_blas(out_f, r):
+    """Whether the epilogues form U @ B.T with BLAS (``U @ B.T``, as the NumPy twin) rather
+    than with the C kernels' register tile: where r >= out, above ``FUSED_MAX_RANK``.
+
+    There the rank-r product is as large as the output it feeds (r multiply-adds
+    per element of y, as many as x @ W0.T has per element at in = r), and the
+    tile, which adds without fused multiply-adds (its bits are NumPy's sequence
+    of roundings), runs it more slowly than OpenBLAS's micro-kernel: 44 against
+    39 us on one thread, quiet, at (N, out, r) = (256, 64, 64), float32. With a
+    busy core the cost model keeps the tile on one thread while NumPy's
+    ``U @ B.T`` still splits over OpenBLAS's spinning worker whenever that worker
+    has the core (its fast mode): the eval forward at (64, 64, 64, 256) was
+    C/NumPy 1.10 / 1.20 by medians (float32 / float64) while C was faster by
+    means. Above ``FUSED_MAX_RANK`` a training forward keeps z (``KEEP_Z_MIN_RANK``),
+    and the backward that forms z again (``backward_epilogue``, ``backward_lowrank``)
+    forms it the same way (``_z_on_blas``), so a step's bits do not depend on
+    whether z was kept. A function of the shape only: a given shape's bits never
+    depend on the load or the threads.
+    """
+    return _BLAS_LOWRANK and r > FUSED_MAX_RANK and r >= out_f
+
+
+#: Tests only: False sends every shape to the tile (``tests/test_forward_tile_bits.py`` pins
+#: the tile's bits at r >= out too).
+_BLAS_LOWRANK = True
+
+
+def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
+    """The forward epilogue where ``_lowrank_on_blas``: P = U @ B.T by BLAS, then one C pass
+    y = g * (base + s * P) + bias (z = base + s * P stored if z is not None; y or z may be
+    base, element for element). Arguments checked by the caller (C-contiguous, one
+    float32/float64 dtype, fitting shapes; y and z not overlapping U, B, g, bias).
+    Returns True if some element of y is Inf or NaN."""
+    ptr_type, kernel = _FROM_PRODUCT_KERNELS[base.dtype]
+    P = U @ B.T  # the NumPy twin's product, bit for bit
+    N, out_f = base.shape
+    flag = _new_flag("int *")
+    status = kernel(
+        _from_buffer(ptr_type, y), ffi.NULL if z is None else _from_buffer(ptr_type, z),
+        _from_buffer(ptr_type, base), _from_buffer(ptr_type, P), _from_buffer(ptr_type, g),
+        ffi.NULL if bias is None else _from_buffer(ptr_type, bias), _scaling(scaling),
+        N, out_f, flag,
+    )
+    _check_status(status, "forward_epilogue")
+    return bool(flag[0])
+
+
+def _z_on_blas(base, U, B, scaling):
+    """z = base + s * U @ B.T as ``_epilogue_from_product`` forms it (the same roundings:
+    s * P, then + base), for the backward's kernels that read z (checked arguments)."""
+    z = U @ B.T
+    z *= _scaling(scaling)  # a Python float: z keeps the arrays' dtype, as in C
+    z += base
+    return z
 
 
 def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
@@ -1092,6 +1166,10 @@ def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
         if entry is not None and _epilogue_usual(base, U, B, g, bias):
             ptr_type, kernel = entry
             N, out_f = base.shape
+            if _lowrank_on_blas(out_f, U.shape[1]):
+                y = base if where == EPILOGUE_OVER_BASE else np.empty((N, out_f), base.dtype)
+                z = base if where == EPILOGUE_KEEP_Z else None
+                return y, not _epilogue_from_product(y, z, base, U, B, g, bias, scaling)
             bp = _from_buffer(ptr_type, base)
             if where == EPILOGUE_OVER_BASE:
                 y, yp, zp = base, bp, ffi.NULL
@@ -1127,6 +1205,10 @@ def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
     _kernels_numpy.check_epilogue_out(z_out, base, (U, B, g, bias), dtype, name="z_out")
     y = np.empty((N, out_f), dtype=dtype)
     base, U, B, g = arrays[:4]
+    if _lowrank_on_blas(out_f, r):
+        _epilogue_from_product(y, z_out, base, U, B, g, arrays[4] if bias is not None else None,
+                               scaling)
+        return y
     status = getattr(lib, f"dora_forward_epilogue_z_{sfx}")(
         _ptr(y, ctype), _ptr(z_out, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
         _ptr(g, ctype), bias_ptr, _scaling(scaling), N, out_f, r,
@@ -1200,6 +1282,12 @@ def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
     else:  # a 16-bit out cannot alias the float32 inputs element for element
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), out_dtype)
         y = out
+    if _lowrank_on_blas(out_f, r):  # the float32 y of the float32 path, rounded once
+        y32 = np.empty((N, out_f), dtype=np.float32)
+        _epilogue_from_product(y32, None, base32, U32, B32, g32,
+                               None if bias is None else bias32, scaling)
+        y[...] = y32
+        return y
     status = lib.dora_forward_epilogue_lp(
         _bits(y), _ptr(base32, "float"), _ptr(U32, "float"), _ptr(B32, "float"),
         _ptr(g32, "float"), bias_ptr, _scaling(scaling), N, out_f, r, _lp_format(out_dtype),
@@ -1232,6 +1320,9 @@ def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
     """The C kernel on arguments ``_backward_checked`` returned and a scaling
     ``_scaling`` returned (it checks nothing)."""
     dy, base, U, B, g = arrays
+    if _lowrank_on_blas(out_f, r):  # z as the forward formed it
+        return _backward_epilogue_z_kernel(dy, _z_on_blas(base, U, B, scaling), g, dtype, N,
+                                           out_f)
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
     dz = np.empty((N, out_f), dtype=dtype)
