@@ -459,6 +459,201 @@ static DORA_CLONES void FN(column_norm_rows_sq)(
         FN(column_norm_rows_body)(2, G, 0, n, W0, Ap, B, Bq, s, i0, i1, in, r);
 }
 
+#if defined(DORA_NORM_AVX2) && W == 16
+/* column_norm_rows_sq's six-row body in AVX2/FMA intrinsics (float32
+   arithmetic: W0 float32, or 16-bit W0 widened by WIDEN), compiled for
+   that target alone and called only where dora_norm_avx2_ok (norm_block).
+   The same operations in the same order as norm_full6 with `fused` 2, so
+   n has the same bits as the plain C tile's (and norm_step's, merge's):
+     P[q] = c_q0 * a_0 (k = 0 peeled, as norm_full6), then for k = 1..r-1
+            P[q] = fma(c_qk, a_k, P[q]), the sixteen columns in two __m256;
+     V[q] = WIDEN(W0[q]) + s * P[q]   (a multiply and an add, two roundings);
+     acc[q][l % ACCW] = fma((double)V[l], (double)V[l], acc[q][l % ACCW])
+            for l = 0..15 in order: lanes 0-3 and 4-7 are two __m256d, and
+            columns 0-7 are added before columns 8-15, as add_square's loop.
+   Why intrinsics: GCC 12 compiled norm_full6 (r = 16, fused 2) and its
+   loop to 546 instructions a tile (callgrind) for 228 FMA-unit operations,
+   about 3 a cycle on Zen 3: instruction-bound. Here the twelve sums stay in
+   ymm registers from k = 0 to the squares; the k loop is unrolled whole at
+   r = 8, 16 and 32 (column_norm_rows_avx2's constants); the group's lanes
+   are __m256d values across its tiles (norm6_avx2_rows). Instructions a
+   six-row tile, (120, 4096) float32, one thread, callgrind, plain C tiles
+   of the base build -> this: r = 8 427 (four-row tiles, scaled to six rows)
+   -> 270, r = 16 546 -> 430, r = 24 738 -> 649 (k loop not unrolled), r = 32
+   997 (column_norm_rows, squares by a multiply and an add) -> 749. The
+   rest of r = 16's 430: 180 + 12 vector FMAs and multiplies of the rank-r
+   sum, 96 broadcasts of B, 32 loads of A, the squares (12 multiplies, 12
+   adds, 12 extracts, 24 conversions, 24 double FMAs) and 22 register
+   copies. */
+#define NORM6_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+
+/* acc lanes 0-3 (lo) and 4-7 (hi) += V^2, V = W0 row (16 columns) + s * (t0 | t1). */
+NORM6_AVX2_INLINE void FN(norm6_avx2_squares)(__m256d acc[2], const WTYPE *w0, __m256 t0,
+                                              __m256 t1, __m256 s)
+{
+#if LP
+    float wv[W];
+    for (int l = 0; l < W; l++) wv[l] = WIDEN(w0[l]);
+    const __m256 x0 = _mm256_loadu_ps(wv), x1 = _mm256_loadu_ps(wv + 8);
+#else
+    const __m256 x0 = _mm256_loadu_ps(w0), x1 = _mm256_loadu_ps(w0 + 8);
+#endif
+    const __m256 v0 = _mm256_add_ps(x0, _mm256_mul_ps(s, t0));  /* W0 + s * P */
+    const __m256 v1 = _mm256_add_ps(x1, _mm256_mul_ps(s, t1));
+    const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v0));   /* columns 0-3 */
+    const __m256d d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)); /* 4-7 */
+    const __m256d d2 = _mm256_cvtps_pd(_mm256_castps256_ps128(v1));   /* 8-11 */
+    const __m256d d3 = _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)); /* 12-15 */
+    __m256d lo = acc[0], hi = acc[1];
+    lo = _mm256_fmadd_pd(d0, d0, lo);  /* lanes 0-3: columns 0-3, then 8-11 */
+    hi = _mm256_fmadd_pd(d1, d1, hi);  /* lanes 4-7: columns 4-7, then 12-15 */
+    lo = _mm256_fmadd_pd(d2, d2, lo);
+    hi = _mm256_fmadd_pd(d3, d3, hi);
+    acc[0] = lo;
+    acc[1] = hi;
+}
+
+/* k = 1..r-1 of norm6_avx2: t_q = fma(c_qk, A[k, cols], t_q), in order. */
+#define NORM6_AVX2_K(k)                                                       \
+    do {                                                                      \
+        const float *ak_ = a + (k) * W, *bk_ = bq + (k) * NG;                 \
+        const __m256 a0_ = _mm256_loadu_ps(ak_), a1_ = _mm256_loadu_ps(ak_ + 8); \
+        __m256 e_;                                                            \
+        e_ = _mm256_broadcast_ss(bk_ + 0);                                    \
+        t00 = _mm256_fmadd_ps(e_, a0_, t00);                                  \
+        t01 = _mm256_fmadd_ps(e_, a1_, t01);                                  \
+        e_ = _mm256_broadcast_ss(bk_ + 1);                                    \
+        t10 = _mm256_fmadd_ps(e_, a0_, t10);                                  \
+        t11 = _mm256_fmadd_ps(e_, a1_, t11);                                  \
+        e_ = _mm256_broadcast_ss(bk_ + 2);                                    \
+        t20 = _mm256_fmadd_ps(e_, a0_, t20);                                  \
+        t21 = _mm256_fmadd_ps(e_, a1_, t21);                                  \
+        e_ = _mm256_broadcast_ss(bk_ + 3);                                    \
+        t30 = _mm256_fmadd_ps(e_, a0_, t30);                                  \
+        t31 = _mm256_fmadd_ps(e_, a1_, t31);                                  \
+        e_ = _mm256_broadcast_ss(bk_ + 4);                                    \
+        t40 = _mm256_fmadd_ps(e_, a0_, t40);                                  \
+        t41 = _mm256_fmadd_ps(e_, a1_, t41);                                  \
+        e_ = _mm256_broadcast_ss(bk_ + 5);                                    \
+        t50 = _mm256_fmadd_ps(e_, a0_, t50);                                  \
+        t51 = _mm256_fmadd_ps(e_, a1_, t51);                                  \
+    } while (0)
+
+/* One full NG x W tile: norm_full6(2, acc, w0, bq, a, s, in, r), acc the
+   group's lanes. At r = 8, 16, 32 (constants after inlining) the k loop is
+   unrolled whole: GCC 12 left r = 16's 15 iterations a loop at -O3 (too
+   many instructions for its complete peeling), 3 more instructions an
+   iteration. */
+NORM6_AVX2_INLINE void FN(norm6_avx2)(__m256d acc[NG][2], const WTYPE *w0, const float *bq,
+                                      const float *a, const float *sp, int64_t in, const int64_t r)
+{
+    /* bq is the same for all the group's tiles: GCC 12 then hoisted the
+       96 addresses bq + k * NG + q (r = 16) out of the tile loop and spilled
+       them, one reload a broadcast; opaque here, each broadcast reads
+       bq + constant. Likewise s, read after the k loop (a ymm register held
+       across it spilled one of the twelve sums). */
+    __asm__("" : "+r"(bq), "+r"(sp));
+    const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
+    __m256 e;
+    e = _mm256_broadcast_ss(bq + 0);  /* k = 0: c * a, as norm_full6 */
+    __m256 t00 = _mm256_mul_ps(e, a0), t01 = _mm256_mul_ps(e, a1);
+    e = _mm256_broadcast_ss(bq + 1);
+    __m256 t10 = _mm256_mul_ps(e, a0), t11 = _mm256_mul_ps(e, a1);
+    e = _mm256_broadcast_ss(bq + 2);
+    __m256 t20 = _mm256_mul_ps(e, a0), t21 = _mm256_mul_ps(e, a1);
+    e = _mm256_broadcast_ss(bq + 3);
+    __m256 t30 = _mm256_mul_ps(e, a0), t31 = _mm256_mul_ps(e, a1);
+    e = _mm256_broadcast_ss(bq + 4);
+    __m256 t40 = _mm256_mul_ps(e, a0), t41 = _mm256_mul_ps(e, a1);
+    e = _mm256_broadcast_ss(bq + 5);
+    __m256 t50 = _mm256_mul_ps(e, a0), t51 = _mm256_mul_ps(e, a1);
+    if (r == 8 || r == 16 || r == 32) {  /* a constant (column_norm_rows_avx2): unrolled whole */
+        #pragma GCC unroll 32
+        for (int k = 1; k < r; k++) NORM6_AVX2_K(k);
+    } else {
+        #pragma GCC unroll 4
+        for (int64_t k = 1; k < r; k++) NORM6_AVX2_K(k);
+    }
+    const __m256 s = _mm256_broadcast_ss(sp);
+    FN(norm6_avx2_squares)(acc[0], w0, t00, t01, s);
+    FN(norm6_avx2_squares)(acc[1], w0 + in, t10, t11, s);
+    FN(norm6_avx2_squares)(acc[2], w0 + 2 * in, t20, t21, s);
+    FN(norm6_avx2_squares)(acc[3], w0 + 3 * in, t30, t31, s);
+    FN(norm6_avx2_squares)(acc[4], w0 + 4 * in, t40, t41, s);
+    FN(norm6_avx2_squares)(acc[5], w0 + 5 * in, t50, t51, s);
+}
+
+/* column_norm_rows_body(2, NG, 0, ...) with norm6_avx2 for the full tiles;
+   the edge tiles are its norm_step calls, unchanged. A full group walks its
+   full tiles with two pointers and a count (with column_norm_rows_body's
+   loop, GCC spent about 60 scalar instructions a tile on its indices, kept
+   on the stack). Columns are taken in the same order, j0 to j1. */
+NORM6_AVX2_INLINE void FN(norm6_avx2_rows)(
+    const int64_t r, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq,
+    REAL s, int64_t i0, int64_t i1, int64_t in)
+{
+    const int64_t chunk = norm_chunk(r, in);  /* a multiple of W, or in */
+    double acc[NORM_ROW_BLOCK][ACCW] = {{0}};  /* row i's lanes: acc[i - i0] */
+    for (int64_t j0 = 0; j0 < in; j0 += chunk) {
+        const int64_t j1 = dora_min(in, j0 + chunk);
+        const int64_t jf = j0 + (j1 - j0) / W * W;  /* full tiles: j0 .. jf */
+        for (int64_t i = i0; i < i1; i += NG) {
+            const int g = (int)dora_min(NG, i1 - i);
+            double (*ag)[ACCW] = acc + (i - i0);
+            int64_t j = j0;
+            if (g == NG) {
+                /* the group's lanes in registers' type (acc is written by
+                   may-alias stores, after which GCC 12 reloaded everything) */
+                __m256d ga[NG][2];
+                for (int q = 0; q < NG; q++) {
+                    ga[q][0] = _mm256_loadu_pd(ag[q]);
+                    ga[q][1] = _mm256_loadu_pd(ag[q] + 4);
+                }
+                const WTYPE *w0 = W0 + i * in + j0;
+                const REAL *ap = Ap + (j0 / W) * r * W;  /* A[:, j0:j0+W] */
+                const REAL *bq = Bq + i * r;
+                for (int64_t t = (jf - j0) / W; t > 0; t--, w0 += W, ap += r * W)
+                    FN(norm6_avx2)(ga, w0, bq, ap, &s, in, r);
+                for (int q = 0; q < NG; q++) {
+                    _mm256_storeu_pd(ag[q], ga[q][0]);
+                    _mm256_storeu_pd(ag[q] + 4, ga[q][1]);
+                }
+                j = jf;
+            }
+            for (; j < j1; j += W) {  /* the last group's or the last columns' tiles */
+                const int w = (int)dora_min(W, in - j);
+                const REAL *ap = Ap + (j / W) * r * W;
+                const WTYPE *w0 = W0 + i * in + j;
+                for (int q = 0; q < g; q += G)
+                    FN(norm_step)(2, ag + q, NULL, w0 + q * in, B + (i + q) * r, ap, s, in, r,
+                                  (int)dora_min(G, g - q), w);
+            }
+        }
+    }
+    for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */
+        n[i] = (REAL)FN(sqrt_lanes)(acc[i - i0]);
+}
+
+/* column_norm's rows i0..i1 at NORM_AVX2_MIN_R <= r <= NORM_AVX2_MAX_R in
+   the fused mode, on a CPU with AVX2 and FMA (norm_block): in place of
+   column_norm_rows_sq (r < 16: four-row tiles; 16..31: norm_full6) and of
+   column_norm_rows at r = 32 (norm_full6 with the squares by a multiply
+   and an add, the same bits as an fma: add_square). Its A is read whole at
+   in <= 4096 (norm_chunk), where column_norm_rows' W0 prefetch is not made
+   either. */
+static __attribute__((target("avx2,fma"))) void FN(column_norm_rows_avx2)(
+    REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq, REAL s,
+    int64_t i0, int64_t i1, int64_t in, int64_t r)
+{
+    switch (r) {  /* the benchmarks' ranks a constant: the k loop unrolled */
+    case 8: FN(norm6_avx2_rows)(8, n, W0, Ap, B, Bq, s, i0, i1, in); break;
+    case 16: FN(norm6_avx2_rows)(16, n, W0, Ap, B, Bq, s, i0, i1, in); break;
+    case 32: FN(norm6_avx2_rows)(32, n, W0, Ap, B, Bq, s, i0, i1, in); break;
+    default: FN(norm6_avx2_rows)(r, n, W0, Ap, B, Bq, s, i0, i1, in); break;
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------ */
 /* merge: V = W0 + s * B @ A,  n = ||V||_row,  W' = (m / n) * V             */
 /* One pass over W0: a group's rows of V are kept in a scratch (in cache),  */
@@ -483,7 +678,7 @@ typedef struct {
     const REAL *Ap, *B, *Bq;
     REAL s;
     int64_t out, in, r;
-    int fused;
+    int fused, avx2;  /* avx2: norm6_avx2 takes the full tiles */
 } FN(norm_ctx);
 
 static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
@@ -491,6 +686,12 @@ static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
     const FN(norm_ctx) *c = (const FN(norm_ctx) *)ctx;
     (void)scratch;
     const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(c->out, i0 + NORM_ROW_BLOCK);
+#if defined(DORA_NORM_AVX2) && W == 16
+    if (c->avx2) {
+        FN(column_norm_rows_avx2)(c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
+        return;
+    }
+#endif
     if (c->fused && c->r < NORM_FMA_SQUARES_MAX_R)
         FN(column_norm_rows_sq)(c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
     else
@@ -508,8 +709,11 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     /* the float32 norm (and the 16-bit formats') in the fused mode at
        r >= NORM_SIX_MIN_R: B in groups of NG rows, for norm_full6 (which
        needs r > 0); Bq NULL selects G-row tiles. (The float64 six-row tile
-       was 1.09x slower at r = 16 on Zen 3, so float64 keeps G rows.) */
-    const int six = !Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R;
+       was 1.09x slower at r = 16 on Zen 3, so float64 keeps G rows.) With
+       the AVX2 tile (column_norm_rows_avx2), from NORM_AVX2_MIN_R. */
+    const int avx2 = !Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_AVX2_MIN_R
+                     && r <= NORM_AVX2_MAX_R && dora_norm_avx2_ok();
+    const int six = avx2 || (!Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R);
     REAL *Bq = six ? FN(pack_groups)(B, out, r) : NULL;
     if (!Ap || (six && !Bq)) {
         free(Ap);
@@ -522,7 +726,7 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
     if (!Wm) {
-        FN(norm_ctx) ctx = {n, W0, Ap, B, Bq, (REAL)s, out, in, r, fused};
+        FN(norm_ctx) ctx = {n, W0, Ap, B, Bq, (REAL)s, out, in, r, fused, avx2};
         failed = dora_team_for(&plan, nblocks, FN(norm_block), &ctx, 0);
     } else {
         #pragma omp parallel num_threads(plan.nt)
