@@ -15,7 +15,7 @@ import pytest
 from dora_ref.core import dense
 
 from dora_ref.porting import cases as porting_cases
-from dora_ref.porting import testing
+from dora_ref.porting import runner, testing
 from dora_ref.core import functional as F
 from dora_ref.porting.tolerance import rtol
 
@@ -263,7 +263,7 @@ def test_same_seed_draws_the_same_cases():
             return np_forward(x, W0, A, B, m, s, b)
 
         testing.check_forward(forward, max_examples=10, seed=3)
-    assert seen[0] == seen[1] and len(seen[0]) == 10
+    assert seen[0] == seen[1] and len(seen[0]) == 10 + len(runner.WIDE_CASES)  # the draws, then the wide cases
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

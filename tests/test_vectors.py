@@ -131,7 +131,7 @@ def test_load_case_errors(vec_dir, tmp_path):
 def test_cli(tmp_path, capsys):
     assert cli.main(["vectors", "--out", str(tmp_path / "v")]) == 0
     out = capsys.readouterr().out
-    assert "wrote 38 cases" in out and "37 low-precision cases (bfloat16, float16)" in out
+    assert "wrote 42 cases" in out and "41 low-precision cases (bfloat16, float16)" in out
     assert vectors.load_manifest(tmp_path / "v")["seed"] == vectors.SEED
     low = vectors.load_manifest(tmp_path / "v" / vectors.LP_SUBDIR)
     assert {e["dtype"] for e in low["cases"]} == set(vectors.LP_DTYPES) and "low_precision" in low
@@ -180,11 +180,12 @@ def test_every_expected_array_states_its_tolerance(any_set):
             if meta["role"] == "input":
                 continue
             t = meta["tolerance"]
-            if t.get("dtype") in vectors.LP_DTYPES:  # stored in lp: R roundings, and rounding near zero
+            if e["dtype"] in vectors.LP_DTYPES and t["roundings"]:  # R lp roundings, and rounding near zero
                 R = t["roundings"]
-                assert R == (2 if name == "W0_unmerged" else 1)
-                assert t["rtol"] == rtol(t["dtype"], t["k"], roundings=R)
-                assert t["atol"] == t["rtol"] * t["scale"] + SAFETY * R * underflow_error(t["dtype"])
+                assert R == vectors._lp_rounding_count(e["kind"], name)
+                assert t["dtype"] == (e["dtype"] if vectors._lp_base(name) in vectors.LP_OUTPUTS else "float32")
+                assert t["rtol"] == rtol(e["dtype"], t["k"], roundings=R)
+                assert t["atol"] == t["rtol"] * t["scale"] + SAFETY * R * underflow_error(e["dtype"])
             else:
                 assert t["rtol"] == rtol(t.get("dtype", e["dtype"]), t["k"])
                 assert t["atol"] == t["rtol"] * t["scale"] and t["atol"] >= 0
@@ -544,10 +545,11 @@ def test_consistent_untrained_lp_merge_is_the_base_weight_bit_for_bit(lp_dir):
 @pytest.mark.parametrize("dtype", vectors.LP_DTYPES)
 def test_low_precision_linear_vectors_match_peft_mixed_precision(lp_dir, lp_manifest, dtype):
     """PEFT 0.21 on an lp nn.Linear with float32 adapters (autocast_adapter_dtype=True), given the
-    vectors' float32 magnitude: forward, dx, dA, dB and the merge are within the vectors' tolerances
-    (its three roundings of y stay inside one rounding's SAFETY margin). Its dmagnitude is not: it
-    recovers x @ W0.T as lp(lp(x @ W0.T + b) - b), two lp roundings in a float32 gradient, which the
-    check allows for explicitly (SAFETY * 2 u sum_N |dy| (|z| + |b|) / n on top of the tolerance)."""
+    vectors' float32 magnitude: forward, dx, dA, dB, dmagnitude and the merge are within the manifest's
+    own tolerances, nothing added (regression, session 11: the manifest's dmagnitude tolerance was
+    float32's, without the two lp roundings of PEFT's lp(lp(x @ W0.T + b) - b) that the checker counts,
+    and this test added them itself; PEFT failed the manifest by up to 33x on linear_init_bfloat16). The
+    wide cases run PEFT past one tile on every axis."""
     torch = pytest.importorskip("torch", reason="torch is not installed: no PEFT parity")
     pytest.importorskip("peft", reason="peft is not installed: no PEFT parity")
     import warnings
@@ -590,18 +592,10 @@ def test_low_precision_linear_vectors_match_peft_mixed_precision(lp_dir, lp_mani
         within(e, "dx_detached", to_numpy(x.grad), a["dx_detached"])
         within(e, "dA_detached", to_numpy(layer.lora_A["default"].weight.grad), a["dA_detached"])
         within(e, "dB_detached", to_numpy(layer.lora_B["default"].weight.grad), a["dB_detached"])
-        dm = to_numpy(layer.lora_magnitude_vector["default"].weight.grad).astype(np.float64)
-        x64, W64, dy64 = (a[k].astype(np.float64) for k in ("x", "W0", "dy"))
-        b64 = a["bias"].astype(np.float64) if c["bias"] else 0.0
-        x64 = x64.reshape(-1, x64.shape[-1])
-        dy64 = dy64.reshape(-1, dy64.shape[-1])
-        u = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
-        explained = SAFETY * 2 * u * np.sum(np.abs(dy64) * (np.abs(x64 @ W64.T) + np.abs(b64)), axis=0) \
-            / a["weight_norm"].astype(np.float64)
-        atol = e["arrays"]["dmagnitude_detached"]["tolerance"]["atol"]
-        assert np.all(np.abs(dm - a["dmagnitude_detached"]) <= atol + explained), e["name"]
+        within(e, "dmagnitude_detached", to_numpy(layer.lora_magnitude_vector["default"].weight.grad),
+               a["dmagnitude_detached"])
         with torch.no_grad():
             layer.merge(safe_merge=True)
         within(e, "W_merged", to_numpy(layer.base_layer.weight), a["W_merged"])
         checked += 1
-    assert checked >= 10
+    assert checked >= 12

@@ -67,17 +67,20 @@ class CheckResult(NamedTuple):
     ----------
     check : str
     examples : int
-        Cases compared.
+        Drawn cases compared (hypothesis's ``max_examples``).
     worst_ratio : float
-        The largest error / tolerance seen (below 1, since the check passed).
+        The largest error / tolerance seen (below 1, since the check passed), the wide cases included.
     worst_output : str
         The output where it was seen.
+    wide : int
+        Wide cases compared after the draws (``WIDE_CASES``; 0 for the Embedding, Conv and chain checks).
     """
 
     check: str
     examples: int
     worst_ratio: float
     worst_output: str
+    wide: int = 0
 
 
 class _Mismatch(Exception):
@@ -88,6 +91,7 @@ class _Mismatch(Exception):
         self.case = case
         self.info = info
         self.raised = raised
+        self.wide = False  # True: found on one of WIDE_CASES, which is not shrunk
 
 
 def _compare(got, expected, tols):
@@ -193,6 +197,60 @@ def _case_strategy(st, dtype, dropout, conv=None, cases=None):
     return st.fixed_dictionaries(fields_)
 
 
+#: Cases past one tile on every axis, run after the hypothesis draws (which stay small, N <= 6, in and
+#: out <= 8, r <= 6, so that a mismatch shrinks fast): each size is odd, so that a kernel tiled by 8,
+#: 16, 32 or 64 over N, in or out (8, 16 or 32 over r) has a ragged last tile, and one that drops or
+#: misreads that tile fails. The same shapes as the golden vectors' linear_wide and linear_wide_no_bias.
+WIDE_CASES = (
+    dict(N=67, in_features=127, out_features=97, r=33, scaling=2.0, bias=True, seed=67),
+    dict(N=71, in_features=67, out_features=79, r=17, scaling=0.5, bias=False, seed=71),
+)
+_SHAPE_KEYS = ("N", "in_features", "out_features", "r")
+
+
+def wide_cases(dtype, dropout=False, convention=None, cases=None):
+    """The ``make_case`` parameters of the wide cases a check runs after its hypothesis draws.
+
+    Parameters
+    ----------
+    dtype : dtype or name
+    dropout : bool
+    convention : Convention, optional
+        ``scaling="lora_alpha"`` adds ``lora_alpha`` / ``use_rslora``; the per-input-column layer
+        ``magnitude_axis="in"``.
+    cases : dict, optional
+        The check's ``cases=`` restriction: a single value replaces the wide case's; a list / tuple /
+        range keeps the wide value if it is among them, else takes the largest (N, in_features,
+        out_features, r) or the first (the rest); a hypothesis strategy, whose values cannot be listed,
+        leaves the wide cases out.
+
+    Returns
+    -------
+    list of dict
+        Each a ``make_case(**params)`` argument set (B random, a trained magnitude, weight scale 1).
+    """
+    conv = convention or _C.Convention()
+    out = []
+    for j, wide in enumerate(WIDE_CASES):
+        params = dict(wide, dtype=str(as_dtype(dtype)), B_zero=False, magnitude="trained", weight_scale=1.0,
+                      dropout_p=0.5 if dropout else 0.0)
+        if conv.scaling == "lora_alpha":
+            params.update(lora_alpha=16.0, use_rslora=bool(j % 2))
+        if conv.per_input_column:
+            params["magnitude_axis"] = "in"
+        for key, value in (cases or {}).items():
+            if hasattr(value, "example") and hasattr(value, "map"):  # a hypothesis strategy
+                return []
+            if isinstance(value, (list, tuple, range)):
+                allowed = list(value)
+                if params.get(key) not in allowed:
+                    params[key] = max(allowed) if key in _SHAPE_KEYS else allowed[0]
+            else:
+                params[key] = value
+        out.append(params)
+    return out
+
+
 class Report(NamedTuple):
     """What ``report="all"`` returns: every output checked on its own.
 
@@ -240,22 +298,21 @@ def _search(check, fn, unmerge, conv, names, *, dtype, dropout, detach_norm, max
         check, names, _case_strategy(hyp.strategies, dtype, dropout, conv, cases), make_case,
         lambda case: _C.call_port(check, fn, unmerge, case, conv, dropout),
         lambda case: _reference_and_tolerances(check, case, detach_norm),
-        max_examples=max_examples, seed=seed,
+        max_examples=max_examples, seed=seed, wide=wide_cases(dtype, dropout, conv, cases),
     )
 
 
-def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed):
+def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed, wide=()):
     """The search every check runs: hypothesis draws parameters from ``strategy``,
     ``build(params)`` makes the case, ``call(case)`` runs the port (its outputs
     by name), ``expect(case)`` gives the reference and the tolerances; the first
-    mismatch is shrunk and returned as a _Mismatch, else a CheckResult."""
+    mismatch is shrunk and returned as a _Mismatch, else a CheckResult. When the
+    draws pass, each parameter set of ``wide`` is run as it is (no shrinking: a
+    mismatch there is returned on that case, marked ``wide``)."""
     hyp = _hypothesis()
-    stats = {"examples": 0, "worst": 0.0, "where": ""}
+    stats = {"examples": 0, "worst": 0.0, "where": "", "wide": 0}
 
-    @_settings(hyp, max_examples)
-    @hyp.seed(seed)
-    @hyp.given(strategy)
-    def one_case(params):
+    def run(params, counter="examples"):
         case = build(**params)
         try:
             got = call(case)
@@ -272,15 +329,27 @@ def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed):
         ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
             raise _Mismatch(case, info)
-        stats["examples"] += 1
+        stats[counter] += 1
         if ratio >= stats["worst"]:
             stats["worst"], stats["where"] = ratio, info
+
+    @_settings(hyp, max_examples)
+    @hyp.seed(seed)
+    @hyp.given(strategy)
+    def one_case(params):
+        run(params)
 
     try:
         one_case()
     except _Mismatch as exc:
         return exc
-    return CheckResult(check, stats["examples"], stats["worst"], stats["where"] or "")
+    for params in wide:
+        try:
+            run(params, "wide")
+        except _Mismatch as exc:
+            exc.wide = True
+            return exc
+    return CheckResult(check, stats["examples"], stats["worst"], stats["where"] or "", stats["wide"])
 
 
 def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
@@ -295,9 +364,11 @@ def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
 def _error_from(check, exc, diagnoses, mode="", changed=None):
     """The ConformanceError for a shrunk mismatch and its ranked diagnoses."""
     info = exc.info
+    found = ("on this wide case (run after the small drawn cases passed; N, in, out and r past one tile "
+             "of 8 to 64 with a ragged tail: a tiled kernel's last tile? not shrunk)" if exc.wide else
+             "on this minimal case (found by hypothesis, then shrunk)")
     lines = [
-        f"check_{check}{mode}: your {check} differs from dora_ref on this minimal case "
-        f"(found by hypothesis, then shrunk):",
+        f"check_{check}{mode}: your {check} differs from dora_ref {found}:",
         f"  case: {exc.case.describe()}",
     ]
     if changed:

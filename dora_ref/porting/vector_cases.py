@@ -15,7 +15,7 @@ import numpy as np
 
 from ..core import functional as F
 from .cases import term_scales
-from .tolerance import dora_reduction_length, rtol
+from .tolerance import dora_reduction_length, is_low_precision, rtol
 
 SEED = 2402  # arXiv:2402.09353
 FORMAT_VERSION = 1
@@ -43,10 +43,16 @@ LOW_PRECISION_NOTE = dict(
         "gives their dtype as bfloat16. See docs/low_precision.md"
     ),
     tolerance_policy_low_precision=(
-        "an expected array stored in bfloat16 / float16 has atol = rtol * scale + SAFETY * R * (half the "
-        "smallest subnormal), rtol = rtol(dtype, k, roundings=R) = SAFETY * (R u + 2 gamma_k(float32)), "
-        "u = 2**-8 (bfloat16) or 2**-11 (float16), R = 1 (2 for W0_unmerged: the merged weight's rounding, "
-        "then its own); a float32 one has float32's tolerance"
+        "an expected array with R > 0 roundings to bfloat16 / float16 behind it has atol = rtol * scale + "
+        "SAFETY * R * (half the smallest subnormal), rtol = rtol(dtype, k, roundings=R) = SAFETY * (R u + "
+        "2 gamma_k(float32)), u = 2**-8 (bfloat16) or 2**-11 (float16). Linear cases: R is what "
+        "dora_ref.porting.testing uses for a low-precision port, the larger of the consistent rule's count "
+        "and PEFT 0.21's mixed-precision count (tolerance.ROUNDINGS: y 3, dx 4, W_merged 1, W0_unmerged 2 "
+        "(the merged weight's rounding, then its own), dmagnitude 2 (float32, from PEFT's two roundings of "
+        "x @ W0.T + bias and its difference with bias; its scale adds sum_N |dy| |bias| / n for them), "
+        "weight_norm, dA, dB 0), so that both conventions pass by the manifest alone. Conv, embedding and "
+        "several adapters: the consistent rule, R = 1 for an array stored in lp (2 for W0_unmerged). "
+        "R = 0: float32's tolerance"
     ),
 )
 #: (case, dtype) pairs not generated, and why
@@ -90,6 +96,13 @@ CASES = (
     _linear("linear_no_bias", "no base bias", ["no bias"], bias=False),
     _linear("linear_batched", "x of shape (2, 3, in): leading dimensions are batch", ["batched x"],
             N=6, batch=(2, 3)),
+    _linear("linear_wide", "past one tile on every axis: N 67, in 127, out 97, r 33, each odd, so that a "
+            "kernel tiled by 8, 16, 32 or 64 over any axis has a ragged last tile",
+            ["wide", "ragged tiles"], N=67, in_features=127, out_features=97, r=33, lora_alpha=66.0),
+    _linear("linear_wide_no_bias", "out > in, no bias: N 71, in 67, out 79, r 17 (primes: ragged tails of "
+            "tiles 8, 16, 32, 64 over N, in and out, of 8 and 16 over r)",
+            ["wide", "ragged tiles", "no bias"], N=71, in_features=67, out_features=79, r=17, lora_alpha=34.0,
+            bias=False),
     dict(kind="multi_adapter", name="multi_adapter", tags=["several adapters"],
          doc="two DoRA adapters on one layer (r = 2 then 3), eval: PEFT 0.21's chaining and merge",
          N=4, in_features=8, out_features=6, ranks=(2, 3), lora_alphas=(4.0, 3.0)),
@@ -194,7 +207,7 @@ _K_WHY = {
 }
 
 
-def _tolerance(name, dtype, k, scale, kappa, note=""):
+def _tolerance(name, dtype, k, scale, kappa, note="", lp_bias=False):
     rt = rtol(dtype, k)
     base = name.split("_")[0] if name.startswith("d") else name
     why = (f"rtol({dtype}, k = {k}) with k = {_K_WHY.get(base, _K_WHY['dA'])}; scale = the terms "
@@ -202,13 +215,24 @@ def _tolerance(name, dtype, k, scale, kappa, note=""):
     if base == "dmagnitude":
         why += ("; plus sum_N |dy| |bias| / n (without dropout), for x @ W0.T recovered as "
                 "(x @ W0.T + bias) - bias (PEFT)")
+        if lp_bias:
+            why += (", and in the scale once more with weight 1: PEFT's lp(lp(x @ W0.T + bias) - bias) "
+                    "rounds terms of size |z| + |bias| twice to the storage dtype "
+                    "(dora_ref.porting.cases.term_scales, as the checker)")
     return dict(atol=rt * scale if scale > 0 else 0.0, rtol=rt, k=int(k), scale=scale, why=why)
 
 
-def _linear_tolerances(case, names, extra_k=0, extra_scale=1.0, note=""):
-    """Tolerances of the linear view ``case`` for each requested output name."""
+def _linear_tolerances(case, names, extra_k=0, extra_scale=1.0, note="", dtype=None):
+    """Tolerances of the linear view ``case`` for each requested output name.
+
+    ``dtype`` (default the case's) is the dtype of ``rtol``; a low-precision ``case`` (x, W0, bias, dy
+    in bfloat16 / float16) computed in float32 passes ``dtype="float32"``: its scales are then the
+    checker's for that case (``term_scales`` adds PEFT's two lp roundings of the bias recovery to
+    dmagnitude's), and ``vectors._round_outputs`` adds the lp roundings to ``rtol``.
+    """
     N, i, o, r = case.shapes()
-    dt = str(case.dtype)
+    dt = str(case.dtype) if dtype is None else str(dtype)
+    lp_bias = is_low_precision(case.dtype) and case.bias is not None
     kappa = _kappa(case.W0, case.A, case.B, case.scaling)
     tols = {}
     for detach in (True, False):
@@ -223,5 +247,5 @@ def _linear_tolerances(case, names, extra_k=0, extra_scale=1.0, note=""):
             sc = scales[base]
             if base == "dx":
                 k, sc = k + extra_k, sc * extra_scale
-            tols[name] = _tolerance(name, dt, k, sc, kappa, note if base == "dx" else "")
+            tols[name] = _tolerance(name, dt, k, sc, kappa, note if base == "dx" else "", lp_bias=lp_bias)
     return tols
