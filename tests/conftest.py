@@ -89,3 +89,23 @@ def bench_busy():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def vec_dir(tmp_path_factory):
+    """The golden vectors (float32 and float64), written once per test module."""
+    from dora_ref.porting import vectors
+
+    d = tmp_path_factory.mktemp("vectors")
+    vectors.write(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lp_dir(tmp_path_factory):
+    """The low-precision golden vectors (bfloat16 and float16), written once per test module."""
+    from dora_ref.porting import vectors
+
+    d = tmp_path_factory.mktemp("vectors_lp")
+    vectors.write(d, dtypes=vectors.LP_DTYPES)
+    return d

@@ -19,20 +19,6 @@ from dora_ref.porting import runner, testing, vectors
 from dora_ref.porting.tolerance import as_dtype
 
 
-@pytest.fixture(scope="module")
-def vec_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vectors")
-    vectors.write(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def lp_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vectors_lp")
-    vectors.write(d, dtypes=vectors.LP_DTYPES)
-    return d
-
-
 def _keep(size, tile):
     """How much of an axis of ``size`` a kernel that drops the last, partial tile computes."""
     return size - size % tile if size > tile else size

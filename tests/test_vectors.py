@@ -26,22 +26,8 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def vec_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vectors")
-    vectors.write(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def manifest(vec_dir):
     return vectors.load_manifest(vec_dir)
-
-
-@pytest.fixture(scope="module")
-def lp_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vectors_lp")
-    vectors.write(d, dtypes=vectors.LP_DTYPES)
-    return d
 
 
 @pytest.fixture(scope="module")
