@@ -105,6 +105,11 @@ def test_tail_dropping_forward_fails_the_default_check(axis, tile):
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_forward(tail_dropping_forward(axis, tile), dtype="float32")
     assert info.value.output == "y" and "wide case" in str(info.value)
+    # the hint locates it: the axis alone ragged misses, and the sizes one past each tile bound the tile
+    label = {"in": "in", "N": "N", "out": "out", "r": "r"}[axis]
+    assert info.value.hint == "ragged_last_tile", str(info.value)
+    below = max(t + 1 for t in (8, 16, 32, 64) if t + 1 <= tile)
+    assert f"({label}: misses from {label} = {tile + 1}, passes at {below}" in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("axis,tile", TAIL_PORTS)
@@ -125,6 +130,7 @@ def test_tail_dropping_backward_over_n_fails_the_default_check_and_golden_vector
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_backward(bwd, dtype="float32")
     assert info.value.output in ("dA", "dB", "dmagnitude") and "wide case" in str(info.value)
+    assert info.value.hint == "ragged_last_tile" and "(N: misses from N = 65, passes at 33" in str(info.value)
 
     def run(e, a):
         W0, x = _weights(e, a)
@@ -141,6 +147,8 @@ def test_tail_dropping_merge_fails_the_default_check_and_golden_vectors(vec_dir)
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_merge(merge, dtype="float64")
     assert info.value.output == "W_merged" and "wide case" in str(info.value)
+    assert info.value.hint == "ragged_last_tile" and "(in: misses from in = 33, passes at 17" in str(info.value)
+    assert "only the last 31 in of 127 (from 96)" in str(info.value)
 
     def run(e, a):
         W0, _ = _weights(e, a)
@@ -149,6 +157,31 @@ def test_tail_dropping_merge_fails_the_default_check_and_golden_vectors(vec_dir)
 
     failing = _golden_failures(vec_dir, "W_merged", run)
     assert {"linear_wide_float32", "linear_wide_no_bias_float64"} <= set(failing), failing
+
+
+@ONE_BACKEND
+def test_wide_case_hint_for_a_corner_tile_and_for_a_size_bug():
+    """Two wide-case failures that are not one axis's tail: a port that drops only the tile where
+    N's and out's ragged tails meet (located as the two together), and one that reads at most 40
+    input columns (it misses with whole tiles too: not a tail)."""
+
+    def corner(x, W0, A, B, m, s, b):
+        y = F.dora_forward(x, W0, A, B, m, s, b)[0].copy()
+        y[_keep(y.shape[0], 16):, _keep(y.shape[1], 16):] = 0
+        return y
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(corner, dtype="float64")
+    assert info.value.hint == "ragged_last_tile" and "(N and out ragged together)" in str(info.value), str(info.value)
+
+    def first_40_columns(x, W0, A, B, m, s, b):
+        k = min(x.shape[1], 40)
+        return F.dora_forward(np.ascontiguousarray(x[:, :k]), np.ascontiguousarray(W0[:, :k]),
+                              np.ascontiguousarray(A[:, :k]), B, m, s, b)[0]
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(first_40_columns, dtype="float64")
+    assert info.value.hint == "fails_past_drawn_sizes", str(info.value)
 
 
 def test_wide_cases_are_ragged_for_every_tile_and_follow_cases():

@@ -332,3 +332,136 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
         out.append(Diagnosis(sc.key, len(out) + 1, sc.kind, sc.probes, tuple(sc.evidence) + tuple(evidence_raised),
                              sc.detail))
     return out
+
+
+# ---------------------------------------------------------------------------
+# a wide case's mismatch: which axis's ragged last tile
+# ---------------------------------------------------------------------------
+
+#: The axes of each canonical output, for saying where a wide case's mismatches lie.
+_OUTPUT_AXES = {"y": ("N", "out"), "y_identity": ("N", "out"), "dx": ("N", "in"), "dA": ("r", "in"),
+                "dB": ("out", "r"), "dmagnitude": ("out",), "magnitude": ("out",), "W_merged": ("out", "in"),
+                "W0_unmerged": ("out", "in")}
+_SIZE_KEYS = (("N", "N"), ("in_features", "in"), ("out_features", "out"), ("r", "r"))
+_VERDICT = {True: "misses", False: "passes", None: "raises"}
+#: One past each tile size the wide cases are built for (8, 16, 32 and 64).
+_PAST_TILE = (9, 17, 33, 65)
+
+
+def _whole(size):
+    """The size a probe gives an axis that must not be ragged: ``size`` itself where a drawn case
+    has it (<= 8), else the largest of 64, 32, 16 and 8 not above it (whole tiles of 8 up to it)."""
+    return size if size <= 8 else max(t for t in (64, 32, 16, 8) if t <= size)
+
+
+def _spread(bad, size, name):
+    """Where along one axis of ``size`` the mismatches (a boolean per index) lie, in words."""
+    idx = np.flatnonzero(bad)
+    if idx.size == size:
+        return f"every {name}"
+    if idx.size and idx[-1] == size - 1 and idx.size == size - idx[0]:
+        return f"only the last {idx.size} {name} of {size} (from {idx[0]})"
+    return f"{idx.size} of {size} {name}"
+
+
+def _where(name, got, ref, tol, per_input_column):
+    """One line: where the output ``name`` misses dora_ref on the wide case, axis by axis."""
+    g, w = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    axes = _OUTPUT_AXES.get(name)
+    if axes is None or g.shape != w.shape or g.ndim != len(axes):
+        return None
+    if per_input_column and name in ("dmagnitude", "magnitude"):
+        axes = ("in",)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(g - w) <= tol)
+    if not bad.any():
+        return None
+    parts = [_spread(bad.any(axis=tuple(j for j in range(bad.ndim) if j != d)), bad.shape[d], ax)
+             for d, ax in enumerate(axes)]
+    return f"{name} {tuple(bad.shape)} misses dora_ref at {int(bad.sum())} of {bad.size} entries: " + "; ".join(parts)
+
+
+def locate_tile(check, fn, unmerge, case, conv, dropout, detach_norm):
+    """For a mismatch on a wide case (the small drawn cases passed): the axis whose ragged last tile the
+    port mishandles, found by running it again on cases ragged along one axis at a time.
+
+    Each probe keeps the wide case's parameters but its sizes: the axes under test keep their wide
+    (ragged) size, the others take a whole number of tiles of 8 (``_whole``: 64, 32, 16 or 8, or
+    the size itself up to 8). Then, on each axis found, the sizes one past a tile of 8, 16, 32 and 64
+    (below the wide size) say from which size on the port fails.
+
+    Parameters
+    ----------
+    check, fn, unmerge, case, conv, dropout, detach_norm
+        As for ``diagnose``; ``case`` is the wide case the port failed.
+
+    Returns
+    -------
+    Diagnosis or None
+        Key ``"ragged_last_tile"`` (axes found; ``detail`` names them), ``"fails_past_drawn_sizes"``
+        (it fails with every axis whole too), or None when the port raised on the probes.
+    """
+    from .cases import make_case
+    from .runner import _reference_and_tolerances
+
+    names = _names(check, unmerge is not None)
+    params = dict(case.params)
+    whole = {key: _whole(params[key]) for key, _ in _SIZE_KEYS}
+    runs = [0]
+
+    def misses(**sizes):
+        probe = make_case(**{**params, **whole, **sizes})
+        runs[0] += 1
+        try:
+            got = C.call_port(check, fn, unmerge, probe, conv, dropout)
+        except Exception:  # noqa: BLE001 - a port that raises here is not diagnosed by tiles
+            return None
+        ref, tols = _reference_and_tolerances(check, probe, detach_norm)
+        return _ratio(got, ref, tols, names) > 1.0
+
+    def sizes_text(sizes):
+        return ", ".join(f"{label} = {dict(whole, **sizes)[key]}" for key, label in _SIZE_KEYS)
+
+    evidence = []
+    try:  # where the wide case itself misses, output by output
+        got = C.call_port(check, fn, unmerge, case, conv, dropout)
+        ref, tols = _reference_and_tolerances(check, case, detach_norm)
+        for name in names:
+            line = _where(name, got[name], ref[name], tols[name]["atol"], conv.per_input_column)
+            if line:
+                evidence.append(f"on the wide case: {line}")
+    except Exception:  # noqa: BLE001 - the wide case's own failure is already reported
+        return None
+    found = misses()
+    if found is None:
+        return None
+    if found:
+        evidence.append(f"it misses dora_ref with every axis a whole number of tiles of 8 too ({sizes_text({})})")
+        return Diagnosis("fails_past_drawn_sizes", 1, "located", runs[0], tuple(evidence))
+    ragged = [(key, label) for key, label in _SIZE_KEYS if params[key] != whole[key]]
+    culprits = [(key, label) for key, label in ragged if misses(**{key: params[key]})]
+    if not culprits:  # no axis alone: two at once
+        culprits = [pair for pair in itertools.combinations(ragged, 2)
+                    if misses(**{key: params[key] for key, _ in pair})]
+        culprits = [(tuple(k for k, _ in pair), " and ".join(label for _, label in pair)) for pair in culprits]
+        if not culprits:
+            return None
+        for keys, label in culprits:
+            evidence.append(f"it misses with {label} ragged together ({sizes_text({k: params[k] for k in keys})}), "
+                            "and passes with either alone")
+        return Diagnosis("ragged_last_tile", 1, "located", runs[0], tuple(evidence),
+                         "; ".join(label for _, label in culprits) + " ragged together")
+    details = []
+    for key, label in culprits:
+        evidence.append(f"it misses with only {label} ragged ({sizes_text({key: params[key]})}); "
+                        f"with {label} = {whole[key]} it passes")
+        tried = [(size, misses(**{key: size})) for size in _PAST_TILE if size < params[key]]
+        if tried:
+            evidence.append(f"{label} = " + ", ".join(f"{s} {_VERDICT[bad]}" for s, bad in tried)
+                            + f", {params[key]} misses (the other axes whole)")
+        first = min([s for s, bad in tried if bad] + [params[key]])
+        below = [s for s, bad in tried if bad is False and s < first]
+        tile = f"a tile of {max(below)} to {first - 1}" if below else f"a tile below {first}"
+        details.append(f"{label}: misses from {label} = {first}" + (f", passes at {max(below)}" if below else "")
+                       + f"; {tile} {label} dropping its tail would")
+    return Diagnosis("ragged_last_tile", 1, "located", runs[0], tuple(evidence), "; ".join(details))

@@ -203,4 +203,19 @@ HINTS = {
         "autocast_adapter_dtype=False rounds the forward's norm too, so g = 1 there, but its adapters are "
         "lp, which these cases, with float32 adapters, do not model.) See docs/low_precision.md."
     ),
+    "ragged_last_tile": (
+        "your port passes every small drawn case and misses on a wide one, and it misses only where the "
+        "axis named above has a ragged size (not a whole number of tiles of 8 to 64): a loop tiled over "
+        "that axis (a CUDA/Triton block, a SIMD width, a blocked sum) drops, double-counts or misreads "
+        "its last, partial tile. For a sum over the axis (in or r in the forward; N in dA, dB and "
+        "dmagnitude) every entry of the output misses; for an output axis (N or out of y) only the last "
+        "entries do. The sizes where it starts to miss bound the tile's size. Check the tail loop, its "
+        "bounds mask and its start index."
+    ),
+    "fails_past_drawn_sizes": (
+        "your port passes every small drawn case (N <= 6, in and out <= 8, r <= 6) but misses on a "
+        "larger case even where every axis is a whole number of tiles of 8: not a ragged tail, something "
+        "that depends on size (a fixed buffer or tile table, an index computed with the wrong stride, a "
+        "sum that loses precision as it grows, a hard-coded shape)."
+    ),
 }

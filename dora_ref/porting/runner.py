@@ -355,6 +355,10 @@ def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed, wi
 def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     """The ConformanceError for a shrunk mismatch, with its diagnosis."""
     diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
+    if exc.wide and exc.raised is None:  # the drawn cases passed: locate the ragged tile first
+        located = _D.locate_tile(check, fn, unmerge, exc.case, conv, dropout, detach_norm)
+        if located is not None:
+            diagnoses = [located] + [dataclasses.replace(d, rank=d.rank + 1) for d in diagnoses]
     mode = ""
     if check == "backward":
         mode = " (detached norm)" if detach_norm else " (exact gradient)"
