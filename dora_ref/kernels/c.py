@@ -1119,7 +1119,8 @@ def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
     float32/float64 dtype, fitting shapes; y and z not overlapping U, B, g, bias).
     Returns True if some element of y is Inf or NaN."""
     ptr_type, kernel = _FROM_PRODUCT_KERNELS[base.dtype]
-    P = U @ B.T  # the NumPy twin's product, bit for bit
+    with np.errstate(over="ignore", invalid="ignore"):  # an Inf or NaN is flagged below and refused by the caller
+        P = U @ B.T  # the NumPy twin's product, bit for bit
     N, out_f = base.shape
     flag = _new_flag("int *")
     status = kernel(
