@@ -485,6 +485,32 @@ static DORA_CLONES void FN(column_norm_rows_sq)(
    sum, 96 broadcasts of B, 32 loads of A, the squares (12 multiplies, 12
    adds, 12 extracts, 24 conversions, 24 double FMAs) and 22 register
    copies. */
+/* What bounds this tile at r = 16 (measured, nothing adopted): a throwaway
+   copy of norm6_avx2_rows at (4080, 4096, 16) float32, variants timed
+   interleaved in one process by thread CPU time (Zen 3, about 2.9 GHz by a
+   dependent-add loop, shared: load 3-6), ns a tile, medians of 31-41:
+     one thread: 68-77 as it is; W0 always from L1 (wrong results) 54,
+       A always from L1 62, both 53-54; both and no squares (the twelve sums
+       added to the lanes as they are) 39, about 112 cycles where the 192
+       FMAs on two pipes take 96. So the work in registers is most of it,
+       about 155 cycles, the squares (24 conversions, 12 extracts, 36
+       FMA-unit operations) about 42 of them, and W0's stream about 20%;
+     two threads: 88-92 as it is, W0 from L1 69, both from L1 63-70.
+   callgrind (one thread): 424 instructions and 22.1 L1 read misses a tile
+   (6 lines of W0, 16 of A: 6.1 with A from L1, 16.1 with W0 from L1).
+   Tried, bits the same, none faster beyond the noise: B broadcast once per
+   group into 96 vectors (3 KiB, L1) read by the FMAs as memory operands
+   (335 instructions a tile, 1.0-1.16x the time: the issue of the 96
+   broadcasts is not the bound); the squares of the previous tile
+   interleaved into this tile's k loop (its sums kept in 12 stores):
+   1.05-1.13x; V stored and converted from memory (GCC put the extracts
+   back: the same 424 instructions); prefetch of W0 1, 2, 3, 4, 6, 8, 16,
+   32, 64 tiles ahead into L1, L2 or non-temporal: 0.84-1.10x, no
+   consistent sign from run to run; column blocks of 512-2048 so that A's
+   block stays in L1: 0.97-1.00x, of 256: 1.12-1.24x (W0 read in pieces);
+   two, five, ten groups per column tile, so that A's 1 KiB comes from L2
+   once for 12-60 rows: 1.0x, 1.6x, 1.9x the same loop with one group
+   (more streams of W0). */
 #define NORM6_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 
 /* acc lanes 0-3 (lo) and 4-7 (hi) += V^2, V = W0 row (16 columns) + s * (t0 | t1). */
