@@ -168,6 +168,16 @@ def test_row_blocks_within_float64_bound(dtype, r):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SPLIT + WHOLE)
+def test_split_and_whole_shapes_within_float64_bound(shape, dtype):
+    """Every shape above, rows split or not, one column block or two (600 columns:
+    dU from the sum pass of the column blocks' partials), against float64."""
+    p = _problem(dtype, *shape, seed=11, s=-0.6)
+    for has_z in (False, True):
+        _check_against_float64(p, _fused(p, has_z), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SPLIT + WHOLE)
 def test_keep_z_bits_equal_with_row_blocks(shape, dtype):
     p = _problem(dtype, *shape, seed=7)
     for name, a, b in zip(("dg", "dz", "dU", "dB"), _fused(p, False), _fused(p, True)):
