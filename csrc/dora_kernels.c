@@ -89,6 +89,8 @@
 #define NORM_CHUNK_BYTES 32768    /* else column_norm takes it in chunks of this size (L1) */
 
 #define LOWRANK_COL_BLOCK 512     /* columns a thread takes in backward_lowrank (at least) */
+#define LOWRANK_ROW_TASKS 4       /* row blocks backward_lowrank cuts one column block into (at most) */
+#define LOWRANK_ROW_MIN_ELEMS 32768  /* elements of dz a row block has (at least) */
 #define SLICES_MAX 8              /* most row slices of W0 in norm_gradient_products */
 #define PRODUCT_CHUNK 512         /* columns of W0 a slice takes at a time there */
 #define CHUNK_LD (PRODUCT_CHUNK + 16)  /* row stride of that chunk's sums */
@@ -154,6 +156,28 @@ static int64_t lowrank_col_block(int64_t out, int64_t r)
     const int64_t blocks = dora_max(1, out / (16 * dora_max(1, r)));
     const int64_t width = ((out + blocks - 1) / blocks + 15) / 16 * 16;
     return dora_max(LOWRANK_COL_BLOCK, width);
+}
+
+/* backward_lowrank: rows per block. Where out is one column block (out <= 512
+   at r <= 16), the columns alone gave one block, one thread, at any N: a tall
+   dz (64 x 2048, r = 8, float32) took 456 us on one thread against NumPy's
+   289 us (epilogue and two BLAS products, which OpenBLAS splits over both
+   cores; 2-core EPYC Zen 3, minima). There N is cut into at most
+   LOWRANK_ROW_TASKS blocks of whole groups of 16 rows, each with at least
+   LOWRANK_ROW_MIN_ELEMS elements of dz (so small N, the demo's N = 64
+   layers among them, stay one block with the bits they had) and at least
+   32 (r + 2) rows, so that the blocks' partials of dg (doubles) and dB
+   (r REALs a column) stay within 1/16 of dz's size. Several column blocks
+   already make a team: N stays whole there (the bits they had). Set by
+   (N, out, r) alone, never by the number of threads. */
+static int64_t lowrank_row_block(int64_t N, int64_t out, int64_t r)
+{
+    if (out > lowrank_col_block(out, r) || N <= 0) return dora_max(1, N);
+    int64_t rows = (N + LOWRANK_ROW_TASKS - 1) / LOWRANK_ROW_TASKS;
+    rows = dora_max(rows, (LOWRANK_ROW_MIN_ELEMS + out - 1) / dora_max(1, out));
+    rows = dora_max(rows, 32 * (dora_max(1, r) + 2));
+    rows = (rows + 15) / 16 * 16;
+    return dora_min(rows, N);
 }
 
 /* norm_gradient_products: row slices of W0, each with its own (r, in) partial
@@ -1396,9 +1420,16 @@ int64_t dora_backward_lowrank_scratch(int64_t N, int64_t out, int64_t r, int64_t
 {
     const int64_t width = lowrank_col_block(out, r);
     const int64_t blocks = (out + width - 1) / width;
+    const int64_t rows = lowrank_row_block(N, out, r);
+    const int64_t row_blocks = dora_max(1, (N + rows - 1) / rows);
     const int64_t panels = (out + 15) / 16 * 16 * r;  /* B.T in panels */
+    /* dU's partials (one (N, r) array a column block) where there are several
+       column blocks; the row blocks' partials of dg (doubles) and dB where
+       there are several row blocks */
+    const int64_t partials = (blocks > 1 ? blocks * N * r : 0) * itemsize
+                             + (row_blocks > 1 ? row_blocks * out * (8 + r * itemsize) : 0);
     const int64_t per_thread = width * 8 + r * (width + 16) * itemsize;
-    return (blocks * N * r + panels) * itemsize + dora_max_threads() * per_thread;
+    return partials + panels * itemsize + dora_max_threads() * per_thread;
 }
 
 int64_t dora_norm_gradient_products_scratch(int64_t out, int64_t in, int64_t r, int64_t itemsize)

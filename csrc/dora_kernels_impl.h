@@ -1330,29 +1330,39 @@ static inline __attribute__((always_inline)) void FN(twoprod_rows)(
 
 /* ------------------------------------------------------------------------ */
 /* backward_lowrank: backward_epilogue, and in the same pass over dz        */
-/*   dB = s * dz.T @ U   (out, r): a sum over N, owned by the column block  */
+/*   dB = s * dz.T @ U   (out, r): a sum over N, across the row blocks      */
 /*   dU = s * dz @ B     (N, r):   a sum over out, across the column blocks */
-/* Each column block adds its columns' terms of dU into its own (N, r)      */
-/* partial; the partials are then added in block order. The block width    */
-/* depends on out and r only (lowrank_col_block), so the bits do not depend */
-/* on the number of threads.                                                */
+/* The work is cut into column blocks (lowrank_col_block) and, where out is */
+/* one column block, row blocks (lowrank_row_block); a task is one (row     */
+/* block, column block). Each column block adds its columns' terms of dU    */
+/* into its own (N, r) partial (rows are disjoint across row blocks); the   */
+/* partials are then added in column-block order. With one column block the */
+/* tasks write s * dU themselves (what the sum of one partial gave, bit for */
+/* bit). With one row block a task writes dg and dB; with several it writes */
+/* its rows' partial sums of dg (doubles) and dB, added afterwards in       */
+/* row-block order. The block sizes depend on N, out and r only, so the     */
+/* bits do not depend on the number of threads.                             */
 /* ------------------------------------------------------------------------ */
 
-/* One column block [c0, c1): dg, dz (backward_step, exactly as in
-   backward_epilogue), dB for these columns, and this block's partial
-   dUp = dz[:, c0:c1] @ B[c0:c1] (N, r). Scratch: acc (c1 - c0 doubles),
-   dBt (r x (c1 - c0 + W)). */
+/* One task: rows [t0, t1) of column block [c0, c1): dz (backward_step,
+   exactly as in backward_epilogue), this block's partial
+   dUp[t0:t1] = dz[t0:t1, c0:c1] @ B[c0:c1] (times s where `scale_dU`: the
+   block is all of out and dUp is dU), and the sums over these rows of dg and
+   dB for these columns: written as dg and dB where `whole` (the rows are all
+   of N), else as partials: dgp[i] (double) and dBp[i * r + k] (unscaled),
+   i from c0. Scratch: acc (c1 - c0 doubles), dBt (r x (c1 - c0 + W)). */
 static DORA_CLONES void FN(backward_lowrank_cols)(
-    REAL *dg, REAL *dz, REAL *dUp, REAL *dB, double *acc, REAL *dBt,
+    REAL *dg, REAL *dz, REAL *dUp, REAL *dB, double *dgp, REAL *dBp, double *acc, REAL *dBt,
     const REAL *dy, const REAL *base, const REAL *U, const REAL *Bp, const REAL *gm,
-    REAL s, int64_t c0, int64_t c1, int64_t N, int64_t out, int64_t r, int has_z)
+    REAL s, int64_t c0, int64_t c1, int64_t t0, int64_t t1, int64_t out, int64_t r,
+    int has_z, int whole, int scale_dU)
 {
     const int64_t width = c1 - c0, ldt = width + W;  /* rows not a power of two apart */
     const REAL *bp0 = Bp + (c0 / W) * r * W;  /* c0 is a multiple of W */
     for (int64_t i = 0; i < width; i++) acc[i] = 0;
     for (int64_t i = 0; i < r * ldt; i++) dBt[i] = 0;
-    for (int64_t t = 0; t < N; t += G) {
-        const int g = (int)dora_min(G, N - t);
+    for (int64_t t = t0; t < t1; t += G) {
+        const int g = (int)dora_min(G, t1 - t);
         for (int64_t i = c0; i < c1; i += W) {
             const int w = (int)dora_min(W, c1 - i);
             const int64_t o = t * out + i;
@@ -1367,21 +1377,32 @@ static DORA_CLONES void FN(backward_lowrank_cols)(
         else
             FN(twoprod_rows)(dUp + t * r, dBt, ldt, dz + t * out + c0, out, bp0, U + t * r,
                              width, r, g, 0);
+        if (scale_dU)  /* s * (REAL)(0.0 + x) of the sum pass is s * x: never -0 (sums from +0) */
+            for (int64_t e = t * r; e < (t + g) * r; e++) dUp[e] = s * dUp[e];
     }
-    for (int64_t i = c0; i < c1; i++) {
-        dg[i] = (REAL)acc[i - c0];
-        for (int64_t k = 0; k < r; k++) dB[i * r + k] = s * dBt[k * ldt + (i - c0)];
-    }
+    if (whole)
+        for (int64_t i = c0; i < c1; i++) {
+            dg[i] = (REAL)acc[i - c0];
+            for (int64_t k = 0; k < r; k++) dB[i * r + k] = s * dBt[k * ldt + (i - c0)];
+        }
+    else
+        for (int64_t i = c0; i < c1; i++) {
+            dgp[i] = acc[i - c0];
+            for (int64_t k = 0; k < r; k++) dBp[i * r + k] = dBt[k * ldt + (i - c0)];
+        }
 }
 
-/* backward_lowrank's blocks on a team: column blocks of `width` (scratch:
-   acc and dBt), then the sum of the partials in blocks of SUM_BLOCK
-   elements of dU. */
+/* backward_lowrank's tasks on a team: task blk is row block blk / ncols and
+   column block blk % ncols, `width` columns by `rows` rows (scratch: acc and
+   dBt); then the sum of the dU partials in blocks of SUM_BLOCK elements of dU
+   (several column blocks), and that of the dg and dB partials (several row
+   blocks). */
 typedef struct {
-    REAL *dg, *dz, *dUp, *dB, *dU;
+    REAL *dg, *dz, *dUp, *dB, *dU, *dBp;
+    double *dgp;
     const REAL *dy, *base, *U, *Bp, *gm;
     REAL s;
-    int64_t N, out, r, width, nblocks;
+    int64_t N, out, r, width, nblocks, rows, nrows;
     int has_z;
 } FN(lowrank_ctx);
 
@@ -1390,10 +1411,15 @@ static void FN(lowrank_block)(void *ctx, void *scratch, int64_t blk)
     const FN(lowrank_ctx) *c = (const FN(lowrank_ctx) *)ctx;
     double *acc = (double *)scratch;
     REAL *dBt = (REAL *)(acc + c->width);
-    const int64_t c0 = blk * c->width;
-    FN(backward_lowrank_cols)(c->dg, c->dz, c->dUp + blk * c->N * c->r, c->dB, acc, dBt, c->dy,
-                              c->base, c->U, c->Bp, c->gm, c->s, c0,
-                              dora_min(c->out, c0 + c->width), c->N, c->out, c->r, c->has_z);
+    const int64_t cb = blk % c->nblocks, rb = blk / c->nblocks;
+    const int64_t c0 = cb * c->width, t0 = rb * c->rows;
+    REAL *dUp = c->nblocks > 1 ? c->dUp + cb * c->N * c->r : c->dU;
+    double *dgp = c->nrows > 1 ? c->dgp + rb * c->out : NULL;
+    REAL *dBp = c->nrows > 1 ? c->dBp + rb * c->out * c->r : NULL;
+    FN(backward_lowrank_cols)(c->dg, c->dz, dUp, c->dB, dgp, dBp, acc, dBt, c->dy, c->base, c->U,
+                              c->Bp, c->gm, c->s, c0, dora_min(c->out, c0 + c->width), t0,
+                              dora_min(c->N, t0 + c->rows), c->out, c->r, c->has_z,
+                              c->nrows == 1, c->nblocks == 1);
 }
 
 static void FN(lowrank_sum_block)(void *ctx, void *scratch, int64_t blk)
@@ -1405,6 +1431,25 @@ static void FN(lowrank_sum_block)(void *ctx, void *scratch, int64_t blk)
         double sum = 0;
         for (int64_t b = 0; b < c->nblocks; b++) sum += c->dUp[b * size + e];
         c->dU[e] = c->s * (REAL)sum;
+    }
+}
+
+/* dg and dB from the row blocks' partials, added in row-block order (in
+   double; then dB is s times the sum rounded, as with one row block). On the
+   calling thread: out * (r + 1) * nrows additions, at most 512 x 13 x 4
+   (lowrank_row_block splits rows only where out is one column block). */
+static void FN(lowrank_rows_sum)(const FN(lowrank_ctx) *c)
+{
+    const int64_t out = c->out, r = c->r;
+    for (int64_t i = 0; i < out; i++) {
+        double sum = 0;
+        for (int64_t b = 0; b < c->nrows; b++) sum += c->dgp[b * out + i];
+        c->dg[i] = (REAL)sum;
+    }
+    for (int64_t e = 0; e < out * r; e++) {
+        double sum = 0;
+        for (int64_t b = 0; b < c->nrows; b++) sum += c->dBp[b * out * r + e];
+        c->dB[e] = c->s * (REAL)sum;
     }
 }
 
@@ -1420,32 +1465,48 @@ static int FN(backward_lowrank_impl)(REAL *dg, REAL *dz, REAL *dU, REAL *dB, con
         return DORA_ERR_NULL;
     const int64_t width = lowrank_col_block(out, r);
     const int64_t nblocks = (out + width - 1) / width;
+    const int64_t rows = lowrank_row_block(N, out, r);
+    const int64_t nrows = dora_max(1, (N + rows - 1) / rows);
     REAL *Bp = FN(pack_panels)(B, r, out, 1, r);  /* B.T in panels */
-    REAL *dUp = (REAL *)malloc((size_t)dora_max(1, nblocks * N * r) * sizeof(REAL));
-    if (!Bp || !dUp) {
+    /* dU's partials: several column blocks only (one block writes dU) */
+    REAL *dUp = nblocks > 1 ? (REAL *)malloc((size_t)dora_max(1, nblocks * N * r) * sizeof(REAL))
+                            : NULL;
+    /* dg's and dB's partials: several row blocks only */
+    double *dgp = nrows > 1 ? (double *)malloc((size_t)dora_max(1, nrows * out) * sizeof(double))
+                            : NULL;
+    REAL *dBp = nrows > 1 ? (REAL *)malloc((size_t)dora_max(1, nrows * out * r) * sizeof(REAL))
+                          : NULL;
+    if (!Bp || (nblocks > 1 && !dUp) || (nrows > 1 && (!dgp || !dBp))) {
         free(Bp);
         free(dUp);
+        free(dgp);
+        free(dBp);
         return DORA_ERR_NOMEM;
     }
-    FN(lowrank_ctx) ctx = {dg, dz, dUp, dB, dU, dy, base, U, Bp, gm, (REAL)s, N, out, r, width,
-                           nblocks, has_z};
+    FN(lowrank_ctx) ctx = {dg, dz, dUp, dB, dU, dBp, dgp, dy, base, U, Bp, gm, (REAL)s, N, out, r,
+                           width, nblocks, rows, nrows, has_z};
     dora_plan plan;
     dora_plan_begin(&plan, has_z ? K_LOWRANK_Z : K_LOWRANK,
-                    (double)N * out * ((has_z ? 2 : 3) * r + 1), nblocks);
+                    (double)N * out * ((has_z ? 2 : 3) * r + 1), nblocks * nrows);
     /* scratch: acc (width doubles), then dBt (r x (width + W) REALs) */
     const size_t scratch = (size_t)width * sizeof(double)
                            + (size_t)dora_max(1, r * (width + W)) * sizeof(REAL);
-    const int failed = dora_team_for(&plan, nblocks, FN(lowrank_block), &ctx, scratch);
+    const int failed = dora_team_for(&plan, nblocks * nrows, FN(lowrank_block), &ctx, scratch);
     dora_plan_end(&plan);
-    if (!failed) {  /* dU = s * (sum of the blocks' partials, in block order) */
+    if (!failed && nblocks > 1) {  /* dU = s * (sum of the blocks' partials, in block order) */
         const int64_t nsums = (N * r + SUM_BLOCK - 1) / SUM_BLOCK;
         dora_plan sum_plan;
         dora_plan_begin(&sum_plan, K_LOWRANK_SUM, (double)N * r * nblocks, nsums);
         dora_team_for(&sum_plan, nsums, FN(lowrank_sum_block), &ctx, 0);
         dora_plan_end(&sum_plan);
     }
+    if (!failed && nrows > 1) FN(lowrank_rows_sum)(&ctx);
+    if (nblocks == 0)  /* out = 0: dU = dz @ B is a sum of no terms */
+        for (int64_t e = 0; e < N * r; e++) dU[e] = 0;
     free(Bp);
     free(dUp);
+    free(dgp);
+    free(dBp);
     return failed ? DORA_ERR_NOMEM : DORA_OK;
 }
 

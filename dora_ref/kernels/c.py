@@ -1446,7 +1446,11 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     -----
     The fused path's bits do not depend on the number of threads; on the
     BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
-    by thread).
+    by thread). The fused kernel cuts its work into blocks set by (N, out, r)
+    alone: of >= 512 columns, and where out is one such block, of rows of N
+    (at most 4, each with >= 32768 elements of dz), whose partial sums of dg
+    and dB are added in row order; so a small N (64 rows of 64 columns) is one
+    block, as it was, and a tall dz (2048 x 64) runs on the team.
     """
     checked = _backward_checked(dy, base, U, B, g)  # once, for either path
     s = _scaling(scaling)

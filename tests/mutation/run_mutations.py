@@ -49,6 +49,9 @@ E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     "tests/test_forward_finite_flag.py",  # its first test: the layer and functional forwards
     "tests/test_properties.py",
     "tests/test_gradients.py",
+    # the fused backward against float64 at shapes of several row or column blocks (the
+    # end-to-end files' shapes are one block of each: the sum passes go untested there)
+    "tests/test_backward_lowrank_row_blocks.py",
 ]
 MAXFAIL = 1  # a file stops at its first failure: the report names one test a file
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
@@ -175,6 +178,10 @@ MUTATIONS = [
     Mutation("c_dU_without_scaling", C,
              "c->dU[e] = c->s * (REAL)sum;", "c->dU[e] = (REAL)sum;",
              "C backward_lowrank forgets s in dU"),
+    Mutation("c_dU_one_block_without_scaling", C,
+             "for (int64_t e = t * r; e < (t + g) * r; e++) dUp[e] = s * dUp[e];",
+             "for (int64_t e = t * r; e < (t + g) * r; e++) dUp[e] = dUp[e];",
+             "C backward_lowrank forgets s in dU where out is one column block (no sum pass)"),
     Mutation("c_products_odd_rank_sign", C,
              "            lanes[q][l] += x * p[l];\n            t += qk[q] * x;",
              "            lanes[q][l] += x * p[l];\n            t -= qk[q] * x;",
