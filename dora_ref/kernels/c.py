@@ -34,7 +34,8 @@ for any number of threads (each thread owns whole rows or columns, and the
 block sizes that fix the order of every sum depend on the sizes alone), and
 so do ``merge``, ``unmerge`` and ``column_norm`` of ``dora_ref.core.functional``
 with this backend. The BLAS paths (``backward_lowrank`` and
-``norm_gradient_products`` above ``FUSED_MAX_RANK``), and the forward and
+``norm_gradient_products`` above ``FUSED_MAX_RANK``), the epilogues where
+r >= out above it (U @ B.T by BLAS: ``_lowrank_on_blas``), and the forward and
 backward's large products, which BLAS computes, may differ in the last bits
 between thread counts (``tests/test_determinism.py`` bounds the difference).
 
@@ -1101,8 +1102,14 @@ def _lowrank_on_blas(out_f, r):
     means. Above ``FUSED_MAX_RANK`` a training forward keeps z (``KEEP_Z_MIN_RANK``),
     and the backward that forms z again (``backward_epilogue``, ``backward_lowrank``)
     forms it the same way (``_z_on_blas``), so a step's bits do not depend on
-    whether z was kept. A function of the shape only: a given shape's bits never
-    depend on the load or the threads.
+    whether z was kept. A function of the shape only, never of the load or the
+    threads. But the product is BLAS's, so there (unlike every other C kernel) y,
+    z and dg change in the last bits with BLAS's number of threads, as the NumPy
+    backend's do: at (N, out, r) = (256, 64, 64), float32, 1,431 of 16,384
+    elements of y differed between OpenBLAS on 1 and on 2 threads, by up to
+    7.6e-6 (an adversary's run, session 12; threadpoolctl). And a fork from
+    another thread in the middle of that product can hang in OpenBLAS, as a fork
+    during any NumPy product can.
     """
     return _BLAS_LOWRANK and r > FUSED_MAX_RANK and r >= out_f
 
@@ -1119,6 +1126,10 @@ def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
     float32/float64 dtype, fitting shapes; y and z not overlapping U, B, g, bias).
     Returns True if some element of y is Inf or NaN."""
     ptr_type, kernel = _FROM_PRODUCT_KERNELS[base.dtype]
+    # NumPy's product, so (unlike the C kernels) its bits depend on BLAS's threads, and a fork from
+    # another thread in the middle of it can hang in OpenBLAS (attack 57, session 12). A place in the
+    # fork gate taken here deadlocks: os.fork holds the GIL while the gate waits for this thread to
+    # give the place back. Both are documented (README "Determinism", docs/performance.md).
     with np.errstate(over="ignore", invalid="ignore"):  # an Inf or NaN is flagged below and refused by the caller
         P = U @ B.T  # the NumPy twin's product, bit for bit
     N, out_f = base.shape
@@ -1446,7 +1457,7 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     -----
     The fused path's bits do not depend on the number of threads; on the
     BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
-    by thread). The fused kernel cuts its work into blocks set by (N, out, r)
+    by thread), and where r >= out (``_lowrank_on_blas``) dg and dz may too. The fused kernel cuts its work into blocks set by (N, out, r)
     alone: of >= 512 columns, and where out is one such block, of rows of N
     (at most 4, each with >= 32768 elements of dz), whose partial sums of dg
     and dB are added in row order; so a small N (64 rows of 64 columns) is one
