@@ -89,7 +89,7 @@ def test_c_prime_only_BA_overflows_names_BA_not_the_norm():
                  lambda: F.column_norm(W0, A, B, 1e-10)):
         text = _message(call)
         assert "row norm of W0 + s*B@A is not finite" not in text, text
-        assert "sum of squares overflowed" not in text, text
+        assert "overflowed float32 (it is larger than" not in text, text  # not the norm itself
         assert "B@A (formed before the scaling) overflowed float32" in text, text
         assert "about 1.414e+30, which fits float32" in text, text
 
@@ -99,7 +99,7 @@ def test_c_prime_norm_that_truly_overflows_keeps_its_message():
     W0 = np.array([[0.5, -0.25, 1.0, 0.1]] * 3)
     text = _message(lambda: F.dora_forward(np.ones((2, 4)), W0, np.ones((1, 4)), np.ones((3, 1)),
                                            np.array([1.0, 2.0, 3.0]), 1e308))
-    assert "the row norm of W0 + s*B@A is not finite" in text and "sum of squares" in text, text
+    assert "the row norm of W0 + s*B@A is not finite" in text and "the norm itself overflowed float64" in text, text
 
 
 def test_g_fp16_consistent_y_beyond_65504_is_an_overflow_of_float16():
@@ -293,3 +293,13 @@ def test_merged_forward_terms_that_cancel_are_not_called_an_overflow_of_y(cls, d
 def test_merged_forward_true_overflow_of_y_is_still_called_one(dt):
     text = _message(lambda: _merged(dora_ref.DoRALinear, dt)(np.array([[1e10, 1e10]], dt)))
     assert _claims_y_overflowed(text) and "about 2e+40" in text, text  # y = 2e40
+
+
+def test_a_norm_past_the_dtype_says_the_norm_itself_overflowed():
+    # Adversary, session 12: a float32 row whose norm is past float32's largest value was said to
+    # have "overflowed" in its sum of squares (the C kernel sums in double; only n does not fit)
+    W0 = np.full((2, 4), 3e38, f32)
+    A, B = np.zeros((1, 4), f32), np.zeros((2, 1), f32)
+    text = _message(lambda: F.column_norm(W0, A, B, 1.0))
+    assert "the norm itself overflowed float32 (it is larger than 3.403e+38)" in text, text
+    assert "sum of squares" not in text, text

@@ -50,7 +50,7 @@ def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
         cause = (
             f"W0 has NaN/Inf in row(s) {w0_bad}"
             if w0_bad
-            else "the sum of squares overflowed the dtype"
+            else f"the norm itself overflowed {n.dtype} (it is larger than {np.finfo(n.dtype).max:.4g})"
         )
         raise ValueError(
             f"the row norm of W0 + s*B@A is not finite in row(s) "
@@ -69,7 +69,7 @@ def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
 def _refuse_intermediate_overflow(n, rows, W0, A, B, scaling):
     """``check_norm``'s error path: raise where only an intermediate of row rows[0]'s norm overflowed.
 
-    Returns (and ``check_norm`` says that the sum of squares overflowed) when
+    Returns (and ``check_norm`` says that the norm itself overflowed) when
     the norm itself does not fit n's dtype, or when no step can be named.
     """
     i = int(rows[0])
