@@ -1458,7 +1458,8 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     -----
     The fused path's bits do not depend on the number of threads; on the
     BLAS path dg and dz do not either, dU and dB may (BLAS splits its sums
-    by thread), and where r >= out (``_lowrank_on_blas``) dg and dz may too. The fused kernel cuts its work into blocks set by (N, out, r)
+    by thread), and where r >= out (``_lowrank_on_blas``) dg and dz may
+    too. The fused kernel cuts its work into blocks set by (N, out, r)
     alone: of >= 512 columns, and where out is one such block, of rows of N
     (at most 4, each with >= 32768 elements of dz), whose partial sums of dg
     and dB are added in row order; so a small N (64 rows of 64 columns) is one

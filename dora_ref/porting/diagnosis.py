@@ -381,7 +381,7 @@ def _where(name, got, ref, tol, per_input_column):
     return f"{name} {tuple(bad.shape)} misses dora_ref at {int(bad.sum())} of {bad.size} entries: " + "; ".join(parts)
 
 
-def locate_tile(check, fn, unmerge, case, conv, dropout, detach_norm):
+def locate_tile(check, fn, unmerge, case, conv, dropout, detach_norm, seen=None):
     """For a mismatch on a wide case (the small drawn cases passed): the axis whose ragged last tile the
     port mishandles, found by running it again on cases ragged along one axis at a time.
 
@@ -394,6 +394,9 @@ def locate_tile(check, fn, unmerge, case, conv, dropout, detach_norm):
     ----------
     check, fn, unmerge, case, conv, dropout, detach_norm
         As for ``diagnose``; ``case`` is the wide case the port failed.
+    seen : tuple, optional
+        (the port's outputs, the reference, the tolerances) on ``case``, as the check compared
+        them; without it the port runs on ``case`` once more.
 
     Returns
     -------
@@ -423,15 +426,17 @@ def locate_tile(check, fn, unmerge, case, conv, dropout, detach_norm):
         return ", ".join(f"{label} = {dict(whole, **sizes)[key]}" for key, label in _SIZE_KEYS)
 
     evidence = []
-    try:  # where the wide case itself misses, output by output
-        got = C.call_port(check, fn, unmerge, case, conv, dropout)
-        ref, tols = _reference_and_tolerances(check, case, detach_norm)
-        for name in names:
-            line = _where(name, got[name], ref[name], tols[name]["atol"], conv.per_input_column)
-            if line:
-                evidence.append(f"on the wide case: {line}")
-    except Exception:  # noqa: BLE001 - the wide case's own failure is already reported
-        return None
+    if seen is None:
+        try:
+            got = C.call_port(check, fn, unmerge, case, conv, dropout)
+        except Exception:  # noqa: BLE001 - the wide case's own failure is already reported
+            return None
+        seen = (got, *_reference_and_tolerances(check, case, detach_norm))
+    got, ref, tols = seen
+    for name in names:  # where the wide case itself misses, output by output
+        line = _where(name, got[name], ref[name], tols[name]["atol"], conv.per_input_column)
+        if line:
+            evidence.append(f"on the wide case: {line}")
     found = misses()
     if found is None:
         return None
@@ -461,7 +466,7 @@ def locate_tile(check, fn, unmerge, case, conv, dropout, detach_norm):
                             + f", {params[key]} misses (the other axes whole)")
         first = min([s for s, bad in tried if bad] + [params[key]])
         below = [s for s, bad in tried if bad is False and s < first]
-        tile = f"a tile of {max(below)} to {first - 1}" if below else f"a tile below {first}"
+        tile = f"{max(below)} to {first - 1}" if below else f"below {first}"
         details.append(f"{label}: misses from {label} = {first}" + (f", passes at {max(below)}" if below else "")
-                       + f"; {tile} {label} dropping its tail would")
+                       + f", as a tile of {tile} along {label} would")
     return Diagnosis("ragged_last_tile", 1, "located", runs[0], tuple(evidence), "; ".join(details))

@@ -86,11 +86,12 @@ class CheckResult(NamedTuple):
 class _Mismatch(Exception):
     """Raised inside a hypothesis example; carries what differed."""
 
-    def __init__(self, case, info, raised=None):
+    def __init__(self, case, info, raised=None, seen=None):
         super().__init__(info["text"])
         self.case = case
         self.info = info
         self.raised = raised
+        self.seen = seen  # (the port's outputs, the reference, the tolerances) where they were compared
         self.wide = False  # True: found on one of WIDE_CASES, which is not shrunk
 
 
@@ -328,7 +329,7 @@ def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed, wi
         ref, tols = expect(case)
         ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
-            raise _Mismatch(case, info)
+            raise _Mismatch(case, info, seen=(got, ref, tols))
         stats[counter] += 1
         if ratio >= stats["worst"]:
             stats["worst"], stats["where"] = ratio, info
@@ -356,7 +357,7 @@ def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     """The ConformanceError for a shrunk mismatch, with its diagnosis."""
     diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
     if exc.wide and exc.raised is None:  # the drawn cases passed: locate the ragged tile first
-        located = _D.locate_tile(check, fn, unmerge, exc.case, conv, dropout, detach_norm)
+        located = _D.locate_tile(check, fn, unmerge, exc.case, conv, dropout, detach_norm, seen=exc.seen)
         if located is not None:
             diagnoses = [located] + [dataclasses.replace(d, rank=d.rank + 1) for d in diagnoses]
     mode = ""
