@@ -15,6 +15,12 @@ depend on which tile computed a row:
 * one thread and two, a 16-bit W0 and its float32 widening, a negative s,
   inf and NaN in W0 (the same n, NaN where a row holds a NaN or inf - inf).
 
+On a CPU with AVX-512 F the AVX-512 tiles (``norm6_avx512_pair``: two
+tiles side by side, 32 columns; ``norm6_avx512_one`` for a row's odd full
+tile) take the AVX2 tile's place at the same ranks, with the same bits;
+``test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone``
+gives them an odd and an even count of full tiles.
+
 The ranks run over 1..40, across both ends of the AVX2 range and the
 unrolled ranks 8, 16 and 32; ``out`` is not a multiple of 6 (and spans two
 blocks of 60 rows), ``in`` not a multiple of 16 or of 8; a wide ``in`` at
@@ -130,3 +136,17 @@ def test_six_row_avx2_tile_inf_and_nan_in_W0_give_the_same_n(forced_threads, r):
     _assert_rows_alone(W0, A, B, -0.5, n)
     _, n_merge = C.merge(W0, A, B, np.ones(OUT, np.float32), -0.5)
     np.testing.assert_array_equal(_bits(n_merge), _bits(n))
+
+
+@pytest.mark.parametrize("in_", [16, 32, 48, 112, 116, 150])
+def test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone(forced_threads, in_):
+    # full tiles of 16 per row: 1, 2, 3, 7, 7 (and an edge of 4), 9 (and 6): pairs, and an
+    # odd tile after them or alone; a row alone is the plain edge tile, merge four-row tiles
+    for threads in (1, 2):
+        forced_threads(threads)
+        for r in (8, 13, 16, 24, 32):
+            W0, A, B = _problem(OUT, in_, r, seed=400 + r + in_)
+            n = C.column_norm(W0, A, B, 0.35)
+            _assert_rows_alone(W0, A, B, 0.35, n)
+            _, n_merge = C.merge(W0, A, B, np.ones(OUT, np.float32), 0.35)
+            np.testing.assert_array_equal(_bits(n_merge), _bits(n), err_msg=f"in = {in_}, r = {r}")
