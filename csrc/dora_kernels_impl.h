@@ -609,55 +609,92 @@ NORM6_AVX2_INLINE void FN(norm6_avx2)(__m256d acc[NG][2], const WTYPE *w0, const
     FN(norm6_avx2_squares)(acc[5], w0 + 5 * in, t50, t51, s);
 }
 
-/* column_norm_rows_body(2, NG, 0, ...) with norm6_avx2 for the full tiles;
-   the edge tiles are its norm_step calls, unchanged. A full group walks its
-   full tiles with two pointers and a count (with column_norm_rows_body's
-   loop, GCC spent about 60 scalar instructions a tile on its indices, kept
-   on the stack). Columns are taken in the same order, j0 to j1. */
+/* The last group's tiles of a block and the last columns' of a row (fewer
+   than NG rows or W columns): norm_step's plain C tiles, in column order. */
+static inline __attribute__((always_inline)) void FN(norm6_edge_tiles)(
+    double (*ag)[ACCW], int g, const WTYPE *W0,
+    const REAL *Ap, const REAL *B, REAL s, int64_t i, int64_t j, int64_t j1, int64_t in, int64_t r)
+{
+    for (; j < j1; j += W) {
+        const int w = (int)dora_min(W, in - j);
+        const REAL *ap = Ap + (j / W) * r * W;
+        const WTYPE *w0 = W0 + i * in + j;
+        for (int q = 0; q < g; q += G)
+            FN(norm_step)(2, ag + q, NULL, w0 + q * in, B + (i + q) * r, ap, s, in, r,
+                          (int)dora_min(G, g - q), w);
+    }
+}
+
+/* column_norm_rows_body(2, NG, 0, ...) with a SIMD tile for the full
+   tiles, the body of norm6_avx2_rows and norm6_avx512_rows: GROUP(ag, w0,
+   bq, ap, tiles) adds a full group's `tiles` full tiles from column j0 on
+   (w0 = W0[i, j0], bq its rows of Bq, ap = A[:, j0:j0+W]) to its lanes ag;
+   the edge tiles are norm_step's (norm6_edge_tiles). Columns are taken in
+   the same order, j0 to j1, so n has the plain tiles' bits. */
+/* ROWS(r, ...) with the benchmarks' ranks a constant: the k loop unrolled. */
+#define NORM6_RANK_SWITCH(ROWS)                                               \
+    do {                                                                      \
+        switch (r) {                                                          \
+        case 8: ROWS(8, n, W0, Ap, B, Bq, s, i0, i1, in); break;              \
+        case 16: ROWS(16, n, W0, Ap, B, Bq, s, i0, i1, in); break;            \
+        case 32: ROWS(32, n, W0, Ap, B, Bq, s, i0, i1, in); break;            \
+        default: ROWS(r, n, W0, Ap, B, Bq, s, i0, i1, in); break;             \
+        }                                                                     \
+    } while (0)
+
+#define NORM6_SIMD_ROWS(GROUP)                                                \
+    do {                                                                      \
+        const int64_t chunk_ = norm_chunk(r, in);  /* a multiple of W, or in */ \
+        double acc_[NORM_ROW_BLOCK][ACCW] = {{0}};  /* row i's lanes: acc_[i - i0] */ \
+        for (int64_t j0 = 0; j0 < in; j0 += chunk_) {                         \
+            const int64_t j1 = dora_min(in, j0 + chunk_);                     \
+            const int64_t jf = j0 + (j1 - j0) / W * W;  /* full tiles: j0 .. jf */ \
+            for (int64_t i = i0; i < i1; i += NG) {                           \
+                const int g = (int)dora_min(NG, i1 - i);                      \
+                double (*ag)[ACCW] = acc_ + (i - i0);                         \
+                int64_t j = j0;                                               \
+                if (g == NG) {                                                \
+                    GROUP(ag, W0 + i * in + j0, Bq + i * r, Ap + (j0 / W) * r * W, \
+                          (jf - j0) / W);                                     \
+                    j = jf;                                                   \
+                }                                                             \
+                FN(norm6_edge_tiles)(ag, g, W0, Ap, B, s, i, j, j1, in, r);   \
+            }                                                                 \
+        }                                                                     \
+        for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */  \
+            n[i] = (REAL)FN(sqrt_lanes)(acc_[i - i0]);                        \
+    } while (0)
+
+/* A full group's full tiles with norm6_avx2, walked with two pointers and
+   a count (with column_norm_rows_body's loop, GCC spent about 60 scalar
+   instructions a tile on its indices, kept on the stack). The group's
+   lanes are held in registers' type (acc is written by may-alias stores,
+   after which GCC 12 reloaded everything). */
+NORM6_AVX2_INLINE void FN(norm6_avx2_group)(double (*ag)[ACCW], const WTYPE *w0, const REAL *bq,
+                                            const REAL *ap, const REAL *sp, int64_t in,
+                                            const int64_t r, int64_t tiles)
+{
+    __m256d ga[NG][2];
+    for (int q = 0; q < NG; q++) {
+        ga[q][0] = _mm256_loadu_pd(ag[q]);
+        ga[q][1] = _mm256_loadu_pd(ag[q] + 4);
+    }
+    for (; tiles > 0; tiles--, w0 += W, ap += r * W)
+        FN(norm6_avx2)(ga, w0, bq, ap, sp, in, r);
+    for (int q = 0; q < NG; q++) {
+        _mm256_storeu_pd(ag[q], ga[q][0]);
+        _mm256_storeu_pd(ag[q] + 4, ga[q][1]);
+    }
+}
+
 NORM6_AVX2_INLINE void FN(norm6_avx2_rows)(
     const int64_t r, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq,
     REAL s, int64_t i0, int64_t i1, int64_t in)
 {
-    const int64_t chunk = norm_chunk(r, in);  /* a multiple of W, or in */
-    double acc[NORM_ROW_BLOCK][ACCW] = {{0}};  /* row i's lanes: acc[i - i0] */
-    for (int64_t j0 = 0; j0 < in; j0 += chunk) {
-        const int64_t j1 = dora_min(in, j0 + chunk);
-        const int64_t jf = j0 + (j1 - j0) / W * W;  /* full tiles: j0 .. jf */
-        for (int64_t i = i0; i < i1; i += NG) {
-            const int g = (int)dora_min(NG, i1 - i);
-            double (*ag)[ACCW] = acc + (i - i0);
-            int64_t j = j0;
-            if (g == NG) {
-                /* the group's lanes in registers' type (acc is written by
-                   may-alias stores, after which GCC 12 reloaded everything) */
-                __m256d ga[NG][2];
-                for (int q = 0; q < NG; q++) {
-                    ga[q][0] = _mm256_loadu_pd(ag[q]);
-                    ga[q][1] = _mm256_loadu_pd(ag[q] + 4);
-                }
-                const WTYPE *w0 = W0 + i * in + j0;
-                const REAL *ap = Ap + (j0 / W) * r * W;  /* A[:, j0:j0+W] */
-                const REAL *bq = Bq + i * r;
-                for (int64_t t = (jf - j0) / W; t > 0; t--, w0 += W, ap += r * W)
-                    FN(norm6_avx2)(ga, w0, bq, ap, &s, in, r);
-                for (int q = 0; q < NG; q++) {
-                    _mm256_storeu_pd(ag[q], ga[q][0]);
-                    _mm256_storeu_pd(ag[q] + 4, ga[q][1]);
-                }
-                j = jf;
-            }
-            for (; j < j1; j += W) {  /* the last group's or the last columns' tiles */
-                const int w = (int)dora_min(W, in - j);
-                const REAL *ap = Ap + (j / W) * r * W;
-                const WTYPE *w0 = W0 + i * in + j;
-                for (int q = 0; q < g; q += G)
-                    FN(norm_step)(2, ag + q, NULL, w0 + q * in, B + (i + q) * r, ap, s, in, r,
-                                  (int)dora_min(G, g - q), w);
-            }
-        }
-    }
-    for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */
-        n[i] = (REAL)FN(sqrt_lanes)(acc[i - i0]);
+#define NORM6_AVX2_GROUP(ag, w0, bq, ap, tiles) \
+    FN(norm6_avx2_group)(ag, w0, bq, ap, &s, in, r, tiles)
+    NORM6_SIMD_ROWS(NORM6_AVX2_GROUP);
+#undef NORM6_AVX2_GROUP
 }
 
 /* column_norm's rows i0..i1 at NORM_AVX2_MIN_R <= r <= NORM_AVX2_MAX_R in
@@ -671,12 +708,7 @@ static __attribute__((target("avx2,fma"))) void FN(column_norm_rows_avx2)(
     REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq, REAL s,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    switch (r) {  /* the benchmarks' ranks a constant: the k loop unrolled */
-    case 8: FN(norm6_avx2_rows)(8, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    case 16: FN(norm6_avx2_rows)(16, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    case 32: FN(norm6_avx2_rows)(32, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    default: FN(norm6_avx2_rows)(r, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    }
+    NORM6_RANK_SWITCH(FN(norm6_avx2_rows));
 }
 #endif
 
@@ -776,57 +808,37 @@ NORM6_AVX512_INLINE void FN(norm6_avx512_one)(__m512d acc[NG], const WTYPE *w0, 
     for (int q = 0; q < NG; q++) acc[q] = FN(norm6_avx512_squares)(acc[q], w0 + q * in, t[q], s);
 }
 
-/* norm6_avx2_rows with the AVX-512 tiles: a full group's full tiles in
-   pairs, then the odd one; the edge tiles (the last group of a block, the
-   last columns of a row) are norm_step's, unchanged. */
+/* A full group's full tiles with the AVX-512 tiles: in pairs, then the odd
+   one; W0 prefetched NORM_AVX512_PREFETCH columns ahead: the two lines of
+   each row that the pair there reads (tiles of W0 too large for the
+   caches: (11008, 4096, 16) 0.90x the time, (4096, 4096, 16) 0.95-1.01x). */
+NORM6_AVX512_INLINE void FN(norm6_avx512_group)(double (*ag)[ACCW], const WTYPE *w0,
+                                                const REAL *bq, const REAL *ap, const REAL *sp,
+                                                int64_t in, const int64_t r, int64_t tiles)
+{
+    __m512d ga[NG];
+    for (int q = 0; q < NG; q++) ga[q] = _mm512_loadu_pd(ag[q]);
+    for (; tiles >= 2; tiles -= 2, w0 += 2 * W, ap += 2 * r * W) {
+        for (int q = 0; q < NG; q++) {
+            const char *ahead = (const char *)(w0 + q * in + NORM_AVX512_PREFETCH);
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            _mm_prefetch(ahead + W * sizeof(WTYPE), _MM_HINT_T0);
+        }
+        FN(norm6_avx512_pair)(ga, w0, bq, ap, sp, in, r);
+    }
+    if (tiles)
+        FN(norm6_avx512_one)(ga, w0, bq, ap, sp, in, r);
+    for (int q = 0; q < NG; q++) _mm512_storeu_pd(ag[q], ga[q]);
+}
+
 NORM6_AVX512_INLINE void FN(norm6_avx512_rows)(
     const int64_t r, REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq,
     REAL s, int64_t i0, int64_t i1, int64_t in)
 {
-    const int64_t chunk = norm_chunk(r, in);  /* a multiple of W, or in */
-    double acc[NORM_ROW_BLOCK][ACCW] = {{0}};  /* row i's lanes: acc[i - i0] */
-    for (int64_t j0 = 0; j0 < in; j0 += chunk) {
-        const int64_t j1 = dora_min(in, j0 + chunk);
-        const int64_t jf = j0 + (j1 - j0) / W * W;  /* full tiles: j0 .. jf */
-        for (int64_t i = i0; i < i1; i += NG) {
-            const int g = (int)dora_min(NG, i1 - i);
-            double (*ag)[ACCW] = acc + (i - i0);
-            int64_t j = j0;
-            if (g == NG) {
-                __m512d ga[NG];
-                for (int q = 0; q < NG; q++) ga[q] = _mm512_loadu_pd(ag[q]);
-                const WTYPE *w0 = W0 + i * in + j0;
-                const REAL *ap = Ap + (j0 / W) * r * W;  /* A[:, j0:j0+W] */
-                const REAL *bq = Bq + i * r;
-                int64_t t = (jf - j0) / W;
-                for (; t >= 2; t -= 2, w0 += 2 * W, ap += 2 * r * W) {
-                    /* the two lines of each row that the pair NORM_AVX512_PREFETCH
-                       columns on reads (tiles of W0 too large for the caches:
-                       (11008, 4096, 16) 0.90x the time, (4096, 4096, 16) 0.95-1.01x) */
-                    for (int q = 0; q < NG; q++) {
-                        const char *ahead = (const char *)(w0 + q * in + NORM_AVX512_PREFETCH);
-                        _mm_prefetch(ahead, _MM_HINT_T0);
-                        _mm_prefetch(ahead + W * sizeof(WTYPE), _MM_HINT_T0);
-                    }
-                    FN(norm6_avx512_pair)(ga, w0, bq, ap, &s, in, r);
-                }
-                if (t)
-                    FN(norm6_avx512_one)(ga, w0, bq, ap, &s, in, r);
-                for (int q = 0; q < NG; q++) _mm512_storeu_pd(ag[q], ga[q]);
-                j = jf;
-            }
-            for (; j < j1; j += W) {  /* the last group's or the last columns' tiles */
-                const int w = (int)dora_min(W, in - j);
-                const REAL *ap = Ap + (j / W) * r * W;
-                const WTYPE *w0 = W0 + i * in + j;
-                for (int q = 0; q < g; q += G)
-                    FN(norm_step)(2, ag + q, NULL, w0 + q * in, B + (i + q) * r, ap, s, in, r,
-                                  (int)dora_min(G, g - q), w);
-            }
-        }
-    }
-    for (int64_t i = i0; i < i1; i++)  /* n_i = sqrt of row i's lanes */
-        n[i] = (REAL)FN(sqrt_lanes)(acc[i - i0]);
+#define NORM6_AVX512_GROUP(ag, w0, bq, ap, tiles) \
+    FN(norm6_avx512_group)(ag, w0, bq, ap, &s, in, r, tiles)
+    NORM6_SIMD_ROWS(NORM6_AVX512_GROUP);
+#undef NORM6_AVX512_GROUP
 }
 
 /* column_norm_rows_avx2 on a CPU with AVX-512 F (dora_norm_avx512_ok), at
@@ -835,12 +847,7 @@ static __attribute__((target("avx512f"))) void FN(column_norm_rows_avx512)(
     REAL *n, const WTYPE *W0, const REAL *Ap, const REAL *B, const REAL *Bq, REAL s,
     int64_t i0, int64_t i1, int64_t in, int64_t r)
 {
-    switch (r) {  /* the benchmarks' ranks a constant: the k loop unrolled */
-    case 8: FN(norm6_avx512_rows)(8, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    case 16: FN(norm6_avx512_rows)(16, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    case 32: FN(norm6_avx512_rows)(32, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    default: FN(norm6_avx512_rows)(r, n, W0, Ap, B, Bq, s, i0, i1, in); break;
-    }
+    NORM6_RANK_SWITCH(FN(norm6_avx512_rows));
 }
 #endif
 
