@@ -1284,6 +1284,18 @@ static inline uint16_t dora_f32_to_f16(float f)
    columns (dora_set_forward_layout: tests and benchmarks). */
 static int forward_layout_setting = 0;
 
+/* The widest tile column_norm may take (dora_set_norm_tile_limit: tests and
+   benchmarks; 2 by default: AVX-512 where the CPU has it), and the one it
+   takes: 2 AVX-512, 1 AVX2, 0 the plain C tiles. */
+static int norm_tile_limit = 2;
+
+static int dora_norm_tile(void)
+{
+    int limit;
+    LOAD(norm_tile_limit, limit);
+    return limit >= 2 && dora_norm_avx512_ok() ? 2 : limit >= 1 && dora_norm_avx2_ok() ? 1 : 0;
+}
+
 /* 1 if the forward epilogue of N rows (tokens) and `out` columns runs in
    blocks of columns (each packs its own panels of B.T, then does every
    row), 0 if in blocks of ROW_BLOCK rows (B.T packed before the team).
@@ -1308,6 +1320,12 @@ static int dora_forward_by_columns(int64_t N, int64_t out)
 void dora_set_forward_layout(int layout)
 {
     STORE(forward_layout_setting, layout >= 0 && layout <= 2 ? layout : 0);
+}
+
+int dora_set_norm_tile_limit(int limit)
+{
+    STORE(norm_tile_limit, limit < 0 ? 0 : limit > 2 ? 2 : limit);
+    return dora_norm_avx512_ok() ? 2 : dora_norm_avx2_ok();
 }
 
 /* The kernels, for each type (dora_kernels_impl.h says what the macros mean). */

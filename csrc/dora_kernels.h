@@ -301,5 +301,9 @@ double dora_plan_rate_for_tests(int kernel, int type, double work, int64_t nbloc
 /* Tests and benchmarks: the forward epilogue's blocks, 0 by its rule (the
    default), 1 by rows, 2 by columns; the bits are the same for all three. */
 void dora_set_forward_layout(int layout);
+/* Tests and benchmarks: the widest SIMD tile column_norm may take, 2 AVX-512
+   (the default: what the CPU has), 1 AVX2, 0 the plain C tiles; returns
+   the one the CPU allows (2, 1 or 0). The bits are the same for all three. */
+int dora_set_norm_tile_limit(int limit);
 /* A short description of how the kernels were compiled, e.g. the SIMD clones. */
 const char *dora_build_info(void);

@@ -913,8 +913,8 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
        was 1.09x slower at r = 16 on Zen 3, so float64 keeps G rows.) With
        the AVX2 tile (column_norm_rows_avx2), from NORM_AVX2_MIN_R. */
     const int tile_ok = !Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_AVX2_MIN_R;
-    const int avx2 = tile_ok && r <= NORM_AVX512_MAX_R && dora_norm_avx512_ok() ? 2
-                     : tile_ok && r <= NORM_AVX2_MAX_R && dora_norm_avx2_ok();
+    const int tile = tile_ok ? dora_norm_tile() : 0;
+    const int avx2 = tile == 2 && r <= NORM_AVX512_MAX_R ? 2 : tile >= 1 && r <= NORM_AVX2_MAX_R;
     const int six = avx2 || (!Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R);
     REAL *Bq = six ? FN(pack_groups)(B, out, r) : NULL;
     if (!Ap || (six && !Bq)) {

@@ -19,7 +19,10 @@ On a CPU with AVX-512 F the AVX-512 tiles (``norm6_avx512_pair``: two
 tiles side by side, 32 columns; ``norm6_avx512_one`` for a row's odd full
 tile) take the AVX2 tile's place at the same ranks, with the same bits;
 ``test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone``
-gives them an odd and an even count of full tiles.
+gives them an odd and an even count of full tiles. Every test runs once with each
+tile the CPU has (the narrower ones forced by ``_set_norm_tile_limit``), so
+an AVX-512 machine checks the AVX2 tile too; and the three tiles give the
+same n (``test_every_norm_tile_gives_the_same_bits``).
 
 The ranks run over 1..40, across both ends of the AVX2 range and the
 unrolled ranks 8, 16 and 32; ``out`` is not a multiple of 6 (and spans two
@@ -47,6 +50,21 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from test_kernels_c import forced_threads  # noqa: E402,F401 (the fixture: set_threads, forced)
 
+_WIDEST = C._set_norm_tile_limit("avx512")  # the widest tile this CPU allows
+
+
+@pytest.fixture(params=["avx512", "avx2", "plain"])
+def norm_tile(request):
+    """Each test once with every tile this CPU has, the narrower ones forced
+    (``_set_norm_tile_limit``): on an AVX-512 machine the AVX2 tile is
+    checked too, and the plain tiles against themselves."""
+    if C._NORM_TILES.index(request.param) > C._NORM_TILES.index(_WIDEST):
+        pytest.skip(f"this CPU has no {request.param} tile (widest: {_WIDEST})")
+    C._set_norm_tile_limit(request.param)
+    yield request.param
+    C._set_norm_tile_limit("avx512")
+
+
 # 67 rows: a block of 60 (ten six-row groups) and one of 7 (a group and an
 # edge row); 100 columns: six full tiles of 16 and an edge of 4.
 OUT, IN = 67, 100
@@ -73,7 +91,7 @@ def _assert_rows_alone(W0, A, B, s, n):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("s", [0.7, -1.3])
-def test_six_row_avx2_tile_row_alone_and_merge_have_its_bits(forced_threads, threads, s):
+def test_six_row_avx2_tile_row_alone_and_merge_have_its_bits(norm_tile, forced_threads, threads, s):
     forced_threads(threads)
     for r in RANKS:
         W0, A, B = _problem(OUT, IN, r, seed=r)
@@ -89,7 +107,7 @@ def test_six_row_avx2_tile_row_alone_and_merge_have_its_bits(forced_threads, thr
 
 
 @pytest.mark.parametrize("r", [8, 16, 31, 32])
-def test_six_row_avx2_tile_with_A_in_chunks_has_the_bits_of_the_row_alone(forced_threads, r):
+def test_six_row_avx2_tile_with_A_in_chunks_has_the_bits_of_the_row_alone(norm_tile, forced_threads, r):
     # in = 4200: at r = 31, 32 A (counted in float64) exceeds 1 MiB and is taken
     # in chunks of columns; 4200 = 262 * 16 + 8, an edge tile in every row
     forced_threads(2)
@@ -101,7 +119,7 @@ def test_six_row_avx2_tile_with_A_in_chunks_has_the_bits_of_the_row_alone(forced
 
 
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
-def test_six_row_avx2_tile_on_16_bit_W0_has_the_bits_of_float32_on_its_widening(forced_threads, fmt):
+def test_six_row_avx2_tile_on_16_bit_W0_has_the_bits_of_float32_on_its_widening(norm_tile, forced_threads, fmt):
     if fmt == "bfloat16":
         ml_dtypes = pytest.importorskip("ml_dtypes")
         dtype = ml_dtypes.bfloat16
@@ -120,7 +138,7 @@ def test_six_row_avx2_tile_on_16_bit_W0_has_the_bits_of_float32_on_its_widening(
 
 
 @pytest.mark.parametrize("r", [4, 8, 16, 20, 32])
-def test_six_row_avx2_tile_inf_and_nan_in_W0_give_the_same_n(forced_threads, r):
+def test_six_row_avx2_tile_inf_and_nan_in_W0_give_the_same_n(norm_tile, forced_threads, r):
     forced_threads(2)
     W0, A, B = _problem(OUT, IN, r, seed=300 + r)
     W0[2, 5] = np.inf  # row 2: n = inf
@@ -139,7 +157,7 @@ def test_six_row_avx2_tile_inf_and_nan_in_W0_give_the_same_n(forced_threads, r):
 
 
 @pytest.mark.parametrize("in_", [16, 32, 48, 112, 116, 150])
-def test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone(forced_threads, in_):
+def test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone(norm_tile, forced_threads, in_):
     # full tiles of 16 per row: 1, 2, 3, 7, 7 (and an edge of 4), 9 (and 6): pairs, and an
     # odd tile after them or alone; a row alone is the plain edge tile, merge four-row tiles
     for threads in (1, 2):
@@ -150,3 +168,19 @@ def test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone(force
             _assert_rows_alone(W0, A, B, 0.35, n)
             _, n_merge = C.merge(W0, A, B, np.ones(OUT, np.float32), 0.35)
             np.testing.assert_array_equal(_bits(n_merge), _bits(n), err_msg=f"in = {in_}, r = {r}")
+
+
+@pytest.mark.parametrize("r", [8, 12, 16, 31, 32, 40])
+def test_every_norm_tile_gives_the_same_bits(forced_threads, r):
+    # (130, 1100): two blocks of 60 and an edge group, 68 full tiles and an edge of 12
+    forced_threads(2)
+    W0, A, B = _problem(130, 1100, r, seed=500 + r)
+    got = {}
+    try:
+        for tile in C._NORM_TILES[:C._NORM_TILES.index(_WIDEST) + 1]:
+            C._set_norm_tile_limit(tile)
+            got[tile] = _bits(C.column_norm(W0, A, B, 1.7))
+    finally:
+        C._set_norm_tile_limit("avx512")
+    for tile, bits in got.items():
+        np.testing.assert_array_equal(bits, got["plain"], err_msg=f"{tile} tile, r = {r}")

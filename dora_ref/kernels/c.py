@@ -270,6 +270,20 @@ def _set_forward_layout(layout):
     lib.dora_set_forward_layout(layouts.index(layout))
 
 
+#: column_norm's SIMD tiles, widest last (``_set_norm_tile_limit``).
+_NORM_TILES = ("plain", "avx2", "avx512")
+
+
+def _set_norm_tile_limit(tile):
+    """Tests and benchmarks only: the widest tile ``column_norm`` may take,
+    ``"avx512"`` (the default: the widest the CPU has), ``"avx2"`` or
+    ``"plain"`` (the C tiles without intrinsics). The bits are the same for
+    all three. Returns the widest the CPU allows."""
+    if tile not in _NORM_TILES:
+        raise ValueError(f"tile must be one of {_NORM_TILES}, got {tile!r}")
+    return _NORM_TILES[lib.dora_set_norm_tile_limit(_NORM_TILES.index(tile))]
+
+
 #: The kernels of ``_plan_stats``, in the order of ``enum dora_kernel_id`` in
 #: ``csrc/dora_kernels.c`` (``*_sum``: the reduction of a kernel's partial sums).
 _PLAN_KERNELS = ("column_norm", "merge", "unmerge", "forward_epilogue", "backward_epilogue",
