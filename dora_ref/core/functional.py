@@ -109,10 +109,12 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
     _vdot,
     WeightSnapshot,
+    all_finite,
     as_float_array,
     check_adapter,
     check_finite,
     check_input,
+    check_rows_finite,
     check_scaling,
     refuse_non_finite_rows,
     results_finite,
@@ -1143,9 +1145,14 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, *, policy="consistent"):
 
     Raises
     ------
+    TypeError
+        magnitude or n is not an array.
     ValueError
         On bad shapes, or a zero in m / n: such a row was scaled to zero by
         the merge and cannot be recovered.
+    NonFiniteWeightError
+        A ``ValueError`` subclass, when W0 would not be finite: W' / (m / n)
+        or s B A overflows the dtype (every input finite). It names the rows.
 
     Notes
     -----
@@ -1156,6 +1163,8 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, *, policy="consistent"):
     W_merged, A, B, magnitude, _ = check_adapter(
         W_merged, A, B, magnitude, low_precision=True,
         names=("W_merged", "A", "B", "magnitude", "bias"))
+    if magnitude is None:
+        raise TypeError("magnitude must be an array of shape (out,), got None")
     n = as_float_array("n", n, ndim=1, low_precision=True)
     if n.shape != magnitude.shape or n.dtype != magnitude.dtype:
         raise ValueError(
@@ -1171,7 +1180,11 @@ def unmerge(W_merged, A, B, magnitude, scaling, n, *, policy="consistent"):
     factor = np.where(n == 0, 1, divide_by_norm(magnitude, n))
     _refuse_lost_rows(factor)
     check_finite("W_merged", W_merged)
-    return _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
+    with np.errstate(over="ignore"):  # an overflow is refused below, with its rows
+        W0 = _backend.kernels().unmerge(W_merged, A, B, factor, scaling)
+    if not all_finite(W0):  # every input is finite: W' / (m / n) or s B A overflowed
+        check_rows_finite("the unmerged weight W' / (m / n) - s*B@A", W0)
+    return W0
 
 
 def _check_merge_norms(n, W_merged):
