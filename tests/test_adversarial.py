@@ -492,17 +492,17 @@ def test_merge_out_changed_by_another_process_is_not_called_done(small_checkpoin
     out = d / "out.safetensors"
     real_install = merge_cli._install
 
-    def someone_else_then(tmp, final, is_dir):
+    def someone_else_then(tmp, final, is_dir, *rest):
         if case == "foreign-file-then-interrupt":
             final.write_bytes(b"not ours")
             raise KeyboardInterrupt()
         final.mkdir()
         (final / "x").write_bytes(b"not ours")
-        real_install(tmp, final, is_dir)
+        real_install(tmp, final, is_dir, *rest)
 
     monkeypatch.setattr(merge_cli, "_install", someone_else_then)
-    # a one-file base: OUT is a file (with a folder base OUT is a folder, which a merge
-    # may rightly put in place of a folder that appeared meanwhile)
+    # a one-file base: OUT is a file (a folder OUT that appeared meanwhile is refused too:
+    # tests/test_merge_no_replace.py)
     argv = [str(d / "base" / "model.safetensors"), str(d / "ad"), str(out), "--no-progress"]
     status = merge_cli.main(argv)
     err = capsys.readouterr().err

@@ -27,6 +27,10 @@ modules corroborate it; otherwise the command stops and says so
 
 OUT must not exist (for a directory BASE: may be an empty directory) unless
 ``--force``, and may not be, or lie inside, BASE or an ADAPTER directory.
+Without ``--force`` this holds at the end too: the output is moved in only if
+OUT is still absent (or an empty directory), in one atomic step, so of two
+runs into one new OUT exactly one succeeds; the other stops with 'appeared
+while this merge ran' and leaves OUT as it is.
 
 Crash safety: the output is written into a temporary sibling of OUT
 (``.<OUT name>.dora-ref-tmp-<pid>-<random>``), every file flushed to disk
@@ -65,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -223,21 +228,70 @@ def _alive(pid):
     return True
 
 
-def _exchange(a, b):
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if os.environ.get("DORA_REF_TEST_NO_EXCHANGE") or not sys.platform.startswith("linux"):
-        return False
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
+
+
+def _renameat2(a, b, flags):
+    """Linux ``renameat2(a, b, flags)``: 0 on success, else the errno (ENOSYS where the
+    system or the C library has no renameat2)."""
+    if not sys.platform.startswith("linux"):
+        return errno.ENOSYS
     import ctypes
 
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except AttributeError:  # glibc < 2.28
-        return False
+        return errno.ENOSYS
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        return False  # e.g. a filesystem without it: fall back to two renames
-    return True
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def _exchange(a, b):
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if os.environ.get("DORA_REF_TEST_NO_EXCHANGE"):
+        return False
+    return _renameat2(a, b, _RENAME_EXCHANGE) == 0  # else e.g. a filesystem without it: two renames
+
+
+def _appeared(out):
+    return ValueError(
+        f"{out} appeared while this merge ran (another dora-ref merge into it?); it was left as it is "
+        f"and this merge's output removed; pass --force to replace it"
+    )
+
+
+def _install_new(tmp, out, is_dir):
+    """Move ``tmp`` to ``out`` only if OUT is still absent (or, for a directory, empty), in one
+    atomic step: the checks before the merge ran long ago, and another run may have installed
+    its output since (without this, two runs without --force could both report success while
+    one replaced the other's output: session 13's adversary, 2 of 40 races)."""
+    if is_dir:
+        try:  # rename(2) replaces an empty directory, and fails on anything else
+            os.rename(tmp, out)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise _appeared(out) from None
+            raise
+        return
+    err = errno.ENOSYS if os.environ.get("DORA_REF_TEST_NO_EXCHANGE") else \
+        _renameat2(tmp, out, _RENAME_NOREPLACE)
+    if err == 0:
+        return
+    if err == errno.EEXIST:
+        raise _appeared(out)
+    try:  # no renameat2 here: a hard link cannot replace a file either
+        os.link(tmp, out)
+    except FileExistsError:
+        raise _appeared(out) from None
+    except OSError:  # a filesystem without hard links: check, then replace (a short window)
+        if os.path.lexists(out):
+            raise _appeared(out) from None
+        os.replace(tmp, out)
+        return
+    os.unlink(tmp)
 
 
 #: realpath of an OUT -> (device, inode) of the output this process moved there
@@ -246,13 +300,20 @@ def _exchange(a, b):
 _INSTALLED = {}
 
 
-def _install(tmp, out, is_dir):
-    """Move the complete, synced ``tmp`` to ``out`` (replacing an old OUT) and sync the parent."""
+def _install(tmp, out, is_dir, force=True):
+    """Move the complete, synced ``tmp`` to ``out`` (replacing an old OUT only with ``force``;
+    without it, refusing an OUT that appeared meanwhile: ``_install_new``) and sync the parent."""
     parent = out.parent if str(out.parent) else Path(".")
     # recorded before the rename: OUT holds this inode only if the rename happened
     # (an interrupt between the rename and a later record would go unrecorded)
     _INSTALLED[os.path.realpath(out)] = _identity(tmp)
-    if not is_dir or not out.exists():
+    if not force:
+        try:
+            _install_new(tmp, out, is_dir)
+        except ValueError:
+            del _INSTALLED[os.path.realpath(out)]
+            raise
+    elif not is_dir or not out.exists():
         os.replace(tmp, out)  # atomic; an empty OUT directory is replaced too
     elif _exchange(tmp, out):
         _kill_point("exchanged")
@@ -659,7 +720,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
                     _fsync_file(tmp / item.name)
             S.fsync_directory(tmp)
         _kill_point("written")
-        _install(tmp, final, out_dir is not None)
+        _install(tmp, final, out_dir is not None, force)
     except BaseException:  # no partial output: OUT is untouched, the temporary output goes
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
