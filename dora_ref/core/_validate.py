@@ -363,7 +363,8 @@ def check_adapter(W0, A, B, magnitude=None, bias=None, *, low_precision=False, n
         anyway.
     """
     lp = low_precision
-    W0 = as_float_array(names[0] if names else "W0", W0, ndim=2, low_precision=lp)
+    w_name = names[0] if names else "W0"
+    W0 = as_float_array(w_name, W0, ndim=2, low_precision=lp)
     A = as_float_array("A", A, ndim=2, low_precision=lp)
     B = as_float_array("B", B, ndim=2, low_precision=lp)
     if magnitude is not None:
@@ -377,12 +378,11 @@ def check_adapter(W0, A, B, magnitude=None, bias=None, *, low_precision=False, n
         bias = as_float_array("bias", bias, ndim=1, low_precision=lp)
     out_f, in_f = W0.shape
     r = A.shape[0]
-    shapes = f"W0 {W0.shape}, A {A.shape}, B {B.shape}"
+    shapes = f"{w_name} {W0.shape}, A {A.shape}, B {B.shape}"
     if r == 0:
         raise ValueError(f"rank r must be >= 1, got A of shape {A.shape}")
-    check_weight_shape("W0", W0.shape)
+    check_weight_shape(w_name, W0.shape)
     if A.shape[1] != in_f or B.shape != (out_f, r):
-        w_name = names[0] if names else "W0"
         hint = ""
         if A.shape[1] == out_f and B.shape == (in_f, r) and in_f != out_f:
             hint = (f" ({w_name} looks transposed: A and B fit a weight of shape {(in_f, out_f)}; "
