@@ -735,9 +735,7 @@ NORM6_AVX512_INLINE __m512d FN(norm6_avx512_squares)(__m512d acc, const WTYPE *w
                                                      __m512 s)
 {
 #if LP
-    float wv[W];
-    for (int l = 0; l < W; l++) wv[l] = WIDEN(w0[l]);
-    const __m512 x = _mm512_loadu_ps(wv);
+    const __m512 x = WIDEN16_ZMM(w0);  /* WIDEN of each, in registers */
 #else
     const __m512 x = _mm512_loadu_ps(w0);
 #endif

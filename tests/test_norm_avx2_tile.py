@@ -184,3 +184,30 @@ def test_every_norm_tile_gives_the_same_bits(forced_threads, r):
         C._set_norm_tile_limit("avx512")
     for tile, bits in got.items():
         np.testing.assert_array_equal(bits, got["plain"], err_msg=f"{tile} tile, r = {r}")
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_16_bit_W0_specials_give_the_values_of_their_float32_widening(norm_tile, forced_threads, fmt):
+    # the AVX-512 tile widens sixteen 16-bit values in registers (vcvtph2ps; a shift for
+    # bfloat16) where the others widen one at a time: subnormals, the largest value, -0,
+    # inf and NaN must come out as the float32 widening's (NaN where the widening gives NaN)
+    if fmt == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    else:
+        dtype = np.float16
+    forced_threads(2)
+    W0, A, B = _problem(OUT, 4 * 16 + 5, 16, seed=600)
+    W16 = (W0 * 0.25).astype(dtype)
+    info = np.finfo(dtype)
+    W16[0, 3] = info.smallest_subnormal
+    W16[1, 17] = -info.smallest_subnormal * 3
+    W16[2, 20] = info.max
+    W16[3, 33] = -0.0
+    W16[6, 1] = np.inf
+    W16[7, 40] = np.nan
+    W16[12, 0:16] = info.smallest_subnormal  # a whole tile's row of subnormals
+    n = C.column_norm(W16, A, B, 0.5)
+    want = C.column_norm(W16.astype(np.float32), A, B, 0.5)
+    np.testing.assert_array_equal(n, want)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(_bits(n[finite]), _bits(want[finite]))
