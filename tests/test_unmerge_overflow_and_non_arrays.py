@@ -80,3 +80,34 @@ def test_low_precision_dtypes_still_knows_its_two_dtypes():
     assert np.dtype(np.float16) in LOW_PRECISION_DTYPES and np.float16 in LOW_PRECISION_DTYPES
     assert np.dtype(ml_dtypes.bfloat16) in LOW_PRECISION_DTYPES
     assert np.dtype(np.float32) not in LOW_PRECISION_DTYPES
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                        ("2", TypeError)])
+def test_embedding_bad_embed_scale_is_named_embed_scale(bad, error):
+    # it was reported as "scaling must be finite" (session 13's adversary)
+    from dora_ref.core.embedding import embedding_dora_forward, embedding_init_magnitude
+
+    rng = np.random.default_rng(1)
+    E, A, B = rng.standard_normal((7, 4)), rng.standard_normal((2, 7)), rng.standard_normal((4, 2))
+    m = embedding_init_magnitude(E, A, B, 0.5)
+    with pytest.raises(error, match="^embed_scale must be"):
+        embedding_dora_forward(np.array([1, 2]), E, A, B, m, 0.5, embed_scale=bad)
+
+
+def test_column_norm_that_overflows_raises_without_numpy_warnings(backend):
+    # the rescue pass formed s * B @ A for the flagged rows outside np.errstate, so a scaling
+    # beyond float32 printed "overflow encountered in cast" before the documented error
+    import warnings
+
+    if backend == "numpy":
+        pytest.skip("the NumPy backend's kernel is NumPy's own expression, which warns as NumPy "
+                    "does (an np.errstate on every call would cost the small layer's step ~3%)")
+
+    f = np.float32
+    W0, A, B = np.ones((2, 3), f), np.full((1, 3), 1e30, f), np.full((2, 1), 1e30, f)
+    for s in (1e39, 1.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match="overflowed float32"):
+                dora_ref.column_norm(W0, A, B, s)

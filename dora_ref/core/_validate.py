@@ -128,22 +128,23 @@ def check_same_dtype(**arrays):
     return dtypes.pop()
 
 
-def check_scaling(scaling):
-    """Return ``scaling`` as a Python float; raise if it is not a finite real."""
+def check_scaling(scaling, name="scaling"):
+    """Return ``scaling`` as a Python float; raise if it is not a finite real (the
+    message names the argument ``name``: ``scaling``, or e.g. ``embed_scale``)."""
     if type(scaling) is float and scaling - scaling == 0.0:  # finite (inf - inf, NaN: NaN)
         return scaling
     if isinstance(scaling, (bool, np.bool_)) or not isinstance(
         scaling, (numbers.Real, np.floating, np.integer)
     ):
-        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
     try:
         scaling = float(scaling)
     except OverflowError:  # an int beyond float's range
         raise ValueError(
-            f"scaling must be finite, got an integer of {int(scaling).bit_length()} bits"
+            f"{name} must be finite, got an integer of {int(scaling).bit_length()} bits"
         ) from None
     if not np.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+        raise ValueError(f"{name} must be finite, got {scaling}")
     return scaling
 
 

@@ -129,7 +129,7 @@ def _check_ids(ids, V):
 def _check_embed_scale(embed_scale):
     if embed_scale is None:
         return 1.0
-    return check_scaling(embed_scale)
+    return check_scaling(embed_scale, "embed_scale")
 
 
 def embedding_column_norm(weight, lora_embedding_A, lora_embedding_B, scaling, *,

@@ -300,8 +300,8 @@ def _rescue_extreme_rows(n, W0, A, B, scaling):
     rows = np.flatnonzero((n < _SMALLEST_SAFE_NORM) | np.isinf(n))
     if not rows.size:
         return rows
-    V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):  # an overflow here is the row's, reported by the caller
+        V = W0[rows] + scaling * (B[rows] @ A)  # (k, in) for the k rows only
         t = np.max(np.abs(V), axis=1, initial=0)
         ok = (t > 0) & np.isfinite(t)
         scaled = t * np.linalg.norm(V / np.where(ok, t, 1)[:, None], axis=1)
