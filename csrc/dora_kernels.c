@@ -1289,7 +1289,7 @@ static int forward_layout_setting = 0;
    takes: 2 AVX-512, 1 AVX2, 0 the plain C tiles. */
 static int norm_tile_limit = 2;
 
-static int dora_norm_tile(void)
+int dora_norm_tile(void)
 {
     int limit;
     LOAD(norm_tile_limit, limit);

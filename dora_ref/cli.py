@@ -72,7 +72,8 @@ def info(argv=None):
     if "c" in dora_ref.available_backends():
         from dora_ref.kernels import c as _kernels_c
 
-        print(f"C kernels: {_kernels_c.build_info()}; OpenMP threads: {_kernels_c.openmp_threads()}")
+        print(f"C kernels: {_kernels_c.build_info()}; OpenMP threads: {_kernels_c.openmp_threads()}; "
+              f"column_norm tile: {_kernels_c.norm_tile()}")
     try:
         with open("/proc/cpuinfo") as f:
             cpu = _cpu_summary(f.read())

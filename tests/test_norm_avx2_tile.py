@@ -211,3 +211,13 @@ def test_16_bit_W0_specials_give_the_values_of_their_float32_widening(norm_tile,
     np.testing.assert_array_equal(n, want)
     finite = np.isfinite(want)
     np.testing.assert_array_equal(_bits(n[finite]), _bits(want[finite]))
+
+
+def test_norm_tile_names_the_tile_in_use_and_follows_the_cap():
+    assert C.norm_tile() == _WIDEST  # the default: the widest tile the CPU has
+    try:
+        for tile in C._NORM_TILES[:C._NORM_TILES.index(_WIDEST) + 1]:
+            C._set_norm_tile_limit(tile)
+            assert C.norm_tile() == tile
+    finally:
+        C._set_norm_tile_limit("avx512")

@@ -154,6 +154,7 @@ __all__ = [
     "merge",
     "merge_into",
     "norm_gradient_products",
+    "norm_tile",
     "openmp_enabled",
     "openmp_threads",
     "set_threads",
@@ -272,6 +273,13 @@ def _set_forward_layout(layout):
 
 #: column_norm's SIMD tiles, widest last (``_set_norm_tile_limit``).
 _NORM_TILES = ("plain", "avx2", "avx512")
+
+
+def norm_tile():
+    """The tile ``column_norm`` takes for float32 (and 16-bit) W0 at 8 <= r <= 32 in this
+    process: ``"avx512"`` on a CPU with AVX-512 F, ``"avx2"`` with AVX2 and FMA, else
+    ``"plain"`` (the C tiles without intrinsics). All three give the same bits."""
+    return _NORM_TILES[lib.dora_norm_tile()]
 
 
 def _set_norm_tile_limit(tile):
