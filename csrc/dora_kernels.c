@@ -84,7 +84,7 @@
 #define NORM_FMA_SQUARES_MAX_R 32 /* column_norm adds its float32 squares by fma below this rank (fused mode) */
 #define NORM_AVX2_MIN_R 8         /* column_norm's AVX2 six-row tile from this rank (float32 arithmetic) */
 #define NORM_AVX2_MAX_R 32        /* ... up to this one (norm6_avx2) */
-#define NORM_AVX512_MAX_R 32      /* ... or this one with AVX-512 (norm6_avx512_pair) */
+#define NORM_AVX512_MAX_R 64      /* ... or this one with AVX-512 (norm6_avx512_pair) */
 #define NORM_AVX512_PREFETCH 64   /* columns ahead that norm6_avx512_rows prefetches W0 (4 pairs) */
 #define FWD_COL_BLOCK 64          /* columns a block of the forward by columns has (a multiple of W) */
 #define NORM_WHOLE_BYTES 1048576  /* A up to this size (counted in float64) is read whole in column_norm */

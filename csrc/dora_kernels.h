@@ -305,7 +305,8 @@ void dora_set_forward_layout(int layout);
    (the default: what the CPU has), 1 AVX2, 0 the plain C tiles; returns
    the one the CPU allows (2, 1 or 0). The bits are the same for all three. */
 int dora_set_norm_tile_limit(int limit);
-/* The tile column_norm takes now (float32, 8 <= r <= 32): 2 AVX-512, 1 AVX2, 0 plain C. */
+/* The tile column_norm takes now (float32 arithmetic; AVX-512 at 8 <= r <= 64, AVX2 at
+   8 <= r <= 32): 2 AVX-512, 1 AVX2, 0 plain C. */
 int dora_norm_tile(void);
 /* A short description of how the kernels were compiled, e.g. the SIMD clones. */
 const char *dora_build_info(void);

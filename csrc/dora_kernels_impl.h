@@ -638,6 +638,7 @@ static inline __attribute__((always_inline)) void FN(norm6_edge_tiles)(
         case 8: ROWS(8, n, W0, Ap, B, Bq, s, i0, i1, in); break;              \
         case 16: ROWS(16, n, W0, Ap, B, Bq, s, i0, i1, in); break;            \
         case 32: ROWS(32, n, W0, Ap, B, Bq, s, i0, i1, in); break;            \
+        case 64: ROWS(64, n, W0, Ap, B, Bq, s, i0, i1, in); break;            \
         default: ROWS(r, n, W0, Ap, B, Bq, s, i0, i1, in); break;             \
         }                                                                     \
     } while (0)
@@ -774,8 +775,8 @@ NORM6_AVX512_INLINE void FN(norm6_avx512_pair)(__m512d acc[NG], const WTYPE *w0,
             t1[q] = _mm512_fmadd_ps(e_, a1_, t1[q]);                          \
         }                                                                     \
     } while (0)
-    if (r == 8 || r == 16 || r == 32) {  /* a constant (column_norm_rows_avx512): unrolled whole */
-        #pragma GCC unroll 32
+    if (r == 8 || r == 16 || r == 32 || r == 64) {  /* a constant (column_norm_rows_avx512): unrolled whole */
+        #pragma GCC unroll 64
         for (int k = 1; k < r; k++) NORM6_AVX512_PAIR_K(k);
     } else {
         #pragma GCC unroll 4

@@ -106,7 +106,7 @@ def test_six_row_avx2_tile_row_alone_and_merge_have_its_bits(norm_tile, forced_t
         assert np.all(np.abs(n - ref) <= bound), (r, np.max(np.abs(n - ref) / bound))
 
 
-@pytest.mark.parametrize("r", [8, 16, 31, 32])
+@pytest.mark.parametrize("r", [8, 16, 31, 32, 33, 48, 64])
 def test_six_row_avx2_tile_with_A_in_chunks_has_the_bits_of_the_row_alone(norm_tile, forced_threads, r):
     # in = 4200: at r = 31, 32 A (counted in float64) exceeds 1 MiB and is taken
     # in chunks of columns; 4200 = 262 * 16 + 8, an edge tile in every row
@@ -127,7 +127,7 @@ def test_six_row_avx2_tile_on_16_bit_W0_has_the_bits_of_float32_on_its_widening(
         dtype = np.float16
     for threads in (1, 2):
         forced_threads(threads)
-        for r in (1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40):
+        for r in (1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 64):
             W0, A, B = _problem(OUT, IN, r, seed=200 + r)
             W16 = W0.astype(dtype)
             n = C.column_norm(W16, A, B, -0.75)
@@ -170,7 +170,7 @@ def test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone(norm_
             np.testing.assert_array_equal(_bits(n_merge), _bits(n), err_msg=f"in = {in_}, r = {r}")
 
 
-@pytest.mark.parametrize("r", [8, 12, 16, 31, 32, 40])
+@pytest.mark.parametrize("r", [8, 12, 16, 31, 32, 40, 63, 64, 65])
 def test_every_norm_tile_gives_the_same_bits(forced_threads, r):
     # (130, 1100): two blocks of 60 and an edge group, 68 full tiles and an edge of 12
     forced_threads(2)
