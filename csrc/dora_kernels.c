@@ -45,13 +45,14 @@
 #define DORA_CLONES_INFO "none"
 #endif
 
-/* The one exception to "no intrinsics": column_norm's six-row tile at
-   NORM_AVX2_MIN_R <= r <= NORM_AVX2_MAX_R in float32 (and on 16-bit W0),
-   written with AVX2/FMA intrinsics in a function compiled for that target
-   alone (dora_kernels_impl.h, norm6_avx2) and called only where the CPU
-   has both (dora_norm_avx2_ok). GCC 12 compiled the plain C tile and its
-   loop to 546 instructions a tile at r = 16 for 228 FMA-unit operations
-   (430 with intrinsics). The plain C tiles stay for every other CPU and
+/* The one exception to "no intrinsics": column_norm's six-row tiles in
+   float32 (and on 16-bit W0), written with AVX2/FMA intrinsics at
+   NORM_AVX2_MIN_R <= r <= NORM_AVX2_MAX_R (dora_kernels_impl.h, norm6_avx2)
+   and with AVX-512 F ones up to NORM_AVX512_MAX_R (norm6_avx512_pair), each
+   in functions compiled for that target alone and called only where the CPU
+   has it (dora_norm_tile). GCC 12 compiled the plain C tile and its loop to
+   546 instructions a tile at r = 16 for 228 FMA-unit operations (430 with
+   AVX2 intrinsics). The plain C tiles stay for every other CPU and
    compiler, and give the same bits. */
 #if defined(DORA_HAVE_TARGET_CLONES) && (defined(__GNUC__) || defined(__clang__)) \
     && defined(__x86_64__)
@@ -85,7 +86,7 @@
 #define NORM_AVX2_MIN_R 8         /* column_norm's AVX2 six-row tile from this rank (float32 arithmetic) */
 #define NORM_AVX2_MAX_R 32        /* ... up to this one (norm6_avx2) */
 #define NORM_AVX512_MAX_R 64      /* ... or this one with AVX-512 (norm6_avx512_pair) */
-#define NORM_AVX512_PREFETCH 64   /* columns ahead that norm6_avx512_rows prefetches W0 (4 pairs) */
+#define NORM_AVX512_PREFETCH 64   /* columns ahead that norm6_avx512_group prefetches W0 (2 pairs) */
 #define FWD_COL_BLOCK 64          /* columns a block of the forward by columns has (a multiple of W) */
 #define NORM_WHOLE_BYTES 1048576  /* A up to this size (counted in float64) is read whole in column_norm */
 #define NORM_CHUNK_BYTES 32768    /* else column_norm takes it in chunks of this size (L1) */
@@ -1289,11 +1290,17 @@ static int forward_layout_setting = 0;
    takes: 2 AVX-512, 1 AVX2, 0 the plain C tiles. */
 static int norm_tile_limit = 2;
 
+/* The widest tile the CPU has, at most `limit`. */
+static int dora_norm_tile_upto(int limit)
+{
+    return limit >= 2 && dora_norm_avx512_ok() ? 2 : limit >= 1 && dora_norm_avx2_ok() ? 1 : 0;
+}
+
 int dora_norm_tile(void)
 {
     int limit;
     LOAD(norm_tile_limit, limit);
-    return limit >= 2 && dora_norm_avx512_ok() ? 2 : limit >= 1 && dora_norm_avx2_ok() ? 1 : 0;
+    return dora_norm_tile_upto(limit);
 }
 
 /* 1 if the forward epilogue of N rows (tokens) and `out` columns runs in
@@ -1325,7 +1332,7 @@ void dora_set_forward_layout(int layout)
 int dora_set_norm_tile_limit(int limit)
 {
     STORE(norm_tile_limit, limit < 0 ? 0 : limit > 2 ? 2 : limit);
-    return dora_norm_avx512_ok() ? 2 : dora_norm_avx2_ok();
+    return dora_norm_tile_upto(2);
 }
 
 /* The kernels, for each type (dora_kernels_impl.h says what the macros mean). */

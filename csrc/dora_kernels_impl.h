@@ -874,7 +874,7 @@ typedef struct {
     const REAL *Ap, *B, *Bq;
     REAL s;
     int64_t out, in, r;
-    int fused, avx2;  /* avx2: norm6_avx2 takes the full tiles (2: norm6_avx512's) */
+    int fused, tile;  /* tile: 1 norm6_avx2 takes the full tiles, 2 norm6_avx512's, 0 neither */
 } FN(norm_ctx);
 
 static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
@@ -883,11 +883,11 @@ static void FN(norm_block)(void *ctx, void *scratch, int64_t blk)
     (void)scratch;
     const int64_t i0 = blk * NORM_ROW_BLOCK, i1 = dora_min(c->out, i0 + NORM_ROW_BLOCK);
 #if defined(DORA_NORM_AVX2) && W == 16
-    if (c->avx2 == 2) {
+    if (c->tile == 2) {
         FN(column_norm_rows_avx512)(c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
         return;
     }
-    if (c->avx2) {
+    if (c->tile == 1) {
         FN(column_norm_rows_avx2)(c->n, c->W0, c->Ap, c->B, c->Bq, c->s, i0, i1, c->in, c->r);
         return;
     }
@@ -910,11 +910,12 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
        r >= NORM_SIX_MIN_R: B in groups of NG rows, for norm_full6 (which
        needs r > 0); Bq NULL selects G-row tiles. (The float64 six-row tile
        was 1.09x slower at r = 16 on Zen 3, so float64 keeps G rows.) With
-       the AVX2 tile (column_norm_rows_avx2), from NORM_AVX2_MIN_R. */
+       the AVX2 or AVX-512 tiles (dora_norm_tile), from NORM_AVX2_MIN_R. */
     const int tile_ok = !Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_AVX2_MIN_R;
-    const int tile = tile_ok ? dora_norm_tile() : 0;
-    const int avx2 = tile == 2 && r <= NORM_AVX512_MAX_R ? 2 : tile >= 1 && r <= NORM_AVX2_MAX_R;
-    const int six = avx2 || (!Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R);
+    const int cpu_tile = tile_ok ? dora_norm_tile() : 0;
+    const int tile = cpu_tile == 2 && r <= NORM_AVX512_MAX_R ? 2
+                     : cpu_tile >= 1 && r <= NORM_AVX2_MAX_R ? 1 : 0;
+    const int six = tile || (!Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R);
     REAL *Bq = six ? FN(pack_groups)(B, out, r) : NULL;
     if (!Ap || (six && !Bq)) {
         free(Ap);
@@ -927,7 +928,7 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
     dora_plan plan;
     dora_plan_begin(&plan, Wm ? K_MERGE : K_NORM, (double)out * in * (r + 1), nblocks);
     if (!Wm) {
-        FN(norm_ctx) ctx = {n, W0, Ap, B, Bq, (REAL)s, out, in, r, fused, avx2};
+        FN(norm_ctx) ctx = {n, W0, Ap, B, Bq, (REAL)s, out, in, r, fused, tile};
         failed = dora_team_for(&plan, nblocks, FN(norm_block), &ctx, 0);
     } else {
         #pragma omp parallel num_threads(plan.nt)

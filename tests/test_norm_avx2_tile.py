@@ -17,7 +17,7 @@ depend on which tile computed a row:
 
 On a CPU with AVX-512 F the AVX-512 tiles (``norm6_avx512_pair``: two
 tiles side by side, 32 columns; ``norm6_avx512_one`` for a row's odd full
-tile) take the AVX2 tile's place at the same ranks, with the same bits;
+tile) take the AVX2 tile's place, and go on to r = 64, with the same bits;
 ``test_avx512_tile_pairs_and_the_odd_tile_have_the_bits_of_the_row_alone``
 gives them an odd and an even count of full tiles. Every test runs once with each
 tile the CPU has (the narrower ones forced by ``_set_norm_tile_limit``), so
@@ -25,7 +25,8 @@ an AVX-512 machine checks the AVX2 tile too; and the three tiles give the
 same n (``test_every_norm_tile_gives_the_same_bits``).
 
 The ranks run over 1..40, across both ends of the AVX2 range and the
-unrolled ranks 8, 16 and 32; ``out`` is not a multiple of 6 (and spans two
+unrolled ranks 8, 16 and 32 (to 65 in the chunked and three-tile tests,
+across the AVX-512 range's end and its unrolled r = 64); ``out`` is not a multiple of 6 (and spans two
 blocks of 60 rows), ``in`` not a multiple of 16 or of 8; a wide ``in`` at
 r = 31 and 32 takes A in chunks (norm_chunk). On a CPU without AVX2 the
 same assertions hold for the plain tiles (``build_info`` says whether the

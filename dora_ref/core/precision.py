@@ -63,7 +63,7 @@ class _LowPrecisionDtypes:
     __slots__ = ()
 
     def __contains__(self, dtype):
-        if type(dtype) is not np.dtype and not isinstance(dtype, np.dtype):
+        if not isinstance(dtype, np.dtype):
             try:  # a scalar type or a name; anything else (None, a list's missing dtype) is not
                 dtype = np.dtype(dtype)
             except TypeError:

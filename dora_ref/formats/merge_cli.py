@@ -300,7 +300,7 @@ def _install_new(tmp, out, is_dir):
 _INSTALLED = {}
 
 
-def _install(tmp, out, is_dir, force=True):
+def _install(tmp, out, is_dir, force):
     """Move the complete, synced ``tmp`` to ``out`` (replacing an old OUT only with ``force``;
     without it, refusing an OUT that appeared meanwhile: ``_install_new``) and sync the parent."""
     parent = out.parent if str(out.parent) else Path(".")
