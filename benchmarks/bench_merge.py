@@ -43,6 +43,11 @@ the last round's dora-ref and PEFT outputs and compares the first layer's
 seven merged projections bit by bit, and each with the float64 merge rounded
 once to bf16 (ties to even): how many values differ, and which side holds
 the correctly rounded value.
+
+Back to back, each command mostly gets memory the previous one has just
+freed. On a virtual machine with free page reporting (the first line says)
+fresh memory can be much slower to touch; ``bench_merge_cold.py`` times the
+merge and the read + write in that state.
 """
 from __future__ import annotations
 
@@ -210,7 +215,25 @@ def machine():
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = open("/proc/cpuinfo").read()
     simd = "avx512f" if " avx512f" in flags else "avx2" if " avx2" in flags else "neither avx2 nor avx512f"
-    return f"{model}, {os.cpu_count()} cores, {simd}"
+    return f"{model}, {os.cpu_count()} cores, {simd}, free page reporting: {free_page_reporting()}"
+
+
+def free_page_reporting():
+    """'yes' if a virtio balloon offers free page reporting (feature bit 5), else 'no' or 'unknown'.
+
+    With it the host takes back guest memory some seconds after it is
+    freed, and the next first touch of such a page is a trip to the host:
+    fresh memory, a process's or a new file's page cache, can cost seconds
+    per GB (see ``bench_merge_cold.py``).
+    """
+    try:
+        for dev in Path("/sys/bus/virtio/devices").iterdir():
+            if (dev / "device").read_text().strip() == "0x0005":  # the balloon
+                bits = (dev / "features").read_text().strip()
+                return "yes" if len(bits) > 5 and bits[5] == "1" else "no"
+        return "no"
+    except OSError:
+        return "unknown"
 
 
 def uptime():

@@ -158,8 +158,9 @@ def test_conversions_and_reads_into_a_wrong_buffer_raise_naming_it(tmp_path):
 
 
 def test_writer_starts_writeback_of_each_tensor_exactly_where_it_lies(tmp_path, monkeypatch):
-    """The early-writeback hint covers every tensor's byte range, in order, and nothing else
-    (the header is flushed by the fsync of close); the file is the same with and without it."""
+    """Buffered writes (direct=False): the early-writeback hint covers every tensor's byte range,
+    in order, and nothing else (the header is flushed by the fsync of close); the file is the
+    same with and without it."""
     calls = []
     monkeypatch.setattr(S, "_start_writeback", lambda fd, offset, nbytes: calls.append((offset, nbytes)))
     specs = [("a", np.float32, (3, 5)), ("b", np.float16, (7,)), ("c", np.float64, (2, 2))]
@@ -167,7 +168,7 @@ def test_writer_starts_writeback_of_each_tensor_exactly_where_it_lies(tmp_path, 
     for name, hint in (("with.safetensors", True), ("without.safetensors", False)):
         if not hint:
             monkeypatch.setattr(S, "_start_writeback", None)
-        w = S.SafetensorsWriter(tmp_path / name, specs)
+        w = S.SafetensorsWriter(tmp_path / name, specs, direct=False)
         for (key, _, _), a in zip(specs, arrays):
             w.write(key, a)
         w.close()

@@ -1,0 +1,193 @@
+"""SafetensorsWriter's O_DIRECT path: the same bytes as buffered writes, its fallbacks and its errors.
+
+The writer (and so ``dora-ref merge``) writes with ``O_DIRECT`` where the OS
+has it: whole 4096-byte blocks from two aligned buffers, one written by a
+short-lived thread while the other fills, the last block padded with zeros
+and the file cut back to its size. Each case here is one way that could go
+wrong: a tensor ending at, just before or just after a block or buffer
+boundary, copies from another file, a filesystem that refuses ``O_DIRECT``,
+a disk that refuses a write, and a writer abandoned half way.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from dora_ref.formats import safetensors_io as S
+
+pytestmark = pytest.mark.skipif(not S._O_DIRECT, reason="this OS has no O_DIRECT: the writer writes buffered")
+
+CHUNK = 2 * S._DIRECT_ALIGN  # small buffers, so a few KB cross many buffer boundaries
+
+
+@pytest.fixture
+def small_chunk(monkeypatch):
+    monkeypatch.setattr(S, "_DIRECT_CHUNK", CHUNK)
+
+
+def _direct_flag(fd):
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & S._O_DIRECT)
+
+
+def _write(path, arrays, *, direct, copy_from=None):
+    """Write ``arrays`` (key -> uint8 array) in order; keys in ``copy_from`` are copied from that file."""
+    w = S.SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in arrays.items()], {"format": "pt"}, direct=direct)
+    for key, a in arrays.items():
+        if copy_from is not None and key in copy_from.keys():
+            w.copy(key, copy_from)
+        else:
+            w.write(key, a)
+    w.close()
+    return w
+
+
+# sizes around the 4096-byte block and the two-block buffer: the tail of the file lands at every
+# kind of place, and so do the boundaries between tensors
+EDGES = [0, 1, 7, 4095, 4096, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
+
+
+@pytest.mark.parametrize("last", EDGES)
+def test_direct_and_buffered_writes_give_the_same_bytes_whatever_the_sizes(tmp_path, small_chunk, last):
+    rng = np.random.default_rng(last)
+    arrays = {f"t{i}": rng.integers(0, 256, n, dtype=np.uint8) for i, n in enumerate(EDGES + [last])}
+    w = _write(tmp_path / "direct.safetensors", arrays, direct=None)
+    assert w._sink is not None  # O_DIRECT was used (tmp_path's filesystem takes it)
+    _write(tmp_path / "buffered.safetensors", arrays, direct=False)
+    data = (tmp_path / "direct.safetensors").read_bytes()
+    assert data == (tmp_path / "buffered.safetensors").read_bytes()
+    f = S.SafetensorsFile(tmp_path / "direct.safetensors")
+    for key, a in arrays.items():
+        np.testing.assert_array_equal(f.read_bits(key), a)
+    assert not (tmp_path / "direct.safetensors.partial").exists()
+
+
+def test_direct_copy_moves_the_same_bytes_as_the_kernel_copy(tmp_path, small_chunk):
+    """``copy`` reads the source straight into the aligned buffer (no copy_file_range under O_DIRECT)."""
+    rng = np.random.default_rng(1)
+    arrays = {f"t{i}": rng.integers(0, 256, n, dtype=np.uint8) for i, n in enumerate([5, CHUNK + 3, 0, 4096, 9000])}
+    _write(tmp_path / "source.safetensors", arrays, direct=False)
+    src = S.SafetensorsFile(tmp_path / "source.safetensors")
+    _write(tmp_path / "direct.safetensors", arrays, direct=None, copy_from=src)
+    _write(tmp_path / "buffered.safetensors", arrays, direct=False, copy_from=src)
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "buffered.safetensors").read_bytes()
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "source.safetensors").read_bytes()
+
+
+def test_direct_write_falls_back_to_buffered_when_the_filesystem_refuses_o_direct(tmp_path, small_chunk, monkeypatch):
+    """A filesystem that opens with O_DIRECT but refuses its writes (EINVAL): the writer clears the
+    flag on the descriptor and goes on buffered; the file is the same."""
+    real_write, refused = os.write, []
+
+    def write(fd, data):
+        if _direct_flag(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(S.os, "write", write)
+    rng = np.random.default_rng(2)
+    arrays = {f"t{i}": rng.integers(0, 256, n, dtype=np.uint8) for i, n in enumerate([3, CHUNK * 2 + 1, 100])}
+    _write(tmp_path / "direct.safetensors", arrays, direct=None)
+    monkeypatch.setattr(S.os, "write", real_write)
+    _write(tmp_path / "buffered.safetensors", arrays, direct=False)
+    assert len(refused) == 1  # refused once, then buffered
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "buffered.safetensors").read_bytes()
+
+
+def test_direct_write_open_refused_falls_back_to_buffered(tmp_path, monkeypatch):
+    """A filesystem that refuses O_DIRECT at open (EINVAL, as tmpfs did before Linux 6.6)."""
+    real_open = os.open
+
+    def open_(path, flags, mode=0o777):
+        if flags & S._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(S.os, "open", open_)
+    w = _write(tmp_path / "x.safetensors", {"a": np.arange(10, dtype=np.uint8)}, direct=None)
+    assert w._sink is None
+    np.testing.assert_array_equal(S.SafetensorsFile(tmp_path / "x.safetensors").read_bits("a"), np.arange(10))
+
+
+def test_direct_write_other_open_errors_are_not_swallowed(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        S.SafetensorsWriter(tmp_path / "no" / "such" / "dir.safetensors", [("a", np.uint8, (1,))])
+
+
+def test_direct_write_disk_refusal_raises_naming_the_file_and_leaves_nothing(tmp_path):
+    """A write the disk refuses (here the file-size limit, EFBIG; a full disk is ENOSPC) surfaces in
+    the caller's thread as OSError naming the file, on this call or the next, and on every later one;
+    abort removes the partial file and no writer thread is left behind."""
+    script = textwrap.dedent(f"""
+        import errno, resource, signal, threading, numpy as np
+        from pathlib import Path
+        from dora_ref.formats import safetensors_io as S
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        path = Path({str(tmp_path / "x.safetensors")!r})
+        big = np.zeros(16 << 20, np.uint8)
+        w = S.SafetensorsWriter(path, [("a", np.uint8, big.shape), ("b", np.uint8, big.shape)])
+        assert w._sink is not None
+        seen = []
+        for key in ("a", "b"):
+            try:
+                w.write(key, big)
+            except OSError as e:
+                seen.append(e)
+                break
+        if not seen:
+            try:
+                w.close()
+            except OSError as e:
+                seen.append(e)
+        e = seen[0]
+        assert e.errno == errno.EFBIG and "x.safetensors.partial" in str(e), e
+        try:
+            w.close()
+            raise SystemExit("close after a failed write succeeded")
+        except OSError as again:
+            assert again.errno == errno.EFBIG, again
+        assert not path.exists() and not Path(str(path) + ".partial").exists()
+        assert threading.active_count() == 1, threading.enumerate()
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(S.Path(S.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_direct_writer_abandoned_half_way_leaves_no_file_and_no_thread(tmp_path, small_chunk):
+    before = threading.active_count()
+    w = S.SafetensorsWriter(tmp_path / "x.safetensors", [("a", np.uint8, (10 * CHUNK,)), ("b", np.uint8, (3,))])
+    w.write("a", np.ones(10 * CHUNK, np.uint8))
+    w.abort()
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.partial").exists()
+    assert threading.active_count() == before
+
+
+def test_direct_write_out_of_order_is_refused_before_any_byte_moves(tmp_path, small_chunk):
+    w = S.SafetensorsWriter(tmp_path / "x.safetensors", [("a", np.uint8, (5,)), ("b", np.uint8, (5,))])
+    with pytest.raises(ValueError, match="expected tensor 'a'"):
+        w.write("b", np.zeros(5, np.uint8))
+    w.write("a", np.zeros(5, np.uint8))
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) never written"):
+        w.close()
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.partial").exists()
+
+
+def test_direct_appender_refuses_a_chunk_that_is_not_whole_blocks(tmp_path):
+    fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(ValueError, match="chunk must be a multiple of 4096, got 5000"):
+            S._DirectAppender(fd, tmp_path / "x", chunk=5000)
+    finally:
+        os.close(fd)
