@@ -63,6 +63,37 @@
 #define DORA_NORM_AVX2_INFO "no"
 #endif
 
+/* A team computes in the caller's floating-point mode. The SSE control
+   register (MXCSR) is per thread: a library that turns on flush-to-zero
+   and denormals-are-zero (FTZ/DAZ, as code built with -ffast-math does when
+   it loads) or changes the rounding mode in the calling thread changes it
+   there alone, and the threads of OpenMP's or OpenBLAS's pool, made
+   earlier, keep theirs. Rows computed by different threads would then treat
+   subnormal values differently, and the bits would follow the thread count.
+   So dora_plan_begin reads the caller's FTZ, DAZ and rounding bits, each
+   member takes them when it arrives and puts its own back when it leaves
+   (the exception masks and flags stay each thread's own). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <xmmintrin.h>
+#define DORA_CSR_MODE 0xE040u  /* FTZ (bit 15), rounding (14-13), DAZ (bit 6) */
+static inline unsigned dora_csr_get(void) { return _mm_getcsr(); }
+static inline unsigned dora_csr_adopt(unsigned caller)  /* returns the thread's own */
+{
+    const unsigned own = _mm_getcsr();
+    const unsigned want = (own & ~DORA_CSR_MODE) | (caller & DORA_CSR_MODE);
+    if (want != own) _mm_setcsr(want);
+    return own;
+}
+static inline void dora_csr_restore(unsigned own)
+{
+    if (_mm_getcsr() != own) _mm_setcsr(own);
+}
+#else  /* elsewhere no per-thread mode is carried (threads start in the default mode) */
+static inline unsigned dora_csr_get(void) { return 0; }
+static inline unsigned dora_csr_adopt(unsigned caller) { (void)caller; return 0; }
+static inline void dora_csr_restore(unsigned own) { (void)own; }
+#endif
+
 #ifdef DORA_HAVE_OMP_PAUSE
 #define DORA_PAUSE_INFO "yes"
 #else
@@ -305,6 +336,8 @@ typedef struct {
     double work, t0, T;
     double arrive[MAX_TEAM];    /* when each thread of the team started */
     double leave[MAX_TEAM];     /* ... and when it ran out of work */
+    unsigned csr;               /* the caller's floating-point mode (dora_csr_get) */
+    unsigned own_csr[MAX_TEAM]; /* each member's own, put back when it leaves */
 } dora_plan;
 
 static int threads_setting = 0;     /* 0 until first use: omp_get_max_threads() */
@@ -771,6 +804,7 @@ static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t
     /* not noted yet: a member the runtime does not start leaves its times 0 (dora_plan_end
        skips them), whichever way the team is decided below, forced teams included */
     for (int t = 0; t < p->nt; t++) p->arrive[t] = p->leave[t] = 0;
+    p->csr = dora_csr_get();
     p->t0 = dora_now();
 #ifdef _OPENMP
     if (p->nt <= 1) return;
@@ -788,21 +822,31 @@ static void dora_plan_begin_typed(dora_plan *p, int kernel, double work, int64_t
 #endif
 }
 
-/* Called by every thread of the team when it starts. */
+/* Called by every thread of the team when it starts: notes the time and
+   takes the caller's floating-point mode. */
 static inline void dora_plan_arrive(dora_plan *p)
 {
 #ifdef _OPENMP
-    if (p->nt > 1) p->arrive[omp_get_thread_num()] = dora_now();
+    if (p->nt > 1) {
+        const int t = omp_get_thread_num();
+        p->own_csr[t] = dora_csr_adopt(p->csr);
+        p->arrive[t] = dora_now();
+    }
 #else
     (void)p;
 #endif
 }
 
-/* Called by every thread of the team when it has no block left. */
+/* Called by every thread of the team when it has no block left: notes the
+   time and puts the thread's own floating-point mode back. */
 static inline void dora_plan_leave(dora_plan *p)
 {
 #ifdef _OPENMP
-    if (p->nt > 1) p->leave[omp_get_thread_num()] = dora_now();
+    if (p->nt > 1) {
+        const int t = omp_get_thread_num();
+        p->leave[t] = dora_now();
+        dora_csr_restore(p->own_csr[t]);
+    }
 #else
     (void)p;
 #endif
@@ -1129,13 +1173,19 @@ static void dora_team_run(int nt, void (*fn)(void *), void *args, size_t stride)
 /* A member's dora_plan_arrive: its index, not omp_get_thread_num(). */
 static inline void dora_team_arrive(dora_plan *p, int t)
 {
-    if (p->nt > 1) p->arrive[t] = dora_now();
+    if (p->nt > 1) {
+        p->own_csr[t] = dora_csr_adopt(p->csr);
+        p->arrive[t] = dora_now();
+    }
 }
 
 /* A member's dora_plan_leave. */
 static inline void dora_team_leave(dora_plan *p, int t)
 {
-    if (p->nt > 1) p->leave[t] = dora_now();
+    if (p->nt > 1) {
+        p->leave[t] = dora_now();
+        dora_csr_restore(p->own_csr[t]);
+    }
 }
 
 /* A loop over blocks on a team (dora_team_for): fn(ctx, scratch, blk) for
