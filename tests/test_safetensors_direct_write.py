@@ -191,3 +191,18 @@ def test_direct_appender_refuses_a_chunk_that_is_not_whole_blocks(tmp_path):
             S._DirectAppender(fd, tmp_path / "x", chunk=5000)
     finally:
         os.close(fd)
+
+
+def test_writer_that_cannot_get_its_buffers_leaves_no_file_and_no_descriptor(tmp_path, monkeypatch):
+    """mmap failing (out of memory) in the constructor: MemoryError, and neither the partial file
+    nor its descriptor is left behind."""
+    def no_memory(*args, **kwargs):
+        raise MemoryError("mmap")
+
+    monkeypatch.setattr(S.mmap, "mmap", no_memory)
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(MemoryError):
+        S.SafetensorsWriter(tmp_path / "x.safetensors", [("a", np.uint8, (3,))])
+    assert not (tmp_path / "x.safetensors.partial").exists()
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds

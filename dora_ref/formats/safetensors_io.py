@@ -666,10 +666,16 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._fd, is_direct = _open_for_append(self._partial, direct is not False)
-        self._sink = _DirectAppender(self._fd, self._partial) if is_direct else None
-        self._append(struct.pack("<Q", len(raw)) + raw)
+        self._sink = None
         self._next = 0
         self._written = 8 + len(raw)  # bytes in the file so far
+        try:
+            if is_direct:
+                self._sink = _DirectAppender(self._fd, self._partial)
+            self._append(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:  # no buffers, or the header refused: no file, no descriptor left
+            self.abort()
+            raise
 
     def _append(self, data):
         if self._sink is not None:
