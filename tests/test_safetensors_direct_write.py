@@ -2,8 +2,8 @@
 
 The writer (and so ``dora-ref merge``) writes with ``O_DIRECT`` where the OS
 has it: whole 4096-byte blocks from two aligned buffers, one written by a
-short-lived thread while the other fills, the last block padded with zeros
-and the file cut back to its size. Each case here is one way that could go
+short-lived thread while the other fills, the last partial block written
+buffered. Each case here is one way that could go
 wrong: a tensor ending at, just before or just after a block or buffer
 boundary, copies from another file, a filesystem that refuses ``O_DIRECT``,
 a disk that refuses a write, and a writer abandoned half way.
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -41,13 +42,15 @@ def _direct_flag(fd):
 def _write(path, arrays, *, direct, copy_from=None):
     """Write ``arrays`` (key -> uint8 array) in order; keys in ``copy_from`` are copied from that file."""
     w = S.SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in arrays.items()], {"format": "pt"}, direct=direct)
+    used_direct = w._sink is not None
     for key, a in arrays.items():
         if copy_from is not None and key in copy_from.keys():
             w.copy(key, copy_from)
         else:
             w.write(key, a)
     w.close()
-    return w
+    assert w._sink is None  # the buffers are let go at close
+    return used_direct
 
 
 # sizes around the 4096-byte block and the two-block buffer: the tail of the file lands at every
@@ -59,8 +62,7 @@ EDGES = [0, 1, 7, 4095, 4096, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
 def test_direct_and_buffered_writes_give_the_same_bytes_whatever_the_sizes(tmp_path, small_chunk, last):
     rng = np.random.default_rng(last)
     arrays = {f"t{i}": rng.integers(0, 256, n, dtype=np.uint8) for i, n in enumerate(EDGES + [last])}
-    w = _write(tmp_path / "direct.safetensors", arrays, direct=None)
-    assert w._sink is not None  # O_DIRECT was used (tmp_path's filesystem takes it)
+    assert _write(tmp_path / "direct.safetensors", arrays, direct=None)  # O_DIRECT (tmp_path's filesystem takes it)
     _write(tmp_path / "buffered.safetensors", arrays, direct=False)
     data = (tmp_path / "direct.safetensors").read_bytes()
     assert data == (tmp_path / "buffered.safetensors").read_bytes()
@@ -113,8 +115,7 @@ def test_direct_write_open_refused_falls_back_to_buffered(tmp_path, monkeypatch)
         return real_open(path, flags, mode)
 
     monkeypatch.setattr(S.os, "open", open_)
-    w = _write(tmp_path / "x.safetensors", {"a": np.arange(10, dtype=np.uint8)}, direct=None)
-    assert w._sink is None
+    assert not _write(tmp_path / "x.safetensors", {"a": np.arange(10, dtype=np.uint8)}, direct=None)
     np.testing.assert_array_equal(S.SafetensorsFile(tmp_path / "x.safetensors").read_bits("a"), np.arange(10))
 
 
@@ -206,3 +207,148 @@ def test_writer_that_cannot_get_its_buffers_leaves_no_file_and_no_descriptor(tmp
     assert not (tmp_path / "x.safetensors.partial").exists()
     if fds is not None:
         assert len(os.listdir("/proc/self/fd")) == fds
+
+
+# ---------------------------------------------------------------------------
+# regression tests from the adversary's run on the O_DIRECT writer (each named after its case)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [None, False])
+@pytest.mark.parametrize("ending", ["close", "abort"])
+def test_writer_used_after_close_or_abort_raises_and_touches_no_other_file(tmp_path, small_chunk, direct, ending):
+    """A second close(), or write()/copy()/close() after abort(), used the old descriptor number:
+    the next file the process opened could get it, and was truncated or written into."""
+    w = S.SafetensorsWriter(tmp_path / "out.safetensors", [("a", np.uint8, (5 * CHUNK,)), ("b", np.uint8, (3,))],
+                            direct=direct)  # fmt: skip
+    w.write("a", np.ones(5 * CHUNK, np.uint8))
+    if ending == "close":
+        w.write("b", np.ones(3, np.uint8))
+        w.close()
+    else:
+        w.abort()
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"x" * 100_000)
+    fd = os.open(victim, os.O_RDWR)  # most likely the number the writer had
+    try:
+        with pytest.raises(ValueError, match="the writer is closed"):
+            w.write("b", np.ones(3, np.uint8))
+        with pytest.raises(ValueError, match="the writer is closed"):
+            w.close()
+        w.abort()  # a no-op now
+    finally:
+        os.close(fd)
+    assert victim.read_bytes() == b"x" * 100_000
+    assert (tmp_path / "out.safetensors").exists() == (ending == "close")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_interrupt_inside_the_write_threads_start_leaves_no_partial_file(tmp_path, small_chunk, monkeypatch, when):
+    """A Ctrl-C landing inside Thread.start(), before or after the thread began: abort() raised
+    "cannot join thread before it is started", and the descriptor and .partial file were left."""
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "dora_ref safetensors write":
+            if when == "after":
+                real_start(self)
+            raise KeyboardInterrupt
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    fds = len(os.listdir("/proc/self/fd"))
+    w = S.SafetensorsWriter(tmp_path / "x.safetensors", [("a", np.uint8, (4 * CHUNK,))])
+    with pytest.raises(KeyboardInterrupt):
+        w.write("a", np.ones(4 * CHUNK, np.uint8))
+    w.abort()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert not (tmp_path / "x.safetensors.partial").exists() and not (tmp_path / "x.safetensors").exists()
+    deadline = time.monotonic() + 10  # a thread that did start closes its own descriptor when done
+    while len(os.listdir("/proc/self/fd")) > fds + (1 if when == "before" else 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/fd")) <= fds + (1 if when == "before" else 0)
+
+
+def test_no_write_thread_to_be_had_writes_in_the_callers_thread(tmp_path, small_chunk, monkeypatch):
+    """A thread limit (RuntimeError: can't start new thread) made write() fail and abort() raise;
+    now each write is done by the caller, and the file is the same."""
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "dora_ref safetensors write":
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    rng = np.random.default_rng(3)
+    arrays = {f"t{i}": rng.integers(0, 256, n, dtype=np.uint8) for i, n in enumerate([5, 3 * CHUNK + 7, 4096])}
+    assert _write(tmp_path / "direct.safetensors", arrays, direct=None)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    _write(tmp_path / "buffered.safetensors", arrays, direct=False)
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "buffered.safetensors").read_bytes()
+
+
+def test_file_that_fits_the_size_limit_exactly_is_written(tmp_path):
+    """The last block was padded to 4096 bytes before the file was cut back: a file that fit a
+    quota or a disk exactly failed with EFBIG/ENOSPC on the O_DIRECT path alone."""
+    script = textwrap.dedent(f"""
+        import resource, signal, numpy as np
+        from pathlib import Path
+        from dora_ref.formats import safetensors_io as S
+        path = Path({str(tmp_path / "x.safetensors")!r})
+        data = np.arange(5_000_001, dtype=np.uint32).view(np.uint8)[:5_000_001]
+        probe = S.SafetensorsWriter(path, [("a", np.uint8, data.shape)], direct=False)
+        probe.write("a", data)
+        probe.close()
+        size = path.stat().st_size
+        assert size % 4096, size  # the case needs a partial last block
+        path.unlink()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        w = S.SafetensorsWriter(path, [("a", np.uint8, data.shape)])
+        assert w._sink is not None
+        w.write("a", data)
+        w.close()
+        assert path.stat().st_size == size
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(S.Path(S.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_merge_interrupted_inside_a_write_threads_start_exits_130_and_leaves_nothing(tmp_path):
+    """The merge's view of the Ctrl-C inside Thread.start(): it gave a traceback, exit 1 and a
+    .partial file; now the usual interrupted exit (130) and nothing beside OUT."""
+    from peft_helpers import random_module, write_adapter
+
+    rng = np.random.default_rng(4)
+    base = tmp_path / "base.safetensors"
+    big = 3 * S._DIRECT_CHUNK // 4  # float32 values: three of the merge's 4 MiB buffers
+    w = S.SafetensorsWriter(base, [("l0.weight", np.float32, (8, 6)), ("other", np.float32, (big,))])
+    w.write("l0.weight", rng.standard_normal((8, 6)).astype(np.float32))
+    w.write("other", np.ones(big, np.float32))
+    w.close()
+    adapter = tmp_path / "adapter"
+    write_adapter(adapter, {"l0": random_module(rng, 8, 6, 2, dtype=np.float32)})
+    script = textwrap.dedent("""
+        import sys, threading
+        started = [0]
+        real = threading.Thread.start
+        def start(self):
+            if self.name == "dora_ref safetensors write":
+                started[0] += 1
+                if started[0] == 2:
+                    raise KeyboardInterrupt  # a Ctrl-C landing inside Thread.start(), before the thread began
+            return real(self)
+        threading.Thread.start = start
+        from dora_ref.cli import main
+        sys.exit(main(["merge"] + sys.argv[1:]))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(S.Path(S.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.run([sys.executable, "-c", script, str(base), str(adapter), str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base.safetensors"]

@@ -475,11 +475,13 @@ class _DirectAppender:
 
     Two page-aligned buffers of ``chunk`` bytes: the caller fills one while
     a short-lived thread writes the other (``os.write`` releases the GIL),
-    at most one write in flight, in file order. Every write is whole
-    ``_DIRECT_ALIGN`` blocks at an aligned offset; ``finish`` pads the last
-    block with zeros and cuts the file back to its size. Where the
-    filesystem refuses ``O_DIRECT`` (``EINVAL``, e.g. some FUSE mounts),
-    the flag is cleared on the descriptor and the writes go on buffered.
+    at most one write in flight, in file order; the thread writes through
+    its own duplicate of the descriptor. Every write is whole
+    ``_DIRECT_ALIGN`` blocks at an aligned offset; ``finish`` writes the
+    last partial block buffered. Where the filesystem refuses ``O_DIRECT``
+    (``EINVAL``, e.g. some FUSE mounts), the flag is cleared on the file
+    and the writes go on buffered; where no thread can be started, each
+    write is done by the caller.
     """
 
     def __init__(self, fd, path, chunk=None):
@@ -528,36 +530,49 @@ class _DirectAppender:
             self._submit(self.chunk)
 
     def _submit(self, nbytes):
+        """Hand the filled buffer's first ``nbytes`` to a thread and go on with the other buffer."""
         self.wait()
-        self._inflight = threading.Thread(target=self._write, args=(self._buf, nbytes), daemon=True,
-                                          name="dora_ref safetensors write")  # fmt: skip
-        self._inflight.start()
+        # The thread writes through its own duplicate of the descriptor and closes it: if the
+        # caller closes ours meanwhile (an abort, an interrupted start), the number can be reused
+        # by another file, and the write still lands in this file (or its unlinked inode).
+        fd = os.dup(self.fd)
+        thread = threading.Thread(target=self._write, args=(fd, self._buf, nbytes), daemon=True,
+                                  name="dora_ref safetensors write")  # fmt: skip
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (a limit on threads or memory): write it here
+            self._write(fd, self._buf, nbytes)
+            thread = None
+        self._inflight = thread  # only once started: join() refuses a thread that is not
         self._buf, self._spare = self._spare, self._buf
         self._fill = 0
 
-    def _write(self, buf, nbytes):
+    def _write(self, fd, buf, nbytes):
         try:
             with memoryview(buf) as view:
                 mv = view[:nbytes]
                 while mv:
                     try:
-                        n = os.write(self.fd, mv)
+                        n = os.write(fd, mv)
                     except OSError as e:
-                        if e.errno != errno.EINVAL or not self._clear_direct():
+                        if e.errno != errno.EINVAL or not self._clear_direct(fd):
                             raise
                         continue
                     mv = mv[n:]
         except BaseException as e:  # handed to the caller's thread by wait()
             self._error = e
+        finally:
+            os.close(fd)
 
-    def _clear_direct(self):
-        """Turn O_DIRECT off on the descriptor (the filesystem refused it); False if it was off."""
+    @staticmethod
+    def _clear_direct(fd):
+        """Turn O_DIRECT off on the file (the filesystem refused it); False if it was off."""
         import fcntl
 
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         if not flags & _O_DIRECT:
             return False
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)  # (the flag is the open file's: shared by dups)
         return True
 
     def wait(self):
@@ -572,14 +587,25 @@ class _DirectAppender:
             raise RuntimeError(f"writing {self.path} failed: {e!r}") from e
 
     def finish(self):
-        """Write the rest (the last block padded with zeros), wait, and cut the file to its size."""
-        if self._fill:
-            tail = self._fill
-            padded = -(-tail // _DIRECT_ALIGN) * _DIRECT_ALIGN
-            self._buf[tail:padded] = bytes(padded - tail)
-            self._submit(padded)
+        """Write the rest and wait: the whole blocks with O_DIRECT, the last partial block buffered.
+
+        The partial block is not padded: a file that fits a quota or a disk
+        exactly must not need up to 4095 bytes more to be written.
+        """
+        whole = self._fill - self._fill % _DIRECT_ALIGN
+        tail = bytes(self._buf[whole : self._fill])
+        if whole:
+            self._submit(whole)
         self.wait()
-        os.ftruncate(self.fd, self.size)
+        if tail:
+            self._clear_direct(self.fd)
+            _write_all(self.fd, tail)
+        self.release()
+
+    def release(self):
+        """Drop the buffers (8 MiB); the appender cannot be used after this."""
+        self._buf = self._spare = None
+        self._fill = 0
 
 
 def _open_for_append(path, direct):
@@ -622,8 +648,8 @@ class SafetensorsWriter:
     written to ``path + ".partial"``, flushed to disk with fsync and renamed).
     Where the OS offers ``O_DIRECT`` (Linux) the bytes go to the disk
     without passing through the page cache, from two 4 MiB buffers, one
-    written by a thread while the other fills (the file's size is restored
-    exactly at the end; a filesystem that refuses ``O_DIRECT`` gets ordinary
+    written by a thread while the other fills (the last partial block is
+    written buffered; a filesystem that refuses ``O_DIRECT`` gets ordinary
     writes). Otherwise, on Linux, each tensor's bytes start going to disk as
     soon as they are written (``sync_file_range``), so the final fsync waits
     for little.
@@ -677,6 +703,10 @@ class SafetensorsWriter:
             self.abort()
             raise
 
+    def _check_open(self):
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the writer is closed (after close() or abort())")
+
     def _append(self, data):
         if self._sink is not None:
             self._sink.append(data)
@@ -708,6 +738,7 @@ class SafetensorsWriter:
         of the announced dtype's itemsize (uint16 for bfloat16), as
         ``SafetensorsFile.read_bits`` returns them.
         """
+        self._check_open()
         array = np.asarray(array)
         if bits:
             want = self._specs[self._next][1] if self._next < len(self._specs) else None
@@ -723,6 +754,7 @@ class SafetensorsWriter:
 
     def copy(self, key, source):
         """Append tensor ``key`` by copying its bytes from ``source`` (a ``SafetensorsFile``) unchanged."""
+        self._check_open()
         offset, nbytes = source.byte_range(key)
         self._expect(key, source.st_dtype(key), source.shape(key))
         source.check_unchanged()
@@ -736,6 +768,7 @@ class SafetensorsWriter:
 
     def close(self):
         """Finish the file, flush it to disk and move it into place."""
+        self._check_open()
         try:
             if self._sink is not None:
                 self._sink.wait()  # a write that failed is the error to report, not the tensors it left out
@@ -744,6 +777,7 @@ class SafetensorsWriter:
                 raise ValueError(f"{self.path}: {len(missing)} tensor(s) never written: {missing[:5]}")
             if self._sink is not None:
                 self._sink.finish()
+                self._sink = None
             os.fsync(self._fd)
         except BaseException:
             self.abort()
@@ -753,16 +787,20 @@ class SafetensorsWriter:
         os.replace(self._partial, self.path)
 
     def abort(self):
-        """Drop the partial file."""
-        if self._sink is not None:
-            try:
-                self._sink.wait()  # never close the descriptor under a write in flight
-            except OSError:
-                pass  # the write that failed is dropped with the file
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._partial.unlink(missing_ok=True)
+        """Drop the partial file (a no-op once closed or aborted)."""
+        sink, self._sink = self._sink, None
+        try:
+            if sink is not None:
+                try:
+                    sink.wait()  # (a write in flight has its own descriptor: waited for to be tidy)
+                except Exception:
+                    pass  # the write that failed is dropped with the file
+                sink.release()
+        finally:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+                self._partial.unlink(missing_ok=True)
 
 
 class BaseWeights:
