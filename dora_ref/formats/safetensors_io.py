@@ -455,8 +455,8 @@ _start_writeback = _writeback_starter()
 
 # O_DIRECT writes: whole blocks of this size at offsets that are multiples of it
 # (4096 covers disks of 512- and 4096-byte logical blocks), from page-aligned
-# buffers of _DIRECT_CHUNK bytes (1 to 16 MiB writes all ran at the disk's rate
-# where measured; see docs/merge.md).
+# buffers of _DIRECT_CHUNK bytes (1 to 16 MiB writes all ran at the disk's rate,
+# about 1.8 GB/s, on the Intel Xeon machine; docs/performance.md, "The merge command").
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _DIRECT_ALIGN = 4096
 _DIRECT_CHUNK = 4 << 20
@@ -470,7 +470,7 @@ class _DirectAppender:
     bytes of fresh page cache, and fresh memory can be slow: in a virtual
     machine whose host takes back free memory (free page reporting) every
     first touch of such a page costs a trip to the host (measured: 800 MB
-    written in 4.5-6 s instead of 0.2 s). The merge fsyncs its output
+    written in 3.9-7.1 s instead of 0.2 s). The merge fsyncs its output
     anyway, so bypassing the page cache costs nothing but the cache.
 
     Two page-aligned buffers of ``chunk`` bytes: the caller fills one while
@@ -538,7 +538,7 @@ class _DirectAppender:
         fd = os.dup(self.fd)
         thread = threading.Thread(target=self._write, args=(fd, self._buf, nbytes), daemon=True,
                                   name="dora_ref safetensors write")  # fmt: skip
-        try:
+        try:  # (interrupted before the thread began, its duplicate stays open: one descriptor)
             thread.start()
         except RuntimeError:  # no thread to be had (a limit on threads or memory): write it here
             self._write(fd, self._buf, nbytes)
