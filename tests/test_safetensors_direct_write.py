@@ -124,10 +124,12 @@ def test_direct_write_other_open_errors_are_not_swallowed(tmp_path):
         S.SafetensorsWriter(tmp_path / "no" / "such" / "dir.safetensors", [("a", np.uint8, (1,))])
 
 
-def test_direct_write_disk_refusal_raises_naming_the_file_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("direct", [None, False])
+def test_direct_write_disk_refusal_raises_naming_the_file_and_leaves_nothing(tmp_path, direct):
     """A write the disk refuses (here the file-size limit, EFBIG; a full disk is ENOSPC) surfaces in
     the caller's thread as OSError naming the file, on this call or the next, and on every later one;
-    abort removes the partial file and no writer thread is left behind."""
+    abort removes the partial file and no writer thread is left behind. Buffered writes (direct=False)
+    name the file too (they did not)."""
     script = textwrap.dedent(f"""
         import errno, resource, signal, threading, numpy as np
         from pathlib import Path
@@ -136,8 +138,8 @@ def test_direct_write_disk_refusal_raises_naming_the_file_and_leaves_nothing(tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         path = Path({str(tmp_path / "x.safetensors")!r})
         big = np.zeros(16 << 20, np.uint8)
-        w = S.SafetensorsWriter(path, [("a", np.uint8, big.shape), ("b", np.uint8, big.shape)])
-        assert w._sink is not None
+        w = S.SafetensorsWriter(path, [("a", np.uint8, big.shape), ("b", np.uint8, big.shape)], direct={direct!r})
+        assert (w._sink is not None) == ({direct!r} is None)
         seen = []
         for key in ("a", "b"):
             try:

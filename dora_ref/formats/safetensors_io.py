@@ -21,6 +21,7 @@ convert them.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -693,6 +694,7 @@ class SafetensorsWriter:
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._fd, is_direct = _open_for_append(self._partial, direct is not False)
         self._sink = None
+        self._write_error = None  # a buffered write's OSError, kept for close()
         self._next = 0
         self._written = 8 + len(raw)  # bytes in the file so far
         try:
@@ -711,7 +713,19 @@ class SafetensorsWriter:
         if self._sink is not None:
             self._sink.append(data)
         else:
-            _write_all(self._fd, data)
+            with self._naming_errors():
+                _write_all(self._fd, data)
+
+    @contextlib.contextmanager
+    def _naming_errors(self):
+        """A buffered write's OSError (disk full, quota) names the file, as the O_DIRECT path's does."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno is None:
+                raise
+            self._write_error = e  # close() raises it again, as the O_DIRECT path's wait() does
+            raise OSError(e.errno, f"writing {self._partial}: {e.strerror}") from e
 
     def _wrote(self, nbytes):
         """Account for a tensor's bytes; buffered, start writing them to disk (see ``_writeback_starter``)."""
@@ -761,7 +775,8 @@ class SafetensorsWriter:
         if self._sink is not None:
             copied = self._sink.append_from(source.fileno(), offset, nbytes)
         else:
-            copied = _copy_range(source.fileno(), self._fd, offset, nbytes)
+            with self._naming_errors():
+                copied = _copy_range(source.fileno(), self._fd, offset, nbytes)
         if copied != nbytes:
             raise ValueError(f"{source.path}: tensor {key!r} is truncated (the file shrank while open)")
         self._wrote(nbytes)
@@ -772,6 +787,9 @@ class SafetensorsWriter:
         try:
             if self._sink is not None:
                 self._sink.wait()  # a write that failed is the error to report, not the tensors it left out
+            if self._write_error is not None:
+                e = self._write_error
+                raise OSError(e.errno, f"writing {self._partial}: {e.strerror}") from e
             if self._next != len(self._specs):
                 missing = [k for k, _, _, _ in self._specs[self._next:]]
                 raise ValueError(f"{self.path}: {len(missing)} tensor(s) never written: {missing[:5]}")
