@@ -354,3 +354,63 @@ def test_merge_interrupted_inside_a_write_threads_start_exits_130_and_leaves_not
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base.safetensors"]
+
+
+def test_last_partial_block_refused_names_the_file(tmp_path):
+    """Second adversary: the O_DIRECT path's last partial block (written buffered) raised a bare
+    "File too large" from close(); now it names the file, like every other write."""
+    script = textwrap.dedent(f"""
+        import errno, resource, signal, numpy as np
+        from pathlib import Path
+        from dora_ref.formats import safetensors_io as S
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        path = Path({str(tmp_path / "x.safetensors")!r})
+        w = S.SafetensorsWriter(path, [("t0", np.float32, (1001,))])
+        assert w._sink is not None
+        w.write("t0", np.zeros(1001, np.float32))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4075, resource.RLIM_INFINITY))  # the file is 4076 bytes
+        try:
+            w.close()
+            raise SystemExit("close succeeded past the limit")
+        except OSError as e:
+            assert e.errno == errno.EFBIG and "x.safetensors.partial" in str(e), e
+        assert not path.exists() and not Path(str(path) + ".partial").exists()
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(S.Path(S.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("where", ["close", "replace"])
+def test_interrupt_inside_close_leaves_no_partial_and_closes_nothing_twice(tmp_path, monkeypatch, where):
+    """Second adversary: a KeyboardInterrupt right after close() closed the descriptor (before it
+    was forgotten) made abort() close that number again, an unrelated file's by then; one just
+    before the rename left the .partial file."""
+    real_close, real_replace = os.close, os.replace
+    victims = []
+    w = S.SafetensorsWriter(tmp_path / "x.safetensors", [("a", np.uint8, (5,))])
+    w.write("a", np.zeros(5, np.uint8))
+    fd = w._fd
+
+    def close(n):
+        real_close(n)
+        if n == fd and where == "close" and not victims:  # once: the interrupt lands once
+            victims.append(os.open(tmp_path / "victim", os.O_WRONLY | os.O_CREAT))  # takes the number
+            raise KeyboardInterrupt
+
+    def replace(a, b):
+        if where == "replace":
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(S.os, "close", close)
+    monkeypatch.setattr(S.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    w.abort()
+    monkeypatch.setattr(S.os, "close", real_close)
+    for v in victims:
+        os.fstat(v)  # still open: nobody closed it
+        real_close(v)
+    assert not (tmp_path / "x.safetensors.partial").exists() and not (tmp_path / "x.safetensors").exists()

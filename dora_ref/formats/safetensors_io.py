@@ -600,7 +600,11 @@ class _DirectAppender:
         self.wait()
         if tail:
             self._clear_direct(self.fd)
-            _write_all(self.fd, tail)
+            try:
+                _write_all(self.fd, tail)
+            except OSError as e:
+                self._error = e  # named, and raised again by later calls, as a thread's
+                raise OSError(e.errno, f"writing {self.path}: {e.strerror}") from e
         self.release()
 
     def release(self):
@@ -800,9 +804,13 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
-        os.close(self._fd)
-        self._fd = None
-        os.replace(self._partial, self.path)
+        fd, self._fd = self._fd, None  # (before the close: an interrupt can never close it twice)
+        try:
+            os.close(fd)
+            os.replace(self._partial, self.path)
+        except BaseException:  # (an interrupt between the two included: no partial file left)
+            self._partial.unlink(missing_ok=True)
+            raise
 
     def abort(self):
         """Drop the partial file (a no-op once closed or aborted)."""
