@@ -12,10 +12,12 @@ memory the previous one just freed).
 
 What state a merge meets is decided by the machine's memory history, which
 a benchmark hardly controls: on the Intel Xeon a merge that wrote its output
-through the page cache (before it wrote with ``O_DIRECT``) took 3.9-5.4 s when merges ran one
-after another with a file as large as the model written and deleted before
-each, and 0.9-1.2 s when a ``safetensors.torch`` read + write (1 GB of
-memory, freed at its exit) ran between them, with or without a wait.
+through the page cache (before it wrote with ``O_DIRECT``) took 2.5-5.4 s in
+16 runs of ad-hoc scripts that ran merges one after another, each after a
+file as large as the model was written and deleted and 4 s passed; with a
+``safetensors.torch`` read + write (1 GB of memory, freed at its exit)
+between the merges it took 0.86-1.17 s, and in every run of this script's
+merge block it took 0.82-1.35 s (never slow).
 
 So the script first times what decides it, in one process where the state
 is steadier: ``SafetensorsWriter`` writing 800 MB (eight 100 MB tensors,
@@ -32,7 +34,7 @@ default). Then, in a block of its own (run between the merges it changes
 what they meet), the ``safetensors.torch`` read + write of
 ``bench_merge.py``, the same way. Wall and CPU time (user + system) per
 command, medians and ranges. Run ``python benchmarks/bench_merge_cold.py
---base CHECKOUT`` (about 4 minutes with ``--rounds 4``).
+--base CHECKOUT`` (3.1 minutes with ``--rounds 4`` on the Intel Xeon).
 """
 from __future__ import annotations
 

@@ -491,7 +491,6 @@ class _DirectAppender:
         self.chunk = chunk or _DIRECT_CHUNK
         if self.chunk % _DIRECT_ALIGN:
             raise ValueError(f"chunk must be a multiple of {_DIRECT_ALIGN}, got {self.chunk}")
-        self.size = 0  # bytes appended so far
         self._buf, self._spare = mmap.mmap(-1, self.chunk), mmap.mmap(-1, self.chunk)  # page-aligned
         self._fill = 0
         self._inflight = None
@@ -526,7 +525,6 @@ class _DirectAppender:
 
     def _advance(self, n):
         self._fill += n
-        self.size += n
         if self._fill == self.chunk:
             self._submit(self.chunk)
 
@@ -583,7 +581,7 @@ class _DirectAppender:
             self._inflight = None
         e = self._error
         if isinstance(e, OSError):
-            raise OSError(e.errno, f"writing {self.path}: {e.strerror}") from e
+            raise _named(e, self.path) from e
         if e is not None:
             raise RuntimeError(f"writing {self.path} failed: {e!r}") from e
 
@@ -604,13 +602,18 @@ class _DirectAppender:
                 _write_all(self.fd, tail)
             except OSError as e:
                 self._error = e  # named, and raised again by later calls, as a thread's
-                raise OSError(e.errno, f"writing {self.path}: {e.strerror}") from e
+                raise _named(e, self.path) from e
         self.release()
 
     def release(self):
         """Drop the buffers (8 MiB); the appender cannot be used after this."""
         self._buf = self._spare = None
         self._fill = 0
+
+
+def _named(error, path):
+    """``error`` (an OSError from a write) as an OSError that names ``path``, the file written."""
+    return OSError(error.errno, f"writing {path}: {error.strerror}")
 
 
 def _open_for_append(path, direct):
@@ -729,7 +732,7 @@ class SafetensorsWriter:
             if e.errno is None:
                 raise
             self._write_error = e  # close() raises it again, as the O_DIRECT path's wait() does
-            raise OSError(e.errno, f"writing {self._partial}: {e.strerror}") from e
+            raise _named(e, self._partial) from e
 
     def _wrote(self, nbytes):
         """Account for a tensor's bytes; buffered, start writing them to disk (see ``_writeback_starter``)."""
@@ -792,8 +795,7 @@ class SafetensorsWriter:
             if self._sink is not None:
                 self._sink.wait()  # a write that failed is the error to report, not the tensors it left out
             if self._write_error is not None:
-                e = self._write_error
-                raise OSError(e.errno, f"writing {self._partial}: {e.strerror}") from e
+                raise _named(self._write_error, self._partial) from self._write_error
             if self._next != len(self._specs):
                 missing = [k for k, _, _, _ in self._specs[self._next:]]
                 raise ValueError(f"{self.path}: {len(missing)} tensor(s) never written: {missing[:5]}")
