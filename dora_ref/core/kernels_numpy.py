@@ -309,6 +309,43 @@ def check_epilogue_out(out, base, others, dtype, name="out"):
             raise ValueError(f"{name} overlaps {arg}: y would overwrite an input it still reads")
 
 
+def check_dz_out(dz_out, dy, others):
+    """Check ``backward_lowrank(_z)``'s ``dz_out=`` (both backends): raise unless it can take dz.
+
+    Parameters
+    ----------
+    dz_out : ndarray
+        Must be an ndarray of dy's dtype and shape (N, out), C-contiguous,
+        writeable, and share no memory with dy or ``others``.
+    dy : ndarray, shape (N, out)
+    others : sequence of ndarray
+        The other inputs (base or z, U, B, g).
+
+    Raises
+    ------
+    TypeError
+        ``dz_out`` not an ndarray, or of another dtype.
+    ValueError
+        Another shape, not C-contiguous, read-only, or overlapping an input.
+    """
+    if type(dz_out) is not np.ndarray:
+        raise TypeError(f"dz_out must be a numpy.ndarray or None, got {type(dz_out).__name__}")
+    dt = np.asarray(dy).dtype
+    if dz_out.dtype != dt:
+        raise TypeError(f"dz_out must have dy's dtype {dt}, got {dz_out.dtype} "
+                        f"(shape {dz_out.shape})")
+    if dz_out.shape != np.shape(dy):
+        raise ValueError(f"dz_out must have dy's shape {np.shape(dy)}, got {dz_out.shape}")
+    if not dz_out.flags.c_contiguous:
+        raise ValueError(f"dz_out must be C-contiguous (shape {dz_out.shape}, "
+                         f"strides {dz_out.strides})")
+    if not dz_out.flags.writeable:
+        raise ValueError(f"dz_out must be writeable (shape {dz_out.shape} is read-only)")
+    for arg, arr in zip(("dy", "base or z", "U", "B", "g"), (dy, *others)):
+        if isinstance(arr, np.ndarray) and np.may_share_memory(dz_out, arr):
+            raise ValueError(f"dz_out overlaps {arg}: dz would overwrite an input still read")
+
+
 def backward_epilogue(dy, base, U, B, g, scaling):
     """dg = sum_N dy * z and dz = dy * g, where z = base + s * U @ B.T.
 
@@ -326,16 +363,21 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
+    return _backward_epilogue(dy, base, U, B, g, scaling, None)
+
+
+def _backward_epilogue(dy, base, U, B, g, scaling, dz_out):
+    """``backward_epilogue`` writing dz into ``dz_out`` (checked), or a new array if None."""
     z = U @ B.T  # base + s * (U @ B.T), then dy * z, in place on one temporary
     z *= float(scaling)
     z += base
     z *= dy
     dg = np.add.reduce(z, axis=0)  # np.sum's own call for an ndarray, without its wrapper
-    dz = dy * g
+    dz = np.multiply(dy, g, out=dz_out)
     return dg, dz
 
 
-def backward_lowrank(dy, base, U, B, g, scaling):
+def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     """``backward_epilogue`` plus the backward's rank-r products.
 
     dg = sum_N dy * z and dz = dy * g as in ``backward_epilogue``, and the
@@ -353,15 +395,27 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     B : ndarray, shape (out, r)
     g : ndarray, shape (out,)
     scaling : float
+    dz_out : ndarray, shape (N, out), optional
+        Where to write dz (dy's dtype, C-contiguous, writeable, sharing no
+        memory with an input; ``check_dz_out``); the functional backward
+        passes its scratch array (``dora_ref.core.scratch``). None: a new array.
 
     Returns
     -------
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
+        ``dz_out`` if given.
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
+
+    Raises
+    ------
+    TypeError, ValueError
+        A ``dz_out`` that ``check_dz_out`` refuses.
     """
-    dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
+    if dz_out is not None:
+        check_dz_out(dz_out, dy, (base, U, B, g))
+    dg, dz = _backward_epilogue(dy, base, U, B, g, scaling, dz_out)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 
@@ -391,13 +445,18 @@ def backward_epilogue_z(dy, z, g):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
+    return _backward_epilogue_z(dy, z, g, None)
+
+
+def _backward_epilogue_z(dy, z, g, dz_out):
+    """``backward_epilogue_z`` writing dz into ``dz_out`` (checked), or a new array if None."""
     p = z * dy  # the operands of backward_epilogue's product, in its order
     dg = np.add.reduce(p, axis=0)
-    dz = dy * g
+    dz = np.multiply(dy, g, out=dz_out)
     return dg, dz
 
 
-def backward_lowrank_z(dy, z, U, B, g, scaling):
+def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
     """``backward_lowrank`` with z as the training forward kept it, in place of base.
 
     Parameters
@@ -407,15 +466,25 @@ def backward_lowrank_z(dy, z, U, B, g, scaling):
     B : ndarray, shape (out, r)
     g : ndarray, shape (out,)
     scaling : float
+    dz_out : ndarray, shape (N, out), optional
+        As ``backward_lowrank``'s.
 
     Returns
     -------
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
+        ``dz_out`` if given.
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
+
+    Raises
+    ------
+    TypeError, ValueError
+        A ``dz_out`` that ``check_dz_out`` refuses.
     """
-    dg, dz = backward_epilogue_z(dy, z, g)
+    if dz_out is not None:
+        check_dz_out(dz_out, dy, (z, U, B, g))
+    dg, dz = _backward_epilogue_z(dy, z, g, dz_out)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 

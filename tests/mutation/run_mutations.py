@@ -52,12 +52,15 @@ E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     # the fused backward against float64 at shapes of several row or column blocks (the
     # end-to-end files' shapes are one block of each: the sum passes go untested there)
     "tests/test_backward_lowrank_row_blocks.py",
+    # the backward's reused scratch memory against the same steps without it
+    "tests/test_scratch_reuse.py",
 ]
 MAXFAIL = 1  # a file stops at its first failure: the report names one test a file
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
 
 NP, FUNC, C = "dora_ref/core/kernels_numpy.py", "dora_ref/core/functional.py", "csrc/dora_kernels_impl.h"
 NORM = "dora_ref/core/norm.py"
+SCRATCH = "dora_ref/core/scratch.py"
 
 
 @dataclass
@@ -92,8 +95,8 @@ MUTATIONS = [
              "V64 = V.astype(np.float64, copy=False)", "V64 = V",
              "NumPy norm sums squares in the weights' dtype (float32 accumulator)"),
     Mutation("np_detached_drops_g", NP,
-             "    dg = np.add.reduce(p, axis=0)\n    dz = dy * g",
-             "    dg = np.add.reduce(p, axis=0)\n    dz = dy",
+             "    dg = np.add.reduce(p, axis=0)\n    dz = np.multiply(dy, g, out=dz_out)",
+             "    dg = np.add.reduce(p, axis=0)\n    dz = np.multiply(dy, 1.0, out=dz_out)",
              "NumPy backward from the kept z: dz = dy (the LoRA gradient, g forgotten)"),
     Mutation("np_dg_misses_low_rank", NP,
              "    z *= float(scaling)\n    z += base\n    z *= dy",
@@ -122,8 +125,16 @@ MUTATIONS = [
              "dx = dy2 @ W0 + ((dz - dy2) @ W0 + dU @ A)",
              "dx with dropout forgets the mask on the DoRA correction"),
     Mutation("dx_low_rank_sign", FUNC,
-             "dx += dU @ A  # (1), in place", "dx -= dU @ A  # (1), in place",
-             "dx's low-rank path subtracted"),
+             "        dx += t\n", "        dx -= t\n",
+             "dx's low-rank path subtracted (DoRA and LoRA)"),
+    Mutation("scratch_hands_out_a_taken_slot", SCRATCH,
+             "    elif entry[1]:\n        return None", "    elif False:\n        return None",
+             "a scratch buffer in use handed out again (a nested backward overwrites dz)"),
+    Mutation("scratch_returned_as_dx", FUNC,
+             "            dx = dz @ W0  # (2)\n",
+             "            dx = np.matmul(dz, W0, out=_scratch.take('dx', (dz.shape[0], W0.shape[1]),"
+             " dz.dtype))  # (2)\n            _scratch.give_back('dx', dx)\n",
+             "dx written into a scratch buffer and returned: the next step overwrites it"),
     Mutation("dA_scaled_twice", FUNC,
              "        dA = dU.T @ ctx.x  # (1)\n", "        dA = ctx.scaling * (dU.T @ ctx.x)  # (1)\n",
              "detached dA multiplied by the scaling a second time"),
