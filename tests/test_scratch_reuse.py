@@ -12,17 +12,22 @@ instead of fresh memory, whose page faults cost a 4096 x 4096, r = 64, N =
   tolerance is due.
 * Nothing returned shares memory with a scratch buffer, and results of one
   step are unchanged by the next (the reuse can never overwrite a result).
-* A slot that is taken (a backward inside a signal handler that interrupted
+* A slot in use (a backward inside a signal handler that interrupted
   another) is not handed out twice: the inner call allocates its own, and
-  both are right. An exception in the backward gives the slots back.
+  both are right. An exception raised at any line of the backward or of
+  the scratch's own code (a Ctrl-C) leaves no slot in use once it is
+  handled: a slot is in use exactly while its array is alive.
 * Threads have their own buffers (four threads' steps equal the serial
   ones); a forked child's steps are right; memory held is bounded by
   ``MAX_BYTES`` and freed by ``release``.
-* ``dz_out`` is checked by name before any pointer crosses, in both backends.
+* ``dz_out`` is checked by name before any pointer crosses, in both backends,
+  against the caller's own arrays (a strided dy the C wrapper copies, a
+  memoryview the NumPy twin reads).
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -106,7 +111,11 @@ def test_gradients_with_scratch_equal_those_without_bit_for_bit(dtype, shape, va
 
 
 def _buffers():
-    return [e[0] for e in scratch._slots().values() if e[0] is not None]
+    return [e.owner for e in scratch._slots().values()]
+
+
+def _in_use():
+    return {name for name, e in scratch._slots().items() if e.in_use()}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -129,41 +138,85 @@ def test_training_step_reuses_its_dz_and_lowrank_dx_memory():
     """The regression: each step took two fresh (N, out) and (N, in) arrays."""
     p = _problem(np.float32, *SHAPES[1])
     _dora(p)
-    addresses = {name: e[0].ctypes.data for name, e in scratch._slots().items()}
+    addresses = {name: e.owner.ctypes.data for name, e in scratch._slots().items()}
     assert set(addresses) == {"dz", "dx_lowrank"}
     for _ in range(3):
         _dora(p)
-        assert {n: e[0].ctypes.data for n, e in scratch._slots().items()} == addresses
-        assert not any(e[1] for e in scratch._slots().values())  # all given back
+        assert {n: e.owner.ctypes.data for n, e in scratch._slots().items()} == addresses
+        assert not _in_use()
 
 
-def test_a_taken_slot_is_not_handed_out_again():
+def test_a_slot_in_use_is_not_handed_out_again():
     """A backward run while another holds the slots (as from a signal handler that
     interrupted it) allocates its own dz and dU @ A and leaves the held arrays alone."""
     p = _problem(np.float32, *SHAPES[1])
     expected = _dora(p)
     out_f, in_f, r, N = SHAPES[1]
     held_dz = scratch.take("dz", (N, out_f), np.float32)
-    held_t = scratch.take("dx_lowrank", (N, in_f), np.float32)
+    held_t = scratch.take("dx_lowrank", (N, in_f), np.float32).reshape(-1)  # a view kept
     assert held_dz is not None and held_t is not None
     held_dz[...] = 7.0
     held_t[...] = -3.0
-    try:
-        inner = _dora(p)
-        assert scratch.take("dz", (N, out_f), np.float32) is None  # still taken
-    finally:
-        scratch.give_back("dz", held_dz)
-        scratch.give_back("dx_lowrank", held_t)
+    inner = _dora(p)
+    assert scratch.take("dz", (N, out_f), np.float32) is None  # still in use
     assert (held_dz == 7.0).all() and (held_t == -3.0).all()
     for a, b in zip(inner, expected):
         np.testing.assert_array_equal(a, b)
-    again = scratch.take("dz", (N, out_f), np.float32)
-    assert again is not None  # given back: free again
-    scratch.give_back("dz", again)
+    del held_dz, held_t  # the slots are free once their arrays are gone
+    assert not _in_use()
+    assert scratch.take("dz", (N, out_f), np.float32) is not None
+
+
+def _interrupted_at(k, fn):
+    """Run fn with KeyboardInterrupt raised at its k-th line event (any frame); True if it was."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if event in ("call", "line"):
+            count += 1
+            if count == k:
+                raise KeyboardInterrupt
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
+@pytest.mark.parametrize("variant", ["dora, z kept", "dora, z formed again", "lora"])
+def test_an_interrupt_at_any_line_leaves_no_slot_in_use(variant):
+    """The adversary's case: a Ctrl-C between ``take`` marking a slot and its caller's
+    ``try`` left the slot taken for the life of the thread (273 of 274 interrupted
+    backwards), so every later backward allocated again and ``release`` could not free it.
+    Here the interrupt comes at every line, in turn, of one backward (and of take)."""
+    p = _problem(np.float32, *SHAPES[1])
+    step = VARIANTS[variant]
+    expected = step(p)
+    y, ctx = (F.lora_forward(p["x"], p["W0"], p["A"], p["B"], p["s"]) if variant == "lora"
+              else F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"]))
+    backward = F.lora_backward if variant == "lora" else F.dora_backward
+    k = 0
+    while True:
+        k += 1
+        if not _interrupted_at(k, lambda: backward(p["dy"], ctx)):
+            break
+        assert not _in_use(), (k, _in_use())
+    assert k > 20  # the backward and take ran line by line
+    held = {n: e.owner.ctypes.data for n, e in scratch._slots().items()}
+    got = step(p)
+    assert {n: e.owner.ctypes.data for n, e in scratch._slots().items()} == held  # reused
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns before the check refuses
-def test_a_backward_that_raises_gives_its_slots_back():
+def test_a_backward_that_raises_leaves_no_slot_in_use():
     p = _problem(np.float32, *SHAPES[1])
     y, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"])
     dy = p["dy"].copy()
@@ -173,7 +226,7 @@ def test_a_backward_that_raises_gives_its_slots_back():
     big = p["dy"] * np.float32(1e38)  # finite, but dz @ W0 overflows float32
     with pytest.raises(ValueError):
         F.dora_backward(big, ctx)
-    assert not any(e[1] for e in scratch._slots().values())
+    assert not _in_use()
     np.testing.assert_array_equal(F.dora_backward(p["dy"], ctx).dx, _dora(p)[1])
 
 
@@ -240,21 +293,21 @@ def test_memory_held_is_bounded_and_released(monkeypatch):
 
 def test_take_returns_aligned_contiguous_arrays_of_the_shape():
     a = scratch.take("t", (600, 700), np.float64)
-    try:
-        assert a.shape == (600, 700) and a.dtype == np.float64
-        assert a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
-    finally:
-        scratch.give_back("t", a)
+    assert a.shape == (600, 700) and a.dtype == np.float64
+    assert a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
+    address = a.ctypes.data
+    del a
     b = scratch.take("t", (500, 700), np.float32)  # smaller: the same memory
-    try:
-        assert b.ctypes.data == a.ctypes.data
-    finally:
-        scratch.give_back("t", b)
+    assert b.ctypes.data == address
+    view = b[3:].reshape(-1).T  # a view of views: its memory is the slot's
+    del b
+    assert scratch.take("t", (500, 700), np.float32) is None  # in use while the view lives
+    mv = memoryview(view)
+    del view
+    assert scratch.take("t", (500, 700), np.float32) is None  # and while a memoryview does
+    del mv
+    assert scratch.take("t", (500, 700), np.float32) is not None
     assert scratch.take("t", (10, 10), np.float32) is None  # under MIN_BYTES
-    scratch.give_back("t", np.empty(3))  # an array that is not the slot's: no effect
-    c = scratch.take("t", (600, 700), np.float64)
-    assert c is not None
-    scratch.give_back("t", c)
 
 
 def _lowrank_args(dtype, N=8, out_f=6, r=3):
@@ -293,5 +346,38 @@ def test_dz_out_is_checked_by_name(fn, r):
         f(*args, dz_out=ro)
     with pytest.raises(ValueError, match="dz_out overlaps dy"):
         f(*args, dz_out=a["dy"])
-    with pytest.raises(ValueError, match="dz_out overlaps base or z"):
+    with pytest.raises(ValueError, match="dz_out overlaps (base|z)"):
         f(*args, dz_out=a["base"])
+
+
+@pytest.mark.parametrize("fn", ["backward_lowrank", "backward_lowrank_z"])
+@pytest.mark.parametrize("r", [3, 20])
+def test_dz_out_overlapping_the_callers_strided_dy_is_refused(fn, r):
+    """The adversary's case: the C wrapper copied a strided dy and checked dz_out against
+    the copy, so a dz_out inside the caller's dy was accepted and the caller's dy overwritten
+    (the NumPy twin refused it)."""
+    a = _lowrank_args(np.float32, r=r)
+    wide = np.zeros((8, 12), np.float32)
+    wide[:, ::2] = a["dy"]
+    dy = wide[:, ::2]  # strided: the C wrapper reads a copy
+    before = wide.copy()
+    dz_out = wide.reshape(-1)[:48].reshape(8, 6)  # C-contiguous, inside the caller's dy
+    with pytest.raises(ValueError, match="dz_out overlaps dy"):
+        getattr(_backend.kernels(), fn)(dy, a["base"], a["U"], a["B"], a["g"], 0.5,
+                                        dz_out=dz_out)
+    np.testing.assert_array_equal(wide, before)
+
+
+def test_dz_out_overlapping_a_memoryview_input_is_refused(backend):
+    """The adversary's case: the NumPy twin checked overlap only against ndarrays, so a U
+    passed as a memoryview sharing dz_out's memory was accepted and dB came out wrong."""
+    a = _lowrank_args(np.float32, r=3)
+    store = np.zeros(64, np.float32)
+    dz_out = store[:48].reshape(8, 6)
+    U = store[40:64].reshape(8, 3)
+    U[...] = a["U"]
+    with pytest.raises((ValueError, TypeError), match="dz_out overlaps U" if backend == "numpy"
+                       else "U"):
+        _backend.kernels().backward_lowrank(a["dy"], a["base"], memoryview(U), a["B"], a["g"],
+                                            0.5, dz_out=dz_out)
+    np.testing.assert_array_equal(U, a["U"])

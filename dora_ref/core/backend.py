@@ -66,7 +66,13 @@ def set_backend(name):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Context manager that runs its body with backend ``name``, then restores."""
+    """Context manager that runs its body with backend ``name``, then restores.
+
+    The backend is one setting of the process, not of the thread: other
+    threads running meanwhile use it too, and one that enters or leaves
+    its own ``use_backend`` changes it for all. Set one backend
+    (``set_backend``) before starting threads that compute.
+    """
     previous = _active
     set_backend(name)
     try:

@@ -962,33 +962,30 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
         A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     kernels = _backend.kernels()
 
-    # dz lives until dx = dz @ W0 below: a scratch array, reused from call to call
-    # (dora_ref.core.scratch; None: the kernel allocates it)
+    # dz lives until dx = dz @ W0 below: a scratch array, reused from call to call, in use
+    # while this call holds it (dora_ref.core.scratch; None: the kernel allocates it)
     dz_out = _scratch.take("dz", dy2.shape, dy2.dtype)
-    try:
-        base = ctx.base
-        if ctx.base_is_z:  # the forward kept z (5) over the base product
-            # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
-            dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s, dz_out)
-        else:
-            if base is None:  # the forward wrote y over it (a layer in eval): (2) again
-                base = ctx.x @ W0.T
-            dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s, dz_out)
-        dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
-        if detach_norm:
-            dA = dU.T @ ctx.x  # (1)
-        else:  # (3) now, so that its pass over W0 (C) follows the C pass above, not BLAS
-            dA, dB_n = norm_gradient(W0, A, B, s, dg, ctx.g, ctx.n)
-            dB += dB_n
-            dA += dU.T @ ctx.x  # (1)
+    base = ctx.base
+    if ctx.base_is_z:  # the forward kept z (5) over the base product
+        # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
+        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s, dz_out)
+    else:
+        if base is None:  # the forward wrote y over it (a layer in eval): (2) again
+            base = ctx.x @ W0.T
+        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s, dz_out)
+    dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
+    if detach_norm:
+        dA = dU.T @ ctx.x  # (1)
+    else:  # (3) now, so that its pass over W0 (C) follows the C pass above, not BLAS
+        dA, dB_n = norm_gradient(W0, A, B, s, dg, ctx.g, ctx.n)
+        dB += dB_n
+        dA += dU.T @ ctx.x  # (1)
 
-        if ctx.dropout_mask is None:
-            dx = dz @ W0  # (2)
-            _add_lowrank(dx, dU, A)  # (1)
-        else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
-            dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
-    finally:
-        _scratch.give_back("dz", dz_out)
+    if ctx.dropout_mask is None:
+        dx = dz @ W0  # (2)
+        _add_lowrank(dx, dU, A)  # (1)
+    else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
+        dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
     return dx, dA, dB, dmagnitude
 
 
@@ -998,14 +995,10 @@ def _add_lowrank(dx, dU, A, mask=None):
     The same bits as ``dx += dU @ A``: one BLAS product of the whole of dU,
     then one addition (``dora_ref.core.scratch`` says why its memory is reused).
     """
-    t = _scratch.take("dx_lowrank", dx.shape, dx.dtype)
-    try:
-        t = np.matmul(dU, A, out=t)
-        if mask is not None:
-            t *= mask
-        dx += t
-    finally:
-        _scratch.give_back("dx_lowrank", t)
+    t = np.matmul(dU, A, out=_scratch.take("dx_lowrank", dx.shape, dx.dtype))
+    if mask is not None:
+        t *= mask
+    dx += t
 
 
 def norm_gradient(W0, A, B, scaling, dg, g, n):

@@ -309,17 +309,20 @@ def check_epilogue_out(out, base, others, dtype, name="out"):
             raise ValueError(f"{name} overlaps {arg}: y would overwrite an input it still reads")
 
 
-def check_dz_out(dz_out, dy, others):
+def check_dz_out(dz_out, dy, inputs):
     """Check ``backward_lowrank(_z)``'s ``dz_out=`` (both backends): raise unless it can take dz.
 
     Parameters
     ----------
     dz_out : ndarray
         Must be an ndarray of dy's dtype and shape (N, out), C-contiguous,
-        writeable, and share no memory with dy or ``others``.
+        writeable, and share no memory with any input.
     dy : ndarray, shape (N, out)
-    others : sequence of ndarray
-        The other inputs (base or z, U, B, g).
+        dy as the kernel reads it (its dtype and shape are dz's).
+    inputs : sequence of (str, object)
+        Every input as the caller passed it, by name: anything that exposes
+        memory (an ndarray, a memoryview, ...) is checked, so that neither
+        the result nor the caller's arrays can be overwritten.
 
     Raises
     ------
@@ -341,9 +344,10 @@ def check_dz_out(dz_out, dy, others):
                          f"strides {dz_out.strides})")
     if not dz_out.flags.writeable:
         raise ValueError(f"dz_out must be writeable (shape {dz_out.shape} is read-only)")
-    for arg, arr in zip(("dy", "base or z", "U", "B", "g"), (dy, *others)):
-        if isinstance(arr, np.ndarray) and np.may_share_memory(dz_out, arr):
-            raise ValueError(f"dz_out overlaps {arg}: dz would overwrite an input still read")
+    for arg, arr in inputs:
+        # np.asarray shares the memory of whatever exposes it (and copies a list: no overlap)
+        if arr is not None and np.may_share_memory(dz_out, np.asarray(arr)):
+            raise ValueError(f"dz_out overlaps {arg}: dz would overwrite an input")
 
 
 def backward_epilogue(dy, base, U, B, g, scaling):
@@ -414,7 +418,7 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
         A ``dz_out`` that ``check_dz_out`` refuses.
     """
     if dz_out is not None:
-        check_dz_out(dz_out, dy, (base, U, B, g))
+        check_dz_out(dz_out, dy, (("dy", dy), ("base", base), ("U", U), ("B", B), ("g", g)))
     dg, dz = _backward_epilogue(dy, base, U, B, g, scaling, dz_out)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
@@ -483,7 +487,7 @@ def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
         A ``dz_out`` that ``check_dz_out`` refuses.
     """
     if dz_out is not None:
-        check_dz_out(dz_out, dy, (z, U, B, g))
+        check_dz_out(dz_out, dy, (("dy", dy), ("z", z), ("U", U), ("B", B), ("g", g)))
     dg, dz = _backward_epilogue_z(dy, z, g, dz_out)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 

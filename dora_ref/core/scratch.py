@@ -20,19 +20,27 @@ backward stay new arrays.
 
 Rules, so that the reuse can never change a result:
 
+* A slot is in use while any array on its memory is alive: the one
+  ``take`` handed out, or any view of it (NumPy makes every view refer to
+  the buffer's owning array, whose reference count tells). So there is
+  nothing to give back, no exception (a Ctrl-C between any two bytecodes)
+  can leave a slot in use once its arrays are gone, and memory that is
+  still seen anywhere is never handed out again.
 * ``take`` returns ``None`` (the caller then allocates as before) for a
   small array (under ``MIN_BYTES``: glibc serves those from memory it
   keeps), a large one (over ``MAX_BYTES``: not worth holding), or a slot
-  already taken in this thread and not yet given back (a signal handler
-  running another backward in the middle of one).
+  in use in this thread (a signal handler running another backward in the
+  middle of one).
 * The buffer is this thread's: another thread gets its own.
-* ``give_back`` is called in a ``finally``: an exception leaves no slot taken.
+* The caller keeps the array only for the call that took it (a result
+  made of it would keep the slot in use: correct, but no longer reused).
 
 The memory held is at most one buffer per slot and thread, each at most
 ``MAX_BYTES``; ``release()`` frees this thread's, and a thread's go with it.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -47,10 +55,27 @@ MAX_BYTES = 1 << 28
 _local = threading.local()
 
 
+class _Slot:
+    __slots__ = ("owner", "start")
+
+    def __init__(self, nbytes):
+        # the array that owns the memory: every view of it, however derived, refers to it
+        self.owner = np.empty(nbytes + 64, dtype=np.uint8)
+        self.start = (-self.owner.ctypes.data) % 64  # 64-byte aligned (NumPy aligns to 16)
+
+    @property
+    def nbytes(self):
+        return self.owner.nbytes - 64
+
+    def in_use(self):
+        # references: this slot's attribute and getrefcount's argument; any more is a view
+        return sys.getrefcount(self.owner) > 2
+
+
 def _slots():
     slots = getattr(_local, "slots", None)
     if slots is None:
-        slots = _local.slots = {}  # name -> [buffer (uint8 ndarray), taken (bool)]
+        slots = _local.slots = {}  # name -> _Slot
     return slots
 
 
@@ -68,10 +93,11 @@ def take(slot, shape, dtype):
     Returns
     -------
     ndarray or None
-        A C-contiguous, writeable array of ``shape`` and ``dtype`` that
-        shares memory with nothing the caller holds; ``None`` where the
-        caller should allocate instead (the module docstring's rules). Give
-        it back with ``give_back(slot, array)`` when done.
+        A C-contiguous, writeable, 64-byte aligned array of ``shape`` and
+        ``dtype`` that shares memory with nothing alive; the slot is in use
+        until it and every view of it are garbage (the caller's frame ends).
+        ``None`` where the caller should allocate instead (the module
+        docstring's rules).
     """
     dtype = np.dtype(dtype)
     nbytes = dtype.itemsize
@@ -81,45 +107,23 @@ def take(slot, shape, dtype):
         return None
     slots = _slots()
     entry = slots.get(slot)
-    if entry is None:
-        entry = slots[slot] = [None, False]
-    elif entry[1]:
-        return None  # taken and not given back: a nested call allocates its own
-    if entry[0] is None or entry[0].nbytes < nbytes:
-        entry[0] = None  # let the old one go before the new one is allocated
-        # at least 64-byte aligned (NumPy aligns to 16): every view below starts there
-        entry[0] = _aligned_bytes(nbytes)
-    entry[1] = True
-    return entry[0][:nbytes].view(dtype).reshape(shape)
-
-
-def give_back(slot, array):
-    """End the use of ``take(slot, ...)``'s array; ``array=None`` does nothing.
-
-    The array must not be used afterwards: the next ``take`` of the slot in
-    this thread returns the same memory.
-    """
-    if array is None:
-        return
-    entry = _slots().get(slot)
-    if entry is not None and entry[0] is not None and np.may_share_memory(array, entry[0]):
-        entry[1] = False
+    if entry is not None and entry.in_use():
+        return None  # a nested call allocates its own
+    if entry is None or entry.nbytes < nbytes:
+        entry = None
+        slots.pop(slot, None)  # the old buffer goes before the new one is allocated
+        entry = slots[slot] = _Slot(nbytes)
+    return entry.owner[entry.start:entry.start + nbytes].view(dtype).reshape(shape)
 
 
 def release():
-    """Free this thread's scratch buffers that are not taken at the moment."""
+    """Free this thread's scratch buffers that are not in use at the moment."""
     slots = _slots()
     for name in list(slots):
-        if not slots[name][1]:
+        if not slots[name].in_use():
             del slots[name]
 
 
 def held_bytes():
     """Bytes of scratch buffers this thread holds."""
-    return sum(e[0].nbytes for e in _slots().values() if e[0] is not None)
-
-
-def _aligned_bytes(nbytes, align=64):
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start:start + nbytes]
+    return sum(e.nbytes for e in _slots().values())

@@ -1501,8 +1501,9 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     """
     checked = _backward_checked(dy, base, U, B, g)  # once, for either path
     s = _scaling(scaling)
-    if dz_out is not None:
-        _kernels_numpy.check_dz_out(dz_out, checked[0][0], checked[0][1:])
+    if dz_out is not None:  # against the caller's arrays: the checks may have copied them
+        _kernels_numpy.check_dz_out(dz_out, checked[0][0], (("dy", dy), ("base", base),
+                                                             ("U", U), ("B", B), ("g", g)))
     if checked[4] > FUSED_MAX_RANK:
         dg, dz = _backward_epilogue_kernel(*checked, s, dz_out)
         return dg, dz, s * (dz @ checked[0][3]), s * (dz.T @ checked[0][2])
@@ -1599,8 +1600,9 @@ def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
     """
     checked = _backward_checked(dy, z, U, B, g, "z")
     s = _scaling(scaling)
-    if dz_out is not None:
-        _kernels_numpy.check_dz_out(dz_out, checked[0][0], checked[0][1:])
+    if dz_out is not None:  # against the caller's arrays: the checks may have copied them
+        _kernels_numpy.check_dz_out(dz_out, checked[0][0], (("dy", dy), ("z", z), ("U", U),
+                                                             ("B", B), ("g", g)))
     if checked[4] > FUSED_MAX_RANK:
         (dy, z, U, B, g), dtype, N, out_f, _ = checked
         dg, dz = _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f, dz_out)
