@@ -983,22 +983,11 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
 
     if ctx.dropout_mask is None:
         dx = dz @ W0  # (2)
-        _add_lowrank(dx, dU, A)  # (1)
+        t = _scratch.take("dx_lowrank", dx.shape, dx.dtype)  # None: small, or in use
+        dx += dU @ A if t is None else np.matmul(dU, A, out=t)  # (1)
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
     return dx, dA, dB, dmagnitude
-
-
-def _add_lowrank(dx, dU, A, mask=None):
-    """dx += dU @ A (times ``mask``, if given), the product in a scratch array.
-
-    The same bits as ``dx += dU @ A``: one BLAS product of the whole of dU,
-    then one addition (``dora_ref.core.scratch`` says why its memory is reused).
-    """
-    t = np.matmul(dU, A, out=_scratch.take("dx_lowrank", dx.shape, dx.dtype))
-    if mask is not None:
-        t *= mask
-    dx += t
 
 
 def norm_gradient(W0, A, B, scaling, dg, g, n):
@@ -1345,7 +1334,11 @@ def _lora_backward_f32(dy2, ctx, W0):
     dB = s * (dy2.T @ ctx.U)
     dA = dU.T @ ctx.x
     dx = dy2 @ W0
-    _add_lowrank(dx, dU, A, ctx.dropout_mask)
+    # dU @ A in a scratch array, the same bits (dora_ref.core.scratch; None: a new one)
+    low_rank_dx = np.matmul(dU, A, out=_scratch.take("dx_lowrank", dx.shape, dx.dtype))
+    if ctx.dropout_mask is not None:
+        low_rank_dx *= ctx.dropout_mask
+    dx += low_rank_dx
     return dx, dA, dB
 
 

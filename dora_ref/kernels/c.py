@@ -1507,7 +1507,7 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     if checked[4] > FUSED_MAX_RANK:
         dg, dz = _backward_epilogue_kernel(*checked, s, dz_out)
         return dg, dz, s * (dz @ checked[0][3]), s * (dz.T @ checked[0][2])
-    return _backward_lowrank_kernel(*checked, s, dz=dz_out)
+    return _backward_lowrank_kernel(*checked, s, _LOWRANK_KERNELS, dz_out)
 
 
 def _backward_checked(dy, base, U, B, g, base_name="base"):

@@ -125,7 +125,7 @@ MUTATIONS = [
              "dx = dy2 @ W0 + ((dz - dy2) @ W0 + dU @ A)",
              "dx with dropout forgets the mask on the DoRA correction"),
     Mutation("dx_low_rank_sign", FUNC,
-             "    dx += t\n", "    dx -= t\n",
+             "        dx += dU @ A if t is None else", "        dx -= dU @ A if t is None else",
              "dx's low-rank path subtracted (DoRA and LoRA)"),
     Mutation("scratch_hands_out_a_slot_in_use", SCRATCH,
              "    if entry is not None and entry.in_use():\n        return None",
