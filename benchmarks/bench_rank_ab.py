@@ -12,9 +12,8 @@ in turn behind ``dora_ref.kernels.c``:
   2 * out * in * r / (the rate of a (1024, 1024) BLAS GEMM measured in the
   same loop);
 * a DoRA training step (forward + backward, detached norm; with this build
-  also with the backward's scratch memory turned off, column "this, scratch
-  off": dz and dU @ A in fresh arrays each step, as before
-  ``dora_ref.core.scratch``) and an eval
+  also with the forward not keeping z for the backward, column
+  "this, z off") and an eval
   forward with the cached norm (``DoRALinear.eval()``), each against the plain
   layer (``x @ W0.T`` and ``dy @ W0``; ``x @ W0.T``),
 
@@ -61,7 +60,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_busy  # noqa: E402  (ratio_interval)
 import bench_kernels as bk  # noqa: E402  (problem, steps: the layer steps it times)
 from dora_ref.core import functional as F  # noqa: E402
-from dora_ref.core import scratch as S  # noqa: E402
 from dora_ref.kernels import c as C  # noqa: E402
 
 SHAPES = [(4096, 4096, 8, 512), (4096, 4096, 16, 512), (4096, 4096, 32, 512),
@@ -82,12 +80,10 @@ def load_build(path):
     return mod
 
 
-def behind(mod, fn, keep_z=True, scratch=True):
-    """fn run with ``mod``'s ffi and lib behind dora_ref.kernels.c, the
+def behind(mod, fn, keep_z=True):
+    """fn run with ``mod``'s ffi and lib behind dora_ref.kernels.c, and the
     training forward keeping z or not (``functional._KEEP_Z``; a build without
-    the _z kernels never keeps it), and the backward's scratch memory on or
-    off (``scratch.MIN_BYTES`` above every size: each step's dz and dU @ A in
-    fresh arrays).
+    the _z kernels never keeps it).
 
     Swapped: what the wrapper looks up in ``lib`` at call time, its tables
     of forward epilogue kernels (the layer's eval forward and the training
@@ -115,16 +111,14 @@ def behind(mod, fn, keep_z=True, scratch=True):
 
     def call():
         saved = {name: getattr(C, name) for name in tables}
-        saved_rest = C.ffi, C.lib, F._KEEP_Z, S.MIN_BYTES
+        saved_rest = C.ffi, C.lib, F._KEEP_Z
         C.ffi, C.lib, F._KEEP_Z = mod.ffi, mod.lib, keep_z
-        if not scratch:
-            S.MIN_BYTES = 1 << 62
         for name, table in tables.items():
             setattr(C, name, table)
         try:
             return fn()
         finally:
-            C.ffi, C.lib, F._KEEP_Z, S.MIN_BYTES = saved_rest
+            C.ffi, C.lib, F._KEEP_Z = saved_rest
             for name, table in saved.items():
                 setattr(C, name, table)
     return call
@@ -226,8 +220,8 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
     if eval_only:  # the plain product and each build's eval forward, nothing else
         st = bk.steps(p)
         fns = {"plain_eval": st["plain_eval"]}
-        for tag, (mod, keep_z, scratch) in builds.items():
-            fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z, scratch)
+        for tag, (mod, keep_z) in builds.items():
+            fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
         nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
                "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
         steps = timed(fns, "steps")
@@ -237,16 +231,16 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
     ones = np.ones(in_f, dtype=np.float32)
     fns = {"gemm_1024": lambda: X @ X, "read_gemv": lambda: W0 @ ones, "read_sum": lambda: W0.sum(),
            "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1)}
-    for tag, (mod, keep_z, scratch) in builds.items():
-        fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z, scratch)
+    for tag, (mod, keep_z) in builds.items():
+        fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
     norms = timed(fns, "norm")
     if norm_only:
         return norm_rows(shape, builds, norms[0], {}, norms[1], {}, {}), verdicts
     st = bk.steps(p)
     fns = {"plain_train": st["plain_train"], "plain_eval": st["plain_eval"]}
-    for tag, (mod, keep_z, scratch) in builds.items():
-        fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z, scratch)
-        fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z, scratch)
+    for tag, (mod, keep_z) in builds.items():
+        fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
+        fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     steps = timed(fns, "steps")
     return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1], steps[2]), verdicts
 
@@ -368,12 +362,9 @@ def main():
         return
     if not args.base:
         ap.error("--base is required (except with --eval-breakdown)")
-    # (build, keep z, scratch). "this, scratch off": this build with the backward's dz and
-    # dU @ A in fresh arrays (the step of before); "base" runs this checkout's Python code
-    # (the scratch included) with the other build's kernels, z not kept (as before the _z
-    # kernels; a build without them could not)
-    builds = {"base": (load_build(args.base), False, True),
-              "this, scratch off": (C._dora_c, True, False), "this": (C._dora_c, True, True)}
+    # "this, z off": this build with the training forward not keeping z (the step of before)
+    builds = {"base": (load_build(args.base), False), "this, z off": (C._dora_c, False),
+              "this": (C._dora_c, True)}
     print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
     print("| (out, in, r, N) | build | norm ms | NumPy expr / norm | norm / read W0 | "
           "norm / flop bound | train / plain (min) [95% interval] | eval / plain (min) [95% interval] |")

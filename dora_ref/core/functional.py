@@ -105,7 +105,6 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import backend as _backend
-from . import scratch as _scratch
 from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
     _vdot,
@@ -962,17 +961,14 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
         A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     kernels = _backend.kernels()
 
-    # dz lives until dx = dz @ W0 below: a scratch array, reused from call to call, in use
-    # while this call holds it (dora_ref.core.scratch; None: the kernel allocates it)
-    dz_out = _scratch.take("dz", dy2.shape, dy2.dtype)
     base = ctx.base
     if ctx.base_is_z:  # the forward kept z (5) over the base product
         # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
-        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s, dz_out)
+        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s)
     else:
         if base is None:  # the forward wrote y over it (a layer in eval): (2) again
             base = ctx.x @ W0.T
-        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s, dz_out)
+        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
     dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
     if detach_norm:
         dA = dU.T @ ctx.x  # (1)
@@ -983,8 +979,7 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
 
     if ctx.dropout_mask is None:
         dx = dz @ W0  # (2)
-        t = _scratch.take("dx_lowrank", dx.shape, dx.dtype)  # None: small, or in use
-        dx += dU @ A if t is None else np.matmul(dU, A, out=t)  # (1)
+        dx += dU @ A  # (1), in place: no second (N, in) temporary
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
     return dx, dA, dB, dmagnitude
@@ -1333,11 +1328,10 @@ def _lora_backward_f32(dy2, ctx, W0):
     dU = s * (dy2 @ B)
     dB = s * (dy2.T @ ctx.U)
     dA = dU.T @ ctx.x
-    dx = dy2 @ W0
-    # dU @ A in a scratch array, the same bits (dora_ref.core.scratch; None: a new one)
-    low_rank_dx = np.matmul(dU, A, out=_scratch.take("dx_lowrank", dx.shape, dx.dtype))
+    low_rank_dx = dU @ A
     if ctx.dropout_mask is not None:
         low_rank_dx *= ctx.dropout_mask
+    dx = dy2 @ W0
     dx += low_rank_dx
     return dx, dA, dB
 

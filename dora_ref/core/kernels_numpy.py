@@ -309,47 +309,6 @@ def check_epilogue_out(out, base, others, dtype, name="out"):
             raise ValueError(f"{name} overlaps {arg}: y would overwrite an input it still reads")
 
 
-def check_dz_out(dz_out, dy, inputs):
-    """Check ``backward_lowrank(_z)``'s ``dz_out=`` (both backends): raise unless it can take dz.
-
-    Parameters
-    ----------
-    dz_out : ndarray
-        Must be an ndarray of dy's dtype and shape (N, out), C-contiguous,
-        writeable, and share no memory with any input.
-    dy : ndarray, shape (N, out)
-        dy as the kernel reads it (its dtype and shape are dz's).
-    inputs : sequence of (str, object)
-        Every input as the caller passed it, by name: anything that exposes
-        memory (an ndarray, a memoryview, ...) is checked, so that neither
-        the result nor the caller's arrays can be overwritten.
-
-    Raises
-    ------
-    TypeError
-        ``dz_out`` not an ndarray, or of another dtype.
-    ValueError
-        Another shape, not C-contiguous, read-only, or overlapping an input.
-    """
-    if type(dz_out) is not np.ndarray:
-        raise TypeError(f"dz_out must be a numpy.ndarray or None, got {type(dz_out).__name__}")
-    dt = np.asarray(dy).dtype
-    if dz_out.dtype != dt:
-        raise TypeError(f"dz_out must have dy's dtype {dt}, got {dz_out.dtype} "
-                        f"(shape {dz_out.shape})")
-    if dz_out.shape != np.shape(dy):
-        raise ValueError(f"dz_out must have dy's shape {np.shape(dy)}, got {dz_out.shape}")
-    if not dz_out.flags.c_contiguous:
-        raise ValueError(f"dz_out must be C-contiguous (shape {dz_out.shape}, "
-                         f"strides {dz_out.strides})")
-    if not dz_out.flags.writeable:
-        raise ValueError(f"dz_out must be writeable (shape {dz_out.shape} is read-only)")
-    for arg, arr in inputs:
-        # np.asarray shares the memory of whatever exposes it (and copies a list: no overlap)
-        if arr is not None and np.may_share_memory(dz_out, np.asarray(arr)):
-            raise ValueError(f"dz_out overlaps {arg}: dz would overwrite an input")
-
-
 def backward_epilogue(dy, base, U, B, g, scaling):
     """dg = sum_N dy * z and dz = dy * g, where z = base + s * U @ B.T.
 
@@ -367,21 +326,16 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    return _backward_epilogue(dy, base, U, B, g, scaling, None)
-
-
-def _backward_epilogue(dy, base, U, B, g, scaling, dz_out):
-    """``backward_epilogue`` writing dz into ``dz_out`` (checked), or a new array if None."""
     z = U @ B.T  # base + s * (U @ B.T), then dy * z, in place on one temporary
     z *= float(scaling)
     z += base
     z *= dy
     dg = np.add.reduce(z, axis=0)  # np.sum's own call for an ndarray, without its wrapper
-    dz = np.multiply(dy, g, out=dz_out)
+    dz = dy * g
     return dg, dz
 
 
-def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
+def backward_lowrank(dy, base, U, B, g, scaling):
     """``backward_epilogue`` plus the backward's rank-r products.
 
     dg = sum_N dy * z and dz = dy * g as in ``backward_epilogue``, and the
@@ -399,27 +353,15 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     B : ndarray, shape (out, r)
     g : ndarray, shape (out,)
     scaling : float
-    dz_out : ndarray, shape (N, out), optional
-        Where to write dz (dy's dtype, C-contiguous, writeable, sharing no
-        memory with an input; ``check_dz_out``); the functional backward
-        passes its scratch array (``dora_ref.core.scratch``). None: a new array.
 
     Returns
     -------
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
-        ``dz_out`` if given.
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
-
-    Raises
-    ------
-    TypeError, ValueError
-        A ``dz_out`` that ``check_dz_out`` refuses.
     """
-    if dz_out is not None:
-        check_dz_out(dz_out, dy, (("dy", dy), ("base", base), ("U", U), ("B", B), ("g", g)))
-    dg, dz = _backward_epilogue(dy, base, U, B, g, scaling, dz_out)
+    dg, dz = backward_epilogue(dy, base, U, B, g, scaling)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 
@@ -449,18 +391,13 @@ def backward_epilogue_z(dy, z, g):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    return _backward_epilogue_z(dy, z, g, None)
-
-
-def _backward_epilogue_z(dy, z, g, dz_out):
-    """``backward_epilogue_z`` writing dz into ``dz_out`` (checked), or a new array if None."""
     p = z * dy  # the operands of backward_epilogue's product, in its order
     dg = np.add.reduce(p, axis=0)
-    dz = np.multiply(dy, g, out=dz_out)
+    dz = dy * g
     return dg, dz
 
 
-def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
+def backward_lowrank_z(dy, z, U, B, g, scaling):
     """``backward_lowrank`` with z as the training forward kept it, in place of base.
 
     Parameters
@@ -470,25 +407,15 @@ def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
     B : ndarray, shape (out, r)
     g : ndarray, shape (out,)
     scaling : float
-    dz_out : ndarray, shape (N, out), optional
-        As ``backward_lowrank``'s.
 
     Returns
     -------
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
-        ``dz_out`` if given.
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
-
-    Raises
-    ------
-    TypeError, ValueError
-        A ``dz_out`` that ``check_dz_out`` refuses.
     """
-    if dz_out is not None:
-        check_dz_out(dz_out, dy, (("dy", dy), ("z", z), ("U", U), ("B", B), ("g", g)))
-    dg, dz = _backward_epilogue_z(dy, z, g, dz_out)
+    dg, dz = backward_epilogue_z(dy, z, g)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 

@@ -1352,18 +1352,16 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     return _backward_epilogue_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
 
 
-def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling, dz=None):
+def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
     """The C kernel on arguments ``_backward_checked`` returned and a scaling
-    ``_scaling`` returned (it checks nothing); ``dz``: where to write dz,
-    checked by the caller (``check_dz_out``), or None for a new array."""
+    ``_scaling`` returned (it checks nothing)."""
     dy, base, U, B, g = arrays
     if _lowrank_on_blas(out_f, r):  # z as the forward formed it
         return _backward_epilogue_z_kernel(dy, _z_on_blas(base, U, B, scaling), g, dtype, N,
-                                           out_f, dz)
+                                           out_f)
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
-    if dz is None:
-        dz = np.empty((N, out_f), dtype=dtype)
+    dz = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_backward_epilogue_{sfx}")(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(base, ctype), _ptr(U, ctype),
         _ptr(B, ctype), _ptr(g, ctype), scaling, N, out_f, r,
@@ -1405,13 +1403,11 @@ def backward_epilogue_z(dy, z, g):
     return _backward_epilogue_z_kernel(dy, z, g, dtype, *z.shape)
 
 
-def _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f, dz=None):
-    """The C kernel on checked arguments (C-contiguous, one dtype, fitting shapes);
-    ``dz`` as ``_backward_epilogue_kernel``'s."""
+def _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f):
+    """The C kernel on checked arguments (C-contiguous, one dtype, fitting shapes)."""
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
-    if dz is None:
-        dz = np.empty((N, out_f), dtype=dtype)
+    dz = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_backward_epilogue_z_{sfx}")(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(z, ctype), _ptr(g, ctype),
         N, out_f,
@@ -1450,7 +1446,7 @@ FUSED_MAX_RANK = 12
 KEEP_Z_MIN_RANK = FUSED_MAX_RANK + 1
 
 
-def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
+def backward_lowrank(dy, base, U, B, g, scaling):
     """``backward_epilogue`` plus dU = s * dz @ B and dB = s * dz.T @ U.
 
     For r <= ``FUSED_MAX_RANK``, all four in one pass over dz
@@ -1465,17 +1461,11 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     B : ndarray, shape (out, r)
     g : ndarray, shape (out,)
     scaling : float
-    dz_out : ndarray, shape (N, out), optional
-        Where to write dz (dy's dtype, C-contiguous, writeable, sharing no
-        memory with an input: ``core.kernels_numpy.check_dz_out``, before
-        any pointer crosses); the functional backward passes its scratch
-        array (``dora_ref.core.scratch``). None: a new array.
 
     Returns
     -------
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
-        ``dz_out`` if given.
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
 
@@ -1483,10 +1473,9 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     ------
     TypeError
         An argument that is not a float32/float64 ndarray, mixed dtypes, or a
-        scaling that is not a real number; a ``dz_out`` of another dtype.
+        scaling that is not a real number.
     ValueError
-        Shapes that do not fit (N, out), (N, r), (out, r), (out,); a
-        ``dz_out`` of another shape, strided, read-only or overlapping an input.
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
 
     Notes
     -----
@@ -1501,13 +1490,10 @@ def backward_lowrank(dy, base, U, B, g, scaling, dz_out=None):
     """
     checked = _backward_checked(dy, base, U, B, g)  # once, for either path
     s = _scaling(scaling)
-    if dz_out is not None:  # against the caller's arrays: the checks may have copied them
-        _kernels_numpy.check_dz_out(dz_out, checked[0][0], (("dy", dy), ("base", base),
-                                                             ("U", U), ("B", B), ("g", g)))
     if checked[4] > FUSED_MAX_RANK:
-        dg, dz = _backward_epilogue_kernel(*checked, s, dz_out)
+        dg, dz = _backward_epilogue_kernel(*checked, s)
         return dg, dz, s * (dz @ checked[0][3]), s * (dz.T @ checked[0][2])
-    return _backward_lowrank_kernel(*checked, s, _LOWRANK_KERNELS, dz_out)
+    return _backward_lowrank_kernel(*checked, s)
 
 
 def _backward_checked(dy, base, U, B, g, base_name="base"):
@@ -1559,7 +1545,7 @@ _LOWRANK_Z_KERNELS = {
 }
 
 
-def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
+def backward_lowrank_z(dy, z, U, B, g, scaling):
     """``backward_lowrank`` with z as the training forward kept it, in place of base.
 
     The same dg, dz, dU, dB, bit for bit, as ``backward_lowrank`` on the
@@ -1575,17 +1561,11 @@ def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
     B : ndarray, shape (out, r)
     g : ndarray, shape (out,)
     scaling : float
-    dz_out : ndarray, shape (N, out), optional
-        Where to write dz (dy's dtype, C-contiguous, writeable, sharing no
-        memory with an input: ``core.kernels_numpy.check_dz_out``, before
-        any pointer crosses); the functional backward passes its scratch
-        array (``dora_ref.core.scratch``). None: a new array.
 
     Returns
     -------
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
-        ``dz_out`` if given.
     dU : ndarray, shape (N, r)
     dB : ndarray, shape (out, r)
 
@@ -1593,34 +1573,28 @@ def backward_lowrank_z(dy, z, U, B, g, scaling, dz_out=None):
     ------
     TypeError
         An argument that is not a float32/float64 ndarray, mixed dtypes, or a
-        scaling that is not a real number; a ``dz_out`` of another dtype.
+        scaling that is not a real number.
     ValueError
-        Shapes that do not fit (N, out), (N, r), (out, r), (out,); a
-        ``dz_out`` of another shape, strided, read-only or overlapping an input.
+        Shapes that do not fit (N, out), (N, r), (out, r), (out,).
     """
     checked = _backward_checked(dy, z, U, B, g, "z")
     s = _scaling(scaling)
-    if dz_out is not None:  # against the caller's arrays: the checks may have copied them
-        _kernels_numpy.check_dz_out(dz_out, checked[0][0], (("dy", dy), ("z", z), ("U", U),
-                                                             ("B", B), ("g", g)))
     if checked[4] > FUSED_MAX_RANK:
         (dy, z, U, B, g), dtype, N, out_f, _ = checked
-        dg, dz = _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f, dz_out)
+        dg, dz = _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f)
         return dg, dz, s * (dz @ B), s * (dz.T @ U)
-    return _backward_lowrank_kernel(*checked, s, _LOWRANK_Z_KERNELS, dz_out)
+    return _backward_lowrank_kernel(*checked, s, _LOWRANK_Z_KERNELS)
 
 
-def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRANK_KERNELS,
-                             dz=None):
+def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRANK_KERNELS):
     """The C kernel on arguments ``_backward_checked`` returned and a scaling
     ``_scaling`` returned (it checks nothing); ``kernels``: the _z ones for z
-    in place of base; ``dz`` as ``_backward_epilogue_kernel``'s."""
+    in place of base."""
     dy, base, U, B, g = arrays
     ctype, kernel = kernels[dtype]
     pt = _ARRAY_TYPE[ctype]  # once, not per pointer (_ptr): nine pointers per call
     dg = np.empty(out_f, dtype=dtype)
-    if dz is None:
-        dz = np.empty((N, out_f), dtype=dtype)
+    dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
     dB = np.empty((out_f, r), dtype=dtype)
     status = kernel(
