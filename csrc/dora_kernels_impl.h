@@ -245,8 +245,9 @@ static inline __attribute__((always_inline)) void FN(norm_row_squares)(
         for (int l = 0; l < ACCW; l++) acc[l] = FN(add_square)(fused, acc[l], v[h + l]);
 }
 
-/* norm_step for a full tile of NG = 6 rows (column_norm of float32 in the
-   fused mode, r >= NORM_SIX_MIN_R): twelve vector accumulators on AVX2
+/* norm_step for a full tile of NG = 6 rows (column_norm in the fused mode:
+   float32 at r >= NORM_SIX_MIN_R, float64 where the AVX-512 tile is allowed,
+   norm_or_merge): twelve vector accumulators on AVX2
    where tile_full has eight, so that each load of A feeds six rows instead
    of four and the k loop has twelve independent chains of FMAs. A loop a
    row, so that a row's coefficient is needed only for its own vector FMAs
@@ -381,7 +382,7 @@ static inline __attribute__((always_inline)) void FN(norm_prefetch)(
    group, where norm_rows reads all of A, which at r = 64 is larger than L2,
    once per group. Each row's squares are still added in column order, into
    the same lanes: the bits of norm_rows. Rows are taken `ng` at a time, a
-   constant: NG (norm_full6) in the fused mode at r >= NORM_SIX_MIN_R, G
+   constant: NG (norm_full6) where norm_or_merge packed Bq (its rule), G
    otherwise (norm_step). NORM_ROW_BLOCK is a multiple of both, so only the
    last group of the matrix can be short. `prefetch` (a constant): when A
    is taken in chunks, each tile first asks for the W0 lines of the tile
@@ -906,16 +907,30 @@ static int FN(norm_or_merge)(WTYPE *Wm, REAL *n, const WTYPE *W0, const REAL *A,
 {
     const int fused = dora_fma_ok();
     REAL *Ap = FN(pack_panels)(A, r, in, in, 1);  /* A in panels */
-    /* the float32 norm (and the 16-bit formats') in the fused mode at
-       r >= NORM_SIX_MIN_R: B in groups of NG rows, for norm_full6 (which
-       needs r > 0); Bq NULL selects G-row tiles. (The float64 six-row tile
-       was 1.09x slower at r = 16 on Zen 3, so float64 keeps G rows.) With
-       the AVX2 or AVX-512 tiles (dora_norm_tile), from NORM_AVX2_MIN_R. */
-    const int tile_ok = !Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_AVX2_MIN_R;
-    const int cpu_tile = tile_ok ? dora_norm_tile() : 0;
-    const int tile = cpu_tile == 2 && r <= NORM_AVX512_MAX_R ? 2
+    /* Six-row tiles (norm_full6, or the AVX2 / AVX-512 tiles), B in groups
+       of NG rows (which needs r > 0); Bq NULL selects G-row tiles. The n
+       they give has the bits of the G-row tiles.
+       - float32 (and the 16-bit formats) in the fused mode at
+         r >= NORM_SIX_MIN_R; with the AVX2 or AVX-512 tiles
+         (dora_norm_tile) from NORM_AVX2_MIN_R.
+       - float64 in the fused mode where the AVX-512 tile is allowed
+         (dora_norm_tile() == 2), at every r: there the compiled six-row
+         tile keeps six vector chains of FMAs in flight where the four-row
+         tile has four (one zmm register a row). Intel Xeon (AVX-512,
+         family 6 model 167), quiet, medians of interleaved calls, the same
+         bits: 0.61-0.72x the four-row tile's time at r = 32 and 64 on one
+         and two threads ((256, 256), (1024, 1024), (4096, 4096)), 0.70-0.83x
+         at r = 16, 0.86-0.92x at r = 8, 0.97-1.00x at r = 1 and 4. On AVX2
+         (two ymm registers a row: twelve accumulators in sixteen
+         registers) float64 keeps G rows: its six-row tile was 1.09x slower
+         at r = 16 on Zen 3. */
+    const int cpu_tile = !Wm && fused && r > 0 ? dora_norm_tile() : 0;
+    const int is_f32 = sizeof(REAL) == sizeof(float);
+    const int tile = !is_f32 || r < NORM_AVX2_MIN_R ? 0
+                     : cpu_tile == 2 && r <= NORM_AVX512_MAX_R ? 2
                      : cpu_tile >= 1 && r <= NORM_AVX2_MAX_R ? 1 : 0;
-    const int six = tile || (!Wm && fused && sizeof(REAL) == sizeof(float) && r >= NORM_SIX_MIN_R);
+    const int six = tile || (!Wm && fused && r > 0
+                             && (is_f32 ? r >= NORM_SIX_MIN_R : cpu_tile == 2));
     REAL *Bq = six ? FN(pack_groups)(B, out, r) : NULL;
     if (!Ap || (six && !Bq)) {
         free(Ap);

@@ -279,7 +279,9 @@ def norm_tile():
     """The SIMD tile ``column_norm`` takes for float32 (and 16-bit) W0 in this process:
     ``"avx512"`` on a CPU with AVX-512 F (used at 8 <= r <= 64), ``"avx2"`` with AVX2
     and FMA (used at 8 <= r <= 32), else ``"plain"`` (the C tiles without intrinsics).
-    All three give the same bits (``tests/test_norm_avx2_tile.py``)."""
+    All three give the same bits (``tests/test_norm_avx2_tile.py``). Where it is
+    ``"avx512"``, float64 W0 takes six-row tiles at every rank (four-row tiles
+    otherwise), again with the same bits (``tests/test_norm_f64_six_row_tile.py``)."""
     return _NORM_TILES[lib.dora_norm_tile()]
 
 
