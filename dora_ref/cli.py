@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -18,7 +19,7 @@ COMMANDS = {
     "demo": ("dora_ref.demo.digits", "DoRA vs LoRA vs full fine-tuning on scikit-learn's digits"),
     "merge": ("dora_ref.formats.merge_cli", "merge a PEFT (Do)LoRA adapter into base safetensors weights"),
     "vectors": ("dora_ref.porting.vectors", "write golden test vectors for porting DoRA"),
-    "info": ("dora_ref.cli", "print the version, the active backend and the threads"),
+    "info": ("dora_ref.cli", "print the version, its git commit, the backend and the threads"),
 }
 
 
@@ -58,8 +59,40 @@ def _cpu_summary(cpuinfo_text):
     return f"cpu: {name}{where}, {level}"
 
 
+def _source_summary(package_dir):
+    """One line saying which code ``package_dir`` (the imported ``dora_ref`` folder) is.
+
+    The README and docs label every figure with a version of the code
+    ("this version", "the previous version", ...); this names the git commit
+    of the checkout the package was imported from, and whether tracked
+    files differ from it, so that a figure can be tied to the code that ran.
+    Only a checkout whose top level holds the package counts: a package
+    installed into site-packages of a virtual environment kept inside some
+    other repository is "not a git checkout". git is run with
+    ``GIT_OPTIONAL_LOCKS=0`` (``git status`` then takes no lock and writes
+    no index) and a timeout; when it is missing or fails, the line says so.
+    """
+    root = os.path.dirname(os.path.abspath(package_dir))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return "source: not a git checkout (an installed copy, or a folder without .git)"
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, env=env)
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"source: a git checkout at {root}; git could not be run ({type(exc).__name__})"
+    if head.returncode != 0 or status.returncode != 0:
+        why = (head.stderr or status.stderr).strip().splitlines()
+        return f"source: a git checkout at {root}; git failed: {why[0] if why else 'no message'}"
+    dirty = ", with uncommitted changes to tracked files" if status.stdout.strip() else ""
+    return f"source: git commit {head.stdout.strip()[:12]}{dirty} ({root})"
+
+
 def info(argv=None):
-    """Print dora_ref's version, the backends, the active one, its threads, the CPU and BLAS."""
+    """Print dora_ref's version, its source (git commit), the backends, the active one, its
+    threads, the CPU and BLAS."""
     import argparse
 
     import dora_ref
@@ -68,6 +101,7 @@ def info(argv=None):
         prog="dora-ref info", description="Print the version, the backends and the threads."
     ).parse_args(argv)
     print(f"dora_ref {dora_ref.__version__}")
+    print(_source_summary(os.path.dirname(dora_ref.__file__)))
     print(f"backend: {dora_ref.backend()} (available: {', '.join(dora_ref.available_backends())})")
     if "c" in dora_ref.available_backends():
         from dora_ref.kernels import c as _kernels_c

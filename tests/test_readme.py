@@ -117,3 +117,40 @@ def test_cli_info_names_the_machine_kind():
     assert "x86-64-v3" in _cpu_summary(only_f)
     assert _cpu_summary("model name\t: old\nflags\t\t: sse2\n") == "cpu: old, no AVX2"
     assert _cpu_summary("no such fields") is None
+
+
+def test_cli_info_names_the_git_commit_of_the_code(tmp_path, monkeypatch):
+    """Session 16: the README labels figures by version ("this version", ...); ``dora-ref
+    info`` names the git commit of the checkout the package was imported from, says when
+    tracked files differ from it, and says plainly when there is no checkout or no git."""
+    import shutil
+
+    from dora_ref.cli import _source_summary
+
+    pkg = tmp_path / "repo" / "dora_ref"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    assert _source_summary(str(pkg)) == (
+        "source: not a git checkout (an installed copy, or a folder without .git)")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = str(tmp_path / "repo")
+    git = ["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t", "-c",
+           "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", repo], check=True)
+    assert _source_summary(str(pkg)).startswith(  # no commit yet: rev-parse HEAD fails
+        f"source: a git checkout at {repo}; git failed: ")
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert _source_summary(str(pkg)) == f"source: git commit {head[:12]} ({repo})"
+    (pkg / "untracked.py").write_text("")  # untracked files are not the code that ran
+    assert _source_summary(str(pkg)) == f"source: git commit {head[:12]} ({repo})"
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert _source_summary(str(pkg)) == (
+        f"source: git commit {head[:12]}, with uncommitted changes to tracked files ({repo})")
+    assert not (tmp_path / "repo" / ".git" / "index.lock").exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no git on PATH
+    assert _source_summary(str(pkg)) == (
+        f"source: a git checkout at {repo}; git could not be run (FileNotFoundError)")
