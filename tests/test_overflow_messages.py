@@ -94,6 +94,36 @@ def test_c_prime_only_BA_overflows_names_BA_not_the_norm():
         assert "about 1.414e+30, which fits float32" in text, text
 
 
+@pytest.mark.parametrize("backend", dora_ref.available_backends())
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_BA_partial_sums_overflow_in_the_kernels_order_not_in_BLAS_is_not_called_a_kernel_bug(
+        backend, rows):
+    """Session 16's adversary: B_i @ A = 9e307 - 1.7e308 - 1.7e308 + 9e307 = -1.6e308 fits
+    float64, but its partial sums overflow left to right (the kernels' order of the rank-r
+    terms) and not in BLAS's order for several rows; V = 1 + 1e-300 * B@A, n = 1.6e8. The
+    C kernel's inf was judged against BLAS's finite recomputation and called "a bug in the
+    kernel" (RuntimeError) for 3 rows, while 1 row gave the ValueError naming B@A. Every row
+    count and backend now names B@A's partial sums, or (where a backend's own product did
+    not overflow) gives the norm within float64's rounding of the exact 1.6e8."""
+    W0, A = np.ones((rows, 1)), np.ones((4, 1))
+    B = np.tile([9e307, -1.7e308, -1.7e308, 9e307], (rows, 1))
+    exact = 1.6e308 * 1e-300 - 1.0  # |1 + 1e-300 * (-1.6e308)|
+    with dora_ref.use_backend(backend):
+        try:
+            n = F.column_norm(W0, A, B, 1e-300)
+        except ValueError as err:
+            text = str(err)
+            assert "B@A (formed before the scaling) overflowed float64 in its partial sums" in text, text
+            assert "about 1.6e+08, which fits float64" in text, text
+        else:  # NumPy's BLAS product never overflowed: its norm, to a few float64 roundings
+            np.testing.assert_allclose(n, exact, rtol=8 * np.finfo(f64).eps)
+        # the forward: the same message, or, past a norm that did not overflow, the forward's
+        # own (x A^T) B^T, whose partial sums overflow too (y = -1 fits)
+        text = _message(lambda: F.dora_forward(np.ones((2, 1)), W0, A, B, np.ones(rows), 1e-300))
+        assert ("B@A (formed before the scaling) overflowed float64 in its partial sums" in text
+                or "(x A^T) B^T overflowed float64 in its partial sums" in text), text
+
+
 def test_c_prime_norm_that_truly_overflows_keeps_its_message():
     # the norm itself (2e308 * sqrt(1.25)) does not fit float64: the old, true message
     W0 = np.array([[0.5, -0.25, 1.0, 0.1]] * 3)
