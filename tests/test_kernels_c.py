@@ -709,6 +709,19 @@ def test_rejects_non_arrays():
         C.column_norm(p["W0"], p["A"], p["B"], "1.0")
 
 
+def test_an_int_scaling_too_large_for_a_float64_is_a_value_error_naming_scaling():
+    """Session 16's adversary: C.column_norm(..., 10**400) and C.merge raised OverflowError
+    ('int too large to convert to float'), naming nothing."""
+    from fractions import Fraction
+
+    p = _problem(0, np.float64, 4, 5, 2, 3)
+    for scaling in (10**400, -(10**400), Fraction(10**400, 3)):
+        for call in (lambda: C.column_norm(p["W0"], p["A"], p["B"], scaling),
+                     lambda: C.merge(p["W0"], p["A"], p["B"], p["m"], scaling)):
+            with pytest.raises(ValueError, match=r"scaling \((int|Fraction)\) is too large for a float64"):
+                call()
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

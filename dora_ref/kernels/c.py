@@ -559,7 +559,11 @@ def _scaling(scaling):
         return scaling
     if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    return float(scaling)
+    try:
+        return float(scaling)
+    except OverflowError:  # an int (or Fraction) past float64's range: a ValueError naming it
+        raise ValueError(f"scaling ({type(scaling).__name__}) is too large for a float64, "
+                         f"which the kernels compute with") from None
 
 
 # the cffi types, looked up once (a type given by name is parsed on every call)
