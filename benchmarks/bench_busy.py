@@ -85,12 +85,64 @@ QUICK = dict(
     loads=[0, 1],
 )
 
-_SPIN = "import time, sys\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass\n"
+# A busy process: a Python spin loop that stops by itself after argv[1] seconds, or as soon
+# as the benchmark that started it (pid argv[2]) is gone: a benchmark killed by SIGTERM or
+# SIGKILL cannot stop it, and its spinner was left on a core until the time bound (session
+# 16's adversary). Both tests every 4096 turns, so the loop stays in user space.
+_SPIN = (
+    "import os, sys, time\n"
+    "end, parent, i = time.time() + float(sys.argv[1]), int(sys.argv[2]), 0\n"
+    "while True:\n"
+    "    i += 1\n"
+    "    if i % 4096 == 0 and (time.time() >= end or os.getppid() != parent):\n"
+    "        break\n"
+)
+MAX_BUSY_PER_CPU = 4  # the most busy processes a level may ask for, per CPU
 
 
 def start_busy(count, limit):
-    """Start `count` spinning processes that stop by themselves after `limit` s."""
-    return [subprocess.Popen([sys.executable, "-c", _SPIN, str(limit)]) for _ in range(count)]
+    """Start `count` spinning processes, each stopping by itself after `limit` s or when this
+    process is gone. If one cannot be started, those already started are stopped first."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0 busy processes, got {count}")
+    if not limit > 0 or limit == float("inf"):
+        raise ValueError(f"limit must be a positive number of seconds, got {limit}")
+    procs = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", _SPIN, str(limit),
+                                           str(os.getpid())]))
+    except BaseException:
+        stop_busy(procs)
+        raise
+    return procs
+
+
+def loads_arg(text):
+    """argparse type of --loads: busy processes per level, "0,1,2" (each 0 to 4 per CPU)."""
+    most = MAX_BUSY_PER_CPU * (os.cpu_count() or 1)
+    try:
+        loads = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 0,1,2, got {text!r}") from None
+    if any(not 0 <= n <= most for n in loads):
+        raise argparse.ArgumentTypeError(f"each load must be 0 to {most} busy processes "
+                                         f"({MAX_BUSY_PER_CPU} per CPU), got {text!r}")
+    return loads
+
+
+def positive_arg(kind):
+    """argparse type: a finite number > 0 of `kind` (int or float)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (v > 0 and v != float("inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+        return v
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def stop_busy(procs):
@@ -373,31 +425,32 @@ def main(argv=None):
     size.add_argument("--full", action="store_true",
                       help="the issue's grid: 5 shapes x 5 ranks x 3 N x 2 dtypes x 0/1/2 busy "
                            "(the default)")
-    ap.add_argument("--loads", default=None, help="busy processes per level, e.g. 0,1,2")
+    ap.add_argument("--loads", type=loads_arg, default=None,
+                    help="busy processes per level, e.g. 0,1,2")
     ap.add_argument("--cells", default=None,
                     help="only these cells, out,in,r,N,dtype separated by ';' "
                          "(e.g. '1024,1024,64,256,float64;64,64,1,16,float32'); "
                          "the plan's counters are then printed after each cell")
-    ap.add_argument("--budget", type=float, default=None,
+    ap.add_argument("--budget", type=positive_arg(float), default=None,
                     help="at most this many seconds per cell and kind: a cell is sampled until "
                          "its interval decides it, or this bound (default: 3 quick, else an "
                          "equal share of what --max-minutes leaves)")
-    ap.add_argument("--max-rounds", type=int, default=200,
+    ap.add_argument("--max-rounds", type=positive_arg(int), default=200,
                     help="at most this many rounds (C and NumPy once each) per cell and kind")
     ap.add_argument("--fixed", action="store_true",
                     help="the sampling of earlier sessions: the whole budget, whatever the "
                          "interval (with --budget 0.3 for --quick)")
-    ap.add_argument("--max-minutes", type=float, default=90,
+    ap.add_argument("--max-minutes", type=positive_arg(float), default=90,
                     help="the whole run's time bound (full sweep; default 90)")
-    ap.add_argument("--step-limit", type=float, default=5.0,
+    ap.add_argument("--step-limit", type=positive_arg(float), default=5.0,
                     help="skip a cell whose warm-up step takes longer than this (seconds)")
-    ap.add_argument("--busy-limit", type=float, default=None,
+    ap.add_argument("--busy-limit", type=positive_arg(float), default=None,
                     help="seconds after which a busy process stops by itself "
                          "(default: the time bound)")
     args = ap.parse_args(argv)
     grid = dict(QUICK if args.quick else FULL)
     if args.loads:
-        grid["loads"] = [int(v) for v in args.loads.split(",")]
+        grid["loads"] = args.loads
     focus = None
     if args.cells:
         focus = []
@@ -426,8 +479,9 @@ def main(argv=None):
     skipped = {}
     done = 0
     for load in grid["loads"]:
-        procs = start_busy(load, busy_limit)
+        procs = []
         try:
+            procs = start_busy(load, busy_limit)
             time.sleep(0.5 if load else 0)
             print(f"\n## {load} busy process(es); before: {uptime()}")
             print(f"{'out':>6} {'in':>5} {'r':>3} {'N':>5} {'dtype':>7} | "

@@ -82,14 +82,16 @@ def report(label, times, rounds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--loads", default="1", help="busy processes per level after the "
-                    "thread levels, e.g. 1 or 0,1 ('' for none)")
-    ap.add_argument("--budget", type=float, default=2.0, help="seconds per cell and level")
-    ap.add_argument("--max-rounds", type=int, default=300)
-    ap.add_argument("--busy-limit", type=float, default=600.0,
-                    help="seconds after which a busy process stops by itself")
+    ap.add_argument("--loads", type=bb.loads_arg, default=[1], help="busy processes per level "
+                    "after the thread levels, e.g. 1 or 0,1 ('' for none)")
+    ap.add_argument("--budget", type=bb.positive_arg(float), default=2.0,
+                    help="seconds per cell and level")
+    ap.add_argument("--max-rounds", type=bb.positive_arg(int), default=300)
+    ap.add_argument("--busy-limit", type=bb.positive_arg(float), default=600.0,
+                    help="seconds after which a busy process stops by itself (each also stops "
+                         "when this script is gone)")
     args = ap.parse_args(argv)
-    loads = [int(x) for x in args.loads.split(",") if x.strip()]
+    loads = args.loads
 
     print(f"CPU: {bb.cpu()}")
     print(f"BLAS: {bb.blas()}")
@@ -120,8 +122,9 @@ def main(argv=None):
         finally:
             kc.set_threads(0)
     for load in loads:
-        procs = bb.start_busy(load, args.busy_limit)
+        procs = []
         try:
+            procs = bb.start_busy(load, args.busy_limit)
             time.sleep(0.5 if load else 0)
             print(f"-- {load} busy process(es), default threads: {bb.uptime()}")
             for shape, W0, A, B in problems:

@@ -72,16 +72,18 @@ def race(fn, p, budget, max_rounds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--loads", default="0,1", help="busy processes per level, e.g. 0,1")
-    ap.add_argument("--budget", type=float, default=1.5, help="seconds per cell and kind")
-    ap.add_argument("--max-rounds", type=int, default=400)
-    ap.add_argument("--busy-limit", type=float, default=1200.0,
+    ap.add_argument("--loads", type=bb.loads_arg, default=[0, 1],
+                    help="busy processes per level, e.g. 0,1")
+    ap.add_argument("--budget", type=bb.positive_arg(float), default=1.5, help="seconds per cell and kind")
+    ap.add_argument("--max-rounds", type=bb.positive_arg(int), default=400)
+    ap.add_argument("--busy-limit", type=bb.positive_arg(float), default=1200.0,
                     help="seconds after which a busy process stops by itself")
     args = ap.parse_args(argv)
     print(f"# CPU: {bb.cpu()}\n# BLAS: {bb.blas()}\n# C kernels: {kc.build_info()}")
-    for load in [int(x) for x in args.loads.split(",")]:
-        procs = bb.start_busy(load, args.busy_limit)
+    for load in args.loads:
+        procs = []
         try:
+            procs = bb.start_busy(load, args.busy_limit)
             print(f"\n## {load} busy process(es); {bb.uptime()}", flush=True)
             for (out_f, in_f, r) in SHAPES:
                 for N in BATCHES:
