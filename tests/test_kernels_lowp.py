@@ -27,16 +27,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ci_env import env_flag  # the suite's one parser of DORA_REF_REQUIRE_*
+from ci_env import c_kernels_or_skip  # the C kernels, or a skip (DORA_REF_REQUIRE_C: an error)
 
-try:
-    from dora_ref.kernels import c as C
-except ImportError as exc:  # pragma: no cover - depends on the install
-    if env_flag("DORA_REF_REQUIRE_C"):
-        raise ImportError(
-            f"DORA_REF_REQUIRE_C is set but the C extension does not import: {exc}"
-        ) from exc
-    pytest.skip(f"the C backend is not built ({exc})", allow_module_level=True)
+C = c_kernels_or_skip()
 
 from test_kernels_c import forced_threads  # noqa: E402,F401 (the fixture: set_threads, forced)
 
