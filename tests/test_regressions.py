@@ -324,6 +324,68 @@ def test_a_zero_norm_from_cancellation_in_the_kernels_order_is_not_called_a_kern
         column_norm(W0, A, B, 1.0, allow_zero_norm=False)
 
 
+def test_a_huge_norm_the_kernels_order_keeps_is_rescued_not_called_a_bug(backend):
+    """Session 16's second adversary: A's column [-1e300, 0, 0, 0, 1e300, 0, -1e160, 0, 0]
+    and B = 1: in the kernels' order (k = 0, 1, ...) B@A = -1e160, exactly, and the float64
+    sum of squares overflows (a genuine overflow); BLAS's order for one row absorbs the 1e160
+    into 1e300 and gives 0. The rescue recomputed with BLAS, saw an ordinary norm and raised
+    "a bug in the kernel" (C backend), or kept the inf and said the norm itself overflowed.
+    It now recomputes in the kernels' order: the C backend gives the exact 1e160; the NumPy
+    backend, whose products are BLAS's, its own order's value, within the rounding bound."""
+    col = [-1e300, 0, 0, 0, 1e300, 0, -1e160, 0, 0]
+    A = np.zeros((9, 36))
+    A[:, 8] = col
+    B = np.ones((1, 9))
+    for w00 in (1.0, 0.0):
+        W0 = np.zeros((1, 36))
+        W0[0, 0] = w00
+        n = column_norm(W0, A, B, 1.0)
+        exact = np.hypot(w00, 1e160)
+        a = np.abs(W0) + np.abs(B) @ np.abs(A)
+        bound = 8 * 47 * (np.finfo(np.float64).eps / 2) * 2e300 + 4e-16 * exact  # 8 gamma_47 ||a||
+        assert a.max() == 2e300 and np.count_nonzero(a) <= 2  # ||a|| <= 2e300 + 1
+        assert abs(n[0] - exact) <= bound, (n, exact)
+        _, n_merge = merge(W0, A, B, np.ones(1), 1.0, allow_zero_norm=True)
+        np.testing.assert_array_equal(n_merge, n)  # NumPy's order may give 0 here
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")  # NumPy's own
+@pytest.mark.parametrize("rows", [1, 2, 4, 13])
+def test_a_float32_product_only_BLAS_overflows_is_not_called_an_overflow_of_the_norm(backend, rows):
+    """Session 16's second adversary: a rank-17 float32 B@A whose partial sums overflow in
+    BLAS's order (the NumPy backend, 2+ rows) and not in the kernels' order; the exact norm is
+    7.656e37 < float32's 3.4e38. The NumPy backend said "the norm itself overflowed float32".
+    The rescue's recomputation in the kernels' order gives the norm; both backends agree."""
+    big = np.float32(1.0208470399155866e+38)
+    A = np.array([-big, 0, big, 1, 1, big, -big, 0, big, -1, 0, 0, -1, big, -big, 0, -1],
+                 np.float32)[:, None]
+    b = np.array([0, -1, -1, 2, 2, 0.5, 1, 0.5, 0, 2, 1, 2, 2, 2, 2, 1, 1], np.float32)
+    B = np.tile(b, (rows, 1))
+    for W0 in (np.zeros((rows, 1), np.float32), np.zeros((rows, 1), np.float16)):
+        n = column_norm(W0, A, B, 0.5)
+        np.testing.assert_allclose(n, 7.656353e37, rtol=1e-6)
+
+
+def test_a_kernel_that_returns_zero_for_a_huge_ordinary_row_still_raises(monkeypatch, backend):
+    """Session 16's second adversary: with ||a|| past 1.3e154 the rounding bound that excuses
+    a 0 from cancellation was computed unscaled, overflowed to inf and excused any 0: a kernel
+    returning 0 for the row [1e200, 1] (B = 0: nothing cancels) went unreported."""
+    from dora_ref.core import backend as _backend
+
+    kernels = _backend.kernels()
+    good_norm = kernels.column_norm
+
+    def broken_norm(W0, A, B, scaling):
+        n = good_norm(W0, A, B, scaling)
+        n[0] = 0
+        return n
+
+    monkeypatch.setattr(kernels, "column_norm", broken_norm)
+    for row in ([1e200, 1.0], [1e150, 1.0], [2.0, 1.0]):
+        with pytest.raises(RuntimeError, match=r"returned \[0.0\] for row\(s\) \[0\]"):
+            column_norm(np.array([row]), np.ones((1, 2)), np.zeros((1, 1)), 1.0)
+
+
 def test_genuine_zero_tiny_and_huge_rows_are_still_rescued_or_reported():
     """The rescue's genuine cases, in one call: an all-zero row (left at 0), a row of
     1e-170 (recomputed), a row of 1e200 (recomputed), an ordinary row (untouched)."""

@@ -130,6 +130,7 @@ from .norm import (  # noqa: F401 (column_norm, init_magnitude, ...: part of the
     _SMALLEST_SAFE_NORM,
     _kernel_norm,
     _rescue_extreme_rows,
+    _rows_in_rank_order,
     check_norm,
     column_norm,
     divide_by_norm,
@@ -1104,7 +1105,8 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False, policy="consis
     check_norm(n, W0, allow_zero_norm, A, B, scaling)
     g = magnitude_over_norm(magnitude, n)  # the kernel's factor: refused if it overflows
     if rescued.size:
-        V = W0[rescued] + scaling * (B[rescued] @ A)
+        with np.errstate(over="ignore", invalid="ignore"):  # the rows' own overflow: refused below
+            V = _rows_in_rank_order(rescued, W0, A, B, scaling)  # the kernel's order, as its n
         W_merged[rescued] = g[rescued, None] * V
     if not n.all():
         W_merged[n == 0] = 0
