@@ -64,29 +64,49 @@ def _source_summary(package_dir):
 
     The README and docs label every figure with a version of the code
     ("this version", "the previous version", ...); this names the git commit
-    of the checkout the package was imported from, and whether tracked
-    files differ from it, so that a figure can be tied to the code that ran.
-    Only a checkout whose top level holds the package counts: a package
-    installed into site-packages of a virtual environment kept inside some
-    other repository is "not a git checkout". git is run with
-    ``GIT_OPTIONAL_LOCKS=0`` (``git status`` then takes no lock and writes
-    no index) and a timeout; when it is missing or fails, the line says so.
+    of the checkout the package was imported from, and whether the code
+    differs from it: tracked files changed anywhere, or files in the package
+    folder that git does not track (code that runs but no commit holds).
+    Only a checkout whose top level holds the package counts: git is asked
+    for the top level of ``package_dir`` and it must be the package's parent
+    (a copy of the package inside some other repository, or a stray empty
+    ``.git`` folder beside it, is "not a git checkout"). git runs with the
+    caller's ``GIT_*`` variables removed (``GIT_DIR`` or ``GIT_WORK_TREE``
+    would point it at another repository), ``GIT_OPTIONAL_LOCKS=0`` (``git
+    status`` then takes no lock and writes no index) and a timeout; when it
+    is missing or fails, the line says so.
     """
-    root = os.path.dirname(os.path.abspath(package_dir))
+    pkg = os.path.abspath(package_dir)
+    root = os.path.dirname(pkg)
+    not_a_checkout = "source: not a git checkout (an installed copy, or a folder without .git)"
     if not os.path.exists(os.path.join(root, ".git")):
-        return "source: not a git checkout (an installed copy, or a folder without .git)"
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+        return not_a_checkout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_OPTIONAL_LOCKS"] = "0"
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=10, env=env)
+
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, env=env)
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, env=env)
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode == 0 and os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return not_a_checkout
+        head = git("rev-parse", "HEAD")
+        tracked = git("status", "--porcelain", "--untracked-files=no")
+        untracked = git("status", "--porcelain", "--untracked-files=all", "--", pkg)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"source: a git checkout at {root}; git could not be run ({type(exc).__name__})"
-    if head.returncode != 0 or status.returncode != 0:
-        why = (head.stderr or status.stderr).strip().splitlines()
-        return f"source: a git checkout at {root}; git failed: {why[0] if why else 'no message'}"
-    dirty = ", with uncommitted changes to tracked files" if status.stdout.strip() else ""
+    for done in (top, head, tracked, untracked):
+        if done.returncode != 0:
+            why = done.stderr.strip().splitlines()
+            return f"source: a git checkout at {root}; git failed: {why[0] if why else 'no message'}"
+    changes = []
+    if tracked.stdout.strip():
+        changes.append("uncommitted changes to tracked files")
+    if any(line.startswith("??") for line in untracked.stdout.splitlines()):
+        changes.append("untracked files in the package")
+    dirty = f", with {' and '.join(changes)}" if changes else ""
     return f"source: git commit {head.stdout.strip()[:12]}{dirty} ({root})"
 
 

@@ -1,4 +1,5 @@
 """README.md's code runs as written, and its commands name real things."""
+import os
 import pathlib
 import re
 import shlex
@@ -145,11 +146,35 @@ def test_cli_info_names_the_git_commit_of_the_code(tmp_path, monkeypatch):
     head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
     assert _source_summary(str(pkg)) == f"source: git commit {head[:12]} ({repo})"
-    (pkg / "untracked.py").write_text("")  # untracked files are not the code that ran
+    (tmp_path / "repo" / "notes.txt").write_text("")  # untracked outside the package: not code
     assert _source_summary(str(pkg)) == f"source: git commit {head[:12]} ({repo})"
+    (pkg / "extra.py").write_text("")  # untracked in the package: code no commit holds
+    assert _source_summary(str(pkg)) == (
+        f"source: git commit {head[:12]}, with untracked files in the package ({repo})")
     (pkg / "__init__.py").write_text("x = 2\n")
     assert _source_summary(str(pkg)) == (
-        f"source: git commit {head[:12]}, with uncommitted changes to tracked files ({repo})")
+        f"source: git commit {head[:12]}, with uncommitted changes to tracked files and "
+        f"untracked files in the package ({repo})")
+    (pkg / "extra.py").unlink()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    # the second adversary's cases: the caller's GIT_DIR / GIT_WORK_TREE / GIT_INDEX_FILE
+    # named another repository or a false change; a copy of the package inside another
+    # repository, or an empty .git folder beside it inside one, named that repository's commit
+    other = str(tmp_path / "other")
+    subprocess.run(["git", "init", "-q", other], check=True)
+    subprocess.run(["git", "-C", other, "-c", "user.name=t", "-c", "user.email=t@t", "-c",
+                    "commit.gpgsign=false", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setenv("GIT_DIR", os.path.join(other, ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", other)
+    monkeypatch.setenv("GIT_INDEX_FILE", str(tmp_path / "no-such-index"))
+    assert _source_summary(str(pkg)) == f"source: git commit {head[:12]} ({repo})"
+    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(var)
+    inner = tmp_path / "other" / "sub" / "dora_ref"
+    inner.mkdir(parents=True)
+    (inner / "__init__.py").write_text("")
+    (inner.parent / ".git").mkdir()  # empty: git looks upward and finds "other"
+    assert _source_summary(str(inner)).startswith("source: not a git checkout")
     assert not (tmp_path / "repo" / ".git" / "index.lock").exists()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no git on PATH
     assert _source_summary(str(pkg)) == (
