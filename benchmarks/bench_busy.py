@@ -145,6 +145,15 @@ def positive_arg(kind):
     return parse
 
 
+def check_busy(procs):
+    """Raise if a busy process of this level has stopped (its time bound, ``--busy-limit``,
+    ran out before the level did): the rest of the level would not be busy."""
+    done = [p.pid for p in procs if p.poll() is not None]
+    if done:
+        raise RuntimeError(f"busy process(es) {done} stopped before the level ended: their time "
+                           f"bound (--busy-limit) is shorter than the level; raise it")
+
+
 def stop_busy(procs):
     for p in procs:
         if p.poll() is None:
@@ -449,7 +458,9 @@ def main(argv=None):
                          "(default: the time bound)")
     args = ap.parse_args(argv)
     grid = dict(QUICK if args.quick else FULL)
-    if args.loads:
+    if args.loads is not None:
+        if not args.loads:
+            ap.error("--loads: give at least one level, e.g. 0 or 0,1")
         grid["loads"] = args.loads
     focus = None
     if args.cells:
@@ -521,6 +532,7 @@ def main(argv=None):
                                   adaptive=not args.fixed)
                 ev = side_by_side(eval_forward, p, budget, min_rounds, args.max_rounds,
                                   adaptive=not args.fixed)
+                check_busy(procs)  # the cell ran beside every busy process of the level
                 rt, re_ = ratios(tr), ratios(ev)
                 flag = " <-- over the goal" if max(rt[0], re_[0]) > GOAL else ""
                 if "over" in (tr["verdict"], ev["verdict"]):

@@ -129,6 +129,7 @@ def main(argv=None):
             print(f"-- {load} busy process(es), default threads: {bb.uptime()}")
             for shape, W0, A, B in problems:
                 times, rounds = race(W0, A, B, args.budget, args.max_rounds)
+                bb.check_busy(procs)  # the cell ran beside the level's busy processes
                 report(f"{shape} busy {load}", times, rounds)
         finally:
             bb.stop_busy(procs)

@@ -92,6 +92,7 @@ def main(argv=None):
                         p["n"] = F.column_norm(p["W0"], p["A"], p["B"], p["s"])
                         for kind, fn in (("train", bb.train_step), ("eval", bb.eval_forward)):
                             t, rounds = race(fn, p, args.budget, args.max_rounds)
+                            bb.check_busy(procs)  # the cell ran beside the level's busy processes
                             med = {k: float(np.median(v)) for k, v in t.items()}
                             lr, hr = interval(t["route"], t["numpy"])
                             lt, ht = interval(t["tile"], t["numpy"])

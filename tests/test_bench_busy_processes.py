@@ -111,3 +111,23 @@ def test_benchmark_arguments_refuse_bad_loads_rounds_and_bounds(bench_busy):
                         (seconds, "inf"), (seconds, "-1"), (seconds, "0"), (seconds, "abc")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_a_level_whose_busy_process_stopped_early_is_refused(bench_busy):
+    """Session 16's second adversary: a --busy-limit shorter than a level let the spinners stop
+    mid-level, and the rest of the level was labelled busy while it was not."""
+    procs = bench_busy.start_busy(1, 0.2)
+    try:
+        bench_busy.check_busy(procs)  # running: fine
+        procs[0].wait(timeout=30)
+        with pytest.raises(RuntimeError, match="stopped before the level ended"):
+            bench_busy.check_busy(procs)
+    finally:
+        bench_busy.stop_busy(procs)
+    bench_busy.check_busy([])  # a quiet level has none
+
+
+def test_bench_busy_refuses_an_empty_loads_list(bench_busy):
+    """--loads '' fell back silently to the default levels."""
+    with pytest.raises(SystemExit):
+        bench_busy.main(["--quick", "--loads", ""])
