@@ -481,7 +481,8 @@ def main(argv=None):
     print(f"# CPU: {cpu()}")
     print(f"# BLAS: {blas()}; numpy {np.__version__}")
     print(f"# C kernels: {_kernels_c.threading_info()}")
-    print(f"# {len(all_cells)} cells; "
+    levels = max(1, len(grid["loads"]))
+    print(f"# {len(all_cells) // levels} cells x {levels} load level(s); "
           + ("sampled while undecided, " if not args.fixed else "fixed budget, ")
           + (f"at most {args.budget} s per cell and kind" if args.budget is not None else
              "at most 3 s per cell and kind" if args.quick else
