@@ -1105,7 +1105,7 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False, policy="consis
     check_norm(n, W0, allow_zero_norm, A, B, scaling)
     g = magnitude_over_norm(magnitude, n)  # the kernel's factor: refused if it overflows
     if rescued.size:
-        with np.errstate(over="ignore", invalid="ignore"):  # the rows' own overflow: refused below
+        with np.errstate(over="ignore", invalid="ignore"):  # finite: check_norm refused the rest
             V = _rows_in_rank_order(rescued, W0, A, B, scaling)  # the kernel's order, as its n
         W_merged[rescued] = g[rescued, None] * V
     if not n.all():

@@ -261,15 +261,18 @@ def smallest_norm(n):
 def _lowrank_in_rank_order(B_rows, A):
     """``B_rows @ A`` with its rank-r terms added in the kernels' order, and where it overflowed.
 
-    The C tiles (and the NumPy twin's loop) add ``B[i, k] * A[k, :]`` for
-    k = 0, 1, ..., r - 1 in that order; BLAS adds them in an order of its
-    own. A partial sum can overflow in one order and not in the other
+    The C tiles add ``B[i, k] * A[k, :]`` for k = 0, 1, ..., r - 1 in that
+    order; BLAS (and so the NumPy backend, whose products are BLAS's) adds
+    them in an order of its own, which changes with the number of rows. A
+    partial sum can overflow in one order and not in the other
     (``9e307 - 1.7e308 - 1.7e308 + 9e307`` overflows left to right, not
-    pairwise), so ``check_norm`` names the intermediate that overflowed in
-    the kernels' order. Here each product is rounded before it is added,
-    where the tiles may fuse the two (one rounding), so an overflow within an
-    ulp of the largest value can be seen by one and not the other. Only the
-    error path calls this: r passes over a (rows, in) array.
+    pairwise), and cancellation can keep or lose a term (``1e300 + 1 -
+    1e300``), so the rescue recomputes flagged rows, and ``check_norm`` names
+    the intermediate that overflowed, in this order. Here each product is
+    rounded before it is added, where the tiles may fuse the two (one
+    rounding), so the last bits, and an overflow within an ulp of the largest
+    value, can differ. Only flagged rows come here (the rescue, the error
+    path): r passes over a (rows, in) array.
 
     Parameters
     ----------
