@@ -753,11 +753,15 @@ class _Subclass(np.ndarray):
 def test_array_checks_fast_path_falls_back_to_the_full_checks():
     """``_arrays`` takes plain C-contiguous arrays of NumPy's own float32/float64
     dtype objects in one cheap loop; anything else goes through the full checks:
-    a subclass and a strided array give the plain call's bits, a byte-swapped
-    float64 is refused by name."""
+    a strided array gives the plain call's bits, a byte-swapped float64 is
+    refused by name, and so is an ndarray subclass (the public API's rule,
+    ``core._validate.refuse_array_subclass``: since session 16 the wrappers'
+    too; before, a subclass gave the plain call's bits, and so did a masked
+    array, its mask ignored)."""
     p = _problem(0, np.float64, 6, 5, 2, 3)
     plain = C.column_norm(p["W0"], p["A"], p["B"], 0.5)
-    assert np.array_equal(C.column_norm(p["W0"], p["A"].view(_Subclass), p["B"], 0.5), plain)
+    with pytest.raises(TypeError, match=r"^A is a test_kernels_c._Subclass \(shape \(2, 5\)\)"):
+        C.column_norm(p["W0"], p["A"].view(_Subclass), p["B"], 0.5)
     strided_B = np.asfortranarray(p["B"])
     assert np.array_equal(C.column_norm(p["W0"], p["A"], strided_B, 0.5), plain)
     swapped = p["B"].astype(p["B"].dtype.newbyteorder())
@@ -855,3 +859,65 @@ def test_non_contiguous_weight_gives_the_bits_of_a_contiguous_one(in_f, dtype):
         got_W, got_n = C.merge(W, A, B, m, 0.3)
         np.testing.assert_array_equal(got_W, want_W, err_msg=name)
         np.testing.assert_array_equal(got_n, want_m, err_msg=name)
+
+
+_EVERY_KERNEL = {  # name: (call on a problem dict, its arrays: "key" or "key:the kernel's name")
+    "column_norm": (lambda p: C.column_norm(p["W0"], p["A"], p["B"], 0.7), ["W0", "A", "B"]),
+    "merge": (lambda p: C.merge(p["W0"], p["A"], p["B"], p["m"], 0.7),
+              ["W0", "A", "B", "m:magnitude"]),
+    "merge_into": (lambda p: C.merge_into(p["W_merged"], p["W0"], p["A"], p["B"], p["m"], 0.7),
+                   ["W_merged", "W0", "A", "B", "m:magnitude"]),
+    "unmerge": (lambda p: C.unmerge(p["W_merged"], p["A"], p["B"], p["m"], 0.7),
+                ["W_merged", "A", "B", "m:factor"]),
+    "forward_epilogue": (lambda p: C.forward_epilogue(p["base"], p["U"], p["B"], p["g"], 0.7,
+                                                      p["bias"]), ["base", "U", "B", "g", "bias"]),
+    "backward_epilogue": (lambda p: C.backward_epilogue(p["dy"], p["base"], p["U"], p["B"],
+                                                        p["g"], 0.7), ["dy", "base", "U", "B", "g"]),
+    "backward_epilogue_z": (lambda p: C.backward_epilogue_z(p["dy"], p["base"], p["g"]),
+                            ["dy", "base:z", "g"]),
+    "backward_lowrank": (lambda p: C.backward_lowrank(p["dy"], p["base"], p["U"], p["B"], p["g"],
+                                                      0.7), ["dy", "base", "U", "B", "g"]),
+    "backward_lowrank_z": (lambda p: C.backward_lowrank_z(p["dy"], p["base"], p["U"], p["B"],
+                                                          p["g"], 0.7), ["dy", "base:z", "U", "B", "g"]),
+    "norm_gradient_products": (lambda p: C.norm_gradient_products(p["W0"], p["A"], p["B"]),
+                               ["W0", "A", "B:C"]),
+}
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("kernel", sorted(_EVERY_KERNEL))
+def test_every_kernel_refuses_a_masked_array_or_a_matrix_naming_the_argument(kernel):
+    """Session 16's adversary: every C wrapper took an np.ma masked array (its data, the mask
+    silently ignored) or an np.matrix (``*`` a product on the BLAS paths), in every argument,
+    on the fused and the BLAS paths, C-contiguous or strided; the public API refuses both.
+    Each is now a TypeError naming the argument; an np.memmap is still accepted."""
+    fn, names = _EVERY_KERNEL[kernel]
+    for r in (5, C.FUSED_MAX_RANK + 8):  # the fused kernels and the BLAS route
+        for label in names:
+            key, _, name = label.partition(":")
+            name = name or key
+            for layout in ("C", "F"):
+                for kind in ("masked", "matrix"):
+                    p = _problem(1, np.float64, 9, 37, r, 6)
+                    p["W_merged"] = np.empty_like(p["W0"])
+                    a = np.asarray(p[key], order=layout)
+                    if kind == "matrix" and a.ndim != 2:
+                        continue
+                    if kind == "masked":
+                        a = np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
+                        a.mask.flat[0] = True
+                    else:
+                        a = np.asmatrix(a)
+                    p[key] = a
+                    with pytest.raises(TypeError, match=rf"^{name} is a numpy"):
+                        fn(p)
+
+
+def test_kernels_accept_a_memmap(tmp_path):
+    p = _problem(2, np.float64, 9, 37, 5, 6)
+    W0 = np.lib.format.open_memmap(tmp_path / "w0.npy", mode="w+", dtype=np.float64, shape=(9, 37))
+    W0[...] = p["W0"]
+    np.testing.assert_array_equal(C.column_norm(W0, p["A"], p["B"], 0.7),
+                                  C.column_norm(p["W0"], p["A"], p["B"], 0.7))
+    np.testing.assert_array_equal(C.merge(W0.T.T, p["A"], p["B"], p["m"], 0.7)[0],
+                                  C.merge(p["W0"], p["A"], p["B"], p["m"], 0.7)[0])

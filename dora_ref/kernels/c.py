@@ -9,6 +9,10 @@ when the extension was not built, and ``dora_ref`` then uses NumPy.
 
 Before any pointer crosses into C, every array is checked here:
 
+* type: a plain ``numpy.ndarray`` or an ``np.memmap``; another ndarray
+  subclass (``np.ma`` masked arrays, ``np.matrix``, ...) is a ``TypeError``
+  naming the argument, as in the public API (a masked array's mask would be
+  ignored);
 * dtype: float32 or float64, the same for all arrays of a call
   (``TypeError`` otherwise, naming the argument); or, for ``column_norm``,
   ``merge``, ``unmerge``, ``norm_gradient_products`` and
@@ -80,7 +84,7 @@ import os
 import numpy as np
 
 from ..core import kernels_numpy as _kernels_numpy
-from ..core._validate import _vdot
+from ..core._validate import _PLAIN_SUBCLASSES, _vdot, refuse_array_subclass
 
 # Environment variables with which a user tells the OpenMP runtime how idle
 # threads wait; dora_ref never overrides one that is set.
@@ -190,7 +194,27 @@ def _lp_format(dtype):
 
 
 def _is_lp(arr):
-    return isinstance(arr, np.ndarray) and _lp_format(arr.dtype) is not None
+    return _accepted_array(arr) and _lp_format(arr.dtype) is not None
+
+
+def _accepted_array(arr):
+    """True for a plain ndarray or an ``np.memmap``; False for anything else, including the
+    ndarray subclasses with their own arithmetic (``np.ma``, ``np.matrix``), which the
+    checked path then refuses by name (``_ndarray``)."""
+    return type(arr) is np.ndarray or (isinstance(arr, _PLAIN_SUBCLASSES))
+
+
+def _ndarray(name, arr):
+    """Raise ``TypeError`` naming ``name`` unless arr is a plain ndarray (or a memmap).
+
+    A masked array would pass its data with the mask ignored, and ``np.matrix``
+    turns ``*`` into a product on the BLAS paths: the public API refuses both
+    (``core._validate.refuse_array_subclass``), and so does every path here
+    (session 16's adversary: all ten kernels took them).
+    """
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+    refuse_array_subclass(name, arr)
 
 
 def openmp_enabled():
@@ -484,8 +508,7 @@ def _arrays_checked(named):
     first = None
     out = []
     for name, arr in named.items():
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+        _ndarray(name, arr)
         if arr.dtype not in _CTYPE:
             raise TypeError(
                 f"{name} must have dtype float32 or float64, got {arr.dtype} (shape {arr.shape})"
@@ -526,7 +549,7 @@ def _strided_weight(W0):
     budget rules out).
     """
     return (
-        isinstance(W0, np.ndarray)
+        _accepted_array(W0)
         and W0.ndim == 2
         and W0.dtype in _CTYPE
         and not W0.flags.c_contiguous
@@ -626,8 +649,7 @@ def _float32_arrays(reason, **named):
     """
     out = []
     for name, arr in named.items():
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+        _ndarray(name, arr)
         if arr.dtype != _FLOAT32:
             raise TypeError(
                 f"{name} must have dtype float32 {reason}, got {arr.dtype} (shape {arr.shape})"
@@ -1312,6 +1334,7 @@ def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
     if bias is not None:
         if not isinstance(bias, np.ndarray):
             raise TypeError(f"bias must be a numpy.ndarray or None, got {type(bias).__name__}")
+        refuse_array_subclass("bias", bias)
         if bias.dtype not in (_FLOAT32, out_dtype):
             raise TypeError(f"bias must have dtype float32 or out_dtype ({out_dtype}), "
                             f"got {bias.dtype} (shape {bias.shape})")
@@ -1846,8 +1869,7 @@ def merge_into(W_merged, W0, A, B, magnitude, scaling, *, fmt=None):
     if fmt is not None and fmt not in _BITS_FORMATS:
         raise TypeError(f"fmt must be None, 'bfloat16' or 'float16', got {fmt!r}")
     for name, arr in (("W_merged", W_merged), ("W0", W0)):
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+        _ndarray(name, arr)
     if fmt is None:
         if W0.dtype not in _CTYPE:
             raise TypeError(f"W0 must have dtype float32 or float64 (or be uint16 bits with fmt), "
