@@ -25,6 +25,13 @@ _vdot = getattr(np.vdot, "_implementation", np.vdot)
 _PLAIN_SUBCLASSES = (np.memmap,)
 
 
+def plain_array(value):
+    """True for a plain ndarray or one of ``_PLAIN_SUBCLASSES`` (``np.memmap``): an array
+    whose arithmetic is the ndarray's; False for anything else, including the ndarray
+    subclasses that ``refuse_array_subclass`` refuses."""
+    return type(value) is np.ndarray or isinstance(value, _PLAIN_SUBCLASSES)
+
+
 def refuse_array_subclass(name, value):
     """Raise ``TypeError`` if ``value`` is an ndarray subclass that changes arithmetic.
 
@@ -35,9 +42,7 @@ def refuse_array_subclass(name, value):
     ``np.memmap`` (an ndarray backed by a file) are accepted; the message says
     how to convert.
     """
-    if isinstance(value, np.ndarray) and type(value) is not np.ndarray and not isinstance(
-        value, _PLAIN_SUBCLASSES
-    ):
+    if isinstance(value, np.ndarray) and not plain_array(value):
         if isinstance(value, np.ma.MaskedArray):
             how = (f"fill the masked entries explicitly, e.g. {name}.filled(0), "
                    f"or drop them before the call")

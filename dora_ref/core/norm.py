@@ -81,7 +81,7 @@ def _refuse_intermediate_overflow(n, rows, W0, A, B, scaling):
     def steps(t):
         with np.errstate(over="ignore", invalid="ignore"):
             # in the kernels' order: BLAS's may not overflow where theirs did
-            BA = _lowrank_in_rank_order(B[i:i + 1].astype(t), A.astype(t))[0][0]
+            BA = _lowrank_in_rank_order(B[i:i + 1].astype(t), A.astype(t))[0]
             sBA = BA * np.asarray(scaling).astype(t)
             V = W0[i].astype(t) + sBA
         return BA, sBA, V
@@ -259,7 +259,7 @@ def smallest_norm(n):
 
 
 def _lowrank_in_rank_order(B_rows, A):
-    """``B_rows @ A`` with its rank-r terms added in the kernels' order, and where it overflowed.
+    """``B_rows @ A`` with its rank-r terms added in the kernels' order.
 
     The C tiles add ``B[i, k] * A[k, :]`` for k = 0, 1, ..., r - 1 in that
     order; BLAS (and so the NumPy backend, whose products are BLAS's) adds
@@ -272,7 +272,7 @@ def _lowrank_in_rank_order(B_rows, A):
     rounded before it is added, where the tiles may fuse the two (one
     rounding), so the last bits, and an overflow within an ulp of the largest
     value, can differ. Only flagged rows come here (the rescue, the error
-    path): r passes over a (rows, in) array.
+    path): r passes over a (rows, in) array and one scratch of that size.
 
     Parameters
     ----------
@@ -282,18 +282,17 @@ def _lowrank_in_rank_order(B_rows, A):
 
     Returns
     -------
-    P : ndarray, shape (k, in)
-        The sums, inf or NaN where they overflowed.
-    overflowed : ndarray of bool, shape (k,)
-        Rows where some partial sum was not finite (A and B finite: an overflow).
+    P : ndarray, shape (k, in), dtype ``result_type(B_rows, A)``
+        The sums, inf or NaN where a partial sum overflowed.
     """
-    P = np.zeros((B_rows.shape[0], A.shape[1]), dtype=np.result_type(B_rows, A))
-    overflowed = np.zeros(B_rows.shape[0], dtype=bool)
+    dtype = np.result_type(B_rows, A)
+    P = np.zeros((B_rows.shape[0], A.shape[1]), dtype=dtype)
+    term = np.empty_like(P)
     with np.errstate(over="ignore", invalid="ignore"):
         for k in range(A.shape[0]):
-            P += B_rows[:, k:k + 1] * A[k]
-            overflowed |= ~np.isfinite(P).all(axis=1)
-    return P, overflowed
+            np.multiply(B_rows[:, k:k + 1], A[k], out=term)
+            P += term
+    return P
 
 
 def _rescue_extreme_rows(n, W0, A, B, scaling):
@@ -404,9 +403,9 @@ def _rescue_extreme_rows(n, W0, A, B, scaling):
 
 
 def _rows_in_rank_order(rows, W0, A, B, scaling):
-    """V = W0 + s * B @ A for the given rows, B @ A added in the kernels' order of k."""
-    P, _ = _lowrank_in_rank_order(B[rows], A)
-    return W0[rows] + scaling * P
+    """V = W0[rows] + s * B[rows] @ A, shape (k, in) for the k ``rows`` (an int array),
+    with B @ A added in the kernels' order of k (``_lowrank_in_rank_order``)."""
+    return W0[rows] + scaling * _lowrank_in_rank_order(B[rows], A)
 
 
 def _scaled_norms(V):

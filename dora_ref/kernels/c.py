@@ -84,7 +84,7 @@ import os
 import numpy as np
 
 from ..core import kernels_numpy as _kernels_numpy
-from ..core._validate import _PLAIN_SUBCLASSES, _vdot, refuse_array_subclass
+from ..core._validate import _vdot, plain_array, refuse_array_subclass
 
 # Environment variables with which a user tells the OpenMP runtime how idle
 # threads wait; dora_ref never overrides one that is set.
@@ -194,14 +194,7 @@ def _lp_format(dtype):
 
 
 def _is_lp(arr):
-    return _accepted_array(arr) and _lp_format(arr.dtype) is not None
-
-
-def _accepted_array(arr):
-    """True for a plain ndarray or an ``np.memmap``; False for anything else, including the
-    ndarray subclasses with their own arithmetic (``np.ma``, ``np.matrix``), which the
-    checked path then refuses by name (``_ndarray``)."""
-    return type(arr) is np.ndarray or (isinstance(arr, _PLAIN_SUBCLASSES))
+    return plain_array(arr) and _lp_format(arr.dtype) is not None
 
 
 def _ndarray(name, arr):
@@ -549,7 +542,7 @@ def _strided_weight(W0):
     budget rules out).
     """
     return (
-        _accepted_array(W0)
+        plain_array(W0)  # a refused subclass goes to the checks, which name it
         and W0.ndim == 2
         and W0.dtype in _CTYPE
         and not W0.flags.c_contiguous
