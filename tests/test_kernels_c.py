@@ -861,46 +861,40 @@ def test_non_contiguous_weight_gives_the_bits_of_a_contiguous_one(in_f, dtype):
         np.testing.assert_array_equal(got_n, want_m, err_msg=name)
 
 
-_EVERY_KERNEL = {  # name: (call on a problem dict, its arrays: "key" or "key:the kernel's name")
-    "column_norm": (lambda p: C.column_norm(p["W0"], p["A"], p["B"], 0.7), ["W0", "A", "B"]),
-    "merge": (lambda p: C.merge(p["W0"], p["A"], p["B"], p["m"], 0.7),
-              ["W0", "A", "B", "m:magnitude"]),
-    "merge_into": (lambda p: C.merge_into(p["W_merged"], p["W0"], p["A"], p["B"], p["m"], 0.7),
-                   ["W_merged", "W0", "A", "B", "m:magnitude"]),
-    "unmerge": (lambda p: C.unmerge(p["W_merged"], p["A"], p["B"], p["m"], 0.7),
-                ["W_merged", "A", "B", "m:factor"]),
-    "forward_epilogue": (lambda p: C.forward_epilogue(p["base"], p["U"], p["B"], p["g"], 0.7,
-                                                      p["bias"]), ["base", "U", "B", "g", "bias"]),
-    "backward_epilogue": (lambda p: C.backward_epilogue(p["dy"], p["base"], p["U"], p["B"],
-                                                        p["g"], 0.7), ["dy", "base", "U", "B", "g"]),
-    "backward_epilogue_z": (lambda p: C.backward_epilogue_z(p["dy"], p["base"], p["g"]),
-                            ["dy", "base:z", "g"]),
-    "backward_lowrank": (lambda p: C.backward_lowrank(p["dy"], p["base"], p["U"], p["B"], p["g"],
-                                                      0.7), ["dy", "base", "U", "B", "g"]),
-    "backward_lowrank_z": (lambda p: C.backward_lowrank_z(p["dy"], p["base"], p["U"], p["B"],
-                                                          p["g"], 0.7), ["dy", "base:z", "U", "B", "g"]),
-    "norm_gradient_products": (lambda p: C.norm_gradient_products(p["W0"], p["A"], p["B"]),
-                               ["W0", "A", "B:C"]),
+# The three wrappers _WRAPPERS leaves out, in its shape (the problem's names; the
+# wrappers' own in _MORE_ARG_NAMES): W_merged is a fresh output buffer of W0's shape.
+_MORE_WRAPPERS = {
+    "merge_into": (lambda a: C.merge_into(a["W_merged"], a["W0"], a["A"], a["B"], a["m"], a["s"]),
+                   ("W_merged", "W0", "A", "B", "m")),
+    "backward_epilogue_z": (lambda a: C.backward_epilogue_z(a["dy"], a["base"], a["g"]),
+                            ("dy", "base", "g")),
+    "backward_lowrank_z": (
+        lambda a: C.backward_lowrank_z(a["dy"], a["base"], a["U"], a["B"], a["g"], a["s"]),
+        ("dy", "base", "U", "B", "g"),
+    ),
+}
+_MORE_ARG_NAMES = {
+    ("merge_into", "m"): "magnitude", ("backward_epilogue_z", "base"): "z",
+    ("backward_lowrank_z", "base"): "z",
 }
 
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
-@pytest.mark.parametrize("kernel", sorted(_EVERY_KERNEL))
+@pytest.mark.parametrize("kernel", sorted({**_WRAPPERS, **_MORE_WRAPPERS}))
 def test_every_kernel_refuses_a_masked_array_or_a_matrix_naming_the_argument(kernel):
     """Session 16's adversary: every C wrapper took an np.ma masked array (its data, the mask
     silently ignored) or an np.matrix (``*`` a product on the BLAS paths), in every argument,
     on the fused and the BLAS paths, C-contiguous or strided; the public API refuses both.
     Each is now a TypeError naming the argument; an np.memmap is still accepted."""
-    fn, names = _EVERY_KERNEL[kernel]
+    call, names = {**_WRAPPERS, **_MORE_WRAPPERS}[kernel]
     for r in (5, C.FUSED_MAX_RANK + 8):  # the fused kernels and the BLAS route
-        for label in names:
-            key, _, name = label.partition(":")
-            name = name or key
+        for name in names:
+            shown = {**_ARG_NAMES, **_MORE_ARG_NAMES}.get((kernel, name), name)
             for layout in ("C", "F"):
                 for kind in ("masked", "matrix"):
                     p = _problem(1, np.float64, 9, 37, r, 6)
-                    p["W_merged"] = np.empty_like(p["W0"])
-                    a = np.asarray(p[key], order=layout)
+                    p["C"], p["W_merged"] = p["B"], np.empty_like(p["W0"])
+                    a = np.asarray(p[name], order=layout)
                     if kind == "matrix" and a.ndim != 2:
                         continue
                     if kind == "masked":
@@ -908,9 +902,8 @@ def test_every_kernel_refuses_a_masked_array_or_a_matrix_naming_the_argument(ker
                         a.mask.flat[0] = True
                     else:
                         a = np.asmatrix(a)
-                    p[key] = a
-                    with pytest.raises(TypeError, match=rf"^{name} is a numpy"):
-                        fn(p)
+                    with pytest.raises(TypeError, match=rf"^{shown} is a numpy"):
+                        call(dict(p, **{name: a}))
 
 
 def test_kernels_accept_a_memmap(tmp_path):
