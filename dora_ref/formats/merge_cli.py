@@ -141,8 +141,18 @@ def _output_files(base, out):
 
 
 def _inside(path, directory):
-    """Whether ``path`` is ``directory`` or lies inside it (both resolved)."""
-    path, directory = Path(path).resolve(), Path(directory).resolve()
+    """Whether ``path`` is ``directory`` or lies inside it (both resolved).
+
+    Raises ValueError naming the path that cannot be resolved (a symlink
+    loop: RuntimeError before Python 3.13, OSError after).
+    """
+    resolved = []
+    for p in (path, directory):
+        try:
+            resolved.append(Path(p).resolve())
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{p}: cannot resolve the path ({e})") from None
+    path, directory = resolved
     return path == directory or directory in path.parents
 
 

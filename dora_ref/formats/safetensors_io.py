@@ -215,6 +215,49 @@ def parse_header(raw, data_bytes):
     return {key: (dtype, shape, begin, stop) for begin, stop, key, dtype, shape in tensors}, metadata
 
 
+# Opening a named pipe for reading waits for a writer: opened non-blocking,
+# so that fstat can refuse what is not a regular file at once (a regular
+# file reads the same either way).
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _open_regular(path):
+    """A read-only descriptor of ``path`` if it is a regular file.
+
+    Raises FileNotFoundError (missing), IsADirectoryError, ValueError (a pipe,
+    a device or a socket: reading one could wait for ever), or the OS's own
+    error (permission denied, ...).
+    """
+    fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"{path} is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file (a pipe or a device?)")
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_text(path):
+    """The text of the regular file ``path`` (UTF-8), never waiting on a pipe.
+
+    Raises as ``_open_regular``, and ValueError naming the file if it is not
+    UTF-8.
+    """
+    fd = _open_regular(path)
+    with open(fd, "rb", closefd=True) as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def _read_into(fd, buf, offset):
     """Fill ``buf`` (a writable byte memoryview) from ``fd`` at ``offset``; the bytes read."""
     done = 0
@@ -258,16 +301,14 @@ class SafetensorsFile:
         self.path = Path(path)
         _refuse_pickle(self.path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._fd = _open_regular(self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such safetensors file: {self.path}") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f"{self.path} is a directory, not a safetensors file") from None
         # any other OSError (permission denied, ...) propagates with the OS's own reason
         try:
             st = os.fstat(self._fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(f"{self.path} is a directory, not a safetensors file")
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{self.path} is not a regular file (a pipe or a device?)")
             self._stamp = (st.st_size, st.st_mtime_ns)
             self._tensors, self._metadata, self._data_start = self._read_header(st.st_size)
         except BaseException:
@@ -872,9 +913,10 @@ class BaseWeights:
         self.index = None
         if path.is_dir():
             index_path, single = path / SHARD_INDEX, path / SINGLE_FILE
-            if index_path.is_file():
+            if index_path.exists():  # a pipe or a directory there: refused, not passed over
+                text = read_regular_text(index_path)
                 try:
-                    self.index = json.loads(index_path.read_text())
+                    self.index = json.loads(text)
                 except (ValueError, RecursionError) as e:  # nested deeper than Python's stack
                     raise ValueError(f"{index_path}: not valid JSON ({e})") from None
                 wm = self.index.get("weight_map") if isinstance(self.index, dict) else None
@@ -934,9 +976,10 @@ class BaseWeights:
         """
         if self._model_config is False:
             path, cfg = self.model_config_path, None
-            if path.is_file():
+            if path.exists():
+                text = read_regular_text(path)
                 try:
-                    cfg = json.loads(path.read_text())
+                    cfg = json.loads(text)
                 except (ValueError, RecursionError) as e:  # nested deeper than Python's stack
                     raise ValueError(f"{path}: not valid JSON ({e})") from None
                 if not isinstance(cfg, dict):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core._validate import check_scaling
+from ..safetensors_io import read_regular_text
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -416,8 +417,9 @@ def read_config(directory):
     path = Path(directory) / ADAPTER_CONFIG
     if not path.exists():  # anything else (a directory, no permission): the OS's own reason below
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (is this a PEFT adapter directory?)")
+    text = read_regular_text(path)
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(text)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
     return LoraAdapterConfig.from_dict(d, source=str(path))
