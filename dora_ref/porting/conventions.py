@@ -25,9 +25,12 @@ convention                the port gets                        as in
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
+
+from ..core.precision import _is_bfloat16
 
 GRAD_NAMES = ("dx", "dA", "dB", "dmagnitude")
 MAGNITUDE_LAYOUTS = ("(out,)", "(out, 1)", "(1, in)")
@@ -108,8 +111,16 @@ def convention_from(convention, kwargs):
     return Convention(**base, **kwargs)
 
 
-class WroteInput(Exception):
+class PortContract(Exception):
+    """The port broke a rule every port keeps (its message says which): not a numerical mismatch."""
+
+
+class WroteInput(PortContract):
     """The port modified an input array in place."""
+
+
+class WrongOutputType(PortContract):
+    """An output is not a real floating-point array in the dtype PEFT returns it in."""
 
 
 class Dropout:
@@ -146,11 +157,49 @@ def first(result):
 
 
 def to_numpy(value):
-    """np.asarray, after .detach().cpu() for tensors that carry a graph or live on a device."""
+    """np.asarray, after .detach().cpu() for tensors that carry a graph or live on a device.
+
+    A ``torch.bfloat16`` tensor (which NumPy cannot take) comes back as an
+    ``ml_dtypes.bfloat16`` array of the same bits.
+    """
     for method in ("detach", "cpu"):
         if hasattr(value, method) and not isinstance(value, np.ndarray):
             value = getattr(value, method)()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return np.asarray(value)
+
+
+def checked_output(check, name, value, expected, source):
+    """``to_numpy(value)`` if it is a real floating-point array of dtype ``expected``.
+
+    ``source`` names the input whose dtype ``expected`` is (PEFT returns y
+    and dx in x's dtype, each gradient in its parameter's, a merged weight
+    in W0's). Raises WrongOutputType, saying what came back: a complex
+    array (its imaginary part would be dropped), strings, objects, integers
+    or booleans, or another floating dtype (a port that returns float64 for
+    float32 inputs, or float32 for bfloat16 ones, skips a rounding PEFT
+    makes, which the tolerances, derived for ``expected``, may not see).
+    """
+    given = type(value).__name__
+    try:
+        array = to_numpy(value)
+    except (TypeError, ValueError) as exc:
+        raise WrongOutputType(f"your {check} returned output {name} as a {given} that is not an array "
+                              f"({exc})") from None
+    expected = np.dtype(expected)
+    dtype = array.dtype
+    if not (dtype.kind == "f" or _is_bfloat16(dtype)):
+        what = f"a {given}" if dtype == object and given != "ndarray" else f"an array of {dtype}"
+        raise WrongOutputType(f"your {check} returned output {name} as {what}: a port returns real "
+                              f"floating-point arrays, here {expected} (the dtype of {source})")
+    if dtype != expected:
+        raise WrongOutputType(f"your {check} returned output {name} in {dtype}, expected {expected} "
+                              f"(the dtype of {source}, as PEFT returns it)")
+    return array
 
 
 def grads_of(result):
@@ -252,9 +301,12 @@ def call_port(check, fn, unmerge, case, conv, dropout):
         before, after = getattr(case, name), getattr(c, name)
         if before is not None and not np.array_equal(before, after):
             raise WroteInput(f"your {check} wrote to its input {name!r}: a port must not modify its inputs")
+    sources = {"y": "x", "dx": "x", "y_identity": "x", "dA": "A", "dB": "B", "dmagnitude": "magnitude",
+               "magnitude": "magnitude", "W_merged": "W0", "W0_unmerged": "W0"}
     out = {}
     for name, value in raw.items():
-        value = to_numpy(value)
+        src = sources[name]
+        value = checked_output(check, name, value, args[src].dtype, src)
         if value.shape != tuple(port_shapes[name]):
             raise ShapeMismatch(name, value.shape, tuple(port_shapes[name]))
         if name in ("W_merged", "W0_unmerged") and conv.fan_in_fan_out:

@@ -533,7 +533,7 @@ def _candidates(check, case):
 
 def call_port(check, fn, case):
     """Call the port on copies of the case's arrays; return its outputs as float arrays."""
-    from .conventions import WroteInput, first, to_numpy
+    from .conventions import WroteInput, checked_output, first
 
     a = case.arrays
     copies = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
@@ -562,7 +562,8 @@ def call_port(check, fn, case):
     for k, v in a.items():
         if isinstance(v, np.ndarray) and not np.array_equal(v, copies[k], equal_nan=True):
             raise WroteInput(f"your {check} wrote to its input {k}: ports must not modify their arguments")
-    return {name: np.asarray(to_numpy(first(out)), dtype=np.float64)}
+    source = "weight" if isinstance(a.get("weight"), np.ndarray) else "W0"
+    return {name: checked_output(check, name, first(out), a[source].dtype, source).astype(np.float64)}
 
 
 # ---------------------------------------------------------------------------
