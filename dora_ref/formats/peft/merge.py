@@ -395,8 +395,50 @@ def plan_replacements(base, adapters):
                 )
             if key in out or key in lora_keys:
                 raise ValueError(f"{key!r} is replaced by two adapters, or also adapted by LoRA")
+            _refuse_tied_replacement(base, adapter, name, key, arr.shape)
             out[key] = arr
     return out
+
+
+def _config_field(cfg, name):
+    """``cfg[name]``, or the same field of a nested ``text_config`` (multimodal configs), or None."""
+    if name in cfg:
+        return cfg[name]
+    inner = cfg.get("text_config")
+    return inner.get(name) if isinstance(inner, dict) else None
+
+
+def _refuse_tied_replacement(base, adapter, name, key, shape):
+    """Refuse a ``modules_to_save`` tensor that replaces the input embedding of a
+    base whose output head is tied to it.
+
+    PEFT trains a copy of such a module (``ModulesToSaveWrapper``) and leaves
+    the original in place, so the tied head (``lm_head``) keeps the base's
+    embedding in PEFT's model and in its ``merge_and_unload()``. A merged
+    checkpoint that says ``tie_word_embeddings`` (true, or absent: the
+    transformers default) makes the head the *trained* copy on load: a
+    different model, with nothing to show it (found by session 17's
+    adversary: logits off by 0.32 at a scale of 0.70). Unless the adapter asks
+    PEFT to keep the tie (``ensure_weight_tying``, PEFT >= 0.18), that is a
+    ValueError saying what to do. The embedding is recognised by its shape:
+    (vocab_size, ...) of the base's ``config.json``; without a config or a
+    vocab_size nothing is refused.
+    """
+    cfg = base.model_config if isinstance(base, BaseWeights) else None
+    if not isinstance(cfg, dict) or adapter.config.extra.get("ensure_weight_tying") is True:
+        return
+    tied = _config_field(cfg, "tie_word_embeddings")
+    vocab = _config_field(cfg, "vocab_size")
+    if tied is False or not isinstance(vocab, int) or len(shape) != 2 or shape[0] != vocab:
+        return
+    said = "says tie_word_embeddings: true" if tied is True else "does not set tie_word_embeddings (transformers' default: tied)"
+    raise ValueError(
+        f"modules_to_save tensor {name!r} replaces {key!r}, shape {tuple(shape)} (vocab_size rows: the input "
+        f"embedding, or an output head tied to it), and the base's config.json {said}. PEFT trains a copy "
+        "of that module and leaves the other one of the tied pair as the base has it, but a merged checkpoint "
+        "with tied weights would load both as the trained copy: a different model. Merge with PEFT (merge_and_unload), or, if the model has no output head tied to "
+        "this embedding, set \"tie_word_embeddings\": false in the base's config.json."
+    )
 
 
 def plan_merge(base, adapters, *, fan_in_fan_out=None):

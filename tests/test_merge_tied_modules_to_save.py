@@ -1,0 +1,73 @@
+"""modules_to_save of an embedding that the base ties to its output head: refused, not silently untied.
+
+Found by session 17's adversary: a tied-embedding Llama (tie_word_embeddings
+true) with DoRA on q_proj and modules_to_save=["embed_tokens"] merged with
+status 0, but the merged checkpoint (tied) loads lm_head as the *trained*
+embedding copy, while PEFT's model and its merge_and_unload keep lm_head at
+the base's embedding: logits off by 0.32 at a scale of 0.70. A checkpoint
+with tied weights cannot hold both, so the merge now refuses, saying why and
+what to do; untied bases, tensors not of vocab_size rows, bases without a
+config and adapters that ask PEFT to keep the tie (ensure_weight_tying)
+merge as before.
+"""
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from dora_ref.formats import peft as P
+from dora_ref.formats.merge_cli import main as merge_main
+from peft_helpers import random_module, write_adapter
+
+V, D = 12, 4  # vocab_size, hidden
+
+
+def _checkpoint(tmp_path, config, replaced="model.embed_tokens.weight", adapter_config=None):
+    rng = np.random.default_rng(17)
+    (tmp_path / "base").mkdir()
+    base = {"model.embed_tokens.weight": rng.normal(size=(V, D)).astype(np.float32),
+            "model.up_proj.weight": rng.normal(size=(6, D)).astype(np.float32),
+            "score.weight": rng.normal(size=(2, D)).astype(np.float32)}
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    if config is not None:
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    trained = {replaced: rng.normal(size=base[replaced].shape).astype(np.float32)}
+    write_adapter(tmp_path / "ad", {"model.up_proj": random_module(rng, 6, D, 2, dtype=np.float32)},
+                  dict({"modules_to_save": [replaced.split(".")[-2]]}, **(adapter_config or {})), extra=trained)
+    return trained
+
+
+def _merge(tmp_path):
+    return merge_main([str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out"), "--no-progress"])
+
+
+@pytest.mark.parametrize("config", [{"vocab_size": V, "tie_word_embeddings": True}, {"vocab_size": V},
+                                    {"text_config": {"vocab_size": V, "tie_word_embeddings": True}}],
+                         ids=["tied", "tie-by-default", "nested-text-config"])
+def test_replacing_a_tied_embedding_is_refused_saying_why(tmp_path, capsys, config):
+    _checkpoint(tmp_path, config)
+    assert _merge(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "'model.embed_tokens.weight'" in err and "tie_word_embeddings" in err and "merge_and_unload" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config, adapter_config", [
+    ({"vocab_size": V, "tie_word_embeddings": False}, None),  # untied: the head is its own tensor
+    (None, None),  # no config.json: nothing to go by
+    ({"tie_word_embeddings": True}, None),  # no vocab_size: the embedding is not recognised
+    ({"vocab_size": V, "tie_word_embeddings": True}, {"ensure_weight_tying": True}),  # PEFT keeps the tie too
+], ids=["untied", "no-config", "no-vocab-size", "ensure-weight-tying"])
+def test_replacing_an_embedding_merges_where_the_tie_is_not_in_the_way(tmp_path, config, adapter_config):
+    trained = _checkpoint(tmp_path, config, adapter_config=adapter_config)
+    assert _merge(tmp_path) == 0
+    merged = P.load_base_weights(tmp_path / "out")
+    np.testing.assert_array_equal(merged["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+
+
+def test_a_head_not_of_vocab_size_rows_is_replaced_in_a_tied_base(tmp_path):
+    trained = _checkpoint(tmp_path, {"vocab_size": V, "tie_word_embeddings": True}, replaced="score.weight")
+    assert _merge(tmp_path) == 0
+    np.testing.assert_array_equal(P.load_base_weights(tmp_path / "out")["score.weight"], trained["score.weight"])
