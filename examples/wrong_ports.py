@@ -27,9 +27,11 @@ def rows(W):
 
 
 def forward(x, W0, A, B, m, s, b, dropout_mask=None, *, axis=1, s_in_norm=True, of_W0=False, eps=0.0,
-            bias_scaled=False, g_one=False, dropout="peft"):
+            bias_scaled=False, g_one=False, dropout="peft", lora_twice=False):
     """DoRA's forward (PEFT semantics); each keyword switches on one real-world behaviour."""
     W = W0 if of_W0 else W0 + (s if s_in_norm else 1.0) * (B @ A)
+    if lora_twice:  # the low-rank term scaled twice (the norm right): y's s -> s * s below
+        B = s * B
     g = np.ones(W0.shape[0]) if g_one else m / (np.linalg.norm(W, axis=axis) + eps)
     bias = 0.0 if b is None else b
     if dropout_mask is None or dropout == "ignored":
@@ -118,6 +120,7 @@ WRONG_PORTS = {
     "norm_axis": ("forward", (lambda *a, **k: forward(*a, **k, axis=0),), {}),
     "scaling_outside_norm": ("forward", (lambda *a, **k: forward(*a, **k, s_in_norm=False),), {}),
     "scaling_rule": ("forward", (_other_scaling_rule,), dict(scaling="lora_alpha")),
+    "scaling_twice": ("forward", (lambda *a, **k: forward(*a, **k, lora_twice=True),), {}),
     "norm_of_W0": ("forward", (lambda *a, **k: forward(*a, **k, of_W0=True),), {}),
     "norm_plus_eps": ("forward", (lambda *a, **k: forward(*a, **k, eps=float(np.finfo(np.float32).eps)),),
                       dict(dtype="float32", max_examples=100)),

@@ -442,3 +442,30 @@ def test_diagnosis_of_a_non_square_shrunk_case_does_not_crash():
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_forward(forward, max_examples=30, cases=dict(in_features=4, out_features=5))
     assert info.value.hint == "scaling_outside_norm"
+
+
+def test_a_port_that_scales_the_low_rank_term_twice_gets_the_scaling_twice_hint():
+    """A new user's port (session 17) scaled the low-rank term by s twice (s*s*(x@A.T)@B.T, the
+    norm right) and was told 'hint: none' by check_forward and check_backward. Its
+    gradients here come from torch autograd of that forward (norm detached), not from
+    dora_ref's formulas."""
+    torch = pytest.importorskip("torch")
+
+    def forward(x, W0, A, B, m, s, b):
+        V = W0 + s * (B @ A)
+        y = (m / np.linalg.norm(V, axis=1)) * (x @ W0.T + s * s * (x @ A.T) @ B.T)
+        return y if b is None else y + b
+
+    def backward(dy, x, W0, A, B, m, s, b):
+        t = {k: torch.tensor(v, requires_grad=k in ("x", "A", "B", "m"))
+             for k, v in dict(x=x, W0=W0, A=A, B=B, m=m).items()}
+        n = torch.linalg.norm(t["W0"] + s * (t["B"] @ t["A"]), dim=1).detach()
+        y = (t["m"] / n) * (t["x"] @ t["W0"].T + s * s * (t["x"] @ t["A"].T) @ t["B"].T)
+        (y * torch.tensor(dy)).sum().backward()
+        return tuple(t[k].grad.numpy() for k in ("x", "A", "B", "m"))
+
+    for check, port in ((testing.check_forward, forward), (testing.check_backward, backward)):
+        with pytest.raises(testing.ConformanceError) as info:
+            check(port, max_examples=30)
+        assert info.value.hint == "scaling_twice", str(info.value)
+        assert "scaled twice" in str(info.value)

@@ -26,6 +26,12 @@ HINTS = {
         "LoraLayer.update_layer). Your numbers match the rule the case did not ask for; "
         "the same s goes into the norm, the low-rank term and the merge."
     ),
+    "scaling_twice": (
+        "the low-rank term is scaled twice: your y has s*s*(x@A.T)@B.T (e.g. s applied "
+        "to B@A, or to lora_B's output, and again to the sum), where PEFT and the paper "
+        "have s*(x@A.T)@B.T once, the same s as in the norm ||W0 + s*B@A|| (which your "
+        "numbers take once). Scale the low-rank path by s in one place only."
+    ),
     "norm_of_W0": (
         "the norm ignores the low-rank update: your n is ||W0|| per row, but it must be "
         "||W0 + s*B@A||, recomputed from the current A and B at every forward. The two "

@@ -114,7 +114,7 @@ def column_term_scales(c, ref, detach_norm=True):
 
 #: the reference's choices; a variant overrides one or two of them
 BASE = dict(norm="row", eps=0.0, g="m/n", bias="added", dropout="peft", grads="ok", flip_detach=False,
-            merge="ok", unmerge="ok", layer="row", init="ok", scaling="ok")
+            merge="ok", unmerge="ok", layer="row", init="ok", scaling="ok", lora_scale="ok")
 
 
 def init_magnitude(norm, spec, storage_dtype):
@@ -211,14 +211,15 @@ def evaluate(c, spec, detach_norm, *, unmerge_input=None):
     else:
         raise ValueError(dropout)
     z1, z2 = x1 @ c.W0.T, x2 @ c.W0.T
-    lora = s * ((x2 @ c.A.T) @ c.B.T)
+    s_lora = s * s if spec["lora_scale"] == "squared" else s  # the low-rank term's own factor
+    lora = s_lora * ((x2 @ c.A.T) @ c.B.T)
     b = np.zeros_like(g) if c.bias is None else c.bias
     gamma, dgam = (1.0, 0.0) if spec["bias"] == "added" else (g, 1.0)
     y = alpha * z1 + beta * z2 + g * lora + gamma * b
     dy = c.dy
-    dx = ((dy * alpha) @ c.W0) * m1 + ((dy * beta) @ c.W0 + s * ((dy * g) @ c.B) @ c.A) * m2
+    dx = ((dy * alpha) @ c.W0) * m1 + ((dy * beta) @ c.W0 + s_lora * ((dy * g) @ c.B) @ c.A) * m2
     gl = g if spec["grads"] != "lora" else np.ones_like(g)
-    dP = s * ((dy * gl).T @ x2)
+    dP = s_lora * ((dy * gl).T @ x2)
     dg = np.sum(dy * (da * z1 + db * z2 + lora + dgam * b), axis=0)
     dm = dg / n if spec["grads"] != "dm_times_n" else dg
     if not detach:
@@ -275,6 +276,7 @@ VARIANTS = {
     "unmerge_without_magnitude": ((_M,), dict(unmerge="without_magnitude"), "unmerge"),
     "magnitude_rounded_at_init": ((_I,), dict(init="rounded"), "low_precision"),
     "scaling_rule": ((_F, _B, _M, _I), dict(scaling="other_rule"), "lora_alpha"),
+    "scaling_twice": ((_F, _B), dict(lora_scale="squared"), "scaling_not_one"),
 }
 
 #: epsilons tried for ``norm_plus_eps``: the dtype's machine epsilon (LyCORIS adds
@@ -309,6 +311,8 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
         return with_unmerge and _square(c)
     if cond == "low_precision":
         return np.dtype(c.dtype).name in ("bfloat16", "float16")
+    if cond == "scaling_not_one":  # s * s = s at s = 1
+        return abs(float(c.scaling)) != 1.0
     if cond == "lora_alpha":  # the port computes s itself; at r = 1 both rules give lora_alpha
         return conv.scaling == "lora_alpha" and c.params.get("lora_alpha") is not None and c.A.shape[0] > 1
     return True
