@@ -469,3 +469,45 @@ def test_a_port_that_scales_the_low_rank_term_twice_gets_the_scaling_twice_hint(
             check(port, max_examples=30)
         assert info.value.hint == "scaling_twice", str(info.value)
         assert "scaled twice" in str(info.value)
+
+
+def _float32_inside_forward(x, W0, A, B, m, s, b):
+    f = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
+    x, W0, A, B, m = map(f, (x, W0, A, B, m))
+    V = W0 + np.float32(s) * (B @ A)
+    y = (m / np.linalg.norm(V, axis=1)) * (x @ W0.T + np.float32(s) * (x @ A.T) @ B.T)
+    return (y if b is None else y + f(b)).astype(np.float64)  # float64 out: only the inside is float32
+
+
+def _float32_inside_init(W0, A, B, s):
+    V = np.asarray(W0, np.float32) + np.float32(s) * (np.asarray(B, np.float32) @ np.asarray(A, np.float32))
+    return np.linalg.norm(V, axis=1).astype(np.float64)
+
+
+@pytest.mark.parametrize("check, port", [(testing.check_forward, _float32_inside_forward),
+                                         (testing.check_init, _float32_inside_init)], ids=["forward", "init"])
+def test_a_port_computing_in_float32_inside_a_float64_check_is_told_so(check, port):
+    """A new user's port (session 17) initialised the magnitude in float32 under a float64
+    check ('expected 0.002255958826619081, got 0.002255961298942566') and got 'hint: none'."""
+    with pytest.raises(testing.ConformanceError) as info:
+        check(port, max_examples=30)
+    assert info.value.hint == "computed_in_float32", str(info.value)
+    assert "x the float32 one" in str(info.value)
+    # the same port passes the float32 check: the formula is right
+    if check is testing.check_init:
+        def port32(W0, A, B, s):
+            return port(W0, A, B, s).astype(np.float32)
+    else:
+        def port32(*a):
+            return port(*a).astype(np.float32)
+    assert check(port32, dtype="float32", max_examples=30).examples == 30
+
+
+def test_a_wrong_formula_with_a_small_error_is_not_called_a_float32_port():
+    """scaling_outside_norm's error is far above float32's tolerance: its own hint, not this one."""
+    def forward(x, W0, A, B, m, s, b):
+        y = (m / np.linalg.norm(W0 + B @ A, axis=1)) * (x @ W0.T + s * (x @ A.T) @ B.T)
+        return y if b is None else y + b
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(forward, max_examples=30)
+    assert info.value.hint == "scaling_outside_norm"

@@ -331,7 +331,44 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
             continue
         out.append(Diagnosis(sc.key, len(out) + 1, sc.kind, sc.probes, tuple(sc.evidence) + tuple(evidence_raised),
                              sc.detail))
+    if not any(d.kind == "matches" for d in out):
+        low = _float32_inside(check, runs, names, detach_norm)
+        if low is not None:
+            out.insert(0, low)
+            out = [replace(d, rank=i + 1) for i, d in enumerate(out)]
     return out
+
+
+def _float32_inside(check, runs, names, detach_norm):
+    """A Diagnosis ``computed_in_float32`` if, on every probe of a float64 check,
+    the port is within the *float32* tolerance of dora_ref's result (derived
+    the same way, for float32's unit roundoff) while outside float64's: the
+    port's formula is right and some of it runs or is kept in float32. None
+    otherwise."""
+    from .runner import _reference_and_tolerances
+
+    fits, evidence, largest = [], [], 0.0
+    for label, probe, c64, got, ref, tols in runs:
+        if np.dtype(probe.dtype) != np.float64:
+            return None
+        tols32 = _reference_and_tolerances(check, probe.astype(np.float32), detach_norm)[1]
+        fit32, fit64 = _ratio(got, ref, tols32, names), _ratio(got, ref, tols, names)
+        if fit32 > 1.0:
+            return None
+        if fit64 > _DECISIVE:  # a float32 error shows only where it is well above float64's tolerance
+            fits.append(fit32)
+            evidence.append(f"on {label}: {_fmt(fit64)} x the float64 tolerance, {_fmt(fit32)} x the "
+                            "float32 one")
+        for k in names:  # the error relative to the terms' scale (the tolerance's own scale)
+            scale = tols[k]["scale"]
+            err = np.abs(np.asarray(got[k], np.float64) - np.asarray(ref[k], np.float64))
+            if scale > 0 and err.size:
+                largest = max(largest, float(np.max(err)) / scale)
+    # float32 arithmetic errs by about its unit roundoff 2**-24 somewhere; a far smaller
+    # error (1e-9 relative) is something else
+    if not fits or largest < 2.0**-27:
+        return None
+    return Diagnosis("computed_in_float32", 1, "matches", len(fits), tuple(evidence))
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,13 @@ HINTS = {
         "have s*(x@A.T)@B.T once, the same s as in the norm ||W0 + s*B@A|| (which your "
         "numbers take once). Scale the low-rank path by s in one place only."
     ),
+    "computed_in_float32": (
+        "your numbers are dora_ref's to float32's rounding but not to float64's: the formula "
+        "is right, and part of the port computes or keeps a value in float32 in this float64 "
+        "check (a torch.tensor or np.array made without dtype=, torch's float32 default "
+        "dtype, an np.float32 constant, a norm or magnitude stored in float32). Keep every "
+        "array float64 end to end, or check the port with dtype='float32'."
+    ),
     "norm_of_W0": (
         "the norm ignores the low-rank update: your n is ||W0|| per row, but it must be "
         "||W0 + s*B@A||, recomputed from the current A and B at every forward. The two "
