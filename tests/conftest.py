@@ -7,7 +7,9 @@ does not import is an error too, and so is any test skipped for want of one:
 without it a broken torch would leave CI green with ~170 skips. Both are read
 by ``ci_env.env_flag`` (set and not "0").
 """
+import contextlib
 import importlib
+import sys
 
 import hypothesis
 import pytest
@@ -109,3 +111,57 @@ def lp_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("vectors_lp")
     vectors.write(d, dtypes=vectors.LP_DTYPES)
     return d
+
+
+def _thread_settings():
+    """(dora_ref's C kernels' thread limit, torch's) now; None where not loaded.
+
+    torch and dora_ref's extension share one OpenMP runtime in a process, so
+    ``torch.set_num_threads(1)`` also lowers ``C.openmp_threads()``.
+    """
+    c = sys.modules.get("dora_ref.kernels.c")
+    torch = sys.modules.get("torch")
+    return (c.openmp_threads() if c is not None else None,
+            torch.get_num_threads() if torch is not None else None)
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_setting_leaks():
+    """A test that leaves the kernels' or torch's thread limit changed fails, and the limits are
+    put back: found by session 17's flaky-test hunt, six tests set torch.set_num_threads(1) and
+    never undid it, and every threaded test after them ran its kernels on one thread, green."""
+    before = _thread_settings()
+    yield
+    after = _thread_settings()
+    # a limit not loaded before the test (torch imported by it) is judged through the other:
+    # they share one runtime
+    if any(b is not None and a != b for a, b in zip(after, before)):
+        c, torch = sys.modules.get("dora_ref.kernels.c"), sys.modules.get("torch")
+        if torch is not None and before[1] is not None:
+            torch.set_num_threads(before[1])
+        if c is not None:
+            c.set_threads(0)
+        pytest.fail(f"this test left the thread limits (C kernels, torch) changed: {before} -> {after}; "
+                    "restore them (tests/conftest.py's torch_threads)")
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch.set_num_threads(n) inside the block, the previous limit after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test (its small products are faster so), put back after it;
+    a skip where torch does not import."""
+    pytest.importorskip("torch")
+    with torch_threads(1) as torch:
+        yield torch

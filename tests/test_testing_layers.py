@@ -265,9 +265,8 @@ def test_peft_embedding_port_can_fail():
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_peft_embedding_passes(dtype):
+def test_peft_embedding_passes(dtype, torch_one_thread):
     pytest.importorskip("peft")
-    torch.set_num_threads(1)
     result = T.check_embedding_forward(peft_embedding_forward, dtype=dtype, max_examples=30)
     assert result.examples == 30 and result.worst_ratio < 1.0
 
@@ -304,9 +303,8 @@ def peft_conv_forward(x, W, A, B, m, s, b, stride, padding, dilation, groups):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_peft_conv_passes_without_groups_and_dilation(dtype):
+def test_peft_conv_passes_without_groups_and_dilation(dtype, torch_one_thread):
     pytest.importorskip("peft")
-    torch.set_num_threads(1)
     result = T.check_conv_forward(peft_conv_forward, dtype=dtype, max_examples=30, cases=dict(groups=1, dilation=1))
     assert result.examples == 30 and result.worst_ratio < 1.0
 
@@ -315,10 +313,9 @@ def test_peft_conv_passes_without_groups_and_dilation(dtype):
     (dict(groups=2, dilation=1), "peft_grouped_conv_norm"),
     (dict(groups=1, dilation=2), "peft_conv_dilation_dropped"),
 ])
-def test_peft_conv_differences_are_named(cases, hint):
+def test_peft_conv_differences_are_named(cases, hint, torch_one_thread):
     """Where dora_ref.core.conv deliberately differs from PEFT (its module docstring), PEFT fails, named."""
     pytest.importorskip("peft")
-    torch.set_num_threads(1)
     with pytest.raises(T.ConformanceError) as info:
         T.check_conv_forward(peft_conv_forward, max_examples=20, cases=cases)
     assert info.value.hint == hint, str(info.value)

@@ -261,12 +261,11 @@ def _peft_ports(torch):
     return init, forward, (layer_forward, layer_backward, layer_merge)
 
 
-def test_peft_bfloat16_autocast_init_is_diagnosed_magnitude_rounded_at_init():
+def test_peft_bfloat16_autocast_init_is_diagnosed_magnitude_rounded_at_init(torch_one_thread):
     """PEFT 0.21, bfloat16 base, autocast_adapter_dtype=True (the default), B = 0 (the default init):
     the magnitude it stores is the bfloat16 rounding of the norm, upcast; the checker names it."""
     torch = pytest.importorskip("torch", reason="torch is not installed: PEFT's bfloat16 init is not checked")
     pytest.importorskip("peft", reason="peft is not installed: PEFT's bfloat16 init is not checked")
-    torch.set_num_threads(1)
     init, forward, _ = _peft_ports(torch)
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_init(init, forward, dtype="bfloat16", max_examples=10, seed=0, scaling="lora_alpha",
@@ -279,13 +278,12 @@ def test_peft_bfloat16_autocast_init_is_diagnosed_magnitude_rounded_at_init():
 
 
 @pytest.mark.parametrize("dtype", LP)
-def test_peft_mixed_precision_forward_backward_merge_pass(dtype):
+def test_peft_mixed_precision_forward_backward_merge_pass(dtype, torch_one_thread):
     """No false alarm: given the same float32 magnitude, PEFT 0.21's mixed-precision forward (three lp
     roundings), backward and merge are within the lp tolerances (measured: 300 cases per check, worst
     error / tolerance 0.07 to 0.11); only its init is flagged."""
     torch = pytest.importorskip("torch", reason="torch is not installed: PEFT's lp layer is not checked")
     pytest.importorskip("peft", reason="peft is not installed: PEFT's lp layer is not checked")
-    torch.set_num_threads(1)
     forward, backward, merge = _peft_ports(torch)[2]
     kw = dict(dtype=dtype, max_examples=20, seed=1, scaling="lora_alpha")
     for result in (testing.check_forward(forward, **kw), testing.check_backward(backward, **kw),

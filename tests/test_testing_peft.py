@@ -38,8 +38,12 @@ def _load(name):
 def peft_port():
     import torch
 
-    torch.set_num_threads(1)
-    return _load("peft_port")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # for this module's tests, put back after them
+    try:
+        yield _load("peft_port")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_peft_dm_with_a_bias_far_above_x_W0_passes(peft_port):
