@@ -9,6 +9,7 @@ by ``ci_env.env_flag`` (set and not "0").
 """
 import contextlib
 import importlib
+import os
 import sys
 
 import hypothesis
@@ -33,6 +34,17 @@ def pytest_sessionstart(session):
             "DORA_REF_REQUIRE_C is set but the C backend is not available: "
             f"{dora_ref.core.backend._C_IMPORT_ERROR}"
         )
+    if env_flag("DORA_REF_REQUIRE_OPENMP") and "c" in dora_ref.available_backends():
+        from dora_ref.kernels import c
+
+        cores = os.cpu_count() or 1
+        if c.openmp_enabled() and c.openmp_threads() < 2 <= cores:
+            # found by session 17's flaky-test hunt: 26 threaded tests in 7 files skip, and CI stayed green
+            raise pytest.UsageError(
+                f"DORA_REF_REQUIRE_OPENMP is set but the C kernels may use only {c.openmp_threads()} thread "
+                f"on this {cores}-core machine (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')!r}): "
+                "the threaded tests would be skipped; unset OMP_NUM_THREADS"
+            )
     if env_flag("DORA_REF_REQUIRE_PARITY"):
         for name in PARITY_MODULES:
             try:

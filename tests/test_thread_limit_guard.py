@@ -51,3 +51,19 @@ def test_a_test_that_leaves_torch_on_one_thread_errors_and_the_next_sees_the_lim
     assert "ERROR at teardown of test_a_leaky_test" in out, out
     # every test runs once per backend: the leaky one errors twice, the next one passes twice
     assert "4 passed, 2 errors" in out, out
+
+
+def test_ci_refuses_to_run_the_suite_on_one_thread_of_a_multicore_machine(tmp_path):
+    """OMP_NUM_THREADS=1 (set by some CI images) made 26 threaded tests in 7 files skip, and
+    a run with DORA_REF_REQUIRE_OPENMP=1 stayed green; now the session refuses to start."""
+    c = pytest.importorskip("dora_ref.kernels.c")
+    if not c.openmp_enabled() or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs an OpenMP build on a machine with at least two cores")
+    (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE)] + sys.path), OMP_NUM_THREADS="1",
+               DORA_REF_REQUIRE_OPENMP="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                           "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_nothing.py")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "unset OMP_NUM_THREADS" in out, out
