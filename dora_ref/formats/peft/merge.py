@@ -431,13 +431,15 @@ def _refuse_tied_replacement(base, adapter, name, key, shape):
     vocab = _config_field(cfg, "vocab_size")
     if tied is False or not isinstance(vocab, int) or len(shape) != 2 or shape[0] != vocab:
         return
-    said = "says tie_word_embeddings: true" if tied is True else "does not set tie_word_embeddings (transformers' default: tied)"
+    said = ("says tie_word_embeddings: true" if tied is True
+            else "does not set tie_word_embeddings (transformers' default: tied)")
     raise ValueError(
         f"modules_to_save tensor {name!r} replaces {key!r}, shape {tuple(shape)} (vocab_size rows: the input "
         f"embedding, or an output head tied to it), and the base's config.json {said}. PEFT trains a copy "
-        "of that module and leaves the other one of the tied pair as the base has it, but a merged checkpoint "
-        "with tied weights would load both as the trained copy: a different model. Merge with PEFT (merge_and_unload), or, if the model has no output head tied to "
-        "this embedding, set \"tie_word_embeddings\": false in the base's config.json."
+        "of that module and leaves the other one of the tied pair as the base has it, but a merged "
+        "checkpoint with tied weights would load both as the trained copy: a different model. Merge with "
+        "PEFT (merge_and_unload), or, if the model has no output head tied to this embedding, set "
+        "\"tie_word_embeddings\": false in the base's config.json."
     )
 
 
