@@ -81,3 +81,48 @@ def test_read_regular_text_refuses_a_pipe_at_once_and_names_a_non_utf8_file(tmp_
     good = tmp_path / "good.json"
     good.write_text('{"a": 1}')
     assert read_regular_text(good) == '{"a": 1}'
+
+
+def test_a_small_file_that_is_a_pipe_is_refused_not_left_out(small_checkpoint):
+    """Round 2 (session 17): a pipe among the base's small files was silently left out of OUT."""
+    d = small_checkpoint
+    os.mkfifo(d / "base" / "tokenizer.json")
+    status, err = _merge(d, d / "out")
+    assert status == 1 and "tokenizer.json is not a regular file" in err and "Traceback" not in err, err
+    assert not (d / "out").exists()
+
+
+def test_copying_a_small_file_that_became_a_pipe_is_an_error_not_a_wait(tmp_path):
+    """Round 2 (session 17): shutil.copy2 checks for a pipe before it opens the file, so a file
+    that became a pipe in between made the merge wait for ever; the copy now opens it non-blocking."""
+    from dora_ref.formats.merge_cli import _copy_small_file
+
+    os.mkfifo(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="not a regular file"):
+        _copy_small_file(tmp_path / "tokenizer.json", tmp_path / "copy.json")
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    os.chmod(tmp_path / "vocab.txt", 0o640)
+    _copy_small_file(tmp_path / "vocab.txt", tmp_path / "vocab_copy.txt")
+    assert (tmp_path / "vocab_copy.txt").read_text() == "a\nb\n"
+    assert os.stat(tmp_path / "vocab_copy.txt").st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_broken_link_for_config_json_is_refused_not_passed_over(small_checkpoint, link):
+    """Round 2 (session 17): a config.json that was a dangling link or a link loop was ignored and
+    the merge went on without the config (and without the checks that need it)."""
+    d = small_checkpoint
+    cfg = d / "base" / "config.json"
+    cfg.symlink_to(d / "nowhere.json" if link == "dangling" else cfg)
+    status, err = _merge(d, d / "out")
+    assert status == 1 and "config.json" in err and "Traceback" not in err, err
+
+
+def test_a_config_larger_than_any_config_is_refused_by_size(tmp_path):
+    from dora_ref.formats.safetensors_io import MAX_TEXT_BYTES, read_regular_text
+
+    big = tmp_path / "config.json"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_TEXT_BYTES + 1)
+    with pytest.raises(ValueError, match=r"config\.json: \d+ bytes, more than"):
+        read_regular_text(big)

@@ -71,3 +71,22 @@ def test_a_head_not_of_vocab_size_rows_is_replaced_in_a_tied_base(tmp_path):
     trained = _checkpoint(tmp_path, {"vocab_size": V, "tie_word_embeddings": True}, replaced="score.weight")
     assert _merge(tmp_path) == 0
     np.testing.assert_array_equal(P.load_base_weights(tmp_path / "out")["score.weight"], trained["score.weight"])
+
+
+def test_a_classifier_of_vocab_size_rows_is_not_taken_for_the_embedding(tmp_path):
+    """Round 2 (session 17): a BertForSequenceClassification with num_labels = vocab_size and
+    modules_to_save=["classifier"] (config tie_word_embeddings true) was refused: the check knew the
+    embedding by its row count alone; it now also asks the module's name."""
+    rng = np.random.default_rng(18)
+    (tmp_path / "base").mkdir()
+    base = {"bert.embeddings.word_embeddings.weight": rng.normal(size=(V, D)).astype(np.float32),
+            "bert.up.weight": rng.normal(size=(6, D)).astype(np.float32),
+            "classifier.weight": rng.normal(size=(V, D)).astype(np.float32)}
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"vocab_size": V, "tie_word_embeddings": True}))
+    trained = {"classifier.weight": rng.normal(size=(V, D)).astype(np.float32)}
+    write_adapter(tmp_path / "ad", {"bert.up": random_module(rng, 6, D, 2, dtype=np.float32)},
+                  {"modules_to_save": ["classifier"]}, extra=trained)
+    assert _merge(tmp_path) == 0
+    np.testing.assert_array_equal(P.load_base_weights(tmp_path / "out")["classifier.weight"],
+                                  trained["classifier.weight"])

@@ -469,6 +469,10 @@ def test_a_port_that_scales_the_low_rank_term_twice_gets_the_scaling_twice_hint(
             check(port, max_examples=30)
         assert info.value.hint == "scaling_twice", str(info.value)
         assert "scaled twice" in str(info.value)
+    # at s = -1, s * s = 1 = -s (round 2: the rule skipped it as if s * s were s there)
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_forward(forward, max_examples=30, cases=dict(scaling=-1.0))
+    assert info.value.hint == "scaling_twice", str(info.value)
 
 
 def _float32_inside_forward(x, W0, A, B, m, s, b):

@@ -339,6 +339,17 @@ def _install(tmp, out, is_dir, force):
     S.fsync_directory(parent)
 
 
+def _copy_small_file(src, dst):
+    """Copy one of the base directory's small files (config.json, the tokenizer, ...)
+    with its mode and times, as ``shutil.copy2`` does, but opened non-blocking and
+    refused unless it is a regular file: ``copy2`` checks for a pipe before it opens
+    the file, and a file that became a pipe in between made the merge wait for ever
+    (session 17's adversary)."""
+    with open(S.open_regular(src), "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    shutil.copystat(src, dst)
+
+
 def _fsync_file(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -725,8 +736,9 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
                 raise
         if out_dir is not None:  # the shard index and the small files (config.json, tokenizer, ...)
             for item in base.path.iterdir():
-                if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES:
-                    shutil.copy2(item, tmp / item.name)
+                # folders, and links to nothing, are not copied; a pipe or a device is refused
+                if item.suffix not in _WEIGHT_SUFFIXES and not item.is_dir() and item.exists():
+                    _copy_small_file(item, tmp / item.name)
                     _fsync_file(tmp / item.name)
             S.fsync_directory(tmp)
         _kill_point("written")

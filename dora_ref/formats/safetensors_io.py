@@ -221,7 +221,7 @@ def parse_header(raw, data_bytes):
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def _open_regular(path):
+def open_regular(path):
     """A read-only descriptor of ``path`` if it is a regular file.
 
     Raises FileNotFoundError (missing), IsADirectoryError, ValueError (a pipe,
@@ -243,14 +243,23 @@ def _open_regular(path):
         raise
 
 
+#: The largest JSON file read (a config, an adapter config, a shard index): as
+#: the safetensors header's limit; a larger one is not such a file.
+MAX_TEXT_BYTES = 100_000_000
+
+
 def read_regular_text(path):
     """The text of the regular file ``path`` (UTF-8), never waiting on a pipe.
 
-    Raises as ``_open_regular``, and ValueError naming the file if it is not
-    UTF-8.
+    Raises as ``open_regular``, and ValueError naming the file if it is not
+    UTF-8 or is larger than ``MAX_TEXT_BYTES``.
     """
-    fd = _open_regular(path)
+    fd = open_regular(path)
     with open(fd, "rb", closefd=True) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(f"{path}: {size} bytes, more than the {MAX_TEXT_BYTES} a config or index "
+                             "file here may have")
         raw = f.read()
     try:
         return raw.decode("utf-8")
@@ -301,7 +310,7 @@ class SafetensorsFile:
         self.path = Path(path)
         _refuse_pickle(self.path)
         try:
-            self._fd = _open_regular(self.path)
+            self._fd = open_regular(self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such safetensors file: {self.path}") from None
         except IsADirectoryError:
@@ -913,7 +922,7 @@ class BaseWeights:
         self.index = None
         if path.is_dir():
             index_path, single = path / SHARD_INDEX, path / SINGLE_FILE
-            if index_path.exists():  # a pipe or a directory there: refused, not passed over
+            if os.path.lexists(index_path):  # a pipe, a folder, a broken link there: refused, not passed over
                 text = read_regular_text(index_path)
                 try:
                     self.index = json.loads(text)
@@ -976,7 +985,7 @@ class BaseWeights:
         """
         if self._model_config is False:
             path, cfg = self.model_config_path, None
-            if path.exists():
+            if os.path.lexists(path):  # a broken link too: refused, not passed over
                 text = read_regular_text(path)
                 try:
                     cfg = json.loads(text)

@@ -33,11 +33,12 @@ HINTS = {
         "numbers take once). Scale the low-rank path by s in one place only."
     ),
     "computed_in_float32": (
-        "your numbers are dora_ref's to float32's rounding but not to float64's: the formula "
-        "is right, and part of the port computes or keeps a value in float32 in this float64 "
-        "check (a torch.tensor or np.array made without dtype=, torch's float32 default "
-        "dtype, an np.float32 constant, a norm or magnitude stored in float32). Keep every "
-        "array float64 end to end, or check the port with dtype='float32'."
+        "your numbers are dora_ref's to float32's rounding but not to float64's: most likely "
+        "the formula is right and part of the port computes or keeps a value in float32 in "
+        "this float64 check (a torch.tensor or np.array made without dtype=, torch's float32 "
+        "default dtype, an np.float32 constant, a norm or magnitude stored in float32); a "
+        "formula error as small as float32's rounding (about 1e-7 relative) looks the same. "
+        "Keep every array float64 end to end, or check the port with dtype='float32'."
     ),
     "norm_of_W0": (
         "the norm ignores the low-rank update: your n is ||W0|| per row, but it must be "

@@ -94,6 +94,7 @@ class _Mismatch(Exception):
         self.seen = seen  # (the port's outputs, the reference, the tolerances) where they were compared
         self.wide = False  # True: found on one of WIDE_CASES, which is not shrunk
         self.flaky = False  # True: the case passed when hypothesis ran it again
+        self.contract = False  # True: a rule every port keeps, broken (PortContract): no numbers to explain
 
 
 def _compare(got, expected, tols):
@@ -324,9 +325,11 @@ def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed, wi
         except Exception as exc:  # noqa: BLE001 - reported as a mismatch, shrunk like one
             wrote = isinstance(exc, _C.PortContract)  # its own message says what it broke
             text = str(exc) if wrote else f"your {check} raised {type(exc).__name__}: {exc}"
-            raise _Mismatch(case, dict(
+            mismatch = _Mismatch(case, dict(
                 output=None, index=None, expected=None, got=None, bound=None, text=text,
-            ), None if wrote else exc) from exc
+            ), None if wrote else exc)
+            mismatch.contract = isinstance(exc, _C.WrongOutputType)
+            raise mismatch from exc
         ref, tols = expect(case)
         ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
         if ratio == np.inf:
@@ -378,7 +381,7 @@ def _mismatch_in(exc):
 
 def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     """The ConformanceError for a shrunk mismatch, with its diagnosis."""
-    if exc.flaky:  # numbers that change from call to call: no known mistake explains them
+    if exc.flaky or exc.contract:  # numbers that change from call to call, or the wrong kind: no diagnosis
         return _error_from(check, exc, [], "", conv.changed())
     diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
     if exc.wide and exc.raised is None:  # the drawn cases passed: locate the ragged tile first
@@ -414,7 +417,7 @@ def _error_from(check, exc, diagnoses, mode="", changed=None):
         for d in diagnoses[1:]:
             lines.append(f"  also consistent (rank {d.rank}, {d.kind} on {d.probes} probe(s)): {d.key}"
                          + (f" ({d.detail})" if d.detail else ""))
-    else:
+    elif not (exc.flaky or exc.contract):  # those say what is wrong themselves
         lines.append("  hint: none; no known mistake (dora_ref.porting.variants) explains these numbers")
     return ConformanceError(
         "\n".join(lines), check=check, output=info["output"], index=info["index"],
@@ -490,7 +493,8 @@ def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
     names = _L.output_names(check)
     found = _search_layer(check, fn, names, dtype=dtype, max_examples=max_examples, seed=seed, cases=cases)
     if isinstance(found, _Mismatch):
-        error = _error_from(check, found, [] if found.flaky else _L.diagnose(check, fn, found.case))
+        error = _error_from(check, found,
+                            [] if found.flaky or found.contract else _L.diagnose(check, fn, found.case))
         if report == "first":
             raise error from None
         return Report(check, {}, [error])

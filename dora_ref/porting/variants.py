@@ -311,8 +311,8 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
         return with_unmerge and _square(c)
     if cond == "low_precision":
         return np.dtype(c.dtype).name in ("bfloat16", "float16")
-    if cond == "scaling_not_one":  # s * s = s at s = 1
-        return abs(float(c.scaling)) != 1.0
+    if cond == "scaling_not_one":  # s * s = s at s = 1 (only: at s = -1 it is -s)
+        return float(c.scaling) != 1.0
     if cond == "lora_alpha":  # the port computes s itself; at r = 1 both rules give lora_alpha
         return conv.scaling == "lora_alpha" and c.params.get("lora_alpha") is not None and c.A.shape[0] > 1
     return True

@@ -408,6 +408,14 @@ def _config_field(cfg, name):
     return inner.get(name) if isinstance(inner, dict) else None
 
 
+#: The module names transformers models give the input embedding and the output head
+#: that ``tie_word_embeddings`` ties (Llama, Mistral, Qwen, ...: embed_tokens / lm_head;
+#: GPT-2: wte; BERT: word_embeddings / decoder; T5: shared; GPT-NeoX: embed_in / embed_out;
+#: LLaMA's original checkpoints: tok_embeddings / output).
+_TIED_PAIR_NAMES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "decoder", "shared",
+                              "embed_in", "embed_out", "tok_embeddings", "output"})
+
+
 def _refuse_tied_replacement(base, adapter, name, key, shape):
     """Refuse a ``modules_to_save`` tensor that replaces the input embedding of a
     base whose output head is tied to it.
@@ -420,16 +428,21 @@ def _refuse_tied_replacement(base, adapter, name, key, shape):
     different model, with nothing to show it (found by session 17's
     adversary: logits off by 0.32 at a scale of 0.70). Unless the adapter asks
     PEFT to keep the tie (``ensure_weight_tying``, PEFT >= 0.18), that is a
-    ValueError saying what to do. The embedding is recognised by its shape:
-    (vocab_size, ...) of the base's ``config.json``; without a config or a
-    vocab_size nothing is refused.
+    ValueError saying what to do. The embedding (or head) is recognised by its
+    shape, (vocab_size, ...) of the base's ``config.json``, and its module's
+    name (``_TIED_PAIR_NAMES``: a classifier of vocab_size rows is not tied);
+    without a config or a vocab_size nothing is refused. (PEFT 0.21.2's own
+    ``ensure_weight_tying`` adapters also store the head's copy under an extra
+    key, which ``load_adapter`` refuses as not a LoRA tensor.)
     """
     cfg = base.model_config if isinstance(base, BaseWeights) else None
     if not isinstance(cfg, dict) or adapter.config.extra.get("ensure_weight_tying") is True:
         return
     tied = _config_field(cfg, "tie_word_embeddings")
     vocab = _config_field(cfg, "vocab_size")
-    if tied is False or not isinstance(vocab, int) or len(shape) != 2 or shape[0] != vocab:
+    module = key[: -len(".weight")].rsplit(".", 1)[-1] if key.endswith(".weight") else None
+    if (tied is False or not isinstance(vocab, int) or len(shape) != 2 or shape[0] != vocab
+            or module not in _TIED_PAIR_NAMES):
         return
     said = ("says tie_word_embeddings: true" if tied is True
             else "does not set tie_word_embeddings (transformers' default: tied)")
