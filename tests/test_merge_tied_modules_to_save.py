@@ -90,3 +90,61 @@ def test_a_classifier_of_vocab_size_rows_is_not_taken_for_the_embedding(tmp_path
     assert _merge(tmp_path) == 0
     np.testing.assert_array_equal(P.load_base_weights(tmp_path / "out")["classifier.weight"],
                                   trained["classifier.weight"])
+
+
+@pytest.mark.parametrize("ensure", [False, True], ids=["tie-not-kept", "ensure-weight-tying"])
+def test_real_peft_tied_llama_with_a_trained_embedding(tmp_path, ensure):
+    """Real PEFT on a tiny tied Llama, DoRA on q_proj and modules_to_save=["embed_tokens"]. Without
+    ensure_weight_tying PEFT keeps lm_head at the base's embedding: refused. With it (round 2,
+    session 17) PEFT saves lm_head's copy too, equal to the trained embedding, and keeps the tie:
+    the loader refused that key as not a LoRA tensor; now it merges, and the merged model's logits
+    are PEFT's merge_and_unload's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    if ensure and "ensure_weight_tying" not in peft.LoraConfig.__dataclass_fields__:
+        pytest.skip("this PEFT has no ensure_weight_tying")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=V * 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                           use_dora=True, init_lora_weights=False, **({"ensure_weight_tying": True} if ensure else {}))
+    pm = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    pm.save_pretrained(tmp_path / "ad")
+    status = _merge(tmp_path)
+    if not ensure:
+        assert status == 1 and not (tmp_path / "out").exists()
+        return
+    assert status == 0
+    ids = torch.randint(1, V * 3, (1, 7))
+    with torch.no_grad():
+        want = pm.merge_and_unload()(input_ids=ids).logits
+        got = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()(input_ids=ids).logits
+    # the embedding (and the head tied to it) is copied, not computed: equal bits. q_proj's merged
+    # weights are both float32 merges of the same values, each summed in its own order, so the logits
+    # may differ in the last bits: held to the bound tests/test_peft_parity.py holds float32 outputs
+    # to against PEFT (5.0e-7 of the result's scale, the README's figure)
+    got_embed = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").get_input_embeddings().weight
+    assert torch.equal(got_embed, pm.get_input_embeddings().weight)
+    assert float((got - want).abs().max()) <= 5e-7 * float(want.abs().max()), float((got - want).abs().max())
+
+
+def test_a_tied_head_copy_that_is_not_the_embedding_copy_is_refused(tmp_path):
+    """ensure_weight_tying's extra head key must equal a modules_to_save copy; anything else is
+    still refused as not a LoRA tensor."""
+    rng = np.random.default_rng(19)
+    _checkpoint(tmp_path, {"vocab_size": V, "tie_word_embeddings": True},
+                adapter_config={"ensure_weight_tying": True})
+    from safetensors.numpy import load_file
+    weights = tmp_path / "ad" / P.ADAPTER_WEIGHTS
+    tensors = load_file(str(weights))
+    tensors[P.PEFT_PREFIX + "lm_head.weight"] = rng.normal(size=(V, D)).astype(np.float32)
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="not the tied copy of a modules_to_save tensor"):
+        P.load_adapter(tmp_path / "ad")

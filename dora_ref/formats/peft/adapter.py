@@ -85,12 +85,19 @@ class PeftAdapter:
         ``lm_head``, under PEFT's default ``save_embedding_layers="auto"``),
         by module path. PEFT loads such a copy over the base model's own
         weight; dora_ref checks that it is the base's (``check_saved_bases``).
+    tied_heads : dict of str to ndarray
+        What an adapter made with ``ensure_weight_tying`` (PEFT >= 0.18)
+        also saves: the tied output head's copy (``lm_head.weight``), equal
+        to the ``modules_to_save`` copy of the input embedding it is tied to
+        (``load_adapter`` checks so). Nothing to merge: the merged
+        checkpoint keeps the tie, so the head loads as that copy.
     """
 
     config: LoraAdapterConfig
     modules: dict
     replaced: dict = field(default_factory=dict)
     saved_base: dict = field(default_factory=dict)
+    tied_heads: dict = field(default_factory=dict)
 
     def __repr__(self):
         kinds = {}
@@ -115,6 +122,21 @@ _KEY = re.compile(
 
 
 _SAVED_BASE = ".base_layer.weight"
+
+#: The module names transformers models give the input embedding and the output head
+#: that ``tie_word_embeddings`` ties (Llama, Mistral, Qwen, ...: embed_tokens / lm_head;
+#: GPT-2: wte; BERT: word_embeddings / decoder; T5: shared; GPT-NeoX: embed_in / embed_out;
+#: LLaMA's original checkpoints: tok_embeddings / output).
+TIED_PAIR_NAMES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "decoder", "shared",
+                             "embed_in", "embed_out", "tok_embeddings", "output"})
+
+
+def tied_pair_module(key):
+    """The module name of ``<path>.<module>.weight`` if it is one of ``TIED_PAIR_NAMES``, else None."""
+    if not key.endswith(".weight"):
+        return None
+    module = key[: -len(".weight")].rsplit(".", 1)[-1]
+    return module if module in TIED_PAIR_NAMES else None
 
 
 def check_saved_bases(adapter, base):
@@ -228,6 +250,10 @@ def load_adapter(directory, *, dtype=None):
             if name.endswith(_SAVED_BASE):  # PEFT's save_embedding_layers: the base weight itself
                 adapter.saved_base[name[: -len(_SAVED_BASE)]] = (key, f.get(key))
                 continue
+            if (config.extra.get("ensure_weight_tying") is True and not _KEY.match(name)
+                    and tied_pair_module(name)):  # the tied head's copy (checked below)
+                adapter.tied_heads[name] = f.get(key)
+                continue
             module, part, kind = _split_key(key, weights)
             if kind:
                 parts.setdefault(module, {})["kind"] = kind
@@ -243,6 +269,13 @@ def load_adapter(directory, *, dtype=None):
         if name not in adapter.modules:
             raise ValueError(f"{weights}: {key!r} is a saved base weight of {name!r}, which the adapter does not adapt")
     adapter.saved_base = {name: arr for name, (_, arr) in adapter.saved_base.items()}
+    for name, arr in adapter.tied_heads.items():
+        same = [r for r in adapter.replaced.values() if r.dtype == arr.dtype and r.shape == arr.shape]
+        if not any(np.array_equal(r.view(np.uint8), arr.view(np.uint8)) for r in same):
+            raise ValueError(
+                f"{weights}: {name!r} is not a PEFT LoRA/DoRA tensor, and not the tied copy of a "
+                f"modules_to_save tensor (ensure_weight_tying): no modules_to_save tensor is equal to it"
+            )
     if not adapter.modules and not adapter.replaced:
         raise ValueError(f"{weights}: no LoRA tensors found")
     return adapter

@@ -10,7 +10,8 @@ import numpy as np
 from ...core import functional as F
 from ...core._validate import check_input
 from ..safetensors_io import BaseWeights
-from .adapter import ModuleAdapter, PeftAdapter, _compute_dtype, check_saved_bases, load_adapter
+from .adapter import (ModuleAdapter, PeftAdapter, _compute_dtype, check_saved_bases, load_adapter,
+                      tied_pair_module)
 from .orientation import _from_view, _to_view, base_key, resolve_fan_in_fan_out, weight_key
 
 
@@ -408,14 +409,6 @@ def _config_field(cfg, name):
     return inner.get(name) if isinstance(inner, dict) else None
 
 
-#: The module names transformers models give the input embedding and the output head
-#: that ``tie_word_embeddings`` ties (Llama, Mistral, Qwen, ...: embed_tokens / lm_head;
-#: GPT-2: wte; BERT: word_embeddings / decoder; T5: shared; GPT-NeoX: embed_in / embed_out;
-#: LLaMA's original checkpoints: tok_embeddings / output).
-_TIED_PAIR_NAMES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "decoder", "shared",
-                              "embed_in", "embed_out", "tok_embeddings", "output"})
-
-
 def _refuse_tied_replacement(base, adapter, name, key, shape):
     """Refuse a ``modules_to_save`` tensor that replaces the input embedding of a
     base whose output head is tied to it.
@@ -430,19 +423,25 @@ def _refuse_tied_replacement(base, adapter, name, key, shape):
     PEFT to keep the tie (``ensure_weight_tying``, PEFT >= 0.18), that is a
     ValueError saying what to do. The embedding (or head) is recognised by its
     shape, (vocab_size, ...) of the base's ``config.json``, and its module's
-    name (``_TIED_PAIR_NAMES``: a classifier of vocab_size rows is not tied);
-    without a config or a vocab_size nothing is refused. (PEFT 0.21.2's own
-    ``ensure_weight_tying`` adapters also store the head's copy under an extra
-    key, which ``load_adapter`` refuses as not a LoRA tensor.)
+    name (``adapter.TIED_PAIR_NAMES``: a classifier of vocab_size rows is not tied);
+    without a config or a vocab_size nothing is refused. An
+    ``ensure_weight_tying`` adapter's tied head copy (``adapter.tied_heads``)
+    needs the tie: a base whose config unties it is refused.
     """
     cfg = base.model_config if isinstance(base, BaseWeights) else None
-    if not isinstance(cfg, dict) or adapter.config.extra.get("ensure_weight_tying") is True:
+    if not isinstance(cfg, dict):
         return
     tied = _config_field(cfg, "tie_word_embeddings")
+    if adapter.config.extra.get("ensure_weight_tying") is True:
+        if adapter.tied_heads and tied is False:
+            raise ValueError(
+                f"the adapter keeps {sorted(adapter.tied_heads)} tied to {name!r} (ensure_weight_tying), "
+                "but the base's config.json says tie_word_embeddings: false: not the base it was trained on?"
+            )
+        return
     vocab = _config_field(cfg, "vocab_size")
-    module = key[: -len(".weight")].rsplit(".", 1)[-1] if key.endswith(".weight") else None
     if (tied is False or not isinstance(vocab, int) or len(shape) != 2 or shape[0] != vocab
-            or module not in _TIED_PAIR_NAMES):
+            or tied_pair_module(key) is None):
         return
     said = ("says tie_word_embeddings: true" if tied is True
             else "does not set tie_word_embeddings (transformers' default: tied)")
