@@ -410,28 +410,30 @@ def _config_field(cfg, name):
 
 
 def _refuse_tied_replacement(base, adapter, name, key, shape):
-    """Refuse a ``modules_to_save`` tensor that replaces the input embedding of a
-    base whose output head is tied to it.
+    """Refuse a ``modules_to_save`` tensor that replaces one of a tied pair
+    (the input embedding and the output head tied to it).
 
     PEFT trains a copy of such a module (``ModulesToSaveWrapper``) and leaves
-    the original in place, so the tied head (``lm_head``) keeps the base's
-    embedding in PEFT's model and in its ``merge_and_unload()``. A merged
-    checkpoint that says ``tie_word_embeddings`` (true, or absent: the
-    transformers default) makes the head the *trained* copy on load: a
+    the other one of the pair as the base has it, so in PEFT's model and in
+    its ``merge_and_unload()`` the head keeps the base's embedding. A merged
+    checkpoint that keeps the tie loads both as the trained copy: a
     different model, with nothing to show it (found by session 17's
-    adversary: logits off by 0.32 at a scale of 0.70). Unless the adapter asks
-    PEFT to keep the tie (``ensure_weight_tying``, PEFT >= 0.18), that is a
-    ValueError saying what to do. The embedding (or head) is recognised by its
-    shape, (vocab_size, ...) of the base's ``config.json``, and its module's
-    name (``adapter.TIED_PAIR_NAMES``: a classifier of vocab_size rows is not tied);
-    without a config or a vocab_size nothing is refused. An
-    ``ensure_weight_tying`` adapter's tied head copy (``adapter.tied_heads``)
-    needs the tie: a base whose config unties it is refused.
+    adversary: logits off by 0.32 at a scale of 0.70). The pair is
+    recognised by its module's name (``adapter.TIED_PAIR_NAMES``: a
+    classifier is not tied), a 2-D shape and, with a ``config.json``,
+    ``vocab_size`` rows. Tied: ``tie_word_embeddings`` true in the config;
+    unset (whose default differs by model: True for GPT-2, False for Llama),
+    tied unless the base stores the other one of the pair as its own tensor
+    of the same shape. Without a ``config.json`` (a bare safetensors file)
+    the same rule cannot be read, so a pair member the base does not store
+    twice is refused as undecidable. A base given as a mapping (no config)
+    is not checked. An ``ensure_weight_tying`` adapter (PEFT keeps the tie)
+    is not refused, unless the config unties what it keeps tied.
     """
-    cfg = base.model_config if isinstance(base, BaseWeights) else None
-    if not isinstance(cfg, dict):
+    if tied_pair_module(key) is None or len(shape) != 2 or not isinstance(base, BaseWeights):
         return
-    tied = _config_field(cfg, "tie_word_embeddings")
+    cfg = base.model_config if isinstance(base.model_config, dict) else None
+    tied = _config_field(cfg, "tie_word_embeddings") if cfg is not None else None
     if adapter.config.extra.get("ensure_weight_tying") is True:
         if adapter.tied_heads and tied is False:
             raise ValueError(
@@ -439,19 +441,34 @@ def _refuse_tied_replacement(base, adapter, name, key, shape):
                 "but the base's config.json says tie_word_embeddings: false: not the base it was trained on?"
             )
         return
-    vocab = _config_field(cfg, "vocab_size")
-    if (tied is False or not isinstance(vocab, int) or len(shape) != 2 or shape[0] != vocab
-            or tied_pair_module(key) is None):
+    if tied is False:
         return
-    said = ("says tie_word_embeddings: true" if tied is True
-            else "does not set tie_word_embeddings (transformers' default: tied)")
+    vocab = _config_field(cfg, "vocab_size") if cfg is not None else None
+    if isinstance(vocab, int) and shape[0] != vocab:
+        return
+    partner = [k for k in base.keys() if k != key and tied_pair_module(k) and tuple(base.shape(k)) == tuple(shape)]
+    if tied is None and partner:  # both stored: untied (unless the config says otherwise)
+        return
+    untie = ("or untie the base first: store its output head's weight (a causal LM's lm_head.weight) as a "
+             "copy of the base's embedding and set \"tie_word_embeddings\": false in its config.json, which "
+             "is what PEFT's merged model is; this merge then gives PEFT's model")
+    if cfg is None:
+        raise ValueError(
+            f"modules_to_save tensor {name!r} replaces {key!r}, shape {tuple(shape)}: an input embedding or an "
+            "output head, which a model may tie to the other, and with no config.json beside the base's "
+            "weights there is no telling whether this one does (PEFT keeps the other one of a tied pair as "
+            "the base has it; a merged checkpoint that keeps the tie would load both as the trained copy). "
+            f"Merge from the base model's directory, with its config.json, {untie}."
+        )
+    said = ("says tie_word_embeddings: true" if tied is True else
+            f"does not set tie_word_embeddings and the base stores no other tensor of shape {tuple(shape)} "
+            "(tied, as for GPT-2)")
     raise ValueError(
-        f"modules_to_save tensor {name!r} replaces {key!r}, shape {tuple(shape)} (vocab_size rows: the input "
-        f"embedding, or an output head tied to it), and the base's config.json {said}. PEFT trains a copy "
-        "of that module and leaves the other one of the tied pair as the base has it, but a merged "
-        "checkpoint with tied weights would load both as the trained copy: a different model. Merge with "
-        "PEFT (merge_and_unload), or, if the model has no output head tied to this embedding, set "
-        "\"tie_word_embeddings\": false in the base's config.json."
+        f"modules_to_save tensor {name!r} replaces {key!r}, shape {tuple(shape)} (the input embedding, or an "
+        f"output head tied to it), and the base's config.json {said}. PEFT trains a copy of that module and "
+        "leaves the other one of the tied pair as the base has it, but a merged checkpoint with tied weights "
+        f"would load both as the trained copy: a different model. Merge with PEFT (merge_and_unload), {untie}. "
+        "(Set tie_word_embeddings false alone only if the model has no output head tied to this embedding.)"
     )
 
 
