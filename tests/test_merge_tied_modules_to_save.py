@@ -105,6 +105,8 @@ def test_a_classifier_of_vocab_size_rows_is_not_taken_for_the_embedding(tmp_path
                                   trained["classifier.weight"])
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # PEFT's, the case itself
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecations
 @pytest.mark.parametrize("ensure", [False, True], ids=["tie-not-kept", "ensure-weight-tying"])
 def test_real_peft_tied_llama_with_a_trained_embedding(tmp_path, ensure):
     """Real PEFT on a tiny tied Llama, DoRA on q_proj and modules_to_save=["embed_tokens"]. Without
