@@ -381,7 +381,9 @@ def plan_replacements(base, adapters):
     ------
     KeyError, ValueError
         A tensor with no base counterpart, of another shape, or replaced by
-        two adapters, or also adapted by LoRA.
+        two adapters, or also adapted by LoRA; one of a tied input embedding
+        and output head, which a merged checkpoint cannot give PEFT's
+        model for (``_refuse_tied_replacement``).
     """
     keys = set(base.keys())
     lora_keys = {weight_key(name, keys) for a in adapters for name in a.modules}
