@@ -400,6 +400,19 @@ def plan_replacements(base, adapters):
                 raise ValueError(f"{key!r} is replaced by two adapters, or also adapted by LoRA")
             _refuse_tied_replacement(base, adapter, name, key, arr.shape)
             out[key] = arr
+        # ensure_weight_tying: PEFT's head is the embedding's trained copy. A base that stores its head
+        # apart gets the copy written there too (a loader that does not tie two stored tensors again
+        # would keep the base's head); one that stores it once keeps the tie
+        for name, arr in adapter.tied_heads.items():
+            try:
+                key = base_key(name, keys, what="tied head")
+            except KeyError as e:
+                if "no such key" in str(e):  # stored once: the tie is kept
+                    continue
+                raise
+            if key in out or key in lora_keys:
+                raise ValueError(f"{key!r} is replaced by two adapters, or also adapted by LoRA")
+            out[key] = arr
     return out
 
 
@@ -429,15 +442,19 @@ def _refuse_tied_replacement(base, adapter, name, key, shape):
     of the same shape. Without a ``config.json`` (a bare safetensors file)
     the same rule cannot be read, so a pair member the base does not store
     twice is refused as undecidable. A base given as a mapping (no config)
-    is not checked. An ``ensure_weight_tying`` adapter (PEFT keeps the tie)
-    is not refused, unless the config unties what it keeps tied.
+    is not checked. An ``ensure_weight_tying`` adapter with the head's copy
+    (PEFT found the tie and keeps it) is not refused, unless the config
+    unties what it keeps tied; without the copy (PEFT found no tie and
+    unties) the rule above applies.
     """
     if tied_pair_module(key) is None or len(shape) != 2 or not isinstance(base, BaseWeights):
         return
     cfg = base.model_config if isinstance(base.model_config, dict) else None
     tied = _config_field(cfg, "tie_word_embeddings") if cfg is not None else None
-    if adapter.config.extra.get("ensure_weight_tying") is True:
-        if adapter.tied_heads and tied is False:
+    # ensure_weight_tying where PEFT found the tie (it then saves the head's copy): PEFT keeps it. Where
+    # it did not (no copy; PEFT warns "no tied modules are added"), its merged model unties: the rule below
+    if adapter.config.extra.get("ensure_weight_tying") is True and adapter.tied_heads:
+        if tied is False:
             raise ValueError(
                 f"the adapter keeps {sorted(adapter.tied_heads)} tied to {name!r} (ensure_weight_tying), "
                 "but the base's config.json says tie_word_embeddings: false: not the base it was trained on?"
@@ -451,9 +468,10 @@ def _refuse_tied_replacement(base, adapter, name, key, shape):
     partner = [k for k in base.keys() if k != key and tied_pair_module(k) and tuple(base.shape(k)) == tuple(shape)]
     if tied is None and partner:  # both stored: untied (unless the config says otherwise)
         return
-    untie = ("or untie the base first: store its output head's weight (a causal LM's lm_head.weight) as a "
-             "copy of the base's embedding and set \"tie_word_embeddings\": false in its config.json, which "
-             "is what PEFT's merged model is; this merge then gives PEFT's model")
+    untie = ("or untie the base first: store its output head's weight (a causal LM's lm_head.weight; for "
+             "T5, also the encoder's and decoder's embed_tokens.weight) as a copy of the base's embedding and "
+             "set \"tie_word_embeddings\": false in its config.json; this merge then gives the model of "
+             "PEFT's merge_and_unload()")
     if cfg is None:
         raise ValueError(
             f"modules_to_save tensor {name!r} replaces {key!r}, shape {tuple(shape)}: an input embedding or an "

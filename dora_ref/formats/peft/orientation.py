@@ -44,7 +44,8 @@ def base_key(want, base_keys, *, what="tensor"):
         f"candidates {candidates[:5]}"
         if candidates
         else "no such key; a tied weight (e.g. lm_head tied to the input embeddings) is stored "
-        "once, under the other module's name"
+        "once, under the other module's name: to adapt or replace it alone, untie the base first (store "
+        "it as a copy of the other and set tie_word_embeddings false in config.json)"
     )
     raise KeyError(f"{what} {want!r} not found ({why})")
 
