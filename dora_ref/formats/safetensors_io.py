@@ -257,10 +257,10 @@ def read_regular_text(path):
     fd = open_regular(path)
     with open(fd, "rb", closefd=True) as f:
         size = os.fstat(f.fileno()).st_size
-        if size > MAX_TEXT_BYTES:
-            raise ValueError(f"{path}: {size} bytes, more than the {MAX_TEXT_BYTES} a config or index "
-                             "file here may have")
-        raw = f.read()
+        raw = f.read(MAX_TEXT_BYTES + 1) if size <= MAX_TEXT_BYTES else b""  # bounded: it may grow meanwhile
+        if size > MAX_TEXT_BYTES or len(raw) > MAX_TEXT_BYTES:
+            raise ValueError(f"{path}: {max(size, len(raw))} bytes, more than the {MAX_TEXT_BYTES} a config "
+                             "or index file here may have")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
