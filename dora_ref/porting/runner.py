@@ -94,7 +94,7 @@ class _Mismatch(Exception):
         self.seen = seen  # (the port's outputs, the reference, the tolerances) where they were compared
         self.wide = False  # True: found on one of WIDE_CASES, which is not shrunk
         self.flaky = False  # True: the case passed when hypothesis ran it again
-        self.contract = False  # True: a rule every port keeps, broken (PortContract): no numbers to explain
+        self.wrong_type = False  # True: an output of the wrong kind (WrongOutputType): no numbers to explain
 
 
 def _compare(got, expected, tols):
@@ -328,7 +328,7 @@ def _hunt(check, names, strategy, build, call, expect, *, max_examples, seed, wi
             mismatch = _Mismatch(case, dict(
                 output=None, index=None, expected=None, got=None, bound=None, text=text,
             ), None if wrote else exc)
-            mismatch.contract = isinstance(exc, _C.WrongOutputType)
+            mismatch.wrong_type = isinstance(exc, _C.WrongOutputType)
             raise mismatch from exc
         ref, tols = expect(case)
         ratio, info = _compare({k: got[k] for k in names}, {k: ref[k] for k in names}, tols)
@@ -381,7 +381,7 @@ def _mismatch_in(exc):
 
 def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     """The ConformanceError for a shrunk mismatch, with its diagnosis."""
-    if exc.flaky or exc.contract:  # numbers that change from call to call, or the wrong kind: no diagnosis
+    if exc.flaky or exc.wrong_type:  # numbers that change from call to call, or the wrong kind: no diagnosis
         return _error_from(check, exc, [], "", conv.changed())
     diagnoses = _D.diagnose(check, fn, unmerge, exc.case, conv, dropout, detach_norm, raised=exc.raised)
     if exc.wide and exc.raised is None:  # the drawn cases passed: locate the ragged tile first
@@ -417,7 +417,7 @@ def _error_from(check, exc, diagnoses, mode="", changed=None):
         for d in diagnoses[1:]:
             lines.append(f"  also consistent (rank {d.rank}, {d.kind} on {d.probes} probe(s)): {d.key}"
                          + (f" ({d.detail})" if d.detail else ""))
-    elif not (exc.flaky or exc.contract):  # those say what is wrong themselves
+    elif not (exc.flaky or exc.wrong_type):  # those say what is wrong themselves
         lines.append("  hint: none; no known mistake (dora_ref.porting.variants) explains these numbers")
     return ConformanceError(
         "\n".join(lines), check=check, output=info["output"], index=info["index"],
@@ -494,7 +494,7 @@ def _run_layer(check, fn, *, dtype, max_examples, seed, report, cases):
     found = _search_layer(check, fn, names, dtype=dtype, max_examples=max_examples, seed=seed, cases=cases)
     if isinstance(found, _Mismatch):
         error = _error_from(check, found,
-                            [] if found.flaky or found.contract else _L.diagnose(check, fn, found.case))
+                            [] if found.flaky or found.wrong_type else _L.diagnose(check, fn, found.case))
         if report == "first":
             raise error from None
         return Report(check, {}, [error])
