@@ -33,7 +33,8 @@ runs into one new OUT exactly one succeeds; the other stops with 'appeared
 while this merge ran' and leaves OUT as it is.
 
 Crash safety: the output is written into a temporary sibling of OUT
-(``.<OUT name>.dora-ref-tmp-<pid>-<random>``), every file flushed to disk
+(``.<OUT name>.dora-ref-tmp-<pid>-<random>``; an OUT name too long for that
+is cut and followed by a digest of it), every file flushed to disk
 (fsync) and the directory too, then moved into place by one rename. With
 ``--force`` an existing OUT directory is swapped with the new one
 atomically (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere the old OUT is
@@ -71,6 +72,7 @@ import argparse
 import dataclasses
 import errno
 import functools
+import hashlib
 import math
 import os
 import re
@@ -202,13 +204,53 @@ def _kill_point(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# what a temporary sibling adds to OUT's name, at most: "." and "." around it, a tag, "-", a pid
+# (Linux's largest has 7 digits; 10 allowed), "-", 8 hex digits, and the writer's ".partial"
+_SIBLING_EXTRA = 2 + max(len(_TMP_TAG), len(_OLD_TAG)) + 1 + 10 + 1 + 8 + len(".partial")
+
+
+def _stem(out):
+    """OUT's name as its temporary siblings carry it.
+
+    The whole name where the longest sibling's name fits the directory's
+    limit (``NAME_MAX``, 255 bytes on Linux filesystems); else the name cut
+    to fit, followed by "~" and 16 hex digits of its SHA-256, so that an
+    OUT whose own name is legal (up to the limit) can still be written, and
+    the next run into the same OUT finds the siblings a killed run left.
+    """
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):  # no such directory yet, or no limit to ask for
+        name_max = -1
+    if name_max <= 0:
+        name_max = 255
+    raw = os.fsencode(out.name)
+    if len(raw) + _SIBLING_EXTRA <= name_max:
+        return out.name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    keep = max(0, name_max - _SIBLING_EXTRA - 1 - len(digest))
+    return _cut(raw, keep) + "~" + digest
+
+
+def _cut(raw, keep):
+    """The first ``keep`` bytes of a file name, not ending inside a UTF-8 character
+    (a multi-byte character at the end is dropped whole)."""
+    cut = raw[:keep]
+    if len(cut) < len(raw) and (raw[len(cut)] & 0xC0) == 0x80:  # the cut splits a character
+        while cut and (cut[-1] & 0xC0) == 0x80:
+            cut = cut[:-1]
+        cut = cut[:-1]  # its lead byte
+    return os.fsdecode(cut)
+
+
 def _sibling(out, tag):
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")  # (secrets: 0.01 s to import)
+    return out.with_name(f".{_stem(out)}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")  # (secrets: 0.01 s to import)
 
 
 def _clean_leftovers(out):
     """Remove temporary siblings of OUT left by killed runs; refuse if a live run is writing OUT."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.({_TMP_TAG}|{_OLD_TAG})-(\d+)-[0-9a-f]+(\.partial)?$")
+    pattern = re.compile(rf"\.{re.escape(_stem(out))}\.({_TMP_TAG}|{_OLD_TAG})-(\d+)-[0-9a-f]+(\.partial)?$")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         return
