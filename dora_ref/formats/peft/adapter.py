@@ -419,7 +419,11 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
     module's escaped full path anchored with ``^``: PEFT matches a key ``p``
     as ``(.*\\.)?(p)$``, under which a bare ``proj`` would also match
     ``block.proj``, while ``^proj`` matches ``proj`` only.
-    ``target_modules`` lists the module paths.
+    ``target_modules`` is a regular expression that matches exactly the
+    module paths (PEFT full-matches a string against every module path): a
+    list would be matched as suffixes too, so a layer saved at ``q`` would
+    make PEFT wrap ``attn.q`` as well, with a fresh adapter the file does not
+    hold (not a no-op with ``init_lora_weights=False``, nor in bfloat16).
 
     Parameters
     ----------
@@ -477,7 +481,7 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
         use_rslora=rslora.pop(),
         lora_dropout=dropout if lora_dropout is None else lora_dropout,
         fan_in_fan_out=bool(fan_in_fan_out),
-        target_modules=sorted(layers),
+        target_modules="^(?:" + "|".join(re.escape(n) for n in sorted(layers)) + ")$",
         rank_pattern={exactly(n): int(l.r) for n, l in layers.items() if l.r != r},
         alpha_pattern={exactly(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != alpha},
         extra=dict(config_fields),
