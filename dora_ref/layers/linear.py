@@ -613,7 +613,34 @@ class DoRALinear(LoRALinear):
     __call__ = forward
 
     def backward(self, dy):
-        """Backward pass: accumulates ``grads`` (+=) and returns dx (..., in)."""
+        """Backward pass: accumulates ``grads`` (+=) and returns dx (..., in).
+
+        Parameters
+        ----------
+        dy : ndarray, shape (..., out), the forward output's shape and dtype
+
+        Returns
+        -------
+        dx : ndarray, shape (..., in), x's dtype
+
+        Raises
+        ------
+        RuntimeError
+            If no forward was run, the layer is merged, or a trainable array
+            changed in place since the forward (an optimiser step between
+            forward and backward).
+        TypeError, ValueError
+            A dy of another dtype or shape than the forward's output, NaN/Inf
+            in dy, or a gradient that overflowed (``dora_backward``).
+
+        Notes
+        -----
+        The forward keeps a view of x, not a copy (as PyTorch saves its
+        input): do not write into x between the forward and this backward.
+        The trainable arrays are compared; x, as large as the batch, is not,
+        so a write into it gives a wrong ``lora_A`` gradient without an error.
+        Calling backward twice after one forward adds the gradients twice.
+        """
         ctx = self._ctx
         if ctx is None or self.merged:
             self._require_ctx()  # raises, saying which
