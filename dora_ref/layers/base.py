@@ -381,10 +381,31 @@ class AdapterLayer(Module):
     def _switch_base(self, weight, merged):
         # the flag first: the shapes a grouped conv layer accepts depend on it
         self.merged = merged
+        self._replace_base(weight)
+
+    def _all_or_nothing(self, change):
+        """Run ``change()``, which moves the layer between its merged and unmerged states,
+        all or nothing.
+
+        It sets several attributes (the flag, the base weight, the norm kept for
+        ``unmerge``, the merge-time copies) and the trainable arrays'
+        writeable flags. An exception anywhere in it, a ``KeyboardInterrupt``
+        from Ctrl-C included, puts every attribute back in one assignment
+        (``__dict__``: no half-restored state between two bytecodes) and then
+        the flags, and goes on: a layer stopped in the middle of ``merge()``
+        is the unmerged layer it was, never one whose flag and weight disagree
+        (its forward was silently wrong) or whose adapter stayed read-only.
+        """
+        saved = dict(self.__dict__)
+        arrays = [*self.parameters().values(), *self._merged_norm().values()]
+        flags = [(a, a.flags.writeable) for a in arrays]
         try:
-            self._replace_base(weight)
+            change()
         except BaseException:
-            self.merged = not merged
+            self.__dict__ = saved
+            for a, writeable in flags:
+                if a.flags.writeable != writeable and (_can_unlock(a) or not writeable):
+                    a.flags.writeable = writeable
             raise
 
     def _install_merged(self, weight, n=None, where=None):
@@ -393,20 +414,29 @@ class AdapterLayer(Module):
         For DoRA, ``n`` is the norm the merge used (kept in ``weight_norm`` for
         ``unmerge``) and a zero magnitude is refused first (``where`` names the
         merge in the message), since unmerge could not restore that row.
+        All or nothing (``_all_or_nothing``).
         """
         if n is not None:
             refuse_unrecoverable_merge(self.lora_magnitude_vector, n, where)
-        self._switch_base(weight, merged=True)
-        if n is not None:
-            self.weight_norm = n
-        self._lock_adapter()
+
+        def change():
+            self._switch_base(weight, merged=True)
+            if n is not None:
+                self.weight_norm = n
+            self._lock_adapter()
+
+        self._all_or_nothing(change)
 
     def _install_unmerged(self, weight):
-        """An unmerge's last steps: the restored ``weight`` becomes the base, the adapter trainable."""
-        self._switch_base(weight, merged=False)
-        if getattr(self, "weight_norm", None) is not None:
-            self.weight_norm = None
-        self._unlock_adapter()
+        """An unmerge's last steps: the restored ``weight`` becomes the base, the adapter
+        trainable; all or nothing (``_all_or_nothing``)."""
+        def change():
+            self._switch_base(weight, merged=False)
+            if getattr(self, "weight_norm", None) is not None:
+                self.weight_norm = None
+            self._unlock_adapter()
+
+        self._all_or_nothing(change)
 
     def _lock_adapter(self):
         """After a merge: keep what was merged, and make the trainable arrays read-only.
