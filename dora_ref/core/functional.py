@@ -980,7 +980,7 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
 
     if ctx.dropout_mask is None:
         dx = dz @ W0  # (2)
-        dx += dU @ A  # (1), in place: no second (N, in) temporary
+        _add_low_rank(dx, dU, A)  # (1): dx += dU @ A, with no (N, in) temporary
     else:  # y = x@W0.T + (g-1)*(xd@W0.T) + g*s*(xd@A.T)@B.T, xd = x*mask
         dx = dy2 @ W0 + ctx.dropout_mask * ((dz - dy2) @ W0 + dU @ A)
     return dx, dA, dB, dmagnitude
@@ -1330,12 +1330,47 @@ def _lora_backward_f32(dy2, ctx, W0):
     dU = s * (dy2 @ B)
     dB = s * (dy2.T @ ctx.U)
     dA = dU.T @ ctx.x
-    low_rank_dx = dU @ A
-    if ctx.dropout_mask is not None:
-        low_rank_dx *= ctx.dropout_mask
     dx = dy2 @ W0
-    dx += low_rank_dx
+    if ctx.dropout_mask is None:
+        _add_low_rank(dx, dU, A)
+    else:
+        low_rank_dx = dU @ A
+        low_rank_dx *= ctx.dropout_mask
+        dx += low_rank_dx
     return dx, dA, dB
+
+
+#: rows of dU @ A formed at a time by ``_add_low_rank``: about this many bytes, so that a
+#: block is added to dx while it is still in the core's cache (L2 holds 1 MiB or more on the
+#: CPUs this project measures) instead of being written to memory whole and read back
+_ADD_BLOCK_BYTES = 1 << 20
+
+
+def _add_low_rank(dx, dU, A):
+    """dx += dU @ A (step (1) of the backward), a block of rows at a time.
+
+    dx (N, in), dU (N, r), A (r, in), one float dtype; dx is updated in place.
+    Each element is the same r-term product that ``dx += dU @ A`` adds, from
+    the same BLAS call on fewer rows (OpenBLAS sums an element's r terms
+    in the same order for a block as for the whole matrix: the results are
+    bit-identical there, ``tests/test_add_low_rank.py``). What it saves is the
+    whole (N, in) temporary: fresh memory the first write to which faults
+    page by page, written once and read back from memory (at (4096, 4096,
+    16, 512) float32, 1.7 -> 1.3 ms alone, more in a step; see
+    docs/performance.md, "Fresh memory in a training step").
+    """
+    N, in_f = dx.shape
+    blocks = -(-N * in_f * dx.itemsize // _ADD_BLOCK_BYTES)  # ceil
+    if blocks <= 1 or N < 2 * blocks:  # one block; or blocks of a row, which BLAS takes as a gemv
+        dx += dU @ A
+        return
+    rows = -(-N // blocks)  # as even as they go: no last block of a row or two
+    block = np.empty((rows, in_f), dtype=np.result_type(dU, A))
+    for i in range(0, N, rows):
+        j = min(N, i + rows)
+        part = block[:j - i]
+        np.matmul(dU[i:j], A, out=part)
+        dx[i:j] += part
 
 
 from . import lowp as _lowp  # noqa: E402 (it builds on the functions above)

@@ -52,6 +52,7 @@ E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     # the fused backward against float64 at shapes of several row or column blocks (the
     # end-to-end files' shapes are one block of each: the sum passes go untested there)
     "tests/test_backward_lowrank_row_blocks.py",
+    "tests/test_add_low_rank.py",  # the backward's dx at (512, 4096): dU @ A added by blocks
 ]
 MAXFAIL = 1  # a file stops at its first failure: the report names one test a file
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
@@ -122,8 +123,11 @@ MUTATIONS = [
              "dx = dy2 @ W0 + ((dz - dy2) @ W0 + dU @ A)",
              "dx with dropout forgets the mask on the DoRA correction"),
     Mutation("dx_low_rank_sign", FUNC,
-             "dx += dU @ A  # (1), in place", "dx -= dU @ A  # (1), in place",
-             "dx's low-rank path subtracted"),
+             "        dx += dU @ A\n        return\n", "        dx -= dU @ A\n        return\n",
+             "dx's low-rank path subtracted (dx in one block)"),
+    Mutation("dx_low_rank_sign_blocked", FUNC,
+             "        dx[i:j] += part\n", "        dx[i:j] -= part\n",
+             "dx's low-rank path subtracted where dx is added a block of rows at a time"),
     Mutation("dA_scaled_twice", FUNC,
              "        dA = dU.T @ ctx.x  # (1)\n", "        dA = ctx.scaling * (dU.T @ ctx.x)  # (1)\n",
              "detached dA multiplied by the scaling a second time"),
