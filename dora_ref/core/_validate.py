@@ -133,6 +133,21 @@ def check_same_dtype(**arrays):
     return dtypes.pop()
 
 
+def check_flag(name, value):
+    """``value`` as a bool if it is one (Python's or NumPy's); else ``TypeError`` naming ``name``.
+
+    A flag taken by truthiness would read the string "False" (from a config
+    file or a command line) as True, and None or 0 as False: silently the
+    other computation. Found by session 18's adversary on ``detach_norm``,
+    ``allow_zero_norm`` and ``use_rslora``.
+    """
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def check_scaling(scaling, name="scaling"):
     """Return ``scaling`` as a Python float; raise if it is not a finite real (the
     message names the argument ``name``: ``scaling``, or e.g. ``embed_scale``)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_adapter, check_input, check_scaling
+from ._validate import check_adapter, check_flag, check_input, check_scaling
 from .functional import DoRAGrads
 
 
@@ -113,6 +113,7 @@ def backward(dy, x, W0, A, B, magnitude, scaling, *, detach_norm=True, dropout_m
     """
     W0, A, B, magnitude, _ = check_adapter(W0, A, B, magnitude)
     s = check_scaling(scaling)
+    detach_norm = check_flag("detach_norm", detach_norm)
     x2 = check_input(x, W0.shape[1], W0.dtype)
     dy2 = check_input(dy, W0.shape[0], W0.dtype, name="dy")
     V = W0 + s * (B @ A)

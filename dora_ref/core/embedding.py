@@ -67,6 +67,7 @@ from ._validate import (
     WeightSnapshot,
     as_float_array,
     check_finite,
+    check_flag,
     check_result_finite,
     check_scaling,
     check_weight_shape,
@@ -523,6 +524,7 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
         If an adapter array changed in place since the forward (as
         ``functional.dora_backward``).
     """
+    detach_norm = check_flag("detach_norm", detach_norm)
     if ctx.seen is not None:
         ctx.seen.check_backward()
     if ctx.precision is not None:

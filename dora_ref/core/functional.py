@@ -113,6 +113,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     as_float_array,
     check_adapter,
     check_finite,
+    check_flag,
     check_input,
     check_rows_finite,
     check_scaling,
@@ -327,6 +328,7 @@ def dora_forward(
     keep W0 read-only).
     """
     check_policy(policy)
+    allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
     W0, A, B, magnitude, bias = check_adapter(W0, A, B, magnitude, bias, low_precision=True)
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")
@@ -749,6 +751,7 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
         wrong (PyTorch raises the same way for saved tensors).
     """
     _check_ctx(ctx, DoRAContext, "dora_forward")
+    detach_norm = check_flag("detach_norm", detach_norm)
     if ctx.precision is not None:
         if ctx.seen is not None:
             ctx.seen.check_backward()
@@ -759,6 +762,8 @@ def dora_backward(dy, ctx, *, detach_norm=True, _dx_adjoint=None):
 def _dora_backward_checked(dy, ctx, detach_norm):
     """``dora_backward`` of a float32/float64 forward's ``DoRAContext`` (the caller knows it
     is one, as a layer does of its own): every other check, then (dx, dA, dB, dmagnitude)."""
+    if detach_norm is not True and detach_norm is not False:  # a layer's attribute, set later
+        detach_norm = check_flag("detach_norm", detach_norm)
     seen, W0, x = ctx.seen, ctx.W0, ctx.x
     if seen is not None:
         seen.check_backward()
@@ -1093,6 +1098,7 @@ def merge(W0, A, B, magnitude, scaling, *, allow_zero_norm=False, policy="consis
     ``W + s * B @ A``, the norm cached for unmerge).
     """
     check_policy(policy)
+    allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
     W0, A, B, magnitude, _ = check_adapter(W0, A, B, magnitude, low_precision=True)
     if magnitude is None:
         raise TypeError("magnitude must be an array of shape (out,), got None")

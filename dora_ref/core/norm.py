@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from . import backend as _backend
-from ._validate import (_vdot, check_adapter, check_scaling, describe_overflow, fits_dtype,
+from ._validate import (_vdot, check_adapter, check_flag, check_scaling, describe_overflow, fits_dtype,
                         format_wide, refuse_non_finite_rows, wider_float)
 from .precision import finfo as _finfo
 
@@ -56,6 +56,8 @@ def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
             f"the row norm of W0 + s*B@A is not finite in row(s) "
             f"{rows[:8].tolist()}{'...' if rows.size > 8 else ''}: {cause}"
         )
+    if allow_zero_norm is not True and allow_zero_norm is not False:
+        allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
     if not allow_zero_norm and not n.all():
         rows = np.flatnonzero(n == 0)
         raise ValueError(
@@ -467,6 +469,7 @@ def column_norm(W0, A, B, scaling, *, allow_zero_norm=True, policy="consistent")
     from .precision import LOW_PRECISION_DTYPES, check_policy
 
     check_policy(policy)
+    allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
     W0, A, B, _, _ = check_adapter(W0, A, B, low_precision=True)
     scaling = check_scaling(scaling)
     if W0.dtype in LOW_PRECISION_DTYPES:

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from ..core._validate import as_float_array, check_result_finite, check_rows_finite, check_weight_shape
+from ..core._validate import (as_float_array, check_flag, check_result_finite, check_rows_finite,
+                               check_weight_shape)
 from ..core.conv import (
     conv_column_norm,
     conv_dora_backward,
@@ -100,7 +101,7 @@ class _LoRAConvNd(AdapterLayer):
             )
         self.r, self.lora_alpha, self.use_rslora = int(r), lora_alpha, use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+        if not (isinstance(lora_dropout, (int, float, np.integer, np.floating)) and 0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.lora_dropout = float(lora_dropout)
         self.rng = np.random.default_rng(rng)
@@ -296,8 +297,8 @@ class _DoRAConvNd(_LoRAConvNd):
     )
 
     def __init__(self, weight, bias=None, *, detach_norm=True, allow_zero_norm=False, **kwargs):
-        self.detach_norm = detach_norm
-        self.allow_zero_norm = allow_zero_norm
+        self.detach_norm = check_flag("detach_norm", detach_norm)
+        self.allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
         self.weight_norm = None
         self._lora_magnitude_vector = None
         self._norm_cache = EvalNormCache()

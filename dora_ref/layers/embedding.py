@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core._validate import as_float_array, check_weight_shape
+from ..core._validate import as_float_array, check_flag, check_weight_shape
 from ..core.embedding import (
     _check_embed_scale,
     _check_ids,
@@ -126,8 +126,8 @@ class DoRAEmbedding(AdapterLayer):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.padding_idx = _check_padding_idx(padding_idx, V)
         self.embed_scale = None if embed_scale is None else _check_embed_scale(embed_scale)
-        self.detach_norm = detach_norm
-        self.allow_zero_norm = allow_zero_norm
+        self.detach_norm = check_flag("detach_norm", detach_norm)
+        self.allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
         self.rng = np.random.default_rng(rng)
         A, B = initial_embedding_lora_weights(
             V, D, r, self.rng,

@@ -46,6 +46,7 @@ from ..core._validate import (
     as_float_array,
     check_adapter,
     check_finite,
+    check_flag,
     check_input,
     check_rows_finite,
     check_scaling,
@@ -82,6 +83,7 @@ def lora_scaling(r, lora_alpha, use_rslora=False):
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
     lora_alpha = check_scaling(lora_alpha)
+    use_rslora = check_flag("use_rslora", use_rslora)
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
@@ -229,9 +231,9 @@ class LoRALinear(AdapterLayer):
         r = 8 if r is None else r
         self.r = r
         self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)  # checks use_rslora
+        self.use_rslora = bool(use_rslora)
+        if not (isinstance(lora_dropout, (int, float, np.integer, np.floating)) and 0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.lora_dropout = float(lora_dropout)
         self.rng = np.random.default_rng(rng)
@@ -513,8 +515,8 @@ class DoRALinear(LoRALinear):
         lora_magnitude_vector=None,
         **kwargs,
     ):
-        self.detach_norm = detach_norm
-        self.allow_zero_norm = allow_zero_norm
+        self.detach_norm = check_flag("detach_norm", detach_norm)
+        self.allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
         self.weight_norm = None
         self._norm_cache = EvalNormCache()
         self._given_magnitude = lora_magnitude_vector

@@ -189,6 +189,9 @@ def check_backward(backward, *, detach_norm=True, dtype="float64", dropout=False
     dropout : bool, default False
         Check the gradients of PEFT's training path with a given mask.
     """
+    from ..core._validate import check_flag
+
+    detach_norm = check_flag("detach_norm", detach_norm)
     return _run("backward", backward, dtype=dtype, dropout=dropout, detach_norm=detach_norm,
                 max_examples=max_examples, seed=seed, convention=convention, report=report, cases=cases,
                 **conventions)
