@@ -80,21 +80,43 @@ def initial_adapter_dtype(arrays, weight_dtype, policy, autocast_adapter_dtype):
     return [a.astype(target) for a in arrays]
 
 
+def _written_through(arr):
+    """Whether ``arr``'s memory can be written through something else: a writeable array
+    in its chain of bases, or a writable buffer at its end (a bytearray, a writable memory
+    map). Found by session 18's adversary: a read-only view ``v`` of a writeable ``W`` was
+    kept as a layer's frozen weight, and a write into ``W`` then changed the weight behind
+    the eval-mode norm cache (the eval forward 9.2 where the right value was 0.49)."""
+    base = arr.base
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return True
+        base = base.base
+    if base is None:
+        return False
+    try:
+        return not memoryview(base).readonly
+    except TypeError:  # a base that is not a buffer: nothing says it cannot change
+        return True
+
+
 def frozen(arr, owned=False):
     """A read-only, C-contiguous array the layer can rely on never to change.
 
     The layer keeps its own copy, so that writing to the array the caller
     passed cannot change the frozen weight behind the layer's back (and its
     eval-mode norm cache). An array that is already read-only and
-    C-contiguous is trusted and kept without a copy (pass one to save the
-    memory), as are ``owned`` arrays the layer computed itself.
+    C-contiguous, and is not a view of memory that can be written through
+    another array (``_written_through``: a read-only view of a writeable
+    array is copied), is trusted and kept without a copy (pass one, or a
+    read-only memory map, to save the memory), as are ``owned`` arrays the
+    layer computed itself.
 
     The layer's own copy is handed out as a read-only view of a read-only
     array: NumPy refuses ``flags.writeable = True`` on such a view (on an
     array owning its data it would allow it, and an in-place write would
     leave the eval-mode norm cache stale).
     """
-    if not owned and (arr.flags.writeable or not arr.flags.c_contiguous):
+    if not owned and (arr.flags.writeable or not arr.flags.c_contiguous or _written_through(arr)):
         arr = np.array(arr, order="C", copy=True)
     elif owned:
         arr = np.ascontiguousarray(arr)
