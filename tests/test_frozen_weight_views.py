@@ -43,6 +43,8 @@ def test_read_only_memory_with_nothing_writeable_behind_it_is_kept_without_a_cop
     owned.flags.writeable = False
     assert not _written_through(owned)
     assert np.shares_memory(DoRALinear(owned, r=2, rng=0).weight, owned)
+    read_only_view_of_bytes = np.frombuffer(memoryview(W.tobytes()).toreadonly(), dtype=W.dtype)
+    assert not _written_through(read_only_view_of_bytes)
     from_bytes = np.frombuffer(W.tobytes(), dtype=W.dtype).reshape(W.shape)
     assert not from_bytes.flags.writeable and not _written_through(from_bytes)
     assert np.shares_memory(DoRALinear(from_bytes, r=2, rng=0).weight, from_bytes)
@@ -53,7 +55,8 @@ def test_read_only_memory_with_nothing_writeable_behind_it_is_kept_without_a_cop
     assert np.shares_memory(DoRALinear(mapped, r=2, rng=0).weight, mapped)
 
 
-@pytest.mark.parametrize("make", ["bytearray", "writable mmap", "view of a view"])
+@pytest.mark.parametrize("make", ["bytearray", "writable mmap", "view of a view",
+                                  "read-only memoryview of a writeable array"])
 def test_writeable_memory_behind_a_read_only_array_is_seen(make, tmp_path):
     W = np.random.default_rng(2).normal(size=(4, 3))
     if make == "bytearray":
@@ -61,8 +64,11 @@ def test_writeable_memory_behind_a_read_only_array_is_seen(make, tmp_path):
     elif make == "writable mmap":
         buf = mmap.mmap(-1, W.nbytes)
         arr = np.frombuffer(buf, dtype=W.dtype).reshape(W.shape)
-    else:
+    elif make == "view of a view":
         arr = W.view().view()
-    arr.flags.writeable = False
+    else:  # a second adversary's way around the first fix: the chain ended at a read-only memoryview
+        arr = np.frombuffer(memoryview(W).toreadonly(), dtype=W.dtype).reshape(W.shape)
+    if arr.flags.writeable:
+        arr.flags.writeable = False
     assert _written_through(arr)
     assert not np.shares_memory(DoRALinear(arr, r=2, rng=0).weight, arr)

@@ -83,14 +83,20 @@ def initial_adapter_dtype(arrays, weight_dtype, policy, autocast_adapter_dtype):
 def _written_through(arr):
     """Whether ``arr``'s memory can be written through something else: a writeable array
     in its chain of bases, or a writable buffer at its end (a bytearray, a writable memory
-    map). Found by session 18's adversary: a read-only view ``v`` of a writeable ``W`` was
+    map), followed through ndarrays and memoryviews (``memoryview(W).toreadonly()``). Found by
+    session 18's adversaries: a read-only view ``v`` of a writeable ``W`` was
     kept as a layer's frozen weight, and a write into ``W`` then changed the weight behind
     the eval-mode norm cache (the eval forward 9.2 where the right value was 0.49)."""
     base = arr.base
-    while isinstance(base, np.ndarray):
-        if base.flags.writeable:
-            return True
-        base = base.base
+    while isinstance(base, (np.ndarray, memoryview)):
+        if isinstance(base, np.ndarray):
+            if base.flags.writeable:
+                return True
+            base = base.base
+        else:  # a read-only memoryview can be a view of writeable memory: follow it
+            if not base.readonly:
+                return True
+            base = base.obj
     if base is None:
         return False
     try:
