@@ -2,11 +2,12 @@
 
 It replaced ``dx += dU @ A``, whose (N, in) temporary was fresh memory in
 every training step (its pages faulted one by one after glibc gave them
-back) and went to memory and back. Checked here: the same values as the whole
-product, bit for bit where NumPy's BLAS is OpenBLAS (it sums an element's r
-terms in the same order whatever the number of rows), and within the bound
-of an r-term float sum anywhere; every block edge (N below, at and above a
-block, a ragged last block); and that a DoRA backward no longer allocates
+back) and went to memory and back. Checked here: the values within the
+bound of an r-term float sum, against a long double reference, at every block
+edge (N below, at and above a block, a ragged last block) and at the float64
+widths where OpenBLAS gives a block other last bits than the whole product
+(in = 255, 383, 511: a second adversary's finding; bit-identity with the
+whole product is not claimed); and that a DoRA backward no longer allocates
 the (N, in) temporary (tracemalloc's peak).
 """
 from __future__ import annotations
@@ -19,20 +20,12 @@ import pytest
 from dora_ref.core import functional as F
 
 
-def _openblas():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return False
-    return any(i.get("internal_api") == "openblas" for i in threadpool_info())
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("in_f", [3, 64, 4096, 5000])
+@pytest.mark.parametrize("in_f", [3, 64, 255, 383, 511, 4096, 5000])
 @pytest.mark.parametrize("r", [1, 7, 16])
 def test_add_low_rank_matches_the_whole_product_at_every_block_edge(dtype, in_f, r):
     """N around one block and two (a first version's last block of one row went to BLAS's
-    gemv and differed in the last bit from the whole product, float64, 28-3,156 elements)."""
+    gemv, float64: rows left alone are now folded into even blocks)."""
     rng = np.random.default_rng(in_f + r)
     rows = F._ADD_BLOCK_BYTES // (in_f * np.dtype(dtype).itemsize)
     A = rng.standard_normal((r, in_f)).astype(dtype)
@@ -55,8 +48,7 @@ def test_add_low_rank_matches_the_whole_product_at_every_block_edge(dtype, in_f,
 
         bound = (gamma(dtype) + gamma(wide)) * scale
         assert np.all(np.abs(got - exact) <= bound), (N, in_f)
-        if _openblas():
-            assert np.array_equal(got, want), (N, in_f)
+        assert np.all(np.abs(want - exact) <= bound), (N, in_f)  # the whole product: the same bound
 
 
 def test_dora_backward_allocates_no_n_by_in_temporary():

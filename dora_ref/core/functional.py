@@ -1357,10 +1357,14 @@ def _add_low_rank(dx, dU, A):
     """dx += dU @ A (step (1) of the backward), a block of rows at a time.
 
     dx (N, in), dU (N, r), A (r, in), one float dtype; dx is updated in place.
-    Each element is the same r-term product that ``dx += dU @ A`` adds, from
-    the same BLAS call on fewer rows (OpenBLAS sums an element's r terms
-    in the same order for a block as for the whole matrix: the results are
-    bit-identical there, ``tests/test_add_low_rank.py``). What it saves is the
+    Each element is the r-term product that ``dx += dU @ A`` adds, from the
+    same BLAS call on fewer rows, within the same rounding bound
+    (``tests/test_add_low_rank.py``). Its last bit can differ from the whole
+    product's where BLAS takes another code path for a block than for the
+    whole: with OpenBLAS 0.3.31 on the Intel Xeon, never in float32 over
+    every shape tried, and in float64 at some widths (in = 255, 383, 511,
+    513, ...: 35 of 255,000 elements at (N, in, r) = (1000, 255, 8); found by
+    session 18's second adversary). What it saves is the
     whole (N, in) temporary (8 MiB at N = 512, in = 4096, float32): memory
     written once and read back, and fresh in every training step (its first
     writes fault page by page; see docs/performance.md, "Fresh memory in a
