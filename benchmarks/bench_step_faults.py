@@ -45,12 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_kernels as bk  # noqa: E402  (problem: the same layer as the rank table)
+from bench_rank_ab import SHAPES  # noqa: E402  (the rank table's shapes)
 from dora_ref.core import backend as _backend  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 from dora_ref.core.kernels_numpy import EPILOGUE_KEEP_Z  # noqa: E402
 
-SHAPES = [(4096, 4096, 8, 512), (4096, 4096, 16, 512), (4096, 4096, 32, 512),
-          (4096, 4096, 64, 512), (11008, 4096, 16, 256)]
 KEEP_MEMORY = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": "2000000000"}
 PIECES = ["norm", "U = x @ A.T", "base = x @ W0.T", "forward epilogue (z kept)",
           "backward_lowrank_z", "dA = dU.T @ x", "dx = dz @ W0", "dx += dU @ A"]

@@ -48,31 +48,9 @@ def _make(kind):
     return layer, x
 
 
-def _line_events(fn):
-    """How many 'line' events calling fn() gives in dora_ref's own code."""
-    count = 0
-
-    def tracer(frame, event, arg):
-        if "dora_ref" not in frame.f_code.co_filename:
-            return None
-
-        def local(frame, event, arg):
-            nonlocal count
-            if event == "line":
-                count += 1
-            return local
-        return local
-
-    sys.settrace(tracer)
-    try:
-        fn()
-    finally:
-        sys.settrace(None)
-    return count
-
-
-def _interrupted(fn, k):
-    """Call fn() with a KeyboardInterrupt raised at its k-th line event (1-based); True if raised."""
+def _traced(fn, k=None):
+    """Call fn() counting the 'line' events of dora_ref's own code; with ``k``, raise a
+    KeyboardInterrupt at the k-th (1-based). Returns (events seen, whether it was raised)."""
     seen = 0
 
     def tracer(frame, event, arg):
@@ -93,10 +71,12 @@ def _interrupted(fn, k):
     try:
         fn()
     except KeyboardInterrupt:
-        return True
+        if k is None or seen != k:
+            raise
+        return seen, True
     finally:
         sys.settrace(None)
-    return False
+    return seen, False
 
 
 @pytest.mark.parametrize("kind", ["dora_linear", "lora_linear", "dora_conv2d", "dora_embedding"])
@@ -108,14 +88,14 @@ def test_a_layer_interrupted_at_any_line_of_merge_or_unmerge_stays_consistent(ki
     probe, _ = _make(kind)
     if call == "unmerge":
         probe.merge()
-    total = _line_events(getattr(probe, call))
+    total, _ = _traced(getattr(probe, call))
     assert total > 20  # the call runs the layer's code, traced
     tol = 64 * np.finfo(np.float64).eps * max(1.0, float(np.abs(y_ref).max()))
     for k in range(1, total + 1):
         layer, _ = _make(kind)
         if call == "unmerge":
             layer.merge()
-        _interrupted(getattr(layer, call), k)
+        _traced(getattr(layer, call), k)
         y = layer(x)  # merged or not, the same function
         assert np.abs(y - y_ref).max() <= tol, (k, layer.merged)
         if layer.merged:
