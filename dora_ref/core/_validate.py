@@ -98,6 +98,16 @@ def as_float_array(name, value, ndim=None, *, low_precision=False):
     if value.dtype not in FLOAT_DTYPES and not (
         low_precision and value.dtype in LOW_PRECISION_DTYPES
     ):
+        native = value.dtype.newbyteorder("=") if value.dtype.kind == "f" else None
+        if native is not None and not value.dtype.isnative and (
+                native in FLOAT_DTYPES or (low_precision and native in LOW_PRECISION_DTYPES)):
+            # the float the caller means, stored byte-swapped: name it (a float16 layer's x
+            # was told to become float32, which the layer then refused)
+            raise TypeError(
+                f"{name} has dtype {value.dtype} (shape {value.shape}), {native.name} in "
+                f"non-native byte order, which is not accepted; convert it, e.g. "
+                f"{name}.astype(np.{native.name})"
+            )
         if value.dtype in LOW_PRECISION_DTYPES:
             raise TypeError(
                 f"{name} has dtype {value.dtype} (shape {value.shape}), which this function "
