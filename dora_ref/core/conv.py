@@ -77,6 +77,8 @@ Where dora_ref deliberately differs from PEFT
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -204,6 +206,33 @@ def _patch_mask(dropout_mask, x):
     return mask
 
 
+@contextmanager
+def _in_conv_terms(out_spatial, x=None, dy=None):
+    """Say a convolution's errors in the caller's terms.
+
+    The DoRA math runs on the linear view (``functional`` on im2col's patch
+    matrix), whose messages give that view's shapes and indices: x "(shape
+    (72, 108)) ... at index (6, 53)" for an x of shape (3, 4, 5, 4, 6) with
+    its Inf at (0, 1, 2, 3, 4) (found by session 18's adversary). Here a
+    ``ValueError`` from inside is checked against the caller's own x and dy
+    first (NaN/Inf named with their shapes and indices); any other keeps its
+    message with a sentence saying what the view's shapes are.
+    """
+    try:
+        yield
+    except ValueError as e:
+        if x is not None:
+            check_finite("x", x)
+        if dy is not None:
+            check_finite("dy", dy)
+        if e.args and isinstance(e.args[0], str):
+            per = math.prod(out_spatial)
+            e.args = (f"{e.args[0]} (shapes and indices of the convolution computed as a linear "
+                      f"layer on the patches of x: row i is sample i // {per} at output position "
+                      f"i % {per} of {tuple(out_spatial)}, in C order)",) + e.args[1:]
+        raise
+
+
 def conv_dora_forward(
     x,
     weight,
@@ -281,11 +310,12 @@ def conv_dora_forward(
     P, out_spatial = im2col(x, geom)
     P_mask = None if mask is None else im2col(mask, geom)[0]
     W0, A, B = _flat(weight, lora_A, lora_B, groups)
-    y_rows, lin = F.dora_forward(
-        P, W0, A, B, m, scaling, bias,
-        dropout_mask=P_mask, weight_norm=weight_norm, allow_zero_norm=allow_zero_norm,
-        policy=policy,
-    )
+    with _in_conv_terms(out_spatial, x=x):
+        y_rows, lin = F.dora_forward(
+            P, W0, A, B, m, scaling, bias,
+            dropout_mask=P_mask, weight_norm=weight_norm, allow_zero_norm=allow_zero_norm,
+            policy=policy,
+        )
     seen = WeightSnapshot({"lora_A": lora_A, "lora_B": lora_B, "lora_magnitude_vector": m})
     ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, np.shape(magnitude),
                           seen)
@@ -343,13 +373,14 @@ def conv_dora_backward(dy, ctx, *, detach_norm=True):
         ctx.seen.check_backward()
     lin = ctx.linear
     dy_rows = _check_dy(dy, ctx, lin.W0.shape[0])
-    if lin.precision is not None:  # col2im's sums in float32, then one rounding
-        g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm,
-                            _dx_adjoint=lambda dP: col2im(dP, ctx.x_shape, ctx.geom))
-        dx = g.dx
-    else:
-        g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm)
-        dx = col2im(g.dx, ctx.x_shape, ctx.geom)
+    with _in_conv_terms(ctx.geom.output_shape(ctx.x_shape[2:]), dy=dy):
+        if lin.precision is not None:  # col2im's sums in float32, then one rounding
+            g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm,
+                                _dx_adjoint=lambda dP: col2im(dP, ctx.x_shape, ctx.geom))
+            dx = g.dx
+        else:
+            g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm)
+            dx = col2im(g.dx, ctx.x_shape, ctx.geom)
     dA, dB = _grouped_grads(ctx, g.dA, g.dB)
     return F.DoRAGrads(dx, dA, dB, g.dmagnitude.reshape(ctx.magnitude_shape))
 
@@ -375,8 +406,9 @@ def conv_lora_forward(
     mask = _patch_mask(dropout_mask, x)
     P, out_spatial = im2col(x, geom)
     P_mask = None if mask is None else im2col(mask, geom)[0]
-    y_rows, lin = F.lora_forward(P, *_flat(weight, lora_A, lora_B, groups), scaling, bias,
-                                 dropout_mask=P_mask, policy=policy)
+    with _in_conv_terms(out_spatial, x=x):
+        y_rows, lin = F.lora_forward(P, *_flat(weight, lora_A, lora_B, groups), scaling, bias,
+                                     dropout_mask=P_mask, policy=policy)
     ctx = ConvDoRAContext(lin, x.shape, geom, lora_A.shape, lora_B.shape, None,
                           WeightSnapshot({"lora_A": lora_A, "lora_B": lora_B}))
     return _rows_to_channels_first(y_rows, x.shape[0], out_spatial), ctx
@@ -392,13 +424,14 @@ def conv_lora_backward(dy, ctx):
         ctx.seen.check_backward()
     lin = ctx.linear
     dy_rows = _check_dy(dy, ctx, lin.W0.shape[0])
-    if lin.precision is not None:  # col2im's sums in float32, then one rounding
-        g = F.lora_backward(dy_rows, lin,
-                            _dx_adjoint=lambda dP: col2im(dP, ctx.x_shape, ctx.geom))
-        dx = g.dx
-    else:
-        g = F.lora_backward(dy_rows, lin)
-        dx = col2im(g.dx, ctx.x_shape, ctx.geom)
+    with _in_conv_terms(ctx.geom.output_shape(ctx.x_shape[2:]), dy=dy):
+        if lin.precision is not None:  # col2im's sums in float32, then one rounding
+            g = F.lora_backward(dy_rows, lin,
+                                _dx_adjoint=lambda dP: col2im(dP, ctx.x_shape, ctx.geom))
+            dx = g.dx
+        else:
+            g = F.lora_backward(dy_rows, lin)
+            dx = col2im(g.dx, ctx.x_shape, ctx.geom)
     dA, dB = _grouped_grads(ctx, g.dA, g.dB)
     return F.LoRAGrads(dx, dA, dB)
 
