@@ -18,6 +18,7 @@ uninterrupted one's, ``unmerge()`` gives W0 back, and a training step runs.
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 import numpy as np
@@ -67,6 +68,8 @@ def _traced(fn, k=None):
             return local
         return local
 
+    collecting = gc.isenabled()
+    gc.disable()  # a collection's callbacks (hypothesis has one) would run traced, and take the interrupt
     sys.settrace(tracer)
     try:
         fn()
@@ -76,6 +79,8 @@ def _traced(fn, k=None):
         return seen, True
     finally:
         sys.settrace(None)
+        if collecting:
+            gc.enable()
     return seen, False
 
 
