@@ -24,6 +24,7 @@ def _conv3d(dtype=np.float64):
     return layer
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy's backend, as NumPy warns
 def test_an_inf_in_x_is_named_at_its_own_index():
     layer = _conv3d()
     x = np.random.default_rng(1).normal(size=(3, 4, 5, 4, 6))
