@@ -215,8 +215,9 @@ def _in_conv_terms(out_spatial, x=None, dy=None):
     (72, 108)) ... at index (6, 53)" for an x of shape (3, 4, 5, 4, 6) with
     its Inf at (0, 1, 2, 3, 4) (found by session 18's adversary). Here a
     ``ValueError`` from inside is checked against the caller's own x and dy
-    first (NaN/Inf named with their shapes and indices); any other keeps its
-    message with a sentence saying what the view's shapes are.
+    first (NaN/Inf named with their shapes and indices); any other that gives
+    an index of the view keeps its message with a sentence saying how the
+    view's rows map to samples and output positions.
     """
     try:
         yield
@@ -225,7 +226,7 @@ def _in_conv_terms(out_spatial, x=None, dy=None):
             check_finite("x", x)
         if dy is not None:
             check_finite("dy", dy)
-        if e.args and isinstance(e.args[0], str):
+        if e.args and isinstance(e.args[0], str) and "index (" in e.args[0]:  # a view's index
             per = math.prod(out_spatial)
             e.args = (f"{e.args[0]} (shapes and indices of the convolution computed as a linear "
                       f"layer on the patches of x: row i is sample i // {per} at output position "
