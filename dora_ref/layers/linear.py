@@ -75,6 +75,8 @@ def lora_scaling(r, lora_alpha, use_rslora=False):
     ------
     ValueError
         If r is not a positive integer.
+    TypeError
+        If use_rslora is not True or False (a string "False" would read as True).
 
     Notes
     -----
