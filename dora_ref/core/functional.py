@@ -698,8 +698,8 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     if rescue:
         _rescue_extreme_rows(n, W0, A, B, scaling)
         check_norm(n, W0, allow_zero_norm, A, B, scaling)  # names what overflowed
-    else:
-        check_norm(n, W0, allow_zero_norm)
+    else:  # a given norm (weight_norm)
+        check_norm(n, W0, allow_zero_norm, given=(A, B, scaling))
     return magnitude_over_norm(magnitude, n), bool(n.all())
 
 

@@ -235,7 +235,7 @@ def _peft_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, weight_norm, 
     x32, W32, A32, B32 = upcast(x2), upcast(W0), upcast(A), upcast(B)
     if weight_norm is not None:  # a layer's cached norm: checked as a computed one is
         n = upcast(weight_norm)
-        check_norm(n, W0, allow_zero_norm)
+        check_norm(n, W0, allow_zero_norm, given=(A, B, scaling))
     elif A.dtype == np.dtype(F32):
         n = _f32_norm(W0, A32, B32, scaling, allow_zero_norm)
     else:

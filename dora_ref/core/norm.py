@@ -22,7 +22,7 @@ from ._validate import (_vdot, check_adapter, check_flag, check_scaling, describ
 from .precision import finfo as _finfo
 
 
-def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
+def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None, given=None):
     """Raise ``ValueError`` on a non-finite or (unless allowed) zero row norm.
 
     Parameters
@@ -40,6 +40,11 @@ def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
         W0 + s*B@A) in n's dtype and in a wider one (``wider_float``), so that
         a norm that fits n's dtype is never said to have overflowed (B@A,
         formed before the scaling, is named instead).
+    given : tuple (A, B, scaling), optional
+        n was given, not computed here (``weight_norm``, a layer's cached
+        norm): a zero is said to be an all-zero row of W0 + s*B@A only where
+        that row is zero (recomputed for the zero rows, error path only);
+        elsewhere the message says the norm does not belong to the weights.
     """
     finite = np.isfinite(n)
     if not finite.all():
@@ -60,6 +65,17 @@ def check_norm(n, W0, allow_zero_norm, A=None, B=None, scaling=None):
         allow_zero_norm = check_flag("allow_zero_norm", allow_zero_norm)
     if not allow_zero_norm and not n.all():
         rows = np.flatnonzero(n == 0)
+        if given is not None:  # a zero in a given norm: is the row zero? (found by session 18's adversary)
+            gA, gB, gs = (np.asarray(given[0], np.float64), np.asarray(given[1], np.float64),
+                          float(given[2]))
+            not_zero = [int(i) for i in rows[:8]
+                        if np.any(np.asarray(W0[i], np.float64) + gs * (gB[i] @ gA))]
+            if not_zero:
+                raise ValueError(
+                    f"the row norm given for output channel(s) {not_zero} is 0, but W0 + s*B@A "
+                    f"is not zero there: the norm (weight_norm, or a layer's cached norm) does "
+                    f"not belong to these weights"
+                )
         raise ValueError(
             f"W0 + s*B@A has an all-zero row at output channel(s) {rows[:8].tolist()}"
             f"{'...' if rows.size > 8 else ''}: its norm is 0 and m / n is undefined "
