@@ -2,7 +2,9 @@
 
 Not a test: a script that prints ratios measured in the same run (float32,
 2 threads, medians over interleaved repeats) and writes them to
-``benchmarks/results/bench_kernels.{md,json,png}``.
+``bench_kernels.{md,json,png}`` in ``--out`` (default: ``bench_kernels_results``
+in the current directory; the committed files in ``benchmarks/results/`` are
+copies, one per machine kind, which a run no longer overwrites by default).
 
 What it measures, for (out, in, r, N) in the issue's four shapes:
 
@@ -70,8 +72,7 @@ from dora_ref.core import functional as F  # noqa: E402
 
 CK = _backend._kernels_c  # the C kernels, or None when not built
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+RESULTS = "bench_kernels_results"  # in the current directory: never the committed files
 SHAPES = [(1024, 1024, 8, 2048), (4096, 4096, 8, 512), (4096, 4096, 64, 512), (11008, 4096, 16, 256)]
 KEY_SHAPE = (4096, 4096, 8, 512)
 LARGE_SHAPES = [(4096, 4096, 8, 512), (11008, 4096, 16, 256)]
@@ -665,7 +666,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the key shape only, fewer repeats")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT/PyTorch")
-    ap.add_argument("--out", default=RESULTS, help="folder for the results files")
+    ap.add_argument("--out", default=RESULTS,
+                    help="folder for the results files (default: ./bench_kernels_results)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
     ap.add_argument("--no-lowp", action="store_true", help="skip the low precision section")
     ap.add_argument("--lowp-only", action="store_true",
