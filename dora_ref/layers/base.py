@@ -86,7 +86,8 @@ def _written_through(arr):
     map), followed through ndarrays and memoryviews (``memoryview(W).toreadonly()``). Found by
     session 18's adversaries: a read-only view ``v`` of a writeable ``W`` was
     kept as a layer's frozen weight, and a write into ``W`` then changed the weight behind
-    the eval-mode norm cache (the eval forward 9.2 where the right value was 0.49)."""
+    the eval-mode norm cache (the eval forward 9.2 where the train-mode forward on the
+    same, written, weights gave 0.49)."""
     base = arr.base
     while isinstance(base, (np.ndarray, memoryview)):
         if isinstance(base, np.ndarray):
