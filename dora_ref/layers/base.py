@@ -38,6 +38,16 @@ def adapter_dtype(weight_dtype, autocast_adapter_dtype):
     return np.dtype(weight_dtype)
 
 
+def check_lora_dropout(lora_dropout):
+    """``lora_dropout`` as a float in [0, 1) (a Python or NumPy number); else ``ValueError``.
+
+    NumPy scalars are numbers here (``np.float32(0.5)`` was refused with a
+    message saying it must be in [0, 1): session 18's adversary)."""
+    if not (isinstance(lora_dropout, (int, float, np.integer, np.floating)) and 0.0 <= lora_dropout < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    return float(lora_dropout)
+
+
 def check_autocast(autocast_adapter_dtype):
     """``autocast_adapter_dtype`` as a bool; ``TypeError`` for anything but True/False.
 

@@ -34,8 +34,8 @@ from ..core.im2col import (
     grouped_to_dense,
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
-from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast, frozen,
-                   initial_adapter_dtype)
+from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast,
+                   check_lora_dropout, frozen, initial_adapter_dtype)
 from .linear import initial_lora_weights, lora_scaling
 
 
@@ -101,9 +101,7 @@ class _LoRAConvNd(AdapterLayer):
             )
         self.r, self.lora_alpha, self.use_rslora = int(r), lora_alpha, use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        if not (isinstance(lora_dropout, (int, float, np.integer, np.floating)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        self.lora_dropout = float(lora_dropout)
+        self.lora_dropout = check_lora_dropout(lora_dropout)
         self.rng = np.random.default_rng(rng)
         self.in_channels = weight.shape[1] * groups
         self.out_channels = weight.shape[0]

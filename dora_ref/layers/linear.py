@@ -35,6 +35,7 @@ from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round
 from .base import (
     adapter_dtype,
     check_autocast,
+    check_lora_dropout,
     initial_adapter_dtype,
     AdapterLayer,
     EvalNormCache,
@@ -235,9 +236,7 @@ class LoRALinear(AdapterLayer):
         self.lora_alpha = lora_alpha
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)  # checks use_rslora
         self.use_rslora = bool(use_rslora)
-        if not (isinstance(lora_dropout, (int, float, np.integer, np.floating)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        self.lora_dropout = float(lora_dropout)
+        self.lora_dropout = check_lora_dropout(lora_dropout)
         self.rng = np.random.default_rng(rng)
         out_features, in_features = weight.shape
         if lora_A is None:
