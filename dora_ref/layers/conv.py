@@ -99,8 +99,9 @@ class _LoRAConvNd(AdapterLayer):
             raise ValueError(
                 f"r must be a positive multiple of groups = {groups} (PEFT's rule), got {r!r}"
             )
-        self.r, self.lora_alpha, self.use_rslora = int(r), lora_alpha, use_rslora
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.r, self.lora_alpha = int(r), lora_alpha
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)  # checks use_rslora
+        self.use_rslora = bool(use_rslora)
         self.lora_dropout = check_lora_dropout(lora_dropout)
         self.rng = np.random.default_rng(rng)
         self.in_channels = weight.shape[1] * groups

@@ -122,8 +122,9 @@ class DoRAEmbedding(AdapterLayer):
         weight = as_float_array("weight", weight, ndim=2, low_precision=True)
         check_weight_shape("weight", weight.shape, ("embedding (num_embeddings)", "dimension"))
         V, D = weight.shape
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.r, self.lora_alpha = r, lora_alpha
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)  # checks use_rslora
+        self.use_rslora = bool(use_rslora)
         self.padding_idx = _check_padding_idx(padding_idx, V)
         self.embed_scale = None if embed_scale is None else _check_embed_scale(embed_scale)
         self.detach_norm = check_flag("detach_norm", detach_norm)
