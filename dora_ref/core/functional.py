@@ -194,6 +194,12 @@ class DoRAContext:
     U @ B.T again (A, B and the magnitude cannot have changed since: the
     snapshot refuses the backward). ``n_nonzero`` says that the forward found
     every norm nonzero (the backward divides by n without looking again).
+
+    The backward takes ``base`` (or z) from the context and writes dz over
+    it, sparing itself a fresh (N, out) array: afterwards ``base`` is None,
+    and a second backward on the same context forms the base product again
+    from ``x`` (the same result, bit for bit, with BLAS on the same number
+    of threads; slower by one product).
     """
 
     x_shape: tuple
@@ -967,14 +973,17 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
         A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     kernels = _backend.kernels()
 
-    base = ctx.base
-    if ctx.base_is_z:  # the forward kept z (5) over the base product
-        # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U, in one kernel
-        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s)
+    base, base_is_z = ctx.base, ctx.base_is_z
+    if base is None:  # the forward wrote y over it (a layer in eval), or a backward took it
+        base, base_is_z = ctx.x @ W0.T, False  # (2) again, as the forward formed it
     else:
-        if base is None:  # the forward wrote y over it (a layer in eval): (2) again
-            base = ctx.x @ W0.T
-        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
+        # dz goes over it below: the context gives it up first (one assignment, so an
+        # interrupt leaves either both or neither), and a second backward on this context
+        # forms it again above (z too: the same bits, tests/test_keep_z.py)
+        ctx.__dict__.update(base=None, base_is_z=False)
+    # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U (one kernel for r <= the C
+    # backend's FUSED_MAX_RANK), dz written over base, or over z where the forward kept it
+    dg, dz, dU, dB = kernels._backward_lowrank_own(dy2, base, ctx.U, B, ctx.g, s, base_is_z)
     dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
     if detach_norm:
         dA = dU.T @ ctx.x  # (1)

@@ -419,6 +419,28 @@ def backward_lowrank_z(dy, z, U, B, g, scaling):
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 
+def _backward_lowrank_own(dy, base, U, B, g, scaling, base_is_z):
+    """``backward_lowrank`` (``base_is_z`` False) or ``backward_lowrank_z`` (True) with dz
+    written over ``base``, for the functional core's backward.
+
+    ``base`` (the base product, or z) is the caller's own (N, out) array, which
+    nothing reads after this call; writing dz over it spares the backward a
+    fresh (N, out) array. The same operations as the public functions, in the
+    same order, so the same bits; with z, the product dy * z goes over it too
+    (no (N, out) array is allocated at all).
+    """
+    if base_is_z:
+        p = np.multiply(base, dy, out=base)  # backward_epilogue_z's z * dy
+    else:
+        p = U @ B.T  # backward_epilogue's operations, on its one temporary
+        p *= float(scaling)
+        p += base
+        p *= dy
+    dg = np.add.reduce(p, axis=0)
+    dz = np.multiply(dy, g, out=base)
+    return (dg, dz, *_lowrank_products(dz, U, B, scaling))
+
+
 def norm_gradient_products(W0, A, C):
     """The two products of W0 in the exact norm gradient: W0 @ A.T and C.T @ W0.
 

@@ -1374,16 +1374,18 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     return _backward_epilogue_kernel(*_backward_checked(dy, base, U, B, g), _scaling(scaling))
 
 
-def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling):
+def _backward_epilogue_kernel(arrays, dtype, N, out_f, r, scaling, dz=None):
     """The C kernel on arguments ``_backward_checked`` returned and a scaling
-    ``_scaling`` returned (it checks nothing)."""
+    ``_scaling`` returned (it checks nothing); ``dz``: where to write dz (base
+    itself, or None: a new array)."""
     dy, base, U, B, g = arrays
     if _lowrank_on_blas(out_f, r):  # z as the forward formed it
         return _backward_epilogue_z_kernel(dy, _z_on_blas(base, U, B, scaling), g, dtype, N,
-                                           out_f)
+                                           out_f, dz)
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
-    dz = np.empty((N, out_f), dtype=dtype)
+    if dz is None:
+        dz = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_backward_epilogue_{sfx}")(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(base, ctype), _ptr(U, ctype),
         _ptr(B, ctype), _ptr(g, ctype), scaling, N, out_f, r,
@@ -1425,11 +1427,14 @@ def backward_epilogue_z(dy, z, g):
     return _backward_epilogue_z_kernel(dy, z, g, dtype, *z.shape)
 
 
-def _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f):
-    """The C kernel on checked arguments (C-contiguous, one dtype, fitting shapes)."""
+def _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f, dz=None):
+    """The C kernel on checked arguments (C-contiguous, one dtype, fitting shapes); ``dz``:
+    where to write dz (an (N, out) array of the dtype, which may be z itself: the kernel
+    reads each element of z before it writes the same element of dz), or None: a new array."""
     ctype, sfx = _CTYPE[dtype]
     dg = np.empty(out_f, dtype=dtype)
-    dz = np.empty((N, out_f), dtype=dtype)
+    if dz is None:
+        dz = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_backward_epilogue_z_{sfx}")(
         _ptr(dg, ctype), _ptr(dz, ctype), _ptr(dy, ctype), _ptr(z, ctype), _ptr(g, ctype),
         N, out_f,
@@ -1608,15 +1613,45 @@ def backward_lowrank_z(dy, z, U, B, g, scaling):
     return _backward_lowrank_kernel(*checked, s, _LOWRANK_Z_KERNELS)
 
 
-def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRANK_KERNELS):
+def _backward_lowrank_own(dy, base, U, B, g, scaling, base_is_z):
+    """``backward_lowrank`` (``base_is_z`` False) or ``backward_lowrank_z`` (True) with dz
+    written over ``base``, for the functional core's backward.
+
+    ``base`` (the base product, or z) is the caller's own (N, out) array, which
+    nothing reads after this call: the forward's, taken from its context, or
+    formed again by the backward. Writing dz over it spares the backward a
+    fresh (N, out) array (its memory and its page faults). The same bits as the
+    public functions: the kernels read each element of base (or z) before they
+    write that element of dz. Checked as they are; dz is ``base`` itself unless
+    the checks had to copy it.
+    """
+    checked = _backward_checked(dy, base, U, B, g, "z" if base_is_z else "base")
+    s = _scaling(scaling)
+    arrays, dtype, N, out_f, r = checked
+    own = arrays[1]  # base, or its C-contiguous copy: ours either way
+    if r > FUSED_MAX_RANK:
+        if base_is_z:
+            dg, dz = _backward_epilogue_z_kernel(arrays[0], own, arrays[4], dtype, N, out_f, own)
+        else:
+            dg, dz = _backward_epilogue_kernel(arrays, dtype, N, out_f, r, s, own)
+        return dg, dz, s * (dz @ arrays[3]), s * (dz.T @ arrays[2])
+    return _backward_lowrank_kernel(arrays, dtype, N, out_f, r, s,
+                                    _LOWRANK_Z_KERNELS if base_is_z else _LOWRANK_KERNELS, own)
+
+
+def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRANK_KERNELS,
+                             dz=None):
     """The C kernel on arguments ``_backward_checked`` returned and a scaling
     ``_scaling`` returned (it checks nothing); ``kernels``: the _z ones for z
-    in place of base."""
+    in place of base; ``dz``: where to write dz (base itself, or None: a new
+    array; each task reads its tiles of base before it writes the same
+    elements of dz, and reads dz back only after)."""
     dy, base, U, B, g = arrays
     ctype, kernel = kernels[dtype]
     pt = _ARRAY_TYPE[ctype]  # once, not per pointer (_ptr): nine pointers per call
     dg = np.empty(out_f, dtype=dtype)
-    dz = np.empty((N, out_f), dtype=dtype)
+    if dz is None:
+        dz = np.empty((N, out_f), dtype=dtype)
     dU = np.empty((N, r), dtype=dtype)
     dB = np.empty((out_f, r), dtype=dtype)
     status = kernel(
