@@ -56,10 +56,28 @@ def test_overflowing_norm_is_reported():
 
 def test_backward_rejects_wrong_dy():
     _, ctx = dora_forward(x, W0, A, B, m, 1.0)
-    with pytest.raises(ValueError, match=r"dy must have shape \(\.\.\., in\) = \(\.\.\., 4\), got \(5, 3\)"):
+    with pytest.raises(ValueError, match=r"dy must have shape \(\.\.\., out\) = \(\.\.\., 4\), got \(5, 3\)"):
         dora_backward(np.ones((5, 3)), ctx)
     with pytest.raises(ValueError, match=r"dy must have shape \(5, 4\).*got \(6, 4\)"):
         dora_backward(np.ones((6, 4)), ctx)
+
+
+def test_a_wrong_dy_is_measured_against_out_not_in():
+    """A new user's case: a (3, 6) dy for a layer with in = 6, out = 8 was told
+    "dy must have shape (..., in) = (..., 8)": the size was out's, the name in's."""
+    from dora_ref.core import dense
+    from dora_ref.layers import DoRALinear, LoRALinear
+
+    W = np.ones((8, 6))
+    x6 = np.ones((3, 6))
+    want = r"dy must have shape \(\.\.\., out\) = \(\.\.\., 8\), got \(3, 6\)"
+    for cls in (DoRALinear, LoRALinear):
+        layer = cls(W, r=2, lora_alpha=4, rng=0)
+        layer(x6)
+        with pytest.raises(ValueError, match=want):
+            layer.backward(x6)
+    with pytest.raises(ValueError, match=want):  # the dense reference too
+        dense.backward(x6, x6, W, np.ones((2, 6)), np.zeros((8, 2)), np.ones(8), 2.0)
 
 
 def test_unmerge_rejects_lost_rows_and_wrong_norm():
@@ -115,3 +133,45 @@ def test_transposed_W0_error_says_W0_looks_transposed(call):
     with pytest.raises(ValueError) as info:
         dora_forward(x, sq, A, rng.normal(size=(in_f + 1, r)), np.ones(in_f), 2.0)
     assert "transposed" not in str(info.value)
+
+
+def test_a_dora_layer_names_itself_for_an_unknown_keyword():
+    """A new user's case: DoRALinear(..., alpha=3) was refused as
+    "LoRALinear.__init__() got an unexpected keyword argument 'alpha'", and
+    inspect.signature(DoRALinear) hid r and lora_alpha in **kwargs."""
+    import inspect
+
+    from dora_ref.layers import DoRAConv1d, DoRAConv2d, DoRALinear
+
+    cases = [(DoRALinear, np.ones((3, 4))), (DoRAConv1d, np.ones((3, 4, 2))),
+             (DoRAConv2d, np.ones((3, 4, 1, 1)))]
+    for cls, W in cases:
+        with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\) got an unexpected keyword "
+                                            r"argument 'alpha'; it takes .*\blora_alpha\b"):
+            cls(W, r=2, lora_alpha=4, alpha=3)
+        params = inspect.signature(cls).parameters
+        assert {"r", "lora_alpha", "detach_norm", "rng"} <= set(params)
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+        cls(W, r=2, lora_alpha=4, rng=0)  # the keywords it lists still work
+
+
+def test_adapter_from_layers_says_it_wants_a_mapping():
+    """A new user's case: a list of layers gave AttributeError: 'list' object has no attribute 'items'."""
+    from dora_ref import peft
+    from dora_ref.layers import DoRALinear
+
+    layer = DoRALinear(np.ones((3, 4)), r=2, lora_alpha=4, rng=0)
+    with pytest.raises(TypeError, match=r"layers must be a mapping of module path to layer.*got list"):
+        peft.adapter_from_layers([layer])
+
+
+def test_the_checker_without_hypothesis_says_how_to_install_it(monkeypatch):
+    """The hint named pip install 'dora_ref[test]', which does not fit a checkout; the README
+    installs the porting extra."""
+    import sys
+
+    from dora_ref.porting import runner
+
+    monkeypatch.setitem(sys.modules, "hypothesis", None)
+    with pytest.raises(ImportError, match=r'pip install hypothesis .*pip install -e "\.\[porting\]"'):
+        runner._hypothesis()

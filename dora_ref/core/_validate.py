@@ -471,18 +471,22 @@ def check_weight_shape(name, shape, axes=("output channel", "input feature")):
             )
 
 
-def check_input(x, in_features, dtype, name="x", *, low_precision=False):
+def check_input(x, in_features, dtype, name="x", *, low_precision=False, axis="in"):
     """Check an input batch and flatten its leading dimensions.
 
     Parameters
     ----------
     x : ndarray, shape (..., in)
     in_features : int
+        The size its last axis must have.
     dtype : numpy.dtype
         The weights' dtype, which x must share.
     name : str, default "x"
     low_precision : bool, default False
         Also accept a float16/bfloat16 x (of ``dtype``).
+    axis : str, default "in"
+        What the last axis is called in the message: "out" for a gradient dy
+        of the output.
 
     Returns
     -------
@@ -495,7 +499,7 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False):
     x = as_float_array(name, x, low_precision=low_precision)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(
-            f"{name} must have shape (..., in) = (..., {in_features}), got {x.shape}"
+            f"{name} must have shape (..., {axis}) = (..., {in_features}), got {x.shape}"
         )
     if x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}")

@@ -115,7 +115,7 @@ def backward(dy, x, W0, A, B, magnitude, scaling, *, detach_norm=True, dropout_m
     s = check_scaling(scaling)
     detach_norm = check_flag("detach_norm", detach_norm)
     x2 = check_input(x, W0.shape[1], W0.dtype)
-    dy2 = check_input(dy, W0.shape[0], W0.dtype, name="dy")
+    dy2 = check_input(dy, W0.shape[0], W0.dtype, name="dy", axis="out")
     V = W0 + s * (B @ A)
     n = row_norm(V)
     g = magnitude / n

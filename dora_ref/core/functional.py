@@ -954,7 +954,7 @@ def _check_dy(dy, ctx, dtype):
     (as PyTorch refuses a gradient of another shape)."""
     out_f = ctx.W0.shape[0]
     low_precision = dtype.char not in "fd" and dtype in LOW_PRECISION_DTYPES  # the first: cheaper
-    dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision)
+    dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision, axis="out")
     if np.shape(dy)[:-1] != tuple(ctx.x_shape[:-1]):
         raise ValueError(
             f"dy must have shape {(*ctx.x_shape[:-1], out_f)} (the forward's output), "

@@ -115,7 +115,7 @@ class Dense(Module):
         """dy (..., out) -> dx (..., in); accumulates ``grads`` if trainable."""
         if self._x is None:
             raise RuntimeError("backward() needs a forward() first")
-        dy2 = check_input(dy, self.out_features, self.weight.dtype, name="dy")
+        dy2 = check_input(dy, self.out_features, self.weight.dtype, name="dy", axis="out")
         if self.trainable:
             self.grads["weight"] += dy2.T @ self._x
             if self.bias is not None:

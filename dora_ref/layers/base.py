@@ -18,12 +18,49 @@ own modules; the state handling below is the same for all of them:
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import numpy as np
 
 from ..core._validate import WeightSnapshot, as_float_array, check_finite, check_scaling
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy
+
+
+def check_keywords(layer, parent_init, kwargs):
+    """Refuse a keyword that a DoRA layer would pass on to its LoRA parent's ``__init__``
+    and that the parent does not take, naming the class the user called.
+
+    Python's own message named the parent ("LoRALinear.__init__() got an
+    unexpected keyword argument 'alpha'" for ``DoRALinear(..., alpha=3)``: a
+    new user's case).
+
+    Raises
+    ------
+    TypeError
+        Naming ``type(layer)``, the keyword, and the keywords it takes.
+    """
+    taken = inspect.signature(parent_init).parameters
+    for key in kwargs:
+        if key not in taken or taken[key].kind is not inspect.Parameter.KEYWORD_ONLY:
+            own = [p.name for p in inspect.signature(type(layer).__init__).parameters.values()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            keywords = own + [name for name, p in taken.items()
+                              if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own]
+            raise TypeError(f"{type(layer).__name__}() got an unexpected keyword argument {key!r}; "
+                            f"it takes {', '.join(keywords)}")
+
+
+def with_parent_keywords(init, parent_init):
+    """Give ``init`` (a DoRA layer's ``__init__(..., **kwargs)``) the signature that lists
+    the parent's keyword-only parameters too, for ``help()`` and ``inspect.signature``."""
+    own = [p for p in inspect.signature(init).parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own}
+    more = [p for p in inspect.signature(parent_init).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
+    init.__signature__ = inspect.Signature(own + more)
+    return init
 
 
 def adapter_dtype(weight_dtype, autocast_adapter_dtype):

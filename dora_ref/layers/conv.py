@@ -35,7 +35,8 @@ from ..core.im2col import (
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
 from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast,
-                   check_lora_dropout, frozen, initial_adapter_dtype)
+                   check_keywords, check_lora_dropout, frozen, initial_adapter_dtype,
+                   with_parent_keywords)
 from .linear import initial_lora_weights, lora_scaling
 
 
@@ -301,6 +302,7 @@ class _DoRAConvNd(_LoRAConvNd):
         self.weight_norm = None
         self._lora_magnitude_vector = None
         self._norm_cache = EvalNormCache()
+        check_keywords(self, _LoRAConvNd.__init__, kwargs)
         super().__init__(weight, bias, **kwargs)
 
     def _replace_base(self, weight):
@@ -462,6 +464,9 @@ def _doc(kind, d, dora):
                  if dora else ""),
         extra=_DORA_EXTRA.format(ones=ones) if dora else "",
     )
+
+
+with_parent_keywords(_DoRAConvNd.__init__, _LoRAConvNd.__init__)  # help(): r, lora_alpha, ... too
 
 
 class LoRAConv1d(_LoRAConvNd):

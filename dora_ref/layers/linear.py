@@ -35,6 +35,7 @@ from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round
 from .base import (
     adapter_dtype,
     check_autocast,
+    check_keywords,
     check_lora_dropout,
     initial_adapter_dtype,
     AdapterLayer,
@@ -42,6 +43,7 @@ from .base import (
     adapter_parameter,
     checked_array,
     frozen,
+    with_parent_keywords,
 )
 from ..core._validate import (
     as_float_array,
@@ -522,6 +524,7 @@ class DoRALinear(LoRALinear):
         self._norm_cache = EvalNormCache()
         self._given_magnitude = lora_magnitude_vector
         self._lora_magnitude_vector = None
+        check_keywords(self, LoRALinear.__init__, kwargs)
         super().__init__(weight, bias, **kwargs)
 
     def _forward_norm(self):
@@ -705,3 +708,6 @@ class DoRALinear(LoRALinear):
             policy=self.policy,
         )
         self._install_unmerged(W0)
+
+
+with_parent_keywords(DoRALinear.__init__, LoRALinear.__init__)  # help(): r, lora_alpha, ... too

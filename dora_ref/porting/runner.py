@@ -159,7 +159,7 @@ def _hypothesis():
     except ImportError as exc:  # pragma: no cover - exercised with hypothesis hidden
         raise ImportError(
             "dora_ref.porting.testing needs hypothesis to draw cases: pip install hypothesis "
-            "(or pip install 'dora_ref[test]')"
+            "(in a checkout of dora_ref, pip install -e \".[porting]\" brings it)"
         ) from exc
     return hypothesis
 

@@ -445,10 +445,16 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
 
     Raises
     ------
+    TypeError
+        If ``layers`` is not a mapping (e.g. a list of layers).
     ValueError
         On an empty mapping, a mix of DoRA and LoRA layers, mixed rsLoRA,
         or merged layers.
     """
+    if not isinstance(layers, Mapping):
+        raise TypeError(
+            f"layers must be a mapping of module path to layer, e.g. {{'q_proj': layer}} (as "
+            f"build_layers returns), got {type(layers).__name__}")
     if not layers:
         raise ValueError("layers is empty")
     parts = {name: _layer_parts(layer) for name, layer in layers.items()}
