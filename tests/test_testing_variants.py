@@ -515,3 +515,39 @@ def test_a_wrong_formula_with_a_small_error_is_not_called_a_float32_port():
     with pytest.raises(testing.ConformanceError) as info:
         testing.check_forward(forward, max_examples=30)
     assert info.value.hint == "scaling_outside_norm"
+
+
+def _detached_backward(dy, x, W0, A, B, m, s, b):
+    """A correct backward (detached norm), from the dense definition."""
+    g = dense.backward(dy, x, W0, A, B, m, s, detach_norm=True)
+    return g.dx, g.dA, g.dB, g.dmagnitude
+
+
+@pytest.mark.parametrize("mistake, output, factor, named", [
+    (lambda g: (g[0], g[1] / 2.0, g[2], g[3]), "dA", "0.5", "1/s"),  # dA without s (s = 2)
+    (lambda g: (g[0], g[1], g[2], 2 * g[3]), "dmagnitude", "2", "s = 2"),  # d(m**2) / dm
+    (lambda g: (-g[0], g[1], g[2], g[3]), "dx", "-1", "-1"),  # a sign
+])
+def test_a_port_off_by_a_constant_factor_is_told_the_factor(mistake, output, factor, named):
+    """A new user's ports (dA / s, 2 * dmagnitude) got 'hint: none' on a one-element shrunk case:
+    the checker now runs the port on a wider case and names a constant ratio."""
+    def backward(*args):
+        return mistake(_detached_backward(*args))
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_backward(backward, max_examples=30, cases=dict(scaling=2.0))
+    text = str(info.value)
+    assert "hint: none" in text
+    assert f"but your {output} is {factor} times dora_ref's at every element" in text, text
+    assert named in text.split("times dora_ref's")[1], text
+
+
+def test_a_port_off_by_more_than_a_constant_gets_no_factor():
+    """An error that is not one constant times the reference (dA plus a constant): no factor line."""
+    def backward(*args):
+        dx, dA, dB, dm = _detached_backward(*args)
+        return dx, dA + 0.25, dB, dm
+
+    with pytest.raises(testing.ConformanceError) as info:
+        testing.check_backward(backward, max_examples=30, cases=dict(scaling=2.0))
+    assert "times dora_ref's" not in str(info.value), str(info.value)

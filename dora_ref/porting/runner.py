@@ -391,11 +391,15 @@ def _error(check, fn, unmerge, conv, exc, dropout, detach_norm):
     mode = ""
     if check == "backward":
         mode = " (detached norm)" if detach_norm else " (exact gradient)"
-    return _error_from(check, exc, diagnoses, mode, conv.changed())
+    factor = None
+    if not diagnoses and exc.raised is None:
+        factor = _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm)
+    return _error_from(check, exc, diagnoses, mode, conv.changed(), factor)
 
 
-def _error_from(check, exc, diagnoses, mode="", changed=None):
-    """The ConformanceError for a shrunk mismatch and its ranked diagnoses."""
+def _error_from(check, exc, diagnoses, mode="", changed=None, factor=None):
+    """The ConformanceError for a shrunk mismatch and its ranked diagnoses (``factor``: what
+    ``_constant_factor`` found, when nothing else explains it)."""
     info = exc.info
     found = ("on this wide case (run after the small drawn cases passed; N, in, out and r past one tile "
              "of 8 to 64 with a ragged tail: a tiled kernel's last tile? not shrunk)" if exc.wide else
@@ -419,11 +423,65 @@ def _error_from(check, exc, diagnoses, mode="", changed=None):
                          + (f" ({d.detail})" if d.detail else ""))
     elif not (exc.flaky or exc.wrong_type):  # those say what is wrong themselves
         lines.append("  hint: none; no known mistake (dora_ref.porting.variants) explains these numbers")
+        if factor is not None:
+            lines.append(f"    - but {factor}")
     return ConformanceError(
         "\n".join(lines), check=check, output=info["output"], index=info["index"],
         expected=info["expected"], got=info["got"], bound=info["bound"], case=exc.case, hint=hint,
         diagnoses=diagnoses,
     )
+
+
+def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
+    """The mismatching output as one constant times dora_ref's, element for element, in words; or None.
+
+    A scaling left out or applied twice (dA without s), a factor of 2 from the
+    derivative of a square, a sign: none of them is one of the named mistakes
+    of ``dora_ref.porting.variants``, and each multiplies one output by a
+    constant (a new user's ports: dA / s and 2 * dmagnitude got "hint: none").
+    The shrunk case is often one element, where any error is a constant
+    factor, so the port runs again on the same case widened to at least
+    (N, in, out, r) = (3, 5, 4, 3). Found when at least two elements of the
+    reference are well above the tolerance (eight times), the median c of
+    their ratios is finite, neither 0 nor 1, and every element of the output
+    is c times the reference's within the tolerance scaled by 1 + |c|. c is
+    named when it is one of s, 1/s, s**2, 1/s**2, r, 1/r, sqrt(r),
+    1/sqrt(r), 2, 1/2 or -1 (to 1e-6).
+    """
+    name = exc.info.get("output")
+    if name is None or conv.per_input_column:
+        return None
+    params = dict(exc.case.params)
+    for key, least in (("N", 3), ("in_features", 5), ("out_features", 4), ("r", 3)):
+        params[key] = max(params[key], least)
+    try:
+        case = make_case(**params)
+        got = _C.call_port(check, fn, unmerge, case, conv, dropout)
+        ref, tols = _reference_and_tolerances(check, case, detach_norm)
+        g = np.asarray(got[name], dtype=np.float64)
+        e = np.asarray(ref[name], dtype=np.float64)
+        atol = tols[name]["atol"]
+    except Exception:  # noqa: BLE001 - a port that fails on the wider case: no such hint
+        return None
+    if g.shape != e.shape or not atol > 0:
+        return None
+    big = np.abs(e) > 8 * atol
+    if np.count_nonzero(big) < 2:
+        return None
+    with np.errstate(all="ignore"):
+        c = float(np.median(g[big] / e[big]))
+        if not (np.isfinite(c) and c != 0 and abs(c - 1) > 1e-6
+                and np.all(np.abs(g - c * e) <= atol * (1 + abs(c)))):
+            return None
+    sc, r = case.scaling, case.A.shape[0]
+    named = (("s", sc), ("1/s", 1 / sc), ("s**2", sc * sc), ("1/s**2", 1 / (sc * sc)), ("r", r),
+             ("1/r", 1 / r), ("sqrt(r)", r ** 0.5), ("1/sqrt(r)", r ** -0.5), ("2", 2.0),
+             ("1/2", 0.5), ("-1", -1.0))
+    which = [k for k, v in named if abs(c - v) <= 1e-6 * abs(v)]
+    equal = f" (= {' = '.join(which)}; s = {sc:g}, r = {r})" if which else ""
+    return (f"your {name} is {c:.6g} times dora_ref's at every element of the case widened to "
+            f"{case.describe().split(', dtype')[0]}{equal}: a scaling left out or applied twice, "
+            f"a factor of 2 from the derivative of a square, or a sign?")
 
 
 def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
