@@ -13,7 +13,9 @@ write to each page faults. This script measures it, in two processes:
   that child only; dora_ref sets neither, see docs/performance.md).
 
 In each it times, interleaved (each round alternating which goes first),
-the plain step, the DoRA step (``dora_forward`` + ``dora_backward``), and
+the plain step, the DoRA step (``dora_forward`` + ``dora_backward``), the
+DoRA step with dz written into a new (N, out) array as before this version
+(the public ``backward_lowrank_z``; the same bits), and
 the DoRA step's pieces in the order the step runs them (the norm, x @ A.T,
 x @ W0.T, the forward epilogue keeping z, the fused backward, dA, dz @ W0,
 dx += dU @ A by blocks of rows), with the minor page faults of each call
@@ -51,6 +53,7 @@ from dora_ref.core import functional as F  # noqa: E402
 from dora_ref.core.kernels_numpy import EPILOGUE_KEEP_Z  # noqa: E402
 
 KEEP_MEMORY = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": "2000000000"}
+NEW_DZ = "DoRA step, dz in a new array"  # the step before this version wrote dz over z
 PIECES = ["norm", "U = x @ A.T", "base = x @ W0.T", "forward epilogue (z kept)",
           "backward_lowrank_z", "dA = dU.T @ x", "dx = dz @ W0", "dx += dU @ A"]
 
@@ -74,6 +77,18 @@ def measure(shape, repeats):
         y, ctx = F.dora_forward(x, W0, A, B, m, s)
         return y, F.dora_backward(dy, ctx)
 
+    own = K._backward_lowrank_own
+
+    def new_dz(dy, base, U, B, g, s, base_is_z):  # the public kernels: dz into a new array
+        return (K.backward_lowrank_z if base_is_z else K.backward_lowrank)(dy, base, U, B, g, s)
+
+    def dora_new_dz():  # the step before dz went over the context's array (same bits)
+        K._backward_lowrank_own = new_dz
+        try:
+            return dora()
+        finally:
+            K._backward_lowrank_own = own
+
     def pieces(record):
         """The step's arithmetic in its order, each call timed and its faults counted where it runs."""
         def timed(name, fn):
@@ -88,17 +103,20 @@ def measure(shape, repeats):
         base = timed("base = x @ W0.T", lambda: x @ W0.T)
         y, _ = timed("forward epilogue (z kept)",
                      lambda: K._forward_epilogue_flagged(base, U, B, g, s, None, EPILOGUE_KEEP_Z))
-        dg, dz, dU, dB = timed("backward_lowrank_z", lambda: K.backward_lowrank_z(dy, base, U, B, g, s))
+        # as the step calls it: dz written over z (the forward's base array)
+        dg, dz, dU, dB = timed("backward_lowrank_z",
+                               lambda: K._backward_lowrank_own(dy, base, U, B, g, s, True))
         dA = timed("dA = dU.T @ x", lambda: dU.T @ x)
         dx = timed("dx = dz @ W0", lambda: dz @ W0)
         timed("dx += dU @ A", lambda: F._add_low_rank(dx, dU, A))  # as the step adds it
         return y, dx, dA, dB, dg
 
-    record = {k: ([], []) for k in ["plain step", "DoRA step", "DoRA pieces (sum)"] + PIECES}
-    plain(), dora(), pieces({k: ([], []) for k in PIECES})  # warm up
-    calls = [("plain step", plain), ("DoRA step", dora), ("DoRA pieces (sum)", None)]
+    record = {k: ([], []) for k in ["plain step", "DoRA step", NEW_DZ, "DoRA pieces (sum)"] + PIECES}
+    plain(), dora(), dora_new_dz(), pieces({k: ([], []) for k in PIECES})  # warm up
+    calls = [("plain step", plain), ("DoRA step", dora), (NEW_DZ, dora_new_dz),
+             ("DoRA pieces (sum)", None)]
     for i in range(repeats):
-        for name, fn in calls[i % 3:] + calls[:i % 3]:
+        for name, fn in calls[i % 4:] + calls[:i % 4]:
             if fn is None:
                 sub = {k: ([], []) for k in PIECES}
                 pieces(sub)
@@ -151,6 +169,8 @@ def main():
                          f"{b[name][0] * 1e3:.2f} ({b[name][1]:.0f}) |")
         lines.append(f"| **DoRA step / plain step** | **{a['DoRA step'][0] / a['plain step'][0]:.3f}** | "
                      f"**{b['DoRA step'][0] / b['plain step'][0]:.3f}** |")
+        lines.append(f"| DoRA step, dz in a new array / plain step | {a[NEW_DZ][0] / a['plain step'][0]:.3f} | "
+                     f"{b[NEW_DZ][0] / b['plain step'][0]:.3f} |")
         lines.append("")
     print("\n".join(lines))
 
