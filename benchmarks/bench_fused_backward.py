@@ -29,6 +29,7 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_k] = "2"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -43,11 +44,11 @@ SHAPES = [(1024, 1024, 8, 2048), (4096, 4096, 8, 512), (4096, 4096, 64, 512), (1
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def unfused_backward(dy, ctx, detach_norm):
-    """dora_backward as it was before the one-pass kernels (no dropout)."""
+def unfused_backward(dy, ctx, detach_norm, base):
+    """dora_backward as it was before the one-pass kernels (no dropout); ``base``: x @ W0.T."""
     K = _backend.kernels()
     W0, A, B, s = ctx.W0, ctx.A, ctx.B, ctx.scaling
-    dg, dz = K.backward_epilogue(dy, ctx.base, ctx.U, B, ctx.g, s)
+    dg, dz = K.backward_epilogue(dy, base, ctx.U, B, ctx.g, s)
     dm = F.divide_by_norm(dg, ctx.n)
     dU = s * (dz @ B)
     dB = s * (dz.T @ ctx.U)
@@ -74,26 +75,34 @@ def run(shape, repeats):
     dy = rng.standard_normal((N, out_f), dtype=f32)
     m = F.column_norm(W0, A, B, 2.0) * f32(1.1)
     _, ctx = F.dora_forward(x, W0, A, B, m, 2.0)
+    base = x @ W0.T  # the unfused backward forms z from it
+    kept = ctx.base.copy()  # what the forward left in its context: base, or z above FUSED_MAX_RANK
+
+    def fresh():  # a context as the forward left it: the backward writes dz over its array
+        return dataclasses.replace(ctx, base=kept.copy())
+
     for detach in (True, False):  # same gradients up to rounding
-        new = F.dora_backward(dy, ctx, detach_norm=detach)
-        old = unfused_backward(dy, ctx, detach)
+        new = F.dora_backward(dy, fresh(), detach_norm=detach)
+        old = unfused_backward(dy, ctx, detach, base)
         for a, b in zip((new.dx, new.dA, new.dB, new.dmagnitude), old):
             scale = np.abs(b).max()
             assert np.abs(a - b).max() <= 1e-4 * scale, "fused and unfused backward disagree"
+    # (prepare, call): prepare runs outside the timed call (a fresh context per call)
     fns = {
-        "plain dy @ W0": lambda: dy @ W0,
-        "detached, unfused": lambda: unfused_backward(dy, ctx, True),
-        "detached, fused": lambda: F.dora_backward(dy, ctx),
-        "exact, unfused": lambda: unfused_backward(dy, ctx, False),
-        "exact, fused": lambda: F.dora_backward(dy, ctx, detach_norm=False),
+        "plain dy @ W0": (None, lambda _: dy @ W0),
+        "detached, unfused": (None, lambda _: unfused_backward(dy, ctx, True, base)),
+        "detached, fused": (fresh, lambda c: F.dora_backward(dy, c)),
+        "exact, unfused": (None, lambda _: unfused_backward(dy, ctx, False, base)),
+        "exact, fused": (fresh, lambda c: F.dora_backward(dy, c, detach_norm=False)),
     }
     times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
+    for prepare, f in fns.values():
+        f(prepare() if prepare else None)
     for _ in range(repeats):
-        for k, f in fns.items():
+        for k, (prepare, f) in fns.items():
+            arg = prepare() if prepare else None
             t0 = time.perf_counter()
-            f()
+            f(arg)
             times[k].append(time.perf_counter() - t0)
     return {k: (np.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()}
 

@@ -144,3 +144,172 @@ def test_the_backward_allocates_no_out_sized_array(r):
     # dg and 1/n terms, a block of rows of dx; far below one (N, out) array
     small = 4 * (N * r + out_f * r) * 4 + 4 * out_f * 4 + (1 << 20)
     assert peak - results <= small < out_sized, (peak, results, small, out_sized)
+
+
+def _two_holders_cases():
+    import copy
+    import pickle
+
+    def shallow_copy(ctx):
+        return copy.copy(ctx)  # shares ctx.base, the same ndarray
+
+    def view(ctx):
+        return ctx.base[:]  # a view of it, held by the caller
+
+    def zero_copy_pickle(ctx):  # protocol 5 with out-of-band buffers: the same memory
+        buffers = []
+        data = pickle.dumps(ctx, protocol=5, buffer_callback=buffers.append)
+        return pickle.loads(data, buffers=[b.raw() for b in buffers])
+
+    return [shallow_copy, view, zero_copy_pickle]
+
+
+@pytest.mark.parametrize("holder", _two_holders_cases(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("r", [4, 16])
+def test_a_base_held_elsewhere_is_not_written_over(holder, r):
+    """An adversary's cases: a shallow copy of the context, or a layer pickled zero-copy between
+    forward and backward, shares the context's base; a backward wrote dz over it and the other
+    holder's backward then read dz as its base product (dmagnitude off by 11)."""
+    import copy
+
+    p = _problem(np.float32, 67, 30, r, 9)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    _, ctx_ref = F.dora_forward(*args)
+    expected = F.dora_backward(p["dy"], ctx_ref, detach_norm=False)
+    _, ctx = F.dora_forward(*args)
+    other = holder(ctx)
+    first = F.dora_backward(p["dy"], ctx, detach_norm=False)
+    if isinstance(other, F.DoRAContext):
+        second = F.dora_backward(p["dy"], other, detach_norm=False)
+    else:  # the caller's view: still the base product (or z) the forward kept
+        second = F.dora_backward(p["dy"], copy.copy(ctx), detach_norm=False)
+        assert ctx.base is not None
+    for name, e, a, b in zip(("dx", "dA", "dB", "dmagnitude"), expected, first, second):
+        np.testing.assert_array_equal(a, e, err_msg=name)
+        np.testing.assert_array_equal(b, e, err_msg=name)
+
+
+@pytest.mark.parametrize("make", ["read-only", "bytes"])
+def test_a_base_in_memory_that_is_not_writeable_is_not_written_over(make):
+    """An adversary's case: a context unpickled from read-only buffers (a read-only memory map
+    crashed the process with SIGSEGV in the C kernel; bytes objects were changed in place)."""
+    import pickle
+
+    p = _problem(np.float32, 67, 30, 16, 9)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    _, ctx_ref = F.dora_forward(*args)
+    expected = F.dora_backward(p["dy"], ctx_ref)
+    _, ctx = F.dora_forward(*args)
+    buffers = []
+    data = pickle.dumps(ctx, protocol=5, buffer_callback=buffers.append)
+    if make == "bytes":
+        raw = [bytes(b.raw()) for b in buffers]
+        before = [bytes(b) for b in raw]
+    else:
+        raw = [memoryview(bytearray(b.raw())).toreadonly() for b in buffers]
+        before = [bytes(b) for b in raw]
+    ctx2 = pickle.loads(data, buffers=raw)
+    assert not ctx2.base.flags.writeable
+    got = F.dora_backward(p["dy"], ctx2)
+    assert [bytes(b) for b in raw] == before
+    for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, got):
+        np.testing.assert_array_equal(a, e, err_msg=name)
+
+
+def _line_numbers(fn):
+    import dis
+
+    return sorted({line for _, line in dis.findlinestarts(fn.__code__) if line is not None})
+
+
+def _line_after_take_base():
+    """The line of ``_dora_backward_f32`` right after it took its base: where the thread that
+    took the array read-only waits before its kernel reads it."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(F._dora_backward_f32)
+    for k, text in enumerate(lines):
+        if "_take_base(ctx)" in text:
+            return first + k + 1
+    raise AssertionError("_dora_backward_f32 no longer calls _take_base")
+
+
+@pytest.mark.parametrize("at", range(len(_line_numbers(F._take_base))))
+def test_two_threads_backing_up_one_context(at):
+    """An adversary's case: thread A held (a trace hook) between reading the context's base and
+    clearing it while thread B ran a backward of the same context: A's dmagnitude was off by 11.
+    Here A is held at each line of ``_take_base`` in turn until B has taken what it takes and
+    is about to run its kernel; then A runs to the end (writing dz over the array if it took
+    it), then B. Both results must be right."""
+    import sys
+    import threading
+
+    p = _problem(np.float32, 67, 30, 16, 9)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    rng = np.random.default_rng(2)
+    dyA, dyB = (rng.standard_normal(p["dy"].shape).astype(np.float32) for _ in range(2))
+    expected = {k: F.dora_backward(dy, F.dora_forward(*args)[1]) for k, dy in (("A", dyA), ("B", dyB))}
+    _, ctx = F.dora_forward(*args)
+    line_a = _line_numbers(F._take_base)[at]
+    line_b = _line_after_take_base()
+    a_held, b_held, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hook(code, line, held, wait_for):
+        def tracer(frame, event, arg):
+            if frame.f_code is code:
+                def local(frame, event, arg):
+                    if event == "line" and frame.f_lineno == line and not held.is_set():
+                        held.set()
+                        wait_for.wait(10)
+                    return local
+                return local
+            return None
+        return tracer
+
+    out = {}
+
+    def run(key, dy, tracer, done=None):
+        sys.settrace(tracer)
+        try:
+            out[key] = F.dora_backward(dy, ctx)
+        finally:
+            sys.settrace(None)
+            if done is not None:
+                done.set()
+
+    ta = threading.Thread(target=run, args=("A", dyA, hook(F._take_base.__code__, line_a, a_held, b_held),
+                                            a_done))
+    ta.start()
+    while not a_held.is_set() and ta.is_alive():  # a line this call does not run: no hold
+        a_held.wait(0.005)
+    tb = threading.Thread(target=run, args=("B", dyB, hook(F._dora_backward_f32.__code__, line_b,
+                                                           b_held, a_done)))
+    tb.start()
+    ta.join(20)
+    tb.join(20)
+    assert not ta.is_alive() and not tb.is_alive()
+    for key in ("A", "B"):
+        for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected[key], out[key]):
+            np.testing.assert_array_equal(a, e, err_msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("r", [4, 16])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_gradients_do_not_depend_on_the_memory_order_of_dy(dtype, r, dropout):
+    """An adversary's case: on the NumPy backend a Fortran-ordered dy gave dx, dA and dB other
+    last bits than the same dy C-ordered (its dz = dy * g kept dy's order, and BLAS read it
+    transposed); the C backend copied it C-contiguous. Now both backends do."""
+    p = _problem(dtype, 37, 21, r, 13)
+    mask = None
+    if dropout:
+        mask = (np.random.default_rng(3).random(p["x"].shape) > 0.25).astype(dtype) / dtype(0.75)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"])
+    dy_f = np.asfortranarray(p["dy"])
+    assert not dy_f.flags.c_contiguous
+    got = {}
+    for key, dy in (("C", p["dy"]), ("F", dy_f)):
+        _, ctx = F.dora_forward(*args, dropout_mask=mask)
+        got[key] = F.dora_backward(dy, ctx, detach_norm=False)
+    for name, a, b in zip(("dx", "dA", "dB", "dmagnitude"), got["C"], got["F"]):
+        np.testing.assert_array_equal(a, b, err_msg=name)

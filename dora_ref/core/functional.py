@@ -99,6 +99,7 @@ time (no float32 copy of W0 in the norm or the merge).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -198,8 +199,11 @@ class DoRAContext:
     The backward takes ``base`` (or z) from the context and writes dz over
     it, sparing itself a fresh (N, out) array: afterwards ``base`` is None,
     and a second backward on the same context forms the base product again
-    from ``x`` (the same result, bit for bit, with BLAS on the same number
-    of threads; slower by one product).
+    from ``x`` (the same result, bit for bit, with the same backend and BLAS
+    on the same number of threads; slower by one product). It does so only
+    when nothing else holds that array (``_take_base``): a copy of the
+    context, a view of its base or a zero-copy pickle sharing its memory
+    leaves it untouched, and dz goes into a new array.
     """
 
     x_shape: tuple
@@ -777,7 +781,8 @@ def _dora_backward_checked(dy, ctx, detach_norm):
     # the usual dy, an (N, out) ndarray of the forward's float dtype, recognised in one test
     # (check_input's own first test, plus N); any other goes through _check_dy
     if not (type(dy) is np.ndarray and dy.dtype is dtype and dy.ndim == 2 == len(ctx.x_shape)
-            and dy.shape[0] == x.shape[0] and dy.shape[1] == W0.shape[0] and dtype.char in "fd"):
+            and dy.shape[0] == x.shape[0] and dy.shape[1] == W0.shape[0] and dtype.char in "fd"
+            and dy.flags.c_contiguous):
         dy = _check_dy(dy, ctx, dtype)
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy, ctx, W0, detach_norm)
     # results_finite(dA, dB, dmagnitude, dx), inline; else the exact test, which names them
@@ -951,7 +956,12 @@ def _check_dy(dy, ctx, dtype):
     shape ((3, 2, out) for an output of (2, 3, out), or a flattened
     (6, out)) would pair its rows with rows of x by position, which is
     right for some layouts and silently wrong for others, so it is refused
-    (as PyTorch refuses a gradient of another shape)."""
+    (as PyTorch refuses a gradient of another shape).
+
+    Returned C-contiguous (a copy of a dy in another memory order, as the C
+    kernels take it), so that the gradients' bits do not depend on dy's
+    memory order on either backend (an adversary found a Fortran-ordered dy
+    giving other last bits than the same dy C-ordered on the NumPy backend)."""
     out_f = ctx.W0.shape[0]
     low_precision = dtype.char not in "fd" and dtype in LOW_PRECISION_DTYPES  # the first: cheaper
     dy2 = check_input(dy, out_f, dtype, name="dy", low_precision=low_precision, axis="out")
@@ -960,7 +970,57 @@ def _check_dy(dy, ctx, dtype):
             f"dy must have shape {(*ctx.x_shape[:-1], out_f)} (the forward's output), "
             f"got {np.shape(dy)}"
         )
-    return dy2
+    return np.ascontiguousarray(dy2)
+
+
+def _refs(arr):
+    """``sys.getrefcount`` of an array passed from a caller's local variable."""
+    return sys.getrefcount(arr)
+
+
+def _sole_refs():
+    a = np.empty(1)
+    return _refs(a)
+
+
+#: What ``_refs`` returns for an array that only the caller's local variable holds (measured
+#: here, not assumed: what the count includes differs between Python versions). None where
+#: counts say nothing (a build without the GIL).
+_SOLE_REFS = _sole_refs() if getattr(sys, "_is_gil_enabled", lambda: True)() else None
+
+
+def _take_base(ctx):
+    """The (N, out) array a backward reads from its context, and whether it may write dz over it.
+
+    Returns (base, base_is_z, over). ``base`` None: the context holds none
+    (the forward wrote y over it, or a backward took it); the caller forms it
+    again. ``over`` True: the array was the context's alone, now taken from
+    it (the context holds None, and ``base_is_z`` False): dz goes over it,
+    and a second backward on this context forms it again. Otherwise the
+    array stays in the context and dz goes into a new array: when something
+    else holds it too (a copy of the context, a view of it, a zero-copy
+    pickle's buffer: an adversary's cases, which a write would have made
+    silently wrong), or its memory is not its own and writeable (a read-only
+    buffer: the C kernel would have written into it or crashed).
+
+    The array is taken out of the context in one dictionary operation before
+    anything looks at it, so a backward of the same context on another
+    thread either finds it held here (then it is not written over) or finds
+    None and forms its own; an interrupt leaves the context holding the
+    array or None, never dz.
+    """
+    d = ctx.__dict__
+    base_is_z = d["base_is_z"]
+    base = d.pop("base", None)
+    d["base"] = None
+    if base is None:
+        return None, False, True
+    if (_SOLE_REFS is not None and type(base) is np.ndarray and base.flags.owndata
+            and base.flags.writeable and _refs(base) == _SOLE_REFS):
+        d["base_is_z"] = False
+        return base, base_is_z, True
+    d["base"] = base  # held elsewhere too, or not ours to write: given back untouched
+    return base, base_is_z, False
 
 
 def _dora_backward_f32(dy2, ctx, W0, detach_norm):
@@ -973,17 +1033,17 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
         A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
     kernels = _backend.kernels()
 
-    base, base_is_z = ctx.base, ctx.base_is_z
+    base, base_is_z, over = _take_base(ctx)
     if base is None:  # the forward wrote y over it (a layer in eval), or a backward took it
-        base, base_is_z = ctx.x @ W0.T, False  # (2) again, as the forward formed it
-    else:
-        # dz goes over it below: the context gives it up first (one assignment, so an
-        # interrupt leaves either both or neither), and a second backward on this context
-        # forms it again above (z too: the same bits, tests/test_keep_z.py)
-        ctx.__dict__.update(base=None, base_is_z=False)
+        base, base_is_z, over = ctx.x @ W0.T, False, True  # (2) again, as the forward formed it
     # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U (one kernel for r <= the C
-    # backend's FUSED_MAX_RANK), dz written over base, or over z where the forward kept it
-    dg, dz, dU, dB = kernels._backward_lowrank_own(dy2, base, ctx.U, B, ctx.g, s, base_is_z)
+    # backend's FUSED_MAX_RANK): dz written over base (or z), when the backward may
+    if over:
+        dg, dz, dU, dB = kernels._backward_lowrank_own(dy2, base, ctx.U, B, ctx.g, s, base_is_z)
+    elif base_is_z:
+        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s)
+    else:
+        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
     dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
     if detach_norm:
         dA = dU.T @ ctx.x  # (1)
