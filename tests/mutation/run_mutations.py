@@ -53,6 +53,9 @@ E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     # end-to-end files' shapes are one block of each: the sum passes go untested there)
     "tests/test_backward_lowrank_row_blocks.py",
     "tests/test_add_low_rank.py",  # the backward's dx at (512, 4096): dU @ A added by blocks
+    # a context's base shared with a copy, a view, a pickle or read-only memory, and two
+    # threads on one context: where the backward may write dz over it and where not
+    "tests/test_backward_dz_over_base.py",
 ]
 MAXFAIL = 1  # a file stops at its first failure: the report names one test a file
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
