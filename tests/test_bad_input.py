@@ -175,3 +175,16 @@ def test_the_checker_without_hypothesis_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "hypothesis", None)
     with pytest.raises(ImportError, match=r'pip install hypothesis .*pip install -e "\.\[porting\]"'):
         runner._hypothesis()
+
+
+@pytest.mark.parametrize("bias", [4, 4.0, np.int64(4), True])
+def test_a_number_given_as_the_bias_says_the_options_are_keyword_only(bias):
+    """A second new user's case: DoRALinear(W0, 4) (PEFT's r by position) was refused as
+    "bias must have 1 dimension(s), got shape ()"."""
+    from dora_ref.layers import DoRAConv2d, DoRALinear, LoRALinear
+
+    for cls, W in ((DoRALinear, np.ones((3, 4))), (LoRALinear, np.ones((3, 4))),
+                   (DoRAConv2d, np.ones((3, 4, 1, 1)))):
+        with pytest.raises(TypeError, match=rf"^{cls.__name__}\(weight, bias=None, \*, r=.*keyword-only"):
+            cls(W, bias)
+    DoRALinear(np.ones((3, 4)), np.zeros(3), r=2, rng=0)  # an array bias still works

@@ -51,6 +51,25 @@ def check_keywords(layer, parent_init, kwargs):
                             f"it takes {', '.join(keywords)}")
 
 
+def check_bias_argument(layer, bias):
+    """Refuse a number where a layer takes its bias, saying that the options are keyword-only.
+
+    ``DoRALinear(W0, 4)`` (PEFT's ``r`` given by position, a second new user's
+    case) was refused as "bias must have 1 dimension(s), got shape ()".
+
+    Raises
+    ------
+    TypeError
+        If ``bias`` is a Python or NumPy number (or bool).
+    """
+    if isinstance(bias, (bool, int, float, np.number, np.bool_)):
+        raise TypeError(
+            f"{type(layer).__name__}(weight, bias=None, *, r=..., lora_alpha=..., ...): the second "
+            f"positional argument is the bias, an array of shape (out,) or None, got "
+            f"{type(bias).__name__} {bias!r}; r and the other options are keyword-only "
+            f"(e.g. {type(layer).__name__}(weight, r={bias!r}))")
+
+
 def with_parent_keywords(init, parent_init):
     """Give ``init`` (a DoRA layer's ``__init__(..., **kwargs)``) the signature that lists
     the parent's keyword-only parameters too, for ``help()`` and ``inspect.signature``."""

@@ -35,7 +35,7 @@ from ..core.im2col import (
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
 from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast,
-                   check_keywords, check_lora_dropout, frozen, initial_adapter_dtype,
+                   check_bias_argument, check_keywords, check_lora_dropout, frozen, initial_adapter_dtype,
                    with_parent_keywords)
 from .linear import initial_lora_weights, lora_scaling
 
@@ -85,6 +85,7 @@ class _LoRAConvNd(AdapterLayer):
         policy="consistent",
         autocast_adapter_dtype=True,
     ):
+        check_bias_argument(self, bias)
         d = self._ndim
         self.policy = check_policy(policy)
         self.autocast_adapter_dtype = check_autocast(autocast_adapter_dtype)

@@ -35,6 +35,7 @@ from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round
 from .base import (
     adapter_dtype,
     check_autocast,
+    check_bias_argument,
     check_keywords,
     check_lora_dropout,
     initial_adapter_dtype,
@@ -207,6 +208,7 @@ class LoRALinear(AdapterLayer):
         policy="consistent",
         autocast_adapter_dtype=True,
     ):
+        check_bias_argument(self, bias)
         self.policy = check_policy(policy)
         self.autocast_adapter_dtype = check_autocast(autocast_adapter_dtype)
         weight = as_float_array("weight", weight, ndim=2, low_precision=True)

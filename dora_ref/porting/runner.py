@@ -440,13 +440,16 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
     of ``dora_ref.porting.variants``, and each multiplies one output by a
     constant (a new user's ports: dA / s and 2 * dmagnitude got "hint: none").
     The shrunk case is often one element, where any error is a constant
-    factor, so the port runs again on the same case widened to at least
-    (N, in, out, r) = (3, 5, 4, 3). Found when at least two elements of the
+    factor, so the port runs again on the case widened to at least
+    (N, in, out, r) = (3, 5, 4, 3), and on a second one with another s and r
+    (r + 2, and s = 8, or 0.375 where s was 8; with ``lora_alpha``, four times
+    it), so that a literal 2 and s = 2 are told apart (a second new user's
+    case). A constant is found on a case when at least two elements of the
     reference are well above the tolerance (eight times), the median c of
     their ratios is finite, neither 0 nor 1, and every element of the output
-    is c times the reference's within the tolerance scaled by 1 + |c|. c is
-    named when it is one of s, 1/s, s**2, 1/s**2, r, 1/r, sqrt(r),
-    1/sqrt(r), 2, 1/2 or -1 (to 1e-6).
+    is c times the reference's within the tolerance scaled by 1 + |c|. It is
+    named when one of s, 1/s, s**2, 1/s**2, r, 1/r, sqrt(r), 1/sqrt(r), 2,
+    1/2 or -1 matches it (to 1e-6) on both cases.
     """
     name = exc.info.get("output")
     if name is None or conv.per_input_column:
@@ -454,6 +457,48 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
     params = dict(exc.case.params)
     for key, least in (("N", 3), ("in_features", 5), ("out_features", 4), ("r", 3)):
         params[key] = max(params[key], least)
+    other = dict(params, r=params["r"] + 2)
+    if other.get("lora_alpha") is not None:
+        other["lora_alpha"] = 4 * other["lora_alpha"]
+    else:
+        other["scaling"] = 0.375 if params["scaling"] == 8.0 else 8.0
+    found = [_factor_on(check, fn, unmerge, conv, dropout, detach_norm, name, p)
+             for p in (params, other)]
+    if found[0] is None:
+        return None
+    (c, case), second = found[0], found[1]
+
+    def candidates(sc, r):
+        return {"s": sc, "1/s": 1 / sc, "s**2": sc * sc, "1/s**2": 1 / (sc * sc), "r": r, "1/r": 1 / r,
+                "sqrt(r)": r ** 0.5, "1/sqrt(r)": r ** -0.5, "2": 2.0, "1/2": 0.5, "-1": -1.0}
+
+    def close(a, b):
+        return abs(a - b) <= 1e-6 * abs(b)
+
+    where = case.describe().split(", dtype")[0]
+    sc, r = case.scaling, case.A.shape[0]
+    first = candidates(sc, r)
+    if second is None:  # the second case could not tell: name nothing
+        return (f"your {name} is {c:.6g} times dora_ref's at every element of the case widened to "
+                f"{where} (s = {sc:g}): a scaling left out or applied twice, a factor of 2 from the "
+                f"derivative of a square, or a sign?")
+    c2, case2 = second
+    sc2, r2 = case2.scaling, case2.A.shape[0]
+    also = candidates(sc2, r2)
+    which = [k for k, v in first.items() if close(c, v) and close(c2, also[k])]
+    named = f" (= {' = '.join(which)})" if which else ""
+    if close(c2, c):
+        seen = f"{c:.6g} times dora_ref's at every element{named}, on cases with s = {sc:g} and {sc2:g}"
+    else:
+        seen = (f"dora_ref's times one factor at every element: {c:.6g} at s = {sc:g}, r = {r} and "
+                f"{c2:.6g} at s = {sc2:g}, r = {r2}{named}")
+    return (f"your {name} is {seen} (widened to {where}): a scaling left out or applied twice, a "
+            f"factor of 2 from the derivative of a square, or a sign?")
+
+
+def _factor_on(check, fn, unmerge, conv, dropout, detach_norm, name, params):
+    """(c, case) where the port's output ``name`` is c times dora_ref's on ``make_case(**params)``
+    (``_constant_factor``'s test), else None (also when the port fails there)."""
     try:
         case = make_case(**params)
         got = _C.call_port(check, fn, unmerge, case, conv, dropout)
@@ -473,15 +518,7 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
         if not (np.isfinite(c) and c != 0 and abs(c - 1) > 1e-6
                 and np.all(np.abs(g - c * e) <= atol * (1 + abs(c)))):
             return None
-    sc, r = case.scaling, case.A.shape[0]
-    named = (("s", sc), ("1/s", 1 / sc), ("s**2", sc * sc), ("1/s**2", 1 / (sc * sc)), ("r", r),
-             ("1/r", 1 / r), ("sqrt(r)", r ** 0.5), ("1/sqrt(r)", r ** -0.5), ("2", 2.0),
-             ("1/2", 0.5), ("-1", -1.0))
-    which = [k for k, v in named if abs(c - v) <= 1e-6 * abs(v)]
-    equal = f" (= {' = '.join(which)}; s = {sc:g}, r = {r})" if which else ""
-    return (f"your {name} is {c:.6g} times dora_ref's at every element of the case widened to "
-            f"{case.describe().split(', dtype')[0]}{equal}: a scaling left out or applied twice, "
-            f"a factor of 2 from the derivative of a square, or a sign?")
+    return c, case
 
 
 def _run(check, fn, *, unmerge=None, dtype="float64", dropout=False, detach_norm=True,
