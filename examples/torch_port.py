@@ -146,16 +146,18 @@ def main(argv=None):
     for dtype in ("float64", "float32"):
         kw = dict(dtype=dtype, max_examples=n)
         results = [
-            testing.check_forward(forward, **kw),
-            testing.check_forward(forward, dropout=True, **kw),
-            testing.check_backward(make_backward(True), detach_norm=True, **kw),
-            testing.check_backward(make_backward(False), detach_norm=False, **kw),
-            testing.check_backward(make_backward(True), detach_norm=True, dropout=True, **kw),
-            testing.check_merge(merge, unmerge, **kw),
-            testing.check_init(init, forward, **kw),
+            ("", testing.check_forward(forward, **kw)),
+            ("dropout", testing.check_forward(forward, dropout=True, **kw)),
+            ("detached", testing.check_backward(make_backward(True), detach_norm=True, **kw)),
+            ("exact", testing.check_backward(make_backward(False), detach_norm=False, **kw)),
+            ("detached, dropout", testing.check_backward(make_backward(True), detach_norm=True,
+                                                         dropout=True, **kw)),
+            ("", testing.check_merge(merge, unmerge, **kw)),
+            ("", testing.check_init(init, forward, **kw)),
         ]
-        for r in results:
-            print(f"{dtype}  check_{r.check:<8}  {r.examples} cases  worst error / tolerance "
+        for label, r in results:
+            name = f"check_{r.check}" + (f" ({label})" if label else "")
+            print(f"{dtype}  {name:<34}  {r.examples} cases  worst error / tolerance "
                   f"{r.worst_ratio:.3f} ({r.worst_output})")
     with tempfile.TemporaryDirectory() as d:
         vectors.write(d)
