@@ -254,13 +254,13 @@ def test_two_threads_backing_up_one_context(at):
     line_b = _line_after_take_base()
     a_held, b_held, a_done = threading.Event(), threading.Event(), threading.Event()
 
-    def hook(code, line, held, wait_for):
+    def hook(code, line, held, wait_for, timeout):
         def tracer(frame, event, arg):
             if frame.f_code is code:
                 def local(frame, event, arg):
                     if event == "line" and frame.f_lineno == line and not held.is_set():
                         held.set()
-                        wait_for.wait(10)
+                        wait_for.wait(timeout)
                     return local
                 return local
             return None
@@ -277,13 +277,15 @@ def test_two_threads_backing_up_one_context(at):
             if done is not None:
                 done.set()
 
-    ta = threading.Thread(target=run, args=("A", dyA, hook(F._take_base.__code__, line_a, a_held, b_held),
-                                            a_done))
+    # A waits for B a short while only: where A holds the lock that makes taking the array one
+    # step, B waits for A instead (and reaches its own hold after A let go)
+    ta = threading.Thread(target=run, args=("A", dyA, hook(F._take_base.__code__, line_a, a_held,
+                                                           b_held, 0.2), a_done))
     ta.start()
     while not a_held.is_set() and ta.is_alive():  # a line this call does not run: no hold
         a_held.wait(0.005)
     tb = threading.Thread(target=run, args=("B", dyB, hook(F._dora_backward_f32.__code__, line_b,
-                                                           b_held, a_done)))
+                                                           b_held, a_done, 10)))
     tb.start()
     ta.join(20)
     tb.join(20)
@@ -313,3 +315,124 @@ def test_the_gradients_do_not_depend_on_the_memory_order_of_dy(dtype, r, dropout
         got[key] = F.dora_backward(dy, ctx, detach_norm=False)
     for name, a, b in zip(("dx", "dA", "dB", "dmagnitude"), got["C"], got["F"]):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_a_tracer_that_reads_locals_does_not_make_a_shared_base_look_held_alone():
+    """An adversary's case: the count for "held alone" was measured once, at import; a tracer
+    that reads frames' locals (a debugger, a call logger) adds a reference to every local, and
+    one active at import made a base shared with a copy of the context look held alone
+    (dmagnitude off by 9.6). The count is now compared with a probe's at the same moment."""
+    import copy
+    import sys
+
+    p = _problem(np.float32, 67, 30, 4, 9)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
+
+    def tracer(frame, event, arg):
+        frame.f_locals  # noqa: B018 - what a debugger's or logger's tracer does
+        return tracer
+
+    for shared in (False, True):
+        _, ctx = F.dora_forward(*args)
+        other = copy.copy(ctx) if shared else None
+        sys.settrace(tracer)
+        try:
+            got = F.dora_backward(p["dy"], ctx)
+        finally:
+            sys.settrace(None)
+        grads = [got] + ([F.dora_backward(p["dy"], other)] if shared else [])
+        for g in grads:
+            for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, g):
+                np.testing.assert_array_equal(a, e, err_msg=f"shared={shared} {name}")
+
+
+@pytest.mark.parametrize("at", range(len(_line_numbers(F._take_base))))
+def test_the_context_keeps_its_base_attribute_through_an_interrupt_anywhere(at):
+    """An adversary's case: between popping the array and putting None in its place the context
+    had no ``base`` at all, and an interrupt there left ``ctx.base`` and ``repr(ctx)`` raising
+    AttributeError for good. A KeyboardInterrupt at each line of ``_take_base``: the context
+    still has ``base`` (the array or None) and the next backward is right."""
+    import sys
+
+    p = _problem(np.float64, 20, 12, 16, 5)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
+    _, ctx = F.dora_forward(*args)
+    code, line = F._take_base.__code__, _line_numbers(F._take_base)[at]
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code:
+            def local(frame, event, arg):
+                assert "base" in ctx.__dict__  # at every line
+                if event == "line" and frame.f_lineno == line and not fired:
+                    fired.append(line)
+                    raise KeyboardInterrupt
+                return local
+            return local
+        return None
+
+    sys.settrace(tracer)
+    try:
+        F.dora_backward(p["dy"], ctx)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    assert "base" in ctx.__dict__ and "base_is_z" in ctx.__dict__
+    repr(ctx)
+    got = F.dora_backward(p["dy"], ctx)
+    for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, got):
+        np.testing.assert_array_equal(a, e, err_msg=name)
+
+
+def test_a_context_pickled_without_base_is_z_still_backs_up(monkeypatch):
+    """An adversary's case: a context whose __dict__ lacks ``base_is_z`` (pickled by a version
+    before forwards kept z, whose base was always the base product) failed the backward with
+    KeyError 'base_is_z'; it reads as False."""
+    p = _problem(np.float64, 20, 12, 4, 5)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
+    monkeypatch.setattr(F, "_KEEP_Z", False)  # such a version's context: the base product
+    _, ctx = F.dora_forward(*args)
+    assert not ctx.base_is_z
+    del ctx.__dict__["base_is_z"]
+    got = F.dora_backward(p["dy"], ctx)
+    for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, got):
+        np.testing.assert_array_equal(a, e, err_msg=name)
+
+
+def test_dora_ref_imported_under_a_tracer_that_reads_locals():
+    """The adversary's case itself, in a process of its own: dora_ref imported while a tracer that
+    reads frames' locals runs, the tracer gone, then a copy of a context backs up before the
+    context does. Both must be right (with the count measured at import, the copy's backward
+    wrote dz over the shared base and the original's dmagnitude was off by 9.6)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+def tracer(frame, event, arg):
+    frame.f_locals
+    return tracer
+sys.settrace(tracer)
+import copy
+import numpy as np
+from dora_ref.core import functional as F
+sys.settrace(None)
+rng = np.random.default_rng(0)
+x, W0, A, B = (rng.standard_normal(s).astype(np.float32) for s in ((9, 30), (67, 30), (4, 30), (67, 4)))
+m = (rng.random(67) + .5).astype(np.float32)
+dy = rng.standard_normal((9, 67)).astype(np.float32)
+ref = F.dora_backward(dy, F.dora_forward(x, W0, A, B, m, 0.5)[1], detach_norm=False)
+_, ctx = F.dora_forward(x, W0, A, B, m, 0.5)
+other = copy.copy(ctx)
+g2 = F.dora_backward(dy, other, detach_norm=False)
+g1 = F.dora_backward(dy, ctx, detach_norm=False)
+ok = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ref, g1, g2))
+print("right" if ok else "WRONG")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "right", out.stdout + out.stderr

@@ -188,3 +188,23 @@ def test_a_number_given_as_the_bias_says_the_options_are_keyword_only(bias):
         with pytest.raises(TypeError, match=rf"^{cls.__name__}\(weight, bias=None, \*, r=.*keyword-only"):
             cls(W, bias)
     DoRALinear(np.ones((3, 4)), np.zeros(3), r=2, rng=0)  # an array bias still works
+
+
+def test_a_dora_layer_with_a_mixin_passes_the_mixin_its_keyword():
+    """An adversary's case: class TaggedDoRA(DoRALinear, Tagged), Tagged a LoRALinear subclass with
+    a keyword of its own, was refused ("unexpected keyword argument 'tag'") once the DoRA layers
+    checked keywords against LoRALinear's; the next __init__ in the class order decides."""
+    from dora_ref.layers import DoRALinear, LoRALinear
+
+    class Tagged(LoRALinear):
+        def __init__(self, weight, bias=None, *, tag=None, **kwargs):
+            self.tag = tag
+            super().__init__(weight, bias, **kwargs)
+
+    class TaggedDoRA(DoRALinear, Tagged):
+        pass
+
+    layer = TaggedDoRA(np.ones((3, 4)), r=2, rng=0, tag="q")
+    assert layer.tag == "q"
+    with pytest.raises(TypeError, match="lora_alpah"):  # the mixin's own refusal, by Python
+        TaggedDoRA(np.ones((3, 4)), r=2, rng=0, lora_alpah=8)

@@ -526,13 +526,17 @@ def _detached_backward(dy, x, W0, A, B, m, s, b):
 @pytest.mark.parametrize("mistake, said", [
     # dA without s (s = 2): 1/s on both widened cases (s = 2, then 8), not the literal 1/2
     (lambda g: (g[0], g[1] / g.s, g[2], g[3]),
-     "your dA is dora_ref's times one factor at every element: 0.5 at s = 2, r = 3 and 0.125 at "
-     "s = 8, r = 5 (= 1/s)"),
+     "your dA is dora_ref's times one factor at every element: 0.5 on a case widened to N=5, "
+     "in=6, out=7, r=3, s=2 and 0.125 on N=6, in=9, out=11, r=5, s=8 (= 1/s)"),
     # d(m**2) / dm: the literal 2, not s (a second new user's case: it was named "s" at s = 2)
     (lambda g: (g[0], g[1], g[2], 2 * g[3]),
-     "your dmagnitude is 2 times dora_ref's at every element (= 2), on cases with s = 2 and 8"),
+     "your dmagnitude is 2 times dora_ref's at every element (= 2), on two cases widened"),
     (lambda g: (-g[0], g[1], g[2], g[3]),  # a sign
-     "your dx is -1 times dora_ref's at every element (= -1), on cases with s = 2 and 8"),
+     "your dx is -1 times dora_ref's at every element (= -1), on two cases widened"),
+    # a mean over the batch (an adversary's case: named 1/r where the widened N and r were both 3)
+    (lambda g: (g[0], g[1] / g.N, g[2], g[3]),
+     "your dA is dora_ref's times one factor at every element: 0.2 on a case widened to N=5, "
+     "in=6, out=7, r=3, s=2 and 0.166667 on N=6, in=9, out=11, r=5, s=8 (= 1/N)"),
 ])
 def test_a_port_off_by_a_constant_factor_is_told_the_factor(mistake, said):
     """New users' ports (dA / s, 2 * dmagnitude) got 'hint: none' on a one-element shrunk case:
@@ -544,7 +548,7 @@ def test_a_port_off_by_a_constant_factor_is_told_the_factor(mistake, said):
         class G(list):
             pass
         g = G(grads)
-        g.s = s
+        g.s, g.N = s, x.shape[0]
         return tuple(mistake(g))
 
     with pytest.raises(testing.ConformanceError) as info:

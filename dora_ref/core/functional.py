@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -974,19 +975,15 @@ def _check_dy(dy, ctx, dtype):
 
 
 def _refs(arr):
-    """``sys.getrefcount`` of an array passed from a caller's local variable."""
+    """``sys.getrefcount`` of an object passed from a caller's local variable."""
     return sys.getrefcount(arr)
 
 
-def _sole_refs():
-    a = np.empty(1)
-    return _refs(a)
-
-
-#: What ``_refs`` returns for an array that only the caller's local variable holds (measured
-#: here, not assumed: what the count includes differs between Python versions). None where
-#: counts say nothing (a build without the GIL).
-_SOLE_REFS = _sole_refs() if getattr(sys, "_is_gil_enabled", lambda: True)() else None
+#: False where reference counts say nothing about who holds an array (a build without the GIL):
+#: the backward then never writes over its context's array.
+_COUNTS_TELL = getattr(sys, "_is_gil_enabled", lambda: True)()
+#: One backward at a time takes an array out of a context (``_take_base``).
+_TAKE_LOCK = threading.Lock()
 
 
 def _take_base(ctx):
@@ -1003,24 +1000,29 @@ def _take_base(ctx):
     silently wrong), or its memory is not its own and writeable (a read-only
     buffer: the C kernel would have written into it or crashed).
 
-    The array is taken out of the context in one dictionary operation before
-    anything looks at it, so a backward of the same context on another
-    thread either finds it held here (then it is not written over) or finds
-    None and forms its own; an interrupt leaves the context holding the
-    array or None, never dz.
+    The count is compared with that of an object made here and held the same
+    way, at the same moment, not with a figure measured once: a tracer that
+    reads frames' locals (a debugger, a call logger) adds a reference to
+    every local, and one active at import made an array held twice look held
+    alone (an adversary's case: dmagnitude off by 9.6). Aliases that hold no
+    reference (an address given to ctypes, a copy of ``__array_interface__``)
+    cannot be seen; the context is opaque. One backward at a time takes the
+    array (a lock), so a backward of the same context on another thread
+    finds it or finds None and forms its own; the context always has the
+    attribute, and an interrupt leaves it holding the array or None, never dz.
+    A context without ``base_is_z`` (pickled by an older version) reads as False.
     """
     d = ctx.__dict__
-    base_is_z = d["base_is_z"]
-    base = d.pop("base", None)
-    d["base"] = None
-    if base is None:
-        return None, False, True
-    if (_SOLE_REFS is not None and type(base) is np.ndarray and base.flags.owndata
-            and base.flags.writeable and _refs(base) == _SOLE_REFS):
-        d["base_is_z"] = False
-        return base, base_is_z, True
-    d["base"] = base  # held elsewhere too, or not ours to write: given back untouched
-    return base, base_is_z, False
+    with _TAKE_LOCK:  # read, then None in its place: another backward finds one or the other
+        base, base_is_z = d.get("base"), d.get("base_is_z", False)
+        if base is None:
+            return None, False, True
+        probe = []  # held by one local variable, as base is here besides the context
+        if not (_COUNTS_TELL and type(base) is np.ndarray and base.flags.owndata
+                and base.flags.writeable and _refs(base) == _refs(probe) + 1):
+            return base, base_is_z, False  # held elsewhere too, or not ours to write: untouched
+        d.update(base=None, base_is_z=False)  # one operation: an interrupt leaves both or neither
+    return base, base_is_z, True
 
 
 def _dora_backward_f32(dy2, ctx, W0, detach_norm):

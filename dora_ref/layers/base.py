@@ -27,23 +27,32 @@ from ..core._validate import WeightSnapshot, as_float_array, check_finite, check
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy
 
 
-def check_keywords(layer, parent_init, kwargs):
-    """Refuse a keyword that a DoRA layer would pass on to its LoRA parent's ``__init__``
-    and that the parent does not take, naming the class the user called.
+def check_keywords(layer, cls, kwargs):
+    """Refuse a keyword that a DoRA layer's ``__init__`` (class ``cls``) would pass on to the next
+    ``__init__`` of ``layer``'s class order and that it does not take, naming the class the user
+    called.
 
     Python's own message named the parent ("LoRALinear.__init__() got an
     unexpected keyword argument 'alpha'" for ``DoRALinear(..., alpha=3)``: a
-    new user's case).
+    new user's case). The next ``__init__`` is the one ``super()`` calls (a
+    mixin's, in a subclass that mixes one in: an adversary's case, whose
+    keyword was refused when this compared with ``LoRALinear``'s); one that
+    takes ``**kwargs`` is left to say what it refuses.
 
     Raises
     ------
     TypeError
         Naming ``type(layer)``, the keyword, and the keywords it takes.
     """
-    taken = inspect.signature(parent_init).parameters
+    if not kwargs:
+        return
+    taken = inspect.signature(super(cls, layer).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
+        return
+    by_name = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     for key in kwargs:
-        if key not in taken or taken[key].kind is not inspect.Parameter.KEYWORD_ONLY:
-            own = [p.name for p in inspect.signature(type(layer).__init__).parameters.values()
+        if key not in taken or taken[key].kind not in by_name:
+            own = [p.name for p in inspect.signature(cls.__init__).parameters.values()
                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
             keywords = own + [name for name, p in taken.items()
                               if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own]

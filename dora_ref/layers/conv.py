@@ -303,7 +303,7 @@ class _DoRAConvNd(_LoRAConvNd):
         self.weight_norm = None
         self._lora_magnitude_vector = None
         self._norm_cache = EvalNormCache()
-        check_keywords(self, _LoRAConvNd.__init__, kwargs)
+        check_keywords(self, _DoRAConvNd, kwargs)
         super().__init__(weight, bias, **kwargs)
 
     def _replace_base(self, weight):

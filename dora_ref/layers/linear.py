@@ -526,7 +526,7 @@ class DoRALinear(LoRALinear):
         self._norm_cache = EvalNormCache()
         self._given_magnitude = lora_magnitude_vector
         self._lora_magnitude_vector = None
-        check_keywords(self, LoRALinear.__init__, kwargs)
+        check_keywords(self, DoRALinear, kwargs)
         super().__init__(weight, bias, **kwargs)
 
     def _forward_norm(self):

@@ -17,6 +17,7 @@ from . import diagnosis as _D
 from . import layer_checks as _L
 from .cases import make_case, reference, tolerances
 from .hints import HINTS
+from ..core.precision import finfo
 from .tolerance import as_dtype, is_low_precision
 
 
@@ -455,9 +456,10 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
     if name is None or conv.per_input_column:
         return None
     params = dict(exc.case.params)
-    for key, least in (("N", 3), ("in_features", 5), ("out_features", 4), ("r", 3)):
+    for key, least in (("N", 5), ("in_features", 6), ("out_features", 7), ("r", 3)):
         params[key] = max(params[key], least)
-    other = dict(params, r=params["r"] + 2)
+    other = dict(params, N=params["N"] + 1, in_features=params["in_features"] + 3,
+                 out_features=params["out_features"] + 4, r=params["r"] + 2)
     if other.get("lora_alpha") is not None:
         other["lora_alpha"] = 4 * other["lora_alpha"]
     else:
@@ -468,32 +470,40 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
         return None
     (c, case), second = found[0], found[1]
 
-    def candidates(sc, r):
+    def candidates(c):
+        sc, r, (N, in_f), out_f = c.scaling, c.A.shape[0], c.x.shape[-2:], c.W0.shape[0]
         return {"s": sc, "1/s": 1 / sc, "s**2": sc * sc, "1/s**2": 1 / (sc * sc), "r": r, "1/r": 1 / r,
-                "sqrt(r)": r ** 0.5, "1/sqrt(r)": r ** -0.5, "2": 2.0, "1/2": 0.5, "-1": -1.0}
+                "sqrt(r)": r ** 0.5, "1/sqrt(r)": r ** -0.5, "2": 2.0, "1/2": 0.5, "-1": -1.0,
+                "N": N, "1/N": 1 / N, "out": out_f, "1/out": 1 / out_f, "in": in_f, "1/in": 1 / in_f}
+
+    # names to the output's precision (an adversary's float16 y * 2 measured 2.0002)
+    rel = max(1e-6, 16 * float(finfo(np.dtype(case.x.dtype)).eps))
 
     def close(a, b):
-        return abs(a - b) <= 1e-6 * abs(b)
+        return abs(a - b) <= rel * abs(b)
 
-    where = case.describe().split(", dtype")[0]
-    sc, r = case.scaling, case.A.shape[0]
-    first = candidates(sc, r)
+    first = candidates(case)
     if second is None:  # the second case could not tell: name nothing
         return (f"your {name} is {c:.6g} times dora_ref's at every element of the case widened to "
-                f"{where} (s = {sc:g}): a scaling left out or applied twice, a factor of 2 from the "
-                f"derivative of a square, or a sign?")
+                f"{case.describe().split(', dtype')[0]}, s={case.scaling:g}: a scaling left out or "
+                f"applied twice, a mean instead of a sum, a factor of 2 from the derivative of a "
+                f"square, or a sign?")
     c2, case2 = second
-    sc2, r2 = case2.scaling, case2.A.shape[0]
-    also = candidates(sc2, r2)
+    also = candidates(case2)
     which = [k for k, v in first.items() if close(c, v) and close(c2, also[k])]
     named = f" (= {' = '.join(which)})" if which else ""
+
+    def shape(c):
+        return f"{c.describe().split(', dtype')[0]}, s={c.scaling:g}"
+
     if close(c2, c):
-        seen = f"{c:.6g} times dora_ref's at every element{named}, on cases with s = {sc:g} and {sc2:g}"
+        seen = (f"{c:.6g} times dora_ref's at every element{named}, on two cases widened from the "
+                f"shrunk one ({shape(case)}; {shape(case2)})")
     else:
-        seen = (f"dora_ref's times one factor at every element: {c:.6g} at s = {sc:g}, r = {r} and "
-                f"{c2:.6g} at s = {sc2:g}, r = {r2}{named}")
-    return (f"your {name} is {seen} (widened to {where}): a scaling left out or applied twice, a "
-            f"factor of 2 from the derivative of a square, or a sign?")
+        seen = (f"dora_ref's times one factor at every element: {c:.6g} on a case widened to "
+                f"{shape(case)} and {c2:.6g} on {shape(case2)}{named}")
+    return (f"your {name} is {seen}: a scaling left out or applied twice, a mean instead of a "
+            f"sum, a factor of 2 from the derivative of a square, or a sign?")
 
 
 def _factor_on(check, fn, unmerge, conv, dropout, detach_norm, name, params):
