@@ -974,16 +974,16 @@ def _check_dy(dy, ctx, dtype):
     return np.ascontiguousarray(dy2)
 
 
-def _refs(arr):
-    """``sys.getrefcount`` of an object passed from a caller's local variable."""
-    return sys.getrefcount(arr)
-
-
 #: False where reference counts say nothing about who holds an array (a build without the GIL):
 #: the backward then never writes over its context's array.
 _COUNTS_TELL = getattr(sys, "_is_gil_enabled", lambda: True)()
 #: One backward at a time takes an array out of a context (``_take_base``).
 _TAKE_LOCK = threading.Lock()
+#: The smallest (N, out) array the backward writes dz over. What it saves is fresh memory's page
+#: faults, which glibc's allocator spares arrays this small (it keeps and reuses them); below it,
+#: taking the array cost more than it saved: the 64x64 layer's backward 2-5% slower
+#: (``bench_small_layer.py --base``, Intel Xeon). Tests set it to 0.
+_TAKE_MIN_BYTES = 1 << 20
 
 
 def _take_base(ctx):
@@ -1011,15 +1011,20 @@ def _take_base(ctx):
     finds it or finds None and forms its own; the context always has the
     attribute, and an interrupt leaves it holding the array or None, never dz.
     A context without ``base_is_z`` (pickled by an older version) reads as False.
+    An array below ``_TAKE_MIN_BYTES`` stays in the context (nothing to gain).
     """
     d = ctx.__dict__
+    base, base_is_z = d.get("base"), d.get("base_is_z", False)
+    if base is not None and base.nbytes < _TAKE_MIN_BYTES:
+        return base, base_is_z, False  # too small to gain anything: dz into a new array
     with _TAKE_LOCK:  # read, then None in its place: another backward finds one or the other
         base, base_is_z = d.get("base"), d.get("base_is_z", False)
         if base is None:
             return None, False, True
         probe = []  # held by one local variable, as base is here besides the context
-        if not (_COUNTS_TELL and type(base) is np.ndarray and base.flags.owndata
-                and base.flags.writeable and _refs(base) == _refs(probe) + 1):
+        if not (_COUNTS_TELL and type(base) is np.ndarray
+                and sys.getrefcount(base) == sys.getrefcount(probe) + 1
+                and (flags := base.flags).owndata and flags.writeable):
             return base, base_is_z, False  # held elsewhere too, or not ours to write: untouched
         d.update(base=None, base_is_z=False)  # one operation: an interrupt leaves both or neither
     return base, base_is_z, True
