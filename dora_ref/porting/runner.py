@@ -16,8 +16,8 @@ from . import conventions as _C
 from . import diagnosis as _D
 from . import layer_checks as _L
 from .cases import make_case, reference, tolerances
-from .hints import HINTS
 from ..core.precision import finfo
+from .hints import HINTS
 from .tolerance import as_dtype, is_low_precision
 
 
@@ -442,15 +442,17 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
     constant (a new user's ports: dA / s and 2 * dmagnitude got "hint: none").
     The shrunk case is often one element, where any error is a constant
     factor, so the port runs again on the case widened to at least
-    (N, in, out, r) = (3, 5, 4, 3), and on a second one with another s and r
-    (r + 2, and s = 8, or 0.375 where s was 8; with ``lora_alpha``, four times
-    it), so that a literal 2 and s = 2 are told apart (a second new user's
-    case). A constant is found on a case when at least two elements of the
-    reference are well above the tolerance (eight times), the median c of
-    their ratios is finite, neither 0 nor 1, and every element of the output
-    is c times the reference's within the tolerance scaled by 1 + |c|. It is
-    named when one of s, 1/s, s**2, 1/s**2, r, 1/r, sqrt(r), 1/sqrt(r), 2,
-    1/2 or -1 matches it (to 1e-6) on both cases.
+    (N, in, out, r) = (5, 6, 7, 3), and on a second one with other sizes and
+    another s (N + 1, in + 3, out + 4, r + 2; s = 8, or 0.375 where s was 8;
+    with ``lora_alpha``, four times it), so that a literal 2 is not called
+    s = 2 (a second new user's case) nor a batch mean 1/r (an adversary's).
+    A constant is found on a case (``_factor_on``) when at least two elements
+    of the reference are well above the tolerance (eight times), the median c
+    of their ratios is finite, neither 0 nor 1, and every element of the
+    output is c times the reference's within the tolerance scaled by 1 + |c|.
+    It is named when one of s, 1/s, s**2, 1/s**2, r, 1/r, sqrt(r),
+    1/sqrt(r), N, 1/N, out, 1/out, in, 1/in, 2, 1/2 or -1 matches it on both
+    cases, to 16 units of the output dtype's roundoff (at least 1e-6).
     """
     name = exc.info.get("output")
     if name is None or conv.per_input_column:
@@ -470,8 +472,8 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
         return None
     (c, case), second = found[0], found[1]
 
-    def candidates(c):
-        sc, r, (N, in_f), out_f = c.scaling, c.A.shape[0], c.x.shape[-2:], c.W0.shape[0]
+    def candidates(on):
+        sc, r, (N, in_f), out_f = on.scaling, on.A.shape[0], on.x.shape[-2:], on.W0.shape[0]
         return {"s": sc, "1/s": 1 / sc, "s**2": sc * sc, "1/s**2": 1 / (sc * sc), "r": r, "1/r": 1 / r,
                 "sqrt(r)": r ** 0.5, "1/sqrt(r)": r ** -0.5, "2": 2.0, "1/2": 0.5, "-1": -1.0,
                 "N": N, "1/N": 1 / N, "out": out_f, "1/out": 1 / out_f, "in": in_f, "1/in": 1 / in_f}
@@ -493,8 +495,8 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
     which = [k for k, v in first.items() if close(c, v) and close(c2, also[k])]
     named = f" (= {' = '.join(which)})" if which else ""
 
-    def shape(c):
-        return f"{c.describe().split(', dtype')[0]}, s={c.scaling:g}"
+    def shape(on):
+        return f"{on.describe().split(', dtype')[0]}, s={on.scaling:g}"
 
     if close(c2, c):
         seen = (f"{c:.6g} times dora_ref's at every element{named}, on two cases widened from the "

@@ -56,6 +56,7 @@ summed, not by the size of the result. See docs/porting.md.
 """
 from __future__ import annotations
 
+from ..core._validate import check_flag
 from . import conventions as _C
 from . import diagnosis as _D
 from . import layer_checks as _L
@@ -189,8 +190,6 @@ def check_backward(backward, *, detach_norm=True, dtype="float64", dropout=False
     dropout : bool, default False
         Check the gradients of PEFT's training path with a given mask.
     """
-    from ..core._validate import check_flag
-
     detach_norm = check_flag("detach_norm", detach_norm)
     return _run("backward", backward, dtype=dtype, dropout=dropout, detach_norm=detach_norm,
                 max_examples=max_examples, seed=seed, convention=convention, report=report, cases=cases,
