@@ -15,7 +15,7 @@ write to each page faults. This script measures it, in two processes:
 In each it times, interleaved (each round alternating which goes first),
 the plain step, the DoRA step (``dora_forward`` + ``dora_backward``), the
 DoRA step with dz written into a new (N, out) array as before this version
-(the public ``backward_lowrank_z``; the same bits), and
+(``_backward_lowrank_any`` told not to write over z; the same bits), and
 the DoRA step's pieces in the order the step runs them (the norm, x @ A.T,
 x @ W0.T, the forward epilogue keeping z, the fused backward, dA, dz @ W0,
 dx += dU @ A by blocks of rows), with the minor page faults of each call
@@ -77,17 +77,17 @@ def measure(shape, repeats):
         y, ctx = F.dora_forward(x, W0, A, B, m, s)
         return y, F.dora_backward(dy, ctx)
 
-    own = K._backward_lowrank_own
+    any_ = K._backward_lowrank_any
 
-    def new_dz(dy, base, U, B, g, s, base_is_z):  # the public kernels: dz into a new array
-        return (K.backward_lowrank_z if base_is_z else K.backward_lowrank)(dy, base, U, B, g, s)
+    def new_dz(dy, base, U, B, g, s, base_is_z, dz_over_base):  # dz into a new array
+        return any_(dy, base, U, B, g, s, base_is_z, False)
 
     def dora_new_dz():  # the step before dz went over the context's array (same bits)
-        K._backward_lowrank_own = new_dz
+        K._backward_lowrank_any = new_dz
         try:
             return dora()
         finally:
-            K._backward_lowrank_own = own
+            K._backward_lowrank_any = any_
 
     def pieces(record):
         """The step's arithmetic in its order, each call timed and its faults counted where it runs."""
@@ -105,7 +105,7 @@ def measure(shape, repeats):
                      lambda: K._forward_epilogue_flagged(base, U, B, g, s, None, EPILOGUE_KEEP_Z))
         # as the step calls it: dz written over z (the forward's base array)
         dg, dz, dU, dB = timed("backward_lowrank_z",
-                               lambda: K._backward_lowrank_own(dy, base, U, B, g, s, True))
+                               lambda: K._backward_lowrank_any(dy, base, U, B, g, s, True, True))
         dA = timed("dA = dU.T @ x", lambda: dU.T @ x)
         dx = timed("dx = dz @ W0", lambda: dz @ W0)
         timed("dx += dU @ A", lambda: F._add_low_rank(dx, dU, A))  # as the step adds it

@@ -3,7 +3,7 @@
 ``dora_forward`` keeps the base product x @ W0.T (or z = base + s * U @ B.T
 over it) for the backward; nothing reads it after the backward's epilogue,
 so ``_dora_backward_f32`` takes it from the context and the kernels write
-dz over it (``_backward_lowrank_own`` of each backend) instead of into a
+dz over it (``_backward_lowrank_any`` of each backend) instead of into a
 fresh (N, out) array: 8 MiB less fresh memory, and its page faults, a step
 at (4096, 4096, r, 512) in float32.
 
@@ -59,7 +59,7 @@ def test_kernels_write_dz_over_base_with_the_public_kernels_bits(dtype, r, base_
     public = K.backward_lowrank_z if base_is_z else K.backward_lowrank
     expected = public(dy, base.copy(), U, B, g, 0.7)
     own = base.copy()
-    got = K._backward_lowrank_own(dy, own, U, B, g, 0.7, base_is_z)
+    got = K._backward_lowrank_any(dy, own, U, B, g, 0.7, base_is_z, True)
     assert got[1] is own  # dz went over the array given
     for name, e, a in zip(("dg", "dz", "dU", "dB"), expected, got):
         assert a.dtype == dtype and a.shape == e.shape, name
@@ -95,17 +95,17 @@ def test_an_interrupt_inside_the_backward_kernel_leaves_a_usable_context(monkeyp
     expected = F.dora_backward(p["dy"], ctx_ref)
 
     K = _backend.kernels()
-    real = K._backward_lowrank_own
+    real = K._backward_lowrank_any
 
     def interrupted(dy, base, *rest):
         base[: base.shape[0] // 2] = 1e300  # dz half written ...
         raise KeyboardInterrupt  # ... when the signal lands
 
     _, ctx = F.dora_forward(*args)
-    monkeypatch.setattr(K, "_backward_lowrank_own", interrupted)
+    monkeypatch.setattr(K, "_backward_lowrank_any", interrupted)
     with pytest.raises(KeyboardInterrupt):
         F.dora_backward(p["dy"], ctx)
-    monkeypatch.setattr(K, "_backward_lowrank_own", real)
+    monkeypatch.setattr(K, "_backward_lowrank_any", real)
     again = F.dora_backward(p["dy"], ctx)
     for name, a, b in zip(("dx", "dA", "dB", "dmagnitude"), again, expected):
         np.testing.assert_array_equal(a, b, err_msg=name)
@@ -454,3 +454,4 @@ def test_only_arrays_of_a_mebibyte_or_more_are_written_over(monkeypatch):
         _, ctx = F.dora_forward(p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"])
         F.dora_backward(p["dy"], ctx)
         assert (ctx.base is None) is taken, (N, out_f)
+

@@ -979,9 +979,10 @@ def _check_dy(dy, ctx, dtype):
 _COUNTS_TELL = getattr(sys, "_is_gil_enabled", lambda: True)()
 #: One backward at a time takes an array out of a context (``_take_base``).
 _TAKE_LOCK = threading.Lock()
+
 #: The smallest (N, out) array the backward writes dz over. What it saves is fresh memory's page
 #: faults, which glibc's allocator spares arrays this small (it keeps and reuses them); below it,
-#: taking the array cost more than it saved: the 64x64 layer's backward 2-5% slower
+#: taking the array cost more than it saved: the 64x64 layer's step 1.02-1.06x its time without
 #: (``bench_small_layer.py --base``, Intel Xeon). Tests set it to 0.
 _TAKE_MIN_BYTES = 1 << 20
 
@@ -1044,13 +1045,9 @@ def _dora_backward_f32(dy2, ctx, W0, detach_norm):
     if base is None:  # the forward wrote y over it (a layer in eval), or a backward took it
         base, base_is_z, over = ctx.x @ W0.T, False, True  # (2) again, as the forward formed it
     # (6) dg, dz and (5) dU = s * dz @ B, dB = s * dz.T @ U (one kernel for r <= the C
-    # backend's FUSED_MAX_RANK): dz written over base (or z), when the backward may
-    if over:
-        dg, dz, dU, dB = kernels._backward_lowrank_own(dy2, base, ctx.U, B, ctx.g, s, base_is_z)
-    elif base_is_z:
-        dg, dz, dU, dB = kernels.backward_lowrank_z(dy2, base, ctx.U, B, ctx.g, s)
-    else:
-        dg, dz, dU, dB = kernels.backward_lowrank(dy2, base, ctx.U, B, ctx.g, s)
+    # backend's FUSED_MAX_RANK), from z where the forward kept it: dz written over base (or
+    # z) when the backward may
+    dg, dz, dU, dB = kernels._backward_lowrank_any(dy2, base, ctx.U, B, ctx.g, s, base_is_z, over)
     dmagnitude = dg / ctx.n if ctx.n_nonzero else divide_by_norm(dg, ctx.n)  # (4)
     if detach_norm:
         dA = dU.T @ ctx.x  # (1)

@@ -326,12 +326,23 @@ def backward_epilogue(dy, base, U, B, g, scaling):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    z = U @ B.T  # base + s * (U @ B.T), then dy * z, in place on one temporary
-    z *= float(scaling)
-    z += base
-    z *= dy
-    dg = np.add.reduce(z, axis=0)  # np.sum's own call for an ndarray, without its wrapper
-    dz = dy * g
+    return _backward_epilogue_any(dy, base, U, B, g, scaling, False, None)
+
+
+def _backward_epilogue_any(dy, base, U, B, g, scaling, base_is_z, out):
+    """``backward_epilogue`` (``base_is_z`` False) or ``backward_epilogue_z`` (True, ``base``
+    holding z; U, B and scaling unused); ``out``: None, or ``base`` itself, over which the
+    product dy * z (with z) and dz then go, element for element (the same operations in
+    the same order, so the same bits)."""
+    if base_is_z:
+        p = np.multiply(base, dy, out=out)  # z * dy: the operands of the product below, in its order
+    else:
+        p = U @ B.T  # base + s * (U @ B.T), then dy * z, in place on one temporary
+        p *= float(scaling)
+        p += base
+        p *= dy
+    dg = np.add.reduce(p, axis=0)  # np.sum's own call for an ndarray, without its wrapper
+    dz = np.multiply(dy, g, out=out)
     return dg, dz
 
 
@@ -391,10 +402,7 @@ def backward_epilogue_z(dy, z, g):
     dg : ndarray, shape (out,)
     dz : ndarray, shape (N, out)
     """
-    p = z * dy  # the operands of backward_epilogue's product, in its order
-    dg = np.add.reduce(p, axis=0)
-    dz = dy * g
-    return dg, dz
+    return _backward_epilogue_any(dy, z, None, None, g, None, True, None)
 
 
 def backward_lowrank_z(dy, z, U, B, g, scaling):
@@ -419,25 +427,13 @@ def backward_lowrank_z(dy, z, U, B, g, scaling):
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 
-def _backward_lowrank_own(dy, base, U, B, g, scaling, base_is_z):
-    """``backward_lowrank`` (``base_is_z`` False) or ``backward_lowrank_z`` (True) with dz
-    written over ``base``, for the functional core's backward.
-
-    ``base`` (the base product, or z) is the caller's own (N, out) array, which
-    nothing reads after this call; writing dz over it spares the backward a
-    fresh (N, out) array. The same operations as the public functions, in the
-    same order, so the same bits; with z, the product dy * z goes over it too
-    (no (N, out) array is allocated at all).
-    """
-    if base_is_z:
-        p = np.multiply(base, dy, out=base)  # backward_epilogue_z's z * dy
-    else:
-        p = U @ B.T  # backward_epilogue's operations, on its one temporary
-        p *= float(scaling)
-        p += base
-        p *= dy
-    dg = np.add.reduce(p, axis=0)
-    dz = np.multiply(dy, g, out=base)
+def _backward_lowrank_any(dy, base, U, B, g, scaling, base_is_z, dz_over_base):
+    """``backward_lowrank`` (``base_is_z`` False) or ``backward_lowrank_z`` (True);
+    ``dz_over_base``: dz (and, with z, the product dy * z) written over ``base``, the
+    functional core's own (N, out) array, which nothing reads after this call
+    (``functional._take_base``), instead of into new arrays. The same bits either way."""
+    dg, dz = _backward_epilogue_any(dy, base, U, B, g, scaling, base_is_z,
+                                    base if dz_over_base else None)
     return (dg, dz, *_lowrank_products(dz, U, B, scaling))
 
 

@@ -1515,12 +1515,7 @@ def backward_lowrank(dy, base, U, B, g, scaling):
     and dB are added in row order; so a small N (64 rows of 64 columns) is one
     block, as it was, and a tall dz (2048 x 64) runs on the team.
     """
-    checked = _backward_checked(dy, base, U, B, g)  # once, for either path
-    s = _scaling(scaling)
-    if checked[4] > FUSED_MAX_RANK:
-        dg, dz = _backward_epilogue_kernel(*checked, s)
-        return dg, dz, s * (dz @ checked[0][3]), s * (dz.T @ checked[0][2])
-    return _backward_lowrank_kernel(*checked, s)
+    return _backward_lowrank_any(dy, base, U, B, g, scaling, False, False)
 
 
 def _backward_checked(dy, base, U, B, g, base_name="base"):
@@ -1604,39 +1599,32 @@ def backward_lowrank_z(dy, z, U, B, g, scaling):
     ValueError
         Shapes that do not fit (N, out), (N, r), (out, r), (out,).
     """
-    checked = _backward_checked(dy, z, U, B, g, "z")
-    s = _scaling(scaling)
-    if checked[4] > FUSED_MAX_RANK:
-        (dy, z, U, B, g), dtype, N, out_f, _ = checked
-        dg, dz = _backward_epilogue_z_kernel(dy, z, g, dtype, N, out_f)
-        return dg, dz, s * (dz @ B), s * (dz.T @ U)
-    return _backward_lowrank_kernel(*checked, s, _LOWRANK_Z_KERNELS)
+    return _backward_lowrank_any(dy, z, U, B, g, scaling, True, False)
 
 
-def _backward_lowrank_own(dy, base, U, B, g, scaling, base_is_z):
-    """``backward_lowrank`` (``base_is_z`` False) or ``backward_lowrank_z`` (True) with dz
-    written over ``base``, for the functional core's backward.
+def _backward_lowrank_any(dy, base, U, B, g, scaling, base_is_z, dz_over_base):
+    """``backward_lowrank`` (``base_is_z`` False) or ``backward_lowrank_z`` (True), checked, for
+    either path (the one-pass kernel for r <= ``FUSED_MAX_RANK``, else the epilogue and two
+    BLAS products).
 
-    ``base`` (the base product, or z) is the caller's own (N, out) array, which
-    nothing reads after this call: the forward's, taken from its context, or
-    formed again by the backward. Writing dz over it spares the backward a
-    fresh (N, out) array (its memory and its page faults). The same bits as the
-    public functions: the kernels read each element of base (or z) before they
-    write that element of dz. Checked as they are; dz is ``base`` itself unless
-    the checks had to copy it.
+    ``dz_over_base``: write dz over ``base`` (or z) instead of into a new (N,
+    out) array, for the functional core's backward, whose array it is and
+    which nothing reads after this call (``functional._take_base``): it spares
+    the backward fresh memory and its page faults. The same bits either way:
+    the kernels read each element of base (or z) before they write that
+    element of dz. dz is ``base`` itself unless the checks had to copy it.
     """
-    checked = _backward_checked(dy, base, U, B, g, "z" if base_is_z else "base")
+    arrays, dtype, N, out_f, r = _backward_checked(dy, base, U, B, g, "z" if base_is_z else "base")
     s = _scaling(scaling)
-    arrays, dtype, N, out_f, r = checked
-    own = arrays[1]  # base, or its C-contiguous copy: ours either way
+    dz = arrays[1] if dz_over_base else None  # base, or its C-contiguous copy: ours either way
     if r > FUSED_MAX_RANK:
         if base_is_z:
-            dg, dz = _backward_epilogue_z_kernel(arrays[0], own, arrays[4], dtype, N, out_f, own)
+            dg, dz = _backward_epilogue_z_kernel(arrays[0], arrays[1], arrays[4], dtype, N, out_f, dz)
         else:
-            dg, dz = _backward_epilogue_kernel(arrays, dtype, N, out_f, r, s, own)
+            dg, dz = _backward_epilogue_kernel(arrays, dtype, N, out_f, r, s, dz)
         return dg, dz, s * (dz @ arrays[3]), s * (dz.T @ arrays[2])
     return _backward_lowrank_kernel(arrays, dtype, N, out_f, r, s,
-                                    _LOWRANK_Z_KERNELS if base_is_z else _LOWRANK_KERNELS, own)
+                                    _LOWRANK_Z_KERNELS if base_is_z else _LOWRANK_KERNELS, dz)
 
 
 def _backward_lowrank_kernel(arrays, dtype, N, out_f, r, scaling, kernels=_LOWRANK_KERNELS,
