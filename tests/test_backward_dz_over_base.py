@@ -455,3 +455,68 @@ def test_only_arrays_of_a_mebibyte_or_more_are_written_over(monkeypatch):
         F.dora_backward(p["dy"], ctx)
         assert (ctx.base is None) is taken, (N, out_f)
 
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_takes_a_base_leaves_the_child_a_free_lock():
+    """Review of this round's change: ``_take_base``'s lock, held by another thread at the
+    moment of a fork, stayed held in the child, whose first backward that takes an array
+    would wait for ever. The child gets a fresh lock (``os.register_at_fork``)."""
+    import os
+    import sys
+    import threading
+    import time
+
+    p = _problem(np.float64, 20, 12, 16, 5)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
+    _, ctx = F.dora_forward(*args)
+    code = F._take_base.__code__
+    inside = next(line for line in _line_numbers(F._take_base)
+                  if "probe = []" in open(code.co_filename).read().splitlines()[line - 1])
+    held, release = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code:
+            def local(frame, event, arg):
+                if event == "line" and frame.f_lineno == inside and not held.is_set():
+                    held.set()
+                    release.wait(20)
+                return local
+            return local
+        return None
+
+    def run():
+        sys.settrace(tracer)
+        try:
+            F.dora_backward(p["dy"], ctx)
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert held.wait(10)
+    assert F._TAKE_LOCK.locked()  # the other thread is inside the lock
+    pid = os.fork()
+    if pid == 0:  # the child: a backward that takes its array must finish, and be right
+        try:
+            _, ctx2 = F.dora_forward(*args)
+            got = F.dora_backward(p["dy"], ctx2)
+            ok = all(np.array_equal(a, e) for a, e in zip(got, expected)) and ctx2.base is None
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the child's backward hung on the lock held at the fork")
+            time.sleep(0.01)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        release.set()
+        thread.join(20)

@@ -99,6 +99,7 @@ time (no float32 copy of W0 in the norm or the merge).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -979,6 +980,17 @@ def _check_dy(dy, ctx, dtype):
 _COUNTS_TELL = getattr(sys, "_is_gil_enabled", lambda: True)()
 #: One backward at a time takes an array out of a context (``_take_base``).
 _TAKE_LOCK = threading.Lock()
+
+
+def _new_take_lock():
+    """A fork's child gets a fresh ``_TAKE_LOCK``: one another thread held in the parent at the
+    fork would stay held in the child, and its first backward would wait for ever."""
+    global _TAKE_LOCK
+    _TAKE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_take_lock)
 
 #: The smallest (N, out) array the backward writes dz over. What it saves is fresh memory's page
 #: faults, which glibc's allocator spares arrays this small (it keeps and reuses them); below it,
