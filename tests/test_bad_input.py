@@ -147,12 +147,39 @@ def test_a_dora_layer_names_itself_for_an_unknown_keyword():
              (DoRAConv2d, np.ones((3, 4, 1, 1)))]
     for cls, W in cases:
         with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\) got an unexpected keyword "
-                                            r"argument 'alpha'; it takes .*\blora_alpha\b"):
+                                            r"argument 'alpha'; did you mean 'lora_alpha'\? it takes .*\blora_alpha\b"):
             cls(W, r=2, lora_alpha=4, alpha=3)
         params = inspect.signature(cls).parameters
         assert {"r", "lora_alpha", "detach_norm", "rng"} <= set(params)
         assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
         cls(W, r=2, lora_alpha=4, rng=0)  # the keywords it lists still work
+
+
+@pytest.mark.parametrize("key, meant", [("lora_alpa", "lora_alpha"), ("rank", "r"),
+                                        ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
+                                        ("seed", "rng"), ("detatch_norm", "detach_norm"),
+                                        ("lora_dim", "r"), ("use_rslor", "use_rslora")])
+def test_a_mistyped_or_foreign_keyword_gets_a_did_you_mean(key, meant):
+    """A keyword spelled wrong (lora_alpa) or as another library spells it (torchtune's rank and
+    alpha, LyCORIS's lora_dim) names the keyword meant, before the list of all of them."""
+    from dora_ref.layers import DoRAConv2d, DoRALinear
+
+    for cls, W in ((DoRALinear, np.ones((3, 4))), (DoRAConv2d, np.ones((3, 4, 1, 1)))):
+        with pytest.raises(TypeError, match=rf"unexpected keyword argument '{key}'; did you mean "
+                                            rf"'{meant}'\? it takes .*\b{meant}\b"):
+            cls(W, **{key: 2})
+
+
+def test_a_keyword_like_none_of_them_gets_no_guess():
+    """No guess where none is close (use_rslora is not what use_dora meant: PEFT's use_dora=True
+    is what a DoRA layer is, and the message says so)."""
+    from dora_ref.layers import DoRALinear
+
+    for key, said in (("use_dora", "a DoRA layer is DoRA already"), ("bias_init", "")):
+        with pytest.raises(TypeError) as info:
+            DoRALinear(np.ones((3, 4)), **{key: True})
+        assert "did you mean" not in str(info.value)
+        assert said in str(info.value) and "it takes detach_norm" in str(info.value)
 
 
 def test_adapter_from_layers_says_it_wants_a_mapping():

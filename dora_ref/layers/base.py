@@ -56,8 +56,32 @@ def check_keywords(layer, cls, kwargs):
                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
             keywords = own + [name for name, p in taken.items()
                               if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own]
+            guess = _keyword_meant(key, keywords)
+            hint = (f"did you mean {guess!r}? " if guess else
+                    "a DoRA layer is DoRA already (PEFT's use_dora=True; LoRALinear is plain "
+                    "LoRA); " if key == "use_dora" else "")
             raise TypeError(f"{type(layer).__name__}() got an unexpected keyword argument {key!r}; "
-                            f"it takes {', '.join(keywords)}")
+                            f"{hint}it takes {', '.join(keywords)}")
+
+
+#: Other libraries' names for a DoRA layer's keywords (torchtune and LyCORIS: rank, alpha,
+#: dropout, lora_dim; a seed where dora_ref takes ``rng``), for ``check_keywords``'s hint.
+_OTHER_SPELLINGS = {"rank": "r", "lora_rank": "r", "lora_dim": "r", "lora_r": "r",
+                    "alpha": "lora_alpha", "dropout": "lora_dropout", "lora_dropout_p": "lora_dropout",
+                    "seed": "rng", "random_state": "rng", "generator": "rng",
+                    "magnitude": "lora_magnitude_vector", "rslora": "use_rslora"}
+
+
+def _keyword_meant(key, keywords):
+    """The keyword a user most likely meant by ``key`` (another library's name for it, else the
+    closest spelling among ``keywords``), or None."""
+    import difflib
+
+    meant = _OTHER_SPELLINGS.get(key)
+    if meant in keywords:
+        return meant
+    close = difflib.get_close_matches(key, keywords, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def check_bias_argument(layer, bias):
