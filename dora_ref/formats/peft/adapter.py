@@ -3,10 +3,12 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +229,10 @@ def load_adapter(directory, *, dtype=None):
         config's; a ``use_dora`` adapter without a magnitude for a module
         (PEFT only warns there and re-initialises it, changing the outputs),
         or a magnitude in a LoRA adapter; a magnitude not of shape (out,)
-        (the LyCORIS convention (1, in) or (in,) gets a message saying so).
+        (the LyCORIS convention (1, in) or (in,) gets a message saying so);
+        a config whose rank, alpha or patterns differ from the ones the weights
+        file was saved with by ``save_adapter`` (a save interrupted between its
+        two files, or a config edited by hand).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -242,6 +247,7 @@ def load_adapter(directory, *, dtype=None):
     adapter = PeftAdapter(config, {})
     parts = {}
     with SafetensorsFile(weights) as f:
+        _check_paired_config(config, f, weights)
         for key in f.keys():
             name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             if not _KEY.match(name) and adapter.replacement_key(name):
@@ -359,13 +365,25 @@ def save_adapter(directory, adapter):
     Parameters
     ----------
     directory : str or os.PathLike
-        Created if needed.
+        Created if needed (with its parents). An absent or empty directory
+        is written as a temporary sibling and renamed into place, so that a
+        kill leaves no adapter or the whole one; into an existing adapter
+        directory (its other files kept) each file is written under a
+        temporary name, flushed to disk and renamed over the old one, the
+        weights first. A kill between those two renames leaves the new
+        weights beside the old config: ``load_adapter`` refuses that pair
+        where their ranks, alphas or patterns disagree (the weights file
+        records them in its metadata), but PEFT, which does not look, would
+        load it. What a killed save leaves (hidden ``.*.dora-ref-save-*``
+        files) is removed by the next save to the same directory.
     adapter : PeftAdapter
 
     Raises
     ------
     ValueError
         If a module's rank, scaling or magnitude disagrees with the config.
+    FileExistsError
+        If ``directory`` exists and is not a directory.
     """
     directory = Path(directory)
     cfg = adapter.config
@@ -392,11 +410,145 @@ def save_adapter(directory, adapter):
             tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m)
     for name, arr in adapter.replaced.items():
         tensors[PEFT_PREFIX + name] = np.ascontiguousarray(arr)
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    config = cfg.to_dict()
+    paired = json.dumps({k: config[k] for k in _PAIRED_FIELDS if k in config})
+    weights = save(tensors, metadata={"format": "pt", _PAIRED_KEY: paired})
+    config_text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    _write_adapter_files(directory, weights, config_text)
+
+
+#: The config fields that say what an adapter's tensors mean. ``save_adapter`` writes them
+#: into the weights file's ``__metadata__`` too, and ``load_adapter`` refuses a config beside
+#: it that gives other values: the pair a save interrupted between its two files leaves in an
+#: existing directory (the new weights, the old config), which would otherwise load without an
+#: error and scale every module by the old alpha / r (session 20's adversary: lora_alpha 8
+#: read beside weights saved with 32).
+_PAIRED_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+                  "fan_in_fan_out")
+_PAIRED_KEY = "dora_ref.adapter_config"
+_SAVE_TMP = re.compile(r"\.(.+)\.dora-ref-save-(\d+)-[0-9a-f]+$")
+
+
+def _write_synced(path, data):
+    """A new file ``path`` holding ``data``, flushed to disk (mode 0o666 less the umask)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_stale_saves(directory):
+    """Remove what a killed ``save_adapter`` left: its temporary files in ``directory`` and
+    its temporary sibling directories, where the process that wrote them is gone."""
+    from ..merge_cli import _alive
+
+    places = [(directory.parent, directory.name)]
+    if directory.is_dir() and not directory.is_symlink():
+        places.append((directory, None))
+    for folder, stem in places:
+        try:
+            items = list(folder.iterdir())
+        except OSError:
+            continue
+        for item in items:
+            m = _SAVE_TMP.match(item.name)
+            if not m or (stem is not None and m[1] != stem) or _alive(int(m[2])):
+                continue
+            try:
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+            except FileNotFoundError:  # another save removed it first
+                pass
+
+
+def _write_adapter_files(directory, weights, config):
+    """Write the two files of an adapter so that no kill leaves a pair that loads wrongly.
+
+    An absent (or empty) ``directory`` is built as a temporary sibling and
+    renamed into place: a reader sees no adapter or the whole new one. In an
+    existing directory (its other files kept) each file is written under a
+    temporary name, flushed and renamed over the old one, the weights first:
+    a kill between the two renames leaves the new weights beside the old
+    config, which ``load_adapter`` refuses (``_PAIRED_FIELDS``) where the
+    two disagree. Parent directories are created as needed.
+    """
+    from ..safetensors_io import fsync_directory
+
+    directory = Path(directory)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_saves(directory)
+    tag = f"dora-ref-save-{os.getpid()}-{os.urandom(4).hex()}"
+    fresh = not os.path.lexists(directory) or (
+        directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()))
+    if fresh:
+        tmp = parent / f".{directory.name}.{tag}"
+        tmp.mkdir()
+        try:
+            _write_synced(tmp / ADAPTER_WEIGHTS, weights)
+            _write_synced(tmp / ADAPTER_CONFIG, config)
+            fsync_directory(tmp)
+            os.rename(tmp, directory)  # replaces only an absent or empty directory
+            fsync_directory(parent)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # the directory was filled meanwhile (another save into it): write into it below
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory: save_adapter writes "
+                              f"a directory ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    for name, data in ((ADAPTER_WEIGHTS, weights), (ADAPTER_CONFIG, config)):
+        tmp = directory / f".{name}.{tag}"
+        try:
+            _write_synced(tmp, data)
+            os.replace(tmp, directory / name)
+        finally:
+            if os.path.lexists(tmp):
+                tmp.unlink()
+    fsync_directory(directory)
+
+
+def _check_paired_config(config, weights_file, weights_path):
+    """Refuse a config that gives other values of ``_PAIRED_FIELDS`` than the ones
+    ``save_adapter`` recorded in the weights file beside it (files without the record,
+    e.g. PEFT's own, are not checked)."""
+    recorded = (weights_file.metadata() or {}).get(_PAIRED_KEY)
+    if recorded is None:
+        return
+    try:
+        recorded = json.loads(recorded)
+    except ValueError:
+        raise ValueError(f"{weights_path}: its {_PAIRED_KEY} metadata is not valid JSON") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{weights_path}: its {_PAIRED_KEY} metadata is not a JSON object")
+    given = config.to_dict()
+    for key, value in recorded.items():
+        if key in _PAIRED_FIELDS and not _same_value(given.get(key), value):
+            raise ValueError(
+                f"{weights_path} was saved with {key}={json.dumps(value)} but the "
+                f"{ADAPTER_CONFIG} beside it gives {key}={json.dumps(given.get(key))}: the two "
+                f"files are from different saves (a save interrupted between writing them?) or "
+                f"the config was edited; save the adapter again, or set {key} back"
+            )
+
+
+def _same_value(a, b):
+    """Equal as a config value: numbers by value (8 == 8.0), mappings key by key in order."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return list(a) == list(b) and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
 
 
 def _layer_parts(layer):

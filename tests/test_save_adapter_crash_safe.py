@@ -1,0 +1,161 @@
+"""``peft.save_adapter`` under kills: no pair of files that loads without an error but wrongly.
+
+Session 20's adversary: saving an adapter with lora_alpha = 32 into a folder that held one
+with lora_alpha = 8, killed (SIGKILL) between the two files, left the new weights beside the
+old config, and ``load_adapter`` read them with scaling 2.0 instead of 8.0, no error (8 of
+15 random kills). The weights file now records the config fields that say what its tensors
+mean, and ``load_adapter`` refuses a config beside it that disagrees; an absent or empty
+folder is built aside and renamed into place whole.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dora_ref import DoRALinear
+from dora_ref import peft as P
+from dora_ref.formats.peft import adapter as adapter_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _adapter(alpha, seed=0):
+    layer = DoRALinear(np.random.default_rng(seed).standard_normal((5, 4)), r=2, lora_alpha=alpha,
+                       rng=seed)
+    layer.lora_B[...] = np.random.default_rng(seed + 1).standard_normal(layer.lora_B.shape)
+    return P.adapter_from_layers({"proj": layer})
+
+
+def _save_killed_at(directory, alpha, where):
+    """Run save_adapter(directory, alpha) in a child that SIGKILLs itself when it starts
+    writing the temporary file whose name begins with ``where``."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import numpy as np
+        from test_save_adapter_crash_safe import _adapter
+        from dora_ref import peft as P
+        from dora_ref.formats.peft import adapter as A
+        write = A._write_synced
+        def killing(path, data):
+            if os.path.basename(str(path)).startswith({where!r}) or str(path).endswith({where!r}):
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(path, data)
+        A._write_synced = killing
+        P.save_adapter({str(directory)!r}, _adapter({alpha}))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=str(ROOT), timeout=120)
+    assert done.returncode == -9
+
+
+def test_a_save_killed_between_its_two_files_is_refused_on_load(tmp_path):
+    out = tmp_path / "adapter"
+    P.save_adapter(out, _adapter(8))
+    (out / "README.md").write_text("kept")
+    _save_killed_at(out, 32, ".adapter_config.json")  # the new weights are in place, the config is not
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 8
+    with pytest.raises(ValueError, match=r"saved with lora_alpha=32 but the adapter_config\.json beside "
+                                         r"it gives lora_alpha=8: the two files are from different saves"):
+        P.load_adapter(out)
+    P.save_adapter(out, _adapter(32))  # saving again mends it, and removes what the kill left
+    assert P.load_adapter(out).modules["proj"].scaling == 16.0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json",
+                                                    "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_save_into_a_new_folder_killed_leaves_no_adapter(tmp_path, where):
+    out = tmp_path / "sub" / "adapter"
+    _save_killed_at(out, 32, where)
+    assert not out.exists()  # only a hidden temporary sibling, which the next save removes
+    assert [p.name.startswith(".adapter.dora-ref-save-") for p in out.parent.iterdir()] == [True]
+    P.save_adapter(out, _adapter(32))
+    assert [p.name for p in out.parent.iterdir()] == ["adapter"]
+    assert P.load_adapter(out).modules["proj"].scaling == 16.0
+
+
+def test_a_config_edited_by_hand_is_refused_naming_the_field(tmp_path):
+    P.save_adapter(tmp_path, _adapter(8))  # an empty folder: filled whole
+    path = tmp_path / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = "elsewhere"  # a field the tensors do not depend on: fine
+    path.write_text(json.dumps(cfg))
+    assert P.load_adapter(tmp_path).modules["proj"].scaling == 4.0
+    cfg["r"], cfg["lora_alpha"] = 2, 8.0  # the same values written otherwise: fine
+    path.write_text(json.dumps(cfg))
+    P.load_adapter(tmp_path)
+    cfg["use_rslora"] = True
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"saved with use_rslora=false but .* gives use_rslora=true"):
+        P.load_adapter(tmp_path)
+
+
+def test_an_adapter_without_the_record_loads_as_before(tmp_path):
+    """PEFT's own files (and dora_ref's before this check) carry no record: not checked."""
+    from safetensors.numpy import load_file, save_file
+
+    P.save_adapter(tmp_path, _adapter(8))
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 16
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    assert P.load_adapter(tmp_path).modules["proj"].scaling == 8.0
+
+
+def test_the_saved_files_have_the_usual_mode(tmp_path):
+    """The weights file was 0600 (safetensors' own temporary file), the config 0644."""
+    old = os.umask(0o022)
+    try:
+        P.save_adapter(tmp_path / "a", _adapter(8))
+    finally:
+        os.umask(old)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644
+
+
+def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
+    (tmp_path / "a").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        P.save_adapter(tmp_path / "a", _adapter(8))
+
+
+def test_a_symlinked_folder_is_written_through_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    P.save_adapter(tmp_path / "link", _adapter(8))
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["adapter_config.json",
+                                                                    "adapter_model.safetensors"]
+
+
+def test_the_record_survives_peft_loading(tmp_path):
+    """PEFT ignores the extra metadata: it loads a dora_ref-saved adapter as before."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 5, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = M().double()
+    W0 = model.proj.weight.detach().numpy().copy()
+    layer = DoRALinear(W0, r=2, lora_alpha=8, rng=0)
+    layer.lora_B[...] = 0.1
+    P.save_adapter(tmp_path, P.adapter_from_layers({"proj": layer}))
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    y = PeftModel.from_pretrained(model, str(tmp_path))(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(y, layer(x), rtol=0, atol=1e-14)  # float64: a few roundings of values of O(1), each 1.1e-16
