@@ -170,12 +170,14 @@ def main(argv=None):
     ends the command quietly, with status 1, as other command-line tools do,
     instead of a ``BrokenPipeError`` traceback.
     """
+    console = argv is None and threading.current_thread() is threading.main_thread()
     try:
-        status = _run(argv)
-        if argv is None and threading.current_thread() is threading.main_thread():
-            # the console script, its work done: a Ctrl-C now would only kill the exit
-            # (status -2 after a complete merge, say), so it is ignored
+        status = _run(argv, console)
+        if console:
+            # the console script, its work done: a Ctrl-C or a SIGTERM now would only kill the
+            # exit (status -2 or -15 after a complete merge, say), so they are ignored
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if sys.stdout is not None:  # None when the command started with stdout closed (>&-)
             sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
         return status
@@ -198,7 +200,7 @@ def _stdout_to_devnull():
     os.close(devnull)
 
 
-def _run(argv):
+def _run(argv, console=False):
     argv = list(sys.argv[1:] if argv is None else argv)
     folder = _shadowing_folder()
     if folder is not None:
@@ -222,6 +224,8 @@ def _run(argv):
         print(f"dora-ref {name}: error: {e}; install the extra that provides it{missing} (see README.md)",
               file=sys.stderr)
         return 1
+    if name == "merge" and console:  # SIGTERM stays ignored from the merge's end to the exit
+        return module.main(rest, sigterm_after=signal.SIG_IGN) or 0
     return module.main(rest) or 0
 
 

@@ -479,6 +479,52 @@ def test_merge_stopped_after_out_was_installed_says_the_merge_is_done(small_chec
     assert _merged_files(out) == _merged_files(reference)
 
 
+_SIGNAL_AT_EXIT = """
+import atexit, os, signal, sys
+sys.argv = ["dora-ref", "merge", "--no-progress", *sys.argv[2:]]
+atexit.register(lambda: os.kill(os.getpid(), getattr(signal, {signame!r})))  # the process exiting
+from dora_ref.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_merge_command_signalled_while_it_exits_after_a_complete_merge(small_checkpoint, signame):
+    """Session 20's adversary: a SIGTERM that came while ``dora-ref merge`` exited after a complete
+    merge (2 of 40 random SIGTERMs from outside; here sent from an atexit hook) ended it with
+    status -15 (143 in a shell), OUT complete: the merge had put the default handler back, and
+    the console script ignored only Ctrl-C on its way out. Now both: status 0, OUT complete."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dora_ref.formats import merge_cli
+
+    d = small_checkpoint
+    out, reference = d / "out", d / "reference"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_AT_EXIT.format(signame=signame), "-",
+                           str(d / "base"), str(d / "ad"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    merge_cli.merge_checkpoint(d / "base", [d / "ad"], reference, progress=False, log=lambda *a: None)
+    assert _merged_files(out) == _merged_files(reference)
+
+
+def test_merge_main_called_by_a_program_puts_its_sigterm_handler_back(small_checkpoint):
+    """Only the console script leaves SIGTERM ignored at the end; a program that calls
+    ``merge_cli.main`` gets its own handler back."""
+    import signal
+
+    from dora_ref.formats import merge_cli
+
+    d = small_checkpoint
+    before = signal.getsignal(signal.SIGTERM)
+    assert merge_cli.main([str(d / "base"), str(d / "ad"), str(d / "out"), "--no-progress"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.parametrize("case", ["foreign-file-then-interrupt", "foreign-folder-then-error"])
 def test_merge_out_changed_by_another_process_is_not_called_done(small_checkpoint, monkeypatch,
                                                                    capsys, case):
@@ -552,3 +598,53 @@ def test_layer_scaling_too_large_or_not_a_number_raises_naming_scaling(kind, op,
             layer.train(op == "forward")
             layer.forward(x)
     assert not layer.merged
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_two_threads_merging_into_one_new_out(small_checkpoint, monkeypatch, kind):
+    """Session 20's adversary: two threads of one process merging into the same new OUT. The
+    second's cleanup removed the first's temporary output as a leftover of its own pid, and
+    the first failed with a raw FileNotFoundError naming its temporary file (15 of 16 trials).
+    Now one merge installs OUT and the other says OUT appeared while it ran (as two processes
+    do); OUT is the complete merge and no temporary sibling is left."""
+    import threading
+
+    from dora_ref.formats import merge_cli
+
+    d = small_checkpoint
+    base = d / "base" if kind == "dir" else d / "base" / "model.safetensors"
+    out = d / ("out" if kind == "dir" else "out.safetensors")
+    both_writing = threading.Barrier(2, timeout=60)
+    real = merge_cli.merge_tensor
+
+    def merge_tensor(*args, **kwargs):  # both threads past their cleanup, both writing
+        both_writing.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_cli, "merge_tensor", merge_tensor)
+    outcomes = []
+
+    def run():
+        try:
+            merge_cli.merge_checkpoint(base, [d / "ad"], out, progress=False, log=lambda *a: None)
+            outcomes.append("ok")
+        except ValueError as e:
+            outcomes.append("appeared" if "appeared while this merge ran" in str(e) else repr(e))
+        except BaseException as e:  # noqa: BLE001 (what the test reports)
+            outcomes.append(repr(e))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(outcomes) == ["appeared", "ok"], outcomes
+    monkeypatch.setattr(merge_cli, "merge_tensor", real)
+    reference = d / ("reference" if kind == "dir" else "reference.safetensors")
+    merge_cli.merge_checkpoint(base, [d / "ad"], reference, progress=False, log=lambda *a: None)
+    if kind == "dir":
+        assert _merged_files(out) == _merged_files(reference)
+    else:
+        assert out.read_bytes() == reference.read_bytes()
+    assert not [p.name for p in d.iterdir() if ".dora-ref-" in p.name]
+    assert not merge_cli._LIVE

@@ -79,6 +79,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -244,8 +245,24 @@ def _cut(raw, keep):
     return os.fsdecode(cut)
 
 
+#: Names of the temporary siblings this process is writing now: ``_clean_leftovers`` leaves
+#: them alone (another thread of this process merging into the same OUT: its cleanup removed
+#: the first thread's output as a leftover of its own pid; session 20's adversary).
+_LIVE = set()
+_LIVE_LOCK = threading.Lock()
+
+
 def _sibling(out, tag):
-    return out.with_name(f".{_stem(out)}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")  # (secrets: 0.01 s to import)
+    """A new temporary sibling of OUT, recorded as live until ``_done_with`` is called."""
+    path = out.with_name(f".{_stem(out)}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")  # (secrets: 0.01 s to import)
+    with _LIVE_LOCK:
+        _LIVE.add(path.name)
+    return path
+
+
+def _done_with(path):
+    with _LIVE_LOCK:
+        _LIVE.discard(path.name)
 
 
 def _clean_leftovers(out):
@@ -259,6 +276,10 @@ def _clean_leftovers(out):
         if not m:
             continue
         pid = int(m[2])
+        with _LIVE_LOCK:
+            live = item.name.removesuffix(".partial") in _LIVE
+        if live:  # another thread of this process is writing it
+            continue
         if pid != os.getpid() and _alive(pid):
             raise ValueError(
                 f"process {pid}, which is writing {item}, is still running (another dora-ref merge into "
@@ -362,8 +383,9 @@ def _install(tmp, out, is_dir, force):
     if not force:
         try:
             _install_new(tmp, out, is_dir)
-        except ValueError:
-            del _INSTALLED[os.path.realpath(out)]
+        except ValueError:  # the record this call made, not another thread's for the same OUT
+            if _INSTALLED.get(os.path.realpath(out)) == _identity(tmp):
+                del _INSTALLED[os.path.realpath(out)]
             raise
     elif not is_dir or not out.exists():
         os.replace(tmp, out)  # atomic; an empty OUT directory is replaced too
@@ -373,11 +395,14 @@ def _install(tmp, out, is_dir, force):
         shutil.rmtree(tmp)  # now the old output
     else:
         old = _sibling(out, _OLD_TAG)
-        os.rename(out, old)
-        _kill_point("renamed-aside")
-        os.rename(tmp, out)
-        S.fsync_directory(parent)
-        shutil.rmtree(old)
+        try:
+            os.rename(out, old)
+            _kill_point("renamed-aside")
+            os.rename(tmp, out)
+            S.fsync_directory(parent)
+            shutil.rmtree(old)
+        finally:
+            _done_with(old)
     S.fsync_directory(parent)
 
 
@@ -793,6 +818,7 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         raise
     finally:
         bar.close()
+        _done_with(tmp)
 
     merged = {k: [":".join(origin[id(m)]) for m in mods] for k, (mods, _) in plan.items()}
     n_dora = sum(1 for mods, _ in plan.values() if any(m.magnitude is not None for m in mods))
@@ -839,7 +865,7 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
-def main(argv=None):
+def main(argv=None, *, sigterm_after=None):
     """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage).
 
     Every expected error (a bad file, config, shape, a non-finite merged
@@ -853,6 +879,12 @@ def main(argv=None):
     changes nothing: the message says the merge is done, and the status is 0.
     A report that cannot be written (stdout closed, a reader gone, a full
     disk) does not fail the merge.
+
+    ``sigterm_after``: the SIGTERM handler left when it returns (default: the
+    one it found). The console script (``dora_ref.cli.main``) passes
+    ``signal.SIG_IGN``: with the default handler back, a SIGTERM while the
+    process exits after a complete merge ended it with status -15 (143 in a
+    shell), OUT complete (session 20's adversary, 2 of 40 random SIGTERMs).
     """
     args = _parser().parse_args(argv)
     before = _identity(args.out)
@@ -866,7 +898,7 @@ def main(argv=None):
             return _main(args, before)
         finally:
             if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGTERM, previous if sigterm_after is None else sigterm_after)
     except _Terminated:  # after _main's own handlers (a signal just as it returned)
         return _stopped(args.out, before, "terminated (SIGTERM)", 143)
     except KeyboardInterrupt:
