@@ -235,3 +235,20 @@ def test_a_dora_layer_with_a_mixin_passes_the_mixin_its_keyword():
     assert layer.tag == "q"
     with pytest.raises(TypeError, match="lora_alpah"):  # the mixin's own refusal, by Python
         TaggedDoRA(np.ones((3, 4)), r=2, rng=0, lora_alpah=8)
+
+
+def test_a_dy_of_another_dtype_says_how_to_convert_it():
+    """A new user's case: a float64 dy (made with np.sqrt(in_f), a float64 scalar) for a float32
+    layer was told what is wrong but not what to do; the message now gives the conversion, and
+    following it works."""
+    from dora_ref.layers import DoRALinear
+
+    layer = DoRALinear(np.ones((4, 3), np.float32), r=2, rng=0)
+    layer(np.ones((2, 3), np.float32))
+    dy = np.ones((2, 4)) / np.sqrt(3)
+    with pytest.raises(TypeError, match=r"dy has dtype float64 but the weights have dtype float32; "
+                                        r"convert it first \(dy\.astype\('float32'\)\)"):
+        layer.backward(dy)
+    assert layer.backward(dy.astype('float32')).dtype == np.float32
+    with pytest.raises(TypeError, match=r"convert it first \(x\.astype\('float32'\)\)"):
+        layer(np.ones((2, 3)))

@@ -502,7 +502,9 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False, axis="i
             f"{name} must have shape (..., {axis}) = (..., {in_features}), got {x.shape}"
         )
     if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}")
+        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}; "
+                        f"convert it first ({name}.astype({str(dtype)!r})): dora_ref does not "
+                        "cast silently")
     return x.reshape(-1, in_features)
 
 

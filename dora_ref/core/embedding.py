@@ -443,7 +443,9 @@ def _lp_backward(dy, ctx, detach_norm):
         raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
                          f"got {dy.shape}")
     if dy.dtype != p.lp:
-        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {p.lp}")
+        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {p.lp}; "
+                        f"convert it first (dy.astype({str(p.lp)!r})): dora_ref does not "
+                        "cast silently")
     dy2 = dy.reshape(-1, D).astype(np.float32)
     A, B, s = ctx.A, ctx.B, ctx.scaling
     if p.policy == "consistent":
@@ -536,7 +538,9 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
         raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
                          f"got {dy.shape}")
     if dy.dtype != E.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {E.dtype}")
+        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {E.dtype}; "
+                        f"convert it first (dy.astype({str(E.dtype)!r})): dora_ref does not "
+                        "cast silently")
     dy2 = dy.reshape(-1, D) * ctx.embed_scale
     kernels = _backend.kernels()
 

@@ -349,7 +349,9 @@ def _check_x(x, in_channels, d, dtype, name="x"):
             f"with in = {in_channels}, got {x.shape}"
         )
     if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}")
+        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}; "
+                        f"convert it first ({name}.astype({str(dtype)!r})): dora_ref does not "
+                        "cast silently")
     return x
 
 
