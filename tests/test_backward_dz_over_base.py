@@ -520,3 +520,69 @@ def test_a_fork_while_another_thread_takes_a_base_leaves_the_child_a_free_lock()
     finally:
         release.set()
         thread.join(20)
+
+
+@pytest.mark.parametrize("same_context", [True, False])
+@pytest.mark.parametrize("at", range(len(_line_numbers(F._take_base))))
+def test_a_backward_run_by_a_signal_handler_inside_a_take(at, same_context):
+    """Session 20's adversary: a SIGALRM handler that ran a backward while its thread was inside
+    ``_take_base``'s lock waited for that lock for ever (the interrupted frame holds it). A
+    nested backward (what a handler runs between two bytecodes) at each line of ``_take_base``,
+    on the same context and on another: both finish, in a thread joined with a timeout, and
+    both give the bits of a backward run alone."""
+    import sys
+    import threading
+
+    p = _problem(np.float64, 20, 12, 16, 5)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
+    _, ctx = F.dora_forward(*args)
+    _, other = F.dora_forward(*args)
+    code, line = F._take_base.__code__, _line_numbers(F._take_base)[at]
+    results, fired = {}, []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code and not fired:
+            def local(frame, event, arg):
+                if event == "line" and frame.f_lineno == line and not fired:
+                    fired.append(line)
+                    sys.settrace(None)  # the handler's own backward runs untraced
+                    frame.f_trace = None
+                    results["nested"] = F.dora_backward(p["dy"], ctx if same_context else other)
+                return local
+            return local
+        return None
+
+    def run():
+        sys.settrace(tracer)
+        try:
+            results["outer"] = F.dora_backward(p["dy"], ctx)
+        finally:
+            sys.settrace(None)
+        busy.append(getattr(F._TAKING, "busy", False))
+
+    busy = []
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), f"the nested backward at line {line} of _take_base hung"
+    # a line this path does not run (another branch's return) fires nothing: the outer alone
+    assert set(results) == ({"outer", "nested"} if fired else {"outer"})
+    for which in results:
+        for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, results[which]):
+            np.testing.assert_array_equal(a, e, err_msg=f"{which} {name}")
+    assert busy == [False] and not F._TAKE_LOCK.locked()  # the flag as it was, the lock free
+
+
+def test_a_flag_an_interrupt_left_set_does_not_stop_the_take(monkeypatch):
+    """An interrupt at the line that puts ``_TAKING.busy`` back leaves it set for the thread;
+    with the lock free the backward still takes its array (and puts the flag as it found it)."""
+    p = _problem(np.float64, 20, 12, 16, 5)
+    args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
+    expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
+    monkeypatch.setattr(F._TAKING, "busy", True, raising=False)
+    _, ctx = F.dora_forward(*args)
+    got = F.dora_backward(p["dy"], ctx)
+    assert ctx.base is None  # taken, dz written over it
+    for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, got):
+        np.testing.assert_array_equal(a, e, err_msg=name)

@@ -980,6 +980,10 @@ def _check_dy(dy, ctx, dtype):
 _COUNTS_TELL = getattr(sys, "_is_gil_enabled", lambda: True)()
 #: One backward at a time takes an array out of a context (``_take_base``).
 _TAKE_LOCK = threading.Lock()
+#: Per thread: whether it is inside ``_take_base``'s lock (or about to take it, or just out of
+#: it), so that a backward a signal handler runs there does not wait for the lock its own
+#: thread holds.
+_TAKING = threading.local()
 
 
 def _new_take_lock():
@@ -1023,6 +1027,8 @@ def _take_base(ctx):
     array (a lock), so a backward of the same context on another thread
     finds it or finds None and forms its own; the context always has the
     attribute, and an interrupt leaves it holding the array or None, never dz.
+    A backward that a signal handler runs while its thread is inside this
+    function (any context) reads and takes nothing: dz into a new array.
     A context without ``base_is_z`` (pickled by an older version) reads as False.
     An array below ``_TAKE_MIN_BYTES`` stays in the context (nothing to gain).
     """
@@ -1030,16 +1036,29 @@ def _take_base(ctx):
     base, base_is_z = d.get("base"), d.get("base_is_z", False)
     if base is not None and base.nbytes < _TAKE_MIN_BYTES:
         return base, base_is_z, False  # too small to gain anything: dz into a new array
-    with _TAKE_LOCK:  # read, then None in its place: another backward finds one or the other
-        base, base_is_z = d.get("base"), d.get("base_is_z", False)
-        if base is None:
-            return None, False, True
-        probe = []  # held by one local variable, as base is here besides the context
-        if not (_COUNTS_TELL and type(base) is np.ndarray
-                and sys.getrefcount(base) == sys.getrefcount(probe) + 1
-                and (flags := base.flags).owndata and flags.writeable):
-            return base, base_is_z, False  # held elsewhere too, or not ours to write: untouched
-        d.update(base=None, base_is_z=False)  # one operation: an interrupt leaves both or neither
+    busy = getattr(_TAKING, "busy", False)
+    if busy and _TAKE_LOCK.locked():
+        # a backward run by a signal handler while this thread holds the lock (it is set
+        # before the lock is taken and put back after it is released): waiting for the lock
+        # would wait for the interrupted frame, for ever (an adversary's case), and taking the
+        # array could write over the one that frame has read. Read only: the handler runs to
+        # its end before that frame goes on, and dz goes into a new array. (A flag an interrupt
+        # left set, with another thread holding the lock, costs that call the take, no more.)
+        return (None, False, True) if base is None else (base, base_is_z, False)
+    try:
+        _TAKING.busy = True
+        with _TAKE_LOCK:  # read, then None in its place: another backward finds one or the other
+            base, base_is_z = d.get("base"), d.get("base_is_z", False)
+            if base is None:
+                return None, False, True
+            probe = []  # held by one local variable, as base is here besides the context
+            if not (_COUNTS_TELL and type(base) is np.ndarray
+                    and sys.getrefcount(base) == sys.getrefcount(probe) + 1
+                    and (flags := base.flags).owndata and flags.writeable):
+                return base, base_is_z, False  # held elsewhere too, or not ours to write: untouched
+            d.update(base=None, base_is_z=False)  # one operation: an interrupt leaves both or neither
+    finally:
+        _TAKING.busy = busy  # as it was: a handler's take inside another's leaves it set
     return base, base_is_z, True
 
 
