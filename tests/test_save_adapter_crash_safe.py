@@ -159,3 +159,15 @@ def test_the_record_survives_peft_loading(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 4))
     y = PeftModel.from_pretrained(model, str(tmp_path))(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(y, layer(x), rtol=0, atol=1e-14)  # float64: a few roundings of values of O(1), each 1.1e-16
+
+
+def test_a_save_into_the_working_directory(tmp_path, monkeypatch):
+    """save_adapter(".") in an empty working directory: written into it, not replaced (a
+    replaced working directory would leave the process in a deleted folder)."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    P.save_adapter(".", _adapter(8))
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["adapter_config.json",
+                                                           "adapter_model.safetensors"]
+    assert os.path.samefile(Path.cwd(), here) and P.load_adapter(".").modules["proj"].scaling == 4.0

@@ -365,10 +365,10 @@ def save_adapter(directory, adapter):
     Parameters
     ----------
     directory : str or os.PathLike
-        Created if needed (with its parents). An absent or empty directory
-        is written as a temporary sibling and renamed into place, so that a
-        kill leaves no adapter or the whole one; into an existing adapter
-        directory (its other files kept) each file is written under a
+        Created if needed (with its parents). An absent directory is
+        written as a temporary sibling and renamed into place, so that a
+        kill leaves no adapter or the whole one; into an existing directory
+        (its other files kept) each file is written under a
         temporary name, flushed to disk and renamed over the old one, the
         weights first. A kill between those two renames leaves the new
         weights beside the old config: ``load_adapter`` refuses that pair
@@ -468,9 +468,9 @@ def _remove_stale_saves(directory):
 def _write_adapter_files(directory, weights, config):
     """Write the two files of an adapter so that no kill leaves a pair that loads wrongly.
 
-    An absent (or empty) ``directory`` is built as a temporary sibling and
-    renamed into place: a reader sees no adapter or the whole new one. In an
-    existing directory (its other files kept) each file is written under a
+    An absent ``directory`` is built as a temporary sibling and renamed into
+    place: a reader sees no adapter or the whole new one. In an existing
+    directory (its other files kept) each file is written under a
     temporary name, flushed and renamed over the old one, the weights first:
     a kill between the two renames leaves the new weights beside the old
     config, which ``load_adapter`` refuses (``_PAIRED_FIELDS``) where the
@@ -478,27 +478,27 @@ def _write_adapter_files(directory, weights, config):
     """
     from ..safetensors_io import fsync_directory
 
-    directory = Path(directory)
+    directory = Path(os.path.abspath(directory))  # "." has no name to build a sibling's from
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_saves(directory)
     tag = f"dora-ref-save-{os.getpid()}-{os.urandom(4).hex()}"
-    fresh = not os.path.lexists(directory) or (
-        directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()))
-    if fresh:
+    # an existing folder, even an empty one, is written into, not replaced: it may be a
+    # process's working directory, a mount point, or carry permissions of its own
+    if not os.path.lexists(directory):
         tmp = parent / f".{directory.name}.{tag}"
         tmp.mkdir()
         try:
             _write_synced(tmp / ADAPTER_WEIGHTS, weights)
             _write_synced(tmp / ADAPTER_CONFIG, config)
             fsync_directory(tmp)
-            os.rename(tmp, directory)  # replaces only an absent or empty directory
+            os.rename(tmp, directory)  # atomic; fails on a non-empty directory made meanwhile
             fsync_directory(parent)
             return
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            # the directory was filled meanwhile (another save into it): write into it below
+            # the directory appeared meanwhile (another save into it): write into it below
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
