@@ -32,9 +32,9 @@ def _adapter(alpha, seed=0):
     return P.adapter_from_layers({"proj": layer})
 
 
-def _save_killed_at(directory, alpha, where):
+def _save_killed_at(directory, alpha, where, after=False):
     """Run save_adapter(directory, alpha) in a child that SIGKILLs itself when it starts
-    writing the temporary file whose name begins with ``where``."""
+    writing the temporary file whose name begins with ``where`` (``after``: once it is written)."""
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -44,9 +44,12 @@ def _save_killed_at(directory, alpha, where):
         from dora_ref.formats.peft import adapter as A
         write = A._write_synced
         def killing(path, data):
-            if os.path.basename(str(path)).startswith({where!r}) or str(path).endswith({where!r}):
+            hit = os.path.basename(str(path)).startswith({where!r}) or str(path).endswith({where!r})
+            if hit and not {after!r}:
                 os.kill(os.getpid(), signal.SIGKILL)
             write(path, data)
+            if hit:
+                os.kill(os.getpid(), signal.SIGKILL)
         A._write_synced = killing
         P.save_adapter({str(directory)!r}, _adapter({alpha}))
     """)
@@ -171,3 +174,79 @@ def test_a_save_into_the_working_directory(tmp_path, monkeypatch):
     assert sorted(p.name for p in Path.cwd().iterdir()) == ["adapter_config.json",
                                                            "adapter_model.safetensors"]
     assert os.path.samefile(Path.cwd(), here) and P.load_adapter(".").modules["proj"].scaling == 4.0
+
+
+def test_an_adapter_with_unsorted_pattern_keys_loads_back(tmp_path):
+    """Session 20's second adversary: layers given in an order whose rank/alpha pattern keys are
+    not sorted ('^b' before '^a') made load_adapter refuse save_adapter's own output (the config
+    is written with sorted keys, the record kept the order given)."""
+    rng = np.random.default_rng(0)
+    layers = {"b": DoRALinear(rng.standard_normal((5, 4)), r=2, lora_alpha=4, rng=0),
+              "a": DoRALinear(rng.standard_normal((5, 4)), r=2, lora_alpha=16, rng=1),
+              "c": DoRALinear(rng.standard_normal((5, 4)), r=4, lora_alpha=8, rng=2),
+              "d": DoRALinear(rng.standard_normal((5, 4)), r=2, lora_alpha=16, rng=3)}
+    P.save_adapter(tmp_path, P.adapter_from_layers(layers))
+    loaded = P.load_adapter(tmp_path)
+    assert {k: m.scaling for k, m in loaded.modules.items()} == {
+        k: layer.scaling for k, layer in layers.items()}
+
+
+@pytest.mark.parametrize("start", ["absent", "existing"])
+def test_concurrent_saves_into_one_folder_leave_one_whole_adapter(tmp_path, start):
+    """The second adversary's case: four threads saving adapters with different alphas into one
+    folder all succeeded and left one's weights beside another's config in 39 of 160 trials.
+    Saves into folders of one parent now run one at a time: the folder holds one whole save."""
+    import threading
+
+    out = tmp_path / "adapter"
+    if start == "existing":
+        P.save_adapter(out, _adapter(1, seed=9))
+    adapters = [_adapter(alpha, seed=i) for i, alpha in enumerate((4, 8, 16, 32))]
+    errors = []
+
+    def save(ad):
+        try:
+            P.save_adapter(out, ad)
+        except BaseException as e:  # noqa: BLE001 (what the test reports)
+            errors.append(repr(e))
+
+    for _ in range(5):
+        threads = [threading.Thread(target=save, args=(ad,)) for ad in adapters]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        got = P.load_adapter(out).modules["proj"]
+        assert any(got.scaling == ad.modules["proj"].scaling
+                   and np.array_equal(got.lora_B, ad.modules["proj"].lora_B) for ad in adapters)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_save_killed_through_a_symlinked_folder_is_cleaned_by_the_next(tmp_path):
+    """The second adversary's case: the temporary file a killed save left in the folder a
+    symlink points to was never removed (the cleanup skipped symlinked folders)."""
+    real = tmp_path / "real"
+    P.save_adapter(real, _adapter(8))
+    (tmp_path / "link").symlink_to(real)
+    _save_killed_at(tmp_path / "link", 32, ".adapter_model.safetensors", after=True)
+    assert any(".dora-ref-save-" in p.name for p in real.iterdir())
+    P.save_adapter(tmp_path / "link", _adapter(32))
+    assert sorted(p.name for p in real.iterdir()) == ["adapter_config.json",
+                                                     "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("record, said", [("[" * 100000 + "]" * 100000, "not valid JSON"),
+                                          ('{"r": 1' + "0" * 400 + "}", "was saved with r=1000"),
+                                          ("[1, 2]", "not a JSON object")])
+def test_a_tampered_record_is_a_clear_error(tmp_path, record, said):
+    """A record nested deeper than Python's stack gave RecursionError, one with r = 10**400 an
+    OverflowError (the second adversary): both now a ValueError naming the file."""
+    from safetensors.numpy import load_file, save_file
+
+    P.save_adapter(tmp_path, _adapter(8))
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights),
+              metadata={"format": "pt", "dora_ref.adapter_config": record})
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors.*{said}"):
+        P.load_adapter(tmp_path)
