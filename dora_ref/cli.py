@@ -181,6 +181,9 @@ def main(argv=None):
         if sys.stdout is not None:  # None when the command started with stdout closed (>&-)
             sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
         return status
+    except KeyboardInterrupt:  # Ctrl-C before a command took it over (its start): no traceback
+        print("dora-ref: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         _stdout_to_devnull()
         return 1
@@ -224,8 +227,8 @@ def _run(argv, console=False):
         print(f"dora-ref {name}: error: {e}; install the extra that provides it{missing} (see README.md)",
               file=sys.stderr)
         return 1
-    if name == "merge" and console:  # SIGTERM stays ignored from the merge's end to the exit
-        return module.main(rest, sigterm_after=signal.SIG_IGN) or 0
+    if name == "merge" and console:  # Ctrl-C and SIGTERM ignored from the merge's end to the exit
+        return module.main(rest, ignore_signals_after=True) or 0
     return module.main(rest) or 0
 
 

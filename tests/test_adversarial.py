@@ -648,3 +648,57 @@ def test_two_threads_merging_into_one_new_out(small_checkpoint, monkeypatch, kin
         assert out.read_bytes() == reference.read_bytes()
     assert not [p.name for p in d.iterdir() if ".dora-ref-" in p.name]
     assert not merge_cli._LIVE
+
+
+def test_a_thread_refused_because_another_installed_out_does_not_say_it_is_done(small_checkpoint,
+                                                                                monkeypatch):
+    """Session 20's second adversary: thread B (another adapter, no --force) started while OUT was
+    absent, thread A merged and installed OUT, then B was refused ("exists and is not empty")
+    but returned 0 and said its merge was done: the record of who installed OUT was per
+    process. Now per thread: B returns 1 and says OUT was changed by something else."""
+    import threading
+
+    from peft_helpers import random_module, write_adapter
+
+    from dora_ref.formats import merge_cli
+
+    d = small_checkpoint
+    write_adapter(d / "ad2", {"l0": random_module(np.random.default_rng(7), 8, 6, 2, dtype=np.float32)})
+    out = d / "out"
+    a_done = threading.Event()
+    real = merge_cli.merge_checkpoint
+
+    def merge_checkpoint(*args, **kwargs):
+        if threading.current_thread().name == "B":
+            a_done.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_cli, "merge_checkpoint", merge_checkpoint)
+    status = {}
+
+    def run(name, adapter):
+        status[name] = merge_cli.main([str(d / "base"), str(d / adapter), str(out), "--no-progress"])
+        if name == "A":
+            a_done.set()
+
+    b = threading.Thread(target=run, args=("B", "ad2"), name="B")
+    a = threading.Thread(target=run, args=("A", "ad"), name="A")
+    b.start()
+    a.start()
+    a.join(60)
+    b.join(60)
+    assert status == {"A": 0, "B": 1}
+    reference = d / "reference"
+    real(d / "base", [d / "ad"], reference, progress=False, log=lambda *a: None)
+    assert _merged_files(out) == _merged_files(reference)
+
+
+def test_ctrl_c_before_the_command_starts_is_status_130_without_a_traceback(monkeypatch, capsys):
+    from dora_ref import cli
+
+    def interrupted(argv, console=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["info"]) == 130
+    assert "dora-ref: interrupted" in capsys.readouterr().err

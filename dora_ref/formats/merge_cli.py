@@ -367,10 +367,16 @@ def _install_new(tmp, out, is_dir):
     os.unlink(tmp)
 
 
-#: realpath of an OUT -> (device, inode) of the output this process moved there
+#: (thread, realpath of an OUT) -> (device, inode) of the output this thread moved there
 #: (a rename keeps the inode): how ``main`` tells its own complete output from
-#: something another process put at OUT meanwhile.
+#: something another process, or another thread of this one, put at OUT meanwhile (keyed
+#: by OUT alone, a thread refused because another had installed OUT said its merge was
+#: done, status 0: session 20's second adversary).
 _INSTALLED = {}
+
+
+def _installed_key(out):
+    return threading.get_ident(), os.path.realpath(out)
 
 
 def _install(tmp, out, is_dir, force):
@@ -379,13 +385,13 @@ def _install(tmp, out, is_dir, force):
     parent = out.parent if str(out.parent) else Path(".")
     # recorded before the rename: OUT holds this inode only if the rename happened
     # (an interrupt between the rename and a later record would go unrecorded)
-    _INSTALLED[os.path.realpath(out)] = _identity(tmp)
+    _INSTALLED[_installed_key(out)] = _identity(tmp)
     if not force:
         try:
             _install_new(tmp, out, is_dir)
         except ValueError:  # the record this call made, not another thread's for the same OUT
-            if _INSTALLED.get(os.path.realpath(out)) == _identity(tmp):
-                del _INSTALLED[os.path.realpath(out)]
+            if _INSTALLED.get(_installed_key(out)) == _identity(tmp):
+                del _INSTALLED[_installed_key(out)]
             raise
     elif not is_dir or not out.exists():
         os.replace(tmp, out)  # atomic; an empty OUT directory is replaced too
@@ -865,7 +871,7 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
-def main(argv=None, *, sigterm_after=None):
+def main(argv=None, *, ignore_signals_after=False):
     """Entry point of ``dora-ref merge``; returns the exit status (0 ok, 1 error, 2 usage).
 
     Every expected error (a bad file, config, shape, a non-finite merged
@@ -880,25 +886,32 @@ def main(argv=None, *, sigterm_after=None):
     A report that cannot be written (stdout closed, a reader gone, a full
     disk) does not fail the merge.
 
-    ``sigterm_after``: the SIGTERM handler left when it returns (default: the
-    one it found). The console script (``dora_ref.cli.main``) passes
-    ``signal.SIG_IGN``: with the default handler back, a SIGTERM while the
-    process exits after a complete merge ended it with status -15 (143 in a
-    shell), OUT complete (session 20's adversary, 2 of 40 random SIGTERMs).
+    ``ignore_signals_after``: leave SIGINT and SIGTERM ignored when it returns
+    (default: SIGTERM's handler as it found it). The console script
+    (``dora_ref.cli.main``) sets it: with the default handlers back, a
+    SIGTERM or a Ctrl-C while the process exits after a complete merge
+    ended it with status -15 or -2 (143 or 130 in a shell), OUT complete
+    (session 20's adversaries: 2 of 40 random SIGTERMs; 4 of 61 points of a
+    Ctrl-C sweep between this function's return and the exit).
     """
     args = _parser().parse_args(argv)
     before = _identity(args.out)
-    _INSTALLED.pop(os.path.realpath(args.out), None)  # a record of an earlier merge says nothing
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: signals stay as they are
-        previous = None
+    _INSTALLED.pop(_installed_key(args.out), None)  # a record of an earlier merge says nothing
+    previous = None
     try:
         try:
+            try:  # inside the try: a SIGTERM just after the handler is in goes to _stopped
+                previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
             return _main(args, before)
         finally:
             if previous is not None:
-                signal.signal(signal.SIGTERM, previous if sigterm_after is None else sigterm_after)
+                if ignore_signals_after:  # Ctrl-C first: a SIGTERM meanwhile still goes to _stopped
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                else:
+                    signal.signal(signal.SIGTERM, previous)
     except _Terminated:  # after _main's own handlers (a signal just as it returned)
         return _stopped(args.out, before, "terminated (SIGTERM)", 143)
     except KeyboardInterrupt:
@@ -922,7 +935,7 @@ def _stopped(out, before, what, status, say_left=True):
     the message says what is at OUT: as before, nothing, or something this
     merge did not write (another process changed OUT meanwhile)."""
     now = _identity(out)
-    if now is not None and now != before and now == _INSTALLED.get(os.path.realpath(out)):
+    if now is not None and now != before and now == _INSTALLED.get(_installed_key(out)):
         print(f"dora-ref merge: {what} after {out} was written complete: the merge is done",
               file=sys.stderr)
         return 0
