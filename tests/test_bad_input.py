@@ -252,3 +252,48 @@ def test_a_dy_of_another_dtype_says_how_to_convert_it():
     assert layer.backward(dy.astype('float32')).dtype == np.float32
     with pytest.raises(TypeError, match=r"convert it first \(x\.astype\('float32'\)\)"):
         layer(np.ones((2, 3)))
+
+
+_KINDS = ["DoRALinear", "LoRALinear", "DoRAEmbedding", "DoRAConv2d", "LoRAConv1d"]
+_FLOATS = ["float32", "float64", "float16", "bfloat16"]
+
+
+def _layer_and_input(kind, dtype, rng):
+    import dora_ref
+
+    cls = getattr(dora_ref, kind)
+    if kind == "DoRAEmbedding":
+        return cls(rng.standard_normal((10, 6)).astype(dtype), r=2, lora_alpha=4, rng=0), None
+    shape, x = {"DoRALinear": ((6, 5), (3, 5)), "LoRALinear": ((6, 5), (3, 5)),
+                "DoRAConv2d": ((4, 3, 3, 3), (2, 3, 6, 6)), "LoRAConv1d": ((4, 3, 3), (2, 3, 7))}[kind]
+    return cls(rng.standard_normal(shape).astype(dtype), r=2, lora_alpha=4, rng=0), rng.standard_normal(x)
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("weights", _FLOATS)
+@pytest.mark.parametrize("given", _FLOATS)
+def test_following_the_dtype_hint_works(kind, weights, given):
+    """Session 20's second adversary: a float64 layer given float16 x (or dy) was told to convert
+    it to float32, which it then refused too. For x and dy of every float dtype other than the
+    weights', the conversion the message names is one the layer takes."""
+    import re
+
+    import ml_dtypes
+
+    if weights == given:
+        pytest.skip("no conversion needed")
+    names = {"np": np, "ml_dtypes": ml_dtypes}
+    rng = np.random.default_rng(0)
+    layer, x = _layer_and_input(kind, np.dtype(ml_dtypes.bfloat16) if weights == "bfloat16" else weights, rng)
+
+    def follow(call, arr, name):
+        with pytest.raises(TypeError) as info:
+            call(arr)
+        m = (re.search(rf"\(({name}\.astype\('\w+'\))\)", str(info.value))
+             or re.search(rf"e\.g\. ({name}\.astype\([\w.]+\))", str(info.value)))
+        assert m, str(info.value)
+        return call(eval(m.group(1), names, {name: arr}))  # the message's own expression
+
+    as_given = (lambda a: a.astype(ml_dtypes.bfloat16)) if given == "bfloat16" else (lambda a: a.astype(given))
+    y = layer(np.array([1, 2, 3])) if x is None else follow(layer, as_given(x), "x")
+    follow(layer.backward, as_given(np.ones(np.shape(y))), "dy")

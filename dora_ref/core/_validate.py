@@ -55,7 +55,14 @@ def refuse_array_subclass(name, value):
         )
 
 
-def as_float_array(name, value, ndim=None, *, low_precision=False):
+def _astype_example(name, want):
+    """``name.astype(...)`` to the dtype ``want`` (float32 if None), as a user would write it."""
+    want = np.dtype(np.float32 if want is None else want)
+    spelled = "ml_dtypes.bfloat16" if want.name == "bfloat16" else f"np.{want.name}"
+    return f"{name}.astype({spelled})"
+
+
+def as_float_array(name, value, ndim=None, *, low_precision=False, want=None):
     """Return ``value`` as a float32/float64 (or float16/bfloat16) ndarray, or raise.
 
     Parameters
@@ -70,6 +77,11 @@ def as_float_array(name, value, ndim=None, *, low_precision=False):
     low_precision : bool, default False
         Also accept float16 and ``ml_dtypes.bfloat16`` (the functions that
         implement ``dora_ref.core.precision``'s rules pass True).
+    want : numpy dtype, optional
+        The dtype the caller needs (the weights'): the conversion an error
+        message suggests (default float32). A float64 layer given float16 x
+        was told to convert it to float32, which it then refused too
+        (session 20's second adversary).
 
     Returns
     -------
@@ -108,16 +120,15 @@ def as_float_array(name, value, ndim=None, *, low_precision=False):
                 f"non-native byte order, which is not accepted; convert it, e.g. "
                 f"{name}.astype(np.{native.name})"
             )
+        to = _astype_example(name, want)
         if value.dtype in LOW_PRECISION_DTYPES:
             raise TypeError(
                 f"{name} has dtype {value.dtype} (shape {value.shape}), which this function "
-                f"does not accept: it takes float32 or float64; convert it explicitly, e.g. "
-                f"{name}.astype(np.float32)"
+                f"does not accept: it takes float32 or float64; convert it explicitly, e.g. {to}"
             )
         raise TypeError(
             f"{name} must have dtype float32 or float64, got {value.dtype} "
-            f"(shape {value.shape}); convert it explicitly, e.g. "
-            f"{name}.astype(np.float32)"
+            f"(shape {value.shape}); convert it explicitly, e.g. {to}"
         )
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
@@ -496,7 +507,7 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False, axis="i
     if (type(x) is np.ndarray and x.dtype is dtype and x.ndim == 2
             and x.shape[1] == in_features and (low_precision or dtype.char in "fd")):
         return x  # the usual case: an (N, in) ndarray of the weights' float dtype
-    x = as_float_array(name, x, low_precision=low_precision)
+    x = as_float_array(name, x, low_precision=low_precision, want=dtype)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(
             f"{name} must have shape (..., {axis}) = (..., {in_features}), got {x.shape}"

@@ -533,7 +533,7 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
         return _lp_backward(dy, ctx, detach_norm)
     E, A, B, s = ctx.weight, ctx.A, ctx.B, ctx.scaling
     D = E.shape[1]
-    dy = as_float_array("dy", dy)
+    dy = as_float_array("dy", dy, want=E.dtype)
     if dy.shape != (*ctx.ids_shape, D):
         raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
                          f"got {dy.shape}")
