@@ -158,13 +158,22 @@ def test_a_dora_layer_names_itself_for_an_unknown_keyword():
 @pytest.mark.parametrize("key, meant", [("lora_alpa", "lora_alpha"), ("rank", "r"),
                                         ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
                                         ("seed", "rng"), ("detatch_norm", "detach_norm"),
-                                        ("lora_dim", "r"), ("use_rslor", "use_rslora")])
+                                        ("lora_dim", "r"), ("use_rslor", "use_rslora"),
+                                        ("R", "r"), ("Lora_Alpha", "lora_alpha")])
 def test_a_mistyped_or_foreign_keyword_gets_a_did_you_mean(key, meant):
     """A keyword spelled wrong (lora_alpa) or as another library spells it (torchtune's rank and
-    alpha, LyCORIS's lora_dim) names the keyword meant, before the list of all of them."""
-    from dora_ref.layers import DoRAConv2d, DoRALinear
+    alpha, LyCORIS's lora_dim) names the keyword meant, before the list of all of them; in
+    every layer class (the embedding, LoRA and LoRA conv layers had Python's message, naming
+    "_LoRAConvNd.__init__()" for a conv: session 20's second adversary)."""
+    from dora_ref.layers import DoRAConv2d, DoRAEmbedding, DoRALinear, LoRAConv2d, LoRALinear
 
-    for cls, W in ((DoRALinear, np.ones((3, 4))), (DoRAConv2d, np.ones((3, 4, 1, 1)))):
+    for cls, W in ((DoRALinear, np.ones((3, 4))), (DoRAConv2d, np.ones((3, 4, 1, 1))),
+                   (DoRAEmbedding, np.ones((5, 4))), (LoRALinear, np.ones((3, 4))),
+                   (LoRAConv2d, np.ones((3, 4, 1, 1)))):
+        if key == "detatch_norm" and cls.__name__.startswith("LoRA"):
+            continue  # a LoRA layer has no norm to detach
+        if key == "dropout" and cls is DoRAEmbedding:
+            continue  # nor does the embedding take a dropout
         with pytest.raises(TypeError, match=rf"unexpected keyword argument '{key}'; did you mean "
                                             rf"'{meant}'\? it takes .*\b{meant}\b"):
             cls(W, **{key: 2})
@@ -175,11 +184,15 @@ def test_a_keyword_like_none_of_them_gets_no_guess():
     is what a DoRA layer is, and the message says so)."""
     from dora_ref.layers import DoRALinear
 
+    from dora_ref.layers import LoRAConv2d
+
     for key, said in (("use_dora", "a DoRA layer is DoRA already"), ("bias_init", "")):
         with pytest.raises(TypeError) as info:
             DoRALinear(np.ones((3, 4)), **{key: True})
         assert "did you mean" not in str(info.value)
         assert said in str(info.value) and "it takes detach_norm" in str(info.value)
+    with pytest.raises(TypeError, match=r"^LoRAConv2d\(\) .*'use_dora'; for DoRA use DoRAConv2d; it takes"):
+        LoRAConv2d(np.ones((3, 4, 1, 1)), use_dora=True)
 
 
 def test_adapter_from_layers_says_it_wants_a_mapping():

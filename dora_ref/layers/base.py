@@ -56,12 +56,49 @@ def check_keywords(layer, cls, kwargs):
                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
             keywords = own + [name for name, p in taken.items()
                               if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own]
-            guess = _keyword_meant(key, keywords)
-            hint = (f"did you mean {guess!r}? " if guess else
-                    "a DoRA layer is DoRA already (PEFT's use_dora=True; LoRALinear is plain "
-                    "LoRA); " if key == "use_dora" else "")
-            raise TypeError(f"{type(layer).__name__}() got an unexpected keyword argument {key!r}; "
-                            f"{hint}it takes {', '.join(keywords)}")
+            raise unknown_keyword(type(layer).__name__, key, keywords)
+
+
+def unknown_keyword(class_name, key, keywords):
+    """The ``TypeError`` for keyword ``key`` that class ``class_name``'s constructor does not
+    take: the keyword most likely meant (``_keyword_meant``), what PEFT's ``use_dora`` means
+    here, and every keyword it takes."""
+    guess = _keyword_meant(key, keywords)
+    if guess:
+        hint = f"did you mean {guess!r}? "
+    elif key == "use_dora" and "DoRA" in class_name:
+        hint = "a DoRA layer is DoRA already (PEFT's use_dora=True); "
+    elif key == "use_dora":
+        hint = f"for DoRA use {class_name.replace('LoRA', 'DoRA', 1)}; "
+    else:
+        hint = ""
+    return TypeError(f"{class_name}() got an unexpected keyword argument {key!r}; {hint}"
+                     f"it takes {', '.join(keywords)}")
+
+
+_SIGNATURES = weakref.WeakKeyDictionary()
+
+
+def check_constructor_keywords(cls, kwargs):
+    """Refuse a keyword that ``cls``'s constructor does not take, before it runs, with the
+    message of ``unknown_keyword``: Python's own named no alternative, and for the LoRA,
+    embedding and conv layers named the wrong class ("_LoRAConvNd.__init__() got an
+    unexpected keyword argument", session 20's second adversary). Only dora_ref's own
+    classes: a subclass defined elsewhere (a mixin's keywords, a ``**kwargs`` of its own) is
+    left to its constructors, which say what they refuse (``check_keywords`` for a DoRA
+    layer's parent)."""
+    if not cls.__module__.startswith("dora_ref."):
+        return
+    params = _SIGNATURES.get(cls)
+    if params is None:
+        params = _SIGNATURES[cls] = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    by_name = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for key in kwargs:
+        if key not in params or params[key].kind not in by_name:
+            raise unknown_keyword(cls.__name__, key, [name for name, p in params.items()
+                                                      if p.kind is inspect.Parameter.KEYWORD_ONLY])
 
 
 #: Other libraries' names for a DoRA layer's keywords (torchtune and LyCORIS: rank, alpha,
@@ -77,7 +114,7 @@ def _keyword_meant(key, keywords):
     closest spelling among ``keywords``), or None."""
     import difflib
 
-    meant = _OTHER_SPELLINGS.get(key)
+    meant = _OTHER_SPELLINGS.get(key, _OTHER_SPELLINGS.get(key.lower(), key.lower()))
     if meant in keywords:
         return meant
     close = difflib.get_close_matches(key, keywords, n=1, cutoff=0.8)
@@ -430,6 +467,11 @@ class AdapterLayer(Module):
 
     _param_names = ()
     merged_adapter = None
+
+    def __new__(cls, *args, **kwargs):
+        if kwargs:  # a keyword the constructor does not take: named, with the one meant
+            check_constructor_keywords(cls, kwargs)
+        return super().__new__(cls)
 
     @property
     def policy(self):
