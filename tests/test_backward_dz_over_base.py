@@ -456,13 +456,46 @@ def test_only_arrays_of_a_mebibyte_or_more_are_written_over(monkeypatch):
         assert (ctx.base is None) is taken, (N, out_f)
 
 
+def _backward_in_a_thread(dy, ctx, line, at_line, results=None):
+    """Start a thread that runs ``F.dora_backward(dy, ctx)`` (into ``results["outer"]``) with
+    ``at_line(frame)`` called once, when ``_take_base`` reaches ``line``; returns the thread."""
+    import sys
+    import threading
+
+    code, fired = F._take_base.__code__, []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code and not fired:
+            def local(frame, event, arg):
+                if event == "line" and frame.f_lineno == line and not fired:
+                    fired.append(line)
+                    at_line(frame)
+                return local
+            return local
+        return None
+
+    def run():
+        sys.settrace(tracer)
+        try:
+            got = F.dora_backward(dy, ctx)
+        finally:
+            sys.settrace(None)
+        if results is not None:
+            results["outer"] = got
+            results["fired"] = bool(fired)
+            results["busy"] = getattr(F._TAKING, "busy", False)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_a_fork_while_another_thread_takes_a_base_leaves_the_child_a_free_lock():
     """Review of this round's change: ``_take_base``'s lock, held by another thread at the
     moment of a fork, stayed held in the child, whose first backward that takes an array
     would wait for ever. The child gets a fresh lock (``os.register_at_fork``)."""
     import os
-    import sys
     import threading
     import time
 
@@ -475,25 +508,11 @@ def test_a_fork_while_another_thread_takes_a_base_leaves_the_child_a_free_lock()
                   if "probe = []" in open(code.co_filename).read().splitlines()[line - 1])
     held, release = threading.Event(), threading.Event()
 
-    def tracer(frame, event, arg):
-        if frame.f_code is code:
-            def local(frame, event, arg):
-                if event == "line" and frame.f_lineno == inside and not held.is_set():
-                    held.set()
-                    release.wait(20)
-                return local
-            return local
-        return None
+    def hold(frame):
+        held.set()
+        release.wait(20)
 
-    def run():
-        sys.settrace(tracer)
-        try:
-            F.dora_backward(p["dy"], ctx)
-        finally:
-            sys.settrace(None)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = _backward_in_a_thread(p["dy"], ctx, inside, hold)
     assert held.wait(10)
     assert F._TAKE_LOCK.locked()  # the other thread is inside the lock
     pid = os.fork()
@@ -531,47 +550,29 @@ def test_a_backward_run_by_a_signal_handler_inside_a_take(at, same_context):
     on the same context and on another: both finish, in a thread joined with a timeout, and
     both give the bits of a backward run alone."""
     import sys
-    import threading
 
     p = _problem(np.float64, 20, 12, 16, 5)
     args = (p["x"], p["W0"], p["A"], p["B"], p["m"], 0.5)
     expected = F.dora_backward(p["dy"], F.dora_forward(*args)[1])
     _, ctx = F.dora_forward(*args)
     _, other = F.dora_forward(*args)
-    code, line = F._take_base.__code__, _line_numbers(F._take_base)[at]
-    results, fired = {}, []
+    line = _line_numbers(F._take_base)[at]
+    results = {}
 
-    def tracer(frame, event, arg):
-        if frame.f_code is code and not fired:
-            def local(frame, event, arg):
-                if event == "line" and frame.f_lineno == line and not fired:
-                    fired.append(line)
-                    sys.settrace(None)  # the handler's own backward runs untraced
-                    frame.f_trace = None
-                    results["nested"] = F.dora_backward(p["dy"], ctx if same_context else other)
-                return local
-            return local
-        return None
+    def handler(frame):
+        sys.settrace(None)  # the handler's own backward runs untraced
+        frame.f_trace = None
+        results["nested"] = F.dora_backward(p["dy"], ctx if same_context else other)
 
-    def run():
-        sys.settrace(tracer)
-        try:
-            results["outer"] = F.dora_backward(p["dy"], ctx)
-        finally:
-            sys.settrace(None)
-        busy.append(getattr(F._TAKING, "busy", False))
-
-    busy = []
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread = _backward_in_a_thread(p["dy"], ctx, line, handler, results)
     thread.join(30)
     assert not thread.is_alive(), f"the nested backward at line {line} of _take_base hung"
     # a line this path does not run (another branch's return) fires nothing: the outer alone
-    assert set(results) == ({"outer", "nested"} if fired else {"outer"})
-    for which in results:
+    assert set(results) - {"fired", "busy"} == ({"outer", "nested"} if results["fired"] else {"outer"})
+    for which in ("outer", "nested") if results["fired"] else ("outer",):
         for name, e, a in zip(("dx", "dA", "dB", "dmagnitude"), expected, results[which]):
             np.testing.assert_array_equal(a, e, err_msg=f"{which} {name}")
-    assert busy == [False] and not F._TAKE_LOCK.locked()  # the flag as it was, the lock free
+    assert results["busy"] is False and not F._TAKE_LOCK.locked()  # the flag as it was, the lock free
 
 
 def test_a_flag_an_interrupt_left_set_does_not_stop_the_take(monkeypatch):
