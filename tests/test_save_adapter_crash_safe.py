@@ -250,3 +250,30 @@ def test_a_tampered_record_is_a_clear_error(tmp_path, record, said):
               metadata={"format": "pt", "dora_ref.adapter_config": record})
     with pytest.raises(ValueError, match=rf"adapter_model\.safetensors.*{said}"):
         P.load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("fields, said", [
+    (dict(lora_alpha=32), "takes lora_alpha from the layers"),
+    (dict(r=8), "takes r from the layers"),
+    (dict(use_dora=True), "takes use_dora from the layers"),
+    (dict(target_modules=["proj"]), "takes target_modules from the layers"),
+    (dict(lora_alpa=8), r"'lora_alpa' is not a field of PEFT's LoraConfig \(0\.21\); did you mean 'lora_alpha'\?"),
+    (dict(base_model=8), r"'base_model' is not a field of PEFT's LoraConfig"),
+])
+def test_adapter_from_layers_refuses_fields_the_layers_give_or_peft_lacks(fields, said):
+    """A new user's case: adapter_from_layers(layers, lora_alpha=32, r=8, use_dora=True) dropped
+    them silently (the layers' own were written), and lora_alpa=8 was written into the config,
+    where PEFT then warned to upgrade PEFT."""
+    layer = DoRALinear(np.ones((5, 4)), r=2, lora_alpha=4, rng=0)
+    with pytest.raises(TypeError, match=said):
+        P.adapter_from_layers({"proj": layer}, **fields)
+    P.adapter_from_layers({"proj": layer}, base_model_name_or_path="x", revision="main")  # PEFT's own
+
+
+def test_every_field_adapter_from_layers_accepts_is_one_of_peft_s():
+    """``_PEFT_LORA_FIELDS`` (PEFT 0.21.2's LoraConfig when written) names no field the installed
+    PEFT lacks: nothing written into adapter_config.json is one PEFT would warn about."""
+    import dataclasses
+
+    peft = pytest.importorskip("peft")
+    assert set(adapter_module._PEFT_LORA_FIELDS) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}

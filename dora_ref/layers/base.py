@@ -70,6 +70,9 @@ def unknown_keyword(class_name, key, keywords):
         hint = "a DoRA layer is DoRA already (PEFT's use_dora=True); "
     elif key == "use_dora":
         hint = f"for DoRA use {class_name.replace('LoRA', 'DoRA', 1)}; "
+    elif key in ("target_modules", "modules_to_save", "task_type"):  # a PEFT config's, not a layer's
+        hint = ("a layer is one module: its path is its key in the mapping given to "
+                "dora_ref.peft.adapter_from_layers; ")
     else:
         hint = ""
     return TypeError(f"{class_name}() got an unexpected keyword argument {key!r}; {hint}"

@@ -594,6 +594,41 @@ def _layer_parts(layer):
     return kind, A, B, None if m is None else np.reshape(m, -1)
 
 
+#: The fields of PEFT 0.21.2's ``LoraConfig`` (``dataclasses.fields``), which
+#: ``adapter_from_layers`` accepts as extra config fields.
+_PEFT_LORA_FIELDS = (
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+    "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "kasa_config",
+    "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+    "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r",
+    "rank_pattern", "revision", "runtime_config", "target_modules", "target_parameters",
+    "task_type", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora", "use_rslora",
+    "velora_config")
+#: What ``adapter_from_layers`` takes from the layers themselves.
+_FROM_LAYERS = ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "rank_pattern",
+                "alpha_pattern")
+
+
+def _check_config_fields(fields):
+    """Refuse an extra config field that the layers give, or that PEFT's LoraConfig lacks."""
+    import difflib
+
+    for key in fields:
+        if key in _FROM_LAYERS:
+            raise TypeError(
+                f"adapter_from_layers takes {key} from the layers (each layer's r, lora_alpha, "
+                f"use_rslora, DoRA or LoRA; target_modules from the mapping's module paths), "
+                f"not as a keyword: build the layers with the {key} you want")
+        if key not in _PEFT_LORA_FIELDS:
+            close = difflib.get_close_matches(key, _PEFT_LORA_FIELDS, n=1, cutoff=0.8)
+            raise TypeError(
+                f"{key!r} is not a field of PEFT's LoraConfig (0.21)"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+                + " (adapter_from_layers writes its keywords into adapter_config.json)")
+
+
 def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **config_fields):
     """Collect dora_ref layers into a ``PeftAdapter`` for ``save_adapter``.
 
@@ -621,7 +656,12 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
         Default: the most common ``lora_dropout`` of the layers that have one
         (embeddings have none: PEFT applies no dropout to them), else 0.
     **config_fields
-        Other ``adapter_config.json`` fields (e.g. ``base_model_name_or_path``).
+        Other fields of PEFT's ``LoraConfig`` for ``adapter_config.json`` (e.g.
+        ``base_model_name_or_path``); not the ones the layers give (``r``,
+        ``lora_alpha``, ``use_dora``, ``use_rslora``, ``target_modules``, the
+        patterns), which were dropped silently (a new user's ``lora_alpha=32``),
+        nor a name PEFT's ``LoraConfig`` does not have (a typo was written into
+        the file, and PEFT then warned to upgrade it).
 
     Returns
     -------
@@ -630,7 +670,8 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
     Raises
     ------
     TypeError
-        If ``layers`` is not a mapping (e.g. a list of layers).
+        If ``layers`` is not a mapping (e.g. a list of layers), or a config
+        field is one the layers give or not one of PEFT's.
     ValueError
         On an empty mapping, a mix of DoRA and LoRA layers, mixed rsLoRA,
         or merged layers.
@@ -639,6 +680,7 @@ def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **co
         raise TypeError(
             f"layers must be a mapping of module path to layer, e.g. {{'q_proj': layer}} (as "
             f"build_layers returns), got {type(layers).__name__}")
+    _check_config_fields(config_fields)
     if not layers:
         raise ValueError("layers is empty")
     parts = {name: _layer_parts(layer) for name, layer in layers.items()}
