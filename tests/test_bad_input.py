@@ -307,3 +307,17 @@ def test_following_the_dtype_hint_works(kind, weights, given):
     as_given = (lambda a: a.astype(ml_dtypes.bfloat16)) if given == "bfloat16" else (lambda a: a.astype(given))
     y = layer(np.array([1, 2, 3])) if x is None else follow(layer, as_given(x), "x")
     follow(layer.backward, as_given(np.ones(np.shape(y))), "dy")
+
+
+def test_an_int_or_float16_x_for_a_float32_layer_names_the_weights_dtype():
+    """The last new user's case: int64 and float16 x for a float32 layer were told "it takes
+    float32 or float64", though the layer refuses float64 too."""
+    from dora_ref.layers import DoRALinear
+
+    layer = DoRALinear(np.ones((4, 3), np.float32), r=2, rng=0)
+    with pytest.raises(TypeError, match=r"x must have the weights' dtype float32, got int64 .*"
+                                        r"e\.g\. x\.astype\(np\.float32\)"):
+        layer(np.ones((2, 3), np.int64))
+    with pytest.raises(TypeError, match=r"x has dtype float16 .*it takes the weights' dtype, "
+                                        r"float32; convert it explicitly, e\.g\. x\.astype\(np\.float32\)"):
+        layer(np.ones((2, 3), np.float16))

@@ -121,13 +121,15 @@ def as_float_array(name, value, ndim=None, *, low_precision=False, want=None):
                 f"{name}.astype(np.{native.name})"
             )
         to = _astype_example(name, want)
+        takes = "float32 or float64" if want is None else f"the weights' dtype, {np.dtype(want)}"
         if value.dtype in LOW_PRECISION_DTYPES:
             raise TypeError(
                 f"{name} has dtype {value.dtype} (shape {value.shape}), which this function "
-                f"does not accept: it takes float32 or float64; convert it explicitly, e.g. {to}"
+                f"does not accept: it takes {takes}; convert it explicitly, e.g. {to}"
             )
+        must = "dtype float32 or float64" if want is None else f"the weights' dtype {np.dtype(want)}"
         raise TypeError(
-            f"{name} must have dtype float32 or float64, got {value.dtype} "
+            f"{name} must have {must}, got {value.dtype} "
             f"(shape {value.shape}); convert it explicitly, e.g. {to}"
         )
     if ndim is not None:
