@@ -56,12 +56,15 @@ E2E_TESTS = [  # fastest first: most mutations are caught in the first seconds
     # a context's base shared with a copy, a view, a pickle or read-only memory, and two
     # threads on one context: where the backward may write dz over it and where not
     "tests/test_backward_dz_over_base.py",
+    # save_adapter's record of the config beside its weights, and load_adapter's check of it
+    "tests/test_save_adapter_crash_safe.py",
 ]
 MAXFAIL = 1  # a file stops at its first failure: the report names one test a file
 TIMEOUT = 1800  # seconds for one mutation's tests; a hang counts as caught, and says so
 
 NP, FUNC, C = "dora_ref/core/kernels_numpy.py", "dora_ref/core/functional.py", "csrc/dora_kernels_impl.h"
 NORM = "dora_ref/core/norm.py"
+PEFT_ADAPTER = "dora_ref/formats/peft/adapter.py"
 
 
 @dataclass
@@ -136,6 +139,14 @@ MUTATIONS = [
              "                and True\n",
              "the backward writes dz over the context's base though a copy of the context holds it "
              "too: that copy's backward reads dz as its base product"),
+    Mutation("take_base_waits_in_a_signal_handler", FUNC,
+             "    if busy and _TAKE_LOCK.locked():\n", "    if False:\n",
+             "a backward run by a signal handler inside another's take waits for the lock its own "
+             "thread holds: a hang"),
+    Mutation("load_adapter_ignores_the_config_record", PEFT_ADAPTER,
+             "        _check_paired_config(config, f, weights)\n", "        pass\n",
+             "load_adapter reads new weights beside an old config (a save killed between its two "
+             "files) without a word: every module scaled by the old alpha / r"),
     Mutation("dA_scaled_twice", FUNC,
              "        dA = dU.T @ ctx.x  # (1)\n", "        dA = ctx.scaling * (dU.T @ ctx.x)  # (1)\n",
              "detached dA multiplied by the scaling a second time"),
