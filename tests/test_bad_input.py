@@ -321,3 +321,31 @@ def test_an_int_or_float16_x_for_a_float32_layer_names_the_weights_dtype():
     with pytest.raises(TypeError, match=r"x has dtype float16 .*it takes the weights' dtype, "
                                         r"float32; convert it explicitly, e\.g\. x\.astype\(np\.float32\)"):
         layer(np.ones((2, 3), np.float16))
+
+
+def test_every_layer_class_signature_is_its_init_s():
+    """Session 20's third adversary: on Python 3.10 ``inspect.signature`` reads an inherited
+    ``__new__`` first, and the keyword check's ``__new__`` made the conv layers' signature
+    ``(*args, **kwargs)`` there (and skipped the check). Each class now carries its
+    ``__init__``'s signature, whatever the Python."""
+    import inspect
+
+    import dora_ref
+
+    for name in ("DoRALinear", "LoRALinear", "DoRAEmbedding", "DoRAConv1d", "DoRAConv2d",
+                 "DoRAConv3d", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d"):
+        params = inspect.signature(getattr(dora_ref, name)).parameters
+        assert {"weight", "r", "lora_alpha", "rng"} <= set(params), name
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), name
+
+
+def test_a_layer_subclass_made_by_type_without_a_module_name():
+    """The third adversary's case: ``type('X', (LoRALinear,), {})`` run by ``exec`` in globals
+    without ``__name__`` has no ``__module__``; constructing it with keywords raised
+    AttributeError."""
+    from dora_ref.layers import LoRALinear
+
+    scope = {"LoRALinear": LoRALinear}
+    exec("X = type('X', (LoRALinear,), {})", scope)
+    layer = scope["X"](np.ones((3, 4)), r=2, rng=0)
+    assert layer.r == 2

@@ -70,9 +70,11 @@ def unknown_keyword(class_name, key, keywords):
         hint = "a DoRA layer is DoRA already (PEFT's use_dora=True); "
     elif key == "use_dora":
         hint = f"for DoRA use {class_name.replace('LoRA', 'DoRA', 1)}; "
-    elif key in ("target_modules", "modules_to_save", "task_type"):  # a PEFT config's, not a layer's
+    elif key == "target_modules":  # a PEFT config's, not a layer's
         hint = ("a layer is one module: its path is its key in the mapping given to "
                 "dora_ref.peft.adapter_from_layers; ")
+    elif key in ("modules_to_save", "task_type", "base_model_name_or_path", "peft_type"):
+        hint = "a PEFT config field: pass it to dora_ref.peft.adapter_from_layers; "
     else:
         hint = ""
     return TypeError(f"{class_name}() got an unexpected keyword argument {key!r}; {hint}"
@@ -90,8 +92,8 @@ def check_constructor_keywords(cls, kwargs):
     classes: a subclass defined elsewhere (a mixin's keywords, a ``**kwargs`` of its own) is
     left to its constructors, which say what they refuse (``check_keywords`` for a DoRA
     layer's parent)."""
-    if not cls.__module__.startswith("dora_ref."):
-        return
+    if not (getattr(cls, "__module__", None) or "").startswith("dora_ref."):
+        return  # (a class made by type() where no module name is set has no __module__)
     params = _SIGNATURES.get(cls)
     if params is None:
         params = _SIGNATURES[cls] = inspect.signature(cls).parameters
@@ -449,6 +451,18 @@ class Module:
         return self.train(False)
 
 
+class _InitSignature:
+    """A class's ``__signature__``: its ``__init__``'s without ``self``, read when asked (a
+    decorator may set the ``__init__``'s own after the class is made); None on an instance,
+    whose signature is its ``__call__``'s."""
+
+    def __get__(self, obj, cls):
+        if obj is not None:
+            return None
+        init = inspect.signature(cls.__init__)
+        return init.replace(parameters=list(init.parameters.values())[1:])
+
+
 class AdapterLayer(Module):
     """Parameters, gradients, modes and dropout masks of an adapter layer.
 
@@ -470,6 +484,12 @@ class AdapterLayer(Module):
 
     _param_names = ()
     merged_adapter = None
+
+    #: Each layer class's signature is its ``__init__``'s (without ``self``): Python 3.10's
+    #: ``inspect.signature`` reads an inherited ``__new__`` before ``__init__``, so the
+    #: ``__new__`` below made every layer's signature ``(*args, **kwargs)`` there, and the
+    #: keyword check, which reads it, did nothing (session 20's third adversary).
+    __signature__ = _InitSignature()
 
     def __new__(cls, *args, **kwargs):
         if kwargs:  # a keyword the constructor does not take: named, with the one meant
