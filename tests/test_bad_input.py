@@ -283,11 +283,13 @@ def _layer_and_input(kind, dtype, rng):
 
 
 @pytest.mark.parametrize("kind", _KINDS)
-@pytest.mark.parametrize("weights, given", [(w, g) for w in _FLOATS for g in _FLOATS if w != g])
+@pytest.mark.parametrize("weights, given", [(w, g) for w in _FLOATS for g in _FLOATS + ["int64"]
+                                            if w != g])
 def test_following_the_dtype_hint_works(kind, weights, given):
     """Session 20's second adversary: a float64 layer given float16 x (or dy) was told to convert
-    it to float32, which it then refused too. For x and dy of every float dtype other than the
-    weights', the conversion the message names is one the layer takes."""
+    it to float32, which it then refused too; the third: an int x or dy for a conv layer, or a
+    float16 embedding's dy, was told float32 too. For x and dy of every float dtype other than
+    the weights', and int64, the conversion the message names is one the layer takes."""
     import re
 
     import ml_dtypes

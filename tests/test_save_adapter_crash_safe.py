@@ -259,6 +259,13 @@ def test_a_tampered_record_is_a_clear_error(tmp_path, record, said):
     (dict(target_modules=["proj"]), "takes target_modules from the layers"),
     (dict(lora_alpa=8), r"'lora_alpa' is not a field of PEFT's LoraConfig \(0\.21\); did you mean 'lora_alpha'\?"),
     (dict(base_model=8), r"'base_model' is not a field of PEFT's LoraConfig"),
+    # the third adversary's: PEFT loads them otherwise than the layers (or refuses them)
+    (dict(peft_type="LOHA"), r"does not write peft_type='LOHA'"),
+    (dict(init_lora_weights="pissa"), r"does not write init_lora_weights='pissa'"),
+    (dict(layers_to_transform=[0]), r"does not write layers_to_transform=\[0\]"),
+    (dict(bias="all"), r"does not write bias='all'"),
+    (dict(modules_to_save=["head"]), r"does not write modules_to_save=\['head'\]"),
+    (dict(base_model_name_or_path=np.int64(3)), r"base_model_name_or_path=.* \(not a JSON value\)"),
 ])
 def test_adapter_from_layers_refuses_fields_the_layers_give_or_peft_lacks(fields, said):
     """A new user's case: adapter_from_layers(layers, lora_alpha=32, r=8, use_dora=True) dropped
@@ -267,7 +274,8 @@ def test_adapter_from_layers_refuses_fields_the_layers_give_or_peft_lacks(fields
     layer = DoRALinear(np.ones((5, 4)), r=2, lora_alpha=4, rng=0)
     with pytest.raises(TypeError, match=said):
         P.adapter_from_layers({"proj": layer}, **fields)
-    P.adapter_from_layers({"proj": layer}, base_model_name_or_path="x", revision="main")  # PEFT's own
+    P.adapter_from_layers({"proj": layer}, base_model_name_or_path="x", revision="main",  # PEFT's own
+                          task_type="CAUSAL_LM", init_lora_weights=False, bias="none")
 
 
 def test_every_field_adapter_from_layers_accepts_is_one_of_peft_s():

@@ -118,7 +118,7 @@ def as_float_array(name, value, ndim=None, *, low_precision=False, want=None):
             raise TypeError(
                 f"{name} has dtype {value.dtype} (shape {value.shape}), {native.name} in "
                 f"non-native byte order, which is not accepted; convert it, e.g. "
-                f"{name}.astype(np.{native.name})"
+                f"{_astype_example(name, native if want is None else want)}"
             )
         to = _astype_example(name, want)
         takes = "float32 or float64" if want is None else f"the weights' dtype, {np.dtype(want)}"

@@ -323,8 +323,8 @@ def conv_dora_forward(
     return _rows_to_channels_first(y_rows, x.shape[0], out_spatial), ctx
 
 
-def _check_dy(dy, ctx, out):
-    dy = as_float_array("dy", dy, low_precision=True)
+def _check_dy(dy, ctx, out, dtype=None):
+    dy = as_float_array("dy", dy, low_precision=True, want=dtype)  # dtype: the weights
     want = (ctx.x_shape[0], out, *ctx.geom.output_shape(ctx.x_shape[2:]))
     if dy.shape != want:
         raise ValueError(f"dy must have the forward output's shape {want}, got {dy.shape}")
@@ -373,7 +373,7 @@ def conv_dora_backward(dy, ctx, *, detach_norm=True):
     if ctx.seen is not None:  # the PEFT-shaped arrays (with groups > 1 the view's B is a copy)
         ctx.seen.check_backward()
     lin = ctx.linear
-    dy_rows = _check_dy(dy, ctx, lin.W0.shape[0])
+    dy_rows = _check_dy(dy, ctx, lin.W0.shape[0], lin.W0.dtype)
     with _in_conv_terms(ctx.geom.output_shape(ctx.x_shape[2:]), dy=dy):
         if lin.precision is not None:  # col2im's sums in float32, then one rounding
             g = F.dora_backward(dy_rows, lin, detach_norm=detach_norm,
@@ -424,7 +424,7 @@ def conv_lora_backward(dy, ctx):
     if ctx.seen is not None:
         ctx.seen.check_backward()
     lin = ctx.linear
-    dy_rows = _check_dy(dy, ctx, lin.W0.shape[0])
+    dy_rows = _check_dy(dy, ctx, lin.W0.shape[0], lin.W0.dtype)
     with _in_conv_terms(ctx.geom.output_shape(ctx.x_shape[2:]), dy=dy):
         if lin.precision is not None:  # col2im's sums in float32, then one rounding
             g = F.lora_backward(dy_rows, lin,

@@ -438,7 +438,7 @@ def _lp_backward(dy, ctx, detach_norm):
 
     p = ctx.precision
     D = ctx.weight.shape[1]
-    dy = as_float_array("dy", dy, low_precision=True)
+    dy = as_float_array("dy", dy, low_precision=True, want=p.lp)
     if dy.shape != (*ctx.ids_shape, D):
         raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
                          f"got {dy.shape}")

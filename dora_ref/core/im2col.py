@@ -342,7 +342,7 @@ def _check_groups(out, cin, groups):
 
 def _check_x(x, in_channels, d, dtype, name="x"):
     """x as (N, in, *L); an unbatched (in, *L) input is not accepted here."""
-    x = as_float_array(name, x, low_precision=True)
+    x = as_float_array(name, x, low_precision=True, want=dtype)
     if x.ndim != d + 2 or x.shape[1] != in_channels:
         raise ValueError(
             f"{name} must have shape (N, in, {', '.join('L' + str(i) for i in range(1, d + 1))}) "

@@ -611,11 +611,24 @@ _FROM_LAYERS = ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "
                 "alpha_pattern")
 
 
+#: The extra fields ``adapter_from_layers`` writes, and the values allowed (None: any value
+#: JSON can hold): the ones that leave what PEFT builds from the file the layers' adapter.
+#: Any other of PEFT's fields was refused by dora_ref's reader, by PEFT, or made PEFT's
+#: outputs differ silently (the third adversary: peft_type="LOHA" loaded by PEFT as LoHa
+#: without the LoRA tensors, init_lora_weights="pissa" rewriting the base weights, output
+#: off by 4.7 and 7.3; layers_to_transform, which PEFT refuses with a regex target_modules).
+_WRITABLE_FIELDS = {"base_model_name_or_path": None, "revision": None, "task_type": None,
+                    "inference_mode": (True, False), "auto_mapping": None,
+                    "init_lora_weights": (True, False, "gaussian"), "bias": ("none",),
+                    "lora_bias": (False,), "modules_to_save": (None,)}
+
+
 def _check_config_fields(fields):
-    """Refuse an extra config field that the layers give, or that PEFT's LoraConfig lacks."""
+    """Refuse an extra config field that the layers give, that PEFT's LoraConfig lacks, or that
+    would make what PEFT (or dora_ref) reads from the file something else than the layers."""
     import difflib
 
-    for key in fields:
+    for key, value in fields.items():
         if key in _FROM_LAYERS:
             raise TypeError(
                 f"adapter_from_layers takes {key} from the layers (each layer's r, lora_alpha, "
@@ -627,6 +640,18 @@ def _check_config_fields(fields):
                 f"{key!r} is not a field of PEFT's LoraConfig (0.21)"
                 + (f"; did you mean {close[0]!r}?" if close else "")
                 + " (adapter_from_layers writes its keywords into adapter_config.json)")
+        allowed = _WRITABLE_FIELDS.get(key, ())
+        if key not in _WRITABLE_FIELDS or (allowed is not None and not any(
+                value is a or (type(value) is type(a) and value == a) for a in allowed)):
+            raise TypeError(
+                f"adapter_from_layers does not write {key}={value!r}: with it, PEFT (or dora_ref's "
+                f"load_adapter) would not read back the layers' adapter; it writes "
+                + ", ".join(k if v is None else f"{k} in {v}" for k, v in _WRITABLE_FIELDS.items()))
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{key}={value!r} cannot be written to adapter_config.json "
+                            f"(not a JSON value)") from None
 
 
 def adapter_from_layers(layers, *, fan_in_fan_out=False, lora_dropout=None, **config_fields):
