@@ -285,3 +285,12 @@ def test_every_field_adapter_from_layers_accepts_is_one_of_peft_s():
 
     peft = pytest.importorskip("peft")
     assert set(adapter_module._PEFT_LORA_FIELDS) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}
+
+
+def test_a_folder_named_near_the_length_limit(tmp_path):
+    """A 250-character folder name: the temporary sibling named after it in full passed the
+    filesystem's 255-byte limit (ENAMETOOLONG); it is cut and hashed as the merge command's."""
+    out = tmp_path / ("a" * 250)
+    P.save_adapter(out, _adapter(8))
+    assert P.load_adapter(out).modules["proj"].scaling == 4.0
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -412,9 +413,10 @@ def save_adapter(directory, adapter):
         tensors[PEFT_PREFIX + name] = np.ascontiguousarray(arr)
     from safetensors.numpy import save
 
-    config_text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-    written = json.loads(config_text)  # the record is what a reader of the file gets: keys
-    paired = json.dumps({k: written[k] for k in _PAIRED_FIELDS if k in written})  # sorted too
+    config = cfg.to_dict()
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # the record's keys sorted as the file's are (a pattern's order is compared)
+    paired = json.dumps({k: config[k] for k in _PAIRED_FIELDS if k in config}, sort_keys=True)
     weights = save(tensors, metadata={"format": "pt", _PAIRED_KEY: paired})
     _write_adapter_files(directory, weights, config_text.encode())
 
@@ -442,9 +444,9 @@ def _write_synced(path, data):
 def _remove_stale_saves(directory):
     """Remove what a killed ``save_adapter`` left: its temporary files in ``directory`` and
     its temporary sibling directories, where the process that wrote them is gone."""
-    from ..merge_cli import _alive
+    from ..merge_cli import _alive, _stem
 
-    places = [(directory.parent, directory.name)]
+    places = [(directory.parent, _stem(directory))]
     if directory.is_dir():  # through a symlink too: the files went where it points
         places.append((Path(os.path.realpath(directory)), None))
     for folder, stem in places:
@@ -484,33 +486,30 @@ def _write_adapter_files(directory, weights, config):
         _write_adapter_files_locked(directory, parent, weights, config)
 
 
-class _saving_into:
+@contextlib.contextmanager
+def _saving_into(parent):
     """Saves whose folders share a parent directory, one at a time (an advisory ``flock`` on
     the parent, across threads and processes; none where ``fcntl`` is missing): four
     concurrent saves into one folder each reported success and left one's weights beside
     another's config in 39 of 160 trials (session 20's second adversary)."""
-
-    def __init__(self, parent):
-        self.parent, self.fd = parent, None
-
-    def __enter__(self):
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover (not POSIX)
-            return self
-        self.fd = os.open(self.parent, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # a filesystem without flock: unserialised, as before
             pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_adapter_files_locked(directory, parent, weights, config):
+    from ..merge_cli import _stem
     from ..safetensors_io import fsync_directory
 
     _remove_stale_saves(directory)
@@ -518,7 +517,9 @@ def _write_adapter_files_locked(directory, parent, weights, config):
     # an existing folder, even an empty one, is written into, not replaced: it may be a
     # process's working directory, a mount point, or carry permissions of its own
     if not os.path.lexists(directory):
-        tmp = parent / f".{directory.name}.{tag}"
+        # the merge command's sibling name: a folder name near the filesystem's limit is cut
+        # and hashed (with the whole name a 250-character folder failed: ENAMETOOLONG)
+        tmp = parent / f".{_stem(directory)}.{tag}"
         tmp.mkdir()
         try:
             _write_synced(tmp / ADAPTER_WEIGHTS, weights)
@@ -577,10 +578,8 @@ def _same_value(a, b):
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return list(a) == list(b) and all(_same_value(a[k], b[k]) for k in a)
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b  # exact, also for an int too large for a float
-    return a == b
+        return a is b  # True is not 1
+    return a == b  # numbers exactly, also an int too large for a float
 
 
 def _layer_parts(layer):
