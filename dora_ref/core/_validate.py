@@ -62,6 +62,15 @@ def _astype_example(name, want):
     return f"{name}.astype({spelled})"
 
 
+def dtype_mismatch(name, got, want):
+    """The ``TypeError`` for an array ``name`` of dtype ``got`` where the weights' dtype ``want``
+    is needed, with the conversion to write (a new user's float64 dy, made by a NumPy float64
+    scalar, was told what was wrong but not what to do)."""
+    return TypeError(f"{name} has dtype {got} but the weights have dtype {want}; "
+                     f"convert it first ({name}.astype({str(want)!r})): dora_ref does not "
+                     "cast silently")
+
+
 def as_float_array(name, value, ndim=None, *, low_precision=False, want=None):
     """Return ``value`` as a float32/float64 (or float16/bfloat16) ndarray, or raise.
 
@@ -515,9 +524,7 @@ def check_input(x, in_features, dtype, name="x", *, low_precision=False, axis="i
             f"{name} must have shape (..., {axis}) = (..., {in_features}), got {x.shape}"
         )
     if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}; "
-                        f"convert it first ({name}.astype({str(dtype)!r})): dora_ref does not "
-                        "cast silently")
+        raise dtype_mismatch(name, x.dtype, dtype)
     return x.reshape(-1, in_features)
 
 

@@ -71,6 +71,7 @@ from ._validate import (
     check_result_finite,
     check_scaling,
     check_weight_shape,
+    dtype_mismatch,
     refuse_array_subclass,
 )
 from .kernels_numpy import _norm_dtype, _row_blocks, _rows_f32
@@ -443,9 +444,7 @@ def _lp_backward(dy, ctx, detach_norm):
         raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
                          f"got {dy.shape}")
     if dy.dtype != p.lp:
-        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {p.lp}; "
-                        f"convert it first (dy.astype({str(p.lp)!r})): dora_ref does not "
-                        "cast silently")
+        raise dtype_mismatch("dy", dy.dtype, p.lp)
     dy2 = dy.reshape(-1, D).astype(np.float32)
     A, B, s = ctx.A, ctx.B, ctx.scaling
     if p.policy == "consistent":
@@ -538,9 +537,7 @@ def embedding_dora_backward(dy, ctx, *, detach_norm=True):
         raise ValueError(f"dy must have the forward output's shape {(*ctx.ids_shape, D)}, "
                          f"got {dy.shape}")
     if dy.dtype != E.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype} but the weights have dtype {E.dtype}; "
-                        f"convert it first (dy.astype({str(E.dtype)!r})): dora_ref does not "
-                        "cast silently")
+        raise dtype_mismatch("dy", dy.dtype, E.dtype)
     dy2 = dy.reshape(-1, D) * ctx.embed_scale
     kernels = _backend.kernels()
 

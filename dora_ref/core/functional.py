@@ -120,6 +120,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     check_input,
     check_rows_finite,
     check_scaling,
+    dtype_mismatch,
     refuse_non_finite_rows,
     results_finite,
     wider_float,
@@ -1146,9 +1147,7 @@ def _check_mask(mask, x_shape, dtype):
     if mask.shape != tuple(x_shape):
         raise ValueError(f"dropout_mask must have the shape of x {tuple(x_shape)}, got {mask.shape}")
     if mask.dtype != dtype:
-        raise TypeError(f"dropout_mask has dtype {mask.dtype} but the weights have dtype {dtype}; "
-                        f"convert it first (dropout_mask.astype({str(dtype)!r})): dora_ref does not "
-                        "cast silently")
+        raise dtype_mismatch("dropout_mask", mask.dtype, dtype)
     check_finite("dropout_mask", mask)  # else blamed on an overflow of finite inputs
     return mask.reshape(-1, x_shape[-1])
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._validate import as_float_array, check_scaling, check_weight_shape
+from ._validate import as_float_array, check_scaling, check_weight_shape, dtype_mismatch
 from .precision import classify
 
 
@@ -349,9 +349,7 @@ def _check_x(x, in_channels, d, dtype, name="x"):
             f"with in = {in_channels}, got {x.shape}"
         )
     if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the weights have dtype {dtype}; "
-                        f"convert it first ({name}.astype({str(dtype)!r})): dora_ref does not "
-                        "cast silently")
+        raise dtype_mismatch(name, x.dtype, dtype)
     return x
 
 
