@@ -47,16 +47,25 @@ def check_keywords(layer, cls, kwargs):
     if not kwargs:
         return
     taken = inspect.signature(super(cls, layer).__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
-        return
+    key = _not_taken(taken, kwargs)
+    if key is not None:
+        own = _keyword_only(inspect.signature(cls.__init__).parameters)
+        raise unknown_keyword(type(layer).__name__, key,
+                              own + [name for name in _keyword_only(taken) if name not in own])
+
+
+def _not_taken(params, kwargs):
+    """The first of ``kwargs`` that a signature's ``params`` do not take by name, or None
+    (also when they take ``**kwargs``)."""
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
     by_name = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    for key in kwargs:
-        if key not in taken or taken[key].kind not in by_name:
-            own = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY]
-            keywords = own + [name for name, p in taken.items()
-                              if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own]
-            raise unknown_keyword(type(layer).__name__, key, keywords)
+    return next((key for key in kwargs if key not in params or params[key].kind not in by_name),
+                None)
+
+
+def _keyword_only(params):
+    return [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def unknown_keyword(class_name, key, keywords):
@@ -81,9 +90,6 @@ def unknown_keyword(class_name, key, keywords):
                      f"it takes {', '.join(keywords)}")
 
 
-_SIGNATURES = weakref.WeakKeyDictionary()
-
-
 def check_constructor_keywords(cls, kwargs):
     """Refuse a keyword that ``cls``'s constructor does not take, before it runs, with the
     message of ``unknown_keyword``: Python's own named no alternative, and for the LoRA,
@@ -94,16 +100,10 @@ def check_constructor_keywords(cls, kwargs):
     layer's parent)."""
     if not (getattr(cls, "__module__", None) or "").startswith("dora_ref."):
         return  # (a class made by type() where no module name is set has no __module__)
-    params = _SIGNATURES.get(cls)
-    if params is None:
-        params = _SIGNATURES[cls] = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    by_name = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    for key in kwargs:
-        if key not in params or params[key].kind not in by_name:
-            raise unknown_keyword(cls.__name__, key, [name for name, p in params.items()
-                                                      if p.kind is inspect.Parameter.KEYWORD_ONLY])
+    params = inspect.signature(cls).parameters
+    key = _not_taken(params, kwargs)
+    if key is not None:
+        raise unknown_keyword(cls.__name__, key, _keyword_only(params))
 
 
 #: Other libraries' names for a DoRA layer's keywords (torchtune and LyCORIS: rank, alpha,
