@@ -484,19 +484,18 @@ def _constant_factor(check, fn, unmerge, exc, conv, dropout, detach_norm):
     def close(a, b):
         return abs(a - b) <= rel * abs(b)
 
+    def shape(on):
+        return f"{on.describe().split(', dtype')[0]}, s={on.scaling:g}"
+
     first = candidates(case)
     if second is None:  # the second case could not tell: name nothing
         return (f"your {name} is {c:.6g} times dora_ref's at every element of the case widened to "
-                f"{case.describe().split(', dtype')[0]}, s={case.scaling:g}: a scaling left out or "
-                f"applied twice, a mean instead of a sum, a factor of 2 from the derivative of a "
-                f"square, or a sign?")
+                f"{shape(case)}: a scaling left out or applied twice, a mean instead of a sum, a "
+                f"factor of 2 from the derivative of a square, or a sign?")
     c2, case2 = second
     also = candidates(case2)
     which = [k for k, v in first.items() if close(c, v) and close(c2, also[k])]
     named = f" (= {' = '.join(which)})" if which else ""
-
-    def shape(on):
-        return f"{on.describe().split(', dtype')[0]}, s={on.scaling:g}"
 
     if close(c2, c):
         seen = (f"{c:.6g} times dora_ref's at every element{named}, on two cases widened from the "
