@@ -7,7 +7,7 @@ off. Medians of interleaved repeats, wall and CPU time (``time.process_time``,
 all threads: steadier than wall time on a shared machine); compare rows of
 one run only.
 
-    python benchmarks/profile_step.py [out in r N]
+    python benchmarks/profile_step.py [out in r N]   (default 4096 4096 8 512)
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_k] = "2"
 
+import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -29,7 +30,13 @@ from dora_ref.core import functional as F  # noqa: E402
 
 
 def main(argv):
-    out_f, in_f, r, N = (int(a) for a in argv) if argv else (4096, 4096, 8, 512)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("shape", nargs="*", type=int, metavar="out in r N",
+                   help="the layer's shape, the rank and the batch (default 4096 4096 8 512)")
+    shape = p.parse_args(argv).shape or [4096, 4096, 8, 512]
+    if len(shape) != 4 or min(shape) < 1:
+        p.error(f"give four positive integers: out in r N (got {shape})")
+    out_f, in_f, r, N = shape
     rng = np.random.default_rng(0)
     f32 = np.float32
     W0 = rng.standard_normal((out_f, in_f), dtype=f32) / f32(np.sqrt(in_f))
