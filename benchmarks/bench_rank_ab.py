@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_busy  # noqa: E402  (ratio_interval)
 import bench_kernels as bk  # noqa: E402  (problem, steps: the layer steps it times)
+import dora_ref  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
 from dora_ref.kernels import c as C  # noqa: E402
 
@@ -343,6 +344,12 @@ def main():
                          "(the norms' race and the steps' race of each shape), and print the "
                          "verdicts")
     args = ap.parse_args()
+    # the steps run on the active backend: the C one, whatever DORA_REF_BACKEND says (with
+    # DORA_REF_BACKEND=numpy the table timed NumPy's steps under a C build's header: an audit)
+    if "c" not in dora_ref.available_backends():
+        ap.error("the C backend is not built here (pip install -e . builds it): this script "
+                 "compares builds of the C kernels")
+    dora_ref.set_backend("c")
     decided = []
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
                                              for sh in args.shapes.split(";")]
