@@ -102,7 +102,7 @@ GOALS = {
 # ---------------------------------------------------------------------------
 
 
-def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False):
+def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False, settle=None):
     """Median seconds of each callable, timed round-robin so that noise from
     other processes on the machine falls on all of them alike. If ``mins`` is
     a dict, the fastest repeat of each is stored in it too (the least
@@ -112,7 +112,12 @@ def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False):
     starts one callable later, so that none always runs right after the
     same one (a kernel timed right after NumPy's expression, whose
     temporaries leave the caches cold, took 5-13% longer than the same
-    kernel timed after another norm)."""
+    kernel timed after another norm). ``settle``: {name: seconds} to wait,
+    untimed, before each call of that callable (PyTorch's steps: right after
+    a NumPy product OpenBLAS's worker still spins on a core for about 0.1 s,
+    and torch's threads, which a PEFT training loop never shares with NumPy,
+    wait for it: PEFT's step took 2.9-3.2x ours after a NumPy product, 2.4x
+    after a pause; an audit, session 21)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -121,6 +126,8 @@ def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False):
     for i in range(repeats):
         shift = i % len(keys) if rotate else 0
         for k in keys[shift:] + keys[:shift]:
+            if settle and k in settle:
+                time.sleep(settle[k])
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
@@ -373,10 +380,10 @@ def run_shape(shape, repeats, with_peft):
         peft_fns, peft_note = peft_steps(p, THREADS)
         if peft_fns:
             fns.update(peft_fns)
-    # rotated: in a fixed order PEFT's step always followed a NumPy product (dora_eval_pieces)
-    # and ran while OpenBLAS's worker still spun on a core: 2.9-3.2x ours, against 2.4x
-    # after a pause (an audit, session 21)
-    t.update(race(fns, repeats, mins=mins, rotate=True))
+    # rotated, PyTorch's steps after a pause: in a fixed order PEFT's step always followed a
+    # NumPy product (dora_eval_pieces) and ran while OpenBLAS's worker still spun on a core
+    t.update(race(fns, repeats, mins=mins, rotate=True,
+                  settle={k: 0.25 for k in fns if k.startswith("peft_")}))
     row.update({k: v * 1e3 for k, v in t.items()})
     row["min_ms"] = {k: v * 1e3 for k, v in mins.items()}
     ratios = {
