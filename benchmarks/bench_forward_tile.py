@@ -32,7 +32,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dora_ref.core import kernels_numpy as KN  # noqa: E402
-from dora_ref.kernels import c as C  # noqa: E402
+try:
+    from dora_ref.kernels import c as C  # noqa: E402
+except ImportError as exc:  # the C extension is not built: --help still answers, main() says so
+    C, _C_MISSING = None, exc
 
 
 def load_build(path):
@@ -72,6 +75,9 @@ def main():
     ap.add_argument("--shapes", default="64,64;256,256", help="out,N pairs")
     ap.add_argument("--ranks", default="8,16,32,64")
     args = ap.parse_args()
+    if C is None:
+        ap.error(f"the C extension is not built here ({_C_MISSING}): this script "
+                 "times the C kernels; pip install -e . builds it")
     C.set_threads(1)
     mods = {"C": C}
     if args.base:

@@ -32,7 +32,10 @@ sys.path.insert(0, HERE)
 
 import bench_kernels as bk  # noqa: E402  (race)
 from bench_rank_ab import load_build  # noqa: E402
-from dora_ref.kernels import c as C  # noqa: E402
+try:
+    from dora_ref.kernels import c as C  # noqa: E402
+except ImportError as exc:  # the C extension is not built: --help still answers, main() says so
+    C, _C_MISSING = None, exc
 
 SHAPES = [(64, 8, 2048), (64, 8, 64), (1024, 8, 256), (4096, 8, 512), (64, 8, 512),
           (256, 8, 2048), (64, 4, 2048)]
@@ -59,6 +62,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--shapes", default=None, help="out,r,N;... (default: the list above)")
     args = ap.parse_args()
+    if C is None:
+        ap.error(f"the C extension is not built here ({_C_MISSING}): this script "
+                 "times the C kernels; pip install -e . builds it")
     base_mod = load_build(args.base)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in c.split(",")) for c in args.shapes.split(";")]
     print(f"load: {os.getloadavg()}  repeats {args.repeats}, float32, 2 threads")

@@ -38,7 +38,10 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 import bench_busy as bb  # noqa: E402  (busy processes, machine description, intervals)
 from dora_ref.core import kernels_numpy as kn  # noqa: E402
-from dora_ref.kernels import c as kc  # noqa: E402
+try:
+    from dora_ref.kernels import c as kc  # noqa: E402
+except ImportError as exc:  # the C extension is not built: --help still answers, main() says so
+    kc, _C_MISSING = None, exc
 
 SHAPES = [(256, 256, 8), (256, 256, 16), (256, 256, 64), (1024, 1024, 64), (4096, 4096, 16),
           (4096, 4096, 64)]
@@ -91,6 +94,9 @@ def main(argv=None):
                     help="seconds after which a busy process stops by itself (each also stops "
                          "when this script is gone)")
     args = ap.parse_args(argv)
+    if kc is None:
+        ap.error(f"the C extension is not built here ({_C_MISSING}): this script "
+                 "times the C kernels; pip install -e . builds it")
     loads = args.loads
 
     print(f"CPU: {bb.cpu()}")

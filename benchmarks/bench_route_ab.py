@@ -32,7 +32,10 @@ import numpy as np  # noqa: E402
 import bench_busy as bb  # noqa: E402  (problem, train_step, eval_forward, busy processes)
 import dora_ref  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
-from dora_ref.kernels import c as kc  # noqa: E402
+try:
+    from dora_ref.kernels import c as kc  # noqa: E402
+except ImportError as exc:  # the C extension is not built: --help still answers, main() says so
+    kc, _C_MISSING = None, exc
 
 SHAPES = [(64, 64, 64), (64, 256, 64), (16, 64, 16), (32, 128, 32)]
 BATCHES = [16, 64, 256, 2048]
@@ -79,6 +82,9 @@ def main(argv=None):
     ap.add_argument("--busy-limit", type=bb.positive_arg(float), default=1200.0,
                     help="seconds after which a busy process stops by itself")
     args = ap.parse_args(argv)
+    if kc is None:
+        ap.error(f"the C extension is not built here ({_C_MISSING}): this script "
+                 "times the C kernels; pip install -e . builds it")
     print(f"# CPU: {bb.cpu()}\n# BLAS: {bb.blas()}\n# C kernels: {kc.build_info()}")
     for load in args.loads:
         procs = []
