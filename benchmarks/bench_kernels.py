@@ -40,7 +40,12 @@ _STRIPPED = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.env
 _TIMEOUT = None  # --openblas-thread-timeout N: OpenBLAS workers then sleep after 2**N cycles
 for _i, _a in enumerate(sys.argv):
     if _a.startswith("--openblas-thread-timeout"):
-        _TIMEOUT = _a.split("=", 1)[1] if "=" in _a else sys.argv[_i + 1]
+        _TIMEOUT = _a.split("=", 1)[1] if "=" in _a else (sys.argv[_i + 1:] or [""])[0]
+        # checked here, before it reaches OpenBLAS's environment (it took -1 and "abc")
+        if not (_TIMEOUT.isdigit() and 4 <= int(_TIMEOUT) <= 30):
+            sys.exit(f"{os.path.basename(sys.argv[0])}: error: --openblas-thread-timeout: expected "
+                     f"a whole number of 4 to 30 (OpenBLAS's workers sleep after 2**N cycles), "
+                     f"got {_TIMEOUT!r}")
 if _STRIPPED or (_TIMEOUT and os.environ.get("OPENBLAS_THREAD_TIMEOUT") != _TIMEOUT):
     env = {k: v for k, v in os.environ.items() if k not in _STRIPPED}
     if _STRIPPED:
@@ -102,17 +107,21 @@ GOALS = {
 # ---------------------------------------------------------------------------
 
 
-def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False, settle=None):
+def race(fns, repeats, warmup=1, mins=None, samples=None, shuffle=False, settle=None):
     """Median seconds of each callable, timed round-robin so that noise from
     other processes on the machine falls on all of them alike. If ``mins`` is
     a dict, the fastest repeat of each is stored in it too (the least
     disturbed one: on a shared machine, the best estimate of a quiet run);
     if ``samples`` is a dict, every repeat's seconds, in round order (the
-    i-th of each callable from the same round). ``rotate``: each round
-    starts one callable later, so that none always runs right after the
-    same one (a kernel timed right after NumPy's expression, whose
-    temporaries leave the caches cold, took 5-13% longer than the same
-    kernel timed after another norm). ``settle``: {name: seconds} to wait,
+    i-th of each callable from the same round). ``shuffle``: each round
+    runs the callables in a new order (a seeded permutation), so that none
+    always runs right after the same one (a kernel timed right after NumPy's
+    expression, whose temporaries leave the caches cold, took 5-13% longer
+    than the same kernel timed after another norm). (It was a rotation until
+    session 21: shifting one order by one each round changes who runs
+    first, not who runs right after whom, except for the one that runs
+    first: an adversary counted PEFT's step after the same NumPy call in 8
+    of 9 rounds.) ``settle``: {name: seconds} to wait,
     untimed, before each call of that callable (PyTorch's steps: right after
     a NumPy product OpenBLAS's worker still spins on a core for about 0.1 s,
     and torch's threads, which a PEFT training loop never shares with NumPy,
@@ -123,9 +132,9 @@ def race(fns, repeats, warmup=1, mins=None, samples=None, rotate=False, settle=N
             f()
     times = {k: [] for k in fns}
     keys = list(fns)
-    for i in range(repeats):
-        shift = i % len(keys) if rotate else 0
-        for k in keys[shift:] + keys[:shift]:
+    order_rng = np.random.default_rng(0)
+    for _ in range(repeats):
+        for k in ([keys[j] for j in order_rng.permutation(len(keys))] if shuffle else keys):
             if settle and k in settle:
                 time.sleep(settle[k])
             t0 = time.perf_counter()
@@ -354,7 +363,7 @@ def run_shape(shape, repeats, with_peft):
     W0, A, B, s = p["W0"], p["A"], p["B"], p["s"]
     row = {"shape": list(shape)}
 
-    # the reads of W0 in the norms' own race (rotated): timed apart, a minute earlier or
+    # the reads of W0 in the norms' own race (shuffled): timed apart, a minute earlier or
     # later, the floor saw another machine (an audit's three --quick runs: norm / read
     # 4.03, 0.80, 0.70 within 90 s; below 1 is impossible)
     v = np.ones(in_f, dtype=W0.dtype)
@@ -365,7 +374,7 @@ def run_shape(shape, repeats, with_peft):
         "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1),
         "read_gemv": lambda: W0 @ v,
         "read_sum": lambda: W0.sum(),
-    }, max(3, repeats // 2), mins=mins, rotate=True)
+    }, max(3, repeats // 2), mins=mins, shuffle=True)
     read = min(("read_gemv", "read_sum"), key=lambda k: mins[k])  # the faster way to read W0
     t["read_W0"], mins["read_W0"] = t.pop(read), mins.pop(read)
     other = "read_sum" if read == "read_gemv" else "read_gemv"
@@ -380,9 +389,9 @@ def run_shape(shape, repeats, with_peft):
         peft_fns, peft_note = peft_steps(p, THREADS)
         if peft_fns:
             fns.update(peft_fns)
-    # rotated, PyTorch's steps after a pause: in a fixed order PEFT's step always followed a
+    # shuffled, PyTorch's steps after a pause: in a fixed order PEFT's step always followed a
     # NumPy product (dora_eval_pieces) and ran while OpenBLAS's worker still spun on a core
-    t.update(race(fns, repeats, mins=mins, rotate=True,
+    t.update(race(fns, repeats, mins=mins, shuffle=True,
                   settle={k: 0.25 for k in fns if k.startswith("peft_")}))
     row.update({k: v * 1e3 for k, v in t.items()})
     row["min_ms"] = {k: v * 1e3 for k, v in mins.items()}
@@ -679,9 +688,10 @@ def main(argv=None):
     ap.add_argument("--out", default=RESULTS,
                     help="folder for the results files (default: ./bench_kernels_results)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
-    ap.add_argument("--no-lowp", action="store_true", help="skip the low precision section")
-    ap.add_argument("--lowp-only", action="store_true",
-                    help="only the low precision section (results get the suffix _lowp)")
+    lowp = ap.add_mutually_exclusive_group()  # both: empty results written over earlier ones
+    lowp.add_argument("--no-lowp", action="store_true", help="skip the low precision section")
+    lowp.add_argument("--lowp-only", action="store_true",
+                      help="only the low precision section (results get the suffix _lowp)")
     ap.add_argument(
         "--openblas-thread-timeout", metavar="N", default=None,
         help="run with OPENBLAS_THREAD_TIMEOUT=N (4 = OpenBLAS workers sleep at once instead "

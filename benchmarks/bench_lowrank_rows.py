@@ -90,7 +90,7 @@ def main():
             return dg, dz, s * (dz @ B), s * (dz.T @ U)
         fns["numpy"] = numpy_route
         mins = {}
-        med = bk.race(fns, args.repeats, warmup=5, mins=mins, rotate=True)
+        med = bk.race(fns, args.repeats, warmup=5, mins=mins, shuffle=True)
         same = all(np.array_equal(a, b) for a, b in zip(outs["base"], outs["this"]))
         print(f"| {out_f} | {r} | {N} | {med['base'] * 1e6:.0f} | {med['this'] * 1e6:.0f} | "
               f"{med['numpy'] * 1e6:.0f} | {med['this'] / med['base']:.3f} | {mins['this'] / mins['base']:.3f} | "

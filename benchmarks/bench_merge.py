@@ -246,6 +246,18 @@ def uptime():
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def _positive_int(text):
+    """argparse type of --rounds: at least one round (0 built the model, then failed on
+    the medians of no rounds: an adversary's case)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _exit_on_signal(signum, frame):
     """SIGTERM / SIGHUP as SystemExit: the temporary folder (about 1.6 GB for the full
     model: base, adapter, outputs) is removed on the way out, as after a Ctrl-C (killed
@@ -260,7 +272,7 @@ def main(argv=None):
     ap.add_argument("--quick", "--small", dest="small", action="store_true",
                     help="a 2-layer model of a few MB: a check that everything runs (the merge takes about "
                          "a second; with PEFT, about a minute)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    ap.add_argument("--rounds", type=_positive_int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT (the slowest)")
     ap.add_argument("--compare", action="store_true", help="compare dora-ref's merged bits with PEFT's")
     ap.add_argument("--baseline", metavar="CHECKOUT", action="append", default=[],

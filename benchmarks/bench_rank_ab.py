@@ -145,6 +145,7 @@ def race(fns, repeats, checks=None, budget=0.0):
     keys = list(fns)
     samples = {k: [] for k in keys}
     t_end = time.perf_counter() + budget
+    order_rng = np.random.default_rng(0)  # a new order each round: a rotation kept predecessors
     i = 0
     while True:
         if i >= repeats:
@@ -154,8 +155,7 @@ def race(fns, repeats, checks=None, budget=0.0):
                     c["verdict"] != "undecided"
                     for c in judge(checks, samples, level=bench_busy.LEVEL)):
                 break
-        shift = i % len(keys)
-        for k in keys[shift:] + keys[:shift]:
+        for k in [keys[j] for j in order_rng.permutation(len(keys))]:
             t0 = time.perf_counter()
             fns[k]()
             samples[k].append(time.perf_counter() - t0)
