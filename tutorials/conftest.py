@@ -12,8 +12,8 @@ paired by their ids. Every number is masked, and so are the blanks: the
 digits of a timing, a rounding error or an index drawn at random move with
 the machine (the CPU, its BLAS kernels, its load); so do the backend's name,
 which output of a check came closest to its tolerance and an object's
-address (``_VARIES``), and stderr (warnings, a library's cache folder) is
-not compared. What it catches is a change of the words, the fields and the
+address (``_VARIES``), and stderr (warnings, a library's cache folder) and
+figures are not compared. What it catches is a change of the words, the fields and the
 lines a cell prints (a result's repr that gained a field, a function whose
 printed source changed, a check that now prints more cases); a change of
 the numbers alone it does not (tutorial 03's stale gradcheck report of this
@@ -26,6 +26,8 @@ option)::
 
     pytest --overwrite tutorials/
 
+on a C build with OpenMP and the default backend (the backend's name is
+masked: outputs stored with ``DORA_REF_BACKEND=numpy`` would pass unseen),
 then read the numbers the prose quotes against what the cells now print.
 """
 from __future__ import annotations
@@ -36,7 +38,9 @@ import nbformat
 import pytest
 
 # an integer, a decimal or a number in e-notation, with its sign
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# (a version's dotted parts with it); not digits inside a word (float32, fc1,
+# linear_r1_float64: an adversary's stale "float16" passed as float#)
+_NUMBER = re.compile(r"(?<![A-Za-z_\d.])[-+]?(?:\d+(?:\.\d+)*\.?|\.\d+)(?:[eE][-+]?\d+)?")
 # what else moves with the machine or the backend, not with the code: the backend's name
 # (DORA_REF_BACKEND), which output of a conformance check came closest to its tolerance (a
 # matter of the last bits), an object's address
@@ -45,6 +49,7 @@ _VARIES = [(re.compile(r"backend: (?:c|numpy)\b"), "backend: #"),
            (re.compile(r"\b0x[0-9a-fA-F]+\b"), "#")]
 _BLANKS = re.compile(r"[ \t]+")  # none compared: a number's width and sign move them
 _STALE = pytest.StashKey[str]()
+_NOT_COMPARED = {}  # why -> notebooks run but not compared
 
 
 def masked_text(cell):
@@ -53,6 +58,8 @@ def masked_text(cell):
     parts = []
     for out in cell.get("outputs", []):
         kind = out.get("output_type")
+        if any(key.startswith("image/") for key in out.get("data", {})):
+            continue  # a figure: its text is "<Figure size ...>", or nothing (MPLBACKEND=Agg)
         if kind == "stream":
             if out.get("name") == "stdout":  # stderr: warnings, which move with the setup
                 parts.append(out.get("text", ""))
@@ -83,10 +90,13 @@ def comparable():
 def stale_cells(stored, executed):
     """[(label, stored text, executed text)] of code cells whose masked texts differ, paired
     by cell id (an editor that saved the notebook while it ran may have added or moved
-    cells), by position where the cells have no ids."""
+    cells), by position where the cells have no ids or the executed notebook lacks one
+    of the stored ids (a repeated id: nbformat gives the repeat a new random id at each
+    read)."""
     code = [c for c in stored.cells if c.cell_type == "code"]
     ran = [c for c in executed.cells if c.cell_type == "code"]
-    if all("id" in c for c in code + ran):
+    ran_ids = {c.get("id") for c in ran}
+    if all("id" in c for c in code + ran) and all(c["id"] in ran_ids for c in code):
         by_id = {c["id"]: c for c in ran}
         pairs = [(f"cell {c['id']}", c, by_id.get(c["id"])) for c in code]
         pairs += [(f"cell {c['id']} (not stored)", None, c) for c in ran
@@ -121,7 +131,10 @@ def pytest_runtest_call(item):
         outcome = yield  # raises if the notebook failed: nbmake's report says why
     finally:
         pytest_items.NotebookRun = run_class
-    if item.config.option.overwrite or not comparable()[0]:
+    ok, why = comparable()
+    if not ok:  # said once at the end of the run (pytest_terminal_summary)
+        _NOT_COMPARED.setdefault(why, []).append(item.filename)
+    if item.config.option.overwrite or not ok:
         return outcome  # its outputs were just stored, or they are another setup's
     if len(results) != 1 or getattr(results[0], "nb", None) is None:
         raise RuntimeError("tutorials/conftest.py: nbmake did not run the notebook through "
@@ -148,3 +161,10 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = message
     return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say that, and why, notebooks ran without their outputs compared (else silent)."""
+    for why, names in _NOT_COMPARED.items():
+        terminalreporter.write_line(
+            f"tutorials: {len(names)} notebook(s) ran, their stored outputs not compared: {why}")
