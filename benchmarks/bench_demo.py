@@ -114,8 +114,8 @@ def main(argv=None):
                     help="seconds after which a busy process stops by itself (default: a bound "
                          "from the runs' expected length)")
     args = ap.parse_args(argv)
-    if not args.loads:
-        ap.error("--loads: give at least one level, e.g. 0,1")
+    if not args.loads or len(set(args.loads)) != len(args.loads):
+        ap.error(f"--loads: give each level once, at least one, e.g. 0,1 (got {args.loads})")
     per_run = 8.0 if args.quick else 60.0
     limit = args.busy_limit or 3 * per_run * 2 * args.rounds + 60
     try:
@@ -129,13 +129,13 @@ def main(argv=None):
     walls = {}
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
-        for load in args.loads:
+        for level, load in enumerate(args.loads):
             procs = bench_busy.start_busy(load, limit)
             try:
                 time.sleep(1.0 if load else 0.0)  # the spinners up
                 print(f"\n## {load} busy process(es); before: {bench_busy.uptime()}", flush=True)
-                for rnd in range(args.rounds):  # which backend goes first alternates
-                    order = BACKENDS if (rnd + len(walls) // 2) % 2 == 0 else BACKENDS[::-1]
+                for rnd in range(args.rounds):  # which goes first flips each round and level
+                    order = BACKENDS if (rnd + level) % 2 == 0 else BACKENDS[::-1]
                     for backend in order:
                         out = Path(tmp) / f"{backend}_{load}_{rnd}"
                         wall, res = run_demo(backend, out, args.quick)

@@ -32,6 +32,7 @@ if set, are removed by re-executing this script without them (it says so).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 # --- environment, fixed before NumPy is imported -----------------------------
@@ -42,7 +43,7 @@ for _i, _a in enumerate(sys.argv):
     if _a.startswith("--openblas-thread-timeout"):
         _TIMEOUT = _a.split("=", 1)[1] if "=" in _a else (sys.argv[_i + 1:] or [""])[0]
         # checked here, before it reaches OpenBLAS's environment (it took -1 and "abc")
-        if not (_TIMEOUT.isdigit() and 4 <= int(_TIMEOUT) <= 30):
+        if not (re.fullmatch(r"[0-9]{1,2}", _TIMEOUT) and 4 <= int(_TIMEOUT) <= 30):  # ASCII digits
             sys.exit(f"{os.path.basename(sys.argv[0])}: error: --openblas-thread-timeout: expected "
                      f"a whole number of 4 to 30 (OpenBLAS's workers sleep after 2**N cycles), "
                      f"got {_TIMEOUT!r}")
@@ -509,7 +510,7 @@ def low_precision(repeats, shape=KEY_SHAPE):
         }
         for name, fns in kernels.items():
             mins = {}
-            t = race(fns, repeats, warmup=2, mins=mins)
+            t = race(fns, repeats, warmup=2, mins=mins, shuffle=True)
             rows.append({
                 "dtype": lp.name, "kernel": name, "shape": list(shape),
                 **{k + "_ms": v * 1e3 for k, v in t.items()},
@@ -682,7 +683,8 @@ def plot(rows, scal, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # no abbreviations: --openblas-thread-timeout is read before NumPy loads, by its full name
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="the key shape only, fewer repeats")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT/PyTorch")
     ap.add_argument("--out", default=RESULTS,

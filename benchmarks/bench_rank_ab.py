@@ -129,9 +129,10 @@ def behind(mod, fn, keep_z=True):
 
 
 def race(fns, repeats, checks=None, budget=0.0):
-    """Median and min seconds of each callable (bench_kernels.race: round-robin,
-    each round starting one callable later, so that neither build's kernel
-    always follows the same one), and every round's seconds (for the
+    """Median and min seconds of each callable (as bench_kernels.race with
+    ``shuffle``: each round in a new seeded order, so that neither build's
+    kernel always follows the same one; a rotation, used until session 21,
+    kept who ran right after whom), and every round's seconds (for the
     intervals of ``norm_rows``).
 
     With ``checks`` (``goal_checks``) and a `budget` in seconds (``--decide``):
@@ -279,7 +280,7 @@ def eval_breakdown(shape, repeats):
         "cache: A, B compared": lambda: np.array_equal(A_seen, A) and np.array_equal(B_seen, B),
     }
     mins = {}
-    med = bk.race(fns, repeats, mins=mins)
+    med = bk.race(fns, repeats, mins=mins, shuffle=True)  # no part always after the same one
     plain = med["plain x @ W0.T"]
     floor = 2 * N * r * (in_f + out_f) / (2 * N * in_f * out_f / plain) / plain
     return [(k, med[k], mins[k]) for k in fns], floor, plain
