@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 
 import dora_ref  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
+from dora_ref.porting.tolerance import assert_close, dora_reduction_length  # noqa: E402
 
 GOAL = 1.05
 MIN_DECIDE = 10  # rounds before an interval may decide a bimodal cell (``decide``)
@@ -235,16 +236,33 @@ def eval_forward(p):
 
 
 def warm_up(fn, p):
-    """Run fn twice with each backend (caches, the C cost model's first calls);
-    return the seconds of the slower backend's second call."""
+    """Run fn twice with each backend (caches, the C cost model's first calls), check
+    that the two backends computed the same values within the rounding bound of their
+    sums (``check_agree``); return the seconds of the slower backend's second call."""
     step = 0.0
+    results = {}
     for name in ("c", "numpy"):
         with dora_ref.use_backend(name):
             fn(p)
             t0 = time.perf_counter()
-            fn(p)
+            results[name] = fn(p)
             step = max(step, time.perf_counter() - t0)
+    check_agree(results["c"], results["numpy"], p)
     return step
+
+
+def check_agree(c, numpy, p):
+    """Raise if the C and NumPy backends' outputs of a step differ beyond the rounding bound
+    of their longest sums (``porting.tolerance``: rtol(dtype, k) times the largest output):
+    a timing of two computations that do not agree would compare nothing."""
+    names = ("dx", "dA", "dB", "dmagnitude")
+    named = ((dict(zip(names, c)), dict(zip(names, numpy))) if isinstance(c, F.DoRAGrads)
+             else ({"y": c[0]}, {"y": numpy[0]}))
+    (N, in_f), (out_f, r) = p["x"].shape, p["B"].shape
+    for name, got in named[0].items():
+        k = dora_reduction_length(name, n_rows=N, in_features=in_f, out_features=out_f, r=r)
+        assert_close(got, named[1][name], k=k, name=f"{name}, C against NumPy at "
+                     f"{(out_f, in_f, r, N, p['x'].dtype.name)}")
 
 
 def ratio_interval(c, numpy, level=0.95, resamples=400, seed=0, stat=np.median):

@@ -20,7 +20,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+
+import dora_ref
+from dora_ref.core import functional as F
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -131,3 +135,25 @@ def test_bench_busy_refuses_an_empty_loads_list(bench_busy):
     """--loads '' fell back silently to the default levels."""
     with pytest.raises(SystemExit):
         bench_busy.main(["--quick", "--loads", ""])
+
+
+def test_bench_busy_refuses_to_time_backends_that_disagree(bench_busy):
+    """The sweep checks, at each cell's warm-up, that C and NumPy computed the same values
+    within the rounding bound of their sums (an audit, session 21: no check before): a
+    gradient perturbed by far more than that bound is refused, a correct pair passes."""
+    p = bench_busy.problem(64, 48, 8, 16, np.float32)
+    p["n"] = F.column_norm(p["W0"], p["A"], p["B"], p["s"])
+    results = {}
+    for name in dora_ref.available_backends():
+        with dora_ref.use_backend(name):
+            results[name] = (bench_busy.train_step(p), bench_busy.eval_forward(p))
+    a = results["numpy"]
+    b = results.get("c", a)
+    for i in range(2):
+        bench_busy.check_agree(b[i], a[i], p)
+    wrong = F.DoRAGrads(a[0].dx, a[0].dA * np.float32(1.001), a[0].dB, a[0].dmagnitude)
+    with pytest.raises(AssertionError, match=r"dA, C against NumPy at \(64, 48, 8, 16, 'float32'\)"):
+        bench_busy.check_agree(wrong, a[0], p)
+    y_wrong = (a[1][0] + np.float32(1e-2) * np.abs(a[1][0]).max(), a[1][1])
+    with pytest.raises(AssertionError, match="y, C against NumPy"):
+        bench_busy.check_agree(y_wrong, a[1], p)
