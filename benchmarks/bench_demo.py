@@ -154,6 +154,13 @@ def main(argv=None):
     for load in args.loads:
         c, n = (statistics.median(walls[(load, b)]) for b in BACKENDS)
         print(f"| {load} | {c:.1f} | {n:.1f} | {c / n:.2f} | {c / quiet:.2f} |")
+    for load in args.loads:
+        c, n = (statistics.median(walls[(load, b)]) for b in BACKENDS)
+        print(f"goal 5 at {load} busy: C at least as fast as NumPy: "
+              f"{'met' if c <= n else 'NOT met'} by this run's medians (C / NumPy {c / n:.2f}, "
+              f"{args.rounds} round(s) of each: the demo's wall time moves a few percent from run "
+              f"to run, so judge from several rounds, --rounds 3 or more"
+              f"{'; --quick times a shorter demo than the goal names' if args.quick else ''})")
     same = results.get("c") == results.get("numpy")
     print(f"\naccuracies of the two backends: {'the same in every run' if same else 'DIFFERENT'} "
           f"({len(results.get('c', {}))} runs each)")
