@@ -12,7 +12,7 @@ interpreter, stops by itself after ``--busy-limit`` seconds or when this
 script is gone, and is killed by PID when its level ends (and on Ctrl-C,
 SIGTERM or an error); a demo run is stopped by the kernel if this script
 dies, even by SIGKILL (Linux's parent-death signal). The demos' outputs go into a temporary folder,
-removed at the end; their accuracies are compared (the backends' results
+removed at the end; every run's accuracies are compared with the first's (the backends' results
 agree to the printed digits, or the run says where they do not).
 
 Prints, per level, each backend's wall times (all rounds), the medians, the
@@ -127,7 +127,7 @@ def main(argv=None):
           f"demo{' --quick' if args.quick else ''}, {args.rounds} round(s) per level, "
           f"loads {args.loads}")
     walls = {}
-    results = {}
+    results = []  # (backend, load, round, accuracies) of every demo run
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         for level, load in enumerate(args.loads):
             procs = bench_busy.start_busy(load, limit)
@@ -141,7 +141,7 @@ def main(argv=None):
                         wall, res = run_demo(backend, out, args.quick)
                         bench_busy.check_busy(procs)
                         walls.setdefault((load, backend), []).append(wall)
-                        results.setdefault(backend, accuracies(res))
+                        results.append((backend, load, rnd, accuracies(res)))
                         print(f"  round {rnd + 1}: {backend:5s} {wall:6.1f} s", flush=True)
                 print(f"after: {bench_busy.uptime()}")
             finally:
@@ -161,12 +161,15 @@ def main(argv=None):
               f"{args.rounds} round(s) of each: the demo's wall time moves a few percent from run "
               f"to run, so judge from several rounds, --rounds 3 or more"
               f"{'; --quick times a shorter demo than the goal names' if args.quick else ''})")
-    same = results.get("c") == results.get("numpy")
-    print(f"\naccuracies of the two backends: {'the same in every run' if same else 'DIFFERENT'} "
-          f"({len(results.get('c', {}))} runs each)")
-    if not same:
-        diff = [k for k in results["c"] if results["c"].get(k) != results["numpy"].get(k)]
-        print(f"  differing: {diff[:10]}")
+    # every demo run against the first (each backend, each level and round: a busy level's
+    # run is compared too, not only each backend's first)
+    first = results[0][3]
+    differ = [(b, load, rnd, [k for k in first if acc.get(k) != first[k]])
+              for b, load, rnd, acc in results[1:] if acc != first]
+    print(f"\naccuracies: {'the same in all' if not differ else 'DIFFERENT in some'} of the "
+          f"{len(results)} demo runs ({len(first)} trainings each), both backends")
+    for b, load, rnd, keys in differ:
+        print(f"  {b} at {load} busy, round {rnd + 1}, differs from the first run at: {keys[:10]}")
     return 0
 
 

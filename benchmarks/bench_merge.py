@@ -248,7 +248,9 @@ def uptime():
 
 def _positive_int(text):
     """argparse type of --rounds: at least one round (0 built the model, then failed on
-    the medians of no rounds: an adversary's case)."""
+    the medians of no rounds: an adversary's case). Not ``bench_busy.positive_arg``: that
+    module imports NumPy and dora_ref, and this script keeps its own memory small (a
+    child's peak RSS includes the parent's at exec)."""
     try:
         value = int(text)
     except ValueError:
