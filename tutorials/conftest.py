@@ -98,17 +98,17 @@ def stale_cells(stored, executed):
     ran_ids = {c.get("id") for c in ran}
     if all("id" in c for c in code + ran) and all(c["id"] in ran_ids for c in code):
         by_id = {c["id"]: c for c in ran}
+        stored_ids = {c["id"] for c in code}
         pairs = [(f"cell {c['id']}", c, by_id.get(c["id"])) for c in code]
         pairs += [(f"cell {c['id']} (not stored)", None, c) for c in ran
-                  if c["id"] not in {d["id"] for d in code}]
-    else:
-        pairs = [(f"code cell {k}", a, b) for k, (a, b) in enumerate(zip(code, ran))]
-        pairs += [(f"code cell {k} (only in one)", None, None)
-                  for k in range(min(len(code), len(ran)), max(len(code), len(ran)))]
+                  if c["id"] not in stored_ids]
+    else:  # by position; a cell only one notebook has is paired with nothing
+        pairs = [(f"code cell {k}", code[k] if k < len(code) else None,
+                  ran[k] if k < len(ran) else None) for k in range(max(len(code), len(ran)))]
     empty = nbformat.v4.new_code_cell("")
-    return [(label, masked_text(a or empty), masked_text(b or empty))
-            for label, a, b in pairs
-            if a is None or b is None or masked_text(a) != masked_text(b)]
+    texts = [(label, masked_text(a or empty), masked_text(b or empty), a is None or b is None)
+             for label, a, b in pairs]
+    return [(label, a, b) for label, a, b, alone in texts if alone or a != b]
 
 
 @pytest.hookimpl(wrapper=True)
