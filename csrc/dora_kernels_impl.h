@@ -1233,10 +1233,11 @@ int FN(dora_forward_epilogue_nf)(REAL *y, REAL *z, const REAL *base, const REAL 
 /* bias, z = base + s * P stored if z is not NULL, *nonfinite as above.    */
 /* Each element is the forward_step's operations on that element, in the   */
 /* same order and roundings (s * P, + base, * g, + bias; no contraction),   */
-/* only P's sum is BLAS's. y or z may be base, element for element (each    */
-/* element of base is read before the same element of y and z is written); */
-/* P may not overlap y or z. One thread: one pass over (N, out) arrays, a  */
-/* small part of the product it follows.                                   */
+/* only P's sum is BLAS's. y or z may be base, and y may be P, element for  */
+/* element (each element of base and P is read before the same element of   */
+/* y and z is written: the wrapper writes y over its own fresh P, as the    */
+/* NumPy twin does); z may not overlap P. One thread: one pass over (N,     */
+/* out) arrays, a small part of the product it follows.                     */
 static DORA_CLONES int FN(forward_from_product_rows)(
     REAL *y, REAL *z, const REAL *base, const REAL *P, const REAL *gm, const REAL *bias,
     REAL s, int64_t N, int64_t out)

@@ -1010,10 +1010,9 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
             # every check below passed (``_epilogue_usual``): the same call, in fewer steps
             ptr_type, kernel = entry
             N, out_f = base.shape
-            y = np.empty((N, out_f), dtype=base.dtype)
             if _lowrank_on_blas(out_f, U.shape[1]):
-                _epilogue_from_product(y, None, base, U, B, g, bias, scaling)
-                return y
+                return _epilogue_from_product(None, None, base, U, B, g, bias, scaling)[0]
+            y = np.empty((N, out_f), dtype=base.dtype)
             status = kernel(
                 _from_buffer(ptr_type, y), _from_buffer(ptr_type, base),
                 _from_buffer(ptr_type, U), _from_buffer(ptr_type, B), _from_buffer(ptr_type, g),
@@ -1027,15 +1026,14 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
         return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype, out)
     arrays, dtype, N, out_f, r, ctype, sfx, bias_ptr = _epilogue_arrays(base, U, B, g, bias)
     if out is None:
-        y = np.empty((N, out_f), dtype=dtype)
+        y = None if _lowrank_on_blas(out_f, r) else np.empty((N, out_f), dtype=dtype)
     else:  # against the caller's arrays: a non-contiguous base was copied by _arrays
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), dtype)
         y = out
     base, U, B, g = arrays[:4]
-    if _lowrank_on_blas(out_f, r):
-        _epilogue_from_product(y, None, base, U, B, g, arrays[4] if bias is not None else None,
-                               scaling)
-        return y
+    if _lowrank_on_blas(out_f, r):  # y None: written over the product
+        return _epilogue_from_product(y, None, base, U, B, g,
+                                      arrays[4] if bias is not None else None, scaling)[0]
     status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
         _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
         bias_ptr, _scaling(scaling), N, out_f, r,
@@ -1068,10 +1066,9 @@ def _forward_epilogue_keep_z(base, U, B, g, scaling, bias):
         if entry is not None and _epilogue_usual(base, U, B, g, bias):
             ptr_type, kernel = entry
             N, out_f = base.shape
-            y = np.empty((N, out_f), dtype=base.dtype)
             if _lowrank_on_blas(out_f, U.shape[1]):
-                _epilogue_from_product(y, base, base, U, B, g, bias, scaling)
-                return y
+                return _epilogue_from_product(None, base, base, U, B, g, bias, scaling)[0]
+            y = np.empty((N, out_f), dtype=base.dtype)
             zp = _from_buffer(ptr_type, base)
             status = kernel(
                 _from_buffer(ptr_type, y), zp, zp, _from_buffer(ptr_type, U),
@@ -1099,8 +1096,7 @@ def _forward_epilogue_over_base(base, U, B, g, scaling, bias):
             ptr_type, kernel = entry
             N, out_f = base.shape
             if _lowrank_on_blas(out_f, U.shape[1]):
-                _epilogue_from_product(base, None, base, U, B, g, bias, scaling)
-                return base
+                return _epilogue_from_product(base, None, base, U, B, g, bias, scaling)[0]
             yp = _from_buffer(ptr_type, base)
             status = kernel(
                 yp, yp, _from_buffer(ptr_type, U), _from_buffer(ptr_type, B),
@@ -1166,9 +1162,14 @@ _BLAS_LOWRANK = True
 def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
     """The forward epilogue where ``_lowrank_on_blas``: P = U @ B.T by BLAS, then one C pass
     y = g * (base + s * P) + bias (z = base + s * P stored if z is not None; y or z may be
-    base, element for element). Arguments checked by the caller (C-contiguous, one
-    float32/float64 dtype, fitting shapes; y and z not overlapping U, B, g, bias).
-    Returns True if some element of y is Inf or NaN."""
+    base, element for element). ``y`` None: y is written over P, this call's own fresh
+    product, as the NumPy twin writes its y over its U @ B.T (``_epilogue``, ``_epilogue_z``):
+    no other (N, out) array is touched. With a y of its own the C path wrote one more (N, out)
+    array than the twin, and on the Zen 4 its eval forward at (64, 64, 64, 256) float64 ran
+    1.3-1.5x the twin's in the busy sweep's quiet level and in stretches of a quiet machine
+    (the C kernel on its own was no slower; session 22). Arguments checked by the caller
+    (C-contiguous, one float32/float64 dtype, fitting shapes; y and z not overlapping U, B,
+    g, bias). Returns (y, whether some element of y is Inf or NaN)."""
     ptr_type, kernel = _FROM_PRODUCT_KERNELS[base.dtype]
     # NumPy's product, so (unlike the C kernels) its bits depend on BLAS's threads, and a fork from
     # another thread in the middle of it can hang in OpenBLAS (attack 57, session 12). A place in the
@@ -1179,14 +1180,19 @@ def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
     P = U @ B.T  # the NumPy twin's product, bit for bit
     N, out_f = base.shape
     flag = _new_flag("int *")
+    pp = _from_buffer(ptr_type, P)
+    if y is None:
+        y, yp = P, pp  # each element of P is read before that element of y is written
+    else:
+        yp = _from_buffer(ptr_type, y)
     status = kernel(
-        _from_buffer(ptr_type, y), ffi.NULL if z is None else _from_buffer(ptr_type, z),
-        _from_buffer(ptr_type, base), _from_buffer(ptr_type, P), _from_buffer(ptr_type, g),
+        yp, ffi.NULL if z is None else _from_buffer(ptr_type, z),
+        _from_buffer(ptr_type, base), pp, _from_buffer(ptr_type, g),
         ffi.NULL if bias is None else _from_buffer(ptr_type, bias), _scaling(scaling),
         N, out_f, flag,
     )
     _check_status(status, "forward_epilogue")
-    return bool(flag[0])
+    return y, bool(flag[0])
 
 
 def _z_on_blas(base, U, B, scaling):
@@ -1223,10 +1229,11 @@ def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
         if entry is not None and _epilogue_usual(base, U, B, g, bias):
             ptr_type, kernel = entry
             N, out_f = base.shape
-            if _lowrank_on_blas(out_f, U.shape[1]):
-                y = base if where == EPILOGUE_OVER_BASE else np.empty((N, out_f), base.dtype)
-                z = base if where == EPILOGUE_KEEP_Z else None
-                return y, not _epilogue_from_product(y, z, base, U, B, g, bias, scaling)
+            if _lowrank_on_blas(out_f, U.shape[1]):  # y over base, or over the product
+                y, nonfinite = _epilogue_from_product(
+                    base if where == EPILOGUE_OVER_BASE else None,
+                    base if where == EPILOGUE_KEEP_Z else None, base, U, B, g, bias, scaling)
+                return y, not nonfinite
             bp = _from_buffer(ptr_type, base)
             if where == EPILOGUE_OVER_BASE:
                 y, yp, zp = base, bp, ffi.NULL
@@ -1260,12 +1267,11 @@ def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
     # against the caller's arrays: a non-contiguous base was copied by _arrays (and a
     # z_out that is that base is refused: not C-contiguous)
     _kernels_numpy.check_epilogue_out(z_out, base, (U, B, g, bias), dtype, name="z_out")
-    y = np.empty((N, out_f), dtype=dtype)
     base, U, B, g = arrays[:4]
-    if _lowrank_on_blas(out_f, r):
-        _epilogue_from_product(y, z_out, base, U, B, g, arrays[4] if bias is not None else None,
-                               scaling)
-        return y
+    if _lowrank_on_blas(out_f, r):  # y written over the product
+        return _epilogue_from_product(None, z_out, base, U, B, g,
+                                      arrays[4] if bias is not None else None, scaling)[0]
+    y = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_forward_epilogue_z_{sfx}")(
         _ptr(y, ctype), _ptr(z_out, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
         _ptr(g, ctype), bias_ptr, _scaling(scaling), N, out_f, r,
@@ -1341,9 +1347,8 @@ def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), out_dtype)
         y = out
     if _lowrank_on_blas(out_f, r):  # the float32 y of the float32 path, rounded once
-        y32 = np.empty((N, out_f), dtype=np.float32)
-        _epilogue_from_product(y32, None, base32, U32, B32, g32,
-                               None if bias is None else bias32, scaling)
+        y32 = _epilogue_from_product(None, None, base32, U32, B32, g32,
+                                     None if bias is None else bias32, scaling)[0]
         y[...] = y32
         return y
     status = lib.dora_forward_epilogue_lp(
