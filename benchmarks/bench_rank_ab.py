@@ -20,7 +20,12 @@ in turn behind ``dora_ref.kernels.c``:
 at (4096, 4096, r, 512) for r in 8, 16, 32, 64 and (11008, 4096, 16, 256)
 by default. Beside each step ratio: the minima's ratio and a 95 % bootstrap
 interval of the ratio of medians (rounds resampled as pairs), which says
-whether a goal is met, missed or not decided by this many repeats.
+whether a goal is met, missed or not decided by this many repeats. Before
+each race, each build's results (the norm; y and the four gradients of the
+step; y of the eval forward) are compared with this build's within the
+rounding bound of their longest sums (``check_builds_agree``): a build that
+computes something else stops the run with an AssertionError instead of
+being timed.
 
     python benchmarks/bench_rank_ab.py --base /tmp/base/dora_ref/kernels/_dora_c.abi3.so
 
@@ -61,6 +66,7 @@ import bench_busy  # noqa: E402  (ratio_interval)
 import bench_kernels as bk  # noqa: E402  (problem, steps: the layer steps it times)
 import dora_ref  # noqa: E402
 from dora_ref.core import functional as F  # noqa: E402
+from dora_ref.porting.tolerance import assert_close, dora_reduction_length  # noqa: E402
 try:
     from dora_ref.kernels import c as C  # noqa: E402
 except ImportError as exc:  # the C extension is not built: --help still answers, main() says so
@@ -126,6 +132,37 @@ def behind(mod, fn, keep_z=True):
             for name, table in saved.items():
                 setattr(C, name, table)
     return call
+
+
+def check_builds_agree(shape, builds, outputs):
+    """Raise if a build's results differ from this build's beyond the rounding
+    bound of their longest sums (``porting.tolerance``: rtol(float32, k) times
+    the largest value; k from ``dora_reduction_length``): a race between builds
+    that compute different things would time nothing worth comparing.
+
+    `outputs` maps each build's tag to what its callables returned once:
+    ``{"norm": n, "train": (y, grads), "eval": y}`` (a key missing where the
+    race did not time it). Returns the number of arrays compared."""
+    out_f, in_f, r, N = shape
+    names = ("dx", "dA", "dB", "dmagnitude")
+    ref = outputs["this"]
+    compared = 0
+    for tag, got in outputs.items():
+        if tag == "this":
+            continue
+        pairs = []
+        if "norm" in got:
+            pairs.append(("weight_norm", "weight_norm", got["norm"], ref["norm"]))
+        if "train" in got:
+            pairs.append(("y", "y (training forward)", got["train"][0], ref["train"][0]))
+            pairs.extend((n, n, a, b) for n, a, b in zip(names, got["train"][1], ref["train"][1]))
+        if "eval" in got:
+            pairs.append(("y", "y (eval forward)", got["eval"], ref["eval"]))
+        for output, label, a, b in pairs:
+            k = dora_reduction_length(output, n_rows=N, in_features=in_f, out_features=out_f, r=r)
+            assert_close(a, b, k=k, name=f"{label}, build {tag!r} against this build at {shape}")
+            compared += 1
+    return compared
 
 
 def race(fns, repeats, checks=None, budget=0.0):
@@ -222,11 +259,21 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
             verdicts.extend(judge(checks, result[2], level=bench_busy.LEVEL))
         return result
 
+    outputs = {tag: {} for tag in builds}
+
+    def once(kind, fns):  # each build's result of `kind`, copied: the race's calls reuse nothing
+        for tag in builds:
+            got = fns[f"{kind}_{tag}"]()
+            outputs[tag][kind] = (np.array(got) if kind != "train"
+                                  else (np.array(got[0]), [np.array(g) for g in got[1]]))
+
     if eval_only:  # the plain product and each build's eval forward, nothing else
         st = bk.steps(p)
         fns = {"plain_eval": st["plain_eval"]}
         for tag, (mod, keep_z) in builds.items():
             fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
+        once("eval", fns)
+        check_builds_agree(shape, builds, outputs)
         nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
                "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
         steps = timed(fns, "steps")
@@ -238,6 +285,8 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
            "norm_numpy_expr": lambda: np.linalg.norm(W0 + s * B @ A, axis=1)}
     for tag, (mod, keep_z) in builds.items():
         fns[f"norm_{tag}"] = behind(mod, lambda: C.column_norm(W0, A, B, s), keep_z)
+    once("norm", fns)
+    check_builds_agree(shape, builds, outputs)
     norms = timed(fns, "norm")
     if norm_only:
         return norm_rows(shape, builds, norms[0], {}, norms[1], {}, {}), verdicts
@@ -246,6 +295,9 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
     for tag, (mod, keep_z) in builds.items():
         fns[f"train_{tag}"] = behind(mod, st["dora_train_detached"], keep_z)
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
+    once("train", fns)
+    once("eval", fns)
+    check_builds_agree(shape, builds, outputs)
     steps = timed(fns, "steps")
     return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1], steps[2]), verdicts
 
