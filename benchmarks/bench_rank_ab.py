@@ -77,10 +77,24 @@ SHAPES = [(4096, 4096, 8, 512), (4096, 4096, 16, 512), (4096, 4096, 32, 512),
 
 
 def load_build(path):
-    """The ``_dora_c`` module at ``path``, under a name of its own."""
+    """The ``_dora_c`` module at ``path``, under a name of its own.
+
+    Raises ValueError, naming the path, if it is not a file, not a shared
+    object (``.so``), or not a ``_dora_c`` build (no cffi ``lib`` with the
+    column norm)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--base {path!r}: no such file (the other build's _dora_c shared object)")
+    if not path.endswith(".so"):
+        raise ValueError(f"--base {path!r}: not a shared object (.so): give the other build's "
+                         "dora_ref/kernels/_dora_c*.so")
     spec = importlib.util.spec_from_file_location("dora_ab_base._dora_c", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        mod = importlib.util.module_from_spec(spec)  # an extension is loaded (dlopen) here
+        spec.loader.exec_module(mod)
+    except ImportError as exc:
+        raise ValueError(f"--base {path!r}: cannot be loaded as a Python extension ({exc})") from exc
+    if not hasattr(getattr(mod, "lib", None), "dora_column_norm_f32"):
+        raise ValueError(f"--base {path!r}: not a build of dora_ref's _dora_c (no lib.dora_column_norm_f32)")
     # Its teams on NumPy's OpenBLAS threads, as dora_ref.kernels.c sets up for
     # its own build at import (_set_blas_pool): left on OpenMP teams, the other
     # build waited for OpenBLAS's spinning workers after each BLAS call of the race.
@@ -101,7 +115,9 @@ def behind(mod, fn, keep_z=True):
     (``C._NORM_KERNELS``); all four tables are bound at import, and without
     the swap those columns timed this build under both names. The other
     kernels it bound at import (the fused backward_lowrank) are this build's
-    in every column."""
+    in every column. Where r >= out above rank 12 the epilogue from BLAS's
+    product (``C._FROM_PRODUCT_KERNELS``) is swapped too when the other build
+    has it."""
     keep_z = keep_z and hasattr(mod.lib, "dora_forward_epilogue_z_f32")
     tables = {}
     for name, prefix in (("_EPILOGUE_KERNELS", "dora_forward_epilogue_"),
@@ -112,6 +128,14 @@ def behind(mod, fn, keep_z=True):
                         for dt, (ptr_type, kernel) in ours.items()}
     tables["_NORM_KERNELS"] = {dtype: (ctype, getattr(mod.lib, kernel.__name__))
                                for dtype, (ctype, kernel) in C._NORM_KERNELS.items()}
+    # the epilogue from BLAS's product where r >= out above FUSED_MAX_RANK: without it that
+    # column timed this build's kernel under the other's name (an adversary, session 22); a
+    # build without the kernel (before it existed) is left on the tile, as it ran then
+    if hasattr(mod.lib, "dora_forward_epilogue_from_product_nf_f32"):
+        tables["_FROM_PRODUCT_KERNELS"] = {
+            dt: (ptr_type, getattr(mod.lib, "dora_forward_epilogue_from_product_nf_"
+                                   + ("f32" if dt == np.float32 else "f64")))
+            for dt, (ptr_type, _) in C._FROM_PRODUCT_KERNELS.items()}
     # the epilogue with the finiteness flag: a build without it leaves the table empty, and
     # the forward then calls the kernels above and tests y by a second pass (as it did)
     tables["_EPILOGUE_NF_KERNELS"] = {
@@ -381,6 +405,18 @@ def norm_rows(shape, builds, norm_med, step_med, norm_min, step_min, step_sample
     return rows, extra
 
 
+def shape_arg(ap, text):
+    """One --shapes entry, out,in,r,N: four integers, out, in and r >= 1, N >= 0 (else a usage error)."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape[:3]) < 1 or shape[3] < 0:
+        ap.error(f"--shapes: each entry is out,in,r,N (integers, out, in and r at least 1, "
+                 f"N at least 0), got {text!r}")
+    return shape
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="path of the other build's _dora_c shared object")
@@ -407,8 +443,9 @@ def main():
     # DORA_REF_BACKEND=numpy the table timed NumPy's steps under a C build's header: an audit)
     dora_ref.set_backend("c")
     decided = []
-    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in sh.split(","))
-                                             for sh in args.shapes.split(";")]
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    shapes = SHAPES if not args.shapes else [shape_arg(ap, sh) for sh in args.shapes.split(";")]
     if args.eval_breakdown:
         print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
         print("| (out, in, r, N) | part | median ms | min ms | median / plain | min / plain |")
@@ -426,7 +463,11 @@ def main():
     if not args.base:
         ap.error("--base is required (except with --eval-breakdown)")
     # "this, z off": this build with the training forward not keeping z (the step of before)
-    builds = {"base": (load_build(args.base), False), "this, z off": (C._dora_c, False),
+    try:
+        base = load_build(args.base)
+    except ValueError as exc:
+        ap.error(str(exc))
+    builds = {"base": (base, False), "this, z off": (C._dora_c, False),
               "this": (C._dora_c, True)}
     print(f"load average at start {os.getloadavg()}; this build: {C.build_info()}")
     print("| (out, in, r, N) | build | norm ms | NumPy expr / norm | norm / read W0 | "

@@ -84,3 +84,52 @@ def test_rank_ab_base_build_off_by_more_than_the_bound_stops_the_run(rank_ab, ki
     target.flat[3] += 4 * bound
     with pytest.raises(AssertionError, match=r"build 'base' against this build at \(48, 40, 4, 16\)"):
         rank_ab.check_builds_agree(SHAPE, {"base": None, "this": None}, outputs)
+
+
+def test_rank_ab_swaps_the_epilogue_from_the_product_of_the_other_build(rank_ab):
+    """An adversary, session 22: where r >= out above rank 12 the epilogue from BLAS's product
+    (``C._FROM_PRODUCT_KERNELS``) was not swapped, so the "base" column timed this build's
+    kernel there, and a base build broken in it passed the check. Now it is swapped: inside
+    ``behind`` the table holds the other build's functions, and after it this build's again."""
+    other = rank_ab.load_build(C._dora_c.__file__)
+    ours = dict(C._FROM_PRODUCT_KERNELS)
+    seen = {}
+
+    def look():
+        seen.update(C._FROM_PRODUCT_KERNELS)
+
+    rank_ab.behind(other, look)()
+    assert set(seen) == set(ours)
+    for dt, (_, kernel) in seen.items():
+        sfx = "f32" if dt == np.float32 else "f64"
+        assert kernel is getattr(other.lib, f"dora_forward_epilogue_from_product_nf_{sfx}")
+    assert C._FROM_PRODUCT_KERNELS == ours
+
+
+@pytest.mark.parametrize("case", ["missing", "not_so", "not_an_extension"])
+def test_rank_ab_refuses_a_base_that_is_not_a_dora_c_build(rank_ab, tmp_path, case):
+    """--base that does not exist, is not a shared object, or is one that Python cannot load as
+    _dora_c: a ValueError naming the path (until session 22: a bare ImportError traceback, or
+    ``AttributeError: 'NoneType' object has no attribute 'loader'`` for README.md)."""
+    path = {"missing": tmp_path / "nope.so", "not_so": tmp_path / "README.md",
+            "not_an_extension": tmp_path / "_dora_c.abi3.so"}[case]
+    if case != "missing":
+        path.write_bytes(b"not a shared object\n")
+    with pytest.raises(ValueError, match=r"--base .*" + path.name):
+        rank_ab.load_build(str(path))
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--shapes", "5,5,0,3"], "--shapes: each entry is out,in,r,N"),  # r = 0: a ZeroDivisionError
+    (["--shapes", "64,64,8"], "--shapes: each entry is out,in,r,N"),  # "not enough values to unpack"
+    (["--shapes", "64,64,x,8"], "--shapes: each entry is out,in,r,N"),
+    (["--repeats", "0"], "--repeats must be at least 1"),  # "min() arg is an empty sequence"
+])
+def test_rank_ab_refuses_bad_shapes_and_repeats_before_timing(argv, said):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_rank_ab.py"),
+                           "--base", C._dora_c.__file__, *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert said in proc.stderr and "Traceback" not in proc.stderr
