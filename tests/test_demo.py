@@ -263,3 +263,13 @@ def test_dense_and_labels_reject_bad_input():
         softmax_cross_entropy(np.zeros((2, 2)), np.array([0.0, 1.0]))
     with pytest.raises(RuntimeError, match="forward"):
         Dense(np.zeros((3, 2))).backward(np.zeros((1, 3)))
+
+
+def test_quick_run_does_not_overwrite_a_full_runs_outputs():
+    """A new user (session 22): ``demo`` and ``demo --quick`` both wrote to ./demo_out, so the
+    short run replaced the full run's results and plots. --quick now defaults to ./demo_out_quick;
+    an explicit --out is kept either way."""
+    assert demo.parse_args([]).out == "demo_out"
+    assert demo.parse_args(["--quick"]).out == "demo_out_quick"
+    assert demo.parse_args(["--quick", "--out", "x"]).out == "x"
+    assert demo.parse_args(["--out", "y"]).out == "y"

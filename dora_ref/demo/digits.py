@@ -35,7 +35,8 @@ What it does
    points of a run; the demo also reports a within-step correlation (each
    checkpoint's mean removed), since ΔD and ΔM both grow with training.
 
-Outputs in ``--out`` (default ``./demo_out``): ``results.json``,
+Outputs in ``--out`` (default ``./demo_out``, ``./demo_out_quick`` with
+``--quick``, so that a short run does not overwrite a full one's): ``results.json``,
 ``results.csv`` (the table), ``decomposition.csv`` (every ΔM/ΔD point),
 ``decomposition.png`` (Fig. 2 redrawn) and ``accuracy.png``.
 
@@ -518,13 +519,17 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="a short run for CI: %d seeds, ranks %s, %d epochs"
                         % (QUICK.seeds, ",".join(map(str, QUICK.ranks)), QUICK.epochs))
-    p.add_argument("--out", default="demo_out", metavar="DIR",
-                   help="where to write results.json/.csv and the plots (default: ./demo_out)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where to write results.json/.csv and the plots (default: ./demo_out, "
+                        "./demo_out_quick with --quick)")
     p.add_argument("--seed", type=int, default=0,
                    help="first seed; seeds SEED, SEED+1, ... are run (default 0)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, quick: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:  # a --quick run never overwrites a full run's outputs (a new user's find)
+        args.out = "demo_out_quick" if args.quick else "demo_out"
+    return args
 
 
 def main(argv=None):
