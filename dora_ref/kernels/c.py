@@ -1030,10 +1030,13 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
     else:  # against the caller's arrays: a non-contiguous base was copied by _arrays
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), dtype)
         y = out
-    base, U, B, g = arrays[:4]
     if _lowrank_on_blas(out_f, r):  # y None: written over the product
-        return _epilogue_from_product(y, None, base, U, B, g,
+        # the product of the caller's U and B as given (checked: plain ndarrays of this dtype), as
+        # the twin forms it: from _arrays' C-contiguous copies BLAS took another path and the
+        # bits differed from NumPy's for a Fortran-ordered U or B (an adversary, session 22)
+        return _epilogue_from_product(y, None, arrays[0], U, B, arrays[3],
                                       arrays[4] if bias is not None else None, scaling)[0]
+    base, U, B, g = arrays[:4]
     status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
         _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
         bias_ptr, _scaling(scaling), N, out_f, r,
@@ -1168,8 +1171,10 @@ def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
     array than the twin, and on the Zen 4 its eval forward at (64, 64, 64, 256) float64 ran
     1.3-1.5x the twin's in the busy sweep's quiet level and in stretches of a quiet machine
     (the C kernel on its own was no slower; session 22). Arguments checked by the caller
-    (C-contiguous, one float32/float64 dtype, fitting shapes; y and z not overlapping U, B,
-    g, bias). Returns (y, whether some element of y is Inf or NaN)."""
+    (one float32/float64 dtype, fitting shapes; base, g, bias, y and z C-contiguous; U and B
+    plain ndarrays in any layout, as the caller gave them: only their product is formed, as
+    the twin forms it; y and z not overlapping U, B, g, bias). Returns (y, whether some
+    element of y is Inf or NaN)."""
     ptr_type, kernel = _FROM_PRODUCT_KERNELS[base.dtype]
     # NumPy's product, so (unlike the C kernels) its bits depend on BLAS's threads, and a fork from
     # another thread in the middle of it can hang in OpenBLAS (attack 57, session 12). A place in the
@@ -1267,10 +1272,10 @@ def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
     # against the caller's arrays: a non-contiguous base was copied by _arrays (and a
     # z_out that is that base is refused: not C-contiguous)
     _kernels_numpy.check_epilogue_out(z_out, base, (U, B, g, bias), dtype, name="z_out")
-    base, U, B, g = arrays[:4]
-    if _lowrank_on_blas(out_f, r):  # y written over the product
-        return _epilogue_from_product(None, z_out, base, U, B, g,
+    if _lowrank_on_blas(out_f, r):  # y over the product of the caller's U and B, as the twin's
+        return _epilogue_from_product(None, z_out, arrays[0], U, B, arrays[3],
                                       arrays[4] if bias is not None else None, scaling)[0]
+    base, U, B, g = arrays[:4]
     y = np.empty((N, out_f), dtype=dtype)
     status = getattr(lib, f"dora_forward_epilogue_z_{sfx}")(
         _ptr(y, ctype), _ptr(z_out, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype),
@@ -1347,7 +1352,7 @@ def _forward_epilogue_lp(base, U, B, g, scaling, bias, out_dtype, out=None):
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), out_dtype)
         y = out
     if _lowrank_on_blas(out_f, r):  # the float32 y of the float32 path, rounded once
-        y32 = _epilogue_from_product(None, None, base32, U32, B32, g32,
+        y32 = _epilogue_from_product(None, None, base32, U, B, g32,  # the caller's U, B: the twin's product
                                      None if bias is None else bias32, scaling)[0]
         y[...] = y32
         return y
