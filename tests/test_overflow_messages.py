@@ -337,3 +337,27 @@ def test_a_norm_past_the_dtype_says_the_norm_itself_overflowed():
     text = _message(lambda: F.column_norm(W0, A, B, 1.0))
     assert "the norm itself overflowed float32 (it is larger than 3.403e+38)" in text, text
     assert "sum of squares" not in text, text
+
+
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("r", [4, 40])  # the tile and, at r >= out above rank 12, BLAS's product
+def test_nan_in_W0_with_a_given_weight_norm_is_named_not_called_an_overflow(dtype, bad, r):
+    """An adversary, session 22: with ``weight_norm`` given, W0 is not checked before the
+    forward (no norm of it is formed), and a NaN in W0 reached the message "y (the output) ...
+    overflowed ...; every input is finite, but the values are too large": false, and W0 not
+    named. The error path now checks W0 first and names it, in both backends and the LoRA
+    forward."""
+    rng = np.random.default_rng(0)
+    x, W0 = rng.standard_normal((5, 12)).astype(dtype), rng.standard_normal((16, 12)).astype(dtype)
+    A, B = rng.standard_normal((r, 12)).astype(dtype), rng.standard_normal((16, r)).astype(dtype)
+    m = (rng.random(16) + 0.5).astype(dtype)
+    n = F.column_norm(W0, A, B, 0.5)
+    W0[3, 7] = bad
+    for backend in dora_ref.available_backends():
+        with dora_ref.use_backend(backend):
+            msg = _message(lambda: F.dora_forward(x, W0, A, B, m, 0.5, weight_norm=n))
+            assert msg.startswith("W0 (shape (16, 12)) contains NaN or Inf, first at index (3, 7)"), msg
+            assert "overflow" not in msg
+            msg = _message(lambda: F.lora_forward(x, W0, A, B, 0.5))
+            assert "W0" in msg and "every input is finite" not in msg, msg

@@ -468,6 +468,10 @@ def _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, masked, out_d
     computation, is not finite". Runs only after a non-finite y was found.
     """
     check_finite("x", x2)
+    # W0 is not checked before a forward given weight_norm (where no norm of it is formed);
+    # a NaN/Inf there reached the "every input is finite" message below (an adversary,
+    # session 22). This runs only after y was found not finite.
+    check_finite("W0", W0)
     bad = np.argwhere(~np.isfinite(y))
     if not bad.size:  # every entry finite: only the one-sum test's sum of squares overflowed
         return
