@@ -22,7 +22,8 @@ by default. Beside each step ratio: the minima's ratio and a 95 % bootstrap
 interval of the ratio of medians (rounds resampled as pairs), which says
 whether a goal is met, missed or not decided by this many repeats. Before
 each race, each build's results (the norm; y and the four gradients of the
-step; y of the eval forward) are compared with this build's within the
+step; y of the eval forward; y of a training and an eval forward with a
+bias) are compared with this build's within the
 rounding bound of their longest sums (``check_builds_agree``): a build that
 computes something else stops the run with an AssertionError instead of
 being timed.
@@ -166,7 +167,10 @@ def check_builds_agree(shape, builds, outputs):
 
     `outputs` maps each build's tag to what its callables returned once:
     ``{"norm": n, "train": (y, grads), "eval": y}`` (a key missing where the
-    race did not time it). Returns the number of arrays compared."""
+    race did not time it), and y of ``dora_forward`` with a bias, training and
+    with a given norm (``"bias_train"``, ``"bias_eval"``: the races run
+    without one, and a build wrong only in its bias would otherwise pass; an
+    adversary, session 22). Returns the number of arrays compared."""
     out_f, in_f, r, N = shape
     names = ("dx", "dA", "dB", "dmagnitude")
     ref = outputs["this"]
@@ -182,6 +186,10 @@ def check_builds_agree(shape, builds, outputs):
             pairs.extend((n, n, a, b) for n, a, b in zip(names, got["train"][1], ref["train"][1]))
         if "eval" in got:
             pairs.append(("y", "y (eval forward)", got["eval"], ref["eval"]))
+        for key, label in (("bias_train", "y (training forward with a bias)"),
+                           ("bias_eval", "y (eval forward with a bias)")):
+            if key in got:
+                pairs.append(("y", label, got[key], ref[key]))
         for output, label, a, b in pairs:
             k = dora_reduction_length(output, n_rows=N, in_features=in_f, out_features=out_f, r=r)
             assert_close(a, b, k=k, name=f"{label}, build {tag!r} against this build at {shape}")
@@ -285,6 +293,15 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
 
     outputs = {tag: {} for tag in builds}
 
+    def once_with_bias():  # the forwards with a bias, which the races do not run
+        bias = np.random.default_rng(2).standard_normal(out_f).astype(p["W0"].dtype)
+        args = (p["x"], p["W0"], p["A"], p["B"], p["m"], p["s"], bias)
+        n = F.column_norm(*args[1:4], p["s"])
+        for tag, (mod, keep_z) in builds.items():
+            outputs[tag]["bias_train"] = np.array(behind(mod, lambda: F.dora_forward(*args)[0], keep_z)())
+            outputs[tag]["bias_eval"] = np.array(
+                behind(mod, lambda: F.dora_forward(*args, weight_norm=n)[0], keep_z)())
+
     def once(kind, fns):  # each build's result of `kind`, copied: the race's calls reuse nothing
         for tag in builds:
             got = fns[f"{kind}_{tag}"]()
@@ -297,6 +314,7 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
         for tag, (mod, keep_z) in builds.items():
             fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
         once("eval", fns)
+        once_with_bias()
         check_builds_agree(shape, builds, outputs)
         nan = {"gemm_1024": float("nan"), "read_gemv": float("nan"), "read_sum": float("nan"),
                "norm_numpy_expr": float("nan"), **{f"norm_{tag}": float("nan") for tag in builds}}
@@ -321,6 +339,7 @@ def run(shape, builds, repeats, norm_only=False, eval_only=False, decide=0.0, ju
         fns[f"eval_{tag}"] = behind(mod, st["dora_eval_layer"], keep_z)
     once("train", fns)
     once("eval", fns)
+    once_with_bias()
     check_builds_agree(shape, builds, outputs)
     steps = timed(fns, "steps")
     return norm_rows(shape, builds, norms[0], steps[0], norms[1], steps[1], steps[2]), verdicts

@@ -48,11 +48,15 @@ def _outputs(rng, shape):
     return {"norm": rng.standard_normal(out_f).astype(f32) + 3,
             "train": (rng.standard_normal((N, out_f)).astype(f32),
                       [rng.standard_normal(s).astype(f32) for s in ((N, in_f), (r, in_f), (out_f, r), (out_f,))]),
-            "eval": rng.standard_normal((N, out_f)).astype(f32)}
+            "eval": rng.standard_normal((N, out_f)).astype(f32),
+            "bias_train": rng.standard_normal((N, out_f)).astype(f32),
+            "bias_eval": rng.standard_normal((N, out_f)).astype(f32)}
 
 
 def test_rank_ab_two_loads_of_this_build_agree_and_are_timed(rank_ab):
-    """A real run at a small shape with this build loaded a second time as the base."""
+    """A real run at a small shape with this build loaded a second time as the base (the
+    forwards with a bias compared too: the races run without one, and a build wrong only in
+    its bias passed the check, an adversary found in session 22)."""
     base = rank_ab.load_build(C._dora_c.__file__)
     builds = {"base": (base, False), "this, z off": (C._dora_c, False), "this": (C._dora_c, True)}
     (rows, extra), verdicts = rank_ab.run(SHAPE, builds, repeats=1)
@@ -62,24 +66,25 @@ def test_rank_ab_two_loads_of_this_build_agree_and_are_timed(rank_ab):
 
 
 @pytest.mark.parametrize("kind, index", [("norm", None), ("train", 0), ("train", 1), ("train", 4),
-                                         ("eval", None)])
+                                         ("eval", None), ("bias_train", None), ("bias_eval", None)])
 def test_rank_ab_base_build_off_by_more_than_the_bound_stops_the_run(rank_ab, kind, index):
     rng = np.random.default_rng(0)
     this = _outputs(rng, SHAPE)
-    base = {"norm": this["norm"].copy(), "eval": this["eval"].copy(),
-            "train": (this["train"][0].copy(), [g.copy() for g in this["train"][1]])}
+    base = {k: this[k].copy() for k in ("norm", "eval", "bias_train", "bias_eval")}
+    base["train"] = (this["train"][0].copy(), [g.copy() for g in this["train"][1]])
     if kind == "train":
         target = base["train"][0] if index == 0 else base["train"][1][index - 1]
     else:
         target = base[kind]
     out_f, in_f, r, N = SHAPE
-    output = {"norm": "weight_norm", "eval": "y"}.get(kind) or ("y", "dx", "dA", "dB", "dmagnitude")[index]
+    output = ("weight_norm" if kind == "norm" else "y" if kind != "train"
+              else ("y", "dx", "dA", "dB", "dmagnitude")[index])
     k = dora_reduction_length(output, n_rows=N, in_features=in_f, out_features=out_f, r=r)
     bound = rtol(np.float32, k) * float(np.max(np.abs(target)))
     outputs = {"base": base, "this": this}
     # within the bound: compared, and passed
     target.flat[3] += 0.5 * bound
-    assert rank_ab.check_builds_agree(SHAPE, {"base": None, "this": None}, outputs) == 7
+    assert rank_ab.check_builds_agree(SHAPE, {"base": None, "this": None}, outputs) == 9
     # beyond it: the run stops, naming the build and the shape
     target.flat[3] += 4 * bound
     with pytest.raises(AssertionError, match=r"build 'base' against this build at \(48, 40, 4, 16\)"):
