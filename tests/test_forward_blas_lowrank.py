@@ -317,3 +317,58 @@ def test_dora_forward_with_a_fortran_B_at_r_at_least_out_has_the_numpy_bits(dtyp
         with dora_ref.use_backend(name):
             ys[name] = F.dora_forward(x, W0, A, B, m, 0.25, weight_norm=n)[0]
     np.testing.assert_array_equal(ys["c"], ys["numpy"])
+
+
+_TINY_PRODUCT_MAP = """
+import sys
+import numpy as np
+import dora_ref
+from dora_ref.core import functional as F
+from dora_ref.kernels import c as C
+
+
+class TinyProductMap(np.memmap):  # a memmap subclass (the checks accept memmaps): a (1, 1) product
+    def __matmul__(self, other):
+        return np.zeros((1, 1), self.dtype)
+
+    def __rmatmul__(self, other):
+        return np.zeros((1, 1), self.dtype)
+
+
+dtype, which = np.dtype(sys.argv[1]), sys.argv[2]
+rng = np.random.default_rng(9)
+base, U = rng.standard_normal((300, 16)).astype(dtype), rng.standard_normal((300, 64)).astype(dtype)
+B, g = rng.standard_normal((16, 64)).astype(dtype), (rng.random(16) + 0.5).astype(dtype)
+bias = rng.standard_normal(16).astype(dtype)
+y_ref = C.forward_epilogue(base, U, B, g, 0.7, bias)
+U2, B2 = (U.view(TinyProductMap), B) if which == "U" else (U, B.view(TinyProductMap))
+assert np.array_equal(C.forward_epilogue(base, U2, B2, g, 0.7, bias), y_ref)
+z = np.empty_like(base)
+assert np.array_equal(C.forward_epilogue(base, U2, B2, g, 0.7, bias, z_out=z), y_ref)
+if which == "B":  # through the functional forward, as the adversary ran it
+    x, W0 = rng.standard_normal((1000, 8)).astype(dtype), rng.standard_normal((16, 8)).astype(dtype)
+    A, m = rng.standard_normal((64, 8)).astype(dtype), (rng.random(16) + 0.5).astype(dtype)
+    n = F.column_norm(W0, A, B, 0.5)
+    with dora_ref.use_backend("c"):
+        ref = F.dora_forward(x, W0, A, B, m, 0.5, weight_norm=n)[0]
+        got = F.dora_forward(x, W0, A, B.view(TinyProductMap), m, 0.5, weight_norm=n)[0]
+    assert np.array_equal(got, ref)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("which", ["U", "B"])
+def test_a_memmap_subclass_with_its_own_matmul_cannot_steer_the_kernel(dtype, which):
+    """An adversary, session 22: after 47ed9a0 formed U @ B.T from the caller's arrays as
+    given, an np.memmap subclass whose __matmul__ returned a (1, 1) array had the C kernel
+    write N * out elements past it: a segfault (exit code 139) through ``dora_forward``. The
+    product is now NumPy's own on plain views of U and B, and checked before any pointer
+    crosses: the C backend gives the plain arrays' y. Run in a child process, so that a
+    regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _TINY_PRODUCT_MAP, dtype, which],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", (proc.returncode, proc.stderr[-2000:])

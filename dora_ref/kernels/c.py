@@ -1182,8 +1182,15 @@ def _epilogue_from_product(y, z, base, U, B, g, bias, scaling):
     # give the place back. Both are documented (README "Determinism", docs/performance.md).
     # (no np.errstate here: it costs 1.4 us a call, 2% of an eval forward at (16, 64, 64); an Inf or
     # NaN that reaches P warns as in the NumPy twin's own U @ B.T, then the caller refuses it)
-    P = U @ B.T  # the NumPy twin's product, bit for bit
+    # the NumPy twin's product, bit for bit; np.asarray: a subclass's own __matmul__ (an
+    # np.memmap subclass passes the checks) never decides what the kernel is handed (one that
+    # returned a (1, 1) array had the kernel write past it: a segfault, an adversary, session 22)
+    P = np.asarray(U) @ np.asarray(B).T
     N, out_f = base.shape
+    if type(P) is not np.ndarray or P.dtype != base.dtype or P.shape != (N, out_f) \
+            or not P.flags.c_contiguous:  # NumPy's matmul of two plain 2-D arrays always is
+        raise RuntimeError(f"U @ B.T gave {type(P).__name__} {P.dtype} {P.shape}, not a "
+                           f"C-contiguous {base.dtype} array of shape {(N, out_f)}")
     flag = _new_flag("int *")
     pp = _from_buffer(ptr_type, P)
     if y is None:
