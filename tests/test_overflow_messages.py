@@ -361,3 +361,54 @@ def test_nan_in_W0_with_a_given_weight_norm_is_named_not_called_an_overflow(dtyp
             assert "overflow" not in msg
             msg = _message(lambda: F.lora_forward(x, W0, A, B, 0.5))
             assert "W0" in msg and "every input is finite" not in msg, msg
+
+
+def test_nan_in_a_float16_W0_under_policy_peft_with_a_given_norm_is_named():
+    """An adversary, session 22: the float16/bfloat16 path with ``policy="peft"`` lacked the
+    W0 check that 2b650e2 added to the float path, and said y overflowed "with every input
+    finite"."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 12)).astype(np.float16)
+    W0 = rng.standard_normal((16, 12)).astype(np.float16)
+    A, B = rng.standard_normal((4, 12)).astype(f32), rng.standard_normal((16, 4)).astype(f32)
+    m = (rng.random(16) + 0.5).astype(f32)
+    n = F.column_norm(W0, A, B, 0.5)
+    W0[3, 7] = np.nan
+    for backend in dora_ref.available_backends():
+        with dora_ref.use_backend(backend):
+            msg = _message(lambda: F.dora_forward(x, W0, A, B, m, 0.5, weight_norm=n, policy="peft"))
+            assert msg.startswith("W0 (shape (16, 12)) contains NaN or Inf, first at index (3, 7)"), msg
+
+
+@pytest.mark.parametrize("dtype, policy", [(f64, "consistent"), (f32, "consistent"),
+                                           (np.float16, "consistent"), (np.float16, "peft")])
+def test_nan_in_an_embedding_table_with_a_given_norm_is_named(dtype, policy):
+    """An adversary, session 22: ``embedding_dora_forward`` with ``weight_norm`` given (no norm
+    of the table formed) reported a NaN in the table as y overflowing "with every input
+    finite", and advised float64 to a float64 call. The table is now named."""
+    from dora_ref.core.embedding import embedding_dora_forward
+
+    rng = np.random.default_rng(0)
+    adapter = f32 if dtype == np.float16 else dtype
+    E = rng.standard_normal((20, 8)).astype(dtype)
+    A, B = rng.standard_normal((4, 20)).astype(adapter), rng.standard_normal((8, 4)).astype(adapter)
+    m = (rng.random(8) + 0.5).astype(adapter)
+    n = embedding_dora_forward(np.array([1, 2]), E, A, B, m, 0.5, policy=policy)[1].n.astype(adapter)
+    E[2, 3] = np.nan
+    for backend in dora_ref.available_backends():
+        with dora_ref.use_backend(backend):
+            msg = _message(lambda: embedding_dora_forward(np.array([1, 2]), E, A, B, m, 0.5,
+                                                          weight_norm=n, policy=policy))
+            assert msg.startswith("weight (shape (20, 8)) contains NaN or Inf, first at index (2, 3)"), msg
+
+
+def test_a_float64_overflow_message_does_not_advise_float64():
+    """``check_result_finite``'s overflow message advised "or compute in float64" to a float64
+    result (an adversary's note, session 22); it still does for narrower dtypes."""
+    from dora_ref.core._validate import check_result_finite
+
+    big = np.array([np.finfo(f64).max]) * 2
+    msg = _message(lambda: check_result_finite([("y (the output)", big)], []))
+    assert "overflowed float64" in msg and "compute in float64" not in msg
+    msg = _message(lambda: check_result_finite([("y (the output)", big.astype(f32))], []))
+    assert "compute in float64" in msg

@@ -288,7 +288,8 @@ def check_result_finite(results, inputs):
             raise ValueError(
                 f"{name} (shape {a.shape}) overflowed {a.dtype}, first at index "
                 f"{tuple(int(i) for i in bad[0])}: every input is finite, but the values are "
-                f"too large for the dtype; scale them down, or compute in float64"
+                f"too large for the dtype; scale them down"
+                + (", or compute in float64" if a.dtype != np.float64 else "")
             )
 
 

@@ -361,7 +361,9 @@ def embedding_dora_forward(
     y = kernels.forward_epilogue(base, U, B, g, scaling, None)  # (5), (6)
     if embed_scale != 1.0:
         y *= embed_scale
-    check_result_finite([("y (the output)", y)], [])  # the ids cannot carry NaN in
+    # the ids cannot carry NaN in; the table can, where weight_norm was given (no norm of it
+    # formed): named, not reported as an overflow (an adversary, session 22; error path only)
+    check_result_finite([("y (the output)", y)], [("weight", weight)])
     seen = WeightSnapshot({"lora_embedding_A": A, "lora_embedding_B": B,
                            "lora_magnitude_vector": magnitude})
     ctx = EmbeddingDoRAContext(flat, ids_arr.shape, weight, A, B, scaling, embed_scale,
@@ -419,7 +421,7 @@ def _lp_forward(ids_arr, weight, A, B, magnitude, scaling, embed_scale, padding_
         lo = op(U @ B32.T)
         y = op(g * base) + op(op(g * lo) * np.float32(scaling))
         parts = dict(lo=lo)
-    y = _store(y, lp, "y (the output)", [])
+    y = _store(y, lp, "y (the output)", [("weight", weight)])  # a NaN in the table named
     seen = WeightSnapshot({"lora_embedding_A": A, "lora_embedding_B": B,
                            "lora_magnitude_vector": magnitude})
     ctx = EmbeddingDoRAContext(flat, ids_arr.shape, weight, A32, B32, scaling, embed_scale,

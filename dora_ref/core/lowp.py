@@ -272,6 +272,7 @@ def _peft_forward_overflow(y, x2, W0, A, B, g, scaling, bias, r, bse, h, lo, op,
     path only.
     """
     check_finite("x", x2)
+    check_finite("W0", W0)  # not checked before a forward given weight_norm (session 22)
     i, j = (int(v) for v in np.argwhere(~np.isfinite(y))[0])
     ad = A.dtype  # op's dtype: float32 (mixed) or lp (pure)
     s = F32(scaling)
