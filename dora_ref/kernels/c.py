@@ -1639,7 +1639,13 @@ def _backward_lowrank_any(dy, base, U, B, g, scaling, base_is_z, dz_over_base):
             dg, dz = _backward_epilogue_z_kernel(arrays[0], arrays[1], arrays[4], dtype, N, out_f, dz)
         else:
             dg, dz = _backward_epilogue_kernel(arrays, dtype, N, out_f, r, s, dz)
-        return dg, dz, s * (dz @ arrays[3]), s * (dz.T @ arrays[2])
+        # scaled in place, as the twin (``_lowrank_products``): the same roundings, and no
+        # second (N, r) and (out, r) array per step (session 22; see _epilogue_from_product)
+        dU = dz @ arrays[3]
+        dU *= s
+        dB = dz.T @ arrays[2]
+        dB *= s
+        return dg, dz, dU, dB
     return _backward_lowrank_kernel(arrays, dtype, N, out_f, r, s,
                                     _LOWRANK_Z_KERNELS if base_is_z else _LOWRANK_KERNELS, dz)
 
