@@ -442,7 +442,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--shapes", default=None, help="e.g. 4096,4096,64,512;11008,4096,16,256")
     ap.add_argument("--norm-only", action="store_true",
-                    help="time the column norm alone (the step columns nan)")
+                    help="time the column norm alone (the step columns nan; only the "
+                         "builds' norms are compared before the race)")
     ap.add_argument("--eval-only", action="store_true",
                     help="time the eval forwards alone against the plain product (the other "
                          "columns nan): more repeats in the same time")
