@@ -1025,17 +1025,15 @@ def forward_epilogue(base, U, B, g, scaling, bias, out_dtype=None, out=None, z_o
     if lp_dtype is not None:
         return _forward_epilogue_lp(base, U, B, g, scaling, bias, lp_dtype, out)
     arrays, dtype, N, out_f, r, ctype, sfx, bias_ptr = _epilogue_arrays(base, U, B, g, bias)
-    if out is None:
-        y = None if _lowrank_on_blas(out_f, r) else np.empty((N, out_f), dtype=dtype)
-    else:  # against the caller's arrays: a non-contiguous base was copied by _arrays
+    if out is not None:  # against the caller's arrays: a non-contiguous base was copied by _arrays
         _kernels_numpy.check_epilogue_out(out, base, (U, B, g, bias), dtype)
-        y = out
-    if _lowrank_on_blas(out_f, r):  # y None: written over the product
+    if _lowrank_on_blas(out_f, r):  # y into out, or (out None) over the product
         # the product of the caller's U and B as given (checked: plain ndarrays of this dtype), as
         # the twin forms it: from _arrays' C-contiguous copies BLAS took another path and the
         # bits differed from NumPy's for a Fortran-ordered U or B (an adversary, session 22)
-        return _epilogue_from_product(y, None, arrays[0], U, B, arrays[3],
+        return _epilogue_from_product(out, None, arrays[0], U, B, arrays[3],
                                       arrays[4] if bias is not None else None, scaling)[0]
+    y = np.empty((N, out_f), dtype=dtype) if out is None else out
     base, U, B, g = arrays[:4]
     status = getattr(lib, f"dora_forward_epilogue_{sfx}")(
         _ptr(y, ctype), _ptr(base, ctype), _ptr(U, ctype), _ptr(B, ctype), _ptr(g, ctype),
@@ -1639,13 +1637,9 @@ def _backward_lowrank_any(dy, base, U, B, g, scaling, base_is_z, dz_over_base):
             dg, dz = _backward_epilogue_z_kernel(arrays[0], arrays[1], arrays[4], dtype, N, out_f, dz)
         else:
             dg, dz = _backward_epilogue_kernel(arrays, dtype, N, out_f, r, s, dz)
-        # scaled in place, as the twin (``_lowrank_products``): the same roundings, and no
-        # second (N, r) and (out, r) array per step (session 22; see _epilogue_from_product)
-        dU = dz @ arrays[3]
-        dU *= s
-        dB = dz.T @ arrays[2]
-        dB *= s
-        return dg, dz, dU, dB
+        # the twin's products, scaled in place: the same roundings, and no second (N, r) and
+        # (out, r) array per step (session 22; see _epilogue_from_product)
+        return (dg, dz, *_kernels_numpy._lowrank_products(dz, arrays[2], arrays[3], s))
     return _backward_lowrank_kernel(arrays, dtype, N, out_f, r, s,
                                     _LOWRANK_Z_KERNELS if base_is_z else _LOWRANK_KERNELS, dz)
 
