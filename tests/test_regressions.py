@@ -26,7 +26,7 @@ def test_norm_axis_is_per_output_row():
     """W0 = [[1,2,2],[0,0,3]]: rows have norm 3 and 3; columns would give 3 values.
 
     The paper's column norm of a (in, out) weight is the row norm of the
-    PyTorch (out, in) weight (NVlabs/DoRA#1, peft#2348).
+    PyTorch (out, in) weight (nbasyl/DoRA#1, peft#2348).
     """
     W0 = np.array([[1.0, 2.0, 2.0], [0.0, 0.0, 3.0]])
     m = init_magnitude(W0, np.zeros((1, 3)), np.zeros((2, 1)), 1.0)
