@@ -37,7 +37,9 @@ def _cpu_summary(cpuinfo_text):
     (e.g. an AVX2 Zen 3 or an AVX-512 Zen 4); ``lscpu`` often says only
     "AMD EPYC", so this gives the model name, family and model numbers and
     the x86-64 level whose C kernel clones run here (v4: AVX-512 F/BW/CD/DQ/VL;
-    v3: AVX2 + FMA). Returns None if the text has no model name.
+    v3: AVX2 + FMA), and, for the machine kinds the README's tables have a
+    column for (``_README_MACHINE_KINDS``), that column's name. Returns None
+    if the text has no model name.
     """
     fields = {}
     for line in cpuinfo_text.splitlines():
@@ -56,7 +58,18 @@ def _cpu_summary(cpuinfo_text):
         level = "no AVX2"
     family, model = fields.get("cpu family"), fields.get("model")
     where = f" (family {family} model {model})" if family and model else ""
-    return f"cpu: {name}{where}, {level}"
+    kind = _README_MACHINE_KINDS.get((fields.get("vendor_id"), family, model))
+    named = f"; the README's tables call it \"{kind}\"" if kind else ""
+    return f"cpu: {name}{where}, {level}{named}"
+
+
+#: The machine kinds the README's tables have columns for, by (vendor, family, model): a new
+#: user's finding (session 23) was that ``info`` printed the numbers and the README the names.
+_README_MACHINE_KINDS = {
+    ("GenuineIntel", "6", "167"): "Intel Xeon",
+    ("AuthenticAMD", "25", "1"): "AMD EPYC Zen 3",
+    ("AuthenticAMD", "25", "17"): "AMD EPYC Zen 4",
+}
 
 
 def _source_summary(package_dir):

@@ -110,10 +110,20 @@ def test_cli_info_names_the_machine_kind():
             "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n\n"
             "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n")
     assert _cpu_summary(zen3) == ("cpu: AMD EPYC (family 25 model 1), "
-                                  "AVX2 + FMA (x86-64-v3), no AVX-512")
+                                  "AVX2 + FMA (x86-64-v3), no AVX-512; "
+                                  "the README's tables call it \"AMD EPYC Zen 3\"")
     zen4 = zen3.replace("model\t\t: 1", "model\t\t: 17").replace(
         "bmi2", "bmi2 avx512f avx512dq avx512cd avx512bw avx512vl")
-    assert _cpu_summary(zen4) == "cpu: AMD EPYC (family 25 model 17), AVX-512 (x86-64-v4)"
+    assert _cpu_summary(zen4) == ("cpu: AMD EPYC (family 25 model 17), AVX-512 (x86-64-v4); "
+                                  "the README's tables call it \"AMD EPYC Zen 4\"")
+    xeon = ("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+            "model name\t: Intel(R) Xeon(R) CPU\nflags\t\t: avx2 fma avx512f avx512dq avx512cd "
+            "avx512bw avx512vl\n")
+    assert _cpu_summary(xeon).endswith("the README's tables call it \"Intel Xeon\"")
+    # a kind the README has no column for is named by its numbers only
+    other = zen4.replace("cpu family\t: 25", "cpu family\t: 26")
+    assert _cpu_summary(other) == "cpu: AMD EPYC (family 26 model 17), AVX-512 (x86-64-v4)"
+    assert "README" not in _cpu_summary(zen4.replace("AuthenticAMD", "HygonGenuine"))
     only_f = zen3.replace("bmi2", "bmi2 avx512f")  # AVX-512F alone: the v4 clones do not run
     assert "x86-64-v3" in _cpu_summary(only_f)
     assert _cpu_summary("model name\t: old\nflags\t\t: sse2\n") == "cpu: old, no AVX2"
