@@ -1515,6 +1515,46 @@ int dora_norm_gradient_products_lp(float *WAt, float *CtW, const uint16_t *W0, c
     return DORA_BY_FORMAT(dora_norm_gradient_products, (WAt, CtW, W0, A, C, out, in, r));
 }
 
+/* Sums of squares for the finiteness checks of the Python layer
+   (dora_ref.core._validate.sum_squares), on the caller's thread alone.
+
+   Those checks (is every entry of an input or a result finite?) took
+   NumPy's vdot(a, a), which OpenBLAS runs on its own worker threads above
+   10,000 entries; a fork from another thread in the middle of it stopped
+   those workers and the call waited for them for good (an adversary,
+   session 23: column_norm and merge, whose C kernels had the fork gate
+   while the check before them did not). Here there is no thread and no
+   lock, so a fork cannot catch anything half done.
+
+   A NaN or an Inf among the x_i makes the sum NaN or Inf (the squares are
+   >= 0: an Inf cannot cancel), so a finite sum proves every x_i finite. A
+   float32 x_i cannot overflow the double sum; a float64 one beyond about
+   1e154 can, and the caller then tests each entry. Sixteen partial sums,
+   the j-th over the entries i = j mod 16, are added together in order at
+   the end: each is one chain of additions in its own vector lane, so the
+   compiler vectorizes the loop without reordering an addition. */
+#define DORA_SUMSQ_LANES 16
+#define DORA_SUM_SQUARES(NAME, REAL)                                          \
+    DORA_CLONES double NAME(const REAL *x, int64_t n)                          \
+    {                                                                         \
+        double acc[DORA_SUMSQ_LANES] = {0};                                   \
+        int64_t i = 0;                                                        \
+        for (; i + DORA_SUMSQ_LANES <= n; i += DORA_SUMSQ_LANES)              \
+            for (int j = 0; j < DORA_SUMSQ_LANES; j++) {                      \
+                double v = (double)x[i + j];                                  \
+                acc[j] += v * v;                                              \
+            }                                                                 \
+        for (int j = 0; i < n; i++, j++) {                                    \
+            double v = (double)x[i];                                          \
+            acc[j] += v * v;                                                  \
+        }                                                                     \
+        double s = 0.0;                                                       \
+        for (int j = 0; j < DORA_SUMSQ_LANES; j++) s += acc[j];               \
+        return s;                                                             \
+    }
+DORA_SUM_SQUARES(dora_sum_squares_f32, float)
+DORA_SUM_SQUARES(dora_sum_squares_f64, double)
+
 /* Array conversions, with the functions the kernels use (for the tests). */
 int dora_widen_lp(float *dst, const uint16_t *src, int64_t n, int format)
 {

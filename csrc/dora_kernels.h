@@ -188,6 +188,13 @@ int dora_norm_gradient_products_lp(float *WAt, float *CtW, const uint16_t *W0, c
                                    const float *C, int64_t out, int64_t in, int64_t r,
                                    int format);
 
+/* The sum of the squares of n values, in double, on the caller's thread
+   alone (no thread, no lock: safe beside a fork from another thread). NaN
+   or Inf if some value is; a float64 value beyond about 1e154 overflows it
+   to Inf too. The Python layer's finiteness checks use it. */
+double dora_sum_squares_f32(const float *x, int64_t n);
+double dora_sum_squares_f64(const double *x, int64_t n);
+
 /* n values from float32 to 16 bits (narrow) and back (widen), with the
    conversions the kernels above use. */
 int dora_widen_lp(float *dst, const uint16_t *src, int64_t n, int format);

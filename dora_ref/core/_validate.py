@@ -18,8 +18,55 @@ from .precision import LOW_PRECISION_DTYPES, classify, finfo
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # np.vdot without the __array_function__ dispatch (a Python call per use), where NumPy
-# exposes it: the checks below call it on arrays they know to be plain ndarrays
+# exposes it: sum_squares's fallback, on arrays known to be plain ndarrays
 _vdot = getattr(np.vdot, "_implementation", np.vdot)
+
+#: sum_squares's C kernels, installed by ``dora_ref.kernels.c`` when the extension loads
+#: (``_install_sum_squares``): (ffi.from_buffer, {dtype char: (C array type, function)}).
+_SUM_SQUARES_C = None
+
+
+def _install_sum_squares(from_buffer, kernels):
+    """Called by ``dora_ref.kernels.c`` once its extension has loaded (it imports this
+    module, so this module cannot import it): ``kernels`` maps "f" and "d" to (cffi array
+    type, ``dora_sum_squares_f32`` / ``_f64``)."""
+    global _SUM_SQUARES_C
+    _SUM_SQUARES_C = (from_buffer, dict(kernels))
+
+
+def sum_squares(a):
+    """a . a, the sum of the squares of a float32/float64 ndarray's entries, as a Python float.
+
+    The finiteness checks' sum: NaN or Inf if some entry is (the squares are
+    >= 0, so an Inf cannot cancel), so a finite result proves every entry
+    finite; a non-finite one may also be an overflow of the sum (float64
+    entries beyond about 1e154), which the callers then tell apart exactly.
+
+    With the C extension built, a C-contiguous array's sum is the C kernel's
+    ``dora_sum_squares_*``: in double, on the calling thread alone. NumPy's
+    ``vdot``, used before (and still without the extension, or for an array
+    of other strides), runs on OpenBLAS's worker threads above 10,000
+    entries, and a fork from another thread in the middle of it hung the
+    call for good: ``column_norm`` and ``merge`` hung although their C
+    kernels let a fork wait for them (an adversary, session 23). The sum is
+    not bit for bit vdot's (double, sixteen partial sums); no result of
+    dora_ref depends on it, only which path a check takes. Sets no
+    floating-point flag that NumPy reports (``np.errstate``).
+
+    Parameters
+    ----------
+    a : ndarray, float32 or float64, any shape
+
+    Returns
+    -------
+    float
+    """
+    c = _SUM_SQUARES_C
+    if c is not None and a.flags.c_contiguous:
+        kernel = c[1].get(a.dtype.char)
+        if kernel is not None:
+            return kernel[1](c[0](kernel[0], a), a.size)
+    return float(_vdot(a, a))
 
 # ndarray subclasses whose arithmetic is the ndarray's: a memory-mapped file
 _PLAIN_SUBCLASSES = (np.memmap,)
@@ -203,15 +250,14 @@ def check_scaling(scaling, name="scaling"):
 def all_finite(arr):
     """True if every entry of the float32/float64 ndarray ``arr`` is finite.
 
-    One dot product ``arr . arr`` (BLAS, no temporary) decides in the usual
-    case: a NaN or an Inf anywhere makes the sum of squares NaN or Inf (the
-    squares are >= 0, so an Inf cannot cancel). A finite sum proves every
-    entry finite; a non-finite one is NaN/Inf or an overflow of the sum
-    (entries beyond ~1e19 in float32, ~1e154 in float64), which the exact
-    elementwise test then tells apart. About half the cost of
-    ``np.isfinite(arr).all()``, which allocates a boolean array and reduces
-    it. Other dtypes (float16, bfloat16, lists) and arrays that are not
-    C-contiguous (``vdot`` would copy them) take the exact test.
+    One sum of squares (``sum_squares``, no temporary) decides in the usual
+    case: a NaN or an Inf anywhere makes it NaN or Inf (the squares are >= 0,
+    so an Inf cannot cancel). A finite sum proves every entry finite; a
+    non-finite one is NaN/Inf or an overflow of the sum (float64 entries
+    beyond ~1e154), which the exact elementwise test then tells apart. About
+    half the cost of ``np.isfinite(arr).all()``, which allocates a boolean
+    array and reduces it. Other dtypes (float16, bfloat16, lists) and arrays
+    that are not C-contiguous take the exact test.
 
     Parameters
     ----------
@@ -222,7 +268,7 @@ def all_finite(arr):
     bool
     """
     if type(arr) is np.ndarray and arr.dtype.char in "fd" and arr.flags.c_contiguous:
-        if math.isfinite(_vdot(arr, arr)):
+        if math.isfinite(sum_squares(arr)):
             return True
     return bool(np.isfinite(arr).all())
 
@@ -242,14 +288,14 @@ def results_finite(*arrays):
     usual case, for a caller that holds fresh results (its own products) and would
     otherwise build the lists of names per call.
 
-    One dot product ``a . a`` per array, summed: finite only if every entry
-    is (see ``all_finite``). False also when only a sum overflowed; the
+    One sum of squares per array (``sum_squares``), added: finite only if
+    every entry is (see ``all_finite``). False also when only a sum overflowed; the
     caller then calls ``check_result_finite``, which decides exactly and
     names what is wrong, so together they refuse exactly what it refuses.
     """
     total = 0.0
     for a in arrays:
-        total += float(_vdot(a, a))  # float(): adding NumPy scalars is slower
+        total += sum_squares(a)
     return math.isfinite(total)
 
 
@@ -258,8 +304,8 @@ def check_result_finite(results, inputs):
 
     The weights are checked before a call; what is left is the batch (x, or
     dy in backward), checked here only when a result is not finite, so the
-    usual path costs one pass over the results: a dot product ``a . a`` of
-    each, summed, finite only if every entry of every result is (see
+    usual path costs one pass over the results: a sum of squares of
+    each (``sum_squares``), added, finite only if every entry of every result is (see
     ``all_finite``; a finite sum that overflows is sorted out array by array). A non-finite input is named
     (``check_finite``); with finite inputs the values overflowed the dtype.
 
@@ -270,14 +316,13 @@ def check_result_finite(results, inputs):
     inputs : sequence of (str, ndarray)
         The per-call inputs that could carry NaN or Inf in.
     """
-    total = 0.0  # the usual case: one sum of the results' dot products (see all_finite)
+    total = 0.0  # the usual case: one sum of the results' sums of squares (see all_finite)
     for _, a in results:
         if type(a) is not np.ndarray or a.dtype.char not in "fd":
             total = math.nan
             break
-        # any strides: a . a is the sum of the squares either way (a strided a is copied;
-        # the results here are fresh and C-contiguous); float(): adding NumPy scalars is slower
-        total += float(_vdot(a, a))
+        # any strides (the results here are fresh and C-contiguous: the C kernel's sum)
+        total += sum_squares(a)
     if math.isfinite(total):
         return
     for name, a in results:

@@ -110,7 +110,6 @@ import numpy as np
 from . import backend as _backend
 from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     NonFiniteWeightError,
-    _vdot,
     WeightSnapshot,
     all_finite,
     as_float_array,
@@ -127,6 +126,7 @@ from ._validate import (  # noqa: F401 (NonFiniteWeightError: re-exported)
     fits_dtype,
     describe_overflow,
     format_wide,
+    sum_squares,
 )
 from .kernels_numpy import EPILOGUE_KEEP_Z, EPILOGUE_NEW, EPILOGUE_OVER_BASE
 from .precision import LOW_PRECISION_DTYPES, check_policy, finfo
@@ -434,7 +434,7 @@ def _dora_forward(x_shape, x2, W0, A, B, magnitude, scaling, bias, dropout_mask,
         y = x2 @ W0.T + (g - 1.0) * base + g * (scaling * (U @ B.T))
         if bias is not None:
             y += bias
-        finite = math.isfinite(_vdot(y, y))  # results_finite(y), inline
+        finite = math.isfinite(sum_squares(y))  # results_finite(y), inline
 
     if not finite:  # the exact test, which names x or what overflowed
         _check_forward_overflow(y, x2, xd, W0, A, B, g, scaling, bias, mask is not None,
@@ -701,12 +701,13 @@ def _scale(n, magnitude, W0, A, B, scaling, rescue, allow_zero_norm, magnitude_n
     kernel prove them finite).
     """
     lo = smallest_norm(n)  # NaN if a norm is: every comparison below is False
-    # n . n and m . m by np.vdot's implementation (no dispatch), not ndarray.dot: dot checks
-    # the floating-point flags, so a float32 sum of squares beyond 3.4e38 (norms of 2e19,
-    # valid weights) warned 'overflow encountered in dot', or raised FloatingPointError
-    # under np.errstate(over='raise'); vdot sets no flag: inf, and the full sequence below
-    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(_vdot(n, n))
-            and lo * _HALF_MAX[n.dtype] > math.sqrt(_vdot(magnitude, magnitude))):
+    # n . n and m . m by sum_squares, not ndarray.dot: dot checks the floating-point flags,
+    # so a float32 sum of squares beyond 3.4e38 (norms of 2e19, valid weights) warned
+    # 'overflow encountered in dot', or raised FloatingPointError under
+    # np.errstate(over='raise'); sum_squares sets no flag NumPy reports (an overflow is inf:
+    # the full sequence below), and never runs on BLAS's threads (a fork from another thread)
+    if (lo >= _SMALLEST_SAFE_NORM and math.isfinite(sum_squares(n))
+            and lo * _HALF_MAX[n.dtype] > math.sqrt(sum_squares(magnitude))):
         return magnitude / n, True
     if adapter_names is not None:
         check_finite(adapter_names[0], A)
@@ -793,8 +794,8 @@ def _dora_backward_checked(dy, ctx, detach_norm):
         dy = _check_dy(dy, ctx, dtype)
     dx, dA, dB, dmagnitude = _dora_backward_f32(dy, ctx, W0, detach_norm)
     # results_finite(dA, dB, dmagnitude, dx), inline; else the exact test, which names them
-    if not math.isfinite(float(_vdot(dA, dA)) + float(_vdot(dB, dB))
-                         + float(_vdot(dmagnitude, dmagnitude)) + float(_vdot(dx, dx))):
+    if not math.isfinite(sum_squares(dA) + sum_squares(dB) + sum_squares(dmagnitude)
+                         + sum_squares(dx)):
         _check_backward_overflow(dict(dA=dA, dB=dB, dmagnitude=dmagnitude, dx=dx), dy, ctx,
                                  W0, detach_norm)
     return (dx if dx.shape == ctx.x_shape else dx.reshape(ctx.x_shape)), dA, dB, dmagnitude

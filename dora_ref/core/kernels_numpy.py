@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from ._validate import _vdot
+from ._validate import sum_squares
 from .precision import LOW_PRECISION_DTYPES, upcast
 
 _BLOCK_BYTES = 1 << 20  # 1 MiB of rows of V at a time
@@ -250,7 +250,7 @@ def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
         y = _forward_epilogue_keep_z(base, U, B, g, scaling, bias)
     else:
         y = forward_epilogue(base, U, B, g, scaling, bias)
-    return y, math.isfinite(_vdot(y, y))
+    return y, math.isfinite(sum_squares(y))
 
 
 def check_epilogue_out(out, base, others, dtype, name="out"):

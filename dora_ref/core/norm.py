@@ -17,8 +17,8 @@ import math
 import numpy as np
 
 from . import backend as _backend
-from ._validate import (_vdot, check_adapter, check_flag, check_scaling, describe_overflow, fits_dtype,
-                        format_wide, refuse_non_finite_rows, wider_float)
+from ._validate import (check_adapter, check_flag, check_scaling, describe_overflow, fits_dtype,
+                        format_wide, refuse_non_finite_rows, wider_float, sum_squares)
 from .precision import finfo as _finfo
 
 
@@ -235,9 +235,11 @@ def norms_in_safe_range(n):
     """True if every row norm is finite and >= ``_SMALLEST_SAFE_NORM`` (no rescue, no zero).
 
     Two calls instead of the four passes of the rows' mask: the smallest
-    norm, and one dot product ``n . n``, finite only if every norm is (a NaN
-    or an Inf makes it NaN or Inf; an overflow of the sum of squares of
-    finite norms answers False too, and the caller's exact path decides).
+    norm, and one sum of squares ``n . n`` (``_validate.sum_squares``),
+    finite only if every norm is (a NaN or an Inf makes it NaN or Inf; an
+    overflow of the sum of squares of finite norms, possible for float64
+    norms beyond about 1e154, answers False too, and the caller's exact path
+    decides).
     ``functional._scale`` makes the same test inline.
 
     Parameters
@@ -250,9 +252,9 @@ def norms_in_safe_range(n):
     """
     return (n.size > 0
             and smallest_norm(n) >= _SMALLEST_SAFE_NORM  # NaN compares False
-            # np.vdot's implementation (no dispatch), not ndarray.dot, which warns or raises
-            # (np.errstate) when a float32 sum of squares overflows: vdot gives inf, no flag
-            and math.isfinite(_vdot(n, n)))
+            # sum_squares, not ndarray.dot, which warns or raises (np.errstate) when a
+            # float32 sum of squares overflows; and not on BLAS's threads (a fork)
+            and math.isfinite(sum_squares(n)))
 
 
 def smallest_norm(n):

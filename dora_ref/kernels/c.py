@@ -84,7 +84,8 @@ import os
 import numpy as np
 
 from ..core import kernels_numpy as _kernels_numpy
-from ..core._validate import _vdot, plain_array, refuse_array_subclass
+from ..core import _validate
+from ..core._validate import plain_array, refuse_array_subclass, sum_squares
 
 # Environment variables with which a user tells the OpenMP runtime how idle
 # threads wait; dora_ref never overrides one that is set.
@@ -586,6 +587,12 @@ def _scaling(scaling):
 _ARRAY_TYPE = {"float": ffi.typeof("float[]"), "double": ffi.typeof("double[]")}
 _from_buffer = ffi.from_buffer
 _DORA_OK = lib.DORA_OK
+
+# the finiteness checks' sums of squares on the calling thread, not on BLAS's (a fork)
+_validate._install_sum_squares(_from_buffer, {
+    "f": (_ARRAY_TYPE["float"], lib.dora_sum_squares_f32),
+    "d": (_ARRAY_TYPE["double"], lib.dora_sum_squares_f64),
+})
 
 
 def _ptr(arr, ctype):
@@ -1265,7 +1272,7 @@ def _forward_epilogue_flagged(base, U, B, g, scaling, bias, where):
         y = _forward_epilogue_keep_z(base, U, B, g, scaling, bias)
     else:
         y = forward_epilogue(base, U, B, g, scaling, bias)
-    return y, math.isfinite(_vdot(y, y))
+    return y, math.isfinite(sum_squares(y))
 
 
 def _forward_epilogue_z(base, U, B, g, scaling, bias, out_dtype, out, z_out):
