@@ -78,6 +78,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -144,7 +145,13 @@ def _output_files(base, out):
 
 
 def _inside(path, directory):
-    """Whether ``path`` is ``directory`` or lies inside it (both resolved).
+    """Whether ``path`` is ``directory`` or lies inside it.
+
+    By name (both resolved) and by identity: ``path`` or one of its existing
+    ancestors is ``directory``'s device and inode, which a bind mount (or a
+    second mount of the same file system) reaches under another name: with
+    ``--force``, OUT given as a bind-mounted view of the ADAPTER or BASE
+    directory replaced that directory (an adversary, session 23).
 
     Raises ValueError naming the path that cannot be resolved (a symlink
     loop: RuntimeError before Python 3.13, OSError after).
@@ -156,7 +163,42 @@ def _inside(path, directory):
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{p}: cannot resolve the path ({e})") from None
     path, directory = resolved
-    return path == directory or directory in path.parents
+    if path == directory or directory in path.parents:
+        return True
+    try:
+        target = os.stat(directory)
+    except OSError:  # no such directory: nothing lies inside it
+        return False
+    for p in (path, *path.parents):
+        try:
+            if os.path.samestat(os.stat(p), target):
+                return True
+        except OSError:  # not there (yet), or not ours to look at
+            continue
+    return False
+
+
+def _same_entry(a, b):
+    """Whether paths ``a`` and ``b`` name the same directory entry: the same name in the same
+    directory, by the directory's device and inode (a bind mount's view of it counts; a hard
+    link in another directory does not: replacing it leaves ``b`` as it was)."""
+    a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
+    if a.name != b.name:
+        return False
+    try:
+        return os.path.samefile(a.parent, b.parent)
+    except OSError:
+        return False
+
+
+def _describe_kind(mode):
+    """What a non-regular file is, for a message."""
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _looks_like_output(directory):
@@ -173,7 +215,8 @@ def _check_output(base, adapter_paths, out, files, out_dir, force):
             where = "" if _inside(src, out) else "inside "
             raise ValueError(f"OUT {out} is {where}the {what} directory {src}; write the output elsewhere")
     for _, dst in files:
-        if dst.resolve() in [f.resolve() for f in base.files]:
+        if dst.resolve() in [f.resolve() for f in base.files] or any(
+                _same_entry(dst, f) for f in base.files):
             raise ValueError(f"{dst} is a base file; write the output elsewhere")
     if out_dir is not None and out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
@@ -183,11 +226,20 @@ def _check_output(base, adapter_paths, out, files, out_dir, force):
                 f"OUT {out_dir} exists and holds no safetensors model; --force replaces OUT as a whole, "
                 f"so it only replaces a model directory (remove {out_dir} yourself if you mean it)"
             )
+    if out_dir is None and not files[0][1].parent.is_dir():  # else: ENOENT naming a temporary file
+        raise ValueError(f"OUT {out}: the folder {files[0][1].parent} does not exist; create it first")
     for _, dst in files:
-        if dst.exists() and not force:
+        try:
+            mode = os.lstat(dst).st_mode
+        except OSError:  # not there: nothing to replace
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            # a device node, a FIFO or a socket is never replaced, --force or not (with
+            # --force a FIFO and a device node were replaced by a regular file: an adversary)
+            raise ValueError(f"{dst} exists and is {_describe_kind(mode)}; OUT must be a regular "
+                             f"file or a model directory")
+        if not force:
             raise ValueError(f"{dst} exists; pass --force to overwrite")
-        if force and dst.is_dir():
-            raise ValueError(f"{dst} is a directory; OUT must be a file or a model directory")
 
 
 # ---------------------------------------------------------------------------
@@ -810,6 +862,8 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         if out_dir is not None:  # the shard index and the small files (config.json, tokenizer, ...)
             for item in base.path.iterdir():
                 # folders, and links to nothing, are not copied; a pipe or a device is refused
+                if base.index is None and item.name == S.SHARD_INDEX:
+                    continue  # beside model.safetensors, which was read: it names shards OUT lacks
                 if item.suffix not in _WEIGHT_SUFFIXES and not item.is_dir() and item.exists():
                     _copy_small_file(item, tmp / item.name)
                     _fsync_file(tmp / item.name)

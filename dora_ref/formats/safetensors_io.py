@@ -886,7 +886,8 @@ class BaseWeights:
 
     A directory as ``save_pretrained`` writes it holds ``model.safetensors``
     or shards listed in ``model.safetensors.index.json`` (its ``weight_map``
-    maps each key to its shard). Files are opened lazily and tensors read one
+    maps each key to its shard); one that holds both is read as transformers
+    reads it: ``model.safetensors``, the index left alone. Files are opened lazily and tensors read one
     at a time.
 
     Parameters
@@ -922,7 +923,13 @@ class BaseWeights:
         self.index = None
         if path.is_dir():
             index_path, single = path / SHARD_INDEX, path / SINGLE_FILE
-            if os.path.lexists(index_path):  # a pipe, a folder, a broken link there: refused, not passed over
+            if single.is_file() and os.path.lexists(index_path):
+                # transformers' from_pretrained loads model.safetensors before it looks for an
+                # index: with both, the merge read the shards, and its model differed from the
+                # one transformers gives (an adversary, session 23). The index is then not read
+                self.files = [single]
+                self.weight_map = None
+            elif os.path.lexists(index_path):  # a pipe, a folder, a broken link there: refused, not passed over
                 text = read_regular_text(index_path)
                 try:
                     self.index = json.loads(text)
