@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 
 from ..safetensors_io import BaseWeights, SafetensorsFile, _refuse_pickle
-from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapterConfig, PEFT_PREFIX, read_config
+from .config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_MODULE_PATH, MAX_PATTERN_QUANTIFIERS, PEFT_PREFIX,
+                     LoraAdapterConfig, _quantifiers, _regex_parser, read_config)
 from .orientation import _to_view, is_fan_in_fan_out, resolve_fan_in_fan_out, weight_key
 
 
@@ -285,7 +286,126 @@ def load_adapter(directory, *, dtype=None):
             )
     if not adapter.modules and not adapter.replaced:
         raise ValueError(f"{weights}: no LoRA tensors found")
+    _check_selected(config, adapter, weights)
     return adapter
+
+
+def config_selects(config, module):
+    """Whether PEFT would put an adapter on ``module`` from this config: True, False, or None
+    where the config alone cannot tell.
+
+    PEFT 0.21's rule (``check_target_module_exists``), on the module's path in
+    the base model (the adapter key without ``base_model.model.`` and the
+    tensor's part): a module that ``exclude_modules`` names (a list: the name or
+    a dotted suffix; a string: a regex matching the whole path) or that lies in
+    a ``modules_to_save`` module is never adapted; else a string
+    ``target_modules`` is a regex that must match the whole path, and a list
+    names modules by path or dotted suffix, with ``layers_to_transform`` (an
+    index or a list of them) then keeping only the modules whose first
+    numbered segment after a ``layers_pattern`` (or any segment, without one)
+    is such an index. None: no ``target_modules`` (PEFT takes the model
+    type's defaults), ``"all-linear"`` (PEFT expands it against the model),
+    ``target_parameters``, a pattern that is not a valid regex or whose
+    matching time is not bounded (``config.pattern_key_regex``'s rules), or a
+    module path longer than ``MAX_MODULE_PATH``.
+
+    Parameters
+    ----------
+    config : LoraAdapterConfig
+    module : str
+        A module path as ``PeftAdapter.modules`` keys it.
+
+    Returns
+    -------
+    bool or None
+    """
+    extra = config.extra
+    targets = config.target_modules
+    if (extra.get("target_parameters") or targets is None or targets == "all-linear"
+            or len(module) > MAX_MODULE_PATH):
+        return None
+    try:
+        exclude = extra.get("exclude_modules")
+        if exclude:
+            if isinstance(exclude, str):
+                if _bounded(exclude, 0).fullmatch(module):
+                    return False
+            elif module in exclude or any(module.endswith("." + e) for e in exclude):
+                return False
+        for kept in extra.get("modules_to_save") or ():
+            if _bounded(rf"(^|.*\.){kept}($|\..*)", 2).match(module):
+                return False
+        if isinstance(targets, str):
+            return _bounded(targets, 0).fullmatch(module) is not None
+        if module in targets:
+            return True
+        if not any(module.endswith("." + t) for t in targets):
+            return False
+        indexes = extra.get("layers_to_transform")
+        if indexes is None or (isinstance(indexes, list) and not indexes):
+            return True
+        patterns = extra.get("layers_pattern")
+        if not patterns:
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            found = None
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                found = _bounded(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", 2).match(module)
+                if found is not None:
+                    break
+    except (ValueError, TypeError):  # a regex PEFT fails on, or whose time is unbounded
+        return None
+    if found is None:
+        return False
+    index = int(found["idx"])
+    if isinstance(indexes, list):
+        return index in indexes
+    return isinstance(indexes, int) and not isinstance(indexes, bool) and index == indexes
+
+
+def _bounded(pattern, own):
+    """``pattern`` compiled, if its matching time is bounded by the rules of
+    ``config.pattern_key_regex`` (``own``: the quantifiers of PEFT's own around a
+    user's string); else ValueError. A string of a config is matched as PEFT
+    matches it, and PEFT would spend minutes on ``(a+)+b``: then not at all."""
+    try:
+        compiled = re.compile(pattern)
+        count = _quantifiers(_regex_parser().parse(pattern), False) - own
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(str(e)) from None
+    if count > MAX_PATTERN_QUANTIFIERS:
+        raise ValueError(f"{count} quantifiers")
+    return compiled
+
+
+def _check_selected(config, adapter, weights):
+    """Refuse an adapter whose weights and config disagree about which modules it adapts.
+
+    PEFT builds the adapter's modules from the config (``config_selects``)
+    and loads the weights into them: tensors of a module the config does not
+    select are left out. dora_ref merged every module the weights hold: a
+    merged model unlike PEFT's, silently (an adversary, session 23, with
+    hand-edited target_modules, exclude_modules and layers_to_transform).
+    Files PEFT saves agree with their config. (A ``modules_to_save`` module
+    without its tensor is refused where the base model is known:
+    ``merge.plan_replacements``; PEFT's configs name modules the model may
+    not have, e.g. "classifier" and "score" for every sequence classifier.)
+    """
+    unselected = [m for m in adapter.modules if config_selects(config, m) is False]
+    if unselected:
+        fields = {k: v for k, v in (("target_modules", config.target_modules),
+                                    *((k, config.extra.get(k)) for k in (
+                                        "exclude_modules", "layers_to_transform", "layers_pattern",
+                                        "modules_to_save")))
+                  if v is not None}
+        shown = ", ".join(repr(m) for m in unselected[:5])
+        more = f" and {len(unselected) - 5} more" if len(unselected) > 5 else ""
+        raise ValueError(
+            f"{weights}: {len(unselected)} module(s) with LoRA tensors that {ADAPTER_CONFIG} does not "
+            f"select ({', '.join(f'{k}={json.dumps(v)}' for k, v in fields.items())}): {shown}{more}; "
+            f"PEFT would leave their tensors out, so its model and a merge of all the tensors differ. "
+            f"The config and the weights disagree (a config edited by hand?): make the config select "
+            f"the modules the weights hold, or remove those tensors")
 
 
 def _compute_dtype(dtype):

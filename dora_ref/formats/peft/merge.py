@@ -235,8 +235,9 @@ def non_finite_error(W_stored, modules, fan_in_fan_out, rows, W=None, dtype=None
 
     Causes, checked in this order for each row: NaN/inf in the base weight's
     row; NaN/inf in an adapter (its lora_A, or the row's lora_B or
-    magnitude); a DoRA row norm n so small that m / n overflows the compute
-    dtype; W0 + s B A itself overflowing it; merged values beyond the stored
+    magnitude); a DoRA magnitude m and row norm n whose quotient m / n
+    overflows the compute dtype (the message names n where |m| <= 1, else the
+    magnitude); W0 + s B A itself overflowing it; merged values beyond the stored
     dtype's largest finite value (float16 65504, bfloat16 3.39e38). The
     diagnosis recomputes the rows in float64.
 
@@ -279,8 +280,15 @@ def non_finite_error(W_stored, modules, fan_in_fan_out, rows, W=None, dtype=None
                 break
             n = float(np.sqrt(np.sum(V * V)))
             if m is not None and n > 0 and abs(float(m[i])) / n > big:
-                why = f"the row norm n = ||W0 + s*B@A|| is so small that m / n overflows {cdt.name}"
-                value, show = n, "smallest n"
+                # which of the two to name (a magnitude of 3e38 was blamed on its row norm
+                # 0.34: an adversary, session 23); m / n > max needs n < 1 here, m being finite
+                if abs(float(m[i])) <= 1.0:
+                    why = f"the row norm n = ||W0 + s*B@A|| is so small that m / n overflows {cdt.name}"
+                    value, show = n, "smallest n"
+                else:
+                    why = (f"the magnitude m is so large, against its row norm n = ||W0 + s*B@A|| "
+                           f"below 1, that m / n overflows {cdt.name}")
+                    value, show = abs(float(m[i])) / n, "largest |m| / n"
                 break
         if why is None and W is not None and dtype != cdt and np.isfinite(W[i]).all():
             why = f"merged values beyond {dtype.name}'s largest finite value {finite_max(dtype):.4g}"
@@ -400,6 +408,7 @@ def plan_replacements(base, adapters):
                 raise ValueError(f"{key!r} is replaced by two adapters, or also adapted by LoRA")
             _refuse_tied_replacement(base, adapter, name, key, arr.shape)
             out[key] = arr
+        _refuse_missing_replacement(keys, adapter)
         # ensure_weight_tying: PEFT's head is the embedding's trained copy. A base that stores its head
         # apart gets the copy written there too (a loader that does not tie two stored tensors again
         # would keep the base's head); one that stores it once keeps the tie
@@ -414,6 +423,28 @@ def plan_replacements(base, adapters):
                 raise ValueError(f"{key!r} is replaced by two adapters, or also adapted by LoRA")
             out[key] = arr
     return out
+
+
+def _refuse_missing_replacement(keys, adapter):
+    """Refuse an adapter whose ``modules_to_save`` names a module of the base that it holds no
+    tensor of: PEFT wraps that module and its load fails (KeyError); dora_ref merged the rest and
+    kept the base's module, silently (an adversary, session 23). A name no module of the base
+    has is skipped, as PEFT skips it: its configs for sequence classifiers name "classifier" and
+    "score" whatever the model has."""
+    for kept in adapter.config.extra.get("modules_to_save") or ():
+        if not isinstance(kept, str):
+            continue
+
+        def named(module):
+            return module == kept or module.endswith("." + kept)
+
+        in_base = sorted({k.rpartition(".")[0] for k in keys if named(k.rpartition(".")[0])})
+        if in_base and not any(named(name.rpartition(".")[0]) for name in adapter.replaced):
+            raise ValueError(
+                f"the adapter's modules_to_save names {kept!r} (the base's {in_base[0]!r}"
+                f"{f' and {len(in_base) - 1} more' if len(in_base) > 1 else ''}) but the adapter holds "
+                f"no tensor of it: PEFT refuses such an adapter (a KeyError as it loads); it is "
+                f"incomplete, or its config was edited")
 
 
 def _config_field(cfg, name):
