@@ -107,16 +107,55 @@ def test_force_into_a_bind_mounted_view_of_the_base_file_is_refused(tmp_path, ca
     assert base_file.read_bytes() == before
 
 
-def test_a_hard_link_to_the_base_file_in_another_directory_may_still_be_replaced(tmp_path):
-    # replacing that entry leaves the base's own entry (and its bytes) as they were
+def test_a_hard_link_to_the_base_file_is_refused_as_the_base_file(tmp_path, capsys):
+    # a hard link and a file bind mount cannot be told apart (one inode): both are the base
+    # file under another name, and replacing the base's own name through a file bind mount
+    # lost it (an adversary, the second round)
     base, adapter = _model(tmp_path)
     base_file = base / "model.safetensors"
     before = base_file.read_bytes()
     (tmp_path / "elsewhere").mkdir()
     link = tmp_path / "elsewhere" / "model.safetensors"
     os.link(base_file, link)
-    assert merge_main([str(base_file), str(adapter), str(link), "--force", "--no-progress"]) == 0
-    assert base_file.read_bytes() == before and link.read_bytes() != before
+    assert merge_main([str(base_file), str(adapter), str(link), "--force", "--no-progress"]) == 1
+    assert "is a base file (or the same file under another name" in capsys.readouterr().err
+    assert base_file.read_bytes() == before and link.read_bytes() == before
+
+
+@pytest.mark.parametrize("which", ["adapter", "base"])
+def test_force_refuses_an_out_that_holds_an_input(tmp_path, capsys, which):
+    # --force deletes the old OUT: an ADAPTER or BASE inside it went with it (an adversary)
+    base, adapter = _model(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.safetensors").write_bytes(b"")
+    moved = out / which
+    shutil.move(str(adapter if which == "adapter" else base), str(moved))
+    before = _digest(moved)
+    args = [str(out / "base" if which == "base" else base), str(out / "adapter" if which == "adapter"
+            else adapter), str(out), "--force", "--no-progress"]
+    assert merge_main(args) == 1
+    err = capsys.readouterr().err
+    assert "--force would delete it" in err or f"the {which.upper()} directory" in err, err
+    assert _digest(moved) == before
+
+
+def test_force_refuses_an_out_that_holds_a_mount_point(tmp_path, capsys):
+    # the adversary's case: the adapter bind-mounted into a folder of OUT lost its files
+    base, adapter = _model(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.safetensors").write_bytes(b"")
+    before = _digest(adapter)
+    _bind(adapter, out / "sub")
+    try:
+        status = merge_main([str(base), str(adapter), str(out), "--force", "--no-progress"])
+    finally:
+        _unbind(out / "sub")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "holds a mount point" in err or "--force would delete it" in err, err
+    assert _digest(adapter) == before
 
 
 @pytest.mark.parametrize("kind", ["fifo", "char_device"])
@@ -278,3 +317,37 @@ def test_a_base_with_both_model_safetensors_and_a_shard_index_is_read_as_transfo
                        "--no-progress"]) == 0
     assert sorted(p.name for p in both.iterdir()) == ["model.safetensors"]  # no dangling index
     assert (both / "model.safetensors").read_bytes() == (alone / "model.safetensors").read_bytes()
+
+
+def test_many_slow_patterns_in_a_config_end_in_an_error_not_an_unbounded_wait(tmp_path):
+    # each pattern's matching time is bounded, but 600 of them against a 252-character path took
+    # 46 s before the whole check got a budget (an adversary, the second round)
+    import time
+
+    module = ".".join(["a"] * 123) + ".q_proj"
+    rng = np.random.default_rng(4)
+    write_adapter(tmp_path / "ad", {module: random_module(rng, 4, 4, 2, np.float32)},
+                  {"target_modules": ["q_proj"],
+                   "modules_to_save": [rf".*\..*\..*\.X{i}" for i in range(600)]})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"modules_to_save against the module paths took over 2 s"):
+        P.load_adapter(tmp_path / "ad")
+    assert time.perf_counter() - start < 15
+
+
+@pytest.mark.parametrize("tying", [True, False])
+def test_the_tied_partner_of_a_targeted_module_is_not_called_unselected_under_ensure_weight_tying(
+        tmp_path, tying):
+    # PEFT adapts lm_head with embed_tokens when ensure_weight_tying is set (target_modules_to_tie):
+    # the check called such an adapter's lm_head tensors unselected, falsely (an adversary)
+    rng = np.random.default_rng(5)
+    modules = {"model.layers.0.q_proj": random_module(rng, 4, 4, 2, np.float32),
+               "lm_head": random_module(rng, 4, 4, 2, np.float32)}
+    write_adapter(tmp_path / "ad", modules, {"target_modules": ["q_proj"], "ensure_weight_tying": tying})
+    cfg = P.read_config(tmp_path / "ad")
+    assert config_selects(cfg, "lm_head") is (None if tying else False)
+    if tying:
+        assert sorted(P.load_adapter(tmp_path / "ad").modules) == sorted(modules)
+    else:
+        with pytest.raises(ValueError, match="does not select"):
+            P.load_adapter(tmp_path / "ad")

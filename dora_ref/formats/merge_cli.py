@@ -191,6 +191,50 @@ def _same_entry(a, b):
         return False
 
 
+def _same_file(a, b):
+    """Whether paths ``a`` and ``b`` are one file (device and inode; False if either is missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_inputs_inside(out_dir, inputs):
+    """Refuse to replace an OUT directory that holds an input or a mount point.
+
+    ``--force`` deletes the old OUT as a whole once the new one is in place:
+    an ADAPTER or BASE inside it (by name, or under another name through a
+    bind mount) went with it, and so did whatever a mount point inside it
+    leads to (an adversary, session 23: an adapter bind-mounted into a
+    folder of OUT lost its files). OUT is a model directory (``--force``
+    refuses any other), so walking it costs little. Symbolic links are not
+    followed, as the deletion does not follow them.
+    """
+    ids = {}
+    for what, path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        ids[(st.st_dev, st.st_ino)] = (what, path)
+    for root, dirs, names in os.walk(out_dir, followlinks=False):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if os.path.ismount(path):
+                raise ValueError(f"OUT {out_dir} holds a mount point, {path}: --force deletes the old OUT "
+                                 f"as a whole, through it; unmount it or write the output elsewhere")
+            hit = ids.get((st.st_dev, st.st_ino))
+            if hit is not None:
+                raise ValueError(f"OUT {out_dir} holds the {hit[0]} {hit[1]} (as {path}): --force would "
+                                 f"delete it with the old OUT; write the output elsewhere")
+
+
 def _describe_kind(mode):
     """What a non-regular file is, for a message."""
     for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -216,8 +260,12 @@ def _check_output(base, adapter_paths, out, files, out_dir, force):
             raise ValueError(f"OUT {out} is {where}the {what} directory {src}; write the output elsewhere")
     for _, dst in files:
         if dst.resolve() in [f.resolve() for f in base.files] or any(
-                _same_entry(dst, f) for f in base.files):
-            raise ValueError(f"{dst} is a base file; write the output elsewhere")
+                _same_entry(dst, f) or _same_file(dst, f) for f in base.files):
+            raise ValueError(f"{dst} is a base file (or the same file under another name: a hard "
+                             f"link, a bind mount); write the output elsewhere")
+    if force and out_dir is not None and out_dir.is_dir():
+        _refuse_inputs_inside(out_dir, [("ADAPTER", Path(a)) for a in adapter_paths]
+                              + [("BASE", base.path)] + [("base file", f) for f in base.files])
     if out_dir is not None and out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise ValueError(f"OUT {out_dir} exists and is not empty; pass --force to replace it")

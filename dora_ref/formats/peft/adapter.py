@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +20,8 @@ from typing import Optional
 import numpy as np
 
 from ..safetensors_io import BaseWeights, SafetensorsFile, _refuse_pickle
-from .config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_MODULE_PATH, MAX_PATTERN_QUANTIFIERS, PEFT_PREFIX,
-                     LoraAdapterConfig, _quantifiers, _regex_parser, read_config)
+from .config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_MODULE_PATH, MAX_PATTERN_QUANTIFIERS, PATTERN_TIME_BUDGET,
+                     PEFT_PREFIX, LoraAdapterConfig, _quantifiers, _regex_parser, _show, read_config)
 from .orientation import _to_view, is_fan_in_fan_out, resolve_fan_in_fan_out, weight_key
 
 
@@ -290,7 +292,18 @@ def load_adapter(directory, *, dtype=None):
     return adapter
 
 
-def config_selects(config, module):
+class _OutOfTime(ValueError):
+    """``config_selects`` spent more than its budget (``PATTERN_TIME_BUDGET``)."""
+
+
+def _in_time(deadline, field, pattern, module):
+    if time.perf_counter() > deadline:
+        raise _OutOfTime(
+            f"matching {field} against the module paths took over {PATTERN_TIME_BUDGET:g} s (last "
+            f"{_show(pattern)}, module {_show(module)}); simplify the config (e.g. list the module paths)")
+
+
+def config_selects(config, module, *, deadline=None):
     """Whether PEFT would put an adapter on ``module`` from this config: True, False, or None
     where the config alone cannot tell.
 
@@ -306,8 +319,10 @@ def config_selects(config, module):
     is such an index. None: no ``target_modules`` (PEFT takes the model
     type's defaults), ``"all-linear"`` (PEFT expands it against the model),
     ``target_parameters``, a pattern that is not a valid regex or whose
-    matching time is not bounded (``config.pattern_key_regex``'s rules), or a
-    module path longer than ``MAX_MODULE_PATH``.
+    matching time is not bounded (``config.pattern_key_regex``'s rules), a
+    module path longer than ``MAX_MODULE_PATH``, or, with
+    ``ensure_weight_tying``, a module of a tied input embedding / output head
+    pair (PEFT adapts the partner of a targeted one as well).
 
     Parameters
     ----------
@@ -315,15 +330,29 @@ def config_selects(config, module):
     module : str
         A module path as ``PeftAdapter.modules`` keys it.
 
+    deadline : float, optional
+        A ``time.perf_counter()`` value: past it, ValueError (the matching of
+        many patterns, each bounded, against a long path can still take long).
+        Default: ``PATTERN_TIME_BUDGET`` seconds from the call.
+
     Returns
     -------
     bool or None
+
+    Raises
+    ------
+    ValueError
+        The deadline passed (the message names the field and the pattern).
     """
+    if deadline is None:
+        deadline = time.perf_counter() + PATTERN_TIME_BUDGET
     extra = config.extra
     targets = config.target_modules
     if (extra.get("target_parameters") or targets is None or targets == "all-linear"
             or len(module) > MAX_MODULE_PATH):
         return None
+    if (extra.get("ensure_weight_tying") is True and tied_pair_module(module + ".weight")):
+        return None  # PEFT adapts the partner of a targeted tied module too (target_modules_to_tie)
     try:
         exclude = extra.get("exclude_modules")
         if exclude:
@@ -332,9 +361,10 @@ def config_selects(config, module):
                     return False
             elif module in exclude or any(module.endswith("." + e) for e in exclude):
                 return False
-        for kept in extra.get("modules_to_save") or ():
+        for kept in dict.fromkeys(extra.get("modules_to_save") or ()):  # each once
             if _bounded(rf"(^|.*\.){kept}($|\..*)", 2).match(module):
                 return False
+            _in_time(deadline, "modules_to_save", kept, module)
         if isinstance(targets, str):
             return _bounded(targets, 0).fullmatch(module) is not None
         if module in targets:
@@ -349,10 +379,13 @@ def config_selects(config, module):
             found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
         else:
             found = None
-            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            for pattern in dict.fromkeys([patterns] if isinstance(patterns, str) else patterns):
                 found = _bounded(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", 2).match(module)
                 if found is not None:
                     break
+                _in_time(deadline, "layers_pattern", pattern, module)
+    except _OutOfTime:
+        raise
     except (ValueError, TypeError):  # a regex PEFT fails on, or whose time is unbounded
         return None
     if found is None:
@@ -363,6 +396,7 @@ def config_selects(config, module):
     return isinstance(indexes, int) and not isinstance(indexes, bool) and index == indexes
 
 
+@functools.lru_cache(maxsize=256)
 def _bounded(pattern, own):
     """``pattern`` compiled, if its matching time is bounded by the rules of
     ``config.pattern_key_regex`` (``own``: the quantifiers of PEFT's own around a
@@ -391,7 +425,11 @@ def _check_selected(config, adapter, weights):
     ``merge.plan_replacements``; PEFT's configs name modules the model may
     not have, e.g. "classifier" and "score" for every sequence classifier.)
     """
-    unselected = [m for m in adapter.modules if config_selects(config, m) is False]
+    deadline = time.perf_counter() + PATTERN_TIME_BUDGET  # for the whole adapter (an adversary:
+    try:                                                 # 600 patterns, one module, 46 s)
+        unselected = [m for m in adapter.modules if config_selects(config, m, deadline=deadline) is False]
+    except ValueError as e:
+        raise ValueError(f"{weights}: {ADAPTER_CONFIG}: {e}") from None
     if unselected:
         fields = {k: v for k, v in (("target_modules", config.target_modules),
                                     *((k, config.extra.get(k)) for k in (
