@@ -928,6 +928,9 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         bar.close()
         _done_with(tmp)
 
+    if base.path.is_dir() and base.index is None and os.path.lexists(base.path / S.SHARD_INDEX):
+        log(f"note: {base.path} holds both {S.SINGLE_FILE} and {S.SHARD_INDEX}: merged "
+            f"{S.SINGLE_FILE}, which transformers loads first (the index was not read or copied)")
     merged = {k: [":".join(origin[id(m)]) for m in mods] for k, (mods, _) in plan.items()}
     n_dora = sum(1 for mods, _ in plan.values() if any(m.magnitude is not None for m in mods))
     log(
