@@ -351,3 +351,47 @@ def test_the_tied_partner_of_a_targeted_module_is_not_called_unselected_under_en
     else:
         with pytest.raises(ValueError, match="does not select"):
             P.load_adapter(tmp_path / "ad")
+
+
+def test_the_next_runs_cleanup_never_deletes_through_a_mount_point_in_a_leftover(tmp_path, capsys):
+    # the adversary's second round: the first deletion stopped at the mount (EBUSY) and left the
+    # old OUT as a sibling; the next run's cleanup of that sibling deleted the adapter's files
+    from dora_ref.formats import merge_cli
+
+    base, adapter = _model(tmp_path)
+    out = tmp_path / "out"
+    leftover = tmp_path / f".out.{merge_cli._OLD_TAG}-999999-0123abcd"  # a pid no process has
+    leftover.mkdir()
+    before = _digest(adapter)
+    _bind(adapter, leftover / "sub")
+    try:
+        status = merge_main([str(base), str(adapter), str(out), "--no-progress"])
+    finally:
+        _unbind(leftover / "sub")
+    assert status == 1
+    assert "holds a mount point" in capsys.readouterr().err
+    assert _digest(adapter) == before and leftover.is_dir()
+
+
+def test_an_out_made_a_link_between_the_check_and_the_exchange_is_unlinked_not_followed(
+        tmp_path, monkeypatch):
+    # the adversary's race: OUT turned into a symlink to the ADAPTER after the checks; the
+    # exchange put the link aside and rmtree refused it ("Cannot call rmtree on a symbolic link")
+    from dora_ref.formats import merge_cli
+
+    base, adapter = _model(tmp_path)
+    out = tmp_path / "out"
+    assert merge_main([str(base), str(adapter), str(out), "--no-progress"]) == 0
+    before = _digest(adapter)
+    real_exchange = merge_cli._exchange
+
+    def racing_exchange(tmp, dst):
+        shutil.rmtree(dst)
+        os.symlink(adapter, dst)
+        return real_exchange(tmp, dst)
+
+    monkeypatch.setattr(merge_cli, "_exchange", racing_exchange)
+    assert merge_main([str(base), str(adapter), str(out), "--force", "--no-progress"]) == 0
+    assert _digest(adapter) == before
+    assert out.is_dir() and not out.is_symlink() and (out / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # nothing left aside

@@ -210,6 +210,10 @@ def _refuse_inputs_inside(out_dir, inputs):
     refuses any other), so walking it costs little. Symbolic links are not
     followed, as the deletion does not follow them.
     """
+    mounts = _mount_points_under(out_dir)
+    if mounts:
+        raise ValueError(f"OUT {out_dir} holds a mount point, {mounts[0]}: --force deletes the old OUT "
+                         f"as a whole, through it; unmount it or write the output elsewhere")
     ids = {}
     for what, path in inputs:
         try:
@@ -226,9 +230,6 @@ def _refuse_inputs_inside(out_dir, inputs):
                 continue
             if stat.S_ISLNK(st.st_mode):
                 continue
-            if os.path.ismount(path):
-                raise ValueError(f"OUT {out_dir} holds a mount point, {path}: --force deletes the old OUT "
-                                 f"as a whole, through it; unmount it or write the output elsewhere")
             hit = ids.get((st.st_dev, st.st_ino))
             if hit is not None:
                 raise ValueError(f"OUT {out_dir} holds the {hit[0]} {hit[1]} (as {path}): --force would "
@@ -385,10 +386,57 @@ def _clean_leftovers(out):
                 f"process {pid}, which is writing {item}, is still running (another dora-ref merge into "
                 f"{out}?); wait for it, or remove {item} if it is not"
             )
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item)
-        else:
-            item.unlink()
+        _delete_tree(item)
+
+
+def _delete_tree(path):
+    """Delete a temporary sibling or the old OUT: a symbolic link or a file by unlinking it, a
+    directory by ``shutil.rmtree``, but never across a mount point.
+
+    ``rmtree`` descends into a mount point inside the tree and deletes what the
+    mount shows: an adapter bind-mounted into a folder of OUT lost its files when
+    ``--force`` deleted the old OUT, and again when the next run cleaned up the
+    sibling that first deletion had stopped in (an adversary, session 23).
+    ``_refuse_inputs_inside`` refuses such an OUT before the merge; this closes the
+    gap between that check and the deletion, and covers the leftovers. A link (OUT
+    made a link between the check and the exchange: rmtree refused it after the
+    merge, and the link was left) is unlinked; its target is not touched.
+    """
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    mounts = _mount_points_under(path)
+    if mounts:
+        raise ValueError(f"{path} holds a mount point, {mounts[0]}: not deleted; unmount it and "
+                         f"remove {path} yourself")
+    shutil.rmtree(path)
+
+
+def _mount_points_under(path):
+    """The mount points at or below directory ``path``.
+
+    From ``/proc/self/mountinfo`` where there is one: ``os.path.ismount`` does
+    not see a bind mount of a directory of the same file system (the device
+    and the parent's inode tell nothing then), which is how the adversary's
+    adapter came to lie inside OUT. Elsewhere, ``os.path.ismount`` on each
+    directory of the tree.
+    """
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return [os.path.join(root, d) for root, dirs, _ in os.walk(path, followlinks=False)
+                for d in dirs if os.path.ismount(os.path.join(root, d))]
+    prefix = real.rstrip("/") + "/"
+    found = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:  # the fifth field: the mount point, with \040-style escapes
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            if point == real or point.startswith(prefix):
+                found.append(point)
+    return found
 
 
 def _alive(pid):
@@ -498,7 +546,7 @@ def _install(tmp, out, is_dir, force):
     elif _exchange(tmp, out):
         _kill_point("exchanged")
         S.fsync_directory(parent)
-        shutil.rmtree(tmp)  # now the old output
+        _delete_tree(tmp)  # now the old output
     else:
         old = _sibling(out, _OLD_TAG)
         try:
@@ -506,7 +554,7 @@ def _install(tmp, out, is_dir, force):
             _kill_point("renamed-aside")
             os.rename(tmp, out)
             S.fsync_directory(parent)
-            shutil.rmtree(old)
+            _delete_tree(old)
         finally:
             _done_with(old)
     S.fsync_directory(parent)
