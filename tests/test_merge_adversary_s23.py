@@ -395,3 +395,103 @@ def test_an_out_made_a_link_between_the_check_and_the_exchange_is_unlinked_not_f
     assert _digest(adapter) == before
     assert out.is_dir() and not out.is_symlink() and (out / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # nothing left aside
+
+
+# ---------------------------------------------------------------------------
+# the third round: mount points the first fix missed
+# ---------------------------------------------------------------------------
+
+
+def _tree(p):
+    """Every file under p, by its path relative to p, with its bytes."""
+    return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
+
+
+def _precious(tmp_path):
+    p = tmp_path / "precious"
+    (p / "sub").mkdir(parents=True)
+    (p / "a").write_text("keep")
+    (p / "sub" / "b").write_text("keep")
+    return p
+
+
+@pytest.mark.parametrize("char", ["\r", "\x0b", "\x0c", "\x1c", "\u0085", "\u2028", " ", "\\"],
+                         ids=["cr", "vt", "ff", "fs", "nel", "ls", "space", "backslash"])
+def test_a_mount_point_under_an_out_whose_name_holds_a_line_separator_is_seen(tmp_path, capsys, char):
+    # /proc/self/mountinfo was read as text and split with splitlines(): a path with \r, \v,
+    # \f, U+2028, ... was cut in two, the mount went unseen and the old OUT's deletion emptied
+    # the bind-mounted folder (exit 0)
+    base, adapter = _model(tmp_path)
+    precious = _precious(tmp_path)
+    before = _tree(precious)
+    out = tmp_path / f"o{char}x"
+    assert merge_main([str(base), str(adapter), str(out), "--no-progress"]) == 0
+    _bind(precious, out / "m")
+    try:
+        status = merge_main([str(base), str(adapter), str(out), "--force", "--no-progress"])
+    finally:
+        _unbind(out / "m")
+    assert status == 1 and "holds a mount point" in capsys.readouterr().err
+    assert _tree(precious) == before and len(before) == 2
+
+
+def test_a_mount_made_after_the_check_is_not_deleted_through(tmp_path, monkeypatch, capsys):
+    # the race: a mount appears in the old OUT between the check and the exchange; the
+    # deletion refused it, and then the error handler's rmtree went through it
+    from dora_ref.formats import merge_cli
+
+    base, adapter = _model(tmp_path)
+    precious = _precious(tmp_path)
+    before = _tree(precious)
+    out = tmp_path / "out"
+    assert merge_main([str(base), str(adapter), str(out), "--no-progress"]) == 0
+    real_exchange = merge_cli._exchange
+    mounted = []
+
+    def racing_exchange(tmp, dst):
+        _bind(precious, dst / "m")
+        mounted.append(dst / "m")
+        return real_exchange(tmp, dst)
+
+    monkeypatch.setattr(merge_cli, "_exchange", racing_exchange)
+    try:
+        merge_main([str(base), str(adapter), str(out), "--force", "--no-progress"])
+    finally:
+        for m in tmp_path.glob(".out.*/m"):
+            _unbind(m)
+    assert "holds a mount point" in capsys.readouterr().err
+    assert _tree(precious) == before and len(before) == 2
+    assert (out / "model.safetensors").exists()  # the new OUT is in place
+
+
+def test_an_interrupted_merge_never_deletes_through_a_mount_in_its_temporary_folder(
+        tmp_path, monkeypatch):
+    from dora_ref.formats import merge_cli
+
+    base, adapter = _model(tmp_path)
+    precious = _precious(tmp_path)
+    before = _tree(precious)
+
+    def interrupted_install(tmp, out, is_dir, force):
+        _bind(precious, tmp / "m")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_cli, "_install", interrupted_install)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            merge_cli.merge_checkpoint(base, [adapter], tmp_path / "out", progress=False,
+                                       log=lambda *a: None)
+    finally:
+        for m in tmp_path.glob(".out.*/m"):
+            _unbind(m)
+    assert _tree(precious) == before and len(before) == 2
+
+
+def test_a_leftover_with_a_pid_no_process_can_have_is_cleaned_not_a_traceback(tmp_path):
+    from dora_ref.formats import merge_cli
+
+    base, adapter = _model(tmp_path)
+    leftover = tmp_path / f".out.{merge_cli._TMP_TAG}-99999999999999999999-ab"
+    leftover.mkdir()
+    assert merge_main([str(base), str(adapter), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert not leftover.exists()

@@ -368,7 +368,7 @@ def _done_with(path):
 
 def _clean_leftovers(out):
     """Remove temporary siblings of OUT left by killed runs; refuse if a live run is writing OUT."""
-    pattern = re.compile(rf"\.{re.escape(_stem(out))}\.({_TMP_TAG}|{_OLD_TAG})-(\d+)-[0-9a-f]+(\.partial)?$")
+    pattern = re.compile(rf"\.{re.escape(_stem(out))}\.({_TMP_TAG}|{_OLD_TAG})-([0-9]+)-[0-9a-f]+(\.partial)?\Z")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         return
@@ -405,11 +405,23 @@ def _delete_tree(path):
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    mounts = _mount_points_under(path)
+    _remove_tree(str(path), str(path))
+
+
+def _remove_tree(root, top):
+    """``shutil.rmtree`` that looks for mount points again before it enters each directory (a
+    mount made while the command ran, after its first check, was crossed: an adversary)."""
+    mounts = _mount_points_under(root)
     if mounts:
-        raise ValueError(f"{path} holds a mount point, {mounts[0]}: not deleted; unmount it and "
-                         f"remove {path} yourself")
-    shutil.rmtree(path)
+        raise ValueError(f"{top} holds a mount point, {mounts[0]}: not deleted; unmount it and "
+                         f"remove {top} yourself")
+    with os.scandir(root) as entries:
+        for entry in list(entries):
+            if entry.is_dir(follow_symlinks=False):
+                _remove_tree(entry.path, top)
+            else:
+                os.unlink(entry.path)
+    os.rmdir(root)
 
 
 def _mount_points_under(path):
@@ -421,28 +433,31 @@ def _mount_points_under(path):
     adapter came to lie inside OUT. Elsewhere, ``os.path.ismount`` on each
     directory of the tree.
     """
-    real = os.path.realpath(path)
+    real = os.fsencode(os.path.realpath(path))
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+        with open("/proc/self/mountinfo", "rb") as f:
+            data = f.read()
     except OSError:
         return [os.path.join(root, d) for root, dirs, _ in os.walk(path, followlinks=False)
                 for d in dirs if os.path.ismount(os.path.join(root, d))]
-    prefix = real.rstrip("/") + "/"
+    # bytes, split on newlines alone: the kernel escapes only space, tab, newline and
+    # backslash, and text mode or splitlines() cut a path at a \r, \v, \f, U+2028, ...,
+    # so such a mount point went unseen (an adversary)
+    prefix = real.rstrip(b"/") + b"/"
     found = []
-    for line in lines:
-        fields = line.split(" ")
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
         if len(fields) > 4:  # the fifth field: the mount point, with \040-style escapes
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8) & 0xFF]), fields[4])
             if point == real or point.startswith(prefix):
-                found.append(point)
+                found.append(os.fsdecode(point))
     return found
 
 
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; a pid no process can have
         return False
     except PermissionError:  # someone else's process
         return True
@@ -967,10 +982,13 @@ def merge_checkpoint(base_path, adapter_paths, out, *, progress=True, allow_zero
         _kill_point("written")
         _install(tmp, final, out_dir is not None, force)
     except BaseException:  # no partial output: OUT is untouched, the temporary output goes
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        # (after an exchange, tmp is the old OUT.) Mount-aware, as every deletion here: this
+        # handler's rmtree went through a mount _delete_tree had just refused (an adversary)
+        try:
+            if tmp.is_symlink() or tmp.exists():
+                _delete_tree(tmp)
+        except (OSError, ValueError):  # left as a sibling; the next run's cleanup tries again
+            pass
         raise
     finally:
         bar.close()
