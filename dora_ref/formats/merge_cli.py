@@ -178,19 +178,6 @@ def _inside(path, directory):
     return False
 
 
-def _same_entry(a, b):
-    """Whether paths ``a`` and ``b`` name the same directory entry: the same name in the same
-    directory, by the directory's device and inode (a bind mount's view of it counts; a hard
-    link in another directory does not: replacing it leaves ``b`` as it was)."""
-    a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
-    if a.name != b.name:
-        return False
-    try:
-        return os.path.samefile(a.parent, b.parent)
-    except OSError:
-        return False
-
-
 def _same_file(a, b):
     """Whether paths ``a`` and ``b`` are one file (device and inode; False if either is missing)."""
     try:
@@ -261,7 +248,7 @@ def _check_output(base, adapter_paths, out, files, out_dir, force):
             raise ValueError(f"OUT {out} is {where}the {what} directory {src}; write the output elsewhere")
     for _, dst in files:
         if dst.resolve() in [f.resolve() for f in base.files] or any(
-                _same_entry(dst, f) or _same_file(dst, f) for f in base.files):
+                _same_file(dst, f) for f in base.files):
             raise ValueError(f"{dst} is a base file (or the same file under another name: a hard "
                              f"link, a bind mount); write the output elsewhere")
     if force and out_dir is not None and out_dir.is_dir():
@@ -391,7 +378,7 @@ def _clean_leftovers(out):
 
 def _delete_tree(path):
     """Delete a temporary sibling or the old OUT: a symbolic link or a file by unlinking it, a
-    directory by ``shutil.rmtree``, but never across a mount point.
+    directory as ``shutil.rmtree`` would (``_remove_tree``), but never across a mount point.
 
     ``rmtree`` descends into a mount point inside the tree and deletes what the
     mount shows: an adapter bind-mounted into a folder of OUT lost its files when

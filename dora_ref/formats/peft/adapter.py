@@ -20,8 +20,8 @@ from typing import Optional
 import numpy as np
 
 from ..safetensors_io import BaseWeights, SafetensorsFile, _refuse_pickle
-from .config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_MODULE_PATH, MAX_PATTERN_QUANTIFIERS, PATTERN_TIME_BUDGET,
-                     PEFT_PREFIX, LoraAdapterConfig, _quantifiers, _regex_parser, _show, read_config)
+from .config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_MODULE_PATH, PATTERN_TIME_BUDGET, PEFT_PREFIX,
+                     LoraAdapterConfig, _show, bounded_regex, read_config)
 from .orientation import _to_view, is_fan_in_fan_out, resolve_fan_in_fan_out, weight_key
 
 
@@ -398,18 +398,10 @@ def config_selects(config, module, *, deadline=None):
 
 @functools.lru_cache(maxsize=256)
 def _bounded(pattern, own):
-    """``pattern`` compiled, if its matching time is bounded by the rules of
-    ``config.pattern_key_regex`` (``own``: the quantifiers of PEFT's own around a
-    user's string); else ValueError. A string of a config is matched as PEFT
-    matches it, and PEFT would spend minutes on ``(a+)+b``: then not at all."""
-    try:
-        compiled = re.compile(pattern)
-        count = _quantifiers(_regex_parser().parse(pattern), False) - own
-    except (re.error, RecursionError, OverflowError) as e:
-        raise ValueError(str(e)) from None
-    if count > MAX_PATTERN_QUANTIFIERS:
-        raise ValueError(f"{count} quantifiers")
-    return compiled
+    """``config.bounded_regex`` of a config's string as PEFT embeds it (``own``: the quantifiers
+    PEFT puts around it), compiled once: PEFT would spend minutes on ``(a+)+b``; ValueError
+    then, and ``config_selects`` answers None."""
+    return bounded_regex(pattern, own, pattern)
 
 
 def _check_selected(config, adapter, weights):

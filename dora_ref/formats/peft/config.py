@@ -146,13 +146,24 @@ def pattern_key_regex(key):
     """
     if not isinstance(key, str):
         raise ValueError(f"key {key!r} is not a string")
-    full = rf"(.*\.)?({key})$"
+    return bounded_regex(rf"(.*\.)?({key})$", 2, key)  # the two quantifiers of the prefix (.*\.)?
+
+
+def bounded_regex(full, own, key):
+    """``full`` compiled, if its matching time is bounded by ``pattern_key_regex``'s rules,
+    counting the quantifiers of ``full`` less ``own`` (those PEFT puts around the user's
+    string ``key``, which the messages name); else ValueError.
+
+    ``pattern_key_regex`` for rank_pattern/alpha_pattern keys, and
+    ``adapter.config_selects`` for the strings PEFT matches module paths
+    against (target_modules, exclude_modules, modules_to_save, layers_pattern).
+    """
     try:
         compiled = re.compile(full)
     except (re.error, RecursionError, OverflowError) as e:
         raise ValueError(f"key {key!r} is not a valid regex ({e})") from None
     try:
-        count = _quantifiers(_regex_parser().parse(full), False) - 2  # the two of the prefix (.*\.)?
+        count = _quantifiers(_regex_parser().parse(full), False) - own
     except ValueError as e:
         raise ValueError(
             f"key {key!r} has {e}, whose matching time can grow exponentially with the module path's "
