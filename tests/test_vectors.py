@@ -117,7 +117,7 @@ def test_load_case_errors(vec_dir, tmp_path):
 def test_cli(tmp_path, capsys):
     assert cli.main(["vectors", "--out", str(tmp_path / "v")]) == 0
     out = capsys.readouterr().out
-    assert "wrote 42 cases" in out and "41 low-precision cases (bfloat16, float16)" in out
+    assert "wrote 44 cases" in out and "43 low-precision cases (bfloat16, float16)" in out
     assert vectors.load_manifest(tmp_path / "v")["seed"] == vectors.SEED
     low = vectors.load_manifest(tmp_path / "v" / vectors.LP_SUBDIR)
     assert {e["dtype"] for e in low["cases"]} == set(vectors.LP_DTYPES) and "low_precision" in low

@@ -147,10 +147,11 @@ def _candidates(c, check, detach_norm, conv, with_unmerge):
         if not VV.applies(key, c, check=check, detach_norm=detach_norm, conv=conv, with_unmerge=with_unmerge):
             continue
         over = VV.VARIANTS[key][1]
-        if over.get("eps") == "eps":
+        which = [k for k in ("eps", "eps_root") if over.get(k) == "eps"]
+        if which:
             for eps in VV.EPSILONS:
                 e = float(np.finfo(c.dtype).eps) if eps is None else eps
-                out.append((key, dict(over, eps=e), e))
+                out.append((key, dict(over, **{which[0]: e}), e))
         else:
             out.append((key, dict(over), None))
     return out
@@ -171,8 +172,8 @@ def _variant(c64, over, detach_norm, conv, check=None, ref=None, storage_dtype=N
 
 def _variant_outputs(c64, over, detach_norm, conv):
     spec = dict(VV.BASE, **over)
-    if conv.per_input_column and (spec.get("flip_detach") or "scaling" in over) and len(over) == 1:
-        spec["layer"] = "column"  # the per-input-column layer with the detach flipped, or the other scaling
+    if conv.per_input_column and over and set(over) <= VV.COLUMN_OVERRIDES:
+        spec["layer"] = "column"  # the per-input-column layer with the detach flipped, another scaling, an eps
     unmerge_input = None
     if conv.unmerge_gets_norm:
         from .cases import reference
@@ -309,8 +310,9 @@ def diagnose(check, fn, unmerge, case, conv, dropout, detach_norm, raised=None):
             over = VV.combine(k1, k2)
             if over is None or k1 == k2:
                 continue
-            if "eps" in over:
-                over["eps"] = e1 if e1 is not None else e2
+            for k in ("eps", "eps_root"):
+                if over.get(k) == "eps":
+                    over[k] = e1 if VV.VARIANTS[k1][1].get(k) == "eps" else e2
             detail = " ".join(f"eps = {e:.3g}" for e in (e1, e2) if e is not None)
             sc = score(f"{k1} + {k2}", over, detail)
             if sc is not None:

@@ -113,6 +113,12 @@ HINTS = {
         "difference is eps / n relative, so it shows only when the norms are tiny. If you "
         "need a guard against n = 0, raise or handle n = 0 alone rather than shift every n."
     ),
+    "norm_eps_under_root": (
+        "an epsilon is added under the norm's square root, n = sqrt(sum V**2 + eps) (a common guard "
+        "against n = 0). DoRA takes n = ||V|| itself; the difference is about eps / (2 n**2) relative, "
+        "so it shows only when the norms are tiny. If you need a guard against n = 0, raise or handle "
+        "n = 0 alone rather than shift every n."
+    ),
     "fan_in_fan_out_norm_untransposed": (
         "the weight is stored (in, out) (fan_in_fan_out, GPT-2's Conv1D) and the norm is "
         "taken of that stored weight plus s*B@A without transposing it first, "
@@ -230,6 +236,7 @@ HINTS = {
         "your port passes every small drawn case (N <= 6, in and out <= 8, r <= 6) but misses on a "
         "larger case even where every axis is a whole number of tiles of 8: not a ragged tail, something "
         "that depends on size (a fixed buffer or tile table, an index computed with the wrong stride, a "
-        "sum that loses precision as it grows, a hard-coded shape)."
+        "sum that loses precision as it grows, a hard-coded shape, or a separate path for whole tiles, "
+        "taken when a size is a multiple of 8, that the aligned wide case reaches)."
     ),
 }

@@ -205,9 +205,14 @@ def _case_strategy(st, dtype, dropout, conv=None, cases=None):
 #: out <= 8, r <= 6, so that a mismatch shrinks fast): each size is odd, so that a kernel tiled by 8,
 #: 16, 32 or 64 over N, in or out (8, 16 or 32 over r) has a ragged last tile, and one that drops or
 #: misreads that tile fails. The same shapes as the golden vectors' linear_wide and linear_wide_no_bias.
+#: The last one is the opposite: every size a whole number of tiles (N and out 64, in 128, r
+#: 16), for a port whose path for whole tiles (taken when N % 8 == 0, say) is wrong while its
+#: ragged path is right: a port wrong only there passed 1,000 drawn cases and the two ragged
+#: wide cases (an adversarial test, session 24). The golden vectors' linear_wide_aligned.
 WIDE_CASES = (
     dict(N=67, in_features=127, out_features=97, r=33, scaling=2.0, bias=True, seed=67),
     dict(N=71, in_features=67, out_features=79, r=17, scaling=0.5, bias=False, seed=71),
+    dict(N=64, in_features=128, out_features=64, r=16, scaling=1.5, bias=True, seed=64),
 )
 _SHAPE_KEYS = ("N", "in_features", "out_features", "r")
 
@@ -402,9 +407,15 @@ def _error_from(check, exc, diagnoses, mode="", changed=None, factor=None):
     """The ConformanceError for a shrunk mismatch and its ranked diagnoses (``factor``: what
     ``_constant_factor`` found, when nothing else explains it)."""
     info = exc.info
-    found = ("on this wide case (run after the small drawn cases passed; N, in, out and r past one tile "
-             "of 8 to 64 with a ragged tail: a tiled kernel's last tile? not shrunk)" if exc.wide else
-             "on this minimal case (found by hypothesis, then shrunk)")
+    if exc.wide and all(exc.case.params[k] > 8 and exc.case.params[k] % 8 == 0 for k in _SHAPE_KEYS):
+        found = ("on this aligned wide case (run after the small drawn cases passed; N, in, out and r "
+                 "whole tiles of 8 and 16, N, in and out of 64 too: a path taken only for whole tiles? "
+                 "not shrunk)")
+    elif exc.wide:
+        found = ("on this wide case (run after the small drawn cases passed; N, in, out and r past one tile "
+                 "of 8 to 64 with a ragged tail: a tiled kernel's last tile? not shrunk)")
+    else:
+        found = "on this minimal case (found by hypothesis, then shrunk)"
     lines = [
         f"check_{check}{mode}: your {check} differs from dora_ref {found}:",
         f"  case: {exc.case.describe()}",

@@ -37,7 +37,7 @@ import numpy as np
 # ---------------------------------------------------------------------------
 
 
-def column_layer(c, detach_norm=True, magnitude=None, scaling=None):
+def column_layer(c, detach_norm=True, magnitude=None, scaling=None, eps=0.0, eps_root=0.0):
     """Outputs of the per-input-column DoRA layer, float64.
 
     Parameters
@@ -48,6 +48,10 @@ def column_layer(c, detach_norm=True, magnitude=None, scaling=None):
         Default ``c.magnitude`` (which must then be (in,)).
     scaling : float, optional
         Default ``c.scaling`` (a variant's other rule: ``_scaling``).
+    eps, eps_root : float, optional
+        A variant's epsilon: added to the norm (``norm_plus_eps``, LyCORIS's
+        ``wd_on_out=False`` layer adds the dtype's machine epsilon), or under its
+        square root (``norm_eps_under_root``). 0 is DoRA.
 
     Returns
     -------
@@ -58,12 +62,14 @@ def column_layer(c, detach_norm=True, magnitude=None, scaling=None):
     ``y = x @ W'.T + b``. With ``G = dy.T @ x`` (dL/dW'): ``dx = dy @ W'``,
     ``dm_j = sum_i G_ij V_ij / n_j``, ``dV = G * g`` (+ with the exact
     gradient, ``V * (dL/dn / n)[None, :]``, ``dL/dn_j = -n_j g_j dm_j / n_j``),
-    ``dA = s B.T @ dV``, ``dB = s dV @ A.T``.
+    ``dA = s B.T @ dV``, ``dB = s dV @ A.T``. With an epsilon, n above is
+    the shifted norm n' and dn'/dV = V / sqrt(||V||^2 + eps_root).
     """
     m = c.magnitude if magnitude is None else magnitude
     s = c.scaling if scaling is None else scaling
     V = c.W0 + s * (c.B @ c.A)
-    n = np.linalg.norm(V, axis=0)
+    root = np.sqrt(np.sum(V * V, axis=0) + eps_root) if eps_root else np.linalg.norm(V, axis=0)
+    n = root + eps
     g = m / n
     W = V * g[None, :]
     y = c.x @ W.T
@@ -73,7 +79,7 @@ def column_layer(c, detach_norm=True, magnitude=None, scaling=None):
     dm = np.sum(G * V, axis=0) / n
     dV = G * g[None, :]
     if not detach_norm:
-        dV = dV + V * (-g * dm / n)[None, :]
+        dV = dV + V * (-g * dm / root)[None, :]
     return dict(y=y, weight_norm=n, dx=c.dy @ W, dA=s * (c.B.T @ dV), dB=s * (dV @ c.A.T), dmagnitude=dm,
                 W_merged=W, W0_unmerged=W / g[None, :] - s * (c.B @ c.A))
 
@@ -113,7 +119,7 @@ def column_term_scales(c, ref, detach_norm=True):
 # ---------------------------------------------------------------------------
 
 #: the reference's choices; a variant overrides one or two of them
-BASE = dict(norm="row", eps=0.0, g="m/n", bias="added", dropout="peft", grads="ok", flip_detach=False,
+BASE = dict(norm="row", eps=0.0, eps_root=0.0, g="m/n", bias="added", dropout="peft", grads="ok", flip_detach=False,
             merge="ok", unmerge="ok", layer="row", init="ok", scaling="ok", lora_scale="ok")
 
 
@@ -184,10 +190,15 @@ def evaluate(c, spec, detach_norm, *, unmerge_input=None):
     dict of str to ndarray
     """
     if spec["layer"] == "column":
-        return column_layer(c, detach_norm != spec["flip_detach"], scaling=_scaling(c, spec))
+        return column_layer(c, detach_norm != spec["flip_detach"], scaling=_scaling(c, spec),
+                            eps=spec["eps"], eps_root=spec["eps_root"])
     detach = detach_norm != spec["flip_detach"]
     s = _scaling(c, spec)
     n_raw, dn = _norm(c, spec["norm"], s)
+    if spec["eps_root"]:  # n = sqrt(||.||^2 + eps): dn/d(B@A) has the new n where _norm has the raw one
+        root = np.sqrt(n_raw * n_raw + spec["eps_root"])
+        dn = (lambda dn_raw, ratio: lambda v: dn_raw(v * ratio))(dn, n_raw / root)
+        n_raw = root
     n = n_raw + spec["eps"]
     with np.errstate(divide="ignore", invalid="ignore"):
         g = c.magnitude / n if spec["g"] == "m/n" else np.ones_like(n)
@@ -258,6 +269,7 @@ VARIANTS = {
     "scaling_outside_norm": ((_F, _B, _M, _I), dict(norm="no_scaling"), None),
     "norm_of_W0": ((_F, _B, _M, _I), dict(norm="W0"), None),
     "norm_plus_eps": ((_F, _B, _M, _I), dict(eps="eps"), None),
+    "norm_eps_under_root": ((_F, _B, _M, _I), dict(eps_root="eps"), None),
     "fan_in_fan_out_norm_untransposed": ((_F, _B, _M, _I), dict(norm="stored_rows"), "fan_in_fan_out"),
     "magnitude_per_input_column": ((_F, _B, _M, _I), dict(layer="column"), _SQUARE),
     "bias_scaled": ((_F, _B), dict(bias="scaled"), "bias"),
@@ -279,8 +291,8 @@ VARIANTS = {
     "scaling_twice": ((_F, _B), dict(lora_scale="squared"), "scaling_not_one"),
 }
 
-#: epsilons tried for ``norm_plus_eps``: the dtype's machine epsilon (LyCORIS adds
-#: torch.finfo(dtype).eps), and the usual hand-picked ones
+#: epsilons tried for ``norm_plus_eps`` and ``norm_eps_under_root``: the dtype's machine
+#: epsilon (LyCORIS adds torch.finfo(dtype).eps), and the usual hand-picked ones
 EPSILONS = (None, 1e-5, 1e-6, 1e-8, 1e-12)
 
 
@@ -290,8 +302,7 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
         return False
     if conv.per_input_column and key == "magnitude_per_input_column":
         return False
-    if conv.per_input_column and spec.get("layer") != "column" and key not in (
-            "norm_not_detached", "norm_detached", "scaling_rule"):
+    if conv.per_input_column and spec.get("layer") != "column" and key not in _COLUMN_TOO:
         return False  # the per-output variants do not describe the per-column layer
     if cond == _SQUARE:
         return _square(c)
@@ -318,9 +329,23 @@ def applies(key, c, *, check, detach_norm, conv, with_unmerge):
     return True
 
 
+#: the variants that ``column_layer`` models on the per-input-column layer too (each
+#: changes only what its overrides below name)
+_COLUMN_TOO = ("norm_not_detached", "norm_detached", "scaling_rule", "norm_plus_eps", "norm_eps_under_root")
+#: the overrides ``column_layer`` applies; it ignores the others (bias, dropout, norm, merge, ...)
+COLUMN_OVERRIDES = frozenset(("layer", "flip_detach", "scaling", "eps", "eps_root"))
+
+
 def combine(key1, key2):
-    """The overrides of two variants together, or None if they change the same thing."""
+    """The overrides of two variants together, or None if they change the same thing, or if
+    one is the per-input-column layer and the other changes what that layer's formula
+    (``column_layer``) does not model: such a pair computes the first variant alone, and
+    would be ranked on evidence that is the first one's (a bias "scaled" in a layer that
+    never scales it)."""
     a, b = VARIANTS[key1][1], VARIANTS[key2][1]
     if set(a) & set(b):
         return None
-    return {**a, **b}
+    both = {**a, **b}
+    if both.get("layer") == "column" and not set(both) <= COLUMN_OVERRIDES:
+        return None
+    return both

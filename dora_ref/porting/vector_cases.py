@@ -103,6 +103,9 @@ CASES = (
             "tiles 8, 16, 32, 64 over N, in and out, of 8 and 16 over r)",
             ["wide", "ragged tiles", "no bias"], N=71, in_features=67, out_features=79, r=17, lora_alpha=34.0,
             bias=False),
+    _linear("linear_wide_aligned", "every size whole tiles: N 64, in 128, out 64, r 16, for a kernel whose path "
+            "for whole tiles (taken when a size is a multiple of 8) differs from its ragged one",
+            ["wide", "whole tiles"], N=64, in_features=128, out_features=64, r=16, lora_alpha=24.0),
     dict(kind="multi_adapter", name="multi_adapter", tags=["several adapters"],
          doc="two DoRA adapters on one layer (r = 2 then 3), eval: PEFT 0.21's chaining and merge",
          N=4, in_features=8, out_features=6, ranks=(2, 3), lora_alphas=(4.0, 3.0)),

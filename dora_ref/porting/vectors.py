@@ -23,6 +23,8 @@ linear_rslora                     s = lora_alpha / sqrt(r)
 linear_no_bias / linear_batched   no bias; x with two leading batch dimensions
 linear_wide / linear_wide_no_bias N, in, out in 67..127, r 33 and 17, odd: every tile of
                                   8/16/32/64 over any axis has a ragged tail
+linear_wide_aligned               N 64, in 128, out 64, r 16: whole tiles only, a
+                                  kernel's path for aligned sizes
 multi_adapter                     two DoRA adapters on one layer, PEFT 0.21's chaining
 conv1d / conv2d                   DoRA convolutions (stride, padding), PEFT shapes
 embedding / embedding_scaled      DoRA embedding (norm over the vocabulary), embed_scale
