@@ -117,9 +117,10 @@ class Dense(Module):
             raise RuntimeError("backward() needs a forward() first")
         dy2 = check_input(dy, self.out_features, self.weight.dtype, name="dy", axis="out")
         if self.trainable:
-            self.grads["weight"] += dy2.T @ self._x
+            deltas = {"weight": dy2.T @ self._x}
             if self.bias is not None:
-                self.grads["bias"] += dy2.sum(axis=0)
+                deltas["bias"] = dy2.sum(axis=0)
+            self._add_to_grads(deltas)
         dx = dy2 @ self.weight
         return dx.reshape(*np.shape(dy)[:-1], self.in_features)
 

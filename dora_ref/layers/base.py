@@ -441,6 +441,25 @@ class Module:
         """Set every accumulated gradient to zero (new arrays in ``grads``)."""
         self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
 
+    def _add_to_grads(self, deltas):
+        """``grads[name] += delta`` for each (name, delta) of ``deltas``, all or nothing.
+
+        Each sum is formed in a new array (rounded as ``+=`` rounds it), and
+        all of them are put into ``grads`` by one ``dict.update``: a single C
+        call, which no signal handler can stop halfway. So a backward stopped
+        by Ctrl-C's ``KeyboardInterrupt`` (or an alarm's exception) has added
+        every gradient or none, and leaves no partly accumulated gradient for
+        the next optimiser step (an adversarial test found the optimiser's own
+        writes open to this, session 24; ``optim._Optimizer._commit``). The
+        mapping ``grads`` stays the same object; its arrays are new ones.
+        """
+        grads = self.grads
+        sums = {}
+        for name, delta in deltas.items():
+            total = grads[name] + delta  # an lp gradient: the sum in float32, then rounded as += does
+            sums[name] = total if total.dtype == grads[name].dtype else total.astype(grads[name].dtype)
+        grads.update(sums)
+
     def train(self, mode=True):
         """Training mode (``mode=True``) or evaluation mode. Returns self."""
         self.training = bool(mode)

@@ -241,8 +241,7 @@ class _LoRAConvNd(AdapterLayer):
         """Backward pass: accumulates ``grads`` (+=) and returns dx (N, in, *L)."""
         self._require_ctx()
         g = conv_lora_backward(dy, self._ctx)
-        self.grads["lora_A"] += g.dA
-        self.grads["lora_B"] += g.dB
+        self._add_to_grads({"lora_A": g.dA, "lora_B": g.dB})
         return g.dx
 
     # -- merge -------------------------------------------------------------------
@@ -353,9 +352,7 @@ class _DoRAConvNd(_LoRAConvNd):
         """Backward pass: accumulates ``grads`` (+=) and returns dx (N, in, *L)."""
         self._require_ctx()
         g = conv_dora_backward(dy, self._ctx, detach_norm=self.detach_norm)
-        self.grads["lora_A"] += g.dA
-        self.grads["lora_B"] += g.dB
-        self.grads["lora_magnitude_vector"] += g.dmagnitude
+        self._add_to_grads({"lora_A": g.dA, "lora_B": g.dB, "lora_magnitude_vector": g.dmagnitude})
         return g.dx
 
     def merge(self):

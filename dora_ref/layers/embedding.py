@@ -255,9 +255,7 @@ class DoRAEmbedding(AdapterLayer):
         """Accumulate ``grads`` (+=) from dy (..., D). Returns None: ids have no gradient."""
         self._require_ctx()
         dA, dB, dm = embedding_dora_backward(dy, self._ctx, detach_norm=self.detach_norm)
-        self.grads["lora_embedding_A"] += dA
-        self.grads["lora_embedding_B"] += dB
-        self.grads["lora_magnitude_vector"] += dm
+        self._add_to_grads({"lora_embedding_A": dA, "lora_embedding_B": dB, "lora_magnitude_vector": dm})
         return None
 
     def merge(self):

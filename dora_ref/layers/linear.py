@@ -401,8 +401,7 @@ class LoRALinear(AdapterLayer):
         """
         self._require_ctx()
         g = F.lora_backward(dy, self._ctx)
-        self.grads["lora_A"] += g.dA
-        self.grads["lora_B"] += g.dB
+        self._add_to_grads({"lora_A": g.dA, "lora_B": g.dB})
         return g.dx
 
     # -- merge ------------------------------------------------------------------
@@ -656,10 +655,7 @@ class DoRALinear(LoRALinear):
             dx, dA, dB, dm = F._dora_backward_checked(dy, ctx, self.detach_norm)
         else:
             dx, dA, dB, dm = F.dora_backward(dy, ctx, detach_norm=self.detach_norm)
-        grads = self.grads
-        grads["lora_A"] += dA
-        grads["lora_B"] += dB
-        grads["lora_magnitude_vector"] += dm
+        self._add_to_grads({"lora_A": dA, "lora_B": dB, "lora_magnitude_vector": dm})
         return dx
 
     def merge(self):

@@ -174,6 +174,35 @@ class _Optimizer:
         _check_writeable(self.params)
         self._update(grads)
 
+    def _commit(self, new_params, state):
+        """Write ``new_params`` into the parameters in place and install the optimiser's new
+        ``state`` (attribute name to value), all or nothing.
+
+        The values were computed and checked before; what is left can still be
+        stopped between two bytecodes by an exception a signal handler raises
+        (Ctrl-C's ``KeyboardInterrupt``, an alarm). Before, such an exception
+        in the middle of the writes left some parameters updated with their
+        state and the others not, and the step count unchanged (an adversarial
+        test, session 24). Each parameter's old values are kept until the end
+        (one copy of the parameters); the new state is installed in one call
+        (``__dict__.update``) after the last write. On an exception before that
+        call returned, every parameter written gets its old values back, and
+        the exception goes on: the optimiser and the parameters are as before
+        the step. After it, the step is whole and the exception goes on.
+        """
+        written = []
+        try:
+            for name, value in new_params.items():
+                p = self.params[name]
+                written.append((p, p.copy()))
+                p[...] = value
+            self.__dict__.update(state)
+        except BaseException:
+            if any(self.__dict__.get(k) is not v for k, v in state.items()):  # not installed: undo
+                for p, old in reversed(written):
+                    p[...] = old
+            raise
+
 
 class SGD(_Optimizer):
     """Stochastic gradient descent with momentum (PyTorch's rule, no dampening).
@@ -234,9 +263,7 @@ class SGD(_Optimizer):
                 new_p[name] = round_to(p - self.lr * d, self.params[name].dtype)
         _check_result({**{f"params[{k!r}]": a for k, a in new_p.items()},
                        **{f"the velocity of params[{k!r}]": a for k, a in new_v.items()}})
-        for name, p in self.params.items():
-            p[...] = new_p[name]
-        self.velocity.update(new_v)
+        self._commit(new_p, {"velocity": {**self.velocity, **new_v}})
 
 
 class AdamW(_Optimizer):
@@ -304,8 +331,7 @@ class AdamW(_Optimizer):
         _check_result({f"{what}[{k!r}]": a for k, arrays in new.items()
                        for what, a in zip(("params", "AdamW's m of params", "AdamW's v of params"),
                                           arrays)})
-        for name, (p, m, v) in new.items():
-            self.params[name][...] = p
-            self.m[name][...] = m
-            self.v[name][...] = v
-        self.t = t
+        self._commit({name: arrays[0] for name, arrays in new.items()},
+                     {"m": {**self.m, **{name: arrays[1] for name, arrays in new.items()}},
+                      "v": {**self.v, **{name: arrays[2] for name, arrays in new.items()}},
+                      "t": t})
