@@ -35,8 +35,8 @@ from ..core.im2col import (
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to, upcast
 from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast,
-                   check_bias_argument, check_keywords, check_lora_dropout, frozen, initial_adapter_dtype,
-                   with_parent_keywords)
+                   check_bias_argument, check_keywords, check_lora_dropout, consistent_forward, frozen,
+                   initial_adapter_dtype, with_parent_keywords)
 from .linear import initial_lora_weights, lora_scaling
 
 
@@ -219,6 +219,7 @@ class _LoRAConvNd(AdapterLayer):
         check_result_finite([("y (the output)", y)], [("x", x)])
         return y
 
+    @consistent_forward
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (N, in, *L) -> y (N, out, *L_out).
 
@@ -320,6 +321,7 @@ class _DoRAConvNd(_LoRAConvNd):
                 self._lora_magnitude_vector[...] = m
                 self.grads["lora_magnitude_vector"][...] = 0
 
+    @consistent_forward
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (N, in, *L) -> y (N, out, *L_out); see ``conv_dora_forward``.
 

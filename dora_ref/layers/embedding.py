@@ -21,8 +21,8 @@ from ..core.embedding import (
     embedding_unmerge,
 )
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
-from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast, frozen,
-                   initial_adapter_dtype)
+from .base import (AdapterLayer, EvalNormCache, adapter_parameter, check_autocast,
+                   consistent_forward, frozen, initial_adapter_dtype)
 from .linear import lora_scaling
 
 
@@ -219,6 +219,7 @@ class DoRAEmbedding(AdapterLayer):
     def embedding_dim(self):
         return self._weight.shape[1]
 
+    @consistent_forward
     def forward(self, ids):
         """Look up ids (...) -> (..., D)."""
         self._ctx = None  # a forward that raises leaves no context: backward() then refuses

@@ -34,6 +34,7 @@ from ..core import lowp as _lowp
 from ..core.precision import LOW_PRECISION_DTYPES, check_policy, classify, round_to
 from .base import (
     adapter_dtype,
+    consistent_forward,
     check_autocast,
     check_bias_argument,
     check_keywords,
@@ -328,6 +329,7 @@ class LoRALinear(AdapterLayer):
 
     # -- forward / backward ---------------------------------------------------
 
+    @consistent_forward
     def forward(self, x, *, dropout_mask=None):
         """Forward pass.
 
@@ -573,6 +575,7 @@ class DoRALinear(LoRALinear):
         """
         super().set_base_weight(weight, bias)
 
+    @consistent_forward
     def forward(self, x, *, dropout_mask=None):
         """Forward pass, x (..., in) -> y (..., out); see ``LoRALinear.forward``."""
         self._ctx = None  # a forward that raises leaves no context: backward() then refuses
