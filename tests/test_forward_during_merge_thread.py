@@ -75,7 +75,7 @@ def test_merge_or_unmerge_inside_a_forward_makes_it_raise(case, toggle):
             y = layer.forward(x)
             ok = True
         except RuntimeError as exc:
-            assert "merge() or unmerge() of the same layer" in str(exc)
+            assert "merge(), unmerge() or set_base_weight() of the same layer" in str(exc)
             ok = False
         finally:
             sys.settrace(None)
@@ -101,7 +101,7 @@ def test_forward_started_inside_a_merge_raises(case):
             layer.forward(x)
             seen.append("returned")
         except RuntimeError as exc:
-            assert "started while a merge() or unmerge()" in str(exc)
+            assert "started while a merge(), unmerge() or set_base_weight()" in str(exc)
             seen.append("raised")
 
     # the state change of a merge: the function _all_or_nothing runs (change), traced line by line
@@ -156,3 +156,60 @@ def test_two_threads_forward_and_merge_never_return_a_wrong_y():
     assert not any(t.is_alive() for t in threads)
     assert counts["wrong"] == 0, counts
     assert counts["right"] > 0 and counts["toggles"] > 0, counts
+
+
+@pytest.mark.parametrize("case", range(4), ids=IDS)
+def test_set_base_weight_inside_a_forward_makes_it_raise(case):
+    """A third adversary's find: another thread's set_base_weight during a forward gave a y from
+    neither base (max |y - old| 3.0, |y - new| 6.7), no error."""
+    layer, x = _layers()[case]
+    rng = np.random.default_rng(5)
+    new_base = rng.standard_normal(layer.weight.shape)
+    code = type(layer).forward.__wrapped__.__code__
+    k = 0
+    while True:
+        tracer, ran = _run_with(code, lambda: layer.set_base_weight(new_base.copy()), k)
+        sys.settrace(tracer)
+        try:
+            layer.forward(x)
+            ok = True
+        except RuntimeError as exc:
+            assert "set_base_weight()" in str(exc)
+            ok = False
+        finally:
+            sys.settrace(None)
+        if not ran[0]:
+            assert ok
+            break
+        assert not ok, f"set_base_weight at line event {k} of the forward: a y was returned"
+        k += 1
+    assert k >= 3
+
+
+def test_a_copy_taken_during_a_merge_forwards_and_an_odd_counter_heals():
+    """A copy (pickle, deepcopy) of a layer taken while it was being merged kept the odd counter and
+    refused every forward for good; so did a layer after a merge and an unmerge raced on two
+    threads. A copy starts with no change under way, and any counter is healed by the next change."""
+    import copy
+    import pickle
+
+    layer, x = _layers()[0]
+    copies = []
+    tracer, ran = _run_with(type(layer)._switch_base.__code__,
+                            lambda: copies.extend([copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]), 0)
+    sys.settrace(tracer)
+    try:
+        layer.merge()
+    finally:
+        sys.settrace(None)
+    assert ran[0] and len(copies) == 2
+    for c in copies:
+        c.forward(x)  # no RuntimeError
+    layer.unmerge()
+    layer._state_generation = 3  # what two racing changes could leave
+    with pytest.raises(RuntimeError, match="started while"):
+        layer.forward(x)
+    layer.merge()  # the next change ends on an even number
+    layer.forward(x)
+    layer.unmerge()
+    layer.forward(x)

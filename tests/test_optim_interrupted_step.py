@@ -211,3 +211,77 @@ def test_backward_interrupted_in_its_gradient_writes_adds_all_or_nothing(case):
         assert whole or none, f"{name}: interrupted at line event {k}, some gradients added and not others"
         k += 1
     assert k >= 5
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (POSIX)")
+@pytest.mark.parametrize("backend", ["numpy"], indirect=True)  # the optimisers call no kernel
+@pytest.mark.parametrize("make", [lambda p: dora_ref.SGD(p, lr=1e-2, momentum=0.9),
+                                  lambda p: dora_ref.AdamW(p, lr=1e-2)], ids=["sgd_momentum", "adamw"])
+def test_step_under_repeated_alarms_is_never_half_applied(make):
+    """A second adversary's reproducer, bounded (about 3 s): an interval timer fires twice in a
+    step of 400 small parameters (before, the second alarm could land in the rollback of the
+    first: 19 of 1,000 SGD steps half applied). Every step is whole or absent."""
+
+    class Alarm(BaseException):
+        pass
+
+    armed = [0]  # alarms still to raise in this trial: two, the second maybe inside the first's handling
+
+    def handler(signum, frame):
+        if armed[0]:
+            armed[0] -= 1
+            raise Alarm()
+
+    rng = np.random.default_rng(1)
+    params = {f"p{i}": rng.standard_normal(32).astype(np.float32) for i in range(400)}
+    grads = {k: rng.standard_normal(32).astype(np.float32) for k in params}
+    opt = make(params)
+    opt.step(grads)
+    old_handler = signal.signal(signal.SIGALRM, handler)
+    interrupted = half = 0
+    try:
+        for trial in range(1000):
+            before = {k: p.copy() for k, p in params.items()}
+            t = getattr(opt, "t", None)
+            try:
+                try:
+                    armed[0] = 2
+                    signal.setitimer(signal.ITIMER_REAL, float(rng.uniform(0, 4e-3)),
+                                     float(rng.uniform(5e-6, 1e-4)))
+                    opt.step(grads)
+                except Alarm:
+                    interrupted += 1
+            except Alarm:  # the second, while the first was being handled
+                pass
+            finally:
+                armed[0] = 0
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            changed = sum(not np.array_equal(before[k], p) for k, p in params.items())
+            if changed not in (0, len(params)):
+                half += 1
+            if t is not None:
+                assert (opt.t == t + 1) == (changed == len(params)), (trial, t, opt.t, changed)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+    assert half == 0, f"{half} of 1000 steps half applied"
+    assert interrupted > 0
+
+
+def test_a_gradient_array_of_another_kind_is_refused_by_name():
+    """Summing into new arrays first let an int32 gradient put in by hand take the float gradient
+    truncated (a third adversary's find); += had refused it. Refused again, naming it."""
+    rng = np.random.default_rng(0)
+    layer = dora_ref.DoRALinear(rng.standard_normal((6, 5)).astype(np.float32), r=2, lora_alpha=4, rng=0)
+    layer.lora_B[...] = rng.standard_normal(layer.lora_B.shape)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    for bad in (np.zeros(layer.lora_A.shape, np.int32), np.zeros(layer.lora_A.shape, bool), 0.0,
+                np.zeros((1, 5), np.float32)):
+        layer.zero_grad()
+        layer.grads["lora_A"] = bad
+        before = {k: np.array(g, copy=True) for k, g in layer.grads.items()}
+        y = layer.forward(x)
+        with pytest.raises(TypeError, match=r"grads\['lora_A'\]"):
+            layer.backward(rng.standard_normal(y.shape).astype(np.float32))
+        for k in ("lora_B", "lora_magnitude_vector"):  # nothing was added
+            assert np.array_equal(layer.grads[k], before[k])

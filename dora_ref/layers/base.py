@@ -451,13 +451,26 @@ class Module:
         every gradient or none, and leaves no partly accumulated gradient for
         the next optimiser step (an adversarial test found the optimiser's own
         writes open to this, session 24; ``optim._Optimizer._commit``). The
-        mapping ``grads`` stays the same object; its arrays are new ones.
+        mapping ``grads`` stays the same object; its arrays are new ones (read
+        them from ``grads`` after each backward: an array kept from before is
+        not updated). A gradient array put in by hand is summed by ``+=``'s own
+        rules (an int array refused, as before, with a ``TypeError`` naming it).
         """
         grads = self.grads
         sums = {}
         for name, delta in deltas.items():
-            total = grads[name] + delta  # an lp gradient: the sum in float32, then rounded as += does
-            sums[name] = total if total.dtype == grads[name].dtype else total.astype(grads[name].dtype)
+            grad = grads[name]
+            if type(grad) is np.ndarray and grad.dtype == delta.dtype and grad.shape == delta.shape:
+                sums[name] = grad + delta
+                continue
+            try:  # += 's own rules: an lp gradient summed in float32 and rounded, an int one refused
+                sums[name] = np.add(grad, delta, out=np.empty_like(grad))
+            except (TypeError, ValueError) as exc:  # a gradient array the user put in
+                raise TypeError(
+                    f"grads[{name!r}] ({type(grad).__name__} {getattr(grad, 'dtype', '')} "
+                    f"{np.shape(grad)}) cannot take this backward's gradient ({delta.dtype} "
+                    f"{delta.shape}): {exc}. zero_grad() gives every parameter a gradient of its "
+                    f"own dtype and shape; nothing was added") from exc
         grads.update(sums)
 
     def train(self, mode=True):
@@ -494,10 +507,11 @@ def consistent_forward(forward):
     odd number before it starts and to the next even one when it ends (a
     sequence lock); a forward that starts while it is odd, or ends with a
     number other than the one it started with, raises ``RuntimeError``
-    instead of returning what it computed. A layer is meant for one thread
-    at a time (README, "Errors"); this turns the worst misuse from a silent
-    wrong answer into an error. It does not see an optimiser writing the
-    parameters in place from another thread (``backward`` does, after).
+    instead of returning what it computed; ``set_base_weight`` counts as
+    such a change too. A layer is meant for one thread at a time (README,
+    "Errors"); this turns the worst misuse from a silent wrong answer into
+    an error. It does not see an optimiser writing the parameters in place
+    from another thread (``backward`` does, after).
     """
     def checked(self, *args, **kwargs):
         generation = self._state_generation
@@ -514,9 +528,9 @@ def consistent_forward(forward):
     return checked
 
 
-_OVERLAP = ("this forward {when} a merge() or unmerge() of the same layer (from another thread): "
-            "its output would mix the merged and unmerged states, so it is not returned. Use a layer "
-            "from one thread at a time, or merge/unmerge only between forwards")
+_OVERLAP = ("this forward {when} a merge(), unmerge() or set_base_weight() of the same layer (from "
+            "another thread): its output would mix two states of the layer, so it is not returned. Use "
+            "a layer from one thread at a time, or change it only between forwards")
 
 
 class AdapterLayer(Module):
@@ -633,6 +647,28 @@ class AdapterLayer(Module):
         self.merged = merged
         self._replace_base(weight)
 
+    def _start_change(self):
+        """Move ``_state_generation`` to an odd number above its value and return it
+        (``consistent_forward``); the change ends by setting it to that number + 1.
+
+        From any value: an odd one left by a copy taken during a change, or by
+        two changes racing on two threads, gives way to an even one at the next
+        change's end, instead of refusing every forward for good (an
+        adversarial test, session 24)."""
+        started = (self._state_generation + 1) | 1
+        self._state_generation = started
+        return started
+
+    def _changing_base(self, replace):
+        """Run ``replace()`` (``set_base_weight``'s work) as a change that a forward on
+        another thread sees (``consistent_forward``): before, such a forward returned
+        a y from the old base mixed with the new one, with no error."""
+        started = self._start_change()
+        try:
+            replace()
+        finally:
+            self._state_generation = started + 1
+
     def _all_or_nothing(self, change):
         """Run ``change()``, which moves the layer between its merged and unmerged states,
         all or nothing.
@@ -649,13 +685,12 @@ class AdapterLayer(Module):
         saved = dict(self.__dict__)
         arrays = [*self.parameters().values(), *self._merged_norm().values()]
         flags = [(a, a.flags.writeable) for a in arrays]
-        generation = self._state_generation
-        self._state_generation = generation + 1  # odd: a change under way (``consistent_forward``)
+        started = self._start_change()
         try:
             change()
-            self._state_generation = generation + 2
+            self._state_generation = started + 1
         except BaseException:
-            saved["_state_generation"] = generation + 2  # a forward that overlapped it still sees a change
+            saved["_state_generation"] = started + 1  # a forward that overlapped it still sees a change
             self.__dict__ = saved
             for a, writeable in flags:
                 if a.flags.writeable != writeable and (_can_unlock(a) or not writeable):
@@ -753,6 +788,8 @@ class AdapterLayer(Module):
         snapshot, but late).
         """
         state = dict(state)
+        # a copy is not under a change, even one taken while the original was (an odd number)
+        state.pop("_state_generation", None)
         if "policy" in state:  # pickled while policy was a plain attribute
             state["_policy"] = check_policy(state.pop("policy"))
         # pickled before float16/bfloat16 layers existed (dora_ref 0.1): a float32 or

@@ -191,7 +191,8 @@ class _LoRAConvNd(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("unmerge() before replacing the base weight")
-        self._set_base(weight, self._bias if isinstance(bias, str) and bias == "keep" else bias)
+        self._changing_base(lambda: self._set_base(
+            weight, self._bias if isinstance(bias, str) and bias == "keep" else bias))
 
     def _conv_args(self):
         g = self.geometry

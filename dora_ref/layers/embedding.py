@@ -193,7 +193,7 @@ class DoRAEmbedding(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("unmerge() before replacing the base weight")
-        self._set_base(weight)
+        self._changing_base(lambda: self._set_base(weight))
 
     @property
     def weight(self):

@@ -317,7 +317,8 @@ class LoRALinear(AdapterLayer):
         """
         if self.merged:
             raise RuntimeError("unmerge() before replacing the base weight")
-        self._set_base(weight, self._bias if isinstance(bias, str) and bias == "keep" else bias)
+        self._changing_base(lambda: self._set_base(
+            weight, self._bias if isinstance(bias, str) and bias == "keep" else bias))
 
     @property
     def in_features(self):

@@ -20,8 +20,11 @@ Use::
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import numbers
+import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -176,32 +179,34 @@ class _Optimizer:
 
     def _commit(self, new_params, state):
         """Write ``new_params`` into the parameters in place and install the optimiser's new
-        ``state`` (attribute name to value), all or nothing.
+        ``state`` (attribute name to value), with no signal handler able to run in between.
 
-        The values were computed and checked before; what is left can still be
-        stopped between two bytecodes by an exception a signal handler raises
-        (Ctrl-C's ``KeyboardInterrupt``, an alarm). Before, such an exception
-        in the middle of the writes left some parameters updated with their
-        state and the others not, and the step count unchanged (an adversarial
-        test, session 24). Each parameter's old values are kept until the end
-        (one copy of the parameters); the new state is installed in one call
-        (``__dict__.update``) after the last write. On an exception before that
-        call returned, every parameter written gets its old values back, and
-        the exception goes on: the optimiser and the parameters are as before
-        the step. After it, the step is whole and the exception goes on.
+        The values were computed and checked before. Python runs a signal
+        handler, and raises what it raises (Ctrl-C's ``KeyboardInterrupt``, an
+        alarm's exception), only between two bytecodes of Python code. Here
+        the writes and the state's installation are made by C code alone: the
+        ndarray assignments driven by ``map`` and then ``dict.update``, one
+        chained iterator consumed by a zero-length ``deque``; no bytecode runs
+        from the first write to the last, so a signal's exception comes before
+        the step or after it, never inside. Each write is checked first to be
+        one that cannot fail (the parameter's shape and dtype, writeable).
+
+        Before, the step wrote parameter after parameter in a Python loop: an
+        alarm inside it left ``lora_A`` updated, ``lora_B`` not and ``t``
+        unchanged; then a rollback of kept copies, itself a Python loop that a
+        second alarm could stop (adversarial tests, session 24).
         """
-        written = []
-        try:
-            for name, value in new_params.items():
-                p = self.params[name]
-                written.append((p, p.copy()))
-                p[...] = value
-            self.__dict__.update(state)
-        except BaseException:
-            if any(self.__dict__.get(k) is not v for k, v in state.items()):  # not installed: undo
-                for p, old in reversed(written):
-                    p[...] = old
-            raise
+        targets = [self.params[name] for name in new_params]
+        values = list(new_params.values())
+        for name, p, value in zip(new_params, targets, values):
+            if p.shape != value.shape or p.dtype != value.dtype or not p.flags.writeable:
+                raise RuntimeError(  # the checks before the update make this unreachable
+                    f"params[{name!r}] cannot take its update: {p.dtype} {p.shape}, writeable "
+                    f"{p.flags.writeable}, against {value.dtype} {value.shape}; nothing was changed")
+        collections.deque(itertools.chain(
+            map(operator.setitem, targets, itertools.repeat(Ellipsis), values),
+            itertools.starmap(self.__dict__.update, [(state,)]),
+        ), maxlen=0)
 
 
 class SGD(_Optimizer):

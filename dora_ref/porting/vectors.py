@@ -44,7 +44,8 @@ The manifest records the worst cross-check error / tolerance.
 
 Files are written deterministically (fixed zip timestamps, stored without
 compression, arrays in a fixed order, JSON with a fixed key order), so the
-same seed regenerates them byte for byte on the same machine; other BLAS
+same seed regenerates them byte for byte on the same machine with the same
+number of threads (BLAS splits its sums by thread); other BLAS
 builds may differ in the last bits of float results, well within tolerance.
 
 Tolerances follow ``dora_ref.porting.tolerance``: ``atol = rtol(dtype, k) * scale``,
