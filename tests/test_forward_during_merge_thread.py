@@ -58,6 +58,21 @@ def _run_with(code, action, k):
     return tracer, ran
 
 
+def _forward_with(layer, x, action, k):
+    """A forward with ``action`` run at its k-th line: (the action ran, y or None if the forward
+    raised the overlap RuntimeError)."""
+    tracer, ran = _run_with(type(layer).forward.__wrapped__.__code__, action, k)
+    sys.settrace(tracer)
+    try:
+        y = layer.forward(x)
+    except RuntimeError as exc:
+        assert "merge(), unmerge() or set_base_weight() of the same layer" in str(exc)
+        y = None
+    finally:
+        sys.settrace(None)
+    return ran[0], y
+
+
 @pytest.mark.parametrize("case", range(4), ids=IDS)
 @pytest.mark.parametrize("toggle", ["merge", "unmerge"])
 def test_merge_or_unmerge_inside_a_forward_makes_it_raise(case, toggle):
@@ -66,24 +81,13 @@ def test_merge_or_unmerge_inside_a_forward_makes_it_raise(case, toggle):
     if toggle == "unmerge":
         layer.merge()
     y_ref = layer.forward(x).copy()
-    code = type(layer).forward.__wrapped__.__code__
     k, raised = 0, 0
     while True:
-        tracer, ran = _run_with(code, getattr(layer, toggle), k)
-        sys.settrace(tracer)
-        try:
-            y = layer.forward(x)
-            ok = True
-        except RuntimeError as exc:
-            assert "merge(), unmerge() or set_base_weight() of the same layer" in str(exc)
-            ok = False
-        finally:
-            sys.settrace(None)
-        if not ran[0]:  # past the forward's last line: every place was tried
-            assert ok
+        ran, y = _forward_with(layer, x, getattr(layer, toggle), k)
+        if not ran:  # past the forward's last line: every place was tried
             np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-12 * np.max(np.abs(y_ref)))  # rounding only
             break
-        assert not ok, f"{toggle} at line event {k} of the forward: a y was returned"
+        assert y is None, f"{toggle} at line event {k} of the forward: a y was returned"
         raised += 1
         getattr(layer, "unmerge" if toggle == "merge" else "merge")()  # back to the start
         k += 1
@@ -165,23 +169,13 @@ def test_set_base_weight_inside_a_forward_makes_it_raise(case):
     layer, x = _layers()[case]
     rng = np.random.default_rng(5)
     new_base = rng.standard_normal(layer.weight.shape)
-    code = type(layer).forward.__wrapped__.__code__
     k = 0
     while True:
-        tracer, ran = _run_with(code, lambda: layer.set_base_weight(new_base.copy()), k)
-        sys.settrace(tracer)
-        try:
-            layer.forward(x)
-            ok = True
-        except RuntimeError as exc:
-            assert "set_base_weight()" in str(exc)
-            ok = False
-        finally:
-            sys.settrace(None)
-        if not ran[0]:
-            assert ok
+        ran, y = _forward_with(layer, x, lambda: layer.set_base_weight(new_base.copy()), k)
+        if not ran:
+            assert y is not None
             break
-        assert not ok, f"set_base_weight at line event {k} of the forward: a y was returned"
+        assert y is None, f"set_base_weight at line event {k} of the forward: a y was returned"
         k += 1
     assert k >= 3
 
