@@ -180,26 +180,43 @@ def test_set_base_weight_inside_a_forward_makes_it_raise(case):
     assert k >= 3
 
 
-def test_a_copy_taken_during_a_merge_forwards_and_an_odd_counter_heals():
-    """A copy (pickle, deepcopy) of a layer taken while it was being merged kept the odd counter and
-    refused every forward for good; so did a layer after a merge and an unmerge raced on two
-    threads. A copy starts with no change under way, and any counter is healed by the next change."""
+def test_a_copy_taken_during_a_change_is_refused_and_an_odd_counter_heals():
+    """A copy (pickle, deepcopy) of a layer taken while it was being merged held a flag and a weight
+    that disagree and forwarded a wrong y (a fourth adversary's find; before that, it kept the odd
+    counter and refused every forward). Now copying is refused during a change; a copy taken
+    between changes starts with none under way; and an odd counter left by two changes racing on
+    two threads is healed by the next change."""
     import copy
     import pickle
 
     layer, x = _layers()[0]
-    copies = []
-    tracer, ran = _run_with(type(layer)._switch_base.__code__,
-                            lambda: copies.extend([copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]), 0)
-    sys.settrace(tracer)
-    try:
-        layer.merge()
-    finally:
-        sys.settrace(None)
-    assert ran[0] and len(copies) == 2
-    for c in copies:
-        c.forward(x)  # no RuntimeError
-    layer.unmerge()
+    y_ref = layer.forward(x).copy()
+    k = 0
+    while True:  # a copy attempted at every line of a merge's change
+        refused = []
+
+        def attempt():
+            for make in (copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+                try:
+                    make(layer)
+                except RuntimeError as exc:
+                    assert "while it was copied or pickled" in str(exc)
+                    refused.append(1)
+
+        tracer, ran = _run_with(type(layer)._switch_base.__code__, attempt, k)
+        sys.settrace(tracer)
+        try:
+            layer.merge()
+        finally:
+            sys.settrace(None)
+        layer.unmerge()
+        if not ran[0]:
+            break
+        assert len(refused) == 2, k
+        k += 1
+    assert k >= 2
+    for c in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # between changes: fine
+        np.testing.assert_allclose(c.forward(x), y_ref, rtol=0, atol=1e-12 * np.max(np.abs(y_ref)))
     layer._state_generation = 3  # what two racing changes could leave
     with pytest.raises(RuntimeError, match="started while"):
         layer.forward(x)
@@ -207,3 +224,54 @@ def test_a_copy_taken_during_a_merge_forwards_and_an_odd_counter_heals():
     layer.forward(x)
     layer.unmerge()
     layer.forward(x)
+
+
+@pytest.mark.parametrize("kind", ["DoRALinear", "LoRALinear"])
+def test_refused_or_interrupted_set_base_weight_leaves_the_layer_as_it_was(kind):
+    """A fourth adversary's finds: a weight refused by set_base_weight (a bias of another dtype, a
+    NaN weight) stayed installed, or half of it did, and every later forward refused; an alarm in
+    the middle of a DoRA set_base_weight left the new W0 with the old magnitude (a wrong y, no
+    error). Now an exception anywhere in it leaves the layer as it was."""
+    import ml_dtypes  # noqa: F401  (bfloat16 is a dtype name below)
+
+    rng = np.random.default_rng(0)
+    cls = getattr(dora_ref, kind)
+    W = rng.standard_normal((8, 6)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    layer = cls(W, b, r=2, lora_alpha=4, rng=0)
+    layer.lora_B[...] = rng.standard_normal(layer.lora_B.shape)
+    y_ref = layer.forward(x).copy()
+    bads = [W.astype(np.float16)] + ([np.full(W.shape, np.nan, np.float32)] if kind == "DoRALinear" else [])
+    for bad in bads:  # a bias of another dtype than the weight; a NaN weight (DoRA: its norm)
+        with pytest.raises((ValueError, TypeError)):
+            layer.set_base_weight(bad)
+        assert np.array_equal(layer.forward(x), y_ref)
+    # an exception at every line of set_base_weight's work (a trace function stands in for an alarm)
+    new_W = rng.standard_normal(W.shape).astype(np.float32)
+    codes = {c.__dict__["_set_base"].__code__ for c in cls.__mro__ if "_set_base" in c.__dict__}
+    k = 0
+    while True:
+        seen, raised = [0], []
+
+        def local(frame, event, arg):
+            if event == "line":
+                if seen[0] == k:
+                    raised.append(1)
+                    raise KeyboardInterrupt
+                seen[0] += 1
+            return local
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+        try:
+            layer.set_base_weight(new_W.copy())
+            done = True
+        except KeyboardInterrupt:
+            done = False
+        finally:
+            sys.settrace(None)
+        if done:
+            break
+        assert np.array_equal(layer.forward(x), y_ref), f"interrupted at line {k}: the layer changed"
+        k += 1
+    assert k >= 5

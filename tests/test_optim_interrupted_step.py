@@ -285,3 +285,41 @@ def test_a_gradient_array_of_another_kind_is_refused_by_name():
             layer.backward(rng.standard_normal(y.shape).astype(np.float32))
         for k in ("lora_B", "lora_magnitude_vector"):  # nothing was added
             assert np.array_equal(layer.grads[k], before[k])
+
+
+def test_a_subclass_put_into_params_after_the_optimiser_was_made_is_refused():
+    """A fourth adversary's find: an ndarray subclass added to the mapping after the optimiser had
+    checked it ran its own Python __setitem__ inside the step's writes, where an alarm could then
+    stop the step half applied (40 of 1,801 interrupted steps). Refused, nothing changed."""
+
+    class Sub(np.ndarray):
+        pass
+
+    params = {"a": np.zeros(4, np.float32)}
+    opt = dora_ref.SGD(params, lr=1.0)
+    params["b"] = np.zeros(3, np.float32).view(Sub)
+    with pytest.raises(TypeError, match=r"params\['b'\] is a Sub"):
+        opt.step({"a": np.ones(4, np.float32), "b": np.ones(3, np.float32)})
+    assert not params["a"].any() and not params["b"].any()
+
+
+def test_a_weakref_callback_on_the_old_state_runs_after_the_step_is_whole():
+    """A fourth adversary's find: the old state freed inside the step's C chain ran a weakref
+    callback there, between two writes (a signal handler in it saw m new, v old, t old). The old
+    state is now kept alive until the chain is done."""
+    import weakref
+
+    params = {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}
+    grads = {k: np.ones(4, np.float32) for k in params}
+    opt = dora_ref.AdamW(params, lr=0.1)
+    opt.step(grads)
+    seen = []
+    old_m = opt.m["a"]
+    weakref.finalize(old_m, lambda: seen.append((opt.t, opt.m["a"] is not old_m_ref(), id(opt.v))))
+    old_m_ref = weakref.ref(old_m)
+    v_before = id(opt.v)
+    del old_m
+    opt.step(grads)
+    assert seen, "the old m was not freed"
+    t, m_new, v_id = seen[0]
+    assert t == 2 and v_id != v_before  # the whole step was installed when the callback ran

@@ -18,7 +18,10 @@ own modules; the state handling below is the same for all of them:
 """
 from __future__ import annotations
 
+import collections
 import inspect
+import itertools
+import operator
 import weakref
 
 import numpy as np
@@ -442,36 +445,44 @@ class Module:
         self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
 
     def _add_to_grads(self, deltas):
-        """``grads[name] += delta`` for each (name, delta) of ``deltas``, all or nothing.
+        """``grads[name] += delta`` for each (name, delta) of ``deltas``, in place, all or nothing.
 
-        Each sum is formed in a new array (rounded as ``+=`` rounds it), and
-        all of them are put into ``grads`` by one ``dict.update``: a single C
-        call, which no signal handler can stop halfway. So a backward stopped
-        by Ctrl-C's ``KeyboardInterrupt`` (or an alarm's exception) has added
-        every gradient or none, and leaves no partly accumulated gradient for
-        the next optimiser step (an adversarial test found the optimiser's own
-        writes open to this, session 24; ``optim._Optimizer._commit``). The
-        mapping ``grads`` stays the same object; its arrays are new ones (read
-        them from ``grads`` after each backward: an array kept from before is
-        not updated). A gradient array put in by hand is summed by ``+=``'s own
-        rules (an int array refused, as before, with a ``TypeError`` naming it).
+        Python runs a signal handler (Ctrl-C's ``KeyboardInterrupt``, an
+        alarm's exception) only between bytecodes of Python code. The adds
+        are made by C code alone, ``operator.iadd`` driven by ``map`` and
+        consumed by a zero-length ``deque``, so a backward stopped by such an
+        exception has added every gradient or none, and leaves no partly
+        accumulated gradient for the next optimiser step (the same window as
+        the optimiser's writes, ``optim._Optimizer._commit``; adversarial
+        tests, session 24). Each add is checked first to be one that cannot
+        fail (a plain writeable ndarray of the delta's shape, into which the
+        sum casts). A gradient array put in by hand that is not (an int array,
+        another shape, a subclass) is refused by name, as ``+=`` refused it,
+        before anything is added; a read-only one is summed into a new array.
         """
         grads = self.grads
-        sums = {}
+        targets, values, replaced = [], [], {}
         for name, delta in deltas.items():
             grad = grads[name]
-            if type(grad) is np.ndarray and grad.dtype == delta.dtype and grad.shape == delta.shape:
-                sums[name] = grad + delta
+            if not (type(grad) is np.ndarray and grad.shape == delta.shape and grad.flags.writeable
+                    and np.can_cast(np.result_type(grad, delta), grad.dtype, "same_kind")):
+                try:  # += 's own rules, into a new array
+                    grad = np.add(grad, delta, out=np.empty_like(grad), casting="same_kind")
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(
+                        f"grads[{name!r}] ({type(grad).__name__} {getattr(grad, 'dtype', '')} "
+                        f"{np.shape(grad)}) cannot take this backward's gradient ({delta.dtype} "
+                        f"{delta.shape}): {exc}. zero_grad() gives every parameter a gradient of "
+                        f"its own dtype and shape; nothing was added") from exc
+                if type(grad) is not np.ndarray or grad.shape != delta.shape:
+                    raise TypeError(f"grads[{name!r}] must be an ndarray of shape {delta.shape}, got "
+                                    f"{type(grads[name]).__name__} {np.shape(grads[name])}; nothing was added")
+                replaced[name] = grad  # put in with the adds below
                 continue
-            try:  # += 's own rules: an lp gradient summed in float32 and rounded, an int one refused
-                sums[name] = np.add(grad, delta, out=np.empty_like(grad))
-            except (TypeError, ValueError) as exc:  # a gradient array the user put in
-                raise TypeError(
-                    f"grads[{name!r}] ({type(grad).__name__} {getattr(grad, 'dtype', '')} "
-                    f"{np.shape(grad)}) cannot take this backward's gradient ({delta.dtype} "
-                    f"{delta.shape}): {exc}. zero_grad() gives every parameter a gradient of its "
-                    f"own dtype and shape; nothing was added") from exc
-        grads.update(sums)
+            targets.append(grad)
+            values.append(delta)
+        collections.deque(itertools.chain(map(operator.iadd, targets, values),
+                                          itertools.starmap(grads.update, [(replaced,)])), maxlen=0)
 
     def train(self, mode=True):
         """Training mode (``mode=True``) or evaluation mode. Returns self."""
@@ -647,27 +658,62 @@ class AdapterLayer(Module):
         self.merged = merged
         self._replace_base(weight)
 
-    def _start_change(self):
-        """Move ``_state_generation`` to an odd number above its value and return it
-        (``consistent_forward``); the change ends by setting it to that number + 1.
+    def _next_change(self):
+        """The odd number ``_state_generation`` takes while a change runs (``consistent_forward``);
+        the change ends by setting it to that number + 1.
 
-        From any value: an odd one left by a copy taken during a change, or by
-        two changes racing on two threads, gives way to an even one at the next
-        change's end, instead of refusing every forward for good (an
-        adversarial test, session 24)."""
-        started = (self._state_generation + 1) | 1
-        self._state_generation = started
-        return started
+        From any value: an odd one left by two changes racing on two threads
+        gives way to an even one at the next change's end, instead of refusing
+        every forward for good (an adversarial test, session 24)."""
+        return (self._state_generation + 1) | 1
 
     def _changing_base(self, replace):
         """Run ``replace()`` (``set_base_weight``'s work) as a change that a forward on
-        another thread sees (``consistent_forward``): before, such a forward returned
-        a y from the old base mixed with the new one, with no error."""
-        started = self._start_change()
+        another thread sees (``consistent_forward``), all or nothing.
+
+        Before, such a forward returned a y from the old base mixed with the new
+        one, with no error; a refused weight (a bias of another dtype, a NaN
+        weight, a norm that overflows) was left installed with half of its
+        attributes, and every later forward refused or computed from it; and an
+        alarm's exception in the middle left the new W0 with the old magnitude,
+        a wrong y with no error (adversarial tests, session 24). On any
+        exception the attributes come back in one assignment and the arrays a
+        DoRA layer rewrites in place (the magnitude, its gradient) get their
+        old values back.
+        """
+        saved = dict(self.__dict__)
+        in_place = [a for a in (getattr(self, "_lora_magnitude_vector", None),
+                                self.grads.get("lora_magnitude_vector")) if isinstance(a, np.ndarray)]
+        kept = [(a, a.copy()) for a in in_place]
+        started = self._next_change()
         try:
+            self._state_generation = started
             replace()
-        finally:
             self._state_generation = started + 1
+        except BaseException:
+            saved["_state_generation"] = started + 1
+            self.__dict__ = saved
+            for a, old in kept:
+                a[...] = old
+            raise
+
+    def __getstate__(self):
+        """Pickling and ``copy.deepcopy``: the layer's attributes, refused while a change runs.
+
+        A copy taken (on another thread, say a checkpoint) in the middle of a
+        ``merge()``, ``unmerge()`` or ``set_base_weight()`` held a flag and a
+        weight that disagree, and its forward returned a wrong y with no error
+        (an adversarial test, session 24). The change counter is read before
+        and after the attributes are copied, as ``consistent_forward`` does.
+        """
+        generation = self._state_generation
+        state = dict(self.__dict__)
+        if generation & 1 or self._state_generation != generation:
+            raise RuntimeError(
+                "this layer was being changed (merge(), unmerge() or set_base_weight(), from another "
+                "thread) while it was copied or pickled: the copy would mix two states. Copy it "
+                "between changes")
+        return state
 
     def _all_or_nothing(self, change):
         """Run ``change()``, which moves the layer between its merged and unmerged states,
@@ -685,8 +731,9 @@ class AdapterLayer(Module):
         saved = dict(self.__dict__)
         arrays = [*self.parameters().values(), *self._merged_norm().values()]
         flags = [(a, a.flags.writeable) for a in arrays]
-        started = self._start_change()
+        started = self._next_change()
         try:
+            self._state_generation = started
             change()
             self._state_generation = started + 1
         except BaseException:

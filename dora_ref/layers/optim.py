@@ -199,14 +199,21 @@ class _Optimizer:
         targets = [self.params[name] for name in new_params]
         values = list(new_params.values())
         for name, p, value in zip(new_params, targets, values):
+            if type(p) is not np.ndarray:  # a subclass's own __setitem__ is Python code
+                raise TypeError(f"params[{name!r}] is a {type(p).__name__}, not a plain ndarray (one "
+                                f"put into the mapping after the optimiser was made?); nothing was changed")
             if p.shape != value.shape or p.dtype != value.dtype or not p.flags.writeable:
                 raise RuntimeError(  # the checks before the update make this unreachable
                     f"params[{name!r}] cannot take its update: {p.dtype} {p.shape}, writeable "
                     f"{p.flags.writeable}, against {value.dtype} {value.shape}; nothing was changed")
+        # the state being replaced stays referenced until after the chain: freeing it inside
+        # would run its arrays' weakref callbacks (Python code) between two writes
+        previous = [self.__dict__.get(key) for key in state]
         collections.deque(itertools.chain(
             map(operator.setitem, targets, itertools.repeat(Ellipsis), values),
             itertools.starmap(self.__dict__.update, [(state,)]),
         ), maxlen=0)
+        del previous
 
 
 class SGD(_Optimizer):
