@@ -232,7 +232,6 @@ def test_refused_or_interrupted_set_base_weight_leaves_the_layer_as_it_was(kind)
     NaN weight) stayed installed, or half of it did, and every later forward refused; an alarm in
     the middle of a DoRA set_base_weight left the new W0 with the old magnitude (a wrong y, no
     error). Now an exception anywhere in it leaves the layer as it was."""
-    import ml_dtypes  # noqa: F401  (bfloat16 is a dtype name below)
 
     rng = np.random.default_rng(0)
     cls = getattr(dora_ref, kind)
