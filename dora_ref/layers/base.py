@@ -465,7 +465,8 @@ class Module:
         for name, delta in deltas.items():
             grad = grads[name]
             if not (type(grad) is np.ndarray and grad.shape == delta.shape and grad.flags.writeable
-                    and np.can_cast(np.result_type(grad, delta), grad.dtype, "same_kind")):
+                    and (grad.dtype == delta.dtype  # the usual case, without the two calls below
+                         or np.can_cast(np.result_type(grad, delta), grad.dtype, "same_kind"))):
                 try:  # += 's own rules, into a new array
                     grad = np.add(grad, delta, out=np.empty_like(grad), casting="same_kind")
                 except (TypeError, ValueError) as exc:
@@ -481,8 +482,9 @@ class Module:
                 continue
             targets.append(grad)
             values.append(delta)
-        collections.deque(itertools.chain(map(operator.iadd, targets, values),
-                                          itertools.starmap(grads.update, [(replaced,)])), maxlen=0)
+        adds = map(operator.iadd, targets, values)
+        collections.deque(itertools.chain(adds, itertools.starmap(grads.update, [(replaced,)]))
+                          if replaced else adds, maxlen=0)
 
     def train(self, mode=True):
         """Training mode (``mode=True``) or evaluation mode. Returns self."""
