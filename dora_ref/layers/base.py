@@ -683,21 +683,9 @@ class AdapterLayer(Module):
         DoRA layer rewrites in place (the magnitude, its gradient) get their
         old values back.
         """
-        saved = dict(self.__dict__)
         in_place = [a for a in (getattr(self, "_lora_magnitude_vector", None),
                                 self.grads.get("lora_magnitude_vector")) if isinstance(a, np.ndarray)]
-        kept = [(a, a.copy()) for a in in_place]
-        started = self._next_change()
-        try:
-            self._state_generation = started
-            replace()
-            self._state_generation = started + 1
-        except BaseException:
-            saved["_state_generation"] = started + 1
-            self.__dict__ = saved
-            for a, old in kept:
-                a[...] = old
-            raise
+        self._all_or_nothing(replace, in_place)
 
     def __getstate__(self):
         """Pickling and ``copy.deepcopy``: the layer's attributes, refused while a change runs.
@@ -717,9 +705,9 @@ class AdapterLayer(Module):
                 "between changes")
         return state
 
-    def _all_or_nothing(self, change):
-        """Run ``change()``, which moves the layer between its merged and unmerged states,
-        all or nothing.
+    def _all_or_nothing(self, change, in_place=()):
+        """Run ``change()``, which moves the layer between its merged and unmerged states
+        (or replaces its base: ``_changing_base``), all or nothing.
 
         It sets several attributes (the flag, the base weight, the norm kept for
         ``unmerge``, the merge-time copies) and the trainable arrays'
@@ -729,10 +717,14 @@ class AdapterLayer(Module):
         the flags, and goes on: a layer stopped in the middle of ``merge()``
         is the unmerged layer it was, never one whose flag and weight disagree
         (its forward was silently wrong) or whose adapter stayed read-only.
+        The arrays of ``in_place``, which ``change`` rewrites in place (a DoRA
+        layer's magnitude and its gradient, re-initialised by a new base), get
+        their old values back too.
         """
         saved = dict(self.__dict__)
         arrays = [*self.parameters().values(), *self._merged_norm().values()]
         flags = [(a, a.flags.writeable) for a in arrays]
+        kept = [(a, a.copy()) for a in in_place]  # arrays ``change`` rewrites in place
         started = self._next_change()
         try:
             self._state_generation = started
@@ -741,6 +733,8 @@ class AdapterLayer(Module):
         except BaseException:
             saved["_state_generation"] = started + 1  # a forward that overlapped it still sees a change
             self.__dict__ = saved
+            for a, old in kept:
+                a[...] = old
             for a, writeable in flags:
                 if a.flags.writeable != writeable and (_can_unlock(a) or not writeable):
                     a.flags.writeable = writeable
