@@ -429,6 +429,22 @@ class EvalNormCache:
         return n
 
 
+def run_in_c(*steps):
+    """Run the lazy iterators ``steps`` to their end, in order, by C code alone.
+
+    Python runs a signal handler (and raises what it raises: Ctrl-C's
+    ``KeyboardInterrupt``, an alarm's exception) only between two bytecodes
+    of Python code. ``steps`` made of C callables over plain ndarrays and
+    dicts (``map(operator.iadd, ...)``, ``itertools.starmap(d.update, ...)``)
+    and consumed here by a zero-length ``deque`` run no bytecode from their
+    first item to their last, so such an exception comes before all of their
+    effects or after all of them, never between two (adversarial tests,
+    session 24: an optimiser step and a backward had stopped half done). The
+    caller checks first that no item can fail or run Python code.
+    """
+    collections.deque(itertools.chain(*steps), maxlen=0)
+
+
 class Module:
     """What every trainable piece shares: named parameters, their gradients, a mode.
 
@@ -447,14 +463,10 @@ class Module:
     def _add_to_grads(self, deltas):
         """``grads[name] += delta`` for each (name, delta) of ``deltas``, in place, all or nothing.
 
-        Python runs a signal handler (Ctrl-C's ``KeyboardInterrupt``, an
-        alarm's exception) only between bytecodes of Python code. The adds
-        are made by C code alone, ``operator.iadd`` driven by ``map`` and
-        consumed by a zero-length ``deque``, so a backward stopped by such an
-        exception has added every gradient or none, and leaves no partly
-        accumulated gradient for the next optimiser step (the same window as
-        the optimiser's writes, ``optim._Optimizer._commit``; adversarial
-        tests, session 24). Each add is checked first to be one that cannot
+        The adds run by C code alone (``run_in_c``), so a backward stopped by
+        Ctrl-C or an alarm's exception has added every gradient or none, and
+        leaves no partly accumulated gradient for the next optimiser step.
+        Each add is checked first to be one that cannot
         fail (a plain writeable ndarray of the delta's shape, into which the
         sum casts). A gradient array put in by hand that is not (an int array,
         another shape, a subclass) is refused by name, as ``+=`` refused it,
@@ -482,9 +494,7 @@ class Module:
                 continue
             targets.append(grad)
             values.append(delta)
-        adds = map(operator.iadd, targets, values)
-        collections.deque(itertools.chain(adds, itertools.starmap(grads.update, [(replaced,)]))
-                          if replaced else adds, maxlen=0)
+        run_in_c(map(operator.iadd, targets, values), itertools.starmap(grads.update, [(replaced,)]))
 
     def train(self, mode=True):
         """Training mode (``mode=True``) or evaluation mode. Returns self."""

@@ -20,7 +20,6 @@ Use::
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import numbers
@@ -31,7 +30,7 @@ import numpy as np
 
 from ..core._validate import check_finite, refuse_array_subclass
 from ..core.precision import LOW_PRECISION_DTYPES, round_to
-from .base import replacement
+from .base import replacement, run_in_c
 
 
 def _working_dtype(p):
@@ -181,15 +180,14 @@ class _Optimizer:
         """Write ``new_params`` into the parameters in place and install the optimiser's new
         ``state`` (attribute name to value), with no signal handler able to run in between.
 
-        The values were computed and checked before. Python runs a signal
-        handler, and raises what it raises (Ctrl-C's ``KeyboardInterrupt``, an
-        alarm's exception), only between two bytecodes of Python code. Here
-        the writes and the state's installation are made by C code alone: the
-        ndarray assignments driven by ``map`` and then ``dict.update``, one
-        chained iterator consumed by a zero-length ``deque``; no bytecode runs
-        from the first write to the last, so a signal's exception comes before
-        the step or after it, never inside. Each write is checked first to be
-        one that cannot fail (the parameter's shape and dtype, writeable).
+        The values were computed and checked before. The ndarray assignments
+        and then the ``dict.update`` of the state run by C code alone
+        (``base.run_in_c``), so a signal's exception (Ctrl-C, an alarm) comes
+        before the step or after it, never inside. Each write is checked first
+        to be one that cannot fail and runs no Python code (a plain ndarray of
+        the parameter's shape and dtype, writeable), and the state being
+        replaced is kept alive until the chain is done (freed inside it, its
+        arrays' weakref callbacks would run Python code between two writes).
 
         Before, the step wrote parameter after parameter in a Python loop: an
         alarm inside it left ``lora_A`` updated, ``lora_B`` not and ``t``
@@ -206,13 +204,9 @@ class _Optimizer:
                 raise RuntimeError(  # the checks before the update make this unreachable
                     f"params[{name!r}] cannot take its update: {p.dtype} {p.shape}, writeable "
                     f"{p.flags.writeable}, against {value.dtype} {value.shape}; nothing was changed")
-        # the state being replaced stays referenced until after the chain: freeing it inside
-        # would run its arrays' weakref callbacks (Python code) between two writes
-        previous = [self.__dict__.get(key) for key in state]
-        collections.deque(itertools.chain(
-            map(operator.setitem, targets, itertools.repeat(Ellipsis), values),
-            itertools.starmap(self.__dict__.update, [(state,)]),
-        ), maxlen=0)
+        previous = [self.__dict__.get(key) for key in state]  # alive through the chain
+        run_in_c(map(operator.setitem, targets, itertools.repeat(Ellipsis), values),
+                 itertools.starmap(self.__dict__.update, [(state,)]))
         del previous
 
 
